@@ -1,0 +1,52 @@
+# make test   - create .venv, build pyprune, run the test suite (CPU + Triton interpreter)
+# make bench  - create .venv, build pyprune, run the benchmark table (python -m benchmarks)
+# make check-cuda - compile every CUDA source for sm_80 and sm_90 (torch 2.14.1 CUDA, .venv-cuda)
+# make check-triton - compile every Triton kernel ahead of time for sm_80 and sm_90
+# make gpu    - on the GPU machine: build, test, sanitize, benchmark (../shared/gpu/README.md)
+PYTHON ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp)
+
+.PHONY: all build test test-cpu test-triton check-triton bench check-cuda gpu clean
+
+all: test
+
+$(VENV)/.installed: requirements.txt
+	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q -r requirements.txt
+	touch $@
+
+$(VENV)/.built: $(VENV)/.installed $(SOURCES)
+	$(VPY) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+build: $(VENV)/.built
+
+# pytest exit code 5 means no test ran: report it loudly and fail.
+PYTEST = .ci/pytest_strict $(VPY) -m pytest
+
+test: test-cpu test-triton check-triton
+
+test-cpu: build
+	$(PYTEST) tests -m "not triton" -q
+
+# Triton's interpreter must be switched on before triton is imported: a separate process.
+test-triton: build
+	TRITON_INTERPRET=1 $(PYTEST) tests -m triton -q
+
+check-triton: build
+	$(VPY) -m triton_kernels.aot
+
+bench: build
+	$(VPY) -m benchmarks
+
+check-cuda:
+	bash .ci/check_cuda.sh
+
+gpu:
+	bash .ci/gpu.sh
+
+clean:
+	rm -rf build *.egg-info pyprune/_C*.so $(VENV)/.built

@@ -1,0 +1,13 @@
+"""pyprune: fused kernels for k-WTA, stochastic activation pruning, CAS and masked convolution.
+
+Public ops are plain functions (``pyprune.kwta``), modules live in ``pyprune.nn``, and every op
+runs on one of the backends listed by ``pyprune.backends(device)``.
+"""
+from . import _C  # noqa: F401  (registers the torch.ops.pyprune operators; raises its real error)
+from . import nn, reference
+from ._backend import backend_status, backends, use_backend
+from .ops import kwta
+
+__version__ = "0.1.0"
+
+__all__ = ["kwta", "backends", "backend_status", "use_backend", "nn", "reference"]

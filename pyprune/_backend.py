@@ -1,0 +1,148 @@
+"""Backend registry: which implementations exist, which can run here, and which one an op uses.
+
+Backends:
+  reference  eager PyTorch (pyprune.reference), every device and dtype
+  cpu        C++ kernels in csrc/cpu, CPU tensors
+  cuda       CUDA kernels in csrc/cuda, CUDA tensors (when pyprune was built with CUDA)
+  triton     Triton kernels in triton_kernels/, CUDA tensors, or CPU tensors under
+             TRITON_INTERPRET=1 (correctness only)
+
+Choice, highest priority first: the innermost ``with pyprune.use_backend(name)``, then the
+``PYPRUNE_BACKEND`` environment variable (read at import), then ``auto``: the fastest measured
+backend for the op and device (``AUTO``). A forced backend that cannot run the call raises; none
+falls back silently.
+
+The choice is made in Python when an op is called, so under torch.compile it is fixed at trace
+time (dynamo guards on the module globals read here).
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+from typing import Iterator
+
+import torch
+
+NAMES = ("reference", "cpu", "cuda", "triton")
+
+# Fastest measured backend first, per (op, device type); see benchmarks/results/ and README.
+AUTO: dict[tuple[str, str], tuple[str, ...]] = {
+    ("kwta", "cpu"): ("cpu", "reference"),
+    ("kwta", "cuda"): ("cuda", "triton", "reference"),
+}
+
+# Dtypes each compiled backend handles; reference handles all floating dtypes.
+DTYPES: dict[str, tuple[torch.dtype, ...]] = {
+    "cpu": (torch.float32, torch.float16, torch.bfloat16, torch.float64),
+    "cuda": (torch.float32, torch.float16, torch.bfloat16),
+    "triton": (torch.float32, torch.float16, torch.bfloat16),
+}
+
+_TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def _read_env() -> str:
+    name = os.environ.get("PYPRUNE_BACKEND", "auto").strip().lower() or "auto"
+    if name != "auto" and name not in NAMES:
+        raise ValueError(
+            f"PYPRUNE_BACKEND must be 'auto' or one of {NAMES}, got {name!r}"
+        )
+    return name
+
+
+# A stack, not a ContextVar: dynamo traces reads of plain module globals without graph breaks.
+_forced: list[str] = [_read_env()]
+
+
+from . import _C  # noqa: E402,F401  (loading the extension registers the ops)
+
+# Read once: dynamo cannot trace this query, and the answer is fixed by the build.
+_CUDA_BUILT = torch._C._dispatch_has_kernel_for_dispatch_key("pyprune::kwta", "CUDA")
+
+
+def unavailable_reason(name: str, device: str) -> str | None:
+    """Why backend ``name`` cannot run on ``device`` (a device type), or None if it can."""
+    if name not in NAMES:
+        return f"unknown backend {name!r}; expected one of {NAMES}"
+    if name == "reference":
+        return None
+    if name == "cpu":
+        return None if device == "cpu" else f"the cpu backend runs CPU tensors, got {device}"
+    if name == "cuda":
+        if device != "cuda":
+            return f"the cuda backend runs CUDA tensors, got {device}"
+        if not _CUDA_BUILT:
+            return "pyprune was built without CUDA kernels (CPU-only torch or no nvcc at build)"
+        return None
+    if not _HAS_TRITON:
+        return "triton is not installed"
+    if device == "cuda":
+        return None
+    if device == "cpu":
+        return None if _TRITON_INTERPRET else "triton runs on CPU tensors only under TRITON_INTERPRET=1"
+    return f"triton does not run on {device} tensors"
+
+
+def backends(device: str | torch.device = "cpu") -> list[str]:
+    """Names of the backends usable for tensors on ``device``.
+
+    >>> pyprune.backends("cpu")
+    ['reference', 'cpu']
+    """
+    kind = torch.device(device).type
+    return [n for n in NAMES if unavailable_reason(n, kind) is None]
+
+
+def backend_status(device: str | torch.device = "cpu") -> dict[str, str]:
+    """Every backend with 'ok' or the reason it cannot run on ``device``."""
+    kind = torch.device(device).type
+    return {n: unavailable_reason(n, kind) or "ok" for n in NAMES}
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Force every pyprune op called inside the block onto backend ``name`` ('auto' restores
+    the automatic choice).
+
+    >>> with pyprune.use_backend("reference"):
+    ...     y = pyprune.kwta(x, 0.1)
+    """
+    if name != "auto" and name not in NAMES:
+        raise ValueError(f"backend must be 'auto' or one of {NAMES}, got {name!r}")
+    _forced.append(name)
+    try:
+        yield
+    finally:
+        _forced.pop()
+
+
+def current() -> str:
+    """The backend forced by the innermost use_backend or PYPRUNE_BACKEND, or 'auto'."""
+    return _forced[-1]
+
+
+def select(op: str, x: torch.Tensor) -> str:
+    """The backend that runs ``op`` on ``x``: forced, or the first usable one in AUTO.
+
+    Raises RuntimeError when a forced backend cannot run on x's device or dtype.
+    """
+    device = x.device.type
+    name = _forced[-1]
+    if name == "auto":
+        for candidate in AUTO.get((op, device), ("reference",)):
+            if unavailable_reason(candidate, device) is None and (
+                candidate == "reference" or x.dtype in DTYPES[candidate]
+            ):
+                return candidate
+        return "reference"
+    reason = unavailable_reason(name, device)
+    if reason is not None:
+        raise RuntimeError(f"pyprune.{op}: backend {name!r} cannot run here: {reason}")
+    if name != "reference" and x.dtype not in DTYPES[name]:
+        allowed = ", ".join(str(d).replace("torch.", "") for d in DTYPES[name])
+        raise RuntimeError(
+            f"pyprune.{op}: backend {name!r} supports dtypes {allowed}; got {x.dtype}"
+        )
+    return name

@@ -1,0 +1,90 @@
+"""The one place user arguments are checked, before any kernel runs.
+
+Every message names the argument, what was expected and what was given.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+from torch import Tensor
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def tensor(x: object, name: str, *, min_dim: int = 0, dim: int | None = None) -> Tensor:
+    """x must be a floating-point Tensor with at least min_dim (or exactly dim) dimensions."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        allowed = ", ".join(str(d).replace("torch.", "") for d in FLOAT_DTYPES)
+        raise TypeError(f"{name} must have a floating dtype ({allowed}), got {x.dtype}")
+    if dim is not None and x.dim() != dim:
+        raise ValueError(f"{name} must be {dim}-D, got shape {tuple(x.shape)}")
+    if x.dim() < min_dim:
+        raise ValueError(
+            f"{name} must have at least {min_dim} dimensions, got shape {tuple(x.shape)}"
+        )
+    return x
+
+
+def same_device(**tensors: Tensor | None) -> None:
+    """All given tensors must be on one device."""
+    present = {k: v for k, v in tensors.items() if v is not None}
+    devices = {v.device for v in present.values()}
+    if len(devices) > 1:
+        where = ", ".join(f"{k} on {v.device}" for k, v in present.items())
+        raise ValueError(f"tensors must be on one device, got {where}")
+
+
+def choice(value: object, name: str, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+    return value  # type: ignore[return-value]
+
+
+def flag(value: object, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
+def integer(value: object, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    return int(value)
+
+
+def real(value: object, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if math.isnan(value):
+        raise ValueError(f"{name} must not be NaN")
+    return value
+
+
+def count_from_ratio_or_k(
+    ratio: object, k: object, group_size: int, *, ratio_name: str = "ratio", group: str = "group"
+) -> int:
+    """Exactly one of ratio and k; k = int(ratio * group_size) or k; k in [1, group_size]."""
+    if group_size <= 0:
+        raise ValueError(f"the {group} is empty (size {group_size}); nothing to select from")
+    if (ratio is None) == (k is None):
+        raise ValueError(f"give exactly one of {ratio_name} and k, got {ratio_name}={ratio!r}, k={k!r}")
+    if k is None:
+        r = real(ratio, ratio_name)
+        if not 0.0 < r <= 1.0:
+            raise ValueError(f"{ratio_name} must be in (0, 1], got {r}")
+        count = int(r * group_size)
+        if count < 1:
+            raise ValueError(
+                f"{ratio_name}={r} keeps int({r} * {group_size}) = 0 elements of a {group} of "
+                f"{group_size}; {ratio_name} must be >= {1 / group_size:.3g}"
+            )
+        return count
+    count = integer(k, "k")
+    if not 1 <= count <= group_size:
+        raise ValueError(f"k must be in [1, {group_size}] (the {group} size), got {count}")
+    return count
