@@ -37,7 +37,7 @@ test-triton: build
 	TRITON_INTERPRET=1 $(PYTEST) tests -m triton -q
 
 check-triton: build
-	$(VPY) -m triton_kernels.aot
+	$(VPY) -m pyprune.triton_kernels.aot
 
 bench: build
 	$(VPY) -m benchmarks

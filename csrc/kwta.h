@@ -26,11 +26,19 @@ struct KeyTraits<double> {
 
 template <typename acc_t, typename U>
 C10_HOST_DEVICE inline U to_key(acc_t v, bool absolute) {
-  constexpr U sign = U(1) << (sizeof(U) * 8 - 1);
-  if (v != v) return ~U(0);
+  static_assert(sizeof(acc_t) == sizeof(U), "key and value widths differ");
+  constexpr int bits_minus_1 = sizeof(U) * 8 - 1;
+  constexpr U sign = U(1) << bits_minus_1;
+  // The bits of +inf: all exponent bits set. A larger magnitude is a NaN.
+  constexpr U inf = sizeof(U) == 4 ? U(0x7f800000u) : U(0x7ff0000000000000ull);
   U bits = c10::bit_cast<U>(v);
-  if (absolute) bits &= ~sign;
-  return (bits & sign) ? ~bits : (bits | sign);
+  const U magnitude = bits & ~sign;
+  if (absolute) bits = magnitude;
+  // Integer selects only, so loops over keys vectorize: negative values flip every bit,
+  // positive ones set the sign bit; -0 and +0 tie (as for >=); NaN is the largest key.
+  U key = bits ^ ((U(0) - (bits >> bits_minus_1)) | sign);
+  key = magnitude == 0 ? sign : key;
+  return magnitude > inf ? ~U(0) : key;
 }
 
 // Inverse of to_key; the NaN key maps back to a NaN.
@@ -40,14 +48,12 @@ C10_HOST_DEVICE inline acc_t from_key(U key) {
   return c10::bit_cast<acc_t>((key & sign) ? (key & ~sign) : ~key);
 }
 
-// The reference's mask: key(v) >= threshold, with NaN always kept. Comparing values rather than
-// keys makes -0 and +0 tie, as they do for torch's >=.
+// The reference's mask: key(v) >= threshold, with NaN always kept (the same as comparing keys).
 template <typename acc_t, typename scalar_t>
 C10_HOST_DEVICE inline bool keep(scalar_t value, acc_t threshold, bool absolute) {
   acc_t v = static_cast<acc_t>(value);
-  if (v != v) return true;
-  if (absolute) v = v < acc_t(0) ? -v : v;
-  return v >= threshold;
+  v = (absolute && v < acc_t(0)) ? -v : v;
+  return (v >= threshold) | (v != v);
 }
 
 inline void check_kwta_args(const at::Tensor& x, int64_t k) {

@@ -1,5 +1,9 @@
-// k-WTA on the CPU: per-group k-th largest key by radix select (quickselect for small groups),
-// fused with the masked write. Parallel over groups, or within a group when groups are few.
+// k-WTA on the CPU. Per group, the k-th largest key is found in the same pass that writes the
+// output: a strided sample brackets the threshold, the pass keeps everything above the bracket,
+// drops everything below it and collects the few keys inside it, and a selection among those
+// settles the threshold (Floyd-Rivest style). Radix select over the whole group is the fallback
+// when the bracket misses; small groups select on a copy of their keys. Parallel over groups, or
+// within a group when groups are few and large.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -19,10 +23,19 @@ namespace {
 
 constexpr int kRadixBits = 11;
 constexpr int kBins = 1 << kRadixBits;
-// Below this group size a quickselect over a key copy beats clearing radix histograms.
+// Up to this group size, selecting on a copy of the keys beats sampling a bracket.
 constexpr int64_t kSmallGroup = 1024;
 // A group is split across threads only when it is this large.
 constexpr int64_t kSplitGroup = 1 << 15;
+
+// v if cond else 0, by masking the bits: the masks are data-dependent coin flips that a
+// branch would mispredict.
+template <typename scalar_t>
+inline scalar_t keep_or_zero(scalar_t v, bool cond) {
+  using Bits = std::conditional_t<sizeof(scalar_t) == 8, uint64_t,
+                                  std::conditional_t<sizeof(scalar_t) == 4, uint32_t, uint16_t>>;
+  return c10::bit_cast<scalar_t>(Bits(c10::bit_cast<Bits>(v) & (Bits(0) - Bits(cond))));
+}
 
 // Strided view of one group: element i lives at base[i * stride].
 template <typename scalar_t>
@@ -127,12 +140,84 @@ U radix_select(const Group<scalar_t>& g, int64_t k, bool absolute, int64_t chunk
   return prefix;
 }
 
+// Per-thread scratch, sized once per group size.
+template <typename U>
+struct Scratch {
+  explicit Scratch(int64_t L, int64_t chunks)
+      : cap(std::max<int64_t>(4096, L / 4)), keys(cap), index(cap), select(cap), fill(chunks) {}
+  int64_t cap;
+  std::vector<U> keys;
+  std::vector<int64_t> index;
+  std::vector<U> select;
+  std::vector<int64_t> fill;
+  std::vector<U> radix;       // fallback only
+  std::vector<int64_t> hist;  // fallback only
+};
+
+// Bracket [lo, hi] around the k-th largest key from a strided sample of the group, wide enough
+// (a few standard deviations of the sample rank) that it holds the k-th key in nearly every
+// group; lo = 0 / hi = max key when the bracket reaches an end of the group.
 template <typename scalar_t, typename U>
-U small_select(const Group<scalar_t>& g, int64_t k, bool absolute, U* buf) {
+std::pair<U, U> sample_bracket(const Group<scalar_t>& g, int64_t k, bool absolute, U* sample) {
   using acc_t = typename KeyTraits<scalar_t>::acc_t;
-  for (int64_t i = 0; i < g.size; ++i) buf[i] = to_key<acc_t, U>(static_cast<acc_t>(g[i]), absolute);
-  std::nth_element(buf, buf + (k - 1), buf + g.size, std::greater<U>());
-  return buf[k - 1];
+  const int64_t kSample = std::min<int64_t>(1024, std::max<int64_t>(256, g.size / 16));
+  const int64_t step = g.size / kSample;
+  for (int64_t j = 0; j < kSample; ++j)
+    sample[j] = to_key<acc_t, U>(static_cast<acc_t>(g[j * step]), absolute);
+  const double rank = double(k) * kSample / double(g.size);
+  const double margin = 3.0 * std::sqrt(rank * (1.0 - rank / kSample)) + 1.0;
+  const int64_t hi_rank = int64_t(std::floor(rank - margin));  // 1-based from the top
+  const int64_t lo_rank = int64_t(std::ceil(rank + margin));
+  U lo = 0, hi = ~U(0);
+  if (lo_rank <= kSample) {
+    std::nth_element(sample, sample + lo_rank - 1, sample + kSample, std::greater<U>());
+    lo = sample[lo_rank - 1];
+  }
+  if (hi_rank >= 1) {
+    std::nth_element(sample, sample + hi_rank - 1, sample + std::min(lo_rank, kSample),
+                     std::greater<U>());
+    hi = sample[hi_rank - 1];
+  }
+  return {lo, hi};
+}
+
+// One pass over elements [begin, end) of a group: out = where(key >= lo, x, 0), the number of
+// keys above hi, and the keys in [lo, hi] with their positions (at most `cap`; the count
+// returned may exceed it, which means overflow). Blocks of 64 keep the write and the counts in a
+// branch-free loop; only the few in-bracket positions are visited again, through a bit mask.
+template <bool kUnit, typename scalar_t, typename U>
+std::pair<int64_t, int64_t> bracket_pass(const Group<scalar_t>& g, scalar_t* o, int64_t ol,
+                                         int64_t begin, int64_t end, U lo, U hi, bool absolute,
+                                         U* keys, int64_t* index, int64_t cap) {
+  using acc_t = typename KeyTraits<scalar_t>::acc_t;
+  constexpr int64_t kBlock = 64;
+  const scalar_t* x = g.base;
+  const int64_t sx = kUnit ? 1 : g.stride, so = kUnit ? 1 : ol;
+  int64_t above = 0, m = 0;
+  U block[kBlock];
+  for (int64_t b = begin; b < end; b += kBlock) {
+    const int64_t n = std::min(kBlock, end - b);
+    uint8_t flags[kBlock];
+    for (int64_t j = 0; j < n; ++j) {
+      const scalar_t v = x[(b + j) * sx];
+      const U key = to_key<acc_t, U>(static_cast<acc_t>(v), absolute);
+      block[j] = key;
+      o[(b + j) * so] = keep_or_zero(v, key >= lo);
+      above += key > hi;
+      flags[j] = U(key - lo) <= U(hi - lo);
+    }
+    uint64_t inside = 0;
+    for (int64_t j = 0; j < n; ++j) inside |= uint64_t(flags[j]) << j;
+    for (; inside != 0; inside &= inside - 1) {
+      const int j = __builtin_ctzll(inside);
+      if (m < cap) {
+        keys[m] = block[j];
+        index[m] = b + j;
+      }
+      ++m;
+    }
+  }
+  return {above, m};
 }
 
 template <typename scalar_t>
@@ -149,29 +234,94 @@ void kwta_cpu_impl(const at::Tensor& x, int64_t k, bool absolute, at::Tensor& ou
   const int64_t threads = at::get_num_threads();
   // Few large groups: split each group across threads; otherwise one thread per group.
   const int64_t chunks = (G < threads && L >= kSplitGroup) ? threads : 1;
+  const int64_t per_chunk = (L + chunks - 1) / chunks;
+
+  // out = where(key >= thr, x, 0) over the whole group.
+  auto write_all = [&](const Group<scalar_t>& g, scalar_t* o, U thr) {
+    at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+      const int64_t begin = c0 * per_chunk, end = std::min(L, c1 * per_chunk);
+      for (int64_t i = begin; i < end; ++i) {
+        const scalar_t v = g[i];
+        o[i * ol] = keep_or_zero(v, to_key<acc_t, U>(static_cast<acc_t>(v), absolute) >= thr);
+      }
+    });
+  };
+
+  // Small groups: select on a copy of the keys, then write.
+  auto small_group = [&](const Group<scalar_t>& g, scalar_t* o, Scratch<U>& s) {
+    for (int64_t i = 0; i < L; ++i) s.keys[i] = to_key<acc_t, U>(static_cast<acc_t>(g[i]), absolute);
+    std::nth_element(s.keys.begin(), s.keys.begin() + (k - 1), s.keys.begin() + L, std::greater<U>());
+    const U thr = s.keys[k - 1];
+    for (int64_t i = 0; i < L; ++i) {
+      const scalar_t v = g[i];
+      o[i * ol] = keep_or_zero(v, to_key<acc_t, U>(static_cast<acc_t>(v), absolute) >= thr);
+    }
+    return thr;
+  };
+
+  // Large groups: one pass writes out = where(key >= lo, x, 0), counts keys above hi and
+  // collects the keys in [lo, hi] with their positions; the k-th largest key is then selected
+  // among those few candidates and the candidates below it are zeroed. When the sampled bracket
+  // misses (or overflows the candidate buffer) the group falls back to a full radix select.
+  auto large_group = [&](const Group<scalar_t>& g, scalar_t* o, Scratch<U>& s) {
+    const auto [lo, hi] = sample_bracket<scalar_t, U>(g, k, absolute, s.select.data());
+    const int64_t region = s.cap / chunks;
+    std::vector<int64_t> above(chunks, 0);
+    at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t begin = c * per_chunk, end = std::min(L, begin + per_chunk);
+        const auto counts = sl == 1 && ol == 1
+            ? bracket_pass<true, scalar_t, U>(g, o, ol, begin, end, lo, hi, absolute,
+                                              s.keys.data() + c * region,
+                                              s.index.data() + c * region, region)
+            : bracket_pass<false, scalar_t, U>(g, o, ol, begin, end, lo, hi, absolute,
+                                               s.keys.data() + c * region,
+                                               s.index.data() + c * region, region);
+        above[c] = counts.first;
+        s.fill[c] = counts.second;
+      }
+    });
+    int64_t total_above = 0, count = 0;
+    bool overflow = false;
+    for (int64_t c = 0; c < chunks; ++c) {
+      total_above += above[c];
+      overflow |= s.fill[c] > region;
+    }
+    if (!overflow) {
+      for (int64_t c = 0; c < chunks; ++c) {
+        std::copy_n(s.keys.data() + c * region, s.fill[c], s.select.data() + count);
+        count += s.fill[c];
+      }
+    }
+    if (overflow || !(total_above < k && k <= total_above + count)) {
+      s.radix.resize(L);
+      s.hist.resize(chunks * kBins);
+      const U thr = radix_select<scalar_t, U>(g, k, absolute, chunks, s.radix.data(),
+                                              s.hist.data(), s.fill.data());
+      write_all(g, o, thr);
+      return thr;
+    }
+    const int64_t rank = k - total_above;
+    std::nth_element(s.select.begin(), s.select.begin() + (rank - 1), s.select.begin() + count,
+                     std::greater<U>());
+    const U thr = s.select[rank - 1];
+    for (int64_t c = 0; c < chunks; ++c) {
+      const U* keys = s.keys.data() + c * region;
+      const int64_t* index = s.index.data() + c * region;
+      for (int64_t j = 0; j < s.fill[c]; ++j)
+        if (keys[j] < thr) o[index[j] * ol] = scalar_t(0);
+    }
+    return thr;
+  };
 
   auto run_groups = [&](int64_t g0, int64_t g1) {
-    std::vector<U> buf(L);
-    std::vector<int64_t> hist(L > kSmallGroup ? chunks * kBins : 0), fill(chunks);
+    Scratch<U> scratch(L, chunks);
     for (int64_t gi = g0; gi < g1; ++gi) {
       const int64_t n = gi / C, c = gi % C;
       const Group<scalar_t> g{xp + n * sn + c * sc, sl, L};
-      const U key = L > kSmallGroup
-                        ? radix_select<scalar_t, U>(g, k, absolute, chunks, buf.data(),
-                                                    hist.data(), fill.data())
-                        : small_select<scalar_t, U>(g, k, absolute, buf.data());
-      const acc_t t = from_key<acc_t, U>(key);
-      tp[gi] = static_cast<scalar_t>(t);
       scalar_t* o = op + n * on + c * oc;
-      const int64_t per_chunk = (L + chunks - 1) / chunks;
-      at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-        const int64_t begin = c0 * per_chunk, end = std::min(L, c1 * per_chunk);
-        if (sl == 1 && ol == 1) {
-          for (int64_t i = begin; i < end; ++i) o[i] = keep<acc_t>(g.base[i], t, absolute) ? g.base[i] : scalar_t(0);
-        } else {
-          for (int64_t i = begin; i < end; ++i) o[i * ol] = keep<acc_t>(g[i], t, absolute) ? g[i] : scalar_t(0);
-        }
-      });
+      const U thr = L > kSmallGroup ? large_group(g, o, scratch) : small_group(g, o, scratch);
+      tp[gi] = static_cast<scalar_t>(from_key<acc_t, U>(thr));
     }
   };
   if (chunks > 1) {
@@ -214,10 +364,10 @@ void kwta_backward_cpu_impl(const at::Tensor& grad, const at::Tensor& x,
       const int64_t i0 = std::max(begin - gi * L, int64_t(0)), i1 = std::min(end - gi * L, L);
       const int64_t sx = x.stride(2), sg = grad.stride(2), so = gx.stride(2);
       if (sx == 1 && sg == 1 && so == 1) {
-        for (int64_t i = i0; i < i1; ++i) og[i] = keep<acc_t>(xg[i], t, absolute) ? gg[i] : scalar_t(0);
+        for (int64_t i = i0; i < i1; ++i) og[i] = keep_or_zero(gg[i], keep<acc_t>(xg[i], t, absolute));
       } else {
         for (int64_t i = i0; i < i1; ++i)
-          og[i * so] = keep<acc_t>(xg[i * sx], t, absolute) ? gg[i * sg] : scalar_t(0);
+          og[i * so] = keep_or_zero(gg[i * sg], keep<acc_t>(xg[i * sx], t, absolute));
       }
     }
   });

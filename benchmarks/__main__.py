@@ -1,0 +1,83 @@
+"""``python -m benchmarks [--op OP ...] [--device cpu|cuda] [--quick] [--out DIR]``
+
+Measures every case x provider x mode of each op, prints one table per case, and writes
+``<out>/<device>/<op>.csv`` with ``<op>.png`` plus ``copy.csv`` (the copy-bandwidth baseline).
+``--quick`` runs only the quick cases with a shorter time budget and, unless ``--out`` is given,
+writes under the system's temporary directory, so it never overwrites stored results.
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from . import harness
+from .harness import Row
+
+
+def main() -> None:
+    ops = harness.discover_ops()
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description="Time pyprune ops against eager PyTorch and torch.compile.",
+    )
+    parser.add_argument("--op", action="append", choices=sorted(ops),
+                        help="op to run (repeatable; default: all)")
+    parser.add_argument("--device", choices=("cpu", "cuda"),
+                        default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="quick cases, short time budget")
+    parser.add_argument("--out", type=Path, help="results folder (default: benchmarks/results)")
+    args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device here")
+    out = args.out or (Path(tempfile.gettempdir()) / "pyprune-benchmarks" if args.quick
+                       else harness.RESULTS)
+
+    started = time.perf_counter()
+    info = harness.RunInfo.create(torch.device(args.device), args.quick)
+    folder = out / info.results_name
+    print(f"{info.device_name}, torch {info.torch}, pyprune {info.version}, "
+          f"providers: {', '.join(harness.providers(args.device))}")
+    copy = harness.copy_bandwidth(info)
+    harness.write_csv(folder / "copy.csv", [copy])
+    print(f"copy bandwidth (read + write): {copy.gbps:.1f} GB/s")
+
+    for op in args.op or sorted(ops):
+        cases = [c for c in ops[op].CASES if c.quick or not args.quick]
+        progress = harness.Progress(
+            len(cases) * len(harness.MODES) * len(harness.providers(args.device))
+        )
+        rows: list[Row] = []
+        for case in cases:
+            case_rows = harness.run_case(info, op, harness.setup_of(op, ops[op]), case, progress)
+            progress.write(format_case(op, case, case_rows, copy.gbps))
+            rows += case_rows
+        progress.close()
+        csv_path = folder / f"{op}.csv"
+        harness.write_csv(csv_path, rows)
+        png = harness.plot_csv(csv_path)
+        print(f"wrote {csv_path} and {png}")
+    print(f"done in {time.perf_counter() - started:.0f} s")
+
+
+def format_case(op: str, case: harness.Case, rows: list[Row], copy_gbps: float) -> str:
+    ratio = harness.speedups(rows)
+    lines = [
+        f"\n{op} {case.label} {rows[0].dtype}",
+        f"{'provider':<16} {'mode':<9} {'p50 ms':>9} {'[p20, p80]':>19} {'vs eager':>9} "
+        f"{'GB/s':>7} {'% copy':>7} {'peak MB':>8}",
+    ]
+    for r in rows:
+        lines.append(
+            f"{r.provider:<16} {r.mode:<9} {r.p50_ms:>9.3f} "
+            f"{f'[{r.p20_ms:.3f}, {r.p80_ms:.3f}]':>19} {ratio[r]:>8.2f}x "
+            f"{r.gbps:>7.1f} {100 * r.gbps / copy_gbps:>6.0f}% {r.peak_mb:>8.1f}"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

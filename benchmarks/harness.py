@@ -1,0 +1,552 @@
+"""Benchmark machinery shared by every op: providers, steps, timing, peak memory, CSV and plots.
+
+Adding an op
+------------
+Write ``benchmarks/<op>.py`` with
+
+* ``CASES: list[Case]``: the shapes (``Case.quick`` marks the ones ``--quick`` and pytest run);
+* ``setup_<op>(case, provider, mode, device) -> Step``: builds inputs (the same for every
+  provider: seeded), picks the function with ``provider_fn`` and returns ``build_step(...)``
+  with the bytes the op must move in that mode.
+
+The CLI (``python -m benchmarks``) and ``test_benchmarks.py`` (pytest-benchmark) find the module
+by its name and call it; nothing else needs registering.
+
+Method
+------
+* Providers: ``eager`` (the op as users write it in PyTorch), ``torch.compile`` of that same
+  function (``dynamic=False``; dynamo is reset between cases, so every shape gets its own
+  static graph), and ``pyprune-<backend>`` for each backend ``pyprune.backends(device)`` lists
+  except ``reference`` (which is eager PyTorch again); triton only on CUDA (its CPU interpreter
+  checks correctness, it is no benchmark). All providers of a case run in one process on the
+  same inputs.
+* Modes: ``forward`` runs under ``torch.no_grad()``; ``backward`` times
+  ``torch.autograd.grad(out, inputs, grad, retain_graph=True)`` on a graph built once before
+  timing, so only the backward runs; ``full`` is forward + backward from scratch.
+* Timing: warm-up (the first call compiles / autotunes, then at least ``WARMUP_RUNS`` runs and
+  ``WARMUP_S`` seconds), then per-run times of at least ``MIN_RUNS`` runs, more while they fit in
+  the time budget; p20/p50/p80 over those runs. CPU: ``time.perf_counter`` around each run,
+  Python's GC off. CUDA: a CUDA event pair around each run, and a 256 MiB buffer zeroed before
+  each run so no run reads its inputs from the previous run's L2.
+* GB/s: the bytes the op must read and write (declared by the op per mode) / p50. The copy
+  bandwidth is measured once per run with ``dst.copy_(src)`` of a large tensor (read + write)
+  and stored as op ``copy`` in ``copy.csv``; "% copy" = GB/s / copy GB/s.
+* Peak memory (MB = 1e6 bytes): the most memory allocated at once during one run, above what
+  was allocated before it (inputs, and for ``backward`` the saved graph, are excluded; outputs
+  and temporaries count). CUDA: ``torch.cuda.max_memory_allocated`` around one run. CPU: one run
+  under ``torch.profiler`` with ``profile_memory=True``; the running sum of its allocation and
+  free events in time order, maximised. The profiler sees every allocation of torch's CPU
+  allocator (ATen, inductor and extension kernels alike), not memory taken around it.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import datetime
+import gc
+import importlib
+import math
+import os
+import pkgutil
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+from torch import Tensor
+
+import pyprune
+
+try:
+    from tqdm import tqdm
+except ImportError:  # the GPU machine has no tqdm and cannot install packages
+    tqdm = None
+
+MODES = ("forward", "backward", "full")
+EAGER = "eager"
+COMPILE = "torch.compile"
+PYPRUNE = "pyprune-"  # prefix of a pyprune backend's provider name
+
+WARMUP_RUNS = 3
+WARMUP_S = 0.05
+MIN_RUNS = 10
+MAX_RUNS = {"cpu": 200, "cuda": 2000}
+BUDGET_S = {"cpu": 1.0, "cuda": 0.3}  # timed seconds per (case, provider, mode)
+QUICK_BUDGET_S = {"cpu": 0.2, "cuda": 0.1}
+COPY_BYTES = {"cpu": 256 * 2**20, "cuda": 2**30}
+L2_FLUSH_BYTES = 256 * 2**20
+
+RESULTS = Path(__file__).resolve().parent / "results"
+NOT_OPS = {"harness", "readme_table"}  # modules of this package that hold no op
+
+
+@dataclass(frozen=True)
+class Case:
+    """One benchmarked input: a shape, a dtype, and an op-specific variant (e.g. "channel")."""
+
+    shape: tuple[int, ...]
+    variant: str = ""
+    dtype: torch.dtype = torch.float32
+    quick: bool = False
+
+    @property
+    def label(self) -> str:
+        """The CSV ``shape`` column: dims joined by 'x', then the variant, e.g. '8x64 channel'."""
+        dims = "x".join(map(str, self.shape))
+        return f"{dims} {self.variant}" if self.variant else dims
+
+
+@dataclass(frozen=True)
+class Step:
+    """One timed run (``fn``) and the bytes it must read + write, for GB/s."""
+
+    fn: Callable[[], Any]
+    bytes: int
+
+
+@dataclass(frozen=True)
+class Row:
+    """One CSV row; the field order is the column order, the same for every op."""
+
+    op: str
+    provider: str
+    mode: str
+    shape: str
+    dtype: str
+    p20_ms: float
+    p50_ms: float
+    p80_ms: float
+    gbps: float
+    peak_mb: float
+    device: str
+    torch: str
+    version: str
+    date: str
+
+
+COLUMNS = tuple(f.name for f in dataclasses.fields(Row))
+_FLOATS = {"p20_ms", "p50_ms", "p80_ms", "gbps", "peak_mb"}
+
+
+# ---------------------------------------------------------------------------- providers, steps
+
+
+def providers(device: str) -> list[str]:
+    """Provider names for ``device`` ('cpu' or 'cuda'), eager first."""
+    names = [EAGER, COMPILE]
+    for backend in pyprune.backends(device):
+        if backend == "reference" or (backend == "triton" and device != "cuda"):
+            continue
+        names.append(PYPRUNE + backend)
+    return names
+
+
+def provider_fn(
+    provider: str, eager: Callable[..., Any], op: Callable[..., Any]
+) -> Callable[..., Any]:
+    """The function a provider runs: ``eager`` itself, ``torch.compile(eager)``, or the pyprune
+    ``op`` with the provider's backend forced."""
+    if provider == EAGER:
+        return eager
+    if provider == COMPILE:
+        return torch.compile(eager, fullgraph=False, dynamic=False)
+    if not provider.startswith(PYPRUNE):
+        raise ValueError(f"unknown provider {provider!r}; expected {EAGER!r}, {COMPILE!r} or "
+                         f"{PYPRUNE}<backend>")
+    backend = provider.removeprefix(PYPRUNE)
+
+    def forced(*args: Any) -> Any:
+        with pyprune.use_backend(backend):
+            return op(*args)
+
+    return forced
+
+
+def build_step(
+    fn: Callable[..., Any],
+    inputs: Sequence[Tensor],
+    mode: str,
+    nbytes: int,
+    wrt: Sequence[int] = (0,),
+) -> Step:
+    """The timed run of ``fn(*inputs)`` in ``mode``, differentiating w.r.t. ``inputs[i]`` for i
+    in ``wrt``; ``nbytes`` is what the op must read + write in that mode.
+
+    Output gradients are seeded random tensors, so every provider gets the same ones.
+    """
+    if mode == "forward":
+
+        def forward() -> Any:
+            with torch.no_grad():
+                return fn(*inputs)
+
+        return Step(forward, nbytes)
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    args = [t.detach().requires_grad_(i in wrt) for i, t in enumerate(inputs)]
+    targets = [args[i] for i in wrt]
+
+    def outputs() -> list[Tensor]:
+        out = fn(*args)
+        return [o for o in (out if isinstance(out, tuple) else (out,)) if o.requires_grad]
+
+    graph = outputs()
+    gen = torch.Generator(device=graph[0].device).manual_seed(1)
+    grads = [torch.randn(o.shape, dtype=o.dtype, device=o.device, generator=gen) for o in graph]
+    if mode == "backward":
+        return Step(lambda: torch.autograd.grad(graph, targets, grads, retain_graph=True), nbytes)
+    del graph
+    return Step(lambda: torch.autograd.grad(outputs(), targets, grads), nbytes)
+
+
+# ---------------------------------------------------------------------------- measurement
+
+
+@dataclass(frozen=True)
+class Timing:
+    p20_ms: float
+    p50_ms: float
+    p80_ms: float
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def synchronized(fn: Callable[[], Any], device: torch.device) -> Callable[[], Any]:
+    """fn, then a device synchronize on CUDA: for wall-clock timers such as pytest-benchmark's."""
+    if device.type != "cuda":
+        return fn
+
+    def run() -> Any:
+        out = fn()
+        torch.cuda.synchronize(device)
+        return out
+
+    return run
+
+
+def _warm_up(fn: Callable[[], Any], device: torch.device) -> float:
+    """Run fn until it is warm; return the fastest warm run's wall time in seconds."""
+    fn()  # compiles, autotunes, allocates
+    _sync(device)
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < WARMUP_RUNS or time.perf_counter() - start < WARMUP_S:
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def time_step(fn: Callable[[], Any], device: torch.device, budget_s: float) -> Timing:
+    """p20/p50/p80 of per-run times of fn, after warm-up; at least MIN_RUNS runs."""
+    estimate = _warm_up(fn, device)
+    runs = min(max(MIN_RUNS, math.ceil(budget_s / max(estimate, 1e-6))), MAX_RUNS[device.type])
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        times = _cuda_times(fn, device, runs) if device.type == "cuda" else _cpu_times(fn, runs)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    q = statistics.quantiles(times, n=10, method="inclusive")
+    return Timing(p20_ms=q[1], p50_ms=statistics.median(times), p80_ms=q[7])
+
+
+def _cpu_times(fn: Callable[[], Any], runs: int) -> list[float]:
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def _cuda_times(fn: Callable[[], Any], device: torch.device, runs: int) -> list[float]:
+    flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.int8, device=device)
+    events = [
+        (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+        for _ in range(runs)
+    ]
+    for start, end in events:
+        flush.zero_()
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize(device)
+    return [start.elapsed_time(end) for start, end in events]
+
+
+@contextlib.contextmanager
+def _stderr_silenced() -> Iterator[None]:
+    """Send file descriptor 2 to /dev/null: kineto logs every profiler start and stop there,
+    whatever KINETO_LOG_LEVEL says, which would garble the progress bar."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def peak_memory_mb(fn: Callable[[], Any], device: torch.device) -> float:
+    """Peak memory of one run of fn above what was allocated before it, in MB (see module doc)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - base) / 1e6
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    with _stderr_silenced(), torch.profiler.profile(activities=activities,
+                                                    profile_memory=True) as prof:
+        fn()
+    events = sorted(
+        (e.start_ns(), e.nbytes())
+        for e in prof.profiler.kineto_results.events()
+        if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU
+    )
+    allocated = peak = 0
+    for _, nbytes in events:
+        allocated += nbytes
+        peak = max(peak, allocated)
+    return peak / 1e6
+
+
+# ---------------------------------------------------------------------------- one run's metadata
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What every row of one run shares: device, versions, date, and the timing budget."""
+
+    device: torch.device
+    device_name: str
+    results_name: str  # the directory under results/
+    torch: str
+    version: str
+    date: str
+    budget_s: float
+
+    @classmethod
+    def create(cls, device: torch.device, quick: bool) -> RunInfo:
+        if device.type == "cuda":
+            name = torch.cuda.get_device_name(device)
+            results_name = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+        else:
+            name = f"{_cpu_model()} ({torch.get_num_threads()} threads)"
+            results_name = "cpu"
+        return cls(
+            device=device,
+            device_name=name,
+            results_name=results_name,
+            torch=torch.__version__,
+            version=_pyprune_version(),
+            date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%MZ"),
+            budget_s=(QUICK_BUDGET_S if quick else BUDGET_S)[device.type],
+        )
+
+    def row(self, op: str, provider: str, mode: str, case: Case, t: Timing, gbps: float,
+            peak_mb: float) -> Row:
+        return Row(op=op, provider=provider, mode=mode, shape=case.label,
+                   dtype=str(case.dtype).removeprefix("torch."), p20_ms=t.p20_ms,
+                   p50_ms=t.p50_ms, p80_ms=t.p80_ms, gbps=gbps, peak_mb=peak_mb,
+                   device=self.device_name, torch=self.torch, version=self.version,
+                   date=self.date)
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _pyprune_version() -> str:
+    """pyprune's version plus the git revision it was built from, when there is a checkout."""
+    try:
+        rev = subprocess.run(
+            ["git", "describe", "--always", "--dirty"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True, text=True, check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return pyprune.__version__
+    return f"{pyprune.__version__}+g{rev.replace('-', '.')}"
+
+
+# ---------------------------------------------------------------------------- running
+
+
+def copy_bandwidth(info: RunInfo) -> Row:
+    """The copy baseline: dst.copy_(src) of a large float32 tensor, read + write bytes / p50."""
+    numel = COPY_BYTES[info.device.type] // 4
+    src = torch.randn(numel, device=info.device)
+    dst = torch.empty_like(src)
+    step = Step(lambda: dst.copy_(src), 2 * numel * 4)
+    case = Case((numel,))
+    return _measure(info, "copy", EAGER, "forward", case, step)
+
+
+def _measure(info: RunInfo, op: str, provider: str, mode: str, case: Case, step: Step) -> Row:
+    timing = time_step(step.fn, info.device, info.budget_s)
+    peak = peak_memory_mb(step.fn, info.device)
+    return info.row(op, provider, mode, case, timing, step.bytes / timing.p50_ms / 1e6, peak)
+
+
+Setup = Callable[[Case, str, str, torch.device], Step]
+
+
+def run_case(info: RunInfo, op: str, setup: Setup, case: Case,
+             progress: Progress) -> list[Row]:
+    """Every provider x mode of one case, eager first within each mode."""
+    torch._dynamo.reset()
+    rows = []
+    for mode in MODES:
+        for provider in providers(info.device.type):
+            progress.describe(f"{op} {case.label} {mode} {provider}")
+            step = setup(case, provider, mode, info.device)
+            rows.append(_measure(info, op, provider, mode, case, step))
+            del step
+            progress.advance()
+    return rows
+
+
+class Progress:
+    """A tqdm bar, or one stderr line per item where tqdm is not installed."""
+
+    def __init__(self, total: int) -> None:
+        self._bar = tqdm(total=total, unit="run", dynamic_ncols=True) if tqdm else None
+        self._total, self._done = total, 0
+
+    def describe(self, text: str) -> None:
+        if self._bar is not None:
+            self._bar.set_description(text)
+        else:
+            print(f"[{self._done + 1}/{self._total}] {text}", file=sys.stderr, flush=True)
+
+    def advance(self) -> None:
+        self._done += 1
+        if self._bar is not None:
+            self._bar.update()
+
+    def write(self, text: str) -> None:
+        if self._bar is not None:
+            self._bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def discover_ops() -> dict[str, ModuleType]:
+    """Every ``benchmarks/<op>.py`` that defines ``setup_<op>``, by op name."""
+    ops = {}
+    for info in pkgutil.iter_modules([str(Path(__file__).resolve().parent)]):
+        if info.name.startswith(("_", "test_")) or info.name in NOT_OPS:
+            continue
+        module = importlib.import_module(f"{__package__}.{info.name}")
+        if hasattr(module, f"setup_{info.name}"):
+            ops[info.name] = module
+    return ops
+
+
+def setup_of(op: str, module: ModuleType) -> Setup:
+    return getattr(module, f"setup_{op}")
+
+
+# ---------------------------------------------------------------------------- CSV and plots
+
+
+def write_csv(path: Path, rows: Sequence[Row]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(COLUMNS)
+        for row in rows:
+            values = dataclasses.astuple(row)
+            writer.writerow(
+                f"{v:.6g}" if name in _FLOATS else v for name, v in zip(COLUMNS, values)
+            )
+
+
+def read_csv(path: Path) -> list[Row]:
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        if tuple(reader.fieldnames or ()) != COLUMNS:
+            raise ValueError(f"{path}: columns {reader.fieldnames}, expected {list(COLUMNS)}")
+        return [
+            Row(**{k: float(v) if k in _FLOATS else v for k, v in record.items()})
+            for record in reader
+        ]
+
+
+def speedups(rows: Sequence[Row]) -> dict[Row, float]:
+    """Each row's speed-up over the eager row of the same op, shape, dtype and mode."""
+    eager = {(r.op, r.shape, r.dtype, r.mode): r.p50_ms for r in rows if r.provider == EAGER}
+    return {
+        r: eager[(r.op, r.shape, r.dtype, r.mode)] / r.p50_ms
+        for r in rows
+        if (r.op, r.shape, r.dtype, r.mode) in eager
+    }
+
+
+def plot_csv(path: Path) -> Path:
+    """Grouped bars of speed-up vs eager, shape x provider, one panel per mode; returns the PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_csv(path)
+    ratio = speedups(rows)
+    shapes = list(dict.fromkeys(r.shape for r in rows))
+    names = [p for p in dict.fromkeys(r.provider for r in rows) if p != EAGER]
+    modes = [m for m in MODES if any(r.mode == m for r in rows)]
+    width = 0.8 / max(len(names), 1)
+    fig, axes = plt.subplots(len(modes), 1, figsize=(max(8.0, 1.3 * len(shapes)), 3.2 * len(modes)),
+                             sharex=True, squeeze=False)
+    for ax, mode in zip(axes[:, 0], modes):
+        for i, name in enumerate(names):
+            by_shape = {r.shape: ratio[r] for r in rows
+                        if r.mode == mode and r.provider == name and r in ratio}
+            xs = [j + (i - (len(names) - 1) / 2) * width for j, s in enumerate(shapes)
+                  if s in by_shape]
+            ys = [by_shape[s] for s in shapes if s in by_shape]
+            bars = ax.bar(xs, ys, width, label=name)
+            ax.bar_label(bars, [f"{y:.1f}" for y in ys], fontsize=7, padding=1)
+        ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
+        ax.margins(y=0.15)
+        ax.set_ylabel(f"{mode}: speed-up vs eager")
+        ax.grid(axis="y", alpha=0.3)
+    axes[0, 0].legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
+    axes[-1, 0].set_xticks(range(len(shapes)), shapes, rotation=20, ha="right", fontsize=8)
+    first = rows[0]
+    fig.suptitle(f"{first.op} ({first.dtype}) on {first.device}\n"
+                 f"torch {first.torch}, pyprune {first.version}, {first.date}", fontsize=10)
+    fig.tight_layout()
+    png = path.with_suffix(".png")
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+    return png

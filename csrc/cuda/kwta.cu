@@ -1,0 +1,660 @@
+// k-WTA on CUDA: the k-th largest key of every (n, c) group and the masked write, in one launch.
+//
+// Selection runs on the order-preserving unsigned keys of kwta.h (NaN = largest key), so the
+// k-th largest value is found digit by digit, most significant first, without sorting:
+//
+// * Groups of at most 1024 elements (channel mode on small maps, e.g. 512x4x4 or 64x32x32):
+//   a warp holds T = ceil(L / 32) rounded up to a power of two lanes per group (so one warp does
+//   32 / T groups), each lane keeps 32 keys in registers. A 32x32 bit transpose turns those keys
+//   into bit planes (plane b, bit j = bit b of key j), after which each step of a bitwise radix
+//   select costs one AND, one popcount and log2(T) shuffles, instead of one compare per key per
+//   bit. No shared memory and no atomics.
+// * Larger groups: one block per group runs a radix select with 11-bit digits (3 passes for
+//   32-bit keys): a shared-memory histogram of the digit over the candidates, a block scan that
+//   finds the bucket holding rank k, repeat. The first pass reads the group from global memory;
+//   as soon as the candidates of a block fit in shared memory (usually after the first digit),
+//   the pass that reads them also copies their keys there, and later passes never touch global
+//   memory again. A last pass writes the masked output.
+// * Few large groups on sm_90: a thread-block cluster of up to 8 blocks shares a group; each
+//   block histograms its slice and reads its siblings' histograms through distributed shared
+//   memory, so every block picks the same digit. No global scratch, no grid-wide barrier: the
+//   launch stays a single kernel and CUDA-graph safe.
+//
+// Half and bfloat16 keys are floats whose low 13 / 16 bits follow from the sign bit, so the
+// select skips those bits (2 passes instead of 3) and complete_key restores them.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/detail/IntegerDivider.cuh>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <cooperative_groups.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <mutex>
+
+#include "../kwta.h"
+
+namespace pyprune {
+namespace {
+
+namespace cg = cooperative_groups;
+
+constexpr unsigned kFullMask = 0xffffffffu;
+constexpr int kRadixBits = 11;
+constexpr int kMaxBins = 1 << kRadixBits;
+constexpr int kHistBytes = kMaxBins * sizeof(uint32_t);
+// Candidate keys kept in shared memory per block (plus one histogram: 32 KiB a block), and in
+// cluster mode (three histograms: 40 KiB). Both stay under the 48 KiB default limit.
+constexpr int kCandBytes = 24 * 1024;
+constexpr int kClusterCandBytes = 16 * 1024;
+constexpr int kWarpMaxGroup = 1024;  // 32 lanes x 32 keys
+constexpr int kWarpKernelThreads = 256;
+constexpr int kMaxCluster = 8;  // portable cluster size
+// A cluster block should still stream at least this many elements per pass.
+constexpr int64_t kMinClusterSlice = 16384;
+
+// Key bits below this are implied by the sign bit for values that came from a 16-bit float.
+template <typename scalar_t>
+struct ImpliedLowBits {
+  static constexpr int value = 0;
+};
+template <>
+struct ImpliedLowBits<c10::Half> {
+  static constexpr int value = 13;  // float mantissa 23 bits, half 10
+};
+template <>
+struct ImpliedLowBits<c10::BFloat16> {
+  static constexpr int value = 16;  // float mantissa 23 bits, bfloat16 7
+};
+
+// Restores the low `lo` bits of a key of a 16-bit float value: a float with a zero low mantissa
+// has key = bits | sign (low bits 0) when non-negative and ~bits (low bits 1) when negative. The
+// NaN key (all ones) comes back as 0xFFFF...E000, still a NaN once mapped back by from_key.
+template <typename U>
+C10_HOST_DEVICE inline U complete_key(U prefix, int lo) {
+  if (lo == 0) return prefix;
+  constexpr U sign = U(1) << (sizeof(U) * 8 - 1);
+  return (prefix & sign) ? prefix : (prefix | ((U(1) << lo) - 1));
+}
+
+// In-place transpose of a 32x32 bit matrix: afterwards bit j of a[b] is what was bit b of a[j].
+// Each round swaps bit s of the row index with bit s of the column index (s = 16, 8, ..., 1).
+C10_HOST_DEVICE inline void transpose32(uint32_t (&a)[32]) {
+  constexpr uint32_t masks[5] = {0x0000FFFFu, 0x00FF00FFu, 0x0F0F0F0Fu, 0x33333333u, 0x55555555u};
+#pragma unroll
+  for (int r = 0; r < 5; ++r) {
+    const int s = 16 >> r;
+    const uint32_t m = masks[r];
+#pragma unroll
+    for (int j = 0; j < 32; ++j) {
+      if (j & s) continue;
+      const uint32_t t = ((a[j] >> s) ^ a[j + s]) & m;
+      a[j + s] ^= t;
+      a[j] ^= t << s;
+    }
+  }
+}
+
+template <typename scalar_t, int kVec>
+struct alignas(sizeof(scalar_t) * kVec) Pack {
+  scalar_t val[kVec];
+};
+
+template <typename scalar_t>
+constexpr int vec_width() {
+  return 16 / sizeof(scalar_t);
+}
+
+template <typename scalar_t>
+struct KwtaParams {
+  const scalar_t* __restrict__ x;
+  scalar_t* __restrict__ out;
+  scalar_t* __restrict__ threshold;  // (N, C) contiguous
+  int64_t groups, C, L;
+  int64_t xs0, xs1, xs2, os0, os1, os2;
+  uint32_t k;
+  bool absolute;
+  // Block path: blocks per group (> 1 only as a thread-block cluster on sm_90), the elements
+  // each of them owns (a multiple of the vector width), and the shared candidate capacity.
+  int cluster;
+  int64_t chunk;
+  uint32_t cap;
+};
+
+// ---------------------------------------------------------------------------------------------
+// Warp path: L <= 1024.
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kWarpKernelThreads)
+    kwta_warp_kernel(const KwtaParams<scalar_t> p, const int T) {
+  using acc_t = typename KeyTraits<scalar_t>::acc_t;
+  using U = typename KeyTraits<scalar_t>::key_t;
+  constexpr int kWords = sizeof(U) / 4;
+  constexpr int kBits = sizeof(U) * 8;
+  constexpr int kLo = ImpliedLowBits<scalar_t>::value;
+
+  const int lane = threadIdx.x & 31;
+  const int lt = lane & (T - 1);  // lane within the group's T lanes (T is a power of two)
+  const int groups_per_warp = 32 / T;
+  const int64_t warps_per_block = kWarpKernelThreads / 32;
+  const int64_t warp_stride = int64_t(gridDim.x) * warps_per_block;
+
+  // The loop bound depends on the warp only, so every lane reaches every shuffle.
+  for (int64_t w = int64_t(blockIdx.x) * warps_per_block + threadIdx.x / 32;
+       w * groups_per_warp < p.groups; w += warp_stride) {
+    const int64_t g = w * groups_per_warp + lane / T;
+    const bool valid = g < p.groups;
+    const int64_t n = valid ? g / p.C : 0, c = valid ? g - n * p.C : 0;
+    const scalar_t* xg = p.x + n * p.xs0 + c * p.xs1;
+
+    // Key j (j < count) of this lane is element lt + T * j of the group, read from xl[j * step];
+    // words[q][j] is its q-th 32-bit word. 32 * T >= L, so count <= 32.
+    const int count = valid ? static_cast<int>((p.L - lt + T - 1) / T) : 0;
+    const scalar_t* xl = xg + lt * p.xs2;
+    const int64_t step = T * p.xs2;
+    uint32_t words[kWords][32];
+#pragma unroll
+    for (int j = 0; j < 32; ++j) {
+      U key = 0;
+      if (j < count) key = to_key<acc_t, U>(static_cast<acc_t>(xl[j * step]), p.absolute);
+#pragma unroll
+      for (int q = 0; q < kWords; ++q) words[q][j] = static_cast<uint32_t>(key >> (32 * q));
+    }
+#pragma unroll
+    for (int q = 0; q < kWords; ++q) transpose32(words[q]);
+    // bit j: key j exists and matches the prefix selected so far
+    uint32_t cand = count >= 32 ? kFullMask : (1u << count) - 1;
+
+    // Bitwise radix select: rank is the 1-based rank of the target among the candidates.
+    uint32_t rank = p.k;
+    U prefix = 0;
+#pragma unroll
+    for (int b = kBits - 1; b >= kLo; --b) {
+      const uint32_t plane = words[b / 32][b % 32];
+      const uint32_t ones = plane & cand;
+      uint32_t count = __popc(ones);
+      for (int off = T / 2; off > 0; off >>= 1) count += __shfl_xor_sync(kFullMask, count, off);
+      const bool one = count >= rank;
+      prefix |= one ? (U(1) << b) : U(0);
+      rank = one ? rank : rank - count;
+      cand = one ? ones : (cand & ~plane);
+    }
+    if (!valid) continue;
+
+    const acc_t t = from_key<acc_t, U>(complete_key<U>(prefix, kLo));
+    if (lt == 0) p.threshold[g] = static_cast<scalar_t>(t);
+    scalar_t* ol = p.out + n * p.os0 + c * p.os1 + lt * p.os2;
+    const int64_t out_step = T * p.os2;
+#pragma unroll
+    for (int j = 0; j < 32; ++j) {
+      if (j < count) {
+        const scalar_t v = xl[j * step];
+        ol[j * out_step] = keep<acc_t>(v, t, p.absolute) ? v : scalar_t(0);
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Block path: L > 1024, one block (or one cluster of blocks) per group.
+
+template <typename scalar_t, int kVec>
+__device__ __forceinline__ Pack<scalar_t, kVec> load_pack(const scalar_t* __restrict__ base,
+                                                          int64_t stride, int64_t i) {
+  if constexpr (kVec == 1) {
+    Pack<scalar_t, 1> v;
+    v.val[0] = base[i * stride];
+    return v;
+  } else {
+    return *reinterpret_cast<const Pack<scalar_t, kVec>*>(base + i);
+  }
+}
+
+// Calls f(value, in_range) for each element of [begin, end) that this thread owns. Loop trips
+// depend only on the warp, so f may use warp collectives; padding slots get in_range = false.
+// kVec > 1 needs stride 1, 16-byte aligned rows, and begin, end multiples of kVec.
+template <int kThreads, int kVec, typename scalar_t, typename F>
+__device__ __forceinline__ void for_each_element(const scalar_t* __restrict__ base, int64_t stride,
+                                                 int64_t begin, int64_t end, F&& f) {
+  constexpr int kUnroll = 4;
+  constexpr int64_t kRow = int64_t(kThreads) * kVec;
+  const int64_t warp_first = begin + int64_t(threadIdx.x & ~31) * kVec;
+  const int64_t mine = int64_t(threadIdx.x & 31) * kVec;
+  for (int64_t i0 = warp_first; i0 < end; i0 += kRow * kUnroll) {
+    Pack<scalar_t, kVec> v[kUnroll] = {};
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t i = i0 + mine + u * kRow;
+      if (i < end) v[u] = load_pack<scalar_t, kVec>(base, stride, i);
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const bool in_range = i0 + mine + u * kRow < end;
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) f(v[u].val[e], in_range);
+    }
+  }
+}
+
+template <int kThreads, int kVec, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void masked_write(const KwtaParams<scalar_t>& p,
+                                             const scalar_t* __restrict__ xg,
+                                             scalar_t* __restrict__ og, int64_t begin,
+                                             int64_t end, acc_t t) {
+  constexpr int kUnroll = 4;
+  constexpr int64_t kRow = int64_t(kThreads) * kVec;
+  for (int64_t i0 = begin + int64_t(threadIdx.x) * kVec; i0 < end; i0 += kRow * kUnroll) {
+    Pack<scalar_t, kVec> v[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t i = i0 + u * kRow;
+      if (i < end) v[u] = load_pack<scalar_t, kVec>(xg, p.xs2, i);
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t i = i0 + u * kRow;
+      if (i >= end) continue;
+#pragma unroll
+      for (int e = 0; e < kVec; ++e)
+        v[u].val[e] = keep<acc_t>(v[u].val[e], t, p.absolute) ? v[u].val[e] : scalar_t(0);
+      if constexpr (kVec == 1) {
+        og[i * p.os2] = v[u].val[0];
+      } else {
+        *reinterpret_cast<Pack<scalar_t, kVec>*>(og + i) = v[u];
+      }
+    }
+  }
+}
+
+struct Pick {
+  uint32_t digit;  // bucket holding the target
+  uint32_t rank;   // the target's rank within that bucket
+  uint32_t local;  // candidates of this block in that bucket
+};
+
+// Finds the bucket d with above(d) < rank <= above(d) + hist[d], above(d) = sum of hist[> d].
+// Each thread owns a run of consecutive bins; a block-wide suffix sum over the runs tells the one
+// thread whose run holds the target, which walks it and publishes the result in *pick. The
+// caller synchronizes before reading *pick. Needs sum(hist) >= rank >= 1.
+template <int kThreads>
+__device__ __forceinline__ void pick_bucket(const uint32_t* hist, const uint32_t* local_hist,
+                                            int bins, uint32_t rank, uint32_t* warp_sums,
+                                            Pick* pick) {
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int per = (bins + kThreads - 1) / kThreads;
+  const int lo = min(tid * per, bins), hi = min(lo + per, bins);
+  uint32_t mine = 0;
+  for (int b = lo; b < hi; ++b) mine += hist[b];
+  uint32_t suffix = mine;  // inclusive suffix sum over this warp's lanes
+#pragma unroll
+  for (int off = 1; off < 32; off <<= 1) {
+    const uint32_t v = __shfl_down_sync(kFullMask, suffix, off);
+    if (lane + off < 32) suffix += v;
+  }
+  if (lane == 0) warp_sums[warp] = suffix;
+  __syncthreads();
+  uint32_t above = suffix - mine;
+  for (int w = warp + 1; w < kThreads / 32; ++w) above += warp_sums[w];
+  if (above < rank && rank - above <= mine) {
+    for (int b = hi - 1; b >= lo; --b) {
+      const uint32_t count = hist[b];
+      if (rank - above <= count) {
+        pick->digit = b;
+        pick->rank = rank - above;
+        pick->local = local_hist[b];
+        break;
+      }
+      above += count;
+    }
+  }
+}
+
+template <typename scalar_t, int kThreads, bool kVectorized>
+__global__ void __launch_bounds__(kThreads) kwta_block_kernel(const KwtaParams<scalar_t> p) {
+  using acc_t = typename KeyTraits<scalar_t>::acc_t;
+  using U = typename KeyTraits<scalar_t>::key_t;
+  constexpr int kVec = kVectorized ? vec_width<scalar_t>() : 1;
+  constexpr int kBits = sizeof(U) * 8;
+  constexpr int kLo = ImpliedLowBits<scalar_t>::value;
+
+  // Dynamic shared memory: one histogram per pass parity (the second only in cluster mode, so a
+  // block never clears a histogram that a sibling may still be reading), the cluster-wide sum
+  // (cluster mode), then the candidate keys.
+  extern __shared__ __align__(16) unsigned char smem[];
+  __shared__ uint32_t n_cand;
+  __shared__ uint32_t warp_sums[kThreads / 32];
+  __shared__ Pick pick;
+  const bool clustered = p.cluster > 1;
+  U* cand = reinterpret_cast<U*>(smem + (clustered ? 3 : 1) * kHistBytes);
+
+  const int tid = threadIdx.x, lane = tid & 31;
+  int rank_in_cluster = 0;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (clustered) rank_in_cluster = static_cast<int>(cg::this_cluster().block_rank());
+#elif defined(__CUDA_ARCH__)
+  if (clustered) __trap();  // the host launches clusters only where sm_90 code runs
+#endif
+  const int64_t begin = std::min(p.L, rank_in_cluster * p.chunk);
+  const int64_t end = std::min(p.L, begin + p.chunk);
+
+  for (int64_t g = blockIdx.x / p.cluster; g < p.groups; g += gridDim.x / p.cluster) {
+    const int64_t n = g / p.C, c = g - n * p.C;
+    const scalar_t* xg = p.x + n * p.xs0 + c * p.xs1;
+
+    U prefix = 0, prefix_mask = 0;
+    uint32_t rank = p.k;
+    uint32_t local = static_cast<uint32_t>(end - begin);  // this block's candidates
+    bool in_shared = false;  // candidates already copied to cand[0, n_cand)
+    int shift = kBits - kRadixBits, bins = kMaxBins, parity = 0;
+    if (tid == 0) n_cand = 0;
+    for (;;) {
+      uint32_t* hist = reinterpret_cast<uint32_t*>(smem + parity * kHistBytes);
+      for (int b = tid; b < bins; b += kThreads) hist[b] = 0;
+      __syncthreads();
+
+      const uint32_t digit_mask = bins - 1;
+      const auto matches = [=](U key) { return (key & prefix_mask) == prefix; };
+      const auto digit = [=](U key) { return static_cast<uint32_t>(key >> shift) & digit_mask; };
+      if (in_shared) {
+        const uint32_t count = n_cand;
+        for (uint32_t j = tid; j < count; j += kThreads) {
+          const U key = cand[j];
+          if (matches(key)) atomicAdd(&hist[digit(key)], 1u);
+        }
+      } else {
+        const bool collect = local <= p.cap;  // block-uniform
+        const bool absolute = p.absolute;
+        for_each_element<kThreads, kVec>(xg, p.xs2, begin, end, [=](scalar_t v, bool in_range) {
+          const U key = to_key<acc_t, U>(static_cast<acc_t>(v), absolute);
+          const bool hit = in_range && matches(key);
+          if (hit) atomicAdd(&hist[digit(key)], 1u);
+          if (collect) {
+            const unsigned hits = __ballot_sync(kFullMask, hit);
+            if (hits) {
+              const int leader = __ffs(hits) - 1;
+              uint32_t base = 0;
+              if (lane == leader) base = atomicAdd(&n_cand, static_cast<uint32_t>(__popc(hits)));
+              base = __shfl_sync(kFullMask, base, leader);
+              if (hit) cand[base + __popc(hits & ((1u << lane) - 1))] = key;
+            }
+          }
+        });
+        in_shared = collect;
+      }
+
+      const uint32_t* total = hist;
+      if (clustered) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+        cg::cluster_group cluster = cg::this_cluster();
+        uint32_t* merged = reinterpret_cast<uint32_t*>(smem + 2 * kHistBytes);
+        cluster.sync();  // every sibling's histogram of this pass is complete and visible
+        for (int b = tid; b < bins; b += kThreads) {
+          uint32_t sum = 0;
+          for (int r = 0; r < p.cluster; ++r) sum += cluster.map_shared_rank(hist, r)[b];
+          merged[b] = sum;
+        }
+        total = merged;
+#endif
+      }
+      __syncthreads();
+      pick_bucket<kThreads>(total, hist, bins, rank, warp_sums, &pick);
+      __syncthreads();
+
+      prefix |= U(pick.digit) << shift;
+      prefix_mask |= U(bins - 1) << shift;
+      rank = pick.rank;
+      local = pick.local;
+      if (shift == kLo) break;
+      const int next = std::max(shift - kRadixBits, kLo);
+      bins = 1 << (shift - next);
+      shift = next;
+      parity ^= clustered ? 1 : 0;
+    }
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    // Siblings may still read this block's last histogram; it is reused by the next group, and
+    // shared memory must outlive every remote access.
+    if (clustered) cg::this_cluster().sync();
+#endif
+
+    const acc_t t = from_key<acc_t, U>(complete_key<U>(prefix, kLo));
+    if (tid == 0 && rank_in_cluster == 0) p.threshold[g] = static_cast<scalar_t>(t);
+    masked_write<kThreads, kVec>(p, xg, p.out + n * p.os0 + c * p.os1, begin, end, t);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward: grad_x = grad where keep(x, threshold), one elementwise pass.
+
+template <typename scalar_t>
+struct BackwardParams {
+  const scalar_t* __restrict__ grad;
+  const scalar_t* __restrict__ x;
+  const scalar_t* __restrict__ threshold;
+  scalar_t* __restrict__ gx;
+  int64_t gs0, gs1, gs2, xs0, xs1, xs2, ts0, ts1, os0, os1, os2;
+  bool absolute;
+};
+
+template <typename scalar_t, typename index_t, bool kVectorized>
+__global__ void __launch_bounds__(256)
+    kwta_backward_kernel(const BackwardParams<scalar_t> p, const index_t packs,
+                         const at::cuda::detail::IntDivider<index_t> per_group,
+                         const at::cuda::detail::IntDivider<index_t> per_sample) {
+  using acc_t = typename KeyTraits<scalar_t>::acc_t;
+  constexpr int kVec = kVectorized ? vec_width<scalar_t>() : 1;
+  const index_t step = index_t(gridDim.x) * blockDim.x;
+  for (index_t v = index_t(blockIdx.x) * blockDim.x + threadIdx.x; v < packs; v += step) {
+    const auto gi = per_group.divmod(v * kVec);  // (group, element); a pack never straddles
+    const auto nc = per_sample.divmod(gi.div);
+    const int64_t n = nc.div, c = nc.mod, i = gi.mod;
+    const acc_t t = static_cast<acc_t>(p.threshold[n * p.ts0 + c * p.ts1]);
+    const auto xv = load_pack<scalar_t, kVec>(p.x + n * p.xs0 + c * p.xs1, p.xs2, i);
+    auto gv = load_pack<scalar_t, kVec>(p.grad + n * p.gs0 + c * p.gs1, p.gs2, i);
+#pragma unroll
+    for (int e = 0; e < kVec; ++e)
+      if (!keep<acc_t>(xv.val[e], t, p.absolute)) gv.val[e] = scalar_t(0);
+    scalar_t* og = p.gx + n * p.os0 + c * p.os1;
+    if constexpr (kVec == 1) {
+      og[i * p.os2] = gv.val[0];
+    } else {
+      *reinterpret_cast<Pack<scalar_t, kVec>*>(og + i) = gv;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Host side.
+
+// Whether every (n, c) row of t can be read as aligned vectors of `vec` elements.
+bool rows_vectorizable(const at::Tensor& t, int vec) {
+  const auto aligned = [&](int d) { return t.size(d) == 1 || t.stride(d) % vec == 0; };
+  return t.stride(2) == 1 && t.size(2) % vec == 0 && aligned(0) && aligned(1) &&
+         reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0;
+}
+
+// Whether the loaded image of this kernel for the current device has sm_90 code (cluster
+// launches need it; a compute_80 image running on a newer GPU would not). Cached per device.
+template <typename Kernel>
+bool has_sm90_image(Kernel kernel, int device) {
+  constexpr int kMaxDevices = 64;
+  static int cache[kMaxDevices] = {};  // 0 unknown, 1 no, 2 yes
+  static std::mutex mutex;
+  if (device < 0 || device >= kMaxDevices) return false;
+  std::lock_guard<std::mutex> lock(mutex);
+  if (cache[device] == 0) {
+    cudaFuncAttributes attr;
+    C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
+    cache[device] = attr.binaryVersion >= 90 ? 2 : 1;
+  }
+  return cache[device] == 2;
+}
+
+template <typename scalar_t, int kThreads, bool kVectorized>
+void launch_block(KwtaParams<scalar_t> p, const cudaDeviceProp& prop, int device,
+                  cudaStream_t stream) {
+  using U = typename KeyTraits<scalar_t>::key_t;
+  const auto kernel = kwta_block_kernel<scalar_t, kThreads, kVectorized>;
+  constexpr int vec = kVectorized ? vec_width<scalar_t>() : 1;
+
+  // Few groups leave SMs idle: split each group over a cluster where the hardware allows.
+  int cluster = 1;
+  const int64_t target_blocks = 2 * int64_t(prop.multiProcessorCount);
+  if (kThreads == 512 && prop.major >= 9 && p.groups < target_blocks &&
+      p.L >= 2 * kMinClusterSlice && has_sm90_image(kernel, device)) {
+    cluster = static_cast<int>(std::min<int64_t>(
+        {kMaxCluster, target_blocks / p.groups, p.L / kMinClusterSlice}));
+  }
+  p.cluster = cluster;
+  p.chunk = (p.L + cluster - 1) / cluster;
+  p.chunk = (p.chunk + vec - 1) / vec * vec;
+  const int cand_bytes = cluster > 1 ? kClusterCandBytes : kCandBytes;
+  p.cap = static_cast<uint32_t>(cand_bytes / sizeof(U));
+  const size_t smem = (cluster > 1 ? 3 : 1) * kHistBytes + cand_bytes;
+  const int64_t clusters = std::min<int64_t>(p.groups, (int64_t(1) << 30) / cluster);
+  const unsigned blocks = static_cast<unsigned>(clusters * cluster);
+
+  if (cluster == 1) {
+    kernel<<<blocks, kThreads, smem, stream>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(blocks);
+  config.blockDim = dim3(kThreads);
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = cluster;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  config.attrs = attr;
+  config.numAttrs = 1;
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, p));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename scalar_t>
+void kwta_cuda_impl(const at::Tensor& x, int64_t k, bool absolute, at::Tensor& out,
+                    at::Tensor& threshold) {
+  KwtaParams<scalar_t> p{};
+  p.x = x.const_data_ptr<scalar_t>();
+  p.out = out.mutable_data_ptr<scalar_t>();
+  p.threshold = threshold.mutable_data_ptr<scalar_t>();
+  p.C = x.size(1);
+  p.L = x.size(2);
+  p.groups = x.size(0) * p.C;
+  p.xs0 = x.stride(0), p.xs1 = x.stride(1), p.xs2 = x.stride(2);
+  p.os0 = out.stride(0), p.os1 = out.stride(1), p.os2 = out.stride(2);
+  p.k = static_cast<uint32_t>(k);
+  p.absolute = absolute;
+  p.cluster = 1;
+
+  const cudaDeviceProp& prop = *at::cuda::getCurrentDeviceProperties();
+  const int device = x.get_device();
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+
+  if (p.L <= kWarpMaxGroup) {
+    int T = 1;
+    while (T * 32 < p.L) T *= 2;
+    const int64_t warps = (p.groups + 32 / T - 1) / (32 / T);
+    const int64_t per_block = kWarpKernelThreads / 32;
+    const int64_t blocks = std::min<int64_t>((warps + per_block - 1) / per_block,
+                                             int64_t(prop.multiProcessorCount) * 64);
+    kwta_warp_kernel<scalar_t>
+        <<<static_cast<unsigned>(blocks), kWarpKernelThreads, 0, stream>>>(p, T);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
+  constexpr int vec = vec_width<scalar_t>();
+  const bool vectorized = rows_vectorizable(x, vec) && rows_vectorizable(out, vec);
+  if (p.L <= 8192) {
+    vectorized ? launch_block<scalar_t, 256, true>(p, prop, device, stream)
+               : launch_block<scalar_t, 256, false>(p, prop, device, stream);
+  } else {
+    vectorized ? launch_block<scalar_t, 512, true>(p, prop, device, stream)
+               : launch_block<scalar_t, 512, false>(p, prop, device, stream);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> kwta_cuda(const at::Tensor& x, int64_t k, bool absolute) {
+  check_kwta_args(x, k);
+  TORCH_CHECK(x.is_cuda(), "kwta (cuda): x must be a CUDA tensor, got ", x.device());
+  TORCH_CHECK(x.size(2) <= std::numeric_limits<int32_t>::max(),
+              "kwta (cuda): a group may hold at most 2^31 - 1 elements, got ", x.size(2));
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor out = at::empty_like(x);
+  at::Tensor threshold = at::empty({x.size(0), x.size(1)}, x.options());
+  if (x.numel() == 0) return {out, threshold};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "kwta_cuda", [&] {
+    kwta_cuda_impl<scalar_t>(x, k, absolute, out, threshold);
+  });
+  return {out, threshold};
+}
+
+template <typename scalar_t, typename index_t>
+void launch_backward(const BackwardParams<scalar_t>& p, int64_t numel, int64_t C, int64_t L,
+                     bool vectorized, const cudaDeviceProp& prop, cudaStream_t stream) {
+  using at::cuda::detail::IntDivider;
+  constexpr int kThreads = 256;
+  const int vec = vectorized ? vec_width<scalar_t>() : 1;
+  const int64_t packs = numel / vec;
+  const int64_t blocks = std::min<int64_t>((packs + kThreads - 1) / kThreads,
+                                           int64_t(prop.multiProcessorCount) * 32);
+  const IntDivider<index_t> per_group(static_cast<index_t>(L));
+  const IntDivider<index_t> per_sample(static_cast<index_t>(C));
+  if (vectorized) {
+    kwta_backward_kernel<scalar_t, index_t, true><<<unsigned(blocks), kThreads, 0, stream>>>(
+        p, static_cast<index_t>(packs), per_group, per_sample);
+  } else {
+    kwta_backward_kernel<scalar_t, index_t, false><<<unsigned(blocks), kThreads, 0, stream>>>(
+        p, static_cast<index_t>(packs), per_group, per_sample);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+at::Tensor kwta_backward_cuda(const at::Tensor& grad, const at::Tensor& x,
+                              const at::Tensor& threshold, bool absolute) {
+  check_kwta_backward_args(grad, x, threshold);
+  TORCH_CHECK(x.is_cuda(), "kwta backward (cuda): x must be a CUDA tensor, got ", x.device());
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor gx = at::empty_like(x);
+  if (x.numel() == 0) return gx;
+  const cudaDeviceProp& prop = *at::cuda::getCurrentDeviceProperties();
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "kwta_backward_cuda", [&] {
+    BackwardParams<scalar_t> p{};
+    p.grad = grad.const_data_ptr<scalar_t>();
+    p.x = x.const_data_ptr<scalar_t>();
+    p.threshold = threshold.const_data_ptr<scalar_t>();
+    p.gx = gx.mutable_data_ptr<scalar_t>();
+    p.gs0 = grad.stride(0), p.gs1 = grad.stride(1), p.gs2 = grad.stride(2);
+    p.xs0 = x.stride(0), p.xs1 = x.stride(1), p.xs2 = x.stride(2);
+    p.ts0 = threshold.stride(0), p.ts1 = threshold.stride(1);
+    p.os0 = gx.stride(0), p.os1 = gx.stride(1), p.os2 = gx.stride(2);
+    p.absolute = absolute;
+    constexpr int vec = vec_width<scalar_t>();
+    const bool vectorized = rows_vectorizable(grad, vec) && rows_vectorizable(x, vec) &&
+                            rows_vectorizable(gx, vec);
+    const int64_t numel = x.numel(), C = x.size(1), L = x.size(2);
+    if (numel <= std::numeric_limits<int32_t>::max()) {
+      launch_backward<scalar_t, uint32_t>(p, numel, C, L, vectorized, prop, stream);
+    } else {
+      launch_backward<scalar_t, uint64_t>(p, numel, C, L, vectorized, prop, stream);
+    }
+  });
+  return gx;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pyprune, CUDA, m) {
+  m.impl("kwta", &kwta_cuda);
+  m.impl("_kwta_backward", &kwta_backward_cuda);
+}
+
+}  // namespace pyprune

@@ -1,0 +1,150 @@
+"""Ahead-of-time compile of every Triton kernel in pyprune.triton_kernels, for sm_80 and sm_90.
+
+    python -m pyprune.triton_kernels.aot [--arch 80 90] [--jobs N]
+
+No GPU is needed: triton.compile lowers each kernel to a cubin for the target through Triton's
+bundled ptxas. A kernel that would not build on the GPU machine fails here, in CI.
+
+Each kernel module declares what its launchers can launch in a module-level list
+``AOT = [(kernel, signature, constexprs, options), ...]`` (signature and constexprs as
+``triton.compiler.ASTSource`` takes them, options as ``triton.compile`` does, e.g. num_warps).
+Every ``@triton.jit`` function named ``*_kernel`` must appear there; a kernel without an entry
+is reported as a failure, so a new op cannot skip this check by omission.
+
+Prints one line per variant and architecture; exits 1 if any failed.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import pkgutil
+import sys
+import time
+import traceback
+from concurrent.futures import ProcessPoolExecutor
+from typing import Any, NamedTuple
+
+ARCHS = (80, 90)
+PACKAGE = "pyprune.triton_kernels"
+
+
+class Variant(NamedTuple):
+    module: str
+    kernel: Any
+    signature: dict
+    constexprs: dict
+    options: dict
+
+    def describe(self) -> str:
+        dtype = next((t[1:] for t in self.signature.values() if t.startswith("*")), "-")
+        consts = " ".join(f"{k}={v}" for k, v in self.constexprs.items())
+        opts = " ".join(f"{k}={v}" for k, v in self.options.items())
+        return f"{self.module}.{self.kernel.__name__} {dtype} {consts} {opts}".rstrip()
+
+
+def _check_not_interpreted() -> None:
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        raise RuntimeError(
+            "AOT compilation needs compiled (not interpreted) kernels: unset TRITON_INTERPRET"
+        )
+
+
+def kernel_modules() -> list[str]:
+    """Names of the kernel modules of this package (every module but this one)."""
+    package = importlib.import_module(PACKAGE)
+    return sorted(
+        f"{PACKAGE}.{m.name}"
+        for m in pkgutil.iter_modules(package.__path__)
+        if not m.ispkg and m.name != "aot" and not m.name.startswith("_")
+    )
+
+
+def variants() -> tuple[list[Variant], list[str]]:
+    """Every registered variant, and the ``*_kernel`` functions that have none."""
+    _check_not_interpreted()
+    from triton.runtime.jit import JITFunction
+
+    found, missing = [], []
+    for name in kernel_modules():
+        module = importlib.import_module(name)
+        short = name.rpartition(".")[2]
+        entries = [Variant(short, *entry) for entry in getattr(module, "AOT", [])]
+        covered = {id(v.kernel) for v in entries}
+        for attr, value in vars(module).items():
+            if isinstance(value, JITFunction) and attr.endswith("_kernel") and id(value) not in covered:
+                missing.append(f"{short}.{attr}")
+        found += entries
+    return found, missing
+
+
+def compile_variant(variant: Variant, arch: int):
+    """triton.compile of one variant for sm_<arch>; returns the compiled kernel."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    src = ASTSource(variant.kernel, variant.signature, variant.constexprs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(variant.options))
+    if not compiled.asm.get("cubin"):
+        raise RuntimeError(f"{variant.describe()}: no cubin produced for sm_{arch}")
+    return compiled
+
+
+def _compile_one(job: tuple[int, int]) -> tuple[int, int, str | None, float]:
+    index, arch = job
+    variant = variants()[0][index]
+    start = time.perf_counter()
+    try:
+        compile_variant(variant, arch)
+        error = None
+    except Exception:  # noqa: BLE001 - every failure is reported, none stops the run
+        error = traceback.format_exc()
+    return index, arch, error, time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=f"python -m {PACKAGE}.aot", description=__doc__.split("\n")[0])
+    parser.add_argument("--arch", type=int, nargs="+", default=list(ARCHS),
+                        help="CUDA compute capabilities as integers (default: 80 90)")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                        help="parallel compile processes (default: all cores)")
+    args = parser.parse_args(argv)
+    try:
+        found, missing = variants()
+    except Exception:  # noqa: BLE001
+        traceback.print_exc()
+        return 1
+    for name in missing:
+        print(f"FAIL  {name}: no entry in its module's AOT list", flush=True)
+
+    jobs = [(i, arch) for arch in args.arch for i in range(len(found))]
+    start = time.perf_counter()
+    if args.jobs > 1 and len(jobs) > 1:
+        # Workers find the function by its module's import name; under `python -m` this
+        # module is __main__, which they cannot import.
+        worker = importlib.import_module(f"{PACKAGE}.aot")._compile_one
+        with ProcessPoolExecutor(min(args.jobs, len(jobs))) as pool:
+            failed = _report(found, pool.map(worker, jobs))
+    else:
+        failed = _report(found, map(_compile_one, jobs))
+    archs = ", ".join(f"sm_{a}" for a in args.arch)
+    print(f"{len(jobs) - failed}/{len(jobs)} kernel variants compiled for {archs} in "
+          f"{time.perf_counter() - start:.1f} s; {failed} failed, {len(missing)} kernels unregistered",
+          flush=True)
+    return 1 if failed or missing else 0
+
+
+def _report(found: list[Variant], results) -> int:
+    failures = 0
+    for index, arch, error, seconds in results:
+        status = "ok  " if error is None else "FAIL"
+        print(f"{status}  sm_{arch}  {found[index].describe()}  ({seconds:.2f} s)", flush=True)
+        if error is not None:
+            failures += 1
+            print(error, file=sys.stderr, flush=True)
+    return failures
+
+
+if __name__ == "__main__":
+    sys.exit(main())
