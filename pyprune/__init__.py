@@ -3,6 +3,8 @@
 Public ops are plain functions (``pyprune.kwta``), modules live in ``pyprune.nn``, and every op
 runs on one of the backends listed by ``pyprune.backends(device)``.
 """
+import torch  # noqa: F401  (loads libtorch, which _C links against)
+
 from . import _C  # noqa: F401  (registers the torch.ops.pyprune operators; raises its real error)
 from . import nn, reference
 from ._backend import backend_status, backends, use_backend

@@ -48,7 +48,7 @@ def kwta_mask(x: Tensor, k: int, mode: str = "sample", absolute: bool = False) -
     key = g.abs() if absolute else g
     threshold = key.topk(k, dim=-1).values[..., -1:]
     keep = (key >= threshold) | key.isnan()
-    return keep.view_as(x)
+    return torch.empty_like(x, dtype=torch.bool).copy_(keep.view(x.shape))  # in x's layout
 
 
 def kwta(x: Tensor, k: int, mode: str = "sample", absolute: bool = False) -> Tensor:

@@ -1,0 +1,56 @@
+"""Shared fixtures: backend x device parametrisation and the dtype tolerance table."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import pyprune
+from pyprune import _backend
+
+HAS_CUDA = torch.cuda.is_available()
+TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+# (atol, rtol) for outputs computed in the input dtype; selections are exact in every dtype.
+TOLERANCES = {
+    torch.float64: (1e-10, 1e-10),
+    torch.float32: (1e-5, 1e-5),
+    torch.float16: (4e-3, 4e-3),
+    torch.bfloat16: (2e-2, 2e-2),
+}
+
+
+def _param(device: str, backend: str):
+    marks = []
+    if backend == "triton":
+        marks.append(pytest.mark.triton)
+    if device == "cuda":
+        marks.append(pytest.mark.gpu)
+    reason = _backend.unavailable_reason(backend, device) if device != "cuda" or HAS_CUDA else "no CUDA device"
+    if reason is not None:
+        marks.append(pytest.mark.skip(reason=reason))
+    return pytest.param((device, backend), marks=marks, id=f"{device}-{backend}")
+
+
+# Every backend on every device, skipped with its reason where it cannot run.
+DEVICE_BACKENDS = [
+    _param("cpu", "reference"),
+    _param("cpu", "cpu"),
+    _param("cpu", "triton"),
+    _param("cuda", "reference"),
+    _param("cuda", "cuda"),
+    _param("cuda", "triton"),
+]
+
+
+@pytest.fixture(params=DEVICE_BACKENDS)
+def device_backend(request):
+    """(device, backend) with the backend forced for the test's duration."""
+    device, backend = request.param
+    with pyprune.use_backend(backend):
+        yield device, backend
+
+
+def dtypes_for(backend: str) -> list[torch.dtype]:
+    return list(_backend.DTYPES.get(backend, tuple(TOLERANCES)))
