@@ -30,7 +30,7 @@ PYTEST = .ci/pytest_strict $(VPY) -m pytest
 test: test-cpu test-triton check-triton
 
 test-cpu: build
-	$(PYTEST) tests -m "not triton" -q
+	$(PYTEST) tests -m "not triton and not triton_aot" -q
 
 # Triton's interpreter must be switched on before triton is imported: a separate process.
 test-triton: build

@@ -8,6 +8,7 @@ writes under the system's temporary directory, so it never overwrites stored res
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -27,9 +28,11 @@ def main() -> None:
     parser.add_argument("--op", action="append", choices=sorted(ops),
                         help="op to run (repeatable; default: all)")
     parser.add_argument("--device", choices=("cpu", "cuda"),
-                        default="cuda" if torch.cuda.is_available() else "cpu")
+                        default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="default: cuda when torch sees a GPU, else cpu")
     parser.add_argument("--quick", action="store_true", help="quick cases, short time budget")
-    parser.add_argument("--out", type=Path, help="results folder (default: benchmarks/results)")
+    parser.add_argument("--out", type=Path, help="results folder (default: benchmarks/results; "
+                        "with --quick, pyprune-benchmarks in the temporary folder)")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no CUDA device here")
@@ -41,6 +44,8 @@ def main() -> None:
     folder = out / info.results_name
     print(f"{info.device_name}, torch {info.torch}, pyprune {info.version}, "
           f"providers: {', '.join(harness.providers(args.device))}")
+    # Other work on the host skews timings (on a 2-core CPU, by whole scheduler ticks).
+    print(f"host load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     copy = harness.copy_bandwidth(info)
     harness.write_csv(folder / "copy.csv", [copy])
     print(f"copy bandwidth (read + write): {copy.gbps:.1f} GB/s")

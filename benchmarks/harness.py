@@ -79,12 +79,15 @@ WARMUP_RUNS = 3
 WARMUP_S = 0.05
 MIN_RUNS = 10
 MAX_RUNS = {"cpu": 200, "cuda": 2000}
-BUDGET_S = {"cpu": 1.0, "cuda": 0.3}  # timed seconds per (case, provider, mode)
-QUICK_BUDGET_S = {"cpu": 0.2, "cuda": 0.1}
+BUDGET_S = {"cpu": 1.0, "cuda": 0.1}  # timed seconds per (case, provider, mode)
+QUICK_BUDGET_S = {"cpu": 0.2, "cuda": 0.03}
 COPY_BYTES = {"cpu": 256 * 2**20, "cuda": 2**30}
 L2_FLUSH_BYTES = 256 * 2**20
 
-RESULTS = Path(__file__).resolve().parent / "results"
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+RESULTS = HERE / "results"
+SOURCES = ("setup.py", "csrc", "pyprune", "triton_kernels", "benchmarks/*.py")  # for the version
 NOT_OPS = {"harness", "readme_table"}  # modules of this package that hold no op
 
 
@@ -110,6 +113,10 @@ class Step:
 
     fn: Callable[[], Any]
     bytes: int
+
+
+# setup_<op>(case, provider, mode, device) -> Step
+Setup = Callable[[Case, str, str, torch.device], Step]
 
 
 @dataclass(frozen=True)
@@ -212,14 +219,11 @@ def build_step(
 
 @dataclass(frozen=True)
 class Timing:
+    """Percentiles of per-run times, in milliseconds."""
+
     p20_ms: float
     p50_ms: float
     p80_ms: float
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def synchronized(fn: Callable[[], Any], device: torch.device) -> Callable[[], Any]:
@@ -237,14 +241,13 @@ def synchronized(fn: Callable[[], Any], device: torch.device) -> Callable[[], An
 
 def _warm_up(fn: Callable[[], Any], device: torch.device) -> float:
     """Run fn until it is warm; return the fastest warm run's wall time in seconds."""
-    fn()  # compiles, autotunes, allocates
-    _sync(device)
+    run = synchronized(fn, device)
+    run()  # compiles, autotunes, allocates
     times: list[float] = []
     start = time.perf_counter()
     while len(times) < WARMUP_RUNS or time.perf_counter() - start < WARMUP_S:
         t0 = time.perf_counter()
-        fn()
-        _sync(device)
+        run()
         times.append(time.perf_counter() - t0)
     return min(times)
 
@@ -260,8 +263,8 @@ def time_step(fn: Callable[[], Any], device: torch.device, budget_s: float) -> T
     finally:
         if gc_was_enabled:
             gc.enable()
-    q = statistics.quantiles(times, n=10, method="inclusive")
-    return Timing(p20_ms=q[1], p50_ms=statistics.median(times), p80_ms=q[7])
+    deciles = statistics.quantiles(times, n=10, method="inclusive")
+    return Timing(p20_ms=deciles[1], p50_ms=deciles[4], p80_ms=deciles[7])
 
 
 def _cpu_times(fn: Callable[[], Any], runs: int) -> list[float]:
@@ -346,16 +349,10 @@ class RunInfo:
 
     @classmethod
     def create(cls, device: torch.device, quick: bool) -> RunInfo:
-        if device.type == "cuda":
-            name = torch.cuda.get_device_name(device)
-            results_name = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-        else:
-            name = f"{_cpu_model()} ({torch.get_num_threads()} threads)"
-            results_name = "cpu"
         return cls(
             device=device,
-            device_name=name,
-            results_name=results_name,
+            device_name=device_name(device),
+            results_name=device_dir(device),
             torch=torch.__version__,
             version=_pyprune_version(),
             date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%MZ"),
@@ -371,6 +368,23 @@ class RunInfo:
                    date=self.date)
 
 
+def device_name(device: str | torch.device) -> str:
+    """A readable name: the GPU's, or the CPU model with torch's thread count."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{_cpu_model()} ({torch.get_num_threads()} threads)"
+
+
+def device_dir(device: str | torch.device) -> str:
+    """The results folder of a device: 'cpu', or the GPU's name in lower case with dashes
+    (e.g. 'nvidia-h100-80gb-hbm3')."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
+    return "cpu"
+
+
 def _cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -382,16 +396,18 @@ def _cpu_model() -> str:
 
 
 def _pyprune_version() -> str:
-    """pyprune's version plus the git revision it was built from, when there is a checkout."""
+    """pyprune's version, the git commit when there is a checkout, and ".dirty" when the
+    measured sources (not results or docs) differ from that commit."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True,
+                              check=True).stdout.strip()
+
     try:
-        rev = subprocess.run(
-            ["git", "describe", "--always", "--dirty"],
-            cwd=Path(__file__).resolve().parent,
-            capture_output=True, text=True, check=True,
-        ).stdout.strip()
+        commit = git("rev-parse", "--short", "HEAD")
+        dirty = git("status", "--porcelain", "--", *SOURCES)
     except (OSError, subprocess.CalledProcessError):
         return pyprune.__version__
-    return f"{pyprune.__version__}+g{rev.replace('-', '.')}"
+    return f"{pyprune.__version__}+g{commit}{'.dirty' if dirty else ''}"
 
 
 # ---------------------------------------------------------------------------- running
@@ -413,9 +429,6 @@ def _measure(info: RunInfo, op: str, provider: str, mode: str, case: Case, step:
     return info.row(op, provider, mode, case, timing, step.bytes / timing.p50_ms / 1e6, peak)
 
 
-Setup = Callable[[Case, str, str, torch.device], Step]
-
-
 def run_case(info: RunInfo, op: str, setup: Setup, case: Case,
              progress: Progress) -> list[Row]:
     """Every provider x mode of one case, eager first within each mode."""
@@ -435,7 +448,7 @@ class Progress:
     """A tqdm bar, or one stderr line per item where tqdm is not installed."""
 
     def __init__(self, total: int) -> None:
-        self._bar = tqdm(total=total, unit="run", dynamic_ncols=True) if tqdm else None
+        self._bar = tqdm(total=total, unit="measurement", dynamic_ncols=True) if tqdm else None
         self._total, self._done = total, 0
 
     def describe(self, text: str) -> None:
@@ -463,7 +476,7 @@ class Progress:
 def discover_ops() -> dict[str, ModuleType]:
     """Every ``benchmarks/<op>.py`` that defines ``setup_<op>``, by op name."""
     ops = {}
-    for info in pkgutil.iter_modules([str(Path(__file__).resolve().parent)]):
+    for info in pkgutil.iter_modules([str(HERE)]):
         if info.name.startswith(("_", "test_")) or info.name in NOT_OPS:
             continue
         module = importlib.import_module(f"{__package__}.{info.name}")
@@ -515,6 +528,7 @@ def speedups(rows: Sequence[Row]) -> dict[Row, float]:
 def plot_csv(path: Path) -> Path:
     """Grouped bars of speed-up vs eager, shape x provider, one panel per mode; returns the PNG."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -537,6 +551,10 @@ def plot_csv(path: Path) -> Path:
             bars = ax.bar(xs, ys, width, label=name)
             ax.bar_label(bars, [f"{y:.1f}" for y in ys], fontsize=7, padding=1)
         ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
+        # Ratios: a log scale keeps 0.5x and 2x equally far from 1x and one outlier readable.
+        ax.set_yscale("log", base=2)
+        ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda y, _: f"{y:g}x"))
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.margins(y=0.15)
         ax.set_ylabel(f"{mode}: speed-up vs eager")
         ax.grid(axis="y", alpha=0.3)

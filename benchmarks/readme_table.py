@@ -15,21 +15,21 @@ HEADER = ("device", "date", "op", "shape", "dtype", "mode", "provider", "p50 ms"
           "GB/s", "% copy")
 
 
-def table(results: Path) -> str:
+def table(results: Path, devices: list[str] | None = None) -> str:
+    """The rows of every ``<results>/<device>/<op>.csv``, or only of the given device folders."""
     lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
-    for folder in sorted(p for p in results.iterdir() if p.is_dir()):
-        copy_csv = folder / "copy.csv"
+    for path in sorted(results.glob("*/*.csv")):
+        if path.name == "copy.csv" or (devices and path.parent.name not in devices):
+            continue
+        copy_csv = path.with_name("copy.csv")
         copy_gbps = harness.read_csv(copy_csv)[0].gbps if copy_csv.exists() else None
-        for path in sorted(folder.glob("*.csv")):
-            if path == copy_csv:
-                continue
-            rows = harness.read_csv(path)
-            ratio = harness.speedups(rows)
-            for r in rows:
-                share = f"{100 * r.gbps / copy_gbps:.0f}%" if copy_gbps else "-"
-                cells = (r.device, r.date[:10], r.op, r.shape, r.dtype, r.mode, r.provider,
-                         f"{r.p50_ms:.3f}", f"{ratio[r]:.2f}x", f"{r.gbps:.1f}", share)
-                lines.append("| " + " | ".join(cells) + " |")
+        rows = harness.read_csv(path)
+        ratio = harness.speedups(rows)
+        for r in rows:
+            share = f"{100 * r.gbps / copy_gbps:.0f}%" if copy_gbps else "-"
+            cells = (r.device, r.date[:10], r.op, r.shape, r.dtype, r.mode, r.provider,
+                     f"{r.p50_ms:.3f}", f"{ratio[r]:.2f}x", f"{r.gbps:.1f}", share)
+            lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -38,7 +38,10 @@ def main() -> None:
                                      description="Print the stored benchmark results as Markdown.")
     parser.add_argument("--results", type=Path, default=harness.RESULTS,
                         help="results folder (default: benchmarks/results)")
-    print(table(parser.parse_args().results))
+    parser.add_argument("--device", action="append",
+                        help="results folder name, e.g. cpu (repeatable; default: all)")
+    args = parser.parse_args()
+    print(table(args.results, args.device))
 
 
 if __name__ == "__main__":

@@ -36,11 +36,9 @@ _TL_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf1
 
 
 @triton.jit
-def _to_key(v, ABSOLUTE: tl.constexpr):
-    """uint32 keys ordered like v (or |v|), NaN largest."""
-    bits = v.to(tl.uint32, bitcast=True)
-    if ABSOLUTE:
-        bits = bits & 0x7FFFFFFF
+def _to_key(v, absolute):
+    """uint32 keys ordered like v (or |v| if absolute), NaN largest."""
+    bits = v.to(tl.uint32, bitcast=True) & tl.where(absolute != 0, 0x7FFFFFFF, 0xFFFFFFFF)
     # Negative values: flip every bit (reverses their order); others: set the sign bit.
     # XOR with a constant rather than ~, which the interpreter cannot apply to uint32.
     key = bits ^ tl.where((bits >> 31) != 0, 0xFFFFFFFF, 0x80000000)
@@ -54,11 +52,8 @@ def _from_key(key):
 
 
 @triton.jit
-def _keep(v, threshold, ABSOLUTE: tl.constexpr):
-    if ABSOLUTE:
-        key = tl.abs(v)
-    else:
-        key = v
+def _keep(v, threshold, absolute):
+    key = tl.where(absolute != 0, tl.abs(v), v)
     return (key >= threshold) | (v != v)
 
 
@@ -73,13 +68,15 @@ def _pick_digit(hist, rank):
     return digit, rank - above
 
 
-@triton.jit
+# `absolute` is an int32 flag, not a constexpr: it costs one AND and one select per element, and
+# halves the variants to compile. Not specialized, so 1 does not become a second variant either
+# (and a bool cannot be passed: the interpreter mis-converts it).
+@triton.jit(do_not_specialize=["absolute"])
 def _kwta_forward_kernel(
     x_ptr, out_ptr, threshold_ptr,
-    C, L, k,
+    C, L, k, absolute,
     x_sn, x_sc, x_sl,
     out_sn, out_sc, out_sl,
-    ABSOLUTE: tl.constexpr,
     BLOCK: tl.constexpr,
     ONE_BLOCK: tl.constexpr,
 ):
@@ -96,7 +93,7 @@ def _kwta_forward_kernel(
     if ONE_BLOCK:
         in_group = lanes < L
         v = tl.load(x_base + lanes * x_sl, mask=in_group, other=0.0).to(tl.float32)
-        keys = _to_key(v, ABSOLUTE)
+        keys = _to_key(v, absolute)
     for p in tl.static_range(32 // RADIX_BITS):
         shift = 32 - RADIX_BITS * (p + 1)
         if ONE_BLOCK:
@@ -110,7 +107,7 @@ def _kwta_forward_kernel(
                 offs = start + lanes
                 in_group = offs < L
                 v = tl.load(x_base + offs * x_sl, mask=in_group, other=0.0).to(tl.float32)
-                keys = _to_key(v, ABSOLUTE)
+                keys = _to_key(v, absolute)
                 candidate = in_group & ((keys & prefix_mask) == prefix)
                 digits = ((keys >> shift) & (BINS - 1)).to(tl.int32)
                 hist += tl.histogram(digits, BINS, mask=candidate)
@@ -122,7 +119,7 @@ def _kwta_forward_kernel(
     threshold = _from_key(prefix)
     tl.store(threshold_ptr + group, threshold.to(threshold_ptr.dtype.element_ty))
     if ONE_BLOCK:
-        kept = tl.where(_keep(v, threshold, ABSOLUTE), v, 0.0)
+        kept = tl.where(_keep(v, threshold, absolute), v, 0.0)
         tl.store(out_base + lanes * out_sl, kept.to(out_ptr.dtype.element_ty), mask=in_group)
     else:
         start = 0
@@ -130,12 +127,12 @@ def _kwta_forward_kernel(
             offs = start + lanes
             in_group = offs < L
             raw = tl.load(x_base + offs * x_sl, mask=in_group, other=0.0)
-            keep = _keep(raw.to(tl.float32), threshold, ABSOLUTE)
+            keep = _keep(raw.to(tl.float32), threshold, absolute)
             tl.store(out_base + offs * out_sl, tl.where(keep, raw, 0.0).to(raw.dtype), mask=in_group)
             start += BLOCK
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["absolute"])
 def _kwta_backward_kernel(
     grad_ptr, x_ptr, threshold_ptr, out_ptr,
     G, C, L, blocks_per_row,
@@ -143,7 +140,7 @@ def _kwta_backward_kernel(
     x_sn, x_sc, x_sl,
     t_sn, t_sc,
     out_sn, out_sc, out_sl,
-    ABSOLUTE: tl.constexpr,
+    absolute,
     BLOCK_G: tl.constexpr,
     BLOCK_L: tl.constexpr,
 ):
@@ -158,7 +155,7 @@ def _kwta_backward_kernel(
     threshold = tl.load(threshold_ptr + n * t_sn + c * t_sc, mask=row_ok, other=0.0).to(tl.float32)
     x = tl.load(x_ptr + (n * x_sn + c * x_sc)[:, None] + elems[None, :] * x_sl, mask=mask, other=0.0)
     grad = tl.load(grad_ptr + (n * g_sn + c * g_sc)[:, None] + elems[None, :] * g_sl, mask=mask, other=0.0)
-    keep = _keep(x.to(tl.float32), threshold[:, None], ABSOLUTE)
+    keep = _keep(x.to(tl.float32), threshold[:, None], absolute)
     tl.store(out_ptr + (n * out_sn + c * out_sc)[:, None] + elems[None, :] * out_sl,
              tl.where(keep, grad, 0.0).to(grad.dtype), mask=mask)
 
@@ -196,9 +193,9 @@ def kwta_forward(x: torch.Tensor, k: int, absolute: bool) -> tuple[torch.Tensor,
     block, one_block, num_warps = _forward_config(L)
     _kwta_forward_kernel[(N * C,)](
         x, out, threshold,
-        C, L, k,
+        C, L, k, int(absolute),
         *x.stride(), *out.stride(),
-        ABSOLUTE=bool(absolute), BLOCK=block, ONE_BLOCK=one_block,
+        BLOCK=block, ONE_BLOCK=one_block,
         num_warps=num_warps,
     )
     return out, threshold
@@ -226,18 +223,22 @@ def kwta_backward(
     _kwta_backward_kernel[grid](
         grad, x, threshold, out,
         N * C, C, L, blocks_per_row,
-        *grad.stride(), *x.stride(), *threshold.stride(), *out.stride(),
-        ABSOLUTE=bool(absolute), BLOCK_G=block_g, BLOCK_L=block_l,
+        *grad.stride(), *x.stride(), *threshold.stride(), *out.stride(), int(absolute),
+        BLOCK_G=block_g, BLOCK_L=block_l,
         num_warps=_BWD_NUM_WARPS,
     )
     return out
 
 
-def _signature(names: str, dtype: str, constexprs: dict) -> dict[str, str]:
-    """Signature of a kernel whose arguments are ``names``: *_ptr ones point to ``dtype``, the
-    others are i32 (launch values fit in 32 bits; the kernels widen offsets to int64)."""
-    sig = {n: f"*{dtype}" if n.endswith("_ptr") else "i32" for n in names.split()}
-    return {**sig, **{n: "constexpr" for n in constexprs}}
+def _signature(kernel, dtype: str, constexprs: dict) -> dict[str, str]:
+    """The signature a launch with ``dtype`` tensors gets: pointers to dtype, integers as i32
+    (launch values fit; the kernels widen offsets to int64)."""
+    def kind(name: str) -> str:
+        if name in constexprs:
+            return "constexpr"
+        return f"*{dtype}" if name.endswith("_ptr") else "i32"
+
+    return {name: kind(name) for name in kernel.arg_names}
 
 
 def _aot_variants() -> list[tuple]:
@@ -248,25 +249,14 @@ def _aot_variants() -> list[tuple]:
     backward = {_backward_config(1 << i) for i in range(_BWD_TILE.bit_length())}
     variants = []
     for dtype in _TL_DTYPES.values():
-        for absolute in (False, True):
-            for block, one_block, num_warps in sorted(forward):
-                constexprs = {"ABSOLUTE": absolute, "BLOCK": block, "ONE_BLOCK": one_block}
-                variants.append((
-                    _kwta_forward_kernel,
-                    _signature("x_ptr out_ptr threshold_ptr C L k x_sn x_sc x_sl out_sn out_sc out_sl",
-                               dtype, constexprs),
-                    constexprs,
-                    {"num_warps": num_warps},
-                ))
-            for block_g, block_l in sorted(backward):
-                constexprs = {"ABSOLUTE": absolute, "BLOCK_G": block_g, "BLOCK_L": block_l}
-                variants.append((
-                    _kwta_backward_kernel,
-                    _signature("grad_ptr x_ptr threshold_ptr out_ptr G C L blocks_per_row g_sn g_sc g_sl "
-                               "x_sn x_sc x_sl t_sn t_sc out_sn out_sc out_sl", dtype, constexprs),
-                    constexprs,
-                    {"num_warps": _BWD_NUM_WARPS},
-                ))
+        for block, one_block, num_warps in sorted(forward):
+            constexprs = {"BLOCK": block, "ONE_BLOCK": one_block}
+            variants.append((_kwta_forward_kernel, _signature(_kwta_forward_kernel, dtype, constexprs),
+                             constexprs, {"num_warps": num_warps}))
+        for block_g, block_l in sorted(backward):
+            constexprs = {"BLOCK_G": block_g, "BLOCK_L": block_l}
+            variants.append((_kwta_backward_kernel, _signature(_kwta_backward_kernel, dtype, constexprs),
+                             constexprs, {"num_warps": _BWD_NUM_WARPS}))
     return variants
 
 

@@ -220,7 +220,7 @@ __device__ __forceinline__ Pack<scalar_t, kVec> load_pack(const scalar_t* __rest
 template <int kThreads, int kVec, typename scalar_t, typename F>
 __device__ __forceinline__ void for_each_element(const scalar_t* __restrict__ base, int64_t stride,
                                                  int64_t begin, int64_t end, F&& f) {
-  constexpr int kUnroll = 4;
+  constexpr int kUnroll = kVec >= 8 ? 2 : kVec == 4 ? 4 : 8;  // 8 to 16 loads in flight
   constexpr int64_t kRow = int64_t(kThreads) * kVec;
   const int64_t warp_first = begin + int64_t(threadIdx.x & ~31) * kVec;
   const int64_t mine = int64_t(threadIdx.x & 31) * kVec;
