@@ -70,18 +70,26 @@ done
 echo "check-cuda: device code in $(basename "$LIB") ($CUOBJDUMP --list-elf):"
 ELF_LIST=$("$CUOBJDUMP" --list-elf "$LIB")
 echo "$ELF_LIST"
-# nvcc makes one ELF per .cu and architecture.
-for arch in sm_80 sm_90; do
-  found=$(grep -c "\.${arch}\.cubin" <<<"$ELF_LIST" || true)
-  if [ "$found" -lt "${#CU_FILES[@]}" ]; then
-    echo "check-cuda: FAILED: $found $arch ELF(s) for ${#CU_FILES[@]} CUDA source(s)" >&2
-    exit 1
-  fi
+# nvcc makes one ELF per .cu and architecture, named after the source.
+for cu in "${CU_FILES[@]}"; do
+  name=$(basename "$cu" .cu)
+  for arch in sm_80 sm_90; do
+    if ! grep -q " ${name}\.${arch}\.cubin\$" <<<"$ELF_LIST"; then
+      echo "check-cuda: FAILED: no $arch code for $cu in $(basename "$LIB")" >&2
+      exit 1
+    fi
+  done
 done
 
-# Registers, stack (spills show up as STACK/LOCAL) and shared memory per kernel, for review.
-echo "check-cuda: resource usage per kernel:"
-"$CUOBJDUMP" --dump-resource-usage "$LIB" | grep -E "arch|Function|REG" | sed 's/^/  /'
+# Registers and stack per kernel, for review (STACK > 0 means local memory, often spills).
+echo "check-cuda: resource usage (arch, REG, STACK bytes, kernel):"
+"$CUOBJDUMP" --dump-resource-usage "$LIB" | awk '
+  /arch = / { arch = $3 }
+  /Function / { name = $2; sub(/:$/, "", name) }
+  /REG:/ { split($1, r, ":"); split($2, s, ":"); print arch, r[2], s[2], name }' |
+  { if command -v c++filt >/dev/null; then c++filt; else cat; fi } |
+  sed -E 's/\(anonymous namespace\):://; s/pyprune:://g; s/\(.*$//' |
+  awk '{ printf "  %-6s %4s %4s  %s\n", $1, $2, $3, substr($0, index($0, $4)) }'
 
 # The library must load against this torch and register a CUDA kernel for every schema that a
 # csrc/cuda source implements (no GPU needed for either).

@@ -184,7 +184,7 @@ std::pair<U, U> sample_bracket(const Group<scalar_t>& g, int64_t k, bool absolut
 // One pass over elements [begin, end) of a group: out = where(key >= lo, x, 0), the number of
 // keys above hi, and the keys in [lo, hi] with their positions (at most `cap`; the count
 // returned may exceed it, which means overflow). Blocks of 64 keep the write and the counts in a
-// branch-free loop; only the few in-bracket positions are visited again, through a bit mask.
+// branch-free loop; only the few in-bracket positions are visited again.
 template <bool kUnit, typename scalar_t, typename U>
 std::pair<int64_t, int64_t> bracket_pass(const Group<scalar_t>& g, scalar_t* o, int64_t ol,
                                          int64_t begin, int64_t end, U lo, U hi, bool absolute,
@@ -206,15 +206,19 @@ std::pair<int64_t, int64_t> bracket_pass(const Group<scalar_t>& g, scalar_t* o, 
       above += key > hi;
       flags[j] = U(key - lo) <= U(hi - lo);
     }
-    uint64_t inside = 0;
-    for (int64_t j = 0; j < n; ++j) inside |= uint64_t(flags[j]) << j;
-    for (; inside != 0; inside &= inside - 1) {
-      const int j = __builtin_ctzll(inside);
-      if (m < cap) {
-        keys[m] = block[j];
-        index[m] = b + j;
+    if (n < kBlock) std::fill(flags + n, flags + kBlock, uint8_t(0));
+    // Visit only the flagged positions, eight flags (one byte each) per word.
+    for (int64_t w0 = 0; w0 < kBlock; w0 += 8) {
+      uint64_t word;
+      std::memcpy(&word, flags + w0, 8);
+      for (; word != 0; word &= word - 1) {
+        const int64_t j = w0 + (__builtin_ctzll(word) >> 3);
+        if (m < cap) {
+          keys[m] = block[j];
+          index[m] = b + j;
+        }
+        ++m;
       }
-      ++m;
     }
   }
   return {above, m};

@@ -220,7 +220,7 @@ __device__ __forceinline__ Pack<scalar_t, kVec> load_pack(const scalar_t* __rest
 template <int kThreads, int kVec, typename scalar_t, typename F>
 __device__ __forceinline__ void for_each_element(const scalar_t* __restrict__ base, int64_t stride,
                                                  int64_t begin, int64_t end, F&& f) {
-  constexpr int kUnroll = kVec >= 8 ? 2 : kVec == 4 ? 4 : 8;  // 8 to 16 loads in flight
+  constexpr int kUnroll = kVec == 8 ? 2 : kVec == 1 ? 8 : 4;  // 8 to 16 elements in flight
   constexpr int64_t kRow = int64_t(kThreads) * kVec;
   const int64_t warp_first = begin + int64_t(threadIdx.x & ~31) * kVec;
   const int64_t mine = int64_t(threadIdx.x & 31) * kVec;
@@ -245,7 +245,7 @@ __device__ __forceinline__ void masked_write(const KwtaParams<scalar_t>& p,
                                              const scalar_t* __restrict__ xg,
                                              scalar_t* __restrict__ og, int64_t begin,
                                              int64_t end, acc_t t) {
-  constexpr int kUnroll = 4;
+  constexpr int kUnroll = kVec == 8 ? 2 : 4;  // 16-bit packs unpack into twice the registers
   constexpr int64_t kRow = int64_t(kThreads) * kVec;
   for (int64_t i0 = begin + int64_t(threadIdx.x) * kVec; i0 < end; i0 += kRow * kUnroll) {
     Pack<scalar_t, kVec> v[kUnroll];
@@ -314,7 +314,7 @@ __device__ __forceinline__ void pick_bucket(const uint32_t* hist, const uint32_t
 }
 
 template <typename scalar_t, int kThreads, bool kVectorized>
-__global__ void __launch_bounds__(kThreads) kwta_block_kernel(const KwtaParams<scalar_t> p) {
+__global__ void __launch_bounds__(kThreads, 1024 / kThreads) kwta_block_kernel(const KwtaParams<scalar_t> p) {
   using acc_t = typename KeyTraits<scalar_t>::acc_t;
   using U = typename KeyTraits<scalar_t>::key_t;
   constexpr int kVec = kVectorized ? vec_width<scalar_t>() : 1;
@@ -371,16 +371,23 @@ __global__ void __launch_bounds__(kThreads) kwta_block_kernel(const KwtaParams<s
         for_each_element<kThreads, kVec>(xg, p.xs2, begin, end, [=](scalar_t v, bool in_range) {
           const U key = to_key<acc_t, U>(static_cast<acc_t>(v), absolute);
           const bool hit = in_range && matches(key);
-          if (hit) atomicAdd(&hist[digit(key)], 1u);
+          const unsigned hits = __ballot_sync(kFullMask, hit);
+          if (hits == 0) return;  // warp-uniform
+          // Ties (zeros after a ReLU, quantized data) send a warp's keys to one bin: the first
+          // hitting lane adds every lane that shares its digit in one atomic.
+          const int leader = __ffs(hits) - 1;
+          const uint32_t d = digit(key);
+          const uint32_t leader_d = __shfl_sync(kFullMask, d, leader);
+          const unsigned with_leader = __ballot_sync(kFullMask, hit && d == leader_d);
+          if (hit && d != leader_d) atomicAdd(&hist[d], 1u);
+          uint32_t base = 0;
+          if (lane == leader) {
+            atomicAdd(&hist[leader_d], static_cast<uint32_t>(__popc(with_leader)));
+            if (collect) base = atomicAdd(&n_cand, static_cast<uint32_t>(__popc(hits)));
+          }
           if (collect) {
-            const unsigned hits = __ballot_sync(kFullMask, hit);
-            if (hits) {
-              const int leader = __ffs(hits) - 1;
-              uint32_t base = 0;
-              if (lane == leader) base = atomicAdd(&n_cand, static_cast<uint32_t>(__popc(hits)));
-              base = __shfl_sync(kFullMask, base, leader);
-              if (hit) cand[base + __popc(hits & ((1u << lane) - 1))] = key;
-            }
+            base = __shfl_sync(kFullMask, base, leader);
+            if (hit) cand[base + __popc(hits & ((1u << lane) - 1))] = key;
           }
         });
         in_shared = collect;
