@@ -21,11 +21,11 @@ def want_cuda() -> bool:
 
 cuda = want_cuda()
 sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
-cxx = ["-O3", "-fopenmp", "-std=c++17", "-DPy_LIMITED_API=0x03090000"]
+cxx = ["-O3", "-fopenmp", "-DPy_LIMITED_API=0x03090000"]
 extra = {"cxx": cxx}
 if cuda:
     sources += sorted(glob.glob("csrc/cuda/*.cu"))
-    extra["nvcc"] = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+    extra["nvcc"] = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
 Extension = CUDAExtension if cuda else CppExtension
 
 setup(

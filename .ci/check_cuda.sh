@@ -49,13 +49,17 @@ export PYPRUNE_CUDA=1
 export MAX_JOBS="${MAX_JOBS:-2}"
 
 OUT="$ROOT/build/check-cuda"
-echo "check-cuda: building into $OUT (CUDA_HOME=$CUDA_HOME, archs $TORCH_CUDA_ARCH_LIST, MAX_JOBS=$MAX_JOBS)"
+echo "check-cuda: building into $OUT"
+echo "  CUDA_HOME=$CUDA_HOME TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST MAX_JOBS=$MAX_JOBS"
 "$PY" setup.py -q build_ext --build-lib "$OUT/lib" --build-temp "$OUT/tmp"
 
 shopt -s nullglob
 LIBS=("$OUT"/lib/pyprune/_C*.so)
 CU_FILES=(csrc/cuda/*.cu)
-[ "${#LIBS[@]}" -eq 1 ] || { echo "check-cuda: expected one built _C library, found ${#LIBS[@]}" >&2; exit 1; }
+if [ "${#LIBS[@]}" -ne 1 ]; then
+  echo "check-cuda: expected one built _C library, found ${#LIBS[@]}" >&2
+  exit 1
+fi
 LIB="${LIBS[0]}"
 [ "${#CU_FILES[@]}" -gt 0 ] || { echo "check-cuda: no csrc/cuda/*.cu to check" >&2; exit 1; }
 

@@ -73,7 +73,7 @@ struct ImpliedLowBits<c10::BFloat16> {
 
 // Restores the low `lo` bits of a key of a 16-bit float value: a float with a zero low mantissa
 // has key = bits | sign (low bits 0) when non-negative and ~bits (low bits 1) when negative. The
-// NaN key (all ones) comes back as 0xFFFF...E000, still a NaN once mapped back by from_key.
+// NaN key (all ones) comes back with its low bits clear: still a NaN once mapped by from_key.
 template <typename U>
 C10_HOST_DEVICE inline U complete_key(U prefix, int lo) {
   if (lo == 0) return prefix;
@@ -176,11 +176,11 @@ __global__ void __launch_bounds__(kWarpKernelThreads)
     for (int b = kBits - 1; b >= kLo; --b) {
       const uint32_t plane = words[b / 32][b % 32];
       const uint32_t ones = plane & cand;
-      uint32_t count = __popc(ones);
-      for (int off = T / 2; off > 0; off >>= 1) count += __shfl_xor_sync(kFullMask, count, off);
-      const bool one = count >= rank;
+      uint32_t n_ones = __popc(ones);  // candidates of the group with bit b set
+      for (int off = T / 2; off > 0; off >>= 1) n_ones += __shfl_xor_sync(kFullMask, n_ones, off);
+      const bool one = n_ones >= rank;
       prefix |= one ? (U(1) << b) : U(0);
-      rank = one ? rank : rank - count;
+      rank = one ? rank : rank - n_ones;
       cand = one ? ones : (cand & ~plane);
     }
     if (!valid) continue;
@@ -314,7 +314,8 @@ __device__ __forceinline__ void pick_bucket(const uint32_t* hist, const uint32_t
 }
 
 template <typename scalar_t, int kThreads, bool kVectorized>
-__global__ void __launch_bounds__(kThreads, 1024 / kThreads) kwta_block_kernel(const KwtaParams<scalar_t> p) {
+__global__ void __launch_bounds__(kThreads, 1024 / kThreads)  // <= 64 registers, 50% occupancy
+    kwta_block_kernel(const KwtaParams<scalar_t> p) {
   using acc_t = typename KeyTraits<scalar_t>::acc_t;
   using U = typename KeyTraits<scalar_t>::key_t;
   constexpr int kVec = kVectorized ? vec_width<scalar_t>() : 1;
@@ -633,7 +634,8 @@ at::Tensor kwta_backward_cuda(const at::Tensor& grad, const at::Tensor& x,
   if (x.numel() == 0) return gx;
   const cudaDeviceProp& prop = *at::cuda::getCurrentDeviceProperties();
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "kwta_backward_cuda", [&] {
+  const auto dtype = x.scalar_type();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "kwta_backward_cuda", [&] {
     BackwardParams<scalar_t> p{};
     p.grad = grad.const_data_ptr<scalar_t>();
     p.x = x.const_data_ptr<scalar_t>();
