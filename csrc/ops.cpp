@@ -18,4 +18,24 @@ TORCH_LIBRARY(pyprune, m) {
   m.def("kwta(Tensor x, int k, bool absolute) -> (Tensor, Tensor)");
   // grad_x = grad where key(x) >= threshold (or x is NaN), else 0; layout of x.
   m.def("_kwta_backward(Tensor grad, Tensor x, Tensor threshold, bool absolute) -> Tensor");
+  // SAP (csrc/sap.h): x (N, L) view, one sample per row; seed: int64 (2,) = (key, stream) of the
+  // Philox stream (csrc/random.h), read on x's device; r >= 1 draws per sample. out = x / q where
+  // kept (exact: drawn among r draws with replacement from |x| / sum|x|; else u < q), 0 elsewhere.
+  m.def("sap(Tensor x, Tensor seed, int r, bool exact) -> Tensor");
+  // grad * kept / q, the kept set regenerated from the seed (nothing input-sized is saved).
+  m.def("_sap_backward(Tensor grad, Tensor x, Tensor seed, int r, bool exact) -> Tensor");
+  // x (1-D view) + std * n, or x * (1 + std * n) if multiplicative; n ~ N(0, 1) from the seed's
+  // stream, value i from element i. Backward of the multiplicative form is this op on grad.
+  m.def("gaussian_noise(Tensor x, Tensor seed, float std, bool multiplicative) -> Tensor");
+  // CAS. x: (N, K, L) view of (N, K, H, W) (L = H * W, any strides); weight (C, K); bias (C,) or
+  // None; label (N,) int64 or None (then the argmax of the logits, first index on ties).
+  // Returns out (x's layout; x * weight[index] per channel), logits (N, C) in x's dtype, index
+  // (N,) int64 (the label or the argmax) and the channel means (N, K) in float32 (float64 for
+  // float64 x): what backward needs besides x and weight.
+  m.def("cas(Tensor x, Tensor weight, Tensor? bias, Tensor? label) -> (Tensor, Tensor, Tensor, Tensor)");
+  // One pass over x and grad_out: grad_x = grad_out * weight[index] + (grad_logits @ weight) / L,
+  // and the channel sums of grad_out * x, scatter-added into the index rows of grad_weight =
+  // grad_logits.T @ mean + ...; grad_bias = grad_logits.sum(0). Returns (grad_x, grad_weight,
+  // grad_bias), grad_weight and grad_bias in weight's dtype.
+  m.def("_cas_backward(Tensor grad_out, Tensor grad_logits, Tensor x, Tensor weight, Tensor index, Tensor mean) -> (Tensor, Tensor, Tensor)");
 }

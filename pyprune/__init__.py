@@ -8,8 +8,14 @@ import torch  # noqa: F401  (loads libtorch, which _C links against)
 from . import _C  # noqa: F401  (registers the torch.ops.pyprune operators; raises its real error)
 from . import nn, reference
 from ._backend import backend_status, backends, use_backend
-from .ops import kwta
+from .analysis import channel_activation_frequency
+from .losses import cas_loss, pc_loss
+from .ops import cas, kwta
+from .ops import gaussian_noise, magnitude_mask, sap
 
 __version__ = "0.1.0"
 
-__all__ = ["kwta", "backends", "backend_status", "use_backend", "nn", "reference"]
+__all__ = [
+    "kwta", "cas", "sap", "gaussian_noise", "magnitude_mask", "cas_loss", "pc_loss", "channel_activation_frequency",
+    "backends", "backend_status", "use_backend", "nn", "reference",
+]

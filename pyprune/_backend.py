@@ -30,6 +30,14 @@ NAMES = ("reference", "cpu", "cuda", "triton")
 AUTO: dict[tuple[str, str], tuple[str, ...]] = {
     ("kwta", "cpu"): ("cpu", "reference"),
     ("kwta", "cuda"): ("cuda", "triton", "reference"),
+    ("sap", "cpu"): ("cpu", "reference"),
+    ("sap", "cuda"): ("cuda", "triton", "reference"),
+    ("gaussian_noise", "cpu"): ("cpu", "reference"),
+    ("gaussian_noise", "cuda"): ("cuda", "triton", "reference"),
+    ("magnitude_mask", "cpu"): ("cpu", "reference"),
+    ("magnitude_mask", "cuda"): ("cuda", "triton", "reference"),
+    ("cas", "cpu"): ("cpu", "reference"),
+    ("cas", "cuda"): ("cuda", "triton", "reference"),
 }
 
 # Dtypes each compiled backend handles; reference handles all floating dtypes.

@@ -1,4 +1,7 @@
 """Drop-in nn.Modules over pyprune's ops."""
+from .cas import CAS
 from .kwta import KWTA
+from .noise import GaussianNoise, MagnitudePruned, NoisyWeight
+from .sap import SAP
 
-__all__ = ["KWTA"]
+__all__ = ["KWTA", "CAS", "SAP", "GaussianNoise", "NoisyWeight", "MagnitudePruned"]

@@ -1,4 +1,7 @@
 """Public functional ops; each module registers its fakes and autograd on import."""
+from .cas import cas
 from .kwta import kwta
+from .noise import gaussian_noise, magnitude_mask
+from .sap import sap
 
-__all__ = ["kwta"]
+__all__ = ["kwta", "cas", "sap", "gaussian_noise", "magnitude_mask"]

@@ -1,0 +1,58 @@
+// Stochastic activation pruning pieces shared by the CPU and CUDA kernels: the keep probability
+// and argument checks. Randomness: csrc/random.h.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/macros/Macros.h>
+
+#include <cmath>
+#include <cstdint>
+
+namespace pyprune {
+
+// q = 1 - (1 - p)^r, computed as -expm1(r * log1p(-p)): the naive form loses every digit once
+// p is below float epsilon, which it is for most elements of a realistic activation.
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t sap_keep_probability(acc_t p, int64_t r) {
+#if defined(__CUDA_ARCH__)
+  return -expm1(static_cast<acc_t>(r) * log1p(-p));
+#else
+  return -std::expm1(static_cast<acc_t>(r) * std::log1p(-p));
+#endif
+}
+
+inline void check_seed(const at::Tensor& seed, const at::Tensor& x, const char* op) {
+  TORCH_CHECK(seed.scalar_type() == at::kLong && seed.dim() == 1 && seed.numel() == 2, op,
+              ": seed must be an int64 tensor of shape (2,), got ", seed.scalar_type(), " ",
+              seed.sizes());
+  TORCH_CHECK(seed.device() == x.device(), op, ": seed must be on x's device ", x.device(),
+              ", got ", seed.device());
+}
+
+inline void check_sap_args(const at::Tensor& x, const at::Tensor& seed, int64_t r) {
+  TORCH_CHECK(x.dim() == 2, "sap: x must be a 2-D (N, L) view, got shape ", x.sizes());
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "sap: x must be floating point, got ",
+              x.scalar_type());
+  TORCH_CHECK(r >= 1, "sap: the number of draws r must be >= 1, got ", r);
+  check_seed(seed, x, "sap");
+}
+
+inline void check_sap_backward_args(const at::Tensor& grad, const at::Tensor& x,
+                                    const at::Tensor& seed, int64_t r) {
+  check_sap_args(x, seed, r);
+  TORCH_CHECK(grad.sizes() == x.sizes(), "sap backward: grad must have shape ", x.sizes(),
+              ", got ", grad.sizes());
+  TORCH_CHECK(grad.scalar_type() == x.scalar_type() && grad.device() == x.device(),
+              "sap backward: grad must have x's dtype ", x.scalar_type(), " and device ",
+              x.device());
+}
+
+inline void check_noise_args(const at::Tensor& x, const at::Tensor& seed, double std) {
+  TORCH_CHECK(x.dim() == 1, "gaussian_noise: x must be a 1-D view, got shape ", x.sizes());
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()),
+              "gaussian_noise: x must be floating point, got ", x.scalar_type());
+  TORCH_CHECK(std >= 0.0, "gaussian_noise: std must be >= 0, got ", std);
+  check_seed(seed, x, "gaussian_noise");
+}
+
+}  // namespace pyprune

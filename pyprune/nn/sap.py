@@ -1,0 +1,34 @@
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from .. import _validate
+from ..ops.sap import sap
+
+
+class SAP(nn.Module):
+    """Stochastic activation pruning (see pyprune.sap), active in training and in eval mode
+    (it is a test-time defense). Usually placed after each ReLU.
+
+    >>> act = SAP()                          # r = group_size draws per sample
+    >>> act = SAP(samples=1000, exact=False)
+    """
+
+    def __init__(self, ratio: float = 1.0, samples: int | None = None, exact: bool = True) -> None:
+        super().__init__()
+        ratio = _validate.real(ratio, "ratio")
+        if not ratio > 0.0:
+            raise ValueError(f"ratio must be > 0, got {ratio}")
+        if samples is not None:
+            samples = _validate.integer(samples, "samples")
+            if samples < 1:
+                raise ValueError(f"samples must be >= 1, got {samples}")
+        self.ratio, self.samples = ratio, samples
+        self.exact = _validate.flag(exact, "exact")
+
+    def forward(self, x: Tensor) -> Tensor:
+        return sap(x, self.ratio, samples=self.samples, exact=self.exact)
+
+    def extra_repr(self) -> str:
+        amount = f"samples={self.samples}" if self.samples is not None else f"ratio={self.ratio}"
+        return f"{amount}, exact={self.exact}"

@@ -1,0 +1,174 @@
+"""Channel-wise activation suppressing (Bai et al., 2021): public function, fakes, autograd,
+backend choice."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import _backend, _validate, reference
+from ._common import group_view
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# The compiled ops (schema in csrc/ops.cpp, kernels in csrc/cpu and csrc/cuda).
+@torch.library.register_fake("pyprune::cas")
+def _cas_fake(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], label: Optional[Tensor]
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    torch._check(x.dim() == 3, lambda: f"x must be a 3-D (N, K, L) view, got {x.dim()}-D")
+    torch._check(weight.dim() == 2 and weight.shape[1] == x.shape[1],
+                 lambda: f"weight must have shape (num_classes, {x.shape[1]})")
+    n, k = x.shape[0], x.shape[1]
+    return (
+        torch.empty_like(x),
+        x.new_empty((n, weight.shape[0])),
+        x.new_empty((n,), dtype=torch.int64),
+        x.new_empty((n, k), dtype=_acc_dtype(x.dtype)),
+    )
+
+
+@torch.library.register_fake("pyprune::_cas_backward")
+def _cas_backward_fake(
+    grad_out: Tensor, grad_logits: Tensor, x: Tensor, weight: Tensor, index: Tensor, mean: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    torch._check(grad_out.shape == x.shape, lambda: "grad_out must have x's shape")
+    return torch.empty_like(x), torch.empty_like(weight), weight.new_empty((weight.shape[0],))
+
+
+# The Triton launchers, opaque to the compiler (see SPEC section 3 on TRITON_INTERPRET).
+@torch.library.custom_op("pyprune::cas_triton", mutates_args=())
+def _cas_triton(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], label: Optional[Tensor]
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    from ..triton_kernels import cas as kernels
+
+    return kernels.cas_forward(x, weight, bias, label)
+
+
+@torch.library.custom_op("pyprune::_cas_backward_triton", mutates_args=())
+def _cas_backward_triton(
+    grad_out: Tensor, grad_logits: Tensor, x: Tensor, weight: Tensor, index: Tensor, mean: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    from ..triton_kernels import cas as kernels
+
+    return kernels.cas_backward(grad_out, grad_logits, x, weight, index, mean)
+
+
+_cas_triton.register_fake(_cas_fake)
+_cas_backward_triton.register_fake(_cas_backward_fake)
+
+_OPS = {
+    "cpu": (torch.ops.pyprune.cas.default, torch.ops.pyprune._cas_backward.default),
+    "cuda": (torch.ops.pyprune.cas.default, torch.ops.pyprune._cas_backward.default),
+    "triton": (torch.ops.pyprune.cas_triton.default, torch.ops.pyprune._cas_backward_triton.default),
+}
+
+
+def _register_autograd(fwd, bwd) -> None:
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, _ = inputs
+        _, _, index, mean = output
+        # index and mean serve backward only; differentiating through them raises.
+        ctx.mark_non_differentiable(index, mean)
+        ctx.save_for_backward(x, weight, index, mean)
+        ctx.has_bias = bias is not None
+
+    def backward(ctx, grad_out, grad_logits, _grad_index, _grad_mean):
+        x, weight, index, mean = ctx.saved_tensors
+        grad_x, grad_weight, grad_bias = bwd(grad_out, grad_logits, x, weight, index, mean)
+        return grad_x, grad_weight, grad_bias if ctx.has_bias else None, None
+
+    torch.library.register_autograd(fwd, backward, setup_context=setup_context)
+
+
+for _fwd, _bwd in {v[0]: v[1] for v in _OPS.values()}.items():
+    _register_autograd(_fwd, _bwd)
+
+
+def _check_args(x: object, weight: object, bias: object, label: object) -> None:
+    """CAS's argument checks (all before any kernel runs)."""
+    _validate.tensor(x, "x", dim=4)
+    _validate.tensor(weight, "weight", dim=2)
+    n, k, h, w = x.shape
+    if k == 0 or h * w == 0:
+        raise ValueError(
+            f"x must have at least one channel and one spatial element, got shape {tuple(x.shape)}"
+        )
+    classes = weight.shape[0]
+    if weight.shape[1] != k or classes == 0:
+        raise ValueError(
+            f"weight must have shape (num_classes >= 1, {k}) for x with {k} channels, "
+            f"got {tuple(weight.shape)}"
+        )
+    if weight.dtype != x.dtype:
+        raise TypeError(f"weight must have x's dtype {x.dtype}, got {weight.dtype}")
+    if bias is not None:
+        _validate.tensor(bias, "bias", dim=1)
+        if bias.shape[0] != classes:
+            raise ValueError(f"bias must have shape ({classes},), got {tuple(bias.shape)}")
+        if bias.dtype != x.dtype:
+            raise TypeError(f"bias must have x's dtype {x.dtype}, got {bias.dtype}")
+    if label is not None:
+        if not isinstance(label, Tensor):
+            raise TypeError(f"label must be a torch.Tensor or None, got {type(label).__name__}")
+        if label.dtype != torch.int64:
+            raise TypeError(f"label must be an int64 tensor of class indices, got {label.dtype}")
+        if label.shape != (n,):
+            raise ValueError(f"label must have shape ({n},) (one class per sample), "
+                             f"got {tuple(label.shape)}")
+    _validate.same_device(x=x, weight=weight, bias=bias, label=label)
+    # The range check reads the labels: skipped while tracing (the compiled CPU kernel checks
+    # them itself, the CUDA kernel asserts) and during CUDA graph capture, which cannot sync.
+    if (
+        label is not None
+        and n > 0
+        and not torch.compiler.is_compiling()
+        and not (label.is_cuda and torch.cuda.is_current_stream_capturing())
+    ):
+        lo, hi = (int(v) for v in torch.aminmax(label))
+        if lo < 0 or hi >= classes:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"label values must be in [0, {classes}), got {bad}")
+
+
+def cas(
+    x: Tensor, weight: Tensor, bias: Tensor | None = None, label: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    r"""Channel-wise activation suppressing (Bai et al., ICLR 2021).
+
+    An auxiliary linear classifier on the channel means of x, whose weight row of a class
+    rescales the channels:
+
+        logits = mean_hw(x) @ weight.T + bias
+        m      = weight[label]  if a label is given (training), else weight[argmax(logits)]
+        out    = x * m[:, :, None, None]
+
+    Args:
+        x: (N, K, H, W) float tensor; any strides (channels_last is kept).
+        weight: (C, K) classifier weight, x's dtype (like ``nn.Linear(K, C).weight``).
+        bias: (C,) or None.
+        label: (N,) int64 class indices in [0, C), or None (then the argmax of the logits, the
+            first index on ties, NaN counting as largest, as torch.argmax).
+
+    Returns:
+        (out, logits): out like x, logits (N, C) in x's dtype. Differentiable in x, weight and
+        bias (the argmax itself is not). Backward keeps x, the per-sample class index and the
+        (N, K) channel means.
+
+    Example:
+        >>> x, w = torch.randn(8, 256, 8, 8), torch.randn(10, 256)
+        >>> out, logits = pyprune.cas(x, w, label=torch.randint(10, (8,)))   # training
+        >>> out, logits = pyprune.cas(x, w)                                  # inference
+    """
+    _check_args(x, weight, bias, label)
+    backend = _backend.select("cas", x)
+    if backend == "reference":
+        return reference.cas(x, weight, bias, label)
+    view, restore = group_view(x, 2)
+    out, logits, _, _ = _OPS[backend][0](view, weight, bias, label)
+    return restore(out), logits

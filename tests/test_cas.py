@@ -1,0 +1,313 @@
+"""CAS on every backend against pyprune.reference (float64): both modes, gradients, opcheck,
+compile, bad input, the module."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pyprune
+from pyprune import reference
+from pyprune.ops.cas import _OPS
+
+from .conftest import TOLERANCES, dtypes_for
+
+# (N, K, H, W, classes): odd and power-of-2 sizes; 1x1 maps, one class; (1, 40, 17, 17) is
+# streamed in tiles by the Triton kernel (a sample larger than its register tile).
+CASES = [
+    (3, 5, 7, 7, 4),
+    (4, 16, 8, 8, 10),
+    (2, 32, 4, 4, 3),
+    (2, 8, 17, 3, 1),
+    (3, 20, 1, 1, 7),
+    (1, 40, 17, 17, 5),
+]
+
+
+def _inputs(n, k, h, w, classes, dtype, device, *, gap=0.1, seed=0):
+    """x, weight, bias, label whose float64 logits (from the rounded values) have a top-2 gap of
+    at least ``gap`` in every sample, so every dtype's argmax agrees with float64's."""
+    for s in range(seed, seed + 200):
+        gen = torch.Generator().manual_seed(s)
+        x = torch.randn(n, k, h, w, generator=gen).to(dtype)
+        weight = torch.randn(classes, k, generator=gen).to(dtype)
+        bias = torch.randn(classes, generator=gen).mul(2).to(dtype)
+        label = torch.randint(classes, (n,), generator=gen)
+        logits = F.linear(x.double().mean((2, 3)), weight.double(), bias.double())
+        top = logits.topk(min(2, classes), dim=1).values
+        if classes == 1 or bool((top[:, 0] - top[:, 1] > gap).all()):
+            return tuple(t.to(device) for t in (x, weight, bias, label))
+    raise AssertionError("no seed gave separated logits")
+
+
+def _expected(x, weight, bias, label):
+    out, logits = reference.cas(x.double(), weight.double(),
+                                None if bias is None else bias.double(), label)
+    return out.to(x.dtype), logits.to(x.dtype)
+
+
+def _close(got, want, dtype, scale=1.0):
+    atol, rtol = TOLERANCES[dtype]
+    torch.testing.assert_close(got.double(), want.double(), atol=atol * scale, rtol=rtol)
+
+
+@pytest.mark.parametrize("shape", CASES, ids=str)
+@pytest.mark.parametrize("train", [True, False], ids=["label", "argmax"])
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
+def test_matches_reference(device_backend, shape, train, with_bias):
+    device, backend = device_backend
+    for dtype in dtypes_for(backend):
+        x, weight, bias, label = _inputs(*shape, dtype, device)
+        bias = bias if with_bias else None
+        if not with_bias:  # the gap was checked with the bias: recheck without it
+            x, weight, _, label = _inputs(*shape, dtype, device, seed=1000)
+            logits = F.linear(x.double().mean((2, 3)), weight.double())
+            if shape[4] > 1 and not train:
+                top = logits.topk(2, dim=1).values
+                if not bool((top[:, 0] - top[:, 1] > 0.05).all()):
+                    continue
+        label = label if train else None
+        out, logits = pyprune.cas(x, weight, bias, label)
+        want_out, want_logits = _expected(x, weight, bias, label)
+        assert out.dtype == dtype and logits.dtype == dtype
+        torch.testing.assert_close(out, want_out, atol=0, rtol=0)  # x * m is exact in x's dtype
+        _close(logits, want_logits, dtype, scale=10)
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "strided", "transposed"])
+@pytest.mark.parametrize("train", [True, False], ids=["label", "argmax"])
+def test_layouts(device_backend, layout, train):
+    device, backend = device_backend
+    x, weight, bias, label = _inputs(4, 6, 9, 10, 5, torch.float32, device)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "strided":
+        x = torch.cat([x, x], 0)[::2]
+    else:
+        x = x.transpose(-1, -2).contiguous().transpose(-1, -2)
+    label = label if train else None
+    out, logits = pyprune.cas(x, weight, bias, label)
+    want_out, want_logits = _expected(x, weight, bias, label)
+    torch.testing.assert_close(out, want_out, atol=0, rtol=0)
+    _close(logits, want_logits, torch.float32)
+    if layout == "channels_last":
+        assert out.is_contiguous(memory_format=torch.channels_last)
+    # Gradients in the same layout.
+    xg = x.detach().requires_grad_()
+    g = torch.randn_like(want_out)
+    gl = torch.randn_like(want_logits)
+    o, lg = pyprune.cas(xg, weight, bias, label)
+    (got,) = torch.autograd.grad((o, lg), xg, (g, gl))
+    xr = x.double().requires_grad_()
+    o, lg = reference.cas(xr, weight.double(), bias.double(), label)
+    (want,) = torch.autograd.grad((o, lg), xr, (g.double(), gl.double()))
+    _close(got, want, torch.float32)
+
+
+def test_argmax_ties_and_nan(device_backend):
+    """torch.argmax's order: the first index wins ties, NaN counts as largest (first NaN wins)."""
+    device, _ = device_backend
+    x = torch.randn(3, 4, 2, 2, device=device)
+    weight = torch.randn(5, 4, device=device)
+    weight[3] = weight[1]
+    bias = torch.full((5,), -50.0, device=device)
+    bias[1] = bias[3] = 50.0  # classes 1 and 3 tie exactly
+    out, logits = pyprune.cas(x, weight, bias)
+    assert torch.equal(logits[:, 1], logits[:, 3])
+    torch.testing.assert_close(out, x * weight[1][:, None, None], atol=0, rtol=0)
+    bias[4] = float("nan")
+    bias[2] = float("nan")
+    out, logits = pyprune.cas(x, weight, bias)
+    assert logits[:, 2].isnan().all()
+    torch.testing.assert_close(out, x * weight[2][:, None, None], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["label", "argmax"])
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
+def test_gradients_match_reference(device_backend, train, with_bias):
+    device, backend = device_backend
+    for shape in [(3, 6, 5, 5, 4), (2, 40, 17, 17, 3)]:
+        for dtype in dtypes_for(backend):
+            x, weight, bias, label = _inputs(*shape, dtype, device)
+            bias = bias if with_bias else None
+            label = label if train else None
+            gen = torch.Generator().manual_seed(5)
+            g = torch.randn(x.shape, generator=gen).to(dtype).to(device)
+            gl = torch.randn(shape[0], shape[4], generator=gen).to(dtype).to(device)
+            leaves = [t.clone().requires_grad_() for t in (x, weight) + ((bias,) if with_bias else ())]
+            o, lg = pyprune.cas(leaves[0], leaves[1], leaves[2] if with_bias else None, label)
+            got = torch.autograd.grad((o, lg), leaves, (g, gl))
+            ref = [t.double().requires_grad_() for t in leaves]
+            o, lg = reference.cas(ref[0], ref[1], ref[2] if with_bias else None, label)
+            want = torch.autograd.grad((o, lg), ref, (g.double(), gl.double()))
+            for name, a, b in zip(("x", "weight", "bias"), got, want):
+                assert a.dtype == dtype, name
+                _close(a, b, dtype, scale=max(1.0, float(b.abs().max())) * 4)
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["label", "argmax"])
+def test_gradcheck_float64(device_backend, train):
+    device, backend = device_backend
+    if torch.float64 not in dtypes_for(backend):
+        pytest.skip(f"{backend} has no float64")
+    x, weight, bias, label = _inputs(3, 4, 3, 5, 3, torch.float64, device, gap=0.01)
+    label = label if train else None
+    args = tuple(t.clone().requires_grad_() for t in (x, weight, bias))
+    assert torch.autograd.gradcheck(lambda a, w, b: pyprune.cas(a, w, b, label), args)
+
+
+def test_backward_saves_no_extra_input_sized_tensor(device_backend):
+    device, backend = device_backend
+    if backend == "reference":
+        pytest.skip("the reference saves what autograd saves")
+    x, weight, bias, label = _inputs(4, 6, 5, 5, 3, torch.float32, device)
+    x.requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        pyprune.cas(x, weight.requires_grad_(), bias, label)
+    assert sorted(t.numel() for t in saved) == sorted([4, 4 * 6, 3 * 6, x.numel()])
+
+
+def test_opcheck(device_backend):
+    device, backend = device_backend
+    if backend == "reference":
+        pytest.skip("the reference is plain eager PyTorch")
+    fwd, bwd = _OPS[backend]
+    x, weight, bias, label = _inputs(3, 6, 4, 5, 4, torch.float32, device)
+    view = x.flatten(2)
+    for b in (bias, None):
+        for lab in (label, None):
+            args = (view.clone().requires_grad_(), weight.clone().requires_grad_(),
+                    None if b is None else b.clone().requires_grad_(), lab)
+            torch.library.opcheck(fwd, args)
+            out, logits, index, mean = fwd(view, weight, b, lab)
+            torch.library.opcheck(bwd, (torch.randn_like(out), torch.randn_like(logits), view,
+                                        weight, index, mean))
+
+
+class _Block(torch.nn.Module):
+    def __init__(self, cin, cout, classes):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(cin, cout, 3, stride=2, padding=1)
+        self.bn = torch.nn.BatchNorm2d(cout)
+        self.cas = pyprune.nn.CAS(cout, classes)
+
+    def forward(self, x, label=None):
+        return self.cas(torch.relu(self.bn(self.conv(x))), label)
+
+
+class _Net(torch.nn.Module):
+    """ResNet-style stages, CAS after the last two (as in the CAS paper)."""
+
+    def __init__(self, classes=4):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.stage3 = _Block(8, 16, classes)
+        self.stage4 = _Block(16, 32, classes)
+        self.fc = torch.nn.Linear(32, classes)
+
+    def forward(self, x, label=None):
+        x, lg3 = self.stage3(torch.relu(self.stem(x)), label)
+        x, lg4 = self.stage4(x, label)
+        return self.fc(x.mean((2, 3))), [lg3, lg4]
+
+
+def test_compile_fullgraph_model(device_backend):
+    device, _ = device_backend
+    torch.manual_seed(0)
+    model = _Net().to(device)
+    x = torch.randn(5, 3, 12, 12, device=device)
+    y = torch.randint(4, (5,), device=device)
+
+    def loss_fn(m):
+        logits, cas_logits = m(x, y)
+        return F.cross_entropy(logits, y) + pyprune.cas_loss(cas_logits, y)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True)
+    loss = loss_fn(compiled)
+    loss.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    torch.testing.assert_close(loss, loss_fn(model), rtol=1e-4, atol=1e-5)
+    loss_fn(model).backward()
+    for a, b in zip(grads, (p.grad for p in model.parameters())):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    model.eval()
+    out, _ = compiled(x)
+    torch.testing.assert_close(out, model(x)[0], rtol=1e-4, atol=1e-5)
+
+
+def test_empty_batch(device_backend):
+    device, _ = device_backend
+    x = torch.randn(0, 4, 3, 3, device=device, requires_grad=True)
+    weight = torch.randn(3, 4, device=device, requires_grad=True)
+    for label in (torch.zeros(0, dtype=torch.int64, device=device), None):
+        out, logits = pyprune.cas(x, weight, None, label)
+        assert out.shape == x.shape and logits.shape == (0, 3)
+        (out.sum() + logits.sum()).backward()
+        assert torch.equal(weight.grad, torch.zeros_like(weight))
+
+
+def test_module():
+    torch.manual_seed(0)
+    m = pyprune.nn.CAS(6, 4)
+    assert m.weight.shape == (4, 6) and m.bias.shape == (4,)
+    assert "in_channels=6, num_classes=4" in repr(m)
+    x = torch.randn(3, 6, 5, 5)
+    label = torch.tensor([0, 3, 1])
+    out, logits = m(x, label)
+    want_out, want_logits = reference.cas(x, m.weight, m.bias, label)
+    torch.testing.assert_close(out, want_out)
+    torch.testing.assert_close(logits, want_logits)
+    with pytest.raises(ValueError, match="training mode needs the labels"):
+        m(x)
+    m.eval()
+    out, _ = m(x, label)  # eval: the predicted class, the label is ignored
+    torch.testing.assert_close(out, reference.cas(x, m.weight, m.bias)[0])
+    with pytest.raises(ValueError, match="must be >= 1"):
+        pyprune.nn.CAS(0, 3)
+
+
+# Bad input: a clear error naming the argument, before any kernel runs.
+def _bad_cases():
+    x = torch.randn(2, 3, 4, 4)
+    w = torch.randn(5, 3)
+    lab = torch.tensor([0, 4])
+    return [
+        ((torch.randn(2, 3, 16), w), {}, ValueError, "x must be 4-D"),
+        (([1.0], w), {}, TypeError, "x must be a torch.Tensor"),
+        ((x.long(), w), {}, TypeError, "x must have a floating dtype"),
+        ((x, torch.randn(5, 4)), {}, ValueError, r"weight must have shape \(num_classes >= 1, 3\)"),
+        ((x, torch.randn(5, 3, 1)), {}, ValueError, "weight must be 2-D"),
+        ((x, torch.randn(0, 3)), {}, ValueError, "weight must have shape"),
+        ((x, w.double()), {}, TypeError, "weight must have x's dtype"),
+        ((x, w), dict(bias=torch.randn(4)), ValueError, r"bias must have shape \(5,\)"),
+        ((x, w), dict(bias=torch.randn(5).double()), TypeError, "bias must have x's dtype"),
+        ((x, w), dict(label=torch.tensor([0, 1, 2])), ValueError, r"label must have shape \(2,\)"),
+        ((x, w), dict(label=lab.int()), TypeError, "label must be an int64"),
+        ((x, w), dict(label=lab.float()), TypeError, "label must be an int64"),
+        ((x, w), dict(label=[0, 1]), TypeError, "label must be a torch.Tensor"),
+        ((x, w), dict(label=torch.tensor([0, 5])), ValueError, r"label values must be in \[0, 5\), got 5"),
+        ((x, w), dict(label=torch.tensor([-1, 0])), ValueError, r"label values must be in \[0, 5\), got -1"),
+        ((torch.randn(2, 3, 0, 4), w), {}, ValueError, "one spatial element"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_bad_cases())))
+def test_bad_input(device_backend, case):
+    _, backend = device_backend
+    args, kwargs, error, message = _bad_cases()[case]
+    with pytest.raises(error, match=message):
+        pyprune.cas(*args, **kwargs)
+
+
+def test_kernel_checks_labels_itself():
+    """Direct torch.ops calls (and compiled graphs, which skip the Python range check) are
+    checked by the CPU kernel."""
+    x = torch.randn(2, 3, 16)
+    w = torch.randn(5, 3)
+    with pytest.raises(RuntimeError, match=r"label values must be in \[0, 5\)"):
+        torch.ops.pyprune.cas(x, w, None, torch.tensor([0, 7]))
+    with pytest.raises(RuntimeError, match=r"weight must have shape"):
+        torch.ops.pyprune.cas(x, torch.randn(5, 4), None, None)

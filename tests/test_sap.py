@@ -1,0 +1,276 @@
+"""SAP on every backend: the reference's distribution (unbiasedness, keep probabilities, at most
+r distinct draws), seeding, gradients, opcheck, compile, bad input."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import pyprune
+from pyprune import reference
+from pyprune.ops.sap import _OPS
+
+from .conftest import TOLERANCES, TRITON_INTERPRET, dtypes_for
+
+# Standard errors allowed between a frequency / mean over D draws and its expectation.
+Z = 5.0
+
+
+def _sample(device, n=1, length=37, seed=0):
+    """Rows with magnitudes spread over two orders, some zeros, both signs."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, length, generator=gen) * torch.logspace(-1, 1, length)[torch.randperm(length, generator=gen)]
+    x[:, ::9] = 0.0
+    return x.to(device)
+
+
+def _draws(device):
+    # The Triton interpreter costs ~20 ms per program (one per sample): fewer draws there.
+    return 300 if TRITON_INTERPRET else 20000
+
+
+def _q(x, r):
+    return reference.sap_keep_probability(x.double(), r)
+
+
+def _stack(row, d):
+    """d copies of one sample as a batch: one call gives d independent draws of it."""
+    return row.expand(d, *row.shape[1:]).contiguous()
+
+
+@pytest.mark.parametrize("exact", [True, False], ids=["exact", "bernoulli"])
+@pytest.mark.parametrize("r", [1, 5, 37, 80])
+def test_distribution(device_backend, exact, r):
+    """keep frequency -> q = 1-(1-p)^r and mean(out) -> x, within Z standard errors of D draws;
+    kept values are exactly x / q."""
+    device, backend = device_backend
+    d = _draws(device)
+    row = _sample(device)
+    x = _stack(row, d)
+    torch.manual_seed(1234 + r)
+    out = pyprune.sap(x, samples=r, exact=exact)
+    kept = out != 0
+    q = _q(row, r)[0]
+    freq = kept.double().mean(0).cpu()
+    se = (q * (1 - q) / d).sqrt().cpu()
+    assert ((freq - q.cpu()).abs() <= Z * se + 1e-9).all(), (freq, q)
+    mean = out.double().mean(0).cpu()
+    se_mean = (row[0].double().abs() * ((1 / q - 1).clamp(min=0) / d).sqrt()).nan_to_num(0.0).cpu()
+    assert ((mean - row[0].double().cpu()).abs() <= Z * se_mean + 1e-6).all()
+    want = (x.double() / _q(x, r)).to(out.dtype)
+    torch.testing.assert_close(out[kept], want[kept], rtol=1e-4, atol=0)
+    assert not kept[:, row[0] == 0].any()
+    if exact:
+        assert (kept.sum(1) <= r).all()
+        if r == 1:
+            assert (kept.sum(1) == 1).all()
+
+
+def test_exact_is_a_multinomial_draw(device_backend):
+    """With r draws over two elements of equal mass, P(both kept) = 1 - 2^(1-r) for a true
+    multinomial draw; independent (bernoulli) keeps would give (1 - 2^-r)^2."""
+    device, _ = device_backend
+    d = _draws(device)
+    x = torch.tensor([[1.0, -1.0]], device=device).expand(d, 2).contiguous()
+    torch.manual_seed(7)
+    both = (pyprune.sap(x, samples=2, exact=True) != 0).all(1).double().mean().item()
+    p = 0.5  # 1 - 2^(1-2)
+    assert abs(both - p) <= Z * math.sqrt(p * (1 - p) / d)
+
+
+@pytest.mark.parametrize("exact", [True, False], ids=["exact", "bernoulli"])
+def test_dtypes_layouts_and_ratio(device_backend, exact):
+    device, backend = device_backend
+    for dtype in dtypes_for(backend):
+        atol, rtol = TOLERANCES[dtype]
+        for x in (
+            torch.randn(3, 4, 5, 7, device=device).to(dtype),
+            torch.randn(3, 4, 6, 6, device=device).to(dtype).contiguous(memory_format=torch.channels_last),
+            torch.randn(6, 5, 9, device=device).to(dtype)[::2].transpose(1, 2),
+        ):
+            for ratio in (0.5, 1.0, 2.5):
+                r = int(ratio * x[0].numel())
+                out = pyprune.sap(x, ratio, exact=exact)
+                assert out.shape == x.shape and out.dtype == x.dtype
+                kept = out != 0
+                want = (x.double() / _q(x, r)).to(dtype)
+                torch.testing.assert_close(out[kept], want[kept], atol=atol, rtol=max(rtol, 1e-4))
+                if exact:
+                    assert (kept.flatten(1).sum(1) <= r).all()
+        if backend != "reference":  # the reference's flatten(1) returns a contiguous result
+            cl = torch.randn(2, 3, 4, 4, device=device).to(dtype).contiguous(memory_format=torch.channels_last)
+            assert pyprune.sap(cl, exact=exact).is_contiguous(memory_format=torch.channels_last)
+
+
+def test_all_zero_sample_and_empty_batch(device_backend):
+    device, _ = device_backend
+    x = torch.randn(3, 50, device=device)
+    x[1] = 0.0
+    for exact in (True, False):
+        out = pyprune.sap(x, exact=exact)
+        assert (out[1] == 0).all() and (out[0] != 0).any()
+    e = torch.randn(0, 4, 5, device=device, requires_grad=True)
+    y = pyprune.sap(e)
+    assert y.shape == e.shape
+    y.sum().backward()
+
+
+def test_seeding(device_backend):
+    device, _ = device_backend
+    x = torch.randn(4, 300, device=device)
+    for exact in (True, False):
+        a = pyprune.sap(x, exact=exact, generator=torch.Generator(device).manual_seed(3))
+        b = pyprune.sap(x, exact=exact, generator=torch.Generator(device).manual_seed(3))
+        c = pyprune.sap(x, exact=exact, generator=torch.Generator(device).manual_seed(4))
+        assert torch.equal(a, b) and not torch.equal(a, c)
+        torch.manual_seed(5)
+        a = pyprune.sap(x, exact=exact)
+        torch.manual_seed(5)
+        assert torch.equal(a, pyprune.sap(x, exact=exact))
+
+
+def test_cpu_and_triton_share_the_stream():
+    """Bernoulli keeps depend only on uniforms, which csrc/random.h and tl.philox produce
+    bit for bit: the CPU kernel and the Triton kernel keep the same elements."""
+    if not TRITON_INTERPRET:
+        pytest.skip("needs the Triton interpreter")
+    x = torch.randn(3, 200)
+    seed = torch.tensor([123456789, -987654321])
+    a = torch.ops.pyprune.sap(x, seed, 100, False)
+    b = torch.ops.pyprune.sap_triton(x, seed, 100, False)
+    assert torch.equal(a != 0, b != 0)
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("exact", [True, False], ids=["exact", "bernoulli"])
+def test_gradient(device_backend, exact):
+    """grad * kept / q, with the kept set of the forward (regenerated from the seed)."""
+    device, backend = device_backend
+    for dtype in dtypes_for(backend):
+        atol, rtol = TOLERANCES[dtype]
+        x = torch.randn(3, 4, 5, 6, device=device).to(dtype).requires_grad_()
+        g = torch.randn_like(x)
+        out = pyprune.sap(x, 0.7, exact=exact)
+        (got,) = torch.autograd.grad(out, x, g)
+        r = int(0.7 * 120)
+        kept = out.detach() != 0
+        want = torch.where(kept, g.double() / _q(x, r), 0.0).to(dtype)
+        torch.testing.assert_close(got, want, atol=atol, rtol=max(rtol, 1e-4))
+
+
+def test_backward_saves_no_mask(device_backend):
+    device, backend = device_backend
+    if backend == "reference":
+        pytest.skip("the reference saves what autograd saves")
+    x = torch.randn(4, 3, 8, 8, device=device, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        pyprune.sap(x)
+    assert sorted(t.numel() for t in saved) == [2, x.numel()]
+
+
+def test_opcheck(device_backend):
+    device, backend = device_backend
+    if backend == "reference":
+        pytest.skip("the reference is plain eager PyTorch")
+    fwd, bwd = _OPS[backend]
+    seed = torch.tensor([11, 22], device=device)
+    for exact in (True, False):
+        x = torch.randn(3, 37, device=device, requires_grad=True)
+        torch.library.opcheck(fwd, (x, seed, 20, exact))
+        torch.library.opcheck(bwd, (torch.randn_like(x), x.detach(), seed, 20, exact))
+
+
+def test_compile_fullgraph_model(device_backend):
+    device, backend = device_backend
+    if backend == "reference":
+        pytest.skip("the reference's multinomial over live rows is data-dependent (eager only)")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3, padding=1),
+        torch.nn.ReLU(),
+        pyprune.nn.SAP(),
+        torch.nn.Conv2d(4, 4, 3, padding=1),
+        torch.nn.ReLU(),
+        pyprune.nn.SAP(samples=20, exact=False),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(4, 2),
+    ).to(device)
+    x = torch.randn(2, 3, 6, 6, device=device)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True)
+    out = compiled(x)
+    assert out.shape == (2, 2) and torch.isfinite(out).all()
+    out.sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+    # The SAP layer's output under compile is an SAP output of its input.
+    head = torch.compile(model[:3], fullgraph=True)
+    h = model[:2](x)
+    y = head(x)
+    kept = y != 0
+    torch.testing.assert_close(y[kept], (h.double() / _q(h, h[0].numel()))[kept].float(), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_cuda_graph_capture(backend):
+    x = torch.relu(torch.randn(16, 4096, device="cuda"))
+    gen = torch.Generator("cuda").manual_seed(0)
+    with pyprune.use_backend(backend):
+        pyprune.sap(x, generator=gen)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y = pyprune.sap(x)
+    graph.replay()
+    first = y.clone()
+    graph.replay()
+    assert not torch.equal(first, y)  # each replay draws a fresh seed on the device
+    kept = y != 0
+    torch.testing.assert_close(y[kept], (x.double() / _q(x, 4096))[kept].float(), rtol=1e-4, atol=0)
+
+
+BAD = [
+    (dict(ratio=0.0), ValueError, "ratio must be a finite number > 0"),
+    (dict(ratio=-1.0), ValueError, "ratio must be a finite number > 0"),
+    (dict(ratio=float("inf")), ValueError, "ratio must be a finite number > 0"),
+    (dict(ratio=float("nan")), ValueError, "ratio must not be NaN"),
+    (dict(ratio=0.001), ValueError, "draws int"),
+    (dict(ratio="1"), TypeError, "ratio must be a real number"),
+    (dict(samples=0), ValueError, "samples must be >= 1"),
+    (dict(samples=2.0), TypeError, "samples must be an int"),
+    (dict(exact=1), TypeError, "exact must be a bool"),
+]
+
+
+@pytest.mark.parametrize("kwargs,error,message", BAD, ids=[str(b[0]) for b in BAD])
+def test_bad_arguments(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        pyprune.sap(torch.randn(2, 3, 4, 4), **kwargs)
+
+
+def test_bad_tensors():
+    with pytest.raises(TypeError, match="x must have a floating dtype"):
+        pyprune.sap(torch.ones(2, 8, dtype=torch.int64))
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        pyprune.sap([1.0, 2.0])
+    with pytest.raises(ValueError, match="x must have at least 2 dimensions"):
+        pyprune.sap(torch.randn(8))
+    with pytest.raises(ValueError, match="sample group is empty"):
+        pyprune.sap(torch.randn(2, 0, 3))
+    with pytest.raises(RuntimeError, match="r must be >= 1"):
+        torch.ops.pyprune.sap(torch.randn(2, 3), torch.tensor([1, 2]), 0, True)
+    with pytest.raises(RuntimeError, match="seed must be an int64"):
+        torch.ops.pyprune.sap(torch.randn(2, 3), torch.tensor([1.0, 2.0]), 3, True)
+
+
+def test_module():
+    m = pyprune.nn.SAP(samples=10, exact=False)
+    assert "samples=10" in repr(m) and "exact=False" in repr(m)
+    assert m(torch.zeros(2, 5)).eq(0).all()
+    with pytest.raises(ValueError, match="ratio must be > 0"):
+        pyprune.nn.SAP(ratio=0.0)
+    with pytest.raises(ValueError, match="samples must be >= 1"):
+        pyprune.nn.SAP(samples=0)
