@@ -54,3 +54,14 @@ def device_backend(request):
 
 def dtypes_for(backend: str) -> list[torch.dtype]:
     return list(_backend.DTYPES.get(backend, tuple(TOLERANCES)))
+
+
+def compile_and_backward(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """torch.compile(fullgraph=True) a model of random layers, run it and backprop: the output
+    must be finite and every parameter must get a gradient. Returns the compiled output."""
+    torch._dynamo.reset()
+    out = torch.compile(model, fullgraph=True)(x)
+    assert torch.isfinite(out).all()
+    out.sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+    return out

@@ -11,7 +11,7 @@ import pyprune
 from pyprune import reference
 from pyprune.ops.sap import _OPS
 
-from .conftest import TOLERANCES, TRITON_INTERPRET, dtypes_for
+from .conftest import TOLERANCES, TRITON_INTERPRET, compile_and_backward, dtypes_for
 
 # Standard errors allowed between a frequency / mean over D draws and its expectation.
 Z = 5.0
@@ -199,12 +199,7 @@ def test_compile_fullgraph_model(device_backend):
         torch.nn.Linear(4, 2),
     ).to(device)
     x = torch.randn(2, 3, 6, 6, device=device)
-    torch._dynamo.reset()
-    compiled = torch.compile(model, fullgraph=True)
-    out = compiled(x)
-    assert out.shape == (2, 2) and torch.isfinite(out).all()
-    out.sum().backward()
-    assert all(p.grad is not None for p in model.parameters())
+    assert compile_and_backward(model, x).shape == (2, 2)
     # The SAP layer's output under compile is an SAP output of its input.
     head = torch.compile(model[:3], fullgraph=True)
     h = model[:2](x)
