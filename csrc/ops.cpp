@@ -38,4 +38,11 @@ TORCH_LIBRARY(pyprune, m) {
   // grad_logits.T @ mean + ...; grad_bias = grad_logits.sum(0). Returns (grad_x, grad_weight,
   // grad_bias), grad_weight and grad_bias in weight's dtype.
   m.def("_cas_backward(Tensor grad_out, Tensor grad_logits, Tensor x, Tensor weight, Tensor index, Tensor mean) -> (Tensor, Tensor, Tensor)");
+  // Masked convolution (csrc/masked_conv.h): conv2d(x * in_mask, weight, bias) * out_mask with
+  // boolean channel masks, in_mask (C_in,) or (N, C_in), out_mask (C_out,) or (N, C_out), None =
+  // all kept. Masked work is skipped; masked output channels are exactly 0. Output (N, C_out,
+  // H_out, W_out) in x's memory format.
+  m.def("masked_conv2d(Tensor x, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, int[2] dilation, int groups, Tensor? in_mask, Tensor? out_mask) -> Tensor");
+  // (grad_x, grad_weight, grad_bias) of masked_conv2d; grad_bias (C_out,) is returned always.
+  m.def("_masked_conv2d_backward(Tensor grad, Tensor x, Tensor weight, int[2] stride, int[2] padding, int[2] dilation, int groups, Tensor? in_mask, Tensor? out_mask) -> (Tensor, Tensor, Tensor)");
 }

@@ -10,12 +10,12 @@ from . import nn, reference
 from ._backend import backend_status, backends, use_backend
 from .analysis import channel_activation_frequency
 from .losses import cas_loss, pc_loss
-from .ops import cas, kwta
+from .ops import cas, kwta, masked_conv2d
 from .ops import gaussian_noise, magnitude_mask, sap
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "kwta", "cas", "sap", "gaussian_noise", "magnitude_mask", "cas_loss", "pc_loss", "channel_activation_frequency",
+    "kwta", "cas", "masked_conv2d", "sap", "gaussian_noise", "magnitude_mask", "cas_loss", "pc_loss", "channel_activation_frequency",
     "backends", "backend_status", "use_backend", "nn", "reference",
 ]

@@ -38,6 +38,8 @@ AUTO: dict[tuple[str, str], tuple[str, ...]] = {
     ("magnitude_mask", "cuda"): ("cuda", "triton", "reference"),
     ("cas", "cpu"): ("cpu", "reference"),
     ("cas", "cuda"): ("cuda", "triton", "reference"),
+    ("masked_conv2d", "cpu"): ("cpu", "reference"),
+    ("masked_conv2d", "cuda"): ("cuda", "triton", "reference"),
 }
 
 # Dtypes each compiled backend handles; reference handles all floating dtypes.

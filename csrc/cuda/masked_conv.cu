@@ -1,0 +1,443 @@
+// Masked 2-D convolution on CUDA (csrc/masked_conv.h has the semantics and the shared pieces).
+//
+// Forward dispatch:
+//   groups > 1                         masked_conv::dense_forward: cuDNN on the full problem,
+//                                      the masks applied around it (nothing skipped);
+//   no per-sample mask                 masked_conv::static_forward: cuDNN on the smaller problem
+//                                      left by the (C,) masks;
+//   an (N, C) mask, groups == 1        the implicit-GEMM kernel below, one launch for the batch.
+// Backward: static masks with groups == 1 run masked_conv::static_backward; everything else,
+// per-sample masks included, runs masked_conv::dense_backward, the dense engine's backward with
+// the masks applied around it: the per-sample backward skips no work.
+//
+// The kernel. For sample n, out[n] (C_out x P, P = H_out * W_out) = W' @ X'[n], where W' holds
+// the rows of weight for the kept output channels of n and X'[n] is the im2col matrix of x[n]
+// restricted to the rows (c, kh, kw) of its kept input channels c. Neither matrix exists in
+// memory: the tiles are gathered from weight and x on the fly (implicit GEMM), padding reading
+// as 0. Grid (pixel tile, output-channel tile, sample); 256 threads compute a 64 x 64 tile of
+// out[n], each thread a 4 x 4 micro-tile in registers, accumulated in float (double for double).
+//
+// Output channels: tile t of sample n computes the kept output channels of n with rank
+// [64t, 64t + 64) (found by a block-wide ballot scan of out_mask[n]), so the work of a sample is
+// packed into its first ceil(kept / 64) tiles whatever the pattern of its mask (gating masks
+// rarely leave a whole 64-channel range empty), and the tiles past those load nothing and do no
+// arithmetic. Independently, tile t writes the exact zeros (no bias) of the masked channels whose
+// ids lie in [64t, 64t + 64), so every output element is written exactly once; kept channels get
+// the bias.
+//
+// Reduction: the input channels are taken in chunks of 256. For each chunk the block compacts
+// the kept input channels of sample n into shared memory (ballot scan) and the K loop runs over
+// (kept channel, kh, kw) only, in steps of 16: a 16 x 64 slice of W' and a 16 x 64 slice of X'
+// are staged in shared memory, double-buffered (the global loads of step s + 1 are in flight
+// while step s is computed; one barrier per step). Each thread walks its k positions with
+// mixed-radix counters, so the loop has no integer division. Masked input channels are never
+// read (inf or NaN in them cannot leak). The partial last step of a chunk is padded with zeros.
+//
+// x, weight and the output are used as contiguous NCHW (a channels_last x is copied once; the
+// result is converted back to x's memory format). Masks are read on the device through their
+// strides (a (C,) mask next to an (N, C) one has sample stride 0): no host synchronisation, so the
+// per-sample path is CUDA-graph safe.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <optional>
+#include <tuple>
+
+#include "../masked_conv.h"
+
+namespace pyprune {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr int kTileM = 64;   // output channels per tile
+constexpr int kTileP = 64;   // output pixels per tile
+constexpr int kTileK = 16;   // (input channel, kh, kw) positions per K step
+constexpr int kChunk = kThreads;  // input channels compacted at a time, one per thread
+constexpr int kPadA = 4;     // keeps rows 16-byte aligned for the 4-wide shared reads
+constexpr int kPadB = 16;    // the two k rows a warp stores land in different banks
+constexpr int kMicro = 4;    // micro-tile side: (kTileM / kMicro) * (kTileP / kMicro) == kThreads
+constexpr int kLoads = kTileM * kTileK / kThreads;  // weight (and patch) values a thread stages
+constexpr unsigned kFullMask = 0xffffffffu;
+constexpr int kIntMax = std::numeric_limits<int>::max();
+static_assert((kTileM / kMicro) * (kTileP / kMicro) == kThreads, "one micro-tile per thread");
+static_assert(kTileK * kTileP == kTileM * kTileK && kLoads == 4, "thread-to-load mapping");
+
+template <typename scalar_t>
+struct Params {
+  const scalar_t* __restrict__ x;     // (N, C_in, H, W) contiguous
+  const scalar_t* __restrict__ w;     // (C_out, C_in, KH, KW) contiguous
+  const scalar_t* __restrict__ b;     // (C_out,) or nullptr
+  scalar_t* __restrict__ out;         // (N, C_out, H_out, W_out) contiguous
+  const bool* __restrict__ in_mask;   // nullptr: all kept; else [n * in_s0 + c * in_s1]
+  const bool* __restrict__ out_mask;  // nullptr: all kept; else [n * out_s0 + c * out_s1]
+  int64_t in_s0, in_s1, out_s0, out_s1;
+  int64_t n;
+  int c_in, h, w, c_out, kh, kw, w_out, pixels, khw;
+  int stride_h, stride_w, pad_h, pad_w, dil_h, dil_w;
+  // kTileK written in the mixed radix of the (c, kh, kw) counters: kTileK = step_c * khw +
+  // step_r and step_r = step_kh * kw + step_kw.
+  int step_c, step_r, step_kh, step_kw;
+};
+
+// Rank of this thread's flag among the set flags of the block (threads in order); total = number
+// of set flags. Block-wide: every thread must call it. warp_count: kWarps ints of shared memory.
+__device__ inline int block_rank(bool flag, int* warp_count, int& total) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const unsigned ballot = __ballot_sync(kFullMask, flag);
+  if (lane == 0) warp_count[warp] = __popc(ballot);
+  __syncthreads();
+  int before = 0;
+  total = 0;
+#pragma unroll
+  for (int i = 0; i < kWarps; ++i) {
+    const int c = warp_count[i];
+    before += i < warp ? c : 0;
+    total += c;
+  }
+  __syncthreads();  // warp_count is free again for the next call
+  return before + __popc(ballot & ((1u << lane) - 1u));
+}
+
+template <typename T>
+__device__ inline void load4(const T* s, T (&r)[kMicro]) {
+#pragma unroll
+  for (int i = 0; i < kMicro; ++i) r[i] = s[i];
+}
+
+__device__ inline void load4(const float* s, float (&r)[kMicro]) {
+  const float4 v = *reinterpret_cast<const float4*>(s);
+  r[0] = v.x, r[1] = v.y, r[2] = v.z, r[3] = v.w;
+}
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads) masked_conv2d_kernel(const Params<scalar_t> p) {
+  using acc_t = at::opmath_type<scalar_t>;
+  __shared__ __align__(16) acc_t a_s[2][kTileK][kTileM + kPadA];  // W' slice, [k][row]
+  __shared__ __align__(16) acc_t b_s[2][kTileK][kTileP + kPadB];  // X' slice, [k][pixel]
+  __shared__ int out_ch[kTileM];  // output channel id of each row of the tile
+  __shared__ int in_ch[kChunk];   // kept input channels of the current chunk, in order
+  __shared__ int warp_count[kWarps];
+
+  const int tid = threadIdx.x;
+  const int tile_c0 = blockIdx.y * kTileM;  // first rank (kept channels) / id (zero fill)
+  const int tile_p0 = blockIdx.x * kTileP;
+  const int64_t hw = static_cast<int64_t>(p.h) * p.w;
+  // Staging: weight values at k = ka of rows ma + 16 i; patch values at k = kb of pixels
+  // pb + 16 j (16 threads read 16 adjacent pixels). Compute: rows 4 ty.., pixels 4 tx...
+  const int ka = tid % kTileK, ma = tid / kTileK;
+  const int kb = tid / (kTileP / kLoads), pb = tid % (kTileP / kLoads);
+  const int ty = tid / (kTileP / kMicro), tx = tid % (kTileP / kMicro);
+
+  // Input coordinates of this thread's staged pixels at kh = kw = 0; a pixel past the end gets
+  // a row far below 0 (|pad|, |dilation * (k - 1)| < 2^30, checked on the host), so the
+  // unsigned bounds test rejects it like padding.
+  int ih0[kLoads], iw0[kLoads];
+#pragma unroll
+  for (int j = 0; j < kLoads; ++j) {
+    const int pix = tile_p0 + pb + j * (kTileP / kLoads);
+    const int oh = pix / p.w_out, ow = pix - oh * p.w_out;
+    ih0[j] = pix < p.pixels ? oh * p.stride_h - p.pad_h : -(1 << 30);
+    iw0[j] = ow * p.stride_w - p.pad_w;
+  }
+
+  for (int64_t n = blockIdx.z; n < p.n; n += gridDim.z) {
+    __syncthreads();  // the previous sample's epilogue has finished reading out_ch
+    const bool* om = p.out_mask != nullptr ? p.out_mask + n * p.out_s0 : nullptr;
+    const bool* im = p.in_mask != nullptr ? p.in_mask + n * p.in_s0 : nullptr;
+    scalar_t* out_n = p.out + n * p.c_out * static_cast<int64_t>(p.pixels);
+    const scalar_t* x_n = p.x + n * p.c_in * hw;
+
+    int rows;  // rows of the tile that hold a kept channel (block-uniform)
+    if (om == nullptr) {
+      rows = min(kTileM, p.c_out - tile_c0);
+      if (tid < rows) out_ch[tid] = tile_c0 + tid;
+    } else {
+      // The zeros of the masked channels with ids in this tile's range.
+      const int pix = tile_p0 + tid % kTileP;
+      if (pix < p.pixels) {
+        for (int m = tid / kTileP; m < kTileM; m += kThreads / kTileP) {
+          const int c = tile_c0 + m;
+          if (c < p.c_out && !om[c * p.out_s1]) {
+            out_n[static_cast<int64_t>(c) * p.pixels + pix] = scalar_t(0);
+          }
+        }
+      }
+      // The kept channels with ranks in this tile's range.
+      int seen = 0;
+      for (int c0 = 0; c0 < p.c_out && seen < tile_c0 + kTileM; c0 += kThreads) {
+        const int c = c0 + tid;
+        const bool keep = c < p.c_out && om[c * p.out_s1];
+        int total;
+        const int rank = seen + block_rank(keep, warp_count, total);
+        if (keep && rank >= tile_c0 && rank < tile_c0 + kTileM) out_ch[rank - tile_c0] = c;
+        seen += total;
+      }
+      rows = max(0, min(kTileM, seen - tile_c0));
+    }
+    __syncthreads();  // out_ch is visible
+    if (rows == 0) continue;  // nothing kept in this tile: no loads, no arithmetic
+
+    int64_t w_row[kLoads];  // offset of each staged row in weight, -1 past the kept rows
+#pragma unroll
+    for (int i = 0; i < kLoads; ++i) {
+      const int m = ma + i * (kThreads / kTileK);
+      w_row[i] = m < rows ? static_cast<int64_t>(out_ch[m]) * p.c_in * p.khw : -1;
+    }
+
+    acc_t acc[kMicro][kMicro];
+#pragma unroll
+    for (int i = 0; i < kMicro; ++i) {
+#pragma unroll
+      for (int j = 0; j < kMicro; ++j) acc[i][j] = acc_t(0);
+    }
+
+    for (int ci0 = 0; ci0 < p.c_in; ci0 += kChunk) {
+      int kept;
+      if (im == nullptr) {
+        kept = min(kChunk, p.c_in - ci0);
+        if (tid < kept) in_ch[tid] = ci0 + tid;
+      } else {
+        const int c = ci0 + tid;
+        const bool keep = c < p.c_in && im[c * p.in_s1];
+        const int rank = block_rank(keep, warp_count, kept);
+        if (keep) in_ch[rank] = c;
+      }
+      __syncthreads();  // in_ch is visible
+      const int steps = (kept * p.khw + kTileK - 1) / kTileK;
+      if (steps == 0) continue;  // block-uniform; nothing read in_ch
+
+      // Counters of the staged k positions: (a_c, a_r) for the weight, (b_c, b_kh, b_kw) for
+      // the patch; a_c and b_c index in_ch (>= kept: zero padding of the last step).
+      int a_c = ka / p.khw, a_r = ka - a_c * p.khw;
+      int b_c = kb / p.khw, b_kh = (kb - b_c * p.khw) / p.kw;
+      int b_kw = kb - b_c * p.khw - b_kh * p.kw;
+      acc_t a_reg[kLoads], b_reg[kLoads];
+
+      auto load = [&]() {
+        const bool a_ok = a_c < kept;
+        const int64_t a_off = a_ok ? static_cast<int64_t>(in_ch[a_c]) * p.khw + a_r : 0;
+#pragma unroll
+        for (int i = 0; i < kLoads; ++i) {
+          a_reg[i] = a_ok && w_row[i] >= 0 ? static_cast<acc_t>(p.w[w_row[i] + a_off]) : acc_t(0);
+        }
+        const bool b_ok = b_c < kept;
+        const scalar_t* x_c = x_n + (b_ok ? in_ch[b_c] * hw : 0);
+        const int dh = b_kh * p.dil_h, dw = b_kw * p.dil_w;
+#pragma unroll
+        for (int j = 0; j < kLoads; ++j) {
+          const int ih = ih0[j] + dh, iw = iw0[j] + dw;
+          const bool inside = b_ok && static_cast<unsigned>(ih) < static_cast<unsigned>(p.h) &&
+                              static_cast<unsigned>(iw) < static_cast<unsigned>(p.w);
+          b_reg[j] = inside ? static_cast<acc_t>(x_c[ih * p.w + iw]) : acc_t(0);
+        }
+        // Next step: k += kTileK in each mixed radix (one carry per digit at most).
+        a_r += p.step_r;
+        const int a_carry = a_r >= p.khw;
+        a_r -= a_carry ? p.khw : 0;
+        a_c += p.step_c + a_carry;
+        b_kw += p.step_kw;
+        const int w_carry = b_kw >= p.kw;
+        b_kw -= w_carry ? p.kw : 0;
+        b_kh += p.step_kh + w_carry;
+        const int h_carry = b_kh >= p.kh;
+        b_kh -= h_carry ? p.kh : 0;
+        b_c += p.step_c + h_carry;
+      };
+      auto store = [&](int buf) {
+#pragma unroll
+        for (int i = 0; i < kLoads; ++i) a_s[buf][ka][ma + i * (kThreads / kTileK)] = a_reg[i];
+#pragma unroll
+        for (int j = 0; j < kLoads; ++j) b_s[buf][kb][pb + j * (kTileP / kLoads)] = b_reg[j];
+      };
+
+      load();
+      store(0);
+      __syncthreads();
+      for (int s = 0; s < steps; ++s) {
+        const int buf = s & 1;
+        const bool more = s + 1 < steps;
+        if (more) load();
+#pragma unroll
+        for (int k = 0; k < kTileK; ++k) {
+          acc_t a[kMicro], b[kMicro];
+          load4(&a_s[buf][k][ty * kMicro], a);
+          load4(&b_s[buf][k][tx * kMicro], b);
+#pragma unroll
+          for (int i = 0; i < kMicro; ++i) {
+#pragma unroll
+            for (int j = 0; j < kMicro; ++j) acc[i][j] += a[i] * b[j];
+          }
+        }
+        if (more) store(buf ^ 1);
+        // One barrier per step: buf ^ 1 was last read in step s - 1 (before the previous
+        // barrier), and the stores to it are visible to step s + 1 after this one. After the
+        // last step it also frees in_ch for the next chunk.
+        __syncthreads();
+      }
+    }
+
+#pragma unroll
+    for (int i = 0; i < kMicro; ++i) {
+      const int m = ty * kMicro + i;
+      if (m >= rows) continue;
+      const int c = out_ch[m];
+      const acc_t bias = p.b != nullptr ? static_cast<acc_t>(p.b[c]) : acc_t(0);
+      scalar_t* row = out_n + static_cast<int64_t>(c) * p.pixels;
+#pragma unroll
+      for (int j = 0; j < kMicro; ++j) {
+        const int pix = tile_p0 + tx * kMicro + j;
+        if (pix < p.pixels) row[pix] = static_cast<scalar_t>(acc[i][j] + bias);
+      }
+    }
+  }
+}
+
+void check_operands(const at::Tensor& x, const at::Tensor& weight,
+                    const std::optional<at::Tensor>& bias, const masked_conv::Geometry& g,
+                    const std::optional<at::Tensor>& in_mask,
+                    const std::optional<at::Tensor>& out_mask) {
+  TORCH_CHECK(x.is_cuda(), "masked_conv2d (cuda): x must be a CUDA tensor, got ", x.device());
+  TORCH_CHECK(weight.device() == x.device(), "masked_conv2d (cuda): weight must be on x's device (",
+              x.device(), "), got ", weight.device());
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == g.c_out,
+                "masked_conv2d: bias must have shape (", g.c_out, ",), got ", bias->sizes());
+    TORCH_CHECK(bias->scalar_type() == x.scalar_type(), "masked_conv2d: bias must have x's dtype (",
+                x.scalar_type(), "), got ", bias->scalar_type());
+    TORCH_CHECK(bias->device() == x.device(), "masked_conv2d (cuda): bias must be on x's device (",
+                x.device(), "), got ", bias->device());
+  }
+  masked_conv::check_mask(in_mask, g.n, g.c_in, x, "in_mask");
+  masked_conv::check_mask(out_mask, g.n, g.c_out, x, "out_mask");
+}
+
+// Mask pointer and (sample, channel) strides; a (C,) mask repeats over the samples.
+void mask_args(const std::optional<at::Tensor>& mask, const bool*& ptr, int64_t& s0, int64_t& s1) {
+  ptr = nullptr, s0 = 0, s1 = 0;
+  if (!mask.has_value()) return;
+  ptr = mask->const_data_ptr<bool>();
+  if (mask->dim() == 1) {
+    s1 = mask->stride(0);
+  } else {
+    s0 = mask->stride(0), s1 = mask->stride(1);
+  }
+}
+
+at::Tensor per_sample_forward(const at::Tensor& x, const at::Tensor& weight,
+                              const std::optional<at::Tensor>& bias, const masked_conv::Geometry& g,
+                              const std::optional<at::Tensor>& in_mask,
+                              const std::optional<at::Tensor>& out_mask) {
+  const auto format = x.suggest_memory_format();
+  if (g.n == 0 || g.c_out == 0) {
+    return at::empty({g.n, g.c_out, g.h_out, g.w_out}, x.options(), format);
+  }
+  // 32-bit index math inside a sample; offsets between samples and channels are 64-bit.
+  const int64_t pixels = g.h_out * g.w_out;
+  TORCH_CHECK(g.h * g.w <= kIntMax && pixels <= kIntMax && g.c_in <= kIntMax &&
+                  g.c_out <= kIntMax && g.kh * g.kw <= (1 << 20),
+              "masked_conv2d (cuda): per-sample masks support at most 2^31 - 1 pixels and "
+              "channels per sample and 2^20 kernel positions");
+  for (int i = 0; i < 2; ++i) {
+    TORCH_CHECK((i == 0 ? g.h : g.w) < (1 << 29) && g.padding[i] < (1 << 29) &&
+                    g.stride[i] < (1 << 29) &&
+                    g.dilation[i] * ((i == 0 ? g.kh : g.kw) - 1) < (1 << 29),
+                "masked_conv2d (cuda): height, width, stride, padding and dilation * (kernel - 1) "
+                "must be < 2^29 with per-sample masks");
+  }
+  const int64_t c_tiles = (g.c_out + kTileM - 1) / kTileM;
+  TORCH_CHECK(c_tiles <= 65535, "masked_conv2d (cuda): at most ", 65535 * kTileM,
+              " output channels with per-sample masks, got ", g.c_out);
+
+  const at::Tensor xc = x.contiguous();
+  const at::Tensor wc = weight.contiguous();
+  const at::Tensor bc = bias.has_value() ? bias->contiguous() : at::Tensor();
+  at::Tensor out = at::empty({g.n, g.c_out, g.h_out, g.w_out}, x.options());
+
+  const dim3 grid(static_cast<unsigned>((pixels + kTileP - 1) / kTileP),
+                  static_cast<unsigned>(c_tiles),
+                  static_cast<unsigned>(std::min<int64_t>(g.n, 65535)));
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "masked_conv2d_cuda",
+                                  [&] {
+    Params<scalar_t> p{};
+    p.x = xc.const_data_ptr<scalar_t>();
+    p.w = wc.const_data_ptr<scalar_t>();
+    p.b = bc.defined() ? bc.const_data_ptr<scalar_t>() : nullptr;
+    p.out = out.mutable_data_ptr<scalar_t>();
+    mask_args(in_mask, p.in_mask, p.in_s0, p.in_s1);
+    mask_args(out_mask, p.out_mask, p.out_s0, p.out_s1);
+    p.n = g.n;
+    p.c_in = static_cast<int>(g.c_in);
+    p.h = static_cast<int>(g.h);
+    p.w = static_cast<int>(g.w);
+    p.c_out = static_cast<int>(g.c_out);
+    p.kh = static_cast<int>(g.kh);
+    p.kw = static_cast<int>(g.kw);
+    p.w_out = static_cast<int>(g.w_out);
+    p.pixels = static_cast<int>(pixels);
+    p.khw = p.kh * p.kw;
+    p.stride_h = static_cast<int>(g.stride[0]), p.stride_w = static_cast<int>(g.stride[1]);
+    p.pad_h = static_cast<int>(g.padding[0]), p.pad_w = static_cast<int>(g.padding[1]);
+    p.dil_h = static_cast<int>(g.dilation[0]), p.dil_w = static_cast<int>(g.dilation[1]);
+    p.step_c = kTileK / p.khw;
+    p.step_r = kTileK % p.khw;
+    p.step_kh = p.step_r / p.kw;
+    p.step_kw = p.step_r % p.kw;
+    masked_conv2d_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return format == at::MemoryFormat::Contiguous ? out : out.contiguous(format);
+}
+
+at::Tensor masked_conv2d_cuda(const at::Tensor& x, const at::Tensor& weight,
+                              const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                              at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                              const std::optional<at::Tensor>& in_mask,
+                              const std::optional<at::Tensor>& out_mask) {
+  const masked_conv::Geometry g =
+      masked_conv::geometry(x, weight, stride, padding, dilation, groups);
+  check_operands(x, weight, bias, g, in_mask, out_mask);
+  const c10::cuda::CUDAGuard guard(x.device());
+  if (g.groups > 1) return masked_conv::dense_forward(x, weight, bias, g, in_mask, out_mask);
+  if (!masked_conv::per_sample(in_mask) && !masked_conv::per_sample(out_mask)) {
+    return masked_conv::static_forward(x, weight, bias, g, in_mask, out_mask);
+  }
+  return per_sample_forward(x, weight, bias, g, in_mask, out_mask);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_conv2d_backward_cuda(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+    const std::optional<at::Tensor>& in_mask, const std::optional<at::Tensor>& out_mask) {
+  const masked_conv::Geometry g =
+      masked_conv::geometry(x, weight, stride, padding, dilation, groups);
+  check_operands(x, weight, std::nullopt, g, in_mask, out_mask);
+  TORCH_CHECK(grad.device() == x.device(), "masked_conv2d backward (cuda): grad must be on x's "
+              "device (", x.device(), "), got ", grad.device());
+  TORCH_CHECK(grad.sizes() == at::IntArrayRef({g.n, g.c_out, g.h_out, g.w_out}),
+              "masked_conv2d backward: grad must have shape (", g.n, ", ", g.c_out, ", ", g.h_out,
+              ", ", g.w_out, "), got ", grad.sizes());
+  const c10::cuda::CUDAGuard guard(x.device());
+  if (g.groups == 1 && !masked_conv::per_sample(in_mask) && !masked_conv::per_sample(out_mask)) {
+    return masked_conv::static_backward(grad, x, weight, g, in_mask, out_mask);
+  }
+  return masked_conv::dense_backward(grad, x, weight, g, in_mask, out_mask);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pyprune, CUDA, m) {
+  m.impl("masked_conv2d", &masked_conv2d_cuda);
+  m.impl("_masked_conv2d_backward", &masked_conv2d_backward_cuda);
+}
+
+}  // namespace pyprune

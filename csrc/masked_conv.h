@@ -1,0 +1,179 @@
+// Masked convolution pieces shared by the CPU and CUDA kernels: argument checks, the output
+// geometry, and the static-mask path, which runs the device's dense engine (oneDNN on the CPU,
+// cuDNN on CUDA) on the smaller problem that the masks leave.
+//
+// out = conv2d(x * in_mask, weight, bias) * out_mask with boolean channel masks: in_mask (C_in,)
+// or (N, C_in), out_mask (C_out,) or (N, C_out), either may be undefined (all kept). A masked
+// input channel takes no part (inf or NaN in it do not leak); a masked output channel is exactly
+// 0, bias included.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <array>
+#include <cstdint>
+#include <optional>
+#include <tuple>
+
+namespace pyprune {
+namespace masked_conv {
+
+struct Geometry {
+  int64_t n, c_in, h, w, c_out, kh, kw, h_out, w_out;
+  std::array<int64_t, 2> stride, padding, dilation;
+  int64_t groups;
+};
+
+inline Geometry geometry(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
+                         at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  TORCH_CHECK(x.dim() == 4, "masked_conv2d: x must be 4-D (N, C, H, W), got ", x.dim(), "-D");
+  TORCH_CHECK(weight.dim() == 4, "masked_conv2d: weight must be 4-D, got ", weight.dim(), "-D");
+  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
+              "masked_conv2d: stride, padding and dilation must have two values each");
+  TORCH_CHECK(groups >= 1 && x.size(1) % groups == 0 && weight.size(0) % groups == 0,
+              "masked_conv2d: groups must divide the input and output channels");
+  TORCH_CHECK(weight.size(1) * groups == x.size(1), "masked_conv2d: weight expects ",
+              weight.size(1) * groups, " input channels, x has ", x.size(1));
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), "masked_conv2d: weight must have x's dtype");
+  Geometry g;
+  g.n = x.size(0);
+  g.c_in = x.size(1);
+  g.h = x.size(2);
+  g.w = x.size(3);
+  g.c_out = weight.size(0);
+  g.kh = weight.size(2);
+  g.kw = weight.size(3);
+  g.groups = groups;
+  for (int i = 0; i < 2; ++i) {
+    g.stride[i] = stride[i];
+    g.padding[i] = padding[i];
+    g.dilation[i] = dilation[i];
+    TORCH_CHECK(stride[i] >= 1 && dilation[i] >= 1 && padding[i] >= 0,
+                "masked_conv2d: stride and dilation must be >= 1 and padding >= 0");
+  }
+  g.h_out = (g.h + 2 * g.padding[0] - g.dilation[0] * (g.kh - 1) - 1) / g.stride[0] + 1;
+  g.w_out = (g.w + 2 * g.padding[1] - g.dilation[1] * (g.kw - 1) - 1) / g.stride[1] + 1;
+  TORCH_CHECK(g.h_out >= 1 && g.w_out >= 1, "masked_conv2d: the output would be empty (",
+              g.h_out, "x", g.w_out, ")");
+  return g;
+}
+
+inline void check_mask(const std::optional<at::Tensor>& mask, int64_t n, int64_t c,
+                       const at::Tensor& x, const char* name) {
+  if (!mask.has_value()) return;
+  const at::Tensor& m = *mask;
+  TORCH_CHECK(m.scalar_type() == at::kBool, "masked_conv2d: ", name, " must be bool, got ",
+              m.scalar_type());
+  TORCH_CHECK(m.device() == x.device(), "masked_conv2d: ", name, " must be on x's device");
+  TORCH_CHECK((m.dim() == 1 && m.size(0) == c) || (m.dim() == 2 && m.size(0) == n && m.size(1) == c),
+              "masked_conv2d: ", name, " must have shape (", c, ",) or (", n, ", ", c, ")");
+}
+
+inline bool per_sample(const std::optional<at::Tensor>& mask) {
+  return mask.has_value() && mask->dim() == 2;
+}
+
+// Mask as (N or 1, C, 1, 1) for torch.where, or undefined.
+inline at::Tensor channel_view(const std::optional<at::Tensor>& mask) {
+  if (!mask.has_value()) return {};
+  return mask->dim() == 1 ? mask->view({1, -1, 1, 1}) : mask->view({mask->size(0), -1, 1, 1});
+}
+
+inline at::Tensor where(const at::Tensor& mask, const at::Tensor& t) {
+  return mask.defined() ? at::where(mask, t, at::zeros({}, t.options())) : t;
+}
+
+// Masks applied around the dense convolution: the engine does all the work. Used for groups > 1
+// and by backends for the cases they do not specialise.
+inline at::Tensor dense_forward(const at::Tensor& x, const at::Tensor& weight,
+                                const std::optional<at::Tensor>& bias, const Geometry& g,
+                                const std::optional<at::Tensor>& in_mask,
+                                const std::optional<at::Tensor>& out_mask) {
+  at::Tensor y = at::convolution(where(channel_view(in_mask), x), weight, bias, g.stride, g.padding,
+                                 g.dilation, false, {0, 0}, g.groups);
+  return where(channel_view(out_mask), y);
+}
+
+// (grad_x, grad_weight, grad_bias) of dense_forward.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_backward(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight, const Geometry& g,
+    const std::optional<at::Tensor>& in_mask, const std::optional<at::Tensor>& out_mask) {
+  const at::Tensor in_m = channel_view(in_mask);
+  auto [gx, gw, gb] = at::convolution_backward(
+      where(channel_view(out_mask), grad), where(in_m, x), weight,
+      at::OptionalIntArrayRef(at::IntArrayRef{g.c_out}), g.stride, g.padding, g.dilation, false,
+      {0, 0}, g.groups, {true, true, true});
+  return {where(in_m, gx), gw, gb};
+}
+
+// Indices of the kept channels (all of them for an undefined mask); 1-D masks only.
+inline at::Tensor kept(const std::optional<at::Tensor>& mask, int64_t c, const at::Tensor& x) {
+  if (!mask.has_value()) return at::arange(c, x.options().dtype(at::kLong));
+  return mask->nonzero().view({-1});
+}
+
+// Static masks, groups == 1: the dense engine on x's kept channels and weight's kept rows and
+// columns; kept outputs are copied into place and masked ones zero-filled, each written once.
+inline at::Tensor static_forward(const at::Tensor& x, const at::Tensor& weight,
+                                 const std::optional<at::Tensor>& bias, const Geometry& g,
+                                 const std::optional<at::Tensor>& in_mask,
+                                 const std::optional<at::Tensor>& out_mask) {
+  const auto format = x.suggest_memory_format();
+  at::Tensor out = at::empty({g.n, g.c_out, g.h_out, g.w_out}, x.options(), format);
+  if (g.n == 0) return out;
+  const at::Tensor out_idx = kept(out_mask, g.c_out, x);
+  const int64_t k_out = out_idx.size(0);
+  if (k_out < g.c_out) {
+    const at::Tensor dropped = out_mask->logical_not().nonzero().view({-1});
+    out.index_fill_(1, dropped, 0);
+  }
+  if (k_out == 0) return out;
+  at::Tensor w = out_mask.has_value() ? weight.index_select(0, out_idx) : weight;
+  at::Tensor xs = x;
+  if (in_mask.has_value()) {
+    const at::Tensor in_idx = kept(in_mask, g.c_in, x);
+    xs = x.index_select(1, in_idx);
+    w = w.index_select(1, in_idx);
+  }
+  std::optional<at::Tensor> b;
+  if (bias.has_value()) b = out_mask.has_value() ? bias->index_select(0, out_idx) : *bias;
+  at::Tensor y;
+  if (xs.size(1) == 0) {
+    y = b.has_value() ? b->view({1, -1, 1, 1}).expand({g.n, k_out, g.h_out, g.w_out})
+                      : at::zeros({g.n, k_out, g.h_out, g.w_out}, x.options());
+  } else {
+    y = at::convolution(xs.contiguous(format), w.contiguous(), b, g.stride, g.padding, g.dilation,
+                        false, {0, 0}, 1);
+  }
+  if (!out_mask.has_value()) return y.contiguous(format);
+  out.index_copy_(1, out_idx, y);
+  return out;
+}
+
+// (grad_x, grad_weight, grad_bias) of static_forward: the engine's backward on the same smaller
+// problem, scattered into zero gradients of the full shapes.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> static_backward(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight, const Geometry& g,
+    const std::optional<at::Tensor>& in_mask, const std::optional<at::Tensor>& out_mask) {
+  const auto format = x.suggest_memory_format();
+  at::Tensor grad_x = at::zeros_like(x, format);
+  at::Tensor grad_w = at::zeros_like(weight, at::MemoryFormat::Contiguous);
+  at::Tensor grad_b = at::zeros({g.c_out}, weight.options());
+  const at::Tensor out_idx = kept(out_mask, g.c_out, x);
+  const at::Tensor in_idx = kept(in_mask, g.c_in, x);
+  if (g.n == 0 || out_idx.size(0) == 0) return {grad_x, grad_w, grad_b};
+  const at::Tensor gy = out_mask.has_value() ? grad.index_select(1, out_idx) : grad;
+  grad_b.index_copy_(0, out_idx, gy.sum({0, 2, 3}).to(weight.scalar_type()));
+  if (in_idx.size(0) == 0) return {grad_x, grad_w, grad_b};
+  const at::Tensor xs = in_mask.has_value() ? x.index_select(1, in_idx) : x;
+  const at::Tensor w = weight.index_select(0, out_idx).index_select(1, in_idx);
+  auto [gx, gw, gb] = at::convolution_backward(
+      gy.contiguous(format), xs.contiguous(format), w.contiguous(), std::nullopt, g.stride,
+      g.padding, g.dilation, false, {0, 0}, 1, {true, true, false});
+  grad_x.index_copy_(1, in_idx, gx);
+  grad_w.index_put_({out_idx.view({-1, 1}), in_idx.view({1, -1})}, gw);
+  return {grad_x, grad_w, grad_b};
+}
+
+}  // namespace masked_conv
+}  // namespace pyprune

@@ -1,0 +1,270 @@
+"""Masked convolution: public function, fakes, autograd, backend choice.
+
+pyprune.masked_conv2d(x, weight, bias, stride, padding, dilation, groups, *, in_mask, out_mask,
+weight_mask) = F.conv2d(x * in_mask, weight * weight_mask, bias, ...) * out_mask.
+
+Boolean channel masks are structural: the kernels (torch.ops.pyprune.masked_conv2d) skip the
+masked work. Float masks multiply and receive gradients; a float mask shared by every sample is
+folded into the weight and bias (weight-sized work, no pass over x or the output), a per-sample
+float mask multiplies x or the output. A weight mask always applies to the weight, computed on
+the fly for each call (see ``WEIGHT_MASK_DENSE_MIN``).
+"""
+from __future__ import annotations
+
+import numbers
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import _backend, _validate, reference
+
+IntPair = Union[int, Sequence[int]]
+
+# Unstructured weight masks run the dense engine on weight * mask at every density: on this CPU
+# a sparse (CSR) matmul over the unfolded input only beats the dense conv below about 5% density
+# (see benchmarks/results/cpu/masked_conv.csv), where channel masks are the better tool.
+WEIGHT_MASK_DENSE_MIN = 0.0
+
+
+@torch.library.register_fake("pyprune::masked_conv2d")
+def _masked_conv2d_fake(x, weight, bias, stride, padding, dilation, groups, in_mask, out_mask):
+    h = (x.shape[2] + 2 * padding[0] - dilation[0] * (weight.shape[2] - 1) - 1) // stride[0] + 1
+    w = (x.shape[3] + 2 * padding[1] - dilation[1] * (weight.shape[3] - 1) - 1) // stride[1] + 1
+    return x.new_empty((x.shape[0], weight.shape[0], h, w)).contiguous(
+        memory_format=torch._prims_common.suggest_memory_format(x))
+
+
+@torch.library.register_fake("pyprune::_masked_conv2d_backward")
+def _masked_conv2d_backward_fake(grad, x, weight, stride, padding, dilation, groups, in_mask,
+                                 out_mask):
+    return (torch.empty_like(x), torch.empty_like(weight, memory_format=torch.contiguous_format),
+            weight.new_empty((weight.shape[0],)))
+
+
+# The Triton launchers, opaque to the compiler (see SPEC section 3 on TRITON_INTERPRET).
+@torch.library.custom_op("pyprune::masked_conv2d_triton", mutates_args=())
+def _masked_conv2d_triton(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Sequence[int],
+    padding: Sequence[int], dilation: Sequence[int], groups: int, in_mask: Optional[Tensor],
+    out_mask: Optional[Tensor],
+) -> Tensor:
+    if groups > 1:  # as on every backend: the dense engine with the masks around it
+        return reference.masked_conv2d(x, weight, bias, stride, padding, dilation, groups,
+                                       in_mask, out_mask)
+    from ..triton_kernels import masked_conv as kernels
+
+    return kernels.masked_conv2d_forward(x, weight, bias, tuple(stride), tuple(padding),
+                                         tuple(dilation), in_mask, out_mask)
+
+
+@torch.library.custom_op("pyprune::_masked_conv2d_backward_triton", mutates_args=())
+def _masked_conv2d_backward_triton(
+    grad: Tensor, x: Tensor, weight: Tensor, stride: Sequence[int], padding: Sequence[int],
+    dilation: Sequence[int], groups: int, in_mask: Optional[Tensor], out_mask: Optional[Tensor],
+) -> tuple[Tensor, Tensor, Tensor]:
+    def view(m):
+        return None if m is None else (m.view(1, -1, 1, 1) if m.dim() == 1 else m[:, :, None, None])
+
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    gm = grad if out_mask is None else torch.where(view(out_mask), grad, zero)
+    xm = x if in_mask is None else torch.where(view(in_mask), x, zero)
+    gx, gw, gb = torch.ops.aten.convolution_backward(
+        gm, xm, weight, [weight.shape[0]], stride, padding, dilation, False, [0, 0], groups,
+        [True, True, True])
+    if in_mask is not None:
+        gx = torch.where(view(in_mask), gx, zero)
+    return gx.contiguous(memory_format=torch._prims_common.suggest_memory_format(x)), gw.contiguous(), gb
+
+
+_masked_conv2d_triton.register_fake(_masked_conv2d_fake)
+_masked_conv2d_backward_triton.register_fake(_masked_conv2d_backward_fake)
+
+_OPS = {
+    "cpu": (torch.ops.pyprune.masked_conv2d.default, torch.ops.pyprune._masked_conv2d_backward.default),
+    "cuda": (torch.ops.pyprune.masked_conv2d.default, torch.ops.pyprune._masked_conv2d_backward.default),
+    "triton": (torch.ops.pyprune.masked_conv2d_triton.default,
+               torch.ops.pyprune._masked_conv2d_backward_triton.default),
+}
+
+
+def _register_autograd(fwd, bwd) -> None:
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, stride, padding, dilation, groups, in_mask, out_mask = inputs
+        ctx.save_for_backward(x, weight, in_mask, out_mask)
+        ctx.attrs = (stride, padding, dilation, groups)
+        ctx.has_bias = bias is not None
+
+    def backward(ctx, grad):
+        x, weight, in_mask, out_mask = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.attrs
+        gx, gw, gb = bwd(grad.contiguous(memory_format=torch._prims_common.suggest_memory_format(x)),
+                         x, weight, stride, padding, dilation, groups, in_mask, out_mask)
+        return gx, gw, gb if ctx.has_bias else None, None, None, None, None, None, None
+
+    torch.library.register_autograd(fwd, backward, setup_context=setup_context)
+
+
+for _fwd, _bwd in {v[0]: v[1] for v in _OPS.values()}.items():
+    _register_autograd(_fwd, _bwd)
+
+
+def _pair(value: object, name: str, minimum: int) -> tuple[int, int]:
+    values = (value, value) if isinstance(value, numbers.Integral) else value
+    if (
+        not isinstance(values, (tuple, list))
+        or len(values) != 2
+        or any(isinstance(v, bool) or not isinstance(v, numbers.Integral) for v in values)
+    ):
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    if min(values) < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    return int(values[0]), int(values[1])
+
+
+def _check_mask(mask: object, name: str, channels: int, x: Tensor) -> Optional[Tensor]:
+    if mask is None:
+        return None
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(mask).__name__}")
+    if mask.dtype != torch.bool and mask.dtype != x.dtype:
+        raise TypeError(f"{name} must be bool (structural) or x's dtype {x.dtype} (soft), "
+                        f"got {mask.dtype}")
+    n = x.shape[0]
+    if mask.shape not in ((channels,), (n, channels)):
+        raise ValueError(f"{name} must have shape ({channels},) or ({n}, {channels}), "
+                         f"got {tuple(mask.shape)}")
+    return mask
+
+
+def _same_padding(x: Tensor, weight: Tensor, stride, dilation) -> tuple[Tensor, tuple[int, int]]:
+    """padding='same' as F.conv2d: the total padding d * (k - 1), the odd element at the end."""
+    if stride != (1, 1):
+        raise ValueError(f"padding='same' needs stride 1, got stride {stride}")
+    total = [dilation[i] * (weight.shape[2 + i] - 1) for i in range(2)]
+    if total[0] % 2 == 0 and total[1] % 2 == 0:
+        return x, (total[0] // 2, total[1] // 2)
+    x = F.pad(x, (total[1] // 2, total[1] - total[1] // 2, total[0] // 2, total[0] - total[0] // 2))
+    return x, (0, 0)
+
+
+def masked_conv2d(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    stride: IntPair = 1,
+    padding: IntPair | str = 0,
+    dilation: IntPair = 1,
+    groups: int = 1,
+    *,
+    in_mask: Tensor | None = None,
+    out_mask: Tensor | None = None,
+    weight_mask: Tensor | None = None,
+) -> Tensor:
+    r"""Convolution that skips the work its masks remove.
+
+        out = F.conv2d(x * in_mask, weight * weight_mask, bias, stride, padding, dilation,
+                       groups) * out_mask
+
+    Args:
+        x: (N, C_in, H, W) float tensor, any strides (channels_last is kept).
+        weight, bias, stride, padding, dilation, groups: as ``F.conv2d`` (padding may be an
+            int, a pair, ``"valid"`` or ``"same"``).
+        in_mask: (C_in,) or (N, C_in), or None.
+        out_mask: (C_out,) or (N, C_out), or None. (N, C) masks differ per sample (dynamic
+            channel gating, see ``pyprune.nn.ChannelGate``).
+        weight_mask: weight's shape, or None.
+
+    A bool mask is structural: masked input channels take no part (inf or NaN in them do not
+    leak), masked output channels are exactly 0 (bias included), and the mask gets no gradient.
+    A float mask (x's dtype) multiplies and gets a gradient (soft masks, e.g. CHIPNet training).
+
+    Channel masks shared by the batch run the dense engine (oneDNN, cuDNN) once on the kept
+    channels: at 25% of the output channels kept the conv does a quarter of the work. Per-sample
+    masks run each sample's kept channels (cpu) or an implicit-GEMM kernel that skips masked
+    tiles (cuda, triton). groups > 1 applies the masks around the dense engine.
+
+    Example:
+        >>> keep = torch.zeros(128, dtype=torch.bool); keep[:32] = True
+        >>> y = pyprune.masked_conv2d(x, conv.weight, conv.bias, padding=1, out_mask=keep)
+    """
+    _validate.tensor(x, "x", dim=4)
+    _validate.tensor(weight, "weight", dim=4)
+    if weight.dtype != x.dtype:
+        raise TypeError(f"weight must have x's dtype {x.dtype}, got {weight.dtype}")
+    groups = _validate.integer(groups, "groups")
+    c_in, c_out = x.shape[1], weight.shape[0]
+    if groups < 1 or c_in % groups or c_out % groups:
+        raise ValueError(f"groups must be >= 1 and divide the input ({c_in}) and output "
+                         f"({c_out}) channels, got {groups}")
+    if weight.shape[1] * groups != c_in:
+        raise ValueError(f"weight of shape {tuple(weight.shape)} with groups={groups} expects "
+                         f"{weight.shape[1] * groups} input channels, x has {c_in}")
+    if bias is not None:
+        _validate.tensor(bias, "bias", dim=1)
+        if bias.shape != (c_out,) or bias.dtype != x.dtype:
+            raise ValueError(f"bias must have shape ({c_out},) and dtype {x.dtype}, "
+                             f"got {tuple(bias.shape)} {bias.dtype}")
+    stride = _pair(stride, "stride", 1)
+    dilation = _pair(dilation, "dilation", 1)
+    in_mask = _check_mask(in_mask, "in_mask", c_in, x)
+    out_mask = _check_mask(out_mask, "out_mask", c_out, x)
+    if weight_mask is not None:
+        if not isinstance(weight_mask, Tensor):
+            raise TypeError(f"weight_mask must be a torch.Tensor or None, got "
+                            f"{type(weight_mask).__name__}")
+        if weight_mask.dtype not in (torch.bool, x.dtype):
+            raise TypeError(f"weight_mask must be bool or x's dtype {x.dtype}, got "
+                            f"{weight_mask.dtype}")
+        if weight_mask.shape != weight.shape:
+            raise ValueError(f"weight_mask must have weight's shape {tuple(weight.shape)}, got "
+                             f"{tuple(weight_mask.shape)}")
+    _validate.same_device(x=x, weight=weight, bias=bias, in_mask=in_mask, out_mask=out_mask,
+                          weight_mask=weight_mask)
+    if isinstance(padding, str):
+        padding = _validate.choice(padding, "padding", ("valid", "same"))
+        if padding == "same":
+            x, padding = _same_padding(x, weight, stride, dilation)
+        else:
+            padding = (0, 0)
+    else:
+        padding = _pair(padding, "padding", 0)
+    for i in range(2):
+        span = dilation[i] * (weight.shape[2 + i] - 1) + 1
+        if x.shape[2 + i] + 2 * padding[i] < span:
+            raise ValueError(f"the input's spatial size {tuple(x.shape[2:])} with padding "
+                             f"{padding} is smaller than the dilated kernel ({span} in dim {2 + i})")
+
+    backend = _backend.select("masked_conv2d", x)
+    if backend == "reference":
+        return reference.masked_conv2d(x, weight, bias, stride, padding, dilation, groups,
+                                       in_mask, out_mask, weight_mask)
+
+    # Soft (float) masks: folded into the weight when shared by the batch, else multiplied.
+    if weight_mask is not None:
+        weight = (torch.where(weight_mask, weight, torch.zeros((), dtype=weight.dtype,
+                                                               device=weight.device))
+                  if weight_mask.dtype == torch.bool else weight * weight_mask)
+    scale_in = scale_out = None
+    if in_mask is not None and in_mask.dtype != torch.bool:
+        if in_mask.dim() == 1:
+            shape = (groups, 1, c_in // groups, 1, 1)
+            weight = (weight.view(groups, c_out // groups, *weight.shape[1:])
+                      * in_mask.view(shape)).view(weight.shape)
+        else:
+            scale_in = in_mask
+        in_mask = None
+    if out_mask is not None and out_mask.dtype != torch.bool:
+        if out_mask.dim() == 1:
+            weight = weight * out_mask.view(-1, 1, 1, 1)
+            bias = None if bias is None else bias * out_mask
+        else:
+            scale_out = out_mask
+        out_mask = None
+    if scale_in is not None:
+        x = x * scale_in[:, :, None, None]
+    y = _OPS[backend][0](x, weight, bias, stride, padding, dilation, groups, in_mask, out_mask)
+    if scale_out is not None:
+        y = y * scale_out[:, :, None, None]
+    return y

@@ -1,0 +1,305 @@
+"""Masked conv2d Triton kernel and launchers (contract: csrc/ops.cpp, csrc/masked_conv.h).
+
+out = conv2d(x * in_mask, weight, bias) * out_mask for groups == 1, with boolean channel masks:
+in_mask (C_in,) or (N, C_in), out_mask (C_out,) or (N, C_out), None = all kept. A masked input
+channel takes no part (it is never loaded, so inf or NaN in it cannot leak); a masked output
+channel is exactly 0, bias included.
+
+Forward: one implicit-GEMM launch over (sample n, block of BLOCK_P output pixels, block of
+BLOCK_CO output channels), accumulating in float32 the product of an im2col tile of x
+(BLOCK_P, BLOCK_CI) and a weight tile (BLOCK_CI, BLOCK_CO) with tl.dot (IEEE float32 for float32
+inputs, so float32 results match cuDNN/oneDNN without TF32), for every tap (kh, kw) and every
+chunk of BLOCK_CI input channels.
+
+Masked work is skipped by the channel order, not only by whole blocks of contiguous channels:
+the launcher turns each mask into its channels listed kept-first (a stable sort of ~mask, per
+sample for an (N, C) mask) and the kept count. Program j of the output channels takes the
+channels at positions [j * BLOCK_CO, (j + 1) * BLOCK_CO) of that list, so the kept channels of
+sample n fill the first ceil(kept / BLOCK_CO) blocks whatever their indices; a block past the
+kept count holds only masked channels and stores zeros without loading anything. The reduction
+walks only the first `kept` input channels of the list, in chunks of BLOCK_CI: the work is
+proportional to the kept channels (in_kept * out_kept up to the block tails), which is what a
+random per-sample gate (FBS) needs, since it rarely leaves a whole aligned block masked. Loads
+and stores gather channels through the list; ascending order within the kept channels keeps
+them close together in memory. The lists cost two small torch ops per mask in the launcher
+(none for a None mask beyond an arange); the convolution itself is one launch.
+
+Backward runs the dense engine (torch's convolution_backward: cuDNN on CUDA, oneDNN on the CPU)
+on the masked tensors: grad masked by out_mask, x by in_mask, and grad_x masked by in_mask again;
+grad_bias is the masked grad summed over (N, H, W). It does the full dense work.
+
+Loops over runtime bounds are `while` loops (Triton 3.6's interpreter cannot take a runtime
+bound in range() with numpy >= 2.4). The flags are runtime int32 values to keep the AOT list
+small; kernel sizes KH, KW are runtime too. UPCAST (bfloat16 on CPU tensors, i.e. under the
+interpreter, only) converts the tiles to float32 before tl.dot, because Triton 3.6's interpreter
+multiplies bfloat16 tiles as their uint16 bits; the products are exact in float32 either way, so
+the result is the same math as the GPU's bfloat16 tensor-core dot with float32 accumulation.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .cas import _round
+
+_TL_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+_NUM_WARPS = 4
+# tl.dot needs every tile dimension >= 16.
+_BLOCK_PS = (16, 64)
+_BLOCK_COS = (16, 32, 64)
+_BLOCK_CIS = (16, 32)
+
+
+@triton.jit(do_not_specialize=["in_per_sample", "out_per_sample", "has_bias"])
+def _masked_conv2d_forward_kernel(
+    x_ptr, w_ptr, b_ptr, in_idx_ptr, in_cnt_ptr, out_idx_ptr, out_cnt_ptr, out_ptr,
+    C_in, H, W, C_out, H_out, W_out, KH, KW,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    p_blocks, co_blocks, in_per_sample, out_per_sample, has_bias,
+    x_sn, x_sc, x_sh, x_sw,
+    w_so, w_si, w_sh, w_sw,
+    out_sn, out_sc, out_sh, out_sw,
+    BLOCK_P: tl.constexpr,
+    BLOCK_CO: tl.constexpr,
+    BLOCK_CI: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    # Output-channel blocks vary fastest: neighbouring programs share the same x tile.
+    pid = tl.program_id(0).to(tl.int64)
+    co_b = pid % co_blocks
+    rest = pid // co_blocks
+    p_b = rest % p_blocks
+    n = rest // p_blocks
+
+    out_row = n * out_per_sample
+    out_kept = tl.load(out_cnt_ptr + out_row)
+    slots = co_b * BLOCK_CO + tl.arange(0, BLOCK_CO).to(tl.int64)
+    co = tl.load(out_idx_ptr + out_row * C_out + slots, mask=slots < C_out, other=0).to(tl.int64)
+    co_ok = slots < out_kept
+
+    ps = p_b * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
+    p_ok = ps < H_out * W_out
+    oh = ps // W_out
+    ow = ps % W_out
+
+    acc = tl.zeros([BLOCK_P, BLOCK_CO], dtype=tl.float32)
+    if co_b * BLOCK_CO < out_kept:
+        in_row = n * in_per_sample
+        in_kept = tl.load(in_cnt_ptr + in_row)
+        in_list = in_idx_ptr + in_row * C_in
+        x_base = x_ptr + n * x_sn
+        cis = tl.arange(0, BLOCK_CI)
+        kh = 0
+        while kh < KH:
+            ih = oh * stride_h - pad_h + kh * dil_h
+            h_ok = p_ok & (ih >= 0) & (ih < H)
+            kw = 0
+            while kw < KW:
+                iw = ow * stride_w - pad_w + kw * dil_w
+                pix_ok = h_ok & (iw >= 0) & (iw < W)
+                x_pix = x_base + ih * x_sh + iw * x_sw
+                w_tap = w_ptr + kh * w_sh + kw * w_sw + co * w_so
+                c0 = 0
+                while c0 < in_kept:
+                    cs = c0 + cis
+                    c_ok = cs < in_kept
+                    ci = tl.load(in_list + cs, mask=c_ok, other=0).to(tl.int64)
+                    xt = tl.load(x_pix[:, None] + ci[None, :] * x_sc,
+                                 mask=pix_ok[:, None] & c_ok[None, :], other=0.0)
+                    wt = tl.load(w_tap[None, :] + ci[:, None] * w_si,
+                                 mask=c_ok[:, None] & co_ok[None, :], other=0.0)
+                    if UPCAST:
+                        xt = xt.to(tl.float32)
+                        wt = wt.to(tl.float32)
+                    acc = tl.dot(xt, wt, acc, input_precision="ieee")
+                    c0 += BLOCK_CI
+                kw += 1
+            kh += 1
+        bias = tl.load(b_ptr + co, mask=co_ok & (has_bias != 0), other=0.0).to(tl.float32)
+        acc = tl.where(co_ok[None, :], acc + bias[None, :], 0.0)
+
+    out_ptrs = (out_ptr + n * out_sn + co[None, :] * out_sc + oh[:, None] * out_sh
+                + ow[:, None] * out_sw)
+    tl.store(out_ptrs, _round(acc, out_ptr.dtype.element_ty),
+             mask=p_ok[:, None] & (slots < C_out)[None, :])
+
+
+def _blocks(C_in: int, C_out: int, P: int) -> tuple[int, int, int]:
+    """(BLOCK_P, BLOCK_CO, BLOCK_CI) for C_in input channels, C_out output channels and P output
+    pixels per sample: each the smallest of its choices that covers the size, else the largest."""
+    def pick(choices: tuple[int, ...], size: int) -> int:
+        return next((b for b in choices if b >= size), choices[-1])
+
+    return pick(_BLOCK_PS, P), pick(_BLOCK_COS, C_out), pick(_BLOCK_CIS, C_in)
+
+
+def _pair(v, name: str) -> tuple[int, int]:
+    t = tuple(int(e) for e in v)
+    if len(t) != 2:
+        raise ValueError(f"masked_conv2d (triton): {name} must have two values, got {v}")
+    return t
+
+
+def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+           dtypes=tuple(_TL_DTYPES)) -> None:
+    if x.dim() != 4 or weight.dim() != 4:
+        raise ValueError(f"masked_conv2d (triton): expected x (N, C_in, H, W) and weight "
+                         f"(C_out, C_in, kH, kW), got x {tuple(x.shape)}, weight {tuple(weight.shape)}")
+    if weight.shape[1] != x.shape[1]:
+        raise ValueError(f"masked_conv2d (triton): weight expects {weight.shape[1]} input channels "
+                         f"(groups=1 only), x has {x.shape[1]}")
+    if x.dtype not in dtypes or weight.dtype != x.dtype:
+        raise TypeError(f"masked_conv2d (triton): x and weight must share a dtype among "
+                        f"{', '.join(str(d) for d in dtypes)}, got {x.dtype} and {weight.dtype}")
+    if bias is not None and (bias.shape != (weight.shape[0],) or bias.dtype != x.dtype):
+        raise ValueError(f"masked_conv2d (triton): bias must be ({weight.shape[0]},) in {x.dtype}, "
+                         f"got {tuple(bias.shape)} in {bias.dtype}")
+
+
+def _mask_rows(mask: torch.Tensor | None, N: int, C: int, name: str) -> torch.Tensor | None:
+    """mask as a bool (1, C) or (N, C) tensor (None stays None)."""
+    if mask is None:
+        return None
+    if mask.dtype != torch.bool:
+        raise TypeError(f"masked_conv2d (triton): {name} must be bool, got {mask.dtype}")
+    if mask.shape not in ((C,), (N, C)):
+        raise ValueError(f"masked_conv2d (triton): {name} must have shape ({C},) or ({N}, {C}), "
+                         f"got {tuple(mask.shape)}")
+    return mask.reshape(-1, C)
+
+
+def _kept_first(mask: torch.Tensor | None, C: int, device) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(channel lists kept-first, kept counts, per-sample flag) of a (R, C) bool mask."""
+    if mask is None:
+        return (torch.arange(C, dtype=torch.int32, device=device),
+                torch.full((1,), C, dtype=torch.int32, device=device), 0)
+    order = torch.sort(mask.logical_not(), dim=1, stable=True).indices.to(torch.int32)
+    return order.contiguous(), mask.sum(1, dtype=torch.int32), int(mask.shape[0] > 1)
+
+
+def _output_format(x: torch.Tensor) -> torch.memory_format:
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _output_size(size: int, k: int, stride: int, padding: int, dilation: int) -> int:
+    return (size + 2 * padding - dilation * (k - 1) - 1) // stride + 1
+
+
+def masked_conv2d_forward(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+    stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int],
+    in_mask: torch.Tensor | None, out_mask: torch.Tensor | None,
+) -> torch.Tensor:
+    """conv2d(x * in_mask, weight, bias, stride, padding, dilation) * out_mask (groups=1) with
+    boolean channel masks, as the pyprune::masked_conv2d schema says; x's memory format."""
+    _check(x, weight, bias)
+    stride, padding, dilation = (_pair(stride, "stride"), _pair(padding, "padding"),
+                                 _pair(dilation, "dilation"))
+    if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0:
+        raise ValueError(f"masked_conv2d (triton): stride and dilation must be >= 1 and padding "
+                         f">= 0, got {stride}, {dilation}, {padding}")
+    N, C_in, H, W = x.shape
+    C_out, _, KH, KW = weight.shape
+    H_out = _output_size(H, KH, stride[0], padding[0], dilation[0])
+    W_out = _output_size(W, KW, stride[1], padding[1], dilation[1])
+    if H_out < 1 or W_out < 1:
+        raise ValueError(f"masked_conv2d (triton): output size ({H_out}, {W_out}) is too small for "
+                         f"input ({H}, {W}), kernel ({KH}, {KW})")
+    in_rows = _mask_rows(in_mask, N, C_in, "in_mask")
+    out_rows = _mask_rows(out_mask, N, C_out, "out_mask")
+    for m, name in ((in_rows, "in_mask"), (out_rows, "out_mask")):
+        if m is not None and m.device != x.device:
+            raise ValueError(f"masked_conv2d (triton): {name} must be on {x.device}, got {m.device}")
+    out = torch.empty((N, C_out, H_out, W_out), dtype=x.dtype, device=x.device,
+                      memory_format=_output_format(x))
+    if out.numel() == 0:
+        return out
+    in_idx, in_cnt, in_per_sample = _kept_first(in_rows, C_in, x.device)
+    out_idx, out_cnt, out_per_sample = _kept_first(out_rows, C_out, x.device)
+    block_p, block_co, block_ci = _blocks(C_in, C_out, H_out * W_out)
+    p_blocks = triton.cdiv(H_out * W_out, block_p)
+    co_blocks = triton.cdiv(C_out, block_co)
+    _masked_conv2d_forward_kernel[(N * p_blocks * co_blocks,)](
+        x, weight, bias if bias is not None else weight, in_idx, in_cnt, out_idx, out_cnt, out,
+        C_in, H, W, C_out, H_out, W_out, KH, KW,
+        *stride, *padding, *dilation,
+        p_blocks, co_blocks, in_per_sample, out_per_sample, int(bias is not None),
+        *x.stride(), *weight.stride(), *out.stride(),
+        BLOCK_P=block_p, BLOCK_CO=block_co, BLOCK_CI=block_ci,
+        UPCAST=x.dtype == torch.bfloat16 and x.device.type == "cpu",
+        num_warps=_NUM_WARPS,
+    )
+    return out
+
+
+def _where(t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    if mask is None:
+        return t
+    shape = (1, -1, 1, 1) if mask.dim() == 1 else (mask.shape[0], -1, 1, 1)
+    return torch.where(mask.reshape(shape), t, torch.zeros((), dtype=t.dtype, device=t.device))
+
+
+def masked_conv2d_backward(
+    grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+    stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int],
+    in_mask: torch.Tensor | None, out_mask: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_x, grad_weight, grad_bias) of masked_conv2d_forward, as the
+    pyprune::_masked_conv2d_backward schema says; grad_bias is (C_out,) always.
+
+    Runs the dense engine (aten.convolution_backward) on the masked grad and input, so it does
+    the full dense work; masked channels get exactly zero gradient."""
+    _check(x, weight, None, dtypes=(*_TL_DTYPES, torch.float64))
+    if grad.shape[:2] != (x.shape[0], weight.shape[0]) or grad.dtype != x.dtype:
+        raise ValueError(f"masked_conv2d backward (triton): grad must be ({x.shape[0]}, "
+                         f"{weight.shape[0]}, H_out, W_out) in {x.dtype}, got {tuple(grad.shape)} "
+                         f"in {grad.dtype}")
+    N, C_in = x.shape[:2]
+    C_out = weight.shape[0]
+    _mask_rows(in_mask, N, C_in, "in_mask")
+    _mask_rows(out_mask, N, C_out, "out_mask")
+    g = _where(grad, out_mask)
+    grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
+        g, _where(x, in_mask), weight, None, list(_pair(stride, "stride")),
+        list(_pair(padding, "padding")), list(_pair(dilation, "dilation")), False, [0, 0], 1,
+        [True, True, False],
+    )
+    return _where(grad_x, in_mask), grad_w, g.sum((0, 2, 3)).to(weight.dtype)
+
+
+_POINTERS = {"in_idx_ptr": "*i32", "in_cnt_ptr": "*i32", "out_idx_ptr": "*i32",
+             "out_cnt_ptr": "*i32"}
+
+
+def _signature(kernel, dtype: str, constexprs: dict) -> dict[str, str]:
+    def kind(name: str) -> str:
+        if name in constexprs:
+            return "constexpr"
+        if name.endswith("_ptr"):
+            return _POINTERS.get(name, f"*{dtype}")
+        return "i32"
+
+    return {name: kind(name) for name in kernel.arg_names}
+
+
+def _aot_variants() -> list[tuple]:
+    """Every (kernel, signature, constexprs, options) masked_conv2d_forward can launch: one per
+    dtype and block-size choice."""
+    variants = []
+    for dtype in _TL_DTYPES.values():
+        for block_p in _BLOCK_PS:
+            for block_co in _BLOCK_COS:
+                for block_ci in _BLOCK_CIS:
+                    constexprs = {"BLOCK_P": block_p, "BLOCK_CO": block_co, "BLOCK_CI": block_ci,
+                                  "UPCAST": False}
+                    variants.append((_masked_conv2d_forward_kernel,
+                                     _signature(_masked_conv2d_forward_kernel, dtype, constexprs),
+                                     constexprs, {"num_warps": _NUM_WARPS}))
+    return variants
+
+
+# Ahead-of-time compile list for `python -m pyprune.triton_kernels.aot`.
+AOT = _aot_variants()
