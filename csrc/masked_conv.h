@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <optional>
 #include <tuple>
+#include <utility>
 
 namespace pyprune {
 namespace masked_conv {
@@ -113,41 +114,67 @@ inline at::Tensor kept(const std::optional<at::Tensor>& mask, int64_t c, const a
 }
 
 // Static masks, groups == 1: the dense engine on x's kept channels and weight's kept rows and
-// columns; kept outputs are copied into place and masked ones zero-filled, each written once.
+// columns. Returns the output of the kept channels (N, k_out, H_out, W_out) in x's memory format
+// and their indices (undefined when every output channel is kept, then it is the whole output).
+// gather(t, index) must return t's channels `index` (dim 1), like index_select.
+template <typename Gather>
+std::pair<at::Tensor, at::Tensor> static_conv(const at::Tensor& x, const at::Tensor& weight,
+                                              const std::optional<at::Tensor>& bias,
+                                              const Geometry& g,
+                                              const std::optional<at::Tensor>& in_mask,
+                                              const std::optional<at::Tensor>& out_mask,
+                                              Gather gather) {
+  const auto format = x.suggest_memory_format();
+  at::Tensor out_idx;
+  at::Tensor w = weight;
+  std::optional<at::Tensor> b = bias;
+  if (out_mask.has_value()) {
+    out_idx = kept(out_mask, g.c_out, x);
+    w = weight.index_select(0, out_idx);
+    if (bias.has_value()) b = bias->index_select(0, out_idx);
+  }
+  const int64_t k_out = w.size(0);
+  at::Tensor xs = x;
+  if (in_mask.has_value()) {
+    const at::Tensor in_idx = kept(in_mask, g.c_in, x);
+    xs = gather(x, in_idx);
+    w = w.index_select(1, in_idx);
+  }
+  if (g.n == 0 || k_out == 0) {
+    return {at::empty({g.n, k_out, g.h_out, g.w_out}, x.options(), format), out_idx};
+  }
+  if (xs.size(1) == 0) {  // nothing reaches the output but the bias
+    at::Tensor y = at::empty({g.n, k_out, g.h_out, g.w_out}, x.options(), format);
+    if (b.has_value()) y.copy_(b->view({1, -1, 1, 1}));
+    else y.zero_();
+    return {y, out_idx};
+  }
+  at::Tensor y = at::convolution(xs.contiguous(format), w.contiguous(), b, g.stride, g.padding,
+                                 g.dilation, false, {0, 0}, 1);
+  return {y.contiguous(format), out_idx};
+}
+
+// _scatter_channels with index_fill and index_copy (devices without a fused version).
+inline at::Tensor scatter_channels(const at::Tensor& y, const at::Tensor& index, int64_t channels) {
+  at::Tensor out = at::empty({y.size(0), channels, y.size(2), y.size(3)}, y.options(),
+                             y.suggest_memory_format());
+  at::Tensor dropped = at::ones({channels}, y.options().dtype(at::kBool));
+  dropped.index_fill_(0, index, false);
+  out.index_fill_(1, dropped.nonzero().view({-1}), 0);
+  out.index_copy_(1, index, y);
+  return out;
+}
+
+// static_conv with the kept outputs copied into place and the masked ones zero-filled.
 inline at::Tensor static_forward(const at::Tensor& x, const at::Tensor& weight,
                                  const std::optional<at::Tensor>& bias, const Geometry& g,
                                  const std::optional<at::Tensor>& in_mask,
                                  const std::optional<at::Tensor>& out_mask) {
-  const auto format = x.suggest_memory_format();
-  at::Tensor out = at::empty({g.n, g.c_out, g.h_out, g.w_out}, x.options(), format);
-  if (g.n == 0) return out;
-  const at::Tensor out_idx = kept(out_mask, g.c_out, x);
-  const int64_t k_out = out_idx.size(0);
-  if (k_out < g.c_out) {
-    const at::Tensor dropped = out_mask->logical_not().nonzero().view({-1});
-    out.index_fill_(1, dropped, 0);
-  }
-  if (k_out == 0) return out;
-  at::Tensor w = out_mask.has_value() ? weight.index_select(0, out_idx) : weight;
-  at::Tensor xs = x;
-  if (in_mask.has_value()) {
-    const at::Tensor in_idx = kept(in_mask, g.c_in, x);
-    xs = x.index_select(1, in_idx);
-    w = w.index_select(1, in_idx);
-  }
-  std::optional<at::Tensor> b;
-  if (bias.has_value()) b = out_mask.has_value() ? bias->index_select(0, out_idx) : *bias;
-  at::Tensor y;
-  if (xs.size(1) == 0) {
-    y = b.has_value() ? b->view({1, -1, 1, 1}).expand({g.n, k_out, g.h_out, g.w_out})
-                      : at::zeros({g.n, k_out, g.h_out, g.w_out}, x.options());
-  } else {
-    y = at::convolution(xs.contiguous(format), w.contiguous(), b, g.stride, g.padding, g.dilation,
-                        false, {0, 0}, 1);
-  }
-  if (!out_mask.has_value()) return y.contiguous(format);
-  out.index_copy_(1, out_idx, y);
-  return out;
+  auto [y, out_idx] = static_conv(x, weight, bias, g, in_mask, out_mask,
+                                  [](const at::Tensor& t, const at::Tensor& i) {
+                                    return t.index_select(1, i);
+                                  });
+  return out_idx.defined() ? scatter_channels(y, out_idx, g.c_out) : y;
 }
 
 // (grad_x, grad_weight, grad_bias) of static_forward: the engine's backward on the same smaller

@@ -45,4 +45,7 @@ TORCH_LIBRARY(pyprune, m) {
   m.def("masked_conv2d(Tensor x, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, int[2] dilation, int groups, Tensor? in_mask, Tensor? out_mask) -> Tensor");
   // (grad_x, grad_weight, grad_bias) of masked_conv2d; grad_bias (C_out,) is returned always.
   m.def("_masked_conv2d_backward(Tensor grad, Tensor x, Tensor weight, int[2] stride, int[2] padding, int[2] dilation, int groups, Tensor? in_mask, Tensor? out_mask) -> (Tensor, Tensor, Tensor)");
+  // out (N, channels, H, W) in y's memory format: out[:, index[j]] = y[:, j], the other channels
+  // 0, each element written once. The scatter of a convolution over kept output channels.
+  m.def("_scatter_channels(Tensor y, Tensor index, int channels) -> Tensor");
 }

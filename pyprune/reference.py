@@ -162,7 +162,7 @@ def masked_conv2d(
     (masked entries take no part, even if they hold inf or NaN); a float mask multiplies.
     """
     def channel_shape(mask: Tensor) -> tuple[int, ...]:
-        return (1, -1, 1, 1) if mask.dim() == 1 else (mask.shape[0], -1, 1, 1)
+        return (1, -1, 1, 1) if mask.dim() == 1 else (*mask.shape, 1, 1)
 
     if in_mask is not None:
         x = _apply_mask(x, in_mask, channel_shape(in_mask))

@@ -12,6 +12,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <cstring>
 #include <optional>
 #include <vector>
 
@@ -22,25 +23,111 @@ namespace {
 
 using masked_conv::Geometry;
 
-// Kept and dropped channel indices of sample n (row n of a 2-D mask, the 1-D mask, or all).
+// dst[n, c] = src[n, map[c]] for map[c] >= 0, else 0, for (N, C, H, W) tensors of one dtype
+// and any strides: the channel gather and the scatter-with-zero-fill of the masked kernels, one
+// write per element of dst. Values are moved as raw bits (all-zero bits are +0.0).
+template <typename T>
+void move_channels_impl(const at::Tensor& src, const at::Tensor& dst, const int64_t* map) {
+  const int64_t N = dst.size(0), C = dst.size(1), H = dst.size(2), W = dst.size(3);
+  const T* s = static_cast<const T*>(src.data_ptr());
+  T* d = static_cast<T*>(dst.data_ptr());
+  const auto ss = src.strides(), ds = dst.strides();
+  if (ds[1] == 1 && C > 1) {  // channels innermost: per pixel, across its channels
+    at::parallel_for(0, N * H * W, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t p = begin; p < end; ++p) {
+        const int64_t n = p / (H * W), h = p / W % H, w = p % W;
+        T* dp = d + n * ds[0] + h * ds[2] + w * ds[3];
+        const T* sp = s + n * ss[0] + h * ss[2] + w * ss[3];
+        for (int64_t c = 0; c < C; ++c) dp[c] = map[c] >= 0 ? sp[map[c] * ss[1]] : T(0);
+      }
+    });
+    return;
+  }
+  at::parallel_for(0, N * C, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t n = r / C, c = r % C;
+      T* dp = d + n * ds[0] + c * ds[1];
+      const T* sp = map[c] >= 0 ? s + n * ss[0] + map[c] * ss[1] : nullptr;
+      for (int64_t h = 0; h < H; ++h) {
+        T* drow = dp + h * ds[2];
+        if (sp == nullptr) {
+          if (ds[3] == 1) std::memset(drow, 0, W * sizeof(T));
+          else for (int64_t w = 0; w < W; ++w) drow[w * ds[3]] = T(0);
+          continue;
+        }
+        const T* srow = sp + h * ss[2];
+        if (ds[3] == 1 && ss[3] == 1) std::memcpy(drow, srow, W * sizeof(T));
+        else for (int64_t w = 0; w < W; ++w) drow[w * ds[3]] = srow[w * ss[3]];
+      }
+    }
+  });
+}
+
+void move_channels(const at::Tensor& src, const at::Tensor& dst, const int64_t* map) {
+  TORCH_INTERNAL_ASSERT(src.scalar_type() == dst.scalar_type() && src.dim() == 4 && dst.dim() == 4);
+  switch (dst.element_size()) {
+    case 2: return move_channels_impl<uint16_t>(src, dst, map);
+    case 4: return move_channels_impl<uint32_t>(src, dst, map);
+    case 8: return move_channels_impl<uint64_t>(src, dst, map);
+    default: TORCH_CHECK(false, "masked_conv2d: unsupported element size ", dst.element_size());
+  }
+}
+
+// t's channels `index` (dim 1) as a new tensor in t's memory format.
+at::Tensor gather_channels(const at::Tensor& t, const at::Tensor& index) {
+  at::Tensor out = at::empty({t.size(0), index.size(0), t.size(2), t.size(3)}, t.options(),
+                             t.suggest_memory_format());
+  move_channels(t, out, index.data_ptr<int64_t>());
+  return out;
+}
+
+at::Tensor scatter_channels_into(const at::Tensor& y, const at::Tensor& index, int64_t channels,
+                                 at::MemoryFormat format) {
+  TORCH_CHECK(y.dim() == 4 && index.dim() == 1 && index.size(0) == y.size(1) &&
+                  index.scalar_type() == at::kLong && channels >= y.size(1),
+              "_scatter_channels: y must be 4-D and index int64 with one entry per channel of y");
+  const at::Tensor idx = index.contiguous();
+  std::vector<int64_t> position(channels, -1);
+  const int64_t* ip = idx.data_ptr<int64_t>();
+  for (int64_t j = 0; j < idx.size(0); ++j) {
+    TORCH_CHECK(ip[j] >= 0 && ip[j] < channels, "_scatter_channels: index out of range");
+    position[ip[j]] = j;
+  }
+  at::Tensor out = at::empty({y.size(0), channels, y.size(2), y.size(3)}, y.options(), format);
+  move_channels(y, out, position.data());
+  return out;
+}
+
+at::Tensor scatter_channels_cpu(const at::Tensor& y, const at::Tensor& index, int64_t channels) {
+  return scatter_channels_into(y, index, channels, y.suggest_memory_format());
+}
+
+// Kept channel indices of sample n (row n of a 2-D mask, the 1-D mask, or all), and the map
+// from each channel to its position among the kept ones (-1 if dropped).
 struct Channels {
-  at::Tensor kept, dropped;
-  bool all() const { return dropped.size(0) == 0; }
+  at::Tensor kept;
+  std::vector<int64_t> position;
+  bool all() const { return kept.size(0) == static_cast<int64_t>(position.size()); }
 };
 
 Channels channels_of(const std::optional<at::Tensor>& mask, int64_t n, int64_t c) {
   const auto opts = at::TensorOptions().dtype(at::kLong);
-  if (!mask.has_value()) return {at::arange(c, opts), at::empty({0}, opts)};
+  Channels ch{at::Tensor(), std::vector<int64_t>(c)};
+  if (!mask.has_value()) {
+    ch.kept = at::arange(c, opts);
+    for (int64_t i = 0; i < c; ++i) ch.position[i] = i;
+    return ch;
+  }
   const at::Tensor row = mask->dim() == 2 ? mask->select(0, n) : *mask;
   const bool* m = row.data_ptr<bool>();
   const int64_t step = row.stride(0);
   int64_t k = 0;
-  for (int64_t i = 0; i < c; ++i) k += m[i * step];
-  at::Tensor kept = at::empty({k}, opts), dropped = at::empty({c - k}, opts);
-  int64_t* kp = kept.data_ptr<int64_t>();
-  int64_t* dp = dropped.data_ptr<int64_t>();
-  for (int64_t i = 0; i < c; ++i) *(m[i * step] ? kp++ : dp++) = i;
-  return {kept, dropped};
+  for (int64_t i = 0; i < c; ++i) ch.position[i] = m[i * step] ? k++ : -1;
+  ch.kept = at::empty({k}, opts);
+  int64_t* kp = ch.kept.data_ptr<int64_t>();
+  for (int64_t i = 0; i < c; ++i)
+    if (ch.position[i] >= 0) kp[ch.position[i]] = i;
+  return ch;
 }
 
 // The sample's smaller problem: x's kept channels (1, k_in, H, W) and weight (k_out, k_in, kh, kw).
@@ -53,7 +140,7 @@ Problem problem_of(const at::Tensor& x, const at::Tensor& weight, int64_t n, con
   at::Tensor xs = x.narrow(0, n, 1);
   at::Tensor w = out.all() ? weight : weight.index_select(0, out.kept);
   if (!in.all()) {
-    xs = xs.index_select(1, in.kept);
+    xs = gather_channels(xs, in.kept);
     w = w.index_select(1, in.kept);
   }
   return {xs, w.contiguous()};
@@ -74,8 +161,13 @@ at::Tensor masked_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight,
   const Geometry g = masked_conv::geometry(x, weight, stride, padding, dilation, groups);
   check(x, g, in_mask, out_mask);
   if (groups > 1) return masked_conv::dense_forward(x, weight, bias, g, in_mask, out_mask);
-  if (!masked_conv::per_sample(in_mask) && !masked_conv::per_sample(out_mask))
-    return masked_conv::static_forward(x, weight, bias, g, in_mask, out_mask);
+  if (!masked_conv::per_sample(in_mask) && !masked_conv::per_sample(out_mask)) {
+    auto [y, out_idx] = masked_conv::static_conv(x, weight, bias, g, in_mask, out_mask,
+                                                 gather_channels);
+    return out_idx.defined()
+               ? scatter_channels_into(y, out_idx, g.c_out, x.suggest_memory_format())
+               : y;
+  }
 
   const auto format = x.suggest_memory_format();
   at::Tensor out = at::empty({g.n, g.c_out, g.h_out, g.w_out}, x.options(), format);
@@ -83,23 +175,21 @@ at::Tensor masked_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight,
     for (int64_t n = begin; n < end; ++n) {
       const Channels in = channels_of(in_mask, n, g.c_in);
       const Channels oc = channels_of(out_mask, n, g.c_out);
-      at::Tensor o = out.select(0, n);
-      if (!oc.all()) o.index_fill_(0, oc.dropped, 0);
+      at::Tensor o = out.narrow(0, n, 1);
       const int64_t k_out = oc.kept.size(0);
-      if (k_out == 0) continue;
       std::optional<at::Tensor> b;
       if (bias.has_value()) b = oc.all() ? *bias : bias->index_select(0, oc.kept);
       at::Tensor y;
-      if (in.kept.size(0) == 0) {
-        y = b.has_value() ? b->view({-1, 1, 1}).expand({k_out, g.h_out, g.w_out})
-                          : at::zeros({k_out, g.h_out, g.w_out}, x.options());
+      if (k_out == 0) {
+        y = at::empty({1, 0, g.h_out, g.w_out}, x.options());
+      } else if (in.kept.size(0) == 0) {
+        y = b.has_value() ? b->view({1, -1, 1, 1}).expand({1, k_out, g.h_out, g.w_out})
+                          : at::zeros({1, k_out, g.h_out, g.w_out}, x.options());
       } else {
         const Problem p = problem_of(x, weight, n, in, oc);
-        y = at::convolution(p.x, p.weight, b, g.stride, g.padding, g.dilation, false, {0, 0}, 1)
-                .select(0, 0);
+        y = at::convolution(p.x, p.weight, b, g.stride, g.padding, g.dilation, false, {0, 0}, 1);
       }
-      if (oc.all()) o.copy_(y);
-      else o.index_copy_(0, oc.kept, y);
+      move_channels(y, o, oc.position.data());
     }
   });
   return out;
@@ -133,22 +223,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_conv2d_backward_cpu(
     for (int64_t n = begin; n < end; ++n) {
       const Channels in = channels_of(in_mask, n, g.c_in);
       const Channels oc = channels_of(out_mask, n, g.c_out);
-      at::Tensor gx = grad_x.select(0, n);
-      if (!in.all()) gx.index_fill_(0, in.dropped, 0);
-      if (oc.kept.size(0) == 0) {
-        if (in.kept.size(0) > 0) gx.index_fill_(0, in.kept, 0);
-        continue;
-      }
+      at::Tensor gx = grad_x.narrow(0, n, 1);
+      if (oc.kept.size(0) == 0 || in.kept.size(0) == 0) gx.zero_();
+      if (oc.kept.size(0) == 0) continue;
       at::Tensor gy = grad.narrow(0, n, 1);
-      if (!oc.all()) gy = gy.index_select(1, oc.kept);
+      if (!oc.all()) gy = gather_channels(gy, oc.kept);
       grad_b[t].index_add_(0, oc.kept, gy.sum({0, 2, 3}).to(acc.dtype()));
       if (in.kept.size(0) == 0) continue;
       const Problem p = problem_of(x, weight, n, in, oc);
       auto [gxs, gws, unused] = at::convolution_backward(
           gy.contiguous(p.x.suggest_memory_format()), p.x, p.weight, std::nullopt, g.stride,
           g.padding, g.dilation, false, {0, 0}, 1, {true, true, false});
-      if (in.all()) gx.copy_(gxs.select(0, 0));
-      else gx.index_copy_(0, in.kept, gxs.select(0, 0));
+      move_channels(gxs, gx, in.position.data());
       grad_w[t].index_put_({oc.kept.view({-1, 1}), in.kept.view({1, -1})}, gws.to(acc.dtype()),
                            /*accumulate=*/true);
     }
@@ -167,6 +253,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_conv2d_backward_cpu(
 TORCH_LIBRARY_IMPL(pyprune, CPU, m) {
   m.impl("masked_conv2d", &masked_conv2d_cpu);
   m.impl("_masked_conv2d_backward", &masked_conv2d_backward_cpu);
+  m.impl("_scatter_channels", &scatter_channels_cpu);
 }
 
 }  // namespace pyprune

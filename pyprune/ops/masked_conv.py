@@ -43,6 +43,12 @@ def _masked_conv2d_backward_fake(grad, x, weight, stride, padding, dilation, gro
             weight.new_empty((weight.shape[0],)))
 
 
+@torch.library.register_fake("pyprune::_scatter_channels")
+def _scatter_channels_fake(y, index, channels):
+    return y.new_empty((y.shape[0], channels, y.shape[2], y.shape[3])).contiguous(
+        memory_format=torch._prims_common.suggest_memory_format(y))
+
+
 # The Triton launchers, opaque to the compiler (see SPEC section 3 on TRITON_INTERPRET).
 @torch.library.custom_op("pyprune::masked_conv2d_triton", mutates_args=())
 def _masked_conv2d_triton(

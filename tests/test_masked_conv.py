@@ -1,0 +1,419 @@
+"""Masked convolution on every backend against pyprune.reference (float64): static, per-sample
+and mixed channel masks, weight masks, soft masks, gradients, opcheck, compile, bad input, the
+modules MaskedConv2d and ChannelGate."""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pyprune
+from pyprune import reference
+from pyprune.nn import ChannelGate, MaskedConv2d
+from pyprune.ops.masked_conv import _OPS
+
+from .conftest import TOLERANCES, compile_and_backward, dtypes_for
+
+# (N, C_in, C_out, H, W, kernel, stride, padding, dilation, groups): odd and power-of-2 sizes.
+GEOMETRIES = [
+    (3, 5, 7, 9, 6, 3, 1, 1, 1, 1),
+    (2, 8, 16, 8, 8, 3, 2, 1, 1, 1),
+    (2, 6, 4, 7, 11, 5, 1, 2, 2, 1),
+    (3, 4, 6, 5, 5, 1, 1, 0, 1, 1),
+    (2, 6, 9, 6, 7, 3, 1, 1, 1, 3),
+    (2, 4, 4, 6, 6, 3, 1, 1, 1, 4),
+]
+# Channel-mask kinds: None, all kept, all masked, static random, per-sample random (one sample
+# with nothing kept), and per-sample all kept.
+KINDS = ["none", "all", "nothing", "static", "sample", "sample_all"]
+
+
+def _mask(kind: str, n: int, c: int, gen: torch.Generator, device) -> torch.Tensor | None:
+    if kind == "none":
+        return None
+    if kind == "all":
+        m = torch.ones(c, dtype=torch.bool)
+    elif kind == "nothing":
+        m = torch.zeros(c, dtype=torch.bool)
+    elif kind == "static":
+        m = torch.rand(c, generator=gen) < 0.5
+    elif kind == "sample_all":
+        m = torch.ones(n, c, dtype=torch.bool)
+    else:
+        m = torch.rand(n, c, generator=gen) < 0.5
+        m[0] = False
+    return m.to(device)
+
+
+def _inputs(geom, dtype, device, seed=0, bias=True):
+    n, cin, cout, h, w, k, *_, groups = geom
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, cin, h, w, generator=gen).to(dtype).to(device)
+    weight = torch.randn(cout, cin // groups, k, k, generator=gen).div(k).to(dtype).to(device)
+    b = torch.randn(cout, generator=gen).to(dtype).to(device) if bias else None
+    return x, weight, b, gen
+
+
+def _conv_args(geom):
+    *_, stride, padding, dilation, groups = geom
+    return stride, padding, dilation, groups
+
+
+def _expected(x, weight, bias, geom, **masks):
+    d = {k: (None if v is None else (v if v.dtype == torch.bool else v.double()))
+         for k, v in masks.items()}
+    y = reference.masked_conv2d(x.double(), weight.double(),
+                                None if bias is None else bias.double(), *_conv_args(geom), **d)
+    return y
+
+
+def _close(got, want, dtype, scale=1.0):
+    atol, rtol = TOLERANCES[dtype]
+    # A conv output sums C_in * k * k products: scale the float tolerance with it.
+    torch.testing.assert_close(got.double(), want, atol=atol * scale, rtol=rtol * scale)
+
+
+def _cases(device_backend, quick):
+    device, backend = device_backend
+    geoms = GEOMETRIES[:3] if quick else GEOMETRIES
+    pairs = list(itertools.product(KINDS, KINDS))
+    if backend == "triton":  # the interpreter is slow: a spread of the pairs
+        pairs = pairs[::3]
+    return device, backend, geoms, pairs
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+def test_matches_reference(device_backend, layout):
+    device, backend, geoms, pairs = _cases(device_backend, quick=layout != "contiguous")
+    for dtype in dtypes_for(backend):
+        for gi, geom in enumerate(geoms):
+            x, weight, bias, gen = _inputs(geom, dtype, device, seed=gi)
+            if layout == "channels_last":
+                x = x.contiguous(memory_format=torch.channels_last)
+            elif layout == "strided":
+                x = torch.cat([x, x], dim=3)[..., ::2]
+            n, cin, cout = geom[:3]
+            for ki, ko in pairs:
+                masks = dict(in_mask=_mask(ki, n, cin, gen, device),
+                             out_mask=_mask(ko, n, cout, gen, device))
+                got = pyprune.masked_conv2d(x, weight, bias, *_conv_args(geom), **masks)
+                want = _expected(x, weight, bias, geom, **masks)
+                assert got.shape == want.shape and got.dtype == dtype
+                _close(got, want, dtype, scale=4.0)
+                if masks["out_mask"] is not None:  # masked outputs are exactly zero
+                    om = masks["out_mask"]
+                    om = om.view(1, -1) if om.dim() == 1 else om
+                    assert (got.transpose(0, 1)[~om.T.expand(cout, n)] == 0).all()
+                if layout == "channels_last" and geom[-1] == 1 and backend != "reference":
+                    assert got.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_masked_input_channels_do_not_leak(device_backend):
+    """inf and NaN in a masked input channel take no part: the mask is structural."""
+    device, backend = device_backend
+    geom = GEOMETRIES[0]
+    x, weight, bias, gen = _inputs(geom, torch.float32, device)
+    x[:, 1] = float("inf")
+    x[1, 3] = float("nan")
+    static = torch.ones(5, dtype=torch.bool, device=device)
+    static[1] = static[3] = False
+    per_sample = torch.ones(3, 5, dtype=torch.bool, device=device)
+    per_sample[:, 1] = False
+    per_sample[1, 3] = False
+    for in_mask in (static, per_sample):
+        for out_mask in (None, _mask("sample", 3, 7, gen, device)):
+            got = pyprune.masked_conv2d(x, weight, bias, 1, 1, in_mask=in_mask, out_mask=out_mask)
+            assert torch.isfinite(got).all()
+            _close(got, _expected(x, weight, bias, geom, in_mask=in_mask, out_mask=out_mask),
+                   torch.float32, scale=4.0)
+
+
+@pytest.mark.parametrize("soft", ["in_static", "in_sample", "out_static", "out_sample", "weight",
+                                  "weight_bool"])
+def test_soft_and_weight_masks(device_backend, soft):
+    device, backend = device_backend
+    for geom in (GEOMETRIES[0], GEOMETRIES[4]):
+        n, cin, cout = geom[:3]
+        dtype = torch.float32
+        x, weight, bias, gen = _inputs(geom, dtype, device)
+        masks = {}
+        if soft == "in_static":
+            masks["in_mask"] = torch.rand(cin, generator=gen).to(device)
+        elif soft == "in_sample":
+            masks["in_mask"] = torch.rand(n, cin, generator=gen).to(device)
+        elif soft == "out_static":
+            masks["out_mask"] = torch.rand(cout, generator=gen).to(device)
+        elif soft == "out_sample":
+            masks["out_mask"] = torch.rand(n, cout, generator=gen).to(device)
+        elif soft == "weight":
+            masks["weight_mask"] = torch.rand(weight.shape, generator=gen).to(device)
+        else:
+            masks["weight_mask"] = (torch.rand(weight.shape, generator=gen) < 0.5).to(device)
+        # a bool channel mask alongside the soft one
+        masks.setdefault("out_mask", _mask("sample", n, cout, gen, device))
+        got = pyprune.masked_conv2d(x, weight, bias, *_conv_args(geom), **masks)
+        _close(got, _expected(x, weight, bias, geom, **masks), dtype, scale=4.0)
+
+
+@pytest.mark.parametrize("kinds", [("none", "none"), ("static", "static"), ("sample", "sample"),
+                                   ("static", "sample"), ("sample", "nothing"),
+                                   ("nothing", "static")], ids=str)
+def test_gradients(device_backend, kinds):
+    """Gradients of x, weight and bias against the reference's autograd, in float64 where the
+    backend has it (float32 otherwise); bool masks get none."""
+    device, backend = device_backend
+    dtype = torch.float64 if torch.float64 in dtypes_for(backend) else torch.float32
+    for geom in (GEOMETRIES[0], GEOMETRIES[2], GEOMETRIES[4]):
+        x, weight, bias, gen = _inputs(geom, dtype, device)
+        n, cin, cout = geom[:3]
+        masks = dict(in_mask=_mask(kinds[0], n, cin, gen, device),
+                     out_mask=_mask(kinds[1], n, cout, gen, device))
+        leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
+        got = pyprune.masked_conv2d(*leaves, *_conv_args(geom), **masks)
+        grad = torch.randn(got.shape, generator=gen).to(dtype).to(device)
+        grads = torch.autograd.grad(got, leaves, grad)
+        ref = [t.detach().double().requires_grad_() for t in (x, weight, bias)]
+        want = reference.masked_conv2d(*ref, *_conv_args(geom), **masks)
+        wants = torch.autograd.grad(want, ref, grad.double())
+        for g, w in zip(grads, wants):
+            _close(g, w, dtype, scale=8.0)
+
+
+def test_soft_mask_gradients(device_backend):
+    device, backend = device_backend
+    dtype = torch.float64 if torch.float64 in dtypes_for(backend) else torch.float32
+    geom = GEOMETRIES[0]
+    n, cin, cout = geom[:3]
+    x, weight, bias, gen = _inputs(geom, dtype, device)
+    for in_shape, out_shape in [((cin,), (cout,)), ((n, cin), (n, cout))]:
+        m_in = torch.rand(in_shape, generator=gen).to(dtype).to(device)
+        m_out = torch.rand(out_shape, generator=gen).to(dtype).to(device)
+        m_w = torch.rand(weight.shape, generator=gen).to(dtype).to(device)
+        leaves = [t.clone().requires_grad_() for t in (x, weight, bias, m_in, m_out, m_w)]
+        got = pyprune.masked_conv2d(*leaves[:3], *_conv_args(geom), in_mask=leaves[3],
+                                    out_mask=leaves[4], weight_mask=leaves[5])
+        grad = torch.randn(got.shape, generator=gen).to(dtype).to(device)
+        grads = torch.autograd.grad(got, leaves, grad)
+        ref = [t.detach().double().requires_grad_() for t in leaves]
+        want = reference.masked_conv2d(*ref[:3], *_conv_args(geom), in_mask=ref[3],
+                                       out_mask=ref[4], weight_mask=ref[5])
+        for g, w in zip(grads, torch.autograd.grad(want, ref, grad.double())):
+            _close(g, w, dtype, scale=8.0)
+
+
+def test_gradcheck(device_backend):
+    device, backend = device_backend
+    if torch.float64 not in dtypes_for(backend):
+        pytest.skip(f"{backend} has no float64")
+    geom = (2, 3, 4, 5, 4, 3, 1, 1, 1, 1)
+    x, weight, bias, gen = _inputs(geom, torch.float64, device)
+    for kinds in (("static", "static"), ("sample", "sample")):
+        masks = dict(in_mask=_mask(kinds[0], 2, 3, gen, device),
+                     out_mask=_mask(kinds[1], 2, 4, gen, device))
+        masks["in_mask"][..., 0] = True
+        leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
+        assert torch.autograd.gradcheck(
+            lambda a, b, c: pyprune.masked_conv2d(a, b, c, 1, 1, **masks), leaves)
+
+
+def test_opcheck(device_backend):
+    device, backend = device_backend
+    if backend == "reference":
+        pytest.skip("the reference is plain eager PyTorch")
+    fwd, bwd = _OPS[backend]
+    geom = GEOMETRIES[0]
+    x, weight, bias, gen = _inputs(geom, torch.float32, device)
+    for kinds in (("static", "sample"), ("none", "static"), ("sample", "none")):
+        im, om = _mask(kinds[0], 3, 5, gen, device), _mask(kinds[1], 3, 7, gen, device)
+        args = (x.clone().requires_grad_(), weight.clone().requires_grad_(),
+                bias.clone().requires_grad_(), [1, 1], [1, 1], [1, 1], 1, im, om)
+        torch.library.opcheck(fwd, args)
+        out = fwd(x, weight, bias, [1, 1], [1, 1], [1, 1], 1, im, om)
+        torch.library.opcheck(bwd, (torch.randn_like(out), x, weight, [1, 1], [1, 1], [1, 1], 1,
+                                    im, om))
+    if backend == "cpu":
+        y = torch.randn(2, 3, 4, 5)
+        torch.library.opcheck(torch.ops.pyprune._scatter_channels.default,
+                              (y, torch.tensor([4, 0, 2]), 6))
+
+
+def test_scatter_channels():
+    y = torch.randn(2, 3, 4, 5)
+    idx = torch.tensor([4, 0, 2])
+    for t in (y, y.contiguous(memory_format=torch.channels_last)):
+        out = torch.ops.pyprune._scatter_channels(t, idx, 6)
+        want = torch.zeros(2, 6, 4, 5)
+        want[:, idx] = y
+        assert torch.equal(out, want)
+    with pytest.raises(RuntimeError, match="index out of range"):
+        torch.ops.pyprune._scatter_channels(y, torch.tensor([0, 1, 6]), 6)
+
+
+class _Net(torch.nn.Module):
+    def __init__(self, gate: bool):
+        super().__init__()
+        self.conv1 = MaskedConv2d(3, 8, 3, padding=1)
+        self.conv1.out_mask = torch.tensor([True, False] * 4)
+        self.conv2 = MaskedConv2d(8, 8, 3, padding="same", bias=False)
+        self.conv2.in_mask = torch.rand(8) < 2.0  # all kept, float values ignored: bool mask
+        self.gate = ChannelGate(8, 8, 0.5) if gate else None
+        self.fc = torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = F.relu(self.conv1(x))
+        if self.gate is not None:
+            mask, scale = self.gate(x)
+            self.conv2.out_mask = None
+            x = pyprune.masked_conv2d(x, self.conv2.weight, None, 1, 1, out_mask=mask) * scale[:, :, None, None]
+        else:
+            x = self.conv2(x)
+        return self.fc(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("gate", [False, True], ids=["static", "gated"])
+def test_compile_fullgraph(device_backend, gate):
+    device, backend = device_backend
+    torch.manual_seed(0)
+    model = _Net(gate).to(device)
+    x = torch.randn(4, 3, 8, 8, device=device)
+    eager = model(x)
+    out = compile_and_backward(model, x)
+    torch.testing.assert_close(out, eager, atol=1e-4, rtol=1e-4)
+
+
+# (kwargs, error, message)
+BAD = [
+    (dict(x=torch.randn(3, 5, 9)), ValueError, "x must be 4-D"),
+    (dict(x=torch.ones(3, 5, 9, 6, dtype=torch.int64)), TypeError, "x must have a floating dtype"),
+    (dict(weight=torch.randn(7, 4, 3, 3)), ValueError, "expects 4 input channels, x has 5"),
+    (dict(weight=torch.randn(7, 5, 3, 3, dtype=torch.float64)), TypeError, "weight must have x's dtype"),
+    (dict(bias=torch.randn(6)), ValueError, r"bias must have shape \(7,\)"),
+    (dict(in_mask=torch.ones(4, dtype=torch.bool)), ValueError, r"in_mask must have shape \(5,\) or \(3, 5\)"),
+    (dict(out_mask=torch.ones(2, 7, dtype=torch.bool)), ValueError, r"out_mask must have shape \(7,\) or \(3, 7\)"),
+    (dict(out_mask=torch.ones(7, dtype=torch.int64)), TypeError, "out_mask must be bool"),
+    (dict(in_mask=[True] * 5), TypeError, "in_mask must be a torch.Tensor"),
+    (dict(weight_mask=torch.ones(7, 5, 3, 1, dtype=torch.bool)), ValueError, "weight_mask must have weight's shape"),
+    (dict(groups=2), ValueError, "groups must be >= 1 and divide"),
+    (dict(stride=0), ValueError, "stride must be >= 1"),
+    (dict(padding=-1), ValueError, "padding must be >= 0"),
+    (dict(padding="full"), ValueError, "padding must be one of"),
+    (dict(padding="same", stride=2), ValueError, "padding='same' needs stride 1"),
+    (dict(dilation=(1, 2, 3)), TypeError, "dilation must be an int or a pair"),
+    (dict(x=torch.randn(3, 5, 2, 2), padding=0), ValueError, "smaller than the dilated kernel"),
+]
+
+
+@pytest.mark.parametrize("case", range(len(BAD)))
+def test_bad_input(device_backend, case):
+    device, _ = device_backend
+    kwargs, error, message = BAD[case]
+    args = dict(x=torch.randn(3, 5, 9, 6), weight=torch.randn(7, 5, 3, 3), bias=None, padding=1)
+    args.update(kwargs)
+    args = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+    with pytest.raises(error, match=message):
+        pyprune.masked_conv2d(**args)
+
+
+def test_masks_on_another_device():
+    if not torch.cuda.is_available():
+        x = torch.randn(2, 3, 5, 5)
+        mask = torch.ones(4, dtype=torch.bool, device="meta")
+        with pytest.raises(ValueError, match="tensors must be on one device"):
+            pyprune.masked_conv2d(x, torch.randn(4, 3, 3, 3), out_mask=mask)
+    else:
+        x = torch.randn(2, 3, 5, 5, device="cuda")
+        with pytest.raises(ValueError, match="tensors must be on one device"):
+            pyprune.masked_conv2d(x, torch.randn(4, 3, 3, 3, device="cuda"),
+                                  out_mask=torch.ones(4, dtype=torch.bool))
+
+
+def test_empty_batch(device_backend):
+    device, _ = device_backend
+    x = torch.randn(0, 5, 9, 6, device=device)
+    w = torch.randn(7, 5, 3, 3, device=device)
+    y = pyprune.masked_conv2d(x, w, padding=1, out_mask=torch.ones(0, 7, dtype=torch.bool,
+                                                                  device=device))
+    assert y.shape == (0, 7, 9, 6)
+
+
+# ---------------------------------------------------------------- MaskedConv2d, ChannelGate
+
+
+@pytest.mark.parametrize("conv_args", [
+    dict(in_channels=6, out_channels=8, kernel_size=3, stride=2, padding=1, bias=True),
+    dict(in_channels=6, out_channels=9, kernel_size=(3, 2), padding="same", dilation=2, bias=False),
+    dict(in_channels=6, out_channels=6, kernel_size=3, padding=1, groups=3),
+    dict(in_channels=6, out_channels=8, kernel_size=3, padding=1, padding_mode="reflect"),
+], ids=["stride", "same", "groups", "reflect"])
+def test_module_from_conv(conv_args):
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(**conv_args)
+    m = MaskedConv2d.from_conv(conv)
+    assert m.weight is conv.weight and m.bias is conv.bias
+    x = torch.randn(3, 6, 9, 7)
+    torch.testing.assert_close(m(x), conv(x))
+    cout = conv.out_channels
+    out_mask = torch.arange(cout) % 3 != 1
+    in_mask = torch.tensor([True, False, True, True, False, True])
+    m.set_masks(in_mask=in_mask, out_mask=out_mask)
+    want = conv(x * in_mask.view(1, -1, 1, 1)) * out_mask.view(1, -1, 1, 1)
+    torch.testing.assert_close(m(x), want, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # the cached path
+        torch.testing.assert_close(m(x), want, atol=1e-5, rtol=1e-5)
+    # state_dict round trip into a fresh module
+    fresh = MaskedConv2d(**conv_args)
+    fresh.load_state_dict(m.state_dict())
+    assert torch.equal(fresh.out_mask, out_mask) and torch.equal(fresh.in_mask, in_mask)
+    torch.testing.assert_close(fresh(x), want, atol=1e-5, rtol=1e-5)
+
+
+def test_module_cache_follows_changes():
+    torch.manual_seed(0)
+    m = MaskedConv2d(4, 6, 3, padding=1)
+    m.out_mask = torch.tensor([True, False, True, True, False, True])
+    x = torch.randn(2, 4, 5, 5)
+
+    def want():
+        return reference.masked_conv2d(x, m.weight, m.bias, 1, 1, out_mask=m.out_mask)
+
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), want())
+        key = m._cache[0]
+        m(x)
+        assert m._cache[0] == key  # reused
+        m.weight.mul_(2)  # in-place change of the weight
+        torch.testing.assert_close(m(x), want())
+        m.out_mask[1] = True  # in-place change of the mask
+        torch.testing.assert_close(m(x), want())
+        m.out_mask = torch.tensor([False] * 6)  # nothing kept
+        assert torch.equal(m(x), torch.zeros(2, 6, 5, 5))
+    assert m._cache[0] != key
+
+
+def test_module_training_gets_gradients():
+    m = MaskedConv2d(4, 6, 3, padding=1)
+    m.out_mask = torch.tensor([True, False, True, True, False, True])
+    m(torch.randn(2, 4, 5, 5)).sum().backward()
+    assert m.weight.grad is not None
+    assert (m.weight.grad[1] == 0).all() and (m.weight.grad[0] != 0).any()
+    assert m.bias.grad[1] == 0
+
+
+def test_channel_gate():
+    torch.manual_seed(0)
+    gate = ChannelGate(6, 10, keep_ratio=0.3)
+    x = torch.randn(4, 6, 5, 5)
+    mask, scale = gate(x)
+    assert mask.shape == (4, 10) and mask.dtype == torch.bool
+    saliency = F.relu(gate.fc(x.abs().mean((2, 3))))
+    kth = saliency.topk(3, dim=1).values[:, -1:]
+    assert torch.equal(mask, (saliency >= kth) & (saliency != 0))
+    assert torch.equal(scale, torch.where(mask, saliency, torch.zeros(())))
+    scale.sum().backward()
+    assert gate.fc.weight.grad is not None
+    with pytest.raises(ValueError, match="keep_ratio must be in"):
+        ChannelGate(6, 10, keep_ratio=0.0)
+    with pytest.raises(ValueError, match="x must have 6 channels"):
+        gate(torch.randn(2, 5, 3, 3))
