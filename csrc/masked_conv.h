@@ -90,8 +90,8 @@ inline at::Tensor dense_forward(const at::Tensor& x, const at::Tensor& weight,
                                 const std::optional<at::Tensor>& bias, const Geometry& g,
                                 const std::optional<at::Tensor>& in_mask,
                                 const std::optional<at::Tensor>& out_mask) {
-  at::Tensor y = at::convolution(where(channel_view(in_mask), x), weight, bias, g.stride, g.padding,
-                                 g.dilation, false, {0, 0}, g.groups);
+  at::Tensor y = at::conv2d(where(channel_view(in_mask), x), weight, bias, g.stride, g.padding,
+                            g.dilation, g.groups);
   return where(channel_view(out_mask), y);
 }
 
@@ -149,8 +149,8 @@ std::pair<at::Tensor, at::Tensor> static_conv(const at::Tensor& x, const at::Ten
     else y.zero_();
     return {y, out_idx};
   }
-  at::Tensor y = at::convolution(xs.contiguous(format), w.contiguous(), b, g.stride, g.padding,
-                                 g.dilation, false, {0, 0}, 1);
+  at::Tensor y = at::conv2d(xs.contiguous(format), w.contiguous(), b, g.stride, g.padding,
+                            g.dilation, 1);
   return {y.contiguous(format), out_idx};
 }
 

@@ -187,7 +187,7 @@ at::Tensor masked_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight,
                           : at::zeros({1, k_out, g.h_out, g.w_out}, x.options());
       } else {
         const Problem p = problem_of(x, weight, n, in, oc);
-        y = at::convolution(p.x, p.weight, b, g.stride, g.padding, g.dilation, false, {0, 0}, 1);
+        y = at::conv2d(p.x, p.weight, b, g.stride, g.padding, g.dilation, 1);
       }
       move_channels(y, o, oc.position.data());
     }
