@@ -198,7 +198,7 @@ def build_step(
         return Step(forward, nbytes)
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    args = [t.detach().requires_grad_(i in wrt) for i, t in enumerate(inputs)]
+    args = [t if t is None else t.detach().requires_grad_(i in wrt) for i, t in enumerate(inputs)]
     targets = [args[i] for i in wrt]
 
     def outputs() -> list[Tensor]:

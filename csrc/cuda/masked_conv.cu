@@ -74,8 +74,8 @@ static_assert(kTileK * kTileP == kTileM * kTileK && kLoads == 4, "thread-to-load
 template <typename scalar_t>
 struct Params {
   const scalar_t* __restrict__ x;     // (N, C_in, H, W) contiguous
-  const scalar_t* __restrict__ w;     // (C_out, C_in, KH, KW) contiguous
-  const scalar_t* __restrict__ b;     // (C_out,) or nullptr
+  const scalar_t* __restrict__ weight;  // (C_out, C_in, KH, KW) contiguous
+  const scalar_t* __restrict__ bias;    // (C_out,) or nullptr
   scalar_t* __restrict__ out;         // (N, C_out, H_out, W_out) contiguous
   const bool* __restrict__ in_mask;   // nullptr: all kept; else [n * in_s0 + c * in_s1]
   const bool* __restrict__ out_mask;  // nullptr: all kept; else [n * out_s0 + c * out_s1]
@@ -138,8 +138,8 @@ __global__ void __launch_bounds__(kThreads) masked_conv2d_kernel(const Params<sc
   const int ty = tid / (kTileP / kMicro), tx = tid % (kTileP / kMicro);
 
   // Input coordinates of this thread's staged pixels at kh = kw = 0; a pixel past the end gets
-  // a row far below 0 (|pad|, |dilation * (k - 1)| < 2^30, checked on the host), so the
-  // unsigned bounds test rejects it like padding.
+  // the row -2^30, which stays negative after adding dilation * kh < 2^29 (checked on the host),
+  // so the unsigned bounds test rejects it like padding.
   int ih0[kLoads], iw0[kLoads];
 #pragma unroll
   for (int j = 0; j < kLoads; ++j) {
@@ -227,7 +227,8 @@ __global__ void __launch_bounds__(kThreads) masked_conv2d_kernel(const Params<sc
         const int64_t a_off = a_ok ? static_cast<int64_t>(in_ch[a_c]) * p.khw + a_r : 0;
 #pragma unroll
         for (int i = 0; i < kLoads; ++i) {
-          a_reg[i] = a_ok && w_row[i] >= 0 ? static_cast<acc_t>(p.w[w_row[i] + a_off]) : acc_t(0);
+          a_reg[i] = a_ok && w_row[i] >= 0 ? static_cast<acc_t>(p.weight[w_row[i] + a_off])
+                                           : acc_t(0);
         }
         const bool b_ok = b_c < kept;
         const scalar_t* x_c = x_n + (b_ok ? in_ch[b_c] * hw : 0);
@@ -290,7 +291,7 @@ __global__ void __launch_bounds__(kThreads) masked_conv2d_kernel(const Params<sc
       const int m = ty * kMicro + i;
       if (m >= rows) continue;
       const int c = out_ch[m];
-      const acc_t bias = p.b != nullptr ? static_cast<acc_t>(p.b[c]) : acc_t(0);
+      const acc_t bias = p.bias != nullptr ? static_cast<acc_t>(p.bias[c]) : acc_t(0);
       scalar_t* row = out_n + static_cast<int64_t>(c) * p.pixels;
 #pragma unroll
       for (int j = 0; j < kMicro; ++j) {
@@ -320,16 +321,22 @@ void check_operands(const at::Tensor& x, const at::Tensor& weight,
   masked_conv::check_mask(out_mask, g.n, g.c_out, x, "out_mask");
 }
 
-// Mask pointer and (sample, channel) strides; a (C,) mask repeats over the samples.
-void mask_args(const std::optional<at::Tensor>& mask, const bool*& ptr, int64_t& s0, int64_t& s1) {
-  ptr = nullptr, s0 = 0, s1 = 0;
-  if (!mask.has_value()) return;
-  ptr = mask->const_data_ptr<bool>();
+struct MaskArgs {
+  const bool* ptr = nullptr;  // nullptr: all kept
+  int64_t sample_stride = 0, channel_stride = 0;
+};
+
+// A (C,) mask repeats over the samples (sample stride 0).
+MaskArgs mask_args(const std::optional<at::Tensor>& mask) {
+  MaskArgs a;
+  if (!mask.has_value()) return a;
+  a.ptr = mask->const_data_ptr<bool>();
   if (mask->dim() == 1) {
-    s1 = mask->stride(0);
+    a.channel_stride = mask->stride(0);
   } else {
-    s0 = mask->stride(0), s1 = mask->stride(1);
+    a.sample_stride = mask->stride(0), a.channel_stride = mask->stride(1);
   }
+  return a;
 }
 
 at::Tensor per_sample_forward(const at::Tensor& x, const at::Tensor& weight,
@@ -342,7 +349,7 @@ at::Tensor per_sample_forward(const at::Tensor& x, const at::Tensor& weight,
   }
   // 32-bit index math inside a sample; offsets between samples and channels are 64-bit.
   const int64_t pixels = g.h_out * g.w_out;
-  TORCH_CHECK(g.h * g.w <= kIntMax && pixels <= kIntMax && g.c_in <= kIntMax &&
+  TORCH_CHECK(g.h * g.w <= kIntMax && pixels <= kIntMax - kTileP && g.c_in <= kIntMax &&
                   g.c_out <= kIntMax && g.kh * g.kw <= (1 << 20),
               "masked_conv2d (cuda): per-sample masks support at most 2^31 - 1 pixels and "
               "channels per sample and 2^20 kernel positions");
@@ -360,6 +367,7 @@ at::Tensor per_sample_forward(const at::Tensor& x, const at::Tensor& weight,
   const at::Tensor xc = x.contiguous();
   const at::Tensor wc = weight.contiguous();
   const at::Tensor bc = bias.has_value() ? bias->contiguous() : at::Tensor();
+  const MaskArgs in_m = mask_args(in_mask), out_m = mask_args(out_mask);
   at::Tensor out = at::empty({g.n, g.c_out, g.h_out, g.w_out}, x.options());
 
   const dim3 grid(static_cast<unsigned>((pixels + kTileP - 1) / kTileP),
@@ -370,11 +378,11 @@ at::Tensor per_sample_forward(const at::Tensor& x, const at::Tensor& weight,
                                   [&] {
     Params<scalar_t> p{};
     p.x = xc.const_data_ptr<scalar_t>();
-    p.w = wc.const_data_ptr<scalar_t>();
-    p.b = bc.defined() ? bc.const_data_ptr<scalar_t>() : nullptr;
+    p.weight = wc.const_data_ptr<scalar_t>();
+    p.bias = bc.defined() ? bc.const_data_ptr<scalar_t>() : nullptr;
     p.out = out.mutable_data_ptr<scalar_t>();
-    mask_args(in_mask, p.in_mask, p.in_s0, p.in_s1);
-    mask_args(out_mask, p.out_mask, p.out_s0, p.out_s1);
+    p.in_mask = in_m.ptr, p.in_s0 = in_m.sample_stride, p.in_s1 = in_m.channel_stride;
+    p.out_mask = out_m.ptr, p.out_s0 = out_m.sample_stride, p.out_s1 = out_m.channel_stride;
     p.n = g.n;
     p.c_in = static_cast<int>(g.c_in);
     p.h = static_cast<int>(g.h);
@@ -438,6 +446,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_conv2d_backward_cuda(
 TORCH_LIBRARY_IMPL(pyprune, CUDA, m) {
   m.impl("masked_conv2d", &masked_conv2d_cuda);
   m.impl("_masked_conv2d_backward", &masked_conv2d_backward_cuda);
+  m.impl("_scatter_channels", &masked_conv::scatter_channels);
 }
 
 }  // namespace pyprune

@@ -1,0 +1,209 @@
+"""compact(): a smaller dense model without the channels that hard masks make exactly zero."""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, fx, nn
+
+from . import _graph
+from .nn import ChipMask, MaskedConv2d
+
+
+@dataclass(frozen=True)
+class Counts:
+    """Parameters and forward FLOPs per sample (2 per multiply-add of convs and linears)."""
+
+    params: int
+    flops: int
+
+
+@dataclass(frozen=True)
+class CompactReport:
+    before: Counts
+    after: Counts
+
+    def __str__(self) -> str:
+        return (f"params {self.before.params:,} -> {self.after.params:,} "
+                f"({self.after.params / max(self.before.params, 1):.1%}), "
+                f"FLOPs {self.before.flops:,} -> {self.after.flops:,} "
+                f"({self.after.flops / max(self.before.flops, 1):.1%})")
+
+
+def count(model: nn.Module, example_input: Tensor) -> Counts:
+    """Parameters and per-sample forward FLOPs of model on example_input (convs and linears;
+    the FLOPs of a masked convolution are those of the work its masks leave)."""
+    flops = 0
+
+    def hook(m, args, out):
+        nonlocal flops
+        if isinstance(m, nn.Conv2d):
+            cin, cout = m.in_channels, m.out_channels
+            if isinstance(m, MaskedConv2d):
+                if m.in_mask is not None and m.in_mask.dtype == torch.bool:
+                    cin = float(m.in_mask.float().sum(-1).mean())
+                if m.out_mask is not None and m.out_mask.dtype == torch.bool:
+                    cout = float(m.out_mask.float().sum(-1).mean())
+            k = m.kernel_size[0] * m.kernel_size[1]
+            flops += int(2 * cin / m.groups * k * cout * out.shape[2] * out.shape[3])
+        elif isinstance(m, nn.Linear):
+            flops += 2 * m.in_features * m.out_features
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()
+               if isinstance(m, (nn.Conv2d, nn.Linear))]
+    try:
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            model(example_input[:1])
+        model.train(was_training)
+    finally:
+        for h in handles:
+            h.remove()
+    return Counts(sum(p.numel() for p in model.parameters()), flops)
+
+
+def _hard_mask(m: ChipMask) -> Tensor:
+    return m.hard_mask.float() if m.pruned else torch.ones(m.num_channels)
+
+
+class _ChannelMask(nn.Module):
+    """What is left of a hard mask that compaction could not fold into a BatchNorm."""
+
+    def __init__(self, keep: Tensor) -> None:
+        super().__init__()
+        self.register_buffer("keep", keep.clone())
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        return torch.where(self.keep.view(shape), x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def _conv_weight(m: nn.Conv2d) -> tuple[Tensor, Tensor | None]:
+    """The weight and bias with a MaskedConv2d's static masks applied (masked entries 0)."""
+    w = m.weight.detach().clone()
+    b = None if m.bias is None else m.bias.detach().clone()
+    if not isinstance(m, MaskedConv2d):
+        return w, b
+    zero = torch.zeros((), dtype=w.dtype, device=w.device)
+    if m.weight_mask is not None:
+        w = torch.where(m.weight_mask, w, zero) if m.weight_mask.dtype == torch.bool else w * m.weight_mask
+    if m.in_mask is not None:
+        shape = (m.groups, 1, m.in_channels // m.groups, 1, 1)
+        im = m.in_mask.view(shape)
+        w = w.view(m.groups, m.out_channels // m.groups, *w.shape[1:])
+        w = (torch.where(im, w, zero) if im.dtype == torch.bool else w * im).view(m.weight.shape)
+    if m.out_mask is not None:
+        om = m.out_mask.view(-1, 1, 1, 1)
+        w = torch.where(om, w, zero) if om.dtype == torch.bool else w * om
+        if b is not None:
+            b = torch.where(m.out_mask, b, zero) if m.out_mask.dtype == torch.bool else b * m.out_mask
+    return w, b
+
+
+def _index(keep: Tensor) -> Tensor:
+    idx = keep.nonzero().view(-1)
+    return idx if idx.numel() > 0 else torch.zeros(1, dtype=torch.long)  # keep one channel
+
+
+def _new_conv(m: nn.Conv2d, in_idx: Tensor, out_idx: Tensor, depthwise: bool) -> nn.Conv2d:
+    w, b = _conv_weight(m)
+    groups = len(out_idx) if depthwise else 1
+    new = nn.Conv2d(len(in_idx), len(out_idx), m.kernel_size, m.stride, m.padding, m.dilation,
+                    groups, b is not None, m.padding_mode, device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        new.weight.copy_(w[out_idx] if depthwise else w[out_idx][:, in_idx])
+        if b is not None:
+            new.bias.copy_(b[out_idx])
+    return new
+
+
+def _new_bn(m: nn.BatchNorm2d, idx: Tensor, scale: Tensor | None) -> nn.Module:
+    new = type(m)(len(idx), m.eps, m.momentum, m.affine, m.track_running_stats,
+                  device=m.weight.device if m.affine else None)
+    with torch.no_grad():
+        if m.affine:
+            new.weight.copy_(m.weight[idx])
+            new.bias.copy_(m.bias[idx])
+        if m.track_running_stats:
+            new.running_mean.copy_(m.running_mean[idx])
+            new.running_var.copy_(m.running_var[idx])
+            new.num_batches_tracked.copy_(m.num_batches_tracked)
+        if scale is not None:  # a following mask folded in: masked channels give exactly 0
+            if not m.affine:
+                return nn.Sequential(new, _ChannelMask(scale[idx] != 0))
+            s = scale[idx].to(new.weight.dtype)
+            new.weight.mul_(s)
+            new.bias.mul_(s)
+    return new
+
+
+def compact(model: nn.Module, example_input: Tensor) -> fx.GraphModule:
+    """A new, smaller dense model without the channels that hard masks make exactly zero.
+
+    Hard masks are pruned ``ChipMask``s (after a BatchNorm) and boolean static masks of
+    ``MaskedConv2d``. Channels are followed through sequential layers and residual additions (a
+    channel shared by a sum is kept unless every branch masks it), BatchNorm and the activations,
+    pooling, flatten and Linear; layers the tracer does not know keep all their channels. The
+    result (a ``torch.fx.GraphModule`` of plain Conv2d, BatchNorm2d and Linear layers, masks
+    folded into the BatchNorms) gives the masked model's eval-mode outputs.
+
+    The parameter and FLOP counts before and after are in ``result.compact_report``.
+
+    >>> small = pyprune.compact(model, torch.randn(1, 3, 32, 32))
+    >>> print(small.compact_report)   # params 11,173,962 -> 5,012,554 (44.9%), FLOPs ...
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(example_input, Tensor):
+        raise TypeError(f"example_input must be a torch.Tensor, got {type(example_input).__name__}")
+    before = count(model, example_input)
+    model = copy.deepcopy(model)
+    gm = _graph.trace(model, example_input)
+    flow = _graph.analyse(gm, _hard_mask)
+    modules = dict(gm.named_modules())
+    replaced: dict[str, nn.Module] = {}
+    for n in gm.graph.nodes:
+        if n.op != "call_module":
+            continue
+        m = modules[n.target]
+        k = _graph.kind(n, modules)
+        if k in ("conv", "depthwise"):
+            in_idx = _index(flow.kept(n.args[0]))
+            out_idx = _index(flow.kept(n))
+            replaced[n.target] = _new_conv(m, in_idx, out_idx, k == "depthwise")
+        elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)) and n in flow.alive:
+            users = list(n.users)
+            scale = None
+            if len(users) == 1 and users[0].op == "call_module" and isinstance(
+                    modules[users[0].target], ChipMask):
+                chip = modules[users[0].target]
+                scale = chip.hard_mask.float() if chip.pruned else chip.z().detach()
+                replaced[users[0].target] = nn.Identity()
+            replaced[n.target] = _new_bn(m, _index(flow.kept(n)), scale)
+        elif isinstance(m, ChipMask) and n.target not in replaced:
+            idx = _index(flow.kept(n))
+            if m.pruned:
+                replaced[n.target] = _ChannelMask(m.hard_mask[idx])
+            else:
+                raise ValueError(f"ChipMask {n.target!r} is not pruned and follows no "
+                                 "BatchNorm: call prune() first")
+        elif isinstance(m, nn.Linear):
+            src = n.args[0]
+            if src in flow.alive and _graph._linear_channels(src):
+                idx = _index(flow.kept(src))
+                new = nn.Linear(len(idx), m.out_features, m.bias is not None,
+                                device=m.weight.device, dtype=m.weight.dtype)
+                with torch.no_grad():
+                    new.weight.copy_(m.weight[:, idx])
+                    if m.bias is not None:
+                        new.bias.copy_(m.bias)
+                replaced[n.target] = new
+    for target, new in replaced.items():
+        parent, _, name = target.rpartition(".")
+        setattr(gm.get_submodule(parent) if parent else gm, name, new)
+    gm.recompile()
+    gm.eval()
+    gm.compact_report = CompactReport(before, count(gm, example_input))
+    return gm
