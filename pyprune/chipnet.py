@@ -108,14 +108,14 @@ def budget(model: nn.Module, kind: str = "channels", example_input: Optional[Ten
     return kept / total
 
 
-def budget_loss(model: nn.Module, budget_: float, kind: str = "channels",
+def budget_loss(model: nn.Module, budget: float, kind: str = "channels",
                 example_input: Optional[Tensor] = None) -> Tensor:
     """CHIPNet's budget loss (V(z) - budget)^2, V from ``pyprune.chipnet.budget``; budget in
     (0, 1] is the fraction of the cost to keep."""
-    value = _validate.real(budget_, "budget")
+    value = _validate.real(budget, "budget")
     if not 0.0 < value <= 1.0:
         raise ValueError(f"budget must be in (0, 1], got {value}")
-    return (budget(model, kind, example_input) - value) ** 2
+    return (pyprune_budget(model, kind, example_input) - value) ** 2
 
 
 def schedule(epoch: int, beta0: float = 1.0, gamma0: float = 2.0) -> tuple[float, float]:
@@ -194,7 +194,7 @@ def prune(
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            total += float(loss)
+            total += float(loss.detach())
             batches += 1
             correct += int((out.argmax(1) == y).sum())
             seen += len(y)

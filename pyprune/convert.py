@@ -1,0 +1,155 @@
+"""convert(): swap or insert pyprune layers in an existing model."""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from . import _validate
+from .nn import CAS, KWTA, SAP, ChipMask, MaskedConv2d
+
+Factory = Callable[[], nn.Module]
+_ACTIVATIONS: dict[str, Factory] = {
+    "kwta": lambda: KWTA(ratio=0.1),
+    "sap": lambda: SAP(ratio=1.0),
+}
+
+
+@dataclass
+class ConvertReport:
+    """What convert() did: (qualified name, old layer, new layer) per change."""
+
+    replaced: list[tuple[str, str, str]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.replaced)
+
+    def __str__(self) -> str:
+        if not self.replaced:
+            return "nothing replaced"
+        width = max(len(n) for n, _, _ in self.replaced)
+        return "\n".join(f"{n:<{width}}  {old} -> {new}" for n, old, new in self.replaced)
+
+
+class CASStage(nn.Module):
+    """A stage followed by CAS (see ``pyprune.nn.CAS``), for models whose forward takes x
+    alone: the label comes from ``pyprune.set_cas_label(model, label)`` before the
+    forward, and the logits are kept in ``.logits`` for ``pyprune.cas_loss`` (collect them with
+    ``pyprune.cas_logits(model)``)."""
+
+    def __init__(self, stage: nn.Module, cas: CAS) -> None:
+        super().__init__()
+        self.stage, self.cas = stage, cas
+        self.label: Optional[Tensor] = None
+        self.logits: Optional[Tensor] = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        out, self.logits = self.cas(self.stage(x), self.label if self.training else None)
+        return out
+
+
+def set_cas_label(model: nn.Module, label: Optional[Tensor]) -> None:
+    """Give every CASStage of the model the labels of the next training batch."""
+    for m in model.modules():
+        if isinstance(m, CASStage):
+            m.label = label
+
+
+def cas_logits(model: nn.Module) -> list[Tensor]:
+    """The logits of every CASStage from the last forward, in module order."""
+    return [m.logits for m in model.modules() if isinstance(m, CASStage) and m.logits is not None]
+
+
+def _out_channels(module: nn.Module) -> int:
+    """The channels a stage outputs: those of its last Conv2d / BatchNorm2d."""
+    last = None
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.BatchNorm2d)):
+            last = m
+    if last is None:
+        raise ValueError("cannot tell the output channels of a stage without Conv2d or BatchNorm2d")
+    return last.out_channels if isinstance(last, nn.Conv2d) else last.num_features
+
+
+def convert(
+    model: nn.Module,
+    *,
+    relu: Union[str, Factory, None] = None,
+    conv: bool = False,
+    chip_masks: bool = False,
+    cas: Iterable[str] = (),
+    num_classes: Optional[int] = None,
+    inplace: bool = False,
+) -> tuple[nn.Module, ConvertReport]:
+    """Swap layers of an existing model for pyprune's, or insert pyprune layers.
+
+    Args:
+        relu: every ``nn.ReLU`` module becomes ``relu()`` (a factory), or ``"kwta"``
+            (KWTA(ratio=0.1)) / ``"sap"`` (SAP(ratio=1.0)). ReLUs called as functions in a
+            forward are not modules and stay.
+        conv: every ``nn.Conv2d`` becomes a ``MaskedConv2d`` sharing its parameters.
+        chip_masks: every ``nn.BatchNorm2d`` is followed by a ``ChipMask`` (the BatchNorm
+            becomes ``nn.Sequential(bn, ChipMask)``, so its state_dict keys gain ``.0``).
+        cas: qualified names of stages to follow with CAS (``CASStage``); needs num_classes.
+        inplace: change ``model`` itself; else a deep copy.
+
+    Returns:
+        (model, report): the converted model and what was replaced, e.g.
+        ``print(report)`` lists ``layer1.0.relu  ReLU -> KWTA`` lines.
+
+    >>> model, report = pyprune.convert(resnet, relu="kwta", conv=True)
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if isinstance(relu, str):
+        relu = _ACTIVATIONS[_validate.choice(relu, "relu", tuple(_ACTIVATIONS))]
+    elif relu is not None and not callable(relu):
+        raise TypeError(f"relu must be 'kwta', 'sap', a factory of modules or None, got {relu!r}")
+    cas = list(cas)
+    if cas and num_classes is None:
+        raise ValueError("cas stages need num_classes")
+    if not (relu or conv or chip_masks or cas):
+        raise ValueError("nothing to convert: give relu, conv, chip_masks or cas")
+    if not inplace:
+        model = copy.deepcopy(model)
+    names = dict(model.named_modules())
+    for name in cas:
+        if name not in names or name == "":
+            raise ValueError(f"cas stage {name!r} is not a submodule of the model")
+    report = ConvertReport()
+
+    def swap(name: str, new: nn.Module) -> None:
+        parent, _, child = name.rpartition(".")
+        owner = model.get_submodule(parent) if parent else model
+        old = getattr(owner, child)
+        setattr(owner, child, new)
+        report.replaced.append((name, type(old).__name__, _describe(new)))
+
+    for name, m in list(model.named_modules()):
+        if not name:
+            continue
+        if relu is not None and type(m) is nn.ReLU:
+            swap(name, relu())
+        elif conv and type(m) is nn.Conv2d:
+            swap(name, MaskedConv2d.from_conv(m))
+        elif chip_masks and type(m) is nn.BatchNorm2d:
+            mask = ChipMask(m.num_features).to(m.weight.device if m.affine else "cpu")
+            swap(name, nn.Sequential(m, mask))
+    for name in cas:
+        stage = model.get_submodule(name)
+        swap(name, CASStage(stage, CAS(_out_channels(stage), num_classes)))
+    if not report.replaced:
+        raise ValueError("the model has none of the layers to convert (nn.ReLU, nn.Conv2d, "
+                         "nn.BatchNorm2d)")
+    return model, report
+
+
+def _describe(m: nn.Module) -> str:
+    if isinstance(m, nn.Sequential):
+        return " + ".join(type(c).__name__ for c in m)
+    if isinstance(m, CASStage):
+        return f"{type(m.stage).__name__} + CAS"
+    return type(m).__name__
