@@ -25,7 +25,8 @@ Method
   timing, so only the backward runs; ``full`` is forward + backward from scratch.
 * Timing: warm-up (the first call compiles / autotunes, then at least ``WARMUP_RUNS`` runs and
   ``WARMUP_S`` seconds), then per-run times of at least ``MIN_RUNS`` runs, more while they fit in
-  the time budget; p20/p50/p80 over those runs. CPU: ``time.perf_counter`` around each run,
+  the time budget; p20/p50/p80 over those runs. The providers of a case and mode are timed
+  interleaved, one run of each in turn, so a shared machine's changing speed affects them alike. CPU: ``time.perf_counter`` around each run,
   Python's GC off. CUDA: a CUDA event pair around each run, and a 256 MiB buffer zeroed before
   each run so no run reads its inputs from the previous run's L2.
 * GB/s: the bytes the op must read and write (declared by the op per mode) / p50. The copy
@@ -254,41 +255,59 @@ def _warm_up(fn: Callable[[], Any], device: torch.device) -> float:
 
 def time_step(fn: Callable[[], Any], device: torch.device, budget_s: float) -> Timing:
     """p20/p50/p80 of per-run times of fn, after warm-up; at least MIN_RUNS runs."""
-    estimate = _warm_up(fn, device)
-    runs = min(max(MIN_RUNS, math.ceil(budget_s / max(estimate, 1e-6))), MAX_RUNS[device.type])
+    return time_steps([fn], device, budget_s)[0]
+
+
+def time_steps(fns: Sequence[Callable[[], Any]], device: torch.device,
+               budget_s: float) -> list[Timing]:
+    """time_step for several functions, interleaved run by run (fn 0, fn 1, ..., fn 0, ...),
+    so that a change of the machine's speed during the measurement (a shared host) hits every
+    function alike and their ratios stay true. Each gets its own number of runs."""
+    runs = []
+    for fn in fns:
+        estimate = _warm_up(fn, device)
+        runs.append(min(max(MIN_RUNS, math.ceil(budget_s / max(estimate, 1e-6))),
+                        MAX_RUNS[device.type]))
+    times: list[list[float]] = [[] for _ in fns]
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
-        times = _cuda_times(fn, device, runs) if device.type == "cuda" else _cpu_times(fn, runs)
+        if device.type == "cuda":
+            _cuda_times(fns, device, runs, times)
+        else:
+            for r in range(max(runs)):
+                for fn, n, out in zip(fns, runs, times):
+                    if r < n:
+                        t0 = time.perf_counter()
+                        fn()
+                        out.append((time.perf_counter() - t0) * 1e3)
     finally:
         if gc_was_enabled:
             gc.enable()
-    deciles = statistics.quantiles(times, n=10, method="inclusive")
-    return Timing(p20_ms=deciles[1], p50_ms=deciles[4], p80_ms=deciles[7])
+    timings = []
+    for t in times:
+        deciles = statistics.quantiles(t, n=10, method="inclusive")
+        timings.append(Timing(p20_ms=deciles[1], p50_ms=deciles[4], p80_ms=deciles[7]))
+    return timings
 
 
-def _cpu_times(fn: Callable[[], Any], runs: int) -> list[float]:
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return times
-
-
-def _cuda_times(fn: Callable[[], Any], device: torch.device, runs: int) -> list[float]:
+def _cuda_times(fns: Sequence[Callable[[], Any]], device: torch.device, runs: list[int],
+                times: list[list[float]]) -> None:
     flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.int8, device=device)
-    events = [
-        (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-        for _ in range(runs)
-    ]
-    for start, end in events:
-        flush.zero_()
-        start.record()
-        fn()
-        end.record()
+    events: list[list[tuple]] = [[] for _ in fns]
+    for r in range(max(runs)):
+        for fn, n, ev in zip(fns, runs, events):
+            if r >= n:
+                continue
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            flush.zero_()
+            start.record()
+            fn()
+            end.record()
+            ev.append((start, end))
     torch.cuda.synchronize(device)
-    return [start.elapsed_time(end) for start, end in events]
+    for ev, out in zip(events, times):
+        out.extend(start.elapsed_time(end) for start, end in ev)
 
 
 @contextlib.contextmanager
@@ -431,16 +450,24 @@ def _measure(info: RunInfo, op: str, provider: str, mode: str, case: Case, step:
 
 def run_case(info: RunInfo, op: str, setup: Setup, case: Case,
              progress: Progress) -> list[Row]:
-    """Every provider x mode of one case, eager first within each mode."""
+    """Every provider x mode of one case, eager first within each mode; the providers of a mode
+    are timed together, interleaved (see time_steps)."""
     torch._dynamo.reset()
     rows = []
     for mode in MODES:
-        for provider in providers(info.device.type):
-            progress.describe(f"{op} {case.label} {mode} {provider}")
-            step = setup(case, provider, mode, info.device)
-            rows.append(_measure(info, op, provider, mode, case, step))
-            del step
+        names = providers(info.device.type)
+        steps = []
+        for provider in names:
+            progress.describe(f"{op} {case.label} {mode} {provider} (warm-up)")
+            steps.append(setup(case, provider, mode, info.device))
+        progress.describe(f"{op} {case.label} {mode} (timing {len(names)} providers)")
+        timings = time_steps([s.fn for s in steps], info.device, info.budget_s)
+        for provider, step, timing in zip(names, steps, timings):
+            peak = peak_memory_mb(step.fn, info.device)
+            rows.append(info.row(op, provider, mode, case, timing,
+                                 step.bytes / timing.p50_ms / 1e6, peak))
             progress.advance()
+        del steps
     return rows
 
 

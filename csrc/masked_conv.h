@@ -77,7 +77,8 @@ inline bool per_sample(const std::optional<at::Tensor>& mask) {
 // Mask as (N or 1, C, 1, 1) for torch.where, or undefined.
 inline at::Tensor channel_view(const std::optional<at::Tensor>& mask) {
   if (!mask.has_value()) return {};
-  return mask->dim() == 1 ? mask->view({1, -1, 1, 1}) : mask->view({mask->size(0), -1, 1, 1});
+  return mask->dim() == 1 ? mask->view({1, -1, 1, 1})
+                          : mask->view({mask->size(0), mask->size(1), 1, 1});
 }
 
 inline at::Tensor where(const at::Tensor& mask, const at::Tensor& t) {
@@ -92,7 +93,8 @@ inline at::Tensor dense_forward(const at::Tensor& x, const at::Tensor& weight,
                                 const std::optional<at::Tensor>& out_mask) {
   at::Tensor y = at::conv2d(where(channel_view(in_mask), x), weight, bias, g.stride, g.padding,
                             g.dilation, g.groups);
-  return where(channel_view(out_mask), y);
+  if (out_mask.has_value()) y.masked_fill_(channel_view(out_mask).logical_not(), 0);  // in place
+  return y;
 }
 
 // (grad_x, grad_weight, grad_bias) of dense_forward.
@@ -183,22 +185,40 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> static_backward(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight, const Geometry& g,
     const std::optional<at::Tensor>& in_mask, const std::optional<at::Tensor>& out_mask) {
   const auto format = x.suggest_memory_format();
-  at::Tensor grad_x = at::zeros_like(x, format);
-  at::Tensor grad_w = at::zeros_like(weight, at::MemoryFormat::Contiguous);
-  at::Tensor grad_b = at::zeros({g.c_out}, weight.options());
   const at::Tensor out_idx = kept(out_mask, g.c_out, x);
   const at::Tensor in_idx = kept(in_mask, g.c_in, x);
-  if (g.n == 0 || out_idx.size(0) == 0) return {grad_x, grad_w, grad_b};
-  const at::Tensor gy = out_mask.has_value() ? grad.index_select(1, out_idx) : grad;
-  grad_b.index_copy_(0, out_idx, gy.sum({0, 2, 3}).to(weight.scalar_type()));
-  if (in_idx.size(0) == 0) return {grad_x, grad_w, grad_b};
+  const bool work = g.n > 0 && out_idx.size(0) > 0 && in_idx.size(0) > 0;
+  if (work && !in_mask.has_value() && !out_mask.has_value()) {  // the engine's own backward
+    return at::convolution_backward(grad.contiguous(format), x.contiguous(format),
+                                    weight.contiguous(), at::OptionalIntArrayRef(at::IntArrayRef{g.c_out}),
+                                    g.stride, g.padding, g.dilation, false, {0, 0}, 1,
+                                    {true, true, true});
+  }
+  at::Tensor grad_b = at::zeros({g.c_out}, weight.options());
+  at::Tensor gy;
+  if (g.n > 0 && out_idx.size(0) > 0) {
+    gy = out_mask.has_value() ? grad.index_select(1, out_idx) : grad;
+    grad_b.index_copy_(0, out_idx, gy.sum({0, 2, 3}).to(weight.scalar_type()));
+  }
+  if (!work) {
+    return {at::zeros_like(x, format), at::zeros_like(weight, at::MemoryFormat::Contiguous), grad_b};
+  }
   const at::Tensor xs = in_mask.has_value() ? x.index_select(1, in_idx) : x;
-  const at::Tensor w = weight.index_select(0, out_idx).index_select(1, in_idx);
-  auto [gx, gw, gb] = at::convolution_backward(
+  at::Tensor w = out_mask.has_value() ? weight.index_select(0, out_idx) : weight;
+  if (in_mask.has_value()) w = w.index_select(1, in_idx);
+  auto [gx, gw, unused] = at::convolution_backward(
       gy.contiguous(format), xs.contiguous(format), w.contiguous(), std::nullopt, g.stride,
       g.padding, g.dilation, false, {0, 0}, 1, {true, true, false});
-  grad_x.index_copy_(1, in_idx, gx);
-  grad_w.index_put_({out_idx.view({-1, 1}), in_idx.view({1, -1})}, gw);
+  at::Tensor grad_x = gx;
+  if (in_mask.has_value()) {
+    grad_x = at::zeros_like(x, format);
+    grad_x.index_copy_(1, in_idx, gx);
+  }
+  at::Tensor grad_w = gw;
+  if (in_mask.has_value() || out_mask.has_value()) {
+    grad_w = at::zeros_like(weight, at::MemoryFormat::Contiguous);
+    grad_w.index_put_({out_idx.view({-1, 1}), in_idx.view({1, -1})}, gw);
+  }
   return {grad_x, grad_w, grad_b};
 }
 

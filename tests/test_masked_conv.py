@@ -84,9 +84,19 @@ def _cases(device_backend, quick):
     return device, backend, geoms, pairs
 
 
+@pytest.fixture(params=["auto", "per_sample", "dense"])
+def cpu_path(request, monkeypatch):
+    """The CPU kernel's choice for per-sample masks: its own, or forced either way."""
+    if request.param != "auto":
+        monkeypatch.setenv("PYPRUNE_MASKED_CONV_CPU", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
-def test_matches_reference(device_backend, layout):
+def test_matches_reference(device_backend, layout, cpu_path):
     device, backend, geoms, pairs = _cases(device_backend, quick=layout != "contiguous")
+    if cpu_path != "auto" and backend != "cpu":
+        pytest.skip("the path choice is the cpu backend's")
     for dtype in dtypes_for(backend):
         for gi, geom in enumerate(geoms):
             x, weight, bias, gen = _inputs(geom, dtype, device, seed=gi)
@@ -160,10 +170,12 @@ def test_soft_and_weight_masks(device_backend, soft):
 @pytest.mark.parametrize("kinds", [("none", "none"), ("static", "static"), ("sample", "sample"),
                                    ("static", "sample"), ("sample", "nothing"),
                                    ("nothing", "static")], ids=str)
-def test_gradients(device_backend, kinds):
+def test_gradients(device_backend, kinds, cpu_path):
     """Gradients of x, weight and bias against the reference's autograd, in float64 where the
     backend has it (float32 otherwise); bool masks get none."""
     device, backend = device_backend
+    if cpu_path != "auto" and backend != "cpu":
+        pytest.skip("the path choice is the cpu backend's")
     dtype = torch.float64 if torch.float64 in dtypes_for(backend) else torch.float32
     for geom in (GEOMETRIES[0], GEOMETRIES[2], GEOMETRIES[4]):
         x, weight, bias, gen = _inputs(geom, dtype, device)
