@@ -12,7 +12,7 @@ from .analysis import channel_activation_frequency
 from .losses import cas_loss, pc_loss
 from . import chipnet
 from .chipnet import budget_loss, crispness_loss
-from .compact import compact, count
+from .compact import compact, count, mask_convolutions
 from .convert import cas_logits, convert, set_cas_label
 from .ops import cas, kwta, masked_conv2d
 from .ops import gaussian_noise, magnitude_mask, sap
@@ -21,6 +21,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "kwta", "cas", "masked_conv2d", "sap", "gaussian_noise", "magnitude_mask", "cas_loss", "pc_loss", "channel_activation_frequency",
-    "chipnet", "crispness_loss", "budget_loss", "compact", "count", "convert", "set_cas_label",
+    "chipnet", "crispness_loss", "budget_loss", "compact", "count", "mask_convolutions", "convert", "set_cas_label",
     "cas_logits", "backends", "backend_status", "use_backend", "nn", "reference",
 ]

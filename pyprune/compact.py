@@ -207,3 +207,37 @@ def compact(model: nn.Module, example_input: Tensor) -> fx.GraphModule:
     gm.eval()
     gm.compact_report = CompactReport(before, count(gm, example_input))
     return gm
+
+
+def mask_convolutions(model: nn.Module, example_input: Tensor) -> nn.Module:
+    """A copy of model whose convolutions skip what the hard masks remove, shapes unchanged.
+
+    Every groups-1 ``nn.Conv2d`` becomes a ``MaskedConv2d`` with static bool masks: in_mask
+    drops the input channels that are exactly zero (a pruned ChipMask before it), out_mask the
+    output channels that a later hard mask zeroes anyway. Eval-mode outputs equal the model's;
+    the convolutions do only the kept work (see ``pyprune.masked_conv2d``). ``compact`` goes
+    further and removes the channels from every layer.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(example_input, Tensor):
+        raise TypeError(f"example_input must be a torch.Tensor, got {type(example_input).__name__}")
+    model = copy.deepcopy(model)
+    gm = _graph.trace(model, example_input)
+    flow = _graph.analyse(gm, _hard_mask)
+    modules = dict(gm.named_modules())
+    for n in gm.graph.nodes:
+        if n.op != "call_module" or _graph.kind(n, modules) != "conv":
+            continue
+        m = modules[n.target]
+        if type(m) is not nn.Conv2d:
+            continue
+        device = m.weight.device
+        in_keep = (flow.alive[n.args[0]] > 0).to(device) if n.args[0] in flow.alive else None
+        out_keep = ((flow.alive[n] * flow.needed[n]) > 0).to(device)
+        new = MaskedConv2d.from_conv(m)
+        new.set_masks(in_mask=None if in_keep is None or bool(in_keep.all()) else in_keep,
+                      out_mask=None if bool(out_keep.all()) else out_keep)
+        parent, _, name = n.target.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, name, new)
+    return model

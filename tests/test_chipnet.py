@@ -197,6 +197,21 @@ def test_compact_residual_resnet_matches_masked():
     assert small.fc.in_features <= 16
 
 
+def test_mask_convolutions_matches_masked():
+    torch.manual_seed(1)
+    model, _ = pyprune.convert(ResNet(), chip_masks=True)
+    _randomize(model, seed=1).eval()
+    x = torch.randn(3, 3, 10, 10)
+    masked = pyprune.mask_convolutions(model, x).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(masked(x), model(x), atol=1e-5, rtol=1e-5)
+    conv = masked.layer1[0].conv1
+    assert isinstance(conv, MaskedConv2d) and conv.weight.shape == model.layer1[0].conv1.weight.shape
+    assert torch.equal(conv.out_mask, model.layer1[0].bn1[1].hard_mask)
+    assert conv.in_mask is not None  # the stem's mask (union over the residual sums) feeds it
+    assert isinstance(model.layer1[0].conv1, nn.Conv2d) and type(model.layer1[0].conv1) is nn.Conv2d
+
+
 def test_compact_hand_count():
     model = TwoLayer().eval()
     _randomize(model)
