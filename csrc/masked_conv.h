@@ -59,6 +59,53 @@ inline Geometry geometry(const at::Tensor& x, const at::Tensor& weight, at::IntA
   return g;
 }
 
+// Geometry of a convolution of x with an already compacted weight (k_out, k_in, kh, kw) whose
+// output has `channels` channels in all (the kept ones scattered among them).
+inline Geometry compact_geometry(const at::Tensor& x, const at::Tensor& weight, int64_t channels,
+                                 at::IntArrayRef stride, at::IntArrayRef padding,
+                                 at::IntArrayRef dilation) {
+  TORCH_CHECK(x.dim() == 4 && weight.dim() == 4, "_channel_conv: x and weight must be 4-D");
+  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
+              "_channel_conv: stride, padding and dilation must have two values each");
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), "_channel_conv: weight must have x's dtype");
+  Geometry g;
+  g.n = x.size(0);
+  g.c_in = x.size(1);
+  g.h = x.size(2);
+  g.w = x.size(3);
+  g.c_out = channels;
+  g.kh = weight.size(2);
+  g.kw = weight.size(3);
+  g.groups = 1;
+  for (int i = 0; i < 2; ++i) {
+    g.stride[i] = stride[i];
+    g.padding[i] = padding[i];
+    g.dilation[i] = dilation[i];
+  }
+  g.h_out = (g.h + 2 * g.padding[0] - g.dilation[0] * (g.kh - 1) - 1) / g.stride[0] + 1;
+  g.w_out = (g.w + 2 * g.padding[1] - g.dilation[1] * (g.kw - 1) - 1) / g.stride[1] + 1;
+  TORCH_CHECK(g.h_out >= 1 && g.w_out >= 1, "_channel_conv: the output would be empty");
+  return g;
+}
+
+// Checks of _channel_conv's index arguments against the compacted weight.
+inline void check_indices(const at::Tensor& x, const at::Tensor& weight, int64_t channels,
+                          const std::optional<at::Tensor>& in_index,
+                          const std::optional<at::Tensor>& out_index) {
+  for (const auto* idx : {&in_index, &out_index}) {
+    if (idx->has_value())
+      TORCH_CHECK((*idx)->dim() == 1 && (*idx)->scalar_type() == at::kLong &&
+                      (*idx)->device() == x.device(),
+                  "_channel_conv: indices must be 1-D int64 tensors on x's device");
+  }
+  TORCH_CHECK(in_index.has_value() ? in_index->size(0) == weight.size(1)
+                                   : x.size(1) == weight.size(1),
+              "_channel_conv: weight must have one input channel per kept input channel");
+  TORCH_CHECK(out_index.has_value() ? out_index->size(0) == weight.size(0)
+                                    : channels == weight.size(0),
+              "_channel_conv: weight must have one row per kept output channel");
+}
+
 inline void check_mask(const std::optional<at::Tensor>& mask, int64_t n, int64_t c,
                        const at::Tensor& x, const char* name) {
   if (!mask.has_value()) return;
@@ -115,51 +162,58 @@ inline at::Tensor kept(const std::optional<at::Tensor>& mask, int64_t c, const a
   return mask->nonzero().view({-1});
 }
 
-// Static masks, groups == 1: the dense engine on x's kept channels and weight's kept rows and
-// columns. Returns the output of the kept channels (N, k_out, H_out, W_out) in x's memory format
-// and their indices (undefined when every output channel is kept, then it is the whole output).
-// gather(t, index) must return t's channels `index` (dim 1), like index_select.
+// The static-mask convolution on compacted operands: x's channels in_index (all of them if
+// undefined) against weight (k_out, k_in, kh, kw) and bias (k_out,), both already reduced to
+// the kept channels. Returns (N, k_out, H_out, W_out) in `format`, the layout the engine runs
+// in. gather(t, index, format) returns t's channels `index` (dim 1) laid out in format.
 template <typename Gather>
-std::pair<at::Tensor, at::Tensor> static_conv(const at::Tensor& x, const at::Tensor& weight,
-                                              const std::optional<at::Tensor>& bias,
-                                              const Geometry& g,
-                                              const std::optional<at::Tensor>& in_mask,
-                                              const std::optional<at::Tensor>& out_mask,
-                                              Gather gather) {
-  const auto format = x.suggest_memory_format();
-  at::Tensor out_idx;
-  at::Tensor w = weight;
-  std::optional<at::Tensor> b = bias;
-  if (out_mask.has_value()) {
-    out_idx = kept(out_mask, g.c_out, x);
-    w = weight.index_select(0, out_idx);
-    if (bias.has_value()) b = bias->index_select(0, out_idx);
-  }
-  const int64_t k_out = w.size(0);
-  at::Tensor xs = x;
-  if (in_mask.has_value()) {
-    const at::Tensor in_idx = kept(in_mask, g.c_in, x);
-    xs = gather(x, in_idx);
-    w = w.index_select(1, in_idx);
-  }
+at::Tensor compact_conv(const at::Tensor& x, const at::Tensor& weight,
+                        const std::optional<at::Tensor>& bias, const Geometry& g,
+                        const at::Tensor& in_index, at::MemoryFormat format, Gather gather) {
+  const int64_t k_out = weight.size(0);
   if (g.n == 0 || k_out == 0) {
-    return {at::empty({g.n, k_out, g.h_out, g.w_out}, x.options(), format), out_idx};
+    return at::empty({g.n, k_out, g.h_out, g.w_out}, x.options(), format);
   }
-  if (xs.size(1) == 0) {  // nothing reaches the output but the bias
+  if (in_index.defined() && in_index.size(0) == 0) {  // nothing reaches the output but the bias
     at::Tensor y = at::empty({g.n, k_out, g.h_out, g.w_out}, x.options(), format);
-    if (b.has_value()) y.copy_(b->view({1, -1, 1, 1}));
+    if (bias.has_value()) y.copy_(bias->view({1, -1, 1, 1}));
     else y.zero_();
-    return {y, out_idx};
+    return y;
   }
-  at::Tensor y = at::conv2d(xs.contiguous(format), w.contiguous(), b, g.stride, g.padding,
-                            g.dilation, 1);
-  return {y.contiguous(format), out_idx};
+  const at::Tensor xs = in_index.defined() ? gather(x, in_index, format) : x.contiguous(format);
+  return at::conv2d(xs, weight.contiguous(format), bias, g.stride, g.padding, g.dilation, 1)
+      .contiguous(format);
 }
 
-// _scatter_channels with index_fill and index_copy (devices without a fused version).
-inline at::Tensor scatter_channels(const at::Tensor& y, const at::Tensor& index, int64_t channels) {
-  at::Tensor out = at::empty({y.size(0), channels, y.size(2), y.size(3)}, y.options(),
-                             y.suggest_memory_format());
+// The kept channels' weight (k_out, k_in, kh, kw) and bias, and the kept channel indices
+// (undefined where a mask is absent: all kept).
+struct Compacted {
+  at::Tensor weight, in_index, out_index;
+  std::optional<at::Tensor> bias;
+};
+
+inline Compacted compact(const at::Tensor& x, const at::Tensor& weight,
+                         const std::optional<at::Tensor>& bias, const Geometry& g,
+                         const std::optional<at::Tensor>& in_mask,
+                         const std::optional<at::Tensor>& out_mask) {
+  Compacted c{weight, at::Tensor(), at::Tensor(), bias};
+  if (out_mask.has_value()) {
+    c.out_index = kept(out_mask, g.c_out, x);
+    c.weight = c.weight.index_select(0, c.out_index);
+    if (bias.has_value()) c.bias = bias->index_select(0, c.out_index);
+  }
+  if (in_mask.has_value()) {
+    c.in_index = kept(in_mask, g.c_in, x);
+    c.weight = c.weight.index_select(1, c.in_index);
+  }
+  return c;
+}
+
+// y (N, k, H, W) into channels `index` of an (N, channels, H, W) output, the others 0, with
+// index_fill and index_copy (devices without a fused version).
+inline at::Tensor scatter_channels(const at::Tensor& y, const at::Tensor& index, int64_t channels,
+                                   at::MemoryFormat format) {
+  at::Tensor out = at::empty({y.size(0), channels, y.size(2), y.size(3)}, y.options(), format);
   at::Tensor dropped = at::ones({channels}, y.options().dtype(at::kBool));
   dropped.index_fill_(0, index, false);
   out.index_fill_(1, dropped.nonzero().view({-1}), 0);
@@ -167,16 +221,33 @@ inline at::Tensor scatter_channels(const at::Tensor& y, const at::Tensor& index,
   return out;
 }
 
-// static_conv with the kept outputs copied into place and the masked ones zero-filled.
+// _channel_conv with ATen's index_select and index_copy: what CUDA runs (cuDNN underneath).
+inline at::Tensor channel_conv(const at::Tensor& x, const at::Tensor& weight,
+                               const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                               at::IntArrayRef padding, at::IntArrayRef dilation,
+                               const std::optional<at::Tensor>& in_index,
+                               const std::optional<at::Tensor>& out_index, int64_t channels) {
+  check_indices(x, weight, channels, in_index, out_index);
+  const Geometry g = compact_geometry(x, weight, channels, stride, padding, dilation);
+  const auto format = x.suggest_memory_format();
+  at::Tensor y = compact_conv(x, weight, bias, g, in_index.value_or(at::Tensor()), format,
+                              [](const at::Tensor& t, const at::Tensor& i, at::MemoryFormat f) {
+                                return t.index_select(1, i).contiguous(f);
+                              });
+  return out_index.has_value() ? scatter_channels(y, *out_index, channels, format) : y;
+}
+
+// Static masks, groups == 1: the dense engine once on the smaller problem the masks leave.
 inline at::Tensor static_forward(const at::Tensor& x, const at::Tensor& weight,
                                  const std::optional<at::Tensor>& bias, const Geometry& g,
                                  const std::optional<at::Tensor>& in_mask,
                                  const std::optional<at::Tensor>& out_mask) {
-  auto [y, out_idx] = static_conv(x, weight, bias, g, in_mask, out_mask,
-                                  [](const at::Tensor& t, const at::Tensor& i) {
-                                    return t.index_select(1, i);
-                                  });
-  return out_idx.defined() ? scatter_channels(y, out_idx, g.c_out) : y;
+  const Compacted c = compact(x, weight, bias, g, in_mask, out_mask);
+  auto opt = [](const at::Tensor& t) {
+    return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
+  };
+  return channel_conv(x, c.weight, c.bias, g.stride, g.padding, g.dilation, opt(c.in_index),
+                      opt(c.out_index), g.c_out);
 }
 
 // (grad_x, grad_weight, grad_bias) of static_forward: the engine's backward on the same smaller

@@ -45,7 +45,9 @@ TORCH_LIBRARY(pyprune, m) {
   m.def("masked_conv2d(Tensor x, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, int[2] dilation, int groups, Tensor? in_mask, Tensor? out_mask) -> Tensor");
   // (grad_x, grad_weight, grad_bias) of masked_conv2d; grad_bias (C_out,) is returned always.
   m.def("_masked_conv2d_backward(Tensor grad, Tensor x, Tensor weight, int[2] stride, int[2] padding, int[2] dilation, int groups, Tensor? in_mask, Tensor? out_mask) -> (Tensor, Tensor, Tensor)");
-  // out (N, channels, H, W) in y's memory format: out[:, index[j]] = y[:, j], the other channels
-  // 0, each element written once. The scatter of a convolution over kept output channels.
-  m.def("_scatter_channels(Tensor y, Tensor index, int channels) -> Tensor");
+  // The static-mask convolution on operands compacted beforehand (MaskedConv2d caches them):
+  // conv2d(x[:, in_index], weight, bias) written into channels out_index of an (N, channels,
+  // H_out, W_out) output in x's memory format, the other channels 0. weight (k_out, k_in, kh,
+  // kw) and bias (k_out,) hold the kept rows; an index None means all channels. groups 1.
+  m.def("_channel_conv(Tensor x, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, int[2] dilation, Tensor? in_index, Tensor? out_index, int channels) -> Tensor");
 }

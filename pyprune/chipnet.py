@@ -52,23 +52,28 @@ def crispness_loss(model: nn.Module, reduction: str = "sum") -> Tensor:
 _PLANS: "weakref.WeakKeyDictionary[nn.Module, object]" = weakref.WeakKeyDictionary()
 
 
-def budget(model: nn.Module, kind: str = "channels", example_input: Optional[Tensor] = None) -> Tensor:
+def budget(model: nn.Module, kind: str = "channels", example_input: Optional[Tensor] = None,
+           steepness: float = 10.0) -> Tensor:
     r"""V(z): the fraction of the model's cost that the masks keep, in [0, 1], differentiable.
+
+    A channel counts with weight ``sigmoid(steepness * (z - 0.5))`` (``ChipMask.soft_count``),
+    as CHIPNet's published code counts remaining channels, 0 or 1 once its mask is pruned.
 
     * channels: kept mask channels / all mask channels (sum of z);
     * params: conv weights, sum over convs of (kept inputs x kept outputs x kernel) / total;
     * flops: the same weighted by each conv's output size (H_out x W_out);
     * volume: activation volume, sum over masks of kept channels x H x W / total.
 
-    Kept channels are the masks' values (z, or 0/1 once pruned) followed through the model's
-    graph: a conv's inputs are the channels alive after the masks before it (union over residual
-    branches), its outputs the ones the mask after it keeps. params, flops and volume trace the
+    Kept channels are the masks' counts followed through the model's graph, as
+    ``pyprune.compact`` would keep them: a conv's inputs are the channels alive after the masks
+    before it, its outputs the ones a mask after it keeps, and tensors joined by a residual sum
+    keep the union of their branches. params, flops and volume trace the
     model with torch.fx once, on example_input (needed the first time).
     """
     _validate.choice(kind, "kind", KINDS)
     masks = _masks(model)
     if kind == "channels":
-        kept = sum(m.mask().sum() for m in masks)
+        kept = sum(m.soft_count(steepness).sum() for m in masks)
         return kept / sum(m.num_channels for m in masks)
     plan = _PLANS.get(model)
     if plan is None:
@@ -78,7 +83,7 @@ def budget(model: nn.Module, kind: str = "channels", example_input: Optional[Ten
         plan = _graph.trace(model, example_input)
         _PLANS[model] = plan
     like = masks[0].psi
-    flow = _graph.analyse(plan, lambda m: m.mask(), like=like)
+    flow = _graph.analyse(plan, lambda m: m.soft_count(steepness), like=like)
     modules = dict(plan.named_modules())
     kept = like.new_zeros(())
     total = 0.0
@@ -97,8 +102,9 @@ def budget(model: nn.Module, kind: str = "channels", example_input: Optional[Ten
             if kind == "flops":
                 factor *= shape[2] * shape[3]
             src = n.args[0]
-            cin = flow.alive[src].sum() if src in flow.alive else m.in_channels
-            cout = (flow.alive[n] * flow.needed[n]).sum()
+            # the channels compaction would keep: a residual sum keeps the union of its branches
+            cin = flow.kept(src).sum() if src in flow.alive else m.in_channels
+            cout = flow.kept(n).sum()
             if k == "depthwise":
                 cin = 1.0
                 factor *= m.groups
@@ -109,13 +115,13 @@ def budget(model: nn.Module, kind: str = "channels", example_input: Optional[Ten
 
 
 def budget_loss(model: nn.Module, budget: float, kind: str = "channels",
-                example_input: Optional[Tensor] = None) -> Tensor:
+                example_input: Optional[Tensor] = None, steepness: float = 10.0) -> Tensor:
     """CHIPNet's budget loss (V(z) - budget)^2, V from ``pyprune.chipnet.budget``; budget in
     (0, 1] is the fraction of the cost to keep."""
     value = _validate.real(budget, "budget")
     if not 0.0 < value <= 1.0:
         raise ValueError(f"budget must be in (0, 1], got {value}")
-    return (pyprune_budget(model, kind, example_input) - value) ** 2
+    return (pyprune_budget(model, kind, example_input, steepness) - value) ** 2
 
 
 def schedule(epoch: int, beta0: float = 1.0, gamma0: float = 2.0) -> tuple[float, float]:
@@ -138,6 +144,7 @@ def prune(
     *,
     epochs: int = 10,
     lr: float = 1e-3,
+    mask_lr: Optional[float] = None,
     weight_decay: float = 1e-3,
     crispness_weight: float = 10.0,
     budget_weight: float = 30.0,
@@ -147,7 +154,11 @@ def prune(
     progress: bool = True,
 ) -> list[dict]:
     """Soft pruning (loss_fn + 10 * crispness + 30 * budget by default, AdamW, beta and gamma
-    raised every epoch) then hard pruning (channels with z <= threshold removed).
+    raised every epoch, the budget's count steepness from 10 by 5 per epoch up to 60, as
+    CHIPNet's code) then hard pruning (channels with z <= threshold removed).
+
+    ``mask_lr`` is the masks' learning rate (default ``lr``); short runs on small data sets need
+    a larger one, since psi must travel a few units for z to reach 0.
 
     ``loader`` yields (x, label) batches. Returns one dict per epoch (loss, accuracy on the
     training batches, the soft budget V(z), and V after a trial hard pruning), also passed to
@@ -170,7 +181,8 @@ def prune(
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW([
         {"params": [p for p in params if id(p) not in psi], "weight_decay": weight_decay},
-        {"params": [p for p in params if id(p) in psi], "weight_decay": 0.0},
+        {"params": [p for p in params if id(p) in psi], "weight_decay": 0.0,
+         "lr": lr if mask_lr is None else mask_lr},
     ], lr=lr)
     log = log or (lambda r: print(
         f"epoch {r['epoch']}: loss {r['loss']:.4f}, accuracy {r['accuracy']:.2%}, "
@@ -180,6 +192,7 @@ def prune(
     example = None
     for epoch in range(epochs):
         beta, gamma = schedule(epoch)
+        steepness = min(60.0, 10.0 + 5.0 * epoch)
         set_beta_gamma(model, beta, gamma)
         model.train()
         total, correct, seen, batches = 0.0, 0, 0, 0
@@ -190,7 +203,7 @@ def prune(
                 example = x[:1]
             out = model(x)
             loss = (loss_fn(out, y) + crispness_weight * crispness_loss(model, "mean")
-                    + budget_weight * budget_loss(model, value, kind, example))
+                    + budget_weight * budget_loss(model, value, kind, example, steepness))
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -200,7 +213,7 @@ def prune(
             seen += len(y)
             bar.set_postfix(loss=total / batches)
         with torch.no_grad():
-            soft = float(pyprune_budget(model, kind, example))
+            soft = float(pyprune_budget(model, kind, example, steepness))
             for m in masks:
                 m.prune(threshold)
             hard = float(pyprune_budget(model, kind, example))

@@ -79,7 +79,7 @@ def convert(
     *,
     relu: Union[str, Factory, None] = None,
     conv: bool = False,
-    chip_masks: bool = False,
+    chip_masks: Union[bool, Iterable[str], Callable[[str, nn.Module], bool]] = False,
     cas: Iterable[str] = (),
     num_classes: Optional[int] = None,
     inplace: bool = False,
@@ -91,8 +91,12 @@ def convert(
             (KWTA(ratio=0.1)) / ``"sap"`` (SAP(ratio=1.0)). ReLUs called as functions in a
             forward are not modules and stay.
         conv: every ``nn.Conv2d`` becomes a ``MaskedConv2d`` sharing its parameters.
-        chip_masks: every ``nn.BatchNorm2d`` is followed by a ``ChipMask`` (the BatchNorm
-            becomes ``nn.Sequential(bn, ChipMask)``, so its state_dict keys gain ``.0``).
+        chip_masks: ``nn.BatchNorm2d`` layers to follow with a ``ChipMask`` (the BatchNorm
+            becomes ``nn.Sequential(bn, ChipMask)``, so its state_dict keys gain ``.0``): True
+            for all, or their qualified names, or a predicate ``(name, bn) -> bool``. In a
+            ResNet, masking only the BatchNorms inside the blocks (``bn1``) prunes channels
+            that compaction can remove one for one; a channel of the residual path stays as
+            long as any block that adds into it keeps it.
         cas: qualified names of stages to follow with CAS (``CASStage``); needs num_classes.
         inplace: change ``model`` itself; else a deep copy.
 
@@ -108,10 +112,17 @@ def convert(
         relu = _ACTIVATIONS[_validate.choice(relu, "relu", tuple(_ACTIVATIONS))]
     elif relu is not None and not callable(relu):
         raise TypeError(f"relu must be 'kwta', 'sap', a factory of modules or None, got {relu!r}")
+    if chip_masks is True or chip_masks is False:
+        want_mask = (lambda name, m: True) if chip_masks else None
+    elif callable(chip_masks):
+        want_mask = chip_masks
+    else:
+        mask_names = set(chip_masks)
+        want_mask = lambda name, m: name in mask_names  # noqa: E731
     cas = list(cas)
     if cas and num_classes is None:
         raise ValueError("cas stages need num_classes")
-    if not (relu or conv or chip_masks or cas):
+    if not (relu or conv or want_mask or cas):
         raise ValueError("nothing to convert: give relu, conv, chip_masks or cas")
     if not inplace:
         model = copy.deepcopy(model)
@@ -135,7 +146,7 @@ def convert(
             swap(name, relu())
         elif conv and type(m) is nn.Conv2d:
             swap(name, MaskedConv2d.from_conv(m))
-        elif chip_masks and type(m) is nn.BatchNorm2d:
+        elif want_mask is not None and type(m) is nn.BatchNorm2d and want_mask(name, m):
             mask = ChipMask(m.num_features).to(m.weight.device if m.affine else "cpu")
             swap(name, nn.Sequential(m, mask))
     for name in cas:

@@ -125,7 +125,8 @@ def test_budget_hand_counts():
     for m in (model.m1, model.m2):
         m.psi.data = torch.randn(m.num_channels)
     x = torch.randn(2, 3, 8, 8)
-    z1, z2 = model.m1.z().sum(), model.m2.z().sum()
+    # channels count as sigmoid(10 (z - 0.5)), CHIPNet's sharpened count
+    z1, z2 = (torch.sigmoid(10 * (m.z() - 0.5)).sum() for m in (model.m1, model.m2))
     hw1, hw2 = 64, 16
     want = {
         "channels": (z1 + z2) / 10,
@@ -218,11 +219,16 @@ def test_compact_hand_count():
     model.m1.hard_mask = torch.tensor([True, False, True, False])
     model.m2.hard_mask = torch.tensor([False, True, True, False, False, True])
     x = torch.randn(2, 3, 8, 8)
-    small = pyprune.compact(model, x)
+    small = pyprune.compact(model, x, fold_batchnorm=False, channels_last=False)
     torch.testing.assert_close(small(x), model(x), atol=1e-5, rtol=1e-5)
     # conv1 3->2, bn1 2, conv2 2->3, bn2 3, fc 3->2
     params = (2 * 3 * 9 + 2) + 2 * 2 + (3 * 2 * 9 + 3) + 2 * 3 + (3 * 2 + 2)  # masks are gone
     assert small.compact_report.after.params == params
+    folded = pyprune.compact(model, x)  # BatchNorms folded into the convs, channels_last
+    torch.testing.assert_close(folded(x), model(x), atol=1e-5, rtol=1e-5)
+    assert folded.compact_report.after.params == params - 2 * 2 - 2 * 3
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    assert folded.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     flops = 2 * (3 * 9 * 2 * 64 + 2 * 9 * 3 * 16 + 3 * 2)
     assert small.compact_report.after.flops == flops
 

@@ -245,22 +245,41 @@ def test_opcheck(device_backend):
         out = fwd(x, weight, bias, [1, 1], [1, 1], [1, 1], 1, im, om)
         torch.library.opcheck(bwd, (torch.randn_like(out), x, weight, [1, 1], [1, 1], [1, 1], 1,
                                     im, om))
-    if backend == "cpu":
-        y = torch.randn(2, 3, 4, 5)
-        torch.library.opcheck(torch.ops.pyprune._scatter_channels.default,
-                              (y, torch.tensor([4, 0, 2]), 6))
+    if backend in ("cpu", "cuda"):
+        w = weight[[0, 2, 3]][:, [1, 4]].contiguous()
+        args = (x.clone().requires_grad_(False), w, bias[[0, 2, 3]], [1, 1], [1, 1], [1, 1],
+                torch.tensor([1, 4], device=device), torch.tensor([0, 2, 3], device=device), 7)
+        torch.library.opcheck(torch.ops.pyprune._channel_conv.default, args)
 
 
-def test_scatter_channels():
-    y = torch.randn(2, 3, 4, 5)
-    idx = torch.tensor([4, 0, 2])
-    for t in (y, y.contiguous(memory_format=torch.channels_last)):
-        out = torch.ops.pyprune._scatter_channels(t, idx, 6)
-        want = torch.zeros(2, 6, 4, 5)
-        want[:, idx] = y
-        assert torch.equal(out, want)
-    with pytest.raises(RuntimeError, match="index out of range"):
-        torch.ops.pyprune._scatter_channels(y, torch.tensor([0, 1, 6]), 6)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_channel_conv(layout):
+    """The compacted-operand op behind MaskedConv2d's cache, against the reference."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 7, 5)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    weight, bias = torch.randn(8, 6, 3, 3), torch.randn(8)
+    in_idx, out_idx = torch.tensor([0, 3, 5]), torch.tensor([7, 1, 2])
+    in_mask = torch.zeros(6, dtype=torch.bool)
+    in_mask[in_idx] = True
+    out_mask = torch.zeros(8, dtype=torch.bool)
+    out_mask[out_idx] = True
+    for i, o in ((in_idx, out_idx), (None, out_idx), (in_idx, None), (None, None)):
+        w = weight if o is None else weight[o]
+        w = w if i is None else w[:, i]
+        b = bias if o is None else bias[o]
+        got = torch.ops.pyprune._channel_conv(x, w.contiguous(), b, [2, 1], [1, 1], [1, 1], i, o, 8)
+        want = reference.masked_conv2d(x, weight, bias, (2, 1), 1, 1, 1,
+                                       in_mask if i is not None else None,
+                                       out_mask if o is not None else None)
+        if o is not None:  # unsorted indices: the scatter follows them
+            want = want.clone()
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        assert got.is_contiguous(memory_format=torch.channels_last) == (layout == "channels_last")
+    with pytest.raises(RuntimeError, match="out of range"):
+        torch.ops.pyprune._channel_conv(x, weight[:3], bias[:3], [1, 1], [1, 1], [1, 1], None,
+                                        torch.tensor([0, 1, 8]), 8)
 
 
 class _Net(torch.nn.Module):

@@ -75,7 +75,7 @@ void move_channels(const at::Tensor& src, const at::Tensor& dst, const int64_t* 
   }
 }
 
-// t's channels `index` (dim 1) as a new tensor in t's memory format.
+// t's channels `index` (dim 1) as a new tensor in t's memory format (indices trusted).
 at::Tensor gather_channels(const at::Tensor& t, const at::Tensor& index) {
   at::Tensor out = at::empty({t.size(0), index.size(0), t.size(2), t.size(3)}, t.options(),
                              t.suggest_memory_format());
@@ -83,25 +83,50 @@ at::Tensor gather_channels(const at::Tensor& t, const at::Tensor& index) {
   return out;
 }
 
-at::Tensor scatter_channels_into(const at::Tensor& y, const at::Tensor& index, int64_t channels,
-                                 at::MemoryFormat format) {
-  TORCH_CHECK(y.dim() == 4 && index.dim() == 1 && index.size(0) == y.size(1) &&
-                  index.scalar_type() == at::kLong && channels >= y.size(1),
-              "_scatter_channels: y must be 4-D and index int64 with one entry per channel of y");
+// The position of each of `channels` channels among `index` (-1 if absent), range-checked.
+std::vector<int64_t> positions(const at::Tensor& index, int64_t channels, const char* what) {
   const at::Tensor idx = index.contiguous();
   std::vector<int64_t> position(channels, -1);
   const int64_t* ip = idx.data_ptr<int64_t>();
   for (int64_t j = 0; j < idx.size(0); ++j) {
-    TORCH_CHECK(ip[j] >= 0 && ip[j] < channels, "_scatter_channels: index out of range");
+    TORCH_CHECK(ip[j] >= 0 && ip[j] < channels, "_channel_conv: ", what, " index ", ip[j],
+                " out of range for ", channels, " channels");
     position[ip[j]] = j;
   }
-  at::Tensor out = at::empty({y.size(0), channels, y.size(2), y.size(3)}, y.options(), format);
-  move_channels(y, out, position.data());
+  return position;
+}
+
+// t's channels `index` (dim 1), range-checked, laid out in format: one pass, written once.
+at::Tensor gather_channels_as(const at::Tensor& t, const at::Tensor& index,
+                              at::MemoryFormat format) {
+  positions(index, t.size(1), "in");  // range check
+  at::Tensor out = at::empty({t.size(0), index.size(0), t.size(2), t.size(3)}, t.options(), format);
+  const at::Tensor idx = index.contiguous();
+  move_channels(t, out, idx.data_ptr<int64_t>());
   return out;
 }
 
-at::Tensor scatter_channels_cpu(const at::Tensor& y, const at::Tensor& index, int64_t channels) {
-  return scatter_channels_into(y, index, channels, y.suggest_memory_format());
+// _channel_conv on the CPU. When input channels are gathered anyway, they are written
+// channels_last, oneDNN's native layout (measured 1.1x-3x faster than NCHW convolutions here,
+// most at odd channel counts, which masks produce); the scatter of the kept outputs then writes
+// x's layout. Without an input gather, the engine runs in x's layout (a conversion would cost
+// more than it saves).
+at::Tensor channel_conv_cpu(const at::Tensor& x, const at::Tensor& weight,
+                            const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                            at::IntArrayRef padding, at::IntArrayRef dilation,
+                            const std::optional<at::Tensor>& in_index,
+                            const std::optional<at::Tensor>& out_index, int64_t channels) {
+  TORCH_CHECK(x.device().is_cpu(), "_channel_conv (cpu): x must be a CPU tensor");
+  masked_conv::check_indices(x, weight, channels, in_index, out_index);
+  const Geometry g = masked_conv::compact_geometry(x, weight, channels, stride, padding, dilation);
+  const auto format = x.suggest_memory_format();
+  const auto engine = in_index.has_value() ? at::MemoryFormat::ChannelsLast : format;
+  at::Tensor y = masked_conv::compact_conv(x, weight, bias, g, in_index.value_or(at::Tensor()),
+                                           engine, gather_channels_as);
+  if (!out_index.has_value()) return y.contiguous(format);
+  at::Tensor out = at::empty({g.n, channels, g.h_out, g.w_out}, x.options(), format);
+  move_channels(y, out, positions(*out_index, channels, "out").data());
+  return out;
 }
 
 // Kept channel indices of sample n (row n of a 2-D mask, the 1-D mask, or all), and the map
@@ -195,13 +220,13 @@ at::Tensor masked_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight,
   check(x, g, in_mask, out_mask);
   if (groups > 1) return masked_conv::dense_forward(x, weight, bias, g, in_mask, out_mask);
   if (!masked_conv::per_sample(in_mask) && !masked_conv::per_sample(out_mask)) {
-    auto [y, out_idx] = masked_conv::static_conv(x, weight, bias, g, in_mask, out_mask,
-                                                 gather_channels);
-    return out_idx.defined()
-               ? scatter_channels_into(y, out_idx, g.c_out, x.suggest_memory_format())
-               : y;
+    const masked_conv::Compacted c = masked_conv::compact(x, weight, bias, g, in_mask, out_mask);
+    auto opt = [](const at::Tensor& t) {
+      return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
+    };
+    return channel_conv_cpu(x, c.weight, c.bias, g.stride, g.padding, g.dilation,
+                            opt(c.in_index), opt(c.out_index), g.c_out);
   }
-
   if (!per_sample_pays(g, in_mask, out_mask, false))
     return masked_conv::dense_forward(x, weight, bias, g, in_mask, out_mask);
 
@@ -291,7 +316,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_conv2d_backward_cpu(
 TORCH_LIBRARY_IMPL(pyprune, CPU, m) {
   m.impl("masked_conv2d", &masked_conv2d_cpu);
   m.impl("_masked_conv2d_backward", &masked_conv2d_backward_cpu);
-  m.impl("_scatter_channels", &scatter_channels_cpu);
+  m.impl("_channel_conv", &channel_conv_cpu);
 }
 
 }  // namespace pyprune

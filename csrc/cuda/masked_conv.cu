@@ -443,10 +443,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_conv2d_backward_cuda(
 
 }  // namespace
 
+at::Tensor channel_conv_cuda(const at::Tensor& x, const at::Tensor& weight,
+                             const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                             at::IntArrayRef padding, at::IntArrayRef dilation,
+                             const std::optional<at::Tensor>& in_index,
+                             const std::optional<at::Tensor>& out_index, int64_t channels) {
+  TORCH_CHECK(x.is_cuda() && weight.device() == x.device(),
+              "_channel_conv (cuda): x and weight must be on one CUDA device");
+  const c10::cuda::CUDAGuard guard(x.device());
+  return masked_conv::channel_conv(x, weight, bias, stride, padding, dilation, in_index,
+                                   out_index, channels);
+}
+
 TORCH_LIBRARY_IMPL(pyprune, CUDA, m) {
   m.impl("masked_conv2d", &masked_conv2d_cuda);
   m.impl("_masked_conv2d_backward", &masked_conv2d_backward_cuda);
-  m.impl("_scatter_channels", &masked_conv::scatter_channels);
+  m.impl("_channel_conv", &channel_conv_cuda);
 }
 
 }  // namespace pyprune

@@ -75,6 +75,14 @@ class ChipMask(nn.Module):
         """The mask in use: the hard mask (as 0/1 in psi's dtype) once pruned, else z."""
         return self.hard_mask.to(self.psi.dtype) if self.pruned else self.z()
 
+    def soft_count(self, steepness: float = 10.0) -> Tensor:
+        """Per-channel keep weights for budgets: sigmoid(steepness * (z - 0.5)), a sharpened z
+        (CHIPNet's code counts channels this way, so that z ~ 0.7 counts as nearly kept), or the
+        hard mask once pruned."""
+        if self.pruned:
+            return self.hard_mask.to(self.psi.dtype)
+        return torch.sigmoid(steepness * (self.z() - 0.5))
+
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() < 2 or x.shape[1] != self.num_channels:
             raise ValueError(f"x must have {self.num_channels} channels in dim 1, got shape "

@@ -105,13 +105,13 @@ class MaskedConv2d(nn.Conv2d):
             padding = 0
         if self._cacheable(x):
             w, b, in_idx, out_idx = self._compacted()
-            if w.numel() > 0:
-                if in_idx is not None:
-                    x = x.index_select(1, in_idx)
-                y = F.conv2d(x, w, b, self.stride, padding, self.dilation)
-                if out_idx is None:
-                    return y
-                return torch.ops.pyprune._scatter_channels(y, out_idx, self.out_channels)
+            if padding == 0:
+                padding = (0, 0)
+            pad = padding if isinstance(padding, tuple) and len(padding) == 2 else None
+            if pad is not None:  # (a 'same' / 'valid' padding string takes the general path)
+                return torch.ops.pyprune._channel_conv(x, w, b, list(self.stride), list(pad),
+                                                       list(self.dilation), in_idx, out_idx,
+                                                       self.out_channels)
         return masked_conv2d(x, self.weight, self.bias, self.stride, padding, self.dilation,
                              self.groups, in_mask=self.in_mask, out_mask=self.out_mask,
                              weight_mask=self.weight_mask)

@@ -43,10 +43,12 @@ def _masked_conv2d_backward_fake(grad, x, weight, stride, padding, dilation, gro
             weight.new_empty((weight.shape[0],)))
 
 
-@torch.library.register_fake("pyprune::_scatter_channels")
-def _scatter_channels_fake(y, index, channels):
-    return y.new_empty((y.shape[0], channels, y.shape[2], y.shape[3])).contiguous(
-        memory_format=torch._prims_common.suggest_memory_format(y))
+@torch.library.register_fake("pyprune::_channel_conv")
+def _channel_conv_fake(x, weight, bias, stride, padding, dilation, in_index, out_index, channels):
+    h = (x.shape[2] + 2 * padding[0] - dilation[0] * (weight.shape[2] - 1) - 1) // stride[0] + 1
+    w = (x.shape[3] + 2 * padding[1] - dilation[1] * (weight.shape[3] - 1) - 1) // stride[1] + 1
+    return x.new_empty((x.shape[0], channels, h, w)).contiguous(
+        memory_format=torch._prims_common.suggest_memory_format(x))
 
 
 # The Triton launchers, opaque to the compiler (see SPEC section 3 on TRITON_INTERPRET).
