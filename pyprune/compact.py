@@ -232,9 +232,12 @@ def mask_convolutions(model: nn.Module, example_input: Tensor) -> nn.Module:
 
     Every groups-1 ``nn.Conv2d`` becomes a ``MaskedConv2d`` with static bool masks: in_mask
     drops the input channels that are exactly zero (a pruned ChipMask before it), out_mask the
-    output channels that a later hard mask zeroes anyway. Eval-mode outputs equal the model's;
-    the convolutions do only the kept work (see ``pyprune.masked_conv2d``). ``compact`` goes
-    further and removes the channels from every layer.
+    output channels that a later hard mask zeroes anyway. A pruned ChipMask right after a
+    BatchNorm is folded into it (its weight and bias zeroed on the removed channels, which the
+    convolution before already zeroed), saving the mask's pass. Eval-mode outputs equal the
+    model's; the convolutions do only the kept work
+    (see ``pyprune.masked_conv2d``). ``compact`` goes further and removes the channels from
+    every layer.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -256,6 +259,22 @@ def mask_convolutions(model: nn.Module, example_input: Tensor) -> nn.Module:
         new = MaskedConv2d.from_conv(m)
         new.set_masks(in_mask=None if in_keep is None or bool(in_keep.all()) else in_keep,
                       out_mask=None if bool(out_keep.all()) else out_keep)
-        parent, _, name = n.target.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, name, new)
+        _set(model, n.target, new)
+    for n in gm.graph.nodes:  # hard masks right after a BatchNorm: into the BatchNorm
+        if n.op != "call_module" or not isinstance(modules[n.target], ChipMask):
+            continue
+        chip, src = modules[n.target], n.args[0]
+        if (chip.pruned and src.op == "call_module" and len(src.users) == 1
+                and isinstance(modules[src.target], nn.BatchNorm2d) and modules[src.target].affine):
+            bn = modules[src.target]
+            with torch.no_grad():
+                keep = chip.hard_mask.to(bn.weight.dtype)
+                bn.weight.mul_(keep)
+                bn.bias.mul_(keep)
+            _set(model, n.target, nn.Identity())
     return model
+
+
+def _set(model: nn.Module, target: str, module: nn.Module) -> None:
+    parent, _, name = target.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, name, module)

@@ -34,13 +34,22 @@ void move_channels_impl(const at::Tensor& src, const at::Tensor& dst, const int6
   const T* s = static_cast<const T*>(src.data_ptr());
   T* d = static_cast<T*>(dst.data_ptr());
   const auto ss = src.strides(), ds = dst.strides();
-  if (ds[1] == 1 && C > 1) {  // channels innermost: per pixel, across its channels
+  if (ds[1] == 1 && C > 1) {  // channels innermost: per pixel, zero-fill then copy the kept
+    std::vector<int64_t> dst_c, src_off;
+    for (int64_t c = 0; c < C; ++c) {
+      if (map[c] < 0) continue;
+      dst_c.push_back(c);
+      src_off.push_back(map[c] * ss[1]);
+    }
+    const bool fill = static_cast<int64_t>(dst_c.size()) < C;
+    const int64_t kept = static_cast<int64_t>(dst_c.size());
     at::parallel_for(0, N * H * W, 64, [&](int64_t begin, int64_t end) {
       for (int64_t p = begin; p < end; ++p) {
         const int64_t n = p / (H * W), h = p / W % H, w = p % W;
         T* dp = d + n * ds[0] + h * ds[2] + w * ds[3];
         const T* sp = s + n * ss[0] + h * ss[2] + w * ss[3];
-        for (int64_t c = 0; c < C; ++c) dp[c] = map[c] >= 0 ? sp[map[c] * ss[1]] : T(0);
+        if (fill) std::memset(dp, 0, C * sizeof(T));
+        for (int64_t t = 0; t < kept; ++t) dp[dst_c[t]] = sp[src_off[t]];
       }
     });
     return;
