@@ -5,14 +5,52 @@ import torch
 import pyprune
 
 
+def _kwta(dtype):
+    for shape, mode in [((4, 8, 5, 5), "channel"), ((3, 70001), "sample"),
+                        ((2, 16, 32, 32), "sample")]:
+        x = torch.randn(shape, device="cuda", dtype=dtype, requires_grad=True)
+        pyprune.kwta(x, 0.1, mode=mode).sum().backward()
+
+
+def _sap_noise(dtype):
+    x = torch.randn(3, 5, 7, 9, device="cuda", dtype=dtype, requires_grad=True)
+    for exact in (True, False):
+        pyprune.sap(x, 1.0, exact=exact).sum().backward()
+    for multiplicative in (False, True):
+        pyprune.gaussian_noise(x, 0.1, multiplicative=multiplicative).sum().backward()
+    pyprune.magnitude_mask(x.detach(), 0.3)
+
+
+def _cas(dtype):
+    for shape in [(4, 32, 4, 4), (2, 40, 17, 17)]:
+        x = torch.randn(shape, device="cuda", dtype=dtype, requires_grad=True)
+        w = torch.randn(5, shape[1], device="cuda", dtype=dtype, requires_grad=True)
+        for label in (torch.randint(5, (shape[0],), device="cuda"), None):
+            out, logits = pyprune.cas(x, w, None, label)
+            (out.sum() + logits.sum()).backward()
+
+
+def _masked_conv(dtype):
+    x = torch.randn(3, 70, 11, 9, device="cuda", dtype=dtype, requires_grad=True)
+    w = torch.randn(33, 70, 3, 3, device="cuda", dtype=dtype, requires_grad=True)
+    b = torch.randn(33, device="cuda", dtype=dtype, requires_grad=True)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    masks = [None, torch.rand(70, device="cuda", generator=gen) < 0.5,
+             torch.rand(3, 70, device="cuda", generator=gen) < 0.5]
+    out_masks = [None, torch.rand(33, device="cuda", generator=gen) < 0.5,
+                 torch.rand(3, 33, device="cuda", generator=gen) < 0.5]
+    for in_mask in masks:
+        for out_mask in out_masks:
+            y = pyprune.masked_conv2d(x, w, b, 2, 1, in_mask=in_mask, out_mask=out_mask)
+            y.sum().backward()
+
+
 def main() -> None:
-    shapes = [((4, 8, 5, 5), "channel"), ((3, 70001), "sample"), ((2, 16, 32, 32), "sample")]
     for backend in ("cuda", "triton"):
         with pyprune.use_backend(backend):
             for dtype in (torch.float32, torch.float16, torch.bfloat16):
-                for shape, mode in shapes:
-                    x = torch.randn(shape, device="cuda", dtype=dtype, requires_grad=True)
-                    pyprune.kwta(x, 0.1, mode=mode).sum().backward()
+                for run in (_kwta, _sap_noise, _cas, _masked_conv):
+                    run(dtype)
     torch.cuda.synchronize()
     print("smoke: every kernel ran")
 
