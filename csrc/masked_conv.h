@@ -25,23 +25,22 @@ struct Geometry {
   int64_t groups;
 };
 
-inline Geometry geometry(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
-                         at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
-  TORCH_CHECK(x.dim() == 4, "masked_conv2d: x must be 4-D (N, C, H, W), got ", x.dim(), "-D");
-  TORCH_CHECK(weight.dim() == 4, "masked_conv2d: weight must be 4-D, got ", weight.dim(), "-D");
-  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
-              "masked_conv2d: stride, padding and dilation must have two values each");
-  TORCH_CHECK(groups >= 1 && x.size(1) % groups == 0 && weight.size(0) % groups == 0,
-              "masked_conv2d: groups must divide the input and output channels");
-  TORCH_CHECK(weight.size(1) * groups == x.size(1), "masked_conv2d: weight expects ",
-              weight.size(1) * groups, " input channels, x has ", x.size(1));
-  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), "masked_conv2d: weight must have x's dtype");
+// The geometry of x (N, C_in, H, W) convolved with a (., ., kh, kw) weight into c_out channels;
+// `op` names the operator in error messages.
+inline Geometry make_geometry(const at::Tensor& x, const at::Tensor& weight, int64_t c_out,
+                              at::IntArrayRef stride, at::IntArrayRef padding,
+                              at::IntArrayRef dilation, int64_t groups, const char* op) {
+  TORCH_CHECK(x.dim() == 4, op, ": x must be 4-D (N, C, H, W), got ", x.dim(), "-D");
+  TORCH_CHECK(weight.dim() == 4, op, ": weight must be 4-D, got ", weight.dim(), "-D");
+  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2, op,
+              ": stride, padding and dilation must have two values each");
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), op, ": weight must have x's dtype");
   Geometry g;
   g.n = x.size(0);
   g.c_in = x.size(1);
   g.h = x.size(2);
   g.w = x.size(3);
-  g.c_out = weight.size(0);
+  g.c_out = c_out;
   g.kh = weight.size(2);
   g.kw = weight.size(3);
   g.groups = groups;
@@ -49,14 +48,25 @@ inline Geometry geometry(const at::Tensor& x, const at::Tensor& weight, at::IntA
     g.stride[i] = stride[i];
     g.padding[i] = padding[i];
     g.dilation[i] = dilation[i];
-    TORCH_CHECK(stride[i] >= 1 && dilation[i] >= 1 && padding[i] >= 0,
-                "masked_conv2d: stride and dilation must be >= 1 and padding >= 0");
+    TORCH_CHECK(stride[i] >= 1 && dilation[i] >= 1 && padding[i] >= 0, op,
+                ": stride and dilation must be >= 1 and padding >= 0");
   }
   g.h_out = (g.h + 2 * g.padding[0] - g.dilation[0] * (g.kh - 1) - 1) / g.stride[0] + 1;
   g.w_out = (g.w + 2 * g.padding[1] - g.dilation[1] * (g.kw - 1) - 1) / g.stride[1] + 1;
-  TORCH_CHECK(g.h_out >= 1 && g.w_out >= 1, "masked_conv2d: the output would be empty (",
-              g.h_out, "x", g.w_out, ")");
+  TORCH_CHECK(g.h_out >= 1 && g.w_out >= 1, op, ": the output would be empty (", g.h_out, "x",
+              g.w_out, ")");
   return g;
+}
+
+inline Geometry geometry(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
+                         at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  TORCH_CHECK(x.dim() == 4 && weight.dim() == 4, "masked_conv2d: x and weight must be 4-D");
+  TORCH_CHECK(groups >= 1 && x.size(1) % groups == 0 && weight.size(0) % groups == 0,
+              "masked_conv2d: groups must divide the input and output channels");
+  TORCH_CHECK(weight.size(1) * groups == x.size(1), "masked_conv2d: weight expects ",
+              weight.size(1) * groups, " input channels, x has ", x.size(1));
+  return make_geometry(x, weight, weight.size(0), stride, padding, dilation, groups,
+                       "masked_conv2d");
 }
 
 // Geometry of a convolution of x with an already compacted weight (k_out, k_in, kh, kw) whose
@@ -64,28 +74,7 @@ inline Geometry geometry(const at::Tensor& x, const at::Tensor& weight, at::IntA
 inline Geometry compact_geometry(const at::Tensor& x, const at::Tensor& weight, int64_t channels,
                                  at::IntArrayRef stride, at::IntArrayRef padding,
                                  at::IntArrayRef dilation) {
-  TORCH_CHECK(x.dim() == 4 && weight.dim() == 4, "_channel_conv: x and weight must be 4-D");
-  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
-              "_channel_conv: stride, padding and dilation must have two values each");
-  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), "_channel_conv: weight must have x's dtype");
-  Geometry g;
-  g.n = x.size(0);
-  g.c_in = x.size(1);
-  g.h = x.size(2);
-  g.w = x.size(3);
-  g.c_out = channels;
-  g.kh = weight.size(2);
-  g.kw = weight.size(3);
-  g.groups = 1;
-  for (int i = 0; i < 2; ++i) {
-    g.stride[i] = stride[i];
-    g.padding[i] = padding[i];
-    g.dilation[i] = dilation[i];
-  }
-  g.h_out = (g.h + 2 * g.padding[0] - g.dilation[0] * (g.kh - 1) - 1) / g.stride[0] + 1;
-  g.w_out = (g.w + 2 * g.padding[1] - g.dilation[1] * (g.kw - 1) - 1) / g.stride[1] + 1;
-  TORCH_CHECK(g.h_out >= 1 && g.w_out >= 1, "_channel_conv: the output would be empty");
-  return g;
+  return make_geometry(x, weight, channels, stride, padding, dilation, 1, "_channel_conv");
 }
 
 // Checks of _channel_conv's index arguments against the compacted weight.

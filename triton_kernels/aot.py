@@ -43,6 +43,22 @@ class Variant(NamedTuple):
         return f"{self.module}.{self.kernel.__name__} {dtype} {consts} {opts}".rstrip()
 
 
+def signature(kernel, dtype: str, constexprs: dict, pointers: dict | None = None) -> dict[str, str]:
+    """The signature a launch with ``dtype`` tensors gets, for a kernel module's AOT list:
+    constexprs as such, ``*_ptr`` arguments as pointers to dtype (or the type ``pointers``
+    names), every other argument i32 (launch values fit; kernels widen offsets to int64)."""
+    pointers = pointers or {}
+
+    def kind(name: str) -> str:
+        if name in constexprs:
+            return "constexpr"
+        if name.endswith("_ptr"):
+            return pointers.get(name, f"*{dtype}")
+        return "i32"
+
+    return {name: kind(name) for name in kernel.arg_names}
+
+
 def _check_not_interpreted() -> None:
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise RuntimeError(

@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .aot import signature
+
 # Spatial tile widths: the smallest of these >= min(L, 256); channel tile = _TILE // BLOCK_L.
 _BLOCK_LS = (16, 64, 256)
 _TILE = 4096
@@ -316,17 +318,6 @@ _POINTERS = {
 }
 
 
-def _signature(kernel, dtype: str, constexprs: dict) -> dict[str, str]:
-    def kind(name: str) -> str:
-        if name in constexprs:
-            return "constexpr"
-        if name.endswith("_ptr"):
-            return _POINTERS.get(name, f"*{dtype}")
-        return "i32"
-
-    return {name: kind(name) for name in kernel.arg_names}
-
-
 def _aot_variants() -> list[tuple]:
     """Every (kernel, signature, constexprs, options) the launchers above can launch: configs
     change only at powers of two of K and L, so sampling those covers them all."""
@@ -338,11 +329,11 @@ def _aot_variants() -> list[tuple]:
         for block_k, block_l, block_c, one_block, num_warps in sorted(forward):
             constexprs = {"BLOCK_K": block_k, "BLOCK_L": block_l, "BLOCK_C": block_c,
                           "ONE_BLOCK": one_block}
-            variants.append((_cas_forward_kernel, _signature(_cas_forward_kernel, dtype, constexprs),
+            variants.append((_cas_forward_kernel, signature(_cas_forward_kernel, dtype, constexprs, _POINTERS),
                              constexprs, {"num_warps": num_warps}))
         for block_k, block_l, block_c in sorted(backward):
             constexprs = {"BLOCK_K": block_k, "BLOCK_L": block_l, "BLOCK_C": block_c}
-            variants.append((_cas_backward_kernel, _signature(_cas_backward_kernel, dtype, constexprs),
+            variants.append((_cas_backward_kernel, signature(_cas_backward_kernel, dtype, constexprs, _POINTERS),
                              constexprs, {"num_warps": 4}))
     return variants
 

@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .aot import signature
+
 RADIX_BITS = tl.constexpr(8)
 BINS = tl.constexpr(1 << 8)
 # Forward block sizes: the next power of two of L within these bounds. A group of up to
@@ -230,17 +232,6 @@ def kwta_backward(
     return out
 
 
-def _signature(kernel, dtype: str, constexprs: dict) -> dict[str, str]:
-    """The signature a launch with ``dtype`` tensors gets: pointers to dtype, integers as i32
-    (launch values fit; the kernels widen offsets to int64)."""
-    def kind(name: str) -> str:
-        if name in constexprs:
-            return "constexpr"
-        return f"*{dtype}" if name.endswith("_ptr") else "i32"
-
-    return {name: kind(name) for name in kernel.arg_names}
-
-
 def _aot_variants() -> list[tuple]:
     """Every (kernel, signature, constexprs, options) the launchers above can launch.
 
@@ -251,11 +242,11 @@ def _aot_variants() -> list[tuple]:
     for dtype in _TL_DTYPES.values():
         for block, one_block, num_warps in sorted(forward):
             constexprs = {"BLOCK": block, "ONE_BLOCK": one_block}
-            variants.append((_kwta_forward_kernel, _signature(_kwta_forward_kernel, dtype, constexprs),
+            variants.append((_kwta_forward_kernel, signature(_kwta_forward_kernel, dtype, constexprs),
                              constexprs, {"num_warps": num_warps}))
         for block_g, block_l in sorted(backward):
             constexprs = {"BLOCK_G": block_g, "BLOCK_L": block_l}
-            variants.append((_kwta_backward_kernel, _signature(_kwta_backward_kernel, dtype, constexprs),
+            variants.append((_kwta_backward_kernel, signature(_kwta_backward_kernel, dtype, constexprs),
                              constexprs, {"num_warps": _BWD_NUM_WARPS}))
     return variants
 

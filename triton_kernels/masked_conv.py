@@ -41,6 +41,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .aot import signature
+
 from .cas import _round
 
 _TL_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -274,17 +276,6 @@ _POINTERS = {"in_idx_ptr": "*i32", "in_cnt_ptr": "*i32", "out_idx_ptr": "*i32",
              "out_cnt_ptr": "*i32"}
 
 
-def _signature(kernel, dtype: str, constexprs: dict) -> dict[str, str]:
-    def kind(name: str) -> str:
-        if name in constexprs:
-            return "constexpr"
-        if name.endswith("_ptr"):
-            return _POINTERS.get(name, f"*{dtype}")
-        return "i32"
-
-    return {name: kind(name) for name in kernel.arg_names}
-
-
 def _aot_variants() -> list[tuple]:
     """Every (kernel, signature, constexprs, options) masked_conv2d_forward can launch: one per
     dtype and block-size choice."""
@@ -296,7 +287,7 @@ def _aot_variants() -> list[tuple]:
                     constexprs = {"BLOCK_P": block_p, "BLOCK_CO": block_co, "BLOCK_CI": block_ci,
                                   "UPCAST": False}
                     variants.append((_masked_conv2d_forward_kernel,
-                                     _signature(_masked_conv2d_forward_kernel, dtype, constexprs),
+                                     signature(_masked_conv2d_forward_kernel, dtype, constexprs, _POINTERS),
                                      constexprs, {"num_warps": _NUM_WARPS}))
     return variants
 

@@ -84,6 +84,24 @@ void move_channels(const at::Tensor& src, const at::Tensor& dst, const int64_t* 
   }
 }
 
+// y[n, c] = 0 where the mask (row n of a 2-D mask, or the 1-D one) drops channel c, in place.
+// For NCHW y only the dropped channels are written (masked_fill_ would pass over all of y).
+void zero_channels(at::Tensor& y, const at::Tensor& mask) {
+  const at::Tensor m = mask.dim() == 1 ? mask.view({1, -1}) : mask;
+  if (!y.is_contiguous()) {
+    y.masked_fill_(m.view({m.size(0), m.size(1), 1, 1}).logical_not(), 0);
+    return;
+  }
+  const int64_t C = y.size(1), plane = y.size(2) * y.size(3) * y.element_size();
+  const int64_t ms0 = m.size(0) == 1 ? 0 : m.stride(0), ms1 = m.stride(1);
+  const bool* mp = m.data_ptr<bool>();
+  char* yp = static_cast<char*>(y.data_ptr());
+  at::parallel_for(0, y.size(0) * C, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r)
+      if (!mp[(r / C) * ms0 + (r % C) * ms1]) std::memset(yp + r * plane, 0, plane);
+  });
+}
+
 // t's channels `index` (dim 1) as a new tensor in t's memory format (indices trusted).
 at::Tensor gather_channels(const at::Tensor& t, const at::Tensor& index) {
   at::Tensor out = at::empty({t.size(0), index.size(0), t.size(2), t.size(3)}, t.options(),
@@ -236,8 +254,11 @@ at::Tensor masked_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight,
     return channel_conv_cpu(x, c.weight, c.bias, g.stride, g.padding, g.dilation,
                             opt(c.in_index), opt(c.out_index), g.c_out);
   }
-  if (!per_sample_pays(g, in_mask, out_mask, false))
-    return masked_conv::dense_forward(x, weight, bias, g, in_mask, out_mask);
+  if (!per_sample_pays(g, in_mask, out_mask, false)) {
+    at::Tensor y = masked_conv::dense_forward(x, weight, bias, g, in_mask, std::nullopt);
+    if (out_mask.has_value()) zero_channels(y, *out_mask);
+    return y;
+  }
 
   const auto format = x.suggest_memory_format();
   at::Tensor out = at::empty({g.n, g.c_out, g.h_out, g.w_out}, x.options(), format);

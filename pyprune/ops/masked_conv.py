@@ -8,8 +8,9 @@ masked work. Float masks multiply and receive gradients; a float mask shared by 
 folded into the weight and bias (weight-sized work, no pass over x or the output), a per-sample
 float mask multiplies x or the output. A weight mask applies to the weight, computed on the fly
 for each call, and the dense engine runs at every density: on this project's CPU a sparse (CSR)
-product over the unfolded input beat the dense convolution only near 2% density, and needs an
-unfolded input nine times x's size, so no sparse path is wired in.
+product over the unfolded input (torch.sparse.mm) ran at 0.4x the dense convolution even at 1%
+density and 0.16x at 50% (x (32, 128, 16, 16), weight (128, 128, 3, 3)), and needs an unfolded
+input nine times x's size, so there is no break-even to switch at and no sparse path.
 """
 from __future__ import annotations
 
