@@ -270,7 +270,13 @@ def masked_conv2d(
         out_mask = None
     if scale_in is not None:
         x = x * scale_in[:, :, None, None]
-    y = _OPS[backend][0](x, weight, bias, stride, padding, dilation, groups, in_mask, out_mask)
+    if in_mask is None and out_mask is None and backend in ("cpu", "cuda"):
+        # Nothing structural left: the dense engine itself (oneDNN / cuDNN), without the op's
+        # dispatch (measured 2-4% of an 11 ms convolution here).
+        y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+    else:
+        y = _OPS[backend][0](x, weight, bias, stride, padding, dilation, groups, in_mask,
+                             out_mask)
     if scale_out is not None:
         y = y * scale_out[:, :, None, None]
     return y
