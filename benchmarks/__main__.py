@@ -47,7 +47,7 @@ def main() -> None:
     # Other work on the host skews timings (on a 2-core CPU, by whole scheduler ticks).
     print(f"host load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     copy = harness.copy_bandwidth(info)
-    harness.write_csv(folder / "copy.csv", [copy])
+    harness.store_copy_bandwidth(folder / "copy.csv", copy)
     print(f"copy bandwidth (read + write): {copy.gbps:.1f} GB/s")
 
     for op in args.op or sorted(ops):

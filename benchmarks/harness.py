@@ -442,6 +442,20 @@ def copy_bandwidth(info: RunInfo) -> Row:
     return _measure(info, "copy", EAGER, "forward", case, step)
 
 
+def store_copy_bandwidth(path: Path, row: Row) -> None:
+    """Keep one copy-bandwidth row per device in copy.csv: the results of a folder may come from
+    several machines (one per op run), and each op's "% copy" uses its own machine's row."""
+    rows = [r for r in read_csv(path) if r.device != row.device] if path.exists() else []
+    write_csv(path, rows + [row])
+
+
+def copy_gbps_for(path: Path, device: str) -> float | None:
+    """The copy bandwidth stored for ``device`` in copy.csv, if any."""
+    if not path.exists():
+        return None
+    return next((r.gbps for r in read_csv(path) if r.device == device), None)
+
+
 def _measure(info: RunInfo, op: str, provider: str, mode: str, case: Case, step: Step) -> Row:
     timing = time_step(step.fn, info.device, info.budget_s)
     peak = peak_memory_mb(step.fn, info.device)

@@ -25,10 +25,10 @@ def table(results: Path, devices: list[str] | None = None) -> str:
         if path.name in NOT_OP_CSVS or (devices and path.parent.name not in devices):
             continue
         copy_csv = path.with_name("copy.csv")
-        copy_gbps = harness.read_csv(copy_csv)[0].gbps if copy_csv.exists() else None
         rows = harness.read_csv(path)
         ratio = harness.speedups(rows)
         for r in rows:
+            copy_gbps = harness.copy_gbps_for(copy_csv, r.device)
             share = f"{100 * r.gbps / copy_gbps:.0f}%" if copy_gbps else "-"
             cells = (r.device, r.date[:10], r.op, r.shape, r.dtype, r.mode, r.provider,
                      f"{r.p50_ms:.3f}", f"{ratio[r]:.2f}x", f"{r.gbps:.1f}", share)
