@@ -423,6 +423,18 @@ def test_module_cache_follows_changes():
     assert m._cache[0] != key
 
 
+def test_module_cached_path_bad_input():
+    m = MaskedConv2d(4, 6, 3, padding=1)
+    m.out_mask = torch.tensor([True, False, True, True, False, True])
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="x must have 4 channels"):
+            m(torch.randn(2, 5, 5, 5))
+        with pytest.raises(TypeError, match="x must have the weight's dtype"):
+            m(torch.randn(2, 4, 5, 5, dtype=torch.float64))
+        with pytest.raises(ValueError, match="x must be 4-D"):
+            m(torch.randn(4, 5, 5))
+
+
 def test_module_training_gets_gradients():
     m = MaskedConv2d(4, 6, 3, padding=1)
     m.out_mask = torch.tensor([True, False, True, True, False, True])

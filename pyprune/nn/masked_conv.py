@@ -103,7 +103,12 @@ class MaskedConv2d(nn.Conv2d):
         if self.padding_mode != "zeros":
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             padding = 0
-        if self._cacheable(x):
+        if self._cacheable(_validate.tensor(x, "x", dim=4)):
+            if x.shape[1] != self.in_channels:
+                raise ValueError(f"x must have {self.in_channels} channels, got shape "
+                                 f"{tuple(x.shape)}")
+            if x.dtype != self.weight.dtype:
+                raise TypeError(f"x must have the weight's dtype {self.weight.dtype}, got {x.dtype}")
             w, b, in_idx, out_idx = self._compacted()
             if padding == 0:
                 padding = (0, 0)
