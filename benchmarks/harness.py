@@ -26,8 +26,8 @@ Method
 * Timing: warm-up (the first call compiles / autotunes, then at least ``WARMUP_RUNS`` runs and
   ``WARMUP_S`` seconds), then per-run times of at least ``MIN_RUNS`` runs, more while they fit in
   the time budget; p20/p50/p80 over those runs. The providers of a case and mode are timed
-  interleaved, one run of each in turn, so a shared machine's changing speed affects them alike. CPU: ``time.perf_counter`` around each run,
-  Python's GC off. CUDA: a CUDA event pair around each run, and a 256 MiB buffer zeroed before
+  interleaved, one run of each in turn, so a shared machine's changing speed affects them
+  alike. CPU: ``time.perf_counter`` around each run, Python's GC off. CUDA: a CUDA event pair around each run, and a 256 MiB buffer zeroed before
   each run so no run reads its inputs from the previous run's L2.
 * GB/s: the bytes the op must read and write (declared by the op per mode) / p50. The copy
   bandwidth is measured once per run with ``dst.copy_(src)`` of a large tensor (read + write)

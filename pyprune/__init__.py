@@ -20,7 +20,9 @@ from .ops import gaussian_noise, magnitude_mask, sap
 __version__ = "0.1.0"
 
 __all__ = [
-    "kwta", "cas", "masked_conv2d", "sap", "gaussian_noise", "magnitude_mask", "cas_loss", "pc_loss", "channel_activation_frequency",
-    "chipnet", "crispness_loss", "budget_loss", "compact", "count", "mask_convolutions", "convert", "set_cas_label",
-    "cas_logits", "backends", "backend_status", "use_backend", "nn", "reference",
+    "kwta", "cas", "masked_conv2d", "sap", "gaussian_noise", "magnitude_mask",
+    "cas_loss", "pc_loss", "channel_activation_frequency",
+    "chipnet", "crispness_loss", "budget_loss", "compact", "count", "mask_convolutions",
+    "convert", "set_cas_label", "cas_logits",
+    "backends", "backend_status", "use_backend", "nn", "reference",
 ]

@@ -6,4 +6,5 @@ from .masked_conv import ChannelGate, MaskedConv2d
 from .noise import GaussianNoise, MagnitudePruned, NoisyWeight
 from .sap import SAP
 
-__all__ = ["KWTA", "CAS", "SAP", "GaussianNoise", "NoisyWeight", "MagnitudePruned", "MaskedConv2d", "ChannelGate", "ChipMask"]
+__all__ = ["KWTA", "CAS", "SAP", "GaussianNoise", "NoisyWeight", "MagnitudePruned",
+           "MaskedConv2d", "ChannelGate", "ChipMask"]
