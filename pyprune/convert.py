@@ -5,7 +5,6 @@ import copy
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional, Union
 
-import torch
 from torch import Tensor, nn
 
 from . import _validate
