@@ -129,6 +129,21 @@ def _pair(value: object, name: str, minimum: int) -> tuple[int, int]:
     return int(values[0]), int(values[1])
 
 
+# Integer types of each float dtype's width, for exact bitwise masking.
+_BITS = {torch.float32: torch.int32, torch.float64: torch.int64, torch.float16: torch.int16,
+         torch.bfloat16: torch.int16}
+
+
+def _keep(t: Tensor, mask: Tensor) -> Tensor:
+    """t where mask else +0.0, exactly: masked entries take no part even if inf or NaN. Without
+    autograd, an AND with all-ones / all-zeros bit patterns (on this CPU 5x faster than
+    torch.where for a 128x128x3x3 weight); with it, torch.where."""
+    if (torch.is_grad_enabled() and t.requires_grad) or torch.compiler.is_compiling():
+        return torch.where(mask, t, torch.zeros((), dtype=t.dtype, device=t.device))
+    bits = _BITS[t.dtype]
+    return (t.contiguous().view(bits) & -mask.to(bits)).view(t.dtype)
+
+
 def _check_mask(mask: object, name: str, channels: int, x: Tensor) -> Optional[Tensor]:
     if mask is None:
         return None
@@ -249,9 +264,8 @@ def masked_conv2d(
 
     # Soft (float) masks: folded into the weight when shared by the batch, else multiplied.
     if weight_mask is not None:
-        weight = (torch.where(weight_mask, weight, torch.zeros((), dtype=weight.dtype,
-                                                               device=weight.device))
-                  if weight_mask.dtype == torch.bool else weight * weight_mask)
+        weight = (_keep(weight, weight_mask) if weight_mask.dtype == torch.bool
+                  else weight * weight_mask)
     scale_in = scale_out = None
     if in_mask is not None and in_mask.dtype != torch.bool:
         if in_mask.dim() == 1:
