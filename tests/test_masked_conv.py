@@ -460,3 +460,19 @@ def test_channel_gate():
         ChannelGate(6, 10, keep_ratio=0.0)
     with pytest.raises(ValueError, match="x must have 6 channels"):
         gate(torch.randn(2, 5, 3, 3))
+
+
+@pytest.mark.parametrize("dtype", list(TOLERANCES), ids=str)
+def test_bool_weight_mask_is_exact(dtype):
+    """The bitwise weight masking (no autograd) equals torch.where, inf and NaN included."""
+    from pyprune.ops.masked_conv import _keep
+
+    gen = torch.Generator().manual_seed(0)
+    t = torch.randn(5, 4, 3, 3, generator=gen).to(dtype)
+    t[0, 0, 0, 0], t[1, 0, 0, 0] = float("inf"), float("nan")
+    m = torch.rand(5, 4, 3, 3, generator=gen) < 0.5
+    m[0, 0, 0, 0] = m[1, 0, 0, 0] = False
+    want = torch.where(m, t, torch.zeros((), dtype=dtype))
+    assert torch.equal(_keep(t, m), want)
+    with torch.enable_grad():  # the autograd path
+        assert torch.equal(_keep(t.clone().requires_grad_(), m).detach(), want)
