@@ -476,3 +476,31 @@ def test_bool_weight_mask_is_exact(dtype):
     assert torch.equal(_keep(t, m), want)
     with torch.enable_grad():  # the autograd path
         assert torch.equal(_keep(t.clone().requires_grad_(), m).detach(), want)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_cuda_graph_capture(backend):
+    """Static and per-sample masks inside a captured CUDA graph: no host synchronisation."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 8, 9, 9, generator=gen).cuda()
+    w, b = torch.randn(6, 8, 3, 3, generator=gen).cuda(), torch.randn(6, generator=gen).cuda()
+    for in_mask, out_mask in [(torch.rand(8, generator=gen) < 0.5, torch.rand(6, generator=gen) < 0.5),
+                              (None, torch.rand(4, 6, generator=gen) < 0.5)]:
+        in_mask = None if in_mask is None else in_mask.cuda()
+        out_mask = out_mask.cuda()
+        with pyprune.use_backend(backend):
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up outside the capture
+                pyprune.masked_conv2d(x, w, b, 1, 1, in_mask=in_mask, out_mask=out_mask)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = pyprune.masked_conv2d(x, w, b, 1, 1, in_mask=in_mask, out_mask=out_mask)
+        graph.replay()
+        torch.cuda.synchronize()
+        want = reference.masked_conv2d(x.double(), w.double(), b.double(), 1, 1, 1, 1,
+                                       in_mask, out_mask)
+        _close(out, want, torch.float32, scale=4.0)

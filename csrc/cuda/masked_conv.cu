@@ -4,11 +4,12 @@
 //   groups > 1                         masked_conv::dense_forward: cuDNN on the full problem,
 //                                      the masks applied around it (nothing skipped);
 //   no per-sample mask                 masked_conv::static_forward: cuDNN on the smaller problem
-//                                      left by the (C,) masks;
+//                                      left by the (C,) masks (it counts them on the host, so
+//                                      during CUDA graph capture the kernel below runs instead);
 //   an (N, C) mask, groups == 1        the implicit-GEMM kernel below, one launch for the batch.
-// Backward: static masks with groups == 1 run masked_conv::static_backward; everything else,
-// per-sample masks included, runs masked_conv::dense_backward, the dense engine's backward with
-// the masks applied around it: the per-sample backward skips no work.
+// Backward: static masks with groups == 1 run masked_conv::static_backward (outside capture);
+// everything else, per-sample masks included, runs masked_conv::dense_backward, the dense
+// engine's backward with the masks applied around it: the per-sample backward skips no work.
 //
 // The kernel. For sample n, out[n] (C_out x P, P = H_out * W_out) = W' @ X'[n], where W' holds
 // the rows of weight for the kept output channels of n and X'[n] is the im2col matrix of x[n]
@@ -42,6 +43,7 @@
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -406,6 +408,18 @@ at::Tensor per_sample_forward(const at::Tensor& x, const at::Tensor& weight,
   return format == at::MemoryFormat::Contiguous ? out : out.contiguous(format);
 }
 
+// Static masks compact the problem for cuDNN, which needs the kept counts on the host
+// (nonzero): a synchronisation that CUDA graph capture forbids. While the current stream is
+// capturing, static masks take the per-sample kernel instead (it reads the masks on the device;
+// a (C,) mask is a stride-0 row for every sample) and backward the dense engine.
+bool capturing() {
+  return c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
+}
+
+bool any_mask(const std::optional<at::Tensor>& a, const std::optional<at::Tensor>& b) {
+  return a.has_value() || b.has_value();
+}
+
 at::Tensor masked_conv2d_cuda(const at::Tensor& x, const at::Tensor& weight,
                               const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
                               at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
@@ -416,7 +430,8 @@ at::Tensor masked_conv2d_cuda(const at::Tensor& x, const at::Tensor& weight,
   check_operands(x, weight, bias, g, in_mask, out_mask);
   const c10::cuda::CUDAGuard guard(x.device());
   if (g.groups > 1) return masked_conv::dense_forward(x, weight, bias, g, in_mask, out_mask);
-  if (!masked_conv::per_sample(in_mask) && !masked_conv::per_sample(out_mask)) {
+  if (!masked_conv::per_sample(in_mask) && !masked_conv::per_sample(out_mask) &&
+      !(any_mask(in_mask, out_mask) && capturing())) {
     return masked_conv::static_forward(x, weight, bias, g, in_mask, out_mask);
   }
   return per_sample_forward(x, weight, bias, g, in_mask, out_mask);
@@ -435,7 +450,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_conv2d_backward_cuda(
               "masked_conv2d backward: grad must have shape (", g.n, ", ", g.c_out, ", ", g.h_out,
               ", ", g.w_out, "), got ", grad.sizes());
   const c10::cuda::CUDAGuard guard(x.device());
-  if (g.groups == 1 && !masked_conv::per_sample(in_mask) && !masked_conv::per_sample(out_mask)) {
+  if (g.groups == 1 && !masked_conv::per_sample(in_mask) && !masked_conv::per_sample(out_mask) &&
+      !(any_mask(in_mask, out_mask) && capturing())) {
     return masked_conv::static_backward(grad, x, weight, g, in_mask, out_mask);
   }
   return masked_conv::dense_backward(grad, x, weight, g, in_mask, out_mask);
