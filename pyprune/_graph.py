@@ -111,6 +111,8 @@ def kind(node: fx.Node, modules: dict[str, nn.Module]) -> str:
             return "zero"
         if isinstance(m, _CHANNEL_MODULES):
             return "channel"
+        if isinstance(m, nn.Flatten) and _flattens_channels(node):
+            return "flatten"
         return "other"
     if node.op == "call_function":
         if node.target in _ZERO_FUNCTIONS:

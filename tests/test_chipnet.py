@@ -244,6 +244,18 @@ def test_compact_masked_conv_out_mask():
     assert small.get_submodule("2").in_channels == 3
 
 
+def test_compact_sequential_with_flatten_module():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), ChipMask(8), nn.ReLU(),
+                          nn.Conv2d(8, 6, 3, padding=1), nn.BatchNorm2d(6), ChipMask(6), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 3))
+    _randomize(model).eval()
+    x = torch.randn(2, 3, 6, 6)
+    small = pyprune.compact(model, x)
+    torch.testing.assert_close(small(x), model(x), atol=1e-5, rtol=1e-5)
+    assert small.get_submodule("10").in_features == int(model[6].hard_mask.sum())
+
+
 def test_convert_nested():
     torch.manual_seed(0)
     model = ResNet()
