@@ -175,25 +175,25 @@ at::Tensor compact_conv(const at::Tensor& x, const at::Tensor& weight,
 }
 
 // The kept channels' weight (k_out, k_in, kh, kw) and bias, and the kept channel indices
-// (undefined where a mask is absent: all kept).
+// (none where a mask is absent: all kept), as _channel_conv takes them.
 struct Compacted {
-  at::Tensor weight, in_index, out_index;
-  std::optional<at::Tensor> bias;
+  at::Tensor weight;
+  std::optional<at::Tensor> bias, in_index, out_index;
 };
 
 inline Compacted compact(const at::Tensor& x, const at::Tensor& weight,
                          const std::optional<at::Tensor>& bias, const Geometry& g,
                          const std::optional<at::Tensor>& in_mask,
                          const std::optional<at::Tensor>& out_mask) {
-  Compacted c{weight, at::Tensor(), at::Tensor(), bias};
+  Compacted c{weight, bias, std::nullopt, std::nullopt};
   if (out_mask.has_value()) {
     c.out_index = kept(out_mask, g.c_out, x);
-    c.weight = c.weight.index_select(0, c.out_index);
-    if (bias.has_value()) c.bias = bias->index_select(0, c.out_index);
+    c.weight = c.weight.index_select(0, *c.out_index);
+    if (bias.has_value()) c.bias = bias->index_select(0, *c.out_index);
   }
   if (in_mask.has_value()) {
     c.in_index = kept(in_mask, g.c_in, x);
-    c.weight = c.weight.index_select(1, c.in_index);
+    c.weight = c.weight.index_select(1, *c.in_index);
   }
   return c;
 }
@@ -232,11 +232,8 @@ inline at::Tensor static_forward(const at::Tensor& x, const at::Tensor& weight,
                                  const std::optional<at::Tensor>& in_mask,
                                  const std::optional<at::Tensor>& out_mask) {
   const Compacted c = compact(x, weight, bias, g, in_mask, out_mask);
-  auto opt = [](const at::Tensor& t) {
-    return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
-  };
-  return channel_conv(x, c.weight, c.bias, g.stride, g.padding, g.dilation, opt(c.in_index),
-                      opt(c.out_index), g.c_out);
+  return channel_conv(x, c.weight, c.bias, g.stride, g.padding, g.dilation, c.in_index,
+                      c.out_index, g.c_out);
 }
 
 // (grad_x, grad_weight, grad_bias) of static_forward: the engine's backward on the same smaller

@@ -98,20 +98,23 @@ def budget(model: nn.Module, kind: str = "channels", example_input: Optional[Ten
             continue
         if k in ("conv", "depthwise", "other") and isinstance(modules.get(n.target), nn.Conv2d):
             m = modules[n.target]
-            factor = m.kernel_size[0] * m.kernel_size[1] / m.groups
-            if kind == "flops":
-                factor *= shape[2] * shape[3]
-            src = n.args[0]
+            # weights (or multiply-adds) per (input, output) channel pair of a group
+            per_pair = m.kernel_size[0] * m.kernel_size[1] * (
+                shape[2] * shape[3] if kind == "flops" else 1)
             # the channels compaction would keep: a residual sum keeps the union of its branches
-            cin = flow.kept(src).sum() if src in flow.alive else m.in_channels
             cout = flow.kept(n).sum()
-            if k == "depthwise":
-                cin = 1.0
-                factor *= m.groups
-                factor /= m.out_channels
-            kept = kept + cin * cout * factor
-            total += (1.0 if k == "depthwise" else m.in_channels) * m.out_channels * factor
+            if k == "depthwise":  # one input channel per output channel
+                kept = kept + cout * per_pair
+                total += m.out_channels * per_pair
+                continue
+            src = n.args[0]
+            cin = flow.kept(src).sum() if src in flow.alive else m.in_channels
+            kept = kept + cin * cout * per_pair / m.groups
+            total += m.in_channels * m.out_channels * per_pair / m.groups
     return kept / total
+
+
+_budget = budget  # under a name that budget_loss's and prune's ``budget`` argument does not shadow
 
 
 def budget_loss(model: nn.Module, budget: float, kind: str = "channels",
@@ -121,7 +124,7 @@ def budget_loss(model: nn.Module, budget: float, kind: str = "channels",
     value = _validate.real(budget, "budget")
     if not 0.0 < value <= 1.0:
         raise ValueError(f"budget must be in (0, 1], got {value}")
-    return (pyprune_budget(model, kind, example_input, steepness) - value) ** 2
+    return (_budget(model, kind, example_input, steepness) - value) ** 2
 
 
 def schedule(epoch: int, beta0: float = 1.0, gamma0: float = 2.0) -> tuple[float, float]:
@@ -213,10 +216,10 @@ def prune(
             seen += len(y)
             bar.set_postfix(loss=total / batches)
         with torch.no_grad():
-            soft = float(pyprune_budget(model, kind, example, steepness))
+            soft = float(_budget(model, kind, example, steepness))
             for m in masks:
                 m.prune(threshold)
-            hard = float(pyprune_budget(model, kind, example))
+            hard = float(_budget(model, kind, example))
             if epoch + 1 < epochs:
                 for m in masks:
                     m.unprune()
@@ -228,4 +231,3 @@ def prune(
     return history
 
 
-pyprune_budget = budget  # the function, under a name the ``budget`` argument does not shadow

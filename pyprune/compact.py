@@ -9,6 +9,7 @@ from torch import Tensor, fx, nn
 
 from . import _graph
 from .nn import ChipMask, MaskedConv2d
+from .ops.masked_conv import fold_static_masks
 
 
 @dataclass(frozen=True)
@@ -82,23 +83,9 @@ class _ChannelMask(nn.Module):
 
 def _conv_weight(m: nn.Conv2d) -> tuple[Tensor, Tensor | None]:
     """The weight and bias with a MaskedConv2d's static masks applied (masked entries 0)."""
-    w = m.weight.detach().clone()
-    b = None if m.bias is None else m.bias.detach().clone()
-    if not isinstance(m, MaskedConv2d):
-        return w, b
-    zero = torch.zeros((), dtype=w.dtype, device=w.device)
-    if m.weight_mask is not None:
-        w = torch.where(m.weight_mask, w, zero) if m.weight_mask.dtype == torch.bool else w * m.weight_mask
-    if m.in_mask is not None:
-        shape = (m.groups, 1, m.in_channels // m.groups, 1, 1)
-        im = m.in_mask.view(shape)
-        w = w.view(m.groups, m.out_channels // m.groups, *w.shape[1:])
-        w = (torch.where(im, w, zero) if im.dtype == torch.bool else w * im).view(m.weight.shape)
-    if m.out_mask is not None:
-        om = m.out_mask.view(-1, 1, 1, 1)
-        w = torch.where(om, w, zero) if om.dtype == torch.bool else w * om
-        if b is not None:
-            b = torch.where(m.out_mask, b, zero) if m.out_mask.dtype == torch.bool else b * m.out_mask
+    w, b = m.weight.detach(), None if m.bias is None else m.bias.detach()
+    if isinstance(m, MaskedConv2d):
+        w, b = fold_static_masks(w, b, m.groups, m.in_mask, m.out_mask, m.weight_mask)
     return w, b
 
 

@@ -144,13 +144,13 @@ def _pair(v, name: str) -> tuple[int, int]:
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-           dtypes=tuple(_TL_DTYPES)) -> None:
+           dtypes=tuple(_TL_DTYPES), groups: int = 1) -> None:
     if x.dim() != 4 or weight.dim() != 4:
         raise ValueError(f"masked_conv2d (triton): expected x (N, C_in, H, W) and weight "
                          f"(C_out, C_in, kH, kW), got x {tuple(x.shape)}, weight {tuple(weight.shape)}")
-    if weight.shape[1] != x.shape[1]:
-        raise ValueError(f"masked_conv2d (triton): weight expects {weight.shape[1]} input channels "
-                         f"(groups=1 only), x has {x.shape[1]}")
+    if weight.shape[1] * groups != x.shape[1]:
+        raise ValueError(f"masked_conv2d (triton): weight expects {weight.shape[1] * groups} "
+                         f"input channels with groups={groups}, x has {x.shape[1]}")
     if x.dtype not in dtypes or weight.dtype != x.dtype:
         raise TypeError(f"masked_conv2d (triton): x and weight must share a dtype among "
                         f"{', '.join(str(d) for d in dtypes)}, got {x.dtype} and {weight.dtype}")
@@ -240,21 +240,22 @@ def masked_conv2d_forward(
 def _where(t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     if mask is None:
         return t
-    shape = (1, -1, 1, 1) if mask.dim() == 1 else (mask.shape[0], -1, 1, 1)
+    shape = (1, -1, 1, 1) if mask.dim() == 1 else (*mask.shape, 1, 1)
     return torch.where(mask.reshape(shape), t, torch.zeros((), dtype=t.dtype, device=t.device))
 
 
 def masked_conv2d_backward(
     grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int],
-    in_mask: torch.Tensor | None, out_mask: torch.Tensor | None,
+    in_mask: torch.Tensor | None, out_mask: torch.Tensor | None, groups: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad_x, grad_weight, grad_bias) of masked_conv2d_forward, as the
-    pyprune::_masked_conv2d_backward schema says; grad_bias is (C_out,) always.
+    pyprune::_masked_conv2d_backward schema says; grad_bias is (C_out,) always, grad_x in x's
+    memory format.
 
     Runs the dense engine (aten.convolution_backward) on the masked grad and input, so it does
-    the full dense work; masked channels get exactly zero gradient."""
-    _check(x, weight, None, dtypes=(*_TL_DTYPES, torch.float64))
+    the full dense work; masked channels get exactly zero gradient. Any groups."""
+    _check(x, weight, None, dtypes=(*_TL_DTYPES, torch.float64), groups=groups)
     if grad.shape[:2] != (x.shape[0], weight.shape[0]) or grad.dtype != x.dtype:
         raise ValueError(f"masked_conv2d backward (triton): grad must be ({x.shape[0]}, "
                          f"{weight.shape[0]}, H_out, W_out) in {x.dtype}, got {tuple(grad.shape)} "
@@ -266,10 +267,11 @@ def masked_conv2d_backward(
     g = _where(grad, out_mask)
     grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
         g, _where(x, in_mask), weight, None, list(_pair(stride, "stride")),
-        list(_pair(padding, "padding")), list(_pair(dilation, "dilation")), False, [0, 0], 1,
+        list(_pair(padding, "padding")), list(_pair(dilation, "dilation")), False, [0, 0], groups,
         [True, True, False],
     )
-    return _where(grad_x, in_mask), grad_w, g.sum((0, 2, 3)).to(weight.dtype)
+    grad_x = _where(grad_x, in_mask).contiguous(memory_format=_output_format(x))
+    return grad_x, grad_w.contiguous(), g.sum((0, 2, 3)).to(weight.dtype)
 
 
 _POINTERS = {"in_idx_ptr": "*i32", "in_cnt_ptr": "*i32", "out_idx_ptr": "*i32",

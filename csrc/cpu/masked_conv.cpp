@@ -102,14 +102,6 @@ void zero_channels(at::Tensor& y, const at::Tensor& mask) {
   });
 }
 
-// t's channels `index` (dim 1) as a new tensor in t's memory format (indices trusted).
-at::Tensor gather_channels(const at::Tensor& t, const at::Tensor& index) {
-  at::Tensor out = at::empty({t.size(0), index.size(0), t.size(2), t.size(3)}, t.options(),
-                             t.suggest_memory_format());
-  move_channels(t, out, index.data_ptr<int64_t>());
-  return out;
-}
-
 // The position of each of `channels` channels among `index` (-1 if absent), range-checked.
 std::vector<int64_t> positions(const at::Tensor& index, int64_t channels, const char* what) {
   const at::Tensor idx = index.contiguous();
@@ -124,12 +116,14 @@ std::vector<int64_t> positions(const at::Tensor& index, int64_t channels, const 
 }
 
 // t's channels `index` (dim 1), range-checked, laid out in format: one pass, written once.
-at::Tensor gather_channels_as(const at::Tensor& t, const at::Tensor& index,
-                              at::MemoryFormat format) {
-  positions(index, t.size(1), "in");  // range check
-  at::Tensor out = at::empty({t.size(0), index.size(0), t.size(2), t.size(3)}, t.options(), format);
+at::Tensor gather_channels(const at::Tensor& t, const at::Tensor& index, at::MemoryFormat format) {
   const at::Tensor idx = index.contiguous();
-  move_channels(t, out, idx.data_ptr<int64_t>());
+  const int64_t* ip = idx.data_ptr<int64_t>();
+  for (int64_t j = 0; j < idx.size(0); ++j)
+    TORCH_CHECK(ip[j] >= 0 && ip[j] < t.size(1), "_channel_conv: in index ", ip[j],
+                " out of range for ", t.size(1), " channels");
+  at::Tensor out = at::empty({t.size(0), idx.size(0), t.size(2), t.size(3)}, t.options(), format);
+  move_channels(t, out, ip);
   return out;
 }
 
@@ -149,7 +143,7 @@ at::Tensor channel_conv_cpu(const at::Tensor& x, const at::Tensor& weight,
   const auto format = x.suggest_memory_format();
   const auto engine = in_index.has_value() ? at::MemoryFormat::ChannelsLast : format;
   at::Tensor y = masked_conv::compact_conv(x, weight, bias, g, in_index.value_or(at::Tensor()),
-                                           engine, gather_channels_as);
+                                           engine, gather_channels);
   if (!out_index.has_value()) return y.contiguous(format);
   at::Tensor out = at::empty({g.n, channels, g.h_out, g.w_out}, x.options(), format);
   move_channels(y, out, positions(*out_index, channels, "out").data());
@@ -194,7 +188,7 @@ Problem problem_of(const at::Tensor& x, const at::Tensor& weight, int64_t n, con
   at::Tensor xs = x.narrow(0, n, 1);
   at::Tensor w = out.all() ? weight : weight.index_select(0, out.kept);
   if (!in.all()) {
-    xs = gather_channels(xs, in.kept);
+    xs = gather_channels(xs, in.kept, xs.suggest_memory_format());
     w = w.index_select(1, in.kept);
   }
   return {xs, w.contiguous()};
@@ -248,11 +242,8 @@ at::Tensor masked_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight,
   if (groups > 1) return masked_conv::dense_forward(x, weight, bias, g, in_mask, out_mask);
   if (!masked_conv::per_sample(in_mask) && !masked_conv::per_sample(out_mask)) {
     const masked_conv::Compacted c = masked_conv::compact(x, weight, bias, g, in_mask, out_mask);
-    auto opt = [](const at::Tensor& t) {
-      return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
-    };
-    return channel_conv_cpu(x, c.weight, c.bias, g.stride, g.padding, g.dilation,
-                            opt(c.in_index), opt(c.out_index), g.c_out);
+    return channel_conv_cpu(x, c.weight, c.bias, g.stride, g.padding, g.dilation, c.in_index,
+                            c.out_index, g.c_out);
   }
   if (!per_sample_pays(g, in_mask, out_mask, false)) {
     // The masked input channels zeroed by a channel copy (torch.where is several times slower
@@ -332,7 +323,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_conv2d_backward_cpu(
       if (oc.kept.size(0) == 0 || in.kept.size(0) == 0) gx.zero_();
       if (oc.kept.size(0) == 0) continue;
       at::Tensor gy = grad.narrow(0, n, 1);
-      if (!oc.all()) gy = gather_channels(gy, oc.kept);
+      if (!oc.all()) gy = gather_channels(gy, oc.kept, gy.suggest_memory_format());
       grad_b[t].index_add_(0, oc.kept, gy.sum({0, 2, 3}).to(acc.dtype()));
       if (in.kept.size(0) == 0) continue;
       const Problem p = problem_of(x, weight, n, in, oc);

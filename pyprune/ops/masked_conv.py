@@ -26,12 +26,17 @@ from .. import _backend, _validate, reference
 IntPair = Union[int, Sequence[int]]
 
 
+def _empty_output(x: Tensor, weight: Tensor, channels: int, stride, padding, dilation) -> Tensor:
+    """The (N, channels, H_out, W_out) output of a convolution, in x's memory format."""
+    h, w = ((x.shape[2 + i] + 2 * padding[i] - dilation[i] * (weight.shape[2 + i] - 1) - 1)
+            // stride[i] + 1 for i in range(2))
+    return x.new_empty((x.shape[0], channels, h, w)).contiguous(
+        memory_format=torch._prims_common.suggest_memory_format(x))
+
+
 @torch.library.register_fake("pyprune::masked_conv2d")
 def _masked_conv2d_fake(x, weight, bias, stride, padding, dilation, groups, in_mask, out_mask):
-    h = (x.shape[2] + 2 * padding[0] - dilation[0] * (weight.shape[2] - 1) - 1) // stride[0] + 1
-    w = (x.shape[3] + 2 * padding[1] - dilation[1] * (weight.shape[3] - 1) - 1) // stride[1] + 1
-    return x.new_empty((x.shape[0], weight.shape[0], h, w)).contiguous(
-        memory_format=torch._prims_common.suggest_memory_format(x))
+    return _empty_output(x, weight, weight.shape[0], stride, padding, dilation)
 
 
 @torch.library.register_fake("pyprune::_masked_conv2d_backward")
@@ -43,10 +48,7 @@ def _masked_conv2d_backward_fake(grad, x, weight, stride, padding, dilation, gro
 
 @torch.library.register_fake("pyprune::_channel_conv")
 def _channel_conv_fake(x, weight, bias, stride, padding, dilation, in_index, out_index, channels):
-    h = (x.shape[2] + 2 * padding[0] - dilation[0] * (weight.shape[2] - 1) - 1) // stride[0] + 1
-    w = (x.shape[3] + 2 * padding[1] - dilation[1] * (weight.shape[3] - 1) - 1) // stride[1] + 1
-    return x.new_empty((x.shape[0], channels, h, w)).contiguous(
-        memory_format=torch._prims_common.suggest_memory_format(x))
+    return _empty_output(x, weight, channels, stride, padding, dilation)
 
 
 # The Triton launchers, opaque to the compiler (see SPEC section 3 on TRITON_INTERPRET).
@@ -70,18 +72,10 @@ def _masked_conv2d_backward_triton(
     grad: Tensor, x: Tensor, weight: Tensor, stride: Sequence[int], padding: Sequence[int],
     dilation: Sequence[int], groups: int, in_mask: Optional[Tensor], out_mask: Optional[Tensor],
 ) -> tuple[Tensor, Tensor, Tensor]:
-    def view(m):
-        return None if m is None else (m.view(1, -1, 1, 1) if m.dim() == 1 else m[:, :, None, None])
+    from ..triton_kernels import masked_conv as kernels
 
-    zero = torch.zeros((), dtype=x.dtype, device=x.device)
-    gm = grad if out_mask is None else torch.where(view(out_mask), grad, zero)
-    xm = x if in_mask is None else torch.where(view(in_mask), x, zero)
-    gx, gw, gb = torch.ops.aten.convolution_backward(
-        gm, xm, weight, [weight.shape[0]], stride, padding, dilation, False, [0, 0], groups,
-        [True, True, True])
-    if in_mask is not None:
-        gx = torch.where(view(in_mask), gx, zero)
-    return gx.contiguous(memory_format=torch._prims_common.suggest_memory_format(x)), gw.contiguous(), gb
+    return kernels.masked_conv2d_backward(grad, x, weight, tuple(stride), tuple(padding),
+                                          tuple(dilation), in_mask, out_mask, groups)
 
 
 _masked_conv2d_triton.register_fake(_masked_conv2d_fake)
@@ -141,7 +135,31 @@ def _keep(t: Tensor, mask: Tensor) -> Tensor:
     if (torch.is_grad_enabled() and t.requires_grad) or torch.compiler.is_compiling():
         return torch.where(mask, t, torch.zeros((), dtype=t.dtype, device=t.device))
     bits = _BITS[t.dtype]
-    return (t.contiguous().view(bits) & -mask.to(bits)).view(t.dtype)
+    return (t.contiguous().view(bits) & -mask.to(bits)).view(t.dtype)  # mask broadcasts
+
+
+def fold_static_masks(
+    weight: Tensor, bias: Optional[Tensor], groups: int, in_mask: Optional[Tensor] = None,
+    out_mask: Optional[Tensor] = None, weight_mask: Optional[Tensor] = None,
+) -> tuple[Tensor, Optional[Tensor]]:
+    """weight and bias with masks shared by the batch applied to them: weight_mask entrywise,
+    in_mask (C_in,) on the weight's input columns (of each group), out_mask (C_out,) on its rows
+    and the bias. A bool mask zeroes exactly (inf or NaN in masked entries do not leak), a float
+    one multiplies. conv2d(x * in_mask, weight, bias) * out_mask = conv2d(x, folded weight,
+    folded bias)."""
+    def apply(t: Tensor, m: Tensor) -> Tensor:
+        return _keep(t, m) if m.dtype == torch.bool else t * m
+
+    if weight_mask is not None:
+        weight = apply(weight, weight_mask)
+    if in_mask is not None:
+        c_out, c_in_group = weight.shape[:2]
+        grouped = weight.reshape(groups, c_out // groups, *weight.shape[1:])
+        weight = apply(grouped, in_mask.view(groups, 1, c_in_group, 1, 1)).reshape(weight.shape)
+    if out_mask is not None:
+        weight = apply(weight, out_mask.view(-1, 1, 1, 1))
+        bias = None if bias is None else apply(bias, out_mask)
+    return weight, bias
 
 
 def _check_mask(mask: object, name: str, channels: int, x: Tensor) -> Optional[Tensor]:
@@ -262,26 +280,16 @@ def masked_conv2d(
         return reference.masked_conv2d(x, weight, bias, stride, padding, dilation, groups,
                                        in_mask, out_mask, weight_mask)
 
-    # Soft (float) masks: folded into the weight when shared by the batch, else multiplied.
-    if weight_mask is not None:
-        weight = (_keep(weight, weight_mask) if weight_mask.dtype == torch.bool
-                  else weight * weight_mask)
-    scale_in = scale_out = None
-    if in_mask is not None and in_mask.dtype != torch.bool:
-        if in_mask.dim() == 1:
-            shape = (groups, 1, c_in // groups, 1, 1)
-            weight = (weight.view(groups, c_out // groups, *weight.shape[1:])
-                      * in_mask.view(shape)).view(weight.shape)
-        else:
-            scale_in = in_mask
-        in_mask = None
-    if out_mask is not None and out_mask.dtype != torch.bool:
-        if out_mask.dim() == 1:
-            weight = weight * out_mask.view(-1, 1, 1, 1)
-            bias = None if bias is None else bias * out_mask
-        else:
-            scale_out = out_mask
-        out_mask = None
+    # Float channel masks shared by the batch fold into the weight and bias; per-sample ones
+    # multiply x or the output. Bool channel masks stay for the kernels to skip.
+    def soft(m: Optional[Tensor], static: bool) -> Optional[Tensor]:
+        return m if m is not None and m.dtype != torch.bool and (m.dim() == 1) == static else None
+
+    weight, bias = fold_static_masks(weight, bias, groups, soft(in_mask, True),
+                                     soft(out_mask, True), weight_mask)
+    scale_in, scale_out = soft(in_mask, False), soft(out_mask, False)
+    in_mask = in_mask if in_mask is not None and in_mask.dtype == torch.bool else None
+    out_mask = out_mask if out_mask is not None and out_mask.dtype == torch.bool else None
     if scale_in is not None:
         x = x * scale_in[:, :, None, None]
     if in_mask is None and out_mask is None and backend in ("cpu", "cuda"):
