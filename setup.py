@@ -20,8 +20,9 @@ def want_cuda() -> bool:
 
 
 cuda = want_cuda()
-sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
-cxx = ["-O3", "-fopenmp", "-DPy_LIMITED_API=0x03090000"]
+# csrc/cpu/avx2/ holds the AVX2 builds of the CPU kernels (csrc/cpu/isa.h).
+sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp")) + sorted(glob.glob("csrc/cpu/avx2/*.cpp"))
+cxx = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off", "-fopenmp", "-DPy_LIMITED_API=0x03090000"]
 extra = {"cxx": cxx}
 if cuda:
     sources += sorted(glob.glob("csrc/cuda/*.cu"))

@@ -64,13 +64,43 @@ C10_HOST_DEVICE inline Philox4 philox(uint64_t key, uint64_t counter, uint64_t s
   return {{c0, c1, c2, c3}};
 }
 
-// Bits of values first .. first + count - 1 of the stream (CPU kernels: each evaluation serves
-// up to four consecutive values).
-inline void stream_bits(const Seed& seed, uint64_t first, int count, uint32_t* bits) {
-  for (int k = 0; k < count;) {
-    const uint64_t i = first + k;
-    const Philox4 w = philox(seed.key, i >> 2, seed.stream);
-    for (int lane = static_cast<int>(i & 3); lane < 4 && k < count; ++lane, ++k) bits[k] = w.w[lane];
+// Philox evaluations for counters first .. first + count - 1 (count <= kPhiloxBlock), lane l of
+// evaluation t in words[l][t]. The lanes are separate arrays and the counters independent, so
+// the loop vectorizes (32x32 -> 64-bit multiplies on vector units); CPU kernels generate their
+// randomness in these blocks.
+constexpr int kPhiloxBlock = 64;
+C10_ALWAYS_INLINE void philox_block(const Seed& seed, uint64_t first, int count,
+                         uint32_t (&words)[4][kPhiloxBlock]) {
+  const uint32_t s0 = static_cast<uint32_t>(seed.stream), s1 = static_cast<uint32_t>(seed.stream >> 32);
+  const uint32_t key0 = static_cast<uint32_t>(seed.key), key1 = static_cast<uint32_t>(seed.key >> 32);
+  for (int t = 0; t < count; ++t) {
+    const uint64_t counter = first + static_cast<uint64_t>(t);
+    uint32_t c0 = static_cast<uint32_t>(counter), c1 = static_cast<uint32_t>(counter >> 32);
+    uint32_t c2 = s0, c3 = s1, k0 = key0, k1 = key1;
+    for (int round = 0; round < 10; ++round) {
+      philox_round(c0, c1, c2, c3, k0, k1);
+      k0 += kPhiloxW0;
+      k1 += kPhiloxW1;
+    }
+    words[0][t] = c0;
+    words[1][t] = c1;
+    words[2][t] = c2;
+    words[3][t] = c3;
+  }
+}
+
+// Bits of values first .. first + count - 1 of the stream (count <= 4 * kPhiloxBlock - 3: the
+// values span at most kPhiloxBlock evaluations).
+C10_ALWAYS_INLINE void stream_bits(const Seed& seed, uint64_t first, int count, uint32_t* bits) {
+  if (count <= 0) return;
+  uint32_t words[4][kPhiloxBlock];
+  const uint64_t e0 = first >> 2;
+  const int evaluations = static_cast<int>(((first + count - 1) >> 2) - e0 + 1);
+  philox_block(seed, e0, evaluations, words);
+  const int skip = static_cast<int>(first & 3);
+  for (int k = 0; k < count; ++k) {
+    const int v = k + skip;
+    bits[k] = words[v & 3][v >> 2];
   }
 }
 

@@ -19,11 +19,12 @@
 #include "../random.h"
 #include "fast_math.h"
 #include "../sap.h"
+#include "isa.h"
 
-namespace pyprune {
+PYPRUNE_ISA_BEGIN
 namespace {
 
-constexpr int kBlock = 64;  // Philox evaluations per vectorized Box-Muller step
+constexpr int kBlock = kPhiloxBlock;  // Philox evaluations per vectorized step
 
 template <typename scalar_t>
 void noise_cpu_impl(const at::Tensor& x, Seed seed, double std, bool multiplicative,
@@ -34,23 +35,22 @@ void noise_cpu_impl(const at::Tensor& x, Seed seed, double std, bool multiplicat
   const int64_t numel = x.numel(), sx = x.stride(0), so = out.stride(0);
   const acc_t sd = static_cast<acc_t>(std);
   at::parallel_for(0, (numel + 3) / 4, 2048, [&](int64_t b0, int64_t b1) {
-    // u[pair][t]: the pair's radius uniform (lane 0 / 2) and angle uniform (lane 1 / 3).
-    alignas(64) float radius_u[2 * kBlock], angle_u[2 * kBlock], n[4 * kBlock];
+    // Evaluation t gives value 4t + 2h + {0, 1} = radius(lane 2h) * (cos, sin)(angle(lane 2h + 1)).
+    uint32_t words[4][kBlock];
+    alignas(64) float n[4 * kBlock];
     for (int64_t blk = b0; blk < b1; blk += kBlock) {
       const int count = static_cast<int>(std::min<int64_t>(kBlock, b1 - blk));
-      for (int t = 0; t < count; ++t) {
-        const Philox4 w = philox(seed.key, static_cast<uint64_t>(blk + t), seed.stream);
-        radius_u[2 * t] = to_uniform(w.w[0]);
-        angle_u[2 * t] = to_uniform(w.w[1]);
-        radius_u[2 * t + 1] = to_uniform(w.w[2]);
-        angle_u[2 * t + 1] = to_uniform(w.w[3]);
-      }
-      for (int t = 0; t < 2 * count; ++t) {
-        const float radius = std::sqrt(-2.0f * fast_log(1.0f - radius_u[t]));
-        float sn, cs;
-        fast_sincos_turns(angle_u[t], sn, cs);
-        n[2 * t] = radius * cs;
-        n[2 * t + 1] = radius * sn;
+      philox_block(seed, static_cast<uint64_t>(blk), count, words);
+      for (int h = 0; h < 2; ++h) {
+        alignas(64) float cs[kBlock], sn[kBlock], radius[kBlock];
+        for (int t = 0; t < count; ++t) {
+          radius[t] = std::sqrt(-2.0f * fast_log(1.0f - to_uniform(words[2 * h][t])));
+          fast_sincos_turns(to_uniform(words[2 * h + 1][t]), sn[t], cs[t]);
+        }
+        for (int t = 0; t < count; ++t) {
+          n[4 * t + 2 * h] = radius[t] * cs[t];
+          n[4 * t + 2 * h + 1] = radius[t] * sn[t];
+        }
       }
       const int64_t i0 = 4 * blk, values = std::min<int64_t>(4 * count, numel - i0);
       const scalar_t* xb = xp + i0 * sx;
@@ -72,6 +72,22 @@ void noise_cpu_impl(const at::Tensor& x, Seed seed, double std, bool multiplicat
   });
 }
 
+}  // namespace
+
+void gaussian_noise_kernel(const at::Tensor& x, Seed seed, double std, bool multiplicative,
+                           at::Tensor& out) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "noise_cpu", [&] {
+    noise_cpu_impl<scalar_t>(x, seed, std, multiplicative, out);
+  });
+}
+PYPRUNE_ISA_END
+
+#ifndef PYPRUNE_CPU_AVX2
+PYPRUNE_CPU_DECLARE(void, gaussian_noise_kernel, const at::Tensor&, Seed, double, bool, at::Tensor&)
+
+namespace pyprune {
+namespace {
+
 at::Tensor gaussian_noise_cpu(const at::Tensor& x, const at::Tensor& seed, double std,
                               bool multiplicative) {
   check_noise_args(x, seed, std);
@@ -81,9 +97,7 @@ at::Tensor gaussian_noise_cpu(const at::Tensor& x, const at::Tensor& seed, doubl
   if (x.numel() == 0) return out;
   const int64_t* sp = seed.const_data_ptr<int64_t>();
   const Seed s{static_cast<uint64_t>(sp[0]), static_cast<uint64_t>(sp[seed.stride(0)])};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "noise_cpu", [&] {
-    noise_cpu_impl<scalar_t>(x, s, std, multiplicative, out);
-  });
+  PYPRUNE_CPU_KERNEL(gaussian_noise_kernel, x, s, std, multiplicative, out);
   return out;
 }
 
@@ -94,3 +108,4 @@ TORCH_LIBRARY_IMPL(pyprune, CPU, m) {
 }
 
 }  // namespace pyprune
+#endif  // PYPRUNE_CPU_AVX2

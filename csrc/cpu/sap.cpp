@@ -1,13 +1,16 @@
 // Stochastic activation pruning on the CPU, one sample per task (at::parallel_for over samples).
 //
-// Both modes first sum |x| over the sample (in double, in element order), then
+// Both modes first sum |x| over the sample (in double), then
 //  * bernoulli (exact=False): one pass keeps element j when u_j < q_j (u_j: value n*L + j of the
 //    call's Philox stream, csrc/random.h);
 //  * exact: the r draws are r sorted uniforms U_(i) = S_i / S_r (S = prefix sums of r + 1
-//    Exp(1) spacings, values n*(r+1) + i of the stream) scaled by sum|x|, merged in one pass with
-//    the prefix sum C of |x|: element j is drawn iff some U_(i) * sum|x| lies in [C_{j-1}, C_j).
-//    This is inverse-CDF sampling of r draws with replacement from p = |x| / sum|x|, without
-//    a sort and without an index tensor; the r + 1 spacings live in a per-thread buffer.
+//    Exp(1) spacings, values n*(r+1) + i of the stream) scaled by sum|x|, merged with the prefix
+//    sum C of |x|: element j is drawn iff some U_(i) * sum|x| lies in [C_{j-1}, C_j). This is
+//    inverse-CDF sampling of r draws with replacement from p = |x| / sum|x|, without a sort and
+//    without an index tensor; the prefix sums S live in a per-thread buffer. The merge runs as
+//    eight independent merges over eighths of the sample (each starts at its first draw, found by
+//    binary search), interleaved so that their dependency chains overlap; each advances over
+//    the draws of an element without a data-dependent branch in the common case (<= 2 draws).
 // Values are handled in tiles of 64: Philox, q and the writes vectorize (csrc/cpu/fast_math.h).
 // Kept elements are written as src / q (src = x forward, grad backward), the rest as 0.
 #include <ATen/ATen.h>
@@ -16,15 +19,18 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <vector>
 
 #include "../random.h"
 #include "../sap.h"
 #include "fast_math.h"
+#include "isa.h"
 
-namespace pyprune {
+PYPRUNE_ISA_BEGIN
 namespace {
 
 constexpr int kTile = 64;  // elements (or draws) per vectorized step
@@ -42,82 +48,178 @@ struct Rows {
   int64_t xs0, xs1, ss0, ss1, os0, os1;
 };
 
+constexpr int kLanes = 8;  // interleaved merges in exact mode
+
+// Sum of |x_j| over [begin, end) in double, eight partial sums (vectorizes).
+template <typename scalar_t>
+double abs_sum(const scalar_t* x, int64_t xs, int64_t begin, int64_t end) {
+  double part[8] = {};
+  int64_t j = begin;
+  for (; j + 8 <= end; j += 8)
+    for (int i = 0; i < 8; ++i) part[i] += std::abs(static_cast<double>(x[(j + i) * xs]));
+  double rest = 0;
+  for (; j < end; ++j) rest += std::abs(static_cast<double>(x[j * xs]));
+  return ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7])) + rest;
+}
+
+// Per-thread buffers of the exact mode.
+struct ExactScratch {
+  std::vector<double> position;  // S_0 .. S_{r-1}, then +inf
+  std::vector<uint8_t> drawn;    // one flag per element of the sample
+};
+
+// drawn[j] = 1 iff some draw lies in [C_{j-1}, C_j), in spacing units (C = prefix of |x| *
+// S_r / sum|x| = factor * prefix of |x|; seg_start[s] = C at segment s, seg_start[kLanes] =
+// +inf). Sample split into kLanes segments; segment s owns elements [e_s, e_{s+1}) and
+// the draws below its end C_{e_{s+1}} (clamped, so rounding can neither lose nor share a draw).
+template <typename scalar_t>
+void merge_draws(const scalar_t* x, int64_t xs, int64_t L, double factor, const double* seg_start,
+                 const double* position, int64_t r, uint8_t* drawn) {
+  const int64_t seg = (L + kLanes - 1) / kLanes;
+  int64_t d[kLanes], begin[kLanes], end[kLanes];
+  double c[kLanes], limit[kLanes];
+  for (int s = 0; s < kLanes; ++s) {
+    begin[s] = std::min<int64_t>(s * seg, L);
+    end[s] = std::min<int64_t>(begin[s] + seg, L);
+    c[s] = seg_start[s];
+    limit[s] = seg_start[s + 1];
+    d[s] = std::lower_bound(position, position + r, seg_start[s]) - position;
+  }
+  for (int64_t step = 0; step < seg; ++step) {
+    for (int s = 0; s < kLanes; ++s) {
+      const int64_t j = begin[s] + step;
+      if (j >= end[s]) continue;
+      c[s] += std::abs(static_cast<double>(x[j * xs])) * factor;
+      const double lim = j == end[s] - 1 ? limit[s] : std::min(c[s], limit[s]);
+      const int64_t d0 = d[s];
+      int64_t dd = d0;
+      dd += position[dd] < lim;
+      dd += position[dd] < lim;
+      while (position[dd] < lim) ++dd;
+      drawn[j] = dd > d0;
+      d[s] = dd;
+    }
+  }
+}
+
+template <bool kUnit, typename scalar_t>
+void sap_rows(const Rows<scalar_t>& t, int64_t n0, int64_t n1, int64_t L, Seed seed, int64_t r,
+              bool exact) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t xs = kUnit ? 1 : t.xs1, ss = kUnit ? 1 : t.ss1, os = kUnit ? 1 : t.os1;
+  ExactScratch scratch;
+  if (exact) {
+    scratch.position.resize(r + 1);
+    scratch.drawn.resize(L);
+  }
+  alignas(64) uint32_t bits[kTile];
+  alignas(64) acc_t q[kTile];
+  alignas(64) uint8_t kept[kTile];
+  for (int64_t n = n0; n < n1; ++n) {
+    const scalar_t* x = t.x + n * t.xs0;
+    const scalar_t* src = t.src + n * t.ss0;
+    scalar_t* out = t.out + n * t.os0;
+    // Exact mode sums |x| per segment of the merge; seg_start[s] becomes C at segment s.
+    double seg_start[kLanes + 1];
+    double total = 0;
+    if (exact) {
+      const int64_t seg = (L + kLanes - 1) / kLanes;
+      for (int s = 0; s < kLanes; ++s) {
+        seg_start[s] = total;
+        total += abs_sum(x, xs, std::min<int64_t>(s * seg, L), std::min<int64_t>((s + 1) * seg, L));
+      }
+    } else {
+      total = abs_sum(x, xs, 0, L);
+    }
+    if (!(total > 0)) {  // an all-zero sample: nothing can be drawn
+      for (int64_t j = 0; j < L; ++j) out[j * os] = scalar_t(0);
+      continue;
+    }
+    const acc_t inv_total = static_cast<acc_t>(1.0 / total);
+    const acc_t r_acc = static_cast<acc_t>(r);
+    // q of elements j0 .. j0 + count - 1; then the outputs from kept[].
+    auto tile_q = [&](int64_t j0, int count) {
+      for (int k = 0; k < count; ++k)
+        q[k] = keep_probability(std::abs(static_cast<acc_t>(x[(j0 + k) * xs])) * inv_total, r_acc);
+    };
+    auto tile_write = [&](int64_t j0, int count) {
+      for (int k = 0; k < count; ++k) {
+        const acc_t v = static_cast<acc_t>(src[(j0 + k) * ss]) / q[k];
+        out[(j0 + k) * os] = kept[k] ? static_cast<scalar_t>(v) : scalar_t(0);
+      }
+    };
+    if (!exact) {
+      const uint64_t base = static_cast<uint64_t>(n) * L;
+      for (int64_t j0 = 0; j0 < L; j0 += kTile) {
+        const int count = static_cast<int>(std::min<int64_t>(kTile, L - j0));
+        stream_bits(seed, base + j0, count, bits);
+        tile_q(j0, count);
+        for (int k = 0; k < count; ++k) kept[k] = static_cast<acc_t>(to_uniform(bits[k])) < q[k];
+        tile_write(j0, count);
+      }
+      continue;
+    }
+    // Exact: prefix sums S_d of the r + 1 spacings; S_r converts |x| into spacing units.
+    const uint64_t base = static_cast<uint64_t>(n) * static_cast<uint64_t>(r + 1);
+    double* position = scratch.position.data();
+    double S = 0;
+    for (int64_t d0 = 0; d0 <= r; d0 += kTile) {
+      const int count = static_cast<int>(std::min<int64_t>(kTile, r + 1 - d0));
+      stream_bits(seed, base + d0, count, bits);
+      alignas(64) float e[kTile];
+      for (int k = 0; k < count; ++k) e[k] = -fast_log(1.0f - to_uniform(bits[k]));
+      for (int k = 0; k < count; ++k) {
+        S += e[k];
+        position[d0 + k] = S;
+      }
+    }
+    const double factor = S / total;
+    position[r] = std::numeric_limits<double>::infinity();
+    for (int s = 0; s < kLanes; ++s) seg_start[s] *= factor;
+    seg_start[kLanes] = std::numeric_limits<double>::infinity();
+    merge_draws(x, xs, L, factor, seg_start, position, r, scratch.drawn.data());
+    for (int64_t j0 = 0; j0 < L; j0 += kTile) {
+      const int count = static_cast<int>(std::min<int64_t>(kTile, L - j0));
+      tile_q(j0, count);
+      // A zero |x| can only be reached through rounding at a segment end: never keep it.
+      for (int k = 0; k < count; ++k) kept[k] = scratch.drawn[j0 + k] & (q[k] > acc_t(0));
+      tile_write(j0, count);
+    }
+  }
+}
+
 template <typename scalar_t>
 void sap_cpu_impl(const Rows<scalar_t>& t, int64_t N, int64_t L, Seed seed, int64_t r,
                   bool exact) {
-  using acc_t = at::opmath_type<scalar_t>;
+  const bool unit = t.xs1 == 1 && t.ss1 == 1 && t.os1 == 1;
   at::parallel_for(0, N, 1, [&](int64_t n0, int64_t n1) {
-    std::vector<float> spacing(exact ? r + 1 : 0);
-    uint32_t bits[kTile];
-    acc_t q[kTile];
-    bool kept[kTile];
-    for (int64_t n = n0; n < n1; ++n) {
-      const scalar_t* x = t.x + n * t.xs0;
-      const scalar_t* src = t.src + n * t.ss0;
-      scalar_t* out = t.out + n * t.os0;
-      auto abs_x = [&](int64_t j) { return std::abs(static_cast<double>(x[j * t.xs1])); };
-      double total = 0;
-      for (int64_t j = 0; j < L; ++j) total += abs_x(j);
-      if (!(total > 0)) {  // an all-zero sample: nothing can be drawn
-        for (int64_t j = 0; j < L; ++j) out[j * t.os1] = scalar_t(0);
-        continue;
-      }
-      const acc_t inv_total = static_cast<acc_t>(1.0 / total);
-      const acc_t r_acc = static_cast<acc_t>(r);
-      // q of elements j0 .. j0 + count - 1, then their outputs from kept[].
-      auto tile_q = [&](int64_t j0, int count) {
-        for (int k = 0; k < count; ++k)
-          q[k] = keep_probability(static_cast<acc_t>(std::abs(static_cast<acc_t>(x[(j0 + k) * t.xs1]))) * inv_total, r_acc);
-      };
-      auto tile_write = [&](int64_t j0, int count) {
-        for (int k = 0; k < count; ++k) {
-          const acc_t v = static_cast<acc_t>(src[(j0 + k) * t.ss1]) / q[k];
-          out[(j0 + k) * t.os1] = kept[k] ? static_cast<scalar_t>(v) : scalar_t(0);
-        }
-      };
-      if (!exact) {
-        const uint64_t base = static_cast<uint64_t>(n) * L;
-        for (int64_t j0 = 0; j0 < L; j0 += kTile) {
-          const int count = static_cast<int>(std::min<int64_t>(kTile, L - j0));
-          stream_bits(seed, base + j0, count, bits);
-          tile_q(j0, count);
-          for (int k = 0; k < count; ++k) kept[k] = static_cast<acc_t>(to_uniform(bits[k])) < q[k];
-          tile_write(j0, count);
-        }
-        continue;
-      }
-      // Exact: the r + 1 spacings and their sum.
-      const uint64_t base = static_cast<uint64_t>(n) * static_cast<uint64_t>(r + 1);
-      double spacings = 0;
-      for (int64_t d0 = 0; d0 <= r; d0 += kTile) {
-        const int count = static_cast<int>(std::min<int64_t>(kTile, r + 1 - d0));
-        stream_bits(seed, base + d0, count, bits);
-        float* e = spacing.data() + d0;
-        for (int k = 0; k < count; ++k) e[k] = -fast_log(1.0f - to_uniform(bits[k]));
-        for (int k = 0; k < count; ++k) spacings += e[k];
-      }
-      // Merge: draw d sits at S_d * total / S_r, in the units of C.
-      const double scale = total / spacings;
-      int64_t d = 0;
-      double s = spacing[0];
-      double next = s * scale;
-      double c = 0;
-      for (int64_t j0 = 0; j0 < L; j0 += kTile) {
-        const int count = static_cast<int>(std::min<int64_t>(kTile, L - j0));
-        for (int k = 0; k < count; ++k) {
-          c += abs_x(j0 + k);
-          kept[k] = d < r && next < c;
-          while (d < r && next < c) {
-            s += spacing[++d];
-            next = s * scale;
-          }
-        }
-        tile_q(j0, count);
-        tile_write(j0, count);
-      }
+    if (unit) {
+      sap_rows<true>(t, n0, n1, L, seed, r, exact);
+    } else {
+      sap_rows<false>(t, n0, n1, L, seed, r, exact);
     }
   });
 }
+
+}  // namespace
+
+void sap_kernel(const at::Tensor& src, const at::Tensor& x, Seed seed, int64_t r, bool exact,
+                at::Tensor& out) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sap_cpu", [&] {
+    const Rows<scalar_t> t{x.const_data_ptr<scalar_t>(), src.const_data_ptr<scalar_t>(),
+                           out.mutable_data_ptr<scalar_t>(), x.stride(0), x.stride(1),
+                           src.stride(0), src.stride(1), out.stride(0), out.stride(1)};
+    sap_cpu_impl<scalar_t>(t, x.size(0), x.size(1), seed, r, exact);
+  });
+}
+PYPRUNE_ISA_END
+
+#ifndef PYPRUNE_CPU_AVX2
+PYPRUNE_CPU_DECLARE(void, sap_kernel, const at::Tensor&, const at::Tensor&, Seed, int64_t, bool,
+                    at::Tensor&)
+
+namespace pyprune {
+namespace {
 
 at::Tensor sap_cpu_common(const at::Tensor& src, const at::Tensor& x, const at::Tensor& seed,
                           int64_t r, bool exact) {
@@ -126,12 +228,7 @@ at::Tensor sap_cpu_common(const at::Tensor& src, const at::Tensor& x, const at::
   if (x.numel() == 0) return out;
   const int64_t* sp = seed.const_data_ptr<int64_t>();
   const Seed s{static_cast<uint64_t>(sp[0]), static_cast<uint64_t>(sp[seed.stride(0)])};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sap_cpu", [&] {
-    const Rows<scalar_t> t{x.const_data_ptr<scalar_t>(), src.const_data_ptr<scalar_t>(),
-                           out.mutable_data_ptr<scalar_t>(), x.stride(0), x.stride(1),
-                           src.stride(0), src.stride(1), out.stride(0), out.stride(1)};
-    sap_cpu_impl<scalar_t>(t, x.size(0), x.size(1), s, r, exact);
-  });
+  PYPRUNE_CPU_KERNEL(sap_kernel, src, x, s, r, exact, out);
   return out;
 }
 
@@ -154,3 +251,4 @@ TORCH_LIBRARY_IMPL(pyprune, CPU, m) {
 }
 
 }  // namespace pyprune
+#endif  // PYPRUNE_CPU_AVX2
