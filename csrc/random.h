@@ -66,8 +66,7 @@ C10_HOST_DEVICE inline Philox4 philox(uint64_t key, uint64_t counter, uint64_t s
 
 // Philox evaluations for counters first .. first + count - 1 (count <= kPhiloxBlock), lane l of
 // evaluation t in words[l][t]. The lanes are separate arrays and the counters independent, so
-// the loop vectorizes (32x32 -> 64-bit multiplies on vector units); CPU kernels generate their
-// randomness in these blocks.
+// the loop vectorizes; CPU kernels reach it through csrc/cpu/philox.h (an AVX2 version there).
 constexpr int kPhiloxBlock = 64;
 C10_ALWAYS_INLINE void philox_block(const Seed& seed, uint64_t first, int count,
                          uint32_t (&words)[4][kPhiloxBlock]) {
@@ -86,21 +85,6 @@ C10_ALWAYS_INLINE void philox_block(const Seed& seed, uint64_t first, int count,
     words[1][t] = c1;
     words[2][t] = c2;
     words[3][t] = c3;
-  }
-}
-
-// Bits of values first .. first + count - 1 of the stream (count <= 4 * kPhiloxBlock - 3: the
-// values span at most kPhiloxBlock evaluations).
-C10_ALWAYS_INLINE void stream_bits(const Seed& seed, uint64_t first, int count, uint32_t* bits) {
-  if (count <= 0) return;
-  uint32_t words[4][kPhiloxBlock];
-  const uint64_t e0 = first >> 2;
-  const int evaluations = static_cast<int>(((first + count - 1) >> 2) - e0 + 1);
-  philox_block(seed, e0, evaluations, words);
-  const int skip = static_cast<int>(first & 3);
-  for (int k = 0; k < count; ++k) {
-    const int v = k + skip;
-    bits[k] = words[v & 3][v >> 2];
   }
 }
 

@@ -7,7 +7,7 @@ import torch  # noqa: F401  (loads libtorch, which _C links against)
 
 from . import _C  # noqa: F401  (registers the torch.ops.pyprune operators; raises its real error)
 from . import nn, reference
-from ._backend import backend_status, backends, use_backend
+from ._backend import backend_status, backends, cpu_isa, use_backend
 from .analysis import channel_activation_frequency
 from .losses import cas_loss, pc_loss
 from . import chipnet
@@ -24,5 +24,5 @@ __all__ = [
     "cas_loss", "pc_loss", "channel_activation_frequency",
     "chipnet", "crispness_loss", "budget_loss", "compact", "count", "mask_convolutions",
     "convert", "set_cas_label", "cas_logits",
-    "backends", "backend_status", "use_backend", "nn", "reference",
+    "backends", "backend_status", "cpu_isa", "use_backend", "nn", "reference",
 ]

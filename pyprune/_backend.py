@@ -105,6 +105,13 @@ def backends(device: str | torch.device = "cpu") -> list[str]:
     return [n for n in NAMES if unavailable_reason(n, kind) is None]
 
 
+def cpu_isa() -> str:
+    """The instruction set pyprune's CPU kernels run with: 'avx2' (AVX2 + FMA, chosen when the
+    processor has it) or 'baseline'. ``PYPRUNE_CPU_ISA=baseline`` forces the baseline kernels;
+    both give the same results (elementwise bit for bit, the same random streams)."""
+    return torch.ops.pyprune._cpu_isa()
+
+
 def backend_status(device: str | torch.device = "cpu") -> dict[str, str]:
     """Every backend with 'ok' or the reason it cannot run on ``device``."""
     kind = torch.device(device).type

@@ -15,8 +15,9 @@
 #include <vector>
 
 #include "../cas.h"
+#include "isa.h"
 
-namespace pyprune {
+PYPRUNE_ISA_BEGIN
 namespace {
 
 constexpr int kUnroll = 8;  // independent partial sums, so the reductions vectorize
@@ -120,13 +121,6 @@ int64_t sample_grain(int64_t per_sample) {
   return std::max<int64_t>(1, 65536 / std::max<int64_t>(per_sample, 1));
 }
 
-void check_labels(const at::Tensor& label, int64_t C) {
-  const int64_t* lp = label.data_ptr<int64_t>();
-  for (int64_t n = 0; n < label.numel(); ++n)
-    TORCH_CHECK(lp[n] >= 0 && lp[n] < C, "cas: label values must be in [0, ", C, "), got ",
-                lp[n], " at position ", n);
-}
-
 template <typename scalar_t>
 void cas_cpu_impl(const at::Tensor& x, const at::Tensor& weight,
                   const std::optional<at::Tensor>& bias, const at::Tensor& label, bool train,
@@ -187,25 +181,6 @@ void cas_cpu_impl(const at::Tensor& x, const at::Tensor& weight,
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cas_cpu(
-    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-    const std::optional<at::Tensor>& label) {
-  check_cas_args(x, weight, bias, label);
-  TORCH_CHECK(x.device().is_cpu(), "cas (cpu): x must be a CPU tensor, got ", x.device());
-  const int64_t N = x.size(0), K = x.size(1), C = weight.size(0);
-  const at::Tensor labels = label ? label->contiguous() : at::Tensor();
-  if (label) check_labels(labels, C);
-  at::Tensor out = at::empty_like(x);
-  at::Tensor logits = at::empty({N, C}, x.options());
-  at::Tensor index = at::empty({N}, x.options().dtype(at::kLong));
-  at::Tensor mean = at::empty({N, K}, x.options().dtype(cas_acc_dtype(x.scalar_type())));
-  if (N == 0) return {out, logits, index, mean};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "cas_cpu", [&] {
-    cas_cpu_impl<scalar_t>(x, weight, bias, labels, label.has_value(), out, logits, index, mean);
-  });
-  return {out, logits, index, mean};
-}
-
 // grad_x[k, l] = g[k, l] * m[k] + a[k] and t[k] = sum_l g[k, l] * x[k, l], for one sample.
 template <typename scalar_t, typename acc_t>
 void backward_sample(Layout layout, const scalar_t* g, Strides gs, const scalar_t* x, Strides xs,
@@ -262,6 +237,79 @@ void backward_sample(Layout layout, const scalar_t* g, Strides gs, const scalar_
   }
 }
 
+}  // namespace
+
+void cas_kernel(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                const at::Tensor& labels, bool train, at::Tensor& out, at::Tensor& logits,
+                at::Tensor& index, at::Tensor& mean) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "cas_cpu", [&] {
+    cas_cpu_impl<scalar_t>(x, weight, bias, labels, train, out, logits, index, mean);
+  });
+}
+
+// grad_x and t (N, K) = per-sample channel sums of grad_out * x; w: weight in the accumulation
+// dtype, a: (grad_logits @ w) / L.
+void cas_backward_kernel(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& w,
+                         const at::Tensor& a, const at::Tensor& idx, at::Tensor& gx, at::Tensor& t) {
+  const int64_t N = x.size(0), K = x.size(1), L = x.size(2);
+  const Layout layout = layout_of({&grad_out, &x, &gx});
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "cas_backward_cpu", [&] {
+    using acc_t = typename CasAcc<scalar_t>::type;
+    const scalar_t* gp = grad_out.const_data_ptr<scalar_t>();
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    scalar_t* op = gx.mutable_data_ptr<scalar_t>();
+    const acc_t* wp = w.const_data_ptr<acc_t>();
+    const acc_t* ap = a.const_data_ptr<acc_t>();
+    const int64_t* ip = idx.const_data_ptr<int64_t>();
+    acc_t* tp = t.mutable_data_ptr<acc_t>();
+    const Strides gs{grad_out.stride(1), grad_out.stride(2)}, xs{x.stride(1), x.stride(2)},
+        os{gx.stride(1), gx.stride(2)};
+    at::parallel_for(0, N, sample_grain(2 * K * L), [&](int64_t n0, int64_t n1) {
+      for (int64_t n = n0; n < n1; ++n) {
+        backward_sample(layout, gp + n * grad_out.stride(0), gs, xp + n * x.stride(0), xs,
+                        op + n * gx.stride(0), os, wp + ip[n] * K, ap + n * K, K, L, tp + n * K);
+      }
+    });
+  });
+}
+PYPRUNE_ISA_END
+
+#ifndef PYPRUNE_CPU_AVX2
+PYPRUNE_CPU_DECLARE(void, cas_kernel, const at::Tensor&, const at::Tensor&,
+                    const std::optional<at::Tensor>&, const at::Tensor&, bool, at::Tensor&,
+                    at::Tensor&, at::Tensor&, at::Tensor&)
+PYPRUNE_CPU_DECLARE(void, cas_backward_kernel, const at::Tensor&, const at::Tensor&,
+                    const at::Tensor&, const at::Tensor&, const at::Tensor&, at::Tensor&,
+                    at::Tensor&)
+
+namespace pyprune {
+namespace {
+
+void check_labels(const at::Tensor& label, int64_t C) {
+  const int64_t* lp = label.data_ptr<int64_t>();
+  for (int64_t n = 0; n < label.numel(); ++n)
+    TORCH_CHECK(lp[n] >= 0 && lp[n] < C, "cas: label values must be in [0, ", C, "), got ",
+                lp[n], " at position ", n);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cas_cpu(
+    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& label) {
+  check_cas_args(x, weight, bias, label);
+  TORCH_CHECK(x.device().is_cpu(), "cas (cpu): x must be a CPU tensor, got ", x.device());
+  const int64_t N = x.size(0), K = x.size(1), C = weight.size(0);
+  const at::Tensor labels = label ? label->contiguous() : at::Tensor();
+  if (label) check_labels(labels, C);
+  at::Tensor out = at::empty_like(x);
+  at::Tensor logits = at::empty({N, C}, x.options());
+  at::Tensor index = at::empty({N}, x.options().dtype(at::kLong));
+  at::Tensor mean = at::empty({N, K}, x.options().dtype(cas_acc_dtype(x.scalar_type())));
+  if (N == 0) return {out, logits, index, mean};
+  PYPRUNE_CPU_KERNEL(cas_kernel, x, weight, bias, labels, label.has_value(), out, logits, index,
+                     mean);
+  return {out, logits, index, mean};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cas_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& grad_logits, const at::Tensor& x,
     const at::Tensor& weight, const at::Tensor& index, const at::Tensor& mean) {
@@ -277,27 +325,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cas_backward_cpu(
   const at::Tensor a = at::mm(gl, w).div_(L).contiguous();
   at::Tensor gx = at::empty_like(x);
   at::Tensor t = at::empty({N, K}, w.options());
-  if (N > 0) {
-    const Layout layout = layout_of({&grad_out, &x, &gx});
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "cas_backward_cpu", [&] {
-      using acc_t = typename CasAcc<scalar_t>::type;
-      const scalar_t* gp = grad_out.const_data_ptr<scalar_t>();
-      const scalar_t* xp = x.const_data_ptr<scalar_t>();
-      scalar_t* op = gx.mutable_data_ptr<scalar_t>();
-      const acc_t* wp = w.const_data_ptr<acc_t>();
-      const acc_t* ap = a.const_data_ptr<acc_t>();
-      const int64_t* ip = idx.const_data_ptr<int64_t>();
-      acc_t* tp = t.mutable_data_ptr<acc_t>();
-      const Strides gs{grad_out.stride(1), grad_out.stride(2)}, xs{x.stride(1), x.stride(2)},
-          os{gx.stride(1), gx.stride(2)};
-      at::parallel_for(0, N, sample_grain(2 * K * L), [&](int64_t n0, int64_t n1) {
-        for (int64_t n = n0; n < n1; ++n) {
-          backward_sample(layout, gp + n * grad_out.stride(0), gs, xp + n * x.stride(0), xs,
-                          op + n * gx.stride(0), os, wp + ip[n] * K, ap + n * K, K, L, tp + n * K);
-        }
-      });
-    });
-  }
+  if (N > 0) PYPRUNE_CPU_KERNEL(cas_backward_kernel, grad_out, x, w, a, idx, gx, t);
   // grad_weight = grad_logits.T @ mean (the logits path) + t scatter-added into the chosen rows.
   at::Tensor gw = at::mm(gl.t(), mean);
   gw.index_add_(0, idx, t);
@@ -312,3 +340,4 @@ TORCH_LIBRARY_IMPL(pyprune, CPU, m) {
 }
 
 }  // namespace pyprune
+#endif  // PYPRUNE_CPU_AVX2

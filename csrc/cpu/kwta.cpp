@@ -17,8 +17,9 @@
 #include <vector>
 
 #include "../kwta.h"
+#include "isa.h"
 
-namespace pyprune {
+PYPRUNE_ISA_BEGIN
 namespace {
 
 constexpr int kRadixBits = 11;
@@ -335,18 +336,6 @@ void kwta_cpu_impl(const at::Tensor& x, int64_t k, bool absolute, at::Tensor& ou
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> kwta_cpu(const at::Tensor& x, int64_t k, bool absolute) {
-  check_kwta_args(x, k);
-  TORCH_CHECK(x.device().is_cpu(), "kwta (cpu): x must be a CPU tensor, got ", x.device());
-  at::Tensor out = at::empty_like(x);
-  at::Tensor threshold = at::empty({x.size(0), x.size(1)}, x.options());
-  if (x.numel() == 0) return {out, threshold};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "kwta_cpu", [&] {
-    kwta_cpu_impl<scalar_t>(x, k, absolute, out, threshold);
-  });
-  return {out, threshold};
-}
-
 template <typename scalar_t>
 void kwta_backward_cpu_impl(const at::Tensor& grad, const at::Tensor& x,
                             const at::Tensor& threshold, bool absolute, at::Tensor& gx) {
@@ -377,14 +366,47 @@ void kwta_backward_cpu_impl(const at::Tensor& grad, const at::Tensor& x,
   });
 }
 
+}  // namespace
+
+void kwta_kernel(const at::Tensor& x, int64_t k, bool absolute, at::Tensor& out,
+                 at::Tensor& threshold) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "kwta_cpu", [&] {
+    kwta_cpu_impl<scalar_t>(x, k, absolute, out, threshold);
+  });
+}
+
+void kwta_backward_kernel(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& threshold,
+                          bool absolute, at::Tensor& gx) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "kwta_backward_cpu", [&] {
+    kwta_backward_cpu_impl<scalar_t>(grad, x, threshold, absolute, gx);
+  });
+}
+PYPRUNE_ISA_END
+
+#ifndef PYPRUNE_CPU_AVX2
+PYPRUNE_CPU_DECLARE(void, kwta_kernel, const at::Tensor&, int64_t, bool, at::Tensor&, at::Tensor&)
+PYPRUNE_CPU_DECLARE(void, kwta_backward_kernel, const at::Tensor&, const at::Tensor&,
+                    const at::Tensor&, bool, at::Tensor&)
+
+namespace pyprune {
+namespace {
+
+std::tuple<at::Tensor, at::Tensor> kwta_cpu(const at::Tensor& x, int64_t k, bool absolute) {
+  check_kwta_args(x, k);
+  TORCH_CHECK(x.device().is_cpu(), "kwta (cpu): x must be a CPU tensor, got ", x.device());
+  at::Tensor out = at::empty_like(x);
+  at::Tensor threshold = at::empty({x.size(0), x.size(1)}, x.options());
+  if (x.numel() == 0) return {out, threshold};
+  PYPRUNE_CPU_KERNEL(kwta_kernel, x, k, absolute, out, threshold);
+  return {out, threshold};
+}
+
 at::Tensor kwta_backward_cpu(const at::Tensor& grad, const at::Tensor& x,
                              const at::Tensor& threshold, bool absolute) {
   check_kwta_backward_args(grad, x, threshold);
   at::Tensor gx = at::empty_like(x);
   if (x.numel() == 0) return gx;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "kwta_backward_cpu", [&] {
-    kwta_backward_cpu_impl<scalar_t>(grad, x, threshold, absolute, gx);
-  });
+  PYPRUNE_CPU_KERNEL(kwta_backward_kernel, grad, x, threshold, absolute, gx);
   return gx;
 }
 
@@ -396,3 +418,4 @@ TORCH_LIBRARY_IMPL(pyprune, CPU, m) {
 }
 
 }  // namespace pyprune
+#endif  // PYPRUNE_CPU_AVX2

@@ -22,6 +22,8 @@
 #include "isa.h"
 
 PYPRUNE_ISA_BEGIN
+#include "philox.h"
+
 namespace {
 
 constexpr int kBlock = kPhiloxBlock;  // Philox evaluations per vectorized step
@@ -40,7 +42,7 @@ void noise_cpu_impl(const at::Tensor& x, Seed seed, double std, bool multiplicat
     alignas(64) float n[4 * kBlock];
     for (int64_t blk = b0; blk < b1; blk += kBlock) {
       const int count = static_cast<int>(std::min<int64_t>(kBlock, b1 - blk));
-      philox_block(seed, static_cast<uint64_t>(blk), count, words);
+      philox_lanes(seed, static_cast<uint64_t>(blk), count, words);
       for (int h = 0; h < 2; ++h) {
         alignas(64) float cs[kBlock], sn[kBlock], radius[kBlock];
         for (int t = 0; t < count; ++t) {

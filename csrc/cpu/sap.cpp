@@ -30,14 +30,30 @@
 #include "fast_math.h"
 #include "isa.h"
 
+#if PYPRUNE_HAVE_AVX2
+#include <immintrin.h>
+#endif
+
 PYPRUNE_ISA_BEGIN
+#include "philox.h"
+
 namespace {
 
 constexpr int kTile = 64;  // elements (or draws) per vectorized step
 
-inline float keep_probability(float p, float r) { return fast_keep_probability(p, r); }
-inline double keep_probability(double p, double r) {
-  return sap_keep_probability<double>(p, static_cast<int64_t>(r));
+// q for p[0 .. count): float through fast_keep_probability, specialized for a tile of small p
+// (the common case: p ~ 1 / group size); double through libm.
+inline void keep_probabilities(float* p, int count, float r) {
+  float largest = 0;
+  for (int k = 0; k < count; ++k) largest = std::max(largest, p[k]);
+  if (largest < kSmallKeepP) {
+    for (int k = 0; k < count; ++k) p[k] = fast_keep_probability<true>(p[k], r);
+  } else {
+    for (int k = 0; k < count; ++k) p[k] = fast_keep_probability(p[k], r);
+  }
+}
+inline void keep_probabilities(double* p, int count, double r) {
+  for (int k = 0; k < count; ++k) p[k] = sap_keep_probability<double>(p[k], static_cast<int64_t>(r));
 }
 
 template <typename scalar_t>
@@ -64,41 +80,61 @@ double abs_sum(const scalar_t* x, int64_t xs, int64_t begin, int64_t end) {
 
 // Per-thread buffers of the exact mode.
 struct ExactScratch {
-  std::vector<double> position;  // S_0 .. S_{r-1}, then +inf
+  std::vector<double> position;  // S_0 .. S_{r-1}, then four +inf
   std::vector<uint8_t> drawn;    // one flag per element of the sample
 };
 
+// How many of position[0..3] lie below lim: a prefix, since positions ascend.
+inline int64_t below4(const double* position, double lim) {
+#if defined(PYPRUNE_CPU_AVX2) && PYPRUNE_HAVE_AVX2
+  const __m256d below = _mm256_cmp_pd(_mm256_loadu_pd(position), _mm256_set1_pd(lim), _CMP_LT_OQ);
+  return __builtin_popcount(static_cast<unsigned>(_mm256_movemask_pd(below)));
+#else
+  return int64_t(position[0] < lim) + int64_t(position[1] < lim) + int64_t(position[2] < lim) +
+         int64_t(position[3] < lim);
+#endif
+}
+
 // drawn[j] = 1 iff some draw lies in [C_{j-1}, C_j), in spacing units (C = prefix of |x| *
 // S_r / sum|x| = factor * prefix of |x|; seg_start[s] = C at segment s, seg_start[kLanes] =
-// +inf). Sample split into kLanes segments; segment s owns elements [e_s, e_{s+1}) and
-// the draws below its end C_{e_{s+1}} (clamped, so rounding can neither lose nor share a draw).
+// +inf). position holds S_0 .. S_{r-1} and then four +inf. The sample is split into kLanes
+// segments; segment s owns elements [e_s, e_{s+1}) and the draws below C_{e_{s+1}} (its
+// elements' C are clamped to that, and its last element takes every draw up to it, so rounding
+// can neither lose a draw nor give it to two elements).
 template <typename scalar_t>
 void merge_draws(const scalar_t* x, int64_t xs, int64_t L, double factor, const double* seg_start,
                  const double* position, int64_t r, uint8_t* drawn) {
   const int64_t seg = (L + kLanes - 1) / kLanes;
   int64_t d[kLanes], begin[kLanes], end[kLanes];
-  double c[kLanes], limit[kLanes];
+  double c[kLanes];
   for (int s = 0; s < kLanes; ++s) {
     begin[s] = std::min<int64_t>(s * seg, L);
     end[s] = std::min<int64_t>(begin[s] + seg, L);
     c[s] = seg_start[s];
-    limit[s] = seg_start[s + 1];
     d[s] = std::lower_bound(position, position + r, seg_start[s]) - position;
   }
-  for (int64_t step = 0; step < seg; ++step) {
-    for (int s = 0; s < kLanes; ++s) {
-      const int64_t j = begin[s] + step;
-      if (j >= end[s]) continue;
-      c[s] += std::abs(static_cast<double>(x[j * xs])) * factor;
-      const double lim = j == end[s] - 1 ? limit[s] : std::min(c[s], limit[s]);
-      const int64_t d0 = d[s];
-      int64_t dd = d0;
-      dd += position[dd] < lim;
-      dd += position[dd] < lim;
+  // One element of segment s: advance its draw index past the draws below the element's end.
+  auto step = [&](int s, int64_t j) {
+    c[s] += std::abs(static_cast<double>(x[j * xs])) * factor;
+    const double lim = j == end[s] - 1 ? seg_start[s + 1] : std::min(c[s], seg_start[s + 1]);
+    const int64_t d0 = d[s];
+    int64_t dd = d0 + below4(position + d0, lim);
+    if (dd - d0 == 4) {
       while (position[dd] < lim) ++dd;
-      drawn[j] = dd > d0;
-      d[s] = dd;
     }
+    drawn[j] = dd > d0;
+    d[s] = dd;
+  };
+  // Every segment but the last has seg elements; all of them run together up to the last's
+  // length, the rest without it.
+  const int64_t common = end[kLanes - 1] - begin[kLanes - 1];
+  for (int64_t t = 0; t < common; ++t) {
+#pragma GCC unroll 8
+    for (int s = 0; s < kLanes; ++s) step(s, begin[s] + t);
+  }
+  for (int64_t t = common; t < seg; ++t) {
+    for (int s = 0; s < kLanes; ++s)
+      if (begin[s] + t < end[s]) step(s, begin[s] + t);
   }
 }
 
@@ -109,7 +145,7 @@ void sap_rows(const Rows<scalar_t>& t, int64_t n0, int64_t n1, int64_t L, Seed s
   const int64_t xs = kUnit ? 1 : t.xs1, ss = kUnit ? 1 : t.ss1, os = kUnit ? 1 : t.os1;
   ExactScratch scratch;
   if (exact) {
-    scratch.position.resize(r + 1);
+    scratch.position.resize(r + 4);
     scratch.drawn.resize(L);
   }
   alignas(64) uint32_t bits[kTile];
@@ -139,8 +175,8 @@ void sap_rows(const Rows<scalar_t>& t, int64_t n0, int64_t n1, int64_t L, Seed s
     const acc_t r_acc = static_cast<acc_t>(r);
     // q of elements j0 .. j0 + count - 1; then the outputs from kept[].
     auto tile_q = [&](int64_t j0, int count) {
-      for (int k = 0; k < count; ++k)
-        q[k] = keep_probability(std::abs(static_cast<acc_t>(x[(j0 + k) * xs])) * inv_total, r_acc);
+      for (int k = 0; k < count; ++k) q[k] = std::abs(static_cast<acc_t>(x[(j0 + k) * xs])) * inv_total;
+      keep_probabilities(q, count, r_acc);
     };
     auto tile_write = [&](int64_t j0, int count) {
       for (int k = 0; k < count; ++k) {
@@ -174,7 +210,7 @@ void sap_rows(const Rows<scalar_t>& t, int64_t n0, int64_t n1, int64_t L, Seed s
       }
     }
     const double factor = S / total;
-    position[r] = std::numeric_limits<double>::infinity();
+    std::fill(position + r, position + r + 4, std::numeric_limits<double>::infinity());
     for (int s = 0; s < kLanes; ++s) seg_start[s] *= factor;
     seg_start[kLanes] = std::numeric_limits<double>::infinity();
     merge_draws(x, xs, L, factor, seg_start, position, r, scratch.drawn.data());
