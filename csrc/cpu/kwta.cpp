@@ -141,6 +141,36 @@ U radix_select(const Group<scalar_t>& g, int64_t k, bool absolute, int64_t chunk
   return prefix;
 }
 
+// The rank-th largest (1-based) of keys[0, count), all in [lo, hi]: they share the bits above
+// the highest bit where lo and hi differ, so 8-bit digits below it narrow them (histogram, pick
+// the digit, keep its keys) until a few remain for nth_element.
+template <typename U>
+U kth_largest(U* keys, int64_t count, int64_t rank, U lo, U hi) {
+  constexpr int kBits = sizeof(U) * 8;
+  int shift = lo == hi ? 0 : kBits - (sizeof(U) == 8 ? __builtin_clzll(uint64_t(lo ^ hi))
+                                                      : __builtin_clz(uint32_t(lo ^ hi)));
+  while (count > 64 && shift > 0) {
+    const int low = std::max(shift - 8, 0);
+    const U bins = U(1) << (shift - low);
+    uint32_t hist[256] = {};
+    for (int64_t j = 0; j < count; ++j) ++hist[(keys[j] >> low) & (bins - 1)];
+    U digit = bins - 1;
+    int64_t above = 0;
+    for (; digit > 0 && above + hist[digit] < rank; --digit) above += hist[digit];
+    rank -= above;
+    int64_t m = 0;
+    for (int64_t j = 0; j < count; ++j) {
+      const U key = keys[j];
+      keys[m] = key;
+      m += ((key >> low) & (bins - 1)) == digit;
+    }
+    count = m;
+    shift = low;
+  }
+  std::nth_element(keys, keys + (rank - 1), keys + count, std::greater<U>());
+  return keys[rank - 1];
+}
+
 // Per-thread scratch, sized once per group size.
 template <typename U>
 struct Scratch {
@@ -198,15 +228,17 @@ std::pair<int64_t, int64_t> bracket_pass(const Group<scalar_t>& g, scalar_t* o, 
   U block[kBlock];
   for (int64_t b = begin; b < end; b += kBlock) {
     const int64_t n = std::min(kBlock, end - b);
+    uint32_t block_above = 0;  // 32-bit lanes: the count stays in the key vectors' width
     uint8_t flags[kBlock];
     for (int64_t j = 0; j < n; ++j) {
       const scalar_t v = x[(b + j) * sx];
       const U key = to_key<acc_t, U>(static_cast<acc_t>(v), absolute);
       block[j] = key;
       o[(b + j) * so] = keep_or_zero(v, key >= lo);
-      above += key > hi;
+      block_above += key > hi;
       flags[j] = U(key - lo) <= U(hi - lo);
     }
+    above += block_above;
     if (n < kBlock) std::fill(flags + n, flags + kBlock, uint8_t(0));
     // Visit only the flagged positions, eight flags (one byte each) per word.
     for (int64_t w0 = 0; w0 < kBlock; w0 += 8) {
@@ -306,10 +338,7 @@ void kwta_cpu_impl(const at::Tensor& x, int64_t k, bool absolute, at::Tensor& ou
       write_all(g, o, thr);
       return thr;
     }
-    const int64_t rank = k - total_above;
-    std::nth_element(s.select.begin(), s.select.begin() + (rank - 1), s.select.begin() + count,
-                     std::greater<U>());
-    const U thr = s.select[rank - 1];
+    const U thr = kth_largest(s.select.data(), count, k - total_above, lo, hi);
     for (int64_t c = 0; c < chunks; ++c) {
       const U* keys = s.keys.data() + c * region;
       const int64_t* index = s.index.data() + c * region;
