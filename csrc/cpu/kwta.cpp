@@ -171,6 +171,17 @@ U kth_largest(U* keys, int64_t count, int64_t rank, U lo, U hi) {
   return keys[rank - 1];
 }
 
+// kth_largest over any keys: their range first (one vectorized pass).
+template <typename U>
+U kth_largest_of(U* keys, int64_t count, int64_t rank) {
+  U lo = keys[0], hi = keys[0];
+  for (int64_t j = 1; j < count; ++j) {
+    lo = std::min(lo, keys[j]);
+    hi = std::max(hi, keys[j]);
+  }
+  return kth_largest(keys, count, rank, lo, hi);
+}
+
 // Per-thread scratch, sized once per group size.
 template <typename U>
 struct Scratch {
@@ -189,7 +200,8 @@ struct Scratch {
 // (a few standard deviations of the sample rank) that it holds the k-th key in nearly every
 // group; lo = 0 / hi = max key when the bracket reaches an end of the group.
 template <typename scalar_t, typename U>
-std::pair<U, U> sample_bracket(const Group<scalar_t>& g, int64_t k, bool absolute, U* sample) {
+std::pair<U, U> sample_bracket(const Group<scalar_t>& g, int64_t k, bool absolute, U* sample,
+                               U* copy) {
   using acc_t = typename KeyTraits<scalar_t>::acc_t;
   const int64_t kSample = std::min<int64_t>(1024, std::max<int64_t>(256, g.size / 16));
   const int64_t step = g.size / kSample;
@@ -201,14 +213,10 @@ std::pair<U, U> sample_bracket(const Group<scalar_t>& g, int64_t k, bool absolut
   const int64_t lo_rank = int64_t(std::ceil(rank + margin));
   U lo = 0, hi = ~U(0);
   if (lo_rank <= kSample) {
-    std::nth_element(sample, sample + lo_rank - 1, sample + kSample, std::greater<U>());
-    lo = sample[lo_rank - 1];
+    std::copy_n(sample, kSample, copy);
+    lo = kth_largest_of(copy, kSample, lo_rank);
   }
-  if (hi_rank >= 1) {
-    std::nth_element(sample, sample + hi_rank - 1, sample + std::min(lo_rank, kSample),
-                     std::greater<U>());
-    hi = sample[hi_rank - 1];
-  }
+  if (hi_rank >= 1) hi = kth_largest_of(sample, kSample, hi_rank);
   return {lo, hi};
 }
 
@@ -287,8 +295,7 @@ void kwta_cpu_impl(const at::Tensor& x, int64_t k, bool absolute, at::Tensor& ou
   // Small groups: select on a copy of the keys, then write.
   auto small_group = [&](const Group<scalar_t>& g, scalar_t* o, Scratch<U>& s) {
     for (int64_t i = 0; i < L; ++i) s.keys[i] = to_key<acc_t, U>(static_cast<acc_t>(g[i]), absolute);
-    std::nth_element(s.keys.begin(), s.keys.begin() + (k - 1), s.keys.begin() + L, std::greater<U>());
-    const U thr = s.keys[k - 1];
+    const U thr = kth_largest_of(s.keys.data(), L, k);
     for (int64_t i = 0; i < L; ++i) {
       const scalar_t v = g[i];
       o[i * ol] = keep_or_zero(v, to_key<acc_t, U>(static_cast<acc_t>(v), absolute) >= thr);
@@ -301,7 +308,7 @@ void kwta_cpu_impl(const at::Tensor& x, int64_t k, bool absolute, at::Tensor& ou
   // among those few candidates and the candidates below it are zeroed. When the sampled bracket
   // misses (or overflows the candidate buffer) the group falls back to a full radix select.
   auto large_group = [&](const Group<scalar_t>& g, scalar_t* o, Scratch<U>& s) {
-    const auto [lo, hi] = sample_bracket<scalar_t, U>(g, k, absolute, s.select.data());
+    const auto [lo, hi] = sample_bracket<scalar_t, U>(g, k, absolute, s.select.data(), s.keys.data());
     const int64_t region = s.cap / chunks;
     std::vector<int64_t> above(chunks, 0);
     at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
