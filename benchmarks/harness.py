@@ -71,6 +71,12 @@ try:
 except ImportError:  # the GPU machine has no tqdm and cannot install packages
     tqdm = None
 
+# "backward" times torch.autograd.grad on one retained graph, which a compiled backward with
+# donated buffers refuses (it frees the saved tensors): donation is switched off for the run.
+import torch._functorch.config  # noqa: E402  (not loaded by import torch)
+
+torch._functorch.config.donated_buffer = False
+
 MODES = ("forward", "backward", "full")
 EAGER = "eager"
 COMPILE = "torch.compile"

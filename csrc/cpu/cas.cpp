@@ -1,8 +1,10 @@
 // CAS on the CPU, parallel over samples. Training (label given): one pass over a sample sums
-// each channel and writes out = x * weight[label] together. Inference: a first pass sums the
-// channels, the logits and their argmax follow from the means, and a second pass scales the
-// sample, which the first pass has just brought into cache. Backward: one pass over x and
-// grad_out per sample writes grad_x and the channel sums of grad_out * x.
+// each channel and writes out = x * weight[label] together; the logits are one GEMM over the
+// batch's means. Inference: a first pass sums the channels, the logits and their argmax follow
+// from the means, and a second pass scales the sample, which the first pass has just brought
+// into cache (or, for a large classifier, a GEMM between the two passes: cas_cpu_impl).
+// Backward: one pass over x and grad_out per sample writes grad_x and the channel sums of
+// grad_out * x.
 //
 // Three layouts of the (N, K, L) view get unit-stride inner loops: rows of a channel contiguous
 // (NCHW), channels contiguous at each position (channels_last), and anything else.
@@ -12,6 +14,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "../cas.h"
@@ -38,34 +41,60 @@ Layout layout_of(std::initializer_list<const at::Tensor*> ts) {
   return rows ? Layout::kRows : last ? Layout::kChannelsLast : Layout::kStrided;
 }
 
+// Calls f(std::integral_constant<int, kL>) with kL = L for the common spatial sizes (1x1, 2x2,
+// 3x3, 4x4, 7x7, 8x8), else kL = 0 (L at run time): with the row length known, the short row
+// loops of late CNN stages unroll instead of paying a loop and a remainder per channel.
+template <typename F>
+void with_row_length(int64_t L, F&& f) {
+  switch (L) {
+    case 1: return f(std::integral_constant<int, 1>{});
+    case 4: return f(std::integral_constant<int, 4>{});
+    case 9: return f(std::integral_constant<int, 9>{});
+    case 16: return f(std::integral_constant<int, 16>{});
+    case 49: return f(std::integral_constant<int, 49>{});
+    case 64: return f(std::integral_constant<int, 64>{});
+    default: return f(std::integral_constant<int, 0>{});
+  }
+}
+
+// Rows layout of sum_channels: row k of x at x + k * xk, unit stride.
+template <int kL, bool kWrite, typename scalar_t, typename acc_t>
+void sum_rows(const scalar_t* x, int64_t xk, scalar_t* o, int64_t ok, const acc_t* m, int64_t K,
+              int64_t L_run, acc_t* sum) {
+  const int64_t L = kL > 0 ? kL : L_run;
+  for (int64_t k = 0; k < K; ++k) {
+    const scalar_t* xr = x + k * xk;
+    scalar_t* orow = o + k * ok;
+    const acc_t mk = kWrite ? m[k] : acc_t(0);
+    acc_t part[kUnroll] = {};
+    int64_t l = 0;
+    for (; l + kUnroll <= L; l += kUnroll) {
+      for (int j = 0; j < kUnroll; ++j) {
+        const acc_t v = static_cast<acc_t>(xr[l + j]);
+        part[j] += v;
+        if constexpr (kWrite) orow[l + j] = static_cast<scalar_t>(v * mk);
+      }
+    }
+    acc_t s = 0;
+    for (; l < L; ++l) {
+      const acc_t v = static_cast<acc_t>(xr[l]);
+      s += v;
+      if constexpr (kWrite) orow[l] = static_cast<scalar_t>(v * mk);
+    }
+    for (int j = 0; j < kUnroll; ++j) s += part[j];
+    sum[k] = s;
+  }
+}
+
 // sum[k] = sum_l x[k, l]; with kWrite also o[k, l] = x[k, l] * m[k] (in x's dtype, exactly as
 // eager multiplies: the product of two values of x's dtype is exact in acc_t).
 template <bool kWrite, typename scalar_t, typename acc_t>
 void sum_channels(Layout layout, const scalar_t* x, Strides xs, scalar_t* o, Strides os,
                   const acc_t* m, int64_t K, int64_t L, acc_t* sum) {
   if (layout == Layout::kRows) {
-    for (int64_t k = 0; k < K; ++k) {
-      const scalar_t* xr = x + k * xs.k;
-      scalar_t* orow = o + k * os.k;
-      const acc_t mk = kWrite ? m[k] : acc_t(0);
-      acc_t part[kUnroll] = {};
-      int64_t l = 0;
-      for (; l + kUnroll <= L; l += kUnroll) {
-        for (int j = 0; j < kUnroll; ++j) {
-          const acc_t v = static_cast<acc_t>(xr[l + j]);
-          part[j] += v;
-          if constexpr (kWrite) orow[l + j] = static_cast<scalar_t>(v * mk);
-        }
-      }
-      acc_t s = 0;
-      for (; l < L; ++l) {
-        const acc_t v = static_cast<acc_t>(xr[l]);
-        s += v;
-        if constexpr (kWrite) orow[l] = static_cast<scalar_t>(v * mk);
-      }
-      for (int j = 0; j < kUnroll; ++j) s += part[j];
-      sum[k] = s;
-    }
+    with_row_length(L, [&](auto kL) {
+      sum_rows<decltype(kL)::value, kWrite>(x, xs.k, o, os.k, m, K, L, sum);
+    });
     return;
   }
   std::fill(sum, sum + K, acc_t(0));
@@ -121,6 +150,26 @@ int64_t sample_grain(int64_t per_sample) {
   return std::max<int64_t>(1, 65536 / std::max<int64_t>(per_sample, 1));
 }
 
+// Writes one sample's logits rounded to x's dtype and returns their argmax, taken over the
+// logits as returned.
+template <typename scalar_t, typename acc_t>
+int64_t logits_argmax(const acc_t* lg, int64_t C, scalar_t* logp) {
+  int64_t best = 0;
+  acc_t best_v = 0;
+  for (int64_t c = 0; c < C; ++c) {
+    const scalar_t r = static_cast<scalar_t>(lg[c]);
+    logp[c] = r;
+    const acc_t v = static_cast<acc_t>(r);
+    if (c == 0 || argmax_better(v, c, best_v, best)) best_v = v, best = c;
+  }
+  return best;
+}
+
+// Training: one pass per sample sums the channels and writes out = x * weight[label]; the logits
+// follow as one GEMM over the batch's means. Inference: the logits pick each sample's scale
+// row, so they come before the scaling: per sample from the means while the sample is in cache
+// when the classifier is small next to the sample (C < L / 4 and C * K <= 64 K), otherwise
+// one GEMM between a summing pass and a scaling pass.
 template <typename scalar_t>
 void cas_cpu_impl(const at::Tensor& x, const at::Tensor& weight,
                   const std::optional<at::Tensor>& bias, const at::Tensor& label, bool train,
@@ -129,11 +178,8 @@ void cas_cpu_impl(const at::Tensor& x, const at::Tensor& weight,
   const int64_t N = x.size(0), K = x.size(1), L = x.size(2), C = weight.size(0);
   const at::ScalarType acc = cas_acc_dtype(x.scalar_type());
   const at::Tensor w = weight.to(acc).contiguous();  // rows are the channel scales
-  const at::Tensor wt = w.t().contiguous();          // (K, C): logits accumulate as axpys
   const at::Tensor b = bias ? bias->to(acc).contiguous() : at::zeros({C}, w.options());
   const acc_t* wp = w.const_data_ptr<acc_t>();
-  const acc_t* wtp = wt.const_data_ptr<acc_t>();
-  const acc_t* bp = b.const_data_ptr<acc_t>();
   const int64_t* lp = train ? label.const_data_ptr<int64_t>() : nullptr;
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   scalar_t* op = out.mutable_data_ptr<scalar_t>();
@@ -143,42 +189,92 @@ void cas_cpu_impl(const at::Tensor& x, const at::Tensor& weight,
   const Strides xs{x.stride(1), x.stride(2)}, os{out.stride(1), out.stride(2)};
   const Layout layout = layout_of({&x, &out});
   const acc_t inv_l = acc_t(1) / acc_t(L);
+  const int64_t grain = sample_grain(K * L);
+  auto means = [&](int64_t n, const acc_t* sum) {
+    for (int64_t k = 0; k < K; ++k) mp[n * K + k] = sum[k] * inv_l;
+  };
 
-  at::parallel_for(0, N, sample_grain(K * L), [&](int64_t n0, int64_t n1) {
+  if (train) {
+    at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+      std::vector<acc_t> sum(K);
+      for (int64_t n = n0; n < n1; ++n) {
+        sum_channels<true>(layout, xp + n * x.stride(0), xs, op + n * out.stride(0), os,
+                           wp + lp[n] * K, K, L, sum.data());
+        means(n, sum.data());
+        ip[n] = lp[n];
+      }
+    });
+    logits.copy_(at::addmm(b, mean, w.t()));
+    return;
+  }
+  if (4 * C >= L || C * K > 65536) {
+    at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+      std::vector<acc_t> sum(K);
+      for (int64_t n = n0; n < n1; ++n) {
+        sum_channels<false>(layout, xp + n * x.stride(0), xs, op, os, wp, K, L, sum.data());
+        means(n, sum.data());
+      }
+    });
+    const at::Tensor lg = at::addmm(b, mean, w.t());
+    const acc_t* lgp = lg.const_data_ptr<acc_t>();
+    at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+      for (int64_t n = n0; n < n1; ++n) {
+        ip[n] = logits_argmax(lgp + n * C, C, logp + n * C);
+        scale_channels(layout, xp + n * x.stride(0), xs, op + n * out.stride(0), os,
+                       wp + ip[n] * K, K, L);
+      }
+    });
+    return;
+  }
+  const at::Tensor wt = w.t().contiguous();  // (K, C): logits accumulate as axpys
+  const acc_t* wtp = wt.const_data_ptr<acc_t>();
+  const acc_t* bp = b.const_data_ptr<acc_t>();
+  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
     std::vector<acc_t> sum(K), lg(C);
     for (int64_t n = n0; n < n1; ++n) {
       const scalar_t* xn = xp + n * x.stride(0);
-      scalar_t* on = op + n * out.stride(0);
-      if (train) {
-        sum_channels<true>(layout, xn, xs, on, os, wp + lp[n] * K, K, L, sum.data());
-      } else {
-        sum_channels<false>(layout, xn, xs, on, os, wp, K, L, sum.data());
-      }
-      acc_t* mn = mp + n * K;
-      for (int64_t k = 0; k < K; ++k) mn[k] = sum[k] * inv_l;
+      sum_channels<false>(layout, xn, xs, op, os, wp, K, L, sum.data());
+      means(n, sum.data());
       std::copy_n(bp, C, lg.data());
       for (int64_t k = 0; k < K; ++k) {
-        const acc_t s = mn[k];
+        const acc_t m = mp[n * K + k];
         const acc_t* wr = wtp + k * C;
-        for (int64_t c = 0; c < C; ++c) lg[c] += wr[c] * s;
+        for (int64_t c = 0; c < C; ++c) lg[c] += wr[c] * m;
       }
-      // The argmax is taken over the logits as returned (rounded to x's dtype).
-      int64_t best = 0;
-      acc_t best_v = 0;
-      for (int64_t c = 0; c < C; ++c) {
-        const scalar_t r = static_cast<scalar_t>(lg[c]);
-        logp[n * C + c] = r;
-        const acc_t v = static_cast<acc_t>(r);
-        if (c == 0 || argmax_better(v, c, best_v, best)) best_v = v, best = c;
-      }
-      if (train) {
-        ip[n] = lp[n];
-      } else {
-        ip[n] = best;
-        scale_channels(layout, xn, xs, on, os, wp + best * K, K, L);
-      }
+      ip[n] = logits_argmax(lg.data(), C, logp + n * C);
+      scale_channels(layout, xn, xs, op + n * out.stride(0), os, wp + ip[n] * K, K, L);
     }
   });
+}
+
+// Rows layout of backward_sample.
+template <int kL, typename scalar_t, typename acc_t>
+void backward_rows(const scalar_t* g, int64_t gk, const scalar_t* x, int64_t xk, scalar_t* gx,
+                   int64_t ok, const acc_t* m, const acc_t* a, int64_t K, int64_t L_run, acc_t* t) {
+  const int64_t L = kL > 0 ? kL : L_run;
+  for (int64_t k = 0; k < K; ++k) {
+    const scalar_t* gr = g + k * gk;
+    const scalar_t* xr = x + k * xk;
+    scalar_t* orow = gx + k * ok;
+    const acc_t mk = m[k], ak = a[k];
+    acc_t part[kUnroll] = {};
+    int64_t l = 0;
+    for (; l + kUnroll <= L; l += kUnroll) {
+      for (int j = 0; j < kUnroll; ++j) {
+        const acc_t gv = static_cast<acc_t>(gr[l + j]);
+        part[j] += gv * static_cast<acc_t>(xr[l + j]);
+        orow[l + j] = static_cast<scalar_t>(gv * mk + ak);
+      }
+    }
+    acc_t s = 0;
+    for (; l < L; ++l) {
+      const acc_t gv = static_cast<acc_t>(gr[l]);
+      s += gv * static_cast<acc_t>(xr[l]);
+      orow[l] = static_cast<scalar_t>(gv * mk + ak);
+    }
+    for (int j = 0; j < kUnroll; ++j) s += part[j];
+    t[k] = s;
+  }
 }
 
 // grad_x[k, l] = g[k, l] * m[k] + a[k] and t[k] = sum_l g[k, l] * x[k, l], for one sample.
@@ -187,29 +283,9 @@ void backward_sample(Layout layout, const scalar_t* g, Strides gs, const scalar_
                      scalar_t* gx, Strides os, const acc_t* m, const acc_t* a, int64_t K,
                      int64_t L, acc_t* t) {
   if (layout == Layout::kRows) {
-    for (int64_t k = 0; k < K; ++k) {
-      const scalar_t* gr = g + k * gs.k;
-      const scalar_t* xr = x + k * xs.k;
-      scalar_t* orow = gx + k * os.k;
-      const acc_t mk = m[k], ak = a[k];
-      acc_t part[kUnroll] = {};
-      int64_t l = 0;
-      for (; l + kUnroll <= L; l += kUnroll) {
-        for (int j = 0; j < kUnroll; ++j) {
-          const acc_t gv = static_cast<acc_t>(gr[l + j]);
-          part[j] += gv * static_cast<acc_t>(xr[l + j]);
-          orow[l + j] = static_cast<scalar_t>(gv * mk + ak);
-        }
-      }
-      acc_t s = 0;
-      for (; l < L; ++l) {
-        const acc_t gv = static_cast<acc_t>(gr[l]);
-        s += gv * static_cast<acc_t>(xr[l]);
-        orow[l] = static_cast<scalar_t>(gv * mk + ak);
-      }
-      for (int j = 0; j < kUnroll; ++j) s += part[j];
-      t[k] = s;
-    }
+    with_row_length(L, [&](auto kL) {
+      backward_rows<decltype(kL)::value>(g, gs.k, x, xs.k, gx, os.k, m, a, K, L, t);
+    });
     return;
   }
   std::fill(t, t + K, acc_t(0));
