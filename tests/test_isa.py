@@ -106,11 +106,15 @@ def test_gaussian_noise(monkeypatch, dtype, multiplicative):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("train", [True, False], ids=["train", "inference"])
-def test_cas(monkeypatch, dtype, layout, train):
-    x = _input(dtype, layout, shape=(6, 24, 5, 3))
-    weight = torch.randn(10, 24, dtype=torch.float64).to(dtype)
-    bias = torch.randn(10, dtype=torch.float64).to(dtype)
-    label = torch.randint(0, 10, (6,)) if train else None
+@pytest.mark.parametrize("hw", [(5, 3), (4, 4), (8, 8), (7, 7), (1, 1)], ids=str)
+@pytest.mark.parametrize("classes", [10, 300])
+def test_cas(monkeypatch, dtype, layout, train, hw, classes):
+    """Every spatial size with a fixed-length row loop, both ways of computing inference
+    logits (per sample, or one GEMM for a large classifier)."""
+    x = _input(dtype, layout, shape=(6, 24) + hw)
+    weight = torch.randn(classes, 24, dtype=torch.float64).to(dtype)
+    bias = torch.randn(classes, dtype=torch.float64).to(dtype)
+    label = torch.randint(0, classes, (6,)) if train else None
 
     def run():
         xr = x.detach().clone().requires_grad_(True)

@@ -122,11 +122,16 @@ def _check_args(x: object, weight: object, bias: object, label: object) -> None:
             raise ValueError(f"label must have shape ({n},) (one class per sample), "
                              f"got {tuple(label.shape)}")
     _validate.same_device(x=x, weight=weight, bias=bias, label=label)
-    # The range check reads the labels: skipped while tracing (the compiled CPU kernel checks
-    # them itself, the CUDA kernel asserts) and during CUDA graph capture, which cannot sync.
+
+
+def _check_label_range(label: Tensor | None, classes: int) -> None:
+    """label values in [0, classes). The CPU kernel checks them itself (the same ValueError,
+    before it runs), so this runs for the other backends only. It reads the labels on the
+    host: skipped while tracing (the CUDA kernel asserts) and during CUDA graph capture, which
+    cannot sync."""
     if (
         label is not None
-        and n > 0
+        and label.numel() > 0
         and not torch.compiler.is_compiling()
         and not (label.is_cuda and torch.cuda.is_current_stream_capturing())
     ):
@@ -167,6 +172,8 @@ def cas(
     """
     _check_args(x, weight, bias, label)
     backend = _backend.select("cas", x)
+    if backend != "cpu":
+        _check_label_range(label, weight.shape[0])
     if backend == "reference":
         return reference.cas(x, weight, bias, label)
     view, restore = group_view(x, 2)
