@@ -8,7 +8,7 @@ download), prunes it with CHIPNet to a 50% FLOP budget, fine-tunes it, and compa
 * masked, eager: the pruned model as PyTorch runs it (masks multiply, every conv stays dense:
   what torch.nn.utils.prune gives);
 * masked, pyprune: the same model with ``pyprune.mask_convolutions`` (MaskedConv2d skips the
-  masked channels; same shapes, same outputs);
+  masked channels; same shapes, same outputs; parameters channels_last, its default);
 * compacted: ``pyprune.compact`` (a smaller dense model without the pruned channels, its
   BatchNorms folded into the convolutions, weights channels_last);
 * dense, folded: ``pyprune.compact`` of the unpruned model (nothing removed, the same BatchNorm

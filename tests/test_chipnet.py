@@ -204,8 +204,14 @@ def test_mask_convolutions_matches_masked():
     _randomize(model, seed=1).eval()
     x = torch.randn(3, 3, 10, 10)
     masked = pyprune.mask_convolutions(model, x).eval()
+    nchw = pyprune.mask_convolutions(model, x, channels_last=False).eval()
     with torch.no_grad():
         torch.testing.assert_close(masked(x), model(x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(nchw(x), model(x), atol=1e-5, rtol=1e-5)
+    assert masked.layer1[0].conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert nchw.layer1[0].conv1.weight.is_contiguous()
+    with pytest.raises(TypeError, match="channels_last must be a bool"):
+        pyprune.mask_convolutions(model, x, channels_last="yes")
     conv = masked.layer1[0].conv1
     assert isinstance(conv, MaskedConv2d) and conv.weight.shape == model.layer1[0].conv1.weight.shape
     assert torch.equal(conv.out_mask, model.layer1[0].bn1[1].hard_mask)
