@@ -12,7 +12,9 @@ download), prunes it with CHIPNet to a 50% FLOP budget, fine-tunes it, and compa
 * compacted: ``pyprune.compact`` (a smaller dense model without the pruned channels, its
   BatchNorms folded into the convolutions, weights channels_last);
 * dense, folded: ``pyprune.compact`` of the unpruned model (nothing removed, the same BatchNorm
-  folding and layout): how much of the compacted model's speed comes from those alone.
+  folding and layout): how much of the compacted model's speed comes from those alone;
+* dense, channels_last: the dense model with its parameters channels_last, the layout of the
+  masked pyprune model: how much of that one's speed comes from the layout alone.
 
 Then the training step time (forward + backward + optimizer step) of the dense ResNet with its
 ReLUs swapped for k-WTA (ratio 0.1) and CAS after the last two stages, eager PyTorch (pyprune's
@@ -23,6 +25,7 @@ Writes benchmarks/results/<device>/end_to_end.csv and end_to_end.png.
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import time
 from pathlib import Path
@@ -167,8 +170,12 @@ def main(argv=None) -> None:
     # The dense model with compact()'s inference rewrites (BatchNorm folded, channels_last) and
     # nothing pruned: the share of the compacted model's speed that does not come from pruning.
     dense_folded = pyprune.compact(dense.eval(), example)
+    # The dense model in the masked pyprune model's layout: the share of its speed that the
+    # layout alone gives.
+    dense_cl = copy.deepcopy(dense).eval().to(memory_format=torch.channels_last)
     models = {"dense": dense.eval(), "masked, eager": pruned, "masked, pyprune": masked,
-              "compacted": compacted, "dense, folded": dense_folded}
+              "compacted": compacted, "dense, folded": dense_folded,
+              "dense, channels_last": dense_cl}
     x = xte[:BATCH].contiguous()
 
     def forward(m):
@@ -180,7 +187,7 @@ def main(argv=None) -> None:
     timing = latencies({k: forward(m) for k, m in models.items()}, budget_s=3.0)
     rows = []
     base = timing["dense"].p50_ms
-    print(f"\n{'model':18s} {'accuracy':>9s} {'params':>10s} {'MFLOPs':>8s} {'p50 ms':>8s} "
+    print(f"\n{'model':20s} {'accuracy':>9s} {'params':>10s} {'MFLOPs':>8s} {'p50 ms':>8s} "
           f"{'speed-up':>9s}")
     for name, m in models.items():
         c = pyprune.count(m, x)
@@ -189,7 +196,7 @@ def main(argv=None) -> None:
         rows.append(dict(item=name, accuracy=acc, params=c.params, mflops=c.flops / 1e6,
                          p20_ms=t.p20_ms, p50_ms=t.p50_ms, p80_ms=t.p80_ms,
                          speedup=base / t.p50_ms))
-        print(f"{name:18s} {acc:9.2%} {c.params:10,d} {c.flops / 1e6:8.1f} {t.p50_ms:8.2f} "
+        print(f"{name:20s} {acc:9.2%} {c.params:10,d} {c.flops / 1e6:8.1f} {t.p50_ms:8.2f} "
               f"{base / t.p50_ms:8.2f}x")
 
     # Training step with k-WTA and CAS: eager (reference backend) vs pyprune kernels.
