@@ -21,10 +21,13 @@
 #include <cstdlib>
 #include <cstring>
 
+// -DPYPRUNE_HAVE_AVX2=0 builds the baseline kernels only (what other compilers and processors get).
+#ifndef PYPRUNE_HAVE_AVX2
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define PYPRUNE_HAVE_AVX2 1
 #else
 #define PYPRUNE_HAVE_AVX2 0
+#endif
 #endif
 
 #if defined(PYPRUNE_CPU_AVX2) && PYPRUNE_HAVE_AVX2
@@ -53,8 +56,11 @@ namespace pyprune {
 // True when the AVX2 kernels are built and this CPU runs them, unless PYPRUNE_CPU_ISA=baseline.
 inline bool use_avx2() {
 #if PYPRUNE_HAVE_AVX2
-  static const bool supported = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                                __builtin_cpu_supports("bmi") && __builtin_cpu_supports("bmi2");
+  static const bool supported = [] {
+    __builtin_cpu_init();  // idempotent; needed if this first runs during static initialization
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+           __builtin_cpu_supports("bmi") && __builtin_cpu_supports("bmi2");
+  }();
   const char* forced = std::getenv("PYPRUNE_CPU_ISA");
   return supported && !(forced != nullptr && std::strcmp(forced, "baseline") == 0);
 #else
