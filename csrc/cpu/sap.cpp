@@ -213,6 +213,11 @@ void sap_rows(const Rows<scalar_t>& t, int64_t n0, int64_t n1, int64_t L, Seed s
     std::fill(position + r, position + r + 4, std::numeric_limits<double>::infinity());
     for (int s = 0; s < kLanes; ++s) seg_start[s] *= factor;
     seg_start[kLanes] = std::numeric_limits<double>::infinity();
+    // A sample shorter than kLanes segments leaves the last ones empty: the last segment with
+    // elements then ends at +inf too, so that no draw is lost to rounding.
+    const int64_t seg = (L + kLanes - 1) / kLanes;
+    for (int s = kLanes - 1; s > 0 && s * seg >= L; --s)
+      seg_start[s] = std::numeric_limits<double>::infinity();
     merge_draws(x, xs, L, factor, seg_start, position, r, scratch.drawn.data());
     for (int64_t j0 = 0; j0 < L; j0 += kTile) {
       const int count = static_cast<int>(std::min<int64_t>(kTile, L - j0));
