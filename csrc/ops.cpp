@@ -53,7 +53,8 @@ TORCH_LIBRARY(pyprune, m) {
   // conv2d(x[:, in_index], weight, bias) written into channels out_index of an (N, channels,
   // H_out, W_out) output in x's memory format, the other channels 0. weight (k_out, k_in, kh,
   // kw) and bias (k_out,) hold the kept rows; an index None means all channels. groups 1.
+  m.def("_channel_conv(Tensor x, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, int[2] dilation, Tensor? in_index, Tensor? out_index, int channels) -> Tensor");
+
   // The instruction set the CPU kernels run with now: "avx2" or "baseline" (csrc/cpu/isa.h).
   m.def("_cpu_isa() -> str", []() -> std::string { return pyprune::use_avx2() ? "avx2" : "baseline"; });
-  m.def("_channel_conv(Tensor x, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, int[2] dilation, Tensor? in_index, Tensor? out_index, int channels) -> Tensor");
 }

@@ -40,10 +40,11 @@ C10_HOST_DEVICE inline uint32_t mulhi32(uint32_t a, uint32_t b) {
 }
 
 // One Philox4x32-10 round (Salmon et al., SC'11): the round function of tl.philox and curand.
+constexpr uint32_t kPhiloxM0 = 0xD2511F53u, kPhiloxM1 = 0xCD9E8D57u;
 C10_HOST_DEVICE inline void philox_round(uint32_t& c0, uint32_t& c1, uint32_t& c2, uint32_t& c3,
                                          uint32_t k0, uint32_t k1) {
-  const uint32_t hi0 = mulhi32(0xD2511F53u, c0), lo0 = 0xD2511F53u * c0;
-  const uint32_t hi1 = mulhi32(0xCD9E8D57u, c2), lo1 = 0xCD9E8D57u * c2;
+  const uint32_t hi0 = mulhi32(kPhiloxM0, c0), lo0 = kPhiloxM0 * c0;
+  const uint32_t hi1 = mulhi32(kPhiloxM1, c2), lo1 = kPhiloxM1 * c2;
   c0 = hi1 ^ c1 ^ k0;
   c1 = lo1;
   c2 = hi0 ^ c3 ^ k1;
@@ -62,30 +63,6 @@ C10_HOST_DEVICE inline Philox4 philox(uint64_t key, uint64_t counter, uint64_t s
     k1 += kPhiloxW1;
   }
   return {{c0, c1, c2, c3}};
-}
-
-// Philox evaluations for counters first .. first + count - 1 (count <= kPhiloxBlock), lane l of
-// evaluation t in words[l][t]. The lanes are separate arrays and the counters independent, so
-// the loop vectorizes; CPU kernels reach it through csrc/cpu/philox.h (an AVX2 version there).
-constexpr int kPhiloxBlock = 64;
-C10_ALWAYS_INLINE void philox_block(const Seed& seed, uint64_t first, int count,
-                         uint32_t (&words)[4][kPhiloxBlock]) {
-  const uint32_t s0 = static_cast<uint32_t>(seed.stream), s1 = static_cast<uint32_t>(seed.stream >> 32);
-  const uint32_t key0 = static_cast<uint32_t>(seed.key), key1 = static_cast<uint32_t>(seed.key >> 32);
-  for (int t = 0; t < count; ++t) {
-    const uint64_t counter = first + static_cast<uint64_t>(t);
-    uint32_t c0 = static_cast<uint32_t>(counter), c1 = static_cast<uint32_t>(counter >> 32);
-    uint32_t c2 = s0, c3 = s1, k0 = key0, k1 = key1;
-    for (int round = 0; round < 10; ++round) {
-      philox_round(c0, c1, c2, c3, k0, k1);
-      k0 += kPhiloxW0;
-      k1 += kPhiloxW1;
-    }
-    words[0][t] = c0;
-    words[1][t] = c1;
-    words[2][t] = c2;
-    words[3][t] = c3;
-  }
 }
 
 // u in [0, 1) from the top 24 bits (exact in float).

@@ -118,6 +118,12 @@ def test_sampled_bracket_misses(device_backend):
     x[2] = torch.arange(n, 0, -1, device=device, dtype=torch.float32)
     for k in (1, 100, 6553, 40000, n):
         assert _same(pyprune.kwta(x, k=k), _expected(x, k, "sample", False))
+    # One group (the CPU kernel splits it across threads), in every dtype (64-bit keys too).
+    _, backend = device_backend
+    for dtype in dtypes_for(backend):
+        one = x[:1].to(dtype)
+        for k in (1, 6553, n):
+            assert _same(pyprune.kwta(one, k=k), _expected(one, k, "sample", False)), (dtype, k)
 
 
 @pytest.mark.parametrize("mode", ["sample", "channel"])

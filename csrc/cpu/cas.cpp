@@ -227,28 +227,27 @@ void cas_cpu_impl(const at::Tensor& x, const at::Tensor& weight,
     for (int64_t k = 0; k < K; ++k) mp[n * K + k] = sum[k] * inv_l;
   };
 
-  if (train) {
+  if (train || 4 * C >= L || C * K > 65536) {
+    // Summing pass (training also writes out), then the logits as one GEMM.
     at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
       std::vector<acc_t> sum(K);
       for (int64_t n = n0; n < n1; ++n) {
-        sum_channels<true>(layout, xp + n * x.stride(0), xs, op + n * out.stride(0), os,
-                           wp + lp[n] * K, K, L, sum.data());
-        means(n, sum.data());
-        ip[n] = lp[n];
-      }
-    });
-    logits.copy_(at::addmm(b, mean, w.t()));
-    return;
-  }
-  if (4 * C >= L || C * K > 65536) {
-    at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
-      std::vector<acc_t> sum(K);
-      for (int64_t n = n0; n < n1; ++n) {
-        sum_channels<false>(layout, xp + n * x.stride(0), xs, op, os, wp, K, L, sum.data());
+        const scalar_t* xn = xp + n * x.stride(0);
+        if (train) {
+          sum_channels<true>(layout, xn, xs, op + n * out.stride(0), os, wp + lp[n] * K, K, L,
+                             sum.data());
+          ip[n] = lp[n];
+        } else {
+          sum_channels<false>(layout, xn, xs, op, os, wp, K, L, sum.data());
+        }
         means(n, sum.data());
       }
     });
     const at::Tensor lg = at::addmm(b, mean, w.t());
+    if (train) {
+      logits.copy_(lg);
+      return;
+    }
     const acc_t* lgp = lg.const_data_ptr<acc_t>();
     at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
       for (int64_t n = n0; n < n1; ++n) {

@@ -57,7 +57,8 @@ inline void fast_sincos_turns(float u, float& sin_out, float& cos_out) {
 // (truncation p^5 / 6, below float rounding), else log(1 - p) with Goldberg's correction;
 // expm1(y) by its Taylor polynomial on [-1/2, 0] (error < |y| 1e-8), else 1 - exp(y), where
 // q >= 0.39 absorbs the rounding of exp.
-// kSmall: the caller knows p < 2^-7, so the log1p series alone is needed (same result).
+// kSmall: the caller knows p < kSmallKeepP, so the log1p series alone is needed (same result).
+constexpr float kSmallKeepP = 0.0078125f;  // p below this takes the series (2^-7)
 template <bool kSmall = false>
 inline float fast_keep_probability(float p, float r) {
   const float series = -p * (1.0f + p * (0.5f + p * (1.0f / 3 + p * (0.25f + p * 0.2f))));
@@ -67,7 +68,7 @@ inline float fast_keep_probability(float p, float r) {
   } else {
     const float u = 1.0f - p;
     const float goldberg = fast_log(u) * (-p / (u - 1.0f));
-    log1p_neg = p < 0.0078125f ? series : goldberg;
+    log1p_neg = p < kSmallKeepP ? series : goldberg;
   }
   const float y = r * log1p_neg;
   float e = 1.0f / 40320;  // expm1(y) = y (1 + y/2 (1 + y/3 (1 + ... (1 + y/8))))
@@ -81,6 +82,5 @@ inline float fast_keep_probability(float p, float r) {
   const float q = y < -0.5f ? 1.0f - fast_exp(y) : -y * e;
   return p >= 1.0f ? 1.0f : q;
 }
-constexpr float kSmallKeepP = 0.0078125f;  // p below this takes the series (2^-7)
 
 }  // namespace pyprune

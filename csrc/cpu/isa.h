@@ -12,8 +12,8 @@
 //
 // Only code after PYPRUNE_ISA_BEGIN is compiled for AVX2, in its own namespace, so no inline
 // function of a header is ever emitted as AVX2 code that a baseline caller could link to.
-// The two builds differ only in vector width: floating-point contraction stays off
-// (-std=c++17), so elementwise results are bit-identical and seeded streams agree.
+// The two builds differ only in vector width: floating-point contraction is off (setup.py:
+// -ffp-contract=off), so elementwise results are bit-identical and seeded streams agree.
 //
 // PYPRUNE_CPU_ISA=baseline forces the baseline kernels (tests compare both).
 #pragma once

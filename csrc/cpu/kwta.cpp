@@ -62,6 +62,33 @@ inline int pick_digit(const int64_t* hist, int bins, int64_t& k) {
   return 0;
 }
 
+// The rank-th largest (1-based) of keys[0, count), all in [lo, hi]: they share the bits above
+// the highest bit where lo and hi differ, so 8-bit digits below it narrow them (histogram, pick
+// the digit, keep its keys in place) until a few remain for nth_element. Reorders keys.
+template <typename U>
+U kth_largest(U* keys, int64_t count, int64_t rank, U lo, U hi) {
+  constexpr int kBits = sizeof(U) * 8;
+  int shift = lo == hi ? 0 : kBits - (sizeof(U) == 8 ? __builtin_clzll(uint64_t(lo ^ hi))
+                                                      : __builtin_clz(uint32_t(lo ^ hi)));
+  while (count > 64 && shift > 0) {
+    const int low = std::max(shift - 8, 0);
+    const int bins = 1 << (shift - low);
+    int64_t hist[256] = {};
+    for (int64_t j = 0; j < count; ++j) ++hist[(keys[j] >> low) & U(bins - 1)];
+    const U digit = U(pick_digit(hist, bins, rank));
+    int64_t m = 0;
+    for (int64_t j = 0; j < count; ++j) {
+      const U key = keys[j];
+      keys[m] = key;
+      m += ((key >> low) & U(bins - 1)) == digit;
+    }
+    count = m;
+    shift = low;
+  }
+  std::nth_element(keys, keys + (rank - 1), keys + count, std::greater<U>());
+  return keys[rank - 1];
+}
+
 // Radix select over a group split into `chunks` contiguous ranges processed in parallel (when
 // not already inside a parallel region). buf holds group.size keys and hist chunks * kBins.
 template <typename scalar_t, typename U>
@@ -71,13 +98,8 @@ U radix_select(const Group<scalar_t>& g, int64_t k, bool absolute, int64_t chunk
   constexpr int total_bits = sizeof(U) * 8;
   const int64_t per_chunk = (g.size + chunks - 1) / chunks;
   auto key_at = [&](int64_t i) { return to_key<acc_t, U>(static_cast<acc_t>(g[i]), absolute); };
-  auto reduce = [&](int bins) {
-    for (int64_t c = 1; c < chunks; ++c)
-      for (int b = 0; b < bins; ++b) hist[b] += hist[c * kBins + b];
-  };
-
   // Pass 1: histogram of the top digit over the whole group.
-  int shift = total_bits - kRadixBits;
+  const int shift = total_bits - kRadixBits;
   std::fill(hist, hist + chunks * kBins, 0);
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
@@ -86,89 +108,30 @@ U radix_select(const Group<scalar_t>& g, int64_t k, bool absolute, int64_t chunk
       for (int64_t i = c * per_chunk; i < end; ++i) ++h[key_at(i) >> shift];
     }
   });
-  reduce(kBins);
-  U prefix = U(pick_digit(hist, kBins, k)) << shift;
-  U prefix_mask = U(kBins - 1) << shift;
+  for (int64_t c = 1; c < chunks; ++c)
+    for (int b = 0; b < kBins; ++b) hist[b] += hist[c * kBins + b];
+  const U prefix = U(pick_digit(hist, kBins, k)) << shift;
+  const U prefix_mask = U(kBins - 1) << shift;
 
-  // Pass 2: gather the keys of that bucket (each chunk into its own range of buf) and
-  // histogram the next digit.
-  int next = std::max(shift - kRadixBits, 0);
-  int bins = 1 << (shift - next);
-  std::fill(hist, hist + chunks * kBins, 0);
+  // Pass 2: gather the keys of that bucket (each chunk into its own range of buf); they share
+  // the top digit, and kth_largest narrows them on the digits below it.
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
-      int64_t* h = hist + c * kBins;
       const int64_t begin = c * per_chunk, end = std::min(g.size, begin + per_chunk);
       int64_t m = begin;
       for (int64_t i = begin; i < end; ++i) {
         const U key = key_at(i);
-        if ((key & prefix_mask) == prefix) {
-          buf[m++] = key;
-          ++h[(key >> next) & U(bins - 1)];
-        }
+        if ((key & prefix_mask) == prefix) buf[m++] = key;
       }
       fill[c] = m - begin;
     }
   });
-  reduce(bins);
   int64_t count = 0;
   for (int64_t c = 0; c < chunks; ++c) {
     std::memmove(buf + count, buf + c * per_chunk, fill[c] * sizeof(U));
     count += fill[c];
   }
-  shift = next;
-  prefix |= U(pick_digit(hist, bins, k)) << shift;
-  prefix_mask |= U(bins - 1) << shift;
-
-  // Remaining digits: the candidates are few; narrow them in place.
-  while (shift > 0) {
-    next = std::max(shift - kRadixBits, 0);
-    bins = 1 << (shift - next);
-    std::fill(hist, hist + bins, 0);
-    int64_t m = 0;
-    for (int64_t j = 0; j < count; ++j) {
-      const U key = buf[j];
-      if ((key & prefix_mask) == prefix) {
-        buf[m++] = key;
-        ++hist[(key >> next) & U(bins - 1)];
-      }
-    }
-    count = m;
-    shift = next;
-    prefix |= U(pick_digit(hist, bins, k)) << shift;
-    prefix_mask |= U(bins - 1) << shift;
-  }
-  return prefix;
-}
-
-// The rank-th largest (1-based) of keys[0, count), all in [lo, hi]: they share the bits above
-// the highest bit where lo and hi differ, so 8-bit digits below it narrow them (histogram, pick
-// the digit, keep its keys) until a few remain for nth_element.
-template <typename U>
-U kth_largest(U* keys, int64_t count, int64_t rank, U lo, U hi) {
-  constexpr int kBits = sizeof(U) * 8;
-  int shift = lo == hi ? 0 : kBits - (sizeof(U) == 8 ? __builtin_clzll(uint64_t(lo ^ hi))
-                                                      : __builtin_clz(uint32_t(lo ^ hi)));
-  while (count > 64 && shift > 0) {
-    const int low = std::max(shift - 8, 0);
-    const U bins = U(1) << (shift - low);
-    uint32_t hist[256] = {};
-    for (int64_t j = 0; j < count; ++j) ++hist[(keys[j] >> low) & (bins - 1)];
-    U digit = bins - 1;
-    int64_t above = 0;
-    for (; digit > 0 && above + hist[digit] < rank; --digit) above += hist[digit];
-    rank -= above;
-    int64_t m = 0;
-    for (int64_t j = 0; j < count; ++j) {
-      const U key = keys[j];
-      keys[m] = key;
-      m += ((key >> low) & (bins - 1)) == digit;
-    }
-    count = m;
-    shift = low;
-  }
-  std::nth_element(keys, keys + (rank - 1), keys + count, std::greater<U>());
-  return keys[rank - 1];
+  return kth_largest(buf, count, k, prefix, U(prefix | ~prefix_mask));
 }
 
 // kth_largest over any keys: their range first (one vectorized pass).

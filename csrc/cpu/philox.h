@@ -2,7 +2,9 @@
 // this between PYPRUNE_ISA_BEGIN and PYPRUNE_ISA_END (csrc/cpu/isa.h), after csrc/random.h.
 #pragma once
 
-// philox_block of csrc/random.h, with AVX2 arithmetic in the AVX2 build (csrc/cpu/philox.cpp).
+// Philox evaluations for counters first .. first + count - 1 (count <= kPhiloxBlock): lane l of
+// evaluation t in words[l][t]. Eight at a time on AVX2 in the AVX2 build (csrc/cpu/philox.cpp).
+constexpr int kPhiloxBlock = 64;
 void philox_lanes(const Seed& seed, uint64_t first, int count, uint32_t (&words)[4][kPhiloxBlock]);
 
 // Bits of values first .. first + count - 1 of the stream (count <= 4 * kPhiloxBlock - 3: the

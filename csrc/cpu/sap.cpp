@@ -23,6 +23,8 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 #include "../random.h"
@@ -66,6 +68,13 @@ struct Rows {
 
 constexpr int kLanes = 8;  // interleaved merges in exact mode
 
+// Elements [first, second) of segment s of a sample of L elements, in exact mode: kLanes
+// segments of equal length but the last (a short sample leaves the last ones empty).
+inline std::pair<int64_t, int64_t> segment(int64_t L, int s) {
+  const int64_t size = (L + kLanes - 1) / kLanes;
+  return {std::min(s * size, L), std::min((s + 1) * size, L)};
+}
+
 // Sum of |x_j| over [begin, end) in double, eight partial sums (vectorizes).
 template <typename scalar_t>
 double abs_sum(const scalar_t* x, int64_t xs, int64_t begin, int64_t end) {
@@ -96,27 +105,27 @@ inline int64_t below4(const double* position, double lim) {
 }
 
 // drawn[j] = 1 iff some draw lies in [C_{j-1}, C_j), in spacing units (C = prefix of |x| *
-// S_r / sum|x| = factor * prefix of |x|; seg_start[s] = C at segment s, seg_start[kLanes] =
-// +inf). position holds S_0 .. S_{r-1} and then four +inf. The sample is split into kLanes
-// segments; segment s owns elements [e_s, e_{s+1}) and the draws below C_{e_{s+1}} (its
-// elements' C are clamped to that, and its last element takes every draw up to it, so rounding
-// can neither lose a draw nor give it to two elements).
+// S_r / sum|x| = factor * prefix of |x|; seg_start[s] = C at the start of segment s). position
+// holds S_0 .. S_{r-1} and then four +inf. Segment s owns its elements and the draws below the
+// start of the next segment with elements, or all the rest if it is the last: its elements' C
+// are clamped to that limit and its last element takes every draw up to it, so rounding can
+// neither lose a draw nor give it to two elements.
 template <typename scalar_t>
 void merge_draws(const scalar_t* x, int64_t xs, int64_t L, double factor, const double* seg_start,
                  const double* position, int64_t r, uint8_t* drawn) {
-  const int64_t seg = (L + kLanes - 1) / kLanes;
   int64_t d[kLanes], begin[kLanes], end[kLanes];
-  double c[kLanes];
+  double c[kLanes], limit[kLanes];
   for (int s = 0; s < kLanes; ++s) {
-    begin[s] = std::min<int64_t>(s * seg, L);
-    end[s] = std::min<int64_t>(begin[s] + seg, L);
+    std::tie(begin[s], end[s]) = segment(L, s);
     c[s] = seg_start[s];
+    const bool last = s + 1 == kLanes || segment(L, s + 1).first == L;
+    limit[s] = last ? std::numeric_limits<double>::infinity() : seg_start[s + 1];
     d[s] = std::lower_bound(position, position + r, seg_start[s]) - position;
   }
   // One element of segment s: advance its draw index past the draws below the element's end.
   auto step = [&](int s, int64_t j) {
     c[s] += std::abs(static_cast<double>(x[j * xs])) * factor;
-    const double lim = j == end[s] - 1 ? seg_start[s + 1] : std::min(c[s], seg_start[s + 1]);
+    const double lim = j == end[s] - 1 ? limit[s] : std::min(c[s], limit[s]);
     const int64_t d0 = d[s];
     int64_t dd = d0 + below4(position + d0, lim);
     if (dd - d0 == 4) {
@@ -125,14 +134,14 @@ void merge_draws(const scalar_t* x, int64_t xs, int64_t L, double factor, const 
     drawn[j] = dd > d0;
     d[s] = dd;
   };
-  // Every segment but the last has seg elements; all of them run together up to the last's
-  // length, the rest without it.
+  // Every segment but the last is as long as the first; all of them run together up to the
+  // last's length, the rest without it.
   const int64_t common = end[kLanes - 1] - begin[kLanes - 1];
   for (int64_t t = 0; t < common; ++t) {
 #pragma GCC unroll 8
     for (int s = 0; s < kLanes; ++s) step(s, begin[s] + t);
   }
-  for (int64_t t = common; t < seg; ++t) {
+  for (int64_t t = common; t < end[0] - begin[0]; ++t) {
     for (int s = 0; s < kLanes; ++s)
       if (begin[s] + t < end[s]) step(s, begin[s] + t);
   }
@@ -156,13 +165,13 @@ void sap_rows(const Rows<scalar_t>& t, int64_t n0, int64_t n1, int64_t L, Seed s
     const scalar_t* src = t.src + n * t.ss0;
     scalar_t* out = t.out + n * t.os0;
     // Exact mode sums |x| per segment of the merge; seg_start[s] becomes C at segment s.
-    double seg_start[kLanes + 1];
+    double seg_start[kLanes];
     double total = 0;
     if (exact) {
-      const int64_t seg = (L + kLanes - 1) / kLanes;
       for (int s = 0; s < kLanes; ++s) {
         seg_start[s] = total;
-        total += abs_sum(x, xs, std::min<int64_t>(s * seg, L), std::min<int64_t>((s + 1) * seg, L));
+        const auto [begin, end] = segment(L, s);
+        total += abs_sum(x, xs, begin, end);
       }
     } else {
       total = abs_sum(x, xs, 0, L);
@@ -212,12 +221,6 @@ void sap_rows(const Rows<scalar_t>& t, int64_t n0, int64_t n1, int64_t L, Seed s
     const double factor = S / total;
     std::fill(position + r, position + r + 4, std::numeric_limits<double>::infinity());
     for (int s = 0; s < kLanes; ++s) seg_start[s] *= factor;
-    seg_start[kLanes] = std::numeric_limits<double>::infinity();
-    // A sample shorter than kLanes segments leaves the last ones empty: the last segment with
-    // elements then ends at +inf too, so that no draw is lost to rounding.
-    const int64_t seg = (L + kLanes - 1) / kLanes;
-    for (int s = kLanes - 1; s > 0 && s * seg >= L; --s)
-      seg_start[s] = std::numeric_limits<double>::infinity();
     merge_draws(x, xs, L, factor, seg_start, position, r, scratch.drawn.data());
     for (int64_t j0 = 0; j0 < L; j0 += kTile) {
       const int count = static_cast<int>(std::min<int64_t>(kTile, L - j0));
