@@ -10,6 +10,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -18,6 +19,10 @@
 
 #include "../kwta.h"
 #include "isa.h"
+
+#if PYPRUNE_HAVE_AVX2
+#include <immintrin.h>
+#endif
 
 PYPRUNE_ISA_BEGIN
 namespace {
@@ -28,6 +33,10 @@ constexpr int kBins = 1 << kRadixBits;
 constexpr int64_t kSmallGroup = 1024;
 // A group is split across threads only when it is this large.
 constexpr int64_t kSplitGroup = 1 << 15;
+// The bracket pass works in blocks of this many keys, and stores candidate positions relative
+// to its start in 32 bits, so one pass covers at most kMaxPass elements.
+constexpr int64_t kBlock = 64;
+constexpr int64_t kMaxPass = int64_t(1) << 31;
 
 // v if cond else 0, by masking the bits: the masks are data-dependent coin flips that a
 // branch would mispredict.
@@ -149,10 +158,14 @@ U kth_largest_of(U* keys, int64_t count, int64_t rank) {
 template <typename U>
 struct Scratch {
   explicit Scratch(int64_t L, int64_t chunks)
-      : cap(std::max<int64_t>(4096, L / 4)), keys(cap), index(cap), select(cap), fill(chunks) {}
-  int64_t cap;
+      : cap(std::max<int64_t>(4096, L / 4)),
+        keys(cap + chunks * kBlock),
+        index(cap + chunks * kBlock),
+        select(cap),
+        fill(chunks) {}
+  int64_t cap;  // candidates per group; each chunk's region has kBlock slots of slack beyond it
   std::vector<U> keys;
-  std::vector<int64_t> index;
+  std::vector<uint32_t> index;
   std::vector<U> select;
   std::vector<int64_t> fill;
   std::vector<U> radix;       // fallback only
@@ -183,24 +196,68 @@ std::pair<U, U> sample_bracket(const Group<scalar_t>& g, int64_t k, bool absolut
   return {lo, hi};
 }
 
-// One pass over elements [begin, end) of a group: out = where(key >= lo, x, 0), the number of
-// keys above hi, and the keys in [lo, hi] with their positions (at most `cap`; the count
-// returned may exceed it, which means overflow). Blocks of 64 keep the write and the counts in a
-// branch-free loop; only the few in-bracket positions are visited again.
+// Appends the flagged ones of n keys (flags: one byte each, 0 or 1) and their positions
+// base + j to keys/index at m, returning the new m. Stores may run kBlock slots past the new m
+// (the buffers have that slack); no branch depends on a flag.
+template <typename U>
+inline int64_t append_flagged(const U* block, const uint8_t* flags, int64_t n, uint32_t base,
+                              U* keys, uint32_t* index, int64_t m) {
+#if defined(PYPRUNE_CPU_AVX2) && PYPRUNE_HAVE_AVX2
+  if constexpr (sizeof(U) == 4) {
+    if (n == kBlock) {
+      // Eight keys at a time: the flags' bits pick a lane permutation that packs the kept lanes
+      // to the front, one unaligned store, advance by their count.
+      static constexpr auto kPack = [] {
+        std::array<uint64_t, 256> table{};
+        for (int mask = 0; mask < 256; ++mask) {
+          int out = 0;
+          for (int lane = 0; lane < 8; ++lane)
+            if (mask >> lane & 1) table[mask] |= uint64_t(lane) << (8 * out++);
+        }
+        return table;
+      }();
+      const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+      for (int64_t w0 = 0; w0 < kBlock; w0 += 8) {
+        uint64_t word;
+        std::memcpy(&word, flags + w0, 8);
+        const unsigned mask = unsigned(_pext_u64(word, 0x0101010101010101ull));
+        const __m256i perm = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(int64_t(kPack[mask])));
+        const __m256i k = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + w0));
+        const __m256i pos = _mm256_add_epi32(_mm256_set1_epi32(int(base + uint32_t(w0))), lanes);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(keys + m), _mm256_permutevar8x32_epi32(k, perm));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(index + m), _mm256_permutevar8x32_epi32(pos, perm));
+        m += __builtin_popcount(mask);
+      }
+      return m;
+    }
+  }
+#endif
+  for (int64_t j = 0; j < n; ++j) {
+    keys[m] = block[j];
+    index[m] = base + uint32_t(j);
+    m += flags[j];
+  }
+  return m;
+}
+
+// One pass over elements [begin, end) of a group (end - begin <= kMaxPass): out = where(key >=
+// lo, x, 0), the number of keys above hi, and the keys in [lo, hi] with their positions
+// relative to begin (at most `cap`; the count returned may exceed it, which means overflow).
+// Blocks of 64 keep the write, the counts and the collection free of data-dependent branches;
+// only the few in-bracket positions are visited again.
 template <bool kUnit, typename scalar_t, typename U>
 std::pair<int64_t, int64_t> bracket_pass(const Group<scalar_t>& g, scalar_t* o, int64_t ol,
                                          int64_t begin, int64_t end, U lo, U hi, bool absolute,
-                                         U* keys, int64_t* index, int64_t cap) {
+                                         U* keys, uint32_t* index, int64_t cap) {
   using acc_t = typename KeyTraits<scalar_t>::acc_t;
-  constexpr int64_t kBlock = 64;
   const scalar_t* x = g.base;
   const int64_t sx = kUnit ? 1 : g.stride, so = kUnit ? 1 : ol;
   int64_t above = 0, m = 0;
   U block[kBlock];
+  uint8_t flags[kBlock];
   for (int64_t b = begin; b < end; b += kBlock) {
     const int64_t n = std::min(kBlock, end - b);
     uint32_t block_above = 0;  // 32-bit lanes: the count stays in the key vectors' width
-    uint8_t flags[kBlock];
     for (int64_t j = 0; j < n; ++j) {
       const scalar_t v = x[(b + j) * sx];
       const U key = to_key<acc_t, U>(static_cast<acc_t>(v), absolute);
@@ -210,19 +267,10 @@ std::pair<int64_t, int64_t> bracket_pass(const Group<scalar_t>& g, scalar_t* o, 
       flags[j] = U(key - lo) <= U(hi - lo);
     }
     above += block_above;
-    if (n < kBlock) std::fill(flags + n, flags + kBlock, uint8_t(0));
-    // Visit only the flagged positions, eight flags (one byte each) per word.
-    for (int64_t w0 = 0; w0 < kBlock; w0 += 8) {
-      uint64_t word;
-      std::memcpy(&word, flags + w0, 8);
-      for (; word != 0; word &= word - 1) {
-        const int64_t j = w0 + (__builtin_ctzll(word) >> 3);
-        if (m < cap) {
-          keys[m] = block[j];
-          index[m] = b + j;
-        }
-        ++m;
-      }
+    if (m <= cap) {
+      m = append_flagged(block, flags, n, uint32_t(b - begin), keys, index, m);
+    } else {  // overflowed: only the count matters now
+      for (int64_t j = 0; j < n; ++j) m += flags[j];
     }
   }
   return {above, m};
@@ -266,13 +314,24 @@ void kwta_cpu_impl(const at::Tensor& x, int64_t k, bool absolute, at::Tensor& ou
     return thr;
   };
 
+  // Radix select over the whole group, then the write.
+  auto radix_group = [&](const Group<scalar_t>& g, scalar_t* o, Scratch<U>& s) {
+    s.radix.resize(L);
+    s.hist.resize(chunks * kBins);
+    const U thr = radix_select<scalar_t, U>(g, k, absolute, chunks, s.radix.data(), s.hist.data(),
+                                            s.fill.data());
+    write_all(g, o, thr);
+    return thr;
+  };
   // Large groups: one pass writes out = where(key >= lo, x, 0), counts keys above hi and
   // collects the keys in [lo, hi] with their positions; the k-th largest key is then selected
   // among those few candidates and the candidates below it are zeroed. When the sampled bracket
-  // misses (or overflows the candidate buffer) the group falls back to a full radix select.
+  // misses (or overflows the candidate buffer) the group falls back to a full radix select,
+  // as do groups with more than kMaxPass elements per thread.
   auto large_group = [&](const Group<scalar_t>& g, scalar_t* o, Scratch<U>& s) {
+    if (per_chunk > kMaxPass) return radix_group(g, o, s);
     const auto [lo, hi] = sample_bracket<scalar_t, U>(g, k, absolute, s.select.data(), s.keys.data());
-    const int64_t region = s.cap / chunks;
+    const int64_t cap = s.cap / chunks, region = cap + kBlock;
     std::vector<int64_t> above(chunks, 0);
     at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
@@ -280,10 +339,10 @@ void kwta_cpu_impl(const at::Tensor& x, int64_t k, bool absolute, at::Tensor& ou
         const auto counts = sl == 1 && ol == 1
             ? bracket_pass<true, scalar_t, U>(g, o, ol, begin, end, lo, hi, absolute,
                                               s.keys.data() + c * region,
-                                              s.index.data() + c * region, region)
+                                              s.index.data() + c * region, cap)
             : bracket_pass<false, scalar_t, U>(g, o, ol, begin, end, lo, hi, absolute,
                                                s.keys.data() + c * region,
-                                               s.index.data() + c * region, region);
+                                               s.index.data() + c * region, cap);
         above[c] = counts.first;
         s.fill[c] = counts.second;
       }
@@ -292,7 +351,7 @@ void kwta_cpu_impl(const at::Tensor& x, int64_t k, bool absolute, at::Tensor& ou
     bool overflow = false;
     for (int64_t c = 0; c < chunks; ++c) {
       total_above += above[c];
-      overflow |= s.fill[c] > region;
+      overflow |= s.fill[c] > cap;
     }
     if (!overflow) {
       for (int64_t c = 0; c < chunks; ++c) {
@@ -300,20 +359,17 @@ void kwta_cpu_impl(const at::Tensor& x, int64_t k, bool absolute, at::Tensor& ou
         count += s.fill[c];
       }
     }
-    if (overflow || !(total_above < k && k <= total_above + count)) {
-      s.radix.resize(L);
-      s.hist.resize(chunks * kBins);
-      const U thr = radix_select<scalar_t, U>(g, k, absolute, chunks, s.radix.data(),
-                                              s.hist.data(), s.fill.data());
-      write_all(g, o, thr);
-      return thr;
-    }
+    if (overflow || !(total_above < k && k <= total_above + count)) return radix_group(g, o, s);
     const U thr = kth_largest(s.select.data(), count, k - total_above, lo, hi);
     for (int64_t c = 0; c < chunks; ++c) {
       const U* keys = s.keys.data() + c * region;
-      const int64_t* index = s.index.data() + c * region;
-      for (int64_t j = 0; j < s.fill[c]; ++j)
-        if (keys[j] < thr) o[index[j] * ol] = scalar_t(0);
+      const uint32_t* index = s.index.data() + c * region;
+      scalar_t* const oc = o + c * per_chunk * ol;
+      const int64_t stride = ol, fill = s.fill[c];
+      for (int64_t j = 0; j < fill; ++j) {  // a branch here would mispredict about half the time
+        scalar_t& v = oc[index[j] * stride];
+        v = keep_or_zero(v, keys[j] >= thr);
+      }
     }
     return thr;
   };
