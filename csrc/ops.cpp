@@ -55,6 +55,12 @@ TORCH_LIBRARY(pyprune, m) {
   // kw) and bias (k_out,) hold the kept rows; an index None means all channels. groups 1.
   m.def("_channel_conv(Tensor x, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, int[2] dilation, Tensor? in_index, Tensor? out_index, int channels) -> Tensor");
 
+  // conv2d(x, weight * weight_mask, bias, stride, padding, dilation) with a bool weight_mask of
+  // weight's shape, groups 1 (CPU): a direct sparse convolution over the kept weights where they
+  // are few enough to pay (csrc/cpu/sparse_conv.cpp), else the dense engine on the masked weight.
+  // Masked weights take no part. Output in x's memory format.
+  m.def("_sparse_conv2d(Tensor x, Tensor weight, Tensor weight_mask, Tensor? bias, int[2] stride, int[2] padding, int[2] dilation) -> Tensor");
+
   // The instruction set the CPU kernels run with now: "avx2" or "baseline" (csrc/cpu/isa.h).
   m.def("_cpu_isa() -> str", []() -> std::string { return pyprune::use_avx2() ? "avx2" : "baseline"; });
 }

@@ -46,6 +46,36 @@ def _masked_conv2d_backward_fake(grad, x, weight, stride, padding, dilation, gro
             weight.new_empty((weight.shape[0],)))
 
 
+@torch.library.register_fake("pyprune::_sparse_conv2d")
+def _sparse_conv2d_fake(x, weight, weight_mask, bias, stride, padding, dilation):
+    return _empty_output(x, weight, weight.shape[0], stride, padding, dilation)
+
+
+def _sparse_conv2d_setup(ctx, inputs, output):
+    x, weight, weight_mask, bias, stride, padding, dilation = inputs
+    ctx.save_for_backward(x, weight, weight_mask)
+    ctx.attrs = (stride, padding, dilation)
+    ctx.has_bias = bias is not None
+
+
+def _sparse_conv2d_backward(ctx, grad):
+    """The dense engine's backward with the masked weight; the weight gradient is masked."""
+    x, weight, weight_mask = ctx.saved_tensors
+    stride, padding, dilation = ctx.attrs
+    zero = torch.zeros((), dtype=weight.dtype, device=weight.device)
+    gx, gw, gb = torch.ops.aten.convolution_backward(
+        grad, x, torch.where(weight_mask, weight, zero), [weight.shape[0]] if ctx.has_bias else None,
+        stride, padding, dilation, False, [0, 0], 1,
+        [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[3]])
+    if gw is not None:
+        gw = torch.where(weight_mask, gw, zero)
+    return gx, gw, None, gb, None, None, None
+
+
+torch.library.register_autograd("pyprune::_sparse_conv2d", _sparse_conv2d_backward,
+                                setup_context=_sparse_conv2d_setup)
+
+
 @torch.library.register_fake("pyprune::_channel_conv")
 def _channel_conv_fake(x, weight, bias, stride, padding, dilation, in_index, out_index, channels):
     return _empty_output(x, weight, channels, stride, padding, dilation)
@@ -281,18 +311,26 @@ def masked_conv2d(
                                        in_mask, out_mask, weight_mask)
 
     # Float channel masks shared by the batch fold into the weight and bias; per-sample ones
-    # multiply x or the output. Bool channel masks stay for the kernels to skip.
+    # multiply x or the output. Bool channel masks stay for the kernels to skip. A bool weight
+    # mask alone goes to the CPU's sparse convolution (which runs the dense engine where the
+    # mask keeps too much to pay); otherwise it folds into the weight.
     def soft(m: Optional[Tensor], static: bool) -> Optional[Tensor]:
         return m if m is not None and m.dtype != torch.bool and (m.dim() == 1) == static else None
 
-    weight, bias = fold_static_masks(weight, bias, groups, soft(in_mask, True),
-                                     soft(out_mask, True), weight_mask)
     scale_in, scale_out = soft(in_mask, False), soft(out_mask, False)
+    soft_in, soft_out = soft(in_mask, True), soft(out_mask, True)
     in_mask = in_mask if in_mask is not None and in_mask.dtype == torch.bool else None
     out_mask = out_mask if out_mask is not None and out_mask.dtype == torch.bool else None
+    sparse = (backend == "cpu" and groups == 1 and in_mask is None and out_mask is None
+              and weight_mask is not None and weight_mask.dtype == torch.bool)
+    weight, bias = fold_static_masks(weight, bias, groups, soft_in, soft_out,
+                                     None if sparse else weight_mask)
     if scale_in is not None:
         x = x * scale_in[:, :, None, None]
-    if in_mask is None and out_mask is None and backend in ("cpu", "cuda"):
+    if sparse:
+        y = torch.ops.pyprune._sparse_conv2d(x, weight, weight_mask, bias, stride, padding,
+                                             dilation)
+    elif in_mask is None and out_mask is None and backend in ("cpu", "cuda"):
         # Nothing structural left: the dense engine itself (oneDNN / cuDNN), without the op's
         # dispatch (measured 2-4% of an 11 ms convolution here).
         y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)

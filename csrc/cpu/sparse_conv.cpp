@@ -1,0 +1,373 @@
+// Convolution with an unstructured boolean weight mask on the CPU: conv2d(x, weight * mask,
+// bias), groups 1. Below a density threshold (sparse_pays) a direct sparse convolution does only
+// the kept weights' work; above it oneDNN runs on the masked weight.
+//
+// Direct sparse convolution: each sample's input is copied once, zero-padded, into phase planes
+// (for stride s, plane (a, b) holds padded rows a, a + s, ... and columns b, b + s, ...), each
+// of pitch P. In that layout the output, taken as a flat run of h_out * P positions (the columns
+// from w_out to P are computed and dropped), is for every kept weight (o, i, kh, kw) the same
+// run of the input shifted by one offset. So output channel o is a sum of shifted contiguous
+// runs, one per kept weight of row o: a tile of the run is held in vector registers while the
+// kept weights of o stream past (one broadcast, eight loads and eight multiply-adds each), then
+// stored once. The kept weights are listed per output channel (CSR) with their offsets, built
+// per call (weight-sized work).
+//
+// The AVX2 build uses fused multiply-adds here, so its results differ from the baseline build's
+// in rounding (as oneDNN's do between machines); every other kernel is bit-identical across the
+// two (csrc/cpu/isa.h).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <optional>
+#include <type_traits>
+#include <vector>
+
+#include "../masked_conv.h"
+#include "isa.h"
+
+#if PYPRUNE_HAVE_AVX2
+#include <immintrin.h>
+#endif
+
+PYPRUNE_ISA_BEGIN
+namespace {
+
+using masked_conv::Geometry;
+
+template <typename T>
+struct Vec {
+  typedef T type __attribute__((vector_size(32)));
+  static constexpr int64_t lanes = 32 / sizeof(T);
+};
+
+// acc + w * v: fused in the AVX2 build.
+template <typename T, typename V>
+inline V multiply_add(V acc, V w, V v) {
+#if defined(PYPRUNE_CPU_AVX2) && PYPRUNE_HAVE_AVX2
+  if constexpr (sizeof(T) == 4) {
+    return (V)_mm256_fmadd_ps((__m256)w, (__m256)v, (__m256)acc);
+  } else {
+    return (V)_mm256_fmadd_pd((__m256d)w, (__m256d)v, (__m256d)acc);
+  }
+#else
+  return acc + w * v;
+#endif
+}
+
+// The padded, phase-split layout of one sample's input.
+struct Layout {
+  int64_t s0, s1;          // stride
+  int64_t rows, pitch;     // of one phase plane: ceil(padded H / s0) x ceil(padded W / s1)
+  int64_t plane, channel;  // elements per phase plane, per input channel (s0 * s1 planes)
+  int64_t run;             // output positions computed: h_out * pitch
+};
+
+Layout layout_of(const Geometry& g) {
+  Layout l;
+  l.s0 = g.stride[0];
+  l.s1 = g.stride[1];
+  l.rows = (g.h + 2 * g.padding[0] + l.s0 - 1) / l.s0;
+  l.pitch = (g.w + 2 * g.padding[1] + l.s1 - 1) / l.s1;
+  l.plane = l.rows * l.pitch;
+  l.channel = l.s0 * l.s1 * l.plane;
+  l.run = g.h_out * l.pitch;
+  return l;
+}
+
+// Kept weights per output channel: values and their input offsets in the layout.
+template <typename T>
+struct Csr {
+  std::vector<int64_t> row;
+  std::vector<int64_t> offset;
+  std::vector<T> value;
+};
+
+template <typename T>
+Csr<T> csr_of(const at::Tensor& weight, const at::Tensor& mask, const Geometry& g, const Layout& l,
+              int64_t kept) {
+  const at::Tensor w = weight.contiguous(), m = mask.contiguous();
+  const T* wp = w.const_data_ptr<T>();
+  const bool* mp = m.const_data_ptr<bool>();
+  // The offset of each (i, kh, kw) of a row, the same for every row.
+  const int64_t per_row = g.c_in * g.kh * g.kw;
+  std::vector<int64_t> offset_of(per_row);
+  for (int64_t i = 0; i < g.c_in; ++i) {
+    for (int64_t kh = 0; kh < g.kh; ++kh) {
+      for (int64_t kw = 0; kw < g.kw; ++kw) {
+        const int64_t dh = kh * g.dilation[0], dw = kw * g.dilation[1];
+        const int64_t phase = (dh % l.s0) * l.s1 + dw % l.s1;
+        offset_of[(i * g.kh + kh) * g.kw + kw] =
+            i * l.channel + phase * l.plane + (dh / l.s0) * l.pitch + dw / l.s1;
+      }
+    }
+  }
+  Csr<T> csr;
+  csr.row.resize(g.c_out + 1);
+  csr.offset.resize(kept);
+  csr.value.resize(kept);
+  int64_t e = 0;
+  for (int64_t o = 0; o < g.c_out; ++o) {
+    csr.row[o] = e;
+    const bool* row = mp + o * per_row;
+    const T* wrow = wp + o * per_row;
+    int64_t j = 0;
+    for (; j + 8 <= per_row; j += 8) {  // eight mask bytes at a time: most words are 0 when sparse
+      uint64_t word;
+      std::memcpy(&word, row + j, 8);
+      for (; word != 0; word &= word - 1) {
+        const int64_t t = j + (__builtin_ctzll(word) >> 3);
+        TORCH_CHECK(e < kept, "_sparse_conv2d: weight_mask changed while in use");
+        csr.offset[e] = offset_of[t];
+        csr.value[e++] = wrow[t];
+      }
+    }
+    for (; j < per_row; ++j) {
+      if (!row[j]) continue;
+      TORCH_CHECK(e < kept, "_sparse_conv2d: weight_mask changed while in use");
+      csr.offset[e] = offset_of[j];
+      csr.value[e++] = wrow[j];
+    }
+  }
+  csr.row[g.c_out] = e;
+  return csr;
+}
+
+// Copies channels [c0, c1) of sample n of x into the layout at `dst`, zeros around.
+template <typename T>
+void fill_layout(const at::Tensor& x, int64_t n, int64_t c0, int64_t c1, const Geometry& g,
+                 const Layout& l, T* dst) {
+  const T* xp = x.const_data_ptr<T>();
+  const int64_t sn = x.stride(0), sc = x.stride(1), sh = x.stride(2), sw = x.stride(3);
+  const int64_t p0 = g.padding[0], p1 = g.padding[1];
+  for (int64_t c = c0; c < c1; ++c) {
+    const T* src = xp + n * sn + c * sc;
+    for (int64_t a = 0; a < l.s0; ++a) {
+      for (int64_t b = 0; b < l.s1; ++b) {
+        T* plane = dst + c * l.channel + (a * l.s1 + b) * l.plane;
+        for (int64_t r = 0; r < l.rows; ++r) {
+          T* row = plane + r * l.pitch;
+          const int64_t h = r * l.s0 + a - p0;
+          if (h < 0 || h >= g.h) {
+            std::fill(row, row + l.pitch, T(0));
+            continue;
+          }
+          // Columns q with w = q * s1 + b - p1 in [0, W).
+          const int64_t q0 = std::min(l.pitch, std::max<int64_t>(0, (p1 - b + l.s1 - 1) / l.s1));
+          const int64_t last = g.w - 1 + p1 - b;
+          const int64_t q1 = last < 0 ? q0 : std::max(q0, std::min(l.pitch, last / l.s1 + 1));
+          std::fill(row, row + q0, T(0));
+          const T* srow = src + h * sh + (q0 * l.s1 + b - p1) * sw;
+          const int64_t step = l.s1 * sw;
+          if (step == 1) {
+            std::memcpy(row + q0, srow, (q1 - q0) * sizeof(T));
+          } else {
+            for (int64_t q = q0; q < q1; ++q) row[q] = srow[(q - q0) * step];
+          }
+          std::fill(row + q1, row + l.pitch, T(0));
+        }
+      }
+    }
+  }
+}
+
+// Output channels [o0, o1) of positions [f0, f0 + kVecs * lanes) of the run (clipped to it),
+// for one sample: src is its layout at f0.
+template <typename T, int kVecs>
+void sparse_tile(const Csr<T>& csr, const T* bias, const T* src, const Geometry& g,
+                 const Layout& l, int64_t f0, int64_t o0, int64_t o1, T* out, int64_t oc,
+                 int64_t oh, int64_t ow) {
+  using V = typename Vec<T>::type;
+  constexpr int64_t lanes = Vec<T>::lanes, tile = kVecs * lanes;
+  alignas(32) T buf[tile];
+  const int64_t* off = csr.offset.data();
+  const T* val = csr.value.data();
+  for (int64_t o = o0; o < o1; ++o) {
+    const T b = bias != nullptr ? bias[o] : T(0);
+    V acc[kVecs];
+    for (int v = 0; v < kVecs; ++v) acc[v] = V{} + b;
+    for (int64_t e = csr.row[o]; e < csr.row[o + 1]; ++e) {
+      const V w = V{} + val[e];
+      const T* p = src + off[e];
+      for (int v = 0; v < kVecs; ++v) {
+        V x;
+        std::memcpy(&x, p + v * lanes, sizeof(V));
+        acc[v] = multiply_add<T>(acc[v], w, x);
+      }
+    }
+    std::memcpy(buf, acc, sizeof(buf));
+    // Position f of the run is row f / pitch, column f % pitch; columns from w_out are dropped.
+    const int64_t f1 = std::min(f0 + tile, l.run);
+    for (int64_t h = f0 / l.pitch; h * l.pitch < f1; ++h) {
+      const int64_t w0 = std::max(f0 - h * l.pitch, int64_t(0));
+      const int64_t w1 = std::min(f1 - h * l.pitch, g.w_out);
+      T* dst = out + o * oc + h * oh;
+      const T* from = buf + (h * l.pitch - f0);
+      for (int64_t w = w0; w < w1; ++w) dst[w * ow] = from[w];
+    }
+  }
+}
+
+// Output channels [o0, o1) of one sample from its layout `src`: the run in tiles of eight
+// vectors (held in registers while a row's kept weights stream past), the last tile only as
+// many vectors as the run has left (small planes compute little they then drop).
+template <typename T>
+void sparse_rows(const Csr<T>& csr, const T* bias, const T* src, const Geometry& g,
+                 const Layout& l, int64_t o0, int64_t o1, T* out, int64_t oc, int64_t oh,
+                 int64_t ow) {
+  constexpr int64_t lanes = Vec<T>::lanes;
+  for (int64_t f0 = 0; f0 < l.run;) {
+    const int64_t vecs = std::min<int64_t>(8, (l.run - f0 + lanes - 1) / lanes);
+    auto tile = [&](auto kVecs) {
+      sparse_tile<T, decltype(kVecs)::value>(csr, bias, src + f0, g, l, f0, o0, o1, out, oc, oh, ow);
+    };
+    switch (vecs) {
+      case 1: tile(std::integral_constant<int, 1>{}); break;
+      case 2: tile(std::integral_constant<int, 2>{}); break;
+      case 3: tile(std::integral_constant<int, 3>{}); break;
+      case 4: tile(std::integral_constant<int, 4>{}); break;
+      case 5: tile(std::integral_constant<int, 5>{}); break;
+      case 6: tile(std::integral_constant<int, 6>{}); break;
+      case 7: tile(std::integral_constant<int, 7>{}); break;
+      default: tile(std::integral_constant<int, 8>{}); break;
+    }
+    f0 += vecs * lanes;
+  }
+}
+
+// Whether the layout's first `count` values are all finite (x - x is NaN exactly for inf and
+// NaN; the sum vectorizes).
+template <typename T>
+bool all_finite(const T* p, int64_t count) {
+  T acc = 0;
+  for (int64_t i = 0; i < count; ++i) acc += p[i] - p[i];
+  return acc == T(0);
+}
+
+// Fills `finite[n]` for the samples it computes; a sample holding inf or NaN is left to the
+// dense engine (its result must carry the NaN that 0 * inf gives at masked weights).
+template <typename T>
+void sparse_conv_impl(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& mask,
+                      const std::optional<at::Tensor>& bias, const Geometry& g, int64_t kept,
+                      at::Tensor& out, std::vector<char>& finite) {
+  const Layout l = layout_of(g);
+  const Csr<T> csr = csr_of<T>(weight, mask, g, l, kept);
+  at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+  const T* bp = b.defined() ? b.const_data_ptr<T>() : nullptr;
+  T* op = out.mutable_data_ptr<T>();
+  const int64_t on = out.stride(0), oc = out.stride(1), oh = out.stride(2), ow = out.stride(3);
+  // Reads run past the last channel by at most a tile plus the largest in-channel offset.
+  const int64_t scratch = g.c_in * l.channel + l.channel + 8 * Vec<T>::lanes;
+  const int64_t threads = at::get_num_threads();
+  if (g.n >= threads) {
+    // Samples split over threads, each with a layout of its own.
+    at::parallel_for(0, g.n, 1, [&](int64_t n0, int64_t n1) {
+      std::vector<T> layout(scratch, T(0));
+      for (int64_t n = n0; n < n1; ++n) {
+        fill_layout<T>(x, n, 0, g.c_in, g, l, layout.data());
+        finite[n] = all_finite(layout.data(), g.c_in * l.channel);
+        if (finite[n]) sparse_rows<T>(csr, bp, layout.data(), g, l, 0, g.c_out, op + n * on, oc, oh, ow);
+      }
+    });
+    return;
+  }
+  // Few samples: each sample's channels split over threads.
+  std::vector<T> layout(scratch, T(0));
+  for (int64_t n = 0; n < g.n; ++n) {
+    at::parallel_for(0, g.c_in, 1, [&](int64_t c0, int64_t c1) {
+      fill_layout<T>(x, n, c0, c1, g, l, layout.data());
+    });
+    finite[n] = all_finite(layout.data(), g.c_in * l.channel);
+    if (!finite[n]) continue;
+    at::parallel_for(0, g.c_out, 1, [&](int64_t o0, int64_t o1) {
+      sparse_rows<T>(csr, bp, layout.data(), g, l, o0, o1, op + n * on, oc, oh, ow);
+    });
+  }
+}
+
+}  // namespace
+
+void sparse_conv_kernel(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& mask,
+                        const std::optional<at::Tensor>& bias, const Geometry& g, int64_t kept,
+                        at::Tensor& out, std::vector<char>& finite) {
+  if (x.scalar_type() == at::kDouble) {
+    sparse_conv_impl<double>(x, weight, mask, bias, g, kept, out, finite);
+  } else {
+    sparse_conv_impl<float>(x, weight, mask, bias, g, kept, out, finite);
+  }
+}
+PYPRUNE_ISA_END
+
+#ifndef PYPRUNE_CPU_AVX2
+PYPRUNE_CPU_DECLARE(void, sparse_conv_kernel, const at::Tensor&, const at::Tensor&,
+                    const at::Tensor&, const std::optional<at::Tensor>&,
+                    const masked_conv::Geometry&, int64_t, at::Tensor&, std::vector<char>&)
+
+namespace pyprune {
+namespace {
+
+// Whether the direct sparse convolution beats oneDNN on the masked weight, from the fraction of
+// the weight kept and the output size. Measured on this project's CPU (2-core Xeon, float32,
+// 3x3 and 1x1 ResNet layers; benchmarks/results/cpu/masked_conv.csv has the weight-mask rows):
+// the sparse kernel breaks even at about 45% kept for 32x32 and 56x56 outputs, 22% at 16x16,
+// 13% at 14x14 and 8x8, 7% at 4x4 (where most of each computed run is padding). The limits below
+// sit under those crossings. The kernel also scans the mask once per call, which small batches
+// do not amortise: below 1024 output positions per channel (batch x H_out x W_out) the limits
+// drop to a quarter, below 256 to zero. PYPRUNE_SPARSE_CONV=sparse or =dense forces a path
+// (tests run both).
+bool sparse_pays(const masked_conv::Geometry& g, double density) {
+  if (const char* force = std::getenv("PYPRUNE_SPARSE_CONV")) {
+    if (std::strcmp(force, "sparse") == 0) return true;
+    if (std::strcmp(force, "dense") == 0) return false;
+  }
+  const int64_t hw = g.h_out * g.w_out, positions = g.n * hw;
+  double limit = hw >= 1024 ? 0.35 : hw >= 256 ? 0.15 : hw >= 64 ? 0.1 : 0.05;
+  if (positions < 256) return false;
+  if (positions < 1024) limit /= 4;
+  return density <= limit;
+}
+
+at::Tensor sparse_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight,
+                             const at::Tensor& weight_mask, const std::optional<at::Tensor>& bias,
+                             at::IntArrayRef stride, at::IntArrayRef padding,
+                             at::IntArrayRef dilation) {
+  const masked_conv::Geometry g = masked_conv::geometry(x, weight, stride, padding, dilation, 1);
+  TORCH_CHECK(x.device().is_cpu(), "_sparse_conv2d (cpu): x must be a CPU tensor");
+  TORCH_CHECK(weight_mask.scalar_type() == at::kBool && weight_mask.sizes() == weight.sizes(),
+              "_sparse_conv2d: weight_mask must be bool with weight's shape");
+  TORCH_CHECK(weight_mask.device() == x.device() && weight.device() == x.device(),
+              "_sparse_conv2d: weight and weight_mask must be on x's device");
+  if (bias.has_value())
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == g.c_out && bias->scalar_type() == x.scalar_type(),
+                "_sparse_conv2d: bias must have shape (C_out,) and x's dtype");
+  const bool vectorized = x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble;
+  const int64_t kept = weight_mask.sum().item<int64_t>();
+  const double density = weight.numel() == 0 ? 0.0 : double(kept) / double(weight.numel());
+  auto masked_weight = [&] { return at::where(weight_mask, weight, at::zeros({}, weight.options())); };
+  if (!vectorized || !sparse_pays(g, density))
+    return at::conv2d(x, masked_weight(), bias, stride, padding, dilation, 1);
+  at::Tensor out = at::empty({g.n, g.c_out, g.h_out, g.w_out}, x.options(), x.suggest_memory_format());
+  if (out.numel() == 0) return out;
+  std::vector<char> finite(g.n, 1);
+  PYPRUNE_CPU_KERNEL(sparse_conv_kernel, x, weight, weight_mask, bias, g, kept, out, finite);
+  // Samples with inf or NaN: the dense engine, so that 0 * inf at masked weights gives NaN as
+  // in conv2d(x, weight * weight_mask).
+  at::Tensor w;
+  for (int64_t n = 0; n < g.n; ++n) {
+    if (finite[n]) continue;
+    if (!w.defined()) w = masked_weight();
+    out.narrow(0, n, 1).copy_(at::conv2d(x.narrow(0, n, 1), w, bias, stride, padding, dilation, 1));
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pyprune, CPU, m) { m.impl("_sparse_conv2d", &sparse_conv2d_cpu); }
+
+}  // namespace pyprune
+#endif  // PYPRUNE_CPU_AVX2
