@@ -7,8 +7,10 @@ remove; torch.compile of the same. pyprune runs only what the masks keep.
 Variants (the keep ratio in percent): ``out25`` a static mask keeping 25% of the output
 channels (ideal speed-up 4x: a quarter of the FLOPs), ``in50`` 50% of the input channels,
 ``sample-out25`` a different 25% of the output channels per sample (dynamic gating), ``w50``
-an unstructured weight mask keeping 50% of the weights (ideal 2x, but no dense engine can use
-it), ``dense`` no mask (the op's overhead over F.conv2d).
+/ ``w20`` / ``w10`` / ``w5`` an unstructured weight mask keeping that share of the weights
+(ideal 2x-20x, which no dense engine can use; pyprune's CPU backend runs its direct sparse
+convolution below a density limit per output size, see csrc/cpu/sparse_conv.cpp), ``dense`` no
+mask (the op's overhead over F.conv2d).
 
 Shapes: the issue's reference layer (32x128x16x16, 128 filters), ResNet-18/CIFAR stages at
 batch 32 (64x32x32, 256x8x8, 512x4x4) and a ResNet-50/ImageNet 3x3 layer (256x14x14) at 32.
@@ -37,6 +39,12 @@ CASES = [
     Case((32, 128, 16, 16), "sample-out25", quick=True),
     Case((32, 128, 16, 16), "sample-out50"),
     Case((32, 128, 16, 16), "w50", quick=True),
+    Case((32, 128, 16, 16), "w20"),
+    Case((32, 128, 16, 16), "w10", quick=True),
+    Case((32, 128, 16, 16), "w5"),
+    Case((32, 64, 32, 32), "w20"),
+    Case((32, 256, 8, 8), "w10"),
+    Case((32, 256, 14, 14), "w10"),
     Case((32, 64, 32, 32), "out50"),
     Case((32, 256, 8, 8), "out50"),
     Case((32, 256, 8, 8), "sample-out50"),

@@ -60,6 +60,9 @@ TORCH_LIBRARY(pyprune, m) {
   // are few enough to pay (csrc/cpu/sparse_conv.cpp), else the dense engine on the masked weight.
   // Masked weights take no part. Output in x's memory format.
   m.def("_sparse_conv2d(Tensor x, Tensor weight, Tensor weight_mask, Tensor? bias, int[2] stride, int[2] padding, int[2] dilation) -> Tensor");
+  // (grad_x, grad_weight) of _sparse_conv2d, each computed only if its flag is set (else an empty
+  // tensor); grad_weight is 0 at masked weights, grad_x in x's memory format.
+  m.def("_sparse_conv2d_backward(Tensor grad, Tensor x, Tensor weight, Tensor weight_mask, int[2] stride, int[2] padding, int[2] dilation, bool x_grad, bool weight_grad) -> (Tensor, Tensor)");
 
   // The instruction set the CPU kernels run with now: "avx2" or "baseline" (csrc/cpu/isa.h).
   m.def("_cpu_isa() -> str", []() -> std::string { return pyprune::use_avx2() ? "avx2" : "baseline"; });

@@ -122,19 +122,58 @@ def test_nonfinite_input(path):
     _close(got, want, torch.float64)
 
 
-def test_gradients(path):
-    geom = GEOMETRIES[1]
-    x, weight, mask, bias, gen = _inputs(geom, torch.float64, 0.4)
+@pytest.mark.parametrize("geom", GEOMETRIES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_gradients(path, geom, dtype):
+    """grad_x, grad_weight (0 at masked weights) and grad_bias against the reference's autograd:
+    stride 1 takes the sparse kernel for both, other strides for grad_weight only."""
+    x, weight, mask, bias, gen = _inputs(geom, dtype, 0.4, channels_last=geom[0] == 2)
     leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
     with pyprune.use_backend("cpu"):
         got = pyprune.masked_conv2d(*leaves, *_args(geom), weight_mask=mask)
     grad = torch.randn(got.shape, generator=gen, dtype=torch.float64)
-    grads = torch.autograd.grad(got, leaves, grad)
-    ref = [t.detach().clone().requires_grad_() for t in (x, weight, bias)]
+    grads = torch.autograd.grad(got, leaves, grad.to(dtype))
+    assert grads[0].stride() == leaves[0].stride()
+    ref = [t.detach().double().requires_grad_() for t in (x, weight, bias)]
     want = reference.masked_conv2d(*ref, *_args(geom), weight_mask=mask)
     for g, w in zip(grads, torch.autograd.grad(want, ref, grad)):
-        _close(g, w, torch.float64)
+        _close(g, w, dtype)
     assert torch.all(grads[1][~mask] == 0)
+
+
+def test_gradient_of_one_input(path):
+    """Only grad_x or only grad_weight asked for."""
+    geom = GEOMETRIES[0]
+    x, weight, mask, bias, gen = _inputs(geom, torch.float64, 0.3)
+    for wanted in (0, 1):
+        leaves = [x.clone(), weight.clone()]
+        leaves[wanted].requires_grad_()
+        with pyprune.use_backend("cpu"):
+            got = pyprune.masked_conv2d(*leaves, bias, *_args(geom), weight_mask=mask)
+        (g,) = torch.autograd.grad(got.sum(), leaves[wanted])
+        ref = [x.clone(), weight.clone()]
+        ref[wanted].requires_grad_()
+        (w,) = torch.autograd.grad(
+            reference.masked_conv2d(*ref, bias, *_args(geom), weight_mask=mask).sum(), ref[wanted])
+        _close(g, w, torch.float64)
+
+
+def test_nonfinite_gradients(path):
+    """inf in x: the weight gradient at kept weights is what the reference gives."""
+    geom = GEOMETRIES[0]
+    x, weight, mask, bias, gen = _inputs(geom, torch.float64, 0.3)
+    x[1, 2, 4, 3] = float("inf")
+    leaves = [t.clone().requires_grad_() for t in (x, weight)]
+    with pyprune.use_backend("cpu"):
+        got = pyprune.masked_conv2d(*leaves, bias, *_args(geom), weight_mask=mask)
+    grad = torch.randn(got.shape, generator=gen, dtype=torch.float64)
+    (gw,) = torch.autograd.grad(got, leaves[1], grad)
+    ref = weight.clone().requires_grad_()
+    (want,) = torch.autograd.grad(
+        reference.masked_conv2d(x, ref, bias, *_args(geom), weight_mask=mask), ref, grad)
+    want = torch.where(mask, want, torch.zeros((), dtype=torch.float64))
+    assert torch.equal(gw.isnan(), want.isnan()) and torch.equal(gw.isinf(), want.isinf())
+    _close(gw, want, torch.float64)
 
 
 def test_gradcheck(path):
@@ -153,6 +192,10 @@ def test_opcheck(path):
         args = (x.clone().requires_grad_(), weight.clone().requires_grad_(), mask,
                 None if b is None else b.clone().requires_grad_(), [1, 1], [1, 1], [1, 1])
         torch.library.opcheck(torch.ops.pyprune._sparse_conv2d.default, args)
+    grad = torch.randn(x.shape[0], weight.shape[0], x.shape[2], x.shape[3])
+    for flags in ((True, True), (True, False), (False, True)):
+        torch.library.opcheck(torch.ops.pyprune._sparse_conv2d_backward.default,
+                              (grad, x, weight, mask, [1, 1], [1, 1], [1, 1], *flags))
 
 
 def test_module_and_compile(path):
@@ -175,11 +218,15 @@ def test_instruction_sets_agree(monkeypatch, dtype):
     monkeypatch.setenv("PYPRUNE_SPARSE_CONV", "sparse")
     geom = GEOMETRIES[7]
     x, weight, mask, bias, _ = _inputs(geom, dtype, 0.3)
+    grad = torch.randn(x.shape[0], weight.shape[0], x.shape[2], x.shape[3], dtype=dtype)
     got = {}
     for isa in ("avx2", "baseline"):
         monkeypatch.setenv("PYPRUNE_CPU_ISA", isa)
-        got[isa] = torch.ops.pyprune._sparse_conv2d(x, weight, mask, bias, [1, 1], [1, 1], [1, 1])
-    _close(got["avx2"], got["baseline"].double(), dtype)
+        got[isa] = (torch.ops.pyprune._sparse_conv2d(x, weight, mask, bias, [1, 1], [1, 1], [1, 1]),
+                    *torch.ops.pyprune._sparse_conv2d_backward(grad, x, weight, mask, [1, 1],
+                                                               [1, 1], [1, 1], True, True))
+    for a, b in zip(got["avx2"], got["baseline"]):
+        _close(a, b.double(), dtype)
 
 
 def test_empty_batch(path):

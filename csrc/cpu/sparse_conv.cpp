@@ -20,10 +20,12 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <optional>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -85,6 +87,7 @@ struct Csr {
   std::vector<int64_t> row;
   std::vector<int64_t> offset;
   std::vector<T> value;
+  std::vector<int64_t> flat;  // index into the weight
 };
 
 template <typename T>
@@ -110,6 +113,7 @@ Csr<T> csr_of(const at::Tensor& weight, const at::Tensor& mask, const Geometry& 
   csr.row.resize(g.c_out + 1);
   csr.offset.resize(kept);
   csr.value.resize(kept);
+  csr.flat.resize(kept);
   int64_t e = 0;
   for (int64_t o = 0; o < g.c_out; ++o) {
     csr.row[o] = e;
@@ -123,6 +127,7 @@ Csr<T> csr_of(const at::Tensor& weight, const at::Tensor& mask, const Geometry& 
         const int64_t t = j + (__builtin_ctzll(word) >> 3);
         TORCH_CHECK(e < kept, "_sparse_conv2d: weight_mask changed while in use");
         csr.offset[e] = offset_of[t];
+        csr.flat[e] = o * per_row + t;
         csr.value[e++] = wrow[t];
       }
     }
@@ -130,6 +135,7 @@ Csr<T> csr_of(const at::Tensor& weight, const at::Tensor& mask, const Geometry& 
       if (!row[j]) continue;
       TORCH_CHECK(e < kept, "_sparse_conv2d: weight_mask changed while in use");
       csr.offset[e] = offset_of[j];
+      csr.flat[e] = o * per_row + j;
       csr.value[e++] = wrow[j];
     }
   }
@@ -289,7 +295,120 @@ void sparse_conv_impl(const at::Tensor& x, const at::Tensor& weight, const at::T
   }
 }
 
+// Sum of the lanes, in a fixed order.
+template <typename T, typename V>
+inline T lane_sum(V v) {
+  alignas(32) T t[Vec<T>::lanes];
+  std::memcpy(t, &v, sizeof(V));
+  T s = 0;
+  for (int64_t i = 0; i < Vec<T>::lanes; ++i) s += t[i];
+  return s;
+}
+
+// The weight gradient at the kept weights, gw[e] = sum over samples and output positions of
+// grad[n, o, h, w] * (the input under kept weight e at (h, w)), as dot products in the layout:
+// each output channel's gradient is laid out as a run of pitch `pitch` with zeros in the dropped
+// columns, so it pairs with the same shifted input runs as the forward pass. Four kept weights
+// of a row share each load of the gradient. Samples split over threads, each summing into its
+// own buffer; the buffers are added in thread order.
+template <typename T>
+void weight_grad_impl(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight,
+                      const at::Tensor& mask, const Geometry& g, int64_t kept, at::Tensor& gw) {
+  using V = typename Vec<T>::type;
+  constexpr int64_t lanes = Vec<T>::lanes;
+  const Layout l = layout_of(g);
+  const Csr<T> csr = csr_of<T>(weight, mask, g, l, kept);
+  const int64_t run = (l.run + lanes - 1) / lanes * lanes;
+  const int64_t scratch = g.c_in * l.channel + l.channel + run;
+  const T* gp = grad.const_data_ptr<T>();
+  const int64_t gn = grad.stride(0), gc = grad.stride(1), gh = grad.stride(2), gwd = grad.stride(3);
+  const int threads = at::get_num_threads();
+  std::vector<std::vector<T>> partial(threads);
+  at::parallel_for(0, g.n, 1, [&](int64_t n0, int64_t n1) {
+    std::vector<T>& acc = partial[at::get_thread_num()];
+    acc.assign(kept, T(0));
+    std::vector<T> layout(scratch, T(0)), runs(g.c_out * run, T(0));
+    const int64_t* off = csr.offset.data();
+    for (int64_t n = n0; n < n1; ++n) {
+      fill_layout<T>(x, n, 0, g.c_in, g, l, layout.data());
+      if (!all_finite(layout.data(), g.c_in * l.channel)) {
+        // inf or NaN in the sample: the dropped columns would meet them (0 * inf), so only the
+        // output positions themselves are summed.
+        for (int64_t o = 0; o < g.c_out; ++o) {
+          for (int64_t e = csr.row[o]; e < csr.row[o + 1]; ++e) {
+            T sum = 0;
+            for (int64_t h = 0; h < g.h_out; ++h)
+              for (int64_t w = 0; w < g.w_out; ++w)
+                sum += gp[n * gn + o * gc + h * gh + w * gwd] * layout[off[e] + h * l.pitch + w];
+            acc[e] += sum;
+          }
+        }
+        continue;
+      }
+      for (int64_t o = 0; o < g.c_out; ++o) {
+        T* r = runs.data() + o * run;
+        for (int64_t h = 0; h < g.h_out; ++h)
+          for (int64_t w = 0; w < g.w_out; ++w) r[h * l.pitch + w] = gp[n * gn + o * gc + h * gh + w * gwd];
+      }
+      for (int64_t o = 0; o < g.c_out; ++o) {
+        const T* r = runs.data() + o * run;
+        const int64_t end = csr.row[o + 1];
+        int64_t e = csr.row[o];
+        for (; e + 4 <= end; e += 4) {
+          const T* p0 = layout.data() + off[e];
+          const T* p1 = layout.data() + off[e + 1];
+          const T* p2 = layout.data() + off[e + 2];
+          const T* p3 = layout.data() + off[e + 3];
+          V a0{}, a1{}, a2{}, a3{};
+          for (int64_t f = 0; f < run; f += lanes) {
+            V gv, v0, v1, v2, v3;
+            std::memcpy(&gv, r + f, sizeof(V));
+            std::memcpy(&v0, p0 + f, sizeof(V));
+            std::memcpy(&v1, p1 + f, sizeof(V));
+            std::memcpy(&v2, p2 + f, sizeof(V));
+            std::memcpy(&v3, p3 + f, sizeof(V));
+            a0 = multiply_add<T>(a0, gv, v0);
+            a1 = multiply_add<T>(a1, gv, v1);
+            a2 = multiply_add<T>(a2, gv, v2);
+            a3 = multiply_add<T>(a3, gv, v3);
+          }
+          acc[e] += lane_sum<T>(a0);
+          acc[e + 1] += lane_sum<T>(a1);
+          acc[e + 2] += lane_sum<T>(a2);
+          acc[e + 3] += lane_sum<T>(a3);
+        }
+        for (; e < end; ++e) {
+          const T* p = layout.data() + off[e];
+          V a{};
+          for (int64_t f = 0; f < run; f += lanes) {
+            V gv, v;
+            std::memcpy(&gv, r + f, sizeof(V));
+            std::memcpy(&v, p + f, sizeof(V));
+            a = multiply_add<T>(a, gv, v);
+          }
+          acc[e] += lane_sum<T>(a);
+        }
+      }
+    }
+  });
+  T* out = gw.mutable_data_ptr<T>();
+  for (const std::vector<T>& acc : partial) {
+    if (acc.empty()) continue;
+    for (int64_t e = 0; e < kept; ++e) out[csr.flat[e]] += acc[e];
+  }
+}
+
 }  // namespace
+
+void sparse_weight_grad_kernel(const at::Tensor& grad, const at::Tensor& x,
+                               const at::Tensor& weight, const at::Tensor& mask,
+                               const Geometry& g, int64_t kept, at::Tensor& gw) {
+  if (x.scalar_type() == at::kDouble) {
+    weight_grad_impl<double>(grad, x, weight, mask, g, kept, gw);
+  } else {
+    weight_grad_impl<float>(grad, x, weight, mask, g, kept, gw);
+  }
+}
 
 void sparse_conv_kernel(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& mask,
                         const std::optional<at::Tensor>& bias, const Geometry& g, int64_t kept,
@@ -306,50 +425,100 @@ PYPRUNE_ISA_END
 PYPRUNE_CPU_DECLARE(void, sparse_conv_kernel, const at::Tensor&, const at::Tensor&,
                     const at::Tensor&, const std::optional<at::Tensor>&,
                     const masked_conv::Geometry&, int64_t, at::Tensor&, std::vector<char>&)
+PYPRUNE_CPU_DECLARE(void, sparse_weight_grad_kernel, const at::Tensor&, const at::Tensor&,
+                    const at::Tensor&, const at::Tensor&, const masked_conv::Geometry&, int64_t,
+                    at::Tensor&)
 
 namespace pyprune {
 namespace {
 
-// Whether the direct sparse convolution beats oneDNN on the masked weight, from the fraction of
-// the weight kept and the output size. Measured on this project's CPU (2-core Xeon, float32,
-// 3x3 and 1x1 ResNet layers; benchmarks/results/cpu/masked_conv.csv has the weight-mask rows):
-// the sparse kernel breaks even at about 45% kept for 32x32 and 56x56 outputs, 22% at 16x16,
-// 13% at 14x14 and 8x8, 7% at 4x4 (where most of each computed run is padding). The limits below
-// sit under those crossings. The kernel also scans the mask once per call, which small batches
-// do not amortise: below 1024 output positions per channel (batch x H_out x W_out) the limits
-// drop to a quarter, below 256 to zero. PYPRUNE_SPARSE_CONV=sparse or =dense forces a path
-// (tests run both).
-bool sparse_pays(const masked_conv::Geometry& g, double density) {
+// Whether the direct sparse kernels beat oneDNN on the masked weight, from the fraction of the
+// weight kept and the output size. Measured on this project's CPU (2-core Xeon, float32, 3x3
+// ResNet layers at batch 32 and 128, random masks), the forward kernel breaks even at about 45%
+// kept for 32x32 and larger outputs, 22% at 16x16, 10-13% at 14x14 and 8x8, 5-7% at 4x4 (where
+// most of each computed run is padding); the weight-gradient kernel at about 25% for 32x32 and
+// the same as the forward below. The limits sit under those crossings. The kernels also scan the
+// mask once per call, which small batches do not amortise: below 1024 output positions per
+// channel (batch x H_out x W_out) the limits drop to a quarter, below 256 to zero.
+// PYPRUNE_SPARSE_CONV=sparse or =dense forces a path (tests run both).
+bool sparse_pays(const masked_conv::Geometry& g, double density, bool weight_grad) {
   if (const char* force = std::getenv("PYPRUNE_SPARSE_CONV")) {
     if (std::strcmp(force, "sparse") == 0) return true;
     if (std::strcmp(force, "dense") == 0) return false;
   }
   const int64_t hw = g.h_out * g.w_out, positions = g.n * hw;
-  double limit = hw >= 1024 ? 0.35 : hw >= 256 ? 0.15 : hw >= 64 ? 0.1 : 0.05;
+  double limit = hw >= 1024 ? (weight_grad ? 0.2 : 0.35) : hw >= 256 ? 0.15 : hw >= 64 ? 0.06 : 0.03;
   if (positions < 256) return false;
   if (positions < 1024) limit /= 4;
   return density <= limit;
 }
 
-at::Tensor sparse_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight,
-                             const at::Tensor& weight_mask, const std::optional<at::Tensor>& bias,
-                             at::IntArrayRef stride, at::IntArrayRef padding,
-                             at::IntArrayRef dilation) {
+void check_operands(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& weight_mask,
+                    const char* op) {
+  TORCH_CHECK(x.device().is_cpu(), op, " (cpu): x must be a CPU tensor");
+  TORCH_CHECK(weight_mask.scalar_type() == at::kBool && weight_mask.sizes() == weight.sizes(), op,
+              ": weight_mask must be bool with weight's shape");
+  TORCH_CHECK(weight_mask.device() == x.device() && weight.device() == x.device(), op,
+              ": weight and weight_mask must be on x's device");
+}
+
+bool vectorized(const at::Tensor& x) {
+  return x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble;
+}
+
+// where(mask, t, 0) for a tensor and bool mask of one shape, in one pass over raw bits (torch.where
+// costs 10x more here: 0.45 ms for a 128x128x3x3 weight); contiguous result.
+template <typename Bits>
+void keep_bits(const Bits* t, const bool* m, Bits* out, int64_t count) {
+  at::parallel_for(0, count, 1 << 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) out[i] = t[i] & (Bits(0) - Bits(m[i]));
+  });
+}
+
+at::Tensor masked(const at::Tensor& t, const at::Tensor& mask) {
+  const at::Tensor tc = t.contiguous(), mc = mask.contiguous();
+  at::Tensor out = at::empty(t.sizes(), t.options());
+  const bool* m = mc.const_data_ptr<bool>();
+  const int64_t count = t.numel();
+  switch (t.element_size()) {
+    case 2:
+      keep_bits(static_cast<const uint16_t*>(tc.const_data_ptr()), m,
+                static_cast<uint16_t*>(out.data_ptr()), count);
+      break;
+    case 4:
+      keep_bits(static_cast<const uint32_t*>(tc.const_data_ptr()), m,
+                static_cast<uint32_t*>(out.data_ptr()), count);
+      break;
+    default:
+      keep_bits(static_cast<const uint64_t*>(tc.const_data_ptr()), m,
+                static_cast<uint64_t*>(out.data_ptr()), count);
+  }
+  return out;
+}
+
+// The number of true entries of a bool tensor (bytes 0 or 1), eight at a time.
+int64_t count_true(const at::Tensor& mask) {
+  const at::Tensor mc = mask.contiguous();
+  const uint8_t* p = reinterpret_cast<const uint8_t*>(mc.const_data_ptr<bool>());
+  const int64_t count = mc.numel();
+  int64_t total = 0, i = 0;
+  for (; i + 8 <= count; i += 8) {
+    uint64_t word;
+    std::memcpy(&word, p + i, 8);
+    total += __builtin_popcountll(word);  // each byte holds 0 or 1
+  }
+  for (; i < count; ++i) total += p[i];
+  return total;
+}
+
+// The forward on checked operands; kept = the number of true entries of weight_mask.
+at::Tensor sparse_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& weight_mask,
+                          int64_t kept, const std::optional<at::Tensor>& bias,
+                          at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
   const masked_conv::Geometry g = masked_conv::geometry(x, weight, stride, padding, dilation, 1);
-  TORCH_CHECK(x.device().is_cpu(), "_sparse_conv2d (cpu): x must be a CPU tensor");
-  TORCH_CHECK(weight_mask.scalar_type() == at::kBool && weight_mask.sizes() == weight.sizes(),
-              "_sparse_conv2d: weight_mask must be bool with weight's shape");
-  TORCH_CHECK(weight_mask.device() == x.device() && weight.device() == x.device(),
-              "_sparse_conv2d: weight and weight_mask must be on x's device");
-  if (bias.has_value())
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == g.c_out && bias->scalar_type() == x.scalar_type(),
-                "_sparse_conv2d: bias must have shape (C_out,) and x's dtype");
-  const bool vectorized = x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble;
-  const int64_t kept = weight_mask.sum().item<int64_t>();
   const double density = weight.numel() == 0 ? 0.0 : double(kept) / double(weight.numel());
-  auto masked_weight = [&] { return at::where(weight_mask, weight, at::zeros({}, weight.options())); };
-  if (!vectorized || !sparse_pays(g, density))
-    return at::conv2d(x, masked_weight(), bias, stride, padding, dilation, 1);
+  if (!vectorized(x) || !sparse_pays(g, density, false))
+    return at::conv2d(x, masked(weight, weight_mask), bias, stride, padding, dilation, 1);
   at::Tensor out = at::empty({g.n, g.c_out, g.h_out, g.w_out}, x.options(), x.suggest_memory_format());
   if (out.numel() == 0) return out;
   std::vector<char> finite(g.n, 1);
@@ -359,15 +528,77 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight,
   at::Tensor w;
   for (int64_t n = 0; n < g.n; ++n) {
     if (finite[n]) continue;
-    if (!w.defined()) w = masked_weight();
+    if (!w.defined()) w = masked(weight, weight_mask);
     out.narrow(0, n, 1).copy_(at::conv2d(x.narrow(0, n, 1), w, bias, stride, padding, dilation, 1));
   }
   return out;
 }
 
+at::Tensor sparse_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight,
+                             const at::Tensor& weight_mask, const std::optional<at::Tensor>& bias,
+                             at::IntArrayRef stride, at::IntArrayRef padding,
+                             at::IntArrayRef dilation) {
+  const masked_conv::Geometry g = masked_conv::geometry(x, weight, stride, padding, dilation, 1);
+  check_operands(x, weight, weight_mask, "_sparse_conv2d");
+  if (bias.has_value())
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == g.c_out && bias->scalar_type() == x.scalar_type(),
+                "_sparse_conv2d: bias must have shape (C_out,) and x's dtype");
+  return sparse_forward(x, weight, weight_mask, count_true(weight_mask), bias, stride, padding,
+                        dilation);
+}
+
+// (grad_x, grad_weight) of _sparse_conv2d, each only if asked for (else an empty tensor).
+// grad_weight: the kept weights' dot products (sparse_weight_grad_kernel) where sparse_pays, else
+// the dense engine's, masked. grad_x: for stride 1 (and padding <= the dilated kernel's reach)
+// the forward convolution of grad with the transposed, flipped weight and mask, so the same
+// density rule and kernel apply; otherwise the dense engine's.
+std::tuple<at::Tensor, at::Tensor> sparse_conv2d_backward_cpu(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight,
+    const at::Tensor& weight_mask, at::IntArrayRef stride, at::IntArrayRef padding,
+    at::IntArrayRef dilation, bool x_grad, bool weight_grad) {
+  const masked_conv::Geometry g = masked_conv::geometry(x, weight, stride, padding, dilation, 1);
+  check_operands(x, weight, weight_mask, "_sparse_conv2d_backward");
+  TORCH_CHECK(grad.sizes() == at::IntArrayRef({g.n, g.c_out, g.h_out, g.w_out}) &&
+                  grad.scalar_type() == x.scalar_type() && grad.device() == x.device(),
+              "_sparse_conv2d_backward: grad must have the output's shape, dtype and device");
+  const int64_t kept = count_true(weight_mask);
+  const double density = weight.numel() == 0 ? 0.0 : double(kept) / double(weight.numel());
+  const bool sparse = vectorized(x) && sparse_pays(g, density, true) && g.n > 0;
+  const bool transposable = g.stride[0] == 1 && g.stride[1] == 1 &&
+                            g.padding[0] <= g.dilation[0] * (g.kh - 1) &&
+                            g.padding[1] <= g.dilation[1] * (g.kw - 1);
+  at::Tensor gx = at::empty({0}, x.options()), gw = at::empty({0}, weight.options());
+  const bool dense_x = x_grad && !(sparse && transposable);
+  const bool dense_w = weight_grad && !sparse;
+  if (dense_x || dense_w) {
+    auto [dx, dw, unused] = at::convolution_backward(
+        grad, x, masked(weight, weight_mask), std::nullopt, stride, padding, dilation, false,
+        {0, 0}, 1, {dense_x, dense_w, false});
+    if (dense_x) gx = dx.contiguous(x.suggest_memory_format());
+    if (dense_w) gw = masked(dw, weight_mask).contiguous();
+  }
+  if (x_grad && !dense_x) {
+    const at::Tensor wt = weight.transpose(0, 1).flip({2, 3}).contiguous();
+    const at::Tensor mt = weight_mask.transpose(0, 1).flip({2, 3}).contiguous();
+    const std::array<int64_t, 2> pt = {g.dilation[0] * (g.kh - 1) - g.padding[0],
+                                       g.dilation[1] * (g.kw - 1) - g.padding[1]};
+    gx = sparse_forward(grad.contiguous(x.suggest_memory_format()), wt, mt, kept, std::nullopt,
+                        {1, 1}, pt, dilation)
+             .contiguous(x.suggest_memory_format());
+  }
+  if (weight_grad && !dense_w) {
+    gw = at::zeros(weight.sizes(), weight.options());
+    PYPRUNE_CPU_KERNEL(sparse_weight_grad_kernel, grad, x, weight, weight_mask, g, kept, gw);
+  }
+  return {gx, gw};
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(pyprune, CPU, m) { m.impl("_sparse_conv2d", &sparse_conv2d_cpu); }
+TORCH_LIBRARY_IMPL(pyprune, CPU, m) {
+  m.impl("_sparse_conv2d", &sparse_conv2d_cpu);
+  m.impl("_sparse_conv2d_backward", &sparse_conv2d_backward_cpu);
+}
 
 }  // namespace pyprune
 #endif  // PYPRUNE_CPU_AVX2

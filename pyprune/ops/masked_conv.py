@@ -6,11 +6,17 @@ weight_mask) = F.conv2d(x * in_mask, weight * weight_mask, bias, ...) * out_mask
 Boolean channel masks are structural: the kernels (torch.ops.pyprune.masked_conv2d) skip the
 masked work. Float masks multiply and receive gradients; a float mask shared by every sample is
 folded into the weight and bias (weight-sized work, no pass over x or the output), a per-sample
-float mask multiplies x or the output. A weight mask applies to the weight, computed on the fly
-for each call, and the dense engine runs at every density: on this project's CPU a sparse (CSR)
-product over the unfolded input (torch.sparse.mm) ran at 0.4x the dense convolution even at 1%
-density and 0.16x at 50% (x (32, 128, 16, 16), weight (128, 128, 3, 3)), and needs an unfolded
-input nine times x's size, so there is no break-even to switch at and no sparse path.
+float mask multiplies x or the output.
+
+A bool weight mask alone (no bool channel masks, groups 1) runs on the CPU as
+torch.ops.pyprune._sparse_conv2d: a direct sparse convolution over the kept weights where few
+enough are kept to pay (csrc/cpu/sparse_conv.cpp documents the measured limits: about 35% kept
+for 32x32 and larger outputs down to 5% for 4x4), else oneDNN on the masked weight; its
+backward computes the weight gradient at the kept weights only and, for stride 1, the input
+gradient with the same kernel on the transposed weight. Other weight masks (float, or with
+channel masks, or on CUDA and Triton, where the break-even has not been measured) apply to the
+weight, computed on the
+fly for each call, and the dense engine runs.
 """
 from __future__ import annotations
 
@@ -58,18 +64,24 @@ def _sparse_conv2d_setup(ctx, inputs, output):
     ctx.has_bias = bias is not None
 
 
+@torch.library.register_fake("pyprune::_sparse_conv2d_backward")
+def _sparse_conv2d_backward_fake(grad, x, weight, weight_mask, stride, padding, dilation, x_grad,
+                                 weight_grad):
+    return (torch.empty_like(x) if x_grad else x.new_empty((0,)),
+            torch.empty_like(weight, memory_format=torch.contiguous_format) if weight_grad
+            else weight.new_empty((0,)))
+
+
 def _sparse_conv2d_backward(ctx, grad):
-    """The dense engine's backward with the masked weight; the weight gradient is masked."""
+    """grad_x and grad_weight from the CPU op (sparse where the forward is), grad_bias summed."""
     x, weight, weight_mask = ctx.saved_tensors
     stride, padding, dilation = ctx.attrs
-    zero = torch.zeros((), dtype=weight.dtype, device=weight.device)
-    gx, gw, gb = torch.ops.aten.convolution_backward(
-        grad, x, torch.where(weight_mask, weight, zero), [weight.shape[0]] if ctx.has_bias else None,
-        stride, padding, dilation, False, [0, 0], 1,
-        [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[3]])
-    if gw is not None:
-        gw = torch.where(weight_mask, gw, zero)
-    return gx, gw, None, gb, None, None, None
+    x_grad, weight_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    gx, gw = torch.ops.pyprune._sparse_conv2d_backward(
+        grad.contiguous(memory_format=torch._prims_common.suggest_memory_format(x)), x, weight,
+        weight_mask, stride, padding, dilation, x_grad, weight_grad)
+    gb = grad.sum((0, 2, 3)) if ctx.has_bias and ctx.needs_input_grad[3] else None
+    return (gx if x_grad else None, gw if weight_grad else None, None, gb, None, None, None)
 
 
 torch.library.register_autograd("pyprune::_sparse_conv2d", _sparse_conv2d_backward,
@@ -252,7 +264,10 @@ def masked_conv2d(
     Channel masks shared by the batch run the dense engine (oneDNN, cuDNN) once on the kept
     channels: at 25% of the output channels kept the conv does a quarter of the work. Per-sample
     masks run each sample's kept channels (cpu) or an implicit-GEMM kernel that skips masked
-    tiles (cuda, triton). groups > 1 applies the masks around the dense engine.
+    tiles (cuda, triton). A sparse bool weight mask runs a direct sparse convolution over the
+    kept weights (cpu; inf or NaN in a sample sends that sample to the dense engine, so results
+    match conv2d(x, weight * weight_mask) there too). groups > 1 applies the masks around the
+    dense engine.
 
     Example:
         >>> keep = torch.zeros(128, dtype=torch.bool); keep[:32] = True
