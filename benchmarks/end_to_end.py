@@ -16,6 +16,12 @@ download), prunes it with CHIPNet to a 50% FLOP budget, fine-tunes it, and compa
 * dense, channels_last: the dense model with its parameters channels_last, the layout of the
   masked pyprune model: how much of that one's speed comes from the layout alone.
 
+Then unstructured pruning: every 3x3 convolution inside the blocks keeps the 10% (then 5%)
+largest of its weights (``pyprune.magnitude_mask``, as ``MaskedConv2d`` weight masks), fine-tuned with the masks
+fixed, and timed as PyTorch runs it (the masked weight in a dense conv, pyprune's reference
+backend) and as pyprune does (the direct sparse convolution where the density pays), against the
+dense model in the same interleaved measurement.
+
 Then the training step time (forward + backward + optimizer step) of the dense ResNet with its
 ReLUs swapped for k-WTA (ratio 0.1) and CAS after the last two stages, eager PyTorch (pyprune's
 reference backend) vs pyprune's kernels.
@@ -40,6 +46,8 @@ from . import harness
 
 SEED = 0
 BATCH = 64
+# Unstructured pruning: shares of each pruned convolution's weights kept.
+KEEP_WEIGHTS = (0.1, 0.05)
 
 
 class Block(nn.Module):
@@ -95,6 +103,21 @@ def digits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(SEED))
     cut = int(0.8 * len(y))
     return x[perm[:cut]], y[perm[:cut]], x[perm[cut:]], y[perm[cut:]]
+
+
+def magnitude_pruned(model: nn.Module, keep: float) -> nn.Module:
+    """A copy of model whose 3x3 convolutions inside the blocks are MaskedConv2d with a weight
+    mask keeping the `keep` share of their largest weights."""
+    pruned = copy.deepcopy(model)
+    for name, parent in list(pruned.named_modules()):
+        for child_name, child in list(parent.named_children()):
+            full = f"{name}.{child_name}" if name else child_name
+            if (isinstance(child, nn.Conv2d) and child.kernel_size == (3, 3)
+                    and full.startswith("layer")):
+                conv = pyprune.nn.MaskedConv2d.from_conv(child)
+                conv.weight_mask = pyprune.magnitude_mask(child.weight.detach(), keep)
+                setattr(parent, child_name, conv)
+    return pruned
 
 
 def batches(x, y, shuffle_seed: int | None):
@@ -198,6 +221,32 @@ def main(argv=None) -> None:
                          speedup=base / t.p50_ms))
         print(f"{name:20s} {acc:9.2%} {c.params:10,d} {c.flops / 1e6:8.1f} {t.p50_ms:8.2f} "
               f"{base / t.p50_ms:8.2f}x")
+
+    # Unstructured magnitude pruning of the blocks' 3x3 convolutions, fine-tuned.
+    def forward_with(m, backend):
+        def run():
+            with torch.no_grad(), pyprune.use_backend(backend):
+                return m(x)
+        return run
+
+    for keep in KEEP_WEIGHTS:
+        sparse = magnitude_pruned(dense, keep)
+        train(sparse, xtr, ytr, args.finetune_epochs, 1e-3, f"fine-tuning ({keep:.0%} of weights)")
+        sparse.eval()
+        label = f"unstructured {keep:.0%}"
+        timing = latencies({"dense": forward(models["dense"]),
+                            f"{label}, eager": forward_with(sparse, "reference"),
+                            f"{label}, pyprune": forward_with(sparse, "auto")}, budget_s=3.0)
+        base = timing["dense"].p50_ms
+        acc = accuracy(sparse, xte, yte)
+        c = pyprune.count(sparse, x)
+        for name in (f"{label}, eager", f"{label}, pyprune"):
+            t = timing[name]
+            rows.append(dict(item=name, accuracy=acc, params=c.params, mflops=c.flops / 1e6,
+                             p20_ms=t.p20_ms, p50_ms=t.p50_ms, p80_ms=t.p80_ms,
+                             speedup=base / t.p50_ms))
+            print(f"{name:20s} {acc:9.2%} {c.params:10,d} {c.flops / 1e6:8.1f} {t.p50_ms:8.2f} "
+                  f"{base / t.p50_ms:8.2f}x (dense {base:.2f} ms in this measurement)")
 
     # Training step with k-WTA and CAS: eager (reference backend) vs pyprune kernels.
     robust, _ = pyprune.convert(ResNet(), relu=lambda: pyprune.nn.KWTA(0.1),

@@ -47,6 +47,8 @@ def count(model: nn.Module, example_input: Tensor) -> Counts:
                 if m.out_mask is not None and m.out_mask.dtype == torch.bool:
                     cout = float(m.out_mask.float().sum(-1).mean())
             k = m.kernel_size[0] * m.kernel_size[1]
+            if isinstance(m, MaskedConv2d) and m.weight_mask is not None and m.weight_mask.dtype == torch.bool:
+                k *= float(m.weight_mask.float().mean())  # the kept share of the weights
             flops += int(2 * cin / m.groups * k * cout * out.shape[2] * out.shape[3])
         elif isinstance(m, nn.Linear):
             flops += 2 * m.in_features * m.out_features
