@@ -213,20 +213,27 @@ def test_module_and_compile(path):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-def test_instruction_sets_agree(monkeypatch, dtype):
-    """The AVX2 build (fused multiply-adds) and the baseline agree to rounding."""
+@pytest.mark.parametrize("geom", [GEOMETRIES[7], GEOMETRIES[1], GEOMETRIES[5]], ids=str)
+def test_instruction_sets_agree(monkeypatch, dtype, geom):
+    """The AVX2 build (fused multiply-adds) and the baseline agree with each other and with the
+    reference to rounding, forward and backward."""
     monkeypatch.setenv("PYPRUNE_SPARSE_CONV", "sparse")
-    geom = GEOMETRIES[7]
+    stride, padding, dilation = (list(_pair(v)) for v in geom[6:9])
     x, weight, mask, bias, _ = _inputs(geom, dtype, 0.3)
-    grad = torch.randn(x.shape[0], weight.shape[0], x.shape[2], x.shape[3], dtype=dtype)
+    y = torch.ops.pyprune._sparse_conv2d(x, weight, mask, bias, stride, padding, dilation)
+    grad = torch.randn(y.shape, dtype=dtype)
     got = {}
     for isa in ("avx2", "baseline"):
         monkeypatch.setenv("PYPRUNE_CPU_ISA", isa)
-        got[isa] = (torch.ops.pyprune._sparse_conv2d(x, weight, mask, bias, [1, 1], [1, 1], [1, 1]),
-                    *torch.ops.pyprune._sparse_conv2d_backward(grad, x, weight, mask, [1, 1],
-                                                               [1, 1], [1, 1], True, True))
-    for a, b in zip(got["avx2"], got["baseline"]):
-        _close(a, b.double(), dtype)
+        got[isa] = (torch.ops.pyprune._sparse_conv2d(x, weight, mask, bias, stride, padding, dilation),
+                    *torch.ops.pyprune._sparse_conv2d_backward(grad, x, weight, mask, stride,
+                                                               padding, dilation, True, True))
+    want = reference.masked_conv2d(x.double(), weight.double(), bias.double(), stride, padding,
+                                   dilation, weight_mask=mask)
+    for isa, outs in got.items():
+        _close(outs[0], want, dtype)
+        for a, b in zip(outs, got["baseline"]):
+            _close(a, b.double(), dtype)
 
 
 def test_empty_batch(path):
