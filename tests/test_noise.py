@@ -175,6 +175,30 @@ def test_magnitude_mask_matches_reference(device_backend):
         assert torch.equal(pyprune.magnitude_mask(w, 0.3), reference.magnitude_mask(w, 0.3))
 
 
+@pytest.mark.parametrize("path", ["sparse", "dense"])
+@pytest.mark.parametrize("padding", [1, "same", 0])
+def test_magnitude_pruned_conv(monkeypatch, path, padding):
+    """A pruned Conv2d runs as masked_conv2d with a bool weight mask (the sparse convolution or
+    the dense engine): values and gradients as the masked weight in F.conv2d."""
+    monkeypatch.setenv("PYPRUNE_SPARSE_CONV", path)
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(16, 8, 3, padding=padding, stride=1).double()
+    x = torch.randn(3, 16, 12, 11, dtype=torch.float64, requires_grad=True)
+    pruned = pyprune.nn.MagnitudePruned(conv, 0.1)
+    with pyprune.use_backend("cpu"):
+        got = pruned(x)
+    mask = reference.magnitude_mask(conv.weight, 0.1)
+    ref_w = conv.weight.detach().clone().requires_grad_()
+    ref_x = x.detach().clone().requires_grad_()
+    want = torch.nn.functional.conv2d(ref_x, ref_w * mask, conv.bias, 1, padding)
+    torch.testing.assert_close(got, want)
+    grad = torch.randn_like(want)
+    gx, gw = torch.autograd.grad(got, (x, conv.weight), grad)
+    wx, ww = torch.autograd.grad(want, (ref_x, ref_w), grad)
+    torch.testing.assert_close(gx, wx)
+    torch.testing.assert_close(gw, ww)
+
+
 def test_module_wrappers():
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(3, 4, 3)

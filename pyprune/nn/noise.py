@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import _validate
+from ..ops.masked_conv import masked_conv2d
 from ..ops.noise import gaussian_noise, magnitude_mask
 
 
@@ -81,6 +82,10 @@ class MagnitudePruned(_WeightWrapper):
     weights only.
 
     >>> fc = MagnitudePruned(nn.Linear(512, 10), keep_ratio=0.3)
+
+    A plain ``nn.Conv2d`` (zero padding) runs as ``pyprune.masked_conv2d`` with the mask as its
+    bool weight mask: on the CPU the direct sparse convolution, forward and backward, where the
+    kept share is small enough to pay (same values and gradients as the masked weight).
     """
 
     def __init__(self, layer: nn.Module, keep_ratio: float) -> None:
@@ -93,6 +98,15 @@ class MagnitudePruned(_WeightWrapper):
     def transform(self, weight: Tensor) -> Tensor:
         mask = magnitude_mask(weight, self.keep_ratio)
         return torch.where(mask, weight, torch.zeros((), dtype=weight.dtype, device=weight.device))
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        conv = self.layer
+        if (type(conv) is nn.Conv2d and conv.padding_mode == "zeros" and len(args) == 1
+                and not kwargs and isinstance(args[0], Tensor) and args[0].dim() == 4):
+            return masked_conv2d(args[0], conv.weight, conv.bias, conv.stride, conv.padding,
+                                 conv.dilation, conv.groups,
+                                 weight_mask=magnitude_mask(conv.weight, self.keep_ratio))
+        return super().forward(*args, **kwargs)
 
     def extra_repr(self) -> str:
         return f"keep_ratio={self.keep_ratio}"
