@@ -212,15 +212,17 @@ def main(argv=None) -> None:
     base = timing["dense"].p50_ms
     print(f"\n{'model':20s} {'accuracy':>9s} {'params':>10s} {'MFLOPs':>8s} {'p50 ms':>8s} "
           f"{'speed-up':>9s}")
-    for name, m in models.items():
-        c = pyprune.count(m, x)
-        acc = acc_dense if name == "dense" else accuracy(m, xte, yte)
-        t = timing[name]
+
+    def model_row(name, acc, c, t, base, note=""):
         rows.append(dict(item=name, accuracy=acc, params=c.params, mflops=c.flops / 1e6,
                          p20_ms=t.p20_ms, p50_ms=t.p50_ms, p80_ms=t.p80_ms,
                          speedup=base / t.p50_ms))
         print(f"{name:20s} {acc:9.2%} {c.params:10,d} {c.flops / 1e6:8.1f} {t.p50_ms:8.2f} "
-              f"{base / t.p50_ms:8.2f}x")
+              f"{base / t.p50_ms:8.2f}x{note}")
+
+    for name, m in models.items():
+        acc = acc_dense if name == "dense" else accuracy(m, xte, yte)
+        model_row(name, acc, pyprune.count(m, x), timing[name], base)
 
     # Unstructured magnitude pruning of the blocks' 3x3 convolutions, fine-tuned.
     def forward_with(m, backend):
@@ -241,12 +243,7 @@ def main(argv=None) -> None:
         acc = accuracy(sparse, xte, yte)
         c = pyprune.count(sparse, x)
         for name in (f"{label}, eager", f"{label}, pyprune"):
-            t = timing[name]
-            rows.append(dict(item=name, accuracy=acc, params=c.params, mflops=c.flops / 1e6,
-                             p20_ms=t.p20_ms, p50_ms=t.p50_ms, p80_ms=t.p80_ms,
-                             speedup=base / t.p50_ms))
-            print(f"{name:20s} {acc:9.2%} {c.params:10,d} {c.flops / 1e6:8.1f} {t.p50_ms:8.2f} "
-                  f"{base / t.p50_ms:8.2f}x (dense {base:.2f} ms in this measurement)")
+            model_row(name, acc, c, timing[name], base, f" (dense {base:.2f} ms in this measurement)")
 
     # Training step with k-WTA and CAS: eager (reference backend) vs pyprune kernels.
     robust, _ = pyprune.convert(ResNet(), relu=lambda: pyprune.nn.KWTA(0.1),
