@@ -89,7 +89,11 @@ def convert(
         relu: every ``nn.ReLU`` module becomes ``relu()`` (a factory), or ``"kwta"``
             (KWTA(ratio=0.1)) / ``"sap"`` (SAP(ratio=1.0)). ReLUs called as functions in a
             forward are not modules and stay.
-        conv: every ``nn.Conv2d`` becomes a ``MaskedConv2d`` sharing its parameters.
+        conv: every ``nn.Conv2d`` becomes a ``MaskedConv2d`` sharing its parameters. A weight
+            pruned with ``torch.nn.utils.prune`` (``weight_orig`` and ``weight_mask``) becomes
+            the weight (the same parameter) and a bool weight mask, which pyprune's CPU backend
+            runs as a sparse convolution where few weights are kept; the pruning hook does not
+            carry over.
         chip_masks: ``nn.BatchNorm2d`` layers to follow with a ``ChipMask`` (the BatchNorm
             becomes ``nn.Sequential(bn, ChipMask)``, so its state_dict keys gain ``.0``): True
             for all, or their qualified names, or a predicate ``(name, bn) -> bool``. In a
@@ -124,7 +128,7 @@ def convert(
     if not (relu or conv or want_mask or cas):
         raise ValueError("nothing to convert: give relu, conv, chip_masks or cas")
     if not inplace:
-        model = copy.deepcopy(model)
+        model = copy.deepcopy(model, _pruned_tensors(model))
     names = dict(model.named_modules())
     for name in cas:
         if name not in names or name == "":
@@ -144,7 +148,7 @@ def convert(
         if relu is not None and type(m) is nn.ReLU:
             swap(name, relu())
         elif conv and type(m) is nn.Conv2d:
-            swap(name, MaskedConv2d.from_conv(m))
+            swap(name, _masked_conv(name, m))
         elif want_mask is not None and type(m) is nn.BatchNorm2d and want_mask(name, m):
             mask = ChipMask(m.num_features).to(m.weight.device if m.affine else "cpu")
             swap(name, nn.Sequential(m, mask))
@@ -155,6 +159,37 @@ def convert(
         raise ValueError("the model has none of the layers to convert (nn.ReLU, nn.Conv2d, "
                          "nn.BatchNorm2d)")
     return model, report
+
+
+def _pruned_tensors(model: nn.Module) -> dict:
+    """A deepcopy memo for a model pruned with torch.nn.utils.prune, whose pruned tensors
+    (`name` computed from `name_orig` and `name_mask`) are not graph leaves, which deepcopy
+    refuses: each is taken detached (the copy's pruning hook recomputes it at its next forward)."""
+    memo = {}
+    for m in model.modules():
+        for attr, value in vars(m).items():
+            if isinstance(value, Tensor) and not value.is_leaf and hasattr(m, attr + "_orig"):
+                memo[id(value)] = value.detach()
+    return memo
+
+
+def _masked_conv(name: str, m: nn.Conv2d) -> MaskedConv2d:
+    """A MaskedConv2d sharing m's parameters; torch.nn.utils.prune's weight reparametrization
+    (weight = weight_orig * weight_mask, recomputed by a forward pre-hook) becomes the weight
+    weight_orig with the bool mask weight_mask != 0."""
+    orig, mask = getattr(m, "weight_orig", None), getattr(m, "weight_mask", None)
+    if hasattr(m, "bias_orig"):
+        raise ValueError(f"{name}: a bias pruned with torch.nn.utils.prune has no MaskedConv2d "
+                         f"equivalent; call torch.nn.utils.prune.remove(module, 'bias') first")
+    if not (isinstance(orig, nn.Parameter) and isinstance(mask, Tensor)):
+        return MaskedConv2d.from_conv(m)
+    new = MaskedConv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding,
+                       m.dilation, m.groups, m.bias is not None, m.padding_mode, device="meta")
+    new.weight = orig
+    new.bias = m.bias
+    new.set_masks(weight_mask=(mask != 0).detach().clone())
+    new.train(m.training)
+    return new
 
 
 def _describe(m: nn.Module) -> str:

@@ -286,6 +286,47 @@ def test_convert_nested():
     assert "SAP" in str(report)
 
 
+@pytest.mark.parametrize("path", ["sparse", "dense"])
+def test_convert_torch_pruned(monkeypatch, path):
+    """Convolutions pruned with torch.nn.utils.prune (unstructured and structured) become
+    MaskedConv2d with the same parameter and a bool weight mask: same outputs and gradients,
+    the sparse convolution or the dense engine underneath."""
+    from torch.nn.utils import prune
+
+    monkeypatch.setenv("PYPRUNE_SPARSE_CONV", path)
+    torch.manual_seed(0)
+    model = ResNet()
+    prune.l1_unstructured(model.layer1[0].conv1, "weight", amount=0.9)
+    prune.ln_structured(model.layer2[0].conv2, "weight", amount=0.5, n=1, dim=0)
+    prune.random_unstructured(model.layer2[1].conv1, "weight", amount=0.5)
+    model.eval()
+    new, _ = pyprune.convert(model, conv=True)
+    for name in ("layer1.0.conv1", "layer2.0.conv2", "layer2.1.conv1"):
+        old, conv = model.get_submodule(name), new.get_submodule(name)
+        assert isinstance(conv, MaskedConv2d) and conv.weight_mask.dtype == torch.bool
+        assert torch.equal(conv.weight_mask, old.weight_mask != 0)
+        assert torch.equal(conv.weight, old.weight_orig)
+        assert "weight_orig" not in dict(conv.named_parameters())
+    x = torch.randn(3, 3, 8, 8)
+    with pyprune.use_backend("cpu"):
+        got = new(x)
+    want = model(x)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    got.square().sum().backward()
+    want.square().sum().backward()
+    for name in ("layer1.0.conv1", "layer2.1.conv1"):
+        torch.testing.assert_close(new.get_submodule(name).weight.grad,
+                                   model.get_submodule(name).weight_orig.grad, atol=1e-4, rtol=1e-4)
+    # in place, the parameter itself is kept
+    orig = model.layer1[0].conv1.weight_orig
+    same, _ = pyprune.convert(model, conv=True, inplace=True)
+    assert same.layer1[0].conv1.weight is orig
+    pruned_bias = nn.Conv2d(3, 4, 3)
+    prune.l1_unstructured(pruned_bias, "bias", amount=0.5)
+    with pytest.raises(ValueError, match="a bias pruned with torch.nn.utils.prune"):
+        pyprune.convert(nn.Sequential(pruned_bias), conv=True)
+
+
 def test_convert_then_compile():
     torch.manual_seed(0)
     model, _ = pyprune.convert(ResNet(), relu="kwta", chip_masks=True, conv=True)
