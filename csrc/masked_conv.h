@@ -145,6 +145,30 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_backward(
   return {where(in_m, gx), gw, gb};
 }
 
+// Whether grad_x of the convolution is a stride-1 convolution of grad with the transposed,
+// flipped weight: stride 1, groups 1 and padding within the dilated kernel's reach.
+inline bool transposable(const Geometry& g) {
+  return g.groups == 1 && g.stride[0] == 1 && g.stride[1] == 1 &&
+         g.padding[0] <= g.dilation[0] * (g.kh - 1) && g.padding[1] <= g.dilation[1] * (g.kw - 1);
+}
+
+// That convolution: weight (C_in, C_out, kh, kw) flipped, over grad, padding d * (k - 1) - p;
+// its output has x's size.
+struct Transposed {
+  at::Tensor weight;
+  Geometry geometry;
+};
+
+inline Transposed transposed(const at::Tensor& grad, const at::Tensor& weight, const Geometry& g) {
+  Transposed t;
+  t.weight = weight.transpose(0, 1).flip({2, 3}).contiguous();
+  const std::array<int64_t, 2> padding = {g.dilation[0] * (g.kh - 1) - g.padding[0],
+                                          g.dilation[1] * (g.kw - 1) - g.padding[1]};
+  t.geometry = make_geometry(grad, t.weight, g.c_in, {1, 1}, padding, g.dilation, 1,
+                             "masked_conv2d backward");
+  return t;
+}
+
 // Indices of the kept channels (all of them for an undefined mask); 1-D masks only.
 inline at::Tensor kept(const std::optional<at::Tensor>& mask, int64_t c, const at::Tensor& x) {
   if (!mask.has_value()) return at::arange(c, x.options().dtype(at::kLong));

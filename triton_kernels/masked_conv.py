@@ -24,9 +24,12 @@ and stores gather channels through the list; ascending order within the kept cha
 them close together in memory. The lists cost two small torch ops per mask in the launcher
 (none for a None mask beyond an arange); the convolution itself is one launch.
 
-Backward runs the dense engine (torch's convolution_backward: cuDNN on CUDA, oneDNN on the CPU)
-on the masked tensors: grad masked by out_mask, x by in_mask, and grad_x masked by in_mask again;
-grad_bias is the masked grad summed over (N, H, W). It does the full dense work.
+Backward: with stride 1 (groups 1, padding within the dilated kernel), grad_x is this forward
+kernel run on grad with the transposed, flipped weight and the masks swapped, so it skips the
+masked output channels as the forward does and writes the masked input channels as zeros. The
+weight gradient (and grad_x otherwise) runs the dense engine (torch's convolution_backward:
+cuDNN on CUDA, oneDNN on the CPU) on the masked tensors: grad masked by out_mask, x by in_mask,
+and grad_x masked by in_mask again; grad_bias is the masked grad summed over (N, H, W).
 
 Loops over runtime bounds are `while` loops (Triton 3.6's interpreter cannot take a runtime
 bound in range() with numpy >= 2.4). The flags are runtime int32 values to keep the AOT list
@@ -264,13 +267,26 @@ def masked_conv2d_backward(
     C_out = weight.shape[0]
     _mask_rows(in_mask, N, C_in, "in_mask")
     _mask_rows(out_mask, N, C_out, "out_mask")
+    stride, padding, dilation = (_pair(stride, "stride"), _pair(padding, "padding"),
+                                 _pair(dilation, "dilation"))
+    k = weight.shape[2:]
+    transposed = (groups == 1 and stride == (1, 1) and x.dtype in _TL_DTYPES
+                  and all(padding[i] <= dilation[i] * (k[i] - 1) for i in range(2)))
     g = _where(grad, out_mask)
     grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
-        g, _where(x, in_mask), weight, None, list(_pair(stride, "stride")),
-        list(_pair(padding, "padding")), list(_pair(dilation, "dilation")), False, [0, 0], groups,
-        [True, True, False],
+        g, _where(x, in_mask), weight, None, list(stride), list(padding), list(dilation), False,
+        [0, 0], groups, [not transposed, True, False],
     )
-    grad_x = _where(grad_x, in_mask).contiguous(memory_format=_output_format(x))
+    if transposed:
+        # grad_x = conv(grad, flipped weight^T, padding d * (k - 1) - p): the forward kernel with
+        # the masks swapped skips the masked output channels and zeroes the masked inputs.
+        grad_x = masked_conv2d_forward(
+            grad, weight.transpose(0, 1).flip(2, 3).contiguous(), None, (1, 1),
+            tuple(dilation[i] * (k[i] - 1) - padding[i] for i in range(2)), dilation,
+            out_mask, in_mask)
+    else:
+        grad_x = _where(grad_x, in_mask)
+    grad_x = grad_x.contiguous(memory_format=_output_format(x))
     return grad_x, grad_w.contiguous(), g.sum((0, 2, 3)).to(weight.dtype)
 
 

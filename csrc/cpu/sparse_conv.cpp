@@ -564,9 +564,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_conv2d_backward_cpu(
   const int64_t kept = count_true(weight_mask);
   const double density = weight.numel() == 0 ? 0.0 : double(kept) / double(weight.numel());
   const bool sparse = vectorized(x) && sparse_pays(g, density, true) && g.n > 0;
-  const bool transposable = g.stride[0] == 1 && g.stride[1] == 1 &&
-                            g.padding[0] <= g.dilation[0] * (g.kh - 1) &&
-                            g.padding[1] <= g.dilation[1] * (g.kw - 1);
+  const bool transposable = masked_conv::transposable(g);
   at::Tensor gx = at::empty({0}, x.options()), gw = at::empty({0}, weight.options());
   const bool dense_x = x_grad && !(sparse && transposable);
   const bool dense_w = weight_grad && !sparse;
@@ -578,12 +576,10 @@ std::tuple<at::Tensor, at::Tensor> sparse_conv2d_backward_cpu(
     if (dense_w) gw = masked(dw, weight_mask).contiguous();
   }
   if (x_grad && !dense_x) {
-    const at::Tensor wt = weight.transpose(0, 1).flip({2, 3}).contiguous();
+    const masked_conv::Transposed t = masked_conv::transposed(grad, weight, g);
     const at::Tensor mt = weight_mask.transpose(0, 1).flip({2, 3}).contiguous();
-    const std::array<int64_t, 2> pt = {g.dilation[0] * (g.kh - 1) - g.padding[0],
-                                       g.dilation[1] * (g.kw - 1) - g.padding[1]};
-    gx = sparse_forward(grad.contiguous(x.suggest_memory_format()), wt, mt, kept, std::nullopt,
-                        {1, 1}, pt, dilation)
+    gx = sparse_forward(grad.contiguous(x.suggest_memory_format()), t.weight, mt, kept,
+                        std::nullopt, {1, 1}, t.geometry.padding, dilation)
              .contiguous(x.suggest_memory_format());
   }
   if (weight_grad && !dense_w) {

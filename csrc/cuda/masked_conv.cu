@@ -7,9 +7,12 @@
 //                                      left by the (C,) masks (it counts them on the host, so
 //                                      during CUDA graph capture the kernel below runs instead);
 //   an (N, C) mask, groups == 1        the implicit-GEMM kernel below, one launch for the batch.
-// Backward: static masks with groups == 1 run masked_conv::static_backward (outside capture);
-// everything else, per-sample masks included, runs masked_conv::dense_backward, the dense
-// engine's backward with the masks applied around it: the per-sample backward skips no work.
+// Backward: static masks with groups == 1 run masked_conv::static_backward (outside capture).
+// Per-sample masks with stride 1 (groups 1, not float64) take grad_x from the per-sample kernel
+// run on grad with the transposed, flipped weight and the masks swapped, so it skips the masked
+// output channels and writes the masked input channels as zeros; the weight and bias gradients
+// run densely on the masked tensors. Everything else runs masked_conv::dense_backward, the dense
+// engine's backward with the masks applied around it.
 //
 // The kernel. For sample n, out[n] (C_out x P, P = H_out * W_out) = W' @ X'[n], where W' holds
 // the rows of weight for the kept output channels of n and X'[n] is the im2col matrix of x[n]
@@ -453,6 +456,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_conv2d_backward_cuda(
   if (g.groups == 1 && !masked_conv::per_sample(in_mask) && !masked_conv::per_sample(out_mask) &&
       !(any_mask(in_mask, out_mask) && capturing())) {
     return masked_conv::static_backward(grad, x, weight, g, in_mask, out_mask);
+  }
+  if (masked_conv::transposable(g) && grad.scalar_type() != at::kDouble) {
+    // grad_x with the per-sample kernel (masked output channels skipped in the reduction,
+    // masked input channels written as zeros); the weight and bias gradients densely.
+    const masked_conv::Transposed t = masked_conv::transposed(grad, weight, g);
+    at::Tensor gx = per_sample_forward(grad, t.weight, std::nullopt, t.geometry, out_mask, in_mask)
+                        .contiguous(x.suggest_memory_format());
+    auto [unused, gw, gb] = at::convolution_backward(
+        masked_conv::where(masked_conv::channel_view(out_mask), grad),
+        masked_conv::where(masked_conv::channel_view(in_mask), x), weight,
+        at::OptionalIntArrayRef(at::IntArrayRef{g.c_out}), g.stride, g.padding, g.dilation, false,
+        {0, 0}, 1, {false, true, true});
+    return {gx, gw, gb};
   }
   return masked_conv::dense_backward(grad, x, weight, g, in_mask, out_mask);
 }
