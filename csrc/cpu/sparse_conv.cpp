@@ -326,7 +326,7 @@ void weight_grad_impl(const at::Tensor& grad, const at::Tensor& x, const at::Ten
   std::vector<std::vector<T>> partial(threads);
   at::parallel_for(0, g.n, 1, [&](int64_t n0, int64_t n1) {
     std::vector<T>& acc = partial[at::get_thread_num()];
-    acc.assign(kept, T(0));
+    if (acc.empty()) acc.assign(kept, T(0));  // a thread may take more than one range
     std::vector<T> layout(scratch, T(0)), runs(g.c_out * run, T(0));
     const int64_t* off = csr.offset.data();
     for (int64_t n = n0; n < n1; ++n) {
