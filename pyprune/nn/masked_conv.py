@@ -26,8 +26,13 @@ class MaskedConv2d(nn.Conv2d):
     and channel indices are cached and rebuilt only when the weight, bias or a mask changes (their
     version counters), so each call runs just the smaller convolution.
 
+    A sparse bool ``weight_mask`` (unstructured pruning) runs on the CPU as a direct sparse
+    convolution over the kept weights, forward and backward, where few enough are kept to pay
+    (``pyprune.convert(model, conv=True)`` makes these from ``torch.nn.utils.prune``'s masks).
+
     >>> conv = MaskedConv2d.from_conv(model.layer1[0].conv1)
     >>> conv.out_mask = conv.weight.detach().abs().sum((1, 2, 3)) > 0.1    # channel pruning
+    >>> conv.weight_mask = pyprune.magnitude_mask(conv.weight, 0.1)        # or 90% of the weights
     """
 
     def __init__(self, *args, **kwargs) -> None:
