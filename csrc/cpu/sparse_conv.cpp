@@ -12,6 +12,11 @@
 // stored once. The kept weights are listed per output channel (CSR) with their offsets, built
 // per call (weight-sized work).
 //
+// Backward: the weight gradient only at the kept weights, each a dot product of an output
+// channel's gradient (laid out as the same run, zeros in the dropped columns) with the weight's
+// shifted input run; the input gradient, for stride 1, is this forward kernel on the gradient
+// with the transposed, flipped weight and mask. Both follow the same density rule.
+//
 // The AVX2 build uses fused multiply-adds here, so its results differ from the baseline build's
 // in rounding (as oneDNN's do between machines); every other kernel is bit-identical across the
 // two (csrc/cpu/isa.h).
