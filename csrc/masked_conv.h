@@ -134,15 +134,17 @@ inline at::Tensor dense_forward(const at::Tensor& x, const at::Tensor& weight,
 }
 
 // (grad_x, grad_weight, grad_bias) of dense_forward.
+// x_grad false leaves grad_x undefined (for callers that compute it otherwise).
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_backward(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight, const Geometry& g,
-    const std::optional<at::Tensor>& in_mask, const std::optional<at::Tensor>& out_mask) {
+    const std::optional<at::Tensor>& in_mask, const std::optional<at::Tensor>& out_mask,
+    bool x_grad = true) {
   const at::Tensor in_m = channel_view(in_mask);
   auto [gx, gw, gb] = at::convolution_backward(
       where(channel_view(out_mask), grad), where(in_m, x), weight,
       at::OptionalIntArrayRef(at::IntArrayRef{g.c_out}), g.stride, g.padding, g.dilation, false,
-      {0, 0}, g.groups, {true, true, true});
-  return {where(in_m, gx), gw, gb};
+      {0, 0}, g.groups, {x_grad, true, true});
+  return {x_grad ? where(in_m, gx) : gx, gw, gb};
 }
 
 // Whether grad_x of the convolution is a stride-1 convolution of grad with the transposed,

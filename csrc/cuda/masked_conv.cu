@@ -463,11 +463,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_conv2d_backward_cuda(
     const masked_conv::Transposed t = masked_conv::transposed(grad, weight, g);
     at::Tensor gx = per_sample_forward(grad, t.weight, std::nullopt, t.geometry, out_mask, in_mask)
                         .contiguous(x.suggest_memory_format());
-    auto [unused, gw, gb] = at::convolution_backward(
-        masked_conv::where(masked_conv::channel_view(out_mask), grad),
-        masked_conv::where(masked_conv::channel_view(in_mask), x), weight,
-        at::OptionalIntArrayRef(at::IntArrayRef{g.c_out}), g.stride, g.padding, g.dilation, false,
-        {0, 0}, 1, {false, true, true});
+    auto [unused, gw, gb] =
+        masked_conv::dense_backward(grad, x, weight, g, in_mask, out_mask, /*x_grad=*/false);
     return {gx, gw, gb};
   }
   return masked_conv::dense_backward(grad, x, weight, g, in_mask, out_mask);
