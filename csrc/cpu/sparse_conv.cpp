@@ -120,29 +120,23 @@ Csr<T> csr_of(const at::Tensor& weight, const at::Tensor& mask, const Geometry& 
   csr.value.resize(kept);
   csr.flat.resize(kept);
   int64_t e = 0;
+  auto push = [&](int64_t flat) {  // the kept weight at weight index `flat`
+    TORCH_CHECK(e < kept, "_sparse_conv2d: weight_mask changed while in use");
+    csr.offset[e] = offset_of[flat % per_row];
+    csr.flat[e] = flat;
+    csr.value[e++] = wp[flat];
+  };
   for (int64_t o = 0; o < g.c_out; ++o) {
     csr.row[o] = e;
-    const bool* row = mp + o * per_row;
-    const T* wrow = wp + o * per_row;
-    int64_t j = 0;
-    for (; j + 8 <= per_row; j += 8) {  // eight mask bytes at a time: most words are 0 when sparse
+    const int64_t first = o * per_row, last = first + per_row;
+    int64_t j = first;
+    for (; j + 8 <= last; j += 8) {  // eight mask bytes at a time: most words are 0 when sparse
       uint64_t word;
-      std::memcpy(&word, row + j, 8);
-      for (; word != 0; word &= word - 1) {
-        const int64_t t = j + (__builtin_ctzll(word) >> 3);
-        TORCH_CHECK(e < kept, "_sparse_conv2d: weight_mask changed while in use");
-        csr.offset[e] = offset_of[t];
-        csr.flat[e] = o * per_row + t;
-        csr.value[e++] = wrow[t];
-      }
+      std::memcpy(&word, mp + j, 8);
+      for (; word != 0; word &= word - 1) push(j + (__builtin_ctzll(word) >> 3));
     }
-    for (; j < per_row; ++j) {
-      if (!row[j]) continue;
-      TORCH_CHECK(e < kept, "_sparse_conv2d: weight_mask changed while in use");
-      csr.offset[e] = offset_of[j];
-      csr.flat[e] = o * per_row + j;
-      csr.value[e++] = wrow[j];
-    }
+    for (; j < last; ++j)
+      if (mp[j]) push(j);
   }
   csr.row[g.c_out] = e;
   return csr;
@@ -259,6 +253,12 @@ bool all_finite(const T* p, int64_t count) {
   return acc == T(0);
 }
 
+// Elements of a layout buffer for `l`: every input channel, plus what the runs read past the
+// last one (an in-channel offset, at most one channel, and `reach` positions beyond the run).
+int64_t layout_size(const Geometry& g, const Layout& l, int64_t reach) {
+  return g.c_in * l.channel + l.channel + reach;
+}
+
 // Fills `finite[n]` for the samples it computes; a sample holding inf or NaN is left to the
 // dense engine (its result must carry the NaN that 0 * inf gives at masked weights).
 template <typename T>
@@ -271,8 +271,7 @@ void sparse_conv_impl(const at::Tensor& x, const at::Tensor& weight, const at::T
   const T* bp = b.defined() ? b.const_data_ptr<T>() : nullptr;
   T* op = out.mutable_data_ptr<T>();
   const int64_t on = out.stride(0), oc = out.stride(1), oh = out.stride(2), ow = out.stride(3);
-  // Reads run past the last channel by at most a tile plus the largest in-channel offset.
-  const int64_t scratch = g.c_in * l.channel + l.channel + 8 * Vec<T>::lanes;
+  const int64_t scratch = layout_size(g, l, 8 * Vec<T>::lanes);  // a tile of eight vectors
   const int64_t threads = at::get_num_threads();
   if (g.n >= threads) {
     // Samples split over threads, each with a layout of its own.
@@ -324,7 +323,7 @@ void weight_grad_impl(const at::Tensor& grad, const at::Tensor& x, const at::Ten
   const Layout l = layout_of(g);
   const Csr<T> csr = csr_of<T>(weight, mask, g, l, kept);
   const int64_t run = (l.run + lanes - 1) / lanes * lanes;
-  const int64_t scratch = g.c_in * l.channel + l.channel + run;
+  const int64_t scratch = layout_size(g, l, run);
   const T* gp = grad.const_data_ptr<T>();
   const int64_t gn = grad.stride(0), gc = grad.stride(1), gh = grad.stride(2), gwd = grad.stride(3);
   const int threads = at::get_num_threads();
@@ -444,8 +443,10 @@ namespace {
 // most of each computed run is padding); the weight-gradient kernel at about 25% for 32x32 and
 // the same as the forward below. The limits sit under those crossings. The kernels also scan the
 // mask once per call, which small batches do not amortise: below 1024 output positions per
-// channel (batch x H_out x W_out) the limits drop to a quarter, below 256 to zero.
-// PYPRUNE_SPARSE_CONV=sparse or =dense forces a path (tests run both).
+// channel (batch x H_out x W_out) the limits drop to a quarter, below 256 to zero. Strided
+// convolutions copy more input per output position (measured: 32x32 -> 16x16 at 10% kept,
+// 0.84x), so their limits are halved. PYPRUNE_SPARSE_CONV=sparse or =dense forces a path (tests
+// run both).
 bool sparse_pays(const masked_conv::Geometry& g, double density, bool weight_grad) {
   if (const char* force = std::getenv("PYPRUNE_SPARSE_CONV")) {
     if (std::strcmp(force, "sparse") == 0) return true;
@@ -455,6 +456,8 @@ bool sparse_pays(const masked_conv::Geometry& g, double density, bool weight_gra
   double limit = hw >= 1024 ? (weight_grad ? 0.2 : 0.35) : hw >= 256 ? 0.15 : hw >= 64 ? 0.06 : 0.03;
   if (positions < 256) return false;
   if (positions < 1024) limit /= 4;
+  // A strided convolution lays out (and reads) s0 * s1 input positions per output position.
+  if (g.stride[0] * g.stride[1] > 1) limit /= 2;
   return density <= limit;
 }
 
