@@ -9,8 +9,12 @@ channels (ideal speed-up 4x: a quarter of the FLOPs), ``in50`` 50% of the input 
 ``sample-out25`` a different 25% of the output channels per sample (dynamic gating), ``w50``
 / ``w20`` / ``w10`` / ``w5`` an unstructured weight mask keeping that share of the weights
 (ideal 2x-20x, which no dense engine can use; pyprune's CPU backend runs its direct sparse
-convolution below a density limit per output size, see csrc/cpu/sparse_conv.cpp), ``dense`` no
-mask (the op's overhead over F.conv2d).
+convolution below a density limit per output size, see csrc/cpu/sparse_conv.cpp), ``b25`` /
+``b10`` a weight mask that keeps that share of 16x16 tiles of (output, input) channels, all
+taps of a kept tile (block pruning: the Triton backend skips the empty tiles, the CPU's sparse
+kernel sees it as any mask of that density; on a GPU these rows give the break-even between
+the Triton block-sparse kernel and cuDNN on the masked weight, which the cuda backend runs),
+``dense`` no mask (the op's overhead over F.conv2d).
 
 Shapes: the issue's reference layer (32x128x16x16, 128 filters), ResNet-18/CIFAR stages at
 batch 32 (64x32x32, 256x8x8, 512x4x4) and a ResNet-50/ImageNet 3x3 layer (256x14x14) at 32.
@@ -42,6 +46,9 @@ CASES = [
     Case((32, 128, 16, 16), "w20"),
     Case((32, 128, 16, 16), "w10", quick=True),
     Case((32, 128, 16, 16), "w5"),
+    Case((32, 128, 16, 16), "b25", quick=True),
+    Case((32, 128, 16, 16), "b10"),
+    Case((32, 256, 14, 14), "b25"),
     Case((32, 64, 32, 32), "w20"),
     Case((32, 256, 8, 8), "w10"),
     Case((32, 256, 14, 14), "w10"),
@@ -79,6 +86,9 @@ def masked_conv_pyprune(x, weight, bias, in_mask, out_mask, weight_mask) -> Tens
                                  weight_mask=weight_mask)
 
 
+_TILE = 16  # channel tile of the ``b`` masks, the Triton weight-mask kernel's tile
+
+
 def _keep(n: int, keep: float, gen: torch.Generator, device) -> Tensor:
     mask = torch.zeros(n, dtype=torch.bool)
     mask[torch.randperm(n, generator=gen)[: int(n * keep)]] = True
@@ -102,6 +112,10 @@ def _inputs(case: Case, device: torch.device) -> tuple:
         out_mask = torch.stack([_keep(c, keep, gen, device) for _ in range(n)])
     elif case.variant.startswith("w"):
         weight_mask = (torch.rand(weight.shape, generator=gen) < keep).to(device)
+    elif case.variant.startswith("b"):
+        tiles = torch.rand(c // _TILE, c // _TILE, generator=gen) < keep
+        tiles = tiles.repeat_interleave(_TILE, 0).repeat_interleave(_TILE, 1)
+        weight_mask = tiles[:, :, None, None].expand(weight.shape).contiguous().to(device)
     return x, weight, bias, in_mask, out_mask, weight_mask
 
 

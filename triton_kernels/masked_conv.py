@@ -24,6 +24,17 @@ and stores gather channels through the list; ascending order within the kept cha
 them close together in memory. The lists cost two small torch ops per mask in the launcher
 (none for a None mask beyond an arange); the convolution itself is one launch.
 
+Weight mask (bool, weight's shape, without channel masks; pyprune::_sparse_conv2d's contract):
+the same kernel runs block-sparse. The launcher lists, per tile of BLOCK_CO = 16 output
+channels, the (tap, 16-input-channel block) pairs whose weight tile keeps an entry (a sort of
+the tile occupancy, torch ops on the mask, no host synchronization); the kernel walks only
+those, loading the mask tile with the weight tile and zeroing the masked entries, so the work
+is proportional to the occupied tiles and no masked weight is stored. A sample whose float32
+sum is not finite (inf or NaN in it, or an overflow) walks every tile instead, so inf meets the
+masked zeros and gives NaN as conv2d(x, weight * mask) does. Backward: the weight gradient from
+the dense engine, masked; grad_x (stride 1) by the kernel on the transposed, flipped weight and
+mask.
+
 Backward: with stride 1 (groups 1, padding within the dilated kernel), grad_x is this forward
 kernel run on grad with the transposed, flipped weight and the masks swapped, so it skips the
 masked output channels as the forward does and writes the masked input channels as zeros. The
@@ -54,14 +65,19 @@ _NUM_WARPS = 4
 _BLOCK_PS = (16, 64)
 _BLOCK_COS = (16, 32, 64)
 _BLOCK_CIS = (16, 32)
+# Output- and input-channel tile of the weight-mask path: the smallest, so that most all-zero
+# tiles of a pruned weight are whole tiles that can be skipped.
+_WEIGHT_MASK_BLOCK = 16
 
 
-@triton.jit(do_not_specialize=["in_per_sample", "out_per_sample", "has_bias"])
+@triton.jit(do_not_specialize=["in_per_sample", "out_per_sample", "has_bias", "has_wmask"])
 def _masked_conv2d_forward_kernel(
     x_ptr, w_ptr, b_ptr, in_idx_ptr, in_cnt_ptr, out_idx_ptr, out_cnt_ptr, out_ptr,
+    wm_ptr, blk_idx_ptr, blk_cnt_ptr, finite_ptr,
     C_in, H, W, C_out, H_out, W_out, KH, KW,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-    p_blocks, co_blocks, in_per_sample, out_per_sample, has_bias,
+    p_blocks, co_blocks, in_per_sample, out_per_sample, has_bias, has_wmask, ci_blocks,
+    tap_blocks,
     x_sn, x_sc, x_sh, x_sw,
     w_so, w_si, w_sh, w_sw,
     out_sn, out_sc, out_sh, out_sw,
@@ -95,32 +111,64 @@ def _masked_conv2d_forward_kernel(
         in_list = in_idx_ptr + in_row * C_in
         x_base = x_ptr + n * x_sn
         cis = tl.arange(0, BLOCK_CI)
-        kh = 0
-        while kh < KH:
-            ih = oh * stride_h - pad_h + kh * dil_h
-            h_ok = p_ok & (ih >= 0) & (ih < H)
-            kw = 0
-            while kw < KW:
+        if has_wmask != 0:
+            # Weight mask: only the listed (tap, input-channel block) pairs of this block of
+            # output channels, all of them for a sample that may hold inf or NaN.
+            every = tl.load(finite_ptr + n) == 0
+            n_blk = tl.where(every, tap_blocks, tl.load(blk_cnt_ptr + co_b))
+            blk_list = blk_idx_ptr + co_b * tap_blocks
+            j = 0
+            while j < n_blk:
+                e = tl.where(every, j, tl.load(blk_list + j))
+                tap = e // ci_blocks
+                c0 = (e - tap * ci_blocks) * BLOCK_CI
+                kh = tap // KW
+                kw = tap - kh * KW
+                ih = oh * stride_h - pad_h + kh * dil_h
                 iw = ow * stride_w - pad_w + kw * dil_w
-                pix_ok = h_ok & (iw >= 0) & (iw < W)
-                x_pix = x_base + ih * x_sh + iw * x_sw
-                w_tap = w_ptr + kh * w_sh + kw * w_sw + co * w_so
-                c0 = 0
-                while c0 < in_kept:
-                    cs = c0 + cis
-                    c_ok = cs < in_kept
-                    ci = tl.load(in_list + cs, mask=c_ok, other=0).to(tl.int64)
-                    xt = tl.load(x_pix[:, None] + ci[None, :] * x_sc,
-                                 mask=pix_ok[:, None] & c_ok[None, :], other=0.0)
-                    wt = tl.load(w_tap[None, :] + ci[:, None] * w_si,
-                                 mask=c_ok[:, None] & co_ok[None, :], other=0.0)
-                    if UPCAST:
-                        xt = xt.to(tl.float32)
-                        wt = wt.to(tl.float32)
-                    acc = tl.dot(xt, wt, acc, input_precision="ieee")
-                    c0 += BLOCK_CI
-                kw += 1
-            kh += 1
+                pix_ok = p_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+                cs = c0 + cis
+                c_ok = cs < in_kept
+                ci = tl.load(in_list + cs, mask=c_ok, other=0).to(tl.int64)
+                xt = tl.load(x_base + (ih * x_sh + iw * x_sw)[:, None] + ci[None, :] * x_sc,
+                             mask=pix_ok[:, None] & c_ok[None, :], other=0.0)
+                w_off = kh * w_sh + kw * w_sw + co[None, :] * w_so + ci[:, None] * w_si
+                w_ok = c_ok[:, None] & co_ok[None, :]
+                wt = tl.load(w_ptr + w_off, mask=w_ok, other=0.0)
+                keep = tl.load(wm_ptr + w_off, mask=w_ok, other=0)
+                wt = tl.where(keep != 0, wt, tl.zeros_like(wt))
+                if UPCAST:
+                    xt = xt.to(tl.float32)
+                    wt = wt.to(tl.float32)
+                acc = tl.dot(xt, wt, acc, input_precision="ieee")
+                j += 1
+        else:
+            kh = 0
+            while kh < KH:
+                ih = oh * stride_h - pad_h + kh * dil_h
+                h_ok = p_ok & (ih >= 0) & (ih < H)
+                kw = 0
+                while kw < KW:
+                    iw = ow * stride_w - pad_w + kw * dil_w
+                    pix_ok = h_ok & (iw >= 0) & (iw < W)
+                    x_pix = x_base + ih * x_sh + iw * x_sw
+                    w_tap = w_ptr + kh * w_sh + kw * w_sw + co * w_so
+                    c0 = 0
+                    while c0 < in_kept:
+                        cs = c0 + cis
+                        c_ok = cs < in_kept
+                        ci = tl.load(in_list + cs, mask=c_ok, other=0).to(tl.int64)
+                        xt = tl.load(x_pix[:, None] + ci[None, :] * x_sc,
+                                     mask=pix_ok[:, None] & c_ok[None, :], other=0.0)
+                        wt = tl.load(w_tap[None, :] + ci[:, None] * w_si,
+                                     mask=c_ok[:, None] & co_ok[None, :], other=0.0)
+                        if UPCAST:
+                            xt = xt.to(tl.float32)
+                            wt = wt.to(tl.float32)
+                        acc = tl.dot(xt, wt, acc, input_precision="ieee")
+                        c0 += BLOCK_CI
+                    kw += 1
+                kh += 1
         bias = tl.load(b_ptr + co, mask=co_ok & (has_bias != 0), other=0.0).to(tl.float32)
         acc = tl.where(co_ok[None, :], acc + bias[None, :], 0.0)
 
@@ -193,13 +241,45 @@ def _output_size(size: int, k: int, stride: int, padding: int, dilation: int) ->
     return (size + 2 * padding - dilation * (k - 1) - 1) // stride + 1
 
 
+def _block_table(weight_mask: torch.Tensor, block_co: int, block_ci: int
+                 ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(block lists, block counts, input-channel blocks) of a bool (C_out, C_in, KH, KW) weight
+    mask for tiles of block_co output by block_ci input channels: row j of the lists holds the
+    blocks e = tap * ci_blocks + ci_block (tap = kh * KW + kw) of output-channel block j that
+    keep a weight, ascending, then the empty ones; counts[j] is how many keep one. Torch ops on
+    the mask only (no host synchronization)."""
+    C_out, C_in, KH, KW = weight_mask.shape
+    co_blocks, ci_blocks = triton.cdiv(C_out, block_co), triton.cdiv(C_in, block_ci)
+    padded = weight_mask.new_zeros((co_blocks * block_co, ci_blocks * block_ci, KH * KW))
+    padded[:C_out, :C_in] = weight_mask.reshape(C_out, C_in, KH * KW)
+    occupied = padded.view(co_blocks, block_co, ci_blocks, block_ci, KH * KW).any(3).any(1)
+    occupied = occupied.transpose(1, 2).reshape(co_blocks, KH * KW * ci_blocks)
+    lists = torch.sort(occupied.logical_not(), dim=1, stable=True).indices.to(torch.int32)
+    return lists.contiguous(), occupied.sum(1, dtype=torch.int32), ci_blocks
+
+
+def _finite_samples(x: torch.Tensor) -> torch.Tensor:
+    """int32 (N,): 1 where sample n of x is surely finite. A float32 sum per sample reads x once
+    without an x-sized temporary; a sum that overflows only marks a finite sample as possibly
+    not, which sends it through every block (the same result, more work)."""
+    return torch.isfinite(x.sum((1, 2, 3), dtype=torch.float32)).to(torch.int32)
+
+
 def masked_conv2d_forward(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int],
     in_mask: torch.Tensor | None, out_mask: torch.Tensor | None,
+    weight_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """conv2d(x * in_mask, weight, bias, stride, padding, dilation) * out_mask (groups=1) with
-    boolean channel masks, as the pyprune::masked_conv2d schema says; x's memory format."""
+    """conv2d(x * in_mask, weight * weight_mask, bias, stride, padding, dilation) * out_mask
+    (groups=1) with boolean masks, as the pyprune::masked_conv2d schema (channel masks) and
+    pyprune::_sparse_conv2d (weight mask, without channel masks) say; x's memory format.
+
+    A weight mask runs block-sparse: tiles of 16 output by 16 input channels at one tap that
+    keep no weight are skipped (see _block_table), the kept tiles load the mask with the weight
+    and zero the masked entries, so no masked weight is materialized. Samples whose values may
+    include inf or NaN run every tile, as conv2d(x, weight * weight_mask) multiplies them by
+    the masked zeros too."""
     _check(x, weight, bias)
     stride, padding, dilation = (_pair(stride, "stride"), _pair(padding, "padding"),
                                  _pair(dilation, "dilation"))
@@ -225,13 +305,33 @@ def masked_conv2d_forward(
     in_idx, in_cnt, in_per_sample = _kept_first(in_rows, C_in, x.device)
     out_idx, out_cnt, out_per_sample = _kept_first(out_rows, C_out, x.device)
     block_p, block_co, block_ci = _blocks(C_in, C_out, H_out * W_out)
+    if weight_mask is not None:
+        if in_rows is not None or out_rows is not None:
+            raise ValueError("masked_conv2d (triton): a weight mask runs without channel masks")
+        if weight_mask.dtype != torch.bool or weight_mask.shape != weight.shape:
+            raise ValueError(f"masked_conv2d (triton): weight_mask must be bool of weight's shape "
+                             f"{tuple(weight.shape)}, got {weight_mask.dtype} "
+                             f"{tuple(weight_mask.shape)}")
+        if weight_mask.device != x.device:
+            raise ValueError(f"masked_conv2d (triton): weight_mask must be on {x.device}, got "
+                             f"{weight_mask.device}")
+        block_co = block_ci = _WEIGHT_MASK_BLOCK
+        weight = weight.contiguous()  # the mask is read with the weight's offsets
+        wm = weight_mask.contiguous().view(torch.uint8)
+        blk_idx, blk_cnt, ci_blocks = _block_table(weight_mask, block_co, block_ci)
+        finite = _finite_samples(x)
+    else:
+        # Unused by the kernel: pointers of the types it is compiled for.
+        wm, blk_idx, blk_cnt, finite, ci_blocks = in_cnt.view(torch.uint8), in_idx, in_cnt, in_cnt, 1
     p_blocks = triton.cdiv(H_out * W_out, block_p)
     co_blocks = triton.cdiv(C_out, block_co)
     _masked_conv2d_forward_kernel[(N * p_blocks * co_blocks,)](
         x, weight, bias if bias is not None else weight, in_idx, in_cnt, out_idx, out_cnt, out,
+        wm, blk_idx, blk_cnt, finite,
         C_in, H, W, C_out, H_out, W_out, KH, KW,
         *stride, *padding, *dilation,
         p_blocks, co_blocks, in_per_sample, out_per_sample, int(bias is not None),
+        int(weight_mask is not None), ci_blocks, KH * KW * ci_blocks,
         *x.stride(), *weight.stride(), *out.stride(),
         BLOCK_P=block_p, BLOCK_CO=block_co, BLOCK_CI=block_ci,
         UPCAST=x.dtype == torch.bfloat16 and x.device.type == "cpu",
@@ -290,8 +390,50 @@ def masked_conv2d_backward(
     return grad_x, grad_w.contiguous(), g.sum((0, 2, 3)).to(weight.dtype)
 
 
+def sparse_conv2d_backward(
+    grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, weight_mask: torch.Tensor,
+    stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int],
+    x_grad: bool, weight_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad_x, grad_weight) of conv2d(x, weight * weight_mask) for a bool weight mask, as the
+    pyprune::_sparse_conv2d_backward schema says (an empty tensor for a gradient not asked
+    for); grad_x in x's memory format, grad_weight contiguous and zero at masked weights.
+
+    With stride 1 (padding within the dilated kernel), grad_x is the block-sparse forward on
+    grad with the transposed, flipped weight and mask, so it skips the same empty tiles; else,
+    and for the weight gradient, the dense engine (aten.convolution_backward) runs."""
+    _check(x, weight, None)
+    if grad.shape[:2] != (x.shape[0], weight.shape[0]) or grad.dtype != x.dtype:
+        raise ValueError(f"masked_conv2d backward (triton): grad must be ({x.shape[0]}, "
+                         f"{weight.shape[0]}, H_out, W_out) in {x.dtype}, got {tuple(grad.shape)} "
+                         f"in {grad.dtype}")
+    stride, padding, dilation = (_pair(stride, "stride"), _pair(padding, "padding"),
+                                 _pair(dilation, "dilation"))
+    k = weight.shape[2:]
+    transposed = stride == (1, 1) and all(padding[i] <= dilation[i] * (k[i] - 1) for i in range(2))
+    dense_x = x_grad and not transposed
+    zero = torch.zeros((), dtype=weight.dtype, device=weight.device)
+    grad_x = grad_w = None
+    if dense_x or weight_grad:
+        masked = torch.where(weight_mask, weight, zero) if dense_x else weight
+        grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
+            grad, x, masked, None, list(stride), list(padding), list(dilation), False, [0, 0], 1,
+            [dense_x, weight_grad, False])
+    if x_grad and transposed:
+        grad_x = masked_conv2d_forward(
+            grad, weight.transpose(0, 1).flip(2, 3), None, (1, 1),
+            tuple(dilation[i] * (k[i] - 1) - padding[i] for i in range(2)), dilation, None, None,
+            weight_mask=weight_mask.transpose(0, 1).flip(2, 3))
+    grad_x = (grad_x.contiguous(memory_format=_output_format(x)) if x_grad
+              else x.new_empty((0,)))
+    grad_w = (torch.where(weight_mask, grad_w, zero).contiguous() if weight_grad
+              else weight.new_empty((0,)))
+    return grad_x, grad_w
+
+
 _POINTERS = {"in_idx_ptr": "*i32", "in_cnt_ptr": "*i32", "out_idx_ptr": "*i32",
-             "out_cnt_ptr": "*i32"}
+             "out_cnt_ptr": "*i32", "wm_ptr": "*u8", "blk_idx_ptr": "*i32", "blk_cnt_ptr": "*i32",
+             "finite_ptr": "*i32"}
 
 
 def _aot_variants() -> list[tuple]:

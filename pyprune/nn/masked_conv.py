@@ -28,7 +28,8 @@ class MaskedConv2d(nn.Conv2d):
 
     A sparse bool ``weight_mask`` (unstructured pruning) runs on the CPU as a direct sparse
     convolution over the kept weights, forward and backward, where few enough are kept to pay
-    (``pyprune.convert(model, conv=True)`` makes these from ``torch.nn.utils.prune``'s masks).
+    (``pyprune.convert(model, conv=True)`` makes these from ``torch.nn.utils.prune``'s masks);
+    the Triton backend skips the 16x16 channel tiles it empties (block pruning).
 
     >>> conv = MaskedConv2d.from_conv(model.layer1[0].conv1)
     >>> conv.out_mask = conv.weight.detach().abs().sum((1, 2, 3)) > 0.1    # channel pruning

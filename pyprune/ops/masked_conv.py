@@ -13,10 +13,12 @@ torch.ops.pyprune._sparse_conv2d: a direct sparse convolution over the kept weig
 enough are kept to pay (csrc/cpu/sparse_conv.cpp documents the measured limits: about 35% kept
 for 32x32 and larger outputs down to 5% for 4x4), else oneDNN on the masked weight; its
 backward computes the weight gradient at the kept weights only and, for stride 1, the input
-gradient with the same kernel on the transposed weight. Other weight masks (float, or with
-channel masks, or on CUDA and Triton, where the break-even has not been measured) apply to the
-weight, computed on the
-fly for each call, and the dense engine runs.
+gradient with the same kernel on the transposed weight. On the Triton backend it runs as
+torch.ops.pyprune._sparse_conv2d_triton, block-sparse (triton_kernels/masked_conv.py: tiles of
+16 output x 16 input channels at one tap without a kept weight are skipped). Other weight masks
+(float, or with channel masks, or on the cuda backend, where the break-even against cuDNN has
+not been measured) apply to the weight, computed on the fly for each call, and the dense engine
+runs.
 """
 from __future__ import annotations
 
@@ -72,20 +74,58 @@ def _sparse_conv2d_backward_fake(grad, x, weight, weight_mask, stride, padding, 
             else weight.new_empty((0,)))
 
 
-def _sparse_conv2d_backward(ctx, grad):
-    """grad_x and grad_weight from the CPU op (sparse where the forward is), grad_bias summed."""
-    x, weight, weight_mask = ctx.saved_tensors
-    stride, padding, dilation = ctx.attrs
-    x_grad, weight_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    gx, gw = torch.ops.pyprune._sparse_conv2d_backward(
-        grad.contiguous(memory_format=torch._prims_common.suggest_memory_format(x)), x, weight,
-        weight_mask, stride, padding, dilation, x_grad, weight_grad)
-    gb = grad.sum((0, 2, 3)) if ctx.has_bias and ctx.needs_input_grad[3] else None
-    return (gx if x_grad else None, gw if weight_grad else None, None, gb, None, None, None)
+def _sparse_conv2d_backward(op):
+    """The autograd backward of a weight-mask convolution whose backward op is ``op``: grad_x
+    and grad_weight from it (sparse where the forward is), grad_bias summed."""
+    def backward(ctx, grad):
+        x, weight, weight_mask = ctx.saved_tensors
+        stride, padding, dilation = ctx.attrs
+        x_grad, weight_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        gx, gw = op(grad.contiguous(memory_format=torch._prims_common.suggest_memory_format(x)),
+                    x, weight, weight_mask, stride, padding, dilation, x_grad, weight_grad)
+        gb = grad.sum((0, 2, 3)) if ctx.has_bias and ctx.needs_input_grad[3] else None
+        return (gx if x_grad else None, gw if weight_grad else None, None, gb, None, None, None)
+
+    return backward
 
 
-torch.library.register_autograd("pyprune::_sparse_conv2d", _sparse_conv2d_backward,
-                                setup_context=_sparse_conv2d_setup)
+# The Triton weight-mask convolution (block-sparse, triton_kernels/masked_conv.py), opaque to
+# the compiler like the other Triton launchers.
+@torch.library.custom_op("pyprune::_sparse_conv2d_triton", mutates_args=())
+def _sparse_conv2d_triton(
+    x: Tensor, weight: Tensor, weight_mask: Tensor, bias: Optional[Tensor],
+    stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
+) -> Tensor:
+    from ..triton_kernels import masked_conv as kernels
+
+    return kernels.masked_conv2d_forward(x, weight, bias, tuple(stride), tuple(padding),
+                                         tuple(dilation), None, None, weight_mask=weight_mask)
+
+
+@torch.library.custom_op("pyprune::_sparse_conv2d_backward_triton", mutates_args=())
+def _sparse_conv2d_backward_triton(
+    grad: Tensor, x: Tensor, weight: Tensor, weight_mask: Tensor, stride: Sequence[int],
+    padding: Sequence[int], dilation: Sequence[int], x_grad: bool, weight_grad: bool,
+) -> tuple[Tensor, Tensor]:
+    from ..triton_kernels import masked_conv as kernels
+
+    return kernels.sparse_conv2d_backward(grad, x, weight, weight_mask, tuple(stride),
+                                          tuple(padding), tuple(dilation), x_grad, weight_grad)
+
+
+_sparse_conv2d_triton.register_fake(_sparse_conv2d_fake)
+_sparse_conv2d_backward_triton.register_fake(_sparse_conv2d_backward_fake)
+
+# Weight-mask convolution per backend: (forward, backward).
+_SPARSE_OPS = {
+    "cpu": (torch.ops.pyprune._sparse_conv2d.default,
+            torch.ops.pyprune._sparse_conv2d_backward.default),
+    "triton": (torch.ops.pyprune._sparse_conv2d_triton.default,
+               torch.ops.pyprune._sparse_conv2d_backward_triton.default),
+}
+for _fwd, _bwd in _SPARSE_OPS.values():
+    torch.library.register_autograd(_fwd, _sparse_conv2d_backward(_bwd),
+                                    setup_context=_sparse_conv2d_setup)
 
 
 @torch.library.register_fake("pyprune::_channel_conv")
@@ -266,7 +306,8 @@ def masked_conv2d(
     masks run each sample's kept channels (cpu) or an implicit-GEMM kernel that skips masked
     tiles (cuda, triton). A sparse bool weight mask runs a direct sparse convolution over the
     kept weights (cpu; inf or NaN in a sample sends that sample to the dense engine, so results
-    match conv2d(x, weight * weight_mask) there too). groups > 1 applies the masks around the
+    match conv2d(x, weight * weight_mask) there too) or skips the empty 16x16 channel tiles of
+    the weight (triton; such samples run every tile). groups > 1 applies the masks around the
     dense engine.
 
     Example:
@@ -336,15 +377,14 @@ def masked_conv2d(
     soft_in, soft_out = soft(in_mask, True), soft(out_mask, True)
     in_mask = in_mask if in_mask is not None and in_mask.dtype == torch.bool else None
     out_mask = out_mask if out_mask is not None and out_mask.dtype == torch.bool else None
-    sparse = (backend == "cpu" and groups == 1 and in_mask is None and out_mask is None
+    sparse = (backend in _SPARSE_OPS and groups == 1 and in_mask is None and out_mask is None
               and weight_mask is not None and weight_mask.dtype == torch.bool)
     weight, bias = fold_static_masks(weight, bias, groups, soft_in, soft_out,
                                      None if sparse else weight_mask)
     if scale_in is not None:
         x = x * scale_in[:, :, None, None]
     if sparse:
-        y = torch.ops.pyprune._sparse_conv2d(x, weight, weight_mask, bias, stride, padding,
-                                             dilation)
+        y = _SPARSE_OPS[backend][0](x, weight, weight_mask, bias, stride, padding, dilation)
     elif in_mask is None and out_mask is None and backend in ("cpu", "cuda"):
         # Nothing structural left: the dense engine itself (oneDNN / cuDNN), without the op's
         # dispatch (measured 2-4% of an 11 ms convolution here).

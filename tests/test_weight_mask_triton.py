@@ -1,0 +1,220 @@
+"""Bool weight masks on the Triton backend (torch.ops.pyprune._sparse_conv2d_triton behind
+pyprune.masked_conv2d(..., weight_mask=bool)): the block-sparse path against pyprune.reference
+(float64), its block table, that empty tiles are skipped, inf/NaN, gradients, opcheck,
+compile."""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+import pyprune
+from pyprune import reference
+from pyprune.nn import MaskedConv2d
+
+from .conftest import DEVICE_BACKENDS, TOLERANCES, compile_and_backward
+
+TRITON = [p for p in DEVICE_BACKENDS if p.values[0][1] == "triton"]
+pytestmark = pytest.mark.parametrize("device_backend", TRITON, indirect=True)
+
+# (N, C_in, C_out, H, W, kernel, stride, padding, dilation): odd sizes, channel counts that
+# leave a partial 16-channel tile, strides 1-2, dilation, 1x1 and 5x5 kernels, 1x1 outputs.
+GEOMETRIES = [
+    (2, 5, 7, 9, 6, 3, 1, 1, 1),
+    (2, 40, 36, 7, 7, 3, 1, 1, 1),
+    (2, 8, 16, 8, 8, 3, 2, 1, 1),
+    (2, 6, 4, 7, 11, 5, 1, 2, 2),
+    (3, 20, 18, 5, 5, 1, 1, 0, 1),
+    (1, 17, 3, 1, 1, 1, 1, 0, 1),
+]
+# Mask kinds: unstructured random, 16x16 channel tiles kept or dropped whole (with one tile
+# kept at some taps only), everything kept, nothing kept.
+KINDS = ["random", "tiles", "all", "nothing"]
+
+
+def _mask(kind: str, shape, gen: torch.Generator) -> torch.Tensor:
+    cout, cin, kh, kw = shape
+    if kind == "random":
+        return torch.rand(shape, generator=gen) < 0.3
+    if kind == "all":
+        return torch.ones(shape, dtype=torch.bool)
+    if kind == "nothing":
+        return torch.zeros(shape, dtype=torch.bool)
+    tiles = torch.rand((cout + 15) // 16, (cin + 15) // 16, generator=gen) < 0.5
+    tiles[0, 0] = True
+    m = tiles.repeat_interleave(16, 0).repeat_interleave(16, 1)[:cout, :cin]
+    m = m[:, :, None, None].expand(shape).clone()
+    m[:16, :16, 0, :] = False  # the first tile at the first row of taps only
+    return m
+
+
+def _inputs(geom, dtype, kind, device, seed=0):
+    n, cin, cout, h, w, k, *_ = geom
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, cin, h, w, generator=gen).to(dtype).to(device)
+    weight = torch.randn(cout, cin, k, k, generator=gen).div(k).to(dtype).to(device)
+    bias = torch.randn(cout, generator=gen).to(dtype).to(device)
+    return x, weight, bias, _mask(kind, weight.shape, gen).to(device)
+
+
+def _args(geom):
+    return tuple((v, v) for v in geom[6:9])
+
+
+def _close(got, want, dtype, scale):
+    atol, rtol = TOLERANCES[dtype]
+    torch.testing.assert_close(got.double(), want, atol=atol * scale, rtol=rtol * scale,
+                               equal_nan=True)
+
+
+@pytest.mark.parametrize("geom", range(len(GEOMETRIES)))
+def test_matches_reference_with_gradients(device_backend, geom):
+    device, _ = device_backend
+    geom = GEOMETRIES[geom]
+    for kind, layout in zip(KINDS, ["contiguous", "channels_last", "contiguous", "channels_last"]):
+        x, weight, bias, mask = _inputs(geom, torch.float32, kind, device)
+        if layout == "channels_last":
+            x = x.contiguous(memory_format=torch.channels_last)
+        leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
+        y = pyprune.masked_conv2d(*leaves, *_args(geom), weight_mask=mask)
+        if y.shape[2] * y.shape[3] > 1:  # else both layouts are one
+            assert y.is_contiguous(memory_format=torch.channels_last) == (layout == "channels_last")
+        grad = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(device)
+        got = torch.autograd.grad(y, leaves, grad)
+
+        ref = [t.detach().double().requires_grad_() for t in (x, weight, bias)]
+        want = reference.masked_conv2d(*ref, *_args(geom), weight_mask=mask)
+        want_grads = torch.autograd.grad(want, ref, grad.double())
+        scale = geom[1] * geom[5] ** 2 / 4
+        _close(y, want.detach(), torch.float32, scale)
+        for g, w in zip(got, want_grads):
+            _close(g, w, torch.float32, scale)
+        assert torch.all(got[1][~mask] == 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_half_precision(device_backend, dtype):
+    device, _ = device_backend
+    geom = GEOMETRIES[1]
+    x, weight, bias, mask = _inputs(geom, dtype, "tiles", device)
+    y = pyprune.masked_conv2d(x, weight, bias, *_args(geom), weight_mask=mask)
+    assert y.dtype == dtype
+    want = reference.masked_conv2d(x.double(), weight.double(), bias.double(), *_args(geom),
+                                   weight_mask=mask)
+    _close(y, want, dtype, 4.0)
+
+
+def test_block_table(device_backend):
+    """Each output-channel tile lists exactly its (tap, input tile) pairs that keep a weight,
+    ascending, then the rest."""
+    from pyprune.triton_kernels.masked_conv import _block_table
+
+    device, _ = device_backend
+    gen = torch.Generator().manual_seed(0)
+    for shape, block in (((37, 21, 3, 2), 16), ((16, 48, 1, 1), 16), ((5, 70, 3, 3), 32)):
+        for kind in KINDS:
+            mask = _mask(kind, shape, gen)
+            if kind == "random":  # sparse enough that some tiles are empty
+                mask &= torch.rand(shape, generator=gen) < 0.02
+            lists, counts, ci_blocks = _block_table(mask.to(device), block, block)
+            cout, cin, kh, kw = shape
+            assert ci_blocks == -(-cin // block)
+            for j in range(-(-cout // block)):
+                tile = mask[j * block:(j + 1) * block].flatten(2)  # (<= block, C_in, taps)
+                kept = [tap * ci_blocks + c for tap in range(kh * kw) for c in range(ci_blocks)
+                        if tile[:, c * block:(c + 1) * block, tap].any()]
+                row = lists[j].tolist()
+                assert counts[j].item() == len(kept)
+                assert row[:len(kept)] == kept
+                assert sorted(row) == list(range(kh * kw * ci_blocks))
+
+
+def test_empty_tiles_are_skipped(device_backend, monkeypatch):
+    """With the finiteness check bypassed, inf in input channels whose weight tiles are all
+    masked never reaches the output: those tiles are not computed (computing them would give
+    0 * inf = NaN)."""
+    from pyprune.triton_kernels import masked_conv as kernels
+
+    device, _ = device_backend
+    geom = (2, 32, 16, 6, 6, 3, 1, 1, 1)
+    x, weight, bias, _ = _inputs(geom, torch.float32, "all", device)
+    mask = torch.zeros(weight.shape, dtype=torch.bool, device=device)
+    mask[:, :16] = torch.rand(16, 16, 3, 3, device=device) < 0.5
+    x[:, 16:] = float("inf")
+    monkeypatch.setattr(kernels, "_finite_samples",
+                        lambda t: torch.ones(t.shape[0], dtype=torch.int32, device=t.device))
+    y = pyprune.masked_conv2d(x, weight, bias, *_args(geom), weight_mask=mask)
+    want = reference.masked_conv2d(x[:, :16].double(), weight[:, :16].double(), bias.double(),
+                                   *_args(geom), weight_mask=mask[:, :16])
+    _close(y, want, torch.float32, 8.0)
+    monkeypatch.undo()  # the real check sends these samples through every tile: NaN appears
+    y = pyprune.masked_conv2d(x, weight, bias, *_args(geom), weight_mask=mask)
+    assert torch.isnan(y).any()
+
+
+def test_inf_nan_follow_reference(device_backend):
+    """inf in x meets masked zeros (NaN, as conv2d(x, weight * mask) gives); inf or NaN in
+    masked weights never leaks."""
+    device, _ = device_backend
+    geom = GEOMETRIES[1]
+    x, weight, bias, mask = _inputs(geom, torch.float32, "tiles", device)
+    x[0, 3, 2, 2] = float("inf")
+    x[1, 20, 4, 1] = float("nan")
+    weight[~mask] = float("nan")
+    weight[~mask & (torch.rand(weight.shape, device=device) < 0.5)] = float("inf")
+    y = pyprune.masked_conv2d(x, weight, bias, *_args(geom), weight_mask=mask)
+    want = reference.masked_conv2d(x.double(), weight.double(), bias.double(), *_args(geom),
+                                   weight_mask=mask)
+    assert torch.equal(torch.isnan(y), torch.isnan(want))
+    _close(y, want, torch.float32, 40.0)
+
+
+def test_routes_to_block_sparse_op(device_backend, monkeypatch):
+    """A bool weight mask alone takes the weight-mask kernel; with a channel mask or groups > 1
+    it folds into the weight."""
+    from pyprune.triton_kernels import masked_conv as kernels
+
+    device, _ = device_backend
+    seen = []
+    real = kernels.masked_conv2d_forward
+
+    def spy(*args, weight_mask=None):
+        seen.append(weight_mask is not None)
+        return real(*args, weight_mask=weight_mask)
+
+    monkeypatch.setattr(kernels, "masked_conv2d_forward", spy)
+    geom = GEOMETRIES[0]
+    x, weight, bias, mask = _inputs(geom, torch.float32, "random", device)
+    pyprune.masked_conv2d(x, weight, bias, *_args(geom), weight_mask=mask)
+    pyprune.masked_conv2d(x, weight, bias, *_args(geom), weight_mask=mask,
+                          out_mask=torch.ones(7, dtype=torch.bool, device=device))
+    assert seen == [True, False]
+
+
+def test_opcheck(device_backend):
+    device, _ = device_backend
+    geom = GEOMETRIES[0]
+    x, weight, bias, mask = _inputs(geom, torch.float32, "random", device)
+    for b in (bias, None):
+        args = (x.clone().requires_grad_(), weight.clone().requires_grad_(), mask,
+                None if b is None else b.clone().requires_grad_(), [1, 1], [1, 1], [1, 1])
+        torch.library.opcheck(torch.ops.pyprune._sparse_conv2d_triton.default, args)
+    grad = torch.randn(x.shape[0], weight.shape[0], x.shape[2], x.shape[3], device=device)
+    for flags in itertools.product((True, False), repeat=2):
+        torch.library.opcheck(torch.ops.pyprune._sparse_conv2d_backward_triton.default,
+                              (grad, x, weight, mask, [1, 1], [1, 1], [1, 1], *flags))
+
+
+def test_module_and_compile(device_backend):
+    """MaskedConv2d with a bool weight mask under torch.compile(fullgraph=True) equals eager."""
+    device, _ = device_backend
+    torch.manual_seed(0)
+    conv = MaskedConv2d.from_conv(torch.nn.Conv2d(6, 8, 3, padding=1))
+    conv.weight_mask = torch.rand(conv.weight.shape) < 0.2
+    model = torch.nn.Sequential(conv, torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 1)).to(device)
+    x = torch.randn(2, 6, 9, 9, device=device)
+    eager = model(x)
+    out = compile_and_backward(model, x)
+    torch.testing.assert_close(out, eager, atol=1e-5, rtol=1e-5)
+    assert torch.all(conv.weight.grad[~conv.weight_mask] == 0)
