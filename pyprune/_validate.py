@@ -51,6 +51,8 @@ def flag(value: object, name: str) -> bool:
 
 
 def integer(value: object, name: str) -> int:
+    if type(value) is int:  # the common case, without the ABC check
+        return value
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     return int(value)

@@ -41,8 +41,14 @@ def _masked_conv(dtype):
                  torch.rand(3, 33, device="cuda", generator=gen) < 0.5]
     for in_mask in masks:
         for out_mask in out_masks:
-            y = pyprune.masked_conv2d(x, w, b, 2, 1, in_mask=in_mask, out_mask=out_mask)
-            y.sum().backward()
+            for stride in (1, 2):  # stride 1: grad_x by the forward kernel, transposed
+                y = pyprune.masked_conv2d(x, w, b, stride, 1, in_mask=in_mask, out_mask=out_mask)
+                y.sum().backward()
+    weight_mask = torch.rand(w.shape, device="cuda", generator=gen) < 0.3
+    weight_mask[:16, :32] = False  # empty tiles for the block-sparse path
+    for stride in (1, 2):
+        y = pyprune.masked_conv2d(x, w, b, stride, 1, weight_mask=weight_mask)
+        y.sum().backward()
 
 
 def main() -> None:

@@ -193,6 +193,12 @@ for _fwd, _bwd in {v[0]: v[1] for v in _OPS.values()}.items():
 
 
 def _pair(value: object, name: str, minimum: int) -> tuple[int, int]:
+    # The common cases, without the ABC checks: an int or a pair of ints (not bool: exact types).
+    if type(value) is int and value >= minimum:
+        return value, value
+    if (type(value) in (tuple, list) and len(value) == 2 and type(value[0]) is int
+            and type(value[1]) is int and min(value) >= minimum):
+        return value[0], value[1]
     values = (value, value) if isinstance(value, numbers.Integral) else value
     if (
         not isinstance(values, (tuple, list))
