@@ -502,3 +502,20 @@ def test_cuda_graph_capture(backend):
         want = reference.masked_conv2d(x.double(), w.double(), b.double(), 1, 1, 1, 1,
                                        in_mask, out_mask)
         _close(out, want, torch.float32, scale=4.0)
+
+
+def test_dilated_1x1_kernel(device_backend):
+    """Dilation along a kernel dimension of size 1 changes nothing (pyprune normalizes it; a
+    dilated 1x1 kernel on grouped channels_last input crashes torch 2.13's CPU convolution)."""
+    device, _ = device_backend
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 4, 5, 1, generator=gen).to(device)
+    x = x.contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(4, 2, 1, 1, generator=gen).to(device)
+    bias = torch.randn(4, generator=gen).to(device)
+    scale = torch.rand(4, generator=gen).to(device)
+    got = pyprune.masked_conv2d(x, weight, bias, 2, 1, 2, 2, out_mask=scale)
+    want = reference.masked_conv2d(x.double(), weight.double(), bias.double(), 2, 1, 1, 2,
+                                   out_mask=scale.double())
+    assert got.shape == (1, 4, 4, 2)
+    _close(got, want, torch.float32)

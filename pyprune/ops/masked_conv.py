@@ -339,6 +339,10 @@ def masked_conv2d(
                              f"got {tuple(bias.shape)} {bias.dtype}")
     stride = _pair(stride, "stride", 1)
     dilation = _pair(dilation, "dilation", 1)
+    # Dilation along a kernel dimension of size 1 changes nothing; normalizing it to 1 also
+    # avoids a crash of torch 2.13's CPU convolution (oneDNN) with a dilated 1x1 kernel on
+    # grouped channels_last input (e.g. x (1, 4, 5, 1), groups 2, stride 2, padding 1, bias).
+    dilation = tuple(1 if weight.shape[2 + i] == 1 else dilation[i] for i in range(2))
     in_mask = _check_mask(in_mask, "in_mask", c_in, x)
     out_mask = _check_mask(out_mask, "out_mask", c_out, x)
     if weight_mask is not None:
