@@ -436,28 +436,44 @@ PYPRUNE_CPU_DECLARE(void, sparse_weight_grad_kernel, const at::Tensor&, const at
 namespace pyprune {
 namespace {
 
-// Whether the direct sparse kernels beat oneDNN on the masked weight, from the fraction of the
-// weight kept and the output size. Measured on this project's CPU (2-core Xeon, float32, 3x3
-// ResNet layers at batch 32 and 128, random masks), the forward kernel breaks even at about 45%
-// kept for 32x32 and larger outputs, 22% at 16x16, 10-13% at 14x14 and 8x8, 5-7% at 4x4 (where
-// most of each computed run is padding); the weight-gradient kernel at about 25% for 32x32 and
-// the same as the forward below. The limits sit under those crossings. The kernels also scan the
-// mask once per call, which small batches do not amortise: below 1024 output positions per
-// channel (batch x H_out x W_out) the limits drop to a quarter, below 256 to zero. Strided
-// convolutions copy more input per output position (measured: 32x32 -> 16x16 at 10% kept,
-// 0.84x), so their limits are halved. PYPRUNE_SPARSE_CONV=sparse or =dense forces a path (tests
-// run both).
-bool sparse_pays(const masked_conv::Geometry& g, double density, bool weight_grad) {
+// Density limits (the fraction of the weight kept) under which the direct sparse kernels beat
+// oneDNN on the masked weight. Measured on this project's CPU (2-core Xeon with AVX-512, float32,
+// 3x3 convolutions, random masks, batch 32 and 64, C_in = C_out from 32 to 512, the sparse time
+// fitted linearly between 5% and 20% kept): the crossing rises with the output size, where the
+// kernel's zero-padded runs waste less, and falls with the reduction length C_in * kH * kW, where
+// oneDNN is more efficient. Forward, stride 1, crossings per row below (output size >= 32x32 /
+// >= 16x16 / >= 8x8 / smaller): K <= 288: 23-78% / 16-68% / 5-12% / 3-11%; K <= 576: 51-53% /
+// 20-21% / 12% / 5-7%; K <= 1152: 22-26% / 18% / 12% / 5-6%; more: 16% / 16-20% / 11-12% / 5-8%.
+// Forward + backward (the weight gradient at the kept weights, grad_x by the forward kernel on the
+// transposed weight): 22-42% / 16-46% / 10-13% / 4-15% over all rows. Strided convolutions lay
+// out s0 * s1 input positions per output position and grad_x stays dense there; forward
+// crossings at stride 2: 16-24% at 32x32 for K > 288 (K <= 288: none at batch 32), for K > 576
+// 9-20% at 16x16 and 7-10% at 8x8, none at the other sizes; the strided backward gains less
+// and its crossings scatter (run to run) more. The limits sit at about 0.85x of the lowest
+// crossing of each cell, lower where the measurements scatter. Below 1024 output positions per
+// channel (batch x H_out x W_out) the mask scan is not amortised: the limits drop to a quarter,
+// below 256 to zero. PYPRUNE_SPARSE_CONV=sparse or =dense forces a path (tests run both).
+bool sparse_pays(const masked_conv::Geometry& g, double density, bool backward) {
   if (const char* force = std::getenv("PYPRUNE_SPARSE_CONV")) {
     if (std::strcmp(force, "sparse") == 0) return true;
     if (std::strcmp(force, "dense") == 0) return false;
   }
-  const int64_t hw = g.h_out * g.w_out, positions = g.n * hw;
-  double limit = hw >= 1024 ? (weight_grad ? 0.2 : 0.35) : hw >= 256 ? 0.15 : hw >= 64 ? 0.06 : 0.03;
+  // [stride > 1][backward][row: reduction length][column: output size]
+  static constexpr double kLimit[2][2][4][4] = {
+      {{{0.2, 0.13, 0.045, 0.028}, {0.35, 0.17, 0.1, 0.042}, {0.18, 0.15, 0.1, 0.042},
+        {0.135, 0.14, 0.09, 0.042}},
+       {{0.2, 0.13, 0.08, 0.028}, {0.2, 0.15, 0.1, 0.034}, {0.2, 0.145, 0.1, 0.038},
+        {0.19, 0.14, 0.09, 0.039}}},
+      {{{0.0, 0.0, 0.0, 0.0}, {0.2, 0.0, 0.0, 0.0}, {0.14, 0.075, 0.06, 0.0},
+        {0.14, 0.12, 0.08, 0.025}},
+       {{0.2, 0.0, 0.0, 0.0}, {0.2, 0.0, 0.0, 0.0}, {0.2, 0.1, 0.0, 0.0},
+        {0.17, 0.17, 0.0, 0.0}}}};
+  const int64_t hw = g.h_out * g.w_out, positions = g.n * hw, k = g.c_in * g.kh * g.kw;
   if (positions < 256) return false;
+  const int row = k <= 288 ? 0 : k <= 576 ? 1 : k <= 1152 ? 2 : 3;
+  const int column = hw >= 1024 ? 0 : hw >= 256 ? 1 : hw >= 64 ? 2 : 3;
+  double limit = kLimit[g.stride[0] * g.stride[1] > 1][backward][row][column];
   if (positions < 1024) limit /= 4;
-  // A strided convolution lays out (and reads) s0 * s1 input positions per output position.
-  if (g.stride[0] * g.stride[1] > 1) limit /= 2;
   return density <= limit;
 }
 
