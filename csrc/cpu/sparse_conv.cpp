@@ -438,28 +438,31 @@ namespace {
 
 // Density limits (the fraction of the weight kept) under which the direct sparse kernels beat
 // oneDNN on the masked weight. Measured on this project's CPU (2-core Xeon with AVX-512, float32,
-// 3x3 convolutions, random masks, batch 32 and 64, C_in = C_out from 32 to 512, the sparse time
-// fitted linearly between 5% and 20% kept): the crossing rises with the output size, where the
+// 3x3 convolutions, random masks, batch 32 and 64, C_in = C_out from 32 to 512 and, strided,
+// C_out = 2 C_in; the sparse time fitted linearly between 5% and 20% kept): the crossing rises with the output size, where the
 // kernel's zero-padded runs waste less, and falls with the reduction length C_in * kH * kW, where
 // oneDNN is more efficient. Forward, stride 1, crossings per row below (output size >= 32x32 /
 // >= 16x16 / >= 8x8 / smaller): K <= 288: 23-78% / 16-68% / 5-12% / 3-11%; K <= 576: 51-53% /
 // 20-21% / 12% / 5-7%; K <= 1152: 22-26% / 18% / 12% / 5-6%; more: 16% / 16-20% / 11-12% / 5-8%.
 // Forward + backward (the weight gradient at the kept weights, grad_x by the forward kernel on the
 // transposed weight): 22-42% / 16-46% / 10-13% / 4-15% over all rows. Strided convolutions lay
-// out s0 * s1 input positions per output position and grad_x stays dense there; forward
-// crossings at stride 2: 16-24% at 32x32 for K > 288 (K <= 288: none at batch 32), for K > 576
-// 9-20% at 16x16 and 7-10% at 8x8, none at the other sizes; the strided backward gains less
-// and its crossings scatter (run to run) more. The limits sit at about 0.85x of the lowest
-// crossing of each cell, lower where the measurements scatter. Below 1024 output positions per
-// channel (batch x H_out x W_out) the mask scan is not amortised: the limits drop to a quarter,
-// below 256 to zero. PYPRUNE_SPARSE_CONV=sparse or =dense forces a path (tests run both).
+// out s0 * s1 input positions per output position and grad_x stays dense there, so they gain
+// less, and how much depends on the output channels that share each layout: at stride 2 with
+// C_out = 2 C_in (a ResNet's downsampling layer) the forward crossings are 9-57% / 5-12% /
+// 4-11% / 0-7% (rising with K as above), with C_out = C_in 16-24% at 32x32 for K > 288 and, for
+// K > 576, 9-20% at 16x16 and 7-10% at 8x8, none elsewhere; the strided weight gradient gains
+// less again. The limits sit at about 0.85x of the lowest crossing of each cell. Below 1024
+// output positions per channel (batch x H_out x W_out) the mask scan is not amortised: the limits
+// drop to a quarter, below 256 to zero. PYPRUNE_SPARSE_CONV=sparse or =dense forces a path (tests
+// run both).
 bool sparse_pays(const masked_conv::Geometry& g, double density, bool backward) {
   if (const char* force = std::getenv("PYPRUNE_SPARSE_CONV")) {
     if (std::strcmp(force, "sparse") == 0) return true;
     if (std::strcmp(force, "dense") == 0) return false;
   }
-  // [stride > 1][backward][row: reduction length][column: output size]
-  static constexpr double kLimit[2][2][4][4] = {
+  // [stride 1 / strided / strided with C_out >= 2 C_in][backward][row: reduction length]
+  // [column: output size]
+  static constexpr double kLimit[3][2][4][4] = {
       {{{0.2, 0.13, 0.045, 0.028}, {0.35, 0.17, 0.1, 0.042}, {0.18, 0.15, 0.1, 0.042},
         {0.135, 0.14, 0.09, 0.042}},
        {{0.2, 0.13, 0.08, 0.028}, {0.2, 0.15, 0.1, 0.034}, {0.2, 0.145, 0.1, 0.038},
@@ -467,12 +470,17 @@ bool sparse_pays(const masked_conv::Geometry& g, double density, bool backward) 
       {{{0.0, 0.0, 0.0, 0.0}, {0.2, 0.0, 0.0, 0.0}, {0.14, 0.075, 0.06, 0.0},
         {0.14, 0.12, 0.08, 0.025}},
        {{0.2, 0.0, 0.0, 0.0}, {0.2, 0.0, 0.0, 0.0}, {0.2, 0.1, 0.0, 0.0},
-        {0.17, 0.17, 0.0, 0.0}}}};
+        {0.17, 0.17, 0.0, 0.0}}},
+      {{{0.075, 0.045, 0.035, 0.0}, {0.17, 0.1, 0.085, 0.035}, {0.15, 0.11, 0.075, 0.048},
+        {0.115, 0.115, 0.1, 0.057}},
+       {{0.115, 0.08, 0.024, 0.017}, {0.25, 0.084, 0.098, 0.032}, {0.22, 0.146, 0.109, 0.042},
+        {0.18, 0.18, 0.118, 0.063}}}};
   const int64_t hw = g.h_out * g.w_out, positions = g.n * hw, k = g.c_in * g.kh * g.kw;
   if (positions < 256) return false;
   const int row = k <= 288 ? 0 : k <= 576 ? 1 : k <= 1152 ? 2 : 3;
   const int column = hw >= 1024 ? 0 : hw >= 256 ? 1 : hw >= 64 ? 2 : 3;
-  double limit = kLimit[g.stride[0] * g.stride[1] > 1][backward][row][column];
+  const int kind = g.stride[0] * g.stride[1] == 1 ? 0 : g.c_out >= 2 * g.c_in ? 2 : 1;
+  double limit = kLimit[kind][backward][row][column];
   if (positions < 1024) limit /= 4;
   return density <= limit;
 }

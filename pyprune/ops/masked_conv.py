@@ -10,8 +10,9 @@ float mask multiplies x or the output.
 
 A bool weight mask alone (no bool channel masks, groups 1) runs on the CPU as
 torch.ops.pyprune._sparse_conv2d: a direct sparse convolution over the kept weights where few
-enough are kept to pay (csrc/cpu/sparse_conv.cpp documents the measured limits: about 35% kept
-for 32x32 and larger outputs down to 5% for 4x4), else oneDNN on the masked weight; its
+enough are kept to pay (csrc/cpu/sparse_conv.cpp documents the measured limits, by output size
+and reduction length: 13-35% kept for 32x32 and larger outputs down to 3-4% for 4x4), else
+oneDNN on the masked weight; its
 backward computes the weight gradient at the kept weights only and, for stride 1, the input
 gradient with the same kernel on the transposed weight. On the Triton backend it runs as
 torch.ops.pyprune._sparse_conv2d_triton, block-sparse (triton_kernels/masked_conv.py: tiles of
