@@ -1,18 +1,35 @@
 #!/usr/bin/env bash
 # `make gpu`: everything that needs the GPU machine, in one go, with that machine's python3 (no
-# venv, no downloads; ../shared/gpu/README.md). Builds in place, runs the whole test suite on
-# CUDA, compute-sanitizer memcheck over a smoke run of every CUDA and Triton kernel, then the
-# benchmarks; bundles benchmarks/results/<gpu>/ and the log into $OUT/results.tar.gz when OUT is
-# set. Each stage has a time limit so the whole run ends within 9 minutes.
+# venv, no downloads; ../shared/gpu/README.md). Builds in place, runs the whole test suite (the
+# tests that need a CUDA device first: every op on the cuda and triton backends with CUDA
+# tensors), compute-sanitizer memcheck over a smoke run of every CUDA and Triton kernel,
+# then the benchmarks of every op; bundles benchmarks/results/<gpu>/ and the log into
+# $OUT/results.tar.gz when OUT is set. Each stage has a time limit so the whole run ends within
+# 9 minutes.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 status=0
 declare -A result
 
+# The device tool stops a command after 600 s: every stage's limit is clipped so that the whole
+# run, bundling included, ends by DEADLINE seconds (default 540).
+DEADLINE=${GPU_DEADLINE_S:-540}
+RESERVE=30  # for bundling and the summary
+stages=()
+
 stage() {  # stage NAME SECONDS CMD...
   local name=$1 limit=$2
   shift 2
+  local left=$((DEADLINE - RESERVE - SECONDS))
+  [ "$limit" -le "$left" ] || limit=$left
+  stages+=("$name")
+  if [ "$limit" -lt 10 ]; then
+    echo "== $name skipped: out of time"
+    result[$name]="skipped (out of time)"
+    status=1
+    return 1
+  fi
   echo "== $name (limit ${limit}s)"
   local t0=$SECONDS
   timeout --kill-after=10 "$limit" "$@"
@@ -24,9 +41,19 @@ stage() {  # stage NAME SECONDS CMD...
 
 export PYPRUNE_CUDA=1 MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 stage build 240 $PY setup.py build_ext --inplace || { echo "build failed"; exit 1; }
-stage tests 150 .ci/pytest_strict $PY -m pytest tests -q -x -p no:cacheprovider
+# The whole test suite, the tests that need a CUDA device first; failures reported, up to 20.
+stage tests-gpu 100 .ci/pytest_strict $PY -m pytest tests -q -m gpu --maxfail=20 -p no:cacheprovider
+stage tests-rest 60 .ci/pytest_strict $PY -m pytest tests -q -m "not gpu" --maxfail=20 -p no:cacheprovider
 stage sanitizer 60 compute-sanitizer --tool memcheck --error-exitcode 1 $PY -m tests.smoke
-stage benchmarks 200 $PY -m benchmarks --device cuda
+# One process per op, each given an equal share of the time left (the CSV of an op is written
+# after each of its cases, so an op stopped by its limit keeps the cases it finished).
+ops=(kwta sap noise cas masked_conv)
+for i in "${!ops[@]}"; do
+  left=$((DEADLINE - RESERVE - SECONDS))
+  share=$((left / (${#ops[@]} - i)))
+  [ "$share" -ge 10 ] || share=$left  # too little to share: what is left to this op
+  stage "bench-${ops[$i]}" "$share" $PY -m benchmarks --device cuda --op "${ops[$i]}"
+done
 
 gpu=$($PY -c "from benchmarks.harness import device_dir; print(device_dir('cuda'))" 2>/dev/null)
 if [ -n "${OUT:-}" ] && [ -n "$gpu" ] && [ -d "benchmarks/results/$gpu" ]; then
@@ -36,6 +63,6 @@ if [ -n "${OUT:-}" ] && [ -n "$gpu" ] && [ -d "benchmarks/results/$gpu" ]; then
 fi
 
 echo "== summary"
-for name in build tests sanitizer benchmarks; do printf '%-12s %s\n' "$name" "${result[$name]:-not run}"; done
+for name in "${stages[@]}"; do printf '%-18s %s\n' "$name" "${result[$name]:-not run}"; done
 [ -n "$gpu" ] && $PY -m benchmarks.readme_table --device "$gpu" 2>/dev/null
 exit $status

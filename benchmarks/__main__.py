@@ -56,13 +56,14 @@ def main() -> None:
             len(cases) * len(harness.MODES) * len(harness.providers(args.device))
         )
         rows: list[Row] = []
+        csv_path = folder / f"{op}.csv"
         for case in cases:
             case_rows = harness.run_case(info, op, harness.setup_of(op, ops[op]), case, progress)
             progress.write(format_case(op, case, case_rows, copy.gbps))
             rows += case_rows
+            # After every case, so that a run stopped by a time limit keeps what it measured.
+            harness.write_csv(csv_path, rows)
         progress.close()
-        csv_path = folder / f"{op}.csv"
-        harness.write_csv(csv_path, rows)
         png = harness.plot_csv(csv_path)
         print(f"wrote {csv_path} and {png}")
     print(f"done in {time.perf_counter() - started:.0f} s")

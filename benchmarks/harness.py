@@ -540,8 +540,11 @@ def setup_of(op: str, module: ModuleType) -> Setup:
 
 
 def write_csv(path: Path, rows: Sequence[Row]) -> None:
+    """Write rows to path through a temporary file and a rename, so that a run stopped while
+    writing leaves the previous complete file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
+    partial = path.with_name(path.name + ".partial")
+    with partial.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(COLUMNS)
         for row in rows:
@@ -549,6 +552,7 @@ def write_csv(path: Path, rows: Sequence[Row]) -> None:
             writer.writerow(
                 f"{v:.6g}" if name in _FLOATS else v for name, v in zip(COLUMNS, values)
             )
+    os.replace(partial, path)
 
 
 def read_csv(path: Path) -> list[Row]:
