@@ -245,6 +245,16 @@ def test_opcheck(device_backend):
         out = fwd(x, weight, bias, [1, 1], [1, 1], [1, 1], 1, im, om)
         torch.library.opcheck(bwd, (torch.randn_like(out), x, weight, [1, 1], [1, 1], [1, 1], 1,
                                     im, om))
+    if backend == "triton":  # soft input masks, applied by the kernel, with their gradient
+        for shape in ((5,), (3, 5)):
+            im = torch.rand(shape, generator=gen).to(device).requires_grad_()
+            om = _mask("sample", 3, 7, gen, device)
+            args = (x.clone().requires_grad_(), weight.clone().requires_grad_(),
+                    bias.clone().requires_grad_(), [1, 1], [1, 1], [1, 1], 1, im, om)
+            torch.library.opcheck(fwd, args)
+            out = fwd(x, weight, bias, [1, 1], [1, 1], [1, 1], 1, im.detach(), om)
+            torch.library.opcheck(bwd, (torch.randn_like(out), x, weight, [1, 1], [1, 1],
+                                        [1, 1], 1, im.detach(), om))
     if backend in ("cpu", "cuda"):
         w = weight[[0, 2, 3]][:, [1, 4]].contiguous()
         args = (x.clone().requires_grad_(False), w, bias[[0, 2, 3]], [1, 1], [1, 1], [1, 1],
@@ -519,3 +529,39 @@ def test_dilated_1x1_kernel(device_backend):
                                    out_mask=scale.double())
     assert got.shape == (1, 4, 4, 2)
     _close(got, want, torch.float32)
+
+
+def test_triton_applies_soft_input_masks(device_backend, monkeypatch):
+    """On the triton backend a per-sample float in_mask goes into the kernel (no scaled copy of
+    x), and its gradient and x's match the reference."""
+    device, backend = device_backend
+    if backend != "triton":
+        pytest.skip("the Triton kernel's soft input masks")
+    from pyprune.triton_kernels import masked_conv as kernels
+
+    seen = []
+    real = kernels.masked_conv2d_forward
+
+    def spy(x, weight, bias, stride, padding, dilation, in_mask, out_mask, **kw):
+        seen.append(None if in_mask is None else in_mask.dtype)
+        return real(x, weight, bias, stride, padding, dilation, in_mask, out_mask, **kw)
+
+    monkeypatch.setattr(kernels, "masked_conv2d_forward", spy)
+    geom = GEOMETRIES[1]
+    n, cin, cout = geom[:3]
+    x, weight, bias, gen = _inputs(geom, torch.float32, device)
+    scale = torch.rand(n, cin, generator=gen).to(device)
+    scale[0, 1] = 0.0
+    out_mask = _mask("sample", n, cout, gen, device)
+    leaves = [t.clone().requires_grad_() for t in (x, weight, bias, scale)]
+    got = pyprune.masked_conv2d(*leaves[:3], *_conv_args(geom), in_mask=leaves[3],
+                                out_mask=out_mask)
+    assert seen[0] == torch.float32
+    grad = torch.randn(got.shape, generator=gen).to(device)
+    grads = torch.autograd.grad(got, leaves, grad)
+    ref = [t.detach().double().requires_grad_() for t in leaves]
+    want = reference.masked_conv2d(*ref[:3], *_conv_args(geom), in_mask=ref[3],
+                                   out_mask=out_mask)
+    _close(got, want.detach(), torch.float32, scale=4.0)
+    for g, w in zip(grads, torch.autograd.grad(want, ref, grad.double())):
+        _close(g, w, torch.float32, scale=8.0)

@@ -24,6 +24,10 @@ and stores gather channels through the list; ascending order within the kept cha
 them close together in memory. The lists cost two small torch ops per mask in the launcher
 (none for a None mask beyond an arange); the convolution itself is one launch.
 
+A soft (float) in_mask, (C_in,) or (N, C_in) in x's dtype, scales x's channels as the kernel
+loads them (all channels kept), so no scaled copy of x is made; its backward forms x * s for
+the weight gradient only and returns the mask's gradient, sum over (H, W) of grad_u * x.
+
 Weight mask (bool, weight's shape, without channel masks; pyprune::_sparse_conv2d's contract):
 the same kernel runs block-sparse. The launcher lists, per tile of BLOCK_CO = 16 output
 channels, the (tap, 16-input-channel block) pairs whose weight tile keeps an entry (a sort of
@@ -70,14 +74,15 @@ _BLOCK_CIS = (16, 32)
 _WEIGHT_MASK_BLOCK = 16
 
 
-@triton.jit(do_not_specialize=["in_per_sample", "out_per_sample", "has_bias", "has_wmask"])
+@triton.jit(do_not_specialize=["in_per_sample", "out_per_sample", "has_bias", "has_wmask",
+                               "has_in_scale"])
 def _masked_conv2d_forward_kernel(
     x_ptr, w_ptr, b_ptr, in_idx_ptr, in_cnt_ptr, out_idx_ptr, out_cnt_ptr, out_ptr,
-    wm_ptr, blk_idx_ptr, blk_cnt_ptr, finite_ptr,
+    wm_ptr, blk_idx_ptr, blk_cnt_ptr, finite_ptr, in_scale_ptr,
     C_in, H, W, C_out, H_out, W_out, KH, KW,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     p_blocks, co_blocks, in_per_sample, out_per_sample, has_bias, has_wmask, ci_blocks,
-    tap_blocks,
+    tap_blocks, has_in_scale,
     x_sn, x_sc, x_sh, x_sw,
     w_so, w_si, w_sh, w_sw,
     out_sn, out_sc, out_sh, out_sw,
@@ -132,6 +137,8 @@ def _masked_conv2d_forward_kernel(
                 ci = tl.load(in_list + cs, mask=c_ok, other=0).to(tl.int64)
                 xt = tl.load(x_base + (ih * x_sh + iw * x_sw)[:, None] + ci[None, :] * x_sc,
                              mask=pix_ok[:, None] & c_ok[None, :], other=0.0)
+                if has_in_scale != 0:
+                    xt = xt * tl.load(in_scale_ptr + n * C_in + ci, mask=c_ok, other=0.0)[None, :]
                 w_off = kh * w_sh + kw * w_sw + co[None, :] * w_so + ci[:, None] * w_si
                 w_ok = c_ok[:, None] & co_ok[None, :]
                 wt = tl.load(w_ptr + w_off, mask=w_ok, other=0.0)
@@ -160,6 +167,9 @@ def _masked_conv2d_forward_kernel(
                         ci = tl.load(in_list + cs, mask=c_ok, other=0).to(tl.int64)
                         xt = tl.load(x_pix[:, None] + ci[None, :] * x_sc,
                                      mask=pix_ok[:, None] & c_ok[None, :], other=0.0)
+                        if has_in_scale != 0:
+                            xt = xt * tl.load(in_scale_ptr + n * C_in + ci, mask=c_ok,
+                                              other=0.0)[None, :]
                         wt = tl.load(w_tap[None, :] + ci[:, None] * w_si,
                                      mask=c_ok[:, None] & co_ok[None, :], other=0.0)
                         if UPCAST:
@@ -220,6 +230,19 @@ def _mask_rows(mask: torch.Tensor | None, N: int, C: int, name: str) -> torch.Te
         raise ValueError(f"masked_conv2d (triton): {name} must have shape ({C},) or ({N}, {C}), "
                          f"got {tuple(mask.shape)}")
     return mask.reshape(-1, C)
+
+
+def _scale_rows(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A soft (float) in_mask, (C_in,) or (N, C_in) in x's dtype, as a contiguous (N, C_in)
+    tensor of per-sample channel scales."""
+    N, C = x.shape[:2]
+    if mask.dtype != x.dtype:
+        raise TypeError(f"masked_conv2d (triton): a soft in_mask must have x's dtype {x.dtype}, "
+                        f"got {mask.dtype}")
+    if mask.shape not in ((C,), (N, C)):
+        raise ValueError(f"masked_conv2d (triton): in_mask must have shape ({C},) or ({N}, {C}), "
+                         f"got {tuple(mask.shape)}")
+    return mask.expand(N, C).contiguous()
 
 
 def _kept_first(mask: torch.Tensor | None, C: int, device) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -293,9 +316,12 @@ def masked_conv2d_forward(
     if H_out < 1 or W_out < 1:
         raise ValueError(f"masked_conv2d (triton): output size ({H_out}, {W_out}) is too small for "
                          f"input ({H}, {W}), kernel ({KH}, {KW})")
+    in_scale = None
+    if in_mask is not None and in_mask.dtype != torch.bool:  # soft: scales x inside the kernel
+        in_scale, in_mask = _scale_rows(in_mask, x), None
     in_rows = _mask_rows(in_mask, N, C_in, "in_mask")
     out_rows = _mask_rows(out_mask, N, C_out, "out_mask")
-    for m, name in ((in_rows, "in_mask"), (out_rows, "out_mask")):
+    for m, name in ((in_rows, "in_mask"), (out_rows, "out_mask"), (in_scale, "in_mask")):
         if m is not None and m.device != x.device:
             raise ValueError(f"masked_conv2d (triton): {name} must be on {x.device}, got {m.device}")
     out = torch.empty((N, C_out, H_out, W_out), dtype=x.dtype, device=x.device,
@@ -327,11 +353,11 @@ def masked_conv2d_forward(
     co_blocks = triton.cdiv(C_out, block_co)
     _masked_conv2d_forward_kernel[(N * p_blocks * co_blocks,)](
         x, weight, bias if bias is not None else weight, in_idx, in_cnt, out_idx, out_cnt, out,
-        wm, blk_idx, blk_cnt, finite,
+        wm, blk_idx, blk_cnt, finite, in_scale if in_scale is not None else x,
         C_in, H, W, C_out, H_out, W_out, KH, KW,
         *stride, *padding, *dilation,
         p_blocks, co_blocks, in_per_sample, out_per_sample, int(bias is not None),
-        int(weight_mask is not None), ci_blocks, KH * KW * ci_blocks,
+        int(weight_mask is not None), ci_blocks, KH * KW * ci_blocks, int(in_scale is not None),
         *x.stride(), *weight.stride(), *out.stride(),
         BLOCK_P=block_p, BLOCK_CO=block_co, BLOCK_CI=block_ci,
         UPCAST=x.dtype == torch.bfloat16 and x.device.type == "cpu",
@@ -351,13 +377,16 @@ def masked_conv2d_backward(
     grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int],
     in_mask: torch.Tensor | None, out_mask: torch.Tensor | None, groups: int = 1,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(grad_x, grad_weight, grad_bias) of masked_conv2d_forward, as the
-    pyprune::_masked_conv2d_backward schema says; grad_bias is (C_out,) always, grad_x in x's
-    memory format.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_x, grad_weight, grad_bias, grad_in_mask) of masked_conv2d_forward, as the
+    pyprune::_masked_conv2d_backward_triton schema says; grad_bias is (C_out,) always, grad_x
+    in x's memory format, grad_in_mask (in_mask's shape) for a soft (float) in_mask, else empty.
 
     Runs the dense engine (aten.convolution_backward) on the masked grad and input, so it does
-    the full dense work; masked channels get exactly zero gradient. Any groups."""
+    the full dense work; masked channels get exactly zero gradient. Any groups. With stride 1
+    (groups 1), grad_x comes from the forward kernel instead (below). A soft in_mask s scales
+    the input: u = x * s is formed here for the weight gradient (the forward never stores it),
+    grad_x = grad_u * s and grad_s = sum over (H, W) of grad_u * x."""
     _check(x, weight, None, dtypes=(*_TL_DTYPES, torch.float64), groups=groups)
     if grad.shape[:2] != (x.shape[0], weight.shape[0]) or grad.dtype != x.dtype:
         raise ValueError(f"masked_conv2d backward (triton): grad must be ({x.shape[0]}, "
@@ -365,6 +394,10 @@ def masked_conv2d_backward(
                          f"in {grad.dtype}")
     N, C_in = x.shape[:2]
     C_out = weight.shape[0]
+    scale, shared = None, False
+    if in_mask is not None and in_mask.dtype != torch.bool:
+        shared = in_mask.dim() == 1
+        scale, in_mask = _scale_rows(in_mask, x)[:, :, None, None], None
     _mask_rows(in_mask, N, C_in, "in_mask")
     _mask_rows(out_mask, N, C_out, "out_mask")
     stride, padding, dilation = (_pair(stride, "stride"), _pair(padding, "padding"),
@@ -373,8 +406,9 @@ def masked_conv2d_backward(
     transposed = (groups == 1 and stride == (1, 1) and x.dtype in _TL_DTYPES
                   and all(padding[i] <= dilation[i] * (k[i] - 1) for i in range(2)))
     g = _where(grad, out_mask)
+    u = _where(x, in_mask) if scale is None else x * scale
     grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
-        g, _where(x, in_mask), weight, None, list(stride), list(padding), list(dilation), False,
+        g, u, weight, None, list(stride), list(padding), list(dilation), False,
         [0, 0], groups, [not transposed, True, False],
     )
     if transposed:
@@ -386,8 +420,14 @@ def masked_conv2d_backward(
             out_mask, in_mask)
     else:
         grad_x = _where(grad_x, in_mask)
+    if scale is None:
+        grad_scale = x.new_empty((0,))
+    else:
+        grad_scale = (grad_x * x).sum((2, 3))
+        grad_scale = grad_scale.sum(0) if shared else grad_scale  # the mask's shape
+        grad_x = grad_x * scale
     grad_x = grad_x.contiguous(memory_format=_output_format(x))
-    return grad_x, grad_w.contiguous(), g.sum((0, 2, 3)).to(weight.dtype)
+    return grad_x, grad_w.contiguous(), g.sum((0, 2, 3)).to(weight.dtype), grad_scale
 
 
 def sparse_conv2d_backward(

@@ -5,8 +5,10 @@ weight_mask) = F.conv2d(x * in_mask, weight * weight_mask, bias, ...) * out_mask
 
 Boolean channel masks are structural: the kernels (torch.ops.pyprune.masked_conv2d) skip the
 masked work. Float masks multiply and receive gradients; a float mask shared by every sample is
-folded into the weight and bias (weight-sized work, no pass over x or the output), a per-sample
-float mask multiplies x or the output.
+folded into the weight and bias (weight-sized work, no pass over x or the output). A per-sample
+float in_mask is applied by the Triton kernel as it loads x (no scaled copy of x); elsewhere,
+and for a per-sample float out_mask (whose gradient needs the unscaled output anyway), it
+multiplies x or the output.
 
 A bool weight mask alone (no bool channel masks, groups 1) runs on the CPU as
 torch.ops.pyprune._sparse_conv2d: a direct sparse convolution over the kept weights where few
@@ -154,15 +156,28 @@ def _masked_conv2d_triton(
 def _masked_conv2d_backward_triton(
     grad: Tensor, x: Tensor, weight: Tensor, stride: Sequence[int], padding: Sequence[int],
     dilation: Sequence[int], groups: int, in_mask: Optional[Tensor], out_mask: Optional[Tensor],
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(grad_x, grad_weight, grad_bias, grad_in_mask): the last for a soft in_mask, which the
+    Triton kernel applies to x itself, else empty."""
     from ..triton_kernels import masked_conv as kernels
 
     return kernels.masked_conv2d_backward(grad, x, weight, tuple(stride), tuple(padding),
                                           tuple(dilation), in_mask, out_mask, groups)
 
 
+def _soft(mask: Optional[Tensor]) -> bool:
+    return mask is not None and mask.dtype != torch.bool
+
+
+@_masked_conv2d_backward_triton.register_fake
+def _masked_conv2d_backward_triton_fake(grad, x, weight, stride, padding, dilation, groups,
+                                        in_mask, out_mask):
+    return (*_masked_conv2d_backward_fake(grad, x, weight, stride, padding, dilation, groups,
+                                          in_mask, out_mask),
+            torch.empty_like(in_mask) if _soft(in_mask) else x.new_empty((0,)))
+
+
 _masked_conv2d_triton.register_fake(_masked_conv2d_fake)
-_masked_conv2d_backward_triton.register_fake(_masked_conv2d_backward_fake)
 
 _OPS = {
     "cpu": (torch.ops.pyprune.masked_conv2d.default, torch.ops.pyprune._masked_conv2d_backward.default),
@@ -182,9 +197,12 @@ def _register_autograd(fwd, bwd) -> None:
     def backward(ctx, grad):
         x, weight, in_mask, out_mask = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.attrs
-        gx, gw, gb = bwd(grad.contiguous(memory_format=torch._prims_common.suggest_memory_format(x)),
-                         x, weight, stride, padding, dilation, groups, in_mask, out_mask)
-        return gx, gw, gb if ctx.has_bias else None, None, None, None, None, None, None
+        gx, gw, gb, *g_in = bwd(
+            grad.contiguous(memory_format=torch._prims_common.suggest_memory_format(x)),
+            x, weight, stride, padding, dilation, groups, in_mask, out_mask)
+        # A soft in_mask (the Triton launcher's) gets its gradient; bool masks get none.
+        g_in = g_in[0] if g_in and _soft(in_mask) and ctx.needs_input_grad[7] else None
+        return gx, gw, gb if ctx.has_bias else None, None, None, None, None, g_in, None
 
     torch.library.register_autograd(fwd, backward, setup_context=setup_context)
 
@@ -392,6 +410,11 @@ def masked_conv2d(
               and weight_mask is not None and weight_mask.dtype == torch.bool)
     weight, bias = fold_static_masks(weight, bias, groups, soft_in, soft_out,
                                      None if sparse else weight_mask)
+    if (scale_in is not None and backend == "triton" and groups == 1 and in_mask is None
+            and not sparse):
+        # The Triton kernel scales x's channels as it loads them: no scaled copy of x is made
+        # (nor saved for backward, which forms it again for the weight gradient only).
+        in_mask, scale_in = scale_in, None
     if scale_in is not None:
         x = x * scale_in[:, :, None, None]
     if sparse:
