@@ -196,11 +196,18 @@ Problem problem_of(const at::Tensor& x, const at::Tensor& weight, int64_t n, con
 
 // Whether running each sample's kept channels beats one dense batched convolution with the
 // masks applied around it. A single sample's convolution runs the engine less efficiently the
-// smaller its output (measured on this project's CPU benchmarks: at 32x32 outputs about as
-// fast per FLOP as the batch, at 8x8 about 0.6x), and gathering each sample's weight rows costs
-// memory traffic that small outputs do not amortise. So the per-sample path runs when the
-// work it keeps, the mean over samples of (kept inputs x kept outputs) / (C_in x C_out), is at
-// most a limit that grows with the output size.
+// smaller its output and the shorter its reduction (C_in x kH x kW), and gathering each sample's
+// weight rows costs memory traffic that small outputs do not amortise. So the per-sample path
+// runs when the work it keeps, the mean over samples of (kept inputs x kept outputs) /
+// (C_in x C_out), is at most a limit by output size and reduction length. Measured on this
+// project's CPU (3x3, C_in = C_out, batch 32 and 64, per-sample output masks keeping 25/50/75%;
+// dense time / per-sample time): at 32x32 outputs 1.3-3.6x at 75% for C >= 64, while C = 32 at
+// batch 64 loses at 25% already (0.87x, oneDNN's batched kernel is unusually fast there); at
+// 14x14-16x16 the crossing is ~0.3 for C = 64 (batch 64), 0.6-0.7 for C = 128, 0.7-0.75 for
+// C >= 256; at 8x8 below 25% for C = 64, ~25% for C = 128, ~45% for C >= 256; at 4x4 below 25%
+// for every C. The per-sample backward adds a weight-gradient buffer per thread and scattered
+// adds into it: it pays at less kept work (25% of 128x16x16 1.4x faster, 50% 0.85x) and not at
+// all below 128 output positions (8x8 at 25%: 0.6x).
 // PYPRUNE_MASKED_CONV_CPU=per_sample or =dense forces a path (tests run both).
 bool per_sample_pays(const Geometry& g, const std::optional<at::Tensor>& in_mask,
                      const std::optional<at::Tensor>& out_mask, bool backward) {
@@ -208,11 +215,14 @@ bool per_sample_pays(const Geometry& g, const std::optional<at::Tensor>& in_mask
     if (std::strcmp(force, "per_sample") == 0) return true;
     if (std::strcmp(force, "dense") == 0) return false;
   }
-  const int64_t hw = g.h_out * g.w_out;
-  double limit = hw >= 512 ? 0.9 : hw >= 128 ? 0.65 : hw >= 48 ? 0.35 : 0.0;
-  // Per-sample backward adds a weight-gradient buffer per thread and scattered adds into it:
-  // it pays off at less kept work (measured: 25% of 128x16x16 1.4x faster, 50% 0.85x).
-  if (backward) limit *= 0.6;
+  // [row: reduction length <= 288, <= 576, <= 1152, more][column: output >= 512, >= 128, >= 48]
+  static constexpr double kLimit[4][3] = {
+      {0.0, 0.0, 0.0}, {0.9, 0.2, 0.0}, {0.9, 0.55, 0.15}, {0.9, 0.6, 0.38}};
+  const int64_t hw = g.h_out * g.w_out, reduction = g.c_in * g.kh * g.kw;
+  const int row = reduction <= 288 ? 0 : reduction <= 576 ? 1 : reduction <= 1152 ? 2 : 3;
+  double limit = hw >= 512 ? kLimit[row][0] : hw >= 128 ? kLimit[row][1]
+                 : hw >= 48 ? kLimit[row][2] : 0.0;
+  if (backward) limit = hw >= 128 ? 0.6 * limit : 0.0;
   if (limit == 0.0 || g.n == 0) return false;
   auto kept_per_sample = [&](const std::optional<at::Tensor>& mask, int64_t c) {
     if (!mask.has_value()) return at::full({g.n}, 1.0, at::kDouble);
