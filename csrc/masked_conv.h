@@ -147,6 +147,14 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_backward(
   return {x_grad ? where(in_m, gx) : gx, gw, gb};
 }
 
+// The reduction-length class of a convolution, C_in x kH x kW <= 288, <= 576, <= 1152 or more
+// (3x3 with C_in up to 32, 64, 128, more): the rows of the CPU's measured path-choice tables
+// (sparse_pays in cpu/sparse_conv.cpp, per_sample_pays in cpu/masked_conv.cpp).
+inline int reduction_class(const Geometry& g) {
+  const int64_t k = g.c_in * g.kh * g.kw;
+  return k <= 288 ? 0 : k <= 576 ? 1 : k <= 1152 ? 2 : 3;
+}
+
 // Whether grad_x of the convolution is a stride-1 convolution of grad with the transposed,
 // flipped weight: stride 1, groups 1 and padding within the dilated kernel's reach.
 inline bool transposable(const Geometry& g) {

@@ -373,6 +373,34 @@ def _where(t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return torch.where(mask.reshape(shape), t, torch.zeros((), dtype=t.dtype, device=t.device))
 
 
+def _check_grad(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> None:
+    if grad.shape[:2] != (x.shape[0], weight.shape[0]) or grad.dtype != x.dtype:
+        raise ValueError(f"masked_conv2d backward (triton): grad must be ({x.shape[0]}, "
+                         f"{weight.shape[0]}, H_out, W_out) in {x.dtype}, got {tuple(grad.shape)} "
+                         f"in {grad.dtype}")
+
+
+def _transposable(stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int],
+                  k: tuple[int, int]) -> bool:
+    """Whether grad_x is a stride-1 convolution of grad (csrc/masked_conv.h, transposable)."""
+    return stride == (1, 1) and all(padding[i] <= dilation[i] * (k[i] - 1) for i in range(2))
+
+
+def _transposed_grad_x(grad: torch.Tensor, weight: torch.Tensor, padding: tuple[int, int],
+                       dilation: tuple[int, int], in_mask: torch.Tensor | None = None,
+                       out_mask: torch.Tensor | None = None,
+                       weight_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """grad_x = conv(grad, flipped weight^T, padding d * (k - 1) - p) by the forward kernel, the
+    masks swapped: it skips what the forward skipped (masked output channels, empty weight
+    tiles) and writes the masked input channels as zeros."""
+    k = weight.shape[2:]
+    flip = lambda t: t.transpose(0, 1).flip(2, 3)  # noqa: E731
+    return masked_conv2d_forward(
+        grad, flip(weight), None, (1, 1),
+        tuple(dilation[i] * (k[i] - 1) - padding[i] for i in range(2)), dilation, out_mask,
+        in_mask, weight_mask=None if weight_mask is None else flip(weight_mask))
+
+
 def masked_conv2d_backward(
     grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int],
@@ -388,10 +416,7 @@ def masked_conv2d_backward(
     the input: u = x * s is formed here for the weight gradient (the forward never stores it),
     grad_x = grad_u * s and grad_s = sum over (H, W) of grad_u * x."""
     _check(x, weight, None, dtypes=(*_TL_DTYPES, torch.float64), groups=groups)
-    if grad.shape[:2] != (x.shape[0], weight.shape[0]) or grad.dtype != x.dtype:
-        raise ValueError(f"masked_conv2d backward (triton): grad must be ({x.shape[0]}, "
-                         f"{weight.shape[0]}, H_out, W_out) in {x.dtype}, got {tuple(grad.shape)} "
-                         f"in {grad.dtype}")
+    _check_grad(grad, x, weight)
     N, C_in = x.shape[:2]
     C_out = weight.shape[0]
     scale, shared = None, False
@@ -402,9 +427,8 @@ def masked_conv2d_backward(
     _mask_rows(out_mask, N, C_out, "out_mask")
     stride, padding, dilation = (_pair(stride, "stride"), _pair(padding, "padding"),
                                  _pair(dilation, "dilation"))
-    k = weight.shape[2:]
-    transposed = (groups == 1 and stride == (1, 1) and x.dtype in _TL_DTYPES
-                  and all(padding[i] <= dilation[i] * (k[i] - 1) for i in range(2)))
+    transposed = (groups == 1 and x.dtype in _TL_DTYPES
+                  and _transposable(stride, padding, dilation, weight.shape[2:]))
     g = _where(grad, out_mask)
     u = _where(x, in_mask) if scale is None else x * scale
     grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
@@ -412,12 +436,7 @@ def masked_conv2d_backward(
         [0, 0], groups, [not transposed, True, False],
     )
     if transposed:
-        # grad_x = conv(grad, flipped weight^T, padding d * (k - 1) - p): the forward kernel with
-        # the masks swapped skips the masked output channels and zeroes the masked inputs.
-        grad_x = masked_conv2d_forward(
-            grad, weight.transpose(0, 1).flip(2, 3).contiguous(), None, (1, 1),
-            tuple(dilation[i] * (k[i] - 1) - padding[i] for i in range(2)), dilation,
-            out_mask, in_mask)
+        grad_x = _transposed_grad_x(grad, weight, padding, dilation, in_mask, out_mask)
     else:
         grad_x = _where(grad_x, in_mask)
     if scale is None:
@@ -443,14 +462,10 @@ def sparse_conv2d_backward(
     grad with the transposed, flipped weight and mask, so it skips the same empty tiles; else,
     and for the weight gradient, the dense engine (aten.convolution_backward) runs."""
     _check(x, weight, None)
-    if grad.shape[:2] != (x.shape[0], weight.shape[0]) or grad.dtype != x.dtype:
-        raise ValueError(f"masked_conv2d backward (triton): grad must be ({x.shape[0]}, "
-                         f"{weight.shape[0]}, H_out, W_out) in {x.dtype}, got {tuple(grad.shape)} "
-                         f"in {grad.dtype}")
+    _check_grad(grad, x, weight)
     stride, padding, dilation = (_pair(stride, "stride"), _pair(padding, "padding"),
                                  _pair(dilation, "dilation"))
-    k = weight.shape[2:]
-    transposed = stride == (1, 1) and all(padding[i] <= dilation[i] * (k[i] - 1) for i in range(2))
+    transposed = _transposable(stride, padding, dilation, weight.shape[2:])
     dense_x = x_grad and not transposed
     zero = torch.zeros((), dtype=weight.dtype, device=weight.device)
     grad_x = grad_w = None
@@ -460,10 +475,7 @@ def sparse_conv2d_backward(
             grad, x, masked, None, list(stride), list(padding), list(dilation), False, [0, 0], 1,
             [dense_x, weight_grad, False])
     if x_grad and transposed:
-        grad_x = masked_conv2d_forward(
-            grad, weight.transpose(0, 1).flip(2, 3), None, (1, 1),
-            tuple(dilation[i] * (k[i] - 1) - padding[i] for i in range(2)), dilation, None, None,
-            weight_mask=weight_mask.transpose(0, 1).flip(2, 3))
+        grad_x = _transposed_grad_x(grad, weight, padding, dilation, weight_mask=weight_mask)
     grad_x = (grad_x.contiguous(memory_format=_output_format(x)) if x_grad
               else x.new_empty((0,)))
     grad_w = (torch.where(weight_mask, grad_w, zero).contiguous() if weight_grad

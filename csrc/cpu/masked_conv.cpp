@@ -218,8 +218,8 @@ bool per_sample_pays(const Geometry& g, const std::optional<at::Tensor>& in_mask
   // [row: reduction length <= 288, <= 576, <= 1152, more][column: output >= 512, >= 128, >= 48]
   static constexpr double kLimit[4][3] = {
       {0.0, 0.0, 0.0}, {0.9, 0.2, 0.0}, {0.9, 0.55, 0.15}, {0.9, 0.6, 0.38}};
-  const int64_t hw = g.h_out * g.w_out, reduction = g.c_in * g.kh * g.kw;
-  const int row = reduction <= 288 ? 0 : reduction <= 576 ? 1 : reduction <= 1152 ? 2 : 3;
+  const int64_t hw = g.h_out * g.w_out;
+  const int row = masked_conv::reduction_class(g);
   double limit = hw >= 512 ? kLimit[row][0] : hw >= 128 ? kLimit[row][1]
                  : hw >= 48 ? kLimit[row][2] : 0.0;
   if (backward) limit = hw >= 128 ? 0.6 * limit : 0.0;

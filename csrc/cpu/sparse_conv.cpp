@@ -475,9 +475,9 @@ bool sparse_pays(const masked_conv::Geometry& g, double density, bool backward) 
         {0.115, 0.115, 0.1, 0.057}},
        {{0.115, 0.08, 0.024, 0.017}, {0.25, 0.084, 0.098, 0.032}, {0.22, 0.146, 0.109, 0.042},
         {0.18, 0.18, 0.118, 0.063}}}};
-  const int64_t hw = g.h_out * g.w_out, positions = g.n * hw, k = g.c_in * g.kh * g.kw;
+  const int64_t hw = g.h_out * g.w_out, positions = g.n * hw;
   if (positions < 256) return false;
-  const int row = k <= 288 ? 0 : k <= 576 ? 1 : k <= 1152 ? 2 : 3;
+  const int row = masked_conv::reduction_class(g);
   const int column = hw >= 1024 ? 0 : hw >= 256 ? 1 : hw >= 64 ? 2 : 3;
   const int kind = g.stride[0] * g.stride[1] == 1 ? 0 : g.c_out >= 2 * g.c_in ? 2 : 1;
   double limit = kLimit[kind][backward][row][column];

@@ -400,12 +400,12 @@ def masked_conv2d(
     # mask alone goes to the CPU's sparse convolution (which runs the dense engine where the
     # mask keeps too much to pay); otherwise it folds into the weight.
     def soft(m: Optional[Tensor], static: bool) -> Optional[Tensor]:
-        return m if m is not None and m.dtype != torch.bool and (m.dim() == 1) == static else None
+        return m if _soft(m) and (m.dim() == 1) == static else None
 
     scale_in, scale_out = soft(in_mask, False), soft(out_mask, False)
     soft_in, soft_out = soft(in_mask, True), soft(out_mask, True)
-    in_mask = in_mask if in_mask is not None and in_mask.dtype == torch.bool else None
-    out_mask = out_mask if out_mask is not None and out_mask.dtype == torch.bool else None
+    in_mask = None if _soft(in_mask) else in_mask
+    out_mask = None if _soft(out_mask) else out_mask
     sparse = (backend in _SPARSE_OPS and groups == 1 and in_mask is None and out_mask is None
               and weight_mask is not None and weight_mask.dtype == torch.bool)
     weight, bias = fold_static_masks(weight, bias, groups, soft_in, soft_out,
