@@ -25,8 +25,14 @@ GEOMETRIES = [
     (2, 3, 4, 2, 9, 3, 3, 1, 1),
     (2, 16, 8, 17, 19, 3, 1, 1, 1),
     (1, 2, 2, 3, 3, 3, 1, 2, 2),
+    # More than one vector of samples (eight float32, four float64) for the interleaved layout,
+    # with a partial last group; stride 2.
+    (19, 5, 6, 6, 7, 3, 1, 1, 1),
+    (10, 4, 8, 9, 9, 3, 2, 1, 1),
 ]
-PATHS = ["sparse", "dense", "auto"]
+# The sparse kernel on each of its layouts (per-sample runs, batch-interleaved), the dense
+# engine, or the density rule's choice.
+PATHS = ["sparse-run", "sparse-interleaved", "dense", "auto"]
 
 
 def _pair(v):
@@ -63,9 +69,12 @@ def _close(got, want, dtype):
 
 @pytest.fixture(params=PATHS)
 def path(request, monkeypatch):
-    """The sparse kernel or the dense engine forced, or the density rule's choice."""
+    """The sparse kernel (on one layout) or the dense engine forced, or the rules' choice."""
     if request.param != "auto":
-        monkeypatch.setenv("PYPRUNE_SPARSE_CONV", request.param)
+        kind, _, layout = request.param.partition("-")
+        monkeypatch.setenv("PYPRUNE_SPARSE_CONV", kind)
+        if layout:
+            monkeypatch.setenv("PYPRUNE_SPARSE_LAYOUT", layout)
     return request.param
 
 
@@ -106,20 +115,24 @@ def test_large_layer_matches(path):
     torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
 
 
-def test_nonfinite_input(path):
+@pytest.mark.parametrize("geom", [GEOMETRIES[0], GEOMETRIES[9]], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_nonfinite_input(path, geom, dtype):
     """inf and NaN in x: 0 * inf at a masked weight gives NaN, as in the reference; masked
-    weights holding inf or NaN take no part."""
-    geom = GEOMETRIES[0]
-    x, weight, mask, bias, _ = _inputs(geom, torch.float64, 0.3)
+    weights holding inf or NaN take no part; the finite samples next to them (in the same
+    vector of the interleaved layout) are untouched."""
+    x, weight, mask, bias, _ = _inputs(geom, dtype, 0.3)
     x[1, 2, 4, 3] = float("inf")
     x[2, 0, 0, 0] = float("nan")
+    x[-1, 1, 2, 2] = float("-inf")
     weight[~mask] = float("inf")
     with pyprune.use_backend("cpu"):
         got = pyprune.masked_conv2d(x, weight, bias, *_args(geom), weight_mask=mask)
     want = _expected(x, weight, mask, bias, geom)
     assert torch.equal(got.isnan(), want.isnan())
-    assert not got[0].isnan().any()  # the finite sample is untouched
-    _close(got, want, torch.float64)
+    finite = [n for n in range(x.shape[0]) if n not in (1, 2, x.shape[0] - 1)]
+    assert not got[finite].isnan().any()
+    _close(got, want, dtype)
 
 
 @pytest.mark.parametrize("geom", GEOMETRIES, ids=str)
@@ -212,12 +225,15 @@ def test_module_and_compile(path):
     assert torch.all(conv.weight.grad[~conv.weight_mask] == 0)
 
 
+@pytest.mark.parametrize("layout", ["run", "interleaved"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-@pytest.mark.parametrize("geom", [GEOMETRIES[7], GEOMETRIES[1], GEOMETRIES[5]], ids=str)
-def test_instruction_sets_agree(monkeypatch, dtype, geom):
+@pytest.mark.parametrize("geom", [GEOMETRIES[7], GEOMETRIES[1], GEOMETRIES[5], GEOMETRIES[9]],
+                         ids=str)
+def test_instruction_sets_agree(monkeypatch, dtype, geom, layout):
     """The AVX2 build (fused multiply-adds) and the baseline agree with each other and with the
     reference to rounding, forward and backward."""
     monkeypatch.setenv("PYPRUNE_SPARSE_CONV", "sparse")
+    monkeypatch.setenv("PYPRUNE_SPARSE_LAYOUT", layout)
     stride, padding, dilation = (list(_pair(v)) for v in geom[6:9])
     x, weight, mask, bias, _ = _inputs(geom, dtype, 0.3)
     y = torch.ops.pyprune._sparse_conv2d(x, weight, mask, bias, stride, padding, dilation)
@@ -234,6 +250,33 @@ def test_instruction_sets_agree(monkeypatch, dtype, geom):
         _close(outs[0], want, dtype)
         for a, b in zip(outs, got["baseline"]):
             _close(a, b.double(), dtype)
+
+
+@pytest.mark.parametrize("geom", [GEOMETRIES[1], GEOMETRIES[9], GEOMETRIES[10]], ids=str)
+def test_layouts_agree_exactly(monkeypatch, geom):
+    """Both layouts sum each output's kept weights in the same order: the same bits."""
+    monkeypatch.setenv("PYPRUNE_SPARSE_CONV", "sparse")
+    x, weight, mask, bias, _ = _inputs(geom, torch.float32, 0.3)
+    got = []
+    for layout in ("run", "interleaved"):
+        monkeypatch.setenv("PYPRUNE_SPARSE_LAYOUT", layout)
+        got.append(torch.ops.pyprune._sparse_conv2d(x, weight, mask, bias,
+                                                    *(list(a) for a in _args(geom))))
+    assert torch.equal(got[0], got[1])
+
+
+def test_interleaved_rule(monkeypatch):
+    """The layout rule's own choice (no layout forced) on both sides of it: a full vector of
+    samples at 8x8 (interleaved), too few samples, a 20x20 output (runs)."""
+    monkeypatch.setenv("PYPRUNE_SPARSE_CONV", "sparse")
+    gen = torch.Generator().manual_seed(3)
+    for n, h in ((16, 8), (3, 8), (16, 20)):
+        x = torch.randn(n, 8, h, h, generator=gen)
+        weight = torch.randn(8, 8, 3, 3, generator=gen)
+        mask = torch.rand(weight.shape, generator=gen) < 0.2
+        got = torch.ops.pyprune._sparse_conv2d(x, weight, mask, None, [1, 1], [1, 1], [1, 1])
+        want = reference.masked_conv2d(x.double(), weight.double(), padding=1, weight_mask=mask)
+        _close(got, want, torch.float32)
 
 
 def test_empty_batch(path):
