@@ -171,11 +171,13 @@ def test_gradient_of_one_input(path):
         _close(g, w, torch.float64)
 
 
-def test_nonfinite_gradients(path):
-    """inf in x: the weight gradient at kept weights is what the reference gives."""
-    geom = GEOMETRIES[0]
+@pytest.mark.parametrize("geom", [GEOMETRIES[0], GEOMETRIES[9]], ids=str)
+def test_nonfinite_gradients(path, geom):
+    """inf in x: the weight gradient at kept weights is what the reference gives (also with
+    the last, partial vector of samples after one holding inf)."""
     x, weight, mask, bias, gen = _inputs(geom, torch.float64, 0.3)
     x[1, 2, 4, 3] = float("inf")
+    x[-4, 0, 3, 3] = float("-inf")
     leaves = [t.clone().requires_grad_() for t in (x, weight)]
     with pyprune.use_backend("cpu"):
         got = pyprune.masked_conv2d(*leaves, bias, *_args(geom), weight_mask=mask)
