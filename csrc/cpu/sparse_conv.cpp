@@ -511,6 +511,54 @@ inline T lane_sum(V v) {
   return s;
 }
 
+// acc[e] += the dot product of an output channel's gradient r with kept weight e's input, for
+// the kept weights e of row o: vector i of the product pairs r[i * lanes] with the layout at
+// off[e] * scale + at(i), for i in [0, count). Four kept weights share each load of r.
+template <typename T, typename At>
+void kept_dots(const Csr<T>& csr, int64_t o, const T* r, const T* layout, int64_t scale,
+               int64_t count, At at, T* acc) {
+  using V = typename Vec<T>::type;
+  constexpr int64_t lanes = Vec<T>::lanes;
+  const int64_t* off = csr.offset.data();
+  const int64_t end = csr.row[o + 1];
+  int64_t e = csr.row[o];
+  for (; e + 4 <= end; e += 4) {
+    const T* p0 = layout + off[e] * scale;
+    const T* p1 = layout + off[e + 1] * scale;
+    const T* p2 = layout + off[e + 2] * scale;
+    const T* p3 = layout + off[e + 3] * scale;
+    V a0{}, a1{}, a2{}, a3{};
+    for (int64_t i = 0; i < count; ++i) {
+      const int64_t f = at(i);
+      V gv, v0, v1, v2, v3;
+      std::memcpy(&gv, r + i * lanes, sizeof(V));
+      std::memcpy(&v0, p0 + f, sizeof(V));
+      std::memcpy(&v1, p1 + f, sizeof(V));
+      std::memcpy(&v2, p2 + f, sizeof(V));
+      std::memcpy(&v3, p3 + f, sizeof(V));
+      a0 = multiply_add<T>(a0, gv, v0);
+      a1 = multiply_add<T>(a1, gv, v1);
+      a2 = multiply_add<T>(a2, gv, v2);
+      a3 = multiply_add<T>(a3, gv, v3);
+    }
+    acc[e] += lane_sum<T>(a0);
+    acc[e + 1] += lane_sum<T>(a1);
+    acc[e + 2] += lane_sum<T>(a2);
+    acc[e + 3] += lane_sum<T>(a3);
+  }
+  for (; e < end; ++e) {
+    const T* pe = layout + off[e] * scale;
+    V a{};
+    for (int64_t i = 0; i < count; ++i) {
+      V gv, v;
+      std::memcpy(&gv, r + i * lanes, sizeof(V));
+      std::memcpy(&v, pe + at(i), sizeof(V));
+      a = multiply_add<T>(a, gv, v);
+    }
+    acc[e] += lane_sum<T>(a);
+  }
+}
+
 // The weight gradient at the kept weights, gw[e] = sum over samples and output positions of
 // grad[n, o, h, w] * (the input under kept weight e at (h, w)), as dot products in the layout:
 // each output channel's gradient is laid out as a run of pitch `pitch` with zeros in the dropped
@@ -520,7 +568,6 @@ inline T lane_sum(V v) {
 template <typename T>
 void weight_grad_impl(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight,
                       const at::Tensor& mask, const Geometry& g, int64_t kept, at::Tensor& gw) {
-  using V = typename Vec<T>::type;
   constexpr int64_t lanes = Vec<T>::lanes;
   const Layout l = layout_of(g);
   const Csr<T> csr = csr_of<T>(weight, mask, g, l, kept);
@@ -556,45 +603,9 @@ void weight_grad_impl(const at::Tensor& grad, const at::Tensor& x, const at::Ten
         for (int64_t h = 0; h < g.h_out; ++h)
           for (int64_t w = 0; w < g.w_out; ++w) r[h * l.pitch + w] = gp[n * gn + o * gc + h * gh + w * gwd];
       }
-      for (int64_t o = 0; o < g.c_out; ++o) {
-        const T* r = runs.data() + o * run;
-        const int64_t end = csr.row[o + 1];
-        int64_t e = csr.row[o];
-        for (; e + 4 <= end; e += 4) {
-          const T* p0 = layout.data() + off[e];
-          const T* p1 = layout.data() + off[e + 1];
-          const T* p2 = layout.data() + off[e + 2];
-          const T* p3 = layout.data() + off[e + 3];
-          V a0{}, a1{}, a2{}, a3{};
-          for (int64_t f = 0; f < run; f += lanes) {
-            V gv, v0, v1, v2, v3;
-            std::memcpy(&gv, r + f, sizeof(V));
-            std::memcpy(&v0, p0 + f, sizeof(V));
-            std::memcpy(&v1, p1 + f, sizeof(V));
-            std::memcpy(&v2, p2 + f, sizeof(V));
-            std::memcpy(&v3, p3 + f, sizeof(V));
-            a0 = multiply_add<T>(a0, gv, v0);
-            a1 = multiply_add<T>(a1, gv, v1);
-            a2 = multiply_add<T>(a2, gv, v2);
-            a3 = multiply_add<T>(a3, gv, v3);
-          }
-          acc[e] += lane_sum<T>(a0);
-          acc[e + 1] += lane_sum<T>(a1);
-          acc[e + 2] += lane_sum<T>(a2);
-          acc[e + 3] += lane_sum<T>(a3);
-        }
-        for (; e < end; ++e) {
-          const T* p = layout.data() + off[e];
-          V a{};
-          for (int64_t f = 0; f < run; f += lanes) {
-            V gv, v;
-            std::memcpy(&gv, r + f, sizeof(V));
-            std::memcpy(&v, p + f, sizeof(V));
-            a = multiply_add<T>(a, gv, v);
-          }
-          acc[e] += lane_sum<T>(a);
-        }
-      }
+      for (int64_t o = 0; o < g.c_out; ++o)
+        kept_dots<T>(csr, o, runs.data() + o * run, layout.data(), 1, run / lanes,
+                     [&](int64_t i) { return i * lanes; }, acc.data());
     }
   });
   T* out = gw.mutable_data_ptr<T>();
@@ -612,7 +623,6 @@ template <typename T>
 void interleaved_weight_grad_impl(const at::Tensor& grad, const at::Tensor& x,
                                   const at::Tensor& weight, const at::Tensor& mask,
                                   const Geometry& g, int64_t kept, at::Tensor& gw) {
-  using V = typename Vec<T>::type;
   constexpr int64_t lanes = Vec<T>::lanes;
   const Layout l = layout_of(g);
   const Csr<T> csr = csr_of<T>(weight, mask, g, l, kept);
@@ -629,7 +639,6 @@ void interleaved_weight_grad_impl(const at::Tensor& grad, const at::Tensor& x,
     std::vector<T>& acc = partial[at::get_thread_num()];
     if (acc.empty()) acc.assign(kept, T(0));
     std::vector<T> layout(scratch, T(0)), runs(g.c_out * positions * lanes, T(0));
-    const int64_t* off = csr.offset.data();
     for (int64_t j = j0; j < j1; ++j) {
       const int64_t n0 = j * lanes, count = std::min(lanes, g.n - n0);
       fill_interleaved<T>(x, n0, count, 0, g.c_in, g, l, layout.data(), count < lanes);
@@ -638,47 +647,12 @@ void interleaved_weight_grad_impl(const at::Tensor& grad, const at::Tensor& x,
         for (int64_t p = 0; p < positions; ++p) {
           const T* src = gp + n0 * gn + o * gc + (p / g.w_out) * gh + (p % g.w_out) * gwd;
           for (int64_t s = 0; s < count; ++s) r[p * lanes + s] = src[s * gn];
+          for (int64_t s = count; s < lanes; ++s) r[p * lanes + s] = T(0);
         }
       }
-      for (int64_t o = 0; o < g.c_out; ++o) {
-        const T* r = runs.data() + o * positions * lanes;
-        const int64_t end = csr.row[o + 1];
-        int64_t e = csr.row[o];
-        for (; e + 4 <= end; e += 4) {
-          const T* p0 = layout.data() + off[e] * lanes;
-          const T* p1 = layout.data() + off[e + 1] * lanes;
-          const T* p2 = layout.data() + off[e + 2] * lanes;
-          const T* p3 = layout.data() + off[e + 3] * lanes;
-          V a0{}, a1{}, a2{}, a3{};
-          for (int64_t p = 0; p < positions; ++p) {
-            V gv, v0, v1, v2, v3;
-            std::memcpy(&gv, r + p * lanes, sizeof(V));
-            std::memcpy(&v0, p0 + base[p], sizeof(V));
-            std::memcpy(&v1, p1 + base[p], sizeof(V));
-            std::memcpy(&v2, p2 + base[p], sizeof(V));
-            std::memcpy(&v3, p3 + base[p], sizeof(V));
-            a0 = multiply_add<T>(a0, gv, v0);
-            a1 = multiply_add<T>(a1, gv, v1);
-            a2 = multiply_add<T>(a2, gv, v2);
-            a3 = multiply_add<T>(a3, gv, v3);
-          }
-          acc[e] += lane_sum<T>(a0);
-          acc[e + 1] += lane_sum<T>(a1);
-          acc[e + 2] += lane_sum<T>(a2);
-          acc[e + 3] += lane_sum<T>(a3);
-        }
-        for (; e < end; ++e) {
-          const T* pe = layout.data() + off[e] * lanes;
-          V a{};
-          for (int64_t p = 0; p < positions; ++p) {
-            V gv, v;
-            std::memcpy(&gv, r + p * lanes, sizeof(V));
-            std::memcpy(&v, pe + base[p], sizeof(V));
-            a = multiply_add<T>(a, gv, v);
-          }
-          acc[e] += lane_sum<T>(a);
-        }
-      }
+      for (int64_t o = 0; o < g.c_out; ++o)
+        kept_dots<T>(csr, o, runs.data() + o * positions * lanes, layout.data(), lanes, positions,
+                     [&](int64_t i) { return base[i]; }, acc.data());
     }
   });
   T* out = gw.mutable_data_ptr<T>();
