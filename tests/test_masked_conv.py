@@ -565,3 +565,96 @@ def test_triton_applies_soft_input_masks(device_backend, monkeypatch):
     _close(got, want.detach(), torch.float32, scale=4.0)
     for g, w in zip(grads, torch.autograd.grad(want, ref, grad.double())):
         _close(g, w, torch.float32, scale=8.0)
+
+
+@pytest.mark.parametrize("in_kind", ["none", "bool", "soft"])
+def test_triton_applies_soft_output_masks(device_backend, monkeypatch, in_kind):
+    """On the triton backend a per-sample float out_mask scales the output in the kernel's
+    epilogue, which stores the unscaled output too only when the mask's gradient is wanted;
+    values (float32, float16, bfloat16) and the gradients of x, weight, bias and both masks
+    match the reference."""
+    device, backend = device_backend
+    if backend != "triton":
+        pytest.skip("the Triton kernel's soft output masks")
+    from pyprune.triton_kernels import masked_conv as kernels
+
+    seen = []
+    real = kernels.masked_conv2d_forward
+
+    def spy(x, weight, bias, stride, padding, dilation, in_mask, out_mask, **kw):
+        seen.append((None if out_mask is None else out_mask.dtype, kw.get("raw") is not None))
+        return real(x, weight, bias, stride, padding, dilation, in_mask, out_mask, **kw)
+
+    monkeypatch.setattr(kernels, "masked_conv2d_forward", spy)
+    for geom in (GEOMETRIES[0], GEOMETRIES[1]):
+        n, cin, cout = geom[:3]
+        x, weight, bias, gen = _inputs(geom, torch.float32, device)
+        scale = torch.rand(n, cout, generator=gen).to(device)
+        scale[0, 1] = 0.0  # a zero scale still gets its gradient
+        in_mask = {"none": None, "bool": _mask("sample", n, cin, gen, device),
+                   "soft": torch.rand(n, cin, generator=gen).to(device)}[in_kind]
+        leaves = [t.clone().requires_grad_() for t in (x, weight, bias, scale)]
+        if in_kind == "soft":
+            leaves.append(in_mask.clone().requires_grad_())
+        seen.clear()
+        got = pyprune.masked_conv2d(*leaves[:3], *_conv_args(geom), out_mask=leaves[3],
+                                    in_mask=leaves[4] if in_kind == "soft" else in_mask)
+        assert seen == [(torch.float32, True)]
+        grad = torch.randn(got.shape, generator=gen).to(device)
+        grads = torch.autograd.grad(got, leaves, grad)
+        ref = [t.detach().double().requires_grad_() for t in leaves]
+        want = reference.masked_conv2d(*ref[:3], *_conv_args(geom), out_mask=ref[3],
+                                       in_mask=ref[4] if in_kind == "soft" else in_mask)
+        _close(got, want.detach(), torch.float32, scale=4.0)
+        for g, w in zip(grads, torch.autograd.grad(want, ref, grad.double())):
+            _close(g, w, torch.float32, scale=8.0)
+        for dtype in (torch.float16, torch.bfloat16):
+            seen.clear()
+            m = None if in_mask is None else in_mask.to(in_mask.dtype if in_kind == "bool" else dtype)
+            with torch.no_grad():
+                got = pyprune.masked_conv2d(x.to(dtype), weight.to(dtype), bias.to(dtype),
+                                            *_conv_args(geom), in_mask=m, out_mask=scale.to(dtype))
+            assert seen == [(dtype, False)]  # no unscaled output without autograd
+            want = reference.masked_conv2d(x.to(dtype).double(), weight.to(dtype).double(),
+                                           bias.to(dtype).double(), *_conv_args(geom),
+                                           in_mask=None if m is None else (m if m.dtype == torch.bool else m.double()),
+                                           out_mask=scale.to(dtype).double())
+            _close(got, want, dtype, scale=4.0)
+
+
+def test_triton_soft_output_mask_op(device_backend):
+    """opcheck of the Triton soft output-mask op with and without the unscaled output, for
+    (N, C_out) and (C_out,) masks; compile(fullgraph=True) of a model that learns the mask."""
+    device, backend = device_backend
+    if backend != "triton":
+        pytest.skip("the Triton kernel's soft output masks")
+    op = torch.ops.pyprune._masked_conv2d_scaled_triton.default
+    geom = GEOMETRIES[0]
+    n, cin, cout = geom[:3]
+    x, weight, bias, gen = _inputs(geom, torch.float32, device)
+    for shape in ((n, cout), (cout,)):
+        for raw in (True, False):
+            om = torch.rand(shape, generator=gen).to(device).requires_grad_(raw)
+            args = (x.clone().requires_grad_(), weight.clone().requires_grad_(),
+                    bias.clone().requires_grad_(), [1, 1], [1, 1], [1, 1],
+                    _mask("sample", n, cin, gen, device), om, raw)
+            torch.library.opcheck(op, args)
+
+    class Gated(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(cin, cout, 3, padding=1)
+
+        def forward(self, inp, gate):
+            return pyprune.masked_conv2d(inp, self.conv.weight, self.conv.bias, padding=1,
+                                         out_mask=torch.sigmoid(gate))
+
+    model = Gated().to(device)
+    gate = torch.randn(n, cout, generator=gen).to(device).requires_grad_()
+    eager = model(x, gate)
+    (g_eager,) = torch.autograd.grad(eager.sum(), gate)
+    compiled = torch.compile(model, fullgraph=True)
+    got = compiled(x, gate)
+    (g_got,) = torch.autograd.grad(got.sum(), gate)
+    torch.testing.assert_close(got, eager, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(g_got, g_eager, atol=1e-4, rtol=1e-4)

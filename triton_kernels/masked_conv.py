@@ -26,7 +26,11 @@ them close together in memory. The lists cost two small torch ops per mask in th
 
 A soft (float) in_mask, (C_in,) or (N, C_in) in x's dtype, scales x's channels as the kernel
 loads them (all channels kept), so no scaled copy of x is made; its backward forms x * s for
-the weight gradient only and returns the mask's gradient, sum over (H, W) of grad_u * x.
+the weight gradient only and returns the mask's gradient, sum over (H, W) of grad_u * x. A soft
+out_mask, (C_out,) or (N, C_out), scales the output in the epilogue (all channels kept); where
+its gradient is needed the same launch also stores the unscaled output (raw), from which the
+gradient, sum over (H, W) of grad * raw, is taken, while grad * out_mask feeds the backward
+above (pyprune::_masked_conv2d_scaled_triton, pyprune/ops/masked_conv.py).
 
 Weight mask (bool, weight's shape, without channel masks; pyprune::_sparse_conv2d's contract):
 the same kernel runs block-sparse. The launcher lists, per tile of BLOCK_CO = 16 output
@@ -74,15 +78,22 @@ _BLOCK_CIS = (16, 32)
 _WEIGHT_MASK_BLOCK = 16
 
 
+@triton.jit
+def _scaled(xt, scale):
+    """An x tile times its channels' scales, computed in float32 and rounded to x's dtype as
+    x * in_mask is (Triton's interpreter cannot multiply bfloat16 values directly)."""
+    return (xt.to(tl.float32) * scale.to(tl.float32)[None, :]).to(xt.dtype)
+
+
 @triton.jit(do_not_specialize=["in_per_sample", "out_per_sample", "has_bias", "has_wmask",
-                               "has_in_scale"])
+                               "has_in_scale", "has_out_scale", "has_raw"])
 def _masked_conv2d_forward_kernel(
     x_ptr, w_ptr, b_ptr, in_idx_ptr, in_cnt_ptr, out_idx_ptr, out_cnt_ptr, out_ptr,
-    wm_ptr, blk_idx_ptr, blk_cnt_ptr, finite_ptr, in_scale_ptr,
+    wm_ptr, blk_idx_ptr, blk_cnt_ptr, finite_ptr, in_scale_ptr, out_scale_ptr, raw_ptr,
     C_in, H, W, C_out, H_out, W_out, KH, KW,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     p_blocks, co_blocks, in_per_sample, out_per_sample, has_bias, has_wmask, ci_blocks,
-    tap_blocks, has_in_scale,
+    tap_blocks, has_in_scale, has_out_scale, has_raw,
     x_sn, x_sc, x_sh, x_sw,
     w_so, w_si, w_sh, w_sw,
     out_sn, out_sc, out_sh, out_sw,
@@ -138,7 +149,7 @@ def _masked_conv2d_forward_kernel(
                 xt = tl.load(x_base + (ih * x_sh + iw * x_sw)[:, None] + ci[None, :] * x_sc,
                              mask=pix_ok[:, None] & c_ok[None, :], other=0.0)
                 if has_in_scale != 0:
-                    xt = xt * tl.load(in_scale_ptr + n * C_in + ci, mask=c_ok, other=0.0)[None, :]
+                    xt = _scaled(xt, tl.load(in_scale_ptr + n * C_in + ci, mask=c_ok, other=0.0))
                 w_off = kh * w_sh + kw * w_sw + co[None, :] * w_so + ci[:, None] * w_si
                 w_ok = c_ok[:, None] & co_ok[None, :]
                 wt = tl.load(w_ptr + w_off, mask=w_ok, other=0.0)
@@ -168,8 +179,8 @@ def _masked_conv2d_forward_kernel(
                         xt = tl.load(x_pix[:, None] + ci[None, :] * x_sc,
                                      mask=pix_ok[:, None] & c_ok[None, :], other=0.0)
                         if has_in_scale != 0:
-                            xt = xt * tl.load(in_scale_ptr + n * C_in + ci, mask=c_ok,
-                                              other=0.0)[None, :]
+                            xt = _scaled(xt, tl.load(in_scale_ptr + n * C_in + ci, mask=c_ok,
+                                                     other=0.0))
                         wt = tl.load(w_tap[None, :] + ci[:, None] * w_si,
                                      mask=c_ok[:, None] & co_ok[None, :], other=0.0)
                         if UPCAST:
@@ -182,10 +193,15 @@ def _masked_conv2d_forward_kernel(
         bias = tl.load(b_ptr + co, mask=co_ok & (has_bias != 0), other=0.0).to(tl.float32)
         acc = tl.where(co_ok[None, :], acc + bias[None, :], 0.0)
 
-    out_ptrs = (out_ptr + n * out_sn + co[None, :] * out_sc + oh[:, None] * out_sh
-                + ow[:, None] * out_sw)
-    tl.store(out_ptrs, _round(acc, out_ptr.dtype.element_ty),
-             mask=p_ok[:, None] & (slots < C_out)[None, :])
+    offsets = n * out_sn + co[None, :] * out_sc + oh[:, None] * out_sh + ow[:, None] * out_sw
+    in_out = p_ok[:, None] & (slots < C_out)[None, :]
+    result = _round(acc, out_ptr.dtype.element_ty)
+    if has_raw != 0:  # the unscaled output, for the soft output mask's gradient
+        tl.store(raw_ptr + offsets, result, mask=in_out)
+    if has_out_scale != 0:  # soft output mask: the rounded output times the sample's scales
+        scale = tl.load(out_scale_ptr + n * C_out + co, mask=co_ok, other=0.0).to(tl.float32)
+        result = _round(result.to(tl.float32) * scale[None, :], out_ptr.dtype.element_ty)
+    tl.store(out_ptr + offsets, result, mask=in_out)
 
 
 def _blocks(C_in: int, C_out: int, P: int) -> tuple[int, int, int]:
@@ -232,15 +248,16 @@ def _mask_rows(mask: torch.Tensor | None, N: int, C: int, name: str) -> torch.Te
     return mask.reshape(-1, C)
 
 
-def _scale_rows(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """A soft (float) in_mask, (C_in,) or (N, C_in) in x's dtype, as a contiguous (N, C_in)
-    tensor of per-sample channel scales."""
-    N, C = x.shape[:2]
+def _scale_rows(mask: torch.Tensor, x: torch.Tensor, C: int | None = None,
+                name: str = "in_mask") -> torch.Tensor:
+    """A soft (float) channel mask in x's dtype, (C,) or (N, C) (C = x's channels unless
+    given), as a contiguous (N, C) tensor of per-sample channel scales."""
+    N, C = x.shape[0], x.shape[1] if C is None else C
     if mask.dtype != x.dtype:
-        raise TypeError(f"masked_conv2d (triton): a soft in_mask must have x's dtype {x.dtype}, "
+        raise TypeError(f"masked_conv2d (triton): a soft {name} must have x's dtype {x.dtype}, "
                         f"got {mask.dtype}")
     if mask.shape not in ((C,), (N, C)):
-        raise ValueError(f"masked_conv2d (triton): in_mask must have shape ({C},) or ({N}, {C}), "
+        raise ValueError(f"masked_conv2d (triton): {name} must have shape ({C},) or ({N}, {C}), "
                          f"got {tuple(mask.shape)}")
     return mask.expand(N, C).contiguous()
 
@@ -292,11 +309,17 @@ def masked_conv2d_forward(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int],
     in_mask: torch.Tensor | None, out_mask: torch.Tensor | None,
-    weight_mask: torch.Tensor | None = None,
+    weight_mask: torch.Tensor | None = None, raw: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """conv2d(x * in_mask, weight * weight_mask, bias, stride, padding, dilation) * out_mask
     (groups=1) with boolean masks, as the pyprune::masked_conv2d schema (channel masks) and
     pyprune::_sparse_conv2d (weight mask, without channel masks) say; x's memory format.
+
+    Soft (float, x's dtype) channel masks of shape (C,) or (N, C) scale inside the kernel: an
+    in_mask the input channels as they are loaded, an out_mask the output (the rounded
+    convolution times the scale, as conv2d(...) * out_mask rounds). raw, an empty tensor of
+    the output's shape and strides, receives the unscaled output as well (for a soft out_mask's
+    gradient).
 
     A weight mask runs block-sparse: tiles of 16 output by 16 input channels at one tap that
     keep no weight are skipped (see _block_table), the kept tiles load the mask with the weight
@@ -316,16 +339,23 @@ def masked_conv2d_forward(
     if H_out < 1 or W_out < 1:
         raise ValueError(f"masked_conv2d (triton): output size ({H_out}, {W_out}) is too small for "
                          f"input ({H}, {W}), kernel ({KH}, {KW})")
-    in_scale = None
+    in_scale = out_scale = None
     if in_mask is not None and in_mask.dtype != torch.bool:  # soft: scales x inside the kernel
         in_scale, in_mask = _scale_rows(in_mask, x), None
+    if out_mask is not None and out_mask.dtype != torch.bool:  # soft: scales the output
+        out_scale, out_mask = _scale_rows(out_mask, x, C_out, "out_mask"), None
     in_rows = _mask_rows(in_mask, N, C_in, "in_mask")
     out_rows = _mask_rows(out_mask, N, C_out, "out_mask")
-    for m, name in ((in_rows, "in_mask"), (out_rows, "out_mask"), (in_scale, "in_mask")):
+    for m, name in ((in_rows, "in_mask"), (out_rows, "out_mask"), (in_scale, "in_mask"),
+                    (out_scale, "out_mask")):
         if m is not None and m.device != x.device:
             raise ValueError(f"masked_conv2d (triton): {name} must be on {x.device}, got {m.device}")
     out = torch.empty((N, C_out, H_out, W_out), dtype=x.dtype, device=x.device,
                       memory_format=_output_format(x))
+    if raw is not None and (raw.shape != out.shape or raw.stride() != out.stride()
+                            or raw.dtype != out.dtype or raw.device != out.device):
+        raise ValueError(f"masked_conv2d (triton): raw must have the output's shape "
+                         f"{tuple(out.shape)}, strides, dtype and device")
     if out.numel() == 0:
         return out
     in_idx, in_cnt, in_per_sample = _kept_first(in_rows, C_in, x.device)
@@ -354,10 +384,12 @@ def masked_conv2d_forward(
     _masked_conv2d_forward_kernel[(N * p_blocks * co_blocks,)](
         x, weight, bias if bias is not None else weight, in_idx, in_cnt, out_idx, out_cnt, out,
         wm, blk_idx, blk_cnt, finite, in_scale if in_scale is not None else x,
+        out_scale if out_scale is not None else x, raw if raw is not None else out,
         C_in, H, W, C_out, H_out, W_out, KH, KW,
         *stride, *padding, *dilation,
         p_blocks, co_blocks, in_per_sample, out_per_sample, int(bias is not None),
         int(weight_mask is not None), ci_blocks, KH * KW * ci_blocks, int(in_scale is not None),
+        int(out_scale is not None), int(raw is not None),
         *x.stride(), *weight.stride(), *out.stride(),
         BLOCK_P=block_p, BLOCK_CO=block_co, BLOCK_CI=block_ci,
         UPCAST=x.dtype == torch.bfloat16 and x.device.type == "cpu",

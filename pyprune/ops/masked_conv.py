@@ -6,9 +6,9 @@ weight_mask) = F.conv2d(x * in_mask, weight * weight_mask, bias, ...) * out_mask
 Boolean channel masks are structural: the kernels (torch.ops.pyprune.masked_conv2d) skip the
 masked work. Float masks multiply and receive gradients; a float mask shared by every sample is
 folded into the weight and bias (weight-sized work, no pass over x or the output). A per-sample
-float in_mask is applied by the Triton kernel as it loads x (no scaled copy of x); elsewhere,
-and for a per-sample float out_mask (whose gradient needs the unscaled output anyway), it
-multiplies x or the output.
+float in_mask is applied by the Triton kernel as it loads x (no scaled copy of x), a per-sample
+float out_mask in its epilogue (storing the unscaled output as well only when the mask's
+gradient is wanted, as eager does); elsewhere they multiply x or the output.
 
 A bool weight mask alone (no bool channel masks, groups 1) runs on the CPU as
 torch.ops.pyprune._sparse_conv2d: a direct sparse convolution over the kept weights where few
@@ -178,6 +178,62 @@ def _masked_conv2d_backward_triton_fake(grad, x, weight, stride, padding, dilati
 
 
 _masked_conv2d_triton.register_fake(_masked_conv2d_fake)
+
+
+# A soft (float) per-sample out_mask on the Triton backend: the kernel scales the output in its
+# epilogue and, when the mask's gradient is wanted (raw), also returns the unscaled output
+# (else an empty tensor), which eager conv2d(...) * out_mask keeps for its backward as well.
+@torch.library.custom_op("pyprune::_masked_conv2d_scaled_triton", mutates_args=())
+def _masked_conv2d_scaled_triton(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Sequence[int],
+    padding: Sequence[int], dilation: Sequence[int], in_mask: Optional[Tensor],
+    out_mask: Tensor, raw: bool,
+) -> tuple[Tensor, Tensor]:
+    from ..triton_kernels import masked_conv as kernels
+
+    unscaled = _empty_output(x, weight, weight.shape[0], stride, padding, dilation) if raw else None
+    out = kernels.masked_conv2d_forward(x, weight, bias, tuple(stride), tuple(padding),
+                                        tuple(dilation), in_mask, out_mask, raw=unscaled)
+    return out, unscaled if raw else x.new_empty((0,))
+
+
+@_masked_conv2d_scaled_triton.register_fake
+def _masked_conv2d_scaled_triton_fake(x, weight, bias, stride, padding, dilation, in_mask,
+                                      out_mask, raw):
+    out = _empty_output(x, weight, weight.shape[0], stride, padding, dilation)
+    return out, torch.empty_like(out) if raw else x.new_empty((0,))
+
+
+def _scaled_setup(ctx, inputs, output):
+    x, weight, bias, stride, padding, dilation, in_mask, out_mask, raw = inputs
+    ctx.save_for_backward(x, weight, in_mask, out_mask, output[1])
+    ctx.attrs = (stride, padding, dilation)
+    ctx.has_bias = bias is not None
+
+
+def _scaled_backward(ctx, grad, _grad_raw):
+    """grad_u = grad * out_mask runs the Triton backward (grad_x, grad_weight, grad_bias and a
+    soft in_mask's gradient); the out_mask's gradient is sum over (H, W) of grad * raw."""
+    x, weight, in_mask, out_mask, raw = ctx.saved_tensors
+    stride, padding, dilation = ctx.attrs
+    scale = out_mask.view(*((-1,) if out_mask.dim() == 2 else (1,)), out_mask.shape[-1], 1, 1)
+    grad_u = grad * scale
+    gx, gw, gb, g_in = torch.ops.pyprune._masked_conv2d_backward_triton(
+        grad_u.contiguous(memory_format=torch._prims_common.suggest_memory_format(x)),
+        x, weight, stride, padding, dilation, 1, in_mask, None)
+    g_out = None
+    if ctx.needs_input_grad[7]:
+        if raw.numel() != grad.numel():
+            raise RuntimeError("masked_conv2d (triton): the out_mask gradient needs the unscaled "
+                               "output; call with raw=True")
+        g_out = (grad * raw).sum((2, 3))
+        g_out = g_out.sum(0) if out_mask.dim() == 1 else g_out
+    g_in = g_in if _soft(in_mask) and ctx.needs_input_grad[6] else None
+    return (gx, gw, gb if ctx.has_bias else None, None, None, None, g_in, g_out, None)
+
+
+torch.library.register_autograd("pyprune::_masked_conv2d_scaled_triton", _scaled_backward,
+                                setup_context=_scaled_setup)
 
 _OPS = {
     "cpu": (torch.ops.pyprune.masked_conv2d.default, torch.ops.pyprune._masked_conv2d_backward.default),
@@ -417,6 +473,13 @@ def masked_conv2d(
         in_mask, scale_in = scale_in, None
     if scale_in is not None:
         x = x * scale_in[:, :, None, None]
+    if (scale_out is not None and backend == "triton" and groups == 1 and out_mask is None
+            and not sparse):
+        # The Triton kernel scales the output in its epilogue; the unscaled output is stored
+        # too only where the mask's gradient will be asked for.
+        raw = torch.is_grad_enabled() and scale_out.requires_grad
+        return torch.ops.pyprune._masked_conv2d_scaled_triton(
+            x, weight, bias, stride, padding, dilation, in_mask, scale_out, raw)[0]
     if sparse:
         y = _SPARSE_OPS[backend][0](x, weight, weight_mask, bias, stride, padding, dilation)
     elif in_mask is None and out_mask is None and backend in ("cpu", "cuda"):
