@@ -49,6 +49,12 @@ TORCH_LIBRARY(pyprune, m) {
   m.def("masked_conv2d(Tensor x, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, int[2] dilation, int groups, Tensor? in_mask, Tensor? out_mask) -> Tensor");
   // (grad_x, grad_weight, grad_bias) of masked_conv2d; grad_bias (C_out,) is returned always.
   m.def("_masked_conv2d_backward(Tensor grad, Tensor x, Tensor weight, int[2] stride, int[2] padding, int[2] dilation, int groups, Tensor? in_mask, Tensor? out_mask) -> (Tensor, Tensor, Tensor)");
+  // masked_conv2d (groups 1) whose channel masks may also be soft: in_mask and out_mask each
+  // bool (structural, as above) or float in x's dtype (scales applied inside the kernel: x's
+  // channels as they are loaded, the output in the epilogue), (C,) or (N, C). Returns (out, the
+  // unscaled output conv2d(x * in_mask, weight, bias) if raw else an empty tensor), raw for a
+  // soft out_mask's gradient. CUDA (the Triton backend's is pyprune::_masked_conv2d_scaled_triton).
+  m.def("_masked_conv2d_scaled(Tensor x, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, int[2] dilation, Tensor? in_mask, Tensor? out_mask, bool raw) -> (Tensor, Tensor)");
   // The static-mask convolution on operands compacted beforehand (MaskedConv2d caches them):
   // conv2d(x[:, in_index], weight, bias) written into channels out_index of an (N, channels,
   // H_out, W_out) output in x's memory format, the other channels 0. weight (k_out, k_in, kh,

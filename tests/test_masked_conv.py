@@ -531,22 +531,22 @@ def test_dilated_1x1_kernel(device_backend):
     _close(got, want, torch.float32)
 
 
-def test_triton_applies_soft_input_masks(device_backend, monkeypatch):
-    """On the triton backend a per-sample float in_mask goes into the kernel (no scaled copy of
-    x), and its gradient and x's match the reference."""
+def test_kernels_apply_soft_input_masks(device_backend, monkeypatch):
+    """On the cuda and triton backends a per-sample float in_mask goes into the kernel (no
+    scaled copy of x), and its gradient and x's match the reference."""
     device, backend = device_backend
-    if backend != "triton":
-        pytest.skip("the Triton kernel's soft input masks")
-    from pyprune.triton_kernels import masked_conv as kernels
+    if backend not in ("cuda", "triton"):
+        pytest.skip("the CUDA and Triton kernels' soft input masks")
+    from pyprune.ops import masked_conv as ops
 
     seen = []
-    real = kernels.masked_conv2d_forward
+    real = ops._SCALED_OPS[backend]
 
-    def spy(x, weight, bias, stride, padding, dilation, in_mask, out_mask, **kw):
+    def spy(x, weight, bias, stride, padding, dilation, in_mask, out_mask, raw):
         seen.append(None if in_mask is None else in_mask.dtype)
-        return real(x, weight, bias, stride, padding, dilation, in_mask, out_mask, **kw)
+        return real(x, weight, bias, stride, padding, dilation, in_mask, out_mask, raw)
 
-    monkeypatch.setattr(kernels, "masked_conv2d_forward", spy)
+    monkeypatch.setitem(ops._SCALED_OPS, backend, spy)
     geom = GEOMETRIES[1]
     n, cin, cout = geom[:3]
     x, weight, bias, gen = _inputs(geom, torch.float32, device)
@@ -568,24 +568,24 @@ def test_triton_applies_soft_input_masks(device_backend, monkeypatch):
 
 
 @pytest.mark.parametrize("in_kind", ["none", "bool", "soft"])
-def test_triton_applies_soft_output_masks(device_backend, monkeypatch, in_kind):
-    """On the triton backend a per-sample float out_mask scales the output in the kernel's
-    epilogue, which stores the unscaled output too only when the mask's gradient is wanted;
-    values (float32, float16, bfloat16) and the gradients of x, weight, bias and both masks
-    match the reference."""
+def test_kernels_apply_soft_output_masks(device_backend, monkeypatch, in_kind):
+    """On the cuda and triton backends a per-sample float out_mask scales the output in the
+    kernel's epilogue (pyprune::_masked_conv2d_scaled*), which stores the unscaled output too
+    only when the mask's gradient is wanted; values (float32, float16, bfloat16) and the
+    gradients of x, weight, bias and both masks match the reference."""
     device, backend = device_backend
-    if backend != "triton":
-        pytest.skip("the Triton kernel's soft output masks")
-    from pyprune.triton_kernels import masked_conv as kernels
+    if backend not in ("cuda", "triton"):
+        pytest.skip("the CUDA and Triton kernels' soft output masks")
+    from pyprune.ops import masked_conv as ops
 
     seen = []
-    real = kernels.masked_conv2d_forward
+    real = ops._SCALED_OPS[backend]
 
-    def spy(x, weight, bias, stride, padding, dilation, in_mask, out_mask, **kw):
-        seen.append((None if out_mask is None else out_mask.dtype, kw.get("raw") is not None))
-        return real(x, weight, bias, stride, padding, dilation, in_mask, out_mask, **kw)
+    def spy(x, weight, bias, stride, padding, dilation, in_mask, out_mask, raw):
+        seen.append((None if out_mask is None else out_mask.dtype, raw))
+        return real(x, weight, bias, stride, padding, dilation, in_mask, out_mask, raw)
 
-    monkeypatch.setattr(kernels, "masked_conv2d_forward", spy)
+    monkeypatch.setitem(ops._SCALED_OPS, backend, spy)
     for geom in (GEOMETRIES[0], GEOMETRIES[1]):
         n, cin, cout = geom[:3]
         x, weight, bias, gen = _inputs(geom, torch.float32, device)
@@ -622,23 +622,30 @@ def test_triton_applies_soft_output_masks(device_backend, monkeypatch, in_kind):
             _close(got, want, dtype, scale=4.0)
 
 
-def test_triton_soft_output_mask_op(device_backend):
-    """opcheck of the Triton soft output-mask op with and without the unscaled output, for
-    (N, C_out) and (C_out,) masks; compile(fullgraph=True) of a model that learns the mask."""
+def test_soft_mask_op(device_backend):
+    """opcheck of the soft-mask op (cuda, triton) with and without the unscaled output, for
+    (N, C) and (C,) masks, soft or bool on either side; compile(fullgraph=True) of a model
+    that learns the mask."""
     device, backend = device_backend
-    if backend != "triton":
-        pytest.skip("the Triton kernel's soft output masks")
-    op = torch.ops.pyprune._masked_conv2d_scaled_triton.default
+    if backend not in ("cuda", "triton"):
+        pytest.skip("the CUDA and Triton kernels' soft masks")
+    from pyprune.ops.masked_conv import _SCALED_OPS
+
+    op = _SCALED_OPS[backend]
     geom = GEOMETRIES[0]
     n, cin, cout = geom[:3]
     x, weight, bias, gen = _inputs(geom, torch.float32, device)
     for shape in ((n, cout), (cout,)):
         for raw in (True, False):
             om = torch.rand(shape, generator=gen).to(device).requires_grad_(raw)
-            args = (x.clone().requires_grad_(), weight.clone().requires_grad_(),
-                    bias.clone().requires_grad_(), [1, 1], [1, 1], [1, 1],
-                    _mask("sample", n, cin, gen, device), om, raw)
-            torch.library.opcheck(op, args)
+            for im in (_mask("sample", n, cin, gen, device),
+                       torch.rand(shape[:-1] + (cin,), generator=gen).to(device).requires_grad_()):
+                args = (x.clone().requires_grad_(), weight.clone().requires_grad_(),
+                        bias.clone().requires_grad_(), [1, 1], [1, 1], [1, 1], im, om, raw)
+                torch.library.opcheck(op, args)
+    im = torch.rand(n, cin, generator=gen).to(device).requires_grad_()
+    torch.library.opcheck(op, (x.clone().requires_grad_(), weight, bias, [2, 2], [1, 1], [1, 1],
+                               im, _mask("static", n, cout, gen, device), False))
 
     class Gated(torch.nn.Module):
         def __init__(self):

@@ -37,6 +37,11 @@
 // mixed-radix counters, so the loop has no integer division. Masked input channels are never
 // read (inf or NaN in them cannot leak). The partial last step of a chunk is padded with zeros.
 //
+// Soft (float) masks (pyprune::_masked_conv2d_scaled): a soft in_mask scales each staged x value
+// of its channel (rounded to x's dtype, as x * in_mask is), a soft out_mask the output in the
+// epilogue (the rounded convolution times the scale), and raw, when asked for, receives the
+// unscaled output as well; all channels of a soft mask count as kept.
+//
 // x, weight and the output are used as contiguous NCHW (a channels_last x is copied once; the
 // result is converted back to x's memory format). Masks are read on the device through their
 // strides (a (C,) mask next to an (N, C) one has sample stride 0): no host synchronisation, so the
@@ -84,6 +89,12 @@ struct Params {
   scalar_t* __restrict__ out;         // (N, C_out, H_out, W_out) contiguous
   const bool* __restrict__ in_mask;   // nullptr: all kept; else [n * in_s0 + c * in_s1]
   const bool* __restrict__ out_mask;  // nullptr: all kept; else [n * out_s0 + c * out_s1]
+  // Soft masks (at most one of in_mask / in_scale, of out_mask / out_scale; the same strides):
+  // x's channels times in_scale as they are staged, the output times out_scale; raw, if set,
+  // receives the unscaled output (same layout as out).
+  const scalar_t* __restrict__ in_scale;
+  const scalar_t* __restrict__ out_scale;
+  scalar_t* __restrict__ raw;
   int64_t in_s0, in_s1, out_s0, out_s1;
   int64_t n;
   int c_in, h, w, c_out, kh, kw, w_out, pixels, khw;
@@ -158,7 +169,11 @@ __global__ void __launch_bounds__(kThreads) masked_conv2d_kernel(const Params<sc
     __syncthreads();  // the previous sample's epilogue has finished reading out_ch
     const bool* om = p.out_mask != nullptr ? p.out_mask + n * p.out_s0 : nullptr;
     const bool* im = p.in_mask != nullptr ? p.in_mask + n * p.in_s0 : nullptr;
+    const scalar_t* is = p.in_scale != nullptr ? p.in_scale + n * p.in_s0 : nullptr;
+    const scalar_t* os = p.out_scale != nullptr ? p.out_scale + n * p.out_s0 : nullptr;
     scalar_t* out_n = p.out + n * p.c_out * static_cast<int64_t>(p.pixels);
+    scalar_t* raw_n = p.raw != nullptr ? p.raw + n * p.c_out * static_cast<int64_t>(p.pixels)
+                                       : nullptr;
     const scalar_t* x_n = p.x + n * p.c_in * hw;
 
     int rows;  // rows of the tile that hold a kept channel (block-uniform)
@@ -238,12 +253,17 @@ __global__ void __launch_bounds__(kThreads) masked_conv2d_kernel(const Params<sc
         const bool b_ok = b_c < kept;
         const scalar_t* x_c = x_n + (b_ok ? in_ch[b_c] * hw : 0);
         const int dh = b_kh * p.dil_h, dw = b_kw * p.dil_w;
+        // A soft input mask: x * s rounded to x's dtype, as the eager product is.
+        const acc_t s_b = is != nullptr && b_ok ? static_cast<acc_t>(is[in_ch[b_c] * p.in_s1])
+                                                : acc_t(1);
 #pragma unroll
         for (int j = 0; j < kLoads; ++j) {
           const int ih = ih0[j] + dh, iw = iw0[j] + dw;
           const bool inside = b_ok && static_cast<unsigned>(ih) < static_cast<unsigned>(p.h) &&
                               static_cast<unsigned>(iw) < static_cast<unsigned>(p.w);
-          b_reg[j] = inside ? static_cast<acc_t>(x_c[ih * p.w + iw]) : acc_t(0);
+          acc_t v = inside ? static_cast<acc_t>(x_c[ih * p.w + iw]) : acc_t(0);
+          if (is != nullptr) v = static_cast<acc_t>(static_cast<scalar_t>(v * s_b));
+          b_reg[j] = v;
         }
         // Next step: k += kTileK in each mixed radix (one carry per digit at most).
         a_r += p.step_r;
@@ -297,11 +317,17 @@ __global__ void __launch_bounds__(kThreads) masked_conv2d_kernel(const Params<sc
       if (m >= rows) continue;
       const int c = out_ch[m];
       const acc_t bias = p.bias != nullptr ? static_cast<acc_t>(p.bias[c]) : acc_t(0);
+      const acc_t scale = os != nullptr ? static_cast<acc_t>(os[c * p.out_s1]) : acc_t(1);
       scalar_t* row = out_n + static_cast<int64_t>(c) * p.pixels;
+      scalar_t* raw_row = raw_n != nullptr ? raw_n + static_cast<int64_t>(c) * p.pixels : nullptr;
 #pragma unroll
       for (int j = 0; j < kMicro; ++j) {
         const int pix = tile_p0 + tx * kMicro + j;
-        if (pix < p.pixels) row[pix] = static_cast<scalar_t>(acc[i][j] + bias);
+        if (pix >= p.pixels) continue;
+        const scalar_t v = static_cast<scalar_t>(acc[i][j] + bias);
+        if (raw_row != nullptr) raw_row[pix] = v;
+        // A soft output mask: the rounded convolution times the scale, as eager rounds it.
+        row[pix] = os != nullptr ? static_cast<scalar_t>(static_cast<acc_t>(v) * scale) : v;
       }
     }
   }
@@ -327,7 +353,8 @@ void check_operands(const at::Tensor& x, const at::Tensor& weight,
 }
 
 struct MaskArgs {
-  const bool* ptr = nullptr;  // nullptr: all kept
+  const void* ptr = nullptr;  // nullptr: all kept (bool) / no scale (float)
+  bool soft = false;          // a float mask: scales
   int64_t sample_stride = 0, channel_stride = 0;
 };
 
@@ -335,7 +362,8 @@ struct MaskArgs {
 MaskArgs mask_args(const std::optional<at::Tensor>& mask) {
   MaskArgs a;
   if (!mask.has_value()) return a;
-  a.ptr = mask->const_data_ptr<bool>();
+  a.ptr = mask->const_data_ptr();
+  a.soft = mask->scalar_type() != at::kBool;
   if (mask->dim() == 1) {
     a.channel_stride = mask->stride(0);
   } else {
@@ -344,11 +372,15 @@ MaskArgs mask_args(const std::optional<at::Tensor>& mask) {
   return a;
 }
 
+// The per-sample kernel. in_mask and out_mask may be soft (float, x's dtype; checked by the
+// caller); raw, if given, receives the unscaled output (contiguous NCHW, like the kernel's).
 at::Tensor per_sample_forward(const at::Tensor& x, const at::Tensor& weight,
                               const std::optional<at::Tensor>& bias, const masked_conv::Geometry& g,
                               const std::optional<at::Tensor>& in_mask,
-                              const std::optional<at::Tensor>& out_mask) {
+                              const std::optional<at::Tensor>& out_mask,
+                              at::Tensor* raw = nullptr) {
   const auto format = x.suggest_memory_format();
+  if (raw != nullptr) *raw = at::empty({g.n, g.c_out, g.h_out, g.w_out}, x.options());
   if (g.n == 0 || g.c_out == 0) {
     return at::empty({g.n, g.c_out, g.h_out, g.w_out}, x.options(), format);
   }
@@ -386,8 +418,13 @@ at::Tensor per_sample_forward(const at::Tensor& x, const at::Tensor& weight,
     p.weight = wc.const_data_ptr<scalar_t>();
     p.bias = bc.defined() ? bc.const_data_ptr<scalar_t>() : nullptr;
     p.out = out.mutable_data_ptr<scalar_t>();
-    p.in_mask = in_m.ptr, p.in_s0 = in_m.sample_stride, p.in_s1 = in_m.channel_stride;
-    p.out_mask = out_m.ptr, p.out_s0 = out_m.sample_stride, p.out_s1 = out_m.channel_stride;
+    p.in_mask = in_m.soft ? nullptr : static_cast<const bool*>(in_m.ptr);
+    p.in_scale = in_m.soft ? static_cast<const scalar_t*>(in_m.ptr) : nullptr;
+    p.out_mask = out_m.soft ? nullptr : static_cast<const bool*>(out_m.ptr);
+    p.out_scale = out_m.soft ? static_cast<const scalar_t*>(out_m.ptr) : nullptr;
+    p.raw = raw != nullptr ? raw->mutable_data_ptr<scalar_t>() : nullptr;
+    p.in_s0 = in_m.sample_stride, p.in_s1 = in_m.channel_stride;
+    p.out_s0 = out_m.sample_stride, p.out_s1 = out_m.channel_stride;
     p.n = g.n;
     p.c_in = static_cast<int>(g.c_in);
     p.h = static_cast<int>(g.h);
@@ -408,6 +445,7 @@ at::Tensor per_sample_forward(const at::Tensor& x, const at::Tensor& weight,
     masked_conv2d_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
+  if (raw != nullptr && format != at::MemoryFormat::Contiguous) *raw = raw->contiguous(format);
   return format == at::MemoryFormat::Contiguous ? out : out.contiguous(format);
 }
 
@@ -470,6 +508,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_conv2d_backward_cuda(
   return masked_conv::dense_backward(grad, x, weight, g, in_mask, out_mask);
 }
 
+// A channel mask of _masked_conv2d_scaled: bool as check_mask says, or float in x's dtype.
+void check_scaled_mask(const std::optional<at::Tensor>& mask, int64_t n, int64_t c,
+                       const at::Tensor& x, const char* name) {
+  if (!mask.has_value() || mask->scalar_type() == at::kBool) {
+    masked_conv::check_mask(mask, n, c, x, name);
+    return;
+  }
+  const at::Tensor& m = *mask;
+  TORCH_CHECK(m.scalar_type() == x.scalar_type(), "masked_conv2d: a soft ", name,
+              " must have x's dtype (", x.scalar_type(), "), got ", m.scalar_type());
+  TORCH_CHECK(m.device() == x.device(), "masked_conv2d: ", name, " must be on x's device");
+  TORCH_CHECK((m.dim() == 1 && m.size(0) == c) || (m.dim() == 2 && m.size(0) == n && m.size(1) == c),
+              "masked_conv2d: ", name, " must have shape (", c, ",) or (", n, ", ", c, ")");
+}
+
+std::tuple<at::Tensor, at::Tensor> masked_conv2d_scaled_cuda(
+    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+    const std::optional<at::Tensor>& in_mask, const std::optional<at::Tensor>& out_mask,
+    bool raw) {
+  const masked_conv::Geometry g = masked_conv::geometry(x, weight, stride, padding, dilation, 1);
+  check_operands(x, weight, bias, g, std::nullopt, std::nullopt);
+  check_scaled_mask(in_mask, g.n, g.c_in, x, "in_mask");
+  check_scaled_mask(out_mask, g.n, g.c_out, x, "out_mask");
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor unscaled;
+  at::Tensor out = per_sample_forward(x, weight, bias, g, in_mask, out_mask,
+                                      raw ? &unscaled : nullptr);
+  return {out, raw ? unscaled : at::empty({0}, x.options())};
+}
+
 }  // namespace
 
 at::Tensor channel_conv_cuda(const at::Tensor& x, const at::Tensor& weight,
@@ -488,6 +557,7 @@ TORCH_LIBRARY_IMPL(pyprune, CUDA, m) {
   m.impl("masked_conv2d", &masked_conv2d_cuda);
   m.impl("_masked_conv2d_backward", &masked_conv2d_backward_cuda);
   m.impl("_channel_conv", &channel_conv_cuda);
+  m.impl("_masked_conv2d_scaled", &masked_conv2d_scaled_cuda);
 }
 
 }  // namespace pyprune

@@ -6,9 +6,9 @@ weight_mask) = F.conv2d(x * in_mask, weight * weight_mask, bias, ...) * out_mask
 Boolean channel masks are structural: the kernels (torch.ops.pyprune.masked_conv2d) skip the
 masked work. Float masks multiply and receive gradients; a float mask shared by every sample is
 folded into the weight and bias (weight-sized work, no pass over x or the output). A per-sample
-float in_mask is applied by the Triton kernel as it loads x (no scaled copy of x), a per-sample
-float out_mask in its epilogue (storing the unscaled output as well only when the mask's
-gradient is wanted, as eager does); elsewhere they multiply x or the output.
+float in_mask is applied by the CUDA and Triton kernels as they load x (no scaled copy of x), a
+per-sample float out_mask in their epilogue (storing the unscaled output as well only when the
+mask's gradient is wanted, as eager does); on the CPU they multiply x or the output.
 
 A bool weight mask alone (no bool channel masks, groups 1) runs on the CPU as
 torch.ops.pyprune._sparse_conv2d: a direct sparse convolution over the kept weights where few
@@ -180,14 +180,15 @@ def _masked_conv2d_backward_triton_fake(grad, x, weight, stride, padding, dilati
 _masked_conv2d_triton.register_fake(_masked_conv2d_fake)
 
 
-# A soft (float) per-sample out_mask on the Triton backend: the kernel scales the output in its
-# epilogue and, when the mask's gradient is wanted (raw), also returns the unscaled output
-# (else an empty tensor), which eager conv2d(...) * out_mask keeps for its backward as well.
+# Soft (float) per-sample channel masks inside the kernels (pyprune::_masked_conv2d_scaled's
+# contract, csrc/ops.cpp): the in_mask scales x's channels as they are loaded, the out_mask the
+# output in the epilogue; the unscaled output is returned as well when the out_mask's gradient
+# is wanted (raw; else an empty tensor), as eager conv2d(...) * out_mask keeps it too.
 @torch.library.custom_op("pyprune::_masked_conv2d_scaled_triton", mutates_args=())
 def _masked_conv2d_scaled_triton(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Sequence[int],
     padding: Sequence[int], dilation: Sequence[int], in_mask: Optional[Tensor],
-    out_mask: Tensor, raw: bool,
+    out_mask: Optional[Tensor], raw: bool,
 ) -> tuple[Tensor, Tensor]:
     from ..triton_kernels import masked_conv as kernels
 
@@ -197,11 +198,14 @@ def _masked_conv2d_scaled_triton(
     return out, unscaled if raw else x.new_empty((0,))
 
 
-@_masked_conv2d_scaled_triton.register_fake
-def _masked_conv2d_scaled_triton_fake(x, weight, bias, stride, padding, dilation, in_mask,
-                                      out_mask, raw):
+def _masked_conv2d_scaled_fake(x, weight, bias, stride, padding, dilation, in_mask, out_mask,
+                               raw):
     out = _empty_output(x, weight, weight.shape[0], stride, padding, dilation)
     return out, torch.empty_like(out) if raw else x.new_empty((0,))
+
+
+_masked_conv2d_scaled_triton.register_fake(_masked_conv2d_scaled_fake)
+torch.library.register_fake("pyprune::_masked_conv2d_scaled")(_masked_conv2d_scaled_fake)
 
 
 def _scaled_setup(ctx, inputs, output):
@@ -211,29 +215,41 @@ def _scaled_setup(ctx, inputs, output):
     ctx.has_bias = bias is not None
 
 
-def _scaled_backward(ctx, grad, _grad_raw):
-    """grad_u = grad * out_mask runs the Triton backward (grad_x, grad_weight, grad_bias and a
-    soft in_mask's gradient); the out_mask's gradient is sum over (H, W) of grad * raw."""
-    x, weight, in_mask, out_mask, raw = ctx.saved_tensors
-    stride, padding, dilation = ctx.attrs
-    scale = out_mask.view(*((-1,) if out_mask.dim() == 2 else (1,)), out_mask.shape[-1], 1, 1)
-    grad_u = grad * scale
-    gx, gw, gb, g_in = torch.ops.pyprune._masked_conv2d_backward_triton(
-        grad_u.contiguous(memory_format=torch._prims_common.suggest_memory_format(x)),
-        x, weight, stride, padding, dilation, 1, in_mask, None)
-    g_out = None
-    if ctx.needs_input_grad[7]:
-        if raw.numel() != grad.numel():
-            raise RuntimeError("masked_conv2d (triton): the out_mask gradient needs the unscaled "
-                               "output; call with raw=True")
-        g_out = (grad * raw).sum((2, 3))
-        g_out = g_out.sum(0) if out_mask.dim() == 1 else g_out
-    g_in = g_in if _soft(in_mask) and ctx.needs_input_grad[6] else None
-    return (gx, gw, gb if ctx.has_bias else None, None, None, None, g_in, g_out, None)
+def _channel_scale(mask: Tensor) -> Tensor:
+    return mask.view(*((-1,) if mask.dim() == 2 else (1,)), mask.shape[-1], 1, 1)
 
 
-torch.library.register_autograd("pyprune::_masked_conv2d_scaled_triton", _scaled_backward,
-                                setup_context=_scaled_setup)
+def _scaled_backward(bwd):
+    """The autograd backward of a soft-mask op whose bool-mask backward op is ``bwd``: with
+    u = x * in_mask (soft) and grad_u = grad * out_mask (soft), ``bwd`` gives grad_u's input
+    gradient g, grad_weight and grad_bias (skipping what bool masks remove); then grad_x =
+    g * in_mask, grad_in_mask = sum over (H, W) of g * x, grad_out_mask = sum over (H, W) of
+    grad * raw (over the batch too for a (C,) mask)."""
+    def backward(ctx, grad, _grad_raw):
+        x, weight, in_mask, out_mask, raw = ctx.saved_tensors
+        stride, padding, dilation = ctx.attrs
+        soft_in, soft_out = _soft(in_mask), _soft(out_mask)
+        grad_u = grad * _channel_scale(out_mask) if soft_out else grad
+        u = x * _channel_scale(in_mask) if soft_in else x
+        gx, gw, gb, *_ = bwd(
+            grad_u.contiguous(memory_format=torch._prims_common.suggest_memory_format(x)),
+            u, weight, stride, padding, dilation, 1, None if soft_in else in_mask,
+            None if soft_out else out_mask)
+        g_in = g_out = None
+        if soft_in:
+            if ctx.needs_input_grad[6]:
+                g_in = (gx * x).sum((2, 3))
+                g_in = g_in.sum(0) if in_mask.dim() == 1 else g_in
+            gx = gx * _channel_scale(in_mask)
+        if soft_out and ctx.needs_input_grad[7]:
+            if raw.numel() != grad.numel():
+                raise RuntimeError("masked_conv2d: the out_mask gradient needs the unscaled "
+                                   "output; call with raw=True")
+            g_out = (grad * raw).sum((2, 3))
+            g_out = g_out.sum(0) if out_mask.dim() == 1 else g_out
+        return (gx, gw, gb if ctx.has_bias else None, None, None, None, g_in, g_out, None)
+
+    return backward
 
 _OPS = {
     "cpu": (torch.ops.pyprune.masked_conv2d.default, torch.ops.pyprune._masked_conv2d_backward.default),
@@ -265,6 +281,15 @@ def _register_autograd(fwd, bwd) -> None:
 
 for _fwd, _bwd in {v[0]: v[1] for v in _OPS.values()}.items():
     _register_autograd(_fwd, _bwd)
+
+# Soft per-sample channel masks inside the kernels, per backend.
+_SCALED_OPS = {
+    "cuda": torch.ops.pyprune._masked_conv2d_scaled.default,
+    "triton": torch.ops.pyprune._masked_conv2d_scaled_triton.default,
+}
+for _backend_name, _op in _SCALED_OPS.items():
+    torch.library.register_autograd(_op, _scaled_backward(_OPS[_backend_name][1]),
+                                    setup_context=_scaled_setup)
 
 
 def _pair(value: object, name: str, minimum: int) -> tuple[int, int]:
@@ -466,20 +491,19 @@ def masked_conv2d(
               and weight_mask is not None and weight_mask.dtype == torch.bool)
     weight, bias = fold_static_masks(weight, bias, groups, soft_in, soft_out,
                                      None if sparse else weight_mask)
-    if (scale_in is not None and backend == "triton" and groups == 1 and in_mask is None
-            and not sparse):
-        # The Triton kernel scales x's channels as it loads them: no scaled copy of x is made
-        # (nor saved for backward, which forms it again for the weight gradient only).
-        in_mask, scale_in = scale_in, None
+    if ((scale_in is not None or scale_out is not None) and backend in _SCALED_OPS
+            and groups == 1 and not sparse):
+        # The CUDA and Triton kernels scale x's channels as they load them and the output in
+        # their epilogue: no scaled copy of x (the backward forms it for the weight gradient
+        # only), no second pass over the output; the unscaled output is stored too only where
+        # the out_mask's gradient will be asked for.
+        raw = scale_out is not None and torch.is_grad_enabled() and scale_out.requires_grad
+        return _SCALED_OPS[backend](
+            x, weight, bias, stride, padding, dilation,
+            scale_in if scale_in is not None else in_mask,
+            scale_out if scale_out is not None else out_mask, raw)[0]
     if scale_in is not None:
         x = x * scale_in[:, :, None, None]
-    if (scale_out is not None and backend == "triton" and groups == 1 and out_mask is None
-            and not sparse):
-        # The Triton kernel scales the output in its epilogue; the unscaled output is stored
-        # too only where the mask's gradient will be asked for.
-        raw = torch.is_grad_enabled() and scale_out.requires_grad
-        return torch.ops.pyprune._masked_conv2d_scaled_triton(
-            x, weight, bias, stride, padding, dilation, in_mask, scale_out, raw)[0]
     if sparse:
         y = _SPARSE_OPS[backend][0](x, weight, weight_mask, bias, stride, padding, dilation)
     elif in_mask is None and out_mask is None and backend in ("cpu", "cuda"):
