@@ -24,13 +24,12 @@ and stores gather channels through the list; ascending order within the kept cha
 them close together in memory. The lists cost two small torch ops per mask in the launcher
 (none for a None mask beyond an arange); the convolution itself is one launch.
 
-A soft (float) in_mask, (C_in,) or (N, C_in) in x's dtype, scales x's channels as the kernel
-loads them (all channels kept), so no scaled copy of x is made; its backward forms x * s for
-the weight gradient only and returns the mask's gradient, sum over (H, W) of grad_u * x. A soft
-out_mask, (C_out,) or (N, C_out), scales the output in the epilogue (all channels kept); where
-its gradient is needed the same launch also stores the unscaled output (raw), from which the
-gradient, sum over (H, W) of grad * raw, is taken, while grad * out_mask feeds the backward
-above (pyprune::_masked_conv2d_scaled_triton, pyprune/ops/masked_conv.py).
+Soft (float) masks (pyprune::_masked_conv2d_scaled_triton, pyprune/ops/masked_conv.py): an
+in_mask, (C_in,) or (N, C_in) in x's dtype, scales x's channels as the kernel loads them (all
+channels kept), so no scaled copy of x is made; an out_mask, (C_out,) or (N, C_out), scales
+the output in the epilogue, and where its gradient is needed the same launch also stores the
+unscaled output (raw). Their backward is the bool-mask backward below on x * in_mask and
+grad * out_mask (formed there, for the gradients only).
 
 Weight mask (bool, weight's shape, without channel masks; pyprune::_sparse_conv2d's contract):
 the same kernel runs block-sparse. The launcher lists, per tile of BLOCK_CO = 16 output
@@ -437,24 +436,19 @@ def masked_conv2d_backward(
     grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int],
     in_mask: torch.Tensor | None, out_mask: torch.Tensor | None, groups: int = 1,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(grad_x, grad_weight, grad_bias, grad_in_mask) of masked_conv2d_forward, as the
-    pyprune::_masked_conv2d_backward_triton schema says; grad_bias is (C_out,) always, grad_x
-    in x's memory format, grad_in_mask (in_mask's shape) for a soft (float) in_mask, else empty.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_x, grad_weight, grad_bias) of masked_conv2d_forward with bool channel masks, as
+    the pyprune::_masked_conv2d_backward_triton schema says; grad_bias is (C_out,) always,
+    grad_x in x's memory format. (Soft masks: the autograd of the soft-mask op scales grad
+    and x around this, pyprune/ops/masked_conv.py.)
 
     Runs the dense engine (aten.convolution_backward) on the masked grad and input, so it does
     the full dense work; masked channels get exactly zero gradient. Any groups. With stride 1
-    (groups 1), grad_x comes from the forward kernel instead (below). A soft in_mask s scales
-    the input: u = x * s is formed here for the weight gradient (the forward never stores it),
-    grad_x = grad_u * s and grad_s = sum over (H, W) of grad_u * x."""
+    (groups 1), grad_x comes from the forward kernel instead (below)."""
     _check(x, weight, None, dtypes=(*_TL_DTYPES, torch.float64), groups=groups)
     _check_grad(grad, x, weight)
     N, C_in = x.shape[:2]
     C_out = weight.shape[0]
-    scale, shared = None, False
-    if in_mask is not None and in_mask.dtype != torch.bool:
-        shared = in_mask.dim() == 1
-        scale, in_mask = _scale_rows(in_mask, x)[:, :, None, None], None
     _mask_rows(in_mask, N, C_in, "in_mask")
     _mask_rows(out_mask, N, C_out, "out_mask")
     stride, padding, dilation = (_pair(stride, "stride"), _pair(padding, "padding"),
@@ -462,23 +456,16 @@ def masked_conv2d_backward(
     transposed = (groups == 1 and x.dtype in _TL_DTYPES
                   and _transposable(stride, padding, dilation, weight.shape[2:]))
     g = _where(grad, out_mask)
-    u = _where(x, in_mask) if scale is None else x * scale
     grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
-        g, u, weight, None, list(stride), list(padding), list(dilation), False,
+        g, _where(x, in_mask), weight, None, list(stride), list(padding), list(dilation), False,
         [0, 0], groups, [not transposed, True, False],
     )
     if transposed:
         grad_x = _transposed_grad_x(grad, weight, padding, dilation, in_mask, out_mask)
     else:
         grad_x = _where(grad_x, in_mask)
-    if scale is None:
-        grad_scale = x.new_empty((0,))
-    else:
-        grad_scale = (grad_x * x).sum((2, 3))
-        grad_scale = grad_scale.sum(0) if shared else grad_scale  # the mask's shape
-        grad_x = grad_x * scale
     grad_x = grad_x.contiguous(memory_format=_output_format(x))
-    return grad_x, grad_w.contiguous(), g.sum((0, 2, 3)).to(weight.dtype), grad_scale
+    return grad_x, grad_w.contiguous(), g.sum((0, 2, 3)).to(weight.dtype)
 
 
 def sparse_conv2d_backward(

@@ -143,6 +143,9 @@ def _masked_conv2d_triton(
     padding: Sequence[int], dilation: Sequence[int], groups: int, in_mask: Optional[Tensor],
     out_mask: Optional[Tensor],
 ) -> Tensor:
+    for mask, name in ((in_mask, "in_mask"), (out_mask, "out_mask")):
+        if _soft(mask):  # bool only, as pyprune::masked_conv2d (soft: the scaled op)
+            raise TypeError(f"masked_conv2d_triton: {name} must be bool, got {mask.dtype}")
     if groups > 1:  # as on every backend: the dense engine with the masks around it
         return reference.masked_conv2d(x, weight, bias, stride, padding, dilation, groups,
                                        in_mask, out_mask)
@@ -156,9 +159,8 @@ def _masked_conv2d_triton(
 def _masked_conv2d_backward_triton(
     grad: Tensor, x: Tensor, weight: Tensor, stride: Sequence[int], padding: Sequence[int],
     dilation: Sequence[int], groups: int, in_mask: Optional[Tensor], out_mask: Optional[Tensor],
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(grad_x, grad_weight, grad_bias, grad_in_mask): the last for a soft in_mask, which the
-    Triton kernel applies to x itself, else empty."""
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(grad_x, grad_weight, grad_bias), as pyprune::_masked_conv2d_backward."""
     from ..triton_kernels import masked_conv as kernels
 
     return kernels.masked_conv2d_backward(grad, x, weight, tuple(stride), tuple(padding),
@@ -169,14 +171,7 @@ def _soft(mask: Optional[Tensor]) -> bool:
     return mask is not None and mask.dtype != torch.bool
 
 
-@_masked_conv2d_backward_triton.register_fake
-def _masked_conv2d_backward_triton_fake(grad, x, weight, stride, padding, dilation, groups,
-                                        in_mask, out_mask):
-    return (*_masked_conv2d_backward_fake(grad, x, weight, stride, padding, dilation, groups,
-                                          in_mask, out_mask),
-            torch.empty_like(in_mask) if _soft(in_mask) else x.new_empty((0,)))
-
-
+_masked_conv2d_backward_triton.register_fake(_masked_conv2d_backward_fake)
 _masked_conv2d_triton.register_fake(_masked_conv2d_fake)
 
 
@@ -231,7 +226,7 @@ def _scaled_backward(bwd):
         soft_in, soft_out = _soft(in_mask), _soft(out_mask)
         grad_u = grad * _channel_scale(out_mask) if soft_out else grad
         u = x * _channel_scale(in_mask) if soft_in else x
-        gx, gw, gb, *_ = bwd(
+        gx, gw, gb = bwd(
             grad_u.contiguous(memory_format=torch._prims_common.suggest_memory_format(x)),
             u, weight, stride, padding, dilation, 1, None if soft_in else in_mask,
             None if soft_out else out_mask)
@@ -269,12 +264,10 @@ def _register_autograd(fwd, bwd) -> None:
     def backward(ctx, grad):
         x, weight, in_mask, out_mask = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.attrs
-        gx, gw, gb, *g_in = bwd(
+        gx, gw, gb = bwd(
             grad.contiguous(memory_format=torch._prims_common.suggest_memory_format(x)),
             x, weight, stride, padding, dilation, groups, in_mask, out_mask)
-        # A soft in_mask (the Triton launcher's) gets its gradient; bool masks get none.
-        g_in = g_in[0] if g_in and _soft(in_mask) and ctx.needs_input_grad[7] else None
-        return gx, gw, gb if ctx.has_bias else None, None, None, None, None, g_in, None
+        return gx, gw, gb if ctx.has_bias else None, None, None, None, None, None, None
 
     torch.library.register_autograd(fwd, backward, setup_context=setup_context)
 
