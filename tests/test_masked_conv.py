@@ -659,3 +659,31 @@ def test_soft_mask_op(device_backend):
     (g_got,) = torch.autograd.grad(got.sum(), gate)
     torch.testing.assert_close(got, eager, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(g_got, g_eager, atol=1e-4, rtol=1e-4)
+
+
+def test_output_layout_of_ambiguous_strides(device_backend):
+    """x whose strides are both contiguous and channels_last-like (one channel, permuted): the
+    output and x's gradient take the layout F.conv2d gives, on every path, soft masks
+    included, and the values match the reference."""
+    device, backend = device_backend
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 3, 3, 1, generator=gen).permute(0, 3, 1, 2).to(device)
+    weight = torch.randn(4, 1, 3, 3, generator=gen).to(device)
+    eager = x.clone().requires_grad_()
+    out = F.conv2d(eager, weight, padding=1)
+    out.sum().backward()
+    want_stride, want_grad_stride = out.stride(), eager.grad.stride()
+    masks = [{}, {"out_mask": _mask("sample", 2, 4, gen, device)},
+             {"out_mask": torch.rand(2, 4, generator=gen).to(device).requires_grad_()},
+             {"in_mask": torch.rand(2, 1, generator=gen).to(device)}]
+    for m in masks:
+        leaf = x.clone().requires_grad_()
+        assert leaf.stride() == x.stride()
+        got = pyprune.masked_conv2d(leaf, weight, padding=1, **m)
+        assert got.stride() == want_stride, m
+        _close(got, reference.masked_conv2d(x.double(), weight.double(), padding=1,
+                                            **{k: v.detach() if v.dtype == torch.bool else
+                                               v.detach().double() for k, v in m.items()}),
+               torch.float32, scale=4.0)
+        got.sum().backward()
+        assert leaf.grad.stride() == want_grad_stride, m

@@ -271,9 +271,9 @@ def _kept_first(mask: torch.Tensor | None, C: int, device) -> tuple[torch.Tensor
 
 
 def _output_format(x: torch.Tensor) -> torch.memory_format:
-    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        return torch.channels_last
-    return torch.contiguous_format
+    """The memory format of outputs and input gradients: x's as F.conv2d and the fakes read it
+    (channels_last where x's strides are channels_last-like, even if also contiguous)."""
+    return torch._prims_common.suggest_memory_format(x)
 
 
 def _output_size(size: int, k: int, stride: int, padding: int, dilation: int) -> int:
