@@ -95,12 +95,20 @@ inline void check_indices(const at::Tensor& x, const at::Tensor& weight, int64_t
               "_channel_conv: weight must have one row per kept output channel");
 }
 
+// A channel mask: (C,) or (N, C) on x's device, bool (structural), or also x's dtype (soft)
+// where the op takes soft masks (soft_ok).
 inline void check_mask(const std::optional<at::Tensor>& mask, int64_t n, int64_t c,
-                       const at::Tensor& x, const char* name) {
+                       const at::Tensor& x, const char* name, bool soft_ok = false) {
   if (!mask.has_value()) return;
   const at::Tensor& m = *mask;
-  TORCH_CHECK(m.scalar_type() == at::kBool, "masked_conv2d: ", name, " must be bool, got ",
-              m.scalar_type());
+  if (soft_ok) {
+    TORCH_CHECK(m.scalar_type() == at::kBool || m.scalar_type() == x.scalar_type(),
+                "masked_conv2d: ", name, " must be bool or x's dtype (", x.scalar_type(),
+                "), got ", m.scalar_type());
+  } else {
+    TORCH_CHECK(m.scalar_type() == at::kBool, "masked_conv2d: ", name, " must be bool, got ",
+                m.scalar_type());
+  }
   TORCH_CHECK(m.device() == x.device(), "masked_conv2d: ", name, " must be on x's device");
   TORCH_CHECK((m.dim() == 1 && m.size(0) == c) || (m.dim() == 2 && m.size(0) == n && m.size(1) == c),
               "masked_conv2d: ", name, " must have shape (", c, ",) or (", n, ", ", c, ")");

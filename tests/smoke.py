@@ -44,8 +44,8 @@ def _masked_conv(dtype):
             for stride in (1, 2):  # stride 1: grad_x by the forward kernel, transposed
                 y = pyprune.masked_conv2d(x, w, b, stride, 1, in_mask=in_mask, out_mask=out_mask)
                 y.sum().backward()
-    # Soft per-sample masks (the Triton kernel scales x on load and the output in its epilogue,
-    # storing the unscaled output for the out_mask's gradient).
+    # Soft per-sample masks (the CUDA and Triton kernels scale x on load and the output in their
+    # epilogue, storing the unscaled output for the out_mask's gradient).
     soft_in = torch.rand(3, 70, device="cuda", generator=gen).to(dtype).requires_grad_()
     soft_out = torch.rand(3, 33, device="cuda", generator=gen).to(dtype).requires_grad_()
     for stride in (1, 2):

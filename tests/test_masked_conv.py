@@ -521,22 +521,30 @@ def test_dilated_1x1_kernel(device_backend):
     _close(got, want, torch.float32)
 
 
-def test_kernels_apply_soft_input_masks(device_backend, monkeypatch):
-    """On the cuda and triton backends a per-sample float in_mask goes into the kernel (no
-    scaled copy of x), and its gradient and x's match the reference."""
-    device, backend = device_backend
-    if backend not in ("cuda", "triton"):
-        pytest.skip("the CUDA and Triton kernels' soft input masks")
+def _spy_soft_mask_op(monkeypatch, backend: str) -> list:
+    """Records (in_mask dtype, out_mask dtype, raw) of each call of the backend's soft-mask op
+    (None for an absent mask)."""
     from pyprune.ops import masked_conv as ops
 
     seen = []
     real = ops._SCALED_OPS[backend]
 
     def spy(x, weight, bias, stride, padding, dilation, in_mask, out_mask, raw):
-        seen.append(None if in_mask is None else in_mask.dtype)
+        seen.append((None if in_mask is None else in_mask.dtype,
+                     None if out_mask is None else out_mask.dtype, raw))
         return real(x, weight, bias, stride, padding, dilation, in_mask, out_mask, raw)
 
     monkeypatch.setitem(ops._SCALED_OPS, backend, spy)
+    return seen
+
+
+def test_kernels_apply_soft_input_masks(device_backend, monkeypatch):
+    """On the cuda and triton backends a per-sample float in_mask goes into the kernel (no
+    scaled copy of x), and its gradient and x's match the reference."""
+    device, backend = device_backend
+    if backend not in ("cuda", "triton"):
+        pytest.skip("the CUDA and Triton kernels' soft input masks")
+    seen = _spy_soft_mask_op(monkeypatch, backend)
     geom = GEOMETRIES[1]
     n, cin, cout = geom[:3]
     x, weight, bias, gen = _inputs(geom, torch.float32, device)
@@ -546,7 +554,7 @@ def test_kernels_apply_soft_input_masks(device_backend, monkeypatch):
     leaves = [t.clone().requires_grad_() for t in (x, weight, bias, scale)]
     got = pyprune.masked_conv2d(*leaves[:3], *_conv_args(geom), in_mask=leaves[3],
                                 out_mask=out_mask)
-    assert seen[0] == torch.float32
+    assert seen[0][0] == torch.float32  # the in_mask reached the kernel
     grad = torch.randn(got.shape, generator=gen).to(device)
     grads = torch.autograd.grad(got, leaves, grad)
     ref = [t.detach().double().requires_grad_() for t in leaves]
@@ -566,16 +574,7 @@ def test_kernels_apply_soft_output_masks(device_backend, monkeypatch, in_kind):
     device, backend = device_backend
     if backend not in ("cuda", "triton"):
         pytest.skip("the CUDA and Triton kernels' soft output masks")
-    from pyprune.ops import masked_conv as ops
-
-    seen = []
-    real = ops._SCALED_OPS[backend]
-
-    def spy(x, weight, bias, stride, padding, dilation, in_mask, out_mask, raw):
-        seen.append((None if out_mask is None else out_mask.dtype, raw))
-        return real(x, weight, bias, stride, padding, dilation, in_mask, out_mask, raw)
-
-    monkeypatch.setitem(ops._SCALED_OPS, backend, spy)
+    seen = _spy_soft_mask_op(monkeypatch, backend)
     for geom in (GEOMETRIES[0], GEOMETRIES[1]):
         n, cin, cout = geom[:3]
         x, weight, bias, gen = _inputs(geom, torch.float32, device)
@@ -589,7 +588,7 @@ def test_kernels_apply_soft_output_masks(device_backend, monkeypatch, in_kind):
         seen.clear()
         got = pyprune.masked_conv2d(*leaves[:3], *_conv_args(geom), out_mask=leaves[3],
                                     in_mask=leaves[4] if in_kind == "soft" else in_mask)
-        assert seen == [(torch.float32, True)]
+        assert [(out, raw) for _, out, raw in seen] == [(torch.float32, True)]
         grad = torch.randn(got.shape, generator=gen).to(device)
         grads = torch.autograd.grad(got, leaves, grad)
         ref = [t.detach().double().requires_grad_() for t in leaves]
@@ -604,7 +603,8 @@ def test_kernels_apply_soft_output_masks(device_backend, monkeypatch, in_kind):
             with torch.no_grad():
                 got = pyprune.masked_conv2d(x.to(dtype), weight.to(dtype), bias.to(dtype),
                                             *_conv_args(geom), in_mask=m, out_mask=scale.to(dtype))
-            assert seen == [(dtype, False)]  # no unscaled output without autograd
+            # no unscaled output without autograd
+            assert [(out, raw) for _, out, raw in seen] == [(dtype, False)]
             want = reference.masked_conv2d(x.to(dtype).double(), weight.to(dtype).double(),
                                            bias.to(dtype).double(), *_conv_args(geom),
                                            in_mask=None if m is None else (m if m.dtype == torch.bool else m.double()),

@@ -18,8 +18,9 @@
 //
 // Backward: the weight gradient only at the kept weights, each a dot product of an output
 // channel's gradient (laid out as the same run, zeros in the dropped columns, or interleaved
-// like the input) with the weight's shifted input run; the input gradient, for stride 1, is this forward kernel on the gradient
-// with the transposed, flipped weight and mask. Both follow the same density rule.
+// like the input) with the weight's shifted input run; the input gradient, for stride 1, is this
+// forward kernel on the gradient with the transposed, flipped weight and mask. Both follow the
+// same density rule.
 //
 // The AVX2 build uses fused multiply-adds here, so its results differ from the baseline build's
 // in rounding (as oneDNN's do between machines); every other kernel is bit-identical across the
@@ -36,6 +37,7 @@
 #include <optional>
 #include <tuple>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "../masked_conv.h"
@@ -168,6 +170,15 @@ Csr<T> csr_of(const at::Tensor& weight, const at::Tensor& mask, const Geometry& 
   return csr;
 }
 
+// The columns [q0, q1) of a row of phase-column b's planes that hold input: w = q * s1 + b - p1
+// in [0, W).
+inline std::pair<int64_t, int64_t> input_columns(const Geometry& g, const Layout& l, int64_t b) {
+  const int64_t p1 = g.padding[1];
+  const int64_t q0 = std::min(l.pitch, std::max<int64_t>(0, (p1 - b + l.s1 - 1) / l.s1));
+  const int64_t last = g.w - 1 + p1 - b;
+  return {q0, last < 0 ? q0 : std::max(q0, std::min(l.pitch, last / l.s1 + 1))};
+}
+
 // Copies channels [c0, c1) of sample n of x into the layout at `dst`, zeros around.
 template <typename T>
 void fill_layout(const at::Tensor& x, int64_t n, int64_t c0, int64_t c1, const Geometry& g,
@@ -187,10 +198,7 @@ void fill_layout(const at::Tensor& x, int64_t n, int64_t c0, int64_t c1, const G
             std::fill(row, row + l.pitch, T(0));
             continue;
           }
-          // Columns q with w = q * s1 + b - p1 in [0, W).
-          const int64_t q0 = std::min(l.pitch, std::max<int64_t>(0, (p1 - b + l.s1 - 1) / l.s1));
-          const int64_t last = g.w - 1 + p1 - b;
-          const int64_t q1 = last < 0 ? q0 : std::max(q0, std::min(l.pitch, last / l.s1 + 1));
+          const auto [q0, q1] = input_columns(g, l, b);
           std::fill(row, row + q0, T(0));
           const T* srow = src + h * sh + (q0 * l.s1 + b - p1) * sw;
           const int64_t step = l.s1 * sw;
@@ -243,6 +251,22 @@ void sparse_tile(const Csr<T>& csr, const T* bias, const T* src, const Geometry&
   }
 }
 
+// f(std::integral_constant<int, k>{}) for k = vecs, 1 to 8 (more: 8): the register tiles'
+// vector counts as compile-time constants.
+template <typename F>
+inline void with_vecs(int64_t vecs, F&& f) {
+  switch (vecs) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;
+    case 6: f(std::integral_constant<int, 6>{}); break;
+    case 7: f(std::integral_constant<int, 7>{}); break;
+    default: f(std::integral_constant<int, 8>{}); break;
+  }
+}
+
 // Output channels [o0, o1) of one sample from its layout `src`: the run in tiles of eight
 // vectors (held in registers while a row's kept weights stream past), the last tile only as
 // many vectors as the run has left (small planes compute little they then drop).
@@ -253,19 +277,9 @@ void sparse_rows(const Csr<T>& csr, const T* bias, const T* src, const Geometry&
   constexpr int64_t lanes = Vec<T>::lanes;
   for (int64_t f0 = 0; f0 < l.run;) {
     const int64_t vecs = std::min<int64_t>(8, (l.run - f0 + lanes - 1) / lanes);
-    auto tile = [&](auto kVecs) {
+    with_vecs(vecs, [&](auto kVecs) {
       sparse_tile<T, decltype(kVecs)::value>(csr, bias, src + f0, g, l, f0, o0, o1, out, oc, oh, ow);
-    };
-    switch (vecs) {
-      case 1: tile(std::integral_constant<int, 1>{}); break;
-      case 2: tile(std::integral_constant<int, 2>{}); break;
-      case 3: tile(std::integral_constant<int, 3>{}); break;
-      case 4: tile(std::integral_constant<int, 4>{}); break;
-      case 5: tile(std::integral_constant<int, 5>{}); break;
-      case 6: tile(std::integral_constant<int, 6>{}); break;
-      case 7: tile(std::integral_constant<int, 7>{}); break;
-      default: tile(std::integral_constant<int, 8>{}); break;
-    }
+    });
     f0 += vecs * lanes;
   }
 }
@@ -285,12 +299,12 @@ int64_t layout_size(const Geometry& g, const Layout& l, int64_t reach) {
   return g.c_in * l.channel + l.channel + reach;
 }
 
-// Fills `finite[n]` for the samples it computes; a sample holding inf or NaN is left to the
-// dense engine (its result must carry the NaN that 0 * inf gives at masked weights).
 template <typename T>
 void interleaved_conv_impl(const Csr<T>& csr, const at::Tensor& x, const T* bp, const Geometry& g,
                            const Layout& l, at::Tensor& out, std::vector<char>& finite);
 
+// Fills `finite[n]` for the samples it computes; a sample holding inf or NaN is left to the
+// dense engine (its result must carry the NaN that 0 * inf gives at masked weights).
 template <typename T>
 void sparse_conv_impl(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& mask,
                       const std::optional<at::Tensor>& bias, const Geometry& g, int64_t kept,
@@ -357,9 +371,7 @@ void fill_interleaved(const at::Tensor& x, int64_t n0, int64_t count, int64_t c0
         for (int64_t r = 0; r < l.rows; ++r) {
           const int64_t h = r * l.s0 + a - p0;
           if (h < 0 || h >= g.h) continue;
-          const int64_t q0 = std::min(l.pitch, std::max<int64_t>(0, (p1 - b + l.s1 - 1) / l.s1));
-          const int64_t last = g.w - 1 + p1 - b;
-          const int64_t q1 = last < 0 ? q0 : std::max(q0, std::min(l.pitch, last / l.s1 + 1));
+          const auto [q0, q1] = input_columns(g, l, b);
           T* row = plane + r * l.pitch * lanes;
           for (int64_t s = 0; s < count; ++s) {
             const T* srow = xp + (n0 + s) * sn + c * sc + h * sh + (q0 * l.s1 + b - p1) * sw;
@@ -425,19 +437,9 @@ void interleaved_rows(const Csr<T>& csr, const T* bias, const T* src, const Geom
     }
     for (int64_t b0 = o0; b0 < o1; b0 += kBlock) {
       const int64_t b1 = std::min(o1, b0 + kBlock);
-      auto tile = [&](auto kVecs) {
+      with_vecs(vecs, [&](auto kVecs) {
         interleaved_tile<T, decltype(kVecs)::value>(csr, bias, src, base, b0, b1, result);
-      };
-      switch (vecs) {
-        case 1: tile(std::integral_constant<int, 1>{}); break;
-        case 2: tile(std::integral_constant<int, 2>{}); break;
-        case 3: tile(std::integral_constant<int, 3>{}); break;
-        case 4: tile(std::integral_constant<int, 4>{}); break;
-        case 5: tile(std::integral_constant<int, 5>{}); break;
-        case 6: tile(std::integral_constant<int, 6>{}); break;
-        case 7: tile(std::integral_constant<int, 7>{}); break;
-        default: tile(std::integral_constant<int, 8>{}); break;
-      }
+      });
       for (int64_t o = b0; o < b1; ++o) {
         const T* r = reinterpret_cast<const T*>(result + (o - b0) * vecs);
         for (int v = 0; v < vecs; ++v) {
@@ -559,6 +561,24 @@ void kept_dots(const Csr<T>& csr, int64_t o, const T* r, const T* layout, int64_
   }
 }
 
+// gw at the kept weights += the sums body(i0, i1, acc) adds into acc (one entry per kept
+// weight) for the items [i0, i1) of [0, items): the items split over threads, each summing into
+// a buffer of its own; the buffers are added in thread order (deterministic for a thread count).
+template <typename T, typename Body>
+void sum_over_threads(const Csr<T>& csr, int64_t kept, int64_t items, at::Tensor& gw, Body body) {
+  std::vector<std::vector<T>> partial(at::get_num_threads());
+  at::parallel_for(0, items, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<T>& acc = partial[at::get_thread_num()];
+    if (acc.empty()) acc.assign(kept, T(0));  // a thread may take more than one range
+    body(i0, i1, acc.data());
+  });
+  T* out = gw.mutable_data_ptr<T>();
+  for (const std::vector<T>& acc : partial) {
+    if (acc.empty()) continue;
+    for (int64_t e = 0; e < kept; ++e) out[csr.flat[e]] += acc[e];
+  }
+}
+
 // The weight gradient at the kept weights, gw[e] = sum over samples and output positions of
 // grad[n, o, h, w] * (the input under kept weight e at (h, w)), as dot products in the layout:
 // each output channel's gradient is laid out as a run of pitch `pitch` with zeros in the dropped
@@ -575,11 +595,7 @@ void weight_grad_impl(const at::Tensor& grad, const at::Tensor& x, const at::Ten
   const int64_t scratch = layout_size(g, l, run);
   const T* gp = grad.const_data_ptr<T>();
   const int64_t gn = grad.stride(0), gc = grad.stride(1), gh = grad.stride(2), gwd = grad.stride(3);
-  const int threads = at::get_num_threads();
-  std::vector<std::vector<T>> partial(threads);
-  at::parallel_for(0, g.n, 1, [&](int64_t n0, int64_t n1) {
-    std::vector<T>& acc = partial[at::get_thread_num()];
-    if (acc.empty()) acc.assign(kept, T(0));  // a thread may take more than one range
+  sum_over_threads(csr, kept, g.n, gw, [&](int64_t n0, int64_t n1, T* acc) {
     std::vector<T> layout(scratch, T(0)), runs(g.c_out * run, T(0));
     const int64_t* off = csr.offset.data();
     for (int64_t n = n0; n < n1; ++n) {
@@ -605,14 +621,9 @@ void weight_grad_impl(const at::Tensor& grad, const at::Tensor& x, const at::Ten
       }
       for (int64_t o = 0; o < g.c_out; ++o)
         kept_dots<T>(csr, o, runs.data() + o * run, layout.data(), 1, run / lanes,
-                     [&](int64_t i) { return i * lanes; }, acc.data());
+                     [&](int64_t i) { return i * lanes; }, acc);
     }
   });
-  T* out = gw.mutable_data_ptr<T>();
-  for (const std::vector<T>& acc : partial) {
-    if (acc.empty()) continue;
-    for (int64_t e = 0; e < kept; ++e) out[csr.flat[e]] += acc[e];
-  }
 }
 
 // weight_grad_impl on the interleaved layout: the gradient of each group of samples is laid
@@ -633,11 +644,7 @@ void interleaved_weight_grad_impl(const at::Tensor& grad, const at::Tensor& x,
   const T* gp = grad.const_data_ptr<T>();
   const int64_t gn = grad.stride(0), gc = grad.stride(1), gh = grad.stride(2), gwd = grad.stride(3);
   const int64_t groups = (g.n + lanes - 1) / lanes;
-  const int threads = at::get_num_threads();
-  std::vector<std::vector<T>> partial(threads);
-  at::parallel_for(0, groups, 1, [&](int64_t j0, int64_t j1) {
-    std::vector<T>& acc = partial[at::get_thread_num()];
-    if (acc.empty()) acc.assign(kept, T(0));
+  sum_over_threads(csr, kept, groups, gw, [&](int64_t j0, int64_t j1, T* acc) {
     std::vector<T> layout(scratch, T(0)), runs(g.c_out * positions * lanes, T(0));
     for (int64_t j = j0; j < j1; ++j) {
       const int64_t n0 = j * lanes, count = std::min(lanes, g.n - n0);
@@ -652,14 +659,9 @@ void interleaved_weight_grad_impl(const at::Tensor& grad, const at::Tensor& x,
       }
       for (int64_t o = 0; o < g.c_out; ++o)
         kept_dots<T>(csr, o, runs.data() + o * positions * lanes, layout.data(), lanes, positions,
-                     [&](int64_t i) { return base[i]; }, acc.data());
+                     [&](int64_t i) { return base[i]; }, acc);
     }
   });
-  T* out = gw.mutable_data_ptr<T>();
-  for (const std::vector<T>& acc : partial) {
-    if (acc.empty()) continue;
-    for (int64_t e = 0; e < kept; ++e) out[csr.flat[e]] += acc[e];
-  }
 }
 
 }  // namespace
@@ -667,16 +669,17 @@ void interleaved_weight_grad_impl(const at::Tensor& grad, const at::Tensor& x,
 void sparse_weight_grad_kernel(const at::Tensor& grad, const at::Tensor& x,
                                const at::Tensor& weight, const at::Tensor& mask,
                                const Geometry& g, int64_t kept, at::Tensor& gw) {
+  auto run = [&](auto zero) {
+    using T = decltype(zero);
+    if (interleaved_layout(g, sizeof(T)))
+      interleaved_weight_grad_impl<T>(grad, x, weight, mask, g, kept, gw);
+    else
+      weight_grad_impl<T>(grad, x, weight, mask, g, kept, gw);
+  };
   if (x.scalar_type() == at::kDouble) {
-    if (interleaved_layout(g, sizeof(double)))
-      interleaved_weight_grad_impl<double>(grad, x, weight, mask, g, kept, gw);
-    else
-      weight_grad_impl<double>(grad, x, weight, mask, g, kept, gw);
+    run(double(0));
   } else {
-    if (interleaved_layout(g, sizeof(float)))
-      interleaved_weight_grad_impl<float>(grad, x, weight, mask, g, kept, gw);
-    else
-      weight_grad_impl<float>(grad, x, weight, mask, g, kept, gw);
+    run(float(0));
   }
 }
 

@@ -508,21 +508,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_conv2d_backward_cuda(
   return masked_conv::dense_backward(grad, x, weight, g, in_mask, out_mask);
 }
 
-// A channel mask of _masked_conv2d_scaled: bool as check_mask says, or float in x's dtype.
-void check_scaled_mask(const std::optional<at::Tensor>& mask, int64_t n, int64_t c,
-                       const at::Tensor& x, const char* name) {
-  if (!mask.has_value() || mask->scalar_type() == at::kBool) {
-    masked_conv::check_mask(mask, n, c, x, name);
-    return;
-  }
-  const at::Tensor& m = *mask;
-  TORCH_CHECK(m.scalar_type() == x.scalar_type(), "masked_conv2d: a soft ", name,
-              " must have x's dtype (", x.scalar_type(), "), got ", m.scalar_type());
-  TORCH_CHECK(m.device() == x.device(), "masked_conv2d: ", name, " must be on x's device");
-  TORCH_CHECK((m.dim() == 1 && m.size(0) == c) || (m.dim() == 2 && m.size(0) == n && m.size(1) == c),
-              "masked_conv2d: ", name, " must have shape (", c, ",) or (", n, ", ", c, ")");
-}
-
 std::tuple<at::Tensor, at::Tensor> masked_conv2d_scaled_cuda(
     const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
@@ -530,8 +515,8 @@ std::tuple<at::Tensor, at::Tensor> masked_conv2d_scaled_cuda(
     bool raw) {
   const masked_conv::Geometry g = masked_conv::geometry(x, weight, stride, padding, dilation, 1);
   check_operands(x, weight, bias, g, std::nullopt, std::nullopt);
-  check_scaled_mask(in_mask, g.n, g.c_in, x, "in_mask");
-  check_scaled_mask(out_mask, g.n, g.c_out, x, "out_mask");
+  masked_conv::check_mask(in_mask, g.n, g.c_in, x, "in_mask", /*soft_ok=*/true);
+  masked_conv::check_mask(out_mask, g.n, g.c_out, x, "out_mask", /*soft_ok=*/true);
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor unscaled;
   at::Tensor out = per_sample_forward(x, weight, bias, g, in_mask, out_mask,
