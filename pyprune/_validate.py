@@ -29,6 +29,19 @@ def tensor(x: object, name: str, *, min_dim: int = 0, dim: int | None = None) ->
     return x
 
 
+def generator(value: object, device: torch.device) -> torch.Generator | None:
+    """None or a torch.Generator of device's type."""
+    if value is None:
+        return None
+    if not isinstance(value, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(value).__name__}")
+    if torch.device(value.device).type != device.type:
+        raise ValueError(
+            f"generator must be on x's device type {device.type}, got a {value.device} generator"
+        )
+    return value
+
+
 def same_device(**tensors: Tensor | None) -> None:
     """All given tensors must be on one device."""
     present = {k: v for k, v in tensors.items() if v is not None}
@@ -72,21 +85,40 @@ def count_from_ratio_or_k(
 ) -> int:
     """Exactly one of ratio and k; k = int(ratio * group_size) or k; k in [1, group_size]."""
     if group_size <= 0:
-        raise ValueError(f"the {group} is empty (size {group_size}); nothing to select from")
+        raise ValueError(f"x's {group} is empty (size {group_size}); nothing to select from")
     if (ratio is None) == (k is None):
         raise ValueError(f"give exactly one of {ratio_name} and k, got {ratio_name}={ratio!r}, k={k!r}")
     if k is None:
         r = real(ratio, ratio_name)
-        if not 0.0 < r <= 1.0:
+        if not 0.0 < r < math.inf:
             raise ValueError(f"{ratio_name} must be in (0, 1], got {r}")
         count = int(r * group_size)
-        if count < 1:
+        if not 1 <= count <= group_size:  # k's range; a ratio just above 1 may still give k <= size
+            bound = f"must be >= {1 / group_size:.3g}" if count < 1 else "must be <= 1"
             raise ValueError(
-                f"{ratio_name}={r} keeps int({r} * {group_size}) = 0 elements of a {group} of "
-                f"{group_size}; {ratio_name} must be >= {1 / group_size:.3g}"
+                f"{ratio_name}={r} keeps int({r} * {group_size}) = {count} elements of a {group} "
+                f"of {group_size}; {ratio_name} {bound}"
             )
         return count
     count = integer(k, "k")
     if not 1 <= count <= group_size:
         raise ValueError(f"k must be in [1, {group_size}] (the {group} size), got {count}")
     return count
+
+
+def label_range(label: Tensor | None, classes: int, name: str = "label") -> None:
+    """Class indices in [0, classes). Eagerly the values are read on the host (a ValueError);
+    while tracing for torch.compile the check becomes an asynchronous assert in the graph (a
+    RuntimeError when the graph runs on the CPU, a device assert on CUDA); skipped during CUDA
+    graph capture, which can neither sync nor raise."""
+    if label is None or label.numel() == 0:
+        return
+    if torch.compiler.is_compiling():
+        torch._assert_async(((label >= 0) & (label < classes)).all(),
+                            f"{name} values must be in [0, {classes})")
+        return
+    if label.is_cuda and torch.cuda.is_current_stream_capturing():
+        return
+    lo, hi = (int(v) for v in torch.aminmax(label))
+    if lo < 0 or hi >= classes:
+        raise ValueError(f"{name} values must be in [0, {classes}), got {lo if lo < 0 else hi}")

@@ -38,9 +38,16 @@ def cas_loss(logits_list: Sequence[Tensor], label: Tensor, beta: float = 2.0) ->
     if len(logits_list) == 0:
         raise ValueError("logits_list must hold the logits of at least one CAS module")
     beta = _validate.real(beta, "beta")
+    shape = None
     for i, logits in enumerate(logits_list):
         _validate.tensor(logits, f"logits_list[{i}]", dim=2)
-    _labels(label, logits_list[0].shape[0], logits_list[0].shape[1])
+        shape = shape or logits.shape
+        if logits.shape != shape:
+            raise ValueError(f"logits_list[{i}] must have logits_list[0]'s shape {tuple(shape)}, "
+                             f"got {tuple(logits.shape)}")
+    _labels(label, shape[0], shape[1])
+    _validate.same_device(logits=logits_list[0], label=label)
+    _validate.label_range(label, shape[1])
     total = sum(F.cross_entropy(logits, label) for logits in logits_list)
     return total * (beta / len(logits_list))
 
@@ -71,10 +78,7 @@ def pc_loss(features: Tensor, centroids: Tensor, label: Tensor) -> Tensor:
         raise TypeError(f"centroids must have features' dtype {f.dtype}, got {centroids.dtype}")
     _labels(label, f.shape[0], classes)
     _validate.same_device(features=features, centroids=centroids, label=label)
-    if label.numel() and not torch.compiler.is_compiling():
-        lo, hi = (int(v) for v in torch.aminmax(label))
-        if lo < 0 or hi >= classes:
-            raise ValueError(f"label values must be in [0, {classes}), got {lo if lo < 0 else hi}")
+    _validate.label_range(label, classes)
     pull = (f - centroids[label]).pow(2).sum(1)
     center = centroids.mean(0)
     spread = (centroids - center).pow(2).sum()

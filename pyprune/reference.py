@@ -78,14 +78,16 @@ def sap(
 
     exact=True: r indices drawn with replacement from p = |x|/sum|x| (torch.multinomial), the
     drawn ones kept. exact=False: each element kept independently with probability q.
-    Kept elements are scaled by 1/q, so E[out] = x; an all-zero sample gives zeros.
+    Kept elements are scaled by 1/q, so E[out] = x; an all-zero sample gives zeros, and a sample
+    with a NaN or inf (p undefined) keeps nothing: x * 0, NaN at its non-finite elements.
     """
     n = x.shape[0]
     flat = x.detach().flatten(1)
     q = sap_keep_probability(x, r).flatten(1)
     if exact:
         a = flat.abs().to(_acc_dtype(x))
-        live = a.sum(dim=1) > 0
+        total = a.sum(dim=1)
+        live = (total > 0) & total.isfinite()
         kept = torch.zeros_like(a, dtype=torch.bool)
         if bool(live.any()):
             idx = torch.multinomial(a[live], r, replacement=True, generator=generator)
@@ -95,8 +97,8 @@ def sap(
     else:
         u = torch.rand(q.shape, dtype=q.dtype, device=q.device, generator=generator)
         kept = u < q
-    scale = torch.where(kept, 1.0 / q, torch.zeros_like(q)).to(x.dtype)
-    return (x.flatten(1) * scale).view_as(x) if n else x.clone()
+    scale = torch.where(kept, 1.0 / q, torch.zeros_like(q))
+    return (x.flatten(1).to(q.dtype) * scale).to(x.dtype).view_as(x) if n else x.clone()
 
 
 def gaussian_noise(

@@ -241,6 +241,49 @@ def test_compile_fullgraph_model(device_backend):
     torch.testing.assert_close(out, model(x)[0], rtol=1e-4, atol=1e-5)
 
 
+def test_strided_label_and_bias(device_backend):
+    """label and bias of any strides (here every other element of a larger tensor)."""
+    device, _ = device_backend
+    x, weight, bias, label = _inputs(4, 6, 3, 5, 5, torch.float32, device)
+    strided_bias = torch.stack([bias, -bias], 1)[:, 0]
+    strided_label = torch.stack([label, (label + 1) % 5], 1)[:, 0]
+    assert strided_bias.stride() == (2,) and strided_label.stride() == (2,)
+    for lab in (strided_label, None):
+        got = pyprune.cas(x, weight, strided_bias, lab)
+        want = _expected(x, weight, bias, None if lab is None else label)
+        for g, w in zip(got, want):
+            _close(g, w, torch.float32)
+
+
+def test_compiled_graph_checks_label_range(device_backend):
+    """Under torch.compile the labels are checked too (a ValueError from the kernel or the op,
+    or a RuntimeError from the graph's asynchronous assert), not used to index out of range."""
+    device, backend = device_backend
+    if device == "cuda" and backend != "triton":
+        pytest.skip("on CUDA the compiled check is a device assert, which ends the process's context")
+    x, weight, bias, _ = _inputs(2, 3, 4, 4, 5, torch.float32, device)
+    torch._dynamo.reset()
+    f = torch.compile(lambda x, lab: pyprune.cas(x, weight, bias, lab)[0], fullgraph=True)
+    good = torch.tensor([0, 4], device=device)
+    _close(f(x, good), _expected(x, weight, bias, good)[0], torch.float32)
+    for bad in ([0, 5], [-1, 0]):
+        with pytest.raises((ValueError, RuntimeError), match=r"label values must be in \[0, 5\)"):
+            f(x, torch.tensor(bad, device=device))
+
+
+def test_double_backward_raises(device_backend):
+    """Differentiating CAS's gradient is not supported: a clear error, not a silent zero."""
+    device, backend = device_backend
+    if backend == "reference":
+        pytest.skip("the reference is plain eager PyTorch")
+    x, weight, bias, label = _inputs(2, 3, 4, 4, 5, torch.float32, device)
+    x.requires_grad_()
+    out, logits = pyprune.cas(x, weight, bias, label)
+    (g,) = torch.autograd.grad(out.square().sum() + logits.sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="cas: double backward .* is not supported"):
+        g.sum().backward()
+
+
 def test_empty_batch(device_backend):
     device, _ = device_backend
     x = torch.randn(0, 4, 3, 3, device=device, requires_grad=True)

@@ -153,6 +153,25 @@ def test_gradcheck_float64(device_backend, mode):
     assert torch.autograd.gradcheck(lambda t: pyprune.kwta(t, 0.4, mode=mode, absolute=True), (x,))
 
 
+@pytest.mark.parametrize("mode", ["sample", "channel"])
+def test_double_backward(device_backend, mode):
+    """The gradient is grad * mask, linear in grad: differentiating it (a gradient penalty, a
+    Hessian-vector product) matches the reference's autograd."""
+    device, _ = device_backend
+    x = torch.randn(3, 4, 5, 5, device=device)
+    v = torch.randn(3, 4, 5, 5, device=device, requires_grad=True)
+    vr = v.detach().double().requires_grad_()
+    grads = []
+    for f, w, t in ((lambda t: pyprune.kwta(t, 0.3, mode=mode), v, x),
+                    (lambda t: reference.kwta(t, int(0.3 * (100 if mode == "sample" else 25)), mode), vr, x.double())):
+        t = t.clone().requires_grad_()
+        (g,) = torch.autograd.grad((f(t) * w).sum(), t, create_graph=True)
+        g.square().sum().backward()
+        grads.append(w.grad)
+    torch.testing.assert_close(grads[0].double(), grads[1])
+    assert grads[0].ne(0).any()
+
+
 def test_backward_saves_threshold_not_mask(device_backend):
     """Backward keeps x and one threshold per group: no input-sized mask or index tensor."""
     device, backend = device_backend
@@ -266,7 +285,8 @@ def test_cpu_kernel_property(n, c, length, fraction, pool, absolute, seed):
 # Bad input: a clear error naming the argument, before any kernel runs.
 BAD = [
     (dict(ratio=0.0), ValueError, "ratio must be in"),
-    (dict(ratio=1.5), ValueError, "ratio must be in"),
+    (dict(ratio=1.5), ValueError, r"ratio=1.5 keeps int\(1.5 \* 48\) = 72 .* ratio must be <= 1"),
+    (dict(ratio=float("inf")), ValueError, "ratio must be in"),
     (dict(ratio=-0.1), ValueError, "ratio must be in"),
     (dict(ratio=float("nan")), ValueError, "ratio must not be NaN"),
     (dict(ratio=0.001), ValueError, "keeps int"),
@@ -286,6 +306,13 @@ def test_bad_arguments(kwargs, error, message):
     x = torch.randn(2, 3, 4, 4)
     with pytest.raises(error, match=message):
         pyprune.kwta(x, **kwargs)
+
+
+def test_ratio_is_held_to_the_range_of_k():
+    """k = int(ratio * group_size) must lie in [1, group_size]: a ratio just above 1 still does."""
+    x = torch.randn(2, 3, 4, 4)
+    assert torch.equal(pyprune.kwta(x, 1.01), pyprune.kwta(x, k=48))
+    assert torch.equal(pyprune.kwta(x, 1.01, mode="channel"), pyprune.kwta(x, k=16, mode="channel"))
 
 
 def test_bad_tensors():

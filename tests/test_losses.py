@@ -36,6 +36,11 @@ def test_cas_loss_bad_input():
         pyprune.cas_loss([lg], torch.zeros(5, dtype=torch.int64))
     with pytest.raises(ValueError, match="logits_list\\[0\\] must be 2-D"):
         pyprune.cas_loss([torch.randn(4)], torch.zeros(4, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"logits_list\[1\] must have logits_list\[0\]'s shape \(4, 3\)"):
+        pyprune.cas_loss([lg, torch.randn(4, 5)], torch.zeros(4, dtype=torch.int64))
+    for bad, value in (([0, 1, 2, 3], 3), ([0, 1, -100, 2], -100), ([0, 1, -1, 2], -1)):
+        with pytest.raises(ValueError, match=rf"label values must be in \[0, 3\), got {value}"):
+            pyprune.cas_loss([lg], torch.tensor(bad))
 
 
 def _pc_hand(f, c, y):

@@ -193,6 +193,22 @@ def test_gradients(device_backend, kinds, cpu_path):
             _close(g, w, dtype, scale=8.0)
 
 
+def test_double_backward_raises(device_backend):
+    """Differentiating the convolution's gradient is not supported: a clear error, not a silent
+    zero."""
+    device, backend = device_backend
+    if backend == "reference":
+        pytest.skip("the reference is plain eager PyTorch")
+    x = torch.randn(2, 3, 6, 6, device=device, requires_grad=True)
+    weight = torch.randn(4, 3, 3, 3, device=device)
+    mask = torch.tensor([True, False, True, True], device=device)
+    for kwargs in (dict(out_mask=mask), dict(weight_mask=torch.rand(weight.shape, device=device) < 0.5)):
+        out = pyprune.masked_conv2d(x, weight, padding=1, **kwargs)
+        (g,) = torch.autograd.grad(out.square().sum(), x, create_graph=True)
+        with pytest.raises(RuntimeError, match="masked_conv2d: double backward .* is not supported"):
+            g.sum().backward()
+
+
 def test_soft_mask_gradients(device_backend):
     device, backend = device_backend
     dtype = torch.float64 if torch.float64 in dtypes_for(backend) else torch.float32

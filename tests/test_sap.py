@@ -116,6 +116,53 @@ def test_all_zero_sample_and_empty_batch(device_backend):
     y.sum().backward()
 
 
+def test_non_finite_sample_keeps_nothing(device_backend):
+    """A sample with a NaN or inf leaves p = |x| / sum|x| undefined: nothing is drawn and the
+    output is x * 0 (NaN at the non-finite elements, 0 elsewhere), as in the reference; the
+    other samples are unaffected. Backward gives grad * 0 there."""
+    device, backend = device_backend
+    x = torch.rand(4, 40, device=device) + 0.5
+    x[0, 3] = float("nan")
+    x[1, 7] = float("inf")
+    x[2, 0] = -float("inf")
+    bad = ~x.isfinite()
+    for exact in (True, False):
+        for out in (pyprune.sap(x, samples=10, exact=exact), reference.sap(x, 10, exact)):
+            assert out[bad].isnan().all()
+            assert (out[:3][~bad[:3]] == 0).all()
+            assert (out[3] != 0).any()
+        xg = x.clone().requires_grad_()
+        pyprune.sap(xg, samples=10, exact=exact).backward(torch.ones_like(x))
+        assert (xg.grad[:3] == 0).all() and (xg.grad[3] != 0).any()
+
+
+def test_keep_probability_near_one(device_backend):
+    """q = 1 - (1 - p)^r near 1 (r * log1p(-p) far below 0, exp of it subnormal) is exactly 1 to
+    rounding: a kept element comes out as x / q, not a few per mille off."""
+    device, _ = device_backend
+    x = torch.tensor([[0.87, 0.13], [0.999, 0.001], [0.6, 0.4], [0.99, 0.01]], device=device)
+    for r in (50, 200, 1000):
+        for exact in (True, False):
+            out = pyprune.sap(x, samples=r, exact=exact)
+            kept = out != 0
+            want = (x.double() / _q(x, r)).float()
+            torch.testing.assert_close(out[kept], want[kept], rtol=2e-6, atol=0)
+            assert kept[:, 0].all()
+
+
+def test_small_keep_probability_in_half_precision(device_backend):
+    """x / q with q below 1 / 65504 is representable in float16 though 1 / q is not: one draw
+    from 66000 equal elements keeps one of them, scaled by 66000."""
+    device, backend = device_backend
+    if torch.float16 not in dtypes_for(backend):
+        pytest.skip("no float16 on this backend")
+    x = torch.full((1, 66000), 1e-3, dtype=torch.float16, device=device)
+    for out in (pyprune.sap(x, samples=1), reference.sap(x, 1, True)):
+        kept = out != 0
+        assert kept.sum() == 1 and out.isfinite().all()
+        torch.testing.assert_close(out[kept].float(), x[kept].float() * 66000, rtol=2e-3, atol=0)
+
+
 def test_seeding(device_backend):
     device, _ = device_backend
     x = torch.randn(4, 300, device=device)
@@ -157,6 +204,21 @@ def test_gradient(device_backend, exact):
         kept = out.detach() != 0
         want = torch.where(kept, g.double() / _q(x, r), 0.0).to(dtype)
         torch.testing.assert_close(got, want, atol=atol, rtol=max(rtol, 1e-4))
+
+
+@pytest.mark.parametrize("exact", [True, False], ids=["exact", "bernoulli"])
+def test_double_backward(device_backend, exact):
+    """The gradient is grad * kept / q, linear in grad (q is a constant, as in the reference):
+    with loss = sum(sap(x) * w), d/dw of |d loss / dx|^2 = 2 w (kept / q)^2."""
+    device, _ = device_backend
+    x = (torch.rand(3, 40, device=device) + 0.5).requires_grad_()
+    w = torch.randn(3, 40, device=device, requires_grad=True)
+    y = pyprune.sap(x, samples=20, exact=exact, generator=torch.Generator(device).manual_seed(1))
+    (g,) = torch.autograd.grad((y * w).sum(), x, create_graph=True)
+    g.square().sum().backward()
+    scale = y.detach() / x.detach()
+    torch.testing.assert_close(w.grad, 2 * w.detach() * scale.square(), rtol=1e-5, atol=1e-6)
+    assert scale.ne(0).any()
 
 
 def test_backward_saves_no_mask(device_backend):
@@ -234,7 +296,10 @@ BAD = [
     (dict(ratio=float("nan")), ValueError, "ratio must not be NaN"),
     (dict(ratio=0.001), ValueError, "draws int"),
     (dict(ratio="1"), TypeError, "ratio must be a real number"),
-    (dict(samples=0), ValueError, "samples must be >= 1"),
+    (dict(samples=0), ValueError, r"samples must be in \[1, 2147483647\]"),
+    (dict(samples=2**63 - 1), ValueError, r"samples must be in \[1, 2147483647\]"),
+    (dict(ratio=1e12), ValueError, "more than the 2147483647 a call supports"),
+    (dict(generator=1), TypeError, "generator must be a torch.Generator or None, got int"),
     (dict(samples=2.0), TypeError, "samples must be an int"),
     (dict(exact=1), TypeError, "exact must be a bool"),
 ]
@@ -267,5 +332,5 @@ def test_module():
     assert m(torch.zeros(2, 5)).eq(0).all()
     with pytest.raises(ValueError, match="ratio must be > 0"):
         pyprune.nn.SAP(ratio=0.0)
-    with pytest.raises(ValueError, match="samples must be >= 1"):
+    with pytest.raises(ValueError, match=r"samples must be in \[1, 2147483647\]"):
         pyprune.nn.SAP(samples=0)

@@ -273,11 +273,14 @@ def cas_forward(
         return out, logits, index, mean
     if label is not None and (label.dtype != torch.int64 or label.shape != (N,)):
         raise ValueError(f"cas (triton): label must be int64 of shape ({N},)")
+    # The kernel reads label[n] and bias[c] at unit stride.
+    bias = bias.contiguous() if bias is not None else weight
+    label = label.contiguous() if label is not None else None
     block_k, block_l, block_c, one_block, num_warps = _forward_config(K, L)
     _cas_forward_kernel[(N,)](
-        x, weight, bias if bias is not None else weight, label if label is not None else index,
+        x, weight, bias, label if label is not None else index,
         out, logits, index, mean,
-        K, L, C, int(label is not None), int(bias is not None),
+        K, L, C, int(label is not None), int(bias is not weight),
         *x.stride(), *out.stride(), *weight.stride(),
         BLOCK_K=block_k, BLOCK_L=block_l, BLOCK_C=block_c, ONE_BLOCK=one_block,
         num_warps=num_warps,

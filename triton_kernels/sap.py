@@ -12,7 +12,8 @@ over the sample (tile by tile, as the prefix sums below accumulate), then:
   is taken again with the next tile.
 
 Kept elements are written as src / q with q = -expm1(r * log1p(-p)) (src: x forward, grad
-backward: backward regenerates the kept set), the rest as 0. log1p and expm1 are built from
+backward: backward regenerates the kept set), the rest as src * 0 (NaN where src is NaN or inf,
+as in the reference). A sample with a NaN or inf keeps nothing. log1p and expm1 are built from
 log and exp with the Goldberg / Kahan corrections, which keep full relative accuracy near 0.
 """
 from __future__ import annotations
@@ -38,8 +39,10 @@ def _log1p(x):
 
 @triton.jit
 def _expm1(y):
+    # The correction is needed near 0 only; below -1, u - 1 is exact to rounding (and log(u)
+    # of a subnormal u would not be).
     u = tl.exp(y)
-    return tl.where(u == 1.0, y, tl.where(u == 0.0, -1.0, (u - 1.0) * (y / tl.log(u))))
+    return tl.where(u == 1.0, y, tl.where(y < -1.0, u - 1.0, (u - 1.0) * (y / tl.log(u))))
 
 
 @triton.jit
@@ -64,13 +67,18 @@ def _sap_kernel(
     lanes = tl.arange(0, BLOCK).to(tl.int64)
 
     # sum |x|, accumulated exactly as the merge below accumulates its prefix sums.
+    # A NaN or inf in the sample leaves p undefined: nothing is drawn (total becomes NaN; the
+    # tile maximum alone would skip a NaN).
     total = tl.zeros([], dtype=tl.float32)
+    nonfinite = tl.zeros([], dtype=tl.int32)
     start = 0
     while start < L:
         offs = start + lanes
         a = tl.abs(tl.load(x_row + offs * x_sl, mask=offs < L, other=0.0).to(tl.float32))
         total += tl.max(tl.cumsum(a, 0), 0)
+        nonfinite += tl.sum(((a != a) | (a == float("inf"))).to(tl.int32), 0)
         start += BLOCK
+    total = tl.where(nonfinite > 0, float("nan"), total)
 
     if EXACT:
         draws = tl.arange(0, DRAWS).to(tl.int64)
@@ -111,7 +119,7 @@ def _sap_kernel(
                 go = consumed & (first < r)
             q = _keep_probability(a, total, r)
             g = tl.load(src_row + offs * src_sl, mask=in_row, other=0.0)
-            y = tl.where(kept != 0, g.to(tl.float32) / q, 0.0)
+            y = tl.where(kept != 0, g.to(tl.float32) / q, g.to(tl.float32) * 0.0)
             tl.store(out_row + offs * out_sl, y.to(g.dtype), mask=in_row)
             carry_c = tile_hi
             start += BLOCK
@@ -124,7 +132,7 @@ def _sap_kernel(
             q = _keep_probability(a, total, r)
             u = uniform(key, stream, n * L + offs)
             g = tl.load(src_row + offs * src_sl, mask=in_row, other=0.0)
-            y = tl.where(u < q, g.to(tl.float32) / q, 0.0)
+            y = tl.where(u < q, g.to(tl.float32) / q, g.to(tl.float32) * 0.0)
             tl.store(out_row + offs * out_sl, y.to(g.dtype), mask=in_row)
             start += BLOCK
 

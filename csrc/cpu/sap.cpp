@@ -12,7 +12,8 @@
 //    binary search), interleaved so that their dependency chains overlap; each advances over
 //    the draws of an element without a data-dependent branch in the common case (<= 2 draws).
 // Values are handled in tiles of 64: Philox, q and the writes vectorize (csrc/cpu/fast_math.h).
-// Kept elements are written as src / q (src = x forward, grad backward), the rest as 0.
+// Kept elements are written as src / q (src = x forward, grad backward), the rest as src * 0
+// (0, or NaN where src is NaN or inf, as the reference's src * scale).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -176,8 +177,10 @@ void sap_rows(const Rows<scalar_t>& t, int64_t n0, int64_t n1, int64_t L, Seed s
     } else {
       total = abs_sum(x, xs, 0, L);
     }
-    if (!(total > 0)) {  // an all-zero sample: nothing can be drawn
-      for (int64_t j = 0; j < L; ++j) out[j * os] = scalar_t(0);
+    // An all-zero sample has nothing to draw; a NaN or inf leaves p = |x| / sum|x| undefined:
+    // neither keeps anything (src * 0 is NaN at the non-finite elements, as in the reference).
+    if (!(total > 0) || !std::isfinite(total)) {
+      for (int64_t j = 0; j < L; ++j) out[j * os] = src[j * ss] * scalar_t(0);
       continue;
     }
     const acc_t inv_total = static_cast<acc_t>(1.0 / total);
@@ -190,7 +193,7 @@ void sap_rows(const Rows<scalar_t>& t, int64_t n0, int64_t n1, int64_t L, Seed s
     auto tile_write = [&](int64_t j0, int count) {
       for (int k = 0; k < count; ++k) {
         const acc_t v = static_cast<acc_t>(src[(j0 + k) * ss]) / q[k];
-        out[(j0 + k) * os] = kept[k] ? static_cast<scalar_t>(v) : scalar_t(0);
+        out[(j0 + k) * os] = static_cast<scalar_t>(kept[k] ? v : static_cast<acc_t>(src[(j0 + k) * ss]) * acc_t(0));
       }
     };
     if (!exact) {

@@ -220,13 +220,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cas_cuda(
   at::Tensor mean = at::empty({N, K}, x.options().dtype(cas_acc_dtype(x.scalar_type())));
   if (N == 0) return {out, logits, index, mean};
   TORCH_CHECK(N <= std::numeric_limits<int32_t>::max(), "cas (cuda): at most 2^31 - 1 samples");
+  // The kernel reads label[n] and bias[c] at unit stride.
   const at::Tensor labels = label ? label->contiguous() : at::Tensor();
+  const at::Tensor biases = bias ? bias->contiguous() : at::Tensor();
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "cas_cuda", [&] {
     ForwardParams<scalar_t> p{};
     p.x = x.const_data_ptr<scalar_t>();
     p.w = weight.const_data_ptr<scalar_t>();
-    p.b = bias ? bias->const_data_ptr<scalar_t>() : nullptr;
+    p.b = bias ? biases.const_data_ptr<scalar_t>() : nullptr;
     p.label = label ? labels.const_data_ptr<int64_t>() : nullptr;
     p.out = out.mutable_data_ptr<scalar_t>();
     p.logits = logits.mutable_data_ptr<scalar_t>();

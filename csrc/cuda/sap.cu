@@ -10,7 +10,7 @@
 //   sorted positions S_i * sum|x| / S_r, and each draw inside the tile binary-searches its
 //   element and flags it. A chunk that runs past the tile is taken again with the next tile.
 //   Spacings are regenerated from the seed, never stored.
-// Kept elements are written as src / q (src = x forward, grad backward), the rest as 0.
+// Kept elements are written as src / q (src = x forward, grad backward), the rest as src * 0.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -75,6 +75,8 @@ __global__ void __launch_bounds__(kThreads) sap_kernel(const SapParams<scalar_t>
       __syncthreads();
       total += tile;
     }
+    // Nothing is drawn from an all-zero sample or one with a NaN or inf (p undefined).
+    const bool drawable = total > acc_t(0) && total < INFINITY;
 
     if constexpr (!kExact) {
       const uint64_t begin = static_cast<uint64_t>(n) * L, end = begin + L;
@@ -87,9 +89,9 @@ __global__ void __launch_bounds__(kThreads) sap_kernel(const SapParams<scalar_t>
           const int64_t j = static_cast<int64_t>(i - begin);
           const acc_t a = abs_x(j);
           const acc_t q = sap_keep_probability<acc_t>(a / total, r);
-          const bool kept = total > 0 && static_cast<acc_t>(to_uniform(w.w[lane])) < q;
-          out[j * p.os1] = kept ? static_cast<scalar_t>(static_cast<acc_t>(src[j * p.ss1]) / q)
-                                : scalar_t(0);
+          const bool kept = drawable && static_cast<acc_t>(to_uniform(w.w[lane])) < q;
+          const acc_t g = static_cast<acc_t>(src[j * p.ss1]);
+          out[j * p.os1] = static_cast<scalar_t>(kept ? g / q : g * acc_t(0));
         }
       }
       continue;
@@ -122,7 +124,7 @@ __global__ void __launch_bounds__(kThreads) sap_kernel(const SapParams<scalar_t>
       flag[tid] = 0;
       __syncthreads();
       const acc_t tile_hi = tile_c[count - 1];
-      while (first < r && total > 0) {
+      while (first < r && drawable) {
         const int64_t d = first + tid;
         const bool valid = d < r;
         acc_t s, chunk;
@@ -150,7 +152,10 @@ __global__ void __launch_bounds__(kThreads) sap_kernel(const SapParams<scalar_t>
         __syncthreads();
         if (!consumed) break;
       }
-      if (j < L) out[j * p.os1] = flag[tid] ? kept_value(j, a, total) : scalar_t(0);
+      if (j < L) {
+        out[j * p.os1] = flag[tid] ? kept_value(j, a, total)
+                                   : static_cast<scalar_t>(static_cast<acc_t>(src[j * p.ss1]) * acc_t(0));
+      }
       carry_c = tile_hi;
       __syncthreads();
     }

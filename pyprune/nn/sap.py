@@ -3,7 +3,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from .. import _validate
-from ..ops.sap import sap
+from ..ops.sap import MAX_DRAWS, sap
 
 
 class SAP(nn.Module):
@@ -21,8 +21,8 @@ class SAP(nn.Module):
             raise ValueError(f"ratio must be > 0, got {ratio}")
         if samples is not None:
             samples = _validate.integer(samples, "samples")
-            if samples < 1:
-                raise ValueError(f"samples must be >= 1, got {samples}")
+            if not 1 <= samples <= MAX_DRAWS:
+                raise ValueError(f"samples must be in [1, {MAX_DRAWS}], got {samples}")
         self.ratio, self.samples = ratio, samples
         self.exact = _validate.flag(exact, "exact")
 

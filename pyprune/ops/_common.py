@@ -56,3 +56,37 @@ def register_autograd(
         return (backward(grad, *ctx.saved_tensors, **ctx.attrs),) + (None,) * (ctx.n_inputs - 1)
 
     torch.library.register_autograd(op, bwd, setup_context=setup_context)
+
+
+def register_linear_backward(
+    op: str, save: Callable[[tuple], tuple[Tensor, ...]], attrs: Callable[[tuple], dict]
+) -> None:
+    """Autograd for a backward op linear in its first input (grad) and locally constant in the
+    rest (kwta's mask, SAP's kept / q): its derivative in grad is op itself, so double
+    backward (gradient penalties, Hessian-vector products) gets op(grad_grad, *saved)."""
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*save(inputs))
+        ctx.attrs = attrs(inputs)
+        ctx.n_inputs = len(inputs)
+
+    def bwd(ctx, grad_grad):
+        return (op(grad_grad, *ctx.saved_tensors, **ctx.attrs),) + (None,) * (ctx.n_inputs - 1)
+
+    torch.library.register_autograd(op, bwd, setup_context=setup_context)
+
+
+def forbid_double_backward(op: str, what: str) -> None:
+    """Autograd for a backward op that has no derivative of its own: differentiating through
+    it raises instead of silently giving no gradient."""
+
+    def setup_context(ctx, inputs, output):
+        pass
+
+    def bwd(ctx, *grads):
+        raise RuntimeError(
+            f"{what}: double backward (differentiating its gradient, e.g. for a gradient "
+            "penalty) is not supported"
+        )
+
+    torch.library.register_autograd(op, bwd, setup_context=setup_context)

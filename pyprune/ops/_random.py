@@ -22,11 +22,8 @@ _SEED_RANGE = 2**62
 
 
 def draw_seed(device: torch.device, generator: torch.Generator | None) -> Tensor:
-    """Two int64 (key, stream) drawn from ``generator`` (or the device's default), on ``device``."""
-    if generator is not None and torch.device(generator.device).type != device.type:
-        raise ValueError(
-            f"generator must be on x's device type {device.type}, got a {generator.device} generator"
-        )
+    """Two int64 (key, stream) drawn from ``generator`` (or the device's default), on ``device``;
+    the caller has checked the generator (pyprune._validate.generator)."""
     return torch.randint(-_SEED_RANGE, _SEED_RANGE, (2,), generator=generator,
                          device=device, dtype=torch.int64)
 

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend, _validate, reference
-from ._common import group_view
+from ._common import forbid_double_backward, group_view
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -47,6 +47,8 @@ def _cas_triton(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     from ..triton_kernels import cas as kernels
 
+    # Checked here, where the values are at hand also when a compiled graph calls this op.
+    _validate.label_range(label, weight.shape[0])
     return kernels.cas_forward(x, weight, bias, label)
 
 
@@ -88,6 +90,7 @@ def _register_autograd(fwd, bwd) -> None:
 
 for _fwd, _bwd in {v[0]: v[1] for v in _OPS.values()}.items():
     _register_autograd(_fwd, _bwd)
+    forbid_double_backward(_bwd, "cas")
 
 
 def _check_args(x: object, weight: object, bias: object, label: object) -> None:
@@ -124,23 +127,6 @@ def _check_args(x: object, weight: object, bias: object, label: object) -> None:
     _validate.same_device(x=x, weight=weight, bias=bias, label=label)
 
 
-def _check_label_range(label: Tensor | None, classes: int) -> None:
-    """label values in [0, classes). The CPU kernel checks them itself (the same ValueError,
-    before it runs), so this runs for the other backends only. It reads the labels on the
-    host: skipped while tracing (the CUDA kernel asserts) and during CUDA graph capture, which
-    cannot sync."""
-    if (
-        label is not None
-        and label.numel() > 0
-        and not torch.compiler.is_compiling()
-        and not (label.is_cuda and torch.cuda.is_current_stream_capturing())
-    ):
-        lo, hi = (int(v) for v in torch.aminmax(label))
-        if lo < 0 or hi >= classes:
-            bad = lo if lo < 0 else hi
-            raise ValueError(f"label values must be in [0, {classes}), got {bad}")
-
-
 def cas(
     x: Tensor, weight: Tensor, bias: Tensor | None = None, label: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
@@ -172,8 +158,8 @@ def cas(
     """
     _check_args(x, weight, bias, label)
     backend = _backend.select("cas", x)
-    if backend != "cpu":
-        _check_label_range(label, weight.shape[0])
+    if backend in ("reference", "cuda"):  # the cpu kernel and the triton op check their own
+        _validate.label_range(label, weight.shape[0])
     if backend == "reference":
         return reference.cas(x, weight, bias, label)
     view, restore = group_view(x, 2)

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend, _validate, reference
-from ._common import group_view, register_autograd
+from ._common import group_view, register_autograd, register_linear_backward
 
 MODES = ("sample", "channel")
 
@@ -56,6 +56,11 @@ for _fwd, _bwd in {v[0]: v[1] for v in _OPS.values()}.items():
         _bwd,
         save=lambda inputs, output: (inputs[0], output[1]),
         attrs=lambda inputs: {"absolute": inputs[2]},
+    )
+    register_linear_backward(
+        _bwd,
+        save=lambda inputs: (inputs[1], inputs[2]),
+        attrs=lambda inputs: {"absolute": inputs[3]},
     )
 
 

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _backend, _validate, reference
+from ._common import forbid_double_backward
 
 IntPair = Union[int, Sequence[int]]
 
@@ -129,6 +130,7 @@ _SPARSE_OPS = {
 for _fwd, _bwd in _SPARSE_OPS.values():
     torch.library.register_autograd(_fwd, _sparse_conv2d_backward(_bwd),
                                     setup_context=_sparse_conv2d_setup)
+    forbid_double_backward(_bwd, "masked_conv2d")
 
 
 @torch.library.register_fake("pyprune::_channel_conv")
@@ -274,6 +276,7 @@ def _register_autograd(fwd, bwd) -> None:
 
 for _fwd, _bwd in {v[0]: v[1] for v in _OPS.values()}.items():
     _register_autograd(_fwd, _bwd)
+    forbid_double_backward(_bwd, "masked_conv2d")
 
 # Soft per-sample channel masks inside the kernels, per backend.
 _SCALED_OPS = {

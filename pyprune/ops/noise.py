@@ -73,6 +73,7 @@ def gaussian_noise(
     if not 0.0 <= std < float("inf"):
         raise ValueError(f"std must be a finite number >= 0, got {std}")
     multiplicative = _validate.flag(multiplicative, "multiplicative")
+    generator = _validate.generator(generator, x.device)
     backend = _backend.select("gaussian_noise", x)
     if backend == "reference":
         return reference.gaussian_noise(x, std, multiplicative, generator)

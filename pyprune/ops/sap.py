@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend, _validate, reference
-from ._common import register_autograd
+from ._common import register_autograd, register_linear_backward
 from ._random import draw_seed, memory_order_view
 
 
@@ -56,17 +56,26 @@ for _fwd, _bwd in {v[0]: v[1] for v in _OPS.values()}.items():
         save=lambda inputs, output: (inputs[0], inputs[1]),
         attrs=lambda inputs: {"r": inputs[2], "exact": inputs[3]},
     )
+    register_linear_backward(
+        _bwd,
+        save=lambda inputs: (inputs[1], inputs[2]),
+        attrs=lambda inputs: {"r": inputs[3], "exact": inputs[4]},
+    )
+
+
+# The draw count is a 32-bit kernel argument (and exact mode keeps r prefix sums per thread).
+MAX_DRAWS = 2**31 - 1
 
 
 def sap_draws(x: Tensor, ratio: float = 1.0, samples: int | None = None) -> int:
     """r: ``samples``, or int(ratio * group_size) with group_size = x.flatten(1).shape[1]."""
     group_size = math.prod(x.shape[1:])
     if group_size <= 0:
-        raise ValueError(f"the sample group is empty (size {group_size}); nothing to draw from")
+        raise ValueError(f"x's sample group is empty (size {group_size}); nothing to draw from")
     if samples is not None:
         r = _validate.integer(samples, "samples")
-        if r < 1:
-            raise ValueError(f"samples must be >= 1, got {r}")
+        if not 1 <= r <= MAX_DRAWS:
+            raise ValueError(f"samples must be in [1, {MAX_DRAWS}], got {r}")
         return r
     ratio = _validate.real(ratio, "ratio")
     if not ratio > 0.0 or math.isinf(ratio):
@@ -76,6 +85,11 @@ def sap_draws(x: Tensor, ratio: float = 1.0, samples: int | None = None) -> int:
         raise ValueError(
             f"ratio={ratio} draws int({ratio} * {group_size}) = 0 samples from a sample group of "
             f"{group_size}; ratio must be >= {1 / group_size:.3g}"
+        )
+    if r > MAX_DRAWS:
+        raise ValueError(
+            f"ratio={ratio} draws int({ratio} * {group_size}) = {r} samples, more than the "
+            f"{MAX_DRAWS} a call supports"
         )
     return r
 
@@ -99,7 +113,8 @@ def sap(
     exact=True keeps the elements a true multinomial draw hits (inverse CDF against the prefix
     sum of |x| with sorted uniforms from cumulated exponential spacings: no sort, no index
     tensor); exact=False keeps each element independently with probability q_j (same
-    marginals, one pass). An all-zero sample gives zeros.
+    marginals, one pass). An all-zero sample gives zeros; a sample with a NaN or inf (p
+    undefined) keeps nothing and gives x * 0: NaN at its non-finite elements, 0 elsewhere.
 
     Randomness comes from ``generator`` (default: torch's default generator of x's device, so
     ``torch.manual_seed`` reproduces the output); a seed reproduces the output on every backend
@@ -112,6 +127,7 @@ def sap(
     """
     _validate.tensor(x, "x", min_dim=2)
     exact = _validate.flag(exact, "exact")
+    generator = _validate.generator(generator, x.device)
     r = sap_draws(x, ratio, samples)
     backend = _backend.select("sap", x)
     if backend == "reference":
