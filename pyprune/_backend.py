@@ -12,14 +12,21 @@ Choice, highest priority first: the innermost ``with pyprune.use_backend(name)``
 backend for the op and device (``AUTO``). A forced backend that cannot run the call raises; none
 falls back silently.
 
-The choice is made in Python when an op is called, so under torch.compile it is fixed at trace
-time (dynamo guards on the module globals read here).
+The forced backend is per thread and per asyncio task (a ContextVar): ``use_backend`` in one
+thread or task does not change another's. The choice is made in Python when an op is called, so
+under torch.compile it is fixed at trace time; dynamo cannot read a ContextVar, so traced code
+reads a per-thread mirror of it (dynamo guards on it, so a compiled function called under
+another ``use_backend`` recompiles). The mirror follows ``use_backend`` blocks and every eager
+call; asyncio tasks that interleave inside ``use_backend`` blocks on one thread should call
+their compiled functions from within their own block.
 """
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import importlib.util
 import os
+import threading
 from typing import Iterator
 
 import torch
@@ -62,8 +69,18 @@ def _read_env() -> str:
     return name
 
 
-# A stack, not a ContextVar: dynamo traces reads of plain module globals without graph breaks.
-_forced: list[str] = [_read_env()]
+_DEFAULT = _read_env()
+# The innermost forced backend of this thread / asyncio task.
+_forced: contextvars.ContextVar[str] = contextvars.ContextVar("pyprune_backend", default=_DEFAULT)
+
+
+class _Mirror(threading.local):
+    """The ContextVar's value for this thread, which dynamo can trace and guard on."""
+
+    name = _DEFAULT
+
+
+_mirror = _Mirror()
 
 
 from . import _C  # noqa: E402,F401  (loading the extension registers the ops)
@@ -128,16 +145,22 @@ def use_backend(name: str) -> Iterator[None]:
     """
     if name != "auto" and name not in NAMES:
         raise ValueError(f"backend must be 'auto' or one of {NAMES}, got {name!r}")
-    _forced.append(name)
+    token = _forced.set(name)
+    _mirror.name = name
     try:
         yield
     finally:
-        _forced.pop()
+        _forced.reset(token)
+        _mirror.name = _forced.get()
 
 
 def current() -> str:
-    """The backend forced by the innermost use_backend or PYPRUNE_BACKEND, or 'auto'."""
-    return _forced[-1]
+    """The backend forced by the innermost use_backend of this thread or task, or
+    PYPRUNE_BACKEND, or 'auto'."""
+    if torch.compiler.is_compiling():
+        return _mirror.name
+    name = _mirror.name = _forced.get()
+    return name
 
 
 def select(op: str, x: torch.Tensor) -> str:
@@ -146,7 +169,7 @@ def select(op: str, x: torch.Tensor) -> str:
     Raises RuntimeError when a forced backend cannot run on x's device or dtype.
     """
     device = x.device.type
-    name = _forced[-1]
+    name = current()
     if name == "auto":
         for candidate in AUTO.get((op, device), ("reference",)):
             if unavailable_reason(candidate, device) is None and (

@@ -81,24 +81,24 @@ def sap(
     Kept elements are scaled by 1/q, so E[out] = x; an all-zero sample gives zeros, and a sample
     with a NaN or inf (p undefined) keeps nothing: x * 0, NaN at its non-finite elements.
     """
-    n = x.shape[0]
+    if x.shape[0] == 0:
+        return x.clone()
     flat = x.detach().flatten(1)
     q = sap_keep_probability(x, r).flatten(1)
     if exact:
         a = flat.abs().to(_acc_dtype(x))
-        total = a.sum(dim=1)
+        total = a.sum(dim=1, keepdim=True)
         live = (total > 0) & total.isfinite()
-        kept = torch.zeros_like(a, dtype=torch.bool)
-        if bool(live.any()):
-            idx = torch.multinomial(a[live], r, replacement=True, generator=generator)
-            rows = kept[live]
-            rows.scatter_(1, idx, True)
-            kept[live] = rows
+        # Rows with nothing to draw from draw from dummy weights and keep nothing (no
+        # data-dependent branch, so vmap can batch this).
+        idx = torch.multinomial(torch.where(live, a, 1.0), r, replacement=True,
+                                generator=generator)
+        kept = torch.zeros_like(a, dtype=torch.bool).scatter_(1, idx, True) & live
     else:
         u = torch.rand(q.shape, dtype=q.dtype, device=q.device, generator=generator)
         kept = u < q
     scale = torch.where(kept, 1.0 / q, torch.zeros_like(q))
-    return (x.flatten(1).to(q.dtype) * scale).to(x.dtype).view_as(x) if n else x.clone()
+    return (x.flatten(1).to(q.dtype) * scale).to(x.dtype).view_as(x)
 
 
 def gaussian_noise(

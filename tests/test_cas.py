@@ -271,19 +271,6 @@ def test_compiled_graph_checks_label_range(device_backend):
             f(x, torch.tensor(bad, device=device))
 
 
-def test_double_backward_raises(device_backend):
-    """Differentiating CAS's gradient is not supported: a clear error, not a silent zero."""
-    device, backend = device_backend
-    if backend == "reference":
-        pytest.skip("the reference is plain eager PyTorch")
-    x, weight, bias, label = _inputs(2, 3, 4, 4, 5, torch.float32, device)
-    x.requires_grad_()
-    out, logits = pyprune.cas(x, weight, bias, label)
-    (g,) = torch.autograd.grad(out.square().sum() + logits.sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="cas: double backward .* is not supported"):
-        g.sum().backward()
-
-
 def test_empty_batch(device_backend):
     device, _ = device_backend
     x = torch.randn(0, 4, 3, 3, device=device, requires_grad=True)

@@ -193,20 +193,27 @@ def test_gradients(device_backend, kinds, cpu_path):
             _close(g, w, dtype, scale=8.0)
 
 
-def test_double_backward_raises(device_backend):
-    """Differentiating the convolution's gradient is not supported: a clear error, not a silent
-    zero."""
+def test_double_backward(device_backend):
+    """Differentiating the convolution's gradient (a gradient penalty) gives the reference's
+    second derivatives, through the public function and through the ops themselves."""
     device, backend = device_backend
-    if backend == "reference":
-        pytest.skip("the reference is plain eager PyTorch")
     x = torch.randn(2, 3, 6, 6, device=device, requires_grad=True)
-    weight = torch.randn(4, 3, 3, 3, device=device)
+    weight = torch.randn(4, 3, 3, 3, device=device, requires_grad=True)
     mask = torch.tensor([True, False, True, True], device=device)
-    for kwargs in (dict(out_mask=mask), dict(weight_mask=torch.rand(weight.shape, device=device) < 0.5)):
-        out = pyprune.masked_conv2d(x, weight, padding=1, **kwargs)
-        (g,) = torch.autograd.grad(out.square().sum(), x, create_graph=True)
-        with pytest.raises(RuntimeError, match="masked_conv2d: double backward .* is not supported"):
-            g.sum().backward()
+    for kwargs in (dict(out_mask=mask), dict(weight_mask=torch.rand(weight.shape, device=device) < 0.2)):
+        grads = []
+        for conv in (pyprune.masked_conv2d, _reference_conv):
+            out = conv(x, weight, padding=1, **kwargs)
+            (g,) = torch.autograd.grad(out.square().sum(), x, create_graph=True)
+            grads.append(torch.autograd.grad(g.square().sum(), (x, weight)))
+        for got, want in zip(*grads):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+            assert want.ne(0).any()
+
+
+def _reference_conv(x, weight, padding, out_mask=None, weight_mask=None):
+    return reference.masked_conv2d(x, weight, None, (1, 1), (padding, padding), (1, 1), 1, None,
+                                   out_mask, weight_mask)
 
 
 def test_soft_mask_gradients(device_backend):

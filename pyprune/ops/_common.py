@@ -27,7 +27,7 @@ def group_view(x: Tensor, inner_start: int) -> tuple[Tensor, Callable[[Tensor], 
     c = x.shape[1] if inner_start == 2 else 1
     inner = list(range(inner_start, x.dim()))
     length = math.prod(x.shape[inner_start:])
-    order = sorted(inner, key=lambda d: -x.stride(d))
+    order = insertion_order(inner, x.stride)
     sizes = [x.shape[d] for d in order]
     if mergeable(sizes, [x.stride(d) for d in order]):
         perm = list(range(inner_start)) + order
@@ -38,55 +38,136 @@ def group_view(x: Tensor, inner_start: int) -> tuple[Tensor, Callable[[Tensor], 
     return x.reshape(n, c, length), lambda out: out.view(x.shape)
 
 
-def register_autograd(
-    op: str,
-    backward: Callable[..., Tensor],
-    save: Callable[[tuple, tuple], tuple[Tensor, ...]],
-    attrs: Callable[[tuple], dict],
-) -> None:
-    """Autograd for op: save(inputs, outputs) tensors, attrs(inputs) constants, and
-    backward(grad, *saved, **attrs) -> grad of the first input (other inputs get None)."""
+def insertion_order(dims: list[int], key: Callable[[int], object]) -> list[int]:
+    """dims sorted by descending key, stable. A plain loop of comparisons rather than sorted():
+    dynamo traces it when the keys are symbolic (strides under dynamic shapes)."""
+    order: list[int] = []
+    for d in dims:
+        i = len(order)
+        while i > 0 and key(order[i - 1]) < key(d):
+            i -= 1
+        order.insert(i, d)
+    return order
+
+
+def save(ctx, *tensors: Tensor | None) -> None:
+    """Save tensors for backward and for the forward-mode (jvp) rule alike."""
+    ctx.save_for_backward(*tensors)
+    ctx.save_for_forward(*tensors)
+
+
+def register(
+    op,
+    setup_context: Callable,
+    backward: Callable,
+    jvp: Callable | None = None,
+) -> Callable:
+    """Autograd for the compiled op ``op`` (torch.ops.pyprune.*), and the entry point that calls
+    it: an autograd.Function with the same ``setup_context`` and ``backward``, a forward-mode
+    rule ``jvp(ctx, *tangents)`` (None: forward-mode AD raises) and a vmap rule generated from
+    the op's own (see ``register_vmap``), so torch.func.grad / jacrev / jacfwd / jvp / vmap and
+    torch.autograd.forward_ad see through it. While dynamo traces, the op itself is called: its
+    torch.library autograd serves the compiled graph (dynamo cannot trace a custom jvp)."""
+    torch.library.register_autograd(op, backward, setup_context=setup_context)
+    name = "Function_" + str(op).replace("pyprune.", "").replace(".", "_")
+    attrs = {
+        "forward": staticmethod(lambda *args: op(*args)),
+        "setup_context": staticmethod(setup_context),
+        "backward": staticmethod(backward),
+        "generate_vmap_rule": True,
+    }
+    if jvp is not None:
+        attrs["jvp"] = staticmethod(jvp)
+    function = type(name, (torch.autograd.Function,), attrs)
+
+    def call(*args):
+        if torch.compiler.is_compiling():
+            return op(*args)
+        return function.apply(*args)
+
+    return call
+
+
+_TENSOR = object()  # marks where register_linear's saved tensors go back into the arguments
+
+
+def register_linear(op) -> Callable:
+    """Autograd for an op linear in its first input and locally constant in the rest (kwta's
+    and SAP's gradients grad * mask and grad * kept / q, multiplicative noise): its derivative
+    and its tangent are the op itself applied to the incoming gradient or tangent, so double
+    backward (gradient penalties, Hessian-vector products) and jvp cost one more call.
+    Returns the entry point (as ``register``)."""
 
     def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*save(inputs, output))
-        ctx.attrs = attrs(inputs)
-        ctx.n_inputs = len(inputs)
+        rest = inputs[1:]
+        save(ctx, *(a for a in rest if isinstance(a, Tensor)))
+        ctx.rest = [_TENSOR if isinstance(a, Tensor) else a for a in rest]
 
-    def bwd(ctx, grad, *unused):
-        return (backward(grad, *ctx.saved_tensors, **ctx.attrs),) + (None,) * (ctx.n_inputs - 1)
+    def arguments(ctx) -> list:
+        tensors = iter(ctx.saved_tensors)
+        return [next(tensors) if a is _TENSOR else a for a in ctx.rest]
 
-    torch.library.register_autograd(op, bwd, setup_context=setup_context)
+    def backward(ctx, grad):
+        return (call(grad, *arguments(ctx)),) + (None,) * len(ctx.rest)
 
+    def jvp(ctx, tangent, *unused):
+        return call(tangent, *arguments(ctx))
 
-def register_linear_backward(
-    op: str, save: Callable[[tuple], tuple[Tensor, ...]], attrs: Callable[[tuple], dict]
-) -> None:
-    """Autograd for a backward op linear in its first input (grad) and locally constant in the
-    rest (kwta's mask, SAP's kept / q): its derivative in grad is op itself, so double
-    backward (gradient penalties, Hessian-vector products) gets op(grad_grad, *saved)."""
-
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*save(inputs))
-        ctx.attrs = attrs(inputs)
-        ctx.n_inputs = len(inputs)
-
-    def bwd(ctx, grad_grad):
-        return (op(grad_grad, *ctx.saved_tensors, **ctx.attrs),) + (None,) * (ctx.n_inputs - 1)
-
-    torch.library.register_autograd(op, bwd, setup_context=setup_context)
+    call = register(op, setup_context, backward, jvp)
+    return call
 
 
-def forbid_double_backward(op: str, what: str) -> None:
-    """Autograd for a backward op that has no derivative of its own: differentiating through
-    it raises instead of silently giving no gradient."""
+def vjp(fn: Callable, primals: tuple[Tensor, ...], cotangents: tuple[Tensor, ...]) -> tuple:
+    """Gradients of fn (plain differentiable torch ops) at primals for the cotangents, through
+    torch.func.vjp: differentiable again and usable under torch.func transforms. The backward of
+    ops whose kernels have no derivative of their own runs this when a graph of the gradient is
+    being built (create_graph=True, torch.func.grad)."""
+    _, pull = torch.func.vjp(fn, *primals)
+    return pull(cotangents)
 
-    def setup_context(ctx, inputs, output):
-        pass
 
-    def bwd(ctx, *grads):
-        raise RuntimeError(
-            f"{what}: double backward (differentiating its gradient, e.g. for a gradient "
-            "penalty) is not supported"
-        )
+def _batched(arg, dim, size):
+    return arg.movedim(dim, 0) if isinstance(dim, int) else arg.expand(size, *arg.shape)
 
-    torch.library.register_autograd(op, bwd, setup_context=setup_context)
+
+def register_vmap(op, per_sample: tuple[int, ...] | Callable[[list], tuple[int, ...]] | None) -> None:
+    """A vmap rule for op. ``per_sample``: the positions of the tensor arguments whose dim 0 is
+    the op's own batch (its outputs all have it too), or a function of the arguments' logical
+    ranks (None for non-tensors) giving them: vmap's batch folds into that dim and the kernel
+    runs once. When another tensor argument is batched (a weight), or per_sample is None
+    (random ops, whose seed gives each vmap entry its own or the same draws as vmap's
+    randomness asks; ops whose outputs reduce over the batch), the op runs once per entry."""
+
+    def loop(info, in_dims, *args):
+        outs = [
+            op(*(a.select(d, b) if isinstance(d, int) else a for a, d in zip(args, in_dims)))
+            for b in range(info.batch_size)
+        ]
+        if isinstance(outs[0], tuple):
+            return tuple(torch.stack(o) for o in zip(*outs)), (0,) * len(outs[0])
+        return torch.stack(outs), 0
+
+    def rule(info, in_dims, *args):
+        positions = per_sample
+        if callable(per_sample):
+            positions = per_sample([
+                a.dim() - isinstance(d, int) if isinstance(a, Tensor) else None
+                for a, d in zip(args, in_dims)
+            ])
+        batched = [i for i, d in enumerate(in_dims) if isinstance(d, int)]
+        if positions is None or any(i not in positions for i in batched):
+            return loop(info, in_dims, *args)
+        size = info.batch_size
+        args = list(args)
+        n = None
+        for i in positions:
+            if args[i] is not None:
+                a = _batched(args[i], in_dims[i], size)
+                n = a.shape[1]
+                args[i] = a.flatten(0, 1)
+        out = op(*args)
+        if isinstance(out, tuple):
+            return tuple(o.unflatten(0, (size, n)) for o in out), (0,) * len(out)
+        return out.unflatten(0, (size, n)), 0
+
+    torch.library.register_vmap(op, rule)

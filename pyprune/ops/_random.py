@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ._common import mergeable
+from ._common import insertion_order, mergeable
 
 _SEED_RANGE = 2**62
 
@@ -34,7 +34,7 @@ def memory_order_view(x: Tensor, batch_dims: int) -> tuple[Tensor, Callable[[Ten
     this view. Returns the view and the map from a result shaped like the view back to x."""
     lead = list(range(batch_dims))
     inner = list(range(batch_dims, x.dim()))
-    order = sorted(inner, key=lambda d: -x.stride(d))
+    order = insertion_order(inner, x.stride)
     if not mergeable([x.shape[d] for d in order], [x.stride(d) for d in order]):
         order = inner
     perm = lead + order

@@ -2,13 +2,13 @@
 backend choice."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
 from .. import _backend, _validate, reference
-from ._common import forbid_double_backward, group_view
+from ._common import group_view, register, register_vmap, save, vjp
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -71,26 +71,61 @@ _OPS = {
 }
 
 
-def _register_autograd(fwd, bwd) -> None:
+def _cas_of(index: Tensor, has_bias: bool) -> Callable:
+    """CAS on the (N, K, L) view with the class of each sample fixed, in differentiable torch
+    ops: the derivative of the kernels' math (argmax has none)."""
+    def cas_fixed(x: Tensor, weight: Tensor, bias: Tensor | None = None):
+        logits = x.mean(2) @ weight.T
+        return x * weight[index][:, :, None], logits + bias if has_bias else logits
+
+    return cas_fixed
+
+
+def _autograd(fwd, bwd) -> Callable:
+    """CAS's entry point. First-order backward runs the backward kernel; when a graph of the
+    gradient is built (create_graph, torch.func) the same gradient comes from the differentiable
+    formula, and forward-mode AD takes its tangent (the product rule) from it too."""
     def setup_context(ctx, inputs, output):
         x, weight, bias, _ = inputs
         _, _, index, mean = output
         # index and mean serve backward only; differentiating through them raises.
         ctx.mark_non_differentiable(index, mean)
-        ctx.save_for_backward(x, weight, index, mean)
         ctx.has_bias = bias is not None
+        save(ctx, x, weight, index, mean)
 
     def backward(ctx, grad_out, grad_logits, _grad_index, _grad_mean):
         x, weight, index, mean = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            # The gradients do not depend on the bias's value: a zero one stands in.
+            bias = (weight.new_zeros(weight.shape[0]),) if ctx.has_bias else ()
+            grads = vjp(_cas_of(index, ctx.has_bias), (x, weight, *bias), (grad_out, grad_logits))
+            return (*grads, None) if ctx.has_bias else (*grads, None, None)
         grad_x, grad_weight, grad_bias = bwd(grad_out, grad_logits, x, weight, index, mean)
         return grad_x, grad_weight, grad_bias if ctx.has_bias else None, None
 
-    torch.library.register_autograd(fwd, backward, setup_context=setup_context)
+    def jvp(ctx, tangent_x, tangent_weight, tangent_bias, _tangent_label):
+        # The product rule on out = x * weight[index] and logits = mean(x) @ weight.T + bias.
+        x, weight, index, mean = ctx.saved_tensors
+        out = torch.zeros_like(x)
+        logits = x.new_zeros((x.shape[0], weight.shape[0]))
+        if tangent_x is not None:
+            out = out + tangent_x * weight[index][:, :, None]
+            logits = logits + tangent_x.mean(2) @ weight.T
+        if tangent_weight is not None:
+            out = out + x * tangent_weight[index][:, :, None]
+            logits = logits + mean.to(x.dtype) @ tangent_weight.T
+        if tangent_bias is not None:
+            logits = logits + tangent_bias
+        return out, logits, None, None
+
+    return register(fwd, setup_context, backward, jvp)
 
 
+_CALL = {}
 for _fwd, _bwd in {v[0]: v[1] for v in _OPS.values()}.items():
-    _register_autograd(_fwd, _bwd)
-    forbid_double_backward(_bwd, "cas")
+    _CALL[_fwd] = _autograd(_fwd, _bwd)
+    register_vmap(_fwd, per_sample=(0, 3))
+    register_vmap(_bwd, per_sample=None)  # its weight and bias gradients sum over the batch
 
 
 def _check_args(x: object, weight: object, bias: object, label: object) -> None:
@@ -163,5 +198,5 @@ def cas(
     if backend == "reference":
         return reference.cas(x, weight, bias, label)
     view, restore = group_view(x, 2)
-    out, logits, _, _ = _OPS[backend][0](view, weight, bias, label)
+    out, logits, _, _ = _CALL[_OPS[backend][0]](view, weight, bias, label)
     return restore(out), logits

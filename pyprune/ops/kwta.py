@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 from torch import Tensor
 
 from .. import _backend, _validate, reference
-from ._common import group_view, register_autograd, register_linear_backward
+from ._common import group_view, register, register_linear, register_vmap, save
 
 MODES = ("sample", "channel")
 
@@ -50,18 +51,34 @@ _OPS = {
     "triton": (torch.ops.pyprune.kwta_triton.default, torch.ops.pyprune._kwta_backward_triton.default),
 }
 
+
+
+def _autograd(fwd, bwd) -> Callable:
+    """kwta's entry point: gradient and tangent grad * keep_mask, through the backward op
+    (linear in grad, so it is its own derivative)."""
+    grad_of = register_linear(bwd)
+
+    def setup_context(ctx, inputs, output):
+        ctx.mark_non_differentiable(output[1])
+        save(ctx, inputs[0], output[1])
+        ctx.absolute = inputs[2]
+
+    def backward(ctx, grad, _grad_threshold):
+        x, threshold = ctx.saved_tensors
+        return grad_of(grad, x, threshold, ctx.absolute), None, None
+
+    def jvp(ctx, tangent, _k, _absolute):
+        x, threshold = ctx.saved_tensors
+        return grad_of(tangent, x, threshold, ctx.absolute), None
+
+    return register(fwd, setup_context, backward, jvp)
+
+
+_CALL = {}
 for _fwd, _bwd in {v[0]: v[1] for v in _OPS.values()}.items():
-    register_autograd(
-        _fwd,
-        _bwd,
-        save=lambda inputs, output: (inputs[0], output[1]),
-        attrs=lambda inputs: {"absolute": inputs[2]},
-    )
-    register_linear_backward(
-        _bwd,
-        save=lambda inputs: (inputs[1], inputs[2]),
-        attrs=lambda inputs: {"absolute": inputs[3]},
-    )
+    _CALL[_fwd] = _autograd(_fwd, _bwd)
+    register_vmap(_fwd, per_sample=(0,))
+    register_vmap(_bwd, per_sample=(0, 1, 2))
 
 
 def kwta(
@@ -104,5 +121,5 @@ def kwta(
     if backend == "reference":
         return reference.kwta(x, k, mode, absolute)
     view, restore = group_view(x, inner_start)
-    out, _ = _OPS[backend][0](view, k, absolute)
+    out, _ = _CALL[_OPS[backend][0]](view, k, absolute)
     return restore(out)

@@ -26,14 +26,14 @@ runs.
 from __future__ import annotations
 
 import numbers
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _backend, _validate, reference
-from ._common import forbid_double_backward
+from ._common import register, register_vmap, vjp
 
 IntPair = Union[int, Sequence[int]]
 
@@ -58,6 +58,47 @@ def _masked_conv2d_backward_fake(grad, x, weight, stride, padding, dilation, gro
             weight.new_empty((weight.shape[0],)))
 
 
+def _register(op, setup_context, backward, reference_of, per_sample) -> Callable:
+    """A convolution op's entry point (ops._common.register) and vmap rule. First-order backward
+    runs the op's backward kernels; when a graph of the gradient is built (create_graph,
+    torch.func) the gradient comes from ``reference_of(ctx, x, weight, bias, *masks)``, the
+    same convolution in differentiable torch ops, so double backward is exact. Forward-mode AD
+    (torch.func.jvp / jacfwd, forward_ad) raises NotImplementedError. ``reference_of`` sees the saved x, weight and masks and a zero bias
+    (the gradients do not depend on its value)."""
+    def differentiable_backward(ctx, *grads):
+        if not torch.is_grad_enabled():
+            return backward(ctx, *grads)
+        bias_at, mask_at, n_inputs = ctx.layout
+        x, weight, *masks = ctx.saved_tensors[:2 + len(mask_at)]
+        soft = [i for i, m in enumerate(masks) if _soft(m)]
+
+        def fn(x, weight, *rest):
+            rest = iter(rest)
+            bias = next(rest) if ctx.has_bias else None
+            ms = [next(rest) if i in soft else m for i, m in enumerate(masks)]
+            return reference_of(ctx, x, weight, bias, *ms)
+
+        bias = (weight.new_zeros(weight.shape[0]),) if ctx.has_bias else ()
+        got = iter(vjp(fn, (x, weight, *bias, *(masks[i] for i in soft)),
+                       grads if len(grads) > 1 else grads[0]))
+        out = [None] * n_inputs
+        out[0], out[1] = next(got), next(got)
+        if ctx.has_bias:
+            out[bias_at] = next(got)
+        for i in soft:
+            out[mask_at[i]] = next(got)
+        return tuple(out)
+
+    def jvp(ctx, *tangents):
+        raise NotImplementedError(
+            "masked_conv2d: forward-mode AD (torch.func.jvp, jacfwd, torch.autograd.forward_ad) "
+            "is not supported; use reverse mode (torch.func.jacrev, vjp)")
+
+    call = register(op, setup_context, differentiable_backward, jvp)
+    register_vmap(op, per_sample=per_sample)
+    return call
+
+
 @torch.library.register_fake("pyprune::_sparse_conv2d")
 def _sparse_conv2d_fake(x, weight, weight_mask, bias, stride, padding, dilation):
     return _empty_output(x, weight, weight.shape[0], stride, padding, dilation)
@@ -68,6 +109,7 @@ def _sparse_conv2d_setup(ctx, inputs, output):
     ctx.save_for_backward(x, weight, weight_mask)
     ctx.attrs = (stride, padding, dilation)
     ctx.has_bias = bias is not None
+    ctx.layout = (3, (2,), len(inputs))
 
 
 @torch.library.register_fake("pyprune::_sparse_conv2d_backward")
@@ -127,10 +169,13 @@ _SPARSE_OPS = {
     "triton": (torch.ops.pyprune._sparse_conv2d_triton.default,
                torch.ops.pyprune._sparse_conv2d_backward_triton.default),
 }
+_SPARSE_CALL = {}
 for _fwd, _bwd in _SPARSE_OPS.values():
-    torch.library.register_autograd(_fwd, _sparse_conv2d_backward(_bwd),
-                                    setup_context=_sparse_conv2d_setup)
-    forbid_double_backward(_bwd, "masked_conv2d")
+    _SPARSE_CALL[_fwd] = _register(
+        _fwd, _sparse_conv2d_setup, _sparse_conv2d_backward(_bwd),
+        lambda ctx, x, weight, bias, weight_mask: reference.masked_conv2d(
+            x, weight, bias, *ctx.attrs, weight_mask=weight_mask),
+        per_sample=(0,))
 
 
 @torch.library.register_fake("pyprune::_channel_conv")
@@ -206,10 +251,20 @@ torch.library.register_fake("pyprune::_masked_conv2d_scaled")(_masked_conv2d_sca
 
 
 def _scaled_setup(ctx, inputs, output):
-    x, weight, bias, stride, padding, dilation, in_mask, out_mask, raw = inputs
+    x, weight, bias, stride, padding, dilation, in_mask, out_mask, ctx.raw = inputs
     ctx.save_for_backward(x, weight, in_mask, out_mask, output[1])
     ctx.attrs = (stride, padding, dilation)
     ctx.has_bias = bias is not None
+    ctx.layout = (2, (6, 7), len(inputs))
+
+
+def _scaled_reference(ctx, x, weight, bias, in_mask, out_mask):
+    out = reference.masked_conv2d(x, weight, bias, *ctx.attrs, 1, in_mask, out_mask)
+    if not ctx.raw:
+        return out, out.new_zeros((0,))
+    unscaled = reference.masked_conv2d(x, weight, bias, *ctx.attrs, 1, in_mask,
+                                       None if _soft(out_mask) else out_mask)
+    return out, unscaled
 
 
 def _channel_scale(mask: Tensor) -> Tensor:
@@ -256,13 +311,15 @@ _OPS = {
 }
 
 
-def _register_autograd(fwd, bwd) -> None:
-    def setup_context(ctx, inputs, output):
-        x, weight, bias, stride, padding, dilation, groups, in_mask, out_mask = inputs
-        ctx.save_for_backward(x, weight, in_mask, out_mask)
-        ctx.attrs = (stride, padding, dilation, groups)
-        ctx.has_bias = bias is not None
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, stride, padding, dilation, groups, in_mask, out_mask = inputs
+    ctx.save_for_backward(x, weight, in_mask, out_mask)
+    ctx.attrs = (stride, padding, dilation, groups)
+    ctx.has_bias = bias is not None
+    ctx.layout = (2, (7, 8), len(inputs))
 
+
+def _backward_of(bwd):
     def backward(ctx, grad):
         x, weight, in_mask, out_mask = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.attrs
@@ -271,21 +328,27 @@ def _register_autograd(fwd, bwd) -> None:
             x, weight, stride, padding, dilation, groups, in_mask, out_mask)
         return gx, gw, gb if ctx.has_bias else None, None, None, None, None, None, None
 
-    torch.library.register_autograd(fwd, backward, setup_context=setup_context)
+    return backward
 
 
+_CALL = {}
 for _fwd, _bwd in {v[0]: v[1] for v in _OPS.values()}.items():
-    _register_autograd(_fwd, _bwd)
-    forbid_double_backward(_bwd, "masked_conv2d")
+    _CALL[_fwd] = _register(
+        _fwd, _setup_context, _backward_of(_bwd),
+        lambda ctx, x, weight, bias, in_mask, out_mask: reference.masked_conv2d(
+            x, weight, bias, *ctx.attrs, in_mask, out_mask),
+        per_sample=lambda ranks: (0,) + tuple(i for i in (7, 8) if ranks[i] == 2))
 
 # Soft per-sample channel masks inside the kernels, per backend.
 _SCALED_OPS = {
     "cuda": torch.ops.pyprune._masked_conv2d_scaled.default,
     "triton": torch.ops.pyprune._masked_conv2d_scaled_triton.default,
 }
-for _backend_name, _op in _SCALED_OPS.items():
-    torch.library.register_autograd(_op, _scaled_backward(_OPS[_backend_name][1]),
-                                    setup_context=_scaled_setup)
+_SCALED_CALL = {
+    _op: _register(_op, _scaled_setup, _scaled_backward(_OPS[_backend_name][1]), _scaled_reference,
+                   per_sample=None)
+    for _backend_name, _op in _SCALED_OPS.items()
+}
 
 
 def _pair(value: object, name: str, minimum: int) -> tuple[int, int]:
@@ -355,7 +418,10 @@ def _check_mask(mask: object, name: str, channels: int, x: Tensor) -> Optional[T
         raise TypeError(f"{name} must be bool (structural) or x's dtype {x.dtype} (soft), "
                         f"got {mask.dtype}")
     n = x.shape[0]
-    if mask.shape not in ((channels,), (n, channels)):
+    # Dim by dim: under torch.compile(dynamic=True) `mask.shape in ((c,), (n, c))` rejected an
+    # (n, c) mask whose symbolic batch size equalled n (at batch 1).
+    if not (mask.dim() == 1 and mask.shape[0] == channels
+            or mask.dim() == 2 and mask.shape[0] == n and mask.shape[1] == channels):
         raise ValueError(f"{name} must have shape ({channels},) or ({n}, {channels}), "
                          f"got {tuple(mask.shape)}")
     return mask
@@ -370,6 +436,25 @@ def _same_padding(x: Tensor, weight: Tensor, stride, dilation) -> tuple[Tensor, 
         return x, (total[0] // 2, total[1] // 2)
     x = F.pad(x, (total[1] // 2, total[1] - total[1] // 2, total[0] // 2, total[0] - total[0] // 2))
     return x, (0, 0)
+
+
+def _no_input_channels(x, weight, bias, stride, padding, dilation, groups, in_mask, out_mask,
+                       weight_mask) -> Tensor:
+    """The convolution of an input without channels: the bias (or 0) at every output position,
+    through the out_mask. F.conv2d returns (N, 0, H_out, W_out) there, and kernels indexing the
+    missing channels read out of bounds; so each group gets one zero input channel (a zero
+    weight column, a masked-out mask entry), which adds exactly nothing and keeps every input's
+    gradient, of its empty shape, flowing."""
+    def pad(t: Optional[Tensor], dim: int, count: int) -> Optional[Tensor]:
+        if t is None:
+            return None
+        shape = list(t.shape)
+        shape[dim] = count
+        return torch.cat([t, t.new_zeros(shape)], dim)
+
+    return reference.masked_conv2d(pad(x, 1, groups), pad(weight, 1, 1), bias, stride, padding,
+                                   dilation, groups, pad(in_mask, -1, groups), out_mask,
+                                   pad(weight_mask, 1, 1))
 
 
 def masked_conv2d(
@@ -425,12 +510,15 @@ def masked_conv2d(
     if groups < 1 or c_in % groups or c_out % groups:
         raise ValueError(f"groups must be >= 1 and divide the input ({c_in}) and output "
                          f"({c_out}) channels, got {groups}")
+    if c_out == 0:  # as F.conv2d, which has no output to give
+        raise ValueError(f"weight must have at least one output channel, got shape "
+                         f"{tuple(weight.shape)}")
     if weight.shape[1] * groups != c_in:
         raise ValueError(f"weight of shape {tuple(weight.shape)} with groups={groups} expects "
                          f"{weight.shape[1] * groups} input channels, x has {c_in}")
     if bias is not None:
         _validate.tensor(bias, "bias", dim=1)
-        if bias.shape != (c_out,) or bias.dtype != x.dtype:
+        if bias.shape[0] != c_out or bias.dtype != x.dtype:
             raise ValueError(f"bias must have shape ({c_out},) and dtype {x.dtype}, "
                              f"got {tuple(bias.shape)} {bias.dtype}")
     stride = _pair(stride, "stride", 1)
@@ -468,6 +556,9 @@ def masked_conv2d(
                              f"{padding} is smaller than the dilated kernel ({span} in dim {2 + i})")
 
     backend = _backend.select("masked_conv2d", x)
+    if c_in == 0:
+        return _no_input_channels(x, weight, bias, stride, padding, dilation, groups, in_mask,
+                                  out_mask, weight_mask)
     if backend == "reference":
         return reference.masked_conv2d(x, weight, bias, stride, padding, dilation, groups,
                                        in_mask, out_mask, weight_mask)
@@ -494,21 +585,22 @@ def masked_conv2d(
         # only), no second pass over the output; the unscaled output is stored too only where
         # the out_mask's gradient will be asked for.
         raw = scale_out is not None and torch.is_grad_enabled() and scale_out.requires_grad
-        return _SCALED_OPS[backend](
+        return _SCALED_CALL[_SCALED_OPS[backend]](
             x, weight, bias, stride, padding, dilation,
             scale_in if scale_in is not None else in_mask,
             scale_out if scale_out is not None else out_mask, raw)[0]
     if scale_in is not None:
         x = x * scale_in[:, :, None, None]
     if sparse:
-        y = _SPARSE_OPS[backend][0](x, weight, weight_mask, bias, stride, padding, dilation)
+        y = _SPARSE_CALL[_SPARSE_OPS[backend][0]](x, weight, weight_mask, bias, stride, padding,
+                                                  dilation)
     elif in_mask is None and out_mask is None and backend in ("cpu", "cuda"):
         # Nothing structural left: the dense engine itself (oneDNN / cuDNN), without the op's
         # dispatch (measured 2-4% of an 11 ms convolution here).
         y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
     else:
-        y = _OPS[backend][0](x, weight, bias, stride, padding, dilation, groups, in_mask,
-                             out_mask)
+        y = _CALL[_OPS[backend][0]](x, weight, bias, stride, padding, dilation, groups, in_mask,
+                                    out_mask)
     if scale_out is not None:
         y = y * scale_out[:, :, None, None]
     return y

@@ -2,11 +2,13 @@
 weights) and magnitude_mask (DWP). Randomness: pyprune/ops/_random.py."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import Tensor
 
 from .. import _backend, _validate, reference
-from ._common import register_autograd
+from ._common import register, register_vmap, save
 from ._random import draw_seed, memory_order_view
 from .kwta import _OPS as _KWTA_OPS
 
@@ -33,21 +35,32 @@ _OPS = {
 }
 
 
-def _noise_backward(op):
-    # d/dx of x + std n is 1; of x (1 + std n) it is (1 + std n): the op itself applied to grad.
-    def backward(grad: Tensor, seed: Tensor, std: float, multiplicative: bool) -> Tensor:
-        return op(grad, seed, std, True) if multiplicative else grad
+def _autograd(op) -> Callable:
+    """gaussian_noise's entry point. d/dx of x + std n is 1; of x (1 + std n) it is (1 + std n):
+    the op itself applied to the gradient or tangent (linear, so its own derivative too)."""
 
-    return backward
+    def setup_context(ctx, inputs, output):
+        _, seed, ctx.std, ctx.multiplicative = inputs
+        save(ctx, seed)
+
+    def derivative(ctx, g: Tensor) -> Tensor:
+        (seed,) = ctx.saved_tensors
+        return call(g, seed, ctx.std, True) if ctx.multiplicative else g
+
+    def backward(ctx, grad):
+        return derivative(ctx, grad), None, None, None
+
+    def jvp(ctx, tangent, *_constants):
+        return derivative(ctx, tangent)
+
+    call = register(op, setup_context, backward, jvp)
+    return call
 
 
+_CALL = {}
 for _op in set(_OPS.values()):
-    register_autograd(
-        _op,
-        _noise_backward(_op),
-        save=lambda inputs, output: (inputs[1],),
-        attrs=lambda inputs: {"std": inputs[2], "multiplicative": inputs[3]},
-    )
+    _CALL[_op] = _autograd(_op)
+    register_vmap(_op, per_sample=None)  # per vmap entry, as vmap's randomness asks
 
 
 def gaussian_noise(
@@ -79,14 +92,17 @@ def gaussian_noise(
         return reference.gaussian_noise(x, std, multiplicative, generator)
     seed = draw_seed(x.device, generator)
     view, restore = memory_order_view(x, 0)
-    return restore(_OPS[backend](view, seed, std, multiplicative))
+    return restore(_CALL[_OPS[backend]](view, seed, std, multiplicative))
 
 
 def magnitude_mask(w: Tensor, keep_ratio: float) -> Tensor:
     r"""DWP mask: True for the k = int(keep_ratio * w.numel()) largest |w| of the whole tensor
-    (ties at the threshold kept, NaN counts as largest and is kept), False elsewhere.
+    (ties at the threshold kept, NaN counts as largest and is kept), False elsewhere; all False
+    where k is 0 (keep_ratio < 1 / w.numel()).
 
-    The threshold is k-WTA's select (torch.ops.pyprune.kwta over |w| as one group).
+    The threshold is k-WTA's select (torch.ops.pyprune.kwta over |w| as one group); under
+    torch.compile it is torch.topk's, whose k may stay symbolic (the kernel's int k would
+    specialize the graph to each size).
 
     Example:
         >>> mask = pyprune.magnitude_mask(conv.weight, 0.2)   # keep the 20% largest weights
@@ -98,14 +114,14 @@ def magnitude_mask(w: Tensor, keep_ratio: float) -> Tensor:
     if w.numel() == 0:
         raise ValueError("w is empty; nothing to select from")
     k = int(keep_ratio * w.numel())
-    if k < 1:
-        raise ValueError(
-            f"keep_ratio={keep_ratio} keeps int({keep_ratio} * {w.numel()}) = 0 weights; "
-            f"keep_ratio must be >= {1 / w.numel():.3g}"
-        )
+    if k == 0:
+        return torch.zeros_like(w, dtype=torch.bool, memory_format=torch.contiguous_format)
     backend = _backend.select("magnitude_mask", w)
     if backend == "reference":
         return reference.magnitude_mask(w, keep_ratio)
     w = w.detach()
-    _, threshold = _KWTA_OPS[backend][0](w.reshape(1, 1, -1), k, True)
+    if torch.compiler.is_compiling():
+        threshold = w.abs().flatten().topk(k).values[-1]
+    else:
+        _, threshold = _KWTA_OPS[backend][0](w.reshape(1, 1, -1), k, True)
     return (w.abs() >= threshold.view(())) | w.isnan()

@@ -3,12 +3,13 @@ backend choice. Randomness: pyprune/ops/_random.py."""
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 from torch import Tensor
 
 from .. import _backend, _validate, reference
-from ._common import register_autograd, register_linear_backward
+from ._common import register, register_linear, register_vmap, save
 from ._random import draw_seed, memory_order_view
 
 
@@ -49,18 +50,34 @@ _OPS = {
     "triton": (torch.ops.pyprune.sap_triton.default, torch.ops.pyprune._sap_backward_triton.default),
 }
 
+
+
+def _autograd(fwd, bwd) -> Callable:
+    """SAP's entry point: gradient and tangent grad * kept / q, the kept set regenerated from
+    the seed by the backward op (linear in grad, so it is its own derivative)."""
+    grad_of = register_linear(bwd)
+
+    def setup_context(ctx, inputs, output):
+        x, seed, ctx.r, ctx.exact = inputs
+        save(ctx, x, seed)
+
+    def backward(ctx, grad):
+        x, seed = ctx.saved_tensors
+        return grad_of(grad, x, seed, ctx.r, ctx.exact), None, None, None
+
+    def jvp(ctx, tangent, *_constants):
+        x, seed = ctx.saved_tensors
+        return grad_of(tangent, x, seed, ctx.r, ctx.exact)
+
+    return register(fwd, setup_context, backward, jvp)
+
+
+_CALL = {}
 for _fwd, _bwd in {v[0]: v[1] for v in _OPS.values()}.items():
-    register_autograd(
-        _fwd,
-        lambda grad, x, seed, r, exact, _bwd=_bwd: _bwd(grad, x, seed, r, exact),
-        save=lambda inputs, output: (inputs[0], inputs[1]),
-        attrs=lambda inputs: {"r": inputs[2], "exact": inputs[3]},
-    )
-    register_linear_backward(
-        _bwd,
-        save=lambda inputs: (inputs[1], inputs[2]),
-        attrs=lambda inputs: {"r": inputs[3], "exact": inputs[4]},
-    )
+    _CALL[_fwd] = _autograd(_fwd, _bwd)
+    # Per vmap entry: the seed is shared or not as vmap's randomness asks.
+    register_vmap(_fwd, per_sample=None)
+    register_vmap(_bwd, per_sample=None)
 
 
 # The draw count is a 32-bit kernel argument (and exact mode keeps r prefix sums per thread).
@@ -134,4 +151,4 @@ def sap(
         return reference.sap(x, r, exact, generator)
     seed = draw_seed(x.device, generator)
     view, restore = memory_order_view(x, 1)
-    return restore(_OPS[backend][0](view, seed, r, exact))
+    return restore(_CALL[_OPS[backend][0]](view, seed, r, exact))
