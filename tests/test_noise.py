@@ -175,6 +175,36 @@ def test_magnitude_mask_matches_reference(device_backend):
         assert torch.equal(pyprune.magnitude_mask(w, 0.3), reference.magnitude_mask(w, 0.3))
 
 
+def test_magnitude_mask_keeping_nothing(device_backend):
+    """k = int(keep_ratio * numel) rounds to 0 for keep_ratio just under 1 / numel (1/49 of 49
+    weights in floating point): an all-False mask, not an error."""
+    device, _ = device_backend
+    w = torch.randn(7, 7, device=device)
+    for keep in (1 / 49, 0.01):
+        assert int(keep * w.numel()) == 0
+        got = pyprune.magnitude_mask(w, keep)
+        assert got.dtype == torch.bool and got.shape == w.shape and not got.any()
+    assert pyprune.magnitude_mask(w, 2 / 49).sum() == 1
+
+
+def test_magnitude_mask_compiles_once(device_backend):
+    """Under compile(dynamic=True) k follows the size symbolically: one graph for every size."""
+    import torch._dynamo.testing
+
+    device, _ = device_backend
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(lambda w: pyprune.magnitude_mask(w, 0.3), backend=counter,
+                             dynamic=True, fullgraph=True)
+    for numel in (10, 49, 64, 100, 7):
+        w = torch.randn(numel, device=device).mul(4).round()  # ties
+        w[1] = float("nan")
+        assert torch.equal(compiled(w), reference.magnitude_mask(w, 0.3))
+        w = torch.randn(numel, 3, device=device)
+        assert torch.equal(compiled(w), reference.magnitude_mask(w, 0.3))
+    assert counter.frame_count == 2  # one graph per rank
+
+
 @pytest.mark.parametrize("path", ["sparse", "dense"])
 @pytest.mark.parametrize("padding", [1, "same", 0])
 def test_magnitude_pruned_conv(monkeypatch, path, padding):
@@ -247,8 +277,6 @@ def test_bad_inputs():
     for keep in (0.0, -0.5, 1.5):
         with pytest.raises(ValueError, match="keep_ratio must be in"):
             pyprune.magnitude_mask(torch.randn(4, 4), keep)
-    with pytest.raises(ValueError, match="keeps int"):
-        pyprune.magnitude_mask(torch.randn(4, 4), 0.01)
     with pytest.raises(ValueError, match="w is empty"):
         pyprune.magnitude_mask(torch.randn(0, 4), 0.5)
     with pytest.raises(RuntimeError, match="std must be >= 0"):
