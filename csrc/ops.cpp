@@ -19,15 +19,15 @@ TORCH_LIBRARY(pyprune, m) {
   // x: (N, C, L) view, any strides; each (n, c) row of L elements is one group.
   // Returns out (x's layout; x where key >= the group's k-th largest key or NaN, else 0) and the
   // per-group threshold (N, C) in x's dtype, which is all backward needs.
-  m.def("kwta(Tensor x, int k, bool absolute) -> (Tensor, Tensor)");
+  m.def("kwta(Tensor x, SymInt k, bool absolute) -> (Tensor, Tensor)");
   // grad_x = grad where key(x) >= threshold (or x is NaN), else 0; layout of x.
   m.def("_kwta_backward(Tensor grad, Tensor x, Tensor threshold, bool absolute) -> Tensor");
   // SAP (csrc/sap.h): x (N, L) view, one sample per row; seed: int64 (2,) = (key, stream) of the
   // Philox stream (csrc/random.h), read on x's device; r >= 1 draws per sample. out = x / q where
   // kept (exact: drawn among r draws with replacement from |x| / sum|x|; else u < q), 0 elsewhere.
-  m.def("sap(Tensor x, Tensor seed, int r, bool exact) -> Tensor");
+  m.def("sap(Tensor x, Tensor seed, SymInt r, bool exact) -> Tensor");
   // grad * kept / q, the kept set regenerated from the seed (nothing input-sized is saved).
-  m.def("_sap_backward(Tensor grad, Tensor x, Tensor seed, int r, bool exact) -> Tensor");
+  m.def("_sap_backward(Tensor grad, Tensor x, Tensor seed, SymInt r, bool exact) -> Tensor");
   // x (1-D view) + std * n, or x * (1 + std * n) if multiplicative; n ~ N(0, 1) from the seed's
   // stream, value i from element i. Backward of the multiplicative form is this op on grad.
   m.def("gaussian_noise(Tensor x, Tensor seed, float std, bool multiplicative) -> Tensor");

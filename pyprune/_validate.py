@@ -92,7 +92,7 @@ def count_from_ratio_or_k(
         r = real(ratio, ratio_name)
         if not 0.0 < r < math.inf:
             raise ValueError(f"{ratio_name} must be in (0, 1], got {r}")
-        count = int(r * group_size)
+        count = torch.sym_int(r * group_size)  # symbolic under dynamic shapes, no guard
         if not 1 <= count <= group_size:  # k's range; a ratio just above 1 may still give k <= size
             bound = f"must be >= {1 / group_size:.3g}" if count < 1 else "must be <= 1"
             raise ValueError(

@@ -97,7 +97,7 @@ def sap_draws(x: Tensor, ratio: float = 1.0, samples: int | None = None) -> int:
     ratio = _validate.real(ratio, "ratio")
     if not ratio > 0.0 or math.isinf(ratio):
         raise ValueError(f"ratio must be a finite number > 0, got {ratio}")
-    r = int(ratio * group_size)
+    r = torch.sym_int(ratio * group_size)  # symbolic under dynamic shapes, no guard
     if r < 1:
         raise ValueError(
             f"ratio={ratio} draws int({ratio} * {group_size}) = 0 samples from a sample group of "
