@@ -105,8 +105,8 @@ def sap_draws(x: Tensor, ratio: float = 1.0, samples: int | None = None) -> int:
         )
     if r > MAX_DRAWS:
         raise ValueError(
-            f"ratio={ratio} draws int({ratio} * {group_size}) = {r} samples, more than the "
-            f"{MAX_DRAWS} a call supports"
+            f"ratio={ratio} draws int({ratio} * {group_size}) = {float(r):.3g} samples; ratio "
+            f"must be <= {MAX_DRAWS / group_size:.3g} ({MAX_DRAWS} draws a call)"
         )
     return r
 
