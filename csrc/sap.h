@@ -7,6 +7,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 namespace pyprune {
 
@@ -19,6 +20,19 @@ C10_HOST_DEVICE inline acc_t sap_keep_probability(acc_t p, int64_t r) {
 #else
   return -std::expm1(static_cast<acc_t>(r) * std::log1p(-p));
 #endif
+}
+
+// p = |x| / total overflows or loses digits where the total is tiny: 1 / total exceeds the
+// largest acc_t, and in exact mode S_r / total the largest double (CPU) or total / S_r drops below
+// the smallest normal acc_t (CUDA). Such a total and every |x| are multiplied by this power of two
+// first: exact, since each |x| <= total is far from overflow, and p is unchanged.
+template <typename acc_t>
+C10_HOST_DEVICE inline double sap_tiny_total_scale(double total) {
+  if constexpr (std::is_same_v<acc_t, double>) {
+    return total < 0x1p-896 ? 0x1p128 : 1.0;
+  } else {
+    return total < 0x1p-64 ? 0x1p64 : 1.0;
+  }
 }
 
 inline void check_seed(const at::Tensor& seed, const at::Tensor& x, const char* op) {
