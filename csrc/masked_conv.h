@@ -205,7 +205,9 @@ at::Tensor compact_conv(const at::Tensor& x, const at::Tensor& weight,
   if (g.n == 0 || k_out == 0) {
     return at::empty({g.n, k_out, g.h_out, g.w_out}, x.options(), format);
   }
-  if (in_index.defined() && in_index.size(0) == 0) {  // nothing reaches the output but the bias
+  // Nothing reaches the output but the bias: no input channel kept, or none to begin with (the
+  // engine would return no output channels there).
+  if (weight.size(1) == 0) {
     at::Tensor y = at::empty({g.n, k_out, g.h_out, g.w_out}, x.options(), format);
     if (bias.has_value()) y.copy_(bias->view({1, -1, 1, 1}));
     else y.zero_();

@@ -4,9 +4,12 @@ modules MaskedConv2d and ChannelGate."""
 from __future__ import annotations
 
 import itertools
+import subprocess
+import sys
 
 import pytest
 import torch
+import torch._dynamo.testing
 import torch.nn.functional as F
 
 import pyprune
@@ -340,6 +343,7 @@ BAD = [
     (dict(x=torch.randn(3, 5, 9)), ValueError, "x must be 4-D"),
     (dict(x=torch.ones(3, 5, 9, 6, dtype=torch.int64)), TypeError, "x must have a floating dtype"),
     (dict(weight=torch.randn(7, 4, 3, 3)), ValueError, "expects 4 input channels, x has 5"),
+    (dict(weight=torch.randn(0, 5, 3, 3)), ValueError, "weight must have at least one output channel"),
     (dict(weight=torch.randn(7, 5, 3, 3, dtype=torch.float64)), TypeError, "weight must have x's dtype"),
     (dict(bias=torch.randn(6)), ValueError, r"bias must have shape \(7,\)"),
     (dict(in_mask=torch.ones(4, dtype=torch.bool)), ValueError, r"in_mask must have shape \(5,\) or \(3, 5\)"),
@@ -390,6 +394,190 @@ def test_empty_batch(device_backend):
     assert y.shape == (0, 7, 9, 6)
 
 
+# Each path of a convolution without input channels, which once read out of bounds (SIGSEGV):
+# run apart so that a crash fails the test instead of ending the session.
+_NO_INPUT_CHANNELS = """
+import os, torch, pyprune
+from pyprune.nn import MaskedConv2d
+x, w, b = torch.randn(2, 0, 5, 5), torch.randn(6, 0, 3, 3), torch.randn(6)
+keep = torch.tensor([True, False, True, True, False, True])
+per_sample = torch.stack([keep, ~keep])
+for mask in (keep, per_sample):
+    want = torch.where(mask.view(-1, 6, 1, 1), b.view(1, -1, 1, 1), 0.0).expand(2, 6, 5, 5)
+    for backend in pyprune.backends("cpu"):
+        with pyprune.use_backend(backend):
+            assert torch.equal(pyprune.masked_conv2d(x, w, b, padding=1, out_mask=mask), want)
+    for path in ("per_sample", "dense"):
+        os.environ["PYPRUNE_MASKED_CONV_CPU"] = path
+        for groups in (1, 2):
+            got = torch.ops.pyprune.masked_conv2d(x, torch.randn(6, 0, 3, 3), b, [1, 1], [1, 1],
+                                                  [1, 1], groups, None, mask)
+            assert torch.equal(got, want)
+            gx, gw, gb = torch.ops.pyprune._masked_conv2d_backward(
+                torch.ones(2, 6, 5, 5), x, w, [1, 1], [1, 1], [1, 1], groups, None, mask)
+            assert gx.shape == x.shape and gw.shape == w.shape
+            assert torch.equal(gb, 25.0 * mask.expand(2, 6).sum(0))
+kept = keep.nonzero().view(-1)
+got = torch.ops.pyprune._channel_conv(x, w[kept], b[kept], [1, 1], [1, 1], [1, 1], None, kept, 6)
+assert torch.equal(got, torch.where(keep.view(1, 6, 1, 1), b.view(1, 6, 1, 1), 0.0).expand(2, 6, 5, 5))
+m = MaskedConv2d(4, 6, 3, padding=1).eval()
+m.in_mask, m.out_mask = torch.zeros(4, dtype=torch.bool), keep
+with torch.no_grad():
+    got = m(torch.randn(2, 4, 5, 5))
+assert torch.equal(got, torch.where(keep.view(1, 6, 1, 1), m.bias.view(1, 6, 1, 1), 0.0).expand(2, 6, 5, 5))
+"""
+
+
+def test_no_input_channels_does_not_crash():
+    done = subprocess.run([sys.executable, "-c", _NO_INPUT_CHANNELS], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def _channel_mask(kind: str, n: int, c: int, device) -> torch.Tensor | None:
+    shape = (n, c) if kind.endswith("sample") else (c,)
+    if kind.startswith("bool"):
+        return (torch.arange(n * c if kind.endswith("sample") else c) % 3 != 1).view(shape).to(device)
+    if kind.startswith("soft"):
+        return torch.rand(shape, device=device, requires_grad=True)
+    return None
+
+
+EMPTY_MASKS = ["none", "bool", "bool_sample", "soft", "soft_sample"]
+
+
+@pytest.mark.parametrize("in_kind,out_kind,weight_kind", [
+    (i, o, "none") for i in EMPTY_MASKS for o in EMPTY_MASKS] + [
+    ("none", "bool", "bool"), ("none", "none", "bool"), ("none", "soft", "soft")])
+@pytest.mark.parametrize("n,c_in,groups", [(2, 0, 1), (3, 0, 2), (0, 4, 1)],
+                         ids=["no_input_channels", "no_input_channels_groups", "empty_batch"])
+def test_empty_inputs(device_backend, n, c_in, groups, in_kind, out_kind, weight_kind):
+    """Empty inputs give what the convolution means: without input channels the bias at every
+    position through the out_mask (F.conv2d itself returns no channels there), with an empty
+    batch an empty output; gradients of every input have its shape and the reference's values."""
+    device, backend = device_backend
+    torch.manual_seed(0)
+    c_out = 6
+    x = torch.randn(n, c_in, 5, 4, device=device, requires_grad=True)
+    weight = torch.randn(c_out, c_in // groups, 3, 3, device=device, requires_grad=True)
+    bias = torch.randn(c_out, device=device, requires_grad=True)
+    in_mask = _channel_mask(in_kind, n, c_in, device)
+    out_mask = _channel_mask(out_kind, n, c_out, device)
+    weight_mask = {"none": None, "bool": torch.rand(weight.shape, device=device) < 0.5,
+                   "soft": torch.rand(weight.shape, device=device, requires_grad=True)}[weight_kind]
+    y = pyprune.masked_conv2d(x, weight, bias, padding=1, groups=groups, in_mask=in_mask,
+                              out_mask=out_mask, weight_mask=weight_mask)
+    if c_in == 0:
+        want = bias.view(1, -1, 1, 1).expand(n, c_out, 5, 4)
+        if out_mask is not None:
+            m = out_mask.view(-1, c_out, 1, 1)
+            want = torch.where(m, want, 0.0) if m.dtype == torch.bool else want * m
+    else:
+        want = reference.masked_conv2d(x, weight, bias, 1, 1, 1, groups, in_mask, out_mask,
+                                       weight_mask)
+    assert y.shape == want.shape
+    assert torch.equal(y, want)
+    inputs = [t for t in (x, weight, bias, in_mask, out_mask, weight_mask)
+              if t is not None and t.requires_grad]
+    grad = torch.randn(y.shape, device=device)
+    got = torch.autograd.grad(y, inputs, grad, allow_unused=True, materialize_grads=True)
+    wanted = torch.autograd.grad(want, inputs, grad, allow_unused=True, materialize_grads=True)
+    for g, w, t in zip(got, wanted, inputs):
+        assert g.shape == t.shape
+        torch.testing.assert_close(g, w)
+
+
+def _per_sample_gated(weight, projection):
+    def f(x):
+        out_mask = x.mean((2, 3)) @ projection > 0
+        return pyprune.masked_conv2d(x, weight, padding=1, out_mask=out_mask)
+
+    return f
+
+
+def test_compile_dynamic_per_sample_mask(device_backend):
+    """A per-sample mask computed from x, under compile(dynamic=True): one graph for every batch
+    size of at least 2 (batch 1 is torch's own 0/1 specialization), one graph in all where the
+    batch is unbacked; the shape checks hold symbolically."""
+    device, _ = device_backend
+    torch.manual_seed(0)
+    f = _per_sample_gated(torch.randn(8, 4, 3, 3, device=device), torch.randn(4, 8, device=device))
+    for unbacked in (False, True):
+        torch._dynamo.reset()
+        counter = torch._dynamo.testing.CompileCounter()
+        compiled = torch.compile(f, backend=counter, dynamic=True, fullgraph=True)
+        for n in (2, 3, 1, 5):
+            x = torch.randn(n, 4, 6, 6, device=device)
+            if unbacked:
+                torch._dynamo.decorators.mark_unbacked(x, 0)
+            torch.testing.assert_close(compiled(x), f(x))
+        assert counter.frame_count == (1 if unbacked else 2)
+
+
+def _module(kind: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    if kind == "gate":
+        return _Gated()
+    m = MaskedConv2d(6, 8, 3, padding=1)
+    if kind in ("in", "both"):
+        m.in_mask = torch.arange(6) % 3 != 1
+    if kind in ("out", "both"):
+        m.out_mask = torch.arange(8) % 3 != 2
+    if kind == "soft":
+        m.in_mask, m.out_mask = torch.rand(6), torch.rand(8)
+    if kind == "weight_bool":
+        m.weight_mask = torch.rand(8, 6, 3, 3) < 0.3
+    if kind == "weight_soft":
+        m.weight_mask = torch.rand(8, 6, 3, 3)
+    return m
+
+
+class _Gated(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = ChannelGate(6, 8, 0.5)
+        self.conv = torch.nn.Conv2d(6, 8, 3, padding=1)
+
+    def forward(self, x):
+        mask, scale = self.gate(x)
+        y = pyprune.masked_conv2d(x, self.conv.weight, self.conv.bias, padding=1, out_mask=mask)
+        return y * scale[:, :, None, None]
+
+
+def _compile_counts(model, dynamic, device, grad) -> list[int]:
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, backend=counter, fullgraph=True, dynamic=dynamic)
+    counts = []
+    for shape in ((2, 6, 32, 32), (2, 6, 28, 28), (3, 6, 28, 28), (1, 6, 28, 28), (5, 6, 28, 28)):
+        x = torch.randn(shape, device=device, requires_grad=grad)
+        y = compiled(x)
+        torch.testing.assert_close(y, model(x), atol=1e-4, rtol=1e-4)
+        if grad:
+            y.sum().backward()
+        counts.append(counter.frame_count)
+    return counts
+
+
+@pytest.mark.parametrize("dynamic", [None, True], ids=["automatic", "dynamic"])
+@pytest.mark.parametrize("kind", ["none", "in", "out", "both", "soft", "weight_bool",
+                                  "weight_soft", "gate"])
+def test_compile_modules_dynamic_shapes(device_backend, kind, dynamic):
+    """Every module compiles (fullgraph, forward and backward) once per graph that nn.Conv2d
+    needs under the same dynamic-shape policy: new spatial sizes and batch sizes recompile only
+    where torch turns a dim dynamic or specializes batch 1."""
+    device, backend = device_backend
+    if backend == "triton" and kind not in ("both", "gate"):
+        pytest.skip("the interpreter is slow: the bool-mask kernels and the gate")
+    model = _module(kind).to(device)
+    baseline = _compile_counts(torch.nn.Conv2d(6, 8, 3, padding=1).to(device), dynamic, device,
+                               True)
+    assert _compile_counts(model, dynamic, device, True) == baseline
+    with torch.no_grad():
+        model.eval()
+        assert _compile_counts(model, dynamic, device, False) == baseline
+
+
 # ---------------------------------------------------------------- MaskedConv2d, ChannelGate
 
 
@@ -421,27 +609,43 @@ def test_module_from_conv(conv_args):
     torch.testing.assert_close(fresh(x), want, atol=1e-5, rtol=1e-5)
 
 
-def test_module_cache_follows_changes():
+def test_module_sees_parameter_and_mask_changes():
+    """The inference path of static bool channel masks reads the weight, bias and masks anew on
+    each call: in-place, .data, vector_to_parameters and dtype changes are all seen."""
     torch.manual_seed(0)
-    m = MaskedConv2d(4, 6, 3, padding=1)
+    m = MaskedConv2d(4, 6, 3, padding=1).eval()
     m.out_mask = torch.tensor([True, False, True, True, False, True])
+    m.in_mask = torch.tensor([True, True, False, True])
     x = torch.randn(2, 4, 5, 5)
 
-    def want():
-        return reference.masked_conv2d(x, m.weight, m.bias, 1, 1, out_mask=m.out_mask)
+    def check():
+        want = reference.masked_conv2d(x.to(m.weight.dtype), m.weight, m.bias, 1, 1,
+                                       in_mask=m.in_mask, out_mask=m.out_mask)
+        torch.testing.assert_close(m(x.to(m.weight.dtype)), want)
 
     with torch.no_grad():
-        torch.testing.assert_close(m(x), want())
-        key = m._cache[0]
-        m(x)
-        assert m._cache[0] == key  # reused
-        m.weight.mul_(2)  # in-place change of the weight
-        torch.testing.assert_close(m(x), want())
-        m.out_mask[1] = True  # in-place change of the mask
-        torch.testing.assert_close(m(x), want())
+        check()
+        m.weight.mul_(2)
+        check()
+        m.weight.data.mul_(2)  # bypasses the version counter
+        check()
+        m.weight.data = torch.randn(6, 4, 3, 3) * 10
+        check()
+        m.bias.data = torch.randn(6)
+        check()
+        torch.nn.utils.vector_to_parameters(torch.randn(6 * 4 * 9 + 6) * 10, m.parameters())
+        check()
+        m.out_mask[1] = True
+        check()
+        m.out_mask.data[0] = False
+        check()
+        m.in_mask.data = torch.tensor([False, True, True, True])
+        check()
         m.out_mask = torch.tensor([False] * 6)  # nothing kept
         assert torch.equal(m(x), torch.zeros(2, 6, 5, 5))
-    assert m._cache[0] != key
+        m.out_mask = torch.tensor([True, False, True, True, False, True])
+        m.double()
+        check()
 
 
 def test_module_cached_path_bad_input():

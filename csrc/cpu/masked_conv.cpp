@@ -249,13 +249,16 @@ at::Tensor masked_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight,
                              const std::optional<at::Tensor>& out_mask) {
   const Geometry g = masked_conv::geometry(x, weight, stride, padding, dilation, groups);
   check(x, g, in_mask, out_mask);
-  if (groups > 1) return masked_conv::dense_forward(x, weight, bias, g, in_mask, out_mask);
+  // Without input channels the dense engine returns no output channels; the compact and
+  // per-sample paths give the bias.
+  if (groups > 1 && g.c_in > 0)
+    return masked_conv::dense_forward(x, weight, bias, g, in_mask, out_mask);
   if (!masked_conv::per_sample(in_mask) && !masked_conv::per_sample(out_mask)) {
     const masked_conv::Compacted c = masked_conv::compact(x, weight, bias, g, in_mask, out_mask);
     return channel_conv_cpu(x, c.weight, c.bias, g.stride, g.padding, g.dilation, c.in_index,
                             c.out_index, g.c_out);
   }
-  if (!per_sample_pays(g, in_mask, out_mask, false)) {
+  if (g.c_in > 0 && !per_sample_pays(g, in_mask, out_mask, false)) {
     // The masked input channels zeroed by a channel copy (torch.where is several times slower
     // here), then the batched engine.
     at::Tensor xm = x;
@@ -307,10 +310,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_conv2d_backward_cpu(
   check(x, g, in_mask, out_mask);
   TORCH_CHECK(grad.sizes() == at::IntArrayRef({g.n, g.c_out, g.h_out, g.w_out}),
               "masked_conv2d backward: grad must have the output's shape");
-  if (groups > 1) return masked_conv::dense_backward(grad, x, weight, g, in_mask, out_mask);
+  if (groups > 1 && g.c_in > 0)
+    return masked_conv::dense_backward(grad, x, weight, g, in_mask, out_mask);
   if (!masked_conv::per_sample(in_mask) && !masked_conv::per_sample(out_mask))
     return masked_conv::static_backward(grad, x, weight, g, in_mask, out_mask);
-  if (!per_sample_pays(g, in_mask, out_mask, true))
+  if (g.c_in > 0 && !per_sample_pays(g, in_mask, out_mask, true))
     return masked_conv::dense_backward(grad, x, weight, g, in_mask, out_mask);
 
   const auto format = x.suggest_memory_format();

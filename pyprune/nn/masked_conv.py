@@ -22,9 +22,13 @@ class MaskedConv2d(nn.Conv2d):
     ``set_masks``; they are saved in the state_dict. Bool masks are structural (a 25% channel
     keep does a quarter of the convolution), float masks multiply and receive gradients.
 
-    With static bool channel masks and no gradient needed (inference), the compacted weight, bias
-    and channel indices are cached and rebuilt only when the weight, bias or a mask changes (their
-    version counters), so each call runs just the smaller convolution.
+    With static bool channel masks and no gradient needed (inference), each call runs just the
+    smaller convolution on the kept rows and columns of the weight, gathered anew (a copy of
+    the kept weights, so in-place, ``.data`` and dtype changes of the parameters are always
+    seen). The kept channel indices are recomputed per call on the CPU; on other devices, where
+    that would synchronize with the host, they are cached per mask (storage, version, layout,
+    dtype): a mask assigned anew or changed in place is seen, one changed in place through
+    ``.data`` (which bypasses the version counter) is not.
 
     A sparse bool ``weight_mask`` (unstructured pruning) runs on the CPU as a direct sparse
     convolution over the kept weights, forward and backward, where few enough are kept to pay
@@ -40,7 +44,7 @@ class MaskedConv2d(nn.Conv2d):
         super().__init__(*args, **kwargs)
         for name in _MASKS:
             self.register_buffer(name, None)
-        self._cache: tuple | None = None
+        self._kept_cache: dict[str, tuple] = {}
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d) -> "MaskedConv2d":
@@ -73,8 +77,9 @@ class MaskedConv2d(nn.Conv2d):
                 self._buffers[name] = state_dict[key].clone()
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def _cacheable(self, x: Tensor) -> bool:
-        if torch.compiler.is_compiling() or self.groups != 1 or self.weight_mask is not None:
+    def _compact_path(self, x: Tensor) -> bool:
+        if (torch.compiler.is_compiling() or self.groups != 1 or self.weight_mask is not None
+                or self.in_channels == 0 or self.out_channels == 0):
             return False
         if self.in_mask is None and self.out_mask is None:
             return False
@@ -88,28 +93,39 @@ class MaskedConv2d(nn.Conv2d):
             return False
         return _backend.select("masked_conv2d", x) in ("cpu", "cuda")
 
+    def _kept(self, name: str) -> Tensor | None:
+        mask = getattr(self, name)
+        if mask is None:
+            return None
+        if mask.device.type == "cpu":
+            return mask.nonzero().view(-1)
+        storage = mask.untyped_storage()
+        key = (storage.data_ptr(), mask.storage_offset(), mask._version, tuple(mask.shape),
+               mask.stride(), mask.dtype, mask.device)
+        cached = self._kept_cache.get(name)
+        if cached is None or cached[0] != key:
+            # The entry holds the storage, so no later mask can be allocated at its address
+            # and match the key.
+            cached = (key, storage, mask.nonzero().view(-1))
+            self._kept_cache[name] = cached
+        return cached[2]
+
     def _compacted(self) -> tuple:
-        tensors = (self.weight, self.bias, self.in_mask, self.out_mask)
-        key = tuple((id(t), t._version) if t is not None else None for t in tensors)
-        if self._cache is None or self._cache[0] != key:
-            w, b = self.weight.detach(), None if self.bias is None else self.bias.detach()
-            in_idx = out_idx = None
-            if self.out_mask is not None:
-                out_idx = self.out_mask.nonzero().view(-1)
-                w = w.index_select(0, out_idx)
-                b = None if b is None else b.index_select(0, out_idx)
-            if self.in_mask is not None:
-                in_idx = self.in_mask.nonzero().view(-1)
-                w = w.index_select(1, in_idx)
-            self._cache = (key, w.contiguous(), b, in_idx, out_idx)
-        return self._cache[1:]
+        w, b = self.weight.detach(), None if self.bias is None else self.bias.detach()
+        in_idx, out_idx = self._kept("in_mask"), self._kept("out_mask")
+        if out_idx is not None:
+            w = w.index_select(0, out_idx)
+            b = None if b is None else b.index_select(0, out_idx)
+        if in_idx is not None:
+            w = w.index_select(1, in_idx)
+        return w, b, in_idx, out_idx
 
     def forward(self, x: Tensor) -> Tensor:
         padding = self.padding
         if self.padding_mode != "zeros":
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             padding = 0
-        if self._cacheable(_validate.tensor(x, "x", dim=4)):
+        if self._compact_path(_validate.tensor(x, "x", dim=4)):
             if x.shape[1] != self.in_channels:
                 raise ValueError(f"x must have {self.in_channels} channels, got shape "
                                  f"{tuple(x.shape)}")

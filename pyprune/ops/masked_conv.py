@@ -418,8 +418,8 @@ def _check_mask(mask: object, name: str, channels: int, x: Tensor) -> Optional[T
         raise TypeError(f"{name} must be bool (structural) or x's dtype {x.dtype} (soft), "
                         f"got {mask.dtype}")
     n = x.shape[0]
-    # Dim by dim: under torch.compile(dynamic=True) `mask.shape in ((c,), (n, c))` rejected an
-    # (n, c) mask whose symbolic batch size equalled n (at batch 1).
+    # Dim by dim, as comparisons of possibly symbolic sizes: `mask.shape in ((c,), (n, c))` has
+    # rejected a matching (1, c) mask under torch.compile(dynamic=True).
     if not (mask.dim() == 1 and mask.shape[0] == channels
             or mask.dim() == 2 and mask.shape[0] == n and mask.shape[1] == channels):
         raise ValueError(f"{name} must have shape ({channels},) or ({n}, {channels}), "
