@@ -29,7 +29,8 @@ TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 settings.register_profile(
     "pyprune-fuzz",
-    max_examples=12 if TRITON_INTERPRET else 30,
+    # PYPRUNE_FUZZ_EXAMPLES=<n> fuzzes deeper than CI does.
+    max_examples=int(os.environ.get("PYPRUNE_FUZZ_EXAMPLES", 12 if TRITON_INTERPRET else 30)),
     deadline=None,
     derandomize=bool(os.environ.get("CI")),
     database=None,
