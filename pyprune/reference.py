@@ -115,6 +115,8 @@ def gaussian_noise(
 def magnitude_mask(w: Tensor, keep_ratio: float) -> Tensor:
     """DWP mask: keep the int(keep_ratio * numel) largest |w| over the whole tensor, ties kept."""
     k = int(keep_ratio * w.numel())
+    if k == 0:
+        return torch.zeros_like(w, dtype=torch.bool)
     key = w.detach().abs().flatten()
     threshold = key.topk(k).values[-1]
     return ((key >= threshold) | key.isnan()).view_as(w)
@@ -165,6 +167,20 @@ def masked_conv2d(
     """
     def channel_shape(mask: Tensor) -> tuple[int, ...]:
         return (1, -1, 1, 1) if mask.dim() == 1 else (*mask.shape, 1, 1)
+
+    if x.shape[1] == 0:
+        # No input channels: the bias (or 0) everywhere. F.conv2d returns no output channels
+        # there, so each group gets one zero input channel (a zero weight column, a masked-out
+        # mask entry), which adds exactly nothing and keeps every input's gradient flowing.
+        def pad(t: Tensor | None, dim: int, count: int) -> Tensor | None:
+            if t is None:
+                return None
+            shape = list(t.shape)
+            shape[dim] = count
+            return torch.cat([t, t.new_zeros(shape)], dim)
+
+        x, weight = pad(x, 1, groups), pad(weight, 1, 1)
+        in_mask, weight_mask = pad(in_mask, -1, groups), pad(weight_mask, 1, 1)
 
     if in_mask is not None:
         x = _apply_mask(x, in_mask, channel_shape(in_mask))

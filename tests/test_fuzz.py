@@ -596,10 +596,7 @@ def test_masked_conv2d(backend, data):
         ["special"] if padding == (0, 0) and not finite_only else [])
     weight = data.draw(tensors((c_out, c_in // groups, kh, kw), dtype, huge=30.0,
                                kinds=weight_kinds), label="weight")
-    # known defect: the Triton masked convolution reads a strided bias as if contiguous
-    # (test_masked_conv2d_strided_bias_triton), so there the bias is contiguous.
-    bias_layouts = ["contiguous"] if backend == "triton" else LAYOUTS
-    bias = data.draw(st.one_of(st.none(), tensors((c_out,), dtype, huge=30.0, layouts=bias_layouts,
+    bias = data.draw(st.one_of(st.none(), tensors((c_out,), dtype, huge=30.0, layouts=LAYOUTS,
                                                   kinds=["normal", "ties"])), label="bias")
     in_mask = data.draw(channel_masks(n, c_in, dtype), label="in_mask")
     out_mask = data.draw(channel_masks(n, c_out, dtype), label="out_mask")
@@ -657,9 +654,8 @@ def test_masked_conv2d(backend, data):
 @pytest.mark.triton
 @pytest.mark.skipif(_backend.unavailable_reason("triton", "cpu") is not None,
                     reason=str(_backend.unavailable_reason("triton", "cpu")))
-@pytest.mark.xfail(strict=True, reason="triton masked_conv2d reads a non-contiguous bias as if "
-                   "contiguous: bias[c] comes from storage_offset + c instead of + c * stride")
 def test_masked_conv2d_strided_bias_triton():
+    """The kernel reads bias[c] at unit stride: a strided bias is made contiguous first."""
     x = torch.tensor([[[[1.541]]]])
     weight = torch.tensor([1.541, -0.2934]).view(2, 1, 1, 1)
     storage = torch.tensor([7.0, 1.541, 7.0, -0.2934])

@@ -326,6 +326,7 @@ def masked_conv2d_forward(
     include inf or NaN run every tile, as conv2d(x, weight * weight_mask) multiplies them by
     the masked zeros too."""
     _check(x, weight, bias)
+    bias = bias.contiguous() if bias is not None else None  # the kernel reads bias[c] at unit stride
     stride, padding, dilation = (_pair(stride, "stride"), _pair(padding, "padding"),
                                  _pair(dilation, "dilation"))
     if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0:

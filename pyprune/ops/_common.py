@@ -56,6 +56,12 @@ def save(ctx, *tensors: Tensor | None) -> None:
     ctx.save_for_forward(*tensors)
 
 
+def _transforming() -> bool:
+    """Whether a torch.func transform (grad, vjp, jvp, vmap, ...) or forward-mode AD is active."""
+    return (torch._C._functorch.peek_interpreter_stack() is not None
+            or torch.autograd.forward_ad._current_level >= 0)
+
+
 def register(
     op,
     setup_context: Callable,
@@ -66,8 +72,9 @@ def register(
     it: an autograd.Function with the same ``setup_context`` and ``backward``, a forward-mode
     rule ``jvp(ctx, *tangents)`` (None: forward-mode AD raises) and a vmap rule generated from
     the op's own (see ``register_vmap``), so torch.func.grad / jacrev / jacfwd / jvp / vmap and
-    torch.autograd.forward_ad see through it. While dynamo traces, the op itself is called: its
-    torch.library autograd serves the compiled graph (dynamo cannot trace a custom jvp)."""
+    torch.autograd.forward_ad see through it. Outside those transforms the op itself is called
+    (its torch.library autograd has the same backward; autograd.Function.apply costs ~100 us
+    more per call), and so it is while dynamo traces (dynamo cannot trace a custom jvp)."""
     torch.library.register_autograd(op, backward, setup_context=setup_context)
     name = "Function_" + str(op).replace("pyprune.", "").replace(".", "_")
     attrs = {
@@ -81,7 +88,7 @@ def register(
     function = type(name, (torch.autograd.Function,), attrs)
 
     def call(*args):
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or not _transforming():
             return op(*args)
         return function.apply(*args)
 

@@ -438,25 +438,6 @@ def _same_padding(x: Tensor, weight: Tensor, stride, dilation) -> tuple[Tensor, 
     return x, (0, 0)
 
 
-def _no_input_channels(x, weight, bias, stride, padding, dilation, groups, in_mask, out_mask,
-                       weight_mask) -> Tensor:
-    """The convolution of an input without channels: the bias (or 0) at every output position,
-    through the out_mask. F.conv2d returns (N, 0, H_out, W_out) there, and kernels indexing the
-    missing channels read out of bounds; so each group gets one zero input channel (a zero
-    weight column, a masked-out mask entry), which adds exactly nothing and keeps every input's
-    gradient, of its empty shape, flowing."""
-    def pad(t: Optional[Tensor], dim: int, count: int) -> Optional[Tensor]:
-        if t is None:
-            return None
-        shape = list(t.shape)
-        shape[dim] = count
-        return torch.cat([t, t.new_zeros(shape)], dim)
-
-    return reference.masked_conv2d(pad(x, 1, groups), pad(weight, 1, 1), bias, stride, padding,
-                                   dilation, groups, pad(in_mask, -1, groups), out_mask,
-                                   pad(weight_mask, 1, 1))
-
-
 def masked_conv2d(
     x: Tensor,
     weight: Tensor,
@@ -556,10 +537,9 @@ def masked_conv2d(
                              f"{padding} is smaller than the dilated kernel ({span} in dim {2 + i})")
 
     backend = _backend.select("masked_conv2d", x)
-    if c_in == 0:
-        return _no_input_channels(x, weight, bias, stride, padding, dilation, groups, in_mask,
-                                  out_mask, weight_mask)
-    if backend == "reference":
+    # Without input channels the output is the bias (the reference pads a zero channel; the
+    # kernels would index channels that are not there).
+    if backend == "reference" or c_in == 0:
         return reference.masked_conv2d(x, weight, bias, stride, padding, dilation, groups,
                                        in_mask, out_mask, weight_mask)
 
