@@ -13,8 +13,12 @@ over the sample (tile by tile, as the prefix sums below accumulate), then:
 
 Kept elements are written as src / q with q = -expm1(r * log1p(-p)) (src: x forward, grad
 backward: backward regenerates the kept set), the rest as src * 0 (NaN where src is NaN or inf,
-as in the reference). A sample with a NaN or inf keeps nothing. log1p and expm1 are built from
-log and exp with the Goldberg / Kahan corrections, which keep full relative accuracy near 0.
+as in the reference). A sample with a NaN or inf keeps nothing, as does one whose float32 sum
+overflows (the reference's p = |x| / inf = 0). A total below 2^-64 would make |x| / total and
+total / S_r lose digits or underflow: it and every |x| are scaled by 2^64 first (exact; p is
+unchanged). log1p and expm1 are built from log and exp with the Goldberg / Kahan corrections,
+which keep full relative accuracy near 0. Counters and the draw index are int64 (r + 1 and the
+loops' last step pass 2^31 - 1).
 """
 from __future__ import annotations
 
@@ -28,6 +32,8 @@ _BERNOULLI_BLOCK = 1024
 _EXACT_BLOCK = 64
 _DRAWS = 64
 _NUM_WARPS = 4
+_TINY_TOTAL = tl.constexpr(2.0**-64)
+_TINY_SCALE = tl.constexpr(2.0**64)
 _TL_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
@@ -71,7 +77,7 @@ def _sap_kernel(
     # tile maximum alone would skip a NaN).
     total = tl.zeros([], dtype=tl.float32)
     nonfinite = tl.zeros([], dtype=tl.int32)
-    start = 0
+    start = n * 0
     while start < L:
         offs = start + lanes
         a = tl.abs(tl.load(x_row + offs * x_sl, mask=offs < L, other=0.0).to(tl.float32))
@@ -79,12 +85,14 @@ def _sap_kernel(
         nonfinite += tl.sum(((a != a) | (a == float("inf"))).to(tl.int32), 0)
         start += BLOCK
     total = tl.where(nonfinite > 0, float("nan"), total)
+    pre = tl.where(total < _TINY_TOTAL, _TINY_SCALE, 1.0)
+    total = total * pre
 
     if EXACT:
         draws = tl.arange(0, DRAWS).to(tl.int64)
-        base = n * (r + 1)
+        base = n * r + n
         spacings = tl.zeros([], dtype=tl.float32)
-        d0 = 0
+        d0 = n * 0
         while d0 <= r:
             d = d0 + draws
             e = tl.where(d <= r, exponential(key, stream, base + d), 0.0)
@@ -93,12 +101,12 @@ def _sap_kernel(
         scale = total / spacings  # draw i sits at S_i * scale in the units of C
         carry_c = tl.zeros([], dtype=tl.float32)
         carry_s = tl.zeros([], dtype=tl.float32)
-        first = n * 0  # first draw not yet merged into an earlier tile (int64)
-        start = 0
+        first = n * 0  # first draw not yet merged into an earlier tile
+        start = n * 0
         while start < L:
             offs = start + lanes
             in_row = offs < L
-            a = tl.abs(tl.load(x_row + offs * x_sl, mask=in_row, other=0.0).to(tl.float32))
+            a = tl.abs(tl.load(x_row + offs * x_sl, mask=in_row, other=0.0).to(tl.float32)) * pre
             c = tl.cumsum(a, 0) + carry_c
             tile_hi = tl.max(c, 0)
             bound = tl.where(in_row, c, float("inf"))
@@ -124,11 +132,11 @@ def _sap_kernel(
             carry_c = tile_hi
             start += BLOCK
     else:
-        start = 0
+        start = n * 0
         while start < L:
             offs = start + lanes
             in_row = offs < L
-            a = tl.abs(tl.load(x_row + offs * x_sl, mask=in_row, other=0.0).to(tl.float32))
+            a = tl.abs(tl.load(x_row + offs * x_sl, mask=in_row, other=0.0).to(tl.float32)) * pre
             q = _keep_probability(a, total, r)
             u = uniform(key, stream, n * L + offs)
             g = tl.load(src_row + offs * src_sl, mask=in_row, other=0.0)

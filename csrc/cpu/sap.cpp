@@ -8,7 +8,7 @@
 //    sum C of |x|: element j is drawn iff some U_(i) * sum|x| lies in [C_{j-1}, C_j). This is
 //    inverse-CDF sampling of r draws with replacement from p = |x| / sum|x|, without a sort and
 //    without an index tensor. The prefix sums S live in a per-thread buffer of at most
-//    draw_chunk() draws, so memory does not grow with r:
+//    draw_chunk() draws; beyond it r costs one double per chunk (256 KB at r = 2^31 - 1):
 //     - r <= draw_chunk(): one pass fills the buffer with every S_i, and the merge runs as eight
 //       independent merges over eighths of the sample (each starts at its first draw, found by
 //       binary search), interleaved so that their dependency chains overlap; each advances over
