@@ -108,7 +108,7 @@ def gaussian_noise(
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """RNA/RNW: x + N(0, std^2); RSA/RSW (multiplicative): x * N(1, std^2)."""
-    noise = torch.randn(x.shape, dtype=x.dtype, device=x.device, generator=generator) * std
+    noise = torch.randn_like(x, memory_format=torch.contiguous_format, generator=generator) * std
     return x * (1 + noise) if multiplicative else x + noise
 
 
