@@ -100,7 +100,7 @@ _TENSOR = object()  # marks where register_linear's saved tensors go back into t
 
 def register_linear(op) -> Callable:
     """Autograd for an op linear in its first input and locally constant in the rest (kwta's
-    and SAP's gradients grad * mask and grad * kept / q, multiplicative noise): its derivative
+    and SAP's gradient ops, grad * mask and grad * kept / q): its derivative
     and its tangent are the op itself applied to the incoming gradient or tangent, so double
     backward (gradient penalties, Hessian-vector products) and jvp cost one more call.
     Returns the entry point (as ``register``)."""
