@@ -10,6 +10,7 @@
 //   sorted positions S_i * sum|x| / S_r, and each draw inside the tile binary-searches its
 //   element and flags it. A chunk that runs past the tile is taken again with the next tile.
 //   Spacings are regenerated from the seed, never stored.
+// A tiny total (sap_tiny_total_scale) and every |x| are scaled by a power of two first.
 // Kept elements are written as src / q (src = x forward, grad backward), the rest as src * 0.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -59,9 +60,10 @@ __global__ void __launch_bounds__(kThreads) sap_kernel(const SapParams<scalar_t>
     const scalar_t* x = p.x + n * p.xs0;
     const scalar_t* src = p.src + n * p.ss0;
     scalar_t* out = p.out + n * p.os0;
+    acc_t pre = 1;  // sap_tiny_total_scale, once the total is known
     auto abs_x = [&](int64_t j) {
       const acc_t v = j < L ? static_cast<acc_t>(x[j * p.xs1]) : acc_t(0);
-      return v < acc_t(0) ? -v : v;
+      return (v < acc_t(0) ? -v : v) * pre;
     };
     auto kept_value = [&](int64_t j, acc_t a, acc_t total) {
       const acc_t q = sap_keep_probability<acc_t>(a / total, r);
@@ -75,8 +77,11 @@ __global__ void __launch_bounds__(kThreads) sap_kernel(const SapParams<scalar_t>
       __syncthreads();
       total += tile;
     }
-    // Nothing is drawn from an all-zero sample or one with a NaN or inf (p undefined).
+    // Nothing is drawn from an all-zero sample or one with a NaN or inf (p undefined), nor from
+    // one whose sum overflows (the reference's p = |x| / inf = 0).
     const bool drawable = total > acc_t(0) && total < INFINITY;
+    pre = static_cast<acc_t>(sap_tiny_total_scale<acc_t>(total));
+    total *= pre;
 
     if constexpr (!kExact) {
       const uint64_t begin = static_cast<uint64_t>(n) * L, end = begin + L;
