@@ -106,18 +106,22 @@ def count_from_ratio_or_k(
     return count
 
 
+def host_reads_free(t: Tensor) -> bool:
+    """Whether reading t's values on the host costs no synchronisation: on the CPU only. The one
+    place argument checks decide between an eager host read and a check on the device."""
+    return t.device.type == "cpu"
+
+
 def label_range(label: Tensor | None, classes: int, name: str = "label") -> None:
-    """Class indices in [0, classes). Eagerly the values are read on the host (a ValueError);
-    while tracing for torch.compile the check becomes an asynchronous assert in the graph (a
-    RuntimeError when the graph runs on the CPU, a device assert on CUDA); skipped during CUDA
-    graph capture, which can neither sync nor raise."""
+    """Class indices in [0, classes). CPU labels are read eagerly (a ValueError naming the bad
+    value); elsewhere, and while tracing for torch.compile, the check is an asynchronous assert
+    on the device (a RuntimeError when it runs on the CPU, a device assert on CUDA, capturable
+    in a CUDA graph), so the host never waits for the labels."""
     if label is None or label.numel() == 0:
         return
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or not host_reads_free(label):
         torch._assert_async(((label >= 0) & (label < classes)).all(),
                             f"{name} values must be in [0, {classes})")
-        return
-    if label.is_cuda and torch.cuda.is_current_stream_capturing():
         return
     lo, hi = (int(v) for v in torch.aminmax(label))
     if lo < 0 or hi >= classes:

@@ -47,7 +47,8 @@ def _cas_triton(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     from ..triton_kernels import cas as kernels
 
-    # Checked here, where the values are at hand also when a compiled graph calls this op.
+    # Checked here, so that a compiled graph calling this op checks too: by reading the labels
+    # on the CPU, by an assert on the device elsewhere (no host sync; _validate.label_range).
     _validate.label_range(label, weight.shape[0])
     return kernels.cas_forward(x, weight, bias, label)
 
