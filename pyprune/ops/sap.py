@@ -80,7 +80,7 @@ for _fwd, _bwd in {v[0]: v[1] for v in _OPS.values()}.items():
     register_vmap(_bwd, per_sample=None)
 
 
-# The draw count is a 32-bit kernel argument (and exact mode keeps r prefix sums per thread).
+# The draw count is a 32-bit kernel argument (Triton's i32 r).
 MAX_DRAWS = 2**31 - 1
 
 
