@@ -23,6 +23,8 @@ loops (Triton 3.6's interpreter cannot take a runtime bound in range() with nump
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -229,6 +231,13 @@ def _cas_backward_kernel(
     tl.store(t_ptr + n * K + kk, tl.sum(t, 1), mask=kmask)
 
 
+def on_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    """The context every launcher launches in: Triton launches on the current CUDA device, not
+    on its arguments', so t's device is made current (CPU tensors, under the interpreter, need
+    nothing)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 def _blocks(K: int, L: int) -> tuple[int, int, int]:
     """(BLOCK_K, BLOCK_L, BLOCK_C) of the streamed tiles for (K, L)."""
     block_l = next((b for b in _BLOCK_LS if b >= min(L, _BLOCK_LS[-1])), _BLOCK_LS[-1])
@@ -277,14 +286,15 @@ def cas_forward(
     bias = bias.contiguous() if bias is not None else weight
     label = label.contiguous() if label is not None else None
     block_k, block_l, block_c, one_block, num_warps = _forward_config(K, L)
-    _cas_forward_kernel[(N,)](
-        x, weight, bias, label if label is not None else index,
-        out, logits, index, mean,
-        K, L, C, int(label is not None), int(bias is not weight),
-        *x.stride(), *out.stride(), *weight.stride(),
-        BLOCK_K=block_k, BLOCK_L=block_l, BLOCK_C=block_c, ONE_BLOCK=one_block,
-        num_warps=num_warps,
-    )
+    with on_device(x):
+        _cas_forward_kernel[(N,)](
+            x, weight, bias, label if label is not None else index,
+            out, logits, index, mean,
+            K, L, C, int(label is not None), int(bias is not weight),
+            *x.stride(), *out.stride(), *weight.stride(),
+            BLOCK_K=block_k, BLOCK_L=block_l, BLOCK_C=block_c, ONE_BLOCK=one_block,
+            num_warps=num_warps,
+        )
     return out, logits, index, mean
 
 
@@ -304,13 +314,14 @@ def cas_backward(
     if N > 0:
         block_k, block_l, block_c = _blocks(K, L)
         k_blocks = triton.cdiv(K, block_k)
-        _cas_backward_kernel[(N * k_blocks,)](
-            grad_out, x, weight, gl, index, grad_x, t,
-            K, L, C, k_blocks,
-            *grad_out.stride(), *x.stride(), *grad_x.stride(), *weight.stride(),
-            BLOCK_K=block_k, BLOCK_L=block_l, BLOCK_C=block_c,
-            num_warps=4,
-        )
+        with on_device(x):
+            _cas_backward_kernel[(N * k_blocks,)](
+                grad_out, x, weight, gl, index, grad_x, t,
+                K, L, C, k_blocks,
+                *grad_out.stride(), *x.stride(), *grad_x.stride(), *weight.stride(),
+                BLOCK_K=block_k, BLOCK_L=block_l, BLOCK_C=block_c,
+                num_warps=4,
+            )
     grad_weight = (gl.t() @ mean).index_add_(0, index, t)
     return grad_x, grad_weight.to(weight.dtype), gl.sum(0).to(weight.dtype)
 

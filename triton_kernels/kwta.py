@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from .aot import signature
+from .cas import on_device
 
 RADIX_BITS = tl.constexpr(8)
 BINS = tl.constexpr(1 << 8)
@@ -193,13 +194,14 @@ def kwta_forward(x: torch.Tensor, k: int, absolute: bool) -> tuple[torch.Tensor,
     if x.numel() == 0:
         return out, threshold
     block, one_block, num_warps = _forward_config(L)
-    _kwta_forward_kernel[(N * C,)](
-        x, out, threshold,
-        C, L, k, int(absolute),
-        *x.stride(), *out.stride(),
-        BLOCK=block, ONE_BLOCK=one_block,
-        num_warps=num_warps,
-    )
+    with on_device(x):
+        _kwta_forward_kernel[(N * C,)](
+            x, out, threshold,
+            C, L, k, int(absolute),
+            *x.stride(), *out.stride(),
+            BLOCK=block, ONE_BLOCK=one_block,
+            num_warps=num_warps,
+        )
     return out, threshold
 
 
@@ -222,13 +224,14 @@ def kwta_backward(
     block_g, block_l = _backward_config(L)
     blocks_per_row = triton.cdiv(L, block_l)
     grid = (triton.cdiv(N * C, block_g) * blocks_per_row,)
-    _kwta_backward_kernel[grid](
-        grad, x, threshold, out,
-        N * C, C, L, blocks_per_row,
-        *grad.stride(), *x.stride(), *threshold.stride(), *out.stride(), int(absolute),
-        BLOCK_G=block_g, BLOCK_L=block_l,
-        num_warps=_BWD_NUM_WARPS,
-    )
+    with on_device(x):
+        _kwta_backward_kernel[grid](
+            grad, x, threshold, out,
+            N * C, C, L, blocks_per_row,
+            *grad.stride(), *x.stride(), *threshold.stride(), *out.stride(), int(absolute),
+            BLOCK_G=block_g, BLOCK_L=block_l,
+            num_warps=_BWD_NUM_WARPS,
+        )
     return out
 
 

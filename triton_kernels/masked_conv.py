@@ -64,7 +64,7 @@ import triton.language as tl
 
 from .aot import signature
 
-from .cas import _round
+from .cas import _round, on_device
 
 _TL_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 _NUM_WARPS = 4
@@ -381,20 +381,21 @@ def masked_conv2d_forward(
         wm, blk_idx, blk_cnt, finite, ci_blocks = in_cnt.view(torch.uint8), in_idx, in_cnt, in_cnt, 1
     p_blocks = triton.cdiv(H_out * W_out, block_p)
     co_blocks = triton.cdiv(C_out, block_co)
-    _masked_conv2d_forward_kernel[(N * p_blocks * co_blocks,)](
-        x, weight, bias if bias is not None else weight, in_idx, in_cnt, out_idx, out_cnt, out,
-        wm, blk_idx, blk_cnt, finite, in_scale if in_scale is not None else x,
-        out_scale if out_scale is not None else x, raw if raw is not None else out,
-        C_in, H, W, C_out, H_out, W_out, KH, KW,
-        *stride, *padding, *dilation,
-        p_blocks, co_blocks, in_per_sample, out_per_sample, int(bias is not None),
-        int(weight_mask is not None), ci_blocks, KH * KW * ci_blocks, int(in_scale is not None),
-        int(out_scale is not None), int(raw is not None),
-        *x.stride(), *weight.stride(), *out.stride(),
-        BLOCK_P=block_p, BLOCK_CO=block_co, BLOCK_CI=block_ci,
-        UPCAST=x.dtype == torch.bfloat16 and x.device.type == "cpu",
-        num_warps=_NUM_WARPS,
-    )
+    with on_device(x):
+        _masked_conv2d_forward_kernel[(N * p_blocks * co_blocks,)](
+            x, weight, bias if bias is not None else weight, in_idx, in_cnt, out_idx, out_cnt, out,
+            wm, blk_idx, blk_cnt, finite, in_scale if in_scale is not None else x,
+            out_scale if out_scale is not None else x, raw if raw is not None else out,
+            C_in, H, W, C_out, H_out, W_out, KH, KW,
+            *stride, *padding, *dilation,
+            p_blocks, co_blocks, in_per_sample, out_per_sample, int(bias is not None),
+            int(weight_mask is not None), ci_blocks, KH * KW * ci_blocks, int(in_scale is not None),
+            int(out_scale is not None), int(raw is not None),
+            *x.stride(), *weight.stride(), *out.stride(),
+            BLOCK_P=block_p, BLOCK_CO=block_co, BLOCK_CI=block_ci,
+            UPCAST=x.dtype == torch.bfloat16 and x.device.type == "cpu",
+            num_warps=_NUM_WARPS,
+        )
     return out
 
 

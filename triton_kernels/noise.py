@@ -10,6 +10,7 @@ import triton
 import triton.language as tl
 
 from ._random import load_seed, normal
+from .cas import on_device
 
 _BLOCK = 1024
 _NUM_WARPS = 4
@@ -46,8 +47,9 @@ def gaussian_noise(x: torch.Tensor, seed: torch.Tensor, std: float, multiplicati
     if x.numel() == 0:
         return out
     grid = (triton.cdiv(x.numel(), _BLOCK),)
-    _noise_kernel[grid](x, out, seed, x.numel(), x.stride(0), out.stride(0), float(std),
-                        int(multiplicative), BLOCK=_BLOCK, num_warps=_NUM_WARPS)
+    with on_device(x):
+        _noise_kernel[grid](x, out, seed, x.numel(), x.stride(0), out.stride(0), float(std),
+                            int(multiplicative), BLOCK=_BLOCK, num_warps=_NUM_WARPS)
     return out
 
 
