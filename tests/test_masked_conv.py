@@ -750,18 +750,18 @@ def test_dilated_1x1_kernel(device_backend):
 
 def _spy_soft_mask_op(monkeypatch, backend: str) -> list:
     """Records (in_mask dtype, out_mask dtype, raw) of each call of the backend's soft-mask op
-    (None for an absent mask)."""
+    (None for an absent mask), through its entry point."""
     from pyprune.ops import masked_conv as ops
 
     seen = []
-    real = ops._SCALED_OPS[backend]
+    real = ops._SCALED_CALL[backend]
 
     def spy(x, weight, bias, stride, padding, dilation, in_mask, out_mask, raw):
         seen.append((None if in_mask is None else in_mask.dtype,
                      None if out_mask is None else out_mask.dtype, raw))
         return real(x, weight, bias, stride, padding, dilation, in_mask, out_mask, raw)
 
-    monkeypatch.setitem(ops._SCALED_OPS, backend, spy)
+    monkeypatch.setitem(ops._SCALED_CALL, backend, spy)
     return seen
 
 

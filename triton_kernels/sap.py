@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from ._random import exponential, load_seed, uniform
+from .cas import on_device
 
 _BERNOULLI_BLOCK = 1024
 _EXACT_BLOCK = 64
@@ -166,11 +167,12 @@ def sap_forward(src: torch.Tensor, x: torch.Tensor, seed: torch.Tensor, r: int, 
         return out
     N, L = x.shape
     block, draws = _config(exact)
-    _sap_kernel[(N,)](
-        src, x, out, seed, L, r,
-        *x.stride(), *src.stride(), *out.stride(),
-        EXACT=exact, BLOCK=block, DRAWS=draws, num_warps=_NUM_WARPS,
-    )
+    with on_device(x):
+        _sap_kernel[(N,)](
+            src, x, out, seed, L, r,
+            *x.stride(), *src.stride(), *out.stride(),
+            EXACT=exact, BLOCK=block, DRAWS=draws, num_warps=_NUM_WARPS,
+        )
     return out
 
 

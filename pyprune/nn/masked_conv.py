@@ -97,7 +97,7 @@ class MaskedConv2d(nn.Conv2d):
         mask = getattr(self, name)
         if mask is None:
             return None
-        if mask.device.type == "cpu":
+        if _validate.host_reads_free(mask):
             return mask.nonzero().view(-1)
         storage = mask.untyped_storage()
         key = (storage.data_ptr(), mask.storage_offset(), mask._version, tuple(mask.shape),

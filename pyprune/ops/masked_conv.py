@@ -344,8 +344,8 @@ _SCALED_OPS = {
     "cuda": torch.ops.pyprune._masked_conv2d_scaled.default,
     "triton": torch.ops.pyprune._masked_conv2d_scaled_triton.default,
 }
-_SCALED_CALL = {
-    _op: _register(_op, _scaled_setup, _scaled_backward(_OPS[_backend_name][1]), _scaled_reference,
+_SCALED_CALL = {  # per backend, as _SCALED_OPS
+    _backend_name: _register(_op, _scaled_setup, _scaled_backward(_OPS[_backend_name][1]), _scaled_reference,
                    per_sample=None)
     for _backend_name, _op in _SCALED_OPS.items()
 }
@@ -565,7 +565,7 @@ def masked_conv2d(
         # only), no second pass over the output; the unscaled output is stored too only where
         # the out_mask's gradient will be asked for.
         raw = scale_out is not None and torch.is_grad_enabled() and scale_out.requires_grad
-        return _SCALED_CALL[_SCALED_OPS[backend]](
+        return _SCALED_CALL[backend](
             x, weight, bias, stride, padding, dilation,
             scale_in if scale_in is not None else in_mask,
             scale_out if scale_out is not None else out_mask, raw)[0]
