@@ -18,8 +18,18 @@ $(VENV)/.installed: requirements.txt
 	$(VPY) -m pip install -q -r requirements.txt
 	touch $@
 
+# The same layout as `make gpu` uses on the GPU machine: pyprune/_C built in place (ninja keeps
+# the objects in build/, so rebuilds are incremental), pyprune.triton_kernels mapped from the
+# checkout's triton_kernels/ by pyprune itself. A .pth file puts build/venv-path/ (one symlink,
+# pyprune) on .venv's path, so pyprune imports from any directory without exposing the
+# checkout's other top-level names (tests, benchmarks, triton_kernels).
+VENV_PATH := build/venv-path
 $(VENV)/.built: $(VENV)/.installed $(SOURCES)
-	$(VPY) -m pip install -q --no-build-isolation --no-deps -e .
+	$(VPY) -m pip uninstall -q -y pyprune 2>/dev/null || true
+	$(VPY) setup.py -q build_ext --inplace
+	mkdir -p $(VENV_PATH) && ln -sfn ../../pyprune $(VENV_PATH)/pyprune
+	echo "$(CURDIR)/$(VENV_PATH)" > "$$($(VPY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/pyprune-checkout.pth"
+	cd / && $(CURDIR)/$(VPY) -c "import pyprune, pyprune.triton_kernels; print('pyprune', pyprune.__version__, 'from', pyprune.__file__)"
 	touch $@
 
 build: $(VENV)/.built

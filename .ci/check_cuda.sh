@@ -1,28 +1,48 @@
 #!/usr/bin/env bash
-# make check-cuda: compile pyprune._C with every csrc/cuda/*.cu for sm_80 and sm_90 against the
-# CUDA build of torch 2.14.1 in .venv-cuda, and check the result (SPEC section 5). There is no
-# GPU here: this proves the CUDA sources build, not that they are right.
+# make check-cuda: compile pyprune._C with every csrc/cuda/*.cu for sm_80 and sm_90 (plus PTX for
+# newer GPUs) against the CUDA builds of the oldest torch pyprune supports (2.11.0, the GPU
+# machine's: C++17) and of torch 2.14.1 (C++20), and check the result (SPEC section 5). There is
+# no GPU here: this proves the CUDA sources build, not that they are right.
 #
-# The build goes to build/check-cuda/, never in place: pyprune/_C*.so and the rest of build/
-# belong to the CPU build that .venv uses.
+# Each torch version has its own venv (.venv-cuda for 2.14.1, .venv-cuda-<version> otherwise) and
+# build directory (build/check-cuda, build/check-cuda-<version>), never in place: pyprune/_C*.so
+# belongs to the CPU build that .venv uses. CHECK_CUDA_TORCH="2.14.1" checks one version only.
+#
+# Exit status: 0 checked, 1 failed, 77 skipped for lack of disk (.ci/run reports that as a skip,
+# never as a pass).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
-NEED_GB=6
+PRIMARY=2.14.1
+TORCH_VERSIONS=(${CHECK_CUDA_TORCH:-2.11.0 2.14.1})
+venv_of() { [ "$1" = "$PRIMARY" ] && echo "$ROOT/.venv-cuda" || echo "$ROOT/.venv-cuda-$1"; }
+out_of() { [ "$1" = "$PRIMARY" ] && echo "$ROOT/build/check-cuda" || echo "$ROOT/build/check-cuda-$1"; }
+
+# Disk: about 6 GB for each venv still to be made (the CUDA build of torch and its libraries),
+# 1 GB for the builds.
+NEED_GB=1
+for version in "${TORCH_VERSIONS[@]}"; do
+  [ -x "$(venv_of "$version")/bin/python" ] || NEED_GB=$((NEED_GB + 6))
+done
 FREE_GB=$(df -Pk "$ROOT" | awk 'NR == 2 { print int($4 / 1048576) }')
 if [ "$FREE_GB" -lt "$NEED_GB" ]; then
   echo "################################################################################" >&2
   echo "# SKIPPED check-cuda: only ${FREE_GB} GB free, need ${NEED_GB}" >&2
-  echo "# (the CUDA build of torch and the sm_80/sm_90 compile). CUDA sources NOT checked." >&2
+  echo "# (the CUDA builds of torch ${TORCH_VERSIONS[*]} and the sm_80/sm_90 compiles)." >&2
+  echo "# CUDA sources NOT checked." >&2
   echo "################################################################################" >&2
-  exit 0
+  exit 77
 fi
 
-VENV="$ROOT/.venv-cuda"
+check_version() (  # check_version TORCH_VERSION, in a subshell: its exports stay its own
+local TORCH_VERSION=$1
+local VENV PY OUT
+VENV=$(venv_of "$TORCH_VERSION")
 PY="$VENV/bin/python"
-TORCH_VERSION=2.14.1
+OUT=$(out_of "$TORCH_VERSION")
+echo "== check-cuda: torch $TORCH_VERSION ($VENV -> $OUT)"
 have_torch() {
   "$PY" - "$TORCH_VERSION" <<'EOF' 2>/dev/null
 import sys
@@ -44,11 +64,10 @@ export CUDA_HOME="${CHECK_CUDA_HOME:-/usr/local/cuda-13.0}"
 SITE=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 export CPATH="$SITE/nvidia/cu13/include${CPATH:+:$CPATH}"
 export PATH="$CUDA_HOME/bin:$VENV/bin:$PATH"
-export TORCH_CUDA_ARCH_LIST="8.0;9.0"
+export TORCH_CUDA_ARCH_LIST="8.0;9.0+PTX"
 export PYPRUNE_CUDA=1
 export MAX_JOBS="${MAX_JOBS:-2}"
 
-OUT="$ROOT/build/check-cuda"
 echo "check-cuda: building into $OUT"
 echo "  CUDA_HOME=$CUDA_HOME TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST MAX_JOBS=$MAX_JOBS"
 "$PY" setup.py -q build_ext --build-lib "$OUT/lib" --build-temp "$OUT/tmp"
@@ -85,6 +104,17 @@ for cu in "${CU_FILES[@]}"; do
   done
 done
 
+# +PTX: compute_90 PTX for every source, so GPUs newer than sm_90 can JIT it.
+PTX_LIST=$("$CUOBJDUMP" --list-ptx "$LIB")
+for cu in "${CU_FILES[@]}"; do
+  name=$(basename "$cu" .cu)
+  if ! grep -q " ${name}\.sm_90\.ptx\$" <<<"$PTX_LIST"; then
+    echo "check-cuda: FAILED: no compute_90 PTX for $cu in $(basename "$LIB")" >&2
+    echo "$PTX_LIST" >&2
+    exit 1
+  fi
+done
+
 # Registers and stack per kernel, for review (STACK > 0 means local memory, often spills).
 echo "check-cuda: resource usage (arch, REG, STACK bytes, kernel):"
 "$CUOBJDUMP" --dump-resource-usage "$LIB" | awk '
@@ -115,4 +145,10 @@ if missing:
     sys.exit(f"check-cuda: FAILED: no CUDA kernel registered for {missing}")
 print(f"check-cuda: CUDA kernels registered for {', '.join(ops)}")
 EOF
-echo "check-cuda: OK (${#CU_FILES[@]} CUDA source(s), sm_80 + sm_90)"
+echo "check-cuda: torch $TORCH_VERSION OK (${#CU_FILES[@]} CUDA source(s), sm_80 + sm_90 + compute_90 PTX)"
+)
+
+for version in "${TORCH_VERSIONS[@]}"; do
+  check_version "$version"
+done
+echo "check-cuda: OK for torch ${TORCH_VERSIONS[*]}"

@@ -12,6 +12,8 @@
 
 #include <array>
 #include <cstdint>
+#include <list>
+#include <mutex>
 #include <optional>
 #include <tuple>
 #include <utility>
@@ -187,10 +189,76 @@ inline Transposed transposed(const at::Tensor& grad, const at::Tensor& weight, c
   return t;
 }
 
-// Indices of the kept channels (all of them for an undefined mask); 1-D masks only.
+// Kept-channel indices of 1-D device masks, computed once per mask version. nonzero() on a
+// device is a host synchronisation (its output is sized by the mask's values) and CUDA graph
+// capture forbids it; a layer's mask changes rarely, so its indices are looked up by the mask's
+// storage, offset, size, stride and version counter. An entry holds the mask's storage, so no
+// other mask can be allocated at its address while the entry exists; a mask changed in place
+// through .data (which bypasses the version counter) is not seen, as in PyTorch's own caches.
+// Inference tensors have no version counter: their indices are computed on every call.
+class KeptIndexCache {
+ public:
+  static KeptIndexCache& instance() {
+    static KeptIndexCache cache;
+    return cache;
+  }
+
+  // The cached indices of `mask`, or an undefined tensor.
+  at::Tensor find(const at::Tensor& mask) {
+    if (mask.is_inference()) return at::Tensor();
+    const std::lock_guard<std::mutex> lock(mutex_);
+    for (auto it = entries_.begin(); it != entries_.end(); ++it) {
+      if (matches(*it, mask)) {
+        entries_.splice(entries_.begin(), entries_, it);  // most recently used first
+        return it->index;
+      }
+    }
+    return at::Tensor();
+  }
+
+  at::Tensor get(const at::Tensor& mask) {
+    at::Tensor index = find(mask);
+    if (index.defined()) return index;
+    index = mask.nonzero().view({-1});
+    if (mask.is_inference()) return index;
+    const std::lock_guard<std::mutex> lock(mutex_);
+    entries_.push_front({mask.storage(), mask.storage_offset(), mask.size(0), mask.stride(0),
+                         mask._version(), index});
+    if (entries_.size() > kCapacity) entries_.pop_back();
+    return index;
+  }
+
+ private:
+  static constexpr size_t kCapacity = 256;  // masks; a few KB of indices at most
+  struct Entry {
+    c10::Storage storage;
+    int64_t offset, size, stride, version;
+    at::Tensor index;
+  };
+
+  static bool matches(const Entry& e, const at::Tensor& mask) {
+    return e.storage.unsafeGetStorageImpl() == mask.storage().unsafeGetStorageImpl() &&
+           e.offset == mask.storage_offset() && e.size == mask.size(0) &&
+           e.stride == mask.stride(0) && e.version == mask._version() &&
+           e.index.device() == mask.device();
+  }
+
+  std::mutex mutex_;
+  std::list<Entry> entries_;
+};
+
+// Indices of the kept channels (all of them for an undefined mask); 1-D masks only. On a device
+// they come from KeptIndexCache (no synchronisation once a mask version has been seen).
 inline at::Tensor kept(const std::optional<at::Tensor>& mask, int64_t c, const at::Tensor& x) {
   if (!mask.has_value()) return at::arange(c, x.options().dtype(at::kLong));
-  return mask->nonzero().view({-1});
+  if (mask->device().is_cpu()) return mask->nonzero().view({-1});
+  return KeptIndexCache::instance().get(*mask);
+}
+
+// Whether kept() would answer without a synchronisation.
+inline bool kept_known(const std::optional<at::Tensor>& mask) {
+  return !mask.has_value() || mask->device().is_cpu() ||
+         KeptIndexCache::instance().find(*mask).defined();
 }
 
 // The static-mask convolution on compacted operands: x's channels in_index (all of them if
@@ -243,13 +311,10 @@ inline Compacted compact(const at::Tensor& x, const at::Tensor& weight,
 }
 
 // y (N, k, H, W) into channels `index` of an (N, channels, H, W) output, the others 0, with
-// index_fill and index_copy (devices without a fused version).
+// zeros and index_copy (devices without a fused version; no host synchronisation).
 inline at::Tensor scatter_channels(const at::Tensor& y, const at::Tensor& index, int64_t channels,
                                    at::MemoryFormat format) {
-  at::Tensor out = at::empty({y.size(0), channels, y.size(2), y.size(3)}, y.options(), format);
-  at::Tensor dropped = at::ones({channels}, y.options().dtype(at::kBool));
-  dropped.index_fill_(0, index, false);
-  out.index_fill_(1, dropped.nonzero().view({-1}), 0);
+  at::Tensor out = at::zeros({y.size(0), channels, y.size(2), y.size(3)}, y.options().memory_format(format));
   out.index_copy_(1, index, y);
   return out;
 }

@@ -3,7 +3,49 @@
 Public ops are plain functions (``pyprune.kwta``), modules live in ``pyprune.nn``, and every op
 runs on one of the backends listed by ``pyprune.backends(device)``.
 """
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import sys
+from pathlib import Path
+
 import torch  # noqa: F401  (loads libtorch, which _C links against)
+
+
+class _SourceTreeTritonKernels(importlib.abc.MetaPathFinder):
+    """Maps ``pyprune.triton_kernels`` to the top-level ``triton_kernels/`` directory of a source
+    checkout, as the installed package's ``package_dir`` does. An in-place build
+    (``setup.py build_ext --inplace``, used by ``make gpu``) imports pyprune from the checkout,
+    where that directory is not inside ``pyprune/``; installed and editable packages have their
+    own mapping and never reach this finder (it is appended last and only when nothing else
+    finds the subpackage)."""
+
+    name = __name__ + ".triton_kernels"
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != self.name:
+            return None
+        return importlib.util.spec_from_file_location(
+            fullname, self.directory / "__init__.py",
+            submodule_search_locations=[str(self.directory)])
+
+
+def _map_source_tree_triton_kernels() -> None:
+    checkout = Path(__file__).resolve().parent.parent
+    directory = checkout / "triton_kernels"
+    if not (checkout / "setup.py").is_file() or not (directory / "__init__.py").is_file():
+        return  # an installed package: pyprune/triton_kernels/ is part of it
+    if importlib.machinery.PathFinder.find_spec("triton_kernels", __path__) is not None:
+        return
+    if any(isinstance(f, _SourceTreeTritonKernels) for f in sys.meta_path):
+        return
+    sys.meta_path.append(_SourceTreeTritonKernels(directory))
+
+
+_map_source_tree_triton_kernels()
 
 from . import _C  # noqa: F401  (registers the torch.ops.pyprune operators; raises its real error)
 from . import nn, reference

@@ -17,7 +17,7 @@ from pyprune import reference
 from pyprune.nn import ChannelGate, MaskedConv2d
 from pyprune.ops.masked_conv import _OPS
 
-from .conftest import TOLERANCES, compile_and_backward, dtypes_for
+from .conftest import TF32_TOLERANCE, TOLERANCES, compile_and_backward, dtypes_for
 
 # (N, C_in, C_out, H, W, kernel, stride, padding, dilation, groups): odd and power-of-2 sizes.
 GEOMETRIES = [
@@ -729,6 +729,29 @@ def test_cuda_graph_capture(backend):
         want = reference.masked_conv2d(x.double(), w.double(), b.double(), 1, 1, 1, 1,
                                        in_mask, out_mask)
         _close(out, want, torch.float32, scale=4.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.tf32
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_tf32_default(backend, per_sample):
+    """With PyTorch's default (cuDNN TF32 for float32 convolutions) results meet TF32
+    tolerances, scaled by the square root of the reduction length."""
+    assert torch.backends.cudnn.allow_tf32
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 16, 9, 9, generator=gen).cuda()
+    w, b = torch.randn(24, 16, 3, 3, generator=gen).cuda(), torch.randn(24, generator=gen).cuda()
+    lead = (4,) if per_sample else ()
+    in_mask = (torch.rand(*lead, 16, generator=gen) < 0.5).cuda()
+    out_mask = (torch.rand(*lead, 24, generator=gen) < 0.5).cuda()
+    with pyprune.use_backend(backend):
+        got = pyprune.masked_conv2d(x, w, b, 1, 1, in_mask=in_mask, out_mask=out_mask)
+    want = reference.masked_conv2d(x.double(), w.double(), b.double(), 1, 1, 1, 1, in_mask, out_mask)
+    scale = (16 * 9) ** 0.5
+    torch.testing.assert_close(got.double(), want, atol=TF32_TOLERANCE[0] * scale,
+                               rtol=TF32_TOLERANCE[1] * scale)
 
 
 def test_dilated_1x1_kernel(device_backend):

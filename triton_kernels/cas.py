@@ -37,6 +37,15 @@ _TILE = 4096
 # A sample whose padded (K, L) tile has at most this many elements stays in registers.
 _ONE_BLOCK_MAX = 16384
 _MIN_BLOCK_K = 16
+# Elements of the forward's weight tile (BLOCK_C, BLOCK_K): its class block. Each class's logit
+# is one sum over K whatever the block, so the block sets only the registers it takes.
+_CLASS_TILE = 2048
+_BWD_NUM_WARPS = 8
+# Registers per thread of every CAS and masked-convolution launch (Triton's maxnreg): 128 keeps
+# a block of any size at >= 25% occupancy on sm_80 / sm_90, and an explicit cap also keeps ptxas
+# from spilling to reach a smaller register count of its own choosing. The tiles and warps of
+# the launchers fit it without spills (make gpu-report: benchmarks/results/sm_90-resources.md).
+MAX_REGS = 128
 _TL_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
@@ -77,7 +86,8 @@ def _cas_forward_kernel(
     x_base = x_ptr + n * x_sn
     out_base = out_ptr + n * out_sn
     mean_base = mean_ptr + n * K
-    label = tl.load(label_ptr + n * train)  # index_ptr's own slot when not training (unused)
+    # Not training: label_ptr is index_ptr (unwritten yet), so nothing is read from it.
+    label = tl.load(label_ptr + n, mask=train != 0, other=0)
     if train != 0:
         tl.device_assert((label >= 0) & (label < C), "cas: label out of range")
     label = tl.where(train != 0, label, 0)
@@ -238,24 +248,37 @@ def on_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-def _blocks(K: int, L: int) -> tuple[int, int, int]:
-    """(BLOCK_K, BLOCK_L, BLOCK_C) of the streamed tiles for (K, L)."""
+def _blocks(K: int, L: int) -> tuple[int, int]:
+    """(BLOCK_K, BLOCK_L) of the streamed tiles for (K, L)."""
     block_l = next((b for b in _BLOCK_LS if b >= min(L, _BLOCK_LS[-1])), _BLOCK_LS[-1])
-    block_k = _TILE // block_l
-    return block_k, block_l, _class_block_size(block_k)
+    return _TILE // block_l, block_l
 
 
-def _class_block_size(block_k: int) -> int:
-    return max(2, min(64, 8192 // block_k))
+def _class_block_size(block_k: int, tile: int) -> int:
+    """Classes per block for weight tiles (BLOCK_C, block_k) of about ``tile`` elements."""
+    return max(2, min(64, tile // block_k))
 
 
 def _forward_config(K: int, L: int) -> tuple[int, int, int, bool, int]:
-    """(BLOCK_K, BLOCK_L, BLOCK_C, ONE_BLOCK, num_warps) of the forward for (K, L)."""
-    block_k, block_l, block_c = _blocks(K, L)
+    """(BLOCK_K, BLOCK_L, BLOCK_C, ONE_BLOCK, num_warps) of the forward for (K, L): 4 warps up
+    to 2048 tile elements, then one per 512, at most 16 (16 to 32 elements per thread)."""
+    block_k, block_l = _blocks(K, L)
     one_k = max(triton.next_power_of_2(K), _MIN_BLOCK_K)
-    if L <= block_l and one_k * block_l <= _ONE_BLOCK_MAX:
-        return one_k, block_l, _class_block_size(one_k), True, 8 if one_k * block_l >= 8192 else 4
-    return block_k, block_l, block_c, False, 4
+    one_block = L <= block_l and one_k * block_l <= _ONE_BLOCK_MAX
+    if one_block:
+        block_k = one_k
+    num_warps = min(16, max(4, block_k * block_l // 512))
+    return block_k, block_l, _class_block_size(block_k, _CLASS_TILE), one_block, num_warps
+
+
+def _backward_config(K: int, L: int) -> tuple[int, int, int]:
+    """(BLOCK_K, BLOCK_L, BLOCK_C) of the backward for (K, L): the streamed tiles, the channel
+    block cut so that the weight tile (BLOCK_C, BLOCK_K) holds at most _TILE elements. (Each
+    channel's sums are the same for any channel block; the class block orders the sum over the
+    classes, so it stays as it was.)"""
+    block_k, block_l = _blocks(K, L)
+    block_c = _class_block_size(block_k, 2 * _TILE)
+    return min(block_k, _TILE // block_c), block_l, block_c
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor, what: str) -> None:
@@ -293,7 +316,7 @@ def cas_forward(
             K, L, C, int(label is not None), int(bias is not weight),
             *x.stride(), *out.stride(), *weight.stride(),
             BLOCK_K=block_k, BLOCK_L=block_l, BLOCK_C=block_c, ONE_BLOCK=one_block,
-            num_warps=num_warps,
+            num_warps=num_warps, maxnreg=MAX_REGS,
         )
     return out, logits, index, mean
 
@@ -312,7 +335,7 @@ def cas_backward(
     grad_x = torch.empty_like(x)
     t = x.new_empty((N, K), dtype=torch.float32)
     if N > 0:
-        block_k, block_l, block_c = _blocks(K, L)
+        block_k, block_l, block_c = _backward_config(K, L)
         k_blocks = triton.cdiv(K, block_k)
         with on_device(x):
             _cas_backward_kernel[(N * k_blocks,)](
@@ -320,7 +343,7 @@ def cas_backward(
                 K, L, C, k_blocks,
                 *grad_out.stride(), *x.stride(), *grad_x.stride(), *weight.stride(),
                 BLOCK_K=block_k, BLOCK_L=block_l, BLOCK_C=block_c,
-                num_warps=4,
+                num_warps=_BWD_NUM_WARPS, maxnreg=MAX_REGS,
             )
     grad_weight = (gl.t() @ mean).index_add_(0, index, t)
     return grad_x, grad_weight.to(weight.dtype), gl.sum(0).to(weight.dtype)
@@ -337,18 +360,18 @@ def _aot_variants() -> list[tuple]:
     change only at powers of two of K and L, so sampling those covers them all."""
     sizes = [1 << i for i in range(15)]
     forward = {_forward_config(k, l) for k in sizes for l in sizes}
-    backward = {_blocks(k, l) for k in sizes for l in sizes}
+    backward = {_backward_config(k, l) for k in sizes for l in sizes}
     variants = []
     for dtype in _TL_DTYPES.values():
         for block_k, block_l, block_c, one_block, num_warps in sorted(forward):
             constexprs = {"BLOCK_K": block_k, "BLOCK_L": block_l, "BLOCK_C": block_c,
                           "ONE_BLOCK": one_block}
             variants.append((_cas_forward_kernel, signature(_cas_forward_kernel, dtype, constexprs, _POINTERS),
-                             constexprs, {"num_warps": num_warps}))
+                             constexprs, {"num_warps": num_warps, "maxnreg": MAX_REGS}))
         for block_k, block_l, block_c in sorted(backward):
             constexprs = {"BLOCK_K": block_k, "BLOCK_L": block_l, "BLOCK_C": block_c}
             variants.append((_cas_backward_kernel, signature(_cas_backward_kernel, dtype, constexprs, _POINTERS),
-                             constexprs, {"num_warps": 4}))
+                             constexprs, {"num_warps": _BWD_NUM_WARPS, "maxnreg": MAX_REGS}))
     return variants
 
 

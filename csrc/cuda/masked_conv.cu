@@ -4,10 +4,12 @@
 //   groups > 1                         masked_conv::dense_forward: cuDNN on the full problem,
 //                                      the masks applied around it (nothing skipped);
 //   no per-sample mask                 masked_conv::static_forward: cuDNN on the smaller problem
-//                                      left by the (C,) masks (it counts them on the host, so
-//                                      during CUDA graph capture the kernel below runs instead);
+//                                      left by the (C,) masks (kept-channel indices cached per
+//                                      mask version; a mask not seen before during CUDA graph
+//                                      capture takes the kernel below instead);
 //   an (N, C) mask, groups == 1        the implicit-GEMM kernel below, one launch for the batch.
-// Backward: static masks with groups == 1 run masked_conv::static_backward (outside capture).
+// Backward: static masks with groups == 1 run masked_conv::static_backward (as the forward
+// for masks not seen before during capture).
 // Per-sample masks with stride 1 (groups 1, not float64) take grad_x from the per-sample kernel
 // run on grad with the transposed, flipped weight and the masks swapped, so it skips the masked
 // output channels and writes the masked input channels as zeros; the weight and bias gradients
@@ -449,16 +451,19 @@ at::Tensor per_sample_forward(const at::Tensor& x, const at::Tensor& weight,
   return format == at::MemoryFormat::Contiguous ? out : out.contiguous(format);
 }
 
-// Static masks compact the problem for cuDNN, which needs the kept counts on the host
-// (nonzero): a synchronisation that CUDA graph capture forbids. While the current stream is
-// capturing, static masks take the per-sample kernel instead (it reads the masks on the device;
-// a (C,) mask is a stride-0 row for every sample) and backward the dense engine.
+// Static masks compact the problem for cuDNN, which needs the kept counts on the host: their
+// indices come from masked_conv::KeptIndexCache, a nonzero() (host synchronisation) only the
+// first time a mask version is seen. CUDA graph capture forbids that synchronisation: while the
+// current stream is capturing, masks not seen before take the per-sample kernel instead (it
+// reads the masks on the device; a (C,) mask is a stride-0 row for every sample) and backward
+// the dense engine.
 bool capturing() {
   return c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
 }
 
-bool any_mask(const std::optional<at::Tensor>& a, const std::optional<at::Tensor>& b) {
-  return a.has_value() || b.has_value();
+bool must_not_sync(const std::optional<at::Tensor>& a, const std::optional<at::Tensor>& b) {
+  return (a.has_value() || b.has_value()) && capturing() &&
+         !(masked_conv::kept_known(a) && masked_conv::kept_known(b));
 }
 
 at::Tensor masked_conv2d_cuda(const at::Tensor& x, const at::Tensor& weight,
@@ -472,7 +477,7 @@ at::Tensor masked_conv2d_cuda(const at::Tensor& x, const at::Tensor& weight,
   const c10::cuda::CUDAGuard guard(x.device());
   if (g.groups > 1) return masked_conv::dense_forward(x, weight, bias, g, in_mask, out_mask);
   if (!masked_conv::per_sample(in_mask) && !masked_conv::per_sample(out_mask) &&
-      !(any_mask(in_mask, out_mask) && capturing())) {
+      !must_not_sync(in_mask, out_mask)) {
     return masked_conv::static_forward(x, weight, bias, g, in_mask, out_mask);
   }
   return per_sample_forward(x, weight, bias, g, in_mask, out_mask);
@@ -492,7 +497,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_conv2d_backward_cuda(
               ", ", g.w_out, "), got ", grad.sizes());
   const c10::cuda::CUDAGuard guard(x.device());
   if (g.groups == 1 && !masked_conv::per_sample(in_mask) && !masked_conv::per_sample(out_mask) &&
-      !(any_mask(in_mask, out_mask) && capturing())) {
+      !must_not_sync(in_mask, out_mask)) {
     return masked_conv::static_backward(grad, x, weight, g, in_mask, out_mask);
   }
   if (masked_conv::transposable(g) && grad.scalar_type() != at::kDouble) {
