@@ -1,6 +1,6 @@
 # make test   - create .venv, build pyprune, run the test suite (CPU + Triton interpreter)
 # make bench  - create .venv, build pyprune, run the benchmark table (python -m benchmarks)
-# make check-cuda - compile every CUDA source for sm_80 and sm_90 (torch 2.14.1 CUDA, .venv-cuda)
+# make check-cuda - compile every CUDA source for sm_80, sm_90 and PTX against torch 2.11.0 and 2.14.1
 # make check-triton - compile every Triton kernel ahead of time for sm_80 and sm_90
 # make gpu    - on the GPU machine: build, test, sanitize, benchmark (../shared/gpu/README.md)
 PYTHON ?= python3

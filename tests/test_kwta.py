@@ -376,3 +376,14 @@ def test_backend_listing_and_env():
     env["PYPRUNE_BACKEND"] = "bogus"
     bad = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert bad.returncode != 0 and "PYPRUNE_BACKEND must be" in bad.stderr
+
+
+@pytest.mark.triton
+def test_triton_group_limit():
+    """The Triton kernel's streamed loop counts in int32: larger groups are refused, not looped
+    forever (checked on a meta tensor, nothing allocated)."""
+    from pyprune.triton_kernels import kwta as kernels
+
+    x = torch.empty(1, 1, kernels.MAX_GROUP + 1, device="meta")
+    with pytest.raises(ValueError, match="groups of at most"):
+        kernels.kwta_forward(x, 1, False)

@@ -30,6 +30,8 @@ BINS = tl.constexpr(1 << 8)
 # _FWD_MAX_BLOCK elements lives in registers; larger ones are streamed.
 _FWD_MIN_BLOCK = 32
 _FWD_MAX_BLOCK = 4096
+# The largest group: the streamed loop's int32 offset (start + lanes) must not overflow.
+MAX_GROUP = 2**31 - 1 - _FWD_MAX_BLOCK
 # Backward tiles hold _BWD_TILE elements: _BWD_TILE // BLOCK_L groups of BLOCK_L elements.
 _BWD_MIN_BLOCK_L = 16
 _BWD_TILE = 1024
@@ -164,9 +166,12 @@ def _kwta_backward_kernel(
 
 
 def _forward_config(length: int) -> tuple[int, bool, int]:
-    """(BLOCK, ONE_BLOCK, num_warps) for groups of ``length`` elements."""
+    """(BLOCK, ONE_BLOCK, num_warps) for groups of ``length`` elements: a warp per 128 elements
+    (4 keys per thread: a group held in registers needs no more to stay under 128 registers
+    without spills), at most 16 warps, or 8 for a streamed group's chunks."""
     block = min(max(triton.next_power_of_2(length), _FWD_MIN_BLOCK), _FWD_MAX_BLOCK)
-    return block, length <= block, min(max(block // 256, 1), 8)
+    one_block = length <= block
+    return block, one_block, min(max(block // 128, 1), 16 if one_block else 8)
 
 
 def _backward_config(length: int) -> tuple[int, int]:
@@ -189,6 +194,8 @@ def kwta_forward(x: torch.Tensor, k: int, absolute: bool) -> tuple[torch.Tensor,
     N, C, L = x.shape
     if not 1 <= k <= L:
         raise ValueError(f"kwta (triton): k must be in [1, {L}], got {k}")
+    if L > MAX_GROUP:  # the kernel's loop counter and histogram counts are int32
+        raise ValueError(f"kwta (triton): groups of at most {MAX_GROUP} elements, got {L}")
     out = torch.empty_like(x)
     threshold = x.new_empty((N, C))
     if x.numel() == 0:
