@@ -1,0 +1,1564 @@
+"""``python -m benchmarks.roofline --gpu h100|h200 [--out CSV]`` and ``--compare DIR``.
+
+A roofline model of every case ``python -m benchmarks --device cuda`` measures (each op's
+``CASES``, every mode, providers eager, torch.compile, pyprune-cuda and pyprune-triton), written
+to ``benchmarks/results/<gpu>-predicted.csv``; ``--compare benchmarks/results/<gpu dir>`` prints
+the measured p50 of such a run beside the prediction. Nothing here runs a kernel: each provider's
+call is written down as the sequence of launches its code makes (read from csrc/cuda,
+triton_kernels and the eager PyTorch it is compared with), each launch with the bytes it moves,
+the work it does and what limits its parallelism. ``end_to_end`` is not modelled: it is a CPU
+benchmark and not part of ``python -m benchmarks``.
+
+Per launch (``Kernel``), on one GPU's constants (``GPUS``):
+
+    device_us = max(hbm / copy_bandwidth,          bytes to and from HBM
+                    l2 / l2_bandwidth,             rereads that stay in L2 (see below)
+                    ops / (issue_rate * eff * f),  CUDA-core lane instructions (FMA = 1 = 2 FLOPs)
+                    flops / (tensor_rate * eff * f),  tensor-core FLOPs (TF32 for float32)
+                    waves * chain_us)              serial latency of one CTA
+                + kernel_us                        launch latency, ramp and tail on the device
+
+* copy_bandwidth is the measured device-to-device copy (read + write), the rate a well-written
+  streaming kernel reaches, not the HBM peak.
+* f = min(CTAs, SMs) / SMs: a kernel with fewer CTAs than SMs (one block per sample at batch
+  < 132) computes on that share of the GPU only. waves = ceil(CTAs / (SMs * CTAs per SM)).
+* chain_us: a CTA that loops over its sample with a dependent memory round trip per step
+  (a load whose value is stored before the next load issues, a block scan between loads, a
+  Triton ``while`` loop, which is not software-pipelined) cannot go faster than steps x latency,
+  whatever the bandwidth. The op models count those steps from the loops of the kernels
+  (``latency_us`` holds the latency of each kind of step).
+* A reread (a second pass over a tensor inside one launch) is served by L2 when the working set
+  of the resident CTAs fits in ``l2_reuse`` of the L2; otherwise it is HBM traffic again.
+
+Per call: the harness (harness._cuda_times) times the providers of a case and mode
+interleaved, run after run, never waiting for the device: each run zeroes a 256 MiB buffer (L2
+flush, ~60-90 us of device time), records the start event, calls, records the end event. The
+host issues a call while the device is still busy, so host time is hidden as long as the host
+keeps ahead over the round of providers; it shows where a round's host time exceeds its device
+time, or after a synchronisation (``Sync``: nonzero()), which drains the lead. ``simulate``
+replays those rounds: the host issues each launch after its host cost (``host_us``: an aten op
+from Python or from C++, a Triton launch, a cuDNN call, the Python of a pyprune call forward and
+backward, torch.compile's wrappers, measured on the dev VM's CPU with tiny tensors), the device
+runs it when both it and the stream are ready, and a run's time is its end event minus its start
+event in the steady state. So ``predicted_us`` is the device time (the sum of ``device_us``,
+``launches * kernel_us`` being the launch term) where the host keeps ahead, and more where it
+does not (``bound`` = host).
+
+CSV columns: gpu, op, case (the benchmark CSV's shape), mode, provider, dtype; bytes (HBM),
+l2_bytes, flops, ops (CUDA-core instructions besides FLOPs), launches and syncs of the call;
+lower_bound_us; device_us (sum over its launches); predicted_us; predicted_eager_us and
+predicted_compile_us of the same case and mode, and the speed-ups over them; declared_bytes (the
+benchmark's GB/s numerator) and predicted_pct_copy (of the copy bandwidth), forward rows only;
+bound (hbm, l2, issue, tensor, latency, launch, host: what limits the call); goal and
+meets_goal (yes / no) where a goal applies.
+
+The lower bound (``lower_bound_us``) is compulsory traffic at copy bandwidth (inputs read once,
+outputs written once: ``compulsory``), or for convolutions the kept FLOPs at the dense
+tensor-core peak, whichever is larger, with no launch cost.
+
+Goals (``goal``): ../shared/SPEC.md section 7 and issue 20, forward mode unless stated:
+kwta >= 3x eager (>= 5x at batch <= 32), sap exact >= 5x eager, sap bernoulli and noise >= 70%
+of copy bandwidth (the harness's GB/s: its declared bytes / time), cas full >= 1.3x
+torch.compile, static channel masks (out*, in*) >= 80% of the FLOP-ratio ideal vs eager,
+sample-out25 >= 2x eager (dense conv times the mask); for the cuda and triton backends.
+
+Per op, the passes modelled (n = bytes of x; k = kept share; see each ``*_forward`` /
+``*_backward`` for the counts):
+
+kwta (csrc/cuda/kwta.cu, triton_kernels/kwta.py)
+  cuda fwd     L <= 1024: warp select (32 keys a lane, bit-transposed planes), x read once, the
+               write pass rereads it (L2): 2n HBM + n L2, ~45 ops/elem. L > 1024: a block (or an
+               sm_90 cluster of 2-8 blocks) per group, 3 radix passes of 11 bits; pass 1 reads
+               x, pass 2 reads x again unless the candidates fit in shared memory (24 KiB; the
+               share left after a digit is the N(0,1) mass of that digit's bucket at the
+               threshold), later passes read shared memory; the masked write reads x and writes
+               out: 3 reads + 1 write for every case here; ~20 ops/elem per global pass.
+  cuda bwd     one elementwise pass: grad + x read, grad_x written: 3n.
+  triton fwd   one program per group; L <= 4096: x in registers, 4 histogram passes, 2n;
+               else 4 streamed histogram passes + the write pass: 5 reads + 1 write, each chunk
+               of 4096 a dependent round trip; ~20 ops/elem per tl.histogram pass (issue 20).
+  triton bwd   as cuda: 3n.
+  eager        torch.topk (multi-block radix select: 4 digit passes + gather = 5 reads, plus
+               the sorted=True sort of the k results, in place for k <= 4096, else at::sort),
+               x >= thr (n + n/4 bool), x * mask (n + n/4 + n); backward grad * mask: 2n + n/4.
+  compile      topk as eager, one fused ge*mul kernel 2n; backward grad * (x >= thr): 3n.
+sap (csrc/cuda/sap.cu, triton_kernels/sap.py); r = L draws, x after a ReLU
+  both         a seed from torch.randint (one small launch), one program per sample:
+               sum |x| (L/256 CUDA, L/BLOCK Triton serial steps, each a DRAM round trip and a
+               block scan), then bernoulli: one pass (x reread, out written; Philox and q per
+               element); exact: the r + 1 spacings (one Philox + log + scan per step of
+               256 / 64 draws), then the merge: per tile a round trip and a scan, per chunk of
+               draws a Philox, a scan and a search (binary in shared memory / a 64x64 compare).
+               Bytes: x twice + out (3n), backward + grad (4n); the chain dominates.
+  eager        abs, sum, div, torch.multinomial (copy, copy, renorm, cumsum, the draws: 8-byte
+               indices and ~4 L2 sectors of binary search per draw), zeros + scatter_,
+               q = -expm1(r * log1p(-p)) (5 kernels), x / q, where: ~34n in ~20 launches;
+               backward where + div: 5n + n/4.
+  compile      sum, p, multinomial as eager, fill + scatter, one fused where/div/q pass.
+noise (csrc/cuda/noise.cu, triton_kernels/noise.py)
+  cuda         seed + one pass (2n), one Philox per 4 elements, accurate logf/sinf/cosf:
+               ~70 ops/elem, so compute-bound where the copy rate exceeds ~2.4 TB/s.
+  triton       seed + one pass (2n), a whole Philox and libdevice sin and cos per element:
+               ~180 ops/elem.
+  eager        randn_like (n), std * noise (2n), x + (2n) [x * (1 + ...): 8n];
+               backward additive: no kernel; multiplicative grad * (1 + std n): 3n.
+  compile      inductor's seed kernel + one fused pass with tl.randn (~150 ops/elem); the
+               multiplicative forward also stores the noise for backward (3n).
+cas (csrc/cuda/cas.cu, triton_kernels/cas.py); training mode (labels)
+  both         label check on the device (ge, lt, and, all, _assert_async: 5 launches), one
+               program per sample: means and out = x * weight[label] in one pass (2n), the
+               logits from the means and the weight (the weight read per sample, from L2).
+               CUDA: a warp per channel, each load waits for the previous store, so
+               K/8 * ceil(L/32) DRAM round trips per sample. Triton: 4096-element tiles, one
+               round trip each. Backward: one pass grad + x -> grad_x (3n) and small GEMMs.
+  eager        mean (n), addmm, index, x * m (2n); backward ~10n in ~13 launches.
+  compile      one fused pass (means + out, 2n) and the logits GEMM; backward one fused pass
+               (3n) and the small GEMMs.
+masked_conv (csrc/cuda/masked_conv.cu, csrc/masked_conv.h, triton_kernels/masked_conv.py)
+  cuda         dense: F.conv2d (cuDNN, TF32) + bias add. Static out/in masks: cuDNN on the
+               kept channels (indices cached per mask version: no nonzero() after the first
+               call), index_select of the weight (and of x for in masks), the output scattered
+               (zeros + index_copy for out masks): 4-6 launches. Per-sample masks: the implicit-GEMM
+               kernel, FP32 FMA (no tensor cores), 64-channel tiles: ceil(kept/64)*64 channels
+               of work. Weight masks: the masked weight (3 bit ops) in a dense cuDNN conv.
+  triton       every variant runs tl.dot with input_precision="ieee" (FP32 FMA). Channel masks:
+               kept-first channel lists (sort + sum per mask), work ceil(kept/BLOCK)*BLOCK.
+               Weight masks: block-sparse over 16x16 channel tiles per tap (~17 small launches
+               for the tile lists); unstructured masks leave no tile empty.
+  backward     cuda static masks: cuDNN dgrad and wgrad on the kept channels, index
+               selects and scatters around them; cuda per-sample masks and every triton variant: cuDNN wgrad on the whole
+               problem (TF32) and grad_x by the FMA kernel on the transposed, flipped weight.
+  eager        mask multiplies around a dense cuDNN conv (+ bias add); backward dgrad + wgrad.
+  compile      the same conv; the mask multiplies fused into one pointwise kernel each side.
+
+Modelled at commit a0a1434 (its kernels, and its Triton launch configurations, written out in
+``triton_*_config``); a change to a kernel's passes or launches changes its model here.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import statistics
+import struct
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Union
+
+import torch
+
+from . import cas as cas_bench
+from . import harness
+from . import kwta as kwta_bench
+from . import masked_conv as conv_bench
+from . import sap as sap_bench
+from .harness import COMPILE, EAGER, MODES, PYPRUNE, Case
+
+CUDA = PYPRUNE + "cuda"
+TRITON = PYPRUNE + "triton"
+PROVIDERS = (EAGER, COMPILE, CUDA, TRITON)
+
+# ---------------------------------------------------------------------------------------------
+# Constants, one dict per GPU. Both are sm_90 GH100 parts at the same clock; they differ in HBM.
+
+_HOPPER = {
+    "sms": 132,
+    # Non-tensor FMA peak: an FMA counts 2 FLOPs and one issue slot of a lane, so the GPU
+    # issues fp32_tflops / 2 lane instructions a second, an SM 1/132 of that.
+    "fp32_tflops": 60.0,
+    # Dense tensor-core peaks by input dtype: float32 runs TF32 (PyTorch's cuDNN default).
+    "tensor_tflops": {"float32": 400.0, "float16": 800.0, "bfloat16": 800.0},
+    "tensor_eff": 0.5,  # cuDNN / cuBLAS on these layer sizes
+    "issue_eff": 0.7,  # share of peak issue a streaming kernel's instructions reach
+    # FMA GEMMs: the CUDA kernel's 4x4 micro-tile needs two 16-byte shared loads per 16 FMAs,
+    # which caps it near half the FMA rate; Triton's tl.dot with input_precision="ieee" lowers
+    # to FMA with operands re-read from shared memory (smaller for 16-wide tiles).
+    "cuda_gemm_eff": 0.4,
+    "triton_fma_eff": 0.3,
+    "triton_fma16_eff": 0.2,
+    "l2_gbps": 7000.0,
+    "l2_reuse": 0.5,  # share of the L2 a reread's working set may take and still hit
+    "kernel_us": 1.5,
+    # Latency of one serial step of a CTA, by kind.
+    "latency_us": {
+        "dram": 0.6,  # a load that misses L2, under load
+        "l2": 0.25,  # a load that hits L2
+        "barrier": 0.02,  # __syncthreads in a busy block
+        "block_scan": 0.1,  # cub::BlockScan of 256 (two barriers and warp shuffles)
+        "philox": 0.15,  # one Philox4x32-10: 10 dependent rounds
+        "tile_reduce": 0.15,  # a Triton tl.cumsum / tl.max / tl.histogram pick over a block
+        "pass": 0.3,  # a radix pass's fixed part: clear, pick the bucket, 3 barriers
+        "cluster_pass": 0.8,  # the same across a cluster: cluster.sync and the DSMEM merge
+        "smem": 0.02,  # one dependent shared-memory load (a binary-search step)
+    },
+    # Host time of each kind of issue. The Python parts were measured on the dev VM (2-core
+    # AMD EPYC, torch 2.13, the cpu backend on 2x4x4x4 tensors, launches subtracted); the GPU
+    # machine's host is assumed as fast, and a CUDA launch costs "aten" / "inner" each.
+    "host_us": {
+        "aten": 4.0,  # an aten op called from Python, CUDA launch included
+        "inner": 2.5,  # an aten op called from C++ (inside another op or the autograd engine)
+        "cudnn": 10.0,  # a cuDNN convolution call (plan cache lookup and launch)
+        "triton": 10.0,  # a Triton launcher call from Python
+        "custom_op": 15.0,  # a torch.library.custom_op (Triton launchers) dispatch
+        "sync": 10.0,  # a device-to-host copy that waits for the stream
+        "autograd": 20.0,  # torch.autograd.grad's engine
+        "compiled": 50.0,  # a compiled graph's guards and runtime wrappers (no grad)
+        "compiled_grad": 120.0,  # more when the forward records autograd (AOTAutograd)
+        "compiled_backward": 50.0,  # the compiled backward's wrappers
+        "compiled_launch": 3.0,  # one kernel of a compiled graph
+        "harness_before": 10.0,  # flush.zero_(), two events, start.record()
+        "harness_after": 2.0,  # end.record()
+        # The Python of one pyprune call: validation, backend choice, views, autograd wrapper.
+        "pyprune_forward": {"kwta": 70.0, "sap": 55.0, "noise": 40.0, "cas": 50.0,
+                            "masked_conv": 55.0},
+        "pyprune_grad": {"kwta": 0.0, "sap": 40.0, "noise": 45.0, "cas": 40.0,
+                         "masked_conv": 100.0},  # more when autograd records the call
+        "pyprune_backward": {"kwta": 115.0, "sap": 60.0, "noise": 50.0, "cas": 70.0,
+                             "masked_conv": 80.0},
+    },
+    "event_floor_us": 3.0,  # an event pair around no device work still reads a few us
+}
+
+GPUS: dict[str, dict] = {
+    "h100": {**_HOPPER, "name": "NVIDIA H100 80GB HBM3", "copy_gbps": 3000.0, "l2_mb": 50.0},
+    "h200": {**_HOPPER, "name": "NVIDIA H200", "copy_gbps": 4300.0, "l2_mb": 60.0},
+}
+
+ROUNDS = 20  # rounds of the harness's interleaved loop simulated; the last is reported
+
+
+# ---------------------------------------------------------------------------------------------
+# Launches, host work, synchronisations.
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """One launch: what it moves and computes, and what limits its parallelism."""
+
+    name: str
+    host_us: float  # host time to issue it
+    hbm: float = 0.0  # bytes to and from HBM
+    l2: float = 0.0  # bytes reread from L2
+    ops: float = 0.0  # CUDA-core lane instructions besides flops
+    flops: float = 0.0  # FLOPs: on tensor cores if tensor, else FMAs (flops / 2 instructions)
+    tensor: bool = False
+    eff: float = 0.0  # share of the peak its compute reaches; 0: the GPU's default
+    ctas: int = 0  # CTAs carrying the work; 0: enough to fill the GPU
+    per_sm: int = 1  # CTAs resident on one SM
+    chain_us: float = 0.0  # serial latency of one CTA
+
+
+@dataclass(frozen=True)
+class Host:
+    """Host work with no launch (Python, dispatch)."""
+
+    us: float
+
+
+@dataclass(frozen=True)
+class Sync:
+    """The host waits for the stream, then spends us (a device-to-host copy)."""
+
+    us: float
+
+
+Item = Union[Kernel, Host, Sync]
+
+
+class Plan:
+    """The items of one timed call, built by the op models with one GPU's constants."""
+
+    def __init__(self, gpu: dict, case: Case) -> None:
+        self.gpu = gpu
+        self.case = case
+        self.items: list[Item] = []
+
+    def lat(self, kind: str) -> float:
+        return self.gpu["latency_us"][kind]
+
+    def sm_rate(self) -> float:
+        """Lane instructions a us that one SM issues (at the streaming efficiency): the
+        compute step of a CTA alone on its SM."""
+        return self.gpu["fp32_tflops"] * 1e6 / 2 / self.gpu["sms"] * self.gpu["issue_eff"]
+
+    def host(self, kind: str, op: str | None = None) -> None:
+        us = self.gpu["host_us"][kind]
+        self.items.append(Host(us[op] if op else us))
+
+    def sync(self) -> None:
+        self.items.append(Sync(self.gpu["host_us"]["sync"]))
+
+    def kernel(self, name: str, issue: str = "aten", **work) -> None:
+        self.items.append(Kernel(name, self.gpu["host_us"][issue], **work))
+
+    def reread(self, nbytes: float, working_set: float) -> dict:
+        """A reread of nbytes inside one launch: L2 traffic if the working set fits."""
+        fits = working_set <= self.gpu["l2_reuse"] * self.gpu["l2_mb"] * 1e6
+        return {"l2": nbytes} if fits else {"hbm": nbytes}
+
+
+def _merge(*parts: dict) -> dict:
+    out: dict = {}
+    for part in parts:
+        for key, value in part.items():
+            out[key] = out.get(key, 0.0) + value
+    return out
+
+
+def kernel_time(k: Kernel, gpu: dict, dtype: str) -> tuple[float, str]:
+    """(device us, the term that bounds it) of one launch."""
+    sms = gpu["sms"]
+    share = (min(sms, k.ctas) if k.ctas else sms) / sms
+    waves = math.ceil(k.ctas / (sms * k.per_sm)) if k.ctas else 1
+    issue_per_us = gpu["fp32_tflops"] * 1e6 / 2
+    instructions = k.ops + (0.0 if k.tensor else k.flops / 2)
+    terms = {
+        "hbm": k.hbm / (gpu["copy_gbps"] * 1e3),
+        "l2": k.l2 / (gpu["l2_gbps"] * 1e3),
+        "issue": instructions / (issue_per_us * ((k.eff if not k.tensor and k.eff else 0)
+                                                 or gpu["issue_eff"]) * share),
+        "tensor": (k.flops / (gpu["tensor_tflops"][dtype] * 1e6 * (k.eff or gpu["tensor_eff"])
+                              * share) if k.tensor else 0.0),
+        "latency": waves * k.chain_us,
+    }
+    bound = max(terms, key=terms.get)
+    return terms[bound] + gpu["kernel_us"], bound
+
+
+def simulate(calls: list[list[Item]], gpu: dict, dtype: str) -> list[float]:
+    """The end-minus-start event time of each call in the steady state of the harness's loop
+    (harness._cuda_times: round after round, each call in turn: flush, start event, the call,
+    end event, never waiting for the device, so the host's lead carries from call to call;
+    a Sync drains it)."""
+    host_us = gpu["host_us"]
+    flush = harness.L2_FLUSH_BYTES / (gpu["copy_gbps"] * 1e3) + gpu["kernel_us"]
+    times = [[kernel_time(i, gpu, dtype)[0] if isinstance(i, Kernel) else 0.0 for i in items]
+             for items in calls]
+    host = device = 0.0
+    measured = [0.0] * len(calls)
+    for _ in range(ROUNDS):
+        for i, items in enumerate(calls):
+            host += host_us["harness_before"]
+            device = max(device, host) + flush
+            start = device
+            for item, t in zip(items, times[i]):
+                if isinstance(item, Host):
+                    host += item.us
+                elif isinstance(item, Sync):
+                    host = max(host, device) + item.us
+                else:
+                    host += item.host_us
+                    device = max(device, host) + t
+            host += host_us["harness_after"]
+            device = max(device, host)
+            measured[i] = device - start
+    return [max(m, gpu["event_floor_us"]) for m in measured]
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared helpers.
+
+
+def _numel(case: Case) -> int:
+    return math.prod(case.shape)
+
+
+def _esize(case: Case) -> int:
+    return case.dtype.itemsize
+
+
+def _dtype(case: Case) -> str:
+    return str(case.dtype).removeprefix("torch.")
+
+
+def _pow2(v: int) -> int:
+    return 1 << max(0, math.ceil(math.log2(v)))
+
+
+def _pyprune(p: Plan, op: str, grad: bool) -> None:
+    p.host("pyprune_forward", op)
+    if grad:
+        p.host("pyprune_grad", op)
+
+
+def _compiled(p: Plan, grad: bool) -> None:
+    p.host("compiled")
+    if grad:
+        p.host("compiled_grad")
+
+
+def _pick(choices: tuple[int, ...], size: int) -> int:
+    """The smallest choice >= size, else the largest (the Triton launchers' block choice)."""
+    return next((c for c in choices if c >= size), choices[-1])
+
+
+# The launch configurations of the Triton launchers (triton_kernels/*.py), as the model reads
+# them: written out here rather than imported, so that the model states what it assumes.
+
+
+def _triton_per_sm(warps: int) -> int:
+    """Programs of `warps` warps resident on an SM at ~64 registers a thread (half of the
+    SM's 2048 threads)."""
+    return max(1, 1024 // (32 * warps))
+
+
+def triton_kwta_config(length: int) -> tuple[int, bool, int]:
+    """kwta._forward_config: (BLOCK, ONE_BLOCK, num_warps)."""
+    block = min(max(_pow2(length), 32), 4096)
+    one_block = length <= block
+    return block, one_block, min(max(block // 128, 1), 16 if one_block else 8)
+
+
+def triton_cas_config(channels: int, length: int, forward: bool) -> tuple[int, int, int, bool, int]:
+    """cas._forward_config / cas._backward_config: (BLOCK_K, BLOCK_L, BLOCK_C, ONE_BLOCK,
+    num_warps)."""
+    block_l = _pick((16, 64, 256), min(length, 256))
+    block_k = 4096 // block_l
+    if not forward:
+        block_c = max(2, min(64, 8192 // block_k))
+        return min(block_k, 4096 // block_c), block_l, block_c, False, 8
+    one_k = max(_pow2(channels), 16)
+    one_block = length <= block_l and one_k * block_l <= 16384
+    if one_block:
+        block_k = one_k
+    warps = min(16, max(4, block_k * block_l // 512))
+    return block_k, block_l, max(2, min(64, 2048 // block_k)), one_block, warps
+
+
+def triton_sap_config(exact: bool) -> tuple[int, int, int]:
+    """sap._config: (BLOCK, DRAWS, num_warps)."""
+    return (64, 64, 4) if exact else (1024, 64, 4)
+
+
+def triton_conv_config(c_in: int, c_out: int, pixels: int) -> tuple[int, int, int]:
+    """masked_conv._blocks: (BLOCK_P, BLOCK_CO, BLOCK_CI); 4 warps; weight masks use 16x16
+    channel tiles (_WEIGHT_MASK_BLOCK)."""
+    return _pick((16, 64), pixels), _pick((16, 32, 64), c_out), _pick((16, 32), c_in)
+
+
+TRITON_WEIGHT_MASK_BLOCK = 16
+
+
+# ---------------------------------------------------------------------------------------------
+# k-WTA.
+
+
+def _kwta_groups(case: Case) -> tuple[int, int, int]:
+    """(groups, group size L, k) of a benchmark case."""
+    start = 1 if (case.variant or "sample") == "sample" else 2
+    if case.variant not in ("", "channel"):
+        raise ValueError(f"kwta: no model for variant {case.variant!r}")
+    groups, length = math.prod(case.shape[:start]), math.prod(case.shape[start:])
+    return groups, length, int(kwta_bench.RATIO * length)
+
+
+def _key(v: float) -> int:
+    bits = struct.unpack("<I", struct.pack("<f", v))[0]
+    return bits ^ (0xFFFFFFFF if bits >> 31 else 0x80000000)
+
+
+def _from_key(key: int) -> float:
+    bits = key ^ (0x80000000 if key >> 31 else 0xFFFFFFFF)
+    return struct.unpack("<f", struct.pack("<I", bits))[0]
+
+
+def bucket_share(quantile: float, bits: int) -> float:
+    """The share of N(0, 1) values (the kwta benchmark's input) whose float32 key shares its top
+    ``bits`` bits with the key of the value at ``quantile``: the candidates left after those
+    bits of a radix select for that order statistic."""
+    normal = statistics.NormalDist()
+    key = _key(normal.inv_cdf(quantile))
+    span = (1 << (32 - bits)) - 1
+    lo, hi = _from_key(key & ~span), _from_key(key | span)
+    return abs(normal.cdf(hi) - normal.cdf(lo))
+
+
+def _topk(p: Plan, groups: int, length: int, k: int, esize: int, first: str) -> None:
+    """torch.topk(k, sorted=True) on CUDA (aten/src/ATen/native/cuda/TensorTopK.cu)."""
+    numel, n = groups * length, groups * length * esize
+    out = groups * k * (esize + 8)  # values and int64 indices
+    s = groups
+    multiblock = ((s <= 20 and length >= 20000) or (20 < s <= 40 and length >= 10000)
+                  or (40 < s <= 80 and length >= 8000) or (80 < s < 200 and length >= 5000)
+                  or (200 <= s < 800 and length >= 3000) or (800 <= s <= 4000 and length >= 800)
+                  or (s > 4000 and length >= 400))
+    if multiblock:  # mbtopk: one launch per digit pass over all blocks, then the gather
+        p.kernel("topk: clear counts", first, hbm=groups * 256 * 4)
+        for digit in range(4):
+            p.kernel(f"topk: radixFindKthValues {digit}", "inner", hbm=n, ops=numel * 12)
+            p.kernel(f"topk: computeDigitCumSum {digit}", "inner", hbm=groups * 256 * 8)
+        p.kernel("topk: computeBlockwiseWithinKCounts", "inner", hbm=groups * 1024)
+        p.kernel("topk: computeBlockwiseKthCounts", "inner", hbm=groups * 1024)
+        p.kernel("topk: gatherTopK", "inner", hbm=n + out, ops=numel * 8)
+    else:  # one block per slice: 4 digit passes over it and the gather
+        working_set = min(groups, p.gpu["sms"]) * length * esize
+        p.kernel("topk: gatherTopK (single block)", first,
+                 **_merge({"hbm": n + out}, p.reread(4 * n, working_set)),
+                 ops=numel * 56, ctas=groups)
+    if k <= 4096:  # sortKeyValueInplace: one block per slice
+        p.kernel("topk: sortKeyValueInplace", "inner", hbm=2 * out, ops=groups * k * 40)
+    else:  # at::sort of the values (segmented radix sort with an index), gather, copies
+        p.kernel("sort: iota", "inner", hbm=groups * k * 8)
+        for digit in range(5):
+            p.kernel(f"sort: segmented radix pass {digit}", "inner", hbm=2 * out,
+                     ops=groups * k * 20)
+        p.kernel("sort: indices.gather", "inner", hbm=groups * k * 24)
+        p.kernel("sort: copy values", "inner", hbm=2 * groups * k * esize)
+        p.kernel("sort: copy indices", "inner", hbm=2 * groups * k * 8)
+
+
+def _kwta_cuda_forward(p: Plan, groups: int, length: int, k: int) -> None:
+    case, gpu = p.case, p.gpu
+    e, numel = _esize(case), _numel(case)
+    n = numel * e
+    sms = gpu["sms"]
+    if length <= 1024:  # kwta_warp_kernel: 256 threads, 2 blocks per SM (122 registers)
+        lanes = _pow2(math.ceil(length / 32))
+        blocks = math.ceil(math.ceil(groups / (32 // lanes)) / 8)
+        ctas = min(blocks, sms * 64)
+        chain = math.ceil(blocks / ctas) * (p.lat("dram") + p.lat("l2"))
+        # Per 32 keys a lane: the 32x32 bit transpose (~480 instructions), 32 bit steps of
+        # AND, popcount, log2(T) shuffles and selects (~550), keys, loads, the write (~400).
+        p.kernel("kwta_warp_kernel", "inner", hbm=2 * n, l2=n, ops=numel * 45, ctas=ctas,
+                 per_sm=2, chain_us=chain)
+        return
+    threads = 256 if length <= 8192 else 512
+    cluster = 1
+    if threads == 512 and groups < 2 * sms and length >= 2 * 16384:
+        cluster = min(8, 2 * sms // groups, length // 16384)
+    vec = 16 // e
+    chunk = math.ceil(math.ceil(length / cluster) / vec) * vec
+    capacity = (16 if cluster > 1 else 24) * 1024 // 4
+    passes, global_passes, in_shared, local = 3, 0, False, chunk
+    for digit in range(passes):
+        if not in_shared:
+            global_passes += 1
+            in_shared = local <= capacity
+        local = chunk * bucket_share(1 - k / length, min(32, 11 * (digit + 1)))
+    ctas = groups * cluster
+    per_sm = 1024 // threads
+    chunk_bytes = chunk * e
+    trips = math.ceil(chunk_bytes / (threads * 16 * 4))  # 16-byte packs, 4 in flight a thread
+    fixed = p.lat("cluster_pass" if cluster > 1 else "pass")
+    chain = (global_passes * trips * p.lat("dram") + passes * fixed + trips * p.lat("dram"))
+    working_set = min(ctas, sms * per_sm) * chunk_bytes
+    p.kernel(f"kwta_block_kernel<{threads}> cluster {cluster}", "inner",
+             **_merge({"hbm": 2 * n}, p.reread(global_passes * n, working_set)),
+             ops=numel * (20 * global_passes + 6), ctas=ctas, per_sm=per_sm, chain_us=chain)
+
+
+def _kwta_triton_forward(p: Plan, groups: int, length: int, k: int) -> None:
+    case = p.case
+    e, numel = _esize(case), _numel(case)
+    n = numel * e
+    block, one_block, warps = triton_kwta_config(length)
+    per_sm = _triton_per_sm(warps)
+    hist_ops = 20  # per element and tl.histogram pass (issue 20: ~1250 a thread per tile)
+    lane_rate = p.sm_rate() * min(warps, 4) / 4  # a warp per scheduler at most
+    p.host("triton")
+    if one_block:
+        chain = (p.lat("dram") + 4 * (block * hist_ops / lane_rate + 2 * p.lat("tile_reduce")))
+        p.kernel("_kwta_forward_kernel (one block)", "inner", hbm=2 * n,
+                 ops=groups * block * (4 * hist_ops + 10), ctas=groups, per_sm=per_sm,
+                 chain_us=chain)
+        return
+    chunks = math.ceil(length / block)
+    chunk_us = p.lat("dram") + block * hist_ops / lane_rate
+    chain = chunks * (4 * chunk_us + p.lat("dram")) + 4 * 2 * p.lat("tile_reduce")
+    working_set = min(groups, p.gpu["sms"] * per_sm) * length * e
+    p.kernel("_kwta_forward_kernel (streamed)", "inner",
+             **_merge({"hbm": 2 * n}, p.reread(4 * n, working_set)),
+             ops=numel * (4 * hist_ops + 10), ctas=groups, per_sm=per_sm, chain_us=chain)
+
+
+def kwta_forward(p: Plan, provider: str, grad: bool) -> None:
+    case = p.case
+    groups, length, k = _kwta_groups(case)
+    e, numel = _esize(case), _numel(case)
+    n = numel * e
+    if provider == EAGER:
+        _topk(p, groups, length, k, e, "aten")
+        p.kernel("x >= thr", "aten", hbm=n + numel)
+        p.kernel("x * mask", "aten", hbm=2 * n + numel)
+    elif provider == COMPILE:
+        _compiled(p, grad)
+        _topk(p, groups, length, k, e, "compiled_launch")
+        p.kernel("fused x * (x >= thr)", "compiled_launch", hbm=2 * n)
+    elif provider == CUDA:
+        _pyprune(p, "kwta", grad)
+        _kwta_cuda_forward(p, groups, length, k)
+    elif provider == TRITON:
+        _pyprune(p, "kwta", grad)
+        p.host("custom_op")
+        _kwta_triton_forward(p, groups, length, k)
+    else:
+        raise ValueError(f"kwta: no model for provider {provider!r}")
+
+
+def kwta_backward(p: Plan, provider: str) -> None:
+    case = p.case
+    _kwta_groups(case)
+    numel = _numel(case)
+    n = numel * _esize(case)
+    if provider == EAGER:
+        p.kernel("grad * mask", "inner", hbm=2 * n + numel)
+    elif provider == COMPILE:
+        p.host("compiled_backward")
+        p.kernel("fused grad * (x >= thr)", "compiled_launch", hbm=3 * n)
+    elif provider in (CUDA, TRITON):
+        p.host("pyprune_backward", "kwta")
+        if provider == TRITON:
+            p.host("custom_op")
+            p.host("triton")
+        p.kernel("kwta backward", "inner", hbm=3 * n, ops=numel * 12)
+    else:
+        raise ValueError(f"kwta: no model for provider {provider!r}")
+
+
+def kwta_compulsory(case: Case, mode: str) -> tuple[float, float]:
+    numel = _numel(case)
+    n = numel * _esize(case)
+    forward, backward = 2 * n, 2 * n + numel / 8  # grad, grad_x and one bit of mask
+    return {"forward": forward, "backward": backward, "full": forward + backward}[mode], 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# SAP.
+
+
+def _sap_shape(case: Case) -> tuple[int, int, int, bool]:
+    if case.variant not in ("exact", "bernoulli"):
+        raise ValueError(f"sap: no model for variant {case.variant!r}")
+    rows, length = case.shape[0], math.prod(case.shape[1:])
+    return rows, length, int(sap_bench.RATIO * length), case.variant == "exact"
+
+
+def _multinomial(p: Plan, rows: int, length: int, draws: int, esize: int, first: str) -> None:
+    """torch.multinomial(p, r, replacement=True) on CUDA (MultinomialKernel.cu, the generic
+    path): two copies, renormRows, cumsum, then one thread per draw binary-searching the row's
+    prefix sums (the top levels hit L1; ~4 sectors of 32 bytes a draw from L2)."""
+    n = rows * length * esize
+    total = rows * draws
+    p.kernel("multinomial: copy", first, hbm=2 * n)
+    p.kernel("multinomial: copy", "inner", hbm=2 * n)
+    p.kernel("multinomial: renormRows", "inner", hbm=3 * n)
+    # scan_innermost_dim: a block per row, 1024 elements a serial step
+    p.kernel("multinomial: cumsum", "inner", hbm=2 * n, ctas=rows,
+             chain_us=math.ceil(length / 1024) * (p.lat("dram") + p.lat("block_scan")))
+    p.kernel("multinomial: sampleMultinomialWithReplacement", "inner", hbm=total * 8,
+             l2=total * 4 * 32, ops=total * 250)
+
+
+def _sap_kernel(p: Plan, provider: str, backward: bool) -> None:
+    """pyprune's SAP kernel (forward, or backward: the same pass on grad) for one call."""
+    case = p.case
+    rows, length, draws, exact = _sap_shape(case)
+    e = _esize(case)
+    n = rows * length * e
+    lat = p.lat
+    rate = p.sm_rate()  # a program alone on its SM (batch <= 132)
+    if provider == CUDA:  # sap_kernel: 256 threads, one block per sample
+        threads = 256
+        sum_step = lat("dram") + lat("block_scan") + lat("barrier")
+        if exact:
+            chain = (math.ceil(length / 256) * sum_step
+                     + math.ceil((draws + 1) / 256) * (lat("philox") + lat("block_scan"))
+                     + math.ceil(length / 256)
+                     * (lat("dram") + lat("block_scan") + 2 * lat("barrier"))
+                     + (math.ceil(draws / 256) + math.ceil(length / 256))
+                     * (lat("philox") + lat("block_scan") + 8 * lat("smem") + 2 * lat("barrier")))
+            ops = rows * length * 25 + rows * draws * 2 * 150
+        else:  # a thread takes 4 consecutive elements a step: one Philox, 4 x (q, uniform, store)
+            step_ops = 90 + 4 * 110
+            chain = (math.ceil(length / 256) * sum_step
+                     + math.ceil(length / (4 * 256))
+                     * (lat("dram") + step_ops * threads / rate))
+            ops = rows * length * (10 + step_ops / 4)
+        name = f"sap_kernel<{'exact' if exact else 'bernoulli'}>"
+    else:
+        block, draw_block, _ = triton_sap_config(exact)
+        sum_step = lat("dram") + 2 * lat("tile_reduce")
+        if exact:
+            compare = draw_block * block * 3 / rate
+            chain = (math.ceil(length / block) * sum_step
+                     + math.ceil((draws + 1) / draw_block) * (lat("philox") + lat("tile_reduce"))
+                     + math.ceil(length / block) * (lat("dram") + lat("tile_reduce"))
+                     + (math.ceil(draws / draw_block) + math.ceil(length / block))
+                     * (lat("philox") + 3 * lat("tile_reduce") + compare))
+            ops = rows * length * 40 + rows * draws * 2 * 130 + rows * (draws + length) * block * 3
+        else:  # a whole Philox per element, q with Triton's fast log and exp
+            step_ops = 140
+            chain = (math.ceil(length / block) * sum_step
+                     + math.ceil(length / block)
+                     * (lat("dram") + block * step_ops / rate))
+            ops = rows * length * (10 + step_ops)
+        name = f"_sap_kernel EXACT={exact}"
+        p.host("triton")
+    reads = _merge({"hbm": 2 * n if backward else n},  # the sum pass (and grad)
+                   p.reread(n, min(rows, p.gpu["sms"] * 8) * length * e))
+    p.kernel(name, "inner", **_merge(reads, {"hbm": n}), ops=ops, ctas=rows, per_sm=8,
+             chain_us=chain)
+
+
+def sap_forward(p: Plan, provider: str, grad: bool) -> None:
+    case = p.case
+    rows, length, draws, _ = _sap_shape(case)
+    e = _esize(case)
+    numel = rows * length
+    n = numel * e
+    if provider == EAGER:
+        p.kernel("abs", "aten", hbm=2 * n)
+        p.kernel("sum", "aten", hbm=n)
+        p.kernel("a / sum", "aten", hbm=2 * n)
+        _multinomial(p, rows, length, draws, e, "aten")
+        p.kernel("zeros_like (bool)", "aten", hbm=numel)
+        p.kernel("scatter_", "aten", hbm=rows * draws * 8 + numel)
+        for name in ("neg", "log1p", "r *", "expm1", "neg"):
+            p.kernel(name, "aten", hbm=2 * n)
+        p.kernel("flat / q", "aten", hbm=3 * n)
+        p.kernel("zeros (scalar)", "aten", hbm=e)
+        p.kernel("where", "aten", hbm=2 * n + numel)
+    elif provider == COMPILE:
+        _compiled(p, grad)
+        p.kernel("sum |x|", "compiled_launch", hbm=n)
+        p.kernel("p = |x| / sum", "compiled_launch", hbm=2 * n)
+        _multinomial(p, rows, length, draws, e, "compiled_launch")
+        p.kernel("zeros (bool)", "compiled_launch", hbm=numel)
+        p.kernel("scatter", "compiled_launch", hbm=rows * draws * 8 + numel)
+        p.kernel("fused q, x / q, where", "compiled_launch", hbm=2 * n + numel)
+    elif provider in (CUDA, TRITON):
+        _pyprune(p, "sap", grad)
+        p.kernel("seed: randint", "aten", hbm=16)
+        if provider == TRITON:
+            p.host("custom_op")
+        _sap_kernel(p, provider, backward=False)
+    else:
+        raise ValueError(f"sap: no model for provider {provider!r}")
+
+
+def sap_backward(p: Plan, provider: str) -> None:
+    case = p.case
+    rows, length, _, _ = _sap_shape(case)
+    numel = rows * length
+    n = numel * _esize(case)
+    if provider == EAGER:
+        p.kernel("where backward", "inner", hbm=2 * n + numel)
+        p.kernel("grad / q", "inner", hbm=3 * n)
+    elif provider == COMPILE:
+        p.host("compiled_backward")
+        p.kernel("fused grad * mask / q", "compiled_launch", hbm=3 * n + numel)
+    elif provider in (CUDA, TRITON):
+        p.host("pyprune_backward", "sap")
+        if provider == TRITON:
+            p.host("custom_op")
+        _sap_kernel(p, provider, backward=True)
+    else:
+        raise ValueError(f"sap: no model for provider {provider!r}")
+
+
+def sap_compulsory(case: Case, mode: str) -> tuple[float, float]:
+    _sap_shape(case)
+    n = _numel(case) * _esize(case)
+    forward, backward = 2 * n, 3 * n  # x -> out; grad and x -> grad_x
+    return {"forward": forward, "backward": backward, "full": forward + backward}[mode], 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Gaussian noise.
+
+
+def _noise_variant(case: Case) -> bool:
+    if case.variant not in ("", "multiplicative"):
+        raise ValueError(f"noise: no model for variant {case.variant!r}")
+    return case.variant == "multiplicative"
+
+
+NOISE_OPS = {CUDA: 70, TRITON: 180, COMPILE: 150, EAGER: 30}  # per element (module doc)
+
+
+def _noise_pass(p: Plan, provider: str, name: str, nbytes: float) -> None:
+    case = p.case
+    if provider == TRITON:
+        p.host("custom_op")
+        p.host("triton")
+    p.kernel(name, "inner", hbm=nbytes, ops=_numel(case) * NOISE_OPS[provider])
+
+
+def noise_forward(p: Plan, provider: str, grad: bool) -> None:
+    case = p.case
+    multiplicative = _noise_variant(case)
+    n = _numel(case) * _esize(case)
+    if provider == EAGER:
+        p.kernel("randn_like", "aten", hbm=n, ops=_numel(case) * NOISE_OPS[EAGER])
+        p.kernel("std * noise", "aten", hbm=2 * n)
+        if multiplicative:
+            p.kernel("1 + noise", "aten", hbm=2 * n)
+        p.kernel("x * (1 + noise)" if multiplicative else "x + noise", "aten", hbm=3 * n)
+    elif provider == COMPILE:
+        _compiled(p, grad)
+        p.kernel("inductor seeds", "compiled_launch", hbm=8)
+        # The multiplicative graph keeps its noise for backward (random ops are not recomputed).
+        p.kernel("fused tl.randn and x (+ or *)", "compiled_launch",
+                 hbm=3 * n if multiplicative and grad else 2 * n,
+                 ops=_numel(case) * NOISE_OPS[COMPILE])
+    elif provider in (CUDA, TRITON):
+        _pyprune(p, "noise", grad)
+        p.kernel("seed: randint", "aten", hbm=16)
+        _noise_pass(p, provider, "noise kernel", 2 * n)
+    else:
+        raise ValueError(f"noise: no model for provider {provider!r}")
+
+
+def noise_backward(p: Plan, provider: str) -> None:
+    case = p.case
+    multiplicative = _noise_variant(case)
+    n = _numel(case) * _esize(case)
+    if provider not in PROVIDERS:
+        raise ValueError(f"noise: no model for provider {provider!r}")
+    # d(x + std n)/dx = 1: the gradient passes through, no kernel (but the wrappers run).
+    if provider == EAGER:
+        if multiplicative:
+            p.kernel("grad * (1 + noise)", "inner", hbm=3 * n)
+    elif provider == COMPILE:
+        p.host("compiled_backward")
+        if multiplicative:
+            p.kernel("grad * (1 + std * noise)", "compiled_launch", hbm=3 * n)
+    else:
+        p.host("pyprune_backward", "noise")
+        if multiplicative:
+            _noise_pass(p, provider, "noise kernel on grad", 2 * n)
+
+
+def noise_compulsory(case: Case, mode: str) -> tuple[float, float]:
+    multiplicative = _noise_variant(case)
+    n = _numel(case) * _esize(case)
+    backward = 2 * n if multiplicative else 0.0
+    return {"forward": 2 * n, "backward": backward, "full": 2 * n + backward}[mode], 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# CAS.
+
+
+def _cas_shape(case: Case) -> tuple[int, int, int, int]:
+    if case.variant not in ("", "c1000"):
+        raise ValueError(f"cas: no model for variant {case.variant!r}")
+    classes = 1000 if case.variant == "c1000" else cas_bench.CLASSES
+    return case.shape[0], case.shape[1], math.prod(case.shape[2:]), classes
+
+
+def _label_check(p: Plan) -> None:
+    """_validate.label_range on a device: ge, lt, and, all, _assert_async."""
+    rows = p.case.shape[0]
+    for name in ("label >= 0", "label < C", "&", "all", "_assert_async"):
+        p.kernel(f"label check: {name}", "aten", hbm=rows * 9)
+
+
+def cas_forward(p: Plan, provider: str, grad: bool) -> None:
+    case = p.case
+    rows, channels, length, classes = _cas_shape(case)
+    e = _esize(case)
+    n = rows * channels * length * e
+    weight = classes * channels * e
+    small = weight + rows * (classes * e + channels * 4 + 16)  # weight, logits, means, labels
+    lat = p.lat
+    if provider == EAGER:
+        p.kernel("mean", "aten", hbm=n)
+        p.kernel("addmm (logits)", "aten", hbm=small, flops=2 * rows * channels * classes)
+        p.kernel("weight[label]", "aten", hbm=rows * channels * e * 2)
+        p.kernel("x * m", "aten", hbm=2 * n)
+    elif provider == COMPILE:
+        _compiled(p, grad)
+        p.kernel("fused means and x * weight[label]", "compiled_launch", hbm=2 * n + small)
+        p.kernel("mm (logits)", "compiled_launch", hbm=small, flops=2 * rows * channels * classes)
+        p.kernel("bias add", "compiled_launch", hbm=rows * classes * e * 2)
+    elif provider == CUDA:
+        _pyprune(p, "cas", grad)
+        _label_check(p)
+        # A warp per channel walks its positions, each load after the previous store; the
+        # logits: a warp per class, 4 loads of weight and means in flight.
+        chain = (math.ceil(channels / 8) * math.ceil(length / 32) * lat("dram")
+                 + math.ceil(classes / 8) * math.ceil(channels / 128) * lat("l2")
+                 + 3 * lat("barrier"))
+        p.kernel("cas_forward_kernel<train>", "inner", hbm=2 * n + small, l2=rows * weight,
+                 ops=rows * channels * length * 8, ctas=rows, per_sm=8, chain_us=chain)
+    elif provider == TRITON:
+        _pyprune(p, "cas", grad)
+        p.host("custom_op")
+        _label_check(p)
+        p.host("triton")
+        block_k, block_l, block_c, one_block, _ = triton_cas_config(channels, length, True)
+        if one_block:
+            chain = lat("dram") + math.ceil(classes / block_c) * lat("l2")
+        else:
+            chain = (math.ceil(channels / block_k) * math.ceil(length / block_l) * lat("dram")
+                     + math.ceil(classes / block_c) * math.ceil(channels / block_k) * lat("l2"))
+        p.kernel("_cas_forward_kernel", "inner", hbm=2 * n + small, l2=rows * weight,
+                 ops=rows * channels * length * 8, ctas=rows, per_sm=1, chain_us=chain)
+    else:
+        raise ValueError(f"cas: no model for provider {provider!r}")
+
+
+def cas_backward(p: Plan, provider: str) -> None:
+    case = p.case
+    rows, channels, length, classes = _cas_shape(case)
+    e = _esize(case)
+    n = rows * channels * length * e
+    weight = classes * channels * e
+    gemm = {"hbm": weight + rows * (classes + channels) * 4, "flops": 2 * rows * channels * classes}
+    lat = p.lat
+    if provider == EAGER:
+        p.kernel("grad_out * m", "inner", hbm=2 * n)
+        p.kernel("grad_out * x", "inner", hbm=3 * n)
+        p.kernel("sum over (H, W)", "inner", hbm=n)
+        p.kernel("index backward: zeros", "inner", hbm=weight)
+        for name in ("sort labels", "sort labels", "index_put_ (accumulate)"):
+            p.kernel(f"index backward: {name}", "inner", hbm=weight + rows * 16)
+        p.kernel("addmm backward: grad_logits @ weight", "inner", **gemm)
+        p.kernel("addmm backward: grad_logits.T @ mean", "inner", **gemm)
+        p.kernel("addmm backward: sum (bias)", "inner", hbm=rows * classes * e)
+        p.kernel("mean backward: expand / L", "inner", hbm=n)
+        p.kernel("grad_x accumulate", "inner", hbm=3 * n)
+        p.kernel("grad_weight accumulate", "inner", hbm=3 * weight)
+    elif provider == COMPILE:
+        p.host("compiled_backward")
+        p.kernel("mm: grad_logits @ weight", "compiled_launch", **gemm)
+        p.kernel("fused grad_x and sum(grad_out * x)", "compiled_launch", hbm=3 * n)
+        p.kernel("mm: grad_logits.T @ mean", "compiled_launch", **gemm)
+        p.kernel("scatter-add rows", "compiled_launch", hbm=2 * weight + rows * channels * 4)
+        p.kernel("sum (bias)", "compiled_launch", hbm=rows * classes * e)
+    elif provider == CUDA:
+        p.host("pyprune_backward", "cas")
+        p.kernel("mm: grad_logits @ weight", "inner", **gemm)
+        p.kernel("div_(L)", "inner", hbm=2 * rows * channels * 4)
+        chain = math.ceil(channels / 8) * math.ceil(length / 32) * lat("dram")
+        p.kernel("cas_backward_kernel", "inner", hbm=3 * n, ops=rows * channels * length * 8,
+                 ctas=rows, per_sm=8, chain_us=chain)
+        p.kernel("mm: grad_logits.T @ mean", "inner", **gemm)
+        p.kernel("index_add_", "inner", hbm=2 * weight + rows * channels * 4)
+        p.kernel("sum (bias)", "inner", hbm=rows * classes * e)
+    elif provider == TRITON:
+        p.host("pyprune_backward", "cas")
+        p.host("custom_op")
+        p.host("triton")
+        block_k, block_l, block_c, _, _ = triton_cas_config(channels, length, False)
+        ctas = rows * math.ceil(channels / block_k)
+        chain = (math.ceil(classes / block_c) * lat("l2")
+                 + math.ceil(length / block_l) * lat("dram"))
+        p.kernel("_cas_backward_kernel", "inner", hbm=3 * n, l2=ctas * classes * block_k * e,
+                 ops=rows * channels * length * 8, ctas=ctas, per_sm=4, chain_us=chain)
+        p.kernel("mm: grad_logits.T @ mean", "aten", **gemm)
+        p.kernel("index_add_", "aten", hbm=2 * weight + rows * channels * 4)
+        p.kernel("sum (bias)", "aten", hbm=rows * classes * e)
+    else:
+        raise ValueError(f"cas: no model for provider {provider!r}")
+
+
+def cas_compulsory(case: Case, mode: str) -> tuple[float, float]:
+    _cas_shape(case)
+    n = _numel(case) * _esize(case)
+    return {"forward": 2 * n, "backward": 3 * n, "full": 5 * n}[mode], 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Masked convolution: 3x3, padding 1, stride 1, bias, C_out = C_in (benchmarks/masked_conv.py).
+
+
+@dataclass(frozen=True)
+class _Conv:
+    n: int
+    c: int
+    pixels: int
+    kind: str  # dense, out, in, sample-out, w, b
+    keep: float  # kept share of the variant's channels or weights
+    esize: int
+
+    @property
+    def x(self) -> float:
+        return self.n * self.c * self.pixels * self.esize
+
+    @property
+    def weight(self) -> float:
+        return self.c * self.c * 9 * self.esize
+
+    def flops(self, c_out: float, c_in: float, pixels: float | None = None) -> float:
+        return 2 * self.n * (pixels or self.pixels) * c_out * c_in * 9
+
+    @property
+    def kept(self) -> int:
+        return int(self.c * self.keep)
+
+
+def _conv_shape(case: Case) -> _Conv:
+    variant = case.variant
+    kind = variant.rstrip("0123456789")
+    known = kind in ("out", "in", "sample-out", "w", "b") and kind != variant
+    if not (known or variant == "dense"):
+        raise ValueError(f"masked_conv: no model for variant {variant!r}")
+    n, c, h, w = case.shape
+    return _Conv(n, c, h * w, kind, 1.0 / conv_bench.ideal_speedup(variant), _esize(case))
+
+
+def _cudnn(p: Plan, name: str, flops: float, hbm: float, issue: str) -> None:
+    p.kernel(f"cuDNN {name}", issue, hbm=hbm, flops=flops, tensor=True)
+
+
+def _cudnn_forward(p: Plan, g: _Conv, c_out: float, c_in: float, issue: str = "cudnn") -> None:
+    """at::conv2d with bias on cuDNN: the convolution, then the bias added in place."""
+    out = g.n * c_out * g.pixels * g.esize
+    _cudnn(p, "fprop", g.flops(c_out, c_in), g.x * c_in / g.c + g.weight * c_out * c_in / g.c**2
+           + out, issue)
+    p.kernel("bias add", "inner", hbm=2 * out)
+
+
+def _cudnn_backward(p: Plan, g: _Conv, c_out: float, c_in: float, dgrad: bool = True,
+                    wgrad: bool = True, bias: bool = True) -> None:
+    out = g.n * c_out * g.pixels * g.esize
+    x = g.x * c_in / g.c
+    w = g.weight * c_out * c_in / g.c**2
+    if dgrad:
+        _cudnn(p, "dgrad", g.flops(c_out, c_in), out + w + x, "cudnn")
+    if wgrad:
+        _cudnn(p, "wgrad", g.flops(c_out, c_in), out + x + w, "cudnn")
+    if bias:
+        p.kernel("bias grad: sum over (N, H, W)", "inner", hbm=out)
+
+
+def _cuda_per_sample(p: Plan, g: _Conv, out_work: int, in_work: float) -> None:
+    """masked_conv2d_kernel: grid (pixel tiles of 64, channel tiles of 64, samples), 256
+    threads; the tiles past the kept channels only write their zeros (the CTAs that compute
+    are the active ones)."""
+    tiles = math.ceil(out_work / 64)
+    p.kernel("masked_conv2d_kernel (FMA)", "inner", hbm=2 * g.x + g.weight + g.c * g.esize,
+             l2=g.x * (tiles - 1), flops=g.flops(tiles * 64, in_work),
+             eff=p.gpu["cuda_gemm_eff"], ctas=g.n * math.ceil(g.pixels / 64) * tiles, per_sm=2)
+
+
+def _triton_channel_lists(p: Plan, mask: bool) -> None:
+    """_kept_first of one mask: arange + full for None, else not, sort, to(int32), sum."""
+    names = ("logical_not", "sort", "to(int32)", "sum") if mask else ("arange", "full")
+    for name in names:
+        p.kernel(f"channel list: {name}", "aten", hbm=p.case.shape[0] * p.case.shape[1] * 8)
+
+
+def _triton_conv(p: Plan, g: _Conv, out_kept: int, in_kept: int, pixels_total: int,
+                 out_mask: bool, in_mask: bool) -> None:
+    """_masked_conv2d_forward_kernel with channel lists: work padded to the blocks."""
+    block_p, block_co, block_ci = triton_conv_config(g.c, g.c, pixels_total)
+    _triton_channel_lists(p, in_mask)
+    _triton_channel_lists(p, out_mask)
+    p.host("triton")
+    co_work = math.ceil(out_kept / block_co) * block_co
+    ci_work = math.ceil(in_kept / block_ci) * block_ci
+    p_work = math.ceil(pixels_total / block_p) * block_p
+    programs = g.n * math.ceil(pixels_total / block_p) * math.ceil(g.c / block_co)
+    p.kernel("_masked_conv2d_forward_kernel (ieee dot)", "inner",
+             hbm=2 * g.x + g.weight, l2=g.x * (math.ceil(co_work / block_co) - 1),
+             flops=g.flops(co_work, ci_work, p_work), eff=p.gpu["triton_fma_eff"],
+             ctas=programs, per_sm=4)
+
+
+def _triton_sparse(p: Plan, g: _Conv) -> None:
+    """The block-sparse weight-mask path: tile lists, finite samples, the kernel over the
+    occupied 16x16 (output, input channel) tiles of each tap."""
+    tile = TRITON_WEIGHT_MASK_BLOCK
+    occupied = (1 - (1 - g.keep) ** (tile * tile)) if g.kind == "w" else g.keep
+    _triton_channel_lists(p, False)
+    _triton_channel_lists(p, False)
+    for name in ("new_zeros", "copy", "any", "any", "transpose copy", "logical_not", "sort",
+                 "sort", "to(int32)", "sum"):
+        p.kernel(f"tile list: {name}", "aten", hbm=2 * g.weight / g.esize)
+    p.kernel("finite samples: sum", "aten", hbm=g.x)
+    p.kernel("finite samples: isfinite", "aten", hbm=g.n * 8)
+    p.kernel("finite samples: to(int32)", "aten", hbm=g.n * 8)
+    p.host("triton")
+    block_p = triton_conv_config(g.c, g.c, g.pixels)[0]
+    p_work = math.ceil(g.pixels / block_p) * block_p
+    co_blocks = math.ceil(g.c / tile)
+    p.kernel("_masked_conv2d_forward_kernel (block-sparse, ieee dot)", "inner",
+             hbm=2 * g.x + g.weight * (1 + 1 / g.esize), l2=g.x * (co_blocks - 1) * occupied,
+             flops=g.flops(g.c, g.c, p_work) * occupied, eff=p.gpu["triton_fma16_eff"],
+             ctas=g.n * math.ceil(g.pixels / block_p) * co_blocks, per_sm=4)
+
+
+def _fold_weight_mask(p: Plan, g: _Conv, grad: bool) -> None:
+    """ops.masked_conv._keep on the weight: bit ops without autograd, torch.where with it."""
+    names = ("zeros (scalar)", "where") if grad else ("mask.to(int32)", "neg", "&")
+    for name in names:
+        p.kernel(f"weight mask: {name}", "aten", hbm=2 * g.weight)
+
+
+def masked_conv_forward(p: Plan, provider: str, grad: bool) -> None:
+    case = p.case
+    g = _conv_shape(case)
+    out_static = g.kind == "out"
+    if provider == EAGER:
+        if g.kind == "in":
+            p.kernel("in_mask.to", "aten", hbm=g.c * 5)
+            p.kernel("x * in_mask", "aten", hbm=2 * g.x)
+        if g.kind in ("w", "b"):
+            p.kernel("weight_mask.to", "aten", hbm=g.weight * 5 / 4)
+            p.kernel("weight * weight_mask", "aten", hbm=3 * g.weight)
+        _cudnn_forward(p, g, g.c, g.c)
+        if g.kind in ("out", "sample-out"):
+            p.kernel("out_mask.to", "aten", hbm=g.n * g.c * 5)
+            p.kernel("y * out_mask", "aten", hbm=2 * g.x)
+    elif provider == COMPILE:
+        _compiled(p, grad)
+        if g.kind == "in":
+            p.kernel("fused x * in_mask", "compiled_launch", hbm=2 * g.x)
+        if g.kind in ("w", "b"):
+            p.kernel("fused weight * weight_mask", "compiled_launch", hbm=g.weight * 9 / 4)
+        _cudnn_forward(p, g, g.c, g.c, issue="compiled_launch")
+        if g.kind in ("out", "sample-out"):
+            p.kernel("fused y * out_mask", "compiled_launch", hbm=2 * g.x)
+    elif provider == CUDA:
+        _pyprune(p, "masked_conv", grad)
+        if g.kind == "dense":
+            _cudnn_forward(p, g, g.c, g.c)
+        elif g.kind in ("w", "b"):
+            _fold_weight_mask(p, g, grad)
+            _cudnn_forward(p, g, g.c, g.c)
+        elif g.kind == "sample-out":
+            _cuda_per_sample(p, g, g.kept, g.c)
+        else:  # static_forward: compacted weight (and x), cuDNN, output scatter; the kept
+            # indices come from the per-mask-version cache (a nonzero sync on the first call only)
+            p.kernel("index_select weight", "inner", hbm=2 * g.weight * g.keep)
+            if out_static:
+                p.kernel("index_select bias", "inner", hbm=2 * g.kept * g.esize)
+                _cudnn_forward(p, g, g.kept, g.c, issue="cudnn")
+                p.kernel("scatter: zeros", "inner", hbm=g.x)
+                p.kernel("scatter: index_copy_", "inner", hbm=2 * g.x * g.keep)
+            else:
+                p.kernel("index_select x", "inner", hbm=2 * g.x * g.keep)
+                _cudnn_forward(p, g, g.c, g.kept, issue="cudnn")
+    elif provider == TRITON:
+        _pyprune(p, "masked_conv", grad)
+        p.host("custom_op")
+        if g.kind in ("w", "b"):
+            _triton_sparse(p, g)
+        else:
+            out_kept = g.kept if g.kind in ("out", "sample-out") else g.c
+            in_kept = g.kept if g.kind == "in" else g.c
+            _triton_conv(p, g, out_kept, in_kept, g.pixels, g.kind in ("out", "sample-out"),
+                         g.kind == "in")
+    else:
+        raise ValueError(f"masked_conv: no model for provider {provider!r}")
+
+
+def masked_conv_backward(p: Plan, provider: str) -> None:
+    case = p.case
+    g = _conv_shape(case)
+    if provider in (EAGER, COMPILE):
+        fused = provider == COMPILE
+        issue = "compiled_launch" if fused else "inner"
+        if fused:
+            p.host("compiled_backward")
+        if g.kind in ("out", "sample-out"):
+            p.kernel("grad * out_mask", issue, hbm=2 * g.x)
+        _cudnn_backward(p, g, g.c, g.c)
+        if g.kind == "in":
+            p.kernel("grad_x * in_mask", issue, hbm=2 * g.x)
+        if g.kind in ("w", "b"):
+            p.kernel("grad_weight * weight_mask", issue, hbm=3 * g.weight)
+    elif provider == CUDA:
+        if g.kind not in ("dense", "w", "b"):  # the op's Python backward (else F.conv2d's)
+            p.host("pyprune_backward", "masked_conv")
+        if g.kind == "dense":
+            _cudnn_backward(p, g, g.c, g.c)
+        elif g.kind in ("w", "b"):
+            _cudnn_backward(p, g, g.c, g.c)
+            p.kernel("where backward (weight mask)", "inner", hbm=3 * g.weight)
+        elif g.kind == "sample-out":  # grad_x: the kernel on the flipped weight; wgrad dense
+            p.kernel("flip weight", "inner", hbm=2 * g.weight)
+            _cuda_per_sample(p, g, g.c, g.kept)
+            p.kernel("zeros (scalar)", "inner", hbm=g.esize)
+            p.kernel("where(out_mask, grad)", "inner", hbm=2 * g.x)
+            _cudnn_backward(p, g, g.c, g.c, dgrad=False)
+        else:  # static_backward (the mask's kept indices cached, the other side's an arange)
+            p.kernel("kept: arange", "inner", hbm=g.c * 8)
+            p.kernel("zeros (grad_bias)", "inner", hbm=g.c * g.esize)
+            if g.kind == "out":
+                p.kernel("index_select grad", "inner", hbm=2 * g.x * g.keep)
+                p.kernel("sum (grad_bias)", "inner", hbm=g.x * g.keep)
+                p.kernel("index_copy_ (grad_bias)", "inner", hbm=g.c * g.esize)
+                p.kernel("index_select weight", "inner", hbm=2 * g.weight * g.keep)
+                _cudnn_backward(p, g, g.kept, g.c, bias=False)
+            else:
+                p.kernel("sum (grad_bias)", "inner", hbm=g.x)
+                p.kernel("index_copy_ (grad_bias)", "inner", hbm=g.c * g.esize)
+                p.kernel("index_select x", "inner", hbm=2 * g.x * g.keep)
+                p.kernel("index_select weight", "inner", hbm=2 * g.weight * g.keep)
+                _cudnn_backward(p, g, g.c, g.kept, bias=False)
+                p.kernel("zeros_like x", "inner", hbm=g.x)
+                p.kernel("index_copy_ grad_x", "inner", hbm=2 * g.x * g.keep)
+            p.kernel("zeros_like weight", "inner", hbm=g.weight)
+            p.kernel("index_put_ grad_weight", "inner", hbm=2 * g.weight * g.keep)
+    elif provider == TRITON:
+        p.host("pyprune_backward", "masked_conv")
+        p.host("custom_op")
+        if g.kind in ("w", "b"):  # sparse_conv2d_backward: wgrad dense, grad_x block-sparse
+            _cudnn_backward(p, g, g.c, g.c, dgrad=False, bias=False)
+            p.kernel("flip weight", "aten", hbm=2 * g.weight)
+            p.kernel("flip weight mask", "aten", hbm=g.weight / 2)
+            _triton_sparse(p, g)
+            p.kernel("zeros (scalar)", "aten", hbm=g.esize)
+            p.kernel("where(mask, grad_weight)", "aten", hbm=3 * g.weight)
+            p.kernel("bias grad: sum", "aten", hbm=g.x)
+        else:  # masked_conv2d_backward: wgrad dense on the masked tensors, grad_x transposed
+            if g.kind in ("out", "sample-out"):
+                p.kernel("zeros (scalar)", "aten", hbm=g.esize)
+                p.kernel("where(out_mask, grad)", "aten", hbm=2 * g.x)
+            if g.kind == "in":
+                p.kernel("zeros (scalar)", "aten", hbm=g.esize)
+                p.kernel("where(in_mask, x)", "aten", hbm=2 * g.x)
+            _cudnn_backward(p, g, g.c, g.c, dgrad=False, bias=False)
+            p.kernel("flip weight", "aten", hbm=2 * g.weight)
+            # Transposed: the reduction runs over the forward's kept output channels.
+            reduce_kept = g.kept if g.kind in ("out", "sample-out") else g.c
+            out_kept = g.kept if g.kind == "in" else g.c
+            _triton_conv(p, g, out_kept, reduce_kept, g.pixels, g.kind == "in",
+                         g.kind in ("out", "sample-out"))
+            p.kernel("bias grad: sum", "aten", hbm=g.x)
+    else:
+        raise ValueError(f"masked_conv: no model for provider {provider!r}")
+
+
+def masked_conv_compulsory(case: Case, mode: str) -> tuple[float, float]:
+    g = _conv_shape(case)
+    kept = {"out": (g.keep, 1.0), "sample-out": (g.keep, 1.0), "in": (1.0, g.keep)}
+    k_out, k_in = kept.get(g.kind, (1.0, 1.0))
+    flops = g.flops(g.c * k_out, g.c * k_in) * (g.keep if g.kind in ("w", "b") else 1.0)
+    forward = (g.x * k_in + g.weight + g.x, flops)
+    backward = (2 * g.x + 2 * g.weight + g.x, 2 * flops)  # grad, x, w -> grad_x, grad_w
+    if mode == "forward":
+        return forward
+    if mode == "backward":
+        return backward
+    return forward[0] + backward[0], forward[1] + backward[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Predictions.
+
+MODELS: dict[str, tuple[Callable, Callable, Callable]] = {
+    "kwta": (kwta_forward, kwta_backward, kwta_compulsory),
+    "sap": (sap_forward, sap_backward, sap_compulsory),
+    "noise": (noise_forward, noise_backward, noise_compulsory),
+    "cas": (cas_forward, cas_backward, cas_compulsory),
+    "masked_conv": (masked_conv_forward, masked_conv_backward, masked_conv_compulsory),
+}
+
+
+def plan(op: str, case: Case, provider: str, mode: str, gpu: str) -> Plan:
+    """The items of one timed call of the benchmark (op, case, provider, mode) on gpu."""
+    if op not in MODELS:
+        raise ValueError(f"no roofline model for op {op!r}; add one to benchmarks/roofline.py")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    forward, backward, _ = MODELS[op]
+    p = Plan(GPUS[gpu], case)
+    if mode in ("forward", "full"):
+        forward(p, provider, grad=mode == "full")
+    if mode in ("backward", "full"):
+        p.host("autograd")
+        backward(p, provider)
+    return p
+
+
+@dataclass(frozen=True)
+class Prediction:
+    op: str
+    case: str
+    mode: str
+    provider: str
+    dtype: str
+    hbm_bytes: float
+    l2_bytes: float
+    flops: float
+    ops: float
+    launches: int
+    syncs: int
+    lower_bound_us: float
+    device_us: float
+    predicted_us: float
+    bound: str
+
+
+def predict_case(op: str, case: Case, mode: str, gpu: str) -> dict[str, Prediction]:
+    """Every provider's prediction for one (op, case, mode), timed together as the harness
+    times them (interleaved)."""
+    constants, dtype = GPUS[gpu], _dtype(case)
+    plans = {provider: plan(op, case, provider, mode, gpu) for provider in PROVIDERS}
+    measured = dict(zip(plans, simulate([p.items for p in plans.values()], constants, dtype)))
+    nbytes, flops = MODELS[op][2](case, mode)
+    lower = max(nbytes / (constants["copy_gbps"] * 1e3),
+                flops / (constants["tensor_tflops"][dtype] * 1e6))
+    out = {}
+    for provider, p in plans.items():
+        kernels = [i for i in p.items if isinstance(i, Kernel)]
+        times = [kernel_time(k, constants, dtype) for k in kernels]
+        device = sum(t for t, _ in times)
+        if measured[provider] > device + 1.0:
+            bound = "host"
+        elif not kernels:
+            bound = "none"
+        else:
+            t, term = max(times)
+            bound = "launch" if t < 2 * constants["kernel_us"] else term
+        out[provider] = Prediction(
+            op=op, case=case.label, mode=mode, provider=provider, dtype=dtype,
+            hbm_bytes=sum(k.hbm for k in kernels), l2_bytes=sum(k.l2 for k in kernels),
+            flops=sum(k.flops for k in kernels), ops=sum(k.ops for k in kernels),
+            launches=len(kernels), syncs=sum(isinstance(i, Sync) for i in p.items),
+            lower_bound_us=lower, device_us=device, predicted_us=measured[provider],
+            bound=bound,
+        )
+    return out
+
+
+def predict(op: str, case: Case, provider: str, mode: str, gpu: str) -> Prediction:
+    return predict_case(op, case, mode, gpu)[provider]
+
+
+Goal = tuple[str, Callable[[dict], bool]]
+
+
+def goal(op: str, case: Case, provider: str, mode: str) -> Goal | None:
+    """The SPEC section 7 / issue 20 goal of a row, as text and a check on its ratios
+    (``vs_eager``, ``vs_compile``, ``pct_copy``), or None."""
+    if provider not in (CUDA, TRITON):
+        return None
+    if op == "kwta" and mode == "forward":
+        x = 5.0 if case.shape[0] <= 32 else 3.0
+        return f">= {x:g}x eager", lambda r: r["vs_eager"] >= x
+    if op == "sap" and mode == "forward":
+        if case.variant == "exact":
+            return ">= 5x eager", lambda r: r["vs_eager"] >= 5.0
+        return ">= 70% of copy", lambda r: r["pct_copy"] >= 70.0
+    if op == "noise" and mode == "forward":
+        return ">= 70% of copy", lambda r: r["pct_copy"] >= 70.0
+    if op == "cas" and mode == "full":
+        return ">= 1.3x torch.compile", lambda r: r["vs_compile"] >= 1.3
+    if op == "masked_conv" and mode == "forward":
+        kind = case.variant.rstrip("0123456789")
+        if kind in ("out", "in"):
+            x = 0.8 * conv_bench.ideal_speedup(case.variant)
+            return f">= {x:.2f}x eager (80% of ideal)", lambda r: r["vs_eager"] >= x
+        if case.variant == "sample-out25":
+            return ">= 2x eager (dense)", lambda r: r["vs_eager"] >= 2.0
+    return None
+
+
+COLUMNS = ("gpu", "op", "case", "mode", "provider", "dtype", "bytes", "l2_bytes", "flops", "ops",
+           "launches", "syncs", "lower_bound_us", "device_us", "predicted_us",
+           "predicted_eager_us", "predicted_compile_us", "predicted_speedup_vs_eager",
+           "predicted_speedup_vs_compile", "declared_bytes", "predicted_pct_copy", "bound",
+           "goal", "meets_goal")
+
+
+def cases() -> list[tuple[str, Case]]:
+    """Every (op, case) that ``python -m benchmarks --device cuda`` runs."""
+    return [(op, case) for op, module in sorted(harness.discover_ops().items())
+            for case in module.CASES]
+
+
+def declared_bytes(op: str, case: Case) -> int:
+    """The bytes the benchmark declares for the forward mode (its GB/s numerator), from the
+    op's own setup on the CPU (building the inputs only)."""
+    module = harness.discover_ops()[op]
+    return harness.setup_of(op, module)(case, EAGER, "forward", torch.device("cpu")).bytes
+
+
+def rows(gpu: str, with_declared: bool = True) -> list[dict]:
+    """One dict per (op, case, mode, provider), COLUMNS as keys."""
+    out = []
+    copy = GPUS[gpu]["copy_gbps"]
+    for op, case in cases():
+        declared = declared_bytes(op, case) if with_declared else None
+        for mode in MODES:
+            preds = predict_case(op, case, mode, gpu)
+            for prov, pr in preds.items():
+                row = {
+                    "gpu": gpu, "op": op, "case": pr.case, "mode": mode, "provider": prov,
+                    "dtype": pr.dtype, "bytes": pr.hbm_bytes, "l2_bytes": pr.l2_bytes,
+                    "flops": pr.flops, "ops": pr.ops, "launches": pr.launches,
+                    "syncs": pr.syncs, "lower_bound_us": pr.lower_bound_us,
+                    "device_us": pr.device_us, "predicted_us": pr.predicted_us,
+                    "predicted_eager_us": preds[EAGER].predicted_us,
+                    "predicted_compile_us": preds[COMPILE].predicted_us,
+                    "predicted_speedup_vs_eager": preds[EAGER].predicted_us / pr.predicted_us,
+                    "predicted_speedup_vs_compile": preds[COMPILE].predicted_us / pr.predicted_us,
+                    "declared_bytes": "", "predicted_pct_copy": "", "bound": pr.bound,
+                    "goal": "", "meets_goal": "",
+                }
+                if declared is not None and mode == "forward":
+                    row["declared_bytes"] = declared
+                    row["predicted_pct_copy"] = 100 * declared / (pr.predicted_us * 1e3) / copy
+                target = goal(op, case, prov, mode)
+                if target is not None:
+                    row["goal"] = target[0]
+                    ratios = {"vs_eager": row["predicted_speedup_vs_eager"],
+                              "vs_compile": row["predicted_speedup_vs_compile"],
+                              "pct_copy": row["predicted_pct_copy"] or 0.0}
+                    row["meets_goal"] = "yes" if target[1](ratios) else "no"
+                out.append(row)
+    return out
+
+
+def _fmt(value) -> str:
+    return f"{value:.6g}" if isinstance(value, float) else str(value)
+
+
+def write_csv(path: Path, table: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(COLUMNS)
+        for row in table:
+            writer.writerow(_fmt(row[c]) for c in COLUMNS)
+
+
+def explain(op: str, label: str, mode: str, provider: str, gpu: str) -> None:
+    """Print the items of one call with each launch's device time and bound."""
+    module = harness.discover_ops()[op]
+    case = next((c for c in module.CASES if c.label == label), None)
+    if case is None:
+        raise SystemExit(f"{op} has no case {label!r}; cases: {[c.label for c in module.CASES]}")
+    p = plan(op, case, provider, mode, gpu)
+    dtype = _dtype(case)
+    for item in p.items:
+        if isinstance(item, Kernel):
+            t, bound = kernel_time(item, p.gpu, dtype)
+            print(f"  {t:9.2f} us device ({bound:<7}) {item.host_us:5.1f} us host  {item.name}: "
+                  f"{item.hbm / 1e6:.2f} MB HBM, {item.l2 / 1e6:.2f} MB L2, "
+                  f"{item.flops / 1e9:.3f} GFLOP, {item.ops / 1e9:.3f} G ops, "
+                  f"CTAs {item.ctas or '-'}, "
+                  f"chain {item.chain_us:.1f} us")
+        else:
+            print(f"  {type(item).__name__.lower()} {item.us:.1f} us")
+    pr = predict(op, case, provider, mode, gpu)
+    print(f"{op} {label} {mode} {provider} on {gpu}: device {pr.device_us:.1f} us, predicted "
+          f"{pr.predicted_us:.1f} us ({pr.bound}), lower bound {pr.lower_bound_us:.1f} us")
+
+
+def print_goals(table: list[dict]) -> None:
+    print(f"{'op':<12} {'case':<22} {'mode':<8} {'provider':<15} {'pred us':>9} "
+          f"{'vs eager':>8} {'vs comp':>8} {'% copy':>7}  goal")
+    for r in table:
+        if not r["goal"]:
+            continue
+        pct = f"{r['predicted_pct_copy']:.0f}%" if r["predicted_pct_copy"] != "" else ""
+        print(f"{r['op']:<12} {r['case']:<22} {r['mode']:<8} {r['provider']:<15} "
+              f"{r['predicted_us']:>9.1f} {r['predicted_speedup_vs_eager']:>7.2f}x "
+              f"{r['predicted_speedup_vs_compile']:>7.2f}x {pct:>7}  {r['goal']}: "
+              f"{'met' if r['meets_goal'] == 'yes' else 'MISSED'} ({r['bound']})")
+
+
+# ---------------------------------------------------------------------------------------------
+# Measured beside predicted.
+
+
+def gpu_of(device_name: str) -> str:
+    """The GPUS key of a measured device name."""
+    name = device_name.lower()
+    for key in GPUS:
+        if key in name:
+            return key
+    raise ValueError(f"no roofline constants for device {device_name!r}; known: {sorted(GPUS)}")
+
+
+def compare(folder: Path, gpu: str | None, goals_only: bool = False) -> int:
+    """Print every measured row of folder's op CSVs (only those with a goal if goals_only)
+    beside its prediction; returns the number of measured rows without a prediction."""
+    measured = []
+    for op in MODELS:
+        path = folder / f"{op}.csv"
+        if path.exists():
+            measured += harness.read_csv(path)
+    if not measured:
+        print(f"no benchmark CSVs in {folder}", file=sys.stderr)
+        return 1
+    gpu = gpu or gpu_of(measured[0].device)
+    copy = harness.copy_gbps_for(folder / "copy.csv", measured[0].device)
+    ops = harness.discover_ops()
+    by_label = {(op, c.label, _dtype(c)): c for op, module in ops.items() for c in module.CASES}
+    eager = {(r.op, r.shape, r.dtype, r.mode): r.p50_ms for r in measured if r.provider == EAGER}
+    compiled = {(r.op, r.shape, r.dtype, r.mode): r.p50_ms for r in measured
+                if r.provider == COMPILE}
+    print(f"measured ({measured[0].device}, copy {copy or float('nan'):.0f} GB/s) beside "
+          f"predicted ({gpu}, copy {GPUS[gpu]['copy_gbps']:.0f} GB/s)")
+    print(f"{'op':<12} {'case':<22} {'mode':<8} {'provider':<15} {'meas us':>9} {'pred us':>9} "
+          f"{'meas/pred':>9} {'x eager':>8} {'(pred)':>7}  goal")
+    missing, ratios = 0, []
+    for r in measured:
+        case = by_label.get((r.op, r.shape, r.dtype))
+        if goals_only and (case is None or goal(r.op, case, r.provider, r.mode) is None):
+            continue
+        if case is None or r.provider not in PROVIDERS:
+            missing += 1
+            print(f"{r.op:<12} {r.shape:<22} {r.mode:<8} {r.provider:<15} {1e3 * r.p50_ms:>9.1f} "
+                  f"{'no model':>9}")
+            continue
+        preds = predict_case(r.op, case, r.mode, gpu)
+        pr = preds[r.provider]
+        key = (r.op, r.shape, r.dtype, r.mode)
+        pred_eager = preds[EAGER].predicted_us
+        vs_eager = eager[key] / r.p50_ms if key in eager else float("nan")
+        ratio = 1e3 * r.p50_ms / pr.predicted_us
+        ratios.append(ratio)
+        target = goal(r.op, case, r.provider, r.mode)
+        verdict = ""
+        if target is not None:
+            checks = {"vs_eager": vs_eager,
+                      "vs_compile": compiled[key] / r.p50_ms if key in compiled else float("nan"),
+                      "pct_copy": 100 * r.gbps / copy if copy else float("nan")}
+            verdict = f"{target[0]}: {'met' if target[1](checks) else 'MISSED'}"
+        print(f"{r.op:<12} {r.shape:<22} {r.mode:<8} {r.provider:<15} {1e3 * r.p50_ms:>9.1f} "
+              f"{pr.predicted_us:>9.1f} {ratio:>9.2f} {vs_eager:>7.2f}x "
+              f"{pred_eager / pr.predicted_us:>6.2f}x  {verdict}")
+    if ratios:
+        print(f"measured / predicted: median {statistics.median(ratios):.2f}, "
+              f"within 2x for {sum(0.5 <= q <= 2 for q in ratios)} of {len(ratios)} rows")
+    return missing
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.roofline",
+        description="Predict every GPU benchmark case from the bytes, FLOPs and serial latency "
+                    "of the kernels' passes, or compare a measured run with the predictions.")
+    parser.add_argument("--gpu", choices=sorted(GPUS), help="constants to predict with "
+                        "(required without --compare; with it, default: the measured device)")
+    parser.add_argument("--out", type=Path, help="CSV to write (default: "
+                        "benchmarks/results/<gpu>-predicted.csv)")
+    parser.add_argument("--compare", type=Path, metavar="DIR",
+                        help="print the measured CSVs of DIR (python -m benchmarks --device cuda "
+                        "output) beside the predictions instead of writing them")
+    parser.add_argument("--goals", action="store_true",
+                        help="with --compare: only the rows that have a goal")
+    parser.add_argument("--explain", nargs=4, metavar=("OP", "CASE", "MODE", "PROVIDER"),
+                        help="print the launches of one call, e.g. kwta 128x64x32x32 forward "
+                        "pyprune-cuda")
+    args = parser.parse_args()
+    if args.compare is not None:
+        try:
+            compare(args.compare, args.gpu, args.goals)
+        except ValueError as e:  # a device without constants
+            raise SystemExit(f"python -m benchmarks.roofline: {e}") from None
+        return
+    if args.gpu is None:
+        parser.error("--gpu is required (or --compare DIR)")
+    if args.explain:
+        explain(*args.explain, args.gpu)
+        return
+    table = rows(args.gpu)
+    path = args.out or harness.RESULTS / f"{args.gpu}-predicted.csv"
+    write_csv(path, table)
+    print_goals(table)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

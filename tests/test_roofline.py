@@ -1,0 +1,177 @@
+"""The roofline model of the GPU benchmarks (benchmarks/roofline.py): it covers every benchmark
+case, its byte and FLOP counts are the kernels' passes, and the committed predictions are its
+current output. CPU only, no kernel runs."""
+from __future__ import annotations
+
+import csv
+import math
+
+import pytest
+
+from benchmarks import harness, roofline
+from benchmarks.harness import Case
+
+OPS = harness.discover_ops()
+
+
+def kernels(op: str, case: Case, provider: str, mode: str, gpu: str = "h200") -> dict:
+    """The plan's launches by name (the last of a repeated name)."""
+    p = roofline.plan(op, case, provider, mode, gpu)
+    return {k.name: k for k in p.items if isinstance(k, roofline.Kernel)}
+
+
+def test_every_benchmark_case_has_a_prediction():
+    """Every case of every benchmark module, every mode and provider, on every GPU: a finite
+    positive time (an op or variant added without a model raises)."""
+    assert set(OPS) == set(roofline.MODELS)
+    for gpu in roofline.GPUS:
+        for op, module in OPS.items():
+            for case in module.CASES:
+                for mode in harness.MODES:
+                    preds = roofline.predict_case(op, case, mode, gpu)
+                    assert set(preds) == set(roofline.PROVIDERS)
+                    for pr in preds.values():
+                        assert math.isfinite(pr.predicted_us) and pr.predicted_us > 0
+                        assert pr.predicted_us >= pr.lower_bound_us
+
+
+@pytest.mark.parametrize(("op", "case"), [
+    ("masked_conv", Case((32, 128, 16, 16), "diag50")),
+    ("masked_conv", Case((32, 128, 16, 16), "out")),
+    ("kwta", Case((8, 64, 32, 32), "group")),
+    ("sap", Case((8, 64, 32, 32))),
+    ("cas", Case((8, 64, 8, 8), "c100")),
+    ("noise", Case((8, 64), "uniform")),
+    ("new_op", Case((8, 64))),
+])
+def test_a_case_without_a_model_fails(op, case):
+    with pytest.raises(ValueError, match="no .*model"):
+        roofline.predict_case(op, case, "forward", "h200")
+
+
+def test_kwta_bytes():
+    case = Case((128, 64, 32, 32))
+    n = 128 * 64 * 32 * 32 * 4
+    # 128 groups of 65536: a cluster of 2 blocks per group; the candidates of a block fit in
+    # shared memory after the first digit, so pass 1 and pass 2 read x, the masked write reads
+    # it again and writes out. The resident working set (32 MiB) exceeds half the L2.
+    k = kernels("kwta", case, roofline.CUDA, "forward")["kwta_block_kernel<512> cluster 2"]
+    assert (k.hbm, k.l2) == (4 * n, 0)
+    assert kernels("kwta", case, roofline.CUDA, "backward")["kwta backward"].hbm == 3 * n
+    # Triton: 4 streamed histogram passes and the write pass read x, out is written.
+    k = kernels("kwta", case, roofline.TRITON, "forward")["_kwta_forward_kernel (streamed)"]
+    assert k.hbm + k.l2 == 6 * n
+    # Eager backward: grad and the saved bool mask read, grad_x written.
+    assert kernels("kwta", case, roofline.EAGER, "backward")["grad * mask"].hbm == 2 * n + n / 4
+    # Channel groups of 1024 run the warp kernel: x once from HBM, reread from L2, out written.
+    k = kernels("kwta", Case((128, 64, 32, 32), "channel"), roofline.CUDA, "forward")
+    assert (k["kwta_warp_kernel"].hbm, k["kwta_warp_kernel"].l2) == (2 * n, n)
+
+
+def test_sap_bytes():
+    n = 128 * 64 * 32 * 32 * 4
+    for variant in ("exact", "bernoulli"):
+        case = Case((128, 64, 32, 32), variant)
+        fwd = kernels("sap", case, roofline.CUDA, "forward")
+        assert fwd["seed: randint"].hbm == 16
+        # The sum pass and the keep pass read x (src = x hits L1), out is written.
+        k = fwd[f"sap_kernel<{variant}>"]
+        assert k.hbm + k.l2 == 3 * n and k.ctas == 128
+        k = kernels("sap", case, roofline.CUDA, "backward")[f"sap_kernel<{variant}>"]
+        assert k.hbm + k.l2 == 4 * n
+    eager = kernels("sap", Case((128, 64, 32, 32), "exact"), roofline.EAGER, "forward")
+    assert eager["multinomial: sampleMultinomialWithReplacement"].hbm == 128 * 65536 * 8
+
+
+def test_noise_bytes():
+    n = 128 * 64 * 32 * 32 * 4
+    case = Case((128, 64, 32, 32), "multiplicative")
+    assert kernels("noise", case, roofline.CUDA, "forward")["noise kernel"].hbm == 2 * n
+    eager = roofline.plan("noise", case, roofline.EAGER, "forward", "h200")
+    assert sum(k.hbm for k in eager.items if isinstance(k, roofline.Kernel)) == 8 * n
+    # Additive: the gradient passes through; no launch on any provider.
+    additive = Case((128, 64, 32, 32))
+    for provider in roofline.PROVIDERS:
+        assert kernels("noise", additive, provider, "backward") == {}
+
+
+def test_cas_bytes():
+    case = Case((128, 256, 8, 8))
+    n = 128 * 256 * 64 * 4
+    small = 10 * 256 * 4 + 128 * (10 * 4 + 256 * 4 + 16)  # weight, logits, means, labels
+    k = kernels("cas", case, roofline.CUDA, "forward")["cas_forward_kernel<train>"]
+    assert k.hbm == 2 * n + small and k.l2 == 128 * 10 * 256 * 4
+    # A warp per channel: 256 / 8 channels per warp, ceil(64 / 32) dependent round trips each.
+    assert k.chain_us >= 32 * 2 * roofline.GPUS["h200"]["latency_us"]["dram"]
+    assert kernels("cas", case, roofline.TRITON, "backward")["_cas_backward_kernel"].hbm == 3 * n
+
+
+def test_masked_conv_bytes_and_flops():
+    x = 32 * 128 * 16 * 16 * 4
+    weight = 128 * 128 * 9 * 4
+    dense_flops = 2 * 32 * 256 * 128 * 128 * 9
+    eager = kernels("masked_conv", Case((32, 128, 16, 16), "out25"), roofline.EAGER, "forward")
+    assert eager["cuDNN fprop"].flops == dense_flops and eager["cuDNN fprop"].tensor
+    assert eager["cuDNN fprop"].hbm == 2 * x + weight
+    # Per-sample 25% of 128 output channels: one 64-channel tile of work, FMA on CUDA cores.
+    k = kernels("masked_conv", Case((32, 128, 16, 16), "sample-out25"), roofline.CUDA,
+                "forward")["masked_conv2d_kernel (FMA)"]
+    assert k.flops == dense_flops / 2 and not k.tensor
+    assert k.hbm == 2 * x + weight + 128 * 4
+    # Static 25%: cuDNN on the 32 kept output channels, scattered into a zeroed output; the
+    # kept indices are cached per mask version (no nonzero() sync).
+    items = roofline.plan("masked_conv", Case((32, 128, 16, 16), "out25"), roofline.CUDA,
+                          "forward", "h200").items
+    k = {i.name: i for i in items if isinstance(i, roofline.Kernel)}
+    assert k["cuDNN fprop"].flops == dense_flops / 4
+    assert k["scatter: index_copy_"].hbm == 2 * x / 4
+    assert len(k) == 6 and not any(isinstance(i, roofline.Sync) for i in items)
+
+
+def test_bucket_share():
+    """The candidates left after the top 11 bits of the 90th percentile of N(0, 1): the values
+    with its exponent and top 2 mantissa bits, [1.25, 1.5)."""
+    from statistics import NormalDist
+
+    share = roofline.bucket_share(0.9, 11)
+    assert share == pytest.approx(NormalDist().cdf(1.5) - NormalDist().cdf(1.25), rel=1e-6)
+
+
+def test_host_time_hides_behind_the_flush_until_a_sync():
+    gpu = roofline.GPUS["h200"]
+    busy = roofline.Kernel("k", host_us=4.0, hbm=43e6)  # 10 us of traffic
+    quick = [roofline.Host(30.0), busy]
+    synced = [roofline.Host(30.0), roofline.Sync(10.0), busy]
+    [t] = roofline.simulate([quick], gpu, "float32")
+    assert t == pytest.approx(10.0 + gpu["kernel_us"])
+    [t] = roofline.simulate([synced], gpu, "float32")
+    assert t > 20.0  # the host issues the launch only after the flush drained
+
+
+def test_compare_prints_measured_beside_predicted(tmp_path, capsys):
+    case = OPS["kwta"].CASES[1]
+    rows = [harness.Row(op="kwta", provider=p, mode="forward", shape=case.label, dtype="float32",
+                        p20_ms=0.1, p50_ms=ms, p80_ms=0.1, gbps=1000.0, peak_mb=1.0,
+                        device="NVIDIA H200", torch="2.11", version="0", date="d")
+            for p, ms in (("eager", 0.2), ("pyprune-cuda", 0.05))]
+    harness.write_csv(tmp_path / "kwta.csv", rows)
+    assert roofline.compare(tmp_path, None) == 0
+    out = capsys.readouterr().out
+    assert "h200" in out and "4.00x" in out and "meas/pred" in out
+
+
+@pytest.mark.parametrize("gpu", sorted(roofline.GPUS))
+def test_committed_predictions_are_current(gpu):
+    """benchmarks/results/<gpu>-predicted.csv is what the model predicts now (regenerate with
+    python -m benchmarks.roofline --gpu <gpu>)."""
+    path = harness.RESULTS / f"{gpu}-predicted.csv"
+    with path.open(newline="") as f:
+        committed = {(r["op"], r["case"], r["mode"], r["provider"]): r for r in csv.DictReader(f)}
+    now = {(r["op"], r["case"], r["mode"], r["provider"]): r
+           for r in roofline.rows(gpu, with_declared=False)}
+    assert committed.keys() == now.keys()
+    for key, row in now.items():
+        for column in ("bytes", "flops", "launches", "predicted_us", "predicted_eager_us",
+                       "predicted_compile_us"):
+            assert float(committed[key][column]) == pytest.approx(float(row[column]), rel=1e-5), \
+                (key, column)
