@@ -3,7 +3,8 @@
 # venv, no downloads; ../shared/gpu/README.md). Builds in place, runs the whole test suite (the
 # tests that need a CUDA device first: every op on the cuda and triton backends with CUDA
 # tensors), compute-sanitizer's memcheck, racecheck, synccheck and initcheck over a smoke run
-# of every CUDA and Triton kernel, then the benchmarks of every op; bundles benchmarks/results/<gpu>/ and the log into
+# of every CUDA and Triton kernel, then the benchmarks of every op (measured beside the roofline
+# model's predictions in the summary); bundles benchmarks/results/<gpu>/ and the log into
 # $OUT/results.tar.gz when OUT is set. Each stage has a time limit so the whole run ends within
 # 9 minutes.
 set -uo pipefail
@@ -99,4 +100,6 @@ fi
 echo "== summary"
 for name in "${stages[@]}"; do printf '%-18s %s\n' "$name" "${result[$name]:-not run}"; done
 [ -n "$gpu" ] && $PY -m benchmarks.readme_table --device "$gpu" 2>/dev/null
+# Measured beside the roofline model's prediction for each case, with the SPEC's GPU goals.
+[ -n "$gpu" ] && $PY -m benchmarks.roofline --compare "benchmarks/results/$gpu" --goals 2>/dev/null
 exit $status
