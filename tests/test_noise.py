@@ -74,14 +74,41 @@ def test_seeding(device_backend):
     assert torch.equal(a, pyprune.gaussian_noise(x, 1.0))
 
 
-def test_cpu_and_triton_share_the_stream():
+def _stream_inputs(device):
+    """1-D views the kernels take on different paths: a tail of 1 to 3 values, a length that is a
+    multiple of 16 (vector accesses), a view one element off 16-byte alignment (the CUDA kernel's
+    element-wise path) and a strided view."""
+    base = torch.randn(2 * 4096 + 1, device=device)
+    return {"tail": base[:1001], "aligned": base[:4096], "unaligned": base[1:4097],
+            "strided": base[: 2 * 1003 : 2]}
+
+
+@pytest.mark.parametrize("case", ["tail", "aligned", "unaligned", "strided"])
+def test_cpu_and_triton_share_the_stream(case):
     if not TRITON_INTERPRET:
         pytest.skip("needs the Triton interpreter")
-    x = torch.randn(1001)
+    x = _stream_inputs("cpu")[case]
     seed = torch.tensor([-5, 2**40 + 3])
-    a = torch.ops.pyprune.gaussian_noise(x, seed, 0.5, False)
-    b = torch.ops.pyprune.gaussian_noise_triton(x, seed, 0.5, False)
-    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for mult in (False, True):
+        a = torch.ops.pyprune.gaussian_noise(x, seed, 0.5, mult)
+        b = torch.ops.pyprune.gaussian_noise_triton(x, seed, 0.5, mult)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("case", ["tail", "aligned", "unaligned", "strided"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_cpu_and_cuda_share_the_stream(case, dtype):
+    """The CUDA kernel (vector and element-wise paths, approximate transcendentals) draws the CPU
+    kernel's normals: equal up to the approximations (~1e-6 in n) and the dtype's rounding."""
+    x = _stream_inputs("cuda")[case].to(dtype)
+    seed = torch.tensor([-5, 2**40 + 3])
+    atol, rtol = (1e-4, 1e-5) if dtype in (torch.float32, torch.float64) else TOLERANCES[dtype]
+    for mult in (False, True):
+        got = torch.ops.pyprune.gaussian_noise(x, seed.cuda(), 0.5, mult).cpu()
+        want = torch.ops.pyprune.gaussian_noise(x.cpu(), seed, 0.5, mult)
+        torch.testing.assert_close(got, want, atol=atol, rtol=rtol)
 
 
 @pytest.mark.parametrize("multiplicative", [False, True], ids=["additive", "multiplicative"])
