@@ -109,8 +109,10 @@ def _new_conv(m: nn.Conv2d, in_idx: Tensor, out_idx: Tensor, depthwise: bool) ->
 
 
 def _new_bn(m: nn.BatchNorm2d, idx: Tensor, scale: Tensor | None) -> nn.Module:
+    like = m.weight if m.affine else m.running_mean
     new = type(m)(len(idx), m.eps, m.momentum, m.affine, m.track_running_stats,
-                  device=m.weight.device if m.affine else None)
+                  device=None if like is None else like.device,
+                  dtype=None if like is None else like.dtype)
     with torch.no_grad():
         if m.affine:
             new.weight.copy_(m.weight[idx])
@@ -129,15 +131,28 @@ def _new_bn(m: nn.BatchNorm2d, idx: Tensor, scale: Tensor | None) -> nn.Module:
 
 
 def compact(model: nn.Module, example_input: Tensor, *, fold_batchnorm: bool = True,
-            channels_last: bool = True) -> fx.GraphModule:
+            channels_last: bool = True, leaf_modules: _graph.LeafModules = ()) -> fx.GraphModule:
     """A new, smaller dense model without the channels that hard masks make exactly zero.
 
     Hard masks are pruned ``ChipMask``s (after a BatchNorm) and boolean static masks of
-    ``MaskedConv2d``. Channels are followed through sequential layers and residual additions (a
-    channel shared by a sum is kept unless every branch masks it), BatchNorm and the activations,
-    pooling, flatten and Linear; layers the tracer does not know keep all their channels. The
-    result (a ``torch.fx.GraphModule`` of plain Conv2d, BatchNorm2d and Linear layers, masks
-    folded into the BatchNorms) gives the masked model's eval-mode outputs.
+    ``MaskedConv2d``. Channels are followed through sequential layers, depthwise convolutions,
+    residual additions (a channel shared by a sum is kept unless every branch masks it),
+    products with a per-channel scale (squeeze-and-excitation: the scale's convolution or Linear
+    loses the same channels), concatenations along the channels (``torch.cat``: a channel
+    removed from an input is removed from the concatenation and from the inputs of the layers
+    that read it; DenseNet, Inception), BatchNorm and the activations, pooling, flatten and
+    Linear; ops the analysis does not know (k-WTA over a whole sample, SAP, CAS, grouped
+    convolutions, leaf modules) keep all the channels they touch. The result (a
+    ``torch.fx.GraphModule`` of plain Conv2d, BatchNorm2d and Linear layers, masks folded into
+    the BatchNorms, pyprune's other layers kept as they are) gives the masked model's eval-mode
+    outputs. A channel that a BatchNorm gives a constant (its bias) is not exactly zero, so it
+    stays unless a mask after that BatchNorm removes it too (in a MobileNetV2 block, mask after
+    the expansion's and the depthwise convolution's BatchNorms alike).
+
+    The model is traced with torch.fx. A model that fx cannot trace (Python control flow on
+    tensor values, functions that check their arguments' types) raises a ValueError naming the
+    innermost module whose forward failed; pass its qualified name (or its type) in
+    ``leaf_modules`` to keep it whole: it runs as it is and keeps every channel it touches.
 
     The result is an inference model. With ``fold_batchnorm`` (default) each BatchNorm that
     follows a convolution alone is folded into its weight and bias (eval-mode statistics); with
@@ -146,7 +161,9 @@ def compact(model: nn.Module, example_input: Tensor, *, fold_batchnorm: bool = T
     channels_last whatever the input's layout. Values do not depend on either. On this
     project's CPU the two together make a compacted ResNet about 1.5x faster than compaction
     alone; ``benchmarks.end_to_end`` reports the dense model with the same two as well, so the
-    part that pruning buys is visible.
+    part that pruning buys is visible. (pyprune's random layers, SAP and GaussianNoise, draw
+    per memory position: under channels_last a given seed gives them other draws than the
+    original model's, from the same distribution; pass channels_last=False to reproduce them.)
 
     The parameter and FLOP counts before and after are in ``result.compact_report``.
 
@@ -159,7 +176,7 @@ def compact(model: nn.Module, example_input: Tensor, *, fold_batchnorm: bool = T
         raise TypeError(f"example_input must be a torch.Tensor, got {type(example_input).__name__}")
     before = count(model, example_input)
     model = copy.deepcopy(model)
-    gm = _graph.trace(model, example_input)
+    gm = _graph.trace(model, example_input, leaf_modules)
     flow = _graph.analyse(gm, _hard_mask)
     modules = dict(gm.named_modules())
     replaced: dict[str, nn.Module] = {}
@@ -188,17 +205,15 @@ def compact(model: nn.Module, example_input: Tensor, *, fold_batchnorm: bool = T
             else:
                 raise ValueError(f"ChipMask {n.target!r} is not pruned and follows no "
                                  "BatchNorm: call prune() first")
-        elif isinstance(m, nn.Linear):
-            src = n.args[0]
-            if src in flow.alive and _graph._linear_channels(src):
-                idx = _index(flow.kept(src))
-                new = nn.Linear(len(idx), m.out_features, m.bias is not None,
-                                device=m.weight.device, dtype=m.weight.dtype)
-                with torch.no_grad():
-                    new.weight.copy_(m.weight[:, idx])
-                    if m.bias is not None:
-                        new.bias.copy_(m.bias)
-                replaced[n.target] = new
+        elif k == "linear" and _graph.linear_channels(n):
+            in_idx, out_idx = _index(flow.kept(n.args[0])), _index(flow.kept(n))
+            new = nn.Linear(len(in_idx), len(out_idx), m.bias is not None,
+                            device=m.weight.device, dtype=m.weight.dtype)
+            with torch.no_grad():
+                new.weight.copy_(m.weight[out_idx][:, in_idx])
+                if m.bias is not None:
+                    new.bias.copy_(m.bias[out_idx])
+            replaced[n.target] = new
     for target, new in replaced.items():
         parent, _, name = target.rpartition(".")
         setattr(gm.get_submodule(parent) if parent else gm, name, new)
@@ -207,7 +222,9 @@ def compact(model: nn.Module, example_input: Tensor, *, fold_batchnorm: bool = T
     if fold_batchnorm:
         from torch.fx.experimental.optimization import fuse
 
-        gm = fuse(gm, inplace=True)
+        # no_trace: the graph is already traced (with pyprune's modules kept whole; fuse's own
+        # symbolic_trace would trace into them and fail)
+        gm = fuse(gm, inplace=True, no_trace=True)
     if channels_last:
         for m in gm.modules():
             if isinstance(m, nn.Conv2d):
@@ -216,7 +233,8 @@ def compact(model: nn.Module, example_input: Tensor, *, fold_batchnorm: bool = T
     return gm
 
 
-def mask_convolutions(model: nn.Module, example_input: Tensor, *, channels_last: bool = True) -> nn.Module:
+def mask_convolutions(model: nn.Module, example_input: Tensor, *, channels_last: bool = True,
+                      leaf_modules: _graph.LeafModules = ()) -> nn.Module:
     """A copy of model whose convolutions skip what the hard masks remove, shapes unchanged.
 
     Every groups-1 ``nn.Conv2d`` becomes a ``MaskedConv2d`` with static bool masks: in_mask
@@ -232,6 +250,9 @@ def mask_convolutions(model: nn.Module, example_input: Tensor, *, channels_last:
     activations follow that layout after the first convolution: the channel gathers and
     scatters of MaskedConv2d then move whole rows of channels per pixel instead of converting
     each convolution's input layout (about 1.1x on the example ResNet; the values are the same).
+
+    Channels are followed as by ``compact`` (``leaf_modules`` likewise); depthwise and grouped
+    convolutions stay dense.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -240,7 +261,7 @@ def mask_convolutions(model: nn.Module, example_input: Tensor, *, channels_last:
     if not isinstance(channels_last, bool):
         raise TypeError(f"channels_last must be a bool, got {type(channels_last).__name__}")
     model = copy.deepcopy(model)
-    gm = _graph.trace(model, example_input)
+    gm = _graph.trace(model, example_input, leaf_modules)
     flow = _graph.analyse(gm, _hard_mask)
     modules = dict(gm.named_modules())
     for n in gm.graph.nodes:

@@ -15,6 +15,8 @@ _ACTIVATIONS: dict[str, Factory] = {
     "kwta": lambda: KWTA(ratio=0.1),
     "sap": lambda: SAP(ratio=1.0),
 }
+# The activation modules relu= replaces (exact types: a subclass may change the function).
+RELU_TYPES = (nn.ReLU, nn.ReLU6)
 
 
 @dataclass
@@ -87,8 +89,16 @@ def convert(
 
     Args:
         relu: every ``nn.ReLU`` module becomes ``relu()`` (a factory), or ``"kwta"``
-            (KWTA(ratio=0.1)) / ``"sap"`` (SAP(ratio=1.0)). ReLUs called as functions in a
-            forward are not modules and stay.
+            (KWTA(ratio=0.1)) / ``"sap"`` (SAP(ratio=1.0)); every ``nn.ReLU6`` (MobileNetV2)
+            becomes ``nn.Sequential(relu(), nn.Hardtanh(-inf, 6))``: the new activation with
+            ReLU6's cap at 6 kept, as ReLU6 = min(ReLU, 6) (k-WTA's winners pass unchanged,
+            so without the cap they would be unbounded where the model was trained bounded).
+            SAP's kept values are x / q, which the cap limits too: its output is unbiased only
+            where x / q <= 6. Other activations (Hardswish, SiLU, GELU, ...) are not replaced:
+            k-WTA and SAP are defined as ReLU's replacement; swap those yourself with a
+            factory if you mean it. Activations called as functions in a forward
+            (``F.relu``) are not modules and stay. A model with none of these modules raises
+            a ValueError that lists the activation types it has.
         conv: every ``nn.Conv2d`` becomes a ``MaskedConv2d`` sharing its parameters. A weight
             pruned with ``torch.nn.utils.prune`` (``weight_orig`` and ``weight_mask``) becomes
             the weight (the same parameter) and a bool weight mask, which pyprune's CPU backend
@@ -147,6 +157,8 @@ def convert(
             continue
         if relu is not None and type(m) is nn.ReLU:
             swap(name, relu())
+        elif relu is not None and type(m) is nn.ReLU6:
+            swap(name, nn.Sequential(relu(), nn.Hardtanh(float("-inf"), 6.0)))
         elif conv and type(m) is nn.Conv2d:
             swap(name, _masked_conv(name, m))
         elif want_mask is not None and type(m) is nn.BatchNorm2d and want_mask(name, m):
@@ -155,10 +167,33 @@ def convert(
     for name in cas:
         stage = model.get_submodule(name)
         swap(name, CASStage(stage, CAS(_out_channels(stage), num_classes)))
+    if relu is not None and not any(old in ("ReLU", "ReLU6") for _, old, _ in report.replaced):
+        raise ValueError(f"the model has none of the layers to convert: relu={_name(relu)} "
+                         f"replaces nn.ReLU and nn.ReLU6 modules and found none of them; "
+                         f"{_activations(model)}")
     if not report.replaced:
-        raise ValueError("the model has none of the layers to convert (nn.ReLU, nn.Conv2d, "
-                         "nn.BatchNorm2d)")
+        raise ValueError("the model has none of the layers to convert: conv=True replaces "
+                         "nn.Conv2d, chip_masks follow nn.BatchNorm2d, and found none of them")
     return model, report
+
+
+def _name(relu) -> str:
+    for key, factory in _ACTIVATIONS.items():
+        if relu is factory:
+            return repr(key)
+    return getattr(relu, "__name__", type(relu).__name__)
+
+
+def _activations(model: nn.Module) -> str:
+    """The activation module types of a model, for an error message."""
+    found = sorted({type(m).__name__ for m in model.modules()
+                    if type(m).__module__ == "torch.nn.modules.activation"})
+    if not found:
+        return ("the model has no activation modules (activations called as functions, "
+                "e.g. F.relu, are not modules and cannot be swapped)")
+    return (f"the model has: {', '.join(found)} (k-WTA and SAP are defined as ReLU's "
+            f"replacement, so convert leaves other activations alone; to swap one anyway, "
+            f"setattr the module yourself)")
 
 
 def _pruned_tensors(model: nn.Module) -> dict:
