@@ -28,8 +28,9 @@ Variants, eval mode, ``torch.no_grad()``:
   channels_last): the share of compact's speed that does not come from pruning.
 
 Latency: p20/p50/p80 of per-run times (warm-up first), the variants of a model timed
-interleaved in one process (``harness.time_steps``), at batch 4 and 224x224 (ImageNet shapes; batch 8 takes over five minutes on two cores) (``--batch`` and
-``--size`` change it). Params: the model's parameters (the masks' own excluded).
+interleaved in one process (``harness.time_steps``), at batch 4 and 224x224: ImageNet shapes,
+at a batch that keeps the run near five minutes on two cores (``--batch`` and ``--size`` change
+it). Params: the model's parameters (the masks' own excluded).
 FLOPs: ``pyprune.count``: 2 per multiply-add of every convolution and Linear, per sample, of
 the work each variant really does (a masked convolution counts its kept channels).
 
@@ -38,8 +39,8 @@ Writes ``benchmarks/results/<device>/models.csv`` and ``models.md`` (the table).
 from __future__ import annotations
 
 import argparse
-import copy
 import csv
+import os
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -53,6 +54,7 @@ from . import harness
 
 SEED = 0
 KEEP = 0.5
+MODELS = ("resnet18", "resnet50", "mobilenet_v2")
 
 
 # ---------------------------------------------------------------- architectures
@@ -301,7 +303,7 @@ def variants(name: str, example: torch.Tensor) -> tuple[dict[str, nn.Module], st
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.models",
                                      description=__doc__.split("\n")[0])
-    parser.add_argument("--model", action="append", choices=("resnet18", "resnet50", "mobilenet_v2"),
+    parser.add_argument("--model", action="append", choices=MODELS,
                         help="model to run (repeatable; default: all three)")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--size", type=int, default=224, help="input height and width")
@@ -310,8 +312,9 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path, default=None,
                         help="results folder (default: benchmarks/results/<device>)")
     args = parser.parse_args(argv)
-    names = args.model or ["resnet18", "resnet50", "mobilenet_v2"]
-    x = torch.randn(args.batch, 3, args.size, args.size, generator=torch.Generator().manual_seed(SEED))
+    names = args.model or list(MODELS)
+    gen = torch.Generator().manual_seed(SEED)
+    x = torch.randn(args.batch, 3, args.size, args.size, generator=gen)
     info = dict(batch=args.batch, size=args.size, device=harness.device_name("cpu"),
                 torch=torch.__version__, date=time.strftime("%Y-%m-%d"))
     print(f"{len(names)} models, batch {args.batch} at {args.size}x{args.size}, CPU, "
@@ -343,6 +346,9 @@ def main(argv=None) -> None:
             print(f"  {variant:18s} params {r['params']:>11,d}  GFLOPs {r['gflops']:6.3f}  "
                   f"p50 {r['p50_ms']:8.1f} ms  {r['speedup']:5.2f}x", flush=True)
 
+    # other processes on the machine slow every variant alike (interleaved runs), but widen
+    # the p20-p80 spread: the 1-minute load average at the end is recorded with the results
+    info["load"] = f"{os.getloadavg()[0]:.1f}"
     out = args.out or harness.RESULTS / harness.device_dir("cpu")
     out.mkdir(parents=True, exist_ok=True)
     path = out / "models.csv"
@@ -350,8 +356,8 @@ def main(argv=None) -> None:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]) + list(info))
         writer.writeheader()
         for r in rows:
-            writer.writerow({**{k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in r.items()},
-                             **info})
+            writer.writerow({**{k: f"{v:.4f}" if isinstance(v, float) else v
+                                for k, v in r.items()}, **info})
     table = markdown(rows, info)
     (out / "models.md").write_text(table)
     print("\n" + table)
@@ -360,8 +366,8 @@ def main(argv=None) -> None:
 
 def markdown(rows: list[dict], info: dict) -> str:
     lines = [f"Batch {info['batch']}, {info['size']}x{info['size']}, {info['device']}, torch "
-             f"{info['torch']}, {info['date']}; {KEEP:.0%} of the block channels kept "
-             f"(`python -m benchmarks.models`).", "",
+             f"{info['torch']}, {info['date']}, load average {info['load']}; {KEEP:.0%} of the "
+             f"block channels kept (`python -m benchmarks.models`).", "",
              "| model | variant | params | GFLOPs/sample | p50 ms (p20-p80) | speed-up vs dense |",
              "|---|---|---:|---:|---:|---:|"]
     for r in rows:

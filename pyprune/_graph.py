@@ -84,7 +84,8 @@ class Tracer(fx.Tracer):
             raise
 
 
-def trace(model: nn.Module, example_input: Tensor, leaf_modules: LeafModules = ()) -> fx.GraphModule:
+def trace(model: nn.Module, example_input: Tensor,
+          leaf_modules: LeafModules = ()) -> fx.GraphModule:
     """The model's graph, with every node's output shape from a run on example_input.
 
     leaf_modules: qualified names or types of submodules to keep whole (not traced into); their

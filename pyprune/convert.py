@@ -15,8 +15,6 @@ _ACTIVATIONS: dict[str, Factory] = {
     "kwta": lambda: KWTA(ratio=0.1),
     "sap": lambda: SAP(ratio=1.0),
 }
-# The activation modules relu= replaces (exact types: a subclass may change the function).
-RELU_TYPES = (nn.ReLU, nn.ReLU6)
 
 
 @dataclass
@@ -94,11 +92,12 @@ def convert(
             ReLU6's cap at 6 kept, as ReLU6 = min(ReLU, 6) (k-WTA's winners pass unchanged,
             so without the cap they would be unbounded where the model was trained bounded).
             SAP's kept values are x / q, which the cap limits too: its output is unbiased only
-            where x / q <= 6. Other activations (Hardswish, SiLU, GELU, ...) are not replaced:
-            k-WTA and SAP are defined as ReLU's replacement; swap those yourself with a
-            factory if you mean it. Activations called as functions in a forward
-            (``F.relu``) are not modules and stay. A model with none of these modules raises
-            a ValueError that lists the activation types it has.
+            where x / q <= 6. Only these two exact types are replaced: other activations
+            (Hardswish, SiLU, GELU, ...) are not ReLU, whose replacement k-WTA and SAP are
+            defined as (to swap one anyway, setattr the module yourself). Activations called
+            as functions in a forward (``F.relu``) are not modules and stay. With relu given,
+            a model with neither module raises a ValueError that lists the activation types
+            it has.
         conv: every ``nn.Conv2d`` becomes a ``MaskedConv2d`` sharing its parameters. A weight
             pruned with ``torch.nn.utils.prune`` (``weight_orig`` and ``weight_mask``) becomes
             the weight (the same parameter) and a bool weight mask, which pyprune's CPU backend
@@ -167,13 +166,13 @@ def convert(
     for name in cas:
         stage = model.get_submodule(name)
         swap(name, CASStage(stage, CAS(_out_channels(stage), num_classes)))
-    if relu is not None and not any(old in ("ReLU", "ReLU6") for _, old, _ in report.replaced):
+    if relu is not None and not any(type(m) in (nn.ReLU, nn.ReLU6) for m in names.values()):
         raise ValueError(f"the model has none of the layers to convert: relu={_name(relu)} "
                          f"replaces nn.ReLU and nn.ReLU6 modules and found none of them; "
                          f"{_activations(model)}")
     if not report.replaced:
         raise ValueError("the model has none of the layers to convert: conv=True replaces "
-                         "nn.Conv2d, chip_masks follow nn.BatchNorm2d, and found none of them")
+                         "nn.Conv2d and chip_masks follow nn.BatchNorm2d; found none of them")
     return model, report
 
 

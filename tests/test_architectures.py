@@ -71,7 +71,8 @@ def _conv_params(cin: int, cout: int, k: int, groups: int = 1, bias: bool = Fals
 # ---------------------------------------------------------------- ResNet
 
 
-@pytest.mark.parametrize("stride, cin, width", [(1, 8, 8), (2, 8, 12)], ids=["identity", "downsample"])
+@pytest.mark.parametrize("stride, cin, width", [(1, 8, 8), (2, 8, 12)],
+                         ids=["identity", "downsample"])
 def test_basic_block(stride, cin, width):
     torch.manual_seed(0)
     block = _masks(BasicBlock(cin, width, stride), ["bn1"])
@@ -348,9 +349,9 @@ def _small_mobilenet():
     return MobileNetV2(num_classes=5, width_mult=0.5, settings=settings)
 
 
-@pytest.mark.parametrize("make", [lambda: _small_resnet(BasicBlock), lambda: _small_resnet(Bottleneck),
-                                  _small_mobilenet], ids=["resnet-basic", "resnet-bottleneck",
-                                                          "mobilenet_v2"])
+@pytest.mark.parametrize("make", [lambda: _small_resnet(BasicBlock),
+                                  lambda: _small_resnet(Bottleneck), _small_mobilenet],
+                         ids=["resnet-basic", "resnet-bottleneck", "mobilenet_v2"])
 def test_whole_model_block_pruning(make):
     torch.manual_seed(11)
     dense = make()
@@ -379,7 +380,8 @@ def test_convert_whole_model(make):
     x = torch.randn(2, 3, 16, 16).double()
     convs = sum(type(m) is nn.Conv2d for m in model.modules())
     new, report = pyprune.convert(model, conv=True)
-    assert len(report) == convs and all(new_type == "MaskedConv2d" for _, _, new_type in report.replaced)
+    assert len(report) == convs
+    assert all(new_type == "MaskedConv2d" for _, _, new_type in report.replaced)
     with torch.no_grad():
         torch.testing.assert_close(new(x), model(x), **TOL)
     acts = [n for n, m in model.named_modules() if type(m) in (nn.ReLU, nn.ReLU6)]
@@ -549,3 +551,25 @@ def test_untraceable_model_names_the_module():
         pyprune.compact(model, x, leaf_modules=["nope"])
     with pytest.raises(TypeError, match="leaf_modules must hold"):
         pyprune.compact(model, x, leaf_modules=[3])
+
+
+def test_budget_follows_concatenation():
+    """CHIPNet's FLOP budget (soft masks, differentiable) counts the conv inputs a concatenation
+    feeds: after hard pruning it equals the compacted model's FLOP share."""
+    torch.manual_seed(15)
+    names = ["bn"] + [f"block.bns.{i}" for i in range(3)]
+    model, _ = pyprune.convert(DenseNet(), chip_masks=lambda name, bn: name in names)
+    x = torch.randn(1, 3, 8, 8)
+    loss = pyprune.budget_loss(model, 0.5, "flops", example_input=x)
+    loss.backward()
+    assert all(model.get_submodule(n)[1].psi.grad.abs().sum() > 0 for n in names)
+    model = _masks(DenseNet(), names, seed=15).eval()
+    small = pyprune.compact(model, x, fold_batchnorm=False)
+
+    def conv_flops(m):  # every conv here runs at 8x8
+        return sum(c.in_channels * c.out_channels * c.kernel_size[0] ** 2 * 64
+                   for c in m.modules() if isinstance(c, nn.Conv2d))
+
+    small_flops, dense_flops = conv_flops(small), conv_flops(model)
+    budget = pyprune.chipnet.budget(model, "flops", x)
+    assert abs(float(budget) - small_flops / dense_flops) < 1e-6
