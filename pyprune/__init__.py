@@ -58,6 +58,7 @@ from .compact import compact, count, mask_convolutions
 from .convert import cas_logits, convert, set_cas_label
 from .ops import cas, kwta, masked_conv2d
 from .ops import gaussian_noise, magnitude_mask, sap
+from ._seeding import seed_per_rank
 
 __version__ = "0.1.0"
 
@@ -67,4 +68,5 @@ __all__ = [
     "chipnet", "crispness_loss", "budget_loss", "compact", "count", "mask_convolutions",
     "convert", "set_cas_label", "cas_logits",
     "backends", "backend_status", "cpu_isa", "use_backend", "nn", "reference",
+    "seed_per_rank",
 ]

@@ -21,6 +21,8 @@ def _std(std: object) -> float:
 
 class GaussianNoise(nn.Module):
     """x + N(0, std^2) (RNA), or x * N(1, std^2) if multiplicative (RSA), in training and eval.
+    It draws from torch's default generator: under DDP/FSDP call ``pyprune.seed_per_rank(seed)``
+    once per process, or every rank adds the same noise at the same local batch positions.
 
     >>> act = GaussianNoise(0.1)
     """

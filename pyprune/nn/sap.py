@@ -8,7 +8,9 @@ from ..ops.sap import MAX_DRAWS, sap
 
 class SAP(nn.Module):
     """Stochastic activation pruning (see pyprune.sap), active in training and in eval mode
-    (it is a test-time defense). Usually placed after each ReLU.
+    (it is a test-time defense). Usually placed after each ReLU. It draws from torch's default
+    generator: under DDP/FSDP call ``pyprune.seed_per_rank(seed)`` once per process, or every
+    rank draws the same masks for the same local batch positions.
 
     >>> act = SAP()                          # r = group_size draws per sample
     >>> act = SAP(samples=1000, exact=False)

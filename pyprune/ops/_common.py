@@ -21,7 +21,7 @@ def group_view(x: Tensor, inner_start: int) -> tuple[Tensor, Callable[[Tensor], 
     Selection within a group does not depend on element order, so a sample's dims are taken in
     memory order, which views contiguous and channels_last tensors without a copy. Returns the
     view and a function that maps a result laid out like the view back to x's shape; a result
-    allocated with empty_like(view) then keeps x's memory format.
+    allocated with empty_like(view) then keeps x's memory format (see ``restored``).
     """
     n = x.shape[0]
     c = x.shape[1] if inner_start == 2 else 1
@@ -34,8 +34,29 @@ def group_view(x: Tensor, inner_start: int) -> tuple[Tensor, Callable[[Tensor], 
         permuted = x.permute(perm)
         inverse = [perm.index(d) for d in range(x.dim())]
         shape = permuted.shape
-        return permuted.view(n, c, length), lambda out: out.view(shape).permute(inverse)
-    return x.reshape(n, c, length), lambda out: out.view(x.shape)
+        return permuted.view(n, c, length), lambda out: restored(out, shape, inverse)
+    return x.reshape(n, c, length), lambda out: restored(out, x.shape)
+
+
+def restored(out: Tensor, shape, inverse: list[int] | None = None) -> Tensor:
+    """A kernel's fresh result ``out``, laid out like an op's memory-order view of x, as x's
+    shape and strides (``shape``: x's shape permuted into memory order, ``inverse``: the
+    permutation back, None for none), without a copy and not as a view of ``out``.
+
+    A returned view (``_base`` set) makes FSDP2 warn that the module returned one: an in-place
+    op on it would drop FSDP2's pre-backward hook. The final alias is aten._unsafe_view, which
+    autograd takes for a new tensor (gradient grad.reshape), as reshape does for a copy it made;
+    ``out`` is a temporary that nothing else holds or saves. A permuted layout (channels_last)
+    takes a permute and an _unsafe_view, a few microseconds more than a permute alone, so it is
+    paid only where the result requires grad: a view that autograd does not track is harmless.
+    """
+    if inverse is None or inverse == sorted(inverse):
+        return _UNSAFE_VIEW(out, shape)
+    view = out.view(shape).permute(inverse)
+    return _UNSAFE_VIEW(view, view.shape) if view.requires_grad else view
+
+
+_UNSAFE_VIEW = torch.ops.aten._unsafe_view.default  # the overload itself: no lookup per call
 
 
 def insertion_order(dims: list[int], key: Callable[[int], object]) -> list[int]:

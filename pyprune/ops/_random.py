@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ._common import insertion_order, mergeable
+from ._common import insertion_order, mergeable, restored
 
 _SEED_RANGE = 2**62
 
@@ -31,7 +31,8 @@ def draw_seed(device: torch.device, generator: torch.Generator | None) -> Tensor
 def memory_order_view(x: Tensor, batch_dims: int) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
     """x as a (N, L) (batch_dims=1) or (L,) (batch_dims=0) view whose rows run in memory order,
     so contiguous and channels_last inputs need no copy; random value i is element i of a row of
-    this view. Returns the view and the map from a result shaped like the view back to x."""
+    this view. Returns the view and the map from a result shaped like the view back to x (not a
+    view of it: ``_common.restored``)."""
     lead = list(range(batch_dims))
     inner = list(range(batch_dims, x.dim()))
     order = insertion_order(inner, x.stride)
@@ -42,4 +43,4 @@ def memory_order_view(x: Tensor, batch_dims: int) -> tuple[Tensor, Callable[[Ten
     inverse = [perm.index(d) for d in range(x.dim())]
     rows = [x.shape[0], math.prod(x.shape[1:])] if batch_dims else [x.numel()]
     view = x.permute(perm).reshape(rows)
-    return view, lambda out: out.view(permuted_shape).permute(inverse)
+    return view, lambda out: restored(out, permuted_shape, inverse)

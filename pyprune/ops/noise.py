@@ -77,6 +77,13 @@ def gaussian_noise(
     ``torch.manual_seed`` reproduces it); backward regenerates the noise from the seed.
     Gradient: grad (additive) or grad * (1 + std * n) (multiplicative).
 
+    Data parallelism (DDP, FSDP): the noise of an element depends only on the seed and the
+    element's position in x, so ranks seeded alike add the same noise at the same local batch
+    positions. Give each rank its own seed: ``pyprune.seed_per_rank(seed)`` (seed + rank for the
+    default generator) or ``generator=torch.Generator(x.device).manual_seed(seed + rank)``.
+    (Noise on a weight, ``nn.NoisyWeight``, is the same on every rank seeded alike, as the
+    weight is; after ``seed_per_rank`` each rank perturbs the weight with its own noise.)
+
     Example:
         >>> y = pyprune.gaussian_noise(x, 0.1)
         >>> w = pyprune.gaussian_noise(conv.weight, 0.05, multiplicative=True)

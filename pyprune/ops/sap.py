@@ -138,6 +138,12 @@ def sap(
     run of one device for one memory layout of x. Gradient: grad * kept / q, with the kept set
     regenerated from the seed (backward saves x and a 2-element seed, no mask).
 
+    Data parallelism (DDP, FSDP): a draw depends only on the seed and the sample's position in
+    the call's batch, so ranks seeded alike draw the same random numbers for the same local
+    batch positions (identical samples get identical masks on every rank). Give each rank its
+    own seed: ``pyprune.seed_per_rank(seed)`` seeds the default generator with seed + rank, or
+    pass ``generator=torch.Generator(x.device).manual_seed(seed + rank)``.
+
     Example:
         >>> y = pyprune.sap(torch.relu(torch.randn(8, 64, 32, 32)))           # r = 65536 draws
         >>> y = pyprune.sap(x, samples=1000, exact=False, generator=gen)
