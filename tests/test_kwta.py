@@ -387,3 +387,92 @@ def test_triton_group_limit():
     x = torch.empty(1, 1, kernels.MAX_GROUP + 1, device="meta")
     with pytest.raises(ValueError, match="groups of at most"):
         kernels.kwta_forward(x, 1, False)
+
+
+# The Triton split path (groups of >= SPLIT_MIN_GROUP elements: sample, filter, select, mask),
+# forced on small groups with small chunks and samples. `cand_min` sets the candidate capacity.
+def _split_knobs(monkeypatch, kernels, cand_min):
+    monkeypatch.setattr(kernels, "SPLIT_MIN_GROUP", 64)
+    monkeypatch.setattr(kernels, "_SPLIT_MIN_BLOCK", 64)
+    monkeypatch.setattr(kernels, "_SPLIT_MAX_BLOCK", 256)
+    monkeypatch.setattr(kernels, "_SAMPLE", 256)
+    monkeypatch.setattr(kernels, "_CAND_MIN", cand_min)
+
+
+def _record_branches(monkeypatch, kernels):
+    """Spy on the select launch: which branch each group takes (from the scratch counters)."""
+    taken = []
+    real = kernels._kwta_select_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                scratch, k, cap = args[2], args[6], args[7]
+                real[grid](*args, **kwargs)
+                for lo, hi, above, inside in scratch.tolist():
+                    hit = above < k <= above + inside
+                    taken.append("tie" if hit and lo == hi else
+                                 "candidates" if hit and inside <= cap else "whole group")
+            return launch
+
+    monkeypatch.setattr(kernels, "_kwta_select_kernel", Spy())
+    return taken
+
+
+def _sampled_positions(length, sample, run):
+    spacing = length // (sample // run) // run * run
+    return torch.cat([torch.arange(j * spacing, j * spacing + run) for j in range(sample // run)])
+
+
+SPLIT_CASES = {
+    # name: (x builder over (N, L), k fraction, candidate minimum, expected branch)
+    "candidates": (lambda n, L: torch.randn(n, L), 0.1, 3000, "candidates"),
+    "candidates_half": (lambda n, L: torch.randn(n, L), 0.5, 3000, "candidates"),
+    "tie": (lambda n, L: torch.randn(n, L).relu(), 0.8, 3000, "tie"),
+    "overflow": (lambda n, L: torch.randn(n, L), 0.5, 1, "whole group"),
+    "sample_misses": (None, 0.1, 3000, "whole group"),
+}
+
+
+@pytest.mark.parametrize("case", list(SPLIT_CASES))
+@pytest.mark.parametrize("absolute", [False, True], ids=["signed", "abs"])
+def test_triton_split_path(device_backend, monkeypatch, case, absolute):
+    device, backend = device_backend
+    if backend != "triton":
+        pytest.skip("the Triton split path")
+    from pyprune.triton_kernels import kwta as kernels
+
+    build, fraction, cand_min, branch = SPLIT_CASES[case]
+    _split_knobs(monkeypatch, kernels, cand_min)
+    taken = _record_branches(monkeypatch, kernels)
+    torch.manual_seed(0)
+    n, length = 3, 3000
+    if build is None:  # the sampled runs hold the largest values, which the group lacks
+        x = torch.randn(n, length)
+        x[:, _sampled_positions(length, 256, 16)] = 1000.0
+        x = x.abs() if absolute else x
+    else:
+        x = build(n, length)
+    x[0, 5] = float("nan")
+    k = int(fraction * length)
+    for dtype in dtypes_for(backend):
+        xd = x.to(device=device, dtype=dtype)
+        taken.clear()
+        got = pyprune.kwta(xd, k=k, absolute=absolute)
+        assert _same(got, _expected(xd, k, "sample", absolute)), (dtype, k)
+        assert taken == [branch] * n, taken
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "strided", "transposed"])
+def test_triton_split_path_channel_layouts(device_backend, monkeypatch, layout):
+    """Many groups of a 4-D input, strided in memory, several chunks per group."""
+    device, backend = device_backend
+    if backend != "triton":
+        pytest.skip("the Triton split path")
+    from pyprune.triton_kernels import kwta as kernels
+
+    _split_knobs(monkeypatch, kernels, 16384)
+    x = _layout(torch.randn(2, 3, 30, 31, device=device), layout)
+    x[1, 2, :4] = float("nan")
+    for k in (1, 93, 465, 930):
+        assert _same(pyprune.kwta(x, k=k, mode="channel"), _expected(x, k, "channel", False)), k
