@@ -74,9 +74,14 @@ kwta (csrc/cuda/kwta.cu, triton_kernels/kwta.py)
                threshold), later passes read shared memory; the masked write reads x and writes
                out: 3 reads + 1 write for every case here; ~20 ops/elem per global pass.
   cuda bwd     one elementwise pass: grad + x read, grad_x written: 3n.
-  triton fwd   one program per group; L <= 4096: x in registers, 4 histogram passes, 2n;
-               else 4 streamed histogram passes + the write pass: 5 reads + 1 write, each chunk
-               of 4096 a dependent round trip; ~20 ops/elem per tl.histogram pass (issue 20).
+  triton fwd   L <= 4096: one program per group, x in registers, 4 histogram passes: 2n.
+               Else four launches (kwta._split_forward): sample (one program a group, min(L,
+               4096) values, two 4-pass selects in registers), filter (groups * L / chunk
+               programs, chunk 4096 halved down to 1024 until >= 264 programs: x read once,
+               the candidates between the sample's bracket written, ~4.5% of L at k = L/10,
+               2 atomics a chunk), select (one program a group, 4 passes over the candidates
+               from L2, a dependent round trip per 2048), mask (x read again, from L2 where
+               all of x fits, out written): 3n + candidates; ~20 ops/elem per histogram pass.
   triton bwd   as cuda: 3n.
   eager        torch.topk (multi-block radix select: 4 digit passes + gather = 5 reads, plus
                the sorted=True sort of the k results, in place for k <= 4096, else at::sort),
@@ -96,10 +101,11 @@ sap (csrc/cuda/sap.cu, triton_kernels/sap.py); r = L draws, x after a ReLU
                backward where + div: 5n + n/4.
   compile      sum, p, multinomial as eager, fill + scatter, one fused where/div/q pass.
 noise (csrc/cuda/noise.cu, triton_kernels/noise.py)
-  cuda         seed + one pass (2n), one Philox per 4 elements, accurate logf/sinf/cosf:
-               ~70 ops/elem, so compute-bound where the copy rate exceeds ~2.4 TB/s.
-  triton       seed + one pass (2n), a whole Philox and libdevice sin and cos per element:
-               ~180 ops/elem.
+  cuda         seed + one pass (2n), one Philox per 4 elements, 16-byte (float) / 8-byte (half)
+               vectors, lg2/sqrt/sin/cos approximations: ~33 ops/elem (SASS), so issue-bound
+               only where the copy rate exceeds ~5 TB/s at 8 bytes an element.
+  triton       seed + one pass (2n), one Philox per 4 elements (_random.normal4), (512, 4)
+               tiles: ~70 ops/elem (SASS of the unit-stride variant compiled for sm_90).
   eager        randn_like (n), std * noise (2n), x + (2n) [x * (1 + ...): 8n];
                backward additive: no kernel; multiplicative grad * (1 + std n): 3n.
   compile      inductor's seed kernel + one fused pass with tl.randn (~150 ops/elem); the
@@ -131,7 +137,7 @@ masked_conv (csrc/cuda/masked_conv.cu, csrc/masked_conv.h, triton_kernels/masked
   eager        mask multiplies around a dense cuDNN conv (+ bias add); backward dgrad + wgrad.
   compile      the same conv; the mask multiplies fused into one pointwise kernel each side.
 
-Modelled at commit a0a1434 (its kernels, and its Triton launch configurations, written out in
+Modelled at commit 7a989b4 (its kernels, and its Triton launch configurations, written out in
 ``triton_*_config``); a change to a kernel's passes or launches changes its model here.
 """
 from __future__ import annotations
@@ -403,11 +409,27 @@ def _triton_per_sm(warps: int) -> int:
     return max(1, 1024 // (32 * warps))
 
 
-def triton_kwta_config(length: int) -> tuple[int, bool, int]:
-    """kwta._forward_config: (BLOCK, ONE_BLOCK, num_warps)."""
-    block = min(max(_pow2(length), 32), 4096)
-    one_block = length <= block
-    return block, one_block, min(max(block // 128, 1), 16 if one_block else 8)
+def triton_kwta_config(length: int) -> tuple[int, int]:
+    """kwta._forward_config, groups of L <= 4096 held in registers: (BLOCK, num_warps)."""
+    block = max(_pow2(length), 32)
+    return block, min(max(block // 128, 1), 16)
+
+
+TRITON_KWTA_MAX_BLOCK = 4096  # kwta._FWD_MAX_BLOCK: larger groups take the split path
+TRITON_KWTA_SAMPLE = 4096  # kwta._SAMPLE
+TRITON_KWTA_CAND_MIN = 16384  # kwta._CAND_MIN
+TRITON_KWTA_SELECT_WARPS = 8  # kwta._SELECT_NUM_WARPS
+
+
+def triton_kwta_split_config(groups: int, length: int) -> tuple[int, int, int, int, int]:
+    """kwta._split_config (less RUN): (SAMPLE, sample num_warps, chunk BLOCK, chunk num_warps,
+    select BLOCK); chunks of 4096 halved down to 1024 until a pass has 2 * 132 programs."""
+    sample = min(TRITON_KWTA_SAMPLE, _pow2(length))
+    block = 4096
+    while block > 1024 and groups * math.ceil(length / block) < 2 * 132:
+        block //= 2
+    return (sample, min(max(sample // 256, 1), 16), block, min(max(block // 512, 1), 8),
+            min(2048, _pow2(length)))
 
 
 def triton_cas_config(channels: int, length: int, forward: bool) -> tuple[int, int, int, bool, int]:
@@ -548,28 +570,69 @@ def _kwta_cuda_forward(p: Plan, groups: int, length: int, k: int) -> None:
              ops=numel * (20 * global_passes + 6), ctas=ctas, per_sm=per_sm, chain_us=chain)
 
 
+def kwta_candidates(length: int, k: int) -> float:
+    """Expected candidates of one group on the split path: the values between the sample
+    bracket's keys (kwta._kwta_sample_kernel: the sample ranks r -+ (4 sd + 16) around
+    r = k / L * m in a sample of m), a share of L; at most kwta._candidate_cap."""
+    m = min(length, TRITON_KWTA_SAMPLE)
+    q = k / length
+    r, margin = q * m, 4 * math.sqrt(m * q * (1 - q)) + 16
+    ranks = min(math.ceil(r + margin), m) - max(math.floor(r - margin), 1)
+    return min(ranks / m * length, min(length, max(TRITON_KWTA_CAND_MIN, length // 8)))
+
+
 def _kwta_triton_forward(p: Plan, groups: int, length: int, k: int) -> None:
-    case = p.case
+    case, sms = p.case, p.gpu["sms"]
     e, numel = _esize(case), _numel(case)
     n = numel * e
-    block, one_block, warps = triton_kwta_config(length)
-    per_sm = _triton_per_sm(warps)
     hist_ops = 20  # per element and tl.histogram pass (issue 20: ~1250 a thread per tile)
-    lane_rate = p.sm_rate() * min(warps, 4) / 4  # a warp per scheduler at most
-    p.host("triton")
-    if one_block:
-        chain = (p.lat("dram") + 4 * (block * hist_ops / lane_rate + 2 * p.lat("tile_reduce")))
-        p.kernel("_kwta_forward_kernel (one block)", "inner", hbm=2 * n,
-                 ops=groups * block * (4 * hist_ops + 10), ctas=groups, per_sm=per_sm,
-                 chain_us=chain)
+
+    def lane_rate(warps: int) -> float:
+        return p.sm_rate() * min(warps, 4) / 4  # a warp per scheduler at most
+
+    def select_us(elements: int, warps: int, passes: int) -> float:
+        """Radix passes over a block in registers: histogram work and two picks a pass."""
+        return passes * (elements * hist_ops / lane_rate(warps) + 2 * p.lat("tile_reduce"))
+
+    if length <= TRITON_KWTA_MAX_BLOCK:  # _kwta_forward_kernel: one program a group
+        block, warps = triton_kwta_config(length)
+        p.host("triton")
+        p.kernel("_kwta_forward_kernel", "inner", hbm=2 * n,
+                 ops=groups * block * (4 * hist_ops + 10), ctas=groups,
+                 per_sm=_triton_per_sm(warps), chain_us=p.lat("dram") + select_us(block, warps, 4))
         return
+    sample, sample_warps, block, warps, select_block = triton_kwta_split_config(groups, length)
     chunks = math.ceil(length / block)
-    chunk_us = p.lat("dram") + block * hist_ops / lane_rate
-    chain = chunks * (4 * chunk_us + p.lat("dram")) + 4 * 2 * p.lat("tile_reduce")
-    working_set = min(groups, p.gpu["sms"] * per_sm) * length * e
-    p.kernel("_kwta_forward_kernel (streamed)", "inner",
-             **_merge({"hbm": 2 * n}, p.reread(4 * n, working_set)),
-             ops=numel * (4 * hist_ops + 10), ctas=groups, per_sm=per_sm, chain_us=chain)
+    programs = groups * chunks
+    cand = kwta_candidates(length, k)
+    cand_bytes = groups * cand * e
+    # 1. Sample: min(L, 4096) values a group in runs of 16, two 4-pass selects in registers.
+    p.host("triton")
+    p.kernel("_kwta_sample_kernel", "inner", hbm=groups * (sample * e + 16),
+             ops=groups * sample * (8 * hist_ops + 10), ctas=groups,
+             per_sm=_triton_per_sm(sample_warps),
+             chain_us=p.lat("dram") + select_us(sample, sample_warps, 8))
+    # 2. Filter: x read once, the candidates written, 2 atomics a chunk (the store of the
+    # candidates waits for the second atomic's slot).
+    p.host("triton")
+    p.kernel("_kwta_filter_kernel", "inner", hbm=n + cand_bytes, l2=programs * 16,
+             ops=numel * 20, ctas=programs, per_sm=_triton_per_sm(warps),
+             chain_us=p.lat("dram") + p.lat("l2"))
+    # 3. Select: 4 passes over the candidates (just written: L2), each a `while` loop of
+    # dependent round trips over select-BLOCK chunks.
+    trips = math.ceil(cand / select_block)
+    sw = TRITON_KWTA_SELECT_WARPS
+    p.host("triton")
+    p.kernel("_kwta_select_kernel", "inner",
+             **_merge({"hbm": groups * e}, p.reread(4 * cand_bytes, cand_bytes)),
+             ops=4 * groups * cand * (hist_ops + 10), ctas=groups, per_sm=_triton_per_sm(sw),
+             chain_us=p.lat("l2") + 4 * (trips * (p.lat("l2") + select_block * hist_ops
+                                                   / lane_rate(sw)) + 2 * p.lat("tile_reduce")))
+    # 4. Mask: x read again (from L2 if the whole of x fits), out written.
+    p.host("triton")
+    p.kernel("_kwta_mask_kernel", "inner", **_merge({"hbm": n}, p.reread(n, n + cand_bytes)),
+             ops=numel * 10, ctas=programs, per_sm=_triton_per_sm(warps),
+             chain_us=p.lat("dram"))
 
 
 def kwta_forward(p: Plan, provider: str, grad: bool) -> None:
@@ -774,7 +837,11 @@ def _noise_variant(case: Case) -> bool:
     return case.variant == "multiplicative"
 
 
-NOISE_OPS = {CUDA: 70, TRITON: 180, COMPILE: 150, EAGER: 30}  # per element (module doc)
+# Per element (module doc). CUDA: the SASS of noise_kernel<float, true> (nvcc 13.0, sm_90):
+# ~120 instructions an evaluation of four values (Philox ~75, Box-Muller ~35 with 8 MUFU, the
+# 16-byte load and store ~10) and the loop, ~33 a value. Triton: _noise_kernel's unit-stride
+# AOT variant compiled for sm_90 (Triton's ptxas): 1132 instructions a thread for 16 values.
+NOISE_OPS = {CUDA: 33, TRITON: 70, COMPILE: 150, EAGER: 30}
 
 
 def _noise_pass(p: Plan, provider: str, name: str, nbytes: float) -> None:
