@@ -152,3 +152,5 @@ for version in "${TORCH_VERSIONS[@]}"; do
   check_version "$version"
 done
 echo "check-cuda: OK for torch ${TORCH_VERSIONS[*]}"
+# The stamp make gpu-report reads: torch $PRIMARY's build is checked and current.
+if [[ " ${TORCH_VERSIONS[*]} " == *" $PRIMARY "* ]]; then touch "$(out_of "$PRIMARY")/.checked"; fi
