@@ -47,6 +47,31 @@ def _map_source_tree_triton_kernels() -> None:
 
 _map_source_tree_triton_kernels()
 
+
+def _check_torch_version(built: str, running: str) -> None:
+    """Raises ImportError when torch ``running`` is another release (major.minor) than the torch
+    ``built`` that pyprune._C was compiled against: _C links against that torch's C++ symbols,
+    which change between releases (loading it would fail with an undefined symbol, or worse)."""
+    def release(version: str) -> tuple[int, ...]:
+        return tuple(int(part) for part in version.split("+")[0].split(".")[:2])
+
+    if release(built) != release(running):
+        major_minor = ".".join(map(str, release(built)))
+        raise ImportError(
+            f"pyprune was built against torch {built}, but torch {running} is installed; its "
+            f"compiled kernels (pyprune._C) load only with torch {major_minor}.x. Install "
+            f"torch=={major_minor}.* or rebuild pyprune against the installed torch (pip install "
+            "--no-build-isolation --force-reinstall --no-deps <pyprune sdist or checkout>)")
+
+
+try:
+    # Written by setup.py into built packages (wheels, pip install); in-place builds have none.
+    from ._build_info import TORCH_VERSION as _BUILD_TORCH_VERSION
+except ImportError:
+    pass
+else:
+    _check_torch_version(_BUILD_TORCH_VERSION, str(torch.__version__))
+
 from . import _C  # noqa: F401  (registers the torch.ops.pyprune operators; raises its real error)
 from . import nn, reference
 from ._backend import backend_status, backends, cpu_isa, use_backend

@@ -139,6 +139,17 @@ def set_beta_gamma(model: nn.Module, beta: float, gamma: float) -> None:
         m.set_beta_gamma(beta, gamma)
 
 
+def _tqdm():
+    """tqdm's progress bar, which pyprune itself does not require (its kernels need only torch)."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError as error:
+        raise ImportError(
+            "pyprune.chipnet.prune(progress=True) draws its progress bar with tqdm, which is not "
+            "installed: pip install tqdm (or pyprune[bench]), or pass progress=False") from error
+    return tqdm
+
+
 def prune(
     model: nn.Module,
     loader: Iterable,
@@ -168,8 +179,6 @@ def prune(
     ``log`` (default: print a line). The model is left hard-pruned; ``pyprune.compact`` then
     builds the smaller model.
     """
-    from tqdm.auto import tqdm
-
     value = _validate.real(budget, "budget")
     if not 0.0 < value <= 1.0:
         raise ValueError(f"budget must be in (0, 1], got {value}")
@@ -177,6 +186,7 @@ def prune(
     epochs = _validate.integer(epochs, "epochs")
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
+    tqdm = _tqdm() if progress else None
     masks = _masks(model)
     for m in masks:
         m.unprune()
@@ -199,8 +209,8 @@ def prune(
         set_beta_gamma(model, beta, gamma)
         model.train()
         total, correct, seen, batches = 0.0, 0, 0, 0
-        bar = tqdm(loader, desc=f"chipnet epoch {epoch + 1}/{epochs}", disable=not progress,
-                   leave=False)
+        bar = (tqdm(loader, desc=f"chipnet epoch {epoch + 1}/{epochs}", leave=False)
+               if progress else loader)
         for x, y in bar:
             if example is None:
                 example = x[:1]
@@ -214,7 +224,8 @@ def prune(
             batches += 1
             correct += int((out.argmax(1) == y).sum())
             seen += len(y)
-            bar.set_postfix(loss=total / batches)
+            if progress:
+                bar.set_postfix(loss=total / batches)
         with torch.no_grad():
             soft = float(_budget(model, kind, example, steepness))
             for m in masks:
