@@ -2,6 +2,8 @@
 # make bench  - create .venv, build pyprune, run the benchmark table (python -m benchmarks)
 # make check-cuda - compile every CUDA source for sm_80, sm_90 and PTX against torch 2.11.0 and 2.14.1
 # make check-triton - compile every Triton kernel ahead of time for sm_80 and sm_90
+# make package - sdist, a wheel built from it, installed into a fresh venv and smoke-tested
+#                outside the checkout (.ci/package.sh)
 # make gpu    - on the GPU machine: build, test, sanitize, benchmark (../shared/gpu/README.md)
 PYTHON ?= python3
 VENV := .venv
@@ -57,6 +59,10 @@ check-cuda:
 
 gpu:
 	bash .ci/gpu.sh
+
+.PHONY: package
+package: $(VENV)/.installed
+	bash .ci/package.sh
 
 clean:
 	rm -rf build *.egg-info pyprune/_C*.so $(VENV)/.built
