@@ -64,10 +64,13 @@ import triton.language as tl
 
 from .aot import signature
 
-from .cas import _round, on_device
+from .cas import MAX_REGS, _round, on_device
 
 _TL_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-_NUM_WARPS = 4
+# Tile elements per thread (the accumulator, the x tile and the weight tile) that fit MAX_REGS
+# registers without spills: the fewest warps of _WARPS that keep a launch within it.
+_ELEMENTS_PER_THREAD = 24
+_WARPS = (4, 8, 16)
 # tl.dot needs every tile dimension >= 16.
 _BLOCK_PS = (16, 64)
 _BLOCK_COS = (16, 32, 64)
@@ -210,6 +213,12 @@ def _blocks(C_in: int, C_out: int, P: int) -> tuple[int, int, int]:
         return next((b for b in choices if b >= size), choices[-1])
 
     return pick(_BLOCK_PS, P), pick(_BLOCK_COS, C_out), pick(_BLOCK_CIS, C_in)
+
+
+def _num_warps(block_p: int, block_co: int, block_ci: int) -> int:
+    """Warps of a launch with these tiles (_ELEMENTS_PER_THREAD)."""
+    elements = block_p * block_co + block_ci * (block_p + block_co)
+    return next((w for w in _WARPS if elements <= 32 * w * _ELEMENTS_PER_THREAD), _WARPS[-1])
 
 
 def _pair(v, name: str) -> tuple[int, int]:
@@ -394,7 +403,7 @@ def masked_conv2d_forward(
             *x.stride(), *weight.stride(), *out.stride(),
             BLOCK_P=block_p, BLOCK_CO=block_co, BLOCK_CI=block_ci,
             UPCAST=x.dtype == torch.bfloat16 and x.device.type == "cpu",
-            num_warps=_NUM_WARPS,
+            num_warps=_num_warps(block_p, block_co, block_ci), maxnreg=MAX_REGS,
         )
     return out
 
@@ -519,9 +528,11 @@ def _aot_variants() -> list[tuple]:
                 for block_ci in _BLOCK_CIS:
                     constexprs = {"BLOCK_P": block_p, "BLOCK_CO": block_co, "BLOCK_CI": block_ci,
                                   "UPCAST": False}
+                    options = {"num_warps": _num_warps(block_p, block_co, block_ci),
+                               "maxnreg": MAX_REGS}
                     variants.append((_masked_conv2d_forward_kernel,
                                      signature(_masked_conv2d_forward_kernel, dtype, constexprs, _POINTERS),
-                                     constexprs, {"num_warps": _NUM_WARPS}))
+                                     constexprs, options))
     return variants
 
 

@@ -32,7 +32,10 @@ from .cas import on_device
 _BERNOULLI_BLOCK = 1024
 _EXACT_BLOCK = 64
 _DRAWS = 64
-_NUM_WARPS = 4
+# Warps of the exact and the bernoulli launch: a 1024-element bernoulli block in 4 warps would
+# take 143 registers per thread (18.8% occupancy on sm_90), in 8 it takes 62.
+_EXACT_WARPS = 4
+_BERNOULLI_WARPS = 8
 _TINY_TOTAL = tl.constexpr(2.0**-64)
 _TINY_SCALE = tl.constexpr(2.0**64)
 _TL_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -146,8 +149,10 @@ def _sap_kernel(
             start += BLOCK
 
 
-def _config(exact: bool) -> tuple[int, int]:
-    return (_EXACT_BLOCK, _DRAWS) if exact else (_BERNOULLI_BLOCK, _DRAWS)
+def _config(exact: bool) -> tuple[int, int, int]:
+    """(BLOCK, DRAWS, num_warps) of a launch."""
+    return ((_EXACT_BLOCK, _DRAWS, _EXACT_WARPS) if exact
+            else (_BERNOULLI_BLOCK, _DRAWS, _BERNOULLI_WARPS))
 
 
 def sap_forward(src: torch.Tensor, x: torch.Tensor, seed: torch.Tensor, r: int, exact: bool) -> torch.Tensor:
@@ -166,12 +171,12 @@ def sap_forward(src: torch.Tensor, x: torch.Tensor, seed: torch.Tensor, r: int, 
     if x.numel() == 0:
         return out
     N, L = x.shape
-    block, draws = _config(exact)
+    block, draws, num_warps = _config(exact)
     with on_device(x):
         _sap_kernel[(N,)](
             src, x, out, seed, L, r,
             *x.stride(), *src.stride(), *out.stride(),
-            EXACT=exact, BLOCK=block, DRAWS=draws, num_warps=_NUM_WARPS,
+            EXACT=exact, BLOCK=block, DRAWS=draws, num_warps=num_warps,
         )
     return out
 
@@ -180,12 +185,12 @@ def _aot_variants() -> list[tuple]:
     variants = []
     for dtype in _TL_DTYPES.values():
         for exact in (False, True):
-            block, draws = _config(exact)
+            block, draws, num_warps = _config(exact)
             constexprs = {"EXACT": exact, "BLOCK": block, "DRAWS": draws}
             signature = {name: "i32" for name in _sap_kernel.arg_names}
             signature.update({"src_ptr": f"*{dtype}", "x_ptr": f"*{dtype}", "out_ptr": f"*{dtype}",
                               "seed_ptr": "*i64", **{k: "constexpr" for k in constexprs}})
-            variants.append((_sap_kernel, signature, constexprs, {"num_warps": _NUM_WARPS}))
+            variants.append((_sap_kernel, signature, constexprs, {"num_warps": num_warps}))
     return variants
 
 

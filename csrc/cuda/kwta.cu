@@ -53,6 +53,7 @@ constexpr int kCandBytes = 24 * 1024;
 constexpr int kClusterCandBytes = 16 * 1024;
 constexpr int kWarpMaxGroup = 1024;  // 32 lanes x 32 keys
 constexpr int kWarpKernelThreads = 256;
+constexpr int kBackwardThreads = 256;
 constexpr int kMaxCluster = 8;  // portable cluster size
 // A cluster block should still stream at least this many elements per pass.
 constexpr int64_t kMinClusterSlice = 16384;
@@ -448,7 +449,7 @@ struct BackwardParams {
 };
 
 template <typename scalar_t, typename index_t, bool kVectorized>
-__global__ void __launch_bounds__(256)
+__global__ void __launch_bounds__(kBackwardThreads)
     kwta_backward_kernel(const BackwardParams<scalar_t> p, const index_t packs,
                          const at::cuda::detail::IntDivider<index_t> per_group,
                          const at::cuda::detail::IntDivider<index_t> per_sample) {
@@ -608,19 +609,20 @@ template <typename scalar_t, typename index_t>
 void launch_backward(const BackwardParams<scalar_t>& p, int64_t numel, int64_t C, int64_t L,
                      bool vectorized, const cudaDeviceProp& prop, cudaStream_t stream) {
   using at::cuda::detail::IntDivider;
-  constexpr int kThreads = 256;
   const int vec = vectorized ? vec_width<scalar_t>() : 1;
   const int64_t packs = numel / vec;
-  const int64_t blocks = std::min<int64_t>((packs + kThreads - 1) / kThreads,
+  const int64_t blocks = std::min<int64_t>((packs + kBackwardThreads - 1) / kBackwardThreads,
                                            int64_t(prop.multiProcessorCount) * 32);
   const IntDivider<index_t> per_group(static_cast<index_t>(L));
   const IntDivider<index_t> per_sample(static_cast<index_t>(C));
   if (vectorized) {
-    kwta_backward_kernel<scalar_t, index_t, true><<<unsigned(blocks), kThreads, 0, stream>>>(
-        p, static_cast<index_t>(packs), per_group, per_sample);
+    kwta_backward_kernel<scalar_t, index_t, true>
+        <<<unsigned(blocks), kBackwardThreads, 0, stream>>>(p, static_cast<index_t>(packs),
+                                                             per_group, per_sample);
   } else {
-    kwta_backward_kernel<scalar_t, index_t, false><<<unsigned(blocks), kThreads, 0, stream>>>(
-        p, static_cast<index_t>(packs), per_group, per_sample);
+    kwta_backward_kernel<scalar_t, index_t, false>
+        <<<unsigned(blocks), kBackwardThreads, 0, stream>>>(p, static_cast<index_t>(packs),
+                                                             per_group, per_sample);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

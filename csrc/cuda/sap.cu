@@ -43,8 +43,16 @@ struct SapParams {
   int64_t xs0, xs1, ss0, ss1, os0, os1;
 };
 
+// Register budgets as blocks per SM: the bernoulli pass fits 32 registers (64 in float64), full
+// occupancy; the exact draws get 85, where ptxas left to itself spills float64's to reach 64.
 template <typename scalar_t, bool kExact>
-__global__ void __launch_bounds__(kThreads) sap_kernel(const SapParams<scalar_t> p) {
+constexpr int min_blocks() {
+  return kExact ? 3 : (sizeof(scalar_t) == 8 ? 4 : 8);
+}
+
+template <typename scalar_t, bool kExact>
+__global__ void __launch_bounds__(kThreads, (min_blocks<scalar_t, kExact>()))
+    sap_kernel(const SapParams<scalar_t> p) {
   using acc_t = at::opmath_type<scalar_t>;
   using BlockScan = cub::BlockScan<acc_t, kThreads>;
   __shared__ typename BlockScan::TempStorage scan;
