@@ -344,3 +344,52 @@ def test_kernel_checks_labels_itself():
         torch.ops.pyprune.cas(x, w, None, torch.tensor([0, 7]))
     with pytest.raises(RuntimeError, match=r"weight must have shape"):
         torch.ops.pyprune.cas(x, torch.randn(5, 4), None, None)
+
+
+# The CUDA kernel's launch shapes (csrc/cuda/cas.cu): one sample over many blocks, a batch of 256,
+# rows split into chunks (L = 192 over 128-wide chunks), a channel row that allows no 16-byte
+# access (L = 49), the logits split over blocks with a separate argmax (130 classes, few
+# samples), each contiguous and channels_last (16-byte channel vectors when K % 8 == 0).
+CUDA_SHAPES = [
+    (1, 512, 7, 7, 10),
+    (256, 64, 4, 4, 10),
+    (2, 8, 16, 12, 5),
+    (3, 24, 8, 8, 130),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("shape", CUDA_SHAPES, ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("train", [True, False], ids=["label", "argmax"])
+def test_cuda_launch_shapes(shape, layout, train):
+    with pyprune.use_backend("cuda"):
+        for dtype in dtypes_for("cuda"):
+            x, weight, bias, label = _inputs(*shape, dtype, "cuda", gap=0.05)
+            if layout == "channels_last":
+                x = x.contiguous(memory_format=torch.channels_last)
+            label = label if train else None
+            out, logits = pyprune.cas(x, weight, bias, label)
+            want_out, want_logits = _expected(x, weight, bias, label)
+            torch.testing.assert_close(out, want_out, atol=0, rtol=0)
+            _close(logits, want_logits, dtype, scale=10)
+            # Run twice: the sums have a fixed order, so the results are bitwise equal.
+            again = pyprune.cas(x, weight, bias, label)
+            assert torch.equal(again[0], out) and torch.equal(again[1], logits)
+
+            gen = torch.Generator().manual_seed(5)
+            g = torch.randn(x.shape, generator=gen).to(dtype).to("cuda")
+            gl = torch.randn(shape[0], shape[4], generator=gen).to(dtype).to("cuda")
+            leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
+            o, lg = pyprune.cas(*leaves, label)
+            got = torch.autograd.grad((o, lg), leaves, (g, gl))
+            o, lg = pyprune.cas(*leaves, label)
+            assert all(torch.equal(a, b)
+                       for a, b in zip(got, torch.autograd.grad((o, lg), leaves, (g, gl))))
+            ref = [t.double().requires_grad_() for t in leaves]
+            o, lg = reference.cas(*ref, label)
+            want = torch.autograd.grad((o, lg), ref, (g.double(), gl.double()))
+            for name, a, b in zip(("x", "weight", "bias"), got, want):
+                assert a.dtype == dtype, name
+                _close(a, b, dtype, scale=max(1.0, float(b.abs().max())) * 4)

@@ -1,18 +1,28 @@
-// CAS on CUDA. Forward: one launch, one block per sample, in three phases:
-//   1. the channel means (stored to `mean`); in training (label given) the same pass writes
-//      out = x * weight[label];
-//   2. logits = mean @ weight.T + bias, a warp per class, stored in x's dtype; in inference the
-//      block's argmax over the stored (rounded) logits, first index on ties, NaN largest;
-//   3. inference only: out = x * weight[argmax], rereading the sample the block just read (from
-//      L1/L2: a ResNet sample of 512x4x4 or 256x8x8 is 32-64 KiB in float32).
-// Backward: one launch, one block per sample: grad_x = grad_out * weight[index] + a and the
-// channel sums of grad_out * x from one pass over both; a = (grad_logits @ weight) / L and
-// grad_weight = grad_logits.T @ mean + sums scatter-added into the index rows are small GEMMs
-// around it.
+// CAS on CUDA, built around the sample being split across many blocks, so that the grid fills
+// the GPU at every batch size and each thread keeps several 16-byte loads in flight.
 //
-// Layouts: with channels contiguous (channels_last) a thread owns a channel and walks the
-// spatial positions (adjacent threads read adjacent channels); otherwise a warp owns a channel
-// and its lanes walk the spatial positions.
+// Forward, training (label given): two launches.
+//   1. stream: one pass over x; every block reads a tile of a sample, writes out = x * w[label]
+//      and the tile's per-channel partial sums to a workspace part (N, K, S) (S chunks per
+//      channel; no atomics, so the sums are the same on every run);
+//   2. logits: per sample (and class range), the means from the S partials in a fixed order,
+//      logits = mean @ w.T + b stored in x's dtype, index = label.
+// Forward, inference: the scaled write needs the argmax of the whole sample's logits, so x is
+// read twice (sums, then out = x * w[argmax]; the second read comes from L2 where x fits):
+//   1. stream (sums only); 2. logits, with the argmax (first index on ties, NaN largest) in the
+//   same kernel when one block covers a sample's classes, else 2b. a warp per sample;
+//   3. stream (write only), reading index[n].
+// Backward: one pass over grad_out and x: grad_x = grad_out * w[index] + a, a = (grad_logits @
+// w) / L formed first, fused with the partial sums of grad_out * x; grad_weight = grad_logits.T
+// @ mean + those sums added into the index rows by a gather kernel (sample order, no atomics).
+//
+// Layouts. Channel rows (x.stride(2) == 1, contiguous NCHW): a group of G lanes (a power of 2,
+// G * V >= L where possible) covers a chunk of G * V columns of one channel, V = 16 bytes /
+// element; consecutive groups take consecutive (channel, chunk) items, reduced by shuffles within
+// the group. Channels contiguous (channels_last): TX threads cover TX * V channels, TY = 256 / TX
+// threads the positions; a block sums TY * U positions (U: Slots) and reduces them in shared
+// memory. Each thread loads all of its U vectors before it computes or stores anything. Strides
+// that allow no 16-byte access take the same kernels with V = 1 and general strides.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -20,7 +30,9 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <initializer_list>
 #include <limits>
 
 #include "../cas.h"
@@ -30,7 +42,11 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
+// Streaming kernels: 4 blocks of 256 threads per SM at least, so at most 64 registers.
+constexpr int kStreamMinBlocks = 4;
 constexpr unsigned kFullMask = 0xffffffffu;
+// Blocks that fill an H100/H200 (132 SMs) twice over: the target when splitting the logits.
+constexpr int64_t kFillBlocks = 264;
 
 template <typename T>
 __device__ inline T warp_sum(T v) {
@@ -39,84 +55,273 @@ __device__ inline T warp_sum(T v) {
   return v;
 }
 
-template <typename scalar_t>
-struct ForwardParams {
-  using acc_t = typename CasAcc<scalar_t>::type;
-  const scalar_t* __restrict__ x;
-  const scalar_t* __restrict__ w;
-  const scalar_t* __restrict__ b;  // nullptr: no bias
-  const int64_t* __restrict__ label;  // nullptr: inference
-  scalar_t* __restrict__ out;
-  scalar_t* __restrict__ logits;
-  int64_t* __restrict__ index;
-  acc_t* __restrict__ mean;
-  int64_t K, L, C;
-  int64_t xs0, xs1, xs2, os0, os1, os2, ws0, ws1;
-  bool channels_inner;
+// What a streaming launch does with its tile.
+enum Mode : int {
+  kTrain = 0,  // partial sums of x, out = x * w[label]
+  kSum = 1,    // partial sums of x only (inference, before the argmax is known)
+  kWrite = 2,  // out = x * w[index] only (inference, after it)
+  kBwd = 3,    // partial sums of grad_out * x, grad_x = grad_out * w[index] + a
 };
 
-// One sweep over a sample: with kSum the channel means go to mean[k]; with kWrite out = x * m.
-template <bool kSum, bool kWrite, typename scalar_t, typename acc_t>
-__device__ void sweep(const ForwardParams<scalar_t>& p, const scalar_t* xn, scalar_t* on,
-                      const scalar_t* m_row, acc_t* mean) {
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const acc_t inv_l = acc_t(1) / acc_t(p.L);
-  if (p.channels_inner) {
-    for (int64_t k = tid; k < p.K; k += kThreads) {
-      const acc_t mk = kWrite ? static_cast<acc_t>(m_row[k * p.ws1]) : acc_t(0);
-      acc_t s = 0;
-      for (int64_t l = 0; l < p.L; ++l) {
-        const acc_t v = static_cast<acc_t>(xn[k + l * p.xs2]);
-        if (kSum) s += v;
-        if (kWrite) on[k + l * p.os2] = static_cast<scalar_t>(v * mk);
-      }
-      if (kSum) mean[k] = s * inv_l;
-    }
-    return;
+// Vectors in flight per thread (every forward mode of one call must agree): the backward loads
+// two tensors per slot, and 2-byte types take half as many, whose 8 elements a slot cost more
+// registers (bfloat16 spilled at 4 slots under the 64-register bound).
+template <int M, typename scalar_t>
+struct Slots {
+  static constexpr int value = (M == kBwd ? 2 : 4) / (sizeof(scalar_t) == 2 ? 2 : 1);
+};
+
+template <typename T, int V>
+struct alignas(sizeof(T) * V) Pack {
+  T v[V];
+};
+
+template <typename scalar_t>
+struct StreamParams {
+  using acc_t = typename CasAcc<scalar_t>::type;
+  const scalar_t* __restrict__ x;
+  const scalar_t* __restrict__ g;      // kBwd: grad_out
+  scalar_t* __restrict__ out;
+  const scalar_t* __restrict__ w;
+  const int64_t* __restrict__ sel;     // the class of each sample: label or index
+  const acc_t* __restrict__ a;         // kBwd: (N, K) contiguous
+  acc_t* __restrict__ part;            // (N, K, S) contiguous
+  int64_t K, L, C;
+  int64_t xs0, xs1, xs2, gs0, gs1, gs2, os0, os1, os2, ws0, ws1;
+  unsigned items;   // rows: K * S work items per sample; channels_last: channel vectors
+  unsigned tiles;   // blocks per sample
+  unsigned ctiles;  // channels_last: channel tiles per sample
+  unsigned S;       // chunks per channel
+  int shift;        // log2 of G (rows) or TX (channels_last)
+};
+
+template <typename scalar_t, int V>
+__device__ inline Pack<scalar_t, V> load_pack(const scalar_t* p) {
+  return *reinterpret_cast<const Pack<scalar_t, V>*>(p);
+}
+
+// A 16-byte pack goes out through st.global.v4: a plain struct or uint4 assignment was split into
+// four 4-byte stores by the front end in the channels_last kernel.
+template <typename scalar_t, int V>
+__device__ inline void store_pack(scalar_t* p, const Pack<scalar_t, V>& o) {
+  if constexpr (sizeof(Pack<scalar_t, V>) == 16) {
+    unsigned w[4];
+    memcpy(w, &o, sizeof(w));
+    asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(w[0]), "r"(w[1]),
+                 "r"(w[2]), "r"(w[3])
+                 : "memory");
+  } else {
+    *reinterpret_cast<Pack<scalar_t, V>*>(p) = o;
   }
-  for (int64_t k = warp; k < p.K; k += kWarps) {
-    const acc_t mk = kWrite ? static_cast<acc_t>(m_row[k * p.ws1]) : acc_t(0);
-    const scalar_t* xr = xn + k * p.xs1;
-    scalar_t* orow = on + k * p.os1;
-    acc_t s = 0;
-    for (int64_t l = lane; l < p.L; l += 32) {
-      const acc_t v = static_cast<acc_t>(xr[l * p.xs2]);
-      if (kSum) s += v;
-      if (kWrite) orow[l * p.os2] = static_cast<scalar_t>(v * mk);
+}
+
+template <typename scalar_t>
+__device__ inline const scalar_t* class_row(const StreamParams<scalar_t>& p, unsigned n) {
+  const int64_t c = p.sel[n];
+  CUDA_KERNEL_ASSERT(c >= 0 && c < p.C);
+  return p.w + c * p.ws0;
+}
+
+// Channel rows: item w of a sample is (channel k = w / S, chunk s = w % S); lane j of its group
+// owns the V columns from s * G * V + j * V.
+template <typename scalar_t, int V, int M>
+__global__ void __launch_bounds__(kThreads, kStreamMinBlocks)
+    cas_rows_kernel(const StreamParams<scalar_t> p) {
+  using acc_t = typename CasAcc<scalar_t>::type;
+  using P = Pack<scalar_t, V>;
+  constexpr int U = Slots<M, scalar_t>::value;
+  constexpr bool kSums = M != kWrite;
+  constexpr bool kOut = M != kSum;
+  const unsigned n = blockIdx.x / p.tiles, tile = blockIdx.x - n * p.tiles;
+  const int tid = threadIdx.x;
+  const unsigned G = 1u << p.shift, lane = tid & (G - 1), group = tid >> p.shift;
+  const unsigned per_u = kThreads >> p.shift;
+  const scalar_t* m_row = nullptr;
+  if constexpr (kOut) m_row = class_row(p, n);
+  const scalar_t* xn = p.x + n * p.xs0;
+  const scalar_t* gn = M == kBwd ? p.g + n * p.gs0 : nullptr;
+  scalar_t* on = p.out + n * p.os0;
+
+  P xv[U], gv[U];
+  acc_t mk[U], ak[U];
+  unsigned ks[U], ss[U];
+  bool ok[U];
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    const unsigned w = (tile * U + u) * per_u + group;
+    const unsigned k = w / p.S, s = w - k * p.S;
+    const unsigned col = (s * G + lane) * V;
+    ks[u] = k, ss[u] = s;
+    ok[u] = w < p.items && col < p.L;
+    mk[u] = ak[u] = acc_t(0);
+    if (ok[u]) {
+      xv[u] = load_pack<scalar_t, V>(xn + k * p.xs1 + col * p.xs2);
+      if constexpr (M == kBwd) gv[u] = load_pack<scalar_t, V>(gn + k * p.gs1 + col * p.gs2);
+      if constexpr (kOut) mk[u] = static_cast<acc_t>(m_row[k * p.ws1]);
+      if constexpr (M == kBwd) ak[u] = p.a[n * p.K + k];
     }
-    if (kSum) {
-      s = warp_sum(s);
-      if (lane == 0) mean[k] = s * inv_l;
+  }
+  acc_t sum[U];
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    sum[u] = acc_t(0);
+    if (!ok[u]) continue;
+    P o;
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      const acc_t xj = static_cast<acc_t>(xv[u].v[j]);
+      if constexpr (M == kBwd) {
+        const acc_t gj = static_cast<acc_t>(gv[u].v[j]);
+        sum[u] += gj * xj;
+        o.v[j] = static_cast<scalar_t>(gj * mk[u] + ak[u]);
+      } else {
+        if constexpr (kSums) sum[u] += xj;
+        if constexpr (kOut) o.v[j] = static_cast<scalar_t>(xj * mk[u]);
+      }
+    }
+    if constexpr (kOut) {
+      const unsigned col = (ss[u] * G + lane) * V;
+      store_pack<scalar_t, V>(on + ks[u] * p.os1 + col * p.os2, o);
+    }
+  }
+  if constexpr (kSums) {
+    // The slots' butterflies interleaved; every lane takes part (invalid slots add 0).
+    for (unsigned offset = G >> 1; offset > 0; offset >>= 1) {
+#pragma unroll
+      for (int u = 0; u < U; ++u) sum[u] += __shfl_xor_sync(kFullMask, sum[u], offset);
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      // Lane 0's column starts the chunk, so it is inside the row whenever the item exists.
+      if (lane == 0 && ok[u]) p.part[(n * p.K + ks[u]) * p.S + ss[u]] = sum[u];
     }
   }
 }
 
-template <typename scalar_t, bool kTrain>
-__global__ void __launch_bounds__(kThreads) cas_forward_kernel(const ForwardParams<scalar_t> p) {
+// Channels contiguous: thread (tx, ty) owns channels k0 .. k0 + V - 1 of channel tile ct and the
+// positions s * TY * U + u * TY + ty of position chunk s.
+template <typename scalar_t, int V, int M>
+__global__ void __launch_bounds__(kThreads, kStreamMinBlocks)
+    cas_cl_kernel(const StreamParams<scalar_t> p) {
   using acc_t = typename CasAcc<scalar_t>::type;
+  using P = Pack<scalar_t, V>;
+  constexpr int U = Slots<M, scalar_t>::value;
+  constexpr bool kSums = M != kWrite;
+  constexpr bool kOut = M != kSum;
+  __shared__ acc_t red[kSums ? kThreads * V : 1];
+  const unsigned n = blockIdx.x / p.tiles, r = blockIdx.x - n * p.tiles;
+  const unsigned s = r / p.ctiles, ct = r - s * p.ctiles;
+  const int tid = threadIdx.x;
+  const unsigned TX = 1u << p.shift, TY = kThreads >> p.shift;
+  const unsigned tx = tid & (TX - 1), ty = tid >> p.shift;
+  const unsigned cv = ct * TX + tx;
+  const bool kvalid = cv < p.items;
+  const int64_t k0 = static_cast<int64_t>(cv) * V;
+  const scalar_t* xn = p.x + n * p.xs0 + k0 * p.xs1;
+  const scalar_t* gn = M == kBwd ? p.g + n * p.gs0 + k0 * p.gs1 : nullptr;
+  scalar_t* on = p.out + n * p.os0 + k0 * p.os1;
+
+  P xv[U], gv[U];
+  bool ok[U];
+  int64_t ls[U];
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    const int64_t l = (static_cast<int64_t>(s) * U + u) * TY + ty;
+    ls[u] = l;
+    ok[u] = kvalid && l < p.L;
+    if (ok[u]) {
+      xv[u] = load_pack<scalar_t, V>(xn + l * p.xs2);
+      if constexpr (M == kBwd) gv[u] = load_pack<scalar_t, V>(gn + l * p.gs2);
+    }
+  }
+  acc_t mk[V], ak[V], sum[V];
+#pragma unroll
+  for (int j = 0; j < V; ++j) mk[j] = ak[j] = sum[j] = acc_t(0);
+  if (kOut && kvalid) {
+    const scalar_t* m_row = class_row(p, n);
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      mk[j] = static_cast<acc_t>(m_row[(k0 + j) * p.ws1]);
+      if constexpr (M == kBwd) ak[j] = p.a[n * p.K + k0 + j];
+    }
+  }
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    if (!ok[u]) continue;
+    P o;
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      const acc_t xj = static_cast<acc_t>(xv[u].v[j]);
+      if constexpr (M == kBwd) {
+        const acc_t gj = static_cast<acc_t>(gv[u].v[j]);
+        sum[j] += gj * xj;
+        o.v[j] = static_cast<scalar_t>(gj * mk[j] + ak[j]);
+      } else {
+        if constexpr (kSums) sum[j] += xj;
+        if constexpr (kOut) o.v[j] = static_cast<scalar_t>(xj * mk[j]);
+      }
+    }
+    if constexpr (kOut) store_pack<scalar_t, V>(on + ls[u] * p.os2, o);
+  }
+  if constexpr (kSums) {
+#pragma unroll
+    for (int j = 0; j < V; ++j) red[tid * V + j] = sum[j];
+    __syncthreads();
+    if (ty == 0 && kvalid) {
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        acc_t t = 0;
+        for (unsigned y = 0; y < TY; ++y) t += red[((y << p.shift) + tx) * V + j];
+        p.part[(n * p.K + k0 + j) * p.S + s] = t;
+      }
+    }
+  }
+}
+
+template <typename scalar_t>
+struct LogitsParams {
+  using acc_t = typename CasAcc<scalar_t>::type;
+  const acc_t* __restrict__ part;  // (N, K, S)
+  const scalar_t* __restrict__ w;
+  const scalar_t* __restrict__ b;  // nullptr: no bias
+  const int64_t* __restrict__ label;  // nullptr: inference
+  scalar_t* __restrict__ logits;
+  int64_t* __restrict__ index;
+  acc_t* __restrict__ mean;
+  int64_t K, L, C, S, ws0, ws1;
+  int64_t cpb;      // classes per block
+  unsigned cb;      // blocks per sample
+};
+
+// Block (n, cb): the sample's means in shared memory (block 0 also stores them), then a warp per
+// class of the block's range; the argmax here when one block holds all classes.
+template <typename scalar_t, bool kTrain>
+__global__ void __launch_bounds__(kThreads) cas_logits_kernel(const LogitsParams<scalar_t> p) {
+  using acc_t = typename CasAcc<scalar_t>::type;
+  extern __shared__ __align__(16) unsigned char cas_smem[];
+  acc_t* means = reinterpret_cast<acc_t*>(cas_smem);
   __shared__ acc_t warp_best_v[kWarps];
   __shared__ int64_t warp_best_i[kWarps];
-  __shared__ int64_t chosen;
-  const int64_t n = blockIdx.x;
+  const unsigned n = blockIdx.x / p.cb, cblk = blockIdx.x - n * p.cb;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const scalar_t* xn = p.x + n * p.xs0;
-  scalar_t* on = p.out + n * p.os0;
-  acc_t* mean = p.mean + n * p.K;
-
-  int64_t label = 0;
-  if constexpr (kTrain) {
-    label = p.label[n];
-    CUDA_KERNEL_ASSERT(label >= 0 && label < p.C);
+  const acc_t inv_l = acc_t(1) / acc_t(p.L);
+  for (int64_t k = tid; k < p.K; k += kThreads) {
+    const acc_t* pk = p.part + (n * p.K + k) * p.S;
+    acc_t s = 0;
+    for (int64_t j = 0; j < p.S; ++j) s += pk[j];
+    const acc_t m = s * inv_l;
+    means[k] = m;
+    if (cblk == 0) p.mean[n * p.K + k] = m;
   }
-  sweep<true, kTrain>(p, xn, on, p.w + label * p.ws0, mean);
-  __syncthreads();  // the means are in global memory, written by this block
+  __syncthreads();
 
+  const int64_t c0 = cblk * p.cpb, c1 = min(p.C, c0 + p.cpb);
   acc_t best_v = 0;
   int64_t best_i = -1;
-  for (int64_t c = warp; c < p.C; c += kWarps) {
+  for (int64_t c = c0 + warp; c < c1; c += kWarps) {
     const scalar_t* wr = p.w + c * p.ws0;
     acc_t d = 0;
-    for (int64_t k = lane; k < p.K; k += 32) d += static_cast<acc_t>(wr[k * p.ws1]) * mean[k];
+    for (int64_t k = lane; k < p.K; k += 32) d += static_cast<acc_t>(wr[k * p.ws1]) * means[k];
     d = warp_sum(d);
     if (p.b != nullptr) d += static_cast<acc_t>(p.b[c]);
     const scalar_t r = static_cast<scalar_t>(d);
@@ -125,9 +330,9 @@ __global__ void __launch_bounds__(kThreads) cas_forward_kernel(const ForwardPara
     if (best_i < 0 || argmax_better(v, c, best_v, best_i)) best_v = v, best_i = c;
   }
   if constexpr (kTrain) {
-    if (tid == 0) p.index[n] = label;
-    return;
+    if (tid == 0 && cblk == 0) p.index[n] = p.label[n];
   } else {
+    if (p.cb != 1) return;  // cas_argmax_kernel follows
     if (lane == 0) {
       warp_best_v[warp] = best_v;
       warp_best_i[warp] = best_i;
@@ -142,69 +347,157 @@ __global__ void __launch_bounds__(kThreads) cas_forward_kernel(const ForwardPara
           i = warp_best_i[w];
         }
       }
-      chosen = i;
       p.index[n] = i;
     }
-    __syncthreads();
-    sweep<false, true>(p, xn, on, p.w + chosen * p.ws0, mean);
   }
 }
 
+// A warp per sample: argmax over the stored (rounded) logits, in argmax_better's total order, so
+// the butterfly leaves the same winner in every lane.
 template <typename scalar_t>
-struct BackwardParams {
+__global__ void __launch_bounds__(kThreads) cas_argmax_kernel(const scalar_t* __restrict__ logits,
+                                                              int64_t* __restrict__ index,
+                                                              int64_t N, int64_t C) {
   using acc_t = typename CasAcc<scalar_t>::type;
-  const scalar_t* __restrict__ g;
-  const scalar_t* __restrict__ x;
-  const scalar_t* __restrict__ w;
-  const int64_t* __restrict__ index;
-  const acc_t* __restrict__ a;  // (N, K) contiguous
-  scalar_t* __restrict__ gx;
-  acc_t* __restrict__ t;  // (N, K) contiguous
-  int64_t K, L, C;
-  int64_t gs0, gs1, gs2, xs0, xs1, xs2, os0, os1, os2, ws0, ws1;
-  bool channels_inner;
+  const int64_t n = static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5);
+  const int lane = threadIdx.x & 31;
+  if (n >= N) return;
+  acc_t v = 0;
+  long long i = -1;
+  for (int64_t c = lane; c < C; c += 32) {
+    const acc_t x = static_cast<acc_t>(logits[n * C + c]);
+    if (i < 0 || argmax_better(x, c, v, i)) v = x, i = c;
+  }
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    const acc_t ov = __shfl_xor_sync(kFullMask, v, offset);
+    const long long oi = __shfl_xor_sync(kFullMask, i, offset);
+    if (oi >= 0 && (i < 0 || argmax_better(ov, oi, v, i))) v = ov, i = oi;
+  }
+  if (lane == 0) index[n] = i;
+}
+
+// grad_weight[c, k] += the sums t of the samples whose index is c, in sample order (each from
+// its S partials); index_add_ would use atomics.
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreads) cas_gather_rows_kernel(
+    acc_t* __restrict__ gw, const acc_t* __restrict__ part, const int64_t* __restrict__ index,
+    int64_t N, int64_t K, int64_t C, int64_t S) {
+  __shared__ int64_t sidx[kThreads];
+  const int64_t e = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  const bool live = e < C * K;
+  const int64_t c = live ? e / K : 0, k = live ? e - c * K : 0;
+  acc_t acc = live ? gw[e] : acc_t(0);
+  for (int64_t n0 = 0; n0 < N; n0 += kThreads) {
+    __syncthreads();
+    if (n0 + threadIdx.x < N) sidx[threadIdx.x] = index[n0 + threadIdx.x];
+    __syncthreads();
+    const int64_t nn = min(static_cast<int64_t>(kThreads), N - n0);
+    for (int64_t j = 0; j < nn; ++j) {
+      if (live && sidx[j] == c) {
+        const acc_t* pk = part + ((n0 + j) * K + k) * S;
+        acc_t t = 0;
+        for (int64_t q = 0; q < S; ++q) t += pk[q];
+        acc += t;
+      }
+    }
+  }
+  if (live) gw[e] = acc;
+}
+
+// The shape of a streaming launch (see the layout notes at the top).
+struct StreamShape {
+  bool cl = false, vec = false;
+  unsigned items = 0, tiles = 0, ctiles = 1, S = 1;
+  int shift = 0;
 };
 
-template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads) cas_backward_kernel(const BackwardParams<scalar_t> p) {
+int log2_ceil(int64_t v) {
+  int s = 0;
+  while ((int64_t{1} << s) < v) ++s;
+  return s;
+}
+
+bool aligned16(const void* ptr) { return reinterpret_cast<std::uintptr_t>(ptr) % 16 == 0; }
+
+// tensors: the streamed (N, K, L) tensors (x, out, and grad_out in backward).
+StreamShape stream_shape(std::initializer_list<const at::Tensor*> tensors, int64_t V, int U) {
+  const at::Tensor& x = **tensors.begin();
+  const int64_t N = x.size(0), K = x.size(1), L = x.size(2);
+  // The kernels index within a sample's row or channel vector in 32 bits.
+  TORCH_CHECK(L <= std::numeric_limits<int32_t>::max(), "cas (cuda): at most 2^31 - 1 spatial "
+              "positions, got ", L);
+  StreamShape sh;
+  sh.cl = L > 1;
+  for (const at::Tensor* t : tensors) sh.cl = sh.cl && t->stride(1) == 1;
+  const int inner = sh.cl ? 1 : 2, outer = sh.cl ? 2 : 1;
+  sh.vec = V > 1 && (sh.cl ? K : L) % V == 0;
+  for (const at::Tensor* t : tensors) {
+    sh.vec = sh.vec && t->stride(inner) == 1 && t->stride(outer) % V == 0 &&
+             (N == 1 || t->stride(0) % V == 0) && aligned16(t->const_data_ptr());
+  }
+  const int64_t v = sh.vec ? V : 1;
+  int64_t tiles = 0;
+  if (sh.cl) {
+    const int64_t cvs = (K + v - 1) / v;
+    sh.shift = std::min(6, log2_ceil(cvs));
+    const int64_t tx = int64_t{1} << sh.shift, rows = (kThreads / tx) * U;
+    sh.S = static_cast<unsigned>((L + rows - 1) / rows);
+    sh.ctiles = static_cast<unsigned>((cvs + tx - 1) / tx);
+    sh.items = static_cast<unsigned>(cvs);
+    tiles = static_cast<int64_t>(sh.ctiles) * sh.S;
+  } else {
+    sh.shift = std::min(5, log2_ceil((L + v - 1) / v));
+    const int64_t chunk = (int64_t{1} << sh.shift) * v;
+    const int64_t S = (L + chunk - 1) / chunk;
+    TORCH_CHECK(K * S < (int64_t{1} << 31), "cas (cuda): too many channels per sample");
+    sh.S = static_cast<unsigned>(S);
+    sh.items = static_cast<unsigned>(K * S);
+    const int64_t per_block = (kThreads >> sh.shift) * U;
+    tiles = (K * S + per_block - 1) / per_block;
+  }
+  TORCH_CHECK(N * tiles <= std::numeric_limits<int32_t>::max(),
+              "cas (cuda): the input is too large for one launch");
+  sh.tiles = static_cast<unsigned>(tiles);
+  return sh;
+}
+
+template <typename scalar_t, int M>
+void launch_stream(StreamParams<scalar_t> p, const StreamShape& sh, int64_t N,
+                   cudaStream_t stream) {
+  constexpr int V = 16 / sizeof(scalar_t);
+  p.items = sh.items, p.tiles = sh.tiles, p.ctiles = sh.ctiles, p.S = sh.S, p.shift = sh.shift;
+  const unsigned blocks = static_cast<unsigned>(N * sh.tiles);
+  if (sh.cl) {
+    if (sh.vec) {
+      cas_cl_kernel<scalar_t, V, M><<<blocks, kThreads, 0, stream>>>(p);
+    } else {
+      cas_cl_kernel<scalar_t, 1, M><<<blocks, kThreads, 0, stream>>>(p);
+    }
+  } else {
+    if (sh.vec) {
+      cas_rows_kernel<scalar_t, V, M><<<blocks, kThreads, 0, stream>>>(p);
+    } else {
+      cas_rows_kernel<scalar_t, 1, M><<<blocks, kThreads, 0, stream>>>(p);
+    }
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename scalar_t, bool kTrain>
+void launch_logits(const LogitsParams<scalar_t>& p, int64_t N, cudaStream_t stream) {
   using acc_t = typename CasAcc<scalar_t>::type;
-  const int64_t n = blockIdx.x;
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int64_t idx = p.index[n];
-  CUDA_KERNEL_ASSERT(idx >= 0 && idx < p.C);
-  const scalar_t* m_row = p.w + idx * p.ws0;
-  const scalar_t* gn = p.g + n * p.gs0;
-  const scalar_t* xn = p.x + n * p.xs0;
-  scalar_t* on = p.gx + n * p.os0;
-  const acc_t* an = p.a + n * p.K;
-  acc_t* tn = p.t + n * p.K;
-  if (p.channels_inner) {
-    for (int64_t k = tid; k < p.K; k += kThreads) {
-      const acc_t mk = static_cast<acc_t>(m_row[k * p.ws1]), ak = an[k];
-      acc_t s = 0;
-      for (int64_t l = 0; l < p.L; ++l) {
-        const acc_t gv = static_cast<acc_t>(gn[k + l * p.gs2]);
-        s += gv * static_cast<acc_t>(xn[k + l * p.xs2]);
-        on[k + l * p.os2] = static_cast<scalar_t>(gv * mk + ak);
-      }
-      tn[k] = s;
-    }
-    return;
+  const size_t smem = static_cast<size_t>(p.K) * sizeof(acc_t);
+  auto kernel = cas_logits_kernel<scalar_t, kTrain>;
+  if (smem > 48 * 1024) {
+    const size_t limit = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
+    TORCH_CHECK(smem + 1024 <= limit, "cas (cuda): ", p.K, " channels need ", smem,
+                " bytes of shared memory, more than the device's ", limit);
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(smem)));
   }
-  for (int64_t k = warp; k < p.K; k += kWarps) {
-    const acc_t mk = static_cast<acc_t>(m_row[k * p.ws1]), ak = an[k];
-    const scalar_t* gr = gn + k * p.gs1;
-    const scalar_t* xr = xn + k * p.xs1;
-    scalar_t* orow = on + k * p.os1;
-    acc_t s = 0;
-    for (int64_t l = lane; l < p.L; l += 32) {
-      const acc_t gv = static_cast<acc_t>(gr[l * p.gs2]);
-      s += gv * static_cast<acc_t>(xr[l * p.xs2]);
-      orow[l * p.os2] = static_cast<scalar_t>(gv * mk + ak);
-    }
-    s = warp_sum(s);
-    if (lane == 0) tn[k] = s;
-  }
+  kernel<<<static_cast<unsigned>(N * p.cb), kThreads, smem, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cas_cuda(
@@ -213,39 +506,66 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cas_cuda(
   check_cas_args(x, weight, bias, label);
   TORCH_CHECK(x.is_cuda(), "cas (cuda): x must be a CUDA tensor, got ", x.device());
   const c10::cuda::CUDAGuard guard(x.device());
-  const int64_t N = x.size(0), K = x.size(1), C = weight.size(0);
+  const int64_t N = x.size(0), K = x.size(1), L = x.size(2), C = weight.size(0);
+  const at::ScalarType acc = cas_acc_dtype(x.scalar_type());
   at::Tensor out = at::empty_like(x);
   at::Tensor logits = at::empty({N, C}, x.options());
   at::Tensor index = at::empty({N}, x.options().dtype(at::kLong));
-  at::Tensor mean = at::empty({N, K}, x.options().dtype(cas_acc_dtype(x.scalar_type())));
+  at::Tensor mean = at::empty({N, K}, x.options().dtype(acc));
   if (N == 0) return {out, logits, index, mean};
   TORCH_CHECK(N <= std::numeric_limits<int32_t>::max(), "cas (cuda): at most 2^31 - 1 samples");
-  // The kernel reads label[n] and bias[c] at unit stride.
+  // The kernels read label[n] and bias[c] at unit stride.
   const at::Tensor labels = label ? label->contiguous() : at::Tensor();
   const at::Tensor biases = bias ? bias->contiguous() : at::Tensor();
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "cas_cuda", [&] {
-    ForwardParams<scalar_t> p{};
-    p.x = x.const_data_ptr<scalar_t>();
-    p.w = weight.const_data_ptr<scalar_t>();
-    p.b = bias ? biases.const_data_ptr<scalar_t>() : nullptr;
-    p.label = label ? labels.const_data_ptr<int64_t>() : nullptr;
-    p.out = out.mutable_data_ptr<scalar_t>();
-    p.logits = logits.mutable_data_ptr<scalar_t>();
-    p.index = index.mutable_data_ptr<int64_t>();
-    p.mean = mean.mutable_data_ptr<typename CasAcc<scalar_t>::type>();
-    p.K = K, p.L = x.size(2), p.C = C;
-    p.xs0 = x.stride(0), p.xs1 = x.stride(1), p.xs2 = x.stride(2);
-    p.os0 = out.stride(0), p.os1 = out.stride(1), p.os2 = out.stride(2);
-    p.ws0 = weight.stride(0), p.ws1 = weight.stride(1);
-    p.channels_inner = x.stride(1) == 1 && out.stride(1) == 1 && x.size(2) > 1;
-    const unsigned blocks = static_cast<unsigned>(N);
-    if (label) {
-      cas_forward_kernel<scalar_t, true><<<blocks, kThreads, 0, stream>>>(p);
-    } else {
-      cas_forward_kernel<scalar_t, false><<<blocks, kThreads, 0, stream>>>(p);
+    using acc_t = typename CasAcc<scalar_t>::type;
+    constexpr int V = 16 / sizeof(scalar_t);
+    const StreamShape sh = stream_shape({&x, &out}, V, Slots<kTrain, scalar_t>::value);
+    at::Tensor part = at::empty({N, K, static_cast<int64_t>(sh.S)}, mean.options());
+    StreamParams<scalar_t> sp{};
+    sp.x = x.const_data_ptr<scalar_t>();
+    sp.out = out.mutable_data_ptr<scalar_t>();
+    sp.w = weight.const_data_ptr<scalar_t>();
+    sp.sel = label ? labels.const_data_ptr<int64_t>() : index.const_data_ptr<int64_t>();
+    sp.part = part.mutable_data_ptr<acc_t>();
+    sp.K = K, sp.L = L, sp.C = C;
+    sp.xs0 = x.stride(0), sp.xs1 = x.stride(1), sp.xs2 = x.stride(2);
+    sp.os0 = out.stride(0), sp.os1 = out.stride(1), sp.os2 = out.stride(2);
+    sp.ws0 = weight.stride(0), sp.ws1 = weight.stride(1);
+
+    LogitsParams<scalar_t> lp{};
+    lp.part = sp.part;
+    lp.w = sp.w;
+    lp.b = bias ? biases.const_data_ptr<scalar_t>() : nullptr;
+    lp.label = label ? labels.const_data_ptr<int64_t>() : nullptr;
+    lp.logits = logits.mutable_data_ptr<scalar_t>();
+    lp.index = index.mutable_data_ptr<int64_t>();
+    lp.mean = mean.mutable_data_ptr<acc_t>();
+    lp.K = K, lp.L = L, lp.C = C, lp.S = sh.S, lp.ws0 = sp.ws0, lp.ws1 = sp.ws1;
+    // One block per sample unless that leaves the GPU idle on many classes.
+    int64_t cb = 1;
+    if (C > 64 && N < kFillBlocks) {
+      cb = std::min((C + kWarps - 1) / kWarps, (kFillBlocks + N - 1) / N);
     }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    lp.cpb = (C + cb - 1) / cb;
+    cb = (C + lp.cpb - 1) / lp.cpb;
+    TORCH_CHECK(N * cb <= std::numeric_limits<int32_t>::max(), "cas (cuda): too many samples");
+    lp.cb = static_cast<unsigned>(cb);
+
+    if (label) {
+      launch_stream<scalar_t, kTrain>(sp, sh, N, stream);
+      launch_logits<scalar_t, true>(lp, N, stream);
+    } else {
+      launch_stream<scalar_t, kSum>(sp, sh, N, stream);
+      launch_logits<scalar_t, false>(lp, N, stream);
+      if (cb > 1) {
+        cas_argmax_kernel<scalar_t><<<static_cast<unsigned>((N + kWarps - 1) / kWarps), kThreads,
+                                      0, stream>>>(lp.logits, lp.index, N, C);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+      launch_stream<scalar_t, kWrite>(sp, sh, N, stream);
+    }
   });
   return {out, logits, index, mean};
 }
@@ -256,41 +576,48 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cas_backward_cuda(
   check_cas_backward_args(grad_out, grad_logits, x, weight, index, mean);
   TORCH_CHECK(x.is_cuda(), "cas backward (cuda): x must be a CUDA tensor, got ", x.device());
   const c10::cuda::CUDAGuard guard(x.device());
-  const int64_t N = x.size(0), K = x.size(1), L = x.size(2);
+  const int64_t N = x.size(0), K = x.size(1), L = x.size(2), C = weight.size(0);
   const at::ScalarType acc = cas_acc_dtype(x.scalar_type());
   const at::Tensor idx = index.contiguous();
   const at::Tensor gl = grad_logits.to(acc);
   // The logits' gradient reaches every element of a channel as (grad_logits @ weight) / L.
   const at::Tensor a = at::mm(gl, weight.to(acc)).div_(L).contiguous();
   at::Tensor gx = at::empty_like(x);
-  at::Tensor t = at::empty({N, K}, a.options());
+  // grad_weight = grad_logits.T @ mean (the logits path) + the sums of grad_out * x gathered into
+  // the index rows below.
+  at::Tensor gw = at::mm(gl.t(), mean).contiguous();
   if (N > 0) {
     TORCH_CHECK(N <= std::numeric_limits<int32_t>::max(), "cas (cuda): at most 2^31 - 1 samples");
     cudaStream_t stream = at::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "cas_backward_cuda", [&] {
       using acc_t = typename CasAcc<scalar_t>::type;
-      BackwardParams<scalar_t> p{};
+      constexpr int V = 16 / sizeof(scalar_t);
+      const StreamShape sh = stream_shape({&x, &gx, &grad_out}, V, Slots<kBwd, scalar_t>::value);
+      at::Tensor part = at::empty({N, K, static_cast<int64_t>(sh.S)}, a.options());
+      StreamParams<scalar_t> p{};
       p.g = grad_out.const_data_ptr<scalar_t>();
       p.x = x.const_data_ptr<scalar_t>();
+      p.out = gx.mutable_data_ptr<scalar_t>();
       p.w = weight.const_data_ptr<scalar_t>();
-      p.index = idx.const_data_ptr<int64_t>();
+      p.sel = idx.const_data_ptr<int64_t>();
       p.a = a.const_data_ptr<acc_t>();
-      p.gx = gx.mutable_data_ptr<scalar_t>();
-      p.t = t.mutable_data_ptr<acc_t>();
-      p.K = K, p.L = L, p.C = weight.size(0);
+      p.part = part.mutable_data_ptr<acc_t>();
+      p.K = K, p.L = L, p.C = C;
       p.gs0 = grad_out.stride(0), p.gs1 = grad_out.stride(1), p.gs2 = grad_out.stride(2);
       p.xs0 = x.stride(0), p.xs1 = x.stride(1), p.xs2 = x.stride(2);
       p.os0 = gx.stride(0), p.os1 = gx.stride(1), p.os2 = gx.stride(2);
       p.ws0 = weight.stride(0), p.ws1 = weight.stride(1);
-      p.channels_inner = grad_out.stride(1) == 1 && x.stride(1) == 1 && gx.stride(1) == 1 && L > 1;
-      cas_backward_kernel<scalar_t><<<static_cast<unsigned>(N), kThreads, 0, stream>>>(p);
+      launch_stream<scalar_t, kBwd>(p, sh, N, stream);
+      const int64_t cells = C * K;
+      TORCH_CHECK(cells / kThreads < std::numeric_limits<int32_t>::max(),
+                  "cas backward (cuda): weight too large");
+      cas_gather_rows_kernel<acc_t><<<static_cast<unsigned>((cells + kThreads - 1) / kThreads),
+                                      kThreads, 0, stream>>>(
+          gw.mutable_data_ptr<acc_t>(), part.const_data_ptr<acc_t>(),
+          idx.const_data_ptr<int64_t>(), N, K, C, static_cast<int64_t>(sh.S));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
-  // grad_weight = grad_logits.T @ mean (the logits path) + the sums scatter-added into the
-  // chosen rows (atomic on CUDA: not bitwise deterministic).
-  at::Tensor gw = at::mm(gl.t(), mean);
-  gw.index_add_(0, idx, t);
   return {gx, gw.to(weight.scalar_type()), gl.sum(0).to(weight.scalar_type())};
 }
 
