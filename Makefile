@@ -2,6 +2,8 @@
 # make bench  - create .venv, build pyprune, run the benchmark table (python -m benchmarks)
 # make check-cuda - compile every CUDA source for sm_80, sm_90 and PTX against torch 2.11.0 and 2.14.1
 # make check-triton - compile every Triton kernel ahead of time for sm_80 and sm_90
+# make gpu-report - sm_90 registers, spills, shared memory and occupancy of every CUDA and Triton
+#                   kernel variant, no GPU needed (benchmarks/results/sm_90-resources.md)
 # make package - sdist, a wheel built from it, installed into a fresh venv and smoke-tested
 #                outside the checkout (.ci/package.sh)
 # make gpu    - on the GPU machine: build, test, sanitize, benchmark (../shared/gpu/README.md)
@@ -10,7 +12,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cpu/avx2/*.cpp)
 
-.PHONY: all build test test-cpu test-triton check-triton bench check-cuda gpu clean
+.PHONY: all build test test-cpu test-triton check-triton bench check-cuda gpu-report gpu clean
 
 all: test
 
@@ -56,6 +58,15 @@ bench: build
 
 check-cuda:
 	bash .ci/check_cuda.sh
+
+# A passing check-cuda stamps torch 2.14.1's build (build/check-cuda), which gpu-report reads:
+# gpu-report redoes the check only when a source it compiles has changed since.
+CHECK_CUDA_STAMP := build/check-cuda/.checked
+$(CHECK_CUDA_STAMP): $(SOURCES) $(wildcard csrc/cuda/*.cu csrc/cuda/*.h) .ci/check_cuda.sh
+	bash .ci/check_cuda.sh
+
+gpu-report: build $(CHECK_CUDA_STAMP)
+	$(VPY) -m benchmarks.gpu_report
 
 gpu:
 	bash .ci/gpu.sh

@@ -1,0 +1,654 @@
+"""``make gpu-report``: the sm_90 resource table of every CUDA and Triton kernel variant.
+
+    python -m benchmarks.gpu_report [--lib PATH] [--out DIR] [--jobs N]
+
+No GPU is needed (SPEC section 5). For every CUDA kernel instantiation in the library that
+``make check-cuda`` builds (build/check-cuda/lib/pyprune/_C*.so) and every Triton variant in
+the kernel modules' ``AOT`` lists (compiled for sm_90 by pyprune.triton_kernels.aot), it lists
+registers, stack frame and local memory, shared memory (static from the ELF, dynamic where the
+launch sets it), threads per block and the theoretical occupancy on sm_90, with the benchmark
+cases that launch the variant. Writes ``<out>/sm_90-resources.md`` and ``.csv``.
+
+Where the numbers come from:
+  * registers, stack frame (spills and local arrays: Triton's ``n_spills`` is this / 4), local
+    and static shared memory: ``cuobjdump --dump-resource-usage`` of the cubin;
+  * threads per block: the ELF attribute that ``__launch_bounds__(N)`` (EIATTR_MAX_THREADS) or
+    Triton's ``.reqntid`` (EIATTR_REQNTID) leaves. Every CUDA kernel must declare one, and its
+    launch sites must pass that same expression as the block size (checked in the sources
+    below), so the launch bound is the block size of every instantiation;
+  * dynamic shared memory: Triton's ``metadata.shared``; for CUDA, ``DYNAMIC_SMEM`` below;
+  * occupancy: the model of CUDA's cuda_occupancy.h for sm_90 (``SM90``, ``occupancy``).
+
+Exits 1 when a variant has a stack frame or local memory, when its occupancy is below 25% and
+``JUSTIFIED`` does not say why that is fine, when a CUDA kernel has no launch bound or a launch
+site disagrees with it, or when a benchmark launches a Triton variant that no AOT list holds.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import csv
+import glob
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_LIB_GLOB = "build/check-cuda/lib/pyprune/_C*.so"
+ARCH = 90
+MIN_OCCUPANCY = 0.25
+
+
+# ----------------------------------------------------------------------------- occupancy model
+
+
+@dataclass(frozen=True)
+class Arch:
+    """Per-SM limits of a compute capability, as cuda_occupancy.h models them."""
+
+    name: str
+    regs_per_sm: int
+    regs_per_block: int
+    max_warps_per_sm: int  # 2048 threads
+    max_blocks_per_sm: int
+    smem_per_sm: int  # the largest shared-memory carveout
+    smem_per_block: int  # the opt-in maximum a block may use
+    reserved_smem_per_block: int  # the driver's reservation, added to every block
+    smem_granularity: int
+    reg_granularity: int  # registers are allocated per warp in units of this
+    max_regs_per_thread: int
+    sub_partitions: int  # registers are split evenly between the SM's sub-partitions
+
+
+SM90 = Arch(name="sm_90", regs_per_sm=65536, regs_per_block=65536, max_warps_per_sm=64,
+            max_blocks_per_sm=32, smem_per_sm=228 * 1024,
+            smem_per_block=227 * 1024, reserved_smem_per_block=1024, smem_granularity=128,
+            reg_granularity=256, max_regs_per_thread=255, sub_partitions=4)
+
+
+@dataclass(frozen=True)
+class Occupancy:
+    blocks: int  # resident blocks per SM
+    warps: int  # resident warps per SM
+    fraction: float  # warps / max_warps_per_sm
+    limiter: str  # what bounds `blocks`: warps, blocks, registers or shared memory
+    smem_per_block: int  # shared memory allocated per block, reservation included
+
+
+def _round_up(x: int, unit: int) -> int:
+    return -(-x // unit) * unit
+
+
+def occupancy(regs: int, threads: int, smem: int, arch: Arch = SM90) -> Occupancy:
+    """Theoretical occupancy of blocks of ``threads`` threads using ``regs`` registers per
+    thread and ``smem`` bytes of shared memory (static + dynamic, without the driver's
+    reservation). A block that cannot launch at all has 0 blocks."""
+    if threads < 1 or threads > 1024:
+        raise ValueError(f"threads per block must be in [1, 1024], got {threads}")
+    warps = -(-threads // 32)
+    limits = {"warps": arch.max_warps_per_sm // warps, "blocks": arch.max_blocks_per_sm}
+
+    regs_per_warp = _round_up(regs * 32, arch.reg_granularity)
+    if regs > arch.max_regs_per_thread or \
+            regs_per_warp * _round_up(warps, arch.sub_partitions) > arch.regs_per_block:
+        limits["registers"] = 0
+    elif regs_per_warp:
+        per_partition = (arch.regs_per_sm // arch.sub_partitions) // regs_per_warp
+        limits["registers"] = per_partition * arch.sub_partitions // warps
+
+    smem_block = _round_up(smem + arch.reserved_smem_per_block, arch.smem_granularity)
+    if smem_block > arch.smem_per_block + arch.reserved_smem_per_block:
+        limits["shared memory"] = 0
+    else:
+        limits["shared memory"] = arch.smem_per_sm // smem_block
+
+    limiter = min(limits, key=lambda k: limits[k])
+    blocks = limits[limiter]
+    return Occupancy(blocks, blocks * warps, blocks * warps / arch.max_warps_per_sm, limiter,
+                     smem_block)
+
+
+# ---------------------------------------------------------------------------- what is fine
+
+# Variants whose theoretical occupancy below MIN_OCCUPANCY is fine, and why. Keys are regular
+# expressions matched (re.search) against "<kind> <kernel> <dtype> <config>" of a row.
+JUSTIFIED: dict[str, str] = {
+    r"^cuda kwta_warp_kernel<double> ": (
+        "float64 only, which pyprune's cuda backend does not take (float64 runs the reference): "
+        "only a direct torch.ops.pyprune.kwta call on a float64 CUDA tensor launches it. A warp "
+        "holds a group of up to 1024 keys in registers, 32 per lane, and 64-bit keys take twice "
+        "the registers of float32's (122: 25%)"),
+}
+
+# Dynamic shared memory of CUDA kernels (bytes; the most any launch of it sets), by a regular
+# expression on the kernel's name and template arguments; kernels absent here set none.
+DYNAMIC_SMEM: dict[str, int] = {
+    # kwta.cu launch_block: one histogram (kHistBytes) and the candidates (kCandBytes) ...
+    r"^kwta_block_kernel<.*, 256, ": 8192 + 24576,
+    # ... or, in a cluster launch (512 threads only), three histograms and kClusterCandBytes.
+    r"^kwta_block_kernel<.*, 512, ": 3 * 8192 + 16384,
+}
+
+
+# ------------------------------------------------------------------------------- the variants
+
+
+@dataclass
+class Variant:
+    kind: str  # "cuda" or "triton"
+    kernel: str
+    dtype: str
+    config: str
+    threads: int
+    regs: int
+    stack: int
+    local: int
+    static_smem: int
+    dynamic_smem: int
+    used_by: list[str] = field(default_factory=list)
+    occ: Occupancy | None = None
+    why_fine: str = ""
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def key(self) -> str:
+        return f"{self.kind} {self.kernel} {self.dtype} {self.config}".rstrip()
+
+
+def cuobjdump() -> str:
+    """The CUDA toolkit's cuobjdump ($CUDA_HOME, then PATH), else the one triton bundles."""
+    import triton
+
+    candidates = [os.path.join(os.environ.get("CUDA_HOME", ""), "bin", "cuobjdump"),
+                  shutil.which("cuobjdump") or "",
+                  os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
+                               "cuobjdump")]
+    for path in candidates:
+        if os.path.isfile(path) and os.access(path, os.X_OK):
+            return path
+    raise FileNotFoundError("no cuobjdump: install the CUDA toolkit or triton")
+
+
+def _run(args: list[str]) -> str:
+    return subprocess.run(args, check=True, capture_output=True, text=True).stdout
+
+
+_RES = re.compile(r"Function (\S+):\s*\n\s*REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
+
+
+def parse_resource_usage(text: str) -> dict[str, tuple[int, int, int, int]]:
+    """{mangled name: (registers, stack frame, static shared, local)} from
+    ``cuobjdump --dump-resource-usage`` of one architecture."""
+    return {m[1]: (int(m[2]), int(m[3]), int(m[4]), int(m[5])) for m in _RES.finditer(text)}
+
+
+_BLOCK_ATTRS = ("EIATTR_MAX_THREADS", "EIATTR_REQNTID")
+
+
+def parse_block_sizes(text: str) -> dict[str, int]:
+    """{mangled name: threads per block} from ``cuobjdump -elf``: EIATTR_MAX_THREADS (from
+    __launch_bounds__ / .maxntid) or EIATTR_REQNTID (.reqntid), x * y * z."""
+    sizes, kernel, attr = {}, None, None
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith(".nv.info."):
+            kernel = line[len(".nv.info."):]
+        elif line.startswith("Attribute:"):
+            attr = line.split()[1]
+        elif line.startswith("Value:") and kernel and attr in _BLOCK_ATTRS:
+            x, y, z = (int(v, 16) for v in line.split()[1:4])
+            sizes[kernel] = x * y * z
+    return sizes
+
+
+def demangle(names: Iterable[str]) -> dict[str, str]:
+    """{mangled: demangled} by c++filt (names stay mangled without it)."""
+    names = list(names)
+    if not names or shutil.which("c++filt") is None:
+        return {n: n for n in names}
+    out = subprocess.run(["c++filt"], input="\n".join(names), check=True, capture_output=True,
+                         text=True).stdout.splitlines()
+    return dict(zip(names, out))
+
+
+_DTYPES = {"float": "fp32", "double": "fp64", "c10::Half": "fp16", "c10::BFloat16": "bf16"}
+
+
+def _short(demangled: str) -> tuple[str, str, str]:
+    """(kernel<args>, dtype, rest of the template arguments) of a demangled kernel name."""
+    name = re.sub(r"\(anonymous namespace\)::|pyprune::|^void ", "", demangled)
+    name = name.split("(", 1)[0]
+    m = re.match(r"(\w+)<(.*)>$", name)
+    if not m:
+        return name, "-", ""
+    args = [a.strip() for a in re.split(r",(?![^<]*>)", m[2])]
+    dtype = _DTYPES.get(args[0], args[0])
+    short = lambda t: t.replace("unsigned long", "u64").replace("unsigned int", "u32")  # noqa: E731
+    return short(name), dtype, ", ".join(short(a) for a in args[1:])
+
+
+def cuda_variants(lib: Path) -> list[Variant]:
+    tool = cuobjdump()
+    arch = ["-arch", f"sm_{ARCH}", str(lib)]
+    res = parse_resource_usage(_run([tool, "--dump-resource-usage", *arch]))
+    sizes = parse_block_sizes(_run([tool, "-elf", *arch]))
+    if not res:
+        raise RuntimeError(f"{lib}: no sm_{ARCH} kernels (is it the make check-cuda build?)")
+    names = demangle(res)
+    variants = []
+    for mangled, (regs, stack, smem, local) in sorted(res.items(), key=lambda kv: names[kv[0]]):
+        kernel, dtype, config = _short(names[mangled])
+        dynamic = next((b for pattern, b in DYNAMIC_SMEM.items() if re.search(pattern, kernel)), 0)
+        v = Variant("cuda", kernel, dtype, config, sizes.get(mangled, 0), regs, stack, local, smem,
+                    dynamic)
+        if mangled not in sizes:
+            v.problems.append("no __launch_bounds__ (no EIATTR_MAX_THREADS in the ELF)")
+        variants.append(v)
+    return variants
+
+
+# ---------------------------------------------------------------- launch bounds in the sources
+
+# A kernel, with the first argument of its __launch_bounds__ if it has one.
+_KERNEL = re.compile(r"__global__\s+void\s+"
+                     r"(?:__launch_bounds__\(\s*([^,()]+?)\s*"
+                     r"(?:,(?:[^()]|\((?:[^()]|\([^()]*\))*\))*)?\)\s*)?"
+                     r"(\w+)\s*\(")
+# `auto kernel = some_kernel<...>;`
+_ALIAS = re.compile(r"\bauto\s+(\w+)\s*=\s*(\w+)\s*<")
+# `callee<template args><<<grid, block, ...>>>`
+_ARG = r"((?:[^,()<>]|<[^<>]*>|\((?:[^()]|\([^()]*\))*\))+?)"  # an argument, nested once or twice
+_LAUNCH = re.compile(rf"\b(\w+)\s*(?:<[^;{{}}]*?>)?\s*<<<\s*{_ARG},\s*{_ARG}\s*[,>]")
+# `callee<template args><<<grid, block, smem` with a dynamic shared memory size other than 0
+_LAUNCH_SMEM = re.compile(rf"\b(\w+)\s*(?:<[^;{{}}]*?>)?\s*<<<\s*{_ARG},\s*{_ARG},\s*{_ARG}\s*[,>]")
+# `config.blockDim = dim3(block); ... cudaLaunchKernelEx(&config, callee, ...)`
+_LAUNCH_EX = re.compile(r"blockDim\s*=\s*dim3\(\s*([^)]+?)\s*\)[^;]*;(?:.|\n)*?"
+                        r"cudaLaunchKernelEx\(\s*&\w+\s*,\s*(\w+)")
+
+
+def check_launch_bounds(sources: Iterable[Path]) -> list[str]:
+    """Problems with the launch bounds of the CUDA kernels in ``sources``: a kernel without
+    __launch_bounds__, or a launch whose block size is not its kernel's launch-bound
+    expression (textually: both name the same constant or template parameter). A launch through
+    a variable that is no `auto v = kernel<...>` alias (a lambda's parameter) is checked
+    against every kernel of the file that is not launched by name."""
+    problems = []
+    for path in sources:
+        text = re.sub(r"//[^\n]*", "", path.read_text())
+        bounds = {}
+        for m in _KERNEL.finditer(text):
+            if m[1] is None:
+                problems.append(f"{path.name}: kernel {m[2]} has no __launch_bounds__")
+            else:
+                bounds[m[2]] = m[1]
+        aliases = dict(_ALIAS.findall(text))
+        launches = [(m[1], m[3]) for m in _LAUNCH.finditer(text)]
+        launches += [(m[2], m[1]) for m in _LAUNCH_EX.finditer(text)]
+        named = {aliases.get(callee, callee) for callee, _ in launches}
+        indirect = [k for k in bounds if k not in named]
+        launched = set()
+        for callee, block in launches:
+            kernel = aliases.get(callee, callee)
+            kernels = [kernel] if kernel in bounds else indirect
+            if not kernels:
+                problems.append(f"{path.name}: launch of {callee} (block {block}): unknown kernel")
+            for k in kernels:
+                launched.add(k)
+                if block != bounds[k]:
+                    problems.append(f"{path.name}: {k} is launched with {block} threads but its "
+                                    f"__launch_bounds__ is {bounds[k]}")
+        problems += [f"{path.name}: kernel {k} is never launched here"
+                     for k in bounds if k not in launched]
+    return problems
+
+
+def dynamic_smem_kernels(sources: Iterable[Path]) -> set[str]:
+    """Kernels of ``sources`` launched with dynamic shared memory (a `<<<...>>>` size other than
+    0, or a cudaLaunchKernelEx config); launches through a variable count for every kernel of
+    the file that no launch names."""
+    found = set()
+    for path in sources:
+        text = re.sub(r"//[^\n]*", "", path.read_text())
+        kernels = {m[2] for m in _KERNEL.finditer(text)}
+        aliases = dict(_ALIAS.findall(text))
+        named = {aliases.get(m[1], m[1]) for m in _LAUNCH.finditer(text)}
+        named |= {aliases.get(m[2], m[2]) for m in _LAUNCH_EX.finditer(text)}
+        callees = [m[1] for m in _LAUNCH_SMEM.finditer(text) if m[4] != "0"]
+        callees += [m[2] for m in _LAUNCH_EX.finditer(text)]
+        for callee in callees:
+            kernel = aliases.get(callee, callee)
+            found |= {kernel} if kernel in kernels else kernels - named
+    return found
+
+
+# -------------------------------------------------------------------------- Triton variants
+
+
+def _triton_one(index: int) -> tuple[int, tuple[int, int, int, int], int, int, int]:
+    from pyprune.triton_kernels import aot
+
+    variant = aot.variants()[0][index]
+    compiled = aot.compile_variant(variant, ARCH)
+    tool = cuobjdump()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        (usage,) = parse_resource_usage(_run([tool, "--dump-resource-usage", path])).values()
+        threads = next(iter(parse_block_sizes(_run([tool, "-elf", path])).values()), 0)
+    return index, usage, threads, compiled.metadata.shared, compiled.metadata.num_warps
+
+
+def _config(constexprs: dict, options: dict) -> str:
+    return " ".join([f"{k}={v}" for k, v in constexprs.items()] +
+                    [f"{k}={v}" for k, v in options.items()])
+
+
+def triton_variants(jobs: int) -> tuple[list[Variant], list]:
+    """The Triton variants (compiled for sm_90 in ``jobs`` processes), and the aot.Variant of
+    each."""
+    from pyprune.triton_kernels import aot
+
+    found, missing = aot.variants()
+    if missing:
+        raise RuntimeError(f"Triton kernels without an AOT entry: {missing}")
+    if jobs > 1:
+        with ProcessPoolExecutor(jobs) as pool:
+            results = list(pool.map(_triton_one, range(len(found))))
+    else:
+        results = [_triton_one(i) for i in range(len(found))]
+    variants = []
+    for index, (regs, stack, smem, local), threads, shared, num_warps in results:
+        v = found[index]
+        dtype = next((t[1:] for t in v.signature.values() if t.startswith("*")), "-")
+        row = Variant("triton", f"{v.module}.{v.kernel.__name__}", dtype,
+                      _config(v.constexprs, v.options), threads, regs, stack, local, smem, shared)
+        if threads != 32 * num_warps:
+            row.problems.append(f"ELF block size {threads} != 32 * num_warps ({num_warps})")
+        variants.append(row)
+    return variants, found
+
+
+# ------------------------------------------------------------------- which cases use a variant
+
+
+def triton_launches() -> dict[tuple, list[str]]:
+    """{(kernel name, dtype, constexprs and launch options): ["<op> <case> fwd|bwd", ...]}: every
+    Triton launch of the benchmarks' pyprune-triton provider, recorded by running each case on
+    CPU tensors with the launches replaced by a recorder (so the launchers' own code picks the
+    configs; nothing is computed, and integer tensors are zeroed to keep the host code that
+    reads them in range)."""
+    import torch
+    from triton.runtime.jit import JITFunction
+
+    from pyprune import _backend
+
+    from . import harness
+
+    dtypes = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+    recorded: list[tuple] = []
+
+    def record(self, *args, grid, warmup, **kwargs):
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        recorded.append((self.fn.__name__, dtypes.get(tensors[0].dtype, str(tensors[0].dtype)),
+                         tuple(sorted(kwargs.items()))))
+        for t in tensors:
+            if not t.is_floating_point():
+                t.zero_()
+
+    def run(step) -> set[tuple]:
+        recorded.clear()
+        step()
+        return set(recorded)
+
+    launches: dict[tuple, list[str]] = collections.defaultdict(list)
+    saved = JITFunction.run, _backend._TRITON_INTERPRET
+    JITFunction.run, _backend._TRITON_INTERPRET = record, True
+    try:
+        for op, module in harness.discover_ops().items():
+            setup = harness.setup_of(op, module)
+            for case in module.CASES:
+                provider, cpu = harness.PYPRUNE + "triton", torch.device("cpu")
+                fwd = run(lambda: setup(case, provider, "forward", cpu).fn())
+                recorded.clear()
+                step = setup(case, provider, "backward", cpu)  # runs the forward with grad
+                fwd |= set(recorded)
+                bwd = run(step.fn)
+                for key in fwd | bwd:
+                    mode = "+".join(m for m, keys in (("fwd", fwd), ("bwd", bwd)) if key in keys)
+                    launches[key].append(f"{op} {case.label} {mode}")
+    finally:
+        JITFunction.run, _backend._TRITON_INTERPRET = saved
+    return launches
+
+
+def _launch_key(v) -> tuple:
+    """The triton_launches key of an aot.Variant."""
+    dtype = next((t[1:] for t in v.signature.values() if t.startswith("*")), "-")
+    return (v.kernel.__name__, dtype, tuple(sorted({**v.constexprs, **v.options}.items())))
+
+
+def _benchmark_cases() -> dict[str, list]:
+    from . import harness
+
+    return {op: list(module.CASES) for op, module in harness.discover_ops().items()}
+
+
+def _kwta_group(case) -> int:
+    import math
+
+    return math.prod(case.shape[2 if case.variant == "channel" else 1:])
+
+
+def _kwta_warp_max() -> int:
+    return int(re.search(r"kWarpMaxGroup\s*=\s*(\d+)", (ROOT / "csrc/cuda/kwta.cu").read_text())[1])
+
+
+# Which float32 benchmark cases launch a CUDA kernel on the cuda backend (the auto path on CUDA
+# tensors): {regular expression on the kernel: (op, uses(case), mode)}, by the rules of the host
+# code in csrc/cuda. A rule that matches no kernel of the library is reported (stale).
+CUDA_USES = {
+    # cas.cu: training (a label given) is kTrain; every CAS benchmark case trains.
+    r"^cas_forward_kernel<float, true>": ("cas", lambda c: True, "fwd"),
+    r"^cas_backward_kernel<float>": ("cas", lambda c: True, "bwd"),
+    # kwta.cu kwta_cuda_impl: a warp per group up to kWarpMaxGroup, else a block of 256 threads
+    # up to 8192 elements, else 512; contiguous float32 rows are vectorized.
+    r"^kwta_warp_kernel<float>": ("kwta", lambda c: _kwta_group(c) <= _kwta_warp_max(), "fwd"),
+    r"^kwta_block_kernel<float, 256, true>": (
+        "kwta", lambda c: _kwta_warp_max() < _kwta_group(c) <= 8192, "fwd"),
+    r"^kwta_block_kernel<float, 512, true>": ("kwta", lambda c: _kwta_group(c) > 8192, "fwd"),
+    r"^kwta_backward_kernel<float, u32, true>": ("kwta", lambda c: True, "bwd"),
+    # masked_conv.cu: per-sample masks (static ones go to cuDNN outside graph capture); the
+    # backward's grad_x (stride 1) is the same kernel.
+    r"^masked_conv2d_kernel<float>": ("masked_conv", lambda c: c.variant.startswith("sample"),
+                                      "fwd+bwd"),
+    # noise.cu: contiguous, aligned x and out take the vector kernel.
+    r"^noise_kernel<float, true>": ("noise", lambda c: True, "fwd"),
+    r"^sap_kernel<float, true>": ("sap", lambda c: c.variant == "exact", "fwd+bwd"),
+    r"^sap_kernel<float, false>": ("sap", lambda c: c.variant == "bernoulli", "fwd+bwd"),
+}
+
+
+def cuda_uses(kernel: str, cases: dict[str, list]) -> list[str]:
+    """["<op> <case> <mode>", ...] of a CUDA kernel (CUDA_USES)."""
+    for pattern, (op, uses, mode) in CUDA_USES.items():
+        if re.search(pattern, kernel):
+            return [f"{op} {c.label} {mode}" for c in cases.get(op, []) if uses(c)]
+    return []
+
+
+def _summarize(uses: list[str]) -> str:
+    """'op case, case (mode); ...' with the cases of one op and mode grouped."""
+    groups: dict[tuple[str, str], list[str]] = collections.defaultdict(list)
+    for use in uses:
+        op, rest = use.split(" ", 1)
+        label, mode = rest.rsplit(" ", 1)
+        groups[(op, mode)].append(label)
+    return "; ".join(f"{op} {', '.join(labels)} ({mode})" for (op, mode), labels in groups.items())
+
+
+# ------------------------------------------------------------------------------------ report
+
+COLUMNS = ("kind", "kernel", "dtype", "config", "threads", "regs", "stack_bytes", "local_bytes",
+           "static_smem", "dynamic_smem", "smem_per_block", "blocks_per_sm", "warps_per_sm",
+           "occupancy_pct", "limiter", "used_by", "why_fine", "problems")
+
+
+def judge(variants: list[Variant]) -> None:
+    for v in variants:
+        v.occ = occupancy(v.regs, v.threads, v.static_smem + v.dynamic_smem) if v.threads else None
+        if v.stack:
+            v.problems.append(f"{v.stack} B stack frame (spills or local arrays)")
+        if v.local:
+            v.problems.append(f"{v.local} B local memory")
+        if v.occ is not None and v.occ.fraction < MIN_OCCUPANCY:
+            v.why_fine = next((why for pattern, why in JUSTIFIED.items()
+                               if re.search(pattern, v.key)), "")
+            if not v.why_fine:
+                v.problems.append(f"occupancy {100 * v.occ.fraction:.1f}% < "
+                                  f"{100 * MIN_OCCUPANCY:.0f}%")
+
+
+def _cells(v: Variant) -> tuple:
+    o = v.occ
+    return (v.kind, v.kernel, v.dtype, v.config, v.threads, v.regs, v.stack, v.local,
+            v.static_smem, v.dynamic_smem, o.smem_per_block if o else "", o.blocks if o else "",
+            o.warps if o else "", f"{100 * o.fraction:.1f}" if o else "", o.limiter if o else "",
+            _summarize(v.used_by), v.why_fine, "; ".join(v.problems))
+
+
+def write_csv(path: Path, variants: list[Variant]) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(COLUMNS)
+        writer.writerows(_cells(v) for v in variants)
+
+
+def markdown(variants: list[Variant], extra_problems: list[str], notes: list[str]) -> str:
+    bad = [v for v in variants if v.problems]
+    low = [v for v in variants if v.occ and v.occ.fraction < MIN_OCCUPANCY]
+    kinds = collections.Counter(v.kind for v in variants)
+    lines = [
+        f"# {SM90.name} resources of every pyprune kernel variant",
+        "",
+        "Generated by `make gpu-report` (`python -m benchmarks.gpu_report`); do not edit by hand.",
+        f"CUDA: every kernel instantiation in the `make check-cuda` library ({kinds['cuda']}); "
+        f"Triton: every variant of the kernel modules' `AOT` lists ({kinds['triton']}), compiled "
+        f"for sm_{ARCH}.",
+        "",
+        "Occupancy is theoretical (cuda_occupancy.h's model): 65536 registers per SM in 4 "
+        "sub-partitions, allocated per warp in units of 256; 2048 threads, 64 warps and 32 "
+        "blocks per SM; 228 KB of shared memory per SM, each block's static + dynamic shared "
+        "memory plus the driver's 1 KB reservation rounded up to 128 B (static shared memory is "
+        "the ELF's, which on sm_90 includes a 1 KB window where ptxas places one). Threads per "
+        "block are the kernels' launch bounds (`__launch_bounds__`, Triton's `.reqntid`), which "
+        "are their block sizes. `stack` is the stack frame (spills and local arrays).",
+        "",
+        "`used by`: the benchmark cases (float32; fwd / bwd) whose launches use the variant: for "
+        "CUDA kernels the cuda backend, which is also the auto path on CUDA tensors "
+        "(pyprune._backend.AUTO), by the host code's rules; for Triton variants the triton "
+        "backend, recorded from the launchers themselves.",
+        "",
+        f"Summary: {len(variants)} variants, {sum(1 for v in variants if v.stack or v.local)} "
+        f"with a stack frame or local memory, {len(low)} below {100 * MIN_OCCUPANCY:.0f}% "
+        f"occupancy ({sum(1 for v in low if v.why_fine)} justified), {len(bad)} failing.",
+    ]
+    if extra_problems:
+        lines += ["", "Other problems:", ""] + [f"- {p}" for p in extra_problems]
+    if notes:
+        lines += ["", "Notes:", ""] + [f"- {n}" for n in notes]
+    if low:
+        lines += ["", f"Below {100 * MIN_OCCUPANCY:.0f}% occupancy:", ""]
+        lines += [f"- {v.kind} `{v.kernel}` {' '.join(filter(None, (v.dtype, v.config)))}: "
+                  f"{100 * v.occ.fraction:.1f}%: {v.why_fine or '**not justified**'}" for v in low]
+    header = ("kind", "kernel", "dtype", "config", "threads", "regs", "stack B", "local B",
+              "static smem", "dyn smem", "blocks/SM", "occupancy", "limiter", "used by",
+              "why fine / problems")
+    lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for v in variants:
+        o = v.occ
+        note = "; ".join(v.problems) or v.why_fine
+        cells = (v.kind, f"`{v.kernel}`", v.dtype, v.config, v.threads, v.regs, v.stack, v.local,
+                 v.static_smem, v.dynamic_smem, o.blocks if o else "-",
+                 f"{100 * o.fraction:.1f}%" if o else "-", o.limiter if o else "-",
+                 _summarize(v.used_by) or "-", ("**FAIL** " if v.problems else "") + note)
+        lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_report",
+                                     description=__doc__.split("\n")[0])
+    parser.add_argument("--lib", type=Path, help=f"the CUDA build (default: {DEFAULT_LIB_GLOB})")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results",
+                        help="folder for sm_90-resources.md and .csv")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                        help="parallel Triton compiles (default: all cores)")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        parser.error("unset TRITON_INTERPRET: the Triton kernels are compiled, not interpreted")
+
+    lib = args.lib
+    if lib is None:
+        libs = sorted(glob.glob(str(ROOT / DEFAULT_LIB_GLOB)))
+        if len(libs) != 1:
+            print(f"gpu-report: expected one {DEFAULT_LIB_GLOB}, found {len(libs)}: run make "
+                  f"check-cuda", file=sys.stderr)
+            return 1
+        lib = Path(libs[0])
+
+    sources = sorted((ROOT / "csrc" / "cuda").glob("*.cu"))
+    problems = check_launch_bounds(sources)
+    cuda = cuda_variants(lib)
+    triton, found = triton_variants(args.jobs)
+
+    cases = _benchmark_cases()
+    for v in cuda:
+        v.used_by = cuda_uses(v.kernel, cases)
+    notes = [f"the used-by rule {pattern!r} (CUDA_USES) matches no kernel: update it"
+             for pattern in CUDA_USES if not any(re.search(pattern, v.kernel) for v in cuda)]
+    dynamic = dynamic_smem_kernels(sources)
+    unknown = sorted({v.kernel.split("<")[0] for v in cuda if v.kernel.split("<")[0] in dynamic
+                      and not any(re.search(p, v.kernel) for p in DYNAMIC_SMEM)})
+    notes += [f"`{k}` is launched with dynamic shared memory that DYNAMIC_SMEM does not give: "
+              f"its occupancy counts none" for k in unknown]
+    launches = triton_launches()
+    keys = {_launch_key(a): row for a, row in zip(found, triton)}
+    for key, uses in launches.items():
+        if key in keys:
+            keys[key].used_by = uses
+        else:
+            problems.append(f"a benchmark launches Triton {key[0]} {key[1]} {dict(key[2])}, "
+                            f"which no AOT list holds: {', '.join(uses)}")
+
+    variants = cuda + triton
+    judge(variants)
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_csv(args.out / f"sm_{ARCH}-resources.csv", variants)
+    (args.out / f"sm_{ARCH}-resources.md").write_text(markdown(variants, problems, notes))
+
+    failing = [v for v in variants if v.problems]
+    for v in failing:
+        print(f"FAIL  {v.key}: {'; '.join(v.problems)}", file=sys.stderr)
+    for p in problems:
+        print(f"FAIL  {p}", file=sys.stderr)
+    for note in notes:
+        print(f"NOTE  {note}", file=sys.stderr)
+    low = [v for v in variants if v.occ and v.occ.fraction < MIN_OCCUPANCY]
+    print(f"gpu-report: {len(variants)} variants ({len(cuda)} CUDA, {len(triton)} Triton) for "
+          f"sm_{ARCH}; {sum(1 for v in variants if v.stack or v.local)} with stack or local "
+          f"memory, {len(low)} below {100 * MIN_OCCUPANCY:.0f}% occupancy "
+          f"({sum(1 for v in low if v.why_fine)} justified); {len(failing) + len(problems)} "
+          f"problem(s); wrote {args.out / f'sm_{ARCH}-resources.md'} and .csv")
+    return 1 if failing or problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,227 @@
+"""make gpu-report's arithmetic and parsers (benchmarks/gpu_report.py): the sm_90 occupancy model
+on hand-computed cases, the cuobjdump parsers, the launch-bound check of the CUDA sources, and
+what fails. The Triton compile itself is marked triton_aot."""
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+
+from benchmarks import gpu_report
+from benchmarks.gpu_report import Variant, occupancy
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# (threads, registers, shared memory bytes) -> (blocks per SM, limiter), worked by hand from the
+# sm_90 limits: 65536 registers in 4 sub-partitions, allocated per warp in units of 256; 64 warps,
+# 32 blocks and 228 KB of shared memory per SM; 1 KB reserved per block, 128-byte granularity.
+@pytest.mark.parametrize("threads, regs, smem, blocks, limiter", [
+    # 64 regs: 2048 per warp, 8 warps per sub-partition, 32 per SM: 4 blocks of 8 warps (50%).
+    (256, 64, 0, 4, "registers"),
+    # 255 regs: 8160 -> 8192 per warp, 2 warps per sub-partition: 2 blocks of 4 warps (12.5%).
+    (128, 255, 0, 2, "registers"),
+    # 122 regs (kwta_warp_kernel<float>): 3904 -> 4096 per warp, 16 warps: 2 blocks of 8 (25%).
+    (256, 122, 0, 2, "registers"),
+    # 80 regs: 2560 per warp, 6 warps per sub-partition, 24 per SM: 3 blocks of 8 warps.
+    (256, 80, 0, 3, "registers"),
+    # 32 regs: 64 warps fit, so the warp limit binds first: 8 blocks of 8 warps (100%).
+    (256, 32, 0, 8, "warps"),
+    # One-warp blocks stop at 32 blocks per SM (50%).
+    (32, 16, 0, 32, "blocks"),
+    # 3 warps, 128 regs: 16 warps per SM fit, 5 blocks of 3 (15 warps, 23.4%).
+    (96, 128, 0, 5, "registers"),
+    # 100 KB + 1 KB reserved = 103424 B per block: 2 fit in 228 KB.
+    (128, 32, 100 * 1024, 2, "shared memory"),
+    # 33 KB + 1 KB: 34 KB a block (34816 B, a multiple of 128): 6 fit in 228 KB.
+    (128, 32, 33 * 1024, 6, "shared memory"),
+    # 1 B rounds up with the reservation to 1152 B: 202 blocks by shared memory, 16 by warps.
+    (128, 32, 1, 16, "warps"),
+    # 1024 threads, 64 regs: 65536 registers, the whole file: 1 block (50%).
+    (1024, 64, 0, 1, "registers"),
+    # 1024 threads, 65 regs: 2304 per warp x 32 warps > 65536: cannot launch.
+    (1024, 65, 0, 0, "registers"),
+    # More than 255 registers per thread cannot launch.
+    (32, 256, 0, 0, "registers"),
+    # 227 KB is the most a block may use; one byte more cannot launch.
+    (128, 32, 227 * 1024, 1, "shared memory"),
+    (128, 32, 227 * 1024 + 1, 0, "shared memory"),
+])
+def test_occupancy_hand_computed(threads, regs, smem, blocks, limiter):
+    occ = occupancy(regs, threads, smem)
+    warps = -(-threads // 32)
+    assert (occ.blocks, occ.limiter) == (blocks, limiter)
+    assert occ.warps == blocks * warps
+    assert occ.fraction == pytest.approx(blocks * warps / 64)
+
+
+def test_occupancy_fractions():
+    assert occupancy(64, 256, 0).fraction == 0.5
+    assert occupancy(255, 128, 0).fraction == 0.125
+    assert occupancy(128, 128, 0).fraction == 0.25  # the 128-register budget is 25% exactly
+    assert occupancy(129, 128, 0).fraction < 0.25
+    assert occupancy(32, 96, 0).smem_per_block == 1024  # the reservation alone
+
+
+def test_occupancy_rejects_bad_block_sizes():
+    with pytest.raises(ValueError):
+        occupancy(32, 0, 0)
+    with pytest.raises(ValueError):
+        occupancy(32, 1025, 0)
+
+
+RESOURCE_USAGE = """
+Fatbin elf code:
+================
+arch = sm_90
+Resource usage:
+ Common:
+  GLOBAL:260 CONSTANT[4]:320
+ Function _ZN7pyprune3fooIfEEvv:
+  REG:64 STACK:0 SHARED:1128 LOCAL:0 CONSTANT[0]:704 TEXTURE:0 SURFACE:0 SAMPLER:0
+ Function _kernel:
+  REG:255 STACK:104 SHARED:1024 LOCAL:8 CONSTANT[0]:664 TEXTURE:0 SURFACE:0 SAMPLER:0
+"""
+
+ELF = """
+.nv.info._ZN7pyprune3fooIfEEvv
+\t<0x13>
+\tAttribute:\tEIATTR_MAX_THREADS
+\tFormat:\tEIFMT_SVAL
+\tValue:\t0x100 0x1 0x1 
+\t<0x14>
+\tAttribute:\tEIATTR_CRS_STACK_SIZE
+\tFormat:\tEIFMT_SVAL
+\tValue:\t0x0 
+
+.nv.info._kernel
+\tAttribute:\tEIATTR_REQNTID
+\tFormat:\tEIFMT_SVAL
+\tValue:\t0x80 0x1 0x1 
+
+.nv.info._ZN7pyprune3barIfEEvv
+\tAttribute:\tEIATTR_CUDA_API_VERSION
+\tFormat:\tEIFMT_SVAL
+\tValue:\t0x82 
+"""
+
+
+def test_parsers():
+    assert gpu_report.parse_resource_usage(RESOURCE_USAGE) == {
+        "_ZN7pyprune3fooIfEEvv": (64, 0, 1128, 0), "_kernel": (255, 104, 1024, 8)}
+    # A kernel without a launch bound has no entry.
+    assert gpu_report.parse_block_sizes(ELF) == {"_ZN7pyprune3fooIfEEvv": 256, "_kernel": 128}
+
+
+def _write(tmp_path: Path, text: str) -> list[Path]:
+    path = tmp_path / "k.cu"
+    path.write_text(text)
+    return [path]
+
+
+def test_launch_bounds_check(tmp_path):
+    ok = """
+    constexpr int kThreads = 256;
+    template <typename T, int kBlock>
+    __global__ void __launch_bounds__(kBlock, 1024 / kBlock) a_kernel(T p) {}
+    __global__ void __launch_bounds__(kThreads) b_kernel(int p) {}  // comment <<<x, 7>>>
+    template <typename T, int kBlock> void launch(T p) {
+      const auto kernel = a_kernel<T, kBlock>;
+      kernel<<<blocks, kBlock, smem, stream>>>(p);
+      config.blockDim = dim3(kBlock);
+      cudaLaunchKernelEx(&config, kernel, p);
+      b_kernel
+          <<<static_cast<unsigned>(n), kThreads, 0, stream>>>(1);
+      b_kernel<<<static_cast<unsigned>((n + kWarps - 1) / kWarps), kThreads,
+                 0, stream>>>(2);
+    }
+    """
+    assert gpu_report.check_launch_bounds(_write(tmp_path, ok)) == []
+    missing = "__global__ void c_kernel(int p) {}\nvoid f() { c_kernel<<<1, 256>>>(0); }\n"
+    problems = gpu_report.check_launch_bounds(_write(tmp_path, missing))
+    assert any("c_kernel has no __launch_bounds__" in p for p in problems)
+    mismatch = ("constexpr int kThreads = 256;\n"
+                "__global__ void __launch_bounds__(256) d_kernel(int p) {}\n"
+                "void f() { d_kernel<<<1, kThreads, 0, s>>>(0); }\n")
+    problems = gpu_report.check_launch_bounds(_write(tmp_path, mismatch))
+    assert problems == ["k.cu: d_kernel is launched with kThreads threads but its "
+                        "__launch_bounds__ is 256"]
+    # Through a lambda's parameter: checked against the kernels not launched by name.
+    indirect = ("constexpr int kThreads = 256;\n"
+                "template <bool kVec> __global__ void __launch_bounds__(kThreads) e_kernel() {}\n"
+                "void f() { auto launch = [&](auto kernel) { kernel<<<1, {block}, 0, s>>>(); };\n"
+                "  launch(e_kernel<true>); }\n")
+    ok = indirect.replace("{block}", "kThreads")
+    assert gpu_report.check_launch_bounds(_write(tmp_path, ok)) == []
+    problems = gpu_report.check_launch_bounds(_write(tmp_path, indirect.replace("{block}", "128")))
+    assert problems == ["k.cu: e_kernel is launched with 128 threads but its __launch_bounds__ "
+                        "is kThreads"]
+
+
+def test_dynamic_smem_kernels(tmp_path):
+    text = """
+    __global__ void __launch_bounds__(256) a_kernel(int p) {}
+    __global__ void __launch_bounds__(256) b_kernel(int p) {}
+    __global__ void __launch_bounds__(256) c_kernel(int p) {}
+    void f(size_t smem) {
+      a_kernel<<<dim3(1, 2), 256, 0, s>>>(0);
+      b_kernel<<<dim3(1, 2), 256, smem, s>>>(0);
+      auto launch = [&](auto kernel) { kernel<<<1, 256, smem>>>(0); };
+      launch(c_kernel);
+    }
+    """
+    assert gpu_report.dynamic_smem_kernels(_write(tmp_path, text)) == {"b_kernel", "c_kernel"}
+
+
+def test_launch_bounds_of_the_cuda_sources():
+    """Every kernel in csrc/cuda declares __launch_bounds__ and is launched with it."""
+    sources = sorted((ROOT / "csrc" / "cuda").glob("*.cu"))
+    assert sources
+    assert gpu_report.check_launch_bounds(sources) == []
+
+
+def _variant(regs, threads=256, stack=0, local=0, smem=0, kernel="k", dtype="fp32"):
+    return Variant("cuda", kernel, dtype, "", threads, regs, stack, local, smem, 0)
+
+
+def test_judge_fails_spills_local_memory_and_low_occupancy(monkeypatch):
+    monkeypatch.setattr(gpu_report, "JUSTIFIED", {r"^cuda fine_kernel ": "latency-bound by design"})
+    ok, spill, local, low, fine = (
+        _variant(64), _variant(64, stack=16), _variant(64, local=4), _variant(200),
+        _variant(200, kernel="fine_kernel"))
+    gpu_report.judge([ok, spill, local, low, fine])
+    assert ok.problems == [] and fine.problems == []
+    assert fine.why_fine == "latency-bound by design"
+    assert spill.problems == ["16 B stack frame (spills or local arrays)"]
+    assert local.problems == ["4 B local memory"]
+    assert low.problems == ["occupancy 12.5% < 25%"]
+
+
+def test_a_cuda_kernel_without_launch_bounds_fails(monkeypatch):
+    """cuda_variants marks an instantiation whose ELF has no thread count."""
+    monkeypatch.setattr(gpu_report, "cuobjdump", lambda: "cuobjdump")
+    outputs = {"--dump-resource-usage": RESOURCE_USAGE, "-elf": ELF.replace("EIATTR_REQNTID", "X")}
+    monkeypatch.setattr(gpu_report, "_run", lambda args: outputs[args[1]])
+    variants = {v.kernel: v for v in gpu_report.cuda_variants(Path("lib.so"))}
+    assert variants["_kernel"].problems == [
+        "no __launch_bounds__ (no EIATTR_MAX_THREADS in the ELF)"]
+    assert variants["foo<float>"].threads == 256 and not variants["foo<float>"].problems
+
+
+_NO_TRITON = (importlib.util.find_spec("triton") is None
+              or os.environ.get("TRITON_INTERPRET", "0") == "1")
+
+
+@pytest.mark.triton_aot
+@pytest.mark.skipif(_NO_TRITON, reason="needs triton, without TRITON_INTERPRET")
+def test_triton_variant_resources():
+    """One Triton variant compiled for sm_90 and read back: registers, block size from .reqntid."""
+    from pyprune.triton_kernels import aot
+
+    found, _ = aot.variants()
+    index = next(i for i, v in enumerate(found) if v.kernel.__name__ == "_kwta_backward_kernel")
+    _, (regs, stack, smem, local), threads, shared, num_warps = gpu_report._triton_one(index)
+    assert 0 < regs <= 255 and stack == 0 and local == 0
+    assert threads == 32 * num_warps == 32 * found[index].options["num_warps"]
