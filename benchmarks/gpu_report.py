@@ -134,6 +134,10 @@ DYNAMIC_SMEM: dict[str, int] = {
     r"^kwta_block_kernel<.*, 256, ": 8192 + 24576,
     # ... or, in a cluster launch (512 threads only), three histograms and kClusterCandBytes.
     r"^kwta_block_kernel<.*, 512, ": 3 * 8192 + 16384,
+    # cas.cu launch_logits: a sample's K channel means (acc_t): the benchmarks' largest K, 2048
+    # (more channels take more).
+    r"^cas_logits_kernel<double": 2048 * 8,
+    r"^cas_logits_kernel<": 2048 * 4,
 }
 
 
@@ -447,6 +451,10 @@ def _kwta_group(case) -> int:
     return math.prod(case.shape[2 if case.variant == "channel" else 1:])
 
 
+def _cas_rows4(case) -> bool:
+    return case.shape[2] * case.shape[3] % 4 == 0
+
+
 def _kwta_warp_max() -> int:
     return int(re.search(r"kWarpMaxGroup\s*=\s*(\d+)", (ROOT / "csrc/cuda/kwta.cu").read_text())[1])
 
@@ -455,9 +463,14 @@ def _kwta_warp_max() -> int:
 # tensors): {regular expression on the kernel: (op, uses(case), mode)}, by the rules of the host
 # code in csrc/cuda. A rule that matches no kernel of the library is reported (stale).
 CUDA_USES = {
-    # cas.cu: training (a label given) is kTrain; every CAS benchmark case trains.
-    r"^cas_forward_kernel<float, true>": ("cas", lambda c: True, "fwd"),
-    r"^cas_backward_kernel<float>": ("cas", lambda c: True, "bwd"),
+    # cas.cu: every CAS benchmark case trains (kTrain = 0 streams, the logits with a label;
+    # backward kBwd = 3); NCHW rows go 4 floats at a time where L = H * W is a multiple of 4.
+    r"^cas_rows_kernel<float, 4, 0>": ("cas", lambda c: _cas_rows4(c), "fwd"),
+    r"^cas_rows_kernel<float, 1, 0>": ("cas", lambda c: not _cas_rows4(c), "fwd"),
+    r"^cas_logits_kernel<float, true>": ("cas", lambda c: True, "fwd"),
+    r"^cas_rows_kernel<float, 4, 3>": ("cas", lambda c: _cas_rows4(c), "bwd"),
+    r"^cas_rows_kernel<float, 1, 3>": ("cas", lambda c: not _cas_rows4(c), "bwd"),
+    r"^cas_gather_rows_kernel<float>": ("cas", lambda c: True, "bwd"),
     # kwta.cu kwta_cuda_impl: a warp per group up to kWarpMaxGroup, else a block of 256 threads
     # up to 8192 elements, else 512; contiguous float32 rows are vectorized.
     r"^kwta_warp_kernel<float>": ("kwta", lambda c: _kwta_group(c) <= _kwta_warp_max(), "fwd"),
