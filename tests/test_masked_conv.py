@@ -17,7 +17,8 @@ from pyprune import reference
 from pyprune.nn import ChannelGate, MaskedConv2d
 from pyprune.ops.masked_conv import _OPS
 
-from .conftest import TF32_TOLERANCE, TOLERANCES, compile_and_backward, dtypes_for
+from .conftest import (DEVICE_BACKENDS, TF32_TOLERANCE, TOLERANCES, compile_and_backward,
+                       dtypes_for)
 
 # (N, C_in, C_out, H, W, kernel, stride, padding, dilation, groups): odd and power-of-2 sizes.
 GEOMETRIES = [
@@ -937,3 +938,136 @@ def test_output_layout_of_ambiguous_strides(device_backend):
                torch.float32, scale=4.0)
         got.sum().backward()
         assert leaf.grad.stride() == want_grad_stride, m
+
+
+# The Triton launcher's choices: tl.dot's input precision and the tile configuration.
+TRITON_BACKENDS = [p for p in DEVICE_BACKENDS if p.values[0][1] == "triton"]
+
+
+class _LaunchSpy:
+    """Stands in for the Triton conv kernel: records each launch's constexprs and options,
+    then launches the real kernel."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append(kwargs)
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+def _spy_conv_launches(monkeypatch) -> _LaunchSpy:
+    from pyprune.triton_kernels import masked_conv as kernels
+
+    spy = _LaunchSpy(kernels._masked_conv2d_forward_kernel)
+    monkeypatch.setattr(kernels, "_masked_conv2d_forward_kernel", spy)
+    return spy
+
+
+@pytest.mark.triton
+@pytest.mark.tf32
+def test_triton_input_precision_follows_cudnn_tf32():
+    """float32 multiplies in TF32 exactly when torch.backends.cudnn.allow_tf32 is set (PyTorch's
+    default for convolutions); half types never take the flag."""
+    pytest.importorskip("triton")
+    from pyprune.triton_kernels.masked_conv import input_precision
+
+    saved = torch.backends.cudnn.allow_tf32
+    try:
+        for allow in (True, False):
+            torch.backends.cudnn.allow_tf32 = allow
+            assert input_precision(torch.float32) == ("tf32" if allow else "ieee")
+            assert input_precision(torch.float16) == input_precision(torch.bfloat16) == "ieee"
+    finally:
+        torch.backends.cudnn.allow_tf32 = saved
+
+
+@pytest.mark.tf32
+@pytest.mark.parametrize("device_backend", TRITON_BACKENDS, indirect=True)
+@pytest.mark.parametrize("allow_tf32", [True, False], ids=["tf32", "ieee"])
+def test_triton_launch_precision(device_backend, monkeypatch, allow_tf32):
+    """The launcher passes the chosen precision to the kernel, the forward and the transposed
+    grad_x alike; with TF32 the result meets TF32 tolerances (scaled by the square root of the
+    reduction length), without it float32 ones."""
+    device, _ = device_backend
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", allow_tf32)
+    spy = _spy_conv_launches(monkeypatch)
+    geom = (2, 12, 10, 7, 6, 3, 1, 1, 1, 1)
+    x, weight, bias, gen = _inputs(geom, torch.float32, device)
+    x.requires_grad_()
+    out_mask = (torch.rand(2, 10, generator=gen) < 0.5).to(device)
+    got = pyprune.masked_conv2d(x, weight, bias, 1, 1, out_mask=out_mask)
+    got.backward(torch.ones_like(got))
+    assert [k["PRECISION"] for k in spy.launches] == ["tf32" if allow_tf32 else "ieee"] * 2
+    want = _expected(x.detach(), weight, bias, geom, out_mask=out_mask)
+    scale = (12 * 9) ** 0.5
+    if allow_tf32:
+        torch.testing.assert_close(got.detach().double(), want, atol=TF32_TOLERANCE[0] * scale,
+                                   rtol=TF32_TOLERANCE[1] * scale)
+    else:
+        _close(got.detach(), want, torch.float32, scale=4.0)
+
+
+@pytest.mark.triton
+def test_triton_tile_choice():
+    """Every configuration the launcher can choose has an AOT entry; tiles cover small
+    dimensions with the smallest choice, stay within the largest tile, cap output channels
+    under a bool output mask and under a weight mask, and shrink until the launch fills the
+    GPU where they can."""
+    pytest.importorskip("triton")
+    from pyprune.triton_kernels import masked_conv as kernels
+
+    configs = set(kernels._configs())
+    aot = {(v[2]["BLOCK_P"], v[2]["BLOCK_CO"], v[2]["BLOCK_CI"], v[2]["SPARSE"])
+           for v in kernels.AOT}
+    assert configs == aot
+    for c_out, p, n, out_masked, sparse in itertools.product(
+            (1, 16, 17, 64, 100, 128, 256, 512), (1, 16, 49, 64, 196, 256, 1024, 3136),
+            (1, 2, 32, 128, 256), (False, True), (False, True)):
+        if sparse and out_masked:
+            continue
+        bp, bco, bci = kernels._blocks(c_out, p, n, out_masked, sparse)
+        assert (bp, bco, bci, sparse) in configs
+        assert bp * bco <= kernels._MAX_TILE
+        assert bco <= (16 if sparse else 32 if out_masked else 128)
+        programs = n * -(-p // bp) * -(-c_out // bco)
+        assert programs >= kernels._SMS or max(bp, bco) <= 32
+    assert kernels._blocks(128, 256, 256) == (64, 128, 32)  # large batch: the largest tile
+    assert kernels._blocks(128, 256, 32) == (64, 64, 32)  # batch 32: 256 programs
+    assert kernels._blocks(7, 10, 256) == (16, 16, 32)  # small sizes: the smallest tiles
+
+
+# (N, C_in, C_out, H, W): pixels and channels that are not multiples of the tiles.
+TILE_GEOMETRIES = [(2, 40, 70, 13, 11), (1, 33, 100, 15, 10), (2, 20, 40, 12, 13)]
+
+
+@pytest.mark.parametrize("device_backend", TRITON_BACKENDS, indirect=True)
+@pytest.mark.parametrize("geom", range(len(TILE_GEOMETRIES)))
+@pytest.mark.parametrize("masks", ["none", "static", "sample"])
+def test_triton_large_tiles(device_backend, monkeypatch, geom, masks):
+    """The large tile configurations (chosen here at a small batch by pretending the GPU has
+    one SM) against the reference, with tails in pixels and in channels, in float32 (IEEE) and
+    bfloat16, with static and per-sample channel masks."""
+    from pyprune.triton_kernels import masked_conv as kernels
+
+    device, _ = device_backend
+    monkeypatch.setattr(kernels, "_SMS", 1)
+    spy = _spy_conv_launches(monkeypatch)
+    n, cin, cout, h, w = TILE_GEOMETRIES[geom]
+    full = (n, cin, cout, h, w, 3, 1, 1, 1, 1)
+    for dtype in (torch.float32, torch.bfloat16):
+        x, weight, bias, gen = _inputs(full, dtype, device, seed=geom)
+        lead = {"none": None, "static": (), "sample": (n,)}[masks]
+        in_mask = out_mask = None
+        if lead is not None:
+            in_mask = (torch.rand(*lead, cin, generator=gen) < 0.6).to(device)
+            out_mask = (torch.rand(*lead, cout, generator=gen) < 0.6).to(device)
+        got = pyprune.masked_conv2d(x, weight, bias, 1, 1, in_mask=in_mask, out_mask=out_mask)
+        want = _expected(x, weight, bias, full, in_mask=in_mask, out_mask=out_mask)
+        _close(got, want, dtype, scale=4.0 if dtype == torch.float32 else 2.0)
+        launch = spy.launches[-1]
+        assert (launch["BLOCK_P"], launch["BLOCK_CO"]) == kernels._blocks(
+            cout, h * w, n, out_mask is not None)[:2]
+        assert launch["BLOCK_P"] >= 64

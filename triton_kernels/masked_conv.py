@@ -7,9 +7,18 @@ channel is exactly 0, bias included.
 
 Forward: one implicit-GEMM launch over (sample n, block of BLOCK_P output pixels, block of
 BLOCK_CO output channels), accumulating in float32 the product of an im2col tile of x
-(BLOCK_P, BLOCK_CI) and a weight tile (BLOCK_CI, BLOCK_CO) with tl.dot (IEEE float32 for float32
-inputs, so float32 results match cuDNN/oneDNN without TF32), for every tap (kh, kw) and every
-chunk of BLOCK_CI input channels.
+(BLOCK_P, BLOCK_CI) and a weight tile (BLOCK_CI, BLOCK_CO) with tl.dot, for every tap (kh, kw)
+and every chunk of BLOCK_CI input channels: one flat loop over (tap, chunk) steps, a `for` loop
+on the GPU that the compiler software-pipelines (num_stages: the loads of the next steps' tiles
+in flight while the tensor cores multiply this one's). float32 inputs multiply in TF32 where
+PyTorch lets cuDNN convolutions do so (torch.backends.cudnn.allow_tf32, its default) and in IEEE
+float32 otherwise (then results match cuDNN/oneDNN without TF32), chosen per call
+(input_precision); float16 and bfloat16 tiles go to the tensor cores as they are.
+
+Tiles (_blocks): 16-128 pixels by 16-128 output channels (at most 128 x 64), 32 input channels
+a step, each the smallest that covers its dimension, halved while a launch has fewer programs
+than the GPU has SMs, so that small batches still fill it; warps by the tile elements a thread
+holds, so that no variant spills at MAX_REGS registers.
 
 Masked work is skipped by the channel order, not only by whole blocks of contiguous channels:
 the launcher turns each mask into its channels listed kept-first (a stable sort of ~mask, per
@@ -49,9 +58,11 @@ weight gradient (and grad_x otherwise) runs the dense engine (torch's convolutio
 cuDNN on CUDA, oneDNN on the CPU) on the masked tensors: grad masked by out_mask, x by in_mask,
 and grad_x masked by in_mask again; grad_bias is the masked grad summed over (N, H, W).
 
-Loops over runtime bounds are `while` loops (Triton 3.6's interpreter cannot take a runtime
-bound in range() with numpy >= 2.4). The flags are runtime int32 values to keep the AOT list
-small; kernel sizes KH, KW are runtime too. UPCAST (bfloat16 on CPU tensors, i.e. under the
+Under the interpreter (CPU tensors, FOR_LOOP False) the reduction is a `while` loop over the
+same steps (Triton 3.6's interpreter cannot take a runtime bound in range() with numpy >= 2.4);
+both loops call one step function. The flags are runtime int32 values to keep the AOT list
+small; kernel sizes KH, KW are runtime too. Offsets inside a sample and in the weight are int32
+(the launcher checks that they fit), a sample's own offset int64. UPCAST (bfloat16 on CPU tensors, i.e. under the
 interpreter, only) converts the tiles to float32 before tl.dot, because Triton 3.6's interpreter
 multiplies bfloat16 tiles as their uint16 bits; the products are exact in float32 either way, so
 the result is the same math as the GPU's bfloat16 tensor-core dot with float32 accumulation.
@@ -67,17 +78,33 @@ from .aot import signature
 from .cas import MAX_REGS, _round, on_device
 
 _TL_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-# Tile elements per thread (the accumulator, the x tile and the weight tile) that fit MAX_REGS
-# registers without spills: the fewest warps of _WARPS that keep a launch within it.
-_ELEMENTS_PER_THREAD = 24
-_WARPS = (4, 8, 16)
-# tl.dot needs every tile dimension >= 16.
-_BLOCK_PS = (16, 64)
-_BLOCK_COS = (16, 32, 64)
-_BLOCK_CIS = (16, 32)
+# Tiles for the tensor cores (tl.dot needs every dimension >= 16): pixels x output channels
+# from these, input channels BLOCK_CI at a time (32 float32 values: a 128-byte row).
+_BLOCK_PS = (16, 32, 64, 128)
+_BLOCK_COS = (16, 32, 64, 128)
+_BLOCK_CI = 32
+# The largest output-channel tile with a bool output mask: the kept channels of a sample fill
+# ceil(kept / BLOCK_CO) blocks, so a smaller tile wastes less on the last one.
+_MASKED_BLOCK_CO = 32
+# Programs that fill the GPU (an H100 / H200 has 132 SMs); the launcher halves the tiles until
+# a launch has that many.
+_SMS = 132
 # Output- and input-channel tile of the weight-mask path: the smallest, so that most all-zero
 # tiles of a pruned weight are whole tiles that can be skipped.
 _WEIGHT_MASK_BLOCK = 16
+# Tile elements per thread (the float32 accumulator and one pipeline stage of the x and weight
+# tiles) that fit MAX_REGS registers without spills (sm_90 compiles): the fewest warps of
+# _WARPS that keep a launch within it. sm_90's warpgroup MMA, which Triton uses from 64
+# pixels on, reads its operands from shared memory; the sm_80-style MMA of smaller tiles
+# holds them in registers, hence the smaller budget.
+_ELEMENTS_PER_THREAD = {"wgmma": 32, "mma": 20}
+_WARPS = (4, 8, 16)
+# Accumulator elements of the largest tile.
+_MAX_TILE = 128 * 64
+# Software-pipeline depth of the reduction loop on tensor cores (shared memory: stages x the
+# two tiles); IEEE float32 runs tl.dot as FMAs on operands held in registers, which leave no
+# room for tiles in flight (spills at every depth above 1).
+_NUM_STAGES = {"tensor": 3, "ieee": 1}
 
 
 @triton.jit
@@ -87,14 +114,56 @@ def _scaled(xt, scale):
     return (xt.to(tl.float32) * scale.to(tl.float32)[None, :]).to(xt.dtype)
 
 
-@triton.jit(do_not_specialize=["in_per_sample", "out_per_sample", "has_bias", "has_wmask",
-                               "has_in_scale", "has_out_scale", "has_raw"])
+@triton.jit
+def _tile_product(acc, j, chunks, blk_list, every, x_base, oh, ow, p_ok, H, W, KW,
+                  stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, in_list, in_kept, scale_row,
+                  has_in_scale, w_ptr, wm_ptr, co, co_ok, x_sc, x_sh, x_sw, w_so, w_si, w_sh, w_sw,
+                  BLOCK_CI: tl.constexpr, SPARSE: tl.constexpr, UPCAST: tl.constexpr,
+                  PRECISION: tl.constexpr):
+    """acc plus step j of the reduction: the x tile (pixels, BLOCK_CI input channels) at one
+    tap times the weight tile (BLOCK_CI, output channels) there. Dense, step j is chunk
+    j % chunks of the kept input channels at tap j // chunks; SPARSE, entry j of the block
+    list (entry j itself for a sample that runs every tile)."""
+    if SPARSE:
+        e = tl.where(every, j, tl.load(blk_list + j))
+    else:
+        e = j
+    tap = e // chunks
+    c0 = (e - tap * chunks) * BLOCK_CI
+    kh = tap // KW
+    kw = tap - kh * KW
+    ih = oh * stride_h - pad_h + kh * dil_h
+    iw = ow * stride_w - pad_w + kw * dil_w
+    pix_ok = p_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+    cs = c0 + tl.arange(0, BLOCK_CI)
+    c_ok = cs < in_kept
+    ci = tl.load(in_list + cs, mask=c_ok, other=0)
+    xt = tl.load(x_base + (ih * x_sh + iw * x_sw)[:, None] + ci[None, :] * x_sc,
+                 mask=pix_ok[:, None] & c_ok[None, :], other=0.0)
+    # Soft input mask: scales of 1 without one (exact in every dtype), so that the tile goes
+    # to the dot on one path, with no branch between its load and the dot.
+    scale = tl.load(scale_row + ci, mask=c_ok & (has_in_scale != 0), other=1.0)
+    xt = _scaled(xt, scale)
+    w_off = kh * w_sh + kw * w_sw + co[None, :] * w_so + ci[:, None] * w_si
+    w_ok = c_ok[:, None] & co_ok[None, :]
+    wt = tl.load(w_ptr + w_off, mask=w_ok, other=0.0)
+    if SPARSE:
+        keep = tl.load(wm_ptr + w_off, mask=w_ok, other=0)
+        wt = tl.where(keep != 0, wt, tl.zeros_like(wt))
+    if UPCAST:
+        xt = xt.to(tl.float32)
+        wt = wt.to(tl.float32)
+    return tl.dot(xt, wt, acc, input_precision=PRECISION)
+
+
+@triton.jit(do_not_specialize=["in_per_sample", "out_per_sample", "has_bias", "has_in_scale",
+                               "has_out_scale", "has_raw"])
 def _masked_conv2d_forward_kernel(
     x_ptr, w_ptr, b_ptr, in_idx_ptr, in_cnt_ptr, out_idx_ptr, out_cnt_ptr, out_ptr,
     wm_ptr, blk_idx_ptr, blk_cnt_ptr, finite_ptr, in_scale_ptr, out_scale_ptr, raw_ptr,
     C_in, H, W, C_out, H_out, W_out, KH, KW,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-    p_blocks, co_blocks, in_per_sample, out_per_sample, has_bias, has_wmask, ci_blocks,
+    p_blocks, co_blocks, in_per_sample, out_per_sample, has_bias,
     tap_blocks, has_in_scale, has_out_scale, has_raw,
     x_sn, x_sc, x_sh, x_sw,
     w_so, w_si, w_sh, w_sw,
@@ -102,10 +171,15 @@ def _masked_conv2d_forward_kernel(
     BLOCK_P: tl.constexpr,
     BLOCK_CO: tl.constexpr,
     BLOCK_CI: tl.constexpr,
+    SPARSE: tl.constexpr,
+    PRECISION: tl.constexpr,
+    FOR_LOOP: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
     # Output-channel blocks vary fastest: neighbouring programs share the same x tile.
-    pid = tl.program_id(0).to(tl.int64)
+    # Offsets inside a sample (and in the weight) are int32, which the launcher checks; the
+    # sample's own offset is int64.
+    pid = tl.program_id(0)
     co_b = pid % co_blocks
     rest = pid // co_blocks
     p_b = rest % p_blocks
@@ -113,11 +187,11 @@ def _masked_conv2d_forward_kernel(
 
     out_row = n * out_per_sample
     out_kept = tl.load(out_cnt_ptr + out_row)
-    slots = co_b * BLOCK_CO + tl.arange(0, BLOCK_CO).to(tl.int64)
-    co = tl.load(out_idx_ptr + out_row * C_out + slots, mask=slots < C_out, other=0).to(tl.int64)
+    slots = co_b * BLOCK_CO + tl.arange(0, BLOCK_CO)
+    co = tl.load(out_idx_ptr + out_row * C_out + slots, mask=slots < C_out, other=0)
     co_ok = slots < out_kept
 
-    ps = p_b * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
+    ps = p_b * BLOCK_P + tl.arange(0, BLOCK_P)
     p_ok = ps < H_out * W_out
     oh = ps // W_out
     ow = ps % W_out
@@ -127,98 +201,88 @@ def _masked_conv2d_forward_kernel(
         in_row = n * in_per_sample
         in_kept = tl.load(in_cnt_ptr + in_row)
         in_list = in_idx_ptr + in_row * C_in
-        x_base = x_ptr + n * x_sn
-        cis = tl.arange(0, BLOCK_CI)
-        if has_wmask != 0:
-            # Weight mask: only the listed (tap, input-channel block) pairs of this block of
-            # output channels, all of them for a sample that may hold inf or NaN.
+        chunks = tl.cdiv(in_kept, BLOCK_CI)
+        blk_list = blk_idx_ptr + co_b * tap_blocks
+        if SPARSE:
+            # Only the listed (tap, input-channel block) pairs of this block of output
+            # channels, all of them for a sample that may hold inf or NaN.
             every = tl.load(finite_ptr + n) == 0
-            n_blk = tl.where(every, tap_blocks, tl.load(blk_cnt_ptr + co_b))
-            blk_list = blk_idx_ptr + co_b * tap_blocks
-            j = 0
-            while j < n_blk:
-                e = tl.where(every, j, tl.load(blk_list + j))
-                tap = e // ci_blocks
-                c0 = (e - tap * ci_blocks) * BLOCK_CI
-                kh = tap // KW
-                kw = tap - kh * KW
-                ih = oh * stride_h - pad_h + kh * dil_h
-                iw = ow * stride_w - pad_w + kw * dil_w
-                pix_ok = p_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-                cs = c0 + cis
-                c_ok = cs < in_kept
-                ci = tl.load(in_list + cs, mask=c_ok, other=0).to(tl.int64)
-                xt = tl.load(x_base + (ih * x_sh + iw * x_sw)[:, None] + ci[None, :] * x_sc,
-                             mask=pix_ok[:, None] & c_ok[None, :], other=0.0)
-                if has_in_scale != 0:
-                    xt = _scaled(xt, tl.load(in_scale_ptr + n * C_in + ci, mask=c_ok, other=0.0))
-                w_off = kh * w_sh + kw * w_sw + co[None, :] * w_so + ci[:, None] * w_si
-                w_ok = c_ok[:, None] & co_ok[None, :]
-                wt = tl.load(w_ptr + w_off, mask=w_ok, other=0.0)
-                keep = tl.load(wm_ptr + w_off, mask=w_ok, other=0)
-                wt = tl.where(keep != 0, wt, tl.zeros_like(wt))
-                if UPCAST:
-                    xt = xt.to(tl.float32)
-                    wt = wt.to(tl.float32)
-                acc = tl.dot(xt, wt, acc, input_precision="ieee")
-                j += 1
+            steps = tl.where(every, tap_blocks, tl.load(blk_cnt_ptr + co_b))
         else:
-            kh = 0
-            while kh < KH:
-                ih = oh * stride_h - pad_h + kh * dil_h
-                h_ok = p_ok & (ih >= 0) & (ih < H)
-                kw = 0
-                while kw < KW:
-                    iw = ow * stride_w - pad_w + kw * dil_w
-                    pix_ok = h_ok & (iw >= 0) & (iw < W)
-                    x_pix = x_base + ih * x_sh + iw * x_sw
-                    w_tap = w_ptr + kh * w_sh + kw * w_sw + co * w_so
-                    c0 = 0
-                    while c0 < in_kept:
-                        cs = c0 + cis
-                        c_ok = cs < in_kept
-                        ci = tl.load(in_list + cs, mask=c_ok, other=0).to(tl.int64)
-                        xt = tl.load(x_pix[:, None] + ci[None, :] * x_sc,
-                                     mask=pix_ok[:, None] & c_ok[None, :], other=0.0)
-                        if has_in_scale != 0:
-                            xt = _scaled(xt, tl.load(in_scale_ptr + n * C_in + ci, mask=c_ok,
-                                                     other=0.0))
-                        wt = tl.load(w_tap[None, :] + ci[:, None] * w_si,
-                                     mask=c_ok[:, None] & co_ok[None, :], other=0.0)
-                        if UPCAST:
-                            xt = xt.to(tl.float32)
-                            wt = wt.to(tl.float32)
-                        acc = tl.dot(xt, wt, acc, input_precision="ieee")
-                        c0 += BLOCK_CI
-                    kw += 1
-                kh += 1
+            every = False
+            steps = KH * KW * chunks
+        x_base = x_ptr + n.to(tl.int64) * x_sn
+        scale_row = in_scale_ptr + n * C_in
+        if FOR_LOOP:  # software-pipelined by the compiler (num_stages)
+            for j in range(0, steps):
+                acc = _tile_product(acc, j, chunks, blk_list, every, x_base, oh, ow, p_ok, H, W,
+                                    KW, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, in_list,
+                                    in_kept, scale_row, has_in_scale, w_ptr, wm_ptr, co, co_ok,
+                                    x_sc, x_sh, x_sw, w_so, w_si, w_sh, w_sw,
+                                    BLOCK_CI, SPARSE, UPCAST, PRECISION)
+        else:
+            j = 0
+            while j < steps:
+                acc = _tile_product(acc, j, chunks, blk_list, every, x_base, oh, ow, p_ok, H, W,
+                                    KW, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, in_list,
+                                    in_kept, scale_row, has_in_scale, w_ptr, wm_ptr, co, co_ok,
+                                    x_sc, x_sh, x_sw, w_so, w_si, w_sh, w_sw,
+                                    BLOCK_CI, SPARSE, UPCAST, PRECISION)
+                j += 1
         bias = tl.load(b_ptr + co, mask=co_ok & (has_bias != 0), other=0.0).to(tl.float32)
         acc = tl.where(co_ok[None, :], acc + bias[None, :], 0.0)
 
-    offsets = n * out_sn + co[None, :] * out_sc + oh[:, None] * out_sh + ow[:, None] * out_sw
+    sample = n.to(tl.int64) * out_sn
+    offsets = co[None, :] * out_sc + oh[:, None] * out_sh + ow[:, None] * out_sw
     in_out = p_ok[:, None] & (slots < C_out)[None, :]
     result = _round(acc, out_ptr.dtype.element_ty)
     if has_raw != 0:  # the unscaled output, for the soft output mask's gradient
-        tl.store(raw_ptr + offsets, result, mask=in_out)
+        tl.store(raw_ptr + sample + offsets, result, mask=in_out)
     if has_out_scale != 0:  # soft output mask: the rounded output times the sample's scales
         scale = tl.load(out_scale_ptr + n * C_out + co, mask=co_ok, other=0.0).to(tl.float32)
         result = _round(result.to(tl.float32) * scale[None, :], out_ptr.dtype.element_ty)
-    tl.store(out_ptr + offsets, result, mask=in_out)
+    tl.store(out_ptr + sample + offsets, result, mask=in_out)
 
 
-def _blocks(C_in: int, C_out: int, P: int) -> tuple[int, int, int]:
-    """(BLOCK_P, BLOCK_CO, BLOCK_CI) for C_in input channels, C_out output channels and P output
-    pixels per sample: each the smallest of its choices that covers the size, else the largest."""
+def _blocks(C_out: int, P: int, N: int, out_masked: bool = False, sparse: bool = False
+            ) -> tuple[int, int, int]:
+    """(BLOCK_P, BLOCK_CO, BLOCK_CI) for N samples of P output pixels and C_out output
+    channels: each tile the smallest choice that covers its size, else the largest (output
+    channels at most _MASKED_BLOCK_CO under a bool output mask, _WEIGHT_MASK_BLOCK by
+    _WEIGHT_MASK_BLOCK channels under a weight mask), then the larger of the two halved (not
+    below 32) while the tile is larger than _MAX_TILE or the launch has fewer than _SMS
+    programs."""
     def pick(choices: tuple[int, ...], size: int) -> int:
         return next((b for b in choices if b >= size), choices[-1])
 
-    return pick(_BLOCK_PS, P), pick(_BLOCK_COS, C_out), pick(_BLOCK_CIS, C_in)
+    cap = _WEIGHT_MASK_BLOCK if sparse else _MASKED_BLOCK_CO if out_masked else _BLOCK_COS[-1]
+    block_p, block_co = pick(_BLOCK_PS, P), min(pick(_BLOCK_COS, C_out), cap)
+    while block_p * block_co > _MAX_TILE or (
+            N * triton.cdiv(P, block_p) * triton.cdiv(C_out, block_co) < _SMS
+            and max(block_p, block_co) > 32):
+        if block_p >= block_co:
+            block_p //= 2
+        else:
+            block_co //= 2
+    return block_p, block_co, _WEIGHT_MASK_BLOCK if sparse else _BLOCK_CI
 
 
 def _num_warps(block_p: int, block_co: int, block_ci: int) -> int:
     """Warps of a launch with these tiles (_ELEMENTS_PER_THREAD)."""
     elements = block_p * block_co + block_ci * (block_p + block_co)
-    return next((w for w in _WARPS if elements <= 32 * w * _ELEMENTS_PER_THREAD), _WARPS[-1])
+    budget = _ELEMENTS_PER_THREAD["wgmma" if block_p >= 64 else "mma"]
+    return next((w for w in _WARPS if elements <= 32 * w * budget), _WARPS[-1])
+
+
+def _num_stages(precision: str, dtype: torch.dtype) -> int:
+    return _NUM_STAGES["ieee" if dtype == torch.float32 and precision == "ieee" else "tensor"]
+
+
+def input_precision(dtype: torch.dtype) -> str:
+    """tl.dot's input precision for tensors of dtype: float32 runs TF32 where PyTorch lets
+    cuDNN convolutions do so (torch.backends.cudnn.allow_tf32, True by default), else IEEE
+    float32; float16 and bfloat16 multiply natively (the setting does not apply to them)."""
+    return "tf32" if dtype == torch.float32 and torch.backends.cudnn.allow_tf32 else "ieee"
 
 
 def _pair(v, name: str) -> tuple[int, int]:
@@ -283,6 +347,11 @@ def _output_format(x: torch.Tensor) -> torch.memory_format:
     """The memory format of outputs and input gradients: x's as F.conv2d and the fakes read it
     (channels_last where x's strides are channels_last-like, even if also contiguous)."""
     return torch._prims_common.suggest_memory_format(x)
+
+
+def _span(t: torch.Tensor, first: int) -> int:
+    """The largest element offset in t over its dimensions from `first` on."""
+    return sum((size - 1) * abs(step) for size, step in zip(t.shape[first:], t.stride()[first:]))
 
 
 def _output_size(size: int, k: int, stride: int, padding: int, dilation: int) -> int:
@@ -367,9 +436,13 @@ def masked_conv2d_forward(
                          f"{tuple(out.shape)}, strides, dtype and device")
     if out.numel() == 0:
         return out
+    if max(_span(x, 1), _span(out, 1), _span(weight, 0)) >= 2**31:
+        raise ValueError("masked_conv2d (triton): a sample of x or of the output, or the weight, "
+                         "spans 2**31 elements or more (the kernel's offsets are int32)")
     in_idx, in_cnt, in_per_sample = _kept_first(in_rows, C_in, x.device)
     out_idx, out_cnt, out_per_sample = _kept_first(out_rows, C_out, x.device)
-    block_p, block_co, block_ci = _blocks(C_in, C_out, H_out * W_out)
+    block_p, block_co, block_ci = _blocks(C_out, H_out * W_out, N, out_rows is not None,
+                                          weight_mask is not None)
     if weight_mask is not None:
         if in_rows is not None or out_rows is not None:
             raise ValueError("masked_conv2d (triton): a weight mask runs without channel masks")
@@ -380,7 +453,6 @@ def masked_conv2d_forward(
         if weight_mask.device != x.device:
             raise ValueError(f"masked_conv2d (triton): weight_mask must be on {x.device}, got "
                              f"{weight_mask.device}")
-        block_co = block_ci = _WEIGHT_MASK_BLOCK
         weight = weight.contiguous()  # the mask is read with the weight's offsets
         wm = weight_mask.contiguous().view(torch.uint8)
         blk_idx, blk_cnt, ci_blocks = _block_table(weight_mask, block_co, block_ci)
@@ -390,6 +462,7 @@ def masked_conv2d_forward(
         wm, blk_idx, blk_cnt, finite, ci_blocks = in_cnt.view(torch.uint8), in_idx, in_cnt, in_cnt, 1
     p_blocks = triton.cdiv(H_out * W_out, block_p)
     co_blocks = triton.cdiv(C_out, block_co)
+    precision = input_precision(x.dtype)
     with on_device(x):
         _masked_conv2d_forward_kernel[(N * p_blocks * co_blocks,)](
             x, weight, bias if bias is not None else weight, in_idx, in_cnt, out_idx, out_cnt, out,
@@ -398,12 +471,15 @@ def masked_conv2d_forward(
             C_in, H, W, C_out, H_out, W_out, KH, KW,
             *stride, *padding, *dilation,
             p_blocks, co_blocks, in_per_sample, out_per_sample, int(bias is not None),
-            int(weight_mask is not None), ci_blocks, KH * KW * ci_blocks, int(in_scale is not None),
-            int(out_scale is not None), int(raw is not None),
+            KH * KW * ci_blocks, int(in_scale is not None), int(out_scale is not None),
+            int(raw is not None),
             *x.stride(), *weight.stride(), *out.stride(),
             BLOCK_P=block_p, BLOCK_CO=block_co, BLOCK_CI=block_ci,
+            SPARSE=weight_mask is not None, PRECISION=precision,
+            FOR_LOOP=x.device.type != "cpu",
             UPCAST=x.dtype == torch.bfloat16 and x.device.type == "cpu",
-            num_warps=_num_warps(block_p, block_co, block_ci), maxnreg=MAX_REGS,
+            num_warps=_num_warps(block_p, block_co, block_ci),
+            num_stages=_num_stages(precision, x.dtype), maxnreg=MAX_REGS,
         )
     return out
 
@@ -518,21 +594,28 @@ _POINTERS = {"in_idx_ptr": "*i32", "in_cnt_ptr": "*i32", "out_idx_ptr": "*i32",
              "finite_ptr": "*i32"}
 
 
+def _configs() -> list[tuple[int, int, int, bool]]:
+    """Every (BLOCK_P, BLOCK_CO, BLOCK_CI, SPARSE) _blocks can choose."""
+    dense = [(p, co, _BLOCK_CI, False) for p in _BLOCK_PS for co in _BLOCK_COS
+             if p * co <= _MAX_TILE]
+    return dense + [(p, _WEIGHT_MASK_BLOCK, _WEIGHT_MASK_BLOCK, True) for p in _BLOCK_PS]
+
+
 def _aot_variants() -> list[tuple]:
-    """Every (kernel, signature, constexprs, options) masked_conv2d_forward can launch: one per
-    dtype and block-size choice."""
+    """Every (kernel, signature, constexprs, options) masked_conv2d_forward can launch on a
+    GPU: one per dtype, input precision (float32: tf32 and ieee) and block configuration."""
     variants = []
-    for dtype in _TL_DTYPES.values():
-        for block_p in _BLOCK_PS:
-            for block_co in _BLOCK_COS:
-                for block_ci in _BLOCK_CIS:
-                    constexprs = {"BLOCK_P": block_p, "BLOCK_CO": block_co, "BLOCK_CI": block_ci,
-                                  "UPCAST": False}
-                    options = {"num_warps": _num_warps(block_p, block_co, block_ci),
-                               "maxnreg": MAX_REGS}
-                    variants.append((_masked_conv2d_forward_kernel,
-                                     signature(_masked_conv2d_forward_kernel, dtype, constexprs, _POINTERS),
-                                     constexprs, options))
+    for dtype, name in _TL_DTYPES.items():
+        for precision in ("tf32", "ieee") if dtype == torch.float32 else ("ieee",):
+            for block_p, block_co, block_ci, sparse in _configs():
+                constexprs = {"BLOCK_P": block_p, "BLOCK_CO": block_co, "BLOCK_CI": block_ci,
+                              "SPARSE": sparse, "PRECISION": precision, "FOR_LOOP": True,
+                              "UPCAST": False}
+                options = {"num_warps": _num_warps(block_p, block_co, block_ci),
+                           "num_stages": _num_stages(precision, dtype), "maxnreg": MAX_REGS}
+                variants.append((_masked_conv2d_forward_kernel,
+                                 signature(_masked_conv2d_forward_kernel, name, constexprs, _POINTERS),
+                                 constexprs, options))
     return variants
 
 
