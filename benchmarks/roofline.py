@@ -127,13 +127,16 @@ masked_conv (csrc/cuda/masked_conv.cu, csrc/masked_conv.h, triton_kernels/masked
                (zeros + index_copy for out masks): 4-6 launches. Per-sample masks: the implicit-GEMM
                kernel, FP32 FMA (no tensor cores), 64-channel tiles: ceil(kept/64)*64 channels
                of work. Weight masks: the masked weight (3 bit ops) in a dense cuDNN conv.
-  triton       every variant runs tl.dot with input_precision="ieee" (FP32 FMA). Channel masks:
-               kept-first channel lists (sort + sum per mask), work ceil(kept/BLOCK)*BLOCK.
-               Weight masks: block-sparse over 16x16 channel tiles per tap (~17 small launches
-               for the tile lists); unstructured masks leave no tile empty.
+  triton       tl.dot on tensor cores (float32: TF32, cudnn.allow_tf32 being PyTorch's default),
+               tiles of 16-128 pixels x 16-128 output channels x 32 input channels
+               (triton_conv_config), software-pipelined. Channel masks: kept-first channel
+               lists (sort + sum per mask), work ceil(kept/BLOCK)*BLOCK (output tiles <= 32
+               under an output mask). Weight masks: block-sparse over 16x16 channel tiles per
+               tap (~17 small launches for the tile lists); unstructured masks leave no tile
+               empty.
   backward     cuda static masks: cuDNN dgrad and wgrad on the kept channels, index
                selects and scatters around them; cuda per-sample masks and every triton variant: cuDNN wgrad on the whole
-               problem (TF32) and grad_x by the FMA kernel on the transposed, flipped weight.
+               problem (TF32) and grad_x by the kernel on the transposed, flipped weight.
   eager        mask multiplies around a dense cuDNN conv (+ bias add); backward dgrad + wgrad.
   compile      the same conv; the mask multiplies fused into one pointwise kernel each side.
 
@@ -183,6 +186,13 @@ _HOPPER = {
     "cuda_gemm_eff": 0.4,
     "triton_fma_eff": 0.3,
     "triton_fma16_eff": 0.2,
+    # Triton's masked conv on tensor cores, as a share of tensor_tflops (H100 SXM data sheet,
+    # dense: TF32 ~495, BF16 ~989 TFLOP/s; tensor_tflops is what cuDNN-class kernels sustain):
+    # every x and weight element a gathered 4-byte load (channel lists, padding: no TMA, no
+    # 16-byte vectors), 3 pipeline stages; 64+ pixel tiles on warpgroup MMA, smaller tiles and
+    # the 16-channel weight-mask tiles on narrower MMAs.
+    "triton_tc_eff": 0.35,
+    "triton_tc16_eff": 0.2,
     "l2_gbps": 7000.0,
     "l2_reuse": 0.5,  # share of the L2 a reread's working set may take and still hit
     "kernel_us": 1.5,
@@ -453,10 +463,26 @@ def triton_sap_config(exact: bool) -> tuple[int, int, int]:
     return (64, 64, 4) if exact else (1024, 64, 4)
 
 
-def triton_conv_config(c_in: int, c_out: int, pixels: int) -> tuple[int, int, int]:
-    """masked_conv._blocks: (BLOCK_P, BLOCK_CO, BLOCK_CI); 4 warps; weight masks use 16x16
-    channel tiles (_WEIGHT_MASK_BLOCK)."""
-    return _pick((16, 64), pixels), _pick((16, 32, 64), c_out), _pick((16, 32), c_in)
+def triton_conv_config(c_out: int, pixels: int, n: int, out_masked: bool = False,
+                       sparse: bool = False) -> tuple[int, int, int, int]:
+    """masked_conv._blocks and _num_warps: (BLOCK_P, BLOCK_CO, BLOCK_CI, num_warps). Tiles of
+    16-128 pixels by 16-128 output channels (at most 128 x 64; output channels at most 32 under
+    a bool output mask, 16 x 16 channel tiles under a weight mask), the smallest covering
+    choice, the larger halved (not below 32) while the launch has fewer than 132 programs."""
+    cap = TRITON_WEIGHT_MASK_BLOCK if sparse else 32 if out_masked else 128
+    block_p, block_co = _pick((16, 32, 64, 128), pixels), min(_pick((16, 32, 64, 128), c_out), cap)
+    while block_p * block_co > 128 * 64 or (
+            n * math.ceil(pixels / block_p) * math.ceil(c_out / block_co) < 132
+            and max(block_p, block_co) > 32):
+        if block_p >= block_co:
+            block_p //= 2
+        else:
+            block_co //= 2
+    block_ci = TRITON_WEIGHT_MASK_BLOCK if sparse else 32
+    elements = block_p * block_co + block_ci * (block_p + block_co)
+    budget = 32 if block_p >= 64 else 20
+    warps = next((w for w in (4, 8, 16) if elements <= 32 * w * budget), 16)
+    return block_p, block_co, block_ci, warps
 
 
 TRITON_WEIGHT_MASK_BLOCK = 16
@@ -1111,24 +1137,27 @@ def _triton_channel_lists(p: Plan, mask: bool) -> None:
 
 def _triton_conv(p: Plan, g: _Conv, out_kept: int, in_kept: int, pixels_total: int,
                  out_mask: bool, in_mask: bool) -> None:
-    """_masked_conv2d_forward_kernel with channel lists: work padded to the blocks."""
-    block_p, block_co, block_ci = triton_conv_config(g.c, g.c, pixels_total)
+    """_masked_conv2d_forward_kernel with channel lists: work padded to the blocks, on the
+    tensor cores (TF32 for float32: cudnn.allow_tf32, PyTorch's default, which the benchmark
+    keeps); the output-channel blocks past the kept count store zeros only."""
+    block_p, block_co, block_ci, warps = triton_conv_config(g.c, pixels_total, g.n, out_mask)
     _triton_channel_lists(p, in_mask)
     _triton_channel_lists(p, out_mask)
     p.host("triton")
     co_work = math.ceil(out_kept / block_co) * block_co
     ci_work = math.ceil(in_kept / block_ci) * block_ci
     p_work = math.ceil(pixels_total / block_p) * block_p
-    programs = g.n * math.ceil(pixels_total / block_p) * math.ceil(g.c / block_co)
-    p.kernel("_masked_conv2d_forward_kernel (ieee dot)", "inner",
+    active = g.n * math.ceil(pixels_total / block_p) * math.ceil(out_kept / block_co)
+    p.kernel("_masked_conv2d_forward_kernel (tensor cores)", "inner",
              hbm=2 * g.x + g.weight, l2=g.x * (math.ceil(co_work / block_co) - 1),
-             flops=g.flops(co_work, ci_work, p_work), eff=p.gpu["triton_fma_eff"],
-             ctas=programs, per_sm=4)
+             flops=g.flops(co_work, ci_work, p_work), tensor=True,
+             eff=p.gpu["triton_tc_eff" if block_p >= 64 else "triton_tc16_eff"],
+             ctas=active, per_sm=16 // warps)
 
 
 def _triton_sparse(p: Plan, g: _Conv) -> None:
     """The block-sparse weight-mask path: tile lists, finite samples, the kernel over the
-    occupied 16x16 (output, input channel) tiles of each tap."""
+    occupied 16x16 (output, input channel) tiles of each tap, on the tensor cores."""
     tile = TRITON_WEIGHT_MASK_BLOCK
     occupied = (1 - (1 - g.keep) ** (tile * tile)) if g.kind == "w" else g.keep
     _triton_channel_lists(p, False)
@@ -1140,13 +1169,15 @@ def _triton_sparse(p: Plan, g: _Conv) -> None:
     p.kernel("finite samples: isfinite", "aten", hbm=g.n * 8)
     p.kernel("finite samples: to(int32)", "aten", hbm=g.n * 8)
     p.host("triton")
-    block_p = triton_conv_config(g.c, g.c, g.pixels)[0]
+    block_p, _, _, warps = triton_conv_config(g.c, g.pixels, g.n, sparse=True)
     p_work = math.ceil(g.pixels / block_p) * block_p
     co_blocks = math.ceil(g.c / tile)
-    p.kernel("_masked_conv2d_forward_kernel (block-sparse, ieee dot)", "inner",
+    # 16 output channels a program: the x tile is reread per output block, the MMA is narrow.
+    p.kernel("_masked_conv2d_forward_kernel (block-sparse, tensor cores)", "inner",
              hbm=2 * g.x + g.weight * (1 + 1 / g.esize), l2=g.x * (co_blocks - 1) * occupied,
-             flops=g.flops(g.c, g.c, p_work) * occupied, eff=p.gpu["triton_fma16_eff"],
-             ctas=g.n * math.ceil(g.pixels / block_p) * co_blocks, per_sm=4)
+             flops=g.flops(g.c, g.c, p_work) * occupied, tensor=True,
+             eff=p.gpu["triton_tc16_eff"],
+             ctas=g.n * math.ceil(g.pixels / block_p) * co_blocks, per_sm=16 // warps)
 
 
 def _fold_weight_mask(p: Plan, g: _Conv, grad: bool) -> None:
