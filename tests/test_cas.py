@@ -10,10 +10,10 @@ import pyprune
 from pyprune import reference
 from pyprune.ops.cas import _OPS
 
-from .conftest import TOLERANCES, dtypes_for
+from .conftest import DEVICE_BACKENDS, TOLERANCES, dtypes_for
 
-# (N, K, H, W, classes): odd and power-of-2 sizes; 1x1 maps, one class; (1, 40, 17, 17) is
-# streamed in tiles by the Triton kernel (a sample larger than its register tile).
+# (N, K, H, W, classes): odd and power-of-2 sizes; 1x1 maps, one class; (1, 40, 17, 17) spans
+# two chunks of L in the Triton kernels (rows longer than 256).
 CASES = [
     (3, 5, 7, 7, 4),
     (4, 16, 8, 8, 10),
@@ -393,3 +393,83 @@ def test_cuda_launch_shapes(shape, layout, train):
             for name, a, b in zip(("x", "weight", "bias"), got, want):
                 assert a.dtype == dtype, name
                 _close(a, b, dtype, scale=max(1.0, float(b.abs().max())) * 4)
+
+
+# The Triton kernels' split shapes (triton_kernels/cas.py): one sample over many programs, with
+# several chunks of L and several channel blocks; channels_last with channel blocks and many
+# position chunks (more than a logits step takes, BLOCK_S = 4); more than 64 classes (logits
+# over blocks of 4 samples and 16 classes, and the separate argmax kernel); channels beyond one
+# logits step; a 7x7 map (no 16-byte rows). (N, K, H, W, classes, layout)
+TRITON_SPLITS = [
+    (1, 24, 20, 20, 5, "contiguous"),
+    (2, 300, 3, 3, 7, "channels_last"),
+    (1, 8, 40, 40, 3, "channels_last"),
+    (1, 2, 66, 66, 3, "contiguous"),
+    (3, 24, 8, 8, 130, "contiguous"),
+    (2, 600, 2, 2, 3, "contiguous"),
+    (5, 40, 7, 7, 3, "channels_last"),
+]
+TRITON_DEVICES = [p for p in DEVICE_BACKENDS if p.values[0][1] == "triton"]
+
+
+@pytest.mark.parametrize("device_backend", TRITON_DEVICES, indirect=True)
+@pytest.mark.parametrize("shape", TRITON_SPLITS, ids=str)
+def test_triton_split_shapes(device_backend, shape):
+    """Against the float64 reference in both modes, forward and backward, and bitwise equal on a
+    second call (fixed-order partial sums, no atomics)."""
+    from pyprune.triton_kernels import cas as kernels
+
+    device, _ = device_backend
+    *size, layout = shape
+    n, k, h, w, classes = size
+    view = torch.empty(n, k, h * w)
+    if layout == "channels_last":
+        view = view.transpose(1, 2).contiguous().transpose(1, 2)
+    cl = kernels._channels_last(view, view)
+    assert cl == (layout == "channels_last")
+    block_k, block_l, _ = kernels._stream_config(n, k, h * w, cl)
+    _, k_blocks, chunks = kernels._stream_grid(n, k, h * w, block_k, block_l)
+    assert k_blocks * chunks > 1  # the sample is split over programs
+    for dtype in dtypes_for("triton"):
+        x, weight, bias, label = _inputs(*size, dtype, device, gap=0.05)
+        if layout == "channels_last":
+            x = x.contiguous(memory_format=torch.channels_last)
+        for lab in (label, None):
+            leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
+            out, logits = pyprune.cas(*leaves, lab)
+            want_out, want_logits = _expected(x, weight, bias, lab)
+            torch.testing.assert_close(out, want_out, atol=0, rtol=0)
+            _close(logits, want_logits, dtype, scale=10)
+            again = pyprune.cas(x, weight, bias, lab)
+            assert torch.equal(again[0], out) and torch.equal(again[1], logits)
+
+            gen = torch.Generator().manual_seed(5)
+            g = torch.randn(x.shape, generator=gen).to(dtype).to(device)
+            gl = torch.randn(n, classes, generator=gen).to(dtype).to(device)
+            got = torch.autograd.grad((out, logits), leaves, (g, gl))
+            o, lg = pyprune.cas(*leaves, lab)
+            assert all(torch.equal(a, b)
+                       for a, b in zip(got, torch.autograd.grad((o, lg), leaves, (g, gl))))
+            ref = [t.double().requires_grad_() for t in leaves]
+            o, lg = reference.cas(*ref, lab)
+            want = torch.autograd.grad((o, lg), ref, (g.double(), gl.double()))
+            for name, a, b in zip(("x", "weight", "bias"), got, want):
+                assert a.dtype == dtype, name
+                _close(a, b, dtype, scale=max(1.0, float(b.abs().max())) * 4)
+
+
+@pytest.mark.triton
+def test_triton_grids_fill_the_gpu():
+    """The streaming grids have >= 2 * 132 programs whenever tiles of 512 elements allow it, at
+    every batch size of the benchmark shapes, in both layouts."""
+    from pyprune.triton_kernels import cas as kernels
+
+    for k, l in [(64, 1024), (128, 256), (256, 64), (512, 16), (2048, 49)]:
+        for n in (1, 2, 8, 32, 128, 256):
+            for cl in (False, True):
+                block_k, block_l, warps = kernels._stream_config(n, k, l, cl)
+                programs, _, _ = kernels._stream_grid(n, k, l, block_k, block_l)
+                assert block_k * block_l == warps * 256
+                if n * k * l >= 2 * 132 * 512:
+                    assert programs >= 2 * 132, (n, k, l, cl)
+                assert (block_l if not cl else block_k) >= min(16, l if not cl else k)

@@ -1,25 +1,34 @@
 """CAS Triton kernels and launchers (contract: csrc/ops.cpp, csrc/cpu/cas.cpp).
 
-x is an (N, K, L) view with any strides (L = H * W); weight (C, K).
+x is an (N, K, L) view with any strides (L = H * W); weight (C, K). The design follows
+csrc/cuda/cas.cu: every sample is split over many programs, so the grid fills the GPU at any
+batch size, and no float atomics are used anywhere (results are bitwise repeatable).
 
-Forward, one launch, one program per sample, in three phases:
-  1. the channel means (stored to ``mean``); in training (a label given) the same pass writes
-     out = x * weight[label];
-  2. logits = mean @ weight.T + bias, in blocks of classes, stored in x's dtype; in inference the
-     running argmax over the stored (rounded) logits, first index on ties, NaN largest;
-  3. inference only: out = x * weight[argmax].
-A sample whose (K, L) tile fits in registers (ONE_BLOCK: up to 16384 padded elements, e.g.
-512x4x4 or 256x8x8) is loaded once and kept for all three phases; a larger one is streamed in
-(BLOCK_K, BLOCK_L) tiles, and phase 3 rereads it (from L2, as the program just read it).
+Forward, training (a label given): two launches.
+  1. _cas_stream_kernel over a 1-D grid of (sample, block of channels, chunk of L) tiles: one
+     pass over x writes out = x * weight[label] and each tile's per-channel sums to a workspace
+     part (N, K, S) (S chunks of L per channel);
+  2. _cas_logits_kernel per (block of samples, block of classes): the means from the S partials
+     in a fixed order (the class-block-0 programs store them), logits = mean @ weight.T + bias,
+     rounded to x's dtype; index = label.
+Forward, inference: the stream in sums-only mode, the logits with the argmax (first index on
+ties, NaN largest) when one block holds all classes, else _cas_argmax_kernel (a program per
+sample over the stored, rounded logits), then the stream in write-only mode:
+out = x * weight[index] (x read twice; the second read hits L2 where x fits).
+Backward: a = grad_logits @ weight (one small GEMM), then _cas_backward_kernel on the same split
+grid: grad_x = grad_out * weight[index] + a / L and the per-tile channel sums of grad_out * x,
+from one pass over both. grad_weight = grad_logits.T @ mean plus the sums t of the samples of
+each class, gathered in sample order by _cas_gather_kernel (index_add_ would use atomics on the
+GPU); grad_bias = grad_logits.sum(0).
 
-Backward, one launch over (sample, block of channels): grad_x = grad_out * weight[index] +
-(grad_logits @ weight) / L, and the channel sums t of grad_out * x, from one pass over both.
-The launcher then forms grad_weight = grad_logits.T @ mean + t scatter-added into the index rows,
-and grad_bias = grad_logits.sum(0) (tiny (C, K) / (C,) work).
+Tiles: (BLOCK_K, BLOCK_L) with the contiguous dimension inner (L for NCHW and general strides,
+K for channels_last), 8 elements a thread; the JIT specializes unit strides and 16-byte
+divisible strides and pointers, so the inner dimension moves in 16-byte vectors where the layout
+allows. Each program loads its whole tile before it stores anything.
 
-`train` and `has_bias` are runtime int32 flags, not constexprs: they cost a uniform branch, and
-keep the variants to compile (and the AOT list) small. Loops over runtime bounds are `while`
-loops (Triton 3.6's interpreter cannot take a runtime bound in range() with numpy >= 2.4).
+`mode`, `train` and `has_bias` are runtime int32 flags, not constexprs: they cost a uniform
+branch, and keep the variants to compile (and the AOT list) small. Loops over runtime bounds are
+`while` loops (Triton 3.6's interpreter cannot take a runtime bound in range() with numpy >= 2.4).
 """
 from __future__ import annotations
 
@@ -31,22 +40,35 @@ import triton.language as tl
 
 from .aot import signature
 
-# Spatial tile widths: the smallest of these >= min(L, 256); channel tile = _TILE // BLOCK_L.
-_BLOCK_LS = (16, 64, 256)
-_TILE = 4096
-# A sample whose padded (K, L) tile has at most this many elements stays in registers.
-_ONE_BLOCK_MAX = 16384
-_MIN_BLOCK_K = 16
-# Elements of the forward's weight tile (BLOCK_C, BLOCK_K): its class block. Each class's logit
-# is one sum over K whatever the block, so the block sets only the registers it takes.
-_CLASS_TILE = 2048
-_BWD_NUM_WARPS = 8
+# Streaming tiles: the inner (contiguous) extent is the smallest of _INNER >= min(extent, 256);
+# a tile holds _TILES[-1] elements, halved (down to _TILES[0]) while the grid has fewer than
+# _FILL programs or the tile outgrows the outer extent. num_warps = elements / 256: 8 a thread.
+_INNER = (1, 4, 16, 64, 256)
+_TILES = (512, 1024, 2048)
+_FILL = 2 * 132  # programs that fill an H100/H200 (132 SMs) twice over
+_ELEMS_PER_WARP = 256
+# Logits: all classes in one block up to 64 (the argmax in the same program), else 16 classes
+# and 4 samples a program (each weight tile serves 4 samples); the (samples, classes,
+# channels) product tile holds _LOGITS_TILE elements (_LOGITS_TILE_WIDE for 4 samples), 8
+# warps; a step sums _CHUNKS partials of each channel (more chunks take more steps: a larger
+# step spilled).
+_LOGITS_TILE = 4096
+_LOGITS_TILE_WIDE = 8192
+_LOGITS_WARPS = 8
+_WIDE_SAMPLES = 4
+_WIDE_CLASSES = 16
+_CHUNKS = (1, 4)
+_ARGMAX_BLOCK = 1024
+_GATHER_SAMPLES = 64
+_GATHER_K = 32
 # Registers per thread of every CAS and masked-convolution launch (Triton's maxnreg): 128 keeps
 # a block of any size at >= 25% occupancy on sm_80 / sm_90, and an explicit cap also keeps ptxas
 # from spilling to reach a smaller register count of its own choosing. The tiles and warps of
 # the launchers fit it without spills (make gpu-report: benchmarks/results/sm_90-resources.md).
 MAX_REGS = 128
 _TL_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+# Stream modes.
+_TRAIN, _SUMS, _WRITE = 0, 1, 2
 
 
 @triton.jit
@@ -63,182 +85,185 @@ def _round(v, dtype: tl.constexpr):
 
 
 @triton.jit
-def _class_block(c0, w_ptr, w_sc, w_sk, C, BLOCK_C: tl.constexpr):
-    cc = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
-    return cc, cc < C, w_ptr + cc * w_sc
+def _tile(pid, K, L, S, k_blocks, BLOCK_K: tl.constexpr, BLOCK_L: tl.constexpr):
+    """Program pid's sample n, chunk s, channels kk and positions ll (and their masks)."""
+    s = pid % S
+    rest = pid // S
+    n = rest // k_blocks
+    kk = (rest % k_blocks) * BLOCK_K + tl.arange(0, BLOCK_K).to(tl.int64)
+    ll = s * BLOCK_L + tl.arange(0, BLOCK_L).to(tl.int64)
+    kmask = kk < K
+    return n, s, kk, ll, kmask, kmask[:, None] & (ll < L)[None, :]
 
 
-@triton.jit(do_not_specialize=["train", "has_bias"])
-def _cas_forward_kernel(
-    x_ptr, w_ptr, b_ptr, label_ptr, out_ptr, logits_ptr, index_ptr, mean_ptr,
-    K, L, C, train, has_bias,
+@triton.jit(do_not_specialize=["mode"])
+def _cas_stream_kernel(
+    x_ptr, w_ptr, sel_ptr, out_ptr, part_ptr,
+    K, L, C, S, k_blocks, mode,
     x_sn, x_sk, x_sl,
     out_sn, out_sk, out_sl,
     w_sc, w_sk,
     BLOCK_K: tl.constexpr,
     BLOCK_L: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    ONE_BLOCK: tl.constexpr,
 ):
-    n = tl.program_id(0).to(tl.int64)
+    """mode 0 (train): out = x * w[sel[n]] and the sums; 1: the sums only; 2: out only."""
+    pid = tl.program_id(0).to(tl.int64)
+    n, s, kk, ll, kmask, mask = _tile(pid, K, L, S, k_blocks, BLOCK_K, BLOCK_L)
+    raw = tl.load(x_ptr + n * x_sn + kk[:, None] * x_sk + ll[None, :] * x_sl, mask=mask,
+                  other=0.0)
+    xf = raw.to(tl.float32)
+    if mode != 1:
+        # sel is the label (train) or the index the logits stored (write); in sums mode it is
+        # not written yet, so it is not read.
+        c = tl.load(sel_ptr + n)
+        tl.device_assert((c >= 0) & (c < C), "cas: label out of range")
+        m = tl.load(w_ptr + c * w_sc + kk * w_sk, mask=kmask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + n * out_sn + kk[:, None] * out_sk + ll[None, :] * out_sl,
+                 _round(xf * m[:, None], raw.dtype), mask=mask)
+    if mode != 2:
+        tl.store(part_ptr + (n * K + kk) * S + s, tl.sum(xf, 1), mask=kmask)
+
+
+@triton.jit
+def _argmax_step(v, cc, cmask, best_v, best_i, found_nan, C):
+    """The running argmax of rows of rounded logits v (R, BLOCK) over class ids cc (BLOCK,),
+    blocks taken in increasing class order: first index on ties, the first NaN largest."""
+    is_nan = (v != v) & cmask[None, :]
+    nan_i = tl.min(tl.where(is_nan, cc[None, :], C), 1)
+    vals = tl.where(cmask[None, :] & (v == v), v, -float("inf"))
+    v_max = tl.max(vals, 1)
+    max_i = tl.min(tl.where(cmask[None, :] & (vals == v_max[:, None]), cc[None, :], C), 1)
+    block_nan = nan_i < C
+    take = (found_nan == 0) & (block_nan | (v_max > best_v))
+    best_i = tl.where(take, tl.where(block_nan, nan_i, max_i), best_i)
+    best_v = tl.where(take, v_max, best_v)
+    found_nan = tl.where(block_nan, 1, found_nan)
+    return best_v, best_i, found_nan
+
+
+@triton.jit(do_not_specialize=["train", "has_bias"])
+def _cas_logits_kernel(
+    w_ptr, b_ptr, part_ptr, label_ptr, logits_ptr, index_ptr, mean_ptr,
+    N, K, L, C, S, c_blocks, train, has_bias,
+    w_sc, w_sk,
+    BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    cb = pid % c_blocks
+    ns = (pid // c_blocks) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    nmask = ns < N
+    cc = cb * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
+    cmask = cc < C
     ks = tl.arange(0, BLOCK_K).to(tl.int64)
-    ls = tl.arange(0, BLOCK_L).to(tl.int64)
-    x_base = x_ptr + n * x_sn
-    out_base = out_ptr + n * out_sn
-    mean_base = mean_ptr + n * K
-    # Not training: label_ptr is index_ptr (unwritten yet), so nothing is read from it.
-    label = tl.load(label_ptr + n, mask=train != 0, other=0)
-    if train != 0:
-        tl.device_assert((label >= 0) & (label < C), "cas: label out of range")
-    label = tl.where(train != 0, label, 0)
+    ss = tl.arange(0, BLOCK_S).to(tl.int64)
     inv_l = 1.0 / L.to(tl.float32)
+    lg = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
+    k0 = 0
+    while k0 < K:
+        kk = k0 + ks
+        kmask = kk < K
+        rmask = nmask[:, None] & kmask[None, :]
+        rows = (ns[:, None] * K + kk[None, :]) * S
+        w = tl.load(w_ptr + cc[:, None] * w_sc + kk[None, :] * w_sk,
+                    mask=cmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
+        # The S partials of each channel, in chunk order.
+        acc = tl.zeros([BLOCK_N, BLOCK_K, BLOCK_S], dtype=tl.float32)
+        s0 = 0
+        while s0 < S:
+            sv = s0 + ss
+            acc += tl.load(part_ptr + rows[:, :, None] + sv[None, None, :],
+                           mask=rmask[:, :, None] & (sv < S)[None, None, :], other=0.0)
+            s0 += BLOCK_S
+        mean = tl.sum(acc, 2) * inv_l
+        tl.store(mean_ptr + ns[:, None] * K + kk[None, :], mean, mask=rmask & (cb == 0))
+        lg += tl.sum(mean[:, None, :] * w[None, :, :], 2)
+        k0 += BLOCK_K
+    lg += tl.load(b_ptr + cc, mask=cmask & (has_bias != 0), other=0.0).to(tl.float32)[None, :]
+    rounded = _round(lg, logits_ptr.dtype.element_ty)
+    tl.store(logits_ptr + ns[:, None] * C + cc[None, :], rounded,
+             mask=nmask[:, None] & cmask[None, :])
+    if train != 0:
+        label = tl.load(label_ptr + ns, mask=nmask & (cb == 0), other=0)
+        tl.device_assert((label >= 0) & (label < C), "cas: label out of range")
+        tl.store(index_ptr + ns, label, mask=nmask & (cb == 0))
+    elif c_blocks == 1:
+        best_v = tl.full([BLOCK_N], -float("inf"), tl.float32)
+        best_i = tl.zeros([BLOCK_N], dtype=tl.int64)
+        found_nan = tl.zeros([BLOCK_N], dtype=tl.int32)
+        best_v, best_i, found_nan = _argmax_step(rounded.to(tl.float32), cc, cmask, best_v,
+                                                 best_i, found_nan, C)
+        tl.store(index_ptr + ns, best_i, mask=nmask)
 
-    # Phase 1: channel means (and the training output).
-    if ONE_BLOCK:
-        kmask = ks < K
-        tile_mask = kmask[:, None] & (ls < L)[None, :]
-        raw = tl.load(x_base + ks[:, None] * x_sk + ls[None, :] * x_sl, mask=tile_mask, other=0.0)
-        s = tl.sum(raw.to(tl.float32), 1) * inv_l
-        tl.store(mean_base + ks, s, mask=kmask)
-        if train != 0:
-            m = tl.load(w_ptr + label * w_sc + ks * w_sk, mask=kmask, other=0.0).to(tl.float32)
-            tl.store(out_base + ks[:, None] * out_sk + ls[None, :] * out_sl,
-                     _round(raw.to(tl.float32) * m[:, None], raw.dtype), mask=tile_mask)
-    else:
-        k0 = 0
-        while k0 < K:
-            kk = k0 + ks
-            kmask = kk < K
-            m = tl.load(w_ptr + label * w_sc + kk * w_sk, mask=kmask & (train != 0), other=0.0)
-            acc = tl.zeros([BLOCK_K, BLOCK_L], dtype=tl.float32)
-            l0 = 0
-            while l0 < L:
-                ll = l0 + ls
-                tile_mask = kmask[:, None] & (ll < L)[None, :]
-                raw = tl.load(x_base + kk[:, None] * x_sk + ll[None, :] * x_sl, mask=tile_mask,
-                              other=0.0)
-                acc += raw.to(tl.float32)
-                if train != 0:
-                    tl.store(out_base + kk[:, None] * out_sk + ll[None, :] * out_sl,
-                             _round(raw.to(tl.float32) * m.to(tl.float32)[:, None], raw.dtype),
-                             mask=tile_mask)
-                l0 += BLOCK_L
-            tl.store(mean_base + kk, tl.sum(acc, 1) * inv_l, mask=kmask)
-            k0 += BLOCK_K
-        tl.debug_barrier()  # phase 2 reads the means other threads of the program stored
 
-    # Phase 2: logits, and their running argmax (blocks come in increasing class order).
-    best_v = -float("inf")
-    best_i = tl.zeros([], dtype=tl.int64)
-    found_nan = tl.zeros([], dtype=tl.int32)
+@triton.jit
+def _cas_argmax_kernel(logits_ptr, index_ptr, C, BLOCK: tl.constexpr):
+    """index[n] = argmax of sample n's stored logits, classes in blocks of BLOCK."""
+    n = tl.program_id(0).to(tl.int64)
+    best_v = tl.full([1], -float("inf"), tl.float32)
+    best_i = tl.zeros([1], dtype=tl.int64)
+    found_nan = tl.zeros([1], dtype=tl.int32)
     c0 = 0
     while c0 < C:
-        cc, cmask, w_rows = _class_block(c0, w_ptr, w_sc, w_sk, C, BLOCK_C)
-        if ONE_BLOCK:
-            w = tl.load(w_rows[:, None] + ks[None, :] * w_sk, mask=cmask[:, None] & kmask[None, :],
-                        other=0.0)
-            lg = tl.sum(w.to(tl.float32) * s[None, :], 1)
-        else:
-            lg = tl.zeros([BLOCK_C], dtype=tl.float32)
-            k0 = 0
-            while k0 < K:
-                kk = k0 + ks
-                kmask = kk < K
-                sv = tl.load(mean_base + kk, mask=kmask, other=0.0)
-                w = tl.load(w_rows[:, None] + kk[None, :] * w_sk,
-                            mask=cmask[:, None] & kmask[None, :], other=0.0)
-                lg += tl.sum(w.to(tl.float32) * sv[None, :], 1)
-                k0 += BLOCK_K
-        lg += tl.load(b_ptr + cc, mask=cmask & (has_bias != 0), other=0.0).to(tl.float32)
-        rounded = _round(lg, logits_ptr.dtype.element_ty)
-        tl.store(logits_ptr + n * C + cc, rounded, mask=cmask)
-        v = rounded.to(tl.float32)
-        is_nan = (v != v) & cmask
-        nan_i = tl.min(tl.where(is_nan, cc, C), 0)
-        vals = tl.where(cmask & (v == v), v, -float("inf"))
-        v_max = tl.max(vals, 0)
-        max_i = tl.min(tl.where(cmask & (vals == v_max), cc, C), 0)
-        block_nan = nan_i < C
-        take = (found_nan == 0) & (block_nan | (v_max > best_v))
-        best_i = tl.where(take, tl.where(block_nan, nan_i, max_i), best_i)
-        best_v = tl.where(take, v_max, best_v)
-        found_nan = tl.where(block_nan, 1, found_nan)
-        c0 += BLOCK_C
-    index = tl.where(train != 0, label, best_i)
-    tl.store(index_ptr + n, index)
-
-    # Phase 3 (inference): scale by the predicted class's row.
-    if train == 0:
-        if ONE_BLOCK:
-            m = tl.load(w_ptr + index * w_sc + ks * w_sk, mask=kmask, other=0.0).to(tl.float32)
-            tl.store(out_base + ks[:, None] * out_sk + ls[None, :] * out_sl,
-                     _round(raw.to(tl.float32) * m[:, None], raw.dtype), mask=tile_mask)
-        else:
-            k0 = 0
-            while k0 < K:
-                kk = k0 + ks
-                kmask = kk < K
-                m = tl.load(w_ptr + index * w_sc + kk * w_sk, mask=kmask, other=0.0).to(tl.float32)
-                l0 = 0
-                while l0 < L:
-                    ll = l0 + ls
-                    tile_mask = kmask[:, None] & (ll < L)[None, :]
-                    raw = tl.load(x_base + kk[:, None] * x_sk + ll[None, :] * x_sl,
-                                  mask=tile_mask, other=0.0)
-                    tl.store(out_base + kk[:, None] * out_sk + ll[None, :] * out_sl,
-                             _round(raw.to(tl.float32) * m[:, None], raw.dtype), mask=tile_mask)
-                    l0 += BLOCK_L
-                k0 += BLOCK_K
+        cc = c0 + tl.arange(0, BLOCK).to(tl.int64)
+        cmask = cc < C
+        v = tl.load(logits_ptr + n * C + cc, mask=cmask, other=0.0).to(tl.float32)
+        best_v, best_i, found_nan = _argmax_step(v[None, :], cc, cmask, best_v, best_i,
+                                                 found_nan, C)
+        c0 += BLOCK
+    tl.store(index_ptr + n + tl.zeros([1], dtype=tl.int64), best_i)
 
 
 @triton.jit
 def _cas_backward_kernel(
-    g_ptr, x_ptr, w_ptr, gl_ptr, index_ptr, gx_ptr, t_ptr,
-    K, L, C, k_blocks,
+    g_ptr, x_ptr, w_ptr, a_ptr, index_ptr, gx_ptr, part_ptr,
+    K, L, C, S, k_blocks,
     g_sn, g_sk, g_sl,
     x_sn, x_sk, x_sl,
     gx_sn, gx_sk, gx_sl,
     w_sc, w_sk,
     BLOCK_K: tl.constexpr,
     BLOCK_L: tl.constexpr,
-    BLOCK_C: tl.constexpr,
 ):
+    """grad_x = grad_out * w[index[n]] + a / L, and the tile's channel sums of grad_out * x."""
     pid = tl.program_id(0).to(tl.int64)
-    n = pid // k_blocks
-    kk = (pid % k_blocks) * BLOCK_K + tl.arange(0, BLOCK_K).to(tl.int64)
-    kmask = kk < K
-    ls = tl.arange(0, BLOCK_L).to(tl.int64)
+    n, s, kk, ll, kmask, mask = _tile(pid, K, L, S, k_blocks, BLOCK_K, BLOCK_L)
+    g = tl.load(g_ptr + n * g_sn + kk[:, None] * g_sk + ll[None, :] * g_sl, mask=mask,
+                other=0.0)
+    x = tl.load(x_ptr + n * x_sn + kk[:, None] * x_sk + ll[None, :] * x_sl, mask=mask,
+                other=0.0).to(tl.float32)
     index = tl.load(index_ptr + n)
     tl.device_assert((index >= 0) & (index < C), "cas backward: index out of range")
     m = tl.load(w_ptr + index * w_sc + kk * w_sk, mask=kmask, other=0.0).to(tl.float32)
+    # a = grad_logits[n] @ weight[:, kk]: the logits' gradient, spread over the channel.
+    a = tl.load(a_ptr + n * K + kk, mask=kmask, other=0.0) / L.to(tl.float32)
+    g32 = g.to(tl.float32)
+    tl.store(gx_ptr + n * gx_sn + kk[:, None] * gx_sk + ll[None, :] * gx_sl,
+             _round(g32 * m[:, None] + a[:, None], g.dtype), mask=mask)
+    tl.store(part_ptr + (n * K + kk) * S + s, tl.sum(g32 * x, 1), mask=kmask)
 
-    # a = (grad_logits[n] @ weight[:, kk]) / L: the logits' gradient, spread over the channel.
-    a = tl.zeros([BLOCK_K], dtype=tl.float32)
-    c0 = 0
-    while c0 < C:
-        cc, cmask, w_rows = _class_block(c0, w_ptr, w_sc, w_sk, C, BLOCK_C)
-        gl = tl.load(gl_ptr + n * C + cc, mask=cmask, other=0.0)
-        w = tl.load(w_rows[:, None] + kk[None, :] * w_sk, mask=cmask[:, None] & kmask[None, :],
-                    other=0.0)
-        a += tl.sum(gl[:, None] * w.to(tl.float32), 0)
-        c0 += BLOCK_C
-    a = a / L.to(tl.float32)
 
-    t = tl.zeros([BLOCK_K, BLOCK_L], dtype=tl.float32)
-    l0 = 0
-    while l0 < L:
-        ll = l0 + ls
-        mask = kmask[:, None] & (ll < L)[None, :]
-        g = tl.load(g_ptr + n * g_sn + kk[:, None] * g_sk + ll[None, :] * g_sl, mask=mask,
-                    other=0.0)
-        x = tl.load(x_ptr + n * x_sn + kk[:, None] * x_sk + ll[None, :] * x_sl, mask=mask,
-                    other=0.0).to(tl.float32)
-        g32 = g.to(tl.float32)
-        t += g32 * x
-        tl.store(gx_ptr + n * gx_sn + kk[:, None] * gx_sk + ll[None, :] * gx_sl,
-                 _round(g32 * m[:, None] + a[:, None], g.dtype), mask=mask)
-        l0 += BLOCK_L
-    tl.store(t_ptr + n * K + kk, tl.sum(t, 1), mask=kmask)
+@triton.jit
+def _cas_gather_kernel(gw_ptr, t_ptr, index_ptr, N, K, k_blocks,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """gw[c, kk] += the sums t[n, kk] of the samples n whose index is c, in sample order: the
+    rows of other classes are masked off, not loaded."""
+    pid = tl.program_id(0).to(tl.int64)
+    c = pid // k_blocks
+    kk = (pid % k_blocks) * BLOCK_K + tl.arange(0, BLOCK_K).to(tl.int64)
+    kmask = kk < K
+    acc = tl.load(gw_ptr + c * K + kk, mask=kmask, other=0.0)
+    n0 = 0
+    while n0 < N:
+        nn = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
+        idx = tl.load(index_ptr + nn, mask=nn < N, other=-1)
+        t = tl.load(t_ptr + nn[:, None] * K + kk[None, :],
+                    mask=(idx == c)[:, None] & kmask[None, :], other=0.0)
+        acc += tl.sum(t, 0)
+        n0 += BLOCK_N
+    tl.store(gw_ptr + c * K + kk, acc, mask=kmask)
 
 
 def on_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
@@ -248,37 +273,42 @@ def on_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-def _blocks(K: int, L: int) -> tuple[int, int]:
-    """(BLOCK_K, BLOCK_L) of the streamed tiles for (K, L)."""
-    block_l = next((b for b in _BLOCK_LS if b >= min(L, _BLOCK_LS[-1])), _BLOCK_LS[-1])
-    return _TILE // block_l, block_l
+def _pow2(v: int) -> int:
+    return triton.next_power_of_2(max(1, v))
 
 
-def _class_block_size(block_k: int, tile: int) -> int:
-    """Classes per block for weight tiles (BLOCK_C, block_k) of about ``tile`` elements."""
-    return max(2, min(64, tile // block_k))
+def _channels_last(*tensors: torch.Tensor) -> bool:
+    """Whether the streamed tensors all have their channels contiguous (then K is the inner
+    dimension of the tiles)."""
+    return tensors[0].shape[2] > 1 and all(t.stride(1) == 1 for t in tensors)
 
 
-def _forward_config(K: int, L: int) -> tuple[int, int, int, bool, int]:
-    """(BLOCK_K, BLOCK_L, BLOCK_C, ONE_BLOCK, num_warps) of the forward for (K, L): 4 warps up
-    to 2048 tile elements, then one per 512, at most 16 (16 to 32 elements per thread)."""
-    block_k, block_l = _blocks(K, L)
-    one_k = max(triton.next_power_of_2(K), _MIN_BLOCK_K)
-    one_block = L <= block_l and one_k * block_l <= _ONE_BLOCK_MAX
-    if one_block:
-        block_k = one_k
-    num_warps = min(16, max(4, block_k * block_l // 512))
-    return block_k, block_l, _class_block_size(block_k, _CLASS_TILE), one_block, num_warps
+def _stream_config(N: int, K: int, L: int, channels_last: bool) -> tuple[int, int, int]:
+    """(BLOCK_K, BLOCK_L, num_warps) of the streaming tiles: the inner (contiguous) extent, then
+    the tile halved while the grid has fewer than _FILL programs or the tile is larger than
+    the outer extent needs."""
+    inner_len, outer_len = (K, L) if channels_last else (L, K)
+    inner = next(b for b in _INNER + (_INNER[-1],) if b >= min(inner_len, _INNER[-1]))
+    tile = _TILES[-1]
+
+    def programs(t: int) -> int:
+        return N * triton.cdiv(inner_len, inner) * triton.cdiv(outer_len, t // inner)
+
+    while tile > _TILES[0] and (tile // inner > _pow2(outer_len) or programs(tile) < _FILL):
+        tile //= 2
+    outer = tile // inner
+    block_k, block_l = (inner, outer) if channels_last else (outer, inner)
+    return block_k, block_l, tile // _ELEMS_PER_WARP
 
 
-def _backward_config(K: int, L: int) -> tuple[int, int, int]:
-    """(BLOCK_K, BLOCK_L, BLOCK_C) of the backward for (K, L): the streamed tiles, the channel
-    block cut so that the weight tile (BLOCK_C, BLOCK_K) holds at most _TILE elements. (Each
-    channel's sums are the same for any channel block; the class block orders the sum over the
-    classes, so it stays as it was.)"""
-    block_k, block_l = _blocks(K, L)
-    block_c = _class_block_size(block_k, 2 * _TILE)
-    return min(block_k, _TILE // block_c), block_l, block_c
+def _logits_config(K: int, C: int, S: int) -> tuple[int, int, int, int, int]:
+    """(BLOCK_N, BLOCK_C, BLOCK_K, BLOCK_S, num_warps) of the logits kernel."""
+    block_s = next((c for c in _CHUNKS if c >= S), _CHUNKS[-1])
+    if C <= 64:
+        block_c = max(16, _pow2(C))
+        return 1, block_c, _LOGITS_TILE // block_c, block_s, _LOGITS_WARPS
+    return (_WIDE_SAMPLES, _WIDE_CLASSES, _LOGITS_TILE_WIDE // (_WIDE_SAMPLES * _WIDE_CLASSES),
+            block_s, _LOGITS_WARPS)
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor, what: str) -> None:
@@ -288,6 +318,15 @@ def _check(x: torch.Tensor, weight: torch.Tensor, what: str) -> None:
     if x.dtype not in _TL_DTYPES or weight.dtype != x.dtype:
         raise TypeError(f"{what} (triton): x and weight must share a dtype among float32, float16, "
                         f"bfloat16, got {x.dtype} and {weight.dtype}")
+
+
+def _stream_grid(N: int, K: int, L: int, block_k: int, block_l: int) -> tuple[int, int, int]:
+    """(programs, k_blocks, S) of a streaming launch."""
+    k_blocks, chunks = triton.cdiv(K, block_k), triton.cdiv(L, block_l)
+    programs = N * k_blocks * chunks
+    if programs >= 2**31:
+        raise ValueError(f"cas (triton): the input is too large for one launch ({programs} tiles)")
+    return programs, k_blocks, chunks
 
 
 def cas_forward(
@@ -305,19 +344,37 @@ def cas_forward(
         return out, logits, index, mean
     if label is not None and (label.dtype != torch.int64 or label.shape != (N,)):
         raise ValueError(f"cas (triton): label must be int64 of shape ({N},)")
-    # The kernel reads label[n] and bias[c] at unit stride.
+    # The kernels read label[n] and bias[c] at unit stride.
     bias = bias.contiguous() if bias is not None else weight
     label = label.contiguous() if label is not None else None
-    block_k, block_l, block_c, one_block, num_warps = _forward_config(K, L)
-    with on_device(x):
-        _cas_forward_kernel[(N,)](
-            x, weight, bias, label if label is not None else index,
-            out, logits, index, mean,
-            K, L, C, int(label is not None), int(bias is not weight),
+    train = label is not None
+    block_k, block_l, num_warps = _stream_config(N, K, L, _channels_last(x, out))
+    programs, k_blocks, S = _stream_grid(N, K, L, block_k, block_l)
+    part = x.new_empty((N, K, S), dtype=torch.float32)
+    block_n, block_c, block_kl, block_s, logit_warps = _logits_config(K, C, S)
+    c_blocks = triton.cdiv(C, block_c)
+    sel = label if train else index
+
+    def stream(mode: int) -> None:
+        _cas_stream_kernel[(programs,)](
+            x, weight, sel, out, part, K, L, C, S, k_blocks, mode,
             *x.stride(), *out.stride(), *weight.stride(),
-            BLOCK_K=block_k, BLOCK_L=block_l, BLOCK_C=block_c, ONE_BLOCK=one_block,
-            num_warps=num_warps, maxnreg=MAX_REGS,
+            BLOCK_K=block_k, BLOCK_L=block_l, num_warps=num_warps, maxnreg=MAX_REGS,
         )
+
+    with on_device(x):
+        stream(_TRAIN if train else _SUMS)
+        _cas_logits_kernel[(triton.cdiv(N, block_n) * c_blocks,)](
+            weight, bias, part, label if train else index, logits, index, mean,
+            N, K, L, C, S, c_blocks, int(train), int(bias is not weight), *weight.stride(),
+            BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_K=block_kl, BLOCK_S=block_s,
+            num_warps=logit_warps, maxnreg=MAX_REGS,
+        )
+        if not train:
+            if c_blocks > 1:
+                _cas_argmax_kernel[(N,)](logits, index, C, BLOCK=_ARGMAX_BLOCK, num_warps=4,
+                                         maxnreg=MAX_REGS)
+            stream(_WRITE)
     return out, logits, index, mean
 
 
@@ -333,45 +390,58 @@ def cas_backward(
     C = weight.shape[0]
     gl = grad_logits.float().contiguous()
     grad_x = torch.empty_like(x)
-    t = x.new_empty((N, K), dtype=torch.float32)
+    # The logits path of grad_weight; the sums of grad_out * x are gathered into it below.
+    grad_weight = (gl.t() @ mean.float()).contiguous()
     if N > 0:
-        block_k, block_l, block_c = _backward_config(K, L)
-        k_blocks = triton.cdiv(K, block_k)
+        index = index.contiguous()
+        a = (gl @ weight.float()).contiguous()
+        block_k, block_l, num_warps = _stream_config(N, K, L, _channels_last(x, grad_out, grad_x))
+        programs, k_blocks, S = _stream_grid(N, K, L, block_k, block_l)
+        part = x.new_empty((N, K, S), dtype=torch.float32)
         with on_device(x):
-            _cas_backward_kernel[(N * k_blocks,)](
-                grad_out, x, weight, gl, index, grad_x, t,
-                K, L, C, k_blocks,
+            _cas_backward_kernel[(programs,)](
+                grad_out, x, weight, a, index, grad_x, part,
+                K, L, C, S, k_blocks,
                 *grad_out.stride(), *x.stride(), *grad_x.stride(), *weight.stride(),
-                BLOCK_K=block_k, BLOCK_L=block_l, BLOCK_C=block_c,
-                num_warps=_BWD_NUM_WARPS, maxnreg=MAX_REGS,
+                BLOCK_K=block_k, BLOCK_L=block_l, num_warps=num_warps, maxnreg=MAX_REGS,
             )
-    grad_weight = (gl.t() @ mean).index_add_(0, index, t)
+            t = part.view(N, K) if S == 1 else part.sum(2)
+            g_blocks = triton.cdiv(K, _GATHER_K)
+            _cas_gather_kernel[(C * g_blocks,)](
+                grad_weight, t, index, N, K, g_blocks,
+                BLOCK_N=_GATHER_SAMPLES, BLOCK_K=_GATHER_K, num_warps=4, maxnreg=MAX_REGS,
+            )
     return grad_x, grad_weight.to(weight.dtype), gl.sum(0).to(weight.dtype)
 
 
 _POINTERS = {
-    "label_ptr": "*i64", "index_ptr": "*i64", "mean_ptr": "*fp32", "t_ptr": "*fp32",
-    "gl_ptr": "*fp32",
+    "sel_ptr": "*i64", "label_ptr": "*i64", "index_ptr": "*i64", "part_ptr": "*fp32",
+    "mean_ptr": "*fp32", "a_ptr": "*fp32", "gw_ptr": "*fp32", "t_ptr": "*fp32",
 }
 
 
 def _aot_variants() -> list[tuple]:
     """Every (kernel, signature, constexprs, options) the launchers above can launch: configs
-    change only at powers of two of K and L, so sampling those covers them all."""
+    change only at powers of two of N, K, L, C and S, so sampling those covers them all."""
     sizes = [1 << i for i in range(15)]
-    forward = {_forward_config(k, l) for k in sizes for l in sizes}
-    backward = {_backward_config(k, l) for k in sizes for l in sizes}
+    stream = {_stream_config(n, k, l, cl) for n in (1 << i for i in range(9)) for k in sizes
+              for l in sizes for cl in (False, True)}
+    logits = {_logits_config(k, c, s) for k in sizes for c in sizes for s in sizes}
     variants = []
+
+    def add(kernel, dtype, constexprs, num_warps):
+        variants.append((kernel, signature(kernel, dtype, constexprs, _POINTERS), constexprs,
+                         {"num_warps": num_warps, "maxnreg": MAX_REGS}))
+
     for dtype in _TL_DTYPES.values():
-        for block_k, block_l, block_c, one_block, num_warps in sorted(forward):
-            constexprs = {"BLOCK_K": block_k, "BLOCK_L": block_l, "BLOCK_C": block_c,
-                          "ONE_BLOCK": one_block}
-            variants.append((_cas_forward_kernel, signature(_cas_forward_kernel, dtype, constexprs, _POINTERS),
-                             constexprs, {"num_warps": num_warps, "maxnreg": MAX_REGS}))
-        for block_k, block_l, block_c in sorted(backward):
-            constexprs = {"BLOCK_K": block_k, "BLOCK_L": block_l, "BLOCK_C": block_c}
-            variants.append((_cas_backward_kernel, signature(_cas_backward_kernel, dtype, constexprs, _POINTERS),
-                             constexprs, {"num_warps": _BWD_NUM_WARPS, "maxnreg": MAX_REGS}))
+        for block_k, block_l, num_warps in sorted(stream):
+            for kernel in (_cas_stream_kernel, _cas_backward_kernel):
+                add(kernel, dtype, {"BLOCK_K": block_k, "BLOCK_L": block_l}, num_warps)
+        for block_n, block_c, block_k, block_s, num_warps in sorted(logits):
+            add(_cas_logits_kernel, dtype, {"BLOCK_N": block_n, "BLOCK_C": block_c,
+                                            "BLOCK_K": block_k, "BLOCK_S": block_s}, num_warps)
+        add(_cas_argmax_kernel, dtype, {"BLOCK": _ARGMAX_BLOCK}, 4)
+    add(_cas_gather_kernel, "fp32", {"BLOCK_N": _GATHER_SAMPLES, "BLOCK_K": _GATHER_K}, 4)
     return variants
 
 
