@@ -442,20 +442,31 @@ def triton_kwta_split_config(groups: int, length: int) -> tuple[int, int, int, i
             min(2048, _pow2(length)))
 
 
-def triton_cas_config(channels: int, length: int, forward: bool) -> tuple[int, int, int, bool, int]:
-    """cas._forward_config / cas._backward_config: (BLOCK_K, BLOCK_L, BLOCK_C, ONE_BLOCK,
-    num_warps)."""
-    block_l = _pick((16, 64, 256), min(length, 256))
-    block_k = 4096 // block_l
-    if not forward:
-        block_c = max(2, min(64, 8192 // block_k))
-        return min(block_k, 4096 // block_c), block_l, block_c, False, 8
-    one_k = max(_pow2(channels), 16)
-    one_block = length <= block_l and one_k * block_l <= 16384
-    if one_block:
-        block_k = one_k
-    warps = min(16, max(4, block_k * block_l // 512))
-    return block_k, block_l, max(2, min(64, 2048 // block_k)), one_block, warps
+def triton_cas_config(rows: int, channels: int, length: int, classes: int,
+                      channels_last: bool = False) -> tuple[int, int, int, tuple[int, ...]]:
+    """cas._stream_config and cas._logits_config: (BLOCK_K, BLOCK_L, num_warps) of the
+    streaming tiles, then (BLOCK_N, BLOCK_C, BLOCK_K, BLOCK_S, num_warps) of the logits kernel.
+    Streaming: inner (contiguous) extent from (1, 4, 16, 64, 256), tiles of 2048 elements
+    halved down to 512 while the grid has fewer than 264 programs or the tile outgrows the
+    outer extent; 8 elements a thread. Logits: all classes in one 8-warp program per sample up
+    to 64 (4096-element product tile), else 4 samples x 16 classes x 128 channels."""
+    inner_len, outer_len = (channels, length) if channels_last else (length, channels)
+    inner = _pick((1, 4, 16, 64, 256), min(inner_len, 256))
+    tile = 2048
+
+    def programs(t: int) -> int:
+        return rows * math.ceil(inner_len / inner) * math.ceil(outer_len / (t // inner))
+
+    while tile > 512 and (tile // inner > _pow2(outer_len) or programs(tile) < 264):
+        tile //= 2
+    block_k, block_l = (inner, tile // inner) if channels_last else (tile // inner, inner)
+    chunks = _pick((1, 4), math.ceil(length / block_l))
+    if classes <= 64:
+        block_c = max(16, _pow2(classes))
+        logits = (1, block_c, 4096 // block_c, chunks, 8)
+    else:
+        logits = (4, 16, 128, chunks, 8)
+    return block_k, block_l, tile // 256, logits
 
 
 def triton_sap_config(exact: bool) -> tuple[int, int, int]:
@@ -948,6 +959,48 @@ def _label_check(p: Plan) -> None:
         p.kernel(f"label check: {name}", "aten", hbm=rows * 9)
 
 
+def _triton_cas_stream(p: Plan, name: str, passes: int) -> int:
+    """A launch of triton_kernels/cas.py's streaming grid over a contiguous NCHW x: one tile a
+    program (no loop), its loads (the tile; the class of the sample, then its weight row; in
+    backward the (N, K) a) issued before its stores; `passes` tensors of x's size moved (2:
+    x -> out, 3: grad_out, x -> grad_x). The per-tile channel sums (N, K, S) and a stay in L2
+    for the next launch. Returns S, the chunks of a channel."""
+    rows, channels, length, _ = _cas_shape(p.case)
+    e = _esize(p.case)
+    block_k, block_l, warps, _ = triton_cas_config(rows, channels, length, 10)
+    k_blocks, s = math.ceil(channels / block_k), math.ceil(length / block_l)
+    programs = rows * k_blocks * s
+    n = rows * channels * length * e
+    p.kernel(name, "inner", hbm=passes * n,
+             l2=rows * channels * s * 4 + programs * (8 + block_k * e)
+             + (rows * channels * 4 if passes == 3 else 0),
+             ops=rows * k_blocks * block_k * s * block_l * (3 if passes == 2 else 5),
+             ctas=programs, per_sm=_triton_per_sm(warps),
+             chain_us=p.lat("dram") + p.lat("l2"))
+    return s
+
+
+def _triton_cas_logits(p: Plan) -> None:
+    """_cas_logits_kernel: per (block of samples, block of classes) the means from the S
+    partials of each channel (L2) and the logits; K / BLOCK_K serial steps of a weight tile and
+    ceil(S / BLOCK_S) partial loads each; each program reads its classes' weight rows (L2 but
+    the first), so the weight is read rows / BLOCK_N times."""
+    rows, channels, length, classes = _cas_shape(p.case)
+    e = _esize(p.case)
+    _, block_l, _, (block_n, block_c, block_k, block_s, warps) = triton_cas_config(
+        rows, channels, length, classes)
+    s = math.ceil(length / block_l)
+    n_blocks, c_blocks = math.ceil(rows / block_n), math.ceil(classes / block_c)
+    steps = math.ceil(channels / block_k)
+    p.host("triton")
+    p.kernel("_cas_logits_kernel", "inner",
+             hbm=classes * channels * e + rows * (classes * e + channels * 4 + 16),
+             l2=n_blocks * c_blocks * (block_c * channels * e + block_n * channels * s * 4),
+             ops=n_blocks * c_blocks * block_n * block_c * steps * block_k * 2 / 32 * 2,
+             ctas=n_blocks * c_blocks, per_sm=_triton_per_sm(warps),
+             chain_us=steps * math.ceil(s / block_s) * p.lat("l2") + p.lat("tile_reduce"))
+
+
 def cas_forward(p: Plan, provider: str, grad: bool) -> None:
     case = p.case
     rows, channels, length, classes = _cas_shape(case)
@@ -981,14 +1034,8 @@ def cas_forward(p: Plan, provider: str, grad: bool) -> None:
         p.host("custom_op")
         _label_check(p)
         p.host("triton")
-        block_k, block_l, block_c, one_block, _ = triton_cas_config(channels, length, True)
-        if one_block:
-            chain = lat("dram") + math.ceil(classes / block_c) * lat("l2")
-        else:
-            chain = (math.ceil(channels / block_k) * math.ceil(length / block_l) * lat("dram")
-                     + math.ceil(classes / block_c) * math.ceil(channels / block_k) * lat("l2"))
-        p.kernel("_cas_forward_kernel", "inner", hbm=2 * n + small, l2=rows * weight,
-                 ops=rows * channels * length * 8, ctas=rows, per_sm=1, chain_us=chain)
+        _triton_cas_stream(p, "_cas_stream_kernel (train)", 2)
+        _triton_cas_logits(p)
     else:
         raise ValueError(f"cas: no model for provider {provider!r}")
 
@@ -1034,15 +1081,25 @@ def cas_backward(p: Plan, provider: str) -> None:
     elif provider == TRITON:
         p.host("pyprune_backward", "cas")
         p.host("custom_op")
-        p.host("triton")
-        block_k, block_l, block_c, _, _ = triton_cas_config(channels, length, False)
-        ctas = rows * math.ceil(channels / block_k)
-        chain = (math.ceil(classes / block_c) * lat("l2")
-                 + math.ceil(length / block_l) * lat("dram"))
-        p.kernel("_cas_backward_kernel", "inner", hbm=3 * n, l2=ctas * classes * block_k * e,
-                 ops=rows * channels * length * 8, ctas=ctas, per_sm=4, chain_us=chain)
+        # In the launcher: grad_weight's logits path and a = grad_logits @ weight (float32: the
+        # casts are no-ops), the streaming pass, the per-class gather of the sums of
+        # grad_out * x (t is the partials' view when a channel is one chunk, else a sum), the
+        # bias gradient.
         p.kernel("mm: grad_logits.T @ mean", "aten", **gemm)
-        p.kernel("index_add_", "aten", hbm=2 * weight + rows * channels * 4)
+        p.kernel("mm: grad_logits @ weight", "aten", **gemm)
+        p.host("triton")
+        s = _triton_cas_stream(p, "_cas_backward_kernel", 3)
+        if s > 1:
+            p.kernel("sum (partials)", "aten", hbm=rows * channels * 4, l2=rows * channels * s * 4)
+        p.host("triton")
+        # A program per (class, 32 channels), over the samples in blocks of 64: the index
+        # block, then the rows of its class's samples (others masked off).
+        k_blocks = math.ceil(channels / 32)
+        p.kernel("_cas_gather_kernel", "inner", hbm=2 * classes * channels * 4,
+                 l2=rows * channels * 4 + classes * k_blocks * rows * 8,
+                 ops=classes * k_blocks * rows * (32 + 8) / 32 * 4,
+                 ctas=classes * k_blocks, per_sm=_triton_per_sm(4),
+                 chain_us=lat("l2") + math.ceil(rows / 64) * 2 * lat("l2"))
         p.kernel("sum (bias)", "aten", hbm=rows * classes * e)
     else:
         raise ValueError(f"cas: no model for provider {provider!r}")
