@@ -117,9 +117,10 @@ __device__ inline void store_pack(scalar_t* p, const Pack<scalar_t, V>& o) {
 
 template <typename scalar_t>
 __device__ inline const scalar_t* class_row(const StreamParams<scalar_t>& p, unsigned n) {
-  const int64_t c = p.sel[n];
-  CUDA_KERNEL_ASSERT(c >= 0 && c < p.C);
-  return p.w + c * p.ws0;
+  // The label check of a training call (pyprune.cas leaves it to this kernel: no extra launch).
+  const int64_t label = p.sel[n];
+  CUDA_KERNEL_ASSERT(label >= 0 && label < p.C);
+  return p.w + label * p.ws0;
 }
 
 // Channel rows: item w of a sample is (channel k = w / S, chunk s = w % S); lane j of its group

@@ -55,8 +55,10 @@ constexpr int kWarpMaxGroup = 1024;  // 32 lanes x 32 keys
 constexpr int kWarpKernelThreads = 256;
 constexpr int kBackwardThreads = 256;
 constexpr int kMaxCluster = 8;  // portable cluster size
-// A cluster block should still stream at least this many elements per pass.
-constexpr int64_t kMinClusterSlice = 16384;
+// A cluster block should still stream at least this many elements per pass: 8192 (32 KiB of
+// float32, one round of 4 16-byte packs per thread of 512) lets a batch of 8 groups of 64K
+// elements take 8 blocks each (64 CTAs) rather than 4, halving the chain of each pass.
+constexpr int64_t kMinClusterSlice = 8192;
 
 // Key bits below this are implied by the sign bit for values that came from a 16-bit float.
 template <typename scalar_t>
