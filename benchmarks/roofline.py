@@ -750,6 +750,87 @@ def _multinomial(p: Plan, rows: int, length: int, draws: int, esize: int, first:
              l2=total * 4 * 32, ops=total * 250)
 
 
+# csrc/cuda/sap.cu's chunking (sap_cuda_common), from (L, r) only.
+CUDA_SAP_CHUNK = 2048  # kChunk: elements of a chunk (two packs of 4 a thread)
+CUDA_SAP_DRAW_GROUP = 1024  # kDrawGroup: draws of one Philox group a thread
+CUDA_SAP_WRITE_CHUNK = 2048  # kWriteChunk: bernoulli pass, 2 Philox groups a thread
+CUDA_SAP_MAX_DRAW_CHUNKS = 1 << 16  # kMaxDrawChunks
+
+
+def cuda_sap_chunks(length: int, draws: int, exact: bool) -> tuple[int, int, int, int]:
+    """(K element chunks, NB draw chunks, W Philox groups a thread per draw chunk, KW bernoulli
+    chunks) per sample."""
+    k = math.ceil(length / CUDA_SAP_CHUNK)
+    d = CUDA_SAP_DRAW_GROUP
+    w = max(1, math.ceil((draws + 4) / (d * CUDA_SAP_MAX_DRAW_CHUNKS))) if exact else 1
+    nb = math.ceil((draws + 4) / (d * w)) if exact else 0
+    return k, nb, w, math.ceil((length + 3) / CUDA_SAP_WRITE_CHUNK)
+
+
+def _sap_cuda(p: Plan, rows: int, length: int, draws: int, exact: bool, backward: bool) -> None:
+    """sap.cu's three launches (forward, or backward: the same passes with grad as src).
+
+    Lane instructions, from the sm_90 SASS of the float32 kernels (nvcc 13.0; the bernoulli
+    kernel: 1888 static instructions for 8 elements, most of them in paths a realistic input
+    never takes: Goldberg's log, the slow divisions, scalar loads): a Philox4x32-10 ~80 (10
+    rounds of 2 IMAD.WIDE, 2 LOP3, 2 IADD and moves); a spacing ~7 (uniform, MUFU.LG2, the clamp)
+    and ~5 for its 64-bit range checks; the two block scans of a chunk (sum, then max) ~50 a
+    thread; q ~30 (p, the log1p series, the degree-8 expm1 polynomial and MUFU.EX2, both taken:
+    y straddles -1/2 at r = L), src / q ~4 (MUFU.RCP), loads, stores and indices ~8."""
+    e = _esize(p.case)
+    n = rows * length * e
+    lat = p.lat
+    c, d = CUDA_SAP_CHUNK, CUDA_SAP_DRAW_GROUP
+    k, nb, w, kw = cuda_sap_chunks(length, draws, exact)
+    acc = 8 if e == 8 else 4
+    ws = rows * (k + nb) * acc
+    per_sm = 2 if e == 8 else 4  # launch bounds: 64 registers (128 in float64)
+    scans = 2 * lat("block_scan") + 2 * lat("barrier")
+    draw_ops = (80 + 4 * 7 + 4 * 5) / 4  # a spacing: its share of the Philox, log, range checks
+    # 1. Partials: a block per (sample, element chunk): |x| summed (x read once); exact, a block
+    # per (sample, draw chunk): the W Philox groups of each thread, their spacings summed.
+    ops = rows * k * c * (3 + 50 / 8)
+    chain = lat("dram") + scans
+    if exact:
+        ops += rows * nb * d * w * (draw_ops + 50 / (4 * w))
+        chain = max(chain, w * (lat("philox") + 4 * 7 / p.sm_rate() * 256) + scans)
+    p.kernel("sap_partials_kernel", "inner", hbm=n + ws, ops=ops, ctas=rows * (k + nb),
+             per_sm=per_sm, chain_us=chain)
+    # 2. Prefix: a block per sample, one thread per sequence adding 8 staged values per shared
+    # round trip (dependent FADDs of ~4 cycles).
+    steps = max(k, nb)
+    chain = math.ceil(steps / 256) * (lat("dram") + 2 * lat("barrier") + lat("l2")) + steps * (
+        lat("smem") / 8 + 0.0023)
+    p.kernel("sap_prefix_kernel", "inner", hbm=2 * ws, ops=rows * (k + nb) * 12, ctas=rows,
+             per_sm=8, chain_us=chain)
+    # 3. x again (from L2 where all of x stayed there since launch 1), grad in backward, out.
+    reads = _merge({"hbm": n} if backward else {}, p.reread(n, n))
+    if exact:
+        # Merge + write, a block per (sample, element chunk): the element scan, the draw chunks
+        # of its range found by block-wide counts over D (1 round trip, 2 beyond 256 chunks),
+        # G of them generated (one spacing pass to scan, the positions in a second from the
+        # kept values), each in-range draw placed by a search that starts at the thread's
+        # previous draw's element; then q and src / q.
+        in_range = c * draws / length  # draws landing in one element chunk
+        g = min(nb, in_range / (d * w) + 1)
+        rounds = 1 if nb <= 256 else 2
+        per_cta = (c * (3 + 50 / 8 + 30 + 4 + 8) + 256 * 16 * rounds
+                   + g * (256 * (4 * w * (draw_ops + 13) + 50)) + in_range * 4)
+        chain = (lat("dram") + scans + lat("barrier") + rounds * (lat("l2") + 2 * lat("barrier"))
+                 + lat("l2") + 2 * lat("barrier")
+                 + g * (w * lat("philox") + scans + 12 * lat("smem")) + lat("barrier"))
+        l2 = rows * k * ((2 * min(nb, 256) + 2 * g) * acc + 32)
+        p.kernel("sap_merge_kernel", "inner", **_merge(reads, {"hbm": n, "l2": l2}),
+                 ops=rows * k * per_cta, ctas=rows * k, per_sm=2 if e == 8 else 3,
+                 chain_us=chain)
+    else:
+        # Elementwise, a block per (sample, chunk of 2048 global values): one Philox per 4
+        # elements, q, the uniform compare, src / q; 16-byte packs.
+        ops = rows * length * (80 / 4 + 30 + 5 + 4 + 8)
+        p.kernel("sap_bernoulli_kernel", "inner", **_merge(reads, {"hbm": n}), ops=ops,
+                 ctas=rows * kw, per_sm=per_sm, chain_us=lat("dram") + 2 * lat("philox"))
+
+
 def _sap_kernel(p: Plan, provider: str, backward: bool) -> None:
     """pyprune's SAP kernel (forward, or backward: the same pass on grad) for one call."""
     case = p.case
@@ -758,24 +839,9 @@ def _sap_kernel(p: Plan, provider: str, backward: bool) -> None:
     n = rows * length * e
     lat = p.lat
     rate = p.sm_rate()  # a program alone on its SM (batch <= 132)
-    if provider == CUDA:  # sap_kernel: 256 threads, one block per sample
-        threads = 256
-        sum_step = lat("dram") + lat("block_scan") + lat("barrier")
-        if exact:
-            chain = (math.ceil(length / 256) * sum_step
-                     + math.ceil((draws + 1) / 256) * (lat("philox") + lat("block_scan"))
-                     + math.ceil(length / 256)
-                     * (lat("dram") + lat("block_scan") + 2 * lat("barrier"))
-                     + (math.ceil(draws / 256) + math.ceil(length / 256))
-                     * (lat("philox") + lat("block_scan") + 8 * lat("smem") + 2 * lat("barrier")))
-            ops = rows * length * 25 + rows * draws * 2 * 150
-        else:  # a thread takes 4 consecutive elements a step: one Philox, 4 x (q, uniform, store)
-            step_ops = 90 + 4 * 110
-            chain = (math.ceil(length / 256) * sum_step
-                     + math.ceil(length / (4 * 256))
-                     * (lat("dram") + step_ops * threads / rate))
-            ops = rows * length * (10 + step_ops / 4)
-        name = f"sap_kernel<{'exact' if exact else 'bernoulli'}>"
+    if provider == CUDA:
+        _sap_cuda(p, rows, length, draws, exact, backward)
+        return
     else:
         block, draw_block, _ = triton_sap_config(exact)
         sum_step = lat("dram") + 2 * lat("tile_reduce")

@@ -159,3 +159,168 @@ def test_one_draw(device_backend, exact):
     if exact:
         assert (kept.sum(1) == 1).all()
     assert not kept[:, ::4].any()
+
+
+# CUDA kernels (csrc/cuda/sap.cu): each sample is split into chunks of elements and of draws
+# across blocks and merged back; these catch a merge that loses, duplicates or misplaces draws at
+# chunk boundaries, or a chunking that depends on the batch size.
+_needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+_CHUNK = 1024  # sap.cu's kChunk: elements of a chunk, and draws of a Philox group per thread
+
+
+def _cuda_sap(x, r, exact, seed, grad=None):
+    """The CUDA op (or its backward on grad) with an explicit seed."""
+    s = torch.tensor(seed, device="cuda")
+    if grad is None:
+        return torch.ops.pyprune.sap(x, s, r, exact)
+    return torch.ops.pyprune._sap_backward(grad, x, s, r, exact)
+
+
+def _counts_within(kept, q, z=6.0):
+    """The number of kept elements of each row within z standard deviations of sum q: a
+    draw-count bound that holds for both modes (exact keeps are negatively correlated, so their
+    variance is below the bernoulli sum q (1 - q))."""
+    want = q.sum(-1)
+    sd = (q * (1 - q)).sum(-1).sqrt()
+    got = kept.double().sum(-1)
+    assert ((got - want).abs() <= z * sd + 1).all(), (got, want, sd)
+
+
+@pytest.mark.parametrize("exact", [True, False], ids=["exact", "bernoulli"])
+@pytest.mark.parametrize("shape,r", [((1, 1), 1), ((1, 1), 7), ((3, 5), 1), ((3, 37), 100),
+                                     ((2, 1000), 999), ((5, 1023), 1025), ((7, 1025), 3),
+                                     ((4, 3001), 3001), ((1, 300000), 300000)])
+@pytest.mark.gpu
+@_needs_cuda
+def test_cuda_kept_values_counts_and_repeatability(exact, shape, r):
+    """Kept values are x / q; exact mode keeps at most r and, at r = 1, exactly one element of
+    each row; the counts match sum q; the same seed gives the same output; backward keeps the
+    forward's set. Shapes: L = 1, L below one chunk, L and r + 1 not multiples of 4 (samples
+    whose first draw is not aligned to a Philox group), several chunks, one huge row."""
+    gen = torch.Generator().manual_seed(shape[1] + r)
+    x = (torch.rand(shape, generator=gen, dtype=torch.float64) + 0.05).cuda().float()
+    x[:, 1::5] *= -1
+    seed = [1234567, -7654321]
+    out = _cuda_sap(x, r, exact, seed)
+    assert torch.equal(out, _cuda_sap(x, r, exact, seed))
+    kept = out != 0
+    q = reference.sap_keep_probability(x, r).double()
+    torch.testing.assert_close(out[kept].double(), (x.double() / q)[kept], rtol=1e-5, atol=0)
+    if exact:
+        assert (kept.sum(1) <= r).all() and (kept.sum(1) >= 1).all()
+        if r == 1:
+            assert (kept.sum(1) == 1).all()
+    _counts_within(kept, q)
+    grad = torch.randn_like(x)
+    gx = _cuda_sap(x, r, exact, seed, grad)
+    assert torch.equal(gx != 0, kept & (grad != 0))
+    torch.testing.assert_close(gx[kept].double(), (grad.double() / q)[kept], rtol=1e-5, atol=0)
+
+
+@pytest.mark.gpu
+@_needs_cuda
+def test_cuda_one_draw_lands_once_in_a_huge_row():
+    """r = 1 over 300000 elements (293 chunks): exactly one element, for many seeds, and the
+    drawn positions spread over the whole row (a draw lost or doubled at a chunk boundary, or
+    the draws of one chunk only, would show)."""
+    x = torch.ones(1, 300000, device="cuda")
+    where = []
+    for s in range(200):
+        out = _cuda_sap(x, 1, True, [s, 3 * s + 1])
+        idx = out[0].nonzero()
+        assert idx.numel() == 1
+        where.append(idx.item())
+    where = torch.tensor(where, dtype=torch.float64) / 300000
+    # uniform over [0, 1): 200 draws, mean 1/2 (sd 0.02), both halves hit
+    assert abs(where.mean().item() - 0.5) < 0.12
+    assert (where < 0.5).sum() > 50 and (where >= 0.5).sum() > 50
+
+
+@pytest.mark.gpu
+@_needs_cuda
+@pytest.mark.parametrize("at", [0, _CHUNK - 1, _CHUNK, 150001, 299999])
+def test_cuda_mass_on_one_element(at):
+    """One element holds almost all the mass (at a chunk's first or last element, mid-row, the
+    row's end): with r = L it is drawn every time; the others are drawn with their tiny q."""
+    L = 300000
+    x = torch.full((3, L), 1e-6, device="cuda")
+    x[:, at] = 1e4
+    q = reference.sap_keep_probability(x, L).double()
+    for exact in (True, False):
+        for s in range(5):
+            out = _cuda_sap(x, L, exact, [s, -s])
+            kept = out != 0
+            assert kept[:, at].all()
+            torch.testing.assert_close(out[:, at].double(), x[:, at].double() / q[:, at], rtol=1e-5, atol=0)
+            _counts_within(kept, q)
+            if exact:
+                assert (kept.sum(1) <= L).all()
+
+
+@pytest.mark.gpu
+@_needs_cuda
+def test_cuda_result_does_not_depend_on_the_batch():
+    """A sample's draws depend on its index, r and L only, not on the batch size (the chunk sizes
+    are functions of L and r)."""
+    x = torch.rand(9, 5000, device="cuda") + 0.1
+    for exact in (True, False):
+        for r in (1, 4999, 20000):
+            full = _cuda_sap(x, r, exact, [42, 43])
+            assert torch.equal(_cuda_sap(x[:4].contiguous(), r, exact, [42, 43]), full[:4])
+            assert torch.equal(_cuda_sap(x[:1].contiguous(), r, exact, [42, 43]), full[:1])
+
+
+@pytest.mark.gpu
+@_needs_cuda
+def test_cuda_exact_huge_draw_count():
+    """r = 2^31 - 1 over a few hundred elements: every element is drawn (q = 1), out = x; the
+    draw chunks then hold many Philox groups per thread and most of them are never generated
+    in the merge."""
+    x = torch.rand(2, 300, device="cuda") + 0.5
+    out = _cuda_sap(x, MAX_DRAWS, True, [5, 6])
+    torch.testing.assert_close(out, x)
+
+
+@pytest.mark.gpu
+@_needs_cuda
+def test_cuda_exact_statistics_over_several_chunks():
+    """Keep frequency of every element of a 3000-element row (3 element chunks, 3 draw chunks)
+    within Z standard errors of q over D independent draws, with magnitudes spread over two
+    orders, zeros, and the row's mass unevenly spread across its chunks."""
+    gen = torch.Generator().manual_seed(11)
+    L, d, r = 3000, 4000, 3000
+    row = torch.rand(1, L, generator=gen) * torch.logspace(-1, 1, L)[torch.randperm(L, generator=gen)]
+    row[:, 1500:2048] *= 10
+    row[:, ::11] = 0
+    row = row.cuda()
+    x = row.expand(d, L).contiguous()
+    q = reference.sap_keep_probability(row, r).double()[0]
+    for exact in (True, False):
+        kept = _cuda_sap(x, r, exact, [99, 100 + exact]) != 0
+        freq = kept.double().mean(0)
+        se = (q * (1 - q) / d).sqrt()
+        assert ((freq - q).abs() <= 5.5 * se + 1e-9).all()
+        assert not kept[:, row[0] == 0].any()
+        if exact:
+            assert (kept.sum(1) <= r).all()
+
+
+@pytest.mark.gpu
+@_needs_cuda
+def test_cuda_dtypes_and_strided_rows():
+    """Half, bfloat16 and double rows, and rows that are not contiguous (scalar loads), keep the
+    values x / q (in the dtype's tolerance) and, in exact mode, at most r elements."""
+    base = torch.rand(6, 2600, device="cuda", dtype=torch.float64) + 0.1
+    for dtype in (torch.float16, torch.bfloat16, torch.float64, torch.float32):
+        atol, rtol = TOLERANCES[dtype]
+        for x in (base.to(dtype), base.to(dtype)[::2], base.to(dtype).t().contiguous().t()[:, 3:]):
+            for exact in (True, False):
+                r = 2000
+                out = _cuda_sap(x, r, exact, [7, 8])
+                kept = out != 0
+                q = reference.sap_keep_probability(x, r).double()
+                torch.testing.assert_close(out[kept].double(), (x.double() / q)[kept],
+                                           rtol=max(rtol, 1e-4), atol=atol)
+                if exact:
+                    assert (kept.sum(1) <= r).all()
+                _counts_within(kept, q)

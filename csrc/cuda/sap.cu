@@ -1,17 +1,36 @@
-// Stochastic activation pruning on CUDA: one block per sample, one launch (the seed is read from
-// device memory, so the launch is CUDA-graph safe). The algorithm is csrc/cpu/sap.cpp's:
+// Stochastic activation pruning on CUDA, each sample split across many blocks so that the grid
+// fills the GPU at every batch size and no block walks a whole sample. Three launches, no host
+// sync (the seed is read from device memory: CUDA-graph safe), a workspace of (N, K + NB) acc_t
+// from the caching allocator (K element chunks, NB draw chunks per sample):
 //
-// * sum |x| over the sample, tile by tile with block scans (accumulated exactly as the merge
-//   below accumulates its prefix sums, so the last draw stays below the last prefix);
-// * bernoulli: each thread takes whole Philox evaluations (four consecutive elements) and keeps
-//   element j when u_j < q_j;
-// * exact: the sum of the r + 1 exponential spacings, then a merge tile by tile: the tile's
-//   inclusive prefix sums of |x| go to shared memory, a chunk of blockDim draws is scanned into
-//   sorted positions S_i * sum|x| / S_r, and each draw inside the tile binary-searches its
-//   element and flags it. A chunk that runs past the tile is taken again with the next tile.
-//   Spacings are regenerated from the seed, never stored.
-// A tiny total (sap_tiny_total_scale) and every |x| are scaled by a power of two first.
-// Kept elements are written as src / q (src = x forward, grad backward), the rest as src * 0.
+//  1. partials, a block per (sample, chunk): an element chunk (kChunk = 2048 consecutive
+//     elements, two packs of 4 a thread) sums |x|; in exact mode a draw chunk (W Philox groups a
+//     thread, 1024 * W draws, aligned to global index multiples of 4 so every Philox output is
+//     computed once) sums its Exp(1) spacings;
+//  2. prefix, a block per sample: the partials become inclusive prefix sums, B (elements) and D
+//     (draws), each summed sequentially in a fixed order by one thread, hence deterministic and
+//     monotone;
+//  3. exact: merge + write, a block per (sample, element chunk k); bernoulli: the elementwise
+//     pass, one Philox per 4 elements, q from the stored total.
+//
+// Positions, in the units of C (prefix of |x|): chunk k owns [B_{k-1}, B_k) (the last chunk
+// [B_{K-2}, inf)), so the chunks partition the line and every draw lands in exactly one chunk.
+// Draw d (< r) of sample n is global value i = n (r + 1) + d, its position
+// v = (D_{b-1} + s_d) * total / D_{NB-1}, s_d its in-chunk inclusive sum. Both kinds of chunk
+// go through one scan (chunk_scan: a thread's sequential sums, a block sum scan, then a max scan
+// that makes the values monotone across threads, NaN kept); the partial of a chunk is the scan's
+// last value, so pass 3 regenerates in-chunk sums bit for bit and the values of draw chunk b
+// lie in [D_{b-1}, D_b] exactly: the draw chunks a block needs follow from D by two counts (no
+// margin for rounding), and a draw chunk wholly inside one element's interval flags it without
+// being generated (r far above L costs at most one generated chunk per element boundary). A
+// block binary-searches each in-range draw among its chunk's C_j (clamped to the chunk's end,
+// the last one forced to it) and flags the element.
+//
+// A tiny total (sap_tiny_total_scale) and every |x| are scaled by a power of two (exact). A
+// sample whose total is zero, NaN or inf keeps nothing. Kept elements are written as src / q
+// (src = x forward, grad backward), the rest as src * 0. The chunk sizes depend on (L, r) only,
+// so the kept set does not depend on the batch size, and forward and backward (same N, L, r,
+// seed) regenerate the same one.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -24,6 +43,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <limits>
 
 #include "../random.h"
 #include "../sap.h"
@@ -32,147 +52,597 @@ namespace pyprune {
 namespace {
 
 constexpr int kThreads = 256;
+constexpr int kItems = 4;  // a pack of elements; the draws of one Philox group
+constexpr int kPacks = 2;  // packs a thread per element chunk
+constexpr int kElems = kItems * kPacks;
+constexpr int64_t kChunk = kThreads * kElems;  // elements of a chunk
+constexpr int64_t kDrawGroup = kThreads * kItems;  // draws of one Philox group a thread
+constexpr int kWriteGroups = 2;  // bernoulli pass: Philox groups a thread
+constexpr int64_t kWriteChunk = kDrawGroup * kWriteGroups;
+constexpr int64_t kMaxDrawChunks = int64_t{1} << 16;  // per sample (the workspace for huge r)
+
+// Register budgets as blocks of 256 per SM (>= 2: 25% occupancy).
+template <typename scalar_t>
+constexpr int stream_min_blocks() {
+  return sizeof(scalar_t) == 8 ? 2 : 4;
+}
+// The merge holds 8 elements, their sources and bounds a thread through the draw loop.
+template <typename scalar_t>
+constexpr int merge_min_blocks() {
+  return sizeof(scalar_t) == 8 ? 2 : 3;
+}
+
+template <typename scalar_t>
+struct alignas(sizeof(scalar_t) * kItems) Pack {
+  scalar_t v[kItems];
+};
 
 template <typename scalar_t>
 struct SapParams {
+  using acc_t = at::opmath_type<scalar_t>;
   const scalar_t* __restrict__ x;
   const scalar_t* __restrict__ src;
   scalar_t* __restrict__ out;
   const int64_t* __restrict__ seed;
+  acc_t* __restrict__ ws;  // (N, K + NB): the partials, then their inclusive prefix sums
   int64_t N, L, r;
-  int64_t xs0, xs1, ss0, ss1, os0, os1;
+  int64_t xs0, xs1, ss0, ss1, os0, os1, seed_stride;
+  int64_t K;   // element chunks per sample
+  int64_t NB;  // draw chunks per sample (exact), 0 (bernoulli)
+  int64_t W;   // Philox groups a thread per draw chunk: a draw chunk holds kDrawGroup * W draws
+  int64_t KW;  // bernoulli pass: chunks per sample
+  bool vec_x;    // x's rows in 4-element packs (partials, exact merge)
+  bool vec_out;  // x, src, out in packs for pass 3 (exact: rows; bernoulli: global index)
+  bool same;     // src is x (forward)
 };
 
-// Register budgets as blocks per SM: the bernoulli pass fits 32 registers (64 in float64), full
-// occupancy; the exact draws get 85, where ptxas left to itself spills float64's to reach 64.
-template <typename scalar_t, bool kExact>
-constexpr int min_blocks() {
-  return kExact ? 3 : (sizeof(scalar_t) == 8 ? 4 : 8);
+template <typename scalar_t>
+__device__ inline Seed load_seed(const SapParams<scalar_t>& p) {
+  return {static_cast<uint64_t>(p.seed[0]), static_cast<uint64_t>(p.seed[p.seed_stride])};
 }
 
-template <typename scalar_t, bool kExact>
-__global__ void __launch_bounds__(kThreads, (min_blocks<scalar_t, kExact>()))
-    sap_kernel(const SapParams<scalar_t> p) {
+// Elements j0 .. j0 + 3 of a row (0 outside [0, L)); a pack where all four are inside.
+template <typename scalar_t, typename acc_t>
+__device__ inline void load4(const scalar_t* row, int64_t stride, int64_t j0, int64_t L, bool vec,
+                             acc_t (&v)[kItems]) {
+  if (vec && j0 >= 0 && j0 + kItems <= L) {
+    const Pack<scalar_t> pk = *reinterpret_cast<const Pack<scalar_t>*>(row + j0);
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) v[i] = static_cast<acc_t>(pk.v[i]);
+  } else {
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) {
+      const int64_t j = j0 + i;
+      v[i] = j >= 0 && j < L ? static_cast<acc_t>(row[j * stride]) : acc_t(0);
+    }
+  }
+}
+
+// A pack goes out through st.global.v4 (16 bytes at a time): a plain struct assignment may be
+// split into scalar stores.
+template <typename scalar_t>
+__device__ inline void store_pack(scalar_t* p, const Pack<scalar_t>& o) {
+  if constexpr (sizeof(Pack<scalar_t>) % 16 == 0) {
+#pragma unroll
+    for (int h = 0; h < static_cast<int>(sizeof(Pack<scalar_t>) / 16); ++h) {
+      unsigned w[4];
+      memcpy(w, reinterpret_cast<const char*>(&o) + 16 * h, sizeof(w));
+      asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(
+                       reinterpret_cast<char*>(p) + 16 * h),
+                   "r"(w[0]), "r"(w[1]), "r"(w[2]), "r"(w[3])
+                   : "memory");
+    }
+  } else {
+    *reinterpret_cast<Pack<scalar_t>*>(p) = o;
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+__device__ inline void store4(scalar_t* row, int64_t stride, int64_t j0, int64_t L, bool vec,
+                              const acc_t (&v)[kItems]) {
+  if (vec && j0 >= 0 && j0 + kItems <= L) {
+    Pack<scalar_t> pk;
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) pk.v[i] = static_cast<scalar_t>(v[i]);
+    store_pack(row + j0, pk);
+  } else {
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) {
+      const int64_t j = j0 + i;
+      if (j >= 0 && j < L) row[j * stride] = static_cast<scalar_t>(v[i]);
+    }
+  }
+}
+
+template <typename acc_t>
+__device__ inline acc_t abs_of(acc_t v) {
+  return v < acc_t(0) ? -v : v;  // NaN stays NaN
+}
+
+// max that keeps a NaN of either side (a NaN partial must reach the total).
+struct NanMax {
+  template <typename T>
+  __device__ T operator()(T a, T b) const {
+    return (a != a || a > b) ? a : b;
+  }
+};
+
+template <typename acc_t>
+using BlockScan = cub::BlockScan<acc_t, kThreads>;
+
+// The in-chunk inclusive sums: a thread's values are its sequential sums prefix + l (l: its own
+// running sum), raised to floor (the largest last value of the threads before it), so they are
+// monotone across the chunk; chunk is the chunk's last value. The same code in every pass gives
+// the same bits.
+template <typename acc_t>
+__device__ inline void chunk_scan(acc_t local, typename BlockScan<acc_t>::TempStorage& tmp,
+                                  acc_t& prefix, acc_t& floor, acc_t& chunk) {
+  BlockScan<acc_t>(tmp).ExclusiveSum(local, prefix);
+  __syncthreads();
+  BlockScan<acc_t>(tmp).ExclusiveScan(prefix + local, floor, acc_t(0), NanMax(), chunk);
+  __syncthreads();
+}
+
+// A thread's kElems elements j0 .. j0 + kElems - 1, pack by pack.
+template <typename scalar_t, typename acc_t>
+__device__ inline void load_elems(const scalar_t* row, int64_t stride, int64_t j0, int64_t L,
+                                  bool vec, acc_t (&v)[kElems]) {
+#pragma unroll
+  for (int h = 0; h < kPacks; ++h) {
+    acc_t pk[kItems];
+    load4(row, stride, j0 + h * kItems, L, vec, pk);
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) v[h * kItems + i] = pk[i];
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+__device__ inline void store_elems(scalar_t* row, int64_t stride, int64_t j0, int64_t L, bool vec,
+                                   const acc_t (&v)[kElems]) {
+#pragma unroll
+  for (int h = 0; h < kPacks; ++h) {
+    acc_t pk[kItems];
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) pk[i] = v[h * kItems + i];
+    store4(row, stride, j0 + h * kItems, L, vec, pk);
+  }
+}
+
+template <typename acc_t>
+__device__ inline acc_t element_local(const acc_t (&a)[kElems], acc_t (&c)[kElems]) {
+  acc_t l = 0;
+#pragma unroll
+  for (int i = 0; i < kElems; ++i) {
+    l += a[i];
+    c[i] = l;
+  }
+  return l;
+}
+
+// Exp(1) from a Philox word, -log(1 - u) (u: to_uniform) through the hardware log2 (absolute
+// error below 2^-21, against ~20 instructions for logf; the CPU's spacings use their own fast
+// log too), never negative: the in-chunk sums must not decrease.
+__device__ inline float spacing_of(uint32_t bits) {
+  const float e = -__logf(1.0f - to_uniform(bits));
+  return e > 0.0f ? e : 0.0f;
+}
+
+// The spacings of one Philox group: e[i] for global value 4 * counter + i, 0 outside the
+// sample's r + 1 values [base, base + r].
+template <typename acc_t>
+__device__ inline void spacings(const Seed& seed, uint64_t counter, uint64_t base, uint64_t r,
+                                acc_t (&e)[kItems]) {
+  const Philox4 w = philox(seed.key, counter, seed.stream);
+#pragma unroll
+  for (int i = 0; i < kItems; ++i) {
+    const uint64_t g = 4 * counter + i;
+    e[i] = g >= base && g - base <= r ? static_cast<acc_t>(spacing_of(w.w[i])) : acc_t(0);
+  }
+}
+
+// Thread's groups of a draw chunk: counters c0 .. c0 + W - 1. Returns their sequential sum;
+// e0: the first group's spacings.
+template <typename acc_t>
+__device__ inline acc_t draw_local(const Seed& seed, uint64_t c0, int64_t W, uint64_t base,
+                                   uint64_t r, acc_t (&e0)[kItems]) {
+  acc_t local = 0;
+  for (int64_t w = 0; w < W; ++w) {
+    acc_t e[kItems];
+    spacings(seed, c0 + w, base, r, e);
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) {
+      local += e[i];
+      if (w == 0) e0[i] = e[i];
+    }
+  }
+  return local;
+}
+
+// The layout of a sample's draws: value i of the call is n (r + 1) + d; chunk b covers the
+// global values [g0 + b D, g0 + (b + 1) D), g0 = base rounded down to a multiple of 4.
+struct Draws {
+  uint64_t base, r, g0, per_chunk;
+  int64_t W;
+  __device__ Draws(int64_t n, int64_t r_, int64_t W_)
+      : base(static_cast<uint64_t>(n) * static_cast<uint64_t>(r_ + 1)),
+        r(static_cast<uint64_t>(r_)),
+        g0(base & ~uint64_t{3}),
+        per_chunk(static_cast<uint64_t>(kDrawGroup * W_)),
+        W(W_) {}
+  // This thread's first Philox counter in chunk b.
+  __device__ uint64_t counter(int64_t b) const {
+    return (g0 + static_cast<uint64_t>(b) * per_chunk) / 4 +
+           static_cast<uint64_t>(threadIdx.x) * static_cast<uint64_t>(W);
+  }
+  // Whether chunk b holds a draw (d < r; the last value d = r only ends the spacings).
+  __device__ bool has_draws(int64_t b) const {
+    const uint64_t gs = g0 + static_cast<uint64_t>(b) * per_chunk;
+    const uint64_t lo = gs > base ? gs : base;
+    const uint64_t end = base + r, hi = gs + per_chunk < end ? gs + per_chunk : end;
+    return hi > lo;
+  }
+};
+
+// q = -expm1(r log1p(-p)): float from log and exp with the corrections that keep relative
+// accuracy near 0 (log1p(-p) by its series below p = 2^-7, truncation p^6 / 6 under float
+// rounding, else log(1 - p) with Goldberg's correction; expm1(y) by its degree-8 Taylor
+// polynomial on [-1/2, 0], else 1 - exp(y), where q >= 0.39 absorbs the hardware exp2's
+// rounding: a few ulp); the arithmetic of csrc/cpu/fast_math.h's fast_keep_probability. double
+// through libm.
+__device__ inline float keep_probability(float p, float r) {
+  float log1p_neg;
+  if (p < 0.0078125f) {
+    log1p_neg = -p * (1.0f + p * (0.5f + p * (1.0f / 3 + p * (0.25f + p * 0.2f))));
+  } else {
+    const float u = 1.0f - p;
+    log1p_neg = logf(u) * (-p / (u - 1.0f));
+  }
+  const float y = r * log1p_neg;
+  float e = 1.0f / 40320;
+  e = 1.0f / 5040 + y * e;
+  e = 1.0f / 720 + y * e;
+  e = 1.0f / 120 + y * e;
+  e = 1.0f / 24 + y * e;
+  e = 1.0f / 6 + y * e;
+  e = 0.5f + y * e;
+  e = 1.0f + y * e;
+  return y < -0.5f ? 1.0f - __expf(y) : -y * e;
+}
+
+__device__ inline double keep_probability(double p, double r) {
+  return -expm1(r * log1p(-p));
+}
+
+// src / q of a kept element: float through the hardware reciprocal (2 ulp) where q is normal.
+__device__ inline float divide(float g, float q) {
+  return q >= 1.17549435e-38f ? __fdividef(g, q) : g / q;
+}
+
+__device__ inline double divide(double g, double q) {
+  return g / q;
+}
+
+// The sample's total: pre (the tiny-total power of two), total * pre, and whether it draws.
+template <typename acc_t>
+struct Total {
+  acc_t pre, total, inv;  // inv = 1 / total: p = |x| * pre * inv
+  bool drawable;
+  __device__ explicit Total(acc_t raw) {
+    pre = static_cast<acc_t>(sap_tiny_total_scale<acc_t>(raw));
+    total = raw * pre;
+    inv = acc_t(1) / total;
+    // Nothing is drawn from an all-zero sample or one with a NaN or inf (p undefined), nor from
+    // one whose sum overflows (the reference's p = |x| / inf = 0).
+    drawable = total > acc_t(0) && total < static_cast<acc_t>(INFINITY);
+  }
+};
+
+// 1. Partials: item (n, c), c < K an element chunk, else draw chunk c - K.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads, stream_min_blocks<scalar_t>())
+    sap_partials_kernel(const SapParams<scalar_t> p) {
   using acc_t = at::opmath_type<scalar_t>;
-  using BlockScan = cub::BlockScan<acc_t, kThreads>;
-  __shared__ typename BlockScan::TempStorage scan;
-  __shared__ acc_t tile_c[kThreads];
-  __shared__ int flag[kThreads];
-  __shared__ acc_t last[2];
+  __shared__ typename BlockScan<acc_t>::TempStorage tmp;
+  const Seed seed = load_seed(p);
+  const int64_t per = p.K + p.NB;
+  const uint64_t items = static_cast<uint64_t>(p.N) * static_cast<uint64_t>(per);
+  for (uint64_t item = blockIdx.x; item < items; item += gridDim.x) {
+    const int64_t n = static_cast<int64_t>(item / static_cast<uint64_t>(per));
+    const int64_t c = static_cast<int64_t>(item - static_cast<uint64_t>(n) * per);
+    acc_t local;
+    if (c < p.K) {
+      acc_t a[kElems], unused[kElems];
+      load_elems(p.x + n * p.xs0, p.xs1, c * kChunk + threadIdx.x * kElems, p.L, p.vec_x, a);
+#pragma unroll
+      for (int i = 0; i < kElems; ++i) a[i] = abs_of(a[i]);
+      local = element_local(a, unused);
+    } else {
+      const Draws draws(n, p.r, p.W);
+      acc_t e0[kItems];
+      local = draw_local(seed, draws.counter(c - p.K), p.W, draws.base, draws.r, e0);
+    }
+    acc_t prefix, floor, chunk;
+    chunk_scan(local, tmp, prefix, floor, chunk);
+    if (threadIdx.x == 0) p.ws[n * per + c] = chunk;
+  }
+}
 
+// 2. Prefix: per sample, B (K element partials) and D (NB draw partials) become inclusive prefix
+// sums, each by one thread in order (threads 0 and 32 run the two chains side by side).
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    sap_prefix_kernel(acc_t* __restrict__ ws, int64_t N, int64_t K, int64_t NB) {
+  __shared__ acc_t tile[2][kThreads];
   const int tid = threadIdx.x;
-  const Seed seed{static_cast<uint64_t>(p.seed[0]), static_cast<uint64_t>(p.seed[1])};
-  const int64_t L = p.L, r = p.r;
+  const int64_t per = K + NB, steps = std::max(K, NB);
+  for (int64_t n = blockIdx.x; n < N; n += gridDim.x) {
+    acc_t* wsn = ws + n * per;
+    acc_t carry = 0;  // thread 0: elements, thread 32: draws
+    for (int64_t t0 = 0; t0 < steps; t0 += kThreads) {
+      const int64_t e = t0 + tid;
+      if (e < K) tile[0][tid] = wsn[e];
+      if (e < NB) tile[1][tid] = wsn[K + e];
+      __syncthreads();
+      if (tid == 0 || tid == 32) {
+        const int s = tid == 0 ? 0 : 1;
+        const int64_t count = std::min<int64_t>(kThreads, (s == 0 ? K : NB) - t0);
+        int64_t i = 0;
+        for (; i + 8 <= count; i += 8) {  // 8 loads in flight, then the 8 dependent adds
+          acc_t v[8];
+#pragma unroll
+          for (int u = 0; u < 8; ++u) v[u] = tile[s][i + u];
+#pragma unroll
+          for (int u = 0; u < 8; ++u) {
+            carry += v[u];
+            tile[s][i + u] = carry;
+          }
+        }
+        for (; i < count; ++i) {
+          carry += tile[s][i];
+          tile[s][i] = carry;
+        }
+      }
+      __syncthreads();
+      if (e < K) wsn[e] = tile[0][tid];
+      if (e < NB) wsn[K + e] = tile[1][tid];
+    }
+  }
+}
 
-  for (int64_t n = blockIdx.x; n < p.N; n += gridDim.x) {
+// First index in [lo, count) of the element of a chunk whose bound exceeds v (cs[count - 1] > v
+// for every v searched: the chunk's end).
+template <typename acc_t>
+__device__ inline int find_element(const acc_t* cs, int count, acc_t v, int lo = 0) {
+  int hi = count - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi) >> 1;
+    if (cs[mid] <= v) {
+      lo = mid + 1;
+    } else {
+      hi = mid;
+    }
+  }
+  return lo;
+}
+
+// How many draw chunks b end below lo and below hi (D_b * scale < lim; monotone in b), by
+// block-wide counts: groups of s = ceil(NB / 256) chunks (whole groups below, by their last
+// chunk), then the chunks of the first group that is not. Every thread gets both counts.
+template <typename acc_t>
+__device__ inline void count_below(const acc_t* dend, int64_t NB, acc_t scale, acc_t lo, acc_t hi,
+                                   int64_t& below_lo, int64_t& below_hi) {
+  const int64_t t = threadIdx.x;
+  const int64_t s = (NB + kThreads - 1) / kThreads;
+  int64_t g_lo = 0, g_hi = 0;
+  if (s > 1) {
+    const bool live = t * s < NB;
+    const acc_t v = live ? dend[std::min((t + 1) * s, NB) - 1] * scale : acc_t(0);
+    g_lo = static_cast<int64_t>(__syncthreads_count(live && v < lo)) * s;
+    g_hi = static_cast<int64_t>(__syncthreads_count(live && v < hi)) * s;
+  }
+  const int64_t span = s > 1 ? s : kThreads;
+  const int64_t b_lo = g_lo + t, b_hi = g_hi + t;
+  const bool in_lo = t < span && b_lo < NB, in_hi = t < span && b_hi < NB;
+  const acc_t v_lo = in_lo ? dend[b_lo] * scale : acc_t(0);
+  const acc_t v_hi = in_hi ? dend[b_hi] * scale : acc_t(0);
+  below_lo = std::min(NB, g_lo + __syncthreads_count(in_lo && v_lo < lo));
+  below_hi = std::min(NB, g_hi + __syncthreads_count(in_hi && v_hi < hi));
+}
+
+// 3. Exact: item (n, k): the chunk's elements, their bounds C_j in shared memory, the draws that
+// land in [lo, hi), then the write.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads, merge_min_blocks<scalar_t>())
+    sap_merge_kernel(const SapParams<scalar_t> p) {
+  using acc_t = at::opmath_type<scalar_t>;
+  __shared__ typename BlockScan<acc_t>::TempStorage tmp;
+  __shared__ acc_t cs[kChunk];
+  __shared__ unsigned char hit[kChunk];
+  __shared__ acc_t d_start[kThreads], d_end[kThreads];
+  const int tid = threadIdx.x;
+  const Seed seed = load_seed(p);
+  const int64_t per = p.K + p.NB;
+  const uint64_t items = static_cast<uint64_t>(p.N) * static_cast<uint64_t>(p.K);
+  const acc_t inf = static_cast<acc_t>(INFINITY);
+  for (uint64_t item = blockIdx.x; item < items; item += gridDim.x) {
+    const int64_t n = static_cast<int64_t>(item / static_cast<uint64_t>(p.K));
+    const int64_t k = static_cast<int64_t>(item - static_cast<uint64_t>(n) * p.K);
+    const acc_t* wsn = p.ws + n * per;
+    const int64_t j0 = k * kChunk + tid * kElems;
+    // Every load first.
+    acc_t a[kElems], g[kElems];
+    load_elems(p.x + n * p.xs0, p.xs1, j0, p.L, p.vec_out, a);
+    if (p.same) {
+#pragma unroll
+      for (int i = 0; i < kElems; ++i) g[i] = a[i];
+    } else {
+      load_elems(p.src + n * p.ss0, p.ss1, j0, p.L, p.vec_out, g);
+    }
+    const acc_t start = k > 0 ? wsn[k - 1] : acc_t(0), end = wsn[k];
+    const Total<acc_t> tot(wsn[p.K - 1]);
+    const acc_t dlast = wsn[per - 1];
+
+#pragma unroll
+    for (int i = 0; i < kElems; ++i) a[i] = abs_of(a[i]);
+    acc_t c[kElems];
+    const acc_t local = element_local(a, c);
+    acc_t prefix, floor, chunk;
+    chunk_scan(local, tmp, prefix, floor, chunk);
+    const int64_t rest = p.L - k * kChunk;
+    const int count = static_cast<int>(rest < kChunk ? rest : kChunk);
+    const acc_t lo = start * tot.pre, hi = k == p.K - 1 ? inf : end * tot.pre;
+#pragma unroll
+    for (int i = 0; i < kElems; ++i) {
+      const int j = tid * kElems + i;
+      const acc_t bound = NanMax()(prefix + c[i], floor);
+      const acc_t cj = (start + bound) * tot.pre;
+      cs[j] = j >= count - 1 ? hi : (cj < hi ? cj : hi);
+      hit[j] = 0;
+    }
+    __syncthreads();
+
+    if (tot.drawable && lo < hi) {  // the same for every thread
+      const acc_t scale = tot.total / dlast;
+      const acc_t* dend = wsn + p.K;
+      int64_t b0, b1;
+      count_below(dend, p.NB, scale, lo, hi, b0, b1);
+      const int64_t b_end = std::min(p.NB, b1 + 1);
+      const Draws draws(n, p.r, p.W);
+      for (int64_t w0 = b0; w0 < b_end; w0 += kThreads) {
+        const int64_t span = std::min<int64_t>(kThreads, b_end - w0);
+        __syncthreads();  // the previous window is read
+        if (tid < span) {
+          d_end[tid] = dend[w0 + tid];
+          d_start[tid] = w0 + tid > 0 ? dend[w0 + tid - 1] : acc_t(0);
+        }
+        __syncthreads();
+        for (int m = 0; m < span; ++m) {
+          const int64_t b = w0 + m;
+          if (!draws.has_draws(b)) continue;
+          const acc_t ds = d_start[m];
+          const acc_t vs = ds * scale, ve = d_end[m] * scale;
+          if (vs >= lo && ve < hi) {
+            const int first = find_element(cs, count, vs);
+            if (first == find_element(cs, count, ve)) {  // every draw of chunk b lands here
+              if (tid == 0) hit[first] = 1;
+              continue;
+            }
+          }
+          const uint64_t c0 = draws.counter(b);
+          acc_t e0[kItems];
+          const acc_t dl = draw_local(seed, c0, p.W, draws.base, draws.r, e0);
+          acc_t dprefix, dfloor, dchunk;
+          chunk_scan(dl, tmp, dprefix, dfloor, dchunk);
+          // A thread's draws ascend: each search starts at the previous draw's element, which
+          // the next draw usually hits again or passes by one.
+          acc_t l = 0;
+          int at = -1;
+          for (int64_t w = 0; w < p.W; ++w) {
+            acc_t e[kItems];
+            if (w == 0) {
+#pragma unroll
+              for (int i = 0; i < kItems; ++i) e[i] = e0[i];
+            } else {
+              spacings(seed, c0 + w, draws.base, draws.r, e);
+            }
+#pragma unroll
+            for (int i = 0; i < kItems; ++i) {
+              l += e[i];
+              const uint64_t gi = 4 * (c0 + w) + i;
+              if (gi >= draws.base && gi - draws.base < draws.r) {
+                const acc_t v = (ds + NanMax()(dprefix + l, dfloor)) * scale;
+                if (v >= lo && v < hi) {
+                  if (at < 0 || !(cs[at] > v)) {
+                    at = at >= 0 && at + 1 < count && cs[at + 1] > v
+                             ? at + 1
+                             : find_element(cs, count, v, at < 0 ? 0 : at);
+                  }
+                  hit[at] = 1;
+                }
+              }
+            }
+          }
+        }
+      }
+    }
+    __syncthreads();
+
+    acc_t o[kElems];
+    const acc_t r = static_cast<acc_t>(p.r);
+#pragma unroll
+    for (int i = 0; i < kElems; ++i) {
+      const acc_t q = keep_probability(a[i] * tot.pre * tot.inv, r);
+      // A zero |x| can only be reached through rounding at a chunk's end: never keep it.
+      const bool kept = hit[tid * kElems + i] && q > acc_t(0);
+      o[i] = kept ? divide(g[i], q) : g[i] * acc_t(0);
+    }
+    store_elems(p.out + n * p.os0, p.os1, j0, p.L, p.vec_out, o);
+    __syncthreads();  // cs and hit are rewritten by the next item
+  }
+}
+
+// 3. Bernoulli: item (n, k); thread t takes the Philox groups (global value 4 * counter) of
+// chunk k that meet sample n: element j = 4 * counter + i - n L is kept when u < q.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads, stream_min_blocks<scalar_t>())
+    sap_bernoulli_kernel(const SapParams<scalar_t> p) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int tid = threadIdx.x;
+  const Seed seed = load_seed(p);
+  const uint64_t items = static_cast<uint64_t>(p.N) * static_cast<uint64_t>(p.KW);
+  for (uint64_t item = blockIdx.x; item < items; item += gridDim.x) {
+    const int64_t n = static_cast<int64_t>(item / static_cast<uint64_t>(p.KW));
+    const int64_t k = static_cast<int64_t>(item - static_cast<uint64_t>(n) * p.KW);
+    const uint64_t begin = static_cast<uint64_t>(n) * static_cast<uint64_t>(p.L);
+    const uint64_t first = ((begin & ~uint64_t{3}) + static_cast<uint64_t>(k * kWriteChunk)) / 4;
     const scalar_t* x = p.x + n * p.xs0;
     const scalar_t* src = p.src + n * p.ss0;
     scalar_t* out = p.out + n * p.os0;
-    acc_t pre = 1;  // sap_tiny_total_scale, once the total is known
-    auto abs_x = [&](int64_t j) {
-      const acc_t v = j < L ? static_cast<acc_t>(x[j * p.xs1]) : acc_t(0);
-      return (v < acc_t(0) ? -v : v) * pre;
-    };
-    auto kept_value = [&](int64_t j, acc_t a, acc_t total) {
-      const acc_t q = sap_keep_probability<acc_t>(a / total, r);
-      return static_cast<scalar_t>(static_cast<acc_t>(src[j * p.ss1]) / q);
-    };
-
-    acc_t total = 0;
-    for (int64_t t0 = 0; t0 < L; t0 += kThreads) {
-      acc_t c, tile;
-      BlockScan(scan).InclusiveSum(abs_x(t0 + tid), c, tile);
-      __syncthreads();
-      total += tile;
-    }
-    // Nothing is drawn from an all-zero sample or one with a NaN or inf (p undefined), nor from
-    // one whose sum overflows (the reference's p = |x| / inf = 0).
-    const bool drawable = total > acc_t(0) && total < INFINITY;
-    pre = static_cast<acc_t>(sap_tiny_total_scale<acc_t>(total));
-    total *= pre;
-
-    if constexpr (!kExact) {
-      const uint64_t begin = static_cast<uint64_t>(n) * L, end = begin + L;
-      for (uint64_t b = (begin >> 2) + tid; 4 * b < end; b += kThreads) {
-        const Philox4 w = philox(seed.key, b, seed.stream);
+    acc_t a[kWriteGroups][kItems], g[kWriteGroups][kItems];
+    int64_t j0[kWriteGroups];
 #pragma unroll
-        for (int lane = 0; lane < 4; ++lane) {
-          const uint64_t i = 4 * b + lane;
-          if (i < begin || i >= end) continue;
-          const int64_t j = static_cast<int64_t>(i - begin);
-          const acc_t a = abs_x(j);
-          const acc_t q = sap_keep_probability<acc_t>(a / total, r);
-          const bool kept = drawable && static_cast<acc_t>(to_uniform(w.w[lane])) < q;
-          const acc_t g = static_cast<acc_t>(src[j * p.ss1]);
-          out[j * p.os1] = static_cast<scalar_t>(kept ? g / q : g * acc_t(0));
-        }
-      }
-      continue;
+    for (int u = 0; u < kWriteGroups; ++u) {
+      const uint64_t counter = first + u * kThreads + tid;
+      j0[u] = static_cast<int64_t>(4 * counter - begin);
+      load4(x, p.xs1, j0[u], p.L, p.vec_out, a[u]);
+      if (!p.same) load4(src, p.ss1, j0[u], p.L, p.vec_out, g[u]);
     }
-
-    const uint64_t base = static_cast<uint64_t>(n) * static_cast<uint64_t>(r + 1);
-    auto spacing = [&](int64_t d) {
-      const uint64_t i = base + d;
-      return static_cast<acc_t>(to_exponential(philox(seed.key, i >> 2, seed.stream).w[i & 3]));
-    };
-    acc_t spacings = 0;
-    for (int64_t d0 = 0; d0 <= r; d0 += kThreads) {
-      const int64_t d = d0 + tid;
-      acc_t s, chunk;
-      BlockScan(scan).InclusiveSum(d <= r ? spacing(d) : acc_t(0), s, chunk);
-      __syncthreads();
-      spacings += chunk;
-    }
-    const acc_t scale = total / spacings;  // draw i sits at S_i * scale in the units of C
-
-    acc_t carry_c = 0, carry_s = 0;
-    int64_t first = 0;  // first draw not yet merged into an earlier tile
-    for (int64_t t0 = 0; t0 < L; t0 += kThreads) {
-      const int64_t j = t0 + tid;
-      const int count = static_cast<int>(std::min<int64_t>(kThreads, L - t0));
-      const acc_t a = abs_x(j);
-      acc_t c, tile;
-      BlockScan(scan).InclusiveSum(a, c, tile);
-      tile_c[tid] = c + carry_c;
-      flag[tid] = 0;
-      __syncthreads();
-      const acc_t tile_hi = tile_c[count - 1];
-      while (first < r && drawable) {
-        const int64_t d = first + tid;
-        const bool valid = d < r;
-        acc_t s, chunk;
-        BlockScan(scan).InclusiveSum(valid ? spacing(d) : acc_t(0), s, chunk);
-        s += carry_s;
-        const acc_t v = s * scale;
-        if (valid && v >= carry_c && v < tile_hi) {
-          int lo = 0, hi = count;  // first element whose prefix exceeds v
-          while (lo < hi) {
-            const int mid = (lo + hi) / 2;
-            if (tile_c[mid] <= v) lo = mid + 1; else hi = mid;
-          }
-          flag[lo] = 1;
-        }
-        if (d == std::min<int64_t>(first + kThreads, r) - 1) {
-          last[0] = v;
-          last[1] = s;
-        }
-        __syncthreads();
-        const bool consumed = last[0] < tile_hi;
-        if (consumed) {
-          first += kThreads;
-          carry_s = last[1];
-        }
-        __syncthreads();
-        if (!consumed) break;
+    const Total<acc_t> tot(p.ws[n * p.K + p.K - 1]);
+    const acc_t r = static_cast<acc_t>(p.r);
+#pragma unroll
+    for (int u = 0; u < kWriteGroups; ++u) {
+      if (j0[u] >= p.L) continue;
+      const Philox4 w = philox(seed.key, first + u * kThreads + tid, seed.stream);
+      acc_t o[kItems];
+#pragma unroll
+      for (int i = 0; i < kItems; ++i) {
+        const acc_t src_i = p.same ? a[u][i] : g[u][i];
+        const acc_t q = keep_probability(abs_of(a[u][i]) * tot.pre * tot.inv, r);
+        const bool kept = tot.drawable && static_cast<acc_t>(to_uniform(w.w[i])) < q;
+        o[i] = kept ? divide(src_i, q) : src_i * acc_t(0);
       }
-      if (j < L) {
-        out[j * p.os1] = flag[tid] ? kept_value(j, a, total)
-                                   : static_cast<scalar_t>(static_cast<acc_t>(src[j * p.ss1]) * acc_t(0));
-      }
-      carry_c = tile_hi;
-      __syncthreads();
+      store4(out, p.os1, j0[u], p.L, p.vec_out, o);
     }
   }
+}
+
+bool aligned(const at::Tensor& t) {
+  return reinterpret_cast<std::uintptr_t>(t.const_data_ptr()) % (kItems * t.element_size()) == 0;
+}
+
+// Packs of 4 from element 0 of each row.
+bool rows_vec(const at::Tensor& t) {
+  return t.stride(1) == 1 && (t.size(0) == 1 || t.stride(0) % kItems == 0) && aligned(t);
+}
+
+// Packs of 4 at the global values n L + j that are multiples of 4.
+bool flat_vec(const at::Tensor& t) {
+  return t.stride(1) == 1 && (t.size(0) == 1 || (t.stride(0) - t.size(1)) % kItems == 0) &&
+         aligned(t);
+}
+
+unsigned grid_for(int64_t items) {
+  return static_cast<unsigned>(std::min<int64_t>(items, std::numeric_limits<int32_t>::max()));
 }
 
 at::Tensor sap_cuda_common(const at::Tensor& src, const at::Tensor& x, const at::Tensor& seed,
@@ -181,18 +651,44 @@ at::Tensor sap_cuda_common(const at::Tensor& src, const at::Tensor& x, const at:
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor out = at::empty_like(src);
   if (x.numel() == 0) return out;
-  const int64_t N = x.size(0);
-  const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(N, 65535));
+  const int64_t N = x.size(0), L = x.size(1);
+  const int64_t K = (L + kChunk - 1) / kChunk;
+  // Draw chunks: kDrawGroup * W draws, W as small as keeps NB <= kMaxDrawChunks (the span from the
+  // first value's multiple of 4 to the last value is at most r + 4).
+  const int64_t W = exact ? std::max<int64_t>(1, (r + 4 + kDrawGroup * kMaxDrawChunks - 1) /
+                                                     (kDrawGroup * kMaxDrawChunks))
+                          : 1;
+  const int64_t NB = exact ? (r + 4 + kDrawGroup * W - 1) / (kDrawGroup * W) : 0;
+  const int64_t KW = (L + 3 + kWriteChunk - 1) / kWriteChunk;
+  const bool same = src.is_same(x);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sap_cuda", [&] {
-    SapParams<scalar_t> p{x.const_data_ptr<scalar_t>(), src.const_data_ptr<scalar_t>(),
-                          out.mutable_data_ptr<scalar_t>(), seed.const_data_ptr<int64_t>(),
-                          N, x.size(1), r, x.stride(0), x.stride(1), src.stride(0),
-                          src.stride(1), out.stride(0), out.stride(1)};
+    using acc_t = at::opmath_type<scalar_t>;
+    at::Tensor ws = at::empty({N * (K + NB)}, x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+    SapParams<scalar_t> p{};
+    p.x = x.const_data_ptr<scalar_t>();
+    p.src = src.const_data_ptr<scalar_t>();
+    p.out = out.mutable_data_ptr<scalar_t>();
+    p.seed = seed.const_data_ptr<int64_t>();
+    p.ws = ws.mutable_data_ptr<acc_t>();
+    p.N = N, p.L = L, p.r = r;
+    p.xs0 = x.stride(0), p.xs1 = x.stride(1);
+    p.ss0 = src.stride(0), p.ss1 = src.stride(1);
+    p.os0 = out.stride(0), p.os1 = out.stride(1);
+    p.seed_stride = seed.stride(0);
+    p.K = K, p.NB = NB, p.W = W, p.KW = KW;
+    p.same = same;
+    p.vec_x = rows_vec(x);
+    p.vec_out = exact ? rows_vec(x) && rows_vec(src) && rows_vec(out)
+                      : flat_vec(x) && flat_vec(src) && flat_vec(out);
+    sap_partials_kernel<scalar_t><<<grid_for(N * (K + NB)), kThreads, 0, stream>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    sap_prefix_kernel<acc_t><<<grid_for(N), kThreads, 0, stream>>>(p.ws, N, K, NB);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (exact) {
-      sap_kernel<scalar_t, true><<<blocks, kThreads, 0, stream>>>(p);
+      sap_merge_kernel<scalar_t><<<grid_for(N * K), kThreads, 0, stream>>>(p);
     } else {
-      sap_kernel<scalar_t, false><<<blocks, kThreads, 0, stream>>>(p);
+      sap_bernoulli_kernel<scalar_t><<<grid_for(N * KW), kThreads, 0, stream>>>(p);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
