@@ -130,10 +130,10 @@ masked_conv (csrc/cuda/masked_conv.cu, csrc/masked_conv.h, triton_kernels/masked
   triton       tl.dot on tensor cores (float32: TF32, cudnn.allow_tf32 being PyTorch's default),
                tiles of 16-128 pixels x 16-128 output channels x 32 input channels
                (triton_conv_config), software-pipelined. Channel masks: kept-first channel
-               lists (sort + sum per mask), work ceil(kept/BLOCK)*BLOCK (output tiles <= 32
-               under an output mask). Weight masks: block-sparse over 16x16 channel tiles per
-               tap (~17 small launches for the tile lists); unstructured masks leave no tile
-               empty.
+               lists (one sort per mask; the kernel counts the kept channels), work
+               ceil(kept/BLOCK)*BLOCK (output tiles <= 32 under an output mask). Weight
+               masks: block-sparse over 16x16 channel tiles per tap (~17 small launches for
+               the tile lists); unstructured masks leave no tile empty.
   backward     cuda static masks: cuDNN dgrad and wgrad on the kept channels, index
                selects and scatters around them; cuda per-sample masks and every triton variant: cuDNN wgrad on the whole
                problem (TF32) and grad_x by the kernel on the transposed, flipped weight.
@@ -479,16 +479,23 @@ def triton_conv_config(c_out: int, pixels: int, n: int, out_masked: bool = False
     """masked_conv._blocks and _num_warps: (BLOCK_P, BLOCK_CO, BLOCK_CI, num_warps). Tiles of
     16-128 pixels by 16-128 output channels (at most 128 x 64; output channels at most 32 under
     a bool output mask, 16 x 16 channel tiles under a weight mask), the smallest covering
-    choice, the larger halved (not below 32) while the launch has fewer than 132 programs."""
+    choice, then halved while fewer than 3/4 of 132 programs are busy (a quarter of the output
+    blocks counted under an output mask): pixels down to 64, output channels down to 16, then
+    pixels down to 32."""
     cap = TRITON_WEIGHT_MASK_BLOCK if sparse else 32 if out_masked else 128
     block_p, block_co = _pick((16, 32, 64, 128), pixels), min(_pick((16, 32, 64, 128), c_out), cap)
-    while block_p * block_co > 128 * 64 or (
-            n * math.ceil(pixels / block_p) * math.ceil(c_out / block_co) < 132
-            and max(block_p, block_co) > 32):
-        if block_p >= block_co:
+    def busy() -> int:
+        co_blocks = math.ceil(c_out / block_co)
+        busy_co = math.ceil(co_blocks / 4) if out_masked else co_blocks
+        return n * math.ceil(pixels / block_p) * busy_co
+
+    while block_p * block_co > 128 * 64 or 4 * busy() < 3 * 132:
+        if block_p > 64 or (block_co <= 16 and block_p > 32):
             block_p //= 2
-        else:
+        elif block_co > 16:
             block_co //= 2
+        else:
+            break
     block_ci = TRITON_WEIGHT_MASK_BLOCK if sparse else 32
     elements = block_p * block_co + block_ci * (block_p + block_co)
     budget = 32 if block_p >= 64 else 20
@@ -1252,10 +1259,10 @@ def _cuda_per_sample(p: Plan, g: _Conv, out_work: int, in_work: float) -> None:
 
 
 def _triton_channel_lists(p: Plan, mask: bool) -> None:
-    """_kept_first of one mask: arange + full for None, else not, sort, to(int32), sum."""
-    names = ("logical_not", "sort", "to(int32)", "sum") if mask else ("arange", "full")
-    for name in names:
-        p.kernel(f"channel list: {name}", "aten", hbm=p.case.shape[0] * p.case.shape[1] * 8)
+    """_kept_first of one mask: a stable sort of the bool mask (the kernel counts the kept
+    channels itself); nothing for None."""
+    if mask:
+        p.kernel("channel list: sort", "aten", hbm=p.case.shape[0] * p.case.shape[1] * 9)
 
 
 def _triton_conv(p: Plan, g: _Conv, out_kept: int, in_kept: int, pixels_total: int,

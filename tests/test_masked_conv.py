@@ -1014,8 +1014,9 @@ def test_triton_launch_precision(device_backend, monkeypatch, allow_tf32):
 def test_triton_tile_choice():
     """Every configuration the launcher can choose has an AOT entry; tiles cover small
     dimensions with the smallest choice, stay within the largest tile, cap output channels
-    under a bool output mask and under a weight mask, and shrink until the launch fills the
-    GPU where they can."""
+    under a bool output mask and under a weight mask, and shrink until the launch keeps 3/4 of
+    the GPU's SMs busy where they can (a quarter of the output blocks counted under an output
+    mask)."""
     pytest.importorskip("triton")
     from pyprune.triton_kernels import masked_conv as kernels
 
@@ -1032,10 +1033,13 @@ def test_triton_tile_choice():
         assert (bp, bco, bci, sparse) in configs
         assert bp * bco <= kernels._MAX_TILE
         assert bco <= (16 if sparse else 32 if out_masked else 128)
-        programs = n * -(-p // bp) * -(-c_out // bco)
-        assert programs >= kernels._SMS or max(bp, bco) <= 32
-    assert kernels._blocks(128, 256, 256) == (64, 128, 32)  # large batch: the largest tile
-    assert kernels._blocks(128, 256, 32) == (64, 64, 32)  # batch 32: 256 programs
+        assert bp >= min(32, -(-p // 16) * 16) and bco >= min(16, c_out)
+        co_blocks = -(-c_out // bco)
+        busy = n * -(-p // bp) * (-(-co_blocks // 4) if out_masked else co_blocks)
+        assert 4 * busy >= 3 * kernels._SMS or (bp <= 32 and bco <= 16)
+    assert kernels._blocks(128, 256, 256) == (64, 128, 32)  # the largest tile
+    assert kernels._blocks(256, 64, 32) == (64, 64, 32)  # 128 programs
+    assert kernels._blocks(256, 64, 32, True) == (64, 16, 32)  # 128 programs at a 25% keep
     assert kernels._blocks(7, 10, 256) == (16, 16, 32)  # small sizes: the smallest tiles
 
 

@@ -21,8 +21,9 @@ than the GPU has SMs, so that small batches still fill it; warps by the tile ele
 holds, so that no variant spills at MAX_REGS registers.
 
 Masked work is skipped by the channel order, not only by whole blocks of contiguous channels:
-the launcher turns each mask into its channels listed kept-first (a stable sort of ~mask, per
-sample for an (N, C) mask) and the kept count. Program j of the output channels takes the
+the launcher turns each mask into its channels listed kept-first (a stable descending sort of
+the mask, per sample for an (N, C) mask), and each program counts the kept channels of its
+sample's mask row itself (a sum over C bytes from L2). Program j of the output channels takes the
 channels at positions [j * BLOCK_CO, (j + 1) * BLOCK_CO) of that list, so the kept channels of
 sample n fill the first ceil(kept / BLOCK_CO) blocks whatever their indices; a block past the
 kept count holds only masked channels and stores zeros without loading anything. The reduction
@@ -30,8 +31,8 @@ walks only the first `kept` input channels of the list, in chunks of BLOCK_CI: t
 proportional to the kept channels (in_kept * out_kept up to the block tails), which is what a
 random per-sample gate (FBS) needs, since it rarely leaves a whole aligned block masked. Loads
 and stores gather channels through the list; ascending order within the kept channels keeps
-them close together in memory. The lists cost two small torch ops per mask in the launcher
-(none for a None mask beyond an arange); the convolution itself is one launch.
+them close together in memory. A list costs one sort per mask in the launcher; a None mask
+none (the kernel takes the channels in order); the convolution itself is one launch.
 
 Soft (float) masks (pyprune::_masked_conv2d_scaled_triton, pyprune/ops/masked_conv.py): an
 in_mask, (C_in,) or (N, C_in) in x's dtype, scales x's channels as the kernel loads them (all
@@ -62,10 +63,11 @@ Under the interpreter (CPU tensors, FOR_LOOP False) the reduction is a `while` l
 same steps (Triton 3.6's interpreter cannot take a runtime bound in range() with numpy >= 2.4);
 both loops call one step function. The flags are runtime int32 values to keep the AOT list
 small; kernel sizes KH, KW are runtime too. Offsets inside a sample and in the weight are int32
-(the launcher checks that they fit), a sample's own offset int64. UPCAST (bfloat16 on CPU tensors, i.e. under the
-interpreter, only) converts the tiles to float32 before tl.dot, because Triton 3.6's interpreter
-multiplies bfloat16 tiles as their uint16 bits; the products are exact in float32 either way, so
-the result is the same math as the GPU's bfloat16 tensor-core dot with float32 accumulation.
+(the launcher checks that they fit), a sample's own offset int64. UPCAST (bfloat16 on CPU
+tensors, i.e. under the interpreter, only) converts the tiles to float32 before tl.dot, because
+Triton 3.6's interpreter multiplies bfloat16 tiles as their uint16 bits; the products are exact
+in float32 either way, so the result is the same math as the GPU's bfloat16 tensor-core dot
+with float32 accumulation.
 """
 from __future__ import annotations
 
@@ -86,8 +88,11 @@ _BLOCK_CI = 32
 # The largest output-channel tile with a bool output mask: the kept channels of a sample fill
 # ceil(kept / BLOCK_CO) blocks, so a smaller tile wastes less on the last one.
 _MASKED_BLOCK_CO = 32
-# Programs that fill the GPU (an H100 / H200 has 132 SMs); the launcher halves the tiles until
-# a launch has that many.
+# The GPU's SMs (an H100 / H200 has 132). The launcher halves the tiles until a launch has at
+# least 3/4 of that many programs busy: splitting further to fill the last quarter of a wave
+# would make every program's MMA less efficient than it gains. Under a bool output mask it
+# counts a quarter of the output-channel blocks as busy, as for a 25% keep (blocks past the
+# kept channels only store zeros; the kept counts are device data the launcher does not read).
 _SMS = 132
 # Output- and input-channel tile of the weight-mask path: the smallest, so that most all-zero
 # tiles of a pruned weight are whole tiles that can be skipped.
@@ -115,8 +120,32 @@ def _scaled(xt, scale):
 
 
 @triton.jit
+def _kept_count(mask_row, C, listed, BLOCK: tl.constexpr):
+    """The kept channels of a bool mask row (C without a mask): a sum over the row, which a
+    program reads from L2, instead of a launch that counts them."""
+    kept = C
+    if listed != 0:
+        kept = 0
+        c0 = 0
+        while c0 < C:
+            cs = c0 + tl.arange(0, BLOCK)
+            kept += tl.sum(tl.load(mask_row + cs, mask=cs < C, other=0).to(tl.int32))
+            c0 += BLOCK
+    return kept
+
+
+@triton.jit
+def _channels(order, slots, ok, listed):
+    """The channels at these slots of a kept-first list, or the slots themselves where no mask
+    made a list."""
+    listed_ch = tl.load(order + slots, mask=ok & (listed != 0), other=0).to(tl.int32)
+    return tl.where(listed != 0, listed_ch, slots)
+
+
+@triton.jit
 def _tile_product(acc, j, chunks, blk_list, every, x_base, oh, ow, p_ok, H, W, KW,
-                  stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, in_list, in_kept, scale_row,
+                  stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, in_list, in_listed, in_kept,
+                  scale_row,
                   has_in_scale, w_ptr, wm_ptr, co, co_ok, x_sc, x_sh, x_sw, w_so, w_si, w_sh, w_sw,
                   BLOCK_CI: tl.constexpr, SPARSE: tl.constexpr, UPCAST: tl.constexpr,
                   PRECISION: tl.constexpr):
@@ -137,7 +166,7 @@ def _tile_product(acc, j, chunks, blk_list, every, x_base, oh, ow, p_ok, H, W, K
     pix_ok = p_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
     cs = c0 + tl.arange(0, BLOCK_CI)
     c_ok = cs < in_kept
-    ci = tl.load(in_list + cs, mask=c_ok, other=0)
+    ci = _channels(in_list, cs, c_ok, in_listed)
     xt = tl.load(x_base + (ih * x_sh + iw * x_sw)[:, None] + ci[None, :] * x_sc,
                  mask=pix_ok[:, None] & c_ok[None, :], other=0.0)
     # Soft input mask: scales of 1 without one (exact in every dtype), so that the tile goes
@@ -156,14 +185,14 @@ def _tile_product(acc, j, chunks, blk_list, every, x_base, oh, ow, p_ok, H, W, K
     return tl.dot(xt, wt, acc, input_precision=PRECISION)
 
 
-@triton.jit(do_not_specialize=["in_per_sample", "out_per_sample", "has_bias", "has_in_scale",
-                               "has_out_scale", "has_raw"])
+@triton.jit(do_not_specialize=["in_per_sample", "out_per_sample", "in_listed", "out_listed",
+                               "has_bias", "has_in_scale", "has_out_scale", "has_raw"])
 def _masked_conv2d_forward_kernel(
-    x_ptr, w_ptr, b_ptr, in_idx_ptr, in_cnt_ptr, out_idx_ptr, out_cnt_ptr, out_ptr,
+    x_ptr, w_ptr, b_ptr, in_idx_ptr, in_mask_ptr, out_idx_ptr, out_mask_ptr, out_ptr,
     wm_ptr, blk_idx_ptr, blk_cnt_ptr, finite_ptr, in_scale_ptr, out_scale_ptr, raw_ptr,
     C_in, H, W, C_out, H_out, W_out, KH, KW,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-    p_blocks, co_blocks, in_per_sample, out_per_sample, has_bias,
+    p_blocks, co_blocks, in_per_sample, out_per_sample, in_listed, out_listed, has_bias,
     tap_blocks, has_in_scale, has_out_scale, has_raw,
     x_sn, x_sc, x_sh, x_sw,
     w_so, w_si, w_sh, w_sw,
@@ -186,9 +215,9 @@ def _masked_conv2d_forward_kernel(
     n = rest // p_blocks
 
     out_row = n * out_per_sample
-    out_kept = tl.load(out_cnt_ptr + out_row)
+    out_kept = _kept_count(out_mask_ptr + out_row * C_out, C_out, out_listed, 256)
     slots = co_b * BLOCK_CO + tl.arange(0, BLOCK_CO)
-    co = tl.load(out_idx_ptr + out_row * C_out + slots, mask=slots < C_out, other=0)
+    co = _channels(out_idx_ptr + out_row * C_out, slots, slots < C_out, out_listed)
     co_ok = slots < out_kept
 
     ps = p_b * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -199,7 +228,7 @@ def _masked_conv2d_forward_kernel(
     acc = tl.zeros([BLOCK_P, BLOCK_CO], dtype=tl.float32)
     if co_b * BLOCK_CO < out_kept:
         in_row = n * in_per_sample
-        in_kept = tl.load(in_cnt_ptr + in_row)
+        in_kept = _kept_count(in_mask_ptr + in_row * C_in, C_in, in_listed, 256)
         in_list = in_idx_ptr + in_row * C_in
         chunks = tl.cdiv(in_kept, BLOCK_CI)
         blk_list = blk_idx_ptr + co_b * tap_blocks
@@ -217,16 +246,16 @@ def _masked_conv2d_forward_kernel(
             for j in range(0, steps):
                 acc = _tile_product(acc, j, chunks, blk_list, every, x_base, oh, ow, p_ok, H, W,
                                     KW, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, in_list,
-                                    in_kept, scale_row, has_in_scale, w_ptr, wm_ptr, co, co_ok,
-                                    x_sc, x_sh, x_sw, w_so, w_si, w_sh, w_sw,
+                                    in_listed, in_kept, scale_row, has_in_scale, w_ptr, wm_ptr, co,
+                                    co_ok, x_sc, x_sh, x_sw, w_so, w_si, w_sh, w_sw,
                                     BLOCK_CI, SPARSE, UPCAST, PRECISION)
         else:
             j = 0
             while j < steps:
                 acc = _tile_product(acc, j, chunks, blk_list, every, x_base, oh, ow, p_ok, H, W,
                                     KW, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, in_list,
-                                    in_kept, scale_row, has_in_scale, w_ptr, wm_ptr, co, co_ok,
-                                    x_sc, x_sh, x_sw, w_so, w_si, w_sh, w_sw,
+                                    in_listed, in_kept, scale_row, has_in_scale, w_ptr, wm_ptr, co,
+                                    co_ok, x_sc, x_sh, x_sw, w_so, w_si, w_sh, w_sw,
                                     BLOCK_CI, SPARSE, UPCAST, PRECISION)
                 j += 1
         bias = tl.load(b_ptr + co, mask=co_ok & (has_bias != 0), other=0.0).to(tl.float32)
@@ -249,21 +278,27 @@ def _blocks(C_out: int, P: int, N: int, out_masked: bool = False, sparse: bool =
     """(BLOCK_P, BLOCK_CO, BLOCK_CI) for N samples of P output pixels and C_out output
     channels: each tile the smallest choice that covers its size, else the largest (output
     channels at most _MASKED_BLOCK_CO under a bool output mask, _WEIGHT_MASK_BLOCK by
-    _WEIGHT_MASK_BLOCK channels under a weight mask), then the larger of the two halved (not
-    below 32) while the tile is larger than _MAX_TILE or the launch has fewer than _SMS
-    programs."""
+    _WEIGHT_MASK_BLOCK channels under a weight mask), then halved while the tile is larger
+    than _MAX_TILE or the launch keeps fewer than 3/4 of _SMS programs busy: pixels down to 64
+    (the M of sm_90's warpgroup MMA), then output channels down to 16, then pixels down to 32."""
     def pick(choices: tuple[int, ...], size: int) -> int:
         return next((b for b in choices if b >= size), choices[-1])
 
     cap = _WEIGHT_MASK_BLOCK if sparse else _MASKED_BLOCK_CO if out_masked else _BLOCK_COS[-1]
     block_p, block_co = pick(_BLOCK_PS, P), min(pick(_BLOCK_COS, C_out), cap)
-    while block_p * block_co > _MAX_TILE or (
-            N * triton.cdiv(P, block_p) * triton.cdiv(C_out, block_co) < _SMS
-            and max(block_p, block_co) > 32):
-        if block_p >= block_co:
+
+    def busy() -> int:
+        co_blocks = triton.cdiv(C_out, block_co)
+        busy_co = triton.cdiv(co_blocks, 4) if out_masked else co_blocks
+        return N * triton.cdiv(P, block_p) * busy_co
+
+    while block_p * block_co > _MAX_TILE or 4 * busy() < 3 * _SMS:
+        if block_p > 64 or (block_co <= 16 and block_p > 32):
             block_p //= 2
-        else:
+        elif block_co > 16:
             block_co //= 2
+        else:
+            break
     return block_p, block_co, _WEIGHT_MASK_BLOCK if sparse else _BLOCK_CI
 
 
@@ -334,13 +369,15 @@ def _scale_rows(mask: torch.Tensor, x: torch.Tensor, C: int | None = None,
     return mask.expand(N, C).contiguous()
 
 
-def _kept_first(mask: torch.Tensor | None, C: int, device) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(channel lists kept-first, kept counts, per-sample flag) of a (R, C) bool mask."""
+def _kept_first(mask: torch.Tensor | None, dummy: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """(channel lists kept-first, the mask rows as bytes, per-sample flag, listed flag) of a
+    (R, C) bool mask: one stable sort (the kernel counts the kept channels itself); for None,
+    the dummy (the kernel takes the channels in order, all of them)."""
     if mask is None:
-        return (torch.arange(C, dtype=torch.int32, device=device),
-                torch.full((1,), C, dtype=torch.int32, device=device), 0)
-    order = torch.sort(mask.logical_not(), dim=1, stable=True).indices.to(torch.int32)
-    return order.contiguous(), mask.sum(1, dtype=torch.int32), int(mask.shape[0] > 1)
+        return dummy, dummy.view(torch.uint8), 0, 0
+    order = torch.sort(mask, dim=1, descending=True, stable=True).indices
+    return order, mask.contiguous().view(torch.uint8), int(mask.shape[0] > 1), 1
 
 
 def _output_format(x: torch.Tensor) -> torch.memory_format:
@@ -439,8 +476,9 @@ def masked_conv2d_forward(
     if max(_span(x, 1), _span(out, 1), _span(weight, 0)) >= 2**31:
         raise ValueError("masked_conv2d (triton): a sample of x or of the output, or the weight, "
                          "spans 2**31 elements or more (the kernel's offsets are int32)")
-    in_idx, in_cnt, in_per_sample = _kept_first(in_rows, C_in, x.device)
-    out_idx, out_cnt, out_per_sample = _kept_first(out_rows, C_out, x.device)
+    dummy = torch.empty(1, dtype=torch.int64, device=x.device)  # never read
+    in_idx, in_bytes, in_per_sample, in_listed = _kept_first(in_rows, dummy)
+    out_idx, out_bytes, out_per_sample, out_listed = _kept_first(out_rows, dummy)
     block_p, block_co, block_ci = _blocks(C_out, H_out * W_out, N, out_rows is not None,
                                           weight_mask is not None)
     if weight_mask is not None:
@@ -459,18 +497,20 @@ def masked_conv2d_forward(
         finite = _finite_samples(x)
     else:
         # Unused by the kernel: pointers of the types it is compiled for.
-        wm, blk_idx, blk_cnt, finite, ci_blocks = in_cnt.view(torch.uint8), in_idx, in_cnt, in_cnt, 1
+        i32 = dummy.view(torch.int32)
+        wm, blk_idx, blk_cnt, finite, ci_blocks = dummy.view(torch.uint8), i32, i32, i32, 1
     p_blocks = triton.cdiv(H_out * W_out, block_p)
     co_blocks = triton.cdiv(C_out, block_co)
     precision = input_precision(x.dtype)
     with on_device(x):
         _masked_conv2d_forward_kernel[(N * p_blocks * co_blocks,)](
-            x, weight, bias if bias is not None else weight, in_idx, in_cnt, out_idx, out_cnt, out,
+            x, weight, bias if bias is not None else weight, in_idx, in_bytes, out_idx, out_bytes, out,
             wm, blk_idx, blk_cnt, finite, in_scale if in_scale is not None else x,
             out_scale if out_scale is not None else x, raw if raw is not None else out,
             C_in, H, W, C_out, H_out, W_out, KH, KW,
             *stride, *padding, *dilation,
-            p_blocks, co_blocks, in_per_sample, out_per_sample, int(bias is not None),
+            p_blocks, co_blocks, in_per_sample, out_per_sample, in_listed, out_listed,
+            int(bias is not None),
             KH * KW * ci_blocks, int(in_scale is not None), int(out_scale is not None),
             int(raw is not None),
             *x.stride(), *weight.stride(), *out.stride(),
@@ -589,8 +629,8 @@ def sparse_conv2d_backward(
     return grad_x, grad_w
 
 
-_POINTERS = {"in_idx_ptr": "*i32", "in_cnt_ptr": "*i32", "out_idx_ptr": "*i32",
-             "out_cnt_ptr": "*i32", "wm_ptr": "*u8", "blk_idx_ptr": "*i32", "blk_cnt_ptr": "*i32",
+_POINTERS = {"in_idx_ptr": "*i64", "in_mask_ptr": "*u8", "out_idx_ptr": "*i64",
+             "out_mask_ptr": "*u8", "wm_ptr": "*u8", "blk_idx_ptr": "*i32", "blk_cnt_ptr": "*i32",
              "finite_ptr": "*i32"}
 
 
