@@ -184,6 +184,10 @@ _HOPPER = {
     # which caps it near half the FMA rate; Triton's tl.dot with input_precision="ieee" lowers
     # to FMA with operands re-read from shared memory (smaller for 16-wide tiles).
     "cuda_gemm_eff": 0.4,
+    # The CUDA per-sample kernel's nvcuda::wmma (a 16 x 16 block per warp, two fragments loaded
+    # from shared memory per mma) as a share of tensor_tflops: 30% of the data-sheet dense peaks
+    # (TF32 ~495, BF16 ~989 TFLOP/s), about 0.37 of tensor_tflops' 400 / 800.
+    "cuda_wmma_eff": 0.37,
     "triton_fma_eff": 0.3,
     "triton_fma16_eff": 0.2,
     # Triton's masked conv on tensor cores, as a share of tensor_tflops (H100 SXM data sheet,
@@ -1249,13 +1253,25 @@ def _cudnn_backward(p: Plan, g: _Conv, c_out: float, c_in: float, dgrad: bool = 
 
 
 def _cuda_per_sample(p: Plan, g: _Conv, out_work: int, in_work: float) -> None:
-    """masked_conv2d_kernel: grid (pixel tiles of 64, channel tiles of 64, samples), 256
-    threads; the tiles past the kept channels only write their zeros (the CTAs that compute
-    are the active ones)."""
+    """masked_conv2d_tc_kernel (tensor cores: bf16 / fp16, float32 under TF32, the benchmark's
+    default): grid (pixel tiles of 32, channel tiles of 64, samples), 256 threads, 2 CTAs an SM
+    (128 registers); the tiles past the kept channels only write their zeros, a warp skips rows
+    past the kept ones and pixels past the image (16 at a time). A CTA's chain: one K step of 64
+    (kernel position, kept input channel) pairs after another, each the next step's gathers
+    (x and weight hit L2 after the first tile reads them) in flight over the mma, then the
+    shared stores and two barriers. Staging: 16 weight and 8 patch values a thread a step, with
+    their index arithmetic and conversions (about 100 lane instructions)."""
     tiles = math.ceil(out_work / 64)
-    p.kernel("masked_conv2d_kernel (FMA)", "inner", hbm=2 * g.x + g.weight + g.c * g.esize,
-             l2=g.x * (tiles - 1), flops=g.flops(tiles * 64, in_work),
-             eff=p.gpu["cuda_gemm_eff"], ctas=g.n * math.ceil(g.pixels / 64) * tiles, per_sm=2)
+    p_tiles = math.ceil(g.pixels / 32)
+    rows = math.ceil(out_work / 16) * 16
+    pixels = math.ceil(g.pixels / 16) * 16
+    steps = math.ceil(in_work * 9 / 64)
+    ctas = g.n * p_tiles * tiles
+    chain = steps * (p.lat("l2") + 2 * p.lat("barrier") + p.lat("smem")) + p.lat("dram")
+    p.kernel("masked_conv2d_tc_kernel (wmma)", "inner", hbm=2 * g.x + g.weight + g.c * g.esize,
+             l2=g.x * in_work / g.c * (tiles - 1) + g.weight * out_work / g.c * (g.n * p_tiles - 1),
+             flops=g.flops(rows, in_work, pixels), tensor=True, eff=p.gpu["cuda_wmma_eff"],
+             ops=ctas * steps * 256 * 100, ctas=ctas, per_sm=2, chain_us=chain)
 
 
 def _triton_channel_lists(p: Plan, mask: bool) -> None:
@@ -1350,14 +1366,18 @@ def masked_conv_forward(p: Plan, provider: str, grad: bool) -> None:
             _cudnn_forward(p, g, g.c, g.c)
         elif g.kind == "sample-out":
             _cuda_per_sample(p, g, g.kept, g.c)
-        else:  # static_forward: compacted weight (and x), cuDNN, output scatter; the kept
-            # indices come from the per-mask-version cache (a nonzero sync on the first call only)
+        else:  # static masks: compacted weight (and x), cuDNN; the kept indices come from the
+            # per-mask-version cache (a nonzero sync on the first call only)
             p.kernel("index_select weight", "inner", hbm=2 * g.weight * g.keep)
-            if out_static:
-                p.kernel("index_select bias", "inner", hbm=2 * g.kept * g.esize)
-                _cudnn_forward(p, g, g.kept, g.c, issue="cudnn")
-                p.kernel("scatter: zeros", "inner", hbm=g.x)
-                p.kernel("scatter: index_copy_", "inner", hbm=2 * g.x * g.keep)
+            if out_static:  # static_forward_cuda: no bias in cuDNN, one fused pass
+                # writes the kept channels with their bias and the zeros (was: bias gather, bias
+                # add, zeros, index_copy_: 6 launches, now 3)
+                out = g.x * g.keep
+                _cudnn(p, "fprop", g.flops(g.kept, g.c), g.x + g.weight * g.keep + out, "cudnn")
+                rows = g.n * g.c
+                p.kernel("scatter_kept_channels_kernel", "inner", hbm=out + g.x,
+                         ops=g.n * g.c * g.pixels * 4, ctas=min(math.ceil(rows / 8), 132 * 8),
+                         per_sm=8, chain_us=p.lat("block_scan") + p.lat("dram"))
             else:
                 p.kernel("index_select x", "inner", hbm=2 * g.x * g.keep)
                 _cudnn_forward(p, g, g.c, g.kept, issue="cudnn")

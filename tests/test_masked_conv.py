@@ -940,6 +940,137 @@ def test_output_layout_of_ambiguous_strides(device_backend):
         assert leaf.grad.stride() == want_grad_stride, m
 
 
+# CUDA tensor-core paths (csrc/cuda/masked_conv.cu): masked_conv2d_tc_kernel for per-sample masks
+# (bf16 / fp16, float32 under TF32), scatter_kept_channels_kernel for static output masks.
+# (N, C_in, C_out, H, W, kernel, stride, padding, dilation): pixels and channels that are not
+# multiples of 16 or of the 64-wide tiles, N = 1, more input channels than one 256-channel chunk,
+# a kernel with more positions (81) than a K step (64), stride, dilation.
+TC_GEOMETRIES = [
+    (3, 20, 37, 9, 7, 3, 1, 1, 1),
+    (1, 16, 64, 8, 8, 3, 1, 1, 1),
+    (2, 300, 70, 5, 6, 3, 1, 1, 1),
+    (2, 9, 17, 13, 11, 3, 2, 1, 2),
+    (2, 5, 19, 12, 12, 9, 1, 4, 1),
+    (4, 33, 130, 4, 4, 1, 1, 0, 1),
+]
+
+
+def _tc_inputs(geom, dtype, gen, channels_last):
+    n, cin, cout, h, w, k, *_ = geom
+    x = torch.randn(n, cin, h, w, generator=gen).to(dtype).cuda()
+    weight = (torch.randn(cout, cin, k, k, generator=gen) / (k * cin ** 0.5)).to(dtype).cuda()
+    bias = torch.randn(cout, generator=gen).to(dtype).cuda()
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, weight, bias
+
+
+def _tc_masks(n, cin, cout, gen):
+    """Per-sample masks at about half; where N > 1, sample 0 with no output channel kept and the
+    last sample with no input channel kept."""
+    in_mask = torch.rand(n, cin, generator=gen) < 0.5
+    out_mask = torch.rand(n, cout, generator=gen) < 0.5
+    if n > 1:
+        out_mask[0] = False
+        in_mask[-1] = False
+    return in_mask.cuda(), out_mask.cuda()
+
+
+def _low_precision_close(got, x, weight, bias, geom, in_mask, out_mask):
+    """got's error against the float64 reference is at most twice that of eager PyTorch (cuDNN)
+    in the same dtype, plus the dtype's absolute tolerance; masked output channels are exactly
+    0."""
+    *_, stride, padding, dilation = geom
+    want = reference.masked_conv2d(x.double(), weight.double(), bias.double(), stride, padding,
+                                   dilation, 1, in_mask, out_mask)
+    keep_in = in_mask.to(x.dtype)[:, :, None, None]
+    keep_out = out_mask.to(x.dtype)[:, :, None, None]
+    eager = F.conv2d(x * keep_in, weight, bias, stride, padding, dilation) * keep_out
+    err = (got.double() - want).abs().max().item()
+    eager_err = (eager.double() - want).abs().max().item()
+    assert err <= 2 * eager_err + TOLERANCES[x.dtype][0], (err, eager_err)
+    assert torch.equal(got.masked_fill(out_mask[:, :, None, None], 0), torch.zeros_like(got))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("geom", TC_GEOMETRIES)
+def test_cuda_tensor_cores_per_sample(dtype, channels_last, geom):
+    """The wmma kernel in bf16 / fp16 on tails of every tile dimension, empty samples, stride,
+    dilation, both layouts: within twice eager's low-precision error, exact zeros."""
+    gen = torch.Generator().manual_seed(11)
+    n, cin, cout, *_ = geom
+    x, weight, bias = _tc_inputs(geom, dtype, gen, channels_last)
+    in_mask, out_mask = _tc_masks(n, cin, cout, gen)
+    *_, stride, padding, dilation = geom
+    with pyprune.use_backend("cuda"):
+        got = pyprune.masked_conv2d(x, weight, bias, stride, padding, dilation,
+                                    in_mask=in_mask, out_mask=out_mask)
+    assert got.is_contiguous(memory_format=torch.channels_last) == channels_last
+    _low_precision_close(got, x, weight, bias, geom, in_mask, out_mask)
+    if n > 1:  # no input channel kept: the bias alone in the kept output channels
+        last = bias[None, :, None, None].expand_as(got[-1:]) * out_mask[-1][None, :, None, None]
+        assert torch.equal(got[-1:], last.to(dtype))
+
+
+@pytest.mark.gpu
+@pytest.mark.tf32
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("geom", TC_GEOMETRIES[:4])
+def test_cuda_per_sample_tf32_flag(geom):
+    """float32 per-sample masks follow torch.backends.cudnn.allow_tf32: TF32 tensor cores within
+    TF32 tolerances when allowed (PyTorch's default), the full-precision FMA kernel within
+    float32 tolerances when not; the two differ, so the flag reaches the kernel choice."""
+    assert torch.backends.cudnn.allow_tf32
+    gen = torch.Generator().manual_seed(12)
+    n, cin, cout, h, w, k, stride, padding, dilation = geom
+    x, weight, bias = _tc_inputs(geom, torch.float32, gen, False)
+    in_mask, out_mask = _tc_masks(n, cin, cout, gen)
+    want = reference.masked_conv2d(x.double(), weight.double(), bias.double(), stride, padding,
+                                   dilation, 1, in_mask, out_mask)
+    args = (x, weight, bias, stride, padding, dilation)
+    with pyprune.use_backend("cuda"):
+        tf32 = pyprune.masked_conv2d(*args, in_mask=in_mask, out_mask=out_mask)
+        torch.backends.cudnn.allow_tf32 = False
+        try:
+            full = pyprune.masked_conv2d(*args, in_mask=in_mask, out_mask=out_mask)
+        finally:
+            torch.backends.cudnn.allow_tf32 = True
+    scale = (cin * k * k) ** 0.5
+    torch.testing.assert_close(tf32.double(), want, atol=TF32_TOLERANCE[0] * scale,
+                               rtol=TF32_TOLERANCE[1] * scale)
+    _close(full, want, torch.float32, scale=scale)
+    assert not torch.equal(tf32, full)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("in_static", [False, True])
+def test_cuda_static_out_mask_scatter(dtype, channels_last, with_bias, in_static):
+    """Static output masks on cuDNN with the fused scatter: kept channels with their bias,
+    masked ones exactly 0, in both layouts, with and without a static in_mask, an output
+    channel count above one block (300) and a 5x7 image (pixels not a multiple of 32)."""
+    gen = torch.Generator().manual_seed(13)
+    geom = (3, 24, 300, 5, 7, 3, 1, 1, 1)
+    x, weight, bias = _tc_inputs(geom, dtype, gen, channels_last)
+    bias = bias if with_bias else None
+    out_mask = (torch.rand(300, generator=gen) < 0.3).cuda()
+    in_mask = (torch.rand(24, generator=gen) < 0.5).cuda() if in_static else None
+    with pyprune.use_backend("cuda"):
+        got = pyprune.masked_conv2d(x, weight, bias, 1, 1, in_mask=in_mask, out_mask=out_mask)
+    assert got.is_contiguous(memory_format=torch.channels_last) == channels_last
+    assert torch.equal(got[:, ~out_mask], torch.zeros_like(got[:, ~out_mask]))
+    want = reference.masked_conv2d(x.double(), weight.double(),
+                                   None if bias is None else bias.double(), 1, 1, 1, 1, in_mask,
+                                   out_mask)
+    _close(got, want, dtype, scale=4.0 if dtype == torch.float32 else 1.0)
+
+
 # The Triton launcher's choices: tl.dot's input precision and the tile configuration.
 TRITON_BACKENDS = [p for p in DEVICE_BACKENDS if p.values[0][1] == "triton"]
 

@@ -130,19 +130,23 @@ def test_masked_conv_bytes_and_flops():
     eager = kernels("masked_conv", Case((32, 128, 16, 16), "out25"), roofline.EAGER, "forward")
     assert eager["cuDNN fprop"].flops == dense_flops and eager["cuDNN fprop"].tensor
     assert eager["cuDNN fprop"].hbm == 2 * x + weight
-    # Per-sample 25% of 128 output channels: one 64-channel tile of work, FMA on CUDA cores.
+    # Per-sample 25% of 128 output channels: one 64-channel tile of work on tensor cores, the
+    # warps past the 32 kept rows idle; 32 samples x 8 tiles of 32 pixels; 128 * 9 / 64 steps.
     k = kernels("masked_conv", Case((32, 128, 16, 16), "sample-out25"), roofline.CUDA,
-                "forward")["masked_conv2d_kernel (FMA)"]
-    assert k.flops == dense_flops / 2 and not k.tensor
-    assert k.hbm == 2 * x + weight + 128 * 4
-    # Static 25%: cuDNN on the 32 kept output channels, scattered into a zeroed output; the
-    # kept indices are cached per mask version (no nonzero() sync).
+                "forward")["masked_conv2d_tc_kernel (wmma)"]
+    assert k.flops == dense_flops / 4 and k.tensor
+    assert k.hbm == 2 * x + weight + 128 * 4 and k.ctas == 32 * 8
+    lat = roofline.GPUS["h200"]["latency_us"]
+    assert k.chain_us >= 18 * lat["l2"]
+    # Static 25%: cuDNN on the 32 kept output channels without bias, then one pass writes the
+    # kept channels with their bias and the zeros; the kept indices are cached per mask version
+    # (no nonzero() sync).
     items = roofline.plan("masked_conv", Case((32, 128, 16, 16), "out25"), roofline.CUDA,
                           "forward", "h200").items
     k = {i.name: i for i in items if isinstance(i, roofline.Kernel)}
     assert k["cuDNN fprop"].flops == dense_flops / 4
-    assert k["scatter: index_copy_"].hbm == 2 * x / 4
-    assert len(k) == 6 and not any(isinstance(i, roofline.Sync) for i in items)
+    assert k["scatter_kept_channels_kernel"].hbm == x / 4 + x
+    assert len(k) == 3 and not any(isinstance(i, roofline.Sync) for i in items)
 
 
 def test_bucket_share():

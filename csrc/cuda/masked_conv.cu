@@ -3,11 +3,16 @@
 // Forward dispatch:
 //   groups > 1                         masked_conv::dense_forward: cuDNN on the full problem,
 //                                      the masks applied around it (nothing skipped);
-//   no per-sample mask                 masked_conv::static_forward: cuDNN on the smaller problem
-//                                      left by the (C,) masks (kept-channel indices cached per
-//                                      mask version; a mask not seen before during CUDA graph
-//                                      capture takes the kernel below instead);
-//   an (N, C) mask, groups == 1        the implicit-GEMM kernel below, one launch for the batch.
+//   no per-sample mask                 cuDNN on the smaller problem left by the (C,) masks
+//                                      (kept-channel indices cached per mask version; a mask not
+//                                      seen before during CUDA graph capture takes the kernels
+//                                      below instead); with an out_mask, static_forward_cuda
+//                                      (kept weight rows, cuDNN, one fused scatter + bias pass),
+//                                      else masked_conv::static_forward;
+//   an (N, C) mask, groups == 1        the implicit-GEMM kernels below, one launch for the batch:
+//                                      masked_conv2d_tc_kernel on tensor cores for bf16, fp16 and
+//                                      float32 where torch.backends.cudnn.allow_tf32 (TF32), else
+//                                      masked_conv2d_kernel (FMA: full float32, float64).
 // Backward: static masks with groups == 1 run masked_conv::static_backward (as the forward
 // for masks not seen before during capture).
 // Per-sample masks with stride 1 (groups 1, not float64) take grad_x from the per-sample kernel
@@ -16,7 +21,7 @@
 // run densely on the masked tensors. Everything else runs masked_conv::dense_backward, the dense
 // engine's backward with the masks applied around it.
 //
-// The kernel. For sample n, out[n] (C_out x P, P = H_out * W_out) = W' @ X'[n], where W' holds
+// The FMA kernel (the tensor-core kernel below shares its structure). For sample n, out[n] (C_out x P, P = H_out * W_out) = W' @ X'[n], where W' holds
 // the rows of weight for the kept output channels of n and X'[n] is the im2col matrix of x[n]
 // restricted to the rows (c, kh, kw) of its kept input channels c. Neither matrix exists in
 // memory: the tiles are gathered from weight and x on the fly (implicit GEMM), padding reading
@@ -55,6 +60,9 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <mma.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -62,11 +70,14 @@
 #include <limits>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 
 #include "../masked_conv.h"
 
 namespace pyprune {
 namespace {
+
+namespace wmma = nvcuda::wmma;
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
@@ -335,6 +346,354 @@ __global__ void __launch_bounds__(kThreads) masked_conv2d_kernel(const Params<sc
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// The tensor-core kernel: the same implicit GEMM (output-channel ranks, input-channel chunks,
+// zero writes, soft masks) with the products on tensor cores through nvcuda::wmma: bf16 / fp16
+// m16n16k16 and, for float32 where PyTorch allows TF32 for cuDNN convolutions, TF32 m16n16k8
+// (each staged float rounded to TF32 as its fragment is loaded), float accumulators in both.
+// Grid (pixel tile of 32, output-channel tile of 64, sample), 256 threads. A block's time is its
+// chain of K steps (gather, stage, mma), not its arithmetic, so a step takes 64 (input channel,
+// kh, kw) positions, a quarter of the FMA kernel's steps. Staging: each thread gathers 2 x 8
+// weight values (rows ma + 8 i at k = ka and ka + 32) and 8 patch values (k = kb, pixels
+// pb + 4 j) into registers for step s + 1 before the mma of step s, and stores them to shared
+// memory after it (one buffer, the registers the second stage, two barriers a step). The
+// gathers are element-wise with zero fill and an optional scale, so they go through registers
+// (cp.async moves at least 4 bytes, more than one bf16 / fp16 element). W' is row-major
+// [row][k] (a warp stores 32 consecutive k of one row), X' row-major [k][pixel]; row pitches of
+// 72 and 40 elements keep every fragment pointer 32-byte aligned and the leading dimensions
+// multiples of 16 bytes. Warp w computes the 16 x 16 block of rows 16 (w % 4) and pixels
+// 16 (w / 4) and skips the mma when its rows are past the tile's kept rows or its pixels past
+// the image (warp-uniform), so a tile with 32 kept rows runs half the tensor-core work. The
+// accumulators go through shared memory (aliasing the staging tiles) to a coalesced epilogue,
+// 32 threads per output row. Launch bounds (256, 2): at most 128 registers, 25% occupancy.
+template <typename scalar_t>
+struct TensorCore;
+
+template <>
+struct TensorCore<at::Half> {
+  using T = __half;
+  static constexpr int kK = 16;
+  using A = wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major>;
+  using B = wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::row_major>;
+  __device__ static T cast(float v) { return __float2half_rn(v); }
+  template <typename F>
+  __device__ static void round(F&) {}
+};
+
+template <>
+struct TensorCore<at::BFloat16> {
+  using T = __nv_bfloat16;
+  static constexpr int kK = 16;
+  using A = wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major>;
+  using B = wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::row_major>;
+  __device__ static T cast(float v) { return __float2bfloat16_rn(v); }
+  template <typename F>
+  __device__ static void round(F&) {}
+};
+
+template <>
+struct TensorCore<float> {
+  using T = float;
+  static constexpr int kK = 8;
+  using A = wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major>;
+  using B = wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::row_major>;
+  __device__ static T cast(float v) { return v; }
+  template <typename F>
+  __device__ static void round(F& f) {
+#pragma unroll
+    for (int t = 0; t < f.num_elements; ++t) f.x[t] = wmma::__float_to_tf32(f.x[t]);
+  }
+};
+
+constexpr int kTcK = 64;        // k positions per step
+constexpr int kTcHalf = 32;     // a thread stages weight values at k and k + kTcHalf
+constexpr int kTcP = 32;        // output pixels per tile
+constexpr int kTcLoads = 8;     // weight rows (patch pixels) a thread stages
+constexpr int kTcLdA = kTcK + 8;    // row pitch of W' (elements)
+constexpr int kTcLdB = kTcP + 8;    // row pitch of X' (elements)
+constexpr int kTcLdC = kTcP + 4;    // accumulator tile pitch (floats)
+constexpr int kTcMinBlocks = 2;     // 512 threads a SM: 25% occupancy, <= 128 registers
+static_assert(kTcK == 2 * kTcHalf && kThreads / kTcHalf * kTcLoads == kTileM &&
+                  kThreads / (kTcP / kTcLoads) == kTcK,
+              "tensor-core staging map: 2 x 8 values of W' and 8 of X' a thread");
+static_assert(kWarps == 8 && kTileM == 64 && kTcP == 32, "warp tiling: 4 x 2 blocks of 16 x 16");
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads, kTcMinBlocks)
+    masked_conv2d_tc_kernel(const Params<scalar_t> p) {
+  using TC = TensorCore<scalar_t>;
+  using T = typename TC::T;
+  using acc_t = float;
+  constexpr int kK = TC::kK;
+  constexpr size_t kStage = sizeof(T) * (kTileM * kTcLdA + kTcK * kTcLdB);
+  constexpr size_t kAcc = sizeof(float) * kTileM * kTcLdC;
+  __shared__ __align__(128) unsigned char smem[kStage > kAcc ? kStage : kAcc];
+  __shared__ int out_ch[kTileM];
+  __shared__ int in_ch[kChunk];
+  __shared__ int warp_count[kWarps];
+  // Input row and column of each pixel of the tile at kh = kw = 0 (shared, not per thread: the
+  // staging's registers are the budget that limits this kernel).
+  __shared__ int pix_ih[kTcP], pix_iw[kTcP];
+  auto a_s = reinterpret_cast<T (*)[kTcLdA]>(smem);                                // [row][k]
+  auto b_s = reinterpret_cast<T (*)[kTcLdB]>(smem + sizeof(T) * kTileM * kTcLdA);  // [k][pixel]
+  auto c_s = reinterpret_cast<float (*)[kTcLdC]>(smem);                            // [row][pixel]
+
+  const int tid = threadIdx.x, warp = tid >> 5;
+  const int tile_c0 = blockIdx.y * kTileM;
+  const int tile_p0 = blockIdx.x * kTcP;
+  const int64_t hw = static_cast<int64_t>(p.h) * p.w;
+  const int64_t w_stride = static_cast<int64_t>(p.c_in) * p.khw;  // weight's row
+  // Staging: weight values at k = ka, ka + 32 of rows ma + 8 i; patch values at k = kb of
+  // pixels pb + 4 j. Compute: rows wm .. wm + 15, pixels wp .. wp + 15.
+  const int ka = tid % kTcHalf, ma = tid / kTcHalf;
+  const int kb = tid / (kTcP / kTcLoads), pb = tid % (kTcP / kTcLoads);
+  const int wm = (warp % 4) * 16, wp = (warp / 4) * 16;
+
+  // As the FMA kernel: a pixel past the end gets the row -2^30 (read as padding). Visible
+  // after the barrier that starts each sample.
+  if (tid < kTcP) {
+    const int pix = tile_p0 + tid;
+    const int oh = pix / p.w_out, ow = pix - oh * p.w_out;
+    pix_ih[tid] = pix < p.pixels ? oh * p.stride_h - p.pad_h : -(1 << 30);
+    pix_iw[tid] = ow * p.stride_w - p.pad_w;
+  }
+
+  for (int64_t n = blockIdx.z; n < p.n; n += gridDim.z) {
+    __syncthreads();  // the previous sample's epilogue has finished reading out_ch and c_s
+    const bool* om = p.out_mask != nullptr ? p.out_mask + n * p.out_s0 : nullptr;
+    const bool* im = p.in_mask != nullptr ? p.in_mask + n * p.in_s0 : nullptr;
+    const scalar_t* is = p.in_scale != nullptr ? p.in_scale + n * p.in_s0 : nullptr;
+    const scalar_t* os = p.out_scale != nullptr ? p.out_scale + n * p.out_s0 : nullptr;
+    scalar_t* out_n = p.out + n * p.c_out * static_cast<int64_t>(p.pixels);
+    scalar_t* raw_n = p.raw != nullptr ? p.raw + n * p.c_out * static_cast<int64_t>(p.pixels)
+                                       : nullptr;
+    const scalar_t* x_n = p.x + n * p.c_in * hw;
+
+    int rows;
+    if (om == nullptr) {
+      rows = min(kTileM, p.c_out - tile_c0);
+      if (tid < rows) out_ch[tid] = tile_c0 + tid;
+    } else {
+      const int pix = tile_p0 + tid % kTcP;
+      if (pix < p.pixels) {
+        for (int m = tid / kTcP; m < kTileM; m += kThreads / kTcP) {
+          const int c = tile_c0 + m;
+          if (c < p.c_out && !om[c * p.out_s1]) {
+            out_n[static_cast<int64_t>(c) * p.pixels + pix] = scalar_t(0);
+          }
+        }
+      }
+      int seen = 0;
+      for (int c0 = 0; c0 < p.c_out && seen < tile_c0 + kTileM; c0 += kThreads) {
+        const int c = c0 + tid;
+        const bool keep = c < p.c_out && om[c * p.out_s1];
+        int total;
+        const int rank = seen + block_rank(keep, warp_count, total);
+        if (keep && rank >= tile_c0 && rank < tile_c0 + kTileM) out_ch[rank - tile_c0] = c;
+        seen += total;
+      }
+      rows = max(0, min(kTileM, seen - tile_c0));
+    }
+    __syncthreads();  // out_ch is visible
+    if (rows == 0) continue;
+    const bool active = wm < rows && tile_p0 + wp < p.pixels;  // warp-uniform
+
+    wmma::fragment<wmma::accumulator, 16, 16, kK, float> acc;
+    wmma::fill_fragment(acc, 0.0f);
+
+    for (int ci0 = 0; ci0 < p.c_in; ci0 += kChunk) {
+      int kept;
+      if (im == nullptr) {
+        kept = min(kChunk, p.c_in - ci0);
+        if (tid < kept) in_ch[tid] = ci0 + tid;
+      } else {
+        const int c = ci0 + tid;
+        const bool keep = c < p.c_in && im[c * p.in_s1];
+        const int rank = block_rank(keep, warp_count, kept);
+        if (keep) in_ch[rank] = c;
+      }
+      __syncthreads();  // in_ch is visible
+      const int steps = (kept * p.khw + kTcK - 1) / kTcK;
+      if (steps == 0) continue;
+
+      // Mixed-radix counters of the staged k positions: (a_c, a_r) per weight half (k + 32 h),
+      // (b_c, b_kh, b_kw) for the patch.
+      int a_c[2], a_r[2];
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int k_a = ka + h * kTcHalf;
+        a_c[h] = k_a / p.khw, a_r[h] = k_a - a_c[h] * p.khw;
+      }
+      int b_c = kb / p.khw, b_kh = (kb - b_c * p.khw) / p.kw;
+      int b_kw = kb - b_c * p.khw - b_kh * p.kw;
+      acc_t a_reg[2][kTcLoads], b_reg[kTcLoads];
+
+      auto load = [&]() {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const bool a_ok = a_c[h] < kept;
+          const int64_t a_off = a_ok ? static_cast<int64_t>(in_ch[a_c[h]]) * p.khw + a_r[h] : 0;
+#pragma unroll
+          for (int i = 0; i < kTcLoads; ++i) {
+            const int m = ma + i * (kThreads / kTcHalf);
+            a_reg[h][i] = a_ok && m < rows
+                              ? static_cast<acc_t>(p.weight[out_ch[m] * w_stride + a_off])
+                              : acc_t(0);
+          }
+          // Next step: k += kTcK in the mixed radix (one carry per digit at most).
+          a_r[h] += p.step_r;
+          const int a_carry = a_r[h] >= p.khw;
+          a_r[h] -= a_carry ? p.khw : 0;
+          a_c[h] += p.step_c + a_carry;
+        }
+        const bool b_ok = b_c < kept;
+        const scalar_t* x_c = x_n + (b_ok ? in_ch[b_c] * hw : 0);
+        const int dh = b_kh * p.dil_h, dw = b_kw * p.dil_w;
+        const acc_t s_b = is != nullptr && b_ok ? static_cast<acc_t>(is[in_ch[b_c] * p.in_s1])
+                                                : acc_t(1);
+#pragma unroll
+        for (int j = 0; j < kTcLoads; ++j) {
+          const int pj = pb + j * (kTcP / kTcLoads);
+          const int ih = pix_ih[pj] + dh, iw = pix_iw[pj] + dw;
+          const bool inside = b_ok && static_cast<unsigned>(ih) < static_cast<unsigned>(p.h) &&
+                              static_cast<unsigned>(iw) < static_cast<unsigned>(p.w);
+          acc_t v = inside ? static_cast<acc_t>(x_c[ih * p.w + iw]) : acc_t(0);
+          if (is != nullptr) v = static_cast<acc_t>(static_cast<scalar_t>(v * s_b));
+          b_reg[j] = v;
+        }
+        b_kw += p.step_kw;
+        const int w_carry = b_kw >= p.kw;
+        b_kw -= w_carry ? p.kw : 0;
+        b_kh += p.step_kh + w_carry;
+        const int h_carry = b_kh >= p.kh;
+        b_kh -= h_carry ? p.kh : 0;
+        b_c += p.step_c + h_carry;
+      };
+      auto store = [&]() {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+#pragma unroll
+          for (int i = 0; i < kTcLoads; ++i) {
+            a_s[ma + i * (kThreads / kTcHalf)][ka + h * kTcHalf] = TC::cast(a_reg[h][i]);
+          }
+        }
+#pragma unroll
+        for (int j = 0; j < kTcLoads; ++j) {
+          b_s[kb][pb + j * (kTcP / kTcLoads)] = TC::cast(b_reg[j]);
+        }
+      };
+
+      load();
+      store();
+      __syncthreads();
+      for (int s = 0; s < steps; ++s) {
+        const bool more = s + 1 < steps;  // block-uniform
+        if (more) load();  // in flight during the mma
+        if (active) {
+          // Four k slices at a time (a step of 16-bit types, half of TF32's): the next step's
+          // staged values are live across this loop, and TF32 unrolled whole spills.
+#pragma unroll 1
+          for (int k0 = 0; k0 < kTcK; k0 += 4 * kK) {
+#pragma unroll
+            for (int k = k0; k < k0 + 4 * kK; k += kK) {
+              typename TC::A a;
+              typename TC::B b;
+              wmma::load_matrix_sync(a, &a_s[wm][k], kTcLdA);
+              wmma::load_matrix_sync(b, &b_s[k][wp], kTcLdB);
+              TC::round(a);
+              TC::round(b);
+              wmma::mma_sync(acc, a, b, acc);
+            }
+          }
+        }
+        __syncthreads();  // the tiles are read: free for the next step, in_ch for the next chunk
+        if (more) {
+          store();
+          __syncthreads();
+        }
+      }
+    }
+
+    // Every step ended with a barrier after its reads: the tiles are free for the accumulators.
+    if (active) wmma::store_matrix_sync(&c_s[wm][wp], acc, kTcLdC, wmma::mem_row_major);
+    __syncthreads();
+    const int px = tid % kTcP, pix = tile_p0 + px;
+    if (pix < p.pixels) {
+      for (int m = tid / kTcP; m < rows; m += kThreads / kTcP) {
+        const int c = out_ch[m];
+        const acc_t bias = p.bias != nullptr ? static_cast<acc_t>(p.bias[c]) : acc_t(0);
+        const int64_t off = static_cast<int64_t>(c) * p.pixels + pix;
+        const scalar_t v = static_cast<scalar_t>(c_s[m][px] + bias);
+        if (raw_n != nullptr) raw_n[off] = v;
+        out_n[off] = os != nullptr
+                         ? static_cast<scalar_t>(static_cast<acc_t>(v) *
+                                                 static_cast<acc_t>(os[c * p.out_s1]))
+                         : v;
+      }
+    }
+  }
+}
+
+// The static out_mask's epilogue in one pass: out[n, c] = y[n, rank(c)] + bias[c] for the kept
+// output channels c (rank: position among the kept ones) and exactly 0 for the others, in NCHW
+// or channels_last, replacing the bias gather, the bias add, the zero fill and index_copy_. Each
+// block builds the channel -> rank map of the mask in shared memory (ballot scans), then a warp
+// per row: an (n, c) plane of `len` pixels (NCHW) or an (n, pixel) row of `len` = C channels
+// (channels_last), lanes along the row (coalesced on both sides).
+constexpr int kScatterThreads = 256;
+constexpr int kScatterWarps = kScatterThreads / 32;
+static_assert(kScatterThreads == kThreads, "block_rank works on blocks of kThreads");
+
+template <typename scalar_t, bool kChannelsLast>
+__global__ void __launch_bounds__(kScatterThreads)
+    scatter_kept_channels_kernel(const scalar_t* __restrict__ y, const scalar_t* __restrict__ bias,
+                                 const bool* __restrict__ mask, int64_t mask_stride,
+                                 scalar_t* __restrict__ out, int64_t rows, int len, int channels,
+                                 int kept) {
+  extern __shared__ int slot[];  // channels: rank of a kept channel, -1 for a masked one
+  __shared__ int warp_count[kWarps];
+  using acc_t = at::opmath_type<scalar_t>;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  int seen = 0;
+  for (int c0 = 0; c0 < channels; c0 += kScatterThreads) {
+    const int c = c0 + tid;
+    const bool keep = c < channels && mask[c * mask_stride];
+    int total;
+    const int rank = seen + block_rank(keep, warp_count, total);
+    if (c < channels) slot[c] = keep ? rank : -1;
+    seen += total;
+  }
+  __syncthreads();
+  for (int64_t row = static_cast<int64_t>(blockIdx.x) * kScatterWarps + warp; row < rows;
+       row += static_cast<int64_t>(gridDim.x) * kScatterWarps) {
+    scalar_t* out_row = out + row * len;
+    if constexpr (kChannelsLast) {  // row = (n, pixel); y's row holds the kept channels
+      const scalar_t* y_row = y + row * kept;
+      for (int c = lane; c < len; c += 32) {
+        const int s = slot[c];
+        acc_t v = 0;
+        if (s >= 0) {
+          v = static_cast<acc_t>(y_row[s]) + (bias != nullptr ? static_cast<acc_t>(bias[c]) : 0);
+        }
+        out_row[c] = static_cast<scalar_t>(v);
+      }
+    } else {  // row = (n, c); y's plane (n, rank(c))
+      const int64_t n = row / channels;
+      const int c = static_cast<int>(row - n * channels);
+      const int s = slot[c];
+      if (s < 0) {
+        for (int i = lane; i < len; i += 32) out_row[i] = scalar_t(0);
+      } else {
+        const scalar_t* y_row = y + (n * kept + s) * len;
+        const acc_t b = bias != nullptr ? static_cast<acc_t>(bias[c]) : acc_t(0);
+        for (int i = lane; i < len; i += 32) {
+          out_row[i] = static_cast<scalar_t>(static_cast<acc_t>(y_row[i]) + b);
+        }
+      }
+    }
+  }
+}
+
 void check_operands(const at::Tensor& x, const at::Tensor& weight,
                     const std::optional<at::Tensor>& bias, const masked_conv::Geometry& g,
                     const std::optional<at::Tensor>& in_mask,
@@ -352,6 +711,39 @@ void check_operands(const at::Tensor& x, const at::Tensor& weight,
   }
   masked_conv::check_mask(in_mask, g.n, g.c_in, x, "in_mask");
   masked_conv::check_mask(out_mask, g.n, g.c_out, x, "out_mask");
+}
+
+// Whether float32 convolutions may run in TF32: PyTorch's cuDNN flag
+// (torch.backends.cudnn.allow_tf32), read on the host at each call, so a flag changed between
+// calls takes effect as it does for F.conv2d.
+bool tf32_allowed() { return at::globalContext().allowTF32CuDNN(); }
+
+// Tensor cores for bf16 / fp16 always, for float32 where TF32 is allowed (TF32 products, float
+// sums, as cuDNN runs the dense convolution); full-precision float32 and float64 on the FMA
+// kernel. Sets p's K-step counters and grid's pixel tiles for the chosen kernel.
+template <typename scalar_t>
+void launch_per_sample(Params<scalar_t>& p, dim3 grid, cudaStream_t stream) {
+  constexpr bool k16 = std::is_same_v<scalar_t, at::Half> || std::is_same_v<scalar_t, at::BFloat16>;
+  bool tensor_cores = k16;
+  if constexpr (std::is_same_v<scalar_t, float>) tensor_cores = tf32_allowed();
+  const int k_step = tensor_cores ? kTcK : kTileK;
+  const int tile_p = tensor_cores ? kTcP : kTileP;
+  grid.x = static_cast<unsigned>((p.pixels + tile_p - 1) / tile_p);
+  p.step_c = k_step / p.khw;
+  p.step_r = k_step % p.khw;
+  p.step_kh = p.step_r / p.kw;
+  p.step_kw = p.step_r % p.kw;
+  if constexpr (k16) {
+    masked_conv2d_tc_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(p);
+  } else if constexpr (std::is_same_v<scalar_t, float>) {
+    if (tensor_cores) {
+      masked_conv2d_tc_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(p);
+    } else {
+      masked_conv2d_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(p);
+    }
+  } else {
+    masked_conv2d_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(p);
+  }
 }
 
 struct MaskArgs {
@@ -409,7 +801,7 @@ at::Tensor per_sample_forward(const at::Tensor& x, const at::Tensor& weight,
   const MaskArgs in_m = mask_args(in_mask), out_m = mask_args(out_mask);
   at::Tensor out = at::empty({g.n, g.c_out, g.h_out, g.w_out}, x.options());
 
-  const dim3 grid(static_cast<unsigned>((pixels + kTileP - 1) / kTileP),
+  const dim3 grid(1,  // pixel tiles: set by launch_per_sample
                   static_cast<unsigned>(c_tiles),
                   static_cast<unsigned>(std::min<int64_t>(g.n, 65535)));
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
@@ -440,11 +832,7 @@ at::Tensor per_sample_forward(const at::Tensor& x, const at::Tensor& weight,
     p.stride_h = static_cast<int>(g.stride[0]), p.stride_w = static_cast<int>(g.stride[1]);
     p.pad_h = static_cast<int>(g.padding[0]), p.pad_w = static_cast<int>(g.padding[1]);
     p.dil_h = static_cast<int>(g.dilation[0]), p.dil_w = static_cast<int>(g.dilation[1]);
-    p.step_c = kTileK / p.khw;
-    p.step_r = kTileK % p.khw;
-    p.step_kh = p.step_r / p.kw;
-    p.step_kw = p.step_r % p.kw;
-    masked_conv2d_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(p);
+    launch_per_sample(p, grid, stream);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   if (raw != nullptr && format != at::MemoryFormat::Contiguous) *raw = raw->contiguous(format);
@@ -466,6 +854,68 @@ bool must_not_sync(const std::optional<at::Tensor>& a, const std::optional<at::T
          !(masked_conv::kept_known(a) && masked_conv::kept_known(b));
 }
 
+// Static masks with an out_mask: the kept rows of weight gathered (and its kept columns where
+// an in_mask is given, with x's kept channels), cuDNN without bias on the kept channels, and
+// scatter_kept_channels_kernel writing the whole output with the bias: 3 launches (5 with an
+// in_mask) where masked_conv::static_forward takes 6 (8): weight and bias gathers, convolution,
+// bias add, zero fill, index_copy_. The cases it does not cover (nothing kept, an empty batch,
+// more channels than the rank map holds) take masked_conv::static_forward.
+constexpr int64_t kScatterMaxChannels = 12288;  // the rank map in 48 KB of shared memory
+
+at::Tensor static_forward_cuda(const at::Tensor& x, const at::Tensor& weight,
+                               const std::optional<at::Tensor>& bias,
+                               const masked_conv::Geometry& g,
+                               const std::optional<at::Tensor>& in_mask,
+                               const std::optional<at::Tensor>& out_mask) {
+  const int64_t pixels = g.h_out * g.w_out;
+  if (!out_mask.has_value() || g.n == 0 || g.c_out > kScatterMaxChannels || pixels > kIntMax) {
+    return masked_conv::static_forward(x, weight, bias, g, in_mask, out_mask);
+  }
+  const at::Tensor out_idx = masked_conv::kept(out_mask, g.c_out, x);
+  const at::Tensor in_idx = in_mask.has_value() ? masked_conv::kept(in_mask, g.c_in, x)
+                                                : at::Tensor();
+  const int64_t k_out = out_idx.size(0);
+  if (k_out == 0 || (in_idx.defined() && in_idx.size(0) == 0)) {
+    return masked_conv::static_forward(x, weight, bias, g, in_mask, out_mask);
+  }
+  at::Tensor w = weight.index_select(0, out_idx);
+  if (in_idx.defined()) w = w.index_select(1, in_idx);
+  const auto format = x.suggest_memory_format();
+  const at::Tensor y = masked_conv::compact_conv(
+      x, w, std::nullopt, g, in_idx, format,
+      [](const at::Tensor& t, const at::Tensor& i, at::MemoryFormat f) {
+        return t.index_select(1, i).contiguous(f);
+      });
+  at::Tensor out = at::empty({g.n, g.c_out, g.h_out, g.w_out}, x.options().memory_format(format));
+  const bool channels_last = format == at::MemoryFormat::ChannelsLast;
+  const int64_t rows = channels_last ? g.n * pixels : g.n * g.c_out;
+  const int len = static_cast<int>(channels_last ? g.c_out : pixels);
+  const int64_t fill = static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount) *
+                       (2048 / kScatterThreads);
+  const auto blocks = static_cast<unsigned>(
+      std::min<int64_t>((rows + kScatterWarps - 1) / kScatterWarps, fill));
+  const size_t smem = sizeof(int) * static_cast<size_t>(g.c_out);
+  const at::Tensor bc = bias.has_value() ? bias->contiguous() : at::Tensor();
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
+                                  "masked_conv2d_cuda_scatter", [&] {
+    const scalar_t* b = bc.defined() ? bc.const_data_ptr<scalar_t>() : nullptr;
+    if (channels_last) {
+      scatter_kept_channels_kernel<scalar_t, true><<<blocks, kScatterThreads, smem, stream>>>(
+          y.const_data_ptr<scalar_t>(), b, out_mask->const_data_ptr<bool>(), out_mask->stride(0),
+          out.mutable_data_ptr<scalar_t>(), rows, len, static_cast<int>(g.c_out),
+          static_cast<int>(k_out));
+    } else {
+      scatter_kept_channels_kernel<scalar_t, false><<<blocks, kScatterThreads, smem, stream>>>(
+          y.const_data_ptr<scalar_t>(), b, out_mask->const_data_ptr<bool>(), out_mask->stride(0),
+          out.mutable_data_ptr<scalar_t>(), rows, len, static_cast<int>(g.c_out),
+          static_cast<int>(k_out));
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
 at::Tensor masked_conv2d_cuda(const at::Tensor& x, const at::Tensor& weight,
                               const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
                               at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
@@ -478,7 +928,7 @@ at::Tensor masked_conv2d_cuda(const at::Tensor& x, const at::Tensor& weight,
   if (g.groups > 1) return masked_conv::dense_forward(x, weight, bias, g, in_mask, out_mask);
   if (!masked_conv::per_sample(in_mask) && !masked_conv::per_sample(out_mask) &&
       !must_not_sync(in_mask, out_mask)) {
-    return masked_conv::static_forward(x, weight, bias, g, in_mask, out_mask);
+    return static_forward_cuda(x, weight, bias, g, in_mask, out_mask);
   }
   return per_sample_forward(x, weight, bias, g, in_mask, out_mask);
 }
