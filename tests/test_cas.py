@@ -399,7 +399,8 @@ def test_cuda_launch_shapes(shape, layout, train):
 # several chunks of L and several channel blocks; channels_last with channel blocks and many
 # position chunks (more than a logits step takes, BLOCK_S = 4); more than 64 classes (logits
 # over blocks of 4 samples and 16 classes, and the separate argmax kernel); channels beyond one
-# logits step; a 7x7 map (no 16-byte rows). (N, K, H, W, classes, layout)
+# logits step; a 7x7 map (no 16-byte rows); samples over several blocks of the logits and of
+# grad_weight's gather. (N, K, H, W, classes, layout)
 TRITON_SPLITS = [
     (1, 24, 20, 20, 5, "contiguous"),
     (2, 300, 3, 3, 7, "channels_last"),
@@ -408,6 +409,7 @@ TRITON_SPLITS = [
     (3, 24, 8, 8, 130, "contiguous"),
     (2, 600, 2, 2, 3, "contiguous"),
     (5, 40, 7, 7, 3, "channels_last"),
+    (20, 40, 5, 5, 70, "contiguous"),
 ]
 TRITON_DEVICES = [p for p in DEVICE_BACKENDS if p.values[0][1] == "triton"]
 

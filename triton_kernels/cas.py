@@ -59,7 +59,9 @@ _WIDE_SAMPLES = 4
 _WIDE_CLASSES = 16
 _CHUNKS = (1, 4)
 _ARGMAX_BLOCK = 1024
-_GATHER_SAMPLES = 64
+# grad_weight's gather: (samples, classes, channels) tiles of _GATHER_TILE elements, 32
+# channels and 16-64 classes a program, 8 warps.
+_GATHER_TILE = 8192
 _GATHER_K = 32
 # Registers per thread of every CAS and masked-convolution launch (Triton's maxnreg): 128 keeps
 # a block of any size at >= 25% occupancy on sm_80 / sm_90, and an explicit cap also keeps ptxas
@@ -246,25 +248,28 @@ def _cas_backward_kernel(
 
 
 @triton.jit
-def _cas_gather_kernel(gw_ptr, t_ptr, index_ptr, N, K, k_blocks,
-                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """gw[c, kk] += the sums t[n, kk] of the samples n whose index is c, in sample order: the
-    rows of other classes are masked off, not loaded."""
+def _cas_gather_kernel(gw_ptr, t_ptr, index_ptr, N, K, C, k_blocks,
+                       BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+    """gw[c, kk] += the sums t[n, kk] of the samples n whose index is c, for a block of classes
+    c, the samples in order (a fixed tree within each block of BLOCK_N). Other samples' rows add
+    exact zeros: selected, not multiplied, so an inf elsewhere cannot turn into a NaN here."""
     pid = tl.program_id(0).to(tl.int64)
-    c = pid // k_blocks
+    cc = (pid // k_blocks) * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
     kk = (pid % k_blocks) * BLOCK_K + tl.arange(0, BLOCK_K).to(tl.int64)
     kmask = kk < K
-    acc = tl.load(gw_ptr + c * K + kk, mask=kmask, other=0.0)
+    gmask = (cc < C)[:, None] & kmask[None, :]
+    acc = tl.load(gw_ptr + cc[:, None] * K + kk[None, :], mask=gmask, other=0.0)
     n0 = 0
     while n0 < N:
         nn = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
-        idx = tl.load(index_ptr + nn, mask=nn < N, other=-1)
-        t = tl.load(t_ptr + nn[:, None] * K + kk[None, :],
-                    mask=(idx == c)[:, None] & kmask[None, :], other=0.0)
-        acc += tl.sum(t, 0)
+        nmask = nn < N
+        idx = tl.load(index_ptr + nn, mask=nmask, other=-1)
+        t = tl.load(t_ptr + nn[:, None] * K + kk[None, :], mask=nmask[:, None] & kmask[None, :],
+                    other=0.0)
+        hit = idx[:, None, None] == cc[None, :, None]
+        acc += tl.sum(tl.where(hit, t[:, None, :], 0.0), 0)
         n0 += BLOCK_N
-    tl.store(gw_ptr + c * K + kk, acc, mask=kmask)
-
+    tl.store(gw_ptr + cc[:, None] * K + kk[None, :], acc, mask=gmask)
 
 def on_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
     """The context every launcher launches in: Triton launches on the current CUDA device, not
@@ -309,6 +314,10 @@ def _logits_config(K: int, C: int, S: int) -> tuple[int, int, int, int, int]:
         return 1, block_c, _LOGITS_TILE // block_c, block_s, _LOGITS_WARPS
     return (_WIDE_SAMPLES, _WIDE_CLASSES, _LOGITS_TILE_WIDE // (_WIDE_SAMPLES * _WIDE_CLASSES),
             block_s, _LOGITS_WARPS)
+
+
+def _gather_classes(C: int) -> int:
+    return min(64, max(16, _pow2(C)))
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor, what: str) -> None:
@@ -406,10 +415,12 @@ def cas_backward(
                 BLOCK_K=block_k, BLOCK_L=block_l, num_warps=num_warps, maxnreg=MAX_REGS,
             )
             t = part.view(N, K) if S == 1 else part.sum(2)
+            block_c = _gather_classes(C)
             g_blocks = triton.cdiv(K, _GATHER_K)
-            _cas_gather_kernel[(C * g_blocks,)](
-                grad_weight, t, index, N, K, g_blocks,
-                BLOCK_N=_GATHER_SAMPLES, BLOCK_K=_GATHER_K, num_warps=4, maxnreg=MAX_REGS,
+            _cas_gather_kernel[(triton.cdiv(C, block_c) * g_blocks,)](
+                grad_weight, t, index, N, K, C, g_blocks,
+                BLOCK_N=_GATHER_TILE // (block_c * _GATHER_K), BLOCK_C=block_c,
+                BLOCK_K=_GATHER_K, num_warps=8, maxnreg=MAX_REGS,
             )
     return grad_x, grad_weight.to(weight.dtype), gl.sum(0).to(weight.dtype)
 
@@ -441,7 +452,9 @@ def _aot_variants() -> list[tuple]:
             add(_cas_logits_kernel, dtype, {"BLOCK_N": block_n, "BLOCK_C": block_c,
                                             "BLOCK_K": block_k, "BLOCK_S": block_s}, num_warps)
         add(_cas_argmax_kernel, dtype, {"BLOCK": _ARGMAX_BLOCK}, 4)
-    add(_cas_gather_kernel, "fp32", {"BLOCK_N": _GATHER_SAMPLES, "BLOCK_K": _GATHER_K}, 4)
+    for block_c in sorted({_gather_classes(c) for c in sizes}):
+        add(_cas_gather_kernel, "fp32", {"BLOCK_N": _GATHER_TILE // (block_c * _GATHER_K),
+                                         "BLOCK_C": block_c, "BLOCK_K": _GATHER_K}, 8)
     return variants
 
 
