@@ -1169,14 +1169,16 @@ def cas_backward(p: Plan, provider: str) -> None:
         if s > 1:
             p.kernel("sum (partials)", "aten", hbm=rows * channels * 4, l2=rows * channels * s * 4)
         p.host("triton")
-        # A program per (class, 32 channels), over the samples in blocks of 64: the index
-        # block, then the rows of its class's samples (others masked off).
-        k_blocks = math.ceil(channels / 32)
+        # A program per (16-64 classes, 32 channels), 8 warps, over the samples in blocks of
+        # 8192 / (classes x 32): the index block and the rows of t (independent loads), the
+        # rows selected per class and summed.
+        block_c = min(64, max(16, _pow2(classes)))
+        programs = math.ceil(classes / block_c) * math.ceil(channels / 32)
+        steps = math.ceil(rows / (8192 // (block_c * 32)))
         p.kernel("_cas_gather_kernel", "inner", hbm=2 * classes * channels * 4,
-                 l2=rows * channels * 4 + classes * k_blocks * rows * 8,
-                 ops=classes * k_blocks * rows * (32 + 8) / 32 * 4,
-                 ctas=classes * k_blocks, per_sm=_triton_per_sm(4),
-                 chain_us=lat("l2") + math.ceil(rows / 64) * 2 * lat("l2"))
+                 l2=programs * rows * (32 * 4 + 8), ops=programs * steps * 8192 / 32 * 3,
+                 ctas=programs, per_sm=_triton_per_sm(8),
+                 chain_us=lat("l2") + steps * (lat("l2") + lat("tile_reduce")))
         p.kernel("sum (bias)", "aten", hbm=rows * classes * e)
     else:
         raise ValueError(f"cas: no model for provider {provider!r}")
