@@ -21,11 +21,11 @@
 // run densely on the masked tensors. Everything else runs masked_conv::dense_backward, the dense
 // engine's backward with the masks applied around it.
 //
-// The FMA kernel (the tensor-core kernel below shares its structure). For sample n, out[n] (C_out x P, P = H_out * W_out) = W' @ X'[n], where W' holds
-// the rows of weight for the kept output channels of n and X'[n] is the im2col matrix of x[n]
-// restricted to the rows (c, kh, kw) of its kept input channels c. Neither matrix exists in
-// memory: the tiles are gathered from weight and x on the fly (implicit GEMM), padding reading
-// as 0. Grid (pixel tile, output-channel tile, sample); 256 threads compute a 64 x 64 tile of
+// The FMA kernel (the tensor-core kernel below shares its structure). For sample n, out[n]
+// (C_out x P, P = H_out * W_out) = W' @ X'[n], where W' holds the rows of weight for the kept
+// output channels of n and X'[n] is the im2col matrix of x[n] restricted to the rows (c, kh, kw)
+// of its kept input channels c. Neither matrix exists in memory: the tiles are gathered from
+// weight and x on the fly (implicit GEMM), padding reading as 0. Grid (pixel tile, output-channel tile, sample); 256 threads compute a 64 x 64 tile of
 // out[n], each thread a 4 x 4 micro-tile in registers, accumulated in float (double for double).
 //
 // Output channels: tile t of sample n computes the kept output channels of n with rank
@@ -860,7 +860,9 @@ bool must_not_sync(const std::optional<at::Tensor>& a, const std::optional<at::T
 // in_mask) where masked_conv::static_forward takes 6 (8): weight and bias gathers, convolution,
 // bias add, zero fill, index_copy_. The cases it does not cover (nothing kept, an empty batch,
 // more channels than the rank map holds) take masked_conv::static_forward.
-constexpr int64_t kScatterMaxChannels = 12288;  // the rank map in 48 KB of shared memory
+// The rank map in dynamic shared memory, with the kernel's static 32 bytes, within the 48 KB a
+// launch may take without opting in.
+constexpr int64_t kScatterMaxChannels = 12000;
 
 at::Tensor static_forward_cuda(const at::Tensor& x, const at::Tensor& weight,
                                const std::optional<at::Tensor>& bias,
@@ -890,8 +892,8 @@ at::Tensor static_forward_cuda(const at::Tensor& x, const at::Tensor& weight,
   const bool channels_last = format == at::MemoryFormat::ChannelsLast;
   const int64_t rows = channels_last ? g.n * pixels : g.n * g.c_out;
   const int len = static_cast<int>(channels_last ? g.c_out : pixels);
-  const int64_t fill = static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount) *
-                       (2048 / kScatterThreads);
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t fill = sms * (2048 / kScatterThreads);  // every SM full
   const auto blocks = static_cast<unsigned>(
       std::min<int64_t>((rows + kScatterWarps - 1) / kScatterWarps, fill));
   const size_t smem = sizeof(int) * static_cast<size_t>(g.c_out);
