@@ -59,7 +59,7 @@ weight gradient (and grad_x otherwise) runs the dense engine (torch's convolutio
 cuDNN on CUDA, oneDNN on the CPU) on the masked tensors: grad masked by out_mask, x by in_mask,
 and grad_x masked by in_mask again; grad_bias is the masked grad summed over (N, H, W).
 
-Under the interpreter (CPU tensors, FOR_LOOP False) the reduction is a `while` loop over the
+Under the interpreter (FOR_LOOP False) the reduction is a `while` loop over the
 same steps (Triton 3.6's interpreter cannot take a runtime bound in range() with numpy >= 2.4);
 both loops call one step function. The flags are runtime int32 values to keep the AOT list
 small; kernel sizes KH, KW are runtime too. Offsets inside a sample and in the weight are int32
@@ -74,6 +74,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.jit import JITFunction
 
 from .aot import signature
 
@@ -271,6 +272,12 @@ def _masked_conv2d_forward_kernel(
         scale = tl.load(out_scale_ptr + n * C_out + co, mask=co_ok, other=0.0).to(tl.float32)
         result = _round(result.to(tl.float32) * scale[None, :], out_ptr.dtype.element_ty)
     tl.store(out_ptr + sample + offsets, result, mask=in_out)
+
+
+# Whether triton.jit made an interpreted function (TRITON_INTERPRET=1 at import: CPU tensors);
+# the launch's constexprs follow it, not the tensors' device, so that a launch recorded with CPU
+# tensors for the GPU (benchmarks/gpu_report.py) has the GPU's configuration.
+_INTERPRETED = not isinstance(_masked_conv2d_forward_kernel, JITFunction)
 
 
 def _blocks(C_out: int, P: int, N: int, out_masked: bool = False, sparse: bool = False
@@ -516,8 +523,7 @@ def masked_conv2d_forward(
             *x.stride(), *weight.stride(), *out.stride(),
             BLOCK_P=block_p, BLOCK_CO=block_co, BLOCK_CI=block_ci,
             SPARSE=weight_mask is not None, PRECISION=precision,
-            FOR_LOOP=x.device.type != "cpu",
-            UPCAST=x.dtype == torch.bfloat16 and x.device.type == "cpu",
+            FOR_LOOP=not _INTERPRETED, UPCAST=x.dtype == torch.bfloat16 and _INTERPRETED,
             num_warps=_num_warps(block_p, block_co, block_ci),
             num_stages=_num_stages(precision, x.dtype), maxnreg=MAX_REGS,
         )
