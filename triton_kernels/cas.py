@@ -17,9 +17,9 @@ sample over the stored, rounded logits), then the stream in write-only mode:
 out = x * weight[index] (x read twice; the second read hits L2 where x fits).
 Backward: a = grad_logits @ weight (one small GEMM), then _cas_backward_kernel on the same split
 grid: grad_x = grad_out * weight[index] + a / L and the per-tile channel sums of grad_out * x,
-from one pass over both. grad_weight = grad_logits.T @ mean plus the sums t of the samples of
-each class, gathered in sample order by _cas_gather_kernel (index_add_ would use atomics on the
-GPU); grad_bias = grad_logits.sum(0).
+from one pass over both. _cas_gather_kernel forms grad_weight = grad_logits.T @ mean plus the
+sums t of each class's samples, per block of classes over the samples in order (index_add_
+would use atomics on the GPU); grad_bias = grad_logits.sum(0).
 
 Tiles: (BLOCK_K, BLOCK_L) with the contiguous dimension inner (L for NCHW and general strides,
 K for channels_last), 8 elements a thread; the JIT specializes unit strides and 16-byte
@@ -248,28 +248,32 @@ def _cas_backward_kernel(
 
 
 @triton.jit
-def _cas_gather_kernel(gw_ptr, t_ptr, index_ptr, N, K, C, k_blocks,
+def _cas_gather_kernel(gw_ptr, gl_ptr, mean_ptr, t_ptr, index_ptr, N, K, C, k_blocks,
                        BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
-    """gw[c, kk] += the sums t[n, kk] of the samples n whose index is c, for a block of classes
-    c, the samples in order (a fixed tree within each block of BLOCK_N). Other samples' rows add
-    exact zeros: selected, not multiplied, so an inf elsewhere cannot turn into a NaN here."""
+    """gw[c, kk] = sum over the samples n of grad_logits[n, c] * mean[n, kk], plus t[n, kk] where
+    index[n] == c, for a block of classes c; the samples in order (a fixed tree within each
+    block of BLOCK_N). The sums t are selected, not multiplied by a 0/1 mask, so an inf in
+    another class's sample cannot turn into a NaN here."""
     pid = tl.program_id(0).to(tl.int64)
     cc = (pid // k_blocks) * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
     kk = (pid % k_blocks) * BLOCK_K + tl.arange(0, BLOCK_K).to(tl.int64)
+    cmask = cc < C
     kmask = kk < K
-    gmask = (cc < C)[:, None] & kmask[None, :]
-    acc = tl.load(gw_ptr + cc[:, None] * K + kk[None, :], mask=gmask, other=0.0)
+    acc = tl.zeros([BLOCK_C, BLOCK_K], dtype=tl.float32)
     n0 = 0
     while n0 < N:
         nn = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
         nmask = nn < N
+        rmask = nmask[:, None] & kmask[None, :]
         idx = tl.load(index_ptr + nn, mask=nmask, other=-1)
-        t = tl.load(t_ptr + nn[:, None] * K + kk[None, :], mask=nmask[:, None] & kmask[None, :],
+        t = tl.load(t_ptr + nn[:, None] * K + kk[None, :], mask=rmask, other=0.0)
+        mv = tl.load(mean_ptr + nn[:, None] * K + kk[None, :], mask=rmask, other=0.0)
+        g = tl.load(gl_ptr + nn[:, None] * C + cc[None, :], mask=nmask[:, None] & cmask[None, :],
                     other=0.0)
         hit = idx[:, None, None] == cc[None, :, None]
-        acc += tl.sum(tl.where(hit, t[:, None, :], 0.0), 0)
+        acc += tl.sum(g[:, :, None] * mv[:, None, :] + tl.where(hit, t[:, None, :], 0.0), 0)
         n0 += BLOCK_N
-    tl.store(gw_ptr + cc[:, None] * K + kk[None, :], acc, mask=gmask)
+    tl.store(gw_ptr + cc[:, None] * K + kk[None, :], acc, mask=cmask[:, None] & kmask[None, :])
 
 def on_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
     """The context every launcher launches in: Triton launches on the current CUDA device, not
@@ -399,35 +403,35 @@ def cas_backward(
     C = weight.shape[0]
     gl = grad_logits.float().contiguous()
     grad_x = torch.empty_like(x)
-    # The logits path of grad_weight; the sums of grad_out * x are gathered into it below.
-    grad_weight = (gl.t() @ mean.float()).contiguous()
-    if N > 0:
-        index = index.contiguous()
-        a = (gl @ weight.float()).contiguous()
-        block_k, block_l, num_warps = _stream_config(N, K, L, _channels_last(x, grad_out, grad_x))
-        programs, k_blocks, S = _stream_grid(N, K, L, block_k, block_l)
-        part = x.new_empty((N, K, S), dtype=torch.float32)
-        with on_device(x):
-            _cas_backward_kernel[(programs,)](
-                grad_out, x, weight, a, index, grad_x, part,
-                K, L, C, S, k_blocks,
-                *grad_out.stride(), *x.stride(), *grad_x.stride(), *weight.stride(),
-                BLOCK_K=block_k, BLOCK_L=block_l, num_warps=num_warps, maxnreg=MAX_REGS,
-            )
-            t = part.view(N, K) if S == 1 else part.sum(2)
-            block_c = _gather_classes(C)
-            g_blocks = triton.cdiv(K, _GATHER_K)
-            _cas_gather_kernel[(triton.cdiv(C, block_c) * g_blocks,)](
-                grad_weight, t, index, N, K, C, g_blocks,
-                BLOCK_N=_GATHER_TILE // (block_c * _GATHER_K), BLOCK_C=block_c,
-                BLOCK_K=_GATHER_K, num_warps=8, maxnreg=MAX_REGS,
-            )
+    if N == 0:
+        return grad_x, weight.new_zeros(weight.shape), gl.sum(0).to(weight.dtype)
+    index = index.contiguous()
+    a = (gl @ weight.float()).contiguous()
+    block_k, block_l, num_warps = _stream_config(N, K, L, _channels_last(x, grad_out, grad_x))
+    programs, k_blocks, S = _stream_grid(N, K, L, block_k, block_l)
+    part = x.new_empty((N, K, S), dtype=torch.float32)
+    grad_weight = x.new_empty((C, K), dtype=torch.float32)
+    block_c = _gather_classes(C)
+    g_blocks = triton.cdiv(K, _GATHER_K)
+    with on_device(x):
+        _cas_backward_kernel[(programs,)](
+            grad_out, x, weight, a, index, grad_x, part,
+            K, L, C, S, k_blocks,
+            *grad_out.stride(), *x.stride(), *grad_x.stride(), *weight.stride(),
+            BLOCK_K=block_k, BLOCK_L=block_l, num_warps=num_warps, maxnreg=MAX_REGS,
+        )
+        t = part.view(N, K) if S == 1 else part.sum(2)
+        _cas_gather_kernel[(triton.cdiv(C, block_c) * g_blocks,)](
+            grad_weight, gl, mean.float().contiguous(), t, index, N, K, C, g_blocks,
+            BLOCK_N=_GATHER_TILE // (block_c * _GATHER_K), BLOCK_C=block_c,
+            BLOCK_K=_GATHER_K, num_warps=8, maxnreg=MAX_REGS,
+        )
     return grad_x, grad_weight.to(weight.dtype), gl.sum(0).to(weight.dtype)
 
 
 _POINTERS = {
     "sel_ptr": "*i64", "label_ptr": "*i64", "index_ptr": "*i64", "part_ptr": "*fp32",
-    "mean_ptr": "*fp32", "a_ptr": "*fp32", "gw_ptr": "*fp32", "t_ptr": "*fp32",
+    "mean_ptr": "*fp32", "a_ptr": "*fp32", "gw_ptr": "*fp32", "gl_ptr": "*fp32", "t_ptr": "*fp32",
 }
 
 
