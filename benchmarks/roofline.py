@@ -1158,11 +1158,9 @@ def cas_backward(p: Plan, provider: str) -> None:
     elif provider == TRITON:
         p.host("pyprune_backward", "cas")
         p.host("custom_op")
-        # In the launcher: grad_weight's logits path and a = grad_logits @ weight (float32: the
-        # casts are no-ops), the streaming pass, the per-class gather of the sums of
-        # grad_out * x (t is the partials' view when a channel is one chunk, else a sum), the
-        # bias gradient.
-        p.kernel("mm: grad_logits.T @ mean", "aten", **gemm)
+        # In the launcher: a = grad_logits @ weight (float32: the casts are no-ops), the
+        # streaming pass, t (the partials' view when a channel is one chunk, else a sum), the
+        # gather (grad_weight), the bias gradient.
         p.kernel("mm: grad_logits @ weight", "aten", **gemm)
         p.host("triton")
         s = _triton_cas_stream(p, "_cas_backward_kernel", 3)
@@ -1170,13 +1168,15 @@ def cas_backward(p: Plan, provider: str) -> None:
             p.kernel("sum (partials)", "aten", hbm=rows * channels * 4, l2=rows * channels * s * 4)
         p.host("triton")
         # A program per (16-64 classes, 32 channels), 8 warps, over the samples in blocks of
-        # 8192 / (classes x 32): the index block and the rows of t (independent loads), the
-        # rows selected per class and summed.
+        # 8192 / (classes x 32): grad_logits, mean, the index and t loaded together, then
+        # grad_logits.T @ mean (FMA) plus t selected per class.
         block_c = min(64, max(16, _pow2(classes)))
         programs = math.ceil(classes / block_c) * math.ceil(channels / 32)
         steps = math.ceil(rows / (8192 // (block_c * 32)))
-        p.kernel("_cas_gather_kernel", "inner", hbm=2 * classes * channels * 4,
-                 l2=programs * rows * (32 * 4 + 8), ops=programs * steps * 8192 / 32 * 3,
+        p.kernel("_cas_gather_kernel", "inner",
+                 hbm=classes * channels * 4 + rows * (channels + classes) * 4,
+                 l2=programs * rows * (32 * 8 + block_c * 4 + 8),
+                 ops=programs * steps * 8192 / 32 * 3, flops=2 * rows * classes * channels,
                  ctas=programs, per_sm=_triton_per_sm(8),
                  chain_us=lat("l2") + steps * (lat("l2") + lat("tile_reduce")))
         p.kernel("sum (bias)", "aten", hbm=rows * classes * e)
