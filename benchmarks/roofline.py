@@ -111,12 +111,16 @@ noise (csrc/cuda/noise.cu, triton_kernels/noise.py)
   compile      inductor's seed kernel + one fused pass with tl.randn (~150 ops/elem); the
                multiplicative forward also stores the noise for backward (3n).
 cas (csrc/cuda/cas.cu, triton_kernels/cas.py); training mode (labels)
-  both         label check on the device (ge, lt, and, all, _assert_async: 5 launches), one
-               program per sample: means and out = x * weight[label] in one pass (2n), the
-               logits from the means and the weight (the weight read per sample, from L2).
-               CUDA: a warp per channel, each load waits for the previous store, so
-               K/8 * ceil(L/32) DRAM round trips per sample. Triton: 4096-element tiles, one
-               round trip each. Backward: one pass grad + x -> grad_x (3n) and small GEMMs.
+  both         each sample split over many blocks / programs: a streaming pass (x -> out
+               and per-(sample, channel, chunk) partial sums, 2n; one DRAM round trip a block),
+               then a logits launch that combines the partials in a fixed order (the weight
+               read per sample or block of samples, from L2). Backward: a = grad_logits @
+               weight, one streaming pass grad + x -> grad_x and the partial sums of grad * x
+               (3n), grad_weight's class sums gathered in sample order (no atomics).
+  triton       label check on the device (ge, lt, and, all, _assert_async: 5 launches); tiles
+               of 512-2048 elements (triton_cas_config); logits per sample up to 64 classes,
+               else per 4 samples x 16 classes; grad_weight = grad_logits.T @ mean in the
+               gather kernel.
   eager        mean (n), addmm, index, x * m (2n); backward ~10n in ~13 launches.
   compile      one fused pass (means + out, 2n) and the logits GEMM; backward one fused pass
                (3n) and the small GEMMs.
