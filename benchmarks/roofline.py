@@ -88,13 +88,21 @@ kwta (csrc/cuda/kwta.cu, triton_kernels/kwta.py)
                x >= thr (n + n/4 bool), x * mask (n + n/4 + n); backward grad * mask: 2n + n/4.
   compile      topk as eager, one fused ge*mul kernel 2n; backward grad * (x >= thr): 3n.
 sap (csrc/cuda/sap.cu, triton_kernels/sap.py); r = L draws, x after a ReLU
-  both         a seed from torch.randint (one small launch), one program per sample:
-               sum |x| (L/256 CUDA, L/BLOCK Triton serial steps, each a DRAM round trip and a
+  cuda         a seed from torch.randint (one small launch), one program per sample:
+               sum |x| (L/256 serial steps, each a DRAM round trip and a
                block scan), then bernoulli: one pass (x reread, out written; Philox and q per
                element); exact: the r + 1 spacings (one Philox + log + scan per step of
-               256 / 64 draws), then the merge: per tile a round trip and a scan, per chunk of
-               draws a Philox, a scan and a search (binary in shared memory / a 64x64 compare).
+               256 draws), then the merge: per tile a round trip and a scan, per chunk of
+               draws a Philox, a scan and a search (binary in shared memory).
                Bytes: x twice + out (3n), backward + grad (4n); the chain dominates.
+  triton       the seed, then a sample over many programs: partials (sum |x| per chunk of E =
+               256 or 1024 elements, in exact mode the spacings per draw chunk: one Philox per 4
+               draws), exact: per-sample prefix sums, then a merge over (sample, element chunk)
+               in 660 persistent programs (regenerated draws of the reaching draw chunks, a
+               binary search per draw over the chunk's bounds in an L1-resident scratch slot);
+               bernoulli: one elementwise pass (one Philox per 4 elements, q by series). Bytes:
+               3n forward (x twice, from L2 where all of x fits), 4n backward; exact is
+               issue-bound (~200 ops an element) or latency-bound at small batch.
   eager        abs, sum, div, torch.multinomial (copy, copy, renorm, cumsum, the draws: 8-byte
                indices and ~4 L2 sectors of binary search per draw), zeros + scatter_,
                q = -expm1(r * log1p(-p)) (5 kernels), x / q, where: ~34n in ~20 launches;
@@ -477,9 +485,14 @@ def triton_cas_config(rows: int, channels: int, length: int, classes: int,
     return block_k, block_l, tile // 256, logits
 
 
-def triton_sap_config(exact: bool) -> tuple[int, int, int]:
-    """sap._config: (BLOCK, DRAWS, num_warps)."""
-    return (64, 64, 4) if exact else (1024, 64, 4)
+def triton_sap_config(length: int, draws: int) -> dict:
+    """sap._chunk_sizes and the launch constants: E elements per element chunk, D draws per
+    draw chunk (DT per tile), the bernoulli BLOCK, the merge's SLOTS (persistent programs) and
+    each launch's warps."""
+    return {"E": 1024 if length >= 16385 else 256,
+            "D": 256 * _pow2(max(1, math.ceil((draws + 4) / (256 * 4096)))), "DT": 256,
+            "BLOCK": 1024, "SLOTS": 660,
+            "warps": {"partials": 4, "prefix": 4, "merge": 4, "bernoulli": 8}}
 
 
 def triton_conv_config(c_out: int, pixels: int, n: int, out_masked: bool = False,
@@ -848,38 +861,71 @@ def _sap_cuda(p: Plan, rows: int, length: int, draws: int, exact: bool, backward
 
 def _sap_kernel(p: Plan, provider: str, backward: bool) -> None:
     """pyprune's SAP kernel (forward, or backward: the same pass on grad) for one call."""
-    case = p.case
-    rows, length, draws, exact = _sap_shape(case)
-    e = _esize(case)
-    n = rows * length * e
-    lat = p.lat
-    rate = p.sm_rate()  # a program alone on its SM (batch <= 132)
+    rows, length, draws, exact = _sap_shape(p.case)
     if provider == CUDA:
         _sap_cuda(p, rows, length, draws, exact, backward)
-        return
     else:
-        block, draw_block, _ = triton_sap_config(exact)
-        sum_step = lat("dram") + 2 * lat("tile_reduce")
-        if exact:
-            compare = draw_block * block * 3 / rate
-            chain = (math.ceil(length / block) * sum_step
-                     + math.ceil((draws + 1) / draw_block) * (lat("philox") + lat("tile_reduce"))
-                     + math.ceil(length / block) * (lat("dram") + lat("tile_reduce"))
-                     + (math.ceil(draws / draw_block) + math.ceil(length / block))
-                     * (lat("philox") + 3 * lat("tile_reduce") + compare))
-            ops = rows * length * 40 + rows * draws * 2 * 130 + rows * (draws + length) * block * 3
-        else:  # a whole Philox per element, q with Triton's fast log and exp
-            step_ops = 140
-            chain = (math.ceil(length / block) * sum_step
-                     + math.ceil(length / block)
-                     * (lat("dram") + block * step_ops / rate))
-            ops = rows * length * (10 + step_ops)
-        name = f"_sap_kernel EXACT={exact}"
+        _sap_triton(p, rows, length, draws, exact, backward)
+
+
+def _sap_triton(p: Plan, rows: int, length: int, draws: int, exact: bool, backward: bool) -> None:
+    """triton_kernels/sap.py: three launches (exact) or two (bernoulli). Partials over (sample,
+    chunk): sum |x| of E elements (~4 ops each), or in exact mode the Exp(1) spacings of a draw
+    chunk (one Philox per 4 draws, a log, a sum: ~45 ops a draw). Exact: a prefix program per
+    sample and kind (a cumsum and a running max per 1024 partials), then the merge over
+    (sample, element chunk) items in at most SLOTS persistent programs (4 warps capped at 96
+    registers: 5 an SM). Per item: the chunk's x and src (x again from L2 where all of x fits
+    since the partials pass), its bounds written to the program's scratch slot, two searches of
+    the draw-chunk prefix (128 probes a step), then per draw tile reaching the chunk (its
+    range's draws and the rest of the chunks they start and end in) a Philox per 4 draws, a
+    log and a cumsum (~60 ops a draw) and a binary search of log2(E) dependent L1 loads per
+    draw (~6 ops a step); ~60 ops an element for the bounds, q and the write. Bernoulli: one
+    elementwise pass, 1024 elements a program (each first sums the sample's K partials from
+    L2), one Philox per 4 (~126 ops an element in the sm_90 SASS of the generic-stride variant:
+    64-bit index math, the Philox, q by series, the division)."""
+    cfg = triton_sap_config(length, draws)
+    e = _esize(p.case)
+    n = rows * length * e
+    lat = p.lat
+    chunk, per_chunk, tile = cfg["E"], cfg["D"], cfg["DT"]
+    k = math.ceil(length / chunk)
+    nb = math.ceil((draws + 4) / per_chunk) if exact else 0
+    draw_chain = math.ceil(per_chunk / tile) * (lat("philox") + lat("tile_reduce")) if exact else 0.0
+    p.host("triton")
+    p.kernel("_sap_partials_kernel", "inner", hbm=n + rows * (k + nb) * 4,
+             ops=rows * length * 4 + rows * nb * per_chunk * 45, ctas=rows * (k + nb), per_sm=16,
+             chain_us=max(lat("dram") + lat("tile_reduce"), draw_chain))
+    if exact:
         p.host("triton")
-    reads = _merge({"hbm": 2 * n if backward else n},  # the sum pass (and grad)
-                   p.reread(n, min(rows, p.gpu["sms"] * 8) * length * e))
-    p.kernel(name, "inner", **_merge(reads, {"hbm": n}), ops=ops, ctas=rows, per_sm=8,
-             chain_us=chain)
+        p.kernel("_sap_prefix_kernel", "inner", hbm=2 * rows * (k + nb + 2) * 4,
+                 ops=rows * (k + nb) * 20, ctas=rows * 2, per_sm=8,
+                 chain_us=math.ceil(max(k, nb) / 1024) * (lat("dram") + 2 * lat("tile_reduce")))
+    p.host("triton")
+    # x once more (from L2 where all of x fits), src loaded beside it (the same lines in
+    # forward: L2), out written.
+    again = p.reread(n, n)
+    src = {"hbm": n} if backward else {"l2": n}
+    if exact:
+        items = rows * k
+        slots = min(items, cfg["SLOTS"])
+        # The range's draws and the rest of the chunks they start and end in.
+        examined = chunk * draws / length + per_chunk
+        steps = math.ceil(math.log2(chunk))
+        probes = 2 * max(1, math.ceil(math.log(max(nb, 2), 128)))
+        item_chain = (lat("dram") + 3 * lat("tile_reduce") + 3 * lat("barrier")
+                      + probes * (lat("l2") + lat("tile_reduce"))
+                      + math.ceil(examined / tile)
+                      * (lat("philox") + lat("tile_reduce") + steps * lat("smem")) + lat("l2"))
+        p.kernel("_sap_merge_kernel", "inner",
+                 **_merge(again, src, {"hbm": n, "l2": items * chunk * 4 * 3}),
+                 ops=items * (chunk * 60 + examined * (60 + 6 * steps)),
+                 ctas=slots, per_sm=5, chain_us=math.ceil(items / slots) * item_chain)
+    else:
+        blocks = rows * math.ceil((length + 3) / cfg["BLOCK"])
+        p.kernel("_sap_bernoulli_kernel", "inner",
+                 **_merge(again, src, {"hbm": n, "l2": blocks * k * 4}),
+                 ops=rows * length * 126, ctas=blocks, per_sm=6,
+                 chain_us=lat("l2") + 2 * lat("dram") + lat("philox") + 3 * lat("tile_reduce"))
 
 
 def sap_forward(p: Plan, provider: str, grad: bool) -> None:

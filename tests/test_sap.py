@@ -177,17 +177,112 @@ def test_seeding(device_backend):
         assert torch.equal(a, pyprune.sap(x, exact=exact))
 
 
-def test_cpu_and_triton_share_the_stream():
+@pytest.mark.triton
+@pytest.mark.parametrize("length", [200, 201, 1500])
+def test_cpu_and_triton_share_the_stream(length):
     """Bernoulli keeps depend only on uniforms, which csrc/random.h and tl.philox produce
-    bit for bit: the CPU kernel and the Triton kernel keep the same elements."""
+    bit for bit: the CPU kernel and the Triton kernel keep the same elements. The Triton pass
+    takes one Philox evaluation per 4 values of n * L + j, so with L = 201 its programs start
+    inside a sample; L = 1500 sums |x| over 6 element chunks and writes 2 blocks a sample."""
     if not TRITON_INTERPRET:
         pytest.skip("needs the Triton interpreter")
-    x = torch.randn(3, 200)
+    x = torch.randn(3, length)
+    x[1, ::5] = 0.0
     seed = torch.tensor([123456789, -987654321])
     a = torch.ops.pyprune.sap(x, seed, 100, False)
     b = torch.ops.pyprune.sap_triton(x, seed, 100, False)
     assert torch.equal(a != 0, b != 0)
     torch.testing.assert_close(a, b, rtol=1e-4, atol=0)
+
+
+def _triton_kernels():
+    if not TRITON_INTERPRET:
+        pytest.skip("needs the Triton interpreter")
+    from pyprune.triton_kernels import sap as kernels
+
+    return kernels
+
+
+def _spread_rows(n, length, seed):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, length, generator=gen) * torch.rand(n, length, generator=gen) ** 3
+    x[:, ::7] = 0.0
+    return x
+
+
+# (N, L, r, (E, D, DT) or None for the launcher's chunks). Sample n's draws start at stream index
+# n * (r + 1), which no case makes a multiple of 4.
+_CHUNKINGS = [
+    (3, 600, 700, None),  # default sizes: 3 element chunks (the last partial), 3 draw chunks
+    (3, 100, 80, (16, 16, 8)),  # 7 element chunks, 6 draw chunks of two tiles each
+    (2, 75, 301, (32, 8, 4)),  # ~13 draw chunks per element chunk
+    (4, 37, 3, (8, 8, 8)),  # fewer draws than element chunks: chunks without a draw
+    (2, 40, 1100, (16, 8, 4)),  # 138 draw chunks: the chunk search takes two steps of 128
+]
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("n,length,r,chunks", _CHUNKINGS, ids=[str(c[:3]) for c in _CHUNKINGS])
+def test_triton_exact_chunks_keep_the_cpu_draws(n, length, r, chunks):
+    """The Triton exact kernel splits each sample into element chunks and draw chunks (prefix
+    sums of chunk partials, a search for the draw chunks that reach an element chunk, a binary
+    search per draw); the CPU merges the same stream serially in double. Positions round
+    differently, so a draw within rounding of an element's end may fall the other way: at most
+    one element differs here. Backward (src = grad) keeps the same set, also when the merge's
+    persistent programs take several chunks each (2 programs)."""
+    kernels = _triton_kernels()
+    x = _spread_rows(n, length, 11)
+    seed = torch.tensor([2024, -7])
+    want = torch.ops.pyprune.sap(x, seed, r, True) != 0
+    out = kernels.sap_forward(x, x, seed, r, True, _chunks=chunks)
+    kept = out != 0
+    assert (kept != want).sum() <= 1, (kept != want).nonzero()
+    assert want.any(1).all() and (kept.sum(1) <= r).all()
+    torch.testing.assert_close(out[kept], (x.double() / _q(x, r)).float()[kept], rtol=1e-4, atol=0)
+    grad = torch.rand_like(x) + 0.5
+    back = kernels.sap_forward(grad, x, seed, r, True, _chunks=chunks, _slots=2)
+    assert torch.equal(back != 0, kept)
+    torch.testing.assert_close(back[kept], (grad.double() / _q(x, r)).float()[kept], rtol=1e-4, atol=0)
+
+
+@pytest.mark.triton
+def test_triton_exact_edge_chunks():
+    """All draws on one element (one non-zero element a sample: kept with q = 1, out = x), in
+    the first, a middle and the last element chunk; mass only in the first and last element
+    chunks (the chunks between get no draw and keep nothing); a sample's result does not depend
+    on the batch around it."""
+    kernels = _triton_kernels()
+    seed = torch.tensor([5, 6])
+    x = torch.zeros(3, 70)
+    x[0, 0], x[1, 37], x[2, 69] = 2.0, -1.5, 0.25
+    for chunks in (None, (16, 8, 4)):
+        assert torch.equal(kernels.sap_forward(x, x, seed, 50, True, _chunks=chunks), x)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.zeros(2, 64)
+    x[:, :8] = torch.rand(2, 8, generator=gen) + 0.5
+    x[:, 57:] = torch.rand(2, 7, generator=gen) + 0.5
+    out = kernels.sap_forward(x, x, seed, 40, True, _chunks=(16, 8, 4))
+    assert (out[:, 8:57] == 0).all() and (out[:, :8] != 0).any() and (out[:, 57:] != 0).any()
+    assert torch.equal(out != 0, torch.ops.pyprune.sap(x, seed, 40, True) != 0)
+    x = _spread_rows(4, 300, 4)
+    full = kernels.sap_forward(x, x, seed, 400, True)
+    assert torch.equal(kernels.sap_forward(x[:2], x[:2], seed, 400, True), full[:2])
+
+
+@pytest.mark.triton
+def test_triton_chunk_sizes():
+    """Chunk sizes depend on (L, r) only; a sample has at most 4097 draw chunks (the workspace
+    is O(N * chunks)), and the launcher picks only chunk sizes in the AOT list."""
+    from pyprune.triton_kernels import sap as kernels
+
+    from pyprune.ops.sap import MAX_DRAWS
+
+    compiled = {v[2]["E"] for v in kernels.AOT if "E" in v[2]}
+    for length in (1, 37, 16384, 16385, 65536, 10**6):
+        for r in (1, 255, 65536, 2**24, MAX_DRAWS):
+            e, d = kernels._chunk_sizes(length, r)
+            assert e in compiled and d % kernels._DT == 0
+            assert -(-(r + 4) // d) <= kernels._MAX_DRAW_CHUNKS + 1
 
 
 @pytest.mark.parametrize("exact", [True, False], ids=["exact", "bernoulli"])

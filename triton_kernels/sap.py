@@ -1,163 +1,384 @@
-"""Stochastic activation pruning Triton kernel and launcher (contract: csrc/cpu/sap.cpp).
+"""Stochastic activation pruning Triton kernels and launcher (contract: csrc/cpu/sap.cpp).
 
-x is an (N, L) view with any strides; one program per sample, one launch. The program sums |x|
-over the sample (tile by tile, as the prefix sums below accumulate), then:
+x is an (N, L) view with any strides. A sample is split over many programs: element chunks of
+E elements and, in exact mode, draw chunks of D draws (E from L, D from r only, so a sample's
+result does not depend on the batch size or the device). Three launches in exact mode, two in
+bernoulli mode, no host sync, and a float32 workspace of O(N * chunks) from the caching
+allocator:
 
-* bernoulli (EXACT=False): one elementwise pass, element j kept when u_j < q_j;
-* exact: the r draws are sorted uniforms S_i / S_r (S: prefix sums of r + 1 Exp(1) spacings,
-  regenerated from the seed, never stored) scaled by sum|x|, merged with the prefix sum C of |x|
-  tile by tile: a draw lands on the element j with C_{j-1} <= draw < C_j. Within a tile a draw
-  finds its element by counting the tile's C_j at or below it (a DRAWS x BLOCK compare), so no
-  search structure, sort or index tensor is needed. A chunk of draws that runs past the tile
-  is taken again with the next tile.
+1. partials, one program per (sample, chunk): sum |x| of an element chunk (NaN and inf
+   propagate), and in exact mode the sum of a draw chunk's Exp(1) spacings. Draw chunks are
+   aligned to multiples of 4 of the stream's global index (draw d of sample n is value
+   n * (r + 1) + d), so a (DT / 4, 4) tile takes each Philox evaluation once, its four words
+   being four consecutive spacings.
+2. exact: prefix, one program per sample and kind: the fixed-order prefix sums B_k of the element
+   partials and P_b of the draw partials, made monotone (running maximum of a tile cumsum), in
+   place; B_K, the total, becomes NaN when the sample holds a NaN or inf (it then keeps nothing,
+   as does a sample whose float32 sum overflows: the reference's p = |x| / inf = 0).
+3. exact: merge + write over (sample, element chunk) items. The chunk owns positions
+   [B_k, B_{k+1}) (the last chunk up to +inf): local bounds C_j = B_k + in-chunk cumsum of |x|,
+   made monotone, clamped to B_{k+1}, the last forced to it, so the chunks partition the line
+   and a draw lands in exactly one element (the one with C_{j-1} <= v < C_j). A k-ary search
+   over P * scale (scale = sum|x| / S_{r+1}) finds the draw chunks that can reach the range
+   (with an allowance of 2^-12 of the total for rounding below it: a draw's v is never below
+   its chunk's P_b * scale, and exceeds P_{b+1} * scale by rounding only, far less than a whole
+   chunk of margin would allow, which would regenerate 2 D more draws per element chunk);
+   their spacings are regenerated (one Philox per four draws) and each draw's position
+   v = (P_b + running sums) * scale comes out of the same code in every program, so a draw seen
+   by two programs is in range for one of them only. A draw in range finds its element by a
+   branchless binary search over the chunk's bounds, stored in a per-program scratch slot in
+   global memory (2 E floats, L1-resident), and marks it there.
+   Programs are persistent (at most SLOTS of them, each with its own slot), so the scratch is
+   O(SLOTS * E), not O(N * L).
+   Bernoulli, after the partials: one elementwise pass over chunks aligned to multiples of 4 of
+   the uniform index n * L + j (one Philox per four elements), element j kept when u_j < q_j;
+   each program sums the sample's partials itself in a fixed order (one L2 read of K floats),
+   which saves the prefix launch (a launch costs the host ~10 us, more than the device time of
+   a small batch).
+
+Why a binary search and not a compare matrix: with r ~ L draws (the benchmarks' ratio 1), a
+draw/element compare over T x T tiles costs ~2 T compares per element and a serial
+reduce per tile pair (T = 64: ~400 ops per element, 20 times the bytes' worth at copy rate); a
+search over a chunk of E = 1024 bounds costs log2(E) = 10 dependent L1 loads per draw (~60 ops
+per element), and a chunk compares only the draws of the draw chunks reaching its range.
 
 Kept elements are written as src / q with q = -expm1(r * log1p(-p)) (src: x forward, grad
 backward: backward regenerates the kept set), the rest as src * 0 (NaN where src is NaN or inf,
-as in the reference). A sample with a NaN or inf keeps nothing, as does one whose float32 sum
-overflows (the reference's p = |x| / inf = 0). A total below 2^-64 would make |x| / total and
-total / S_r lose digits or underflow: it and every |x| are scaled by 2^64 first (exact; p is
-unchanged). log1p and expm1 are built from log and exp with the Goldberg / Kahan corrections,
-which keep full relative accuracy near 0. Counters and the draw index are int64 (r + 1 and the
-loops' last step pass 2^31 - 1).
+as in the reference). A total below 2^-64 would make |x| / total and total / S lose digits or
+underflow: it and every |x| are scaled by 2^64 first (exact; p is unchanged). p = |x| * (1 /
+total) and q follow csrc/cpu/fast_math.h (series of log1p and expm1, Goldberg's correction of
+log for p >= 2^-7), so bernoulli keeps match the CPU's. Counters and draw indices are int64
+(r + 1 passes 2^31 - 1).
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import triton
 import triton.language as tl
 
-from ._random import exponential, load_seed, uniform
+from ._random import _to_uniform, load_seed
 from .cas import on_device
 
-_BERNOULLI_BLOCK = 1024
-_EXACT_BLOCK = 64
-_DRAWS = 64
-# Warps of the exact and the bernoulli launch: a 1024-element bernoulli block in 4 warps would
-# take 143 registers per thread (18.8% occupancy on sm_90), in 8 it takes 62.
-_EXACT_WARPS = 4
-_BERNOULLI_WARPS = 8
+# Elements per chunk: small samples keep chunks of 256 (a batch of 8 samples of 16384 still
+# makes 512 programs), larger ones 1024 (fewer draw-chunk searches and margins per element).
+_E_SMALL = 256
+_E_LARGE = 1024
+_E_LARGE_FROM = 16385
+# Draws per tile (DT) and per chunk (D, a multiple of DT): D grows with r so that a sample has
+# at most _MAX_DRAW_CHUNKS + 1 draw chunks (r = 2^31 - 1: D = 2^19, 4097 chunks).
+_DT = 256
+_MAX_DRAW_CHUNKS = 4096
+_BERNOULLI_BLOCK = 1024  # elements per bernoulli program: 256 Philox evaluations
+_PREFIX_BLOCK = 1024
+_SEARCH_WIDTH = 128  # probes per step of the search over a sample's draw chunks
+# Merge programs at most: what sm_90 holds at once (132 SMs x 5 programs of 4 warps at 96
+# registers); more would only queue behind the resident ones, each with its own slot.
+_SLOTS = 660
+# Warps per launch, and the merge's register cap. The merge holds 64-bit pointers and
+# counters across its loops: left alone ptxas keeps it at 56 registers in 4 warps and spills;
+# capped at 96 it fits without spills, 5 programs an SM (31% occupancy), whose serial chains
+# (a Philox, a cumsum and a 10-step search per tile) overlap. The bernoulli pass takes 40
+# registers in 8 warps (6 programs an SM).
+_WARPS = {"partials": 4, "prefix": 4, "merge": 4, "bernoulli": 8}
+_MERGE_MAX_REGS = 96
+_MARGIN = tl.constexpr(2.0**-12)  # of the total: the merge's allowance for rounding (see there)
 _TINY_TOTAL = tl.constexpr(2.0**-64)
 _TINY_SCALE = tl.constexpr(2.0**64)
 _TL_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
-@triton.jit
-def _log1p(x):
-    u = 1.0 + x
-    return tl.where(u == 1.0, x, tl.log(u) * (x / (u - 1.0)))
+_SMALL_P = tl.constexpr(0.0078125)  # p below 2^-7 takes the log1p series (csrc/cpu/fast_math.h)
 
 
 @triton.jit
-def _expm1(y):
-    # The correction is needed near 0 only; below -1, u - 1 is exact to rounding (and log(u)
-    # of a subnormal u would not be).
-    u = tl.exp(y)
-    return tl.where(u == 1.0, y, tl.where(y < -1.0, u - 1.0, (u - 1.0) * (y / tl.log(u))))
+def _q_from_log1p(lp, p, r):
+    """q = -expm1(r * lp) with lp = log1p(-p): the Taylor series of expm1 (to y^8 / 8!, within
+    float rounding for y >= -1/2), else 1 - exp(y), which is exact to rounding there."""
+    y = r * lp
+    e = 1.0 / 40320
+    e = 1.0 / 5040 + y * e
+    e = 1.0 / 720 + y * e
+    e = 1.0 / 120 + y * e
+    e = 1.0 / 24 + y * e
+    e = 1.0 / 6 + y * e
+    e = 0.5 + y * e
+    e = 1.0 + y * e
+    q = tl.where(y < -0.5, 1.0 - tl.exp(y), -y * e)
+    return tl.where(p >= 1.0, 1.0, q)
 
 
 @triton.jit
-def _keep_probability(a, total, r):
-    return -_expm1(r.to(tl.float32) * _log1p(-(a / total)))
-
-
-@triton.jit
-def _sap_kernel(
-    src_ptr, x_ptr, out_ptr, seed_ptr,
-    L, r,
-    x_sn, x_sl, src_sn, src_sl, out_sn, out_sl,
-    EXACT: tl.constexpr,
-    BLOCK: tl.constexpr,
-    DRAWS: tl.constexpr,
-):
-    n = tl.program_id(0).to(tl.int64)
-    key, stream = load_seed(seed_ptr)
-    x_row = x_ptr + n * x_sn
-    src_row = src_ptr + n * src_sn
-    out_row = out_ptr + n * out_sn
-    lanes = tl.arange(0, BLOCK).to(tl.int64)
-
-    # sum |x|, accumulated exactly as the merge below accumulates its prefix sums.
-    # A NaN or inf in the sample leaves p undefined: nothing is drawn (total becomes NaN; the
-    # tile maximum alone would skip a NaN).
-    total = tl.zeros([], dtype=tl.float32)
-    nonfinite = tl.zeros([], dtype=tl.int32)
-    start = n * 0
-    while start < L:
-        offs = start + lanes
-        a = tl.abs(tl.load(x_row + offs * x_sl, mask=offs < L, other=0.0).to(tl.float32))
-        total += tl.max(tl.cumsum(a, 0), 0)
-        nonfinite += tl.sum(((a != a) | (a == float("inf"))).to(tl.int32), 0)
-        start += BLOCK
-    total = tl.where(nonfinite > 0, float("nan"), total)
-    pre = tl.where(total < _TINY_TOTAL, _TINY_SCALE, 1.0)
-    total = total * pre
-
-    if EXACT:
-        draws = tl.arange(0, DRAWS).to(tl.int64)
-        base = n * r + n
-        spacings = tl.zeros([], dtype=tl.float32)
-        d0 = n * 0
-        while d0 <= r:
-            d = d0 + draws
-            e = tl.where(d <= r, exponential(key, stream, base + d), 0.0)
-            spacings += tl.max(tl.cumsum(e, 0), 0)
-            d0 += DRAWS
-        scale = total / spacings  # draw i sits at S_i * scale in the units of C
-        carry_c = tl.zeros([], dtype=tl.float32)
-        carry_s = tl.zeros([], dtype=tl.float32)
-        first = n * 0  # first draw not yet merged into an earlier tile
-        start = n * 0
-        while start < L:
-            offs = start + lanes
-            in_row = offs < L
-            a = tl.abs(tl.load(x_row + offs * x_sl, mask=in_row, other=0.0).to(tl.float32)) * pre
-            c = tl.cumsum(a, 0) + carry_c
-            tile_hi = tl.max(c, 0)
-            bound = tl.where(in_row, c, float("inf"))
-            kept = tl.zeros([BLOCK], dtype=tl.int32)
-            go = (first < r) & (total > 0)
-            while go:
-                d = first + draws
-                valid = d < r
-                s = tl.cumsum(tl.where(valid, exponential(key, stream, base + d), 0.0), 0) + carry_s
-                v = s * scale
-                inside = valid & (v >= carry_c) & (v < tile_hi)
-                pos = tl.sum((bound[None, :] <= v[:, None]).to(tl.int32), 1)
-                hit = inside[:, None] & (pos[:, None] == lanes[None, :].to(tl.int32))
-                kept = tl.maximum(kept, tl.max(hit.to(tl.int32), 0))
-                consumed = tl.max(tl.where(valid, v, 0.0), 0) < tile_hi
-                first = tl.where(consumed, first + DRAWS, first)
-                carry_s = tl.where(consumed, tl.max(s, 0), carry_s)
-                go = consumed & (first < r)
-            q = _keep_probability(a, total, r)
-            g = tl.load(src_row + offs * src_sl, mask=in_row, other=0.0)
-            y = tl.where(kept != 0, g.to(tl.float32) / q, g.to(tl.float32) * 0.0)
-            tl.store(out_row + offs * out_sl, y.to(g.dtype), mask=in_row)
-            carry_c = tile_hi
-            start += BLOCK
+def _keep_probability(p, r):
+    """q = 1 - (1 - p)^r = -expm1(r * log1p(-p)) for a block of p, as csrc/cpu/fast_math.h's
+    fast_keep_probability computes it: log1p(-p) by its series below p = 2^-7 (5 terms, within
+    float rounding), else by log(1 - p) with Goldberg's correction (-p / (u - 1)), which keeps
+    full relative accuracy. A block whose p are all small (every element of a sample of more
+    than ~200 similar values) skips the log and its division: ~25 instructions an element."""
+    rf = r.to(tl.float32)
+    series = -p * (1.0 + p * (0.5 + p * (1.0 / 3 + p * (0.25 + p * 0.2))))
+    if tl.max(tl.where(p < _SMALL_P, 0.0, 1.0)) == 0.0:
+        q = _q_from_log1p(series, p, rf)
     else:
-        start = n * 0
-        while start < L:
-            offs = start + lanes
-            in_row = offs < L
-            a = tl.abs(tl.load(x_row + offs * x_sl, mask=in_row, other=0.0).to(tl.float32)) * pre
-            q = _keep_probability(a, total, r)
-            u = uniform(key, stream, n * L + offs)
-            g = tl.load(src_row + offs * src_sl, mask=in_row, other=0.0)
-            y = tl.where(u < q, g.to(tl.float32) / q, g.to(tl.float32) * 0.0)
-            tl.store(out_row + offs * out_sl, y.to(g.dtype), mask=in_row)
-            start += BLOCK
+        u = 1.0 - p
+        goldberg = tl.log(u) * (-p / (u - 1.0))
+        q = _q_from_log1p(tl.where(p < _SMALL_P, series, goldberg), p, rf)
+    return q
 
 
-def _config(exact: bool) -> tuple[int, int, int]:
-    """(BLOCK, DRAWS, num_warps) of a launch."""
-    return ((_EXACT_BLOCK, _DRAWS, _EXACT_WARPS) if exact
-            else (_BERNOULLI_BLOCK, _DRAWS, _BERNOULLI_WARPS))
+@triton.jit
+def _max_combine(a, b):
+    return tl.maximum(a, b)
 
 
-def sap_forward(src: torch.Tensor, x: torch.Tensor, seed: torch.Tensor, r: int, exact: bool) -> torch.Tensor:
+@triton.jit
+def _running_max(c):
+    return tl.associative_scan(c, 0, _max_combine)
+
+
+@triton.jit
+def _uniforms4(key, stream, evaluation):
+    """(B, 4) uniforms: row i holds values 4 e_i .. 4 e_i + 3 of the stream (e: int64 (B,)
+    Philox counters), one Philox evaluation per row."""
+    c0 = (evaluation & 0xFFFFFFFF).to(tl.uint32)
+    c1 = ((evaluation >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    s0 = c0 * 0 + (stream & 0xFFFFFFFF).to(tl.uint32)
+    s1 = c0 * 0 + ((stream >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    w0, w1, w2, w3 = tl.philox(key, c0, c1, s0, s1)
+    u0, u1, u2, u3 = _to_uniform(w0), _to_uniform(w1), _to_uniform(w2), _to_uniform(w3)
+    # join(a, b) stacks on a new last axis: ((u0, u2), (u1, u3)) -> (B, 2, 2) = u0 u1 u2 u3.
+    return tl.reshape(tl.join(tl.join(u0, u2), tl.join(u1, u3)), [evaluation.shape[0], 4])
+
+
+@triton.jit
+def _spacings(key, stream, first, lo, hi, DT: tl.constexpr):
+    """Exp(1) spacings of global indices first .. first + DT - 1 (first a multiple of 4), 0
+    outside [lo, hi]; and those indices."""
+    rows = (first >> 2) + tl.arange(0, DT // 4).to(tl.int64)
+    u = tl.reshape(_uniforms4(key, stream, rows), [DT])
+    idx = first + tl.arange(0, DT).to(tl.int64)
+    return tl.where((idx >= lo) & (idx <= hi), -tl.log(1.0 - u), 0.0), idx
+
+
+@triton.jit
+def _sap_partials_kernel(
+    x_ptr, seed_ptr, bx_ptr, bd_ptr,
+    L, r, K, NB, D, x_sn, x_sl,
+    E: tl.constexpr,
+    DT: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    n = (pid // (K + NB)).to(tl.int64)
+    c = pid % (K + NB)
+    if c < K:
+        offs = c.to(tl.int64) * E + tl.arange(0, E).to(tl.int64)
+        a = tl.abs(tl.load(x_ptr + n * x_sn + offs * x_sl, mask=offs < L, other=0.0).to(tl.float32))
+        tl.store(bx_ptr + n * (K + 1) + 1 + c, tl.sum(a, 0))
+    else:
+        key, stream = load_seed(seed_ptr)
+        b = (c - K).to(tl.int64)
+        base = n * (r.to(tl.int64) + 1)
+        first = (base >> 2) * 4 + b * D
+        acc = tl.zeros([], dtype=tl.float32)
+        t = b * 0
+        while t < D:
+            e, _ = _spacings(key, stream, first + t, base, base + r, DT)
+            acc += tl.sum(e, 0)
+            t += DT
+        tl.store(bd_ptr + n * (NB + 1) + 1 + b, acc)
+
+
+@triton.jit
+def _prefix(row, m, PB: tl.constexpr):
+    """row[1 .. m] = monotone prefix sums of row[1 .. m], row[0] = 0; row[m] = NaN if a value
+    is NaN or inf or the sum overflows."""
+    tl.store(row, 0.0)
+    carry = tl.zeros([], dtype=tl.float32)
+    bad = tl.zeros([], dtype=tl.int32)
+    t = m * 0
+    while t < m:
+        idx = t + tl.arange(0, PB)
+        inside = idx < m
+        v = tl.load(row + 1 + idx, mask=inside, other=0.0)
+        bad = tl.maximum(bad, tl.max(((v != v) | (v == float("inf"))).to(tl.int32), 0))
+        c = tl.maximum(_running_max(tl.cumsum(v, 0) + carry), carry)
+        tl.store(row + 1 + idx, c, mask=inside)
+        carry = tl.max(c, 0)
+        t += PB
+    if (bad > 0) | (carry == float("inf")):
+        tl.store(row + m, float("nan"))
+
+
+@triton.jit
+def _sap_prefix_kernel(bx_ptr, bd_ptr, K, NB, PB: tl.constexpr):
+    n = tl.program_id(0).to(tl.int64)
+    if tl.program_id(1) == 0:
+        _prefix(bx_ptr + n * (K + 1), K, PB)
+    else:
+        _prefix(bd_ptr + n * (NB + 1), NB, PB)
+
+
+@triton.jit
+def _count_below(ptr, m, t, scale, W: tl.constexpr):
+    """How many of ptr[0 .. m) have ptr[i] * scale < t (ptr non-decreasing): a W-ary search,
+    log_W(m) steps of W probes each."""
+    probes = tl.arange(0, W).to(tl.int64)
+    lo = tl.zeros([], dtype=tl.int64)
+    hi = lo + m
+    while lo < hi:
+        step = (hi - lo + W - 1) // W
+        idx = lo + probes * step
+        inside = idx < hi
+        below = inside & (tl.load(ptr + idx, mask=inside, other=0.0) * scale < t)
+        c = tl.sum(below.to(tl.int64), 0)
+        top = tl.minimum(lo + c * step, hi)
+        lo = tl.where(c > 0, lo + (c - 1) * step + 1, lo)
+        hi = top
+    return lo
+
+
+@triton.jit
+def _search(pos_ptr, v, E: tl.constexpr):
+    """How many of pos[0 .. E) are <= v (pos non-decreasing, E a power of 2), capped at E - 1:
+    branchless, log2(E) dependent gathers."""
+    idx = tl.zeros(v.shape, dtype=tl.int32)
+    for i in tl.static_range(1, 21):
+        if (E >> i) > 0:
+            probe = tl.load(pos_ptr + idx + ((E >> i) - 1))
+            idx = tl.where(probe <= v, idx + (E >> i), idx)
+    return idx
+
+
+@triton.jit
+def _sap_merge_kernel(
+    src_ptr, x_ptr, out_ptr, seed_ptr, bx_ptr, bd_ptr, scratch_ptr,
+    L, r, K, NB, D, items,
+    x_sn, x_sl, src_sn, src_sl, out_sn, out_sl,
+    E: tl.constexpr,
+    DT: tl.constexpr,
+    W: tl.constexpr,
+):
+    key, stream = load_seed(seed_ptr)
+    lanes = tl.arange(0, E)
+    slot = tl.program_id(0)
+    pos_ptr = scratch_ptr + slot.to(tl.int64) * (2 * E)
+    hit_ptr = pos_ptr + E
+    r64 = r.to(tl.int64)
+    item = slot
+    while item < items:
+        n = (item // K).to(tl.int64)
+        k = item % K
+        offs = k.to(tl.int64) * E + lanes.to(tl.int64)
+        in_row = offs < L
+        xv = tl.load(x_ptr + n * x_sn + offs * x_sl, mask=in_row, other=0.0)
+        g = tl.load(src_ptr + n * src_sn + offs * src_sl, mask=in_row, other=0.0)
+        row_b = bx_ptr + n * (K + 1)
+        total = tl.load(row_b + K)
+        go = (total > 0.0) & (total < float("inf"))
+        pre = tl.where(total < _TINY_TOTAL, _TINY_SCALE, 1.0)
+        lo = tl.load(row_b + k) * pre
+        hi = tl.where(k == K - 1, float("inf"), tl.load(row_b + k + 1) * pre)
+        a = tl.abs(xv.to(tl.float32)) * pre
+        c = tl.minimum(_running_max(tl.cumsum(a, 0) + lo), hi)
+        last = tl.minimum(L - k * E, E) - 1
+        c = tl.where(lanes < last, c, tl.where(lanes == last, hi, float("inf")))
+        tl.store(pos_ptr + lanes, c)
+        tl.store(hit_ptr + lanes, tl.zeros([E], dtype=tl.float32))
+        tl.debug_barrier()
+        if go:
+            row_d = bd_ptr + n * (NB + 1)
+            scale = (total * pre) / tl.load(row_d + NB)  # position of S_i in the units of B
+            # Draw chunk b's positions are >= P_b * scale (P_b plus non-negative sums), and at
+            # most its end P_{b+1} * scale plus the rounding of a tile's cumsum against the
+            # partials' sum (<= DT ulps of P): chunks ending below lo by more than 2^-12 of the
+            # total, and those starting at or above hi, hold no draw of this chunk.
+            b0 = _count_below(row_d + 1, NB, lo - total * pre * _MARGIN, scale, W)
+            b1 = _count_below(row_d, NB, hi, scale, W)
+            base = n * (r64 + 1)
+            start = (base >> 2) * 4
+            b = b0
+            while b < b1:
+                s = tl.load(row_d + b)
+                t = b * 0
+                while t < D:
+                    e, idx = _spacings(key, stream, start + b * D + t, base, base + r64, DT)
+                    v = (s + tl.cumsum(e, 0)) * scale
+                    inside = (idx >= base) & (idx < base + r64) & (v >= lo) & (v < hi)
+                    j = _search(pos_ptr, v, E)
+                    tl.store(hit_ptr + j, tl.full([DT], 1.0, tl.float32), mask=inside)
+                    t += DT
+                    if t < D:  # the next tile of the chunk starts at the sum so far
+                        s += tl.sum(e, 0)
+                b += 1
+        tl.debug_barrier()
+        # A zero |x| is reached only through rounding at a chunk's end: never kept. (Without
+        # draws, go false, nothing is marked.)
+        kept = (tl.load(hit_ptr + lanes) != 0.0) & (a > 0.0)
+        q = _keep_probability(a * tl.div_rn(1.0, total * pre), r)
+        y = tl.where(kept, g.to(tl.float32) / q, g.to(tl.float32) * 0.0)
+        tl.store(out_ptr + n * out_sn + offs * out_sl, y.to(g.dtype), mask=in_row)
+        tl.debug_barrier()  # the slot is rewritten by the next item
+        item += tl.num_programs(0)
+
+
+@triton.jit
+def _sap_bernoulli_kernel(
+    src_ptr, x_ptr, out_ptr, seed_ptr, bx_ptr,
+    L, r, K, KB,
+    x_sn, x_sl, src_sn, src_sl, out_sn, out_sl,
+    BLOCK: tl.constexpr,
+    PB: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    n = (pid // KB).to(tl.int64)
+    k = (pid % KB).to(tl.int64)
+    key, stream = load_seed(seed_ptr)
+    # The total from the partials in a fixed order (the same in every program of the sample);
+    # NaN propagates, and an overflow to inf gives p = 0: nothing is kept.
+    total = tl.zeros([], dtype=tl.float32)
+    t = K * 0
+    while t < K:
+        idx = t + tl.arange(0, PB)
+        total += tl.sum(tl.load(bx_ptr + n * (K + 1) + 1 + idx, mask=idx < K, other=0.0), 0)
+        t += PB
+    pre = tl.where(total < _TINY_TOTAL, _TINY_SCALE, 1.0)
+    origin = n * L  # uniform index of element 0
+    rows = (origin >> 2) + k * (BLOCK // 4) + tl.arange(0, BLOCK // 4).to(tl.int64)
+    u = _uniforms4(key, stream, rows)
+    j = rows[:, None] * 4 + tl.arange(0, 4).to(tl.int64)[None, :] - origin
+    in_row = (j >= 0) & (j < L)
+    xv = tl.load(x_ptr + n * x_sn + j * x_sl, mask=in_row, other=0.0)
+    g = tl.load(src_ptr + n * src_sn + j * src_sl, mask=in_row, other=0.0)
+    q = _keep_probability(tl.abs(xv.to(tl.float32)) * pre * tl.div_rn(1.0, total * pre), r)
+    y = tl.where(u < q, g.to(tl.float32) / q, g.to(tl.float32) * 0.0)
+    tl.store(out_ptr + n * out_sn + j * out_sl, y.to(g.dtype), mask=in_row)
+
+
+def _pow2(v: int) -> int:
+    return 1 << max(0, math.ceil(math.log2(v)))
+
+
+def _chunk_sizes(L: int, r: int) -> tuple[int, int]:
+    """(E, D): elements per element chunk and draws per draw chunk, from (L, r) only."""
+    e = _E_LARGE if L >= _E_LARGE_FROM else _E_SMALL
+    return e, _DT * _pow2(max(1, math.ceil((r + 4) / (_DT * _MAX_DRAW_CHUNKS))))
+
+
+def _config(L: int, r: int, exact: bool) -> dict:
+    """Every launch's constexprs and warps (the AOT list holds each one the launcher can pick)."""
+    e, _ = _chunk_sizes(L, r)
+    return {"partials": {"E": e, "DT": _DT}, "prefix": {"PB": _PREFIX_BLOCK},
+            "merge": {"E": e, "DT": _DT, "W": _SEARCH_WIDTH},
+            "bernoulli": {"BLOCK": _BERNOULLI_BLOCK, "PB": _PREFIX_BLOCK}}
+
+
+def sap_forward(src: torch.Tensor, x: torch.Tensor, seed: torch.Tensor, r: int, exact: bool,
+                *, _chunks: tuple[int, int, int] | None = None, _slots: int = _SLOTS) -> torch.Tensor:
     """src / q where the draws (from x, the seed's stream) keep an element, else 0; src is x in
-    forward and grad in backward."""
+    forward and grad in backward. Tests move the chunk boundaries with ``_chunks`` = (E, D, DT)
+    (powers of 2, DT >= 4 dividing D; exact-mode positions then round differently) and the
+    merge's persistent programs with ``_slots``."""
     if x.dim() != 2 or src.shape != x.shape:
         raise ValueError(f"sap (triton): x must be a 2-D (N, L) view and src of its shape, got "
                          f"x {tuple(x.shape)}, src {tuple(src.shape)}")
@@ -171,26 +392,59 @@ def sap_forward(src: torch.Tensor, x: torch.Tensor, seed: torch.Tensor, r: int, 
     if x.numel() == 0:
         return out
     N, L = x.shape
-    block, draws, num_warps = _config(exact)
+    cfg = _config(L, r, exact)
+    e, d = _chunk_sizes(L, r)
+    dt = _DT
+    if _chunks is not None:
+        e, d, dt = _chunks
+        cfg["partials"] = {"E": e, "DT": dt}
+        cfg["merge"] = {**cfg["merge"], "E": e, "DT": dt}
+    k = triton.cdiv(L, e)
+    nb = triton.cdiv(r + 4, d) if exact else 0
+    bx = torch.empty((N, k + 1), dtype=torch.float32, device=x.device)
+    bd = torch.empty((N, nb + 1), dtype=torch.float32, device=x.device)
     with on_device(x):
-        _sap_kernel[(N,)](
-            src, x, out, seed, L, r,
-            *x.stride(), *src.stride(), *out.stride(),
-            EXACT=exact, BLOCK=block, DRAWS=draws, num_warps=num_warps,
-        )
+        _sap_partials_kernel[(N * (k + nb),)](
+            x, seed, bx, bd, L, r, k, nb, d, *x.stride(),
+            **cfg["partials"], num_warps=_WARPS["partials"])
+        if exact:
+            _sap_prefix_kernel[(N, 2)](bx, bd, k, nb, **cfg["prefix"], num_warps=_WARPS["prefix"])
+            items = N * k
+            slots = min(items, _slots)
+            scratch = torch.empty((slots, 2 * e), dtype=torch.float32, device=x.device)
+            _sap_merge_kernel[(slots,)](
+                src, x, out, seed, bx, bd, scratch, L, r, k, nb, d, items,
+                *x.stride(), *src.stride(), *out.stride(), **cfg["merge"], num_warps=_WARPS["merge"],
+                maxnreg=_MERGE_MAX_REGS)
+        else:
+            kb = triton.cdiv(L + 3, _BERNOULLI_BLOCK)
+            _sap_bernoulli_kernel[(N * kb,)](
+                src, x, out, seed, bx, L, r, k, kb,
+                *x.stride(), *src.stride(), *out.stride(), **cfg["bernoulli"],
+                num_warps=_WARPS["bernoulli"])
     return out
 
 
 def _aot_variants() -> list[tuple]:
+    from .aot import signature
+
     variants = []
+    ws = {"seed_ptr": "*i64", "bx_ptr": "*fp32", "bd_ptr": "*fp32", "scratch_ptr": "*fp32"}
+    prefix = {"PB": _PREFIX_BLOCK}
+    variants.append((_sap_prefix_kernel, signature(_sap_prefix_kernel, "fp32", prefix), prefix,
+                     {"num_warps": _WARPS["prefix"]}))
     for dtype in _TL_DTYPES.values():
-        for exact in (False, True):
-            block, draws, num_warps = _config(exact)
-            constexprs = {"EXACT": exact, "BLOCK": block, "DRAWS": draws}
-            signature = {name: "i32" for name in _sap_kernel.arg_names}
-            signature.update({"src_ptr": f"*{dtype}", "x_ptr": f"*{dtype}", "out_ptr": f"*{dtype}",
-                              "seed_ptr": "*i64", **{k: "constexpr" for k in constexprs}})
-            variants.append((_sap_kernel, signature, constexprs, {"num_warps": num_warps}))
+        for e in (_E_SMALL, _E_LARGE):
+            cfg = _config(e if e == _E_SMALL else _E_LARGE_FROM, 1, True)
+            for kernel, name in ((_sap_partials_kernel, "partials"), (_sap_merge_kernel, "merge")):
+                constexprs = cfg[name]
+                opts = {"num_warps": _WARPS[name]}
+                if kernel is _sap_merge_kernel:
+                    opts["maxnreg"] = _MERGE_MAX_REGS
+                variants.append((kernel, signature(kernel, dtype, constexprs, ws), constexprs, opts))
+        constexprs = {"BLOCK": _BERNOULLI_BLOCK, "PB": _PREFIX_BLOCK}
+        variants.append((_sap_bernoulli_kernel, signature(_sap_bernoulli_kernel, dtype, constexprs, ws),
+                         constexprs, {"num_warps": _WARPS["bernoulli"]}))
     return variants
 
 
