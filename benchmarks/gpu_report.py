@@ -484,8 +484,12 @@ CUDA_USES = {
                                       "fwd+bwd"),
     # noise.cu: contiguous, aligned x and out take the vector kernel.
     r"^noise_kernel<float, true>": ("noise", lambda c: True, "fwd"),
-    r"^sap_kernel<float, true>": ("sap", lambda c: c.variant == "exact", "fwd+bwd"),
-    r"^sap_kernel<float, false>": ("sap", lambda c: c.variant == "bernoulli", "fwd+bwd"),
+    # sap.cu: partials and prefix in both modes; the merge (exact) or the elementwise pass
+    # (bernoulli); forward and backward run the same launches.
+    r"^sap_partials_kernel<float>": ("sap", lambda c: True, "fwd+bwd"),
+    r"^sap_prefix_kernel<float>": ("sap", lambda c: True, "fwd+bwd"),
+    r"^sap_merge_kernel<float>": ("sap", lambda c: c.variant == "exact", "fwd+bwd"),
+    r"^sap_bernoulli_kernel<float>": ("sap", lambda c: c.variant == "bernoulli", "fwd+bwd"),
 }
 
 

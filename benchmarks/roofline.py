@@ -595,6 +595,9 @@ def _topk(p: Plan, groups: int, length: int, k: int, esize: int, first: str) -> 
         p.kernel("sort: copy indices", "inner", hbm=2 * groups * k * 8)
 
 
+CUDA_KWTA_MIN_CLUSTER_SLICE = 8192  # kwta.cu's kMinClusterSlice
+
+
 def _kwta_cuda_forward(p: Plan, groups: int, length: int, k: int) -> None:
     case, gpu = p.case, p.gpu
     e, numel = _esize(case), _numel(case)
@@ -612,8 +615,8 @@ def _kwta_cuda_forward(p: Plan, groups: int, length: int, k: int) -> None:
         return
     threads = 256 if length <= 8192 else 512
     cluster = 1
-    if threads == 512 and groups < 2 * sms and length >= 2 * 16384:
-        cluster = min(8, 2 * sms // groups, length // 16384)
+    if threads == 512 and groups < 2 * sms and length >= 2 * CUDA_KWTA_MIN_CLUSTER_SLICE:
+        cluster = min(8, 2 * sms // groups, length // CUDA_KWTA_MIN_CLUSTER_SLICE)
     vec = 16 // e
     chunk = math.ceil(math.ceil(length / cluster) / vec) * vec
     capacity = (16 if cluster > 1 else 24) * 1024 // 4
@@ -1086,6 +1089,42 @@ def _label_check(p: Plan) -> None:
         p.kernel(f"label check: {name}", "aten", hbm=rows * 9)
 
 
+def _cuda_cas_stream(p: Plan, mode: str) -> tuple[int, int]:
+    """csrc/cuda/cas.cu's stream_shape for a contiguous NCHW x: (S, chunks per channel; tiles,
+    blocks per sample). A group of 2^shift lanes covers a chunk of 2^shift * V positions of one
+    channel (V = 16 bytes / element when L allows 16-byte packs); a block of 256 threads holds
+    256 / 2^shift groups of U packs each (Slots: 4 packs forward, 2 backward, halved for 2-byte
+    types)."""
+    _, channels, length, _ = _cas_shape(p.case)
+    e = _esize(p.case)
+    v = 16 // e if length % (16 // e) == 0 else 1
+    shift = min(5, max(0, math.ceil(math.log2(math.ceil(length / v)))))
+    chunk = (1 << shift) * v
+    s = math.ceil(length / chunk)
+    u = (4 if mode == "train" else 2) // (2 if e == 2 else 1)
+    tiles = math.ceil(channels * s / ((256 >> shift) * u))
+    return s, tiles
+
+
+def _cuda_cas_logits(p: Plan, s: int) -> None:
+    """cas_logits_kernel<train>: one block per sample (more when many classes meet a small
+    batch): the means from the S partials of each channel, then a warp per class."""
+    rows, channels, _, classes = _cas_shape(p.case)
+    e = _esize(p.case)
+    lat = p.lat
+    cb = 1
+    if classes > 64 and rows < 264:
+        cb = min(math.ceil(classes / 8), math.ceil(264 / rows))
+    cpb = math.ceil(classes / cb)
+    cb = math.ceil(classes / cpb)
+    chain = (math.ceil(channels / 256) * s * lat("l2") + lat("barrier")
+             + math.ceil(cpb / 8) * (lat("l2") + math.ceil(channels / 32) * lat("smem")))
+    p.kernel("cas_logits_kernel<train>", "inner", hbm=classes * channels * e + rows * 8
+             + rows * (classes * e + channels * 4), l2=rows * cb * cpb * channels * e
+             + rows * channels * s * 4, ops=rows * cb * (channels * s + cpb * channels * 2),
+             ctas=rows * cb, per_sm=8, chain_us=chain)
+
+
 def _triton_cas_stream(p: Plan, name: str, passes: int) -> int:
     """A launch of triton_kernels/cas.py's streaming grid over a contiguous NCHW x: one tile a
     program (no loop), its loads (the tile; the class of the sample, then its weight row; in
@@ -1147,15 +1186,13 @@ def cas_forward(p: Plan, provider: str, grad: bool) -> None:
         p.kernel("mm (logits)", "compiled_launch", hbm=small, flops=2 * rows * channels * classes)
         p.kernel("bias add", "compiled_launch", hbm=rows * classes * e * 2)
     elif provider == CUDA:
-        _pyprune(p, "cas", grad)
-        _label_check(p)
-        # A warp per channel walks its positions, each load after the previous store; the
-        # logits: a warp per class, 4 loads of weight and means in flight.
-        chain = (math.ceil(channels / 8) * math.ceil(length / 32) * lat("dram")
-                 + math.ceil(classes / 8) * math.ceil(channels / 128) * lat("l2")
-                 + 3 * lat("barrier"))
-        p.kernel("cas_forward_kernel<train>", "inner", hbm=2 * n + small, l2=rows * weight,
-                 ops=rows * channels * length * 8, ctas=rows, per_sm=8, chain_us=chain)
+        _pyprune(p, "cas", grad)  # the label check: an assert in the streaming kernel
+        s, tiles = _cuda_cas_stream(p, "train")
+        # Training: the streaming pass (x -> out, partial sums) and the logits kernel.
+        p.kernel("cas_rows_kernel<train>", "inner", hbm=2 * n + rows * channels * s * 4,
+                 l2=rows * tiles * 256 * 8, ops=rows * channels * length * 4,
+                 ctas=rows * tiles, per_sm=4, chain_us=lat("dram") + lat("l2") + lat("barrier"))
+        _cuda_cas_logits(p, s)
     elif provider == TRITON:
         _pyprune(p, "cas", grad)
         p.host("custom_op")
@@ -1197,13 +1234,23 @@ def cas_backward(p: Plan, provider: str) -> None:
         p.kernel("sum (bias)", "compiled_launch", hbm=rows * classes * e)
     elif provider == CUDA:
         p.host("pyprune_backward", "cas")
+        # a = (grad_logits @ weight) / L and the logits path of grad_weight, from C++: to(acc)
+        # is a no-op for float32; mm, div_, contiguous, mm, contiguous; then the streaming pass
+        # (grad_out, x -> grad_x and the partial sums of grad_out * x), the row gather, and
+        # grad_bias's sum.
         p.kernel("mm: grad_logits @ weight", "inner", **gemm)
         p.kernel("div_(L)", "inner", hbm=2 * rows * channels * 4)
-        chain = math.ceil(channels / 8) * math.ceil(length / 32) * lat("dram")
-        p.kernel("cas_backward_kernel", "inner", hbm=3 * n, ops=rows * channels * length * 8,
-                 ctas=rows, per_sm=8, chain_us=chain)
         p.kernel("mm: grad_logits.T @ mean", "inner", **gemm)
-        p.kernel("index_add_", "inner", hbm=2 * weight + rows * channels * 4)
+        s, tiles = _cuda_cas_stream(p, "backward")
+        p.kernel("cas_rows_kernel<bwd>", "inner", hbm=3 * n + rows * channels * (s + 1) * 4,
+                 l2=rows * tiles * 256 * 8, ops=rows * channels * length * 6,
+                 ctas=rows * tiles, per_sm=4, chain_us=lat("dram") + lat("l2") + lat("barrier"))
+        cells = classes * channels
+        p.kernel("cas_gather_rows_kernel", "inner", hbm=2 * cells * 4 + rows * 8,
+                 l2=rows * channels * s * 4, ops=cells * rows * 3,
+                 ctas=math.ceil(cells / 256), per_sm=8,
+                 chain_us=math.ceil(rows / 256) * (2 * lat("barrier") + lat("l2"))
+                 + rows * 0.002 + lat("l2"))
         p.kernel("sum (bias)", "inner", hbm=rows * classes * e)
     elif provider == TRITON:
         p.host("pyprune_backward", "cas")

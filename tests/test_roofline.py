@@ -88,14 +88,27 @@ def test_kwta_bytes():
 def test_sap_bytes():
     n = 128 * 64 * 32 * 32 * 4
     for variant in ("exact", "bernoulli"):
+        exact = variant == "exact"
         case = Case((128, 64, 32, 32), variant)
         fwd = kernels("sap", case, roofline.CUDA, "forward")
         assert fwd["seed: randint"].hbm == 16
-        # The sum pass and the keep pass read x (src = x hits L1), out is written.
-        k = fwd[f"sap_kernel<{variant}>"]
-        assert k.hbm + k.l2 == 3 * n and k.ctas == 128
-        k = kernels("sap", case, roofline.CUDA, "backward")[f"sap_kernel<{variant}>"]
-        assert k.hbm + k.l2 == 4 * n
+        # sap.cu: partials read x once (+ the (N, K + NB) float workspace), the prefix rewrites
+        # the workspace, pass 3 reads x again (33.5 MB: more than half the L2, so from HBM) and
+        # writes out. K = 65536 / 2048 element chunks, NB = ceil(65540 / 1024) draw chunks.
+        k_chunks, nb = 32, (65 if exact else 0)
+        ws = 128 * (k_chunks + nb) * 4
+        assert roofline.cuda_sap_chunks(65536, 65536, exact)[:2] == (k_chunks, nb)
+        assert fwd["sap_partials_kernel"].hbm == n + ws
+        assert fwd["sap_partials_kernel"].ctas == 128 * (k_chunks + nb)
+        assert fwd["sap_prefix_kernel"].hbm == 2 * ws
+        third = "sap_merge_kernel" if exact else "sap_bernoulli_kernel"
+        assert fwd[third].hbm == 2 * n
+        bwd = kernels("sap", case, roofline.CUDA, "backward")
+        assert bwd["sap_partials_kernel"].hbm == n + ws
+        assert bwd[third].hbm == 3 * n  # x again, grad, grad_x
+    # Batch 8: x (2 MiB) stays in L2 between the partials and pass 3.
+    k = kernels("sap", Case((8, 64, 32, 32), "bernoulli"), roofline.CUDA, "forward")
+    assert (k["sap_bernoulli_kernel"].hbm, k["sap_bernoulli_kernel"].l2) == (n / 16, n / 16)
     eager = kernels("sap", Case((128, 64, 32, 32), "exact"), roofline.EAGER, "forward")
     assert eager["multinomial: sampleMultinomialWithReplacement"].hbm == 128 * 65536 * 8
 
@@ -116,10 +129,17 @@ def test_cas_bytes():
     case = Case((128, 256, 8, 8))
     n = 128 * 256 * 64 * 4
     small = 10 * 256 * 4 + 128 * (10 * 4 + 256 * 4 + 16)  # weight, logits, means, labels
-    k = kernels("cas", case, roofline.CUDA, "forward")["cas_forward_kernel<train>"]
-    assert k.hbm == 2 * n + small and k.l2 == 128 * 10 * 256 * 4
-    # A warp per channel: 256 / 8 channels per warp, ceil(64 / 32) dependent round trips each.
-    assert k.chain_us >= 32 * 2 * roofline.GPUS["h200"]["latency_us"]["dram"]
+    forward = kernels("cas", case, roofline.CUDA, "forward")
+    # The streaming pass: 8x8 float32 maps are one chunk of 16 lanes x 4 floats (S = 1), a block
+    # of 256 threads holds 16 groups x 4 packs = 64 channels: 4 blocks per sample.
+    stream = forward["cas_rows_kernel<train>"]
+    assert stream.hbm == 2 * n + 128 * 256 * 1 * 4 and stream.ctas == 128 * 4
+    logits = forward["cas_logits_kernel<train>"]
+    assert logits.hbm == small - 128 * 8 and logits.ctas == 128
+    assert "label check: all" not in forward  # an assert inside the streaming kernel
+    backward = kernels("cas", case, roofline.CUDA, "backward")
+    assert backward["cas_rows_kernel<bwd>"].hbm == 3 * n + 128 * 256 * 2 * 4
+    assert backward["cas_rows_kernel<bwd>"].ctas == 128 * 8
     assert kernels("cas", case, roofline.TRITON, "backward")["_cas_backward_kernel"].hbm == 3 * n
 
 
