@@ -713,10 +713,10 @@ void check_operands(const at::Tensor& x, const at::Tensor& weight,
   masked_conv::check_mask(out_mask, g.n, g.c_out, x, "out_mask");
 }
 
-// Whether float32 convolutions may run in TF32: PyTorch's cuDNN flag
-// (torch.backends.cudnn.allow_tf32), read on the host at each call, so a flag changed between
-// calls takes effect as it does for F.conv2d.
-bool tf32_allowed() { return at::globalContext().allowTF32CuDNN(); }
+// Whether float32 convolutions may run in TF32: PyTorch's cuDNN convolution flag
+// (torch.backends.cudnn.allow_tf32, or torch.backends.cudnn.conv.fp32_precision), read on the
+// host at each call, so a flag changed between calls takes effect as it does for F.conv2d.
+bool tf32_allowed() { return at::globalContext().allowTF32CuDNN(at::Float32Op::CONV); }
 
 // Tensor cores for bf16 / fp16 always, for float32 where TF32 is allowed (TF32 products, float
 // sums, as cuDNN runs the dense convolution); full-precision float32 and float64 on the FMA
