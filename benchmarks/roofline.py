@@ -100,7 +100,8 @@ sap (csrc/cuda/sap.cu, triton_kernels/sap.py); r = L draws, x after a ReLU
                draws), exact: per-sample prefix sums, then a merge over (sample, element chunk)
                in 660 persistent programs (regenerated draws of the reaching draw chunks, a
                binary search per draw over the chunk's bounds in an L1-resident scratch slot);
-               bernoulli: one elementwise pass (one Philox per 4 elements, q by series). Bytes:
+               bernoulli: one elementwise pass (one Philox per 4 elements, q by series,
+               ~125 ops an element). Bytes:
                3n forward (x twice, from L2 where all of x fits), 4n backward; exact is
                issue-bound (~200 ops an element) or latency-bound at small batch.
   eager        abs, sum, div, torch.multinomial (copy, copy, renorm, cumsum, the draws: 8-byte
@@ -491,7 +492,7 @@ def triton_sap_config(length: int, draws: int) -> dict:
     each launch's warps."""
     return {"E": 1024 if length >= 16385 else 256,
             "D": 256 * _pow2(max(1, math.ceil((draws + 4) / (256 * 4096)))), "DT": 256,
-            "BLOCK": 1024, "SLOTS": 660,
+            "BLOCK": 2048, "SLOTS": 660,
             "warps": {"partials": 4, "prefix": 4, "merge": 4, "bernoulli": 8}}
 
 
@@ -883,9 +884,9 @@ def _sap_triton(p: Plan, rows: int, length: int, draws: int, exact: bool, backwa
     range's draws and the rest of the chunks they start and end in) a Philox per 4 draws, a
     log and a cumsum (~60 ops a draw) and a binary search of log2(E) dependent L1 loads per
     draw (~6 ops a step); ~60 ops an element for the bounds, q and the write. Bernoulli: one
-    elementwise pass, 1024 elements a program (each first sums the sample's K partials from
-    L2), one Philox per 4 (~126 ops an element in the sm_90 SASS of the generic-stride variant:
-    64-bit index math, the Philox, q by series, the division)."""
+    elementwise pass, 2048 elements a program in 8 warps (each first sums the sample's K
+    partials from L2), one Philox per 4: ~125 ops an element in the sm_90 SASS (~86 an
+    element and ~310 a thread for the seed, the total, the small-p test and index setup)."""
     cfg = triton_sap_config(length, draws)
     e = _esize(p.case)
     n = rows * length * e
@@ -927,7 +928,7 @@ def _sap_triton(p: Plan, rows: int, length: int, draws: int, exact: bool, backwa
         blocks = rows * math.ceil((length + 3) / cfg["BLOCK"])
         p.kernel("_sap_bernoulli_kernel", "inner",
                  **_merge(again, src, {"hbm": n, "l2": blocks * k * 4}),
-                 ops=rows * length * 126, ctas=blocks, per_sm=6,
+                 ops=rows * length * 125, ctas=blocks, per_sm=3,
                  chain_us=lat("l2") + 2 * lat("dram") + lat("philox") + 3 * lat("tile_reduce"))
 
 

@@ -70,7 +70,11 @@ _E_LARGE_FROM = 16385
 # at most _MAX_DRAW_CHUNKS + 1 draw chunks (r = 2^31 - 1: D = 2^19, 4097 chunks).
 _DT = 256
 _MAX_DRAW_CHUNKS = 4096
-_BERNOULLI_BLOCK = 1024  # elements per bernoulli program: 256 Philox evaluations
+# Elements per bernoulli program (512 Philox evaluations): 8 a thread in 8 warps. A program's
+# fixed work (seed, the sample's total, the block-wide test for small p, index setup) is ~310
+# instructions a thread, an element ~86 (sm_90 SASS): 1024 would cost 164 an element, 2048
+# costs 125 at <= 80 registers (3 programs an SM, 37.5%); 4096 would need 128 registers.
+_BERNOULLI_BLOCK = 2048
 _PREFIX_BLOCK = 1024
 _SEARCH_WIDTH = 128  # probes per step of the search over a sample's draw chunks
 # Merge programs at most: what sm_90 holds at once (132 SMs x 5 programs of 4 warps at 96
@@ -79,8 +83,7 @@ _SLOTS = 660
 # Warps per launch, and the merge's register cap. The merge holds 64-bit pointers and
 # counters across its loops: left alone ptxas keeps it at 56 registers in 4 warps and spills;
 # capped at 96 it fits without spills, 5 programs an SM (31% occupancy), whose serial chains
-# (a Philox, a cumsum and a 10-step search per tile) overlap. The bernoulli pass takes 40
-# registers in 8 warps (6 programs an SM).
+# (a Philox, a cumsum and a 10-step search per tile) overlap.
 _WARPS = {"partials": 4, "prefix": 4, "merge": 4, "bernoulli": 8}
 _MERGE_MAX_REGS = 96
 _MARGIN = tl.constexpr(2.0**-12)  # of the total: the merge's allowance for rounding (see there)
