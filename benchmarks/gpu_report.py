@@ -138,6 +138,9 @@ DYNAMIC_SMEM: dict[str, int] = {
     # (more channels take more).
     r"^cas_logits_kernel<double": 2048 * 8,
     r"^cas_logits_kernel<": 2048 * 4,
+    # masked_conv.cu static_forward_cuda: an int per output channel (the kept rank); the
+    # benchmarks' largest C_out, 512.
+    r"^scatter_kept_channels_kernel<": 512 * 4,
 }
 
 
@@ -480,8 +483,13 @@ CUDA_USES = {
     r"^kwta_backward_kernel<float, u32, true>": ("kwta", lambda c: True, "bwd"),
     # masked_conv.cu: per-sample masks (static ones go to cuDNN outside graph capture); the
     # backward's grad_x (stride 1) is the same kernel.
-    r"^masked_conv2d_kernel<float>": ("masked_conv", lambda c: c.variant.startswith("sample"),
-                                      "fwd+bwd"),
+    # With cudnn.allow_tf32 (PyTorch's default, kept by the benchmarks) float32 takes the
+    # tensor-core kernel; masked_conv2d_kernel<float> runs with TF32 off only.
+    r"^masked_conv2d_tc_kernel<float>": ("masked_conv",
+                                         lambda c: c.variant.startswith("sample"), "fwd+bwd"),
+    # Static output masks: cuDNN on the kept channels, then this write of the whole output.
+    r"^scatter_kept_channels_kernel<float, false>": ("masked_conv",
+                                                     lambda c: c.variant.startswith("out"), "fwd"),
     # noise.cu: contiguous, aligned x and out take the vector kernel.
     r"^noise_kernel<float, true>": ("noise", lambda c: True, "fwd"),
     # sap.cu: partials and prefix in both modes; the merge (exact) or the elementwise pass
