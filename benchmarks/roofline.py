@@ -88,13 +88,15 @@ kwta (csrc/cuda/kwta.cu, triton_kernels/kwta.py)
                x >= thr (n + n/4 bool), x * mask (n + n/4 + n); backward grad * mask: 2n + n/4.
   compile      topk as eager, one fused ge*mul kernel 2n; backward grad * (x >= thr): 3n.
 sap (csrc/cuda/sap.cu, triton_kernels/sap.py); r = L draws, x after a ReLU
-  cuda         a seed from torch.randint (one small launch), one program per sample:
-               sum |x| (L/256 serial steps, each a DRAM round trip and a
-               block scan), then bernoulli: one pass (x reread, out written; Philox and q per
-               element); exact: the r + 1 spacings (one Philox + log + scan per step of
-               256 draws), then the merge: per tile a round trip and a scan, per chunk of
-               draws a Philox, a scan and a search (binary in shared memory).
-               Bytes: x twice + out (3n), backward + grad (4n); the chain dominates.
+  cuda         a seed from torch.randint (one small launch), then three launches over many
+               blocks per sample: partials (|x| sums of 2048-element chunks in 16-byte packs;
+               exact: the spacing sums of 1024-draw chunks, one Philox per 4 draws), the
+               per-sample prefix sums (one thread per sequence, fixed order), then exact: a
+               merge block per element chunk (the draw chunks reaching its range regenerated,
+               a draw chunk inside one element flagged without being generated, a search in
+               shared memory per draw); bernoulli: one elementwise pass (one Philox per 4
+               elements, q by series). Bytes: 3n forward (x twice: from L2 where x fits),
+               4n backward; issue-bound (Philox and q per element) at large batch.
   triton       the seed, then a sample over many programs: partials (sum |x| per chunk of E =
                256 or 1024 elements, in exact mode the spacings per draw chunk: one Philox per 4
                draws), exact: per-sample prefix sums, then a merge over (sample, element chunk)
@@ -134,12 +136,15 @@ cas (csrc/cuda/cas.cu, triton_kernels/cas.py); training mode (labels)
   compile      one fused pass (means + out, 2n) and the logits GEMM; backward one fused pass
                (3n) and the small GEMMs.
 masked_conv (csrc/cuda/masked_conv.cu, csrc/masked_conv.h, triton_kernels/masked_conv.py)
-  cuda         dense: F.conv2d (cuDNN, TF32) + bias add. Static out/in masks: cuDNN on the
-               kept channels (indices cached per mask version: no nonzero() after the first
-               call), index_select of the weight (and of x for in masks), the output scattered
-               (zeros + index_copy for out masks): 4-6 launches. Per-sample masks: the implicit-GEMM
-               kernel, FP32 FMA (no tensor cores), 64-channel tiles: ceil(kept/64)*64 channels
-               of work. Weight masks: the masked weight (3 bit ops) in a dense cuDNN conv.
+  cuda         dense: F.conv2d (cuDNN, TF32) + bias add. Static out masks: the kept weight
+               rows gathered, cuDNN on them without bias, one scatter kernel writing the whole
+               output (kept channels + bias, zeros elsewhere): 3 launches (5 with an in mask;
+               indices cached per mask version: no nonzero() after the first call). Static in
+               masks alone: the x and weight gathers around cuDNN. Per-sample masks: the
+               implicit-GEMM kernel on tensor cores (wmma: TF32 for float32 where allowed,
+               bf16/fp16), 64 kept output channels x 32 pixels a block: ceil(kept/64)*64
+               channels of work. Weight masks: the masked weight (3 bit ops) in a dense cuDNN
+               conv.
   triton       tl.dot on tensor cores (float32: TF32, cudnn.allow_tf32 being PyTorch's default),
                tiles of 16-128 pixels x 16-128 output channels x 32 input channels
                (triton_conv_config), software-pipelined. Channel masks: kept-first channel
@@ -153,8 +158,10 @@ masked_conv (csrc/cuda/masked_conv.cu, csrc/masked_conv.h, triton_kernels/masked
   eager        mask multiplies around a dense cuDNN conv (+ bias add); backward dgrad + wgrad.
   compile      the same conv; the mask multiplies fused into one pointwise kernel each side.
 
-Modelled at commit 7a989b4 (its kernels, and its Triton launch configurations, written out in
-``triton_*_config``); a change to a kernel's passes or launches changes its model here.
+Modelled at the kernels of the split SAP / CAS and tensor-core convolution launches (their
+Triton launch configurations written out in ``triton_*_config``, the CUDA ones in
+``_cuda_cas_stream``, ``cuda_sap_chunks`` and the constants beside the models); a change to a
+kernel's passes or launches changes its model here.
 """
 from __future__ import annotations
 
