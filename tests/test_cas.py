@@ -346,6 +346,23 @@ def test_kernel_checks_labels_itself():
         torch.ops.pyprune.cas(x, torch.randn(5, 4), None, None)
 
 
+def _check_repeatable_grads(leaves: list[torch.Tensor], label, dtype) -> None:
+    """The gradients of pyprune.cas(*leaves, label) (x, weight, bias leaves) for random output
+    and logit gradients: bitwise equal on a second call (fixed-order sums, no atomics) and close
+    to the float64 reference's."""
+    x = leaves[0]
+    gen = torch.Generator().manual_seed(5)
+    g = torch.randn(x.shape, generator=gen).to(dtype).to(x.device)
+    gl = torch.randn(x.shape[0], leaves[1].shape[0], generator=gen).to(dtype).to(x.device)
+    got = [torch.autograd.grad(pyprune.cas(*leaves, label), leaves, (g, gl)) for _ in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip(*got))
+    ref = [t.detach().double().requires_grad_() for t in leaves]
+    want = torch.autograd.grad(reference.cas(*ref, label), ref, (g.double(), gl.double()))
+    for name, a, b in zip(("x", "weight", "bias"), got[0], want):
+        assert a.dtype == dtype, name
+        _close(a, b, dtype, scale=max(1.0, float(b.abs().max())) * 4)
+
+
 # The CUDA kernel's launch shapes (csrc/cuda/cas.cu): one sample over many blocks, a batch of 256,
 # rows split into chunks (L = 192 over 128-wide chunks), a channel row that allows no 16-byte
 # access (L = 49), the logits split over blocks with a separate argmax (130 classes, few
@@ -378,21 +395,8 @@ def test_cuda_launch_shapes(shape, layout, train):
             again = pyprune.cas(x, weight, bias, label)
             assert torch.equal(again[0], out) and torch.equal(again[1], logits)
 
-            gen = torch.Generator().manual_seed(5)
-            g = torch.randn(x.shape, generator=gen).to(dtype).to("cuda")
-            gl = torch.randn(shape[0], shape[4], generator=gen).to(dtype).to("cuda")
-            leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
-            o, lg = pyprune.cas(*leaves, label)
-            got = torch.autograd.grad((o, lg), leaves, (g, gl))
-            o, lg = pyprune.cas(*leaves, label)
-            assert all(torch.equal(a, b)
-                       for a, b in zip(got, torch.autograd.grad((o, lg), leaves, (g, gl))))
-            ref = [t.double().requires_grad_() for t in leaves]
-            o, lg = reference.cas(*ref, label)
-            want = torch.autograd.grad((o, lg), ref, (g.double(), gl.double()))
-            for name, a, b in zip(("x", "weight", "bias"), got, want):
-                assert a.dtype == dtype, name
-                _close(a, b, dtype, scale=max(1.0, float(b.abs().max())) * 4)
+            _check_repeatable_grads([t.clone().requires_grad_() for t in (x, weight, bias)],
+                                    label, dtype)
 
 
 # The Triton kernels' split shapes (triton_kernels/cas.py): one sample over many programs, with
@@ -445,19 +449,7 @@ def test_triton_split_shapes(device_backend, shape):
             again = pyprune.cas(x, weight, bias, lab)
             assert torch.equal(again[0], out) and torch.equal(again[1], logits)
 
-            gen = torch.Generator().manual_seed(5)
-            g = torch.randn(x.shape, generator=gen).to(dtype).to(device)
-            gl = torch.randn(n, classes, generator=gen).to(dtype).to(device)
-            got = torch.autograd.grad((out, logits), leaves, (g, gl))
-            o, lg = pyprune.cas(*leaves, lab)
-            assert all(torch.equal(a, b)
-                       for a, b in zip(got, torch.autograd.grad((o, lg), leaves, (g, gl))))
-            ref = [t.double().requires_grad_() for t in leaves]
-            o, lg = reference.cas(*ref, lab)
-            want = torch.autograd.grad((o, lg), ref, (g.double(), gl.double()))
-            for name, a, b in zip(("x", "weight", "bias"), got, want):
-                assert a.dtype == dtype, name
-                _close(a, b, dtype, scale=max(1.0, float(b.abs().max())) * 4)
+            _check_repeatable_grads(leaves, lab, dtype)
 
 
 @pytest.mark.triton

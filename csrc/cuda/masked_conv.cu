@@ -136,6 +136,102 @@ __device__ inline int block_rank(bool flag, int* warp_count, int& total) {
   return before + __popc(ballot & ((1u << lane) - 1u));
 }
 
+// One sample's masks, scales and tensors, as both kernels address them.
+template <typename scalar_t>
+struct SampleView {
+  const bool* om;        // output mask row, nullptr: all kept
+  const bool* im;        // input mask row, nullptr: all kept
+  const scalar_t* is;    // soft input mask row, nullptr: none
+  const scalar_t* os;    // soft output mask row, nullptr: none
+  scalar_t* out_n;       // the sample's (C_out, pixels) output
+  scalar_t* raw_n;       // its unscaled output, nullptr: not wanted
+  const scalar_t* x_n;   // its (C_in, H, W) input
+  __device__ SampleView(const Params<scalar_t>& p, int64_t n) {
+    const int64_t out_size = n * p.c_out * static_cast<int64_t>(p.pixels);
+    om = p.out_mask != nullptr ? p.out_mask + n * p.out_s0 : nullptr;
+    im = p.in_mask != nullptr ? p.in_mask + n * p.in_s0 : nullptr;
+    is = p.in_scale != nullptr ? p.in_scale + n * p.in_s0 : nullptr;
+    os = p.out_scale != nullptr ? p.out_scale + n * p.out_s0 : nullptr;
+    out_n = p.out + out_size;
+    raw_n = p.raw != nullptr ? p.raw + out_size : nullptr;
+    x_n = p.x + n * p.c_in * static_cast<int64_t>(p.h) * p.w;
+  }
+};
+
+// The output channels of a tile of kTileM rows x kPixels pixels of one sample (block-wide):
+// without an output mask the ids tile_c0 .. tile_c0 + kTileM - 1; with one, the zeros of the
+// masked channels whose ids fall in that range are written here, and the rows are the kept
+// channels whose ranks fall in it. Lists them in out_ch and returns how many rows hold a kept
+// channel (block-uniform); out_ch is visible after the caller's next barrier.
+template <int kPixels, typename scalar_t>
+__device__ inline int tile_output_channels(const Params<scalar_t>& p, const SampleView<scalar_t>& v,
+                                           int tile_c0, int tile_p0, int* out_ch,
+                                           int* warp_count) {
+  const int tid = threadIdx.x;
+  if (v.om == nullptr) {
+    const int rows = min(kTileM, p.c_out - tile_c0);
+    if (tid < rows) out_ch[tid] = tile_c0 + tid;
+    return rows;
+  }
+  const int pix = tile_p0 + tid % kPixels;
+  if (pix < p.pixels) {
+    for (int m = tid / kPixels; m < kTileM; m += kThreads / kPixels) {
+      const int c = tile_c0 + m;
+      if (c < p.c_out && !v.om[c * p.out_s1]) {
+        v.out_n[static_cast<int64_t>(c) * p.pixels + pix] = scalar_t(0);
+      }
+    }
+  }
+  int seen = 0;
+  for (int c0 = 0; c0 < p.c_out && seen < tile_c0 + kTileM; c0 += kThreads) {
+    const int c = c0 + tid;
+    const bool keep = c < p.c_out && v.om[c * p.out_s1];
+    int total;
+    const int rank = seen + block_rank(keep, warp_count, total);
+    if (keep && rank >= tile_c0 && rank < tile_c0 + kTileM) out_ch[rank - tile_c0] = c;
+    seen += total;
+  }
+  return max(0, min(kTileM, seen - tile_c0));
+}
+
+// The kept input channels of the chunk ci0 .. ci0 + kChunk - 1, in order, into in_ch (block-wide;
+// visible after the caller's next barrier). Returns their count.
+template <typename scalar_t>
+__device__ inline int chunk_input_channels(const Params<scalar_t>& p, const bool* im, int ci0,
+                                           int* in_ch, int* warp_count) {
+  const int tid = threadIdx.x;
+  int kept;
+  if (im == nullptr) {
+    kept = min(kChunk, p.c_in - ci0);
+    if (tid < kept) in_ch[tid] = ci0 + tid;
+  } else {
+    const int c = ci0 + tid;
+    const bool keep = c < p.c_in && im[c * p.in_s1];
+    const int rank = block_rank(keep, warp_count, kept);
+    if (keep) in_ch[rank] = c;
+  }
+  return kept;
+}
+
+// A k position (c, kh, kw) of the reduction, advanced by the step (step_c, step_kh, step_kw) in
+// its mixed radix: one carry per digit at most.
+struct PatchCounter {
+  int c, kh, kw;
+  template <typename scalar_t>
+  __device__ PatchCounter(const Params<scalar_t>& p, int k)
+      : c(k / p.khw), kh((k - c * p.khw) / p.kw), kw(k - c * p.khw - kh * p.kw) {}
+  template <typename scalar_t>
+  __device__ void advance(const Params<scalar_t>& p) {
+    kw += p.step_kw;
+    const int w_carry = kw >= p.kw;
+    kw -= w_carry ? p.kw : 0;
+    kh += p.step_kh + w_carry;
+    const int h_carry = kh >= p.kh;
+    kh -= h_carry ? p.kh : 0;
+    c += p.step_c + h_carry;
+  }
+};
+
 template <typename T>
 __device__ inline void load4(const T* s, T (&r)[kMicro]) {
 #pragma unroll
@@ -180,42 +276,9 @@ __global__ void __launch_bounds__(kThreads) masked_conv2d_kernel(const Params<sc
 
   for (int64_t n = blockIdx.z; n < p.n; n += gridDim.z) {
     __syncthreads();  // the previous sample's epilogue has finished reading out_ch
-    const bool* om = p.out_mask != nullptr ? p.out_mask + n * p.out_s0 : nullptr;
-    const bool* im = p.in_mask != nullptr ? p.in_mask + n * p.in_s0 : nullptr;
-    const scalar_t* is = p.in_scale != nullptr ? p.in_scale + n * p.in_s0 : nullptr;
-    const scalar_t* os = p.out_scale != nullptr ? p.out_scale + n * p.out_s0 : nullptr;
-    scalar_t* out_n = p.out + n * p.c_out * static_cast<int64_t>(p.pixels);
-    scalar_t* raw_n = p.raw != nullptr ? p.raw + n * p.c_out * static_cast<int64_t>(p.pixels)
-                                       : nullptr;
-    const scalar_t* x_n = p.x + n * p.c_in * hw;
-
-    int rows;  // rows of the tile that hold a kept channel (block-uniform)
-    if (om == nullptr) {
-      rows = min(kTileM, p.c_out - tile_c0);
-      if (tid < rows) out_ch[tid] = tile_c0 + tid;
-    } else {
-      // The zeros of the masked channels with ids in this tile's range.
-      const int pix = tile_p0 + tid % kTileP;
-      if (pix < p.pixels) {
-        for (int m = tid / kTileP; m < kTileM; m += kThreads / kTileP) {
-          const int c = tile_c0 + m;
-          if (c < p.c_out && !om[c * p.out_s1]) {
-            out_n[static_cast<int64_t>(c) * p.pixels + pix] = scalar_t(0);
-          }
-        }
-      }
-      // The kept channels with ranks in this tile's range.
-      int seen = 0;
-      for (int c0 = 0; c0 < p.c_out && seen < tile_c0 + kTileM; c0 += kThreads) {
-        const int c = c0 + tid;
-        const bool keep = c < p.c_out && om[c * p.out_s1];
-        int total;
-        const int rank = seen + block_rank(keep, warp_count, total);
-        if (keep && rank >= tile_c0 && rank < tile_c0 + kTileM) out_ch[rank - tile_c0] = c;
-        seen += total;
-      }
-      rows = max(0, min(kTileM, seen - tile_c0));
-    }
+    const SampleView<scalar_t> v(p, n);
+    const int rows =  // rows of the tile that hold a kept channel (block-uniform)
+        tile_output_channels<kTileP>(p, v, tile_c0, tile_p0, out_ch, warp_count);
     __syncthreads();  // out_ch is visible
     if (rows == 0) continue;  // nothing kept in this tile: no loads, no arithmetic
 
@@ -234,25 +297,15 @@ __global__ void __launch_bounds__(kThreads) masked_conv2d_kernel(const Params<sc
     }
 
     for (int ci0 = 0; ci0 < p.c_in; ci0 += kChunk) {
-      int kept;
-      if (im == nullptr) {
-        kept = min(kChunk, p.c_in - ci0);
-        if (tid < kept) in_ch[tid] = ci0 + tid;
-      } else {
-        const int c = ci0 + tid;
-        const bool keep = c < p.c_in && im[c * p.in_s1];
-        const int rank = block_rank(keep, warp_count, kept);
-        if (keep) in_ch[rank] = c;
-      }
+      const int kept = chunk_input_channels(p, v.im, ci0, in_ch, warp_count);
       __syncthreads();  // in_ch is visible
       const int steps = (kept * p.khw + kTileK - 1) / kTileK;
       if (steps == 0) continue;  // block-uniform; nothing read in_ch
 
-      // Counters of the staged k positions: (a_c, a_r) for the weight, (b_c, b_kh, b_kw) for
-      // the patch; a_c and b_c index in_ch (>= kept: zero padding of the last step).
+      // Counters of the staged k positions: (a_c, a_r) for the weight, b for the patch; a_c
+      // and b.c index in_ch (>= kept: zero padding of the last step).
       int a_c = ka / p.khw, a_r = ka - a_c * p.khw;
-      int b_c = kb / p.khw, b_kh = (kb - b_c * p.khw) / p.kw;
-      int b_kw = kb - b_c * p.khw - b_kh * p.kw;
+      PatchCounter b(p, kb);
       acc_t a_reg[kLoads], b_reg[kLoads];
 
       auto load = [&]() {
@@ -263,33 +316,27 @@ __global__ void __launch_bounds__(kThreads) masked_conv2d_kernel(const Params<sc
           a_reg[i] = a_ok && w_row[i] >= 0 ? static_cast<acc_t>(p.weight[w_row[i] + a_off])
                                            : acc_t(0);
         }
-        const bool b_ok = b_c < kept;
-        const scalar_t* x_c = x_n + (b_ok ? in_ch[b_c] * hw : 0);
-        const int dh = b_kh * p.dil_h, dw = b_kw * p.dil_w;
+        const bool b_ok = b.c < kept;
+        const scalar_t* x_c = v.x_n + (b_ok ? in_ch[b.c] * hw : 0);
+        const int dh = b.kh * p.dil_h, dw = b.kw * p.dil_w;
         // A soft input mask: x * s rounded to x's dtype, as the eager product is.
-        const acc_t s_b = is != nullptr && b_ok ? static_cast<acc_t>(is[in_ch[b_c] * p.in_s1])
-                                                : acc_t(1);
+        const acc_t s_b = v.is != nullptr && b_ok ? static_cast<acc_t>(v.is[in_ch[b.c] * p.in_s1])
+                                                  : acc_t(1);
 #pragma unroll
         for (int j = 0; j < kLoads; ++j) {
           const int ih = ih0[j] + dh, iw = iw0[j] + dw;
           const bool inside = b_ok && static_cast<unsigned>(ih) < static_cast<unsigned>(p.h) &&
                               static_cast<unsigned>(iw) < static_cast<unsigned>(p.w);
-          acc_t v = inside ? static_cast<acc_t>(x_c[ih * p.w + iw]) : acc_t(0);
-          if (is != nullptr) v = static_cast<acc_t>(static_cast<scalar_t>(v * s_b));
-          b_reg[j] = v;
+          acc_t xv = inside ? static_cast<acc_t>(x_c[ih * p.w + iw]) : acc_t(0);
+          if (v.is != nullptr) xv = static_cast<acc_t>(static_cast<scalar_t>(xv * s_b));
+          b_reg[j] = xv;
         }
         // Next step: k += kTileK in each mixed radix (one carry per digit at most).
         a_r += p.step_r;
         const int a_carry = a_r >= p.khw;
         a_r -= a_carry ? p.khw : 0;
         a_c += p.step_c + a_carry;
-        b_kw += p.step_kw;
-        const int w_carry = b_kw >= p.kw;
-        b_kw -= w_carry ? p.kw : 0;
-        b_kh += p.step_kh + w_carry;
-        const int h_carry = b_kh >= p.kh;
-        b_kh -= h_carry ? p.kh : 0;
-        b_c += p.step_c + h_carry;
+        b.advance(p);
       };
       auto store = [&](int buf) {
 #pragma unroll
@@ -330,17 +377,18 @@ __global__ void __launch_bounds__(kThreads) masked_conv2d_kernel(const Params<sc
       if (m >= rows) continue;
       const int c = out_ch[m];
       const acc_t bias = p.bias != nullptr ? static_cast<acc_t>(p.bias[c]) : acc_t(0);
-      const acc_t scale = os != nullptr ? static_cast<acc_t>(os[c * p.out_s1]) : acc_t(1);
-      scalar_t* row = out_n + static_cast<int64_t>(c) * p.pixels;
-      scalar_t* raw_row = raw_n != nullptr ? raw_n + static_cast<int64_t>(c) * p.pixels : nullptr;
+      const acc_t scale = v.os != nullptr ? static_cast<acc_t>(v.os[c * p.out_s1]) : acc_t(1);
+      scalar_t* row = v.out_n + static_cast<int64_t>(c) * p.pixels;
+      scalar_t* raw_row =
+          v.raw_n != nullptr ? v.raw_n + static_cast<int64_t>(c) * p.pixels : nullptr;
 #pragma unroll
       for (int j = 0; j < kMicro; ++j) {
         const int pix = tile_p0 + tx * kMicro + j;
         if (pix >= p.pixels) continue;
-        const scalar_t v = static_cast<scalar_t>(acc[i][j] + bias);
-        if (raw_row != nullptr) raw_row[pix] = v;
+        const scalar_t y = static_cast<scalar_t>(acc[i][j] + bias);
+        if (raw_row != nullptr) raw_row[pix] = y;
         // A soft output mask: the rounded convolution times the scale, as eager rounds it.
-        row[pix] = os != nullptr ? static_cast<scalar_t>(static_cast<acc_t>(v) * scale) : v;
+        row[pix] = v.os != nullptr ? static_cast<scalar_t>(static_cast<acc_t>(y) * scale) : y;
       }
     }
   }
@@ -369,27 +417,29 @@ __global__ void __launch_bounds__(kThreads) masked_conv2d_kernel(const Params<sc
 template <typename scalar_t>
 struct TensorCore;
 
-template <>
-struct TensorCore<at::Half> {
-  using T = __half;
+// The 16-bit types: m16n16k16 fragments of the CUDA type, values rounded once when staged.
+template <typename CudaT>
+struct TensorCore16 {
+  using T = CudaT;
   static constexpr int kK = 16;
-  using A = wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major>;
-  using B = wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::row_major>;
-  __device__ static T cast(float v) { return __float2half_rn(v); }
+  using A = wmma::fragment<wmma::matrix_a, 16, 16, 16, CudaT, wmma::row_major>;
+  using B = wmma::fragment<wmma::matrix_b, 16, 16, 16, CudaT, wmma::row_major>;
+  __device__ static T cast(float v) {
+    if constexpr (std::is_same_v<CudaT, __half>) {
+      return __float2half_rn(v);
+    } else {
+      return __float2bfloat16_rn(v);
+    }
+  }
   template <typename F>
   __device__ static void round(F&) {}
 };
 
 template <>
-struct TensorCore<at::BFloat16> {
-  using T = __nv_bfloat16;
-  static constexpr int kK = 16;
-  using A = wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major>;
-  using B = wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::row_major>;
-  __device__ static T cast(float v) { return __float2bfloat16_rn(v); }
-  template <typename F>
-  __device__ static void round(F&) {}
-};
+struct TensorCore<at::Half> : TensorCore16<__half> {};
+
+template <>
+struct TensorCore<at::BFloat16> : TensorCore16<__nv_bfloat16> {};
 
 template <>
 struct TensorCore<float> {
@@ -460,40 +510,8 @@ __global__ void __launch_bounds__(kThreads, kTcMinBlocks)
 
   for (int64_t n = blockIdx.z; n < p.n; n += gridDim.z) {
     __syncthreads();  // the previous sample's epilogue has finished reading out_ch and c_s
-    const bool* om = p.out_mask != nullptr ? p.out_mask + n * p.out_s0 : nullptr;
-    const bool* im = p.in_mask != nullptr ? p.in_mask + n * p.in_s0 : nullptr;
-    const scalar_t* is = p.in_scale != nullptr ? p.in_scale + n * p.in_s0 : nullptr;
-    const scalar_t* os = p.out_scale != nullptr ? p.out_scale + n * p.out_s0 : nullptr;
-    scalar_t* out_n = p.out + n * p.c_out * static_cast<int64_t>(p.pixels);
-    scalar_t* raw_n = p.raw != nullptr ? p.raw + n * p.c_out * static_cast<int64_t>(p.pixels)
-                                       : nullptr;
-    const scalar_t* x_n = p.x + n * p.c_in * hw;
-
-    int rows;
-    if (om == nullptr) {
-      rows = min(kTileM, p.c_out - tile_c0);
-      if (tid < rows) out_ch[tid] = tile_c0 + tid;
-    } else {
-      const int pix = tile_p0 + tid % kTcP;
-      if (pix < p.pixels) {
-        for (int m = tid / kTcP; m < kTileM; m += kThreads / kTcP) {
-          const int c = tile_c0 + m;
-          if (c < p.c_out && !om[c * p.out_s1]) {
-            out_n[static_cast<int64_t>(c) * p.pixels + pix] = scalar_t(0);
-          }
-        }
-      }
-      int seen = 0;
-      for (int c0 = 0; c0 < p.c_out && seen < tile_c0 + kTileM; c0 += kThreads) {
-        const int c = c0 + tid;
-        const bool keep = c < p.c_out && om[c * p.out_s1];
-        int total;
-        const int rank = seen + block_rank(keep, warp_count, total);
-        if (keep && rank >= tile_c0 && rank < tile_c0 + kTileM) out_ch[rank - tile_c0] = c;
-        seen += total;
-      }
-      rows = max(0, min(kTileM, seen - tile_c0));
-    }
+    const SampleView<scalar_t> v(p, n);
+    const int rows = tile_output_channels<kTcP>(p, v, tile_c0, tile_p0, out_ch, warp_count);
     __syncthreads();  // out_ch is visible
     if (rows == 0) continue;
     const bool active = wm < rows && tile_p0 + wp < p.pixels;  // warp-uniform
@@ -502,30 +520,20 @@ __global__ void __launch_bounds__(kThreads, kTcMinBlocks)
     wmma::fill_fragment(acc, 0.0f);
 
     for (int ci0 = 0; ci0 < p.c_in; ci0 += kChunk) {
-      int kept;
-      if (im == nullptr) {
-        kept = min(kChunk, p.c_in - ci0);
-        if (tid < kept) in_ch[tid] = ci0 + tid;
-      } else {
-        const int c = ci0 + tid;
-        const bool keep = c < p.c_in && im[c * p.in_s1];
-        const int rank = block_rank(keep, warp_count, kept);
-        if (keep) in_ch[rank] = c;
-      }
+      const int kept = chunk_input_channels(p, v.im, ci0, in_ch, warp_count);
       __syncthreads();  // in_ch is visible
       const int steps = (kept * p.khw + kTcK - 1) / kTcK;
       if (steps == 0) continue;
 
       // Mixed-radix counters of the staged k positions: (a_c, a_r) per weight half (k + 32 h),
-      // (b_c, b_kh, b_kw) for the patch.
+      // b for the patch.
       int a_c[2], a_r[2];
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int k_a = ka + h * kTcHalf;
         a_c[h] = k_a / p.khw, a_r[h] = k_a - a_c[h] * p.khw;
       }
-      int b_c = kb / p.khw, b_kh = (kb - b_c * p.khw) / p.kw;
-      int b_kw = kb - b_c * p.khw - b_kh * p.kw;
+      PatchCounter b(p, kb);
       acc_t a_reg[2][kTcLoads], b_reg[kTcLoads];
 
       auto load = [&]() {
@@ -546,28 +554,22 @@ __global__ void __launch_bounds__(kThreads, kTcMinBlocks)
           a_r[h] -= a_carry ? p.khw : 0;
           a_c[h] += p.step_c + a_carry;
         }
-        const bool b_ok = b_c < kept;
-        const scalar_t* x_c = x_n + (b_ok ? in_ch[b_c] * hw : 0);
-        const int dh = b_kh * p.dil_h, dw = b_kw * p.dil_w;
-        const acc_t s_b = is != nullptr && b_ok ? static_cast<acc_t>(is[in_ch[b_c] * p.in_s1])
-                                                : acc_t(1);
+        const bool b_ok = b.c < kept;
+        const scalar_t* x_c = v.x_n + (b_ok ? in_ch[b.c] * hw : 0);
+        const int dh = b.kh * p.dil_h, dw = b.kw * p.dil_w;
+        const acc_t s_b = v.is != nullptr && b_ok ? static_cast<acc_t>(v.is[in_ch[b.c] * p.in_s1])
+                                                  : acc_t(1);
 #pragma unroll
         for (int j = 0; j < kTcLoads; ++j) {
           const int pj = pb + j * (kTcP / kTcLoads);
           const int ih = pix_ih[pj] + dh, iw = pix_iw[pj] + dw;
           const bool inside = b_ok && static_cast<unsigned>(ih) < static_cast<unsigned>(p.h) &&
                               static_cast<unsigned>(iw) < static_cast<unsigned>(p.w);
-          acc_t v = inside ? static_cast<acc_t>(x_c[ih * p.w + iw]) : acc_t(0);
-          if (is != nullptr) v = static_cast<acc_t>(static_cast<scalar_t>(v * s_b));
-          b_reg[j] = v;
+          acc_t xv = inside ? static_cast<acc_t>(x_c[ih * p.w + iw]) : acc_t(0);
+          if (v.is != nullptr) xv = static_cast<acc_t>(static_cast<scalar_t>(xv * s_b));
+          b_reg[j] = xv;
         }
-        b_kw += p.step_kw;
-        const int w_carry = b_kw >= p.kw;
-        b_kw -= w_carry ? p.kw : 0;
-        b_kh += p.step_kh + w_carry;
-        const int h_carry = b_kh >= p.kh;
-        b_kh -= h_carry ? p.kh : 0;
-        b_c += p.step_c + h_carry;
+        b.advance(p);
       };
       auto store = [&]() {
 #pragma unroll
@@ -623,12 +625,12 @@ __global__ void __launch_bounds__(kThreads, kTcMinBlocks)
         const int c = out_ch[m];
         const acc_t bias = p.bias != nullptr ? static_cast<acc_t>(p.bias[c]) : acc_t(0);
         const int64_t off = static_cast<int64_t>(c) * p.pixels + pix;
-        const scalar_t v = static_cast<scalar_t>(c_s[m][px] + bias);
-        if (raw_n != nullptr) raw_n[off] = v;
-        out_n[off] = os != nullptr
-                         ? static_cast<scalar_t>(static_cast<acc_t>(v) *
-                                                 static_cast<acc_t>(os[c * p.out_s1]))
-                         : v;
+        const scalar_t y = static_cast<scalar_t>(c_s[m][px] + bias);
+        if (v.raw_n != nullptr) v.raw_n[off] = y;
+        v.out_n[off] = v.os != nullptr
+                           ? static_cast<scalar_t>(static_cast<acc_t>(y) *
+                                                   static_cast<acc_t>(v.os[c * p.out_s1]))
+                           : y;
       }
     }
   }
