@@ -115,6 +115,21 @@ __device__ inline void store_pack(scalar_t* p, const Pack<scalar_t, V>& o) {
   }
 }
 
+// One element of a streaming tile in mode M: adds its term to the channel sum (x, or grad_out * x
+// in backward) and returns its output (x * m, or grad_out * m + a in backward).
+template <int M, typename scalar_t, typename acc_t>
+__device__ inline scalar_t stream_element(scalar_t x, scalar_t g, acc_t m, acc_t a, acc_t& sum) {
+  const acc_t xj = static_cast<acc_t>(x);
+  if constexpr (M == kBwd) {
+    const acc_t gj = static_cast<acc_t>(g);
+    sum += gj * xj;
+    return static_cast<scalar_t>(gj * m + a);
+  } else {
+    if constexpr (M != kWrite) sum += xj;
+    return static_cast<scalar_t>(xj * m);
+  }
+}
+
 template <typename scalar_t>
 __device__ inline const scalar_t* class_row(const StreamParams<scalar_t>& p, unsigned n) {
   // The label check of a training call (pyprune.cas leaves it to this kernel: no extra launch).
@@ -170,15 +185,8 @@ __global__ void __launch_bounds__(kThreads, kStreamMinBlocks)
     P o;
 #pragma unroll
     for (int j = 0; j < V; ++j) {
-      const acc_t xj = static_cast<acc_t>(xv[u].v[j]);
-      if constexpr (M == kBwd) {
-        const acc_t gj = static_cast<acc_t>(gv[u].v[j]);
-        sum[u] += gj * xj;
-        o.v[j] = static_cast<scalar_t>(gj * mk[u] + ak[u]);
-      } else {
-        if constexpr (kSums) sum[u] += xj;
-        if constexpr (kOut) o.v[j] = static_cast<scalar_t>(xj * mk[u]);
-      }
+      o.v[j] = stream_element<M>(xv[u].v[j], M == kBwd ? gv[u].v[j] : scalar_t(0), mk[u], ak[u],
+                                 sum[u]);
     }
     if constexpr (kOut) {
       const unsigned col = (ss[u] * G + lane) * V;
@@ -252,15 +260,8 @@ __global__ void __launch_bounds__(kThreads, kStreamMinBlocks)
     P o;
 #pragma unroll
     for (int j = 0; j < V; ++j) {
-      const acc_t xj = static_cast<acc_t>(xv[u].v[j]);
-      if constexpr (M == kBwd) {
-        const acc_t gj = static_cast<acc_t>(gv[u].v[j]);
-        sum[j] += gj * xj;
-        o.v[j] = static_cast<scalar_t>(gj * mk[j] + ak[j]);
-      } else {
-        if constexpr (kSums) sum[j] += xj;
-        if constexpr (kOut) o.v[j] = static_cast<scalar_t>(xj * mk[j]);
-      }
+      o.v[j] = stream_element<M>(xv[u].v[j], M == kBwd ? gv[u].v[j] : scalar_t(0), mk[j], ak[j],
+                                 sum[j]);
     }
     if constexpr (kOut) store_pack<scalar_t, V>(on + ls[u] * p.os2, o);
   }
