@@ -1090,13 +1090,6 @@ def _cas_shape(case: Case) -> tuple[int, int, int, int]:
     return case.shape[0], case.shape[1], math.prod(case.shape[2:]), classes
 
 
-def _label_check(p: Plan) -> None:
-    """_validate.label_range on a device: ge, lt, and, all, _assert_async."""
-    rows = p.case.shape[0]
-    for name in ("label >= 0", "label < C", "&", "all", "_assert_async"):
-        p.kernel(f"label check: {name}", "aten", hbm=rows * 9)
-
-
 def _cuda_cas_stream(p: Plan, mode: str) -> tuple[int, int]:
     """csrc/cuda/cas.cu's stream_shape for a contiguous NCHW x: (S, chunks per channel; tiles,
     blocks per sample). A group of 2^shift lanes covers a chunk of 2^shift * V positions of one
@@ -1204,10 +1197,11 @@ def cas_forward(p: Plan, provider: str, grad: bool) -> None:
     elif provider == TRITON:
         _pyprune(p, "cas", grad)
         p.host("custom_op")
-        _label_check(p)
         p.host("triton")
         _triton_cas_stream(p, "_cas_stream_kernel (train)", 2)
         _triton_cas_logits(p)
+        # The kernels flag a label out of range; one asynchronous assert reads the flag.
+        p.kernel("_assert_async (label flag)", "aten", hbm=8)
     else:
         raise ValueError(f"cas: no model for provider {provider!r}")
 
@@ -1264,27 +1258,24 @@ def cas_backward(p: Plan, provider: str) -> None:
         p.host("pyprune_backward", "cas")
         p.host("custom_op")
         # In the launcher: a = grad_logits @ weight (float32: the casts are no-ops), the
-        # streaming pass, t (the partials' view when a channel is one chunk, else a sum), the
-        # gather (grad_weight), the bias gradient.
+        # streaming pass, the gather (grad_weight from the partials, and the bias gradient).
         p.kernel("mm: grad_logits @ weight", "aten", **gemm)
         p.host("triton")
         s = _triton_cas_stream(p, "_cas_backward_kernel", 3)
-        if s > 1:
-            p.kernel("sum (partials)", "aten", hbm=rows * channels * 4, l2=rows * channels * s * 4)
         p.host("triton")
         # A program per (16-64 classes, 32 channels), 8 warps, over the samples in blocks of
-        # 8192 / (classes x 32): grad_logits, mean, the index and t loaded together, then
-        # grad_logits.T @ mean (FMA) plus t selected per class.
+        # 8192 / (classes x 32): grad_logits, mean, the index and the S partials of t loaded
+        # together, then grad_logits.T @ mean (FMA) plus t selected per class, and the column
+        # sums of grad_logits (the bias gradient, stored by the first channel block).
         block_c = min(64, max(16, _pow2(classes)))
         programs = math.ceil(classes / block_c) * math.ceil(channels / 32)
         steps = math.ceil(rows / (8192 // (block_c * 32)))
         p.kernel("_cas_gather_kernel", "inner",
                  hbm=classes * channels * 4 + rows * (channels + classes) * 4,
-                 l2=programs * rows * (32 * 8 + block_c * 4 + 8),
+                 l2=programs * rows * (32 * 4 * (s + 1) + block_c * 4 + 8),
                  ops=programs * steps * 8192 / 32 * 3, flops=2 * rows * classes * channels,
                  ctas=programs, per_sm=_triton_per_sm(8),
-                 chain_us=lat("l2") + steps * (lat("l2") + lat("tile_reduce")))
-        p.kernel("sum (bias)", "aten", hbm=rows * classes * e)
+                 chain_us=lat("l2") + steps * (s * lat("l2") + lat("tile_reduce")))
     else:
         raise ValueError(f"cas: no model for provider {provider!r}")
 

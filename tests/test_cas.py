@@ -452,6 +452,32 @@ def test_triton_split_shapes(device_backend, shape):
             _check_repeatable_grads(leaves, lab, dtype)
 
 
+@pytest.mark.parametrize("device_backend", TRITON_DEVICES, indirect=True)
+def test_triton_kernels_flag_bad_labels(device_backend):
+    """The Triton launcher checks the labels on its own (a direct call, as a compiled graph
+    makes, skips the op's host check): the kernels flag a label outside [0, C) and one
+    asynchronous assert fails on the flag; the sample's weight row is never read. Each
+    sample spans several programs, so the flag's set (program 0) and clear (the logits) are
+    exercised across programs."""
+    from pyprune.triton_kernels import cas as kernels
+
+    device, _ = device_backend
+    if device == "cuda":
+        pytest.skip("on CUDA the failed assert is a device assert, which ends the context")
+    x, weight, bias, label = _inputs(3, 24, 20, 20, 5, torch.float32, device)
+    view = x.flatten(2)
+    out, logits, index, _ = kernels.cas_forward(view, weight, bias, label)
+    want_out, want_logits = _expected(x, weight, bias, label)
+    torch.testing.assert_close(out.view_as(x), want_out, atol=0, rtol=0)
+    assert torch.equal(index, label)
+    for bad in ([0, 5, 1], [2, 0, -1], [7, 7, 7]):
+        with pytest.raises(RuntimeError, match=r"label values must be in \[0, 5\)"):
+            kernels.cas_forward(view, weight, bias, torch.tensor(bad, device=device))
+    # A good call after a bad one starts from a fresh flag.
+    out, _, _, _ = kernels.cas_forward(view, weight, bias, label)
+    torch.testing.assert_close(out.view_as(x), want_out, atol=0, rtol=0)
+
+
 @pytest.mark.triton
 def test_triton_grids_fill_the_gpu():
     """The streaming grids have >= 2 * 132 programs whenever tiles of 512 elements allow it, at

@@ -4,13 +4,16 @@ x is an (N, K, L) view with any strides (L = H * W); weight (C, K). The design f
 csrc/cuda/cas.cu: every sample is split over many programs, so the grid fills the GPU at any
 batch size, and no float atomics are used anywhere (results are bitwise repeatable).
 
-Forward, training (a label given): two launches.
+Forward, training (a label given): two kernels and one asynchronous assert.
   1. _cas_stream_kernel over a 1-D grid of (sample, block of channels, chunk of L) tiles: one
      pass over x writes out = x * weight[label] and each tile's per-channel sums to a workspace
-     part (N, K, S) (S chunks of L per channel);
+     part (N, K, S) (S chunks of L per channel); program 0 sets a flag to 1;
   2. _cas_logits_kernel per (block of samples, block of classes): the means from the S partials
      in a fixed order (the class-block-0 programs store them), logits = mean @ weight.T + bias,
-     rounded to x's dtype; index = label.
+     rounded to x's dtype; index = label; a label outside [0, C) clears the flag;
+  3. torch._assert_async on the flag: a bad label fails without the host waiting (the stream
+     reads no weight row for it). CPU labels, under the interpreter, are also read on the host
+     by the op (pyprune/ops/cas.py), which names the bad value.
 Forward, inference: the stream in sums-only mode, the logits with the argmax (first index on
 ties, NaN largest) when one block holds all classes, else _cas_argmax_kernel (a program per
 sample over the stored, rounded logits), then the stream in write-only mode:
@@ -18,8 +21,9 @@ out = x * weight[index] (x read twice; the second read hits L2 where x fits).
 Backward: a = grad_logits @ weight (one small GEMM), then _cas_backward_kernel on the same split
 grid: grad_x = grad_out * weight[index] + a / L and the per-tile channel sums of grad_out * x,
 from one pass over both. _cas_gather_kernel forms grad_weight = grad_logits.T @ mean plus the
-sums t of each class's samples, per block of classes over the samples in order (index_add_
-would use atomics on the GPU); grad_bias = grad_logits.sum(0).
+sums t of each class's samples (t summed from the S partials in chunk order), per block of
+classes over the samples in order (index_add_ would use atomics on the GPU), and grad_bias =
+grad_logits.sum(0) in the same loop: three launches in all.
 
 Tiles: (BLOCK_K, BLOCK_L) with the contiguous dimension inner (L for NCHW and general strides,
 K for channels_last), 8 elements a thread; the JIT specializes unit strides and 16-byte
@@ -100,7 +104,7 @@ def _tile(pid, K, L, S, k_blocks, BLOCK_K: tl.constexpr, BLOCK_L: tl.constexpr):
 
 @triton.jit(do_not_specialize=["mode"])
 def _cas_stream_kernel(
-    x_ptr, w_ptr, sel_ptr, out_ptr, part_ptr,
+    x_ptr, w_ptr, sel_ptr, out_ptr, part_ptr, flag_ptr,
     K, L, C, S, k_blocks, mode,
     x_sn, x_sk, x_sl,
     out_sn, out_sk, out_sl,
@@ -108,18 +112,23 @@ def _cas_stream_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_L: tl.constexpr,
 ):
-    """mode 0 (train): out = x * w[sel[n]] and the sums; 1: the sums only; 2: out only."""
+    """mode 0 (train): out = x * w[sel[n]] and the sums; 1: the sums only; 2: out only.
+    In train mode program 0 sets flag[0] = 1 (the logits kernel clears it on a bad label)."""
     pid = tl.program_id(0).to(tl.int64)
     n, s, kk, ll, kmask, mask = _tile(pid, K, L, S, k_blocks, BLOCK_K, BLOCK_L)
     raw = tl.load(x_ptr + n * x_sn + kk[:, None] * x_sk + ll[None, :] * x_sl, mask=mask,
                   other=0.0)
     xf = raw.to(tl.float32)
+    if mode == 0:
+        if pid == 0:
+            tl.store(flag_ptr, 1)
     if mode != 1:
         # sel is the label (train) or the index the logits stored (write); in sums mode it is
-        # not written yet, so it is not read.
+        # not written yet, so it is not read. A label out of range reads no weight row (its
+        # sample's out is 0) and fails the launcher's assert on the flag.
         c = tl.load(sel_ptr + n)
-        tl.device_assert((c >= 0) & (c < C), "cas: label out of range")
-        m = tl.load(w_ptr + c * w_sc + kk * w_sk, mask=kmask, other=0.0).to(tl.float32)
+        valid = (c >= 0) & (c < C)
+        m = tl.load(w_ptr + c * w_sc + kk * w_sk, mask=kmask & valid, other=0.0).to(tl.float32)
         tl.store(out_ptr + n * out_sn + kk[:, None] * out_sk + ll[None, :] * out_sl,
                  _round(xf * m[:, None], raw.dtype), mask=mask)
     if mode != 2:
@@ -145,7 +154,7 @@ def _argmax_step(v, cc, cmask, best_v, best_i, found_nan, C):
 
 @triton.jit(do_not_specialize=["train", "has_bias"])
 def _cas_logits_kernel(
-    w_ptr, b_ptr, part_ptr, label_ptr, logits_ptr, index_ptr, mean_ptr,
+    w_ptr, b_ptr, part_ptr, label_ptr, logits_ptr, index_ptr, mean_ptr, flag_ptr,
     N, K, L, C, S, c_blocks, train, has_bias,
     w_sc, w_sk,
     BLOCK_N: tl.constexpr,
@@ -189,7 +198,10 @@ def _cas_logits_kernel(
              mask=nmask[:, None] & cmask[None, :])
     if train != 0:
         label = tl.load(label_ptr + ns, mask=nmask & (cb == 0), other=0)
-        tl.device_assert((label >= 0) & (label < C), "cas: label out of range")
+        bad = nmask & (cb == 0) & ((label < 0) | (label >= C))
+        # Every lane that sees a bad label stores the same 0: the order does not matter.
+        tl.store(flag_ptr + tl.zeros([BLOCK_N], dtype=tl.int64),
+                 tl.zeros([BLOCK_N], dtype=tl.int32), mask=bad)
         tl.store(index_ptr + ns, label, mask=nmask & (cb == 0))
     elif c_blocks == 1:
         best_v = tl.full([BLOCK_N], -float("inf"), tl.float32)
@@ -248,32 +260,43 @@ def _cas_backward_kernel(
 
 
 @triton.jit
-def _cas_gather_kernel(gw_ptr, gl_ptr, mean_ptr, t_ptr, index_ptr, N, K, C, k_blocks,
-                       BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+def _cas_gather_kernel(gw_ptr, gb_ptr, gl_ptr, mean_ptr, part_ptr, index_ptr, N, K, C, S,
+                       k_blocks, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+                       BLOCK_K: tl.constexpr):
     """gw[c, kk] = sum over the samples n of grad_logits[n, c] * mean[n, kk], plus t[n, kk] where
-    index[n] == c, for a block of classes c; the samples in order (a fixed tree within each
-    block of BLOCK_N). The sums t are selected, not multiplied by a 0/1 mask, so an inf in
-    another class's sample cannot turn into a NaN here."""
+    index[n] == c (t: the backward stream's S partials of channel kk, summed in chunk order),
+    for a block of classes c; the samples in order (a fixed tree within each block of BLOCK_N).
+    The programs of the first channel block also store gb[c] = the sum of grad_logits[:, c]
+    (the bias gradient) in the same order. The sums t are selected, not multiplied by a 0/1
+    mask, so an inf in another class's sample cannot turn into a NaN here."""
     pid = tl.program_id(0).to(tl.int64)
     cc = (pid // k_blocks) * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
     kk = (pid % k_blocks) * BLOCK_K + tl.arange(0, BLOCK_K).to(tl.int64)
     cmask = cc < C
     kmask = kk < K
     acc = tl.zeros([BLOCK_C, BLOCK_K], dtype=tl.float32)
+    bias = tl.zeros([BLOCK_C], dtype=tl.float32)
     n0 = 0
     while n0 < N:
         nn = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
         nmask = nn < N
         rmask = nmask[:, None] & kmask[None, :]
         idx = tl.load(index_ptr + nn, mask=nmask, other=-1)
-        t = tl.load(t_ptr + nn[:, None] * K + kk[None, :], mask=rmask, other=0.0)
+        rows = (nn[:, None] * K + kk[None, :]) * S
+        t = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        s = 0
+        while s < S:
+            t += tl.load(part_ptr + rows + s, mask=rmask, other=0.0)
+            s += 1
         mv = tl.load(mean_ptr + nn[:, None] * K + kk[None, :], mask=rmask, other=0.0)
         g = tl.load(gl_ptr + nn[:, None] * C + cc[None, :], mask=nmask[:, None] & cmask[None, :],
                     other=0.0)
         hit = idx[:, None, None] == cc[None, :, None]
         acc += tl.sum(g[:, :, None] * mv[:, None, :] + tl.where(hit, t[:, None, :], 0.0), 0)
+        bias += tl.sum(g, 0)
         n0 += BLOCK_N
     tl.store(gw_ptr + cc[:, None] * K + kk[None, :], acc, mask=cmask[:, None] & kmask[None, :])
+    tl.store(gb_ptr + cc, bias, mask=cmask & (pid % k_blocks == 0))
 
 def on_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
     """The context every launcher launches in: Triton launches on the current CUDA device, not
@@ -367,10 +390,13 @@ def cas_forward(
     block_n, block_c, block_kl, block_s, logit_warps = _logits_config(K, C, S)
     c_blocks = triton.cdiv(C, block_c)
     sel = label if train else index
+    # Train: the kernels flag labels out of range (program 0 of the stream sets it, the logits
+    # kernel clears it), and one asynchronous assert checks the flag: no host sync.
+    flag = x.new_empty((1,), dtype=torch.int32)
 
     def stream(mode: int) -> None:
         _cas_stream_kernel[(programs,)](
-            x, weight, sel, out, part, K, L, C, S, k_blocks, mode,
+            x, weight, sel, out, part, flag, K, L, C, S, k_blocks, mode,
             *x.stride(), *out.stride(), *weight.stride(),
             BLOCK_K=block_k, BLOCK_L=block_l, num_warps=num_warps, maxnreg=MAX_REGS,
         )
@@ -378,12 +404,14 @@ def cas_forward(
     with on_device(x):
         stream(_TRAIN if train else _SUMS)
         _cas_logits_kernel[(triton.cdiv(N, block_n) * c_blocks,)](
-            weight, bias, part, label if train else index, logits, index, mean,
+            weight, bias, part, label if train else index, logits, index, mean, flag,
             N, K, L, C, S, c_blocks, int(train), int(bias is not weight), *weight.stride(),
             BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_K=block_kl, BLOCK_S=block_s,
             num_warps=logit_warps, maxnreg=MAX_REGS,
         )
-        if not train:
+        if train:
+            torch._assert_async(flag, f"label values must be in [0, {C})")
+        else:
             if c_blocks > 1:
                 _cas_argmax_kernel[(N,)](logits, index, C, BLOCK=_ARGMAX_BLOCK, num_warps=4,
                                          maxnreg=MAX_REGS)
@@ -411,6 +439,7 @@ def cas_backward(
     programs, k_blocks, S = _stream_grid(N, K, L, block_k, block_l)
     part = x.new_empty((N, K, S), dtype=torch.float32)
     grad_weight = x.new_empty((C, K), dtype=torch.float32)
+    grad_bias = x.new_empty((C,), dtype=torch.float32)
     block_c = _gather_classes(C)
     g_blocks = triton.cdiv(K, _GATHER_K)
     with on_device(x):
@@ -420,18 +449,18 @@ def cas_backward(
             *grad_out.stride(), *x.stride(), *grad_x.stride(), *weight.stride(),
             BLOCK_K=block_k, BLOCK_L=block_l, num_warps=num_warps, maxnreg=MAX_REGS,
         )
-        t = part.view(N, K) if S == 1 else part.sum(2)
         _cas_gather_kernel[(triton.cdiv(C, block_c) * g_blocks,)](
-            grad_weight, gl, mean.float().contiguous(), t, index, N, K, C, g_blocks,
-            BLOCK_N=_GATHER_TILE // (block_c * _GATHER_K), BLOCK_C=block_c,
+            grad_weight, grad_bias, gl, mean.float().contiguous(), part, index, N, K, C, S,
+            g_blocks, BLOCK_N=_GATHER_TILE // (block_c * _GATHER_K), BLOCK_C=block_c,
             BLOCK_K=_GATHER_K, num_warps=8, maxnreg=MAX_REGS,
         )
-    return grad_x, grad_weight.to(weight.dtype), gl.sum(0).to(weight.dtype)
+    return grad_x, grad_weight.to(weight.dtype), grad_bias.to(weight.dtype)
 
 
 _POINTERS = {
     "sel_ptr": "*i64", "label_ptr": "*i64", "index_ptr": "*i64", "part_ptr": "*fp32",
-    "mean_ptr": "*fp32", "a_ptr": "*fp32", "gw_ptr": "*fp32", "gl_ptr": "*fp32", "t_ptr": "*fp32",
+    "mean_ptr": "*fp32", "a_ptr": "*fp32", "gw_ptr": "*fp32", "gb_ptr": "*fp32",
+    "gl_ptr": "*fp32", "flag_ptr": "*i32",
 }
 
 
