@@ -1236,24 +1236,29 @@ def cas_backward(p: Plan, provider: str) -> None:
         p.kernel("sum (bias)", "compiled_launch", hbm=rows * classes * e)
     elif provider == CUDA:
         p.host("pyprune_backward", "cas")
-        # a = (grad_logits @ weight) / L and the logits path of grad_weight, from C++: to(acc)
-        # is a no-op for float32; mm, div_, contiguous, mm, contiguous; then the streaming pass
-        # (grad_out, x -> grad_x and the partial sums of grad_out * x), the row gather, and
-        # grad_bias's sum.
+        # a = grad_logits @ weight from C++ (to(acc) and contiguous are no-ops for float32; the
+        # streaming kernel divides by L); with more than 64 classes grad_logits.T @ mean is a
+        # GEMM too; then the streaming pass (grad_out, x -> grad_x and the partial sums of
+        # grad_out * x) and the gather, a thread per (class, channel) over the samples:
+        # grad_weight (the logits path too, up to 64 classes: each block rereads its mean
+        # columns once per sample from L2) and grad_bias.
+        fused = classes <= 64
         p.kernel("mm: grad_logits @ weight", "inner", **gemm)
-        p.kernel("div_(L)", "inner", hbm=2 * rows * channels * 4)
-        p.kernel("mm: grad_logits.T @ mean", "inner", **gemm)
+        if not fused:
+            p.kernel("mm: grad_logits.T @ mean", "inner", **gemm)
         s, tiles = _cuda_cas_stream(p, "backward")
         p.kernel("cas_rows_kernel<bwd>", "inner", hbm=3 * n + rows * channels * (s + 1) * 4,
                  l2=rows * tiles * 256 * 8, ops=rows * channels * length * 6,
                  ctas=rows * tiles, per_sm=4, chain_us=lat("dram") + lat("l2") + lat("barrier"))
         cells = classes * channels
-        p.kernel("cas_gather_rows_kernel", "inner", hbm=2 * cells * 4 + rows * 8,
-                 l2=rows * channels * s * 4, ops=cells * rows * 3,
-                 ctas=math.ceil(cells / 256), per_sm=8,
+        blocks = math.ceil(cells / 256)
+        p.kernel("cas_gather_rows_kernel", "inner",
+                 hbm=cells * 4 * (1 if fused else 2) + rows * (classes + channels) * 4 + rows * 8,
+                 l2=rows * channels * s * 4 + (blocks * rows * 256 * 4 if fused else 0),
+                 ops=cells * rows * (6 if fused else 3), flops=2 * cells * rows if fused else 0,
+                 ctas=blocks, per_sm=8,
                  chain_us=math.ceil(rows / 256) * (2 * lat("barrier") + lat("l2"))
-                 + rows * 0.002 + lat("l2"))
-        p.kernel("sum (bias)", "inner", hbm=rows * classes * e)
+                 + rows * 0.004 + lat("l2"))
     elif provider == TRITON:
         p.host("pyprune_backward", "cas")
         p.host("custom_op")

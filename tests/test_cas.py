@@ -366,12 +366,15 @@ def _check_repeatable_grads(leaves: list[torch.Tensor], label, dtype) -> None:
 # The CUDA kernel's launch shapes (csrc/cuda/cas.cu): one sample over many blocks, a batch of 256,
 # rows split into chunks (L = 192 over 128-wide chunks), a channel row that allows no 16-byte
 # access (L = 49), the logits split over blocks with a separate argmax (130 classes, few
-# samples), each contiguous and channels_last (16-byte channel vectors when K % 8 == 0).
+# samples; in backward grad_logits.T @ mean as a GEMM, not in the gather), more samples than a
+# gather block stages at once (300 > 256), each contiguous and channels_last (16-byte channel
+# vectors when K % 8 == 0).
 CUDA_SHAPES = [
     (1, 512, 7, 7, 10),
     (256, 64, 4, 4, 10),
     (2, 8, 16, 12, 5),
     (3, 24, 8, 8, 130),
+    (300, 16, 2, 2, 7),
 ]
 
 

@@ -47,6 +47,9 @@ constexpr int kStreamMinBlocks = 4;
 constexpr unsigned kFullMask = 0xffffffffu;
 // Blocks that fill an H100/H200 (132 SMs) twice over: the target when splitting the logits.
 constexpr int64_t kFillBlocks = 264;
+// Backward: up to this many classes the gather kernel sums grad_logits.T @ mean itself (the
+// rereads of mean stay small, and a GEMM launch is saved); more classes take a GEMM.
+constexpr int64_t kGatherLogitsClasses = 64;
 
 template <typename T>
 __device__ inline T warp_sum(T v) {
@@ -84,7 +87,7 @@ struct StreamParams {
   scalar_t* __restrict__ out;
   const scalar_t* __restrict__ w;
   const int64_t* __restrict__ sel;     // the class of each sample: label or index
-  const acc_t* __restrict__ a;         // kBwd: (N, K) contiguous
+  const acc_t* __restrict__ a;         // kBwd: (N, K) contiguous, grad_logits @ weight (/ L here)
   acc_t* __restrict__ part;            // (N, K, S) contiguous
   int64_t K, L, C;
   int64_t xs0, xs1, xs2, gs0, gs1, gs2, os0, os1, os2, ws0, ws1;
@@ -174,7 +177,7 @@ __global__ void __launch_bounds__(kThreads, kStreamMinBlocks)
       xv[u] = load_pack<scalar_t, V>(xn + k * p.xs1 + col * p.xs2);
       if constexpr (M == kBwd) gv[u] = load_pack<scalar_t, V>(gn + k * p.gs1 + col * p.gs2);
       if constexpr (kOut) mk[u] = static_cast<acc_t>(m_row[k * p.ws1]);
-      if constexpr (M == kBwd) ak[u] = p.a[n * p.K + k];
+      if constexpr (M == kBwd) ak[u] = p.a[n * p.K + k] / static_cast<acc_t>(p.L);
     }
   }
   acc_t sum[U];
@@ -251,7 +254,7 @@ __global__ void __launch_bounds__(kThreads, kStreamMinBlocks)
 #pragma unroll
     for (int j = 0; j < V; ++j) {
       mk[j] = static_cast<acc_t>(m_row[(k0 + j) * p.ws1]);
-      if constexpr (M == kBwd) ak[j] = p.a[n * p.K + k0 + j];
+      if constexpr (M == kBwd) ak[j] = p.a[n * p.K + k0 + j] / static_cast<acc_t>(p.L);
     }
   }
 #pragma unroll
@@ -379,32 +382,48 @@ __global__ void __launch_bounds__(kThreads) cas_argmax_kernel(const scalar_t* __
   if (lane == 0) index[n] = i;
 }
 
-// grad_weight[c, k] += the sums t of the samples whose index is c, in sample order (each from
-// its S partials); index_add_ would use atomics.
+// grad_weight[c, k] = the logits path, grad_logits.T @ mean, plus, where index[n] == c, the
+// sum t of grad_out * x over channel k of sample n (from its S partials), the samples in order;
+// index_add_ would use atomics. The logits path is summed here, sample by sample, when mean is
+// given (few classes: each thread rereads mean[n, k] once per class, from L2), else gw holds it
+// already (a GEMM). The threads of column k = 0 also form grad_bias[c] = the sum of
+// grad_logits[:, c] in sample order. A thread per (c, k): the loads of mean and of the partials
+// are coalesced along k.
 template <typename acc_t>
 __global__ void __launch_bounds__(kThreads) cas_gather_rows_kernel(
-    acc_t* __restrict__ gw, const acc_t* __restrict__ part, const int64_t* __restrict__ index,
-    int64_t N, int64_t K, int64_t C, int64_t S) {
+    acc_t* __restrict__ gw, acc_t* __restrict__ gb, const acc_t* __restrict__ gl,
+    const acc_t* __restrict__ mean, const acc_t* __restrict__ part,
+    const int64_t* __restrict__ index, int64_t N, int64_t K, int64_t C, int64_t S) {
   __shared__ int64_t sidx[kThreads];
   const int64_t e = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   const bool live = e < C * K;
   const int64_t c = live ? e / K : 0, k = live ? e - c * K : 0;
-  acc_t acc = live ? gw[e] : acc_t(0);
+  acc_t acc = (live && mean == nullptr) ? gw[e] : acc_t(0), bias = 0;
   for (int64_t n0 = 0; n0 < N; n0 += kThreads) {
     __syncthreads();
     if (n0 + threadIdx.x < N) sidx[threadIdx.x] = index[n0 + threadIdx.x];
     __syncthreads();
     const int64_t nn = min(static_cast<int64_t>(kThreads), N - n0);
+    if (!live) continue;
     for (int64_t j = 0; j < nn; ++j) {
-      if (live && sidx[j] == c) {
-        const acc_t* pk = part + ((n0 + j) * K + k) * S;
+      const int64_t n = n0 + j;
+      if (mean != nullptr || k == 0) {
+        const acc_t g = gl[n * C + c];
+        if (mean != nullptr) acc += g * mean[n * K + k];
+        bias += g;
+      }
+      if (sidx[j] == c) {
+        const acc_t* pk = part + (n * K + k) * S;
         acc_t t = 0;
         for (int64_t q = 0; q < S; ++q) t += pk[q];
         acc += t;
       }
     }
   }
-  if (live) gw[e] = acc;
+  if (live) {
+    gw[e] = acc;
+    if (k == 0) gb[c] = bias;
+  }
 }
 
 // The shape of a streaming launch (see the layout notes at the top).
@@ -581,14 +600,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cas_backward_cuda(
   const int64_t N = x.size(0), K = x.size(1), L = x.size(2), C = weight.size(0);
   const at::ScalarType acc = cas_acc_dtype(x.scalar_type());
   const at::Tensor idx = index.contiguous();
-  const at::Tensor gl = grad_logits.to(acc);
-  // The logits' gradient reaches every element of a channel as (grad_logits @ weight) / L.
-  const at::Tensor a = at::mm(gl, weight.to(acc)).div_(L).contiguous();
+  const at::Tensor gl = grad_logits.to(acc).contiguous();
+  // The logits' gradient reaches every element of a channel as (grad_logits @ weight) / L (the
+  // streaming kernel divides).
+  const at::Tensor a = at::mm(gl, weight.to(acc)).contiguous();
   at::Tensor gx = at::empty_like(x);
-  // grad_weight = grad_logits.T @ mean (the logits path) + the sums of grad_out * x gathered into
-  // the index rows below.
-  at::Tensor gw = at::mm(gl.t(), mean).contiguous();
-  if (N > 0) {
+  if (N == 0) {
+    return {gx, at::zeros_like(weight), at::zeros({C}, weight.options())};
+  }
+  // grad_weight = grad_logits.T @ mean (the logits path) + the sums of grad_out * x of each
+  // class's samples, and grad_bias, from the gather kernel below; with more classes than
+  // kGatherLogitsClasses the logits path is a GEMM first.
+  const bool gather_logits = C <= kGatherLogitsClasses;
+  at::Tensor gw = gather_logits ? at::empty({C, K}, a.options()) : at::mm(gl.t(), mean).contiguous();
+  at::Tensor gb = at::empty({C}, a.options());
+  const at::Tensor mean_acc = mean.to(acc).contiguous();
+  {
     TORCH_CHECK(N <= std::numeric_limits<int32_t>::max(), "cas (cuda): at most 2^31 - 1 samples");
     cudaStream_t stream = at::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "cas_backward_cuda", [&] {
@@ -615,12 +642,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cas_backward_cuda(
                   "cas backward (cuda): weight too large");
       cas_gather_rows_kernel<acc_t><<<static_cast<unsigned>((cells + kThreads - 1) / kThreads),
                                       kThreads, 0, stream>>>(
-          gw.mutable_data_ptr<acc_t>(), part.const_data_ptr<acc_t>(),
+          gw.mutable_data_ptr<acc_t>(), gb.mutable_data_ptr<acc_t>(), gl.const_data_ptr<acc_t>(),
+          gather_logits ? mean_acc.const_data_ptr<acc_t>() : nullptr, part.const_data_ptr<acc_t>(),
           idx.const_data_ptr<int64_t>(), N, K, C, static_cast<int64_t>(sh.S));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
-  return {gx, gw.to(weight.scalar_type()), gl.sum(0).to(weight.scalar_type())};
+  return {gx, gw.to(weight.scalar_type()), gb.to(weight.scalar_type())};
 }
 
 }  // namespace
