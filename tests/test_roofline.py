@@ -216,3 +216,16 @@ def test_committed_predictions_are_current(gpu):
                        "predicted_compile_us"):
             assert float(committed[key][column]) == pytest.approx(float(row[column]), rel=1e-5), \
                 (key, column)
+
+
+def test_readme_prediction_table_is_current():
+    """README.md's GPU prediction table is the one the committed predicted CSVs give (rewrite it
+    with python -m benchmarks.readme_table --predicted README.md)."""
+    from benchmarks import readme_table
+
+    readme = (harness.RESULTS.parent.parent / "README.md").read_text()
+    begin, end = readme_table.PREDICTED_BEGIN, readme_table.PREDICTED_END
+    assert begin in readme and end in readme
+    shown = readme.split(begin, 1)[1].split(end, 1)[0].strip()
+    assert shown == readme_table.predicted_table(harness.RESULTS).strip()
+    assert "| kwta | 8x64x32x32 | forward | >= 5x eager |" in shown  # one row per goal case
