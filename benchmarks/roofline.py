@@ -116,7 +116,8 @@ noise (csrc/cuda/noise.cu, triton_kernels/noise.py)
                vectors, lg2/sqrt/sin/cos approximations: ~33 ops/elem (SASS), so issue-bound
                only where the copy rate exceeds ~5 TB/s at 8 bytes an element.
   triton       seed + one pass (2n), one Philox per 4 elements (_random.normal4), (512, 4)
-               tiles: ~70 ops/elem (SASS of the unit-stride variant compiled for sm_90).
+               tiles, int32 offsets, log1p and cos / sin by polynomials: ~39 ops/elem (sm_90
+               SASS of the unit-stride variant).
   eager        randn_like (n), std * noise (2n), x + (2n) [x * (1 + ...): 8n];
                backward additive: no kernel; multiplicative grad * (1 + std n): 3n.
   compile      inductor's seed kernel + one fused pass with tl.randn (~150 ops/elem); the
@@ -1014,9 +1015,11 @@ def _noise_variant(case: Case) -> bool:
 
 # Per element (module doc). CUDA: the SASS of noise_kernel<float, true> (nvcc 13.0, sm_90):
 # ~120 instructions an evaluation of four values (Philox ~75, Box-Muller ~35 with 8 MUFU, the
-# 16-byte load and store ~10) and the loop, ~33 a value. Triton: _noise_kernel's unit-stride
-# AOT variant compiled for sm_90 (Triton's ptxas): 1132 instructions a thread for 16 values.
-NOISE_OPS = {CUDA: 33, TRITON: 70, COMPILE: 150, EAGER: 30}
+# 16-byte load and store ~10) and the loop, ~33 a value. Triton: the sm_90 SASS of
+# _noise_kernel's unit-stride int32-offset variant as the JIT specializes it (16-byte aligned
+# pointers, numel a multiple of 16): 616 instructions a thread for 16 values additive, 632
+# multiplicative (Philox ~57 an evaluation, a radius ~20 and a cos / sin ~16 a pair).
+NOISE_OPS = {CUDA: 33, TRITON: 39, COMPILE: 150, EAGER: 30}
 
 
 def _noise_pass(p: Plan, provider: str, name: str, nbytes: float) -> None:

@@ -95,6 +95,26 @@ def test_cpu_and_triton_share_the_stream(case):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("case", ["tail", "strided"])
+def test_triton_int64_offsets_draw_the_same_values(case):
+    """The kernel's int64-offset variant (launched where an offset reaches 2^31) gives the int32
+    variant's values, and both stay within 1e-5 of the CPU's on a longer stream."""
+    if not TRITON_INTERPRET:
+        pytest.skip("needs the Triton interpreter")
+    from pyprune.triton_kernels import noise
+
+    x = _stream_inputs("cpu")[case]
+    seed = torch.tensor([123, -(2**50) - 7])
+    for mult in (False, True):
+        narrow = noise.gaussian_noise(x, seed, 0.7, mult, _wide=False)
+        wide = noise.gaussian_noise(x, seed, 0.7, mult, _wide=True)
+        assert torch.equal(narrow, wide)
+    z = torch.zeros(1 << 16)
+    got = noise.gaussian_noise(z, seed, 1.0, False)
+    torch.testing.assert_close(got, torch.ops.pyprune.gaussian_noise(z, seed, 1.0, False),
+                               rtol=0, atol=1e-5)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 @pytest.mark.parametrize("case", ["tail", "aligned", "unaligned", "strided"])

@@ -3,8 +3,9 @@
 Value i of a call comes from word i & 3 of Philox4x32-10(key, counter = (i >> 2, stream)), with
 (key, stream) the call's int64 seed tensor, read from device memory. tl.philox is the same
 Philox4x32-10 as csrc/random.h, so uniforms (top 24 bits, exact in float32) and keep decisions
-match the CPU and CUDA kernels bit for bit; values that go through log/cos (exponentials,
-normals) match to a few ulps (libm vs libdevice, and cos/sin by polynomial: _cos_sin_2pi).
+match the CPU and CUDA kernels bit for bit; exponentials (-log(1 - u)) match to a few ulps
+(libm vs libdevice), normals to ~1e-6 (libm there; polynomials of log1p and of cos / sin here,
+cheaper than libdevice's general functions: _radius, _cos_sin_2pi).
 """
 import triton
 import triton.language as tl
@@ -48,21 +49,55 @@ def exponential(key, stream, idx):
 
 
 @triton.jit
-def _cos_sin_2pi(u):
-    """(cos, sin)(2 pi u) for u in [0, 1), within 1e-7. tl.cos and tl.sin (libdevice) carry a
-    large-argument reduction that keeps a 32-byte local array on the GPU; here the quarter turn
-    q = round(4 u) and r = u - q / 4 in [-1/8, 1/8] are exact, and the polynomials of cos and sin
-    at 2 pi r (|2 pi r| <= pi / 4) are their Taylor series to 1e-10."""
-    q = (u * 4.0 + 0.5).to(tl.int32)
-    a = (u - q.to(tl.float32) * 0.25) * 6.283185307179586
-    a2 = a * a
-    s = a + a * a2 * (-1.0 / 6 + a2 * (1.0 / 120 + a2 * (-1.0 / 5040 + a2 * (1.0 / 362880))))
-    c = 1.0 + a2 * (-0.5 + a2 * (1.0 / 24 + a2 * (-1.0 / 720 + a2 * (1.0 / 40320
-                                                                    + a2 * (-1.0 / 3628800)))))
-    q = q & 3
-    cos = tl.where(q == 0, c, tl.where(q == 1, -s, tl.where(q == 2, -c, s)))
-    sin = tl.where(q == 0, s, tl.where(q == 1, c, tl.where(q == 2, -s, -c)))
-    return cos, sin
+def _radius(bits):
+    """sqrt(-2 log(1 - u)) for the uniform u of ``bits`` (uint32), within ~2e-7 relative.
+
+    1 - u = m / 2^24 with m = 2^24 - (bits >> 8) in [1, 2^24], exact as a float. Its log is
+    (e - 24) ln 2 + log1p(f), with m = 2^e (1 + f) and f in [-1/3, 1/3) taken from the float's
+    bits (the mantissa around 2/3, as the usual float log reduction). -2 log1p(f) is f times a
+    degree-8 polynomial (least-squares fit of float32 coefficients, relative error <= 2e-7 on
+    [-1/3, 1/3]: f = -u exactly for small u, so a tiny radius keeps its relative accuracy).
+    Cheaper than tl.log (libdevice), which handles zero, denormals and infinities that 1 - u
+    never is. The square root is tl.sqrt (approximate, one MUFU)."""
+    m = (16777216 - (bits >> 8)).to(tl.int32)
+    mb = m.to(tl.float32).to(tl.int32, bitcast=True)
+    d = mb - (0x3F2AAAAB + (24 << 23))  # 0x3F2AAAAB: 2/3; exponent e - 24 in the high bits
+    e = (d >> 23).to(tl.float32)  # arithmetic shift
+    f = ((d & 0x7FFFFF) + 0x3F2AAAAB).to(tl.float32, bitcast=True) - 1.0
+    p = -0.29174235463142395
+    p = 0.3125314712524414 + f * p
+    p = -0.27733293175697327 + f * p
+    p = 0.3273172080516815 + f * p
+    p = -0.4004093408584595 + f * p
+    p = 0.500219464302063 + f * p
+    p = -0.6666598916053772 + f * p
+    p = 0.999997615814209 + f * p
+    p = -2.0 + f * p
+    return tl.sqrt(e * -1.3862943611198906 + f * p)  # -2 ln 2 per unit of e
+
+
+@triton.jit
+def _cos_sin_2pi(bits):
+    """(cos, sin)(2 pi u) for the uniform u of ``bits`` (uint32), within 6e-7. The signed
+    word's top 24 bits give t = u or u - 1 (t in [-1/2, 1/2), exact), the same angle; the
+    polynomials in t^2 (least-squares fits of float32 coefficients over the whole turn) need no
+    quadrant selection."""
+    t = (bits.to(tl.int32, bitcast=True) >> 8).to(tl.float32) * (1.0 / 16777216.0)
+    z = t * t
+    s = -12.240636825561523
+    s = 41.186065673828125 + z * s
+    s = -76.57569885253906 + z * s
+    s = 81.59574890136719 + z * s
+    s = -41.34140396118164 + z * s
+    s = 6.283182621002197 + z * s
+    c = 6.559455394744873
+    c = -25.991901397705078 + z * c
+    c = 60.1749267578125 + z * c
+    c = -85.451171875 + z * c
+    c = 64.9391860961914 + z * c
+    c = -19.739206314086914 + z * c
+    c = 1.0 + z * c
+    return c, t * s
 
 
 @triton.jit
@@ -70,24 +105,27 @@ def normal(key, stream, idx):
     """N(0, 1) for value idx: Box-Muller on the word pair (0, 1) or (2, 3) of its evaluation."""
     w0, w1, w2, w3, lane = _words(key, stream, idx)
     first = lane < 2
-    u0 = _to_uniform(tl.where(first, w0, w2))
-    u1 = _to_uniform(tl.where(first, w1, w3))
-    radius = tl.sqrt(-2.0 * tl.log(1.0 - u0))
-    cos, sin = _cos_sin_2pi(u1)
+    cos, sin = _cos_sin_2pi(tl.where(first, w1, w3))
+    radius = _radius(tl.where(first, w0, w2))
     return tl.where((lane & 1) == 0, radius * cos, radius * sin)
 
 
 @triton.jit
-def normal4(key, stream, evaluation):
-    """The four N(0, 1) values 4 e .. 4 e + 3 of evaluation e (int64 tensor): one Philox
-    evaluation, one log, one square root and one (cos, sin) per Box-Muller pair."""
-    c0 = (evaluation & 0xFFFFFFFF).to(tl.uint32)
-    c1 = ((evaluation >> 32) & 0xFFFFFFFF).to(tl.uint32)
+def normal4(key, stream, evaluation, scale):
+    """The four N(0, 1) values 4 e .. 4 e + 3 of evaluation e (an int32 or int64 tensor; int32
+    when every evaluation is below 2^31), times ``scale``: one Philox evaluation, one radius and
+    one (cos, sin) per Box-Muller pair, the scale applied to the radius."""
+    if evaluation.dtype == tl.int64:
+        c0 = (evaluation & 0xFFFFFFFF).to(tl.uint32)
+        c1 = ((evaluation >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    else:
+        c0 = evaluation.to(tl.uint32, bitcast=True)
+        c1 = c0 * 0
     s0 = c0 * 0 + (stream & 0xFFFFFFFF).to(tl.uint32)
     s1 = c0 * 0 + ((stream >> 32) & 0xFFFFFFFF).to(tl.uint32)
     w0, w1, w2, w3 = tl.philox(key, c0, c1, s0, s1)
-    r01 = tl.sqrt(-2.0 * tl.log(1.0 - _to_uniform(w0)))
-    r23 = tl.sqrt(-2.0 * tl.log(1.0 - _to_uniform(w2)))
-    cos01, sin01 = _cos_sin_2pi(_to_uniform(w1))
-    cos23, sin23 = _cos_sin_2pi(_to_uniform(w3))
+    r01 = scale * _radius(w0)
+    r23 = scale * _radius(w2)
+    cos01, sin01 = _cos_sin_2pi(w1)
+    cos23, sin23 = _cos_sin_2pi(w3)
     return r01 * cos01, r01 * sin01, r23 * cos23, r23 * sin23
