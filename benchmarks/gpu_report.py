@@ -19,6 +19,12 @@ Where the numbers come from:
   * dynamic shared memory: Triton's ``metadata.shared``; for CUDA, ``DYNAMIC_SMEM`` below;
   * occupancy: the model of CUDA's cuda_occupancy.h for sm_90 (``SM90``, ``occupancy``).
 
+Spills on sm_80 as well: the CUDA library's sm_80 instantiations are read the same way and any
+stack frame or local memory there is a problem too; the Triton variants launched on sm_80 are
+checked by the AOT compile (pyprune.triton_kernels.aot fails a variant whose cubin has a stack
+frame or local memory, on each architecture of its entry), and the table lists the variants
+whose entries serve sm_90.
+
 Exits 1 when a variant has a stack frame or local memory, when its occupancy is below 25% and
 ``JUSTIFIED`` does not say why that is fine, when a CUDA kernel has no launch bound or a launch
 site disagrees with it, or when a benchmark launches a Triton variant that no AOT list holds.
@@ -261,6 +267,26 @@ def cuda_variants(lib: Path) -> list[Variant]:
     return variants
 
 
+SPILL_ARCHS = (80,)  # further architectures whose CUDA instantiations must not spill
+
+
+def cuda_spills(lib: Path, arch: int) -> list[str]:
+    """A problem for each CUDA kernel instantiation of the library that has a stack frame or
+    local memory on sm_<arch>."""
+    res = parse_resource_usage(_run([cuobjdump(), "--dump-resource-usage", "-arch",
+                                     f"sm_{arch}", str(lib)]))
+    if not res:
+        return [f"{lib}: no sm_{arch} kernels (is it the make check-cuda build?)"]
+    names = demangle(res)
+    problems = []
+    for mangled, (regs, stack, _, local) in sorted(res.items(), key=lambda kv: names[kv[0]]):
+        if stack or local:
+            kernel, dtype, config = _short(names[mangled])
+            problems.append(f"sm_{arch}: cuda {kernel} {dtype} {config}".rstrip()
+                            + f": {stack} B stack frame, {local} B local memory ({regs} registers)")
+    return problems
+
+
 # ---------------------------------------------------------------- launch bounds in the sources
 
 # A kernel, with the first argument of its __launch_bounds__ if it has one.
@@ -366,11 +392,12 @@ def triton_variants(jobs: int) -> tuple[list[Variant], list]:
     found, missing = aot.variants()
     if missing:
         raise RuntimeError(f"Triton kernels without an AOT entry: {missing}")
+    indices = [i for i, v in enumerate(found) if ARCH in v.archs]  # entries launched on sm_90
     if jobs > 1:
         with ProcessPoolExecutor(jobs) as pool:
-            results = list(pool.map(_triton_one, range(len(found))))
+            results = list(pool.map(_triton_one, indices))
     else:
-        results = [_triton_one(i) for i in range(len(found))]
+        results = [_triton_one(i) for i in indices]
     variants = []
     for index, (regs, stack, smem, local), threads, shared, num_warps in results:
         v = found[index]
@@ -380,7 +407,7 @@ def triton_variants(jobs: int) -> tuple[list[Variant], list]:
         if threads != 32 * num_warps:
             row.problems.append(f"ELF block size {threads} != 32 * num_warps ({num_warps})")
         variants.append(row)
-    return variants, found
+    return variants, [found[i] for i in indices]
 
 
 # ------------------------------------------------------------------- which cases use a variant
@@ -632,6 +659,8 @@ def main(argv: list[str] | None = None) -> int:
     sources = sorted((ROOT / "csrc" / "cuda").glob("*.cu"))
     problems = check_launch_bounds(sources)
     cuda = cuda_variants(lib)
+    for arch in SPILL_ARCHS:
+        problems += cuda_spills(lib, arch)
     triton, found = triton_variants(args.jobs)
 
     cases = _benchmark_cases()

@@ -148,9 +148,11 @@ masked_conv (csrc/cuda/masked_conv.cu, csrc/masked_conv.h, triton_kernels/masked
                conv.
   triton       tl.dot on tensor cores (float32: TF32, cudnn.allow_tf32 being PyTorch's default),
                tiles of 16-128 pixels x 16-128 output channels x 32 input channels
-               (triton_conv_config), software-pipelined. Channel masks: kept-first channel
-               lists (one sort per mask; the kernel counts the kept channels), work
-               ceil(kept/BLOCK)*BLOCK (output tiles <= 32 under an output mask). Weight
+               (triton_conv_config), software-pipelined; without per-sample masks the
+               pixel tiles run over the batch's N*H*W pixels. Channel masks: kept-first
+               channel lists (a sort per per-sample mask; static masks' lists cached per mask
+               version; the kernel counts the kept channels), work ceil(kept/BLOCK)*BLOCK
+               (output tiles <= 32 under an output mask). Weight
                masks: block-sparse over 16x16 channel tiles per tap (~17 small launches for
                the tile lists); unstructured masks leave no tile empty.
   backward     cuda static masks: cuDNN dgrad and wgrad on the kept channels, index
@@ -506,12 +508,13 @@ def triton_sap_config(length: int, draws: int) -> dict:
 
 def triton_conv_config(c_out: int, pixels: int, n: int, out_masked: bool = False,
                        sparse: bool = False) -> tuple[int, int, int, int]:
-    """masked_conv._blocks and _num_warps: (BLOCK_P, BLOCK_CO, BLOCK_CI, num_warps). Tiles of
-    16-128 pixels by 16-128 output channels (at most 128 x 64; output channels at most 32 under
-    a bool output mask, 16 x 16 channel tiles under a weight mask), the smallest covering
-    choice, then halved while fewer than 3/4 of 132 programs are busy (a quarter of the output
-    blocks counted under an output mask): pixels down to 64, output channels down to 16, then
-    pixels down to 32."""
+    """masked_conv._blocks and _num_warps on sm_90 for n pixel ranges of `pixels` (n samples,
+    or one range over the batch where the masks are shared): (BLOCK_P, BLOCK_CO, BLOCK_CI,
+    num_warps). Tiles of 16-128 pixels by 16-128 output channels (at most 128 x 64; output
+    channels at most 32 under a bool output mask, 16 x 16 channel tiles under a weight mask),
+    the smallest covering choice, then halved while fewer than 3/4 of 132 programs are busy (a
+    quarter of the output blocks counted under an output mask): pixels down to 64, output
+    channels down to 16, then pixels down to 32 while fewer than 33 are busy."""
     cap = TRITON_WEIGHT_MASK_BLOCK if sparse else 32 if out_masked else 128
     block_p, block_co = _pick((16, 32, 64, 128), pixels), min(_pick((16, 32, 64, 128), c_out), cap)
     def busy() -> int:
@@ -520,15 +523,17 @@ def triton_conv_config(c_out: int, pixels: int, n: int, out_masked: bool = False
         return n * math.ceil(pixels / block_p) * busy_co
 
     while block_p * block_co > 128 * 64 or 4 * busy() < 3 * 132:
-        if block_p > 64 or (block_co <= 16 and block_p > 32):
+        if block_p > 64:
             block_p //= 2
         elif block_co > 16:
             block_co //= 2
+        elif block_p > 32 and 4 * busy() < 132:
+            block_p //= 2
         else:
             break
     block_ci = TRITON_WEIGHT_MASK_BLOCK if sparse else 32
     elements = block_p * block_co + block_ci * (block_p + block_co)
-    budget = 32 if block_p >= 64 else 20
+    budget = 30 if block_p >= 64 else 16
     warps = next((w for w in (4, 8, 16) if elements <= 32 * w * budget), 16)
     return block_p, block_co, block_ci, warps
 
@@ -1381,25 +1386,29 @@ def _cuda_per_sample(p: Plan, g: _Conv, out_work: int, in_work: float) -> None:
 
 
 def _triton_channel_lists(p: Plan, mask: bool) -> None:
-    """_kept_first of one mask: a stable sort of the bool mask (the kernel counts the kept
-    channels itself); nothing for None."""
+    """_kept_first of one per-sample mask: a stable sort of the bool mask (the kernel counts
+    the kept channels itself); nothing for None or a mask shared by the batch (its list is
+    cached per mask version, _OrderCache)."""
     if mask:
         p.kernel("channel list: sort", "aten", hbm=p.case.shape[0] * p.case.shape[1] * 9)
 
 
-def _triton_conv(p: Plan, g: _Conv, out_kept: int, in_kept: int, pixels_total: int,
+def _triton_conv(p: Plan, g: _Conv, out_kept: int, in_kept: int, per_sample: bool,
                  out_mask: bool, in_mask: bool) -> None:
     """_masked_conv2d_forward_kernel with channel lists: work padded to the blocks, on the
     tensor cores (TF32 for float32: cudnn.allow_tf32, PyTorch's default, which the benchmark
-    keeps); the output-channel blocks past the kept count store zeros only."""
-    block_p, block_co, block_ci, warps = triton_conv_config(g.c, pixels_total, g.n, out_mask)
-    _triton_channel_lists(p, in_mask)
-    _triton_channel_lists(p, out_mask)
+    keeps); the output-channel blocks past the kept count store zeros only. Masks shared by
+    the batch: pixel tiles over the batch's N * H * W pixels; per-sample masks: a sample's."""
+    ranges = g.n if per_sample else 1
+    span = g.pixels * g.n // ranges
+    block_p, block_co, block_ci, warps = triton_conv_config(g.c, span, ranges, out_mask)
+    _triton_channel_lists(p, in_mask and per_sample)
+    _triton_channel_lists(p, out_mask and per_sample)
     p.host("triton")
     co_work = math.ceil(out_kept / block_co) * block_co
     ci_work = math.ceil(in_kept / block_ci) * block_ci
-    p_work = math.ceil(pixels_total / block_p) * block_p
-    active = g.n * math.ceil(pixels_total / block_p) * math.ceil(out_kept / block_co)
+    p_work = math.ceil(span / block_p) * block_p * ranges / g.n  # pixels a sample, padded
+    active = ranges * math.ceil(span / block_p) * math.ceil(out_kept / block_co)
     p.kernel("_masked_conv2d_forward_kernel (tensor cores)", "inner",
              hbm=2 * g.x + g.weight, l2=g.x * (math.ceil(co_work / block_co) - 1),
              flops=g.flops(co_work, ci_work, p_work), tensor=True,
@@ -1421,15 +1430,16 @@ def _triton_sparse(p: Plan, g: _Conv) -> None:
     p.kernel("finite samples: isfinite", "aten", hbm=g.n * 8)
     p.kernel("finite samples: to(int32)", "aten", hbm=g.n * 8)
     p.host("triton")
-    block_p, _, _, warps = triton_conv_config(g.c, g.pixels, g.n, sparse=True)
-    p_work = math.ceil(g.pixels / block_p) * block_p
+    span = g.n * g.pixels  # no per-sample mask: pixel tiles over the batch
+    block_p, _, _, warps = triton_conv_config(g.c, span, 1, sparse=True)
+    p_work = math.ceil(span / block_p) * block_p / g.n
     co_blocks = math.ceil(g.c / tile)
     # 16 output channels a program: the x tile is reread per output block, the MMA is narrow.
     p.kernel("_masked_conv2d_forward_kernel (block-sparse, tensor cores)", "inner",
              hbm=2 * g.x + g.weight * (1 + 1 / g.esize), l2=g.x * (co_blocks - 1) * occupied,
              flops=g.flops(g.c, g.c, p_work) * occupied, tensor=True,
              eff=p.gpu["triton_tc16_eff"],
-             ctas=g.n * math.ceil(g.pixels / block_p) * co_blocks, per_sm=16 // warps)
+             ctas=math.ceil(span / block_p) * co_blocks, per_sm=16 // warps)
 
 
 def _fold_weight_mask(p: Plan, g: _Conv, grad: bool) -> None:
@@ -1495,8 +1505,8 @@ def masked_conv_forward(p: Plan, provider: str, grad: bool) -> None:
         else:
             out_kept = g.kept if g.kind in ("out", "sample-out") else g.c
             in_kept = g.kept if g.kind == "in" else g.c
-            _triton_conv(p, g, out_kept, in_kept, g.pixels, g.kind in ("out", "sample-out"),
-                         g.kind == "in")
+            _triton_conv(p, g, out_kept, in_kept, g.kind == "sample-out",
+                         g.kind in ("out", "sample-out"), g.kind == "in")
     else:
         raise ValueError(f"masked_conv: no model for provider {provider!r}")
 
@@ -1572,7 +1582,7 @@ def masked_conv_backward(p: Plan, provider: str) -> None:
             # Transposed: the reduction runs over the forward's kept output channels.
             reduce_kept = g.kept if g.kind in ("out", "sample-out") else g.c
             out_kept = g.kept if g.kind == "in" else g.c
-            _triton_conv(p, g, out_kept, reduce_kept, g.pixels, g.kind == "in",
+            _triton_conv(p, g, out_kept, reduce_kept, g.kind == "sample-out", g.kind == "in",
                          g.kind in ("out", "sample-out"))
             p.kernel("bias grad: sum", "aten", hbm=g.x)
     else:

@@ -225,3 +225,43 @@ def test_triton_variant_resources():
     _, (regs, stack, smem, local), threads, shared, num_warps = gpu_report._triton_one(index)
     assert 0 < regs <= 255 and stack == 0 and local == 0
     assert threads == 32 * num_warps == 32 * found[index].options["num_warps"]
+
+
+def test_cuda_spills_on_sm_80_are_problems(monkeypatch):
+    """cuda_spills reads the library's sm_80 instantiations and names each one with a stack
+    frame or local memory; main adds them to its problems for every SPILL_ARCHS entry."""
+    monkeypatch.setattr(gpu_report, "cuobjdump", lambda: "cuobjdump")
+    calls = []
+
+    def run(args):
+        calls.append(args)
+        return RESOURCE_USAGE.replace("sm_90", "sm_80")
+
+    monkeypatch.setattr(gpu_report, "_run", run)
+    problems = gpu_report.cuda_spills(Path("lib.so"), 80)
+    assert calls == [["cuobjdump", "--dump-resource-usage", "-arch", "sm_80", "lib.so"]]
+    assert problems == ["sm_80: cuda _kernel -: 104 B stack frame, 8 B local memory (255 registers)"]
+    monkeypatch.setattr(gpu_report, "_run", lambda args: "")
+    assert gpu_report.cuda_spills(Path("lib.so"), 80) == [
+        "lib.so: no sm_80 kernels (is it the make check-cuda build?)"]
+    assert 80 in gpu_report.SPILL_ARCHS
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+def test_aot_compile_fails_on_a_spill(monkeypatch):
+    """The AOT compile step reports a variant whose cubin has a stack frame or local memory as
+    failed, on the architecture where it spills."""
+    from pyprune.triton_kernels import aot
+
+    def fake(kernel):
+        return aot.Variant("m", kernel, {}, {"BLOCK": 64}, {"num_warps": 4}, (80, 90))
+
+    variant = fake(type("K", (), {"__name__": "_k_kernel"}))
+    monkeypatch.setattr(aot, "variants", lambda: ([variant], []))
+    monkeypatch.setattr(aot, "compile_variant",
+                        lambda v, arch: type("C", (), {"asm": {"cubin": bytes([arch])}})())
+    monkeypatch.setattr(aot, "cubin_resources",
+                        lambda cubin: (128, 8, 0) if cubin == bytes([80]) else (100, 0, 0))
+    index, arch, error, _ = aot._compile_one((0, 80))
+    assert (index, arch) == (0, 80) and "spills on sm_80: 8 B stack frame" in error
+    assert aot._compile_one((0, 90))[2] is None

@@ -1076,15 +1076,16 @@ TRITON_BACKENDS = [p for p in DEVICE_BACKENDS if p.values[0][1] == "triton"]
 
 
 class _LaunchSpy:
-    """Stands in for the Triton conv kernel: records each launch's constexprs and options,
-    then launches the real kernel."""
+    """Stands in for the Triton conv kernel: records each launch's constexprs and options and
+    its grid, then launches the real kernel."""
 
     def __init__(self, kernel):
-        self.kernel, self.launches = kernel, []
+        self.kernel, self.launches, self.grids = kernel, [], []
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
             self.launches.append(kwargs)
+            self.grids.append(grid)
             return self.kernel[grid](*args, **kwargs)
         return launch
 
@@ -1143,35 +1144,84 @@ def test_triton_launch_precision(device_backend, monkeypatch, allow_tf32):
 
 @pytest.mark.triton
 def test_triton_tile_choice():
-    """Every configuration the launcher can choose has an AOT entry; tiles cover small
-    dimensions with the smallest choice, stay within the largest tile, cap output channels
-    under a bool output mask and under a weight mask, and shrink until the launch keeps 3/4 of
-    the GPU's SMs busy where they can (a quarter of the output blocks counted under an output
-    mask)."""
+    """Every configuration the launcher can choose on sm_80 and sm_90 has an AOT entry for
+    that architecture with the launch's options, and no entry is compiled for an architecture
+    that does not launch it; tiles cover small dimensions with the smallest choice, stay within
+    the architecture's largest tile, cap output channels under a bool output mask and under a
+    weight mask, and shrink until the launch keeps 3/4 of the GPU's SMs busy where they can (a
+    quarter of the output blocks counted under an output mask), going below 64 pixels only
+    while fewer than a quarter of the SMs are busy."""
     pytest.importorskip("triton")
     from pyprune.triton_kernels import masked_conv as kernels
 
-    configs = set(kernels._configs())
-    aot = {(v[2]["BLOCK_P"], v[2]["BLOCK_CO"], v[2]["BLOCK_CI"], v[2]["SPARSE"])
-           for v in kernels.AOT}
-    assert configs == aot
-    for c_out, p, n, out_masked, sparse in itertools.product(
-            (1, 16, 17, 64, 100, 128, 256, 512), (1, 16, 49, 64, 196, 256, 1024, 3136),
-            (1, 2, 32, 128, 256), (False, True), (False, True)):
-        if sparse and out_masked:
-            continue
-        bp, bco, bci = kernels._blocks(c_out, p, n, out_masked, sparse)
-        assert (bp, bco, bci, sparse) in configs
-        assert bp * bco <= kernels._MAX_TILE
-        assert bco <= (16 if sparse else 32 if out_masked else 128)
-        assert bp >= min(32, -(-p // 16) * 16) and bco >= min(16, c_out)
-        co_blocks = -(-c_out // bco)
-        busy = n * -(-p // bp) * (-(-co_blocks // 4) if out_masked else co_blocks)
-        assert 4 * busy >= 3 * kernels._SMS or (bp <= 32 and bco <= 16)
+    for arch in kernels.ARCHS:
+        configs = set(kernels._configs(arch))
+        aot = {(v[2]["BLOCK_P"], v[2]["BLOCK_CO"], v[2]["BLOCK_CI"], v[2]["SPARSE"])
+               for v in kernels.AOT if arch in v[4]}
+        assert configs == aot
+        for v in kernels.AOT:
+            if arch in v[4]:
+                c = v[2]
+                assert v[3]["num_warps"] == kernels._num_warps(
+                    c["BLOCK_P"], c["BLOCK_CO"], c["BLOCK_CI"], arch)
+        for c_out, p, n, out_masked, sparse in itertools.product(
+                (1, 16, 17, 64, 100, 128, 256, 512), (1, 16, 49, 64, 196, 256, 1024, 3136),
+                (1, 2, 32, 128, 256), (False, True), (False, True)):
+            if sparse and out_masked:
+                continue
+            bp, bco, bci = kernels._blocks(c_out, p, n, out_masked, sparse, arch)
+            assert (bp, bco, bci, sparse) in configs
+            assert bp * bco <= kernels._MAX_TILES[arch]
+            assert bco <= (16 if sparse else 32 if out_masked else 128)
+            assert bp >= min(32, -(-p // 16) * 16) and bco >= min(16, c_out)
+            co_blocks = -(-c_out // bco)
+            busy = n * -(-p // bp) * (-(-co_blocks // 4) if out_masked else co_blocks)
+            assert 4 * busy >= 3 * kernels._SMS or (bp <= 64 and bco <= 16)
+            if bp < 64 <= p:
+                assert 4 * busy < kernels._SMS * 2 or bp * 2 * bco > kernels._MAX_TILES[arch]
     assert kernels._blocks(128, 256, 256) == (64, 128, 32)  # the largest tile
+    assert kernels._blocks(128, 256, 256, arch=80) == (64, 32, 32)  # sm_80's largest
     assert kernels._blocks(256, 64, 32) == (64, 64, 32)  # 128 programs
     assert kernels._blocks(256, 64, 32, True) == (64, 16, 32)  # 128 programs at a 25% keep
     assert kernels._blocks(7, 10, 256) == (16, 16, 32)  # small sizes: the smallest tiles
+    # A static mask on 4x4 maps: one pixel range over the batch's 512 pixels, 64-pixel tiles.
+    assert kernels._blocks(512, 32 * 16, 1, True) == (64, 16, 32)
+
+
+@pytest.mark.parametrize("device_backend", TRITON_BACKENDS, indirect=True)
+def test_triton_static_lists_cached_per_mask_version(device_backend, monkeypatch):
+    """A static mask's kept-first list is sorted once per mask version: a second call with the
+    same masks sorts nothing, a mask changed in place is sorted again (and the result follows
+    it), a per-sample mask is sorted on every call; every result against the reference."""
+    from pyprune.triton_kernels import masked_conv as kernels
+
+    device, _ = device_backend
+    monkeypatch.setattr(kernels, "_ORDERS", kernels._OrderCache())
+    sorts = []
+    real = kernels._sort_kept_first
+    monkeypatch.setattr(kernels, "_sort_kept_first", lambda m: sorts.append(m.shape) or real(m))
+    geom = (3, 10, 12, 5, 6, 3, 1, 1, 1, 1)
+    x, weight, bias, gen = _inputs(geom, torch.float32, device, seed=7)
+    in_mask = (torch.rand(10, generator=gen) < 0.5).to(device)
+    out_mask = (torch.rand(12, generator=gen) < 0.5).to(device)
+
+    def check(i, o):
+        got = pyprune.masked_conv2d(x, weight, bias, 1, 1, in_mask=i, out_mask=o)
+        _close(got, _expected(x, weight, bias, geom, in_mask=i, out_mask=o), torch.float32,
+               scale=4.0)
+
+    check(in_mask, out_mask)
+    assert len(sorts) == 2
+    check(in_mask, out_mask)
+    assert len(sorts) == 2  # both lists from the cache
+    out_mask[~out_mask.clone()] = True  # in place: a new version, all channels kept
+    out_mask[0] = False
+    check(in_mask, out_mask)
+    assert len(sorts) == 3  # the out_mask's list again, the in_mask's cached
+    per_sample = (torch.rand(3, 12, generator=gen) < 0.5).to(device)
+    check(in_mask, per_sample)
+    check(in_mask, per_sample)
+    assert len(sorts) == 5
 
 
 # (N, C_in, C_out, H, W): pixels and channels that are not multiples of the tiles.
@@ -1203,6 +1253,9 @@ def test_triton_large_tiles(device_backend, monkeypatch, geom, masks):
         want = _expected(x, weight, bias, full, in_mask=in_mask, out_mask=out_mask)
         _close(got, want, dtype, scale=4.0 if dtype == torch.float32 else 2.0)
         launch = spy.launches[-1]
+        span = 1 if masks == "sample" else n  # masks shared by the batch: tiles span samples
         assert (launch["BLOCK_P"], launch["BLOCK_CO"]) == kernels._blocks(
-            cout, h * w, n, out_mask is not None)[:2]
+            cout, h * w * span, n // span, out_mask is not None)[:2]
         assert launch["BLOCK_P"] >= 64
+        assert spy.grids[-1][0] == (n // span * -(-h * w * span // launch["BLOCK_P"])
+                                    * -(-cout // launch["BLOCK_CO"]))

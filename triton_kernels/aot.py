@@ -8,9 +8,13 @@ bundled ptxas. A kernel that would not build on the GPU machine fails here, in C
 Each kernel module declares what its launchers can launch in a module-level list
 ``AOT = [(kernel, signature, constexprs, options), ...]`` (signature and constexprs as
 ``triton.compiler.ASTSource`` takes them, options as ``triton.compile`` does, e.g. num_warps).
+An entry may add a fifth item, the architectures (of ARCHS) whose launches use it, where a
+launcher picks its options per architecture; without it an entry serves every architecture.
 Every ``@triton.jit`` function named ``*_kernel`` must appear there; a kernel without an entry
 is reported as a failure, so a new op cannot skip this check by omission.
 
+A variant fails when it does not compile or when its cubin has a stack frame or local memory
+(register spills or local arrays: ``cuobjdump --dump-resource-usage``), on any architecture.
 Prints one line per variant and architecture; exits 1 if any failed.
 """
 from __future__ import annotations
@@ -35,6 +39,7 @@ class Variant(NamedTuple):
     signature: dict
     constexprs: dict
     options: dict
+    archs: tuple = ARCHS  # the architectures whose launches use this variant
 
     def describe(self) -> str:
         dtype = next((t[1:] for t in self.signature.values() if t.startswith("*")), "-")
@@ -107,13 +112,46 @@ def compile_variant(variant: Variant, arch: int):
     return compiled
 
 
+def cubin_resources(cubin: bytes) -> tuple[int, int, int]:
+    """(registers, stack frame bytes, local memory bytes) of a one-kernel cubin, from
+    ``cuobjdump --dump-resource-usage`` (the CUDA toolkit's, else the one triton bundles)."""
+    import re
+    import shutil
+    import subprocess
+    import tempfile
+
+    import triton
+
+    candidates = [os.path.join(os.environ.get("CUDA_HOME", ""), "bin", "cuobjdump"),
+                  shutil.which("cuobjdump") or "",
+                  os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
+                               "cuobjdump")]
+    tool = next((p for p in candidates if os.path.isfile(p) and os.access(p, os.X_OK)), None)
+    if tool is None:
+        raise FileNotFoundError("no cuobjdump: install the CUDA toolkit or triton")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        text = subprocess.run([tool, "--dump-resource-usage", path], check=True,
+                              capture_output=True, text=True).stdout
+    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", text)
+    if m is None:
+        raise RuntimeError(f"no resource usage in cuobjdump's output: {text!r}")
+    return int(m[1]), int(m[2]), int(m[3])
+
+
 def _compile_one(job: tuple[int, int]) -> tuple[int, int, str | None, float]:
     index, arch = job
     variant = variants()[0][index]
     start = time.perf_counter()
     try:
-        compile_variant(variant, arch)
+        compiled = compile_variant(variant, arch)
+        regs, stack, local = cubin_resources(compiled.asm["cubin"])
         error = None
+        if stack or local:
+            error = (f"{variant.describe()}: spills on sm_{arch}: {stack} B stack frame, "
+                     f"{local} B local memory ({regs} registers)\n")
     except Exception:  # noqa: BLE001 - every failure is reported, none stops the run
         error = traceback.format_exc()
     return index, arch, error, time.perf_counter() - start
@@ -134,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in missing:
         print(f"FAIL  {name}: no entry in its module's AOT list", flush=True)
 
-    jobs = [(i, arch) for arch in args.arch for i in range(len(found))]
+    jobs = [(i, arch) for arch in args.arch for i in range(len(found)) if arch in found[i].archs]
     start = time.perf_counter()
     if args.jobs > 1 and len(jobs) > 1:
         # Workers find the function by its module's import name; under `python -m` this

@@ -5,7 +5,7 @@ in_mask (C_in,) or (N, C_in), out_mask (C_out,) or (N, C_out), None = all kept. 
 channel takes no part (it is never loaded, so inf or NaN in it cannot leak); a masked output
 channel is exactly 0, bias included.
 
-Forward: one implicit-GEMM launch over (sample n, block of BLOCK_P output pixels, block of
+Forward: one implicit-GEMM launch over (pixel range, block of BLOCK_P output pixels, block of
 BLOCK_CO output channels), accumulating in float32 the product of an im2col tile of x
 (BLOCK_P, BLOCK_CI) and a weight tile (BLOCK_CI, BLOCK_CO) with tl.dot, for every tap (kh, kw)
 and every chunk of BLOCK_CI input channels: one flat loop over (tap, chunk) steps, a `for` loop
@@ -15,14 +15,22 @@ PyTorch lets cuDNN convolutions do so (torch.backends.cudnn.allow_tf32, its defa
 float32 otherwise (then results match cuDNN/oneDNN without TF32), chosen per call
 (input_precision); float16 and bfloat16 tiles go to the tensor cores as they are.
 
-Tiles (_blocks): 16-128 pixels by 16-128 output channels (at most 128 x 64), 32 input channels
-a step, each the smallest that covers its dimension, halved while a launch has fewer programs
-than the GPU has SMs, so that small batches still fill it; warps by the tile elements a thread
-holds, so that no variant spills at MAX_REGS registers.
+Pixel ranges: with per-sample masks (or soft scales) a range is one sample's H_out * W_out
+pixels (N ranges); with masks shared by the batch, or none, one range runs over all N * H_out *
+W_out pixels, so a pixel tile spans samples and a 4x4 or 14x14 map fills it (each pixel row
+carries its sample's offset).
+
+Tiles (_blocks): 16-128 pixels by 16-128 output channels (at most 128 x 64 on sm_90, 64 x 32
+on sm_80), 32 input channels a step, each the smallest that covers its dimension, halved while
+a launch has fewer programs than the GPU has SMs, so that small batches still fill it; warps by
+the tile elements a thread holds, per architecture (_ELEMENTS_PER_THREAD; the launcher reads
+the device's compute capability), so that no variant spills at MAX_REGS registers on sm_80 or
+sm_90 (the AOT compile fails on any spill).
 
 Masked work is skipped by the channel order, not only by whole blocks of contiguous channels:
 the launcher turns each mask into its channels listed kept-first (a stable descending sort of
-the mask, per sample for an (N, C) mask), and each program counts the kept channels of its
+the mask, per sample for an (N, C) mask; a mask shared by the batch is sorted once per mask
+version, _OrderCache), and each program counts the kept channels of its
 sample's mask row itself (a sum over C bytes from L2). Program j of the output channels takes the
 channels at positions [j * BLOCK_CO, (j + 1) * BLOCK_CO) of that list, so the kept channels of
 sample n fill the first ceil(kept / BLOCK_CO) blocks whatever their indices; a block past the
@@ -31,8 +39,9 @@ walks only the first `kept` input channels of the list, in chunks of BLOCK_CI: t
 proportional to the kept channels (in_kept * out_kept up to the block tails), which is what a
 random per-sample gate (FBS) needs, since it rarely leaves a whole aligned block masked. Loads
 and stores gather channels through the list; ascending order within the kept channels keeps
-them close together in memory. A list costs one sort per mask in the launcher; a None mask
-none (the kernel takes the channels in order); the convolution itself is one launch.
+them close together in memory. A list costs one sort per per-sample mask in the launcher (none
+for a cached static mask, or a None mask: the kernel takes the channels in order); the
+convolution itself is one launch.
 
 Soft (float) masks (pyprune::_masked_conv2d_scaled_triton, pyprune/ops/masked_conv.py): an
 in_mask, (C_in,) or (N, C_in) in x's dtype, scales x's channels as the kernel loads them (all
@@ -71,6 +80,9 @@ with float32 accumulation.
 """
 from __future__ import annotations
 
+import collections
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -99,14 +111,20 @@ _SMS = 132
 # tiles of a pruned weight are whole tiles that can be skipped.
 _WEIGHT_MASK_BLOCK = 16
 # Tile elements per thread (the float32 accumulator and one pipeline stage of the x and weight
-# tiles) that fit MAX_REGS registers without spills (sm_90 compiles): the fewest warps of
-# _WARPS that keep a launch within it. sm_90's warpgroup MMA, which Triton uses from 64
-# pixels on, reads its operands from shared memory; the sm_80-style MMA of smaller tiles
-# holds them in registers, hence the smaller budget.
-_ELEMENTS_PER_THREAD = {"wgmma": 32, "mma": 20}
+# tiles) that fit MAX_REGS registers without spills: the fewest warps of _WARPS that keep a
+# launch within it, per architecture. sm_90's warpgroup MMA, which Triton uses from 64 pixels
+# on, reads its operands from shared memory; the sm_80-style MMA of smaller tiles holds them in
+# registers, hence the smaller budget. sm_80 has no warpgroup MMA: every tile holds its
+# operands in registers, and its compiles spill above 16 elements a thread (64 x 32 tiles at 8
+# warps, 32 x 64 at 8) or, for tiles past 2048 accumulators, at every warp count and depth.
+_ELEMENTS_PER_THREAD = {90: {"wgmma": 30, "mma": 16}, 80: {"wgmma": 16, "mma": 16}}
 _WARPS = (4, 8, 16)
-# Accumulator elements of the largest tile.
-_MAX_TILE = 128 * 64
+# Accumulator elements of the largest tile, per architecture (sm_90: 128 x 64; sm_80: 64 x 32).
+_MAX_TILES = {90: 128 * 64, 80: 64 * 32}
+_MAX_TILE = _MAX_TILES[90]
+# The architectures with their own launch configurations: sm_80's rules serve GPUs before
+# Hopper, sm_90's Hopper and later.
+ARCHS = (80, 90)
 # Software-pipeline depth of the reduction loop on tensor cores (shared memory: stages x the
 # two tiles); IEEE float32 runs tl.dot as FMAs on operands held in registers, which leave no
 # room for tiles in flight (spills at every depth above 1).
@@ -144,7 +162,7 @@ def _channels(order, slots, ok, listed):
 
 
 @triton.jit
-def _tile_product(acc, j, chunks, blk_list, every, x_base, oh, ow, p_ok, H, W, KW,
+def _tile_product(acc, j, chunks, blk_list, every, x_rows, oh, ow, p_ok, H, W, KW,
                   stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, in_list, in_listed, in_kept,
                   scale_row,
                   has_in_scale, w_ptr, wm_ptr, co, co_ok, x_sc, x_sh, x_sw, w_so, w_si, w_sh, w_sw,
@@ -168,7 +186,7 @@ def _tile_product(acc, j, chunks, blk_list, every, x_base, oh, ow, p_ok, H, W, K
     cs = c0 + tl.arange(0, BLOCK_CI)
     c_ok = cs < in_kept
     ci = _channels(in_list, cs, c_ok, in_listed)
-    xt = tl.load(x_base + (ih * x_sh + iw * x_sw)[:, None] + ci[None, :] * x_sc,
+    xt = tl.load(x_rows[:, None] + (ih * x_sh + iw * x_sw)[:, None] + ci[None, :] * x_sc,
                  mask=pix_ok[:, None] & c_ok[None, :], other=0.0)
     # Soft input mask: scales of 1 without one (exact in every dtype), so that the tile goes
     # to the dot on one path, with no branch between its load and the dot.
@@ -186,14 +204,14 @@ def _tile_product(acc, j, chunks, blk_list, every, x_base, oh, ow, p_ok, H, W, K
     return tl.dot(xt, wt, acc, input_precision=PRECISION)
 
 
-@triton.jit(do_not_specialize=["in_per_sample", "out_per_sample", "in_listed", "out_listed",
+@triton.jit(do_not_specialize=["span", "in_per_sample", "out_per_sample", "in_listed", "out_listed",
                                "has_bias", "has_in_scale", "has_out_scale", "has_raw"])
 def _masked_conv2d_forward_kernel(
     x_ptr, w_ptr, b_ptr, in_idx_ptr, in_mask_ptr, out_idx_ptr, out_mask_ptr, out_ptr,
     wm_ptr, blk_idx_ptr, blk_cnt_ptr, finite_ptr, in_scale_ptr, out_scale_ptr, raw_ptr,
     C_in, H, W, C_out, H_out, W_out, KH, KW,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-    p_blocks, co_blocks, in_per_sample, out_per_sample, in_listed, out_listed, has_bias,
+    span, p_blocks, co_blocks, in_per_sample, out_per_sample, in_listed, out_listed, has_bias,
     tap_blocks, has_in_scale, has_out_scale, has_raw,
     x_sn, x_sc, x_sh, x_sw,
     w_so, w_si, w_sh, w_sw,
@@ -207,8 +225,10 @@ def _masked_conv2d_forward_kernel(
     UPCAST: tl.constexpr,
 ):
     # Output-channel blocks vary fastest: neighbouring programs share the same x tile.
-    # Offsets inside a sample (and in the weight) are int32, which the launcher checks; the
-    # sample's own offset is int64.
+    # Pixel tiles run over the output pixels of `span` consecutive samples (span 1: one
+    # sample, the program's n; span N: the whole batch, n = 0, for masks shared by the batch),
+    # so a small feature map still fills the tile. Offsets inside a sample (and in the weight)
+    # are int32, which the launcher checks (span * H_out * W_out too); sample offsets int64.
     pid = tl.program_id(0)
     co_b = pid % co_blocks
     rest = pid // co_blocks
@@ -221,10 +241,14 @@ def _masked_conv2d_forward_kernel(
     co = _channels(out_idx_ptr + out_row * C_out, slots, slots < C_out, out_listed)
     co_ok = slots < out_kept
 
+    P = H_out * W_out
     ps = p_b * BLOCK_P + tl.arange(0, BLOCK_P)
-    p_ok = ps < H_out * W_out
-    oh = ps // W_out
-    ow = ps % W_out
+    p_ok = ps < P * span
+    pn = ps // P  # sample of each pixel, relative to n
+    q = ps - pn * P
+    oh = q // W_out
+    ow = q % W_out
+    rows = n + pn
 
     acc = tl.zeros([BLOCK_P, BLOCK_CO], dtype=tl.float32)
     if co_b * BLOCK_CO < out_kept:
@@ -235,17 +259,17 @@ def _masked_conv2d_forward_kernel(
         blk_list = blk_idx_ptr + co_b * tap_blocks
         if SPARSE:
             # Only the listed (tap, input-channel block) pairs of this block of output
-            # channels, all of them for a sample that may hold inf or NaN.
-            every = tl.load(finite_ptr + n) == 0
+            # channels, all of them where a sample of the tile may hold inf or NaN.
+            every = tl.min(tl.load(finite_ptr + rows, mask=p_ok, other=1), 0) == 0
             steps = tl.where(every, tap_blocks, tl.load(blk_cnt_ptr + co_b))
         else:
             every = False
             steps = KH * KW * chunks
-        x_base = x_ptr + n.to(tl.int64) * x_sn
+        x_rows = x_ptr + rows.to(tl.int64) * x_sn
         scale_row = in_scale_ptr + n * C_in
         if FOR_LOOP:  # software-pipelined by the compiler (num_stages)
             for j in range(0, steps):
-                acc = _tile_product(acc, j, chunks, blk_list, every, x_base, oh, ow, p_ok, H, W,
+                acc = _tile_product(acc, j, chunks, blk_list, every, x_rows, oh, ow, p_ok, H, W,
                                     KW, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, in_list,
                                     in_listed, in_kept, scale_row, has_in_scale, w_ptr, wm_ptr, co,
                                     co_ok, x_sc, x_sh, x_sw, w_so, w_si, w_sh, w_sw,
@@ -253,7 +277,7 @@ def _masked_conv2d_forward_kernel(
         else:
             j = 0
             while j < steps:
-                acc = _tile_product(acc, j, chunks, blk_list, every, x_base, oh, ow, p_ok, H, W,
+                acc = _tile_product(acc, j, chunks, blk_list, every, x_rows, oh, ow, p_ok, H, W,
                                     KW, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, in_list,
                                     in_listed, in_kept, scale_row, has_in_scale, w_ptr, wm_ptr, co,
                                     co_ok, x_sc, x_sh, x_sw, w_so, w_si, w_sh, w_sw,
@@ -262,7 +286,7 @@ def _masked_conv2d_forward_kernel(
         bias = tl.load(b_ptr + co, mask=co_ok & (has_bias != 0), other=0.0).to(tl.float32)
         acc = tl.where(co_ok[None, :], acc + bias[None, :], 0.0)
 
-    sample = n.to(tl.int64) * out_sn
+    sample = (rows.to(tl.int64) * out_sn)[:, None]
     offsets = co[None, :] * out_sc + oh[:, None] * out_sh + ow[:, None] * out_sw
     in_out = p_ok[:, None] & (slots < C_out)[None, :]
     result = _round(acc, out_ptr.dtype.element_ty)
@@ -280,14 +304,17 @@ def _masked_conv2d_forward_kernel(
 _INTERPRETED = not isinstance(_masked_conv2d_forward_kernel, JITFunction)
 
 
-def _blocks(C_out: int, P: int, N: int, out_masked: bool = False, sparse: bool = False
-            ) -> tuple[int, int, int]:
-    """(BLOCK_P, BLOCK_CO, BLOCK_CI) for N samples of P output pixels and C_out output
-    channels: each tile the smallest choice that covers its size, else the largest (output
-    channels at most _MASKED_BLOCK_CO under a bool output mask, _WEIGHT_MASK_BLOCK by
-    _WEIGHT_MASK_BLOCK channels under a weight mask), then halved while the tile is larger
-    than _MAX_TILE or the launch keeps fewer than 3/4 of _SMS programs busy: pixels down to 64
-    (the M of sm_90's warpgroup MMA), then output channels down to 16, then pixels down to 32."""
+def _blocks(C_out: int, P: int, N: int, out_masked: bool = False, sparse: bool = False,
+            arch: int = 90) -> tuple[int, int, int]:
+    """(BLOCK_P, BLOCK_CO, BLOCK_CI) for N pixel ranges of P output pixels (N samples, or one
+    range over a whole batch whose masks are shared) and C_out output channels: each tile the
+    smallest choice that covers its size, else the largest (output channels at most
+    _MASKED_BLOCK_CO under a bool output mask, _WEIGHT_MASK_BLOCK by _WEIGHT_MASK_BLOCK
+    channels under a weight mask), then halved while the tile is larger than the
+    architecture's _MAX_TILES or the launch keeps fewer than 3/4 of _SMS programs busy: pixels
+    down to 64 (the M of sm_90's warpgroup MMA), then output channels down to 16, then pixels
+    down to 32 only while fewer than a quarter of _SMS programs are busy (32-pixel tiles run
+    the narrower MMA)."""
     def pick(choices: tuple[int, ...], size: int) -> int:
         return next((b for b in choices if b >= size), choices[-1])
 
@@ -299,25 +326,41 @@ def _blocks(C_out: int, P: int, N: int, out_masked: bool = False, sparse: bool =
         busy_co = triton.cdiv(co_blocks, 4) if out_masked else co_blocks
         return N * triton.cdiv(P, block_p) * busy_co
 
-    while block_p * block_co > _MAX_TILE or 4 * busy() < 3 * _SMS:
-        if block_p > 64 or (block_co <= 16 and block_p > 32):
+    while block_p * block_co > _MAX_TILES[arch] or 4 * busy() < 3 * _SMS:
+        if block_p > 64:
             block_p //= 2
         elif block_co > 16:
             block_co //= 2
+        elif block_p > 32 and (4 * busy() < _SMS or block_p * block_co > _MAX_TILES[arch]):
+            block_p //= 2
         else:
             break
     return block_p, block_co, _WEIGHT_MASK_BLOCK if sparse else _BLOCK_CI
 
 
-def _num_warps(block_p: int, block_co: int, block_ci: int) -> int:
-    """Warps of a launch with these tiles (_ELEMENTS_PER_THREAD)."""
+def _num_warps(block_p: int, block_co: int, block_ci: int, arch: int = 90) -> int:
+    """Warps of a launch with these tiles on sm_<arch> (_ELEMENTS_PER_THREAD)."""
     elements = block_p * block_co + block_ci * (block_p + block_co)
-    budget = _ELEMENTS_PER_THREAD["wgmma" if block_p >= 64 else "mma"]
+    budget = _ELEMENTS_PER_THREAD[arch]["wgmma" if block_p >= 64 else "mma"]
     return next((w for w in _WARPS if elements <= 32 * w * budget), _WARPS[-1])
 
 
 def _num_stages(precision: str, dtype: torch.dtype) -> int:
     return _NUM_STAGES["ieee" if dtype == torch.float32 and precision == "ieee" else "tensor"]
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_arch(index: int) -> int:
+    return 90 if torch.cuda.get_device_capability(index)[0] >= 9 else 80
+
+
+def device_arch(device: torch.device) -> int:
+    """The architecture whose launch configurations a launch on device takes (ARCHS): 80
+    before Hopper, 90 from it; 90 for CPU tensors (the interpreter, and launches recorded on the
+    CPU for the GPU report)."""
+    if device.type != "cuda":
+        return 90
+    return _cuda_arch(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def input_precision(dtype: torch.dtype) -> str:
@@ -376,14 +419,54 @@ def _scale_rows(mask: torch.Tensor, x: torch.Tensor, C: int | None = None,
     return mask.expand(N, C).contiguous()
 
 
+class _OrderCache:
+    """Kept-first channel lists of masks shared by the batch, computed once per mask version
+    (as csrc/masked_conv.h's KeptIndexCache keeps the CUDA backend's kept indices): a layer's
+    mask changes rarely, so its list is looked up by the mask's storage, offset, shape, strides,
+    device and version counter, and the sort launch runs only for a mask version not seen
+    before. An entry holds the mask's storage, so no other mask can be allocated at its address
+    while the entry exists; a mask changed in place through .data (which bypasses the version
+    counter) is not seen, as in PyTorch's own caches. Inference tensors have no version
+    counter: they are sorted on every call."""
+
+    CAPACITY = 256
+
+    def __init__(self) -> None:
+        self.entries: collections.OrderedDict = collections.OrderedDict()
+
+    def order(self, rows: torch.Tensor) -> torch.Tensor:
+        if rows.is_inference():
+            return _sort_kept_first(rows)
+        storage = rows.untyped_storage()
+        key = (storage.data_ptr(), rows.storage_offset(), tuple(rows.shape), rows.stride(),
+               rows.device, rows._version)
+        hit = self.entries.get(key)
+        if hit is not None:
+            self.entries.move_to_end(key)
+            return hit[1]
+        order = _sort_kept_first(rows)
+        self.entries[key] = (storage, order)
+        if len(self.entries) > self.CAPACITY:
+            self.entries.popitem(last=False)
+        return order
+
+
+def _sort_kept_first(mask: torch.Tensor) -> torch.Tensor:
+    return torch.sort(mask, dim=1, descending=True, stable=True).indices
+
+
+_ORDERS = _OrderCache()
+
+
 def _kept_first(mask: torch.Tensor | None, dummy: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor, int, int]:
     """(channel lists kept-first, the mask rows as bytes, per-sample flag, listed flag) of a
-    (R, C) bool mask: one stable sort (the kernel counts the kept channels itself); for None,
-    the dummy (the kernel takes the channels in order, all of them)."""
+    (R, C) bool mask: one stable sort (the kernel counts the kept channels itself), cached per
+    mask version for a mask shared by the batch (R = 1, _OrderCache); for None, the dummy (the
+    kernel takes the channels in order, all of them)."""
     if mask is None:
         return dummy, dummy.view(torch.uint8), 0, 0
-    order = torch.sort(mask, dim=1, descending=True, stable=True).indices
+    order = _ORDERS.order(mask) if mask.shape[0] == 1 else _sort_kept_first(mask)
     return order, mask.contiguous().view(torch.uint8), int(mask.shape[0] > 1), 1
 
 
@@ -486,8 +569,15 @@ def masked_conv2d_forward(
     dummy = torch.empty(1, dtype=torch.int64, device=x.device)  # never read
     in_idx, in_bytes, in_per_sample, in_listed = _kept_first(in_rows, dummy)
     out_idx, out_bytes, out_per_sample, out_listed = _kept_first(out_rows, dummy)
-    block_p, block_co, block_ci = _blocks(C_out, H_out * W_out, N, out_rows is not None,
-                                          weight_mask is not None)
+    # Masks shared by the batch: pixel tiles over the batch's pixels (span N), so that small
+    # feature maps fill the tiles; per-sample masks and scales: one sample a tile.
+    pixels = H_out * W_out
+    flat = (not in_per_sample and not out_per_sample and in_scale is None and out_scale is None
+            and N * pixels < 2**31 - _BLOCK_PS[-1])
+    span = N if flat else 1
+    arch = device_arch(x.device)
+    block_p, block_co, block_ci = _blocks(C_out, pixels * span, N // span, out_rows is not None,
+                                          weight_mask is not None, arch)
     if weight_mask is not None:
         if in_rows is not None or out_rows is not None:
             raise ValueError("masked_conv2d (triton): a weight mask runs without channel masks")
@@ -506,17 +596,17 @@ def masked_conv2d_forward(
         # Unused by the kernel: pointers of the types it is compiled for.
         i32 = dummy.view(torch.int32)
         wm, blk_idx, blk_cnt, finite, ci_blocks = dummy.view(torch.uint8), i32, i32, i32, 1
-    p_blocks = triton.cdiv(H_out * W_out, block_p)
+    p_blocks = triton.cdiv(pixels * span, block_p)
     co_blocks = triton.cdiv(C_out, block_co)
     precision = input_precision(x.dtype)
     with on_device(x):
-        _masked_conv2d_forward_kernel[(N * p_blocks * co_blocks,)](
+        _masked_conv2d_forward_kernel[(N // span * p_blocks * co_blocks,)](
             x, weight, bias if bias is not None else weight, in_idx, in_bytes, out_idx, out_bytes, out,
             wm, blk_idx, blk_cnt, finite, in_scale if in_scale is not None else x,
             out_scale if out_scale is not None else x, raw if raw is not None else out,
             C_in, H, W, C_out, H_out, W_out, KH, KW,
             *stride, *padding, *dilation,
-            p_blocks, co_blocks, in_per_sample, out_per_sample, in_listed, out_listed,
+            span, p_blocks, co_blocks, in_per_sample, out_per_sample, in_listed, out_listed,
             int(bias is not None),
             KH * KW * ci_blocks, int(in_scale is not None), int(out_scale is not None),
             int(raw is not None),
@@ -524,7 +614,7 @@ def masked_conv2d_forward(
             BLOCK_P=block_p, BLOCK_CO=block_co, BLOCK_CI=block_ci,
             SPARSE=weight_mask is not None, PRECISION=precision,
             FOR_LOOP=not _INTERPRETED, UPCAST=x.dtype == torch.bfloat16 and _INTERPRETED,
-            num_warps=_num_warps(block_p, block_co, block_ci),
+            num_warps=_num_warps(block_p, block_co, block_ci, arch),
             num_stages=_num_stages(precision, x.dtype), maxnreg=MAX_REGS,
         )
     return out
@@ -640,28 +730,36 @@ _POINTERS = {"in_idx_ptr": "*i64", "in_mask_ptr": "*u8", "out_idx_ptr": "*i64",
              "finite_ptr": "*i32"}
 
 
-def _configs() -> list[tuple[int, int, int, bool]]:
-    """Every (BLOCK_P, BLOCK_CO, BLOCK_CI, SPARSE) _blocks can choose."""
+def _configs(arch: int = 90) -> list[tuple[int, int, int, bool]]:
+    """Every (BLOCK_P, BLOCK_CO, BLOCK_CI, SPARSE) _blocks can choose on sm_<arch>."""
     dense = [(p, co, _BLOCK_CI, False) for p in _BLOCK_PS for co in _BLOCK_COS
-             if p * co <= _MAX_TILE]
+             if p * co <= _MAX_TILES[arch]]
     return dense + [(p, _WEIGHT_MASK_BLOCK, _WEIGHT_MASK_BLOCK, True) for p in _BLOCK_PS]
 
 
 def _aot_variants() -> list[tuple]:
-    """Every (kernel, signature, constexprs, options) masked_conv2d_forward can launch on a
-    GPU: one per dtype, input precision (float32: tf32 and ieee) and block configuration."""
+    """Every (kernel, signature, constexprs, options, archs) masked_conv2d_forward can launch
+    on a GPU: one per dtype, input precision (float32: tf32 and ieee) and block configuration
+    of each architecture, compiled for the architectures whose launches take those options."""
+    by_options: dict[tuple, list[int]] = {}
+    for arch in ARCHS:
+        for dtype, name in _TL_DTYPES.items():
+            for precision in ("tf32", "ieee") if dtype == torch.float32 else ("ieee",):
+                for block_p, block_co, block_ci, sparse in _configs(arch):
+                    key = (name, precision, block_p, block_co, block_ci, sparse,
+                           _num_warps(block_p, block_co, block_ci, arch),
+                           _num_stages(precision, dtype))
+                    by_options.setdefault(key, []).append(arch)
     variants = []
-    for dtype, name in _TL_DTYPES.items():
-        for precision in ("tf32", "ieee") if dtype == torch.float32 else ("ieee",):
-            for block_p, block_co, block_ci, sparse in _configs():
-                constexprs = {"BLOCK_P": block_p, "BLOCK_CO": block_co, "BLOCK_CI": block_ci,
-                              "SPARSE": sparse, "PRECISION": precision, "FOR_LOOP": True,
-                              "UPCAST": False}
-                options = {"num_warps": _num_warps(block_p, block_co, block_ci),
-                           "num_stages": _num_stages(precision, dtype), "maxnreg": MAX_REGS}
-                variants.append((_masked_conv2d_forward_kernel,
-                                 signature(_masked_conv2d_forward_kernel, name, constexprs, _POINTERS),
-                                 constexprs, options))
+    for (name, precision, block_p, block_co, block_ci, sparse, warps, stages), archs in (
+            by_options.items()):
+        constexprs = {"BLOCK_P": block_p, "BLOCK_CO": block_co, "BLOCK_CI": block_ci,
+                      "SPARSE": sparse, "PRECISION": precision, "FOR_LOOP": True,
+                      "UPCAST": False}
+        options = {"num_warps": warps, "num_stages": stages, "maxnreg": MAX_REGS}
+        variants.append((_masked_conv2d_forward_kernel,
+                         signature(_masked_conv2d_forward_kernel, name, constexprs, _POINTERS),
+                         constexprs, options, tuple(archs)))
     return variants
 
 
