@@ -79,8 +79,12 @@ def save(ctx, *tensors: Tensor | None) -> None:
 
 def _transforming() -> bool:
     """Whether a torch.func transform (grad, vjp, jvp, vmap, ...) or forward-mode AD is active."""
-    return (torch._C._functorch.peek_interpreter_stack() is not None
+    return (torch._C._are_functorch_transforms_active()
             or torch.autograd.forward_ad._current_level >= 0)
+
+
+_BELOW_AUTOGRAD = torch._C._AutoDispatchBelowAutograd
+_ANY_REQUIRES_GRAD = torch._C._any_requires_grad
 
 
 def register(
@@ -90,12 +94,22 @@ def register(
     jvp: Callable | None = None,
 ) -> Callable:
     """Autograd for the compiled op ``op`` (torch.ops.pyprune.*), and the entry point that calls
-    it: an autograd.Function with the same ``setup_context`` and ``backward``, a forward-mode
-    rule ``jvp(ctx, *tangents)`` (None: forward-mode AD raises) and a vmap rule generated from
-    the op's own (see ``register_vmap``), so torch.func.grad / jacrev / jacfwd / jvp / vmap and
-    torch.autograd.forward_ad see through it. Outside those transforms the op itself is called
-    (its torch.library autograd has the same backward; autograd.Function.apply costs ~100 us
-    more per call), and so it is while dynamo traces (dynamo cannot trace a custom jvp)."""
+    it. Three paths, one ``setup_context`` and ``backward``:
+
+    * while dynamo traces: the op itself, through its torch.library autograd (register_autograd
+      below), which AOTAutograd differentiates (dynamo cannot trace a custom jvp);
+    * under a torch.func transform or forward-mode AD: an autograd.Function with a forward-mode
+      rule ``jvp(ctx, *tangents)`` (None: forward-mode AD raises) and a vmap rule generated from
+      the op's own (see ``register_vmap``), so torch.func.grad / jacrev / jacfwd / jvp / vmap
+      and torch.autograd.forward_ad see through it;
+    * eager otherwise: the kernel called below autograd when nothing is to be recorded, else a
+      lean autograd.Function whose forward calls the kernel below autograd, entered through the
+      C++ apply. The op's own autograd kernel is Python (torch.library's autograd_impl: another
+      Function.apply, the schema's defaults refilled, a redispatch), and Function.apply binds
+      the arguments to forward's signature (inspect.signature) each call: the lean path skips
+      both (on the dev VM, k-WTA on a tiny tensor: 30 -> 16 us a recorded call, 16 -> 10 us an
+      unrecorded one; benchmarks/host_overhead.py measures the whole calls).
+    """
     torch.library.register_autograd(op, backward, setup_context=setup_context)
     name = "Function_" + str(op).replace("pyprune.", "").replace(".", "_")
     attrs = {
@@ -108,10 +122,29 @@ def register(
         attrs["jvp"] = staticmethod(jvp)
     function = type(name, (torch.autograd.Function,), attrs)
 
+    def lean_forward(ctx, *args):
+        with _BELOW_AUTOGRAD():
+            output = op(*args)
+        setup_context(ctx, args, output)
+        return output
+
+    lean = type(name + "_eager", (torch.autograd.Function,), {
+        "forward": staticmethod(lean_forward),
+        "backward": staticmethod(backward),
+    })
+    # torch._C._FunctionBase.apply: Function.apply less the argument binding and the unwrapping
+    # of dead functorch wrappers, which matter under transforms only (not on this path).
+    lean_apply = super(torch.autograd.Function, lean).apply
+
     def call(*args):
-        if torch.compiler.is_compiling() or not _transforming():
+        if torch.compiler.is_compiling():
             return op(*args)
-        return function.apply(*args)
+        if _transforming():
+            return function.apply(*args)
+        if torch.is_grad_enabled() and _ANY_REQUIRES_GRAD(*args):
+            return lean_apply(*args)
+        with _BELOW_AUTOGRAD():
+            return op(*args)
 
     return call
 

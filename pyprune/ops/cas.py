@@ -91,13 +91,19 @@ def _autograd(fwd, bwd) -> Callable:
     def setup_context(ctx, inputs, output):
         x, weight, bias, _ = inputs
         _, _, index, mean = output
-        # index and mean serve backward only; differentiating through them raises.
+        # index and mean serve backward only; differentiating through them raises. Their
+        # gradients (always zero) are not materialized: two zero fills fewer a backward.
         ctx.mark_non_differentiable(index, mean)
+        ctx.set_materialize_grads(False)
         ctx.has_bias = bias is not None
         save(ctx, x, weight, index, mean)
 
     def backward(ctx, grad_out, grad_logits, _grad_index, _grad_mean):
         x, weight, index, mean = ctx.saved_tensors
+        if grad_out is None:  # out or logits unused: its gradient is zero
+            grad_out = torch.zeros_like(x)
+        if grad_logits is None:
+            grad_logits = x.new_zeros((x.shape[0], weight.shape[0]))
         if torch.is_grad_enabled():
             # The gradients do not depend on the bias's value: a zero one stands in.
             bias = (weight.new_zeros(weight.shape[0]),) if ctx.has_bias else ()

@@ -59,11 +59,15 @@ def _autograd(fwd, bwd) -> Callable:
     grad_of = register_linear(bwd)
 
     def setup_context(ctx, inputs, output):
+        # The threshold's gradient (always zero) is not materialized: a zero fill fewer.
         ctx.mark_non_differentiable(output[1])
+        ctx.set_materialize_grads(False)
         save(ctx, inputs[0], output[1])
         ctx.absolute = inputs[2]
 
     def backward(ctx, grad, _grad_threshold):
+        if grad is None:
+            return None, None, None
         x, threshold = ctx.saved_tensors
         return grad_of(grad, x, threshold, ctx.absolute), None, None
 
