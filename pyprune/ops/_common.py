@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 from torch import Tensor
@@ -23,19 +23,66 @@ def group_view(x: Tensor, inner_start: int) -> tuple[Tensor, Callable[[Tensor], 
     view and a function that maps a result laid out like the view back to x's shape; a result
     allocated with empty_like(view) then keeps x's memory format (see ``restored``).
     """
+    return cached_view(x, inner_start, _group_layout)
+
+
+def _group_layout(x: Tensor, inner_start: int) -> tuple[list[int] | None, tuple, bool]:
+    """group_view's layout for ``cached_view``: the group dims in memory order, or a copy."""
     n = x.shape[0]
     c = x.shape[1] if inner_start == 2 else 1
-    inner = list(range(inner_start, x.dim()))
-    length = math.prod(x.shape[inner_start:])
-    order = insertion_order(inner, x.stride)
-    sizes = [x.shape[d] for d in order]
-    if mergeable(sizes, [x.stride(d) for d in order]):
-        perm = list(range(inner_start)) + order
-        permuted = x.permute(perm)
-        inverse = [perm.index(d) for d in range(x.dim())]
-        shape = permuted.shape
-        return permuted.view(n, c, length), lambda out: restored(out, shape, inverse)
-    return x.reshape(n, c, length), lambda out: restored(out, x.shape)
+    rows = (n, c, math.prod(x.shape[inner_start:]))
+    order = insertion_order(list(range(inner_start, x.dim())), x.stride)
+    if mergeable([x.shape[d] for d in order], [x.stride(d) for d in order]):
+        return list(range(inner_start)) + order, rows, False
+    return None, rows, True
+
+
+class _Layout(NamedTuple):
+    """How ``cached_view`` views x, a function of x's sizes and strides."""
+
+    perm: tuple[int, ...] | None  # x.permute(perm) first; None: x as it is
+    rows: tuple  # the view's shape
+    copy: bool  # by reshape (it copies where the dims cannot merge), else by view
+    shape: tuple  # x's shape permuted into the view's order
+    inverse: list[int] | None  # the permutation back to x, None for none
+
+
+def _layout(x: Tensor, perm: list[int] | None, rows, copy: bool) -> _Layout:
+    if perm is None or list(perm) == sorted(perm):
+        return _Layout(None, tuple(rows), copy, tuple(x.shape), None)
+    return _Layout(tuple(perm), tuple(rows), copy, tuple(x.shape[d] for d in perm),
+                   [perm.index(d) for d in range(x.dim())])
+
+
+_LAYOUTS: dict[tuple, _Layout] = {}
+_LAYOUT_CACHE_SIZE = 512
+
+
+def cached_view(x: Tensor, kind: int, layout_of: Callable[[Tensor, int], tuple]):
+    """x viewed as ``layout_of(x, kind)`` -> (perm or None, rows, copy) says: x.permute(perm)
+    as shape rows, by reshape where ``copy``, else by view; and the map of a result shaped like
+    the view back to x (``restored``). In eager mode the layout is computed once per (sizes,
+    strides, kind): the Python that orders and checks x's dims runs once per layout, not once
+    per call. While dynamo traces (sizes may be symbolic) and for symbolic sizes outside it
+    (make_fx, export: not hashable), every call computes it."""
+    layout = key = None
+    if not torch.compiler.is_compiling():
+        try:
+            key = (x.shape, x.stride(), kind, layout_of)
+            layout = _LAYOUTS.get(key)
+        except TypeError:
+            key = None
+    if layout is None:
+        layout = _layout(x, *layout_of(x, kind))
+        if key is not None:
+            if len(_LAYOUTS) >= _LAYOUT_CACHE_SIZE:
+                _LAYOUTS.clear()
+            _LAYOUTS[key] = layout
+    perm, rows, copy, shape, inverse = layout
+    if perm is not None:
+        x = x.permute(perm)
+    view = x.reshape(rows) if copy else x.view(rows)
+    return view, lambda out: restored(out, shape, inverse)
 
 
 def restored(out: Tensor, shape, inverse: list[int] | None = None) -> Tensor:
@@ -46,12 +93,12 @@ def restored(out: Tensor, shape, inverse: list[int] | None = None) -> Tensor:
     A returned view (``_base`` set) makes FSDP2 warn that the module returned one: an in-place
     op on it would drop FSDP2's pre-backward hook. The final alias is aten._unsafe_view, which
     autograd takes for a new tensor (gradient grad.reshape), as reshape does for a copy it made;
-    ``out`` is a temporary that nothing else holds or saves. A permuted layout (channels_last)
-    takes a permute and an _unsafe_view, a few microseconds more than a permute alone, so it is
-    paid only where the result requires grad: a view that autograd does not track is harmless.
+    ``out`` is a temporary that nothing else holds or saves. The _unsafe_view (an operator
+    call, a few microseconds more than Tensor.view) is paid only where the result requires grad:
+    a view that autograd does not track is harmless.
     """
     if inverse is None or inverse == sorted(inverse):
-        return _UNSAFE_VIEW(out, shape)
+        return _UNSAFE_VIEW(out, shape) if out.requires_grad else out.view(shape)
     view = out.view(shape).permute(inverse)
     return _UNSAFE_VIEW(view, view.shape) if view.requires_grad else view
 

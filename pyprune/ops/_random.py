@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ._common import insertion_order, mergeable, restored
+from ._common import cached_view, insertion_order, mergeable
 
 _SEED_RANGE = 2**62
 
@@ -33,14 +33,15 @@ def memory_order_view(x: Tensor, batch_dims: int) -> tuple[Tensor, Callable[[Ten
     so contiguous and channels_last inputs need no copy; random value i is element i of a row of
     this view. Returns the view and the map from a result shaped like the view back to x (not a
     view of it: ``_common.restored``)."""
+    return cached_view(x, batch_dims, _memory_layout)
+
+
+def _memory_layout(x: Tensor, batch_dims: int) -> tuple[list[int], list, bool]:
+    """memory_order_view's layout for ``_common.cached_view``: the dims after the batch dims in
+    memory order where they merge into one (a view), else in their own order (a copy)."""
     lead = list(range(batch_dims))
     inner = list(range(batch_dims, x.dim()))
     order = insertion_order(inner, x.stride)
-    if not mergeable([x.shape[d] for d in order], [x.stride(d) for d in order]):
-        order = inner
-    perm = lead + order
-    permuted_shape = [x.shape[d] for d in perm]
-    inverse = [perm.index(d) for d in range(x.dim())]
+    merged = mergeable([x.shape[d] for d in order], [x.stride(d) for d in order])
     rows = [x.shape[0], math.prod(x.shape[1:])] if batch_dims else [x.numel()]
-    view = x.permute(perm).reshape(rows)
-    return view, lambda out: restored(out, permuted_shape, inverse)
+    return lead + (order if merged else inner), rows, not merged
