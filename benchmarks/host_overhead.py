@@ -1,0 +1,252 @@
+"""``python -m benchmarks.host_overhead [--rounds R] [--block-ms MS]``
+
+The host (Python) time of one pyprune call per op, in the shape of the roofline's
+``host_us`` entries ``pyprune_forward``, ``pyprune_grad`` and ``pyprune_backward``
+(benchmarks/roofline.py), measured on this machine.
+
+Method
+------
+* Inputs: tiny CPU float32 tensors (x of shape 2x4x4x4, the other arguments to match; CAS
+  with 10 classes, a bias and labels; masked_conv2d 3x3, padding 1, a bias and a bool out_mask
+  shared by the batch, the static channel path), the cpu backend, one thread (``torch.set_num_threads(1)``), Python's GC off while timing. Each call
+  runs inside ``pyprune.use_backend("cpu")``, as the benchmark harness calls a pyprune provider
+  (benchmarks/harness.py ``provider_fn``), so the block's cost is part of the figures.
+* Timed quantities, per call: a block of calls (sized to take about ``--block-ms``) between
+  two reads of the thread's CPU time (``time.thread_time_ns``), which other processes on a
+  shared machine inflate far less than wall time (through caches only, not by taking the
+  core); single-threaded, the kernels and the autograd engine (which runs CPU graphs on the
+  calling thread) count in it too:
+    F   the op with grad mode off, no input requiring grad (the harness's forward mode; grad
+        mode is switched off around the block, as what it costs is no part of the op's);
+    G   the op with the differentiated inputs requiring grad (it records the autograd graph);
+    B   ``torch.autograd.grad(outputs, inputs, grads, retain_graph=True)`` on one graph of the
+        op built before timing (the harness's backward mode);
+    E   the same autograd.grad call on views ``leaf.view_as(leaf)`` of leaves shaped like the
+        op's differentiable outputs: the engine's own cost, its checks of each output and
+        gradient included, for a graph whose backward launches nothing;
+    KF, KB  the kernels: every ``torch.ops.pyprune`` op and seed draw (``aten.randint``) that
+        one forward (KF) or one backward (KB) reaches, recorded once by a TorchDispatchMode with
+        their exact arguments, then called directly with autograd skipped
+        (``torch._C._AutoDispatchBelowAutograd``). This is the dispatcher call and the C++
+        kernel, which the roofline charges as launches ("inner", "aten") of their own.
+* Reported (us): pyprune_forward = F - KF, pyprune_grad = G - F, pyprune_backward = B - E - KB.
+  Everything else a call does counts as pyprune's: argument checks, backend choice, views,
+  autograd wrappers and the aten calls the engine makes for it (zero gradients materialised
+  for non-differentiable outputs).
+* Rounds: every quantity of every op is timed once per round, in turn (interleaved, so a
+  shared machine's changing speed affects them alike); a figure is the median over rounds of
+  its per-round difference.
+* Limits: a kernel timed alone runs with warm caches and may cost more inside the call; that
+  excess lands in the pyprune figures. On a busy 2-core machine one run's figures still move
+  by up to ~1.5x; compare runs made back to back.
+
+The roofline's ``host_us`` pyprune_* entries are the median of three runs of this script,
+rounded to 5 us; they assume the GPU machine's host runs Python as fast as the machine that
+measured them.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import pyprune
+
+OPS = ("kwta", "sap", "noise", "cas", "masked_conv")
+FIGURES = ("pyprune_forward", "pyprune_grad", "pyprune_backward")
+SHAPE = (2, 4, 4, 4)
+_NO_GRAD = ("F", "KF")  # the quantities timed with grad mode off
+
+
+@dataclass
+class Spec:
+    """One op's call: ``fn(*inputs)``, differentiated w.r.t. ``inputs[i]`` for i in ``wrt``."""
+
+    fn: Callable[..., Any]
+    inputs: tuple
+    wrt: tuple[int, ...]
+
+
+def _specs() -> dict[str, Spec]:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(SHAPE, generator=gen)
+    n, c = SHAPE[:2]
+    weight = torch.randn(10, c, generator=gen)
+    bias = torch.randn(10, generator=gen)
+    label = torch.randint(10, (n,), generator=gen)
+    conv_weight = torch.randn(c, c, 3, 3, generator=gen)
+    conv_bias = torch.randn(c, generator=gen)
+    out_mask = torch.tensor([True, False] * (c // 2))
+    return {
+        "kwta": Spec(lambda x: pyprune.kwta(x, 0.25), (x,), (0,)),
+        "sap": Spec(lambda x: pyprune.sap(x, 1.0), (x.abs(),), (0,)),
+        "noise": Spec(lambda x: pyprune.gaussian_noise(x, 0.1, multiplicative=True), (x,), (0,)),
+        "cas": Spec(pyprune.cas, (x, weight, bias, label), (0, 1, 2)),
+        "masked_conv": Spec(
+            lambda x, w, b: pyprune.masked_conv2d(x, w, b, 1, 1, out_mask=out_mask),
+            (x, conv_weight, conv_bias), (0, 1, 2)),
+    }
+
+
+def _forced(fn: Callable[..., Any]) -> Callable[..., Any]:
+    def call(*args: Any) -> Any:
+        with pyprune.use_backend("cpu"):
+            return fn(*args)
+
+    return call
+
+
+class _Recorder(TorchDispatchMode):
+    """Records the kernels a call reaches: pyprune ops and seed draws, with their arguments."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.namespace == "pyprune" or func.__name__.startswith("randint"):
+            self.calls.append((func, args, kwargs))
+        return func(*args, **kwargs)
+
+
+def _replay(calls: list[tuple]) -> Callable[[], None]:
+    def run() -> None:
+        with torch._C._AutoDispatchBelowAutograd():
+            for func, args, kwargs in calls:
+                func(*args, **kwargs)
+
+    return run
+
+
+def _outputs(out: Any) -> list[torch.Tensor]:
+    return [o for o in (out if isinstance(out, tuple) else (out,)) if o.requires_grad]
+
+
+def _quantities(spec: Spec) -> tuple[dict[str, Callable[[], Any]], dict[str, list]]:
+    """The timed callables of one op (F, G, B, E, KF, KB) and the kernels recorded."""
+    fn = _forced(spec.fn)
+    plain = spec.inputs
+    args = [t if t is None or i not in spec.wrt else t.detach().requires_grad_()
+            for i, t in enumerate(spec.inputs)]
+    targets = [args[i] for i in spec.wrt]
+
+    def forward() -> Any:
+        return fn(*plain)
+
+    graph = _outputs(fn(*args))
+    gen = torch.Generator().manual_seed(1)
+    grads = [torch.randn(o.shape, dtype=o.dtype, generator=gen) for o in graph]
+
+    def backward() -> Any:
+        return torch.autograd.grad(graph, targets, grads, retain_graph=True)
+
+    leaves = [torch.randn(o.shape, dtype=o.dtype, requires_grad=True) for o in graph]
+    views = [leaf.view_as(leaf) for leaf in leaves]
+
+    def engine() -> Any:
+        return torch.autograd.grad(views, leaves, grads, retain_graph=True)
+
+    with _Recorder() as fwd_calls, torch.no_grad():
+        forward()
+    with _Recorder() as bwd_calls:
+        backward()
+    recorded = {"KF": fwd_calls.calls, "KB": bwd_calls.calls}
+    timed = {
+        "F": forward,
+        "G": lambda: fn(*args),
+        "B": backward,
+        "E": engine,
+        "KF": _replay(fwd_calls.calls),
+        "KB": _replay(bwd_calls.calls),
+    }
+    return timed, recorded
+
+
+def _block(fn: Callable[[], Any], calls: int, grad: bool = True) -> float:
+    with torch.set_grad_enabled(grad):
+        start = time.thread_time_ns()
+        for _ in range(calls):
+            fn()
+        return (time.thread_time_ns() - start) / calls * 1e-3
+
+
+def measure(ops: tuple[str, ...] = OPS, rounds: int = 21, block_ms: float = 20.0,
+            verbose: bool = False) -> dict[str, dict[str, float]]:
+    """{figure: {op: us}} for the FIGURES, medians over ``rounds`` interleaved rounds."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    specs = _specs()
+    timed = {}
+    for op in ops:
+        timed[op], recorded = _quantities(specs[op])
+        if verbose:
+            for key, calls in recorded.items():
+                print(f"{op} {key}: " + ", ".join(str(c[0]) for c in calls))
+    sizes = {}
+    for op in ops:  # warm up; size each block to about block_ms
+        for key, fn in timed[op].items():
+            _block(fn, 20, key not in _NO_GRAD)
+            sizes[op, key] = max(10, int(block_ms * 1e3 / _block(fn, 20, key not in _NO_GRAD)))
+    samples: dict[tuple[str, str], list[float]] = {key: [] for key in sizes}
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for _ in range(rounds):
+            for op in ops:
+                for key, fn in timed[op].items():
+                    samples[op, key].append(_block(fn, sizes[op, key], key not in _NO_GRAD))
+            gc.collect()
+    finally:
+        if enabled:
+            gc.enable()
+        torch.set_num_threads(threads)
+    result: dict[str, dict[str, float]] = {f: {} for f in FIGURES}
+    for op in ops:
+        s = {key: samples[op, key] for key in timed[op]}
+        per_round = list(zip(*(s[k] for k in ("F", "G", "B", "E", "KF", "KB"))))
+        result["pyprune_forward"][op] = statistics.median(f - kf for f, _, _, _, kf, _ in per_round)
+        result["pyprune_grad"][op] = statistics.median(g - f for f, g, *_ in per_round)
+        result["pyprune_backward"][op] = statistics.median(
+            b - e - kb for _, _, b, e, _, kb in per_round)
+        if verbose:
+            print(f"{op}: " + ", ".join(f"{k} {statistics.median(v):.1f}" for k, v in s.items()))
+    return result
+
+
+def _round5(us: float) -> float:
+    return max(0.0, 5.0 * round(us / 5.0))
+
+
+def table(result: dict[str, dict[str, float]]) -> str:
+    """The figures as host_us entries (rounded to 5 us), each op's exact value beside them."""
+    lines = []
+    for figure in FIGURES:
+        entries = ", ".join(f'"{op}": {_round5(us):.1f}' for op, us in result[figure].items())
+        exact = ", ".join(f"{op} {us:.1f}" for op, us in result[figure].items())
+        lines.append(f'"{figure}": {{{entries}}},  # {exact}')
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.host_overhead",
+                                     description=__doc__.split("\n\n")[1])
+    parser.add_argument("--op", action="append", choices=OPS, help="op (repeatable; default all)")
+    parser.add_argument("--rounds", type=int, default=21, help="interleaved rounds (default 21)")
+    parser.add_argument("--block-ms", type=float, default=20.0,
+                        help="time of one block of calls (default 20 ms)")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="print the recorded kernels and the raw medians (us)")
+    args = parser.parse_args()
+    result = measure(tuple(args.op or OPS), args.rounds, args.block_ms, args.verbose)
+    print(table(result))
+
+
+if __name__ == "__main__":
+    main()
