@@ -91,7 +91,8 @@ sap (csrc/cuda/sap.cu, triton_kernels/sap.py); r = L draws, x after a ReLU
   cuda         a seed from torch.randint (one small launch), then three launches over many
                blocks per sample: partials (|x| sums of 2048-element chunks in 16-byte packs;
                exact: the spacing sums of 1024-draw chunks, one Philox per 4 draws), the
-               per-sample prefix sums (one thread per sequence, fixed order), then exact: a
+               per-sample prefix sums (one thread per sequence, fixed order; bernoulli with
+               at most 64 chunks a sample: none, each block's thread 0 adds them), then exact: a
                merge block per element chunk (the draw chunks reaching its range regenerated,
                a draw chunk inside one element flagged without being generated, a search in
                shared memory per draw); bernoulli: one elementwise pass (one Philox per 4
@@ -103,7 +104,7 @@ sap (csrc/cuda/sap.cu, triton_kernels/sap.py); r = L draws, x after a ReLU
                in 660 persistent programs (regenerated draws of the reaching draw chunks, a
                binary search per draw over the chunk's bounds in an L1-resident scratch slot);
                bernoulli: one elementwise pass (one Philox per 4 elements, q by series,
-               ~125 ops an element). Bytes:
+               ~95 ops an element). Bytes:
                3n forward (x twice, from L2 where all of x fits), 4n backward; exact is
                issue-bound (~200 ops an element) or latency-bound at small batch.
   eager        abs, sum, div, torch.multinomial (copy, copy, renorm, cumsum, the draws: 8-byte
@@ -456,20 +457,23 @@ def triton_kwta_config(length: int) -> tuple[int, int]:
 
 
 TRITON_KWTA_MAX_BLOCK = 4096  # kwta._FWD_MAX_BLOCK: larger groups take the split path
-TRITON_KWTA_SAMPLE = 4096  # kwta._SAMPLE
+TRITON_KWTA_SAMPLE = (1024, 4096)  # kwta._SAMPLE_MIN, kwta._SAMPLE
 TRITON_KWTA_CAND_MIN = 16384  # kwta._CAND_MIN
-TRITON_KWTA_SELECT_WARPS = 8  # kwta._SELECT_NUM_WARPS
+TRITON_KWTA_BAND_BINS = 1024  # kwta._BAND_BINS
+TRITON_KWTA_BIN_CAP = 256  # kwta._BIN_CAP
+TRITON_KWTA_TAIL = 2048  # kwta._TAIL
 
 
-def triton_kwta_split_config(groups: int, length: int) -> tuple[int, int, int, int, int]:
-    """kwta._split_config (less RUN): (SAMPLE, sample num_warps, chunk BLOCK, chunk num_warps,
-    select BLOCK); chunks of 4096 halved down to 1024 until a pass has 2 * 132 programs."""
-    sample = min(TRITON_KWTA_SAMPLE, _pow2(length))
-    block = 4096
+def triton_kwta_split_config(groups: int, length: int) -> tuple[int, int, int, int]:
+    """kwta._split_config (less RUN): (SAMPLE, sample num_warps, chunk BLOCK, chunk num_warps);
+    a sample of L / 64 within [1024, 4096]; chunks of 2048 halved down to 1024 until the filter
+    pass has 2 * 132 programs, 8 warps."""
+    pow2 = _pow2(length)
+    sample = min(TRITON_KWTA_SAMPLE[1], max(TRITON_KWTA_SAMPLE[0], pow2 // 64), pow2)
+    block = 2048
     while block > 1024 and groups * math.ceil(length / block) < 2 * 132:
         block //= 2
-    return (sample, min(max(sample // 256, 1), 16), block, min(max(block // 512, 1), 8),
-            min(2048, _pow2(length)))
+    return sample, min(max(sample // 256, 1), 16), block, 8
 
 
 def triton_cas_config(rows: int, channels: int, length: int, classes: int,
@@ -655,69 +659,101 @@ def _kwta_cuda_forward(p: Plan, groups: int, length: int, k: int) -> None:
              ops=numel * (20 * global_passes + 6), ctas=ctas, per_sm=per_sm, chain_us=chain)
 
 
-def kwta_candidates(length: int, k: int) -> float:
-    """Expected candidates of one group on the split path: the values between the sample
-    bracket's keys (kwta._kwta_sample_kernel: the sample ranks r -+ (4 sd + 16) around
-    r = k / L * m in a sample of m), a share of L; at most kwta._candidate_cap."""
-    m = min(length, TRITON_KWTA_SAMPLE)
+def _kwta_bracket(length: int, k: int) -> tuple[float, float, float]:
+    """(lo, hi, share): the N(0, 1) quantiles at the sample ranks r -+ (4 sd + 16) around
+    r = k / L * m of kwta._kwta_sample_kernel (a sample of m), and the share of L between them
+    (the band's candidates, at most kwta._candidate_cap)."""
+    m = triton_kwta_split_config(1, length)[0]
     q = k / length
     r, margin = q * m, 4 * math.sqrt(m * q * (1 - q)) + 16
-    ranks = min(math.ceil(r + margin), m) - max(math.floor(r - margin), 1)
-    return min(ranks / m * length, min(length, max(TRITON_KWTA_CAND_MIN, length // 8)))
+    top, bottom = max(math.floor(r - margin), 1) / m, min(math.ceil(r + margin), m) / m
+    normal = statistics.NormalDist()
+    hi, lo = normal.inv_cdf(1 - top), normal.inv_cdf(max(1 - bottom, 1e-9))
+    cap = min(length, max(TRITON_KWTA_CAND_MIN, length // 8)) / length
+    return lo, hi, min(bottom - top, cap)
+
+
+def kwta_candidates(length: int, k: int) -> float:
+    """Expected band candidates of one group on the split path."""
+    return _kwta_bracket(length, k)[2] * length
+
+
+# SASS of the Triton k-WTA kernels (sm_90), lane instructions an element: a 5-bit radix pass
+# (prefix match, digit, 32-bin tl.histogram; 198-355 in the pass loop of 4-8 keys a thread,
+# less ~40 for the digit pick), the sample's joint pass (a 64-bin histogram for two ranks), the
+# filter pass (key, compares, two block sums, the candidates' cumsum, stores) and the last
+# program's scan over the candidates.
+TRITON_KWTA_PASS_OPS = 40
+TRITON_KWTA_JOINT_PASS_OPS = 50
+TRITON_KWTA_FILTER_OPS = 30
+TRITON_KWTA_SCAN_OPS = 25
 
 
 def _kwta_triton_forward(p: Plan, groups: int, length: int, k: int) -> None:
     case, sms = p.case, p.gpu["sms"]
     e, numel = _esize(case), _numel(case)
     n = numel * e
-    hist_ops = 20  # per element and tl.histogram pass (issue 20: ~1250 a thread per tile)
 
     def lane_rate(warps: int) -> float:
         return p.sm_rate() * min(warps, 4) / 4  # a warp per scheduler at most
 
-    def select_us(elements: int, warps: int, passes: int) -> float:
-        """Radix passes over a block in registers: histogram work and two picks a pass."""
-        return passes * (elements * hist_ops / lane_rate(warps) + 2 * p.lat("tile_reduce"))
+    def passes_us(elements: int, warps: int, passes: int, ops: float, picks: int = 2) -> float:
+        """Radix passes over a block in registers: histogram work and the digit picks."""
+        return passes * (elements * ops / lane_rate(warps) + picks * p.lat("tile_reduce"))
 
     if length <= TRITON_KWTA_MAX_BLOCK:  # _kwta_forward_kernel: one program a group
         block, warps = triton_kwta_config(length)
         p.host("triton")
         p.kernel("_kwta_forward_kernel", "inner", hbm=2 * n,
-                 ops=groups * block * (4 * hist_ops + 10), ctas=groups,
-                 per_sm=_triton_per_sm(warps), chain_us=p.lat("dram") + select_us(block, warps, 4))
+                 ops=groups * block * (7 * TRITON_KWTA_PASS_OPS + 20), ctas=groups,
+                 per_sm=_triton_per_sm(warps),
+                 chain_us=p.lat("dram") + passes_us(block, warps, 7, TRITON_KWTA_PASS_OPS))
         return
-    sample, sample_warps, block, warps, select_block = triton_kwta_split_config(groups, length)
+    sample, sample_warps, block, warps = triton_kwta_split_config(groups, length)
     chunks = math.ceil(length / block)
     programs = groups * chunks
-    cand = kwta_candidates(length, k)
-    cand_bytes = groups * cand * e
-    # 1. Sample: min(L, 4096) values a group in runs of 16, two 4-pass selects in registers.
+    lo, hi, share = _kwta_bracket(length, k)
+    cand = share * length
+    cand_bytes = groups * cand * (e + 4)  # value and int32 position
+    # 1. Sample: m values a group in runs of 16, three joint passes (both ranks: 4 picks a
+    # pass) to 15-bit buckets; zeroes the group's counters and its 1024 bin counts.
     p.host("triton")
-    p.kernel("_kwta_sample_kernel", "inner", hbm=groups * (sample * e + 16),
-             ops=groups * sample * (8 * hist_ops + 10), ctas=groups,
+    p.kernel("_kwta_sample_kernel", "inner",
+             hbm=groups * (sample * e + 32 + TRITON_KWTA_BAND_BINS * 4),
+             ops=groups * sample * (3 * TRITON_KWTA_JOINT_PASS_OPS + 10), ctas=groups,
              per_sm=_triton_per_sm(sample_warps),
-             chain_us=p.lat("dram") + select_us(sample, sample_warps, 8))
-    # 2. Filter: x read once, the candidates written, 2 atomics a chunk (the store of the
-    # candidates waits for the second atomic's slot).
+             chain_us=p.lat("dram") + passes_us(sample, sample_warps, 3,
+                                                TRITON_KWTA_JOINT_PASS_OPS, picks=4))
+    # 2. Filter: x read once, out written once (the band as 0), the band's values and positions
+    # appended, one bin-count atomic per band element (L2), 3 counter atomics a program; the
+    # last program of each group (one dependent atomic round trip a program) then reads the
+    # bin counts, picks the threshold's bin, scans the candidates (those above the bin stored
+    # as kept, the bin's gathered), selects within the bin in registers (the bits of the bin's
+    # key range: ~L2(width) / 5 passes over 256 keys) and stores the bin's kept values.
+    # Candidate stores scattered over out: a 32-byte sector written (and filled: read) each.
+    per_sm = _triton_per_sm(warps)
+    waves = math.ceil(programs / (sms * per_sm))
+    program_us = p.lat("dram") + 3 * p.lat("l2")
+    bin_bits = max(1, math.ceil(math.log2(max(2, (_key(hi) - _key(lo)) / TRITON_KWTA_BAND_BINS))))
+    trips = math.ceil(cand / TRITON_KWTA_TAIL)
+    tail_us = (p.lat("l2") + 2 * p.lat("tile_reduce")
+               + trips * (p.lat("l2") + TRITON_KWTA_TAIL * TRITON_KWTA_SCAN_OPS / lane_rate(warps))
+               + p.lat("l2") + passes_us(TRITON_KWTA_BIN_CAP, warps, math.ceil(bin_bits / 5),
+                                         TRITON_KWTA_PASS_OPS))
+    kept_share = 0.5  # the band's half above the threshold is stored again
+    fixup_sectors = groups * length / 8 * (1 - (1 - kept_share * share) ** 8)
+    hbm = 2 * n + cand_bytes
+    fixup = p.reread(2 * 32 * fixup_sectors, n + cand_bytes)
+    hbm_us = (hbm + fixup.get("hbm", 0.0)) / (p.gpu["copy_gbps"] * 1e3)
+    # The latency term: the programs' round trips, or the stream of x where it is longer, then
+    # the last group's tail.
+    chain = (max(waves * program_us, hbm_us) + tail_us) / waves
     p.host("triton")
-    p.kernel("_kwta_filter_kernel", "inner", hbm=n + cand_bytes, l2=programs * 16,
-             ops=numel * 20, ctas=programs, per_sm=_triton_per_sm(warps),
-             chain_us=p.lat("dram") + p.lat("l2"))
-    # 3. Select: 4 passes over the candidates (just written: L2), each a `while` loop of
-    # dependent round trips over select-BLOCK chunks.
-    trips = math.ceil(cand / select_block)
-    sw = TRITON_KWTA_SELECT_WARPS
-    p.host("triton")
-    p.kernel("_kwta_select_kernel", "inner",
-             **_merge({"hbm": groups * e}, p.reread(4 * cand_bytes, cand_bytes)),
-             ops=4 * groups * cand * (hist_ops + 10), ctas=groups, per_sm=_triton_per_sm(sw),
-             chain_us=p.lat("l2") + 4 * (trips * (p.lat("l2") + select_block * hist_ops
-                                                   / lane_rate(sw)) + 2 * p.lat("tile_reduce")))
-    # 4. Mask: x read again (from L2 if the whole of x fits), out written.
-    p.host("triton")
-    p.kernel("_kwta_mask_kernel", "inner", **_merge({"hbm": n}, p.reread(n, n + cand_bytes)),
-             ops=numel * 10, ctas=programs, per_sm=_triton_per_sm(warps),
-             chain_us=p.lat("dram"))
+    p.kernel("_kwta_filter_kernel", "inner",
+             **_merge({"hbm": hbm, "l2": groups * cand * 4 + programs * 32 + groups * cand * (e + 4)},
+                      fixup),
+             ops=numel * TRITON_KWTA_FILTER_OPS + groups * cand * TRITON_KWTA_SCAN_OPS,
+             ctas=programs, per_sm=per_sm, chain_us=chain)
 
 
 def kwta_forward(p: Plan, provider: str, grad: bool) -> None:
@@ -803,6 +839,7 @@ CUDA_SAP_CHUNK = 2048  # kChunk: elements of a chunk (two packs of 4 a thread)
 CUDA_SAP_DRAW_GROUP = 1024  # kDrawGroup: draws of one Philox group a thread
 CUDA_SAP_WRITE_CHUNK = 2048  # kWriteChunk: bernoulli pass, 2 Philox groups a thread
 CUDA_SAP_MAX_DRAW_CHUNKS = 1 << 16  # kMaxDrawChunks
+CUDA_SAP_OWN_TOTAL = 64  # kBernoulliOwnTotal: bernoulli samples of at most this many chunks
 
 
 def cuda_sap_chunks(length: int, draws: int, exact: bool) -> tuple[int, int, int, int]:
@@ -845,12 +882,15 @@ def _sap_cuda(p: Plan, rows: int, length: int, draws: int, exact: bool, backward
     p.kernel("sap_partials_kernel", "inner", hbm=n + ws, ops=ops, ctas=rows * (k + nb),
              per_sm=per_sm, chain_us=chain)
     # 2. Prefix: a block per sample, one thread per sequence adding 8 staged values per shared
-    # round trip (dependent FADDs of ~4 cycles).
-    steps = max(k, nb)
-    chain = math.ceil(steps / 256) * (lat("dram") + 2 * lat("barrier") + lat("l2")) + steps * (
-        lat("smem") / 8 + 0.0023)
-    p.kernel("sap_prefix_kernel", "inner", hbm=2 * ws, ops=rows * (k + nb) * 12, ctas=rows,
-             per_sm=8, chain_us=chain)
+    # round trip (dependent FADDs of ~4 cycles). Bernoulli samples of at most
+    # CUDA_SAP_OWN_TOTAL chunks skip it: thread 0 of each bernoulli block adds the K partials.
+    own_total = not exact and k <= CUDA_SAP_OWN_TOTAL
+    if not own_total:
+        steps = max(k, nb)
+        chain = math.ceil(steps / 256) * (lat("dram") + 2 * lat("barrier") + lat("l2")) + steps * (
+            lat("smem") / 8 + 0.0023)
+        p.kernel("sap_prefix_kernel", "inner", hbm=2 * ws, ops=rows * (k + nb) * 12, ctas=rows,
+                 per_sm=8, chain_us=chain)
     # 3. x again (from L2 where all of x stayed there since launch 1), grad in backward, out.
     reads = _merge({"hbm": n} if backward else {}, p.reread(n, n))
     if exact:
@@ -873,10 +913,18 @@ def _sap_cuda(p: Plan, rows: int, length: int, draws: int, exact: bool, backward
                  chain_us=chain)
     else:
         # Elementwise, a block per (sample, chunk of 2048 global values): one Philox per 4
-        # elements, q, the uniform compare, src / q; 16-byte packs.
+        # elements, q, the uniform compare, src / q; 16-byte packs. Without the prefix launch,
+        # thread 0 first adds the sample's K partials (L2 reads, dependent FADDs of ~4 cycles)
+        # while the other warps load and run their Philox; two barriers.
         ops = rows * length * (80 / 4 + 30 + 5 + 4 + 8)
-        p.kernel("sap_bernoulli_kernel", "inner", **_merge(reads, {"hbm": n}), ops=ops,
-                 ctas=rows * kw, per_sm=per_sm, chain_us=lat("dram") + 2 * lat("philox"))
+        chain = lat("dram") + 2 * lat("philox")
+        l2 = {}
+        if own_total:
+            ops += rows * kw * k * 2
+            chain = max(chain, lat("l2") + k * 0.0023 + 2 * lat("barrier"))
+            l2 = {"l2": rows * kw * k * acc}
+        p.kernel("sap_bernoulli_kernel", "inner", **_merge(reads, {"hbm": n}, l2), ops=ops,
+                 ctas=rows * kw, per_sm=per_sm, chain_us=chain)
 
 
 def _sap_kernel(p: Plan, provider: str, backward: bool) -> None:
@@ -901,8 +949,10 @@ def _sap_triton(p: Plan, rows: int, length: int, draws: int, exact: bool, backwa
     log and a cumsum (~60 ops a draw) and a binary search of log2(E) dependent L1 loads per
     draw (~6 ops a step); ~60 ops an element for the bounds, q and the write. Bernoulli: one
     elementwise pass, 2048 elements a program in 8 warps (each first sums the sample's K
-    partials from L2), one Philox per 4: ~125 ops an element in the sm_90 SASS (~86 an
-    element and ~310 a thread for the seed, the total, the small-p test and index setup)."""
+    partials from L2), one Philox per 4: ~95 ops an element in the sm_90 SASS of the
+    float32 variant on the path of a block whose p are all below 2^-7 (every block of the
+    benchmarks' samples: 757 instructions a thread of 8 elements with one pass over the
+    partials; the Goldberg log path, ~290 more, is skipped)."""
     cfg = triton_sap_config(length, draws)
     e = _esize(p.case)
     n = rows * length * e
@@ -944,7 +994,7 @@ def _sap_triton(p: Plan, rows: int, length: int, draws: int, exact: bool, backwa
         blocks = rows * math.ceil((length + 3) / cfg["BLOCK"])
         p.kernel("_sap_bernoulli_kernel", "inner",
                  **_merge(again, src, {"hbm": n, "l2": blocks * k * 4}),
-                 ops=rows * length * 125, ctas=blocks, per_sm=3,
+                 ops=rows * length * 95, ctas=blocks, per_sm=3,
                  chain_us=lat("l2") + 2 * lat("dram") + lat("philox") + 3 * lat("tile_reduce"))
 
 

@@ -100,15 +100,20 @@ def test_sap_bytes():
         assert roofline.cuda_sap_chunks(65536, 65536, exact)[:2] == (k_chunks, nb)
         assert fwd["sap_partials_kernel"].hbm == n + ws
         assert fwd["sap_partials_kernel"].ctas == 128 * (k_chunks + nb)
-        assert fwd["sap_prefix_kernel"].hbm == 2 * ws
+        if exact:
+            assert fwd["sap_prefix_kernel"].hbm == 2 * ws
+        else:  # 32 chunks: each bernoulli block adds the sample's partials itself
+            assert "sap_prefix_kernel" not in fwd
         third = "sap_merge_kernel" if exact else "sap_bernoulli_kernel"
         assert fwd[third].hbm == 2 * n
         bwd = kernels("sap", case, roofline.CUDA, "backward")
         assert bwd["sap_partials_kernel"].hbm == n + ws
         assert bwd[third].hbm == 3 * n  # x again, grad, grad_x
-    # Batch 8: x (2 MiB) stays in L2 between the partials and pass 3.
+    # Batch 8: x (2 MiB) stays in L2 between the partials and pass 3; each of the KW blocks of
+    # a sample reads its K partials from L2.
     k = kernels("sap", Case((8, 64, 32, 32), "bernoulli"), roofline.CUDA, "forward")
-    assert (k["sap_bernoulli_kernel"].hbm, k["sap_bernoulli_kernel"].l2) == (n / 16, n / 16)
+    _, _, _, kw = roofline.cuda_sap_chunks(65536, 65536, False)
+    assert (k["sap_bernoulli_kernel"].hbm, k["sap_bernoulli_kernel"].l2) == (n / 16, n / 16 + 8 * kw * 32 * 4)
     eager = kernels("sap", Case((128, 64, 32, 32), "exact"), roofline.EAGER, "forward")
     assert eager["multinomial: sampleMultinomialWithReplacement"].hbm == 128 * 65536 * 8
 

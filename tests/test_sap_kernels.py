@@ -259,6 +259,27 @@ def test_cuda_mass_on_one_element(at):
 
 @pytest.mark.gpu
 @_needs_cuda
+def test_cuda_bernoulli_total_with_and_without_the_prefix_launch():
+    """A bernoulli sample of at most 64 chunks of 2048 elements has its total summed by the
+    elementwise blocks (no prefix launch), a longer one by the prefix kernel: both sum the
+    partials in the same order. A row with one more element, a zero (a 65th chunk whose partial
+    is 0: the same total, the same stream for the shared elements), takes the prefix path and
+    keeps the same elements with the same values."""
+    L = 64 * 2048
+    gen = torch.Generator().manual_seed(5)
+    x = (torch.rand(1, L, generator=gen) * torch.logspace(-2, 1, L)).cuda()
+    longer = torch.cat([x, torch.zeros(1, 1, device="cuda")], 1)
+    for r in (1000, L):
+        out = _cuda_sap(x, r, False, [17, 18])
+        assert torch.equal(_cuda_sap(longer, r, False, [17, 18])[:, :L], out)
+        q = reference.sap_keep_probability(x, r).double()
+        kept = out != 0
+        torch.testing.assert_close(out[kept].double(), (x.double() / q)[kept], rtol=1e-5, atol=0)
+        _counts_within(kept, q)
+
+
+@pytest.mark.gpu
+@_needs_cuda
 def test_cuda_result_does_not_depend_on_the_batch():
     """A sample's draws depend on its index, r and L only, not on the batch size (the chunk sizes
     are functions of L and r)."""

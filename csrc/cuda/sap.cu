@@ -1,7 +1,8 @@
 // Stochastic activation pruning on CUDA, each sample split across many blocks so that the grid
 // fills the GPU at every batch size and no block walks a whole sample. Three launches, no host
 // sync (the seed is read from device memory: CUDA-graph safe), a workspace of (N, K + NB) acc_t
-// from the caching allocator (K element chunks, NB draw chunks per sample):
+// from the caching allocator (K element chunks, NB draw chunks per sample); two in bernoulli mode
+// where a sample has at most kBernoulliOwnTotal element chunks (no prefix launch):
 //
 //  1. partials, a block per (sample, chunk): an element chunk (kChunk = 2048 consecutive
 //     elements, two packs of 4 a thread) sums |x|; in exact mode a draw chunk (W Philox groups a
@@ -11,7 +12,8 @@
 //     (draws), each summed sequentially in a fixed order by one thread, hence deterministic and
 //     monotone;
 //  3. exact: merge + write, a block per (sample, element chunk k); bernoulli: the elementwise
-//     pass, one Philox per 4 elements, q from the stored total.
+//     pass, one Philox per 4 elements, q from the stored total (or, without the prefix launch,
+//     from the sample's partials summed by thread 0 of the block in the prefix kernel's order).
 //
 // Positions, in the units of C (prefix of |x|): chunk k owns [B_{k-1}, B_k) (the last chunk
 // [B_{K-2}, inf)), so the chunks partition the line and every draw lands in exactly one chunk.
@@ -60,6 +62,10 @@ constexpr int64_t kDrawGroup = kThreads * kItems;  // draws of one Philox group 
 constexpr int kWriteGroups = 2;  // bernoulli pass: Philox groups a thread
 constexpr int64_t kWriteChunk = kDrawGroup * kWriteGroups;
 constexpr int64_t kMaxDrawChunks = int64_t{1} << 16;  // per sample (the workspace for huge r)
+// Bernoulli samples of at most this many element chunks (L <= 131072) skip the prefix launch:
+// thread 0 of each bernoulli block adds the sample's partials itself, in the prefix kernel's
+// order (the same total bit for bit), a few hundred cycles where a launch costs microseconds.
+constexpr int64_t kBernoulliOwnTotal = 64;
 
 // Register budgets as blocks of 256 per SM (>= 2: 25% occupancy).
 template <typename scalar_t>
@@ -94,6 +100,7 @@ struct SapParams {
   bool vec_x;    // x's rows in 4-element packs (partials, exact merge)
   bool vec_out;  // x, src, out in packs for pass 3 (exact: rows; bernoulli: global index)
   bool same;     // src is x (forward)
+  bool own_total;  // bernoulli: ws holds the partials, each block sums its sample's (no prefix)
 };
 
 template <typename scalar_t>
@@ -587,6 +594,7 @@ template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads, stream_min_blocks<scalar_t>())
     sap_bernoulli_kernel(const SapParams<scalar_t> p) {
   using acc_t = at::opmath_type<scalar_t>;
+  __shared__ acc_t shared_total;
   const int tid = threadIdx.x;
   const Seed seed = load_seed(p);
   const uint64_t items = static_cast<uint64_t>(p.N) * static_cast<uint64_t>(p.KW);
@@ -607,7 +615,21 @@ __global__ void __launch_bounds__(kThreads, stream_min_blocks<scalar_t>())
       load4(x, p.xs1, j0[u], p.L, p.vec_out, a[u]);
       if (!p.same) load4(src, p.ss1, j0[u], p.L, p.vec_out, g[u]);
     }
-    const Total<acc_t> tot(p.ws[n * p.K + p.K - 1]);
+    acc_t raw_total;
+    if (p.own_total) {  // block-uniform: every thread takes both barriers
+      if (tid == 0) {
+        const acc_t* wsn = p.ws + n * p.K;
+        acc_t carry = 0;
+        for (int64_t c = 0; c < p.K; ++c) carry += wsn[c];  // sap_prefix_kernel's order
+        shared_total = carry;
+      }
+      __syncthreads();
+      raw_total = shared_total;
+      __syncthreads();  // read by all before the next item's thread 0 rewrites it
+    } else {
+      raw_total = p.ws[n * p.K + p.K - 1];
+    }
+    const Total<acc_t> tot(raw_total);
     const acc_t r = static_cast<acc_t>(p.r);
 #pragma unroll
     for (int u = 0; u < kWriteGroups; ++u) {
@@ -683,8 +705,11 @@ at::Tensor sap_cuda_common(const at::Tensor& src, const at::Tensor& x, const at:
                       : flat_vec(x) && flat_vec(src) && flat_vec(out);
     sap_partials_kernel<scalar_t><<<grid_for(N * (K + NB)), kThreads, 0, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    sap_prefix_kernel<acc_t><<<grid_for(N), kThreads, 0, stream>>>(p.ws, N, K, NB);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    p.own_total = !exact && K <= kBernoulliOwnTotal;
+    if (!p.own_total) {
+      sap_prefix_kernel<acc_t><<<grid_for(N), kThreads, 0, stream>>>(p.ws, N, K, NB);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
     if (exact) {
       sap_merge_kernel<scalar_t><<<grid_for(N * K), kThreads, 0, stream>>>(p);
     } else {
