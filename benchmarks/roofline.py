@@ -74,14 +74,15 @@ kwta (csrc/cuda/kwta.cu, triton_kernels/kwta.py)
                threshold), later passes read shared memory; the masked write reads x and writes
                out: 3 reads + 1 write for every case here; ~20 ops/elem per global pass.
   cuda bwd     one elementwise pass: grad + x read, grad_x written: 3n.
-  triton fwd   L <= 4096: one program per group, x in registers, 4 histogram passes: 2n.
-               Else four launches (kwta._split_forward): sample (one program a group, min(L,
-               4096) values, two 4-pass selects in registers), filter (groups * L / chunk
-               programs, chunk 4096 halved down to 1024 until >= 264 programs: x read once,
-               the candidates between the sample's bracket written, ~4.5% of L at k = L/10,
-               2 atomics a chunk), select (one program a group, 4 passes over the candidates
-               from L2, a dependent round trip per 2048), mask (x read again, from L2 where
-               all of x fits, out written): 3n + candidates; ~20 ops/elem per histogram pass.
+  triton fwd   L <= 4096: one program per group, x in registers, 7 radix passes of 5 bits
+               (~40 SASS instructions an element a pass): 2n. Else two launches
+               (kwta._split_forward): sample (one program a group, L/64 values within [1024,
+               4096], 3 joint passes for both bracket ends), filter (groups * L / chunk
+               programs, chunk 2048 or 1024: x read once, out written once, the band's values
+               and positions appended and counted in 1024 bins by atomics; the last program of
+               each group picks the threshold's bin, scans the candidates, selects within the
+               bin in registers and stores the band's kept values, a sector each): 2n +
+               candidates + the kept band's sectors.
   triton bwd   as cuda: 3n.
   eager        torch.topk (multi-block radix select: 4 digit passes + gather = 5 reads, plus
                the sorted=True sort of the k results, in place for k <= 4096, else at::sort),
@@ -453,24 +454,27 @@ def _triton_per_sm(warps: int) -> int:
 def triton_kwta_config(length: int) -> tuple[int, int]:
     """kwta._forward_config, groups of L <= 4096 held in registers: (BLOCK, num_warps)."""
     block = max(_pow2(length), 32)
-    return block, min(max(block // 128, 1), 16)
+    return block, min(max(block // 128, 1), 8)
 
 
 TRITON_KWTA_MAX_BLOCK = 4096  # kwta._FWD_MAX_BLOCK: larger groups take the split path
-TRITON_KWTA_SAMPLE = 4096  # kwta._SAMPLE
+TRITON_KWTA_SAMPLE = (1024, 4096)  # kwta._SAMPLE_MIN, kwta._SAMPLE
 TRITON_KWTA_CAND_MIN = 16384  # kwta._CAND_MIN
-TRITON_KWTA_SELECT_WARPS = 8  # kwta._SELECT_NUM_WARPS
+TRITON_KWTA_BAND_BINS = 1024  # kwta._BAND_BINS
+TRITON_KWTA_BIN_CAP = 256  # kwta._BIN_CAP
+TRITON_KWTA_TAIL = 2048  # kwta._TAIL
 
 
-def triton_kwta_split_config(groups: int, length: int) -> tuple[int, int, int, int, int]:
-    """kwta._split_config (less RUN): (SAMPLE, sample num_warps, chunk BLOCK, chunk num_warps,
-    select BLOCK); chunks of 4096 halved down to 1024 until a pass has 2 * 132 programs."""
-    sample = min(TRITON_KWTA_SAMPLE, _pow2(length))
-    block = 4096
+def triton_kwta_split_config(groups: int, length: int) -> tuple[int, int, int, int]:
+    """kwta._split_config (less RUN): (SAMPLE, sample num_warps, chunk BLOCK, chunk num_warps);
+    a sample of L / 64 within [1024, 4096]; chunks of 2048 halved down to 1024 until the filter
+    pass has 2 * 132 programs, 8 warps."""
+    pow2 = _pow2(length)
+    sample = min(TRITON_KWTA_SAMPLE[1], max(TRITON_KWTA_SAMPLE[0], pow2 // 64), pow2)
+    block = 2048
     while block > 1024 and groups * math.ceil(length / block) < 2 * 132:
         block //= 2
-    return (sample, min(max(sample // 256, 1), 16), block, min(max(block // 512, 1), 8),
-            min(2048, _pow2(length)))
+    return sample, min(max(sample // 256, 1), 16), block, 8
 
 
 def triton_cas_config(rows: int, channels: int, length: int, classes: int,
@@ -656,69 +660,101 @@ def _kwta_cuda_forward(p: Plan, groups: int, length: int, k: int) -> None:
              ops=numel * (20 * global_passes + 6), ctas=ctas, per_sm=per_sm, chain_us=chain)
 
 
-def kwta_candidates(length: int, k: int) -> float:
-    """Expected candidates of one group on the split path: the values between the sample
-    bracket's keys (kwta._kwta_sample_kernel: the sample ranks r -+ (4 sd + 16) around
-    r = k / L * m in a sample of m), a share of L; at most kwta._candidate_cap."""
-    m = min(length, TRITON_KWTA_SAMPLE)
+def _kwta_bracket(length: int, k: int) -> tuple[float, float, float]:
+    """(lo, hi, share): the N(0, 1) quantiles at the sample ranks r -+ (4 sd + 16) around
+    r = k / L * m of kwta._kwta_sample_kernel (a sample of m), and the share of L between them
+    (the band's candidates, at most kwta._candidate_cap)."""
+    m = triton_kwta_split_config(1, length)[0]
     q = k / length
     r, margin = q * m, 4 * math.sqrt(m * q * (1 - q)) + 16
-    ranks = min(math.ceil(r + margin), m) - max(math.floor(r - margin), 1)
-    return min(ranks / m * length, min(length, max(TRITON_KWTA_CAND_MIN, length // 8)))
+    top, bottom = max(math.floor(r - margin), 1) / m, min(math.ceil(r + margin), m) / m
+    normal = statistics.NormalDist()
+    hi, lo = normal.inv_cdf(1 - top), normal.inv_cdf(max(1 - bottom, 1e-9))
+    cap = min(length, max(TRITON_KWTA_CAND_MIN, length // 8)) / length
+    return lo, hi, min(bottom - top, cap)
+
+
+def kwta_candidates(length: int, k: int) -> float:
+    """Expected band candidates of one group on the split path."""
+    return _kwta_bracket(length, k)[2] * length
+
+
+# SASS of the Triton k-WTA kernels (sm_90), lane instructions an element: a 5-bit radix pass
+# (prefix match, digit, 32-bin tl.histogram; 198-355 in the pass loop of 4-8 keys a thread,
+# less ~40 for the digit pick), the sample's joint pass (a 64-bin histogram for two ranks), the
+# filter pass (key, compares, two block sums, the candidates' cumsum, stores) and the last
+# program's scan over the candidates.
+TRITON_KWTA_PASS_OPS = 40
+TRITON_KWTA_JOINT_PASS_OPS = 50
+TRITON_KWTA_FILTER_OPS = 30
+TRITON_KWTA_SCAN_OPS = 25
 
 
 def _kwta_triton_forward(p: Plan, groups: int, length: int, k: int) -> None:
     case, sms = p.case, p.gpu["sms"]
     e, numel = _esize(case), _numel(case)
     n = numel * e
-    hist_ops = 20  # per element and tl.histogram pass (issue 20: ~1250 a thread per tile)
 
     def lane_rate(warps: int) -> float:
         return p.sm_rate() * min(warps, 4) / 4  # a warp per scheduler at most
 
-    def select_us(elements: int, warps: int, passes: int) -> float:
-        """Radix passes over a block in registers: histogram work and two picks a pass."""
-        return passes * (elements * hist_ops / lane_rate(warps) + 2 * p.lat("tile_reduce"))
+    def passes_us(elements: int, warps: int, passes: int, ops: float, picks: int = 2) -> float:
+        """Radix passes over a block in registers: histogram work and the digit picks."""
+        return passes * (elements * ops / lane_rate(warps) + picks * p.lat("tile_reduce"))
 
     if length <= TRITON_KWTA_MAX_BLOCK:  # _kwta_forward_kernel: one program a group
         block, warps = triton_kwta_config(length)
         p.host("triton")
         p.kernel("_kwta_forward_kernel", "inner", hbm=2 * n,
-                 ops=groups * block * (4 * hist_ops + 10), ctas=groups,
-                 per_sm=_triton_per_sm(warps), chain_us=p.lat("dram") + select_us(block, warps, 4))
+                 ops=groups * block * (7 * TRITON_KWTA_PASS_OPS + 20), ctas=groups,
+                 per_sm=_triton_per_sm(warps),
+                 chain_us=p.lat("dram") + passes_us(block, warps, 7, TRITON_KWTA_PASS_OPS))
         return
-    sample, sample_warps, block, warps, select_block = triton_kwta_split_config(groups, length)
+    sample, sample_warps, block, warps = triton_kwta_split_config(groups, length)
     chunks = math.ceil(length / block)
     programs = groups * chunks
-    cand = kwta_candidates(length, k)
-    cand_bytes = groups * cand * e
-    # 1. Sample: min(L, 4096) values a group in runs of 16, two 4-pass selects in registers.
+    lo, hi, share = _kwta_bracket(length, k)
+    cand = share * length
+    cand_bytes = groups * cand * (e + 4)  # value and int32 position
+    # 1. Sample: m values a group in runs of 16, three joint passes (both ranks: 4 picks a
+    # pass) to 15-bit buckets; zeroes the group's counters and its 1024 bin counts.
     p.host("triton")
-    p.kernel("_kwta_sample_kernel", "inner", hbm=groups * (sample * e + 16),
-             ops=groups * sample * (8 * hist_ops + 10), ctas=groups,
+    p.kernel("_kwta_sample_kernel", "inner",
+             hbm=groups * (sample * e + 32 + TRITON_KWTA_BAND_BINS * 4),
+             ops=groups * sample * (3 * TRITON_KWTA_JOINT_PASS_OPS + 10), ctas=groups,
              per_sm=_triton_per_sm(sample_warps),
-             chain_us=p.lat("dram") + select_us(sample, sample_warps, 8))
-    # 2. Filter: x read once, the candidates written, 2 atomics a chunk (the store of the
-    # candidates waits for the second atomic's slot).
+             chain_us=p.lat("dram") + passes_us(sample, sample_warps, 3,
+                                                TRITON_KWTA_JOINT_PASS_OPS, picks=4))
+    # 2. Filter: x read once, out written once (the band as 0), the band's values and positions
+    # appended, one bin-count atomic per band element (L2), 3 counter atomics a program; the
+    # last program of each group (one dependent atomic round trip a program) then reads the
+    # bin counts, picks the threshold's bin, scans the candidates (those above the bin stored
+    # as kept, the bin's gathered), selects within the bin in registers (the bits of the bin's
+    # key range: ~L2(width) / 5 passes over 256 keys) and stores the bin's kept values.
+    # Candidate stores scattered over out: a 32-byte sector written (and filled: read) each.
+    per_sm = _triton_per_sm(warps)
+    waves = math.ceil(programs / (sms * per_sm))
+    program_us = p.lat("dram") + 3 * p.lat("l2")
+    bin_bits = max(1, math.ceil(math.log2(max(2, (_key(hi) - _key(lo)) / TRITON_KWTA_BAND_BINS))))
+    trips = math.ceil(cand / TRITON_KWTA_TAIL)
+    tail_us = (p.lat("l2") + 2 * p.lat("tile_reduce")
+               + trips * (p.lat("l2") + TRITON_KWTA_TAIL * TRITON_KWTA_SCAN_OPS / lane_rate(warps))
+               + p.lat("l2") + passes_us(TRITON_KWTA_BIN_CAP, warps, math.ceil(bin_bits / 5),
+                                         TRITON_KWTA_PASS_OPS))
+    kept_share = 0.5  # the band's half above the threshold is stored again
+    fixup_sectors = groups * length / 8 * (1 - (1 - kept_share * share) ** 8)
+    hbm = 2 * n + cand_bytes
+    fixup = p.reread(2 * 32 * fixup_sectors, n + cand_bytes)
+    hbm_us = (hbm + fixup.get("hbm", 0.0)) / (p.gpu["copy_gbps"] * 1e3)
+    # The latency term: the programs' round trips, or the stream of x where it is longer, then
+    # the last group's tail.
+    chain = (max(waves * program_us, hbm_us) + tail_us) / waves
     p.host("triton")
-    p.kernel("_kwta_filter_kernel", "inner", hbm=n + cand_bytes, l2=programs * 16,
-             ops=numel * 20, ctas=programs, per_sm=_triton_per_sm(warps),
-             chain_us=p.lat("dram") + p.lat("l2"))
-    # 3. Select: 4 passes over the candidates (just written: L2), each a `while` loop of
-    # dependent round trips over select-BLOCK chunks.
-    trips = math.ceil(cand / select_block)
-    sw = TRITON_KWTA_SELECT_WARPS
-    p.host("triton")
-    p.kernel("_kwta_select_kernel", "inner",
-             **_merge({"hbm": groups * e}, p.reread(4 * cand_bytes, cand_bytes)),
-             ops=4 * groups * cand * (hist_ops + 10), ctas=groups, per_sm=_triton_per_sm(sw),
-             chain_us=p.lat("l2") + 4 * (trips * (p.lat("l2") + select_block * hist_ops
-                                                   / lane_rate(sw)) + 2 * p.lat("tile_reduce")))
-    # 4. Mask: x read again (from L2 if the whole of x fits), out written.
-    p.host("triton")
-    p.kernel("_kwta_mask_kernel", "inner", **_merge({"hbm": n}, p.reread(n, n + cand_bytes)),
-             ops=numel * 10, ctas=programs, per_sm=_triton_per_sm(warps),
-             chain_us=p.lat("dram"))
+    p.kernel("_kwta_filter_kernel", "inner",
+             **_merge({"hbm": hbm, "l2": groups * cand * 4 + programs * 32 + groups * cand * (e + 4)},
+                      fixup),
+             ops=numel * TRITON_KWTA_FILTER_OPS + groups * cand * TRITON_KWTA_SCAN_OPS,
+             ctas=programs, per_sm=per_sm, chain_us=chain)
 
 
 def kwta_forward(p: Plan, provider: str, grad: bool) -> None:

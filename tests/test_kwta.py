@@ -389,45 +389,67 @@ def test_triton_group_limit():
         kernels.kwta_forward(x, 1, False)
 
 
-# The Triton split path (groups of >= SPLIT_MIN_GROUP elements: sample, filter, select, mask),
-# forced on small groups with small chunks and samples. `cand_min` sets the candidate capacity.
+# The Triton split path (groups of >= SPLIT_MIN_GROUP elements: sample, then filter with the
+# last program of each group completing it), forced on small groups with small chunks, samples
+# and bin lists. `cand_min` sets the candidate capacity.
 def _split_knobs(monkeypatch, kernels, cand_min):
     monkeypatch.setattr(kernels, "SPLIT_MIN_GROUP", 64)
     monkeypatch.setattr(kernels, "_SPLIT_MIN_BLOCK", 64)
     monkeypatch.setattr(kernels, "_SPLIT_MAX_BLOCK", 256)
     monkeypatch.setattr(kernels, "_SAMPLE", 256)
+    monkeypatch.setattr(kernels, "_SAMPLE_MIN", 256)
     monkeypatch.setattr(kernels, "_CAND_MIN", cand_min)
+    monkeypatch.setattr(kernels, "_BIN_CAP", 16)
 
 
 def _record_branches(monkeypatch, kernels):
-    """Spy on the select launch: which branch each group takes (from the scratch counters)."""
+    """Spy on the filter launch: the branch each group's last program took, from the scratch
+    counters and bin counts it left (the module docstring's cases)."""
     taken = []
-    real = kernels._kwta_select_kernel
+    real = kernels._kwta_filter_kernel
 
     class Spy:
         def __getitem__(self, grid):
             def launch(*args, **kwargs):
-                scratch, k, cap = args[2], args[6], args[7]
+                scratch, hist, k, chunks, cap = args[3], args[4], args[11], args[12], args[13]
                 real[grid](*args, **kwargs)
-                for lo, hi, above, inside in scratch.tolist():
+                for row, bins in zip(scratch.tolist(), hist.tolist()):
+                    lo, hi, _, above, inside, done = (v & 0xFFFFFFFF for v in row[:6])
+                    assert done == chunks  # every program counted itself
                     hit = above < k <= above + inside
-                    taken.append("tie" if hit and lo == hi else
-                                 "candidates" if hit and inside <= cap else "whole group")
+                    if hit and lo == hi:
+                        taken.append("tie")
+                    elif hit and inside <= cap:
+                        rank, from_top = k - above, 0
+                        for count in reversed(bins):  # the bin of the rank-th candidate
+                            from_top += count
+                            if from_top >= rank:
+                                break
+                        taken.append("bin list" if count <= kernels._BIN_CAP else "streamed bin")
+                    else:
+                        taken.append("whole group")
             return launch
 
-    monkeypatch.setattr(kernels, "_kwta_select_kernel", Spy())
+    monkeypatch.setattr(kernels, "_kwta_filter_kernel", Spy())
     return taken
 
 
 def _sampled_positions(length, sample, run):
+    """The elements _kwta_sample_kernel samples: a run per span of `spacing`, at a hashed
+    RUN-aligned offset inside it."""
     spacing = length // (sample // run) // run * run
-    return torch.cat([torch.arange(j * spacing, j * spacing + run) for j in range(sample // run)])
+    slots = max(spacing // run, 1)
+    starts = [j * spacing + ((j * 0x9E3779B1 & 0xFFFFFFFF) >> 12) % slots * run
+              for j in range(sample // run)]
+    return torch.cat([torch.arange(s, s + run) for s in starts])
 
 
 SPLIT_CASES = {
     # name: (x builder over (N, L), k fraction, candidate minimum, expected branch)
-    "candidates": (lambda n, L: torch.randn(n, L), 0.1, 3000, "candidates"),
-    "candidates_half": (lambda n, L: torch.randn(n, L), 0.5, 3000, "candidates"),
+    "bin_list": (lambda n, L: torch.randn(n, L), 0.2, 3000, "bin list"),
+    "bin_list_half": (lambda n, L: torch.randn(n, L), 0.5, 3000, "bin list"),
+    # Few distinct values: the threshold's bin (one value's key) holds more than _BIN_CAP.
+    "streamed_bin": (lambda n, L: torch.randn(n, L).mul(3).round(), 0.3, 3000, "streamed bin"),
     "tie": (lambda n, L: torch.randn(n, L).relu(), 0.8, 3000, "tie"),
     "overflow": (lambda n, L: torch.randn(n, L), 0.5, 1, "whole group"),
     "sample_misses": (None, 0.1, 3000, "whole group"),
@@ -461,6 +483,34 @@ def test_triton_split_path(device_backend, monkeypatch, case, absolute):
         got = pyprune.kwta(xd, k=k, absolute=absolute)
         assert _same(got, _expected(xd, k, "sample", absolute)), (dtype, k)
         assert taken == [branch] * n, taken
+
+
+@pytest.mark.parametrize("absolute", [False, True], ids=["signed", "abs"])
+def test_triton_split_path_ties_nan_signed_zero(device_backend, monkeypatch, absolute):
+    """The split path on the data of test_ties_nan_inf_and_signed_zero: ties at every
+    threshold (the bracket's ends, the threshold's bin), NaN groups and NaNs in the band, -0
+    beside +0 where the threshold is 0, k = 1 and k = L, half types."""
+    device, backend = device_backend
+    if backend != "triton":
+        pytest.skip("the Triton split path")
+    from pyprune.triton_kernels import kwta as kernels
+
+    _split_knobs(monkeypatch, kernels, 3000)
+    torch.manual_seed(1)
+    x = torch.randn(6, 1000).mul(2).round()
+    x[0, :50] = float("nan")
+    x[1, :] = float("nan")
+    x[2, ::3] = float("inf")
+    x[2, 1::3] = float("-inf")
+    x[3, ::2] = -0.0
+    x[3, 1::4] = 0.0
+    x[4] = 0.0
+    x[5, ::7] = -float("nan")
+    for dtype in (torch.float32, torch.bfloat16):
+        xd = x.to(device=device, dtype=dtype)
+        for k in (1, 300, 1000):
+            got = pyprune.kwta(xd, k=k, absolute=absolute)
+            assert _same(got, _expected(xd, k, "sample", absolute)), (dtype, k)
 
 
 @pytest.mark.parametrize("layout", ["channels_last", "strided", "transposed"])

@@ -58,23 +58,24 @@ def test_kwta_bytes():
     k = kernels("kwta", case, roofline.CUDA, "forward")["kwta_block_kernel<512> cluster 2"]
     assert (k.hbm, k.l2) == (4 * n, 0)
     assert kernels("kwta", case, roofline.CUDA, "backward")["kwta backward"].hbm == 3 * n
-    # Triton, groups of 65536 > 4096: the split path's four launches. The sample reads 4096
-    # values of each of the 128 groups (+ a 16-byte scratch row). Its bracket spans the sample
-    # ranks 316..503 (r = 6553 / 65536 * 4096 = 409.6, margin 4 * sqrt(4096 q (1 - q)) + 16 =
-    # 92.8): 187 / 4096 of a group, 2992 candidates. The filter reads x and writes them; the
-    # select reads them 4 times from L2; the mask reads x again (33.5 MB: more than half the
-    # L2, so from HBM) and writes out: x twice + out + the candidates.
+    # Triton, groups of 65536 > 4096: the split path's two launches. The sample reads 1024
+    # values (L / 64) of each of the 128 groups and writes a 32-byte scratch row and 1024 bin
+    # counts. Its bracket spans the sample ranks 47..157 (r = 6553 / 65536 * 1024 = 102.4,
+    # margin 4 * sqrt(1024 q (1 - q)) + 16 = 54.4): 110 / 1024 of a group, 7040 candidates
+    # (value and position). The filter reads x once, writes out once and the candidates, and
+    # the last program of each group stores the band's kept values again: x (33.5 MB) is more
+    # than half the L2, so those sectors are HBM traffic.
     k = kernels("kwta", case, roofline.TRITON, "forward")
-    cand = 128 * 2992 * 4
-    assert k["_kwta_sample_kernel"].hbm == 128 * (4096 * 4 + 16)
-    assert k["_kwta_filter_kernel"].hbm == n + cand
-    assert k["_kwta_select_kernel"].l2 == 4 * cand
-    assert (k["_kwta_mask_kernel"].hbm, k["_kwta_mask_kernel"].l2) == (2 * n, 0)
-    assert k["_kwta_filter_kernel"].ctas == 128 * 16  # chunks of 4096: 2048 programs >= 264
-    # Batch 8: chunks halve to 1024 (8 * 64 = 512 programs); x (2 MiB) stays in L2 for the mask.
+    cand = 128 * 7040 * (4 + 4)
+    assert set(k) == {"_kwta_sample_kernel", "_kwta_filter_kernel"}
+    assert k["_kwta_sample_kernel"].hbm == 128 * (1024 * 4 + 32 + 1024 * 4)
+    assert k["_kwta_filter_kernel"].hbm > 2 * n + cand
+    assert k["_kwta_filter_kernel"].ctas == 128 * 32  # chunks of 2048: 4096 programs >= 264
+    # Batch 8: chunks halve to 1024 (8 * 64 = 512 programs); x (2 MiB) fits in the L2, so the
+    # kept band's sectors are L2 traffic.
     k = kernels("kwta", Case((8, 64, 32, 32)), roofline.TRITON, "forward")
-    assert k["_kwta_mask_kernel"].ctas == 512
-    assert (k["_kwta_mask_kernel"].hbm, k["_kwta_mask_kernel"].l2) == (n / 16, n / 16)
+    assert k["_kwta_filter_kernel"].ctas == 512
+    assert k["_kwta_filter_kernel"].hbm == 2 * n / 16 + cand / 16
     # Groups of 1024 (channel): one program a group in registers, x read once, out written.
     k = kernels("kwta", Case((128, 64, 32, 32), "channel"), roofline.TRITON, "forward")
     assert k["_kwta_forward_kernel"].hbm == 2 * n

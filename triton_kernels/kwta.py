@@ -2,38 +2,57 @@
 
 x is an (N, C, L) view with any strides; each (n, c) row of L elements is a group.
 
+Selects are radix selects over uint32 keys in digits of 5 bits (a 32-bin tl.histogram per pass
+costs ~40 sm_90 instructions an element, a 256-bin one ~75: 7 passes of 5 bits cost less than
+4 of 8); a digit is picked by a cumulative count from the top bin. Keys lo <= key <= hi share
+the bits above bit_length(lo ^ hi), which a select restricted to [lo, hi] skips.
+
 Forward, groups of at most _FWD_MAX_BLOCK elements: one launch, one program per group. The
-group is loaded once and kept in registers while a radix select finds its k-th largest key in
-four passes of 8-bit digits (a 256-bin histogram of the candidates' next digit, the digit picked
-by a cumulative count from the top bin); the same program writes out and the threshold.
+group is loaded once and kept in registers while 7 radix passes find its k-th largest key; the
+same program writes out and the threshold.
 Bytes: N*C*L*itemsize read + N*C*L*itemsize written (+ the threshold).
 
-Forward, larger groups (L >= SPLIT_MIN_GROUP): four launches that split each group over many
-programs (so a batch of one fills the GPU) and read x twice, as the CUDA kernel does:
+Forward, larger groups (L >= SPLIT_MIN_GROUP): two launches that split each group over many
+programs (so a batch of one fills the GPU), reading x once and writing out once:
 
-1. _kwta_sample_kernel, one program per group: a sample of min(L, _SAMPLE) elements (runs of
-   _RUN consecutive elements spread over the group) is selected at the ranks just above and below
-   where the k-th largest should fall (a margin of 4 standard deviations of the sample rank, plus
-   16), giving a key bracket [lo, hi]; zeroes the group's two counters.
-   Bytes: N*C*min(L, _SAMPLE)*itemsize read, 16 per group written.
-2. _kwta_filter_kernel, one program per chunk of BLOCK elements: counts the keys above hi and
-   appends the values with lo <= key <= hi to the group's candidate buffer (at most cap values,
-   cap = min(L, max(_CAND_MIN, L / 8)); counters by atomics). Bytes: N*C*L*itemsize read, the
-   candidates written (a few % of L for data without an adversarial layout), 2 atomics per chunk.
-3. _kwta_select_kernel, one program per group: when the bracket holds the k-th largest and its
-   candidates fit, a radix select over the candidates only (four passes over n_in values, in
-   L2); when lo == hi it is that key with no select; otherwise (a bracket missed) the exact
-   streamed select over the whole group (four more passes over it, correct at any input).
-   Bytes: 16 + 4 * n_in * itemsize read per group (4 * L * itemsize on a miss), itemsize written.
-4. _kwta_mask_kernel, one program per chunk: out = x where kept. Bytes: N*C*L*itemsize read +
-   N*C*L*itemsize written (+ one threshold per chunk).
+1. _kwta_sample_kernel, one program per group: a sample of m = L / 64 elements within
+   [_SAMPLE_MIN, _SAMPLE] (the group itself if smaller; runs of _RUN consecutive elements, one
+   per span of L / (m / _RUN) at a hashed offset in it) is selected at the ranks just above and
+   below where the k-th largest should fall (a margin of 4 standard deviations of the sample
+   rank, plus 16): both selects share each pass (a 64-bin histogram) and stop after 3 passes
+   (15-bit buckets) once their prefixes differ, giving a key bracket [lo, hi] (exact keys where
+   they never differ: a tie, lo == hi). Writes the group's scratch row (lo, hi, the shift of
+   its _BAND_BINS bins over [lo, hi], zeroed counters) and zeroes its bin counts.
+   Bytes: N*C*m*itemsize read, 32 + 4 * _BAND_BINS per group written.
+2. _kwta_filter_kernel, one program per chunk of BLOCK elements: out = x for keys above hi, 0
+   for keys below lo and, in the band lo <= key <= hi, 0 (x in a tie: every band key is then
+   the threshold if the bracket holds it); n_above += #(key > hi) and n_in += #(band) by
+   atomics; each band value is appended with its position to the group's candidates (the first
+   cap = min(L, max(_CAND_MIN, L / 8)) are kept) and counted in its bin (an atomic a band
+   element). Then a counter of the group's finished programs (acq_rel atomic after a barrier)
+   names the last one, which completes the group (_finish_group):
+   - bracket hit (n_above < k <= n_above + n_in), no tie, candidates within cap: the bin b
+     holding the (k - n_above)-th largest candidate from the bin counts; one scan of the
+     candidates (TAIL at a time) stores those above bin b into out and gathers bin b's (the
+     first _BIN_CAP, with positions); the threshold is selected within bin b's key range from
+     that list in registers (or, past _BIN_CAP, streamed over the candidates), and bin b's
+     values at or above it are stored into out;
+   - a hit in a tie: the threshold is lo, out is already complete;
+   - a miss or more candidates than cap (adversarial data): the exact select streamed over the
+     whole group (7 passes), then out rewritten for the whole group by this program.
+   The threshold and out depend on no atomic's order (candidate order does not matter).
+   Bytes: N*C*L*itemsize read + N*C*L*itemsize written, the candidates written (value and
+   int32 position: n_in * (itemsize + 4), ~5-11% of L for data without an adversarial
+   layout) and read back once (L2), a bin-count atomic per candidate, 3 atomics a program,
+   and the kept band values stored again into out (scattered: a sector each).
 
-(The chunk loops are `while` loops: Triton 3.6's interpreter cannot take a runtime bound in
-range() with numpy >= 2.4.)
+(The loops are `while` loops: Triton 3.6's interpreter cannot take a runtime bound in range()
+with numpy >= 2.4.)
 
 Keys are uint32 whose order is the float order of the values (of |x| if absolute; half types
 go through float32, which keeps their order), with NaN mapped to the largest key, as torch.topk
-ranks NaN. The mask compares values, not keys, so -0 and +0 tie as they do for torch's >=.
+ranks NaN, and -0 mapped to +0's key (they tie under the mask's >=). The whole-group rewrite
+compares values: -0 and +0 tie there too.
 
 Backward: one elementwise launch over (group, element) tiles reading each group's threshold.
 """
@@ -46,24 +65,28 @@ import triton.language as tl
 from .aot import signature
 from .cas import on_device
 
-RADIX_BITS = tl.constexpr(8)
-BINS = tl.constexpr(1 << 8)
+DIGIT_BITS = tl.constexpr(5)  # radix digits of 5 bits: a 32-bin tl.histogram costs ~25 SASS
+BINS = tl.constexpr(1 << 5)  # instructions an element, a 256-bin one ~70 (sm_90)
 # Forward block sizes: the next power of two of L within these bounds. A group of up to
 # _FWD_MAX_BLOCK elements lives in registers; larger ones take the split path.
 _FWD_MIN_BLOCK = 32
 _FWD_MAX_BLOCK = 4096
-# The largest group: the streamed loop's int32 offset (start + lanes) must not overflow.
+# The largest group: the streamed loops' int32 offset (start + lanes) must not overflow.
 MAX_GROUP = 2**31 - 1 - _FWD_MAX_BLOCK
 # Split path (see the module docstring). Tests lower these to run it on small groups.
 SPLIT_MIN_GROUP = _FWD_MAX_BLOCK + 1  # groups of at least this many elements take it
-_SPLIT_MIN_BLOCK = 1024  # smallest chunk of the filter and mask passes
-_SPLIT_MAX_BLOCK = 4096
+_SPLIT_MIN_BLOCK = 1024  # smallest chunk of the filter pass
+_SPLIT_MAX_BLOCK = 2048  # (4096 with the last program's code spills at 8 warps)
 _SPLIT_TARGET_PROGRAMS = 2 * 132  # twice an H100/H200's SMs: chunks shrink until a pass has these
-_SAMPLE = 4096  # sample size (elements) of the bracket
+_SAMPLE = 4096  # largest sample (elements) of the bracket
+_SAMPLE_MIN = 1024  # smallest sample of a group larger than it (the sample is L // 64 between)
 _RUN = 16  # consecutive elements per sample run: 64 bytes of float32, whole sectors
 _CAND_MIN = 16384  # candidate buffer: min(L, max(_CAND_MIN, L // 8)) values per group
-_SELECT_MAX_BLOCK = 2048  # the select's chunk (candidates are a few thousand values)
-_SELECT_NUM_WARPS = 8
+_BAND_BINS = 1024  # bins of the bracket's key range counted by the filter pass
+_BIN_CAP = 256  # candidates of the threshold's bin selected in registers (more: streamed)
+_TAIL = 2048  # the last program's chunk over the candidates (8 warps: 8 a thread)
+_CHUNK_WARPS = 8
+_SCRATCH = 8  # int32 a group: lo, hi, bin shift, n_above, n_in, programs done
 # Backward tiles hold _BWD_TILE elements: _BWD_TILE // BLOCK_L groups of BLOCK_L elements.
 _BWD_MIN_BLOCK_L = 16
 _BWD_TILE = 1024
@@ -74,8 +97,10 @@ _TL_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf1
 
 @triton.jit
 def _to_key(v, absolute):
-    """uint32 keys ordered like v (or |v| if absolute), NaN largest."""
+    """uint32 keys ordered like v (or |v| if absolute), NaN largest, -0 equal to +0 (as the
+    mask's >= has them)."""
     bits = v.to(tl.uint32, bitcast=True) & tl.where(absolute != 0, 0x7FFFFFFF, 0xFFFFFFFF)
+    bits = tl.where(bits == 0x80000000, 0, bits)
     # Negative values: flip every bit (reverses their order); others: set the sign bit.
     # XOR with a constant rather than ~, which the interpreter cannot apply to uint32.
     key = bits ^ tl.where((bits >> 31) != 0, 0xFFFFFFFF, 0x80000000)
@@ -95,10 +120,29 @@ def _keep(v, threshold, absolute):
 
 
 @triton.jit
+def _low_mask(bits):
+    """uint32 with the low `bits` (0..32) bits set; two shifts, each below 32."""
+    bits = bits.to(tl.uint32)
+    half = bits // 2
+    return ((tl.full([], 1, tl.uint32) << half) << (bits - half)) - 1
+
+
+@triton.jit
+def _bit_length(x):
+    """Bits of the uint32 x (0 for 0)."""
+    n = tl.zeros([], dtype=tl.int32)
+    y = x
+    while y != 0:
+        y = y >> 1
+        n += 1
+    return n
+
+
+@triton.jit
 def _pick_digit(hist, rank):
     """The digit whose bucket holds the rank-th largest candidate (rank 1-based from the top),
     and the rank within that bucket."""
-    bins = tl.arange(0, BINS)
+    bins = tl.arange(0, hist.shape[0])
     from_top = tl.cumsum(hist, 0, reverse=True)
     digit = tl.max(tl.where(from_top >= rank, bins, 0), 0)
     above = tl.sum(tl.where(bins > digit, hist, 0), 0)
@@ -106,18 +150,84 @@ def _pick_digit(hist, rank):
 
 
 @triton.jit
-def _select_in_block(keys, valid, rank):
-    """The rank-th largest (1-based) of the valid keys of one block held in registers."""
-    prefix = tl.zeros([], dtype=tl.uint32)
-    prefix_mask = tl.zeros([], dtype=tl.uint32)
-    for p in tl.static_range(32 // RADIX_BITS):
-        shift = 32 - RADIX_BITS * (p + 1)
-        candidate = valid & ((keys & prefix_mask) == prefix)
-        digits = ((keys >> shift) & (BINS - 1)).to(tl.int32)
-        digit, rank = _pick_digit(tl.histogram(digits, BINS, mask=candidate), rank)
+def _select_block(keys, valid, rank, lo, hi, run):
+    """The rank-th largest (1-based) of the valid keys within [lo, hi], held in registers. Such
+    keys share the bits of lo above bit_length(lo ^ hi): DIGIT_BITS-bit radix passes over the
+    rest. No pass when run is 0 (the result is then lo)."""
+    bits = tl.where(run != 0, _bit_length(lo ^ hi), 0)
+    known = _low_mask(bits) ^ 0xFFFFFFFF
+    prefix = lo & known
+    inside = valid & (keys >= lo) & (keys <= hi)
+    while bits > 0:
+        width = tl.minimum(bits, DIGIT_BITS)
+        shift = (bits - width).to(tl.uint32)
+        match = inside & ((keys & known) == prefix)
+        digits = ((keys >> shift) & _low_mask(width)).to(tl.int32)
+        digit, rank = _pick_digit(tl.histogram(digits, BINS, mask=match), rank)
         prefix = prefix | (digit.to(tl.uint32) << shift)
-        prefix_mask = prefix_mask | tl.full([], (BINS - 1) << shift, tl.uint32)
+        known = known | (_low_mask(width) << shift)
+        bits -= width
     return prefix
+
+
+@triton.jit
+def _select_streamed(src, stride, length, rank, lo, hi, absolute, BLOCK: tl.constexpr):
+    """_select_block over `length` values at src (a stride apart) streamed from memory in
+    BLOCK chunks, a pass each digit; no pass when length is 0."""
+    bits = tl.where(length > 0, _bit_length(lo ^ hi), 0)
+    known = _low_mask(bits) ^ 0xFFFFFFFF
+    prefix = lo & known
+    lanes = tl.arange(0, BLOCK).to(tl.int64)
+    while bits > 0:
+        width = tl.minimum(bits, DIGIT_BITS)
+        shift = (bits - width).to(tl.uint32)
+        hist = tl.zeros([BINS], dtype=tl.int32)
+        start = 0
+        while start < length:
+            offs = start + lanes
+            ok = offs < length
+            v = tl.load(src + offs * stride, mask=ok, other=0.0, cache_modifier=".cg")
+            keys = _to_key(v.to(tl.float32), absolute)
+            match = ok & (keys >= lo) & (keys <= hi) & ((keys & known) == prefix)
+            digits = ((keys >> shift) & _low_mask(width)).to(tl.int32)
+            hist += tl.histogram(digits, BINS, mask=match)
+            start += BLOCK
+        digit, rank = _pick_digit(hist, rank)
+        prefix = prefix | (digit.to(tl.uint32) << shift)
+        known = known | (_low_mask(width) << shift)
+        bits -= width
+    return prefix
+
+
+@triton.jit
+def _bracket(keys, valid, r_hi, r_lo):
+    """(lo, hi): lo <= the r_lo-th largest valid key <= the r_hi-th <= hi (r_hi <= r_lo). Both
+    radix selects share a pass (one 64-bin histogram: the hi prefix's digits, then the lo
+    prefix's) and stop after three passes (15 bits) once their prefixes differ; lo and hi
+    are the ends of their last buckets (exact keys where the prefixes never differ)."""
+    known = tl.zeros([], dtype=tl.uint32)
+    p_hi = tl.zeros([], dtype=tl.uint32)
+    p_lo = tl.zeros([], dtype=tl.uint32)
+    bits = tl.full([], 32, tl.int32)
+    passes = tl.zeros([], dtype=tl.int32)
+    rows = tl.arange(0, 2)[:, None]
+    while (bits > 0) & ((passes < 3) | (p_hi == p_lo)):
+        width = tl.minimum(bits, DIGIT_BITS)
+        shift = (bits - width).to(tl.uint32)
+        high = (keys & known) == p_hi
+        low = (keys & known) == p_lo
+        digits = ((keys >> shift) & _low_mask(width)).to(tl.int32) + tl.where(high, 0, BINS)
+        both = tl.reshape(tl.histogram(digits, 2 * BINS, mask=valid & (high | low)), [2, BINS])
+        h_hi = tl.sum(tl.where(rows == 0, both, 0), 0)
+        h_lo = tl.where(p_hi == p_lo, h_hi, tl.sum(tl.where(rows == 1, both, 0), 0))
+        d_hi, r_hi = _pick_digit(h_hi, r_hi)
+        d_lo, r_lo = _pick_digit(h_lo, r_lo)
+        p_hi = p_hi | (d_hi.to(tl.uint32) << shift)
+        p_lo = p_lo | (d_lo.to(tl.uint32) << shift)
+        known = known | (_low_mask(width) << shift)
+        bits -= width
+        passes += 1
+    return p_lo, p_hi | _low_mask(bits)
 
 
 # `absolute` is an int32 flag, not a constexpr: it costs one AND and one select per element, and
@@ -138,7 +248,9 @@ def _kwta_forward_kernel(
     lanes = tl.arange(0, BLOCK).to(tl.int64)
     in_group = lanes < L
     v = tl.load(x_ptr + n * x_sn + c * x_sc + lanes * x_sl, mask=in_group, other=0.0).to(tl.float32)
-    threshold = _from_key(_select_in_block(_to_key(v, absolute), in_group, k))
+    key = _select_block(_to_key(v, absolute), in_group, k, tl.full([], 0, tl.uint32),
+                        tl.full([], 0xFFFFFFFF, tl.uint32), tl.full([], 1, tl.int32))
+    threshold = _from_key(key)
     tl.store(threshold_ptr + group, threshold.to(threshold_ptr.dtype.element_ty))
     kept = tl.where(_keep(v, threshold, absolute), v, 0.0)
     tl.store(out_ptr + n * out_sn + c * out_sc + lanes * out_sl, kept.to(out_ptr.dtype.element_ty),
@@ -147,23 +259,30 @@ def _kwta_forward_kernel(
 
 @triton.jit(do_not_specialize=["absolute"])
 def _kwta_sample_kernel(
-    x_ptr, scratch_ptr,
+    x_ptr, scratch_ptr, hist_ptr,
     C, L, k, absolute,
     x_sn, x_sc, x_sl,
     SAMPLE: tl.constexpr,
     RUN: tl.constexpr,
+    NBINS: tl.constexpr,
 ):
-    """Split path, step 1: the key bracket [lo, hi] of the k-th largest from a sample; scratch
-    row (lo, hi, n_above = 0, n_in = 0) as int32."""
+    """Split path, launch 1: the key bracket [lo, hi] of the k-th largest from a sample; the
+    group's scratch row (lo, hi, bin shift, n_above = 0, n_in = 0, done = 0) and zeroed bin
+    counts."""
     group = tl.program_id(0).to(tl.int64)
     n = group // C
     c = group % C
     x_base = x_ptr + n * x_sn + c * x_sc
     s = tl.arange(0, SAMPLE).to(tl.int64)
     exact = L <= SAMPLE  # the sample is the group
-    # L > SAMPLE: SAMPLE / RUN disjoint runs, RUN-aligned, spread evenly (no int64 division).
+    # L > SAMPLE: SAMPLE / RUN disjoint runs, one per `spacing` elements, each at a hashed
+    # RUN-aligned offset inside its span (a period of the data equal to the spacing, such as
+    # a channel's plane, does not put every run at the same place of it).
     spacing = (L // (SAMPLE // RUN)) // RUN * RUN
-    pos = tl.where(exact, s, (s // RUN) * spacing + s % RUN)
+    run = s // RUN
+    slots = tl.maximum(spacing // RUN, 1)
+    jitter = (((run.to(tl.uint32) * 0x9E3779B1) >> 12).to(tl.int64) % slots) * RUN
+    pos = tl.where(exact, s, run * spacing + jitter + s % RUN)
     valid = (s < L) | (L > SAMPLE)
     v = tl.load(x_base + pos * x_sl, mask=valid, other=0.0).to(tl.float32)
     keys = _to_key(v, absolute)
@@ -174,119 +293,154 @@ def _kwta_sample_kernel(
     margin = 4.0 * tl.sqrt(m * q * (1.0 - q)) + 16.0
     r_hi = tl.floor(r - margin).to(tl.int32)
     r_lo = tl.ceil(r + margin).to(tl.int32)
-    # Two selects in one rolled loop: unrolled, their live ranges overlap and spill.
-    hi = tl.zeros([], dtype=tl.uint32)
-    lo = tl.zeros([], dtype=tl.uint32)
-    for t in range(2):
-        key = _select_in_block(keys, valid, tl.where(t == 0, tl.maximum(r_hi, 1), tl.minimum(r_lo, m)))
-        hi = tl.where(t == 0, key, hi)
-        lo = tl.where(t == 0, lo, key)
+    lo, hi = _bracket(keys, valid, tl.maximum(r_hi, 1), tl.minimum(r_lo, m))
     hi = tl.where(r_hi >= 1, hi, 0xFFFFFFFF)
     lo = tl.where(r_lo <= m, lo, 0)
-    row = scratch_ptr + group * 4
+    # Bins of the band: (key - lo) >> shift < NBINS.
+    shift = tl.maximum(_bit_length(hi - lo) - _bit_length(tl.full([], NBINS - 1, tl.uint32)), 0)
+    row = scratch_ptr + group * 8
     tl.store(row, lo.to(tl.int32, bitcast=True))
     tl.store(row + 1, hi.to(tl.int32, bitcast=True))
-    tl.store(row + 2, 0)
-    tl.store(row + 3, 0)
+    tl.store(row + 2, shift)
+    for i in tl.static_range(3, 8):
+        tl.store(row + i, 0)
+    tl.store(hist_ptr + group * NBINS + tl.arange(0, NBINS), tl.zeros([NBINS], dtype=tl.int32))
+
+
+@triton.jit
+def _finish_group(
+    x_base, out_base, threshold_ptr, row, hist_row, cand_row, pos_row, list_row, list_pos_row,
+    group, L, k, cap, absolute, lo, hi, shift,
+    x_sl, out_sl,
+    TAIL: tl.constexpr, NBINS: tl.constexpr, BIN_CAP: tl.constexpr,
+):
+    """Split path, the last filter program of a group: the threshold and the fix-up of the
+    band's candidates (module docstring)."""
+    n_above = tl.load(row + 3, cache_modifier=".cg")
+    n_in = tl.load(row + 4, cache_modifier=".cg")
+    hit = (n_above < k) & (k <= n_above + n_in)
+    tie = lo == hi
+    fast = hit & (lo != hi) & (n_in <= cap)
+    whole = (hit == 0) | ((lo != hi) & (n_in > cap))
+    rank = k - n_above
+    # The bin holding the rank-th largest candidate and the rank within it.
+    bins = tl.arange(0, NBINS)
+    hist = tl.load(hist_row + bins, mask=(bins >= 0) & fast, other=0, cache_modifier=".cg")
+    b, rank_b = _pick_digit(hist, rank)
+    count_b = tl.sum(tl.where(bins == b, hist, 0), 0)
+    b_lo = lo + (b.to(tl.uint32) << shift.to(tl.uint32))
+    b_hi = b_lo + tl.minimum(_low_mask(shift), hi - b_lo)
+    # 1. The candidates above bin b are kept; bin b's go to the bin list (the first BIN_CAP).
+    lanes = tl.arange(0, TAIL)
+    length = tl.where(fast, n_in, 0)
+    gathered = tl.zeros([], dtype=tl.int32)
+    start = 0
+    while start < length:
+        i = start + lanes
+        ok = i < length
+        v = tl.load(cand_row + i, mask=ok, other=0.0, cache_modifier=".cg")
+        p = tl.load(pos_row + i, mask=ok, other=0, cache_modifier=".cg").to(tl.int64)
+        keys = _to_key(v.to(tl.float32), absolute)
+        tl.store(out_base + p * out_sl, v, mask=ok & (keys > b_hi))
+        mine = ok & (keys >= b_lo) & (keys <= b_hi)
+        slot = gathered + tl.cumsum(mine.to(tl.int32), 0) - 1
+        tl.store(list_row + slot, v, mask=mine & (slot < BIN_CAP))
+        tl.store(list_pos_row + slot, p.to(tl.int32), mask=mine & (slot < BIN_CAP))
+        gathered += tl.sum(mine.to(tl.int32), 0)
+        start += TAIL
+    tl.debug_barrier()  # the bin list, stored by this program's threads, is read back below
+    # 2. The threshold: within bin b from the list (registers) or, past BIN_CAP, streamed over
+    # the candidates; over the whole group where the bracket missed or the candidates overflowed.
+    small = fast & (count_b <= BIN_CAP)
+    big = fast & (count_b > BIN_CAP)
+    j = tl.arange(0, BIN_CAP)
+    listed = j < tl.where(small, count_b, 0)
+    lv = tl.load(list_row + j, mask=listed, other=0.0)
+    lp = tl.load(list_pos_row + j, mask=listed, other=0).to(tl.int64)
+    lkeys = _to_key(lv.to(tl.float32), absolute)
+    t_small = _select_block(lkeys, listed, rank_b, b_lo, b_hi, small.to(tl.int32))
+    t_big = _select_streamed(cand_row, 1, tl.where(big, n_in, 0), rank_b, b_lo, b_hi, absolute, TAIL)
+    t_whole = _select_streamed(x_base, x_sl, tl.where(whole, L, 0), k, tl.full([], 0, tl.uint32),
+                               tl.full([], 0xFFFFFFFF, tl.uint32), absolute, TAIL)
+    key = tl.where(small, t_small, tl.where(big, t_big, tl.where(whole, t_whole, lo)))
+    threshold = _from_key(key)
+    tl.store(threshold_ptr + group, threshold.to(threshold_ptr.dtype.element_ty))
+    # 3. Bin b's kept candidates (from the list, or streamed again); or the whole group rewritten.
+    tl.store(out_base + lp * out_sl, lv, mask=listed & (lkeys >= key))
+    length = tl.where(big, n_in, 0)
+    start = 0
+    while start < length:
+        i = start + lanes
+        ok = i < length
+        v = tl.load(cand_row + i, mask=ok, other=0.0, cache_modifier=".cg")
+        p = tl.load(pos_row + i, mask=ok, other=0, cache_modifier=".cg").to(tl.int64)
+        keys = _to_key(v.to(tl.float32), absolute)
+        tl.store(out_base + p * out_sl, v, mask=ok & (keys >= key) & (keys >= b_lo) & (keys <= b_hi))
+        start += TAIL
+    length = tl.where(whole, L, 0)
+    start = 0
+    while start < length:
+        i = start + lanes
+        ok = i < length
+        raw = tl.load(x_base + i.to(tl.int64) * x_sl, mask=ok, other=0.0)
+        keep = _keep(raw.to(tl.float32), threshold, absolute)
+        tl.store(out_base + i.to(tl.int64) * out_sl, tl.where(keep, raw, 0.0).to(raw.dtype), mask=ok)
+        start += TAIL
 
 
 @triton.jit(do_not_specialize=["absolute"])
 def _kwta_filter_kernel(
-    x_ptr, scratch_ptr, cand_ptr,
-    C, L, chunks, cap, absolute,
-    x_sn, x_sc, x_sl,
-    BLOCK: tl.constexpr,
-):
-    """Split path, step 2: per chunk, n_above += #(key > hi); the values with lo <= key <= hi
-    appended to the group's candidates (n_in counts them all, only the first cap are kept)."""
-    pid = tl.program_id(0).to(tl.int64)
-    group = pid // chunks
-    n = group // C
-    c = group % C
-    offs = (pid % chunks) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-    in_group = offs < L
-    raw = tl.load(x_ptr + n * x_sn + c * x_sc + offs * x_sl, mask=in_group, other=0.0)
-    keys = _to_key(raw.to(tl.float32), absolute)
-    row = scratch_ptr + group * 4
-    lo = tl.load(row).to(tl.uint32, bitcast=True)
-    hi = tl.load(row + 1).to(tl.uint32, bitcast=True)
-    above = in_group & (keys > hi)
-    inside = in_group & (keys >= lo) & (keys <= hi)
-    tl.atomic_add(row + 2, tl.sum(above.to(tl.int32), 0))
-    flags = inside.to(tl.int32)
-    base = tl.atomic_add(row + 3, tl.sum(flags, 0))
-    slot = base + tl.cumsum(flags, 0) - 1
-    tl.store(cand_ptr + group * cap + slot, raw, mask=inside & (slot < cap))
-
-
-@triton.jit(do_not_specialize=["absolute"])
-def _kwta_select_kernel(
-    x_ptr, threshold_ptr, scratch_ptr, cand_ptr,
-    C, L, k, cap, absolute,
-    x_sn, x_sc, x_sl,
-    BLOCK: tl.constexpr,
-):
-    """Split path, step 3: the group's threshold from its candidates (or, where the bracket
-    missed or overflowed, from the whole group)."""
-    group = tl.program_id(0).to(tl.int64)
-    n = group // C
-    c = group % C
-    row = scratch_ptr + group * 4
-    lo = tl.load(row).to(tl.uint32, bitcast=True)
-    hi = tl.load(row + 1).to(tl.uint32, bitcast=True)
-    n_above = tl.load(row + 2)
-    n_in = tl.load(row + 3)
-    hit = (n_above < k) & (k <= n_above + n_in)
-    tie = hit & (lo == hi)  # every candidate is the answer
-    use_cand = hit & (n_in <= cap)
-    src = tl.where(use_cand, cand_ptr + group * cap, x_ptr + n * x_sn + c * x_sc)
-    stride = tl.where(use_cand, 1, x_sl).to(tl.int64)
-    length = tl.where(tie, 0, tl.where(use_cand, n_in, L))
-    rank = tl.where(use_cand, k - n_above, k)
-    lanes = tl.arange(0, BLOCK).to(tl.int64)
-    prefix = tl.zeros([], dtype=tl.uint32)
-    prefix_mask = tl.zeros([], dtype=tl.uint32)
-    for p in tl.static_range(32 // RADIX_BITS):
-        shift = 32 - RADIX_BITS * (p + 1)
-        hist = tl.zeros([BINS], dtype=tl.int32)
-        start = 0
-        while start < length:
-            offs = start + lanes
-            ok = offs < length
-            v = tl.load(src + offs * stride, mask=ok, other=0.0).to(tl.float32)
-            keys = _to_key(v, absolute)
-            candidate = ok & ((keys & prefix_mask) == prefix)
-            digits = ((keys >> shift) & (BINS - 1)).to(tl.int32)
-            hist += tl.histogram(digits, BINS, mask=candidate)
-            start += BLOCK
-        digit, rank = _pick_digit(hist, rank)
-        prefix = prefix | (digit.to(tl.uint32) << shift)
-        prefix_mask = prefix_mask | tl.full([], (BINS - 1) << shift, tl.uint32)
-    threshold = _from_key(tl.where(tie, lo, prefix))
-    # program_id again rather than `group`: kept live across the loops, sm_80 spills it.
-    tl.store(threshold_ptr + tl.program_id(0).to(tl.int64), threshold.to(threshold_ptr.dtype.element_ty))
-
-
-@triton.jit(do_not_specialize=["absolute"])
-def _kwta_mask_kernel(
-    x_ptr, out_ptr, threshold_ptr,
-    C, L, chunks, absolute,
+    x_ptr, out_ptr, threshold_ptr, scratch_ptr, hist_ptr, cand_ptr, pos_ptr, list_ptr, list_pos_ptr,
+    C, L, k, chunks, cap, absolute,
     x_sn, x_sc, x_sl,
     out_sn, out_sc, out_sl,
     BLOCK: tl.constexpr,
+    TAIL: tl.constexpr,
+    NBINS: tl.constexpr,
+    BIN_CAP: tl.constexpr,
 ):
-    """Split path, step 4: out = x where kept, else 0, per chunk."""
+    """Split path, launch 2, a program per chunk of BLOCK elements: out for the keys outside
+    the bracket (above: x, below: 0; inside: 0, or x in a tie), n_above += #(key > hi), the
+    values with lo <= key <= hi appended with their positions to the group's candidates (n_in
+    counts them all, the first cap are kept) and counted in their bins; the last program of the
+    group to finish (a counter of finished programs) completes it (_finish_group)."""
     pid = tl.program_id(0).to(tl.int64)
     group = pid // chunks
     n = group // C
     c = group % C
     offs = (pid % chunks) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     in_group = offs < L
-    threshold = tl.load(threshold_ptr + group).to(tl.float32)
-    raw = tl.load(x_ptr + n * x_sn + c * x_sc + offs * x_sl, mask=in_group, other=0.0)
-    keep = _keep(raw.to(tl.float32), threshold, absolute)
-    tl.store(out_ptr + n * out_sn + c * out_sc + offs * out_sl, tl.where(keep, raw, 0.0).to(raw.dtype),
+    x_base = x_ptr + n * x_sn + c * x_sc
+    out_base = out_ptr + n * out_sn + c * out_sc
+    raw = tl.load(x_base + offs * x_sl, mask=in_group, other=0.0)
+    keys = _to_key(raw.to(tl.float32), absolute)
+    row = scratch_ptr + group * 8
+    lo = tl.load(row).to(tl.uint32, bitcast=True)
+    hi = tl.load(row + 1).to(tl.uint32, bitcast=True)
+    shift = tl.load(row + 2)
+    band = lo != hi  # lo == hi: a tie, every candidate is kept if the bracket holds
+    above = in_group & (keys > hi)
+    inside = in_group & (keys >= lo) & (keys <= hi)
+    tl.store(out_base + offs * out_sl, tl.where(above | (inside & (lo == hi)), raw, 0.0).to(raw.dtype),
              mask=in_group)
+    tl.atomic_add(row + 3, tl.sum(above.to(tl.int32), 0))
+    flags = inside.to(tl.int32)
+    base = tl.atomic_add(row + 4, tl.sum(flags, 0))
+    slot = base + tl.cumsum(flags, 0) - 1
+    listed = inside & band & (slot < cap)
+    tl.store(cand_ptr + group * cap + slot, raw, mask=listed)
+    tl.store(pos_ptr + group * cap + slot, offs.to(tl.int32), mask=listed)
+    tl.atomic_add(hist_ptr + group * NBINS + ((keys - lo) >> shift.to(tl.uint32)).to(tl.int32), 1,
+                  mask=inside & band)
+    # Every thread's stores and atomics before the counter's release (acq_rel) below.
+    tl.debug_barrier()
+    done = tl.atomic_add(row + 5, 1, sem="acq_rel")
+    if done == chunks - 1:
+        _finish_group(x_base, out_base, threshold_ptr, row, hist_ptr + group * NBINS,
+                      cand_ptr + group * cap, pos_ptr + group * cap,
+                      list_ptr + group * BIN_CAP, list_pos_ptr + group * BIN_CAP,
+                      group, L, k, cap, absolute, lo, hi, shift, x_sl, out_sl,
+                      TAIL, NBINS, BIN_CAP)
 
 
 @triton.jit(do_not_specialize=["absolute"])
@@ -319,22 +473,22 @@ def _kwta_backward_kernel(
 
 def _forward_config(length: int) -> tuple[int, int]:
     """(BLOCK, num_warps) for groups of ``length`` <= _FWD_MAX_BLOCK elements held in registers:
-    a warp per 128 elements (4 keys per thread, under 128 registers without spills), at most 16."""
+    a warp per 128 elements, at most 8 (16 warps leave sm_80 a 64-register cap that spills)."""
     block = max(triton.next_power_of_2(length), _FWD_MIN_BLOCK)
-    return block, min(max(block // 128, 1), 16)
+    return block, min(max(block // 128, 1), 8)
 
 
-def _split_config(groups: int, length: int) -> tuple[int, int, int, int, int, int]:
-    """(SAMPLE, RUN, sample num_warps, chunk BLOCK, chunk num_warps, select BLOCK) of the split
-    path: chunks of at most _SPLIT_MAX_BLOCK elements, halved (down to _SPLIT_MIN_BLOCK) until a
-    pass has _SPLIT_TARGET_PROGRAMS programs."""
-    sample = min(_SAMPLE, triton.next_power_of_2(length))
+def _split_config(groups: int, length: int) -> tuple[int, int, int, int, int]:
+    """(SAMPLE, RUN, sample num_warps, chunk BLOCK, chunk num_warps) of the split path: a sample
+    of L / 64 elements within [_SAMPLE_MIN, _SAMPLE] (a power of two, the group itself if
+    smaller); chunks of at most _SPLIT_MAX_BLOCK elements, halved (down to _SPLIT_MIN_BLOCK)
+    until the filter pass has _SPLIT_TARGET_PROGRAMS programs."""
+    pow2 = triton.next_power_of_2(length)
+    sample = min(_SAMPLE, max(_SAMPLE_MIN, pow2 // 64), pow2)
     block = _SPLIT_MAX_BLOCK
     while block > _SPLIT_MIN_BLOCK and groups * triton.cdiv(length, block) < _SPLIT_TARGET_PROGRAMS:
         block //= 2
-    select_block = min(_SELECT_MAX_BLOCK, triton.next_power_of_2(length))
-    return (sample, min(_RUN, sample), min(max(sample // 256, 1), 16), block,
-            min(max(block // 512, 1), 8), select_block)
+    return sample, min(_RUN, sample), min(max(sample // 256, 1), 16), block, _CHUNK_WARPS
 
 
 def _candidate_cap(length: int) -> int:
@@ -383,28 +537,29 @@ def kwta_forward(x: torch.Tensor, k: int, absolute: bool) -> tuple[torch.Tensor,
 
 def _split_forward(x: torch.Tensor, k: int, absolute: int, out: torch.Tensor,
                    threshold: torch.Tensor) -> None:
-    """The split path's four launches (module docstring); scratch: 16 bytes and cap candidate
-    values per group (cap <= L: never more than x itself)."""
+    """The split path's two launches (module docstring). Scratch per group: _SCRATCH int32,
+    _BAND_BINS bin counts, cap candidate values and positions (cap <= L), _BIN_CAP of each for
+    the threshold's bin."""
     N, C, L = x.shape
     groups = N * C
-    sample, run, sample_warps, block, chunk_warps, select_block = _split_config(groups, L)
+    sample, run, sample_warps, block, chunk_warps = _split_config(groups, L)
     cap = _candidate_cap(L)
     chunks = triton.cdiv(L, block)
-    scratch = torch.empty((groups, 4), dtype=torch.int32, device=x.device)
-    candidates = torch.empty((groups, cap), dtype=x.dtype, device=x.device)
+    dev = x.device
+    scratch = torch.empty((groups, _SCRATCH), dtype=torch.int32, device=dev)
+    hist = torch.empty((groups, _BAND_BINS), dtype=torch.int32, device=dev)
+    candidates = torch.empty((groups, cap), dtype=x.dtype, device=dev)
+    positions = torch.empty((groups, cap), dtype=torch.int32, device=dev)
+    listed = torch.empty((groups, _BIN_CAP), dtype=x.dtype, device=dev)
+    listed_positions = torch.empty((groups, _BIN_CAP), dtype=torch.int32, device=dev)
     with on_device(x):
         _kwta_sample_kernel[(groups,)](
-            x, scratch, C, L, k, absolute, *x.stride(),
-            SAMPLE=sample, RUN=run, num_warps=sample_warps)
+            x, scratch, hist, C, L, k, absolute, *x.stride(),
+            SAMPLE=sample, RUN=run, NBINS=_BAND_BINS, num_warps=sample_warps)
         _kwta_filter_kernel[(groups * chunks,)](
-            x, scratch, candidates, C, L, chunks, cap, absolute, *x.stride(),
-            BLOCK=block, num_warps=chunk_warps)
-        _kwta_select_kernel[(groups,)](
-            x, threshold, scratch, candidates, C, L, k, cap, absolute, *x.stride(),
-            BLOCK=select_block, num_warps=_SELECT_NUM_WARPS)
-        _kwta_mask_kernel[(groups * chunks,)](
-            x, out, threshold, C, L, chunks, absolute, *x.stride(), *out.stride(),
-            BLOCK=block, num_warps=chunk_warps)
+            x, out, threshold, scratch, hist, candidates, positions, listed, listed_positions,
+            C, L, k, chunks, cap, absolute, *x.stride(), *out.stride(),
+            BLOCK=block, TAIL=_TAIL, NBINS=_BAND_BINS, BIN_CAP=_BIN_CAP, num_warps=chunk_warps)
 
 
 def kwta_backward(
@@ -444,31 +599,24 @@ def _aot_variants() -> list[tuple]:
     of groups), so sampling L = 2**i and the smallest and a large group count covers them all."""
     forward = {_forward_config(1 << i) for i in range(_FWD_MAX_BLOCK.bit_length())}
     backward = {_backward_config(1 << i) for i in range(_BWD_TILE.bit_length())}
-    # The split path's configs: SAMPLE, chunk and select blocks are powers of two within bounds.
+    # The split path's configs: SAMPLE and chunk blocks are powers of two within bounds.
     split = {_split_config(groups, 1 << i) for i in range(SPLIT_MIN_GROUP.bit_length() - 1, 32)
              for groups in (1, 1 << 20)}
-    sample_cfgs = sorted({(sample, run, warps) for sample, run, warps, _, _, _ in split})
-    chunk_cfgs = sorted({(block, warps) for _, _, _, block, warps, _ in split})
-    select_blocks = sorted({select for *_, select in split})
+    sample_cfgs = sorted({(sample, run, warps) for sample, run, warps, _, _ in split})
+    chunk_cfgs = sorted({(block, warps) for _, _, _, block, warps in split})
     variants = []
     for dtype in _TL_DTYPES.values():
         for sample, run, warps in sample_cfgs:
-            constexprs = {"SAMPLE": sample, "RUN": run}
-            variants.append((_kwta_sample_kernel, signature(_kwta_sample_kernel, dtype, constexprs,
-                                                            {"scratch_ptr": "*i32"}),
-                             constexprs, {"num_warps": warps}))
+            constexprs = {"SAMPLE": sample, "RUN": run, "NBINS": _BAND_BINS}
+            variants.append((_kwta_sample_kernel, signature(
+                _kwta_sample_kernel, dtype, constexprs, {"scratch_ptr": "*i32", "hist_ptr": "*i32"}),
+                constexprs, {"num_warps": warps}))
         for block, warps in chunk_cfgs:
-            constexprs = {"BLOCK": block}
-            variants.append((_kwta_filter_kernel, signature(_kwta_filter_kernel, dtype, constexprs,
-                                                            {"scratch_ptr": "*i32"}),
+            constexprs = {"BLOCK": block, "TAIL": _TAIL, "NBINS": _BAND_BINS, "BIN_CAP": _BIN_CAP}
+            pointers = {"scratch_ptr": "*i32", "hist_ptr": "*i32", "pos_ptr": "*i32",
+                        "list_pos_ptr": "*i32"}
+            variants.append((_kwta_filter_kernel, signature(_kwta_filter_kernel, dtype, constexprs, pointers),
                              constexprs, {"num_warps": warps}))
-            variants.append((_kwta_mask_kernel, signature(_kwta_mask_kernel, dtype, constexprs),
-                             constexprs, {"num_warps": warps}))
-        for block in select_blocks:
-            constexprs = {"BLOCK": block}
-            variants.append((_kwta_select_kernel, signature(_kwta_select_kernel, dtype, constexprs,
-                                                            {"scratch_ptr": "*i32"}),
-                             constexprs, {"num_warps": _SELECT_NUM_WARPS}))
         for block, num_warps in sorted(forward):
             constexprs = {"BLOCK": block}
             variants.append((_kwta_forward_kernel, signature(_kwta_forward_kernel, dtype, constexprs),
