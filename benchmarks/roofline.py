@@ -146,7 +146,8 @@ masked_conv (csrc/cuda/masked_conv.cu, csrc/masked_conv.h, triton_kernels/masked
                masks alone: the x and weight gathers around cuDNN. Per-sample masks: the
                implicit-GEMM kernel on tensor cores (wmma: TF32 for float32 where allowed,
                bf16/fp16), 64 kept output channels x 32 pixels a block: ceil(kept/64)*64
-               channels of work. Weight masks: the masked weight (3 bit ops) in a dense cuDNN
+               channels of work. Static masks where that kernel's rounds of CTAs x K steps
+               of 64 stay within 18 (out25, in50 at 32x128x16x16): that kernel alone. Weight masks: the masked weight (3 bit ops) in a dense cuDNN
                conv.
   triton       tl.dot on tensor cores (float32: TF32, cudnn.allow_tf32 being PyTorch's default),
                tiles of 16-128 pixels x 16-128 output channels x 32 input channels
@@ -1433,10 +1434,25 @@ def _cuda_per_sample(p: Plan, g: _Conv, out_work: int, in_work: float) -> None:
     steps = math.ceil(in_work * 9 / 64)
     ctas = g.n * p_tiles * tiles
     chain = steps * (p.lat("l2") + 2 * p.lat("barrier") + p.lat("smem")) + p.lat("dram")
+    # The weight rows of the tile's kept output channels, columns of the kept input channels.
+    w_tile = g.weight * out_work / g.c * in_work / g.c
     p.kernel("masked_conv2d_tc_kernel (wmma)", "inner", hbm=2 * g.x + g.weight + g.c * g.esize,
-             l2=g.x * in_work / g.c * (tiles - 1) + g.weight * out_work / g.c * (g.n * p_tiles - 1),
+             l2=g.x * in_work / g.c * (tiles - 1) + w_tile * (g.n * p_tiles - 1),
              flops=g.flops(rows, in_work, pixels), tensor=True, eff=p.gpu["cuda_wmma_eff"],
              ops=ctas * steps * 256 * 100, ctas=ctas, per_sm=2, chain_us=chain)
+
+
+CUDA_STATIC_TC_MAX_STEPS = 18  # csrc/cuda/masked_conv.cu's kStaticTcMaxSteps
+
+
+def _cuda_static_tensor_cores(p: Plan, g: _Conv, out_kept: int, in_kept: int) -> bool:
+    """masked_conv.cu's static_on_tensor_cores: static masks run masked_conv2d_tc_kernel (one
+    launch) where its CTAs (samples x 32-pixel tiles x 64-row tiles of the kept output channels)
+    take at most CUDA_STATIC_TC_MAX_STEPS K steps of 64 in all over the rounds of the GPU's CTA
+    slots (2 an SM), else cuDNN on the compacted problem."""
+    ctas = g.n * math.ceil(g.pixels / 32) * math.ceil(out_kept / 64)
+    rounds = math.ceil(ctas / (p.gpu["sms"] * 2))
+    return rounds * math.ceil(in_kept * 9 / 64) <= CUDA_STATIC_TC_MAX_STEPS
 
 
 def _triton_channel_lists(p: Plan, mask: bool) -> None:
@@ -1536,6 +1552,10 @@ def masked_conv_forward(p: Plan, provider: str, grad: bool) -> None:
             _cudnn_forward(p, g, g.c, g.c)
         elif g.kind == "sample-out":
             _cuda_per_sample(p, g, g.kept, g.c)
+        elif _cuda_static_tensor_cores(p, g, g.kept if out_static else g.c,
+                                       g.kept if g.kind == "in" else g.c):
+            # the (C,) masks read on the device; the kept counts from the cache
+            _cuda_per_sample(p, g, g.kept if out_static else g.c, g.kept if g.kind == "in" else g.c)
         else:  # static masks: compacted weight (and x), cuDNN; the kept indices come from the
             # per-mask-version cache (a nonzero sync on the first call only)
             p.kernel("index_select weight", "inner", hbm=2 * g.weight * g.keep)

@@ -1045,6 +1045,52 @@ def test_cuda_per_sample_tf32_flag(geom):
     assert not torch.equal(tf32, full)
 
 
+def _cuda_kernel_names(fn):
+    """fn()'s result and the names of the CUDA kernels it launched (after one warm-up call, so
+    the static masks' kept indices are cached)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        out = fn()
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events()
+             if e.device_type == torch.autograd.DeviceType.CUDA]
+    return out, names
+
+
+def _launched(names, kernel):
+    return any(kernel in name for name in names)
+
+
+def _static_close(got, x, weight, bias, geom, in_mask, out_mask):
+    """got against the float64 reference for (C,) masks: 16-bit dtypes within twice eager's
+    error (_low_precision_close on the masks expanded over the batch), float32 within TF32
+    tolerances where TF32 is allowed (scaled by the square root of the reduction length), else
+    float32 tolerances; masked output channels exactly 0."""
+    n, cin, cout, h, w, k, stride, padding, dilation = geom
+    if x.dtype in (torch.float16, torch.bfloat16):
+        b = bias if bias is not None else torch.zeros(cout, dtype=x.dtype, device=x.device)
+        in_n = (in_mask if in_mask is not None else torch.ones(cin, dtype=torch.bool,
+                                                                 device=x.device)).expand(n, -1)
+        out_n = (out_mask if out_mask is not None else torch.ones(cout, dtype=torch.bool,
+                                                                    device=x.device)).expand(n, -1)
+        _low_precision_close(got, x, weight, b, geom, in_n, out_n)
+        return
+    want = reference.masked_conv2d(x.double(), weight.double(),
+                                   None if bias is None else bias.double(), stride, padding,
+                                   dilation, 1, in_mask, out_mask)
+    scale = (cin * k * k) ** 0.5
+    if torch.backends.cudnn.allow_tf32:
+        torch.testing.assert_close(got.double(), want, atol=TF32_TOLERANCE[0] * scale,
+                                   rtol=TF32_TOLERANCE[1] * scale)
+    else:
+        _close(got, want, torch.float32, scale=scale)
+    if out_mask is not None:
+        assert torch.equal(got[:, ~out_mask], torch.zeros_like(got[:, ~out_mask]))
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -1054,21 +1100,138 @@ def test_cuda_per_sample_tf32_flag(geom):
 def test_cuda_static_out_mask_scatter(dtype, channels_last, with_bias, in_static):
     """Static output masks on cuDNN with the fused scatter: kept channels with their bias,
     masked ones exactly 0, in both layouts, with and without a static in_mask, an output
-    channel count above one block (300) and a 5x7 image (pixels not a multiple of 32)."""
+    channel count above one block (300) and a 5x7 image (pixels not a multiple of 32). 160 input
+    channels (90% kept): 23 K steps of 64 a CTA, past the tensor-core kernel's limit for static
+    masks, so bf16 takes cuDNN too (float32 does with TF32 off, these tests' setting)."""
     gen = torch.Generator().manual_seed(13)
-    geom = (3, 24, 300, 5, 7, 3, 1, 1, 1)
+    geom = (3, 160, 300, 5, 7, 3, 1, 1, 1)
     x, weight, bias = _tc_inputs(geom, dtype, gen, channels_last)
     bias = bias if with_bias else None
     out_mask = (torch.rand(300, generator=gen) < 0.3).cuda()
-    in_mask = (torch.rand(24, generator=gen) < 0.5).cuda() if in_static else None
+    in_mask = (torch.rand(160, generator=gen) < 0.9).cuda() if in_static else None
     with pyprune.use_backend("cuda"):
-        got = pyprune.masked_conv2d(x, weight, bias, 1, 1, in_mask=in_mask, out_mask=out_mask)
+        got, names = _cuda_kernel_names(lambda: pyprune.masked_conv2d(
+            x, weight, bias, 1, 1, in_mask=in_mask, out_mask=out_mask))
+    assert _launched(names, "scatter_kept_channels_kernel"), names
+    assert not _launched(names, "masked_conv2d_tc_kernel"), names
     assert got.is_contiguous(memory_format=torch.channels_last) == channels_last
-    assert torch.equal(got[:, ~out_mask], torch.zeros_like(got[:, ~out_mask]))
-    want = reference.masked_conv2d(x.double(), weight.double(),
-                                   None if bias is None else bias.double(), 1, 1, 1, 1, in_mask,
-                                   out_mask)
-    _close(got, want, dtype, scale=4.0 if dtype == torch.float32 else 1.0)
+    _static_close(got, x, weight, bias, geom, in_mask, out_mask)
+
+
+# Static masks on the tensor-core kernel: short reductions and few CTAs (N, C_in, C_out, H, W,
+# kernel, stride, padding, dilation); pixels not a multiple of the 32-pixel tile, stride,
+# dilation, a 1x1 kernel, more than 64 kept output channels.
+STATIC_TC_GEOMETRIES = [
+    (3, 24, 40, 9, 7, 3, 1, 1, 1),
+    (2, 16, 130, 5, 7, 3, 1, 1, 1),
+    (2, 9, 17, 13, 11, 3, 2, 1, 2),
+    (4, 33, 70, 4, 4, 1, 1, 0, 1),
+]
+
+
+def _static_masks(kind, cin, cout, gen):
+    """(C,) masks: out25 / out75 keep about a quarter / three quarters of the output channels,
+    in the input channels at half, both an in_mask and an out_mask at half."""
+    keep_out = {"out25": 0.25, "out75": 0.75, "in": None, "both": 0.5}[kind]
+    out_mask = None if keep_out is None else torch.rand(cout, generator=gen) < keep_out
+    in_mask = torch.rand(cin, generator=gen) < 0.5 if kind in ("in", "both") else None
+    if out_mask is not None:
+        out_mask[0] = True  # something kept
+    return (None if in_mask is None else in_mask.cuda(),
+            None if out_mask is None else out_mask.cuda())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("kind", ["out25", "out75", "in", "both"])
+@pytest.mark.parametrize("geom", STATIC_TC_GEOMETRIES)
+def test_cuda_static_masks_tensor_cores(dtype, channels_last, with_bias, kind, geom):
+    """Static (C,) masks with a short reduction run masked_conv2d_tc_kernel alone (no cuDNN, no
+    scatter), at small and large keep, on the input side, on both: within twice eager's
+    low-precision error, masked output channels exactly 0, the layout of x."""
+    gen = torch.Generator().manual_seed(14)
+    n, cin, cout, h, w, k, stride, padding, dilation = geom
+    x, weight, bias = _tc_inputs(geom, dtype, gen, channels_last)
+    bias = bias if with_bias else None
+    in_mask, out_mask = _static_masks(kind, cin, cout, gen)
+    with pyprune.use_backend("cuda"):
+        got, names = _cuda_kernel_names(lambda: pyprune.masked_conv2d(
+            x, weight, bias, stride, padding, dilation, in_mask=in_mask, out_mask=out_mask))
+    assert _launched(names, "masked_conv2d_tc_kernel"), names
+    assert not _launched(names, "scatter_kept_channels_kernel"), names
+    assert got.is_contiguous(memory_format=torch.channels_last) == channels_last
+    _static_close(got, x, weight, bias, geom, in_mask, out_mask)
+
+
+@pytest.mark.gpu
+@pytest.mark.tf32
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("kind", ["out25", "in", "both"])
+@pytest.mark.parametrize("geom", STATIC_TC_GEOMETRIES[:3])
+def test_cuda_static_masks_tf32(kind, geom):
+    """float32 static masks follow torch.backends.cudnn.allow_tf32: allowed (PyTorch's default),
+    a short reduction runs the tensor-core kernel (TF32 tolerances); not allowed, cuDNN on the
+    compacted problem (float32 tolerances). Gradients (static_backward) match the reference."""
+    assert torch.backends.cudnn.allow_tf32
+    gen = torch.Generator().manual_seed(15)
+    n, cin, cout, h, w, k, stride, padding, dilation = geom
+    x, weight, bias = _tc_inputs(geom, torch.float32, gen, False)
+    in_mask, out_mask = _static_masks(kind, cin, cout, gen)
+    args = (x, weight, bias, stride, padding, dilation)
+    with pyprune.use_backend("cuda"):
+        got, names = _cuda_kernel_names(
+            lambda: pyprune.masked_conv2d(*args, in_mask=in_mask, out_mask=out_mask))
+        assert _launched(names, "masked_conv2d_tc_kernel"), names
+        _static_close(got, x, weight, bias, geom, in_mask, out_mask)
+        torch.backends.cudnn.allow_tf32 = False
+        try:
+            full, names = _cuda_kernel_names(
+                lambda: pyprune.masked_conv2d(*args, in_mask=in_mask, out_mask=out_mask))
+            assert not _launched(names, "masked_conv2d_tc_kernel"), names
+            _static_close(full, x, weight, bias, geom, in_mask, out_mask)
+        finally:
+            torch.backends.cudnn.allow_tf32 = True
+        leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
+        out = pyprune.masked_conv2d(*leaves, stride, padding, dilation, in_mask=in_mask,
+                                    out_mask=out_mask)
+    probe = torch.randn(out.shape, generator=gen).cuda()
+    grads = torch.autograd.grad((out * probe).sum(), leaves)
+    ref_leaves = [t.detach().double().requires_grad_() for t in (x, weight, bias)]
+    ref = reference.masked_conv2d(*ref_leaves, stride, padding, dilation, 1, in_mask, out_mask)
+    want = torch.autograd.grad((ref * probe.double()).sum(), ref_leaves)
+    scale = (cin * k * k + n * h * w) ** 0.5
+    for g, r in zip(grads, want):
+        torch.testing.assert_close(g.double(), r, atol=TF32_TOLERANCE[0] * scale,
+                                   rtol=TF32_TOLERANCE[1] * scale)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("seen", [True, False], ids=["seen", "new"])
+def test_cuda_static_tensor_cores_graph_capture(seen):
+    """bf16 static masks inside a captured CUDA graph: a mask version seen before the capture
+    (kept counts cached: the tensor-core rule) and one first seen under capture (the kernel
+    reads it on the device) both capture without a host synchronisation and replay right."""
+    gen = torch.Generator().manual_seed(16)
+    geom = (3, 24, 40, 9, 7, 3, 1, 1, 1)
+    x, weight, bias = _tc_inputs(geom, torch.bfloat16, gen, False)
+    in_mask, out_mask = _static_masks("both", 24, 40, gen)
+    with pyprune.use_backend("cuda"):
+        if seen:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up outside the capture
+                pyprune.masked_conv2d(x, weight, bias, 1, 1, in_mask=in_mask, out_mask=out_mask)
+            torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = pyprune.masked_conv2d(x, weight, bias, 1, 1, in_mask=in_mask, out_mask=out_mask)
+    graph.replay()
+    torch.cuda.synchronize()
+    _static_close(out, x, weight, bias, geom, in_mask, out_mask)
 
 
 # The Triton launcher's choices: tl.dot's input precision and the tile configuration.

@@ -164,14 +164,28 @@ def test_masked_conv_bytes_and_flops():
     assert k.hbm == 2 * x + weight + 128 * 4 and k.ctas == 32 * 8
     lat = roofline.GPUS["h200"]["latency_us"]
     assert k.chain_us >= 18 * lat["l2"]
-    # Static 25%: cuDNN on the 32 kept output channels without bias, then one pass writes the
-    # kept channels with their bias and the zeros; the kept indices are cached per mask version
-    # (no nonzero() sync).
+    # Static 25%: 18 K steps of 64 for one round of CTAs: the tensor-core kernel alone, as for
+    # per-sample masks (the (C,) mask read on the device, the kept count cached).
     items = roofline.plan("masked_conv", Case((32, 128, 16, 16), "out25"), roofline.CUDA,
                           "forward", "h200").items
     k = {i.name: i for i in items if isinstance(i, roofline.Kernel)}
-    assert k["cuDNN fprop"].flops == dense_flops / 4
-    assert k["scatter_kept_channels_kernel"].hbm == x / 4 + x
+    assert list(k) == ["masked_conv2d_tc_kernel (wmma)"] and k[
+        "masked_conv2d_tc_kernel (wmma)"].ctas == 32 * 8
+    assert not any(isinstance(i, roofline.Sync) for i in items)
+    # Static input mask at 50%: 9 K steps, two rounds of 512 CTAs; only the kept input columns
+    # of the weight are reread.
+    k = kernels("masked_conv", Case((32, 128, 16, 16), "in50"), roofline.CUDA,
+                "forward")["masked_conv2d_tc_kernel (wmma)"]
+    assert k.flops == dense_flops / 2 and k.ctas == 32 * 8 * 2
+    assert k.l2 == pytest.approx(x / 2 + weight / 2 * (32 * 8 - 1))
+    # Static 75%: 2 rounds x 18 steps is past the limit: cuDNN on the 96 kept output channels
+    # without bias, then one pass writes the kept channels with their bias and the zeros; the
+    # kept indices are cached per mask version (no nonzero() sync).
+    items = roofline.plan("masked_conv", Case((32, 128, 16, 16), "out75"), roofline.CUDA,
+                          "forward", "h200").items
+    k = {i.name: i for i in items if isinstance(i, roofline.Kernel)}
+    assert k["cuDNN fprop"].flops == dense_flops * 3 / 4
+    assert k["scatter_kept_channels_kernel"].hbm == x * 3 / 4 + x
     assert len(k) == 3 and not any(isinstance(i, roofline.Sync) for i in items)
 
 

@@ -8,7 +8,10 @@
 //                                      seen before during CUDA graph capture takes the kernels
 //                                      below instead); with an out_mask, static_forward_cuda
 //                                      (kept weight rows, cuDNN, one fused scatter + bias pass),
-//                                      else masked_conv::static_forward;
+//                                      else masked_conv::static_forward; but where the tensor-core
+//                                      kernel below has little serial work (static_on_tensor_cores:
+//                                      few K steps and CTAs for one or two rounds of the GPU), that
+//                                      kernel alone, reading the (C,) masks on the device;
 //   an (N, C) mask, groups == 1        the implicit-GEMM kernels below, one launch for the batch:
 //                                      masked_conv2d_tc_kernel on tensor cores for bf16, fp16 and
 //                                      float32 where torch.backends.cudnn.allow_tf32 (TF32), else
@@ -768,6 +771,18 @@ MaskArgs mask_args(const std::optional<at::Tensor>& mask) {
   return a;
 }
 
+// Whether per_sample_forward's size limits (checked there) hold for g.
+bool per_sample_fits(const masked_conv::Geometry& g, int64_t pixels) {
+  bool ok = g.h * g.w <= kIntMax && pixels <= kIntMax - kTileP && g.c_in <= kIntMax &&
+            g.c_out <= kIntMax && g.kh * g.kw <= (1 << 20) &&
+            (g.c_out + kTileM - 1) / kTileM <= 65535;
+  for (int i = 0; i < 2; ++i) {
+    ok = ok && (i == 0 ? g.h : g.w) < (1 << 29) && g.padding[i] < (1 << 29) &&
+         g.stride[i] < (1 << 29) && g.dilation[i] * ((i == 0 ? g.kh : g.kw) - 1) < (1 << 29);
+  }
+  return ok;
+}
+
 // The per-sample kernel. in_mask and out_mask may be soft (float, x's dtype; checked by the
 // caller); raw, if given, receives the unscaled output (contiguous NCHW, like the kernel's).
 at::Tensor per_sample_forward(const at::Tensor& x, const at::Tensor& weight,
@@ -920,6 +935,40 @@ at::Tensor static_forward_cuda(const at::Tensor& x, const at::Tensor& weight,
   return out;
 }
 
+// Static masks on the tensor-core kernel instead of cuDNN on the compacted problem, where the
+// kernel's serial work is short: its CTAs (samples x 32-pixel tiles x 64-row tiles of the kept
+// output channels) fill at most kStaticTcMaxSteps / steps rounds of the GPU's CTA slots (2 an SM),
+// steps being the K steps of kTcK (kept input channel, kh, kw) positions a CTA runs. There it
+// is one launch where cuDNN takes three (the weight gather, the convolution, the scatter) or four
+// (and x's gather); past it, the kernel's chain of K steps costs more than cuDNN's larger tiles.
+// Decided from the shapes, the dtype, the TF32 flag and the kept counts of the masks (cached
+// per mask version, as the cuDNN path needs them; the caller has made sure they are known or
+// may be computed), so the same call always takes the same kernels. benchmarks/roofline.py's
+// _cuda_static_tensor_cores mirrors this rule.
+constexpr int64_t kStaticTcMaxSteps = 18;
+
+bool static_on_tensor_cores(const at::Tensor& x, const masked_conv::Geometry& g,
+                            const std::optional<at::Tensor>& in_mask,
+                            const std::optional<at::Tensor>& out_mask) {
+  if (!in_mask.has_value() && !out_mask.has_value()) return false;  // dense: cuDNN
+  const auto dtype = x.scalar_type();
+  const bool tensor_cores = dtype == at::kHalf || dtype == at::kBFloat16 ||
+                            (dtype == at::kFloat && tf32_allowed());
+  const int64_t pixels = g.h_out * g.w_out;
+  if (!tensor_cores || g.n == 0 || !per_sample_fits(g, pixels)) return false;
+  const int64_t k_out = out_mask.has_value() ? masked_conv::kept(out_mask, g.c_out, x).size(0)
+                                             : g.c_out;
+  const int64_t k_in = in_mask.has_value() ? masked_conv::kept(in_mask, g.c_in, x).size(0)
+                                           : g.c_in;
+  const int64_t ctas = g.n * ((pixels + kTcP - 1) / kTcP) * ((k_out + kTileM - 1) / kTileM);
+  const int64_t slots =
+      static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount) *
+      kTcMinBlocks;
+  const int64_t rounds = (ctas + slots - 1) / slots;
+  const int64_t steps = (k_in * g.kh * g.kw + kTcK - 1) / kTcK;
+  return rounds * steps <= kStaticTcMaxSteps;
+}
+
 at::Tensor masked_conv2d_cuda(const at::Tensor& x, const at::Tensor& weight,
                               const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
                               at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
@@ -931,7 +980,7 @@ at::Tensor masked_conv2d_cuda(const at::Tensor& x, const at::Tensor& weight,
   const c10::cuda::CUDAGuard guard(x.device());
   if (g.groups > 1) return masked_conv::dense_forward(x, weight, bias, g, in_mask, out_mask);
   if (!masked_conv::per_sample(in_mask) && !masked_conv::per_sample(out_mask) &&
-      !must_not_sync(in_mask, out_mask)) {
+      !must_not_sync(in_mask, out_mask) && !static_on_tensor_cores(x, g, in_mask, out_mask)) {
     return static_forward_cuda(x, weight, bias, g, in_mask, out_mask);
   }
   return per_sample_forward(x, weight, bias, g, in_mask, out_mask);
