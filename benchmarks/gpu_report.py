@@ -140,9 +140,11 @@ DYNAMIC_SMEM: dict[str, int] = {
     r"^kwta_block_kernel<.*, 256, ": 8192 + 24576,
     # ... or, in a cluster launch (512 threads only), three histograms and kClusterCandBytes.
     r"^kwta_block_kernel<.*, 512, ": 3 * 8192 + 16384,
-    # cas.cu launch_logits: a sample's K channel means (acc_t): the benchmarks' largest K, 2048
-    # (more channels take more).
+    # cas.cu launch_logits: the K channel means (acc_t) of its R samples: the benchmarks'
+    # largest K, 2048 (more channels take more; R = 4 only while 4 samples fit in 48 KiB).
+    r"^cas_logits_kernel<double, \w+, 4>": 4 * 1536 * 8,
     r"^cas_logits_kernel<double": 2048 * 8,
+    r"^cas_logits_kernel<\w+, \w+, 4>": 4 * 2048 * 4,
     r"^cas_logits_kernel<": 2048 * 4,
     # masked_conv.cu static_forward_cuda: an int per output channel (the kept rank); the
     # benchmarks' largest C_out, 512.
@@ -497,7 +499,7 @@ CUDA_USES = {
     # backward kBwd = 3); NCHW rows go 4 floats at a time where L = H * W is a multiple of 4.
     r"^cas_rows_kernel<float, 4, 0>": ("cas", lambda c: _cas_rows4(c), "fwd"),
     r"^cas_rows_kernel<float, 1, 0>": ("cas", lambda c: not _cas_rows4(c), "fwd"),
-    r"^cas_logits_kernel<float, true>": ("cas", lambda c: True, "fwd"),
+    r"^cas_logits_kernel<float, true, 1>": ("cas", lambda c: True, "fwd"),
     r"^cas_rows_kernel<float, 4, 3>": ("cas", lambda c: _cas_rows4(c), "bwd"),
     r"^cas_rows_kernel<float, 1, 3>": ("cas", lambda c: not _cas_rows4(c), "bwd"),
     r"^cas_gather_rows_kernel<float>": ("cas", lambda c: True, "bwd"),

@@ -1171,22 +1171,36 @@ def _cuda_cas_stream(p: Plan, mode: str) -> tuple[int, int]:
 
 
 def _cuda_cas_logits(p: Plan, s: int) -> None:
-    """cas_logits_kernel<train>: one block per sample (more when many classes meet a small
-    batch): the means from the S partials of each channel, then a warp per class."""
+    """cas_logits_kernel<train>: one block per sample: the means from the S partials of each
+    channel, then a warp per class. With more than 64 classes: in float32 the means only, then
+    addmm; in half types a block per 4 samples (each weight row serves 4 samples) and the
+    classes split over up to 8 blocks a SM."""
     rows, channels, _, classes = _cas_shape(p.case)
     e = _esize(p.case)
     lat = p.lat
+    if classes > 64 and e == 4:
+        # float32: a block per sample stores the means only, then addmm forms the logits.
+        p.kernel("cas_logits_kernel<train> (means)", "inner", hbm=rows * (8 + channels * 4),
+                 l2=rows * channels * s * 4, ops=rows * channels * s,
+                 ctas=rows, per_sm=8,
+                 chain_us=math.ceil(channels / 256) * s * lat("l2") + lat("barrier"))
+        p.kernel("addmm (logits)", "inner", hbm=classes * channels * e + rows * classes * e,
+                 l2=rows * channels * 4, flops=2 * rows * channels * classes)
+        return
+    r = 4 if classes > 64 and 4 * channels * 4 <= 48 * 1024 else 1
+    groups = math.ceil(rows / r)
     cb = 1
-    if classes > 64 and rows < 264:
-        cb = min(math.ceil(classes / 8), math.ceil(264 / rows))
+    if classes > 64 and groups < 8 * 132:
+        cb = min(math.ceil(classes / 8), math.ceil(8 * 132 / groups))
     cpb = math.ceil(classes / cb)
     cb = math.ceil(classes / cpb)
+    # The r samples' loads of a step are independent (issued together).
     chain = (math.ceil(channels / 256) * s * lat("l2") + lat("barrier")
              + math.ceil(cpb / 8) * (lat("l2") + math.ceil(channels / 32) * lat("smem")))
     p.kernel("cas_logits_kernel<train>", "inner", hbm=classes * channels * e + rows * 8
-             + rows * (classes * e + channels * 4), l2=rows * cb * cpb * channels * e
-             + rows * channels * s * 4, ops=rows * cb * (channels * s + cpb * channels * 2),
-             ctas=rows * cb, per_sm=8, chain_us=chain)
+             + rows * (classes * e + channels * 4), l2=groups * cb * cpb * channels * e
+             + rows * cb * channels * s * 4, ops=rows * cb * (channels * s + cpb * channels * 2),
+             ctas=groups * cb, per_sm=8, chain_us=chain)
 
 
 def _triton_cas_stream(p: Plan, name: str, passes: int) -> int:

@@ -366,7 +366,8 @@ def _check_repeatable_grads(leaves: list[torch.Tensor], label, dtype) -> None:
 # The CUDA kernel's launch shapes (csrc/cuda/cas.cu): one sample over many blocks, a batch of 256,
 # rows split into chunks (L = 192 over 128-wide chunks), a channel row that allows no 16-byte
 # access (L = 49), the logits split over blocks with a separate argmax (130 classes, few
-# samples; in backward grad_logits.T @ mean as a GEMM, not in the gather), more samples than a
+# samples: 3, a partial group of 4 in half types; float32 logits by a GEMM; in backward
+# grad_logits.T @ mean as a GEMM, not in the gather), more samples than a
 # gather block stages at once (300 > 256), each contiguous and channels_last (16-byte channel
 # vectors when K % 8 == 0).
 CUDA_SHAPES = [
@@ -400,6 +401,14 @@ def test_cuda_launch_shapes(shape, layout, train):
 
             _check_repeatable_grads([t.clone().requires_grad_() for t in (x, weight, bias)],
                                     label, dtype)
+            if shape[-1] > 64 and train:
+                # Many classes: float32 logits by a GEMM over the stored means (addmm, or mm
+                # without a bias), half types 4 samples a block; both without a bias too (with
+                # a label: the inputs' top-2 gap holds with the bias only).
+                out, logits = pyprune.cas(x, weight, None, label)
+                want_out, want_logits = _expected(x, weight, None, label)
+                torch.testing.assert_close(out, want_out, atol=0, rtol=0)
+                _close(logits, want_logits, dtype, scale=10)
 
 
 # The Triton kernels' split shapes (triton_kernels/cas.py): one sample over many programs, with

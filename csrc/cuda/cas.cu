@@ -6,15 +6,19 @@
 //      and the tile's per-channel partial sums to a workspace part (N, K, S) (S chunks per
 //      channel; no atomics, so the sums are the same on every run);
 //   2. logits: per sample (and class range), the means from the S partials in a fixed order,
-//      logits = mean @ w.T + b stored in x's dtype, index = label.
+//      logits = mean @ w.T + b stored in x's dtype, index = label. With more than 64 classes, 4
+//      samples a block share each weight row read (half types), or, where the logits are in the
+//      accumulation type (float32, float64), the kernel stores the means only and a GEMM
+//      (addmm) forms the logits: one more launch, the weight read once.
 // Forward, inference: the scaled write needs the argmax of the whole sample's logits, so x is
 // read twice (sums, then out = x * w[argmax]; the second read comes from L2 where x fits):
 //   1. stream (sums only); 2. logits, with the argmax (first index on ties, NaN largest) in the
 //   same kernel when one block covers a sample's classes, else 2b. a warp per sample;
 //   3. stream (write only), reading index[n].
-// Backward: one pass over grad_out and x: grad_x = grad_out * w[index] + a, a = (grad_logits @
-// w) / L formed first, fused with the partial sums of grad_out * x; grad_weight = grad_logits.T
-// @ mean + those sums added into the index rows by a gather kernel (sample order, no atomics).
+// Backward: one pass over grad_out and x: grad_x = grad_out * w[index] + a / L, a = grad_logits
+// @ w formed first (a GEMM), fused with the partial sums of grad_out * x; grad_weight =
+// grad_logits.T @ mean + those sums added into the index rows, and grad_bias, by a gather kernel
+// (sample order, no atomics; with more than 64 classes grad_logits.T @ mean is a GEMM first).
 //
 // Layouts. Channel rows (x.stride(2) == 1, contiguous NCHW): a group of G lanes (a power of 2,
 // G * V >= L where possible) covers a chunk of G * V columns of one channel, V = 16 bytes /
@@ -34,6 +38,7 @@
 #include <cstdint>
 #include <initializer_list>
 #include <limits>
+#include <type_traits>
 
 #include "../cas.h"
 
@@ -45,8 +50,6 @@ constexpr int kWarps = kThreads / 32;
 // Streaming kernels: 4 blocks of 256 threads per SM at least, so at most 64 registers.
 constexpr int kStreamMinBlocks = 4;
 constexpr unsigned kFullMask = 0xffffffffu;
-// Blocks that fill an H100/H200 (132 SMs) twice over: the target when splitting the logits.
-constexpr int64_t kFillBlocks = 264;
 // Backward: up to this many classes the gather kernel sums grad_logits.T @ mean itself (the
 // rereads of mean stay small, and a GEMM launch is saved); more classes take a GEMM.
 constexpr int64_t kGatherLogitsClasses = 64;
@@ -293,30 +296,51 @@ struct LogitsParams {
   scalar_t* __restrict__ logits;
   int64_t* __restrict__ index;
   acc_t* __restrict__ mean;
-  int64_t K, L, C, S, ws0, ws1;
+  int64_t N, K, L, C, S, ws0, ws1;
   int64_t cpb;      // classes per block
-  unsigned cb;      // blocks per sample
+  unsigned cb;      // blocks per group of R samples
 };
 
-// Block (n, cb): the sample's means in shared memory (block 0 also stores them), then a warp per
-// class of the block's range; the argmax here when one block holds all classes.
-template <typename scalar_t, bool kTrain>
+// Samples per block of the logits kernel with more than kLogitsWideClasses classes: each weight
+// row a block reads serves R samples, so the weight is read N / R times from L2, not N times.
+constexpr int kLogitsWideSamples = 4;
+constexpr int64_t kLogitsWideClasses = 64;
+// Many classes: blocks of the logits launch aimed at (8 a SM on 132 SMs), so that a warp has few
+// classes to go through one after another; each block recomputes its samples' means (L2 reads).
+constexpr int64_t kLogitsFillBlocks = 8 * 132;
+
+// Block (group of R samples, cb): the samples' means in shared memory (block 0 also stores
+// them), then a warp per class of the block's range; the argmax here when one block holds all
+// classes of one sample (R = 1), else cas_argmax_kernel follows.
+template <typename scalar_t, bool kTrain, int R>
 __global__ void __launch_bounds__(kThreads) cas_logits_kernel(const LogitsParams<scalar_t> p) {
   using acc_t = typename CasAcc<scalar_t>::type;
   extern __shared__ __align__(16) unsigned char cas_smem[];
-  acc_t* means = reinterpret_cast<acc_t*>(cas_smem);
+  acc_t* means = reinterpret_cast<acc_t*>(cas_smem);  // [R][K]
   __shared__ acc_t warp_best_v[kWarps];
   __shared__ int64_t warp_best_i[kWarps];
-  const unsigned n = blockIdx.x / p.cb, cblk = blockIdx.x - n * p.cb;
+  const unsigned grp = blockIdx.x / p.cb, cblk = blockIdx.x - grp * p.cb;
+  const int64_t n0 = static_cast<int64_t>(grp) * R;
+  const int rows = static_cast<int>(min(static_cast<int64_t>(R), p.N - n0));
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const acc_t inv_l = acc_t(1) / acc_t(p.L);
   for (int64_t k = tid; k < p.K; k += kThreads) {
-    const acc_t* pk = p.part + (n * p.K + k) * p.S;
-    acc_t s = 0;
-    for (int64_t j = 0; j < p.S; ++j) s += pk[j];
-    const acc_t m = s * inv_l;
-    means[k] = m;
-    if (cblk == 0) p.mean[n * p.K + k] = m;
+    // The R samples' partials of channel k are loaded together, then stored.
+    acc_t sum[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      sum[r] = 0;
+      if (r < rows) {
+        const acc_t* pk = p.part + ((n0 + r) * p.K + k) * p.S;
+        for (int64_t j = 0; j < p.S; ++j) sum[r] += pk[j];
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const acc_t m = sum[r] * inv_l;
+      if (r < rows && cblk == 0) p.mean[(n0 + r) * p.K + k] = m;
+      means[r * p.K + k] = m;
+    }
   }
   __syncthreads();
 
@@ -325,19 +349,32 @@ __global__ void __launch_bounds__(kThreads) cas_logits_kernel(const LogitsParams
   int64_t best_i = -1;
   for (int64_t c = c0 + warp; c < c1; c += kWarps) {
     const scalar_t* wr = p.w + c * p.ws0;
-    acc_t d = 0;
-    for (int64_t k = lane; k < p.K; k += 32) d += static_cast<acc_t>(wr[k * p.ws1]) * means[k];
-    d = warp_sum(d);
-    if (p.b != nullptr) d += static_cast<acc_t>(p.b[c]);
-    const scalar_t r = static_cast<scalar_t>(d);
-    if (lane == 0) p.logits[n * p.C + c] = r;
-    const acc_t v = static_cast<acc_t>(r);
-    if (best_i < 0 || argmax_better(v, c, best_v, best_i)) best_v = v, best_i = c;
+    acc_t d[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) d[r] = 0;
+    for (int64_t k = lane; k < p.K; k += 32) {
+      const acc_t wk = static_cast<acc_t>(wr[k * p.ws1]);
+#pragma unroll
+      for (int r = 0; r < R; ++r) d[r] += wk * means[r * p.K + k];
+    }
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      acc_t t = warp_sum(d[r]);
+      if (r >= rows) continue;
+      if (p.b != nullptr) t += static_cast<acc_t>(p.b[c]);
+      const scalar_t q = static_cast<scalar_t>(t);
+      if (lane == 0) p.logits[(n0 + r) * p.C + c] = q;
+      if constexpr (R == 1) {
+        const acc_t v = static_cast<acc_t>(q);
+        if (best_i < 0 || argmax_better(v, c, best_v, best_i)) best_v = v, best_i = c;
+      }
+    }
   }
   if constexpr (kTrain) {
-    if (tid == 0 && cblk == 0) p.index[n] = p.label[n];
+    if (cblk == 0 && tid < rows) p.index[n0 + tid] = p.label[n0 + tid];
   } else {
-    if (p.cb != 1) return;  // cas_argmax_kernel follows
+    if (R != 1 || p.cb != 1 || p.cpb == 0) return;  // cas_argmax_kernel follows
+    const int64_t n = n0;
     if (lane == 0) {
       warp_best_v[warp] = best_v;
       warp_best_i[warp] = best_i;
@@ -505,11 +542,11 @@ void launch_stream(StreamParams<scalar_t> p, const StreamShape& sh, int64_t N,
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-template <typename scalar_t, bool kTrain>
-void launch_logits(const LogitsParams<scalar_t>& p, int64_t N, cudaStream_t stream) {
+template <typename scalar_t, bool kTrain, int R>
+void launch_logits_rows(const LogitsParams<scalar_t>& p, int64_t groups, cudaStream_t stream) {
   using acc_t = typename CasAcc<scalar_t>::type;
-  const size_t smem = static_cast<size_t>(p.K) * sizeof(acc_t);
-  auto kernel = cas_logits_kernel<scalar_t, kTrain>;
+  const size_t smem = static_cast<size_t>(R) * p.K * sizeof(acc_t);
+  auto kernel = cas_logits_kernel<scalar_t, kTrain, R>;
   if (smem > 48 * 1024) {
     const size_t limit = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
     TORCH_CHECK(smem + 1024 <= limit, "cas (cuda): ", p.K, " channels need ", smem,
@@ -517,8 +554,19 @@ void launch_logits(const LogitsParams<scalar_t>& p, int64_t N, cudaStream_t stre
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         static_cast<int>(smem)));
   }
-  kernel<<<static_cast<unsigned>(N * p.cb), kThreads, smem, stream>>>(p);
+  kernel<<<static_cast<unsigned>(groups * p.cb), kThreads, smem, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// The logits launch: R samples a block with many classes (see kLogitsWideSamples).
+template <typename scalar_t, bool kTrain>
+void launch_logits(const LogitsParams<scalar_t>& p, int R, cudaStream_t stream) {
+  const int64_t groups = (p.N + R - 1) / R;
+  if (R == 1) {
+    launch_logits_rows<scalar_t, kTrain, 1>(p, groups, stream);
+  } else {
+    launch_logits_rows<scalar_t, kTrain, kLogitsWideSamples>(p, groups, stream);
+  }
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cas_cuda(
@@ -563,24 +611,47 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cas_cuda(
     lp.logits = logits.mutable_data_ptr<scalar_t>();
     lp.index = index.mutable_data_ptr<int64_t>();
     lp.mean = mean.mutable_data_ptr<acc_t>();
-    lp.K = K, lp.L = L, lp.C = C, lp.S = sh.S, lp.ws0 = sp.ws0, lp.ws1 = sp.ws1;
-    // One block per sample unless that leaves the GPU idle on many classes.
+    lp.N = N, lp.K = K, lp.L = L, lp.C = C, lp.S = sh.S, lp.ws0 = sp.ws0, lp.ws1 = sp.ws1;
+    // One block per sample unless there are many classes: then R samples a block (while their
+    // means fit the default 48 KiB of shared memory), and the classes split over blocks while
+    // that leaves the GPU idle.
+    // With many classes and logits in the accumulation type (float32, float64), the kernel
+    // stores the means only (cpb = 0) and a GEMM forms the logits from them.
+    const bool gemm = C > kLogitsWideClasses && std::is_same_v<scalar_t, acc_t>;
+    const bool wide = !gemm && C > kLogitsWideClasses &&
+                      kLogitsWideSamples * K * static_cast<int64_t>(sizeof(acc_t)) <= 48 * 1024;
+    const int R = wide ? kLogitsWideSamples : 1;
+    const int64_t groups = (N + R - 1) / R;
     int64_t cb = 1;
-    if (C > 64 && N < kFillBlocks) {
-      cb = std::min((C + kWarps - 1) / kWarps, (kFillBlocks + N - 1) / N);
+    if (gemm) {
+      lp.cpb = 0;
+    } else {
+      if (C > kLogitsWideClasses && groups < kLogitsFillBlocks) {
+        cb = std::min((C + kWarps - 1) / kWarps, (kLogitsFillBlocks + groups - 1) / groups);
+      }
+      lp.cpb = (C + cb - 1) / cb;
+      cb = (C + lp.cpb - 1) / lp.cpb;
     }
-    lp.cpb = (C + cb - 1) / cb;
-    cb = (C + lp.cpb - 1) / lp.cpb;
-    TORCH_CHECK(N * cb <= std::numeric_limits<int32_t>::max(), "cas (cuda): too many samples");
+    TORCH_CHECK(groups * cb <= std::numeric_limits<int32_t>::max(), "cas (cuda): too many samples");
     lp.cb = static_cast<unsigned>(cb);
+    const auto logits_gemm = [&] {
+      const at::Tensor wt = weight.t();
+      if (bias) {
+        at::addmm_out(logits, biases, mean, wt);
+      } else {
+        at::mm_out(logits, mean, wt);
+      }
+    };
 
     if (label) {
       launch_stream<scalar_t, kTrain>(sp, sh, N, stream);
-      launch_logits<scalar_t, true>(lp, N, stream);
+      launch_logits<scalar_t, true>(lp, R, stream);
+      if (gemm) logits_gemm();
     } else {
       launch_stream<scalar_t, kSum>(sp, sh, N, stream);
-      launch_logits<scalar_t, false>(lp, N, stream);
-      if (cb > 1) {
+      launch_logits<scalar_t, false>(lp, R, stream);
+      if (gemm) logits_gemm();
+      if (cb > 1 || R > 1 || gemm) {
         cas_argmax_kernel<scalar_t><<<static_cast<unsigned>((N + kWarps - 1) / kWarps), kThreads,
                                       0, stream>>>(lp.logits, lp.index, N, C);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
