@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend, _validate, reference
-from ._common import group_view, register, register_vmap, save, vjp
+from ._common import eager_kernel, group_view, register, register_vmap, save, vjp
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -88,6 +88,8 @@ def _autograd(fwd, bwd) -> Callable:
     """CAS's entry point. First-order backward runs the backward kernel; when a graph of the
     gradient is built (create_graph, torch.func) the same gradient comes from the differentiable
     formula, and forward-mode AD takes its tangent (the product rule) from it too."""
+    bwd_kernel = eager_kernel(bwd)
+
     def setup_context(ctx, inputs, output):
         x, weight, bias, _ = inputs
         _, _, index, mean = output
@@ -109,7 +111,7 @@ def _autograd(fwd, bwd) -> Callable:
             bias = (weight.new_zeros(weight.shape[0]),) if ctx.has_bias else ()
             grads = vjp(_cas_of(index, ctx.has_bias), (x, weight, *bias), (grad_out, grad_logits))
             return (*grads, None) if ctx.has_bias else (*grads, None, None)
-        grad_x, grad_weight, grad_bias = bwd(grad_out, grad_logits, x, weight, index, mean)
+        grad_x, grad_weight, grad_bias = bwd_kernel(grad_out, grad_logits, x, weight, index, mean)
         return grad_x, grad_weight, grad_bias if ctx.has_bias else None, None
 
     def jvp(ctx, tangent_x, tangent_weight, tangent_bias, _tangent_label):
