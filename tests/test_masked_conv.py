@@ -1197,8 +1197,8 @@ def test_cuda_static_masks_tf32(kind, geom):
         leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
         out = pyprune.masked_conv2d(*leaves, stride, padding, dilation, in_mask=in_mask,
                                     out_mask=out_mask)
-    probe = torch.randn(out.shape, generator=gen).cuda()
-    grads = torch.autograd.grad((out * probe).sum(), leaves)
+        probe = torch.randn(out.shape, generator=gen).cuda()
+        grads = torch.autograd.grad((out * probe).sum(), leaves)
     ref_leaves = [t.detach().double().requires_grad_() for t in (x, weight, bias)]
     ref = reference.masked_conv2d(*ref_leaves, stride, padding, dilation, 1, in_mask, out_mask)
     want = torch.autograd.grad((ref * probe.double()).sum(), ref_leaves)
