@@ -249,7 +249,10 @@ _HOPPER = {
         "inner": 2.5,  # an aten op called from C++ (inside another op or the autograd engine)
         "cudnn": 10.0,  # a cuDNN convolution call (plan cache lookup and launch)
         "triton": 10.0,  # a Triton launcher call from Python
-        "custom_op": 15.0,  # a torch.library.custom_op (Triton launchers) dispatch
+        # A torch.library.custom_op (Triton launchers) dispatch: eager entry points and the
+        # backwards of kwta, sap, noise and cas call the launcher directly instead
+        # (ops._common.eager_kernel); masked_conv's backward still pays it.
+        "custom_op": 15.0,
         "sync": 10.0,  # a device-to-host copy that waits for the stream
         "autograd": 20.0,  # torch.autograd.grad's engine
         "compiled": 50.0,  # a compiled graph's guards and runtime wrappers (no grad)
@@ -776,7 +779,6 @@ def kwta_forward(p: Plan, provider: str, grad: bool) -> None:
         _kwta_cuda_forward(p, groups, length, k)
     elif provider == TRITON:
         _pyprune(p, "kwta", grad)
-        p.host("custom_op")
         _kwta_triton_forward(p, groups, length, k)
     else:
         raise ValueError(f"kwta: no model for provider {provider!r}")
@@ -795,7 +797,6 @@ def kwta_backward(p: Plan, provider: str) -> None:
     elif provider in (CUDA, TRITON):
         p.host("pyprune_backward", "kwta")
         if provider == TRITON:
-            p.host("custom_op")
             p.host("triton")
         p.kernel("kwta backward", "inner", hbm=3 * n, ops=numel * 12)
     else:
@@ -1029,8 +1030,6 @@ def sap_forward(p: Plan, provider: str, grad: bool) -> None:
     elif provider in (CUDA, TRITON):
         _pyprune(p, "sap", grad)
         p.kernel("seed: randint", "aten", hbm=16)
-        if provider == TRITON:
-            p.host("custom_op")
         _sap_kernel(p, provider, backward=False)
     else:
         raise ValueError(f"sap: no model for provider {provider!r}")
@@ -1049,8 +1048,6 @@ def sap_backward(p: Plan, provider: str) -> None:
         p.kernel("fused grad * mask / q", "compiled_launch", hbm=3 * n + numel)
     elif provider in (CUDA, TRITON):
         p.host("pyprune_backward", "sap")
-        if provider == TRITON:
-            p.host("custom_op")
         _sap_kernel(p, provider, backward=True)
     else:
         raise ValueError(f"sap: no model for provider {provider!r}")
@@ -1085,7 +1082,6 @@ NOISE_OPS = {CUDA: 33, TRITON: 39, COMPILE: 150, EAGER: 30}
 def _noise_pass(p: Plan, provider: str, name: str, nbytes: float) -> None:
     case = p.case
     if provider == TRITON:
-        p.host("custom_op")
         p.host("triton")
     p.kernel(name, "inner", hbm=nbytes, ops=_numel(case) * NOISE_OPS[provider])
 
@@ -1273,7 +1269,6 @@ def cas_forward(p: Plan, provider: str, grad: bool) -> None:
         _cuda_cas_logits(p, s)
     elif provider == TRITON:
         _pyprune(p, "cas", grad)
-        p.host("custom_op")
         p.host("triton")
         _triton_cas_stream(p, "_cas_stream_kernel (train)", 2)
         _triton_cas_logits(p)
@@ -1338,7 +1333,6 @@ def cas_backward(p: Plan, provider: str) -> None:
                  + rows * 0.004 + lat("l2"))
     elif provider == TRITON:
         p.host("pyprune_backward", "cas")
-        p.host("custom_op")
         # In the launcher: a = grad_logits @ weight (float32: the casts are no-ops), the
         # streaming pass, the gather (grad_weight from the partials, and the bias gradient).
         p.kernel("mm: grad_logits @ weight", "aten", **gemm)
@@ -1587,7 +1581,6 @@ def masked_conv_forward(p: Plan, provider: str, grad: bool) -> None:
                 _cudnn_forward(p, g, g.c, g.kept, issue="cudnn")
     elif provider == TRITON:
         _pyprune(p, "masked_conv", grad)
-        p.host("custom_op")
         if g.kind in ("w", "b"):
             _triton_sparse(p, g)
         else:
