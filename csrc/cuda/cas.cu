@@ -432,9 +432,13 @@ __global__ void __launch_bounds__(kThreads) cas_gather_rows_kernel(
     const acc_t* __restrict__ mean, const acc_t* __restrict__ part,
     const int64_t* __restrict__ index, int64_t N, int64_t K, int64_t C, int64_t S) {
   __shared__ int64_t sidx[kThreads];
-  const int64_t e = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
-  const bool live = e < C * K;
-  const int64_t c = live ? e / K : 0, k = live ? e - c * K : 0;
+  // C * K < 2^31 (checked at the launch): 32-bit cell arithmetic, no 64-bit division routine
+  // (whose call took a stack frame).
+  const uint32_t e = blockIdx.x * kThreads + threadIdx.x;
+  const uint32_t width = static_cast<uint32_t>(K);
+  const bool live = e < static_cast<uint32_t>(C * K);
+  const uint32_t c32 = live ? e / width : 0;
+  const int64_t c = c32, k = live ? e - c32 * width : 0;
   acc_t acc = (live && mean == nullptr) ? gw[e] : acc_t(0), bias = 0;
   for (int64_t n0 = 0; n0 < N; n0 += kThreads) {
     __syncthreads();
@@ -709,8 +713,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cas_backward_cuda(
       p.ws0 = weight.stride(0), p.ws1 = weight.stride(1);
       launch_stream<scalar_t, kBwd>(p, sh, N, stream);
       const int64_t cells = C * K;
-      TORCH_CHECK(cells / kThreads < std::numeric_limits<int32_t>::max(),
-                  "cas backward (cuda): weight too large");
+      TORCH_CHECK(cells <= std::numeric_limits<int32_t>::max(),
+                  "cas backward (cuda): weight too large (at most 2^31 - 1 elements)");
       cas_gather_rows_kernel<acc_t><<<static_cast<unsigned>((cells + kThreads - 1) / kThreads),
                                       kThreads, 0, stream>>>(
           gw.mutable_data_ptr<acc_t>(), gb.mutable_data_ptr<acc_t>(), gl.const_data_ptr<acc_t>(),

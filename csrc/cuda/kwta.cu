@@ -35,6 +35,7 @@
 #include <cstdint>
 #include <limits>
 #include <mutex>
+#include <type_traits>
 
 #include "../kwta.h"
 
@@ -316,8 +317,16 @@ __device__ __forceinline__ void pick_bucket(const uint32_t* hist, const uint32_t
   }
 }
 
+// Blocks a SM the block kernel is built for: 1024 threads (<= 64 registers, 50% occupancy); the
+// float64 kernels, whose keys and values take register pairs, 512 threads (<= 128 registers),
+// which they need not to spill on sm_80.
+template <typename scalar_t, int kThreads>
+constexpr int block_min_blocks() {
+  return (std::is_same_v<scalar_t, double> ? 512 : 1024) / kThreads;
+}
+
 template <typename scalar_t, int kThreads, bool kVectorized>
-__global__ void __launch_bounds__(kThreads, 1024 / kThreads)  // <= 64 registers, 50% occupancy
+__global__ void __launch_bounds__(kThreads, (block_min_blocks<scalar_t, kThreads>()))
     kwta_block_kernel(const KwtaParams<scalar_t> p) {
   using acc_t = typename KeyTraits<scalar_t>::acc_t;
   using U = typename KeyTraits<scalar_t>::key_t;
