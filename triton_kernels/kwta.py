@@ -308,6 +308,15 @@ def _kwta_sample_kernel(
 
 
 @triton.jit
+def _candidates(cand_row, pos_row, i, ok, absolute):
+    """Candidates i of a group (value, position, key), read past L1: other programs of the
+    group stored them (the finished-programs counter's acquire orders those stores first)."""
+    v = tl.load(cand_row + i, mask=ok, other=0.0, cache_modifier=".cg")
+    p = tl.load(pos_row + i, mask=ok, other=0, cache_modifier=".cg").to(tl.int64)
+    return v, p, _to_key(v.to(tl.float32), absolute)
+
+
+@triton.jit
 def _finish_group(
     x_base, out_base, threshold_ptr, row, hist_row, cand_row, pos_row, list_row, list_pos_row,
     group, L, k, cap, absolute, lo, hi, shift,
@@ -338,9 +347,7 @@ def _finish_group(
     while start < length:
         i = start + lanes
         ok = i < length
-        v = tl.load(cand_row + i, mask=ok, other=0.0, cache_modifier=".cg")
-        p = tl.load(pos_row + i, mask=ok, other=0, cache_modifier=".cg").to(tl.int64)
-        keys = _to_key(v.to(tl.float32), absolute)
+        v, p, keys = _candidates(cand_row, pos_row, i, ok, absolute)
         tl.store(out_base + p * out_sl, v, mask=ok & (keys > b_hi))
         mine = ok & (keys >= b_lo) & (keys <= b_hi)
         slot = gathered + tl.cumsum(mine.to(tl.int32), 0) - 1
@@ -372,9 +379,7 @@ def _finish_group(
     while start < length:
         i = start + lanes
         ok = i < length
-        v = tl.load(cand_row + i, mask=ok, other=0.0, cache_modifier=".cg")
-        p = tl.load(pos_row + i, mask=ok, other=0, cache_modifier=".cg").to(tl.int64)
-        keys = _to_key(v.to(tl.float32), absolute)
+        v, p, keys = _candidates(cand_row, pos_row, i, ok, absolute)
         tl.store(out_base + p * out_sl, v, mask=ok & (keys >= key) & (keys >= b_lo) & (keys <= b_hi))
         start += TAIL
     length = tl.where(whole, L, 0)
