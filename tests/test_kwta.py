@@ -526,3 +526,22 @@ def test_triton_split_path_channel_layouts(device_backend, monkeypatch, layout):
     x[1, 2, :4] = float("nan")
     for k in (1, 93, 465, 930):
         assert _same(pyprune.kwta(x, k=k, mode="channel"), _expected(x, k, "channel", False)), k
+
+
+def test_subnormal_threshold(device_backend):
+    """A subnormal k-th largest value (bfloat16 and float32) is selected, kept (with its ties)
+    and gates the gradient: no backend flushes it to zero (the Triton kernels widen bfloat16 by
+    its bits)."""
+    device, backend = device_backend
+    for dtype in dtypes_for(backend):
+        if dtype not in (torch.bfloat16, torch.float32):
+            continue
+        tiny = torch.finfo(dtype).tiny / 4  # subnormal
+        x = torch.tensor([[0.0, tiny, 0.0, -1.0], [0.0, tiny, -3.0, tiny]], dtype=dtype,
+                         device=device)
+        leaf = x.clone().requires_grad_()
+        out = pyprune.kwta(leaf, k=1)
+        want = torch.tensor([[0.0, tiny, 0.0, 0.0], [0.0, tiny, 0.0, tiny]], dtype=dtype)
+        assert torch.equal(out.detach().cpu(), want), (dtype, out)
+        out.backward(torch.ones_like(x))
+        assert torch.equal(leaf.grad.cpu(), (want != 0).to(dtype)), (dtype, leaf.grad)

@@ -328,3 +328,12 @@ def test_bad_inputs():
         pyprune.magnitude_mask(torch.randn(0, 4), 0.5)
     with pytest.raises(RuntimeError, match="std must be >= 0"):
         torch.ops.pyprune.gaussian_noise(torch.randn(3), torch.tensor([1, 2]), -1.0, False)
+
+
+def test_multiplicative_nonfinite_with_zero_std(device_backend):
+    """Multiplicative noise is x * (1 + std * n): with std = 0 every value comes back as it is,
+    inf and NaN included (x + x * std * n would turn inf into NaN)."""
+    device, backend = device_backend
+    x = torch.tensor([float("inf"), -float("inf"), float("nan"), 0.0, 1.5, -2.0], device=device)
+    out = pyprune.gaussian_noise(x, 0.0, multiplicative=True)
+    assert torch.equal(out.nan_to_num(7.0), x.nan_to_num(7.0)) and out.isnan()[2]

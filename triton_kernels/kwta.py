@@ -114,6 +114,26 @@ def _from_key(key):
 
 
 @triton.jit
+def _f32(v):
+    """v as float32; bfloat16 by its bits, since the interpreter's bfloat16 -> float32
+    conversion flushes subnormals (on the GPU the same value)."""
+    if v.dtype == tl.bfloat16:
+        return (v.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    else:
+        return v.to(tl.float32)
+
+
+@triton.jit
+def _exact(v, dtype: tl.constexpr):
+    """float32 v, a value of dtype (a group's element), in dtype: bfloat16 by its high 16 bits
+    (exact: v came from a bfloat16), as _f32 for the interpreter's subnormals."""
+    if dtype == tl.bfloat16:
+        return (v.to(tl.uint32, bitcast=True) >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return v.to(dtype)
+
+
+@triton.jit
 def _keep(v, threshold, absolute):
     key = tl.where(absolute != 0, tl.abs(v), v)
     return (key >= threshold) | (v != v)
@@ -187,7 +207,7 @@ def _select_streamed(src, stride, length, rank, lo, hi, absolute, BLOCK: tl.cons
             offs = start + lanes
             ok = offs < length
             v = tl.load(src + offs * stride, mask=ok, other=0.0, cache_modifier=".cg")
-            keys = _to_key(v.to(tl.float32), absolute)
+            keys = _to_key(_f32(v), absolute)
             match = ok & (keys >= lo) & (keys <= hi) & ((keys & known) == prefix)
             digits = ((keys >> shift) & _low_mask(width)).to(tl.int32)
             hist += tl.histogram(digits, BINS, mask=match)
@@ -247,14 +267,14 @@ def _kwta_forward_kernel(
     c = group % C
     lanes = tl.arange(0, BLOCK).to(tl.int64)
     in_group = lanes < L
-    v = tl.load(x_ptr + n * x_sn + c * x_sc + lanes * x_sl, mask=in_group, other=0.0).to(tl.float32)
+    raw = tl.load(x_ptr + n * x_sn + c * x_sc + lanes * x_sl, mask=in_group, other=0.0)
+    v = _f32(raw)
     key = _select_block(_to_key(v, absolute), in_group, k, tl.full([], 0, tl.uint32),
                         tl.full([], 0xFFFFFFFF, tl.uint32), tl.full([], 1, tl.int32))
     threshold = _from_key(key)
-    tl.store(threshold_ptr + group, threshold.to(threshold_ptr.dtype.element_ty))
-    kept = tl.where(_keep(v, threshold, absolute), v, 0.0)
-    tl.store(out_ptr + n * out_sn + c * out_sc + lanes * out_sl, kept.to(out_ptr.dtype.element_ty),
-             mask=in_group)
+    tl.store(threshold_ptr + group, _exact(threshold, threshold_ptr.dtype.element_ty))
+    kept = tl.where(_keep(v, threshold, absolute), raw, tl.zeros_like(raw))
+    tl.store(out_ptr + n * out_sn + c * out_sc + lanes * out_sl, kept, mask=in_group)
 
 
 @triton.jit(do_not_specialize=["absolute"])
@@ -284,7 +304,7 @@ def _kwta_sample_kernel(
     jitter = (((run.to(tl.uint32) * 0x9E3779B1) >> 12).to(tl.int64) % slots) * RUN
     pos = tl.where(exact, s, run * spacing + jitter + s % RUN)
     valid = (s < L) | (L > SAMPLE)
-    v = tl.load(x_base + pos * x_sl, mask=valid, other=0.0).to(tl.float32)
+    v = _f32(tl.load(x_base + pos * x_sl, mask=valid, other=0.0))
     keys = _to_key(v, absolute)
 
     m = tl.minimum(L, SAMPLE)
@@ -313,7 +333,7 @@ def _candidates(cand_row, pos_row, i, ok, absolute):
     group stored them (the finished-programs counter's acquire orders those stores first)."""
     v = tl.load(cand_row + i, mask=ok, other=0.0, cache_modifier=".cg")
     p = tl.load(pos_row + i, mask=ok, other=0, cache_modifier=".cg").to(tl.int64)
-    return v, p, _to_key(v.to(tl.float32), absolute)
+    return v, p, _to_key(_f32(v), absolute)
 
 
 @triton.jit
@@ -364,14 +384,14 @@ def _finish_group(
     listed = j < tl.where(small, count_b, 0)
     lv = tl.load(list_row + j, mask=listed, other=0.0)
     lp = tl.load(list_pos_row + j, mask=listed, other=0).to(tl.int64)
-    lkeys = _to_key(lv.to(tl.float32), absolute)
+    lkeys = _to_key(_f32(lv), absolute)
     t_small = _select_block(lkeys, listed, rank_b, b_lo, b_hi, small.to(tl.int32))
     t_big = _select_streamed(cand_row, 1, tl.where(big, n_in, 0), rank_b, b_lo, b_hi, absolute, TAIL)
     t_whole = _select_streamed(x_base, x_sl, tl.where(whole, L, 0), k, tl.full([], 0, tl.uint32),
                                tl.full([], 0xFFFFFFFF, tl.uint32), absolute, TAIL)
     key = tl.where(small, t_small, tl.where(big, t_big, tl.where(whole, t_whole, lo)))
     threshold = _from_key(key)
-    tl.store(threshold_ptr + group, threshold.to(threshold_ptr.dtype.element_ty))
+    tl.store(threshold_ptr + group, _exact(threshold, threshold_ptr.dtype.element_ty))
     # 3. Bin b's kept candidates (from the list, or streamed again); or the whole group rewritten.
     tl.store(out_base + lp * out_sl, lv, mask=listed & (lkeys >= key))
     length = tl.where(big, n_in, 0)
@@ -388,8 +408,8 @@ def _finish_group(
         i = start + lanes
         ok = i < length
         raw = tl.load(x_base + i.to(tl.int64) * x_sl, mask=ok, other=0.0)
-        keep = _keep(raw.to(tl.float32), threshold, absolute)
-        tl.store(out_base + i.to(tl.int64) * out_sl, tl.where(keep, raw, 0.0).to(raw.dtype), mask=ok)
+        keep = _keep(_f32(raw), threshold, absolute)
+        tl.store(out_base + i.to(tl.int64) * out_sl, tl.where(keep, raw, tl.zeros_like(raw)), mask=ok)
         start += TAIL
 
 
@@ -418,7 +438,7 @@ def _kwta_filter_kernel(
     x_base = x_ptr + n * x_sn + c * x_sc
     out_base = out_ptr + n * out_sn + c * out_sc
     raw = tl.load(x_base + offs * x_sl, mask=in_group, other=0.0)
-    keys = _to_key(raw.to(tl.float32), absolute)
+    keys = _to_key(_f32(raw), absolute)
     row = scratch_ptr + group * 8
     lo = tl.load(row).to(tl.uint32, bitcast=True)
     hi = tl.load(row + 1).to(tl.uint32, bitcast=True)
@@ -426,7 +446,7 @@ def _kwta_filter_kernel(
     band = lo != hi  # lo == hi: a tie, every candidate is kept if the bracket holds
     above = in_group & (keys > hi)
     inside = in_group & (keys >= lo) & (keys <= hi)
-    tl.store(out_base + offs * out_sl, tl.where(above | (inside & (lo == hi)), raw, 0.0).to(raw.dtype),
+    tl.store(out_base + offs * out_sl, tl.where(above | (inside & (lo == hi)), raw, tl.zeros_like(raw)),
              mask=in_group)
     tl.atomic_add(row + 3, tl.sum(above.to(tl.int32), 0))
     flags = inside.to(tl.int32)
@@ -468,10 +488,10 @@ def _kwta_backward_kernel(
     c = groups % C
     row_ok = groups < G
     mask = row_ok[:, None] & (elems < L)[None, :]
-    threshold = tl.load(threshold_ptr + n * t_sn + c * t_sc, mask=row_ok, other=0.0).to(tl.float32)
+    threshold = _f32(tl.load(threshold_ptr + n * t_sn + c * t_sc, mask=row_ok, other=0.0))
     x = tl.load(x_ptr + (n * x_sn + c * x_sc)[:, None] + elems[None, :] * x_sl, mask=mask, other=0.0)
     grad = tl.load(grad_ptr + (n * g_sn + c * g_sc)[:, None] + elems[None, :] * g_sl, mask=mask, other=0.0)
-    keep = _keep(x.to(tl.float32), threshold[:, None], absolute)
+    keep = _keep(_f32(x), threshold[:, None], absolute)
     tl.store(out_ptr + (n * out_sn + c * out_sc)[:, None] + elems[None, :] * out_sl,
              tl.where(keep, grad, 0.0).to(grad.dtype), mask=mask)
 

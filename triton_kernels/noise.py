@@ -50,7 +50,7 @@ def _noise_kernel(
     mask = idx < numel
     v = tl.load(x_ptr + idx * x_s, mask=mask, other=0.0).to(tl.float32)
     if MULTIPLICATIVE:
-        y = v + v * e  # x (1 + std n)
+        y = v * (1.0 + e)  # as the CPU and CUDA kernels: x = inf with std = 0 stays inf
     else:
         y = v + e
     tl.store(out_ptr + idx * out_s, y.to(out_ptr.dtype.element_ty), mask=mask)
