@@ -704,6 +704,23 @@ def test_bool_weight_mask_is_exact(dtype):
         assert torch.equal(_keep(t.clone().requires_grad_(), m).detach(), want)
 
 
+def _captured(call, warm_up: bool = True) -> torch.Tensor:
+    """call()'s result from a captured CUDA graph, replayed once; with warm_up, call runs first
+    on a side stream outside the capture."""
+    if warm_up:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            call()
+        torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = call()
+    graph.replay()
+    torch.cuda.synchronize()
+    return out
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
@@ -717,16 +734,8 @@ def test_cuda_graph_capture(backend):
         in_mask = None if in_mask is None else in_mask.cuda()
         out_mask = out_mask.cuda()
         with pyprune.use_backend(backend):
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # warm-up outside the capture
-                pyprune.masked_conv2d(x, w, b, 1, 1, in_mask=in_mask, out_mask=out_mask)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                out = pyprune.masked_conv2d(x, w, b, 1, 1, in_mask=in_mask, out_mask=out_mask)
-        graph.replay()
-        torch.cuda.synchronize()
+            out = _captured(lambda: pyprune.masked_conv2d(x, w, b, 1, 1, in_mask=in_mask,
+                                                          out_mask=out_mask))
         want = reference.masked_conv2d(x.double(), w.double(), b.double(), 1, 1, 1, 1,
                                        in_mask, out_mask)
         _close(out, want, torch.float32, scale=4.0)
@@ -1220,17 +1229,8 @@ def test_cuda_static_tensor_cores_graph_capture(seen):
     x, weight, bias = _tc_inputs(geom, torch.bfloat16, gen, False)
     in_mask, out_mask = _static_masks("both", 24, 40, gen)
     with pyprune.use_backend("cuda"):
-        if seen:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # warm-up outside the capture
-                pyprune.masked_conv2d(x, weight, bias, 1, 1, in_mask=in_mask, out_mask=out_mask)
-            torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = pyprune.masked_conv2d(x, weight, bias, 1, 1, in_mask=in_mask, out_mask=out_mask)
-    graph.replay()
-    torch.cuda.synchronize()
+        out = _captured(lambda: pyprune.masked_conv2d(x, weight, bias, 1, 1, in_mask=in_mask,
+                                                      out_mask=out_mask), warm_up=seen)
     _static_close(out, x, weight, bias, geom, in_mask, out_mask)
 
 
