@@ -89,7 +89,7 @@ kwta (csrc/cuda/kwta.cu, triton_kernels/kwta.py)
                x >= thr (n + n/4 bool), x * mask (n + n/4 + n); backward grad * mask: 2n + n/4.
   compile      topk as eager, one fused ge*mul kernel 2n; backward grad * (x >= thr): 3n.
 sap (csrc/cuda/sap.cu, triton_kernels/sap.py); r = L draws, x after a ReLU
-  cuda         a seed from torch.randint (one small launch), then three launches over many
+  cuda         a seed drawn on the host (no launch), then three launches over many
                blocks per sample: partials (|x| sums of 2048-element chunks in 16-byte packs;
                exact: the spacing sums of 1024-draw chunks, one Philox per 4 draws), the
                per-sample prefix sums (one thread per sequence, fixed order; bernoulli with
@@ -99,8 +99,8 @@ sap (csrc/cuda/sap.cu, triton_kernels/sap.py); r = L draws, x after a ReLU
                shared memory per draw); bernoulli: one elementwise pass (one Philox per 4
                elements, q by series). Bytes: 3n forward (x twice: from L2 where x fits),
                4n backward; issue-bound (Philox and q per element) at large batch.
-  triton       the seed, then a sample over many programs: partials (sum |x| per chunk of E =
-               256 or 1024 elements, in exact mode the spacings per draw chunk: one Philox per 4
+  triton       the host seed, then a sample over many programs: partials (sum |x| per chunk
+               of E = 256 or 1024 elements, in exact mode the spacings per draw chunk: one Philox per 4
                draws), exact: per-sample prefix sums, then a merge over (sample, element chunk)
                in 660 persistent programs (regenerated draws of the reaching draw chunks, a
                binary search per draw over the chunk's bounds in an L1-resident scratch slot);
@@ -114,10 +114,10 @@ sap (csrc/cuda/sap.cu, triton_kernels/sap.py); r = L draws, x after a ReLU
                backward where + div: 5n + n/4.
   compile      sum, p, multinomial as eager, fill + scatter, one fused where/div/q pass.
 noise (csrc/cuda/noise.cu, triton_kernels/noise.py)
-  cuda         seed + one pass (2n), one Philox per 4 elements, 16-byte (float) / 8-byte (half)
-               vectors, lg2/sqrt/sin/cos approximations: ~33 ops/elem (SASS), so issue-bound
+  cuda         host seed + one pass (2n), one Philox per 4 elements, 16-byte (float) /
+               8-byte (half) vectors, lg2/sqrt/sin/cos approximations: ~33 ops/elem (SASS), so issue-bound
                only where the copy rate exceeds ~5 TB/s at 8 bytes an element.
-  triton       seed + one pass (2n), one Philox per 4 elements (_random.normal4), (512, 4)
+  triton       host seed + one pass (2n), one Philox per 4 elements (_random.normal4), (512, 4)
                tiles, int32 offsets, log1p and cos / sin by polynomials: ~39 ops/elem (sm_90
                SASS of the unit-stride variant).
   eager        randn_like (n), std * noise (2n), x + (2n) [x * (1 + ...): 8n];
@@ -254,6 +254,9 @@ _HOPPER = {
         # (ops._common.eager_kernel); masked_conv's backward still pays it.
         "custom_op": 15.0,
         "sync": 10.0,  # a device-to-host copy that waits for the stream
+        # An eager CUDA call's seed drawn on the host (ops/_random.draw_seed: the generator's
+        # offset advanced, a 2-element CPU tensor; no launch).
+        "host_seed": 3.0,
         "autograd": 20.0,  # torch.autograd.grad's engine
         "compiled": 50.0,  # a compiled graph's guards and runtime wrappers (no grad)
         "compiled_grad": 120.0,  # more when the forward records autograd (AOTAutograd)
@@ -1029,7 +1032,7 @@ def sap_forward(p: Plan, provider: str, grad: bool) -> None:
         p.kernel("fused q, x / q, where", "compiled_launch", hbm=2 * n + numel)
     elif provider in (CUDA, TRITON):
         _pyprune(p, "sap", grad)
-        p.kernel("seed: randint", "aten", hbm=16)
+        p.host("host_seed")
         _sap_kernel(p, provider, backward=False)
     else:
         raise ValueError(f"sap: no model for provider {provider!r}")
@@ -1105,7 +1108,7 @@ def noise_forward(p: Plan, provider: str, grad: bool) -> None:
                  ops=_numel(case) * NOISE_OPS[COMPILE])
     elif provider in (CUDA, TRITON):
         _pyprune(p, "noise", grad)
-        p.kernel("seed: randint", "aten", hbm=16)
+        p.host("host_seed")
         _noise_pass(p, provider, "noise kernel", 2 * n)
     else:
         raise ValueError(f"noise: no model for provider {provider!r}")

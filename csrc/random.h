@@ -9,7 +9,8 @@
 //
 // so four consecutive values share one Philox evaluation, any thread can produce any value (no
 // state, no host sync: kernels read the seed tensor from device memory, which CUDA graphs can
-// capture), and backward regenerates exactly the forward's values. Uniforms keep the top 24
+// capture, or take its pair by value where the tensor is on the host: SeedArg), and backward
+// regenerates exactly the forward's values. Uniforms keep the top 24
 // bits: u = (bits >> 8) * 2^-24 in [0, 1), exact in float32. Normals (Box-Muller) pair lanes
 // (0, 1) and (2, 3) of one evaluation.
 #pragma once
@@ -29,6 +30,20 @@ struct Philox4 {
 struct Seed {
   uint64_t key;
   uint64_t stream;
+};
+
+// A GPU kernel's seed argument: the seed tensor's pair read from device memory (ptr), or taken
+// by value (ptr null) where the tensor is on the host (an eager call draws its seed there, with
+// no kernel: pyprune/ops/_random.py). Made by seed_arg (csrc/sap.h).
+struct SeedArg {
+  const int64_t* ptr;
+  int64_t stride;
+  uint64_t key, stream;
+
+  C10_HOST_DEVICE Seed load() const {
+    return ptr ? Seed{static_cast<uint64_t>(ptr[0]), static_cast<uint64_t>(ptr[stride])}
+               : Seed{key, stream};
+  }
 };
 
 C10_HOST_DEVICE inline uint32_t mulhi32(uint32_t a, uint32_t b) {

@@ -9,6 +9,8 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "random.h"
+
 namespace pyprune {
 
 // q = 1 - (1 - p)^r, computed as -expm1(r * log1p(-p)): the naive form loses every digit once
@@ -39,8 +41,18 @@ inline void check_seed(const at::Tensor& seed, const at::Tensor& x, const char* 
   TORCH_CHECK(seed.scalar_type() == at::kLong && seed.dim() == 1 && seed.numel() == 2, op,
               ": seed must be an int64 tensor of shape (2,), got ", seed.scalar_type(), " ",
               seed.sizes());
-  TORCH_CHECK(seed.device() == x.device(), op, ": seed must be on x's device ", x.device(),
-              ", got ", seed.device());
+  TORCH_CHECK(seed.device() == x.device() || seed.is_cpu(), op, ": seed must be on x's device ",
+              x.device(), " or the CPU, got ", seed.device());
+}
+
+// The seed of a GPU launch: read on the device, or by value from a seed tensor on the host
+// (read here: host memory, no sync).
+inline SeedArg seed_arg(const at::Tensor& seed, const at::Tensor& x) {
+  if (seed.is_cpu() && !x.is_cpu()) {
+    const int64_t* s = seed.const_data_ptr<int64_t>();
+    return {nullptr, 0, static_cast<uint64_t>(s[0]), static_cast<uint64_t>(s[seed.stride(0)])};
+  }
+  return {seed.const_data_ptr<int64_t>(), seed.stride(0), 0, 0};
 }
 
 inline void check_sap_args(const at::Tensor& x, const at::Tensor& seed, int64_t r) {

@@ -1,20 +1,61 @@
 """Counter-based randomness for the Triton kernels: the stream of csrc/random.h, value for value.
 
 Value i of a call comes from word i & 3 of Philox4x32-10(key, counter = (i >> 2, stream)), with
-(key, stream) the call's int64 seed tensor, read from device memory. tl.philox is the same
+(key, stream) the call's int64 seed tensor: read from device memory, or, for a seed tensor on
+the host (an eager call's, drawn without a kernel: pyprune/ops/_random.py), passed as four
+32-bit kernel arguments (``seed_args``). tl.philox is the same
 Philox4x32-10 as csrc/random.h, so uniforms (top 24 bits, exact in float32) and keep decisions
 match the CPU and CUDA kernels bit for bit; exponentials (-log(1 - u)) match to a few ulps
 (libm vs libdevice), normals to ~1e-6 (libm there; polynomials of log1p and of cos / sin here,
 cheaper than libdevice's general functions: _radius, _cos_sin_2pi).
 """
+from __future__ import annotations
+
+import torch
 import triton
 import triton.language as tl
 
+# The seed words of a kernel: the 32-bit halves of (key, stream), passed by value (never
+# specialized: each call has its own).
+SEED_WORDS = ("seed_k0", "seed_k1", "seed_s0", "seed_s1")
+_ZEROS: dict[torch.device, torch.Tensor] = {}
+
+
+def _signed32(v: int) -> int:
+    v &= 0xFFFFFFFF
+    return v - (1 << 32) if v >= 1 << 31 else v
+
+
+def seed_args(seed: torch.Tensor, device: torch.device, host: bool | None = None) -> tuple:
+    """The kernel arguments (seed_ptr, seed_k0, seed_k1, seed_s0, seed_s1) of a seed tensor:
+    the kernels read (key, stream) = the pair at seed_ptr XOR the words. A seed on ``device``
+    is read there (words 0); one on the host (``host``: default, a CPU seed for a GPU launch)
+    goes by value, as 32-bit words (always typed i32, so one compiled kernel serves every seed),
+    with seed_ptr a cached pair of zeros on the device (made outside any CUDA graph capture:
+    captured calls draw their seed on the device)."""
+    if host is None:
+        host = seed.device.type == "cpu" and torch.device(device).type != "cpu"
+    if not host:
+        return seed, 0, 0, 0, 0
+    key, stream = seed.tolist()
+    zeros = _ZEROS.get(device)
+    if zeros is None:
+        zeros = _ZEROS[device] = torch.zeros(2, dtype=torch.int64, device=device)
+    return (zeros, _signed32(key), _signed32(key >> 32), _signed32(stream),
+            _signed32(stream >> 32))
+
 
 @triton.jit
-def load_seed(seed_ptr):
-    """(key, stream) of the call."""
-    return tl.load(seed_ptr), tl.load(seed_ptr + 1)
+def _join64(lo, hi):
+    return (hi.to(tl.int64) << 32) | (lo.to(tl.int64) & 0xFFFFFFFF)
+
+
+@triton.jit
+def load_seed(seed_ptr, seed_k0, seed_k1, seed_s0, seed_s1):
+    """(key, stream) of the call: the pair at seed_ptr XOR the words (``seed_args``)."""
+    key = tl.load(seed_ptr) ^ _join64(seed_k0, seed_k1)
+    stream = tl.load(seed_ptr + 1) ^ _join64(seed_s0, seed_s1)
+    return key, stream
 
 
 @triton.jit

@@ -20,18 +20,19 @@ import torch
 import triton
 import triton.language as tl
 
-from ._random import load_seed, normal4
+from ._random import SEED_WORDS, load_seed, normal4, seed_args
 from .cas import on_device
 
 _BLOCK = 512  # Philox evaluations per program: 2048 elements
 _NUM_WARPS = 4
 _TL_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+_CPU = torch.device("cpu")
 _INT32_END = 2**31  # element offsets below this: int32 index arithmetic
 
 
-@triton.jit
+@triton.jit(do_not_specialize=SEED_WORDS)
 def _noise_kernel(
-    x_ptr, out_ptr, seed_ptr,
+    x_ptr, out_ptr, seed_ptr, seed_k0, seed_k1, seed_s0, seed_s1,
     numel, x_s, out_s, std,
     BLOCK: tl.constexpr,
     MULTIPLICATIVE: tl.constexpr,
@@ -41,7 +42,7 @@ def _noise_kernel(
         evaluation = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     else:
         evaluation = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    key, stream = load_seed(seed_ptr)
+    key, stream = load_seed(seed_ptr, seed_k0, seed_k1, seed_s0, seed_s1)
     # std * n: std scales each pair's radius (one multiply per two values).
     n0, n1, n2, n3 = normal4(key, stream, evaluation, std)
     # join(a, b) stacks on a new last axis: ((n0, n2), (n1, n3)) -> (B, 2, 2) = n0 n1 n2 n3.
@@ -64,15 +65,17 @@ def _wide_offsets(x: torch.Tensor, out: torch.Tensor) -> bool:
 
 
 def gaussian_noise(x: torch.Tensor, seed: torch.Tensor, std: float, multiplicative: bool, *,
-                   _wide: bool | None = None) -> torch.Tensor:
-    """x + std * n (or x * (1 + std * n)), n ~ N(0, 1) from the seed's stream, element i value i.
-    Tests force the int64 index path with ``_wide=True``."""
+                   _wide: bool | None = None, _host_seed: bool | None = None) -> torch.Tensor:
+    """x + std * n (or x * (1 + std * n)), n ~ N(0, 1) from the seed's stream, element i value i;
+    the seed on x's device or the host (_random.seed_args). Tests force the int64 index path with
+    ``_wide=True`` and the seed's path with ``_host_seed``."""
     if x.dim() != 1:
         raise ValueError(f"gaussian_noise (triton): x must be a 1-D view, got shape {tuple(x.shape)}")
     if x.dtype not in _TL_DTYPES:
         raise TypeError(f"gaussian_noise (triton): x must be float32, float16 or bfloat16, got {x.dtype}")
-    if seed.dtype != torch.int64 or seed.shape != (2,) or seed.device != x.device:
-        raise ValueError("gaussian_noise (triton): seed must be an int64 (2,) tensor on x's device")
+    if seed.dtype != torch.int64 or seed.shape != (2,) or seed.device not in (x.device, _CPU):
+        raise ValueError("gaussian_noise (triton): seed must be an int64 (2,) tensor on x's device "
+                         "or the CPU")
     if not std >= 0:
         raise ValueError(f"gaussian_noise (triton): std must be >= 0, got {std}")
     out = torch.empty_like(x)
@@ -81,7 +84,7 @@ def gaussian_noise(x: torch.Tensor, seed: torch.Tensor, std: float, multiplicati
     grid = (triton.cdiv(x.numel(), 4 * _BLOCK),)
     wide = _wide_offsets(x, out) if _wide is None else _wide
     with on_device(x):
-        _noise_kernel[grid](x, out, seed, x.numel(), x.stride(0), out.stride(0), float(std),
+        _noise_kernel[grid](x, out, *seed_args(seed, x.device, _host_seed), x.numel(), x.stride(0), out.stride(0), float(std),
                             BLOCK=_BLOCK, MULTIPLICATIVE=bool(multiplicative), WIDE=bool(wide),
                             num_warps=_NUM_WARPS)
     return out
@@ -98,6 +101,7 @@ def _aot_variants() -> list[tuple]:
                 for wide in (False, True):
                     stride = "constexpr" if unit else "i32"
                     signature = {"x_ptr": f"*{dtype}", "out_ptr": f"*{dtype}", "seed_ptr": "*i64",
+                                 **dict.fromkeys(SEED_WORDS, "i32"),
                                  "numel": "i64" if wide else "i32", "x_s": stride, "out_s": stride,
                                  "std": "fp32", "BLOCK": "constexpr", "MULTIPLICATIVE": "constexpr",
                                  "WIDE": "constexpr"}

@@ -58,8 +58,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._random import _to_uniform, load_seed
+from ._random import SEED_WORDS, _to_uniform, load_seed, seed_args
 from .cas import on_device
+
+_CPU = torch.device("cpu")
 
 # Elements per chunk: small samples keep chunks of 256 (a batch of 8 samples of 16384 still
 # makes 512 programs), larger ones 1024 (fewer draw-chunk searches and margins per element).
@@ -164,9 +166,9 @@ def _spacings(key, stream, first, lo, hi, DT: tl.constexpr):
     return tl.where((idx >= lo) & (idx <= hi), -tl.log(1.0 - u), 0.0), idx
 
 
-@triton.jit
+@triton.jit(do_not_specialize=SEED_WORDS)
 def _sap_partials_kernel(
-    x_ptr, seed_ptr, bx_ptr, bd_ptr,
+    x_ptr, seed_ptr, seed_k0, seed_k1, seed_s0, seed_s1, bx_ptr, bd_ptr,
     L, r, K, NB, D, x_sn, x_sl,
     E: tl.constexpr,
     DT: tl.constexpr,
@@ -179,7 +181,7 @@ def _sap_partials_kernel(
         a = tl.abs(tl.load(x_ptr + n * x_sn + offs * x_sl, mask=offs < L, other=0.0).to(tl.float32))
         tl.store(bx_ptr + n * (K + 1) + 1 + c, tl.sum(a, 0))
     else:
-        key, stream = load_seed(seed_ptr)
+        key, stream = load_seed(seed_ptr, seed_k0, seed_k1, seed_s0, seed_s1)
         b = (c - K).to(tl.int64)
         base = n * (r.to(tl.int64) + 1)
         first = (base >> 2) * 4 + b * D
@@ -253,16 +255,16 @@ def _search(pos_ptr, v, E: tl.constexpr):
     return idx
 
 
-@triton.jit
+@triton.jit(do_not_specialize=SEED_WORDS)
 def _sap_merge_kernel(
-    src_ptr, x_ptr, out_ptr, seed_ptr, bx_ptr, bd_ptr, scratch_ptr,
+    src_ptr, x_ptr, out_ptr, seed_ptr, seed_k0, seed_k1, seed_s0, seed_s1, bx_ptr, bd_ptr, scratch_ptr,
     L, r, K, NB, D, items,
     x_sn, x_sl, src_sn, src_sl, out_sn, out_sl,
     E: tl.constexpr,
     DT: tl.constexpr,
     W: tl.constexpr,
 ):
-    key, stream = load_seed(seed_ptr)
+    key, stream = load_seed(seed_ptr, seed_k0, seed_k1, seed_s0, seed_s1)
     lanes = tl.arange(0, E)
     slot = tl.program_id(0)
     pos_ptr = scratch_ptr + slot.to(tl.int64) * (2 * E)
@@ -325,9 +327,9 @@ def _sap_merge_kernel(
         item += tl.num_programs(0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=SEED_WORDS)
 def _sap_bernoulli_kernel(
-    src_ptr, x_ptr, out_ptr, seed_ptr, bx_ptr,
+    src_ptr, x_ptr, out_ptr, seed_ptr, seed_k0, seed_k1, seed_s0, seed_s1, bx_ptr,
     L, r, K, KB,
     x_sn, x_sl, src_sn, src_sl, out_sn, out_sl,
     BLOCK: tl.constexpr,
@@ -336,7 +338,7 @@ def _sap_bernoulli_kernel(
     pid = tl.program_id(0)
     n = (pid // KB).to(tl.int64)
     k = (pid % KB).to(tl.int64)
-    key, stream = load_seed(seed_ptr)
+    key, stream = load_seed(seed_ptr, seed_k0, seed_k1, seed_s0, seed_s1)
     # The total from the partials in a fixed order (the same in every program of the sample);
     # NaN propagates, and an overflow to inf gives p = 0: nothing is kept.
     total = tl.zeros([], dtype=tl.float32)
@@ -377,18 +379,20 @@ def _config(L: int, r: int, exact: bool) -> dict:
 
 
 def sap_forward(src: torch.Tensor, x: torch.Tensor, seed: torch.Tensor, r: int, exact: bool,
-                *, _chunks: tuple[int, int, int] | None = None, _slots: int = _SLOTS) -> torch.Tensor:
+                *, _chunks: tuple[int, int, int] | None = None, _slots: int = _SLOTS,
+                _host_seed: bool | None = None) -> torch.Tensor:
     """src / q where the draws (from x, the seed's stream) keep an element, else 0; src is x in
     forward and grad in backward. Tests move the chunk boundaries with ``_chunks`` = (E, D, DT)
     (powers of 2, DT >= 4 dividing D; exact-mode positions then round differently) and the
-    merge's persistent programs with ``_slots``."""
+    merge's persistent programs with ``_slots``, and the seed's path (on x's device or the host:
+    _random.seed_args) with ``_host_seed``."""
     if x.dim() != 2 or src.shape != x.shape:
         raise ValueError(f"sap (triton): x must be a 2-D (N, L) view and src of its shape, got "
                          f"x {tuple(x.shape)}, src {tuple(src.shape)}")
     if x.dtype not in _TL_DTYPES or src.dtype != x.dtype:
         raise TypeError(f"sap (triton): x must be float32, float16 or bfloat16 (src alike), got {x.dtype}")
-    if seed.dtype != torch.int64 or seed.shape != (2,) or seed.device != x.device:
-        raise ValueError("sap (triton): seed must be an int64 (2,) tensor on x's device")
+    if seed.dtype != torch.int64 or seed.shape != (2,) or seed.device not in (x.device, _CPU):
+        raise ValueError("sap (triton): seed must be an int64 (2,) tensor on x's device or the CPU")
     if r < 1:
         raise ValueError(f"sap (triton): r must be >= 1, got {r}")
     out = torch.empty_like(src)
@@ -406,9 +410,10 @@ def sap_forward(src: torch.Tensor, x: torch.Tensor, seed: torch.Tensor, r: int, 
     nb = triton.cdiv(r + 4, d) if exact else 0
     bx = torch.empty((N, k + 1), dtype=torch.float32, device=x.device)
     bd = torch.empty((N, nb + 1), dtype=torch.float32, device=x.device)
+    seed = seed_args(seed, x.device, _host_seed)
     with on_device(x):
         _sap_partials_kernel[(N * (k + nb),)](
-            x, seed, bx, bd, L, r, k, nb, d, *x.stride(),
+            x, *seed, bx, bd, L, r, k, nb, d, *x.stride(),
             **cfg["partials"], num_warps=_WARPS["partials"])
         if exact:
             _sap_prefix_kernel[(N, 2)](bx, bd, k, nb, **cfg["prefix"], num_warps=_WARPS["prefix"])
@@ -416,13 +421,13 @@ def sap_forward(src: torch.Tensor, x: torch.Tensor, seed: torch.Tensor, r: int, 
             slots = min(items, _slots)
             scratch = torch.empty((slots, 2 * e), dtype=torch.float32, device=x.device)
             _sap_merge_kernel[(slots,)](
-                src, x, out, seed, bx, bd, scratch, L, r, k, nb, d, items,
+                src, x, out, *seed, bx, bd, scratch, L, r, k, nb, d, items,
                 *x.stride(), *src.stride(), *out.stride(), **cfg["merge"], num_warps=_WARPS["merge"],
                 maxnreg=_MERGE_MAX_REGS)
         else:
             kb = triton.cdiv(L + 3, _BERNOULLI_BLOCK)
             _sap_bernoulli_kernel[(N * kb,)](
-                src, x, out, seed, bx, L, r, k, kb,
+                src, x, out, *seed, bx, L, r, k, kb,
                 *x.stride(), *src.stride(), *out.stride(), **cfg["bernoulli"],
                 num_warps=_WARPS["bernoulli"])
     return out

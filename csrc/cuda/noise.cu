@@ -11,8 +11,8 @@
 // distribution tests resolve; the CPU and Triton kernels give the same n to that accuracy.
 //
 // Bytes: one pass, numel * sizeof(scalar_t) read + numel * sizeof(scalar_t) written, plus the
-// 16-byte seed per thread (cached). The seed is read from device memory: no host sync,
-// CUDA-graph safe.
+// 16-byte seed per thread (cached). The seed is read from device memory, or passed by value
+// when its tensor is on the host (an eager call's: SeedArg): no host sync, CUDA-graph safe.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -58,11 +58,11 @@ __device__ __forceinline__ void fast_normal_pair(uint32_t b0, uint32_t b1, float
 template <typename scalar_t, bool kVec>
 __global__ void __launch_bounds__(kThreads)
     noise_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ out,
-                 const int64_t* __restrict__ seed_ptr, int64_t numel, int64_t sx, int64_t so,
+                 SeedArg seed_arg, int64_t numel, int64_t sx, int64_t so,
                  float std, bool multiplicative) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int kUnroll = unroll<scalar_t>();
-  const Seed seed{static_cast<uint64_t>(seed_ptr[0]), static_cast<uint64_t>(seed_ptr[1])};
+  const Seed seed = seed_arg.load();
   const int64_t evaluations = (numel + 3) / 4;
   const int64_t full = numel / 4;  // evaluations whose four values all exist
   const int64_t step = int64_t(gridDim.x) * kThreads;
@@ -132,7 +132,7 @@ at::Tensor gaussian_noise_cuda(const at::Tensor& x, const at::Tensor& seed, doub
     const auto launch = [&](auto kernel) {
       kernel<<<blocks, kThreads, 0, stream>>>(
           x.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
-          seed.const_data_ptr<int64_t>(), x.numel(), x.stride(0), out.stride(0),
+          seed_arg(seed, x), x.numel(), x.stride(0), out.stride(0),
           static_cast<float>(std), multiplicative);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };

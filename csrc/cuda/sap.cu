@@ -1,8 +1,9 @@
 // Stochastic activation pruning on CUDA, each sample split across many blocks so that the grid
 // fills the GPU at every batch size and no block walks a whole sample. Three launches, no host
-// sync (the seed is read from device memory: CUDA-graph safe), a workspace of (N, K + NB) acc_t
-// from the caching allocator (K element chunks, NB draw chunks per sample); two in bernoulli mode
-// where a sample has at most kBernoulliOwnTotal element chunks (no prefix launch):
+// sync (the seed is read from device memory, or passed by value from a host seed tensor: SeedArg;
+// CUDA-graph safe), a workspace of (N, K + NB) acc_t from the caching allocator (K element
+// chunks, NB draw chunks per sample); two in bernoulli mode where a sample has at most
+// kBernoulliOwnTotal element chunks (no prefix launch):
 //
 //  1. partials, a block per (sample, chunk): an element chunk (kChunk = 2048 consecutive
 //     elements, two packs of 4 a thread) sums |x|; in exact mode a draw chunk (W Philox groups a
@@ -89,10 +90,10 @@ struct SapParams {
   const scalar_t* __restrict__ x;
   const scalar_t* __restrict__ src;
   scalar_t* __restrict__ out;
-  const int64_t* __restrict__ seed;
+  SeedArg seed;
   acc_t* __restrict__ ws;  // (N, K + NB): the partials, then their inclusive prefix sums
   int64_t N, L, r;
-  int64_t xs0, xs1, ss0, ss1, os0, os1, seed_stride;
+  int64_t xs0, xs1, ss0, ss1, os0, os1;
   int64_t K;   // element chunks per sample
   int64_t NB;  // draw chunks per sample (exact), 0 (bernoulli)
   int64_t W;   // Philox groups a thread per draw chunk: a draw chunk holds kDrawGroup * W draws
@@ -105,7 +106,7 @@ struct SapParams {
 
 template <typename scalar_t>
 __device__ inline Seed load_seed(const SapParams<scalar_t>& p) {
-  return {static_cast<uint64_t>(p.seed[0]), static_cast<uint64_t>(p.seed[p.seed_stride])};
+  return p.seed.load();
 }
 
 // Elements j0 .. j0 + 3 of a row (0 outside [0, L)); a pack where all four are inside.
@@ -691,13 +692,12 @@ at::Tensor sap_cuda_common(const at::Tensor& src, const at::Tensor& x, const at:
     p.x = x.const_data_ptr<scalar_t>();
     p.src = src.const_data_ptr<scalar_t>();
     p.out = out.mutable_data_ptr<scalar_t>();
-    p.seed = seed.const_data_ptr<int64_t>();
+    p.seed = seed_arg(seed, x);
     p.ws = ws.mutable_data_ptr<acc_t>();
     p.N = N, p.L = L, p.r = r;
     p.xs0 = x.stride(0), p.xs1 = x.stride(1);
     p.ss0 = src.stride(0), p.ss1 = src.stride(1);
     p.os0 = out.stride(0), p.os1 = out.stride(1);
-    p.seed_stride = seed.stride(0);
     p.K = K, p.NB = NB, p.W = W, p.KW = KW;
     p.same = same;
     p.vec_x = rows_vec(x);
