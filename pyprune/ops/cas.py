@@ -208,7 +208,6 @@ def cas(
     # assert where it reads them (no extra launches).
     if backend == "reference":
         _validate.label_range(label, weight.shape[0])
-    if backend == "reference":
         return reference.cas(x, weight, bias, label)
     view, restore = group_view(x, 2)
     out, logits, _, _ = _CALL[_OPS[backend][0]](view, weight, bias, label)
