@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _backend, _validate, reference
-from ._common import register, register_vmap, vjp
+from ._common import eager_kernel, register, register_vmap, vjp
 
 IntPair = Union[int, Sequence[int]]
 
@@ -277,6 +277,8 @@ def _scaled_backward(bwd):
     gradient g, grad_weight and grad_bias (skipping what bool masks remove); then grad_x =
     g * in_mask, grad_in_mask = sum over (H, W) of g * x, grad_out_mask = sum over (H, W) of
     grad * raw (over the batch too for a (C,) mask)."""
+    bwd = eager_kernel(bwd)
+
     def backward(ctx, grad, _grad_raw):
         x, weight, in_mask, out_mask, raw = ctx.saved_tensors
         stride, padding, dilation = ctx.attrs
@@ -320,6 +322,10 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward_of(bwd):
+    """The autograd backward of a bool-mask convolution whose backward op is ``bwd``, called as
+    ops._common.eager_kernel does (below autograd; a Triton launcher directly)."""
+    bwd = eager_kernel(bwd)
+
     def backward(ctx, grad):
         x, weight, in_mask, out_mask = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.attrs
