@@ -249,10 +249,6 @@ _HOPPER = {
         "inner": 2.5,  # an aten op called from C++ (inside another op or the autograd engine)
         "cudnn": 10.0,  # a cuDNN convolution call (plan cache lookup and launch)
         "triton": 10.0,  # a Triton launcher call from Python
-        # A torch.library.custom_op (Triton launchers) dispatch: eager entry points and the
-        # backwards of kwta, sap, noise and cas call the launcher directly instead
-        # (ops._common.eager_kernel); masked_conv's backward still pays it.
-        "custom_op": 15.0,
         "sync": 10.0,  # a device-to-host copy that waits for the stream
         # An eager CUDA call's seed drawn on the host (ops/_random.draw_seed: the generator's
         # offset advanced, a 2-element CPU tensor; no launch).
@@ -270,7 +266,7 @@ _HOPPER = {
         "pyprune_grad": {"kwta": 15.0, "sap": 25.0, "noise": 25.0, "cas": 25.0,
                          "masked_conv": 20.0},  # more when autograd records the call
         "pyprune_backward": {"kwta": 20.0, "sap": 20.0, "noise": 20.0, "cas": 50.0,
-                             "masked_conv": 100.0},
+                             "masked_conv": 80.0},
     },
     "event_floor_us": 3.0,  # an event pair around no device work still reads a few us
 }
@@ -1645,7 +1641,6 @@ def masked_conv_backward(p: Plan, provider: str) -> None:
             p.kernel("index_put_ grad_weight", "inner", hbm=2 * g.weight * g.keep)
     elif provider == TRITON:
         p.host("pyprune_backward", "masked_conv")
-        p.host("custom_op")
         if g.kind in ("w", "b"):  # sparse_conv2d_backward: wgrad dense, grad_x block-sparse
             _cudnn_backward(p, g, g.c, g.c, dgrad=False, bias=False)
             p.kernel("flip weight", "aten", hbm=2 * g.weight)
