@@ -19,6 +19,7 @@ import triton.language as tl
 # specialized: each call has its own).
 SEED_WORDS = ("seed_k0", "seed_k1", "seed_s0", "seed_s1")
 _ZEROS: dict[torch.device, torch.Tensor] = {}
+_CPU = torch.device("cpu")
 
 
 def _signed32(v: int) -> int:
@@ -26,15 +27,20 @@ def _signed32(v: int) -> int:
     return v - (1 << 32) if v >= 1 << 31 else v
 
 
-def seed_args(seed: torch.Tensor, device: torch.device, host: bool | None = None) -> tuple:
-    """The kernel arguments (seed_ptr, seed_k0, seed_k1, seed_s0, seed_s1) of a seed tensor:
-    the kernels read (key, stream) = the pair at seed_ptr XOR the words. A seed on ``device``
-    is read there (words 0); one on the host (``host``: default, a CPU seed for a GPU launch)
-    goes by value, as 32-bit words (always typed i32, so one compiled kernel serves every seed),
-    with seed_ptr a cached pair of zeros on the device (made outside any CUDA graph capture:
-    captured calls draw their seed on the device)."""
+def seed_args(seed: torch.Tensor, device: torch.device, op: str,
+              host: bool | None = None) -> tuple:
+    """The kernel arguments (seed_ptr, seed_k0, seed_k1, seed_s0, seed_s1) of ``op``'s seed
+    tensor, checked: an int64 (2,) tensor on ``device`` (the launch's) or the CPU. The kernels
+    read (key, stream) = the pair at seed_ptr XOR the words. A seed on ``device`` is read there
+    (words 0); one on the host (``host``: default, a CPU seed for a GPU launch) goes by value,
+    as 32-bit words (always typed i32, so one compiled kernel serves every seed), with seed_ptr
+    a cached pair of zeros on the device (made outside any CUDA graph capture: captured calls
+    draw their seed on the device)."""
+    if seed.dtype != torch.int64 or seed.shape != (2,) or seed.device not in (device, _CPU):
+        raise ValueError(f"{op} (triton): seed must be an int64 (2,) tensor on x's device or "
+                         "the CPU")
     if host is None:
-        host = seed.device.type == "cpu" and torch.device(device).type != "cpu"
+        host = seed.device.type == "cpu" and device.type != "cpu"
     if not host:
         return seed, 0, 0, 0, 0
     key, stream = seed.tolist()

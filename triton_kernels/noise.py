@@ -26,7 +26,6 @@ from .cas import on_device
 _BLOCK = 512  # Philox evaluations per program: 2048 elements
 _NUM_WARPS = 4
 _TL_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-_CPU = torch.device("cpu")
 _INT32_END = 2**31  # element offsets below this: int32 index arithmetic
 
 
@@ -73,9 +72,7 @@ def gaussian_noise(x: torch.Tensor, seed: torch.Tensor, std: float, multiplicati
         raise ValueError(f"gaussian_noise (triton): x must be a 1-D view, got shape {tuple(x.shape)}")
     if x.dtype not in _TL_DTYPES:
         raise TypeError(f"gaussian_noise (triton): x must be float32, float16 or bfloat16, got {x.dtype}")
-    if seed.dtype != torch.int64 or seed.shape != (2,) or seed.device not in (x.device, _CPU):
-        raise ValueError("gaussian_noise (triton): seed must be an int64 (2,) tensor on x's device "
-                         "or the CPU")
+    seed = seed_args(seed, x.device, "gaussian_noise", _host_seed)
     if not std >= 0:
         raise ValueError(f"gaussian_noise (triton): std must be >= 0, got {std}")
     out = torch.empty_like(x)
@@ -84,7 +81,7 @@ def gaussian_noise(x: torch.Tensor, seed: torch.Tensor, std: float, multiplicati
     grid = (triton.cdiv(x.numel(), 4 * _BLOCK),)
     wide = _wide_offsets(x, out) if _wide is None else _wide
     with on_device(x):
-        _noise_kernel[grid](x, out, *seed_args(seed, x.device, _host_seed), x.numel(), x.stride(0), out.stride(0), float(std),
+        _noise_kernel[grid](x, out, *seed, x.numel(), x.stride(0), out.stride(0), float(std),
                             BLOCK=_BLOCK, MULTIPLICATIVE=bool(multiplicative), WIDE=bool(wide),
                             num_warps=_NUM_WARPS)
     return out

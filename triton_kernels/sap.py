@@ -61,8 +61,6 @@ import triton.language as tl
 from ._random import SEED_WORDS, _to_uniform, load_seed, seed_args
 from .cas import on_device
 
-_CPU = torch.device("cpu")
-
 # Elements per chunk: small samples keep chunks of 256 (a batch of 8 samples of 16384 still
 # makes 512 programs), larger ones 1024 (fewer draw-chunk searches and margins per element).
 _E_SMALL = 256
@@ -391,8 +389,7 @@ def sap_forward(src: torch.Tensor, x: torch.Tensor, seed: torch.Tensor, r: int, 
                          f"x {tuple(x.shape)}, src {tuple(src.shape)}")
     if x.dtype not in _TL_DTYPES or src.dtype != x.dtype:
         raise TypeError(f"sap (triton): x must be float32, float16 or bfloat16 (src alike), got {x.dtype}")
-    if seed.dtype != torch.int64 or seed.shape != (2,) or seed.device not in (x.device, _CPU):
-        raise ValueError("sap (triton): seed must be an int64 (2,) tensor on x's device or the CPU")
+    seed = seed_args(seed, x.device, "sap", _host_seed)
     if r < 1:
         raise ValueError(f"sap (triton): r must be >= 1, got {r}")
     out = torch.empty_like(src)
@@ -410,7 +407,6 @@ def sap_forward(src: torch.Tensor, x: torch.Tensor, seed: torch.Tensor, r: int, 
     nb = triton.cdiv(r + 4, d) if exact else 0
     bx = torch.empty((N, k + 1), dtype=torch.float32, device=x.device)
     bd = torch.empty((N, nb + 1), dtype=torch.float32, device=x.device)
-    seed = seed_args(seed, x.device, _host_seed)
     with on_device(x):
         _sap_partials_kernel[(N * (k + nb),)](
             x, *seed, bx, bd, L, r, k, nb, d, *x.stride(),

@@ -24,6 +24,7 @@ A seed reproduces the result on each path; the two paths draw different seeds fr
 from __future__ import annotations
 
 import array
+import functools
 import math
 from typing import Callable
 
@@ -34,7 +35,6 @@ from ._common import _transforming, cached_view, insertion_order, mergeable
 
 _SEED_RANGE = 2**62
 _MASK64 = (1 << 64) - 1
-_KEYS: dict[int, int] = {}
 
 
 def draw_seed(device: torch.device, generator: torch.Generator | None) -> Tensor:
@@ -61,20 +61,15 @@ def _host_draw(device: torch.device, generator: torch.Generator | None) -> bool:
             and not torch.cuda.is_current_stream_capturing())
 
 
+@functools.lru_cache(maxsize=64)
 def host_key(seed: int) -> int:
     """The Philox key of a host draw from a generator seeded with ``seed``: splitmix64's
     finalizer of seed + a constant (torch's Philox ops key with the seed itself), as an int64."""
-    key = _KEYS.get(seed)
-    if key is None:
-        z = (seed + 0x9E3779B97F4A7C15) & _MASK64
-        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
-        z ^= z >> 31
-        key = z - (1 << 64) if z >= 1 << 63 else z
-        if len(_KEYS) > 64:
-            _KEYS.clear()
-        _KEYS[seed] = key
-    return key
+    z = (seed + 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    z ^= z >> 31
+    return z - (1 << 64) if z >= 1 << 63 else z
 
 
 def memory_order_view(x: Tensor, batch_dims: int) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
