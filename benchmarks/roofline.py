@@ -511,7 +511,7 @@ def triton_sap_config(length: int, draws: int) -> dict:
     """sap._chunk_sizes and the launch constants: E elements per element chunk, D draws per
     draw chunk (DT per tile), the bernoulli BLOCK, the merge's SLOTS (persistent programs) and
     each launch's warps."""
-    return {"E": 1024 if length >= 16385 else 256,
+    return {"E": 1024 if length >= 16384 else 256,
             "D": 256 * _pow2(max(1, math.ceil((draws + 4) / (256 * 4096)))), "DT": 256,
             "BLOCK": 2048, "SLOTS": 660,
             "warps": {"partials": 4, "prefix": 4, "merge": 4, "bernoulli": 8}}

@@ -189,6 +189,32 @@ def test_masked_conv_bytes_and_flops():
     assert len(k) == 3 and not any(isinstance(i, roofline.Sync) for i in items)
 
 
+@pytest.mark.triton
+def test_written_out_triton_configs_match_the_launchers():
+    """The model writes the Triton launch configurations out instead of importing them; each
+    must still be what the launcher picks, over the benchmarks' sizes and around the
+    thresholds."""
+    from pyprune.triton_kernels import kwta, sap
+
+    for length in (1, 37, 1024, 8192, 16383, 16384, 16385, 65536, 802816, 10**6):
+        for draws in (1, 255, length, 2**24):
+            cfg = roofline.triton_sap_config(length, draws)
+            assert (cfg["E"], cfg["D"]) == sap._chunk_sizes(length, draws), (length, draws)
+            assert cfg["DT"] == sap._DT and cfg["BLOCK"] == sap._BERNOULLI_BLOCK
+            assert cfg["SLOTS"] == sap._SLOTS and cfg["warps"] == sap._WARPS
+        if length <= kwta._FWD_MAX_BLOCK:
+            assert roofline.triton_kwta_config(length) == kwta._forward_config(length)
+        for groups in (1, 8, 32, 128):
+            sample, _, sample_warps, block, warps = kwta._split_config(groups, length)
+            assert roofline.triton_kwta_split_config(groups, length) == (
+                sample, sample_warps, block, warps), (groups, length)
+    assert roofline.TRITON_KWTA_MAX_BLOCK == kwta._FWD_MAX_BLOCK
+    assert roofline.TRITON_KWTA_SAMPLE == (kwta._SAMPLE_MIN, kwta._SAMPLE)
+    assert (roofline.TRITON_KWTA_CAND_MIN, roofline.TRITON_KWTA_BAND_BINS,
+            roofline.TRITON_KWTA_BIN_CAP, roofline.TRITON_KWTA_TAIL) == (
+        kwta._CAND_MIN, kwta._BAND_BINS, kwta._BIN_CAP, kwta._TAIL)
+
+
 def test_bucket_share():
     """The candidates left after the top 11 bits of the 90th percentile of N(0, 1): the values
     with its exponent and top 2 mantissa bits, [1.25, 1.5)."""

@@ -278,7 +278,7 @@ def test_triton_chunk_sizes():
     from pyprune.ops.sap import MAX_DRAWS
 
     compiled = {v[2]["E"] for v in kernels.AOT if "E" in v[2]}
-    for length in (1, 37, 16384, 16385, 65536, 10**6):
+    for length in (1, 37, 16383, 16384, 65536, 10**6):
         for r in (1, 255, 65536, 2**24, MAX_DRAWS):
             e, d = kernels._chunk_sizes(length, r)
             assert e in compiled and d % kernels._DT == 0

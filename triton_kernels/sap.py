@@ -61,11 +61,13 @@ import triton.language as tl
 from ._random import SEED_WORDS, _to_uniform, load_seed, seed_args
 from .cas import on_device
 
-# Elements per chunk: small samples keep chunks of 256 (a batch of 8 samples of 16384 still
-# makes 512 programs), larger ones 1024 (fewer draw-chunk searches and margins per element).
+# Elements per chunk: samples below 16384 keep chunks of 256 (a batch of 8 samples of 8192
+# still makes 256 programs), from 16384 on 1024: fewer draw-chunk searches and margins per
+# element (a chunk regenerates E r / L + D draws: 1.25 a element at E = 1024, 2 at 256) and
+# 4x fewer items a persistent merge program (128 samples of 16384: 4 items, not 13).
 _E_SMALL = 256
 _E_LARGE = 1024
-_E_LARGE_FROM = 16385
+_E_LARGE_FROM = 16384
 # Draws per tile (DT) and per chunk (D, a multiple of DT): D grows with r so that a sample has
 # at most _MAX_DRAW_CHUNKS + 1 draw chunks (r = 2^31 - 1: D = 2^19, 4097 chunks).
 _DT = 256
