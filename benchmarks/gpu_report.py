@@ -306,6 +306,8 @@ _LAUNCH_SMEM = re.compile(rf"\b(\w+)\s*(?:<[^;{{}}]*?>)?\s*<<<\s*{_ARG},\s*{_ARG
 # `config.blockDim = dim3(block); ... cudaLaunchKernelEx(&config, callee, ...)`
 _LAUNCH_EX = re.compile(r"blockDim\s*=\s*dim3\(\s*([^)]+?)\s*\)[^;]*;(?:.|\n)*?"
                         r"cudaLaunchKernelEx\(\s*&\w+\s*,\s*(\w+)")
+# `launch_clusters(callee, grid, block, smem, ...)` (csrc/cuda/cluster.cuh)
+_LAUNCH_CLUSTERS = re.compile(rf"\blaunch_clusters\(\s*(\w+)\s*,\s*{_ARG},\s*{_ARG},\s*{_ARG}\s*,")
 
 
 def check_launch_bounds(sources: Iterable[Path]) -> list[str]:
@@ -326,6 +328,7 @@ def check_launch_bounds(sources: Iterable[Path]) -> list[str]:
         aliases = dict(_ALIAS.findall(text))
         launches = [(m[1], m[3]) for m in _LAUNCH.finditer(text)]
         launches += [(m[2], m[1]) for m in _LAUNCH_EX.finditer(text)]
+        launches += [(m[1], m[3]) for m in _LAUNCH_CLUSTERS.finditer(text)]
         named = {aliases.get(callee, callee) for callee, _ in launches}
         indirect = [k for k in bounds if k not in named]
         launched = set()
@@ -345,8 +348,8 @@ def check_launch_bounds(sources: Iterable[Path]) -> list[str]:
 
 
 def dynamic_smem_kernels(sources: Iterable[Path]) -> set[str]:
-    """Kernels of ``sources`` launched with dynamic shared memory (a `<<<...>>>` size other than
-    0, or a cudaLaunchKernelEx config); launches through a variable count for every kernel of
+    """Kernels of ``sources`` launched with dynamic shared memory (a `<<<...>>>` or
+    launch_clusters size other than 0, or a cudaLaunchKernelEx config); launches through a variable count for every kernel of
     the file that no launch names."""
     found = set()
     for path in sources:
@@ -355,8 +358,10 @@ def dynamic_smem_kernels(sources: Iterable[Path]) -> set[str]:
         aliases = dict(_ALIAS.findall(text))
         named = {aliases.get(m[1], m[1]) for m in _LAUNCH.finditer(text)}
         named |= {aliases.get(m[2], m[2]) for m in _LAUNCH_EX.finditer(text)}
+        named |= {aliases.get(m[1], m[1]) for m in _LAUNCH_CLUSTERS.finditer(text)}
         callees = [m[1] for m in _LAUNCH_SMEM.finditer(text) if m[4] != "0"]
         callees += [m[2] for m in _LAUNCH_EX.finditer(text)]
+        callees += [m[1] for m in _LAUNCH_CLUSTERS.finditer(text) if m[4] != "0"]
         for callee in callees:
             kernel = aliases.get(callee, callee)
             found |= {kernel} if kernel in kernels else kernels - named

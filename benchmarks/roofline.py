@@ -99,6 +99,9 @@ sap (csrc/cuda/sap.cu, triton_kernels/sap.py); r = L draws, x after a ReLU
                shared memory per draw); bernoulli: one elementwise pass (one Philox per 4
                elements, q by series). Bytes: 3n forward (x twice: from L2 where x fits),
                4n backward; issue-bound (Philox and q per element) at large batch.
+               Bernoulli samples of at most 8 chunks (L % 4 == 0): one launch, a cluster of
+               blocks a sample holding it in registers, partials summed over DSMEM: 2n
+               forward, 3n backward.
   triton       the host seed, then a sample over many programs: partials (sum |x| per chunk
                of E = 256 or 1024 elements, in exact mode the spacings per draw chunk: one Philox per 4
                draws), exact: per-sample prefix sums, then a merge over (sample, element chunk)
@@ -842,6 +845,7 @@ CUDA_SAP_DRAW_GROUP = 1024  # kDrawGroup: draws of one Philox group a thread
 CUDA_SAP_WRITE_CHUNK = 2048  # kWriteChunk: bernoulli pass, 2 Philox groups a thread
 CUDA_SAP_MAX_DRAW_CHUNKS = 1 << 16  # kMaxDrawChunks
 CUDA_SAP_OWN_TOTAL = 64  # kBernoulliOwnTotal: bernoulli samples of at most this many chunks
+CUDA_SAP_MAX_CLUSTER = 8  # kBernoulliMaxCluster: one-launch bernoulli samples (sm_90, L % 4 == 0)
 
 
 def cuda_sap_chunks(length: int, draws: int, exact: bool) -> tuple[int, int, int, int]:
@@ -874,6 +878,19 @@ def _sap_cuda(p: Plan, rows: int, length: int, draws: int, exact: bool, backward
     per_sm = 2 if e == 8 else 4  # launch bounds: 64 registers (128 in float64)
     scans = 2 * lat("block_scan") + 2 * lat("barrier")
     draw_ops = (80 + 4 * 7 + 4 * 5) / 4  # a spacing: its share of the Philox, log, range checks
+    if not exact and k <= CUDA_SAP_MAX_CLUSTER and length % 4 == 0:
+        # sap_bernoulli_cluster_kernel: a cluster of K blocks a sample, block c holding chunk c
+        # in registers: its partial (the partials kernel's two block scans), its Philox groups,
+        # one cluster barrier, thread 0's K DSMEM reads, the elementwise write. x read once.
+        # Lane instructions a thread of 8 elements on the path of p < 2^-7 (sm_90 SASS of the
+        # float32 kernel, nvcc 13.0): loads ~50, |x| and sums ~15, the scans ~100, the
+        # cluster's barrier and total ~30, 2 Philox ~130, 8 x ~40 for p, q, the compare and
+        # src / q, stores ~20: ~85 an element.
+        src = {"hbm": n} if backward else {}
+        p.kernel("sap_bernoulli_cluster_kernel", "inner", **_merge(src, {"hbm": 2 * n}),
+                 ops=rows * length * 85, ctas=rows * k, per_sm=per_sm,
+                 chain_us=lat("dram") + scans + lat("cluster_pass") + lat("philox"))
+        return
     # 1. Partials: a block per (sample, element chunk): |x| summed (x read once); exact, a block
     # per (sample, draw chunk): the W Philox groups of each thread, their spacings summed.
     ops = rows * k * c * (3 + 50 / 8)

@@ -132,6 +132,7 @@ def test_launch_bounds_check(tmp_path):
       kernel<<<blocks, kBlock, smem, stream>>>(p);
       config.blockDim = dim3(kBlock);
       cudaLaunchKernelEx(&config, kernel, p);
+      launch_clusters(kernel, static_cast<unsigned>(n * k), kBlock, smem, stream, 8u, p);
       b_kernel
           <<<static_cast<unsigned>(n), kThreads, 0, stream>>>(1);
       b_kernel<<<static_cast<unsigned>((n + kWarps - 1) / kWarps), kThreads,
@@ -148,6 +149,9 @@ def test_launch_bounds_check(tmp_path):
     problems = gpu_report.check_launch_bounds(_write(tmp_path, mismatch))
     assert problems == ["k.cu: d_kernel is launched with kThreads threads but its "
                         "__launch_bounds__ is 256"]
+    clusters = mismatch.replace("d_kernel<<<1, kThreads, 0, s>>>(0);",
+                                "launch_clusters(d_kernel, 8u, kThreads, 0, s, 8u, 0);")
+    assert gpu_report.check_launch_bounds(_write(tmp_path, clusters)) == problems
     # Through a lambda's parameter: checked against the kernels not launched by name.
     indirect = ("constexpr int kThreads = 256;\n"
                 "template <bool kVec> __global__ void __launch_bounds__(kThreads) e_kernel() {}\n"
@@ -171,8 +175,15 @@ def test_dynamic_smem_kernels(tmp_path):
       auto launch = [&](auto kernel) { kernel<<<1, 256, smem>>>(0); };
       launch(c_kernel);
     }
+    __global__ void __launch_bounds__(256) d_kernel(int p) {}
+    __global__ void __launch_bounds__(256) e_kernel(int p) {}
+    void g(size_t smem) {
+      launch_clusters(d_kernel, 16u, 256, smem, s, 8u, 0);
+      launch_clusters(e_kernel, static_cast<unsigned>(n), 256, 0, s, 8u, 0);
+    }
     """
-    assert gpu_report.dynamic_smem_kernels(_write(tmp_path, text)) == {"b_kernel", "c_kernel"}
+    assert gpu_report.dynamic_smem_kernels(_write(tmp_path, text)) == {"b_kernel", "c_kernel",
+                                                                      "d_kernel"}
 
 
 def test_launch_bounds_of_the_cuda_sources():

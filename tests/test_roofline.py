@@ -117,6 +117,15 @@ def test_sap_bytes():
     assert (k["sap_bernoulli_kernel"].hbm, k["sap_bernoulli_kernel"].l2) == (n / 16, n / 16 + 8 * kw * 32 * 4)
     eager = kernels("sap", Case((128, 64, 32, 32), "exact"), roofline.EAGER, "forward")
     assert eager["multinomial: sampleMultinomialWithReplacement"].hbm == 128 * 65536 * 8
+    # Bernoulli samples of at most 8 chunks: one launch, a cluster of 8 blocks a sample of
+    # 16384 elements, x read once; backward reads grad too.
+    small = 128 * 256 * 8 * 8 * 4
+    case = Case((128, 256, 8, 8), "bernoulli")
+    for mode, reads in (("forward", 1), ("backward", 2)):
+        k = kernels("sap", case, roofline.CUDA, mode)
+        assert list(k) == ["sap_bernoulli_cluster_kernel"]
+        assert k["sap_bernoulli_cluster_kernel"].hbm == (reads + 1) * small
+        assert k["sap_bernoulli_cluster_kernel"].ctas == 128 * 8
 
 
 def test_noise_bytes():

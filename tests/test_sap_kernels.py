@@ -280,6 +280,33 @@ def test_cuda_bernoulli_total_with_and_without_the_prefix_launch():
 
 @pytest.mark.gpu
 @_needs_cuda
+def test_cuda_bernoulli_in_one_launch_matches_two():
+    """On sm_90 a bernoulli sample of at most 8 chunks of 2048 elements with L % 4 == 0 runs in
+    one launch (a cluster of blocks a sample); it sums the same partials in the same order and
+    draws the same stream as the two-launch path. The row padded with zeros to 16385 elements
+    (9 chunks, L % 4 == 1: two launches; the zero chunks' partials are 0) keeps the same
+    elements with the same values, forward and backward."""
+    gen = torch.Generator().manual_seed(6)
+    for L in (4, 2048, 5000, 16384):
+        x = (torch.rand(1, L, generator=gen) * torch.logspace(-2, 1, L)).cuda()
+        g = torch.randn(1, L, generator=gen).cuda()
+        pad = torch.zeros(1, 16385 - L, device="cuda")
+        longer, g_longer = torch.cat([x, pad], 1), torch.cat([g, pad], 1)
+        for r in (7, L):
+            out = _cuda_sap(x, r, False, [21, 22])
+            assert torch.equal(_cuda_sap(longer, r, False, [21, 22])[:, :L], out)
+            grad = _cuda_sap(x, r, False, [21, 22], grad=g)
+            assert torch.equal(_cuda_sap(longer, r, False, [21, 22], grad=g_longer)[:, :L], grad)
+            q = reference.sap_keep_probability(x, r).double()
+            kept = out != 0
+            torch.testing.assert_close(out[kept].double(), (x.double() / q)[kept], rtol=1e-5, atol=0)
+            torch.testing.assert_close(grad.double(), torch.where(kept, g.double() / q, 0.0),
+                                       rtol=1e-5, atol=0)
+            _counts_within(kept, q)
+
+
+@pytest.mark.gpu
+@_needs_cuda
 def test_cuda_result_does_not_depend_on_the_batch():
     """A sample's draws depend on its index, r and L only, not on the batch size (the chunk sizes
     are functions of L and r)."""

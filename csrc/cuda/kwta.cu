@@ -34,10 +34,10 @@
 #include <algorithm>
 #include <cstdint>
 #include <limits>
-#include <mutex>
 #include <type_traits>
 
 #include "../kwta.h"
+#include "cluster.cuh"
 
 namespace pyprune {
 namespace {
@@ -496,23 +496,6 @@ bool rows_vectorizable(const at::Tensor& t, int vec) {
          reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0;
 }
 
-// Whether the loaded image of this kernel for the current device has sm_90 code (cluster
-// launches need it; a compute_80 image running on a newer GPU would not). Cached per device.
-template <typename Kernel>
-bool has_sm90_image(Kernel kernel, int device) {
-  constexpr int kMaxDevices = 64;
-  static int cache[kMaxDevices] = {};  // 0 unknown, 1 no, 2 yes
-  static std::mutex mutex;
-  if (device < 0 || device >= kMaxDevices) return false;
-  std::lock_guard<std::mutex> lock(mutex);
-  if (cache[device] == 0) {
-    cudaFuncAttributes attr;
-    C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
-    cache[device] = attr.binaryVersion >= 90 ? 2 : 1;
-  }
-  return cache[device] == 2;
-}
-
 template <typename scalar_t, int kThreads, bool kVectorized>
 void launch_block(KwtaParams<scalar_t> p, const cudaDeviceProp& prop, int device,
                   cudaStream_t stream) {
@@ -542,20 +525,7 @@ void launch_block(KwtaParams<scalar_t> p, const cudaDeviceProp& prop, int device
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
   }
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(blocks);
-  config.blockDim = dim3(kThreads);
-  config.dynamicSmemBytes = smem;
-  config.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = cluster;
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  config.attrs = attr;
-  config.numAttrs = 1;
-  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, p));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_clusters(kernel, blocks, kThreads, smem, stream, static_cast<unsigned>(cluster), p);
 }
 
 template <typename scalar_t>

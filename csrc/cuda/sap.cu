@@ -3,7 +3,8 @@
 // sync (the seed is read from device memory, or passed by value from a host seed tensor: SeedArg;
 // CUDA-graph safe), a workspace of (N, K + NB) acc_t from the caching allocator (K element
 // chunks, NB draw chunks per sample); two in bernoulli mode where a sample has at most
-// kBernoulliOwnTotal element chunks (no prefix launch):
+// kBernoulliOwnTotal element chunks (no prefix launch), and one on sm_90 where it has at most
+// kBernoulliMaxCluster and L % 4 == 0 (3': a thread-block cluster a sample, no workspace):
 //
 //  1. partials, a block per (sample, chunk): an element chunk (kChunk = 2048 consecutive
 //     elements, two packs of 4 a thread) sums |x|; in exact mode a draw chunk (W Philox groups a
@@ -42,6 +43,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <cooperative_groups.h>
 #include <cub/block/block_scan.cuh>
 
 #include <algorithm>
@@ -50,9 +52,12 @@
 
 #include "../random.h"
 #include "../sap.h"
+#include "cluster.cuh"
 
 namespace pyprune {
 namespace {
+
+namespace cg = cooperative_groups;
 
 constexpr int kThreads = 256;
 constexpr int kItems = 4;  // a pack of elements; the draws of one Philox group
@@ -67,6 +72,10 @@ constexpr int64_t kMaxDrawChunks = int64_t{1} << 16;  // per sample (the workspa
 // thread 0 of each bernoulli block adds the sample's partials itself, in the prefix kernel's
 // order (the same total bit for bit), a few hundred cycles where a launch costs microseconds.
 constexpr int64_t kBernoulliOwnTotal = 64;
+// Bernoulli samples of at most this many element chunks (L <= 16384) and L % 4 == 0 run in one
+// launch on sm_90: a cluster of blocks a sample (sap_bernoulli_cluster_kernel; the portable
+// cluster size).
+constexpr int64_t kBernoulliMaxCluster = 8;
 
 // Register budgets as blocks of 256 per SM (>= 2: 25% occupancy).
 template <typename scalar_t>
@@ -162,9 +171,11 @@ __device__ inline void store4(scalar_t* row, int64_t stride, int64_t j0, int64_t
   }
 }
 
+// |v| as the sign bit cleared (a source modifier of the instruction that uses it, not a
+// compare and a select): NaN stays NaN, and -0 becomes +0, which sums and compares as -0 does.
 template <typename acc_t>
 __device__ inline acc_t abs_of(acc_t v) {
-  return v < acc_t(0) ? -v : v;  // NaN stays NaN
+  return ::fabs(v);
 }
 
 // max that keeps a NaN of either side (a NaN partial must reach the total).
@@ -291,6 +302,22 @@ struct Draws {
   }
 };
 
+// The hardware approximations (MUFU) alone, flushing denormals: 2^v and 1 / v. __expf and
+// __fdividef wrap the same instructions in range checks (~6 instructions an element) that
+// change nothing where they are used here: 2^v below 2^-126 only ever meets 1 - 2^v, which is
+// 1 either way, and the divisor q is a normal number <= 1.
+__device__ inline float exp2_approx(float v) {
+  float e;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(e) : "f"(v));
+  return e;
+}
+
+__device__ inline float rcp_approx(float v) {
+  float r;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(v));
+  return r;
+}
+
 // q = -expm1(r log1p(-p)): float from log and exp with the corrections that keep relative
 // accuracy near 0 (log1p(-p) by its series below p = 2^-7, truncation p^6 / 6 under float
 // rounding, else log(1 - p) with Goldberg's correction; expm1(y) by its degree-8 Taylor
@@ -314,16 +341,17 @@ __device__ inline float keep_probability(float p, float r) {
   e = 1.0f / 6 + y * e;
   e = 0.5f + y * e;
   e = 1.0f + y * e;
-  return y < -0.5f ? 1.0f - __expf(y) : -y * e;
+  return y < -0.5f ? 1.0f - exp2_approx(y * 1.44269504f) : -y * e;  // e^y as __expf computes it
 }
 
 __device__ inline double keep_probability(double p, double r) {
   return -expm1(r * log1p(-p));
 }
 
-// src / q of a kept element: float through the hardware reciprocal (2 ulp) where q is normal.
+// src / q of a kept element: float through the hardware reciprocal (2 ulp) where q is normal
+// (__fdividef's result there).
 __device__ inline float divide(float g, float q) {
-  return q >= 1.17549435e-38f ? __fdividef(g, q) : g / q;
+  return q >= 1.17549435e-38f ? g * rcp_approx(q) : g / q;
 }
 
 __device__ inline double divide(double g, double q) {
@@ -344,6 +372,16 @@ struct Total {
     drawable = total > acc_t(0) && total < static_cast<acc_t>(INFINITY);
   }
 };
+
+// Bernoulli output of one element: src / q if its uniform (a Philox word) is below q, else
+// src * 0.
+template <typename acc_t>
+__device__ inline acc_t bernoulli_value(uint32_t bits, acc_t x, acc_t src, const Total<acc_t>& tot,
+                                        acc_t r) {
+  const acc_t q = keep_probability(abs_of(x) * tot.pre * tot.inv, r);
+  const bool kept = tot.drawable && static_cast<acc_t>(to_uniform(bits)) < q;
+  return kept ? divide(src, q) : src * acc_t(0);
+}
 
 // 1. Partials: item (n, c), c < K an element chunk, else draw chunk c - K.
 template <typename scalar_t>
@@ -639,14 +677,77 @@ __global__ void __launch_bounds__(kThreads, stream_min_blocks<scalar_t>())
       acc_t o[kItems];
 #pragma unroll
       for (int i = 0; i < kItems; ++i) {
-        const acc_t src_i = p.same ? a[u][i] : g[u][i];
-        const acc_t q = keep_probability(abs_of(a[u][i]) * tot.pre * tot.inv, r);
-        const bool kept = tot.drawable && static_cast<acc_t>(to_uniform(w.w[i])) < q;
-        o[i] = kept ? divide(src_i, q) : src_i * acc_t(0);
+        o[i] = bernoulli_value(w.w[i], a[u][i], p.same ? a[u][i] : g[u][i], tot, r);
       }
       store4(out, p.os1, j0[u], p.L, p.vec_out, o);
     }
   }
+}
+
+// 3'. Bernoulli in one launch (sm_90): a thread-block cluster per sample of at most
+// kBernoulliMaxCluster element chunks with L % 4 == 0, block c of the cluster holding chunk c in
+// registers. Each block sums its chunk as the partials kernel does (the same elements a thread,
+// the same scan: the same partial bit for bit) and runs its Philox groups; the blocks exchange
+// their partials through distributed shared memory, thread 0 of each adds them in the prefix
+// kernel's order (the same total bit for bit), and the block writes its chunk. x is read once,
+// one launch instead of two, and the output is the two-launch path's: with L % 4 == 0 the
+// packs of a thread are Philox groups of the global values n L + j.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads, stream_min_blocks<scalar_t>())
+    sap_bernoulli_cluster_kernel(const SapParams<scalar_t> p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  using acc_t = at::opmath_type<scalar_t>;
+  __shared__ typename BlockScan<acc_t>::TempStorage tmp;
+  __shared__ acc_t partial, shared_total;
+  const cg::cluster_group cluster = cg::this_cluster();
+  const int tid = threadIdx.x;
+  const int64_t n = blockIdx.x / p.K;  // clusters of K blocks, one a sample
+  const int64_t c = static_cast<int64_t>(cluster.block_rank());
+  const int64_t j0 = c * kChunk + tid * kElems;
+  const Seed seed = load_seed(p);
+  acc_t a[kElems], g[kElems], m[kElems], unused[kElems];
+  load_elems(p.x + n * p.xs0, p.xs1, j0, p.L, p.vec_x, a);
+  if (!p.same) load_elems(p.src + n * p.ss0, p.ss1, j0, p.L, p.vec_out, g);
+#pragma unroll
+  for (int i = 0; i < kElems; ++i) m[i] = abs_of(a[i]);
+  acc_t prefix, floor, chunk;
+  chunk_scan(element_local(m, unused), tmp, prefix, floor, chunk);
+  if (tid == 0) partial = chunk;
+  // The Philox groups before the cluster barrier: their rounds overlap its latency.
+  const uint64_t first = (static_cast<uint64_t>(n) * static_cast<uint64_t>(p.L) +
+                          static_cast<uint64_t>(j0)) / 4;
+  Philox4 w[kPacks];
+#pragma unroll
+  for (int h = 0; h < kPacks; ++h) w[h] = philox(seed.key, first + h, seed.stream);
+  cluster.sync();  // every block of the sample has stored its partial (and is running)
+  if (tid == 0) {
+    acc_t carry = 0;
+    for (int64_t k = 0; k < p.K; ++k) {  // sap_prefix_kernel's order
+      carry += *cluster.map_shared_rank(&partial, static_cast<unsigned>(k));
+    }
+    shared_total = carry;
+  }
+  __syncthreads();
+  const Total<acc_t> tot(shared_total);
+  // This block's reads of its siblings' partials are done (their values used): they may exit
+  // once all have arrived. Relaxed: no memory of this block is published by it (cg's arrive
+  // releases, a MEMBAR.GPU a thread).
+  asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
+  const acc_t r = static_cast<acc_t>(p.r);
+  acc_t o[kElems];
+#pragma unroll
+  for (int h = 0; h < kPacks; ++h) {
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) {
+      const int e = h * kItems + i;
+      o[e] = bernoulli_value(w[h].w[i], a[e], p.same ? a[e] : g[e], tot, r);
+    }
+  }
+  store_elems(p.out + n * p.os0, p.os1, j0, p.L, p.vec_out, o);
+  cluster.barrier_wait();  // no sibling still reads this block's partial
+#elif defined(__CUDA_ARCH__)
+  __trap();  // the host launches it only where sm_90 code runs
+#endif
 }
 
 bool aligned(const at::Tensor& t) {
@@ -687,7 +788,14 @@ at::Tensor sap_cuda_common(const at::Tensor& src, const at::Tensor& x, const at:
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sap_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    at::Tensor ws = at::empty({N * (K + NB)}, x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+    // Bernoulli samples of a few chunks: one launch, a cluster a sample, where sm_90 code runs.
+    const auto cluster_kernel = sap_bernoulli_cluster_kernel<scalar_t>;
+    const bool clustered = !exact && K <= kBernoulliMaxCluster && L % kItems == 0 &&
+                           N <= std::numeric_limits<int32_t>::max() / K &&
+                           at::cuda::getCurrentDeviceProperties()->major >= 9 &&
+                           has_sm90_image(cluster_kernel, x.get_device());
+    at::Tensor ws = at::empty({clustered ? 0 : N * (K + NB)},
+                              x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
     SapParams<scalar_t> p{};
     p.x = x.const_data_ptr<scalar_t>();
     p.src = src.const_data_ptr<scalar_t>();
@@ -701,8 +809,13 @@ at::Tensor sap_cuda_common(const at::Tensor& src, const at::Tensor& x, const at:
     p.K = K, p.NB = NB, p.W = W, p.KW = KW;
     p.same = same;
     p.vec_x = rows_vec(x);
-    p.vec_out = exact ? rows_vec(x) && rows_vec(src) && rows_vec(out)
-                      : flat_vec(x) && flat_vec(src) && flat_vec(out);
+    p.vec_out = exact || clustered ? rows_vec(x) && rows_vec(src) && rows_vec(out)
+                                   : flat_vec(x) && flat_vec(src) && flat_vec(out);
+    if (clustered) {
+      launch_clusters(cluster_kernel, static_cast<unsigned>(N * K), kThreads, 0, stream,
+                      static_cast<unsigned>(K), p);
+      return;
+    }
     sap_partials_kernel<scalar_t><<<grid_for(N * (K + NB)), kThreads, 0, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     p.own_total = !exact && K <= kBernoulliOwnTotal;
