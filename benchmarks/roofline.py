@@ -624,6 +624,7 @@ def _topk(p: Plan, groups: int, length: int, k: int, esize: int, first: str) -> 
 
 
 CUDA_KWTA_MIN_CLUSTER_SLICE = 8192  # kwta.cu's kMinClusterSlice
+CUDA_KWTA_MAX_CLUSTER = 16  # kwta.cu's kMaxNonPortableCluster
 
 
 def _kwta_cuda_forward(p: Plan, groups: int, length: int, k: int) -> None:
@@ -642,9 +643,18 @@ def _kwta_cuda_forward(p: Plan, groups: int, length: int, k: int) -> None:
                  per_sm=2, chain_us=chain)
         return
     threads = 256 if length <= 8192 else 512
-    cluster = 1
+    cluster, resident, rounds = 1, groups, 1
     if threads == 512 and groups < 2 * sms and length >= 2 * CUDA_KWTA_MIN_CLUSTER_SLICE:
-        cluster = min(8, 2 * sms // groups, length // CUDA_KWTA_MIN_CLUSTER_SLICE)
+        # kwta.cu's launch_block: where x exceeds half the L2, as many groups at a time as fit
+        # there (clusters looping over the groups), in even rounds; up to 16 blocks a cluster
+        # (non-portable, sm_90) where the groups in flight leave SMs idle.
+        budget = gpu["l2_reuse"] * gpu["l2_mb"] * 1e6
+        if groups * length * e > budget:
+            resident = max(1, int(budget // (length * e)))
+            rounds = math.ceil(groups / resident)
+            resident = math.ceil(groups / rounds)
+        cluster = min(CUDA_KWTA_MAX_CLUSTER if resident < groups else 8, 2 * sms // resident,
+                      length // CUDA_KWTA_MIN_CLUSTER_SLICE)
     vec = 16 // e
     chunk = math.ceil(math.ceil(length / cluster) / vec) * vec
     capacity = (16 if cluster > 1 else 24) * 1024 // 4
@@ -654,15 +664,21 @@ def _kwta_cuda_forward(p: Plan, groups: int, length: int, k: int) -> None:
             global_passes += 1
             in_shared = local <= capacity
         local = chunk * bucket_share(1 - k / length, min(32, 11 * (digit + 1)))
-    ctas = groups * cluster
+    ctas = resident * cluster
     per_sm = 1024 // threads
     chunk_bytes = chunk * e
     trips = math.ceil(chunk_bytes / (threads * 16 * 4))  # 16-byte packs, 4 in flight a thread
-    fixed = p.lat("cluster_pass" if cluster > 1 else "pass")
-    chain = (global_passes * trips * p.lat("dram") + passes * fixed + trips * p.lat("dram"))
+    fixed = (p.lat("cluster_pass") * max(1, cluster / 8)) if cluster > 1 else p.lat("pass")
     working_set = min(ctas, sms * per_sm) * chunk_bytes
+    reread = p.reread(global_passes * n, working_set)
+    # A group's chain: the first pass from DRAM, the later passes over x (the last one the
+    # masked write) from DRAM again, or from L2 where the groups in flight fit; a round of
+    # groups after another.
+    again = p.lat("l2" if "l2" in reread else "dram")
+    chain = rounds * (trips * p.lat("dram") + (global_passes - 1) * trips * again
+                      + passes * fixed + trips * again)
     p.kernel(f"kwta_block_kernel<{threads}> cluster {cluster}", "inner",
-             **_merge({"hbm": 2 * n}, p.reread(global_passes * n, working_set)),
+             **_merge({"hbm": 2 * n}, reread),
              ops=numel * (20 * global_passes + 6), ctas=ctas, per_sm=per_sm, chain_us=chain)
 
 

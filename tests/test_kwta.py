@@ -257,6 +257,25 @@ def test_cuda_graph_capture(backend):
     assert torch.equal(y, reference.kwta(x, 409))
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_groups_beyond_half_the_l2(dtype):
+    """Groups whose x exceeds half the L2: on sm_90 the clusters loop over the groups, a few at
+    a time in uneven rounds (and take up to 16 blocks where the GPU schedules them); every
+    group's output is the reference's, ties included."""
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size
+    length = 1 << 20
+    groups = 2 * l2 // (length * dtype.itemsize) + 3
+    gen = torch.Generator(device="cuda").manual_seed(7)
+    x = torch.randn(groups, length, device="cuda", generator=gen).to(dtype)
+    x[1, : length // 4] = 0.5  # a tie across the threshold of one group
+    k = int(0.1 * length)
+    with pyprune.use_backend("cuda"):
+        got = pyprune.kwta(x, 0.1)
+    assert torch.equal(got, reference.kwta(x, k))
+
+
 # Hypothesis: random shapes, k and value pools (ties, NaN, inf) on the CPU kernel.
 values = st.sampled_from([0.0, -0.0, 1.0, -1.0, 2.5, float("inf"), float("-inf"), float("nan")])
 

@@ -52,11 +52,18 @@ def test_a_case_without_a_model_fails(op, case):
 def test_kwta_bytes():
     case = Case((128, 64, 32, 32))
     n = 128 * 64 * 32 * 32 * 4
-    # 128 groups of 65536: a cluster of 2 blocks per group; the candidates of a block fit in
-    # shared memory after the first digit, so pass 1 and pass 2 read x, the masked write reads
-    # it again and writes out. The resident working set (32 MiB) exceeds half the L2.
-    k = kernels("kwta", case, roofline.CUDA, "forward")["kwta_block_kernel<512> cluster 2"]
-    assert (k.hbm, k.l2) == (4 * n, 0)
+    # 128 groups of 65536: x (32 MiB) exceeds half the L2 (30 MB of the H200's 60), so 64
+    # groups at a time (2 rounds of the 114 that fit) in clusters of 4 blocks (264 / 64). The
+    # candidates of a block fit in shared memory after the first digit: pass 1 reads x from
+    # HBM, pass 2 and the masked write reread it from L2 (16 MiB in flight), out is written.
+    k = kernels("kwta", case, roofline.CUDA, "forward")["kwta_block_kernel<512> cluster 4"]
+    assert (k.hbm, k.l2, k.ctas) == (2 * n, 2 * n, 64 * 4)
+    # 32 groups of 802816 (3.2 MB): 9 fit in 30 MB, so 4 rounds of 8 groups in clusters of 16
+    # (264 / 8 = 33 blocks allowed, 16 the most a cluster takes).
+    k = kernels("kwta", Case((32, 256, 56, 56)), roofline.CUDA, "forward")
+    assert list(k) == ["kwta_block_kernel<512> cluster 16"]
+    big = 32 * 256 * 56 * 56 * 4
+    assert (k["kwta_block_kernel<512> cluster 16"].hbm, k["kwta_block_kernel<512> cluster 16"].ctas) == (2 * big, 8 * 16)
     assert kernels("kwta", case, roofline.CUDA, "backward")["kwta backward"].hbm == 3 * n
     # Triton, groups of 65536 > 4096: the split path's two launches. The sample reads 1024
     # values (L / 64) of each of the 128 groups and writes a 32-byte scratch row and 1024 bin

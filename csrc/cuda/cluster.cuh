@@ -5,7 +5,10 @@
 #include <c10/cuda/CUDAException.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
+#include <map>
 #include <mutex>
+#include <utility>
 
 namespace pyprune {
 
@@ -25,6 +28,47 @@ bool has_sm90_image(Kernel kernel, int device) {
     cache[device] = attr.binaryVersion >= 90 ? 2 : 1;
   }
   return cache[device] == 2;
+}
+
+// The largest cluster of `kernel` (threads and dynamic shared memory a block) the device can
+// schedule, up to `wanted`: sizes above the portable 8 need the non-portable attribute, which
+// this sets on the kernel, and a GPU whose GPCs hold that many blocks (an H100 or H200 holds
+// 16; a MIG slice may not). Cached per device and kernel.
+template <typename... Params>
+int max_cluster_size(void (*kernel)(Params...), int device, unsigned threads, size_t smem,
+                     int wanted) {
+  constexpr int kPortable = 8;
+  if (wanted <= kPortable) return wanted;
+  static std::map<std::pair<int, const void*>, int> cache;
+  static std::mutex mutex;
+  std::lock_guard<std::mutex> lock(mutex);
+  const auto key = std::make_pair(device, reinterpret_cast<const void*>(kernel));
+  const auto hit = cache.find(key);
+  if (hit != cache.end()) return std::min(hit->second, wanted);
+  int size = kPortable;
+  bool refused = true;  // a refused call's error is cleared: an answer, not a later call's error
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) ==
+      cudaSuccess) {
+    cudaLaunchConfig_t config = {};
+    config.gridDim = dim3(wanted);
+    config.blockDim = dim3(threads);
+    config.dynamicSmemBytes = smem;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = wanted;
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    config.attrs = attr;
+    config.numAttrs = 1;
+    int clusters = 0;
+    if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) == cudaSuccess) {
+      refused = false;
+      if (clusters >= 1) size = wanted;
+    }
+  }
+  if (refused) (void)cudaGetLastError();
+  cache.emplace(key, size);
+  return size;
 }
 
 // kernel<<<blocks, threads, smem, stream>>>(args...) in clusters of `cluster` consecutive blocks

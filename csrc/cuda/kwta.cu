@@ -18,7 +18,11 @@
 // * Few large groups on sm_90: a thread-block cluster of up to 8 blocks shares a group; each
 //   block histograms its slice and reads its siblings' histograms through distributed shared
 //   memory, so every block picks the same digit. No global scratch, no grid-wide barrier: the
-//   launch stays a single kernel and CUDA-graph safe.
+//   launch stays a single kernel and CUDA-graph safe. Where x exceeds half the L2, only as many
+//   groups at a time as fit there are in flight (the clusters loop over the groups, clusters of
+//   up to 16 blocks where the GPU schedules them): each block's later passes over its slice
+//   (the candidates' pass, the masked write) then hit L2, so DRAM sees x read once and out
+//   written once.
 //
 // Half and bfloat16 keys are floats whose low 13 / 16 bits follow from the sign bit, so the
 // select skips those bits (2 passes instead of 3) and complete_key restores them.
@@ -56,6 +60,9 @@ constexpr int kWarpMaxGroup = 1024;  // 32 lanes x 32 keys
 constexpr int kWarpKernelThreads = 256;
 constexpr int kBackwardThreads = 256;
 constexpr int kMaxCluster = 8;  // portable cluster size
+// Where x exceeds half the L2 and clusters loop over the groups: up to 16 blocks a cluster
+// (non-portable: sm_90 GPUs whose GPCs hold them).
+constexpr int kMaxNonPortableCluster = 16;
 // A cluster block should still stream at least this many elements per pass: 8192 (32 KiB of
 // float32, one round of 4 16-byte packs per thread of 512) lets a batch of 8 groups of 64K
 // elements take 8 blocks each (64 CTAs) rather than 4, halving the chain of each pass.
@@ -504,20 +511,37 @@ void launch_block(KwtaParams<scalar_t> p, const cudaDeviceProp& prop, int device
   constexpr int vec = kVectorized ? vec_width<scalar_t>() : 1;
 
   // Few groups leave SMs idle: split each group over a cluster where the hardware allows.
+  // Where x exceeds half the L2, only as many groups at a time as fit there (the clusters loop
+  // over the groups, in even rounds): a block's later passes over its slice (the candidates'
+  // pass, the masked write) then read it from L2, not DRAM, and the clusters may take 16
+  // blocks, so that the fewer groups in flight still fill the SMs.
   int cluster = 1;
+  int64_t resident = p.groups;
   const int64_t target_blocks = 2 * int64_t(prop.multiProcessorCount);
+  const size_t cluster_smem = 3 * kHistBytes + kClusterCandBytes;
   if (kThreads == 512 && prop.major >= 9 && p.groups < target_blocks &&
       p.L >= 2 * kMinClusterSlice && has_sm90_image(kernel, device)) {
+    const int64_t group_bytes = p.L * int64_t(sizeof(scalar_t));
+    const int64_t budget = int64_t(prop.l2CacheSize) / 2;
+    if (p.groups * group_bytes > budget) {
+      resident = std::max<int64_t>(1, budget / group_bytes);
+      const int64_t rounds = (p.groups + resident - 1) / resident;
+      resident = (p.groups + rounds - 1) / rounds;
+    }
+    const int most = resident < p.groups ? max_cluster_size(kernel, device, kThreads, cluster_smem,
+                                                            kMaxNonPortableCluster)
+                                         : kMaxCluster;
     cluster = static_cast<int>(std::min<int64_t>(
-        {kMaxCluster, target_blocks / p.groups, p.L / kMinClusterSlice}));
+        {most, target_blocks / resident, p.L / kMinClusterSlice}));
+    if (cluster < 2) resident = p.groups;  // one block a group: all groups at once
   }
   p.cluster = cluster;
   p.chunk = (p.L + cluster - 1) / cluster;
   p.chunk = (p.chunk + vec - 1) / vec * vec;
   const int cand_bytes = cluster > 1 ? kClusterCandBytes : kCandBytes;
   p.cap = static_cast<uint32_t>(cand_bytes / sizeof(U));
-  const size_t smem = (cluster > 1 ? 3 : 1) * kHistBytes + cand_bytes;
-  const int64_t clusters = std::min<int64_t>(p.groups, (int64_t(1) << 30) / cluster);
+  const size_t smem = cluster > 1 ? cluster_smem : kHistBytes + kCandBytes;
+  const int64_t clusters = std::min<int64_t>(resident, (int64_t(1) << 30) / cluster);
   const unsigned blocks = static_cast<unsigned>(clusters * cluster);
 
   if (cluster == 1) {
