@@ -30,6 +30,30 @@ bool has_sm90_image(Kernel kernel, int device) {
   return cache[device] == 2;
 }
 
+// A launch configuration of `blocks` blocks in clusters of `cluster` consecutive blocks along x
+// (config.attrs points into the object: not copyable).
+struct ClusterConfig {
+  cudaLaunchAttribute attr[1];
+  cudaLaunchConfig_t config;
+
+  ClusterConfig(unsigned blocks, unsigned threads, size_t smem, cudaStream_t stream,
+                unsigned cluster)
+      : attr{}, config{} {
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = cluster;
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    config.gridDim = dim3(blocks);
+    config.blockDim = dim3(threads);
+    config.dynamicSmemBytes = smem;
+    config.stream = stream;
+    config.attrs = attr;
+    config.numAttrs = 1;
+  }
+  ClusterConfig(const ClusterConfig&) = delete;
+  ClusterConfig& operator=(const ClusterConfig&) = delete;
+};
+
 // The largest cluster of `kernel` (threads and dynamic shared memory a block) the device can
 // schedule, up to `wanted`: sizes above the portable 8 need the non-portable attribute, which
 // this sets on the kernel, and a GPU whose GPCs hold that many blocks (an H100 or H200 holds
@@ -49,19 +73,9 @@ int max_cluster_size(void (*kernel)(Params...), int device, unsigned threads, si
   bool refused = true;  // a refused call's error is cleared: an answer, not a later call's error
   if (cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) ==
       cudaSuccess) {
-    cudaLaunchConfig_t config = {};
-    config.gridDim = dim3(wanted);
-    config.blockDim = dim3(threads);
-    config.dynamicSmemBytes = smem;
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeClusterDimension;
-    attr[0].val.clusterDim.x = wanted;
-    attr[0].val.clusterDim.y = 1;
-    attr[0].val.clusterDim.z = 1;
-    config.attrs = attr;
-    config.numAttrs = 1;
+    const ClusterConfig launch(wanted, threads, smem, nullptr, wanted);
     int clusters = 0;
-    if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) == cudaSuccess) {
+    if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &launch.config) == cudaSuccess) {
       refused = false;
       if (clusters >= 1) size = wanted;
     }
@@ -76,19 +90,8 @@ int max_cluster_size(void (*kernel)(Params...), int device, unsigned threads, si
 template <typename... Params, typename... Args>
 void launch_clusters(void (*kernel)(Params...), unsigned blocks, unsigned threads, size_t smem,
                      cudaStream_t stream, unsigned cluster, Args&&... args) {
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(blocks);
-  config.blockDim = dim3(threads);
-  config.dynamicSmemBytes = smem;
-  config.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = cluster;
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  config.attrs = attr;
-  config.numAttrs = 1;
-  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...));
+  const ClusterConfig launch(blocks, threads, smem, stream, cluster);
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&launch.config, kernel, std::forward<Args>(args)...));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
