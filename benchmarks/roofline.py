@@ -644,17 +644,21 @@ def _kwta_cuda_forward(p: Plan, groups: int, length: int, k: int) -> None:
         return
     threads = 256 if length <= 8192 else 512
     cluster, resident, rounds = 1, groups, 1
-    if threads == 512 and groups < 2 * sms and length >= 2 * CUDA_KWTA_MIN_CLUSTER_SLICE:
+    budget = gpu["l2_reuse"] * gpu["l2_mb"] * 1e6
+    beyond_l2 = groups * length * e > budget
+    if (threads == 512 and (groups < 2 * sms or beyond_l2)
+            and length >= 2 * CUDA_KWTA_MIN_CLUSTER_SLICE):
         # kwta.cu's launch_block: where x exceeds half the L2, as many groups at a time as fit
         # there (clusters looping over the groups), in even rounds; up to 16 blocks a cluster
         # (non-portable, sm_90) where the groups in flight leave SMs idle.
-        budget = gpu["l2_reuse"] * gpu["l2_mb"] * 1e6
-        if groups * length * e > budget:
+        if beyond_l2:
             resident = max(1, int(budget // (length * e)))
             rounds = math.ceil(groups / resident)
             resident = math.ceil(groups / rounds)
         cluster = min(CUDA_KWTA_MAX_CLUSTER if resident < groups else 8, 2 * sms // resident,
                       length // CUDA_KWTA_MIN_CLUSTER_SLICE)
+        if cluster < 2:  # one block a group: all groups at once
+            cluster, resident, rounds = 1, groups, 1
     vec = 16 // e
     chunk = math.ceil(math.ceil(length / cluster) / vec) * vec
     capacity = (16 if cluster > 1 else 24) * 1024 // 4

@@ -58,6 +58,10 @@ def test_kwta_bytes():
     # HBM, pass 2 and the masked write reread it from L2 (16 MiB in flight), out is written.
     k = kernels("kwta", case, roofline.CUDA, "forward")["kwta_block_kernel<512> cluster 4"]
     assert (k.hbm, k.l2, k.ctas) == (2 * n, 2 * n, 64 * 4)
+    # 256 groups (64 MiB, more groups than 2 blocks an SM): still 86 at a time (3 rounds of the
+    # 114 that fit), in clusters of 3.
+    k = kernels("kwta", Case((256, 64, 32, 32)), roofline.CUDA, "forward")
+    assert (k["kwta_block_kernel<512> cluster 3"].hbm, k["kwta_block_kernel<512> cluster 3"].ctas) == (4 * n, 86 * 3)
     # 32 groups of 802816 (3.2 MB): 9 fit in 30 MB, so 4 rounds of 8 groups in clusters of 16
     # (264 / 8 = 33 blocks allowed, 16 the most a cluster takes).
     k = kernels("kwta", Case((32, 256, 56, 56)), roofline.CUDA, "forward")

@@ -519,11 +519,12 @@ void launch_block(KwtaParams<scalar_t> p, const cudaDeviceProp& prop, int device
   int64_t resident = p.groups;
   const int64_t target_blocks = 2 * int64_t(prop.multiProcessorCount);
   const size_t cluster_smem = 3 * kHistBytes + kClusterCandBytes;
-  if (kThreads == 512 && prop.major >= 9 && p.groups < target_blocks &&
+  const int64_t group_bytes = p.L * int64_t(sizeof(scalar_t));
+  const int64_t budget = int64_t(prop.l2CacheSize) / 2;
+  const bool beyond_l2 = p.groups * group_bytes > budget;
+  if (kThreads == 512 && prop.major >= 9 && (p.groups < target_blocks || beyond_l2) &&
       p.L >= 2 * kMinClusterSlice && has_sm90_image(kernel, device)) {
-    const int64_t group_bytes = p.L * int64_t(sizeof(scalar_t));
-    const int64_t budget = int64_t(prop.l2CacheSize) / 2;
-    if (p.groups * group_bytes > budget) {
+    if (beyond_l2) {
       resident = std::max<int64_t>(1, budget / group_bytes);
       const int64_t rounds = (p.groups + resident - 1) / resident;
       resident = (p.groups + rounds - 1) / rounds;
