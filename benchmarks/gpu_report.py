@@ -146,6 +146,9 @@ DYNAMIC_SMEM: dict[str, int] = {
     r"^cas_logits_kernel<double": 2048 * 8,
     r"^cas_logits_kernel<[^,]+, \w+, 4>": 4 * 2048 * 4,
     r"^cas_logits_kernel<": 2048 * 4,
+    # masked_conv.cu launch_tc: two stages of W' (64 x 72) and X' (64 x 40) tiles.
+    r"^masked_conv2d_tc_kernel<float>": 2 * 4 * (64 * 72 + 64 * 40),
+    r"^masked_conv2d_tc_kernel<": 2 * 2 * (64 * 72 + 64 * 40),
     # masked_conv.cu static_forward_cuda: an int per output channel (the kept rank); the
     # benchmarks' largest C_out, 512.
     r"^scatter_kept_channels_kernel<": 512 * 4,

@@ -1469,7 +1469,7 @@ def _cuda_per_sample(p: Plan, g: _Conv, out_work: int, in_work: float) -> None:
     past the kept ones and pixels past the image (16 at a time). A CTA's chain: one K step of 64
     (kernel position, kept input channel) pairs after another, each the next step's gathers
     (x and weight hit L2 after the first tile reads them) in flight over the mma, then the
-    shared stores and two barriers. Staging: 16 weight and 8 patch values a thread a step, with
+    shared stores to the other of two stages and one barrier. Staging: 16 weight and 8 patch values a thread a step, with
     their index arithmetic and conversions (about 100 lane instructions)."""
     tiles = math.ceil(out_work / 64)
     p_tiles = math.ceil(g.pixels / 32)
@@ -1477,7 +1477,7 @@ def _cuda_per_sample(p: Plan, g: _Conv, out_work: int, in_work: float) -> None:
     pixels = math.ceil(g.pixels / 16) * 16
     steps = math.ceil(in_work * 9 / 64)
     ctas = g.n * p_tiles * tiles
-    chain = steps * (p.lat("l2") + 2 * p.lat("barrier") + p.lat("smem")) + p.lat("dram")
+    chain = steps * (p.lat("l2") + p.lat("barrier") + p.lat("smem")) + p.lat("dram")
     # The weight rows of the tile's kept output channels, columns of the kept input channels.
     w_tile = g.weight * out_work / g.c * in_work / g.c
     p.kernel("masked_conv2d_tc_kernel (wmma)", "inner", hbm=2 * g.x + g.weight + g.c * g.esize,

@@ -71,6 +71,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <mutex>
 #include <optional>
 #include <tuple>
 #include <type_traits>
@@ -406,8 +407,9 @@ __global__ void __launch_bounds__(kThreads) masked_conv2d_kernel(const Params<sc
 // chain of K steps (gather, stage, mma), not its arithmetic, so a step takes 64 (input channel,
 // kh, kw) positions, a quarter of the FMA kernel's steps. Staging: each thread gathers 2 x 8
 // weight values (rows ma + 8 i at k = ka and ka + 32) and 8 patch values (k = kb, pixels
-// pb + 4 j) into registers for step s + 1 before the mma of step s, and stores them to shared
-// memory after it (one buffer, the registers the second stage, two barriers a step). The
+// pb + 4 j) into registers for step s + 1 before the mma of step s, and stores them after it to
+// the other of two shared-memory stages (one barrier a step, not two: the stores no longer wait
+// for the mma's reads of the same tiles). The
 // gathers are element-wise with zero fill and an optional scale, so they go through registers
 // (cp.async moves at least 4 bytes, more than one bf16 / fp16 element). W' is row-major
 // [row][k] (a warp stores 32 consecutive k of one row), X' row-major [k][pixel]; row pitches of
@@ -471,6 +473,19 @@ static_assert(kTcK == 2 * kTcHalf && kThreads / kTcHalf * kTcLoads == kTileM &&
               "tensor-core staging map: 2 x 8 values of W' and 8 of X' a thread");
 static_assert(kWarps == 8 && kTileM == 64 && kTcP == 32, "warp tiling: 4 x 2 blocks of 16 x 16");
 
+// The tensor-core kernel's shared memory: a stage (the W' and X' tiles of one K step) and the
+// two stages it holds (dynamic: float32's 56 KiB pass the 48 KiB static limit); the
+// accumulator tile aliases them.
+template <typename scalar_t>
+constexpr size_t tc_stage_bytes() {
+  return sizeof(typename TensorCore<scalar_t>::T) * (kTileM * kTcLdA + kTcK * kTcLdB);
+}
+
+template <typename scalar_t>
+constexpr size_t tc_smem_bytes() {
+  return std::max(2 * tc_stage_bytes<scalar_t>(), sizeof(float) * kTileM * kTcLdC);
+}
+
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads, kTcMinBlocks)
     masked_conv2d_tc_kernel(const Params<scalar_t> p) {
@@ -478,18 +493,21 @@ __global__ void __launch_bounds__(kThreads, kTcMinBlocks)
   using T = typename TC::T;
   using acc_t = float;
   constexpr int kK = TC::kK;
-  constexpr size_t kStage = sizeof(T) * (kTileM * kTcLdA + kTcK * kTcLdB);
-  constexpr size_t kAcc = sizeof(float) * kTileM * kTcLdC;
-  __shared__ __align__(128) unsigned char smem[kStage > kAcc ? kStage : kAcc];
+  constexpr size_t kStage = tc_stage_bytes<scalar_t>();
+  // Dynamic: two stages (tc_smem_bytes), the accumulators aliasing them after the last step.
+  extern __shared__ __align__(128) unsigned char tc_smem[];
   __shared__ int out_ch[kTileM];
   __shared__ int in_ch[kChunk];
   __shared__ int warp_count[kWarps];
   // Input row and column of each pixel of the tile at kh = kw = 0 (shared, not per thread: the
   // staging's registers are the budget that limits this kernel).
   __shared__ int pix_ih[kTcP], pix_iw[kTcP];
-  auto a_s = reinterpret_cast<T (*)[kTcLdA]>(smem);                                // [row][k]
-  auto b_s = reinterpret_cast<T (*)[kTcLdB]>(smem + sizeof(T) * kTileM * kTcLdA);  // [k][pixel]
-  auto c_s = reinterpret_cast<float (*)[kTcLdC]>(smem);                            // [row][pixel]
+  // Stage buf's W' [row][k] and X' [k][pixel]; the accumulators [row][pixel].
+  const auto a_s = [](int buf) { return reinterpret_cast<T (*)[kTcLdA]>(tc_smem + buf * kStage); };
+  const auto b_s = [](int buf) {
+    return reinterpret_cast<T (*)[kTcLdB]>(tc_smem + buf * kStage + sizeof(T) * kTileM * kTcLdA);
+  };
+  auto c_s = reinterpret_cast<float (*)[kTcLdC]>(tc_smem);
 
   const int tid = threadIdx.x, warp = tid >> 5;
   const int tile_c0 = blockIdx.y * kTileM;
@@ -574,27 +592,32 @@ __global__ void __launch_bounds__(kThreads, kTcMinBlocks)
         }
         b.advance(p);
       };
-      auto store = [&]() {
+      auto store = [&](int buf) {
+        const auto a_t = a_s(buf);
+        const auto b_t = b_s(buf);
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
 #pragma unroll
           for (int i = 0; i < kTcLoads; ++i) {
-            a_s[ma + i * (kThreads / kTcHalf)][ka + h * kTcHalf] = TC::cast(a_reg[h][i]);
+            a_t[ma + i * (kThreads / kTcHalf)][ka + h * kTcHalf] = TC::cast(a_reg[h][i]);
           }
         }
 #pragma unroll
         for (int j = 0; j < kTcLoads; ++j) {
-          b_s[kb][pb + j * (kTcP / kTcLoads)] = TC::cast(b_reg[j]);
+          b_t[kb][pb + j * (kTcP / kTcLoads)] = TC::cast(b_reg[j]);
         }
       };
 
       load();
-      store();
+      store(0);
       __syncthreads();
       for (int s = 0; s < steps; ++s) {
+        const int buf = s & 1;
         const bool more = s + 1 < steps;  // block-uniform
         if (more) load();  // in flight during the mma
         if (active) {
+          const auto a_t = a_s(buf);
+          const auto b_t = b_s(buf);
           // Four k slices at a time (a step of 16-bit types, half of TF32's): the next step's
           // staged values are live across this loop, and TF32 unrolled whole spills.
 #pragma unroll 1
@@ -603,19 +626,20 @@ __global__ void __launch_bounds__(kThreads, kTcMinBlocks)
             for (int k = k0; k < k0 + 4 * kK; k += kK) {
               typename TC::A a;
               typename TC::B b;
-              wmma::load_matrix_sync(a, &a_s[wm][k], kTcLdA);
-              wmma::load_matrix_sync(b, &b_s[k][wp], kTcLdB);
+              wmma::load_matrix_sync(a, &a_t[wm][k], kTcLdA);
+              wmma::load_matrix_sync(b, &b_t[k][wp], kTcLdB);
               TC::round(a);
               TC::round(b);
               wmma::mma_sync(acc, a, b, acc);
             }
           }
         }
-        __syncthreads();  // the tiles are read: free for the next step, in_ch for the next chunk
-        if (more) {
-          store();
-          __syncthreads();
-        }
+        if (more) store(buf ^ 1);
+        // One barrier a step: buf ^ 1 was last read in step s - 1, before the previous barrier,
+        // and this one makes its stores visible to step s + 1. It also ends every read of buf
+        // (free for step s + 2, the accumulators after the last step) and of in_ch (the next
+        // chunk's).
+        __syncthreads();
       }
     }
 
@@ -723,6 +747,26 @@ void check_operands(const at::Tensor& x, const at::Tensor& weight,
 // host at each call, so a flag changed between calls takes effect as it does for F.conv2d.
 bool tf32_allowed() { return at::globalContext().allowTF32CuDNN(at::Float32Op::CONV); }
 
+// masked_conv2d_tc_kernel with its two stages of dynamic shared memory; above the 48 KiB default
+// the kernel's limit is raised first, once per device.
+template <typename scalar_t>
+void launch_tc(const Params<scalar_t>& p, dim3 grid, cudaStream_t stream) {
+  const auto kernel = masked_conv2d_tc_kernel<scalar_t>;
+  constexpr size_t smem = tc_smem_bytes<scalar_t>();
+  if constexpr (smem > 48 * 1024) {
+    constexpr int kMaxDevices = 64;
+    static std::once_flag raised[kMaxDevices];
+    const int device = c10::cuda::current_device();
+    TORCH_CHECK(device >= 0 && device < kMaxDevices, "masked_conv2d (cuda): device index ",
+                device, " beyond ", kMaxDevices);
+    std::call_once(raised[device], [&] {
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          static_cast<int>(smem)));
+    });
+  }
+  kernel<<<grid, kThreads, smem, stream>>>(p);
+}
+
 // Tensor cores for bf16 / fp16 always, for float32 where TF32 is allowed (TF32 products, float
 // sums, as cuDNN runs the dense convolution); full-precision float32 and float64 on the FMA
 // kernel. Sets p's K-step counters and grid's pixel tiles for the chosen kernel.
@@ -739,10 +783,10 @@ void launch_per_sample(Params<scalar_t>& p, dim3 grid, cudaStream_t stream) {
   p.step_kh = p.step_r / p.kw;
   p.step_kw = p.step_r % p.kw;
   if constexpr (k16) {
-    masked_conv2d_tc_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(p);
+    launch_tc(p, grid, stream);
   } else if constexpr (std::is_same_v<scalar_t, float>) {
     if (tensor_cores) {
-      masked_conv2d_tc_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(p);
+      launch_tc(p, grid, stream);
     } else {
       masked_conv2d_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(p);
     }
