@@ -124,6 +124,29 @@ def test_matches_reference(device_backend, layout, cpu_path):
                     assert got.is_contiguous(memory_format=torch.channels_last)
 
 
+def test_soft_in_mask_gradient_sees_unread_inputs(device_backend):
+    """A shared float in_mask's gradient is sum(grad_u * x) over every input position, as the
+    reference's x * in_mask gives it: an inf or NaN where no output reads (a dilation gap, a
+    stride past the kernel) makes it NaN there (0 * inf), finite elsewhere."""
+    device, backend = device_backend
+    inf, nan = float("inf"), float("nan")
+    x = torch.tensor([[[[0.0, inf, 0.0, nan, 1e-3]], [[-1.4, 0.4, 0.8, -0.7, 1.0]],
+                       [[-0.6, 30.0, 1.0, 0.0, -1.1]]]], device=device)
+    weight = torch.tensor([1.54, -0.29, -2.18, 0.57, -1.08, -1.40, 0.40, 0.84, -0.72],
+                          device=device).view(3, 1, 1, 3)
+    for geometry in (dict(dilation=(1, 2), groups=3), dict(stride=(1, 2), groups=3)):
+        grads = []
+        for b in (backend, "reference"):
+            m = torch.tensor([1.45, 1.06, 0.69], device=device, requires_grad=True)
+            with pyprune.use_backend(b):
+                y = pyprune.masked_conv2d(x, weight, None, in_mask=m, **geometry)
+            y.sum().backward()
+            grads.append(m.grad)
+        got, want = grads
+        assert want[0].isnan() and torch.equal(got.isnan(), want.isnan()), (geometry, got, want)
+        torch.testing.assert_close(got[1:], want[1:], rtol=1e-5, atol=1e-5)
+
+
 def test_masked_input_channels_do_not_leak(device_backend):
     """inf and NaN in a masked input channel take no part: the mask is structural."""
     device, backend = device_backend

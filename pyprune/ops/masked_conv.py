@@ -25,6 +25,7 @@ runs.
 """
 from __future__ import annotations
 
+import functools
 import numbers
 from typing import Callable, Optional, Sequence, Union
 
@@ -391,6 +392,33 @@ def _keep(t: Tensor, mask: Tensor) -> Tensor:
     return (t.contiguous().view(bits) & -mask.to(bits)).view(t.dtype)  # mask broadcasts
 
 
+@functools.lru_cache(maxsize=1024)
+def _reads_every_position(size: int, kernel: int, stride: int, padding: int,
+                          dilation: int) -> bool:
+    """Whether the convolution's taps along one spatial dim read every input position."""
+    out = (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+    read = bytearray(size)
+    for o in range(out):
+        for t in range(kernel):
+            i = o * stride - padding + t * dilation
+            if 0 <= i < size:
+                read[i] = 1
+    return all(read)
+
+
+def _leaves_unread_input(x: Tensor, weight: Tensor, stride: tuple[int, int],
+                         padding: tuple[int, int], dilation: tuple[int, int]) -> bool:
+    """Whether some input position is read by no output (strides past the kernel's span,
+    dilation gaps, a remainder at the edge); True for symbolic sizes."""
+    for i in range(2):
+        size, kernel = x.shape[2 + i], weight.shape[2 + i]
+        if not (isinstance(size, int) and isinstance(kernel, int)):
+            return True
+        if not _reads_every_position(size, kernel, stride[i], padding[i], dilation[i]):
+            return True
+    return False
+
+
 def fold_static_masks(
     weight: Tensor, bias: Optional[Tensor], groups: int, in_mask: Optional[Tensor] = None,
     out_mask: Optional[Tensor] = None, weight_mask: Optional[Tensor] = None,
@@ -558,6 +586,13 @@ def masked_conv2d(
 
     scale_in, scale_out = soft(in_mask, False), soft(out_mask, False)
     soft_in, soft_out = soft(in_mask, True), soft(out_mask, True)
+    if (soft_in is not None and soft_in.requires_grad and torch.is_grad_enabled()
+            and _leaves_unread_input(x, weight, stride, padding, dilation)):
+        # A shared float in_mask's gradient is sum(grad_u * x) over every input position, as
+        # the reference's x * in_mask gives it: an inf or NaN of x where no output reads makes
+        # it NaN (0 * inf). Folded into the weight it would see the read positions only, so
+        # such a geometry scales x instead.
+        scale_in, soft_in = soft_in.view(1, -1).expand(x.shape[0], -1), None
     in_mask = None if _soft(in_mask) else in_mask
     out_mask = None if _soft(out_mask) else out_mask
     sparse = (backend in _SPARSE_OPS and groups == 1 and in_mask is None and out_mask is None
