@@ -352,8 +352,8 @@ def check_launch_bounds(sources: Iterable[Path]) -> list[str]:
 
 def dynamic_smem_kernels(sources: Iterable[Path]) -> set[str]:
     """Kernels of ``sources`` launched with dynamic shared memory (a `<<<...>>>` or
-    launch_clusters size other than 0, or a cudaLaunchKernelEx config); launches through a variable count for every kernel of
-    the file that no launch names."""
+    launch_clusters size other than 0, or a cudaLaunchKernelEx config); launches through a
+    variable count for every kernel of the file that no launch names."""
     found = set()
     for path in sources:
         text = re.sub(r"//[^\n]*", "", path.read_text())

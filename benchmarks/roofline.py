@@ -1469,8 +1469,9 @@ def _cuda_per_sample(p: Plan, g: _Conv, out_work: int, in_work: float) -> None:
     past the kept ones and pixels past the image (16 at a time). A CTA's chain: one K step of 64
     (kernel position, kept input channel) pairs after another, each the next step's gathers
     (x and weight hit L2 after the first tile reads them) in flight over the mma, then the
-    shared stores to the other of two stages and one barrier. Staging: 16 weight and 8 patch values a thread a step, with
-    their index arithmetic and conversions (about 100 lane instructions)."""
+    shared stores to the other of two stages and one barrier. Staging: 16 weight and 8 patch
+    values a thread a step, with their index arithmetic and conversions (about 100 lane
+    instructions)."""
     tiles = math.ceil(out_work / 64)
     p_tiles = math.ceil(g.pixels / 32)
     rows = math.ceil(out_work / 16) * 16

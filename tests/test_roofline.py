@@ -60,14 +60,14 @@ def test_kwta_bytes():
     assert (k.hbm, k.l2, k.ctas) == (2 * n, 2 * n, 64 * 4)
     # 256 groups (64 MiB, more groups than 2 blocks an SM): still 86 at a time (3 rounds of the
     # 114 that fit), in clusters of 3.
-    k = kernels("kwta", Case((256, 64, 32, 32)), roofline.CUDA, "forward")
-    assert (k["kwta_block_kernel<512> cluster 3"].hbm, k["kwta_block_kernel<512> cluster 3"].ctas) == (4 * n, 86 * 3)
+    k = kernels("kwta", Case((256, 64, 32, 32)), roofline.CUDA, "forward")["kwta_block_kernel<512> cluster 3"]
+    assert (k.hbm, k.ctas) == (4 * n, 86 * 3)
     # 32 groups of 802816 (3.2 MB): 9 fit in 30 MB, so 4 rounds of 8 groups in clusters of 16
     # (264 / 8 = 33 blocks allowed, 16 the most a cluster takes).
     k = kernels("kwta", Case((32, 256, 56, 56)), roofline.CUDA, "forward")
     assert list(k) == ["kwta_block_kernel<512> cluster 16"]
-    big = 32 * 256 * 56 * 56 * 4
-    assert (k["kwta_block_kernel<512> cluster 16"].hbm, k["kwta_block_kernel<512> cluster 16"].ctas) == (2 * big, 8 * 16)
+    k = k["kwta_block_kernel<512> cluster 16"]
+    assert (k.hbm, k.ctas) == (2 * 32 * 256 * 56 * 56 * 4, 8 * 16)
     assert kernels("kwta", case, roofline.CUDA, "backward")["kwta backward"].hbm == 3 * n
     # Triton, groups of 65536 > 4096: the split path's two launches. The sample reads 1024
     # values (L / 64) of each of the 128 groups and writes a 32-byte scratch row and 1024 bin

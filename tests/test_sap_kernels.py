@@ -299,7 +299,8 @@ def test_cuda_bernoulli_in_one_launch_matches_two():
             assert torch.equal(_cuda_sap(longer, r, False, [21, 22], grad=g_longer)[:, :L], grad)
             q = reference.sap_keep_probability(x, r).double()
             kept = out != 0
-            torch.testing.assert_close(out[kept].double(), (x.double() / q)[kept], rtol=1e-5, atol=0)
+            torch.testing.assert_close(out[kept].double(), (x.double() / q)[kept], rtol=1e-5,
+                                       atol=0)
             torch.testing.assert_close(grad.double(), torch.where(kept, g.double() / q, 0.0),
                                        rtol=1e-5, atol=0)
             _counts_within(kept, q)
