@@ -1462,6 +1462,15 @@ def _cudnn_backward(p: Plan, g: _Conv, c_out: float, c_in: float, dgrad: bool = 
         p.kernel("bias grad: sum over (N, H, W)", "inner", hbm=out)
 
 
+# masked_conv2d_tc_kernel's K step in the sm_90 SASS, lane instructions a thread, by element
+# size: the gathers of 16 weight values (a shared row pointer, a 32-bit offset, a load) and 8
+# patch values (a 16-byte shared load of the pixel's row, column and offset, two bounds tests,
+# a load), their conversion (float32: rounding to TF32) and shared stores, the counters, and the
+# fragment loads and mma of 4 (16-bit types: m16n16k16) or 8 (TF32: m16n16k8) k slices.
+# float32 571, bf16 387, fp16 409.
+CUDA_TC_STEP_OPS = {4: 571, 2: 409}
+
+
 def _cuda_per_sample(p: Plan, g: _Conv, out_work: int, in_work: float) -> None:
     """masked_conv2d_tc_kernel (tensor cores: bf16 / fp16, float32 under TF32, the benchmark's
     default): grid (pixel tiles of 32, channel tiles of 64, samples), 256 threads, 2 CTAs an SM
@@ -1469,9 +1478,8 @@ def _cuda_per_sample(p: Plan, g: _Conv, out_work: int, in_work: float) -> None:
     past the kept ones and pixels past the image (16 at a time). A CTA's chain: one K step of 64
     (kernel position, kept input channel) pairs after another, each the next step's gathers
     (x and weight hit L2 after the first tile reads them) in flight over the mma, then the
-    shared stores to the other of two stages and one barrier. Staging: 16 weight and 8 patch
-    values a thread a step, with their index arithmetic and conversions (about 100 lane
-    instructions)."""
+    shared stores to the other of two stages and one barrier. Issue: CUDA_TC_STEP_OPS lane
+    instructions a thread a step, counted in the sm_90 SASS."""
     tiles = math.ceil(out_work / 64)
     p_tiles = math.ceil(g.pixels / 32)
     rows = math.ceil(out_work / 16) * 16
@@ -1484,10 +1492,11 @@ def _cuda_per_sample(p: Plan, g: _Conv, out_work: int, in_work: float) -> None:
     p.kernel("masked_conv2d_tc_kernel (wmma)", "inner", hbm=2 * g.x + g.weight + g.c * g.esize,
              l2=g.x * in_work / g.c * (tiles - 1) + w_tile * (g.n * p_tiles - 1),
              flops=g.flops(rows, in_work, pixels), tensor=True, eff=p.gpu["cuda_wmma_eff"],
-             ops=ctas * steps * 256 * 100, ctas=ctas, per_sm=2, chain_us=chain)
+             ops=ctas * steps * 256 * CUDA_TC_STEP_OPS[g.esize], ctas=ctas, per_sm=2,
+             chain_us=chain)
 
 
-CUDA_STATIC_TC_MAX_STEPS = 18  # csrc/cuda/masked_conv.cu's kStaticTcMaxSteps
+CUDA_STATIC_TC_MAX_STEPS = 4  # csrc/cuda/masked_conv.cu's kStaticTcMaxSteps
 
 
 def _cuda_static_tensor_cores(p: Plan, g: _Conv, out_kept: int, in_kept: int) -> bool:

@@ -184,20 +184,33 @@ def test_masked_conv_bytes_and_flops():
     assert k.hbm == 2 * x + weight + 128 * 4 and k.ctas == 32 * 8
     lat = roofline.GPUS["h200"]["latency_us"]
     assert k.chain_us >= 18 * lat["l2"]
-    # Static 25%: 18 K steps of 64 for one round of CTAs: the tensor-core kernel alone, as for
-    # per-sample masks (the (C,) mask read on the device, the kept count cached).
+    # Its issue: the SASS-counted lane instructions of a K step, for every thread of every CTA.
+    assert k.ops == 32 * 8 * 18 * 256 * roofline.CUDA_TC_STEP_OPS[4]
+    # Static 25%: 18 K steps of 64 for one round of CTAs is past the limit (4): cuDNN on the 32
+    # kept output channels, the kept indices cached per mask version (no nonzero() sync).
     items = roofline.plan("masked_conv", Case((32, 128, 16, 16), "out25"), roofline.CUDA,
                           "forward", "h200").items
     k = {i.name: i for i in items if isinstance(i, roofline.Kernel)}
-    assert list(k) == ["masked_conv2d_tc_kernel (wmma)"] and k[
-        "masked_conv2d_tc_kernel (wmma)"].ctas == 32 * 8
+    assert list(k) == ["index_select weight", "cuDNN fprop", "scatter_kept_channels_kernel"]
+    assert k["cuDNN fprop"].flops == dense_flops / 4
     assert not any(isinstance(i, roofline.Sync) for i in items)
-    # Static input mask at 50%: 9 K steps, two rounds of 512 CTAs; only the kept input columns
-    # of the weight are reread.
-    k = kernels("masked_conv", Case((32, 128, 16, 16), "in50"), roofline.CUDA,
-                "forward")["masked_conv2d_tc_kernel (wmma)"]
-    assert k.flops == dense_flops / 2 and k.ctas == 32 * 8 * 2
-    assert k.l2 == pytest.approx(x / 2 + weight / 2 * (32 * 8 - 1))
+    # 16 channels: 3 K steps for one round of 256 CTAs: the tensor-core kernel alone (the (C,)
+    # mask read on the device); only the kept rows of the weight are reread.
+    small = 32 * 16 * 16 * 16 * 4
+    items = roofline.plan("masked_conv", Case((32, 16, 16, 16), "out25"), roofline.CUDA,
+                          "forward", "h200").items
+    k = {i.name: i for i in items if isinstance(i, roofline.Kernel)}
+    assert list(k) == ["masked_conv2d_tc_kernel (wmma)"]
+    k = k["masked_conv2d_tc_kernel (wmma)"]
+    assert k.ctas == 32 * 8 and k.ops == 32 * 8 * 3 * 256 * roofline.CUDA_TC_STEP_OPS[4]
+    assert k.hbm == 2 * small + 16 * 16 * 9 * 4 + 16 * 4
+    assert k.l2 == pytest.approx(4 * 16 * 9 * 4 * (32 * 8 - 1))  # 4 kept rows of 16 x 9
+    assert not any(isinstance(i, roofline.Sync) for i in items)
+    # Static input mask at 50%: 9 K steps over two rounds of CTAs, past the limit: cuDNN on the
+    # kept input channels of x and of the weight.
+    k = kernels("masked_conv", Case((32, 128, 16, 16), "in50"), roofline.CUDA, "forward")
+    assert list(k) == ["index_select weight", "index_select x", "cuDNN fprop", "bias add"]
+    assert k["cuDNN fprop"].flops == dense_flops / 2
     # Static 75%: 2 rounds x 18 steps is past the limit: cuDNN on the 96 kept output channels
     # without bias, then one pass writes the kept channels with their bias and the zeros; the
     # kept indices are cached per mask version (no nonzero() sync).
@@ -207,6 +220,24 @@ def test_masked_conv_bytes_and_flops():
     assert k["cuDNN fprop"].flops == dense_flops * 3 / 4
     assert k["scatter_kept_channels_kernel"].hbm == x * 3 / 4 + x
     assert len(k) == 3 and not any(isinstance(i, roofline.Sync) for i in items)
+
+
+def test_written_out_cuda_constants_match_the_sources():
+    """The model's copies of CUDA launch constants are the sources' values (read from the
+    sources: no GPU or CUDA build needed)."""
+    import re
+
+    csrc = harness.RESULTS.parent.parent / "csrc" / "cuda"
+
+    def constant(source: str, name: str) -> int:
+        found = re.findall(rf"constexpr\s+\w+\s+{name}\s*=\s*(\d+)\s*;",
+                           (csrc / source).read_text())
+        assert len(found) == 1, (source, name, found)
+        return int(found[0])
+
+    assert roofline.CUDA_STATIC_TC_MAX_STEPS == constant("masked_conv.cu", "kStaticTcMaxSteps")
+    assert roofline.CUDA_KWTA_MIN_CLUSTER_SLICE == constant("kwta.cu", "kMinClusterSlice")
+    assert roofline.CUDA_KWTA_MAX_CLUSTER == constant("kwta.cu", "kMaxNonPortableCluster")
 
 
 @pytest.mark.triton

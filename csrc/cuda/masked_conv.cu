@@ -402,25 +402,43 @@ __global__ void __launch_bounds__(kThreads) masked_conv2d_kernel(const Params<sc
 // The tensor-core kernel: the same implicit GEMM (output-channel ranks, input-channel chunks,
 // zero writes, soft masks) with the products on tensor cores through nvcuda::wmma: bf16 / fp16
 // m16n16k16 and, for float32 where PyTorch allows TF32 for cuDNN convolutions, TF32 m16n16k8
-// (each staged float rounded to TF32 as its fragment is loaded), float accumulators in both.
-// Grid (pixel tile of 32, output-channel tile of 64, sample), 256 threads. A block's time is its
-// chain of K steps (gather, stage, mma), not its arithmetic, so a step takes 64 (input channel,
-// kh, kw) positions, a quarter of the FMA kernel's steps. Staging: each thread gathers 2 x 8
-// weight values (rows ma + 8 i at k = ka and ka + 32) and 8 patch values (k = kb, pixels
-// pb + 4 j) into registers for step s + 1 before the mma of step s, and stores them after it to
-// the other of two shared-memory stages (one barrier a step, not two: the stores no longer wait
-// for the mma's reads of the same tiles). The
-// gathers are element-wise with zero fill and an optional scale, so they go through registers
-// (cp.async moves at least 4 bytes, more than one bf16 / fp16 element). W' is row-major
-// [row][k] (a warp stores 32 consecutive k of one row), X' row-major [k][pixel]; row pitches of
-// 72 and 40 elements keep every fragment pointer 32-byte aligned and the leading dimensions
-// multiples of 16 bytes. Warp w computes the 16 x 16 block of rows 16 (w % 4) and pixels
-// 16 (w / 4) and skips the mma when its rows are past the tile's kept rows or its pixels past
-// the image (warp-uniform), so a tile with 32 kept rows runs half the tensor-core work. The
-// accumulators go through shared memory (aliasing the staging tiles) to a coalesced epilogue,
-// 32 threads per output row. Launch bounds (256, 2): at most 128 registers, 25% occupancy.
+// (each staged float rounded to TF32 once, as it is stored to shared memory), float
+// accumulators in both. Grid (pixel tile of 32, output-channel tile of 64, sample), 256 threads;
+// a step takes 64 (input channel, kh, kw) positions, a quarter of the FMA kernel's steps.
+// Staging: each thread gathers 2 x 8 weight values (rows ma + 8 i at k = ka and ka + 32) and 8
+// patch values (k = kb, pixels pb + 4 j) into registers for step s + 1 before the mma of step s,
+// and stores them after it to the other of two shared-memory stages (one barrier a step: the
+// stores do not wait for the mma's reads of the same tiles). The gathers are element-wise with
+// zero fill and an optional scale, so they go through registers (cp.async moves at least 4
+// bytes, more than one bf16 / fp16 element). A block's time is the instructions of its steps
+// (~570 lane instructions a thread a step for float32, ~410 for 16-bit types, in the sm_90
+// SASS), so the gathers are kept short: each row's weight pointer and each pixel's input row,
+// column and offset are looked up in shared memory (one load each, no 64-bit multiply), the
+// channel's plane is a pointer in registers, and the fragments are loaded with the shared-memory
+// form of wmma.load. W' is row-major [row][k] (a warp stores 32 consecutive k of one row), X'
+// row-major [k][pixel]; row pitches of 72 and 40 elements keep every fragment pointer 32-byte
+// aligned and the leading dimensions multiples of 16 bytes. Warp w computes the 16 x 16 block
+// of rows 16 (w % 4) and pixels 16 (w / 4) and skips the mma when its rows are past the tile's
+// kept rows or its pixels past the image (warp-uniform), so a tile with 32 kept rows runs half
+// the tensor-core work. The accumulators go through shared memory (aliasing the staging tiles)
+// to a coalesced epilogue, 32 threads per output row. Launch bounds (256, 2): at most 128
+// registers, 25% occupancy.
 template <typename scalar_t>
 struct TensorCore;
+
+// A wmma fragment of four 32-bit registers loaded from shared memory by the named PTX load
+// (`Op`: e.g. "wmma.load.a.sync.aligned.row.m16n16k8.shared.tf32"). wmma::load_matrix_sync takes
+// a generic pointer, and for tf32 and bf16 nvcc keeps the generic form (address arithmetic and
+// generic loads in SASS) even where the pointer is into shared memory; f16 gets the shared form.
+#define PYPRUNE_WMMA_LOAD_SHARED(Op, frag, ptr, ld)                                            \
+  do {                                                                                         \
+    uint32_t* r_ = reinterpret_cast<uint32_t*>((frag).x);                                      \
+    const unsigned a_ = static_cast<unsigned>(__cvta_generic_to_shared(ptr));                  \
+    asm volatile(Op " {%0, %1, %2, %3}, [%4], %5;\n"                                           \
+                 : "=r"(r_[0]), "=r"(r_[1]), "=r"(r_[2]), "=r"(r_[3])                          \
+                 : "r"(a_), "r"(static_cast<unsigned>(ld))                                     \
+                 : "memory");                                                                  \
+  } while (0)
 
 // The 16-bit types: m16n16k16 fragments of the CUDA type, values rounded once when staged.
 template <typename CudaT>
@@ -429,6 +447,8 @@ struct TensorCore16 {
   static constexpr int kK = 16;
   using A = wmma::fragment<wmma::matrix_a, 16, 16, 16, CudaT, wmma::row_major>;
   using B = wmma::fragment<wmma::matrix_b, 16, 16, 16, CudaT, wmma::row_major>;
+  static_assert(sizeof(A) == 4 * sizeof(uint32_t) || std::is_same_v<CudaT, __half>,
+                "a bf16 m16n16k16 fragment is four 32-bit registers");
   __device__ static T cast(float v) {
     if constexpr (std::is_same_v<CudaT, __half>) {
       return __float2half_rn(v);
@@ -436,8 +456,21 @@ struct TensorCore16 {
       return __float2bfloat16_rn(v);
     }
   }
-  template <typename F>
-  __device__ static void round(F&) {}
+  // Fragments from shared memory (ld: the row pitch in elements).
+  __device__ static void load_a(A& a, const T* p, unsigned ld) {
+    if constexpr (std::is_same_v<CudaT, __half>) {
+      wmma::load_matrix_sync(a, p, ld);
+    } else {
+      PYPRUNE_WMMA_LOAD_SHARED("wmma.load.a.sync.aligned.row.m16n16k16.shared.bf16", a, p, ld);
+    }
+  }
+  __device__ static void load_b(B& b, const T* p, unsigned ld) {
+    if constexpr (std::is_same_v<CudaT, __half>) {
+      wmma::load_matrix_sync(b, p, ld);
+    } else {
+      PYPRUNE_WMMA_LOAD_SHARED("wmma.load.b.sync.aligned.row.m16n16k16.shared.bf16", b, p, ld);
+    }
+  }
 };
 
 template <>
@@ -452,11 +485,15 @@ struct TensorCore<float> {
   static constexpr int kK = 8;
   using A = wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major>;
   using B = wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::row_major>;
-  __device__ static T cast(float v) { return v; }
-  template <typename F>
-  __device__ static void round(F& f) {
-#pragma unroll
-    for (int t = 0; t < f.num_elements; ++t) f.x[t] = wmma::__float_to_tf32(f.x[t]);
+  static_assert(sizeof(A) == 4 * sizeof(uint32_t) && sizeof(B) == 4 * sizeof(uint32_t),
+                "a tf32 m16n16k8 fragment is four 32-bit registers");
+  // Rounded to TF32 once, as staged (the fragments then hold TF32 values as they are loaded).
+  __device__ static T cast(float v) { return wmma::__float_to_tf32(v); }
+  __device__ static void load_a(A& a, const T* p, unsigned ld) {
+    PYPRUNE_WMMA_LOAD_SHARED("wmma.load.a.sync.aligned.row.m16n16k8.shared.tf32", a, p, ld);
+  }
+  __device__ static void load_b(B& b, const T* p, unsigned ld) {
+    PYPRUNE_WMMA_LOAD_SHARED("wmma.load.b.sync.aligned.row.m16n16k8.shared.tf32", b, p, ld);
   }
 };
 
@@ -499,14 +536,19 @@ __global__ void __launch_bounds__(kThreads, kTcMinBlocks)
   __shared__ int out_ch[kTileM];
   __shared__ int in_ch[kChunk];
   __shared__ int warp_count[kWarps];
-  // Input row and column of each pixel of the tile at kh = kw = 0 (shared, not per thread: the
-  // staging's registers are the budget that limits this kernel).
-  __shared__ int pix_ih[kTcP], pix_iw[kTcP];
-  // Stage buf's W' [row][k] and X' [k][pixel]; the accumulators [row][pixel].
-  const auto a_s = [](int buf) { return reinterpret_cast<T (*)[kTcLdA]>(tc_smem + buf * kStage); };
-  const auto b_s = [](int buf) {
-    return reinterpret_cast<T (*)[kTcLdB]>(tc_smem + buf * kStage + sizeof(T) * kTileM * kTcLdA);
-  };
+  // Per pixel of the tile at kh = kw = 0: its input row and column and, modulo 2^32, the offset
+  // row * W + column (one 16-byte shared load a staged value). Shared, not per thread: the
+  // staging's registers are the budget that limits this kernel.
+  __shared__ int4 pix_at[kTcP];
+  // Per row of the tile: its weight row (kept channel out_ch[m]; row 0 for the rows past the
+  // tile's kept ones, whose products reach only accumulator rows the epilogue never reads).
+  __shared__ const scalar_t* w_rows[kTileM];
+  // Stage buf's W' [row][k] and X' [k][pixel]; the accumulators [row][pixel]. (Indexed from
+  // tc_smem itself, not through a returned pointer, so that the fragment loads stay shared-memory
+  // loads rather than generic ones.)
+  T* const tiles = reinterpret_cast<T*>(tc_smem);
+  constexpr int kStageElems = static_cast<int>(kStage / sizeof(T));
+  constexpr int kBOffset = kTileM * kTcLdA;  // X' after W' in a stage
   auto c_s = reinterpret_cast<float (*)[kTcLdC]>(tc_smem);
 
   const int tid = threadIdx.x, warp = tid >> 5;
@@ -514,19 +556,25 @@ __global__ void __launch_bounds__(kThreads, kTcMinBlocks)
   const int tile_p0 = blockIdx.x * kTcP;
   const int64_t hw = static_cast<int64_t>(p.h) * p.w;
   const int64_t w_stride = static_cast<int64_t>(p.c_in) * p.khw;  // weight's row
+  const unsigned w_in = static_cast<unsigned>(p.w);
   // Staging: weight values at k = ka, ka + 32 of rows ma + 8 i; patch values at k = kb of
   // pixels pb + 4 j. Compute: rows wm .. wm + 15, pixels wp .. wp + 15.
   const int ka = tid % kTcHalf, ma = tid / kTcHalf;
   const int kb = tid / (kTcP / kTcLoads), pb = tid % (kTcP / kTcLoads);
   const int wm = (warp % 4) * 16, wp = (warp / 4) * 16;
 
-  // As the FMA kernel: a pixel past the end gets the row -2^30 (read as padding). Visible
-  // after the barrier that starts each sample.
+  // As the FMA kernel: a pixel past the end gets the row -2^30 (read as padding). The offset
+  // wraps modulo 2^32 where padding makes it negative; at a position inside the image it is
+  // ih * W + iw < 2^31 again. Visible after the barrier that starts each sample.
   if (tid < kTcP) {
     const int pix = tile_p0 + tid;
     const int oh = pix / p.w_out, ow = pix - oh * p.w_out;
-    pix_ih[tid] = pix < p.pixels ? oh * p.stride_h - p.pad_h : -(1 << 30);
-    pix_iw[tid] = ow * p.stride_w - p.pad_w;
+    const int ih = pix < p.pixels ? oh * p.stride_h - p.pad_h : -(1 << 30);
+    const int iw = ow * p.stride_w - p.pad_w;
+    pix_at[tid] = make_int4(ih, iw,
+                            static_cast<int>(static_cast<unsigned>(ih) * w_in +
+                                             static_cast<unsigned>(iw)),
+                            0);
   }
 
   for (int64_t n = blockIdx.z; n < p.n; n += gridDim.z) {
@@ -536,6 +584,8 @@ __global__ void __launch_bounds__(kThreads, kTcMinBlocks)
     __syncthreads();  // out_ch is visible
     if (rows == 0) continue;
     const bool active = wm < rows && tile_p0 + wp < p.pixels;  // warp-uniform
+    // Visible after the barrier that publishes the first chunk's in_ch.
+    if (tid < kTileM) w_rows[tid] = p.weight + (tid < rows ? out_ch[tid] : 0) * w_stride;
 
     wmma::fragment<wmma::accumulator, 16, 16, kK, float> acc;
     wmma::fill_fragment(acc, 0.0f);
@@ -560,14 +610,14 @@ __global__ void __launch_bounds__(kThreads, kTcMinBlocks)
       auto load = [&]() {
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
+          // Past the kept k positions (the last step's padding): zeros, nothing read.
+          // (An offset within a weight row: < 2^31, checked on the host.)
           const bool a_ok = a_c[h] < kept;
-          const int64_t a_off = a_ok ? static_cast<int64_t>(in_ch[a_c[h]]) * p.khw + a_r[h] : 0;
+          const int a_off = a_ok ? in_ch[a_c[h]] * p.khw + a_r[h] : 0;
 #pragma unroll
           for (int i = 0; i < kTcLoads; ++i) {
             const int m = ma + i * (kThreads / kTcHalf);
-            a_reg[h][i] = a_ok && m < rows
-                              ? static_cast<acc_t>(p.weight[out_ch[m] * w_stride + a_off])
-                              : acc_t(0);
+            a_reg[h][i] = a_ok ? static_cast<acc_t>(__ldg(w_rows[m] + a_off)) : acc_t(0);
           }
           // Next step: k += kTcK in the mixed radix (one carry per digit at most).
           a_r[h] += p.step_r;
@@ -576,35 +626,42 @@ __global__ void __launch_bounds__(kThreads, kTcMinBlocks)
           a_c[h] += p.step_c + a_carry;
         }
         const bool b_ok = b.c < kept;
+        // The channel's plane as a pointer in registers (opaque to the compiler, which would
+        // otherwise rebuild each element's 64-bit address from x's base: four instructions, not
+        // one).
         const scalar_t* x_c = v.x_n + (b_ok ? in_ch[b.c] * hw : 0);
+        asm("mov.b64 %0, %0;" : "+l"(x_c));
         const int dh = b.kh * p.dil_h, dw = b.kw * p.dil_w;
+        const unsigned d_off = static_cast<unsigned>(dh) * w_in + static_cast<unsigned>(dw);
         const acc_t s_b = v.is != nullptr && b_ok ? static_cast<acc_t>(v.is[in_ch[b.c] * p.in_s1])
                                                   : acc_t(1);
 #pragma unroll
         for (int j = 0; j < kTcLoads; ++j) {
-          const int pj = pb + j * (kTcP / kTcLoads);
-          const int ih = pix_ih[pj] + dh, iw = pix_iw[pj] + dw;
-          const bool inside = b_ok && static_cast<unsigned>(ih) < static_cast<unsigned>(p.h) &&
-                              static_cast<unsigned>(iw) < static_cast<unsigned>(p.w);
-          acc_t xv = inside ? static_cast<acc_t>(x_c[ih * p.w + iw]) : acc_t(0);
+          const int4 at = pix_at[pb + j * (kTcP / kTcLoads)];
+          const bool inside = b_ok &&
+                              static_cast<unsigned>(at.x + dh) < static_cast<unsigned>(p.h) &&
+                              static_cast<unsigned>(at.y + dw) < w_in;
+          const scalar_t* src = x_c + static_cast<int>(static_cast<unsigned>(at.z) + d_off);
+          acc_t xv = inside ? static_cast<acc_t>(__ldg(src)) : acc_t(0);
           if (v.is != nullptr) xv = static_cast<acc_t>(static_cast<scalar_t>(xv * s_b));
           b_reg[j] = xv;
         }
         b.advance(p);
       };
       auto store = [&](int buf) {
-        const auto a_t = a_s(buf);
-        const auto b_t = b_s(buf);
+        T* const a_t = tiles + buf * kStageElems;
+        T* const b_t = a_t + kBOffset;
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
 #pragma unroll
           for (int i = 0; i < kTcLoads; ++i) {
-            a_t[ma + i * (kThreads / kTcHalf)][ka + h * kTcHalf] = TC::cast(a_reg[h][i]);
+            a_t[(ma + i * (kThreads / kTcHalf)) * kTcLdA + ka + h * kTcHalf] =
+                TC::cast(a_reg[h][i]);
           }
         }
 #pragma unroll
         for (int j = 0; j < kTcLoads; ++j) {
-          b_t[kb][pb + j * (kTcP / kTcLoads)] = TC::cast(b_reg[j]);
+          b_t[kb * kTcLdB + pb + j * (kTcP / kTcLoads)] = TC::cast(b_reg[j]);
         }
       };
 
@@ -616,8 +673,8 @@ __global__ void __launch_bounds__(kThreads, kTcMinBlocks)
         const bool more = s + 1 < steps;  // block-uniform
         if (more) load();  // in flight during the mma
         if (active) {
-          const auto a_t = a_s(buf);
-          const auto b_t = b_s(buf);
+          const T* const a_t = tiles + buf * kStageElems;
+          const T* const b_t = a_t + kBOffset;
           // Four k slices at a time (a step of 16-bit types, half of TF32's): the next step's
           // staged values are live across this loop, and TF32 unrolled whole spills.
 #pragma unroll 1
@@ -626,10 +683,8 @@ __global__ void __launch_bounds__(kThreads, kTcMinBlocks)
             for (int k = k0; k < k0 + 4 * kK; k += kK) {
               typename TC::A a;
               typename TC::B b;
-              wmma::load_matrix_sync(a, &a_t[wm][k], kTcLdA);
-              wmma::load_matrix_sync(b, &b_t[k][wp], kTcLdB);
-              TC::round(a);
-              TC::round(b);
+              TC::load_a(a, a_t + wm * kTcLdA + k, kTcLdA);
+              TC::load_b(b, b_t + k * kTcLdB + wp, kTcLdB);
               wmma::mma_sync(acc, a, b, acc);
             }
           }
@@ -818,7 +873,7 @@ MaskArgs mask_args(const std::optional<at::Tensor>& mask) {
 // Whether per_sample_forward's size limits (checked there) hold for g.
 bool per_sample_fits(const masked_conv::Geometry& g, int64_t pixels) {
   bool ok = g.h * g.w <= kIntMax && pixels <= kIntMax - kTileP && g.c_in <= kIntMax &&
-            g.c_out <= kIntMax && g.kh * g.kw <= (1 << 20) &&
+            g.c_out <= kIntMax && g.kh * g.kw <= (1 << 20) && g.c_in * g.kh * g.kw <= kIntMax &&
             (g.c_out + kTileM - 1) / kTileM <= 65535;
   for (int i = 0; i < 2; ++i) {
     ok = ok && (i == 0 ? g.h : g.w) < (1 << 29) && g.padding[i] < (1 << 29) &&
@@ -842,9 +897,11 @@ at::Tensor per_sample_forward(const at::Tensor& x, const at::Tensor& weight,
   // 32-bit index math inside a sample; offsets between samples and channels are 64-bit.
   const int64_t pixels = g.h_out * g.w_out;
   TORCH_CHECK(g.h * g.w <= kIntMax && pixels <= kIntMax - kTileP && g.c_in <= kIntMax &&
-                  g.c_out <= kIntMax && g.kh * g.kw <= (1 << 20),
+                  g.c_out <= kIntMax && g.kh * g.kw <= (1 << 20) &&
+                  g.c_in * g.kh * g.kw <= kIntMax,
               "masked_conv2d (cuda): per-sample masks support at most 2^31 - 1 pixels and "
-              "channels per sample and 2^20 kernel positions");
+              "channels per sample, 2^20 kernel positions and 2^31 - 1 weights per output "
+              "channel");
   for (int i = 0; i < 2; ++i) {
     TORCH_CHECK((i == 0 ? g.h : g.w) < (1 << 29) && g.padding[i] < (1 << 29) &&
                     g.stride[i] < (1 << 29) &&
@@ -984,12 +1041,14 @@ at::Tensor static_forward_cuda(const at::Tensor& x, const at::Tensor& weight,
 // output channels) fill at most kStaticTcMaxSteps / steps rounds of the GPU's CTA slots (2 an SM),
 // steps being the K steps of kTcK (kept input channel, kh, kw) positions a CTA runs. There it
 // is one launch where cuDNN takes three (the weight gather, the convolution, the scatter) or four
-// (and x's gather); past it, the kernel's chain of K steps costs more than cuDNN's larger tiles.
+// (and x's gather); past it, the kernel's K steps cost more than those launches: a step is ~570
+// lane instructions a thread (float32; ~410 for 16-bit types) in the sm_90 SASS, so a round of
+// 2 CTAs an SM issues for ~2 us a step on an H100 / H200, as long as cuDNN's three launches.
 // Decided from the shapes, the dtype, the TF32 flag and the kept counts of the masks (cached
 // per mask version, as the cuDNN path needs them; the caller has made sure they are known or
 // may be computed), so the same call always takes the same kernels. benchmarks/roofline.py's
 // _cuda_static_tensor_cores mirrors this rule.
-constexpr int64_t kStaticTcMaxSteps = 18;
+constexpr int64_t kStaticTcMaxSteps = 4;
 
 bool static_on_tensor_cores(const at::Tensor& x, const masked_conv::Geometry& g,
                             const std::optional<at::Tensor>& in_mask,
