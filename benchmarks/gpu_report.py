@@ -27,7 +27,11 @@ whose entries serve sm_90.
 
 Exits 1 when a variant has a stack frame or local memory, when its occupancy is below 25% and
 ``JUSTIFIED`` does not say why that is fine, when a CUDA kernel has no launch bound or a launch
-site disagrees with it, or when a benchmark launches a Triton variant that no AOT list holds.
+site disagrees with it, when a benchmark launches a Triton variant that no AOT list holds, or
+when the roofline's instructions a K-loop step of the convolution kernels (CUDA_TC_STEP_OPS,
+TRITON_CONV_STEP_OPS in benchmarks/roofline.py) differ from their SASS by more than
+STEP_OPS_TOLERANCE (``step_instructions``: the innermost loop holding a global load and a
+tensor-core instruction).
 """
 from __future__ import annotations
 
@@ -171,6 +175,7 @@ class Variant:
     static_smem: int
     dynamic_smem: int
     used_by: list[str] = field(default_factory=list)
+    step_ops: int | None = None  # lane instructions a thread of a GEMM K-loop step (SASS)
     occ: Occupancy | None = None
     why_fine: str = ""
     problems: list[str] = field(default_factory=list)
@@ -371,10 +376,104 @@ def dynamic_smem_kernels(sources: Iterable[Path]) -> set[str]:
     return found
 
 
+# ------------------------------------------------------------- instructions of a K-loop step
+
+_SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
+_BRANCH = re.compile(r"\bBRA\b(?:\s+!?U?P\d+,)?\s+(?:`\([^)]*\)\s+)?0x([0-9a-f]+)")
+
+
+def sass_functions(text: str) -> dict[str, list[str]]:
+    """{mangled name: its SASS instructions in order} of ``cuobjdump -sass`` output."""
+    functions: dict[str, list[str]] = {}
+    current = None
+    for line in text.splitlines():
+        m = re.match(r"\s*Function : (\S+)", line)
+        if m:
+            current = functions.setdefault(m.group(1), [])
+            continue
+        m = _SASS_LINE.search(line)
+        if m and current is not None:
+            current.append((int(m.group(1), 16), m.group(2)))
+    return {name: body for name, body in functions.items()}
+
+
+def step_instructions(body: list, trips: int = 1) -> int | None:
+    """Lane instructions a thread of one step of a GEMM's K loop in SASS: the innermost loop
+    (a backward branch) that holds both a global load (LDG / LDGSTS) and a tensor-core
+    instruction, plus (trips - 1) times the innermost loop inside it that holds the tensor-core
+    instructions (a step whose mma runs as an inner loop of `trips` iterations); None without
+    such a loop."""
+    at = {address: i for i, (address, _) in enumerate(body)}
+    loops = []
+    for i, (address, ins) in enumerate(body):
+        m = _BRANCH.search(ins)
+        if m and int(m.group(1), 16) < address and int(m.group(1), 16) in at:
+            loops.append((at[int(m.group(1), 16)], i))
+    loops.sort(key=lambda loop: loop[1] - loop[0])
+
+    def has(loop, *ops):
+        return any(any(op in ins for op in ops) for _, ins in body[loop[0]:loop[1] + 1])
+
+    mma = ("MMA",)
+    step = next((l for l in loops if has(l, *mma) and has(l, "LDG")), None)
+    if step is None:
+        return None
+    inner = next(l for l in loops if has(l, *mma) and step[0] <= l[0] and l[1] <= step[1])
+    return (step[1] - step[0] + 1) + (trips - 1) * (inner[1] - inner[0] + 1)
+
+
+_TRITON_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def check_step_ops(cuda_sass: str, triton: list[Variant], found: list) -> list[str]:
+    """The roofline's instructions a K-loop step (CUDA_TC_STEP_OPS, TRITON_CONV_STEP_OPS) against
+    the SASS of the variants they model: a problem where one differs by more than
+    STEP_OPS_TOLERANCE or its variant is missing."""
+    from . import roofline
+
+    tolerance = roofline.STEP_OPS_TOLERANCE
+    problems = []
+
+    def compare(what: str, model: int, counted: int | None) -> None:
+        if counted is None:
+            problems.append(f"{what}: no K-loop step found in the SASS")
+        elif abs(model - counted) > tolerance * counted:
+            problems.append(f"{what}: the roofline charges {model} lane instructions a step, "
+                            f"the sm_{ARCH} SASS has {counted}: update the roofline")
+
+    functions = sass_functions(cuda_sass)
+    names = demangle(functions)
+    cuda_types = {"float32": "float", "bfloat16": "c10::BFloat16", "float16": "c10::Half"}
+    for dtype, model in roofline.CUDA_TC_STEP_OPS.items():
+        kernel = f"masked_conv2d_tc_kernel<{cuda_types[dtype]}>"
+        body = next((b for m, b in functions.items() if _short(names[m])[0] == kernel), None)
+        # TF32's mma runs as an inner loop of two trips a step (16-bit types: one).
+        compare(f"cuda {kernel}", model,
+                None if body is None else step_instructions(body, 2 if dtype == "float32" else 1))
+    rows = {}
+    for row, v in zip(triton, found):
+        if v.kernel.__name__ == "_masked_conv2d_forward_kernel":
+            c = v.constexprs
+            precision = "tf32" if row.dtype == "fp32" else "ieee"
+            if c["PRECISION"] == precision:
+                rows[(bool(c["SPARSE"]), c["BLOCK_P"], c["BLOCK_CO"],
+                      _TRITON_DTYPES.get(row.dtype))] = row
+    for (sparse, block_p, block_co), by_dtype in roofline.TRITON_CONV_STEP_OPS.items():
+        for dtype, model in by_dtype.items():
+            row = rows.get((sparse, block_p, block_co, dtype))
+            what = (f"triton _masked_conv2d_forward_kernel {dtype} BLOCK_P={block_p} "
+                    f"BLOCK_CO={block_co}{' SPARSE' if sparse else ''}")
+            if row is None:
+                problems.append(f"{what}: no such variant in the AOT list")
+            else:
+                compare(what, model, row.step_ops)
+    return problems
+
+
 # -------------------------------------------------------------------------- Triton variants
 
 
-def _triton_one(index: int) -> tuple[int, tuple[int, int, int, int], int, int, int]:
+def _triton_one(index: int) -> tuple[int, tuple[int, int, int, int], int, int, int, int | None]:
     from pyprune.triton_kernels import aot
 
     variant = aot.variants()[0][index]
@@ -386,7 +485,9 @@ def _triton_one(index: int) -> tuple[int, tuple[int, int, int, int], int, int, i
             f.write(compiled.asm["cubin"])
         (usage,) = parse_resource_usage(_run([tool, "--dump-resource-usage", path])).values()
         threads = next(iter(parse_block_sizes(_run([tool, "-elf", path])).values()), 0)
-    return index, usage, threads, compiled.metadata.shared, compiled.metadata.num_warps
+        (body,) = sass_functions(_run([tool, "-sass", path])).values()
+    return (index, usage, threads, compiled.metadata.shared, compiled.metadata.num_warps,
+            step_instructions(body))
 
 
 def _config(constexprs: dict, options: dict) -> str:
@@ -409,11 +510,12 @@ def triton_variants(jobs: int) -> tuple[list[Variant], list]:
     else:
         results = [_triton_one(i) for i in indices]
     variants = []
-    for index, (regs, stack, smem, local), threads, shared, num_warps in results:
+    for index, (regs, stack, smem, local), threads, shared, num_warps, steps in results:
         v = found[index]
         dtype = next((t[1:] for t in v.signature.values() if t.startswith("*")), "-")
         row = Variant("triton", f"{v.module}.{v.kernel.__name__}", dtype,
-                      _config(v.constexprs, v.options), threads, regs, stack, local, smem, shared)
+                      _config(v.constexprs, v.options), threads, regs, stack, local, smem, shared,
+                      step_ops=steps)
         if threads != 32 * num_warps:
             row.problems.append(f"ELF block size {threads} != 32 * num_warps ({num_warps})")
         variants.append(row)
@@ -674,6 +776,8 @@ def main(argv: list[str] | None = None) -> int:
     for arch in SPILL_ARCHS:
         problems += cuda_spills(lib, arch)
     triton, found = triton_variants(args.jobs)
+    problems += check_step_ops(_run([cuobjdump(), "-sass", "-arch", f"sm_{ARCH}", str(lib)]),
+                               triton, found)
 
     cases = _benchmark_cases()
     for v in cuda:

@@ -1462,13 +1462,19 @@ def _cudnn_backward(p: Plan, g: _Conv, c_out: float, c_in: float, dgrad: bool = 
         p.kernel("bias grad: sum over (N, H, W)", "inner", hbm=out)
 
 
-# masked_conv2d_tc_kernel's K step in the sm_90 SASS, lane instructions a thread, by element
-# size: the gathers of 16 weight values (a shared row pointer, a 32-bit offset, a load) and 8
-# patch values (a 16-byte shared load of the pixel's row, column and offset, two bounds tests,
-# a load), their conversion (float32: rounding to TF32) and shared stores, the counters, and the
-# fragment loads and mma of 4 (16-bit types: m16n16k16) or 8 (TF32: m16n16k8) k slices.
-# float32 571, bf16 387, fp16 409.
-CUDA_TC_STEP_OPS = {4: 571, 2: 409}
+# masked_conv2d_tc_kernel's K step in the sm_90 SASS, lane instructions a thread, by dtype: the
+# gathers of 16 weight values (a shared row pointer, a 32-bit offset, a load) and 8 patch values
+# (a 16-byte shared load of the pixel's row, column and offset, two bounds tests, a load), their
+# conversion (float32: rounding to TF32) and shared stores, the counters, and the fragment loads
+# and mma of 4 (16-bit types: m16n16k16) or 8 (TF32: m16n16k8, an inner loop of two trips) k
+# slices. make gpu-report recounts them and fails where these differ by more than
+# STEP_OPS_TOLERANCE.
+CUDA_TC_STEP_OPS = {"float32": 571, "bfloat16": 387, "float16": 409}
+STEP_OPS_TOLERANCE = 0.05
+
+
+def _dtype_name(case: Case) -> str:
+    return str(case.dtype).removeprefix("torch.")
 
 
 def _cuda_per_sample(p: Plan, g: _Conv, out_work: int, in_work: float) -> None:
@@ -1492,7 +1498,7 @@ def _cuda_per_sample(p: Plan, g: _Conv, out_work: int, in_work: float) -> None:
     p.kernel("masked_conv2d_tc_kernel (wmma)", "inner", hbm=2 * g.x + g.weight + g.c * g.esize,
              l2=g.x * in_work / g.c * (tiles - 1) + w_tile * (g.n * p_tiles - 1),
              flops=g.flops(rows, in_work, pixels), tensor=True, eff=p.gpu["cuda_wmma_eff"],
-             ops=ctas * steps * 256 * CUDA_TC_STEP_OPS[g.esize], ctas=ctas, per_sm=2,
+             ops=ctas * steps * 256 * CUDA_TC_STEP_OPS[_dtype_name(p.case)], ctas=ctas, per_sm=2,
              chain_us=chain)
 
 
@@ -1517,12 +1523,29 @@ def _triton_channel_lists(p: Plan, mask: bool) -> None:
         p.kernel("channel list: sort", "aten", hbm=p.case.shape[0] * p.case.shape[1] * 9)
 
 
+# _masked_conv2d_forward_kernel's step (a tap and a chunk of BLOCK_CI input channels: the im2col
+# and weight tiles' loads, issued num_stages ahead, and the tl.dot) in the sm_90 SASS, lane
+# instructions a thread, by (block-sparse, BLOCK_P, BLOCK_CO) and element size (float32 under
+# TF32, or the 16-bit type): the configurations the benchmarks take (make gpu-report recounts
+# them in the SASS and fails where these differ by more than STEP_OPS_TOLERANCE).
+TRITON_CONV_STEP_OPS = {
+    (False, 64, 16): {"float32": 725, "bfloat16": 476, "float16": 478},
+    (False, 64, 32): {"float32": 489, "bfloat16": 308, "float16": 308},
+    (False, 64, 64): {"float32": 370, "bfloat16": 228, "float16": 228},
+    (False, 64, 128): {"float32": 427, "bfloat16": 267, "float16": 269},
+    (False, 128, 32): {"float32": 475, "bfloat16": 293, "float16": 293},
+    (False, 128, 64): {"float32": 539, "bfloat16": 316, "float16": 317},
+    (True, 128, 16): {"float32": 430, "bfloat16": 296, "float16": 297},
+}
+
 def _triton_conv(p: Plan, g: _Conv, out_kept: int, in_kept: int, per_sample: bool,
                  out_mask: bool, in_mask: bool) -> None:
     """_masked_conv2d_forward_kernel with channel lists: work padded to the blocks, on the
     tensor cores (TF32 for float32: cudnn.allow_tf32, PyTorch's default, which the benchmark
     keeps); the output-channel blocks past the kept count store zeros only. Masks shared by
-    the batch: pixel tiles over the batch's N * H * W pixels; per-sample masks: a sample's."""
+    the batch: pixel tiles over the batch's N * H * W pixels; per-sample masks: a sample's.
+    Issue: each working program runs 9 * ceil(in_kept / BLOCK_CI) steps of
+    TRITON_CONV_STEP_OPS lane instructions a thread."""
     ranges = g.n if per_sample else 1
     span = g.pixels * g.n // ranges
     block_p, block_co, block_ci, warps = triton_conv_config(g.c, span, ranges, out_mask)
@@ -1533,10 +1556,13 @@ def _triton_conv(p: Plan, g: _Conv, out_kept: int, in_kept: int, per_sample: boo
     ci_work = math.ceil(in_kept / block_ci) * block_ci
     p_work = math.ceil(span / block_p) * block_p * ranges / g.n  # pixels a sample, padded
     active = ranges * math.ceil(span / block_p) * math.ceil(out_kept / block_co)
+    steps = 9 * ci_work // block_ci
     p.kernel("_masked_conv2d_forward_kernel (tensor cores)", "inner",
              hbm=2 * g.x + g.weight, l2=g.x * (math.ceil(co_work / block_co) - 1),
              flops=g.flops(co_work, ci_work, p_work), tensor=True,
              eff=p.gpu["triton_tc_eff" if block_p >= 64 else "triton_tc16_eff"],
+             ops=active * steps * 32 * warps
+             * TRITON_CONV_STEP_OPS[(False, block_p, block_co)][_dtype_name(p.case)],
              ctas=active, per_sm=16 // warps)
 
 
@@ -1559,11 +1585,15 @@ def _triton_sparse(p: Plan, g: _Conv) -> None:
     p_work = math.ceil(span / block_p) * block_p / g.n
     co_blocks = math.ceil(g.c / tile)
     # 16 output channels a program: the x tile is reread per output block, the MMA is narrow.
+    ctas = math.ceil(span / block_p) * co_blocks
+    steps = 9 * math.ceil(g.c / tile) * occupied  # the occupied (tap, 16-channel) tiles
     p.kernel("_masked_conv2d_forward_kernel (block-sparse, tensor cores)", "inner",
              hbm=2 * g.x + g.weight * (1 + 1 / g.esize), l2=g.x * (co_blocks - 1) * occupied,
              flops=g.flops(g.c, g.c, p_work) * occupied, tensor=True,
              eff=p.gpu["triton_tc16_eff"],
-             ctas=math.ceil(span / block_p) * co_blocks, per_sm=16 // warps)
+             ops=ctas * steps * 32 * warps
+             * TRITON_CONV_STEP_OPS[(True, block_p, tile)][_dtype_name(p.case)],
+             ctas=ctas, per_sm=16 // warps)
 
 
 def _fold_weight_mask(p: Plan, g: _Conv, grad: bool) -> None:

@@ -233,7 +233,7 @@ def test_triton_variant_resources():
 
     found, _ = aot.variants()
     index = next(i for i, v in enumerate(found) if v.kernel.__name__ == "_kwta_backward_kernel")
-    _, (regs, stack, smem, local), threads, shared, num_warps = gpu_report._triton_one(index)
+    _, (regs, stack, smem, local), threads, shared, num_warps, steps = gpu_report._triton_one(index)
     assert 0 < regs <= 255 and stack == 0 and local == 0
     assert threads == 32 * num_warps == 32 * found[index].options["num_warps"]
 
@@ -276,3 +276,65 @@ def test_aot_compile_fails_on_a_spill(monkeypatch):
     index, arch, error, _ = aot._compile_one((0, 80))
     assert (index, arch) == (0, 80) and "spills on sm_80: 8 B stack frame" in error
     assert aot._compile_one((0, 90))[2] is None
+
+
+# A kernel's SASS (cuobjdump -sass): a prologue, then a K loop (0x0040 .. 0x00c0) holding a
+# global load and an inner mma loop (0x0060 .. 0x0090) of two trips, then a loop without mma.
+SASS = """
+        Function : _Z3gemmv
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   S2R R0, SR_TID.X ;
+        /*0020*/                   ISETP.GE.AND P0, PT, R0, 0x10, PT ;
+        /*0030*/                   MOV R2, RZ ;
+        /*0040*/                   LDG.E R4, desc[UR4][R2.64] ;
+        /*0050*/                   STS [R0], R4 ;
+        /*0060*/                   LDS R5, [R0] ;
+        /*0070*/                   HMMA.1684.F32.TF32 R8, R4, R5, R8 ;
+        /*0080*/                   IADD3 R6, R6, 0x1, RZ ;
+        /*0090*/              @!P0 BRA 0x60 ;
+        /*00a0*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;
+        /*00b0*/                   IADD3 R7, R7, 0x1, RZ ;
+        /*00c0*/              @!P1 BRA 0x40 ;
+        /*00d0*/                   IADD3 R9, R9, 0x1, RZ ;
+        /*00e0*/              @!P2 BRA 0xd0 ;
+        /*00f0*/                   EXIT ;
+"""
+
+
+def test_step_instructions():
+    """A step: the innermost loop with a global load and an mma (0x40 .. 0xc0, 9 instructions),
+    plus the inner mma loop (0x60 .. 0x90, 4) once per extra trip; none without such a loop."""
+    (body,) = gpu_report.sass_functions(SASS).values()
+    assert len(body) == 16
+    assert gpu_report.step_instructions(body) == 9
+    assert gpu_report.step_instructions(body, trips=2) == 13
+    no_mma = [(a, i.replace("HMMA.1684.F32.TF32", "FFMA")) for a, i in body]
+    assert gpu_report.step_instructions(no_mma) is None
+
+
+def test_step_ops_that_drift_from_the_roofline_fail(monkeypatch):
+    """check_step_ops: the roofline's count of a CUDA or Triton K step within
+    STEP_OPS_TOLERANCE of the SASS passes; past it, or for a variant not compiled, it fails."""
+    from types import SimpleNamespace
+
+    from benchmarks import roofline
+
+    monkeypatch.setattr(gpu_report, "demangle",
+                        lambda names: {n: "void masked_conv2d_tc_kernel<float>(Params<float>)"
+                                       for n in names})
+    monkeypatch.setattr(roofline, "CUDA_TC_STEP_OPS", {"float32": 13})
+    constexprs = {"BLOCK_P": 64, "BLOCK_CO": 32, "SPARSE": False, "PRECISION": "tf32"}
+    found = [SimpleNamespace(kernel=SimpleNamespace(__name__="_masked_conv2d_forward_kernel"),
+                             constexprs=constexprs)]
+    row = Variant("triton", "masked_conv._masked_conv2d_forward_kernel", "fp32", "", 256, 100,
+                  0, 0, 0, 0, step_ops=489)
+    monkeypatch.setattr(roofline, "TRITON_CONV_STEP_OPS", {(False, 64, 32): {"float32": 500}})
+    assert gpu_report.check_step_ops(SASS, [row], found) == []
+    monkeypatch.setattr(roofline, "TRITON_CONV_STEP_OPS", {(False, 64, 32): {"float32": 600},
+                                                           (False, 64, 64): {"float32": 370}})
+    monkeypatch.setattr(roofline, "CUDA_TC_STEP_OPS", {"float32": 20})
+    problems = gpu_report.check_step_ops(SASS, [row], found)
+    assert len(problems) == 3, problems
+    assert "masked_conv2d_tc_kernel<float>: the roofline charges 20" in problems[0]
+    assert "BLOCK_CO=32: the roofline charges 600" in problems[1]
+    assert "BLOCK_CO=64: no such variant" in problems[2]

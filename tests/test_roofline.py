@@ -185,7 +185,7 @@ def test_masked_conv_bytes_and_flops():
     lat = roofline.GPUS["h200"]["latency_us"]
     assert k.chain_us >= 18 * lat["l2"]
     # Its issue: the SASS-counted lane instructions of a K step, for every thread of every CTA.
-    assert k.ops == 32 * 8 * 18 * 256 * roofline.CUDA_TC_STEP_OPS[4]
+    assert k.ops == 32 * 8 * 18 * 256 * roofline.CUDA_TC_STEP_OPS["float32"]
     # Static 25%: 18 K steps of 64 for one round of CTAs is past the limit (4): cuDNN on the 32
     # kept output channels, the kept indices cached per mask version (no nonzero() sync).
     items = roofline.plan("masked_conv", Case((32, 128, 16, 16), "out25"), roofline.CUDA,
@@ -202,7 +202,7 @@ def test_masked_conv_bytes_and_flops():
     k = {i.name: i for i in items if isinstance(i, roofline.Kernel)}
     assert list(k) == ["masked_conv2d_tc_kernel (wmma)"]
     k = k["masked_conv2d_tc_kernel (wmma)"]
-    assert k.ctas == 32 * 8 and k.ops == 32 * 8 * 3 * 256 * roofline.CUDA_TC_STEP_OPS[4]
+    assert k.ctas == 32 * 8 and k.ops == 32 * 8 * 3 * 256 * roofline.CUDA_TC_STEP_OPS["float32"]
     assert k.hbm == 2 * small + 16 * 16 * 9 * 4 + 16 * 4
     assert k.l2 == pytest.approx(4 * 16 * 9 * 4 * (32 * 8 - 1))  # 4 kept rows of 16 x 9
     assert not any(isinstance(i, roofline.Sync) for i in items)
