@@ -10,7 +10,10 @@ BLOCK_CO output channels), accumulating in float32 the product of an im2col tile
 (BLOCK_P, BLOCK_CI) and a weight tile (BLOCK_CI, BLOCK_CO) with tl.dot, for every tap (kh, kw)
 and every chunk of BLOCK_CI input channels: one flat loop over (tap, chunk) steps, a `for` loop
 on the GPU that the compiler software-pipelines (num_stages: the loads of the next steps' tiles
-in flight while the tensor cores multiply this one's). float32 inputs multiply in TF32 where
+in flight while the tensor cores multiply this one's). The loop is bound by the instructions of
+its gathers (a step: 300-600 lane instructions a thread in the sm_90 SASS, for 256-512
+multiply-adds a thread), so a dense step's tap and chunk are counters advanced each step, not
+divisions of the step index. float32 inputs multiply in TF32 where
 PyTorch lets cuDNN convolutions do so (torch.backends.cudnn.allow_tf32, its default) and in IEEE
 float32 otherwise (then results match cuDNN/oneDNN without TF32), chosen per call
 (input_precision); float16 and bfloat16 tiles go to the tensor cores as they are.
@@ -162,7 +165,21 @@ def _channels(order, slots, ok, listed):
 
 
 @triton.jit
-def _tile_product(acc, j, chunks, blk_list, every, x_rows, oh, ow, p_ok, H, W, KW,
+def _next_step(kh, kw, c0, in_kept, KW, BLOCK_CI: tl.constexpr):
+    """The dense reduction's next (kh, kw, c0): the next chunk of the kept input channels, then
+    the next tap."""
+    c0 += BLOCK_CI
+    wrap = c0 >= in_kept
+    c0 = tl.where(wrap, 0, c0)
+    kw = tl.where(wrap, kw + 1, kw)
+    wrap_w = kw >= KW
+    kw = tl.where(wrap_w, 0, kw)
+    kh = tl.where(wrap_w, kh + 1, kh)
+    return kh, kw, c0
+
+
+@triton.jit
+def _tile_product(acc, j, kh, kw, c0, chunks, blk_list, every, x_rows, oh, ow, p_ok, H, W, KW,
                   stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, in_list, in_listed, in_kept,
                   scale_row,
                   has_in_scale, w_ptr, wm_ptr, co, co_ok, x_sc, x_sh, x_sw, w_so, w_si, w_sh, w_sw,
@@ -170,16 +187,15 @@ def _tile_product(acc, j, chunks, blk_list, every, x_rows, oh, ow, p_ok, H, W, K
                   PRECISION: tl.constexpr):
     """acc plus step j of the reduction: the x tile (pixels, BLOCK_CI input channels) at one
     tap times the weight tile (BLOCK_CI, output channels) there. Dense, step j is chunk
-    j % chunks of the kept input channels at tap j // chunks; SPARSE, entry j of the block
-    list (entry j itself for a sample that runs every tile)."""
+    j % chunks of the kept input channels at tap j // chunks, (kh, kw, c0) as the caller's
+    counters hold it; SPARSE, entry j of the block list (entry j itself for a sample that runs
+    every tile), its tap and chunk found by division."""
     if SPARSE:
         e = tl.where(every, j, tl.load(blk_list + j))
-    else:
-        e = j
-    tap = e // chunks
-    c0 = (e - tap * chunks) * BLOCK_CI
-    kh = tap // KW
-    kw = tap - kh * KW
+        tap = e // chunks
+        c0 = (e - tap * chunks) * BLOCK_CI
+        kh = tap // KW
+        kw = tap - kh * KW
     ih = oh * stride_h - pad_h + kh * dil_h
     iw = ow * stride_w - pad_w + kw * dil_w
     pix_ok = p_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
@@ -267,21 +283,30 @@ def _masked_conv2d_forward_kernel(
             steps = KH * KW * chunks
         x_rows = x_ptr + rows.to(tl.int64) * x_sn
         scale_row = in_scale_ptr + n * C_in
+        # Dense steps: counters (kh, kw, c0) advanced a chunk a step, the input channels
+        # fastest (no integer division in the loop).
+        kh = 0
+        kw = 0
+        c0 = 0
         if FOR_LOOP:  # software-pipelined by the compiler (num_stages)
             for j in range(0, steps):
-                acc = _tile_product(acc, j, chunks, blk_list, every, x_rows, oh, ow, p_ok, H, W,
-                                    KW, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, in_list,
-                                    in_listed, in_kept, scale_row, has_in_scale, w_ptr, wm_ptr, co,
-                                    co_ok, x_sc, x_sh, x_sw, w_so, w_si, w_sh, w_sw,
-                                    BLOCK_CI, SPARSE, UPCAST, PRECISION)
+                acc = _tile_product(acc, j, kh, kw, c0, chunks, blk_list, every, x_rows, oh, ow,
+                                    p_ok, H, W, KW, stride_h, stride_w, pad_h, pad_w, dil_h,
+                                    dil_w, in_list, in_listed, in_kept, scale_row, has_in_scale,
+                                    w_ptr, wm_ptr, co, co_ok, x_sc, x_sh, x_sw, w_so, w_si,
+                                    w_sh, w_sw, BLOCK_CI, SPARSE, UPCAST, PRECISION)
+                if not SPARSE:
+                    kh, kw, c0 = _next_step(kh, kw, c0, in_kept, KW, BLOCK_CI)
         else:
             j = 0
             while j < steps:
-                acc = _tile_product(acc, j, chunks, blk_list, every, x_rows, oh, ow, p_ok, H, W,
-                                    KW, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, in_list,
-                                    in_listed, in_kept, scale_row, has_in_scale, w_ptr, wm_ptr, co,
-                                    co_ok, x_sc, x_sh, x_sw, w_so, w_si, w_sh, w_sw,
-                                    BLOCK_CI, SPARSE, UPCAST, PRECISION)
+                acc = _tile_product(acc, j, kh, kw, c0, chunks, blk_list, every, x_rows, oh, ow,
+                                    p_ok, H, W, KW, stride_h, stride_w, pad_h, pad_w, dil_h,
+                                    dil_w, in_list, in_listed, in_kept, scale_row, has_in_scale,
+                                    w_ptr, wm_ptr, co, co_ok, x_sc, x_sh, x_sw, w_so, w_si,
+                                    w_sh, w_sw, BLOCK_CI, SPARSE, UPCAST, PRECISION)
+                if not SPARSE:
+                    kh, kw, c0 = _next_step(kh, kw, c0, in_kept, KW, BLOCK_CI)
                 j += 1
         bias = tl.load(b_ptr + co, mask=co_ok & (has_bias != 0), other=0.0).to(tl.float32)
         acc = tl.where(co_ok[None, :], acc + bias[None, :], 0.0)
