@@ -222,20 +222,24 @@ def test_gradients(device_backend, kinds, cpu_path):
 
 def test_double_backward(device_backend):
     """Differentiating the convolution's gradient (a gradient penalty) gives the reference's
-    second derivatives, through the public function and through the ops themselves."""
+    second derivatives (float64), through the public function and through the ops themselves.
+    The second derivatives of this loss reach 1e5 while single elements cancel to near zero:
+    the float32 result is compared with a tolerance relative to the largest of them."""
     device, backend = device_backend
-    x = torch.randn(2, 3, 6, 6, device=device, requires_grad=True)
-    weight = torch.randn(4, 3, 3, 3, device=device, requires_grad=True)
+    x = torch.randn(2, 3, 6, 6, device=device)
+    weight = torch.randn(4, 3, 3, 3, device=device)
     mask = torch.tensor([True, False, True, True], device=device)
     for kwargs in (dict(out_mask=mask), dict(weight_mask=torch.rand(weight.shape, device=device) < 0.2)):
         grads = []
-        for conv in (pyprune.masked_conv2d, _reference_conv):
-            out = conv(x, weight, padding=1, **kwargs)
-            (g,) = torch.autograd.grad(out.square().sum(), x, create_graph=True)
-            grads.append(torch.autograd.grad(g.square().sum(), (x, weight)))
+        for conv, dtype in ((pyprune.masked_conv2d, x.dtype), (_reference_conv, torch.float64)):
+            leaves = [t.to(dtype).requires_grad_() for t in (x, weight)]
+            out = conv(*leaves, padding=1, **kwargs)
+            (g,) = torch.autograd.grad(out.square().sum(), leaves[0], create_graph=True)
+            grads.append(torch.autograd.grad(g.square().sum(), leaves))
         for got, want in zip(*grads):
-            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
             assert want.ne(0).any()
+            torch.testing.assert_close(got.double(), want, rtol=1e-5,
+                                       atol=1e-5 * want.abs().max().item())
 
 
 def _reference_conv(x, weight, padding, out_mask=None, weight_mask=None):
