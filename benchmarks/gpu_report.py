@@ -176,6 +176,7 @@ class Variant:
     dynamic_smem: int
     used_by: list[str] = field(default_factory=list)
     step_ops: int | None = None  # lane instructions a thread of a GEMM K-loop step (SASS)
+    loop_ops: tuple[int, int] | None = None  # loop_instructions of its SASS
     occ: Occupancy | None = None
     why_fine: str = ""
     problems: list[str] = field(default_factory=list)
@@ -422,13 +423,29 @@ def step_instructions(body: list, trips: int = 1) -> int | None:
     return (step[1] - step[0] + 1) + (trips - 1) * (inner[1] - inner[0] + 1)
 
 
+def loop_instructions(body: list) -> tuple[int, int] | None:
+    """(instructions of the shortest loop, every other instruction) of a kernel's SASS, a
+    thread's count of one trip and of the straight-line rest (what a pass loop's kernel issues
+    is loop * trips + rest where its branches are uniform); None without a loop."""
+    at = {address: i for i, (address, _) in enumerate(body)}
+    loops = []
+    for i, (address, ins) in enumerate(body):
+        m = _BRANCH.search(ins)
+        if m and int(m.group(1), 16) < address and int(m.group(1), 16) in at:
+            loops.append(i - at[int(m.group(1), 16)] + 1)
+    if not loops:
+        return None
+    return min(loops), len(body) - min(loops)
+
+
 _TRITON_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 def check_step_ops(cuda_sass: str, triton: list[Variant], found: list) -> list[str]:
-    """The roofline's instructions a K-loop step (CUDA_TC_STEP_OPS, TRITON_CONV_STEP_OPS) against
-    the SASS of the variants they model: a problem where one differs by more than
-    STEP_OPS_TOLERANCE or its variant is missing."""
+    """The roofline's instructions a K-loop step (CUDA_TC_STEP_OPS, TRITON_CONV_STEP_OPS) and a
+    k-WTA select pass (TRITON_KWTA_COUNT_PASS: the loop, the rest, registers) against the SASS of the
+    variants they model: a problem where one differs by more than STEP_OPS_TOLERANCE or its
+    variant is missing."""
     from . import roofline
 
     tolerance = roofline.STEP_OPS_TOLERANCE
@@ -467,13 +484,28 @@ def check_step_ops(cuda_sass: str, triton: list[Variant], found: list) -> list[s
                 problems.append(f"{what}: no such variant in the AOT list")
             else:
                 compare(what, model, row.step_ops)
+    kwta = {v.constexprs["BLOCK"]: row for row, v in zip(triton, found)
+            if v.kernel.__name__ == "_kwta_forward_kernel" and row.dtype == "fp32"
+            and v.constexprs.get("UNIT")}
+    for block, (loop, rest, regs) in roofline.TRITON_KWTA_COUNT_PASS.items():
+        what = f"triton _kwta_forward_kernel float32 BLOCK={block} UNIT"
+        row = kwta.get(block)
+        if row is None:
+            problems.append(f"{what}: no such variant in the AOT list")
+            continue
+        counted = row.loop_ops or (None, None)
+        compare(f"{what} (select pass)", loop, counted[0])
+        compare(f"{what} (outside the pass loop)", rest, counted[1])
+        if abs(regs - row.regs) > tolerance * row.regs:
+            problems.append(f"{what}: the roofline assumes {regs} registers a thread, the "
+                            f"sm_{ARCH} cubin has {row.regs}: update the roofline")
     return problems
 
 
 # -------------------------------------------------------------------------- Triton variants
 
 
-def _triton_one(index: int) -> tuple[int, tuple[int, int, int, int], int, int, int, int | None]:
+def _triton_one(index: int) -> tuple:
     from pyprune.triton_kernels import aot
 
     variant = aot.variants()[0][index]
@@ -487,7 +519,7 @@ def _triton_one(index: int) -> tuple[int, tuple[int, int, int, int], int, int, i
         threads = next(iter(parse_block_sizes(_run([tool, "-elf", path])).values()), 0)
         (body,) = sass_functions(_run([tool, "-sass", path])).values()
     return (index, usage, threads, compiled.metadata.shared, compiled.metadata.num_warps,
-            step_instructions(body))
+            step_instructions(body), loop_instructions(body))
 
 
 def _config(constexprs: dict, options: dict) -> str:
@@ -510,12 +542,12 @@ def triton_variants(jobs: int) -> tuple[list[Variant], list]:
     else:
         results = [_triton_one(i) for i in indices]
     variants = []
-    for index, (regs, stack, smem, local), threads, shared, num_warps, steps in results:
+    for index, (regs, stack, smem, local), threads, shared, num_warps, steps, loop in results:
         v = found[index]
         dtype = next((t[1:] for t in v.signature.values() if t.startswith("*")), "-")
         row = Variant("triton", f"{v.module}.{v.kernel.__name__}", dtype,
                       _config(v.constexprs, v.options), threads, regs, stack, local, smem, shared,
-                      step_ops=steps)
+                      step_ops=steps, loop_ops=loop)
         if threads != 32 * num_warps:
             row.problems.append(f"ELF block size {threads} != 32 * num_warps ({num_warps})")
         variants.append(row)

@@ -74,8 +74,10 @@ kwta (csrc/cuda/kwta.cu, triton_kernels/kwta.py)
                threshold), later passes read shared memory; the masked write reads x and writes
                out: 3 reads + 1 write for every case here; ~20 ops/elem per global pass.
   cuda bwd     one elementwise pass: grad + x read, grad_x written: 3n.
-  triton fwd   L <= 4096: one program per group, x in registers, 7 radix passes of 5 bits
-               (~40 SASS instructions an element a pass): 2n. Else two launches
+  triton fwd   L <= 4096: one program per group, x in registers (32 keys a thread), a
+               counting select of one bit a pass (~4 SASS instructions a key a pass, ~15
+               passes for 1024 N(0, 1) values: kwta_count_passes runs the loop) and ~37 more
+               a key: 2n. Else two launches
                (kwta._split_forward): sample (one program a group, L/64 values within [1024,
                4096], 3 joint passes for both bracket ends), filter (groups * L / chunk
                programs, chunk 2048 or 1024: x read once, out written once, the band's values
@@ -176,7 +178,9 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import math
+import random
 import statistics
 import struct
 import sys
@@ -451,6 +455,10 @@ def _pick(choices: tuple[int, ...], size: int) -> int:
 # them: written out here rather than imported, so that the model states what it assumes.
 
 
+def _round_up(x: int, unit: int) -> int:
+    return -(-x // unit) * unit
+
+
 def _triton_per_sm(warps: int) -> int:
     """Programs of `warps` warps resident on an SM at ~64 registers a thread (half of the
     SM's 2048 threads)."""
@@ -460,7 +468,7 @@ def _triton_per_sm(warps: int) -> int:
 def triton_kwta_config(length: int) -> tuple[int, int]:
     """kwta._forward_config, groups of L <= 4096 held in registers: (BLOCK, num_warps)."""
     block = max(_pow2(length), 32)
-    return block, min(max(block // 128, 1), 8)
+    return block, min(max(block // 1024, 1), 8)
 
 
 TRITON_KWTA_MAX_BLOCK = 4096  # kwta._FWD_MAX_BLOCK: larger groups take the split path
@@ -707,13 +715,46 @@ def kwta_candidates(length: int, k: int) -> float:
 
 # SASS of the Triton k-WTA kernels (sm_90), lane instructions an element: a 5-bit radix pass
 # (prefix match, digit, 32-bin tl.histogram; 198-355 in the pass loop of 4-8 keys a thread,
-# less ~40 for the digit pick), the sample's joint pass (a 64-bin histogram for two ranks), the
-# filter pass (key, compares, two block sums, the candidates' cumsum, stores) and the last
-# program's scan over the candidates.
+# less ~40 for the digit pick) where a streamed select or the sample's bracket runs one, the
+# sample's joint pass (a 64-bin histogram for two ranks), the filter pass (key, compares, two
+# block sums, the candidates' cumsum, stores) and the last program's scan over the candidates.
 TRITON_KWTA_PASS_OPS = 40
 TRITON_KWTA_JOINT_PASS_OPS = 50
 TRITON_KWTA_FILTER_OPS = 30
 TRITON_KWTA_SCAN_OPS = 25
+# _kwta_forward_kernel (float32, sm_90 SASS), by BLOCK: lane instructions a thread of one pass
+# of the counting select's loop (a compare and an add a key, the block sum, the bucket update)
+# and of everything else (loads, keys, the final max reduction, the masked store), and the
+# registers a thread (programs an SM: at most 64K registers). Groups with stride 1 (UNIT), as
+# the benchmarks'; make gpu-report checks the instruction counts.
+TRITON_KWTA_COUNT_PASS = {32: (22, 130, 24), 64: (26, 158, 28), 128: (33, 207, 36),
+                          256: (46, 330, 56), 512: (74, 590, 88), 1024: (124, 1188, 168),
+                          2048: (136, 1320, 168), 4096: (138, 1318, 168)}
+
+
+@functools.lru_cache(maxsize=None)
+def kwta_count_passes(length: int, k: int, groups: int = 32) -> float:
+    """Mean passes of kwta._select_block's counting select (no bracket: all 32 bits) over
+    groups of N(0, 1) float32 values, the benchmarks' data: a bit a pass until the k-th largest
+    is the largest or the smallest key of its bucket. The kernel's loop, run on the keys."""
+    rng = random.Random(0)
+    total = 0
+    for _ in range(groups):
+        keys = []
+        for _ in range(length):
+            (bits,) = struct.unpack("<I", struct.pack("<f", rng.gauss(0.0, 1.0)))
+            keys.append(bits ^ (0xFFFFFFFF if bits >> 31 else 0x80000000))
+        prefix, bit, above, pop, need = 0, 32, 0, length, k
+        while bit > 0 and need != 1 and need != pop:
+            bit -= 1
+            half = prefix | (1 << bit)
+            upper = sum(key >= half for key in keys) - above
+            if upper >= need:
+                prefix, pop = half, upper
+            else:
+                above, need, pop = above + upper, need - upper, pop - upper
+            total += 1
+    return total / groups
 
 
 def _kwta_triton_forward(p: Plan, groups: int, length: int, k: int) -> None:
@@ -730,11 +771,14 @@ def _kwta_triton_forward(p: Plan, groups: int, length: int, k: int) -> None:
 
     if length <= TRITON_KWTA_MAX_BLOCK:  # _kwta_forward_kernel: one program a group
         block, warps = triton_kwta_config(length)
+        per_thread = block // (32 * warps)
+        loop, rest, regs = TRITON_KWTA_COUNT_PASS[block]
+        passes = kwta_count_passes(length, k)
         p.host("triton")
         p.kernel("_kwta_forward_kernel", "inner", hbm=2 * n,
-                 ops=groups * block * (7 * TRITON_KWTA_PASS_OPS + 20), ctas=groups,
-                 per_sm=_triton_per_sm(warps),
-                 chain_us=p.lat("dram") + passes_us(block, warps, 7, TRITON_KWTA_PASS_OPS))
+                 ops=groups * block * (passes * loop + rest) / per_thread, ctas=groups,
+                 per_sm=min(_triton_per_sm(warps), 65536 // (_round_up(regs, 8) * 32 * warps)),
+                 chain_us=p.lat("dram") + passes_us(block, warps, passes, loop / per_thread, 1))
         return
     sample, sample_warps, block, warps = triton_kwta_split_config(groups, length)
     chunks = math.ceil(length / block)

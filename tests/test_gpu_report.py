@@ -233,9 +233,11 @@ def test_triton_variant_resources():
 
     found, _ = aot.variants()
     index = next(i for i, v in enumerate(found) if v.kernel.__name__ == "_kwta_backward_kernel")
-    _, (regs, stack, smem, local), threads, shared, num_warps, steps = gpu_report._triton_one(index)
+    _, (regs, stack, smem, local), threads, shared, num_warps, steps, loop = (
+        gpu_report._triton_one(index))
     assert 0 < regs <= 255 and stack == 0 and local == 0
     assert threads == 32 * num_warps == 32 * found[index].options["num_warps"]
+    assert steps is None  # no tensor-core K loop in an elementwise kernel
 
 
 def test_cuda_spills_on_sm_80_are_problems(monkeypatch):
@@ -312,6 +314,39 @@ def test_step_instructions():
     assert gpu_report.step_instructions(no_mma) is None
 
 
+def test_loop_instructions():
+    """The shortest loop (0xd0 .. 0xe0, 2 instructions) and the 14 others; None without a
+    backward branch."""
+    (body,) = gpu_report.sass_functions(SASS).values()
+    assert gpu_report.loop_instructions(body) == (2, 14)
+    straight = [(a, i) for a, i in body if "BRA" not in i]
+    assert gpu_report.loop_instructions(straight) is None
+
+
+def test_kwta_pass_counts_that_drift_from_the_roofline_fail(monkeypatch):
+    """check_step_ops also holds the roofline's k-WTA select pass (loop, rest) counts against
+    the fp32 stride-1 variants' SASS."""
+    from types import SimpleNamespace
+
+    from benchmarks import roofline
+
+    monkeypatch.setattr(roofline, "CUDA_TC_STEP_OPS", {})
+    monkeypatch.setattr(roofline, "TRITON_CONV_STEP_OPS", {})
+    found = [SimpleNamespace(kernel=SimpleNamespace(__name__="_kwta_forward_kernel"),
+                             constexprs={"BLOCK": 1024, "UNIT": unit}) for unit in (True, False)]
+    rows = [Variant("triton", "kwta._kwta_forward_kernel", "fp32", "", 32, 168, 0, 0, 0, 0,
+                    loop_ops=ops) for ops in ((124, 1188), (60, 508))]
+    monkeypatch.setattr(roofline, "TRITON_KWTA_COUNT_PASS", {1024: (125, 1200, 168)})
+    assert gpu_report.check_step_ops("", rows, found) == []
+    monkeypatch.setattr(roofline, "TRITON_KWTA_COUNT_PASS", {1024: (60, 1200, 96),
+                                                             512: (74, 590, 88)})
+    problems = gpu_report.check_step_ops("", rows, found)
+    assert len(problems) == 3, problems
+    assert "BLOCK=1024 UNIT (select pass): the roofline charges 60" in problems[0]
+    assert "BLOCK=1024 UNIT: the roofline assumes 96 registers" in problems[1]
+    assert "BLOCK=512 UNIT: no such variant" in problems[2]
+
+
 def test_step_ops_that_drift_from_the_roofline_fail(monkeypatch):
     """check_step_ops: the roofline's count of a CUDA or Triton K step within
     STEP_OPS_TOLERANCE of the SASS passes; past it, or for a variant not compiled, it fails."""
@@ -323,6 +358,7 @@ def test_step_ops_that_drift_from_the_roofline_fail(monkeypatch):
                         lambda names: {n: "void masked_conv2d_tc_kernel<float>(Params<float>)"
                                        for n in names})
     monkeypatch.setattr(roofline, "CUDA_TC_STEP_OPS", {"float32": 13})
+    monkeypatch.setattr(roofline, "TRITON_KWTA_COUNT_PASS", {})
     constexprs = {"BLOCK_P": 64, "BLOCK_CO": 32, "SPARSE": False, "PRECISION": "tf32"}
     found = [SimpleNamespace(kernel=SimpleNamespace(__name__="_masked_conv2d_forward_kernel"),
                              constexprs=constexprs)]

@@ -2,14 +2,23 @@
 
 x is an (N, C, L) view with any strides; each (n, c) row of L elements is a group.
 
-Selects are radix selects over uint32 keys in digits of 5 bits (a 32-bin tl.histogram per pass
-costs ~40 sm_90 instructions an element, a 256-bin one ~75: 7 passes of 5 bits cost less than
-4 of 8); a digit is picked by a cumulative count from the top bin. Keys lo <= key <= hi share
-the bits above bit_length(lo ^ hi), which a select restricted to [lo, hi] skips.
+Keys are uint32 (below) whose order is the values'. Two selects of the k-th largest key:
+- in registers (_select_block: a group of at most _FWD_MAX_BLOCK, or a bin's candidates): one
+  bit a pass, by counting the keys at or above the upper half of the current bucket (a compare
+  and an add a key, then a block sum), stopping once the wanted key is the bucket's largest or
+  smallest (then one max reduction finds it): ~log2(L) + 5 passes for spread-out data (15 for
+  1024 N(0, 1) values), 32 at most (ties);
+- streamed from memory (_select_streamed, the split path's rare fallbacks) and the sample's
+  bracket (_bracket): radix passes over digits of 5 bits (a 32-bin tl.histogram costs ~40 sm_90
+  instructions an element, a 256-bin one ~75: 7 passes of 5 bits cost less than 4 of 8), a
+  digit picked by a cumulative count from the top bin: fewer passes, each a read of memory.
+Keys lo <= key <= hi share the bits above bit_length(lo ^ hi), which a select restricted to
+[lo, hi] skips.
 
 Forward, groups of at most _FWD_MAX_BLOCK elements: one launch, one program per group. The
-group is loaded once and kept in registers while 7 radix passes find its k-th largest key; the
-same program writes out and the threshold.
+group is loaded once and kept in registers (32 keys a thread where it has stride 1, 8 else)
+while the counting select finds its k-th largest key; the same program writes out (a key
+compare an element) and the threshold.
 Bytes: N*C*L*itemsize read + N*C*L*itemsize written (+ the threshold).
 
 Forward, larger groups (L >= SPLIT_MIN_GROUP): two launches that split each group over many
@@ -65,8 +74,8 @@ import triton.language as tl
 from .aot import signature
 from .cas import on_device
 
-DIGIT_BITS = tl.constexpr(5)  # radix digits of 5 bits: a 32-bin tl.histogram costs ~25 SASS
-BINS = tl.constexpr(1 << 5)  # instructions an element, a 256-bin one ~70 (sm_90)
+DIGIT_BITS = tl.constexpr(5)  # radix digits of the streamed select and the bracket
+BINS = tl.constexpr(1 << 5)
 # Forward block sizes: the next power of two of L within these bounds. A group of up to
 # _FWD_MAX_BLOCK elements lives in registers; larger ones take the split path.
 _FWD_MIN_BLOCK = 32
@@ -170,24 +179,38 @@ def _pick_digit(hist, rank):
 
 
 @triton.jit
-def _select_block(keys, valid, rank, lo, hi, run):
-    """The rank-th largest (1-based) of the valid keys within [lo, hi], held in registers. Such
-    keys share the bits of lo above bit_length(lo ^ hi): DIGIT_BITS-bit radix passes over the
-    rest. No pass when run is 0 (the result is then lo)."""
+def _select_block(keys, valid, rank, lo, hi, run, count):
+    """The rank-th largest (1-based) of the valid keys within [lo, hi], held in registers (lo
+    when run is 0); `count` is the number of those keys (the caller knows it). Such keys share the bits of lo above bit_length(lo ^ hi); the rest are
+    found one bit a pass, from the bit's bucket [prefix, prefix + 2^bits): the keys at or above
+    its upper half are counted (a compare and an add an element: no histogram, whose 32 bins
+    cost ~40 instructions an element for 5 bits) and the rank-th largest is in the upper half
+    if at least `need` of them are. The passes stop once the rank-th largest is the bucket's
+    largest or smallest key (for spread-out data after ~log2 of the group's size), which one
+    max reduction then finds; ties run all the bits. The result is the same key either way."""
     bits = tl.where(run != 0, _bit_length(lo ^ hi), 0)
-    known = _low_mask(bits) ^ 0xFFFFFFFF
-    prefix = lo & known
-    inside = valid & (keys >= lo) & (keys <= hi)
-    while bits > 0:
-        width = tl.minimum(bits, DIGIT_BITS)
-        shift = (bits - width).to(tl.uint32)
-        match = inside & ((keys & known) == prefix)
-        digits = ((keys >> shift) & _low_mask(width)).to(tl.int32)
-        digit, rank = _pick_digit(tl.histogram(digits, BINS, mask=match), rank)
-        prefix = prefix | (digit.to(tl.uint32) << shift)
-        known = known | (_low_mask(width) << shift)
-        bits -= width
-    return prefix
+    prefix = lo & (_low_mask(bits) ^ 0xFFFFFFFF)
+    # Keys outside the select counted as 0, which no bucket's upper half reaches (it is >= 1;
+    # no float's key is 0: the negative NaN bits that would flip to it are mapped to NaN's).
+    mine = tl.where(valid & (keys >= lo) & (keys <= hi), keys, 0)
+    pop = count + tl.zeros([], dtype=tl.int32)  # keys in the bucket
+    above = tl.zeros([], dtype=tl.int32)  # keys above the bucket
+    need = rank + tl.zeros([], dtype=tl.int32)  # the rank within the bucket
+    while (bits > 0) & (need != 1) & (need != pop):
+        bits -= 1
+        half = prefix | (tl.full([], 1, tl.uint32) << bits.to(tl.uint32))
+        upper = tl.sum((mine >= half).to(tl.int32), 0) - above
+        take = upper >= need
+        prefix = tl.where(take, half, prefix)
+        above = tl.where(take, above, above + upper)
+        need = tl.where(take, need, need - upper)
+        pop = tl.where(take, upper, pop - upper)
+    # The bucket's largest key (need == 1) or its smallest (the max of the flipped keys).
+    top = prefix | _low_mask(bits)
+    flip = tl.where(need == 1, 0, 0xFFFFFFFF).to(tl.uint32)
+    in_bucket = (mine >= prefix) & (mine <= top) & (mine != 0)
+    last = tl.max(tl.where(in_bucket, mine ^ flip, 0), 0) ^ flip
+    return tl.where(bits > 0, last, prefix)
 
 
 @triton.jit
@@ -260,21 +283,31 @@ def _kwta_forward_kernel(
     x_sn, x_sc, x_sl,
     out_sn, out_sc, out_sl,
     BLOCK: tl.constexpr,
+    UNIT: tl.constexpr,
 ):
-    """A group of L <= BLOCK elements held in registers: select, threshold, masked write."""
+    """A group of L <= BLOCK elements held in registers: select, threshold, masked write.
+    UNIT: x and out have stride 1 along the group (a thread's elements at constant offsets of
+    one address, int32 lane offsets), else any strides (an int64 address an element)."""
     group = tl.program_id(0).to(tl.int64)
     n = group // C
     c = group % C
-    lanes = tl.arange(0, BLOCK).to(tl.int64)
+    lanes = tl.arange(0, BLOCK)
     in_group = lanes < L
-    raw = tl.load(x_ptr + n * x_sn + c * x_sc + lanes * x_sl, mask=in_group, other=0.0)
-    v = _f32(raw)
-    key = _select_block(_to_key(v, absolute), in_group, k, tl.full([], 0, tl.uint32),
-                        tl.full([], 0xFFFFFFFF, tl.uint32), tl.full([], 1, tl.int32))
-    threshold = _from_key(key)
-    tl.store(threshold_ptr + group, _exact(threshold, threshold_ptr.dtype.element_ty))
-    kept = tl.where(_keep(v, threshold, absolute), raw, tl.zeros_like(raw))
-    tl.store(out_ptr + n * out_sn + c * out_sc + lanes * out_sl, kept, mask=in_group)
+    if UNIT:
+        x_offs = lanes
+        out_offs = lanes
+    else:
+        x_offs = lanes.to(tl.int64) * x_sl
+        out_offs = lanes.to(tl.int64) * out_sl
+    raw = tl.load(x_ptr + (n * x_sn + c * x_sc) + x_offs, mask=in_group, other=0.0)
+    keys = _to_key(_f32(raw), absolute)
+    key = _select_block(keys, in_group, k, tl.full([], 0, tl.uint32),
+                        tl.full([], 0xFFFFFFFF, tl.uint32), tl.full([], 1, tl.int32), L)
+    tl.store(threshold_ptr + group, _exact(_from_key(key), threshold_ptr.dtype.element_ty))
+    # key(v) >= key(threshold) is _keep(v, threshold): the keys order the values (NaN largest,
+    # -0 as +0), one integer compare an element.
+    kept = tl.where(keys >= key, raw, tl.zeros_like(raw))
+    tl.store(out_ptr + (n * out_sn + c * out_sc) + out_offs, kept, mask=in_group)
 
 
 @triton.jit(do_not_specialize=["absolute"])
@@ -385,7 +418,8 @@ def _finish_group(
     lv = tl.load(list_row + j, mask=listed, other=0.0)
     lp = tl.load(list_pos_row + j, mask=listed, other=0).to(tl.int64)
     lkeys = _to_key(_f32(lv), absolute)
-    t_small = _select_block(lkeys, listed, rank_b, b_lo, b_hi, small.to(tl.int32))
+    t_small = _select_block(lkeys, listed, rank_b, b_lo, b_hi, small.to(tl.int32),
+                            tl.sum(listed.to(tl.int32), 0))
     t_big = _select_streamed(cand_row, 1, tl.where(big, n_in, 0), rank_b, b_lo, b_hi, absolute, TAIL)
     t_whole = _select_streamed(x_base, x_sl, tl.where(whole, L, 0), k, tl.full([], 0, tl.uint32),
                                tl.full([], 0xFFFFFFFF, tl.uint32), absolute, TAIL)
@@ -496,11 +530,15 @@ def _kwta_backward_kernel(
              tl.where(keep, grad, 0.0).to(grad.dtype), mask=mask)
 
 
-def _forward_config(length: int) -> tuple[int, int]:
+def _forward_config(length: int, unit: bool = True) -> tuple[int, int]:
     """(BLOCK, num_warps) for groups of ``length`` <= _FWD_MAX_BLOCK elements held in registers:
-    a warp per 128 elements, at most 8 (16 warps leave sm_80 a 64-register cap that spills)."""
+    32 keys a thread (a warp per 1024 elements), so that a select pass's fixed part (the block
+    sum, the bucket update: ~30 instructions) is spread over many keys (sm_90 SASS of the
+    1024-element block: 124 instructions a pass for 32 keys, 85 for 16, 49 for 4; 168
+    registers, 12 programs an SM); groups with strides (``unit`` False: an int64 address a key)
+    8 keys a thread, which keeps them out of a stack frame. At most 8 warps."""
     block = max(triton.next_power_of_2(length), _FWD_MIN_BLOCK)
-    return block, min(max(block // 128, 1), 8)
+    return block, min(max(block // (1024 if unit else 256), 1), 8)
 
 
 def _split_config(groups: int, length: int) -> tuple[int, int, int, int, int]:
@@ -549,13 +587,14 @@ def kwta_forward(x: torch.Tensor, k: int, absolute: bool) -> tuple[torch.Tensor,
     if L >= SPLIT_MIN_GROUP or L > _FWD_MAX_BLOCK:
         _split_forward(x, k, int(absolute), out, threshold)
         return out, threshold
-    block, num_warps = _forward_config(L)
+    unit = x.stride(2) == 1 and out.stride(2) == 1
+    block, num_warps = _forward_config(L, unit)
     with on_device(x):
         _kwta_forward_kernel[(N * C,)](
             x, out, threshold,
             C, L, k, int(absolute),
             *x.stride(), *out.stride(),
-            BLOCK=block, num_warps=num_warps,
+            BLOCK=block, UNIT=unit, num_warps=num_warps,
         )
     return out, threshold
 
@@ -622,7 +661,8 @@ def _aot_variants() -> list[tuple]:
 
     Configs change only at powers of two of L (and, for the split path's chunk, of the number
     of groups), so sampling L = 2**i and the smallest and a large group count covers them all."""
-    forward = {_forward_config(1 << i) for i in range(_FWD_MAX_BLOCK.bit_length())}
+    forward = {(_forward_config(1 << i, unit), unit) for i in range(_FWD_MAX_BLOCK.bit_length())
+               for unit in (True, False)}
     backward = {_backward_config(1 << i) for i in range(_BWD_TILE.bit_length())}
     # The split path's configs: SAMPLE and chunk blocks are powers of two within bounds.
     split = {_split_config(groups, 1 << i) for i in range(SPLIT_MIN_GROUP.bit_length() - 1, 32)
@@ -642,8 +682,8 @@ def _aot_variants() -> list[tuple]:
                         "list_pos_ptr": "*i32"}
             variants.append((_kwta_filter_kernel, signature(_kwta_filter_kernel, dtype, constexprs, pointers),
                              constexprs, {"num_warps": warps}))
-        for block, num_warps in sorted(forward):
-            constexprs = {"BLOCK": block}
+        for (block, num_warps), unit in sorted(forward):
+            constexprs = {"BLOCK": block, "UNIT": unit}
             variants.append((_kwta_forward_kernel, signature(_kwta_forward_kernel, dtype, constexprs),
                              constexprs, {"num_warps": num_warps}))
         for block_g, block_l in sorted(backward):
