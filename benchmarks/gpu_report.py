@@ -484,12 +484,13 @@ def check_step_ops(cuda_sass: str, triton: list[Variant], found: list) -> list[s
                 problems.append(f"{what}: no such variant in the AOT list")
             else:
                 compare(what, model, row.step_ops)
-    kwta = {v.constexprs["BLOCK"]: row for row, v in zip(triton, found)
+    kwta = {(v.constexprs["BLOCK"], v.constexprs.get("EVEN")): row
+            for row, v in zip(triton, found)
             if v.kernel.__name__ == "_kwta_forward_kernel" and row.dtype == "fp32"
             and v.constexprs.get("UNIT")}
-    for block, (loop, rest, regs) in roofline.TRITON_KWTA_COUNT_PASS.items():
-        what = f"triton _kwta_forward_kernel float32 BLOCK={block} UNIT"
-        row = kwta.get(block)
+    for (block, even), (loop, rest, regs) in roofline.TRITON_KWTA_COUNT_PASS.items():
+        what = f"triton _kwta_forward_kernel float32 BLOCK={block} UNIT{' EVEN' if even else ''}"
+        row = kwta.get((block, even))
         if row is None:
             problems.append(f"{what}: no such variant in the AOT list")
             continue

@@ -722,14 +722,19 @@ TRITON_KWTA_PASS_OPS = 40
 TRITON_KWTA_JOINT_PASS_OPS = 50
 TRITON_KWTA_FILTER_OPS = 30
 TRITON_KWTA_SCAN_OPS = 25
-# _kwta_forward_kernel (float32, sm_90 SASS), by BLOCK: lane instructions a thread of one pass
-# of the counting select's loop (a compare and an add a key, the block sum, the bucket update)
-# and of everything else (loads, keys, the final max reduction, the masked store), and the
-# registers a thread (programs an SM: at most 64K registers). Groups with stride 1 (UNIT), as
-# the benchmarks'; make gpu-report checks the instruction counts.
-TRITON_KWTA_COUNT_PASS = {32: (22, 130, 24), 64: (26, 158, 28), 128: (33, 207, 36),
-                          256: (46, 330, 56), 512: (74, 590, 88), 1024: (124, 1188, 168),
-                          2048: (136, 1320, 168), 4096: (138, 1318, 168)}
+# _kwta_forward_kernel (float32, sm_90 SASS), by (BLOCK, EVEN: L == BLOCK, no lane masks):
+# lane instructions a thread of one pass of the counting select's loop (a compare and an add a
+# key, the block sum, the bucket update) and of everything else (loads, keys, the final max
+# reduction, the masked store), and the registers a thread (programs an SM: at most 64K
+# registers). Groups with stride 1 (UNIT), as the benchmarks'; make gpu-report checks these.
+TRITON_KWTA_COUNT_PASS = {
+    (32, True): (22, 130, 25), (64, True): (26, 150, 26), (128, True): (33, 191, 30),
+    (256, True): (46, 266, 39), (512, True): (74, 414, 60), (1024, True): (124, 724, 92),
+    (2048, True): (133, 827, 94), (4096, True): (135, 841, 114),
+    (32, False): (22, 130, 24), (64, False): (26, 158, 30), (128, False): (33, 207, 36),
+    (256, False): (46, 330, 56), (512, False): (74, 598, 91), (1024, False): (125, 1219, 168),
+    (2048, False): (133, 1323, 168), (4096, False): (135, 1321, 168),
+}
 
 
 @functools.lru_cache(maxsize=None)
@@ -772,7 +777,7 @@ def _kwta_triton_forward(p: Plan, groups: int, length: int, k: int) -> None:
     if length <= TRITON_KWTA_MAX_BLOCK:  # _kwta_forward_kernel: one program a group
         block, warps = triton_kwta_config(length)
         per_thread = block // (32 * warps)
-        loop, rest, regs = TRITON_KWTA_COUNT_PASS[block]
+        loop, rest, regs = TRITON_KWTA_COUNT_PASS[block, length == block]
         passes = kwta_count_passes(length, k)
         p.host("triton")
         p.kernel("_kwta_forward_kernel", "inner", hbm=2 * n,

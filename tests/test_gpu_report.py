@@ -333,18 +333,19 @@ def test_kwta_pass_counts_that_drift_from_the_roofline_fail(monkeypatch):
     monkeypatch.setattr(roofline, "CUDA_TC_STEP_OPS", {})
     monkeypatch.setattr(roofline, "TRITON_CONV_STEP_OPS", {})
     found = [SimpleNamespace(kernel=SimpleNamespace(__name__="_kwta_forward_kernel"),
-                             constexprs={"BLOCK": 1024, "UNIT": unit}) for unit in (True, False)]
+                             constexprs={"BLOCK": 1024, "UNIT": unit, "EVEN": False})
+             for unit in (True, False)]
     rows = [Variant("triton", "kwta._kwta_forward_kernel", "fp32", "", 32, 168, 0, 0, 0, 0,
                     loop_ops=ops) for ops in ((124, 1188), (60, 508))]
-    monkeypatch.setattr(roofline, "TRITON_KWTA_COUNT_PASS", {1024: (125, 1200, 168)})
+    monkeypatch.setattr(roofline, "TRITON_KWTA_COUNT_PASS", {(1024, False): (125, 1200, 168)})
     assert gpu_report.check_step_ops("", rows, found) == []
-    monkeypatch.setattr(roofline, "TRITON_KWTA_COUNT_PASS", {1024: (60, 1200, 96),
-                                                             512: (74, 590, 88)})
+    monkeypatch.setattr(roofline, "TRITON_KWTA_COUNT_PASS", {(1024, False): (60, 1200, 96),
+                                                             (1024, True): (124, 724, 92)})
     problems = gpu_report.check_step_ops("", rows, found)
     assert len(problems) == 3, problems
     assert "BLOCK=1024 UNIT (select pass): the roofline charges 60" in problems[0]
     assert "BLOCK=1024 UNIT: the roofline assumes 96 registers" in problems[1]
-    assert "BLOCK=512 UNIT: no such variant" in problems[2]
+    assert "BLOCK=1024 UNIT EVEN: no such variant" in problems[2]
 
 
 def test_step_ops_that_drift_from_the_roofline_fail(monkeypatch):

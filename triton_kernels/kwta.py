@@ -16,9 +16,9 @@ Keys lo <= key <= hi share the bits above bit_length(lo ^ hi), which a select re
 [lo, hi] skips.
 
 Forward, groups of at most _FWD_MAX_BLOCK elements: one launch, one program per group. The
-group is loaded once and kept in registers (32 keys a thread where it has stride 1, 8 else)
-while the counting select finds its k-th largest key; the same program writes out (a key
-compare an element) and the threshold.
+group is loaded once and kept in registers (32 keys a thread where it has stride 1, 8 else;
+no lane masks where L is the block's power of two) while the counting select finds its k-th
+largest key; the same program writes out (a key compare an element) and the threshold.
 Bytes: N*C*L*itemsize read + N*C*L*itemsize written (+ the threshold).
 
 Forward, larger groups (L >= SPLIT_MIN_GROUP): two launches that split each group over many
@@ -66,6 +66,8 @@ compares values: -0 and +0 tie there too.
 Backward: one elementwise launch over (group, element) tiles reading each group's threshold.
 """
 from __future__ import annotations
+
+import itertools
 
 import torch
 import triton
@@ -284,22 +286,30 @@ def _kwta_forward_kernel(
     out_sn, out_sc, out_sl,
     BLOCK: tl.constexpr,
     UNIT: tl.constexpr,
+    EVEN: tl.constexpr,
 ):
     """A group of L <= BLOCK elements held in registers: select, threshold, masked write.
     UNIT: x and out have stride 1 along the group (a thread's elements at constant offsets of
-    one address, int32 lane offsets), else any strides (an int64 address an element)."""
+    one address, int32 lane offsets), else any strides (an int64 address an element). EVEN:
+    L == BLOCK (no lane masks)."""
     group = tl.program_id(0).to(tl.int64)
     n = group // C
     c = group % C
     lanes = tl.arange(0, BLOCK)
-    in_group = lanes < L
     if UNIT:
         x_offs = lanes
         out_offs = lanes
     else:
         x_offs = lanes.to(tl.int64) * x_sl
         out_offs = lanes.to(tl.int64) * out_sl
-    raw = tl.load(x_ptr + (n * x_sn + c * x_sc) + x_offs, mask=in_group, other=0.0)
+    x_row = x_ptr + (n * x_sn + c * x_sc) + x_offs
+    out_row = out_ptr + (n * out_sn + c * out_sc) + out_offs
+    if EVEN:
+        in_group = tl.full([BLOCK], 1, tl.int1)
+        raw = tl.load(x_row)
+    else:
+        in_group = lanes < L
+        raw = tl.load(x_row, mask=in_group, other=0.0)
     keys = _to_key(_f32(raw), absolute)
     key = _select_block(keys, in_group, k, tl.full([], 0, tl.uint32),
                         tl.full([], 0xFFFFFFFF, tl.uint32), tl.full([], 1, tl.int32), L)
@@ -307,7 +317,10 @@ def _kwta_forward_kernel(
     # key(v) >= key(threshold) is _keep(v, threshold): the keys order the values (NaN largest,
     # -0 as +0), one integer compare an element.
     kept = tl.where(keys >= key, raw, tl.zeros_like(raw))
-    tl.store(out_ptr + (n * out_sn + c * out_sc) + out_offs, kept, mask=in_group)
+    if EVEN:
+        tl.store(out_row, kept)
+    else:
+        tl.store(out_row, kept, mask=in_group)
 
 
 @triton.jit(do_not_specialize=["absolute"])
@@ -534,8 +547,8 @@ def _forward_config(length: int, unit: bool = True) -> tuple[int, int]:
     """(BLOCK, num_warps) for groups of ``length`` <= _FWD_MAX_BLOCK elements held in registers:
     32 keys a thread (a warp per 1024 elements), so that a select pass's fixed part (the block
     sum, the bucket update: ~30 instructions) is spread over many keys (sm_90 SASS of the
-    1024-element block: 124 instructions a pass for 32 keys, 85 for 16, 49 for 4; 168
-    registers, 12 programs an SM); groups with strides (``unit`` False: an int64 address a key)
+    1024-element block: 124 instructions a pass for 32 keys, 85 for 16, 49 for 4; 92
+    registers where L == BLOCK (EVEN: no lane masks), 168 with them); groups with strides (``unit`` False: an int64 address a key)
     8 keys a thread, which keeps them out of a stack frame. At most 8 warps."""
     block = max(triton.next_power_of_2(length), _FWD_MIN_BLOCK)
     return block, min(max(block // (1024 if unit else 256), 1), 8)
@@ -594,7 +607,7 @@ def kwta_forward(x: torch.Tensor, k: int, absolute: bool) -> tuple[torch.Tensor,
             x, out, threshold,
             C, L, k, int(absolute),
             *x.stride(), *out.stride(),
-            BLOCK=block, UNIT=unit, num_warps=num_warps,
+            BLOCK=block, UNIT=unit, EVEN=unit and L == block, num_warps=num_warps,
         )
     return out, threshold
 
@@ -682,8 +695,11 @@ def _aot_variants() -> list[tuple]:
                         "list_pos_ptr": "*i32"}
             variants.append((_kwta_filter_kernel, signature(_kwta_filter_kernel, dtype, constexprs, pointers),
                              constexprs, {"num_warps": warps}))
-        for (block, num_warps), unit in sorted(forward):
-            constexprs = {"BLOCK": block, "UNIT": unit}
+        # EVEN (L == BLOCK) with stride-1 groups only: strided ones keep the lane masks.
+        for ((block, num_warps), unit), even in itertools.product(sorted(forward), (True, False)):
+            if even and not unit:
+                continue
+            constexprs = {"BLOCK": block, "UNIT": unit, "EVEN": even}
             variants.append((_kwta_forward_kernel, signature(_kwta_forward_kernel, dtype, constexprs),
                              constexprs, {"num_warps": num_warps}))
         for block_g, block_l in sorted(backward):
