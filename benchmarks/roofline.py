@@ -74,7 +74,7 @@ kwta (csrc/cuda/kwta.cu, triton_kernels/kwta.py)
                threshold), later passes read shared memory; the masked write reads x and writes
                out: 3 reads + 1 write for every case here; ~20 ops/elem per global pass.
   cuda bwd     one elementwise pass: grad + x read, grad_x written: 3n.
-  triton fwd   L <= 4096: one program per group, x in registers (32 keys a thread), a
+  triton fwd   L <= 8192: one program per group, x in registers (32 keys a thread), a
                counting select of one bit a pass (~4 SASS instructions a key a pass, ~15
                passes for 1024 N(0, 1) values: kwta_count_passes runs the loop) and ~37 more
                a key: 2n. Else two launches
@@ -466,12 +466,12 @@ def _triton_per_sm(warps: int) -> int:
 
 
 def triton_kwta_config(length: int) -> tuple[int, int]:
-    """kwta._forward_config, groups of L <= 4096 held in registers: (BLOCK, num_warps)."""
+    """kwta._forward_config, groups of L <= 8192 held in registers: (BLOCK, num_warps)."""
     block = max(_pow2(length), 32)
     return block, min(max(block // 1024, 1), 8)
 
 
-TRITON_KWTA_MAX_BLOCK = 4096  # kwta._FWD_MAX_BLOCK: larger groups take the split path
+TRITON_KWTA_MAX_BLOCK = 8192  # kwta._FWD_MAX_BLOCK: larger groups take the split path
 TRITON_KWTA_SAMPLE = (1024, 4096)  # kwta._SAMPLE_MIN, kwta._SAMPLE
 TRITON_KWTA_CAND_MIN = 16384  # kwta._CAND_MIN
 TRITON_KWTA_BAND_BINS = 1024  # kwta._BAND_BINS
@@ -730,19 +730,21 @@ TRITON_KWTA_SCAN_OPS = 25
 TRITON_KWTA_COUNT_PASS = {
     (32, True): (22, 130, 25), (64, True): (26, 150, 26), (128, True): (33, 191, 30),
     (256, True): (46, 266, 39), (512, True): (74, 414, 60), (1024, True): (124, 724, 92),
-    (2048, True): (133, 827, 94), (4096, True): (135, 841, 114),
+    (2048, True): (133, 827, 94), (4096, True): (135, 841, 114), (8192, True): (140, 892, 94),
     (32, False): (22, 130, 24), (64, False): (26, 158, 30), (128, False): (33, 207, 36),
     (256, False): (46, 330, 56), (512, False): (74, 598, 91), (1024, False): (125, 1219, 168),
     (2048, False): (133, 1323, 168), (4096, False): (135, 1321, 168),
+    (8192, False): (137, 1279, 201),
 }
 
 
 @functools.lru_cache(maxsize=None)
-def kwta_count_passes(length: int, k: int, groups: int = 32) -> float:
+def kwta_count_passes(length: int, k: int) -> float:
     """Mean passes of kwta._select_block's counting select (no bracket: all 32 bits) over
     groups of N(0, 1) float32 values, the benchmarks' data: a bit a pass until the k-th largest
     is the largest or the smallest key of its bucket. The kernel's loop, run on the keys."""
     rng = random.Random(0)
+    groups = max(8, 32768 // length)
     total = 0
     for _ in range(groups):
         keys = []

@@ -398,6 +398,32 @@ def test_backend_listing_and_env():
     assert bad.returncode != 0 and "PYPRUNE_BACKEND must be" in bad.stderr
 
 
+@pytest.mark.parametrize("length", [32, 1024, 5000, 8192])
+def test_triton_register_select(device_backend, length):
+    """Groups held in registers (Triton: up to 8192, the counting select): a power-of-two group
+    (no lane masks), a masked one, the largest block, strided groups; random data (the passes
+    stop early), coarse ties, NaN, -0, and k at both ends."""
+    device, backend = device_backend
+    if backend != "triton":
+        pytest.skip("the Triton register path")
+    from pyprune.triton_kernels import kwta as kernels
+
+    assert length <= kernels._FWD_MAX_BLOCK
+    gen = torch.Generator().manual_seed(length)
+    x = torch.randn(4, length, generator=gen)
+    x[1] = x[1].mul(2).round()  # ties at every threshold
+    x[2, ::5] = float("nan")
+    x[3, ::2] = -0.0
+    for dtype in dtypes_for(backend):
+        xd = x.to(device=device, dtype=dtype)
+        for k in sorted({1, max(1, length // 10), length - 1, length} - {0}):
+            got = pyprune.kwta(xd, k=k)
+            assert _same(got, _expected(xd, k, "sample", False)), (dtype, k)
+        strided = xd.t().contiguous().t()  # stride 4 along the group
+        got = pyprune.kwta(strided, k=max(1, length // 3), absolute=True)
+        assert _same(got, _expected(strided, max(1, length // 3), "sample", True)), dtype
+
+
 @pytest.mark.triton
 def test_triton_group_limit():
     """The Triton kernel's streamed loop counts in int32: larger groups are refused, not looped

@@ -79,9 +79,11 @@ from .cas import on_device
 DIGIT_BITS = tl.constexpr(5)  # radix digits of the streamed select and the bracket
 BINS = tl.constexpr(1 << 5)
 # Forward block sizes: the next power of two of L within these bounds. A group of up to
-# _FWD_MAX_BLOCK elements lives in registers; larger ones take the split path.
+# _FWD_MAX_BLOCK elements lives in registers (a program of 8 warps, ~17 select passes for 8192
+# N(0, 1) values: a shorter chain than the split path's two launches); larger ones take the
+# split path.
 _FWD_MIN_BLOCK = 32
-_FWD_MAX_BLOCK = 4096
+_FWD_MAX_BLOCK = 8192
 # The largest group: the streamed loops' int32 offset (start + lanes) must not overflow.
 MAX_GROUP = 2**31 - 1 - _FWD_MAX_BLOCK
 # Split path (see the module docstring). Tests lower these to run it on small groups.
@@ -547,9 +549,11 @@ def _forward_config(length: int, unit: bool = True) -> tuple[int, int]:
     """(BLOCK, num_warps) for groups of ``length`` <= _FWD_MAX_BLOCK elements held in registers:
     32 keys a thread (a warp per 1024 elements), so that a select pass's fixed part (the block
     sum, the bucket update: ~30 instructions) is spread over many keys (sm_90 SASS of the
-    1024-element block: 124 instructions a pass for 32 keys, 85 for 16, 49 for 4; 92
-    registers where L == BLOCK (EVEN: no lane masks), 168 with them); groups with strides (``unit`` False: an int64 address a key)
-    8 keys a thread, which keeps them out of a stack frame. At most 8 warps."""
+    1024-element block: 124 instructions a pass for 32 keys, 85 for 16, 49 for 4; 92 registers
+    where L == BLOCK (EVEN: no lane masks), 168 with them). Groups with strides (``unit`` False:
+    an int64 address a key) 8 keys a thread up to 2048 elements, which keeps them out of a
+    stack frame. At most 8 warps (8192 elements: 32 keys a thread either way, at most 201
+    registers, no stack frame on sm_80 or sm_90)."""
     block = max(triton.next_power_of_2(length), _FWD_MIN_BLOCK)
     return block, min(max(block // (1024 if unit else 256), 1), 8)
 
