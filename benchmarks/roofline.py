@@ -740,7 +740,7 @@ TRITON_KWTA_COUNT_PASS = {
 
 @functools.lru_cache(maxsize=None)
 def kwta_count_passes(length: int, k: int) -> float:
-    """Mean passes of kwta._select_block's counting select (no bracket: all 32 bits) over
+    """Mean passes of kwta._select_count's counting select (no bracket: all 32 bits) over
     groups of N(0, 1) float32 values, the benchmarks' data: a bit a pass until the k-th largest
     is the largest or the smallest key of its bucket. The kernel's loop, run on the keys."""
     rng = random.Random(0)

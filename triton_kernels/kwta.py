@@ -2,16 +2,17 @@
 
 x is an (N, C, L) view with any strides; each (n, c) row of L elements is a group.
 
-Keys are uint32 (below) whose order is the values'. Two selects of the k-th largest key:
-- in registers (_select_block: a group of at most _FWD_MAX_BLOCK, or a bin's candidates): one
-  bit a pass, by counting the keys at or above the upper half of the current bucket (a compare
-  and an add a key, then a block sum), stopping once the wanted key is the bucket's largest or
-  smallest (then one max reduction finds it): ~log2(L) + 5 passes for spread-out data (15 for
-  1024 N(0, 1) values), 32 at most (ties);
-- streamed from memory (_select_streamed, the split path's rare fallbacks) and the sample's
-  bracket (_bracket): radix passes over digits of 5 bits (a 32-bin tl.histogram costs ~40 sm_90
-  instructions an element, a 256-bin one ~75: 7 passes of 5 bits cost less than 4 of 8), a
-  digit picked by a cumulative count from the top bin: fewer passes, each a read of memory.
+Keys are uint32 (below) whose order is the values'. Selects of the k-th largest key:
+- a group of at most _FWD_MAX_BLOCK in registers (_select_count): one bit a pass, by counting
+  the keys at or above the upper half of the current bucket (a compare and an add a key, then
+  a block sum), stopping once the wanted key is the bucket's largest or smallest (then one max
+  reduction finds it): ~log2(L) + 5 passes for spread-out data (15 for 1024 N(0, 1) values),
+  32 at most (ties). Instructions a key, not passes, bound it: 32 keys a thread;
+- radix passes over digits of 5 bits (a 32-bin tl.histogram costs ~40 sm_90 instructions an
+  element, a 256-bin one ~75: 7 passes of 5 bits cost less than 4 of 8), a digit picked by a
+  cumulative count from the top bin: the split path's bin of candidates in registers
+  (_select_radix: a key or so a thread, where fewer passes mean less latency), the streamed
+  fallback (_select_streamed: each pass a read of memory) and the sample's bracket (_bracket).
 Keys lo <= key <= hi share the bits above bit_length(lo ^ hi), which a select restricted to
 [lo, hi] skips.
 
@@ -183,15 +184,38 @@ def _pick_digit(hist, rank):
 
 
 @triton.jit
-def _select_block(keys, valid, rank, lo, hi, run, count):
+def _select_radix(keys, valid, rank, lo, hi, run):
     """The rank-th largest (1-based) of the valid keys within [lo, hi], held in registers (lo
-    when run is 0); `count` is the number of those keys (the caller knows it). Such keys share the bits of lo above bit_length(lo ^ hi); the rest are
-    found one bit a pass, from the bit's bucket [prefix, prefix + 2^bits): the keys at or above
-    its upper half are counted (a compare and an add an element: no histogram, whose 32 bins
-    cost ~40 instructions an element for 5 bits) and the rank-th largest is in the upper half
-    if at least `need` of them are. The passes stop once the rank-th largest is the bucket's
-    largest or smallest key (for spread-out data after ~log2 of the group's size), which one
-    max reduction then finds; ties run all the bits. The result is the same key either way."""
+    when run is 0), by radix passes of DIGIT_BITS: the split path's bin of at most _BIN_CAP
+    candidates, a key or so a thread, where a pass's latency (its block reductions), not its
+    instructions, counts: 5 bits a pass take fewer passes than _select_count's one."""
+    bits = tl.where(run != 0, _bit_length(lo ^ hi), 0)
+    known = _low_mask(bits) ^ 0xFFFFFFFF
+    prefix = lo & known
+    inside = valid & (keys >= lo) & (keys <= hi)
+    while bits > 0:
+        width = tl.minimum(bits, DIGIT_BITS)
+        shift = (bits - width).to(tl.uint32)
+        match = inside & ((keys & known) == prefix)
+        digits = ((keys >> shift) & _low_mask(width)).to(tl.int32)
+        digit, rank = _pick_digit(tl.histogram(digits, BINS, mask=match), rank)
+        prefix = prefix | (digit.to(tl.uint32) << shift)
+        known = known | (_low_mask(width) << shift)
+        bits -= width
+    return prefix
+
+
+@triton.jit
+def _select_count(keys, valid, rank, lo, hi, run, count):
+    """The rank-th largest (1-based) of the valid keys within [lo, hi], held in registers (lo
+    when run is 0); `count` is the number of those keys (the caller knows it). Such keys share
+    the bits of lo above bit_length(lo ^ hi); the rest are found one bit a pass, from the
+    bit's bucket [prefix, prefix + 2^bits): the keys at or above its upper half are counted
+    (a compare and an add a key: no histogram, whose 32 bins cost ~40 instructions a key for
+    5 bits) and the rank-th largest is in the upper half if at least `need` of them are. The
+    passes stop once the rank-th largest is the bucket's largest or smallest key (for
+    spread-out data after ~log2 of the group's size), which one max reduction then finds; ties
+    run all the bits. The result is the same key either way."""
     bits = tl.where(run != 0, _bit_length(lo ^ hi), 0)
     prefix = lo & (_low_mask(bits) ^ 0xFFFFFFFF)
     # Keys outside the select counted as 0, which no bucket's upper half reaches (it is >= 1;
@@ -219,7 +243,7 @@ def _select_block(keys, valid, rank, lo, hi, run, count):
 
 @triton.jit
 def _select_streamed(src, stride, length, rank, lo, hi, absolute, BLOCK: tl.constexpr):
-    """_select_block over `length` values at src (a stride apart) streamed from memory in
+    """_select_radix over `length` values at src (a stride apart) streamed from memory in
     BLOCK chunks, a pass each digit; no pass when length is 0."""
     bits = tl.where(length > 0, _bit_length(lo ^ hi), 0)
     known = _low_mask(bits) ^ 0xFFFFFFFF
@@ -313,7 +337,7 @@ def _kwta_forward_kernel(
         in_group = lanes < L
         raw = tl.load(x_row, mask=in_group, other=0.0)
     keys = _to_key(_f32(raw), absolute)
-    key = _select_block(keys, in_group, k, tl.full([], 0, tl.uint32),
+    key = _select_count(keys, in_group, k, tl.full([], 0, tl.uint32),
                         tl.full([], 0xFFFFFFFF, tl.uint32), tl.full([], 1, tl.int32), L)
     tl.store(threshold_ptr + group, _exact(_from_key(key), threshold_ptr.dtype.element_ty))
     # key(v) >= key(threshold) is _keep(v, threshold): the keys order the values (NaN largest,
@@ -433,8 +457,7 @@ def _finish_group(
     lv = tl.load(list_row + j, mask=listed, other=0.0)
     lp = tl.load(list_pos_row + j, mask=listed, other=0).to(tl.int64)
     lkeys = _to_key(_f32(lv), absolute)
-    t_small = _select_block(lkeys, listed, rank_b, b_lo, b_hi, small.to(tl.int32),
-                            tl.sum(listed.to(tl.int32), 0))
+    t_small = _select_radix(lkeys, listed, rank_b, b_lo, b_hi, small.to(tl.int32))
     t_big = _select_streamed(cand_row, 1, tl.where(big, n_in, 0), rank_b, b_lo, b_hi, absolute, TAIL)
     t_whole = _select_streamed(x_base, x_sl, tl.where(whole, L, 0), k, tl.full([], 0, tl.uint32),
                                tl.full([], 0xFFFFFFFF, tl.uint32), absolute, TAIL)
