@@ -738,11 +738,30 @@ TRITON_KWTA_COUNT_PASS = {
 }
 
 
+def count_select(keys: list[int], k: int) -> tuple[int, int]:
+    """(the k-th largest key, passes): kwta._select_count's loop on a group's uint32 keys (no
+    bracket: all 32 bits), a bit a pass until the k-th largest is the largest or the smallest
+    key of its bucket, then that key."""
+    prefix, bit, above, pop, need = 0, 32, 0, len(keys), k
+    passes = 0
+    while bit > 0 and need != 1 and need != pop:
+        bit -= 1
+        half = prefix | (1 << bit)
+        upper = sum(key >= half for key in keys) - above
+        if upper >= need:
+            prefix, pop = half, upper
+        else:
+            above, need, pop = above + upper, need - upper, pop - upper
+        passes += 1
+    top = prefix | ((1 << bit) - 1)
+    bucket = [key for key in keys if prefix <= key <= top]
+    return (max(bucket) if need == 1 else min(bucket)) if bit > 0 else prefix, passes
+
+
 @functools.lru_cache(maxsize=None)
 def kwta_count_passes(length: int, k: int) -> float:
-    """Mean passes of kwta._select_count's counting select (no bracket: all 32 bits) over
-    groups of N(0, 1) float32 values, the benchmarks' data: a bit a pass until the k-th largest
-    is the largest or the smallest key of its bucket. The kernel's loop, run on the keys."""
+    """Mean passes of kwta._select_count's counting select (count_select) over groups of
+    N(0, 1) float32 values, the benchmarks' data."""
     rng = random.Random(0)
     groups = max(8, 32768 // length)
     total = 0
@@ -751,16 +770,7 @@ def kwta_count_passes(length: int, k: int) -> float:
         for _ in range(length):
             (bits,) = struct.unpack("<I", struct.pack("<f", rng.gauss(0.0, 1.0)))
             keys.append(bits ^ (0xFFFFFFFF if bits >> 31 else 0x80000000))
-        prefix, bit, above, pop, need = 0, 32, 0, length, k
-        while bit > 0 and need != 1 and need != pop:
-            bit -= 1
-            half = prefix | (1 << bit)
-            upper = sum(key >= half for key in keys) - above
-            if upper >= need:
-                prefix, pop = half, upper
-            else:
-                above, need, pop = above + upper, need - upper, pop - upper
-            total += 1
+        total += count_select(keys, k)[1]
     return total / groups
 
 

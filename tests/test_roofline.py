@@ -326,3 +326,22 @@ def test_readme_prediction_table_is_current():
     shown = readme.split(begin, 1)[1].split(end, 1)[0].strip()
     assert shown == readme_table.predicted_table(harness.RESULTS).strip()
     assert "| kwta | 8x64x32x32 | forward | >= 5x eager |" in shown  # one row per goal case
+
+
+def test_count_select_is_the_kernels_select():
+    """The roofline counts the Triton k-WTA select's passes by running its loop
+    (count_select): that loop finds the k-th largest key, on spread-out keys, ties and a
+    single value, in at most 32 passes, and few for spread-out data."""
+    import random
+
+    rng = random.Random(1)
+    groups = [[rng.getrandbits(32) for _ in range(500)],
+              [rng.choice([7, 7, 9, 2**31, 2**32 - 1]) for _ in range(300)],
+              [5] * 40]
+    for keys in groups:
+        for k in sorted({1, 2, len(keys) // 3, len(keys) - 1, len(keys)}):
+            key, passes = roofline.count_select(keys, k)
+            assert key == sorted(keys)[-k], (k, key)
+            assert passes <= 32
+    assert roofline.count_select(groups[0], 50)[1] <= 16
+    assert 10 < roofline.kwta_count_passes(1024, 102) < 20
