@@ -466,12 +466,21 @@ def _triton_per_sm(warps: int) -> int:
 
 
 def triton_kwta_config(length: int) -> tuple[int, int]:
-    """kwta._forward_config, groups of L <= 8192 held in registers: (BLOCK, num_warps)."""
+    """kwta._forward_config of a stride-1 group held in registers: (BLOCK, num_warps), 32 keys
+    a thread where L is the block (EVEN), 16 else."""
     block = max(_pow2(length), 32)
-    return block, min(max(block // 1024, 1), 8)
+    keys = 32 if length == block else 16
+    return block, min(max(block // (32 * keys), 1), 8)
 
 
-TRITON_KWTA_MAX_BLOCK = 8192  # kwta._FWD_MAX_BLOCK: larger groups take the split path
+def triton_kwta_in_registers(length: int) -> bool:
+    """kwta._in_registers of a stride-1 group: a power of two up to TRITON_KWTA_MAX_BLOCK, any
+    other length up to TRITON_KWTA_MAX_MASKED."""
+    return length <= TRITON_KWTA_MAX_MASKED or length == TRITON_KWTA_MAX_BLOCK
+
+
+TRITON_KWTA_MAX_BLOCK = 8192  # kwta._FWD_MAX_BLOCK
+TRITON_KWTA_MAX_MASKED = 4096  # kwta._FWD_MAX_MASKED: larger groups take the split path
 TRITON_KWTA_SAMPLE = (1024, 4096)  # kwta._SAMPLE_MIN, kwta._SAMPLE
 TRITON_KWTA_CAND_MIN = 16384  # kwta._CAND_MIN
 TRITON_KWTA_BAND_BINS = 1024  # kwta._BAND_BINS
@@ -732,9 +741,8 @@ TRITON_KWTA_COUNT_PASS = {
     (256, True): (46, 266, 39), (512, True): (74, 414, 60), (1024, True): (124, 724, 92),
     (2048, True): (133, 827, 94), (4096, True): (135, 841, 114), (8192, True): (140, 892, 94),
     (32, False): (22, 130, 24), (64, False): (26, 158, 30), (128, False): (33, 207, 36),
-    (256, False): (46, 330, 56), (512, False): (74, 598, 91), (1024, False): (125, 1219, 168),
-    (2048, False): (133, 1323, 168), (4096, False): (135, 1321, 168),
-    (8192, False): (137, 1279, 201),
+    (256, False): (46, 330, 56), (512, False): (74, 598, 91), (1024, False): (85, 635, 95),
+    (2048, False): (87, 641, 95), (4096, False): (86, 634, 108),
 }
 
 
@@ -786,7 +794,7 @@ def _kwta_triton_forward(p: Plan, groups: int, length: int, k: int) -> None:
         """Radix passes over a block in registers: histogram work and the digit picks."""
         return passes * (elements * ops / lane_rate(warps) + picks * p.lat("tile_reduce"))
 
-    if length <= TRITON_KWTA_MAX_BLOCK:  # _kwta_forward_kernel: one program a group
+    if triton_kwta_in_registers(length):  # _kwta_forward_kernel: one program a group
         block, warps = triton_kwta_config(length)
         per_thread = block // (32 * warps)
         loop, rest, regs = TRITON_KWTA_COUNT_PASS[block, length == block]

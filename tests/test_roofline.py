@@ -247,19 +247,21 @@ def test_written_out_triton_configs_match_the_launchers():
     thresholds."""
     from pyprune.triton_kernels import kwta, sap
 
-    for length in (1, 37, 1024, 8192, 16383, 16384, 16385, 65536, 802816, 10**6):
+    for length in (1, 37, 1000, 1024, 4096, 4097, 5000, 8191, 8192, 16383, 16384, 16385, 65536, 802816, 10**6):
         for draws in (1, 255, length, 2**24):
             cfg = roofline.triton_sap_config(length, draws)
             assert (cfg["E"], cfg["D"]) == sap._chunk_sizes(length, draws), (length, draws)
             assert cfg["DT"] == sap._DT and cfg["BLOCK"] == sap._BERNOULLI_BLOCK
             assert cfg["SLOTS"] == sap._SLOTS and cfg["warps"] == sap._WARPS
-        if length <= kwta._FWD_MAX_BLOCK:
+        assert roofline.triton_kwta_in_registers(length) == kwta._in_registers(length), length
+        if kwta._in_registers(length):
             assert roofline.triton_kwta_config(length) == kwta._forward_config(length)
         for groups in (1, 8, 32, 128):
             sample, _, sample_warps, block, warps = kwta._split_config(groups, length)
             assert roofline.triton_kwta_split_config(groups, length) == (
                 sample, sample_warps, block, warps), (groups, length)
     assert roofline.TRITON_KWTA_MAX_BLOCK == kwta._FWD_MAX_BLOCK
+    assert roofline.TRITON_KWTA_MAX_MASKED == kwta._FWD_MAX_MASKED
     assert roofline.TRITON_KWTA_SAMPLE == (kwta._SAMPLE_MIN, kwta._SAMPLE)
     assert (roofline.TRITON_KWTA_CAND_MIN, roofline.TRITON_KWTA_BAND_BINS,
             roofline.TRITON_KWTA_BIN_CAP, roofline.TRITON_KWTA_TAIL) == (

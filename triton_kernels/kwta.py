@@ -68,8 +68,6 @@ Backward: one elementwise launch over (group, element) tiles reading each group'
 """
 from __future__ import annotations
 
-import itertools
-
 import torch
 import triton
 import triton.language as tl
@@ -79,16 +77,19 @@ from .cas import on_device
 
 DIGIT_BITS = tl.constexpr(5)  # radix digits of the streamed select and the bracket
 BINS = tl.constexpr(1 << 5)
-# Forward block sizes: the next power of two of L within these bounds. A group of up to
-# _FWD_MAX_BLOCK elements lives in registers (a program of 8 warps, ~17 select passes for 8192
-# N(0, 1) values: a shorter chain than the split path's two launches); larger ones take the
-# split path.
+# Forward block sizes: the next power of two of L within these bounds. A group held in
+# registers (_in_registers): a power of two of up to _FWD_MAX_BLOCK elements with stride 1 (a
+# program of up to 8 warps, 32 keys a thread; ~17 select passes for 8192 N(0, 1) values, a
+# shorter chain than the split path's two launches), any other of up to _FWD_MAX_MASKED (16
+# keys a thread, 8 if strided: lane masks and int64 addresses take registers, and fewer keys
+# keep 25% occupancy); larger ones take the split path.
 _FWD_MIN_BLOCK = 32
 _FWD_MAX_BLOCK = 8192
+_FWD_MAX_MASKED = 4096
 # The largest group: the streamed loops' int32 offset (start + lanes) must not overflow.
 MAX_GROUP = 2**31 - 1 - _FWD_MAX_BLOCK
 # Split path (see the module docstring). Tests lower these to run it on small groups.
-SPLIT_MIN_GROUP = _FWD_MAX_BLOCK + 1  # groups of at least this many elements take it
+SPLIT_MIN_GROUP = _FWD_MAX_BLOCK + 1  # groups of at least this many take it (and _in_registers' others)
 _SPLIT_MIN_BLOCK = 1024  # smallest chunk of the filter pass
 _SPLIT_MAX_BLOCK = 2048  # (4096 with the last program's code spills at 8 warps)
 _SPLIT_TARGET_PROGRAMS = 2 * 132  # twice an H100/H200's SMs: chunks shrink until a pass has these
@@ -568,17 +569,25 @@ def _kwta_backward_kernel(
              tl.where(keep, grad, 0.0).to(grad.dtype), mask=mask)
 
 
+def _in_registers(length: int, unit: bool = True) -> bool:
+    """Whether a group of ``length`` elements (``unit``: stride 1 in x and out) is held in
+    registers by _kwta_forward_kernel (else the split path)."""
+    if length >= SPLIT_MIN_GROUP:
+        return False
+    return length <= _FWD_MAX_MASKED or (unit and length == _FWD_MAX_BLOCK)
+
+
 def _forward_config(length: int, unit: bool = True) -> tuple[int, int]:
-    """(BLOCK, num_warps) for groups of ``length`` <= _FWD_MAX_BLOCK elements held in registers:
-    32 keys a thread (a warp per 1024 elements), so that a select pass's fixed part (the block
-    sum, the bucket update: ~30 instructions) is spread over many keys (sm_90 SASS of the
-    1024-element block: 124 instructions a pass for 32 keys, 85 for 16, 49 for 4; 92 registers
-    where L == BLOCK (EVEN: no lane masks), 168 with them). Groups with strides (``unit`` False:
-    an int64 address a key) 8 keys a thread up to 2048 elements, which keeps them out of a
-    stack frame. At most 8 warps (8192 elements: 32 keys a thread either way, at most 201
-    registers, no stack frame on sm_80 or sm_90)."""
+    """(BLOCK, num_warps) for groups of ``length`` elements held in registers. Keys a thread:
+    32 where L is the block's power of two and the group has stride 1 (EVEN and UNIT: no lane
+    masks), so that a select pass's fixed part (the block sum, the bucket update: ~30
+    instructions) is spread over many keys (sm_90 SASS of the 1024-element block: 124
+    instructions a pass for 32 keys, 85 for 16, 49 for 4; 92 registers); 16 with lane masks
+    (32 would take 168 registers: 19% occupancy); 8 for strided groups (an int64 address a
+    key, which 16 keys would move into a stack frame at 2048). At most 8 warps."""
     block = max(triton.next_power_of_2(length), _FWD_MIN_BLOCK)
-    return block, min(max(block // (1024 if unit else 256), 1), 8)
+    keys = 32 if unit and length == block else 16 if unit else 8
+    return block, min(max(block // (32 * keys), 1), 8)
 
 
 def _split_config(groups: int, length: int) -> tuple[int, int, int, int, int]:
@@ -624,10 +633,10 @@ def kwta_forward(x: torch.Tensor, k: int, absolute: bool) -> tuple[torch.Tensor,
     threshold = x.new_empty((N, C))
     if x.numel() == 0:
         return out, threshold
-    if L >= SPLIT_MIN_GROUP or L > _FWD_MAX_BLOCK:
+    unit = x.stride(2) == 1 and out.stride(2) == 1
+    if not _in_registers(L, unit):
         _split_forward(x, k, int(absolute), out, threshold)
         return out, threshold
-    unit = x.stride(2) == 1 and out.stride(2) == 1
     block, num_warps = _forward_config(L, unit)
     with on_device(x):
         _kwta_forward_kernel[(N * C,)](
@@ -701,8 +710,9 @@ def _aot_variants() -> list[tuple]:
 
     Configs change only at powers of two of L (and, for the split path's chunk, of the number
     of groups), so sampling L = 2**i and the smallest and a large group count covers them all."""
-    forward = {(_forward_config(1 << i, unit), unit) for i in range(_FWD_MAX_BLOCK.bit_length())
-               for unit in (True, False)}
+    forward = {(*_forward_config(length, unit), unit, _forward_config(length, unit)[0] == length)
+               for i in range(_FWD_MAX_BLOCK.bit_length()) for length in (1 << i, (1 << i) - 1)
+               for unit in (True, False) if length >= 1 and _in_registers(length, unit)}
     backward = {_backward_config(1 << i) for i in range(_BWD_TILE.bit_length())}
     # The split path's configs: SAMPLE and chunk blocks are powers of two within bounds.
     split = {_split_config(groups, 1 << i) for i in range(SPLIT_MIN_GROUP.bit_length() - 1, 32)
@@ -723,7 +733,7 @@ def _aot_variants() -> list[tuple]:
             variants.append((_kwta_filter_kernel, signature(_kwta_filter_kernel, dtype, constexprs, pointers),
                              constexprs, {"num_warps": warps}))
         # EVEN (L == BLOCK) with stride-1 groups only: strided ones keep the lane masks.
-        for ((block, num_warps), unit), even in itertools.product(sorted(forward), (True, False)):
+        for block, num_warps, unit, even in sorted(forward):
             if even and not unit:
                 continue
             constexprs = {"BLOCK": block, "UNIT": unit, "EVEN": even}
