@@ -7,6 +7,15 @@
 # model's predictions in the summary); bundles benchmarks/results/<gpu>/ and the log into
 # $OUT/results.tar.gz when OUT is set. Each stage has a time limit so the whole run ends within
 # 9 minutes.
+#
+# Time is what the GPU machine is short of, so: the tests run on pytest-xdist's workers where the
+# machine has xdist (PYTEST_WORKERS, default 8); beside the tests, one process runs every
+# benchmark case once (`python -m benchmarks --warm-only`) so that torch.compile's graphs and
+# the Triton kernels are in their on-disk caches before anything is timed (it is stopped before
+# the first timed case); the benchmark time left is shared among the ops by their numbers of
+# cases. GPU_STAGES (default "tests sanitizers bench") picks stages; GPU_RESUME=1 keeps the
+# cases a results CSV already holds in full (python -m benchmarks --resume), so a second run
+# finishes the benchmarks that a first one ran out of time for.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -46,11 +55,41 @@ stage() {  # stage NAME SECONDS CMD...
   return "$rc"
 }
 
+STAGES=" ${GPU_STAGES:-tests sanitizers bench} "
+wants() { [[ "$STAGES" == *" $1 "* ]]; }
+
 export PYPRUNE_CUDA=1 MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0+PTX}
-stage build 240 $PY setup.py build_ext --inplace || { echo "build failed"; exit 1; }
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu,utilization.gpu \
+  --format=csv 2>/dev/null
+stage build 200 $PY setup.py build_ext --inplace || { echo "build failed"; exit 1; }
+
+# Beside the tests: every benchmark case once, to fill the compile caches (see the header).
+# Two processes: the convolution's cases (about half of all) and the other ops'. Without the
+# tests (a second run on the same machine) there is nothing to hide the warm-up behind.
+warm_pids=()
+warm_logs=()
+if wants bench && wants tests; then
+  echo "== warm-up of the benchmarks' compile caches, in the background"
+  for group in "--op kwta --op sap --op noise --op cas" "--op masked_conv"; do
+    warm_logs+=("$(mktemp)")
+    # shellcheck disable=SC2086  # the group is a list of arguments
+    TORCHINDUCTOR_COMPILE_THREADS=4 $PY -m benchmarks --device cuda --warm-only $group \
+      >"${warm_logs[-1]}" 2>&1 &
+    warm_pids+=($!)
+  done
+fi
+
 # The whole test suite, the tests that need a CUDA device first; failures reported, up to 20.
-stage tests-gpu 100 .ci/pytest_strict $PY -m pytest tests -q -m gpu --maxfail=20 -p no:cacheprovider
-stage tests-rest 60 .ci/pytest_strict $PY -m pytest tests -q -m "not gpu" --maxfail=20 -p no:cacheprovider
+xdist=()
+if $PY -c "import xdist" 2>/dev/null; then
+  xdist=(-n "${PYTEST_WORKERS:-8}")
+fi
+if wants tests; then
+  TORCHINDUCTOR_COMPILE_THREADS=1 stage tests-gpu 150 .ci/pytest_strict $PY -m pytest tests -q \
+    -m gpu --maxfail=20 --tb=short -p no:cacheprovider "${xdist[@]}"
+  TORCHINDUCTOR_COMPILE_THREADS=1 stage tests-rest 40 .ci/pytest_strict $PY -m pytest tests -q \
+    -m "not gpu" --maxfail=20 --tb=short -p no:cacheprovider "${xdist[@]}"
+fi
 # compute-sanitizer's four tools, each over its own smoke run, side by side: the GPU holds all
 # four processes, so the stage costs the slowest tool's time rather than the sum, which the
 # deadline could not afford before the benchmarks.
@@ -79,16 +118,37 @@ sanitizers() {  # sanitizers SECONDS
   done
   rm -rf "$logs"
 }
-sanitizers 75
-# One process per op, each given an equal share of the time left (the CSV of an op is written
-# after each of its cases, so an op stopped by its limit keeps the cases it finished).
-ops=(kwta sap noise cas masked_conv)
-for i in "${!ops[@]}"; do
-  left=$((DEADLINE - RESERVE - SECONDS))
-  share=$((left / (${#ops[@]} - i)))
-  [ "$share" -ge 10 ] || share=$left  # too little to share: what is left to this op
-  stage "bench-${ops[$i]}" "$share" $PY -m benchmarks --device cuda --op "${ops[$i]}"
+wants sanitizers && sanitizers 60
+
+for i in "${!warm_pids[@]}"; do  # nothing may run beside the timed benchmarks
+  if kill -0 "${warm_pids[$i]}" 2>/dev/null; then
+    echo "== warm-up $i still running at the benchmarks' start: stopped"
+    kill "${warm_pids[$i]}" 2>/dev/null
+  fi
+  wait "${warm_pids[$i]}" 2>/dev/null
+  sed "s/^/[warm $i] /" "${warm_logs[$i]}" | tail -n 30
+  rm -f "${warm_logs[$i]}"
 done
+# One process per op, each given a share of the time left by its number of cases (the CSV of an
+# op is written after each of its cases, so an op stopped by its limit keeps the cases it
+# finished).
+ops=(kwta sap noise cas masked_conv)
+resume=()
+[ "${GPU_RESUME:-0}" = 1 ] && resume=(--resume)
+if wants bench; then
+  declare -A ncases
+  for op in "${ops[@]}"; do
+    ncases[$op]=$($PY -c "from benchmarks import $op; print(len($op.CASES))" 2>/dev/null || echo 1)
+  done
+  for i in "${!ops[@]}"; do
+    left=$((DEADLINE - RESERVE - SECONDS))
+    total=0
+    for op in "${ops[@]:$i}"; do total=$((total + ncases[$op])); done
+    share=$((left * ncases[${ops[$i]}] / total))
+    [ "$share" -ge 10 ] || share=$left  # too little to share: what is left to this op
+    stage "bench-${ops[$i]}" "$share" $PY -m benchmarks --device cuda --op "${ops[$i]}" "${resume[@]}"
+  done
+fi
 
 gpu=$($PY -c "from benchmarks.harness import device_dir; print(device_dir('cuda'))" 2>/dev/null)
 if [ -n "${OUT:-}" ] && [ -n "$gpu" ] && [ -d "benchmarks/results/$gpu" ]; then

@@ -1,9 +1,15 @@
-"""``python -m benchmarks [--op OP ...] [--device cpu|cuda] [--quick] [--out DIR]``
+"""``python -m benchmarks [--op OP ...] [--device cpu|cuda] [--quick] [--out DIR] [--resume]
+[--warm-only]``
 
 Measures every case x provider x mode of each op, prints one table per case, and writes
 ``<out>/<device>/<op>.csv`` with ``<op>.png`` plus ``copy.csv`` (the copy-bandwidth baseline).
 ``--quick`` runs only the quick cases with a shorter time budget and, unless ``--out`` is given,
 writes under the system's temporary directory, so it never overwrites stored results.
+``--resume`` keeps the cases an op's CSV already holds in full (same device, every provider and
+mode) and measures the others: a run stopped by a time limit goes on where it stopped.
+``--warm-only`` times nothing and writes nothing: it runs every provider of every case and mode
+once, so that torch.compile's and Triton's on-disk caches hold their kernels before a timed run
+(``make gpu`` runs it beside the tests).
 """
 from __future__ import annotations
 
@@ -33,9 +39,16 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="quick cases, short time budget")
     parser.add_argument("--out", type=Path, help="results folder (default: benchmarks/results; "
                         "with --quick, pyprune-benchmarks in the temporary folder)")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the cases an op's CSV already holds in full, measure the rest")
+    parser.add_argument("--warm-only", action="store_true",
+                        help="run every provider once (fills the compile caches); time nothing")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no CUDA device here")
+    if args.warm_only:
+        warm(ops, args.op or sorted(ops), torch.device(args.device), args.quick)
+        return
     out = args.out or (Path(tempfile.gettempdir()) / "pyprune-benchmarks" if args.quick
                        else harness.RESULTS)
 
@@ -57,6 +70,12 @@ def main() -> None:
         )
         rows: list[Row] = []
         csv_path = folder / f"{op}.csv"
+        if args.resume:
+            rows, done = harness.complete_cases(csv_path, info, [c.label for c in cases])
+            if done:
+                print(f"{op}: resuming, {len(done)} of {len(cases)} cases kept from {csv_path}")
+            cases = [c for c in cases if c.label not in done]
+            progress.advance(len(done) * len(harness.MODES) * len(harness.providers(args.device)))
         for case in cases:
             case_rows = harness.run_case(info, op, harness.setup_of(op, ops[op]), case, progress)
             progress.write(format_case(op, case, case_rows, copy.gbps))
@@ -67,6 +86,16 @@ def main() -> None:
         png = harness.plot_csv(csv_path)
         print(f"wrote {csv_path} and {png}")
     print(f"done in {time.perf_counter() - started:.0f} s")
+
+
+def warm(ops: dict, names: list[str], device: torch.device, quick: bool) -> None:
+    """Run every provider of every case and mode of the ops ``names`` once, timing nothing."""
+    started = time.perf_counter()
+    for op in names:
+        setup = harness.setup_of(op, ops[op])
+        for case in [c for c in ops[op].CASES if c.quick or not quick]:
+            harness.warm_case(op, setup, case, device)
+        print(f"warm: {op} done at {time.perf_counter() - started:.0f} s", flush=True)
 
 
 def format_case(op: str, case: harness.Case, rows: list[Row], copy_gbps: float) -> str:

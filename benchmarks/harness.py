@@ -491,6 +491,35 @@ def run_case(info: RunInfo, op: str, setup: Setup, case: Case,
     return rows
 
 
+def warm_case(op: str, setup: Setup, case: Case, device: torch.device) -> None:
+    """Run every provider x mode of one case once, as ``run_case`` would before timing, and
+    time nothing: torch.compile's graphs and the Triton kernels land in their on-disk caches,
+    which a later process's ``run_case`` then reads instead of compiling. A provider that fails
+    is reported and skipped: the timed run reports it again."""
+    torch._dynamo.reset()
+    for mode in MODES:
+        for provider in providers(device.type):
+            try:
+                synchronized(setup(case, provider, mode, device).fn, device)()
+            except Exception as e:  # noqa: BLE001 - reported; the timed run raises it again
+                print(f"warm: {op} {case.label} {mode} {provider}: {type(e).__name__}: {e}",
+                      flush=True)
+
+
+def complete_cases(path: Path, info: RunInfo, labels: Sequence[str]) -> tuple[list[Row], set[str]]:
+    """The rows of ``path`` (if it exists) for the cases among ``labels`` that it holds in full
+    on ``info``'s device (every provider and mode), and those cases' labels."""
+    if not path.exists():
+        return [], set()
+    want = {(p, m) for p in providers(info.device.type) for m in MODES}
+    by_case: dict[str, list[Row]] = {}
+    for row in read_csv(path):
+        if row.device == info.device_name and row.shape in labels:
+            by_case.setdefault(row.shape, []).append(row)
+    done = {label for label, rs in by_case.items() if {(r.provider, r.mode) for r in rs} >= want}
+    return [r for label in labels if label in done for r in by_case[label]], done
+
+
 class Progress:
     """A tqdm bar, or one stderr line per item where tqdm is not installed."""
 
@@ -504,10 +533,10 @@ class Progress:
         else:
             print(f"[{self._done + 1}/{self._total}] {text}", file=sys.stderr, flush=True)
 
-    def advance(self) -> None:
-        self._done += 1
+    def advance(self, n: int = 1) -> None:
+        self._done += n
         if self._bar is not None:
-            self._bar.update()
+            self._bar.update(n)
 
     def write(self, text: str) -> None:
         if self._bar is not None:
