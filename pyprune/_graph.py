@@ -316,6 +316,17 @@ class _Groups:
     offset: dict
     label: Tensor
     frozen: Tensor
+    copies: dict = field(default_factory=dict)
+
+    def on(self, device: Optional[torch.device]) -> tuple[Tensor, Tensor]:
+        """(label, frozen) on ``device``, copied there once: a later call (a budget loss every
+        step, a CUDA graph capture of it) makes no host-to-device copy."""
+        if device is None or torch.device(device).type == "cpu":
+            return self.label, self.frozen
+        key = str(device)
+        if key not in self.copies:
+            self.copies[key] = (self.label.to(device), self.frozen.to(device))
+        return self.copies[key]
 
 
 _GROUPS: "weakref.WeakKeyDictionary[fx.GraphModule, _Groups]" = weakref.WeakKeyDictionary()
@@ -467,13 +478,14 @@ def analyse(gm: fx.GraphModule, mask_of: Callable[[nn.Module], Tensor],
     # Groups: the most any of their channels is alive and needed, 1 if frozen.
     sizes = {n: len(v) for n, v in flow.alive.items()}
     groups = _groups(gm, nodes, kinds, modules, sizes)
-    flow.offset, flow.label = groups.offset, groups.label.to(opts.get("device"))
+    label, frozen = groups.on(opts.get("device"))
+    flow.offset, flow.label = groups.offset, label
     members = [flow.alive[n] * flow.needed[n] for n in nodes if n in groups.offset]
     if members:
         value = torch.cat(members)
         keep = torch.zeros(len(value), **opts).scatter_reduce(0, flow.label, value, "amax",
                                                               include_self=False)
-        flow.keep = torch.where(groups.frozen.to(keep.device), torch.ones_like(keep), keep)
+        flow.keep = torch.where(frozen, torch.ones_like(keep), keep)
     else:
         flow.keep = torch.zeros(0, **opts)
     return flow
