@@ -275,9 +275,9 @@ def test_aot_compile_fails_on_a_spill(monkeypatch):
                         lambda v, arch: type("C", (), {"asm": {"cubin": bytes([arch])}})())
     monkeypatch.setattr(aot, "cubin_resources",
                         lambda cubin: (128, 8, 0) if cubin == bytes([80]) else (100, 0, 0))
-    index, arch, error, _ = aot._compile_one((0, 80))
-    assert (index, arch) == (0, 80) and "spills on sm_80: 8 B stack frame" in error
-    assert aot._compile_one((0, 90))[2] is None
+    index, arch, ones, error, _ = aot._compile_one((0, 80, False))
+    assert (index, arch, ones) == (0, 80, False) and "spills on sm_80: 8 B stack frame" in error
+    assert aot._compile_one((0, 90, False))[3] is None
 
 
 # A kernel's SASS (cuobjdump -sass): a prologue, then a K loop (0x0040 .. 0x00c0) holding a

@@ -46,3 +46,35 @@ def test_every_kernel_has_aot_entries():
     found, missing = aot.variants()
     assert not missing, f"kernels without an entry in their module's AOT list: {missing}"
     assert found, "no Triton kernel variants registered"
+
+
+@pytest.mark.skipif(_SKIP is not None, reason=_SKIP or "")
+def test_ones_specialization_is_compiled():
+    """A launch turns integer arguments equal to 1 into constants: the "ones" compile does the
+    same, so a kernel that calls a tensor method on such an argument fails here, not on a GPU."""
+    import triton
+    import triton.language as tl
+
+    from pyprune.triton_kernels import aot
+
+    @triton.jit
+    def _scale_kernel(x_ptr, L, BLOCK: tl.constexpr):
+        lanes = tl.arange(0, BLOCK)
+        tl.store(x_ptr + lanes, tl.load(x_ptr + lanes) / L.to(tl.float32))
+
+    @triton.jit
+    def _scale_ok_kernel(x_ptr, L, BLOCK: tl.constexpr):
+        lanes = tl.arange(0, BLOCK)
+        tl.store(x_ptr + lanes, tl.load(x_ptr + lanes) / (L * 1.0))
+
+    for kernel, fails in ((_scale_kernel, True), (_scale_ok_kernel, False)):
+        variant = aot.Variant("test", kernel, aot.signature(kernel, "fp32", {"BLOCK": 64}),
+                              {"BLOCK": 64}, {"num_warps": 1})
+        aot.compile_variant(variant, 90)  # as written: L a tensor
+        ones = aot.with_ones(variant)
+        assert ones.constexprs["L"] == 1 and ones.signature["L"] == "constexpr"
+        if fails:
+            with pytest.raises(Exception, match="to"):
+                aot.compile_variant(ones, 90)
+        else:
+            aot.compile_variant(ones, 90)

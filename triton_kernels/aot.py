@@ -15,6 +15,12 @@ is reported as a failure, so a new op cannot skip this check by omission.
 
 A variant fails when it does not compile or when its cubin has a stack frame or local memory
 (register spills or local arrays: ``cuobjdump --dump-resource-usage``), on any architecture.
+
+A launch specializes every integer argument equal to 1 into a constant (unless the kernel lists
+it in ``do_not_specialize``): the kernel then sees a Python int where it was written for a
+tensor (``L.to(...)`` fails to compile; a loop-carried variable changes type). The interpreter
+never specializes, so each variant is also compiled for sm_90 with all of those arguments 1
+("ones" in the report): a kernel must compile for any of them being 1.
 Prints one line per variant and architecture; exits 1 if any failed.
 """
 from __future__ import annotations
@@ -99,6 +105,17 @@ def variants() -> tuple[list[Variant], list[str]]:
     return found, missing
 
 
+def with_ones(variant: Variant) -> Variant:
+    """The variant as a launch with every specializable integer argument equal to 1 compiles it
+    (those arguments become constexpr 1)."""
+    params = {p.name: p for p in variant.kernel.params}
+    ones = {name: 1 for name, kind in variant.signature.items()
+            if kind in ("i32", "i64") and not params[name].do_not_specialize}
+    signature = {name: "constexpr" if name in ones else kind
+                 for name, kind in variant.signature.items()}
+    return variant._replace(signature=signature, constexprs={**variant.constexprs, **ones})
+
+
 def compile_variant(variant: Variant, arch: int):
     """triton.compile of one variant for sm_<arch>; returns the compiled kernel."""
     import triton
@@ -141,20 +158,24 @@ def cubin_resources(cubin: bytes) -> tuple[int, int, int]:
     return int(m[1]), int(m[2]), int(m[3])
 
 
-def _compile_one(job: tuple[int, int]) -> tuple[int, int, str | None, float]:
-    index, arch = job
+# (variant index, arch, ones): ones compiles the variant with_ones, checked for compiling only.
+Job = tuple[int, int, bool]
+
+
+def _compile_one(job: Job) -> tuple[int, int, bool, str | None, float]:
+    index, arch, ones = job
     variant = variants()[0][index]
     start = time.perf_counter()
     try:
-        compiled = compile_variant(variant, arch)
+        compiled = compile_variant(with_ones(variant) if ones else variant, arch)
         regs, stack, local = cubin_resources(compiled.asm["cubin"])
         error = None
-        if stack or local:
+        if (stack or local) and not ones:
             error = (f"{variant.describe()}: spills on sm_{arch}: {stack} B stack frame, "
                      f"{local} B local memory ({regs} registers)\n")
     except Exception:  # noqa: BLE001 - every failure is reported, none stops the run
         error = traceback.format_exc()
-    return index, arch, error, time.perf_counter() - start
+    return index, arch, ones, error, time.perf_counter() - start
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -172,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in missing:
         print(f"FAIL  {name}: no entry in its module's AOT list", flush=True)
 
-    jobs = [(i, arch) for arch in args.arch for i in range(len(found)) if arch in found[i].archs]
+    jobs = [(i, arch, False) for arch in args.arch for i in range(len(found)) if arch in found[i].archs]
+    jobs += [(i, 90, True) for i in range(len(found)) if 90 in found[i].archs and 90 in args.arch]
     start = time.perf_counter()
     if args.jobs > 1 and len(jobs) > 1:
         # Workers find the function by its module's import name; under `python -m` this
@@ -191,9 +213,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _report(found: list[Variant], results) -> int:
     failures = 0
-    for index, arch, error, seconds in results:
+    for index, arch, ones, error, seconds in results:
         status = "ok  " if error is None else "FAIL"
-        print(f"{status}  sm_{arch}  {found[index].describe()}  ({seconds:.2f} s)", flush=True)
+        what = f"sm_{arch} ones" if ones else f"sm_{arch}"
+        print(f"{status}  {what}  {found[index].describe()}  ({seconds:.2f} s)", flush=True)
         if error is not None:
             failures += 1
             print(error, file=sys.stderr, flush=True)

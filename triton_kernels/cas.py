@@ -170,7 +170,7 @@ def _cas_logits_kernel(
     cmask = cc < C
     ks = tl.arange(0, BLOCK_K).to(tl.int64)
     ss = tl.arange(0, BLOCK_S).to(tl.int64)
-    inv_l = 1.0 / L.to(tl.float32)
+    inv_l = 1.0 / (L * 1.0)  # (L may be a constexpr 1: a launch specializes it)
     lg = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
     k0 = 0
     while k0 < K:
@@ -252,7 +252,7 @@ def _cas_backward_kernel(
     tl.device_assert((index >= 0) & (index < C), "cas backward: index out of range")
     m = tl.load(w_ptr + index * w_sc + kk * w_sk, mask=kmask, other=0.0).to(tl.float32)
     # a = grad_logits[n] @ weight[:, kk]: the logits' gradient, spread over the channel.
-    a = tl.load(a_ptr + n * K + kk, mask=kmask, other=0.0) / L.to(tl.float32)
+    a = tl.load(a_ptr + n * K + kk, mask=kmask, other=0.0) / (L * 1.0)
     g32 = g.to(tl.float32)
     tl.store(gx_ptr + n * gx_sn + kk[:, None] * gx_sk + ll[None, :] * gx_sl,
              _round(g32 * m[:, None] + a[:, None], g.dtype), mask=mask)

@@ -246,6 +246,7 @@ def _select_count(keys, valid, rank, lo, hi, run, count):
 def _select_streamed(src, stride, length, rank, lo, hi, absolute, BLOCK: tl.constexpr):
     """_select_radix over `length` values at src (a stride apart) streamed from memory in
     BLOCK chunks, a pass each digit; no pass when length is 0."""
+    rank = rank + tl.zeros([], dtype=tl.int32)  # a tensor across the loop (k may be a constexpr 1)
     bits = tl.where(length > 0, _bit_length(lo ^ hi), 0)
     known = _low_mask(bits) ^ 0xFFFFFFFF
     prefix = lo & known

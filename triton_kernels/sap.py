@@ -121,7 +121,7 @@ def _keep_probability(p, r):
     float rounding), else by log(1 - p) with Goldberg's correction (-p / (u - 1)), which keeps
     full relative accuracy. A block whose p are all small (every element of a sample of more
     than ~200 similar values) skips the log and its division: ~25 instructions an element."""
-    rf = r.to(tl.float32)
+    rf = r * 1.0  # (r may be a constexpr 1: a launch specializes it)
     series = -p * (1.0 + p * (0.5 + p * (1.0 / 3 + p * (0.25 + p * 0.2))))
     if tl.max(tl.where(p < _SMALL_P, 0.0, 1.0)) == 0.0:
         q = _q_from_log1p(series, p, rf)
@@ -183,7 +183,7 @@ def _sap_partials_kernel(
     else:
         key, stream = load_seed(seed_ptr, seed_k0, seed_k1, seed_s0, seed_s1)
         b = (c - K).to(tl.int64)
-        base = n * (r.to(tl.int64) + 1)
+        base = n * (r + tl.zeros([], tl.int64) + 1)
         first = (base >> 2) * 4 + b * D
         acc = tl.zeros([], dtype=tl.float32)
         t = b * 0
@@ -269,7 +269,7 @@ def _sap_merge_kernel(
     slot = tl.program_id(0)
     pos_ptr = scratch_ptr + slot.to(tl.int64) * (2 * E)
     hit_ptr = pos_ptr + E
-    r64 = r.to(tl.int64)
+    r64 = r + tl.zeros([], tl.int64)  # (r may be a constexpr 1)
     item = slot
     while item < items:
         n = (item // K).to(tl.int64)
