@@ -314,7 +314,8 @@ inline Compacted compact(const at::Tensor& x, const at::Tensor& weight,
 // zeros and index_copy (devices without a fused version; no host synchronisation).
 inline at::Tensor scatter_channels(const at::Tensor& y, const at::Tensor& index, int64_t channels,
                                    at::MemoryFormat format) {
-  at::Tensor out = at::zeros({y.size(0), channels, y.size(2), y.size(3)}, y.options().memory_format(format));
+  // at::empty takes the layout (at::zeros drops an options' memory format).
+  at::Tensor out = at::empty({y.size(0), channels, y.size(2), y.size(3)}, y.options(), format).zero_();
   out.index_copy_(1, index, y);
   return out;
 }
