@@ -13,7 +13,9 @@
 # benchmark case once (`python -m benchmarks --warm-only`) so that torch.compile's graphs and
 # the Triton kernels are in their on-disk caches before anything is timed (it is stopped before
 # the first timed case); the benchmark time left is shared among the ops by their numbers of
-# cases. GPU_STAGES (default "tests sanitizers bench") picks stages; GPU_RESUME=1 keeps the
+# cases, less a minute for `python -m benchmarks.kernel_times` (each case's GPU busy time by
+# kernel against its span), then the CPU tests take what is left. GPU_STAGES (default "tests
+# sanitizers bench") picks stages; GPU_RESUME=1 keeps the
 # cases a results CSV already holds in full (python -m benchmarks --resume), so a second run
 # finishes the benchmarks that a first one ran out of time for.
 set -uo pipefail
@@ -143,7 +145,7 @@ if wants bench; then
     ncases[$op]=$($PY -c "from benchmarks import $op; print(len($op.CASES))" 2>/dev/null || echo 1)
   done
   for i in "${!ops[@]}"; do
-    left=$((DEADLINE - RESERVE - SECONDS))
+    left=$((DEADLINE - RESERVE - 60 - SECONDS))  # 60 s kept for kernel-times
     total=0
     for op in "${ops[@]:$i}"; do total=$((total + ncases[$op])); done
     share=$((left * ncases[${ops[$i]}] / total))
@@ -151,6 +153,9 @@ if wants bench; then
     stage "bench-${ops[$i]}" "$share" $PY -m benchmarks --device cuda --op "${ops[$i]}" "${resume[@]}"
   done
 fi
+
+# Where each case's time goes: GPU busy time a call against its span, by kernel (kernel_times.csv).
+wants bench && stage kernel-times 90 $PY -m benchmarks.kernel_times
 
 if wants tests; then
   TORCHINDUCTOR_COMPILE_THREADS=1 stage tests-rest 60 .ci/pytest_strict $PY -m pytest tests -q \

@@ -1,0 +1,41 @@
+"""benchmarks/kernel_times.py's aggregation of profiler events (CPU only: fake events)."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from benchmarks import kernel_times
+
+
+def _event(name, start, end, gpu=True):
+    kind = torch.autograd.DeviceType.CUDA if gpu else torch.autograd.DeviceType.CPU
+    return SimpleNamespace(name=name, device_type=kind,
+                           time_range=SimpleNamespace(start=start, end=end))
+
+
+def test_aggregate_sums_gpu_activities_per_call():
+    # Two calls: each a 3 us and a 1 us kernel; host ops ignored; the span runs from the first
+    # kernel's start (10) to the last one's end (40).
+    events = [_event("aten::topk", 0, 50, gpu=False),
+              _event("select", 10, 13), _event("write", 14, 15),
+              _event("select", 30, 33), _event("write", 39, 40)]
+    rows = kernel_times.aggregate(events, runs=2)
+    assert [r.kernel for r in rows] == [kernel_times.ALL, "select", "write"]
+    total, select, write = rows
+    assert total.launches_per_call == 2 and total.device_us_per_call == pytest.approx(4.0)
+    assert total.span_us_per_call == pytest.approx(15.0)
+    assert select.launches_per_call == 1 and select.device_us_per_call == pytest.approx(3.0)
+    assert write.device_us_per_call == pytest.approx(1.0)
+
+
+def test_aggregate_without_gpu_activity_is_empty():
+    assert kernel_times.aggregate([_event("aten::add", 0, 5, gpu=False)], runs=1) == []
+
+
+def test_needs_a_gpu():
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is here")
+    with pytest.raises(SystemExit):
+        kernel_times.main(["--op", "kwta"])
