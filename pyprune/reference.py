@@ -46,8 +46,16 @@ def kwta_mask(x: Tensor, k: int, mode: str = "sample", absolute: bool = False) -
     """
     g = _groups(x, mode)
     key = g.abs() if absolute else g
-    threshold = key.topk(k, dim=-1).values[..., -1:]
-    keep = (key >= threshold) | key.isnan()
+    # The k-th largest with NaN largest, without asking topk to rank NaN (CUDA's float64 topk
+    # returned NaN for it with one NaN in a group of 3000, k = 300): NaN as -inf, then the
+    # (k - #NaN)-th largest of the rest, or NaN where the NaNs alone fill the k.
+    nan = key.isnan()
+    n_nan = nan.sum(dim=-1, keepdim=True)
+    top = key.masked_fill(nan, float("-inf")).topk(k, dim=-1).values
+    rank = (k - 1 - n_nan).clamp(min=0)
+    threshold = torch.where(n_nan >= k, torch.full_like(top[..., :1], float("nan")),
+                            top.gather(-1, rank))
+    keep = (key >= threshold) | nan
     return torch.empty_like(x, dtype=torch.bool).copy_(keep.view(x.shape))  # in x's layout
 
 
