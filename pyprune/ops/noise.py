@@ -108,7 +108,7 @@ def magnitude_mask(w: Tensor, keep_ratio: float) -> Tensor:
     where k is 0 (keep_ratio < 1 / w.numel()).
 
     The threshold is k-WTA's select (torch.ops.pyprune.kwta over |w| as one group); under
-    torch.compile it is torch.topk's, whose k may stay symbolic (the kernel's int k would
+    torch.compile it is torch.topk's (``reference.kth_largest``), whose k may stay symbolic (the kernel's int k would
     specialize the graph to each size).
 
     Example:
@@ -128,7 +128,7 @@ def magnitude_mask(w: Tensor, keep_ratio: float) -> Tensor:
         return reference.magnitude_mask(w, keep_ratio)
     w = w.detach()
     if torch.compiler.is_compiling():
-        threshold = w.abs().flatten().topk(k).values[-1]
+        threshold = reference.kth_largest(w.abs().flatten(), k)
     else:
         _, threshold = _KWTA_OPS[backend][0](w.reshape(1, 1, -1), k, True)
     return (w.abs() >= threshold.view(())) | w.isnan()
