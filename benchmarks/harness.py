@@ -59,7 +59,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -568,20 +568,23 @@ def setup_of(op: str, module: ModuleType) -> Setup:
 # ---------------------------------------------------------------------------- CSV and plots
 
 
-def write_csv(path: Path, rows: Sequence[Row]) -> None:
-    """Write rows to path through a temporary file and a rename, so that a run stopped while
-    writing leaves the previous complete file."""
+def write_table(path: Path, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+    """A CSV of ``columns`` and ``rows`` (floats to 6 significant digits), written through a
+    temporary file and a rename, so that a run stopped while writing leaves the previous
+    complete file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
     with partial.open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(COLUMNS)
+        writer.writerow(columns)
         for row in rows:
-            values = dataclasses.astuple(row)
-            writer.writerow(
-                f"{v:.6g}" if name in _FLOATS else v for name, v in zip(COLUMNS, values)
-            )
+            writer.writerow(f"{v:.6g}" if isinstance(v, float) else v for v in row)
     os.replace(partial, path)
+
+
+def write_csv(path: Path, rows: Sequence[Row]) -> None:
+    """The benchmark rows to path (``write_table``)."""
+    write_table(path, COLUMNS, (dataclasses.astuple(row) for row in rows))
 
 
 def read_csv(path: Path) -> list[Row]:

@@ -19,11 +19,10 @@ from __future__ import annotations
 
 import argparse
 import collections
-import csv
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable
 
 import torch
 
@@ -86,15 +85,6 @@ def profile_step(step: harness.Step, device: torch.device, runs: int) -> list[Ke
     return aggregate(prof.events(), runs)
 
 
-def write(path: Path, rows: Sequence[tuple]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(COLUMNS)
-        for row in rows:
-            writer.writerow(f"{v:.4g}" if isinstance(v, float) else v for v in row)
-
-
 def main(argv: list[str] | None = None) -> int:
     ops = harness.discover_ops()
     parser = argparse.ArgumentParser(prog="python -m benchmarks.kernel_times",
@@ -131,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
                               f"{total.launches_per_call:5.1f} launches, GPU busy "
                               f"{total.device_us_per_call:8.1f} us of {total.span_us_per_call:8.1f} "
                               f"us a call", flush=True)
-            write(path, rows)  # after every case: a run stopped by its limit keeps what it has
+            harness.write_table(path, COLUMNS, rows)  # after every case: a run stopped by its limit keeps what it has
     print(f"wrote {path} in {time.perf_counter() - started:.0f} s")
     return 0
 

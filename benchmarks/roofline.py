@@ -177,7 +177,6 @@ kernel's passes or launches changes its model here.
 from __future__ import annotations
 
 import argparse
-import csv
 import functools
 import math
 import random
@@ -1997,17 +1996,8 @@ def rows(gpu: str, with_declared: bool = True) -> list[dict]:
     return out
 
 
-def _fmt(value) -> str:
-    return f"{value:.6g}" if isinstance(value, float) else str(value)
-
-
 def write_csv(path: Path, table: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(COLUMNS)
-        for row in table:
-            writer.writerow(_fmt(row[c]) for c in COLUMNS)
+    harness.write_table(path, COLUMNS, ([row[c] for c in COLUMNS] for row in table))
 
 
 def explain(op: str, label: str, mode: str, provider: str, gpu: str) -> None:
