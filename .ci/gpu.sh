@@ -124,7 +124,11 @@ sanitizers() {  # sanitizers SECONDS
 }
 wants sanitizers && sanitizers 60  # racecheck, the slowest, did not finish in 60 s on an H200
 
-for i in "${!warm_pids[@]}"; do  # nothing may run beside the timed benchmarks
+# Nothing may run beside the timed benchmarks: a sanitizer stopped at its limit may leave its
+# target (python -m tests.smoke) running on the GPU, and the warm-up may still be running.
+pkill -f "python3? -m tests.smoke" 2>/dev/null && echo "== stopped a sanitizer's leftover smoke run"
+nvidia-smi --query-compute-apps=pid,process_name,used_memory --format=csv 2>/dev/null
+for i in "${!warm_pids[@]}"; do
   if kill -0 "${warm_pids[$i]}" 2>/dev/null; then
     echo "== warm-up $i still running at the benchmarks' start: stopped"
     kill "${warm_pids[$i]}" 2>/dev/null
