@@ -119,6 +119,22 @@ class TwoLayer(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
+def test_budget_copies_channel_groups_to_a_device_once():
+    """The channel groups of a traced model (CPU tensors) go to the masks' device once: later
+    budget calls make no host-to-device copy (a CUDA graph cannot capture one). The meta device
+    stands in for a GPU."""
+    from pyprune import _graph
+
+    model = TwoLayer()
+    pyprune.chipnet.budget(model, "params", torch.randn(2, 3, 8, 8))
+    groups = _graph._GROUPS[pyprune.chipnet._PLANS[model]]
+    label, frozen = groups.on(torch.device("meta"))
+    assert label.device.type == "meta" and frozen.device.type == "meta"
+    again = groups.on(torch.device("meta"))
+    assert again[0] is label and again[1] is frozen
+    assert groups.on(torch.device("cpu"))[0] is groups.label and groups.on(None)[0] is groups.label
+
+
 def test_budget_hand_counts():
     torch.manual_seed(0)
     model = TwoLayer()
