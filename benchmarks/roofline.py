@@ -177,6 +177,7 @@ kernel's passes or launches changes its model here.
 from __future__ import annotations
 
 import argparse
+import csv
 import functools
 import math
 import random
@@ -2049,6 +2050,16 @@ def gpu_of(device_name: str) -> str:
     raise ValueError(f"no roofline constants for device {device_name!r}; known: {sorted(GPUS)}")
 
 
+def _gpu_busy(path: Path) -> dict[tuple[str, str, str, str], float]:
+    """(op, case, mode, provider) -> the GPU's busy microseconds a call, from a
+    ``python -m benchmarks.kernel_times`` CSV (empty where there is none)."""
+    if not path.exists():
+        return {}
+    with path.open(newline="") as f:
+        return {(r["op"], r["shape"], r["mode"], r["provider"]): float(r["device_us_per_call"])
+                for r in csv.DictReader(f) if r["kernel"] == "(all)"}
+
+
 def compare(folder: Path, gpu: str | None, goals_only: bool = False) -> int:
     """Print every measured row of folder's op CSVs (only those with a goal if goals_only)
     beside its prediction; returns the number of measured rows without a prediction."""
@@ -2067,10 +2078,13 @@ def compare(folder: Path, gpu: str | None, goals_only: bool = False) -> int:
     eager = {(r.op, r.shape, r.dtype, r.mode): r.p50_ms for r in measured if r.provider == EAGER}
     compiled = {(r.op, r.shape, r.dtype, r.mode): r.p50_ms for r in measured
                 if r.provider == COMPILE}
+    busy = _gpu_busy(folder / "kernel_times.csv")
     print(f"measured ({measured[0].device}, copy {copy or float('nan'):.0f} GB/s) beside "
-          f"predicted ({gpu}, copy {GPUS[gpu]['copy_gbps']:.0f} GB/s)")
+          f"predicted ({gpu}, copy {GPUS[gpu]['copy_gbps']:.0f} GB/s)"
+          + ("; busy us: the GPU's busy time a call (kernel_times.csv)" if busy else ""))
     print(f"{'op':<12} {'case':<22} {'mode':<8} {'provider':<15} {'meas us':>9} {'pred us':>9} "
-          f"{'meas/pred':>9} {'x eager':>8} {'(pred)':>7}  goal")
+          f"{'meas/pred':>9} {'x eager':>8} {'(pred)':>7}  goal"
+          + ("  | busy us" if busy else ""))
     missing, ratios = 0, []
     for r in measured:
         case = by_label.get((r.op, r.shape, r.dtype))
@@ -2095,9 +2109,12 @@ def compare(folder: Path, gpu: str | None, goals_only: bool = False) -> int:
                       "vs_compile": compiled[key] / r.p50_ms if key in compiled else float("nan"),
                       "pct_copy": 100 * r.gbps / copy if copy else float("nan")}
             verdict = f"{target[0]}: {'met' if target[1](checks) else 'MISSED'}"
-        print(f"{r.op:<12} {r.shape:<22} {r.mode:<8} {r.provider:<15} {1e3 * r.p50_ms:>9.1f} "
-              f"{pr.predicted_us:>9.1f} {ratio:>9.2f} {vs_eager:>7.2f}x "
-              f"{pred_eager / pr.predicted_us:>6.2f}x  {verdict}")
+        line = (f"{r.op:<12} {r.shape:<22} {r.mode:<8} {r.provider:<15} {1e3 * r.p50_ms:>9.1f} "
+                f"{pr.predicted_us:>9.1f} {ratio:>9.2f} {vs_eager:>7.2f}x "
+                f"{pred_eager / pr.predicted_us:>6.2f}x  {verdict}")
+        if (r.op, r.shape, r.mode, r.provider) in busy:
+            line += f"  | {busy[(r.op, r.shape, r.mode, r.provider)]:.1f}"
+        print(line)
     if ratios:
         print(f"measured / predicted: median {statistics.median(ratios):.2f}, "
               f"within 2x for {sum(0.5 <= q <= 2 for q in ratios)} of {len(ratios)} rows")

@@ -300,6 +300,25 @@ def test_compare_prints_measured_beside_predicted(tmp_path, capsys):
     assert "h200" in out and "4.00x" in out and "meas/pred" in out
 
 
+def test_compare_shows_the_gpu_busy_time_of_kernel_times(tmp_path, capsys):
+    from benchmarks import kernel_times
+
+    case = OPS["kwta"].CASES[1]
+    rows = [harness.Row(op="kwta", provider=p, mode="forward", shape=case.label, dtype="float32",
+                        p20_ms=0.1, p50_ms=ms, p80_ms=0.1, gbps=1000.0, peak_mb=1.0,
+                        device="NVIDIA H200", torch="2.11", version="0", date="d")
+            for p, ms in (("eager", 0.2), ("pyprune-cuda", 0.05))]
+    harness.write_csv(tmp_path / "kwta.csv", rows)
+    harness.write_table(tmp_path / "kernel_times.csv", kernel_times.COLUMNS, [
+        ("kwta", case.label, "forward", "pyprune-cuda", kernel_times.ALL, 1.0, 12.5, 40.0),
+        ("kwta", case.label, "forward", "pyprune-cuda", "kwta_block_kernel", 1.0, 12.5, 40.0)])
+    assert roofline.compare(tmp_path, None) == 0
+    out = capsys.readouterr().out
+    assert "busy us" in out
+    [line] = [ln for ln in out.splitlines() if "pyprune-cuda" in ln]
+    assert line.endswith("| 12.5")
+
+
 @pytest.mark.parametrize("gpu", sorted(roofline.GPUS))
 def test_committed_predictions_are_current(gpu):
     """benchmarks/results/<gpu>-predicted.csv is what the model predicts now (regenerate with
