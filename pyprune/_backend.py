@@ -35,9 +35,11 @@ NAMES = ("reference", "cpu", "cuda", "triton")
 
 # Fastest measured backend first, per (op, device type); see benchmarks/results/ and README.
 # CUDA rows from benchmarks/results/nvidia-h200 (float32, forward and forward + backward):
-# cuda is the fastest backend for kwta, sap, gaussian_noise's forward and cas in every case but
-# the Triton k-WTA forward of 128x512x4x4 and of the channel mode (cuda still first: its
-# forward + backward is 1.9-2.7x faster than triton's there); for masked_conv2d eager PyTorch
+# cuda is the fastest backend for kwta, sap, gaussian_noise's forward and cas in most cases.
+# Triton is faster in the k-WTA forward of 128x512x4x4 and of the channel mode (cuda's
+# forward + backward is 1.9-2.7x faster there) and in SAP exact at 128x64x32x32 (3.91x eager
+# against 3.56x forward, 2.10x against 1.91x with backward) and 128x256x8x8 forward (but 0.73x
+# against 1.63x with backward), so cuda stays first; for masked_conv2d eager PyTorch
 # (the reference backend: cuDNN on the masked weight) beat both the cuda kernels (0.29-0.99x
 # of it forward) and the Triton ones (0.05-0.47x) in every case measured, so it comes first.
 AUTO: dict[tuple[str, str], tuple[str, ...]] = {
