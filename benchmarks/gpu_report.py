@@ -752,8 +752,8 @@ def markdown(variants: list[Variant], extra_problems: list[str], notes: list[str
         "",
         "`used by`: the benchmark cases (float32; fwd / bwd) whose launches use the variant: for "
         "CUDA kernels the cuda backend (the auto path on CUDA tensors for every op but "
-        "masked_conv2d: pyprune._backend.AUTO), by the host code's rules; for Triton variants the triton "
-        "backend, recorded from the launchers themselves.",
+        "masked_conv2d: pyprune._backend.AUTO), by the host code's rules; for Triton variants "
+        "the triton backend, recorded from the launchers themselves.",
         "",
         f"Summary: {len(variants)} variants, {sum(1 for v in variants if v.stack or v.local)} "
         f"with a stack frame or local memory, {len(low)} below {100 * MIN_OCCUPANCY:.0f}% "

@@ -121,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
                               f"{total.launches_per_call:5.1f} launches, GPU busy "
                               f"{total.device_us_per_call:8.1f} us of {total.span_us_per_call:8.1f} "
                               f"us a call", flush=True)
-            harness.write_table(path, COLUMNS, rows)  # after every case: a run stopped by its limit keeps what it has
+            # After every case: a run stopped by its limit keeps what it has.
+            harness.write_table(path, COLUMNS, rows)
     print(f"wrote {path} in {time.perf_counter() - started:.0f} s")
     return 0
 

@@ -193,8 +193,10 @@ def main(argv: list[str] | None = None) -> int:
     for name in missing:
         print(f"FAIL  {name}: no entry in its module's AOT list", flush=True)
 
-    jobs = [(i, arch, False) for arch in args.arch for i in range(len(found)) if arch in found[i].archs]
-    jobs += [(i, 90, True) for i in range(len(found)) if 90 in found[i].archs and 90 in args.arch]
+    jobs = [(i, arch, False) for arch in args.arch for i in range(len(found))
+            if arch in found[i].archs]
+    if 90 in args.arch:
+        jobs += [(i, 90, True) for i in range(len(found)) if 90 in found[i].archs]
     start = time.perf_counter()
     if args.jobs > 1 and len(jobs) > 1:
         # Workers find the function by its module's import name; under `python -m` this

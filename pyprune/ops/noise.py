@@ -108,8 +108,8 @@ def magnitude_mask(w: Tensor, keep_ratio: float) -> Tensor:
     where k is 0 (keep_ratio < 1 / w.numel()).
 
     The threshold is k-WTA's select (torch.ops.pyprune.kwta over |w| as one group); under
-    torch.compile it is torch.topk's (``reference.kth_largest``), whose k may stay symbolic (the kernel's int k would
-    specialize the graph to each size).
+    torch.compile it is torch.topk's (``reference.kth_largest``), whose k may stay symbolic (the
+    kernel's int k would specialize the graph to each size).
 
     Example:
         >>> mask = pyprune.magnitude_mask(conv.weight, 0.2)   # keep the 20% largest weights
