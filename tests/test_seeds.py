@@ -68,6 +68,9 @@ def test_device_draw_where_the_host_may_not(not_capturing):
     gen = _Generator(seed=1)
     assert _random._host_draw(CUDA0, gen) and _random._host_draw(CUDA0, None)
     assert not _random._host_draw(CUDA0, _Generator(1, device=torch.device("cuda", 1)))
+    # torch.Generator("cuda") has no device index: it serves the current device, on the host.
+    assert _random._host_draw(CUDA0, _Generator(1, device=torch.device("cuda")))
+    assert not _random._host_draw(CUDA0, _Generator(1, device=torch.device("cpu")))
     with mock.patch.object(torch.cuda, "is_current_stream_capturing", lambda: True):
         assert not _random._host_draw(CUDA0, gen)
     with mock.patch.object(torch.compiler, "is_compiling", lambda: True):

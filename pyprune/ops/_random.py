@@ -57,8 +57,15 @@ def _host_draw(device: torch.device, generator: torch.Generator | None) -> bool:
     """Whether a seed for ``device`` is drawn on the host (see the module docstring)."""
     return (not torch.compiler.is_compiling() and not _transforming()
             and not torch._C._len_torch_dispatch_stack()
-            and (generator is None or torch.device(generator.device) == device)
+            and (generator is None or _generator_on(generator, device))
             and not torch.cuda.is_current_stream_capturing())
+
+
+def _generator_on(generator: torch.Generator, device: torch.device) -> bool:
+    """Whether generator serves device: torch.Generator("cuda") has no device index (it
+    serves the current device), so its device never equals cuda:0 itself."""
+    own = torch.device(generator.device)
+    return own.type == device.type and own.index in (None, device.index)
 
 
 @functools.lru_cache(maxsize=64)
