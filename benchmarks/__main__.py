@@ -5,6 +5,8 @@ Measures every case x provider x mode of each op, prints one table per case, and
 ``<out>/<device>/<op>.csv`` with ``<op>.png`` plus ``copy.csv`` (the copy-bandwidth baseline).
 ``--quick`` runs only the quick cases with a shorter time budget and, unless ``--out`` is given,
 writes under the system's temporary directory, so it never overwrites stored results.
+Each case's rows replace that case's stored rows as soon as it is measured; the cases a run does
+not reach keep their stored rows (same device; the version and date columns say which run).
 ``--resume`` keeps the cases an op's CSV already holds in full (same device, every provider and
 mode) and measures the others: a run stopped by a time limit goes on where it stopped.
 ``--warm-only`` times nothing and writes nothing: it runs every provider of every case and mode
@@ -68,20 +70,26 @@ def main() -> None:
         progress = harness.Progress(
             len(cases) * len(harness.MODES) * len(harness.providers(args.device))
         )
-        rows: list[Row] = []
         csv_path = folder / f"{op}.csv"
+        labels = [c.label for c in cases]
+        # The CSV keeps the stored rows of the cases this run has not (yet) measured: a run
+        # stopped by a time limit replaces only what it measured.
+        stored = harness.stored_cases(csv_path, info, labels)
+        measured: dict[str, list[Row]] = {}
         if args.resume:
-            rows, done = harness.complete_cases(csv_path, info, [c.label for c in cases])
+            kept, done = harness.complete_cases(csv_path, info, labels)
             if done:
                 print(f"{op}: resuming, {len(done)} of {len(cases)} cases kept from {csv_path}")
+            for row in kept:
+                measured.setdefault(row.shape, []).append(row)
             cases = [c for c in cases if c.label not in done]
             progress.advance(len(done) * len(harness.MODES) * len(harness.providers(args.device)))
         for case in cases:
             case_rows = harness.run_case(info, op, harness.setup_of(op, ops[op]), case, progress)
             progress.write(format_case(op, case, case_rows, copy.gbps))
-            rows += case_rows
+            measured[case.label] = case_rows
             # After every case, so that a run stopped by a time limit keeps what it measured.
-            harness.write_csv(csv_path, rows)
+            harness.write_csv(csv_path, harness.merged_rows(labels, measured, stored))
         progress.close()
         png = harness.plot_csv(csv_path)
         print(f"wrote {csv_path} and {png}")

@@ -506,18 +506,32 @@ def warm_case(op: str, setup: Setup, case: Case, device: torch.device) -> None:
                       flush=True)
 
 
+def stored_cases(path: Path, info: RunInfo, labels: Sequence[str]) -> dict[str, list[Row]]:
+    """The rows of ``path`` (if it exists) on ``info``'s device, by case, for the cases among
+    ``labels`` (rows of cases no longer listed are dropped)."""
+    by_case: dict[str, list[Row]] = {}
+    if path.exists():
+        for row in read_csv(path):
+            if row.device == info.device_name and row.shape in labels:
+                by_case.setdefault(row.shape, []).append(row)
+    return by_case
+
+
 def complete_cases(path: Path, info: RunInfo, labels: Sequence[str]) -> tuple[list[Row], set[str]]:
     """The rows of ``path`` (if it exists) for the cases among ``labels`` that it holds in full
     on ``info``'s device (every provider and mode), and those cases' labels."""
-    if not path.exists():
-        return [], set()
     want = {(p, m) for p in providers(info.device.type) for m in MODES}
-    by_case: dict[str, list[Row]] = {}
-    for row in read_csv(path):
-        if row.device == info.device_name and row.shape in labels:
-            by_case.setdefault(row.shape, []).append(row)
+    by_case = stored_cases(path, info, labels)
     done = {label for label, rs in by_case.items() if {(r.provider, r.mode) for r in rs} >= want}
     return [r for label in labels if label in done for r in by_case[label]], done
+
+
+def merged_rows(labels: Sequence[str], measured: dict[str, list[Row]],
+                stored: dict[str, list[Row]]) -> list[Row]:
+    """The rows of each case in ``labels`` order: this run's where it measured the case, else
+    the stored ones (their version and date columns say which run measured them), so a run
+    stopped by a time limit loses no case it did not reach."""
+    return [r for label in labels for r in measured.get(label, stored.get(label, []))]
 
 
 class Progress:

@@ -66,6 +66,41 @@ def test_resume_measures_only_the_missing_cases(tmp_path, monkeypatch, capsys):
     assert "resuming" in capsys.readouterr().out
 
 
+def test_a_stopped_run_keeps_the_stored_rows_of_the_cases_it_did_not_reach(tmp_path, monkeypatch):
+    """A run stopped by a time limit after its first case: that case's rows are this run's, the
+    other cases keep their stored rows (another version's), and none is lost."""
+    op = "cas"
+    cases = [c for c in harness.discover_ops()[op].CASES if c.quick]
+    assert len(cases) >= 2
+    args = ["benchmarks", "--op", op, "--quick", "--device", "cpu", "--out", str(tmp_path)]
+    monkeypatch.setattr("sys.argv", args)
+    cli.main()
+    csv_path = next(tmp_path.glob(f"*/{op}.csv"))
+    old = [dataclasses.replace(r, version="0.0.1") for r in harness.read_csv(csv_path)]
+    harness.write_csv(csv_path, old)
+    real = harness.run_case
+    count = []
+
+    def stopping(info, name, setup, case, progress):
+        if count:
+            raise KeyboardInterrupt  # as the time limit's signal would stop it
+        count.append(case.label)
+        return real(info, name, setup, case, progress)
+
+    monkeypatch.setattr(harness, "run_case", stopping)
+    try:
+        cli.main()
+    except KeyboardInterrupt:
+        pass
+    rows = harness.read_csv(csv_path)
+    assert [(r.shape, r.provider, r.mode) for r in rows] == [(r.shape, r.provider, r.mode)
+                                                              for r in old]
+    first = cases[0].label
+    assert {r.version for r in rows if r.shape == first} == {harness.RunInfo.create(
+        torch.device("cpu"), quick=True).version}
+    assert {r.version for r in rows if r.shape != first} == {"0.0.1"}
+
+
 def test_warm_only_runs_every_provider_and_writes_nothing(tmp_path, monkeypatch):
     op = "cas"
     calls: list[tuple[str, str]] = []
