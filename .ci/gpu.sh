@@ -2,9 +2,9 @@
 # `make gpu`: everything that needs the GPU machine, in one go, with that machine's python3 (no
 # venv, no downloads; ../shared/gpu/README.md). Builds in place, runs the whole test suite (the
 # tests that need a CUDA device first: every op on the cuda and triton backends with CUDA
-# tensors), compute-sanitizer's memcheck, racecheck, synccheck and initcheck over a smoke run
-# of every CUDA and Triton kernel, then the benchmarks of every op (measured beside the roofline
-# model's predictions in the summary); bundles benchmarks/results/<gpu>/ and the log into
+# tensors) with compute-sanitizer's memcheck, racecheck, synccheck and initcheck beside them
+# (each over a smoke run of every CUDA and Triton kernel), then the benchmarks of every op
+# (measured beside the roofline model's predictions in the summary); bundles benchmarks/results/<gpu>/ and the log into
 # $OUT/results.tar.gz when OUT is set. Each stage has a time limit so the whole run ends within
 # 9 minutes.
 #
@@ -81,6 +81,41 @@ if wants bench && wants tests; then
   done
 fi
 
+# compute-sanitizer's four tools, each over its own smoke run, side by side and beside the GPU
+# tests (correctness tools both, so they may share the GPU; the benchmarks get the time): the
+# stage costs the slowest tool's time, within the tests' own.
+declare -A sanitizer_pid
+sanitizer_logs=""
+sanitizer_t0=0
+sanitizers_start() {  # sanitizers_start SECONDS
+  local tools=(memcheck racecheck synccheck initcheck) limit tool
+  limit=$(clip "$1")
+  if out_of_time sanitizers "$limit"; then
+    stages+=(sanitizers)
+    return 1
+  fi
+  stages+=("${tools[@]/#/sanitizer-}")
+  echo "== sanitizers ${tools[*]} in the background (limit ${limit}s)"
+  sanitizer_logs=$(mktemp -d)
+  sanitizer_t0=$SECONDS
+  for tool in "${tools[@]}"; do
+    timeout --kill-after=10 "$limit" compute-sanitizer --tool "$tool" --error-exitcode 1 \
+      $PY -m tests.smoke >"$sanitizer_logs/$tool.log" 2>&1 &
+    sanitizer_pid[$tool]=$!
+  done
+}
+sanitizers_wait() {
+  local tool rc
+  for tool in "${!sanitizer_pid[@]}"; do
+    wait "${sanitizer_pid[$tool]}"
+    rc=$?
+    sed "s/^/[$tool] /" "$sanitizer_logs/$tool.log"
+    result[sanitizer-$tool]="rc=$rc, done by $((SECONDS - sanitizer_t0))s"
+    [ "$rc" -eq 0 ] || status=1
+  done
+  [ -n "$sanitizer_logs" ] && rm -rf "$sanitizer_logs"
+}
+
 # The whole test suite: the tests that need a CUDA device first (failures reported, up to 200;
 # every test's outcome and time in tests-gpu.xml, bundled with the results), the CPU tests
 # (which CI runs too) last, in the time the benchmarks leave.
@@ -89,40 +124,13 @@ if $PY -c "import xdist" 2>/dev/null; then
   xdist=(-n "${PYTEST_WORKERS:-8}")
 fi
 junit=$(mktemp -d)
+wants sanitizers && sanitizers_start 150  # racecheck, the slowest, did not finish in 60 s alone
 if wants tests; then
   TORCHINDUCTOR_COMPILE_THREADS=1 stage tests-gpu 190 .ci/pytest_strict $PY -m pytest tests -q \
     -m gpu --maxfail=200 --tb=short -p no:cacheprovider "${xdist[@]}" \
     --junitxml="$junit/tests-gpu.xml"
 fi
-# compute-sanitizer's four tools, each over its own smoke run, side by side: the GPU holds all
-# four processes, so the stage costs the slowest tool's time rather than the sum, which the
-# deadline could not afford before the benchmarks.
-sanitizers() {  # sanitizers SECONDS
-  local tools=(memcheck racecheck synccheck initcheck) limit tool rc t0=$SECONDS logs
-  local -A pid
-  limit=$(clip "$1")
-  if out_of_time sanitizers "$limit"; then
-    stages+=(sanitizers)
-    return 1
-  fi
-  stages+=("${tools[@]/#/sanitizer-}")
-  echo "== sanitizers ${tools[*]} (limit ${limit}s)"
-  logs=$(mktemp -d)
-  for tool in "${tools[@]}"; do
-    timeout --kill-after=10 "$limit" compute-sanitizer --tool "$tool" --error-exitcode 1 \
-      $PY -m tests.smoke >"$logs/$tool.log" 2>&1 &
-    pid[$tool]=$!
-  done
-  for tool in "${tools[@]}"; do
-    wait "${pid[$tool]}"
-    rc=$?
-    sed "s/^/[$tool] /" "$logs/$tool.log"
-    result[sanitizer-$tool]="rc=$rc, done by $((SECONDS - t0))s"
-    [ "$rc" -eq 0 ] || status=1
-  done
-  rm -rf "$logs"
-}
-wants sanitizers && sanitizers 60  # racecheck, the slowest, did not finish in 60 s on an H200
+wants sanitizers && sanitizers_wait
 
 # Nothing may run beside the timed benchmarks: a sanitizer stopped at its limit may leave its
 # target (python -m tests.smoke) running on the GPU, and the warm-up may still be running.
