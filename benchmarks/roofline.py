@@ -2084,8 +2084,8 @@ def compare(folder: Path, gpu: str | None, goals_only: bool = False) -> int:
           + ("; busy us: the GPU's busy time a call (kernel_times.csv)" if busy else ""))
     print(f"{'op':<12} {'case':<22} {'mode':<8} {'provider':<15} {'meas us':>9} {'pred us':>9} "
           f"{'meas/pred':>9} {'x eager':>8} {'(pred)':>7}  goal"
-          + ("  | busy us" if busy else ""))
-    missing, ratios = 0, []
+          + ("  | busy us  busy/dev  x eager (busy)" if busy else ""))
+    missing, ratios, device_ratios = 0, [], []
     for r in measured:
         case = by_label.get((r.op, r.shape, r.dtype))
         if goals_only and (case is None or goal(r.op, case, r.provider, r.mode) is None):
@@ -2113,11 +2113,21 @@ def compare(folder: Path, gpu: str | None, goals_only: bool = False) -> int:
                 f"{pr.predicted_us:>9.1f} {ratio:>9.2f} {vs_eager:>7.2f}x "
                 f"{pred_eager / pr.predicted_us:>6.2f}x  {verdict}")
         if (r.op, r.shape, r.mode, r.provider) in busy:
-            line += f"  | {busy[(r.op, r.shape, r.mode, r.provider)]:.1f}"
+            # The device alone: busy time against the model's device time (host left out).
+            gpu_us = busy[(r.op, r.shape, r.mode, r.provider)]
+            device_ratios.append(gpu_us / pr.device_us)
+            line += f"  | {gpu_us:7.1f} {device_ratios[-1]:9.2f}"
+            eager_busy = busy.get((r.op, r.shape, r.mode, EAGER))
+            if eager_busy is not None:
+                line += f"  {eager_busy / gpu_us:>13.2f}x"
         print(line)
     if ratios:
         print(f"measured / predicted: median {statistics.median(ratios):.2f}, "
               f"within 2x for {sum(0.5 <= q <= 2 for q in ratios)} of {len(ratios)} rows")
+    if device_ratios:
+        print(f"busy / predicted device time: median {statistics.median(device_ratios):.2f}, "
+              f"within 2x for {sum(0.5 <= q <= 2 for q in device_ratios)} of "
+              f"{len(device_ratios)} rows (the rest of measured / predicted is host time)")
     return missing
 
 

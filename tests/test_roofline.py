@@ -312,12 +312,18 @@ def test_compare_shows_the_gpu_busy_time_of_kernel_times(tmp_path, capsys):
     case = _measured_kwta(tmp_path)
     harness.write_table(tmp_path / "kernel_times.csv", kernel_times.COLUMNS, [
         ("kwta", case.label, "forward", "pyprune-cuda", kernel_times.ALL, 1.0, 12.5, 40.0),
-        ("kwta", case.label, "forward", "pyprune-cuda", "kwta_block_kernel", 1.0, 12.5, 40.0)])
+        ("kwta", case.label, "forward", "pyprune-cuda", "kwta_block_kernel", 1.0, 12.5, 40.0),
+        ("kwta", case.label, "forward", "eager", kernel_times.ALL, 9.0, 50.0, 90.0)])
     assert roofline.compare(tmp_path, None) == 0
     out = capsys.readouterr().out
     assert "busy us" in out
     [line] = [ln for ln in out.splitlines() if "pyprune-cuda" in ln]
-    assert line.endswith("| 12.5")
+    # Busy time, its ratio to the model's device time, and eager's busy time over it.
+    device_us = roofline.predict_case("kwta", case, "forward", "h200")["pyprune-cuda"].device_us
+    busy, ratio, vs_eager = line.split("|")[1].split()
+    assert busy == "12.5" and float(ratio) == pytest.approx(12.5 / device_us, abs=0.01)
+    assert vs_eager == "4.00x"
+    assert "busy / predicted device time: median" in out
 
 
 @pytest.mark.parametrize("gpu", sorted(roofline.GPUS))
