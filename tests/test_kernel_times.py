@@ -39,3 +39,19 @@ def test_needs_a_gpu():
         pytest.skip("a CUDA device is here")
     with pytest.raises(SystemExit):
         kernel_times.main(["--op", "kwta"])
+
+
+def test_readme_table_skips_kernel_times_csv(tmp_path):
+    """A results folder holding kernel_times.csv (make gpu bundles one) still tables its op
+    CSVs: the busy-time CSV has its own columns."""
+    from benchmarks import harness, readme_table
+
+    folder = tmp_path / "nvidia-h200"
+    harness.write_table(folder / "kernel_times.csv", kernel_times.COLUMNS,
+                        [("kwta", "8x64x32x32", "forward", "eager", kernel_times.ALL, 1, 2.0, 3.0)])
+    info = harness.RunInfo.create(torch.device("cpu"), quick=True)
+    row = info.row("kwta", "eager", "forward", harness.Case(shape=(1,)),
+                   harness.Timing(1.0, 1.0, 1.0), 1.0, 0.0)
+    harness.write_csv(folder / "kwta.csv", [row])
+    text = readme_table.table(tmp_path)
+    assert text.count("\n") == 2 and "| kwta |" in text
