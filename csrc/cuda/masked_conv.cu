@@ -69,6 +69,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
 #include <limits>
 #include <mutex>
@@ -1089,6 +1090,23 @@ at::Tensor masked_conv2d_cuda(const at::Tensor& x, const at::Tensor& weight,
   return per_sample_forward(x, weight, bias, g, in_mask, out_mask);
 }
 
+// t (x's shape) in the layout at::empty_like(x, x.suggest_memory_format()) gives, strides of
+// size-1 dims included, as F.conv2d's input gradient has it. t already in that layout (the usual
+// case) is returned as it is; otherwise a copy (e.g. one channel, where a contiguous t is also
+// channels_last to is_contiguous but its channel stride differs).
+static at::Tensor like_empty_like(const at::Tensor& x, const at::Tensor& t) {
+  const auto format = x.suggest_memory_format();
+  // As torch's own strides: a 0-sized dim counts as 1.
+  const int64_t c = std::max<int64_t>(x.size(1), 1), h = std::max<int64_t>(x.size(2), 1),
+                w = std::max<int64_t>(x.size(3), 1);
+  const std::array<int64_t, 4> want =
+      format == at::MemoryFormat::ChannelsLast
+          ? std::array<int64_t, 4>{h * w * c, 1, w * c, c}
+          : std::array<int64_t, 4>{c * h * w, h * w, w, 1};
+  if (t.strides() == at::IntArrayRef(want)) return t;
+  return at::empty_strided(x.sizes(), want, t.options()).copy_(t);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_conv2d_backward_cuda(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
     at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
@@ -1110,8 +1128,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_conv2d_backward_cuda(
     // grad_x with the per-sample kernel (masked output channels skipped in the reduction,
     // masked input channels written as zeros); the weight and bias gradients densely.
     const masked_conv::Transposed t = masked_conv::transposed(grad, weight, g);
-    at::Tensor gx = per_sample_forward(grad, t.weight, std::nullopt, t.geometry, out_mask, in_mask)
-                        .contiguous(x.suggest_memory_format());
+    at::Tensor gx = like_empty_like(
+        x, per_sample_forward(grad, t.weight, std::nullopt, t.geometry, out_mask, in_mask));
     auto [unused, gw, gb] =
         masked_conv::dense_backward(grad, x, weight, g, in_mask, out_mask, /*x_grad=*/false);
     return {gx, gw, gb};
