@@ -7,8 +7,9 @@ Measures every case x provider x mode of each op, prints one table per case, and
 writes under the system's temporary directory, so it never overwrites stored results.
 Each case's rows replace that case's stored rows as soon as it is measured; the cases a run does
 not reach keep their stored rows (same device; the version and date columns say which run).
-``--resume`` keeps the cases an op's CSV already holds in full (same device, every provider and
-mode) and measures the others: a run stopped by a time limit goes on where it stopped.
+``--resume`` keeps the cases an op's CSV already holds in full (same device and pyprune version,
+every provider and mode) and measures the others: a run stopped by a time limit goes on where it
+stopped.
 ``--warm-only`` times nothing and writes nothing: it runs every provider of every case and mode
 once, so that torch.compile's and Triton's on-disk caches hold their kernels before a timed run
 (``make gpu`` runs it beside the tests).

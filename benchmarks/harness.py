@@ -519,10 +519,13 @@ def stored_cases(path: Path, info: RunInfo, labels: Sequence[str]) -> dict[str, 
 
 def complete_cases(path: Path, info: RunInfo, labels: Sequence[str]) -> tuple[list[Row], set[str]]:
     """The rows of ``path`` (if it exists) for the cases among ``labels`` that it holds in full
-    on ``info``'s device (every provider and mode), and those cases' labels."""
+    on ``info``'s device (every provider and mode) and measured by ``info``'s pyprune version
+    (an older version's rows are measured again), and those cases' labels."""
     want = {(p, m) for p in providers(info.device.type) for m in MODES}
     by_case = stored_cases(path, info, labels)
-    done = {label for label, rs in by_case.items() if {(r.provider, r.mode) for r in rs} >= want}
+    done = {label for label, rs in by_case.items()
+            if {(r.provider, r.mode) for r in rs} >= want
+            and all(r.version == info.version for r in rs)}
     return [r for label in labels if label in done for r in by_case[label]], done
 
 

@@ -22,7 +22,7 @@ def _rows(info: harness.RunInfo, op: str, label: str, pairs) -> list[harness.Row
             for p, m in pairs]
 
 
-def test_complete_cases_keeps_only_whole_cases_of_this_device(tmp_path):
+def test_complete_cases_keeps_only_whole_cases_of_this_device_and_version(tmp_path):
     info = _info()
     everything = [(p, m) for p in harness.providers("cpu") for m in harness.MODES]
     whole = _rows(info, "cas", "A", everything)
@@ -30,10 +30,11 @@ def test_complete_cases_keeps_only_whole_cases_of_this_device(tmp_path):
     other = [dataclasses.replace(r, shape="C", device="another device")
              for r in _rows(info, "cas", "C", everything)]
     stale = _rows(info, "cas", "D", everything)  # no longer among the op's cases
+    older = [dataclasses.replace(r, version="0.0.1") for r in _rows(info, "cas", "E", everything)]
     path = tmp_path / "cas.csv"
-    harness.write_csv(path, whole + partial + other + stale)
-    rows, done = harness.complete_cases(path, info, ["A", "B", "C"])
-    assert done == {"A"}
+    harness.write_csv(path, whole + partial + other + stale + older)
+    rows, done = harness.complete_cases(path, info, ["A", "B", "C", "E"])
+    assert done == {"A"}  # E: another pyprune version's rows are measured again
     assert [(r.provider, r.mode) for r in rows] == everything and {r.shape for r in rows} == {"A"}
     assert harness.complete_cases(tmp_path / "missing.csv", info, ["A"]) == ([], set())
 
