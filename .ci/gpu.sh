@@ -13,8 +13,9 @@
 # benchmark case once (`python -m benchmarks --warm-only`) so that torch.compile's graphs and
 # the Triton kernels are in their on-disk caches before anything is timed (it is stopped before
 # the first timed case); the benchmark time left is shared among the ops by their numbers of
-# cases, less a minute for `python -m benchmarks.kernel_times` (each case's GPU busy time by
-# kernel against its span), then the CPU tests take what is left. GPU_STAGES (default "tests
+# cases, less two minutes for `python -m benchmarks.kernel_times` (each case's GPU busy time by
+# kernel against its span) and Nsight Compute over the kernels furthest over the roofline model
+# (`benchmarks/ncu_targets.py`: ncu.csv), then the CPU tests take what is left. GPU_STAGES (default "tests
 # sanitizers bench") picks stages; GPU_RESUME=1 keeps the
 # cases a results CSV already holds in full (python -m benchmarks --resume), so a second run
 # finishes the benchmarks that a first one ran out of time for.
@@ -157,7 +158,7 @@ if wants bench; then
     ncases[$op]=$($PY -c "from benchmarks import $op; print(len($op.CASES))" 2>/dev/null || echo 1)
   done
   for i in "${!ops[@]}"; do
-    left=$((DEADLINE - RESERVE - 60 - SECONDS))  # 60 s kept for kernel-times
+    left=$((DEADLINE - RESERVE - 120 - SECONDS))  # 120 s kept for kernel-times and ncu
     total=0
     for op in "${ops[@]:$i}"; do total=$((total + ncases[$op])); done
     share=$((left * ncases[${ops[$i]}] / total))
@@ -168,6 +169,24 @@ fi
 
 # Where each case's time goes: GPU busy time a call against its span, by kernel (kernel_times.csv).
 wants bench && stage kernel-times 90 $PY -m benchmarks.kernel_times
+
+# Nsight Compute over the kernels furthest over the model, one call each
+# (benchmarks/ncu_targets.py): throughput, occupancy and warp stall reasons, into ncu.csv.
+if wants bench; then
+  ncu_gpu=$($PY -c "from benchmarks.harness import device_dir; print(device_dir('cuda'))" \
+    2>/dev/null)
+  if [ -z "$ncu_gpu" ]; then
+    echo "== ncu: no CUDA device, skipped"
+  elif command -v ncu >/dev/null 2>&1; then
+    ncu_dir="benchmarks/results/$ncu_gpu"
+    mkdir -p "$ncu_dir"
+    mapfile -t ncu_args < <($PY -m benchmarks.ncu_targets --ncu-args)
+    stage ncu 75 ncu --log-file "$ncu_dir/ncu.csv" "${ncu_args[@]}" $PY -m benchmarks.ncu_targets
+    $PY -m benchmarks.ncu_targets --summarize "$ncu_dir/ncu.csv"
+  else
+    echo "== ncu: not installed, skipped"
+  fi
+fi
 
 if wants tests; then
   TORCHINDUCTOR_COMPILE_THREADS=1 stage tests-rest 60 .ci/pytest_strict $PY -m pytest tests -q \
