@@ -1416,9 +1416,11 @@ def cas_backward(p: Plan, provider: str) -> None:
         # a = grad_logits @ weight from C++ (to(acc) and contiguous are no-ops for float32; the
         # streaming kernel divides by L); with more than 64 classes grad_logits.T @ mean is a
         # GEMM too; then the streaming pass (grad_out, x -> grad_x and the partial sums of
-        # grad_out * x) and the gather, a thread per (class, channel) over the samples:
-        # grad_weight (the logits path too, up to 64 classes: each block rereads its mean
-        # columns once per sample from L2) and grad_bias.
+        # grad_out * x) and the gather, `split` threads a (class, channel) cell, each over
+        # every split-th sample, their sums then added in order: grad_weight (the logits path
+        # too, up to 64 classes: each block rereads its mean columns once per sample from L2)
+        # and grad_bias. Each sample step waits on an L2 load (the H200 run: 61 us for the
+        # 128-step loop of split 1 at 128x64x32x32, 3 blocks).
         fused = classes <= 64
         p.kernel("mm: grad_logits @ weight", "inner", **gemm)
         if not fused:
@@ -1428,14 +1430,17 @@ def cas_backward(p: Plan, provider: str) -> None:
                  l2=rows * tiles * 256 * 8, ops=rows * channels * length * 6,
                  ctas=rows * tiles, per_sm=4, chain_us=lat("dram") + lat("l2") + lat("barrier"))
         cells = classes * channels
-        blocks = math.ceil(cells / 256)
+        split = 1  # cas.cu gather_split: two blocks an SM where a power of two <= 32 gives them
+        while split < 32 and split < rows and math.ceil(cells * split / 256) < 2 * p.gpu["sms"]:
+            split *= 2
+        blocks = math.ceil(cells * split / 256)
         p.kernel("cas_gather_rows_kernel", "inner",
                  hbm=cells * 4 * (1 if fused else 2) + rows * (classes + channels) * 4 + rows * 8,
-                 l2=rows * channels * s * 4 + (blocks * rows * 256 * 4 if fused else 0),
-                 ops=cells * rows * (6 if fused else 3), flops=2 * cells * rows if fused else 0,
+                 l2=rows * channels * s * 4 + (blocks * rows * 256 // split * 4 if fused else 0),
+                 ops=cells * rows * (6 if fused else 3) + blocks * 256 * 2 * split,
+                 flops=2 * cells * rows if fused else 0,
                  ctas=blocks, per_sm=8,
-                 chain_us=math.ceil(rows / 256) * (2 * lat("barrier") + lat("l2"))
-                 + rows * 0.004 + lat("l2"))
+                 chain_us=math.ceil(rows / split) * lat("l2") + lat("barrier") + lat("l2"))
     elif provider == TRITON:
         p.host("pyprune_backward", "cas")
         # In the launcher: a = grad_logits @ weight (float32: the casts are no-ops), the

@@ -420,40 +420,45 @@ __global__ void __launch_bounds__(kThreads) cas_argmax_kernel(const scalar_t* __
 }
 
 // grad_weight[c, k] = the logits path, grad_logits.T @ mean, plus, where index[n] == c, the
-// sum t of grad_out * x over channel k of sample n (from its S partials), the samples in order;
-// index_add_ would use atomics. The logits path is summed here, sample by sample, when mean is
-// given (few classes: each thread rereads mean[n, k] once per class, from L2), else gw holds it
-// already (a GEMM). The threads of column k = 0 also form grad_bias[c] = the sum of
-// grad_logits[:, c] in sample order. A thread per (c, k): the loads of mean and of the partials
-// are coalesced along k.
+// sum t of grad_out * x over channel k of sample n (from its S partials); index_add_ would use
+// atomics. The logits path is summed here when mean is given (few classes: each thread rereads
+// mean[n, k] once per class, from L2), else gw holds it already (a GEMM) and is added last. The
+// threads of column k = 0 also form grad_bias[c] = the sum of grad_logits[:, c].
+// A block takes kThreads / split consecutive cells (c, k), and split threads share a cell, each
+// taking every split-th sample (thread group h: n = h, h + split, ...); their sums are then
+// added in group order, so the result does not depend on scheduling. The loop waits on an L2
+// load a sample, so one thread per cell over every sample (split = 1) is a chain of N L2
+// round trips, and with few classes (C * K / 256 blocks: 3 at C = 10, K = 64) most SMs idle:
+// the launch picks split (a power of two up to 32) to give every SM two blocks where it can.
+// Consecutive threads take consecutive cells: the loads of mean and of the partials coalesce
+// along k.
 template <typename acc_t>
 __global__ void __launch_bounds__(kThreads) cas_gather_rows_kernel(
     acc_t* __restrict__ gw, acc_t* __restrict__ gb, const acc_t* __restrict__ gl,
     const acc_t* __restrict__ mean, const acc_t* __restrict__ part,
-    const int64_t* __restrict__ index, int64_t N, int64_t K, int64_t C, int64_t S) {
-  __shared__ int64_t sidx[kThreads];
+    const int64_t* __restrict__ index, int64_t N, int64_t K, int64_t C, int64_t S, int split) {
+  __shared__ acc_t sum_w[kThreads];
+  __shared__ acc_t sum_b[kThreads];
+  const int tid = threadIdx.x;
+  const int per_block = kThreads / split;  // cells
+  const int group = tid / per_block, j = tid - group * per_block;
   // C * K < 2^31 (checked at the launch): 32-bit cell arithmetic, no 64-bit division routine
   // (whose call took a stack frame).
-  const uint32_t e = blockIdx.x * kThreads + threadIdx.x;
+  const uint32_t e = blockIdx.x * static_cast<uint32_t>(per_block) + static_cast<uint32_t>(j);
   const uint32_t width = static_cast<uint32_t>(K);
   const bool live = e < static_cast<uint32_t>(C * K);
   const uint32_t c32 = live ? e / width : 0;
   const int64_t c = c32, k = live ? e - c32 * width : 0;
-  acc_t acc = (live && mean == nullptr) ? gw[e] : acc_t(0), bias = 0;
-  for (int64_t n0 = 0; n0 < N; n0 += kThreads) {
-    __syncthreads();
-    if (n0 + threadIdx.x < N) sidx[threadIdx.x] = index[n0 + threadIdx.x];
-    __syncthreads();
-    const int64_t nn = min(static_cast<int64_t>(kThreads), N - n0);
-    if (!live) continue;
-    for (int64_t j = 0; j < nn; ++j) {
-      const int64_t n = n0 + j;
-      if (mean != nullptr || k == 0) {
+  const bool with_bias = mean != nullptr || k == 0;
+  acc_t acc = 0, bias = 0;
+  if (live) {
+    for (int64_t n = group; n < N; n += split) {
+      if (with_bias) {
         const acc_t g = gl[n * C + c];
         if (mean != nullptr) acc += g * mean[n * K + k];
         bias += g;
       }
-      if (sidx[j] == c) {
+      if (index[n] == c) {
         const acc_t* pk = part + (n * K + k) * S;
         acc_t t = 0;
         for (int64_t q = 0; q < S; ++q) t += pk[q];
@@ -461,10 +466,26 @@ __global__ void __launch_bounds__(kThreads) cas_gather_rows_kernel(
       }
     }
   }
-  if (live) {
-    gw[e] = acc;
-    if (k == 0) gb[c] = bias;
+  sum_w[tid] = acc;
+  sum_b[tid] = bias;
+  __syncthreads();
+  if (group == 0 && live) {
+    acc_t total = mean == nullptr ? gw[e] : acc_t(0), total_bias = 0;
+    for (int h = 0; h < split; ++h) {
+      total += sum_w[h * per_block + j];
+      total_bias += sum_b[h * per_block + j];
+    }
+    gw[e] = total;
+    if (k == 0) gb[c] = total_bias;
   }
+}
+
+// cas_gather_rows_kernel's split: the smallest power of two (at most 32, and not past N) that
+// gives the launch two blocks an SM.
+int gather_split(int64_t cells, int64_t N, int64_t sms) {
+  int split = 1;
+  while (split < 32 && split < N && (cells * split + kThreads - 1) / kThreads < 2 * sms) split *= 2;
+  return split;
 }
 
 // The shape of a streaming launch (see the layout notes at the top).
@@ -715,11 +736,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cas_backward_cuda(
       const int64_t cells = C * K;
       TORCH_CHECK(cells <= std::numeric_limits<int32_t>::max(),
                   "cas backward (cuda): weight too large (at most 2^31 - 1 elements)");
-      cas_gather_rows_kernel<acc_t><<<static_cast<unsigned>((cells + kThreads - 1) / kThreads),
+      const int split =
+          gather_split(cells, N, at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
+      const int64_t per_block = kThreads / split;
+      cas_gather_rows_kernel<acc_t><<<static_cast<unsigned>((cells + per_block - 1) / per_block),
                                       kThreads, 0, stream>>>(
           gw.mutable_data_ptr<acc_t>(), gb.mutable_data_ptr<acc_t>(), gl.const_data_ptr<acc_t>(),
           gather_logits ? mean_acc.const_data_ptr<acc_t>() : nullptr, part.const_data_ptr<acc_t>(),
-          idx.const_data_ptr<int64_t>(), N, K, C, static_cast<int64_t>(sh.S));
+          idx.const_data_ptr<int64_t>(), N, K, C, static_cast<int64_t>(sh.S), split);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
