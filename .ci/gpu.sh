@@ -4,8 +4,8 @@
 # tests that need a CUDA device first: every op on the cuda and triton backends with CUDA
 # tensors) with compute-sanitizer's memcheck, racecheck, synccheck and initcheck beside them
 # (each over a smoke run of every CUDA and Triton kernel), then the benchmarks of every op
-# (measured beside the roofline model's predictions in the summary); bundles benchmarks/results/<gpu>/ and the log into
-# $OUT/results.tar.gz when OUT is set. Each stage has a time limit so the whole run ends within
+# (measured beside the roofline model's predictions in the summary); bundles
+# benchmarks/results/<gpu>/ and the log into $OUT/results.tar.gz when OUT is set. Each stage has a time limit so the whole run ends within
 # 9 minutes.
 #
 # Time is what the GPU machine is short of, so: the tests run on pytest-xdist's workers where the
@@ -15,8 +15,8 @@
 # the first timed case); the benchmark time left is shared among the ops by their numbers of
 # cases, less two minutes for `python -m benchmarks.kernel_times` (each case's GPU busy time by
 # kernel against its span) and Nsight Compute over the kernels furthest over the roofline model
-# (`benchmarks/ncu_targets.py`: ncu.csv), then the CPU tests take what is left. GPU_STAGES (default "tests
-# sanitizers bench") picks stages; GPU_RESUME=1 keeps the
+# (`benchmarks/ncu_targets.py`: ncu.csv), then the CPU tests take what is left. GPU_STAGES
+# (default "tests sanitizers bench") picks stages; GPU_RESUME=1 keeps the
 # cases a results CSV already holds in full (python -m benchmarks --resume), so a second run
 # finishes the benchmarks that a first one ran out of time for.
 set -uo pipefail
@@ -65,6 +65,8 @@ export PYPRUNE_CUDA=1 MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu,utilization.gpu \
   --format=csv 2>/dev/null
 stage build 200 $PY setup.py build_ext --inplace || { echo "build failed"; exit 1; }
+# The results folder's name (empty without a CUDA device): ncu's output and the bundle go there.
+gpu=$($PY -c "from benchmarks.harness import device_dir; print(device_dir('cuda'))" 2>/dev/null)
 
 # Beside the tests: every benchmark case once, to fill the compile caches (see the header).
 # Two processes: the convolution's cases (about half of all) and the other ops'. Without the
@@ -171,7 +173,8 @@ if wants bench; then
     for op in "${ops[@]:$i}"; do total=$((total + ncases[$op])); done
     share=$((left * ncases[${ops[$i]}] / total))
     [ "$share" -ge 10 ] || share=$left  # too little to share: what is left to this op
-    stage "bench-${ops[$i]}" "$share" $PY -m benchmarks --device cuda --op "${ops[$i]}" "${resume[@]}"
+    stage "bench-${ops[$i]}" "$share" $PY -m benchmarks --device cuda --op "${ops[$i]}" \
+      "${resume[@]}"
   done
 fi
 
@@ -181,12 +184,10 @@ wants bench && stage kernel-times 90 $PY -m benchmarks.kernel_times
 # Nsight Compute over the kernels furthest over the model, one call each
 # (benchmarks/ncu_targets.py): throughput, occupancy and warp stall reasons, into ncu.csv.
 if wants bench; then
-  ncu_gpu=$($PY -c "from benchmarks.harness import device_dir; print(device_dir('cuda'))" \
-    2>/dev/null)
-  if [ -z "$ncu_gpu" ]; then
+  if [ -z "$gpu" ]; then
     echo "== ncu: no CUDA device, skipped"
   elif command -v ncu >/dev/null 2>&1; then
-    ncu_dir="benchmarks/results/$ncu_gpu"
+    ncu_dir="benchmarks/results/$gpu"
     mkdir -p "$ncu_dir"
     mapfile -t ncu_args < <($PY -m benchmarks.ncu_targets --ncu-args)
     stage ncu 75 ncu --log-file "$ncu_dir/ncu.csv" "${ncu_args[@]}" $PY -m benchmarks.ncu_targets
@@ -202,7 +203,6 @@ if wants tests; then
     --junitxml="$junit/tests-rest.xml"
 fi
 
-gpu=$($PY -c "from benchmarks.harness import device_dir; print(device_dir('cuda'))" 2>/dev/null)
 if [ -n "${OUT:-}" ] && [ -n "$gpu" ] && [ -d "benchmarks/results/$gpu" ]; then
   [ -f "$OUT/gpu.log" ] && cp "$OUT/gpu.log" "benchmarks/results/$gpu/gpu.log"
   cp "$junit"/*.xml "benchmarks/results/$gpu/" 2>/dev/null

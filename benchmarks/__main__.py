@@ -78,11 +78,10 @@ def main() -> None:
         stored = harness.stored_cases(csv_path, info, labels)
         measured: dict[str, list[Row]] = {}
         if args.resume:
-            kept, done = harness.complete_cases(csv_path, info, labels)
+            _, done = harness.complete_cases(csv_path, info, labels)
             if done:
                 print(f"{op}: resuming, {len(done)} of {len(cases)} cases kept from {csv_path}")
-            for row in kept:
-                measured.setdefault(row.shape, []).append(row)
+            measured = {label: stored[label] for label in done}
             cases = [c for c in cases if c.label not in done]
             progress.advance(len(done) * len(harness.MODES) * len(harness.providers(args.device)))
         for case in cases:

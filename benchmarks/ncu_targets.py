@@ -71,6 +71,7 @@ STALLS = ("long_scoreboard", "short_scoreboard", "barrier", "membar", "wait", "l
           "mio_throttle", "math_pipe_throttle", "not_selected", "dispatch_stall", "drain",
           "branch_resolving", "no_instruction", "tex_throttle", "sleeping")
 _STALL_METRIC = "smsp__average_warps_issue_stalled_{}_per_issue_active.ratio"
+_STALL_RE = re.compile(re.escape(_STALL_METRIC).replace(re.escape("{}"), r"(\w+)"))
 _TO_US = {"nsecond": 1e-3, "usecond": 1.0, "msecond": 1e3, "second": 1e6}
 
 
@@ -136,7 +137,7 @@ def summarize(path: Path) -> list[dict[str, str]]:
             value = f"{float(value) * _TO_US[row['Metric Unit']]:.1f}"
         if name in METRICS:
             k[METRICS[name]] = value
-        stall = re.fullmatch(_STALL_METRIC.format("(\\w+)").replace(".", "\\."), name)
+        stall = _STALL_RE.fullmatch(name)
         if stall:
             try:
                 stalls[row["ID"]][stall.group(1)] = float(value)
