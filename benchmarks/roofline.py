@@ -507,7 +507,8 @@ def triton_cas_config(rows: int, channels: int, length: int, classes: int,
     Streaming: inner (contiguous) extent from (1, 4, 16, 64, 256), tiles of 2048 elements
     halved down to 512 while the grid has fewer than 264 programs or the tile outgrows the
     outer extent; 8 elements a thread. Logits: all classes in one 8-warp program per sample up
-    to 64 (4096-element product tile), else 4 samples x 16 classes x 128 channels."""
+    to 64 (4096-element product tile), else 16 samples x 16 classes x 128 channels (64 with 4
+    partials a channel) on tl.dot."""
     inner_len, outer_len = (channels, length) if channels_last else (length, channels)
     inner = _pick((1, 4, 16, 64, 256), min(inner_len, 256))
     tile = 2048
@@ -523,7 +524,7 @@ def triton_cas_config(rows: int, channels: int, length: int, classes: int,
         block_c = max(16, _pow2(classes))
         logits = (1, block_c, 4096 // block_c, chunks, 8)
     else:
-        logits = (4, 16, 128, chunks, 8)
+        logits = (16, 16, 128 if chunks == 1 else 64, chunks, 8)
     return block_k, block_l, tile // 256, logits
 
 
@@ -1329,7 +1330,9 @@ def _triton_cas_logits(p: Plan) -> None:
     """_cas_logits_kernel: per (block of samples, block of classes) the means from the S
     partials of each channel (L2) and the logits; K / BLOCK_K serial steps of a weight tile and
     ceil(S / BLOCK_S) partial loads each; each program reads its classes' weight rows (L2 but
-    the first), so the weight is read rows / BLOCK_N times."""
+    the first), so the weight is read rows / BLOCK_N times. Up to 64 classes the product is a
+    (classes, channels) tile summed over the channels, 2 instructions an element; more classes
+    take tl.dot (IEEE float32: FMAs) on (16 samples, 16 classes) tiles."""
     rows, channels, length, classes = _cas_shape(p.case)
     e = _esize(p.case)
     _, block_l, _, (block_n, block_c, block_k, block_s, warps) = triton_cas_config(
@@ -1338,11 +1341,15 @@ def _triton_cas_logits(p: Plan) -> None:
     n_blocks, c_blocks = math.ceil(rows / block_n), math.ceil(classes / block_c)
     steps = math.ceil(channels / block_k)
     p.host("triton")
+    programs = n_blocks * c_blocks
+    product = programs * block_n * block_c * steps * block_k
+    sums = programs * steps * block_n * block_k * math.ceil(s / block_s) * block_s * 2
+    dot = block_n >= 16
     p.kernel("_cas_logits_kernel", "inner",
              hbm=classes * channels * e + rows * (classes * e + channels * 4 + 16),
-             l2=n_blocks * c_blocks * (block_c * channels * e + block_n * channels * s * 4),
-             ops=n_blocks * c_blocks * block_n * block_c * steps * block_k * 2 / 32 * 2,
-             ctas=n_blocks * c_blocks, per_sm=_triton_per_sm(warps),
+             l2=programs * (block_c * channels * e + block_n * channels * s * 4),
+             ops=sums + (0 if dot else product * 2), flops=2 * product if dot else 0,
+             ctas=programs, per_sm=_triton_per_sm(warps),
              chain_us=steps * math.ceil(s / block_s) * p.lat("l2") + p.lat("tile_reduce"))
 
 
@@ -1414,33 +1421,46 @@ def cas_backward(p: Plan, provider: str) -> None:
     elif provider == CUDA:
         p.host("pyprune_backward", "cas")
         # a = grad_logits @ weight from C++ (to(acc) and contiguous are no-ops for float32; the
-        # streaming kernel divides by L); with more than 64 classes grad_logits.T @ mean is a
-        # GEMM too; then the streaming pass (grad_out, x -> grad_x and the partial sums of
-        # grad_out * x) and the gather, `split` threads a (class, channel) cell, each over
-        # every split-th sample, their sums then added in order: grad_weight (the logits path
-        # too, up to 64 classes: each block rereads its mean columns once per sample from L2)
-        # and grad_bias. Each sample step waits on an L2 load (the H200 run: 61 us for the
-        # 128-step loop of split 1 at 128x64x32x32, 3 blocks).
+        # streaming kernel divides by L); then the streaming pass (grad_out, x -> grad_x and the
+        # partial sums of grad_out * x). Up to 64 classes, the gather: `split` threads a (class,
+        # channel) cell, each over every split-th sample, their sums then added in order:
+        # grad_weight (the logits path too: each block rereads its mean columns once per
+        # sample from L2) and grad_bias. Each sample step waits on an L2 load (the H200 run: 61
+        # us for the 128-step loop of split 1 at 128x64x32x32, 3 blocks). More classes: the
+        # tiled kernel, a block a 64 x 64 tile of grad_weight (57 registers: 4 blocks an SM),
+        # 32 samples staged a step (their grad_logits and mean columns, the partials of the
+        # samples whose label is in the tile's rows), then 16 FMAs a thread a sample from
+        # shared memory.
         fused = classes <= 64
         p.kernel("mm: grad_logits @ weight", "inner", **gemm)
-        if not fused:
-            p.kernel("mm: grad_logits.T @ mean", "inner", **gemm)
         s, tiles = _cuda_cas_stream(p, "backward")
         p.kernel("cas_rows_kernel<bwd>", "inner", hbm=3 * n + rows * channels * (s + 1) * 4,
                  l2=rows * tiles * 256 * 8, ops=rows * channels * length * 6,
                  ctas=rows * tiles, per_sm=4, chain_us=lat("dram") + lat("l2") + lat("barrier"))
         cells = classes * channels
-        split = 1  # cas.cu gather_split: two blocks an SM where a power of two <= 32 gives them
-        while split < 32 and split < rows and math.ceil(cells * split / 256) < 2 * p.gpu["sms"]:
-            split *= 2
-        blocks = math.ceil(cells * split / 256)
-        p.kernel("cas_gather_rows_kernel", "inner",
-                 hbm=cells * 4 * (1 if fused else 2) + rows * (classes + channels) * 4 + rows * 8,
-                 l2=rows * channels * s * 4 + (blocks * rows * 256 // split * 4 if fused else 0),
-                 ops=cells * rows * (6 if fused else 3) + blocks * 256 * 2 * split,
-                 flops=2 * cells * rows if fused else 0,
-                 ctas=blocks, per_sm=8,
-                 chain_us=math.ceil(rows / split) * lat("l2") + lat("barrier") + lat("l2"))
+        if fused:
+            split = 1  # cas.cu gather_split: two blocks an SM where a power of two <= 32 does
+            while (split < 32 and split < rows
+                   and math.ceil(cells * split / 256) < 2 * p.gpu["sms"]):
+                split *= 2
+            blocks = math.ceil(cells * split / 256)
+            p.kernel("cas_gather_rows_kernel", "inner",
+                     hbm=cells * 4 + rows * (classes + channels) * 4 + rows * 8,
+                     l2=rows * channels * s * 4 + blocks * rows * 256 // split * 4,
+                     ops=cells * rows * 6 + blocks * 256 * 2 * split, flops=2 * cells * rows,
+                     ctas=blocks, per_sm=8,
+                     chain_us=math.ceil(rows / split) * lat("l2") + lat("barrier") + lat("l2"))
+        else:
+            tiles_w = math.ceil(classes / 64) * math.ceil(channels / 64)
+            stages = math.ceil(rows / 32)
+            # A staged sample: two 16-byte shared loads, 16 FMAs, the label test and the loop.
+            step_us = 32 * 8 * 256 / p.sm_rate()
+            p.kernel("cas_weight_grad_kernel", "inner",
+                     hbm=cells * 4 + classes * 4 + rows * (classes + channels) * 4 + rows * 8,
+                     l2=tiles_w * rows * 64 * 4 * 2 + rows * channels * s * 4,
+                     ops=tiles_w * 256 * rows * 8 + tiles_w * stages * 256 * 20,
+                     flops=2 * cells * rows, ctas=tiles_w, per_sm=4,
+                     chain_us=stages * (2 * lat("l2") + 3 * lat("barrier") + step_us))
     elif provider == TRITON:
         p.host("pyprune_backward", "cas")
         # In the launcher: a = grad_logits @ weight (float32: the casts are no-ops), the
@@ -1449,17 +1469,19 @@ def cas_backward(p: Plan, provider: str) -> None:
         p.host("triton")
         s = _triton_cas_stream(p, "_cas_backward_kernel", 3)
         p.host("triton")
-        # A program per (16-64 classes, 32 channels), 8 warps, over the samples in blocks of
-        # 8192 / (classes x 32): grad_logits, mean, the index and the S partials of t loaded
-        # together, then grad_logits.T @ mean (FMA) plus t selected per class, and the column
-        # sums of grad_logits (the bias gradient, stored by the first channel block).
+        # A program per (16-64 classes, 32 channels), 8 warps, over the samples 16 at a time:
+        # grad_logits, mean, the index and the S partials of t loaded together, then two
+        # products on tl.dot (IEEE float32: FMAs), grad_logits.T @ mean and the one-hot label
+        # rows @ t, and the column sums of grad_logits (the bias gradient, stored by the first
+        # channel block).
         block_c = min(64, max(16, _pow2(classes)))
         programs = math.ceil(classes / block_c) * math.ceil(channels / 32)
-        steps = math.ceil(rows / (8192 // (block_c * 32)))
+        steps = math.ceil(rows / 16)
         p.kernel("_cas_gather_kernel", "inner",
                  hbm=classes * channels * 4 + rows * (channels + classes) * 4,
                  l2=programs * rows * (32 * 4 * (s + 1) + block_c * 4 + 8),
-                 ops=programs * steps * 8192 / 32 * 3, flops=2 * rows * classes * channels,
+                 ops=programs * steps * (16 * 32 * (s + 3) + block_c * (16 + 32) * 2),
+                 flops=2 * 2 * programs * steps * block_c * 32 * 16,
                  ctas=programs, per_sm=_triton_per_sm(8),
                  chain_us=lat("l2") + steps * (s * lat("l2") + lat("tile_reduce")))
     else:

@@ -152,6 +152,38 @@ def test_gradients_match_reference(device_backend, train, with_bias):
                 _close(a, b, dtype, scale=max(1.0, float(b.abs().max())) * 4)
 
 
+@pytest.mark.parametrize("special", [float("inf"), float("-inf"), float("nan")], ids=str)
+@pytest.mark.parametrize("classes", [5, 70], ids=lambda c: f"classes{c}")
+def test_weight_gradient_keeps_nonfinite_in_its_row(device_backend, special, classes):
+    """An inf or NaN in one sample's sum of grad_out * x reaches only its label's row of
+    grad_weight: every other row stays finite and matches the reference (a 0/1 mask multiplied
+    in, or a one-hot product, would give 0 * inf = NaN there). 70 classes take the many-class
+    paths (the CUDA tiled kernel, the Triton logits and gather on tl.dot); 20 samples span two
+    of the Triton gather's sample steps."""
+    device, backend = device_backend
+    n, k = 20, 40
+    for dtype in dtypes_for(backend):
+        x, weight, bias, label = _inputs(n, k, 3, 3, classes, dtype, device)
+        gen = torch.Generator().manual_seed(7)
+        g = torch.randn(x.shape, generator=gen).to(dtype)
+        g[3, 5, 1, 1] = special  # sample 3, channel 5
+        g = g.to(device)
+        gl = torch.randn(n, classes, generator=gen).to(dtype).to(device)
+        leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
+        got = torch.autograd.grad(pyprune.cas(*leaves, label), leaves, (g, gl))[1]
+        ref = [t.double().requires_grad_() for t in (x, weight, bias)]
+        want = torch.autograd.grad(reference.cas(*ref, label), ref, (g.double(), gl.double()))[1]
+        row = int(label[3])
+        others = torch.arange(classes, device=device) != row
+        assert got[others].isfinite().all()
+        _close(got[others], want[others], dtype, scale=max(1.0, float(want[others].abs().max())) * 4)
+        cell, want_cell = got[row, 5].double().cpu(), want[row, 5].cpu()
+        assert (cell.isnan() and want_cell.isnan()) or cell == want_cell
+        finite = torch.arange(k, device=device) != 5
+        _close(got[row][finite], want[row][finite], dtype,
+               scale=max(1.0, float(want[row][finite].abs().max())) * 4)
+
+
 @pytest.mark.parametrize("train", [True, False], ids=["label", "argmax"])
 def test_gradcheck_float64(device_backend, train):
     device, backend = device_backend

@@ -9,8 +9,9 @@ Forward, training (a label given): two kernels and one asynchronous assert.
      pass over x writes out = x * weight[label] and each tile's per-channel sums to a workspace
      part (N, K, S) (S chunks of L per channel); program 0 sets a flag to 1;
   2. _cas_logits_kernel per (block of samples, block of classes): the means from the S partials
-     in a fixed order (the class-block-0 programs store them), logits = mean @ weight.T + bias,
-     rounded to x's dtype; index = label; a label outside [0, C) clears the flag;
+     in a fixed order (the class-block-0 programs store them), logits = mean @ weight.T + bias
+     (on tl.dot, IEEE float32, above 64 classes), rounded to x's dtype; index = label; a label
+     outside [0, C) clears the flag;
   3. torch._assert_async on the flag: a bad label fails without the host waiting (the stream
      reads no weight row for it). CPU labels, under the interpreter, are also read on the host
      by the op (pyprune/ops/cas.py), which names the bad value.
@@ -22,8 +23,8 @@ Backward: a = grad_logits @ weight (one small GEMM), then _cas_backward_kernel o
 grid: grad_x = grad_out * weight[index] + a / L and the per-tile channel sums of grad_out * x,
 from one pass over both. _cas_gather_kernel forms grad_weight = grad_logits.T @ mean plus the
 sums t of each class's samples (t summed from the S partials in chunk order), per block of
-classes over the samples in order (index_add_ would use atomics on the GPU), and grad_bias =
-grad_logits.sum(0) in the same loop: three launches in all.
+classes over the samples in order (index_add_ would use atomics on the GPU), both on tl.dot,
+and grad_bias = grad_logits.sum(0) in the same loop: three launches in all.
 
 Tiles: (BLOCK_K, BLOCK_L) with the contiguous dimension inner (L for NCHW and general strides,
 K for channels_last), 8 elements a thread; the JIT specializes unit strides and 16-byte
@@ -51,22 +52,25 @@ _INNER = (1, 4, 16, 64, 256)
 _TILES = (512, 1024, 2048)
 _FILL = 2 * 132  # programs that fill an H100/H200 (132 SMs) twice over
 _ELEMS_PER_WARP = 256
-# Logits: all classes in one block up to 64 (the argmax in the same program), else 16 classes
-# and 4 samples a program (each weight tile serves 4 samples); the (samples, classes,
-# channels) product tile holds _LOGITS_TILE elements (_LOGITS_TILE_WIDE for 4 samples), 8
-# warps; a step sums _CHUNKS partials of each channel (more chunks take more steps: a larger
-# step spilled).
+# Logits: all classes in one block up to 64 (the argmax in the same program), the (classes,
+# channels) product tile of _LOGITS_TILE elements summed over the channels; more classes, 16
+# samples and 16 classes a program, _WIDE_CHANNELS channels a step (half as many with 4 partials
+# a channel, which spilled on sm_80 at 128), the product on tl.dot
+# (IEEE float32: a sum of products of a 3-D tile took 88 us for 32 samples x 2048 channels x
+# 1000 classes on an H200). 8 warps either way; a step sums _CHUNKS partials of each channel
+# (more chunks take more steps: a larger step spilled).
 _LOGITS_TILE = 4096
-_LOGITS_TILE_WIDE = 8192
 _LOGITS_WARPS = 8
-_WIDE_SAMPLES = 4
+_WIDE_SAMPLES = 16
 _WIDE_CLASSES = 16
+_WIDE_CHANNELS = 128
 _CHUNKS = (1, 4)
 _ARGMAX_BLOCK = 1024
-# grad_weight's gather: (samples, classes, channels) tiles of _GATHER_TILE elements, 32
-# channels and 16-64 classes a program, 8 warps.
-_GATHER_TILE = 8192
+# grad_weight's gather: 16-64 classes and 32 channels a program (8 warps), the samples 16 at a
+# time (tl.dot's least inner dimension).
+_GATHER_N = 16
 _GATHER_K = 32
+_GATHER_WARPS = 8
 # Registers per thread of every CAS and masked-convolution launch (Triton's maxnreg): 128 keeps
 # a block of any size at >= 25% occupancy on sm_80 / sm_90, and an explicit cap also keeps ptxas
 # from spilling to reach a smaller register count of its own choosing. The tiles and warps of
@@ -190,7 +194,10 @@ def _cas_logits_kernel(
             s0 += BLOCK_S
         mean = tl.sum(acc, 2) * inv_l
         tl.store(mean_ptr + ns[:, None] * K + kk[None, :], mean, mask=rmask & (cb == 0))
-        lg += tl.sum(mean[:, None, :] * w[None, :, :], 2)
+        if BLOCK_N >= 16:  # many classes: a (samples, classes) tile, the product on tl.dot
+            lg = tl.dot(mean, tl.trans(w), lg, input_precision="ieee")
+        else:
+            lg += tl.sum(mean[:, None, :] * w[None, :, :], 2)
         k0 += BLOCK_K
     lg += tl.load(b_ptr + cc, mask=cmask & (has_bias != 0), other=0.0).to(tl.float32)[None, :]
     rounded = _round(lg, logits_ptr.dtype.element_ty)
@@ -265,20 +272,24 @@ def _cas_gather_kernel(gw_ptr, gb_ptr, gl_ptr, mean_ptr, part_ptr, index_ptr, N,
                        BLOCK_K: tl.constexpr):
     """gw[c, kk] = sum over the samples n of grad_logits[n, c] * mean[n, kk], plus t[n, kk] where
     index[n] == c (t: the backward stream's S partials of channel kk, summed in chunk order),
-    for a block of classes c; the samples in order (a fixed tree within each block of BLOCK_N).
-    The programs of the first channel block also store gb[c] = the sum of grad_logits[:, c]
-    (the bias gradient) in the same order. The sums t are selected, not multiplied by a 0/1
-    mask, so an inf in another class's sample cannot turn into a NaN here."""
+    for a block of classes c; the samples in order, BLOCK_N at a time. A step is two products
+    on tl.dot (IEEE float32): grad_logits.T @ mean, and the classes' one-hot rows @ t, which
+    adds each finite t to its label's row only (the one-hot zeros meet finite values). Where a
+    step's t holds an inf or NaN, those values are added separately, sample by sample, to their
+    label's row, selected, not multiplied by a 0/1 mask, so that an inf in another class's
+    sample cannot turn into a NaN. The programs of the first channel block also store gb[c] =
+    the sum of grad_logits[:, c] (the bias gradient) in the same order."""
     pid = tl.program_id(0).to(tl.int64)
     cc = (pid // k_blocks) * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
     kk = (pid % k_blocks) * BLOCK_K + tl.arange(0, BLOCK_K).to(tl.int64)
     cmask = cc < C
     kmask = kk < K
+    local = tl.arange(0, BLOCK_N)
     acc = tl.zeros([BLOCK_C, BLOCK_K], dtype=tl.float32)
     bias = tl.zeros([BLOCK_C], dtype=tl.float32)
     n0 = 0
     while n0 < N:
-        nn = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
+        nn = n0 + local.to(tl.int64)
         nmask = nn < N
         rmask = nmask[:, None] & kmask[None, :]
         idx = tl.load(index_ptr + nn, mask=nmask, other=-1)
@@ -289,14 +300,24 @@ def _cas_gather_kernel(gw_ptr, gb_ptr, gl_ptr, mean_ptr, part_ptr, index_ptr, N,
             t += tl.load(part_ptr + rows + s, mask=rmask, other=0.0)
             s += 1
         mv = tl.load(mean_ptr + nn[:, None] * K + kk[None, :], mask=rmask, other=0.0)
-        g = tl.load(gl_ptr + nn[:, None] * C + cc[None, :], mask=nmask[:, None] & cmask[None, :],
+        g = tl.load(gl_ptr + nn[None, :] * C + cc[:, None], mask=cmask[:, None] & nmask[None, :],
                     other=0.0)
-        hit = idx[:, None, None] == cc[None, :, None]
-        acc += tl.sum(g[:, :, None] * mv[:, None, :] + tl.where(hit, t[:, None, :], 0.0), 0)
-        bias += tl.sum(g, 0)
+        finite = tl.abs(t) < float("inf")  # False for inf and NaN
+        hit = cc[:, None] == idx[None, :]
+        acc = tl.dot(g, mv, acc, input_precision="ieee")
+        acc = tl.dot(hit.to(tl.float32), tl.where(finite, t, 0.0), acc, input_precision="ieee")
+        if tl.max(tl.where(finite, 0, 1)) > 0:
+            i = 0
+            while i < BLOCK_N:
+                t_i = tl.sum(tl.where((local[:, None] == i) & ~finite, t, 0.0), 0)
+                idx_i = tl.sum(tl.where(local == i, idx, 0), 0)
+                acc = tl.where(cc[:, None] == idx_i, acc + t_i[None, :], acc)
+                i += 1
+        bias += tl.sum(g, 1)
         n0 += BLOCK_N
     tl.store(gw_ptr + cc[:, None] * K + kk[None, :], acc, mask=cmask[:, None] & kmask[None, :])
     tl.store(gb_ptr + cc, bias, mask=cmask & (pid % k_blocks == 0))
+
 
 def on_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
     """The context every launcher launches in: Triton launches on the current CUDA device, not
@@ -305,8 +326,20 @@ def on_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) of host integers. triton.cdiv and triton.next_power_of_2 are constexpr
+    functions: called on the host each goes through the JIT's argument unwrapping (~2 us, a
+    launcher makes several a call), where this is integer arithmetic."""
+    return -(-a // b)
+
+
+def next_pow2(v: int) -> int:
+    """The least power of two >= v (1 for v <= 1), on the host (see cdiv)."""
+    return 1 << max(0, v - 1).bit_length()
+
+
 def _pow2(v: int) -> int:
-    return triton.next_power_of_2(max(1, v))
+    return next_pow2(max(1, v))
 
 
 def _channels_last(*tensors: torch.Tensor) -> bool:
@@ -324,7 +357,7 @@ def _stream_config(N: int, K: int, L: int, channels_last: bool) -> tuple[int, in
     tile = _TILES[-1]
 
     def programs(t: int) -> int:
-        return N * triton.cdiv(inner_len, inner) * triton.cdiv(outer_len, t // inner)
+        return N * cdiv(inner_len, inner) * cdiv(outer_len, t // inner)
 
     while tile > _TILES[0] and (tile // inner > _pow2(outer_len) or programs(tile) < _FILL):
         tile //= 2
@@ -339,8 +372,8 @@ def _logits_config(K: int, C: int, S: int) -> tuple[int, int, int, int, int]:
     if C <= 64:
         block_c = max(16, _pow2(C))
         return 1, block_c, _LOGITS_TILE // block_c, block_s, _LOGITS_WARPS
-    return (_WIDE_SAMPLES, _WIDE_CLASSES, _LOGITS_TILE_WIDE // (_WIDE_SAMPLES * _WIDE_CLASSES),
-            block_s, _LOGITS_WARPS)
+    return (_WIDE_SAMPLES, _WIDE_CLASSES, _WIDE_CHANNELS // (1 if block_s == 1 else 2), block_s,
+            _LOGITS_WARPS)
 
 
 def _gather_classes(C: int) -> int:
@@ -358,7 +391,7 @@ def _check(x: torch.Tensor, weight: torch.Tensor, what: str) -> None:
 
 def _stream_grid(N: int, K: int, L: int, block_k: int, block_l: int) -> tuple[int, int, int]:
     """(programs, k_blocks, S) of a streaming launch."""
-    k_blocks, chunks = triton.cdiv(K, block_k), triton.cdiv(L, block_l)
+    k_blocks, chunks = cdiv(K, block_k), cdiv(L, block_l)
     programs = N * k_blocks * chunks
     if programs >= 2**31:
         raise ValueError(f"cas (triton): the input is too large for one launch ({programs} tiles)")
@@ -388,7 +421,7 @@ def cas_forward(
     programs, k_blocks, S = _stream_grid(N, K, L, block_k, block_l)
     part = x.new_empty((N, K, S), dtype=torch.float32)
     block_n, block_c, block_kl, block_s, logit_warps = _logits_config(K, C, S)
-    c_blocks = triton.cdiv(C, block_c)
+    c_blocks = cdiv(C, block_c)
     sel = label if train else index
     # Train: the kernels flag labels out of range (program 0 of the stream sets it, the logits
     # kernel clears it), and one asynchronous assert checks the flag: no host sync.
@@ -403,7 +436,7 @@ def cas_forward(
 
     with on_device(x):
         stream(_TRAIN if train else _SUMS)
-        _cas_logits_kernel[(triton.cdiv(N, block_n) * c_blocks,)](
+        _cas_logits_kernel[(cdiv(N, block_n) * c_blocks,)](
             weight, bias, part, label if train else index, logits, index, mean, flag,
             N, K, L, C, S, c_blocks, int(train), int(bias is not weight), *weight.stride(),
             BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_K=block_kl, BLOCK_S=block_s,
@@ -441,7 +474,7 @@ def cas_backward(
     grad_weight = x.new_empty((C, K), dtype=torch.float32)
     grad_bias = x.new_empty((C,), dtype=torch.float32)
     block_c = _gather_classes(C)
-    g_blocks = triton.cdiv(K, _GATHER_K)
+    g_blocks = cdiv(K, _GATHER_K)
     with on_device(x):
         _cas_backward_kernel[(programs,)](
             grad_out, x, weight, a, index, grad_x, part,
@@ -449,10 +482,10 @@ def cas_backward(
             *grad_out.stride(), *x.stride(), *grad_x.stride(), *weight.stride(),
             BLOCK_K=block_k, BLOCK_L=block_l, num_warps=num_warps, maxnreg=MAX_REGS,
         )
-        _cas_gather_kernel[(triton.cdiv(C, block_c) * g_blocks,)](
+        _cas_gather_kernel[(cdiv(C, block_c) * g_blocks,)](
             grad_weight, grad_bias, gl, mean.float().contiguous(), part, index, N, K, C, S,
-            g_blocks, BLOCK_N=_GATHER_TILE // (block_c * _GATHER_K), BLOCK_C=block_c,
-            BLOCK_K=_GATHER_K, num_warps=8, maxnreg=MAX_REGS,
+            g_blocks, BLOCK_N=_GATHER_N, BLOCK_C=block_c, BLOCK_K=_GATHER_K,
+            num_warps=_GATHER_WARPS, maxnreg=MAX_REGS,
         )
     return grad_x, grad_weight.to(weight.dtype), grad_bias.to(weight.dtype)
 
@@ -486,8 +519,8 @@ def _aot_variants() -> list[tuple]:
                                             "BLOCK_K": block_k, "BLOCK_S": block_s}, num_warps)
         add(_cas_argmax_kernel, dtype, {"BLOCK": _ARGMAX_BLOCK}, 4)
     for block_c in sorted({_gather_classes(c) for c in sizes}):
-        add(_cas_gather_kernel, "fp32", {"BLOCK_N": _GATHER_TILE // (block_c * _GATHER_K),
-                                         "BLOCK_C": block_c, "BLOCK_K": _GATHER_K}, 8)
+        add(_cas_gather_kernel, "fp32", {"BLOCK_N": _GATHER_N, "BLOCK_C": block_c,
+                                         "BLOCK_K": _GATHER_K}, _GATHER_WARPS)
     return variants
 
 

@@ -73,7 +73,7 @@ import triton
 import triton.language as tl
 
 from .aot import signature
-from .cas import on_device
+from .cas import cdiv, next_pow2, on_device
 
 DIGIT_BITS = tl.constexpr(5)  # radix digits of the streamed select and the bracket
 BINS = tl.constexpr(1 << 5)
@@ -586,7 +586,7 @@ def _forward_config(length: int, unit: bool = True) -> tuple[int, int]:
     instructions a pass for 32 keys, 85 for 16, 49 for 4; 92 registers); 16 with lane masks
     (32 would take 168 registers: 19% occupancy); 8 for strided groups (an int64 address a
     key, which 16 keys would move into a stack frame at 2048). At most 8 warps."""
-    block = max(triton.next_power_of_2(length), _FWD_MIN_BLOCK)
+    block = max(next_pow2(length), _FWD_MIN_BLOCK)
     keys = 32 if unit and length == block else 16 if unit else 8
     return block, min(max(block // (32 * keys), 1), 8)
 
@@ -596,10 +596,10 @@ def _split_config(groups: int, length: int) -> tuple[int, int, int, int, int]:
     of L / 64 elements within [_SAMPLE_MIN, _SAMPLE] (a power of two, the group itself if
     smaller); chunks of at most _SPLIT_MAX_BLOCK elements, halved (down to _SPLIT_MIN_BLOCK)
     until the filter pass has _SPLIT_TARGET_PROGRAMS programs."""
-    pow2 = triton.next_power_of_2(length)
+    pow2 = next_pow2(length)
     sample = min(_SAMPLE, max(_SAMPLE_MIN, pow2 // 64), pow2)
     block = _SPLIT_MAX_BLOCK
-    while block > _SPLIT_MIN_BLOCK and groups * triton.cdiv(length, block) < _SPLIT_TARGET_PROGRAMS:
+    while block > _SPLIT_MIN_BLOCK and groups * cdiv(length, block) < _SPLIT_TARGET_PROGRAMS:
         block //= 2
     return sample, min(_RUN, sample), min(max(sample // 256, 1), 16), block, _CHUNK_WARPS
 
@@ -610,7 +610,7 @@ def _candidate_cap(length: int) -> int:
 
 def _backward_config(length: int) -> tuple[int, int]:
     """(BLOCK_G, BLOCK_L) for groups of ``length`` elements."""
-    block_l = min(max(triton.next_power_of_2(length), _BWD_MIN_BLOCK_L), _BWD_TILE)
+    block_l = min(max(next_pow2(length), _BWD_MIN_BLOCK_L), _BWD_TILE)
     return _BWD_TILE // block_l, block_l
 
 
@@ -658,7 +658,7 @@ def _split_forward(x: torch.Tensor, k: int, absolute: int, out: torch.Tensor,
     groups = N * C
     sample, run, sample_warps, block, chunk_warps = _split_config(groups, L)
     cap = _candidate_cap(L)
-    chunks = triton.cdiv(L, block)
+    chunks = cdiv(L, block)
     dev = x.device
     scratch = torch.empty((groups, _SCRATCH), dtype=torch.int32, device=dev)
     hist = torch.empty((groups, _BAND_BINS), dtype=torch.int32, device=dev)
@@ -693,8 +693,8 @@ def kwta_backward(
         return out
     N, C, L = x.shape
     block_g, block_l = _backward_config(L)
-    blocks_per_row = triton.cdiv(L, block_l)
-    grid = (triton.cdiv(N * C, block_g) * blocks_per_row,)
+    blocks_per_row = cdiv(L, block_l)
+    grid = (cdiv(N * C, block_g) * blocks_per_row,)
     with on_device(x):
         _kwta_backward_kernel[grid](
             grad, x, threshold, out,

@@ -93,7 +93,7 @@ from triton.runtime.jit import JITFunction
 
 from .aot import signature
 
-from .cas import MAX_REGS, _round, on_device
+from .cas import MAX_REGS, _round, cdiv, on_device
 
 _TL_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 # Tiles for the tensor cores (tl.dot needs every dimension >= 16): pixels x output channels
@@ -347,9 +347,9 @@ def _blocks(C_out: int, P: int, N: int, out_masked: bool = False, sparse: bool =
     block_p, block_co = pick(_BLOCK_PS, P), min(pick(_BLOCK_COS, C_out), cap)
 
     def busy() -> int:
-        co_blocks = triton.cdiv(C_out, block_co)
-        busy_co = triton.cdiv(co_blocks, 4) if out_masked else co_blocks
-        return N * triton.cdiv(P, block_p) * busy_co
+        co_blocks = cdiv(C_out, block_co)
+        busy_co = cdiv(co_blocks, 4) if out_masked else co_blocks
+        return N * cdiv(P, block_p) * busy_co
 
     while block_p * block_co > _MAX_TILES[arch] or 4 * busy() < 3 * _SMS:
         if block_p > 64:
@@ -518,7 +518,7 @@ def _block_table(weight_mask: torch.Tensor, block_co: int, block_ci: int
     keep a weight, ascending, then the empty ones; counts[j] is how many keep one. Torch ops on
     the mask only (no host synchronization)."""
     C_out, C_in, KH, KW = weight_mask.shape
-    co_blocks, ci_blocks = triton.cdiv(C_out, block_co), triton.cdiv(C_in, block_ci)
+    co_blocks, ci_blocks = cdiv(C_out, block_co), cdiv(C_in, block_ci)
     padded = weight_mask.new_zeros((co_blocks * block_co, ci_blocks * block_ci, KH * KW))
     padded[:C_out, :C_in] = weight_mask.reshape(C_out, C_in, KH * KW)
     occupied = padded.view(co_blocks, block_co, ci_blocks, block_ci, KH * KW).any(3).any(1)
@@ -621,8 +621,8 @@ def masked_conv2d_forward(
         # Unused by the kernel: pointers of the types it is compiled for.
         i32 = dummy.view(torch.int32)
         wm, blk_idx, blk_cnt, finite, ci_blocks = dummy.view(torch.uint8), i32, i32, i32, 1
-    p_blocks = triton.cdiv(pixels * span, block_p)
-    co_blocks = triton.cdiv(C_out, block_co)
+    p_blocks = cdiv(pixels * span, block_p)
+    co_blocks = cdiv(C_out, block_co)
     precision = input_precision(x.dtype)
     with on_device(x):
         _masked_conv2d_forward_kernel[(N // span * p_blocks * co_blocks,)](

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from ._random import SEED_WORDS, load_seed, normal4, seed_args
-from .cas import on_device
+from .cas import cdiv, on_device
 
 _BLOCK = 512  # Philox evaluations per program: 2048 elements
 _NUM_WARPS = 4
@@ -59,7 +59,7 @@ def _noise_kernel(
 def _wide_offsets(x: torch.Tensor, out: torch.Tensor) -> bool:
     """Whether an element offset of the launch (masked lanes of the last program included)
     reaches 2^31: the kernel then indexes in int64."""
-    end = triton.cdiv(x.numel(), 4 * _BLOCK) * 4 * _BLOCK
+    end = cdiv(x.numel(), 4 * _BLOCK) * 4 * _BLOCK
     return end * max(1, abs(x.stride(0)), abs(out.stride(0))) >= _INT32_END
 
 
@@ -78,7 +78,7 @@ def gaussian_noise(x: torch.Tensor, seed: torch.Tensor, std: float, multiplicati
     out = torch.empty_like(x)
     if x.numel() == 0:
         return out
-    grid = (triton.cdiv(x.numel(), 4 * _BLOCK),)
+    grid = (cdiv(x.numel(), 4 * _BLOCK),)
     wide = _wide_offsets(x, out) if _wide is None else _wide
     with on_device(x):
         _noise_kernel[grid](x, out, *seed, x.numel(), x.stride(0), out.stride(0), float(std),

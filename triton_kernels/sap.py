@@ -59,7 +59,7 @@ import triton
 import triton.language as tl
 
 from ._random import SEED_WORDS, _to_uniform, load_seed, seed_args
-from .cas import on_device
+from .cas import cdiv, next_pow2, on_device
 
 # Elements per chunk: samples below 16384 keep chunks of 256 (a batch of 8 samples of 8192
 # still makes 256 programs), from 16384 on 1024: fewer draw-chunk searches and margins per
@@ -361,7 +361,7 @@ def _sap_bernoulli_kernel(
 
 
 def _pow2(v: int) -> int:
-    return 1 << max(0, math.ceil(math.log2(v)))
+    return next_pow2(v)
 
 
 def _chunk_sizes(L: int, r: int) -> tuple[int, int]:
@@ -405,8 +405,8 @@ def sap_forward(src: torch.Tensor, x: torch.Tensor, seed: torch.Tensor, r: int, 
         e, d, dt = _chunks
         cfg["partials"] = {"E": e, "DT": dt}
         cfg["merge"] = {**cfg["merge"], "E": e, "DT": dt}
-    k = triton.cdiv(L, e)
-    nb = triton.cdiv(r + 4, d) if exact else 0
+    k = cdiv(L, e)
+    nb = cdiv(r + 4, d) if exact else 0
     bx = torch.empty((N, k + 1), dtype=torch.float32, device=x.device)
     bd = torch.empty((N, nb + 1), dtype=torch.float32, device=x.device)
     with on_device(x):
@@ -423,7 +423,7 @@ def sap_forward(src: torch.Tensor, x: torch.Tensor, seed: torch.Tensor, r: int, 
                 *x.stride(), *src.stride(), *out.stride(), **cfg["merge"], num_warps=_WARPS["merge"],
                 maxnreg=_MERGE_MAX_REGS)
         else:
-            kb = triton.cdiv(L + 3, _BERNOULLI_BLOCK)
+            kb = cdiv(L + 3, _BERNOULLI_BLOCK)
             _sap_bernoulli_kernel[(N * kb,)](
                 src, x, out, *seed, bx, L, r, k, kb,
                 *x.stride(), *src.stride(), *out.stride(), **cfg["bernoulli"],

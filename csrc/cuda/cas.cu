@@ -17,8 +17,10 @@
 //   3. stream (write only), reading index[n].
 // Backward: one pass over grad_out and x: grad_x = grad_out * w[index] + a / L, a = grad_logits
 // @ w formed first (a GEMM), fused with the partial sums of grad_out * x; grad_weight =
-// grad_logits.T @ mean + those sums added into the index rows, and grad_bias, by a gather kernel
-// (sample order, no atomics; with more than 64 classes grad_logits.T @ mean is a GEMM first).
+// grad_logits.T @ mean + those sums added into the index rows, and grad_bias, in sample order
+// without atomics: up to 64 classes by a gather kernel (split threads a (class, channel) cell);
+// with more, by a tiled kernel (a block a 64 x 64 tile of grad_weight, the samples staged in
+// shared memory), which reads each sample's sums only in the one tile row of its label.
 //
 // Layouts. Channel rows (x.stride(2) == 1, contiguous NCHW): a group of G lanes (a power of 2,
 // G * V >= L where possible) covers a chunk of G * V columns of one channel, V = 16 bytes /
@@ -51,8 +53,13 @@ constexpr int kWarps = kThreads / 32;
 constexpr int kStreamMinBlocks = 4;
 constexpr unsigned kFullMask = 0xffffffffu;
 // Backward: up to this many classes the gather kernel sums grad_logits.T @ mean itself (the
-// rereads of mean stay small, and a GEMM launch is saved); more classes take a GEMM.
+// rereads of mean stay small, and a GEMM launch is saved); more classes take the tiled
+// weight-gradient kernel.
 constexpr int64_t kGatherLogitsClasses = 64;
+// The tiled weight-gradient kernel: a block a kTileC x kTileK tile of grad_weight, a thread a
+// 4 x 4 sub-tile (16 x 16 threads).
+constexpr int kTileC = 64;
+constexpr int kTileK = 64;
 
 template <typename T>
 __device__ inline T warp_sum(T v) {
@@ -419,11 +426,10 @@ __global__ void __launch_bounds__(kThreads) cas_argmax_kernel(const scalar_t* __
   if (lane == 0) index[n] = i;
 }
 
-// grad_weight[c, k] = the logits path, grad_logits.T @ mean, plus, where index[n] == c, the
-// sum t of grad_out * x over channel k of sample n (from its S partials); index_add_ would use
-// atomics. The logits path is summed here when mean is given (few classes: each thread rereads
-// mean[n, k] once per class, from L2), else gw holds it already (a GEMM) and is added last. The
-// threads of column k = 0 also form grad_bias[c] = the sum of grad_logits[:, c].
+// Up to kGatherLogitsClasses classes: grad_weight[c, k] = grad_logits.T @ mean (each thread
+// rereads mean[n, k] once per class, from L2) plus, where index[n] == c, the sum t of grad_out *
+// x over channel k of sample n (from its S partials); index_add_ would use atomics. Every
+// thread also sums grad_logits[:, c]; those of column k = 0 store it as grad_bias[c].
 // A block takes kThreads / split consecutive cells (c, k), and split threads share a cell, each
 // taking every split-th sample (thread group h: n = h, h + split, ...); their sums are then
 // added in group order, so the result does not depend on scheduling. The loop waits on an L2
@@ -449,15 +455,15 @@ __global__ void __launch_bounds__(kThreads) cas_gather_rows_kernel(
   const bool live = e < static_cast<uint32_t>(C * K);
   const uint32_t c32 = live ? e / width : 0;
   const int64_t c = c32, k = live ? e - c32 * width : 0;
-  const bool with_bias = mean != nullptr || k == 0;
   acc_t acc = 0, bias = 0;
   if (live) {
+    // Not unrolled: an unrolled loop's trip count is a 64-bit division by split (a called
+    // routine, which took a stack frame on sm_80).
+#pragma unroll 1
     for (int64_t n = group; n < N; n += split) {
-      if (with_bias) {
-        const acc_t g = gl[n * C + c];
-        if (mean != nullptr) acc += g * mean[n * K + k];
-        bias += g;
-      }
+      const acc_t g = gl[n * C + c];
+      acc += g * mean[n * K + k];
+      bias += g;
       if (index[n] == c) {
         const acc_t* pk = part + (n * K + k) * S;
         acc_t t = 0;
@@ -470,7 +476,7 @@ __global__ void __launch_bounds__(kThreads) cas_gather_rows_kernel(
   sum_b[tid] = bias;
   __syncthreads();
   if (group == 0 && live) {
-    acc_t total = mean == nullptr ? gw[e] : acc_t(0), total_bias = 0;
+    acc_t total = 0, total_bias = 0;
     for (int h = 0; h < split; ++h) {
       total += sum_w[h * per_block + j];
       total_bias += sum_b[h * per_block + j];
@@ -486,6 +492,105 @@ int gather_split(int64_t cells, int64_t N, int64_t sms) {
   int split = 1;
   while (split < 32 && split < N && (cells * split + kThreads - 1) / kThreads < 2 * sms) split *= 2;
   return split;
+}
+
+// Many classes: grad_weight[c, k] = sum over the samples n, in order, of grad_logits[n, c] *
+// mean[n, k], plus t[n, k] (the sum of grad_out * x over channel k of sample n, from its S
+// partials in order) where index[n] == c; grad_bias[c] = the sum of grad_logits[:, c]. The gather
+// kernel's cost grows with classes x channels x samples (each cell walks every sample, a chain
+// of L2 round trips: 88 us for 1000 classes x 2048 channels x 32 samples on an H200, after a
+// cuBLAS GEMM of 25 us for the logits path); here a block owns a 64 x 64 tile of grad_weight,
+// stages kStage samples at a time (their grad_logits and mean columns, loaded coalesced and all
+// at once) in shared memory and accumulates a 4 x 4 sub-tile a thread from there, so the loads
+// are independent, and the FMAs run from registers. A sample's t is loaded only by the tiles of
+// its label's row (the labels of the stage are staged too), so the partials are read once per
+// channel tile. t is added to the label's row only (selected, not multiplied by a 0/1 mask, so
+// an inf in another class's sample cannot turn into a NaN). The blocks of channel tile 0 also
+// sum grad_bias. Deterministic: every sum runs over the samples in order.
+template <typename acc_t>
+struct alignas(4 * sizeof(acc_t)) Quad {
+  acc_t v[4];
+};
+
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreads) cas_weight_grad_kernel(
+    acc_t* __restrict__ gw, acc_t* __restrict__ gb, const acc_t* __restrict__ gl,
+    const acc_t* __restrict__ mean, const acc_t* __restrict__ part,
+    const int64_t* __restrict__ index, int64_t N, int64_t K, int64_t C, int64_t S,
+    int64_t k_tiles) {
+  // Samples staged at a time: 32 in float32, 16 in float64 (24 KiB of tiles either way).
+  constexpr int kStage = 128 / sizeof(acc_t);
+  __shared__ Quad<acc_t> sg[kStage][kTileC / 4];
+  __shared__ Quad<acc_t> sm[kStage][kTileK / 4];
+  __shared__ Quad<acc_t> st[kStage][kTileK / 4];
+  __shared__ int srow[kStage];  // the label's row in this tile, or -1
+  const int tid = threadIdx.x;
+  const int tr = tid / (kTileK / 4), tc = tid % (kTileK / 4);
+  const int64_t c0 = int64_t(blockIdx.x / k_tiles) * kTileC;
+  const int64_t k0 = int64_t(blockIdx.x % k_tiles) * kTileK;
+  const bool bias_tile = blockIdx.x % k_tiles == 0;
+  acc_t acc[4][4] = {};
+  acc_t bias = 0;
+  for (int64_t n0 = 0; n0 < N; n0 += kStage) {
+    const int count = static_cast<int>(std::min<int64_t>(kStage, N - n0));
+    __syncthreads();  // the previous stage is consumed
+    if (tid < kStage) {
+      int row = -1;
+      if (tid < count) {
+        const int64_t label = index[n0 + tid];
+        if (label >= c0 && label < c0 + kTileC) row = static_cast<int>(label - c0);
+      }
+      srow[tid] = row;
+    }
+    acc_t* g_flat = &sg[0][0].v[0];
+    acc_t* m_flat = &sm[0][0].v[0];
+    for (int e = tid; e < kStage * kTileC; e += kThreads) {
+      const int s = e / kTileC, j = e % kTileC;
+      const int64_t n = n0 + s;
+      g_flat[e] = s < count && c0 + j < C ? gl[n * C + c0 + j] : acc_t(0);
+      m_flat[e] = s < count && k0 + j < K ? mean[n * K + k0 + j] : acc_t(0);
+    }
+    __syncthreads();
+    acc_t* t_flat = &st[0][0].v[0];
+    for (int e = tid; e < kStage * kTileK; e += kThreads) {
+      const int s = e / kTileK, j = e % kTileK;
+      acc_t t = 0;
+      if (s < count && srow[s] >= 0 && k0 + j < K) {
+        const acc_t* pk = part + ((n0 + s) * K + k0 + j) * S;
+        for (int64_t q = 0; q < S; ++q) t += pk[q];
+      }
+      t_flat[e] = t;
+    }
+    __syncthreads();
+    for (int s = 0; s < count; ++s) {
+      const Quad<acc_t> g = sg[s][tr], m = sm[s][tc];
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) acc[i][j] += g.v[i] * m.v[j];
+      const int row = srow[s];  // uniform over the block
+      if (row >= 0 && row / 4 == tr) {
+        const Quad<acc_t> t = st[s][tc];
+        // Selects with constant indices (a branch per row let the compiler index acc at run
+        // time, which put it in local memory).
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+#pragma unroll
+          for (int j = 0; j < 4; ++j) acc[i][j] = row % 4 == i ? acc[i][j] + t.v[j] : acc[i][j];
+      }
+      if (bias_tile && tid < kTileC) bias += g_flat[s * kTileC + tid];
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int64_t c = c0 + 4 * tr + i;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int64_t k = k0 + 4 * tc + j;
+      if (c < C && k < K) gw[c * K + k] = acc[i][j];
+    }
+  }
+  if (bias_tile && tid < kTileC && c0 + tid < C) gb[c0 + tid] = bias;
 }
 
 // The shape of a streaming launch (see the layout notes at the top).
@@ -708,7 +813,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cas_backward_cuda(
   // class's samples, and grad_bias, from the gather kernel below; with more classes than
   // kGatherLogitsClasses the logits path is a GEMM first.
   const bool gather_logits = C <= kGatherLogitsClasses;
-  at::Tensor gw = gather_logits ? at::empty({C, K}, a.options()) : at::mm(gl.t(), mean).contiguous();
+  at::Tensor gw = at::empty({C, K}, a.options());
   at::Tensor gb = at::empty({C}, a.options());
   const at::Tensor mean_acc = mean.to(acc).contiguous();
   {
@@ -736,14 +841,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cas_backward_cuda(
       const int64_t cells = C * K;
       TORCH_CHECK(cells <= std::numeric_limits<int32_t>::max(),
                   "cas backward (cuda): weight too large (at most 2^31 - 1 elements)");
-      const int split =
-          gather_split(cells, N, at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
-      const int64_t per_block = kThreads / split;
-      cas_gather_rows_kernel<acc_t><<<static_cast<unsigned>((cells + per_block - 1) / per_block),
-                                      kThreads, 0, stream>>>(
-          gw.mutable_data_ptr<acc_t>(), gb.mutable_data_ptr<acc_t>(), gl.const_data_ptr<acc_t>(),
-          gather_logits ? mean_acc.const_data_ptr<acc_t>() : nullptr, part.const_data_ptr<acc_t>(),
-          idx.const_data_ptr<int64_t>(), N, K, C, static_cast<int64_t>(sh.S), split);
+      if (gather_logits) {
+        const int split =
+            gather_split(cells, N, at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
+        const int64_t per_block = kThreads / split;
+        cas_gather_rows_kernel<acc_t>
+            <<<static_cast<unsigned>((cells + per_block - 1) / per_block), kThreads, 0, stream>>>(
+                gw.mutable_data_ptr<acc_t>(), gb.mutable_data_ptr<acc_t>(),
+                gl.const_data_ptr<acc_t>(), mean_acc.const_data_ptr<acc_t>(),
+                part.const_data_ptr<acc_t>(), idx.const_data_ptr<int64_t>(), N, K, C,
+                static_cast<int64_t>(sh.S), split);
+      } else {
+        const int64_t k_tiles = (K + kTileK - 1) / kTileK;
+        const int64_t tiles = (C + kTileC - 1) / kTileC * k_tiles;  // C * K < 2^31: fits
+        cas_weight_grad_kernel<acc_t><<<static_cast<unsigned>(tiles), kThreads, 0, stream>>>(
+            gw.mutable_data_ptr<acc_t>(), gb.mutable_data_ptr<acc_t>(), gl.const_data_ptr<acc_t>(),
+            mean_acc.const_data_ptr<acc_t>(), part.const_data_ptr<acc_t>(),
+            idx.const_data_ptr<int64_t>(), N, K, C, static_cast<int64_t>(sh.S), k_tiles);
+      }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
