@@ -13,9 +13,11 @@
 # benchmark case once (`python -m benchmarks --warm-only`) so that torch.compile's graphs and
 # the Triton kernels are in their on-disk caches before anything is timed (it is stopped before
 # the first timed case); the benchmark time left is shared among the ops by their numbers of
-# cases, less two minutes for `python -m benchmarks.kernel_times` (each case's GPU busy time by
-# kernel against its span) and Nsight Compute over the kernels furthest over the roofline model
-# (`benchmarks/ncu_targets.py`: ncu.csv), then the CPU tests take what is left. GPU_STAGES
+# cases, less 150 s for `python -m benchmarks.kernel_times` (each case's GPU busy time by
+# kernel against its span), the host's cost of launches and calls on this machine
+# (`python -m benchmarks.host_overhead --launches`: host_costs.csv) and Nsight Compute over the
+# kernels furthest over the roofline model (`benchmarks/ncu_targets.py`: ncu.csv), then the CPU
+# tests take what is left. GPU_STAGES
 # (default "tests sanitizers bench") picks stages; GPU_RESUME=1 keeps the
 # cases a results CSV already holds in full (python -m benchmarks --resume), so a second run
 # finishes the benchmarks that a first one ran out of time for.
@@ -168,7 +170,7 @@ if wants bench; then
     ncases[$op]=$($PY -c "from benchmarks import $op; print(len($op.CASES))" 2>/dev/null || echo 1)
   done
   for i in "${!ops[@]}"; do
-    left=$((DEADLINE - RESERVE - 120 - SECONDS))  # 120 s kept for kernel-times and ncu
+    left=$((DEADLINE - RESERVE - 150 - SECONDS))  # 150 s kept for kernel-times, host-costs, ncu
     total=0
     for op in "${ops[@]:$i}"; do total=$((total + ncases[$op])); done
     share=$((left * ncases[${ops[$i]}] / total))
@@ -180,6 +182,13 @@ fi
 
 # Where each case's time goes: GPU busy time a call against its span, by kernel (kernel_times.csv).
 wants bench && stage kernel-times 90 $PY -m benchmarks.kernel_times
+
+# The host's own cost of a launch and of each op's call on this machine (host_costs.csv): the
+# roofline's host figures come from the dev VM, and the small cases measured far above them.
+if wants bench && [ -n "$gpu" ]; then
+  stage host-costs 60 $PY -m benchmarks.host_overhead --launches --device cuda \
+    --out "benchmarks/results/$gpu/host_costs.csv"
+fi
 
 # Nsight Compute over the kernels furthest over the model, one call each
 # (benchmarks/ncu_targets.py): throughput, occupancy and warp stall reasons, into ncu.csv.

@@ -1,4 +1,5 @@
 """``python -m benchmarks.host_overhead [--rounds R] [--block-ms MS]``
+``python -m benchmarks.host_overhead --launches [--device cuda] [--out CSV]``
 
 The host (Python) time of one pyprune call per op, in the shape of the roofline's
 ``host_us`` entries ``pyprune_forward``, ``pyprune_grad`` and ``pyprune_backward``
@@ -43,14 +44,37 @@ Method
 The roofline's ``host_us`` pyprune_* entries are the median of three runs of this script,
 rounded to 5 us; they assume the GPU machine's host runs Python as fast as the machine that
 measured them.
+
+Launch costs (``--launches``)
+-----------------------------
+The H200 run measured most small cases far above the roofline's predictions while the GPU was
+busy for a fraction of the time (eager's rows alone 3-10x over, so the host, not pyprune, is
+most of the gap): the host figures above, taken on the dev VM's CPU, do not hold on the GPU
+machine. ``--launches`` measures, on the machine and device it runs on, the host time (thread
+CPU time, per call) of what the roofline's per-launch ``host_us`` entries stand for and of
+whole calls, so that the model can take the GPU machine's own figures:
+    aten          an aten op called from Python on a one-element tensor (its launch included);
+    harness       the benchmark harness's per-call work around the call (the L2-flush zero_ of
+                  a 256 MiB buffer, two events recorded; harness_before + harness_after);
+    triton        a Triton launcher called directly (triton_kernels.noise.gaussian_noise on a
+                  one-element tensor: its checks, the JIT's dispatch and the launch);
+    <op>:<backend> one forward call of the public op on SHAPE inputs (as for the figures
+                  above) with the backend forced, grad mode off, launches included; and
+    <op>:eager     the benchmark's eager version of the same call (kwta, noise only).
+On a GPU, blocks are short (200 calls) and the device is synchronised between them, outside
+the timed region, so that a full launch queue never blocks the host inside one. make gpu runs
+it after the benchmarks (host_costs.csv in the results folder).
 """
 from __future__ import annotations
 
 import argparse
+import csv
+import datetime
 import gc
 import statistics
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -73,16 +97,17 @@ class Spec:
     wrt: tuple[int, ...]
 
 
-def _specs() -> dict[str, Spec]:
+def _specs(device: torch.device = torch.device("cpu")) -> dict[str, Spec]:
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(SHAPE, generator=gen)
     n, c = SHAPE[:2]
-    weight = torch.randn(10, c, generator=gen)
-    bias = torch.randn(10, generator=gen)
-    label = torch.randint(10, (n,), generator=gen)
-    conv_weight = torch.randn(c, c, 3, 3, generator=gen)
-    conv_bias = torch.randn(c, generator=gen)
-    out_mask = torch.tensor([True, False] * (c // 2))
+    x, weight, bias, label, conv_weight, conv_bias, out_mask = (t.to(device) for t in (
+        torch.randn(SHAPE, generator=gen),
+        torch.randn(10, c, generator=gen),
+        torch.randn(10, generator=gen),
+        torch.randint(10, (n,), generator=gen),
+        torch.randn(c, c, 3, 3, generator=gen),
+        torch.randn(c, generator=gen),
+        torch.tensor([True, False] * (c // 2))))
     return {
         "kwta": Spec(lambda x: pyprune.kwta(x, 0.25), (x,), (0,)),
         "sap": Spec(lambda x: pyprune.sap(x, 1.0), (x.abs(),), (0,)),
@@ -220,6 +245,72 @@ def measure(ops: tuple[str, ...] = OPS, rounds: int = 21, block_ms: float = 20.0
     return result
 
 
+def _launch_specs(device: torch.device) -> dict[str, Callable[[], Any]]:
+    """The callables of --launches on device (see the module docstring)."""
+    specs = _specs(device)
+    one = torch.ones(1, device=device)
+    calls: dict[str, Callable[[], Any]] = {"aten": lambda: one.add_(1.0)}
+    if device.type == "cuda":
+        from . import harness
+
+        flush = torch.empty(harness.L2_FLUSH_BYTES // 4, dtype=torch.float32, device=device)
+        start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+
+        def around() -> None:
+            flush.zero_()
+            start.record()
+            end.record()
+
+        calls["harness"] = around
+    backends = [b for b in pyprune.backends(device.type) if b != "reference"]
+    if "triton" in backends:
+        from pyprune.triton_kernels import noise as triton_noise
+
+        seed = torch.tensor([1, 2], dtype=torch.int64)
+        calls["triton"] = lambda: triton_noise.gaussian_noise(one, seed, 0.1, False)
+    for name, spec in specs.items():
+        for backend in backends:
+            def call(spec=spec, backend=backend) -> Any:
+                with pyprune.use_backend(backend):
+                    return spec.fn(*spec.inputs)
+
+            calls[f"{name}:{backend}"] = call
+    from . import kwta as kwta_bench
+
+    x = specs["kwta"].inputs[0]
+    k = int(0.25 * x[0].numel())
+    calls["kwta:eager"] = lambda: kwta_bench.kwta_sample(x, k)
+    calls["noise:eager"] = lambda: x * (1 + 0.1 * torch.randn_like(x))
+    return calls
+
+
+def launch_costs(device: torch.device, rounds: int = 11,
+                 calls_per_block: int = 200) -> dict[str, float]:
+    """{name: host us a call} of --launches on device: medians over interleaved rounds."""
+    specs = _launch_specs(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    samples: dict[str, list[float]] = {name: [] for name in specs}
+    enabled = gc.isenabled()
+    try:
+        for fn in specs.values():  # warm up: compiles, caches, allocator
+            for _ in range(3):
+                fn()
+        sync()
+        gc.disable()
+        for _ in range(rounds):
+            for name, fn in specs.items():
+                samples[name].append(_block(fn, calls_per_block, grad=False))
+                sync()
+            gc.collect()
+    finally:
+        if enabled:
+            gc.enable()
+        torch.set_num_threads(threads)
+    return {name: statistics.median(v) for name, v in samples.items()}
+
+
 def _round5(us: float) -> float:
     return max(0.0, 5.0 * round(us / 5.0))
 
@@ -243,7 +334,27 @@ def main() -> None:
                         help="time of one block of calls (default 20 ms)")
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="print the recorded kernels and the raw medians (us)")
+    parser.add_argument("--launches", action="store_true",
+                        help="measure the host cost of launches and of whole calls on --device "
+                        "instead (see the module docstring)")
+    parser.add_argument("--device", default="cpu", help="with --launches: cpu or cuda")
+    parser.add_argument("--out", type=Path, help="with --launches: also write the figures to "
+                        "this CSV (name, host_us_per_call, device, torch, date)")
     args = parser.parse_args()
+    if args.launches:
+        device = torch.device(args.device)
+        result = launch_costs(device, rounds=min(args.rounds, 11))
+        for name, us in result.items():
+            print(f"{name:<22} {us:8.1f} us")
+        if args.out is not None:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            stamp = datetime.date.today().isoformat()
+            with args.out.open("w", newline="") as f:
+                writer = csv.writer(f)
+                writer.writerow(["name", "host_us_per_call", "device", "torch", "date"])
+                for name, us in result.items():
+                    writer.writerow([name, f"{us:.2f}", str(device), torch.__version__, stamp])
+        return
     result = measure(tuple(args.op or OPS), args.rounds, args.block_ms, args.verbose)
     print(table(result))
 

@@ -55,3 +55,44 @@ def test_readme_table_skips_kernel_times_csv(tmp_path):
     harness.write_csv(folder / "kwta.csv", [row])
     text = readme_table.table(tmp_path)
     assert text.count("\n") == 2 and "| kwta |" in text
+
+
+def test_readme_table_skips_host_costs_csv(tmp_path):
+    """host_costs.csv (make gpu's host-costs stage) is no op CSV either."""
+    from benchmarks import harness, readme_table
+
+    folder = tmp_path / "nvidia-h200"
+    folder.mkdir()
+    (folder / "host_costs.csv").write_text("name,host_us_per_call,device,torch,date\n"
+                                           "aten,9.0,cuda,2.11.0,2026-12-04\n")
+    info = harness.RunInfo.create(torch.device("cpu"), quick=True)
+    row = info.row("kwta", "eager", "forward", harness.Case(shape=(1,)),
+                   harness.Timing(1.0, 1.0, 1.0), 1.0, 0.0)
+    harness.write_csv(folder / "kwta.csv", [row])
+    text = readme_table.table(tmp_path)
+    assert text.count("\n") == 2 and "| kwta |" in text
+
+
+def test_launch_costs_cover_every_op_and_write_their_csv(tmp_path, monkeypatch):
+    """host_overhead --launches: a positive host time a call for the aten launch, every op on
+    each backend of the device and the eager k-WTA and noise calls; the CSV holds them all."""
+    import csv
+    import sys
+
+    import pyprune
+    from benchmarks import host_overhead
+
+    costs = host_overhead.launch_costs(torch.device("cpu"), rounds=1, calls_per_block=2)
+    backends = [b for b in pyprune.backends("cpu") if b != "reference"]
+    want = {"aten", "kwta:eager", "noise:eager"} | {
+        f"{op}:{b}" for op in host_overhead.OPS for b in backends}
+    assert want <= set(costs) and all(us > 0 for us in costs.values())
+    out = tmp_path / "host_costs.csv"
+    monkeypatch.setattr(sys, "argv", ["host_overhead", "--launches", "--rounds", "1",
+                                      "--out", str(out)])
+    monkeypatch.setattr(host_overhead, "launch_costs",
+                        lambda device, rounds: {"aten": 1.5, "kwta:cpu": 20.0})
+    host_overhead.main()
+    rows = list(csv.DictReader(out.open()))
+    assert [(r["name"], r["host_us_per_call"], r["device"]) for r in rows] == [
+        ("aten", "1.50", "cpu"), ("kwta:cpu", "20.00", "cpu")]
