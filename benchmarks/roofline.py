@@ -1258,12 +1258,12 @@ def _cas_shape(case: Case) -> tuple[int, int, int, int]:
 def _cuda_cas_stream(p: Plan, mode: str) -> tuple[int, int]:
     """csrc/cuda/cas.cu's stream_shape for a contiguous NCHW x: (S, chunks per channel; tiles,
     blocks per sample). A group of 2^shift lanes covers a chunk of 2^shift * V positions of one
-    channel (V = 16 bytes / element when L allows 16-byte packs); a block of 256 threads holds
-    256 / 2^shift groups of U packs each (Slots: 4 packs forward, 2 backward, halved for 2-byte
-    types)."""
+    channel (V = 16 bytes / element: 16-byte packs where L allows them, else V scalar loads a
+    lane); a block of 256 threads holds 256 / 2^shift groups of U packs each (Slots: 4 packs
+    forward, 2 backward, halved for 2-byte types)."""
     _, channels, length, _ = _cas_shape(p.case)
     e = _esize(p.case)
-    v = 16 // e if length % (16 // e) == 0 else 1
+    v = 16 // e
     shift = min(5, max(0, math.ceil(math.log2(math.ceil(length / v)))))
     chunk = (1 << shift) * v
     s = math.ceil(length / chunk)

@@ -28,7 +28,8 @@
 // the group. Channels contiguous (channels_last): TX threads cover TX * V channels, TY = 256 / TX
 // threads the positions; a block sums TY * U positions (U: Slots) and reduces them in shared
 // memory. Each thread loads all of its U vectors before it computes or stores anything. Strides
-// that allow no 16-byte access take the same kernels with V = 1 and general strides.
+// that allow no 16-byte access take the same kernels with general strides: channel rows with V
+// scalar loads a lane (lane-interleaved, coalesced within the group), channels_last with V = 1.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -151,9 +152,13 @@ __device__ inline const scalar_t* class_row(const StreamParams<scalar_t>& p, uns
   return p.w + label * p.ws0;
 }
 
-// Channel rows: item w of a sample is (channel k = w / S, chunk s = w % S); lane j of its group
-// owns the V columns from s * G * V + j * V.
-template <typename scalar_t, int V, int M>
+// Channel rows: item w of a sample is (channel k = w / S, chunk s = w % S) of G * V columns. With
+// 16-byte packs (kPacked), lane j of its group owns the V columns from s * G * V + j * V; else
+// (rows that allow no 16-byte access, e.g. 7x7 maps, or general strides) the V columns
+// s * G * V + e * G + j (e < V), each a scalar load that the group's lanes coalesce, so that a
+// thread still keeps U * V elements in flight (one element a slot, as before, kept a quarter as
+// many bytes in flight: 34 us for 32x2048x7x7 on an H200, where 16-byte packs stream at copy).
+template <typename scalar_t, int V, int M, bool kPacked>
 __global__ void __launch_bounds__(kThreads, kStreamMinBlocks)
     cas_rows_kernel(const StreamParams<scalar_t> p) {
   using acc_t = typename CasAcc<scalar_t>::type;
@@ -170,6 +175,10 @@ __global__ void __launch_bounds__(kThreads, kStreamMinBlocks)
   const scalar_t* xn = p.x + n * p.xs0;
   const scalar_t* gn = M == kBwd ? p.g + n * p.gs0 : nullptr;
   scalar_t* on = p.out + n * p.os0;
+  // Column of element e of this lane's share of chunk s.
+  const auto column = [&](unsigned s, int e) {
+    return kPacked ? (s * G + lane) * V + e : s * G * V + e * G + lane;
+  };
 
   P xv[U], gv[U];
   acc_t mk[U], ak[U];
@@ -179,13 +188,23 @@ __global__ void __launch_bounds__(kThreads, kStreamMinBlocks)
   for (int u = 0; u < U; ++u) {
     const unsigned w = (tile * U + u) * per_u + group;
     const unsigned k = w / p.S, s = w - k * p.S;
-    const unsigned col = (s * G + lane) * V;
     ks[u] = k, ss[u] = s;
-    ok[u] = w < p.items && col < p.L;
+    // The lane's first column is its lowest: the item has work for it where that is inside.
+    ok[u] = w < p.items && column(s, 0) < p.L;
     mk[u] = ak[u] = acc_t(0);
     if (ok[u]) {
-      xv[u] = load_pack<scalar_t, V>(xn + k * p.xs1 + col * p.xs2);
-      if constexpr (M == kBwd) gv[u] = load_pack<scalar_t, V>(gn + k * p.gs1 + col * p.gs2);
+      if constexpr (kPacked) {
+        xv[u] = load_pack<scalar_t, V>(xn + k * p.xs1 + column(s, 0) * p.xs2);
+        if constexpr (M == kBwd) gv[u] = load_pack<scalar_t, V>(gn + k * p.gs1 + column(s, 0) * p.gs2);
+      } else {
+#pragma unroll
+        for (int e = 0; e < V; ++e) {
+          const unsigned col = column(s, e);
+          const bool in = col < p.L;
+          xv[u].v[e] = in ? xn[k * p.xs1 + col * p.xs2] : scalar_t(0);
+          if constexpr (M == kBwd) gv[u].v[e] = in ? gn[k * p.gs1 + col * p.gs2] : scalar_t(0);
+        }
+      }
       if constexpr (kOut) mk[u] = static_cast<acc_t>(m_row[k * p.ws1]);
       if constexpr (M == kBwd) ak[u] = p.a[n * p.K + k] / static_cast<acc_t>(p.L);
     }
@@ -198,12 +217,20 @@ __global__ void __launch_bounds__(kThreads, kStreamMinBlocks)
     P o;
 #pragma unroll
     for (int j = 0; j < V; ++j) {
+      // Columns past the row (unpacked only) were loaded as 0: they add 0 and are not stored.
       o.v[j] = stream_element<M>(xv[u].v[j], M == kBwd ? gv[u].v[j] : scalar_t(0), mk[u], ak[u],
                                  sum[u]);
     }
     if constexpr (kOut) {
-      const unsigned col = (ss[u] * G + lane) * V;
-      store_pack<scalar_t, V>(on + ks[u] * p.os1 + col * p.os2, o);
+      if constexpr (kPacked) {
+        store_pack<scalar_t, V>(on + ks[u] * p.os1 + column(ss[u], 0) * p.os2, o);
+      } else {
+#pragma unroll
+        for (int j = 0; j < V; ++j) {
+          const unsigned col = column(ss[u], j);
+          if (col < p.L) on[ks[u] * p.os1 + col * p.os2] = o.v[j];
+        }
+      }
     }
   }
   if constexpr (kSums) {
@@ -624,7 +651,9 @@ StreamShape stream_shape(std::initializer_list<const at::Tensor*> tensors, int64
     sh.vec = sh.vec && t->stride(inner) == 1 && t->stride(outer) % V == 0 &&
              (N == 1 || t->stride(0) % V == 0) && aligned16(t->const_data_ptr());
   }
-  const int64_t v = sh.vec ? V : 1;
+  // Rows take V elements a lane either way (16-byte packs, or V scalar loads, see
+  // cas_rows_kernel); channels_last vectors only with 16-byte packs.
+  const int64_t v = sh.vec || !sh.cl ? V : 1;
   int64_t tiles = 0;
   if (sh.cl) {
     const int64_t cvs = (K + v - 1) / v;
@@ -664,9 +693,9 @@ void launch_stream(StreamParams<scalar_t> p, const StreamShape& sh, int64_t N,
     }
   } else {
     if (sh.vec) {
-      cas_rows_kernel<scalar_t, V, M><<<blocks, kThreads, 0, stream>>>(p);
+      cas_rows_kernel<scalar_t, V, M, true><<<blocks, kThreads, 0, stream>>>(p);
     } else {
-      cas_rows_kernel<scalar_t, 1, M><<<blocks, kThreads, 0, stream>>>(p);
+      cas_rows_kernel<scalar_t, V, M, false><<<blocks, kThreads, 0, stream>>>(p);
     }
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
