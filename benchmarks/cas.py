@@ -38,10 +38,15 @@ def cas_eager(x: Tensor, weight: Tensor, bias: Tensor, label: Tensor) -> tuple[T
     return x * mask[:, :, None, None], logits
 
 
+def classes_of(case: Case) -> int:
+    """The classes of a case: 1000 for the "c1000" variant, else CLASSES."""
+    return 1000 if case.variant == "c1000" else CLASSES
+
+
 @functools.lru_cache(maxsize=1)
 def _inputs(case: Case, device: torch.device) -> tuple[Tensor, ...]:
     gen = torch.Generator(device=device).manual_seed(0)
-    classes = 1000 if case.variant == "c1000" else CLASSES
+    classes = classes_of(case)
     n, k = case.shape[:2]
     x = torch.randn(case.shape, dtype=case.dtype, device=device, generator=gen)
     weight = torch.randn((classes, k), dtype=case.dtype, device=device, generator=gen) / k**0.5

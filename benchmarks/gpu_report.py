@@ -130,11 +130,11 @@ def occupancy(regs: int, threads: int, smem: int, arch: Arch = SM90) -> Occupanc
 # Variants whose theoretical occupancy below MIN_OCCUPANCY is fine, and why. Keys are regular
 # expressions matched (re.search) against "<kind> <kernel> <dtype> <config>" of a row.
 JUSTIFIED: dict[str, str] = {
-    r"^cuda kwta_warp_kernel<double> ": (
+    r"^cuda kwta_warp_kernel<double, ": (
         "float64 only, which pyprune's cuda backend does not take (float64 runs the reference): "
         "only a direct torch.ops.pyprune.kwta call on a float64 CUDA tensor launches it. A warp "
         "holds a group of up to 1024 keys in registers, 32 per lane, and 64-bit keys take twice "
-        "the registers of float32's (122: 25%)"),
+        "the registers of float32's (120-168: 12.5-25%; capped at 128 it spilled)"),
 }
 
 # Dynamic shared memory of CUDA kernels (bytes; the most any launch of it sets), by a regular
@@ -632,6 +632,13 @@ def _cas_rows4(case) -> bool:
     return case.shape[2] * case.shape[3] % 4 == 0
 
 
+def _cas_classes(case) -> int:
+    """The classes of a CAS benchmark case (benchmarks/cas.py: "c<classes>" variants, else 10)."""
+    from benchmarks import cas as cas_bench
+
+    return cas_bench.classes_of(case)
+
+
 def _kwta_warp_max() -> int:
     return int(re.search(r"kWarpMaxGroup\s*=\s*(\d+)", (ROOT / "csrc/cuda/kwta.cu").read_text())[1])
 
@@ -642,15 +649,19 @@ def _kwta_warp_max() -> int:
 CUDA_USES = {
     # cas.cu: every CAS benchmark case trains (kTrain = 0 streams, the logits with a label;
     # backward kBwd = 3); NCHW rows go 4 floats at a time where L = H * W is a multiple of 4.
-    r"^cas_rows_kernel<float, 4, 0>": ("cas", lambda c: _cas_rows4(c), "fwd"),
-    r"^cas_rows_kernel<float, 1, 0>": ("cas", lambda c: not _cas_rows4(c), "fwd"),
+    r"^cas_rows_kernel<float, 4, 0, true>": ("cas", lambda c: _cas_rows4(c), "fwd"),
+    r"^cas_rows_kernel<float, 4, 0, false>": ("cas", lambda c: not _cas_rows4(c), "fwd"),
     r"^cas_logits_kernel<float, true, 1>": ("cas", lambda c: True, "fwd"),
-    r"^cas_rows_kernel<float, 4, 3>": ("cas", lambda c: _cas_rows4(c), "bwd"),
-    r"^cas_rows_kernel<float, 1, 3>": ("cas", lambda c: not _cas_rows4(c), "bwd"),
-    r"^cas_gather_rows_kernel<float>": ("cas", lambda c: True, "bwd"),
+    r"^cas_rows_kernel<float, 4, 3, true>": ("cas", lambda c: _cas_rows4(c), "bwd"),
+    r"^cas_rows_kernel<float, 4, 3, false>": ("cas", lambda c: not _cas_rows4(c), "bwd"),
+    r"^cas_gather_rows_kernel<float>": ("cas", lambda c: _cas_classes(c) <= 64, "bwd"),
+    r"^cas_weight_grad_kernel<float>": ("cas", lambda c: _cas_classes(c) > 64, "bwd"),
     # kwta.cu kwta_cuda_impl: a warp per group up to kWarpMaxGroup, else a block of 256 threads
     # up to 8192 elements, else 512; contiguous float32 rows are vectorized.
-    r"^kwta_warp_kernel<float>": ("kwta", lambda c: _kwta_group(c) <= _kwta_warp_max(), "fwd"),
+    # The warp kernel's template arguments: lanes a group (32 for 513 to 1024 elements), and
+    # unit-stride rows (the benchmarks' contiguous x).
+    r"^kwta_warp_kernel<float, 32, true>": (
+        "kwta", lambda c: _kwta_warp_max() // 2 < _kwta_group(c) <= _kwta_warp_max(), "fwd"),
     r"^kwta_block_kernel<float, 256, true>": (
         "kwta", lambda c: _kwta_warp_max() < _kwta_group(c) <= 8192, "fwd"),
     r"^kwta_block_kernel<float, 512, true>": ("kwta", lambda c: _kwta_group(c) > 8192, "fwd"),

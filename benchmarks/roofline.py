@@ -244,6 +244,7 @@ _HOPPER = {
         "pass": 0.3,  # a radix pass's fixed part: clear, pick the bucket, 3 barriers
         "cluster_pass": 0.8,  # the same across a cluster: cluster.sync and the DSMEM merge
         "smem": 0.02,  # one dependent shared-memory load (a binary-search step)
+        "warp_step": 0.03,  # a dependent popcount and warp reduction (~60 cycles)
     },
     # Host time of each kind of issue. The Python parts were measured on the dev VM (2-core
     # AMD EPYC, torch 2.13, the cpu backend on 2x4x4x4 tensors, launches subtracted); the GPU
@@ -650,15 +651,22 @@ def _kwta_cuda_forward(p: Plan, groups: int, length: int, k: int) -> None:
     e, numel = _esize(case), _numel(case)
     n = numel * e
     sms = gpu["sms"]
-    if length <= 1024:  # kwta_warp_kernel: 256 threads, 2 blocks per SM (122 registers)
+    if length <= 1024:
+        # kwta_warp_kernel<float, T, unit>: 256 threads; T = 32 lanes a group at 513-1024
+        # elements, unit-stride rows: 78 registers, 3 blocks an SM. Per 32 keys a lane (the
+        # sm_90 SASS of that variant, the path of a full group): the loads at constant offsets
+        # and the keys (~320 instructions), the 32x32 bit transpose (~420), 32 bit steps of
+        # AND, popcount, one redux.sync and the selects (~320), the masked write (~320). (With a
+        # run-time T the steps' shuffles ran in a loop that the compiler guarded against
+        # divergence, ~40 instructions a step, and the loads took 64-bit address arithmetic:
+        # ~2700 a group; 71 us on an H200 at 128x64x32x32, 3.7x this model's device time.)
         lanes = _pow2(math.ceil(length / 32))
         blocks = math.ceil(math.ceil(groups / (32 // lanes)) / 8)
         ctas = min(blocks, sms * 64)
-        chain = math.ceil(blocks / ctas) * (p.lat("dram") + p.lat("l2"))
-        # Per 32 keys a lane: the 32x32 bit transpose (~480 instructions), 32 bit steps of
-        # AND, popcount, log2(T) shuffles and selects (~550), keys, loads, the write (~400).
-        p.kernel("kwta_warp_kernel", "inner", hbm=2 * n, l2=n, ops=numel * 45, ctas=ctas,
-                 per_sm=2, chain_us=chain)
+        # A group: its loads, then 32 dependent bit steps, then the write's reload from L2.
+        chain = math.ceil(blocks / ctas) * (p.lat("dram") + 32 * p.lat("warp_step") + p.lat("l2"))
+        p.kernel("kwta_warp_kernel", "inner", hbm=2 * n, l2=n, ops=numel * 43, ctas=ctas,
+                 per_sm=3, chain_us=chain)
         return
     threads = 256 if length <= 8192 else 512
     cluster, resident, rounds = 1, groups, 1
@@ -1251,8 +1259,7 @@ def noise_compulsory(case: Case, mode: str) -> tuple[float, float]:
 def _cas_shape(case: Case) -> tuple[int, int, int, int]:
     if case.variant not in ("", "c1000"):
         raise ValueError(f"cas: no model for variant {case.variant!r}")
-    classes = 1000 if case.variant == "c1000" else cas_bench.CLASSES
-    return case.shape[0], case.shape[1], math.prod(case.shape[2:]), classes
+    return case.shape[0], case.shape[1], math.prod(case.shape[2:]), cas_bench.classes_of(case)
 
 
 def _cuda_cas_stream(p: Plan, mode: str) -> tuple[int, int]:

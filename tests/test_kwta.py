@@ -18,12 +18,17 @@ from pyprune.ops.kwta import _OPS
 from .conftest import dtypes_for
 
 # (shape, mode): odd and power-of-2 sizes, a group over 65536 elements, a single large group
-# (split across threads on the CPU), groups of one element.
+# (split across threads on the CPU), groups of one element. Groups of 1 to 1024 elements take
+# every lane count of the CUDA warp kernel (T = 1, 2, 4, 8, 16, 32 lanes a group: 4, 49, 100,
+# 245, 400, 600 and 1024 elements).
 CASES = [
     ((3, 5, 7, 7), "sample"),
     ((3, 5, 7, 7), "channel"),
     ((4, 16, 8, 8), "sample"),
     ((2, 16, 8, 8), "channel"),
+    ((2, 3, 10, 10), "channel"),
+    ((2, 400), "sample"),
+    ((3, 2, 20, 30), "channel"),
     ((2, 3, 33, 35), "channel"),
     ((2, 70001), "sample"),
     ((1, 1 << 17), "sample"),

@@ -139,9 +139,38 @@ struct KwtaParams {
 // ---------------------------------------------------------------------------------------------
 // Warp path: L <= 1024.
 
+// The sum of v over the T lanes of this lane's group (T a power of two, groups aligned to T
+// lanes). T is a template parameter so that the butterfly unrolls: with a run-time T, the
+// shuffles sat in a loop that the compiler wrapped in divergence handling (WARPSYNC /
+// ENDCOLLECTIVE). A whole warp's sum (T = 32, groups of 513 to 1024 elements) is one redux.sync
+// from sm_80 on.
+template <int T>
+__device__ __forceinline__ uint32_t group_sum(uint32_t v) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  if constexpr (T == 32) {
+    return __reduce_add_sync(kFullMask, v);
+  } else
+#endif
+  {
+#pragma unroll
+    for (int off = T / 2; off > 0; off >>= 1) v += __shfl_xor_sync(kFullMask, v, off);
+    return v;
+  }
+}
+
+// Blocks a SM the warp kernel is built for: 2 (<= 128 registers; 32 keys a lane and the bit
+// planes stay in registers); float64, whose keys take register pairs, 1 (it spilled at 128 with
+// general strides).
 template <typename scalar_t>
-__global__ void __launch_bounds__(kWarpKernelThreads)
-    kwta_warp_kernel(const KwtaParams<scalar_t> p, const int T) {
+constexpr int warp_min_blocks() {
+  return std::is_same_v<scalar_t, double> ? 1 : 2;
+}
+
+// T lanes a group (a power of two, 32 * T >= L); kUnit: x and out rows at unit stride, so that
+// the 32 keys of a lane sit at constant offsets T apart (no 64-bit address arithmetic a key).
+template <typename scalar_t, int T, bool kUnit>
+__global__ void __launch_bounds__(kWarpKernelThreads, (warp_min_blocks<scalar_t>()))
+    kwta_warp_kernel(const KwtaParams<scalar_t> p) {
   using acc_t = typename KeyTraits<scalar_t>::acc_t;
   using U = typename KeyTraits<scalar_t>::key_t;
   constexpr int kWords = sizeof(U) / 4;
@@ -166,7 +195,7 @@ __global__ void __launch_bounds__(kWarpKernelThreads)
     // words[q][j] is its q-th 32-bit word. 32 * T >= L, so count <= 32.
     const int count = valid ? static_cast<int>((p.L - lt + T - 1) / T) : 0;
     const scalar_t* xl = xg + lt * p.xs2;
-    const int64_t step = T * p.xs2;
+    const int64_t step = kUnit ? T : T * p.xs2;
     uint32_t words[kWords][32];
 #pragma unroll
     for (int j = 0; j < 32; ++j) {
@@ -187,8 +216,8 @@ __global__ void __launch_bounds__(kWarpKernelThreads)
     for (int b = kBits - 1; b >= kLo; --b) {
       const uint32_t plane = words[b / 32][b % 32];
       const uint32_t ones = plane & cand;
-      uint32_t n_ones = __popc(ones);  // candidates of the group with bit b set
-      for (int off = T / 2; off > 0; off >>= 1) n_ones += __shfl_xor_sync(kFullMask, n_ones, off);
+      // Candidates of the group with bit b set.
+      const uint32_t n_ones = group_sum<T>(static_cast<uint32_t>(__popc(ones)));
       const bool one = n_ones >= rank;
       prefix |= one ? (U(1) << b) : U(0);
       rank = one ? rank : rank - n_ones;
@@ -199,7 +228,7 @@ __global__ void __launch_bounds__(kWarpKernelThreads)
     const acc_t t = from_key<acc_t, U>(complete_key<U>(prefix, kLo));
     if (lt == 0) p.threshold[g] = static_cast<scalar_t>(t);
     scalar_t* ol = p.out + n * p.os0 + c * p.os1 + lt * p.os2;
-    const int64_t out_step = T * p.os2;
+    const int64_t out_step = kUnit ? T : T * p.os2;
 #pragma unroll
     for (int j = 0; j < 32; ++j) {
       if (j < count) {
@@ -580,8 +609,23 @@ void kwta_cuda_impl(const at::Tensor& x, int64_t k, bool absolute, at::Tensor& o
     const int64_t per_block = kWarpKernelThreads / 32;
     const int64_t blocks = std::min<int64_t>((warps + per_block - 1) / per_block,
                                              int64_t(prop.multiProcessorCount) * 64);
-    kwta_warp_kernel<scalar_t>
-        <<<static_cast<unsigned>(blocks), kWarpKernelThreads, 0, stream>>>(p, T);
+    const auto launch = [&](auto lanes) {
+      if (p.xs2 == 1 && p.os2 == 1) {
+        kwta_warp_kernel<scalar_t, decltype(lanes)::value, true>
+            <<<static_cast<unsigned>(blocks), kWarpKernelThreads, 0, stream>>>(p);
+      } else {
+        kwta_warp_kernel<scalar_t, decltype(lanes)::value, false>
+            <<<static_cast<unsigned>(blocks), kWarpKernelThreads, 0, stream>>>(p);
+      }
+    };
+    switch (T) {
+      case 1: launch(std::integral_constant<int, 1>{}); break;
+      case 2: launch(std::integral_constant<int, 2>{}); break;
+      case 4: launch(std::integral_constant<int, 4>{}); break;
+      case 8: launch(std::integral_constant<int, 8>{}); break;
+      case 16: launch(std::integral_constant<int, 16>{}); break;
+      default: launch(std::integral_constant<int, 32>{}); break;
+    }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
   }
