@@ -41,30 +41,21 @@ def test_needs_a_gpu():
         kernel_times.main(["--op", "kwta"])
 
 
-def test_readme_table_skips_kernel_times_csv(tmp_path):
-    """A results folder holding kernel_times.csv (make gpu bundles one) still tables its op
-    CSVs: the busy-time CSV has its own columns."""
+@pytest.mark.parametrize("name", ["kernel_times.csv", "host_costs.csv"])
+def test_readme_table_skips_the_other_csvs(tmp_path, name):
+    """A results folder holding kernel_times.csv or host_costs.csv (make gpu bundles both)
+    still tables its op CSVs: those have columns of their own."""
     from benchmarks import harness, readme_table
 
     folder = tmp_path / "nvidia-h200"
-    harness.write_table(folder / "kernel_times.csv", kernel_times.COLUMNS,
-                        [("kwta", "8x64x32x32", "forward", "eager", kernel_times.ALL, 1, 2.0, 3.0)])
-    info = harness.RunInfo.create(torch.device("cpu"), quick=True)
-    row = info.row("kwta", "eager", "forward", harness.Case(shape=(1,)),
-                   harness.Timing(1.0, 1.0, 1.0), 1.0, 0.0)
-    harness.write_csv(folder / "kwta.csv", [row])
-    text = readme_table.table(tmp_path)
-    assert text.count("\n") == 2 and "| kwta |" in text
-
-
-def test_readme_table_skips_host_costs_csv(tmp_path):
-    """host_costs.csv (make gpu's host-costs stage) is no op CSV either."""
-    from benchmarks import harness, readme_table
-
-    folder = tmp_path / "nvidia-h200"
-    folder.mkdir()
-    (folder / "host_costs.csv").write_text("name,host_us_per_call,device,torch,date\n"
-                                           "aten,9.0,cuda,2.11.0,2026-12-04\n")
+    if name == "kernel_times.csv":
+        harness.write_table(folder / name, kernel_times.COLUMNS,
+                            [("kwta", "8x64x32x32", "forward", "eager", kernel_times.ALL, 1, 2.0,
+                              3.0)])
+    else:
+        folder.mkdir()
+        (folder / name).write_text("name,host_us_per_call,device,torch,date\n"
+                                   "aten,9.0,cuda,2.11.0,2026-12-04\n")
     info = harness.RunInfo.create(torch.device("cpu"), quick=True)
     row = info.row("kwta", "eager", "forward", harness.Case(shape=(1,)),
                    harness.Timing(1.0, 1.0, 1.0), 1.0, 0.0)

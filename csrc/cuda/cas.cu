@@ -61,6 +61,7 @@ constexpr int64_t kGatherLogitsClasses = 64;
 // 4 x 4 sub-tile (16 x 16 threads).
 constexpr int kTileC = 64;
 constexpr int kTileK = 64;
+static_assert(kTileC == kTileK, "cas_weight_grad_kernel stages both tiles in one loop");
 
 template <typename T>
 __device__ inline T warp_sum(T v) {
