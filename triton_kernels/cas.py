@@ -338,10 +338,6 @@ def next_pow2(v: int) -> int:
     return 1 << max(0, v - 1).bit_length()
 
 
-def _pow2(v: int) -> int:
-    return next_pow2(max(1, v))
-
-
 def _channels_last(*tensors: torch.Tensor) -> bool:
     """Whether the streamed tensors all have their channels contiguous (then K is the inner
     dimension of the tiles)."""
@@ -359,7 +355,7 @@ def _stream_config(N: int, K: int, L: int, channels_last: bool) -> tuple[int, in
     def programs(t: int) -> int:
         return N * cdiv(inner_len, inner) * cdiv(outer_len, t // inner)
 
-    while tile > _TILES[0] and (tile // inner > _pow2(outer_len) or programs(tile) < _FILL):
+    while tile > _TILES[0] and (tile // inner > next_pow2(outer_len) or programs(tile) < _FILL):
         tile //= 2
     outer = tile // inner
     block_k, block_l = (inner, outer) if channels_last else (outer, inner)
@@ -370,14 +366,14 @@ def _logits_config(K: int, C: int, S: int) -> tuple[int, int, int, int, int]:
     """(BLOCK_N, BLOCK_C, BLOCK_K, BLOCK_S, num_warps) of the logits kernel."""
     block_s = next((c for c in _CHUNKS if c >= S), _CHUNKS[-1])
     if C <= 64:
-        block_c = max(16, _pow2(C))
+        block_c = max(16, next_pow2(C))
         return 1, block_c, _LOGITS_TILE // block_c, block_s, _LOGITS_WARPS
     return (_WIDE_SAMPLES, _WIDE_CLASSES, _WIDE_CHANNELS // (1 if block_s == 1 else 2), block_s,
             _LOGITS_WARPS)
 
 
 def _gather_classes(C: int) -> int:
-    return min(64, max(16, _pow2(C)))
+    return min(64, max(16, next_pow2(C)))
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor, what: str) -> None:

@@ -360,14 +360,10 @@ def _sap_bernoulli_kernel(
     tl.store(out_ptr + n * out_sn + j * out_sl, y.to(g.dtype), mask=in_row)
 
 
-def _pow2(v: int) -> int:
-    return next_pow2(v)
-
-
 def _chunk_sizes(L: int, r: int) -> tuple[int, int]:
     """(E, D): elements per element chunk and draws per draw chunk, from (L, r) only."""
     e = _E_LARGE if L >= _E_LARGE_FROM else _E_SMALL
-    return e, _DT * _pow2(max(1, math.ceil((r + 4) / (_DT * _MAX_DRAW_CHUNKS))))
+    return e, _DT * next_pow2(math.ceil((r + 4) / (_DT * _MAX_DRAW_CHUNKS)))
 
 
 def _config(L: int, r: int, exact: bool) -> dict:
