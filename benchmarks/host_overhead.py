@@ -68,6 +68,7 @@ it after the benchmarks (host_costs.csv in the results folder).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import datetime
 import gc
@@ -202,36 +203,55 @@ def _block(fn: Callable[[], Any], calls: int, grad: bool = True) -> float:
         return (time.thread_time_ns() - start) / calls * 1e-3
 
 
-def measure(ops: tuple[str, ...] = OPS, rounds: int = 21, block_ms: float = 20.0,
-            verbose: bool = False) -> dict[str, dict[str, float]]:
-    """{figure: {op: us}} for the FIGURES, medians over ``rounds`` interleaved rounds."""
+@contextlib.contextmanager
+def _single_thread():
+    """torch on one thread inside (host figures of one core), the setting restored after."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    specs = _specs()
-    timed = {}
-    for op in ops:
-        timed[op], recorded = _quantities(specs[op])
-        if verbose:
-            for key, calls in recorded.items():
-                print(f"{op} {key}: " + ", ".join(str(c[0]) for c in calls))
-    sizes = {}
-    for op in ops:  # warm up; size each block to about block_ms
-        for key, fn in timed[op].items():
-            _block(fn, 20, key not in _NO_GRAD)
-            sizes[op, key] = max(10, int(block_ms * 1e3 / _block(fn, 20, key not in _NO_GRAD)))
-    samples: dict[tuple[str, str], list[float]] = {key: [] for key in sizes}
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _rounds(blocks: dict[Any, Callable[[], float]], rounds: int,
+            after: Callable[[], None] = lambda: None) -> dict[Any, list[float]]:
+    """{key: its block's figure in each of ``rounds`` interleaved rounds}: every block in turn
+    (``after`` each, outside its timing), Python's GC off while timing and run between rounds."""
+    samples: dict[Any, list[float]] = {key: [] for key in blocks}
     enabled = gc.isenabled()
     gc.disable()
     try:
         for _ in range(rounds):
-            for op in ops:
-                for key, fn in timed[op].items():
-                    samples[op, key].append(_block(fn, sizes[op, key], key not in _NO_GRAD))
+            for key, block in blocks.items():
+                samples[key].append(block())
+                after()
             gc.collect()
     finally:
         if enabled:
             gc.enable()
-        torch.set_num_threads(threads)
+    return samples
+
+
+def measure(ops: tuple[str, ...] = OPS, rounds: int = 21, block_ms: float = 20.0,
+            verbose: bool = False) -> dict[str, dict[str, float]]:
+    """{figure: {op: us}} for the FIGURES, medians over ``rounds`` interleaved rounds."""
+    with _single_thread():
+        specs = _specs()
+        timed = {}
+        for op in ops:
+            timed[op], recorded = _quantities(specs[op])
+            if verbose:
+                for key, calls in recorded.items():
+                    print(f"{op} {key}: " + ", ".join(str(c[0]) for c in calls))
+        blocks = {}
+        for op in ops:  # warm up; size each block to about block_ms
+            for key, fn in timed[op].items():
+                grad = key not in _NO_GRAD
+                _block(fn, 20, grad)
+                size = max(10, int(block_ms * 1e3 / _block(fn, 20, grad)))
+                blocks[op, key] = lambda fn=fn, size=size, grad=grad: _block(fn, size, grad)
+        samples = _rounds(blocks, rounds)
     result: dict[str, dict[str, float]] = {f: {} for f in FIGURES}
     for op in ops:
         s = {key: samples[op, key] for key in timed[op]}
@@ -276,38 +296,28 @@ def _launch_specs(device: torch.device) -> dict[str, Callable[[], Any]]:
 
             calls[f"{name}:{backend}"] = call
     from . import kwta as kwta_bench
+    from . import noise as noise_bench
 
     x = specs["kwta"].inputs[0]
     k = int(0.25 * x[0].numel())
     calls["kwta:eager"] = lambda: kwta_bench.kwta_sample(x, k)
-    calls["noise:eager"] = lambda: x * (1 + 0.1 * torch.randn_like(x))
+    calls["noise:eager"] = lambda: noise_bench.noise_eager(x, True)
     return calls
 
 
 def launch_costs(device: torch.device, rounds: int = 11,
                  calls_per_block: int = 200) -> dict[str, float]:
     """{name: host us a call} of --launches on device: medians over interleaved rounds."""
-    specs = _launch_specs(device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    samples: dict[str, list[float]] = {name: [] for name in specs}
-    enabled = gc.isenabled()
-    try:
+    with _single_thread():
+        specs = _launch_specs(device)
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         for fn in specs.values():  # warm up: compiles, caches, allocator
             for _ in range(3):
                 fn()
         sync()
-        gc.disable()
-        for _ in range(rounds):
-            for name, fn in specs.items():
-                samples[name].append(_block(fn, calls_per_block, grad=False))
-                sync()
-            gc.collect()
-    finally:
-        if enabled:
-            gc.enable()
-        torch.set_num_threads(threads)
+        blocks = {name: lambda fn=fn: _block(fn, calls_per_block, grad=False)
+                  for name, fn in specs.items()}
+        samples = _rounds(blocks, rounds, after=sync)
     return {name: statistics.median(v) for name, v in samples.items()}
 
 
