@@ -472,14 +472,15 @@ def check_step_ops(cuda_sass: str, triton: list[Variant], found: list) -> list[s
         if v.kernel.__name__ == "_masked_conv2d_forward_kernel":
             c = v.constexprs
             precision = "tf32" if row.dtype == "fp32" else "ieee"
-            if c["PRECISION"] == precision:
-                rows[(bool(c["SPARSE"]), c["BLOCK_P"], c["BLOCK_CO"],
+            if c["PRECISION"] == precision and not c.get("IN_SCALE"):
+                rows[(bool(c["SPARSE"]), bool(c.get("IN_LIST")), c["BLOCK_P"], c["BLOCK_CO"],
                       _TRITON_DTYPES.get(row.dtype))] = row
-    for (sparse, block_p, block_co), by_dtype in roofline.TRITON_CONV_STEP_OPS.items():
+    for (sparse, listed, block_p, block_co), by_dtype in roofline.TRITON_CONV_STEP_OPS.items():
         for dtype, model in by_dtype.items():
-            row = rows.get((sparse, block_p, block_co, dtype))
+            row = rows.get((sparse, listed, block_p, block_co, dtype))
             what = (f"triton _masked_conv2d_forward_kernel {dtype} BLOCK_P={block_p} "
-                    f"BLOCK_CO={block_co}{' SPARSE' if sparse else ''}")
+                    f"BLOCK_CO={block_co}{' SPARSE' if sparse else ''}"
+                    f"{' IN_LIST' if listed else ''}")
             if row is None:
                 problems.append(f"{what}: no such variant in the AOT list")
             else:

@@ -1628,18 +1628,27 @@ def _triton_channel_lists(p: Plan, mask: bool) -> None:
 
 # _masked_conv2d_forward_kernel's step (a tap and a chunk of BLOCK_CI input channels: the im2col
 # and weight tiles' loads, issued num_stages ahead, and the tl.dot) in the sm_90 SASS, lane
-# instructions a thread, by (block-sparse, BLOCK_P, BLOCK_CO) and element size (float32 under
-# TF32, or the 16-bit type): the configurations the benchmarks take (make gpu-report recounts
-# them in the SASS and fails where these differ by more than STEP_OPS_TOLERANCE).
+# instructions a thread, by (block-sparse, listed input channels, BLOCK_P, BLOCK_CO) and element
+# size (float32 under TF32, or the 16-bit type): the configurations the benchmarks take (make
+# gpu-report recounts them in the SASS and fails where these differ by more than
+# STEP_OPS_TOLERANCE). A listed step is one trip of the tap loop inside a chunk's loop.
 TRITON_CONV_STEP_OPS = {
-    (False, 64, 16): {"float32": 603, "bfloat16": 497, "float16": 497},
-    (False, 64, 32): {"float32": 401, "bfloat16": 276, "float16": 276},
-    (False, 64, 64): {"float32": 301, "bfloat16": 185, "float16": 185},
-    (False, 64, 128): {"float32": 339, "bfloat16": 225, "float16": 226},
-    (False, 128, 32): {"float32": 392, "bfloat16": 262, "float16": 262},
-    (False, 128, 64): {"float32": 406, "bfloat16": 286, "float16": 286},
-    (True, 128, 16): {"float32": 430, "bfloat16": 296, "float16": 297},
+    (False, False, 64, 16): {"float32": 278, "bfloat16": 203, "float16": 203},
+    (False, False, 64, 32): {"float32": 186, "bfloat16": 150, "float16": 150},
+    (False, False, 64, 64): {"float32": 144, "bfloat16": 109, "float16": 109},
+    (False, False, 64, 128): {"float32": 182, "bfloat16": 152, "float16": 152},
+    (False, False, 128, 32): {"float32": 174, "bfloat16": 142, "float16": 142},
+    (False, False, 128, 64): {"float32": 201, "bfloat16": 160, "float16": 160},
+    (False, True, 64, 32): {"float32": 170, "bfloat16": 129, "float16": 129},
+    (False, True, 64, 64): {"float32": 126, "bfloat16": 100, "float16": 100},
+    (False, True, 64, 128): {"float32": 163, "bfloat16": 139, "float16": 139},
+    (False, True, 128, 64): {"float32": 177, "bfloat16": 147, "float16": 147},
+    (True, False, 128, 16): {"float32": 226, "bfloat16": 172, "float16": 172},
 }
+# Listed input channels: the instructions a thread of a chunk's loop outside its tap loop (the
+# chunk's channel list, the pipeline's prologue and drain), sm_90 SASS of the float32 variants
+# (180-280), and the latency of one refill of the pipeline a chunk.
+TRITON_CONV_CHUNK_OPS = {(64, 32): 272, (64, 64): 180, (64, 128): 272, (128, 64): 280}
 
 
 def _triton_conv(p: Plan, g: _Conv, out_kept: int, in_kept: int, per_sample: bool,
@@ -1649,7 +1658,8 @@ def _triton_conv(p: Plan, g: _Conv, out_kept: int, in_kept: int, per_sample: boo
     keeps); the output-channel blocks past the kept count store zeros only. Masks shared by
     the batch: pixel tiles over the batch's N * H * W pixels; per-sample masks: a sample's.
     Issue: each working program runs 9 * ceil(in_kept / BLOCK_CI) steps of
-    TRITON_CONV_STEP_OPS lane instructions a thread."""
+    TRITON_CONV_STEP_OPS lane instructions a thread; with an input mask (listed channels), a
+    chunk's loop around 9 steps adds TRITON_CONV_CHUNK_OPS and one pipeline refill."""
     ranges = g.n if per_sample else 1
     span = g.pixels * g.n // ranges
     block_p, block_co, block_ci, warps = triton_conv_config(g.c, span, ranges, out_mask)
@@ -1660,14 +1670,19 @@ def _triton_conv(p: Plan, g: _Conv, out_kept: int, in_kept: int, per_sample: boo
     ci_work = math.ceil(in_kept / block_ci) * block_ci
     p_work = math.ceil(span / block_p) * block_p * ranges / g.n  # pixels a sample, padded
     active = ranges * math.ceil(span / block_p) * math.ceil(out_kept / block_co)
-    steps = 9 * ci_work // block_ci
+    chunks = ci_work // block_ci
+    per_thread = 9 * chunks * TRITON_CONV_STEP_OPS[(False, in_mask, block_p, block_co)][
+        _dtype_name(p.case)]
+    chain = 0.0
+    if in_mask:
+        per_thread += chunks * TRITON_CONV_CHUNK_OPS[(block_p, block_co)]
+        chain = chunks * (p.lat("l2") + 2 * p.lat("barrier"))
     p.kernel("_masked_conv2d_forward_kernel (tensor cores)", "inner",
              hbm=2 * g.x + g.weight, l2=g.x * (math.ceil(co_work / block_co) - 1),
              flops=g.flops(co_work, ci_work, p_work), tensor=True,
              eff=p.gpu["triton_tc_eff" if block_p >= 64 else "triton_tc16_eff"],
-             ops=active * steps * 32 * warps
-             * TRITON_CONV_STEP_OPS[(False, block_p, block_co)][_dtype_name(p.case)],
-             ctas=active, per_sm=16 // warps)
+             ops=active * 32 * warps * per_thread, ctas=active, per_sm=16 // warps,
+             chain_us=chain)
 
 
 def _triton_sparse(p: Plan, g: _Conv) -> None:
@@ -1696,7 +1711,7 @@ def _triton_sparse(p: Plan, g: _Conv) -> None:
              flops=g.flops(g.c, g.c, p_work) * occupied, tensor=True,
              eff=p.gpu["triton_tc16_eff"],
              ops=ctas * steps * 32 * warps
-             * TRITON_CONV_STEP_OPS[(True, block_p, tile)][_dtype_name(p.case)],
+             * TRITON_CONV_STEP_OPS[(True, False, block_p, tile)][_dtype_name(p.case)],
              ctas=ctas, per_sm=16 // warps)
 
 

@@ -360,15 +360,17 @@ def test_step_ops_that_drift_from_the_roofline_fail(monkeypatch):
                                        for n in names})
     monkeypatch.setattr(roofline, "CUDA_TC_STEP_OPS", {"float32": 13})
     monkeypatch.setattr(roofline, "TRITON_KWTA_COUNT_PASS", {})
-    constexprs = {"BLOCK_P": 64, "BLOCK_CO": 32, "SPARSE": False, "PRECISION": "tf32"}
+    constexprs = {"BLOCK_P": 64, "BLOCK_CO": 32, "SPARSE": False, "PRECISION": "tf32",
+                  "IN_LIST": False, "IN_SCALE": False}
     found = [SimpleNamespace(kernel=SimpleNamespace(__name__="_masked_conv2d_forward_kernel"),
                              constexprs=constexprs)]
     row = Variant("triton", "masked_conv._masked_conv2d_forward_kernel", "fp32", "", 256, 100,
                   0, 0, 0, 0, step_ops=489)
-    monkeypatch.setattr(roofline, "TRITON_CONV_STEP_OPS", {(False, 64, 32): {"float32": 500}})
+    monkeypatch.setattr(roofline, "TRITON_CONV_STEP_OPS", {(False, False, 64, 32): {"float32": 500}})
     assert gpu_report.check_step_ops(SASS, [row], found) == []
-    monkeypatch.setattr(roofline, "TRITON_CONV_STEP_OPS", {(False, 64, 32): {"float32": 600},
-                                                           (False, 64, 64): {"float32": 370}})
+    monkeypatch.setattr(roofline, "TRITON_CONV_STEP_OPS",
+                        {(False, False, 64, 32): {"float32": 600},
+                         (False, False, 64, 64): {"float32": 370}})
     monkeypatch.setattr(roofline, "CUDA_TC_STEP_OPS", {"float32": 20})
     problems = gpu_report.check_step_ops(SASS, [row], found)
     assert len(problems) == 3, problems

@@ -1360,6 +1360,19 @@ def test_triton_tile_choice():
                 c = v[2]
                 assert v[3]["num_warps"] == kernels._num_warps(
                     c["BLOCK_P"], c["BLOCK_CO"], c["BLOCK_CI"], arch)
+                dtype = {"fp32": torch.float32, "fp16": torch.float16,
+                         "bf16": torch.bfloat16}[v[1]["x_ptr"][1:]]
+                assert c["PREFETCH"] == kernels._prefetch(
+                    dtype, c["BLOCK_P"], c["BLOCK_CO"], c["BLOCK_CI"], c["SPARSE"],
+                    v[3]["num_warps"])
+        # Each dense configuration in every input-channel kind (listed, scaled), the weight-mask
+        # path in the plain one.
+        kinds = {(v[2]["BLOCK_P"], v[2]["BLOCK_CO"], v[2]["SPARSE"], v[1]["x_ptr"],
+                  v[2]["PRECISION"], v[2]["IN_LIST"], v[2]["IN_SCALE"])
+                 for v in kernels.AOT if arch in v[4]}
+        for p, co, sparse, dtype, precision, *_ in kinds:
+            for in_list, in_scale in kernels._INPUT_KINDS[:1] if sparse else kernels._INPUT_KINDS:
+                assert (p, co, sparse, dtype, precision, in_list, in_scale) in kinds
         for c_out, p, n, out_masked, sparse in itertools.product(
                 (1, 16, 17, 64, 100, 128, 256, 512), (1, 16, 49, 64, 196, 256, 1024, 3136),
                 (1, 2, 32, 128, 256), (False, True), (False, True)):
@@ -1420,8 +1433,10 @@ def test_triton_static_lists_cached_per_mask_version(device_backend, monkeypatch
     assert len(sorts) == 5
 
 
-# (N, C_in, C_out, H, W): pixels and channels that are not multiples of the tiles.
-TILE_GEOMETRIES = [(2, 40, 70, 13, 11), (1, 33, 100, 15, 10), (2, 20, 40, 12, 13)]
+# (N, C_in, C_out, H, W): pixels and channels that are not multiples of the tiles; the last one
+# lists ~60 input channels: two chunks of the listed reduction.
+TILE_GEOMETRIES = [(2, 40, 70, 13, 11), (1, 33, 100, 15, 10), (2, 20, 40, 12, 13),
+                   (2, 100, 24, 7, 9)]
 
 
 @pytest.mark.parametrize("device_backend", TRITON_BACKENDS, indirect=True)

@@ -11,9 +11,16 @@ BLOCK_CO output channels), accumulating in float32 the product of an im2col tile
 and every chunk of BLOCK_CI input channels: one flat loop over (tap, chunk) steps, a `for` loop
 on the GPU that the compiler software-pipelines (num_stages: the loads of the next steps' tiles
 in flight while the tensor cores multiply this one's). The loop is bound by the instructions of
-its gathers (a step: 300-600 lane instructions a thread in the sm_90 SASS, for 256-512
-multiply-adds a thread), so a dense step's tap and chunk are counters advanced each step, not
-divisions of the step index. float32 inputs multiply in TF32 where
+its gathers (a step: 130-280 lane instructions a thread in the sm_90 SASS), so a dense step's
+tap and chunk are counters advanced each step, not divisions of the step index. Nothing a step
+loads may depend on another load of the same step, or the pipeline drains at every step (the
+SASS then waits for all copies in flight, DEPBAR.LE SB0, 0x0, once per dependent load): listed
+input channels are loaded once per chunk, outside a loop over that chunk's taps (HOISTED), and
+the soft-mask scaling, which takes the x tile through registers, is a variant of its own
+(IN_SCALE). The pipeline copies shared memory asynchronously, 4 bytes or more a copy: 16-bit
+elements gathered one by one cannot go that way, so for them the loop itself loads the next
+step's tiles into registers before this step's product (PREFETCH). float32 inputs multiply in
+TF32 where
 PyTorch lets cuDNN convolutions do so (torch.backends.cudnn.allow_tf32, its default) and in IEEE
 float32 otherwise (then results match cuDNN/oneDNN without TF32), chosen per call
 (input_precision); float16 and bfloat16 tiles go to the tensor cores as they are.
@@ -73,8 +80,9 @@ and grad_x masked by in_mask again; grad_bias is the masked grad summed over (N,
 
 Under the interpreter (FOR_LOOP False) the reduction is a `while` loop over the
 same steps (Triton 3.6's interpreter cannot take a runtime bound in range() with numpy >= 2.4);
-both loops call one step function. The flags are runtime int32 values to keep the AOT list
-small; kernel sizes KH, KW are runtime too. Offsets inside a sample and in the weight are int32
+both loops run one step (_reduce). The flags are runtime int32 values to keep the AOT list
+small, except the input-channel kind (IN_LIST, IN_SCALE), which decides what the pipelined loop
+loads; kernel sizes KH, KW are runtime too. Offsets inside a sample and in the weight are int32
 (the launcher checks that they fit), a sample's own offset int64. UPCAST (bfloat16 on CPU
 tensors, i.e. under the interpreter, only) converts the tiles to float32 before tl.dot, because
 Triton 3.6's interpreter multiplies bfloat16 tiles as their uint16 bits; the products are exact
@@ -132,6 +140,9 @@ ARCHS = (80, 90)
 # two tiles); IEEE float32 runs tl.dot as FMAs on operands held in registers, which leave no
 # room for tiles in flight (spills at every depth above 1).
 _NUM_STAGES = {"tensor": 3, "ieee": 1}
+# The largest share of a step's x and weight tiles a thread may hold for the 16-bit prefetch
+# (_prefetch): 64 x 16 tiles at 4 warps (20) spill with listed input channels on sm_90.
+_PREFETCH_ELEMENTS = 16
 
 
 @triton.jit
@@ -179,17 +190,24 @@ def _next_step(kh, kw, c0, in_kept, KW, BLOCK_CI: tl.constexpr):
 
 
 @triton.jit
-def _tile_product(acc, j, kh, kw, c0, chunks, blk_list, every, x_rows, oh, ow, p_ok, H, W, KW,
-                  stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, in_list, in_listed, in_kept,
-                  scale_row,
-                  has_in_scale, w_ptr, wm_ptr, co, co_ok, x_sc, x_sh, x_sw, w_so, w_si, w_sh, w_sw,
-                  BLOCK_CI: tl.constexpr, SPARSE: tl.constexpr, UPCAST: tl.constexpr,
-                  PRECISION: tl.constexpr):
-    """acc plus step j of the reduction: the x tile (pixels, BLOCK_CI input channels) at one
-    tap times the weight tile (BLOCK_CI, output channels) there. Dense, step j is chunk
-    j % chunks of the kept input channels at tap j // chunks, (kh, kw, c0) as the caller's
-    counters hold it; SPARSE, entry j of the block list (entry j itself for a sample that runs
-    every tile), its tap and chunk found by division."""
+def _next_tap(kh, kw, KW):
+    kw += 1
+    wrap = kw >= KW
+    return tl.where(wrap, kh + 1, kh), tl.where(wrap, 0, kw)
+
+
+@triton.jit
+def _tiles(j, kh, kw, c0, live, listed, chunks, blk_list, every, x_rows, oh, ow, p_ok, H, W, KW,
+           stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, in_list, in_kept, scale_row, w_ptr,
+           wm_ptr, co, co_ok, x_sc, x_sh, x_sw, w_so, w_si, w_sh, w_sw, BLOCK_CI: tl.constexpr,
+           SPARSE: tl.constexpr, IN_LIST: tl.constexpr, IN_SCALE: tl.constexpr,
+           HOISTED: tl.constexpr):
+    """The tiles of step j of the reduction (zeros where live is false): the x tile (pixels,
+    BLOCK_CI input channels) at one tap and the weight tile (BLOCK_CI, output channels) there.
+    Dense, step j is chunk j % chunks of the kept input channels at tap j // chunks, (kh, kw,
+    c0) as the caller's counters hold it (HOISTED: listed holds the chunk's listed channels;
+    IN_LIST otherwise: the step loads them); SPARSE, entry j of the block list (entry j itself
+    for a sample that runs every tile), its tap and chunk found by division."""
     if SPARSE:
         e = tl.where(every, j, tl.load(blk_list + j))
         tap = e // chunks
@@ -200,35 +218,122 @@ def _tile_product(acc, j, kh, kw, c0, chunks, blk_list, every, x_rows, oh, ow, p
     iw = ow * stride_w - pad_w + kw * dil_w
     pix_ok = p_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
     cs = c0 + tl.arange(0, BLOCK_CI)
-    c_ok = cs < in_kept
-    ci = _channels(in_list, cs, c_ok, in_listed)
+    c_ok = (cs < in_kept) & live
+    if HOISTED:
+        ci = listed  # the chunk's listed channels, loaded by the caller (outside the tap loop)
+    elif IN_LIST:
+        ci = tl.load(in_list + cs, mask=c_ok, other=0).to(tl.int32)
+    else:
+        ci = cs
     xt = tl.load(x_rows[:, None] + (ih * x_sh + iw * x_sw)[:, None] + ci[None, :] * x_sc,
                  mask=pix_ok[:, None] & c_ok[None, :], other=0.0)
-    # Soft input mask: scales of 1 without one (exact in every dtype), so that the tile goes
-    # to the dot on one path, with no branch between its load and the dot.
-    scale = tl.load(scale_row + ci, mask=c_ok & (has_in_scale != 0), other=1.0)
-    xt = _scaled(xt, scale)
+    if IN_SCALE:  # soft input mask: the tile passes through registers to be scaled
+        xt = _scaled(xt, tl.load(scale_row + ci, mask=c_ok, other=1.0))
     w_off = kh * w_sh + kw * w_sw + co[None, :] * w_so + ci[:, None] * w_si
     w_ok = c_ok[:, None] & co_ok[None, :]
     wt = tl.load(w_ptr + w_off, mask=w_ok, other=0.0)
     if SPARSE:
         keep = tl.load(wm_ptr + w_off, mask=w_ok, other=0)
         wt = tl.where(keep != 0, wt, tl.zeros_like(wt))
+    return xt, wt
+
+
+@triton.jit
+def _tile_dot(acc, xt, wt, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     if UPCAST:
         xt = xt.to(tl.float32)
         wt = wt.to(tl.float32)
     return tl.dot(xt, wt, acc, input_precision=PRECISION)
 
 
-@triton.jit(do_not_specialize=["span", "in_per_sample", "out_per_sample", "in_listed", "out_listed",
-                               "has_bias", "has_in_scale", "has_out_scale", "has_raw"])
+@triton.jit
+def _advance(kh, kw, c0, in_kept, KW, BLOCK_CI: tl.constexpr, TAPS: tl.constexpr):
+    """The next step's counters: the next tap (TAPS: a chunk's tap loop), else the next chunk
+    of the kept input channels, then the next tap."""
+    if TAPS:
+        kh, kw = _next_tap(kh, kw, KW)
+    else:
+        kh, kw, c0 = _next_step(kh, kw, c0, in_kept, KW, BLOCK_CI)
+    return kh, kw, c0
+
+
+@triton.jit
+def _reduce(acc, steps, c0, listed, chunks, blk_list, every, x_rows, oh, ow, p_ok, H, W, KW,
+            stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, in_list, in_kept, scale_row, w_ptr,
+            wm_ptr, co, co_ok, x_sc, x_sh, x_sw, w_so, w_si, w_sh, w_sw, BLOCK_CI: tl.constexpr,
+            SPARSE: tl.constexpr, IN_LIST: tl.constexpr, IN_SCALE: tl.constexpr,
+            HOISTED: tl.constexpr, TAPS: tl.constexpr, PREFETCH: tl.constexpr,
+            UPCAST: tl.constexpr, PRECISION: tl.constexpr, FOR_LOOP: tl.constexpr):
+    """acc plus `steps` steps of the reduction from tap 0 and chunk c0 (TAPS: the taps of one
+    chunk; else the kept chunks fastest, then the taps, or the block list's entries). Dense
+    steps advance counters (no integer division in the loop). The loads of 4-byte types go to
+    shared memory asynchronously and the compiler pipelines them (num_stages); 16-bit elements
+    gathered one by one cannot (an asynchronous copy moves 4 bytes or more), so with PREFETCH
+    the loop loads the next step's tiles into registers before this step's product, their
+    latency hidden behind it."""
+    kh = 0
+    kw = 0
+    if PREFETCH:
+        xt, wt = _tiles(0, kh, kw, c0, steps > 0, listed, chunks, blk_list, every, x_rows, oh, ow,
+                        p_ok, H, W, KW, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, in_list,
+                        in_kept, scale_row, w_ptr, wm_ptr, co, co_ok, x_sc, x_sh, x_sw, w_so, w_si,
+                        w_sh, w_sw, BLOCK_CI, SPARSE, IN_LIST, IN_SCALE, HOISTED)
+    j = 0
+    if FOR_LOOP:  # a `for` loop on the GPU, software-pipelined by the compiler
+        for j in range(0, steps):
+            if PREFETCH:
+                kh, kw, c0 = _advance(kh, kw, c0, in_kept, KW, BLOCK_CI, TAPS)
+                xn, wn = _tiles(j + 1, kh, kw, c0, j + 1 < steps, listed, chunks, blk_list, every,
+                                x_rows, oh, ow, p_ok, H, W, KW, stride_h, stride_w, pad_h, pad_w,
+                                dil_h, dil_w, in_list, in_kept, scale_row, w_ptr, wm_ptr, co,
+                                co_ok, x_sc, x_sh, x_sw, w_so, w_si, w_sh, w_sw, BLOCK_CI, SPARSE,
+                                IN_LIST, IN_SCALE, HOISTED)
+                acc = _tile_dot(acc, xt, wt, UPCAST, PRECISION)
+                xt = xn
+                wt = wn
+            else:
+                xt, wt = _tiles(j, kh, kw, c0, True, listed, chunks, blk_list, every, x_rows, oh,
+                                ow, p_ok, H, W, KW, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+                                in_list, in_kept, scale_row, w_ptr, wm_ptr, co, co_ok, x_sc, x_sh,
+                                x_sw, w_so, w_si, w_sh, w_sw, BLOCK_CI, SPARSE, IN_LIST, IN_SCALE,
+                                HOISTED)
+                acc = _tile_dot(acc, xt, wt, UPCAST, PRECISION)
+                if not SPARSE:
+                    kh, kw, c0 = _advance(kh, kw, c0, in_kept, KW, BLOCK_CI, TAPS)
+    else:  # the interpreter: a `while` loop (see the module docstring)
+        while j < steps:
+            if PREFETCH:
+                kh, kw, c0 = _advance(kh, kw, c0, in_kept, KW, BLOCK_CI, TAPS)
+                xn, wn = _tiles(j + 1, kh, kw, c0, j + 1 < steps, listed, chunks, blk_list, every,
+                                x_rows, oh, ow, p_ok, H, W, KW, stride_h, stride_w, pad_h, pad_w,
+                                dil_h, dil_w, in_list, in_kept, scale_row, w_ptr, wm_ptr, co,
+                                co_ok, x_sc, x_sh, x_sw, w_so, w_si, w_sh, w_sw, BLOCK_CI, SPARSE,
+                                IN_LIST, IN_SCALE, HOISTED)
+                acc = _tile_dot(acc, xt, wt, UPCAST, PRECISION)
+                xt = xn
+                wt = wn
+            else:
+                xt, wt = _tiles(j, kh, kw, c0, True, listed, chunks, blk_list, every, x_rows, oh,
+                                ow, p_ok, H, W, KW, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+                                in_list, in_kept, scale_row, w_ptr, wm_ptr, co, co_ok, x_sc, x_sh,
+                                x_sw, w_so, w_si, w_sh, w_sw, BLOCK_CI, SPARSE, IN_LIST, IN_SCALE,
+                                HOISTED)
+                acc = _tile_dot(acc, xt, wt, UPCAST, PRECISION)
+                if not SPARSE:
+                    kh, kw, c0 = _advance(kh, kw, c0, in_kept, KW, BLOCK_CI, TAPS)
+            j += 1
+    return acc
+
+
+@triton.jit(do_not_specialize=["span", "in_per_sample", "out_per_sample", "out_listed",
+                               "has_bias", "has_out_scale", "has_raw"])
 def _masked_conv2d_forward_kernel(
     x_ptr, w_ptr, b_ptr, in_idx_ptr, in_mask_ptr, out_idx_ptr, out_mask_ptr, out_ptr,
     wm_ptr, blk_idx_ptr, blk_cnt_ptr, finite_ptr, in_scale_ptr, out_scale_ptr, raw_ptr,
     C_in, H, W, C_out, H_out, W_out, KH, KW,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-    span, p_blocks, co_blocks, in_per_sample, out_per_sample, in_listed, out_listed, has_bias,
-    tap_blocks, has_in_scale, has_out_scale, has_raw,
+    span, p_blocks, co_blocks, in_per_sample, out_per_sample, out_listed, has_bias,
+    tap_blocks, has_out_scale, has_raw,
     x_sn, x_sc, x_sh, x_sw,
     w_so, w_si, w_sh, w_sw,
     out_sn, out_sc, out_sh, out_sw,
@@ -239,6 +344,9 @@ def _masked_conv2d_forward_kernel(
     PRECISION: tl.constexpr,
     FOR_LOOP: tl.constexpr,
     UPCAST: tl.constexpr,
+    IN_LIST: tl.constexpr,
+    IN_SCALE: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     # Output-channel blocks vary fastest: neighbouring programs share the same x tile.
     # Pixel tiles run over the output pixels of `span` consecutive samples (span 1: one
@@ -266,10 +374,16 @@ def _masked_conv2d_forward_kernel(
     ow = q % W_out
     rows = n + pn
 
+    # Listed input channels are loaded once a chunk, outside a pipelined tap loop, except on the
+    # weight-mask path and for float32 in IEEE, whose tl.dot runs as FMAs on operands in
+    # registers without a pipeline (num_stages 1): there the list would take registers that
+    # the largest tiles need (they would spill), and a step loads its channels itself.
+    HOISTED: tl.constexpr = IN_LIST and not SPARSE and not (
+        PRECISION == "ieee" and x_ptr.dtype.element_ty == tl.float32)
     acc = tl.zeros([BLOCK_P, BLOCK_CO], dtype=tl.float32)
     if co_b * BLOCK_CO < out_kept:
         in_row = n * in_per_sample
-        in_kept = _kept_count(in_mask_ptr + in_row * C_in, C_in, in_listed, 256)
+        in_kept = _kept_count(in_mask_ptr + in_row * C_in, C_in, IN_LIST, 256)
         in_list = in_idx_ptr + in_row * C_in
         chunks = tl.cdiv(in_kept, BLOCK_CI)
         blk_list = blk_idx_ptr + co_b * tap_blocks
@@ -283,31 +397,27 @@ def _masked_conv2d_forward_kernel(
             steps = KH * KW * chunks
         x_rows = x_ptr + rows.to(tl.int64) * x_sn
         scale_row = in_scale_ptr + n * C_in
-        # Dense steps: counters (kh, kw, c0) advanced a chunk a step, the input channels
-        # fastest (no integer division in the loop).
-        kh = 0
-        kw = 0
-        c0 = 0
-        if FOR_LOOP:  # software-pipelined by the compiler (num_stages)
-            for j in range(0, steps):
-                acc = _tile_product(acc, j, kh, kw, c0, chunks, blk_list, every, x_rows, oh, ow,
-                                    p_ok, H, W, KW, stride_h, stride_w, pad_h, pad_w, dil_h,
-                                    dil_w, in_list, in_listed, in_kept, scale_row, has_in_scale,
-                                    w_ptr, wm_ptr, co, co_ok, x_sc, x_sh, x_sw, w_so, w_si,
-                                    w_sh, w_sw, BLOCK_CI, SPARSE, UPCAST, PRECISION)
-                if not SPARSE:
-                    kh, kw, c0 = _next_step(kh, kw, c0, in_kept, KW, BLOCK_CI)
+        if HOISTED:
+            # Listed input channels: each chunk's channels loaded once, then its KH * KW taps
+            # in an inner loop that the compiler pipelines. (Loaded in the step, the channels
+            # would make every tile's addresses wait on a load of the same step: the pipeline
+            # would drain at each of its loads.)
+            c0 = 0
+            while c0 < in_kept:
+                cs = c0 + tl.arange(0, BLOCK_CI)
+                listed = tl.load(in_list + cs, mask=cs < in_kept, other=0).to(tl.int32)
+                acc = _reduce(acc, KH * KW, c0, listed, chunks, blk_list, every, x_rows, oh, ow,
+                              p_ok, H, W, KW, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+                              in_list, in_kept, scale_row, w_ptr, wm_ptr, co, co_ok, x_sc, x_sh,
+                              x_sw, w_so, w_si, w_sh, w_sw, BLOCK_CI, SPARSE, IN_LIST, IN_SCALE,
+                              HOISTED, True, PREFETCH, UPCAST, PRECISION, FOR_LOOP)
+                c0 += BLOCK_CI
         else:
-            j = 0
-            while j < steps:
-                acc = _tile_product(acc, j, kh, kw, c0, chunks, blk_list, every, x_rows, oh, ow,
-                                    p_ok, H, W, KW, stride_h, stride_w, pad_h, pad_w, dil_h,
-                                    dil_w, in_list, in_listed, in_kept, scale_row, has_in_scale,
-                                    w_ptr, wm_ptr, co, co_ok, x_sc, x_sh, x_sw, w_so, w_si,
-                                    w_sh, w_sw, BLOCK_CI, SPARSE, UPCAST, PRECISION)
-                if not SPARSE:
-                    kh, kw, c0 = _next_step(kh, kw, c0, in_kept, KW, BLOCK_CI)
-                j += 1
+            acc = _reduce(acc, steps, tl.full([], 0, tl.int32), tl.arange(0, BLOCK_CI), chunks,
+                          blk_list, every, x_rows, oh, ow, p_ok, H, W, KW, stride_h, stride_w,
+                          pad_h, pad_w, dil_h, dil_w, in_list, in_kept, scale_row, w_ptr, wm_ptr,
+                          co, co_ok, x_sc, x_sh, x_sw, w_so, w_si, w_sh, w_sw, BLOCK_CI, SPARSE,
+                          IN_LIST, IN_SCALE, HOISTED, False, PREFETCH, UPCAST, PRECISION, FOR_LOOP)
         bias = tl.load(b_ptr + co, mask=co_ok & (has_bias != 0), other=0.0).to(tl.float32)
         acc = tl.where(co_ok[None, :], acc + bias[None, :], 0.0)
 
@@ -368,6 +478,16 @@ def _num_warps(block_p: int, block_co: int, block_ci: int, arch: int = 90) -> in
     elements = block_p * block_co + block_ci * (block_p + block_co)
     budget = _ELEMENTS_PER_THREAD[arch]["wgmma" if block_p >= 64 else "mma"]
     return next((w for w in _WARPS if elements <= 32 * w * budget), _WARPS[-1])
+
+
+def _prefetch(dtype: torch.dtype, block_p: int, block_co: int, block_ci: int, sparse: bool,
+              warps: int) -> bool:
+    """Whether the reduction loads the next step's tiles into registers ahead of this step's
+    product (_reduce's PREFETCH): for 16-bit elements, which the compiler's pipeline cannot
+    copy asynchronously, on the dense paths, where a thread's share of the x and weight tiles is
+    at most _PREFETCH_ELEMENTS (two steps' tiles and their addresses are then live at once)."""
+    share = (block_p * block_ci + block_ci * block_co) / (32 * warps)
+    return dtype in (torch.float16, torch.bfloat16) and not sparse and share <= _PREFETCH_ELEMENTS
 
 
 def _num_stages(precision: str, dtype: torch.dtype) -> int:
@@ -624,6 +744,7 @@ def masked_conv2d_forward(
     p_blocks = cdiv(pixels * span, block_p)
     co_blocks = cdiv(C_out, block_co)
     precision = input_precision(x.dtype)
+    warps = _num_warps(block_p, block_co, block_ci, arch)
     with on_device(x):
         _masked_conv2d_forward_kernel[(N // span * p_blocks * co_blocks,)](
             x, weight, bias if bias is not None else weight, in_idx, in_bytes, out_idx, out_bytes, out,
@@ -631,15 +752,17 @@ def masked_conv2d_forward(
             out_scale if out_scale is not None else x, raw if raw is not None else out,
             C_in, H, W, C_out, H_out, W_out, KH, KW,
             *stride, *padding, *dilation,
-            span, p_blocks, co_blocks, in_per_sample, out_per_sample, in_listed, out_listed,
-            int(bias is not None),
-            KH * KW * ci_blocks, int(in_scale is not None), int(out_scale is not None),
+            span, p_blocks, co_blocks, in_per_sample, out_per_sample, out_listed,
+            int(bias is not None), KH * KW * ci_blocks, int(out_scale is not None),
             int(raw is not None),
             *x.stride(), *weight.stride(), *out.stride(),
             BLOCK_P=block_p, BLOCK_CO=block_co, BLOCK_CI=block_ci,
             SPARSE=weight_mask is not None, PRECISION=precision,
             FOR_LOOP=not _INTERPRETED, UPCAST=x.dtype == torch.bfloat16 and _INTERPRETED,
-            num_warps=_num_warps(block_p, block_co, block_ci, arch),
+            IN_LIST=bool(in_listed), IN_SCALE=in_scale is not None,
+            PREFETCH=_prefetch(x.dtype, block_p, block_co, block_ci, weight_mask is not None,
+                               warps),
+            num_warps=warps,
             num_stages=_num_stages(precision, x.dtype), maxnreg=MAX_REGS,
         )
     return out
@@ -762,25 +885,35 @@ def _configs(arch: int = 90) -> list[tuple[int, int, int, bool]]:
     return dense + [(p, _WEIGHT_MASK_BLOCK, _WEIGHT_MASK_BLOCK, True) for p in _BLOCK_PS]
 
 
+# The input-channel kinds a launch compiles for (IN_LIST, IN_SCALE): all channels in order,
+# a kept-first list of a bool in_mask, the scales of a soft in_mask (all channels kept). The
+# weight-mask path runs without channel masks.
+_INPUT_KINDS = ((False, False), (True, False), (False, True))
+
+
 def _aot_variants() -> list[tuple]:
     """Every (kernel, signature, constexprs, options, archs) masked_conv2d_forward can launch
-    on a GPU: one per dtype, input precision (float32: tf32 and ieee) and block configuration
-    of each architecture, compiled for the architectures whose launches take those options."""
+    on a GPU: one per dtype, input precision (float32: tf32 and ieee), block configuration of
+    each architecture and input-channel kind (_INPUT_KINDS), compiled for the architectures
+    whose launches take those options."""
     by_options: dict[tuple, list[int]] = {}
     for arch in ARCHS:
         for dtype, name in _TL_DTYPES.items():
             for precision in ("tf32", "ieee") if dtype == torch.float32 else ("ieee",):
                 for block_p, block_co, block_ci, sparse in _configs(arch):
-                    key = (name, precision, block_p, block_co, block_ci, sparse,
-                           _num_warps(block_p, block_co, block_ci, arch),
-                           _num_stages(precision, dtype))
-                    by_options.setdefault(key, []).append(arch)
+                    warps = _num_warps(block_p, block_co, block_ci, arch)
+                    prefetch = _prefetch(dtype, block_p, block_co, block_ci, sparse, warps)
+                    for in_list, in_scale in _INPUT_KINDS[:1] if sparse else _INPUT_KINDS:
+                        key = (name, precision, block_p, block_co, block_ci, sparse, in_list,
+                               in_scale, prefetch, warps, _num_stages(precision, dtype))
+                        by_options.setdefault(key, []).append(arch)
     variants = []
-    for (name, precision, block_p, block_co, block_ci, sparse, warps, stages), archs in (
-            by_options.items()):
+    for (name, precision, block_p, block_co, block_ci, sparse, in_list, in_scale, prefetch,
+         warps, stages), archs in by_options.items():
         constexprs = {"BLOCK_P": block_p, "BLOCK_CO": block_co, "BLOCK_CI": block_ci,
                       "SPARSE": sparse, "PRECISION": precision, "FOR_LOOP": True,
-                      "UPCAST": False}
+                      "UPCAST": False, "IN_LIST": in_list, "IN_SCALE": in_scale,
+                      "PREFETCH": prefetch}
         options = {"num_warps": warps, "num_stages": stages, "maxnreg": MAX_REGS}
         variants.append((_masked_conv2d_forward_kernel,
                          signature(_masked_conv2d_forward_kernel, name, constexprs, _POINTERS),
