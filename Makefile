@@ -58,8 +58,12 @@ test-triton: build
 	echo "test-triton: convolution tests exit $$conv, the rest exit $$rest"; \
 	test $$rest -eq 0 && test $$conv -eq 0
 
+# Then the SASS checks of a few compiled variants (tests marked triton_aot in
+# test_gpu_report.py; test_triton_aot.py repeats the compile above, one test a variant, and is
+# left to explicit runs).
 check-triton: build
 	$(VPY) -m pyprune.triton_kernels.aot
+	$(PYTEST) tests/test_gpu_report.py -m triton_aot -q
 
 bench: build
 	$(VPY) -m benchmarks

@@ -31,7 +31,8 @@ site disagrees with it, when a benchmark launches a Triton variant that no AOT l
 when the roofline's instructions a K-loop step of the convolution kernels (CUDA_TC_STEP_OPS,
 TRITON_CONV_STEP_OPS in benchmarks/roofline.py) differ from their SASS by more than
 STEP_OPS_TOLERANCE (``step_instructions``: the innermost loop holding a global load and a
-tensor-core instruction).
+tensor-core instruction), or when a Triton variant's innermost loop of asynchronous copies
+waits for all of them each trip (``pipeline_drains``).
 """
 from __future__ import annotations
 
@@ -398,19 +399,24 @@ def sass_functions(text: str) -> dict[str, list[str]]:
     return {name: body for name, body in functions.items()}
 
 
-def step_instructions(body: list, trips: int = 1) -> int | None:
-    """Lane instructions a thread of one step of a GEMM's K loop in SASS: the innermost loop
-    (a backward branch) that holds both a global load (LDG / LDGSTS) and a tensor-core
-    instruction, plus (trips - 1) times the innermost loop inside it that holds the tensor-core
-    instructions (a step whose mma runs as an inner loop of `trips` iterations); None without
-    such a loop."""
+def _loops(body: list) -> list[tuple[int, int]]:
+    """(first, last) instruction indices of each loop (a backward branch) of a SASS body."""
     at = {address: i for i, (address, _) in enumerate(body)}
     loops = []
     for i, (address, ins) in enumerate(body):
         m = _BRANCH.search(ins)
         if m and int(m.group(1), 16) < address and int(m.group(1), 16) in at:
             loops.append((at[int(m.group(1), 16)], i))
-    loops.sort(key=lambda loop: loop[1] - loop[0])
+    return loops
+
+
+def step_instructions(body: list, trips: int = 1) -> int | None:
+    """Lane instructions a thread of one step of a GEMM's K loop in SASS: the innermost loop
+    (a backward branch) that holds both a global load (LDG / LDGSTS) and a tensor-core
+    instruction, plus (trips - 1) times the innermost loop inside it that holds the tensor-core
+    instructions (a step whose mma runs as an inner loop of `trips` iterations); None without
+    such a loop."""
+    loops = sorted(_loops(body), key=lambda loop: loop[1] - loop[0])
 
     def has(loop, *ops):
         return any(any(op in ins for op in ops) for _, ins in body[loop[0]:loop[1] + 1])
@@ -423,16 +429,25 @@ def step_instructions(body: list, trips: int = 1) -> int | None:
     return (step[1] - step[0] + 1) + (trips - 1) * (inner[1] - inner[0] + 1)
 
 
+def pipeline_drains(body: list) -> bool:
+    """Whether an innermost loop that copies global memory to shared memory asynchronously
+    (LDGSTS) waits in each trip for every copy in flight (DEPBAR.LE SB0, 0x0): its pipeline
+    then drains every trip, and no later step's loads overlap this one's work (a load address
+    that depends on another load of the same step does this to Triton's pipeliner)."""
+    def has(loop, text):
+        return any(text in ins for _, ins in body[loop[0]:loop[1] + 1])
+
+    copying = [loop for loop in _loops(body) if has(loop, "LDGSTS")]
+    innermost = [a for a in copying
+                 if not any(b != a and a[0] <= b[0] and b[1] <= a[1] for b in copying)]
+    return any(has(loop, "DEPBAR.LE SB0, 0x0") for loop in innermost)
+
+
 def loop_instructions(body: list) -> tuple[int, int] | None:
     """(instructions of the shortest loop, every other instruction) of a kernel's SASS, a
     thread's count of one trip and of the straight-line rest (what a pass loop's kernel issues
     is loop * trips + rest where its branches are uniform); None without a loop."""
-    at = {address: i for i, (address, _) in enumerate(body)}
-    loops = []
-    for i, (address, ins) in enumerate(body):
-        m = _BRANCH.search(ins)
-        if m and int(m.group(1), 16) < address and int(m.group(1), 16) in at:
-            loops.append(i - at[int(m.group(1), 16)] + 1)
+    loops = [last - first + 1 for first, last in _loops(body)]
     if not loops:
         return None
     return min(loops), len(body) - min(loops)
@@ -521,7 +536,7 @@ def _triton_one(index: int) -> tuple:
         threads = next(iter(parse_block_sizes(_run([tool, "-elf", path])).values()), 0)
         (body,) = sass_functions(_run([tool, "-sass", path])).values()
     return (index, usage, threads, compiled.metadata.shared, compiled.metadata.num_warps,
-            step_instructions(body), loop_instructions(body))
+            step_instructions(body), loop_instructions(body), pipeline_drains(body))
 
 
 def _config(constexprs: dict, options: dict) -> str:
@@ -544,7 +559,8 @@ def triton_variants(jobs: int) -> tuple[list[Variant], list]:
     else:
         results = [_triton_one(i) for i in indices]
     variants = []
-    for index, (regs, stack, smem, local), threads, shared, num_warps, steps, loop in results:
+    for (index, (regs, stack, smem, local), threads, shared, num_warps, steps, loop,
+         drains) in results:
         v = found[index]
         dtype = next((t[1:] for t in v.signature.values() if t.startswith("*")), "-")
         row = Variant("triton", f"{v.module}.{v.kernel.__name__}", dtype,
@@ -552,6 +568,9 @@ def triton_variants(jobs: int) -> tuple[list[Variant], list]:
                       step_ops=steps, loop_ops=loop)
         if threads != 32 * num_warps:
             row.problems.append(f"ELF block size {threads} != 32 * num_warps ({num_warps})")
+        if drains:
+            row.problems.append("its pipelined loop waits for every copy in flight each trip "
+                                "(DEPBAR.LE SB0, 0x0): the pipeline drains")
         variants.append(row)
     return variants, [found[i] for i in indices]
 

@@ -233,11 +233,32 @@ def test_triton_variant_resources():
 
     found, _ = aot.variants()
     index = next(i for i, v in enumerate(found) if v.kernel.__name__ == "_kwta_backward_kernel")
-    _, (regs, stack, smem, local), threads, shared, num_warps, steps, loop = (
+    _, (regs, stack, smem, local), threads, shared, num_warps, steps, loop, drains = (
         gpu_report._triton_one(index))
     assert 0 < regs <= 255 and stack == 0 and local == 0
     assert threads == 32 * num_warps == 32 * found[index].options["num_warps"]
     assert steps is None  # no tensor-core K loop in an elementwise kernel
+    assert not drains
+
+
+@pytest.mark.triton_aot
+@pytest.mark.skipif(_NO_TRITON, reason="needs triton, without TRITON_INTERPRET")
+@pytest.mark.parametrize("in_list, in_scale", [(False, False), (True, False), (False, True)])
+def test_triton_conv_pipeline_does_not_drain(in_list, in_scale):
+    """The masked convolution's float32 (TF32) reduction keeps copies in flight across steps
+    in every input-channel kind: listed channels and soft-mask scales loaded in the step would
+    make the pipeline wait for every copy each trip."""
+    from pyprune.triton_kernels import aot
+
+    found, _ = aot.variants()
+    index = next(i for i, v in enumerate(found)
+                 if v.kernel.__name__ == "_masked_conv2d_forward_kernel"
+                 and v.signature["x_ptr"] == "*fp32" and v.constexprs["PRECISION"] == "tf32"
+                 and (v.constexprs["BLOCK_P"], v.constexprs["BLOCK_CO"]) == (64, 32)
+                 and v.constexprs["IN_LIST"] == in_list and v.constexprs["IN_SCALE"] == in_scale
+                 and not v.constexprs["SPARSE"])
+    *_, steps, _, drains = gpu_report._triton_one(index)
+    assert steps is not None and not drains
 
 
 def test_cuda_spills_on_sm_80_are_problems(monkeypatch):
@@ -312,6 +333,26 @@ def test_step_instructions():
     assert gpu_report.step_instructions(body, trips=2) == 13
     no_mma = [(a, i.replace("HMMA.1684.F32.TF32", "FFMA")) for a, i in body]
     assert gpu_report.step_instructions(no_mma) is None
+
+
+def test_pipeline_drains():
+    """A loop of asynchronous copies that waits for all of them each trip drains; one that
+    leaves copies in flight (DEPBAR.LE SB0, 0x1) does not, nor does a full wait in an outer
+    loop around such a loop (a chunk's drain), nor one in a loop without copies."""
+    def body(*lines):
+        return [(16 * i, ins) for i, ins in enumerate(lines)]
+
+    copy = "LDGSTS.E [R1], desc[UR4][R2.64]"
+    drained = body("NOP", copy, "LDGDEPBAR", "DEPBAR.LE SB0, 0x0", "HGMMA", "@P0 BRA 0x10",
+                   "EXIT")
+    assert gpu_report.pipeline_drains(drained)
+    in_flight = [(a, i.replace("0x0", "0x1")) for a, i in drained]
+    assert not gpu_report.pipeline_drains(in_flight)
+    outer = body("NOP", "NOP", copy, "DEPBAR.LE SB0, 0x1", "HGMMA", "@P0 BRA 0x20",
+                 "DEPBAR.LE SB0, 0x0", "@P1 BRA 0x10", "EXIT")
+    assert not gpu_report.pipeline_drains(outer)
+    no_copy = [(a, i.replace("LDGSTS.E [R1],", "LDG.E R1,")) for a, i in drained]
+    assert not gpu_report.pipeline_drains(no_copy)
 
 
 def test_loop_instructions():

@@ -206,10 +206,11 @@ def _tiles(j, kh, kw, c0, live, listed, chunks, blk_list, every, x_rows, oh, ow,
     BLOCK_CI input channels) at one tap and the weight tile (BLOCK_CI, output channels) there.
     Dense, step j is chunk j % chunks of the kept input channels at tap j // chunks, (kh, kw,
     c0) as the caller's counters hold it (HOISTED: listed holds the chunk's listed channels;
-    IN_LIST otherwise: the step loads them); SPARSE, entry j of the block list (entry j itself
-    for a sample that runs every tile), its tap and chunk found by division."""
-    if SPARSE:
-        e = tl.where(every, j, tl.load(blk_list + j))
+    IN_LIST otherwise: the step loads them); SPARSE, entry j of the caller's group of block-list
+    entries in listed (the entries' own indices for a sample that runs every tile), its tap and
+    chunk found by division."""
+    if SPARSE:  # entry j of the caller's group of block-list entries, held in `listed`
+        e = tl.sum(tl.where(tl.arange(0, BLOCK_CI) == j, listed, 0))
         tap = e // chunks
         c0 = (e - tap * chunks) * BLOCK_CI
         kh = tap // KW
@@ -412,6 +413,21 @@ def _masked_conv2d_forward_kernel(
                               x_sw, w_so, w_si, w_sh, w_sw, BLOCK_CI, SPARSE, IN_LIST, IN_SCALE,
                               HOISTED, True, PREFETCH, UPCAST, PRECISION, FOR_LOOP)
                 c0 += BLOCK_CI
+        elif SPARSE:
+            # The block list a group of BLOCK_CI entries at a time, loaded before a loop over
+            # them that the compiler pipelines (for the same reason).
+            j0 = 0
+            while j0 < steps:
+                entries = j0 + tl.arange(0, BLOCK_CI)
+                listed = tl.where(every, entries,
+                                  tl.load(blk_list + entries, mask=entries < steps, other=0))
+                acc = _reduce(acc, tl.minimum(steps - j0, BLOCK_CI), tl.full([], 0, tl.int32),
+                              listed, chunks, blk_list, every, x_rows, oh, ow, p_ok, H, W, KW,
+                              stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, in_list, in_kept,
+                              scale_row, w_ptr, wm_ptr, co, co_ok, x_sc, x_sh, x_sw, w_so, w_si,
+                              w_sh, w_sw, BLOCK_CI, SPARSE, IN_LIST, IN_SCALE, HOISTED, False,
+                              PREFETCH, UPCAST, PRECISION, FOR_LOOP)
+                j0 += BLOCK_CI
         else:
             acc = _reduce(acc, steps, tl.full([], 0, tl.int32), tl.arange(0, BLOCK_CI), chunks,
                           blk_list, every, x_rows, oh, ow, p_ok, H, W, KW, stride_h, stride_w,
