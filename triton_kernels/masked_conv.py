@@ -259,6 +259,36 @@ def _advance(kh, kw, c0, in_kept, KW, BLOCK_CI: tl.constexpr, TAPS: tl.constexpr
 
 
 @triton.jit
+def _step(acc, j, steps, kh, kw, c0, xt, wt, listed, chunks, blk_list, every, x_rows, oh, ow, p_ok,
+          H, W, KW, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, in_list, in_kept, scale_row,
+          w_ptr, wm_ptr, co, co_ok, x_sc, x_sh, x_sw, w_so, w_si, w_sh, w_sw,
+          BLOCK_CI: tl.constexpr, SPARSE: tl.constexpr, IN_LIST: tl.constexpr,
+          IN_SCALE: tl.constexpr, HOISTED: tl.constexpr, TAPS: tl.constexpr,
+          PREFETCH: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """One trip of _reduce's loop, step j: (acc, kh, kw, c0, xt, wt) after it. With PREFETCH,
+    xt and wt hold step j's tiles (loaded the trip before) and the trip loads step j + 1's;
+    else they are placeholders and the trip loads its own."""
+    if PREFETCH:
+        kh, kw, c0 = _advance(kh, kw, c0, in_kept, KW, BLOCK_CI, TAPS)
+        xn, wn = _tiles(j + 1, kh, kw, c0, j + 1 < steps, listed, chunks, blk_list, every, x_rows,
+                        oh, ow, p_ok, H, W, KW, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+                        in_list, in_kept, scale_row, w_ptr, wm_ptr, co, co_ok, x_sc, x_sh, x_sw,
+                        w_so, w_si, w_sh, w_sw, BLOCK_CI, SPARSE, IN_LIST, IN_SCALE, HOISTED)
+        acc = _tile_dot(acc, xt, wt, UPCAST, PRECISION)
+        xt = xn
+        wt = wn
+    else:
+        xs, ws = _tiles(j, kh, kw, c0, True, listed, chunks, blk_list, every, x_rows, oh, ow, p_ok,
+                        H, W, KW, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, in_list, in_kept,
+                        scale_row, w_ptr, wm_ptr, co, co_ok, x_sc, x_sh, x_sw, w_so, w_si, w_sh,
+                        w_sw, BLOCK_CI, SPARSE, IN_LIST, IN_SCALE, HOISTED)
+        acc = _tile_dot(acc, xs, ws, UPCAST, PRECISION)
+        if not SPARSE:
+            kh, kw, c0 = _advance(kh, kw, c0, in_kept, KW, BLOCK_CI, TAPS)
+    return acc, kh, kw, c0, xt, wt
+
+
+@triton.jit
 def _reduce(acc, steps, c0, listed, chunks, blk_list, every, x_rows, oh, ow, p_ok, H, W, KW,
             stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, in_list, in_kept, scale_row, w_ptr,
             wm_ptr, co, co_ok, x_sc, x_sh, x_sw, w_so, w_si, w_sh, w_sw, BLOCK_CI: tl.constexpr,
@@ -279,49 +309,24 @@ def _reduce(acc, steps, c0, listed, chunks, blk_list, every, x_rows, oh, ow, p_o
                         p_ok, H, W, KW, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, in_list,
                         in_kept, scale_row, w_ptr, wm_ptr, co, co_ok, x_sc, x_sh, x_sw, w_so, w_si,
                         w_sh, w_sw, BLOCK_CI, SPARSE, IN_LIST, IN_SCALE, HOISTED)
-    j = 0
+    else:  # placeholders (_step passes them on unchanged)
+        xt = tl.zeros([1], dtype=tl.float32)
+        wt = tl.zeros([1], dtype=tl.float32)
     if FOR_LOOP:  # a `for` loop on the GPU, software-pipelined by the compiler
         for j in range(0, steps):
-            if PREFETCH:
-                kh, kw, c0 = _advance(kh, kw, c0, in_kept, KW, BLOCK_CI, TAPS)
-                xn, wn = _tiles(j + 1, kh, kw, c0, j + 1 < steps, listed, chunks, blk_list, every,
-                                x_rows, oh, ow, p_ok, H, W, KW, stride_h, stride_w, pad_h, pad_w,
-                                dil_h, dil_w, in_list, in_kept, scale_row, w_ptr, wm_ptr, co,
-                                co_ok, x_sc, x_sh, x_sw, w_so, w_si, w_sh, w_sw, BLOCK_CI, SPARSE,
-                                IN_LIST, IN_SCALE, HOISTED)
-                acc = _tile_dot(acc, xt, wt, UPCAST, PRECISION)
-                xt = xn
-                wt = wn
-            else:
-                xt, wt = _tiles(j, kh, kw, c0, True, listed, chunks, blk_list, every, x_rows, oh,
-                                ow, p_ok, H, W, KW, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-                                in_list, in_kept, scale_row, w_ptr, wm_ptr, co, co_ok, x_sc, x_sh,
-                                x_sw, w_so, w_si, w_sh, w_sw, BLOCK_CI, SPARSE, IN_LIST, IN_SCALE,
-                                HOISTED)
-                acc = _tile_dot(acc, xt, wt, UPCAST, PRECISION)
-                if not SPARSE:
-                    kh, kw, c0 = _advance(kh, kw, c0, in_kept, KW, BLOCK_CI, TAPS)
+            acc, kh, kw, c0, xt, wt = _step(acc, j, steps, kh, kw, c0, xt, wt, listed, chunks,
+                blk_list, every, x_rows, oh, ow, p_ok, H, W, KW, stride_h, stride_w, pad_h, pad_w,
+                dil_h, dil_w, in_list, in_kept, scale_row, w_ptr, wm_ptr, co, co_ok, x_sc, x_sh,
+                x_sw, w_so, w_si, w_sh, w_sw, BLOCK_CI, SPARSE, IN_LIST, IN_SCALE, HOISTED, TAPS,
+                PREFETCH, UPCAST, PRECISION)
     else:  # the interpreter: a `while` loop (see the module docstring)
+        j = 0
         while j < steps:
-            if PREFETCH:
-                kh, kw, c0 = _advance(kh, kw, c0, in_kept, KW, BLOCK_CI, TAPS)
-                xn, wn = _tiles(j + 1, kh, kw, c0, j + 1 < steps, listed, chunks, blk_list, every,
-                                x_rows, oh, ow, p_ok, H, W, KW, stride_h, stride_w, pad_h, pad_w,
-                                dil_h, dil_w, in_list, in_kept, scale_row, w_ptr, wm_ptr, co,
-                                co_ok, x_sc, x_sh, x_sw, w_so, w_si, w_sh, w_sw, BLOCK_CI, SPARSE,
-                                IN_LIST, IN_SCALE, HOISTED)
-                acc = _tile_dot(acc, xt, wt, UPCAST, PRECISION)
-                xt = xn
-                wt = wn
-            else:
-                xt, wt = _tiles(j, kh, kw, c0, True, listed, chunks, blk_list, every, x_rows, oh,
-                                ow, p_ok, H, W, KW, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-                                in_list, in_kept, scale_row, w_ptr, wm_ptr, co, co_ok, x_sc, x_sh,
-                                x_sw, w_so, w_si, w_sh, w_sw, BLOCK_CI, SPARSE, IN_LIST, IN_SCALE,
-                                HOISTED)
-                acc = _tile_dot(acc, xt, wt, UPCAST, PRECISION)
-                if not SPARSE:
-                    kh, kw, c0 = _advance(kh, kw, c0, in_kept, KW, BLOCK_CI, TAPS)
+            acc, kh, kw, c0, xt, wt = _step(acc, j, steps, kh, kw, c0, xt, wt, listed, chunks,
+                blk_list, every, x_rows, oh, ow, p_ok, H, W, KW, stride_h, stride_w, pad_h, pad_w,
+                dil_h, dil_w, in_list, in_kept, scale_row, w_ptr, wm_ptr, co, co_ok, x_sc, x_sh,
+                x_sw, w_so, w_si, w_sh, w_sw, BLOCK_CI, SPARSE, IN_LIST, IN_SCALE, HOISTED, TAPS,
+                PREFETCH, UPCAST, PRECISION)
             j += 1
     return acc
 
