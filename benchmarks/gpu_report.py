@@ -410,6 +410,11 @@ def _loops(body: list) -> list[tuple[int, int]]:
     return loops
 
 
+def _holds(body: list, loop: tuple[int, int], *ops: str) -> bool:
+    """Whether the loop (first, last) of a SASS body holds an instruction naming one of ops."""
+    return any(any(op in ins for op in ops) for _, ins in body[loop[0]:loop[1] + 1])
+
+
 def step_instructions(body: list, trips: int = 1) -> int | None:
     """Lane instructions a thread of one step of a GEMM's K loop in SASS: the innermost loop
     (a backward branch) that holds both a global load (LDG / LDGSTS) and a tensor-core
@@ -417,15 +422,11 @@ def step_instructions(body: list, trips: int = 1) -> int | None:
     instructions (a step whose mma runs as an inner loop of `trips` iterations); None without
     such a loop."""
     loops = sorted(_loops(body), key=lambda loop: loop[1] - loop[0])
-
-    def has(loop, *ops):
-        return any(any(op in ins for op in ops) for _, ins in body[loop[0]:loop[1] + 1])
-
-    mma = ("MMA",)
-    step = next((l for l in loops if has(l, *mma) and has(l, "LDG")), None)
+    step = next((l for l in loops if _holds(body, l, "MMA") and _holds(body, l, "LDG")), None)
     if step is None:
         return None
-    inner = next(l for l in loops if has(l, *mma) and step[0] <= l[0] and l[1] <= step[1])
+    inner = next(l for l in loops
+                 if _holds(body, l, "MMA") and step[0] <= l[0] and l[1] <= step[1])
     return (step[1] - step[0] + 1) + (trips - 1) * (inner[1] - inner[0] + 1)
 
 
@@ -434,13 +435,10 @@ def pipeline_drains(body: list) -> bool:
     (LDGSTS) waits in each trip for every copy in flight (DEPBAR.LE SB0, 0x0): its pipeline
     then drains every trip, and no later step's loads overlap this one's work (a load address
     that depends on another load of the same step does this to Triton's pipeliner)."""
-    def has(loop, text):
-        return any(text in ins for _, ins in body[loop[0]:loop[1] + 1])
-
-    copying = [loop for loop in _loops(body) if has(loop, "LDGSTS")]
+    copying = [loop for loop in _loops(body) if _holds(body, loop, "LDGSTS")]
     innermost = [a for a in copying
                  if not any(b != a and a[0] <= b[0] and b[1] <= a[1] for b in copying)]
-    return any(has(loop, "DEPBAR.LE SB0, 0x0") for loop in innermost)
+    return any(_holds(body, loop, "DEPBAR.LE SB0, 0x0") for loop in innermost)
 
 
 def loop_instructions(body: list) -> tuple[int, int] | None:

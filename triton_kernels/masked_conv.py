@@ -176,32 +176,28 @@ def _channels(order, slots, ok, listed):
 
 
 @triton.jit
-def _next_step(kh, kw, c0, in_kept, KW, BLOCK_CI: tl.constexpr):
-    """The dense reduction's next (kh, kw, c0): the next chunk of the kept input channels, then
-    the next tap."""
-    c0 += BLOCK_CI
-    wrap = c0 >= in_kept
-    c0 = tl.where(wrap, 0, c0)
-    kw = tl.where(wrap, kw + 1, kw)
-    wrap_w = kw >= KW
-    kw = tl.where(wrap_w, 0, kw)
-    kh = tl.where(wrap_w, kh + 1, kh)
-    return kh, kw, c0
-
-
-@triton.jit
 def _next_tap(kh, kw, KW):
+    """The next tap's (kh, kw)."""
     kw += 1
     wrap = kw >= KW
     return tl.where(wrap, kh + 1, kh), tl.where(wrap, 0, kw)
 
 
 @triton.jit
-def _tiles(j, kh, kw, c0, live, listed, chunks, blk_list, every, x_rows, oh, ow, p_ok, H, W, KW,
-           stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, in_list, in_kept, scale_row, w_ptr,
-           wm_ptr, co, co_ok, x_sc, x_sh, x_sw, w_so, w_si, w_sh, w_sw, BLOCK_CI: tl.constexpr,
-           SPARSE: tl.constexpr, IN_LIST: tl.constexpr, IN_SCALE: tl.constexpr,
-           HOISTED: tl.constexpr):
+def _next_step(kh, kw, c0, in_kept, KW, BLOCK_CI: tl.constexpr):
+    """The dense reduction's next (kh, kw, c0): the next chunk of the kept input channels, then
+    the next tap."""
+    c0 += BLOCK_CI
+    wrap = c0 >= in_kept
+    tap_h, tap_w = _next_tap(kh, kw, KW)
+    return tl.where(wrap, tap_h, kh), tl.where(wrap, tap_w, kw), tl.where(wrap, 0, c0)
+
+
+@triton.jit
+def _tiles(j, kh, kw, c0, live, listed, chunks, x_rows, oh, ow, p_ok, H, W, KW, stride_h, stride_w,
+           pad_h, pad_w, dil_h, dil_w, in_list, in_kept, scale_row, w_ptr, wm_ptr, co, co_ok, x_sc,
+           x_sh, x_sw, w_so, w_si, w_sh, w_sw, BLOCK_CI: tl.constexpr, SPARSE: tl.constexpr,
+           IN_LIST: tl.constexpr, IN_SCALE: tl.constexpr, HOISTED: tl.constexpr):
     """The tiles of step j of the reduction (zeros where live is false): the x tile (pixels,
     BLOCK_CI input channels) at one tap and the weight tile (BLOCK_CI, output channels) there.
     Dense, step j is chunk j % chunks of the kept input channels at tap j // chunks, (kh, kw,
@@ -209,7 +205,7 @@ def _tiles(j, kh, kw, c0, live, listed, chunks, blk_list, every, x_rows, oh, ow,
     IN_LIST otherwise: the step loads them); SPARSE, entry j of the caller's group of block-list
     entries in listed (the entries' own indices for a sample that runs every tile), its tap and
     chunk found by division."""
-    if SPARSE:  # entry j of the caller's group of block-list entries, held in `listed`
+    if SPARSE:
         e = tl.sum(tl.where(tl.arange(0, BLOCK_CI) == j, listed, 0))
         tap = e // chunks
         c0 = (e - tap * chunks) * BLOCK_CI
@@ -259,27 +255,27 @@ def _advance(kh, kw, c0, in_kept, KW, BLOCK_CI: tl.constexpr, TAPS: tl.constexpr
 
 
 @triton.jit
-def _step(acc, j, steps, kh, kw, c0, xt, wt, listed, chunks, blk_list, every, x_rows, oh, ow, p_ok,
-          H, W, KW, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, in_list, in_kept, scale_row,
-          w_ptr, wm_ptr, co, co_ok, x_sc, x_sh, x_sw, w_so, w_si, w_sh, w_sw,
-          BLOCK_CI: tl.constexpr, SPARSE: tl.constexpr, IN_LIST: tl.constexpr,
-          IN_SCALE: tl.constexpr, HOISTED: tl.constexpr, TAPS: tl.constexpr,
-          PREFETCH: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+def _step(acc, j, steps, kh, kw, c0, xt, wt, listed, chunks, x_rows, oh, ow, p_ok, H, W, KW,
+          stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, in_list, in_kept, scale_row, w_ptr,
+          wm_ptr, co, co_ok, x_sc, x_sh, x_sw, w_so, w_si, w_sh, w_sw, BLOCK_CI: tl.constexpr,
+          SPARSE: tl.constexpr, IN_LIST: tl.constexpr, IN_SCALE: tl.constexpr,
+          HOISTED: tl.constexpr, TAPS: tl.constexpr, PREFETCH: tl.constexpr, UPCAST: tl.constexpr,
+          PRECISION: tl.constexpr):
     """One trip of _reduce's loop, step j: (acc, kh, kw, c0, xt, wt) after it. With PREFETCH,
     xt and wt hold step j's tiles (loaded the trip before) and the trip loads step j + 1's;
     else they are placeholders and the trip loads its own."""
     if PREFETCH:
         kh, kw, c0 = _advance(kh, kw, c0, in_kept, KW, BLOCK_CI, TAPS)
-        xn, wn = _tiles(j + 1, kh, kw, c0, j + 1 < steps, listed, chunks, blk_list, every, x_rows,
-                        oh, ow, p_ok, H, W, KW, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-                        in_list, in_kept, scale_row, w_ptr, wm_ptr, co, co_ok, x_sc, x_sh, x_sw,
-                        w_so, w_si, w_sh, w_sw, BLOCK_CI, SPARSE, IN_LIST, IN_SCALE, HOISTED)
+        xn, wn = _tiles(j + 1, kh, kw, c0, j + 1 < steps, listed, chunks, x_rows, oh, ow, p_ok, H,
+                        W, KW, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, in_list, in_kept,
+                        scale_row, w_ptr, wm_ptr, co, co_ok, x_sc, x_sh, x_sw, w_so, w_si, w_sh,
+                        w_sw, BLOCK_CI, SPARSE, IN_LIST, IN_SCALE, HOISTED)
         acc = _tile_dot(acc, xt, wt, UPCAST, PRECISION)
         xt = xn
         wt = wn
     else:
-        xs, ws = _tiles(j, kh, kw, c0, True, listed, chunks, blk_list, every, x_rows, oh, ow, p_ok,
-                        H, W, KW, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, in_list, in_kept,
+        xs, ws = _tiles(j, kh, kw, c0, True, listed, chunks, x_rows, oh, ow, p_ok, H, W, KW,
+                        stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, in_list, in_kept,
                         scale_row, w_ptr, wm_ptr, co, co_ok, x_sc, x_sh, x_sw, w_so, w_si, w_sh,
                         w_sw, BLOCK_CI, SPARSE, IN_LIST, IN_SCALE, HOISTED)
         acc = _tile_dot(acc, xs, ws, UPCAST, PRECISION)
@@ -289,12 +285,12 @@ def _step(acc, j, steps, kh, kw, c0, xt, wt, listed, chunks, blk_list, every, x_
 
 
 @triton.jit
-def _reduce(acc, steps, c0, listed, chunks, blk_list, every, x_rows, oh, ow, p_ok, H, W, KW,
-            stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, in_list, in_kept, scale_row, w_ptr,
-            wm_ptr, co, co_ok, x_sc, x_sh, x_sw, w_so, w_si, w_sh, w_sw, BLOCK_CI: tl.constexpr,
-            SPARSE: tl.constexpr, IN_LIST: tl.constexpr, IN_SCALE: tl.constexpr,
-            HOISTED: tl.constexpr, TAPS: tl.constexpr, PREFETCH: tl.constexpr,
-            UPCAST: tl.constexpr, PRECISION: tl.constexpr, FOR_LOOP: tl.constexpr):
+def _reduce(acc, steps, c0, listed, chunks, x_rows, oh, ow, p_ok, H, W, KW, stride_h, stride_w,
+            pad_h, pad_w, dil_h, dil_w, in_list, in_kept, scale_row, w_ptr, wm_ptr, co, co_ok,
+            x_sc, x_sh, x_sw, w_so, w_si, w_sh, w_sw, BLOCK_CI: tl.constexpr, SPARSE: tl.constexpr,
+            IN_LIST: tl.constexpr, IN_SCALE: tl.constexpr, HOISTED: tl.constexpr,
+            TAPS: tl.constexpr, PREFETCH: tl.constexpr, UPCAST: tl.constexpr,
+            PRECISION: tl.constexpr, FOR_LOOP: tl.constexpr):
     """acc plus `steps` steps of the reduction from tap 0 and chunk c0 (TAPS: the taps of one
     chunk; else the kept chunks fastest, then the taps, or the block list's entries). Dense
     steps advance counters (no integer division in the loop). The loads of 4-byte types go to
@@ -305,28 +301,30 @@ def _reduce(acc, steps, c0, listed, chunks, blk_list, every, x_rows, oh, ow, p_o
     kh = 0
     kw = 0
     if PREFETCH:
-        xt, wt = _tiles(0, kh, kw, c0, steps > 0, listed, chunks, blk_list, every, x_rows, oh, ow,
-                        p_ok, H, W, KW, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, in_list,
-                        in_kept, scale_row, w_ptr, wm_ptr, co, co_ok, x_sc, x_sh, x_sw, w_so, w_si,
-                        w_sh, w_sw, BLOCK_CI, SPARSE, IN_LIST, IN_SCALE, HOISTED)
+        xt, wt = _tiles(0, kh, kw, c0, steps > 0, listed, chunks, x_rows, oh, ow, p_ok, H, W, KW,
+                        stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, in_list, in_kept,
+                        scale_row, w_ptr, wm_ptr, co, co_ok, x_sc, x_sh, x_sw, w_so, w_si, w_sh,
+                        w_sw, BLOCK_CI, SPARSE, IN_LIST, IN_SCALE, HOISTED)
     else:  # placeholders (_step passes them on unchanged)
         xt = tl.zeros([1], dtype=tl.float32)
         wt = tl.zeros([1], dtype=tl.float32)
     if FOR_LOOP:  # a `for` loop on the GPU, software-pipelined by the compiler
         for j in range(0, steps):
             acc, kh, kw, c0, xt, wt = _step(acc, j, steps, kh, kw, c0, xt, wt, listed, chunks,
-                blk_list, every, x_rows, oh, ow, p_ok, H, W, KW, stride_h, stride_w, pad_h, pad_w,
-                dil_h, dil_w, in_list, in_kept, scale_row, w_ptr, wm_ptr, co, co_ok, x_sc, x_sh,
-                x_sw, w_so, w_si, w_sh, w_sw, BLOCK_CI, SPARSE, IN_LIST, IN_SCALE, HOISTED, TAPS,
-                PREFETCH, UPCAST, PRECISION)
+                                            x_rows, oh, ow, p_ok, H, W, KW, stride_h, stride_w,
+                                            pad_h, pad_w, dil_h, dil_w, in_list, in_kept,
+                                            scale_row, w_ptr, wm_ptr, co, co_ok, x_sc, x_sh, x_sw,
+                                            w_so, w_si, w_sh, w_sw, BLOCK_CI, SPARSE, IN_LIST,
+                                            IN_SCALE, HOISTED, TAPS, PREFETCH, UPCAST, PRECISION)
     else:  # the interpreter: a `while` loop (see the module docstring)
         j = 0
         while j < steps:
             acc, kh, kw, c0, xt, wt = _step(acc, j, steps, kh, kw, c0, xt, wt, listed, chunks,
-                blk_list, every, x_rows, oh, ow, p_ok, H, W, KW, stride_h, stride_w, pad_h, pad_w,
-                dil_h, dil_w, in_list, in_kept, scale_row, w_ptr, wm_ptr, co, co_ok, x_sc, x_sh,
-                x_sw, w_so, w_si, w_sh, w_sw, BLOCK_CI, SPARSE, IN_LIST, IN_SCALE, HOISTED, TAPS,
-                PREFETCH, UPCAST, PRECISION)
+                                            x_rows, oh, ow, p_ok, H, W, KW, stride_h, stride_w,
+                                            pad_h, pad_w, dil_h, dil_w, in_list, in_kept,
+                                            scale_row, w_ptr, wm_ptr, co, co_ok, x_sc, x_sh, x_sw,
+                                            w_so, w_si, w_sh, w_sw, BLOCK_CI, SPARSE, IN_LIST,
+                                            IN_SCALE, HOISTED, TAPS, PREFETCH, UPCAST, PRECISION)
             j += 1
     return acc
 
@@ -392,53 +390,48 @@ def _masked_conv2d_forward_kernel(
         in_kept = _kept_count(in_mask_ptr + in_row * C_in, C_in, IN_LIST, 256)
         in_list = in_idx_ptr + in_row * C_in
         chunks = tl.cdiv(in_kept, BLOCK_CI)
-        blk_list = blk_idx_ptr + co_b * tap_blocks
-        if SPARSE:
-            # Only the listed (tap, input-channel block) pairs of this block of output
-            # channels, all of them where a sample of the tile may hold inf or NaN.
-            every = tl.min(tl.load(finite_ptr + rows, mask=p_ok, other=1), 0) == 0
-            steps = tl.where(every, tap_blocks, tl.load(blk_cnt_ptr + co_b))
-        else:
-            every = False
-            steps = KH * KW * chunks
         x_rows = x_ptr + rows.to(tl.int64) * x_sn
         scale_row = in_scale_ptr + n * C_in
-        if HOISTED:
-            # Listed input channels: each chunk's channels loaded once, then its KH * KW taps
-            # in an inner loop that the compiler pipelines. (Loaded in the step, the channels
-            # would make every tile's addresses wait on a load of the same step: the pipeline
-            # would drain at each of its loads.)
-            c0 = 0
-            while c0 < in_kept:
-                cs = c0 + tl.arange(0, BLOCK_CI)
-                listed = tl.load(in_list + cs, mask=cs < in_kept, other=0).to(tl.int32)
-                acc = _reduce(acc, KH * KW, c0, listed, chunks, blk_list, every, x_rows, oh, ow,
-                              p_ok, H, W, KW, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-                              in_list, in_kept, scale_row, w_ptr, wm_ptr, co, co_ok, x_sc, x_sh,
-                              x_sw, w_so, w_si, w_sh, w_sw, BLOCK_CI, SPARSE, IN_LIST, IN_SCALE,
-                              HOISTED, True, PREFETCH, UPCAST, PRECISION, FOR_LOOP)
-                c0 += BLOCK_CI
-        elif SPARSE:
-            # The block list a group of BLOCK_CI entries at a time, loaded before a loop over
-            # them that the compiler pipelines (for the same reason).
+        if SPARSE:
+            # Only the listed (tap, input-channel block) pairs of this block of output
+            # channels, all of them where a sample of the tile may hold inf or NaN; the list a
+            # group of BLOCK_CI entries at a time, loaded before a loop over them that the
+            # compiler pipelines (loaded in the step, an entry would make the tiles' addresses
+            # wait on a load of the same step: the pipeline would drain at each of its loads).
+            blk_list = blk_idx_ptr + co_b * tap_blocks
+            every = tl.min(tl.load(finite_ptr + rows, mask=p_ok, other=1), 0) == 0
+            steps = tl.where(every, tap_blocks, tl.load(blk_cnt_ptr + co_b))
             j0 = 0
             while j0 < steps:
                 entries = j0 + tl.arange(0, BLOCK_CI)
                 listed = tl.where(every, entries,
                                   tl.load(blk_list + entries, mask=entries < steps, other=0))
                 acc = _reduce(acc, tl.minimum(steps - j0, BLOCK_CI), tl.full([], 0, tl.int32),
-                              listed, chunks, blk_list, every, x_rows, oh, ow, p_ok, H, W, KW,
+                              listed, chunks, x_rows, oh, ow, p_ok, H, W, KW, stride_h, stride_w,
+                              pad_h, pad_w, dil_h, dil_w, in_list, in_kept, scale_row, w_ptr,
+                              wm_ptr, co, co_ok, x_sc, x_sh, x_sw, w_so, w_si, w_sh, w_sw,
+                              BLOCK_CI, SPARSE, IN_LIST, IN_SCALE, HOISTED, False, PREFETCH,
+                              UPCAST, PRECISION, FOR_LOOP)
+                j0 += BLOCK_CI
+        elif HOISTED:
+            # Listed input channels: each chunk's channels loaded once, then its KH * KW taps
+            # in an inner loop that the compiler pipelines (for the same reason).
+            c0 = 0
+            while c0 < in_kept:
+                cs = c0 + tl.arange(0, BLOCK_CI)
+                listed = tl.load(in_list + cs, mask=cs < in_kept, other=0).to(tl.int32)
+                acc = _reduce(acc, KH * KW, c0, listed, chunks, x_rows, oh, ow, p_ok, H, W, KW,
                               stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, in_list, in_kept,
                               scale_row, w_ptr, wm_ptr, co, co_ok, x_sc, x_sh, x_sw, w_so, w_si,
-                              w_sh, w_sw, BLOCK_CI, SPARSE, IN_LIST, IN_SCALE, HOISTED, False,
+                              w_sh, w_sw, BLOCK_CI, SPARSE, IN_LIST, IN_SCALE, HOISTED, True,
                               PREFETCH, UPCAST, PRECISION, FOR_LOOP)
-                j0 += BLOCK_CI
+                c0 += BLOCK_CI
         else:
-            acc = _reduce(acc, steps, tl.full([], 0, tl.int32), tl.arange(0, BLOCK_CI), chunks,
-                          blk_list, every, x_rows, oh, ow, p_ok, H, W, KW, stride_h, stride_w,
-                          pad_h, pad_w, dil_h, dil_w, in_list, in_kept, scale_row, w_ptr, wm_ptr,
-                          co, co_ok, x_sc, x_sh, x_sw, w_so, w_si, w_sh, w_sw, BLOCK_CI, SPARSE,
-                          IN_LIST, IN_SCALE, HOISTED, False, PREFETCH, UPCAST, PRECISION, FOR_LOOP)
+            acc = _reduce(acc, KH * KW * chunks, tl.full([], 0, tl.int32), tl.arange(0, BLOCK_CI),
+                          chunks, x_rows, oh, ow, p_ok, H, W, KW, stride_h, stride_w, pad_h, pad_w,
+                          dil_h, dil_w, in_list, in_kept, scale_row, w_ptr, wm_ptr, co, co_ok,
+                          x_sc, x_sh, x_sw, w_so, w_si, w_sh, w_sw, BLOCK_CI, SPARSE, IN_LIST,
+                          IN_SCALE, HOISTED, False, PREFETCH, UPCAST, PRECISION, FOR_LOOP)
         bias = tl.load(b_ptr + co, mask=co_ok & (has_bias != 0), other=0.0).to(tl.float32)
         acc = tl.where(co_ok[None, :], acc + bias[None, :], 0.0)
 
