@@ -29,7 +29,7 @@ Exits 1 when a variant has a stack frame or local memory, when its occupancy is 
 ``JUSTIFIED`` does not say why that is fine, when a CUDA kernel has no launch bound or a launch
 site disagrees with it, when a benchmark launches a Triton variant that no AOT list holds, or
 when the roofline's instructions a K-loop step of the convolution kernels (CUDA_TC_STEP_OPS,
-TRITON_CONV_STEP_OPS in benchmarks/roofline.py) differ from their SASS by more than
+TRITON_CONV_STEP_OPS, TRITON_CONV_PACKED_STEP_OPS in benchmarks/roofline.py) differ from their SASS by more than
 STEP_OPS_TOLERANCE (``step_instructions``: the innermost loop holding a global load and a
 tensor-core instruction), or when a Triton variant's innermost loop of asynchronous copies
 waits for all of them each trip (``pipeline_drains``).
@@ -486,14 +486,19 @@ def check_step_ops(cuda_sass: str, triton: list[Variant], found: list) -> list[s
             c = v.constexprs
             precision = "tf32" if row.dtype == "fp32" else "ieee"
             if c["PRECISION"] == precision and not c.get("IN_SCALE"):
-                rows[(bool(c["SPARSE"]), bool(c.get("IN_LIST")), c["BLOCK_P"], c["BLOCK_CO"],
-                      _TRITON_DTYPES.get(row.dtype))] = row
-    for (sparse, listed, block_p, block_co), by_dtype in roofline.TRITON_CONV_STEP_OPS.items():
+                rows[(bool(c["SPARSE"]), bool(c.get("IN_LIST")), bool(c.get("PACKED")),
+                      c["BLOCK_P"], c["BLOCK_CO"], _TRITON_DTYPES.get(row.dtype))] = row
+    tables = [((sparse, listed, False, block_p, block_co), by_dtype)
+              for (sparse, listed, block_p, block_co), by_dtype
+              in roofline.TRITON_CONV_STEP_OPS.items()]
+    tables += [((False, False, True, block_p, block_co), by_dtype)
+               for (block_p, block_co), by_dtype in roofline.TRITON_CONV_PACKED_STEP_OPS.items()]
+    for (sparse, listed, packed, block_p, block_co), by_dtype in tables:
         for dtype, model in by_dtype.items():
-            row = rows.get((sparse, listed, block_p, block_co, dtype))
+            row = rows.get((sparse, listed, packed, block_p, block_co, dtype))
             what = (f"triton _masked_conv2d_forward_kernel {dtype} BLOCK_P={block_p} "
                     f"BLOCK_CO={block_co}{' SPARSE' if sparse else ''}"
-                    f"{' IN_LIST' if listed else ''}")
+                    f"{' IN_LIST' if listed else ''}{' PACKED' if packed else ''}")
             if row is None:
                 problems.append(f"{what}: no such variant in the AOT list")
             else:

@@ -225,9 +225,12 @@ _HOPPER = {
     "triton_fma16_eff": 0.2,
     # Triton's masked conv on tensor cores, as a share of tensor_tflops (H100 SXM data sheet,
     # dense: TF32 ~495, BF16 ~989 TFLOP/s; tensor_tflops is what cuDNN-class kernels sustain):
-    # every x and weight element a gathered 4-byte load (channel lists, padding: no TMA, no
-    # 16-byte vectors), 3 pipeline stages; 64+ pixel tiles on warpgroup MMA, smaller tiles and
-    # the 16-channel weight-mask tiles on narrower MMAs.
+    # unpacked, every x and weight element a gathered 4-byte load (channel lists, padding: no
+    # TMA, no 16-byte vectors), 3 pipeline stages; 64+ pixel tiles on warpgroup MMA, smaller
+    # tiles and the 16-channel weight-mask tiles on narrower MMAs. Packed (16-byte copies, no
+    # masks) the same share is assumed: its out-masked 64 x 32 tiles move about 0.38 bytes of
+    # shared memory a multiply-add (the wgmma operands and the copies in), which caps an SM
+    # near a third of its TF32 rate at 128 bytes a clock; not measured yet.
     "triton_tc_eff": 0.35,
     "triton_tc16_eff": 0.2,
     "l2_gbps": 7000.0,
@@ -540,14 +543,15 @@ def triton_sap_config(length: int, draws: int) -> dict:
 
 
 def triton_conv_config(c_out: int, pixels: int, n: int, out_masked: bool = False,
-                       sparse: bool = False) -> tuple[int, int, int, int]:
+                       sparse: bool = False, packed: bool = False) -> tuple[int, int, int, int]:
     """masked_conv._blocks and _num_warps on sm_90 for n pixel ranges of `pixels` (n samples,
     or one range over the batch where the masks are shared): (BLOCK_P, BLOCK_CO, BLOCK_CI,
     num_warps). Tiles of 16-128 pixels by 16-128 output channels (at most 128 x 64; output
     channels at most 32 under a bool output mask, 16 x 16 channel tiles under a weight mask),
     the smallest covering choice, then halved while fewer than 3/4 of 132 programs are busy (a
     quarter of the output blocks counted under an output mask): pixels down to 64, output
-    channels down to 16, then pixels down to 32 while fewer than 33 are busy."""
+    channels down to 16, then pixels down to 32 while fewer than 33 are busy. Packed launches
+    (on the tensor cores) take the fewest warps that hold 16 accumulators a thread."""
     cap = TRITON_WEIGHT_MASK_BLOCK if sparse else 32 if out_masked else 128
     block_p, block_co = _pick((16, 32, 64, 128), pixels), min(_pick((16, 32, 64, 128), c_out), cap)
     def busy() -> int:
@@ -565,6 +569,9 @@ def triton_conv_config(c_out: int, pixels: int, n: int, out_masked: bool = False
         else:
             break
     block_ci = TRITON_WEIGHT_MASK_BLOCK if sparse else 32
+    if packed:
+        return block_p, block_co, block_ci, next(
+            (w for w in (4, 8, 16) if block_p * block_co <= 32 * w * 16), 16)
     elements = block_p * block_co + block_ci * (block_p + block_co)
     budget = 30 if block_p >= 64 else 16
     warps = next((w for w in (4, 8, 16) if elements <= 32 * w * budget), 16)
@@ -1645,6 +1652,22 @@ TRITON_CONV_STEP_OPS = {
     (False, True, 128, 64): {"float32": 177, "bfloat16": 147, "float16": 147},
     (True, False, 128, 16): {"float32": 231, "bfloat16": 175, "float16": 175},
 }
+# The PACKED path's step (x and the weight laid out by _pack_kernel: unmasked 16-byte copies,
+# no gathers), sm_90 SASS at its own warp counts (triton_conv_config packed), by (BLOCK_P,
+# BLOCK_CO) and element size (float32 under TF32, or the 16-bit type).
+TRITON_CONV_PACKED_STEP_OPS = {
+    (64, 16): {"float32": 76, "bfloat16": 69, "float16": 69},
+    (64, 32): {"float32": 80, "bfloat16": 70, "float16": 70},
+    (64, 64): {"float32": 75, "bfloat16": 68, "float16": 68},
+    (64, 128): {"float32": 76, "bfloat16": 71, "float16": 71},
+    (128, 32): {"float32": 78, "bfloat16": 73, "float16": 73},
+    (128, 64): {"float32": 76, "bfloat16": 73, "float16": 73},
+}
+# _pack_kernel: lane instructions an element of its tiles (128 pixels by 32 channels in 4
+# warps: the float pixel-row quotient, a 4-byte gather, the transpose through shared memory,
+# 16-byte stores; sm_90 SASS, ~750 a thread of 32 elements) and its CTAs an SM (121 registers).
+TRITON_PACK_OPS = 23
+TRITON_PACK_PER_SM = 4
 # Listed input channels: the instructions a thread of a chunk's loop outside its tap loop (the
 # chunk's channel list, the pipeline's prologue and drain), sm_90 SASS of the float32 variants
 # (180-280), and the latency of one refill of the pipeline a chunk.
@@ -1657,28 +1680,50 @@ def _triton_conv(p: Plan, g: _Conv, out_kept: int, in_kept: int, per_sample: boo
     tensor cores (TF32 for float32: cudnn.allow_tf32, PyTorch's default, which the benchmark
     keeps); the output-channel blocks past the kept count store zeros only. Masks shared by
     the batch: pixel tiles over the batch's N * H * W pixels; per-sample masks: a sample's.
-    Issue: each working program runs 9 * ceil(in_kept / BLOCK_CI) steps of
-    TRITON_CONV_STEP_OPS lane instructions a thread; with an input mask (listed channels), a
-    chunk's loop around 9 steps adds TRITON_CONV_CHUNK_OPS and one pipeline refill."""
+    Packed (all but per-sample input masks): _pack_kernel first, then each working program
+    runs 9 * ceil(in_kept / BLOCK_CI) steps of TRITON_CONV_PACKED_STEP_OPS lane instructions a
+    thread over xp. Unpacked: TRITON_CONV_STEP_OPS a step; with an input mask (listed
+    channels), a chunk's loop around 9 steps adds TRITON_CONV_CHUNK_OPS and one pipeline
+    refill."""
     ranges = g.n if per_sample else 1
     span = g.pixels * g.n // ranges
-    block_p, block_co, block_ci, warps = triton_conv_config(g.c, span, ranges, out_mask)
+    packed = not (in_mask and per_sample)
+    block_p, block_co, block_ci, warps = triton_conv_config(g.c, span, ranges, out_mask,
+                                                            packed=packed)
     _triton_channel_lists(p, in_mask and per_sample)
     _triton_channel_lists(p, out_mask and per_sample)
-    p.host("triton")
     co_work = math.ceil(out_kept / block_co) * block_co
     ci_work = math.ceil(in_kept / block_ci) * block_ci
     p_work = math.ceil(span / block_p) * block_p * ranges / g.n  # pixels a sample, padded
     active = ranges * math.ceil(span / block_p) * math.ceil(out_kept / block_co)
     chunks = ci_work // block_ci
-    per_thread = 9 * chunks * TRITON_CONV_STEP_OPS[(False, in_mask, block_p, block_co)][
-        _dtype_name(p.case)]
+    dtype = _dtype_name(p.case)
+    x_read = g.x
     chain = 0.0
-    if in_mask:
-        per_thread += chunks * TRITON_CONV_CHUNK_OPS[(block_p, block_co)]
-        chain = chunks * (p.lat("l2") + 2 * p.lat("barrier"))
+    if packed:
+        # _pack_kernel (one launch inside the launcher): the kept channels of x read once, xp
+        # written (padding 1: (H + 2) x (W + 2) pixels, ci_work channels), the weight's kept
+        # channels likewise; its tiles cover 128 padded pixels of a sample (or of the weight's
+        # (C_out, 9) image) by 32 channels.
+        side = math.isqrt(g.pixels)
+        padded = (side + 2) ** 2
+        x_read = g.n * padded * ci_work * g.esize
+        w_packed = g.c * 9 * ci_work * g.esize
+        lanes = (g.n * math.ceil(padded / 128) + math.ceil(g.c * 9 / 128)) * 128 * ci_work
+        p.host("triton")
+        p.kernel("_pack_kernel", "inner",
+                 hbm=g.x * in_kept / g.c + x_read + g.weight * in_kept / g.c + w_packed,
+                 ops=lanes * TRITON_PACK_OPS, ctas=lanes // (128 * 32),
+                 per_sm=TRITON_PACK_PER_SM, chain_us=p.lat("l2") + p.lat("dram"))
+        per_thread = 9 * chunks * TRITON_CONV_PACKED_STEP_OPS[(block_p, block_co)][dtype]
+    else:
+        per_thread = 9 * chunks * TRITON_CONV_STEP_OPS[(False, in_mask, block_p, block_co)][dtype]
+        if in_mask:
+            per_thread += chunks * TRITON_CONV_CHUNK_OPS[(block_p, block_co)]
+            chain = chunks * (p.lat("l2") + 2 * p.lat("barrier"))
+    p.host("triton")
     p.kernel("_masked_conv2d_forward_kernel (tensor cores)", "inner",
-             hbm=2 * g.x + g.weight, l2=g.x * (math.ceil(co_work / block_co) - 1),
+             hbm=x_read + g.x + g.weight, l2=x_read * (math.ceil(co_work / block_co) - 1),
              flops=g.flops(co_work, ci_work, p_work), tensor=True,
              eff=p.gpu["triton_tc_eff" if block_p >= 64 else "triton_tc16_eff"],
              ops=active * 32 * warps * per_thread, ctas=active, per_sm=16 // warps,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -256,9 +257,38 @@ def test_triton_conv_pipeline_does_not_drain(in_list, in_scale):
                  and v.signature["x_ptr"] == "*fp32" and v.constexprs["PRECISION"] == "tf32"
                  and (v.constexprs["BLOCK_P"], v.constexprs["BLOCK_CO"]) == (64, 32)
                  and v.constexprs["IN_LIST"] == in_list and v.constexprs["IN_SCALE"] == in_scale
-                 and not v.constexprs["SPARSE"])
+                 and not v.constexprs["SPARSE"] and not v.constexprs["PACKED"])
     *_, steps, _, drains = gpu_report._triton_one(index)
     assert steps is not None and not drains
+
+
+@pytest.mark.triton_aot
+@pytest.mark.skipif(_NO_TRITON, reason="needs triton, without TRITON_INTERPRET")
+@pytest.mark.parametrize("dtype", ["*fp32", "*bf16"])
+def test_triton_conv_packed_loop_copies_16_bytes(dtype):
+    """The packed convolution's K loop (x and the weight laid out by _pack_kernel) copies its
+    tiles in 16-byte asynchronous copies only, 16-bit elements included, keeps them in flight
+    across steps, and issues under 100 lane instructions a thread a step (sm_90 SASS): the
+    alignment its strides and pointers promise reaches the compiler."""
+    from pyprune.triton_kernels import aot
+
+    found, _ = aot.variants()
+    index = next(i for i, v in enumerate(found)
+                 if v.kernel.__name__ == "_masked_conv2d_forward_kernel"
+                 and v.signature["x_ptr"] == dtype and v.constexprs["PACKED"]
+                 and v.constexprs["PRECISION"] == ("tf32" if dtype == "*fp32" else "ieee")
+                 and (v.constexprs["BLOCK_P"], v.constexprs["BLOCK_CO"]) == (64, 32))
+    compiled = aot.compile_variant(found[index], gpu_report.ARCH)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        (body,) = gpu_report.sass_functions(
+            gpu_report._run([gpu_report.cuobjdump(), "-sass", path])).values()
+    steps = gpu_report.step_instructions(body)
+    copies = [ins for _, ins in body if "LDGSTS" in ins]
+    assert steps is not None and steps < 100 and not gpu_report.pipeline_drains(body)
+    assert copies and all(".128" in ins for ins in copies)
 
 
 def test_cuda_spills_on_sm_80_are_problems(monkeypatch):
@@ -373,6 +403,7 @@ def test_kwta_pass_counts_that_drift_from_the_roofline_fail(monkeypatch):
 
     monkeypatch.setattr(roofline, "CUDA_TC_STEP_OPS", {})
     monkeypatch.setattr(roofline, "TRITON_CONV_STEP_OPS", {})
+    monkeypatch.setattr(roofline, "TRITON_CONV_PACKED_STEP_OPS", {})
     found = [SimpleNamespace(kernel=SimpleNamespace(__name__="_kwta_forward_kernel"),
                              constexprs={"BLOCK": 1024, "UNIT": unit, "EVEN": False})
              for unit in (True, False)]
@@ -402,19 +433,24 @@ def test_step_ops_that_drift_from_the_roofline_fail(monkeypatch):
     monkeypatch.setattr(roofline, "CUDA_TC_STEP_OPS", {"float32": 13})
     monkeypatch.setattr(roofline, "TRITON_KWTA_COUNT_PASS", {})
     constexprs = {"BLOCK_P": 64, "BLOCK_CO": 32, "SPARSE": False, "PRECISION": "tf32",
-                  "IN_LIST": False, "IN_SCALE": False}
+                  "IN_LIST": False, "IN_SCALE": False, "PACKED": False}
     found = [SimpleNamespace(kernel=SimpleNamespace(__name__="_masked_conv2d_forward_kernel"),
-                             constexprs=constexprs)]
-    row = Variant("triton", "masked_conv._masked_conv2d_forward_kernel", "fp32", "", 256, 100,
-                  0, 0, 0, 0, step_ops=489)
+                             constexprs=constexprs),
+             SimpleNamespace(kernel=SimpleNamespace(__name__="_masked_conv2d_forward_kernel"),
+                             constexprs={**constexprs, "PACKED": True})]
+    rows = [Variant("triton", "masked_conv._masked_conv2d_forward_kernel", "fp32", "", 256, 100,
+                    0, 0, 0, 0, step_ops=ops) for ops in (489, 80)]
     monkeypatch.setattr(roofline, "TRITON_CONV_STEP_OPS", {(False, False, 64, 32): {"float32": 500}})
-    assert gpu_report.check_step_ops(SASS, [row], found) == []
+    monkeypatch.setattr(roofline, "TRITON_CONV_PACKED_STEP_OPS", {(64, 32): {"float32": 82}})
+    assert gpu_report.check_step_ops(SASS, rows, found) == []
     monkeypatch.setattr(roofline, "TRITON_CONV_STEP_OPS",
                         {(False, False, 64, 32): {"float32": 600},
                          (False, False, 64, 64): {"float32": 370}})
+    monkeypatch.setattr(roofline, "TRITON_CONV_PACKED_STEP_OPS", {(64, 32): {"float32": 160}})
     monkeypatch.setattr(roofline, "CUDA_TC_STEP_OPS", {"float32": 20})
-    problems = gpu_report.check_step_ops(SASS, [row], found)
-    assert len(problems) == 3, problems
+    problems = gpu_report.check_step_ops(SASS, rows, found)
+    assert len(problems) == 4, problems
     assert "masked_conv2d_tc_kernel<float>: the roofline charges 20" in problems[0]
     assert "BLOCK_CO=32: the roofline charges 600" in problems[1]
     assert "BLOCK_CO=64: no such variant" in problems[2]
+    assert "BLOCK_CO=32 PACKED: the roofline charges 160" in problems[3]

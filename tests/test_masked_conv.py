@@ -1350,29 +1350,36 @@ def test_triton_tile_choice():
     pytest.importorskip("triton")
     from pyprune.triton_kernels import masked_conv as kernels
 
+    conv = [v for v in kernels.AOT if v[0] is kernels._masked_conv2d_forward_kernel]
+    assert {v[1]["x_ptr"] for v in kernels.AOT if v[0] is kernels._pack_kernel} == {
+        "*fp32", "*fp16", "*bf16"}
     for arch in kernels.ARCHS:
         configs = set(kernels._configs(arch))
         aot = {(v[2]["BLOCK_P"], v[2]["BLOCK_CO"], v[2]["BLOCK_CI"], v[2]["SPARSE"])
-               for v in kernels.AOT if arch in v[4]}
+               for v in conv if arch in v[4]}
         assert configs == aot
-        for v in kernels.AOT:
+        for v in conv:
             if arch in v[4]:
                 c = v[2]
-                assert v[3]["num_warps"] == kernels._num_warps(
-                    c["BLOCK_P"], c["BLOCK_CO"], c["BLOCK_CI"], arch)
                 dtype = {"fp32": torch.float32, "fp16": torch.float16,
                          "bf16": torch.bfloat16}[v[1]["x_ptr"][1:]]
-                assert c["PREFETCH"] == kernels._prefetch(
+                assert v[3]["num_warps"] == kernels._num_warps(
+                    c["BLOCK_P"], c["BLOCK_CO"], c["BLOCK_CI"], arch,
+                    c["PACKED"] and not kernels._fma(c["PRECISION"], dtype))
+                assert c["PREFETCH"] == (not c["PACKED"] and kernels._prefetch(
                     dtype, c["BLOCK_P"], c["BLOCK_CO"], c["BLOCK_CI"], c["SPARSE"],
-                    v[3]["num_warps"])
-        # Each dense configuration in every input-channel kind (listed, scaled), the weight-mask
-        # path in the plain one.
+                    v[3]["num_warps"]))
+                # The packed tensors are the launcher's allocations: compiled 16-byte aligned.
+                assert v[5] == (("x_ptr", "w_ptr") if c["PACKED"] else ())
+        # Each dense configuration in every input-channel kind (listed, scaled) and packed, the
+        # weight-mask path in the plain one.
         kinds = {(v[2]["BLOCK_P"], v[2]["BLOCK_CO"], v[2]["SPARSE"], v[1]["x_ptr"],
-                  v[2]["PRECISION"], v[2]["IN_LIST"], v[2]["IN_SCALE"])
-                 for v in kernels.AOT if arch in v[4]}
+                  v[2]["PRECISION"], v[2]["IN_LIST"], v[2]["IN_SCALE"], v[2]["PACKED"])
+                 for v in conv if arch in v[4]}
         for p, co, sparse, dtype, precision, *_ in kinds:
             for in_list, in_scale in kernels._INPUT_KINDS[:1] if sparse else kernels._INPUT_KINDS:
-                assert (p, co, sparse, dtype, precision, in_list, in_scale) in kinds
+                assert (p, co, sparse, dtype, precision, in_list, in_scale, False) in kinds
+            assert ((p, co, sparse, dtype, precision, False, False, True) in kinds) != sparse
         for c_out, p, n, out_masked, sparse in itertools.product(
                 (1, 16, 17, 64, 100, 128, 256, 512), (1, 16, 49, 64, 196, 256, 1024, 3136),
                 (1, 2, 32, 128, 256), (False, True), (False, True)):
@@ -1441,15 +1448,18 @@ TILE_GEOMETRIES = [(2, 40, 70, 13, 11), (1, 33, 100, 15, 10), (2, 20, 40, 12, 13
 
 @pytest.mark.parametrize("device_backend", TRITON_BACKENDS, indirect=True)
 @pytest.mark.parametrize("geom", range(len(TILE_GEOMETRIES)))
-@pytest.mark.parametrize("masks", ["none", "static", "sample"])
-def test_triton_large_tiles(device_backend, monkeypatch, geom, masks):
+@pytest.mark.parametrize("masks,packed", [("none", True), ("static", True), ("sample", True),
+                                          ("none", False), ("static", False)])
+def test_triton_large_tiles(device_backend, monkeypatch, geom, masks, packed):
     """The large tile configurations (chosen here at a small batch by pretending the GPU has
     one SM) against the reference, with tails in pixels and in channels, in float32 (IEEE) and
-    bfloat16, with static and per-sample channel masks."""
+    bfloat16, with static and per-sample channel masks, packed (x and the weight laid out by
+    _pack_kernel first) and, for the masks that pack, not."""
     from pyprune.triton_kernels import masked_conv as kernels
 
     device, _ = device_backend
     monkeypatch.setattr(kernels, "_SMS", 1)
+    monkeypatch.setattr(kernels, "_PACK", packed)
     spy = _spy_conv_launches(monkeypatch)
     n, cin, cout, h, w = TILE_GEOMETRIES[geom]
     full = (n, cin, cout, h, w, 3, 1, 1, 1, 1)
@@ -1464,9 +1474,87 @@ def test_triton_large_tiles(device_backend, monkeypatch, geom, masks):
         want = _expected(x, weight, bias, full, in_mask=in_mask, out_mask=out_mask)
         _close(got, want, dtype, scale=4.0 if dtype == torch.float32 else 2.0)
         launch = spy.launches[-1]
+        # A per-sample in_mask runs on channel lists (of one sample it is a shared one).
+        assert launch["PACKED"] == (packed and (masks != "sample" or n == 1))
         span = 1 if masks == "sample" else n  # masks shared by the batch: tiles span samples
         assert (launch["BLOCK_P"], launch["BLOCK_CO"]) == kernels._blocks(
             cout, h * w * span, n // span, out_mask is not None)[:2]
         assert launch["BLOCK_P"] >= 64
         assert spy.grids[-1][0] == (n // span * -(-h * w * span // launch["BLOCK_P"])
                                     * -(-cout // launch["BLOCK_CO"]))
+
+
+@pytest.mark.parametrize("device_backend", TRITON_BACKENDS, indirect=True)
+@pytest.mark.parametrize("in_kind", ["none", "listed", "soft"])
+def test_triton_pack_layout(device_backend, in_kind):
+    """_pack_kernel's x and weight: xp (N, H + 2 pad_h, W + 2 pad_w, C_pad) holds the listed
+    input channels (kept-first; scaled by a soft in_mask) with zero padding, wp (C_out, KH, KW,
+    C_pad) the weight's same channels; every channel of the last chunk past the kept count is
+    zero in both, and a masked channel is never read (NaN there stays out)."""
+    from pyprune.triton_kernels import masked_conv as kernels
+
+    device, _ = device_backend
+    gen = torch.Generator().manual_seed(3)
+    n, cin, cout, h, w, kh, kw, pad = 2, 45, 6, 5, 7, 3, 2, (2, 1)
+    x = torch.randn(n, cin, h, w, generator=gen).to(device)[..., ::1]
+    x = torch.cat([x, x], 3)[..., ::2]  # strided
+    weight = torch.randn(cout, cin, kh, kw, generator=gen).to(device)
+    mask = scale = None
+    rows = torch.arange(cin, device=device)
+    if in_kind == "listed":
+        mask = (torch.rand(1, cin, generator=gen) < 0.6).to(device)
+        x[:, ~mask[0]] = float("nan")  # masked: never read
+        weight[:, ~mask[0]] = float("nan")
+        rows = torch.sort(mask.to(torch.uint8), dim=1, descending=True, stable=True).indices[0]
+    elif in_kind == "soft":
+        scale = torch.rand(n, cin, generator=gen).to(device)
+    dummy = torch.empty(1, dtype=torch.int64, device=device)
+    order, mask_bytes, _, listed = kernels._kept_first(mask, dummy)
+    kept = cin if mask is None else int(mask.sum())
+    c_pad = -(-cin // 32) * 32
+    xp, wp = kernels._packed(x, weight, pad, c_pad, order, mask_bytes, listed, scale)
+    assert xp.shape == (n, h + 4, w + 2, c_pad) and wp.shape == (cout, kh, kw, c_pad)
+    chosen = rows[:kept]
+    xs = x[:, chosen] * (scale[:, chosen, None, None] if scale is not None else 1)
+    want_x = F.pad(xs, (pad[1], pad[1], pad[0], pad[0])).permute(0, 2, 3, 1)
+    want_w = weight[:, chosen].permute(0, 2, 3, 1)
+    end = -(-kept // 32) * 32  # the chunks the convolution reads
+    torch.testing.assert_close(xp[..., :kept], want_x, rtol=0, atol=0)
+    torch.testing.assert_close(wp[..., :kept], want_w, rtol=0, atol=0)
+    assert (xp[..., kept:end] == 0).all() and (wp[..., kept:end] == 0).all()
+
+
+@pytest.mark.parametrize("device_backend", TRITON_BACKENDS, indirect=True)
+def test_triton_packs_where_it_can(device_backend, monkeypatch):
+    """Launches without a weight mask or a per-sample bool in_mask run packed (one pack launch
+    before the convolution), the others on channel lists; with packing off (the unpacked
+    kernel's listed and scaled input channels) every result matches the reference too."""
+    from pyprune.triton_kernels import masked_conv as kernels
+
+    device, _ = device_backend
+    geom = (2, 36, 10, 6, 5, 3, 1, 1, 1, 1)
+    x, weight, bias, gen = _inputs(geom, torch.float32, device, seed=5)
+    cases = {
+        "none": (None, (torch.rand(10, generator=gen) < 0.5).to(device), True),
+        "static": ((torch.rand(36, generator=gen) < 0.5).to(device), None, True),
+        "soft": (torch.rand(2, 36, generator=gen).to(device), None, True),
+        "sample": ((torch.rand(2, 36, generator=gen) < 0.5).to(device), None, False),
+    }
+    torch.backends.cudnn.allow_tf32, saved = False, torch.backends.cudnn.allow_tf32
+    try:
+        for pack in (True, False):
+            monkeypatch.setattr(kernels, "_PACK", pack)
+            spy = _spy_conv_launches(monkeypatch)
+            packs = []
+            real = kernels._pack_kernel
+            monkeypatch.setattr(kernels, "_pack_kernel", type("P", (), {
+                "__getitem__": lambda _, g: (packs.append(g), real[g])[1]})())
+            for name, (in_mask, out_mask, packs_here) in cases.items():
+                got = pyprune.masked_conv2d(x, weight, bias, 1, 1, in_mask=in_mask,
+                                            out_mask=out_mask)
+                want = _expected(x, weight, bias, geom, in_mask=in_mask, out_mask=out_mask)
+                _close(got, want, torch.float32, scale=4.0)
+                assert spy.launches[-1]["PACKED"] == (pack and packs_here), name
+            assert len(packs) == (3 if pack else 0)
+    finally:
+        torch.backends.cudnn.allow_tf32 = saved

@@ -4,6 +4,7 @@ current output. CPU only, no kernel runs."""
 from __future__ import annotations
 
 import csv
+import itertools
 import math
 
 import pytest
@@ -260,6 +261,16 @@ def test_written_out_triton_configs_match_the_launchers():
             sample, _, sample_warps, block, warps = kwta._split_config(groups, length)
             assert roofline.triton_kwta_split_config(groups, length) == (
                 sample, sample_warps, block, warps), (groups, length)
+    from pyprune.triton_kernels import masked_conv
+
+    for c_out, pixels, n, out_masked, sparse, packed in itertools.product(
+            (16, 64, 128, 256, 512), (16, 64, 196, 256, 1024, 8192), (1, 32), (False, True),
+            (False, True), (False, True)):
+        if sparse and (out_masked or packed):
+            continue
+        bp, bco, bci = masked_conv._blocks(c_out, pixels, n, out_masked, sparse)
+        assert roofline.triton_conv_config(c_out, pixels, n, out_masked, sparse, packed) == (
+            bp, bco, bci, masked_conv._num_warps(bp, bco, bci, 90, packed))
     assert roofline.TRITON_KWTA_MAX_BLOCK == kwta._FWD_MAX_BLOCK
     assert roofline.TRITON_KWTA_MAX_MASKED == kwta._FWD_MAX_MASKED
     assert roofline.TRITON_KWTA_SAMPLE == (kwta._SAMPLE_MIN, kwta._SAMPLE)

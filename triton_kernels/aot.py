@@ -9,7 +9,9 @@ Each kernel module declares what its launchers can launch in a module-level list
 ``AOT = [(kernel, signature, constexprs, options), ...]`` (signature and constexprs as
 ``triton.compiler.ASTSource`` takes them, options as ``triton.compile`` does, e.g. num_warps).
 An entry may add a fifth item, the architectures (of ARCHS) whose launches use it, where a
-launcher picks its options per architecture; without it an entry serves every architecture.
+launcher picks its options per architecture (without it an entry serves every architecture),
+and a sixth, the pointer arguments that its launches always pass 16-byte aligned (the
+launcher's own allocations), compiled with that alignment as the JIT specializes them.
 Every ``@triton.jit`` function named ``*_kernel`` must appear there; a kernel without an entry
 is reported as a failure, so a new op cannot skip this check by omission.
 
@@ -46,6 +48,9 @@ class Variant(NamedTuple):
     constexprs: dict
     options: dict
     archs: tuple = ARCHS  # the architectures whose launches use this variant
+    # Pointer arguments whose launches always pass 16-byte aligned memory (a launcher's own
+    # fresh allocations): compiled as the JIT specializes such a launch (tt.divisibility 16).
+    aligned: tuple = ()
 
     def describe(self) -> str:
         dtype = next((t[1:] for t in self.signature.values() if t.startswith("*")), "-")
@@ -56,15 +61,18 @@ class Variant(NamedTuple):
 
 def signature(kernel, dtype: str, constexprs: dict, pointers: dict | None = None) -> dict[str, str]:
     """The signature a launch with ``dtype`` tensors gets, for a kernel module's AOT list:
-    constexprs as such, ``*_ptr`` arguments as pointers to dtype (or the type ``pointers``
-    names), every other argument i32 (launch values fit; kernels widen offsets to int64)."""
+    constexprs as such, arguments that ``pointers`` names with the type it gives (a pointer's
+    element type, or fp32 for a float argument), other ``*_ptr`` arguments as pointers to
+    dtype, every other argument i32 (launch values fit; kernels widen offsets to int64)."""
     pointers = pointers or {}
 
     def kind(name: str) -> str:
         if name in constexprs:
             return "constexpr"
+        if name in pointers:
+            return pointers[name]
         if name.endswith("_ptr"):
-            return pointers.get(name, f"*{dtype}")
+            return f"*{dtype}"
         return "i32"
 
     return {name: kind(name) for name in kernel.arg_names}
@@ -122,7 +130,9 @@ def compile_variant(variant: Variant, arch: int):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    src = ASTSource(variant.kernel, variant.signature, variant.constexprs)
+    names = list(variant.kernel.arg_names)
+    attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in variant.aligned}
+    src = ASTSource(variant.kernel, variant.signature, variant.constexprs, attrs)
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(variant.options))
     if not compiled.asm.get("cubin"):
         raise RuntimeError(f"{variant.describe()}: no cubin produced for sm_{arch}")

@@ -5,13 +5,14 @@ in_mask (C_in,) or (N, C_in), out_mask (C_out,) or (N, C_out), None = all kept. 
 channel takes no part (it is never loaded, so inf or NaN in it cannot leak); a masked output
 channel is exactly 0, bias included.
 
-Forward: one implicit-GEMM launch over (pixel range, block of BLOCK_P output pixels, block of
+Forward: an implicit-GEMM launch (after the packing launch, below) over (pixel range, block of BLOCK_P output pixels, block of
 BLOCK_CO output channels), accumulating in float32 the product of an im2col tile of x
 (BLOCK_P, BLOCK_CI) and a weight tile (BLOCK_CI, BLOCK_CO) with tl.dot, for every tap (kh, kw)
 and every chunk of BLOCK_CI input channels: one flat loop over (tap, chunk) steps, a `for` loop
 on the GPU that the compiler software-pipelines (num_stages: the loads of the next steps' tiles
-in flight while the tensor cores multiply this one's). The loop is bound by the instructions of
-its gathers (a step: 130-280 lane instructions a thread in the sm_90 SASS), so a dense step's
+in flight while the tensor cores multiply this one's). On x as it is (unpacked), the loop is
+bound by the instructions of its gathers (a step: 130-280 lane instructions a thread in the
+sm_90 SASS), so a dense step's
 tap and chunk are counters advanced each step, not divisions of the step index. Nothing a step
 loads may depend on another load of the same step, or the pipeline drains at every step (the
 SASS then waits for all copies in flight, DEPBAR.LE SB0, 0x0, once per dependent load): listed
@@ -24,6 +25,17 @@ TF32 where
 PyTorch lets cuDNN convolutions do so (torch.backends.cudnn.allow_tf32, its default) and in IEEE
 float32 otherwise (then results match cuDNN/oneDNN without TF32), chosen per call
 (input_precision); float16 and bfloat16 tiles go to the tensor cores as they are.
+
+Packed (PACKED; every launch without a weight mask or a per-sample bool in_mask): one launch of
+_pack_kernel first lays x out as xp (N, H + 2 pad_h, W + 2 pad_w, C_pad) and the weight as wp
+(C_out, KH, KW, C_pad): channels innermost, a static in_mask's kept channels first (a soft
+in_mask's scales applied), zeros on the padding and past the kept count to the end of the
+last chunk. The forward kernel then loads each tile unmasked, a pixel's row from its tap-(0, 0)
+input pixel plus the tap's offset, in 16-byte asynchronous copies (4-byte elements and 16-bit
+ones alike; no PREFETCH): 75-80 lane instructions a thread a step in the sm_90 SASS against
+130-280 on NCHW x, with fewer warps (_PACKED_ACCUMULATORS). xp is the convolution's
+workspace, about x's size (cuDNN also converts NCHW for its tensor-core kernels); the packing
+reads x's kept channels once.
 
 Pixel ranges: with per-sample masks (or soft scales) a range is one sample's H_out * W_out
 pixels (N ranges); with masks shared by the batch, or none, one range runs over all N * H_out *
@@ -78,6 +90,9 @@ weight gradient (and grad_x otherwise) runs the dense engine (torch's convolutio
 cuDNN on CUDA, oneDNN on the CPU) on the masked tensors: grad masked by out_mask, x by in_mask,
 and grad_x masked by in_mask again; grad_bias is the masked grad summed over (N, H, W).
 
+Unpacked (per-sample bool in_masks, weight masks, and shapes whose packed offsets would pass
+int32) the kernel gathers from x as it is, through the channel lists below.
+
 Under the interpreter (FOR_LOOP False) the reduction is a `while` loop over the
 same steps (Triton 3.6's interpreter cannot take a runtime bound in range() with numpy >= 2.4);
 both loops run one step (_reduce). The flags are runtime int32 values to keep the AOT list
@@ -130,6 +145,11 @@ _WEIGHT_MASK_BLOCK = 16
 # warps, 32 x 64 at 8) or, for tiles past 2048 accumulators, at every warp count and depth.
 _ELEMENTS_PER_THREAD = {90: {"wgmma": 30, "mma": 16}, 80: {"wgmma": 16, "mma": 16}}
 _WARPS = (4, 8, 16)
+# Accumulators per thread of a PACKED launch: its loop holds few addresses and no masks, so
+# a thread's share of the tiles in flight is small, and fewer warps issue fewer instructions
+# a step (each thread's loop costs about the same at any count: 64 x 32 tiles run 80 lane
+# instructions a thread a step at 4 warps, 74 at 8, sm_90 SASS). 32 spill at 128 registers.
+_PACKED_ACCUMULATORS = 16
 # Accumulator elements of the largest tile, per architecture (sm_90: 128 x 64; sm_80: 64 x 32).
 _MAX_TILES = {90: 128 * 64, 80: 64 * 32}
 _MAX_TILE = _MAX_TILES[90]
@@ -140,6 +160,13 @@ ARCHS = (80, 90)
 # two tiles); IEEE float32 runs tl.dot as FMAs on operands held in registers, which leave no
 # room for tiles in flight (spills at every depth above 1).
 _NUM_STAGES = {"tensor": 3, "ieee": 1}
+# Whether launches without a weight mask or a per-sample bool in_mask pack x and the weight
+# first (_pack_kernel, the PACKED path); tests turn it off to run the other paths.
+_PACK = True
+# _pack_kernel's tiles: pixels by _BLOCK_CI channels, in 4 warps (~22 lane instructions an
+# element in the sm_90 SASS, against ~34 for 64 pixels).
+_PACK_PIXELS = 128
+_PACK_WARPS = 4
 # The largest share of a step's x and weight tiles a thread may hold for the 16-bit prefetch
 # (_prefetch): 64 x 16 tiles at 4 warps (20) spill with listed input channels on sm_90.
 _PREFETCH_ELEMENTS = 16
@@ -197,14 +224,23 @@ def _next_step(kh, kw, c0, in_kept, KW, BLOCK_CI: tl.constexpr):
 def _tiles(j, kh, kw, c0, live, listed, chunks, x_rows, oh, ow, p_ok, H, W, KW, stride_h, stride_w,
            pad_h, pad_w, dil_h, dil_w, in_list, in_kept, scale_row, w_ptr, wm_ptr, co, co_ok, x_sc,
            x_sh, x_sw, w_so, w_si, w_sh, w_sw, BLOCK_CI: tl.constexpr, SPARSE: tl.constexpr,
-           IN_LIST: tl.constexpr, IN_SCALE: tl.constexpr, HOISTED: tl.constexpr):
+           IN_LIST: tl.constexpr, IN_SCALE: tl.constexpr, HOISTED: tl.constexpr,
+           PACKED: tl.constexpr):
     """The tiles of step j of the reduction (zeros where live is false): the x tile (pixels,
     BLOCK_CI input channels) at one tap and the weight tile (BLOCK_CI, output channels) there.
     Dense, step j is chunk j % chunks of the kept input channels at tap j // chunks, (kh, kw,
     c0) as the caller's counters hold it (HOISTED: listed holds the chunk's listed channels;
     IN_LIST otherwise: the step loads them); SPARSE, entry j of the caller's group of block-list
     entries in listed (the entries' own indices for a sample that runs every tile), its tap and
-    chunk found by division."""
+    chunk found by division. PACKED: x and the weight as _pack_kernel lays them out (x_rows
+    each pixel's tap-(0, 0) address, co valid rows): every address in bounds and every
+    channel of a chunk stored, so the tiles load unmasked, in 16-byte copies."""
+    if PACKED:
+        cs = c0 + tl.arange(0, BLOCK_CI)
+        tap = kh * dil_h * x_sh + kw * dil_w * x_sw
+        xt = tl.load(x_rows[:, None] + (tap + cs)[None, :])
+        wt = tl.load(w_ptr + (kh * w_sh + kw * w_sw) + co[None, :] * w_so + cs[:, None])
+        return xt, wt
     if SPARSE:
         e = tl.sum(tl.where(tl.arange(0, BLOCK_CI) == j, listed, 0))
         tap = e // chunks
@@ -260,7 +296,7 @@ def _step(acc, j, steps, kh, kw, c0, xt, wt, listed, chunks, x_rows, oh, ow, p_o
           wm_ptr, co, co_ok, x_sc, x_sh, x_sw, w_so, w_si, w_sh, w_sw, BLOCK_CI: tl.constexpr,
           SPARSE: tl.constexpr, IN_LIST: tl.constexpr, IN_SCALE: tl.constexpr,
           HOISTED: tl.constexpr, TAPS: tl.constexpr, PREFETCH: tl.constexpr, UPCAST: tl.constexpr,
-          PRECISION: tl.constexpr):
+          PRECISION: tl.constexpr, PACKED: tl.constexpr):
     """One trip of _reduce's loop, step j: (acc, kh, kw, c0, xt, wt) after it. With PREFETCH,
     xt and wt hold step j's tiles (loaded the trip before) and the trip loads step j + 1's;
     else they are placeholders and the trip loads its own."""
@@ -269,7 +305,7 @@ def _step(acc, j, steps, kh, kw, c0, xt, wt, listed, chunks, x_rows, oh, ow, p_o
         xn, wn = _tiles(j + 1, kh, kw, c0, j + 1 < steps, listed, chunks, x_rows, oh, ow, p_ok, H,
                         W, KW, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, in_list, in_kept,
                         scale_row, w_ptr, wm_ptr, co, co_ok, x_sc, x_sh, x_sw, w_so, w_si, w_sh,
-                        w_sw, BLOCK_CI, SPARSE, IN_LIST, IN_SCALE, HOISTED)
+                        w_sw, BLOCK_CI, SPARSE, IN_LIST, IN_SCALE, HOISTED, PACKED)
         acc = _tile_dot(acc, xt, wt, UPCAST, PRECISION)
         xt = xn
         wt = wn
@@ -277,7 +313,7 @@ def _step(acc, j, steps, kh, kw, c0, xt, wt, listed, chunks, x_rows, oh, ow, p_o
         xs, ws = _tiles(j, kh, kw, c0, True, listed, chunks, x_rows, oh, ow, p_ok, H, W, KW,
                         stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, in_list, in_kept,
                         scale_row, w_ptr, wm_ptr, co, co_ok, x_sc, x_sh, x_sw, w_so, w_si, w_sh,
-                        w_sw, BLOCK_CI, SPARSE, IN_LIST, IN_SCALE, HOISTED)
+                        w_sw, BLOCK_CI, SPARSE, IN_LIST, IN_SCALE, HOISTED, PACKED)
         acc = _tile_dot(acc, xs, ws, UPCAST, PRECISION)
         if not SPARSE:
             kh, kw, c0 = _advance(kh, kw, c0, in_kept, KW, BLOCK_CI, TAPS)
@@ -290,7 +326,7 @@ def _reduce(acc, steps, c0, listed, chunks, x_rows, oh, ow, p_ok, H, W, KW, stri
             x_sc, x_sh, x_sw, w_so, w_si, w_sh, w_sw, BLOCK_CI: tl.constexpr, SPARSE: tl.constexpr,
             IN_LIST: tl.constexpr, IN_SCALE: tl.constexpr, HOISTED: tl.constexpr,
             TAPS: tl.constexpr, PREFETCH: tl.constexpr, UPCAST: tl.constexpr,
-            PRECISION: tl.constexpr, FOR_LOOP: tl.constexpr):
+            PRECISION: tl.constexpr, FOR_LOOP: tl.constexpr, PACKED: tl.constexpr):
     """acc plus `steps` steps of the reduction from tap 0 and chunk c0 (TAPS: the taps of one
     chunk; else the kept chunks fastest, then the taps, or the block list's entries). Dense
     steps advance counters (no integer division in the loop). The loads of 4-byte types go to
@@ -304,7 +340,7 @@ def _reduce(acc, steps, c0, listed, chunks, x_rows, oh, ow, p_ok, H, W, KW, stri
         xt, wt = _tiles(0, kh, kw, c0, steps > 0, listed, chunks, x_rows, oh, ow, p_ok, H, W, KW,
                         stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, in_list, in_kept,
                         scale_row, w_ptr, wm_ptr, co, co_ok, x_sc, x_sh, x_sw, w_so, w_si, w_sh,
-                        w_sw, BLOCK_CI, SPARSE, IN_LIST, IN_SCALE, HOISTED)
+                        w_sw, BLOCK_CI, SPARSE, IN_LIST, IN_SCALE, HOISTED, PACKED)
     else:  # placeholders (_step passes them on unchanged)
         xt = tl.zeros([1], dtype=tl.float32)
         wt = tl.zeros([1], dtype=tl.float32)
@@ -315,7 +351,8 @@ def _reduce(acc, steps, c0, listed, chunks, x_rows, oh, ow, p_ok, H, W, KW, stri
                                             pad_h, pad_w, dil_h, dil_w, in_list, in_kept,
                                             scale_row, w_ptr, wm_ptr, co, co_ok, x_sc, x_sh, x_sw,
                                             w_so, w_si, w_sh, w_sw, BLOCK_CI, SPARSE, IN_LIST,
-                                            IN_SCALE, HOISTED, TAPS, PREFETCH, UPCAST, PRECISION)
+                                            IN_SCALE, HOISTED, TAPS, PREFETCH, UPCAST, PRECISION,
+                                            PACKED)
     else:  # the interpreter: a `while` loop (see the module docstring)
         j = 0
         while j < steps:
@@ -324,19 +361,20 @@ def _reduce(acc, steps, c0, listed, chunks, x_rows, oh, ow, p_ok, H, W, KW, stri
                                             pad_h, pad_w, dil_h, dil_w, in_list, in_kept,
                                             scale_row, w_ptr, wm_ptr, co, co_ok, x_sc, x_sh, x_sw,
                                             w_so, w_si, w_sh, w_sw, BLOCK_CI, SPARSE, IN_LIST,
-                                            IN_SCALE, HOISTED, TAPS, PREFETCH, UPCAST, PRECISION)
+                                            IN_SCALE, HOISTED, TAPS, PREFETCH, UPCAST, PRECISION,
+                                            PACKED)
             j += 1
     return acc
 
 
-@triton.jit(do_not_specialize=["span", "in_per_sample", "out_per_sample", "out_listed",
-                               "has_bias", "has_out_scale", "has_raw"])
+@triton.jit(do_not_specialize=["span", "in_per_sample", "out_per_sample", "in_listed",
+                               "out_listed", "has_bias", "has_out_scale", "has_raw"])
 def _masked_conv2d_forward_kernel(
     x_ptr, w_ptr, b_ptr, in_idx_ptr, in_mask_ptr, out_idx_ptr, out_mask_ptr, out_ptr,
     wm_ptr, blk_idx_ptr, blk_cnt_ptr, finite_ptr, in_scale_ptr, out_scale_ptr, raw_ptr,
     C_in, H, W, C_out, H_out, W_out, KH, KW,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-    span, p_blocks, co_blocks, in_per_sample, out_per_sample, out_listed, has_bias,
+    span, p_blocks, co_blocks, in_per_sample, out_per_sample, in_listed, out_listed, has_bias,
     tap_blocks, has_out_scale, has_raw,
     x_sn, x_sc, x_sh, x_sw,
     w_so, w_si, w_sh, w_sw,
@@ -351,6 +389,7 @@ def _masked_conv2d_forward_kernel(
     IN_LIST: tl.constexpr,
     IN_SCALE: tl.constexpr,
     PREFETCH: tl.constexpr,
+    PACKED: tl.constexpr,
 ):
     # Output-channel blocks vary fastest: neighbouring programs share the same x tile.
     # Pixel tiles run over the output pixels of `span` consecutive samples (span 1: one
@@ -372,6 +411,7 @@ def _masked_conv2d_forward_kernel(
     P = H_out * W_out
     ps = p_b * BLOCK_P + tl.arange(0, BLOCK_P)
     p_ok = ps < P * span
+    ps = tl.minimum(ps, P * span - 1)  # the tail's rows address the last pixel (not stored)
     pn = ps // P  # sample of each pixel, relative to n
     q = ps - pn * P
     oh = q // W_out
@@ -387,12 +427,32 @@ def _masked_conv2d_forward_kernel(
     acc = tl.zeros([BLOCK_P, BLOCK_CO], dtype=tl.float32)
     if co_b * BLOCK_CO < out_kept:
         in_row = n * in_per_sample
-        in_kept = _kept_count(in_mask_ptr + in_row * C_in, C_in, IN_LIST, 256)
+        if PACKED:  # a bool in_mask shared by the batch, or none (in_listed says which)
+            in_kept = _kept_count(in_mask_ptr, C_in, in_listed, 256)
+        else:
+            in_kept = _kept_count(in_mask_ptr + in_row * C_in, C_in, IN_LIST, 256)
         in_list = in_idx_ptr + in_row * C_in
         chunks = tl.cdiv(in_kept, BLOCK_CI)
         x_rows = x_ptr + rows.to(tl.int64) * x_sn
         scale_row = in_scale_ptr + n * C_in
-        if SPARSE:
+        if PACKED:
+            # x and the weight packed (_pack_kernel): xp (N, H + 2 pad_h, W + 2 pad_w, C_pad),
+            # wp (C_out, KH, KW, C_pad), the listed channels first, then zeros to a whole
+            # chunk. The strides follow from C_pad, a multiple of BLOCK_CI, which is what lets
+            # the compiler prove each chunk's 16-byte alignment. A pixel's row starts at its
+            # tap-(0, 0) input pixel.
+            c_pad = tl.cdiv(C_in, BLOCK_CI) * BLOCK_CI
+            p_sw = c_pad
+            p_sh = (W + 2 * pad_w) * p_sw
+            x_rows = x_ptr + (rows.to(tl.int64) * ((H + 2 * pad_h) * p_sh)
+                              + (oh * stride_h * p_sh + ow * stride_w * p_sw))
+            acc = _reduce(acc, KH * KW * chunks, tl.full([], 0, tl.int32), tl.arange(0, BLOCK_CI),
+                          chunks, x_rows, oh, ow, p_ok, H, W, KW, stride_h, stride_w, pad_h,
+                          pad_w, dil_h, dil_w, in_list, in_kept, scale_row, w_ptr, wm_ptr,
+                          tl.where(slots < C_out, co, 0), co_ok, 1, p_sh, p_sw,
+                          KH * KW * c_pad, 1, KW * c_pad, c_pad, BLOCK_CI, False, False, False,
+                          False, False, False, UPCAST, PRECISION, FOR_LOOP, True)
+        elif SPARSE:
             # Only the listed (tap, input-channel block) pairs of this block of output
             # channels, all of them where a sample of the tile may hold inf or NaN; the list a
             # group of BLOCK_CI entries at a time, loaded before a loop over them that the
@@ -411,7 +471,7 @@ def _masked_conv2d_forward_kernel(
                               pad_h, pad_w, dil_h, dil_w, in_list, in_kept, scale_row, w_ptr,
                               wm_ptr, co, co_ok, x_sc, x_sh, x_sw, w_so, w_si, w_sh, w_sw,
                               BLOCK_CI, SPARSE, IN_LIST, IN_SCALE, HOISTED, False, PREFETCH,
-                              UPCAST, PRECISION, FOR_LOOP)
+                              UPCAST, PRECISION, FOR_LOOP, False)
                 j0 += BLOCK_CI
         elif HOISTED:
             # Listed input channels: each chunk's channels loaded once, then its KH * KW taps
@@ -424,14 +484,15 @@ def _masked_conv2d_forward_kernel(
                               stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, in_list, in_kept,
                               scale_row, w_ptr, wm_ptr, co, co_ok, x_sc, x_sh, x_sw, w_so, w_si,
                               w_sh, w_sw, BLOCK_CI, SPARSE, IN_LIST, IN_SCALE, HOISTED, True,
-                              PREFETCH, UPCAST, PRECISION, FOR_LOOP)
+                              PREFETCH, UPCAST, PRECISION, FOR_LOOP, False)
                 c0 += BLOCK_CI
         else:
             acc = _reduce(acc, KH * KW * chunks, tl.full([], 0, tl.int32), tl.arange(0, BLOCK_CI),
                           chunks, x_rows, oh, ow, p_ok, H, W, KW, stride_h, stride_w, pad_h, pad_w,
                           dil_h, dil_w, in_list, in_kept, scale_row, w_ptr, wm_ptr, co, co_ok,
                           x_sc, x_sh, x_sw, w_so, w_si, w_sh, w_sw, BLOCK_CI, SPARSE, IN_LIST,
-                          IN_SCALE, HOISTED, False, PREFETCH, UPCAST, PRECISION, FOR_LOOP)
+                          IN_SCALE, HOISTED, False, PREFETCH, UPCAST, PRECISION, FOR_LOOP,
+                          False)
         bias = tl.load(b_ptr + co, mask=co_ok & (has_bias != 0), other=0.0).to(tl.float32)
         acc = tl.where(co_ok[None, :], acc + bias[None, :], 0.0)
 
@@ -445,6 +506,71 @@ def _masked_conv2d_forward_kernel(
         scale = tl.load(out_scale_ptr + n * C_out + co, mask=co_ok, other=0.0).to(tl.float32)
         result = _round(result.to(tl.float32) * scale[None, :], out_ptr.dtype.element_ty)
     tl.store(out_ptr + sample + offsets, result, mask=in_out)
+
+
+@triton.jit
+def _pack_tile(src, dst, order, kept, listed, scale, has_scale, H, W, pad_h, pad_w, inv_wp, s_c,
+               s_h, s_w, C_pad, pix0, c0, BLOCK_PIX: tl.constexpr, BLOCK_C: tl.constexpr):
+    """One tile of _pack_kernel: the padded pixels [pix0, pix0 + BLOCK_PIX) of an (H + 2 pad_h,
+    W + 2 pad_w) image in row-major order by BLOCK_C channels from c0, stored at pixel *
+    C_pad + channel: channel c the list's c-th kept channel (scaled), 0 past the kept count and
+    on the padding. A pixel's row is a float quotient (exact: (k + 1/2) / Wp for k < 2^20 is
+    never within rounding of an integer), one division a tile instead of one a pixel."""
+    Wp = W + 2 * pad_w
+    cs = c0 + tl.arange(0, BLOCK_C)
+    c_ok = cs < kept
+    ch = _channels(order, cs, c_ok, listed)
+    row0 = pix0 // Wp
+    k = (pix0 - row0 * Wp) + tl.arange(0, BLOCK_PIX)
+    rows = ((k.to(tl.float32) + 0.5) * inv_wp).to(tl.int32)
+    h = row0 + rows - pad_h
+    w = k - rows * Wp - pad_w
+    pix = pix0 + tl.arange(0, BLOCK_PIX)
+    on = pix < (H + 2 * pad_h) * Wp
+    inside = on & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+    v = tl.load(src + (h * s_h + w * s_w)[:, None] + ch[None, :] * s_c,
+                mask=inside[:, None] & c_ok[None, :], other=0.0)
+    if has_scale != 0:  # a soft in_mask: x * in_mask, rounded to x's dtype
+        v = _scaled(v, tl.load(scale + ch, mask=c_ok, other=1.0))
+    tl.store(dst + (pix * C_pad)[:, None] + cs[None, :], v, mask=on[:, None])
+
+
+@triton.jit(do_not_specialize=["listed", "has_scale"])
+def _pack_kernel(
+    x_ptr, xp_ptr, w_ptr, wp_ptr, order_ptr, mask_ptr, scale_ptr,
+    C_in, listed, has_scale, H, W, pad_h, pad_w, C_out, taps, chunks, inv_wp, inv_taps,
+    x_sn, x_sc, x_sh, x_sw, w_so, w_si, w_st, x_programs, x_pix_blocks,
+    BLOCK_PIX: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """x and the weight laid out for the forward kernel's PACKED path, in one launch.
+
+    xp (N, H + 2 pad_h, W + 2 pad_w, C_pad): x's input channels as listed (kept-first order of
+    a bool in_mask shared by the batch, else all in order; times a soft in_mask's scales),
+    zero-padded by (pad_h, pad_w) pixels; wp (C_out, taps, C_pad): the weight's input channels
+    in the same order (the weight read as a (C_out, taps) image, taps = KH * KW at stride
+    w_st). Channel c past the kept count is 0 in both up to the chunk of BLOCK_C that holds the
+    last kept channel (later chunks, never read, are not written), so that a chunk's tail
+    multiplies zeros by zeros; a masked input channel is never read. Programs [0, x_programs)
+    take x tiles (sample, pixel block, channel chunk), the rest weight tiles (pixel block of
+    the (C_out, taps) image, channel chunk)."""
+    pid = tl.program_id(0)
+    C_pad = chunks * BLOCK_C
+    kept = _kept_count(mask_ptr, C_in, listed, 256)
+    c0 = (pid % chunks) * BLOCK_C
+    rest = pid // chunks
+    if c0 < kept:
+        if pid < x_programs:
+            pb = rest % x_pix_blocks
+            n = (rest // x_pix_blocks).to(tl.int64)
+            _pack_tile(x_ptr + n * x_sn,
+                       xp_ptr + n * ((H + 2 * pad_h) * (W + 2 * pad_w) * C_pad), order_ptr,
+                       kept, listed, scale_ptr + n * C_in, has_scale, H, W, pad_h, pad_w, inv_wp,
+                       x_sc, x_sh, x_sw, C_pad, pb * BLOCK_PIX, c0, BLOCK_PIX, BLOCK_C)
+        else:
+            pb = rest - x_programs // chunks
+            _pack_tile(w_ptr, wp_ptr, order_ptr, kept, listed, scale_ptr, 0, C_out, taps, 0, 0,
+                       inv_taps, w_si, w_so, w_st, C_pad, pb * BLOCK_PIX, c0, BLOCK_PIX,
+                       BLOCK_C)
 
 
 # Whether triton.jit made an interpreted function (TRITON_INTERPRET=1 at import: CPU tensors);
@@ -487,8 +613,14 @@ def _blocks(C_out: int, P: int, N: int, out_masked: bool = False, sparse: bool =
     return block_p, block_co, _WEIGHT_MASK_BLOCK if sparse else _BLOCK_CI
 
 
-def _num_warps(block_p: int, block_co: int, block_ci: int, arch: int = 90) -> int:
-    """Warps of a launch with these tiles on sm_<arch> (_ELEMENTS_PER_THREAD)."""
+def _num_warps(block_p: int, block_co: int, block_ci: int, arch: int = 90,
+               packed: bool = False) -> int:
+    """Warps of a launch with these tiles on sm_<arch> (_ELEMENTS_PER_THREAD; packed, on the
+    tensor cores: _PACKED_ACCUMULATORS; IEEE float32, whose FMAs hold the operands in
+    registers, keeps the unpacked budget)."""
+    if packed:
+        return next((w for w in _WARPS if block_p * block_co <= 32 * w * _PACKED_ACCUMULATORS),
+                    _WARPS[-1])
     elements = block_p * block_co + block_ci * (block_p + block_co)
     budget = _ELEMENTS_PER_THREAD[arch]["wgmma" if block_p >= 64 else "mma"]
     return next((w for w in _WARPS if elements <= 32 * w * budget), _WARPS[-1])
@@ -504,8 +636,14 @@ def _prefetch(dtype: torch.dtype, block_p: int, block_co: int, block_ci: int, sp
     return dtype in (torch.float16, torch.bfloat16) and not sparse and share <= _PREFETCH_ELEMENTS
 
 
+def _fma(precision: str, dtype: torch.dtype) -> bool:
+    """Whether tl.dot runs as FMAs on operands held in registers (IEEE float32), not on the
+    tensor cores."""
+    return dtype == torch.float32 and precision == "ieee"
+
+
 def _num_stages(precision: str, dtype: torch.dtype) -> int:
-    return _NUM_STAGES["ieee" if dtype == torch.float32 and precision == "ieee" else "tensor"]
+    return _NUM_STAGES["ieee" if _fma(precision, dtype) else "tensor"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -728,11 +866,16 @@ def masked_conv2d_forward(
     dummy = torch.empty(1, dtype=torch.int64, device=x.device)  # never read
     in_idx, in_bytes, in_per_sample, in_listed = _kept_first(in_rows, dummy)
     out_idx, out_bytes, out_per_sample, out_listed = _kept_first(out_rows, dummy)
+    c_pad = cdiv(C_in, _BLOCK_CI) * _BLOCK_CI
+    packed = (_PACK and weight_mask is None and not in_per_sample
+              and (H + 2 * padding[0]) * (W + 2 * padding[1]) * c_pad < 2**31
+              and KH * KW * C_out * c_pad < 2**31 and max(W + 2 * padding[1], KH * KW) < 2**20)
     # Masks shared by the batch: pixel tiles over the batch's pixels (span N), so that small
-    # feature maps fill the tiles; per-sample masks and scales: one sample a tile.
+    # feature maps fill the tiles; per-sample masks and scales: one sample a tile (a soft
+    # in_mask packed with x is no longer the kernel's concern).
     pixels = H_out * W_out
-    flat = (not in_per_sample and not out_per_sample and in_scale is None and out_scale is None
-            and N * pixels < 2**31 - _BLOCK_PS[-1])
+    flat = (not in_per_sample and not out_per_sample and (in_scale is None or packed)
+            and out_scale is None and N * pixels < 2**31 - _BLOCK_PS[-1])
     span = N if flat else 1
     arch = device_arch(x.device)
     block_p, block_co, block_ci = _blocks(C_out, pixels * span, N // span, out_rows is not None,
@@ -758,7 +901,10 @@ def masked_conv2d_forward(
     p_blocks = cdiv(pixels * span, block_p)
     co_blocks = cdiv(C_out, block_co)
     precision = input_precision(x.dtype)
-    warps = _num_warps(block_p, block_co, block_ci, arch)
+    warps = _num_warps(block_p, block_co, block_ci, arch, packed and not _fma(precision, x.dtype))
+    x_strides, w_strides = x.stride(), weight.stride()
+    if packed:  # the kernel computes the packed tensors' strides itself
+        x, weight = _packed(x, weight, padding, c_pad, in_idx, in_bytes, in_listed, in_scale)
     with on_device(x):
         _masked_conv2d_forward_kernel[(N // span * p_blocks * co_blocks,)](
             x, weight, bias if bias is not None else weight, in_idx, in_bytes, out_idx, out_bytes, out,
@@ -766,20 +912,50 @@ def masked_conv2d_forward(
             out_scale if out_scale is not None else x, raw if raw is not None else out,
             C_in, H, W, C_out, H_out, W_out, KH, KW,
             *stride, *padding, *dilation,
-            span, p_blocks, co_blocks, in_per_sample, out_per_sample, out_listed,
+            span, p_blocks, co_blocks, in_per_sample, out_per_sample, in_listed, out_listed,
             int(bias is not None), KH * KW * ci_blocks, int(out_scale is not None),
             int(raw is not None),
-            *x.stride(), *weight.stride(), *out.stride(),
+            *x_strides, *w_strides, *out.stride(),
             BLOCK_P=block_p, BLOCK_CO=block_co, BLOCK_CI=block_ci,
             SPARSE=weight_mask is not None, PRECISION=precision,
             FOR_LOOP=not _INTERPRETED, UPCAST=x.dtype == torch.bfloat16 and _INTERPRETED,
-            IN_LIST=bool(in_listed), IN_SCALE=in_scale is not None,
-            PREFETCH=_prefetch(x.dtype, block_p, block_co, block_ci, weight_mask is not None,
-                               warps),
+            IN_LIST=bool(in_listed) and not packed, IN_SCALE=in_scale is not None and not packed,
+            PREFETCH=not packed and _prefetch(x.dtype, block_p, block_co, block_ci,
+                                              weight_mask is not None, warps),
+            PACKED=packed,
             num_warps=warps,
             num_stages=_num_stages(precision, x.dtype), maxnreg=MAX_REGS,
         )
     return out
+
+
+def _packed(x: torch.Tensor, weight: torch.Tensor, padding: tuple[int, int], c_pad: int,
+            order: torch.Tensor, mask_bytes: torch.Tensor, listed: int,
+            scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(xp, wp): x and the weight as the forward kernel's PACKED path reads them (_pack_kernel:
+    xp (N, H + 2 pad_h, W + 2 pad_w, c_pad), wp (C_out, KH, KW, c_pad), the kept input channels
+    first, in one launch). The convolution's workspace: with it every tile the kernel loads is
+    whole and contiguous along channels (16-byte copies, no bounds tests), which NCHW x (a
+    4-byte gather a value, each with its padding test) does not allow."""
+    N, C_in, H, W = x.shape
+    C_out, _, KH, KW = weight.shape
+    if weight.stride(2) != KW * weight.stride(3):  # the taps as one dimension
+        weight = weight.contiguous()
+    Hp, Wp = H + 2 * padding[0], W + 2 * padding[1]
+    xp = torch.empty((N, Hp, Wp, c_pad), dtype=x.dtype, device=x.device)
+    wp = torch.empty((C_out, KH, KW, c_pad), dtype=x.dtype, device=x.device)
+    chunks = c_pad // _BLOCK_CI
+    x_pix = cdiv(Hp * Wp, _PACK_PIXELS)
+    x_programs = N * x_pix * chunks
+    with on_device(x):
+        _pack_kernel[(x_programs + cdiv(C_out * KH * KW, _PACK_PIXELS) * chunks,)](
+            x, xp, weight, wp, order, mask_bytes, scale if scale is not None else x,
+            C_in, listed, int(scale is not None), H, W, *padding, C_out, KH * KW, chunks,
+            1.0 / Wp, 1.0 / (KH * KW), *x.stride(), *weight.stride()[:2], weight.stride(3),
+            x_programs, x_pix,
+            BLOCK_PIX=_PACK_PIXELS, BLOCK_C=_BLOCK_CI, num_warps=_PACK_WARPS,
+        )
+    return xp, wp
 
 
 def _where(t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -892,6 +1068,9 @@ _POINTERS = {"in_idx_ptr": "*i64", "in_mask_ptr": "*u8", "out_idx_ptr": "*i64",
              "finite_ptr": "*i32"}
 
 
+_PACK_POINTERS = {"order_ptr": "*i64", "mask_ptr": "*u8", "inv_wp": "fp32", "inv_taps": "fp32"}
+
+
 def _configs(arch: int = 90) -> list[tuple[int, int, int, bool]]:
     """Every (BLOCK_P, BLOCK_CO, BLOCK_CI, SPARSE) _blocks can choose on sm_<arch>."""
     dense = [(p, co, _BLOCK_CI, False) for p in _BLOCK_PS for co in _BLOCK_COS
@@ -917,21 +1096,33 @@ def _aot_variants() -> list[tuple]:
                 for block_p, block_co, block_ci, sparse in _configs(arch):
                     warps = _num_warps(block_p, block_co, block_ci, arch)
                     prefetch = _prefetch(dtype, block_p, block_co, block_ci, sparse, warps)
-                    for in_list, in_scale in _INPUT_KINDS[:1] if sparse else _INPUT_KINDS:
+                    kinds = [(False, False, False)] if sparse else [
+                        (in_list, in_scale, False) for in_list, in_scale in _INPUT_KINDS]
+                    if not sparse:
+                        kinds.append((False, False, True))  # packed
+                    for in_list, in_scale, packed in kinds:
                         key = (name, precision, block_p, block_co, block_ci, sparse, in_list,
-                               in_scale, prefetch, warps, _num_stages(precision, dtype))
+                               in_scale, prefetch and not packed, packed,
+                               _num_warps(block_p, block_co, block_ci, arch,
+                                          packed and not _fma(precision, dtype)),
+                               _num_stages(precision, dtype))
                         by_options.setdefault(key, []).append(arch)
     variants = []
     for (name, precision, block_p, block_co, block_ci, sparse, in_list, in_scale, prefetch,
-         warps, stages), archs in by_options.items():
+         packed, warps, stages), archs in by_options.items():
         constexprs = {"BLOCK_P": block_p, "BLOCK_CO": block_co, "BLOCK_CI": block_ci,
                       "SPARSE": sparse, "PRECISION": precision, "FOR_LOOP": True,
                       "UPCAST": False, "IN_LIST": in_list, "IN_SCALE": in_scale,
-                      "PREFETCH": prefetch}
+                      "PREFETCH": prefetch, "PACKED": packed}
         options = {"num_warps": warps, "num_stages": stages, "maxnreg": MAX_REGS}
         variants.append((_masked_conv2d_forward_kernel,
                          signature(_masked_conv2d_forward_kernel, name, constexprs, _POINTERS),
-                         constexprs, options, tuple(archs)))
+                         constexprs, options, tuple(archs),
+                         ("x_ptr", "w_ptr") if packed else ()))  # _packed's allocations
+    pack = {"BLOCK_PIX": _PACK_PIXELS, "BLOCK_C": _BLOCK_CI}
+    for name in _TL_DTYPES.values():
+        variants.append((_pack_kernel, signature(_pack_kernel, name, pack, _PACK_POINTERS), pack,
+                         {"num_warps": _PACK_WARPS}, ARCHS, ("xp_ptr", "wp_ptr")))
     return variants
 
 
