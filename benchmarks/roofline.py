@@ -1626,9 +1626,9 @@ def _cuda_static_tensor_cores(p: Plan, g: _Conv, out_kept: int, in_kept: int) ->
 
 
 def _triton_channel_lists(p: Plan, mask: bool) -> None:
-    """_kept_first of one per-sample mask: a stable sort of the bool mask (the kernel counts
-    the kept channels itself); nothing for None or a mask shared by the batch (its list is
-    cached per mask version, _OrderCache)."""
+    """_kept_first of one per-sample mask on the unpacked path: a stable sort of the bool mask
+    (the kernel counts the kept channels itself); nothing for None or a mask shared by the
+    batch (its list is cached per mask version, _OrderCache)."""
     if mask:
         p.kernel("channel list: sort", "aten", hbm=p.case.shape[0] * p.case.shape[1] * 9)
 
@@ -1691,7 +1691,7 @@ def _triton_conv(p: Plan, g: _Conv, out_kept: int, in_kept: int, per_sample: boo
     block_p, block_co, block_ci, warps = triton_conv_config(g.c, span, ranges, out_mask,
                                                             packed=packed)
     _triton_channel_lists(p, in_mask and per_sample)
-    _triton_channel_lists(p, out_mask and per_sample)
+    _triton_channel_lists(p, out_mask and per_sample and not packed)  # packed: the pack orders
     co_work = math.ceil(out_kept / block_co) * block_co
     ci_work = math.ceil(in_kept / block_ci) * block_ci
     p_work = math.ceil(span / block_p) * block_p * ranges / g.n  # pixels a sample, padded
@@ -1710,10 +1710,14 @@ def _triton_conv(p: Plan, g: _Conv, out_kept: int, in_kept: int, per_sample: boo
         x_read = g.n * padded * ci_work * g.esize
         w_packed = g.c * 9 * ci_work * g.esize
         lanes = (g.n * math.ceil(padded / 128) + math.ceil(g.c * 9 / 128)) * 128 * ci_work
+        # A per-sample out_mask: a program a row writes its kept-first list (a count, then a
+        # cumsum and a scatter a block of 256 channels).
+        rows = g.n if out_mask and per_sample else 0
         p.host("triton")
         p.kernel("_pack_kernel", "inner",
-                 hbm=g.x * in_kept / g.c + x_read + g.weight * in_kept / g.c + w_packed,
-                 ops=lanes * TRITON_PACK_OPS, ctas=lanes // (128 * 32),
+                 hbm=g.x * in_kept / g.c + x_read + g.weight * in_kept / g.c + w_packed
+                 + rows * g.c * 9,
+                 ops=lanes * TRITON_PACK_OPS + rows * g.c * 12, ctas=lanes // (128 * 32) + rows,
                  per_sm=TRITON_PACK_PER_SM, chain_us=p.lat("l2") + p.lat("dram"))
         per_thread = 9 * chunks * TRITON_CONV_PACKED_STEP_OPS[(block_p, block_co)][dtype]
     else:

@@ -1408,7 +1408,8 @@ def test_triton_tile_choice():
 def test_triton_static_lists_cached_per_mask_version(device_backend, monkeypatch):
     """A static mask's kept-first list is sorted once per mask version: a second call with the
     same masks sorts nothing, a mask changed in place is sorted again (and the result follows
-    it), a per-sample mask is sorted on every call; every result against the reference."""
+    it), a per-sample input mask is sorted on every call (a per-sample output mask's lists come
+    from the packing launch); every result against the reference."""
     from pyprune.triton_kernels import masked_conv as kernels
 
     device, _ = device_backend
@@ -1437,6 +1438,9 @@ def test_triton_static_lists_cached_per_mask_version(device_backend, monkeypatch
     per_sample = (torch.rand(3, 12, generator=gen) < 0.5).to(device)
     check(in_mask, per_sample)
     check(in_mask, per_sample)
+    assert len(sorts) == 3  # a per-sample output mask's lists: the packing launch's, no sort
+    check(per_sample[:, :10], None)  # unpacked: a per-sample input mask is sorted every call
+    check(per_sample[:, :10], None)
     assert len(sorts) == 5
 
 
@@ -1558,3 +1562,29 @@ def test_triton_packs_where_it_can(device_backend, monkeypatch):
             assert len(packs) == (3 if pack else 0)
     finally:
         torch.backends.cudnn.allow_tf32 = saved
+
+
+@pytest.mark.parametrize("device_backend", TRITON_BACKENDS, indirect=True)
+def test_triton_pack_orders_per_sample_output_masks(device_backend):
+    """The packing launch writes each row of a per-sample bool out_mask as its kept-first list,
+    exactly the stable descending sort the unpacked path runs: rows longer than one block of
+    256, all kept, none kept, and the last channel alone kept."""
+    from pyprune.triton_kernels import masked_conv as kernels
+
+    device, _ = device_backend
+    gen = torch.Generator().manual_seed(11)
+    c_out = 300
+    x = torch.randn(5, 3, 4, 4, generator=gen).to(device)
+    weight = torch.randn(c_out, 3, 1, 1, generator=gen).to(device)
+    masks = torch.rand(5, c_out, generator=gen) < 0.4
+    masks[1] = True
+    masks[2] = False
+    masks[3] = False
+    masks[3, -1] = True
+    masks = masks.to(device)
+    dummy = torch.empty(1, dtype=torch.int64, device=device)
+    order, mask_bytes, _, listed = kernels._kept_first(None, dummy)
+    out_order, out_bytes, per_sample, _ = kernels._kept_first(masks, dummy, sort=False)
+    assert per_sample == 1
+    kernels._packed(x, weight, (0, 0), 32, order, mask_bytes, listed, None, out_order, out_bytes)
+    assert torch.equal(out_order, kernels._sort_kept_first(masks))

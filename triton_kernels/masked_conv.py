@@ -62,8 +62,9 @@ proportional to the kept channels (in_kept * out_kept up to the block tails), wh
 random per-sample gate (FBS) needs, since it rarely leaves a whole aligned block masked. Loads
 and stores gather channels through the list; ascending order within the kept channels keeps
 them close together in memory. A list costs one sort per per-sample mask in the launcher (none
-for a cached static mask, or a None mask: the kernel takes the channels in order); the
-convolution itself is one launch.
+for a cached static mask, or a None mask: the kernel takes the channels in order), except a
+packed launch's per-sample out_mask, whose lists the packing launch writes from running counts
+(_order_row); the convolution itself is one launch.
 
 Soft (float) masks (pyprune::_masked_conv2d_scaled_triton, pyprune/ops/masked_conv.py): an
 in_mask, (C_in,) or (N, C_in) in x's dtype, scales x's channels as the kernel loads them (all
@@ -535,11 +536,31 @@ def _pack_tile(src, dst, order, kept, listed, scale, has_scale, H, W, pad_h, pad
     tl.store(dst + (pix * C_pad)[:, None] + cs[None, :], v, mask=on[:, None])
 
 
+@triton.jit
+def _order_row(mask_row, order_row, C, BLOCK: tl.constexpr):
+    """order_row = the kept-first list of one bool mask row: its kept channels ascending, then
+    its masked ones ascending (torch.sort(mask, descending=True, stable=True).indices), from
+    running counts: kept channel c goes to (kept before c), masked channel c to (all kept) +
+    (masked before c)."""
+    total = _kept_count(mask_row, C, 1, 256)
+    kept = 0
+    c0 = 0
+    while c0 < C:
+        cs = c0 + tl.arange(0, BLOCK)
+        ok = cs < C
+        m = tl.load(mask_row + cs, mask=ok, other=0).to(tl.int32)
+        before = tl.cumsum(m, 0) - m  # kept channels of the block before c
+        pos = tl.where(m != 0, kept + before, total + (cs - kept - before))
+        tl.store(order_row + pos, cs.to(tl.int64), mask=ok)
+        kept += tl.sum(m, 0)
+        c0 += BLOCK
+
+
 @triton.jit(do_not_specialize=["listed", "has_scale"])
 def _pack_kernel(
-    x_ptr, xp_ptr, w_ptr, wp_ptr, order_ptr, mask_ptr, scale_ptr,
+    x_ptr, xp_ptr, w_ptr, wp_ptr, order_ptr, mask_ptr, scale_ptr, out_order_ptr, out_mask_ptr,
     C_in, listed, has_scale, H, W, pad_h, pad_w, C_out, taps, chunks, inv_wp, inv_taps,
-    x_sn, x_sc, x_sh, x_sw, w_so, w_si, w_st, x_programs, x_pix_blocks,
+    x_sn, x_sc, x_sh, x_sw, w_so, w_si, w_st, x_programs, x_pix_blocks, packs,
     BLOCK_PIX: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """x and the weight laid out for the forward kernel's PACKED path, in one launch.
@@ -551,9 +572,15 @@ def _pack_kernel(
     w_st). Channel c past the kept count is 0 in both up to the chunk of BLOCK_C that holds the
     last kept channel (later chunks, never read, are not written), so that a chunk's tail
     multiplies zeros by zeros; a masked input channel is never read. Programs [0, x_programs)
-    take x tiles (sample, pixel block, channel chunk), the rest weight tiles (pixel block of
-    the (C_out, taps) image, channel chunk)."""
+    take x tiles (sample, pixel block, channel chunk), [x_programs, packs) weight tiles (pixel
+    block of the (C_out, taps) image, channel chunk), and each program past them one row of a
+    per-sample bool out_mask, whose kept-first list it writes to out_order (_order_row: the
+    forward kernel reads it after this launch, so no sort launch precedes it)."""
     pid = tl.program_id(0)
+    if pid >= packs:
+        row = (pid - packs).to(tl.int64) * C_out
+        _order_row(out_mask_ptr + row, out_order_ptr + row, C_out, 256)
+        return
     C_pad = chunks * BLOCK_C
     kept = _kept_count(mask_ptr, C_in, listed, 256)
     c0 = (pid % chunks) * BLOCK_C
@@ -755,15 +782,21 @@ def _sort_kept_first(mask: torch.Tensor) -> torch.Tensor:
 _ORDERS = _OrderCache()
 
 
-def _kept_first(mask: torch.Tensor | None, dummy: torch.Tensor
+def _kept_first(mask: torch.Tensor | None, dummy: torch.Tensor, sort: bool = True
                 ) -> tuple[torch.Tensor, torch.Tensor, int, int]:
     """(channel lists kept-first, the mask rows as bytes, per-sample flag, listed flag) of a
     (R, C) bool mask: one stable sort (the kernel counts the kept channels itself), cached per
     mask version for a mask shared by the batch (R = 1, _OrderCache); for None, the dummy (the
-    kernel takes the channels in order, all of them)."""
+    kernel takes the channels in order, all of them). sort=False: a per-sample mask's lists
+    are left to _pack_kernel (an empty (R, C) tensor here)."""
     if mask is None:
         return dummy, dummy.view(torch.uint8), 0, 0
-    order = _ORDERS.order(mask) if mask.shape[0] == 1 else _sort_kept_first(mask)
+    if mask.shape[0] == 1:
+        order = _ORDERS.order(mask)
+    elif sort:
+        order = _sort_kept_first(mask)
+    else:
+        order = torch.empty(mask.shape, dtype=torch.int64, device=mask.device)
     return order, mask.contiguous().view(torch.uint8), int(mask.shape[0] > 1), 1
 
 
@@ -865,11 +898,13 @@ def masked_conv2d_forward(
                          "spans 2**31 elements or more (the kernel's offsets are int32)")
     dummy = torch.empty(1, dtype=torch.int64, device=x.device)  # never read
     in_idx, in_bytes, in_per_sample, in_listed = _kept_first(in_rows, dummy)
-    out_idx, out_bytes, out_per_sample, out_listed = _kept_first(out_rows, dummy)
     c_pad = cdiv(C_in, _BLOCK_CI) * _BLOCK_CI
     packed = (_PACK and weight_mask is None and not in_per_sample
               and (H + 2 * padding[0]) * (W + 2 * padding[1]) * c_pad < 2**31
               and KH * KW * C_out * c_pad < 2**31 and max(W + 2 * padding[1], KH * KW) < 2**20)
+    # A packed launch's per-sample output lists come from the packing launch (no sort).
+    ordered = packed and out_rows is not None and out_rows.shape[0] > 1
+    out_idx, out_bytes, out_per_sample, out_listed = _kept_first(out_rows, dummy, not ordered)
     # Masks shared by the batch: pixel tiles over the batch's pixels (span N), so that small
     # feature maps fill the tiles; per-sample masks and scales: one sample a tile (a soft
     # in_mask packed with x is no longer the kernel's concern).
@@ -904,7 +939,8 @@ def masked_conv2d_forward(
     warps = _num_warps(block_p, block_co, block_ci, arch, packed and not _fma(precision, x.dtype))
     x_strides, w_strides = x.stride(), weight.stride()
     if packed:  # the kernel computes the packed tensors' strides itself
-        x, weight = _packed(x, weight, padding, c_pad, in_idx, in_bytes, in_listed, in_scale)
+        x, weight = _packed(x, weight, padding, c_pad, in_idx, in_bytes, in_listed, in_scale,
+                            out_idx if ordered else None, out_bytes if ordered else None)
     with on_device(x):
         _masked_conv2d_forward_kernel[(N // span * p_blocks * co_blocks,)](
             x, weight, bias if bias is not None else weight, in_idx, in_bytes, out_idx, out_bytes, out,
@@ -931,12 +967,15 @@ def masked_conv2d_forward(
 
 def _packed(x: torch.Tensor, weight: torch.Tensor, padding: tuple[int, int], c_pad: int,
             order: torch.Tensor, mask_bytes: torch.Tensor, listed: int,
-            scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+            scale: torch.Tensor | None, out_order: torch.Tensor | None = None,
+            out_bytes: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(xp, wp): x and the weight as the forward kernel's PACKED path reads them (_pack_kernel:
     xp (N, H + 2 pad_h, W + 2 pad_w, c_pad), wp (C_out, KH, KW, c_pad), the kept input channels
     first, in one launch). The convolution's workspace: with it every tile the kernel loads is
     whole and contiguous along channels (16-byte copies, no bounds tests), which NCHW x (a
-    4-byte gather a value, each with its padding test) does not allow."""
+    4-byte gather a value, each with its padding test) does not allow. With out_order (N,
+    C_out) and out_bytes, a per-sample bool out_mask's rows as bytes, the same launch writes
+    their kept-first lists into out_order."""
     N, C_in, H, W = x.shape
     C_out, _, KH, KW = weight.shape
     if weight.stride(2) != KW * weight.stride(3):  # the taps as one dimension
@@ -947,12 +986,15 @@ def _packed(x: torch.Tensor, weight: torch.Tensor, padding: tuple[int, int], c_p
     chunks = c_pad // _BLOCK_CI
     x_pix = cdiv(Hp * Wp, _PACK_PIXELS)
     x_programs = N * x_pix * chunks
+    packs = x_programs + cdiv(C_out * KH * KW, _PACK_PIXELS) * chunks
+    rows = 0 if out_order is None else out_order.shape[0]
     with on_device(x):
-        _pack_kernel[(x_programs + cdiv(C_out * KH * KW, _PACK_PIXELS) * chunks,)](
+        _pack_kernel[(packs + rows,)](
             x, xp, weight, wp, order, mask_bytes, scale if scale is not None else x,
+            out_order if rows else order, out_bytes if rows else mask_bytes,
             C_in, listed, int(scale is not None), H, W, *padding, C_out, KH * KW, chunks,
             1.0 / Wp, 1.0 / (KH * KW), *x.stride(), *weight.stride()[:2], weight.stride(3),
-            x_programs, x_pix,
+            x_programs, x_pix, packs,
             BLOCK_PIX=_PACK_PIXELS, BLOCK_C=_BLOCK_CI, num_warps=_PACK_WARPS,
         )
     return xp, wp
@@ -1068,7 +1110,8 @@ _POINTERS = {"in_idx_ptr": "*i64", "in_mask_ptr": "*u8", "out_idx_ptr": "*i64",
              "finite_ptr": "*i32"}
 
 
-_PACK_POINTERS = {"order_ptr": "*i64", "mask_ptr": "*u8", "inv_wp": "fp32", "inv_taps": "fp32"}
+_PACK_POINTERS = {"order_ptr": "*i64", "mask_ptr": "*u8", "out_order_ptr": "*i64",
+                  "out_mask_ptr": "*u8", "inv_wp": "fp32", "inv_taps": "fp32"}
 
 
 def _configs(arch: int = 90) -> list[tuple[int, int, int, bool]]:
