@@ -29,10 +29,10 @@ Exits 1 when a variant has a stack frame or local memory, when its occupancy is 
 ``JUSTIFIED`` does not say why that is fine, when a CUDA kernel has no launch bound or a launch
 site disagrees with it, when a benchmark launches a Triton variant that no AOT list holds, or
 when the roofline's instructions a K-loop step of the convolution kernels (CUDA_TC_STEP_OPS,
-TRITON_CONV_STEP_OPS, TRITON_CONV_PACKED_STEP_OPS in benchmarks/roofline.py) differ from their SASS by more than
-STEP_OPS_TOLERANCE (``step_instructions``: the innermost loop holding a global load and a
-tensor-core instruction), or when a Triton variant's innermost loop of asynchronous copies
-waits for all of them each trip (``pipeline_drains``).
+TRITON_CONV_STEP_OPS, TRITON_CONV_PACKED_STEP_OPS in benchmarks/roofline.py) differ from their
+SASS by more than STEP_OPS_TOLERANCE (``step_instructions``: the innermost loop holding a global
+load and a tensor-core instruction), or when a Triton variant's innermost loop of asynchronous
+copies waits for all of them each trip (``pipeline_drains``).
 """
 from __future__ import annotations
 

@@ -1546,20 +1546,19 @@ def test_triton_packs_where_it_can(device_backend, monkeypatch):
     }
     torch.backends.cudnn.allow_tf32, saved = False, torch.backends.cudnn.allow_tf32
     try:
+        spy = _spy_conv_launches(monkeypatch)
+        packs = _LaunchSpy(kernels._pack_kernel)
+        monkeypatch.setattr(kernels, "_pack_kernel", packs)
         for pack in (True, False):
             monkeypatch.setattr(kernels, "_PACK", pack)
-            spy = _spy_conv_launches(monkeypatch)
-            packs = []
-            real = kernels._pack_kernel
-            monkeypatch.setattr(kernels, "_pack_kernel", type("P", (), {
-                "__getitem__": lambda _, g: (packs.append(g), real[g])[1]})())
+            before = len(packs.grids)
             for name, (in_mask, out_mask, packs_here) in cases.items():
                 got = pyprune.masked_conv2d(x, weight, bias, 1, 1, in_mask=in_mask,
                                             out_mask=out_mask)
                 want = _expected(x, weight, bias, geom, in_mask=in_mask, out_mask=out_mask)
                 _close(got, want, torch.float32, scale=4.0)
                 assert spy.launches[-1]["PACKED"] == (pack and packs_here), name
-            assert len(packs) == (3 if pack else 0)
+            assert len(packs.grids) - before == (3 if pack else 0)
     finally:
         torch.backends.cudnn.allow_tf32 = saved
 

@@ -5,15 +5,15 @@ in_mask (C_in,) or (N, C_in), out_mask (C_out,) or (N, C_out), None = all kept. 
 channel takes no part (it is never loaded, so inf or NaN in it cannot leak); a masked output
 channel is exactly 0, bias included.
 
-Forward: an implicit-GEMM launch (after the packing launch, below) over (pixel range, block of BLOCK_P output pixels, block of
-BLOCK_CO output channels), accumulating in float32 the product of an im2col tile of x
-(BLOCK_P, BLOCK_CI) and a weight tile (BLOCK_CI, BLOCK_CO) with tl.dot, for every tap (kh, kw)
-and every chunk of BLOCK_CI input channels: one flat loop over (tap, chunk) steps, a `for` loop
-on the GPU that the compiler software-pipelines (num_stages: the loads of the next steps' tiles
-in flight while the tensor cores multiply this one's). On x as it is (unpacked), the loop is
-bound by the instructions of its gathers (a step: 130-280 lane instructions a thread in the
-sm_90 SASS), so a dense step's
-tap and chunk are counters advanced each step, not divisions of the step index. Nothing a step
+Forward: an implicit-GEMM launch (after the packing launch, below) over (pixel range, block of
+BLOCK_P output pixels, block of BLOCK_CO output channels), accumulating in float32 the product
+of an im2col tile of x (BLOCK_P, BLOCK_CI) and a weight tile (BLOCK_CI, BLOCK_CO) with tl.dot,
+for every tap (kh, kw) and every chunk of BLOCK_CI input channels: one flat loop over (tap,
+chunk) steps, a `for` loop on the GPU that the compiler software-pipelines (num_stages: the
+loads of the next steps' tiles in flight while the tensor cores multiply this one's). On x as
+it is (unpacked), the loop is bound by the instructions of its gathers (a step: 130-280 lane
+instructions a thread in the sm_90 SASS), so a dense step's tap and chunk are counters
+advanced each step, not divisions of the step index. Nothing a step
 loads may depend on another load of the same step, or the pipeline drains at every step (the
 SASS then waits for all copies in flight, DEPBAR.LE SB0, 0x0, once per dependent load): listed
 input channels are loaded once per chunk, outside a loop over that chunk's taps (HOISTED), and
