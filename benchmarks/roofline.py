@@ -1587,19 +1587,60 @@ def _dtype_name(case: Case) -> str:
     return str(case.dtype).removeprefix("torch.")
 
 
-def _cuda_per_sample(p: Plan, g: _Conv, out_work: int, in_work: float) -> None:
-    """masked_conv2d_tc_kernel (tensor cores: bf16 / fp16, float32 under TF32, the benchmark's
-    default): grid (pixel tiles of 32, channel tiles of 64, samples), 256 threads, 2 CTAs an SM
-    (128 registers); the tiles past the kept channels only write their zeros, a warp skips rows
-    past the kept ones and pixels past the image (16 at a time). A CTA's chain: one K step of 64
-    (kernel position, kept input channel) pairs after another, each the next step's gathers
-    (x and weight hit L2 after the first tile reads them) in flight over the mma, then the
-    shared stores to the other of two stages and one barrier. Issue: CUDA_TC_STEP_OPS lane
-    instructions a thread a step, counted in the sm_90 SASS."""
+# The packed path (masked_conv.cu: no bool in_mask): pack_kernel's lane instructions an element
+# of its tiles (a trip of its image loop, 4 elements a thread: ~157 in the sm_90 SASS without a
+# soft in_mask, whose branch adds ~60; 64-bit strides) and masked_conv2d_tc_packed_kernel's K step of 32 channels of one
+# tap (three 16-byte cp.async copies' addresses, the tap counters, ldmatrix and mma.sync: float32
+# TF32 m16n8k8, 16-bit m16n8k16), lane instructions a thread; 4 CTAs an SM (64 registers, 41 KiB
+# of shared memory for float32's 3 stages).
+CUDA_PACK_OPS = 40
+CUDA_TC_PACKED_STEP_OPS = {"float32": 92, "bfloat16": 73, "float16": 73}
+CUDA_PACKED_STAGES = 3
+
+
+def _cuda_per_sample(p: Plan, g: _Conv, out_work: int, in_work: float, listed: bool) -> None:
+    """The per-sample tensor-core kernels (bf16 / fp16, float32 under TF32, the benchmark's
+    default): grid (pixel tiles of 32, channel tiles of 64, samples), 256 threads; the tiles
+    past the kept channels only write their zeros, a warp skips rows past the kept ones and
+    pixels past the image (16 at a time).
+
+    listed (a bool in_mask): masked_conv2d_tc_kernel, 2 CTAs an SM (128 registers). A CTA's
+    chain: one K step of 64 (kernel position, kept input channel) pairs after another, each the
+    next step's gathers (x and weight hit L2 after the first tile reads them) in flight over the
+    mma, then the shared stores to the other of two stages and one barrier. Issue:
+    CUDA_TC_STEP_OPS lane instructions a thread a step, counted in the sm_90 SASS.
+
+    Otherwise the packed path: pack_kernel (x into (N, H + 2, W + 2, C_pad), the weight into
+    (C_out, 9, C_pad), C_pad = C rounded up to 32; tiles of 32 padded pixels by 32 channels), then
+    masked_conv2d_tc_packed_kernel: K steps of 32 channels of one tap, copied by cp.async
+    CUDA_PACKED_STAGES - 1 steps ahead (a step waits at least an L2 round trip over those), one
+    barrier a step; CUDA_TC_PACKED_STEP_OPS lane instructions a thread a step."""
     tiles = math.ceil(out_work / 64)
     p_tiles = math.ceil(g.pixels / 32)
     rows = math.ceil(out_work / 16) * 16
     pixels = math.ceil(g.pixels / 16) * 16
+    if not listed:
+        c_pad = math.ceil(g.c / 32) * 32
+        side = math.isqrt(g.pixels)
+        padded = (side + 2) ** 2
+        x_tiles = g.n * math.ceil(padded / 32) * c_pad // 32
+        w_tiles = g.c * c_pad // 32  # one pixel tile (9 taps) an output channel
+        p.kernel("pack_kernel", "inner",
+                 hbm=g.x + g.n * padded * c_pad * g.esize + 2 * g.weight * c_pad / g.c,
+                 ops=(x_tiles + w_tiles) * 32 * 32 * CUDA_PACK_OPS, ctas=x_tiles + w_tiles,
+                 per_sm=8, chain_us=p.lat("l2") + p.lat("dram"))
+        steps = 9 * c_pad // 32
+        ctas = g.n * p_tiles * tiles
+        chain = (steps * (p.lat("l2") / (CUDA_PACKED_STAGES - 1) + p.lat("barrier"))
+                 + p.lat("dram"))
+        p.kernel("masked_conv2d_tc_packed_kernel (mma)", "inner",
+                 hbm=g.n * padded * c_pad * g.esize + g.x + g.weight * c_pad / g.c,
+                 l2=g.n * padded * c_pad * g.esize * (tiles - 1)
+                 + g.weight * out_work / g.c * c_pad / g.c * (g.n * p_tiles - 1),
+                 flops=g.flops(rows, c_pad, pixels), tensor=True, eff=p.gpu["cuda_wmma_eff"],
+                 ops=ctas * steps * 256 * CUDA_TC_PACKED_STEP_OPS[_dtype_name(p.case)],
+                 ctas=ctas, per_sm=4, chain_us=chain)
+        return
     steps = math.ceil(in_work * 9 / 64)
     ctas = g.n * p_tiles * tiles
     chain = steps * (p.lat("l2") + p.lat("barrier") + p.lat("smem")) + p.lat("dram")
@@ -1803,11 +1844,12 @@ def masked_conv_forward(p: Plan, provider: str, grad: bool) -> None:
             _fold_weight_mask(p, g, grad)
             _cudnn_forward(p, g, g.c, g.c)
         elif g.kind == "sample-out":
-            _cuda_per_sample(p, g, g.kept, g.c)
+            _cuda_per_sample(p, g, g.kept, g.c, listed=False)
         elif _cuda_static_tensor_cores(p, g, g.kept if out_static else g.c,
                                        g.kept if g.kind == "in" else g.c):
             # the (C,) masks read on the device; the kept counts from the cache
-            _cuda_per_sample(p, g, g.kept if out_static else g.c, g.kept if g.kind == "in" else g.c)
+            _cuda_per_sample(p, g, g.kept if out_static else g.c,
+                             g.kept if g.kind == "in" else g.c, listed=g.kind == "in")
         else:  # static masks: compacted weight (and x), cuDNN; the kept indices come from the
             # per-mask-version cache (a nonzero sync on the first call only)
             p.kernel("index_select weight", "inner", hbm=2 * g.weight * g.keep)
@@ -1861,7 +1903,7 @@ def masked_conv_backward(p: Plan, provider: str) -> None:
             p.kernel("where backward (weight mask)", "inner", hbm=3 * g.weight)
         elif g.kind == "sample-out":  # grad_x: the kernel on the flipped weight; wgrad dense
             p.kernel("flip weight", "inner", hbm=2 * g.weight)
-            _cuda_per_sample(p, g, g.c, g.kept)
+            _cuda_per_sample(p, g, g.c, g.kept, listed=True)  # the out_mask as its in_mask
             p.kernel("zeros (scalar)", "inner", hbm=g.esize)
             p.kernel("where(out_mask, grad)", "inner", hbm=2 * g.x)
             _cudnn_backward(p, g, g.c, g.c, dgrad=False)

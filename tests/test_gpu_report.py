@@ -402,6 +402,7 @@ def test_kwta_pass_counts_that_drift_from_the_roofline_fail(monkeypatch):
     from benchmarks import roofline
 
     monkeypatch.setattr(roofline, "CUDA_TC_STEP_OPS", {})
+    monkeypatch.setattr(roofline, "CUDA_TC_PACKED_STEP_OPS", {})
     monkeypatch.setattr(roofline, "TRITON_CONV_STEP_OPS", {})
     monkeypatch.setattr(roofline, "TRITON_CONV_PACKED_STEP_OPS", {})
     found = [SimpleNamespace(kernel=SimpleNamespace(__name__="_kwta_forward_kernel"),
@@ -431,6 +432,7 @@ def test_step_ops_that_drift_from_the_roofline_fail(monkeypatch):
                         lambda names: {n: "void masked_conv2d_tc_kernel<float>(Params<float>)"
                                        for n in names})
     monkeypatch.setattr(roofline, "CUDA_TC_STEP_OPS", {"float32": 13})
+    monkeypatch.setattr(roofline, "CUDA_TC_PACKED_STEP_OPS", {})
     monkeypatch.setattr(roofline, "TRITON_KWTA_COUNT_PASS", {})
     constexprs = {"BLOCK_P": 64, "BLOCK_CO": 32, "SPARSE": False, "PRECISION": "tf32",
                   "IN_LIST": False, "IN_SCALE": False, "PACKED": False}
@@ -448,6 +450,7 @@ def test_step_ops_that_drift_from_the_roofline_fail(monkeypatch):
                          (False, False, 64, 64): {"float32": 370}})
     monkeypatch.setattr(roofline, "TRITON_CONV_PACKED_STEP_OPS", {(64, 32): {"float32": 160}})
     monkeypatch.setattr(roofline, "CUDA_TC_STEP_OPS", {"float32": 20})
+    monkeypatch.setattr(roofline, "CUDA_TC_PACKED_STEP_OPS", {})
     problems = gpu_report.check_step_ops(SASS, rows, found)
     assert len(problems) == 4, problems
     assert "masked_conv2d_tc_kernel<float>: the roofline charges 20" in problems[0]

@@ -1052,6 +1052,37 @@ def test_cuda_tensor_cores_per_sample(dtype, channels_last, geom):
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("geom", TC_GEOMETRIES)
+def test_cuda_packed_per_sample(dtype, channels_last, geom):
+    """A per-sample out_mask without an in_mask takes the packed path (pack_kernel, then
+    masked_conv2d_tc_packed_kernel: input channels padded to 32, padding and strides of x laid
+    out by the pack, 9 x 9 kernels, stride, dilation, tails of every tile): within twice eager's
+    low-precision error (TF32 tolerances for float32), exact zeros in the masked channels."""
+    gen = torch.Generator().manual_seed(13)
+    n, cin, cout, h, w, k, stride, padding, dilation = geom
+    x, weight, bias = _tc_inputs(geom, dtype, gen, channels_last)
+    _, out_mask = _tc_masks(n, cin, cout, gen)
+    with pyprune.use_backend("cuda"):
+        got, names = _cuda_kernel_names(lambda: pyprune.masked_conv2d(
+            x, weight, bias, stride, padding, dilation, out_mask=out_mask))
+    assert _launched(names, "pack_kernel") and _launched(names, "tc_packed_kernel"), names
+    assert got.is_contiguous(memory_format=torch.channels_last) == channels_last
+    if dtype == torch.float32:
+        want = reference.masked_conv2d(x.double(), weight.double(), bias.double(), stride,
+                                       padding, dilation, 1, None, out_mask)
+        scale = (cin * k * k) ** 0.5
+        torch.testing.assert_close(got.double(), want, atol=TF32_TOLERANCE[0] * scale,
+                                   rtol=TF32_TOLERANCE[1] * scale)
+        assert torch.equal(got.masked_fill(out_mask[:, :, None, None], 0), torch.zeros_like(got))
+    else:
+        in_mask = torch.ones(n, cin, dtype=torch.bool, device=x.device)
+        _low_precision_close(got, x, weight, bias, geom, in_mask, out_mask)
+
+
+@pytest.mark.gpu
 @pytest.mark.tf32
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 @pytest.mark.parametrize("geom", TC_GEOMETRIES[:4])

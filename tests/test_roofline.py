@@ -177,16 +177,28 @@ def test_masked_conv_bytes_and_flops():
     eager = kernels("masked_conv", Case((32, 128, 16, 16), "out25"), roofline.EAGER, "forward")
     assert eager["cuDNN fprop"].flops == dense_flops and eager["cuDNN fprop"].tensor
     assert eager["cuDNN fprop"].hbm == 2 * x + weight
-    # Per-sample 25% of 128 output channels: one 64-channel tile of work on tensor cores, the
-    # warps past the 32 kept rows idle; 32 samples x 8 tiles of 32 pixels; 128 * 9 / 64 steps.
-    k = kernels("masked_conv", Case((32, 128, 16, 16), "sample-out25"), roofline.CUDA,
-                "forward")["masked_conv2d_tc_kernel (wmma)"]
+    # Per-sample 25% of 128 output channels (no in_mask: the packed path): x packed into
+    # (32, 18, 18, 128) and the weight into (128, 9, 128), then one 64-channel tile of work on
+    # tensor cores, the warps past the 32 kept rows idle; 32 samples x 8 tiles of 32 pixels;
+    # 9 taps x 128 / 32 steps, each waiting at least half an L2 round trip (3 stages).
+    xp = 32 * 18 * 18 * 128 * 4
+    forward = kernels("masked_conv", Case((32, 128, 16, 16), "sample-out25"), roofline.CUDA,
+                      "forward")
+    assert list(forward) == ["pack_kernel", "masked_conv2d_tc_packed_kernel (mma)"]
+    assert forward["pack_kernel"].hbm == x + xp + 2 * weight
+    k = forward["masked_conv2d_tc_packed_kernel (mma)"]
     assert k.flops == dense_flops / 4 and k.tensor
-    assert k.hbm == 2 * x + weight + 128 * 4 and k.ctas == 32 * 8
+    assert k.hbm == xp + x + weight and k.ctas == 32 * 8
     lat = roofline.GPUS["h200"]["latency_us"]
-    assert k.chain_us >= 18 * lat["l2"]
+    assert k.chain_us >= 36 * lat["l2"] / 2
     # Its issue: the SASS-counted lane instructions of a K step, for every thread of every CTA.
-    assert k.ops == 32 * 8 * 18 * 256 * roofline.CUDA_TC_STEP_OPS["float32"]
+    assert k.ops == 32 * 8 * 36 * 256 * roofline.CUDA_TC_PACKED_STEP_OPS["float32"]
+    # Its backward's grad_x has the out_mask as its in_mask: the gathering kernel (128 kept
+    # rows of the flipped weight, 18 K steps of 64 over the 32 kept input channels x 9 taps... of
+    # the sample's mask).
+    backward = kernels("masked_conv", Case((32, 128, 16, 16), "sample-out25"), roofline.CUDA,
+                       "backward")
+    assert "masked_conv2d_tc_kernel (wmma)" in backward and "pack_kernel" not in backward
     # Static 25%: 18 K steps of 64 for one round of CTAs is past the limit (4): cuDNN on the 32
     # kept output channels, the kept indices cached per mask version (no nonzero() sync).
     items = roofline.plan("masked_conv", Case((32, 128, 16, 16), "out25"), roofline.CUDA,
@@ -195,17 +207,20 @@ def test_masked_conv_bytes_and_flops():
     assert list(k) == ["index_select weight", "cuDNN fprop", "scatter_kept_channels_kernel"]
     assert k["cuDNN fprop"].flops == dense_flops / 4
     assert not any(isinstance(i, roofline.Sync) for i in items)
-    # 16 channels: 3 K steps for one round of 256 CTAs: the tensor-core kernel alone (the (C,)
-    # mask read on the device); only the kept rows of the weight are reread.
+    # 16 channels: 3 K steps for one round of 256 CTAs: the tensor-core kernels (the (C,)
+    # mask read on the device; no in_mask: packed, 16 channels padded to 32, 9 steps); only the
+    # kept rows of the weight are reread.
     small = 32 * 16 * 16 * 16 * 4
     items = roofline.plan("masked_conv", Case((32, 16, 16, 16), "out25"), roofline.CUDA,
                           "forward", "h200").items
     k = {i.name: i for i in items if isinstance(i, roofline.Kernel)}
-    assert list(k) == ["masked_conv2d_tc_kernel (wmma)"]
-    k = k["masked_conv2d_tc_kernel (wmma)"]
-    assert k.ctas == 32 * 8 and k.ops == 32 * 8 * 3 * 256 * roofline.CUDA_TC_STEP_OPS["float32"]
-    assert k.hbm == 2 * small + 16 * 16 * 9 * 4 + 16 * 4
-    assert k.l2 == pytest.approx(4 * 16 * 9 * 4 * (32 * 8 - 1))  # 4 kept rows of 16 x 9
+    assert list(k) == ["pack_kernel", "masked_conv2d_tc_packed_kernel (mma)"]
+    k = k["masked_conv2d_tc_packed_kernel (mma)"]
+    ops = roofline.CUDA_TC_PACKED_STEP_OPS["float32"]
+    assert k.ctas == 32 * 8 and k.ops == 32 * 8 * 9 * 256 * ops
+    small_xp = 32 * 18 * 18 * 32 * 4
+    assert k.hbm == small_xp + small + 16 * 16 * 9 * 4 * 2
+    assert k.l2 == pytest.approx(4 * 32 * 9 * 4 * (32 * 8 - 1))  # 4 kept rows of 32 x 9
     assert not any(isinstance(i, roofline.Sync) for i in items)
     # Static input mask at 50%: 9 K steps over two rounds of CTAs, past the limit: cuDNN on the
     # kept input channels of x and of the weight.

@@ -13,9 +13,13 @@
 //                                      few K steps and CTAs for one or two rounds of the GPU), that
 //                                      kernel alone, reading the (C,) masks on the device;
 //   an (N, C) mask, groups == 1        the implicit-GEMM kernels below, one launch for the batch:
-//                                      masked_conv2d_tc_kernel on tensor cores for bf16, fp16 and
-//                                      float32 where torch.backends.cudnn.allow_tf32 (TF32), else
-//                                      masked_conv2d_kernel (FMA: full float32, float64).
+//                                      on tensor cores for bf16, fp16 and float32 where
+//                                      torch.backends.cudnn.allow_tf32 (TF32) either
+//                                      masked_conv2d_tc_packed_kernel after pack_kernel (no bool
+//                                      in_mask: x and the weight laid out channels-innermost,
+//                                      16-byte cp.async copies) or masked_conv2d_tc_kernel (a bool
+//                                      in_mask: kept channels gathered); else masked_conv2d_kernel
+//                                      (FMA: full float32, float64).
 // Backward: static masks with groups == 1 run masked_conv::static_backward (as the forward
 // for masks not seen before during capture).
 // Per-sample masks with stride 1 (groups 1, not float64) take grad_x from the per-sample kernel
@@ -472,6 +476,15 @@ struct TensorCore16 {
       PYPRUNE_WMMA_LOAD_SHARED("wmma.load.b.sync.aligned.row.m16n16k16.shared.bf16", b, p, ld);
     }
   }
+  // B stored column-major ([pixel][k]: the packed kernel's X'), ld its column pitch.
+  using BCol = wmma::fragment<wmma::matrix_b, 16, 16, 16, CudaT, wmma::col_major>;
+  __device__ static void load_b_col(BCol& b, const T* p, unsigned ld) {
+    if constexpr (std::is_same_v<CudaT, __half>) {
+      wmma::load_matrix_sync(b, p, ld);
+    } else {
+      PYPRUNE_WMMA_LOAD_SHARED("wmma.load.b.sync.aligned.col.m16n16k16.shared.bf16", b, p, ld);
+    }
+  }
 };
 
 template <>
@@ -495,6 +508,10 @@ struct TensorCore<float> {
   }
   __device__ static void load_b(B& b, const T* p, unsigned ld) {
     PYPRUNE_WMMA_LOAD_SHARED("wmma.load.b.sync.aligned.row.m16n16k8.shared.tf32", b, p, ld);
+  }
+  using BCol = wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::col_major>;
+  __device__ static void load_b_col(BCol& b, const T* p, unsigned ld) {
+    PYPRUNE_WMMA_LOAD_SHARED("wmma.load.b.sync.aligned.col.m16n16k8.shared.tf32", b, p, ld);
   }
 };
 
@@ -522,6 +539,30 @@ constexpr size_t tc_stage_bytes() {
 template <typename scalar_t>
 constexpr size_t tc_smem_bytes() {
   return std::max(2 * tc_stage_bytes<scalar_t>(), sizeof(float) * kTileM * kTcLdC);
+}
+
+// The tensor-core kernels' epilogue (block-wide, after the barrier that publishes c_s): the tile's
+// kept rows from the accumulator tile c_s [row][pixel], 32 threads per output row (coalesced),
+// plus the bias; raw (when wanted) receives that, out the same times a soft out_mask's scale.
+template <typename scalar_t>
+__device__ inline void tc_epilogue(const Params<scalar_t>& p, const SampleView<scalar_t>& v,
+                                   const float (*c_s)[kTcLdC], const int* out_ch, int rows,
+                                   int tile_p0) {
+  using acc_t = float;
+  const int tid = threadIdx.x;
+  const int px = tid % kTcP, pix = tile_p0 + px;
+  if (pix >= p.pixels) return;
+  for (int m = tid / kTcP; m < rows; m += kThreads / kTcP) {
+    const int c = out_ch[m];
+    const acc_t bias = p.bias != nullptr ? static_cast<acc_t>(p.bias[c]) : acc_t(0);
+    const int64_t off = static_cast<int64_t>(c) * p.pixels + pix;
+    const scalar_t y = static_cast<scalar_t>(c_s[m][px] + bias);
+    if (v.raw_n != nullptr) v.raw_n[off] = y;
+    v.out_n[off] = v.os != nullptr
+                       ? static_cast<scalar_t>(static_cast<acc_t>(y) *
+                                               static_cast<acc_t>(v.os[c * p.out_s1]))
+                       : y;
+  }
 }
 
 template <typename scalar_t>
@@ -702,21 +743,379 @@ __global__ void __launch_bounds__(kThreads, kTcMinBlocks)
     // Every step ended with a barrier after its reads: the tiles are free for the accumulators.
     if (active) wmma::store_matrix_sync(&c_s[wm][wp], acc, kTcLdC, wmma::mem_row_major);
     __syncthreads();
-    const int px = tid % kTcP, pix = tile_p0 + px;
-    if (pix < p.pixels) {
-      for (int m = tid / kTcP; m < rows; m += kThreads / kTcP) {
-        const int c = out_ch[m];
-        const acc_t bias = p.bias != nullptr ? static_cast<acc_t>(p.bias[c]) : acc_t(0);
-        const int64_t off = static_cast<int64_t>(c) * p.pixels + pix;
-        const scalar_t y = static_cast<scalar_t>(c_s[m][px] + bias);
-        if (v.raw_n != nullptr) v.raw_n[off] = y;
-        v.out_n[off] = v.os != nullptr
-                           ? static_cast<scalar_t>(static_cast<acc_t>(y) *
-                                                   static_cast<acc_t>(v.os[c * p.out_s1]))
-                           : y;
+    tc_epilogue(p, v, c_s, out_ch, rows, tile_p0);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The packed tensor-core path: per-sample launches without a bool in_mask (no mask, a soft one,
+// or an out_mask alone) on bf16 / fp16 / TF32. The operands are laid out first by one launch
+// of pack_kernel so that the K loop copies whole 16-byte vectors with no tests:
+//   xp (N, H + 2 pad_h, W + 2 pad_w, C_pad): x with its padding as zeros, channels innermost,
+//      a soft in_mask's scales applied (x * in_mask rounded to x's dtype), channels C_in ..
+//      C_pad - 1 zero (C_pad: C_in rounded up to kPkC);
+//   wp (C_out, KH * KW, C_pad): the weight's rows with the same channel order;
+// float32 values rounded to TF32 there once (as the gathering kernel rounds them when staged).
+// Then masked_conv2d_tc_packed_kernel: the tiles of masked_conv2d_tc_kernel (64 kept output
+// channels by 32 pixels of one sample, 8 warps of one 16 x 16 accumulator each, the same zero
+// writes and epilogue), the K loop over (tap, 32-channel chunk) steps. A step's W' tile is 64
+// rows of 32 consecutive k of wp (k = tap * C_pad + c, so step s is at offset 32 s of each row)
+// and its X' tile 32 pixels by the chunk's 32 channels, each pixel's at its tap-(0, 0) position
+// in xp plus the tap's offset (dh * Wp + dw) * C_pad: both copied global -> shared by cp.async
+// 16 bytes at a time (2 + 1 copies a thread for float32, 1 + 1/2 for 16-bit types), kPkStages
+// stages in flight, one barrier a step. Pixels past the image read the last pixel's row (valid
+// memory; the epilogue never writes them). X' is stored [pixel][k], column-major for wmma.
+// Compared with the gathering kernel's ~570 lane instructions a 64-k step (float32), a 32-k step
+// here is the copies' addresses, the tap counters and the fragment loads and mma.
+constexpr int kPkC = 32;                // channels a K step (C_pad is a multiple of it)
+constexpr int kPkStages = 3;            // copies in flight: stages - 1 steps ahead
+constexpr int kPkMinBlocks = 4;         // CTAs an SM the registers are capped for (64 a thread)
+
+// Row pitch of the W' and X' tiles in bytes: a row's 32 channels and 16 bytes more, so that the
+// 8 rows of an ldmatrix 8 x 8 matrix fall in distinct banks (144 = 36 words, 80 = 20 words).
+template <typename scalar_t>
+constexpr unsigned pk_pitch() {
+  return kPkC * sizeof(typename TensorCore<scalar_t>::T) + 16;
+}
+
+template <typename scalar_t>
+constexpr size_t pk_stage_bytes() {
+  return (kTileM + kTcP) * pk_pitch<scalar_t>();
+}
+
+template <typename scalar_t>
+constexpr size_t pk_smem_bytes() {
+  return std::max(kPkStages * pk_stage_bytes<scalar_t>(), sizeof(float) * kTileM * kTcLdC);
+}
+static_assert(pk_smem_bytes<float>() <= 48 * 1024, "the packed kernel's stages fit 48 KiB");
+
+// The packed operands' geometry, with the per-sample kernel's Params (masks, output, bias).
+template <typename scalar_t>
+struct PackedParams {
+  Params<scalar_t> p;
+  const scalar_t* __restrict__ xp;  // (N, hp, wp, c_pad)
+  const scalar_t* __restrict__ wp;  // (C_out, taps, c_pad)
+  int hp, wp_w, c_pad, taps;
+};
+
+__device__ inline void cp_async16(unsigned smem, const void* gmem) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem), "l"(gmem) : "memory");
+}
+__device__ inline void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int kPending>
+__device__ inline void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
+}
+// Four 8 x 8 matrices of 16-bit pairs (8 rows of 16 bytes each, row addresses from lanes 8 i ..
+// 8 i + 7 for matrix i): lane l receives the 32-bit word l % 4 of row l / 4 of each.
+__device__ inline void ldsm_x4(uint32_t (&r)[4], unsigned addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+// d += a (16 x K, row-major fragment) b (K x 8, column-major fragment): K = 8 (tf32) or 16.
+template <typename T>
+__device__ inline void mma_16x8(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  if constexpr (std::is_same_v<T, float>) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+        "{%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else if constexpr (std::is_same_v<T, __half>) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+        "{%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+        "{%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+}
+
+// The products go through mma.sync (m16n8k8 tf32, m16n8k16 bf16 / fp16) with fragments loaded by
+// ldmatrix: a warp's 16 x 16 block is two m16n8 accumulators, and a slice of 32 bytes of k (8
+// TF32 or 16 16-bit values) takes one ldmatrix.x4 of W' (its four 8 x 8 quarters: a0..a3) and
+// one of X' (both 8-pixel halves, both 16-byte halves of k: b0, b1 of each), then two mma.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads, kPkMinBlocks)
+    masked_conv2d_tc_packed_kernel(const PackedParams<scalar_t> q) {
+  using T = typename TensorCore<scalar_t>::T;
+  constexpr int kVec = 16 / static_cast<int>(sizeof(T));  // elements a 16-byte copy
+  constexpr int kRowCopies = kPkC / kVec;                   // copies a 32-channel row
+  constexpr int kACopies = kTileM * kRowCopies / kThreads;  // a thread's W' copies a step
+  constexpr int kBThreads = kTcP * kRowCopies;              // threads copying X' (one each)
+  constexpr int kSlices = kPkC / (2 * kVec);                // 32-byte k slices a step
+  static_assert(kACopies >= 1 && kBThreads <= kThreads, "packed staging map");
+  constexpr unsigned kStage = static_cast<unsigned>(pk_stage_bytes<scalar_t>());
+  constexpr unsigned kPitch = pk_pitch<scalar_t>();         // bytes a tile row
+  constexpr unsigned kBOffset = kTileM * kPitch;             // X' after W' in a stage
+  extern __shared__ __align__(128) unsigned char pk_smem[];
+  __shared__ int out_ch[kTileM];
+  __shared__ int warp_count[kWarps];
+  auto c_s = reinterpret_cast<float (*)[kTcLdC]>(pk_smem);
+  const unsigned smem0 = static_cast<unsigned>(__cvta_generic_to_shared(pk_smem));
+  const Params<scalar_t>& p = q.p;
+
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int tile_c0 = blockIdx.y * kTileM;
+  const int tile_p0 = blockIdx.x * kTcP;
+  const int wm = (warp % 4) * 16, wpx = (warp / 4) * 16;
+  // This thread's copies: W' rows ra + kThreads / kRowCopies * i at column col, X' pixel pb.
+  const int col = (tid % kRowCopies) * kVec;
+  const int ra = tid / kRowCopies;
+  const bool b_copy = tid < kBThreads;  // warp-uniform
+  const int pb = (tid / kRowCopies) % kTcP;
+  const unsigned a_dst = smem0 + ra * kPitch + col * sizeof(T);
+  const unsigned b_dst = smem0 + kBOffset + pb * kPitch + col * sizeof(T);
+  // ldmatrix row addresses (stage 0, slice 0): W' rows wm + lane % 16, k half lane / 16; X'
+  // pixels wpx + lane % 8 + 8 (lane / 16), k half (lane / 8) % 2.
+  const unsigned a_frag = smem0 + (wm + lane % 16) * kPitch + (lane / 16) * 16;
+  const unsigned b_frag =
+      smem0 + kBOffset + (wpx + lane % 8 + (lane / 16) * 8) * kPitch + ((lane / 8) % 2) * 16;
+  // The X' pixel's tap-(0, 0) offset inside a sample's xp (past the image: the last pixel).
+  const int pix = min(tile_p0 + pb, p.pixels - 1);
+  const int oh = pix / p.w_out, ow = pix - oh * p.w_out;
+  const int b_pixel = ((oh * p.stride_h) * q.wp_w + ow * p.stride_w) * q.c_pad + col;
+  // Moving the X' pointer on after a tap's last chunk: to the next kw, or to the next kh's kw = 0.
+  const int next_kw = p.dil_w * q.c_pad - q.c_pad;
+  const int next_kh = p.dil_h * q.wp_w * q.c_pad - (p.kw - 1) * p.dil_w * q.c_pad - q.c_pad;
+  const int64_t sample_elems = static_cast<int64_t>(q.hp) * q.wp_w * q.c_pad;
+  const int64_t row_elems = static_cast<int64_t>(q.taps) * q.c_pad;
+  const int chunks = q.c_pad / kPkC;
+  const int steps = q.taps * chunks;
+
+  for (int64_t n = blockIdx.z; n < p.n; n += gridDim.z) {
+    __syncthreads();  // the previous sample's epilogue has finished reading out_ch and c_s
+    const SampleView<scalar_t> v(p, n);
+    const int rows = tile_output_channels<kTcP>(p, v, tile_c0, tile_p0, out_ch, warp_count);
+    __syncthreads();  // out_ch is visible
+    if (rows == 0) continue;
+    const bool active = wm < rows && tile_p0 + wpx < p.pixels;  // warp-uniform
+    // Running source pointers of the next copies. Rows past the tile's kept ones copy row 0's
+    // values (their products reach accumulator rows the epilogue never reads).
+    const T* a_src[kACopies];
+#pragma unroll
+    for (int i = 0; i < kACopies; ++i) {
+      const int m = ra + i * (kThreads / kRowCopies);
+      a_src[i] = reinterpret_cast<const T*>(q.wp) + (m < rows ? out_ch[m] : 0) * row_elems + col;
+    }
+    const T* b_src = reinterpret_cast<const T*>(q.xp) + n * sample_elems + b_pixel;
+    int b_chunk = 0, b_kw = 0;
+    unsigned stage_w = 0;  // byte offset of the stage the next copies fill
+
+    // The copies of the next step (issued in step order).
+    auto issue = [&]() {
+#pragma unroll
+      for (int i = 0; i < kACopies; ++i) {
+        cp_async16(a_dst + stage_w + i * (kThreads / kRowCopies) * kPitch, a_src[i]);
+        a_src[i] += kPkC;
+      }
+      if (b_copy) cp_async16(b_dst + stage_w, b_src);
+      b_src += kPkC;
+      if (++b_chunk == chunks) {
+        b_chunk = 0;
+        const bool h_carry = ++b_kw == p.kw;
+        b_kw = h_carry ? 0 : b_kw;
+        b_src += h_carry ? next_kh : next_kw;
+      }
+      stage_w = stage_w == (kPkStages - 1) * kStage ? 0 : stage_w + kStage;
+    };
+
+    float acc[2][4] = {};
+#pragma unroll
+    for (int s = 0; s < kPkStages - 1; ++s) {
+      if (s < steps) issue();
+      cp_async_commit();
+    }
+    unsigned stage_r = 0;
+#pragma unroll 1  // one step a trip (the roofline's count of a step is one trip's SASS)
+    for (int s = 0; s < steps; ++s) {
+      cp_async_wait<kPkStages - 2>();  // this thread's copies of step s have landed
+      // Everyone's have, and step s - 1's reads of the stage refilled below are done.
+      __syncthreads();
+      if (s + kPkStages - 1 < steps) issue();
+      cp_async_commit();
+      if (active) {
+#pragma unroll
+        for (int k = 0; k < kSlices; ++k) {
+          uint32_t a[4], b[4];
+          ldsm_x4(a, a_frag + stage_r + k * 32);
+          ldsm_x4(b, b_frag + stage_r + k * 32);
+          mma_16x8<T>(acc[0], a, b[0], b[1]);
+          mma_16x8<T>(acc[1], a, b[2], b[3]);
+        }
+      }
+      stage_r = stage_r == (kPkStages - 1) * kStage ? 0 : stage_r + kStage;
+    }
+    cp_async_wait<0>();  // (only empty groups remain)
+    __syncthreads();     // every read of the stages is done: the accumulators may alias them
+    if (active) {
+      // m16n8 accumulators: d0, d1 at (row lane / 4, pixels 2 (lane % 4) + 0, 1), d2, d3 8 rows on.
+      const int r = wm + lane / 4, c = wpx + 2 * (lane % 4);
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        c_s[r][c + 8 * j] = acc[j][0];
+        c_s[r][c + 8 * j + 1] = acc[j][1];
+        c_s[r + 8][c + 8 * j] = acc[j][2];
+        c_s[r + 8][c + 8 * j + 1] = acc[j][3];
+      }
+    }
+    __syncthreads();
+    tc_epilogue(p, v, c_s, out_ch, rows, tile_p0);
+  }
+}
+
+// pack_kernel's two jobs (x -> xp, weight -> wp), the same copy: an (images, channels, h, w)
+// tensor with any strides into (images, h + 2 pad_h, w + 2 pad_w, c_pad), zero padding and zero
+// channels past `channels`, each value times scale[image * scale_s0 + c * scale_s1] (rounded to
+// scalar_t) where scale is given, float32 rounded to TF32. A block takes 32 padded pixels by 32
+// channels of one image: read with lanes along pixels (4 loads a thread in flight), transposed
+// through shared memory, written with lanes along channels (a 128-byte row a pixel for float32).
+// Grid (the x job's pixel tiles, then the weight job's; channel tiles; images, looped past
+// 65535).
+template <typename scalar_t>
+struct PackJob {
+  const scalar_t* src;
+  const scalar_t* scale;  // nullptr: none
+  scalar_t* dst;
+  int64_t images, s_image, s_c, s_h, s_w, scale_s0, scale_s1;
+  int channels, h, w, pad_h, pad_w, hp, wp_w, c_pad, pixel_tiles;
+};
+
+constexpr int kPackTile = 32;
+constexpr int kPackRows = kThreads / kPackTile;  // 8: rows of the block, 4 trips of each
+
+// One block's tile (pixel tile pt) of job j, for each of its images.
+template <typename scalar_t>
+__device__ inline void pack_tile(const PackJob<scalar_t>& j, int pt) {
+  using acc_t = float;
+  __shared__ acc_t tile[kPackTile][kPackTile + 1];
+  const int lane = threadIdx.x % kPackTile, row = threadIdx.x / kPackTile;
+  const int c0 = blockIdx.y * kPackTile;
+  const int padded = j.hp * j.wp_w;
+  // Read side: this lane's padded pixel and its input position.
+  const int q = pt * kPackTile + lane;
+  const int hq = q / j.wp_w;
+  const int ih = hq - j.pad_h, iw = q - hq * j.wp_w - j.pad_w;
+  const bool inside = q < padded && static_cast<unsigned>(ih) < static_cast<unsigned>(j.h) &&
+                      static_cast<unsigned>(iw) < static_cast<unsigned>(j.w);
+  constexpr int kTrips = kPackTile / kPackRows;
+  // This thread's source offsets inside an image (64-bit: any strides), hoisted out of the loop.
+  int64_t off[kTrips];
+  bool ok[kTrips];
+#pragma unroll
+  for (int i = 0; i < kTrips; ++i) {
+    const int c = c0 + row + i * kPackRows;
+    ok[i] = inside && c < j.channels;
+    off[i] = ok[i] ? c * j.s_c + ih * j.s_h + iw * j.s_w : 0;
+  }
+  for (int64_t image = blockIdx.z; image < j.images; image += gridDim.z) {
+    __syncthreads();  // the previous image's reads of the tile are done
+    const scalar_t* src = j.src + image * j.s_image;
+    acc_t v[kTrips];
+#pragma unroll
+    for (int i = 0; i < kTrips; ++i) v[i] = ok[i] ? static_cast<acc_t>(src[off[i]]) : acc_t(0);
+    if (j.scale != nullptr) {
+#pragma unroll
+      for (int i = 0; i < kTrips; ++i) {
+        const int c = c0 + row + i * kPackRows;
+        if (c < j.channels) {
+          v[i] = static_cast<acc_t>(static_cast<scalar_t>(
+              v[i] * static_cast<acc_t>(j.scale[image * j.scale_s0 + c * j.scale_s1])));
+        }
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < kTrips; ++i) tile[row + i * kPackRows][lane] = v[i];
+    __syncthreads();
+    // Write side: lane = channel, rows = padded pixels.
+    scalar_t* dst = j.dst + (image * padded + pt * kPackTile) * j.c_pad + c0 + lane;
+#pragma unroll
+    for (int i = 0; i < kTrips; ++i) {
+      const int r = row + i * kPackRows;
+      if (pt * kPackTile + r < padded) {
+        acc_t value = tile[lane][r];
+        if constexpr (std::is_same_v<scalar_t, float>) value = wmma::__float_to_tf32(value);
+        dst[r * j.c_pad] = static_cast<scalar_t>(value);
       }
     }
   }
+}
+
+// The x job's pixel tiles first, then the weight's (each branch reads its job from parameter
+// space).
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+    pack_kernel(const PackJob<scalar_t> x_job, const PackJob<scalar_t> w_job) {
+  const int pt = blockIdx.x;
+  if (pt < x_job.pixel_tiles) {
+    pack_tile(x_job, pt);
+  } else {
+    pack_tile(w_job, pt - x_job.pixel_tiles);
+  }
+}
+
+// The packed path's workspace and its one pack launch.
+struct Packed {
+  at::Tensor xp, wp;
+  int hp, wp_w, c_pad;
+};
+
+// Whether the packed kernel takes a per-sample launch: tensor cores (the caller's choice), no
+// bool in_mask (a soft one is applied by pack_kernel), and a sample's xp and the weight's wp
+// rows within 32-bit offsets.
+bool packed_fits(const masked_conv::Geometry& g, bool in_bool_mask) {
+  if (in_bool_mask) return false;
+  const int64_t c_pad = (g.c_in + kPkC - 1) / kPkC * kPkC;
+  const int64_t hp = g.h + 2 * g.padding[0], wp_w = g.w + 2 * g.padding[1];
+  return hp * wp_w * c_pad <= kIntMax && g.kh * g.kw * c_pad <= kIntMax &&
+         c_pad / kPkC <= 65535;  // pack_kernel's grid.y
+}
+
+template <typename scalar_t>
+PackJob<scalar_t> pack_job(const at::Tensor& src, const scalar_t* scale, int64_t scale_s0,
+                           int64_t scale_s1, at::Tensor& dst, int pad_h, int pad_w, int c_pad) {
+  PackJob<scalar_t> j{};
+  j.src = src.const_data_ptr<scalar_t>();
+  j.scale = scale;
+  j.dst = dst.mutable_data_ptr<scalar_t>();
+  j.images = src.size(0);
+  j.s_image = src.stride(0), j.s_c = src.stride(1), j.s_h = src.stride(2), j.s_w = src.stride(3);
+  j.scale_s0 = scale_s0, j.scale_s1 = scale_s1;
+  j.channels = static_cast<int>(src.size(1));
+  j.h = static_cast<int>(src.size(2)), j.w = static_cast<int>(src.size(3));
+  j.pad_h = pad_h, j.pad_w = pad_w;
+  j.hp = j.h + 2 * pad_h, j.wp_w = j.w + 2 * pad_w, j.c_pad = c_pad;
+  j.pixel_tiles = (j.hp * j.wp_w + kPackTile - 1) / kPackTile;
+  return j;
+}
+
+// x (any strides) and weight packed by one launch; p's soft in_mask (in_scale) applied to x.
+template <typename scalar_t>
+Packed pack(const at::Tensor& x, const at::Tensor& weight, const Params<scalar_t>& p,
+            const masked_conv::Geometry& g, cudaStream_t stream) {
+  Packed k;
+  k.c_pad = static_cast<int>((g.c_in + kPkC - 1) / kPkC * kPkC);
+  k.hp = static_cast<int>(g.h + 2 * g.padding[0]);
+  k.wp_w = static_cast<int>(g.w + 2 * g.padding[1]);
+  k.xp = at::empty({g.n, k.hp, k.wp_w, k.c_pad}, x.options());
+  k.wp = at::empty({g.c_out, g.kh, g.kw, k.c_pad}, x.options());
+  if (k.c_pad == 0) return k;  // C_in == 0: nothing to pack (the products are empty)
+  const at::Tensor w4 = weight.view({g.c_out, g.c_in, g.kh * g.kw, 1});
+  const auto x_job = pack_job<scalar_t>(x, p.in_scale, p.in_s0, p.in_s1, k.xp, p.pad_h, p.pad_w,
+                                        k.c_pad);
+  const auto w_job = pack_job<scalar_t>(w4, nullptr, 0, 0, k.wp, 0, 0, k.c_pad);
+  const dim3 grid(static_cast<unsigned>(x_job.pixel_tiles + w_job.pixel_tiles),
+                  static_cast<unsigned>(k.c_pad / kPackTile),
+                  static_cast<unsigned>(std::min<int64_t>(std::max(g.n, g.c_out), 65535)));
+  pack_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(x_job, w_job);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return k;
 }
 
 // The static out_mask's epilogue in one pass: out[n, c] = y[n, rank(c)] + bias[c] for the kept
@@ -851,6 +1250,22 @@ void launch_per_sample(Params<scalar_t>& p, dim3 grid, cudaStream_t stream) {
   }
 }
 
+// The packed path: pack_kernel, then masked_conv2d_tc_packed_kernel (its stages within the 48 KiB
+// a launch may take without opting in). p.x is unused there (x is read through its strides).
+template <typename scalar_t>
+void launch_packed(const Params<scalar_t>& p, const at::Tensor& x, const at::Tensor& weight,
+                   const masked_conv::Geometry& g, dim3 grid, cudaStream_t stream) {
+  const Packed k = pack(x, weight, p, g, stream);
+  PackedParams<scalar_t> q{};
+  q.p = p;
+  q.xp = k.xp.const_data_ptr<scalar_t>();
+  q.wp = k.wp.const_data_ptr<scalar_t>();
+  q.hp = k.hp, q.wp_w = k.wp_w, q.c_pad = k.c_pad, q.taps = p.khw;
+  grid.x = static_cast<unsigned>((p.pixels + kTcP - 1) / kTcP);
+  masked_conv2d_tc_packed_kernel<scalar_t>
+      <<<grid, kThreads, pk_smem_bytes<scalar_t>(), stream>>>(q);
+}
+
 struct MaskArgs {
   const void* ptr = nullptr;  // nullptr: all kept (bool) / no scale (float)
   bool soft = false;          // a float mask: scales
@@ -914,7 +1329,13 @@ at::Tensor per_sample_forward(const at::Tensor& x, const at::Tensor& weight,
   TORCH_CHECK(c_tiles <= 65535, "masked_conv2d (cuda): at most ", 65535 * kTileM,
               " output channels with per-sample masks, got ", g.c_out);
 
-  const at::Tensor xc = x.contiguous();
+  // The packed kernel (tensor cores, no bool in_mask) reads x through its strides.
+  const auto dtype = x.scalar_type();
+  const bool tensor_cores = dtype == at::kHalf || dtype == at::kBFloat16 ||
+                            (dtype == at::kFloat && tf32_allowed());
+  const bool packed = tensor_cores && packed_fits(g, in_mask.has_value() &&
+                                                         in_mask->scalar_type() == at::kBool);
+  const at::Tensor xc = packed ? x : x.contiguous();
   const at::Tensor wc = weight.contiguous();
   const at::Tensor bc = bias.has_value() ? bias->contiguous() : at::Tensor();
   const MaskArgs in_m = mask_args(in_mask), out_m = mask_args(out_mask);
@@ -951,7 +1372,15 @@ at::Tensor per_sample_forward(const at::Tensor& x, const at::Tensor& weight,
     p.stride_h = static_cast<int>(g.stride[0]), p.stride_w = static_cast<int>(g.stride[1]);
     p.pad_h = static_cast<int>(g.padding[0]), p.pad_w = static_cast<int>(g.padding[1]);
     p.dil_h = static_cast<int>(g.dilation[0]), p.dil_w = static_cast<int>(g.dilation[1]);
-    launch_per_sample(p, grid, stream);
+    if constexpr (std::is_same_v<scalar_t, double>) {
+      launch_per_sample(p, grid, stream);
+    } else {
+      if (packed) {
+        launch_packed(p, xc, wc, g, grid, stream);
+      } else {
+        launch_per_sample(p, grid, stream);
+      }
+    }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   if (raw != nullptr && format != at::MemoryFormat::Contiguous) *raw = raw->contiguous(format);
