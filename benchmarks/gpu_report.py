@@ -154,10 +154,10 @@ DYNAMIC_SMEM: dict[str, int] = {
     # masked_conv.cu launch_tc: two stages of W' (64 x 72) and X' (64 x 40) tiles.
     r"^masked_conv2d_tc_kernel<float>": 2 * 4 * (64 * 72 + 64 * 40),
     r"^masked_conv2d_tc_kernel<": 2 * 2 * (64 * 72 + 64 * 40),
-    # masked_conv.cu launch_packed: three stages of W' (64 rows) and X' (32 pixels) tiles at row
-    # pitches of 144 (float32) and 80 (16-bit) bytes.
-    r"^masked_conv2d_tc_packed_kernel<float>": 3 * 96 * 144,
-    r"^masked_conv2d_tc_packed_kernel<": 3 * 96 * 80,
+    # masked_conv.cu launch_packed: four stages of W' and X' tiles (96 rows in all: 64 + 32 or
+    # 32 + 64) at row pitches of 144 (float32) and 80 (16-bit) bytes.
+    r"^masked_conv2d_tc_packed_kernel<float,": 4 * 96 * 144,
+    r"^masked_conv2d_tc_packed_kernel<": 4 * 96 * 80,
     # masked_conv.cu static_forward_cuda: an int per output channel (the kept rank); the
     # benchmarks' largest C_out, 512.
     r"^scatter_kept_channels_kernel<": 512 * 4,
@@ -484,10 +484,11 @@ def check_step_ops(cuda_sass: str, triton: list[Variant], found: list) -> list[s
         # TF32's mma runs as an inner loop of two trips a step (16-bit types: one).
         compare(f"cuda {kernel}", model,
                 None if body is None else step_instructions(body, 2 if dtype == "float32" else 1))
-    for dtype, model in roofline.CUDA_TC_PACKED_STEP_OPS.items():  # a step a trip, unrolled mma
-        kernel = f"masked_conv2d_tc_packed_kernel<{cuda_types[dtype]}>"
-        body = next((b for m, b in functions.items() if _short(names[m])[0] == kernel), None)
-        compare(f"cuda {kernel}", model, None if body is None else step_instructions(body))
+    for tile_rows, by_dtype in roofline.CUDA_TC_PACKED_STEP_OPS.items():  # a step a trip
+        for dtype, model in by_dtype.items():
+            kernel = f"masked_conv2d_tc_packed_kernel<{cuda_types[dtype]}, {tile_rows}>"
+            body = next((b for m, b in functions.items() if _short(names[m])[0] == kernel), None)
+            compare(f"cuda {kernel}", model, None if body is None else step_instructions(body))
     rows = {}
     for row, v in zip(triton, found):
         if v.kernel.__name__ == "_masked_conv2d_forward_kernel":
@@ -659,6 +660,11 @@ def _kwta_group(case) -> int:
     return math.prod(case.shape[2 if case.variant == "channel" else 1:])
 
 
+def _conv_pixels(case) -> int:
+    """Output pixels of a sample of a masked_conv benchmark case (3x3, padding 1: H x W)."""
+    return case.shape[2] * case.shape[3]
+
+
 def _cas_rows4(case) -> bool:
     return case.shape[2] * case.shape[3] % 4 == 0
 
@@ -704,9 +710,13 @@ CUDA_USES = {
     # Per-sample masks without a bool in_mask (the forward of the sample-out cases) pack x and
     # the weight first and run the packed kernel; the backward's grad_x has the out_mask as its
     # in_mask and runs the gathering kernel.
+    # Their tiles: 32 rows x 64 pixels where a sample has more than 32 output pixels (all of the
+    # benchmarks' maps), else 64 x 32.
     r"^pack_kernel<float>": ("masked_conv", lambda c: c.variant.startswith("sample"), "fwd"),
-    r"^masked_conv2d_tc_packed_kernel<float>": ("masked_conv",
-                                                lambda c: c.variant.startswith("sample"), "fwd"),
+    r"^masked_conv2d_tc_packed_kernel<float, 32>": (
+        "masked_conv", lambda c: c.variant.startswith("sample") and _conv_pixels(c) > 32, "fwd"),
+    r"^masked_conv2d_tc_packed_kernel<float, 64>": (
+        "masked_conv", lambda c: c.variant.startswith("sample") and _conv_pixels(c) <= 32, "fwd"),
     r"^masked_conv2d_tc_kernel<float>": ("masked_conv",
                                          lambda c: c.variant.startswith("sample"), "bwd"),
     # Static output masks: cuDNN on the kept channels, then this write of the whole output.

@@ -3,7 +3,8 @@
 The kernels whose GPU busy time is furthest over the roofline model (``kernel_times.csv``
 beside ``python -m benchmarks.roofline --compare``), each called once from its benchmark case
 for Nsight Compute: the selects of k-WTA (CUDA block kernel, Triton split path), SAP exact's
-merge, CAS's backward gather and the Triton masked convolution. ``make gpu`` runs
+merge, CAS's backward gather and the masked convolutions (Triton; CUDA's packed per-sample
+kernel, new and not measured yet). ``make gpu`` runs
 
     ncu --profile-from-start off --kernel-name-base function -k regex:<KERNELS> \\
         --section SpeedOfLight --section LaunchStats --section Occupancy \\
@@ -54,6 +55,8 @@ TARGETS = (
     Target("cas", "32x2048x7x7 c1000", "full", "pyprune-cuda", "cas_gather_rows_kernel"),
     Target("masked_conv", "32x256x8x8 out50", "forward", "pyprune-triton",
            "_masked_conv2d_forward_kernel"),
+    Target("masked_conv", "32x128x16x16 sample-out25", "forward", "pyprune-cuda",
+           "masked_conv2d_tc_packed_kernel"),
 )
 # The metrics --summarize prints, by ncu's metric names (details page).
 METRICS = {

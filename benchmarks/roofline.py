@@ -1588,14 +1588,16 @@ def _dtype_name(case: Case) -> str:
 
 
 # The packed path (masked_conv.cu: no bool in_mask): pack_kernel's lane instructions an element
-# of its tiles (a trip of its image loop, 4 elements a thread: ~157 in the sm_90 SASS without a
-# soft in_mask, whose branch adds ~60; 64-bit strides) and masked_conv2d_tc_packed_kernel's K step of 32 channels of one
-# tap (three 16-byte cp.async copies' addresses, the tap counters, ldmatrix and mma.sync: float32
-# TF32 m16n8k8, 16-bit m16n8k16), lane instructions a thread; 4 CTAs an SM (64 registers, 41 KiB
-# of shared memory for float32's 3 stages).
-CUDA_PACK_OPS = 40
-CUDA_TC_PACKED_STEP_OPS = {"float32": 92, "bfloat16": 73, "float16": 73}
-CUDA_PACKED_STAGES = 3
+# of its tiles (a trip of its image loop, 4 elements a thread: ~125 in the sm_90 SASS without a
+# soft in_mask, whose branch adds ~60) and masked_conv2d_tc_packed_kernel's K step of 32
+# channels of one tap (the 16-byte cp.async copies' addresses, the tap counters, ldmatrix and
+# mma.sync: float32 TF32 m16n8k8, 16-bit m16n8k16), lane instructions a thread, by the tile's
+# rows (32: 32 x 64 pixel tiles, where a sample has more than 32 output pixels; else 64 x 32);
+# 4 CTAs an SM (64 registers, 54 KiB of shared memory for float32's 4 stages).
+CUDA_PACK_OPS = 32
+CUDA_TC_PACKED_STEP_OPS = {64: {"float32": 72, "bfloat16": 64, "float16": 64},
+                           32: {"float32": 74, "bfloat16": 64, "float16": 64}}
+CUDA_PACKED_STAGES = 4
 
 
 def _cuda_per_sample(p: Plan, g: _Conv, out_work: int, in_work: float, listed: bool) -> None:
@@ -1611,10 +1613,12 @@ def _cuda_per_sample(p: Plan, g: _Conv, out_work: int, in_work: float, listed: b
     CUDA_TC_STEP_OPS lane instructions a thread a step, counted in the sm_90 SASS.
 
     Otherwise the packed path: pack_kernel (x into (N, H + 2, W + 2, C_pad), the weight into
-    (C_out, 9, C_pad), C_pad = C rounded up to 32; tiles of 32 padded pixels by 32 channels), then
-    masked_conv2d_tc_packed_kernel: K steps of 32 channels of one tap, copied by cp.async
-    CUDA_PACKED_STAGES - 1 steps ahead (a step waits at least an L2 round trip over those), one
-    barrier a step; CUDA_TC_PACKED_STEP_OPS lane instructions a thread a step."""
+    (C_out, 9, C_pad), C_pad = C rounded up to 32; tiles of 32 padded pixels by 32 channels, the
+    weight one image of C_out x 9 pixels), then
+    masked_conv2d_tc_packed_kernel: tiles of 32 rows x 64 pixels (64 x 32 for maps of at most
+    32 pixels), K steps of 32 channels of one tap, copied by cp.async CUDA_PACKED_STAGES - 1
+    steps ahead (a step waits at least an L2 round trip over those), one barrier a step;
+    CUDA_TC_PACKED_STEP_OPS lane instructions a thread a step."""
     tiles = math.ceil(out_work / 64)
     p_tiles = math.ceil(g.pixels / 32)
     rows = math.ceil(out_work / 16) * 16
@@ -1624,13 +1628,17 @@ def _cuda_per_sample(p: Plan, g: _Conv, out_work: int, in_work: float, listed: b
         side = math.isqrt(g.pixels)
         padded = (side + 2) ** 2
         x_tiles = g.n * math.ceil(padded / 32) * c_pad // 32
-        w_tiles = g.c * c_pad // 32  # one pixel tile (9 taps) an output channel
+        w_tiles = math.ceil(g.c * 9 / 32) * c_pad // 32  # one image of C_out x 9 "pixels"
         p.kernel("pack_kernel", "inner",
                  hbm=g.x + g.n * padded * c_pad * g.esize + 2 * g.weight * c_pad / g.c,
                  ops=(x_tiles + w_tiles) * 32 * 32 * CUDA_PACK_OPS, ctas=x_tiles + w_tiles,
-                 per_sm=8, chain_us=p.lat("l2") + p.lat("dram"))
+                 per_sm=5, chain_us=p.lat("l2") + p.lat("dram"))  # 48 registers
         steps = 9 * c_pad // 32
+        tile_rows = 32 if g.pixels > 32 else 64
+        tiles = math.ceil(out_work / tile_rows)
+        p_tiles = math.ceil(g.pixels / (2048 // tile_rows))
         ctas = g.n * p_tiles * tiles
+        step_ops = CUDA_TC_PACKED_STEP_OPS[tile_rows]
         chain = (steps * (p.lat("l2") / (CUDA_PACKED_STAGES - 1) + p.lat("barrier"))
                  + p.lat("dram"))
         p.kernel("masked_conv2d_tc_packed_kernel (mma)", "inner",
@@ -1638,7 +1646,7 @@ def _cuda_per_sample(p: Plan, g: _Conv, out_work: int, in_work: float, listed: b
                  l2=g.n * padded * c_pad * g.esize * (tiles - 1)
                  + g.weight * out_work / g.c * c_pad / g.c * (g.n * p_tiles - 1),
                  flops=g.flops(rows, c_pad, pixels), tensor=True, eff=p.gpu["cuda_wmma_eff"],
-                 ops=ctas * steps * 256 * CUDA_TC_PACKED_STEP_OPS[_dtype_name(p.case)],
+                 ops=ctas * steps * 256 * step_ops[_dtype_name(p.case)],
                  ctas=ctas, per_sm=4, chain_us=chain)
         return
     steps = math.ceil(in_work * 9 / 64)

@@ -167,24 +167,24 @@ struct SampleView {
   }
 };
 
-// The output channels of a tile of kTileM rows x kPixels pixels of one sample (block-wide):
-// without an output mask the ids tile_c0 .. tile_c0 + kTileM - 1; with one, the zeros of the
+// The output channels of a tile of kRows rows x kPixels pixels of one sample (block-wide):
+// without an output mask the ids tile_c0 .. tile_c0 + kRows - 1; with one, the zeros of the
 // masked channels whose ids fall in that range are written here, and the rows are the kept
 // channels whose ranks fall in it. Lists them in out_ch and returns how many rows hold a kept
 // channel (block-uniform); out_ch is visible after the caller's next barrier.
-template <int kPixels, typename scalar_t>
+template <int kPixels, int kRows, typename scalar_t>
 __device__ inline int tile_output_channels(const Params<scalar_t>& p, const SampleView<scalar_t>& v,
                                            int tile_c0, int tile_p0, int* out_ch,
                                            int* warp_count) {
   const int tid = threadIdx.x;
   if (v.om == nullptr) {
-    const int rows = min(kTileM, p.c_out - tile_c0);
+    const int rows = min(kRows, p.c_out - tile_c0);
     if (tid < rows) out_ch[tid] = tile_c0 + tid;
     return rows;
   }
   const int pix = tile_p0 + tid % kPixels;
   if (pix < p.pixels) {
-    for (int m = tid / kPixels; m < kTileM; m += kThreads / kPixels) {
+    for (int m = tid / kPixels; m < kRows; m += kThreads / kPixels) {
       const int c = tile_c0 + m;
       if (c < p.c_out && !v.om[c * p.out_s1]) {
         v.out_n[static_cast<int64_t>(c) * p.pixels + pix] = scalar_t(0);
@@ -192,15 +192,15 @@ __device__ inline int tile_output_channels(const Params<scalar_t>& p, const Samp
     }
   }
   int seen = 0;
-  for (int c0 = 0; c0 < p.c_out && seen < tile_c0 + kTileM; c0 += kThreads) {
+  for (int c0 = 0; c0 < p.c_out && seen < tile_c0 + kRows; c0 += kThreads) {
     const int c = c0 + tid;
     const bool keep = c < p.c_out && v.om[c * p.out_s1];
     int total;
     const int rank = seen + block_rank(keep, warp_count, total);
-    if (keep && rank >= tile_c0 && rank < tile_c0 + kTileM) out_ch[rank - tile_c0] = c;
+    if (keep && rank >= tile_c0 && rank < tile_c0 + kRows) out_ch[rank - tile_c0] = c;
     seen += total;
   }
-  return max(0, min(kTileM, seen - tile_c0));
+  return max(0, min(kRows, seen - tile_c0));
 }
 
 // The kept input channels of the chunk ci0 .. ci0 + kChunk - 1, in order, into in_ch (block-wide;
@@ -287,7 +287,7 @@ __global__ void __launch_bounds__(kThreads) masked_conv2d_kernel(const Params<sc
     __syncthreads();  // the previous sample's epilogue has finished reading out_ch
     const SampleView<scalar_t> v(p, n);
     const int rows =  // rows of the tile that hold a kept channel (block-uniform)
-        tile_output_channels<kTileP>(p, v, tile_c0, tile_p0, out_ch, warp_count);
+        tile_output_channels<kTileP, kTileM>(p, v, tile_c0, tile_p0, out_ch, warp_count);
     __syncthreads();  // out_ch is visible
     if (rows == 0) continue;  // nothing kept in this tile: no loads, no arithmetic
 
@@ -541,18 +541,31 @@ constexpr size_t tc_smem_bytes() {
   return std::max(2 * tc_stage_bytes<scalar_t>(), sizeof(float) * kTileM * kTcLdC);
 }
 
+// The tensor-core kernels' start of a sample's tile (block-wide): after the previous sample's
+// epilogue has read out_ch and the accumulator tile, tile_output_channels, visible on return.
+template <int kPixels, int kRows, typename scalar_t>
+__device__ inline int tc_tile_rows(const Params<scalar_t>& p, const SampleView<scalar_t>& v,
+                                   int tile_c0, int tile_p0, int* out_ch, int* warp_count) {
+  __syncthreads();
+  const int rows =
+      tile_output_channels<kPixels, kRows>(p, v, tile_c0, tile_p0, out_ch, warp_count);
+  __syncthreads();
+  return rows;
+}
+
 // The tensor-core kernels' epilogue (block-wide, after the barrier that publishes c_s): the tile's
-// kept rows from the accumulator tile c_s [row][pixel], 32 threads per output row (coalesced),
+// kept rows from the accumulator tile c_s [row][pixel] (pitch kPixels + 4 floats), kPixels
+// threads per output row (coalesced),
 // plus the bias; raw (when wanted) receives that, out the same times a soft out_mask's scale.
-template <typename scalar_t>
+template <int kPixels, typename scalar_t>
 __device__ inline void tc_epilogue(const Params<scalar_t>& p, const SampleView<scalar_t>& v,
-                                   const float (*c_s)[kTcLdC], const int* out_ch, int rows,
+                                   const float (*c_s)[kPixels + 4], const int* out_ch, int rows,
                                    int tile_p0) {
   using acc_t = float;
   const int tid = threadIdx.x;
-  const int px = tid % kTcP, pix = tile_p0 + px;
+  const int px = tid % kPixels, pix = tile_p0 + px;
   if (pix >= p.pixels) return;
-  for (int m = tid / kTcP; m < rows; m += kThreads / kTcP) {
+  for (int m = tid / kPixels; m < rows; m += kThreads / kPixels) {
     const int c = out_ch[m];
     const acc_t bias = p.bias != nullptr ? static_cast<acc_t>(p.bias[c]) : acc_t(0);
     const int64_t off = static_cast<int64_t>(c) * p.pixels + pix;
@@ -620,10 +633,8 @@ __global__ void __launch_bounds__(kThreads, kTcMinBlocks)
   }
 
   for (int64_t n = blockIdx.z; n < p.n; n += gridDim.z) {
-    __syncthreads();  // the previous sample's epilogue has finished reading out_ch and c_s
     const SampleView<scalar_t> v(p, n);
-    const int rows = tile_output_channels<kTcP>(p, v, tile_c0, tile_p0, out_ch, warp_count);
-    __syncthreads();  // out_ch is visible
+    const int rows = tc_tile_rows<kTcP, kTileM>(p, v, tile_c0, tile_p0, out_ch, warp_count);
     if (rows == 0) continue;
     const bool active = wm < rows && tile_p0 + wp < p.pixels;  // warp-uniform
     // Visible after the barrier that publishes the first chunk's in_ch.
@@ -743,7 +754,7 @@ __global__ void __launch_bounds__(kThreads, kTcMinBlocks)
     // Every step ended with a barrier after its reads: the tiles are free for the accumulators.
     if (active) wmma::store_matrix_sync(&c_s[wm][wp], acc, kTcLdC, wmma::mem_row_major);
     __syncthreads();
-    tc_epilogue(p, v, c_s, out_ch, rows, tile_p0);
+    tc_epilogue<kTcP>(p, v, c_s, out_ch, rows, tile_p0);
   }
 }
 
@@ -756,19 +767,20 @@ __global__ void __launch_bounds__(kThreads, kTcMinBlocks)
 //      C_pad - 1 zero (C_pad: C_in rounded up to kPkC);
 //   wp (C_out, KH * KW, C_pad): the weight's rows with the same channel order;
 // float32 values rounded to TF32 there once (as the gathering kernel rounds them when staged).
-// Then masked_conv2d_tc_packed_kernel: the tiles of masked_conv2d_tc_kernel (64 kept output
-// channels by 32 pixels of one sample, 8 warps of one 16 x 16 accumulator each, the same zero
-// writes and epilogue), the K loop over (tap, 32-channel chunk) steps. A step's W' tile is 64
-// rows of 32 consecutive k of wp (k = tap * C_pad + c, so step s is at offset 32 s of each row)
-// and its X' tile 32 pixels by the chunk's 32 channels, each pixel's at its tap-(0, 0) position
-// in xp plus the tap's offset (dh * Wp + dw) * C_pad: both copied global -> shared by cp.async
-// 16 bytes at a time (2 + 1 copies a thread for float32, 1 + 1/2 for 16-bit types), kPkStages
-// stages in flight, one barrier a step. Pixels past the image read the last pixel's row (valid
-// memory; the epilogue never writes them). X' is stored [pixel][k], column-major for wmma.
+// Then masked_conv2d_tc_packed_kernel: tiles of kept output channels by pixels of one sample (32
+// x 64, or 64 x 32 for maps of at most 32 pixels; 8 warps of one 16 x 16 accumulator each), the
+// zero writes and epilogue of masked_conv2d_tc_kernel, the K loop over (tap, 32-channel chunk)
+// steps. A step's W' tile is the rows' 32 consecutive k of wp (k = tap * C_pad + c, so step s
+// is at offset 32 s of each row) and its X' tile the pixels by the chunk's 32 channels, each
+// pixel's at its tap-(0, 0) position in xp plus the tap's offset (dh * Wp + dw) * C_pad: both
+// copied global -> shared by cp.async 16 bytes at a time (3 copies a thread a step for
+// float32, 1.5 for 16-bit types; none for W' rows past the tile's kept ones), kPkStages - 1
+// steps ahead, one barrier a step. Pixels past the image read the last pixel's row (valid
+// memory; the epilogue never writes them). X' is stored [pixel][k], column-major for the mma.
 // Compared with the gathering kernel's ~570 lane instructions a 64-k step (float32), a 32-k step
-// here is the copies' addresses, the tap counters and the fragment loads and mma.
+// here is ~66-79 (sm_90 SASS): the copies' addresses, the tap counters, ldmatrix and mma.sync.
 constexpr int kPkC = 32;                // channels a K step (C_pad is a multiple of it)
-constexpr int kPkStages = 3;            // copies in flight: stages - 1 steps ahead
+constexpr int kPkStages = 4;            // copies in flight: stages - 1 steps ahead
 constexpr int kPkMinBlocks = 4;         // CTAs an SM the registers are capped for (64 a thread)
 
 // Row pitch of the W' and X' tiles in bytes: a row's 32 channels and 16 bytes more, so that the
@@ -787,7 +799,6 @@ template <typename scalar_t>
 constexpr size_t pk_smem_bytes() {
   return std::max(kPkStages * pk_stage_bytes<scalar_t>(), sizeof(float) * kTileM * kTcLdC);
 }
-static_assert(pk_smem_bytes<float>() <= 48 * 1024, "the packed kernel's stages fit 48 KiB");
 
 // The packed operands' geometry, with the per-sample kernel's Params (masks, output, bias).
 template <typename scalar_t>
@@ -841,70 +852,89 @@ __device__ inline void mma_16x8(float (&d)[4], const uint32_t (&a)[4], uint32_t 
 // ldmatrix: a warp's 16 x 16 block is two m16n8 accumulators, and a slice of 32 bytes of k (8
 // TF32 or 16 16-bit values) takes one ldmatrix.x4 of W' (its four 8 x 8 quarters: a0..a3) and
 // one of X' (both 8-pixel halves, both 16-byte halves of k: b0, b1 of each), then two mma.
-template <typename scalar_t>
+// Tiles of kRows output channels by kPixels = 2048 / kRows pixels (64 x 32 or 32 x 64), the 8
+// warps kRows / 16 down by kPixels / 16 across; a step's copies, 16 bytes each: kRows + kPixels
+// rows of 32 channels, spread over the threads (a thread's copies of one row chunk column).
+template <typename scalar_t, int kRows>
 __global__ void __launch_bounds__(kThreads, kPkMinBlocks)
     masked_conv2d_tc_packed_kernel(const PackedParams<scalar_t> q) {
   using T = typename TensorCore<scalar_t>::T;
+  constexpr int kPixels = kTileM * kTcP / kRows;
   constexpr int kVec = 16 / static_cast<int>(sizeof(T));  // elements a 16-byte copy
   constexpr int kRowCopies = kPkC / kVec;                   // copies a 32-channel row
-  constexpr int kACopies = kTileM * kRowCopies / kThreads;  // a thread's W' copies a step
-  constexpr int kBThreads = kTcP * kRowCopies;              // threads copying X' (one each)
+  constexpr int kRowsAtOnce = kThreads / kRowCopies;        // rows one copy of every thread fills
+  // Copies a thread makes a step (at least one; the threads past the tile's rows skip it).
+  constexpr int kACopies = (kRows + kRowsAtOnce - 1) / kRowsAtOnce;
+  constexpr int kBCopies = (kPixels + kRowsAtOnce - 1) / kRowsAtOnce;
   constexpr int kSlices = kPkC / (2 * kVec);                // 32-byte k slices a step
-  static_assert(kACopies >= 1 && kBThreads <= kThreads, "packed staging map");
+  constexpr int kRowBlocks = kRows / 16;
+  static_assert(kRows * kPixels == kTileM * kTcP && kRowBlocks * (kPixels / 16) == kWarps,
+                "packed warp tiling: 8 blocks of 16 x 16");
   constexpr unsigned kStage = static_cast<unsigned>(pk_stage_bytes<scalar_t>());
   constexpr unsigned kPitch = pk_pitch<scalar_t>();         // bytes a tile row
-  constexpr unsigned kBOffset = kTileM * kPitch;             // X' after W' in a stage
+  constexpr unsigned kBOffset = kRows * kPitch;              // X' after W' in a stage
   extern __shared__ __align__(128) unsigned char pk_smem[];
-  __shared__ int out_ch[kTileM];
+  __shared__ int out_ch[kRows];
   __shared__ int warp_count[kWarps];
-  auto c_s = reinterpret_cast<float (*)[kTcLdC]>(pk_smem);
+  auto c_s = reinterpret_cast<float (*)[kPixels + 4]>(pk_smem);
   const unsigned smem0 = static_cast<unsigned>(__cvta_generic_to_shared(pk_smem));
   const Params<scalar_t>& p = q.p;
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  const int tile_c0 = blockIdx.y * kTileM;
-  const int tile_p0 = blockIdx.x * kTcP;
-  const int wm = (warp % 4) * 16, wpx = (warp / 4) * 16;
-  // This thread's copies: W' rows ra + kThreads / kRowCopies * i at column col, X' pixel pb.
+  const int tile_c0 = blockIdx.y * kRows;
+  const int tile_p0 = blockIdx.x * kPixels;
+  const int wm = (warp % kRowBlocks) * 16, wpx = (warp / kRowBlocks) * 16;
+  // This thread's copies: W' rows ra + kRowsAtOnce i and X' pixels ra + kRowsAtOnce i (those
+  // inside the tile), at column col.
   const int col = (tid % kRowCopies) * kVec;
   const int ra = tid / kRowCopies;
-  const bool b_copy = tid < kBThreads;  // warp-uniform
-  const int pb = (tid / kRowCopies) % kTcP;
   const unsigned a_dst = smem0 + ra * kPitch + col * sizeof(T);
-  const unsigned b_dst = smem0 + kBOffset + pb * kPitch + col * sizeof(T);
+  const unsigned b_dst = a_dst + kBOffset;
   // ldmatrix row addresses (stage 0, slice 0): W' rows wm + lane % 16, k half lane / 16; X'
   // pixels wpx + lane % 8 + 8 (lane / 16), k half (lane / 8) % 2.
   const unsigned a_frag = smem0 + (wm + lane % 16) * kPitch + (lane / 16) * 16;
   const unsigned b_frag =
       smem0 + kBOffset + (wpx + lane % 8 + (lane / 16) * 8) * kPitch + ((lane / 8) % 2) * 16;
-  // The X' pixel's tap-(0, 0) offset inside a sample's xp (past the image: the last pixel).
-  const int pix = min(tile_p0 + pb, p.pixels - 1);
-  const int oh = pix / p.w_out, ow = pix - oh * p.w_out;
-  const int b_pixel = ((oh * p.stride_h) * q.wp_w + ow * p.stride_w) * q.c_pad + col;
+  // Each X' copy's pixel at its tap-(0, 0) position inside a sample's xp (past the image: the
+  // last pixel).
+  int b_pixel[kBCopies];
+#pragma unroll
+  for (int i = 0; i < kBCopies; ++i) {
+    const int pix = min(tile_p0 + ra + i * kRowsAtOnce, p.pixels - 1);
+    const int oh = pix / p.w_out, ow = pix - oh * p.w_out;
+    b_pixel[i] = ((oh * p.stride_h) * q.wp_w + ow * p.stride_w) * q.c_pad + col;
+  }
   // Moving the X' pointer on after a tap's last chunk: to the next kw, or to the next kh's kw = 0.
-  const int next_kw = p.dil_w * q.c_pad - q.c_pad;
-  const int next_kh = p.dil_h * q.wp_w * q.c_pad - (p.kw - 1) * p.dil_w * q.c_pad - q.c_pad;
+  int next_kw = p.dil_w * q.c_pad - q.c_pad;
+  int next_kh = p.dil_h * q.wp_w * q.c_pad - (p.kw - 1) * p.dil_w * q.c_pad - q.c_pad;
+  // Kept in registers (opaque to the compiler, which would otherwise recompute them from the
+  // parameters every step).
+  asm("mov.b32 %0, %0;" : "+r"(next_kw));
+  asm("mov.b32 %0, %0;" : "+r"(next_kh));
   const int64_t sample_elems = static_cast<int64_t>(q.hp) * q.wp_w * q.c_pad;
   const int64_t row_elems = static_cast<int64_t>(q.taps) * q.c_pad;
   const int chunks = q.c_pad / kPkC;
   const int steps = q.taps * chunks;
 
   for (int64_t n = blockIdx.z; n < p.n; n += gridDim.z) {
-    __syncthreads();  // the previous sample's epilogue has finished reading out_ch and c_s
     const SampleView<scalar_t> v(p, n);
-    const int rows = tile_output_channels<kTcP>(p, v, tile_c0, tile_p0, out_ch, warp_count);
-    __syncthreads();  // out_ch is visible
+    const int rows = tc_tile_rows<kPixels, kRows>(p, v, tile_c0, tile_p0, out_ch, warp_count);
     if (rows == 0) continue;
     const bool active = wm < rows && tile_p0 + wpx < p.pixels;  // warp-uniform
-    // Running source pointers of the next copies. Rows past the tile's kept ones copy row 0's
-    // values (their products reach accumulator rows the epilogue never reads).
+    // Running source pointers of the next copies. Rows past the tile's kept ones are not
+    // copied: whatever their shared rows hold reaches only accumulator rows the epilogue never
+    // reads (a row of the product depends on that row of W' alone).
     const T* a_src[kACopies];
+    bool a_copy[kACopies];
 #pragma unroll
     for (int i = 0; i < kACopies; ++i) {
-      const int m = ra + i * (kThreads / kRowCopies);
-      a_src[i] = reinterpret_cast<const T*>(q.wp) + (m < rows ? out_ch[m] : 0) * row_elems + col;
+      const int m = ra + i * kRowsAtOnce;
+      a_copy[i] = m < rows;  // (m < kRows too: rows <= kRows)
+      a_src[i] = reinterpret_cast<const T*>(q.wp) + (a_copy[i] ? out_ch[m] : 0) * row_elems + col;
     }
-    const T* b_src = reinterpret_cast<const T*>(q.xp) + n * sample_elems + b_pixel;
+    const T* b_base = reinterpret_cast<const T*>(q.xp) + n * sample_elems;
+    asm("mov.b64 %0, %0;" : "+l"(b_base));  // computed once a sample, not once a copy
+    int b_off = 0;  // the next copies' tap and chunk offset, the same for every pixel
     int b_chunk = 0, b_kw = 0;
     unsigned stage_w = 0;  // byte offset of the stage the next copies fill
 
@@ -912,16 +942,21 @@ __global__ void __launch_bounds__(kThreads, kPkMinBlocks)
     auto issue = [&]() {
 #pragma unroll
       for (int i = 0; i < kACopies; ++i) {
-        cp_async16(a_dst + stage_w + i * (kThreads / kRowCopies) * kPitch, a_src[i]);
+        if (a_copy[i]) cp_async16(a_dst + stage_w + i * kRowsAtOnce * kPitch, a_src[i]);
         a_src[i] += kPkC;
       }
-      if (b_copy) cp_async16(b_dst + stage_w, b_src);
-      b_src += kPkC;
+#pragma unroll
+      for (int i = 0; i < kBCopies; ++i) {
+        if (ra + i * kRowsAtOnce < kPixels) {  // compile-time where kPixels is a multiple
+          cp_async16(b_dst + stage_w + i * kRowsAtOnce * kPitch, b_base + b_pixel[i] + b_off);
+        }
+      }
+      b_off += kPkC;
       if (++b_chunk == chunks) {
         b_chunk = 0;
         const bool h_carry = ++b_kw == p.kw;
         b_kw = h_carry ? 0 : b_kw;
-        b_src += h_carry ? next_kh : next_kw;
+        b_off += h_carry ? next_kh : next_kw;
       }
       stage_w = stage_w == (kPkStages - 1) * kStage ? 0 : stage_w + kStage;
     };
@@ -966,7 +1001,7 @@ __global__ void __launch_bounds__(kThreads, kPkMinBlocks)
       }
     }
     __syncthreads();
-    tc_epilogue(p, v, c_s, out_ch, rows, tile_p0);
+    tc_epilogue<kPixels>(p, v, c_s, out_ch, rows, tile_p0);
   }
 }
 
@@ -983,7 +1018,8 @@ struct PackJob {
   const scalar_t* src;
   const scalar_t* scale;  // nullptr: none
   scalar_t* dst;
-  int64_t images, s_image, s_c, s_h, s_w, scale_s0, scale_s1;
+  int64_t images, s_image, scale_s0, scale_s1;
+  int s_c, s_h, s_w;  // within an image (packed_fits: its offsets fit 32 bits)
   int channels, h, w, pad_h, pad_w, hp, wp_w, c_pad, pixel_tiles;
 };
 
@@ -1005,8 +1041,8 @@ __device__ inline void pack_tile(const PackJob<scalar_t>& j, int pt) {
   const bool inside = q < padded && static_cast<unsigned>(ih) < static_cast<unsigned>(j.h) &&
                       static_cast<unsigned>(iw) < static_cast<unsigned>(j.w);
   constexpr int kTrips = kPackTile / kPackRows;
-  // This thread's source offsets inside an image (64-bit: any strides), hoisted out of the loop.
-  int64_t off[kTrips];
+  // This thread's source offsets inside an image, hoisted out of the loop.
+  int off[kTrips];
   bool ok[kTrips];
 #pragma unroll
   for (int i = 0; i < kTrips; ++i) {
@@ -1016,7 +1052,10 @@ __device__ inline void pack_tile(const PackJob<scalar_t>& j, int pt) {
   }
   for (int64_t image = blockIdx.z; image < j.images; image += gridDim.z) {
     __syncthreads();  // the previous image's reads of the tile are done
+    // The image's pointers once, opaque to the compiler (which would otherwise rebuild each
+    // access's 64-bit address from the image index: four instructions, not one).
     const scalar_t* src = j.src + image * j.s_image;
+    asm("mov.b64 %0, %0;" : "+l"(src));
     acc_t v[kTrips];
 #pragma unroll
     for (int i = 0; i < kTrips; ++i) v[i] = ok[i] ? static_cast<acc_t>(src[off[i]]) : acc_t(0);
@@ -1035,6 +1074,7 @@ __device__ inline void pack_tile(const PackJob<scalar_t>& j, int pt) {
     __syncthreads();
     // Write side: lane = channel, rows = padded pixels.
     scalar_t* dst = j.dst + (image * padded + pt * kPackTile) * j.c_pad + c0 + lane;
+    asm("mov.b64 %0, %0;" : "+l"(dst));
 #pragma unroll
     for (int i = 0; i < kTrips; ++i) {
       const int r = row + i * kPackRows;
@@ -1069,12 +1109,16 @@ struct Packed {
 // Whether the packed kernel takes a per-sample launch: tensor cores (the caller's choice), no
 // bool in_mask (a soft one is applied by pack_kernel), and a sample's xp and the weight's wp
 // rows within 32-bit offsets.
-bool packed_fits(const masked_conv::Geometry& g, bool in_bool_mask) {
+bool packed_fits(const at::Tensor& x, const masked_conv::Geometry& g, bool in_bool_mask) {
   if (in_bool_mask) return false;
   const int64_t c_pad = (g.c_in + kPkC - 1) / kPkC * kPkC;
   const int64_t hp = g.h + 2 * g.padding[0], wp_w = g.w + 2 * g.padding[1];
-  return hp * wp_w * c_pad <= kIntMax && g.kh * g.kw * c_pad <= kIntMax &&
-         c_pad / kPkC <= 65535;  // pack_kernel's grid.y
+  int64_t x_extent = 0;  // the largest offset inside a sample of x
+  for (int d = 1; d < 4; ++d) x_extent += (x.size(d) - 1) * x.stride(d);
+  return hp * wp_w * c_pad <= kIntMax && g.c_out * g.kh * g.kw * c_pad <= kIntMax &&
+         x_extent <= kIntMax && g.c_out * g.c_in * g.kh * g.kw <= kIntMax &&
+         c_pad / kPkC <= 65535 &&            // pack_kernel's grid.y
+         (g.c_out + kTileM / 2 - 1) / (kTileM / 2) <= 65535;  // 32-row tiles' grid.y
 }
 
 template <typename scalar_t>
@@ -1085,7 +1129,10 @@ PackJob<scalar_t> pack_job(const at::Tensor& src, const scalar_t* scale, int64_t
   j.scale = scale;
   j.dst = dst.mutable_data_ptr<scalar_t>();
   j.images = src.size(0);
-  j.s_image = src.stride(0), j.s_c = src.stride(1), j.s_h = src.stride(2), j.s_w = src.stride(3);
+  j.s_image = src.stride(0);
+  j.s_c = static_cast<int>(src.stride(1));
+  j.s_h = static_cast<int>(src.stride(2));
+  j.s_w = static_cast<int>(src.stride(3));
   j.scale_s0 = scale_s0, j.scale_s1 = scale_s1;
   j.channels = static_cast<int>(src.size(1));
   j.h = static_cast<int>(src.size(2)), j.w = static_cast<int>(src.size(3));
@@ -1106,13 +1153,17 @@ Packed pack(const at::Tensor& x, const at::Tensor& weight, const Params<scalar_t
   k.xp = at::empty({g.n, k.hp, k.wp_w, k.c_pad}, x.options());
   k.wp = at::empty({g.c_out, g.kh, g.kw, k.c_pad}, x.options());
   if (k.c_pad == 0) return k;  // C_in == 0: nothing to pack (the products are empty)
-  const at::Tensor w4 = weight.view({g.c_out, g.c_in, g.kh * g.kw, 1});
+  // wp[o, t, c] = weight[o, c, t]: one image of C_out x taps pixels (rows o, columns t) and C_in
+  // channels, so that the weight's tiles are full.
+  const int64_t taps = g.kh * g.kw;
+  const at::Tensor w4 = weight.as_strided({1, g.c_in, g.c_out, taps},
+                                          {weight.numel(), taps, g.c_in * taps, 1});
   const auto x_job = pack_job<scalar_t>(x, p.in_scale, p.in_s0, p.in_s1, k.xp, p.pad_h, p.pad_w,
                                         k.c_pad);
   const auto w_job = pack_job<scalar_t>(w4, nullptr, 0, 0, k.wp, 0, 0, k.c_pad);
   const dim3 grid(static_cast<unsigned>(x_job.pixel_tiles + w_job.pixel_tiles),
                   static_cast<unsigned>(k.c_pad / kPackTile),
-                  static_cast<unsigned>(std::min<int64_t>(std::max(g.n, g.c_out), 65535)));
+                  static_cast<unsigned>(std::min<int64_t>(g.n, 65535)));
   pack_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(x_job, w_job);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return k;
@@ -1202,24 +1253,30 @@ void check_operands(const at::Tensor& x, const at::Tensor& weight,
 // host at each call, so a flag changed between calls takes effect as it does for F.conv2d.
 bool tf32_allowed() { return at::globalContext().allowTF32CuDNN(at::Float32Op::CONV); }
 
-// masked_conv2d_tc_kernel with its two stages of dynamic shared memory; above the 48 KiB default
-// the kernel's limit is raised first, once per device.
-template <typename scalar_t>
-void launch_tc(const Params<scalar_t>& p, dim3 grid, cudaStream_t stream) {
-  const auto kernel = masked_conv2d_tc_kernel<scalar_t>;
-  constexpr size_t smem = tc_smem_bytes<scalar_t>();
-  if constexpr (smem > 48 * 1024) {
+// kKernel's dynamic shared memory limit raised to kSmem where that passes the 48 KiB default,
+// once per device (the attribute is per device and kernel).
+template <auto kKernel, size_t kSmem>
+void allow_smem() {
+  if constexpr (kSmem > 48 * 1024) {
     constexpr int kMaxDevices = 64;
     static std::once_flag raised[kMaxDevices];
     const int device = c10::cuda::current_device();
     TORCH_CHECK(device >= 0 && device < kMaxDevices, "masked_conv2d (cuda): device index ",
                 device, " beyond ", kMaxDevices);
     std::call_once(raised[device], [&] {
-      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          static_cast<int>(smem)));
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          static_cast<int>(kSmem)));
     });
   }
-  kernel<<<grid, kThreads, smem, stream>>>(p);
+}
+
+// masked_conv2d_tc_kernel with its two stages of dynamic shared memory; above the 48 KiB default
+// the kernel's limit is raised first, once per device.
+template <typename scalar_t>
+void launch_tc(const Params<scalar_t>& p, dim3 grid, cudaStream_t stream) {
+  constexpr size_t smem = tc_smem_bytes<scalar_t>();
+  allow_smem<masked_conv2d_tc_kernel<scalar_t>, smem>();
+  masked_conv2d_tc_kernel<scalar_t><<<grid, kThreads, smem, stream>>>(p);
 }
 
 // Tensor cores for bf16 / fp16 always, for float32 where TF32 is allowed (TF32 products, float
@@ -1250,8 +1307,13 @@ void launch_per_sample(Params<scalar_t>& p, dim3 grid, cudaStream_t stream) {
   }
 }
 
-// The packed path: pack_kernel, then masked_conv2d_tc_packed_kernel (its stages within the 48 KiB
-// a launch may take without opting in). p.x is unused there (x is read through its strides).
+// The packed path: pack_kernel, then masked_conv2d_tc_packed_kernel (float32's four stages, 54
+// KiB, past the 48 KiB a launch may take without opting in). p.x is unused there (x is read
+// through its strides).
+// Tiles of 32 output channels by 64 pixels where a sample has more than 32 output pixels: the
+// same instructions per product as 64 x 32, and a tile's rows past the kept channels, which
+// still cost their copies and barriers, are fewer (a 25% per-sample mask of 128 channels keeps
+// 32: one 32-row tile, where a 64-row tile runs half empty); 64 x 32 for the smaller maps.
 template <typename scalar_t>
 void launch_packed(const Params<scalar_t>& p, const at::Tensor& x, const at::Tensor& weight,
                    const masked_conv::Geometry& g, dim3 grid, cudaStream_t stream) {
@@ -1261,9 +1323,18 @@ void launch_packed(const Params<scalar_t>& p, const at::Tensor& x, const at::Ten
   q.xp = k.xp.const_data_ptr<scalar_t>();
   q.wp = k.wp.const_data_ptr<scalar_t>();
   q.hp = k.hp, q.wp_w = k.wp_w, q.c_pad = k.c_pad, q.taps = p.khw;
-  grid.x = static_cast<unsigned>((p.pixels + kTcP - 1) / kTcP);
-  masked_conv2d_tc_packed_kernel<scalar_t>
-      <<<grid, kThreads, pk_smem_bytes<scalar_t>(), stream>>>(q);
+  constexpr size_t smem = pk_smem_bytes<scalar_t>();
+  if (p.pixels > kTcP) {
+    constexpr int kRows = kTileM / 2, kPixels = 2 * kTcP;
+    grid.x = static_cast<unsigned>((p.pixels + kPixels - 1) / kPixels);
+    grid.y = static_cast<unsigned>((p.c_out + kRows - 1) / kRows);
+    allow_smem<masked_conv2d_tc_packed_kernel<scalar_t, kRows>, smem>();
+    masked_conv2d_tc_packed_kernel<scalar_t, kRows><<<grid, kThreads, smem, stream>>>(q);
+  } else {
+    grid.x = static_cast<unsigned>((p.pixels + kTcP - 1) / kTcP);
+    allow_smem<masked_conv2d_tc_packed_kernel<scalar_t, kTileM>, smem>();
+    masked_conv2d_tc_packed_kernel<scalar_t, kTileM><<<grid, kThreads, smem, stream>>>(q);
+  }
 }
 
 struct MaskArgs {
@@ -1333,7 +1404,7 @@ at::Tensor per_sample_forward(const at::Tensor& x, const at::Tensor& weight,
   const auto dtype = x.scalar_type();
   const bool tensor_cores = dtype == at::kHalf || dtype == at::kBFloat16 ||
                             (dtype == at::kFloat && tf32_allowed());
-  const bool packed = tensor_cores && packed_fits(g, in_mask.has_value() &&
+  const bool packed = tensor_cores && packed_fits(x, g, in_mask.has_value() &&
                                                          in_mask->scalar_type() == at::kBool);
   const at::Tensor xc = packed ? x : x.contiguous();
   const at::Tensor wc = weight.contiguous();
