@@ -1595,60 +1595,60 @@ def _dtype_name(case: Case) -> str:
 # rows (32: 32 x 64 pixel tiles, where a sample has more than 32 output pixels; else 64 x 32);
 # 4 CTAs an SM (64 registers, 54 KiB of shared memory for float32's 4 stages).
 CUDA_PACK_OPS = 32
-CUDA_TC_PACKED_STEP_OPS = {64: {"float32": 72, "bfloat16": 64, "float16": 64},
+CUDA_TC_PACKED_STEP_OPS = {64: {"float32": 70, "bfloat16": 64, "float16": 64},
                            32: {"float32": 74, "bfloat16": 64, "float16": 64}}
 CUDA_PACKED_STAGES = 4
 
 
-def _cuda_per_sample(p: Plan, g: _Conv, out_work: int, in_work: float, listed: bool) -> None:
-    """The per-sample tensor-core kernels (bf16 / fp16, float32 under TF32, the benchmark's
-    default): grid (pixel tiles of 32, channel tiles of 64, samples), 256 threads; the tiles
-    past the kept channels only write their zeros, a warp skips rows past the kept ones and
-    pixels past the image (16 at a time).
+def _cuda_packed(p: Plan, g: _Conv, out_work: int) -> None:
+    """The per-sample path without a bool in_mask (bf16 / fp16, float32 under TF32, the
+    benchmark's default): pack_kernel (x into (N, H + 2, W + 2, C_pad), the weight into (C_out,
+    9, C_pad), C_pad = C rounded up to 32; tiles of 32 padded pixels by 32 channels, the weight
+    one image of C_out x 9 pixels), then masked_conv2d_tc_packed_kernel: 256 threads, tiles of
+    32 rows x 64 pixels (64 x 32 for maps of at most 32 pixels), the tiles past the kept
+    channels only writing their zeros, a warp skipping rows past the kept ones and pixels past
+    the image (16 at a time); K steps of 32 channels of one tap, copied by cp.async
+    CUDA_PACKED_STAGES - 1 steps ahead (a step waits at least an L2 round trip over those), one
+    barrier a step; CUDA_TC_PACKED_STEP_OPS lane instructions a thread a step."""
+    c_pad = math.ceil(g.c / 32) * 32
+    side = math.isqrt(g.pixels)
+    padded = (side + 2) ** 2
+    x_tiles = g.n * math.ceil(padded / 32) * c_pad // 32
+    w_tiles = math.ceil(g.c * 9 / 32) * c_pad // 32  # one image of C_out x 9 "pixels"
+    p.kernel("pack_kernel", "inner",
+             hbm=g.x + g.n * padded * c_pad * g.esize + 2 * g.weight * c_pad / g.c,
+             ops=(x_tiles + w_tiles) * 32 * 32 * CUDA_PACK_OPS, ctas=x_tiles + w_tiles,
+             per_sm=6, chain_us=p.lat("l2") + p.lat("dram"))  # 40 registers
+    steps = 9 * c_pad // 32
+    tile_rows = 32 if g.pixels > 32 else 64
+    tiles = math.ceil(out_work / tile_rows)
+    p_tiles = math.ceil(g.pixels / (2048 // tile_rows))
+    ctas = g.n * p_tiles * tiles
+    chain = steps * (p.lat("l2") / (CUDA_PACKED_STAGES - 1) + p.lat("barrier")) + p.lat("dram")
+    p.kernel("masked_conv2d_tc_packed_kernel (mma)", "inner",
+             hbm=g.n * padded * c_pad * g.esize + g.x + g.weight * c_pad / g.c,
+             l2=g.n * padded * c_pad * g.esize * (tiles - 1)
+             + g.weight * out_work / g.c * c_pad / g.c * (g.n * p_tiles - 1),
+             flops=g.flops(math.ceil(out_work / 16) * 16, c_pad, math.ceil(g.pixels / 16) * 16),
+             tensor=True, eff=p.gpu["cuda_wmma_eff"],
+             ops=ctas * steps * 256 * CUDA_TC_PACKED_STEP_OPS[tile_rows][_dtype_name(p.case)],
+             ctas=ctas, per_sm=4, chain_us=chain)
 
-    listed (a bool in_mask): masked_conv2d_tc_kernel, 2 CTAs an SM (128 registers). A CTA's
-    chain: one K step of 64 (kernel position, kept input channel) pairs after another, each the
-    next step's gathers (x and weight hit L2 after the first tile reads them) in flight over the
-    mma, then the shared stores to the other of two stages and one barrier. Issue:
-    CUDA_TC_STEP_OPS lane instructions a thread a step, counted in the sm_90 SASS.
 
-    Otherwise the packed path: pack_kernel (x into (N, H + 2, W + 2, C_pad), the weight into
-    (C_out, 9, C_pad), C_pad = C rounded up to 32; tiles of 32 padded pixels by 32 channels, the
-    weight one image of C_out x 9 pixels), then
-    masked_conv2d_tc_packed_kernel: tiles of 32 rows x 64 pixels (64 x 32 for maps of at most
-    32 pixels), K steps of 32 channels of one tap, copied by cp.async CUDA_PACKED_STAGES - 1
-    steps ahead (a step waits at least an L2 round trip over those), one barrier a step;
-    CUDA_TC_PACKED_STEP_OPS lane instructions a thread a step."""
+def _cuda_gathering(p: Plan, g: _Conv, out_work: int, in_work: float) -> None:
+    """masked_conv2d_tc_kernel, the per-sample path with a bool in_mask (tensor cores: bf16 /
+    fp16, float32 under TF32, the benchmark's default): grid (pixel tiles of 32, channel tiles
+    of 64, samples), 256 threads, 2 CTAs an SM (128 registers); the tiles past the kept
+    channels only write their zeros, a warp skips rows past the kept ones and pixels past the
+    image (16 at a time). A CTA's chain: one K step of 64 (kernel position, kept input channel)
+    pairs after another, each the next step's gathers (x and weight hit L2 after the first tile
+    reads them) in flight over the mma, then the shared stores to the other of two stages and
+    one barrier. Issue: CUDA_TC_STEP_OPS lane instructions a thread a step, counted in the sm_90
+    SASS."""
     tiles = math.ceil(out_work / 64)
     p_tiles = math.ceil(g.pixels / 32)
     rows = math.ceil(out_work / 16) * 16
     pixels = math.ceil(g.pixels / 16) * 16
-    if not listed:
-        c_pad = math.ceil(g.c / 32) * 32
-        side = math.isqrt(g.pixels)
-        padded = (side + 2) ** 2
-        x_tiles = g.n * math.ceil(padded / 32) * c_pad // 32
-        w_tiles = math.ceil(g.c * 9 / 32) * c_pad // 32  # one image of C_out x 9 "pixels"
-        p.kernel("pack_kernel", "inner",
-                 hbm=g.x + g.n * padded * c_pad * g.esize + 2 * g.weight * c_pad / g.c,
-                 ops=(x_tiles + w_tiles) * 32 * 32 * CUDA_PACK_OPS, ctas=x_tiles + w_tiles,
-                 per_sm=5, chain_us=p.lat("l2") + p.lat("dram"))  # 48 registers
-        steps = 9 * c_pad // 32
-        tile_rows = 32 if g.pixels > 32 else 64
-        tiles = math.ceil(out_work / tile_rows)
-        p_tiles = math.ceil(g.pixels / (2048 // tile_rows))
-        ctas = g.n * p_tiles * tiles
-        step_ops = CUDA_TC_PACKED_STEP_OPS[tile_rows]
-        chain = (steps * (p.lat("l2") / (CUDA_PACKED_STAGES - 1) + p.lat("barrier"))
-                 + p.lat("dram"))
-        p.kernel("masked_conv2d_tc_packed_kernel (mma)", "inner",
-                 hbm=g.n * padded * c_pad * g.esize + g.x + g.weight * c_pad / g.c,
-                 l2=g.n * padded * c_pad * g.esize * (tiles - 1)
-                 + g.weight * out_work / g.c * c_pad / g.c * (g.n * p_tiles - 1),
-                 flops=g.flops(rows, c_pad, pixels), tensor=True, eff=p.gpu["cuda_wmma_eff"],
-                 ops=ctas * steps * 256 * step_ops[_dtype_name(p.case)],
-                 ctas=ctas, per_sm=4, chain_us=chain)
-        return
     steps = math.ceil(in_work * 9 / 64)
     ctas = g.n * p_tiles * tiles
     chain = steps * (p.lat("l2") + p.lat("barrier") + p.lat("smem")) + p.lat("dram")
@@ -1852,12 +1852,14 @@ def masked_conv_forward(p: Plan, provider: str, grad: bool) -> None:
             _fold_weight_mask(p, g, grad)
             _cudnn_forward(p, g, g.c, g.c)
         elif g.kind == "sample-out":
-            _cuda_per_sample(p, g, g.kept, g.c, listed=False)
+            _cuda_packed(p, g, g.kept)
         elif _cuda_static_tensor_cores(p, g, g.kept if out_static else g.c,
                                        g.kept if g.kind == "in" else g.c):
             # the (C,) masks read on the device; the kept counts from the cache
-            _cuda_per_sample(p, g, g.kept if out_static else g.c,
-                             g.kept if g.kind == "in" else g.c, listed=g.kind == "in")
+            if g.kind == "in":  # a bool in_mask: the gathering kernel
+                _cuda_gathering(p, g, g.c, g.kept)
+            else:
+                _cuda_packed(p, g, g.kept if out_static else g.c)
         else:  # static masks: compacted weight (and x), cuDNN; the kept indices come from the
             # per-mask-version cache (a nonzero sync on the first call only)
             p.kernel("index_select weight", "inner", hbm=2 * g.weight * g.keep)
@@ -1911,7 +1913,7 @@ def masked_conv_backward(p: Plan, provider: str) -> None:
             p.kernel("where backward (weight mask)", "inner", hbm=3 * g.weight)
         elif g.kind == "sample-out":  # grad_x: the kernel on the flipped weight; wgrad dense
             p.kernel("flip weight", "inner", hbm=2 * g.weight)
-            _cuda_per_sample(p, g, g.c, g.kept, listed=True)  # the out_mask as its in_mask
+            _cuda_gathering(p, g, g.c, g.kept)  # the out_mask as its in_mask
             p.kernel("zeros (scalar)", "inner", hbm=g.esize)
             p.kernel("where(out_mask, grad)", "inner", hbm=2 * g.x)
             _cudnn_backward(p, g, g.c, g.c, dgrad=False)

@@ -476,15 +476,6 @@ struct TensorCore16 {
       PYPRUNE_WMMA_LOAD_SHARED("wmma.load.b.sync.aligned.row.m16n16k16.shared.bf16", b, p, ld);
     }
   }
-  // B stored column-major ([pixel][k]: the packed kernel's X'), ld its column pitch.
-  using BCol = wmma::fragment<wmma::matrix_b, 16, 16, 16, CudaT, wmma::col_major>;
-  __device__ static void load_b_col(BCol& b, const T* p, unsigned ld) {
-    if constexpr (std::is_same_v<CudaT, __half>) {
-      wmma::load_matrix_sync(b, p, ld);
-    } else {
-      PYPRUNE_WMMA_LOAD_SHARED("wmma.load.b.sync.aligned.col.m16n16k16.shared.bf16", b, p, ld);
-    }
-  }
 };
 
 template <>
@@ -508,10 +499,6 @@ struct TensorCore<float> {
   }
   __device__ static void load_b(B& b, const T* p, unsigned ld) {
     PYPRUNE_WMMA_LOAD_SHARED("wmma.load.b.sync.aligned.row.m16n16k8.shared.tf32", b, p, ld);
-  }
-  using BCol = wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::col_major>;
-  __device__ static void load_b_col(BCol& b, const T* p, unsigned ld) {
-    PYPRUNE_WMMA_LOAD_SHARED("wmma.load.b.sync.aligned.col.m16n16k8.shared.tf32", b, p, ld);
   }
 };
 
@@ -555,8 +542,8 @@ __device__ inline int tc_tile_rows(const Params<scalar_t>& p, const SampleView<s
 
 // The tensor-core kernels' epilogue (block-wide, after the barrier that publishes c_s): the tile's
 // kept rows from the accumulator tile c_s [row][pixel] (pitch kPixels + 4 floats), kPixels
-// threads per output row (coalesced),
-// plus the bias; raw (when wanted) receives that, out the same times a soft out_mask's scale.
+// threads per output row (coalesced), plus the bias; raw (when wanted) receives that, out the
+// same times a soft out_mask's scale.
 template <int kPixels, typename scalar_t>
 __device__ inline void tc_epilogue(const Params<scalar_t>& p, const SampleView<scalar_t>& v,
                                    const float (*c_s)[kPixels + 4], const int* out_ch, int rows,
@@ -778,7 +765,7 @@ __global__ void __launch_bounds__(kThreads, kTcMinBlocks)
 // steps ahead, one barrier a step. Pixels past the image read the last pixel's row (valid
 // memory; the epilogue never writes them). X' is stored [pixel][k], column-major for the mma.
 // Compared with the gathering kernel's ~570 lane instructions a 64-k step (float32), a 32-k step
-// here is ~66-79 (sm_90 SASS): the copies' addresses, the tap counters, ldmatrix and mma.sync.
+// here is ~64-74 (sm_90 SASS): the copies' addresses, the tap counters, ldmatrix and mma.sync.
 constexpr int kPkC = 32;                // channels a K step (C_pad is a multiple of it)
 constexpr int kPkStages = 4;            // copies in flight: stages - 1 steps ahead
 constexpr int kPkMinBlocks = 4;         // CTAs an SM the registers are capped for (64 a thread)
@@ -806,7 +793,7 @@ struct PackedParams {
   Params<scalar_t> p;
   const scalar_t* __restrict__ xp;  // (N, hp, wp, c_pad)
   const scalar_t* __restrict__ wp;  // (C_out, taps, c_pad)
-  int hp, wp_w, c_pad, taps;
+  int hp, wp_w, c_pad;  // (the taps: p.khw)
 };
 
 __device__ inline void cp_async16(unsigned smem, const void* gmem) {
@@ -912,9 +899,9 @@ __global__ void __launch_bounds__(kThreads, kPkMinBlocks)
   asm("mov.b32 %0, %0;" : "+r"(next_kw));
   asm("mov.b32 %0, %0;" : "+r"(next_kh));
   const int64_t sample_elems = static_cast<int64_t>(q.hp) * q.wp_w * q.c_pad;
-  const int64_t row_elems = static_cast<int64_t>(q.taps) * q.c_pad;
+  const int64_t row_elems = static_cast<int64_t>(p.khw) * q.c_pad;
   const int chunks = q.c_pad / kPkC;
-  const int steps = q.taps * chunks;
+  const int steps = p.khw * chunks;
 
   for (int64_t n = blockIdx.z; n < p.n; n += gridDim.z) {
     const SampleView<scalar_t> v(p, n);
@@ -1059,11 +1046,11 @@ __device__ inline void pack_tile(const PackJob<scalar_t>& j, int pt) {
     acc_t v[kTrips];
 #pragma unroll
     for (int i = 0; i < kTrips; ++i) v[i] = ok[i] ? static_cast<acc_t>(src[off[i]]) : acc_t(0);
-    if (j.scale != nullptr) {
+    if (j.scale != nullptr) {  // where a value was read (padding stays 0)
 #pragma unroll
       for (int i = 0; i < kTrips; ++i) {
         const int c = c0 + row + i * kPackRows;
-        if (c < j.channels) {
+        if (ok[i]) {
           v[i] = static_cast<acc_t>(static_cast<scalar_t>(
               v[i] * static_cast<acc_t>(j.scale[image * j.scale_s0 + c * j.scale_s1])));
         }
@@ -1106,12 +1093,17 @@ struct Packed {
   int hp, wp_w, c_pad;
 };
 
+// The packed operands' channels: C_in rounded up to a whole K step.
+int64_t packed_channels(const masked_conv::Geometry& g) {
+  return (g.c_in + kPkC - 1) / kPkC * kPkC;
+}
+
 // Whether the packed kernel takes a per-sample launch: tensor cores (the caller's choice), no
 // bool in_mask (a soft one is applied by pack_kernel), and a sample's xp and the weight's wp
 // rows within 32-bit offsets.
 bool packed_fits(const at::Tensor& x, const masked_conv::Geometry& g, bool in_bool_mask) {
   if (in_bool_mask) return false;
-  const int64_t c_pad = (g.c_in + kPkC - 1) / kPkC * kPkC;
+  const int64_t c_pad = packed_channels(g);
   const int64_t hp = g.h + 2 * g.padding[0], wp_w = g.w + 2 * g.padding[1];
   int64_t x_extent = 0;  // the largest offset inside a sample of x
   for (int d = 1; d < 4; ++d) x_extent += (x.size(d) - 1) * x.stride(d);
@@ -1147,7 +1139,7 @@ template <typename scalar_t>
 Packed pack(const at::Tensor& x, const at::Tensor& weight, const Params<scalar_t>& p,
             const masked_conv::Geometry& g, cudaStream_t stream) {
   Packed k;
-  k.c_pad = static_cast<int>((g.c_in + kPkC - 1) / kPkC * kPkC);
+  k.c_pad = static_cast<int>(packed_channels(g));
   k.hp = static_cast<int>(g.h + 2 * g.padding[0]);
   k.wp_w = static_cast<int>(g.w + 2 * g.padding[1]);
   k.xp = at::empty({g.n, k.hp, k.wp_w, k.c_pad}, x.options());
@@ -1253,6 +1245,12 @@ void check_operands(const at::Tensor& x, const at::Tensor& weight,
 // host at each call, so a flag changed between calls takes effect as it does for F.conv2d.
 bool tf32_allowed() { return at::globalContext().allowTF32CuDNN(at::Float32Op::CONV); }
 
+// Whether the per-sample kernels run dtype on tensor cores: bf16 and fp16 always, float32 where
+// TF32 is allowed.
+bool on_tensor_cores(at::ScalarType dtype) {
+  return dtype == at::kHalf || dtype == at::kBFloat16 || (dtype == at::kFloat && tf32_allowed());
+}
+
 // kKernel's dynamic shared memory limit raised to kSmem where that passes the 48 KiB default,
 // once per device (the attribute is per device and kernel).
 template <auto kKernel, size_t kSmem>
@@ -1322,7 +1320,7 @@ void launch_packed(const Params<scalar_t>& p, const at::Tensor& x, const at::Ten
   q.p = p;
   q.xp = k.xp.const_data_ptr<scalar_t>();
   q.wp = k.wp.const_data_ptr<scalar_t>();
-  q.hp = k.hp, q.wp_w = k.wp_w, q.c_pad = k.c_pad, q.taps = p.khw;
+  q.hp = k.hp, q.wp_w = k.wp_w, q.c_pad = k.c_pad;
   constexpr size_t smem = pk_smem_bytes<scalar_t>();
   if (p.pixels > kTcP) {
     constexpr int kRows = kTileM / 2, kPixels = 2 * kTcP;
@@ -1401,11 +1399,9 @@ at::Tensor per_sample_forward(const at::Tensor& x, const at::Tensor& weight,
               " output channels with per-sample masks, got ", g.c_out);
 
   // The packed kernel (tensor cores, no bool in_mask) reads x through its strides.
-  const auto dtype = x.scalar_type();
-  const bool tensor_cores = dtype == at::kHalf || dtype == at::kBFloat16 ||
-                            (dtype == at::kFloat && tf32_allowed());
-  const bool packed = tensor_cores && packed_fits(x, g, in_mask.has_value() &&
-                                                         in_mask->scalar_type() == at::kBool);
+  const bool packed =
+      on_tensor_cores(x.scalar_type()) &&
+      packed_fits(x, g, in_mask.has_value() && in_mask->scalar_type() == at::kBool);
   const at::Tensor xc = packed ? x : x.contiguous();
   const at::Tensor wc = weight.contiguous();
   const at::Tensor bc = bias.has_value() ? bias->contiguous() : at::Tensor();
@@ -1443,15 +1439,14 @@ at::Tensor per_sample_forward(const at::Tensor& x, const at::Tensor& weight,
     p.stride_h = static_cast<int>(g.stride[0]), p.stride_w = static_cast<int>(g.stride[1]);
     p.pad_h = static_cast<int>(g.padding[0]), p.pad_w = static_cast<int>(g.padding[1]);
     p.dil_h = static_cast<int>(g.dilation[0]), p.dil_w = static_cast<int>(g.dilation[1]);
-    if constexpr (std::is_same_v<scalar_t, double>) {
-      launch_per_sample(p, grid, stream);
-    } else {
+    if constexpr (!std::is_same_v<scalar_t, double>) {  // (no packed kernel for float64)
       if (packed) {
         launch_packed(p, xc, wc, g, grid, stream);
-      } else {
-        launch_per_sample(p, grid, stream);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        return;
       }
     }
+    launch_per_sample(p, grid, stream);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   if (raw != nullptr && format != at::MemoryFormat::Contiguous) *raw = raw->contiguous(format);
@@ -1555,11 +1550,8 @@ bool static_on_tensor_cores(const at::Tensor& x, const masked_conv::Geometry& g,
                             const std::optional<at::Tensor>& in_mask,
                             const std::optional<at::Tensor>& out_mask) {
   if (!in_mask.has_value() && !out_mask.has_value()) return false;  // dense: cuDNN
-  const auto dtype = x.scalar_type();
-  const bool tensor_cores = dtype == at::kHalf || dtype == at::kBFloat16 ||
-                            (dtype == at::kFloat && tf32_allowed());
   const int64_t pixels = g.h_out * g.w_out;
-  if (!tensor_cores || g.n == 0 || !per_sample_fits(g, pixels)) return false;
+  if (!on_tensor_cores(x.scalar_type()) || g.n == 0 || !per_sample_fits(g, pixels)) return false;
   const int64_t k_out = out_mask.has_value() ? masked_conv::kept(out_mask, g.c_out, x).size(0)
                                              : g.c_out;
   const int64_t k_in = in_mask.has_value() ? masked_conv::kept(in_mask, g.c_in, x).size(0)
