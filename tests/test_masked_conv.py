@@ -1174,8 +1174,9 @@ def test_cuda_static_out_mask_scatter(dtype, channels_last, with_bias, in_static
     """Static output masks on cuDNN with the fused scatter: kept channels with their bias,
     masked ones exactly 0, in both layouts, with and without a static in_mask, an output
     channel count above one block (300) and a 5x7 image (pixels not a multiple of 32). 160 input
-    channels (90% kept): 23 K steps of 64 a CTA, past the tensor-core kernel's limit for static
-    masks, so bf16 takes cuDNN too (float32 does with TF32 off, these tests' setting)."""
+    channels (144 kept at 90%): 45 K steps of 32 for one round of CTAs, past the packed path's
+    limits for static masks, so bf16 takes cuDNN too (float32 does with TF32 off, these tests'
+    setting)."""
     gen = torch.Generator().manual_seed(13)
     geom = (3, 160, 300, 5, 7, 3, 1, 1, 1)
     x, weight, bias = _tc_inputs(geom, dtype, gen, channels_last)
@@ -1222,9 +1223,10 @@ def _static_masks(kind, cin, cout, gen):
 @pytest.mark.parametrize("kind", ["out25", "out75", "in", "both"])
 @pytest.mark.parametrize("geom", STATIC_TC_GEOMETRIES)
 def test_cuda_static_masks_tensor_cores(dtype, channels_last, with_bias, kind, geom):
-    """Static (C,) masks with a short reduction run masked_conv2d_tc_kernel alone (no cuDNN, no
-    scatter), at small and large keep, on the input side, on both: within twice eager's
-    low-precision error, masked output channels exactly 0, the layout of x."""
+    """Static (C,) masks with a short reduction run the packed path (pack_kernel, a bool
+    in_mask's kept channels listed first, then masked_conv2d_tc_packed_kernel; no cuDNN, no
+    scatter, no gathering kernel), at small and large keep, on the input side, on both: within
+    twice eager's low-precision error, masked output channels exactly 0, the layout of x."""
     gen = torch.Generator().manual_seed(14)
     n, cin, cout, h, w, k, stride, padding, dilation = geom
     x, weight, bias = _tc_inputs(geom, dtype, gen, channels_last)
@@ -1233,10 +1235,58 @@ def test_cuda_static_masks_tensor_cores(dtype, channels_last, with_bias, kind, g
     with pyprune.use_backend("cuda"):
         got, names = _cuda_kernel_names(lambda: pyprune.masked_conv2d(
             x, weight, bias, stride, padding, dilation, in_mask=in_mask, out_mask=out_mask))
-    assert _launched(names, "masked_conv2d_tc_kernel"), names
+    assert _launched(names, "pack_kernel") and _launched(names, "tc_packed_kernel"), names
+    assert not _launched(names, "masked_conv2d_tc_kernel"), names
     assert not _launched(names, "scatter_kept_channels_kernel"), names
     assert got.is_contiguous(memory_format=torch.channels_last) == channels_last
     _static_close(got, x, weight, bias, geom, in_mask, out_mask)
+
+
+# Static input masks on the packed path (N, C_in, C_out, H, W, kernel, stride, padding,
+# dilation): kept lists of several 32-channel K steps (a 2x2 kernel over 128 input channels, a
+# 1x1 one over 150), stride with dilation on maps of at most 32 output pixels (64-row tiles);
+# each within the packed limit (18 K steps a round) with every channel kept too.
+STATIC_IN_GEOMETRIES = [
+    (2, 128, 40, 7, 6, 2, 1, 1, 1),
+    (3, 64, 24, 11, 9, 3, 2, 2, 2),
+    (4, 150, 70, 4, 4, 1, 1, 0, 1),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("keep", ["half", "none", "all"])
+@pytest.mark.parametrize("geom", STATIC_IN_GEOMETRIES)
+def test_cuda_static_in_mask_packed(dtype, channels_last, keep, geom):
+    """A static bool in_mask on the packed path: pack_kernel reads x's and the weight's kept
+    channels only, in order, into the first packed channels (several K steps of them), so the
+    products skip the masked ones; inf and NaN in masked channels of x do not leak. Nothing
+    kept gives the bias alone (no K step), everything kept the convolution (TF32 tolerances for
+    float32, twice eager's error for bf16)."""
+    gen = torch.Generator().manual_seed(17)
+    n, cin, cout, h, w, k, stride, padding, dilation = geom
+    x, weight, bias = _tc_inputs(geom, dtype, gen, channels_last)
+    in_mask = {"half": torch.rand(cin, generator=gen) < 0.5,
+               "none": torch.zeros(cin, dtype=torch.bool),
+               "all": torch.ones(cin, dtype=torch.bool)}[keep].cuda()
+    x = x.clone()
+    x[:, ~in_mask] = float("nan")
+    if (~in_mask).any():
+        x[0, (~in_mask).nonzero()[0, 0]] = float("inf")
+    with pyprune.use_backend("cuda"):
+        got, names = _cuda_kernel_names(lambda: pyprune.masked_conv2d(
+            x, weight, bias, stride, padding, dilation, in_mask=in_mask))
+    assert _launched(names, "tc_packed_kernel"), names
+    assert not _launched(names, "masked_conv2d_tc_kernel"), names
+    assert got.is_contiguous(memory_format=torch.channels_last) == channels_last
+    assert torch.isfinite(got).all()
+    if keep == "none":
+        assert torch.equal(got, bias[None, :, None, None].expand_as(got))
+    else:
+        _static_close(got, x.masked_fill(~in_mask[:, None, None], 0), weight, bias, geom,
+                      in_mask, None)
 
 
 @pytest.mark.gpu
@@ -1246,8 +1296,8 @@ def test_cuda_static_masks_tensor_cores(dtype, channels_last, with_bias, kind, g
 @pytest.mark.parametrize("geom", STATIC_TC_GEOMETRIES[:3])
 def test_cuda_static_masks_tf32(kind, geom):
     """float32 static masks follow torch.backends.cudnn.allow_tf32: allowed (PyTorch's default),
-    a short reduction runs the tensor-core kernel (TF32 tolerances); not allowed, cuDNN on the
-    compacted problem (float32 tolerances). Gradients (static_backward) match the reference."""
+    a short reduction runs the packed tensor-core kernel (TF32 tolerances); not allowed, cuDNN on
+    the compacted problem (float32 tolerances). Gradients (static_backward) match the reference."""
     assert torch.backends.cudnn.allow_tf32
     gen = torch.Generator().manual_seed(15)
     n, cin, cout, h, w, k, stride, padding, dilation = geom
@@ -1257,13 +1307,13 @@ def test_cuda_static_masks_tf32(kind, geom):
     with pyprune.use_backend("cuda"):
         got, names = _cuda_kernel_names(
             lambda: pyprune.masked_conv2d(*args, in_mask=in_mask, out_mask=out_mask))
-        assert _launched(names, "masked_conv2d_tc_kernel"), names
+        assert _launched(names, "tc_packed_kernel"), names
         _static_close(got, x, weight, bias, geom, in_mask, out_mask)
         torch.backends.cudnn.allow_tf32 = False
         try:
             full, names = _cuda_kernel_names(
                 lambda: pyprune.masked_conv2d(*args, in_mask=in_mask, out_mask=out_mask))
-            assert not _launched(names, "masked_conv2d_tc_kernel"), names
+            assert not _launched(names, "masked_conv2d_tc"), names
             _static_close(full, x, weight, bias, geom, in_mask, out_mask)
         finally:
             torch.backends.cudnn.allow_tf32 = True
@@ -1286,8 +1336,9 @@ def test_cuda_static_masks_tf32(kind, geom):
 @pytest.mark.parametrize("seen", [True, False], ids=["seen", "new"])
 def test_cuda_static_tensor_cores_graph_capture(seen):
     """bf16 static masks inside a captured CUDA graph: a mask version seen before the capture
-    (kept counts cached: the tensor-core rule) and one first seen under capture (the kernel
-    reads it on the device) both capture without a host synchronisation and replay right."""
+    (kept counts and the in_mask's kept list cached: the packed path) and one first seen under
+    capture (the gathering kernel reads both masks on the device) both capture without a host
+    synchronisation and replay right."""
     gen = torch.Generator().manual_seed(16)
     geom = (3, 24, 40, 9, 7, 3, 1, 1, 1)
     x, weight, bias = _tc_inputs(geom, torch.bfloat16, gen, False)

@@ -200,17 +200,18 @@ def test_masked_conv_bytes_and_flops():
     backward = kernels("masked_conv", Case((32, 128, 16, 16), "sample-out25"), roofline.CUDA,
                        "backward")
     assert "masked_conv2d_tc_kernel (wmma)" in backward and "pack_kernel" not in backward
-    # Static 25%: 18 K steps of 64 for one round of CTAs is past the limit (4): cuDNN on the 32
-    # kept output channels, the kept indices cached per mask version (no nonzero() sync).
+    # Static 25%: 36 K steps of 32 for one round of CTAs is past the limit without an in_mask
+    # (9): cuDNN on the 32 kept output channels, the kept indices cached per mask version (no
+    # nonzero() sync).
     items = roofline.plan("masked_conv", Case((32, 128, 16, 16), "out25"), roofline.CUDA,
                           "forward", "h200").items
     k = {i.name: i for i in items if isinstance(i, roofline.Kernel)}
     assert list(k) == ["index_select weight", "cuDNN fprop", "scatter_kept_channels_kernel"]
     assert k["cuDNN fprop"].flops == dense_flops / 4
     assert not any(isinstance(i, roofline.Sync) for i in items)
-    # 16 channels: 3 K steps for one round of 256 CTAs: the tensor-core kernels (the (C,)
-    # mask read on the device; no in_mask: packed, 16 channels padded to 32, 9 steps); only the
-    # kept rows of the weight are reread.
+    # 16 channels: 9 K steps (16 channels padded to 32) for one round of 128 CTAs, within the
+    # limit: the packed path (the (C,) mask read on the device); only the kept rows of the
+    # weight are reread.
     small = 32 * 16 * 16 * 16 * 4
     items = roofline.plan("masked_conv", Case((32, 16, 16, 16), "out25"), roofline.CUDA,
                           "forward", "h200").items
@@ -223,13 +224,23 @@ def test_masked_conv_bytes_and_flops():
     assert k.hbm == small_xp + small + 16 * 16 * 9 * 4 * 2
     assert k.l2 == pytest.approx(4 * 32 * 9 * 4 * (32 * 4 - 1))  # 4 kept rows of 32 x 9
     assert not any(isinstance(i, roofline.Sync) for i in items)
-    # Static input mask at 50%: 9 K steps over two rounds of CTAs, past the limit: cuDNN on the
-    # kept input channels of x and of the weight.
+    # Static input mask at 50%: 18 K steps over the 64 kept input channels for one round of 512
+    # CTAs (4 an SM, 132 SMs), within the limit with an in_mask (18): the pack lists the kept
+    # channels first (x's kept half read, xp and wp of 64 channels), the kernel runs half the
+    # products of the dense convolution.
     k = kernels("masked_conv", Case((32, 128, 16, 16), "in50"), roofline.CUDA, "forward")
+    assert list(k) == ["pack_kernel", "masked_conv2d_tc_packed_kernel (mma)"]
+    assert k["pack_kernel"].hbm == x / 2 + 32 * 18 * 18 * 64 * 4 + weight
+    conv = k["masked_conv2d_tc_packed_kernel (mma)"]
+    assert conv.flops == dense_flops / 2 and conv.ctas == 512
+    assert conv.ops == 512 * 18 * 256 * roofline.CUDA_TC_PACKED_STEP_OPS[32]["float32"]
+    # 75% kept: 27 steps over 96 channels, past the limit: cuDNN on the kept input channels of x
+    # and of the weight.
+    k = kernels("masked_conv", Case((32, 128, 16, 16), "in75"), roofline.CUDA, "forward")
     assert list(k) == ["index_select weight", "index_select x", "cuDNN fprop", "bias add"]
-    assert k["cuDNN fprop"].flops == dense_flops / 2
-    # Static 75%: 2 rounds x 18 steps is past the limit: cuDNN on the 96 kept output channels
-    # without bias, then one pass writes the kept channels with their bias and the zeros; the
+    assert k["cuDNN fprop"].flops == dense_flops * 3 / 4
+    # Static 75%: 36 steps for one round of CTAs is past the limit: cuDNN on the 96 kept output
+    # channels without bias, then one pass writes the kept channels with their bias and the zeros; the
     # kept indices are cached per mask version (no nonzero() sync).
     items = roofline.plan("masked_conv", Case((32, 128, 16, 16), "out75"), roofline.CUDA,
                           "forward", "h200").items
@@ -252,7 +263,10 @@ def test_written_out_cuda_constants_match_the_sources():
         assert len(found) == 1, (source, name, found)
         return int(found[0])
 
-    assert roofline.CUDA_STATIC_TC_MAX_STEPS == constant("masked_conv.cu", "kStaticTcMaxSteps")
+    assert roofline.CUDA_STATIC_PACKED_MAX_STEPS == constant("masked_conv.cu",
+                                                             "kStaticPackedMaxSteps")
+    assert roofline.CUDA_STATIC_PACKED_MAX_STEPS_OUT == constant("masked_conv.cu",
+                                                                 "kStaticPackedMaxStepsOut")
     assert roofline.CUDA_KWTA_MIN_CLUSTER_SLICE == constant("kwta.cu", "kMinClusterSlice")
     assert roofline.CUDA_KWTA_MAX_CLUSTER == constant("kwta.cu", "kMaxNonPortableCluster")
 

@@ -8,17 +8,20 @@
 //                                      seen before during CUDA graph capture takes the kernels
 //                                      below instead); with an out_mask, static_forward_cuda
 //                                      (kept weight rows, cuDNN, one fused scatter + bias pass),
-//                                      else masked_conv::static_forward; but where the tensor-core
-//                                      kernel below has little serial work (static_on_tensor_cores:
-//                                      few K steps and CTAs for one or two rounds of the GPU), that
-//                                      kernel alone, reading the (C,) masks on the device;
+//                                      else masked_conv::static_forward; but where the packed
+//                                      tensor-core kernel below has little serial work
+//                                      (static_on_tensor_cores: few K steps and CTAs for a round
+//                                      or two of the GPU), pack_kernel (a bool in_mask's kept
+//                                      channels listed first) and that kernel, the (C,) out_mask
+//                                      read on the device;
 //   an (N, C) mask, groups == 1        the implicit-GEMM kernels below, one launch for the batch:
 //                                      on tensor cores for bf16, fp16 and float32 where
 //                                      torch.backends.cudnn.allow_tf32 (TF32) either
-//                                      masked_conv2d_tc_packed_kernel after pack_kernel (no bool
-//                                      in_mask: x and the weight laid out channels-innermost,
-//                                      16-byte cp.async copies) or masked_conv2d_tc_kernel (a bool
-//                                      in_mask: kept channels gathered); else masked_conv2d_kernel
+//                                      masked_conv2d_tc_packed_kernel after pack_kernel (no
+//                                      per-sample bool in_mask: x and the weight laid out
+//                                      channels-innermost, 16-byte cp.async copies) or
+//                                      masked_conv2d_tc_kernel (a per-sample bool in_mask: each
+//                                      sample's kept channels gathered); else masked_conv2d_kernel
 //                                      (FMA: full float32, float64).
 // Backward: static masks with groups == 1 run masked_conv::static_backward (as the forward
 // for masks not seen before during capture).
@@ -994,8 +997,10 @@ __global__ void __launch_bounds__(kThreads, kPkMinBlocks)
 
 // pack_kernel's two jobs (x -> xp, weight -> wp), the same copy: an (images, channels, h, w)
 // tensor with any strides into (images, h + 2 pad_h, w + 2 pad_w, c_pad), zero padding and zero
-// channels past `channels`, each value times scale[image * scale_s0 + c * scale_s1] (rounded to
-// scalar_t) where scale is given, float32 rounded to TF32. A block takes 32 padded pixels by 32
+// channels past `channels`, packed channel c read from source channel index[c] where a list of
+// kept channels is given (a static bool in_mask: the kept ones first, the masked ones never
+// read), each value times scale[image * scale_s0 + c * scale_s1] (rounded to scalar_t) where
+// scale is given, float32 rounded to TF32. A block takes 32 padded pixels by 32
 // channels of one image: read with lanes along pixels (4 loads a thread in flight), transposed
 // through shared memory, written with lanes along channels (a 128-byte row a pixel for float32).
 // Grid (the x job's pixel tiles, then the weight job's; channel tiles; images, looped past
@@ -1004,6 +1009,7 @@ template <typename scalar_t>
 struct PackJob {
   const scalar_t* src;
   const scalar_t* scale;  // nullptr: none
+  const int64_t* index;   // source channel of each packed one (`channels` of them); nullptr: c
   scalar_t* dst;
   int64_t images, s_image, scale_s0, scale_s1;
   int s_c, s_h, s_w;  // within an image (packed_fits: its offsets fit 32 bits)
@@ -1035,7 +1041,8 @@ __device__ inline void pack_tile(const PackJob<scalar_t>& j, int pt) {
   for (int i = 0; i < kTrips; ++i) {
     const int c = c0 + row + i * kPackRows;
     ok[i] = inside && c < j.channels;
-    off[i] = ok[i] ? c * j.s_c + ih * j.s_h + iw * j.s_w : 0;
+    const int src_c = ok[i] && j.index != nullptr ? static_cast<int>(j.index[c]) : c;
+    off[i] = ok[i] ? src_c * j.s_c + ih * j.s_h + iw * j.s_w : 0;
   }
   for (int64_t image = blockIdx.z; image < j.images; image += gridDim.z) {
     __syncthreads();  // the previous image's reads of the tile are done
@@ -1093,17 +1100,16 @@ struct Packed {
   int hp, wp_w, c_pad;
 };
 
-// The packed operands' channels: C_in rounded up to a whole K step.
-int64_t packed_channels(const masked_conv::Geometry& g) {
-  return (g.c_in + kPkC - 1) / kPkC * kPkC;
+// The packed operands' channels: the kept input channels rounded up to a whole K step.
+int64_t packed_channels(int64_t kept_in) {
+  return (kept_in + kPkC - 1) / kPkC * kPkC;
 }
 
-// Whether the packed kernel takes a per-sample launch: tensor cores (the caller's choice), no
-// bool in_mask (a soft one is applied by pack_kernel), and a sample's xp and the weight's wp
-// rows within 32-bit offsets.
-bool packed_fits(const at::Tensor& x, const masked_conv::Geometry& g, bool in_bool_mask) {
-  if (in_bool_mask) return false;
-  const int64_t c_pad = packed_channels(g);
+// Whether the packed kernel fits g: a sample's xp and the weight's wp rows (all C_in channels
+// at most) within 32-bit offsets, and the grids' limits. Which in_masks it takes is the caller's
+// choice (none, a soft one, a static bool one with its kept list).
+bool packed_fits(const at::Tensor& x, const masked_conv::Geometry& g) {
+  const int64_t c_pad = packed_channels(g.c_in);
   const int64_t hp = g.h + 2 * g.padding[0], wp_w = g.w + 2 * g.padding[1];
   int64_t x_extent = 0;  // the largest offset inside a sample of x
   for (int d = 1; d < 4; ++d) x_extent += (x.size(d) - 1) * x.stride(d);
@@ -1115,10 +1121,12 @@ bool packed_fits(const at::Tensor& x, const masked_conv::Geometry& g, bool in_bo
 
 template <typename scalar_t>
 PackJob<scalar_t> pack_job(const at::Tensor& src, const scalar_t* scale, int64_t scale_s0,
-                           int64_t scale_s1, at::Tensor& dst, int pad_h, int pad_w, int c_pad) {
+                           int64_t scale_s1, const at::Tensor& index, at::Tensor& dst, int pad_h,
+                           int pad_w, int c_pad) {
   PackJob<scalar_t> j{};
   j.src = src.const_data_ptr<scalar_t>();
   j.scale = scale;
+  j.index = index.defined() ? index.const_data_ptr<int64_t>() : nullptr;
   j.dst = dst.mutable_data_ptr<scalar_t>();
   j.images = src.size(0);
   j.s_image = src.stride(0);
@@ -1126,7 +1134,7 @@ PackJob<scalar_t> pack_job(const at::Tensor& src, const scalar_t* scale, int64_t
   j.s_h = static_cast<int>(src.stride(2));
   j.s_w = static_cast<int>(src.stride(3));
   j.scale_s0 = scale_s0, j.scale_s1 = scale_s1;
-  j.channels = static_cast<int>(src.size(1));
+  j.channels = static_cast<int>(index.defined() ? index.size(0) : src.size(1));
   j.h = static_cast<int>(src.size(2)), j.w = static_cast<int>(src.size(3));
   j.pad_h = pad_h, j.pad_w = pad_w;
   j.hp = j.h + 2 * pad_h, j.wp_w = j.w + 2 * pad_w, j.c_pad = c_pad;
@@ -1134,25 +1142,26 @@ PackJob<scalar_t> pack_job(const at::Tensor& src, const scalar_t* scale, int64_t
   return j;
 }
 
-// x (any strides) and weight packed by one launch; p's soft in_mask (in_scale) applied to x.
+// x (any strides) and weight packed by one launch; p's soft in_mask (in_scale) applied to x;
+// in_index (int64, on x's device), where defined, lists the input channels to pack, in order.
 template <typename scalar_t>
 Packed pack(const at::Tensor& x, const at::Tensor& weight, const Params<scalar_t>& p,
-            const masked_conv::Geometry& g, cudaStream_t stream) {
+            const masked_conv::Geometry& g, const at::Tensor& in_index, cudaStream_t stream) {
   Packed k;
-  k.c_pad = static_cast<int>(packed_channels(g));
+  k.c_pad = static_cast<int>(packed_channels(in_index.defined() ? in_index.size(0) : g.c_in));
   k.hp = static_cast<int>(g.h + 2 * g.padding[0]);
   k.wp_w = static_cast<int>(g.w + 2 * g.padding[1]);
   k.xp = at::empty({g.n, k.hp, k.wp_w, k.c_pad}, x.options());
   k.wp = at::empty({g.c_out, g.kh, g.kw, k.c_pad}, x.options());
-  if (k.c_pad == 0) return k;  // C_in == 0: nothing to pack (the products are empty)
+  if (k.c_pad == 0) return k;  // no input channel (kept): nothing to pack, no products
   // wp[o, t, c] = weight[o, c, t]: one image of C_out x taps pixels (rows o, columns t) and C_in
-  // channels, so that the weight's tiles are full.
+  // channels (the listed ones), so that the weight's tiles are full.
   const int64_t taps = g.kh * g.kw;
   const at::Tensor w4 = weight.as_strided({1, g.c_in, g.c_out, taps},
                                           {weight.numel(), taps, g.c_in * taps, 1});
-  const auto x_job = pack_job<scalar_t>(x, p.in_scale, p.in_s0, p.in_s1, k.xp, p.pad_h, p.pad_w,
-                                        k.c_pad);
-  const auto w_job = pack_job<scalar_t>(w4, nullptr, 0, 0, k.wp, 0, 0, k.c_pad);
+  const auto x_job = pack_job<scalar_t>(x, p.in_scale, p.in_s0, p.in_s1, in_index, k.xp,
+                                        p.pad_h, p.pad_w, k.c_pad);
+  const auto w_job = pack_job<scalar_t>(w4, nullptr, 0, 0, in_index, k.wp, 0, 0, k.c_pad);
   const dim3 grid(static_cast<unsigned>(x_job.pixel_tiles + w_job.pixel_tiles),
                   static_cast<unsigned>(k.c_pad / kPackTile),
                   static_cast<unsigned>(std::min<int64_t>(g.n, 65535)));
@@ -1314,8 +1323,9 @@ void launch_per_sample(Params<scalar_t>& p, dim3 grid, cudaStream_t stream) {
 // 32: one 32-row tile, where a 64-row tile runs half empty); 64 x 32 for the smaller maps.
 template <typename scalar_t>
 void launch_packed(const Params<scalar_t>& p, const at::Tensor& x, const at::Tensor& weight,
-                   const masked_conv::Geometry& g, dim3 grid, cudaStream_t stream) {
-  const Packed k = pack(x, weight, p, g, stream);
+                   const masked_conv::Geometry& g, const at::Tensor& in_index, dim3 grid,
+                   cudaStream_t stream) {
+  const Packed k = pack(x, weight, p, g, in_index, stream);
   PackedParams<scalar_t> q{};
   q.p = p;
   q.xp = k.xp.const_data_ptr<scalar_t>();
@@ -1353,6 +1363,21 @@ MaskArgs mask_args(const std::optional<at::Tensor>& mask) {
     a.sample_stride = mask->stride(0), a.channel_stride = mask->stride(1);
   }
   return a;
+}
+
+// Static masks compact the problem for cuDNN, which needs the kept counts on the host: their
+// indices come from masked_conv::KeptIndexCache, a nonzero() (host synchronisation) only the
+// first time a mask version is seen. CUDA graph capture forbids that synchronisation: while the
+// current stream is capturing, masks not seen before take the per-sample kernel instead (it
+// reads the masks on the device; a (C,) mask is a stride-0 row for every sample) and backward
+// the dense engine.
+bool capturing() {
+  return c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
+}
+
+bool must_not_sync(const std::optional<at::Tensor>& a, const std::optional<at::Tensor>& b) {
+  return (a.has_value() || b.has_value()) && capturing() &&
+         !(masked_conv::kept_known(a) && masked_conv::kept_known(b));
 }
 
 // Whether per_sample_forward's size limits (checked there) hold for g.
@@ -1398,10 +1423,16 @@ at::Tensor per_sample_forward(const at::Tensor& x, const at::Tensor& weight,
   TORCH_CHECK(c_tiles <= 65535, "masked_conv2d (cuda): at most ", 65535 * kTileM,
               " output channels with per-sample masks, got ", g.c_out);
 
-  // The packed kernel (tensor cores, no bool in_mask) reads x through its strides.
-  const bool packed =
-      on_tensor_cores(x.scalar_type()) &&
-      packed_fits(x, g, in_mask.has_value() && in_mask->scalar_type() == at::kBool);
+  // The packed kernel (tensor cores) reads x through its strides; it takes no in_mask, a soft
+  // one, or a static bool one, whose kept channels the pack lists first (their indices cached
+  // per mask version: not while a graph captures a mask not seen before). A per-sample bool
+  // in_mask keeps the gathering kernel, which skips each sample's masked channels.
+  const bool bool_in = in_mask.has_value() && in_mask->scalar_type() == at::kBool;
+  const bool packed = on_tensor_cores(x.scalar_type()) && packed_fits(x, g) &&
+                      (!bool_in || (!masked_conv::per_sample(in_mask) &&
+                                    !must_not_sync(in_mask, std::nullopt)));
+  const at::Tensor in_index =
+      packed && bool_in ? masked_conv::kept(in_mask, g.c_in, x) : at::Tensor();
   const at::Tensor xc = packed ? x : x.contiguous();
   const at::Tensor wc = weight.contiguous();
   const at::Tensor bc = bias.has_value() ? bias->contiguous() : at::Tensor();
@@ -1441,7 +1472,8 @@ at::Tensor per_sample_forward(const at::Tensor& x, const at::Tensor& weight,
     p.dil_h = static_cast<int>(g.dilation[0]), p.dil_w = static_cast<int>(g.dilation[1]);
     if constexpr (!std::is_same_v<scalar_t, double>) {  // (no packed kernel for float64)
       if (packed) {
-        launch_packed(p, xc, wc, g, grid, stream);
+        p.in_mask = nullptr;  // a bool one is in in_index
+        launch_packed(p, xc, wc, g, in_index, grid, stream);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         return;
       }
@@ -1451,21 +1483,6 @@ at::Tensor per_sample_forward(const at::Tensor& x, const at::Tensor& weight,
   });
   if (raw != nullptr && format != at::MemoryFormat::Contiguous) *raw = raw->contiguous(format);
   return format == at::MemoryFormat::Contiguous ? out : out.contiguous(format);
-}
-
-// Static masks compact the problem for cuDNN, which needs the kept counts on the host: their
-// indices come from masked_conv::KeptIndexCache, a nonzero() (host synchronisation) only the
-// first time a mask version is seen. CUDA graph capture forbids that synchronisation: while the
-// current stream is capturing, masks not seen before take the per-sample kernel instead (it
-// reads the masks on the device; a (C,) mask is a stride-0 row for every sample) and backward
-// the dense engine.
-bool capturing() {
-  return c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
-}
-
-bool must_not_sync(const std::optional<at::Tensor>& a, const std::optional<at::Tensor>& b) {
-  return (a.has_value() || b.has_value()) && capturing() &&
-         !(masked_conv::kept_known(a) && masked_conv::kept_known(b));
 }
 
 // Static masks with an out_mask: the kept rows of weight gathered (and its kept columns where
@@ -1532,37 +1549,49 @@ at::Tensor static_forward_cuda(const at::Tensor& x, const at::Tensor& weight,
   return out;
 }
 
-// Static masks on the tensor-core kernel instead of cuDNN on the compacted problem, where the
-// kernel's serial work is short: its CTAs (samples x 32-pixel tiles x 64-row tiles of the kept
-// output channels) fill at most kStaticTcMaxSteps / steps rounds of the GPU's CTA slots (2 an SM),
-// steps being the K steps of kTcK (kept input channel, kh, kw) positions a CTA runs. There it
-// is one launch where cuDNN takes three (the weight gather, the convolution, the scatter) or four
-// (and x's gather); past it, the kernel's K steps cost more than those launches: a step is ~570
-// lane instructions a thread (float32; ~410 for 16-bit types) in the sm_90 SASS, so a round of
-// 2 CTAs an SM issues for ~2 us a step on an H100 / H200, as long as cuDNN's three launches.
-// Decided from the shapes, the dtype, the TF32 flag and the kept counts of the masks (cached
-// per mask version, as the cuDNN path needs them; the caller has made sure they are known or
-// may be computed), so the same call always takes the same kernels. benchmarks/roofline.py's
-// _cuda_static_tensor_cores mirrors this rule.
-constexpr int64_t kStaticTcMaxSteps = 4;
+// Static masks on the packed tensor-core kernel instead of cuDNN on the compacted problem, where
+// the kernel's serial work is short. Its CTAs (samples x pixel tiles x row tiles of the kept
+// output channels: 32 x 64 where a sample has more than 32 output pixels, else 64 x 32) fill
+// `rounds` of the GPU's CTA slots (kPkMinBlocks an SM), each running taps x ceil(kept input
+// channels / 32) K steps; the packed path is taken where rounds x steps is at most
+// kStaticPackedMaxSteps with a static bool in_mask (cuDNN's route then gathers x's kept channels
+// and adds the bias in passes of their own, four launches against the pack and the kernel) and
+// kStaticPackedMaxStepsOut without one (cuDNN's route: the weight gather, the convolution, one
+// fused scatter + bias pass). The limits are the roofline model's (benchmarks/roofline.py,
+// 3 x 3 convolutions of 1-128 samples, 32-512 channels, 4 x 4 to 56 x 56 maps, 25-75% kept):
+// with them the path chosen takes on average 1.5% (1% without an in_mask) more device time than
+// the faster one, 1.3x (1.4x) at worst; a single limit for both averages 2-3%. Not measured yet.
+// Decided from the shapes, the dtype, the TF32 flag and the kept counts (cached per mask
+// version, as the cuDNN path needs them; the caller has made sure they are known or may be
+// computed), so the same call always takes the same kernels. benchmarks/roofline.py's
+// _cuda_static_packed mirrors this rule.
+constexpr int64_t kStaticPackedMaxSteps = 18;
+constexpr int64_t kStaticPackedMaxStepsOut = 9;
 
 bool static_on_tensor_cores(const at::Tensor& x, const masked_conv::Geometry& g,
                             const std::optional<at::Tensor>& in_mask,
                             const std::optional<at::Tensor>& out_mask) {
   if (!in_mask.has_value() && !out_mask.has_value()) return false;  // dense: cuDNN
   const int64_t pixels = g.h_out * g.w_out;
-  if (!on_tensor_cores(x.scalar_type()) || g.n == 0 || !per_sample_fits(g, pixels)) return false;
+  if (!on_tensor_cores(x.scalar_type()) || g.n == 0 || !per_sample_fits(g, pixels) ||
+      !packed_fits(x, g)) {
+    return false;
+  }
   const int64_t k_out = out_mask.has_value() ? masked_conv::kept(out_mask, g.c_out, x).size(0)
                                              : g.c_out;
   const int64_t k_in = in_mask.has_value() ? masked_conv::kept(in_mask, g.c_in, x).size(0)
                                            : g.c_in;
-  const int64_t ctas = g.n * ((pixels + kTcP - 1) / kTcP) * ((k_out + kTileM - 1) / kTileM);
+  const int64_t rows = pixels > kTcP ? kTileM / 2 : kTileM;
+  const int64_t tile_pixels = kTileM * kTcP / rows;
+  const int64_t ctas =
+      g.n * ((pixels + tile_pixels - 1) / tile_pixels) * ((k_out + rows - 1) / rows);
   const int64_t slots =
       static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount) *
-      kTcMinBlocks;
+      kPkMinBlocks;
   const int64_t rounds = (ctas + slots - 1) / slots;
-  const int64_t steps = (k_in * g.kh * g.kw + kTcK - 1) / kTcK;
-  return rounds * steps <= kStaticTcMaxSteps;
+  const int64_t steps = g.kh * g.kw * (packed_channels(k_in) / kPkC);
+  return rounds * steps <=
+         (in_mask.has_value() ? kStaticPackedMaxSteps : kStaticPackedMaxStepsOut);
 }
 
 at::Tensor masked_conv2d_cuda(const at::Tensor& x, const at::Tensor& weight,
