@@ -1319,24 +1319,42 @@ def _cuda_cas_logits(p: Plan, s: int) -> None:
              ctas=groups * cb, per_sm=8, chain_us=chain)
 
 
-def _triton_cas_stream(p: Plan, name: str, passes: int) -> int:
+# triton_kernels/cas.py's _FUSED_MAX_STEP and _FUSED_MAX_STEPS: the backward stream forms
+# grad_logits @ weight itself where that takes at most TRITON_CAS_FUSED_MAX_STEPS steps of
+# triton_cas_fused_step classes.
+TRITON_CAS_FUSED_MAX_STEP = 16
+TRITON_CAS_FUSED_MAX_STEPS = 4
+
+
+def triton_cas_fused_step(block_k: int, warps: int) -> int:
+    """cas._fused_step: classes a step, a weight tile no larger than the streaming tile."""
+    return max(1, min(TRITON_CAS_FUSED_MAX_STEP, warps * 256 // block_k))
+
+
+def _triton_cas_stream(p: Plan, name: str, passes: int, fused_classes: int = 0) -> int:
     """A launch of triton_kernels/cas.py's streaming grid over a contiguous NCHW x: one tile a
     program (no loop), its loads (the tile; the class of the sample, then its weight row; in
-    backward the (N, K) a) issued before its stores; `passes` tensors of x's size moved (2:
-    x -> out, 3: grad_out, x -> grad_x). The per-tile channel sums (N, K, S) and a stay in L2
-    for the next launch. Returns S, the chunks of a channel."""
+    backward the (N, K) a, or with `fused_classes` a formed in the program: that many classes
+    of grad_logits and weight rows, triton_cas_fused_step a dependent step, from L2) issued
+    before its stores; `passes` tensors of x's size moved (2: x -> out, 3: grad_out,
+    x -> grad_x). The per-tile channel sums (N, K, S) and a stay in L2 for the next launch.
+    Returns S, the chunks of a channel."""
     rows, channels, length, _ = _cas_shape(p.case)
     e = _esize(p.case)
     block_k, block_l, warps, _ = triton_cas_config(rows, channels, length, 10)
     k_blocks, s = math.ceil(channels / block_k), math.ceil(length / block_l)
     programs = rows * k_blocks * s
     n = rows * channels * length * e
+    step = triton_cas_fused_step(block_k, warps)
+    steps = math.ceil(fused_classes / step)
+    a_l2 = (programs * steps * step * (4 + block_k * e) if fused_classes
+            else rows * channels * 4 if passes == 3 else 0)
     p.kernel(name, "inner", hbm=passes * n,
-             l2=rows * channels * s * 4 + programs * (8 + block_k * e)
-             + (rows * channels * 4 if passes == 3 else 0),
-             ops=rows * k_blocks * block_k * s * block_l * (3 if passes == 2 else 5),
+             l2=rows * channels * s * 4 + programs * (8 + block_k * e) + a_l2,
+             ops=rows * k_blocks * block_k * s * block_l * (3 if passes == 2 else 5)
+             + programs * steps * step * block_k * 3,
              ctas=programs, per_sm=_triton_per_sm(warps),
-             chain_us=p.lat("dram") + p.lat("l2"))
+             chain_us=p.lat("dram") + p.lat("l2") + steps * p.lat("l2"))
     return s
 
 
@@ -1477,11 +1495,16 @@ def cas_backward(p: Plan, provider: str) -> None:
                      chain_us=stages * (2 * lat("l2") + 3 * lat("barrier") + step_us))
     elif provider == TRITON:
         p.host("pyprune_backward", "cas")
-        # In the launcher: a = grad_logits @ weight (float32: the casts are no-ops), the
-        # streaming pass, the gather (grad_weight from the partials, and the bias gradient).
-        p.kernel("mm: grad_logits @ weight", "aten", **gemm)
+        # In the launcher: a = grad_logits @ weight where the streaming pass does not form it
+        # itself (more than TRITON_CAS_FUSED_MAX_STEPS steps; float32: the casts are no-ops),
+        # the streaming pass, the gather (grad_weight from the partials, and the bias gradient).
+        block_k, _, warps, _ = triton_cas_config(rows, channels, length, classes)
+        fused = (math.ceil(classes / triton_cas_fused_step(block_k, warps))
+                 <= TRITON_CAS_FUSED_MAX_STEPS)
+        if not fused:
+            p.kernel("mm: grad_logits @ weight", "aten", **gemm)
         p.host("triton")
-        s = _triton_cas_stream(p, "_cas_backward_kernel", 3)
+        s = _triton_cas_stream(p, "_cas_backward_kernel", 3, classes if fused else 0)
         p.host("triton")
         # A program per (16-64 classes, 32 channels), 8 warps, over the samples 16 at a time:
         # grad_logits, mean, the index and the S partials of t loaded together, then two

@@ -130,9 +130,12 @@ def test_argmax_ties_and_nan(device_backend):
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
 def test_gradients_match_reference(device_backend, train, with_bias):
     device, backend = device_backend
-    # Spatial sizes with and without the CPU kernel's fixed-length row loops (1, 4, 16, 49, 64).
+    # Spatial sizes with and without the CPU kernel's fixed-length row loops (1, 4, 16, 49, 64);
+    # 20 classes (the Triton backward forms grad_logits @ weight in two steps of 16 classes) and
+    # 70 (past 64: a GEMM before the stream, and the many-class gathers).
     shapes = [(3, 6, 5, 5, 4), (2, 40, 17, 17, 3), (2, 24, 8, 8, 5), (2, 16, 4, 4, 3),
-              (2, 12, 7, 7, 3), (2, 10, 1, 1, 4), (2, 9, 2, 2, 2)]
+              (2, 12, 7, 7, 3), (2, 10, 1, 1, 4), (2, 9, 2, 2, 2), (3, 12, 3, 3, 20),
+              (2, 8, 3, 3, 70)]
     for shape in shapes:
         for dtype in dtypes_for(backend):
             x, weight, bias, label = _inputs(*shape, dtype, device)

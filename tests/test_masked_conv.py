@@ -976,8 +976,10 @@ def test_output_layout_of_ambiguous_strides(device_backend):
         assert leaf.grad.stride() == want_grad_stride, m
 
 
-# CUDA tensor-core paths (csrc/cuda/masked_conv.cu): masked_conv2d_tc_kernel for per-sample masks
-# (bf16 / fp16, float32 under TF32), scatter_kept_channels_kernel for static output masks.
+# CUDA tensor-core paths (csrc/cuda/masked_conv.cu), bf16 / fp16 and float32 under TF32:
+# masked_conv2d_tc_packed_kernel after pack_kernel (per-sample masks without a per-sample bool
+# in_mask; static masks with a short reduction), masked_conv2d_tc_kernel (per-sample bool
+# in_masks), scatter_kept_channels_kernel after cuDNN for the other static output masks.
 # (N, C_in, C_out, H, W, kernel, stride, padding, dilation): pixels and channels that are not
 # multiples of 16 or of the 64-wide tiles, N = 1, more input channels than one 256-channel chunk,
 # a kernel with more positions (81) than a K step (64), stride, dilation.

@@ -19,12 +19,15 @@ Forward, inference: the stream in sums-only mode, the logits with the argmax (fi
 ties, NaN largest) when one block holds all classes, else _cas_argmax_kernel (a program per
 sample over the stored, rounded logits), then the stream in write-only mode:
 out = x * weight[index] (x read twice; the second read hits L2 where x fits).
-Backward: a = grad_logits @ weight (one small GEMM), then _cas_backward_kernel on the same split
-grid: grad_x = grad_out * weight[index] + a / L and the per-tile channel sums of grad_out * x,
-from one pass over both. _cas_gather_kernel forms grad_weight = grad_logits.T @ mean plus the
-sums t of each class's samples (t summed from the S partials in chunk order), per block of
-classes over the samples in order (index_add_ would use atomics on the GPU), both on tl.dot,
-and grad_bias = grad_logits.sum(0) in the same loop: three launches in all.
+Backward: _cas_backward_kernel on the same split grid: grad_x = grad_out * weight[index] + a / L
+and the per-tile channel sums of grad_out * x, from one pass over both, where a = grad_logits @
+weight (the program's channels of its sample's row) is formed in the kernel where that takes a
+few steps of a weight tile no larger than the streaming tile (from L2; up to 64 classes for NCHW
+maps of 16 pixels or more), else by one small GEMM before it.
+_cas_gather_kernel forms grad_weight = grad_logits.T @ mean plus the sums t of each class's
+samples (t summed from the S partials in chunk order), per block of classes over the samples
+in order (index_add_ would use atomics on the GPU), both on tl.dot, and grad_bias =
+grad_logits.sum(0) in the same loop: two launches in all (three with the GEMM).
 
 Tiles: (BLOCK_K, BLOCK_L) with the contiguous dimension inner (L for NCHW and general strides,
 K for channels_last), 8 elements a thread; the JIT specializes unit strides and 16-byte
@@ -66,6 +69,14 @@ _WIDE_CLASSES = 16
 _WIDE_CHANNELS = 128
 _CHUNKS = (1, 4)
 _ARGMAX_BLOCK = 1024
+# Backward: the stream forms a = grad_logits @ weight itself, instead of a GEMM launch before it,
+# where that takes at most _FUSED_MAX_STEPS steps of FUSED_STEP classes (_fused_step: a tile of
+# FUSED_STEP weight rows by the program's channels, from L2, no larger than the program's
+# streaming tile, so that no variant spills; at most _FUSED_MAX_STEP rows): up to 64 classes
+# where a program's tile spans 16 or more positions (NCHW maps of 16 pixels or more), fewer for
+# the wide channel tiles of channels_last and of smaller maps.
+_FUSED_MAX_STEP = 16
+_FUSED_MAX_STEPS = 4
 # grad_weight's gather: 16-64 classes and 32 channels a program (8 warps), the samples 16 at a
 # time (tl.dot's least inner dimension).
 _GATHER_N = 16
@@ -237,18 +248,23 @@ def _cas_argmax_kernel(logits_ptr, index_ptr, C, BLOCK: tl.constexpr):
     tl.store(index_ptr + n + tl.zeros([1], dtype=tl.int64), best_i)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["fused"])
 def _cas_backward_kernel(
-    g_ptr, x_ptr, w_ptr, a_ptr, index_ptr, gx_ptr, part_ptr,
-    K, L, C, S, k_blocks,
+    g_ptr, x_ptr, w_ptr, a_ptr, gl_ptr, index_ptr, gx_ptr, part_ptr,
+    K, L, C, S, k_blocks, fused,
     g_sn, g_sk, g_sl,
     x_sn, x_sk, x_sl,
     gx_sn, gx_sk, gx_sl,
     w_sc, w_sk,
     BLOCK_K: tl.constexpr,
     BLOCK_L: tl.constexpr,
+    FUSED_STEP: tl.constexpr,
 ):
-    """grad_x = grad_out * w[index[n]] + a / L, and the tile's channel sums of grad_out * x."""
+    """grad_x = grad_out * w[index[n]] + a / L, and the tile's channel sums of grad_out * x.
+    a = grad_logits[n] @ weight[:, kk] (the logits' gradient, spread over the channel): read
+    from a_ptr, or, where `fused`, formed here from grad_logits (gl_ptr, (N, C) float32) and
+    the weight's columns, FUSED_STEP classes a step, so that no GEMM launch precedes the
+    stream."""
     pid = tl.program_id(0).to(tl.int64)
     n, s, kk, ll, kmask, mask = _tile(pid, K, L, S, k_blocks, BLOCK_K, BLOCK_L)
     g = tl.load(g_ptr + n * g_sn + kk[:, None] * g_sk + ll[None, :] * g_sl, mask=mask,
@@ -258,8 +274,20 @@ def _cas_backward_kernel(
     index = tl.load(index_ptr + n)
     tl.device_assert((index >= 0) & (index < C), "cas backward: index out of range")
     m = tl.load(w_ptr + index * w_sc + kk * w_sk, mask=kmask, other=0.0).to(tl.float32)
-    # a = grad_logits[n] @ weight[:, kk]: the logits' gradient, spread over the channel.
-    a = tl.load(a_ptr + n * K + kk, mask=kmask, other=0.0) / (L * 1.0)
+    if fused != 0:
+        a = tl.zeros([BLOCK_K], dtype=tl.float32)
+        c0 = C * 0
+        while c0 < C:
+            cc = c0 + tl.arange(0, FUSED_STEP)
+            cmask = cc < C
+            glv = tl.load(gl_ptr + n * C + cc, mask=cmask, other=0.0)
+            wv = tl.load(w_ptr + cc[:, None] * w_sc + kk[None, :] * w_sk,
+                         mask=cmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
+            a += tl.sum(glv[:, None] * wv, 0)
+            c0 += FUSED_STEP
+    else:
+        a = tl.load(a_ptr + n * K + kk, mask=kmask, other=0.0)
+    a = a / (L * 1.0)
     g32 = g.to(tl.float32)
     tl.store(gx_ptr + n * gx_sn + kk[:, None] * gx_sk + ll[None, :] * gx_sl,
              _round(g32 * m[:, None] + a[:, None], g.dtype), mask=mask)
@@ -360,6 +388,12 @@ def _stream_config(N: int, K: int, L: int, channels_last: bool) -> tuple[int, in
     outer = tile // inner
     block_k, block_l = (inner, outer) if channels_last else (outer, inner)
     return block_k, block_l, tile // _ELEMS_PER_WARP
+
+
+def _fused_step(block_k: int, num_warps: int) -> int:
+    """Classes a step of the backward stream's own grad_logits @ weight: a tile of that many
+    weight rows by BLOCK_K channels no larger than the streaming tile (num_warps * 256)."""
+    return max(1, min(_FUSED_MAX_STEP, num_warps * _ELEMS_PER_WARP // block_k))
 
 
 def _logits_config(K: int, C: int, S: int) -> tuple[int, int, int, int, int]:
@@ -463,8 +497,10 @@ def cas_backward(
     if N == 0:
         return grad_x, weight.new_zeros(weight.shape), gl.sum(0).to(weight.dtype)
     index = index.contiguous()
-    a = (gl @ weight.float()).contiguous()
     block_k, block_l, num_warps = _stream_config(N, K, L, _channels_last(x, grad_out, grad_x))
+    step = _fused_step(block_k, num_warps)
+    fused = cdiv(C, step) <= _FUSED_MAX_STEPS
+    a = gl if fused else (gl @ weight.float()).contiguous()  # (unread where fused)
     programs, k_blocks, S = _stream_grid(N, K, L, block_k, block_l)
     part = x.new_empty((N, K, S), dtype=torch.float32)
     grad_weight = x.new_empty((C, K), dtype=torch.float32)
@@ -473,10 +509,11 @@ def cas_backward(
     g_blocks = cdiv(K, _GATHER_K)
     with on_device(x):
         _cas_backward_kernel[(programs,)](
-            grad_out, x, weight, a, index, grad_x, part,
-            K, L, C, S, k_blocks,
+            grad_out, x, weight, a, gl, index, grad_x, part,
+            K, L, C, S, k_blocks, int(fused),
             *grad_out.stride(), *x.stride(), *grad_x.stride(), *weight.stride(),
-            BLOCK_K=block_k, BLOCK_L=block_l, num_warps=num_warps, maxnreg=MAX_REGS,
+            BLOCK_K=block_k, BLOCK_L=block_l, FUSED_STEP=step, num_warps=num_warps,
+            maxnreg=MAX_REGS,
         )
         _cas_gather_kernel[(cdiv(C, block_c) * g_blocks,)](
             grad_weight, grad_bias, gl, mean.float().contiguous(), part, index, N, K, C, S,
@@ -508,8 +545,10 @@ def _aot_variants() -> list[tuple]:
 
     for dtype in _TL_DTYPES.values():
         for block_k, block_l, num_warps in sorted(stream):
-            for kernel in (_cas_stream_kernel, _cas_backward_kernel):
-                add(kernel, dtype, {"BLOCK_K": block_k, "BLOCK_L": block_l}, num_warps)
+            add(_cas_stream_kernel, dtype, {"BLOCK_K": block_k, "BLOCK_L": block_l}, num_warps)
+            add(_cas_backward_kernel, dtype, {"BLOCK_K": block_k, "BLOCK_L": block_l,
+                                              "FUSED_STEP": _fused_step(block_k, num_warps)},
+                num_warps)
         for block_n, block_c, block_k, block_s, num_warps in sorted(logits):
             add(_cas_logits_kernel, dtype, {"BLOCK_N": block_n, "BLOCK_C": block_c,
                                             "BLOCK_K": block_k, "BLOCK_S": block_s}, num_warps)
