@@ -538,7 +538,7 @@ def triton_sap_config(length: int, draws: int) -> dict:
     each launch's warps."""
     return {"E": 1024 if length >= 16384 else 256,
             "D": 256 * _pow2(max(1, math.ceil((draws + 4) / (256 * 4096)))), "DT": 256,
-            "BLOCK": 2048, "SLOTS": 660,
+            "BLOCK": 4096, "SLOTS": 660,
             "warps": {"partials": 4, "prefix": 4, "merge": 4, "bernoulli": 8}}
 
 
@@ -1060,6 +1060,11 @@ def _sap_kernel(p: Plan, provider: str, backward: bool) -> None:
         _sap_triton(p, rows, length, draws, exact, backward)
 
 
+# _sap_bernoulli_kernel's lane instructions an element (float32, unit stride, sm_90 SASS; 16
+# elements a thread): the forward (src is x) and the backward (src loaded too).
+TRITON_SAP_BERNOULLI_OPS = {"forward": 93, "backward": 99}
+
+
 def _sap_triton(p: Plan, rows: int, length: int, draws: int, exact: bool, backward: bool) -> None:
     """triton_kernels/sap.py: three launches (exact) or two (bernoulli). Partials over (sample,
     chunk): sum |x| of E elements (~4 ops each), or in exact mode the Exp(1) spacings of a draw
@@ -1072,11 +1077,15 @@ def _sap_triton(p: Plan, rows: int, length: int, draws: int, exact: bool, backwa
     range's draws and the rest of the chunks they start and end in) a Philox per 4 draws, a
     log and a cumsum (~60 ops a draw) and a binary search of log2(E) dependent L1 loads per
     draw (~6 ops a step); ~60 ops an element for the bounds, q and the write. Bernoulli: one
-    elementwise pass, 2048 elements a program in 8 warps (each first sums the sample's K
-    partials from L2), one Philox per 4: ~95 ops an element in the sm_90 SASS of the
-    float32 variant on the path of a block whose p are all below 2^-7 (every block of the
-    benchmarks' samples: 757 instructions a thread of 8 elements with one pass over the
-    partials; the Goldberg log path, ~290 more, is skipped)."""
+    elementwise pass, 4096 elements a program in 8 warps (each first sums the sample's K
+    partials from L2), one Philox per 4, offsets inside a row int32, src loaded only where it
+    is not x: TRITON_SAP_BERNOULLI_OPS lane instructions an element in the sm_90 SASS of the
+    float32 unit-stride launch on the path of a block whose p are all below 2^-7 (every block
+    of the benchmarks' samples: 1483 instructions a thread of 16 elements forward, 1583
+    backward, with one pass over the partials; the Goldberg log path, ~610 more, is skipped;
+    2048 elements a program with int64 offsets and src always loaded took 958 a thread of
+    8, ~120 an element, where the H200 run measured 36.5 us busy at 128x64x32x32, what ~88
+    an element would take at this model's issue rate: these counts are conservative)."""
     cfg = triton_sap_config(length, draws)
     e = _esize(p.case)
     n = rows * length * e
@@ -1116,9 +1125,10 @@ def _sap_triton(p: Plan, rows: int, length: int, draws: int, exact: bool, backwa
                  ctas=slots, per_sm=5, chain_us=math.ceil(items / slots) * item_chain)
     else:
         blocks = rows * math.ceil((length + 3) / cfg["BLOCK"])
+        mode = "backward" if backward else "forward"
         p.kernel("_sap_bernoulli_kernel", "inner",
                  **_merge(again, src, {"hbm": n, "l2": blocks * k * 4}),
-                 ops=rows * length * 95, ctas=blocks, per_sm=3,
+                 ops=rows * length * TRITON_SAP_BERNOULLI_OPS[mode], ctas=blocks, per_sm=2,
                  chain_us=lat("l2") + 2 * lat("dram") + lat("philox") + 3 * lat("tile_reduce"))
 
 
@@ -1324,6 +1334,7 @@ def _cuda_cas_logits(p: Plan, s: int) -> None:
 # triton_cas_fused_step classes.
 TRITON_CAS_FUSED_MAX_STEP = 16
 TRITON_CAS_FUSED_MAX_STEPS = 4
+TRITON_CAS_GATHER_S = 4  # cas._GATHER_S: the gather's partial loads in flight at once
 
 
 def triton_cas_fused_step(block_k: int, warps: int) -> int:
@@ -1507,7 +1518,8 @@ def cas_backward(p: Plan, provider: str) -> None:
         s = _triton_cas_stream(p, "_cas_backward_kernel", 3, classes if fused else 0)
         p.host("triton")
         # A program per (16-64 classes, 32 channels), 8 warps, over the samples 16 at a time:
-        # grad_logits, mean, the index and the S partials of t loaded together, then two
+        # grad_logits, mean, the index and the S partials of t (4 chunks' loads at a time, one
+        # L2 round trip each four) loaded together, then two
         # products on tl.dot (IEEE float32: FMAs), grad_logits.T @ mean and the one-hot label
         # rows @ t, and the column sums of grad_logits (the bias gradient, stored by the first
         # channel block).
@@ -1520,7 +1532,8 @@ def cas_backward(p: Plan, provider: str) -> None:
                  ops=programs * steps * (16 * 32 * (s + 3) + block_c * (16 + 32) * 2),
                  flops=2 * 2 * programs * steps * block_c * 32 * 16,
                  ctas=programs, per_sm=_triton_per_sm(8),
-                 chain_us=lat("l2") + steps * (s * lat("l2") + lat("tile_reduce")))
+                 chain_us=lat("l2") + steps * (math.ceil(s / TRITON_CAS_GATHER_S) * lat("l2")
+                                               + lat("tile_reduce")))
     else:
         raise ValueError(f"cas: no model for provider {provider!r}")
 

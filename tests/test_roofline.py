@@ -309,8 +309,9 @@ def test_written_out_triton_configs_match_the_launchers():
         kwta._CAND_MIN, kwta._BAND_BINS, kwta._BIN_CAP, kwta._TAIL)
     from pyprune.triton_kernels import cas
 
-    assert (roofline.TRITON_CAS_FUSED_MAX_STEP, roofline.TRITON_CAS_FUSED_MAX_STEPS) == (
-        cas._FUSED_MAX_STEP, cas._FUSED_MAX_STEPS)
+    assert (roofline.TRITON_CAS_FUSED_MAX_STEP, roofline.TRITON_CAS_FUSED_MAX_STEPS,
+            roofline.TRITON_CAS_GATHER_S) == (cas._FUSED_MAX_STEP, cas._FUSED_MAX_STEPS,
+                                              cas._GATHER_S)
     for block_k, warps in itertools.product((1, 4, 8, 64, 128, 256, 2048), (2, 4, 8)):
         assert roofline.triton_cas_fused_step(block_k, warps) == cas._fused_step(block_k, warps)
 

@@ -178,12 +178,13 @@ def test_seeding(device_backend):
 
 
 @pytest.mark.triton
-@pytest.mark.parametrize("length", [200, 201, 1500])
+@pytest.mark.parametrize("length", [200, 201, 1500, 9001])
 def test_cpu_and_triton_share_the_stream(length):
     """Bernoulli keeps depend only on uniforms, which csrc/random.h and tl.philox produce
     bit for bit: the CPU kernel and the Triton kernel keep the same elements. The Triton pass
     takes one Philox evaluation per 4 values of n * L + j, so with L = 201 its programs start
-    inside a sample; L = 1500 sums |x| over 6 element chunks and writes 2 blocks a sample."""
+    inside a sample; L = 1500 sums |x| over 6 element chunks; L = 9001 writes 3 blocks of 4096
+    a sample, the later samples' first blocks starting inside a Philox group."""
     if not TRITON_INTERPRET:
         pytest.skip("needs the Triton interpreter")
     x = torch.randn(3, length)
@@ -193,6 +194,24 @@ def test_cpu_and_triton_share_the_stream(length):
     b = torch.ops.pyprune.sap_triton(x, seed, 100, False)
     assert torch.equal(a != 0, b != 0)
     torch.testing.assert_close(a, b, rtol=1e-4, atol=0)
+
+
+@pytest.mark.triton
+def test_triton_bernoulli_offsets_and_aliasing(monkeypatch):
+    """The bernoulli pass with int64 row offsets (WIDE, taken where a row's extent times its
+    stride passes 2^31; here forced) gives what the int32 one does, forward (src is x, loaded
+    once) and backward (src another tensor), on strided rows."""
+    kernels = _triton_kernels()
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(3, 2 * 5000, generator=gen)[:, ::2]
+    grad = torch.randn(3, 5000, generator=gen)
+    seed = torch.tensor([5, 6])
+    forward = kernels.sap_forward(x, x, seed, 300, False)
+    backward = kernels.sap_forward(grad, x, seed, 300, False)
+    assert torch.equal(backward != 0, forward != 0)
+    monkeypatch.setattr(kernels, "_WIDE_FROM", 0)
+    assert torch.equal(kernels.sap_forward(x, x, seed, 300, False), forward)
+    assert torch.equal(kernels.sap_forward(grad, x, seed, 300, False), backward)
 
 
 def _triton_kernels():

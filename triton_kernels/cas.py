@@ -78,9 +78,12 @@ _ARGMAX_BLOCK = 1024
 _FUSED_MAX_STEP = 16
 _FUSED_MAX_STEPS = 4
 # grad_weight's gather: 16-64 classes and 32 channels a program (8 warps), the samples 16 at a
-# time (tl.dot's least inner dimension).
+# time (tl.dot's least inner dimension), their S partials _GATHER_S at a time (loads issued
+# together, then added in chunk order: one L2 round trip for up to _GATHER_S chunks, not one a
+# chunk).
 _GATHER_N = 16
 _GATHER_K = 32
+_GATHER_S = tl.constexpr(4)  # (the kernel's loads are written out for 4)
 _GATHER_WARPS = 8
 # Registers per thread of every CAS and masked-convolution launch (Triton's maxnreg): 128 keeps
 # a block of any size at >= 25% occupancy on sm_80 / sm_90, and an explicit cap also keeps ptxas
@@ -325,8 +328,16 @@ def _cas_gather_kernel(gw_ptr, gb_ptr, gl_ptr, mean_ptr, part_ptr, index_ptr, N,
         t = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         s = 0
         while s < S:
-            t += tl.load(part_ptr + rows + s, mask=rmask, other=0.0)
-            s += 1
+            # Four chunks' loads in flight together, then added in chunk order.
+            p0 = tl.load(part_ptr + rows + s, mask=rmask, other=0.0)
+            p1 = tl.load(part_ptr + rows + s + 1, mask=rmask & (s + 1 < S), other=0.0)
+            p2 = tl.load(part_ptr + rows + s + 2, mask=rmask & (s + 2 < S), other=0.0)
+            p3 = tl.load(part_ptr + rows + s + 3, mask=rmask & (s + 3 < S), other=0.0)
+            t += p0
+            t += p1
+            t += p2
+            t += p3
+            s += _GATHER_S
         mv = tl.load(mean_ptr + nn[:, None] * K + kk[None, :], mask=rmask, other=0.0)
         g = tl.load(gl_ptr + nn[None, :] * C + cc[:, None], mask=cmask[:, None] & nmask[None, :],
                     other=0.0)

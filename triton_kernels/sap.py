@@ -72,11 +72,17 @@ _E_LARGE_FROM = 16384
 # at most _MAX_DRAW_CHUNKS + 1 draw chunks (r = 2^31 - 1: D = 2^19, 4097 chunks).
 _DT = 256
 _MAX_DRAW_CHUNKS = 4096
-# Elements per bernoulli program (512 Philox evaluations): 8 a thread in 8 warps. A program's
-# fixed work (seed, the sample's total, the block-wide test for small p, index setup) is ~310
-# instructions a thread, an element ~86 (sm_90 SASS): 1024 would cost 164 an element, 2048
-# costs 125 at <= 80 registers (3 programs an SM, 37.5%); 4096 would need 128 registers.
-_BERNOULLI_BLOCK = 2048
+# Elements per bernoulli program (1024 Philox evaluations): 16 a thread in 8 warps. A program's
+# fixed work (seed, the sample's total, the block-wide test for small p, index setup) is ~260
+# instructions a thread, an element ~77 on the float32 forward's path (sm_90 SASS of the
+# unit-stride launch; the backward loads src too, ~6 more): 2048 costs 109 an element, 4096 93,
+# at <= _BERNOULLI_MAX_REGS registers (2 programs an SM, 25%; issue-bound, 16 warps an SM keep
+# the schedulers busy).
+_BERNOULLI_BLOCK = 4096
+_BERNOULLI_MAX_REGS = 128
+# Row extents (elements x stride) from which the bernoulli offsets are int64 (WIDE); tests
+# lower it.
+_WIDE_FROM = 2**31
 _PREFIX_BLOCK = 1024
 _SEARCH_WIDTH = 128  # probes per step of the search over a sample's draw chunks
 # Merge programs at most: what sm_90 holds at once (132 SMs x 5 programs of 4 warps at 96
@@ -327,14 +333,19 @@ def _sap_merge_kernel(
         item += tl.num_programs(0)
 
 
-@triton.jit(do_not_specialize=SEED_WORDS)
+@triton.jit(do_not_specialize=SEED_WORDS + ("same",))
 def _sap_bernoulli_kernel(
     src_ptr, x_ptr, out_ptr, seed_ptr, seed_k0, seed_k1, seed_s0, seed_s1, bx_ptr,
-    L, r, K, KB,
+    L, r, K, KB, same,
     x_sn, x_sl, src_sn, src_sl, out_sn, out_sl,
     BLOCK: tl.constexpr,
     PB: tl.constexpr,
+    WIDE: tl.constexpr,
 ):
+    """Element j of sample n (global value n L + j, in the Philox group of counter
+    (n L + j) / 4) kept with probability q, out = src / q, else src * 0. Offsets inside a row
+    are int32 (j * stride, the launcher's WIDE = False: every row's extent fits) or int64;
+    `same`: src is x (forward), loaded once."""
     pid = tl.program_id(0)
     n = (pid // KB).to(tl.int64)
     k = (pid % KB).to(tl.int64)
@@ -349,15 +360,28 @@ def _sap_bernoulli_kernel(
         t += PB
     pre = tl.where(total < _TINY_TOTAL, _TINY_SCALE, 1.0)
     origin = n * L  # uniform index of element 0
-    rows = (origin >> 2) + k * (BLOCK // 4) + tl.arange(0, BLOCK // 4).to(tl.int64)
+    lanes = tl.arange(0, BLOCK // 4)
+    rows = (origin >> 2) + k * (BLOCK // 4) + lanes.to(tl.int64)
     u = _uniforms4(key, stream, rows)
-    j = rows[:, None] * 4 + tl.arange(0, 4).to(tl.int64)[None, :] - origin
+    # j = 4 rows + i - origin = k BLOCK - origin % 4 + 4 lane + i (-3 <= j < L + BLOCK).
+    j = ((k * BLOCK - (origin & 3)).to(tl.int32) + lanes[:, None] * 4
+         + tl.arange(0, 4)[None, :])
     in_row = (j >= 0) & (j < L)
+    if WIDE:
+        j = j.to(tl.int64)
     xv = tl.load(x_ptr + n * x_sn + j * x_sl, mask=in_row, other=0.0)
-    g = tl.load(src_ptr + n * src_sn + j * src_sl, mask=in_row, other=0.0)
+    if same:
+        g = xv
+    else:
+        g = tl.load(src_ptr + n * src_sn + j * src_sl, mask=in_row, other=0.0)
     q = _keep_probability(tl.abs(xv.to(tl.float32)) * pre * tl.div_rn(1.0, total * pre), r)
     y = tl.where(u < q, g.to(tl.float32) / q, g.to(tl.float32) * 0.0)
     tl.store(out_ptr + n * out_sn + j * out_sl, y.to(g.dtype), mask=in_row)
+
+
+def _aliases(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether a and b (one shape and dtype) view the same elements."""
+    return a.data_ptr() == b.data_ptr() and a.stride() == b.stride()
 
 
 def _chunk_sizes(L: int, r: int) -> tuple[int, int]:
@@ -420,10 +444,13 @@ def sap_forward(src: torch.Tensor, x: torch.Tensor, seed: torch.Tensor, r: int, 
                 maxnreg=_MERGE_MAX_REGS)
         else:
             kb = cdiv(L + 3, _BERNOULLI_BLOCK)
+            # int32 offsets where j * stride stays below 2^31 for every j < L + BLOCK
+            extent = (L + _BERNOULLI_BLOCK) * max(abs(t.stride(1)) for t in (x, src, out))
+            wide = extent >= _WIDE_FROM
             _sap_bernoulli_kernel[(N * kb,)](
-                src, x, out, *seed, bx, L, r, k, kb,
+                src, x, out, *seed, bx, L, r, k, kb, int(_aliases(src, x)),
                 *x.stride(), *src.stride(), *out.stride(), **cfg["bernoulli"],
-                num_warps=_WARPS["bernoulli"])
+                WIDE=wide, num_warps=_WARPS["bernoulli"], maxnreg=_BERNOULLI_MAX_REGS)
     return out
 
 
@@ -444,9 +471,11 @@ def _aot_variants() -> list[tuple]:
                 if kernel is _sap_merge_kernel:
                     opts["maxnreg"] = _MERGE_MAX_REGS
                 variants.append((kernel, signature(kernel, dtype, constexprs, ws), constexprs, opts))
-        constexprs = {"BLOCK": _BERNOULLI_BLOCK, "PB": _PREFIX_BLOCK}
-        variants.append((_sap_bernoulli_kernel, signature(_sap_bernoulli_kernel, dtype, constexprs, ws),
-                         constexprs, {"num_warps": _WARPS["bernoulli"]}))
+        for wide in (False, True):
+            constexprs = {"BLOCK": _BERNOULLI_BLOCK, "PB": _PREFIX_BLOCK, "WIDE": wide}
+            variants.append((_sap_bernoulli_kernel,
+                             signature(_sap_bernoulli_kernel, dtype, constexprs, ws), constexprs,
+                             {"num_warps": _WARPS["bernoulli"], "maxnreg": _BERNOULLI_MAX_REGS}))
     return variants
 
 
