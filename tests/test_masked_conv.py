@@ -1054,6 +1054,7 @@ def test_cuda_tensor_cores_per_sample(dtype, channels_last, geom):
 
 
 @pytest.mark.gpu
+@pytest.mark.tf32  # float32 on the tensor cores (TF32), as PyTorch's default has it
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("channels_last", [False, True])
@@ -1256,6 +1257,7 @@ STATIC_IN_GEOMETRIES = [
 
 
 @pytest.mark.gpu
+@pytest.mark.tf32  # float32 on the tensor cores (TF32), as PyTorch's default has it
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("channels_last", [False, True])

@@ -1154,6 +1154,9 @@ Packed pack(const at::Tensor& x, const at::Tensor& weight, const Params<scalar_t
   k.xp = at::empty({g.n, k.hp, k.wp_w, k.c_pad}, x.options());
   k.wp = at::empty({g.c_out, g.kh, g.kw, k.c_pad}, x.options());
   if (k.c_pad == 0) return k;  // no input channel (kept): nothing to pack, no products
+  // (A listed pack reads scale by packed channel: the two never come together, as an in_mask is
+  // either bool or soft.)
+  TORCH_INTERNAL_ASSERT(!(in_index.defined() && p.in_scale != nullptr));
   // wp[o, t, c] = weight[o, c, t]: one image of C_out x taps pixels (rows o, columns t) and C_in
   // channels (the listed ones), so that the weight's tiles are full.
   const int64_t taps = g.kh * g.kw;
