@@ -1636,6 +1636,16 @@ CUDA_TC_PACKED_STEP_OPS = {64: {"float32": 70, "bfloat16": 64, "float16": 64},
 CUDA_PACKED_STAGES = 4
 
 
+def _cuda_packed_grid(g: _Conv, out_work: int) -> tuple[int, int, int, int]:
+    """masked_conv2d_tc_packed_kernel's grid for out_work kept output channels: (tile rows,
+    pixel tiles a sample, channel tiles a sample, CTAs); tiles of 32 rows x 64 pixels, 64 x 32
+    for maps of at most 32 pixels (masked_conv.cu packed_tile_rows)."""
+    rows = 32 if g.pixels > 32 else 64
+    p_tiles = math.ceil(g.pixels / (2048 // rows))
+    tiles = math.ceil(out_work / rows)
+    return rows, p_tiles, tiles, g.n * p_tiles * tiles
+
+
 def _cuda_packed(p: Plan, g: _Conv, out_work: int, in_work: int | None = None) -> None:
     """The packed path (bf16 / fp16, float32 under TF32, the benchmark's default): per-sample
     masks without a bool in_mask, and static masks where _cuda_static_packed takes it (a bool
@@ -1659,10 +1669,7 @@ def _cuda_packed(p: Plan, g: _Conv, out_work: int, in_work: int | None = None) -
              ops=(x_tiles + w_tiles) * 32 * 32 * CUDA_PACK_OPS, ctas=x_tiles + w_tiles,
              per_sm=6, chain_us=p.lat("l2") + p.lat("dram"))  # 40 registers
     steps = 9 * c_pad // 32
-    tile_rows = 32 if g.pixels > 32 else 64
-    tiles = math.ceil(out_work / tile_rows)
-    p_tiles = math.ceil(g.pixels / (2048 // tile_rows))
-    ctas = g.n * p_tiles * tiles
+    tile_rows, p_tiles, tiles, ctas = _cuda_packed_grid(g, out_work)
     chain = steps * (p.lat("l2") / (CUDA_PACKED_STAGES - 1) + p.lat("barrier")) + p.lat("dram")
     p.kernel("masked_conv2d_tc_packed_kernel (mma)", "inner",
              hbm=g.n * padded * c_pad * g.esize + g.x + g.weight * c_pad / g.c,
@@ -1716,9 +1723,7 @@ def _cuda_static_packed(p: Plan, g: _Conv, out_kept: int, in_kept: int, in_mask:
     compacted problem. The limits are this model's: over 3 x 3 convolutions of 1-128 samples,
     32-512 channels, 4 x 4 to 56 x 56 maps and 25-75% kept, the path they choose takes on
     average 1.5% (in_mask) / 1% (out_mask) more device time than the faster one."""
-    rows = 32 if g.pixels > 32 else 64
-    ctas = g.n * math.ceil(g.pixels / (2048 // rows)) * math.ceil(out_kept / rows)
-    rounds = math.ceil(ctas / (p.gpu["sms"] * 4))
+    rounds = math.ceil(_cuda_packed_grid(g, out_kept)[3] / (p.gpu["sms"] * 4))
     limit = CUDA_STATIC_PACKED_MAX_STEPS if in_mask else CUDA_STATIC_PACKED_MAX_STEPS_OUT
     return rounds * 9 * math.ceil(in_kept / 32) <= limit
 

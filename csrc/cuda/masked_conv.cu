@@ -1317,6 +1317,12 @@ void launch_per_sample(Params<scalar_t>& p, dim3 grid, cudaStream_t stream) {
   }
 }
 
+// Rows of the packed kernel's output tiles (by 2048 / rows pixels), for samples of `pixels`
+// output pixels.
+int64_t packed_tile_rows(int64_t pixels) {
+  return pixels > kTcP ? kTileM / 2 : kTileM;
+}
+
 // The packed path: pack_kernel, then masked_conv2d_tc_packed_kernel (float32's four stages, 54
 // KiB, past the 48 KiB a launch may take without opting in). p.x is unused there (x is read
 // through its strides).
@@ -1335,7 +1341,7 @@ void launch_packed(const Params<scalar_t>& p, const at::Tensor& x, const at::Ten
   q.wp = k.wp.const_data_ptr<scalar_t>();
   q.hp = k.hp, q.wp_w = k.wp_w, q.c_pad = k.c_pad;
   constexpr size_t smem = pk_smem_bytes<scalar_t>();
-  if (p.pixels > kTcP) {
+  if (packed_tile_rows(p.pixels) == kTileM / 2) {
     constexpr int kRows = kTileM / 2, kPixels = 2 * kTcP;
     grid.x = static_cast<unsigned>((p.pixels + kPixels - 1) / kPixels);
     grid.y = static_cast<unsigned>((p.c_out + kRows - 1) / kRows);
@@ -1453,7 +1459,8 @@ at::Tensor per_sample_forward(const at::Tensor& x, const at::Tensor& weight,
     p.weight = wc.const_data_ptr<scalar_t>();
     p.bias = bc.defined() ? bc.const_data_ptr<scalar_t>() : nullptr;
     p.out = out.mutable_data_ptr<scalar_t>();
-    p.in_mask = in_m.soft ? nullptr : static_cast<const bool*>(in_m.ptr);
+    // (On the packed path a bool in_mask is in in_index: the kernel reads no mask of inputs.)
+    p.in_mask = in_m.soft || packed ? nullptr : static_cast<const bool*>(in_m.ptr);
     p.in_scale = in_m.soft ? static_cast<const scalar_t*>(in_m.ptr) : nullptr;
     p.out_mask = out_m.soft ? nullptr : static_cast<const bool*>(out_m.ptr);
     p.out_scale = out_m.soft ? static_cast<const scalar_t*>(out_m.ptr) : nullptr;
@@ -1475,7 +1482,6 @@ at::Tensor per_sample_forward(const at::Tensor& x, const at::Tensor& weight,
     p.dil_h = static_cast<int>(g.dilation[0]), p.dil_w = static_cast<int>(g.dilation[1]);
     if constexpr (!std::is_same_v<scalar_t, double>) {  // (no packed kernel for float64)
       if (packed) {
-        p.in_mask = nullptr;  // a bool one is in in_index
         launch_packed(p, xc, wc, g, in_index, grid, stream);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         return;
@@ -1584,7 +1590,7 @@ bool static_on_tensor_cores(const at::Tensor& x, const masked_conv::Geometry& g,
                                              : g.c_out;
   const int64_t k_in = in_mask.has_value() ? masked_conv::kept(in_mask, g.c_in, x).size(0)
                                            : g.c_in;
-  const int64_t rows = pixels > kTcP ? kTileM / 2 : kTileM;
+  const int64_t rows = packed_tile_rows(pixels);
   const int64_t tile_pixels = kTileM * kTcP / rows;
   const int64_t ctas =
       g.n * ((pixels + tile_pixels - 1) / tile_pixels) * ((k_out + rows - 1) / rows);
