@@ -182,6 +182,7 @@ class Variant:
     used_by: list[str] = field(default_factory=list)
     step_ops: int | None = None  # lane instructions a thread of a GEMM K-loop step (SASS)
     loop_ops: tuple[int, int] | None = None  # loop_instructions of its SASS
+    draw_ops: int | None = None  # draw_loop_instructions of its SASS
     occ: Occupancy | None = None
     why_fine: str = ""
     problems: list[str] = field(default_factory=list)
@@ -455,6 +456,16 @@ def loop_instructions(body: list) -> tuple[int, int] | None:
     return min(loops), len(body) - min(loops)
 
 
+def draw_loop_instructions(body: list) -> int | None:
+    """Instructions a thread of one trip of the innermost loop that runs Philox rounds (an
+    IMAD.HI.U32 by the multiplier 0xD2511F53, -0x2daee0ad in SASS): a draw tile of the SAP
+    kernels; None without such a loop."""
+    loops = [loop for loop in _loops(body) if _holds(body, loop, "-0x2daee0ad")]
+    innermost = [a for a in loops if not any(b != a and a[0] <= b[0] and b[1] <= a[1]
+                                              for b in loops)]
+    return min((last - first + 1 for first, last in innermost), default=None)
+
+
 _TRITON_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
@@ -528,6 +539,29 @@ def check_step_ops(cuda_sass: str, triton: list[Variant], found: list) -> list[s
         if abs(regs - row.regs) > tolerance * row.regs:
             problems.append(f"{what}: the roofline assumes {regs} registers a thread, the "
                             f"sm_{ARCH} cubin has {row.regs}: update the roofline")
+    sap = {(v.kernel.__name__, v.constexprs["E"]): (row, v) for row, v in zip(triton, found)
+           if v.kernel.__name__ in ("_sap_merge_kernel", "_sap_partials_kernel")
+           and row.dtype == "fp32"}
+    draw_tile = roofline.triton_sap_config(1, 1)["DT"]
+    for e, counts in roofline.TRITON_SAP_MERGE_OPS.items():
+        what = f"triton _sap_merge_kernel float32 E={e}"
+        row, _ = sap.get(("_sap_merge_kernel", e), (None, None))
+        if row is None:
+            problems.append(f"{what}: no such variant in the AOT list")
+            continue
+        compare(f"{what} (a draw tile)", counts["tile"], row.draw_ops)
+        if abs(counts["regs"] - row.regs) > tolerance * row.regs:
+            problems.append(f"{what}: the roofline assumes {counts['regs']} registers a thread, "
+                            f"the sm_{ARCH} cubin has {row.regs}: update the roofline")
+    if roofline.TRITON_SAP_PARTIALS_DRAW_OPS:
+        what = "triton _sap_partials_kernel float32 E=1024"
+        row, v = sap.get(("_sap_partials_kernel", 1024), (None, None))
+        if row is None:
+            problems.append(f"{what}: no such variant in the AOT list")
+        else:  # a thread's tile over its share of the tile's draws
+            threads = 32 * v.options["num_warps"]
+            compare(f"{what} (a draw)", roofline.TRITON_SAP_PARTIALS_DRAW_OPS,
+                    None if row.draw_ops is None else round(row.draw_ops * threads / draw_tile))
     return problems
 
 
@@ -548,7 +582,8 @@ def _triton_one(index: int) -> tuple:
         threads = next(iter(parse_block_sizes(_run([tool, "-elf", path])).values()), 0)
         (body,) = sass_functions(_run([tool, "-sass", path])).values()
     return (index, usage, threads, compiled.metadata.shared, compiled.metadata.num_warps,
-            step_instructions(body), loop_instructions(body), pipeline_drains(body))
+            step_instructions(body), loop_instructions(body), pipeline_drains(body),
+            draw_loop_instructions(body))
 
 
 def _config(constexprs: dict, options: dict) -> str:
@@ -572,12 +607,12 @@ def triton_variants(jobs: int) -> tuple[list[Variant], list]:
         results = [_triton_one(i) for i in indices]
     variants = []
     for (index, (regs, stack, smem, local), threads, shared, num_warps, steps, loop,
-         drains) in results:
+         drains, draws) in results:
         v = found[index]
         dtype = next((t[1:] for t in v.signature.values() if t.startswith("*")), "-")
         row = Variant("triton", f"{v.module}.{v.kernel.__name__}", dtype,
                       _config(v.constexprs, v.options), threads, regs, stack, local, smem, shared,
-                      step_ops=steps, loop_ops=loop)
+                      step_ops=steps, loop_ops=loop, draw_ops=draws)
         if threads != 32 * num_warps:
             row.problems.append(f"ELF block size {threads} != 32 * num_warps ({num_warps})")
         if drains:

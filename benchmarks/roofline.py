@@ -538,8 +538,8 @@ def triton_sap_config(length: int, draws: int) -> dict:
     each launch's warps."""
     return {"E": 1024 if length >= 16384 else 256,
             "D": 256 * _pow2(max(1, math.ceil((draws + 4) / (256 * 4096)))), "DT": 256,
-            "BLOCK": 4096, "SLOTS": 660,
-            "warps": {"partials": 4, "prefix": 4, "merge": 4, "bernoulli": 8}}
+            "BLOCK": 4096, "SLOTS": 924,
+            "warps": {"partials": 2, "prefix": 4, "merge": 2, "bernoulli": 8}}
 
 
 def triton_conv_config(c_out: int, pixels: int, n: int, out_masked: bool = False,
@@ -1060,6 +1060,21 @@ def _sap_kernel(p: Plan, provider: str, backward: bool) -> None:
         _sap_triton(p, rows, length, draws, exact, backward)
 
 
+# _sap_merge_kernel's instructions a thread (2 warps; float32, sm_90 SASS of the launch as the
+# benchmarks' JIT specializes it: unit strides, 16-byte aligned rows) by E: an item's element
+# work (bounds, scratch slot, q, the write; the Goldberg log path skipped, as for the
+# benchmarks' samples), a step of the draw-chunk search (128 probes), a draw tile of DT = 256
+# (a Philox a thread, four logs, the tile cumsum, four branchless searches of log2(E) steps,
+# the hit stores), and the AOT variant's registers (capped at 136). make gpu-report checks
+# the tile and the registers against the SASS.
+TRITON_SAP_MERGE_OPS = {256: {"item": 450, "search_step": 90, "tile": 462, "regs": 115},
+                        1024: {"item": 1500, "search_step": 91, "tile": 514, "regs": 136}}
+# _sap_partials_kernel (2 warps, 55 registers: 18 programs an SM): lane instructions a draw of
+# a draw chunk's tile loop (a Philox a thread, four logs, the sum; 242 a thread a tile of 256
+# in the sm_90 SASS; 4 warps computed each Philox twice: 122).
+TRITON_SAP_PARTIALS_DRAW_OPS = 61
+TRITON_SAP_PARTIALS_PER_SM = 18
+
 # _sap_bernoulli_kernel's lane instructions an element (float32, unit stride, sm_90 SASS; 16
 # elements a thread): the forward (src is x) and the backward (src loaded too).
 TRITON_SAP_BERNOULLI_OPS = {"forward": 93, "backward": 99}
@@ -1068,15 +1083,20 @@ TRITON_SAP_BERNOULLI_OPS = {"forward": 93, "backward": 99}
 def _sap_triton(p: Plan, rows: int, length: int, draws: int, exact: bool, backward: bool) -> None:
     """triton_kernels/sap.py: three launches (exact) or two (bernoulli). Partials over (sample,
     chunk): sum |x| of E elements (~4 ops each), or in exact mode the Exp(1) spacings of a draw
-    chunk (one Philox per 4 draws, a log, a sum: ~45 ops a draw). Exact: a prefix program per
+    chunk (one Philox per 4 draws, a log, a sum: TRITON_SAP_PARTIALS_DRAW_OPS a draw). Exact: a
+    prefix program per
     sample and kind (a cumsum and a running max per 1024 partials), then the merge over
-    (sample, element chunk) items in at most SLOTS persistent programs (4 warps capped at 96
-    registers: 5 an SM). Per item: the chunk's x and src (x again from L2 where all of x fits
-    since the partials pass), its bounds written to the program's scratch slot, two searches of
-    the draw-chunk prefix (128 probes a step), then per draw tile reaching the chunk (its
-    range's draws and the rest of the chunks they start and end in) a Philox per 4 draws, a
-    log and a cumsum (~60 ops a draw) and a binary search of log2(E) dependent L1 loads per
-    draw (~6 ops a step); ~60 ops an element for the bounds, q and the write. Bernoulli: one
+    (sample, element chunk) items in at most SLOTS persistent programs (2 warps capped at 136
+    registers: 7 an SM at E = 1024). Per item: the chunk's x and src (x again from L2
+    where all of x fits since the partials pass), its bounds written to the program's scratch
+    slot, two searches of the draw-chunk prefix (128 probes a step), then per draw tile
+    reaching the chunk (its range's draws and the rest of the chunks they start and end in) a
+    Philox per 4 draws, logs, a cumsum and a binary search of log2(E) dependent L1 loads per
+    draw; the bounds, q and the write per element: TRITON_SAP_MERGE_OPS, counted in the SASS
+    (~275 lane instructions an element at E = 1024 and r = L, of which ~160 the draws; the
+    model charged ~210 before counting, while the 4-warp kernel then had ~410: the H200 run's
+    41.7 us busy for its merge at 128x256x8x8 is what ~400 take at this model's issue rate).
+    Bernoulli: one
     elementwise pass, 4096 elements a program in 8 warps (each first sums the sample's K
     partials from L2), one Philox per 4, offsets inside a row int32, src loaded only where it
     is not x: TRITON_SAP_BERNOULLI_OPS lane instructions an element in the sm_90 SASS of the
@@ -1096,7 +1116,8 @@ def _sap_triton(p: Plan, rows: int, length: int, draws: int, exact: bool, backwa
     draw_chain = math.ceil(per_chunk / tile) * (lat("philox") + lat("tile_reduce")) if exact else 0.0
     p.host("triton")
     p.kernel("_sap_partials_kernel", "inner", hbm=n + rows * (k + nb) * 4,
-             ops=rows * length * 4 + rows * nb * per_chunk * 45, ctas=rows * (k + nb), per_sm=16,
+             ops=rows * length * 4 + rows * nb * per_chunk * TRITON_SAP_PARTIALS_DRAW_OPS,
+             ctas=rows * (k + nb), per_sm=TRITON_SAP_PARTIALS_PER_SM,
              chain_us=max(lat("dram") + lat("tile_reduce"), draw_chain))
     if exact:
         p.host("triton")
@@ -1115,14 +1136,19 @@ def _sap_triton(p: Plan, rows: int, length: int, draws: int, exact: bool, backwa
         examined = chunk * draws / length + per_chunk
         steps = math.ceil(math.log2(chunk))
         probes = 2 * max(1, math.ceil(math.log(max(nb, 2), 128)))
+        tiles = examined / tile
         item_chain = (lat("dram") + 3 * lat("tile_reduce") + 3 * lat("barrier")
                       + probes * (lat("l2") + lat("tile_reduce"))
-                      + math.ceil(examined / tile)
+                      + math.ceil(tiles)
                       * (lat("philox") + lat("tile_reduce") + steps * lat("smem")) + lat("l2"))
+        counted = TRITON_SAP_MERGE_OPS[chunk]
+        threads = 32 * cfg["warps"]["merge"]
         p.kernel("_sap_merge_kernel", "inner",
                  **_merge(again, src, {"hbm": n, "l2": items * chunk * 4 * 3}),
-                 ops=items * (chunk * 60 + examined * (60 + 6 * steps)),
-                 ctas=slots, per_sm=5, chain_us=math.ceil(items / slots) * item_chain)
+                 ops=items * threads * (counted["item"] + probes * counted["search_step"]
+                                        + tiles * counted["tile"]),
+                 ctas=slots, per_sm=65536 // (_round_up(counted["regs"], 8) * threads),
+                 chain_us=math.ceil(items / slots) * item_chain)
     else:
         blocks = rows * math.ceil((length + 3) / cfg["BLOCK"])
         mode = "backward" if backward else "forward"

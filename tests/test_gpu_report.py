@@ -234,12 +234,12 @@ def test_triton_variant_resources():
 
     found, _ = aot.variants()
     index = next(i for i, v in enumerate(found) if v.kernel.__name__ == "_kwta_backward_kernel")
-    _, (regs, stack, smem, local), threads, shared, num_warps, steps, loop, drains = (
+    _, (regs, stack, smem, local), threads, shared, num_warps, steps, loop, drains, draws = (
         gpu_report._triton_one(index))
     assert 0 < regs <= 255 and stack == 0 and local == 0
     assert threads == 32 * num_warps == 32 * found[index].options["num_warps"]
     assert steps is None  # no tensor-core K loop in an elementwise kernel
-    assert not drains
+    assert not drains and draws is None  # no loop, no Philox
 
 
 @pytest.mark.triton_aot
@@ -258,7 +258,7 @@ def test_triton_conv_pipeline_does_not_drain(in_list, in_scale):
                  and (v.constexprs["BLOCK_P"], v.constexprs["BLOCK_CO"]) == (64, 32)
                  and v.constexprs["IN_LIST"] == in_list and v.constexprs["IN_SCALE"] == in_scale
                  and not v.constexprs["SPARSE"] and not v.constexprs["PACKED"])
-    *_, steps, _, drains = gpu_report._triton_one(index)
+    *_, steps, _, drains, _ = gpu_report._triton_one(index)
     assert steps is not None and not drains
 
 
@@ -405,6 +405,8 @@ def test_kwta_pass_counts_that_drift_from_the_roofline_fail(monkeypatch):
     monkeypatch.setattr(roofline, "CUDA_TC_PACKED_STEP_OPS", {})
     monkeypatch.setattr(roofline, "TRITON_CONV_STEP_OPS", {})
     monkeypatch.setattr(roofline, "TRITON_CONV_PACKED_STEP_OPS", {})
+    monkeypatch.setattr(roofline, "TRITON_SAP_MERGE_OPS", {})
+    monkeypatch.setattr(roofline, "TRITON_SAP_PARTIALS_DRAW_OPS", 0)
     found = [SimpleNamespace(kernel=SimpleNamespace(__name__="_kwta_forward_kernel"),
                              constexprs={"BLOCK": 1024, "UNIT": unit, "EVEN": False})
              for unit in (True, False)]
@@ -421,6 +423,52 @@ def test_kwta_pass_counts_that_drift_from_the_roofline_fail(monkeypatch):
     assert "BLOCK=1024 UNIT EVEN: no such variant" in problems[2]
 
 
+def test_draw_loop_instructions():
+    """The innermost loop holding a Philox round's multiply: 3 instructions here (the outer
+    loop around it holds it too); None where no loop multiplies by the Philox constant."""
+    philox = "IMAD.HI.U32 R5, R4, -0x2daee0ad, RZ"
+    body = [(0x00, "NOP"), (0x10, "NOP"), (0x20, philox), (0x30, "LDG.E R1, desc[UR4][R2.64]"),
+            (0x40, "@P0 BRA 0x20"), (0x50, "@P1 BRA 0x10"), (0x60, "IMAD R1, R2, R3, RZ"),
+            (0x70, "@P2 BRA 0x60"), (0x80, "EXIT")]
+    assert gpu_report.draw_loop_instructions(body) == 3
+    assert gpu_report.draw_loop_instructions([(a, i.replace("-0x2daee0ad", "0x10"))
+                                              for a, i in body]) is None
+
+
+def test_sap_draw_counts_that_drift_from_the_roofline_fail(monkeypatch):
+    """check_step_ops holds the roofline's SAP draw-tile counts (the merge's tile a thread, its
+    registers; the partials' instructions a draw) against the fp32 variants' SASS."""
+    from types import SimpleNamespace
+
+    from benchmarks import roofline
+
+    for table in ("CUDA_TC_STEP_OPS", "CUDA_TC_PACKED_STEP_OPS", "TRITON_CONV_STEP_OPS",
+                  "TRITON_CONV_PACKED_STEP_OPS", "TRITON_KWTA_COUNT_PASS"):
+        monkeypatch.setattr(roofline, table, {})
+    found = [SimpleNamespace(kernel=SimpleNamespace(__name__="_sap_merge_kernel"),
+                             constexprs={"E": 1024}, options={"num_warps": 2}),
+             SimpleNamespace(kernel=SimpleNamespace(__name__="_sap_partials_kernel"),
+                             constexprs={"E": 1024}, options={"num_warps": 2})]
+    rows = [Variant("triton", "sap._sap_merge_kernel", "fp32", "", 64, 136, 0, 0, 0, 0,
+                    draw_ops=514),
+            Variant("triton", "sap._sap_partials_kernel", "fp32", "", 64, 55, 0, 0, 0, 0,
+                    draw_ops=242)]
+    monkeypatch.setattr(roofline, "TRITON_SAP_MERGE_OPS",
+                        {1024: {"item": 1900, "search_step": 91, "tile": 520, "regs": 136}})
+    monkeypatch.setattr(roofline, "TRITON_SAP_PARTIALS_DRAW_OPS", 61)
+    assert gpu_report.check_step_ops("", rows, found) == []
+    monkeypatch.setattr(roofline, "TRITON_SAP_MERGE_OPS",
+                        {1024: {"item": 1900, "search_step": 91, "tile": 405, "regs": 96},
+                         256: {"item": 550, "search_step": 90, "tile": 462, "regs": 115}})
+    monkeypatch.setattr(roofline, "TRITON_SAP_PARTIALS_DRAW_OPS", 122)
+    problems = gpu_report.check_step_ops("", rows, found)
+    assert len(problems) == 4, problems
+    assert "E=1024 (a draw tile): the roofline charges 405" in problems[0]
+    assert "E=1024: the roofline assumes 96 registers" in problems[1]
+    assert "E=256: no such variant" in problems[2]
+    assert "_sap_partials_kernel float32 E=1024 (a draw): the roofline charges 122" in problems[3]
+
+
 def test_step_ops_that_drift_from_the_roofline_fail(monkeypatch):
     """check_step_ops: the roofline's count of a CUDA or Triton K step within
     STEP_OPS_TOLERANCE of the SASS passes; past it, or for a variant not compiled, it fails."""
@@ -434,6 +482,8 @@ def test_step_ops_that_drift_from_the_roofline_fail(monkeypatch):
     monkeypatch.setattr(roofline, "CUDA_TC_STEP_OPS", {"float32": 13})
     monkeypatch.setattr(roofline, "CUDA_TC_PACKED_STEP_OPS", {})
     monkeypatch.setattr(roofline, "TRITON_KWTA_COUNT_PASS", {})
+    monkeypatch.setattr(roofline, "TRITON_SAP_MERGE_OPS", {})
+    monkeypatch.setattr(roofline, "TRITON_SAP_PARTIALS_DRAW_OPS", 0)
     constexprs = {"BLOCK_P": 64, "BLOCK_CO": 32, "SPARSE": False, "PRECISION": "tf32",
                   "IN_LIST": False, "IN_SCALE": False, "PACKED": False}
     found = [SimpleNamespace(kernel=SimpleNamespace(__name__="_masked_conv2d_forward_kernel"),

@@ -85,15 +85,21 @@ _BERNOULLI_MAX_REGS = 128
 _WIDE_FROM = 2**31
 _PREFIX_BLOCK = 1024
 _SEARCH_WIDTH = 128  # probes per step of the search over a sample's draw chunks
-# Merge programs at most: what sm_90 holds at once (132 SMs x 5 programs of 4 warps at 96
+# Merge programs at most: what sm_90 holds at once (132 SMs x 7 programs of 2 warps at 136
 # registers); more would only queue behind the resident ones, each with its own slot.
-_SLOTS = 660
-# Warps per launch, and the merge's register cap. The merge holds 64-bit pointers and
-# counters across its loops: left alone ptxas keeps it at 56 registers in 4 warps and spills;
-# capped at 96 it fits without spills, 5 programs an SM (31% occupancy), whose serial chains
-# (a Philox, a cumsum and a 10-step search per tile) overlap.
-_WARPS = {"partials": 4, "prefix": 4, "merge": 4, "bernoulli": 8}
-_MERGE_MAX_REGS = 96
+_SLOTS = 924
+# Warps per launch, and the merge's register cap. The merge runs in 2 warps: a draw tile's 64
+# Philox evaluations are one a thread (4 warps computed each twice) and the four draws of an
+# evaluation stay in its thread, four independent searches in flight; a 1024-element chunk is
+# 16 elements a thread. It holds 64-bit pointers and counters across its loops: capped at 136
+# registers it fits without spills (at 128 the strided variant spills), 7 programs an SM,
+# whose serial chains (a Philox, a cumsum and four 10-step searches per tile) overlap. sm_90
+# SASS of the float32 launch as the JIT specializes the benchmarks' (unit strides, aligned
+# rows), E = 1024, a thread's instructions: ~1500 an item for its elements (bounds, scratch,
+# q, the write), 91 a step of the draw-chunk search, 514 a draw tile of 256 (4 warps took
+# ~900, 86 and 410 in twice the threads: ~1.5x the lane instructions an item).
+_WARPS = {"partials": 2, "prefix": 4, "merge": 2, "bernoulli": 8}
+_MERGE_MAX_REGS = 136
 _MARGIN = tl.constexpr(2.0**-12)  # of the total: the merge's allowance for rounding (see there)
 _TINY_TOTAL = tl.constexpr(2.0**-64)
 _TINY_SCALE = tl.constexpr(2.0**64)
@@ -163,13 +169,34 @@ def _uniforms4(key, stream, evaluation):
 
 
 @triton.jit
+def _local_bounds(first, lo, hi, DT: tl.constexpr):
+    """[lo, hi] (global indices, int64) as offsets from first, clamped into [-1, DT] (int32):
+    the tests of a tile's DT indices run on int32 offsets."""
+    return (tl.minimum(tl.maximum(lo - first, -1), DT).to(tl.int32),
+            tl.minimum(tl.maximum(hi - first, -1), DT).to(tl.int32))
+
+
+@triton.jit
 def _spacings(key, stream, first, lo, hi, DT: tl.constexpr):
-    """Exp(1) spacings of global indices first .. first + DT - 1 (first a multiple of 4), 0
-    outside [lo, hi]; and those indices."""
-    rows = (first >> 2) + tl.arange(0, DT // 4).to(tl.int64)
-    u = tl.reshape(_uniforms4(key, stream, rows), [DT])
-    idx = first + tl.arange(0, DT).to(tl.int64)
-    return tl.where((idx >= lo) & (idx <= hi), -tl.log(1.0 - u), 0.0), idx
+    """The Exp(1) spacings of global indices first .. first + DT - 1 (first a multiple of 4), 0
+    outside [lo, hi], as four (DT / 4,) blocks e0 .. e3: element i of e_j is index
+    first + 4 i + j, word j of Philox evaluation first / 4 + i. Kept apart (not joined into one
+    block), the words of an evaluation stay in the thread that made them: no layout change
+    (shared memory and barriers) between the draws and their sums. Also the offsets 4 i."""
+    rows = tl.arange(0, DT // 4)
+    c = (first >> 2) + rows.to(tl.int64)
+    c0 = (c & 0xFFFFFFFF).to(tl.uint32)
+    c1 = ((c >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    s0 = c0 * 0 + (stream & 0xFFFFFFFF).to(tl.uint32)
+    s1 = c0 * 0 + ((stream >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    w0, w1, w2, w3 = tl.philox(key, c0, c1, s0, s1)
+    q = rows * 4
+    a, b = _local_bounds(first, lo, hi, DT)
+    e0 = tl.where((q >= a) & (q <= b), -tl.log(1.0 - _to_uniform(w0)), 0.0)
+    e1 = tl.where((q + 1 >= a) & (q + 1 <= b), -tl.log(1.0 - _to_uniform(w1)), 0.0)
+    e2 = tl.where((q + 2 >= a) & (q + 2 <= b), -tl.log(1.0 - _to_uniform(w2)), 0.0)
+    e3 = tl.where((q + 3 >= a) & (q + 3 <= b), -tl.log(1.0 - _to_uniform(w3)), 0.0)
+    return e0, e1, e2, e3, q
 
 
 @triton.jit(do_not_specialize=SEED_WORDS)
@@ -194,8 +221,8 @@ def _sap_partials_kernel(
         acc = tl.zeros([], dtype=tl.float32)
         t = b * 0
         while t < D:
-            e, _ = _spacings(key, stream, first + t, base, base + r, DT)
-            acc += tl.sum(e, 0)
+            e0, e1, e2, e3, _ = _spacings(key, stream, first + t, base, base + r, DT)
+            acc += tl.sum(e0 + e1 + e2 + e3, 0)
             t += DT
         tl.store(bd_ptr + n * (NB + 1) + 1 + b, acc)
 
@@ -253,12 +280,21 @@ def _count_below(ptr, m, t, scale, W: tl.constexpr):
 def _search(pos_ptr, v, E: tl.constexpr):
     """How many of pos[0 .. E) are <= v (pos non-decreasing, E a power of 2), capped at E - 1:
     branchless, log2(E) dependent gathers."""
-    idx = tl.zeros(v.shape, dtype=tl.int32)
+    ptr = pos_ptr + tl.zeros(v.shape, dtype=tl.int32)
     for i in tl.static_range(1, 21):
         if (E >> i) > 0:
-            probe = tl.load(pos_ptr + idx + ((E >> i) - 1))
-            idx = tl.where(probe <= v, idx + (E >> i), idx)
-    return idx
+            probe = tl.load(ptr + ((E >> i) - 1))
+            ptr = tl.where(probe <= v, ptr + (E >> i), ptr)
+    return ptr
+
+
+@triton.jit
+def _mark(pos_ptr, v, q, q_lo, q_hi, lo, hi, E: tl.constexpr):
+    """Marks the element of each draw (at tile offset q, a draw where q_lo <= q <= q_hi;
+    position v) that lands in [lo, hi): its hit flag, E floats past its bound in the program's
+    scratch slot."""
+    inside = (q >= q_lo) & (q <= q_hi) & (v >= lo) & (v < hi)
+    tl.store(_search(pos_ptr, v, E) + E, tl.full(v.shape, 1.0, tl.float32), mask=inside)
 
 
 @triton.jit(do_not_specialize=SEED_WORDS)
@@ -283,7 +319,6 @@ def _sap_merge_kernel(
         offs = k.to(tl.int64) * E + lanes.to(tl.int64)
         in_row = offs < L
         xv = tl.load(x_ptr + n * x_sn + offs * x_sl, mask=in_row, other=0.0)
-        g = tl.load(src_ptr + n * src_sn + offs * src_sl, mask=in_row, other=0.0)
         row_b = bx_ptr + n * (K + 1)
         total = tl.load(row_b + K)
         go = (total > 0.0) & (total < float("inf"))
@@ -313,18 +348,28 @@ def _sap_merge_kernel(
                 s = tl.load(row_d + b)
                 t = b * 0
                 while t < D:
-                    e, idx = _spacings(key, stream, start + b * D + t, base, base + r64, DT)
-                    v = (s + tl.cumsum(e, 0)) * scale
-                    inside = (idx >= base) & (idx < base + r64) & (v >= lo) & (v < hi)
-                    j = _search(pos_ptr, v, E)
-                    tl.store(hit_ptr + j, tl.full([DT], 1.0, tl.float32), mask=inside)
+                    first = start + b * D + t
+                    e0, e1, e2, e3, q = _spacings(key, stream, first, base, base + r64, DT)
+                    # Inclusive sums in index order: the evaluations before each one, then its
+                    # words in turn. Draws are indices base .. base + r - 1.
+                    row = e0 + e1 + e2 + e3
+                    v0 = s + (tl.cumsum(row, 0) - row) + e0
+                    v1 = v0 + e1
+                    v2 = v1 + e2
+                    d_lo, d_hi = _local_bounds(first, base, base + r64 - 1, DT)
+                    _mark(pos_ptr, v0 * scale, q, d_lo, d_hi, lo, hi, E)
+                    _mark(pos_ptr, v1 * scale, q + 1, d_lo, d_hi, lo, hi, E)
+                    _mark(pos_ptr, v2 * scale, q + 2, d_lo, d_hi, lo, hi, E)
+                    _mark(pos_ptr, (v2 + e3) * scale, q + 3, d_lo, d_hi, lo, hi, E)
                     t += DT
                     if t < D:  # the next tile of the chunk starts at the sum so far
-                        s += tl.sum(e, 0)
+                        s += tl.sum(row, 0)
                 b += 1
         tl.debug_barrier()
         # A zero |x| is reached only through rounding at a chunk's end: never kept. (Without
         # draws, go false, nothing is marked.)
+        # src only now (in forward x again, from L1 or L2): not held across the draw loops.
+        g = tl.load(src_ptr + n * src_sn + offs * src_sl, mask=in_row, other=0.0)
         kept = (tl.load(hit_ptr + lanes) != 0.0) & (a > 0.0)
         q = _keep_probability(a * tl.div_rn(1.0, total * pre), r)
         y = tl.where(kept, g.to(tl.float32) / q, g.to(tl.float32) * 0.0)
