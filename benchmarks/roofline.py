@@ -947,6 +947,22 @@ def _multinomial(p: Plan, rows: int, length: int, draws: int, esize: int, first:
 # csrc/cuda/sap.cu's chunking (sap_cuda_common), from (L, r) only.
 CUDA_SAP_CHUNK = 2048  # kChunk: elements of a chunk (two packs of 4 a thread)
 CUDA_SAP_DRAW_GROUP = 1024  # kDrawGroup: draws of one Philox group a thread
+# sap_merge_kernel<float> (256 threads, nvcc 13.0 sm_90 SASS), instructions a thread on the path
+# of the benchmarks' data (r = L, W = 1, p < 2^-7): an item's element work ("item": loads, the
+# element scan, the draw-chunk counts, the bounds and flags in shared memory, q, src / q, the
+# stores; 8 elements), a draw chunk reaching the item ("chunk": a Philox group, 4 spacings,
+# the chunk's two block scans, 4 draws placed, the first by an 11-step search of the bounds,
+# the rest mostly by the previous draw's element or the next), the whole-chunk test where
+# r >= kWholeChunkRatio * L ("whole": a search of the bounds a chunk) and each further Philox
+# group of a chunk ("group", W > 1). Path lengths read off the SASS (branches decided by
+# hand), not profiled: the H200 run's 59.6 us busy for the merge at 128x256x8x8 (the
+# whole-chunk test then ran at every r, with two searches) is 1.2x what these counts give at
+# this model's issue rate (the former estimate, ~60 an element for the draws, gave 15.8 us).
+CUDA_SAP_MERGE_OPS = {"item": 1250, "chunk": 630, "whole": 115, "group": 300}
+CUDA_SAP_WHOLE_CHUNK_RATIO = 2  # kWholeChunkRatio
+# sap_partials_kernel<float>: a draw chunk's path a thread (a Philox group, 4 spacings, the two
+# block scans), W = 1.
+CUDA_SAP_PARTIALS_CHUNK_OPS = 300
 CUDA_SAP_WRITE_CHUNK = 2048  # kWriteChunk: bernoulli pass, 2 Philox groups a thread
 CUDA_SAP_MAX_DRAW_CHUNKS = 1 << 16  # kMaxDrawChunks
 CUDA_SAP_OWN_TOTAL = 64  # kBernoulliOwnTotal: bernoulli samples of at most this many chunks
@@ -982,7 +998,6 @@ def _sap_cuda(p: Plan, rows: int, length: int, draws: int, exact: bool, backward
     ws = rows * (k + nb) * acc
     per_sm = 2 if e == 8 else 4  # launch bounds: 64 registers (128 in float64)
     scans = 2 * lat("block_scan") + 2 * lat("barrier")
-    draw_ops = (80 + 4 * 7 + 4 * 5) / 4  # a spacing: its share of the Philox, log, range checks
     if not exact and k <= CUDA_SAP_MAX_CLUSTER and length % 4 == 0:
         # sap_bernoulli_cluster_kernel: a cluster of K blocks a sample, block c holding chunk c
         # in registers: its partial (the partials kernel's two block scans), its Philox groups,
@@ -1001,7 +1016,8 @@ def _sap_cuda(p: Plan, rows: int, length: int, draws: int, exact: bool, backward
     ops = rows * k * c * (3 + 50 / 8)
     chain = lat("dram") + scans
     if exact:
-        ops += rows * nb * d * w * (draw_ops + 50 / (4 * w))
+        ops += rows * nb * 256 * (CUDA_SAP_PARTIALS_CHUNK_OPS
+                                  + (w - 1) * CUDA_SAP_MERGE_OPS["group"])
         chain = max(chain, w * (lat("philox") + 4 * 7 / p.sm_rate() * 256) + scans)
     p.kernel("sap_partials_kernel", "inner", hbm=n + ws, ops=ops, ctas=rows * (k + nb),
              per_sm=per_sm, chain_us=chain)
@@ -1026,8 +1042,10 @@ def _sap_cuda(p: Plan, rows: int, length: int, draws: int, exact: bool, backward
         in_range = c * draws / length  # draws landing in one element chunk
         g = min(nb, in_range / (d * w) + 1)
         rounds = 1 if nb <= 256 else 2
-        per_cta = (c * (3 + 50 / 8 + 30 + 4 + 8) + 256 * 16 * rounds
-                   + g * (256 * (4 * w * (draw_ops + 13) + 50)) + in_range * 4)
+        ops = CUDA_SAP_MERGE_OPS
+        chunk_ops = (ops["chunk"] + (w - 1) * ops["group"]
+                     + (ops["whole"] if draws >= CUDA_SAP_WHOLE_CHUNK_RATIO * length else 0))
+        per_cta = 256 * (ops["item"] + 16 * (rounds - 1) + g * chunk_ops)
         chain = (lat("dram") + scans + lat("barrier") + rounds * (lat("l2") + 2 * lat("barrier"))
                  + lat("l2") + 2 * lat("barrier")
                  + g * (w * lat("philox") + scans + 12 * lat("smem")) + lat("barrier"))

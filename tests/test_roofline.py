@@ -269,6 +269,7 @@ def test_written_out_cuda_constants_match_the_sources():
                                                                  "kStaticPackedMaxStepsOut")
     assert roofline.CUDA_KWTA_MIN_CLUSTER_SLICE == constant("kwta.cu", "kMinClusterSlice")
     assert roofline.CUDA_KWTA_MAX_CLUSTER == constant("kwta.cu", "kMaxNonPortableCluster")
+    assert roofline.CUDA_SAP_WHOLE_CHUNK_RATIO == constant("sap.cu", "kWholeChunkRatio")
 
 
 @pytest.mark.triton

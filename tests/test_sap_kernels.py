@@ -239,22 +239,26 @@ def test_cuda_one_draw_lands_once_in_a_huge_row():
 @pytest.mark.gpu
 @_needs_cuda
 @pytest.mark.parametrize("at", [0, _CHUNK - 1, _CHUNK, 150001, 299999])
-def test_cuda_mass_on_one_element(at):
+@pytest.mark.parametrize("ratio", [1, 4])
+def test_cuda_mass_on_one_element(at, ratio):
     """One element holds almost all the mass (at a chunk's first or last element, mid-row, the
-    row's end): with r = L it is drawn every time; the others are drawn with their tiny q."""
+    row's end): with r = L (draw chunks generated and placed draw by draw) and r = 4 L (draw
+    chunks wholly inside the element flagged without being generated) it is drawn every time;
+    the others are drawn with their tiny q."""
     L = 300000
+    r = ratio * L
     x = torch.full((3, L), 1e-6, device="cuda")
     x[:, at] = 1e4
-    q = reference.sap_keep_probability(x, L).double()
+    q = reference.sap_keep_probability(x, r).double()
     for exact in (True, False):
         for s in range(5):
-            out = _cuda_sap(x, L, exact, [s, -s])
+            out = _cuda_sap(x, r, exact, [s, -s])
             kept = out != 0
             assert kept[:, at].all()
             torch.testing.assert_close(out[:, at].double(), x[:, at].double() / q[:, at], rtol=1e-5, atol=0)
             _counts_within(kept, q)
             if exact:
-                assert (kept.sum(1) <= L).all()
+                assert (kept.sum(1) <= r).all()
 
 
 @pytest.mark.gpu
