@@ -457,13 +457,13 @@ def loop_instructions(body: list) -> tuple[int, int] | None:
 
 
 def draw_loop_instructions(body: list) -> int | None:
-    """Instructions a thread of one trip of the innermost loop that runs Philox rounds (an
-    IMAD.HI.U32 by the multiplier 0xD2511F53, -0x2daee0ad in SASS): a draw tile of the SAP
-    kernels; None without such a loop."""
-    loops = [loop for loop in _loops(body) if _holds(body, loop, "-0x2daee0ad")]
+    """Instructions a thread of one trip of the longest innermost loop: the SAP kernels' draw
+    tile (in the merge, the tile loop holds no other loop; its searches of the draw chunks are
+    shorter loops beside it); None without a loop."""
+    loops = _loops(body)
     innermost = [a for a in loops if not any(b != a and a[0] <= b[0] and b[1] <= a[1]
                                               for b in loops)]
-    return min((last - first + 1 for first, last in innermost), default=None)
+    return max((last - first + 1 for first, last in innermost), default=None)
 
 
 _TRITON_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -539,29 +539,31 @@ def check_step_ops(cuda_sass: str, triton: list[Variant], found: list) -> list[s
         if abs(regs - row.regs) > tolerance * row.regs:
             problems.append(f"{what}: the roofline assumes {regs} registers a thread, the "
                             f"sm_{ARCH} cubin has {row.regs}: update the roofline")
-    sap = {(v.kernel.__name__, v.constexprs["E"]): (row, v) for row, v in zip(triton, found)
+    sap = {(v.kernel.__name__, v.constexprs["E"],
+            bool(v.constexprs.get("STORED", v.constexprs.get("STORE")))): (row, v)
+           for row, v in zip(triton, found)
            if v.kernel.__name__ in ("_sap_merge_kernel", "_sap_partials_kernel")
            and row.dtype == "fp32"}
-    draw_tile = roofline.triton_sap_config(1, 1)["DT"]
     for e, counts in roofline.TRITON_SAP_MERGE_OPS.items():
-        what = f"triton _sap_merge_kernel float32 E={e}"
-        row, _ = sap.get(("_sap_merge_kernel", e), (None, None))
-        if row is None:
-            problems.append(f"{what}: no such variant in the AOT list")
-            continue
-        compare(f"{what} (a draw tile)", counts["tile"], row.draw_ops)
-        if abs(counts["regs"] - row.regs) > tolerance * row.regs:
-            problems.append(f"{what}: the roofline assumes {counts['regs']} registers a thread, "
-                            f"the sm_{ARCH} cubin has {row.regs}: update the roofline")
-    if roofline.TRITON_SAP_PARTIALS_DRAW_OPS:
+        for stored, kind in ((False, ""), (True, "stored_")):
+            what = f"triton _sap_merge_kernel float32 E={e}{' STORED' if stored else ''}"
+            row, _ = sap.get(("_sap_merge_kernel", e, stored), (None, None))
+            if row is None:
+                problems.append(f"{what}: no such variant in the AOT list")
+                continue
+            compare(f"{what} (a draw tile)", counts[kind + "tile"], row.draw_ops)
+            regs = counts[kind + "regs"]
+            if abs(regs - row.regs) > tolerance * row.regs:
+                problems.append(f"{what}: the roofline assumes {regs} registers a thread, "
+                                f"the sm_{ARCH} cubin has {row.regs}: update the roofline")
+    if roofline.TRITON_SAP_PARTIALS_OPS:
         what = "triton _sap_partials_kernel float32 E=1024"
-        row, v = sap.get(("_sap_partials_kernel", 1024), (None, None))
+        row, _ = sap.get(("_sap_partials_kernel", 1024, False), (None, None))
         if row is None:
             problems.append(f"{what}: no such variant in the AOT list")
-        else:  # a thread's tile over its share of the tile's draws
-            threads = 32 * v.options["num_warps"]
-            compare(f"{what} (a draw)", roofline.TRITON_SAP_PARTIALS_DRAW_OPS,
-                    None if row.draw_ops is None else round(row.draw_ops * threads / draw_tile))
+        else:
+            compare(f"{what} (a draw tile)", roofline.TRITON_SAP_PARTIALS_OPS["tile"],
+                    row.draw_ops)
     return problems
 
 

@@ -538,7 +538,7 @@ def triton_sap_config(length: int, draws: int) -> dict:
     each launch's warps."""
     return {"E": 1024 if length >= 16384 else 256,
             "D": 256 * _pow2(max(1, math.ceil((draws + 4) / (256 * 4096)))), "DT": 256,
-            "BLOCK": 4096, "SLOTS": 924,
+            "BLOCK": 4096, "SLOTS": 924, "STORE_MAX_RATIO": 4,
             "warps": {"partials": 2, "prefix": 4, "merge": 2, "bernoulli": 8}}
 
 
@@ -1083,14 +1083,22 @@ def _sap_kernel(p: Plan, provider: str, backward: bool) -> None:
 # work (bounds, scratch slot, q, the write; the Goldberg log path skipped, as for the
 # benchmarks' samples), a step of the draw-chunk search (128 probes), a draw tile of DT = 256
 # (a Philox a thread, four logs, the tile cumsum, four branchless searches of log2(E) steps,
-# the hit stores), and the AOT variant's registers (capped at 136). make gpu-report checks
-# the tile and the registers against the SASS.
-TRITON_SAP_MERGE_OPS = {256: {"item": 450, "search_step": 90, "tile": 462, "regs": 115},
-                        1024: {"item": 1500, "search_step": 91, "tile": 514, "regs": 136}}
-# _sap_partials_kernel (2 warps, 55 registers: 18 programs an SM): lane instructions a draw of
-# a draw chunk's tile loop (a Philox a thread, four logs, the sum; 242 a thread a tile of 256
-# in the sm_90 SASS; 4 warps computed each Philox twice: 122).
-TRITON_SAP_PARTIALS_DRAW_OPS = 61
+# the hit stores; "stored_": the tile reading the partials pass's running sums back instead of
+# making the draws), and the AOT variant's registers (capped at 136). make gpu-report checks
+# the tiles and the registers against the SASS.
+TRITON_SAP_MERGE_OPS = {
+    256: {"item": 450, "search_step": 90, "tile": 466, "regs": 115, "stored_tile": 236,
+          "stored_regs": 94},
+    1024: {"item": 1500, "search_step": 91, "tile": 518, "regs": 136, "stored_tile": 279,
+           "stored_regs": 136},
+}
+# _sap_partials_kernel (2 warps, 55 registers: 18 programs an SM), instructions a thread of a
+# draw chunk (sm_90 SASS, float32): "tile", a trip of the draw loop (a Philox a thread, four
+# logs, the sum; 4 warps computed each Philox twice: twice the lane instructions), "setup" the
+# chunk's seed and indices around it, "stored" the whole one-tile chunk in stored mode (the
+# running sums, their 4 stores and the partial from the last of them). make gpu-report
+# checks the tile against the SASS.
+TRITON_SAP_PARTIALS_OPS = {"tile": 244, "setup": 40, "stored": 326}
 TRITON_SAP_PARTIALS_PER_SM = 18
 
 # _sap_bernoulli_kernel's lane instructions an element (float32, unit stride, sm_90 SASS; 16
@@ -1101,7 +1109,7 @@ TRITON_SAP_BERNOULLI_OPS = {"forward": 93, "backward": 99}
 def _sap_triton(p: Plan, rows: int, length: int, draws: int, exact: bool, backward: bool) -> None:
     """triton_kernels/sap.py: three launches (exact) or two (bernoulli). Partials over (sample,
     chunk): sum |x| of E elements (~4 ops each), or in exact mode the Exp(1) spacings of a draw
-    chunk (one Philox per 4 draws, a log, a sum: TRITON_SAP_PARTIALS_DRAW_OPS a draw). Exact: a
+    chunk (one Philox per 4 draws, a log, a sum: TRITON_SAP_PARTIALS_OPS). Exact: a
     prefix program per
     sample and kind (a cumsum and a running max per 1024 partials), then the merge over
     (sample, element chunk) items in at most SLOTS persistent programs (2 warps capped at 136
@@ -1132,9 +1140,14 @@ def _sap_triton(p: Plan, rows: int, length: int, draws: int, exact: bool, backwa
     k = math.ceil(length / chunk)
     nb = math.ceil((draws + 4) / per_chunk) if exact else 0
     draw_chain = math.ceil(per_chunk / tile) * (lat("philox") + lat("tile_reduce")) if exact else 0.0
+    # Stored mode: the partials pass writes the draws' running sums, the merge reads them.
+    stored = exact and per_chunk == tile and draws <= cfg["STORE_MAX_RATIO"] * length
+    kept = rows * nb * per_chunk * 4 if stored else 0
     p.host("triton")
-    p.kernel("_sap_partials_kernel", "inner", hbm=n + rows * (k + nb) * 4,
-             ops=rows * length * 4 + rows * nb * per_chunk * TRITON_SAP_PARTIALS_DRAW_OPS,
+    p.kernel("_sap_partials_kernel", "inner", hbm=n + rows * (k + nb) * 4 + kept,
+             ops=rows * length * 4 + rows * nb * 32 * cfg["warps"]["partials"] * (
+                 TRITON_SAP_PARTIALS_OPS["stored"] if stored else
+                 TRITON_SAP_PARTIALS_OPS["setup"] + per_chunk / tile * TRITON_SAP_PARTIALS_OPS["tile"]),
              ctas=rows * (k + nb), per_sm=TRITON_SAP_PARTIALS_PER_SM,
              chain_us=max(lat("dram") + lat("tile_reduce"), draw_chain))
     if exact:
@@ -1160,12 +1173,16 @@ def _sap_triton(p: Plan, rows: int, length: int, draws: int, exact: bool, backwa
                       + math.ceil(tiles)
                       * (lat("philox") + lat("tile_reduce") + steps * lat("smem")) + lat("l2"))
         counted = TRITON_SAP_MERGE_OPS[chunk]
+        kind = "stored_" if stored else ""
         threads = 32 * cfg["warps"]["merge"]
+        # The running sums of the tiles reaching each item, from L2 where all of them fit.
+        read_back = p.reread(items * examined * 4, kept) if stored else {}
         p.kernel("_sap_merge_kernel", "inner",
-                 **_merge(again, src, {"hbm": n, "l2": items * chunk * 4 * 3}),
+                 **_merge(again, src, read_back, {"hbm": n, "l2": items * chunk * 4 * 3}),
                  ops=items * threads * (counted["item"] + probes * counted["search_step"]
-                                        + tiles * counted["tile"]),
-                 ctas=slots, per_sm=65536 // (_round_up(counted["regs"], 8) * threads),
+                                        + tiles * counted[kind + "tile"]),
+                 ctas=slots,
+                 per_sm=65536 // (_round_up(counted[kind + "regs"], 8) * threads),
                  chain_us=math.ceil(items / slots) * item_chain)
     else:
         blocks = rows * math.ceil((length + 3) / cfg["BLOCK"])

@@ -406,7 +406,7 @@ def test_kwta_pass_counts_that_drift_from_the_roofline_fail(monkeypatch):
     monkeypatch.setattr(roofline, "TRITON_CONV_STEP_OPS", {})
     monkeypatch.setattr(roofline, "TRITON_CONV_PACKED_STEP_OPS", {})
     monkeypatch.setattr(roofline, "TRITON_SAP_MERGE_OPS", {})
-    monkeypatch.setattr(roofline, "TRITON_SAP_PARTIALS_DRAW_OPS", 0)
+    monkeypatch.setattr(roofline, "TRITON_SAP_PARTIALS_OPS", {})
     found = [SimpleNamespace(kernel=SimpleNamespace(__name__="_kwta_forward_kernel"),
                              constexprs={"BLOCK": 1024, "UNIT": unit, "EVEN": False})
              for unit in (True, False)]
@@ -424,20 +424,19 @@ def test_kwta_pass_counts_that_drift_from_the_roofline_fail(monkeypatch):
 
 
 def test_draw_loop_instructions():
-    """The innermost loop holding a Philox round's multiply: 3 instructions here (the outer
-    loop around it holds it too); None where no loop multiplies by the Philox constant."""
+    """The longest innermost loop: 3 instructions here (0x20 .. 0x40; the loop around it is not
+    innermost, the one at 0x60 is shorter); None without a loop."""
     philox = "IMAD.HI.U32 R5, R4, -0x2daee0ad, RZ"
     body = [(0x00, "NOP"), (0x10, "NOP"), (0x20, philox), (0x30, "LDG.E R1, desc[UR4][R2.64]"),
             (0x40, "@P0 BRA 0x20"), (0x50, "@P1 BRA 0x10"), (0x60, "IMAD R1, R2, R3, RZ"),
             (0x70, "@P2 BRA 0x60"), (0x80, "EXIT")]
     assert gpu_report.draw_loop_instructions(body) == 3
-    assert gpu_report.draw_loop_instructions([(a, i.replace("-0x2daee0ad", "0x10"))
-                                              for a, i in body]) is None
+    assert gpu_report.draw_loop_instructions([(a, i) for a, i in body if "BRA" not in i]) is None
 
 
 def test_sap_draw_counts_that_drift_from_the_roofline_fail(monkeypatch):
     """check_step_ops holds the roofline's SAP draw-tile counts (the merge's tile a thread, its
-    registers; the partials' instructions a draw) against the fp32 variants' SASS."""
+    registers; the partials' draw loop) against the fp32 variants' SASS."""
     from types import SimpleNamespace
 
     from benchmarks import roofline
@@ -445,28 +444,36 @@ def test_sap_draw_counts_that_drift_from_the_roofline_fail(monkeypatch):
     for table in ("CUDA_TC_STEP_OPS", "CUDA_TC_PACKED_STEP_OPS", "TRITON_CONV_STEP_OPS",
                   "TRITON_CONV_PACKED_STEP_OPS", "TRITON_KWTA_COUNT_PASS"):
         monkeypatch.setattr(roofline, table, {})
-    found = [SimpleNamespace(kernel=SimpleNamespace(__name__="_sap_merge_kernel"),
-                             constexprs={"E": 1024}, options={"num_warps": 2}),
-             SimpleNamespace(kernel=SimpleNamespace(__name__="_sap_partials_kernel"),
-                             constexprs={"E": 1024}, options={"num_warps": 2})]
+    def variant(name, stored):
+        flag = "STORED" if name == "_sap_merge_kernel" else "STORE"
+        return SimpleNamespace(kernel=SimpleNamespace(__name__=name),
+                               constexprs={"E": 1024, flag: stored}, options={"num_warps": 2})
+
+    found = [variant("_sap_merge_kernel", False), variant("_sap_merge_kernel", True),
+             variant("_sap_partials_kernel", False)]
     rows = [Variant("triton", "sap._sap_merge_kernel", "fp32", "", 64, 136, 0, 0, 0, 0,
                     draw_ops=514),
+            Variant("triton", "sap._sap_merge_kernel", "fp32", "", 64, 136, 0, 0, 0, 0,
+                    draw_ops=279),
             Variant("triton", "sap._sap_partials_kernel", "fp32", "", 64, 55, 0, 0, 0, 0,
                     draw_ops=242)]
-    monkeypatch.setattr(roofline, "TRITON_SAP_MERGE_OPS",
-                        {1024: {"item": 1900, "search_step": 91, "tile": 520, "regs": 136}})
-    monkeypatch.setattr(roofline, "TRITON_SAP_PARTIALS_DRAW_OPS", 61)
+    counts = {"item": 1500, "search_step": 91, "tile": 520, "regs": 136, "stored_tile": 280,
+              "stored_regs": 136}
+    monkeypatch.setattr(roofline, "TRITON_SAP_MERGE_OPS", {1024: counts})
+    monkeypatch.setattr(roofline, "TRITON_SAP_PARTIALS_OPS", {"tile": 240})
     assert gpu_report.check_step_ops("", rows, found) == []
     monkeypatch.setattr(roofline, "TRITON_SAP_MERGE_OPS",
-                        {1024: {"item": 1900, "search_step": 91, "tile": 405, "regs": 96},
-                         256: {"item": 550, "search_step": 90, "tile": 462, "regs": 115}})
-    monkeypatch.setattr(roofline, "TRITON_SAP_PARTIALS_DRAW_OPS", 122)
+                        {1024: {**counts, "tile": 405, "regs": 96, "stored_tile": 514},
+                         256: {**counts, "tile": 462, "regs": 115}})
+    monkeypatch.setattr(roofline, "TRITON_SAP_PARTIALS_OPS", {"tile": 488})
     problems = gpu_report.check_step_ops("", rows, found)
-    assert len(problems) == 4, problems
+    assert len(problems) == 6, problems
     assert "E=1024 (a draw tile): the roofline charges 405" in problems[0]
     assert "E=1024: the roofline assumes 96 registers" in problems[1]
-    assert "E=256: no such variant" in problems[2]
-    assert "_sap_partials_kernel float32 E=1024 (a draw): the roofline charges 122" in problems[3]
+    assert "E=1024 STORED (a draw tile): the roofline charges 514" in problems[2]
+    assert "E=256: no such variant" in problems[3]
+    assert "E=256 STORED: no such variant" in problems[4]
+    assert "_sap_partials_kernel float32 E=1024 (a draw tile): the roofline charges 488" in problems[5]
 
 
 def test_step_ops_that_drift_from_the_roofline_fail(monkeypatch):
@@ -483,7 +490,7 @@ def test_step_ops_that_drift_from_the_roofline_fail(monkeypatch):
     monkeypatch.setattr(roofline, "CUDA_TC_PACKED_STEP_OPS", {})
     monkeypatch.setattr(roofline, "TRITON_KWTA_COUNT_PASS", {})
     monkeypatch.setattr(roofline, "TRITON_SAP_MERGE_OPS", {})
-    monkeypatch.setattr(roofline, "TRITON_SAP_PARTIALS_DRAW_OPS", 0)
+    monkeypatch.setattr(roofline, "TRITON_SAP_PARTIALS_OPS", {})
     constexprs = {"BLOCK_P": 64, "BLOCK_CO": 32, "SPARSE": False, "PRECISION": "tf32",
                   "IN_LIST": False, "IN_SCALE": False, "PACKED": False}
     found = [SimpleNamespace(kernel=SimpleNamespace(__name__="_masked_conv2d_forward_kernel"),

@@ -285,6 +285,7 @@ def test_written_out_triton_configs_match_the_launchers():
             assert (cfg["E"], cfg["D"]) == sap._chunk_sizes(length, draws), (length, draws)
             assert cfg["DT"] == sap._DT and cfg["BLOCK"] == sap._BERNOULLI_BLOCK
             assert cfg["SLOTS"] == sap._SLOTS and cfg["warps"] == sap._WARPS
+            assert cfg["STORE_MAX_RATIO"] == sap._STORE_MAX_RATIO
         assert roofline.triton_kwta_in_registers(length) == kwta._in_registers(length), length
         if kwta._in_registers(length):
             assert roofline.triton_kwta_config(length) == kwta._forward_config(length)

@@ -265,6 +265,29 @@ def test_triton_exact_chunks_keep_the_cpu_draws(n, length, r, chunks):
 
 
 @pytest.mark.triton
+@pytest.mark.parametrize("n,length,r", [(3, 600, 700), (2, 300, 1200), (4, 37, 3), (2, 2100, 50)])
+def test_triton_exact_stored_draws_match_regenerated(n, length, r):
+    """Stored mode (the partials pass writes each draw chunk's running sums, the merge reads
+    them back; the default where r <= 4 L) keeps what regenerating the draws in the merge
+    keeps, value for value, forward and backward, also with several element chunks a program;
+    r = 4 L is stored, r above it is not (the workspace then stays O(N * chunks))."""
+    kernels = _triton_kernels()
+    x = _spread_rows(n, length, 5)
+    grad = torch.rand_like(x) + 0.5
+    seed = torch.tensor([77, -3])
+    for src in (x, grad):
+        stored = kernels.sap_forward(src, x, seed, r, True, _store=True, _slots=2)
+        regenerated = kernels.sap_forward(src, x, seed, r, True, _store=False)
+        assert torch.equal(stored, regenerated)
+    assert torch.equal(stored != 0, kernels.sap_forward(x, x, seed, r, True) != 0)
+    e, d = kernels._chunk_sizes(length, r)
+    assert kernels._stores_draws(length, r, d, kernels._DT) == (r <= 4 * length)
+    assert not kernels._stores_draws(length, 4 * length + 1, d, kernels._DT)
+    with pytest.raises(ValueError, match="stored draws"):
+        kernels.sap_forward(x, x, seed, r, False, _store=True)
+
+
+@pytest.mark.triton
 def test_triton_exact_edge_chunks():
     """All draws on one element (one non-zero element a sample: kept with q = 1, out = x), in
     the first, a middle and the last element chunk; mass only in the first and last element

@@ -10,7 +10,10 @@ allocator:
    propagate), and in exact mode the sum of a draw chunk's Exp(1) spacings. Draw chunks are
    aligned to multiples of 4 of the stream's global index (draw d of sample n is value
    n * (r + 1) + d), so a (DT / 4, 4) tile takes each Philox evaluation once, its four words
-   being four consecutive spacings.
+   being four consecutive spacings. Where a draw chunk is one tile and r <= _STORE_MAX_RATIO * L
+   (stored mode), the tile's running sums are written too (float32, r + 4 a sample at most),
+   and the merge reads them back: each Philox output is computed once. Otherwise (huge r) the
+   merge makes the draws of the chunks it needs again, and the workspace stays O(N * chunks).
 2. exact: prefix, one program per sample and kind: the fixed-order prefix sums B_k of the element
    partials and P_b of the draw partials, made monotone (running maximum of a tile cumsum), in
    place; B_K, the total, becomes NaN when the sample holds a NaN or inf (it then keeps nothing,
@@ -23,7 +26,8 @@ allocator:
    (with an allowance of 2^-12 of the total for rounding below it: a draw's v is never below
    its chunk's P_b * scale, and exceeds P_{b+1} * scale by rounding only, far less than a whole
    chunk of margin would allow, which would regenerate 2 D more draws per element chunk);
-   their spacings are regenerated (one Philox per four draws) and each draw's position
+   their running sums are read back (stored mode) or the spacings made again (one Philox per
+   four draws), and each draw's position
    v = (P_b + running sums) * scale comes out of the same code in every program, so a draw seen
    by two programs is in range for one of them only. A draw in range finds its element by a
    branchless binary search over the chunk's bounds, stored in a per-program scratch slot in
@@ -84,6 +88,10 @@ _BERNOULLI_MAX_REGS = 128
 # lower it.
 _WIDE_FROM = 2**31
 _PREFIX_BLOCK = 1024
+# Exact mode keeps the draws (their running sums, float32) where r <= this many times L and a
+# draw chunk is one tile: the merge reads each draw back instead of making it again (a
+# Philox evaluation, four logs and a tile cumsum less a tile of 256).
+_STORE_MAX_RATIO = 4
 _SEARCH_WIDTH = 128  # probes per step of the search over a sample's draw chunks
 # Merge programs at most: what sm_90 holds at once (132 SMs x 7 programs of 2 warps at 136
 # registers); more would only queue behind the resident ones, each with its own slot.
@@ -199,13 +207,29 @@ def _spacings(key, stream, first, lo, hi, DT: tl.constexpr):
     return e0, e1, e2, e3, q
 
 
+@triton.jit
+def _running(e0, e1, e2, e3):
+    """The inclusive running sums, in index order, of a tile's four spacing blocks (element i
+    of e_j: tile index 4 i + j): the evaluations before each one, then its words in turn; and
+    the evaluations' own sums."""
+    row = e0 + e1 + e2 + e3
+    v0 = (tl.cumsum(row, 0) - row) + e0
+    v1 = v0 + e1
+    v2 = v1 + e2
+    return v0, v1, v2, v2 + e3, row
+
+
 @triton.jit(do_not_specialize=SEED_WORDS)
 def _sap_partials_kernel(
-    x_ptr, seed_ptr, seed_k0, seed_k1, seed_s0, seed_s1, bx_ptr, bd_ptr,
+    x_ptr, seed_ptr, seed_k0, seed_k1, seed_s0, seed_s1, bx_ptr, bd_ptr, draws_ptr,
     L, r, K, NB, D, x_sn, x_sl,
     E: tl.constexpr,
     DT: tl.constexpr,
+    STORE: tl.constexpr,
 ):
+    """Element chunk partials (sum |x|), draw chunk partials (sum of the spacings); with STORE
+    (a draw chunk is one tile) also the tile's in-chunk running sums, for the merge to read
+    back instead of making the draws again (its STORED tiles)."""
     pid = tl.program_id(0)
     n = (pid // (K + NB)).to(tl.int64)
     c = pid % (K + NB)
@@ -218,13 +242,25 @@ def _sap_partials_kernel(
         b = (c - K).to(tl.int64)
         base = n * (r + tl.zeros([], tl.int64) + 1)
         first = (base >> 2) * 4 + b * D
-        acc = tl.zeros([], dtype=tl.float32)
-        t = b * 0
-        while t < D:
-            e0, e1, e2, e3, _ = _spacings(key, stream, first + t, base, base + r, DT)
-            acc += tl.sum(e0 + e1 + e2 + e3, 0)
-            t += DT
-        tl.store(bd_ptr + n * (NB + 1) + 1 + b, acc)
+        if STORE:
+            e0, e1, e2, e3, _ = _spacings(key, stream, first, base, base + r, DT)
+            v0, v1, v2, v3, _ = _running(e0, e1, e2, e3)
+            rows = tl.arange(0, DT // 4)
+            out = draws_ptr + (n * NB + b) * DT + rows
+            tl.store(out, v0)
+            tl.store(out + DT // 4, v1)
+            tl.store(out + DT // 2, v2)
+            tl.store(out + 3 * (DT // 4), v3)
+            # The partial: the last running sum (the thread holding it stores it; no reduction).
+            tl.store(bd_ptr + n * (NB + 1) + 1 + b + rows * 0, v3, mask=rows == DT // 4 - 1)
+        else:
+            acc = tl.zeros([], dtype=tl.float32)
+            t = b * 0
+            while t < D:
+                e0, e1, e2, e3, _ = _spacings(key, stream, first + t, base, base + r, DT)
+                acc += tl.sum(e0 + e1 + e2 + e3, 0)
+                t += DT
+            tl.store(bd_ptr + n * (NB + 1) + 1 + b, acc)
 
 
 @triton.jit
@@ -299,12 +335,14 @@ def _mark(pos_ptr, v, q, q_lo, q_hi, lo, hi, E: tl.constexpr):
 
 @triton.jit(do_not_specialize=SEED_WORDS)
 def _sap_merge_kernel(
-    src_ptr, x_ptr, out_ptr, seed_ptr, seed_k0, seed_k1, seed_s0, seed_s1, bx_ptr, bd_ptr, scratch_ptr,
+    src_ptr, x_ptr, out_ptr, seed_ptr, seed_k0, seed_k1, seed_s0, seed_s1, bx_ptr, bd_ptr,
+    draws_ptr, scratch_ptr,
     L, r, K, NB, D, items,
     x_sn, x_sl, src_sn, src_sl, out_sn, out_sl,
     E: tl.constexpr,
     DT: tl.constexpr,
     W: tl.constexpr,
+    STORED: tl.constexpr,
 ):
     key, stream = load_seed(seed_ptr, seed_k0, seed_k1, seed_s0, seed_s1)
     lanes = tl.arange(0, E)
@@ -349,18 +387,23 @@ def _sap_merge_kernel(
                 t = b * 0
                 while t < D:
                     first = start + b * D + t
-                    e0, e1, e2, e3, q = _spacings(key, stream, first, base, base + r64, DT)
-                    # Inclusive sums in index order: the evaluations before each one, then its
-                    # words in turn. Draws are indices base .. base + r - 1.
-                    row = e0 + e1 + e2 + e3
-                    v0 = s + (tl.cumsum(row, 0) - row) + e0
-                    v1 = v0 + e1
-                    v2 = v1 + e2
+                    q = tl.arange(0, DT // 4) * 4
+                    if STORED:  # the partials pass's running sums (D == DT)
+                        at = draws_ptr + (n * NB + b) * DT + tl.arange(0, DT // 4)
+                        v0 = tl.load(at)
+                        v1 = tl.load(at + DT // 4)
+                        v2 = tl.load(at + DT // 2)
+                        v3 = tl.load(at + 3 * (DT // 4))
+                        row = v3  # (unused: one tile a chunk)
+                    else:
+                        e0, e1, e2, e3, q = _spacings(key, stream, first, base, base + r64, DT)
+                        v0, v1, v2, v3, row = _running(e0, e1, e2, e3)
+                    # Draws are indices base .. base + r - 1; positions from the chunk's start s.
                     d_lo, d_hi = _local_bounds(first, base, base + r64 - 1, DT)
-                    _mark(pos_ptr, v0 * scale, q, d_lo, d_hi, lo, hi, E)
-                    _mark(pos_ptr, v1 * scale, q + 1, d_lo, d_hi, lo, hi, E)
-                    _mark(pos_ptr, v2 * scale, q + 2, d_lo, d_hi, lo, hi, E)
-                    _mark(pos_ptr, (v2 + e3) * scale, q + 3, d_lo, d_hi, lo, hi, E)
+                    _mark(pos_ptr, (s + v0) * scale, q, d_lo, d_hi, lo, hi, E)
+                    _mark(pos_ptr, (s + v1) * scale, q + 1, d_lo, d_hi, lo, hi, E)
+                    _mark(pos_ptr, (s + v2) * scale, q + 2, d_lo, d_hi, lo, hi, E)
+                    _mark(pos_ptr, (s + v3) * scale, q + 3, d_lo, d_hi, lo, hi, E)
                     t += DT
                     if t < D:  # the next tile of the chunk starts at the sum so far
                         s += tl.sum(row, 0)
@@ -435,22 +478,30 @@ def _chunk_sizes(L: int, r: int) -> tuple[int, int]:
     return e, _DT * next_pow2(math.ceil((r + 4) / (_DT * _MAX_DRAW_CHUNKS)))
 
 
+def _stores_draws(L: int, r: int, d: int, dt: int) -> bool:
+    """Whether exact mode keeps the draws' running sums (the partials pass writes them, the
+    merge reads them back): where a draw chunk is one tile and r <= _STORE_MAX_RATIO * L."""
+    return d == dt and r <= _STORE_MAX_RATIO * L
+
+
 def _config(L: int, r: int, exact: bool) -> dict:
     """Every launch's constexprs and warps (the AOT list holds each one the launcher can pick)."""
-    e, _ = _chunk_sizes(L, r)
-    return {"partials": {"E": e, "DT": _DT}, "prefix": {"PB": _PREFIX_BLOCK},
-            "merge": {"E": e, "DT": _DT, "W": _SEARCH_WIDTH},
+    e, d = _chunk_sizes(L, r)
+    store = exact and _stores_draws(L, r, d, _DT)
+    return {"partials": {"E": e, "DT": _DT, "STORE": store}, "prefix": {"PB": _PREFIX_BLOCK},
+            "merge": {"E": e, "DT": _DT, "W": _SEARCH_WIDTH, "STORED": store},
             "bernoulli": {"BLOCK": _BERNOULLI_BLOCK, "PB": _PREFIX_BLOCK}}
 
 
 def sap_forward(src: torch.Tensor, x: torch.Tensor, seed: torch.Tensor, r: int, exact: bool,
                 *, _chunks: tuple[int, int, int] | None = None, _slots: int = _SLOTS,
-                _host_seed: bool | None = None) -> torch.Tensor:
+                _host_seed: bool | None = None, _store: bool | None = None) -> torch.Tensor:
     """src / q where the draws (from x, the seed's stream) keep an element, else 0; src is x in
     forward and grad in backward. Tests move the chunk boundaries with ``_chunks`` = (E, D, DT)
-    (powers of 2, DT >= 4 dividing D; exact-mode positions then round differently) and the
-    merge's persistent programs with ``_slots``, and the seed's path (on x's device or the host:
-    _random.seed_args) with ``_host_seed``."""
+    (powers of 2, DT >= 4 dividing D; exact-mode positions then round differently), the
+    merge's persistent programs with ``_slots``, the seed's path (on x's device or the host:
+    _random.seed_args) with ``_host_seed``, and whether exact mode stores the draws
+    (``_store``; only where a draw chunk is one tile)."""
     if x.dim() != 2 or src.shape != x.shape:
         raise ValueError(f"sap (triton): x must be a 2-D (N, L) view and src of its shape, got "
                          f"x {tuple(x.shape)}, src {tuple(src.shape)}")
@@ -468,15 +519,24 @@ def sap_forward(src: torch.Tensor, x: torch.Tensor, seed: torch.Tensor, r: int, 
     dt = _DT
     if _chunks is not None:
         e, d, dt = _chunks
-        cfg["partials"] = {"E": e, "DT": dt}
-        cfg["merge"] = {**cfg["merge"], "E": e, "DT": dt}
+        store = exact and _stores_draws(L, r, d, dt)
+        cfg["partials"] = {"E": e, "DT": dt, "STORE": store}
+        cfg["merge"] = {**cfg["merge"], "E": e, "DT": dt, "STORED": store}
+    if _store is not None:
+        if _store and (not exact or d != dt):
+            raise ValueError("sap (triton): stored draws need exact mode and one tile a chunk")
+        cfg["partials"]["STORE"] = cfg["merge"]["STORED"] = _store
     k = cdiv(L, e)
     nb = cdiv(r + 4, d) if exact else 0
     bx = torch.empty((N, k + 1), dtype=torch.float32, device=x.device)
     bd = torch.empty((N, nb + 1), dtype=torch.float32, device=x.device)
+    # The draws' running sums, a chunk's DT in a row (stored mode): at most _STORE_MAX_RATIO
+    # floats an element of x (eager's multinomial alone takes 8 bytes a draw).
+    draws = (torch.empty((N, nb * d), dtype=torch.float32, device=x.device)
+             if cfg["partials"]["STORE"] else bd)
     with on_device(x):
         _sap_partials_kernel[(N * (k + nb),)](
-            x, *seed, bx, bd, L, r, k, nb, d, *x.stride(),
+            x, *seed, bx, bd, draws, L, r, k, nb, d, *x.stride(),
             **cfg["partials"], num_warps=_WARPS["partials"])
         if exact:
             _sap_prefix_kernel[(N, 2)](bx, bd, k, nb, **cfg["prefix"], num_warps=_WARPS["prefix"])
@@ -484,7 +544,7 @@ def sap_forward(src: torch.Tensor, x: torch.Tensor, seed: torch.Tensor, r: int, 
             slots = min(items, _slots)
             scratch = torch.empty((slots, 2 * e), dtype=torch.float32, device=x.device)
             _sap_merge_kernel[(slots,)](
-                src, x, out, *seed, bx, bd, scratch, L, r, k, nb, d, items,
+                src, x, out, *seed, bx, bd, draws, scratch, L, r, k, nb, d, items,
                 *x.stride(), *src.stride(), *out.stride(), **cfg["merge"], num_warps=_WARPS["merge"],
                 maxnreg=_MERGE_MAX_REGS)
         else:
@@ -503,19 +563,23 @@ def _aot_variants() -> list[tuple]:
     from .aot import signature
 
     variants = []
-    ws = {"seed_ptr": "*i64", "bx_ptr": "*fp32", "bd_ptr": "*fp32", "scratch_ptr": "*fp32"}
+    ws = {"seed_ptr": "*i64", "bx_ptr": "*fp32", "bd_ptr": "*fp32", "draws_ptr": "*fp32",
+          "scratch_ptr": "*fp32"}
     prefix = {"PB": _PREFIX_BLOCK}
     variants.append((_sap_prefix_kernel, signature(_sap_prefix_kernel, "fp32", prefix), prefix,
                      {"num_warps": _WARPS["prefix"]}))
     for dtype in _TL_DTYPES.values():
         for e in (_E_SMALL, _E_LARGE):
             cfg = _config(e if e == _E_SMALL else _E_LARGE_FROM, 1, True)
-            for kernel, name in ((_sap_partials_kernel, "partials"), (_sap_merge_kernel, "merge")):
-                constexprs = cfg[name]
+            for kernel, name, flag in ((_sap_partials_kernel, "partials", "STORE"),
+                                       (_sap_merge_kernel, "merge", "STORED")):
                 opts = {"num_warps": _WARPS[name]}
                 if kernel is _sap_merge_kernel:
                     opts["maxnreg"] = _MERGE_MAX_REGS
-                variants.append((kernel, signature(kernel, dtype, constexprs, ws), constexprs, opts))
+                for store in (False, True):
+                    constexprs = {**cfg[name], flag: store}
+                    variants.append((kernel, signature(kernel, dtype, constexprs, ws), constexprs,
+                                     opts))
         for wide in (False, True):
             constexprs = {"BLOCK": _BERNOULLI_BLOCK, "PB": _PREFIX_BLOCK, "WIDE": wide}
             variants.append((_sap_bernoulli_kernel,
