@@ -958,11 +958,15 @@ CUDA_SAP_DRAW_GROUP = 1024  # kDrawGroup: draws of one Philox group a thread
 # hand), not profiled: the H200 run's 59.6 us busy for the merge at 128x256x8x8 (the
 # whole-chunk test then ran at every r, with two searches) is 1.2x what these counts give at
 # this model's issue rate (the former estimate, ~60 an element for the draws, gave 15.8 us).
-CUDA_SAP_MERGE_OPS = {"item": 1250, "chunk": 630, "whole": 115, "group": 300}
+# "stored_chunk": the chunk in stored mode (its 4 positions a thread read back as one 16-byte
+# load, placed as above; no Philox, no scans).
+CUDA_SAP_MERGE_OPS = {"item": 1250, "chunk": 630, "whole": 115, "group": 300,
+                      "stored_chunk": 370}
 CUDA_SAP_WHOLE_CHUNK_RATIO = 2  # kWholeChunkRatio
+CUDA_SAP_STORE_MAX_RATIO = 4  # kStoreMaxRatio
 # sap_partials_kernel<float>: a draw chunk's path a thread (a Philox group, 4 spacings, the two
-# block scans), W = 1.
-CUDA_SAP_PARTIALS_CHUNK_OPS = 300
+# block scans), W = 1; stored mode adds the positions and their 16-byte store.
+CUDA_SAP_PARTIALS_CHUNK_OPS = {"chunk": 300, "stored": 320}
 CUDA_SAP_WRITE_CHUNK = 2048  # kWriteChunk: bernoulli pass, 2 Philox groups a thread
 CUDA_SAP_MAX_DRAW_CHUNKS = 1 << 16  # kMaxDrawChunks
 CUDA_SAP_OWN_TOTAL = 64  # kBernoulliOwnTotal: bernoulli samples of at most this many chunks
@@ -1015,11 +1019,14 @@ def _sap_cuda(p: Plan, rows: int, length: int, draws: int, exact: bool, backward
     # per (sample, draw chunk): the W Philox groups of each thread, their spacings summed.
     ops = rows * k * c * (3 + 50 / 8)
     chain = lat("dram") + scans
+    # Stored mode: the partials pass writes each draw's in-chunk position, the merge reads it.
+    stored = exact and w == 1 and draws <= CUDA_SAP_STORE_MAX_RATIO * length
+    kept = rows * nb * d * acc if stored else 0
     if exact:
-        ops += rows * nb * 256 * (CUDA_SAP_PARTIALS_CHUNK_OPS
+        ops += rows * nb * 256 * (CUDA_SAP_PARTIALS_CHUNK_OPS["stored" if stored else "chunk"]
                                   + (w - 1) * CUDA_SAP_MERGE_OPS["group"])
         chain = max(chain, w * (lat("philox") + 4 * 7 / p.sm_rate() * 256) + scans)
-    p.kernel("sap_partials_kernel", "inner", hbm=n + ws, ops=ops, ctas=rows * (k + nb),
+    p.kernel("sap_partials_kernel", "inner", hbm=n + ws + kept, ops=ops, ctas=rows * (k + nb),
              per_sm=per_sm, chain_us=chain)
     # 2. Prefix: a block per sample, one thread per sequence adding 8 staged values per shared
     # round trip (dependent FADDs of ~4 cycles). Bernoulli samples of at most
@@ -1043,9 +1050,10 @@ def _sap_cuda(p: Plan, rows: int, length: int, draws: int, exact: bool, backward
         g = min(nb, in_range / (d * w) + 1)
         rounds = 1 if nb <= 256 else 2
         ops = CUDA_SAP_MERGE_OPS
-        chunk_ops = (ops["chunk"] + (w - 1) * ops["group"]
-                     + (ops["whole"] if draws >= CUDA_SAP_WHOLE_CHUNK_RATIO * length else 0))
+        chunk_ops = (ops["stored_chunk"] if stored else ops["chunk"] + (w - 1) * ops["group"]) + (
+            ops["whole"] if draws >= CUDA_SAP_WHOLE_CHUNK_RATIO * length else 0)
         per_cta = 256 * (ops["item"] + 16 * (rounds - 1) + g * chunk_ops)
+        reads = _merge(reads, p.reread(rows * k * g * d * acc, kept) if stored else {})
         chain = (lat("dram") + scans + lat("barrier") + rounds * (lat("l2") + 2 * lat("barrier"))
                  + lat("l2") + 2 * lat("barrier")
                  + g * (w * lat("philox") + scans + 12 * lat("smem")) + lat("barrier"))

@@ -105,23 +105,27 @@ def test_sap_bytes():
         case = Case((128, 64, 32, 32), variant)
         fwd = kernels("sap", case, roofline.CUDA, "forward")
         assert not any("seed" in name for name in fwd)  # drawn on the host: no launch
-        # sap.cu: partials read x once (+ the (N, K + NB) float workspace), the prefix rewrites
-        # the workspace, pass 3 reads x again (33.5 MB: more than half the L2, so from HBM) and
-        # writes out. K = 65536 / 2048 element chunks, NB = ceil(65540 / 1024) draw chunks.
+        # sap.cu: partials read x once (+ the (N, K + NB) float workspace; exact mode at r = L
+        # also writes each draw's position: NB * 1024 floats a sample), the prefix rewrites the
+        # workspace, pass 3 reads x again (33.5 MB: more than half the L2, so from HBM), exact
+        # mode the positions of the 3 draw chunks reaching each element chunk (from HBM too),
+        # and writes out. K = 65536 / 2048 element chunks, NB = ceil(65540 / 1024) draw chunks.
         k_chunks, nb = 32, (65 if exact else 0)
         ws = 128 * (k_chunks + nb) * 4
+        kept = 128 * nb * 1024 * 4
         assert roofline.cuda_sap_chunks(65536, 65536, exact)[:2] == (k_chunks, nb)
-        assert fwd["sap_partials_kernel"].hbm == n + ws
+        assert fwd["sap_partials_kernel"].hbm == n + ws + kept
         assert fwd["sap_partials_kernel"].ctas == 128 * (k_chunks + nb)
         if exact:
             assert fwd["sap_prefix_kernel"].hbm == 2 * ws
         else:  # 32 chunks: each bernoulli block adds the sample's partials itself
             assert "sap_prefix_kernel" not in fwd
         third = "sap_merge_kernel" if exact else "sap_bernoulli_kernel"
-        assert fwd[third].hbm == 2 * n
+        read_back = 128 * k_chunks * 3 * 1024 * 4 if exact else 0
+        assert fwd[third].hbm == 2 * n + read_back
         bwd = kernels("sap", case, roofline.CUDA, "backward")
-        assert bwd["sap_partials_kernel"].hbm == n + ws
-        assert bwd[third].hbm == 3 * n  # x again, grad, grad_x
+        assert bwd["sap_partials_kernel"].hbm == n + ws + kept
+        assert bwd[third].hbm == 3 * n + read_back  # x again, grad, grad_x
     # Batch 8: x (2 MiB) stays in L2 between the partials and pass 3; each of the KW blocks of
     # a sample reads its K partials from L2.
     k = kernels("sap", Case((8, 64, 32, 32), "bernoulli"), roofline.CUDA, "forward")
@@ -270,6 +274,7 @@ def test_written_out_cuda_constants_match_the_sources():
     assert roofline.CUDA_KWTA_MIN_CLUSTER_SLICE == constant("kwta.cu", "kMinClusterSlice")
     assert roofline.CUDA_KWTA_MAX_CLUSTER == constant("kwta.cu", "kMaxNonPortableCluster")
     assert roofline.CUDA_SAP_WHOLE_CHUNK_RATIO == constant("sap.cu", "kWholeChunkRatio")
+    assert roofline.CUDA_SAP_STORE_MAX_RATIO == constant("sap.cu", "kStoreMaxRatio")
 
 
 @pytest.mark.triton

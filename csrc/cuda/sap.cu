@@ -9,7 +9,8 @@
 //  1. partials, a block per (sample, chunk): an element chunk (kChunk = 2048 consecutive
 //     elements, two packs of 4 a thread) sums |x|; in exact mode a draw chunk (W Philox groups a
 //     thread, 1024 * W draws, aligned to global index multiples of 4 so every Philox output is
-//     computed once) sums its Exp(1) spacings;
+//     computed once) sums its Exp(1) spacings and, in stored mode (W == 1, r <= kStoreMaxRatio
+//     * L), writes each draw's in-chunk position for pass 3 to read back;
 //  2. prefix, a block per sample: the partials become inclusive prefix sums, B (elements) and D
 //     (draws), each summed sequentially in a fixed order by one thread, hence deterministic and
 //     monotone;
@@ -23,7 +24,8 @@
 // v = (D_{b-1} + s_d) * total / D_{NB-1}, s_d its in-chunk inclusive sum. Both kinds of chunk
 // go through one scan (chunk_scan: a thread's sequential sums, a block sum scan, then a max scan
 // that makes the values monotone across threads, NaN kept); the partial of a chunk is the scan's
-// last value, so pass 3 regenerates in-chunk sums bit for bit and the values of draw chunk b
+// last value, so pass 3 regenerates (or, stored, reads back) in-chunk sums bit for bit and the
+// values of draw chunk b
 // lie in [D_{b-1}, D_b] exactly: the draw chunks a block needs follow from D by two counts (no
 // margin for rounding), and a draw chunk wholly inside one element's interval flags it without
 // being generated (r far above L costs at most one generated chunk per element boundary). A
@@ -70,6 +72,10 @@ constexpr int64_t kWriteChunk = kDrawGroup * kWriteGroups;
 constexpr int64_t kMaxDrawChunks = int64_t{1} << 16;  // per sample (the workspace for huge r)
 // The merge tests draw chunks for lying wholly inside one element where r >= this * L.
 constexpr int64_t kWholeChunkRatio = 2;
+// Exact mode stores each draw's in-chunk position (acc_t, at most this many a sample's element:
+// eager's multinomial alone takes 8 bytes a draw) where r <= this * L and W == 1; the merge
+// then makes no draw again (each Philox output computed once).
+constexpr int64_t kStoreMaxRatio = 4;
 // Bernoulli samples of at most this many element chunks (L <= 131072) skip the prefix launch:
 // thread 0 of each bernoulli block adds the sample's partials itself, in the prefix kernel's
 // order (the same total bit for bit), a few hundred cycles where a launch costs microseconds.
@@ -103,6 +109,10 @@ struct SapParams {
   scalar_t* __restrict__ out;
   SeedArg seed;
   acc_t* __restrict__ ws;  // (N, K + NB): the partials, then their inclusive prefix sums
+  // Stored mode (exact, W == 1, r <= kStoreMaxRatio * L): (N, NB * kDrawGroup), each draw's
+  // in-chunk position (the monotone inclusive sum the merge would compute), written by the
+  // partials pass, read back by the merge instead of making the draws again.
+  acc_t* __restrict__ draws;
   int64_t N, L, r;
   int64_t xs0, xs1, ss0, ss1, os0, os1;
   int64_t K;   // element chunks per sample
@@ -113,6 +123,7 @@ struct SapParams {
   bool vec_out;  // x, src, out in packs for pass 3 (exact: rows; bernoulli: global index)
   bool same;     // src is x (forward)
   bool own_total;  // bernoulli: ws holds the partials, each block sums its sample's (no prefix)
+  bool stored;     // exact: the draws' positions are in `draws`
 };
 
 template <typename scalar_t>
@@ -279,6 +290,20 @@ __device__ inline acc_t draw_local(const Seed& seed, uint64_t c0, int64_t W, uin
   return local;
 }
 
+// A thread's in-chunk positions of its first Philox group's four draws: its running sum l of
+// the spacings e0, raised by the chunk scan's prefix and floor (monotone across the chunk);
+// what the merge places, whether it made them itself or reads them back.
+template <typename acc_t>
+__device__ inline void group_positions(const acc_t (&e0)[kItems], acc_t prefix, acc_t floor,
+                                       acc_t (&pos)[kItems]) {
+  acc_t l = 0;
+#pragma unroll
+  for (int i = 0; i < kItems; ++i) {
+    l += e0[i];
+    pos[i] = NanMax()(prefix + l, floor);
+  }
+}
+
 // The layout of a sample's draws: value i of the call is n (r + 1) + d; chunk b covers the
 // global values [g0 + b D, g0 + (b + 1) D), g0 = base rounded down to a multiple of 4.
 struct Draws {
@@ -398,6 +423,7 @@ __global__ void __launch_bounds__(kThreads, stream_min_blocks<scalar_t>())
     const int64_t n = static_cast<int64_t>(item / static_cast<uint64_t>(per));
     const int64_t c = static_cast<int64_t>(item - static_cast<uint64_t>(n) * per);
     acc_t local;
+    acc_t e0[kItems];
     if (c < p.K) {
       acc_t a[kElems], unused[kElems];
       load_elems(p.x + n * p.xs0, p.xs1, c * kChunk + threadIdx.x * kElems, p.L, p.vec_x, a);
@@ -406,12 +432,20 @@ __global__ void __launch_bounds__(kThreads, stream_min_blocks<scalar_t>())
       local = element_local(a, unused);
     } else {
       const Draws draws(n, p.r, p.W);
-      acc_t e0[kItems];
       local = draw_local(seed, draws.counter(c - p.K), p.W, draws.base, draws.r, e0);
     }
     acc_t prefix, floor, chunk;
     chunk_scan(local, tmp, prefix, floor, chunk);
     if (threadIdx.x == 0) p.ws[n * per + c] = chunk;
+    if (p.stored && c >= p.K) {  // (W == 1: the thread's one group)
+      acc_t pos[kItems];
+      group_positions(e0, prefix, floor, pos);
+      Pack<acc_t> pk;
+#pragma unroll
+      for (int i = 0; i < kItems; ++i) pk.v[i] = pos[i];
+      *reinterpret_cast<Pack<acc_t>*>(
+          p.draws + ((n * p.NB + (c - p.K)) * kDrawGroup + threadIdx.x * kItems)) = pk;
+    }
   }
 }
 
@@ -584,37 +618,47 @@ __global__ void __launch_bounds__(kThreads, merge_min_blocks<scalar_t>())
             }
           }
           const uint64_t c0 = draws.counter(b);
+          // A thread's draws ascend: each search starts at the previous draw's element, which
+          // the next draw usually hits again or passes by one.
+          int at = -1;
+          const auto place = [&](uint64_t gi, acc_t in_chunk) {
+            if (gi >= draws.base && gi - draws.base < draws.r) {
+              const acc_t v = (ds + in_chunk) * scale;
+              if (v >= lo && v < hi) {
+                if (at < 0 || !(cs[at] > v)) {
+                  at = at >= 0 && at + 1 < count && cs[at + 1] > v
+                           ? at + 1
+                           : find_element(cs, count, v, at < 0 ? 0 : at);
+                }
+                hit[at] = 1;
+              }
+            }
+          };
+          if (p.stored) {  // the partials pass's positions (W == 1): no draw made again
+            const Pack<acc_t> pk = *reinterpret_cast<const Pack<acc_t>*>(
+                p.draws + ((n * p.NB + b) * kDrawGroup + tid * kItems));
+#pragma unroll
+            for (int i = 0; i < kItems; ++i) place(4 * c0 + i, pk.v[i]);
+            continue;
+          }
           acc_t e0[kItems];
           const acc_t dl = draw_local(seed, c0, p.W, draws.base, draws.r, e0);
           acc_t dprefix, dfloor, dchunk;
           chunk_scan(dl, tmp, dprefix, dfloor, dchunk);
-          // A thread's draws ascend: each search starts at the previous draw's element, which
-          // the next draw usually hits again or passes by one.
-          acc_t l = 0;
-          int at = -1;
-          for (int64_t w = 0; w < p.W; ++w) {
-            acc_t e[kItems];
-            if (w == 0) {
+          acc_t pos[kItems];
+          group_positions(e0, dprefix, dfloor, pos);
 #pragma unroll
-              for (int i = 0; i < kItems; ++i) e[i] = e0[i];
-            } else {
-              spacings(seed, c0 + w, draws.base, draws.r, e);
-            }
+          for (int i = 0; i < kItems; ++i) place(4 * c0 + i, pos[i]);
+          acc_t l = 0;  // the running sum on into the thread's further groups (W > 1)
+#pragma unroll
+          for (int i = 0; i < kItems; ++i) l += e0[i];
+          for (int64_t w = 1; w < p.W; ++w) {
+            acc_t e[kItems];
+            spacings(seed, c0 + w, draws.base, draws.r, e);
 #pragma unroll
             for (int i = 0; i < kItems; ++i) {
               l += e[i];
-              const uint64_t gi = 4 * (c0 + w) + i;
-              if (gi >= draws.base && gi - draws.base < draws.r) {
-                const acc_t v = (ds + NanMax()(dprefix + l, dfloor)) * scale;
-                if (v >= lo && v < hi) {
-                  if (at < 0 || !(cs[at] > v)) {
-                    at = at >= 0 && at + 1 < count && cs[at + 1] > v
-                             ? at + 1
-                             : find_element(cs, count, v, at < 0 ? 0 : at);
-                  }
-                  hit[at] = 1;
-                }
-              }
+              place(4 * (c0 + w) + i, NanMax()(dprefix + l, dfloor));
             }
           }
         }
@@ -806,12 +850,17 @@ at::Tensor sap_cuda_common(const at::Tensor& src, const at::Tensor& x, const at:
                            has_sm90_image(cluster_kernel, x.get_device());
     at::Tensor ws = at::empty({clustered ? 0 : N * (K + NB)},
                               x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+    const bool stored = exact && W == 1 && r <= kStoreMaxRatio * L;
+    at::Tensor kept_draws = at::empty({stored ? N * NB * kDrawGroup : 0},
+                                      x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
     SapParams<scalar_t> p{};
     p.x = x.const_data_ptr<scalar_t>();
     p.src = src.const_data_ptr<scalar_t>();
     p.out = out.mutable_data_ptr<scalar_t>();
     p.seed = seed_arg(seed, x);
     p.ws = ws.mutable_data_ptr<acc_t>();
+    p.draws = stored ? kept_draws.mutable_data_ptr<acc_t>() : nullptr;
+    p.stored = stored;
     p.N = N, p.L = L, p.r = r;
     p.xs0 = x.stride(0), p.xs1 = x.stride(1);
     p.ss0 = src.stride(0), p.ss1 = src.stride(1);
