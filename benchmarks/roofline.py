@@ -964,10 +964,18 @@ CUDA_SAP_MERGE_OPS = {"item": 1250, "chunk": 630, "whole": 115, "group": 300,
                       "stored_chunk": 370}
 CUDA_SAP_WHOLE_CHUNK_RATIO = 2  # kWholeChunkRatio
 CUDA_SAP_STORE_MAX_RATIO = 4  # kStoreMaxRatio
+# sap_bernoulli_kernel<float>: instructions an element on the path of the benchmarks' data (16-
+# byte packs, src = x, p < 2^-7, the sample's total added by thread 0), read off the sm_90
+# SASS: an item's indices, loads and total ~240 a thread, each Philox group with its 4 q's,
+# src / q and compares ~265, the stores: ~1340 a thread of 16 elements (4 groups; with 2, as
+# the H200 run had it, ~730 a thread of 8: 92 an element; the formula this replaces charged
+# 67). That run measured 53 us busy for this kernel and the partials together at 128x64x32x32
+# (~43 for this one: ~105 an element at this model's issue rate): latency the count leaves out.
+CUDA_SAP_BERNOULLI_OPS = 84
 # sap_partials_kernel<float>: a draw chunk's path a thread (a Philox group, 4 spacings, the two
 # block scans), W = 1; stored mode adds the positions and their 16-byte store.
 CUDA_SAP_PARTIALS_CHUNK_OPS = {"chunk": 300, "stored": 320}
-CUDA_SAP_WRITE_CHUNK = 2048  # kWriteChunk: bernoulli pass, 2 Philox groups a thread
+CUDA_SAP_WRITE_CHUNK = 4096  # kWriteChunk: bernoulli pass, 4 Philox groups a thread
 CUDA_SAP_MAX_DRAW_CHUNKS = 1 << 16  # kMaxDrawChunks
 CUDA_SAP_OWN_TOTAL = 64  # kBernoulliOwnTotal: bernoulli samples of at most this many chunks
 CUDA_SAP_MAX_CLUSTER = 8  # kBernoulliMaxCluster: one-launch bernoulli samples (sm_90, L % 4 == 0)
@@ -1062,11 +1070,11 @@ def _sap_cuda(p: Plan, rows: int, length: int, draws: int, exact: bool, backward
                  ops=rows * k * per_cta, ctas=rows * k, per_sm=2 if e == 8 else 3,
                  chain_us=chain)
     else:
-        # Elementwise, a block per (sample, chunk of 2048 global values): one Philox per 4
+        # Elementwise, a block per (sample, chunk of 4096 global values): one Philox per 4
         # elements, q, the uniform compare, src / q; 16-byte packs. Without the prefix launch,
         # thread 0 first adds the sample's K partials (L2 reads, dependent FADDs of ~4 cycles)
         # while the other warps load and run their Philox; two barriers.
-        ops = rows * length * (80 / 4 + 30 + 5 + 4 + 8)
+        ops = rows * length * CUDA_SAP_BERNOULLI_OPS
         chain = lat("dram") + 2 * lat("philox")
         l2 = {}
         if own_total:
@@ -1074,7 +1082,7 @@ def _sap_cuda(p: Plan, rows: int, length: int, draws: int, exact: bool, backward
             chain = max(chain, lat("l2") + k * 0.0023 + 2 * lat("barrier"))
             l2 = {"l2": rows * kw * k * acc}
         p.kernel("sap_bernoulli_kernel", "inner", **_merge(reads, {"hbm": n}, l2), ops=ops,
-                 ctas=rows * kw, per_sm=per_sm, chain_us=chain)
+                 ctas=rows * kw, per_sm=2 if e == 8 else 3, chain_us=chain)
 
 
 def _sap_kernel(p: Plan, provider: str, backward: bool) -> None:
