@@ -131,6 +131,12 @@ def occupancy(regs: int, threads: int, smem: int, arch: Arch = SM90) -> Occupanc
 # Variants whose theoretical occupancy below MIN_OCCUPANCY is fine, and why. Keys are regular
 # expressions matched (re.search) against "<kind> <kernel> <dtype> <config>" of a row.
 JUSTIFIED: dict[str, str] = {
+    r"^triton sap\._sap_merge_kernel \w+ E=1024 DT=256 W=128 STORED=False ": (
+        "the exact merge that makes the draws again, launched only where r > 4 L (r = L, the "
+        "default and the benchmarks', reads them back: STORED=True, 128 registers, 25%); its "
+        "draw tile holds a Philox state, four spacings, four running sums and four search "
+        "pointers a thread and spills at 128 registers in the strided launch, so 136: 3 warps "
+        "a scheduler, each with four independent 10-step searches in flight"),
     r"^cuda kwta_warp_kernel<double, ": (
         "float64 only, which pyprune's cuda backend does not take (float64 runs the reference): "
         "only a direct torch.ops.pyprune.kwta call on a float64 CUDA tensor launches it. A warp "

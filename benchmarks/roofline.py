@@ -538,7 +538,7 @@ def triton_sap_config(length: int, draws: int) -> dict:
     each launch's warps."""
     return {"E": 1024 if length >= 16384 else 256,
             "D": 256 * _pow2(max(1, math.ceil((draws + 4) / (256 * 4096)))), "DT": 256,
-            "BLOCK": 4096, "SLOTS": 924, "STORE_MAX_RATIO": 4,
+            "BLOCK": 4096, "SLOTS": 1056, "STORE_MAX_RATIO": 4,
             "warps": {"partials": 2, "prefix": 4, "merge": 2, "bernoulli": 8}}
 
 
@@ -1100,13 +1100,14 @@ def _sap_kernel(p: Plan, provider: str, backward: bool) -> None:
 # benchmarks' samples), a step of the draw-chunk search (128 probes), a draw tile of DT = 256
 # (a Philox a thread, four logs, the tile cumsum, four branchless searches of log2(E) steps,
 # the hit stores; "stored_": the tile reading the partials pass's running sums back instead of
-# making the draws), and the AOT variant's registers (capped at 136). make gpu-report checks
+# making the draws), and the AOT variant's registers (capped at 128, 136 making the draws), so
+# 8 (6) programs an SM (the per-partition register file). make gpu-report checks
 # the tiles and the registers against the SASS.
 TRITON_SAP_MERGE_OPS = {
     256: {"item": 450, "search_step": 90, "tile": 466, "regs": 115, "stored_tile": 236,
           "stored_regs": 94},
     1024: {"item": 1500, "search_step": 91, "tile": 518, "regs": 136, "stored_tile": 279,
-           "stored_regs": 136},
+           "stored_regs": 128},
 }
 # _sap_partials_kernel (2 warps, 55 registers: 18 programs an SM), instructions a thread of a
 # draw chunk (sm_90 SASS, float32): "tile", a trip of the draw loop (a Philox a thread, four
@@ -1128,8 +1129,8 @@ def _sap_triton(p: Plan, rows: int, length: int, draws: int, exact: bool, backwa
     chunk (one Philox per 4 draws, a log, a sum: TRITON_SAP_PARTIALS_OPS). Exact: a
     prefix program per
     sample and kind (a cumsum and a running max per 1024 partials), then the merge over
-    (sample, element chunk) items in at most SLOTS persistent programs (2 warps capped at 136
-    registers: 7 an SM at E = 1024). Per item: the chunk's x and src (x again from L2
+    (sample, element chunk) items in at most SLOTS persistent programs (2 warps capped at 128
+    registers, 136 where the merge makes the draws: 8 (6) an SM at E = 1024). Per item: the chunk's x and src (x again from L2
     where all of x fits since the partials pass), its bounds written to the program's scratch
     slot, two searches of the draw-chunk prefix (128 probes a step), then per draw tile
     reaching the chunk (its range's draws and the rest of the chunks they start and end in) a
@@ -1198,7 +1199,8 @@ def _sap_triton(p: Plan, rows: int, length: int, draws: int, exact: bool, backwa
                  ops=items * threads * (counted["item"] + probes * counted["search_step"]
                                         + tiles * counted[kind + "tile"]),
                  ctas=slots,
-                 per_sm=65536 // (_round_up(counted[kind + "regs"], 8) * threads),
+                 per_sm=4 * (16384 // (_round_up(counted[kind + "regs"] * 32, 256)))
+                 // (threads // 32),
                  chain_us=math.ceil(items / slots) * item_chain)
     else:
         blocks = rows * math.ceil((length + 3) / cfg["BLOCK"])

@@ -93,21 +93,22 @@ _PREFIX_BLOCK = 1024
 # Philox evaluation, four logs and a tile cumsum less a tile of 256).
 _STORE_MAX_RATIO = 4
 _SEARCH_WIDTH = 128  # probes per step of the search over a sample's draw chunks
-# Merge programs at most: what sm_90 holds at once (132 SMs x 7 programs of 2 warps at 136
+# Merge programs at most: what sm_90 holds at once (132 SMs x 8 programs of 2 warps at 128
 # registers); more would only queue behind the resident ones, each with its own slot.
-_SLOTS = 924
-# Warps per launch, and the merge's register cap. The merge runs in 2 warps: a draw tile's 64
-# Philox evaluations are one a thread (4 warps computed each twice) and the four draws of an
-# evaluation stay in its thread, four independent searches in flight; a 1024-element chunk is
-# 16 elements a thread. It holds 64-bit pointers and counters across its loops: capped at 136
-# registers it fits without spills (at 128 the strided variant spills), 7 programs an SM,
-# whose serial chains (a Philox, a cumsum and four 10-step searches per tile) overlap. sm_90
-# SASS of the float32 launch as the JIT specializes the benchmarks' (unit strides, aligned
-# rows), E = 1024, a thread's instructions: ~1500 an item for its elements (bounds, scratch,
-# q, the write), 91 a step of the draw-chunk search, 514 a draw tile of 256 (4 warps took
-# ~900, 86 and 410 in twice the threads: ~1.5x the lane instructions an item).
+_SLOTS = 1056
+# Warps per launch, and the merge's register caps (by STORED). The merge runs in 2 warps: a
+# draw tile's 64 Philox evaluations are one a thread (4 warps computed each twice) and the four
+# draws of an evaluation stay in its thread, four independent searches in flight; a
+# 1024-element chunk is 16 elements a thread. It holds 64-bit pointers and counters across its
+# loops. Reading the draws back (STORED, every r <= 4 L) it fits 128 registers: 8 programs an
+# SM (25%), whose serial chains (a tile's four 10-step searches) overlap. Making them (r > 4 L)
+# it spills at 128 in the strided launch and takes 136: 6 programs an SM (18.8%). sm_90 SASS of
+# the float32 launch as the JIT specializes the benchmarks' (unit strides, aligned rows),
+# E = 1024, a thread's instructions: ~1500 an item for its elements (bounds, scratch, q, the
+# write), 91 a step of the draw-chunk search, a draw tile of 256 279 read back, 518 made (4
+# warps took ~900, 86 and 410 in twice the threads, making every draw again).
 _WARPS = {"partials": 2, "prefix": 4, "merge": 2, "bernoulli": 8}
-_MERGE_MAX_REGS = 136
+_MERGE_MAX_REGS = {True: 128, False: 136}
 _MARGIN = tl.constexpr(2.0**-12)  # of the total: the merge's allowance for rounding (see there)
 _TINY_TOTAL = tl.constexpr(2.0**-64)
 _TINY_SCALE = tl.constexpr(2.0**64)
@@ -546,7 +547,7 @@ def sap_forward(src: torch.Tensor, x: torch.Tensor, seed: torch.Tensor, r: int, 
             _sap_merge_kernel[(slots,)](
                 src, x, out, *seed, bx, bd, draws, scratch, L, r, k, nb, d, items,
                 *x.stride(), *src.stride(), *out.stride(), **cfg["merge"], num_warps=_WARPS["merge"],
-                maxnreg=_MERGE_MAX_REGS)
+                maxnreg=_MERGE_MAX_REGS[cfg["merge"]["STORED"]])
         else:
             kb = cdiv(L + 3, _BERNOULLI_BLOCK)
             # int32 offsets where j * stride stays below 2^31 for every j < L + BLOCK
@@ -573,10 +574,10 @@ def _aot_variants() -> list[tuple]:
             cfg = _config(e if e == _E_SMALL else _E_LARGE_FROM, 1, True)
             for kernel, name, flag in ((_sap_partials_kernel, "partials", "STORE"),
                                        (_sap_merge_kernel, "merge", "STORED")):
-                opts = {"num_warps": _WARPS[name]}
-                if kernel is _sap_merge_kernel:
-                    opts["maxnreg"] = _MERGE_MAX_REGS
                 for store in (False, True):
+                    opts = {"num_warps": _WARPS[name]}
+                    if kernel is _sap_merge_kernel:
+                        opts["maxnreg"] = _MERGE_MAX_REGS[store]
                     constexprs = {**cfg[name], flag: store}
                     variants.append((kernel, signature(kernel, dtype, constexprs, ws), constexprs,
                                      opts))
