@@ -96,9 +96,10 @@ sap (csrc/cuda/sap.cu, triton_kernels/sap.py); r = L draws, x after a ReLU
                exact: the spacing sums of 1024-draw chunks, one Philox per 4 draws), the
                per-sample prefix sums (one thread per sequence, fixed order; bernoulli with
                at most 64 chunks a sample: none, each block's thread 0 adds them), then exact: a
-               merge block per element chunk (the draw chunks reaching its range regenerated,
-               a draw chunk inside one element flagged without being generated, a search in
-               shared memory per draw); bernoulli: one elementwise pass (one Philox per 4
+               merge block per element chunk (the positions of the draw chunks reaching its
+               range read back where r <= 4 L, else made again; where r >= 2 L a draw chunk
+               inside one element flagged without either; a search in shared memory per draw);
+               bernoulli: one elementwise pass (one Philox per 4
                elements, q by series). Bytes: 3n forward (x twice: from L2 where x fits),
                4n backward; issue-bound (Philox and q per element) at large batch.
                Bernoulli samples of at most 8 chunks (L % 4 == 0): one launch, a cluster of
@@ -106,13 +107,15 @@ sap (csrc/cuda/sap.cu, triton_kernels/sap.py); r = L draws, x after a ReLU
                forward, 3n backward.
   triton       the host seed, then a sample over many programs: partials (sum |x| per chunk
                of E = 256 or 1024 elements, in exact mode the spacings per draw chunk: one Philox per 4
-               draws), exact: per-sample prefix sums, then a merge over (sample, element chunk)
-               in 660 persistent programs (regenerated draws of the reaching draw chunks, a
+               draws; where r <= 4 L also their running sums), exact: per-sample prefix sums,
+               then a merge over (sample, element chunk) in 1056 persistent programs (the
+               reaching draw chunks' running sums read back, or made again where r > 4 L; a
                binary search per draw over the chunk's bounds in an L1-resident scratch slot);
                bernoulli: one elementwise pass (one Philox per 4 elements, q by series,
                ~95 ops an element). Bytes:
-               3n forward (x twice, from L2 where all of x fits), 4n backward; exact is
-               issue-bound (~200 ops an element) or latency-bound at small batch.
+               3n forward (x twice, from L2 where all of x fits), 4n backward, exact with the
+               draws' sums written and read back; exact is issue-bound (~200 ops an element in
+               the merge, ~80 a draw in the partials) or latency-bound at small batch.
   eager        abs, sum, div, torch.multinomial (copy, copy, renorm, cumsum, the draws: 8-byte
                indices and ~4 L2 sectors of binary search per draw), zeros + scatter_,
                q = -expm1(r * log1p(-p)) (5 kernels), x / q, where: ~34n in ~20 launches;
