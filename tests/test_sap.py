@@ -287,6 +287,30 @@ def test_triton_exact_stored_draws_match_regenerated(n, length, r):
         kernels.sap_forward(x, x, seed, r, False, _store=True)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("n,length,r", [(4, 65536, 65536), (3, 20000, 80000), (8, 300, 1)])
+def test_triton_gpu_exact_stored_draws_match_regenerated(n, length, r):
+    """The compiled Triton kernels: the stored draws read back keep what making them again
+    keeps (one helper places a draw either way; in the same warps the same sums; a draw within
+    rounding of an element's end may fall the other way if the compiler orders a sum otherwise:
+    at most one element a sample), forward and backward, and they match the CPU's draws within
+    that rounding."""
+    from pyprune.triton_kernels import sap as kernels
+
+    x = _spread_rows(n, length, 9).cuda()
+    grad = torch.rand_like(x) + 0.5
+    seed = torch.tensor([31, -7], device="cuda")
+    for src in (x, grad):
+        stored = kernels.sap_forward(src, x, seed, r, True, _store=True)
+        regenerated = kernels.sap_forward(src, x, seed, r, True, _store=False)
+        assert ((stored != 0) != (regenerated != 0)).sum(1).max() <= 1
+        both = (stored != 0) & (regenerated != 0)
+        assert torch.equal(stored[both], regenerated[both])
+    cpu = torch.ops.pyprune.sap(x.cpu(), seed.cpu(), r, True) != 0
+    assert ((stored.cpu() != 0) != cpu).sum() <= 2 * n
+
+
 @pytest.mark.triton
 def test_triton_exact_edge_chunks():
     """All draws on one element (one non-zero element a sample: kept with q = 1, out = x), in
