@@ -1060,10 +1060,11 @@ def _sap_cuda(p: Plan, rows: int, length: int, draws: int, exact: bool, backward
         in_range = c * draws / length  # draws landing in one element chunk
         g = min(nb, in_range / (d * w) + 1)
         rounds = 1 if nb <= 256 else 2
-        ops = CUDA_SAP_MERGE_OPS
-        chunk_ops = (ops["stored_chunk"] if stored else ops["chunk"] + (w - 1) * ops["group"]) + (
-            ops["whole"] if draws >= CUDA_SAP_WHOLE_CHUNK_RATIO * length else 0)
-        per_cta = 256 * (ops["item"] + 16 * (rounds - 1) + g * chunk_ops)
+        counts = CUDA_SAP_MERGE_OPS
+        chunk_ops = (counts["stored_chunk"] if stored
+                     else counts["chunk"] + (w - 1) * counts["group"]) + (
+            counts["whole"] if draws >= CUDA_SAP_WHOLE_CHUNK_RATIO * length else 0)
+        per_cta = 256 * (counts["item"] + 16 * (rounds - 1) + g * chunk_ops)
         reads = _merge(reads, p.reread(rows * k * g * d * acc, kept) if stored else {})
         chain = (lat("dram") + scans + lat("barrier") + rounds * (lat("l2") + 2 * lat("barrier"))
                  + lat("l2") + 2 * lat("barrier")
@@ -1107,7 +1108,7 @@ def _sap_kernel(p: Plan, provider: str, backward: bool) -> None:
 # 8 (6) programs an SM (the per-partition register file). make gpu-report checks
 # the tiles and the registers against the SASS.
 TRITON_SAP_MERGE_OPS = {
-    256: {"item": 450, "search_step": 90, "tile": 466, "regs": 115, "stored_tile": 236,
+    256: {"item": 450, "search_step": 90, "tile": 466, "regs": 115, "stored_tile": 215,
           "stored_regs": 94},
     1024: {"item": 1500, "search_step": 91, "tile": 518, "regs": 136, "stored_tile": 279,
            "stored_regs": 128},
@@ -1129,20 +1130,19 @@ TRITON_SAP_BERNOULLI_OPS = {"forward": 93, "backward": 99}
 def _sap_triton(p: Plan, rows: int, length: int, draws: int, exact: bool, backward: bool) -> None:
     """triton_kernels/sap.py: three launches (exact) or two (bernoulli). Partials over (sample,
     chunk): sum |x| of E elements (~4 ops each), or in exact mode the Exp(1) spacings of a draw
-    chunk (one Philox per 4 draws, a log, a sum: TRITON_SAP_PARTIALS_OPS). Exact: a
-    prefix program per
-    sample and kind (a cumsum and a running max per 1024 partials), then the merge over
-    (sample, element chunk) items in at most SLOTS persistent programs (2 warps capped at 128
-    registers, 136 where the merge makes the draws: 8 (6) an SM at E = 1024). Per item: the chunk's x and src (x again from L2
-    where all of x fits since the partials pass), its bounds written to the program's scratch
-    slot, two searches of the draw-chunk prefix (128 probes a step), then per draw tile
-    reaching the chunk (its range's draws and the rest of the chunks they start and end in) a
-    Philox per 4 draws, logs, a cumsum and a binary search of log2(E) dependent L1 loads per
-    draw; the bounds, q and the write per element: TRITON_SAP_MERGE_OPS, counted in the SASS
-    (~275 lane instructions an element at E = 1024 and r = L, of which ~160 the draws; the
-    model charged ~210 before counting, while the 4-warp kernel then had ~410: the H200 run's
-    41.7 us busy for its merge at 128x256x8x8 is what ~400 take at this model's issue rate).
-    Bernoulli: one
+    chunk (one Philox per 4 draws, a log, a sum: TRITON_SAP_PARTIALS_OPS). Exact: a prefix
+    program per sample and kind (a cumsum and a running max per 1024 partials), then the merge
+    over (sample, element chunk) items in at most SLOTS persistent programs (2 warps capped at
+    128 registers, 136 where the merge makes the draws: 8 (6) an SM at E = 1024). Per item:
+    the chunk's x and src (x again from L2 where all of x fits since the partials pass), its
+    bounds written to the program's scratch slot, two searches of the draw-chunk prefix (128
+    probes a step), then per draw tile reaching the chunk (its range's draws and the rest of
+    the chunks they start and end in) the running sums read back (r <= 4 L) or a Philox per 4
+    draws, logs and a cumsum, and a binary search of log2(E) dependent L1 loads per draw; the
+    bounds, q and the write per element: TRITON_SAP_MERGE_OPS, counted in the SASS (~200 lane
+    instructions an element at E = 1024 and r = L, ~275 making the draws; the model charged
+    ~210 before counting, while the 4-warp kernel then had ~410: the H200 run's 41.7 us busy
+    for its merge at 128x256x8x8 is what ~400 take at this model's issue rate). Bernoulli: one
     elementwise pass, 4096 elements a program in 8 warps (each first sums the sample's K
     partials from L2), one Philox per 4, offsets inside a row int32, src loaded only where it
     is not x: TRITON_SAP_BERNOULLI_OPS lane instructions an element in the sm_90 SASS of the
@@ -1164,10 +1164,11 @@ def _sap_triton(p: Plan, rows: int, length: int, draws: int, exact: bool, backwa
     stored = exact and per_chunk == tile and draws <= cfg["STORE_MAX_RATIO"] * length
     kept = rows * nb * per_chunk * 4 if stored else 0
     p.host("triton")
+    partials = TRITON_SAP_PARTIALS_OPS
+    draw_chunk = (partials["stored"] if stored
+                  else partials["setup"] + per_chunk / tile * partials["tile"])
     p.kernel("_sap_partials_kernel", "inner", hbm=n + rows * (k + nb) * 4 + kept,
-             ops=rows * length * 4 + rows * nb * 32 * cfg["warps"]["partials"] * (
-                 TRITON_SAP_PARTIALS_OPS["stored"] if stored else
-                 TRITON_SAP_PARTIALS_OPS["setup"] + per_chunk / tile * TRITON_SAP_PARTIALS_OPS["tile"]),
+             ops=rows * length * 4 + rows * nb * 32 * cfg["warps"]["partials"] * draw_chunk,
              ctas=rows * (k + nb), per_sm=TRITON_SAP_PARTIALS_PER_SM,
              chain_us=max(lat("dram") + lat("tile_reduce"), draw_chain))
     if exact:

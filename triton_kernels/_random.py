@@ -65,14 +65,24 @@ def load_seed(seed_ptr, seed_k0, seed_k1, seed_s0, seed_s1):
 
 
 @triton.jit
-def _words(key, stream, idx):
-    """The four Philox words of the evaluation holding value ``idx`` (int64 block), and idx & 3."""
-    block = idx >> 2
-    c0 = (block & 0xFFFFFFFF).to(tl.uint32)
-    c1 = ((block >> 32) & 0xFFFFFFFF).to(tl.uint32)
+def philox4(key, stream, evaluation):
+    """The four words of Philox4x32-10(key, counter = (evaluation, stream)) for a block of
+    evaluation indices (int64, or int32 where every one is below 2^31)."""
+    if evaluation.dtype == tl.int64:
+        c0 = (evaluation & 0xFFFFFFFF).to(tl.uint32)
+        c1 = ((evaluation >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    else:
+        c0 = evaluation.to(tl.uint32, bitcast=True)
+        c1 = c0 * 0
     s0 = c0 * 0 + (stream & 0xFFFFFFFF).to(tl.uint32)
     s1 = c0 * 0 + ((stream >> 32) & 0xFFFFFFFF).to(tl.uint32)
-    w0, w1, w2, w3 = tl.philox(key, c0, c1, s0, s1)
+    return tl.philox(key, c0, c1, s0, s1)
+
+
+@triton.jit
+def _words(key, stream, idx):
+    """The four Philox words of the evaluation holding value ``idx`` (int64 block), and idx & 3."""
+    w0, w1, w2, w3 = philox4(key, stream, idx >> 2)
     return w0, w1, w2, w3, (idx & 3).to(tl.int32)
 
 
@@ -162,15 +172,7 @@ def normal4(key, stream, evaluation, scale):
     """The four N(0, 1) values 4 e .. 4 e + 3 of evaluation e (an int32 or int64 tensor; int32
     when every evaluation is below 2^31), times ``scale``: one Philox evaluation, one radius and
     one (cos, sin) per Box-Muller pair, the scale applied to the radius."""
-    if evaluation.dtype == tl.int64:
-        c0 = (evaluation & 0xFFFFFFFF).to(tl.uint32)
-        c1 = ((evaluation >> 32) & 0xFFFFFFFF).to(tl.uint32)
-    else:
-        c0 = evaluation.to(tl.uint32, bitcast=True)
-        c1 = c0 * 0
-    s0 = c0 * 0 + (stream & 0xFFFFFFFF).to(tl.uint32)
-    s1 = c0 * 0 + ((stream >> 32) & 0xFFFFFFFF).to(tl.uint32)
-    w0, w1, w2, w3 = tl.philox(key, c0, c1, s0, s1)
+    w0, w1, w2, w3 = philox4(key, stream, evaluation)
     r01 = scale * _radius(w0)
     r23 = scale * _radius(w2)
     cos01, sin01 = _cos_sin_2pi(w1)

@@ -62,7 +62,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._random import SEED_WORDS, _to_uniform, load_seed, seed_args
+from ._random import SEED_WORDS, _to_uniform, load_seed, philox4, seed_args
 from .cas import cdiv, next_pow2, on_device
 
 # Elements per chunk: samples below 16384 keep chunks of 256 (a batch of 8 samples of 8192
@@ -167,11 +167,7 @@ def _running_max(c):
 def _uniforms4(key, stream, evaluation):
     """(B, 4) uniforms: row i holds values 4 e_i .. 4 e_i + 3 of the stream (e: int64 (B,)
     Philox counters), one Philox evaluation per row."""
-    c0 = (evaluation & 0xFFFFFFFF).to(tl.uint32)
-    c1 = ((evaluation >> 32) & 0xFFFFFFFF).to(tl.uint32)
-    s0 = c0 * 0 + (stream & 0xFFFFFFFF).to(tl.uint32)
-    s1 = c0 * 0 + ((stream >> 32) & 0xFFFFFFFF).to(tl.uint32)
-    w0, w1, w2, w3 = tl.philox(key, c0, c1, s0, s1)
+    w0, w1, w2, w3 = philox4(key, stream, evaluation)
     u0, u1, u2, u3 = _to_uniform(w0), _to_uniform(w1), _to_uniform(w2), _to_uniform(w3)
     # join(a, b) stacks on a new last axis: ((u0, u2), (u1, u3)) -> (B, 2, 2) = u0 u1 u2 u3.
     return tl.reshape(tl.join(tl.join(u0, u2), tl.join(u1, u3)), [evaluation.shape[0], 4])
@@ -191,21 +187,16 @@ def _spacings(key, stream, first, lo, hi, DT: tl.constexpr):
     outside [lo, hi], as four (DT / 4,) blocks e0 .. e3: element i of e_j is index
     first + 4 i + j, word j of Philox evaluation first / 4 + i. Kept apart (not joined into one
     block), the words of an evaluation stay in the thread that made them: no layout change
-    (shared memory and barriers) between the draws and their sums. Also the offsets 4 i."""
+    (shared memory and barriers) between the draws and their sums."""
     rows = tl.arange(0, DT // 4)
-    c = (first >> 2) + rows.to(tl.int64)
-    c0 = (c & 0xFFFFFFFF).to(tl.uint32)
-    c1 = ((c >> 32) & 0xFFFFFFFF).to(tl.uint32)
-    s0 = c0 * 0 + (stream & 0xFFFFFFFF).to(tl.uint32)
-    s1 = c0 * 0 + ((stream >> 32) & 0xFFFFFFFF).to(tl.uint32)
-    w0, w1, w2, w3 = tl.philox(key, c0, c1, s0, s1)
+    w0, w1, w2, w3 = philox4(key, stream, (first >> 2) + rows.to(tl.int64))
     q = rows * 4
     a, b = _local_bounds(first, lo, hi, DT)
     e0 = tl.where((q >= a) & (q <= b), -tl.log(1.0 - _to_uniform(w0)), 0.0)
     e1 = tl.where((q + 1 >= a) & (q + 1 <= b), -tl.log(1.0 - _to_uniform(w1)), 0.0)
     e2 = tl.where((q + 2 >= a) & (q + 2 <= b), -tl.log(1.0 - _to_uniform(w2)), 0.0)
     e3 = tl.where((q + 3 >= a) & (q + 3 <= b), -tl.log(1.0 - _to_uniform(w3)), 0.0)
-    return e0, e1, e2, e3, q
+    return e0, e1, e2, e3
 
 
 @triton.jit
@@ -244,7 +235,7 @@ def _sap_partials_kernel(
         base = n * (r + tl.zeros([], tl.int64) + 1)
         first = (base >> 2) * 4 + b * D
         if STORE:
-            e0, e1, e2, e3, _ = _spacings(key, stream, first, base, base + r, DT)
+            e0, e1, e2, e3 = _spacings(key, stream, first, base, base + r, DT)
             v0, v1, v2, v3, _ = _running(e0, e1, e2, e3)
             rows = tl.arange(0, DT // 4)
             out = draws_ptr + (n * NB + b) * DT + rows
@@ -258,7 +249,7 @@ def _sap_partials_kernel(
             acc = tl.zeros([], dtype=tl.float32)
             t = b * 0
             while t < D:
-                e0, e1, e2, e3, _ = _spacings(key, stream, first + t, base, base + r, DT)
+                e0, e1, e2, e3 = _spacings(key, stream, first + t, base, base + r, DT)
                 acc += tl.sum(e0 + e1 + e2 + e3, 0)
                 t += DT
             tl.store(bd_ptr + n * (NB + 1) + 1 + b, acc)
@@ -395,9 +386,8 @@ def _sap_merge_kernel(
                         v1 = tl.load(at + DT // 4)
                         v2 = tl.load(at + DT // 2)
                         v3 = tl.load(at + 3 * (DT // 4))
-                        row = v3  # (unused: one tile a chunk)
                     else:
-                        e0, e1, e2, e3, q = _spacings(key, stream, first, base, base + r64, DT)
+                        e0, e1, e2, e3 = _spacings(key, stream, first, base, base + r64, DT)
                         v0, v1, v2, v3, row = _running(e0, e1, e2, e3)
                     # Draws are indices base .. base + r - 1; positions from the chunk's start s.
                     d_lo, d_hi = _local_bounds(first, base, base + r64 - 1, DT)
@@ -406,8 +396,9 @@ def _sap_merge_kernel(
                     _mark(pos_ptr, (s + v2) * scale, q + 2, d_lo, d_hi, lo, hi, E)
                     _mark(pos_ptr, (s + v3) * scale, q + 3, d_lo, d_hi, lo, hi, E)
                     t += DT
-                    if t < D:  # the next tile of the chunk starts at the sum so far
-                        s += tl.sum(row, 0)
+                    if not STORED:  # (stored: one tile a chunk)
+                        if t < D:  # the next tile of the chunk starts at the sum so far
+                            s += tl.sum(row, 0)
                 b += 1
         tl.debug_barrier()
         # A zero |x| is reached only through rounding at a chunk's end: never kept. (Without

@@ -300,16 +300,18 @@ __device__ inline acc_t draw_local(const Seed& seed, uint64_t c0, int64_t W, uin
 
 // A thread's in-chunk positions of its first Philox group's four draws: its running sum l of
 // the spacings e0, raised by the chunk scan's prefix and floor (monotone across the chunk);
-// what the merge places, whether it made them itself or reads them back.
+// what the merge places, whether it made them itself or reads them back. Returns l (the
+// running sum goes on into the thread's further groups where W > 1).
 template <typename acc_t>
-__device__ inline void group_positions(const acc_t (&e0)[kItems], acc_t prefix, acc_t floor,
-                                       acc_t (&pos)[kItems]) {
+__device__ inline acc_t group_positions(const acc_t (&e0)[kItems], acc_t prefix, acc_t floor,
+                                        acc_t (&pos)[kItems]) {
   acc_t l = 0;
 #pragma unroll
   for (int i = 0; i < kItems; ++i) {
     l += e0[i];
     pos[i] = NanMax()(prefix + l, floor);
   }
+  return l;
 }
 
 // The layout of a sample's draws: value i of the call is n (r + 1) + d; chunk b covers the
@@ -654,12 +656,9 @@ __global__ void __launch_bounds__(kThreads, merge_min_blocks<scalar_t>())
           acc_t dprefix, dfloor, dchunk;
           chunk_scan(dl, tmp, dprefix, dfloor, dchunk);
           acc_t pos[kItems];
-          group_positions(e0, dprefix, dfloor, pos);
+          acc_t l = group_positions(e0, dprefix, dfloor, pos);
 #pragma unroll
           for (int i = 0; i < kItems; ++i) place(4 * c0 + i, pos[i]);
-          acc_t l = 0;  // the running sum on into the thread's further groups (W > 1)
-#pragma unroll
-          for (int i = 0; i < kItems; ++i) l += e0[i];
           for (int64_t w = 1; w < p.W; ++w) {
             acc_t e[kItems];
             spacings(seed, c0 + w, draws.base, draws.r, e);
