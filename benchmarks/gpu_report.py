@@ -591,7 +591,16 @@ def _triton_one(index: int) -> tuple:
         (body,) = sass_functions(_run([tool, "-sass", path])).values()
     return (index, usage, threads, compiled.metadata.shared, compiled.metadata.num_warps,
             step_instructions(body), loop_instructions(body), pipeline_drains(body),
-            draw_loop_instructions(body))
+            draw_loop_instructions(body), memory_fences(body))
+
+
+def memory_fences(body: list) -> int:
+    """GPU- or system-scope MEMBAR instructions of a SASS body: each waits until every memory
+    access of the thread in flight is visible beyond the SM. Triton emits one (and an L1
+    invalidation) around every atomic of the default semantics, acq_rel. (MEMBAR.ALL.CTA, which
+    its software pipelines put before an async-proxy fence, stays inside the SM: not counted.)"""
+    return sum(1 for _, ins in body
+               if re.search(r"(^|\s)MEMBAR\.\w+\.(GPU|SYS)\b", ins))
 
 
 def _config(constexprs: dict, options: dict) -> str:
@@ -615,7 +624,7 @@ def triton_variants(jobs: int) -> tuple[list[Variant], list]:
         results = [_triton_one(i) for i in indices]
     variants = []
     for (index, (regs, stack, smem, local), threads, shared, num_warps, steps, loop,
-         drains, draws) in results:
+         drains, draws, fences) in results:
         v = found[index]
         dtype = next((t[1:] for t in v.signature.values() if t.startswith("*")), "-")
         row = Variant("triton", f"{v.module}.{v.kernel.__name__}", dtype,
@@ -626,6 +635,11 @@ def triton_variants(jobs: int) -> tuple[list[Variant], list]:
         if drains:
             row.problems.append("its pipelined loop waits for every copy in flight each trip "
                                 "(DEPBAR.LE SB0, 0x0): the pipeline drains")
+        if fences:
+            row.problems.append(f"{fences} GPU-scope MEMBAR in its SASS: an atomic with acq_rel "
+                                "semantics (tl.atomic_*'s default) waits for every store in "
+                                "flight; pass sem='relaxed' where a launch boundary orders the "
+                                "results")
         variants.append(row)
     return variants, [found[i] for i in indices]
 

@@ -234,12 +234,30 @@ def test_triton_variant_resources():
 
     found, _ = aot.variants()
     index = next(i for i, v in enumerate(found) if v.kernel.__name__ == "_kwta_backward_kernel")
-    _, (regs, stack, smem, local), threads, shared, num_warps, steps, loop, drains, draws = (
+    _, (regs, stack, smem, local), threads, shared, num_warps, steps, loop, drains, draws, fences = (
         gpu_report._triton_one(index))
     assert 0 < regs <= 255 and stack == 0 and local == 0
     assert threads == 32 * num_warps == 32 * found[index].options["num_warps"]
     assert steps is None  # no tensor-core K loop in an elementwise kernel
     assert not drains and draws is None  # no loop, no Philox
+    assert fences == 0
+
+
+@pytest.mark.triton_aot
+@pytest.mark.skipif(_NO_TRITON, reason="needs triton, without TRITON_INTERPRET")
+def test_triton_kwta_split_atomics_are_relaxed():
+    """The k-WTA split path's atomics (the filter's counters and bin counts) compile without a
+    memory fence: an acq_rel atomic puts a MEMBAR.ALL.GPU before each, a wait for the program's
+    stores in flight."""
+    from pyprune.triton_kernels import aot
+
+    found, _ = aot.variants()
+    for name in ("_kwta_filter_kernel", "_kwta_finish_kernel"):
+        index = next(i for i, v in enumerate(found) if v.kernel.__name__ == name)
+        assert gpu_report._triton_one(index)[-1] == 0, name
+    assert gpu_report.memory_fences([(0, "MEMBAR.ALL.GPU ;"), (16, "@P0 MEMBAR.SC.GPU ;"),
+                                     (32, "ATOMG.E.ADD.STRONG.GPU PT, RZ, [R2.64], R3 ;"),
+                                     (48, "MEMBAR.ALL.CTA ;"), (64, "FENCE.VIEW.ASYNC.S ;")]) == 2
 
 
 @pytest.mark.triton_aot
@@ -258,7 +276,7 @@ def test_triton_conv_pipeline_does_not_drain(in_list, in_scale):
                  and (v.constexprs["BLOCK_P"], v.constexprs["BLOCK_CO"]) == (64, 32)
                  and v.constexprs["IN_LIST"] == in_list and v.constexprs["IN_SCALE"] == in_scale
                  and not v.constexprs["SPARSE"] and not v.constexprs["PACKED"])
-    *_, steps, _, drains, _ = gpu_report._triton_one(index)
+    *_, steps, _, drains, _, _ = gpu_report._triton_one(index)
     assert steps is not None and not drains
 
 

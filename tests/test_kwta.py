@@ -447,8 +447,8 @@ def test_triton_group_limit():
         kernels.kwta_forward(x, 1, False)
 
 
-# The Triton split path (groups of >= SPLIT_MIN_GROUP elements: sample, then filter with the
-# last program of each group completing it), forced on small groups with small chunks, samples
+# The Triton split path (groups of >= SPLIT_MIN_GROUP elements: sample, filter, then a finish
+# program a group completing it), forced on small groups with small chunks, samples
 # and bin lists. `cand_min` sets the candidate capacity.
 def _split_knobs(monkeypatch, kernels, cand_min):
     monkeypatch.setattr(kernels, "SPLIT_MIN_GROUP", 64)
@@ -461,19 +461,17 @@ def _split_knobs(monkeypatch, kernels, cand_min):
 
 
 def _record_branches(monkeypatch, kernels):
-    """Spy on the filter launch: the branch each group's last program took, from the scratch
-    counters and bin counts it left (the module docstring's cases)."""
+    """Spy on the finish launch: the branch each group took, from the scratch counters and bin
+    counts the filter launch left (the module docstring's cases)."""
     taken = []
-    real = kernels._kwta_filter_kernel
+    real = kernels._kwta_finish_kernel
 
     class Spy:
         def __getitem__(self, grid):
             def launch(*args, **kwargs):
-                scratch, hist, k, chunks, cap = args[3], args[4], args[11], args[12], args[13]
-                real[grid](*args, **kwargs)
+                scratch, hist, k, cap = args[3], args[4], args[11], args[12]
                 for row, bins in zip(scratch.tolist(), hist.tolist()):
-                    lo, hi, _, above, inside, done = (v & 0xFFFFFFFF for v in row[:6])
-                    assert done == chunks  # every program counted itself
+                    lo, hi, _, above, inside = (v & 0xFFFFFFFF for v in row[:5])
                     hit = above < k <= above + inside
                     if hit and lo == hi:
                         taken.append("tie")
@@ -486,9 +484,10 @@ def _record_branches(monkeypatch, kernels):
                         taken.append("bin list" if count <= kernels._BIN_CAP else "streamed bin")
                     else:
                         taken.append("whole group")
+                real[grid](*args, **kwargs)
             return launch
 
-    monkeypatch.setattr(kernels, "_kwta_filter_kernel", Spy())
+    monkeypatch.setattr(kernels, "_kwta_finish_kernel", Spy())
     return taken
 
 

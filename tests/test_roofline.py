@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import itertools
 import math
+import pathlib
 
 import pytest
 
@@ -70,24 +71,26 @@ def test_kwta_bytes():
     k = k["kwta_block_kernel<512> cluster 16"]
     assert (k.hbm, k.ctas) == (2 * 32 * 256 * 56 * 56 * 4, 8 * 16)
     assert kernels("kwta", case, roofline.CUDA, "backward")["kwta backward"].hbm == 3 * n
-    # Triton, groups of 65536 > 4096: the split path's two launches. The sample reads 1024
+    # Triton, groups of 65536 > 4096: the split path's three launches. The sample reads 1024
     # values (L / 64) of each of the 128 groups and writes a 32-byte scratch row and 1024 bin
     # counts. Its bracket spans the sample ranks 47..157 (r = 6553 / 65536 * 1024 = 102.4,
     # margin 4 * sqrt(1024 q (1 - q)) + 16 = 54.4): 110 / 1024 of a group, 7040 candidates
-    # (value and position). The filter reads x once, writes out once and the candidates, and
-    # the last program of each group stores the band's kept values again: x (33.5 MB) is more
+    # (value and position). The filter reads x once, writes out once and the candidates; the
+    # finish program of each group stores the band's kept values again: x (33.5 MB) is more
     # than half the L2, so those sectors are HBM traffic.
     k = kernels("kwta", case, roofline.TRITON, "forward")
     cand = 128 * 7040 * (4 + 4)
-    assert set(k) == {"_kwta_sample_kernel", "_kwta_filter_kernel"}
+    assert set(k) == {"_kwta_sample_kernel", "_kwta_filter_kernel", "_kwta_finish_kernel"}
     assert k["_kwta_sample_kernel"].hbm == 128 * (1024 * 4 + 32 + 1024 * 4)
-    assert k["_kwta_filter_kernel"].hbm > 2 * n + cand
+    assert k["_kwta_filter_kernel"].hbm == 2 * n + cand
     assert k["_kwta_filter_kernel"].ctas == 128 * 32  # chunks of 2048: 4096 programs >= 264
+    assert k["_kwta_finish_kernel"].ctas == 128 and k["_kwta_finish_kernel"].hbm > 0
     # Batch 8: chunks halve to 1024 (8 * 64 = 512 programs); x (2 MiB) fits in the L2, so the
     # kept band's sectors are L2 traffic.
     k = kernels("kwta", Case((8, 64, 32, 32)), roofline.TRITON, "forward")
     assert k["_kwta_filter_kernel"].ctas == 512
     assert k["_kwta_filter_kernel"].hbm == 2 * n / 16 + cand / 16
+    assert k["_kwta_finish_kernel"].hbm == 0
     # Groups of 1024 (channel): one program a group in registers, x read once, out written.
     k = kernels("kwta", Case((128, 64, 32, 32), "channel"), roofline.TRITON, "forward")
     assert k["_kwta_forward_kernel"].hbm == 2 * n
@@ -314,6 +317,8 @@ def test_written_out_triton_configs_match_the_launchers():
     assert (roofline.TRITON_KWTA_CAND_MIN, roofline.TRITON_KWTA_BAND_BINS,
             roofline.TRITON_KWTA_BIN_CAP, roofline.TRITON_KWTA_TAIL) == (
         kwta._CAND_MIN, kwta._BAND_BINS, kwta._BIN_CAP, kwta._TAIL)
+    assert (roofline.TRITON_KWTA_FINISH_WARPS, roofline.TRITON_KWTA_FINISH_REGS) == (
+        kwta._FINISH_WARPS, kwta._FINISH_MAX_REGS)
     from pyprune.triton_kernels import cas
 
     assert (roofline.TRITON_CAS_FUSED_MAX_STEP, roofline.TRITON_CAS_FUSED_MAX_STEPS,
@@ -428,3 +433,18 @@ def test_count_select_is_the_kernels_select():
             assert passes <= 32
     assert roofline.count_select(groups[0], 50)[1] <= 16
     assert 10 < roofline.kwta_count_passes(1024, 102) < 20
+
+
+@pytest.mark.parametrize("op", ["kwta", "sap"])
+def test_eager_model_matches_the_h200_run(op):
+    """The eager models' kernel rates of k-WTA (roofline.TOPK_*) and SAP (MULTINOMIAL_*,
+    SCATTER_*, BROADCAST_BW) were read off the H200 run's kernel times: their device time stays
+    within 15% of that run's busy time in every forward case."""
+    path = pathlib.Path(__file__).parents[1] / "benchmarks/results/nvidia-h200/kernel_times.csv"
+    with open(path) as f:
+        busy = {r["shape"]: float(r["device_us_per_call"]) for r in csv.DictReader(f)
+                if r["op"] == op and r["mode"] == "forward" and r["provider"] == "eager"
+                and r["kernel"] == "(all)"}
+    for case in OPS[op].CASES:
+        predicted = roofline.predict_case(op, case, "forward", "h200")["eager"].device_us
+        assert predicted == pytest.approx(busy[case.label], rel=0.15), case.label

@@ -22,7 +22,7 @@ no lane masks where L is the block's power of two) while the counting select fin
 largest key; the same program writes out (a key compare an element) and the threshold.
 Bytes: N*C*L*itemsize read + N*C*L*itemsize written (+ the threshold).
 
-Forward, larger groups (L >= SPLIT_MIN_GROUP): two launches that split each group over many
+Forward, larger groups (L >= SPLIT_MIN_GROUP): three launches that split each group over many
 programs (so a batch of one fills the GPU), reading x once and writing out once:
 
 1. _kwta_sample_kernel, one program per group: a sample of m = L / 64 elements within
@@ -39,8 +39,11 @@ programs (so a batch of one fills the GPU), reading x once and writing out once:
    the threshold if the bracket holds it); n_above += #(key > hi) and n_in += #(band) by
    atomics; each band value is appended with its position to the group's candidates (the first
    cap = min(L, max(_CAND_MIN, L / 8)) are kept) and counted in its bin (an atomic a band
-   element). Then a counter of the group's finished programs (acq_rel atomic after a barrier)
-   names the last one, which completes the group (_finish_group):
+   element). Every atomic is relaxed (the launch boundary orders them before launch 3): Triton's
+   default, acq_rel, puts a MEMBAR.ALL.GPU (a wait for every store of the thread in flight) and
+   an L1 invalidation around each: with 11 of them (and the group's last program finishing the
+   group in this launch), the H200 run measured ~11 us a program of 2048 elements.
+3. _kwta_finish_kernel, one program per group (_finish_group):
    - bracket hit (n_above < k <= n_above + n_in), no tie, candidates within cap: the bin b
      holding the (k - n_above)-th largest candidate from the bin counts; one scan of the
      candidates (TAIL at a time) stores those above bin b into out and gathers bin b's (the
@@ -51,9 +54,9 @@ programs (so a batch of one fills the GPU), reading x once and writing out once:
    - a miss or more candidates than cap (adversarial data): the exact select streamed over the
      whole group (7 passes), then out rewritten for the whole group by this program.
    The threshold and out depend on no atomic's order (candidate order does not matter).
-   Bytes: N*C*L*itemsize read + N*C*L*itemsize written, the candidates written (value and
-   int32 position: n_in * (itemsize + 4), ~5-11% of L for data without an adversarial
-   layout) and read back once (L2), a bin-count atomic per candidate, 3 atomics a program,
+   Bytes: N*C*L*itemsize read + N*C*L*itemsize written (launch 2), the candidates written (value
+   and int32 position: n_in * (itemsize + 4), ~5-11% of L for data without an adversarial
+   layout) and read back once (L2), a bin-count atomic per candidate, 2 atomics a program,
    and the kept band values stored again into out (scattered: a sector each).
 
 (The loops are `while` loops: Triton 3.6's interpreter cannot take a runtime bound in range()
@@ -80,7 +83,7 @@ BINS = tl.constexpr(1 << 5)
 # Forward block sizes: the next power of two of L within these bounds. A group held in
 # registers (_in_registers): a power of two of up to _FWD_MAX_BLOCK elements with stride 1 (a
 # program of up to 8 warps, 32 keys a thread; ~17 select passes for 8192 N(0, 1) values, a
-# shorter chain than the split path's two launches), any other of up to _FWD_MAX_MASKED (16
+# shorter chain than the split path's three launches), any other of up to _FWD_MAX_MASKED (16
 # keys a thread, 8 if strided: lane masks and int64 addresses take registers, and fewer keys
 # keep 25% occupancy); larger ones take the split path.
 _FWD_MIN_BLOCK = 32
@@ -91,7 +94,7 @@ MAX_GROUP = 2**31 - 1 - _FWD_MAX_BLOCK
 # Split path (see the module docstring). Tests lower these to run it on small groups.
 SPLIT_MIN_GROUP = _FWD_MAX_BLOCK + 1  # groups of at least this many take it (and _in_registers' others)
 _SPLIT_MIN_BLOCK = 1024  # smallest chunk of the filter pass
-_SPLIT_MAX_BLOCK = 2048  # (4096 with the last program's code spills at 8 warps)
+_SPLIT_MAX_BLOCK = 2048
 _SPLIT_TARGET_PROGRAMS = 2 * 132  # twice an H100/H200's SMs: chunks shrink until a pass has these
 _SAMPLE = 4096  # largest sample (elements) of the bracket
 _SAMPLE_MIN = 1024  # smallest sample of a group larger than it (the sample is L // 64 between)
@@ -99,9 +102,11 @@ _RUN = 16  # consecutive elements per sample run: 64 bytes of float32, whole sec
 _CAND_MIN = 16384  # candidate buffer: min(L, max(_CAND_MIN, L // 8)) values per group
 _BAND_BINS = 1024  # bins of the bracket's key range counted by the filter pass
 _BIN_CAP = 256  # candidates of the threshold's bin selected in registers (more: streamed)
-_TAIL = 2048  # the last program's chunk over the candidates (8 warps: 8 a thread)
+_TAIL = 2048  # the finish program's chunk over the candidates (8 warps: 8 a thread)
 _CHUNK_WARPS = 8
-_SCRATCH = 8  # int32 a group: lo, hi, bin shift, n_above, n_in, programs done
+_FINISH_WARPS = 8
+_FINISH_MAX_REGS = 128  # ptxas's own choice spills on sm_80 (80 registers, a 24-byte frame)
+_SCRATCH = 8  # int32 a group: lo, hi, bin shift, n_above, n_in (the rest unused, zero)
 # Backward tiles hold _BWD_TILE elements: _BWD_TILE // BLOCK_L groups of BLOCK_L elements.
 _BWD_MIN_BLOCK_L = 16
 _BWD_TILE = 1024
@@ -361,7 +366,7 @@ def _kwta_sample_kernel(
     NBINS: tl.constexpr,
 ):
     """Split path, launch 1: the key bracket [lo, hi] of the k-th largest from a sample; the
-    group's scratch row (lo, hi, bin shift, n_above = 0, n_in = 0, done = 0) and zeroed bin
+    group's scratch row (lo, hi, bin shift, n_above = 0, n_in = 0, zeros) and zeroed bin
     counts."""
     group = tl.program_id(0).to(tl.int64)
     n = group // C
@@ -417,8 +422,8 @@ def _finish_group(
     x_sl, out_sl,
     TAIL: tl.constexpr, NBINS: tl.constexpr, BIN_CAP: tl.constexpr,
 ):
-    """Split path, the last filter program of a group: the threshold and the fix-up of the
-    band's candidates (module docstring)."""
+    """Split path, launch 3 (a program per group): the threshold and the fix-up of the band's
+    candidates (module docstring)."""
     n_above = tl.load(row + 3, cache_modifier=".cg")
     n_in = tl.load(row + 4, cache_modifier=".cg")
     hit = (n_above < k) & (k <= n_above + n_in)
@@ -489,20 +494,19 @@ def _finish_group(
 
 @triton.jit(do_not_specialize=["absolute"])
 def _kwta_filter_kernel(
-    x_ptr, out_ptr, threshold_ptr, scratch_ptr, hist_ptr, cand_ptr, pos_ptr, list_ptr, list_pos_ptr,
-    C, L, k, chunks, cap, absolute,
+    x_ptr, out_ptr, scratch_ptr, hist_ptr, cand_ptr, pos_ptr,
+    C, L, chunks, cap, absolute,
     x_sn, x_sc, x_sl,
     out_sn, out_sc, out_sl,
     BLOCK: tl.constexpr,
-    TAIL: tl.constexpr,
     NBINS: tl.constexpr,
-    BIN_CAP: tl.constexpr,
 ):
     """Split path, launch 2, a program per chunk of BLOCK elements: out for the keys outside
     the bracket (above: x, below: 0; inside: 0, or x in a tie), n_above += #(key > hi), the
     values with lo <= key <= hi appended with their positions to the group's candidates (n_in
-    counts them all, the first cap are kept) and counted in their bins; the last program of the
-    group to finish (a counter of finished programs) completes it (_finish_group)."""
+    counts them all, the first cap are kept) and counted in their bins. Relaxed atomics only,
+    and no wait for the group's other programs: _kwta_finish_kernel, the next launch, completes
+    the group."""
     pid = tl.program_id(0).to(tl.int64)
     group = pid // chunks
     n = group // C
@@ -522,24 +526,41 @@ def _kwta_filter_kernel(
     inside = in_group & (keys >= lo) & (keys <= hi)
     tl.store(out_base + offs * out_sl, tl.where(above | (inside & (lo == hi)), raw, tl.zeros_like(raw)),
              mask=in_group)
-    tl.atomic_add(row + 3, tl.sum(above.to(tl.int32), 0))
+    tl.atomic_add(row + 3, tl.sum(above.to(tl.int32), 0), sem="relaxed")
     flags = inside.to(tl.int32)
-    base = tl.atomic_add(row + 4, tl.sum(flags, 0))
+    base = tl.atomic_add(row + 4, tl.sum(flags, 0), sem="relaxed")
     slot = base + tl.cumsum(flags, 0) - 1
     listed = inside & band & (slot < cap)
     tl.store(cand_ptr + group * cap + slot, raw, mask=listed)
     tl.store(pos_ptr + group * cap + slot, offs.to(tl.int32), mask=listed)
     tl.atomic_add(hist_ptr + group * NBINS + ((keys - lo) >> shift.to(tl.uint32)).to(tl.int32), 1,
-                  mask=inside & band)
-    # Every thread's stores and atomics before the counter's release (acq_rel) below.
-    tl.debug_barrier()
-    done = tl.atomic_add(row + 5, 1, sem="acq_rel")
-    if done == chunks - 1:
-        _finish_group(x_base, out_base, threshold_ptr, row, hist_ptr + group * NBINS,
-                      cand_ptr + group * cap, pos_ptr + group * cap,
-                      list_ptr + group * BIN_CAP, list_pos_ptr + group * BIN_CAP,
-                      group, L, k, cap, absolute, lo, hi, shift, x_sl, out_sl,
-                      TAIL, NBINS, BIN_CAP)
+                  mask=inside & band, sem="relaxed")
+
+
+@triton.jit(do_not_specialize=["absolute"])
+def _kwta_finish_kernel(
+    x_ptr, out_ptr, threshold_ptr, scratch_ptr, hist_ptr, cand_ptr, pos_ptr, list_ptr, list_pos_ptr,
+    C, L, k, cap, absolute,
+    x_sn, x_sc, x_sl,
+    out_sn, out_sc, out_sl,
+    TAIL: tl.constexpr,
+    NBINS: tl.constexpr,
+    BIN_CAP: tl.constexpr,
+):
+    """Split path, launch 3, a program per group: the threshold and the fix-up of the band's
+    candidates (_finish_group), from the counters, bin counts and candidates the filter left."""
+    group = tl.program_id(0).to(tl.int64)
+    n = group // C
+    c = group % C
+    row = scratch_ptr + group * 8
+    lo = tl.load(row).to(tl.uint32, bitcast=True)
+    hi = tl.load(row + 1).to(tl.uint32, bitcast=True)
+    shift = tl.load(row + 2)
+    _finish_group(x_ptr + n * x_sn + c * x_sc, out_ptr + n * out_sn + c * out_sc, threshold_ptr,
+                  row, hist_ptr + group * NBINS, cand_ptr + group * cap, pos_ptr + group * cap,
+                  list_ptr + group * BIN_CAP, list_pos_ptr + group * BIN_CAP,
+                  group, L, k, cap, absolute, lo, hi, shift, x_sl, out_sl,
+                  TAIL, NBINS, BIN_CAP)
 
 
 @triton.jit(do_not_specialize=["absolute"])
@@ -651,7 +672,7 @@ def kwta_forward(x: torch.Tensor, k: int, absolute: bool) -> tuple[torch.Tensor,
 
 def _split_forward(x: torch.Tensor, k: int, absolute: int, out: torch.Tensor,
                    threshold: torch.Tensor) -> None:
-    """The split path's two launches (module docstring). Scratch per group: _SCRATCH int32,
+    """The split path's three launches (module docstring). Scratch per group: _SCRATCH int32,
     _BAND_BINS bin counts, cap candidate values and positions (cap <= L), _BIN_CAP of each for
     the threshold's bin."""
     N, C, L = x.shape
@@ -671,9 +692,14 @@ def _split_forward(x: torch.Tensor, k: int, absolute: int, out: torch.Tensor,
             x, scratch, hist, C, L, k, absolute, *x.stride(),
             SAMPLE=sample, RUN=run, NBINS=_BAND_BINS, num_warps=sample_warps)
         _kwta_filter_kernel[(groups * chunks,)](
+            x, out, scratch, hist, candidates, positions,
+            C, L, chunks, cap, absolute, *x.stride(), *out.stride(),
+            BLOCK=block, NBINS=_BAND_BINS, num_warps=chunk_warps)
+        _kwta_finish_kernel[(groups,)](
             x, out, threshold, scratch, hist, candidates, positions, listed, listed_positions,
-            C, L, k, chunks, cap, absolute, *x.stride(), *out.stride(),
-            BLOCK=block, TAIL=_TAIL, NBINS=_BAND_BINS, BIN_CAP=_BIN_CAP, num_warps=chunk_warps)
+            C, L, k, cap, absolute, *x.stride(), *out.stride(),
+            TAIL=_TAIL, NBINS=_BAND_BINS, BIN_CAP=_BIN_CAP, num_warps=_FINISH_WARPS,
+            maxnreg=_FINISH_MAX_REGS)
 
 
 def kwta_backward(
@@ -727,12 +753,15 @@ def _aot_variants() -> list[tuple]:
             variants.append((_kwta_sample_kernel, signature(
                 _kwta_sample_kernel, dtype, constexprs, {"scratch_ptr": "*i32", "hist_ptr": "*i32"}),
                 constexprs, {"num_warps": warps}))
+        pointers = {"scratch_ptr": "*i32", "hist_ptr": "*i32", "pos_ptr": "*i32",
+                    "list_pos_ptr": "*i32"}
         for block, warps in chunk_cfgs:
-            constexprs = {"BLOCK": block, "TAIL": _TAIL, "NBINS": _BAND_BINS, "BIN_CAP": _BIN_CAP}
-            pointers = {"scratch_ptr": "*i32", "hist_ptr": "*i32", "pos_ptr": "*i32",
-                        "list_pos_ptr": "*i32"}
+            constexprs = {"BLOCK": block, "NBINS": _BAND_BINS}
             variants.append((_kwta_filter_kernel, signature(_kwta_filter_kernel, dtype, constexprs, pointers),
                              constexprs, {"num_warps": warps}))
+        constexprs = {"TAIL": _TAIL, "NBINS": _BAND_BINS, "BIN_CAP": _BIN_CAP}
+        variants.append((_kwta_finish_kernel, signature(_kwta_finish_kernel, dtype, constexprs, pointers),
+                         constexprs, {"num_warps": _FINISH_WARPS, "maxnreg": _FINISH_MAX_REGS}))
         # EVEN (L == BLOCK) with stride-1 groups only: strided ones keep the lane masks.
         for block, num_warps, unit, even in sorted(forward):
             if even and not unit:

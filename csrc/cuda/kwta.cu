@@ -254,13 +254,47 @@ __device__ __forceinline__ Pack<scalar_t, kVec> load_pack(const scalar_t* __rest
   }
 }
 
-// Calls f(value, in_range) for each element of [begin, end) that this thread owns. Loop trips
-// depend only on the warp, so f may use warp collectives; padding slots get in_range = false.
+// Appends this thread's hits of a trip (bit j of `hits`: keys[j]) to cand: a warp scan of the
+// threads' counts gives each its offset and one shared atomic a warp its base, so a trip costs
+// ~4 instructions an element plus ~20 a warp, never a ballot and shuffle chain an element.
+// The list's order follows the atomics' and does not matter: only its counts are used.
+template <int kTrip, typename U>
+__device__ __forceinline__ void append_candidates(const U (&keys)[kTrip], uint32_t hits,
+                                                  U* __restrict__ cand, uint32_t* n_cand) {
+  if (!__any_sync(kFullMask, hits != 0)) return;  // warp-uniform
+  const int lane = threadIdx.x & 31;
+  const uint32_t count = static_cast<uint32_t>(__popc(hits));
+  uint32_t inclusive = count;
+#pragma unroll
+  for (int off = 1; off < 32; off <<= 1) {
+    const uint32_t v = __shfl_up_sync(kFullMask, inclusive, off);
+    if (lane >= off) inclusive += v;
+  }
+  uint32_t base = 0;
+  if (lane == 31) base = atomicAdd(n_cand, inclusive);
+  uint32_t slot = __shfl_sync(kFullMask, base, 31) + inclusive - count;
+#pragma unroll
+  for (int j = 0; j < kTrip; ++j) {
+    if ((hits >> j) & 1u) cand[slot++] = keys[j];
+  }
+}
+
+// One histogram pass over this block's slice [begin, end) of a group in global memory: every
+// key matching the prefix adds one to its digit's bin. The add is a predicated shared atomic
+// with no warp collective around it (lanes of a warp on one bin are summed by the hardware in
+// one ATOMS.POPC.INC, so ties cost no more), so the trip's 8-16 elements a thread are
+// independent and their loads, keys and atomics overlap. Where `collect`, the matching keys
+// are also appended to cand (append_candidates). Trips depend only on the warp.
 // kVec > 1 needs stride 1, 16-byte aligned rows, and begin, end multiples of kVec.
-template <int kThreads, int kVec, typename scalar_t, typename F>
-__device__ __forceinline__ void for_each_element(const scalar_t* __restrict__ base, int64_t stride,
-                                                 int64_t begin, int64_t end, F&& f) {
+template <int kThreads, int kVec, typename scalar_t, typename U>
+__device__ __forceinline__ void histogram_slice(const scalar_t* __restrict__ base, int64_t stride,
+                                                int64_t begin, int64_t end, U prefix,
+                                                U prefix_mask, int shift, uint32_t digit_mask,
+                                                bool absolute, bool collect, uint32_t* hist,
+                                                U* __restrict__ cand, uint32_t* n_cand) {
+  using acc_t = typename KeyTraits<scalar_t>::acc_t;
   constexpr int kUnroll = kVec == 8 ? 2 : kVec == 1 ? 8 : 4;  // 8 to 16 elements in flight
+  constexpr int kTrip = kUnroll * kVec;
   constexpr int64_t kRow = int64_t(kThreads) * kVec;
   const int64_t warp_first = begin + int64_t(threadIdx.x & ~31) * kVec;
   const int64_t mine = int64_t(threadIdx.x & 31) * kVec;
@@ -271,12 +305,21 @@ __device__ __forceinline__ void for_each_element(const scalar_t* __restrict__ ba
       const int64_t i = i0 + mine + u * kRow;
       if (i < end) v[u] = load_pack<scalar_t, kVec>(base, stride, i);
     }
+    U keys[kTrip];
+    uint32_t hits = 0;
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const bool in_range = i0 + mine + u * kRow < end;
 #pragma unroll
-      for (int e = 0; e < kVec; ++e) f(v[u].val[e], in_range);
+      for (int e = 0; e < kVec; ++e) {
+        const int j = u * kVec + e;
+        keys[j] = to_key<acc_t, U>(static_cast<acc_t>(v[u].val[e]), absolute);
+        const bool hit = in_range && (keys[j] & prefix_mask) == prefix;
+        if (hit) atomicAdd(&hist[static_cast<uint32_t>(keys[j] >> shift) & digit_mask], 1u);
+        hits |= static_cast<uint32_t>(hit) << j;
+      }
     }
+    if (collect) append_candidates<kTrip>(keys, hits, cand, n_cand);
   }
 }
 
@@ -338,7 +381,8 @@ __device__ __forceinline__ void pick_bucket(const uint32_t* hist, const uint32_t
   if (lane == 0) warp_sums[warp] = suffix;
   __syncthreads();
   uint32_t above = suffix - mine;
-  for (int w = warp + 1; w < kThreads / 32; ++w) above += warp_sums[w];
+#pragma unroll
+  for (int w = 1; w < kThreads / 32; ++w) above += w > warp ? warp_sums[w] : 0u;  // independent loads
   if (above < rank && rank - above <= mine) {
     for (int b = hi - 1; b >= lo; --b) {
       const uint32_t count = hist[b];
@@ -416,29 +460,8 @@ __global__ void __launch_bounds__(kThreads, (block_min_blocks<scalar_t, kThreads
         }
       } else {
         const bool collect = local <= p.cap;  // block-uniform
-        const bool absolute = p.absolute;
-        for_each_element<kThreads, kVec>(xg, p.xs2, begin, end, [=](scalar_t v, bool in_range) {
-          const U key = to_key<acc_t, U>(static_cast<acc_t>(v), absolute);
-          const bool hit = in_range && matches(key);
-          const unsigned hits = __ballot_sync(kFullMask, hit);
-          if (hits == 0) return;  // warp-uniform
-          // Ties (zeros after a ReLU, quantized data) send a warp's keys to one bin: the first
-          // hitting lane adds every lane that shares its digit in one atomic.
-          const int leader = __ffs(hits) - 1;
-          const uint32_t d = digit(key);
-          const uint32_t leader_d = __shfl_sync(kFullMask, d, leader);
-          const unsigned with_leader = __ballot_sync(kFullMask, hit && d == leader_d);
-          if (hit && d != leader_d) atomicAdd(&hist[d], 1u);
-          uint32_t base = 0;
-          if (lane == leader) {
-            atomicAdd(&hist[leader_d], static_cast<uint32_t>(__popc(with_leader)));
-            if (collect) base = atomicAdd(&n_cand, static_cast<uint32_t>(__popc(hits)));
-          }
-          if (collect) {
-            base = __shfl_sync(kFullMask, base, leader);
-            if (hit) cand[base + __popc(hits & ((1u << lane) - 1))] = key;
-          }
-        });
+        histogram_slice<kThreads, kVec>(xg, p.xs2, begin, end, prefix, prefix_mask, shift,
+                                        digit_mask, p.absolute, collect, hist, cand, &n_cand);
         in_shared = collect;
       }
 
@@ -448,10 +471,23 @@ __global__ void __launch_bounds__(kThreads, (block_min_blocks<scalar_t, kThreads
         cg::cluster_group cluster = cg::this_cluster();
         uint32_t* merged = reinterpret_cast<uint32_t*>(smem + 2 * kHistBytes);
         cluster.sync();  // every sibling's histogram of this pass is complete and visible
-        for (int b = tid; b < bins; b += kThreads) {
-          uint32_t sum = 0;
-          for (int r = 0; r < p.cluster; ++r) sum += cluster.map_shared_rank(hist, r)[b];
-          merged[b] = sum;
+        // A thread's bins from every sibling: the loads of 4 siblings at a time are in flight
+        // together (one distributed shared memory round trip per 4 siblings, not per value).
+        constexpr int kPer = (kMaxBins + kThreads - 1) / kThreads;
+        uint32_t sum[kPer] = {};
+#pragma unroll 4
+        for (int r = 0; r < p.cluster; ++r) {
+          const uint32_t* sibling = cluster.map_shared_rank(hist, r);
+#pragma unroll
+          for (int j = 0; j < kPer; ++j) {
+            const int b = tid + j * kThreads;
+            if (b < bins) sum[j] += sibling[b];
+          }
+        }
+#pragma unroll
+        for (int j = 0; j < kPer; ++j) {
+          const int b = tid + j * kThreads;
+          if (b < bins) merged[b] = sum[j];
         }
         total = merged;
 #endif
