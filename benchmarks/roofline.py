@@ -159,9 +159,12 @@ masked_conv (csrc/cuda/masked_conv.cu, csrc/masked_conv.h, triton_kernels/masked
                masks alone: the x and weight gathers around cuDNN. Per-sample masks: the
                implicit-GEMM kernel on tensor cores (wmma: TF32 for float32 where allowed,
                bf16/fp16), 64 kept output channels x 32 pixels a block: ceil(kept/64)*64
-               channels of work. Static masks where that kernel's rounds of CTAs x K steps
-               of 64 stay within 18 (out25, in50 at 32x128x16x16): that kernel alone. Weight masks: the masked weight (3 bit ops) in a dense cuDNN
-               conv.
+               channels of work. Static masks where the packed kernel's rounds of CTAs x K
+               steps of 32 stay within 144 (every static benchmark case): the pack and that
+               kernel alone. Weight masks: the masked weight (3 bit ops) in a dense cuDNN
+               conv. cuDNN's float32 forward at the H200 run's times (CUDNN_*: ~12 us a
+               convolution before its FLOPs, x and the weight transposed to NHWC first and
+               the output back to NCHW).
   triton       tl.dot on tensor cores (float32: TF32, cudnn.allow_tf32 being PyTorch's default),
                tiles of 16-128 pixels x 16-128 output channels x 32 input channels
                (triton_conv_config), software-pipelined; without per-sample masks the
@@ -1761,11 +1764,45 @@ def _cudnn(p: Plan, name: str, flops: float, hbm: float, issue: str) -> None:
     p.kernel(f"cuDNN {name}", issue, hbm=hbm, flops=flops, tensor=True)
 
 
+# cuDNN's float32 forward convolution as the H200 run measured it (cuDNN 9 under torch 2.11,
+# TF32, NCHW tensors; benchmarks/results/nvidia-h200/kernel_times.csv, the masked_conv cases):
+# x and the weight transposed to NHWC first (two launches: 0.24 us a MB of x, 1.3 us a MB of
+# weight: 15.6 us for the 9.4 MB of a 512-channel 3x3 weight), the implicit GEMM (11.7 us plus
+# the FLOPs at 450 TFLOP/s: 17 us at 2.4 GFLOP, 28 at 7.4) and the output back to NCHW (0.4 us
+# a MB). The run's out-masked calls on a gathered weight took 10-40 us for 0.6-3.7 GFLOP
+# (cuDNN picking other tiles: 26.7 us at 32x256x8x8 out50, 39.7 at 32x256x14x14 out50, more
+# than the whole layer): the model gives them the whole layer's rule. The former model had the
+# GEMM at 200 TFLOP/s and no transposes: 1.6-2.3x under the run's eager layers.
+CUDNN_TRANSPOSE_X_US_PER_MB = 0.24
+CUDNN_TRANSPOSE_W_US_PER_MB = 1.3
+CUDNN_TRANSPOSE_OUT_US_PER_MB = 0.4
+CUDNN_FPROP_FIXED_US = 11.7
+CUDNN_FPROP_TFLOPS = 450.0
+
+
+def _cudnn_fprop(p: Plan, flops: float, x: float, w: float, out: float, issue: str) -> None:
+    """cuDNN's forward convolution of x (bytes) by w into out; float32 as the H200 run measured
+    it (CUDNN_*), 16-bit types at the tensor rate."""
+    if _esize(p.case) != 4:
+        _cudnn(p, "fprop", flops, x + w + out, issue)
+        return
+    scale = 4300.0 / p.gpu["copy_gbps"]  # the transposes at the H200's copy rate
+    launch = p.gpu["kernel_us"]
+    p.kernel("cuDNN: x to NHWC", issue, hbm=2 * x,
+             chain_us=CUDNN_TRANSPOSE_X_US_PER_MB * x / 1e6 * scale)
+    p.kernel("cuDNN: weight to KRSC", "inner", hbm=2 * w,
+             chain_us=CUDNN_TRANSPOSE_W_US_PER_MB * w / 1e6 * scale)
+    p.kernel("cuDNN fprop", "inner", hbm=x + w + out, flops=flops, tensor=True,
+             chain_us=CUDNN_FPROP_FIXED_US - launch + flops / (CUDNN_FPROP_TFLOPS * 1e6))
+    p.kernel("cuDNN: out to NCHW", "inner", hbm=2 * out,
+             chain_us=CUDNN_TRANSPOSE_OUT_US_PER_MB * out / 1e6 * scale)
+
+
 def _cudnn_forward(p: Plan, g: _Conv, c_out: float, c_in: float, issue: str = "cudnn") -> None:
     """at::conv2d with bias on cuDNN: the convolution, then the bias added in place."""
     out = g.n * c_out * g.pixels * g.esize
-    _cudnn(p, "fprop", g.flops(c_out, c_in), g.x * c_in / g.c + g.weight * c_out * c_in / g.c**2
-           + out, issue)
+    _cudnn_fprop(p, g.flops(c_out, c_in), g.x * c_in / g.c, g.weight * c_out * c_in / g.c**2,
+                 out, issue)
     p.kernel("bias add", "inner", hbm=2 * out)
 
 
@@ -1881,25 +1918,23 @@ def _cuda_gathering(p: Plan, g: _Conv, out_work: int, in_work: float) -> None:
              chain_us=chain)
 
 
-# csrc/cuda/masked_conv.cu's kStaticPackedMaxSteps (with a static in_mask) and
-# kStaticPackedMaxStepsOut (an out_mask alone)
-CUDA_STATIC_PACKED_MAX_STEPS = 18
-CUDA_STATIC_PACKED_MAX_STEPS_OUT = 9
+CUDA_STATIC_PACKED_MAX_STEPS = 144  # csrc/cuda/masked_conv.cu's kStaticPackedMaxSteps
 
 
-def _cuda_static_packed(p: Plan, g: _Conv, out_kept: int, in_kept: int, in_mask: bool) -> bool:
+def _cuda_static_packed(p: Plan, g: _Conv, out_kept: int, in_kept: int) -> bool:
     """masked_conv.cu's static_on_tensor_cores: static masks run the packed path (pack_kernel,
     a bool in_mask's kept channels first, then masked_conv2d_tc_packed_kernel) where its CTAs
     (samples x pixel tiles x row tiles of the kept output channels: 32 x 64, or 64 x 32 for
     maps of at most 32 pixels) times the K steps each runs (9 taps x ceil(in_kept / 32)) over
-    the rounds of the GPU's CTA slots (4 an SM) stay within CUDA_STATIC_PACKED_MAX_STEPS (a
-    static in_mask) or CUDA_STATIC_PACKED_MAX_STEPS_OUT (an out_mask alone), else cuDNN on the
-    compacted problem. The limits are this model's: over 3 x 3 convolutions of 1-128 samples,
-    32-512 channels, 4 x 4 to 56 x 56 maps and 25-75% kept, the path they choose takes on
-    average 1.5% (in_mask) / 1% (out_mask) more device time than the faster one."""
+    the rounds of the GPU's CTA slots (4 an SM) stay within CUDA_STATIC_PACKED_MAX_STEPS, else
+    cuDNN on the compacted problem. The limit is this model's, with cuDNN's float32 times as
+    the H200 run measured them (CUDNN_*): over 3 x 3 convolutions of 1-128 samples, 32-512
+    channels, 4 x 4 to 56 x 56 maps and 25-75% kept, the path it chooses takes on average 2.3%
+    (in_mask) / 1.1% (out_mask alone) more device time than the faster one. (With cuDNN at
+    200 TFLOP/s and no transposes the limits were 18 and 9: most static out_masks went to
+    cuDNN, whose measured floor then made them miss their goal.)"""
     rounds = math.ceil(_cuda_packed_grid(g, out_kept)[3] / (p.gpu["sms"] * 4))
-    limit = CUDA_STATIC_PACKED_MAX_STEPS if in_mask else CUDA_STATIC_PACKED_MAX_STEPS_OUT
-    return rounds * 9 * math.ceil(in_kept / 32) <= limit
+    return rounds * 9 * math.ceil(in_kept / 32) <= CUDA_STATIC_PACKED_MAX_STEPS
 
 
 def _triton_channel_lists(p: Plan, mask: bool) -> None:
@@ -2082,7 +2117,7 @@ def masked_conv_forward(p: Plan, provider: str, grad: bool) -> None:
         elif g.kind == "sample-out":
             _cuda_packed(p, g, g.kept)
         elif _cuda_static_packed(p, g, g.kept if out_static else g.c,
-                                 g.kept if g.kind == "in" else g.c, g.kind == "in"):
+                                 g.kept if g.kind == "in" else g.c):
             # the (C,) out_mask read on the device; the kept counts and an in_mask's kept list
             # from the cache
             _cuda_packed(p, g, g.kept if out_static else g.c, g.kept if g.kind == "in" else g.c)
@@ -2093,7 +2128,7 @@ def masked_conv_forward(p: Plan, provider: str, grad: bool) -> None:
                 # writes the kept channels with their bias and the zeros (was: bias gather, bias
                 # add, zeros, index_copy_: 6 launches, now 3)
                 out = g.x * g.keep
-                _cudnn(p, "fprop", g.flops(g.kept, g.c), g.x + g.weight * g.keep + out, "cudnn")
+                _cudnn_fprop(p, g.flops(g.kept, g.c), g.x, g.weight * g.keep, out, "cudnn")
                 rows = g.n * g.c
                 p.kernel("scatter_kept_channels_kernel", "inner", hbm=out + g.x,
                          ops=g.n * g.c * g.pixels * 4, ctas=min(math.ceil(rows / 8), 132 * 8),

@@ -1176,16 +1176,17 @@ def _static_close(got, x, weight, bias, geom, in_mask, out_mask):
 def test_cuda_static_out_mask_scatter(dtype, channels_last, with_bias, in_static):
     """Static output masks on cuDNN with the fused scatter: kept channels with their bias,
     masked ones exactly 0, in both layouts, with and without a static in_mask, an output
-    channel count above one block (300) and a 5x7 image (pixels not a multiple of 32). 160 input
-    channels (144 kept at 90%): 45 K steps of 32 for one round of CTAs, past the packed path's
-    limits for static masks, so bf16 takes cuDNN too (float32 does with TF32 off, these tests'
-    setting)."""
+    channel count above one block (300) and a 5x7 image (pixels not a multiple of 32). 600 input
+    channels (~540 kept at 90%): 153-171 K steps of 32 for one round of CTAs, past the packed
+    path's limit for static masks (144), so bf16 takes cuDNN too (float32 does with TF32 off,
+    these tests' setting)."""
     gen = torch.Generator().manual_seed(13)
-    geom = (3, 160, 300, 5, 7, 3, 1, 1, 1)
+    geom = (3, 600, 300, 5, 7, 3, 1, 1, 1)
     x, weight, bias = _tc_inputs(geom, dtype, gen, channels_last)
     bias = bias if with_bias else None
     out_mask = (torch.rand(300, generator=gen) < 0.3).cuda()
-    in_mask = (torch.rand(160, generator=gen) < 0.9).cuda() if in_static else None
+    in_mask = (torch.rand(600, generator=gen) < 0.9).cuda() if in_static else None
+    assert in_mask is None or int(in_mask.sum()) > 512  # 17 steps of 32 a tap at least
     with pyprune.use_backend("cuda"):
         got, names = _cuda_kernel_names(lambda: pyprune.masked_conv2d(
             x, weight, bias, 1, 1, in_mask=in_mask, out_mask=out_mask))

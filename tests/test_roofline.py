@@ -207,14 +207,26 @@ def test_masked_conv_bytes_and_flops():
     backward = kernels("masked_conv", Case((32, 128, 16, 16), "sample-out25"), roofline.CUDA,
                        "backward")
     assert "masked_conv2d_tc_kernel (wmma)" in backward and "pack_kernel" not in backward
-    # Static 25%: 36 K steps of 32 for one round of CTAs is past the limit without an in_mask
-    # (9): cuDNN on the 32 kept output channels, the kept indices cached per mask version (no
-    # nonzero() sync).
+    # Static 25%: 36 K steps of 32 for one round of CTAs, within the limit (144): the packed
+    # path, a quarter of the products, no sync.
     items = roofline.plan("masked_conv", Case((32, 128, 16, 16), "out25"), roofline.CUDA,
                           "forward", "h200").items
     k = {i.name: i for i in items if isinstance(i, roofline.Kernel)}
-    assert list(k) == ["index_select weight", "cuDNN fprop", "scatter_kept_channels_kernel"]
-    assert k["cuDNN fprop"].flops == dense_flops / 4
+    assert list(k) == ["pack_kernel", "masked_conv2d_tc_packed_kernel (mma)"]
+    assert k["masked_conv2d_tc_packed_kernel (mma)"].flops == dense_flops / 4
+    assert not any(isinstance(i, roofline.Sync) for i in items)
+    # Past the limit (128 samples of 56 x 56: 144 steps for each of 8 rounds of CTAs): cuDNN on
+    # the kept output channels, with its NCHW transposes as the H200 run measured them (x and
+    # the gathered weight to NHWC, the output back), then one pass writes the kept channels
+    # with their bias and the zeros; the kept indices cached per mask version (no sync).
+    items = roofline.plan("masked_conv", Case((128, 256, 56, 56), "out50"), roofline.CUDA,
+                          "forward", "h200").items
+    k = {i.name: i for i in items if isinstance(i, roofline.Kernel)}
+    assert list(k) == ["index_select weight", "cuDNN: x to NHWC", "cuDNN: weight to KRSC",
+                       "cuDNN fprop", "cuDNN: out to NCHW", "scatter_kept_channels_kernel"]
+    assert k["cuDNN fprop"].flops == 2 * 128 * 56 * 56 * 128 * 256 * 9
+    assert k["cuDNN: weight to KRSC"].hbm == 2 * 128 * 256 * 9 * 4
+    assert k["cuDNN fprop"].chain_us >= roofline.CUDNN_FPROP_FIXED_US - 1.5
     assert not any(isinstance(i, roofline.Sync) for i in items)
     # 16 channels: 9 K steps (16 channels padded to 32) for one round of 128 CTAs, within the
     # limit: the packed path (the (C,) mask read on the device); only the kept rows of the
@@ -232,7 +244,7 @@ def test_masked_conv_bytes_and_flops():
     assert k.l2 == pytest.approx(4 * 32 * 9 * 4 * (32 * 4 - 1))  # 4 kept rows of 32 x 9
     assert not any(isinstance(i, roofline.Sync) for i in items)
     # Static input mask at 50%: 18 K steps over the 64 kept input channels for one round of 512
-    # CTAs (4 an SM, 132 SMs), within the limit with an in_mask (18): the pack lists the kept
+    # CTAs (4 an SM, 132 SMs), within the limit: the pack lists the kept
     # channels first (x's kept half read, xp and wp of 64 channels), the kernel runs half the
     # products of the dense convolution.
     k = kernels("masked_conv", Case((32, 128, 16, 16), "in50"), roofline.CUDA, "forward")
@@ -241,20 +253,14 @@ def test_masked_conv_bytes_and_flops():
     conv = k["masked_conv2d_tc_packed_kernel (mma)"]
     assert conv.flops == dense_flops / 2 and conv.ctas == 512
     assert conv.ops == 512 * 18 * 256 * roofline.CUDA_TC_PACKED_STEP_OPS[32]["float32"]
-    # 75% kept: 27 steps over 96 channels, past the limit: cuDNN on the kept input channels of x
-    # and of the weight.
+    # 75% kept: 27 steps over 96 channels, still within the limit: packed, with three quarters
+    # of the products; and so is a static out_mask at 75% (36 steps).
     k = kernels("masked_conv", Case((32, 128, 16, 16), "in75"), roofline.CUDA, "forward")
-    assert list(k) == ["index_select weight", "index_select x", "cuDNN fprop", "bias add"]
-    assert k["cuDNN fprop"].flops == dense_flops * 3 / 4
-    # Static 75%: 36 steps for one round of CTAs is past the limit: cuDNN on the 96 kept output
-    # channels without bias, then one pass writes the kept channels with their bias and the zeros; the
-    # kept indices are cached per mask version (no nonzero() sync).
-    items = roofline.plan("masked_conv", Case((32, 128, 16, 16), "out75"), roofline.CUDA,
-                          "forward", "h200").items
-    k = {i.name: i for i in items if isinstance(i, roofline.Kernel)}
-    assert k["cuDNN fprop"].flops == dense_flops * 3 / 4
-    assert k["scatter_kept_channels_kernel"].hbm == x * 3 / 4 + x
-    assert len(k) == 3 and not any(isinstance(i, roofline.Sync) for i in items)
+    assert list(k) == ["pack_kernel", "masked_conv2d_tc_packed_kernel (mma)"]
+    assert k["masked_conv2d_tc_packed_kernel (mma)"].flops == dense_flops * 3 / 4
+    k = kernels("masked_conv", Case((32, 128, 16, 16), "out75"), roofline.CUDA, "forward")
+    assert list(k) == ["pack_kernel", "masked_conv2d_tc_packed_kernel (mma)"]
+    assert k["masked_conv2d_tc_packed_kernel (mma)"].flops == dense_flops * 3 / 4
 
 
 def test_written_out_cuda_constants_match_the_sources():
@@ -272,8 +278,6 @@ def test_written_out_cuda_constants_match_the_sources():
 
     assert roofline.CUDA_STATIC_PACKED_MAX_STEPS == constant("masked_conv.cu",
                                                              "kStaticPackedMaxSteps")
-    assert roofline.CUDA_STATIC_PACKED_MAX_STEPS_OUT == constant("masked_conv.cu",
-                                                                 "kStaticPackedMaxStepsOut")
     assert roofline.CUDA_KWTA_MIN_CLUSTER_SLICE == constant("kwta.cu", "kMinClusterSlice")
     assert roofline.CUDA_KWTA_MAX_CLUSTER == constant("kwta.cu", "kMaxNonPortableCluster")
     assert roofline.CUDA_SAP_WHOLE_CHUNK_RATIO == constant("sap.cu", "kWholeChunkRatio")
@@ -435,16 +439,19 @@ def test_count_select_is_the_kernels_select():
     assert 10 < roofline.kwta_count_passes(1024, 102) < 20
 
 
-@pytest.mark.parametrize("op", ["kwta", "sap"])
-def test_eager_model_matches_the_h200_run(op):
-    """The eager models' kernel rates of k-WTA (roofline.TOPK_*) and SAP (MULTINOMIAL_*,
-    SCATTER_*, BROADCAST_BW) were read off the H200 run's kernel times: their device time stays
-    within 15% of that run's busy time in every forward case."""
+@pytest.mark.parametrize("op, tolerance", [("kwta", 0.15), ("sap", 0.15), ("masked_conv", 0.2)])
+def test_eager_model_matches_the_h200_run(op, tolerance):
+    """The eager models' kernel rates of k-WTA (roofline.TOPK_*), SAP (MULTINOMIAL_*, SCATTER_*,
+    BROADCAST_BW) and cuDNN's float32 convolution (CUDNN_*) were read off the H200 run's kernel
+    times: their device time stays within 15% (20% for the convolutions) of that run's busy
+    time in every forward case it measured."""
     path = pathlib.Path(__file__).parents[1] / "benchmarks/results/nvidia-h200/kernel_times.csv"
     with open(path) as f:
         busy = {r["shape"]: float(r["device_us_per_call"]) for r in csv.DictReader(f)
                 if r["op"] == op and r["mode"] == "forward" and r["provider"] == "eager"
                 and r["kernel"] == "(all)"}
-    for case in OPS[op].CASES:
+    cases = [case for case in OPS[op].CASES if case.label in busy]
+    assert len(cases) >= 6
+    for case in cases:
         predicted = roofline.predict_case(op, case, "forward", "h200")["eager"].device_us
-        assert predicted == pytest.approx(busy[case.label], rel=0.15), case.label
+        assert predicted == pytest.approx(busy[case.label], rel=tolerance), case.label

@@ -1563,19 +1563,17 @@ at::Tensor static_forward_cuda(const at::Tensor& x, const at::Tensor& weight,
 // output channels: 32 x 64 where a sample has more than 32 output pixels, else 64 x 32) fill
 // `rounds` of the GPU's CTA slots (kPkMinBlocks an SM), each running taps x ceil(kept input
 // channels / 32) K steps; the packed path is taken where rounds x steps is at most
-// kStaticPackedMaxSteps with a static bool in_mask (cuDNN's route then gathers x's kept channels
-// and adds the bias in passes of their own, four launches against the pack and the kernel) and
-// kStaticPackedMaxStepsOut without one (cuDNN's route: the weight gather, the convolution, one
-// fused scatter + bias pass). The limits are the roofline model's (benchmarks/roofline.py,
-// 3 x 3 convolutions of 1-128 samples, 32-512 channels, 4 x 4 to 56 x 56 maps, 25-75% kept):
-// with them the path chosen takes on average 1.5% (1% without an in_mask) more device time than
-// the faster one, 1.3x (1.4x) at worst; a single limit for both averages 2-3%. Not measured yet.
-// Decided from the shapes, the dtype, the TF32 flag and the kept counts (cached per mask
-// version, as the cuDNN path needs them; the caller has made sure they are known or may be
-// computed), so the same call always takes the same kernels. benchmarks/roofline.py's
-// _cuda_static_packed mirrors this rule.
-constexpr int64_t kStaticPackedMaxSteps = 18;
-constexpr int64_t kStaticPackedMaxStepsOut = 9;
+// kStaticPackedMaxSteps (cuDNN's route: the weight gather, a bool in_mask's x gather, the
+// convolution with its NCHW transposes, the scatter or bias pass). The limit is the roofline
+// model's (benchmarks/roofline.py, with cuDNN's float32 times as an H200 run measured them:
+// ~12 us a convolution before its FLOPs, and the transposes; 3 x 3 convolutions of 1-128
+// samples, 32-512 channels, 4 x 4 to 56 x 56 maps, 25-75% kept): the path chosen takes on
+// average 2.3% (in_mask) / 1.1% (out_mask alone) more device time than the faster one. The
+// packed kernel itself is not measured yet. Decided from the shapes, the dtype, the TF32 flag
+// and the kept counts (cached per mask version, as the cuDNN path needs them; the caller has
+// made sure they are known or may be computed), so the same call always takes the same
+// kernels. benchmarks/roofline.py's _cuda_static_packed mirrors this rule.
+constexpr int64_t kStaticPackedMaxSteps = 144;
 
 bool static_on_tensor_cores(const at::Tensor& x, const masked_conv::Geometry& g,
                             const std::optional<at::Tensor>& in_mask,
@@ -1599,8 +1597,7 @@ bool static_on_tensor_cores(const at::Tensor& x, const masked_conv::Geometry& g,
       kPkMinBlocks;
   const int64_t rounds = (ctas + slots - 1) / slots;
   const int64_t steps = g.kh * g.kw * (packed_channels(k_in) / kPkC);
-  return rounds * steps <=
-         (in_mask.has_value() ? kStaticPackedMaxSteps : kStaticPackedMaxStepsOut);
+  return rounds * steps <= kStaticPackedMaxSteps;
 }
 
 at::Tensor masked_conv2d_cuda(const at::Tensor& x, const at::Tensor& weight,
