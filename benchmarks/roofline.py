@@ -68,11 +68,13 @@ Per op, the passes modelled (n = bytes of x; k = kept share; see each ``*_forwar
 kwta (csrc/cuda/kwta.cu, triton_kernels/kwta.py)
   cuda fwd     L <= 1024: warp select (32 keys a lane, bit-transposed planes), x read once, the
                write pass rereads it (L2): 2n HBM + n L2, ~45 ops/elem. L > 1024: a block (or an
-               sm_90 cluster of 2-8 blocks) per group, 3 radix passes of 11 bits; pass 1 reads
+               sm_90 cluster of 2-16 blocks) per group, all groups at once, 3 radix passes of
+               11 bits; pass 1 reads
                x, pass 2 reads x again unless the candidates fit in shared memory (24 KiB; the
                share left after a digit is the N(0,1) mass of that digit's bucket at the
                threshold), later passes read shared memory; the masked write reads x and writes
-               out: 3 reads + 1 write for every case here. A CTA's chain: each global pass
+               out: 3 reads + 1 write for every case here (from L2 where x fits in half
+               of it, else from DRAM). A CTA's chain: each global pass
                in trips of 16 elements a thread (a round trip, then the SM's issue of 21-29
                SASS instructions an element: CUDA_KWTA_BLOCK_OPS), 4.3 us a pass and 0.24 us
                a cluster-merge round trip (fitted to the H200 run: CUDA_KWTA_PASS_US).
@@ -699,7 +701,7 @@ CUDA_KWTA_BLOCK_OPS = {"hist": 21, "collect": 29, "write": 8}
 CUDA_KWTA_PASS_US = 4.3
 CUDA_KWTA_DSMEM_US = 0.24
 CUDA_KWTA_MIN_CLUSTER_SLICE = 8192  # kwta.cu's kMinClusterSlice
-CUDA_KWTA_MAX_CLUSTER = 16  # kwta.cu's kMaxNonPortableCluster
+CUDA_KWTA_MAX_CLUSTER = 16  # kwta.cu's kMaxCluster
 
 
 def _kwta_cuda_forward(p: Plan, groups: int, length: int, k: int) -> None:
@@ -725,26 +727,16 @@ def _kwta_cuda_forward(p: Plan, groups: int, length: int, k: int) -> None:
                  per_sm=3, chain_us=chain)
         return
     threads = 256 if length <= 8192 else 512
-    cluster, resident, rounds = 1, groups, 1
-    budget = gpu["l2_reuse"] * gpu["l2_mb"] * 1e6
-    beyond_l2 = groups * length * e > budget
-    if (threads == 512 and (groups < 2 * sms or beyond_l2)
-            and length >= 2 * CUDA_KWTA_MIN_CLUSTER_SLICE):
-        # kwta.cu's launch_block: where x exceeds half the L2, as many groups at a time as fit
-        # there (clusters looping over the groups), in even rounds; up to 16 blocks a cluster
-        # (non-portable, sm_90) where the groups in flight leave SMs idle.
-        if beyond_l2:
-            resident = max(1, int(budget // (length * e)))
-            rounds = math.ceil(groups / resident)
-            resident = math.ceil(groups / rounds)
-        cluster = min(CUDA_KWTA_MAX_CLUSTER if resident < groups else 8, 2 * sms // resident,
+    cluster = 1
+    if threads == 512 and groups < 2 * sms and length >= 2 * CUDA_KWTA_MIN_CLUSTER_SLICE:
+        # kwta.cu's launch_block: up to 16 blocks a cluster (sm_90), so that the grid reaches
+        # two blocks an SM; all groups in flight at once.
+        cluster = min(CUDA_KWTA_MAX_CLUSTER, 2 * sms // groups,
                       length // CUDA_KWTA_MIN_CLUSTER_SLICE)
-        if cluster < 2:  # one block a group: all groups at once
-            cluster, resident, rounds = 1, groups, 1
     vec = 16 // e
     chunk = math.ceil(math.ceil(length / cluster) / vec) * vec
     capacity = (16 if cluster > 1 else 24) * 1024 // 4
-    ctas = resident * cluster
+    ctas = groups * cluster
     per_sm = 1024 // threads
     threads_per_sm = min(per_sm, math.ceil(ctas / sms)) * threads
     # A trip: 16 elements a thread (4 16-byte packs) loaded, then processed; the next trip's
@@ -774,8 +766,9 @@ def _kwta_cuda_forward(p: Plan, groups: int, length: int, k: int) -> None:
     walk += trips * trip_us(again, ops["write"])
     merge = math.ceil(cluster / 4) * CUDA_KWTA_DSMEM_US if cluster > 1 else 0.0
     # A group's chain: its global passes' trips, each pass's fixed part and the cluster merge,
-    # the masked write; a round of groups after another.
-    chain = rounds * (walk + passes * (CUDA_KWTA_PASS_US + merge))
+    # the masked write (a CTA's groups one after another where the grid has more CTAs than the
+    # GPU holds: the waves of kernel_time).
+    chain = walk + passes * (CUDA_KWTA_PASS_US + merge)
     element_ops = (numel * (ops["collect"] + ops["hist"] * (global_passes - 1) + ops["write"]))
     p.kernel(f"kwta_block_kernel<{threads}> cluster {cluster}", "inner",
              **_merge({"hbm": 2 * n}, reread),

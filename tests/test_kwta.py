@@ -273,10 +273,9 @@ def test_cuda_graph_capture(backend):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("length", [1 << 20, 1 << 16])
 def test_cuda_groups_beyond_half_the_l2(dtype, length):
-    """Groups whose x exceeds half the L2: on sm_90 the clusters loop over the groups, as many
-    at a time as fit there, in uneven rounds (few large groups: clusters of up to 16 blocks
-    where the GPU schedules them; groups of 65536: more groups than two blocks an SM); every
-    group's output is the reference's, ties included."""
+    """Groups whose x exceeds half the L2, all in flight at once (groups of 2^20: few large
+    groups, clusters of blocks on sm_90; groups of 65536: more groups than two blocks an SM,
+    one block each); every group's output is the reference's, ties included."""
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
     groups = 2 * l2 // (length * dtype.itemsize) + 3
     gen = torch.Generator(device="cuda").manual_seed(7)

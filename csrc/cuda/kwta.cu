@@ -15,14 +15,11 @@
 //   as soon as the candidates of a block fit in shared memory (usually after the first digit),
 //   the pass that reads them also copies their keys there, and later passes never touch global
 //   memory again. A last pass writes the masked output.
-// * Few large groups on sm_90: a thread-block cluster of up to 8 blocks shares a group; each
-//   block histograms its slice and reads its siblings' histograms through distributed shared
-//   memory, so every block picks the same digit. No global scratch, no grid-wide barrier: the
-//   launch stays a single kernel and CUDA-graph safe. Where x exceeds half the L2, only as many
-//   groups at a time as fit there are in flight (the clusters loop over the groups, clusters of
-//   up to 16 blocks where the GPU schedules them): each block's later passes over its slice
-//   (the candidates' pass, the masked write) then hit L2, so DRAM sees x read once and out
-//   written once.
+// * Few large groups on sm_90: a thread-block cluster of up to 16 blocks (8 where the GPU
+//   schedules no more) shares a group; each block histograms its slice and reads its siblings'
+//   histograms through distributed shared memory, so every block picks the same digit. No
+//   global scratch, no grid-wide barrier: the launch stays a single kernel and CUDA-graph safe.
+//   All groups are in flight at once (see launch_block).
 //
 // Half and bfloat16 keys are floats whose low 13 / 16 bits follow from the sign bit, so the
 // select skips those bits (2 passes instead of 3) and complete_key restores them.
@@ -59,10 +56,9 @@ constexpr int kClusterCandBytes = 16 * 1024;
 constexpr int kWarpMaxGroup = 1024;  // 32 lanes x 32 keys
 constexpr int kWarpKernelThreads = 256;
 constexpr int kBackwardThreads = 256;
-constexpr int kMaxCluster = 8;  // portable cluster size
-// Where x exceeds half the L2 and clusters loop over the groups: up to 16 blocks a cluster
-// (non-portable: sm_90 GPUs whose GPCs hold them).
-constexpr int kMaxNonPortableCluster = 16;
+// Blocks a cluster at most (above the portable 8: sm_90 GPUs whose GPCs hold them, as
+// max_cluster_size finds).
+constexpr int kMaxCluster = 16;
 // A cluster block should still stream at least this many elements per pass: 8192 (32 KiB of
 // float32, one round of 4 16-byte packs per thread of 512) lets a batch of 8 groups of 64K
 // elements take 8 blocks each (64 CTAs) rather than 4, halving the chain of each pass.
@@ -575,31 +571,20 @@ void launch_block(KwtaParams<scalar_t> p, const cudaDeviceProp& prop, int device
   const auto kernel = kwta_block_kernel<scalar_t, kThreads, kVectorized>;
   constexpr int vec = kVectorized ? vec_width<scalar_t>() : 1;
 
-  // Few groups leave SMs idle: split each group over a cluster where the hardware allows.
-  // Where x exceeds half the L2, only as many groups at a time as fit there (the clusters loop
-  // over the groups, in even rounds): a block's later passes over its slice (the candidates'
-  // pass, the masked write) then read it from L2, not DRAM, and the clusters may take 16
-  // blocks, so that the fewer groups in flight still fill the SMs.
+  // Few groups leave SMs idle: split each group over a cluster (up to 16 blocks where the GPU
+  // schedules them) so that the grid reaches two blocks an SM. Every group is in flight at once,
+  // x too large for the L2 included: each radix pass has a fixed cost of ~4 us (the H200 run of
+  // the former launch, which ran groups in L2-sized rounds so that the later passes read L2,
+  // paid it once a round: 422 us at 32x256x56x56 in 4 rounds, where rereading x from DRAM in
+  // one round is bound near 100 us by bandwidth).
   int cluster = 1;
-  int64_t resident = p.groups;
   const int64_t target_blocks = 2 * int64_t(prop.multiProcessorCount);
   const size_t cluster_smem = 3 * kHistBytes + kClusterCandBytes;
-  const int64_t group_bytes = p.L * int64_t(sizeof(scalar_t));
-  const int64_t budget = int64_t(prop.l2CacheSize) / 2;
-  const bool beyond_l2 = p.groups * group_bytes > budget;
-  if (kThreads == 512 && prop.major >= 9 && (p.groups < target_blocks || beyond_l2) &&
+  if (kThreads == 512 && prop.major >= 9 && p.groups < target_blocks &&
       p.L >= 2 * kMinClusterSlice && has_sm90_image(kernel, device)) {
-    if (beyond_l2) {
-      resident = std::max<int64_t>(1, budget / group_bytes);
-      const int64_t rounds = (p.groups + resident - 1) / resident;
-      resident = (p.groups + rounds - 1) / rounds;
-    }
-    const int most = resident < p.groups ? max_cluster_size(kernel, device, kThreads, cluster_smem,
-                                                            kMaxNonPortableCluster)
-                                         : kMaxCluster;
-    cluster = static_cast<int>(std::min<int64_t>(
-        {most, target_blocks / resident, p.L / kMinClusterSlice}));
-    if (cluster < 2) resident = p.groups;  // one block a group: all groups at once
+    const int most = max_cluster_size(kernel, device, kThreads, cluster_smem, kMaxCluster);
+    cluster = static_cast<int>(
+        std::min<int64_t>({most, target_blocks / p.groups, p.L / kMinClusterSlice}));
   }
   p.cluster = cluster;
   p.chunk = (p.L + cluster - 1) / cluster;
@@ -607,7 +592,7 @@ void launch_block(KwtaParams<scalar_t> p, const cudaDeviceProp& prop, int device
   const int cand_bytes = cluster > 1 ? kClusterCandBytes : kCandBytes;
   p.cap = static_cast<uint32_t>(cand_bytes / sizeof(U));
   const size_t smem = cluster > 1 ? cluster_smem : kHistBytes + kCandBytes;
-  const int64_t clusters = std::min<int64_t>(resident, (int64_t(1) << 30) / cluster);
+  const int64_t clusters = std::min<int64_t>(p.groups, (int64_t(1) << 30) / cluster);
   const unsigned blocks = static_cast<unsigned>(clusters * cluster);
 
   if (cluster == 1) {
