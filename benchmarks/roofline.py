@@ -257,7 +257,6 @@ _HOPPER = {
         "block_scan": 0.1,  # cub::BlockScan of 256 (two barriers and warp shuffles)
         "philox": 0.15,  # one Philox4x32-10: 10 dependent rounds
         "tile_reduce": 0.15,  # a Triton tl.cumsum / tl.max / tl.histogram pick over a block
-        "pass": 0.3,  # a radix pass's fixed part: clear, pick the bucket, 3 barriers
         "cluster_pass": 0.8,  # the same across a cluster: cluster.sync and the DSMEM merge
         "smem": 0.02,  # one dependent shared-memory load (a binary-search step)
         "warp_step": 0.03,  # a dependent popcount and warp reduction (~60 cycles)
@@ -629,6 +628,12 @@ def bucket_share(quantile: float, bits: int) -> float:
     return abs(normal.cdf(hi) - normal.cdf(lo))
 
 
+def _slower_than_h200(p: Plan) -> float:
+    """How much longer than on the H200 a memory-bound time measured there takes on p's GPU
+    (the ratio of the copy rates)."""
+    return GPUS["h200"]["copy_gbps"] / p.gpu["copy_gbps"]
+
+
 # torch.topk's kernels as an H200 ran them (torch 2.11; benchmarks/results/nvidia-h200/
 # kernel_times.csv, the eager rows of the k-WTA cases, 4 MB to 103 MB, 32 to 8192 groups): the
 # streaming kernels reach these shares of the copy bandwidth (each launch's kernel_us on top),
@@ -656,7 +661,7 @@ def _topk(p: Plan, groups: int, length: int, k: int, esize: int, first: str) -> 
     numel, n = groups * length, groups * length * esize
     out = groups * k * (esize + 8)  # values and int64 indices
     launch = p.gpu["kernel_us"]
-    copy_scale = p.gpu["copy_gbps"] / 4300.0  # the H200's copy rate, where these were read
+    slower = _slower_than_h200(p)
 
     def small(name: str, kind: str, issue: str = "inner", count: int = 1) -> None:
         fixed, per_group = TOPK_SMALL_US[kind]
@@ -678,10 +683,10 @@ def _topk(p: Plan, groups: int, length: int, k: int, esize: int, first: str) -> 
     if k <= 4096:  # sortKeyValueInplace: one launch
         us, rate = TOPK_SORT_INPLACE
         p.kernel("topk: radixSortKVInPlace", "inner", ctas=1,
-                 chain_us=max(us, values / rate) / copy_scale - launch)
+                 chain_us=max(us, values / rate) * slower - launch)
         return
     us, rate, launches = TOPK_SORT_SEGMENTED if groups >= 128 else TOPK_SORT_ONESWEEP
-    each = (us + values / rate) / copy_scale / launches - launch
+    each = (us + values / rate) * slower / launches - launch
     for i in range(launches):
         p.kernel(f"sort: at::sort launch {i}", "inner", ctas=1, chain_us=max(0.0, each))
 
@@ -769,7 +774,7 @@ def _kwta_cuda_forward(p: Plan, groups: int, length: int, k: int) -> None:
     # the masked write (a CTA's groups one after another where the grid has more CTAs than the
     # GPU holds: the waves of kernel_time).
     chain = walk + passes * (CUDA_KWTA_PASS_US + merge)
-    element_ops = (numel * (ops["collect"] + ops["hist"] * (global_passes - 1) + ops["write"]))
+    element_ops = numel * (ops["collect"] + ops["hist"] * (global_passes - 1) + ops["write"])
     p.kernel(f"kwta_block_kernel<{threads}> cluster {cluster}", "inner",
              **_merge({"hbm": 2 * n}, reread),
              ops=element_ops, ctas=ctas, per_sm=per_sm, chain_us=chain)
@@ -1779,7 +1784,7 @@ def _cudnn_fprop(p: Plan, flops: float, x: float, w: float, out: float, issue: s
     if _esize(p.case) != 4:
         _cudnn(p, "fprop", flops, x + w + out, issue)
         return
-    scale = 4300.0 / p.gpu["copy_gbps"]  # the transposes at the H200's copy rate
+    scale = _slower_than_h200(p)  # the transposes
     launch = p.gpu["kernel_us"]
     p.kernel("cuDNN: x to NHWC", issue, hbm=2 * x,
              chain_us=CUDNN_TRANSPOSE_X_US_PER_MB * x / 1e6 * scale)

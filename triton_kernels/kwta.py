@@ -407,9 +407,19 @@ def _kwta_sample_kernel(
 
 
 @triton.jit
+def _bracket_row(scratch_ptr, group):
+    """The group's scratch row and the bracket _kwta_sample_kernel left in it: (row, lo, hi,
+    the bin shift)."""
+    row = scratch_ptr + group * 8
+    lo = tl.load(row).to(tl.uint32, bitcast=True)
+    hi = tl.load(row + 1).to(tl.uint32, bitcast=True)
+    return row, lo, hi, tl.load(row + 2)
+
+
+@triton.jit
 def _candidates(cand_row, pos_row, i, ok, absolute):
-    """Candidates i of a group (value, position, key), read past L1: other programs of the
-    group stored them (the finished-programs counter's acquire orders those stores first)."""
+    """Candidates i of a group (value, position, key), read past L1 (the filter launch's
+    programs stored them)."""
     v = tl.load(cand_row + i, mask=ok, other=0.0, cache_modifier=".cg")
     p = tl.load(pos_row + i, mask=ok, other=0, cache_modifier=".cg").to(tl.int64)
     return v, p, _to_key(_f32(v), absolute)
@@ -517,10 +527,7 @@ def _kwta_filter_kernel(
     out_base = out_ptr + n * out_sn + c * out_sc
     raw = tl.load(x_base + offs * x_sl, mask=in_group, other=0.0)
     keys = _to_key(_f32(raw), absolute)
-    row = scratch_ptr + group * 8
-    lo = tl.load(row).to(tl.uint32, bitcast=True)
-    hi = tl.load(row + 1).to(tl.uint32, bitcast=True)
-    shift = tl.load(row + 2)
+    row, lo, hi, shift = _bracket_row(scratch_ptr, group)
     band = lo != hi  # lo == hi: a tie, every candidate is kept if the bracket holds
     above = in_group & (keys > hi)
     inside = in_group & (keys >= lo) & (keys <= hi)
@@ -552,10 +559,7 @@ def _kwta_finish_kernel(
     group = tl.program_id(0).to(tl.int64)
     n = group // C
     c = group % C
-    row = scratch_ptr + group * 8
-    lo = tl.load(row).to(tl.uint32, bitcast=True)
-    hi = tl.load(row + 1).to(tl.uint32, bitcast=True)
-    shift = tl.load(row + 2)
+    row, lo, hi, shift = _bracket_row(scratch_ptr, group)
     _finish_group(x_ptr + n * x_sn + c * x_sc, out_ptr + n * out_sn + c * out_sc, threshold_ptr,
                   row, hist_ptr + group * NBINS, cand_ptr + group * cap, pos_ptr + group * cap,
                   list_ptr + group * BIN_CAP, list_pos_ptr + group * BIN_CAP,

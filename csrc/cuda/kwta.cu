@@ -276,17 +276,17 @@ __device__ __forceinline__ void append_candidates(const U (&keys)[kTrip], uint32
 }
 
 // One histogram pass over this block's slice [begin, end) of a group in global memory: every
-// key matching the prefix adds one to its digit's bin. The add is a predicated shared atomic
-// with no warp collective around it (lanes of a warp on one bin are summed by the hardware in
-// one ATOMS.POPC.INC, so ties cost no more), so the trip's 8-16 elements a thread are
-// independent and their loads, keys and atomics overlap. Where `collect`, the matching keys
-// are also appended to cand (append_candidates). Trips depend only on the warp.
+// key that `matches` the prefix adds one to the bin of its `digit`. The add is a predicated
+// shared atomic with no warp collective around it (lanes of a warp on one bin are summed by
+// the hardware in one ATOMS.POPC.INC, so ties cost no more), so the trip's 8-16 elements a
+// thread are independent and their loads, keys and atomics overlap. Where `collect`, the
+// matching keys are also appended to cand (append_candidates). Trips depend only on the warp.
 // kVec > 1 needs stride 1, 16-byte aligned rows, and begin, end multiples of kVec.
-template <int kThreads, int kVec, typename scalar_t, typename U>
+template <int kThreads, int kVec, typename scalar_t, typename U, typename Matches, typename Digit>
 __device__ __forceinline__ void histogram_slice(const scalar_t* __restrict__ base, int64_t stride,
-                                                int64_t begin, int64_t end, U prefix,
-                                                U prefix_mask, int shift, uint32_t digit_mask,
-                                                bool absolute, bool collect, uint32_t* hist,
+                                                int64_t begin, int64_t end, bool absolute,
+                                                const Matches& matches, const Digit& digit,
+                                                bool collect, uint32_t* hist,
                                                 U* __restrict__ cand, uint32_t* n_cand) {
   using acc_t = typename KeyTraits<scalar_t>::acc_t;
   constexpr int kUnroll = kVec == 8 ? 2 : kVec == 1 ? 8 : 4;  // 8 to 16 elements in flight
@@ -310,8 +310,8 @@ __device__ __forceinline__ void histogram_slice(const scalar_t* __restrict__ bas
       for (int e = 0; e < kVec; ++e) {
         const int j = u * kVec + e;
         keys[j] = to_key<acc_t, U>(static_cast<acc_t>(v[u].val[e]), absolute);
-        const bool hit = in_range && (keys[j] & prefix_mask) == prefix;
-        if (hit) atomicAdd(&hist[static_cast<uint32_t>(keys[j] >> shift) & digit_mask], 1u);
+        const bool hit = in_range && matches(keys[j]);
+        if (hit) atomicAdd(&hist[digit(keys[j])], 1u);
         hits |= static_cast<uint32_t>(hit) << j;
       }
     }
@@ -456,8 +456,8 @@ __global__ void __launch_bounds__(kThreads, (block_min_blocks<scalar_t, kThreads
         }
       } else {
         const bool collect = local <= p.cap;  // block-uniform
-        histogram_slice<kThreads, kVec>(xg, p.xs2, begin, end, prefix, prefix_mask, shift,
-                                        digit_mask, p.absolute, collect, hist, cand, &n_cand);
+        histogram_slice<kThreads, kVec>(xg, p.xs2, begin, end, p.absolute, matches, digit,
+                                        collect, hist, cand, &n_cand);
         in_shared = collect;
       }
 
