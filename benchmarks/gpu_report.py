@@ -40,6 +40,7 @@ import argparse
 import collections
 import csv
 import glob
+import math
 import os
 import re
 import shutil
@@ -712,9 +713,21 @@ def _benchmark_cases() -> dict[str, list]:
 
 
 def _kwta_group(case) -> int:
-    import math
-
     return math.prod(case.shape[2 if case.variant == "channel" else 1:])
+
+
+def _sap_block_chunks(case) -> int:
+    """Chunks a block of sap.cu's one-launch bernoulli kernel for a bernoulli case on an H100 /
+    H200 (132 SMs; 0: not that kernel)."""
+    from benchmarks import roofline
+
+    if case.variant != "bernoulli":
+        return 0
+    rows, length = case.shape[0], math.prod(case.shape[1:])
+    if length % 4:
+        return 0
+    k = math.ceil(length / roofline.CUDA_SAP_CHUNK)
+    return roofline.cuda_sap_cluster_plan(rows, k, 132)[0]
 
 
 def _conv_pixels(case) -> int:
@@ -781,12 +794,19 @@ CUDA_USES = {
                                                      lambda c: c.variant.startswith("out"), "fwd"),
     # noise.cu: contiguous, aligned x and out take the vector kernel.
     r"^noise_kernel<float, true>": ("noise", lambda c: True, "fwd"),
-    # sap.cu: partials and prefix in both modes; the merge (exact) or the elementwise pass
-    # (bernoulli); forward and backward run the same launches.
-    r"^sap_partials_kernel<float>": ("sap", lambda c: True, "fwd+bwd"),
-    r"^sap_prefix_kernel<float>": ("sap", lambda c: True, "fwd+bwd"),
+    # sap.cu: exact mode's partials, prefix and merge; bernoulli mode's one launch (a cluster a
+    # sample, G chunks a block: every benchmark row has L % 4 == 0 and at most 64 chunks; the
+    # two-launch elementwise pass serves the others); forward and backward run the same
+    # launches.
+    r"^sap_partials_kernel<float>": ("sap", lambda c: c.variant == "exact", "fwd+bwd"),
+    r"^sap_prefix_kernel<float>": ("sap", lambda c: c.variant == "exact", "fwd+bwd"),
     r"^sap_merge_kernel<float>": ("sap", lambda c: c.variant == "exact", "fwd+bwd"),
-    r"^sap_bernoulli_kernel<float>": ("sap", lambda c: c.variant == "bernoulli", "fwd+bwd"),
+    r"^sap_bernoulli_cluster_kernel<float, 1>": ("sap", lambda c: _sap_block_chunks(c) == 1,
+                                                 "fwd+bwd"),
+    r"^sap_bernoulli_cluster_kernel<float, 2>": ("sap", lambda c: _sap_block_chunks(c) == 2,
+                                                 "fwd+bwd"),
+    r"^sap_bernoulli_cluster_kernel<float, 4>": ("sap", lambda c: _sap_block_chunks(c) == 4,
+                                                 "fwd+bwd"),
 }
 
 

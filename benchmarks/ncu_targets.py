@@ -52,6 +52,8 @@ TARGETS = (
     Target("kwta", "128x64x32x32", "forward", "pyprune-triton", "_kwta_filter_kernel"),
     Target("sap", "128x64x32x32 exact", "forward", "pyprune-cuda", "sap_merge_kernel"),
     Target("sap", "128x64x32x32 exact", "forward", "pyprune-triton", "_sap_merge_kernel"),
+    Target("sap", "128x64x32x32 bernoulli", "forward", "pyprune-cuda",
+           "sap_bernoulli_cluster_kernel"),
     Target("cas", "32x2048x7x7 c1000", "full", "pyprune-cuda", "cas_gather_rows_kernel"),
     Target("masked_conv", "32x256x8x8 out50", "forward", "pyprune-triton",
            "_masked_conv2d_forward_kernel"),

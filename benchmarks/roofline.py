@@ -322,6 +322,9 @@ class Kernel:
     ctas: int = 0  # CTAs carrying the work; 0: enough to fill the GPU
     per_sm: int = 1  # CTAs resident on one SM
     chain_us: float = 0.0  # serial latency of one CTA
+    # Latency before any CTA can compute (every CTA loads, then waits at a barrier first),
+    # added to the bound: nothing overlaps it where all CTAs start at once.
+    lead_us: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -398,7 +401,7 @@ def kernel_time(k: Kernel, gpu: dict, dtype: str) -> tuple[float, str]:
         "latency": waves * k.chain_us,
     }
     bound = max(terms, key=terms.get)
-    return terms[bound] + gpu["kernel_us"], bound
+    return terms[bound] + k.lead_us + gpu["kernel_us"], bound
 
 
 def simulate(calls: list[list[Item]], gpu: dict, dtype: str) -> list[float]:
@@ -1057,21 +1060,55 @@ CUDA_SAP_MERGE_OPS = {"item": 1250, "chunk": 630, "whole": 115, "group": 300,
                       "stored_chunk": 370}
 CUDA_SAP_WHOLE_CHUNK_RATIO = 2  # kWholeChunkRatio
 CUDA_SAP_STORE_MAX_RATIO = 4  # kStoreMaxRatio
-# sap_bernoulli_kernel<float>: instructions an element on the path of the benchmarks' data (16-
-# byte packs, src = x, p < 2^-7, the sample's total added by thread 0), read off the sm_90
-# SASS: an item's indices, loads and total ~240 a thread, each Philox group with its 4 q's,
-# src / q and compares ~265, the stores: ~1340 a thread of 16 elements (4 groups; with 2, as
-# the H200 run had it, ~730 a thread of 8: 92 an element; the formula this replaces charged
-# 67). That run measured 53 us busy for this kernel and the partials together at 128x64x32x32
-# (~43 for this one: ~105 an element at this model's issue rate): latency the count leaves out.
-CUDA_SAP_BERNOULLI_OPS = 84
+# The bernoulli elementwise work of csrc/cuda/sap.cu (float, nvcc 13.0 sm_90 SASS, on the path
+# of the benchmarks' data: 16-byte packs, src = x, p < 2^-7; branches decided by hand, not
+# profiled). bernoulli_pack, one pack of 4 elements: p, the log1p series, both expm1 branches
+# and the select, the uniform and its compare, the predicated reciprocal and src / q, the
+# rare-path flags: ~114. Philox4x32-10 side by side (philox_n: 2 IMAD.WIDE and 2 LOP3 a round
+# each, the key's 2 additions a round shared): 2 evaluations ~100, 4 ~180.
+CUDA_SAP_PACK_OPS = 114
+CUDA_SAP_PHILOX_OPS = {2: 100, 4: 180}
+# sap_bernoulli_kernel (two-launch path): an item's indices, bounds-checked loads and the
+# thread-0 total ~240 a thread of 16 elements, then 4 x (a lone evaluation ~80 + a pack + its
+# store ~10).
+# The H200 run of 2026-12-04 measured the former kernel (84 counted an element, Philox alone,
+# no fast path) at ~105 an element at this model's issue rate: latency the counts leave out.
+CUDA_SAP_BERNOULLI_OPS = (240 + 4 * (80 + CUDA_SAP_PACK_OPS + 10)) / 16
+# sap_bernoulli_cluster_kernel<float, G> (one launch): a thread's fixed part (indices, G chunks'
+# 16-byte loads, |x| sums, the chunk sums' butterflies, the cluster barrier, the DSMEM reads and
+# the total) ~150 + 15 G; then per pair of chunks (G > 1; one chunk where G = 1) the Philox
+# evaluations side by side, 2 packs a chunk and its stores and loop work ~20.
+CUDA_SAP_CLUSTER_FIXED_OPS = (150, 15)
+CUDA_SAP_CLUSTER_CHUNK_OPS = 2 * CUDA_SAP_PACK_OPS + 20
+# Registers of the float kernels (ptxas, sm_90): blocks of 256 an SM by chunks a block.
+CUDA_SAP_CLUSTER_PER_SM = {1: 4, 2: 3, 4: 2}
+# bernoulli partials: a thread's chunk sum and its butterfly, the 8 warp sums (no scans).
+CUDA_SAP_CHUNK_SUM_OPS = 15
 # sap_partials_kernel<float>: a draw chunk's path a thread (a Philox group, 4 spacings, the two
 # block scans), W = 1; stored mode adds the positions and their 16-byte store.
 CUDA_SAP_PARTIALS_CHUNK_OPS = {"chunk": 300, "stored": 320}
 CUDA_SAP_WRITE_CHUNK = 4096  # kWriteChunk: bernoulli pass, 4 Philox groups a thread
 CUDA_SAP_MAX_DRAW_CHUNKS = 1 << 16  # kMaxDrawChunks
 CUDA_SAP_OWN_TOTAL = 64  # kBernoulliOwnTotal: bernoulli samples of at most this many chunks
-CUDA_SAP_MAX_CLUSTER = 8  # kBernoulliMaxCluster: one-launch bernoulli samples (sm_90, L % 4 == 0)
+CUDA_SAP_CLUSTER_BLOCKS = 16  # kClusterMaxBlocks (H100 and H200 schedule clusters of 16)
+CUDA_SAP_BLOCK_CHUNKS = (4, 2, 1)  # chunks a block the one-launch kernel is built for
+
+
+def cuda_sap_cluster_plan(rows: int, k: int, sms: int, esize: int = 4) -> tuple[int, int]:
+    """sap.cu's cluster_plan: (G chunks a block, C blocks a cluster) of the one-launch bernoulli
+    kernel, or (0, 0) for two launches: the most chunks a block that still gives every SM a
+    block, else the fewest that fit a cluster of 16 (double: at most 2 chunks a block)."""
+    plan = (0, 0)
+    for g in CUDA_SAP_BLOCK_CHUNKS:
+        if esize == 8 and g > 2:
+            continue
+        c = math.ceil(k / g)
+        if c > CUDA_SAP_CLUSTER_BLOCKS:
+            continue
+        plan = (g, c)
+        if rows * c >= sms:
+            break
+    return plan
 
 
 def cuda_sap_chunks(length: int, draws: int, exact: bool) -> tuple[int, int, int, int]:
@@ -1087,13 +1124,14 @@ def cuda_sap_chunks(length: int, draws: int, exact: bool) -> tuple[int, int, int
 def _sap_cuda(p: Plan, rows: int, length: int, draws: int, exact: bool, backward: bool) -> None:
     """sap.cu's three launches (forward, or backward: the same passes with grad as src).
 
-    Lane instructions, from the sm_90 SASS of the float32 kernels (nvcc 13.0; the bernoulli
-    kernel: 1888 static instructions for 8 elements, most of them in paths a realistic input
-    never takes: Goldberg's log, the slow divisions, scalar loads): a Philox4x32-10 ~80 (10
-    rounds of 2 IMAD.WIDE, 2 LOP3, 2 IADD and moves); a spacing ~7 (uniform, MUFU.LG2, the clamp)
-    and ~5 for its 64-bit range checks; the two block scans of a chunk (sum, then max) ~50 a
-    thread; q ~30 (p, the log1p series, the degree-8 expm1 polynomial and MUFU.EX2, both taken:
-    y straddles -1/2 at r = L), src / q ~4 (MUFU.RCP), loads, stores and indices ~8."""
+    Lane instructions, from the sm_90 SASS of the float32 kernels (nvcc 13.0; most static
+    instructions lie in paths a realistic input never takes: Goldberg's log, the slow
+    divisions, scalar loads): a lone Philox4x32-10 ~80 (10 rounds of 2 IMAD.HI, 2 IMAD, 2 LOP3,
+    2 IADD and moves; side by side, CUDA_SAP_PHILOX_OPS); a spacing ~7 (uniform, MUFU.LG2, the
+    clamp) and ~5 for its 64-bit range checks; the two block scans of a chunk (sum, then max)
+    ~50 a thread; the bernoulli work of a pack of 4 (CUDA_SAP_PACK_OPS: p, the log1p series,
+    the degree-8 expm1 polynomial and MUFU.EX2, both taken: y straddles -1/2 at r = L, the
+    uniform's compare, src / q by MUFU.RCP)."""
     e = _esize(p.case)
     n = rows * length * e
     lat = p.lat
@@ -1103,23 +1141,32 @@ def _sap_cuda(p: Plan, rows: int, length: int, draws: int, exact: bool, backward
     ws = rows * (k + nb) * acc
     per_sm = 2 if e == 8 else 4  # launch bounds: 64 registers (128 in float64)
     scans = 2 * lat("block_scan") + 2 * lat("barrier")
-    if not exact and k <= CUDA_SAP_MAX_CLUSTER and length % 4 == 0:
-        # sap_bernoulli_cluster_kernel: a cluster of K blocks a sample, block c holding chunk c
-        # in registers: its partial (the partials kernel's two block scans), its Philox groups,
-        # one cluster barrier, thread 0's K DSMEM reads, the elementwise write. x read once.
-        # Lane instructions a thread of 8 elements on the path of p < 2^-7 (sm_90 SASS of the
-        # float32 kernel, nvcc 13.0): loads ~50, |x| and sums ~15, the scans ~100, the
-        # cluster's barrier and total ~30, 2 Philox ~130, 8 x ~40 for p, q, the compare and
-        # src / q, stores ~20: ~85 an element.
+    g_chunks, cluster = cuda_sap_cluster_plan(rows, k, p.gpu["sms"], e)
+    if not exact and length % 4 == 0 and g_chunks:
+        # sap_bernoulli_cluster_kernel: a cluster of C blocks a sample, block b holding chunks
+        # b G .. b G + G - 1 in registers: their sums, one cluster barrier, the sample's K
+        # partials read through DSMEM and added by thread 0, the elementwise write. x read
+        # once.
+        pair = 2 if g_chunks > 1 else 1
+        per_thread = (CUDA_SAP_CLUSTER_FIXED_OPS[0] + CUDA_SAP_CLUSTER_FIXED_OPS[1] * g_chunks
+                      + g_chunks // pair * (CUDA_SAP_PHILOX_OPS[2 * pair]
+                                            + pair * CUDA_SAP_CLUSTER_CHUNK_OPS))
         src = {"hbm": n} if backward else {}
+        # Every block loads its chunks and meets its siblings at the cluster barrier before it
+        # computes: that lead is not overlapped in the first wave (lead_us). The H200 run of
+        # 2026-12-04 measured the former one-launch kernel (a block of 8 elements a thread, two
+        # block scans, its K partials read one after another) at 15.1 us for 128x256x8x8, where
+        # this form gives 11.8 (10.0 without the lead).
+        lead = lat("dram") + 3 * lat("barrier") + lat("cluster_pass") + k * 0.0023
         p.kernel("sap_bernoulli_cluster_kernel", "inner", **_merge(src, {"hbm": 2 * n}),
-                 ops=rows * length * 85, ctas=rows * k, per_sm=per_sm,
-                 chain_us=lat("dram") + scans + lat("cluster_pass") + lat("philox"))
+                 ops=rows * cluster * 256 * per_thread, ctas=rows * cluster,
+                 per_sm=2 if e == 8 else CUDA_SAP_CLUSTER_PER_SM[g_chunks],
+                 chain_us=lead + g_chunks * lat("philox"), lead_us=lead)
         return
     # 1. Partials: a block per (sample, element chunk): |x| summed (x read once); exact, a block
     # per (sample, draw chunk): the W Philox groups of each thread, their spacings summed.
-    ops = rows * k * c * (3 + 50 / 8)
-    chain = lat("dram") + scans
+    ops = rows * k * c * (3 + (50 if exact else CUDA_SAP_CHUNK_SUM_OPS) / 8)
+    chain = lat("dram") + (scans if exact else 2 * lat("barrier"))
     # Stored mode: the partials pass writes each draw's in-chunk position, the merge reads it.
     stored = exact and w == 1 and draws <= CUDA_SAP_STORE_MAX_RATIO * length
     kept = rows * nb * d * acc if stored else 0

@@ -107,26 +107,28 @@ def test_kwta_bytes():
 
 
 def test_sap_bytes():
-    n = 128 * 64 * 32 * 32 * 4
-    for variant in ("exact", "bernoulli"):
+    # Exact mode at 128x64x32x32; bernoulli mode where it takes two launches: a row of 65537
+    # elements (L % 4 != 0, 33 chunks).
+    for variant, length in (("exact", 65536), ("bernoulli", 65537)):
         exact = variant == "exact"
-        case = Case((128, 64, 32, 32), variant)
+        n = 128 * length * 4
+        case = Case((128, 64, 32, 32) if exact else (128, length), variant)
         fwd = kernels("sap", case, roofline.CUDA, "forward")
         assert not any("seed" in name for name in fwd)  # drawn on the host: no launch
         # sap.cu: partials read x once (+ the (N, K + NB) float workspace; exact mode at r = L
         # also writes each draw's position: NB * 1024 floats a sample), the prefix rewrites the
         # workspace, pass 3 reads x again (33.5 MB: more than half the L2, so from HBM), exact
         # mode the positions of the 3 draw chunks reaching each element chunk (from HBM too),
-        # and writes out. K = 65536 / 2048 element chunks, NB = ceil(65540 / 1024) draw chunks.
-        k_chunks, nb = 32, (65 if exact else 0)
+        # and writes out. K = ceil(L / 2048) element chunks, NB = ceil(65540 / 1024) draw chunks.
+        k_chunks, nb = (32, 65) if exact else (33, 0)
         ws = 128 * (k_chunks + nb) * 4
         kept = 128 * nb * 1024 * 4
-        assert roofline.cuda_sap_chunks(65536, 65536, exact)[:2] == (k_chunks, nb)
+        assert roofline.cuda_sap_chunks(length, length, exact)[:2] == (k_chunks, nb)
         assert fwd["sap_partials_kernel"].hbm == n + ws + kept
         assert fwd["sap_partials_kernel"].ctas == 128 * (k_chunks + nb)
         if exact:
             assert fwd["sap_prefix_kernel"].hbm == 2 * ws
-        else:  # 32 chunks: each bernoulli block adds the sample's partials itself
+        else:  # 33 chunks: each bernoulli block adds the sample's partials itself
             assert "sap_prefix_kernel" not in fwd
         third = "sap_merge_kernel" if exact else "sap_bernoulli_kernel"
         read_back = 128 * k_chunks * 3 * 1024 * 4 if exact else 0
@@ -134,22 +136,31 @@ def test_sap_bytes():
         bwd = kernels("sap", case, roofline.CUDA, "backward")
         assert bwd["sap_partials_kernel"].hbm == n + ws + kept
         assert bwd[third].hbm == 3 * n + read_back  # x again, grad, grad_x
-    # Batch 8: x (2 MiB) stays in L2 between the partials and pass 3; each of the KW blocks of
-    # a sample reads its K partials from L2.
-    k = kernels("sap", Case((8, 64, 32, 32), "bernoulli"), roofline.CUDA, "forward")
-    _, _, _, kw = roofline.cuda_sap_chunks(65536, 65536, False)
-    assert (k["sap_bernoulli_kernel"].hbm, k["sap_bernoulli_kernel"].l2) == (n / 16, n / 16 + 8 * kw * 32 * 4)
+    # Batch 8 in two launches: x (2 MiB) stays in L2 between the partials and pass 3; each of
+    # the KW blocks of a sample reads its K partials from L2.
+    n = 8 * 65537 * 4
+    k = kernels("sap", Case((8, 65537), "bernoulli"), roofline.CUDA, "forward")
+    _, _, _, kw = roofline.cuda_sap_chunks(65537, 65537, False)
+    assert (k["sap_bernoulli_kernel"].hbm, k["sap_bernoulli_kernel"].l2) == (n, n + 8 * kw * 33 * 4)
     eager = kernels("sap", Case((128, 64, 32, 32), "exact"), roofline.EAGER, "forward")
     assert eager["multinomial: sampleMultinomialWithReplacement"].hbm == 128 * 65536 * 8
-    # Bernoulli samples of at most 8 chunks: one launch, a cluster of 8 blocks a sample of
-    # 16384 elements, x read once; backward reads grad too.
+    # Bernoulli samples of up to 64 chunks: one launch, a cluster a sample, x read once;
+    # backward reads grad too. 16384 elements (8 chunks) at batch 128: 4 chunks a block,
+    # clusters of 2 (256 blocks fill the 132 SMs); 65536 elements: clusters of 8 at batch 128,
+    # of 16 blocks of 2 chunks at batch 8 (64 blocks of 4 would leave SMs idle).
     small = 128 * 256 * 8 * 8 * 4
     case = Case((128, 256, 8, 8), "bernoulli")
     for mode, reads in (("forward", 1), ("backward", 2)):
         k = kernels("sap", case, roofline.CUDA, mode)
         assert list(k) == ["sap_bernoulli_cluster_kernel"]
         assert k["sap_bernoulli_cluster_kernel"].hbm == (reads + 1) * small
-        assert k["sap_bernoulli_cluster_kernel"].ctas == 128 * 8
+        assert k["sap_bernoulli_cluster_kernel"].ctas == 128 * 2
+    assert roofline.cuda_sap_cluster_plan(128, 8, 132) == (4, 2)
+    assert roofline.cuda_sap_cluster_plan(128, 32, 132) == (4, 8)
+    assert roofline.cuda_sap_cluster_plan(8, 32, 132) == (2, 16)
+    assert roofline.cuda_sap_cluster_plan(8, 32, 132, esize=8) == (2, 16)
+    assert roofline.cuda_sap_cluster_plan(1, 3, 132) == (1, 3)
+    assert roofline.cuda_sap_cluster_plan(4, 65, 132) == (0, 0)  # two launches
 
 
 def test_noise_bytes():

@@ -266,13 +266,13 @@ def test_cuda_mass_on_one_element(at, ratio):
 def test_cuda_bernoulli_total_with_and_without_the_prefix_launch():
     """A bernoulli sample of at most 64 chunks of 2048 elements has its total summed by the
     elementwise blocks (no prefix launch), a longer one by the prefix kernel: both sum the
-    partials in the same order. A row with one more element, a zero (a 65th chunk whose partial
+    partials in the same order. A row with two more elements, zeros (a 65th chunk whose partial
     is 0: the same total, the same stream for the shared elements), takes the prefix path and
-    keeps the same elements with the same values."""
-    L = 64 * 2048
+    keeps the same elements with the same values. (L % 4 != 0: two launches on every GPU.)"""
+    L = 64 * 2048 - 1
     gen = torch.Generator().manual_seed(5)
     x = (torch.rand(1, L, generator=gen) * torch.logspace(-2, 1, L)).cuda()
-    longer = torch.cat([x, torch.zeros(1, 1, device="cuda")], 1)
+    longer = torch.cat([x, torch.zeros(1, 2, device="cuda")], 1)
     for r in (1000, L):
         out = _cuda_sap(x, r, False, [17, 18])
         assert torch.equal(_cuda_sap(longer, r, False, [17, 18])[:, :L], out)
@@ -285,16 +285,19 @@ def test_cuda_bernoulli_total_with_and_without_the_prefix_launch():
 @pytest.mark.gpu
 @_needs_cuda
 def test_cuda_bernoulli_in_one_launch_matches_two():
-    """On sm_90 a bernoulli sample of at most 8 chunks of 2048 elements with L % 4 == 0 runs in
-    one launch (a cluster of blocks a sample); it sums the same partials in the same order and
-    draws the same stream as the two-launch path. The row padded with zeros to 16385 elements
-    (9 chunks, L % 4 == 1: two launches; the zero chunks' partials are 0) keeps the same
-    elements with the same values, forward and backward."""
+    """On sm_90 a bernoulli sample of at most 64 chunks of 2048 elements with L % 4 == 0 runs in
+    one launch: a cluster of blocks a sample, each holding 1, 2 or 4 chunks (4 where the batch
+    still gives every SM a block: the 300-row batch; clusters of 16 for the 65536- and
+    131072-element rows of one sample). It sums the same partials in the same order and draws
+    the same stream as the two-launch path: the rows padded with zeros to L % 4 == 1 (two
+    launches; the zero chunks' partials are 0) keep the same elements with the same values,
+    forward and backward."""
     gen = torch.Generator().manual_seed(6)
-    for L in (4, 2048, 5000, 16384):
-        x = (torch.rand(1, L, generator=gen) * torch.logspace(-2, 1, L)).cuda()
-        g = torch.randn(1, L, generator=gen).cuda()
-        pad = torch.zeros(1, 16385 - L, device="cuda")
+    for rows, L in ((1, 4), (1, 2048), (1, 5000), (1, 16384), (1, 65536), (1, 131072),
+                    (300, 16384), (300, 8192)):
+        x = (torch.rand(rows, L, generator=gen) * torch.logspace(-2, 1, L)).cuda()
+        g = torch.randn(rows, L, generator=gen).cuda()
+        pad = torch.zeros(rows, 5 if L % 2048 else 2049, device="cuda")
         longer, g_longer = torch.cat([x, pad], 1), torch.cat([g, pad], 1)
         for r in (7, L):
             out = _cuda_sap(x, r, False, [21, 22])

@@ -4,10 +4,12 @@
 // CUDA-graph safe), a workspace of (N, K + NB) acc_t from the caching allocator (K element
 // chunks, NB draw chunks per sample); two in bernoulli mode where a sample has at most
 // kBernoulliOwnTotal element chunks (no prefix launch), and one on sm_90 where it has at most
-// kBernoulliMaxCluster and L % 4 == 0 (3': a thread-block cluster a sample, no workspace):
+// kClusterMaxChunks and L % 4 == 0 (3': a thread-block cluster a sample holding it in
+// registers, no workspace: x read from DRAM once):
 //
 //  1. partials, a block per (sample, chunk): an element chunk (kChunk = 2048 consecutive
-//     elements, two packs of 4 a thread) sums |x|; in exact mode a draw chunk (W Philox groups a
+//     elements, two packs of 4 a thread) sums |x| (exact: the in-chunk sums, bernoulli: the
+//     chunk's sum alone, chunk_sums); in exact mode a draw chunk (W Philox groups a
 //     thread, 1024 * W draws, aligned to global index multiples of 4 so every Philox output is
 //     computed once) sums its Exp(1) spacings and, in stored mode (W == 1, r <= kStoreMaxRatio
 //     * L), writes each draw's in-chunk position for pass 3 to read back;
@@ -15,8 +17,9 @@
 //     (draws), each summed sequentially in a fixed order by one thread, hence deterministic and
 //     monotone;
 //  3. exact: merge + write, a block per (sample, element chunk k); bernoulli: the elementwise
-//     pass, one Philox per 4 elements, q from the stored total (or, without the prefix launch,
-//     from the sample's partials summed by thread 0 of the block in the prefix kernel's order).
+//     pass, one Philox per 4 elements (evaluations side by side: philox_n), q from the stored
+//     total (or, without the prefix launch, from the sample's partials summed by thread 0 of
+//     the block in the prefix kernel's order), a pack of 4 at a time by bernoulli_pack.
 //
 // Positions, in the units of C (prefix of |x|): chunk k owns [B_{k-1}, B_k) (the last chunk
 // [B_{K-2}, inf)), so the chunks partition the line and every draw lands in exactly one chunk.
@@ -51,6 +54,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 
 #include "../random.h"
 #include "../sap.h"
@@ -82,10 +86,13 @@ constexpr int64_t kStoreMaxRatio = 4;
 // thread 0 of each bernoulli block adds the sample's partials itself, in the prefix kernel's
 // order (the same total bit for bit), a few hundred cycles where a launch costs microseconds.
 constexpr int64_t kBernoulliOwnTotal = 64;
-// Bernoulli samples of at most this many element chunks (L <= 16384) and L % 4 == 0 run in one
-// launch on sm_90: a cluster of blocks a sample (sap_bernoulli_cluster_kernel; the portable
-// cluster size).
-constexpr int64_t kBernoulliMaxCluster = 8;
+// Bernoulli samples of L % 4 == 0 run in one launch on sm_90 (sap_bernoulli_cluster_kernel): a
+// cluster of at most kClusterMaxBlocks blocks a sample (above the portable 8 where the GPU
+// schedules them: max_cluster_size), each holding up to kClusterMaxChunksPerBlock element
+// chunks, so samples of up to 64 chunks (L <= 131072; 32 with clusters of 8).
+constexpr int kClusterMaxBlocks = 16;
+constexpr int kClusterMaxChunksPerBlock = 4;
+constexpr int kClusterMaxChunks = kClusterMaxBlocks * kClusterMaxChunksPerBlock;
 
 // Register budgets as blocks of 256 per SM (>= 2: 25% occupancy).
 template <typename scalar_t>
@@ -97,6 +104,11 @@ constexpr int stream_min_blocks() {
 template <typename scalar_t>
 constexpr int bernoulli_min_blocks() {
   return sizeof(scalar_t) == 8 ? 2 : 3;
+}
+// The one-launch bernoulli kernel holds G * 8 elements a thread (the source is loaded late).
+template <typename scalar_t, int G>
+constexpr int cluster_min_blocks() {
+  return sizeof(scalar_t) == 8 || G > 2 ? 2 : 3;
 }
 // The merge holds 8 elements, their sources and bounds a thread through the draw loop.
 template <typename scalar_t>
@@ -223,6 +235,46 @@ __device__ inline void chunk_scan(acc_t local, typename BlockScan<acc_t>::TempSt
   __syncthreads();
 }
 
+// A thread's sum of |v| over its elements of a chunk, in order.
+template <typename acc_t>
+__device__ inline acc_t abs_sum(const acc_t (&v)[kElems]) {
+  acc_t l = 0;
+#pragma unroll
+  for (int i = 0; i < kElems; ++i) l += abs_of(v[i]);
+  return l;
+}
+
+constexpr int kWarps = kThreads / 32;
+
+// Bernoulli partials: the sums of G chunks at once, local[s] a thread's abs_sum of its elements
+// of chunk s. A warp's sums by an xor butterfly (every lane adds the same two values: one result
+// in all of them), then chunk s's eight warp sums in order by thread s, into partial[s]
+// (shared; read by other threads after a barrier). Exact mode needs the in-chunk sums
+// (chunk_scan), bernoulli only the total: two barriers and ~15 instructions a chunk a thread
+// instead of the scan's ~100. Every kernel that makes a bernoulli partial calls this (one order:
+// the same bits in one launch and in two).
+template <typename acc_t, int G>
+__device__ inline void chunk_sums(acc_t (&local)[G], acc_t (&warp_sums)[G][kWarps],
+                                  acc_t (&partial)[G]) {
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+#pragma unroll
+  for (int off = 16; off > 0; off /= 2) {
+#pragma unroll
+    for (int s = 0; s < G; ++s) local[s] += __shfl_xor_sync(0xffffffffu, local[s], off);
+  }
+  if (lane == 0) {
+#pragma unroll
+    for (int s = 0; s < G; ++s) warp_sums[s][warp] = local[s];
+  }
+  __syncthreads();
+  if (tid < G) {
+    acc_t sum = 0;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) sum += warp_sums[tid][w];
+    partial[tid] = sum;
+  }
+}
+
 // A thread's kElems elements j0 .. j0 + kElems - 1, pack by pack.
 template <typename scalar_t, typename acc_t>
 __device__ inline void load_elems(const scalar_t* row, int64_t stride, int64_t j0, int64_t L,
@@ -245,6 +297,28 @@ __device__ inline void store_elems(scalar_t* row, int64_t stride, int64_t j0, in
 #pragma unroll
     for (int i = 0; i < kItems; ++i) pk[i] = v[h * kItems + i];
     store4(row, stride, j0 + h * kItems, L, vec, pk);
+  }
+}
+
+// A thread's kElems elements from row[0] on, in packs (aligned, inside the row).
+template <typename scalar_t, typename acc_t>
+__device__ inline void load_packs(const scalar_t* row, acc_t (&v)[kElems]) {
+#pragma unroll
+  for (int h = 0; h < kPacks; ++h) {
+    const Pack<scalar_t> pk = reinterpret_cast<const Pack<scalar_t>*>(row)[h];
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) v[h * kItems + i] = static_cast<acc_t>(pk.v[i]);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+__device__ inline void store_packs(scalar_t* row, const acc_t (&v)[kElems]) {
+#pragma unroll
+  for (int h = 0; h < kPacks; ++h) {
+    Pack<scalar_t> pk;
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) pk.v[i] = static_cast<scalar_t>(v[h * kItems + i]);
+    store_pack(row + h * kItems, pk);
   }
 }
 
@@ -360,16 +434,16 @@ __device__ inline float rcp_approx(float v) {
 // rounding, else log(1 - p) with Goldberg's correction; expm1(y) by its degree-8 Taylor
 // polynomial on [-1/2, 0], else 1 - exp(y), where q >= 0.39 absorbs the hardware exp2's
 // rounding: a few ulp); the arithmetic of csrc/cpu/fast_math.h's fast_keep_probability. double
-// through libm.
-__device__ inline float keep_probability(float p, float r) {
-  float log1p_neg;
-  if (p < 0.0078125f) {
-    log1p_neg = -p * (1.0f + p * (0.5f + p * (1.0f / 3 + p * (0.25f + p * 0.2f))));
-  } else {
-    const float u = 1.0f - p;
-    log1p_neg = logf(u) * (-p / (u - 1.0f));
-  }
-  const float y = r * log1p_neg;
+// through libm. The series and the expm1 are their own functions so that the elementwise
+// passes' fast path (bernoulli_pack) computes q with the same instructions.
+constexpr float kSeriesMaxP = 0.0078125f;  // 2^-7
+
+__device__ inline float log1p_neg_series(float p) {
+  return -p * (1.0f + p * (0.5f + p * (1.0f / 3 + p * (0.25f + p * 0.2f))));
+}
+
+// -expm1(y) for y <= 0: both branches evaluated and one selected (no branch).
+__device__ inline float neg_expm1(float y) {
   float e = 1.0f / 40320;
   e = 1.0f / 5040 + y * e;
   e = 1.0f / 720 + y * e;
@@ -379,6 +453,17 @@ __device__ inline float keep_probability(float p, float r) {
   e = 0.5f + y * e;
   e = 1.0f + y * e;
   return y < -0.5f ? 1.0f - exp2_approx(y * 1.44269504f) : -y * e;  // e^y as __expf computes it
+}
+
+__device__ inline float keep_probability(float p, float r) {
+  float log1p_neg;
+  if (p < kSeriesMaxP) {
+    log1p_neg = log1p_neg_series(p);
+  } else {
+    const float u = 1.0f - p;
+    log1p_neg = logf(u) * (-p / (u - 1.0f));
+  }
+  return neg_expm1(r * log1p_neg);
 }
 
 __device__ inline double keep_probability(double p, double r) {
@@ -420,12 +505,38 @@ __device__ inline acc_t bernoulli_value(uint32_t bits, acc_t x, acc_t src, const
   return kept ? divide(src, q) : src * acc_t(0);
 }
 
+// Bernoulli outputs of one pack (the four words of one Philox evaluation), bernoulli_value's
+// bits. float: a fast path for the elements of a realistic sample (p below 2^-7: q from the
+// series, no branch; src / q through the reciprocal), the pack done again by bernoulli_value
+// only where one of its elements needs the general log1p or a divisor below FLT_MIN (p >= 2^-7,
+// or a kept element of q < 2^-126: a rare branch, a pack at a time, where a branch an element
+// cost its divergence bookkeeping). A sample that draws nothing writes src * 0.
+template <typename acc_t>
+__device__ inline void bernoulli_pack(const Philox4& w, const acc_t* a, const acc_t* src,
+                                      const Total<acc_t>& tot, acc_t r, acc_t* o) {
+  if constexpr (std::is_same_v<acc_t, float>) {
+    bool slow = false;  // bitwise: || would branch (or reset predicates) an element
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) {
+      const float pi = abs_of(a[i]) * tot.pre * tot.inv;
+      const float q = neg_expm1(r * log1p_neg_series(pi));
+      const bool kept = tot.drawable & (to_uniform(w.w[i]) < q);
+      slow |= !(pi < kSeriesMaxP) | (kept & !(q >= 1.17549435e-38f));
+      o[i] = kept ? src[i] * rcp_approx(q) : src[i] * 0.0f;
+    }
+    if (!(tot.drawable & slow)) return;
+  }
+#pragma unroll
+  for (int i = 0; i < kItems; ++i) o[i] = bernoulli_value(w.w[i], a[i], src[i], tot, r);
+}
+
 // 1. Partials: item (n, c), c < K an element chunk, else draw chunk c - K.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads, stream_min_blocks<scalar_t>())
     sap_partials_kernel(const SapParams<scalar_t> p) {
   using acc_t = at::opmath_type<scalar_t>;
   __shared__ typename BlockScan<acc_t>::TempStorage tmp;
+  __shared__ acc_t warp_sums[1][kWarps];
   const Seed seed = load_seed(p);
   const int64_t per = p.K + p.NB;
   const uint64_t items = static_cast<uint64_t>(p.N) * static_cast<uint64_t>(per);
@@ -435,11 +546,16 @@ __global__ void __launch_bounds__(kThreads, stream_min_blocks<scalar_t>())
     acc_t local;
     acc_t e0[kItems];
     if (c < p.K) {
-      acc_t a[kElems], unused[kElems];
+      acc_t a[kElems];
       load_elems(p.x + n * p.xs0, p.xs1, c * kChunk + threadIdx.x * kElems, p.L, p.vec_x, a);
-#pragma unroll
-      for (int i = 0; i < kElems; ++i) a[i] = abs_of(a[i]);
-      local = element_local(a, unused);
+      local = abs_sum(a);
+      if (p.NB == 0) {  // bernoulli (block-uniform): the chunk's sum, no in-chunk sums
+        acc_t l[1] = {local}, partial[1];
+        chunk_sums<acc_t, 1>(l, warp_sums, partial);
+        if (threadIdx.x == 0) p.ws[n * per + c] = partial[0];
+        __syncthreads();  // warp_sums is rewritten by the next item
+        continue;
+      }
     } else {
       const Draws draws(n, p.r, p.W);
       local = draw_local(seed, draws.counter(c - p.K), p.W, draws.base, draws.r, e0);
@@ -712,7 +828,12 @@ __global__ void __launch_bounds__(kThreads, bernoulli_min_blocks<scalar_t>())
       const uint64_t counter = first + u * kThreads + tid;
       j0[u] = static_cast<int64_t>(4 * counter - begin);
       load4(x, p.xs1, j0[u], p.L, p.vec_out, a[u]);
-      if (!p.same) load4(src, p.ss1, j0[u], p.L, p.vec_out, g[u]);
+      if (p.same) {
+#pragma unroll
+        for (int i = 0; i < kItems; ++i) g[u][i] = a[u][i];
+      } else {
+        load4(src, p.ss1, j0[u], p.L, p.vec_out, g[u]);
+      }
     }
     acc_t raw_total;
     if (p.own_total) {  // block-uniform: every thread takes both barriers
@@ -730,62 +851,70 @@ __global__ void __launch_bounds__(kThreads, bernoulli_min_blocks<scalar_t>())
     }
     const Total<acc_t> tot(raw_total);
     const acc_t r = static_cast<acc_t>(p.r);
+    // One Philox evaluation at a time: two side by side spill the 16-bit types on sm_80 at
+    // this kernel's 85 registers (this is the whole bernoulli path there).
 #pragma unroll
     for (int u = 0; u < kWriteGroups; ++u) {
       if (j0[u] >= p.L) continue;
       const Philox4 w = philox(seed.key, first + u * kThreads + tid, seed.stream);
       acc_t o[kItems];
-#pragma unroll
-      for (int i = 0; i < kItems; ++i) {
-        o[i] = bernoulli_value(w.w[i], a[u][i], p.same ? a[u][i] : g[u][i], tot, r);
-      }
+      bernoulli_pack(w, a[u], g[u], tot, r, o);
       store4(out, p.os1, j0[u], p.L, p.vec_out, o);
     }
   }
 }
 
-// 3'. Bernoulli in one launch (sm_90): a thread-block cluster per sample of at most
-// kBernoulliMaxCluster element chunks with L % 4 == 0, block c of the cluster holding chunk c in
-// registers. Each block sums its chunk as the partials kernel does (the same elements a thread,
-// the same scan: the same partial bit for bit) and runs its Philox groups; the blocks exchange
-// their partials through distributed shared memory, thread 0 of each adds them in the prefix
-// kernel's order (the same total bit for bit), and the block writes its chunk. x is read once,
-// one launch instead of two, and the output is the two-launch path's: with L % 4 == 0 the
-// packs of a thread are Philox groups of the global values n L + j.
-template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads, stream_min_blocks<scalar_t>())
+// 3'. Bernoulli in one launch (sm_90): a thread-block cluster of C blocks a sample, block b
+// holding the sample's element chunks b G .. b G + G - 1 in registers (thread t the elements
+// t kElems .. t kElems + 7 of each, as in the partials kernel), for samples of at most
+// G C <= kClusterMaxChunks chunks with L % 4 == 0. Each block sums its chunks (chunk_sums: the
+// partials kernel's bits), the blocks read the sample's partials from each other through
+// distributed shared memory and thread 0 of each adds them in the prefix kernel's order (the
+// same total bit for bit), and the block writes its chunks from registers: x read once from
+// DRAM, one launch, and the two-launch path's output (with L % 4 == 0 the packs of a thread are
+// Philox groups of the global values n L + j). G > 1 spreads a thread's fixed work (indices,
+// the sums, the total) over more elements where the batch leaves enough blocks (the host's
+// choice: cluster_plan).
+template <typename scalar_t, int G>
+__global__ void __launch_bounds__(kThreads, cluster_min_blocks<scalar_t, G>())
     sap_bernoulli_cluster_kernel(const SapParams<scalar_t> p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   using acc_t = at::opmath_type<scalar_t>;
-  __shared__ typename BlockScan<acc_t>::TempStorage tmp;
-  __shared__ acc_t partial, shared_total;
+  __shared__ acc_t warp_sums[G][kWarps];
+  __shared__ acc_t partial[G];                     // this block's chunks, read by its siblings
+  __shared__ acc_t partials[kClusterMaxChunks];    // the sample's, gathered in chunk order
+  __shared__ acc_t shared_total;
   const cg::cluster_group cluster = cg::this_cluster();
   const int tid = threadIdx.x;
-  const int64_t n = blockIdx.x / p.K;  // clusters of K blocks, one a sample
-  const int64_t c = static_cast<int64_t>(cluster.block_rank());
-  const int64_t j0 = c * kChunk + tid * kElems;
+  unsigned cluster_id;  // the cluster's index in the grid: its sample (no division)
+  asm("mov.u32 %0, %%clusterid.x;" : "=r"(cluster_id));
+  const int64_t n = cluster_id;
+  const int64_t b = static_cast<int64_t>(cluster.block_rank());
   const Seed seed = load_seed(p);
-  acc_t a[kElems], g[kElems], m[kElems], unused[kElems];
-  load_elems(p.x + n * p.xs0, p.xs1, j0, p.L, p.vec_x, a);
-  if (!p.same) load_elems(p.src + n * p.ss0, p.ss1, j0, p.L, p.vec_out, g);
+  const auto first_of = [&](int s) { return (b * G + s) * kChunk + tid * kElems; };
+  // Every chunk of the block inside the row, in 16-byte packs: loads and stores without the
+  // bounds tests (block-uniform).
+  const bool whole = p.vec_out && (b + 1) * G * kChunk <= p.L;
+  acc_t a[G][kElems], local[G];
 #pragma unroll
-  for (int i = 0; i < kElems; ++i) m[i] = abs_of(a[i]);
-  acc_t prefix, floor, chunk;
-  chunk_scan(element_local(m, unused), tmp, prefix, floor, chunk);
-  if (tid == 0) partial = chunk;
-  // The Philox groups: independent of the total (nvcc 13.0 schedules them after the cluster
-  // barrier all the same; other warps of the SM cover its latency).
-  const uint64_t first = (static_cast<uint64_t>(n) * static_cast<uint64_t>(p.L) +
-                          static_cast<uint64_t>(j0)) / 4;
-  Philox4 w[kPacks];
+  for (int s = 0; s < G; ++s) {
+    if (whole) {
+      load_packs(p.x + n * p.xs0 + first_of(s), a[s]);
+    } else {
+      load_elems(p.x + n * p.xs0, p.xs1, first_of(s), p.L, p.vec_x, a[s]);
+    }
+  }
 #pragma unroll
-  for (int h = 0; h < kPacks; ++h) w[h] = philox(seed.key, first + h, seed.stream);
-  cluster.sync();  // every block of the sample has stored its partial (and is running)
+  for (int s = 0; s < G; ++s) local[s] = abs_sum(a[s]);
+  chunk_sums<acc_t, G>(local, warp_sums, partial);
+  cluster.sync();  // every block of the sample has its partials in shared memory (and runs)
+  if (tid < p.K) {
+    partials[tid] = *cluster.map_shared_rank(&partial[tid % G], static_cast<unsigned>(tid / G));
+  }
+  __syncthreads();
   if (tid == 0) {
     acc_t carry = 0;
-    for (int64_t k = 0; k < p.K; ++k) {  // sap_prefix_kernel's order
-      carry += *cluster.map_shared_rank(&partial, static_cast<unsigned>(k));
-    }
+    for (int64_t k = 0; k < p.K; ++k) carry += partials[k];  // sap_prefix_kernel's order
     shared_total = carry;
   }
   __syncthreads();
@@ -795,17 +924,47 @@ __global__ void __launch_bounds__(kThreads, stream_min_blocks<scalar_t>())
   // releases, a MEMBAR.GPU a thread).
   asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
   const acc_t r = static_cast<acc_t>(p.r);
-  acc_t o[kElems];
+  const uint64_t row = static_cast<uint64_t>(n) * static_cast<uint64_t>(p.L);
+  // Chunks in pairs where G > 1: four Philox evaluations side by side (one key schedule).
+  constexpr int S = G > 1 ? 2 : 1;
 #pragma unroll
-  for (int h = 0; h < kPacks; ++h) {
+  for (int s0 = 0; s0 < G; s0 += S) {
+    acc_t g[S][kElems];
+    uint64_t counters[S * kPacks];
 #pragma unroll
-    for (int i = 0; i < kItems; ++i) {
-      const int e = h * kItems + i;
-      o[e] = bernoulli_value(w[h].w[i], a[e], p.same ? a[e] : g[e], tot, r);
+    for (int s = 0; s < S; ++s) {
+      const int64_t j0 = first_of(s0 + s);
+      if (p.same) {
+#pragma unroll
+        for (int i = 0; i < kElems; ++i) g[s][i] = a[s0 + s][i];
+      } else if (whole) {  // the source is needed from here on only: loaded late
+        load_packs(p.src + n * p.ss0 + j0, g[s]);
+      } else {
+        load_elems(p.src + n * p.ss0, p.ss1, j0, p.L, p.vec_out, g[s]);
+      }
+      const uint64_t c0 = (row + static_cast<uint64_t>(j0)) / 4;
+#pragma unroll
+      for (int h = 0; h < kPacks; ++h) counters[s * kPacks + h] = c0 + h;
+    }
+    Philox4 w[S * kPacks];
+    philox_n(seed.key, counters, seed.stream, w);
+#pragma unroll
+    for (int s = 0; s < S; ++s) {
+      acc_t o[kElems];
+#pragma unroll
+      for (int h = 0; h < kPacks; ++h) {
+        bernoulli_pack(w[s * kPacks + h], a[s0 + s] + h * kItems, g[s] + h * kItems, tot, r,
+                       o + h * kItems);
+      }
+      const int64_t j0 = first_of(s0 + s);
+      if (whole) {
+        store_packs(p.out + n * p.os0 + j0, o);
+      } else {
+        store_elems(p.out + n * p.os0, p.os1, j0, p.L, p.vec_out, o);
+      }
     }
   }
-  store_elems(p.out + n * p.os0, p.os1, j0, p.L, p.vec_out, o);
-  cluster.barrier_wait();  // no sibling still reads this block's partial
+  cluster.barrier_wait();  // no sibling still reads this block's partials
 #elif defined(__CUDA_ARCH__)
   __trap();  // the host launches it only where sm_90 code runs
 #endif
@@ -824,6 +983,51 @@ bool rows_vec(const at::Tensor& t) {
 bool flat_vec(const at::Tensor& t) {
   return t.stride(1) == 1 && (t.size(0) == 1 || (t.stride(0) - t.size(1)) % kItems == 0) &&
          aligned(t);
+}
+
+template <typename scalar_t>
+using SapKernel = void (*)(const SapParams<scalar_t>);
+
+// Chunks a block at most: double's 4 chunks (32 values a thread) spill in 128 registers.
+template <typename scalar_t>
+constexpr int max_block_chunks() {
+  return sizeof(scalar_t) == 8 ? 2 : kClusterMaxChunksPerBlock;
+}
+
+template <typename scalar_t>
+SapKernel<scalar_t> cluster_kernel(int G) {
+  static_assert(kClusterMaxChunksPerBlock == 4, "one instance for each of G = 1, 2, 4");
+  if constexpr (max_block_chunks<scalar_t>() == 4) {
+    if (G == 4) return sap_bernoulli_cluster_kernel<scalar_t, 4>;
+  }
+  return G == 2 ? sap_bernoulli_cluster_kernel<scalar_t, 2>
+                : sap_bernoulli_cluster_kernel<scalar_t, 1>;
+}
+
+// The one-launch bernoulli path: G chunks a block, clusters of C = ceil(K / G) blocks; G = 0:
+// two launches (a sample longer than the largest cluster holds).
+struct ClusterPlan {
+  int G = 0;
+  int C = 0;
+};
+
+// The most chunks a block (a thread's indices, sums and total spread over the most elements)
+// that still gives every SM a block, else the fewest that fit a cluster (the most blocks).
+template <typename scalar_t>
+ClusterPlan cluster_plan(int64_t N, int64_t K, int device, int sms) {
+  ClusterPlan plan;
+  for (const int G : {4, 2, 1}) {
+    if (G > max_block_chunks<scalar_t>()) continue;
+    const int64_t C = (K + G - 1) / G;
+    if (C > kClusterMaxBlocks || N > std::numeric_limits<int32_t>::max() / C) continue;
+    if (C > 8 && max_cluster_size(cluster_kernel<scalar_t>(G), device, kThreads, 0,
+                                  kClusterMaxBlocks) < C) {
+      continue;
+    }
+    plan = {G, static_cast<int>(C)};
+    if (N * C >= sms) break;
+  }
+  return plan;
 }
 
 unsigned grid_for(int64_t items) {
@@ -849,12 +1053,15 @@ at::Tensor sap_cuda_common(const at::Tensor& src, const at::Tensor& x, const at:
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sap_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    // Bernoulli samples of a few chunks: one launch, a cluster a sample, where sm_90 code runs.
-    const auto cluster_kernel = sap_bernoulli_cluster_kernel<scalar_t>;
-    const bool clustered = !exact && K <= kBernoulliMaxCluster && L % kItems == 0 &&
-                           N <= std::numeric_limits<int32_t>::max() / K &&
-                           at::cuda::getCurrentDeviceProperties()->major >= 9 &&
-                           has_sm90_image(cluster_kernel, x.get_device());
+    // Bernoulli samples of up to 64 chunks: one launch, a cluster a sample, where sm_90 code
+    // runs.
+    const ClusterPlan plan =
+        !exact && L % kItems == 0 && at::cuda::getCurrentDeviceProperties()->major >= 9 &&
+                has_sm90_image(cluster_kernel<scalar_t>(1), x.get_device())
+            ? cluster_plan<scalar_t>(N, K, x.get_device(),
+                                     at::cuda::getCurrentDeviceProperties()->multiProcessorCount)
+            : ClusterPlan{};
+    const bool clustered = plan.G > 0;
     at::Tensor ws = at::empty({clustered ? 0 : N * (K + NB)},
                               x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
     const bool stored = exact && W == 1 && r <= kStoreMaxRatio * L;
@@ -878,8 +1085,9 @@ at::Tensor sap_cuda_common(const at::Tensor& src, const at::Tensor& x, const at:
     p.vec_out = exact || clustered ? rows_vec(x) && rows_vec(src) && rows_vec(out)
                                    : flat_vec(x) && flat_vec(src) && flat_vec(out);
     if (clustered) {
-      launch_clusters(cluster_kernel, static_cast<unsigned>(N * K), kThreads, 0, stream,
-                      static_cast<unsigned>(K), p);
+      const SapKernel<scalar_t> kernel = cluster_kernel<scalar_t>(plan.G);
+      launch_clusters(kernel, static_cast<unsigned>(N * plan.C), kThreads, 0, stream,
+                      static_cast<unsigned>(plan.C), p);
       return;
     }
     sap_partials_kernel<scalar_t><<<grid_for(N * (K + NB)), kThreads, 0, stream>>>(p);
