@@ -1064,10 +1064,11 @@ CUDA_SAP_STORE_MAX_RATIO = 4  # kStoreMaxRatio
 # of the benchmarks' data: 16-byte packs, src = x, p < 2^-7; branches decided by hand, not
 # profiled). bernoulli_pack, one pack of 4 elements: p, the log1p series, both expm1 branches
 # and the select, the uniform and its compare, the predicated reciprocal and src / q, the
-# rare-path flags: ~114. Philox4x32-10 side by side (philox_n: 2 IMAD.WIDE and 2 LOP3 a round
-# each, the key's 2 additions a round shared): 2 evaluations ~100, 4 ~180.
-CUDA_SAP_PACK_OPS = 114
-CUDA_SAP_PHILOX_OPS = {2: 100, 4: 180}
+# rare-path flags and the pack's branches: ~120. Philox4x32-10 side by side with the counters'
+# setup (philox_n: 2 IMAD.WIDE and 2 LOP3 a round each, the key's 2 additions a round shared):
+# 2 evaluations ~105, 4 ~190.
+CUDA_SAP_PACK_OPS = 120
+CUDA_SAP_PHILOX_OPS = {2: 105, 4: 190}
 # sap_bernoulli_kernel (two-launch path): an item's indices, bounds-checked loads and the
 # thread-0 total ~240 a thread of 16 elements, then 4 x (a lone evaluation ~80 + a pack + its
 # store ~10).

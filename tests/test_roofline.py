@@ -298,6 +298,10 @@ def test_written_out_cuda_constants_match_the_sources():
     assert roofline.CUDA_KWTA_MAX_CLUSTER == constant("kwta.cu", "kMaxCluster")
     assert roofline.CUDA_SAP_WHOLE_CHUNK_RATIO == constant("sap.cu", "kWholeChunkRatio")
     assert roofline.CUDA_SAP_STORE_MAX_RATIO == constant("sap.cu", "kStoreMaxRatio")
+    assert roofline.CUDA_SAP_OWN_TOTAL == constant("sap.cu", "kBernoulliOwnTotal")
+    assert roofline.CUDA_SAP_CLUSTER_BLOCKS == constant("sap.cu", "kClusterMaxBlocks")
+    assert max(roofline.CUDA_SAP_BLOCK_CHUNKS) == constant("sap.cu", "kClusterMaxChunksPerBlock")
+    assert roofline.CUDA_SAP_CHUNK == constant("sap.cu", "kThreads") * 8
 
 
 @pytest.mark.triton

@@ -485,6 +485,7 @@ template <typename acc_t>
 struct Total {
   acc_t pre, total, inv;  // inv = 1 / total: p = |x| * pre * inv
   bool drawable;
+  bool plain;  // drawable with pre = 1: p = |x| * inv, the same bits
   __device__ explicit Total(acc_t raw) {
     pre = static_cast<acc_t>(sap_tiny_total_scale<acc_t>(raw));
     total = raw * pre;
@@ -492,6 +493,7 @@ struct Total {
     // Nothing is drawn from an all-zero sample or one with a NaN or inf (p undefined), nor from
     // one whose sum overflows (the reference's p = |x| / inf = 0).
     drawable = total > acc_t(0) && total < static_cast<acc_t>(INFINITY);
+    plain = drawable && pre == acc_t(1);
   }
 };
 
@@ -506,25 +508,33 @@ __device__ inline acc_t bernoulli_value(uint32_t bits, acc_t x, acc_t src, const
 }
 
 // Bernoulli outputs of one pack (the four words of one Philox evaluation), bernoulli_value's
-// bits. float: a fast path for the elements of a realistic sample (p below 2^-7: q from the
+// bits. A sample that draws nothing writes src * 0. float, in a sample of no tiny total
+// (Total::plain): a fast path for the elements of a realistic sample (p below 2^-7: q from the
 // series, no branch; src / q through the reciprocal), the pack done again by bernoulli_value
 // only where one of its elements needs the general log1p or a divisor below FLT_MIN (p >= 2^-7,
 // or a kept element of q < 2^-126: a rare branch, a pack at a time, where a branch an element
-// cost its divergence bookkeeping). A sample that draws nothing writes src * 0.
+// cost its divergence bookkeeping).
 template <typename acc_t>
 __device__ inline void bernoulli_pack(const Philox4& w, const acc_t* a, const acc_t* src,
                                       const Total<acc_t>& tot, acc_t r, acc_t* o) {
-  if constexpr (std::is_same_v<acc_t, float>) {
-    bool slow = false;  // bitwise: || would branch (or reset predicates) an element
+  if (!tot.drawable) {  // (block-uniform)
 #pragma unroll
-    for (int i = 0; i < kItems; ++i) {
-      const float pi = abs_of(a[i]) * tot.pre * tot.inv;
-      const float q = neg_expm1(r * log1p_neg_series(pi));
-      const bool kept = tot.drawable & (to_uniform(w.w[i]) < q);
-      slow |= !(pi < kSeriesMaxP) | (kept & !(q >= 1.17549435e-38f));
-      o[i] = kept ? src[i] * rcp_approx(q) : src[i] * 0.0f;
+    for (int i = 0; i < kItems; ++i) o[i] = src[i] * acc_t(0);
+    return;
+  }
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (tot.plain) {  // (block-uniform)
+      bool slow = false;  // bitwise: || would branch (or reset predicates) an element
+#pragma unroll
+      for (int i = 0; i < kItems; ++i) {
+        const float pi = abs_of(a[i]) * tot.inv;
+        const float q = neg_expm1(r * log1p_neg_series(pi));
+        const bool kept = to_uniform(w.w[i]) < q;
+        slow |= !(pi < kSeriesMaxP) | (kept & !(q >= 1.17549435e-38f));
+        o[i] = kept ? src[i] * rcp_approx(q) : src[i] * 0.0f;
+      }
+      if (!slow) return;
     }
-    if (!(tot.drawable & slow)) return;
   }
 #pragma unroll
   for (int i = 0; i < kItems; ++i) o[i] = bernoulli_value(w.w[i], a[i], src[i], tot, r);
