@@ -718,16 +718,13 @@ def _kwta_group(case) -> int:
 
 def _sap_block_chunks(case) -> int:
     """Chunks a block of sap.cu's one-launch bernoulli kernel for a bernoulli case on an H100 /
-    H200 (132 SMs; 0: not that kernel)."""
+    H200 (0: not that kernel)."""
     from benchmarks import roofline
 
     if case.variant != "bernoulli":
         return 0
-    rows, length = case.shape[0], math.prod(case.shape[1:])
-    if length % 4:
-        return 0
-    k = math.ceil(length / roofline.CUDA_SAP_CHUNK)
-    return roofline.cuda_sap_cluster_plan(rows, k, 132)[0]
+    return roofline.cuda_sap_one_launch(case.shape[0], math.prod(case.shape[1:]),
+                                        roofline.GPUS["h200"]["sms"])[0]
 
 
 def _conv_pixels(case) -> int:
@@ -801,12 +798,8 @@ CUDA_USES = {
     r"^sap_partials_kernel<float>": ("sap", lambda c: c.variant == "exact", "fwd+bwd"),
     r"^sap_prefix_kernel<float>": ("sap", lambda c: c.variant == "exact", "fwd+bwd"),
     r"^sap_merge_kernel<float>": ("sap", lambda c: c.variant == "exact", "fwd+bwd"),
-    r"^sap_bernoulli_cluster_kernel<float, 1>": ("sap", lambda c: _sap_block_chunks(c) == 1,
-                                                 "fwd+bwd"),
-    r"^sap_bernoulli_cluster_kernel<float, 2>": ("sap", lambda c: _sap_block_chunks(c) == 2,
-                                                 "fwd+bwd"),
-    r"^sap_bernoulli_cluster_kernel<float, 4>": ("sap", lambda c: _sap_block_chunks(c) == 4,
-                                                 "fwd+bwd"),
+    **{rf"^sap_bernoulli_cluster_kernel<float, {g}>": (
+        "sap", lambda c, g=g: _sap_block_chunks(c) == g, "fwd+bwd") for g in (1, 2, 4)},
 }
 
 

@@ -1112,6 +1112,14 @@ def cuda_sap_cluster_plan(rows: int, k: int, sms: int, esize: int = 4) -> tuple[
     return plan
 
 
+def cuda_sap_one_launch(rows: int, length: int, sms: int, esize: int = 4) -> tuple[int, int]:
+    """The one-launch plan of a bernoulli row of ``length`` on sm_90 (sap_cuda_common's
+    `clustered`): cuda_sap_cluster_plan where L % 4 == 0, else (0, 0)."""
+    if length % 4:
+        return (0, 0)
+    return cuda_sap_cluster_plan(rows, math.ceil(length / CUDA_SAP_CHUNK), sms, esize)
+
+
 def cuda_sap_chunks(length: int, draws: int, exact: bool) -> tuple[int, int, int, int]:
     """(K element chunks, NB draw chunks, W Philox groups a thread per draw chunk, KW bernoulli
     chunks) per sample."""
@@ -1142,8 +1150,8 @@ def _sap_cuda(p: Plan, rows: int, length: int, draws: int, exact: bool, backward
     ws = rows * (k + nb) * acc
     per_sm = 2 if e == 8 else 4  # launch bounds: 64 registers (128 in float64)
     scans = 2 * lat("block_scan") + 2 * lat("barrier")
-    g_chunks, cluster = cuda_sap_cluster_plan(rows, k, p.gpu["sms"], e)
-    if not exact and length % 4 == 0 and g_chunks:
+    g_chunks, cluster = cuda_sap_one_launch(rows, length, p.gpu["sms"], e)
+    if not exact and g_chunks:
         # sap_bernoulli_cluster_kernel: a cluster of C blocks a sample, block b holding chunks
         # b G .. b G + G - 1 in registers: their sums, one cluster barrier, the sample's K
         # partials read through DSMEM and added by thread 0, the elementwise write. x read

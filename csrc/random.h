@@ -74,23 +74,10 @@ C10_HOST_DEVICE inline void philox_round(uint32_t& c0, uint32_t& c1, uint32_t& c
 }
 constexpr uint32_t kPhiloxW0 = 0x9E3779B9u, kPhiloxW1 = 0xBB67AE85u;
 
-C10_HOST_DEVICE inline Philox4 philox(uint64_t key, uint64_t counter, uint64_t stream) {
-  uint32_t c0 = static_cast<uint32_t>(counter), c1 = static_cast<uint32_t>(counter >> 32);
-  uint32_t c2 = static_cast<uint32_t>(stream), c3 = static_cast<uint32_t>(stream >> 32);
-  uint32_t k0 = static_cast<uint32_t>(key), k1 = static_cast<uint32_t>(key >> 32);
-PYPRUNE_UNROLL
-  for (int round = 0; round < 10; ++round) {
-    philox_round(c0, c1, c2, c3, k0, k1);
-    k0 += kPhiloxW0;
-    k1 += kPhiloxW1;
-  }
-  return {{c0, c1, c2, c3}};
-}
-
-// Philox4x32-10 of M counters (one stream) side by side: the words of philox() for each, with
-// one key schedule for all of them (the key's two additions a round are shared; a lone
-// evaluation spends about a fifth of its instructions on them) and M independent chains for
-// the multiplier's latency.
+// Philox4x32-10 of M counters (one stream) side by side, with one key schedule for all of them
+// (the key's two additions a round are shared; a lone evaluation spends about a fifth of its
+// instructions on them) and M independent chains for the multiplier's latency. philox() is the
+// one-counter case.
 template <int M>
 C10_HOST_DEVICE inline void philox_n(uint64_t key, const uint64_t (&counter)[M], uint64_t stream,
                                      Philox4 (&out)[M]) {
@@ -112,6 +99,13 @@ PYPRUNE_UNROLL
   }
 PYPRUNE_UNROLL
   for (int m = 0; m < M; ++m) out[m] = {{c[m][0], c[m][1], c[m][2], c[m][3]}};
+}
+
+C10_HOST_DEVICE inline Philox4 philox(uint64_t key, uint64_t counter, uint64_t stream) {
+  const uint64_t counters[1] = {counter};
+  Philox4 out[1];
+  philox_n(key, counters, stream, out);
+  return out[0];
 }
 
 // u in [0, 1) from the top 24 bits (exact in float).

@@ -151,14 +151,20 @@ __device__ inline Seed load_seed(const SapParams<scalar_t>& p) {
   return p.seed.load();
 }
 
+// The pack at p (aligned), as acc_t.
+template <typename scalar_t, typename acc_t>
+__device__ inline void load_pack(const scalar_t* p, acc_t* v) {
+  const Pack<scalar_t> pk = *reinterpret_cast<const Pack<scalar_t>*>(p);
+#pragma unroll
+  for (int i = 0; i < kItems; ++i) v[i] = static_cast<acc_t>(pk.v[i]);
+}
+
 // Elements j0 .. j0 + 3 of a row (0 outside [0, L)); a pack where all four are inside.
 template <typename scalar_t, typename acc_t>
 __device__ inline void load4(const scalar_t* row, int64_t stride, int64_t j0, int64_t L, bool vec,
                              acc_t (&v)[kItems]) {
   if (vec && j0 >= 0 && j0 + kItems <= L) {
-    const Pack<scalar_t> pk = *reinterpret_cast<const Pack<scalar_t>*>(row + j0);
-#pragma unroll
-    for (int i = 0; i < kItems; ++i) v[i] = static_cast<acc_t>(pk.v[i]);
+    load_pack(row + j0, v);
   } else {
 #pragma unroll
     for (int i = 0; i < kItems; ++i) {
@@ -187,14 +193,20 @@ __device__ inline void store_pack(scalar_t* p, const Pack<scalar_t>& o) {
   }
 }
 
+// Four acc_t values as the pack at p (aligned).
+template <typename scalar_t, typename acc_t>
+__device__ inline void store_values(scalar_t* p, const acc_t* v) {
+  Pack<scalar_t> pk;
+#pragma unroll
+  for (int i = 0; i < kItems; ++i) pk.v[i] = static_cast<scalar_t>(v[i]);
+  store_pack(p, pk);
+}
+
 template <typename scalar_t, typename acc_t>
 __device__ inline void store4(scalar_t* row, int64_t stride, int64_t j0, int64_t L, bool vec,
                               const acc_t (&v)[kItems]) {
   if (vec && j0 >= 0 && j0 + kItems <= L) {
-    Pack<scalar_t> pk;
-#pragma unroll
-    for (int i = 0; i < kItems; ++i) pk.v[i] = static_cast<scalar_t>(v[i]);
-    store_pack(row + j0, pk);
+    store_values(row + j0, v);
   } else {
 #pragma unroll
     for (int i = 0; i < kItems; ++i) {
@@ -304,22 +316,13 @@ __device__ inline void store_elems(scalar_t* row, int64_t stride, int64_t j0, in
 template <typename scalar_t, typename acc_t>
 __device__ inline void load_packs(const scalar_t* row, acc_t (&v)[kElems]) {
 #pragma unroll
-  for (int h = 0; h < kPacks; ++h) {
-    const Pack<scalar_t> pk = reinterpret_cast<const Pack<scalar_t>*>(row)[h];
-#pragma unroll
-    for (int i = 0; i < kItems; ++i) v[h * kItems + i] = static_cast<acc_t>(pk.v[i]);
-  }
+  for (int h = 0; h < kPacks; ++h) load_pack(row + h * kItems, v + h * kItems);
 }
 
 template <typename scalar_t, typename acc_t>
 __device__ inline void store_packs(scalar_t* row, const acc_t (&v)[kElems]) {
 #pragma unroll
-  for (int h = 0; h < kPacks; ++h) {
-    Pack<scalar_t> pk;
-#pragma unroll
-    for (int i = 0; i < kItems; ++i) pk.v[i] = static_cast<scalar_t>(v[h * kItems + i]);
-    store_pack(row + h * kItems, pk);
-  }
+  for (int h = 0; h < kPacks; ++h) store_values(row + h * kItems, v + h * kItems);
 }
 
 template <typename acc_t>
