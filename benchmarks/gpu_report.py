@@ -161,10 +161,16 @@ DYNAMIC_SMEM: dict[str, int] = {
     # masked_conv.cu launch_tc: two stages of W' (64 x 72) and X' (64 x 40) tiles.
     r"^masked_conv2d_tc_kernel<float>": 2 * 4 * (64 * 72 + 64 * 40),
     r"^masked_conv2d_tc_kernel<": 2 * 2 * (64 * 72 + 64 * 40),
-    # masked_conv.cu launch_packed: four stages of W' and X' tiles (96 rows in all: 64 + 32 or
-    # 32 + 64) at row pitches of 144 (float32) and 80 (16-bit) bytes.
-    r"^masked_conv2d_tc_packed_kernel<float,": 4 * 96 * 144,
-    r"^masked_conv2d_tc_packed_kernel<": 4 * 96 * 80,
+    # masked_conv.cu launch_packed, at row pitches of 144 (float32) and 80 (16-bit) bytes: per
+    # tap, four stages of W' and X' tiles (96 rows in all: 64 + 32 or 32 + 64); patch tiles,
+    # four stages of the W' rows and two patch buffers of the benchmarks' largest patch, 144
+    # pixels (32 x 512 x 4 x 4: 4 samples' 24 padded rows of 6).
+    r"^masked_conv2d_tc_packed_kernel<float, \d+, false>": 4 * 96 * 144,
+    r"^masked_conv2d_tc_packed_kernel<[^,]+, \d+, false>": 4 * 96 * 80,
+    r"^masked_conv2d_tc_packed_kernel<float, 32, true>": 4 * 32 * 144 + 2 * 144 * 144,
+    r"^masked_conv2d_tc_packed_kernel<float, 64, true>": 4 * 64 * 144 + 2 * 144 * 144,
+    r"^masked_conv2d_tc_packed_kernel<[^,]+, 32, true>": 4 * 32 * 80 + 2 * 144 * 80,
+    r"^masked_conv2d_tc_packed_kernel<[^,]+, 64, true>": 4 * 64 * 80 + 2 * 144 * 80,
     # masked_conv.cu static_forward_cuda: an int per output channel (the kept rank); the
     # benchmarks' largest C_out, 512.
     r"^scatter_kept_channels_kernel<": 512 * 4,
@@ -442,6 +448,32 @@ def step_instructions(body: list, trips: int = 1) -> int | None:
     return (step[1] - step[0] + 1) + (trips - 1) * (inner[1] - inner[0] + 1)
 
 
+_BSSY = re.compile(r"\bBSSY\s+B\d+,\s+0x([0-9a-f]+)")
+
+
+def branch_copy_loops(body: list) -> list[tuple[int, int]] | None:
+    """The loops of asynchronous copies (LDGSTS, no tensor-core instruction) that a GEMM's K-loop
+    step (as step_instructions finds it) runs under a branch, e.g. the packed convolution's
+    patch copies at a chunk's first step: (instructions of the branch, from its BSSY to the
+    reconvergence point it names, and of the loop) for each; None without such a step."""
+    loops = sorted(_loops(body), key=lambda loop: loop[1] - loop[0])
+    step = next((l for l in loops if _holds(body, l, "MMA") and _holds(body, l, "LDG")), None)
+    if step is None:
+        return None
+    at = {address: i for i, (address, _) in enumerate(body)}
+    found = []
+    for loop in loops:
+        if (loop == step or not (step[0] < loop[0] and loop[1] < step[1])
+                or _holds(body, loop, "MMA") or not _holds(body, loop, "LDGSTS")):
+            continue
+        for i in range(loop[0] - 1, step[0] - 1, -1):
+            m = _BSSY.search(body[i][1])
+            if m and at.get(int(m.group(1), 16), -1) > loop[1]:
+                found.append((at[int(m.group(1), 16)] - i + 1, loop[1] - loop[0] + 1))
+                break
+    return found
+
+
 def pipeline_drains(body: list) -> bool:
     """Whether an innermost loop that copies global memory to shared memory asynchronously
     (LDGSTS) waits in each trip for every copy in flight (DEPBAR.LE SB0, 0x0): its pipeline
@@ -502,11 +534,27 @@ def check_step_ops(cuda_sass: str, triton: list[Variant], found: list) -> list[s
         # TF32's mma runs as an inner loop of two trips a step (16-bit types: one).
         compare(f"cuda {kernel}", model,
                 None if body is None else step_instructions(body, 2 if dtype == "float32" else 1))
-    for tile_rows, by_dtype in roofline.CUDA_TC_PACKED_STEP_OPS.items():  # a step a trip
+    # The packed kernels: a step a trip; patch tiles less their patch copies' branch (its
+    # set-up and a trip of its loop: CUDA_PATCH_SETUP_OPS, CUDA_PATCH_TRIP_OPS, run once a
+    # chunk).
+    for (tile_rows, patch), by_dtype in roofline.CUDA_TC_PACKED_STEP_OPS.items():
         for dtype, model in by_dtype.items():
-            kernel = f"masked_conv2d_tc_packed_kernel<{cuda_types[dtype]}, {tile_rows}>"
+            kernel = (f"masked_conv2d_tc_packed_kernel<{cuda_types[dtype]}, {tile_rows}, "
+                      f"{str(patch).lower()}>")
             body = next((b for m, b in functions.items() if _short(names[m])[0] == kernel), None)
-            compare(f"cuda {kernel}", model, None if body is None else step_instructions(body))
+            counted = None if body is None else step_instructions(body)
+            branches = [] if body is None else branch_copy_loops(body) or []
+            if patch and counted is not None:
+                if len(branches) != 1:
+                    problems.append(f"cuda {kernel}: {len(branches)} patch copy loops in the "
+                                    f"K-loop step of the SASS, 1 expected")
+                    continue
+                (region, loop), = branches
+                counted -= region
+                compare(f"cuda {kernel} patch copies' set-up",
+                        roofline.CUDA_PATCH_SETUP_OPS[tile_rows][dtype], region - loop)
+                compare(f"cuda {kernel} patch copies' trip", roofline.CUDA_PATCH_TRIP_OPS, loop)
+            compare(f"cuda {kernel}", model, counted)
     rows = {}
     for row, v in zip(triton, found):
         if v.kernel.__name__ == "_masked_conv2d_forward_kernel":
@@ -727,9 +775,18 @@ def _sap_block_chunks(case) -> int:
                                         roofline.GPUS["h200"]["sms"])[0]
 
 
-def _conv_pixels(case) -> int:
-    """Output pixels of a sample of a masked_conv benchmark case (3x3, padding 1: H x W)."""
-    return case.shape[2] * case.shape[3]
+def _conv_packed(case) -> tuple[int, bool] | None:
+    """(tile rows, patch tiles) of the packed kernel a masked_conv benchmark case's CUDA forward
+    runs (roofline's mirror of masked_conv.cu's choice), None where it runs none."""
+    from . import roofline
+
+    kernels = [i.name for i in roofline.plan("masked_conv", case, roofline.CUDA, "forward",
+                                             "h200").items if isinstance(i, roofline.Kernel)]
+    if not any(name.startswith("masked_conv2d_tc_packed_kernel") for name in kernels):
+        return None
+    g = roofline._conv_shape(case)
+    t = roofline._cuda_packed_tiling(g, g.kind != "sample-out")
+    return t.rows, t.patch
 
 
 def _cas_rows4(case) -> bool:
@@ -770,25 +827,29 @@ CUDA_USES = {
         "kwta", lambda c: _kwta_warp_max() < _kwta_group(c) <= 8192, "fwd"),
     r"^kwta_block_kernel<float, 512, true>": ("kwta", lambda c: _kwta_group(c) > 8192, "fwd"),
     r"^kwta_backward_kernel<float, u32, true>": ("kwta", lambda c: True, "bwd"),
-    # masked_conv.cu: per-sample masks (static ones go to cuDNN outside graph capture); the
-    # backward's grad_x (stride 1) is the same kernel.
-    # With cudnn.allow_tf32 (PyTorch's default, kept by the benchmarks) float32 takes the
-    # tensor-core kernel; masked_conv2d_kernel<float> runs with TF32 off only.
-    # Per-sample masks without a bool in_mask (the forward of the sample-out cases) pack x and
-    # the weight first and run the packed kernel; the backward's grad_x has the out_mask as its
-    # in_mask and runs the gathering kernel.
-    # Their tiles: 32 rows x 64 pixels where a sample has more than 32 output pixels (all of the
-    # benchmarks' maps), else 64 x 32.
-    r"^pack_kernel<float>": ("masked_conv", lambda c: c.variant.startswith("sample"), "fwd"),
-    r"^masked_conv2d_tc_packed_kernel<float, 32>": (
-        "masked_conv", lambda c: c.variant.startswith("sample") and _conv_pixels(c) > 32, "fwd"),
-    r"^masked_conv2d_tc_packed_kernel<float, 64>": (
-        "masked_conv", lambda c: c.variant.startswith("sample") and _conv_pixels(c) <= 32, "fwd"),
+    # masked_conv.cu: with cudnn.allow_tf32 (PyTorch's default, kept by the benchmarks) float32
+    # takes the tensor-core kernels; masked_conv2d_kernel<float> runs with TF32 off only.
+    # Per-sample masks without a bool in_mask (the forward of the sample-out cases), and static
+    # masks whose reduction is short (static_on_tensor_cores: every static case of the
+    # benchmarks), pack x and the weight first and run the packed kernel: the tiles of
+    # roofline._cuda_packed_tiling (patch tiles of 32 rows x 64 pixels for all of the benchmarks'
+    # maps). The sample-out cases' backward grad_x has the out_mask as its in_mask and runs the
+    # gathering kernel.
+    r"^pack_kernel<float>": ("masked_conv", lambda c: _conv_packed(c) is not None, "fwd"),
+    r"^masked_conv2d_tc_packed_kernel<float, 32, false>": (
+        "masked_conv", lambda c: _conv_packed(c) == (32, False), "fwd"),
+    r"^masked_conv2d_tc_packed_kernel<float, 64, false>": (
+        "masked_conv", lambda c: _conv_packed(c) == (64, False), "fwd"),
+    r"^masked_conv2d_tc_packed_kernel<float, 32, true>": (
+        "masked_conv", lambda c: _conv_packed(c) == (32, True), "fwd"),
+    r"^masked_conv2d_tc_packed_kernel<float, 64, true>": (
+        "masked_conv", lambda c: _conv_packed(c) == (64, True), "fwd"),
     r"^masked_conv2d_tc_kernel<float>": ("masked_conv",
                                          lambda c: c.variant.startswith("sample"), "bwd"),
-    # Static output masks: cuDNN on the kept channels, then this write of the whole output.
-    r"^scatter_kept_channels_kernel<float, false>": ("masked_conv",
-                                                     lambda c: c.variant.startswith("out"), "fwd"),
+    # Static output masks past the packed kernel's limit: cuDNN on the kept channels, then this
+    # write of the whole output (none of the benchmarks' cases).
+    r"^scatter_kept_channels_kernel<float, false>": (
+        "masked_conv", lambda c: c.variant.startswith("out") and _conv_packed(c) is None, "fwd"),
     # noise.cu: contiguous, aligned x and out take the vector kernel.
     r"^noise_kernel<float, true>": ("noise", lambda c: True, "fwd"),
     # sap.cu: exact mode's partials, prefix and merge; bernoulli mode's one launch (a cluster a

@@ -1891,38 +1891,110 @@ def _dtype_name(case: Case) -> str:
 # The packed path (masked_conv.cu: no bool in_mask): pack_kernel's lane instructions an element
 # of its tiles (a trip of its image loop, 4 elements a thread: ~125 in the sm_90 SASS without a
 # soft in_mask, whose branch adds ~60) and masked_conv2d_tc_packed_kernel's K step of 32
-# channels of one tap (the 16-byte cp.async copies' addresses, the tap counters, ldmatrix and
-# mma.sync: float32 TF32 m16n8k8, 16-bit m16n8k16), lane instructions a thread, by the tile's
-# rows (32: 32 x 64 pixel tiles, where a sample has more than 32 output pixels; else 64 x 32);
-# 4 CTAs an SM (64 registers, 54 KiB of shared memory for float32's 4 stages).
+# channels of one tap (ldmatrix, mma.sync: float32 TF32 m16n8k8, 16-bit m16n8k16; the W' copies'
+# addresses; per tap also the X' copies and the tap counters, patch tiles the tap counters and
+# the test for the chunk's patch copies), lane instructions a thread, by (the tile's rows, patch
+# tiles): rows 32 by 64 pixels where a sample has more than 32 output pixels or tiles run
+# across samples, else 64 x 32. Patch tiles add, once a chunk, the copies' set-up
+# (CUDA_PATCH_SETUP_OPS) and CUDA_PATCH_TRIP_OPS a trip of their loop (one 16-byte copy a thread, 256 / (32 x element bytes / 16)
+# patch pixels a trip). 4 CTAs an SM by registers (64); patch tiles by shared memory as well.
 CUDA_PACK_OPS = 32
-CUDA_TC_PACKED_STEP_OPS = {64: {"float32": 70, "bfloat16": 64, "float16": 64},
-                           32: {"float32": 74, "bfloat16": 64, "float16": 64}}
+CUDA_TC_PACKED_STEP_OPS = {(64, False): {"float32": 67, "bfloat16": 55, "float16": 55},
+                           (32, False): {"float32": 69, "bfloat16": 55, "float16": 55},
+                           (64, True): {"float32": 81, "bfloat16": 62, "float16": 62},
+                           (32, True): {"float32": 69, "bfloat16": 62, "float16": 62}}
+CUDA_PATCH_SETUP_OPS = {64: {"float32": 18, "bfloat16": 18, "float16": 18},
+                        32: {"float32": 19, "bfloat16": 18, "float16": 18}}  # by tile rows
+CUDA_PATCH_TRIP_OPS = 12
 CUDA_PACKED_STAGES = 4
+CUDA_PATCH_MAX_SMEM = 102400  # masked_conv.cu kPatchMaxSmem
+CUDA_PATCH_PER_SM = 3  # masked_conv.cu kPatchMinBlocks: patch tiles' register cap (80)
+SM_SMEM = 228 * 1024  # shared memory an SM (sm_90), 1 KiB of it reserved a CTA
 
 
-def _cuda_packed_grid(g: _Conv, out_work: int) -> tuple[int, int, int, int]:
-    """masked_conv2d_tc_packed_kernel's grid for out_work kept output channels: (tile rows,
-    pixel tiles a sample, channel tiles a sample, CTAs); tiles of 32 rows x 64 pixels, 64 x 32
-    for maps of at most 32 pixels (masked_conv.cu packed_tile_rows)."""
+@dataclass(frozen=True)
+class _PackedTiling:
+    """masked_conv.cu's PackedTiling: the packed kernel's tiles."""
+    rows: int  # output channels a tile (by 2048 / rows pixels)
+    patch: bool  # X' from a patch of xp (else copied per tap)
+    span: bool  # patch tiles across samples
+    out_rows: int  # patch tiles: output rows a tile
+    pixel_tiles: int  # a sample's (span: the batch's)
+    patch_pixels: int  # patch tiles: xp pixels of the largest patch
+    smem: int  # dynamic shared memory, bytes
+
+    def ctas(self, n: int, kept: int) -> int:
+        return (1 if self.span else n) * self.pixel_tiles * math.ceil(kept / self.rows)
+
+    @property
+    def per_sm(self) -> int:
+        """CTAs an SM: 4 by registers (64 a thread), patch tiles 3 (80), and by shared memory."""
+        return min(CUDA_PATCH_PER_SM if self.patch else 4, SM_SMEM // (self.smem + 1024))
+
+
+CUDA_PACKED_MAX_SPLIT = 8  # masked_conv.cu kMaxSplit
+
+
+def _cuda_packed_split(ctas: int, chunks: int, sms: int) -> int:
+    """masked_conv.cu packed_split: the CTAs a patch tile's K is split over (a cluster each,
+    sm_90) where the grid leaves SMs idle: the smallest split with the fewest rounds of CTAs an
+    SM relative to it."""
+    best, best_cost = 1, 1.0
+    if 0 < ctas < sms:
+        for split in range(2, min(CUDA_PACKED_MAX_SPLIT, chunks) + 1):
+            cost = math.ceil(ctas * split / sms) / split
+            if cost < best_cost:
+                best, best_cost = split, cost
+    return best
+
+
+def _cuda_packed_tiling(g: _Conv, shared: bool) -> _PackedTiling:
+    """masked_conv.cu packed_tiling for a 3 x 3, stride 1, padding 1 convolution of g (shared:
+    the samples' output channels are the same, as with static masks): patch tiles of whole
+    output rows (across samples where shared) where a map's row fits a tile and the two patch
+    buffers (the largest patch's xp rows) fit CUDA_PATCH_MAX_SMEM with the stages; else per tap,
+    tiles inside a sample."""
+    side = math.isqrt(g.pixels)
+    pitch = 32 * g.esize + 16
+    span = shared and g.n > 1
+    rows = 32 if g.pixels > 32 or span else 64
+    tile_pixels = 2048 // rows
+    if side <= tile_pixels and g.n > 0:
+        rows_all = g.n * side if span else side
+        r = min(tile_pixels // side, rows_all)
+        tiles = math.ceil(rows_all / r)
+        most = 0
+        for i in range(min(tiles, side)):
+            start = i * r % side
+            count = r if span else min(r, side - start)
+            most = max(most, (start + count - 1) // side * 2 + count + 2)
+        patch_pixels = most * (side + 2)
+        smem = (max(CUDA_PACKED_STAGES * rows * pitch, 4 * rows * (tile_pixels + 4))
+                + 2 * patch_pixels * pitch)
+        if smem <= CUDA_PATCH_MAX_SMEM:
+            return _PackedTiling(rows, True, span, r, tiles, patch_pixels, smem)
     rows = 32 if g.pixels > 32 else 64
-    p_tiles = math.ceil(g.pixels / (2048 // rows))
-    tiles = math.ceil(out_work / rows)
-    return rows, p_tiles, tiles, g.n * p_tiles * tiles
+    tile_pixels = 2048 // rows
+    return _PackedTiling(rows, False, False, 0, math.ceil(g.pixels / tile_pixels), 0,
+                         CUDA_PACKED_STAGES * (rows + tile_pixels) * pitch)
 
 
-def _cuda_packed(p: Plan, g: _Conv, out_work: int, in_work: int | None = None) -> None:
+def _cuda_packed(p: Plan, g: _Conv, out_work: int, in_work: int | None = None,
+                 shared: bool = True) -> None:
     """The packed path (bf16 / fp16, float32 under TF32, the benchmark's default): per-sample
-    masks without a bool in_mask, and static masks where _cuda_static_packed takes it (a bool
-    in_mask's in_work kept channels listed first by the pack, the masked ones never read).
-    pack_kernel (x into (N, H + 2, W + 2, C_pad), the weight into (C_out, 9, C_pad), C_pad =
-    in_work (default C) rounded up to 32; tiles of 32 padded pixels by 32 channels, the weight
-    one image of C_out x 9 pixels), then masked_conv2d_tc_packed_kernel: 256 threads, tiles of
-    32 rows x 64 pixels (64 x 32 for maps of at most 32 pixels), the tiles past the kept
-    channels only writing their zeros, a warp skipping rows past the kept ones and pixels past
-    the image (16 at a time); K steps of 32 channels of one tap, copied by cp.async
-    CUDA_PACKED_STAGES - 1 steps ahead (a step waits at least an L2 round trip over those), one
-    barrier a step; CUDA_TC_PACKED_STEP_OPS lane instructions a thread a step."""
+    masks without a bool in_mask (shared False), and static masks where _cuda_static_packed
+    takes it (a bool in_mask's in_work kept channels listed first by the pack, the masked ones
+    never read). pack_kernel (x into (N, H + 2, W + 2, C_pad), the weight into (C_out, 9,
+    C_pad), C_pad = in_work (default C) rounded up to 32; tiles of 32 padded pixels by 32
+    channels, the weight one image of C_out x 9 pixels), then masked_conv2d_tc_packed_kernel:
+    256 threads, _cuda_packed_tiling's tiles, the tiles past the kept channels only writing
+    their zeros, a warp skipping rows past the kept ones and pixels past the tile (16 at a
+    time); K steps of 32 channels of one tap, the W' rows (and per tap the X' pixels) copied by
+    cp.async CUDA_PACKED_STAGES - 1 steps ahead (a step waits at least an L2 round trip over
+    those), one barrier a step; CUDA_TC_PACKED_STEP_OPS lane instructions a thread a step.
+    L2 traffic: every CTA copies its kept W' rows over the whole K, and X' once a step (per
+    tap: kPixels rows of 32 channels) or once a chunk (patch tiles: the patch's pixels); the
+    first read of xp and wp is HBM."""
     in_work = g.c if in_work is None else in_work
     c_pad = math.ceil(in_work / 32) * 32
     side = math.isqrt(g.pixels)
@@ -1933,17 +2005,41 @@ def _cuda_packed(p: Plan, g: _Conv, out_work: int, in_work: int | None = None) -
              hbm=g.x * in_work / g.c + g.n * padded * c_pad * g.esize + 2 * g.weight * c_pad / g.c,
              ops=(x_tiles + w_tiles) * 32 * 32 * CUDA_PACK_OPS, ctas=x_tiles + w_tiles,
              per_sm=6, chain_us=p.lat("l2") + p.lat("dram"))  # 40 registers
-    steps = 9 * c_pad // 32
-    tile_rows, p_tiles, tiles, ctas = _cuda_packed_grid(g, out_work)
-    chain = steps * (p.lat("l2") / (CUDA_PACKED_STAGES - 1) + p.lat("barrier")) + p.lat("dram")
-    p.kernel("masked_conv2d_tc_packed_kernel (mma)", "inner",
-             hbm=g.n * padded * c_pad * g.esize + g.x + g.weight * c_pad / g.c,
-             l2=g.n * padded * c_pad * g.esize * (tiles - 1)
-             + g.weight * out_work / g.c * c_pad / g.c * (g.n * p_tiles - 1),
-             flops=g.flops(math.ceil(out_work / 16) * 16, c_pad, math.ceil(g.pixels / 16) * 16),
+    t = _cuda_packed_tiling(g, shared)
+    chunks = c_pad // 32
+    steps = 9 * chunks
+    groups = (1 if t.span else g.n) * t.pixel_tiles  # pixel tiles of the grid
+    tiles = t.ctas(g.n, out_work)
+    # Patch tiles split K over clusters where the tiles leave SMs idle: a CTA runs 1 / split of
+    # the steps, then the cluster sums its partial tiles (a DSMEM load per CTA and element).
+    split = _cuda_packed_split(tiles, chunks, p.gpu["sms"]) if t.patch else 1
+    ctas = tiles * split
+    tile_pixels = 2048 // t.rows
+    per_thread = steps * CUDA_TC_PACKED_STEP_OPS[(t.rows, t.patch)][_dtype_name(p.case)]
+    xp = g.n * padded * c_pad * g.esize
+    if t.patch:
+        setup = CUDA_PATCH_SETUP_OPS[t.rows][_dtype_name(p.case)]
+        per_pass = 256 // (32 * g.esize // 16)  # patch pixels one trip copies
+        per_thread += chunks * (setup + math.ceil(t.patch_pixels / per_pass) * CUDA_PATCH_TRIP_OPS)
+        x_l2 = tiles * t.patch_pixels * c_pad * g.esize
+        # the warps' 16-pixel blocks that hold a pixel of a tile
+        pixel_work = groups * math.ceil(t.out_rows * side / 16) * 16 / g.n
+    else:
+        x_l2 = tiles * steps * tile_pixels * 32 * g.esize
+        pixel_work = math.ceil(g.pixels / 16) * 16
+    reduce_ops = tiles * t.rows * tile_pixels * (2 * split + 4) if split > 1 else 0
+    w_kept = g.weight * out_work / g.c * c_pad / g.c  # wp's kept rows
+    chain = (steps / split * (p.lat("l2") / (CUDA_PACKED_STAGES - 1) + p.lat("barrier"))
+             + p.lat("dram") + (p.lat("cluster_pass") if split > 1 else 0.0))
+    name = "masked_conv2d_tc_packed_kernel (mma" + (", patch tiles" if t.patch else "") + (
+        f", K split {split})" if split > 1 else ")")
+    p.kernel(name, "inner",
+             hbm=xp + g.x + g.weight * c_pad / g.c,
+             l2=max(0.0, x_l2 - xp) + w_kept * (groups - 1),
+             flops=g.flops(math.ceil(out_work / 16) * 16, c_pad, pixel_work),
              tensor=True, eff=p.gpu["cuda_wmma_eff"],
-             ops=ctas * steps * 256 * CUDA_TC_PACKED_STEP_OPS[tile_rows][_dtype_name(p.case)],
-             ctas=ctas, per_sm=4, chain_us=chain)
+             ops=tiles * 256 * per_thread + reduce_ops, ctas=ctas, per_sm=t.per_sm,
+             chain_us=chain)
 
 
 def _cuda_gathering(p: Plan, g: _Conv, out_work: int, in_work: float) -> None:
@@ -1978,16 +2074,17 @@ CUDA_STATIC_PACKED_MAX_STEPS = 144  # csrc/cuda/masked_conv.cu's kStaticPackedMa
 def _cuda_static_packed(p: Plan, g: _Conv, out_kept: int, in_kept: int) -> bool:
     """masked_conv.cu's static_on_tensor_cores: static masks run the packed path (pack_kernel,
     a bool in_mask's kept channels first, then masked_conv2d_tc_packed_kernel) where its CTAs
-    (samples x pixel tiles x row tiles of the kept output channels: 32 x 64, or 64 x 32 for
-    maps of at most 32 pixels) times the K steps each runs (9 taps x ceil(in_kept / 32)) over
-    the rounds of the GPU's CTA slots (4 an SM) stay within CUDA_STATIC_PACKED_MAX_STEPS, else
-    cuDNN on the compacted problem. The limit is this model's, with cuDNN's float32 times as
-    the H200 run measured them (CUDNN_*): over 3 x 3 convolutions of 1-128 samples, 32-512
-    channels, 4 x 4 to 56 x 56 maps and 25-75% kept, the path it chooses takes on average 2.3%
-    (in_mask) / 1.1% (out_mask alone) more device time than the faster one. (With cuDNN at
-    200 TFLOP/s and no transposes the limits were 18 and 9: most static out_masks went to
-    cuDNN, whose measured floor then made them miss their goal.)"""
-    rounds = math.ceil(_cuda_packed_grid(g, out_kept)[3] / (p.gpu["sms"] * 4))
+    (_cuda_packed_tiling's pixel tiles x row tiles of the kept output channels, before any K
+    split) times the K steps each runs (9 taps x ceil(in_kept / 32)) over the rounds of the
+    GPU's CTA slots (4 an SM) stay within CUDA_STATIC_PACKED_MAX_STEPS, else cuDNN on the
+    compacted problem. The limit is this model's, with cuDNN's float32 times as the H200 run
+    measured them (CUDNN_*): over 3 x 3 convolutions of 1-128 samples, 32-512 channels, 4 x 4
+    to 56 x 56 maps and 25-75% kept, the path it chooses takes on average 0.4% (in_mask) / 0.6%
+    (out_mask alone) more predicted time than the faster one with patch tiles (144 is the best
+    limit for out_masks; 288 would save 0.1% for in_masks). (With cuDNN at 200 TFLOP/s and no
+    transposes the limits were 18 and 9: most static out_masks went to cuDNN, whose measured
+    floor then made them miss their goal.)"""
+    rounds = math.ceil(_cuda_packed_tiling(g, True).ctas(g.n, out_kept) / (p.gpu["sms"] * 4))
     return rounds * 9 * math.ceil(in_kept / 32) <= CUDA_STATIC_PACKED_MAX_STEPS
 
 
@@ -2169,7 +2266,7 @@ def masked_conv_forward(p: Plan, provider: str, grad: bool) -> None:
             _fold_weight_mask(p, g, grad)
             _cudnn_forward(p, g, g.c, g.c)
         elif g.kind == "sample-out":
-            _cuda_packed(p, g, g.kept)
+            _cuda_packed(p, g, g.kept, shared=False)
         elif _cuda_static_packed(p, g, g.kept if out_static else g.c,
                                  g.kept if g.kind == "in" else g.c):
             # the (C,) out_mask read on the device; the kept counts and an in_mask's kept list

@@ -383,6 +383,42 @@ def test_step_instructions():
     assert gpu_report.step_instructions(no_mma) is None
 
 
+# A K loop (0x0010 .. 0x00e0) with a branch (BSSY at 0x0030, reconverging at 0x0090) around a
+# loop of asynchronous copies (0x0050 .. 0x0080): the packed convolution's patch copies.
+BRANCH_SASS = """
+        Function : _Z5patchv
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;
+        /*0020*/                   ISETP.NE.AND P0, PT, R2, RZ, PT ;
+        /*0030*/                   BSSY B0, 0x90 ;
+        /*0040*/              @P0 BRA 0x80 ;
+        /*0050*/                   LDGSTS.E.BYPASS.128 [R3], desc[UR4][R4.64] ;
+        /*0060*/                   IADD3 R3, R3, 0x1200, RZ ;
+        /*0070*/              @!P1 BRA 0x50 ;
+        /*0080*/                   NOP ;
+        /*0090*/                   BSYNC B0 ;
+        /*00a0*/                   LDGSTS.E.BYPASS.128 [R5], desc[UR4][R6.64] ;
+        /*00b0*/                   LDSM.16.M88.4 R8, [R7] ;
+        /*00c0*/                   HMMA.1688.F32.TF32 R12, R8, R10, R12 ;
+        /*00d0*/                   IADD3 R2, R2, 0x1, RZ ;
+        /*00e0*/              @!P2 BRA 0x10 ;
+        /*00f0*/                   EXIT ;
+"""
+
+
+def test_branch_copy_loops():
+    """The copy loop under a branch inside the K-loop step: its branch from BSSY to the
+    reconvergence point (0x30 .. 0x90, 7 instructions) and the loop (0x50 .. 0x70, 3); none in
+    a step without one; None without a step."""
+    (body,) = gpu_report.sass_functions(BRANCH_SASS).values()
+    assert gpu_report.step_instructions(body) == 14
+    assert gpu_report.branch_copy_loops(body) == [(7, 3)]
+    (plain,) = gpu_report.sass_functions(SASS).values()
+    assert gpu_report.branch_copy_loops(plain) == []
+    no_mma = [(a, i.replace("HMMA.1688.F32.TF32", "FFMA")) for a, i in body]
+    assert gpu_report.branch_copy_loops(no_mma) is None
+
+
 def test_pipeline_drains():
     """A loop of asynchronous copies that waits for all of them each trip drains; one that
     leaves copies in flight (DEPBAR.LE SB0, 0x1) does not, nor does a full wait in an outer

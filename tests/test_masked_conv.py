@@ -1294,6 +1294,66 @@ def test_cuda_static_in_mask_packed(dtype, channels_last, keep, geom):
                       in_mask, None)
 
 
+# Patch tiles of the packed kernel (N, C_in, C_out, H, W, kernel, stride, padding, dilation,
+# masks, expected tiles): whole output rows a tile, X' read from a patch of xp in shared memory.
+# Static masks run tiles across samples: 4 x 4 maps (4 samples a tile, a K split over a
+# cluster where the tiles leave SMs idle: 16 CTAs, 2 chunks), 14 x 14 maps (tiles crossing a
+# sample boundary mid-tile), a single tile of 10 chunks (split 8 ways); per-sample masks keep
+# tiles inside a sample; stride and dilation; maps wider than a tile (W_out 70) and 1 x 1
+# kernels keep the per-tap copies.
+PATCH_GEOMETRIES = [
+    ((32, 64, 96, 4, 4, 3, 1, 1, 1), "static", True),
+    ((5, 40, 70, 14, 14, 3, 1, 1, 1), "static", True),
+    ((2, 300, 64, 4, 4, 3, 1, 1, 1), "static", True),
+    ((3, 24, 40, 14, 14, 3, 1, 1, 1), "sample", True),
+    ((2, 16, 20, 9, 33, 3, 2, 1, 2), "static", True),
+    ((3, 8, 36, 7, 9, 5, 1, 2, 1), "sample", True),
+    ((1, 8, 16, 8, 70, 3, 1, 1, 1), "sample", False),
+    ((4, 33, 70, 4, 4, 1, 1, 0, 1), "static", False),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.tf32
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("geom,masks,patch", PATCH_GEOMETRIES)
+def test_cuda_packed_patch_tiles(dtype, channels_last, geom, masks, patch):
+    """The packed kernel's patch tiles against the float64 reference (TF32 tolerances for
+    float32, twice eager's error for bf16) with the masked output channels exactly 0, on every
+    tiling above, and the same bits on a second call (the K split's partial tiles are summed in
+    rank order)."""
+    gen = torch.Generator().manual_seed(19)
+    n, cin, cout, h, w, k, stride, padding, dilation = geom
+    x, weight, bias = _tc_inputs(geom, dtype, gen, channels_last)
+    if masks == "static":
+        out_mask = (torch.rand(cout, generator=gen) < 0.5).cuda()
+        out_mask[0] = True
+    else:
+        _, out_mask = _tc_masks(n, cin, cout, gen)
+    with pyprune.use_backend("cuda"):
+        got, names = _cuda_kernel_names(lambda: pyprune.masked_conv2d(
+            x, weight, bias, stride, padding, dilation, out_mask=out_mask))
+        again = pyprune.masked_conv2d(x, weight, bias, stride, padding, dilation,
+                                      out_mask=out_mask)
+    packed = [name for name in names if "tc_packed_kernel<" in name]
+    assert packed and all((", true>" in name) == patch for name in packed), names
+    assert torch.equal(got, again)
+    if masks == "static":
+        _static_close(got, x, weight, bias, geom, None, out_mask)
+    elif dtype == torch.float32:
+        want = reference.masked_conv2d(x.double(), weight.double(), bias.double(), stride,
+                                       padding, dilation, 1, None, out_mask)
+        scale = (cin * k * k) ** 0.5
+        torch.testing.assert_close(got.double(), want, atol=TF32_TOLERANCE[0] * scale,
+                                   rtol=TF32_TOLERANCE[1] * scale)
+        assert torch.equal(got.masked_fill(out_mask[:, :, None, None], 0), torch.zeros_like(got))
+    else:
+        in_mask = torch.ones(n, cin, dtype=torch.bool, device=x.device)
+        _low_precision_close(got, x, weight, bias, geom, in_mask, out_mask)
+
+
 @pytest.mark.gpu
 @pytest.mark.tf32
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")

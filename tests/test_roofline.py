@@ -202,21 +202,30 @@ def test_masked_conv_bytes_and_flops():
     assert eager["cuDNN fprop"].hbm == 2 * x + weight
     # Per-sample 25% of 128 output channels (no in_mask: the packed path): x packed into
     # (32, 18, 18, 128) and the weight into (128, 9, 128), then one 32-channel tile of work on
-    # tensor cores (tiles of 32 rows x 64 pixels: 256 pixels a sample); 32 samples x 4 pixel
-    # tiles; 9 taps x 128 / 32 steps, each waiting at least a third of an L2 round trip (4
-    # stages).
+    # tensor cores. Patch tiles inside a sample: 4 output rows of 16 (64 pixels), 4 tiles a
+    # sample, 32 x 4 CTAs (no K split: 128 CTAs of 132 SMs are as few rounds as 256); each
+    # copies, per 32-channel chunk, a patch of 6 padded rows x 18 (108 pixels, 4 trips of 32 a
+    # thread) and runs 9 taps x 4 chunks = 36 steps, each waiting at least a third of an L2
+    # round trip (4 stages).
     xp = 32 * 18 * 18 * 128 * 4
     forward = kernels("masked_conv", Case((32, 128, 16, 16), "sample-out25"), roofline.CUDA,
                       "forward")
-    assert list(forward) == ["pack_kernel", "masked_conv2d_tc_packed_kernel (mma)"]
+    packed = "masked_conv2d_tc_packed_kernel (mma, patch tiles)"
+    assert list(forward) == ["pack_kernel", packed]
     assert forward["pack_kernel"].hbm == x + xp + 2 * weight
-    k = forward["masked_conv2d_tc_packed_kernel (mma)"]
+    k = forward[packed]
     assert k.flops == dense_flops / 4 and k.tensor
     assert k.hbm == xp + x + weight and k.ctas == 32 * 4
     lat = roofline.GPUS["h200"]["latency_us"]
     assert k.chain_us >= 36 * lat["l2"] / 3
-    # Its issue: the SASS-counted lane instructions of a K step, for every thread of every CTA.
-    assert k.ops == 32 * 4 * 36 * 256 * roofline.CUDA_TC_PACKED_STEP_OPS[32]["float32"]
+    # Its issue: the SASS-counted lane instructions of a K step, for every thread of every CTA,
+    # and the patch copies once a chunk; its L2 traffic: each CTA's 108-pixel patches of 128
+    # channels (the first read of xp from HBM) and its 32 kept weight rows (but the first).
+    step = roofline.CUDA_TC_PACKED_STEP_OPS[(32, True)]["float32"]
+    setup, trip = roofline.CUDA_PATCH_SETUP_OPS[32]["float32"], roofline.CUDA_PATCH_TRIP_OPS
+    assert k.ops == 32 * 4 * 256 * (36 * step + 4 * (setup + 4 * trip))
+    assert k.l2 == pytest.approx(128 * 108 * 128 * 4 - xp + 32 * 128 * 9 * 4 * (128 - 1))
+    assert k.per_sm == 3  # 80 registers; 18 KiB of stages and two 15.2 KiB patches
     # Its backward's grad_x has the out_mask as its in_mask: the gathering kernel (128 kept
     # rows of the flipped weight, 18 K steps of 64 over the 32 kept input channels x 9 taps... of
     # the sample's mask).
@@ -228,8 +237,8 @@ def test_masked_conv_bytes_and_flops():
     items = roofline.plan("masked_conv", Case((32, 128, 16, 16), "out25"), roofline.CUDA,
                           "forward", "h200").items
     k = {i.name: i for i in items if isinstance(i, roofline.Kernel)}
-    assert list(k) == ["pack_kernel", "masked_conv2d_tc_packed_kernel (mma)"]
-    assert k["masked_conv2d_tc_packed_kernel (mma)"].flops == dense_flops / 4
+    assert list(k) == ["pack_kernel", packed]
+    assert k[packed].flops == dense_flops / 4
     assert not any(isinstance(i, roofline.Sync) for i in items)
     # Past the limit (128 samples of 56 x 56: 144 steps for each of 8 rounds of CTAs): cuDNN on
     # the kept output channels, with its NCHW transposes as the H200 run measured them (x and
@@ -245,38 +254,52 @@ def test_masked_conv_bytes_and_flops():
     assert k["cuDNN fprop"].chain_us >= roofline.CUDNN_FPROP_FIXED_US - 1.5
     assert not any(isinstance(i, roofline.Sync) for i in items)
     # 16 channels: 9 K steps (16 channels padded to 32) for one round of 128 CTAs, within the
-    # limit: the packed path (the (C,) mask read on the device); only the kept rows of the
-    # weight are reread.
+    # limit: the packed path (the (C,) mask read on the device), tiles of 4 rows across the
+    # batch (no tile crosses a sample: 16 rows a sample); only the kept rows of the weight are
+    # reread.
     small = 32 * 16 * 16 * 16 * 4
     items = roofline.plan("masked_conv", Case((32, 16, 16, 16), "out25"), roofline.CUDA,
                           "forward", "h200").items
     k = {i.name: i for i in items if isinstance(i, roofline.Kernel)}
-    assert list(k) == ["pack_kernel", "masked_conv2d_tc_packed_kernel (mma)"]
-    k = k["masked_conv2d_tc_packed_kernel (mma)"]
-    ops = roofline.CUDA_TC_PACKED_STEP_OPS[32]["float32"]
-    assert k.ctas == 32 * 4 and k.ops == 32 * 4 * 9 * 256 * ops
+    assert list(k) == ["pack_kernel", packed]
+    k = k[packed]
+    assert k.ctas == 32 * 4 and k.ops == 32 * 4 * 256 * (9 * step + setup + 4 * trip)
     small_xp = 32 * 18 * 18 * 32 * 4
     assert k.hbm == small_xp + small + 16 * 16 * 9 * 4 * 2
-    assert k.l2 == pytest.approx(4 * 32 * 9 * 4 * (32 * 4 - 1))  # 4 kept rows of 32 x 9
+    # 108-pixel patches of 32 channels; 4 kept rows of 32 x 9
+    assert k.l2 == pytest.approx(128 * 108 * 32 * 4 - small_xp + 4 * 32 * 9 * 4 * (32 * 4 - 1))
     assert not any(isinstance(i, roofline.Sync) for i in items)
+    # ResNet's last stage on CIFAR (32 x 512 x 4 x 4, 256 of 512 output channels kept): tiles of
+    # 16 rows (4 whole samples, 24 padded rows x 6 = 144 patch pixels), 8 of them x 8 channel
+    # tiles = 64 tiles, which leave SMs idle: K split in 2 (a cluster each), 128 CTAs of 72
+    # steps; the weight's kept rows are reread by 8 tiles, not by 32 samples.
+    k = kernels("masked_conv", Case((32, 512, 4, 4), "out50"), roofline.CUDA, "forward")
+    split = "masked_conv2d_tc_packed_kernel (mma, patch tiles, K split 2)"
+    assert list(k) == ["pack_kernel", split]
+    k = k[split]
+    assert k.ctas == 128 and k.per_sm == 3
+    assert k.chain_us >= 72 * lat["l2"] / 3 + lat["cluster_pass"]
+    w_kept = 256 * 512 * 9 * 4
+    xp4 = 32 * 6 * 6 * 512 * 4
+    assert k.l2 == pytest.approx(64 * 144 * 512 * 4 - xp4 + w_kept * 7)
     # Static input mask at 50%: 18 K steps over the 64 kept input channels for one round of 512
     # CTAs (4 an SM, 132 SMs), within the limit: the pack lists the kept
     # channels first (x's kept half read, xp and wp of 64 channels), the kernel runs half the
     # products of the dense convolution.
     k = kernels("masked_conv", Case((32, 128, 16, 16), "in50"), roofline.CUDA, "forward")
-    assert list(k) == ["pack_kernel", "masked_conv2d_tc_packed_kernel (mma)"]
+    assert list(k) == ["pack_kernel", packed]
     assert k["pack_kernel"].hbm == x / 2 + 32 * 18 * 18 * 64 * 4 + weight
-    conv = k["masked_conv2d_tc_packed_kernel (mma)"]
+    conv = k[packed]
     assert conv.flops == dense_flops / 2 and conv.ctas == 512
-    assert conv.ops == 512 * 18 * 256 * roofline.CUDA_TC_PACKED_STEP_OPS[32]["float32"]
+    assert conv.ops == 512 * 256 * (18 * step + 2 * (setup + 4 * trip))
     # 75% kept: 27 steps over 96 channels, still within the limit: packed, with three quarters
     # of the products; and so is a static out_mask at 75% (36 steps).
     k = kernels("masked_conv", Case((32, 128, 16, 16), "in75"), roofline.CUDA, "forward")
-    assert list(k) == ["pack_kernel", "masked_conv2d_tc_packed_kernel (mma)"]
-    assert k["masked_conv2d_tc_packed_kernel (mma)"].flops == dense_flops * 3 / 4
+    assert list(k) == ["pack_kernel", packed]
+    assert k[packed].flops == dense_flops * 3 / 4
     k = kernels("masked_conv", Case((32, 128, 16, 16), "out75"), roofline.CUDA, "forward")
-    assert list(k) == ["pack_kernel", "masked_conv2d_tc_packed_kernel (mma)"]
-    assert k["masked_conv2d_tc_packed_kernel (mma)"].flops == dense_flops * 3 / 4
+    assert list(k) == ["pack_kernel", packed]
+    assert k[packed].flops == dense_flops * 3 / 4
 
 
 def test_written_out_cuda_constants_match_the_sources():
@@ -294,6 +317,10 @@ def test_written_out_cuda_constants_match_the_sources():
 
     assert roofline.CUDA_STATIC_PACKED_MAX_STEPS == constant("masked_conv.cu",
                                                              "kStaticPackedMaxSteps")
+    assert roofline.CUDA_PATCH_MAX_SMEM == constant("masked_conv.cu", "kPatchMaxSmem")
+    assert roofline.CUDA_PATCH_PER_SM == constant("masked_conv.cu", "kPatchMinBlocks")
+    assert roofline.CUDA_PACKED_MAX_SPLIT == constant("masked_conv.cu", "kMaxSplit")
+    assert roofline.CUDA_PACKED_STAGES == constant("masked_conv.cu", "kPkStages")
     assert roofline.CUDA_KWTA_MIN_CLUSTER_SLICE == constant("kwta.cu", "kMinClusterSlice")
     assert roofline.CUDA_KWTA_MAX_CLUSTER == constant("kwta.cu", "kMaxCluster")
     assert roofline.CUDA_SAP_WHOLE_CHUNK_RATIO == constant("sap.cu", "kWholeChunkRatio")

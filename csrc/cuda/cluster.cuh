@@ -30,20 +30,20 @@ bool has_sm90_image(Kernel kernel, int device) {
   return cache[device] == 2;
 }
 
-// A launch configuration of `blocks` blocks in clusters of `cluster` consecutive blocks along x
-// (config.attrs points into the object: not copyable).
+// A launch configuration of a grid of `blocks` (a count, or x, y, z) in clusters of `cluster`
+// consecutive blocks along x (config.attrs points into the object: not copyable).
 struct ClusterConfig {
   cudaLaunchAttribute attr[1];
   cudaLaunchConfig_t config;
 
-  ClusterConfig(unsigned blocks, unsigned threads, size_t smem, cudaStream_t stream,
+  ClusterConfig(dim3 blocks, unsigned threads, size_t smem, cudaStream_t stream,
                 unsigned cluster)
       : attr{}, config{} {
     attr[0].id = cudaLaunchAttributeClusterDimension;
     attr[0].val.clusterDim.x = cluster;
     attr[0].val.clusterDim.y = 1;
     attr[0].val.clusterDim.z = 1;
-    config.gridDim = dim3(blocks);
+    config.gridDim = blocks;
     config.blockDim = dim3(threads);
     config.dynamicSmemBytes = smem;
     config.stream = stream;
@@ -86,9 +86,9 @@ int max_cluster_size(void (*kernel)(Params...), int device, unsigned threads, si
 }
 
 // kernel<<<blocks, threads, smem, stream>>>(args...) in clusters of `cluster` consecutive blocks
-// along x (blocks a multiple of it).
+// along x (blocks.x a multiple of it).
 template <typename... Params, typename... Args>
-void launch_clusters(void (*kernel)(Params...), unsigned blocks, unsigned threads, size_t smem,
+void launch_clusters(void (*kernel)(Params...), dim3 blocks, unsigned threads, size_t smem,
                      cudaStream_t stream, unsigned cluster, Args&&... args) {
   const ClusterConfig launch(blocks, threads, smem, stream, cluster);
   C10_CUDA_CHECK(cudaLaunchKernelEx(&launch.config, kernel, std::forward<Args>(args)...));

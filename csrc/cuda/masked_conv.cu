@@ -19,7 +19,10 @@
 //                                      torch.backends.cudnn.allow_tf32 (TF32) either
 //                                      masked_conv2d_tc_packed_kernel after pack_kernel (no
 //                                      per-sample bool in_mask: x and the weight laid out
-//                                      channels-innermost, 16-byte cp.async copies) or
+//                                      channels-innermost, 16-byte cp.async copies; tiles of
+//                                      whole output rows reading x from a patch in shared
+//                                      memory, across samples for static masks, K split over
+//                                      a cluster where the tiles leave SMs idle) or
 //                                      masked_conv2d_tc_kernel (a per-sample bool in_mask: each
 //                                      sample's kept channels gathered); else masked_conv2d_kernel
 //                                      (FMA: full float32, float64).
@@ -72,6 +75,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cooperative_groups.h>
 #include <mma.h>
 #include <torch/library.h>
 
@@ -85,11 +89,13 @@
 #include <type_traits>
 
 #include "../masked_conv.h"
+#include "cluster.cuh"
 
 namespace pyprune {
 namespace {
 
 namespace wmma = nvcuda::wmma;
+namespace cg = cooperative_groups;
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
@@ -170,14 +176,23 @@ struct SampleView {
   }
 };
 
-// The output channels of a tile of kRows rows x kPixels pixels of one sample (block-wide):
-// without an output mask the ids tile_c0 .. tile_c0 + kRows - 1; with one, the zeros of the
-// masked channels whose ids fall in that range are written here, and the rows are the kept
-// channels whose ranks fall in it. Lists them in out_ch and returns how many rows hold a kept
+// The output offset of pixel pix of v's sample for tile_output_channels and tc_epilogue: pix
+// itself inside the map, -1 past it.
+template <typename scalar_t>
+__device__ inline int64_t map_pixel(const Params<scalar_t>& p, int pix) {
+  return pix < p.pixels ? pix : -1;
+}
+
+// The output channels of a tile of kRows rows x kPixels pixels (block-wide): without an output
+// mask the ids tile_c0 .. tile_c0 + kRows - 1; with one, the zeros of the masked channels whose
+// ids fall in that range are written here, and the rows are the kept channels whose ranks fall
+// in it. px_off is this thread's tile pixel (tid % kPixels) as an offset from v.out_n's channel
+// 0 (pixels of later samples, whose mask rows are v's, lie a whole sample further each), -1
+// where the tile has no such pixel. Lists the rows in out_ch and returns how many hold a kept
 // channel (block-uniform); out_ch is visible after the caller's next barrier.
 template <int kPixels, int kRows, typename scalar_t>
 __device__ inline int tile_output_channels(const Params<scalar_t>& p, const SampleView<scalar_t>& v,
-                                           int tile_c0, int tile_p0, int* out_ch,
+                                           int tile_c0, int64_t px_off, int* out_ch,
                                            int* warp_count) {
   const int tid = threadIdx.x;
   if (v.om == nullptr) {
@@ -185,12 +200,11 @@ __device__ inline int tile_output_channels(const Params<scalar_t>& p, const Samp
     if (tid < rows) out_ch[tid] = tile_c0 + tid;
     return rows;
   }
-  const int pix = tile_p0 + tid % kPixels;
-  if (pix < p.pixels) {
+  if (px_off >= 0) {
     for (int m = tid / kPixels; m < kRows; m += kThreads / kPixels) {
       const int c = tile_c0 + m;
       if (c < p.c_out && !v.om[c * p.out_s1]) {
-        v.out_n[static_cast<int64_t>(c) * p.pixels + pix] = scalar_t(0);
+        v.out_n[static_cast<int64_t>(c) * p.pixels + px_off] = scalar_t(0);
       }
     }
   }
@@ -290,7 +304,8 @@ __global__ void __launch_bounds__(kThreads) masked_conv2d_kernel(const Params<sc
     __syncthreads();  // the previous sample's epilogue has finished reading out_ch
     const SampleView<scalar_t> v(p, n);
     const int rows =  // rows of the tile that hold a kept channel (block-uniform)
-        tile_output_channels<kTileP, kTileM>(p, v, tile_c0, tile_p0, out_ch, warp_count);
+        tile_output_channels<kTileP, kTileM>(p, v, tile_c0, map_pixel(p, tile_p0 + tid % kTileP),
+                                             out_ch, warp_count);
     __syncthreads();  // out_ch is visible
     if (rows == 0) continue;  // nothing kept in this tile: no loads, no arithmetic
 
@@ -535,10 +550,10 @@ constexpr size_t tc_smem_bytes() {
 // epilogue has read out_ch and the accumulator tile, tile_output_channels, visible on return.
 template <int kPixels, int kRows, typename scalar_t>
 __device__ inline int tc_tile_rows(const Params<scalar_t>& p, const SampleView<scalar_t>& v,
-                                   int tile_c0, int tile_p0, int* out_ch, int* warp_count) {
+                                   int tile_c0, int64_t px_off, int* out_ch, int* warp_count) {
   __syncthreads();
   const int rows =
-      tile_output_channels<kPixels, kRows>(p, v, tile_c0, tile_p0, out_ch, warp_count);
+      tile_output_channels<kPixels, kRows>(p, v, tile_c0, px_off, out_ch, warp_count);
   __syncthreads();
   return rows;
 }
@@ -546,19 +561,19 @@ __device__ inline int tc_tile_rows(const Params<scalar_t>& p, const SampleView<s
 // The tensor-core kernels' epilogue (block-wide, after the barrier that publishes c_s): the tile's
 // kept rows from the accumulator tile c_s [row][pixel] (pitch kPixels + 4 floats), kPixels
 // threads per output row (coalesced), plus the bias; raw (when wanted) receives that, out the
-// same times a soft out_mask's scale.
+// same times a soft out_mask's scale. px_off: as for tile_output_channels.
 template <int kPixels, typename scalar_t>
 __device__ inline void tc_epilogue(const Params<scalar_t>& p, const SampleView<scalar_t>& v,
-                                   const float (*c_s)[kPixels + 4], const int* out_ch, int rows,
-                                   int tile_p0) {
+                                   const float (*c_s)[kPixels + 4], const int* out_ch,
+                                   int m_begin, int m_end, int64_t px_off) {
   using acc_t = float;
   const int tid = threadIdx.x;
-  const int px = tid % kPixels, pix = tile_p0 + px;
-  if (pix >= p.pixels) return;
-  for (int m = tid / kPixels; m < rows; m += kThreads / kPixels) {
+  const int px = tid % kPixels;
+  if (px_off < 0) return;
+  for (int m = m_begin + tid / kPixels; m < m_end; m += kThreads / kPixels) {
     const int c = out_ch[m];
     const acc_t bias = p.bias != nullptr ? static_cast<acc_t>(p.bias[c]) : acc_t(0);
-    const int64_t off = static_cast<int64_t>(c) * p.pixels + pix;
+    const int64_t off = static_cast<int64_t>(c) * p.pixels + px_off;
     const scalar_t y = static_cast<scalar_t>(c_s[m][px] + bias);
     if (v.raw_n != nullptr) v.raw_n[off] = y;
     v.out_n[off] = v.os != nullptr
@@ -624,7 +639,8 @@ __global__ void __launch_bounds__(kThreads, kTcMinBlocks)
 
   for (int64_t n = blockIdx.z; n < p.n; n += gridDim.z) {
     const SampleView<scalar_t> v(p, n);
-    const int rows = tc_tile_rows<kTcP, kTileM>(p, v, tile_c0, tile_p0, out_ch, warp_count);
+    const int64_t px_off = map_pixel(p, tile_p0 + tid % kTcP);
+    const int rows = tc_tile_rows<kTcP, kTileM>(p, v, tile_c0, px_off, out_ch, warp_count);
     if (rows == 0) continue;
     const bool active = wm < rows && tile_p0 + wp < p.pixels;  // warp-uniform
     // Visible after the barrier that publishes the first chunk's in_ch.
@@ -744,7 +760,7 @@ __global__ void __launch_bounds__(kThreads, kTcMinBlocks)
     // Every step ended with a barrier after its reads: the tiles are free for the accumulators.
     if (active) wmma::store_matrix_sync(&c_s[wm][wp], acc, kTcLdC, wmma::mem_row_major);
     __syncthreads();
-    tc_epilogue<kTcP>(p, v, c_s, out_ch, rows, tile_p0);
+    tc_epilogue<kTcP>(p, v, c_s, out_ch, 0, rows, px_off);
   }
 }
 
@@ -757,21 +773,38 @@ __global__ void __launch_bounds__(kThreads, kTcMinBlocks)
 //      C_pad - 1 zero (C_pad: C_in rounded up to kPkC);
 //   wp (C_out, KH * KW, C_pad): the weight's rows with the same channel order;
 // float32 values rounded to TF32 there once (as the gathering kernel rounds them when staged).
-// Then masked_conv2d_tc_packed_kernel: tiles of kept output channels by pixels of one sample (32
-// x 64, or 64 x 32 for maps of at most 32 pixels; 8 warps of one 16 x 16 accumulator each), the
-// zero writes and epilogue of masked_conv2d_tc_kernel, the K loop over (tap, 32-channel chunk)
-// steps. A step's W' tile is the rows' 32 consecutive k of wp (k = tap * C_pad + c, so step s
-// is at offset 32 s of each row) and its X' tile the pixels by the chunk's 32 channels, each
-// pixel's at its tap-(0, 0) position in xp plus the tap's offset (dh * Wp + dw) * C_pad: both
-// copied global -> shared by cp.async 16 bytes at a time (3 copies a thread a step for
-// float32, 1.5 for 16-bit types; none for W' rows past the tile's kept ones), kPkStages - 1
-// steps ahead, one barrier a step. Pixels past the image read the last pixel's row (valid
-// memory; the epilogue never writes them). X' is stored [pixel][k], column-major for the mma.
+// Then masked_conv2d_tc_packed_kernel: tiles of kept output channels by output pixels (32 x 64,
+// or 64 x 32 for maps of at most 32 pixels whose tiles stay inside a sample; 8 warps of one
+// 16 x 16 accumulator each), the zero writes and epilogue of masked_conv2d_tc_kernel, a K loop
+// of steps of 32 channels of one tap. A step's W' tile is the rows' 32 channels of that tap in
+// wp, copied global -> shared by cp.async 16 bytes at a time, kPkStages - 1 steps ahead, one
+// barrier a step (no copies for W' rows past the tile's kept ones). Its X' tile (the pixels by
+// the same 32 channels, stored [pixel][k], column-major for the mma) comes one of two ways:
+//   per tap (kPatch false): copied like W' at each step from each pixel's tap-(0, 0) position
+//      in xp plus the tap's offset (dh * Wp + dw) * C_pad (pixels past the image read the last
+//      pixel's row: valid memory, never written out); steps run tap by tap, the chunks inside;
+//   from a patch (kPatch true): the tile is whole output rows (those of one sample, or where
+//      the samples share their output channels, consecutive rows of the batch, across sample
+//      boundaries), and the steps run chunk by chunk, the taps inside. At the first step of
+//      each chunk the block copies the next chunk's 32 channels of every xp row the tile's
+//      pixels read (the patch: a run of whole padded rows, the rows of the tile's samples
+//      between them included) into the other of two patch buffers, one chunk ahead; the
+//      ldmatrix row address of each pixel is its position in the patch plus the tap's offset.
+//      A tap's X' is read from shared memory, not L2: the L2 traffic of X' falls from 9 tiles a
+//      chunk (3 x 3) to one patch (e.g. 8 x 16 rows of 32 channels for a 56-pixel tile of a
+//      14 x 14 map, ~4x less), and tiles across samples share the weight rows they copy.
 // Compared with the gathering kernel's ~570 lane instructions a 64-k step (float32), a 32-k step
-// here is ~64-74 (sm_90 SASS): the copies' addresses, the tap counters, ldmatrix and mma.sync.
+// here is ~50-74 (sm_90 SASS): the copies' addresses, the tap counters, ldmatrix and mma.sync.
 constexpr int kPkC = 32;                // channels a K step (C_pad is a multiple of it)
 constexpr int kPkStages = 4;            // copies in flight: stages - 1 steps ahead
 constexpr int kPkMinBlocks = 4;         // CTAs an SM the registers are capped for (64 a thread)
+constexpr int kPatchMinBlocks = 3;      // the same for patch tiles (80 a thread)
+// Patch tiles: the most dynamic shared memory a CTA may take (2 CTAs an SM at least), and the
+// fewest taps (the patch of chunk j + 1 is copied at chunk j's first step into the buffer chunk
+// j - 1 read; it must land kPkStages - 2 steps before chunk j + 1's first one, so a chunk needs
+// at least kPkStages - 1 steps).
+constexpr size_t kPatchMaxSmem = 102400;  // 100 KiB
+constexpr int kPatchMinTaps = kPkStages - 1;
 
 // Row pitch of the W' and X' tiles in bytes: a row's 32 channels and 16 bytes more, so that the
 // 8 rows of an ldmatrix 8 x 8 matrix fall in distinct banks (144 = 36 words, 80 = 20 words).
@@ -780,14 +813,19 @@ constexpr unsigned pk_pitch() {
   return kPkC * sizeof(typename TensorCore<scalar_t>::T) + 16;
 }
 
-template <typename scalar_t>
+// A stage of the pipeline: 96 rows of W' and X' (patch tiles: the W' rows alone).
+template <typename scalar_t, int kRows, bool kPatch>
 constexpr size_t pk_stage_bytes() {
-  return (kTileM + kTcP) * pk_pitch<scalar_t>();
+  return (kRows + (kPatch ? 0 : kTileM * kTcP / kRows)) * pk_pitch<scalar_t>();
 }
 
-template <typename scalar_t>
-constexpr size_t pk_smem_bytes() {
-  return std::max(kPkStages * pk_stage_bytes<scalar_t>(), sizeof(float) * kTileM * kTcLdC);
+// The packed kernel's dynamic shared memory: the stages, then (patch tiles) two patch buffers of
+// patch_bytes each; the accumulator tile aliases the stages.
+template <typename scalar_t, int kRows, bool kPatch>
+constexpr size_t pk_smem_bytes(size_t patch_bytes = 0) {
+  return std::max(kPkStages * pk_stage_bytes<scalar_t, kRows, kPatch>(),
+                  sizeof(float) * kRows * (kTileM * kTcP / kRows + 4)) +
+         2 * patch_bytes;
 }
 
 // The packed operands' geometry, with the per-sample kernel's Params (masks, output, bias).
@@ -797,6 +835,14 @@ struct PackedParams {
   const scalar_t* __restrict__ xp;  // (N, hp, wp, c_pad)
   const scalar_t* __restrict__ wp;  // (C_out, taps, c_pad)
   int hp, wp_w, c_pad;  // (the taps: p.khw)
+  // Patch tiles: output rows a tile (out_rows), whether tiles run across samples (span: the
+  // samples' output channels are the same), the map's output rows, a patch buffer's bytes, and
+  // the CTAs a tile's K is split over (split > 1: a cluster of that many consecutive CTAs along
+  // x, sm_90 only, each summing its share of the chunks; their partial tiles summed over
+  // distributed shared memory, in rank order).
+  int out_rows, span, h_out;
+  unsigned patch_bytes;
+  int split;
 };
 
 __device__ inline void cp_async16(unsigned smem, const void* gmem) {
@@ -843,10 +889,13 @@ __device__ inline void mma_16x8(float (&d)[4], const uint32_t (&a)[4], uint32_t 
 // TF32 or 16 16-bit values) takes one ldmatrix.x4 of W' (its four 8 x 8 quarters: a0..a3) and
 // one of X' (both 8-pixel halves, both 16-byte halves of k: b0, b1 of each), then two mma.
 // Tiles of kRows output channels by kPixels = 2048 / kRows pixels (64 x 32 or 32 x 64), the 8
-// warps kRows / 16 down by kPixels / 16 across; a step's copies, 16 bytes each: kRows + kPixels
-// rows of 32 channels, spread over the threads (a thread's copies of one row chunk column).
-template <typename scalar_t, int kRows>
-__global__ void __launch_bounds__(kThreads, kPkMinBlocks)
+// warps kRows / 16 down by kPixels / 16 across; a step's copies, 16 bytes each: kRows (+ kPixels
+// per tap) rows of 32 channels, spread over the threads (a thread's copies of one row chunk
+// column). Grid: per tap, (pixel tiles of a sample, channel tiles, samples); patch tiles,
+// (row tiles of a sample, channel tiles, samples) or, across samples, (row tiles of the batch,
+// channel tiles, 1).
+template <typename scalar_t, int kRows, bool kPatch>
+__global__ void __launch_bounds__(kThreads, kPatch ? kPatchMinBlocks : kPkMinBlocks)
     masked_conv2d_tc_packed_kernel(const PackedParams<scalar_t> q) {
   using T = typename TensorCore<scalar_t>::T;
   constexpr int kPixels = kTileM * kTcP / kRows;
@@ -855,14 +904,15 @@ __global__ void __launch_bounds__(kThreads, kPkMinBlocks)
   constexpr int kRowsAtOnce = kThreads / kRowCopies;        // rows one copy of every thread fills
   // Copies a thread makes a step (at least one; the threads past the tile's rows skip it).
   constexpr int kACopies = (kRows + kRowsAtOnce - 1) / kRowsAtOnce;
-  constexpr int kBCopies = (kPixels + kRowsAtOnce - 1) / kRowsAtOnce;
+  constexpr int kBCopies = kPatch ? 0 : (kPixels + kRowsAtOnce - 1) / kRowsAtOnce;
   constexpr int kSlices = kPkC / (2 * kVec);                // 32-byte k slices a step
   constexpr int kRowBlocks = kRows / 16;
   static_assert(kRows * kPixels == kTileM * kTcP && kRowBlocks * (kPixels / 16) == kWarps,
                 "packed warp tiling: 8 blocks of 16 x 16");
-  constexpr unsigned kStage = static_cast<unsigned>(pk_stage_bytes<scalar_t>());
+  constexpr unsigned kStage = static_cast<unsigned>(pk_stage_bytes<scalar_t, kRows, kPatch>());
   constexpr unsigned kPitch = pk_pitch<scalar_t>();         // bytes a tile row
-  constexpr unsigned kBOffset = kRows * kPitch;              // X' after W' in a stage
+  constexpr unsigned kBOffset = kRows * kPitch;              // X' after W' in a stage (per tap)
+  constexpr unsigned kPatch0 = kPkStages * kStage;           // the patch buffers (patch tiles)
   extern __shared__ __align__(128) unsigned char pk_smem[];
   __shared__ int out_ch[kRows];
   __shared__ int warp_count[kWarps];
@@ -872,45 +922,137 @@ __global__ void __launch_bounds__(kThreads, kPkMinBlocks)
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int tile_c0 = blockIdx.y * kRows;
-  const int tile_p0 = blockIdx.x * kPixels;
   const int wm = (warp % kRowBlocks) * 16, wpx = (warp / kRowBlocks) * 16;
   // This thread's copies: W' rows ra + kRowsAtOnce i and X' pixels ra + kRowsAtOnce i (those
   // inside the tile), at column col.
   const int col = (tid % kRowCopies) * kVec;
   const int ra = tid / kRowCopies;
-  const unsigned a_dst = smem0 + ra * kPitch + col * sizeof(T);
+  unsigned a_dst = smem0 + ra * kPitch + col * sizeof(T);
   const unsigned b_dst = a_dst + kBOffset;
   // ldmatrix row addresses (stage 0, slice 0): W' rows wm + lane % 16, k half lane / 16; X'
-  // pixels wpx + lane % 8 + 8 (lane / 16), k half (lane / 8) % 2.
-  const unsigned a_frag = smem0 + (wm + lane % 16) * kPitch + (lane / 16) * 16;
-  const unsigned b_frag =
-      smem0 + kBOffset + (wpx + lane % 8 + (lane / 16) * 8) * kPitch + ((lane / 8) % 2) * 16;
-  // Each X' copy's pixel at its tap-(0, 0) position inside a sample's xp (past the image: the
-  // last pixel).
-  int b_pixel[kBCopies];
+  // pixels wpx + lane % 8 + 8 (lane / 16) (this lane's tile pixel b_px), k half (lane / 8) % 2.
+  unsigned a_frag = smem0 + (wm + lane % 16) * kPitch + (lane / 16) * 16;
+  const int b_px = wpx + lane % 8 + (lane / 16) * 8;
+  const unsigned b_half = ((lane / 8) % 2) * 16;
+  // This lane's X' row address (per tap: in stage 0; patch tiles: set for each tile).
+  unsigned b_frag = smem0 + kBOffset + b_px * kPitch + b_half;
+  const int64_t row_elems = static_cast<int64_t>(p.khw) * q.c_pad;
+  const int chunks = q.c_pad / kPkC;
+  const int steps = p.khw * chunks;
+  // W' copies move on by a chunk a step (per tap: k = tap * C_pad + c, the chunks inside), or
+  // (patch tiles: the taps inside) by a tap, and past a chunk's last tap back to the next
+  // chunk's first.
+  const int a_step = kPatch ? q.c_pad : kPkC;
+  int a_wrap = kPatch ? kPkC - (p.khw - 1) * q.c_pad : kPkC;
+
+  // Per tap: each X' copy's pixel at its tap-(0, 0) position inside a sample's xp (past the
+  // image: the last pixel), and the X' pointer's moves after a tap's last chunk (to the next
+  // kw, or to the next kh's kw = 0).
+  int b_pixel[kPatch ? 1 : kBCopies];
+  int next_kw = 0, next_kh = 0;
+  // Patch tiles: a tap's move of the X' rows in the patch (in bytes: to the next kw, or to the
+  // next kh's kw = 0).
+  unsigned tap_w = 0, tap_h = 0;
+  if constexpr (kPatch) {
+    tap_w = p.dil_w * kPitch;
+    tap_h = (p.dil_h * q.wp_w - (p.kw - 1) * p.dil_w) * kPitch;
+  } else {
 #pragma unroll
-  for (int i = 0; i < kBCopies; ++i) {
-    const int pix = min(tile_p0 + ra + i * kRowsAtOnce, p.pixels - 1);
-    const int oh = pix / p.w_out, ow = pix - oh * p.w_out;
-    b_pixel[i] = ((oh * p.stride_h) * q.wp_w + ow * p.stride_w) * q.c_pad + col;
+    for (int i = 0; i < kBCopies; ++i) {
+      const int pix = min(static_cast<int>(blockIdx.x) * kPixels + ra + i * kRowsAtOnce,
+                          p.pixels - 1);
+      const int oh = pix / p.w_out, ow = pix - oh * p.w_out;
+      b_pixel[i] = ((oh * p.stride_h) * q.wp_w + ow * p.stride_w) * q.c_pad + col;
+    }
+    next_kw = p.dil_w * q.c_pad - q.c_pad;
+    next_kh = p.dil_h * q.wp_w * q.c_pad - (p.kw - 1) * p.dil_w * q.c_pad - q.c_pad;
   }
-  // Moving the X' pointer on after a tap's last chunk: to the next kw, or to the next kh's kw = 0.
-  int next_kw = p.dil_w * q.c_pad - q.c_pad;
-  int next_kh = p.dil_h * q.wp_w * q.c_pad - (p.kw - 1) * p.dil_w * q.c_pad - q.c_pad;
   // Kept in registers (opaque to the compiler, which would otherwise recompute them from the
   // parameters every step).
   asm("mov.b32 %0, %0;" : "+r"(next_kw));
   asm("mov.b32 %0, %0;" : "+r"(next_kh));
+  asm("mov.b32 %0, %0;" : "+r"(tap_w));
+  asm("mov.b32 %0, %0;" : "+r"(tap_h));
+  asm("mov.b32 %0, %0;" : "+r"(b_frag));
+  asm("mov.b32 %0, %0;" : "+r"(a_frag));
+  asm("mov.b32 %0, %0;" : "+r"(a_dst));
+  asm("mov.b32 %0, %0;" : "+r"(a_wrap));
   const int64_t sample_elems = static_cast<int64_t>(q.hp) * q.wp_w * q.c_pad;
-  const int64_t row_elems = static_cast<int64_t>(p.khw) * q.c_pad;
-  const int chunks = q.c_pad / kPkC;
-  const int steps = p.khw * chunks;
+  const int64_t batch_rows = p.n * q.h_out;  // patch tiles: the batch's output rows
+  // Patch tiles: this CTA's tile along x, its rank in the tile's split of K and its chunks
+  // c_begin .. c_end - 1 (per tap: all).
+  int tile_x = blockIdx.x, rank = 0, c_begin = 0, c_end = chunks;
+  if constexpr (kPatch) {
+    if (q.split > 1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+      rank = static_cast<int>(cg::this_cluster().block_rank());
+#elif defined(__CUDA_ARCH__)
+      __trap();  // the host splits K only where sm_90 code runs
+#endif
+      tile_x = blockIdx.x / q.split;
+      c_begin = rank * chunks / q.split;
+      c_end = (rank + 1) * chunks / q.split;
+    }
+  }
+  const int my_steps = (c_end - c_begin) * p.khw;
 
-  for (int64_t n = blockIdx.z; n < p.n; n += gridDim.z) {
-    const SampleView<scalar_t> v(p, n);
-    const int rows = tc_tile_rows<kPixels, kRows>(p, v, tile_c0, tile_p0, out_ch, warp_count);
+  for (int64_t n = blockIdx.z; n < (kPatch && q.span ? 1 : p.n); n += gridDim.z) {
+    // The tile: its sample n0 (the first, for tiles across samples), this thread's tile pixel
+    // as an output offset (px_off), the X' source of this thread's copies (per tap) or the
+    // patch (patch tiles: patch_src, its 16-byte copies, this lane's X' row b_frag).
+    int64_t n0 = n, px_off;
+    int valid;  // the tile's pixels
+    const T* b_base = nullptr;
+    const T* patch_src = nullptr;  // this thread's first patch copy's source (chunk 0)
+    int patch_pixels = 0;
+    if constexpr (kPatch) {
+      // Output rows g0 .. g_end - 1 of the batch's rows (n * h_out + oh).
+      const int64_t g0 = q.span ? static_cast<int64_t>(tile_x) * q.out_rows
+                                : n * q.h_out + static_cast<int64_t>(tile_x) * q.out_rows;
+      const int64_t g_end = min(g0 + q.out_rows, q.span ? batch_rows : (n + 1) * q.h_out);
+      n0 = g0 / q.h_out;
+      valid = static_cast<int>(g_end - g0) * p.w_out;
+      // xp rows (n * hp + ih) from the first output row's to the last one's last tap.
+      const int64_t first = n0 * q.hp + (g0 - n0 * q.h_out) * p.stride_h;
+      const int64_t n_last = (g_end - 1) / q.h_out;
+      const int64_t last =
+          n_last * q.hp + (g_end - 1 - n_last * q.h_out) * p.stride_h + (p.kh - 1) * p.dil_h;
+      patch_src = reinterpret_cast<const T*>(q.xp) + first * q.wp_w * q.c_pad + ra * q.c_pad + col;
+      patch_pixels = static_cast<int>(last - first + 1) * q.wp_w;
+      // A tile pixel's (g, ow): its patch row (g's xp row less first) and column.
+      auto patch_pixel = [&](int px, int64_t& g, int& ow) {
+        g = g0 + px / p.w_out;
+        ow = px - static_cast<int>(g - g0) * p.w_out;
+        const int64_t gn = g / q.h_out;
+        return static_cast<int>(gn * q.hp + (g - gn * q.h_out) * p.stride_h - first) * q.wp_w +
+               ow * p.stride_w;
+      };
+      int64_t g;
+      int ow;
+      const int b_row = patch_pixel(min(b_px, valid - 1), g, ow);
+      b_frag = smem0 + kPatch0 + b_row * kPitch + b_half;
+      const int px = tid % kPixels;
+      if (px < valid) {
+        patch_pixel(px, g, ow);
+        const int64_t gn = g / q.h_out;
+        px_off = (gn - n0) * p.c_out * static_cast<int64_t>(p.pixels) +
+                 (g - gn * q.h_out) * p.w_out + ow;
+      } else {
+        px_off = -1;
+      }
+    } else {
+      const int tile_p0 = blockIdx.x * kPixels;
+      valid = p.pixels - tile_p0;
+      px_off = map_pixel(p, tile_p0 + tid % kPixels);
+      b_base = reinterpret_cast<const T*>(q.xp) + n * sample_elems;
+      asm("mov.b64 %0, %0;" : "+l"(b_base));  // computed once a sample, not once a copy
+    }
+    const SampleView<scalar_t> v(p, n0);
+    // (Of a split tile, rank 0 writes the zeros of the masked channels.)
+    const int rows =
+        tc_tile_rows<kPixels, kRows>(p, v, tile_c0, rank == 0 ? px_off : -1, out_ch, warp_count);
     if (rows == 0) continue;
-    const bool active = wm < rows && tile_p0 + wpx < p.pixels;  // warp-uniform
+    const bool active = wm < rows && wpx < valid;  // warp-uniform
     // Running source pointers of the next copies. Rows past the tile's kept ones are not
     // copied: whatever their shared rows hold reaches only accumulator rows the epilogue never
     // reads (a row of the product depends on that row of W' alone).
@@ -920,62 +1062,99 @@ __global__ void __launch_bounds__(kThreads, kPkMinBlocks)
     for (int i = 0; i < kACopies; ++i) {
       const int m = ra + i * kRowsAtOnce;
       a_copy[i] = m < rows;  // (m < kRows too: rows <= kRows)
-      a_src[i] = reinterpret_cast<const T*>(q.wp) + (a_copy[i] ? out_ch[m] : 0) * row_elems + col;
+      a_src[i] = reinterpret_cast<const T*>(q.wp) + (a_copy[i] ? out_ch[m] : 0) * row_elems + col +
+                 c_begin * kPkC;  // (patch tiles: the first chunk's tap 0)
     }
-    const T* b_base = reinterpret_cast<const T*>(q.xp) + n * sample_elems;
-    asm("mov.b64 %0, %0;" : "+l"(b_base));  // computed once a sample, not once a copy
-    int b_off = 0;  // the next copies' tap and chunk offset, the same for every pixel
-    int b_chunk = 0, b_kw = 0;
+    int b_off = 0;  // per tap: the next copies' tap and chunk offset, the same for every pixel
+    int i_chunk = 0, i_kw = 0, i_tap = 0;  // the next copies' step
     unsigned stage_w = 0;  // byte offset of the stage the next copies fill
 
     // The copies of the next step (issued in step order).
     auto issue = [&]() {
+      const int a_move = kPatch && i_tap == p.khw - 1 ? a_wrap : a_step;
 #pragma unroll
       for (int i = 0; i < kACopies; ++i) {
         if (a_copy[i]) cp_async16(a_dst + stage_w + i * kRowsAtOnce * kPitch, a_src[i]);
-        a_src[i] += kPkC;
+        a_src[i] += a_move;
       }
+      if constexpr (kPatch) {
+        i_tap = i_tap == p.khw - 1 ? 0 : i_tap + 1;
+      } else {
 #pragma unroll
-      for (int i = 0; i < kBCopies; ++i) {
-        if (ra + i * kRowsAtOnce < kPixels) {  // compile-time where kPixels is a multiple
-          cp_async16(b_dst + stage_w + i * kRowsAtOnce * kPitch, b_base + b_pixel[i] + b_off);
+        for (int i = 0; i < kBCopies; ++i) {
+          if (ra + i * kRowsAtOnce < kPixels) {  // compile-time where kPixels is a multiple
+            cp_async16(b_dst + stage_w + i * kRowsAtOnce * kPitch, b_base + b_pixel[i] + b_off);
+          }
         }
-      }
-      b_off += kPkC;
-      if (++b_chunk == chunks) {
-        b_chunk = 0;
-        const bool h_carry = ++b_kw == p.kw;
-        b_kw = h_carry ? 0 : b_kw;
-        b_off += h_carry ? next_kh : next_kw;
+        b_off += kPkC;
+        if (++i_chunk == chunks) {
+          i_chunk = 0;
+          const bool h_carry = ++i_kw == p.kw;
+          i_kw = h_carry ? 0 : i_kw;
+          b_off += h_carry ? next_kh : next_kw;
+        }
       }
       stage_w = stage_w == (kPkStages - 1) * kStage ? 0 : stage_w + kStage;
     };
+    // Patch tiles: chunk c's 32 channels of every patch pixel into patch buffer `buffer`, the
+    // threads' copies laid out as W''s (pixels ra + kRowsAtOnce i, column col; a loop of its
+    // own, run once a chunk).
+    auto issue_patch = [&](int c, unsigned buffer) {
+      const T* src = patch_src + c * kPkC;
+      unsigned dst = a_dst + kPatch0 + buffer;
+#pragma unroll 1
+      for (int px = ra; px < patch_pixels; px += kRowsAtOnce) {
+        cp_async16(dst, src);
+        dst += kRowsAtOnce * kPitch;
+        src += kRowsAtOnce * q.c_pad;
+      }
+    };
 
     float acc[2][4] = {};
+    if constexpr (kPatch) issue_patch(c_begin, 0);
 #pragma unroll
     for (int s = 0; s < kPkStages - 1; ++s) {
-      if (s < steps) issue();
+      if (s < my_steps) issue();
       cp_async_commit();
     }
     unsigned stage_r = 0;
+    // Patch tiles: the step's tap (r_tap, r_kw) and chunk (r_chunk), its X' rows' move in the
+    // patch (r_move) and patch buffer (r_buffer).
+    int r_tap = 0, r_kw = 0, r_chunk = c_begin;
+    unsigned r_move = 0, r_buffer = 0;
 #pragma unroll 1  // one step a trip (the roofline's count of a step is one trip's SASS)
-    for (int s = 0; s < steps; ++s) {
+    for (int s = 0; s < my_steps; ++s) {
       cp_async_wait<kPkStages - 2>();  // this thread's copies of step s have landed
-      // Everyone's have, and step s - 1's reads of the stage refilled below are done.
+      // Everyone's have, and step s - 1's reads of the stage refilled below are done (patch
+      // tiles: at a chunk's first step, every read of the previous chunk's patch too).
       __syncthreads();
-      if (s + kPkStages - 1 < steps) issue();
+      if constexpr (kPatch) {
+        if (r_tap == 0 && r_chunk + 1 < c_end) issue_patch(r_chunk + 1, r_buffer ^ q.patch_bytes);
+      }
+      if (s + kPkStages - 1 < my_steps) issue();
       cp_async_commit();
       if (active) {
+        const unsigned b_at = kPatch ? b_frag + r_buffer + r_move : b_frag + stage_r;
 #pragma unroll
         for (int k = 0; k < kSlices; ++k) {
           uint32_t a[4], b[4];
           ldsm_x4(a, a_frag + stage_r + k * 32);
-          ldsm_x4(b, b_frag + stage_r + k * 32);
+          ldsm_x4(b, b_at + k * 32);
           mma_16x8<T>(acc[0], a, b[0], b[1]);
           mma_16x8<T>(acc[1], a, b[2], b[3]);
         }
       }
       stage_r = stage_r == (kPkStages - 1) * kStage ? 0 : stage_r + kStage;
+      if constexpr (kPatch) {  // the next tap (block-uniform branches)
+        if (++r_tap == p.khw) {
+          r_tap = 0, r_kw = 0, r_move = 0, ++r_chunk;
+          r_buffer ^= q.patch_bytes;
+        } else if (++r_kw == p.kw) {
+          r_kw = 0, r_move += tap_h;
+        } else {
+          r_move += tap_w;
+        }
+      }
     }
     cp_async_wait<0>();  // (only empty groups remain)
     __syncthreads();     // every read of the stages is done: the accumulators may alias them
@@ -990,10 +1169,37 @@ __global__ void __launch_bounds__(kThreads, kPkMinBlocks)
         c_s[r + 8][c + 8 * j + 1] = acc[j][3];
       }
     }
+    int m_begin = 0, m_end = rows;  // the rows this CTA writes out
+    if constexpr (kPatch) {
+      if (q.split > 1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+        // Every CTA of the tile has its partial tile in c_s; rank r sums rows m_begin ..
+        // m_end - 1 of all of them (in rank order) into its own c_s, whose rows the others do
+        // not read, then writes those rows out.
+        const cg::cluster_group cluster = cg::this_cluster();
+        cluster.sync();
+        const int share = (rows + q.split - 1) / q.split;
+        m_begin = min(rows, rank * share), m_end = min(rows, m_begin + share);
+        for (int i = tid; i < (m_end - m_begin) * kPixels; i += kThreads) {
+          float* own = &c_s[m_begin + i / kPixels][i % kPixels];
+          float sum = 0.0f;
+          for (int r = 0; r < q.split; ++r) sum += *cluster.map_shared_rank(own, r);
+          *own = sum;
+        }
+#endif
+      }
+    }
     __syncthreads();
-    tc_epilogue<kPixels>(p, v, c_s, out_ch, rows, tile_p0);
+    tc_epilogue<kPixels>(p, v, c_s, out_ch, m_begin, m_end, px_off);
+    if constexpr (kPatch) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+      // No CTA of the tile still reads this one's c_s (which the next tile's copies reuse).
+      if (q.split > 1) cg::this_cluster().sync();
+#endif
+    }
   }
 }
+
 
 // pack_kernel's two jobs (x -> xp, weight -> wp), the same copy: an (images, channels, h, w)
 // tensor with any strides into (images, h + 2 pad_h, w + 2 pad_w, c_pad), zero padding and zero
@@ -1317,40 +1523,148 @@ void launch_per_sample(Params<scalar_t>& p, dim3 grid, cudaStream_t stream) {
   }
 }
 
-// Rows of the packed kernel's output tiles (by 2048 / rows pixels), for samples of `pixels`
-// output pixels.
-int64_t packed_tile_rows(int64_t pixels) {
-  return pixels > kTcP ? kTileM / 2 : kTileM;
+// The packed kernel's tiling of a problem. Tiles of 32 output channels by 64 pixels where a
+// sample has more than 32 output pixels or tiles run across samples: the same instructions per
+// product as 64 x 32, and a tile's rows past the kept channels, which still cost their copies
+// and barriers, are fewer (a 25% per-sample mask of 128 channels keeps 32: one 32-row tile, where
+// a 64-row tile runs half empty); 64 x 32 for the smaller maps inside a sample. Patch tiles
+// (whole output rows, X' from shared memory) where the map's rows fit a tile, the kernel has
+// kPatchMinTaps taps or more and the two patch buffers leave 2 CTAs an SM (kPatchMaxSmem);
+// across samples where their output channels are the same (no per-sample out_mask or scale).
+struct PackedTiling {
+  int rows = kTileM;        // output channels a tile (by 2048 / rows pixels)
+  bool patch = false;       // X' from a patch of xp (else copied per tap)
+  bool span = false;        // patch tiles: across samples
+  int out_rows = 0;         // patch tiles: output rows a tile
+  int64_t pixel_tiles = 0;  // a sample's pixel tiles (span: the batch's)
+  int64_t patch_bytes = 0;  // patch tiles: a patch buffer
+  // The CTAs that compute for `kept` output channels of n samples (the grid's tiles past them
+  // only write zeros).
+  int64_t ctas(int64_t n, int64_t kept) const {
+    return (span ? 1 : n) * pixel_tiles * ((kept + rows - 1) / rows);
+  }
+};
+
+// shared_rows: every sample has the same output channels; c_pad: the packed channels; esize:
+// bytes an element.
+PackedTiling packed_tiling(const masked_conv::Geometry& g, bool shared_rows, int64_t c_pad,
+                           int64_t esize) {
+  const int64_t pixels = g.h_out * g.w_out;
+  const int64_t pitch = kPkC * esize + 16;
+  PackedTiling t;
+  const bool span = shared_rows && g.n > 1;
+  t.rows = pixels > kTcP || span ? kTileM / 2 : kTileM;
+  const int64_t tile_pixels = kTileM * kTcP / t.rows;
+  if (g.kh * g.kw >= kPatchMinTaps && g.w_out <= tile_pixels && g.n > 0) {
+    const int64_t rows_all = span ? g.n * g.h_out : g.h_out;
+    const int64_t r = std::min(tile_pixels / g.w_out, rows_all);
+    const int64_t tiles = (rows_all + r - 1) / r;
+    // The largest patch, in xp rows: a tile of `count` output rows from row `start` of a sample
+    // reads (count - 1) stride_h + (kh - 1) dilation_h + 1 rows of it and, for each sample
+    // boundary it crosses, hp - h_out stride_h rows more (the rows between the two samples'
+    // runs). Span tiles start at every multiple of r, whose offsets in a sample repeat within
+    // h_out tiles.
+    const int64_t hp = g.h + 2 * g.padding[0];
+    const int64_t gap = hp - g.h_out * g.stride[0];
+    int64_t most = 0;
+    for (int64_t i = 0; i < std::min(tiles, g.h_out); ++i) {
+      const int64_t start = (i * r) % g.h_out;
+      const int64_t count = span ? r : std::min(r, g.h_out - start);
+      const int64_t crossings = (start + count - 1) / g.h_out;
+      most = std::max(most, crossings * gap + (count - 1) * g.stride[0] +
+                                (g.kh - 1) * g.dilation[0] + 1);
+    }
+    const int64_t wp_w = g.w + 2 * g.padding[1];
+    const int64_t patch_bytes = most * wp_w * pitch;
+    const int64_t smem = std::max<int64_t>(kPkStages * t.rows * pitch,
+                                           4 * t.rows * (tile_pixels + 4)) +
+                         2 * patch_bytes;
+    if (smem <= static_cast<int64_t>(kPatchMaxSmem) && most * wp_w * c_pad <= kIntMax &&
+        tiles <= kIntMax) {
+      t.patch = true, t.span = span, t.out_rows = static_cast<int>(r);
+      t.pixel_tiles = tiles, t.patch_bytes = patch_bytes;
+      return t;
+    }
+  }
+  t.rows = pixels > kTcP ? kTileM / 2 : kTileM;  // per tap: tiles inside a sample
+  t.pixel_tiles = (pixels + kTileM * kTcP / t.rows - 1) / (kTileM * kTcP / t.rows);
+  return t;
 }
 
-// The packed path: pack_kernel, then masked_conv2d_tc_packed_kernel (float32's four stages, 54
-// KiB, past the 48 KiB a launch may take without opting in). p.x is unused there (x is read
-// through its strides).
-// Tiles of 32 output channels by 64 pixels where a sample has more than 32 output pixels: the
-// same instructions per product as 64 x 32, and a tile's rows past the kept channels, which
-// still cost their copies and barriers, are fewer (a 25% per-sample mask of 128 channels keeps
-// 32: one 32-row tile, where a 64-row tile runs half empty); 64 x 32 for the smaller maps.
+// The CTAs a patch tile's K is split over: where the grid's CTAs (ctas, each running `chunks`
+// chunks) leave SMs idle, the split (at most kMaxSplit, a portable cluster, and a chunk a CTA)
+// that needs the fewest rounds of CTAs an SM relative to it (the smallest such split): e.g. 64
+// CTAs on 132 SMs split in 2.
+constexpr int kMaxSplit = 8;
+
+int packed_split(int64_t ctas, int64_t chunks, int64_t sms) {
+  int best = 1;
+  if (ctas <= 0 || ctas >= sms) return best;
+  double best_cost = 1.0;
+  for (int s = 2; s <= std::min<int64_t>(kMaxSplit, chunks); ++s) {
+    const double cost = static_cast<double>((ctas * s + sms - 1) / sms) / s;
+    if (cost < best_cost) best = s, best_cost = cost;
+  }
+  return best;
+}
+
+// masked_conv2d_tc_packed_kernel<scalar_t, kRows, kPatch> on q with the tiling t; the dynamic
+// shared memory limit raised first where needed (per tap: float32's four stages, 54 KiB; patch
+// tiles: up to kPatchMaxSmem). Patch tiles split their K (packed_split) over clusters where sm_90
+// code runs (q.split; 1 otherwise).
+template <typename scalar_t, int kRows, bool kPatch>
+void launch_packed_kernel(PackedParams<scalar_t> q, const PackedTiling& t, dim3 grid,
+                          int64_t kept_out, cudaStream_t stream) {
+  constexpr auto kernel = masked_conv2d_tc_packed_kernel<scalar_t, kRows, kPatch>;
+  const size_t smem = pk_smem_bytes<scalar_t, kRows, kPatch>(t.patch_bytes);
+  allow_smem<kernel, kPatch ? kPatchMaxSmem : pk_smem_bytes<scalar_t, kRows, kPatch>()>();
+  grid.y = static_cast<unsigned>((q.p.c_out + kRows - 1) / kRows);
+  q.split = 1;
+  if constexpr (kPatch) {
+    const int device = c10::cuda::current_device();
+    if (has_sm90_image(kernel, device)) {
+      q.split = packed_split(
+          t.ctas(q.p.n, kept_out), q.c_pad / kPkC,
+          at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
+    }
+  }
+  if (q.split > 1) {
+    grid.x *= static_cast<unsigned>(q.split);
+    launch_clusters(kernel, grid, kThreads, smem, stream, static_cast<unsigned>(q.split), q);
+  } else {
+    kernel<<<grid, kThreads, smem, stream>>>(q);
+  }
+}
+
+// The packed path: pack_kernel, then masked_conv2d_tc_packed_kernel. p.x is unused there (x is
+// read through its strides). kept_out: the output channels with work (C_out where unknown on
+// the host: per-sample or soft masks, or a static one not seen before during graph capture).
 template <typename scalar_t>
 void launch_packed(const Params<scalar_t>& p, const at::Tensor& x, const at::Tensor& weight,
-                   const masked_conv::Geometry& g, const at::Tensor& in_index, dim3 grid,
-                   cudaStream_t stream) {
+                   const masked_conv::Geometry& g, const at::Tensor& in_index, int64_t kept_out,
+                   dim3 grid, cudaStream_t stream) {
   const Packed k = pack(x, weight, p, g, in_index, stream);
   PackedParams<scalar_t> q{};
   q.p = p;
   q.xp = k.xp.const_data_ptr<scalar_t>();
   q.wp = k.wp.const_data_ptr<scalar_t>();
   q.hp = k.hp, q.wp_w = k.wp_w, q.c_pad = k.c_pad;
-  constexpr size_t smem = pk_smem_bytes<scalar_t>();
-  if (packed_tile_rows(p.pixels) == kTileM / 2) {
-    constexpr int kRows = kTileM / 2, kPixels = 2 * kTcP;
-    grid.x = static_cast<unsigned>((p.pixels + kPixels - 1) / kPixels);
-    grid.y = static_cast<unsigned>((p.c_out + kRows - 1) / kRows);
-    allow_smem<masked_conv2d_tc_packed_kernel<scalar_t, kRows>, smem>();
-    masked_conv2d_tc_packed_kernel<scalar_t, kRows><<<grid, kThreads, smem, stream>>>(q);
+  const bool shared_rows = (p.out_mask == nullptr && p.out_scale == nullptr) || p.out_s0 == 0;
+  const PackedTiling t = packed_tiling(g, shared_rows, k.c_pad, x.element_size());
+  q.out_rows = t.out_rows, q.span = t.span, q.h_out = static_cast<int>(g.h_out);
+  q.patch_bytes = static_cast<unsigned>(t.patch_bytes);
+  grid.x = static_cast<unsigned>(t.pixel_tiles);
+  if (t.span) grid.z = 1;
+  if (t.rows == kTileM / 2) {
+    if (t.patch) {
+      launch_packed_kernel<scalar_t, kTileM / 2, true>(q, t, grid, kept_out, stream);
+    } else {
+      launch_packed_kernel<scalar_t, kTileM / 2, false>(q, t, grid, kept_out, stream);
+    }
+  } else if (t.patch) {
+    launch_packed_kernel<scalar_t, kTileM, true>(q, t, grid, kept_out, stream);
   } else {
-    grid.x = static_cast<unsigned>((p.pixels + kTcP - 1) / kTcP);
-    allow_smem<masked_conv2d_tc_packed_kernel<scalar_t, kTileM>, smem>();
-    masked_conv2d_tc_packed_kernel<scalar_t, kTileM><<<grid, kThreads, smem, stream>>>(q);
+    launch_packed_kernel<scalar_t, kTileM, false>(q, t, grid, kept_out, stream);
   }
 }
 
@@ -1442,6 +1756,11 @@ at::Tensor per_sample_forward(const at::Tensor& x, const at::Tensor& weight,
                                     !must_not_sync(in_mask, std::nullopt)));
   const at::Tensor in_index =
       packed && bool_in ? masked_conv::kept(in_mask, g.c_in, x) : at::Tensor();
+  const bool static_out = out_mask.has_value() && out_mask->scalar_type() == at::kBool &&
+                          !masked_conv::per_sample(out_mask) &&
+                          masked_conv::kept_known(out_mask);
+  const int64_t kept_out =
+      static_out ? masked_conv::kept(out_mask, g.c_out, x).size(0) : g.c_out;
   const at::Tensor xc = packed ? x : x.contiguous();
   const at::Tensor wc = weight.contiguous();
   const at::Tensor bc = bias.has_value() ? bias->contiguous() : at::Tensor();
@@ -1482,7 +1801,7 @@ at::Tensor per_sample_forward(const at::Tensor& x, const at::Tensor& weight,
     p.dil_h = static_cast<int>(g.dilation[0]), p.dil_w = static_cast<int>(g.dilation[1]);
     if constexpr (!std::is_same_v<scalar_t, double>) {  // (no packed kernel for float64)
       if (packed) {
-        launch_packed(p, xc, wc, g, in_index, grid, stream);
+        launch_packed(p, xc, wc, g, in_index, kept_out, grid, stream);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         return;
       }
@@ -1559,17 +1878,16 @@ at::Tensor static_forward_cuda(const at::Tensor& x, const at::Tensor& weight,
 }
 
 // Static masks on the packed tensor-core kernel instead of cuDNN on the compacted problem, where
-// the kernel's serial work is short. Its CTAs (samples x pixel tiles x row tiles of the kept
-// output channels: 32 x 64 where a sample has more than 32 output pixels, else 64 x 32) fill
-// `rounds` of the GPU's CTA slots (kPkMinBlocks an SM), each running taps x ceil(kept input
-// channels / 32) K steps; the packed path is taken where rounds x steps is at most
-// kStaticPackedMaxSteps (cuDNN's route: the weight gather, a bool in_mask's x gather, the
-// convolution with its NCHW transposes, the scatter or bias pass). The limit is the roofline
-// model's (benchmarks/roofline.py, with cuDNN's float32 times as an H200 run measured them:
-// ~12 us a convolution before its FLOPs, and the transposes; 3 x 3 convolutions of 1-128
-// samples, 32-512 channels, 4 x 4 to 56 x 56 maps, 25-75% kept): the path chosen takes on
-// average 2.3% (in_mask) / 1.1% (out_mask alone) more device time than the faster one. The
-// packed kernel itself is not measured yet. Decided from the shapes, the dtype, the TF32 flag
+// the kernel's serial work is short. Its CTAs (packed_tiling's pixel tiles x row tiles of the
+// kept output channels, before any K split) fill `rounds` of the GPU's CTA slots (kPkMinBlocks
+// an SM), each running taps x ceil(kept input channels / 32) K steps; the packed path is taken
+// where rounds x steps is at most kStaticPackedMaxSteps (cuDNN's route: the weight gather, a
+// bool in_mask's x gather, the convolution with its NCHW transposes, the scatter or bias pass).
+// The limit is the roofline model's (benchmarks/roofline.py, with cuDNN's float32 times as an
+// H200 run measured them: ~12 us a convolution before its FLOPs, and the transposes; 3 x 3
+// convolutions of 1-128 samples, 32-512 channels, 4 x 4 to 56 x 56 maps, 25-75% kept): with
+// patch tiles the path chosen takes on average 0.4% (in_mask) / 0.6% (out_mask alone) more
+// time than the faster one. The packed kernel itself is not measured yet. Decided from the shapes, the dtype, the TF32 flag
 // and the kept counts (cached per mask version, as the cuDNN path needs them; the caller has
 // made sure they are known or may be computed), so the same call always takes the same
 // kernels. benchmarks/roofline.py's _cuda_static_packed mirrors this rule.
@@ -1588,10 +1906,8 @@ bool static_on_tensor_cores(const at::Tensor& x, const masked_conv::Geometry& g,
                                              : g.c_out;
   const int64_t k_in = in_mask.has_value() ? masked_conv::kept(in_mask, g.c_in, x).size(0)
                                            : g.c_in;
-  const int64_t rows = packed_tile_rows(pixels);
-  const int64_t tile_pixels = kTileM * kTcP / rows;
   const int64_t ctas =
-      g.n * ((pixels + tile_pixels - 1) / tile_pixels) * ((k_out + rows - 1) / rows);
+      packed_tiling(g, true, packed_channels(k_in), x.element_size()).ctas(g.n, k_out);
   const int64_t slots =
       static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount) *
       kPkMinBlocks;
