@@ -2188,9 +2188,16 @@ def _triton_conv(p: Plan, g: _Conv, out_kept: int, in_kept: int, per_sample: boo
         if in_mask:
             per_thread += chunks * TRITON_CONV_CHUNK_OPS[(block_p, block_co)]
             chain = chunks * (p.lat("l2") + 2 * p.lat("barrier"))
+    # L2: every working program copies its BLOCK_P x BLOCK_CI tile of x (xp where packed) at
+    # each of the 9 taps of each chunk, and its BLOCK_CO weight rows over the whole reduction;
+    # the first read of each is HBM. (Counted once per output-channel block before: a ninth of
+    # the x traffic, and none of the weight's rereads.)
+    x_tiles = active * 9 * chunks * block_p * block_ci * g.esize
+    w_tiles = active * block_co * 9 * ci_work * g.esize
     p.host("triton")
     p.kernel("_masked_conv2d_forward_kernel (tensor cores)", "inner",
-             hbm=x_read + g.x + g.weight, l2=x_read * (math.ceil(co_work / block_co) - 1),
+             hbm=x_read + g.x + g.weight,
+             l2=max(0.0, x_tiles - x_read) + max(0.0, w_tiles - g.weight * ci_work / g.c),
              flops=g.flops(co_work, ci_work, p_work), tensor=True,
              eff=p.gpu["triton_tc_eff" if block_p >= 64 else "triton_tc16_eff"],
              ops=active * 32 * warps * per_thread, ctas=active, per_sm=16 // warps,
@@ -2218,8 +2225,12 @@ def _triton_sparse(p: Plan, g: _Conv) -> None:
     # 16 output channels a program: the x tile is reread per output block, the MMA is narrow.
     ctas = math.ceil(span / block_p) * co_blocks
     steps = 9 * math.ceil(g.c / tile) * occupied  # the occupied (tap, 16-channel) tiles
+    # L2: each program's x tile (BLOCK_P pixels x 16 channels) and 16 x 16 weight tile at each
+    # of its steps, less the first reads.
+    tiles = ctas * steps * (block_p + tile) * tile * g.esize
     p.kernel("_masked_conv2d_forward_kernel (block-sparse, tensor cores)", "inner",
-             hbm=2 * g.x + g.weight * (1 + 1 / g.esize), l2=g.x * (co_blocks - 1) * occupied,
+             hbm=2 * g.x + g.weight * (1 + 1 / g.esize),
+             l2=max(0.0, tiles - g.x - g.weight * occupied),
              flops=g.flops(g.c, g.c, p_work) * occupied, tensor=True,
              eff=p.gpu["triton_tc16_eff"],
              ops=ctas * steps * 32 * warps
