@@ -1985,8 +1985,9 @@ def _cuda_packed(p: Plan, g: _Conv, out_work: int, in_work: int | None = None,
     masks without a bool in_mask (shared False), and static masks where _cuda_static_packed
     takes it (a bool in_mask's in_work kept channels listed first by the pack, the masked ones
     never read). pack_kernel (x into (N, H + 2, W + 2, C_pad), the weight into (C_out, 9,
-    C_pad), C_pad = in_work (default C) rounded up to 32; tiles of 32 padded pixels by 32
-    channels, the weight one image of C_out x 9 pixels), then masked_conv2d_tc_packed_kernel:
+    C_pad), C_pad = in_work (default C) rounded up to 32, a static out_mask's kept rows alone;
+    tiles of 32 padded pixels by 32 channels, the weight one image of rows x 9 pixels), then
+    masked_conv2d_tc_packed_kernel:
     256 threads, _cuda_packed_tiling's tiles, the tiles past the kept channels only writing
     their zeros, a warp skipping rows past the kept ones and pixels past the tile (16 at a
     time); K steps of 32 channels of one tap, the W' rows (and per tap the X' pixels) copied by
@@ -1999,10 +2000,12 @@ def _cuda_packed(p: Plan, g: _Conv, out_work: int, in_work: int | None = None,
     c_pad = math.ceil(in_work / 32) * 32
     side = math.isqrt(g.pixels)
     padded = (side + 2) ** 2
+    rows = out_work if shared else g.c  # the weight rows packed
+    wp = g.weight * rows / g.c * c_pad / g.c
     x_tiles = g.n * math.ceil(padded / 32) * c_pad // 32
-    w_tiles = math.ceil(g.c * 9 / 32) * c_pad // 32  # one image of C_out x 9 "pixels"
+    w_tiles = math.ceil(rows * 9 / 32) * c_pad // 32  # one image of rows x 9 "pixels"
     p.kernel("pack_kernel", "inner",
-             hbm=g.x * in_work / g.c + g.n * padded * c_pad * g.esize + 2 * g.weight * c_pad / g.c,
+             hbm=g.x * in_work / g.c + g.n * padded * c_pad * g.esize + 2 * wp,
              ops=(x_tiles + w_tiles) * 32 * 32 * CUDA_PACK_OPS, ctas=x_tiles + w_tiles,
              per_sm=6, chain_us=p.lat("l2") + p.lat("dram"))  # 40 registers
     t = _cuda_packed_tiling(g, shared)
@@ -2034,7 +2037,7 @@ def _cuda_packed(p: Plan, g: _Conv, out_work: int, in_work: int | None = None,
     name = "masked_conv2d_tc_packed_kernel (mma" + (", patch tiles" if t.patch else "") + (
         f", K split {split})" if split > 1 else ")")
     p.kernel(name, "inner",
-             hbm=xp + g.x + g.weight * c_pad / g.c,
+             hbm=xp + g.x + wp,
              l2=max(0.0, x_l2 - xp) + w_kept * (groups - 1),
              flops=g.flops(math.ceil(out_work / 16) * 16, c_pad, pixel_work),
              tensor=True, eff=p.gpu["cuda_wmma_eff"],

@@ -265,7 +265,7 @@ def test_masked_conv_bytes_and_flops():
     k = k[packed]
     assert k.ctas == 32 * 4 and k.ops == 32 * 4 * 256 * (9 * step + setup + 4 * trip)
     small_xp = 32 * 18 * 18 * 32 * 4
-    assert k.hbm == small_xp + small + 16 * 16 * 9 * 4 * 2
+    assert k.hbm == small_xp + small + 4 * 32 * 9 * 4  # wp: the 4 kept rows alone
     # 108-pixel patches of 32 channels; 4 kept rows of 32 x 9
     assert k.l2 == pytest.approx(128 * 108 * 32 * 4 - small_xp + 4 * 32 * 9 * 4 * (32 * 4 - 1))
     assert not any(isinstance(i, roofline.Sync) for i in items)
@@ -273,14 +273,16 @@ def test_masked_conv_bytes_and_flops():
     # 16 rows (4 whole samples, 24 padded rows x 6 = 144 patch pixels), 8 of them x 8 channel
     # tiles = 64 tiles, which leave SMs idle: K split in 2 (a cluster each), 128 CTAs of 72
     # steps; the weight's kept rows are reread by 8 tiles, not by 32 samples.
+    # The pack writes the kept weight rows alone (a static out_mask's kept list, cached).
     k = kernels("masked_conv", Case((32, 512, 4, 4), "out50"), roofline.CUDA, "forward")
     split = "masked_conv2d_tc_packed_kernel (mma, patch tiles, K split 2)"
     assert list(k) == ["pack_kernel", split]
+    w_kept = 256 * 512 * 9 * 4
+    xp4 = 32 * 6 * 6 * 512 * 4
+    assert k["pack_kernel"].hbm == 32 * 512 * 16 * 4 + xp4 + 2 * w_kept
     k = k[split]
     assert k.ctas == 128 and k.per_sm == 3
     assert k.chain_us >= 72 * lat["l2"] / 3 + lat["cluster_pass"]
-    w_kept = 256 * 512 * 9 * 4
-    xp4 = 32 * 6 * 6 * 512 * 4
     assert k.l2 == pytest.approx(64 * 144 * 512 * 4 - xp4 + w_kept * 7)
     # Static input mask at 50%: 18 K steps over the 64 kept input channels for one round of 512
     # CTAs (4 an SM, 132 SMs), within the limit: the pack lists the kept

@@ -833,8 +833,9 @@ template <typename scalar_t>
 struct PackedParams {
   Params<scalar_t> p;
   const scalar_t* __restrict__ xp;  // (N, hp, wp, c_pad)
-  const scalar_t* __restrict__ wp;  // (C_out, taps, c_pad)
+  const scalar_t* __restrict__ wp;  // (C_out, taps, c_pad), or ranked: (kept, taps, c_pad)
   int hp, wp_w, c_pad;  // (the taps: p.khw)
+  int ranked;  // wp holds the kept output channels of a static out_mask alone, in rank order
   // Patch tiles: output rows a tile (out_rows), whether tiles run across samples (span: the
   // samples' output channels are the same), the map's output rows, a patch buffer's bytes, and
   // the CTAs a tile's K is split over (split > 1: a cluster of that many consecutive CTAs along
@@ -1062,7 +1063,8 @@ __global__ void __launch_bounds__(kThreads, kPatch ? kPatchMinBlocks : kPkMinBlo
     for (int i = 0; i < kACopies; ++i) {
       const int m = ra + i * kRowsAtOnce;
       a_copy[i] = m < rows;  // (m < kRows too: rows <= kRows)
-      a_src[i] = reinterpret_cast<const T*>(q.wp) + (a_copy[i] ? out_ch[m] : 0) * row_elems + col +
+      const int row = !a_copy[i] ? 0 : q.ranked ? tile_c0 + m : out_ch[m];
+      a_src[i] = reinterpret_cast<const T*>(q.wp) + row * row_elems + col +
                  c_begin * kPkC;  // (patch tiles: the first chunk's tap 0)
     }
     int b_off = 0;  // per tap: the next copies' tap and chunk offset, the same for every pixel
@@ -1205,8 +1207,10 @@ __global__ void __launch_bounds__(kThreads, kPatch ? kPatchMinBlocks : kPkMinBlo
 // tensor with any strides into (images, h + 2 pad_h, w + 2 pad_w, c_pad), zero padding and zero
 // channels past `channels`, packed channel c read from source channel index[c] where a list of
 // kept channels is given (a static bool in_mask: the kept ones first, the masked ones never
-// read), each value times scale[image * scale_s0 + c * scale_s1] (rounded to scalar_t) where
-// scale is given, float32 rounded to TF32. A block takes 32 padded pixels by 32
+// read), packed row r read from source row rows[r] where a list of rows is given (the weight's
+// kept output channels under a static out_mask: the others never packed), each value times
+// scale[image * scale_s0 + c * scale_s1] (rounded to scalar_t) where scale is given, float32
+// rounded to TF32. A block takes 32 padded pixels by 32
 // channels of one image: read with lanes along pixels (4 loads a thread in flight), transposed
 // through shared memory, written with lanes along channels (a 128-byte row a pixel for float32).
 // Grid (the x job's pixel tiles, then the weight job's; channel tiles; images, looped past
@@ -1216,6 +1220,7 @@ struct PackJob {
   const scalar_t* src;
   const scalar_t* scale;  // nullptr: none
   const int64_t* index;   // source channel of each packed one (`channels` of them); nullptr: c
+  const int64_t* rows;    // source row of each packed one (h of them); nullptr: the row itself
   scalar_t* dst;
   int64_t images, s_image, scale_s0, scale_s1;
   int s_c, s_h, s_w;  // within an image (packed_fits: its offsets fit 32 bits)
@@ -1239,6 +1244,7 @@ __device__ inline void pack_tile(const PackJob<scalar_t>& j, int pt) {
   const int ih = hq - j.pad_h, iw = q - hq * j.wp_w - j.pad_w;
   const bool inside = q < padded && static_cast<unsigned>(ih) < static_cast<unsigned>(j.h) &&
                       static_cast<unsigned>(iw) < static_cast<unsigned>(j.w);
+  const int src_h = inside && j.rows != nullptr ? static_cast<int>(j.rows[ih]) : ih;
   constexpr int kTrips = kPackTile / kPackRows;
   // This thread's source offsets inside an image, hoisted out of the loop.
   int off[kTrips];
@@ -1248,7 +1254,7 @@ __device__ inline void pack_tile(const PackJob<scalar_t>& j, int pt) {
     const int c = c0 + row + i * kPackRows;
     ok[i] = inside && c < j.channels;
     const int src_c = ok[i] && j.index != nullptr ? static_cast<int>(j.index[c]) : c;
-    off[i] = ok[i] ? src_c * j.s_c + ih * j.s_h + iw * j.s_w : 0;
+    off[i] = ok[i] ? src_c * j.s_c + src_h * j.s_h + iw * j.s_w : 0;
   }
   for (int64_t image = blockIdx.z; image < j.images; image += gridDim.z) {
     __syncthreads();  // the previous image's reads of the tile are done
@@ -1328,11 +1334,12 @@ bool packed_fits(const at::Tensor& x, const masked_conv::Geometry& g) {
 template <typename scalar_t>
 PackJob<scalar_t> pack_job(const at::Tensor& src, const scalar_t* scale, int64_t scale_s0,
                            int64_t scale_s1, const at::Tensor& index, at::Tensor& dst, int pad_h,
-                           int pad_w, int c_pad) {
+                           int pad_w, int c_pad, const at::Tensor& rows = at::Tensor()) {
   PackJob<scalar_t> j{};
   j.src = src.const_data_ptr<scalar_t>();
   j.scale = scale;
   j.index = index.defined() ? index.const_data_ptr<int64_t>() : nullptr;
+  j.rows = rows.defined() ? rows.const_data_ptr<int64_t>() : nullptr;
   j.dst = dst.mutable_data_ptr<scalar_t>();
   j.images = src.size(0);
   j.s_image = src.stride(0);
@@ -1341,7 +1348,8 @@ PackJob<scalar_t> pack_job(const at::Tensor& src, const scalar_t* scale, int64_t
   j.s_w = static_cast<int>(src.stride(3));
   j.scale_s0 = scale_s0, j.scale_s1 = scale_s1;
   j.channels = static_cast<int>(index.defined() ? index.size(0) : src.size(1));
-  j.h = static_cast<int>(src.size(2)), j.w = static_cast<int>(src.size(3));
+  j.h = static_cast<int>(rows.defined() ? rows.size(0) : src.size(2));
+  j.w = static_cast<int>(src.size(3));
   j.pad_h = pad_h, j.pad_w = pad_w;
   j.hp = j.h + 2 * pad_h, j.wp_w = j.w + 2 * pad_w, j.c_pad = c_pad;
   j.pixel_tiles = (j.hp * j.wp_w + kPackTile - 1) / kPackTile;
@@ -1349,16 +1357,20 @@ PackJob<scalar_t> pack_job(const at::Tensor& src, const scalar_t* scale, int64_t
 }
 
 // x (any strides) and weight packed by one launch; p's soft in_mask (in_scale) applied to x;
-// in_index (int64, on x's device), where defined, lists the input channels to pack, in order.
+// in_index (int64, on x's device), where defined, lists the input channels to pack, in order;
+// out_index likewise the weight's output channels (wp's rows in the order of their ranks).
 template <typename scalar_t>
 Packed pack(const at::Tensor& x, const at::Tensor& weight, const Params<scalar_t>& p,
-            const masked_conv::Geometry& g, const at::Tensor& in_index, cudaStream_t stream) {
+            const masked_conv::Geometry& g, const at::Tensor& in_index,
+            const at::Tensor& out_index, cudaStream_t stream) {
   Packed k;
   k.c_pad = static_cast<int>(packed_channels(in_index.defined() ? in_index.size(0) : g.c_in));
   k.hp = static_cast<int>(g.h + 2 * g.padding[0]);
   k.wp_w = static_cast<int>(g.w + 2 * g.padding[1]);
   k.xp = at::empty({g.n, k.hp, k.wp_w, k.c_pad}, x.options());
-  k.wp = at::empty({g.c_out, g.kh, g.kw, k.c_pad}, x.options());
+  k.wp = at::empty({out_index.defined() ? out_index.size(0) : g.c_out, g.kh, g.kw, k.c_pad},
+                   x.options());
+  if (k.wp.size(0) == 0) return k;  // no output channel kept: no products
   if (k.c_pad == 0) return k;  // no input channel (kept): nothing to pack, no products
   // (A listed pack reads scale by packed channel: the two never come together, as an in_mask is
   // either bool or soft.)
@@ -1370,7 +1382,8 @@ Packed pack(const at::Tensor& x, const at::Tensor& weight, const Params<scalar_t
                                           {weight.numel(), taps, g.c_in * taps, 1});
   const auto x_job = pack_job<scalar_t>(x, p.in_scale, p.in_s0, p.in_s1, in_index, k.xp,
                                         p.pad_h, p.pad_w, k.c_pad);
-  const auto w_job = pack_job<scalar_t>(w4, nullptr, 0, 0, in_index, k.wp, 0, 0, k.c_pad);
+  const auto w_job =
+      pack_job<scalar_t>(w4, nullptr, 0, 0, in_index, k.wp, 0, 0, k.c_pad, out_index);
   const dim3 grid(static_cast<unsigned>(x_job.pixel_tiles + w_job.pixel_tiles),
                   static_cast<unsigned>(k.c_pad / kPackTile),
                   static_cast<unsigned>(std::min<int64_t>(g.n, 65535)));
@@ -1637,18 +1650,21 @@ void launch_packed_kernel(PackedParams<scalar_t> q, const PackedTiling& t, dim3 
 }
 
 // The packed path: pack_kernel, then masked_conv2d_tc_packed_kernel. p.x is unused there (x is
-// read through its strides). kept_out: the output channels with work (C_out where unknown on
-// the host: per-sample or soft masks, or a static one not seen before during graph capture).
+// read through its strides). out_index: a static out_mask's kept channels where known on the
+// host (only their weight rows are packed), else undefined (per-sample or soft masks, or a
+// static one not seen before during graph capture: all C_out rows).
 template <typename scalar_t>
 void launch_packed(const Params<scalar_t>& p, const at::Tensor& x, const at::Tensor& weight,
-                   const masked_conv::Geometry& g, const at::Tensor& in_index, int64_t kept_out,
-                   dim3 grid, cudaStream_t stream) {
-  const Packed k = pack(x, weight, p, g, in_index, stream);
+                   const masked_conv::Geometry& g, const at::Tensor& in_index,
+                   const at::Tensor& out_index, dim3 grid, cudaStream_t stream) {
+  const Packed k = pack(x, weight, p, g, in_index, out_index, stream);
+  const int64_t kept_out = out_index.defined() ? out_index.size(0) : g.c_out;
   PackedParams<scalar_t> q{};
   q.p = p;
   q.xp = k.xp.const_data_ptr<scalar_t>();
   q.wp = k.wp.const_data_ptr<scalar_t>();
   q.hp = k.hp, q.wp_w = k.wp_w, q.c_pad = k.c_pad;
+  q.ranked = out_index.defined();
   const bool shared_rows = (p.out_mask == nullptr && p.out_scale == nullptr) || p.out_s0 == 0;
   const PackedTiling t = packed_tiling(g, shared_rows, k.c_pad, x.element_size());
   q.out_rows = t.out_rows, q.span = t.span, q.h_out = static_cast<int>(g.h_out);
@@ -1759,8 +1775,8 @@ at::Tensor per_sample_forward(const at::Tensor& x, const at::Tensor& weight,
   const bool static_out = out_mask.has_value() && out_mask->scalar_type() == at::kBool &&
                           !masked_conv::per_sample(out_mask) &&
                           masked_conv::kept_known(out_mask);
-  const int64_t kept_out =
-      static_out ? masked_conv::kept(out_mask, g.c_out, x).size(0) : g.c_out;
+  const at::Tensor out_index =
+      packed && static_out ? masked_conv::kept(out_mask, g.c_out, x) : at::Tensor();
   const at::Tensor xc = packed ? x : x.contiguous();
   const at::Tensor wc = weight.contiguous();
   const at::Tensor bc = bias.has_value() ? bias->contiguous() : at::Tensor();
@@ -1801,7 +1817,7 @@ at::Tensor per_sample_forward(const at::Tensor& x, const at::Tensor& weight,
     p.dil_h = static_cast<int>(g.dilation[0]), p.dil_w = static_cast<int>(g.dilation[1]);
     if constexpr (!std::is_same_v<scalar_t, double>) {  // (no packed kernel for float64)
       if (packed) {
-        launch_packed(p, xc, wc, g, in_index, kept_out, grid, stream);
+        launch_packed(p, xc, wc, g, in_index, out_index, grid, stream);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         return;
       }
