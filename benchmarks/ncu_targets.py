@@ -59,6 +59,9 @@ TARGETS = (
            "_masked_conv2d_forward_kernel"),
     Target("masked_conv", "32x128x16x16 sample-out25", "forward", "pyprune-cuda",
            "masked_conv2d_tc_packed_kernel"),
+    # patch tiles across samples, the K split over clusters
+    Target("masked_conv", "32x512x4x4 out50", "forward", "pyprune-cuda",
+           "masked_conv2d_tc_packed_kernel"),
 )
 # The metrics --summarize prints, by ncu's metric names (details page).
 METRICS = {
