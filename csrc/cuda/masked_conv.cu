@@ -1113,7 +1113,9 @@ __global__ void __launch_bounds__(kThreads, kPatch ? kPatchMinBlocks : kPkMinBlo
     };
 
     float acc[2][4] = {};
-    if constexpr (kPatch) issue_patch(c_begin, 0);
+    if constexpr (kPatch) {
+      if (my_steps > 0) issue_patch(c_begin, 0);  // (no input channel kept: xp is empty)
+    }
 #pragma unroll
     for (int s = 0; s < kPkStages - 1; ++s) {
       if (s < my_steps) issue();
