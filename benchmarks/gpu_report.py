@@ -433,14 +433,20 @@ def _holds(body: list, loop: tuple[int, int], *ops: str) -> bool:
     return any(any(op in ins for op in ops) for _, ins in body[loop[0]:loop[1] + 1])
 
 
-def step_instructions(body: list, trips: int = 1) -> int | None:
-    """Lane instructions a thread of one step of a GEMM's K loop in SASS: the innermost loop
-    (a backward branch) that holds both a global load (LDG / LDGSTS) and a tensor-core
-    instruction, plus (trips - 1) times the innermost loop inside it that holds the tensor-core
-    instructions (a step whose mma runs as an inner loop of `trips` iterations); None without
-    such a loop."""
+def _step_loop(body: list) -> tuple[tuple[int, int] | None, list[tuple[int, int]]]:
+    """A GEMM's K-loop step in SASS: the innermost loop (a backward branch) that holds both a
+    global load (LDG / LDGSTS) and a tensor-core instruction, None without one; and every loop,
+    shortest first."""
     loops = sorted(_loops(body), key=lambda loop: loop[1] - loop[0])
     step = next((l for l in loops if _holds(body, l, "MMA") and _holds(body, l, "LDG")), None)
+    return step, loops
+
+
+def step_instructions(body: list, trips: int = 1) -> int | None:
+    """Lane instructions a thread of one step of a GEMM's K loop in SASS (_step_loop), plus
+    (trips - 1) times the innermost loop inside it that holds the tensor-core instructions (a
+    step whose mma runs as an inner loop of `trips` iterations); None without such a loop."""
+    step, loops = _step_loop(body)
     if step is None:
         return None
     inner = next(l for l in loops
@@ -456,8 +462,7 @@ def branch_copy_loops(body: list) -> list[tuple[int, int]] | None:
     step (as step_instructions finds it) runs under a branch, e.g. the packed convolution's
     patch copies at a chunk's first step: (instructions of the branch, from its BSSY to the
     reconvergence point it names, and of the loop) for each; None without such a step."""
-    loops = sorted(_loops(body), key=lambda loop: loop[1] - loop[0])
-    step = next((l for l in loops if _holds(body, l, "MMA") and _holds(body, l, "LDG")), None)
+    step, loops = _step_loop(body)
     if step is None:
         return None
     at = {address: i for i, (address, _) in enumerate(body)}

@@ -1896,8 +1896,9 @@ def _dtype_name(case: Case) -> str:
 # the test for the chunk's patch copies), lane instructions a thread, by (the tile's rows, patch
 # tiles): rows 32 by 64 pixels where a sample has more than 32 output pixels or tiles run
 # across samples, else 64 x 32. Patch tiles add, once a chunk, the copies' set-up
-# (CUDA_PATCH_SETUP_OPS) and CUDA_PATCH_TRIP_OPS a trip of their loop (one 16-byte copy a thread, 256 / (32 x element bytes / 16)
-# patch pixels a trip). 4 CTAs an SM by registers (64); patch tiles by shared memory as well.
+# (CUDA_PATCH_SETUP_OPS) and CUDA_PATCH_TRIP_OPS a trip of their loop (one 16-byte copy a
+# thread, 256 / (32 x element bytes / 16) patch pixels a trip). 4 CTAs an SM by registers (64);
+# patch tiles 3 (80), and by shared memory.
 CUDA_PACK_OPS = 32
 CUDA_TC_PACKED_STEP_OPS = {(64, False): {"float32": 67, "bfloat16": 55, "float16": 55},
                            (32, False): {"float32": 69, "bfloat16": 55, "float16": 55},

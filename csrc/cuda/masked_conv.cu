@@ -794,7 +794,7 @@ __global__ void __launch_bounds__(kThreads, kTcMinBlocks)
 //      chunk (3 x 3) to one patch (e.g. 8 x 16 rows of 32 channels for a 56-pixel tile of a
 //      14 x 14 map, ~4x less), and tiles across samples share the weight rows they copy.
 // Compared with the gathering kernel's ~570 lane instructions a 64-k step (float32), a 32-k step
-// here is ~50-74 (sm_90 SASS): the copies' addresses, the tap counters, ldmatrix and mma.sync.
+// here is ~55-69 (sm_90 SASS): the copies' addresses, the tap counters, ldmatrix and mma.sync.
 constexpr int kPkC = 32;                // channels a K step (C_pad is a multiple of it)
 constexpr int kPkStages = 4;            // copies in flight: stages - 1 steps ahead
 constexpr int kPkMinBlocks = 4;         // CTAs an SM the registers are capped for (64 a thread)
@@ -806,25 +806,22 @@ constexpr int kPatchMinBlocks = 3;      // the same for patch tiles (80 a thread
 constexpr size_t kPatchMaxSmem = 102400;  // 100 KiB
 constexpr int kPatchMinTaps = kPkStages - 1;
 
-// Row pitch of the W' and X' tiles in bytes: a row's 32 channels and 16 bytes more, so that the
-// 8 rows of an ldmatrix 8 x 8 matrix fall in distinct banks (144 = 36 words, 80 = 20 words).
-template <typename scalar_t>
-constexpr unsigned pk_pitch() {
-  return kPkC * sizeof(typename TensorCore<scalar_t>::T) + 16;
-}
+// Row pitch of the W' and X' tiles in bytes for elements of esize bytes: a row's 32 channels
+// and 16 bytes more, so that the 8 rows of an ldmatrix 8 x 8 matrix fall in distinct banks
+// (144 = 36 words, 80 = 20 words).
+constexpr size_t pk_pitch(size_t esize) { return kPkC * esize + 16; }
 
-// A stage of the pipeline: 96 rows of W' and X' (patch tiles: the W' rows alone).
-template <typename scalar_t, int kRows, bool kPatch>
-constexpr size_t pk_stage_bytes() {
-  return (kRows + (kPatch ? 0 : kTileM * kTcP / kRows)) * pk_pitch<scalar_t>();
+// A stage of the pipeline for tiles of `rows` output channels: 96 rows of W' and X' (patch
+// tiles: the W' rows alone).
+constexpr size_t pk_stage_bytes(size_t esize, int rows, bool patch) {
+  return (rows + (patch ? 0 : kTileM * kTcP / rows)) * pk_pitch(esize);
 }
 
 // The packed kernel's dynamic shared memory: the stages, then (patch tiles) two patch buffers of
 // patch_bytes each; the accumulator tile aliases the stages.
-template <typename scalar_t, int kRows, bool kPatch>
-constexpr size_t pk_smem_bytes(size_t patch_bytes = 0) {
-  return std::max(kPkStages * pk_stage_bytes<scalar_t, kRows, kPatch>(),
-                  sizeof(float) * kRows * (kTileM * kTcP / kRows + 4)) +
+constexpr size_t pk_smem_bytes(size_t esize, int rows, bool patch, size_t patch_bytes = 0) {
+  return std::max(kPkStages * pk_stage_bytes(esize, rows, patch),
+                  sizeof(float) * rows * (kTileM * kTcP / rows + 4)) +
          2 * patch_bytes;
 }
 
@@ -910,8 +907,8 @@ __global__ void __launch_bounds__(kThreads, kPatch ? kPatchMinBlocks : kPkMinBlo
   constexpr int kRowBlocks = kRows / 16;
   static_assert(kRows * kPixels == kTileM * kTcP && kRowBlocks * (kPixels / 16) == kWarps,
                 "packed warp tiling: 8 blocks of 16 x 16");
-  constexpr unsigned kStage = static_cast<unsigned>(pk_stage_bytes<scalar_t, kRows, kPatch>());
-  constexpr unsigned kPitch = pk_pitch<scalar_t>();         // bytes a tile row
+  constexpr unsigned kStage = static_cast<unsigned>(pk_stage_bytes(sizeof(T), kRows, kPatch));
+  constexpr unsigned kPitch = static_cast<unsigned>(pk_pitch(sizeof(T)));  // bytes a tile row
   constexpr unsigned kBOffset = kRows * kPitch;              // X' after W' in a stage (per tap)
   constexpr unsigned kPatch0 = kPkStages * kStage;           // the patch buffers (patch tiles)
   extern __shared__ __align__(128) unsigned char pk_smem[];
@@ -939,7 +936,6 @@ __global__ void __launch_bounds__(kThreads, kPatch ? kPatchMinBlocks : kPkMinBlo
   unsigned b_frag = smem0 + kBOffset + b_px * kPitch + b_half;
   const int64_t row_elems = static_cast<int64_t>(p.khw) * q.c_pad;
   const int chunks = q.c_pad / kPkC;
-  const int steps = p.khw * chunks;
   // W' copies move on by a chunk a step (per tap: k = tap * C_pad + c, the chunks inside), or
   // (patch tiles: the taps inside) by a tap, and past a chunk's last tap back to the next
   // chunk's first.
@@ -1565,7 +1561,6 @@ struct PackedTiling {
 PackedTiling packed_tiling(const masked_conv::Geometry& g, bool shared_rows, int64_t c_pad,
                            int64_t esize) {
   const int64_t pixels = g.h_out * g.w_out;
-  const int64_t pitch = kPkC * esize + 16;
   PackedTiling t;
   const bool span = shared_rows && g.n > 1;
   t.rows = pixels > kTcP || span ? kTileM / 2 : kTileM;
@@ -1590,11 +1585,9 @@ PackedTiling packed_tiling(const masked_conv::Geometry& g, bool shared_rows, int
                                 (g.kh - 1) * g.dilation[0] + 1);
     }
     const int64_t wp_w = g.w + 2 * g.padding[1];
-    const int64_t patch_bytes = most * wp_w * pitch;
-    const int64_t smem = std::max<int64_t>(kPkStages * t.rows * pitch,
-                                           4 * t.rows * (tile_pixels + 4)) +
-                         2 * patch_bytes;
-    if (smem <= static_cast<int64_t>(kPatchMaxSmem) && most * wp_w * c_pad <= kIntMax &&
+    const int64_t patch_bytes = most * wp_w * static_cast<int64_t>(pk_pitch(esize));
+    if (pk_smem_bytes(esize, t.rows, true, patch_bytes) <= kPatchMaxSmem &&
+        most * wp_w * c_pad <= kIntMax &&
         tiles <= kIntMax) {
       t.patch = true, t.span = span, t.out_rows = static_cast<int>(r);
       t.pixel_tiles = tiles, t.patch_bytes = patch_bytes;
@@ -1631,8 +1624,9 @@ template <typename scalar_t, int kRows, bool kPatch>
 void launch_packed_kernel(PackedParams<scalar_t> q, const PackedTiling& t, dim3 grid,
                           int64_t kept_out, cudaStream_t stream) {
   constexpr auto kernel = masked_conv2d_tc_packed_kernel<scalar_t, kRows, kPatch>;
-  const size_t smem = pk_smem_bytes<scalar_t, kRows, kPatch>(t.patch_bytes);
-  allow_smem<kernel, kPatch ? kPatchMaxSmem : pk_smem_bytes<scalar_t, kRows, kPatch>()>();
+  constexpr size_t kESize = sizeof(typename TensorCore<scalar_t>::T);
+  const size_t smem = pk_smem_bytes(kESize, kRows, kPatch, t.patch_bytes);
+  allow_smem<kernel, kPatch ? kPatchMaxSmem : pk_smem_bytes(kESize, kRows, kPatch)>();
   grid.y = static_cast<unsigned>((q.p.c_out + kRows - 1) / kRows);
   q.split = 1;
   if constexpr (kPatch) {
@@ -1905,10 +1899,11 @@ at::Tensor static_forward_cuda(const at::Tensor& x, const at::Tensor& weight,
 // H200 run measured them: ~12 us a convolution before its FLOPs, and the transposes; 3 x 3
 // convolutions of 1-128 samples, 32-512 channels, 4 x 4 to 56 x 56 maps, 25-75% kept): with
 // patch tiles the path chosen takes on average 0.4% (in_mask) / 0.6% (out_mask alone) more
-// time than the faster one. The packed kernel itself is not measured yet. Decided from the shapes, the dtype, the TF32 flag
-// and the kept counts (cached per mask version, as the cuDNN path needs them; the caller has
-// made sure they are known or may be computed), so the same call always takes the same
-// kernels. benchmarks/roofline.py's _cuda_static_packed mirrors this rule.
+// time than the faster one. The packed kernel itself is not measured yet. Decided from the
+// shapes, the dtype, the TF32 flag and the kept counts (cached per mask version, as the cuDNN
+// path needs them; the caller has made sure they are known or may be computed), so the same
+// call always takes the same kernels. benchmarks/roofline.py's _cuda_static_packed mirrors this
+// rule.
 constexpr int64_t kStaticPackedMaxSteps = 144;
 
 bool static_on_tensor_cores(const at::Tensor& x, const masked_conv::Geometry& g,
