@@ -8,14 +8,15 @@ kernel, new and not measured yet). ``make gpu`` runs
 
     ncu --profile-from-start off --kernel-name-base function -k regex:<KERNELS> \\
         --section SpeedOfLight --section LaunchStats --section Occupancy \\
-        --section WarpStateStats --csv --page details python -m benchmarks.ncu_targets
+        --section WarpStateStats --section MemoryWorkloadAnalysis \\
+        --csv --page details python -m benchmarks.ncu_targets
 
 plus the stall-reason metrics of STALLS (``--ncu-args`` prints that argument list), so that
 each target's one profiled call (between cudaProfilerStart and cudaProfilerStop, after three
 warm-up calls) gives the metrics of its kernel, and then ``--summarize`` on ncu's CSV
 prints, per target in launch order: duration, DRAM and SM throughput (% of peak), achieved
-occupancy, registers, grid, and the three largest warp stall reasons, with the raw CSV kept
-beside the results (``ncu.csv``).
+occupancy, registers, grid, L1 and L2 hit rates, and the three largest warp stall reasons,
+with the raw CSV kept beside the results (``ncu.csv``).
 """
 from __future__ import annotations
 
@@ -55,7 +56,10 @@ TARGETS = (
     Target("sap", "128x64x32x32 bernoulli", "forward", "pyprune-cuda",
            "sap_bernoulli_cluster_kernel"),
     Target("cas", "32x2048x7x7 c1000", "full", "pyprune-cuda", "cas_gather_rows_kernel"),
+    # the packed kernel: a chunk's taps back to back, x's patch from L1 after the first tap
     Target("masked_conv", "32x256x8x8 out50", "forward", "pyprune-triton",
+           "_masked_conv2d_forward_kernel"),
+    Target("masked_conv", "32x256x14x14 out50", "forward", "pyprune-triton",
            "_masked_conv2d_forward_kernel"),
     Target("masked_conv", "32x128x16x16 sample-out25", "forward", "pyprune-cuda",
            "masked_conv2d_tc_packed_kernel"),
@@ -72,8 +76,13 @@ METRICS = {
     "Registers Per Thread": "regs",
     "Grid Size": "grid",
     "Warp Cycles Per Issued Instruction": "cycles/issue",
+    # The packed Triton convolution's taps after a chunk's first are modelled as L1 hits (its
+    # 8-byte cp.async.ca copies of x): these check that, and the L2 traffic the model counts.
+    "L1/TEX Hit Rate": "l1 hit %",
+    "L2 Hit Rate": "l2 hit %",
 }
-SECTIONS = ("SpeedOfLight", "LaunchStats", "Occupancy", "WarpStateStats")
+SECTIONS = ("SpeedOfLight", "LaunchStats", "Occupancy", "WarpStateStats",
+            "MemoryWorkloadAnalysis")
 # Warp stall reasons: the cycles a warp spends stalled on each, per issued instruction.
 STALLS = ("long_scoreboard", "short_scoreboard", "barrier", "membar", "wait", "lg_throttle",
           "mio_throttle", "math_pipe_throttle", "not_selected", "dispatch_stall", "drain",
@@ -187,7 +196,9 @@ def main(argv: list[str] | None = None) -> int:
         for r in rows:
             print(f"{r['target']:<48} {r.get('us', '?'):>8} us  dram {r.get('dram %', '?'):>5}%  "
                   f"sm {r.get('sm %', '?'):>5}%  occupancy {r.get('occupancy %', '?'):>5}%  "
-                  f"regs {r.get('regs', '?'):>4}  grid {r.get('grid', '?'):>7}  | {r['stalls']}")
+                  f"regs {r.get('regs', '?'):>4}  grid {r.get('grid', '?'):>7}  "
+                  f"l1 hit {r.get('l1 hit %', '?'):>5}%  l2 hit {r.get('l2 hit %', '?'):>5}%  "
+                  f"| {r['stalls']}")
         return 0 if rows else 1
     if not torch.cuda.is_available():
         parser.error("needs a CUDA device (run it under ncu on the GPU machine)")

@@ -201,6 +201,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Union
 
+import numpy as np
 import torch
 
 from . import cas as cas_bench
@@ -2119,16 +2120,17 @@ TRITON_CONV_STEP_OPS = {
     (False, True, 128, 64): {"float32": 177, "bfloat16": 147, "float16": 147},
     (True, False, 128, 16): {"float32": 231, "bfloat16": 175, "float16": 175},
 }
-# The PACKED path's step (x and the weight laid out by _pack_kernel: unmasked 16-byte copies,
-# no gathers), sm_90 SASS at its own warp counts (triton_conv_config packed), by (BLOCK_P,
-# BLOCK_CO) and element size (float32 under TF32, or the 16-bit type).
+# The PACKED path's step (x and the weight laid out by _pack_kernel: unmasked copies, 8-byte
+# ones for x and 16-byte ones for the weight, no gathers), sm_90 SASS at its own warp counts
+# (triton_conv_config packed), by (BLOCK_P, BLOCK_CO) and element size (float32 under TF32, or
+# the 16-bit type).
 TRITON_CONV_PACKED_STEP_OPS = {
-    (64, 16): {"float32": 76, "bfloat16": 69, "float16": 69},
-    (64, 32): {"float32": 80, "bfloat16": 70, "float16": 70},
-    (64, 64): {"float32": 75, "bfloat16": 68, "float16": 68},
-    (64, 128): {"float32": 76, "bfloat16": 71, "float16": 71},
-    (128, 32): {"float32": 78, "bfloat16": 73, "float16": 73},
-    (128, 64): {"float32": 76, "bfloat16": 73, "float16": 73},
+    (64, 16): {"float32": 83, "bfloat16": 70, "float16": 70},
+    (64, 32): {"float32": 88, "bfloat16": 71, "float16": 71},
+    (64, 64): {"float32": 79, "bfloat16": 68, "float16": 68},
+    (64, 128): {"float32": 77, "bfloat16": 69, "float16": 69},
+    (128, 32): {"float32": 85, "bfloat16": 72, "float16": 72},
+    (128, 64): {"float32": 79, "bfloat16": 70, "float16": 70},
 }
 # _pack_kernel: lane instructions an element of its tiles (128 pixels by 32 channels in 4
 # warps: the float pixel-row quotient, a 4-byte gather, the transpose through shared memory,
@@ -2139,6 +2141,23 @@ TRITON_PACK_PER_SM = 4
 # chunk's channel list, the pipeline's prologue and drain), sm_90 SASS of the float32 variants
 # (180-280), and the latency of one refill of the pipeline a chunk.
 TRITON_CONV_CHUNK_OPS = {(64, 32): 272, (64, 64): 180, (64, 128): 272, (128, 64): 280}
+
+
+@functools.lru_cache(maxsize=None)
+def triton_patch_pixels(ranges: int, span: int, side: int, block_p: int) -> int:
+    """The xp pixels the packed Triton kernel's pixel tiles read, summed over the tiles: a
+    tile's 9 taps (3x3, stride 1, padding 1) of its block_p pixels of a range of `span` output
+    pixels (one sample's side x side map, or the batch's where a tile spans samples), each xp
+    pixel counted once a tile (the taps of a chunk run back to back, the later ones from L1)."""
+    padded = side + 2
+    tiles = math.ceil(span / block_p)
+    pix = np.minimum(np.arange(tiles * block_p), span - 1).reshape(tiles, block_p)
+    sample, q = np.divmod(pix, side * side)
+    oh, ow = np.divmod(q, side)
+    taps = np.array([kh * padded + kw for kh in range(3) for kw in range(3)])
+    ids = (sample * padded * padded + oh * padded + ow)[:, :, None] + taps[None, None, :]
+    ids = np.sort(ids.reshape(tiles, -1), axis=1)
+    return ranges * int((1 + np.count_nonzero(np.diff(ids, axis=1), axis=1)).sum())
 
 
 def _triton_conv(p: Plan, g: _Conv, out_kept: int, in_kept: int, per_sample: bool,
@@ -2192,11 +2211,18 @@ def _triton_conv(p: Plan, g: _Conv, out_kept: int, in_kept: int, per_sample: boo
         if in_mask:
             per_thread += chunks * TRITON_CONV_CHUNK_OPS[(block_p, block_co)]
             chain = chunks * (p.lat("l2") + 2 * p.lat("barrier"))
-    # L2: every working program copies its BLOCK_P x BLOCK_CI tile of x (xp where packed) at
-    # each of the 9 taps of each chunk, and its BLOCK_CO weight rows over the whole reduction;
-    # the first read of each is HBM. (Counted once per output-channel block before: a ninth of
-    # the x traffic, and none of the weight's rereads.)
-    x_tiles = active * 9 * chunks * block_p * block_ci * g.esize
+    # L2: every working program copies its BLOCK_P x BLOCK_CI tile of x at each of the 9 taps
+    # of each chunk, and its BLOCK_CO weight rows over the whole reduction; the first read of
+    # each is HBM. Packed, a chunk's taps run back to back and copy x in 8-byte cp.async.ca
+    # (LDGSTS.E.64 in the SASS: they fill L1, where 16-byte copies bypass it), so a program
+    # reads its tile's patch of xp (triton_patch_pixels) from L2 once a chunk and the other
+    # taps' shifted tiles from L1: a patch is <= ~20 KB a program (e.g. 6 padded rows of 18
+    # pixels x 128 B), 16 / warps programs an SM, well inside the L1 left beside their stages.
+    if packed:
+        x_tiles = (math.ceil(out_kept / block_co) * chunks * block_ci * g.esize
+                   * triton_patch_pixels(ranges, span, math.isqrt(g.pixels), block_p))
+    else:
+        x_tiles = active * 9 * chunks * block_p * block_ci * g.esize
     w_tiles = active * block_co * 9 * ci_work * g.esize
     p.host("triton")
     p.kernel("_masked_conv2d_forward_kernel (tensor cores)", "inner",

@@ -283,11 +283,13 @@ def test_triton_conv_pipeline_does_not_drain(in_list, in_scale):
 @pytest.mark.triton_aot
 @pytest.mark.skipif(_NO_TRITON, reason="needs triton, without TRITON_INTERPRET")
 @pytest.mark.parametrize("dtype", ["*fp32", "*bf16"])
-def test_triton_conv_packed_loop_copies_16_bytes(dtype):
-    """The packed convolution's K loop (x and the weight laid out by _pack_kernel) copies its
-    tiles in 16-byte asynchronous copies only, 16-bit elements included, keeps them in flight
-    across steps, and issues under 100 lane instructions a thread a step (sm_90 SASS): the
-    alignment its strides and pointers promise reaches the compiler."""
+def test_triton_conv_packed_loop_copies(dtype):
+    """The packed convolution's K loop (x and the weight laid out by _pack_kernel) copies the
+    x tile in 8-byte asynchronous copies that fill L1 (LDGSTS.E.64: cp.async.ca; a chunk's
+    next taps reread the same patch of xp from there) and the weight tile in 16-byte ones
+    that bypass it, 16-bit elements included, keeps them in flight across steps, and issues
+    under 100 lane instructions a thread a step (sm_90 SASS): the alignment its strides and
+    pointers promise reaches the compiler, and the 8-byte hint on x's channels holds."""
     from pyprune.triton_kernels import aot
 
     found, _ = aot.variants()
@@ -304,9 +306,13 @@ def test_triton_conv_packed_loop_copies_16_bytes(dtype):
         (body,) = gpu_report.sass_functions(
             gpu_report._run([gpu_report.cuobjdump(), "-sass", path])).values()
     steps = gpu_report.step_instructions(body)
-    copies = [ins for _, ins in body if "LDGSTS" in ins]
     assert steps is not None and steps < 100 and not gpu_report.pipeline_drains(body)
-    assert copies and all(".128" in ins for ins in copies)
+    (first, last), _ = gpu_report._step_loop(body)
+    kinds = [ins.split()[0] for _, ins in body[first:last + 1] if "LDGSTS" in ins]
+    esize = 4 if dtype == "*fp32" else 2
+    threads = 32 * found[index].options["num_warps"]
+    assert set(kinds) == {"LDGSTS.E.64", "LDGSTS.E.BYPASS.128"}
+    assert kinds.count("LDGSTS.E.64") == 64 * 32 * esize // (8 * threads)  # a step's x tile
 
 
 def test_cuda_spills_on_sm_80_are_problems(monkeypatch):

@@ -304,6 +304,28 @@ def test_masked_conv_bytes_and_flops():
     assert k[packed].flops == dense_flops * 3 / 4
 
 
+def test_triton_patch_pixels_counts_each_tiles_xp_pixels_once():
+    """The packed Triton convolution's L2 reads of x: a tile's patch of xp (3x3, padding 1),
+    each padded pixel once a tile, against a direct count over the taps' pixel sets."""
+    # One 8x8 sample a 64-pixel tile: its 10x10 padded map. Four 4x4 samples a tile: 4 x 6x6.
+    # Four rows of a 16x16 map: 6 padded rows of 18.
+    assert roofline.triton_patch_pixels(1, 64, 8, 64) == 100
+    assert roofline.triton_patch_pixels(1, 4 * 16, 4, 64) == 4 * 36
+    assert roofline.triton_patch_pixels(3, 256, 16, 64) == 3 * 4 * 6 * 18
+    for ranges, n, side, block_p in ((1, 5, 7, 64), (2, 1, 14, 32), (1, 3, 9, 128)):
+        span = n * side * side
+        padded = side + 2
+        total = 0
+        for start in range(0, span, block_p):
+            touched = set()
+            for p in range(start, min(start + block_p, span)):
+                s, q = divmod(p, side * side)
+                oh, ow = divmod(q, side)
+                touched |= {(s, oh + kh, ow + kw) for kh in range(3) for kw in range(3)}
+            total += len(touched)
+        assert roofline.triton_patch_pixels(ranges, span, side, block_p) == ranges * total
+
+
 def test_written_out_cuda_constants_match_the_sources():
     """The model's copies of CUDA launch constants are the sources' values (read from the
     sources: no GPU or CUDA build needed)."""

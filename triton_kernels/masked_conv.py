@@ -31,11 +31,16 @@ _pack_kernel first lays x out as xp (N, H + 2 pad_h, W + 2 pad_w, C_pad) and the
 (C_out, KH, KW, C_pad): channels innermost, a static in_mask's kept channels first (a soft
 in_mask's scales applied), zeros on the padding and past the kept count to the end of the
 last chunk. The forward kernel then loads each tile unmasked, a pixel's row from its tap-(0, 0)
-input pixel plus the tap's offset, in 16-byte asynchronous copies (4-byte elements and 16-bit
-ones alike; no PREFETCH): 75-80 lane instructions a thread a step in the sm_90 SASS against
-130-280 on NCHW x, with fewer warps (_PACKED_ACCUMULATORS). xp is the convolution's
-workspace, about x's size (cuDNN also converts NCHW for its tensor-core kernels); the packing
-reads x's kept channels once.
+input pixel plus the tap's offset, in asynchronous copies (4-byte elements and 16-bit ones
+alike; no PREFETCH): 68-88 lane instructions a thread a step in the sm_90 SASS against 130-280
+on NCHW x, with fewer warps (_PACKED_ACCUMULATORS). Its steps run a chunk's taps back to back,
+then the next chunk, and x's tiles go in 8-byte copies (cp.async.ca, LDGSTS.E.64), which fill
+L1, where 16-byte ones (cp.async.cg) bypass it: the 9 taps of a chunk read shifted tiles of
+one patch of xp (the tile's rows and their halo, a few KB to ~20 KB), so L2 serves each patch
+once a chunk and L1 the other eight taps, instead of L2 serving every tap (9x the x traffic,
+which bound the small-map layers). The weight's tiles, read once a program, go in 16-byte
+copies. xp is the convolution's workspace, about x's size (cuDNN also converts NCHW for its
+tensor-core kernels); the packing reads x's kept channels once.
 
 Pixel ranges: with per-sample masks (or soft scales) a range is one sample's H_out * W_out
 pixels (N ranges); with masks shared by the batch, or none, one range runs over all N * H_out *
@@ -235,11 +240,15 @@ def _tiles(j, kh, kw, c0, live, listed, chunks, x_rows, oh, ow, p_ok, H, W, KW, 
     entries in listed (the entries' own indices for a sample that runs every tile), its tap and
     chunk found by division. PACKED: x and the weight as _pack_kernel lays them out (x_rows
     each pixel's tap-(0, 0) address, co valid rows): every address in bounds and every
-    channel of a chunk stored, so the tiles load unmasked, in 16-byte copies."""
+    channel of a chunk stored, so the tiles load unmasked: x in 8-byte copies that fill L1, the
+    weight in 16-byte ones."""
     if PACKED:
         cs = c0 + tl.arange(0, BLOCK_CI)
         tap = kh * dil_h * x_sh + kw * dil_w * x_sw
-        xt = tl.load(x_rows[:, None] + (tap + cs)[None, :])
+        # 8-byte copies (cp.async.ca, which fills L1; 16-byte ones bypass it): the chunk's
+        # next taps read the same patch of xp, shifted by a pixel or a row, from L1.
+        VEC: tl.constexpr = 64 // x_rows.dtype.element_ty.primitive_bitwidth
+        xt = tl.load(x_rows[:, None] + tl.max_contiguous(tap + cs, VEC)[None, :])
         wt = tl.load(w_ptr + (kh * w_sh + kw * w_sw) + co[None, :] * w_so + cs[:, None])
         return xt, wt
     if SPARSE:
@@ -281,19 +290,26 @@ def _tile_dot(acc, xt, wt, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _advance(kh, kw, c0, in_kept, KW, BLOCK_CI: tl.constexpr, TAPS: tl.constexpr):
-    """The next step's counters: the next tap (TAPS: a chunk's tap loop), else the next chunk
-    of the kept input channels, then the next tap."""
+def _advance(kh, kw, c0, in_kept, KH, KW, BLOCK_CI: tl.constexpr, TAPS: tl.constexpr,
+             PACKED: tl.constexpr):
+    """The next step's counters: the next tap (TAPS: a chunk's tap loop; PACKED: the taps
+    fastest, then the next chunk, so that a chunk's taps run back to back and reread its
+    patch of xp from L1), else the next chunk of the kept input channels, then the next tap."""
     if TAPS:
         kh, kw = _next_tap(kh, kw, KW)
+    elif PACKED:
+        kh, kw = _next_tap(kh, kw, KW)
+        wrap = kh >= KH
+        kh = tl.where(wrap, 0, kh)
+        c0 = tl.where(wrap, c0 + BLOCK_CI, c0)
     else:
         kh, kw, c0 = _next_step(kh, kw, c0, in_kept, KW, BLOCK_CI)
     return kh, kw, c0
 
 
 @triton.jit
-def _step(acc, j, steps, kh, kw, c0, xt, wt, listed, chunks, x_rows, oh, ow, p_ok, H, W, KW,
-          stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, in_list, in_kept, scale_row, w_ptr,
+def _step(acc, j, steps, kh, kw, c0, xt, wt, listed, chunks, x_rows, oh, ow, p_ok, H, W, KH,
+          KW, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, in_list, in_kept, scale_row, w_ptr,
           wm_ptr, co, co_ok, x_sc, x_sh, x_sw, w_so, w_si, w_sh, w_sw, BLOCK_CI: tl.constexpr,
           SPARSE: tl.constexpr, IN_LIST: tl.constexpr, IN_SCALE: tl.constexpr,
           HOISTED: tl.constexpr, TAPS: tl.constexpr, PREFETCH: tl.constexpr, UPCAST: tl.constexpr,
@@ -302,7 +318,7 @@ def _step(acc, j, steps, kh, kw, c0, xt, wt, listed, chunks, x_rows, oh, ow, p_o
     xt and wt hold step j's tiles (loaded the trip before) and the trip loads step j + 1's;
     else they are placeholders and the trip loads its own."""
     if PREFETCH:
-        kh, kw, c0 = _advance(kh, kw, c0, in_kept, KW, BLOCK_CI, TAPS)
+        kh, kw, c0 = _advance(kh, kw, c0, in_kept, KH, KW, BLOCK_CI, TAPS, PACKED)
         xn, wn = _tiles(j + 1, kh, kw, c0, j + 1 < steps, listed, chunks, x_rows, oh, ow, p_ok, H,
                         W, KW, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, in_list, in_kept,
                         scale_row, w_ptr, wm_ptr, co, co_ok, x_sc, x_sh, x_sw, w_so, w_si, w_sh,
@@ -317,19 +333,20 @@ def _step(acc, j, steps, kh, kw, c0, xt, wt, listed, chunks, x_rows, oh, ow, p_o
                         w_sw, BLOCK_CI, SPARSE, IN_LIST, IN_SCALE, HOISTED, PACKED)
         acc = _tile_dot(acc, xs, ws, UPCAST, PRECISION)
         if not SPARSE:
-            kh, kw, c0 = _advance(kh, kw, c0, in_kept, KW, BLOCK_CI, TAPS)
+            kh, kw, c0 = _advance(kh, kw, c0, in_kept, KH, KW, BLOCK_CI, TAPS, PACKED)
     return acc, kh, kw, c0, xt, wt
 
 
 @triton.jit
-def _reduce(acc, steps, c0, listed, chunks, x_rows, oh, ow, p_ok, H, W, KW, stride_h, stride_w,
+def _reduce(acc, steps, c0, listed, chunks, x_rows, oh, ow, p_ok, H, W, KH, KW, stride_h, stride_w,
             pad_h, pad_w, dil_h, dil_w, in_list, in_kept, scale_row, w_ptr, wm_ptr, co, co_ok,
             x_sc, x_sh, x_sw, w_so, w_si, w_sh, w_sw, BLOCK_CI: tl.constexpr, SPARSE: tl.constexpr,
             IN_LIST: tl.constexpr, IN_SCALE: tl.constexpr, HOISTED: tl.constexpr,
             TAPS: tl.constexpr, PREFETCH: tl.constexpr, UPCAST: tl.constexpr,
             PRECISION: tl.constexpr, FOR_LOOP: tl.constexpr, PACKED: tl.constexpr):
     """acc plus `steps` steps of the reduction from tap 0 and chunk c0 (TAPS: the taps of one
-    chunk; else the kept chunks fastest, then the taps, or the block list's entries). Dense
+    chunk; PACKED: the taps fastest, then the chunks; else the kept chunks fastest, then the
+    taps, or the block list's entries). Dense
     steps advance counters (no integer division in the loop). The loads of 4-byte types go to
     shared memory asynchronously and the compiler pipelines them (num_stages); 16-bit elements
     gathered one by one cannot (an asynchronous copy moves 4 bytes or more), so with PREFETCH
@@ -348,7 +365,8 @@ def _reduce(acc, steps, c0, listed, chunks, x_rows, oh, ow, p_ok, H, W, KW, stri
     if FOR_LOOP:  # a `for` loop on the GPU, software-pipelined by the compiler
         for j in range(0, steps):
             acc, kh, kw, c0, xt, wt = _step(acc, j, steps, kh, kw, c0, xt, wt, listed, chunks,
-                                            x_rows, oh, ow, p_ok, H, W, KW, stride_h, stride_w,
+                                            x_rows, oh, ow, p_ok, H, W, KH, KW, stride_h,
+                                            stride_w,
                                             pad_h, pad_w, dil_h, dil_w, in_list, in_kept,
                                             scale_row, w_ptr, wm_ptr, co, co_ok, x_sc, x_sh, x_sw,
                                             w_so, w_si, w_sh, w_sw, BLOCK_CI, SPARSE, IN_LIST,
@@ -358,7 +376,8 @@ def _reduce(acc, steps, c0, listed, chunks, x_rows, oh, ow, p_ok, H, W, KW, stri
         j = 0
         while j < steps:
             acc, kh, kw, c0, xt, wt = _step(acc, j, steps, kh, kw, c0, xt, wt, listed, chunks,
-                                            x_rows, oh, ow, p_ok, H, W, KW, stride_h, stride_w,
+                                            x_rows, oh, ow, p_ok, H, W, KH, KW, stride_h,
+                                            stride_w,
                                             pad_h, pad_w, dil_h, dil_w, in_list, in_kept,
                                             scale_row, w_ptr, wm_ptr, co, co_ok, x_sc, x_sh, x_sw,
                                             w_so, w_si, w_sh, w_sw, BLOCK_CI, SPARSE, IN_LIST,
@@ -448,8 +467,8 @@ def _masked_conv2d_forward_kernel(
             x_rows = x_ptr + (rows.to(tl.int64) * ((H + 2 * pad_h) * p_sh)
                               + (oh * stride_h * p_sh + ow * stride_w * p_sw))
             acc = _reduce(acc, KH * KW * chunks, tl.full([], 0, tl.int32), tl.arange(0, BLOCK_CI),
-                          chunks, x_rows, oh, ow, p_ok, H, W, KW, stride_h, stride_w, pad_h,
-                          pad_w, dil_h, dil_w, in_list, in_kept, scale_row, w_ptr, wm_ptr,
+                          chunks, x_rows, oh, ow, p_ok, H, W, KH, KW, stride_h, stride_w,
+                          pad_h, pad_w, dil_h, dil_w, in_list, in_kept, scale_row, w_ptr, wm_ptr,
                           tl.where(slots < C_out, co, 0), co_ok, 1, p_sh, p_sw,
                           KH * KW * c_pad, 1, KW * c_pad, c_pad, BLOCK_CI, False, False, False,
                           False, False, False, UPCAST, PRECISION, FOR_LOOP, True)
@@ -468,8 +487,8 @@ def _masked_conv2d_forward_kernel(
                 listed = tl.where(every, entries,
                                   tl.load(blk_list + entries, mask=entries < steps, other=0))
                 acc = _reduce(acc, tl.minimum(steps - j0, BLOCK_CI), tl.full([], 0, tl.int32),
-                              listed, chunks, x_rows, oh, ow, p_ok, H, W, KW, stride_h, stride_w,
-                              pad_h, pad_w, dil_h, dil_w, in_list, in_kept, scale_row, w_ptr,
+                              listed, chunks, x_rows, oh, ow, p_ok, H, W, KH, KW, stride_h,
+                              stride_w, pad_h, pad_w, dil_h, dil_w, in_list, in_kept, scale_row, w_ptr,
                               wm_ptr, co, co_ok, x_sc, x_sh, x_sw, w_so, w_si, w_sh, w_sw,
                               BLOCK_CI, SPARSE, IN_LIST, IN_SCALE, HOISTED, False, PREFETCH,
                               UPCAST, PRECISION, FOR_LOOP, False)
@@ -481,16 +500,16 @@ def _masked_conv2d_forward_kernel(
             while c0 < in_kept:
                 cs = c0 + tl.arange(0, BLOCK_CI)
                 listed = tl.load(in_list + cs, mask=cs < in_kept, other=0).to(tl.int32)
-                acc = _reduce(acc, KH * KW, c0, listed, chunks, x_rows, oh, ow, p_ok, H, W, KW,
-                              stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, in_list, in_kept,
+                acc = _reduce(acc, KH * KW, c0, listed, chunks, x_rows, oh, ow, p_ok, H, W, KH,
+                              KW, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, in_list, in_kept,
                               scale_row, w_ptr, wm_ptr, co, co_ok, x_sc, x_sh, x_sw, w_so, w_si,
                               w_sh, w_sw, BLOCK_CI, SPARSE, IN_LIST, IN_SCALE, HOISTED, True,
                               PREFETCH, UPCAST, PRECISION, FOR_LOOP, False)
                 c0 += BLOCK_CI
         else:
             acc = _reduce(acc, KH * KW * chunks, tl.full([], 0, tl.int32), tl.arange(0, BLOCK_CI),
-                          chunks, x_rows, oh, ow, p_ok, H, W, KW, stride_h, stride_w, pad_h, pad_w,
-                          dil_h, dil_w, in_list, in_kept, scale_row, w_ptr, wm_ptr, co, co_ok,
+                          chunks, x_rows, oh, ow, p_ok, H, W, KH, KW, stride_h, stride_w, pad_h,
+                          pad_w, dil_h, dil_w, in_list, in_kept, scale_row, w_ptr, wm_ptr, co, co_ok,
                           x_sc, x_sh, x_sw, w_so, w_si, w_sh, w_sw, BLOCK_CI, SPARSE, IN_LIST,
                           IN_SCALE, HOISTED, False, PREFETCH, UPCAST, PRECISION, FOR_LOOP,
                           False)
