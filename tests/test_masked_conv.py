@@ -1635,6 +1635,37 @@ def test_triton_large_tiles(device_backend, monkeypatch, geom, masks, packed):
                                     * -(-cout // launch["BLOCK_CO"]))
 
 
+# (N, C_in, C_out, H, W, (KH, KW), stride, padding, dilation): several chunks of 32 input
+# channels under kernels other than 3x3, strides and dilations.
+PACKED_CHUNK_GEOMETRIES = [(2, 70, 20, 11, 9, (5, 3), (2, 1), (2, 1), (1, 2)),
+                           (1, 65, 33, 6, 7, (1, 2), 1, 0, 1),
+                           (2, 48, 16, 9, 9, (3, 3), 2, 1, 1)]
+
+
+@pytest.mark.parametrize("device_backend", TRITON_BACKENDS, indirect=True)
+@pytest.mark.parametrize("geom", range(len(PACKED_CHUNK_GEOMETRIES)))
+def test_triton_packed_chunks_any_kernel(device_backend, monkeypatch, geom):
+    """The packed kernel walks a chunk's taps back to back, then the next chunk (KH and KW
+    counters, the chunk advanced when the taps wrap): with several chunks of a static in_mask's
+    kept channels, any kernel size, stride and dilation, against the reference."""
+    device, _ = device_backend
+    spy = _spy_conv_launches(monkeypatch)
+    n, cin, cout, h, w, k, stride, padding, dilation = PACKED_CHUNK_GEOMETRIES[geom]
+    gen = torch.Generator().manual_seed(geom)
+    x = torch.randn(n, cin, h, w, generator=gen).to(device)
+    weight = torch.randn(cout, cin, *k, generator=gen).to(device)
+    bias = torch.randn(cout, generator=gen).to(device)
+    in_mask = (torch.rand(cin, generator=gen) < 0.8).to(device)
+    out_mask = (torch.rand(cout, generator=gen) < 0.6).to(device)
+    got = pyprune.masked_conv2d(x, weight, bias, stride, padding, dilation, in_mask=in_mask,
+                                out_mask=out_mask)
+    want = reference.masked_conv2d(x.double(), weight.double(), bias.double(), stride, padding,
+                                   dilation, 1, in_mask=in_mask, out_mask=out_mask)
+    assert spy.launches[-1]["PACKED"]
+    assert int(in_mask.sum()) > 32  # several chunks
+    _close(got, want, torch.float32, scale=4.0)
+
+
 @pytest.mark.parametrize("device_backend", TRITON_BACKENDS, indirect=True)
 @pytest.mark.parametrize("in_kind", ["none", "listed", "soft"])
 def test_triton_pack_layout(device_backend, in_kind):
