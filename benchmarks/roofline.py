@@ -1257,7 +1257,7 @@ def _sap_kernel(p: Plan, provider: str, backward: bool) -> None:
 TRITON_SAP_MERGE_OPS = {
     256: {"item": 450, "search_step": 90, "tile": 466, "regs": 115, "stored_tile": 215,
           "stored_regs": 94},
-    1024: {"item": 1500, "search_step": 91, "tile": 518, "regs": 136, "stored_tile": 279,
+    1024: {"item": 1500, "search_step": 91, "tile": 518, "regs": 136, "stored_tile": 266,
            "stored_regs": 128},
 }
 # _sap_partials_kernel (2 warps, 55 registers: 18 programs an SM), instructions a thread of a
@@ -1269,9 +1269,12 @@ TRITON_SAP_MERGE_OPS = {
 TRITON_SAP_PARTIALS_OPS = {"tile": 244, "setup": 40, "stored": 326}
 TRITON_SAP_PARTIALS_PER_SM = 18
 
-# _sap_bernoulli_kernel's lane instructions an element (float32, unit stride, sm_90 SASS; 16
-# elements a thread): the forward (src is x) and the backward (src loaded too).
-TRITON_SAP_BERNOULLI_OPS = {"forward": 93, "backward": 99}
+# _sap_bernoulli_kernel's lane instructions an element (float32, unit stride, 16-byte aligned
+# rows, L % 4 == 0 (ALIGNED: 16-byte loads and stores), sm_90 SASS; 16 elements a thread, the
+# path of a block whose p are all below 2^-7): the forward (src is x, 1190 a thread) and the
+# backward (src loaded too, 1219). Before the 16-byte accesses and the widening multiplies of
+# _random._philox: 1494 and 1599.
+TRITON_SAP_BERNOULLI_OPS = {"forward": 74, "backward": 76}
 
 
 def _sap_triton(p: Plan, rows: int, length: int, draws: int, exact: bool, backward: bool) -> None:
@@ -1294,8 +1297,9 @@ def _sap_triton(p: Plan, rows: int, length: int, draws: int, exact: bool, backwa
     partials from L2), one Philox per 4, offsets inside a row int32, src loaded only where it
     is not x: TRITON_SAP_BERNOULLI_OPS lane instructions an element in the sm_90 SASS of the
     float32 unit-stride launch on the path of a block whose p are all below 2^-7 (every block
-    of the benchmarks' samples: 1483 instructions a thread of 16 elements forward, 1583
-    backward, with one pass over the partials; the Goldberg log path, ~610 more, is skipped;
+    of the benchmarks' samples: 1190 instructions a thread of 16 elements forward, 1219
+    backward, with one pass over the partials, rows of L % 4 == 0 in 16-byte accesses; the
+    Goldberg log path, ~630 more, is skipped;
     2048 elements a program with int64 offsets and src always loaded took 958 a thread of
     8, ~120 an element, where the H200 run measured 36.5 us busy at 128x64x32x32, what ~88
     an element would take at this model's issue rate: these counts are conservative)."""
@@ -1437,9 +1441,10 @@ def _noise_variant(case: Case) -> bool:
 # ~120 instructions an evaluation of four values (Philox ~75, Box-Muller ~35 with 8 MUFU, the
 # 16-byte load and store ~10) and the loop, ~33 a value. Triton: the sm_90 SASS of
 # _noise_kernel's unit-stride int32-offset variant as the JIT specializes it (16-byte aligned
-# pointers, numel a multiple of 16): 616 instructions a thread for 16 values additive, 632
-# multiplicative (Philox ~57 an evaluation, a radius ~20 and a cos / sin ~16 a pair).
-NOISE_OPS = {CUDA: 33, TRITON: 39, COMPILE: 150, EAGER: 30}
+# pointers, numel a multiple of 16): 560 instructions a thread for 16 values additive, 576
+# multiplicative (Philox ~45 an evaluation with its widening multiplies, a radius ~20 and a
+# cos / sin ~16 a pair).
+NOISE_OPS = {CUDA: 33, TRITON: 35, COMPILE: 150, EAGER: 30}
 
 
 def _noise_pass(p: Plan, provider: str, name: str, nbytes: float) -> None:

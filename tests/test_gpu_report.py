@@ -282,6 +282,45 @@ def test_triton_conv_pipeline_does_not_drain(in_list, in_scale):
 
 @pytest.mark.triton_aot
 @pytest.mark.skipif(_NO_TRITON, reason="needs triton, without TRITON_INTERPRET")
+@pytest.mark.parametrize("aligned", [False, True])
+def test_triton_sap_bernoulli_accesses(aligned):
+    """SAP's bernoulli pass as the JIT specializes a contiguous float32 launch (unit strides,
+    16-byte aligned pointers, L and the row strides multiples of 16): with ALIGNED (L % 4 ==
+    0) it loads x and stores out in 16-byte accesses, a thread's 16 elements in 4 of each;
+    without it, 4-byte ones (a row may start inside a Philox group). Its Philox rounds
+    multiply with IMAD.WIDE.U32 (_random._philox), not IMAD.HI.U32 beside IMAD."""
+    from pyprune.triton_kernels import aot
+
+    found, _ = aot.variants()
+    v = next(v for v in found if v.kernel.__name__ == "_sap_bernoulli_kernel"
+             and v.signature["x_ptr"] == "*fp32" and not v.constexprs["WIDE"]
+             and v.constexprs["ALIGNED"] == aligned)
+    ones = {name: 1 for name in ("x_sl", "src_sl", "out_sl")}
+    v = v._replace(signature={k: "constexpr" if k in ones else t for k, t in v.signature.items()},
+                   constexprs={**v.constexprs, **ones},
+                   aligned=("src_ptr", "x_ptr", "out_ptr", "bx_ptr", "L", "x_sn", "src_sn",
+                            "out_sn"))
+    compiled = aot.compile_variant(v, gpu_report.ARCH)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        (body,) = gpu_report.sass_functions(
+            gpu_report._run([gpu_report.cuobjdump(), "-sass", path])).values()
+    stores = [ins for _, ins in body if " STG." in f" {ins}"]
+    wide = [ins for _, ins in body if "IMAD.WIDE.U32" in ins]
+    # 4 Philox evaluations a thread, 2 products a round (the first round's products of the
+    # stream words, the same in every lane, may go to the uniform datapath)
+    assert len(wide) >= 4 * 9 * 2
+    if aligned:
+        assert len(stores) == 4 and all("STG.E.128" in ins for ins in stores)
+        assert sum("LDG.E.128" in ins for _, ins in body) >= 4
+    else:
+        assert len(stores) == 16 and not any(".128" in ins for ins in stores)
+
+
+@pytest.mark.triton_aot
+@pytest.mark.skipif(_NO_TRITON, reason="needs triton, without TRITON_INTERPRET")
 @pytest.mark.parametrize("dtype", ["*fp32", "*bf16"])
 def test_triton_conv_packed_loop_copies(dtype):
     """The packed convolution's K loop (x and the weight laid out by _pack_kernel) copies the

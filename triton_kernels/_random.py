@@ -65,9 +65,11 @@ def load_seed(seed_ptr, seed_k0, seed_k1, seed_s0, seed_s1):
 
 
 @triton.jit
-def philox4(key, stream, evaluation):
+def philox4(key, stream, evaluation, WIDENING: tl.constexpr = True):
     """The four words of Philox4x32-10(key, counter = (evaluation, stream)) for a block of
-    evaluation indices (int64, or int32 where every one is below 2^31)."""
+    evaluation indices (int64, or int32 where every one is below 2^31). WIDENING: the rounds
+    of _philox (widening multiplies), else tl.philox's; the same words either way (a kernel
+    whose registers ptxas allocates worse with the former takes the latter)."""
     if evaluation.dtype == tl.int64:
         c0 = (evaluation & 0xFFFFFFFF).to(tl.uint32)
         c1 = ((evaluation >> 32) & 0xFFFFFFFF).to(tl.uint32)
@@ -76,7 +78,29 @@ def philox4(key, stream, evaluation):
         c1 = c0 * 0
     s0 = c0 * 0 + (stream & 0xFFFFFFFF).to(tl.uint32)
     s1 = c0 * 0 + ((stream >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    if WIDENING:
+        return _philox(c0, c1, s0, s1, (key & 0xFFFFFFFF).to(tl.uint32),
+                       ((key >> 32) & 0xFFFFFFFF).to(tl.uint32))
     return tl.philox(key, c0, c1, s0, s1)
+
+
+@triton.jit
+def _philox(c0, c1, c2, c3, k0, k1):
+    """Philox4x32-10 (tl.philox's rounds and constants, so the same words): each round's two
+    32 x 32 -> 64-bit products as one widening multiply each (IMAD.WIDE.U32, its high and low
+    words the register pair's halves) where tl.philox takes the high word (umulhi) and the low
+    word (a multiply) apart: 4 lane instructions a round (2 multiplies, 2 three-way XORs), not
+    6; the key's additions are uniform."""
+    for _ in tl.static_range(10):
+        p0 = c0.to(tl.uint64) * 0xD2511F53
+        p2 = c2.to(tl.uint64) * 0xCD9E8D57
+        c0 = (p2 >> 32).to(tl.uint32) ^ c1 ^ k0
+        c2 = (p0 >> 32).to(tl.uint32) ^ c3 ^ k1
+        c1 = p2.to(tl.uint32)
+        c3 = p0.to(tl.uint32)
+        k0 = k0 + 0x9E3779B9
+        k1 = k1 + 0xBB67AE85
+    return c0, c1, c2, c3
 
 
 @triton.jit
@@ -168,11 +192,12 @@ def normal(key, stream, idx):
 
 
 @triton.jit
-def normal4(key, stream, evaluation, scale):
+def normal4(key, stream, evaluation, scale, WIDENING: tl.constexpr = True):
     """The four N(0, 1) values 4 e .. 4 e + 3 of evaluation e (an int32 or int64 tensor; int32
-    when every evaluation is below 2^31), times ``scale``: one Philox evaluation, one radius and
-    one (cos, sin) per Box-Muller pair, the scale applied to the radius."""
-    w0, w1, w2, w3 = philox4(key, stream, evaluation)
+    when every evaluation is below 2^31), times ``scale``: one Philox evaluation (philox4's
+    WIDENING), one radius and one (cos, sin) per Box-Muller pair, the scale applied to the
+    radius."""
+    w0, w1, w2, w3 = philox4(key, stream, evaluation, WIDENING)
     r01 = scale * _radius(w0)
     r23 = scale * _radius(w2)
     cos01, sin01 = _cos_sin_2pi(w1)

@@ -43,7 +43,9 @@ def _noise_kernel(
         evaluation = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     key, stream = load_seed(seed_ptr, seed_k0, seed_k1, seed_s0, seed_s1)
     # std * n: std scales each pair's radius (one multiply per two values).
-    n0, n1, n2, n3 = normal4(key, stream, evaluation, std)
+    # int64 offsets: tl.philox's rounds (with the widening multiplies ptxas spills a register
+    # of the 16-bit additive kernel).
+    n0, n1, n2, n3 = normal4(key, stream, evaluation, std, not WIDE)
     # join(a, b) stacks on a new last axis: ((n0, n2), (n1, n3)) -> (B, 2, 2) = n0 n1 n2 n3.
     e = tl.reshape(tl.join(tl.join(n0, n2), tl.join(n1, n3)), [BLOCK, 4])
     idx = evaluation[:, None] * 4 + tl.arange(0, 4)[None, :]

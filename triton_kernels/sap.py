@@ -35,7 +35,8 @@ allocator:
    Programs are persistent (at most SLOTS of them, each with its own slot), so the scratch is
    O(SLOTS * E), not O(N * L).
    Bernoulli, after the partials: one elementwise pass over chunks aligned to multiples of 4 of
-   the uniform index n * L + j (one Philox per four elements), element j kept when u_j < q_j;
+   the uniform index n * L + j (one Philox per four elements; 16-byte accesses where L % 4 ==
+   0), element j kept when u_j < q_j;
    each program sums the sample's partials itself in a fixed order (one L2 read of K floats),
    which saves the prefix launch (a launch costs the host ~10 us, more than the device time of
    a small batch).
@@ -78,10 +79,11 @@ _DT = 256
 _MAX_DRAW_CHUNKS = 4096
 # Elements per bernoulli program (1024 Philox evaluations): 16 a thread in 8 warps. A program's
 # fixed work (seed, the sample's total, the block-wide test for small p, index setup) is ~260
-# instructions a thread, an element ~77 on the float32 forward's path (sm_90 SASS of the
-# unit-stride launch; the backward loads src too, ~6 more): 2048 costs 109 an element, 4096 93,
-# at <= _BERNOULLI_MAX_REGS registers (2 programs an SM, 25%; issue-bound, 16 warps an SM keep
-# the schedulers busy).
+# instructions a thread, so 2048 elements cost ~16 an element more than 4096; at 4096 the
+# float32 forward's path is 1190 a thread, ~74 an element (sm_90 SASS of the unit-stride launch
+# with L % 4 == 0: 16-byte accesses; 4-byte ones took ~93; the backward loads src too, ~2
+# more), at <= _BERNOULLI_MAX_REGS registers (2 programs an SM, 25%; issue-bound, 16 warps an
+# SM keep the schedulers busy).
 _BERNOULLI_BLOCK = 4096
 _BERNOULLI_MAX_REGS = 128
 # Row extents (elements x stride) from which the bernoulli offsets are int64 (WIDE); tests
@@ -421,11 +423,16 @@ def _sap_bernoulli_kernel(
     BLOCK: tl.constexpr,
     PB: tl.constexpr,
     WIDE: tl.constexpr,
+    ALIGNED: tl.constexpr,
 ):
     """Element j of sample n (global value n L + j, in the Philox group of counter
     (n L + j) / 4) kept with probability q, out = src / q, else src * 0. Offsets inside a row
     are int32 (j * stride, the launcher's WIDE = False: every row's extent fits) or int64;
-    `same`: src is x (forward), loaded once."""
+    `same`: src is x (forward), loaded once. ALIGNED (L % 4 == 0): every row starts a Philox
+    group, so a thread's 4 elements of a group are 4 consecutive elements of its row from a
+    multiple of 4, and the compiler, given unit strides and 16-byte aligned rows (as the JIT
+    specializes them), loads and stores them in 16-byte accesses (4-byte ones otherwise: ~20
+    lane instructions an element fewer in the sm_90 SASS)."""
     pid = tl.program_id(0)
     n = (pid // KB).to(tl.int64)
     k = (pid % KB).to(tl.int64)
@@ -444,9 +451,13 @@ def _sap_bernoulli_kernel(
     rows = (origin >> 2) + k * (BLOCK // 4) + lanes.to(tl.int64)
     u = _uniforms4(key, stream, rows)
     # j = 4 rows + i - origin = k BLOCK - origin % 4 + 4 lane + i (-3 <= j < L + BLOCK).
-    j = ((k * BLOCK - (origin & 3)).to(tl.int32) + lanes[:, None] * 4
-         + tl.arange(0, 4)[None, :])
-    in_row = (j >= 0) & (j < L)
+    if ALIGNED:  # L % 4 == 0: every row starts a Philox group (origin % 4 == 0)
+        j = (k * BLOCK).to(tl.int32) + lanes[:, None] * 4 + tl.arange(0, 4)[None, :]
+        in_row = j < L
+    else:
+        j = ((k * BLOCK - (origin & 3)).to(tl.int32) + lanes[:, None] * 4
+             + tl.arange(0, 4)[None, :])
+        in_row = (j >= 0) & (j < L)
     if WIDE:
         j = j.to(tl.int64)
     xv = tl.load(x_ptr + n * x_sn + j * x_sl, mask=in_row, other=0.0)
@@ -547,7 +558,8 @@ def sap_forward(src: torch.Tensor, x: torch.Tensor, seed: torch.Tensor, r: int, 
             _sap_bernoulli_kernel[(N * kb,)](
                 src, x, out, *seed, bx, L, r, k, kb, int(_aliases(src, x)),
                 *x.stride(), *src.stride(), *out.stride(), **cfg["bernoulli"],
-                WIDE=wide, num_warps=_WARPS["bernoulli"], maxnreg=_BERNOULLI_MAX_REGS)
+                WIDE=wide, ALIGNED=L % 4 == 0 and not wide, num_warps=_WARPS["bernoulli"],
+                maxnreg=_BERNOULLI_MAX_REGS)
     return out
 
 
@@ -572,8 +584,10 @@ def _aot_variants() -> list[tuple]:
                     constexprs = {**cfg[name], flag: store}
                     variants.append((kernel, signature(kernel, dtype, constexprs, ws), constexprs,
                                      opts))
-        for wide in (False, True):
-            constexprs = {"BLOCK": _BERNOULLI_BLOCK, "PB": _PREFIX_BLOCK, "WIDE": wide}
+        # (int64 offsets take the unaligned path: aligned, they spill at 128 registers)
+        for wide, aligned in ((False, False), (False, True), (True, False)):
+            constexprs = {"BLOCK": _BERNOULLI_BLOCK, "PB": _PREFIX_BLOCK, "WIDE": wide,
+                          "ALIGNED": aligned}
             variants.append((_sap_bernoulli_kernel,
                              signature(_sap_bernoulli_kernel, dtype, constexprs, ws), constexprs,
                              {"num_warps": _WARPS["bernoulli"], "maxnreg": _BERNOULLI_MAX_REGS}))
