@@ -280,6 +280,21 @@ def test_triton_conv_pipeline_does_not_drain(in_list, in_scale):
     assert steps is not None and not drains
 
 
+def _sm90_sass(variant) -> list:
+    """The SASS body (gpu_report.sass_functions' (offset, instruction) rows) of one AOT variant
+    compiled for gpu_report.ARCH."""
+    from pyprune.triton_kernels import aot
+
+    compiled = aot.compile_variant(variant, gpu_report.ARCH)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        (body,) = gpu_report.sass_functions(
+            gpu_report._run([gpu_report.cuobjdump(), "-sass", path])).values()
+    return body
+
+
 @pytest.mark.triton_aot
 @pytest.mark.skipif(_NO_TRITON, reason="needs triton, without TRITON_INTERPRET")
 @pytest.mark.parametrize("aligned", [False, True])
@@ -300,13 +315,7 @@ def test_triton_sap_bernoulli_accesses(aligned):
                    constexprs={**v.constexprs, **ones},
                    aligned=("src_ptr", "x_ptr", "out_ptr", "bx_ptr", "L", "x_sn", "src_sn",
                             "out_sn"))
-    compiled = aot.compile_variant(v, gpu_report.ARCH)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "kernel.cubin")
-        with open(path, "wb") as f:
-            f.write(compiled.asm["cubin"])
-        (body,) = gpu_report.sass_functions(
-            gpu_report._run([gpu_report.cuobjdump(), "-sass", path])).values()
+    body = _sm90_sass(v)
     stores = [ins for _, ins in body if " STG." in f" {ins}"]
     wide = [ins for _, ins in body if "IMAD.WIDE.U32" in ins]
     # 4 Philox evaluations a thread, 2 products a round (the first round's products of the
@@ -337,13 +346,7 @@ def test_triton_conv_packed_loop_copies(dtype):
                  and v.signature["x_ptr"] == dtype and v.constexprs["PACKED"]
                  and v.constexprs["PRECISION"] == ("tf32" if dtype == "*fp32" else "ieee")
                  and (v.constexprs["BLOCK_P"], v.constexprs["BLOCK_CO"]) == (64, 32))
-    compiled = aot.compile_variant(found[index], gpu_report.ARCH)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "kernel.cubin")
-        with open(path, "wb") as f:
-            f.write(compiled.asm["cubin"])
-        (body,) = gpu_report.sass_functions(
-            gpu_report._run([gpu_report.cuobjdump(), "-sass", path])).values()
+    body = _sm90_sass(found[index])
     steps = gpu_report.step_instructions(body)
     assert steps is not None and steps < 100 and not gpu_report.pipeline_drains(body)
     (first, last), _ = gpu_report._step_loop(body)
