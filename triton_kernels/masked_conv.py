@@ -234,8 +234,8 @@ def _tiles(j, kh, kw, c0, live, listed, chunks, x_rows, oh, ow, p_ok, H, W, KW, 
            PACKED: tl.constexpr):
     """The tiles of step j of the reduction (zeros where live is false): the x tile (pixels,
     BLOCK_CI input channels) at one tap and the weight tile (BLOCK_CI, output channels) there.
-    Dense, step j is chunk j % chunks of the kept input channels at tap j // chunks, (kh, kw,
-    c0) as the caller's counters hold it (HOISTED: listed holds the chunk's listed channels;
+    Dense, step j is chunk j % chunks of the kept input channels at tap j // chunks (PACKED:
+    tap j % (KH KW) of chunk j // (KH KW)), (kh, kw, c0) as the caller's counters hold it (HOISTED: listed holds the chunk's listed channels;
     IN_LIST otherwise: the step loads them); SPARSE, entry j of the caller's group of block-list
     entries in listed (the entries' own indices for a sample that runs every tile), its tap and
     chunk found by division. PACKED: x and the weight as _pack_kernel lays them out (x_rows
@@ -338,16 +338,16 @@ def _step(acc, j, steps, kh, kw, c0, xt, wt, listed, chunks, x_rows, oh, ow, p_o
 
 
 @triton.jit
-def _reduce(acc, steps, c0, listed, chunks, x_rows, oh, ow, p_ok, H, W, KH, KW, stride_h, stride_w,
-            pad_h, pad_w, dil_h, dil_w, in_list, in_kept, scale_row, w_ptr, wm_ptr, co, co_ok,
-            x_sc, x_sh, x_sw, w_so, w_si, w_sh, w_sw, BLOCK_CI: tl.constexpr, SPARSE: tl.constexpr,
+def _reduce(acc, steps, c0, listed, chunks, x_rows, oh, ow, p_ok, H, W, KH, KW, stride_h,
+            stride_w, pad_h, pad_w, dil_h, dil_w, in_list, in_kept, scale_row, w_ptr, wm_ptr, co,
+            co_ok, x_sc, x_sh, x_sw, w_so, w_si, w_sh, w_sw, BLOCK_CI: tl.constexpr, SPARSE: tl.constexpr,
             IN_LIST: tl.constexpr, IN_SCALE: tl.constexpr, HOISTED: tl.constexpr,
             TAPS: tl.constexpr, PREFETCH: tl.constexpr, UPCAST: tl.constexpr,
             PRECISION: tl.constexpr, FOR_LOOP: tl.constexpr, PACKED: tl.constexpr):
     """acc plus `steps` steps of the reduction from tap 0 and chunk c0 (TAPS: the taps of one
     chunk; PACKED: the taps fastest, then the chunks; else the kept chunks fastest, then the
-    taps, or the block list's entries). Dense
-    steps advance counters (no integer division in the loop). The loads of 4-byte types go to
+    taps, or the block list's entries). Dense steps advance counters (no integer division in
+    the loop). The loads of 4-byte types go to
     shared memory asynchronously and the compiler pipelines them (num_stages); 16-bit elements
     gathered one by one cannot (an asynchronous copy moves 4 bytes or more), so with PREFETCH
     the loop loads the next step's tiles into registers before this step's product, their
@@ -366,9 +366,9 @@ def _reduce(acc, steps, c0, listed, chunks, x_rows, oh, ow, p_ok, H, W, KH, KW, 
         for j in range(0, steps):
             acc, kh, kw, c0, xt, wt = _step(acc, j, steps, kh, kw, c0, xt, wt, listed, chunks,
                                             x_rows, oh, ow, p_ok, H, W, KH, KW, stride_h,
-                                            stride_w,
-                                            pad_h, pad_w, dil_h, dil_w, in_list, in_kept,
-                                            scale_row, w_ptr, wm_ptr, co, co_ok, x_sc, x_sh, x_sw,
+                                            stride_w, pad_h, pad_w, dil_h, dil_w, in_list,
+                                            in_kept, scale_row, w_ptr, wm_ptr, co, co_ok, x_sc,
+                                            x_sh, x_sw,
                                             w_so, w_si, w_sh, w_sw, BLOCK_CI, SPARSE, IN_LIST,
                                             IN_SCALE, HOISTED, TAPS, PREFETCH, UPCAST, PRECISION,
                                             PACKED)
@@ -377,9 +377,9 @@ def _reduce(acc, steps, c0, listed, chunks, x_rows, oh, ow, p_ok, H, W, KH, KW, 
         while j < steps:
             acc, kh, kw, c0, xt, wt = _step(acc, j, steps, kh, kw, c0, xt, wt, listed, chunks,
                                             x_rows, oh, ow, p_ok, H, W, KH, KW, stride_h,
-                                            stride_w,
-                                            pad_h, pad_w, dil_h, dil_w, in_list, in_kept,
-                                            scale_row, w_ptr, wm_ptr, co, co_ok, x_sc, x_sh, x_sw,
+                                            stride_w, pad_h, pad_w, dil_h, dil_w, in_list,
+                                            in_kept, scale_row, w_ptr, wm_ptr, co, co_ok, x_sc,
+                                            x_sh, x_sw,
                                             w_so, w_si, w_sh, w_sw, BLOCK_CI, SPARSE, IN_LIST,
                                             IN_SCALE, HOISTED, TAPS, PREFETCH, UPCAST, PRECISION,
                                             PACKED)

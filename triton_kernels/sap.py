@@ -451,12 +451,11 @@ def _sap_bernoulli_kernel(
     rows = (origin >> 2) + k * (BLOCK // 4) + lanes.to(tl.int64)
     u = _uniforms4(key, stream, rows)
     # j = 4 rows + i - origin = k BLOCK - origin % 4 + 4 lane + i (-3 <= j < L + BLOCK).
+    j = (k * BLOCK).to(tl.int32) + lanes[:, None] * 4 + tl.arange(0, 4)[None, :]
     if ALIGNED:  # L % 4 == 0: every row starts a Philox group (origin % 4 == 0)
-        j = (k * BLOCK).to(tl.int32) + lanes[:, None] * 4 + tl.arange(0, 4)[None, :]
         in_row = j < L
     else:
-        j = ((k * BLOCK - (origin & 3)).to(tl.int32) + lanes[:, None] * 4
-             + tl.arange(0, 4)[None, :])
+        j -= (origin & 3).to(tl.int32)
         in_row = (j >= 0) & (j < L)
     if WIDE:
         j = j.to(tl.int64)
