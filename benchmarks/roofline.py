@@ -1269,18 +1269,72 @@ TRITON_SAP_MERGE_OPS = {
 TRITON_SAP_PARTIALS_OPS = {"tile": 244, "setup": 40, "stored": 326}
 TRITON_SAP_PARTIALS_PER_SM = 18
 
-# _sap_bernoulli_kernel's lane instructions an element (float32, unit stride, 16-byte aligned
-# rows, L % 4 == 0 (ALIGNED: 16-byte loads and stores), sm_90 SASS; 16 elements a thread, the
-# path of a block whose p are all below 2^-7): the forward (src is x, 1190 a thread) and the
-# backward (src loaded too, 1219). Before the 16-byte accesses and the widening multiplies of
-# _random._philox: 1494 and 1599.
-TRITON_SAP_BERNOULLI_OPS = {"forward": 74, "backward": 76}
+# _sap_bernoulli_kernel's lane instructions a thread (float32, unit stride, 16-byte aligned
+# rows, L % 4 == 0 (ALIGNED: 16-byte loads and stores), sm_90 SASS; 16 elements a thread a
+# block of 4096): an elementwise item's fixed work (the ticket and its one-division decode, the
+# wait, the sample's partials) and each of its HALVES blocks on the path of a sample whose p
+# are all below 2^-7, forward (src is x) and backward (src loaded too); a partials item's fixed
+# work and each of its 2 HALVES blocks (sum and max |x|), then the release. 68.3 an element
+# forward at HALVES 2, 63.4 at 4; partials 8.4 and 6.6 an element of x. (Two launches before:
+# a partials kernel, then 4096 elements a program, 1190 a thread of 16 forward with the
+# block-wide small-p test.)
+TRITON_SAP_BERNOULLI_ITEM_OPS = {"fixed": 311, "forward": 937, "backward": 958,
+                                 "partials_fixed": 231, "partials": 76}
+
+
+def triton_sap_bernoulli_ops(halves: int, mode: str) -> tuple[float, float]:
+    """(elementwise, partials) lane instructions an element of x at HALVES blocks an item."""
+    c = TRITON_SAP_BERNOULLI_ITEM_OPS
+    elementwise = (c["fixed"] + halves * c[mode]) / (16 * halves)
+    return elementwise, (c["partials_fixed"] + 2 * halves * c["partials"]) / (32 * halves)
+
+
+def triton_sap_bernoulli_config(rows: int, length: int, block: int = 4096) -> dict:
+    """sap.bernoulli_config: HALVES, KP and KB items a sample, LAG samples, the grid."""
+    halves = next(h for h in (4, 2, 1) if h == 1 or (length > h // 2 * block
+                                                and rows * math.ceil(length / (h * block)) >= 132))
+    item = halves * block
+    kp = math.ceil(length / (2 * item))
+    kb = math.ceil((length + (3 if length % 4 else 0)) / item)
+    lag = min(rows, math.ceil(132 / (kp + kb)))
+    return {"HALVES": halves, "KP": kp, "KB": kb, "LAG": lag, "programs": rows * (kp + kb)}
+
+
+def _sap_triton_bernoulli(p: Plan, rows: int, length: int, backward: bool) -> None:
+    """triton_kernels/sap.py bernoulli mode: the counters zeroed (an aten fill), then one
+    launch of partials and elementwise items in ticket order (8 warps, 2 programs an SM). A
+    sample's partials items read x from HBM (sum and max |x| of 2 HALVES blocks); its
+    elementwise items (HALVES blocks of 4096: 1, 2 or 4),
+    LAG samples of items later (about the programs resident at once), read x again from L2
+    (the window between the two reads is LAG samples of x), src beside it in backward, and
+    write out. The partials of later samples stream while earlier samples' elementwise items
+    compute, so the launch takes the larger of its HBM and issue times (lane instructions
+    counted in the sm_90 SASS: TRITON_SAP_BERNOULLI_ITEM_OPS), after a lead: the first LAG
+    samples' partials, before any elementwise item can start."""
+    cfg = triton_sap_bernoulli_config(rows, length)
+    e = _esize(p.case)
+    n = rows * length * e
+    lat = p.lat
+    elementwise, partials = triton_sap_bernoulli_ops(cfg["HALVES"],
+                                                     "backward" if backward else "forward")
+    p.kernel("zeros (counters)", "aten", hbm=(rows + 1) * 4)
+    p.host("triton")
+    window = cfg["LAG"] * length * e
+    again = p.reread(n, window)
+    src = {"hbm": n} if backward else {}
+    ops = rows * length * (elementwise + partials)
+    p.kernel("_sap_bernoulli_kernel", "inner",
+             **_merge({"hbm": 2 * n + rows * cfg["KP"] * 8}, again, src,
+                      {"l2": rows * cfg["KB"] * cfg["KP"] * 8}),
+             ops=ops, ctas=cfg["programs"], per_sm=2,
+             chain_us=lat("l2") + 2 * lat("dram") + lat("philox") + 3 * lat("tile_reduce"),
+             lead_us=window / (p.gpu["copy_gbps"] * 1e3))
 
 
 def _sap_triton(p: Plan, rows: int, length: int, draws: int, exact: bool, backward: bool) -> None:
-    """triton_kernels/sap.py: three launches (exact) or two (bernoulli). Partials over (sample,
-    chunk): sum |x| of E elements (~4 ops each), or in exact mode the Exp(1) spacings of a draw
-    chunk (one Philox per 4 draws, a log, a sum: TRITON_SAP_PARTIALS_OPS). Exact: a prefix
+    """triton_kernels/sap.py: three launches in exact mode (bernoulli: _sap_triton_bernoulli).
+    Partials over (sample, chunk): sum |x| of E elements (~4 ops each) and the Exp(1) spacings
+    of a draw chunk (one Philox per 4 draws, a log, a sum: TRITON_SAP_PARTIALS_OPS). Exact: a prefix
     program per sample and kind (a cumsum and a running max per 1024 partials), then the merge
     over (sample, element chunk) items in at most SLOTS persistent programs (2 warps capped at
     128 registers, 136 where the merge makes the draws: 8 (6) an SM at E = 1024). Per item:
@@ -1292,27 +1346,20 @@ def _sap_triton(p: Plan, rows: int, length: int, draws: int, exact: bool, backwa
     bounds, q and the write per element: TRITON_SAP_MERGE_OPS, counted in the SASS (~200 lane
     instructions an element at E = 1024 and r = L, ~275 making the draws; the model charged
     ~210 before counting, while the 4-warp kernel then had ~410: the H200 run's 41.7 us busy
-    for its merge at 128x256x8x8 is what ~400 take at this model's issue rate). Bernoulli: one
-    elementwise pass, 4096 elements a program in 8 warps (each first sums the sample's K
-    partials from L2), one Philox per 4, offsets inside a row int32, src loaded only where it
-    is not x: TRITON_SAP_BERNOULLI_OPS lane instructions an element in the sm_90 SASS of the
-    float32 unit-stride launch on the path of a block whose p are all below 2^-7 (every block
-    of the benchmarks' samples: 1190 instructions a thread of 16 elements forward, 1219
-    backward, with one pass over the partials, rows of L % 4 == 0 in 16-byte accesses; the
-    Goldberg log path, ~630 more, is skipped;
-    2048 elements a program with int64 offsets and src always loaded took 958 a thread of
-    8, ~120 an element, where the H200 run measured 36.5 us busy at 128x64x32x32, what ~88
-    an element would take at this model's issue rate: these counts are conservative)."""
+    for its merge at 128x256x8x8 is what ~400 take at this model's issue rate)."""
+    if not exact:
+        _sap_triton_bernoulli(p, rows, length, backward)
+        return
     cfg = triton_sap_config(length, draws)
     e = _esize(p.case)
     n = rows * length * e
     lat = p.lat
     chunk, per_chunk, tile = cfg["E"], cfg["D"], cfg["DT"]
     k = math.ceil(length / chunk)
-    nb = math.ceil((draws + 4) / per_chunk) if exact else 0
-    draw_chain = math.ceil(per_chunk / tile) * (lat("philox") + lat("tile_reduce")) if exact else 0.0
+    nb = math.ceil((draws + 4) / per_chunk)
+    draw_chain = math.ceil(per_chunk / tile) * (lat("philox") + lat("tile_reduce"))
     # Stored mode: the partials pass writes the draws' running sums, the merge reads them.
-    stored = exact and per_chunk == tile and draws <= cfg["STORE_MAX_RATIO"] * length
+    stored = per_chunk == tile and draws <= cfg["STORE_MAX_RATIO"] * length
     kept = rows * nb * per_chunk * 4 if stored else 0
     p.host("triton")
     partials = TRITON_SAP_PARTIALS_OPS
@@ -1322,48 +1369,39 @@ def _sap_triton(p: Plan, rows: int, length: int, draws: int, exact: bool, backwa
              ops=rows * length * 4 + rows * nb * 32 * cfg["warps"]["partials"] * draw_chunk,
              ctas=rows * (k + nb), per_sm=TRITON_SAP_PARTIALS_PER_SM,
              chain_us=max(lat("dram") + lat("tile_reduce"), draw_chain))
-    if exact:
-        p.host("triton")
-        p.kernel("_sap_prefix_kernel", "inner", hbm=2 * rows * (k + nb + 2) * 4,
-                 ops=rows * (k + nb) * 20, ctas=rows * 2, per_sm=8,
-                 chain_us=math.ceil(max(k, nb) / 1024) * (lat("dram") + 2 * lat("tile_reduce")))
+    p.host("triton")
+    p.kernel("_sap_prefix_kernel", "inner", hbm=2 * rows * (k + nb + 2) * 4,
+             ops=rows * (k + nb) * 20, ctas=rows * 2, per_sm=8,
+             chain_us=math.ceil(max(k, nb) / 1024) * (lat("dram") + 2 * lat("tile_reduce")))
     p.host("triton")
     # x once more (from L2 where all of x fits), src loaded beside it (the same lines in
     # forward: L2), out written.
     again = p.reread(n, n)
     src = {"hbm": n} if backward else {"l2": n}
-    if exact:
-        items = rows * k
-        slots = min(items, cfg["SLOTS"])
-        # The range's draws and the rest of the chunks they start and end in.
-        examined = chunk * draws / length + per_chunk
-        steps = math.ceil(math.log2(chunk))
-        probes = 2 * max(1, math.ceil(math.log(max(nb, 2), 128)))
-        tiles = examined / tile
-        item_chain = (lat("dram") + 3 * lat("tile_reduce") + 3 * lat("barrier")
-                      + probes * (lat("l2") + lat("tile_reduce"))
-                      + math.ceil(tiles)
-                      * (lat("philox") + lat("tile_reduce") + steps * lat("smem")) + lat("l2"))
-        counted = TRITON_SAP_MERGE_OPS[chunk]
-        kind = "stored_" if stored else ""
-        threads = 32 * cfg["warps"]["merge"]
-        # The running sums of the tiles reaching each item, from L2 where all of them fit.
-        read_back = p.reread(items * examined * 4, kept) if stored else {}
-        p.kernel("_sap_merge_kernel", "inner",
-                 **_merge(again, src, read_back, {"hbm": n, "l2": items * chunk * 4 * 3}),
-                 ops=items * threads * (counted["item"] + probes * counted["search_step"]
-                                        + tiles * counted[kind + "tile"]),
-                 ctas=slots,
-                 per_sm=4 * (16384 // (_round_up(counted[kind + "regs"] * 32, 256)))
-                 // (threads // 32),
-                 chain_us=math.ceil(items / slots) * item_chain)
-    else:
-        blocks = rows * math.ceil((length + 3) / cfg["BLOCK"])
-        mode = "backward" if backward else "forward"
-        p.kernel("_sap_bernoulli_kernel", "inner",
-                 **_merge(again, src, {"hbm": n, "l2": blocks * k * 4}),
-                 ops=rows * length * TRITON_SAP_BERNOULLI_OPS[mode], ctas=blocks, per_sm=2,
-                 chain_us=lat("l2") + 2 * lat("dram") + lat("philox") + 3 * lat("tile_reduce"))
+    items = rows * k
+    slots = min(items, cfg["SLOTS"])
+    # The range's draws and the rest of the chunks they start and end in.
+    examined = chunk * draws / length + per_chunk
+    steps = math.ceil(math.log2(chunk))
+    probes = 2 * max(1, math.ceil(math.log(max(nb, 2), 128)))
+    tiles = examined / tile
+    item_chain = (lat("dram") + 3 * lat("tile_reduce") + 3 * lat("barrier")
+                  + probes * (lat("l2") + lat("tile_reduce"))
+                  + math.ceil(tiles)
+                  * (lat("philox") + lat("tile_reduce") + steps * lat("smem")) + lat("l2"))
+    counted = TRITON_SAP_MERGE_OPS[chunk]
+    kind = "stored_" if stored else ""
+    threads = 32 * cfg["warps"]["merge"]
+    # The running sums of the tiles reaching each item, from L2 where all of them fit.
+    read_back = p.reread(items * examined * 4, kept) if stored else {}
+    p.kernel("_sap_merge_kernel", "inner",
+             **_merge(again, src, read_back, {"hbm": n, "l2": items * chunk * 4 * 3}),
+             ops=items * threads * (counted["item"] + probes * counted["search_step"]
+                                    + tiles * counted[kind + "tile"]),
+             ctas=slots,
+             per_sm=4 * (16384 // (_round_up(counted[kind + "regs"] * 32, 256)))
+             // (threads // 32),
+             chain_us=math.ceil(items / slots) * item_chain)
 
 
 def sap_forward(p: Plan, provider: str, grad: bool) -> None:

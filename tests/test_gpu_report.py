@@ -299,9 +299,10 @@ def _sm90_sass(variant) -> list:
 @pytest.mark.skipif(_NO_TRITON, reason="needs triton, without TRITON_INTERPRET")
 @pytest.mark.parametrize("aligned", [False, True])
 def test_triton_sap_bernoulli_accesses(aligned):
-    """SAP's bernoulli pass as the JIT specializes a contiguous float32 launch (unit strides,
+    """SAP's bernoulli kernel as the JIT specializes a contiguous float32 launch (unit strides,
     16-byte aligned pointers, L and the row strides multiples of 16): with ALIGNED (L % 4 ==
-    0) it loads x and stores out in 16-byte accesses, a thread's 16 elements in 4 of each;
+    0) it loads x and stores out in 16-byte accesses, a thread's 16 elements of a block in 4
+    of each (the loop over an item's blocks is not unrolled);
     without it, 4-byte ones (a row may start inside a Philox group). Its Philox rounds
     multiply with IMAD.WIDE.U32 (_random._philox), not IMAD.HI.U32 beside IMAD."""
     from pyprune.triton_kernels import aot
@@ -313,7 +314,7 @@ def test_triton_sap_bernoulli_accesses(aligned):
     ones = {name: 1 for name in ("x_sl", "src_sl", "out_sl")}
     v = v._replace(signature={k: "constexpr" if k in ones else t for k, t in v.signature.items()},
                    constexprs={**v.constexprs, **ones},
-                   aligned=("src_ptr", "x_ptr", "out_ptr", "bx_ptr", "L", "x_sn", "src_sn",
+                   aligned=("src_ptr", "x_ptr", "out_ptr", "part_ptr", "L", "x_sn", "src_sn",
                             "out_sn"))
     body = _sm90_sass(v)
     stores = [ins for _, ins in body if " STG." in f" {ins}"]
@@ -321,11 +322,16 @@ def test_triton_sap_bernoulli_accesses(aligned):
     # 4 Philox evaluations a thread, 2 products a round (the first round's products of the
     # stream words, the same in every lane, may go to the uniform datapath)
     assert len(wide) >= 4 * 9 * 2
+    # Besides a block's stores, a partials item's two 4-byte ones (its chunk's sum and max |x|),
+    # then its release: a fence, then the done count's atomic add.
     if aligned:
-        assert len(stores) == 4 and all("STG.E.128" in ins for ins in stores)
+        assert len(stores) == 4 + 2 and sum("STG.E.128" in ins for ins in stores) == 4
         assert sum("LDG.E.128" in ins for _, ins in body) >= 4
     else:
-        assert len(stores) == 16 and not any(".128" in ins for ins in stores)
+        assert len(stores) == 16 + 2 and not any(".128" in ins for ins in stores)
+    ops = [ins for _, ins in body]
+    fence = next(i for i, ins in enumerate(ops) if "MEMBAR" in ins)
+    assert any("G.E.ADD" in ins and ".GPU" in ins for ins in ops[fence:])
 
 
 @pytest.mark.triton_aot

@@ -155,6 +155,20 @@ def test_sap_bytes():
         assert list(k) == ["sap_bernoulli_cluster_kernel"]
         assert k["sap_bernoulli_cluster_kernel"].hbm == (reads + 1) * small
         assert k["sap_bernoulli_cluster_kernel"].ctas == 128 * 2
+    # Triton: the counters zeroed, then one launch. 16384 elements at batch 128: items of two
+    # blocks of 4096, a partials item a sample (16384 elements), 2 elementwise items; the
+    # partials read x from HBM, the elementwise items LAG = 44 samples later from L2, and write
+    # out (backward: grad from HBM too); the lead is the first LAG samples' partials.
+    cfg = roofline.triton_sap_bernoulli_config(128, 16384)
+    assert (cfg["HALVES"], cfg["KP"], cfg["KB"], cfg["LAG"]) == (2, 1, 2, 44)
+    for mode, reads in (("forward", 1), ("backward", 2)):
+        k = kernels("sap", case, roofline.TRITON, mode)
+        assert list(k) == ["zeros (counters)", "_sap_bernoulli_kernel"]
+        launch = k["_sap_bernoulli_kernel"]
+        assert launch.hbm == (reads + 1) * small + 128 * 8
+        assert launch.l2 == small + 128 * 2 * 8
+        assert launch.ctas == 128 * 3
+        assert launch.lead_us == pytest.approx(44 * 16384 * 4 / (4300.0 * 1e3))
     assert roofline.cuda_sap_cluster_plan(128, 8, 132) == (4, 2)
     assert roofline.cuda_sap_cluster_plan(128, 32, 132) == (4, 8)
     assert roofline.cuda_sap_cluster_plan(8, 32, 132) == (2, 16)
@@ -369,6 +383,9 @@ def test_written_out_triton_configs_match_the_launchers():
             assert cfg["DT"] == sap._DT and cfg["BLOCK"] == sap._BERNOULLI_BLOCK
             assert cfg["SLOTS"] == sap._SLOTS and cfg["warps"] == sap._WARPS
             assert cfg["STORE_MAX_RATIO"] == sap._STORE_MAX_RATIO
+        for rows in (1, 8, 16, 33, 128, 132, 1000):
+            assert (roofline.triton_sap_bernoulli_config(rows, length)
+                    == sap.bernoulli_config(rows, length)), (rows, length)
         assert roofline.triton_kwta_in_registers(length) == kwta._in_registers(length), length
         if kwta._in_registers(length):
             assert roofline.triton_kwta_config(length) == kwta._forward_config(length)

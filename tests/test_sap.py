@@ -214,6 +214,90 @@ def test_triton_bernoulli_offsets_and_aliasing(monkeypatch):
     assert torch.equal(kernels.sap_forward(grad, x, seed, 300, False), backward)
 
 
+if TRITON_INTERPRET:
+    import triton
+    import triton.language as tl
+
+    from pyprune.triton_kernels.sap import _bernoulli_item
+
+    @triton.jit
+    def _bernoulli_items_kernel(out_ptr, N, KP, KB, LAG):
+        """Ticket program_id's item (partials, n, c), as the bernoulli kernel decodes it."""
+        t = tl.program_id(0)
+        partials, n, c = _bernoulli_item(t, N, KP, KB, LAG)
+        tl.store(out_ptr + 3 * t, partials.to(tl.int32))
+        tl.store(out_ptr + 3 * t + 1, n)
+        tl.store(out_ptr + 3 * t + 2, c)
+
+
+# (N, L, block, lag): bernoulli launches of several partials and elementwise items a sample.
+_BERNOULLI_ITEMS = [
+    (5, 1002, 16, None),  # HALVES 2 (items of 2 blocks of 16, partials of 64); L % 4 == 2
+    (4, 300, 16, 1),  # lag 1: each sample's blocks right after the next one's partials
+    (3, 1000, 64, 3),  # lag N: every partials item first
+    (6, 131, 32, 2),  # L % 4 == 3: a row's first block starts inside a Philox group
+]
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("n, length, block, lag", _BERNOULLI_ITEMS)
+def test_triton_bernoulli_items(n, length, block, lag):
+    """The one-launch bernoulli pass with many partials and elementwise items a sample (small
+    blocks) and any lag keeps what the CPU kernel keeps, with its values (forward) and
+    grad / q (backward), on rows whose largest p is below 2^-7 (the series path for the whole
+    sample) and rows with one dominant element, a zero sample, an inf and a NaN."""
+    kernels = _triton_kernels()
+    gen = torch.Generator().manual_seed(length)
+    x = torch.randn(n, length, generator=gen)
+    x[1, 7] = 30.0 * length  # p ~ 0.96: the log path
+    x[2] = 0.0
+    grad = torch.randn(n, length, generator=gen)
+    cfg = kernels.bernoulli_config(n, length, block)
+    assert cfg["KP"] > 1 and cfg["KB"] > 2
+    seed = torch.tensor([3, 4])
+    # r = 3: the dominant element's q = 1 - (1 - p)^3 needs its log (the series alone would be
+    # 1.3% off); r = L / 2: both branches of expm1.
+    for r in (length // 2, 3):
+        want = torch.ops.pyprune.sap(x, seed, r, False)
+        out = kernels.sap_forward(x, x, seed, r, False, _block=block, _lag=lag)
+        kept = want != 0
+        assert kept[1, 7] and kept.any(1)[[0, 1]].all() and not kept[2].any()
+        assert torch.equal(out != 0, kept)
+        torch.testing.assert_close(out, want, rtol=1e-5, atol=0)
+    torch.testing.assert_close(kernels.sap_forward(grad, x, seed, r, False, _block=block, _lag=lag),
+                               torch.ops.pyprune._sap_backward(grad, x, seed, r, False),
+                               rtol=1e-5, atol=0)
+    special = x[:2].clone()
+    special[0, 3] = float("inf")
+    special[1, 4] = float("nan")
+    out = kernels.sap_forward(special, special, seed, r, False, _block=block,
+                              _lag=lag and min(lag, 2))
+    assert torch.equal(out.isnan(), torch.ops.pyprune.sap(special, seed, r, False).isnan())
+    # A NaN or inf makes the total NaN or inf: nothing is kept, src * 0 is 0 or NaN.
+    assert not (out != 0).logical_and(~out.isnan()).any()
+
+
+@pytest.mark.triton
+def test_triton_bernoulli_item_order():
+    """_bernoulli_item maps the tickets 0 .. N (KP + KB) - 1 onto every partials item (n, c <
+    KP) and every elementwise item (n, c < KB) once each, a sample's elementwise items after
+    all of its partials and after the partials of sample n + LAG (or the last sample's)."""
+    _triton_kernels()
+    for n_rows, kp, kb in [(1, 1, 1), (3, 1, 2), (4, 3, 2), (5, 2, 5)]:
+        for lag in range(1, n_rows + 1):
+            grid = n_rows * (kp + kb)
+            out = torch.full((grid, 3), -1, dtype=torch.int32)
+            _bernoulli_items_kernel[(grid,)](out, n_rows, kp, kb, lag)
+            seen = {(bool(p), n, c): t for t, (p, n, c) in enumerate(out.tolist())}
+            want = ({(True, n, c) for n in range(n_rows) for c in range(kp)}
+                    | {(False, n, c) for n in range(n_rows) for c in range(kb)})
+            assert set(seen) == want, (n_rows, kp, kb, lag)
+            for n in range(n_rows):
+                first = min(seen[(False, n, c)] for c in range(kb))
+                ahead = min(n + lag, n_rows - 1)
+                assert first > max(seen[(True, m, c)] for m in (n, ahead) for c in range(kp))
+
+
 def _triton_kernels():
     if not TRITON_INTERPRET:
         pytest.skip("needs the Triton interpreter")

@@ -2,9 +2,9 @@
 
 x is an (N, L) view with any strides. A sample is split over many programs: element chunks of
 E elements and, in exact mode, draw chunks of D draws (E from L, D from r only, so a sample's
-result does not depend on the batch size or the device). Three launches in exact mode, two in
-bernoulli mode, no host sync, and a float32 workspace of O(N * chunks) from the caching
-allocator:
+result does not depend on the batch size or the device). Three launches in exact mode, one in
+bernoulli mode (after zeroing its counters), no host sync, and a workspace of O(N * chunks)
+from the caching allocator:
 
 1. partials, one program per (sample, chunk): sum |x| of an element chunk (NaN and inf
    propagate), and in exact mode the sum of a draw chunk's Exp(1) spacings. Draw chunks are
@@ -34,12 +34,19 @@ allocator:
    global memory (2 E floats, L1-resident), and marks it there.
    Programs are persistent (at most SLOTS of them, each with its own slot), so the scratch is
    O(SLOTS * E), not O(N * L).
-   Bernoulli, after the partials: one elementwise pass over chunks aligned to multiples of 4 of
-   the uniform index n * L + j (one Philox per four elements; 16-byte accesses where L % 4 ==
-   0), element j kept when u_j < q_j;
-   each program sums the sample's partials itself in a fixed order (one L2 read of K floats),
-   which saves the prefix launch (a launch costs the host ~10 us, more than the device time of
-   a small batch).
+Bernoulli mode, one launch (_sap_bernoulli_kernel) of partials items (sum and max |x| of a
+chunk) and elementwise items (blocks aligned to multiples of 4 of the uniform index n * L + j:
+one Philox per four elements, 16-byte accesses where L % 4 == 0; element j kept when
+u_j < q_j), taken in ticket order from an atomic counter: a sample's elementwise items come
+LAG samples after its partials and wait (acquire) until all of them are counted done
+(release), then sum them in a fixed order (the total does not depend on which item finished
+last). Waiting only on earlier tickets cannot deadlock: their programs have started (on the
+GPU, and in the interpreter's in-order run). The partials of later samples stream x from HBM
+while earlier samples' elementwise items compute, and x's second read comes from L2; the
+prefix launch and a second Triton launch are saved (a launch costs the host ~10 us, more than
+the device time of a small batch). The sample's max |x| picks the log1p path once for all of
+its elements (every p below 2^-7: the series alone). Its totals sum other chunks than exact
+mode's partials, so the two modes' totals may differ by rounding.
 
 Why a binary search and not a compare matrix: with r ~ L draws (the benchmarks' ratio 1), a
 draw/element compare over T x T tiles costs ~2 T compares per element and a serial
@@ -77,15 +84,19 @@ _E_LARGE_FROM = 16384
 # at most _MAX_DRAW_CHUNKS + 1 draw chunks (r = 2^31 - 1: D = 2^19, 4097 chunks).
 _DT = 256
 _MAX_DRAW_CHUNKS = 4096
-# Elements per bernoulli program (1024 Philox evaluations): 16 a thread in 8 warps. A program's
-# fixed work (seed, the sample's total, the block-wide test for small p, index setup) is ~260
-# instructions a thread, so 2048 elements cost ~16 an element more than 4096; at 4096 the
-# float32 forward's path is 1190 a thread, ~74 an element (sm_90 SASS of the unit-stride launch
-# with L % 4 == 0: 16-byte accesses; 4-byte ones took ~93; the backward loads src too, ~2
-# more), at <= _BERNOULLI_MAX_REGS registers (2 programs an SM, 25%; issue-bound, 16 warps an
-# SM keep the schedulers busy).
+# Elements per bernoulli block (1024 Philox evaluations): 16 a thread in 8 warps, at most
+# _BERNOULLI_MAX_REGS registers (2 programs an SM, 25%; issue-bound, 16 warps an SM keep the
+# schedulers busy). An elementwise item takes `halves` blocks (1, 2 or 4: the most that still
+# give every SM an item) in a loop over a runtime count (unrolled, or with a constexpr count
+# of 1, ptxas spilled at 128 registers): its fixed work (ticket and decode, wait, seed, the
+# sample's total) is ~310 lane instructions a thread, a block's ~940 (forward; float32, unit
+# strides, L % 4 == 0: 16-byte accesses; sm_90 SASS), ~68 an element at 2 blocks, ~63 at 4;
+# a partials item (2 halves blocks) ~230 and ~76 a block.
 _BERNOULLI_BLOCK = 4096
 _BERNOULLI_MAX_REGS = 128
+# The bernoulli launch's fill: H100 / H200 SMs, and its programs resident at once (2 an SM).
+_SMS = 132
+_RESIDENT = 2 * _SMS
 # Row extents (elements x stride) from which the bernoulli offsets are int64 (WIDE); tests
 # lower it.
 _WIDE_FROM = 2**31
@@ -138,21 +149,33 @@ def _q_from_log1p(lp, p, r):
 
 
 @triton.jit
-def _keep_probability(p, r):
+def _keep_probability(p, r, all_small):
     """q = 1 - (1 - p)^r = -expm1(r * log1p(-p)) for a block of p, as csrc/cpu/fast_math.h's
     fast_keep_probability computes it: log1p(-p) by its series below p = 2^-7 (5 terms, within
     float rounding), else by log(1 - p) with Goldberg's correction (-p / (u - 1)), which keeps
-    full relative accuracy. A block whose p are all small (every element of a sample of more
-    than ~200 similar values) skips the log and its division: ~25 instructions an element."""
+    full relative accuracy. all_small (a scalar: every p of the block is below 2^-7, as for
+    every element of a sample of more than ~200 similar values) skips the log and its
+    division: ~25 instructions an element. Each element's q is the same either way."""
     rf = r * 1.0  # (r may be a constexpr 1: a launch specializes it)
     series = -p * (1.0 + p * (0.5 + p * (1.0 / 3 + p * (0.25 + p * 0.2))))
-    if tl.max(tl.where(p < _SMALL_P, 0.0, 1.0)) == 0.0:
+    if all_small:
         q = _q_from_log1p(series, p, rf)
     else:
         u = 1.0 - p
         goldberg = tl.log(u) * (-p / (u - 1.0))
         q = _q_from_log1p(tl.where(p < _SMALL_P, series, goldberg), p, rf)
     return q
+
+
+@triton.jit
+def _all_small(p):
+    """Whether every p of a block is below 2^-7 (a block-wide reduction)."""
+    return tl.max(tl.where(p < _SMALL_P, 0.0, 1.0)) == 0.0
+
+
+@triton.jit
+def _sum_max(s0, m0, s1, m1):
+    return s0 + s1, tl.maximum(m0, m1)
 
 
 @triton.jit
@@ -408,65 +431,136 @@ def _sap_merge_kernel(
         # src only now (in forward x again, from L1 or L2): not held across the draw loops.
         g = tl.load(src_ptr + n * src_sn + offs * src_sl, mask=in_row, other=0.0)
         kept = (tl.load(hit_ptr + lanes) != 0.0) & (a > 0.0)
-        q = _keep_probability(a * tl.div_rn(1.0, total * pre), r)
+        p = a * tl.div_rn(1.0, total * pre)
+        q = _keep_probability(p, r, _all_small(p))
         y = tl.where(kept, g.to(tl.float32) / q, g.to(tl.float32) * 0.0)
         tl.store(out_ptr + n * out_sn + offs * out_sl, y.to(g.dtype), mask=in_row)
         tl.debug_barrier()  # the slot is rewritten by the next item
         item += tl.num_programs(0)
 
 
-@triton.jit(do_not_specialize=SEED_WORDS + ("same",))
+@triton.jit
+def _bernoulli_item(t, N, KP, KB, LAG):
+    """Item t of the bernoulli launch as (partials, n, c): the partials of chunks c of the
+    first LAG samples, then for each later sample n its partials followed by the elementwise
+    blocks of sample n - LAG, then the last LAG samples' blocks. A sample's blocks come after
+    all of its partials and LAG samples of partials later (about a wave of resident programs):
+    by the time they start, the partials they wait for are done."""
+    pair = KP + KB
+    lead = LAG * KP
+    mid = (N - LAG) * pair
+    head = t < lead
+    body = (t >= lead) & (t - lead < mid)
+    # One division: the item's place in its segment (a sample's partials, a pair, a sample's
+    # blocks).
+    num = tl.where(head, t, tl.where(body, t - lead, t - lead - mid))
+    den = tl.where(head, KP, tl.where(body, pair, KB))
+    q = num // den
+    rem = num - q * den
+    partials = head | (body & (rem < KP))
+    n = tl.where(head, q, tl.where(body, tl.where(rem < KP, q + LAG, q), N - LAG + q))
+    c = tl.where(body & (rem >= KP), rem - KP, rem)
+    return partials, n, c
+
+
+@triton.jit(do_not_specialize=SEED_WORDS + ("same", "halves"))
 def _sap_bernoulli_kernel(
-    src_ptr, x_ptr, out_ptr, seed_ptr, seed_k0, seed_k1, seed_s0, seed_s1, bx_ptr,
-    L, r, K, KB, same,
+    src_ptr, x_ptr, out_ptr, seed_ptr, seed_k0, seed_k1, seed_s0, seed_s1, part_ptr, count_ptr,
+    N, L, r, KP, KB, LAG, same, halves,
     x_sn, x_sl, src_sn, src_sl, out_sn, out_sl,
     BLOCK: tl.constexpr,
     PB: tl.constexpr,
     WIDE: tl.constexpr,
     ALIGNED: tl.constexpr,
 ):
-    """Element j of sample n (global value n L + j, in the Philox group of counter
-    (n L + j) / 4) kept with probability q, out = src / q, else src * 0. Offsets inside a row
+    """Bernoulli mode in one launch of N (KP + KB) items, taken in ticket order (an atomic counter: an item's program starts only after those of
+    every earlier item did, so waiting on earlier items cannot deadlock, on the GPU or in the
+    interpreter's in-order run). A partials item (sample n, chunk c of 2 halves blocks) stores
+    sum |x| and max |x| of its chunk, then counts itself done for the sample (release); an
+    elementwise item (n, c) waits until the sample's KP partials are done (acquire), sums them
+    in a fixed order (the same in every item of the sample) and writes its `halves` blocks of
+    BLOCK elements (a runtime count: one compiled kernel for any): element j of sample n (global
+    value n L + j, in the Philox group of counter (n L + j) / 4) kept with probability q,
+    out = src / q, else src * 0. The partials items of later samples stream x from HBM while
+    the elementwise items, issue-bound, compute (one launch overlaps both), and an item reads
+    x again about a wave of programs after its partials did: from L2. Offsets inside a row
     are int32 (j * stride, the launcher's WIDE = False: every row's extent fits) or int64;
     `same`: src is x (forward), loaded once. ALIGNED (L % 4 == 0): every row starts a Philox
     group, so a thread's 4 elements of a group are 4 consecutive elements of its row from a
     multiple of 4, and the compiler, given unit strides and 16-byte aligned rows (as the JIT
     specializes them), loads and stores them in 16-byte accesses (4-byte ones otherwise: ~20
-    lane instructions an element fewer in the sm_90 SASS)."""
-    pid = tl.program_id(0)
-    n = (pid // KB).to(tl.int64)
-    k = (pid % KB).to(tl.int64)
-    key, stream = load_seed(seed_ptr, seed_k0, seed_k1, seed_s0, seed_s1)
-    # The total from the partials in a fixed order (the same in every program of the sample);
-    # NaN propagates, and an overflow to inf gives p = 0: nothing is kept.
-    total = tl.zeros([], dtype=tl.float32)
-    t = K * 0
-    while t < K:
-        idx = t + tl.arange(0, PB)
-        total += tl.sum(tl.load(bx_ptr + n * (K + 1) + 1 + idx, mask=idx < K, other=0.0), 0)
-        t += PB
-    pre = tl.where(total < _TINY_TOTAL, _TINY_SCALE, 1.0)
-    origin = n * L  # uniform index of element 0
-    lanes = tl.arange(0, BLOCK // 4)
-    rows = (origin >> 2) + k * (BLOCK // 4) + lanes.to(tl.int64)
-    u = _uniforms4(key, stream, rows)
-    # j = 4 rows + i - origin = k BLOCK - origin % 4 + 4 lane + i (-3 <= j < L + BLOCK).
-    j = (k * BLOCK).to(tl.int32) + lanes[:, None] * 4 + tl.arange(0, 4)[None, :]
-    if ALIGNED:  # L % 4 == 0: every row starts a Philox group (origin % 4 == 0)
-        in_row = j < L
+    lane instructions an element fewer in the sm_90 SASS). The sample's max |x| decides the
+    log1p path for all of its items at once (every p below 2^-7: the series alone)."""
+    ticket = tl.atomic_add(count_ptr, 1, sem="relaxed")
+    partials, n32, c = _bernoulli_item(ticket, N, KP, KB, LAG)
+    n = n32.to(tl.int64)
+    part = part_ptr + (n * KP) * 2
+    done_ptr = count_ptr + 1 + n32
+    if partials:
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        top = tl.zeros([BLOCK], dtype=tl.float32)
+        h = halves * 0  # (runtime loops are while loops: see triton_kernels/cas.py)
+        while h < 2 * halves:
+            offs = (c * (2 * halves) + h) * BLOCK + tl.arange(0, BLOCK)
+            if WIDE:
+                offs = offs.to(tl.int64)
+            a = tl.abs(tl.load(x_ptr + n * x_sn + offs * x_sl, mask=offs < L, other=0.0)
+                       .to(tl.float32))
+            acc += a
+            top = tl.maximum(top, a)
+            h += 1
+        chunk_sum, chunk_max = tl.reduce((acc, top), 0, _sum_max)
+        tl.store(part + 2 * c, chunk_sum)
+        tl.store(part + 2 * c + 1, chunk_max)
+        tl.debug_barrier()  # every thread's stores before the release
+        tl.atomic_add(done_ptr, 1, sem="release")
     else:
-        j -= (origin & 3).to(tl.int32)
-        in_row = (j >= 0) & (j < L)
-    if WIDE:
-        j = j.to(tl.int64)
-    xv = tl.load(x_ptr + n * x_sn + j * x_sl, mask=in_row, other=0.0)
-    if same:
-        g = xv
-    else:
-        g = tl.load(src_ptr + n * src_sn + j * src_sl, mask=in_row, other=0.0)
-    q = _keep_probability(tl.abs(xv.to(tl.float32)) * pre * tl.div_rn(1.0, total * pre), r)
-    y = tl.where(u < q, g.to(tl.float32) / q, g.to(tl.float32) * 0.0)
-    tl.store(out_ptr + n * out_sn + j * out_sl, y.to(g.dtype), mask=in_row)
+        done = tl.atomic_add(done_ptr, 0, sem="acquire")
+        while done < KP:
+            done = tl.atomic_add(done_ptr, 0, sem="acquire")
+        key, stream = load_seed(seed_ptr, seed_k0, seed_k1, seed_s0, seed_s1)
+        # The total from the partials in a fixed order (the same in every item of the sample);
+        # NaN propagates, and an overflow to inf gives p = 0: nothing is kept.
+        total = tl.zeros([], dtype=tl.float32)
+        big = tl.zeros([], dtype=tl.float32)
+        t = KP * 0
+        while t < KP:
+            idx = t + tl.arange(0, PB)
+            sums = tl.load(part + 2 * idx, mask=idx < KP, other=0.0, cache_modifier=".cg")
+            maxima = tl.load(part + 2 * idx + 1, mask=idx < KP, other=0.0, cache_modifier=".cg")
+            block_sum, block_max = tl.reduce((sums, maxima), 0, _sum_max)
+            total += block_sum
+            big = tl.maximum(big, block_max)
+            t += PB
+        pre = tl.where(total < _TINY_TOTAL, _TINY_SCALE, 1.0)
+        inv = tl.div_rn(1.0, total * pre)
+        # p = |x| pre inv is monotone in |x|: the largest p is the max's (NaN: not small).
+        all_small = big * pre * inv < _SMALL_P
+        origin = n * L  # uniform index of element 0
+        lanes = tl.arange(0, BLOCK // 4)
+        h = halves * 0
+        while h < halves:
+            k = c.to(tl.int64) * halves + h  # the sample's block
+            rows = (origin >> 2) + k * (BLOCK // 4) + lanes.to(tl.int64)
+            u = _uniforms4(key, stream, rows)
+            # j = 4 rows + i - origin = k BLOCK - origin % 4 + 4 lane + i (-3 <= j < L + BLOCK).
+            j = (k * BLOCK).to(tl.int32) + lanes[:, None] * 4 + tl.arange(0, 4)[None, :]
+            if ALIGNED:  # L % 4 == 0: every row starts a Philox group (origin % 4 == 0)
+                in_row = j < L
+            else:
+                j -= (origin & 3).to(tl.int32)
+                in_row = (j >= 0) & (j < L)
+            if WIDE:
+                j = j.to(tl.int64)
+            xv = tl.load(x_ptr + n * x_sn + j * x_sl, mask=in_row, other=0.0)
+            if same:
+                g = xv
+            else:
+                g = tl.load(src_ptr + n * src_sn + j * src_sl, mask=in_row, other=0.0)
+            q = _keep_probability(tl.abs(xv.to(tl.float32)) * pre * inv, r, all_small)
+            y = tl.where(u < q, g.to(tl.float32) / q, g.to(tl.float32) * 0.0)
+            tl.store(out_ptr + n * out_sn + j * out_sl, y.to(g.dtype), mask=in_row)
+            h += 1
 
 
 def _aliases(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -491,19 +585,38 @@ def _config(L: int, r: int, exact: bool) -> dict:
     e, d = _chunk_sizes(L, r)
     store = exact and _stores_draws(L, r, d, _DT)
     return {"partials": {"E": e, "DT": _DT, "STORE": store}, "prefix": {"PB": _PREFIX_BLOCK},
-            "merge": {"E": e, "DT": _DT, "W": _SEARCH_WIDTH, "STORED": store},
-            "bernoulli": {"BLOCK": _BERNOULLI_BLOCK, "PB": _PREFIX_BLOCK}}
+            "merge": {"E": e, "DT": _DT, "W": _SEARCH_WIDTH, "STORED": store}}
+
+
+def bernoulli_config(N: int, L: int, block: int = _BERNOULLI_BLOCK) -> dict:
+    """The bernoulli launch's shape for (N, L): HALVES (blocks an elementwise item: the most of
+    4, 2, 1 that a row fills more than half of and whose items alone still give every SM one;
+    a partials item covers two items' elements), KP partials and KB elementwise items a
+    sample (rows with L % 4 != 0 start inside a Philox group: up to 3 elements more), the LAG
+    in samples between a sample's partials and its blocks (about half the programs resident
+    at once: more lets the elementwise items wait less often, and delays the first ones
+    longer), and the grid."""
+    halves = next(h for h in (4, 2, 1) if h == 1 or (L > h // 2 * block
+                                                and N * cdiv(L, h * block) >= _SMS))
+    item = halves * block
+    kp = cdiv(L, 2 * item)
+    kb = cdiv(L + (3 if L % 4 else 0), item)
+    lag = min(N, cdiv(_RESIDENT // 2, kp + kb))
+    return {"HALVES": halves, "KP": kp, "KB": kb, "LAG": lag, "programs": N * (kp + kb)}
 
 
 def sap_forward(src: torch.Tensor, x: torch.Tensor, seed: torch.Tensor, r: int, exact: bool,
                 *, _chunks: tuple[int, int, int] | None = None, _slots: int = _SLOTS,
-                _host_seed: bool | None = None, _store: bool | None = None) -> torch.Tensor:
+                _host_seed: bool | None = None, _store: bool | None = None,
+                _block: int = _BERNOULLI_BLOCK, _lag: int | None = None) -> torch.Tensor:
     """src / q where the draws (from x, the seed's stream) keep an element, else 0; src is x in
     forward and grad in backward. Tests move the chunk boundaries with ``_chunks`` = (E, D, DT)
-    (powers of 2, DT >= 4 dividing D; exact-mode positions then round differently), the
-    merge's persistent programs with ``_slots``, the seed's path (on x's device or the host:
-    _random.seed_args) with ``_host_seed``, and whether exact mode stores the draws
-    (``_store``; only where a draw chunk is one tile)."""
+    (exact mode; powers of 2, DT >= 4 dividing D; exact-mode positions then round
+    differently), the merge's persistent programs with ``_slots``, the seed's path (on x's
+    device or the host: _random.seed_args) with ``_host_seed``, whether exact mode stores the
+    draws (``_store``; only where a draw chunk is one tile), and bernoulli mode's block
+    (``_block``, a power of 2 >= 16; a sample's total is summed over other chunks then, so
+    results move by rounding) and lag (``_lag``, 1 to N samples)."""
     if x.dim() != 2 or src.shape != x.shape:
         raise ValueError(f"sap (triton): x must be a 2-D (N, L) view and src of its shape, got "
                          f"x {tuple(x.shape)}, src {tuple(src.shape)}")
@@ -512,8 +625,13 @@ def sap_forward(src: torch.Tensor, x: torch.Tensor, seed: torch.Tensor, r: int, 
     seed = seed_args(seed, x.device, "sap", _host_seed)
     if r < 1:
         raise ValueError(f"sap (triton): r must be >= 1, got {r}")
+    if _store and not exact:
+        raise ValueError("sap (triton): stored draws need exact mode and one tile a chunk")
     out = torch.empty_like(src)
     if x.numel() == 0:
+        return out
+    if not exact:
+        _bernoulli(src, x, out, seed, r, _block, _lag)
         return out
     N, L = x.shape
     cfg = _config(L, r, exact)
@@ -521,15 +639,15 @@ def sap_forward(src: torch.Tensor, x: torch.Tensor, seed: torch.Tensor, r: int, 
     dt = _DT
     if _chunks is not None:
         e, d, dt = _chunks
-        store = exact and _stores_draws(L, r, d, dt)
+        store = _stores_draws(L, r, d, dt)
         cfg["partials"] = {"E": e, "DT": dt, "STORE": store}
         cfg["merge"] = {**cfg["merge"], "E": e, "DT": dt, "STORED": store}
     if _store is not None:
-        if _store and (not exact or d != dt):
+        if _store and d != dt:
             raise ValueError("sap (triton): stored draws need exact mode and one tile a chunk")
         cfg["partials"]["STORE"] = cfg["merge"]["STORED"] = _store
     k = cdiv(L, e)
-    nb = cdiv(r + 4, d) if exact else 0
+    nb = cdiv(r + 4, d)
     bx = torch.empty((N, k + 1), dtype=torch.float32, device=x.device)
     bd = torch.empty((N, nb + 1), dtype=torch.float32, device=x.device)
     # The draws' running sums, a chunk's DT in a row (stored mode): at most _STORE_MAX_RATIO
@@ -540,26 +658,38 @@ def sap_forward(src: torch.Tensor, x: torch.Tensor, seed: torch.Tensor, r: int, 
         _sap_partials_kernel[(N * (k + nb),)](
             x, *seed, bx, bd, draws, L, r, k, nb, d, *x.stride(),
             **cfg["partials"], num_warps=_WARPS["partials"])
-        if exact:
-            _sap_prefix_kernel[(N, 2)](bx, bd, k, nb, **cfg["prefix"], num_warps=_WARPS["prefix"])
-            items = N * k
-            slots = min(items, _slots)
-            scratch = torch.empty((slots, 2 * e), dtype=torch.float32, device=x.device)
-            _sap_merge_kernel[(slots,)](
-                src, x, out, *seed, bx, bd, draws, scratch, L, r, k, nb, d, items,
-                *x.stride(), *src.stride(), *out.stride(), **cfg["merge"], num_warps=_WARPS["merge"],
-                maxnreg=_MERGE_MAX_REGS[cfg["merge"]["STORED"]])
-        else:
-            kb = cdiv(L + 3, _BERNOULLI_BLOCK)
-            # int32 offsets where j * stride stays below 2^31 for every j < L + BLOCK
-            extent = (L + _BERNOULLI_BLOCK) * max(abs(t.stride(1)) for t in (x, src, out))
-            wide = extent >= _WIDE_FROM
-            _sap_bernoulli_kernel[(N * kb,)](
-                src, x, out, *seed, bx, L, r, k, kb, int(_aliases(src, x)),
-                *x.stride(), *src.stride(), *out.stride(), **cfg["bernoulli"],
-                WIDE=wide, ALIGNED=L % 4 == 0 and not wide, num_warps=_WARPS["bernoulli"],
-                maxnreg=_BERNOULLI_MAX_REGS)
+        _sap_prefix_kernel[(N, 2)](bx, bd, k, nb, **cfg["prefix"], num_warps=_WARPS["prefix"])
+        items = N * k
+        slots = min(items, _slots)
+        scratch = torch.empty((slots, 2 * e), dtype=torch.float32, device=x.device)
+        _sap_merge_kernel[(slots,)](
+            src, x, out, *seed, bx, bd, draws, scratch, L, r, k, nb, d, items,
+            *x.stride(), *src.stride(), *out.stride(), **cfg["merge"], num_warps=_WARPS["merge"],
+            maxnreg=_MERGE_MAX_REGS[cfg["merge"]["STORED"]])
     return out
+
+
+def _bernoulli(src: torch.Tensor, x: torch.Tensor, out: torch.Tensor, seed: tuple, r: int,
+               block: int, lag: int | None) -> None:
+    """Bernoulli mode: one launch (_sap_bernoulli_kernel) after zeroing its counters."""
+    N, L = x.shape
+    cfg = bernoulli_config(N, L, block)
+    if lag is not None:
+        if not 1 <= lag <= N:
+            raise ValueError(f"sap (triton): the bernoulli lag must be in [1, {N}], got {lag}")
+        cfg["LAG"] = lag
+    # int32 offsets where j * stride stays below 2^31 for every j < L + a partials item
+    extent = (L + 2 * cfg["HALVES"] * block) * max(abs(t.stride(1)) for t in (x, src, out))
+    wide = extent >= _WIDE_FROM
+    # (sum |x|, max |x|) of each partials item; the ticket and each sample's done count.
+    part = torch.empty((N, cfg["KP"], 2), dtype=torch.float32, device=x.device)
+    count = torch.zeros((N + 1,), dtype=torch.int32, device=x.device)
+    with on_device(x):
+        _sap_bernoulli_kernel[(cfg["programs"],)](
+            src, x, out, *seed, part, count, N, L, r, cfg["KP"], cfg["KB"], cfg["LAG"],
+            int(_aliases(src, x)), cfg["HALVES"], *x.stride(), *src.stride(), *out.stride(),
+            BLOCK=block, PB=_PREFIX_BLOCK, WIDE=wide, ALIGNED=L % 4 == 0 and not wide,
+            num_warps=_WARPS["bernoulli"], maxnreg=_BERNOULLI_MAX_REGS)
 
 
 def _aot_variants() -> list[tuple]:
@@ -567,7 +697,7 @@ def _aot_variants() -> list[tuple]:
 
     variants = []
     ws = {"seed_ptr": "*i64", "bx_ptr": "*fp32", "bd_ptr": "*fp32", "draws_ptr": "*fp32",
-          "scratch_ptr": "*fp32"}
+          "scratch_ptr": "*fp32", "part_ptr": "*fp32", "count_ptr": "*i32"}
     prefix = {"PB": _PREFIX_BLOCK}
     variants.append((_sap_prefix_kernel, signature(_sap_prefix_kernel, "fp32", prefix), prefix,
                      {"num_warps": _WARPS["prefix"]}))
