@@ -441,11 +441,12 @@ def _sap_merge_kernel(
 
 @triton.jit
 def _bernoulli_item(t, N, KP, KB, LAG):
-    """Item t of the bernoulli launch as (partials, n, c): the partials of chunks c of the
-    first LAG samples, then for each later sample n its partials followed by the elementwise
-    blocks of sample n - LAG, then the last LAG samples' blocks. A sample's blocks come after
-    all of its partials and LAG samples of partials later (about a wave of resident programs):
-    by the time they start, the partials they wait for are done."""
+    """Item t of the bernoulli launch as (partials, n, c): the partials items c of the first
+    LAG samples, then for each later sample n its partials followed by the elementwise items
+    of sample n - LAG, then the last LAG samples' elementwise items. A sample's elementwise
+    items come after all of its partials and LAG samples of partials later (about half the
+    programs resident at once): by the time they start, the partials they wait for are
+    mostly done."""
     pair = KP + KB
     lead = LAG * KP
     mid = (N - LAG) * pair
@@ -473,24 +474,25 @@ def _sap_bernoulli_kernel(
     WIDE: tl.constexpr,
     ALIGNED: tl.constexpr,
 ):
-    """Bernoulli mode in one launch of N (KP + KB) items, taken in ticket order (an atomic counter: an item's program starts only after those of
-    every earlier item did, so waiting on earlier items cannot deadlock, on the GPU or in the
-    interpreter's in-order run). A partials item (sample n, chunk c of 2 halves blocks) stores
-    sum |x| and max |x| of its chunk, then counts itself done for the sample (release); an
-    elementwise item (n, c) waits until the sample's KP partials are done (acquire), sums them
-    in a fixed order (the same in every item of the sample) and writes its `halves` blocks of
-    BLOCK elements (a runtime count: one compiled kernel for any): element j of sample n (global
-    value n L + j, in the Philox group of counter (n L + j) / 4) kept with probability q,
-    out = src / q, else src * 0. The partials items of later samples stream x from HBM while
-    the elementwise items, issue-bound, compute (one launch overlaps both), and an item reads
-    x again about a wave of programs after its partials did: from L2. Offsets inside a row
-    are int32 (j * stride, the launcher's WIDE = False: every row's extent fits) or int64;
-    `same`: src is x (forward), loaded once. ALIGNED (L % 4 == 0): every row starts a Philox
-    group, so a thread's 4 elements of a group are 4 consecutive elements of its row from a
-    multiple of 4, and the compiler, given unit strides and 16-byte aligned rows (as the JIT
-    specializes them), loads and stores them in 16-byte accesses (4-byte ones otherwise: ~20
-    lane instructions an element fewer in the sm_90 SASS). The sample's max |x| decides the
-    log1p path for all of its items at once (every p below 2^-7: the series alone)."""
+    """Bernoulli mode in one launch of N (KP + KB) items, taken in ticket order (an atomic counter:
+    an item's program starts only after those of every earlier item did, so waiting on earlier
+    items cannot deadlock, on the GPU or in the interpreter's in-order run). A partials item
+    (sample n, chunk c of 2 halves blocks) stores sum |x| and max |x| of its chunk, then counts
+    itself done for the sample (release); an elementwise item (n, c) waits until the sample's KP
+    partials are done (acquire), sums them in a fixed order (the same in every item of the
+    sample) and writes its `halves` blocks of BLOCK elements (a runtime count: one compiled
+    kernel for any): element j of sample n (global value n L + j, in the Philox group of counter
+    (n L + j) / 4) kept with probability q, out = src / q, else src * 0. The partials items of
+    later samples stream x from HBM while the elementwise items, issue-bound, compute (one
+    launch overlaps both), and an item reads x again about half a wave of programs after its
+    partials did: from L2. Offsets inside a row are int32 (j * stride, the launcher's WIDE =
+    False: every row's extent fits) or int64; `same`: src is x (forward), loaded once. ALIGNED
+    (L % 4 == 0): every row starts a Philox group, so a thread's 4 elements of a group are 4
+    consecutive elements of its row from a multiple of 4, and the compiler, given unit strides
+    and 16-byte aligned rows (as the JIT specializes them), loads and stores them in 16-byte
+    accesses (4-byte ones otherwise: ~20 lane instructions an element fewer in the sm_90 SASS).
+    The sample's max |x| decides the log1p path for all of its items at once (every p below
+    2^-7: the series alone)."""
     ticket = tl.atomic_add(count_ptr, 1, sem="relaxed")
     partials, n32, c = _bernoulli_item(ticket, N, KP, KB, LAG)
     n = n32.to(tl.int64)
