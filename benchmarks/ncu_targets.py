@@ -3,7 +3,8 @@
 The kernels whose GPU busy time is furthest over the roofline model (``kernel_times.csv``
 beside ``python -m benchmarks.roofline --compare``), each called once from its benchmark case
 for Nsight Compute: the selects of k-WTA (CUDA block kernel, Triton split path), SAP exact's
-merge, CAS's backward gather and the masked convolutions (Triton; CUDA's packed per-sample
+merge, SAP bernoulli's one launch (CUDA cluster kernel, Triton ticket-ordered items), CAS's
+backward gather and the masked convolutions (Triton; CUDA's packed per-sample
 kernel, new and not measured yet). ``make gpu`` runs
 
     ncu --profile-from-start off --kernel-name-base function -k regex:<KERNELS> \\
@@ -55,6 +56,9 @@ TARGETS = (
     Target("sap", "128x64x32x32 exact", "forward", "pyprune-triton", "_sap_merge_kernel"),
     Target("sap", "128x64x32x32 bernoulli", "forward", "pyprune-cuda",
            "sap_bernoulli_cluster_kernel"),
+    # one launch of partials and elementwise items: whether the HBM reads overlap the issue-bound
+    # items (DRAM and SM throughput together), x's second read hits L2, and items wait
+    Target("sap", "128x64x32x32 bernoulli", "forward", "pyprune-triton", "_sap_bernoulli_kernel"),
     Target("cas", "32x2048x7x7 c1000", "full", "pyprune-cuda", "cas_gather_rows_kernel"),
     # the packed kernel: a chunk's taps back to back, x's patch from L1 after the first tap
     Target("masked_conv", "32x256x8x8 out50", "forward", "pyprune-triton",
