@@ -285,12 +285,12 @@ _HOPPER = {
         "harness_before": 10.0,  # flush.zero_(), two events, start.record()
         "harness_after": 2.0,  # end.record()
         # The Python of one pyprune call: validation, backend choice, views, autograd wrapper.
-        "pyprune_forward": {"kwta": 10.0, "sap": 10.0, "noise": 10.0, "cas": 15.0,
-                            "masked_conv": 35.0},
-        "pyprune_grad": {"kwta": 10.0, "sap": 15.0, "noise": 15.0, "cas": 20.0,
-                         "masked_conv": 20.0},  # more when autograd records the call
-        "pyprune_backward": {"kwta": 10.0, "sap": 15.0, "noise": 10.0, "cas": 40.0,
-                             "masked_conv": 80.0},
+        "pyprune_forward": {"kwta": 10.0, "sap": 10.0, "noise": 5.0, "cas": 10.0,
+                            "masked_conv": 15.0},
+        "pyprune_grad": {"kwta": 5.0, "sap": 5.0, "noise": 5.0, "cas": 10.0,
+                         "masked_conv": 5.0},  # more when autograd records the call
+        "pyprune_backward": {"kwta": 5.0, "sap": 5.0, "noise": 5.0, "cas": 15.0,
+                             "masked_conv": 45.0},
     },
     "event_floor_us": 3.0,  # an event pair around no device work still reads a few us
 }
