@@ -551,11 +551,11 @@ def triton_cas_config(rows: int, channels: int, length: int, classes: int,
 
 def triton_sap_config(length: int, draws: int) -> dict:
     """sap._chunk_sizes and the launch constants: E elements per element chunk, D draws per
-    draw chunk (DT per tile), the bernoulli BLOCK, the merge's SLOTS (persistent programs) and
-    each launch's warps."""
+    draw chunk (DT per tile), the merge's SLOTS (persistent programs) and each launch's warps
+    (bernoulli mode's shape: triton_sap_bernoulli_config)."""
     return {"E": 1024 if length >= 16384 else 256,
             "D": 256 * _pow2(max(1, math.ceil((draws + 4) / (256 * 4096)))), "DT": 256,
-            "BLOCK": 4096, "SLOTS": 1056, "STORE_MAX_RATIO": 4,
+            "SLOTS": 1056, "STORE_MAX_RATIO": 4,
             "warps": {"partials": 2, "prefix": 4, "merge": 2, "bernoulli": 8}}
 
 

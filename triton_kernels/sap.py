@@ -94,9 +94,8 @@ _MAX_DRAW_CHUNKS = 4096
 # a partials item (2 halves blocks) ~230 and ~76 a block.
 _BERNOULLI_BLOCK = 4096
 _BERNOULLI_MAX_REGS = 128
-# The bernoulli launch's fill: H100 / H200 SMs, and its programs resident at once (2 an SM).
+# The bernoulli launch's fill: H100 / H200 SMs (2 programs resident an SM).
 _SMS = 132
-_RESIDENT = 2 * _SMS
 # Row extents (elements x stride) from which the bernoulli offsets are int64 (WIDE); tests
 # lower it.
 _WIDE_FROM = 2**31
@@ -244,9 +243,9 @@ def _sap_partials_kernel(
     DT: tl.constexpr,
     STORE: tl.constexpr,
 ):
-    """Element chunk partials (sum |x|), draw chunk partials (sum of the spacings); with STORE
-    (a draw chunk is one tile) also the tile's in-chunk running sums, for the merge to read
-    back instead of making the draws again (its STORED tiles)."""
+    """Exact mode's partials: element chunk sums of |x| and draw chunk sums of the spacings;
+    with STORE (a draw chunk is one tile) also the tile's in-chunk running sums, for the merge
+    to read back instead of making the draws again (its STORED tiles)."""
     pid = tl.program_id(0)
     n = (pid // (K + NB)).to(tl.int64)
     c = pid % (K + NB)
@@ -595,15 +594,15 @@ def bernoulli_config(N: int, L: int, block: int = _BERNOULLI_BLOCK) -> dict:
     4, 2, 1 that a row fills more than half of and whose items alone still give every SM one;
     a partials item covers two items' elements), KP partials and KB elementwise items a
     sample (rows with L % 4 != 0 start inside a Philox group: up to 3 elements more), the LAG
-    in samples between a sample's partials and its blocks (about half the programs resident
-    at once: more lets the elementwise items wait less often, and delays the first ones
-    longer), and the grid."""
+    in samples between a sample's partials and its blocks (one item an SM, half the programs
+    resident at once: more lets the elementwise items wait less often, and delays the first
+    ones longer), and the grid."""
     halves = next(h for h in (4, 2, 1) if h == 1 or (L > h // 2 * block
                                                 and N * cdiv(L, h * block) >= _SMS))
     item = halves * block
     kp = cdiv(L, 2 * item)
     kb = cdiv(L + (3 if L % 4 else 0), item)
-    lag = min(N, cdiv(_RESIDENT // 2, kp + kb))
+    lag = min(N, cdiv(_SMS, kp + kb))
     return {"HALVES": halves, "KP": kp, "KB": kb, "LAG": lag, "programs": N * (kp + kb)}
 
 
