@@ -27,8 +27,14 @@ Method
   ``WARMUP_S`` seconds), then per-run times of at least ``MIN_RUNS`` runs, more while they fit in
   the time budget; p20/p50/p80 over those runs. The providers of a case and mode are timed
   interleaved, one run of each in turn, so a shared machine's changing speed affects them
-  alike. CPU: ``time.perf_counter`` around each run, Python's GC off. CUDA: a CUDA event pair around each run, and a 256 MiB buffer zeroed before
-  each run so no run reads its inputs from the previous run's L2.
+  alike. CPU: ``time.perf_counter`` around each run, Python's GC off. CUDA: a CUDA event pair
+  around each run, and a 256 MiB buffer zeroed before each run so no run reads its inputs from
+  the previous run's L2. The device is synchronised before that zeroing, so every run starts
+  from an empty queue with the same head start for its host work (the zeroing's ~60-90 us of
+  device time): without it, the queue of a round whose device time exceeds its host time grows
+  run after run, and each provider's time would depend on the others' (a device-heavy eager
+  run hid torch.compile's host time, and a faster pyprune host made the compiled run look
+  faster).
 * GB/s: the bytes the op must read and write (declared by the op per mode) / p50. The copy
   bandwidth is measured once per run with ``dst.copy_(src)`` of a large tensor (read + write)
   and stored as op ``copy`` in ``copy.csv``; "% copy" = GB/s / copy GB/s.
@@ -306,6 +312,9 @@ def _cuda_times(fns: Sequence[Callable[[], Any]], device: torch.device, runs: li
             if r >= n:
                 continue
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            # An empty queue before each run: the run's time is its own, never another
+            # provider's device work hiding its host time (see the module doc).
+            torch.cuda.synchronize(device)
             flush.zero_()
             start.record()
             fn()

@@ -31,16 +31,16 @@ Per launch (``Kernel``), on one GPU's constants (``GPUS``):
   of the resident CTAs fits in ``l2_reuse`` of the L2; otherwise it is HBM traffic again.
 
 Per call: the harness (harness._cuda_times) times the providers of a case and mode
-interleaved, run after run, never waiting for the device: each run zeroes a 256 MiB buffer (L2
-flush, ~60-90 us of device time), records the start event, calls, records the end event. The
-host issues a call while the device is still busy, so host time is hidden as long as the host
-keeps ahead over the round of providers; it shows where a round's host time exceeds its device
-time, or after a synchronisation (``Sync``: nonzero()), which drains the lead. ``simulate``
-replays those rounds: the host issues each launch after its host cost (``host_us``: an aten op
+interleaved, run after run; each run waits for the device, zeroes a 256 MiB buffer (L2 flush,
+~60-90 us of device time), records the start event, calls, records the end event. The host
+issues the call while the device is still zeroing, so the call's host time is hidden up to that
+head start and shows beyond it, or after a synchronisation (``Sync``: nonzero()), which drains
+the lead. ``simulate`` replays a run: the host issues each launch after its host cost
+(``host_us``: an aten op
 from Python or from C++, a Triton launch, a cuDNN call, the Python of a pyprune call forward and
 backward, torch.compile's wrappers, measured on the dev VM's CPU with tiny tensors), the device
 runs it when both it and the stream are ready, and a run's time is its end event minus its start
-event in the steady state. So ``predicted_us`` is the device time (the sum of ``device_us``,
+event. So ``predicted_us`` is the device time (the sum of ``device_us``,
 ``launches * kernel_us`` being the launch term) where the host keeps ahead, and more where it
 does not (``bound`` = host).
 
@@ -282,7 +282,7 @@ _HOPPER = {
         "compiled_grad": 120.0,  # more when the forward records autograd (AOTAutograd)
         "compiled_backward": 50.0,  # the compiled backward's wrappers
         "compiled_launch": 3.0,  # one kernel of a compiled graph
-        "harness_before": 10.0,  # flush.zero_(), two events, start.record()
+        "harness_before": 10.0,  # (after the sync) flush.zero_(), two events, start.record()
         "harness_after": 2.0,  # end.record()
         # The Python of one pyprune call: validation, backend choice, views, autograd wrapper.
         "pyprune_forward": {"kwta": 10.0, "sap": 10.0, "noise": 5.0, "cas": 10.0,
@@ -300,7 +300,6 @@ GPUS: dict[str, dict] = {
     "h200": {**_HOPPER, "name": "NVIDIA H200", "copy_gbps": 4300.0, "l2_mb": 60.0},
 }
 
-ROUNDS = 20  # rounds of the harness's interleaved loop simulated; the last is reported
 
 
 # ---------------------------------------------------------------------------------------------
@@ -406,32 +405,29 @@ def kernel_time(k: Kernel, gpu: dict, dtype: str) -> tuple[float, str]:
 
 
 def simulate(calls: list[list[Item]], gpu: dict, dtype: str) -> list[float]:
-    """The end-minus-start event time of each call in the steady state of the harness's loop
-    (harness._cuda_times: round after round, each call in turn: flush, start event, the call,
-    end event, never waiting for the device, so the host's lead carries from call to call;
-    a Sync drains it)."""
+    """The end-minus-start event time of each call as the harness times it
+    (harness._cuda_times: the device synchronised, then flush, start event, the call, end
+    event; so the host's head start is the flush, and no call's time depends on another's; a
+    Sync drains the lead)."""
     host_us = gpu["host_us"]
     flush = harness.L2_FLUSH_BYTES / (gpu["copy_gbps"] * 1e3) + gpu["kernel_us"]
-    times = [[kernel_time(i, gpu, dtype)[0] if isinstance(i, Kernel) else 0.0 for i in items]
-             for items in calls]
-    host = device = 0.0
-    measured = [0.0] * len(calls)
-    for _ in range(ROUNDS):
-        for i, items in enumerate(calls):
-            host += host_us["harness_before"]
-            device = max(device, host) + flush
-            start = device
-            for item, t in zip(items, times[i]):
-                if isinstance(item, Host):
-                    host += item.us
-                elif isinstance(item, Sync):
-                    host = max(host, device) + item.us
-                else:
-                    host += item.host_us
-                    device = max(device, host) + t
-            host += host_us["harness_after"]
-            device = max(device, host)
-            measured[i] = device - start
+    measured = []
+    for items in calls:
+        times = [kernel_time(i, gpu, dtype)[0] if isinstance(i, Kernel) else 0.0 for i in items]
+        host = host_us["harness_before"]
+        device = host + flush
+        start = device
+        for item, t in zip(items, times):
+            if isinstance(item, Host):
+                host += item.us
+            elif isinstance(item, Sync):
+                host = max(host, device) + item.us
+            else:
+                host += item.host_us
+                device = max(device, host) + t
+        host += host_us["harness_after"]
+        device = max(device, host)
+        measured.append(device - start)
     return [max(m, gpu["event_floor_us"]) for m in measured]
 
 

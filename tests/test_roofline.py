@@ -440,6 +440,18 @@ def test_host_time_hides_behind_the_flush_until_a_sync():
     assert t > 20.0  # the host issues the launch only after the flush drained
 
 
+def test_a_call_is_timed_alone():
+    """The harness synchronises before each run, so a provider's time does not depend on the
+    providers timed beside it: a device-heavy call before a host-heavy one hides none of the
+    latter's host time."""
+    gpu = roofline.GPUS["h100"]
+    heavy = [roofline.Kernel("k", host_us=4.0, hbm=3e9)]  # ~1 ms of traffic
+    hosty = [roofline.Host(400.0), roofline.Kernel("k", host_us=4.0, hbm=3e6)]
+    [alone] = roofline.simulate([hosty], gpu, "float32")
+    assert alone > 300.0  # 400 us of host, less the flush's head start
+    assert roofline.simulate([heavy, hosty], gpu, "float32")[1] == alone
+
+
 def _measured_kwta(folder) -> Case:
     """A kwta CSV in folder: eager 200 us and pyprune-cuda 50 us on an H200; returns the case."""
     case = OPS["kwta"].CASES[1]
