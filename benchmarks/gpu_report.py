@@ -650,8 +650,10 @@ def _triton_one(index: int) -> tuple:
 
 # Triton kernels whose programs hand results to later programs of the same launch, with the
 # GPU-scope fences that takes (a release: the fence before the atomic that publishes them).
-# sap's bernoulli kernel: a partials item's sum and max |x|, then its done count.
-RELEASES = {"sap._sap_bernoulli_kernel": 1}
+# sap's bernoulli kernel: a partials item's sum and max |x|, then its done count. cas's stream
+# kernel (up to 64 classes): a tile's channel sums, then its sample's count; the sample's
+# tail, its bad-label mark, then the batch's count.
+RELEASES = {"sap._sap_bernoulli_kernel": 1, "cas._cas_stream_kernel": 2}
 
 
 def memory_fences(body: list) -> int:
@@ -728,10 +730,15 @@ def triton_launches() -> dict[tuple, list[str]]:
         recorded.append((self.fn.__name__, dtypes.get(tensors[0].dtype, str(tensors[0].dtype)),
                          tuple(sorted(kwargs.items()))))
         # Integer outputs as a run would leave them valid: indices 0, and CAS's label flag
-        # (set by the stream kernel, asserted by its launcher) 1.
-        for name, t in zip(self.arg_names, args):
-            if isinstance(t, torch.Tensor) and not t.is_floating_point():
-                t.fill_(1 if name == "flag_ptr" else 0)
+        # (set by the stream kernel, asserted by its launcher) 1, last (in the fused stream
+        # the flag is a view into the counts).
+        ints = {name: t for name, t in zip(self.arg_names, args)
+                if isinstance(t, torch.Tensor) and not t.is_floating_point()}
+        for name, t in ints.items():
+            if name != "flag_ptr":
+                t.fill_(0)
+        if "flag_ptr" in ints:
+            ints["flag_ptr"].fill_(1)
 
     def run(step) -> set[tuple]:
         recorded.clear()

@@ -146,10 +146,10 @@ cas (csrc/cuda/cas.cu, triton_kernels/cas.py); training mode (labels)
                read per sample or block of samples, from L2). Backward: a = grad_logits @
                weight, one streaming pass grad + x -> grad_x and the partial sums of grad * x
                (3n), grad_weight's class sums gathered in sample order (no atomics).
-  triton       label check on the device (ge, lt, and, all, _assert_async: 5 launches); tiles
-               of 512-2048 elements (triton_cas_config); logits per sample up to 64 classes,
-               else per 4 samples x 16 classes; grad_weight = grad_logits.T @ mean in the
-               gather kernel.
+  triton       labels flagged by the kernels, one _assert_async; tiles of 512-2048 elements
+               (triton_cas_config); up to 64 classes each sample's last streaming program
+               forms its logits (its count zeroed by a fill), else a logits launch per 16
+               samples x 16 classes; grad_weight = grad_logits.T @ mean in the gather kernel.
   eager        mean (n), addmm, index, x * m (2n); backward ~10n in ~13 launches.
   compile      one fused pass (means + out, 2n) and the logits GEMM; backward one fused pass
                (3n) and the small GEMMs.
@@ -518,14 +518,14 @@ def triton_kwta_split_config(groups: int, length: int) -> tuple[int, int, int, i
 
 
 def triton_cas_config(rows: int, channels: int, length: int, classes: int,
-                      channels_last: bool = False) -> tuple[int, int, int, tuple[int, ...]]:
+                      channels_last: bool = False) -> tuple[int, int, int, tuple[int, ...] | None]:
     """cas._stream_config and cas._logits_config: (BLOCK_K, BLOCK_L, num_warps) of the
     streaming tiles, then (BLOCK_N, BLOCK_C, BLOCK_K, BLOCK_S, num_warps) of the logits kernel.
     Streaming: inner (contiguous) extent from (1, 4, 16, 64, 256), tiles of 2048 elements
     halved down to 512 while the grid has fewer than 264 programs or the tile outgrows the
-    outer extent; 8 elements a thread. Logits: all classes in one 8-warp program per sample up
-    to 64 (4096-element product tile), else 16 samples x 16 classes x 128 channels (64 with 4
-    partials a channel) on tl.dot."""
+    outer extent; 8 elements a thread. Logits (more than 64 classes; fewer: None, the stream
+    forms them): 16 samples x 16 classes x 128 channels (64 with 4 partials a channel) on
+    tl.dot."""
     inner_len, outer_len = (channels, length) if channels_last else (length, channels)
     inner = _pick((1, 4, 16, 64, 256), min(inner_len, 256))
     tile = 2048
@@ -537,11 +537,8 @@ def triton_cas_config(rows: int, channels: int, length: int, classes: int,
         tile //= 2
     block_k, block_l = (inner, tile // inner) if channels_last else (tile // inner, inner)
     chunks = _pick((1, 4), math.ceil(length / block_l))
-    if classes <= 64:
-        block_c = max(16, _pow2(classes))
-        logits = (1, block_c, 4096 // block_c, chunks, 8)
-    else:
-        logits = (16, 16, 128 if chunks == 1 else 64, chunks, 8)
+    logits = ((16, 16, 128 if chunks == 1 else 64, chunks, 8)
+              if classes > TRITON_CAS_FUSED_CLASSES else None)
     return block_k, block_l, tile // 256, logits
 
 
@@ -1606,6 +1603,14 @@ def _cuda_cas_logits(p: Plan, s: int) -> None:
 TRITON_CAS_FUSED_MAX_STEP = 16
 TRITON_CAS_FUSED_MAX_STEPS = 4
 TRITON_CAS_GATHER_S = 4  # cas._GATHER_S: the gather's partial loads in flight at once
+TRITON_CAS_FUSED_CLASSES = 64  # cas._FUSED_CLASSES: the forward stream forms the logits
+
+
+def triton_cas_tail(block_k: int, block_l: int, classes: int) -> tuple[int, int]:
+    """cas._tail_config: (TAIL_C, LOGIT_K) of the forward stream's logits tail, TAIL_C the
+    fewest of 16 and 64 classes that hold them, LOGIT_K channels a step (tile / 2 TAIL_C)."""
+    tail_c = 16 if classes <= 16 else 64
+    return tail_c, block_k * block_l // (2 * tail_c)
 
 
 def triton_cas_fused_step(block_k: int, warps: int) -> int:
@@ -1613,13 +1618,18 @@ def triton_cas_fused_step(block_k: int, warps: int) -> int:
     return max(1, min(TRITON_CAS_FUSED_MAX_STEP, warps * 256 // block_k))
 
 
-def _triton_cas_stream(p: Plan, name: str, passes: int, fused_classes: int = 0) -> int:
+def _triton_cas_stream(p: Plan, name: str, passes: int, fused_classes: int = 0,
+                       logits: bool = False) -> int:
     """A launch of triton_kernels/cas.py's streaming grid over a contiguous NCHW x: one tile a
     program (no loop), its loads (the tile; the class of the sample, then its weight row; in
     backward the (N, K) a, or with `fused_classes` a formed in the program: that many classes
     of grad_logits and weight rows, triton_cas_fused_step a dependent step, from L2) issued
     before its stores; `passes` tensors of x's size moved (2: x -> out, 3: grad_out,
     x -> grad_x). The per-tile channel sums (N, K, S) and a stay in L2 for the next launch.
+    With `logits` (forward, up to TRITON_CAS_FUSED_CLASSES classes) each sample's last program
+    forms its means and logits (cas._sample_logits: steps of LOGIT_K = tile / 2 TAIL_C
+    channels, TAIL_C = 16 or 64 classes, its partials 4 chunks a round trip and a TAIL_C-row
+    weight tile from L2 loaded together): the last sample's tail follows the grid's last wave.
     Returns S, the chunks of a channel."""
     rows, channels, length, _ = _cas_shape(p.case)
     e = _esize(p.case)
@@ -1631,12 +1641,21 @@ def _triton_cas_stream(p: Plan, name: str, passes: int, fused_classes: int = 0) 
     steps = math.ceil(fused_classes / step)
     a_l2 = (programs * steps * step * (4 + block_k * e) if fused_classes
             else rows * channels * 4 if passes == 3 else 0)
-    p.kernel(name, "inner", hbm=passes * n,
-             l2=rows * channels * s * 4 + programs * (8 + block_k * e) + a_l2,
+    tail_us = tail_l2 = tail_hbm = 0.0
+    if logits:
+        classes = _cas_shape(p.case)[3]
+        tail_c, logit_k = triton_cas_tail(block_k, block_l, classes)
+        tail_steps = math.ceil(channels / logit_k)
+        tail_us = (p.lat("l2") + tail_steps * math.ceil(s / 4) * p.lat("l2")
+                   + p.lat("tile_reduce") + 2 * p.lat("l2"))
+        tail_l2 = rows * channels * (s * 4 + tail_c * e)
+        tail_hbm = rows * (channels * 4 + classes * e + 16)
+    p.kernel(name, "inner", hbm=passes * n + tail_hbm,
+             l2=rows * channels * s * 4 + programs * (8 + block_k * e) + a_l2 + tail_l2,
              ops=rows * k_blocks * block_k * s * block_l * (3 if passes == 2 else 5)
              + programs * steps * step * block_k * 3,
              ctas=programs, per_sm=_triton_per_sm(warps),
-             chain_us=p.lat("dram") + p.lat("l2") + steps * p.lat("l2"))
+             chain_us=p.lat("dram") + p.lat("l2") + steps * p.lat("l2"), lead_us=tail_us)
     return s
 
 
@@ -1644,9 +1663,8 @@ def _triton_cas_logits(p: Plan) -> None:
     """_cas_logits_kernel: per (block of samples, block of classes) the means from the S
     partials of each channel (L2) and the logits; K / BLOCK_K serial steps of a weight tile and
     ceil(S / BLOCK_S) partial loads each; each program reads its classes' weight rows (L2 but
-    the first), so the weight is read rows / BLOCK_N times. Up to 64 classes the product is a
-    (classes, channels) tile summed over the channels, 2 instructions an element; more classes
-    take tl.dot (IEEE float32: FMAs) on (16 samples, 16 classes) tiles."""
+    the first), so the weight is read rows / BLOCK_N times; the product on tl.dot (IEEE
+    float32: FMAs) on (16 samples, 16 classes) tiles (more than 64 classes only)."""
     rows, channels, length, classes = _cas_shape(p.case)
     e = _esize(p.case)
     _, block_l, _, (block_n, block_c, block_k, block_s, warps) = triton_cas_config(
@@ -1658,11 +1676,10 @@ def _triton_cas_logits(p: Plan) -> None:
     programs = n_blocks * c_blocks
     product = programs * block_n * block_c * steps * block_k
     sums = programs * steps * block_n * block_k * math.ceil(s / block_s) * block_s * 2
-    dot = block_n >= 16
     p.kernel("_cas_logits_kernel", "inner",
              hbm=classes * channels * e + rows * (classes * e + channels * 4 + 16),
              l2=programs * (block_c * channels * e + block_n * channels * s * 4),
-             ops=sums + (0 if dot else product * 2), flops=2 * product if dot else 0,
+             ops=sums, flops=2 * product,
              ctas=programs, per_sm=_triton_per_sm(warps),
              chain_us=steps * math.ceil(s / block_s) * p.lat("l2") + p.lat("tile_reduce"))
 
@@ -1696,8 +1713,14 @@ def cas_forward(p: Plan, provider: str, grad: bool) -> None:
     elif provider == TRITON:
         _pyprune(p, "cas", grad)
         p.host("triton")
-        _triton_cas_stream(p, "_cas_stream_kernel (train)", 2)
-        _triton_cas_logits(p)
+        # Up to 64 classes the stream forms the logits (its per-sample counts zeroed by a fill
+        # first), else a logits launch follows it.
+        fused = classes <= TRITON_CAS_FUSED_CLASSES
+        if fused:
+            p.kernel("zeros (counts)", "aten", hbm=(rows + 3) * 4)
+        _triton_cas_stream(p, "_cas_stream_kernel (train)", 2, logits=fused)
+        if not fused:
+            _triton_cas_logits(p)
         # The kernels flag a label out of range; one asynchronous assert reads the flag.
         p.kernel("_assert_async (label flag)", "aten", hbm=8)
     else:

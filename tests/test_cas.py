@@ -462,8 +462,9 @@ def test_cuda_launch_shapes(shape, layout, train):
 
 # The Triton kernels' split shapes (triton_kernels/cas.py): one sample over many programs, with
 # several chunks of L and several channel blocks; channels_last with channel blocks and many
-# position chunks (more than a logits step takes, BLOCK_S = 4); more than 64 classes (logits
-# over blocks of 4 samples and 16 classes, and the separate argmax kernel); channels beyond one
+# position chunks (more than a logits step takes, BLOCK_S = 4); up to 64 classes the logits in
+# each sample's last program (64: every class of its weight tile), more than 64 a logits launch
+# (blocks of 16 samples and 16 classes) and the separate argmax kernel; channels beyond one
 # logits step; a 7x7 map (no 16-byte rows); samples over several blocks of the logits and of
 # grad_weight's gather. (N, K, H, W, classes, layout)
 TRITON_SPLITS = [
@@ -475,6 +476,7 @@ TRITON_SPLITS = [
     (2, 600, 2, 2, 3, "contiguous"),
     (5, 40, 7, 7, 3, "channels_last"),
     (20, 40, 5, 5, 70, "contiguous"),
+    (3, 40, 9, 9, 64, "contiguous"),
 ]
 TRITON_DEVICES = [p for p in DEVICE_BACKENDS if p.values[0][1] == "triton"]
 
@@ -483,7 +485,7 @@ TRITON_DEVICES = [p for p in DEVICE_BACKENDS if p.values[0][1] == "triton"]
 @pytest.mark.parametrize("shape", TRITON_SPLITS, ids=str)
 def test_triton_split_shapes(device_backend, shape):
     """Against the float64 reference in both modes, forward and backward, and bitwise equal on a
-    second call (fixed-order partial sums, no atomics)."""
+    second call (fixed-order partial sums, no float atomics)."""
     from pyprune.triton_kernels import cas as kernels
 
     device, _ = device_backend
@@ -518,8 +520,9 @@ def test_triton_kernels_flag_bad_labels(device_backend):
     """The Triton launcher checks the labels on its own (a direct call, as a compiled graph
     makes, skips the op's host check): the kernels flag a label outside [0, C) and one
     asynchronous assert fails on the flag; the sample's weight row is never read. Each
-    sample spans several programs, so the flag's set (program 0) and clear (the logits) are
-    exercised across programs."""
+    sample spans several programs: with few classes the flag is set by the last sample to
+    finish where no sample marked a bad label (its first, middle or last), with many (70) set
+    by program 0 and cleared by the logits launch."""
     from pyprune.triton_kernels import cas as kernels
 
     device, _ = device_backend
@@ -531,12 +534,18 @@ def test_triton_kernels_flag_bad_labels(device_backend):
     want_out, want_logits = _expected(x, weight, bias, label)
     torch.testing.assert_close(out.view_as(x), want_out, atol=0, rtol=0)
     assert torch.equal(index, label)
-    for bad in ([0, 5, 1], [2, 0, -1], [7, 7, 7]):
+    for bad in ([5, 0, 1], [0, 5, 1], [2, 0, -1], [7, 7, 7]):
         with pytest.raises(RuntimeError, match=r"label values must be in \[0, 5\)"):
             kernels.cas_forward(view, weight, bias, torch.tensor(bad, device=device))
     # A good call after a bad one starts from a fresh flag.
     out, _, _, _ = kernels.cas_forward(view, weight, bias, label)
     torch.testing.assert_close(out.view_as(x), want_out, atol=0, rtol=0)
+    x, weight, bias, label = _inputs(3, 24, 20, 20, 70, torch.float32, device)
+    view = x.flatten(2)
+    kernels.cas_forward(view, weight, bias, label)
+    for bad in ([70, 0, 1], [2, 0, -1]):
+        with pytest.raises(RuntimeError, match=r"label values must be in \[0, 70\)"):
+            kernels.cas_forward(view, weight, bias, torch.tensor(bad, device=device))
 
 
 @pytest.mark.triton

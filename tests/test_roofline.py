@@ -418,6 +418,18 @@ def test_written_out_triton_configs_match_the_launchers():
                                               cas._GATHER_S)
     for block_k, warps in itertools.product((1, 4, 8, 64, 128, 256, 2048), (2, 4, 8)):
         assert roofline.triton_cas_fused_step(block_k, warps) == cas._fused_step(block_k, warps)
+    assert roofline.TRITON_CAS_FUSED_CLASSES == cas._FUSED_CLASSES
+    for classes in (1, 10, 16, 17, 64, 65, 1000):
+        for block_k, block_l in ((1, 512), (8, 256), (64, 16), (2048, 1)):
+            assert (roofline.triton_cas_tail(block_k, block_l, classes)
+                    == tuple(cas._tail_config(block_k, block_l, classes).values()))
+    for rows, channels, length, classes in itertools.product((1, 128), (3, 64, 2048),
+                                                             (1, 49, 1024), (10, 64, 65, 1000)):
+        block_k, block_l, warps, logits = roofline.triton_cas_config(rows, channels, length,
+                                                                     classes)
+        assert (block_k, block_l, warps) == cas._stream_config(rows, channels, length, False)
+        s = cas._stream_grid(rows, channels, length, block_k, block_l)[2]
+        assert logits == (cas._logits_config(channels, classes, s) if classes > 64 else None)
 
 
 def test_bucket_share():

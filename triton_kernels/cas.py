@@ -4,21 +4,25 @@ x is an (N, K, L) view with any strides (L = H * W); weight (C, K). The design f
 csrc/cuda/cas.cu: every sample is split over many programs, so the grid fills the GPU at any
 batch size, and no float atomics are used anywhere (results are bitwise repeatable).
 
-Forward, training (a label given): two kernels and one asynchronous assert.
+Forward, training (a label given): one streaming launch and one asynchronous assert (up to 64
+classes; more: a logits launch between them).
   1. _cas_stream_kernel over a 1-D grid of (sample, block of channels, chunk of L) tiles: one
      pass over x writes out = x * weight[label] and each tile's per-channel sums to a workspace
-     part (N, K, S) (S chunks of L per channel); program 0 sets a flag to 1;
-  2. _cas_logits_kernel per (block of samples, block of classes): the means from the S partials
-     in a fixed order (the class-block-0 programs store them), logits = mean @ weight.T + bias
-     (on tl.dot, IEEE float32, above 64 classes), rounded to x's dtype; index = label; a label
-     outside [0, C) clears the flag;
+     part (N, K, S) (S chunks of L per channel). Up to 64 classes the sample's last program to
+     finish (a count per sample, zeroed by one fill) forms the sample's means from the S
+     partials in a fixed order, logits = mean @ weight.T + bias rounded to x's dtype, and
+     index = label (_sample_logits); a label outside [0, C) marks the batch, and the last
+     sample to finish sets the flag only where none is marked;
+  2. more classes: program 0 of the stream sets the flag; _cas_logits_kernel per (16 samples,
+     16 classes) forms the means and logits the same way (on tl.dot, IEEE float32) and clears
+     the flag on a bad label;
   3. torch._assert_async on the flag: a bad label fails without the host waiting (the stream
      reads no weight row for it). CPU labels, under the interpreter, are also read on the host
      by the op (pyprune/ops/cas.py), which names the bad value.
-Forward, inference: the stream in sums-only mode, the logits with the argmax (first index on
-ties, NaN largest) when one block holds all classes, else _cas_argmax_kernel (a program per
-sample over the stored, rounded logits), then the stream in write-only mode:
-out = x * weight[index] (x read twice; the second read hits L2 where x fits).
+Forward, inference: the stream in sums-only mode with the logits and the argmax (first index on
+ties, NaN largest) in each sample's last program (more classes: the logits launch, then
+_cas_argmax_kernel, a program per sample over the stored, rounded logits), then the stream in
+write-only mode: out = x * weight[index] (x read twice; the second read hits L2 where x fits).
 Backward: _cas_backward_kernel on the same split grid: grad_x = grad_out * weight[index] + a / L
 and the per-tile channel sums of grad_out * x, from one pass over both, where a = grad_logits @
 weight (the program's channels of its sample's row) is formed in the kernel where that takes a
@@ -55,14 +59,11 @@ _INNER = (1, 4, 16, 64, 256)
 _TILES = (512, 1024, 2048)
 _FILL = 2 * 132  # programs that fill an H100/H200 (132 SMs) twice over
 _ELEMS_PER_WARP = 256
-# Logits: all classes in one block up to 64 (the argmax in the same program), the (classes,
-# channels) product tile of _LOGITS_TILE elements summed over the channels; more classes, 16
-# samples and 16 classes a program, _WIDE_CHANNELS channels a step (half as many with 4 partials
-# a channel, which spilled on sm_80 at 128), the product on tl.dot
-# (IEEE float32: a sum of products of a 3-D tile took 88 us for 32 samples x 2048 channels x
-# 1000 classes on an H200). 8 warps either way; a step sums _CHUNKS partials of each channel
-# (more chunks take more steps: a larger step spilled).
-_LOGITS_TILE = 4096
+# The logits launch (more than _FUSED_CLASSES classes): 16 samples and 16 classes a program,
+# _WIDE_CHANNELS channels a step (half as many with 4 partials a channel, which spilled on sm_80
+# at 128), the product on tl.dot (IEEE float32: a sum of products of a 3-D tile took 88 us for
+# 32 samples x 2048 channels x 1000 classes on an H200), 8 warps; a step sums _CHUNKS partials
+# of each channel (more chunks take more steps: a larger step spilled).
 _LOGITS_WARPS = 8
 _WIDE_SAMPLES = 16
 _WIDE_CLASSES = 16
@@ -77,6 +78,13 @@ _ARGMAX_BLOCK = 1024
 # the wide channel tiles of channels_last and of smaller maps.
 _FUSED_MAX_STEP = 16
 _FUSED_MAX_STEPS = 4
+# Forward: up to _FUSED_CLASSES classes, the streaming pass forms each sample's logits in the
+# sample's last program (_sample_logits: a (TAIL_C, LOGIT_K) weight tile a step, half the
+# streaming tile's size; TAIL_C classes of _TAIL_CLASSES, the fewest that hold C, so that few
+# classes take few, wide steps over the channels), instead of a logits launch after it.
+_FUSED_CLASSES = 64
+_TAIL_CLASSES = (16, 64)
+_TAIL_S = tl.constexpr(4)
 # grad_weight's gather: 16-64 classes and 32 channels a program (8 warps), the samples 16 at a
 # time (tl.dot's least inner dimension), their S partials _GATHER_S at a time (loads issued
 # together, then added in chunk order: one L2 round trip for up to _GATHER_S chunks, not one a
@@ -120,37 +128,116 @@ def _tile(pid, K, L, S, k_blocks, BLOCK_K: tl.constexpr, BLOCK_L: tl.constexpr):
     return n, s, kk, ll, kmask, kmask[:, None] & (ll < L)[None, :]
 
 
-@triton.jit(do_not_specialize=["mode"])
+@triton.jit(do_not_specialize=["mode", "fused", "has_bias"])
 def _cas_stream_kernel(
     x_ptr, w_ptr, sel_ptr, out_ptr, part_ptr, flag_ptr,
-    K, L, C, S, k_blocks, mode,
+    b_ptr, logits_ptr, index_ptr, mean_ptr, count_ptr,
+    N, K, L, C, S, k_blocks, mode, fused, has_bias,
     x_sn, x_sk, x_sl,
     out_sn, out_sk, out_sl,
     w_sc, w_sk,
     BLOCK_K: tl.constexpr,
     BLOCK_L: tl.constexpr,
+    TAIL_C: tl.constexpr,
+    LOGIT_K: tl.constexpr,
 ):
     """mode 0 (train): out = x * w[sel[n]] and the sums; 1: the sums only; 2: out only.
-    In train mode program 0 sets flag[0] = 1 (the logits kernel clears it on a bad label)."""
+    Unfused, in train mode program 0 sets flag[0] = 1 (the logits kernel clears it on a bad
+    label). `fused` (up to _FUSED_CLASSES classes; modes 0 and 1): the sample's last program
+    to store its sums (count[n], an acq_rel add after the block's stores) forms the sample's
+    means, logits and index itself (_sample_logits), instead of a logits launch; count
+    (N + 3 zeros) also holds the samples done (count[N]) and a bad-label mark (count[N + 1]),
+    and the last sample's tail sets flag = count[N + 2] to 1 only where no label was bad."""
     pid = tl.program_id(0).to(tl.int64)
     n, s, kk, ll, kmask, mask = _tile(pid, K, L, S, k_blocks, BLOCK_K, BLOCK_L)
     raw = tl.load(x_ptr + n * x_sn + kk[:, None] * x_sk + ll[None, :] * x_sl, mask=mask,
                   other=0.0)
     xf = raw.to(tl.float32)
     if mode == 0:
-        if pid == 0:
-            tl.store(flag_ptr, 1)
-    if mode != 1:
-        # sel is the label (train) or the index the logits stored (write); in sums mode it is
-        # not written yet, so it is not read. A label out of range reads no weight row (its
-        # sample's out is 0) and fails the launcher's assert on the flag.
-        c = tl.load(sel_ptr + n)
-        valid = (c >= 0) & (c < C)
-        m = tl.load(w_ptr + c * w_sc + kk * w_sk, mask=kmask & valid, other=0.0).to(tl.float32)
+        if fused == 0:
+            if pid == 0:
+                tl.store(flag_ptr, 1)
+    # sel is the label (train) or the index the logits stored (write); in sums mode it is not
+    # written yet, so it is not read. A label out of range reads no weight row (its sample's
+    # out is 0) and fails the launcher's assert on the flag.
+    writes = mode != 1
+    c = tl.load(sel_ptr + n, mask=writes, other=0)
+    valid = writes & (c >= 0) & (c < C)
+    m = tl.load(w_ptr + c * w_sc + kk * w_sk, mask=kmask & valid, other=0.0).to(tl.float32)
+    if writes:
         tl.store(out_ptr + n * out_sn + kk[:, None] * out_sk + ll[None, :] * out_sl,
                  _round(xf * m[:, None], raw.dtype), mask=mask)
     if mode != 2:
         tl.store(part_ptr + (n * K + kk) * S + s, tl.sum(xf, 1), mask=kmask)
+        if fused != 0:
+            # After the tile's stores, so that nothing of the tile stays live across the
+            # tail (the kernel's registers are the larger of the two, not their sum).
+            tl.debug_barrier()  # every thread's sums stored before the release
+            done = tl.atomic_add(count_ptr + n, 1, sem="acq_rel")
+            if done == k_blocks * S - 1:
+                _sample_logits(n, w_ptr, b_ptr, part_ptr, sel_ptr, logits_ptr, index_ptr,
+                               mean_ptr, count_ptr, flag_ptr, N, K, L, C, S, mode == 0,
+                               has_bias, w_sc, w_sk, TAIL_C, LOGIT_K)
+
+
+@triton.jit
+def _sample_logits(n, w_ptr, b_ptr, part_ptr, label_ptr, logits_ptr, index_ptr, mean_ptr,
+                   count_ptr, flag_ptr, N, K, L, C, S, train, has_bias, w_sc, w_sk,
+                   TAIL_C: tl.constexpr, LOGIT_K: tl.constexpr):
+    """The fused stream's tail for sample n (up to _FUSED_CLASSES classes): its K means from
+    the S partials of each channel (a fixed order, from L2), logits = mean @ weight.T + bias,
+    LOGIT_K channels a step, rounded to the logits' dtype; train: index = label, a label
+    outside [0, C) marks count[N + 1], and the sample that completes the batch (count[N])
+    sets the flag where no sample marked it; inference: index = the argmax (first index on
+    ties, NaN largest)."""
+    cc = tl.arange(0, TAIL_C)
+    cmask = cc < C
+    ks = tl.arange(0, LOGIT_K).to(tl.int64)
+    inv_l = 1.0 / (L * 1.0)
+    lg = tl.zeros([TAIL_C], dtype=tl.float32)
+    k0 = 0
+    while k0 < K:
+        kk = k0 + ks
+        kmask = kk < K
+        # The S partials of each channel, _TAIL_S chunks' loads at once (one L2 round trip
+        # for up to _TAIL_S chunks), in a fixed order.
+        acc = tl.zeros([LOGIT_K, _TAIL_S], dtype=tl.float32)
+        s0 = 0
+        while s0 < S:
+            sv = s0 + tl.arange(0, _TAIL_S)
+            acc += tl.load(part_ptr + (n * K + kk)[:, None] * S + sv[None, :],
+                           mask=kmask[:, None] & (sv < S)[None, :], other=0.0,
+                           cache_modifier=".cg")
+            s0 += _TAIL_S
+        mean = tl.sum(acc, 1) * inv_l
+        tl.store(mean_ptr + n * K + kk, mean, mask=kmask)
+        w = tl.load(w_ptr + cc[:, None] * w_sc + kk[None, :] * w_sk,
+                    mask=cmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
+        lg += tl.sum(w * mean[None, :], 1)
+        k0 += LOGIT_K
+    lg += tl.load(b_ptr + cc, mask=cmask & (has_bias != 0), other=0.0).to(tl.float32)
+    rounded = _round(lg, logits_ptr.dtype.element_ty)
+    tl.store(logits_ptr + n * C + cc, rounded, mask=cmask)
+    if train:
+        label = tl.load(label_ptr + n)
+        bad = (label < 0) | (label >= C)
+        if bad:
+            tl.atomic_or(count_ptr + N + 1, 1, sem="relaxed")
+        tl.store(index_ptr + n, label)
+        # The mark (program order) before the release; the batch's last sample acquires
+        # every sample's mark through the count's release sequence.
+        finished = tl.atomic_add(count_ptr + N, 1, sem="acq_rel")
+        if finished == N - 1:
+            marked = tl.atomic_add(count_ptr + N + 1, 0, sem="relaxed")
+            tl.store(flag_ptr, tl.where(marked == 0, 1, 0).to(tl.int32))
+    else:
+        best_v = tl.full([1], -float("inf"), tl.float32)
+        best_i = tl.zeros([1], dtype=tl.int64)
+        found_nan = tl.zeros([1], dtype=tl.int32)
+        best_v, best_i, found_nan = _argmax_step(rounded.to(tl.float32)[None, :],
+                                                 cc.to(tl.int64), cmask, best_v, best_i,
+                                                 found_nan, C)
+        tl.store(index_ptr + n + tl.zeros([1], dtype=tl.int64), best_i)
 
 
 @triton.jit
@@ -208,10 +295,7 @@ def _cas_logits_kernel(
             s0 += BLOCK_S
         mean = tl.sum(acc, 2) * inv_l
         tl.store(mean_ptr + ns[:, None] * K + kk[None, :], mean, mask=rmask & (cb == 0))
-        if BLOCK_N >= 16:  # many classes: a (samples, classes) tile, the product on tl.dot
-            lg = tl.dot(mean, tl.trans(w), lg, input_precision="ieee")
-        else:
-            lg += tl.sum(mean[:, None, :] * w[None, :, :], 2)
+        lg = tl.dot(mean, tl.trans(w), lg, input_precision="ieee")
         k0 += BLOCK_K
     lg += tl.load(b_ptr + cc, mask=cmask & (has_bias != 0), other=0.0).to(tl.float32)[None, :]
     rounded = _round(lg, logits_ptr.dtype.element_ty)
@@ -224,13 +308,6 @@ def _cas_logits_kernel(
         tl.store(flag_ptr + tl.zeros([BLOCK_N], dtype=tl.int64),
                  tl.zeros([BLOCK_N], dtype=tl.int32), mask=bad)
         tl.store(index_ptr + ns, label, mask=nmask & (cb == 0))
-    elif c_blocks == 1:
-        best_v = tl.full([BLOCK_N], -float("inf"), tl.float32)
-        best_i = tl.zeros([BLOCK_N], dtype=tl.int64)
-        found_nan = tl.zeros([BLOCK_N], dtype=tl.int32)
-        best_v, best_i, found_nan = _argmax_step(rounded.to(tl.float32), cc, cmask, best_v,
-                                                 best_i, found_nan, C)
-        tl.store(index_ptr + ns, best_i, mask=nmask)
 
 
 @triton.jit
@@ -407,12 +484,20 @@ def _fused_step(block_k: int, num_warps: int) -> int:
     return max(1, min(_FUSED_MAX_STEP, num_warps * _ELEMS_PER_WARP // block_k))
 
 
+def _tail_config(block_k: int, block_l: int, C: int) -> dict[str, int]:
+    """The fused stream's TAIL_C (classes of its weight tile: the fewest of _TAIL_CLASSES that
+    hold C; the largest where the stream does not form the logits) and LOGIT_K (channels a
+    step: a (TAIL_C, LOGIT_K) tile of half the streaming tile's elements, 4 a thread; as
+    large as the streaming tile, the tail raised the kernel's registers from 64 to 76-80 on
+    sm_90, 37.5% occupancy instead of 50%)."""
+    tail_c = next((c for c in _TAIL_CLASSES if c >= C), _TAIL_CLASSES[-1])
+    return {"TAIL_C": tail_c, "LOGIT_K": block_k * block_l // (2 * tail_c)}
+
+
 def _logits_config(K: int, C: int, S: int) -> tuple[int, int, int, int, int]:
-    """(BLOCK_N, BLOCK_C, BLOCK_K, BLOCK_S, num_warps) of the logits kernel."""
+    """(BLOCK_N, BLOCK_C, BLOCK_K, BLOCK_S, num_warps) of the logits kernel (more than
+    _FUSED_CLASSES classes)."""
     block_s = next((c for c in _CHUNKS if c >= S), _CHUNKS[-1])
-    if C <= 64:
-        block_c = max(16, next_pow2(C))
-        return 1, block_c, _LOGITS_TILE // block_c, block_s, _LOGITS_WARPS
     return (_WIDE_SAMPLES, _WIDE_CLASSES, _WIDE_CHANNELS // (1 if block_s == 1 else 2), block_s,
             _LOGITS_WARPS)
 
@@ -464,29 +549,40 @@ def cas_forward(
     block_n, block_c, block_kl, block_s, logit_warps = _logits_config(K, C, S)
     c_blocks = cdiv(C, block_c)
     sel = label if train else index
-    # Train: the kernels flag labels out of range (program 0 of the stream sets it, the logits
-    # kernel clears it), and one asynchronous assert checks the flag: no host sync.
-    flag = x.new_empty((1,), dtype=torch.int32)
+    has_bias = int(bias is not weight)
+    # Train: the kernels flag labels out of range, and one asynchronous assert checks the flag:
+    # no host sync. Fused (few classes): the stream's per-sample tails set the flag where no
+    # label is bad (the counts, the mark and the flag zeroed by one fill). Unfused: program 0
+    # of the stream sets it, the logits kernel clears it on a bad label.
+    fused = C <= _FUSED_CLASSES
+    if fused:
+        count = x.new_zeros((N + 3,), dtype=torch.int32)
+        flag = count[N + 2:]
+    else:
+        count = flag = x.new_empty((1,), dtype=torch.int32)
 
     def stream(mode: int) -> None:
         _cas_stream_kernel[(programs,)](
-            x, weight, sel, out, part, flag, K, L, C, S, k_blocks, mode,
+            x, weight, sel, out, part, flag, bias, logits, index, mean, count,
+            N, K, L, C, S, k_blocks, mode, int(fused and mode != _WRITE), has_bias,
             *x.stride(), *out.stride(), *weight.stride(),
-            BLOCK_K=block_k, BLOCK_L=block_l, num_warps=num_warps, maxnreg=MAX_REGS,
+            BLOCK_K=block_k, BLOCK_L=block_l, **_tail_config(block_k, block_l, C),
+            num_warps=num_warps, maxnreg=MAX_REGS,
         )
 
     with on_device(x):
         stream(_TRAIN if train else _SUMS)
-        _cas_logits_kernel[(cdiv(N, block_n) * c_blocks,)](
-            weight, bias, part, label if train else index, logits, index, mean, flag,
-            N, K, L, C, S, c_blocks, int(train), int(bias is not weight), *weight.stride(),
-            BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_K=block_kl, BLOCK_S=block_s,
-            num_warps=logit_warps, maxnreg=MAX_REGS,
-        )
+        if not fused:
+            _cas_logits_kernel[(cdiv(N, block_n) * c_blocks,)](
+                weight, bias, part, sel, logits, index, mean, flag,
+                N, K, L, C, S, c_blocks, int(train), has_bias, *weight.stride(),
+                BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_K=block_kl, BLOCK_S=block_s,
+                num_warps=logit_warps, maxnreg=MAX_REGS,
+            )
         if train:
             torch._assert_async(flag, f"label values must be in [0, {C})")
         else:
-            if c_blocks > 1:
+            if not fused:
                 _cas_argmax_kernel[(N,)](logits, index, C, BLOCK=_ARGMAX_BLOCK, num_warps=4,
                                          maxnreg=MAX_REGS)
             stream(_WRITE)
@@ -537,7 +633,7 @@ def cas_backward(
 _POINTERS = {
     "sel_ptr": "*i64", "label_ptr": "*i64", "index_ptr": "*i64", "part_ptr": "*fp32",
     "mean_ptr": "*fp32", "a_ptr": "*fp32", "gw_ptr": "*fp32", "gb_ptr": "*fp32",
-    "gl_ptr": "*fp32", "flag_ptr": "*i32",
+    "gl_ptr": "*fp32", "flag_ptr": "*i32", "count_ptr": "*i32",
 }
 
 
@@ -547,7 +643,8 @@ def _aot_variants() -> list[tuple]:
     sizes = [1 << i for i in range(15)]
     stream = {_stream_config(n, k, l, cl) for n in (1 << i for i in range(9)) for k in sizes
               for l in sizes for cl in (False, True)}
-    logits = {_logits_config(k, c, s) for k in sizes for c in sizes for s in sizes}
+    logits = {_logits_config(k, c, s) for k in sizes for c in sizes for s in sizes
+              if c > _FUSED_CLASSES}
     variants = []
 
     def add(kernel, dtype, constexprs, num_warps):
@@ -556,7 +653,10 @@ def _aot_variants() -> list[tuple]:
 
     for dtype in _TL_DTYPES.values():
         for block_k, block_l, num_warps in sorted(stream):
-            add(_cas_stream_kernel, dtype, {"BLOCK_K": block_k, "BLOCK_L": block_l}, num_warps)
+            for tail_c in _TAIL_CLASSES:
+                add(_cas_stream_kernel, dtype, {"BLOCK_K": block_k, "BLOCK_L": block_l,
+                                                **_tail_config(block_k, block_l, tail_c)},
+                    num_warps)
             add(_cas_backward_kernel, dtype, {"BLOCK_K": block_k, "BLOCK_L": block_l,
                                               "FUSED_STEP": _fused_step(block_k, num_warps)},
                 num_warps)
