@@ -4,8 +4,9 @@ The kernels whose GPU busy time is furthest over the roofline model (``kernel_ti
 beside ``python -m benchmarks.roofline --compare``), each called once from its benchmark case
 for Nsight Compute: the selects of k-WTA (CUDA block kernel, Triton split path), SAP exact's
 merge, SAP bernoulli's one launch (CUDA cluster kernel, Triton ticket-ordered items), CAS's
-backward gather and the masked convolutions (Triton; CUDA's packed per-sample
-kernel, new and not measured yet). ``make gpu`` runs
+backward gather, CAS's Triton forward stream (its logits tail in each sample's last
+program, 64 registers: 50% occupancy, where the stream had 62.5%) and the masked convolutions
+(Triton; CUDA's packed per-sample kernel, new and not measured yet). ``make gpu`` runs
 
     ncu --profile-from-start off --kernel-name-base function -k regex:<KERNELS> \\
         --section SpeedOfLight --section LaunchStats --section Occupancy \\
@@ -60,6 +61,7 @@ TARGETS = (
     # items (DRAM and SM throughput together), x's second read hits L2, and items wait
     Target("sap", "128x64x32x32 bernoulli", "forward", "pyprune-triton", "_sap_bernoulli_kernel"),
     Target("cas", "32x2048x7x7 c1000", "full", "pyprune-cuda", "cas_gather_rows_kernel"),
+    Target("cas", "128x64x32x32", "full", "pyprune-triton", "_cas_stream_kernel"),
     # the packed kernel: a chunk's taps back to back, x's patch from L1 after the first tap
     Target("masked_conv", "32x256x8x8 out50", "forward", "pyprune-triton",
            "_masked_conv2d_forward_kernel"),
