@@ -47,16 +47,18 @@ test-cpu: build
 	$(PYTEST) tests -m "not triton and not triton_aot" -q
 
 # Triton's interpreter must be switched on before triton is imported: a separate process. The
-# interpreter runs one Python thread, so the convolution tests (the longest) run in a second
-# process beside the rest; both must pass.
-TRITON_CONV_TESTS := tests/test_masked_conv.py tests/test_weight_mask_triton.py
+# interpreter runs one Python thread, so the convolution and SAP tests (the longest, ~25 min on
+# 2 cores) run in a second process beside the rest (~25 min); both must pass.
+TRITON_SECOND_TESTS := tests/test_masked_conv.py tests/test_weight_mask_triton.py \
+    tests/test_sap.py tests/test_sap_kernels.py tests/test_seeds.py
 test-triton: build
-	TRITON_INTERPRET=1 $(PYTEST) $(TRITON_CONV_TESTS) -m triton -q -p no:cacheprovider & conv=$$!; \
+	TRITON_INTERPRET=1 $(PYTEST) $(TRITON_SECOND_TESTS) -m triton -q -p no:cacheprovider & \
+	    second=$$!; \
 	TRITON_INTERPRET=1 $(PYTEST) tests -m triton -q -p no:cacheprovider \
-	    $(TRITON_CONV_TESTS:%=--ignore=%); rest=$$?; \
-	wait $$conv; conv=$$?; \
-	echo "test-triton: convolution tests exit $$conv, the rest exit $$rest"; \
-	test $$rest -eq 0 && test $$conv -eq 0
+	    $(TRITON_SECOND_TESTS:%=--ignore=%); rest=$$?; \
+	wait $$second; second=$$?; \
+	echo "test-triton: convolution and SAP tests exit $$second, the rest exit $$rest"; \
+	test $$rest -eq 0 && test $$second -eq 0
 
 # Then the SASS checks of a few compiled variants (tests marked triton_aot in
 # test_gpu_report.py; test_triton_aot.py repeats the compile above, one test a variant, and is
