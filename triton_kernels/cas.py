@@ -83,7 +83,7 @@ _FUSED_MAX_STEPS = 4
 # streaming tile's size; TAIL_C classes of _TAIL_CLASSES, the fewest that hold C, so that few
 # classes take few, wide steps over the channels), instead of a logits launch after it.
 _FUSED_CLASSES = 64
-_TAIL_CLASSES = (16, 64)
+_TAIL_CLASSES = (16, _FUSED_CLASSES)
 _TAIL_S = tl.constexpr(4)
 # grad_weight's gather: 16-64 classes and 32 channels a program (8 warps), the samples 16 at a
 # time (tl.dot's least inner dimension), their S partials _GATHER_S at a time (loads issued
