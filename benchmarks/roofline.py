@@ -1248,9 +1248,9 @@ def _sap_kernel(p: Plan, provider: str, backward: bool) -> None:
 # 8 (6) programs an SM (the per-partition register file). make gpu-report checks
 # the tiles and the registers against the SASS.
 TRITON_SAP_MERGE_OPS = {
-    256: {"item": 450, "search_step": 90, "tile": 466, "regs": 115, "stored_tile": 215,
+    256: {"item": 431, "search_step": 90, "tile": 466, "regs": 115, "stored_tile": 215,
           "stored_regs": 94},
-    1024: {"item": 1500, "search_step": 91, "tile": 518, "regs": 136, "stored_tile": 266,
+    1024: {"item": 1434, "search_step": 91, "tile": 518, "regs": 136, "stored_tile": 266,
            "stored_regs": 128},
 }
 # _sap_partials_kernel (2 warps, 55 registers: 18 programs an SM), instructions a thread of a
@@ -1265,13 +1265,16 @@ TRITON_SAP_PARTIALS_PER_SM = 18
 # _sap_bernoulli_kernel's lane instructions a thread (float32, unit stride, 16-byte aligned
 # rows, L % 4 == 0 (ALIGNED: 16-byte loads and stores), sm_90 SASS; 16 elements a thread a
 # block of 4096): an elementwise item's fixed work (the ticket and its one-division decode, the
-# wait, the sample's partials) and each of its HALVES blocks on the path of a sample whose p
-# are all below 2^-7, forward (src is x) and backward (src loaded too); a partials item's fixed
-# work and each of its 2 HALVES blocks (sum and max |x|), then the release. 68.3 an element
-# forward at HALVES 2, 63.4 at 4; partials 8.4 and 6.6 an element of x. (Two launches before:
-# a partials kernel, then 4096 elements a program, 1190 a thread of 16 forward with the
-# block-wide small-p test.)
-TRITON_SAP_BERNOULLI_ITEM_OPS = {"fixed": 311, "forward": 937, "backward": 958,
+# wait, the sample's partials) and each of its HALVES blocks on the fast path (a sample whose p
+# are all below 2^-7 and whose total needs no 2^64 scale: p = |x| / total in one multiply, q
+# from the series, exp through ex2.ftz with no range fix-up, no p >= 1 test), forward (src is
+# x) and backward (src loaded too); a partials item's fixed work and each of its 2 HALVES
+# blocks (sum and max |x|), then the release. 61.3 an element forward at HALVES 2, 56.3 at 4;
+# partials 8.4 and 6.6 an element of x. Per element of a block: ~14 Philox and addresses, 2.6
+# the uniform, 19 q, 13 the division (div.full: range checks for |q| > 2^126 and q < 2^-126),
+# the select and the store. (Before the fast path: 937 a block forward; with two launches
+# before that: 1190.)
+TRITON_SAP_BERNOULLI_ITEM_OPS = {"fixed": 317, "forward": 822, "backward": 843,
                                  "partials_fixed": 231, "partials": 76}
 
 

@@ -89,9 +89,9 @@ _MAX_DRAW_CHUNKS = 4096
 # schedulers busy). An elementwise item takes `halves` blocks (1, 2 or 4: the most that still
 # give every SM an item) in a loop over a runtime count (unrolled, or with a constexpr count
 # of 1, ptxas spilled at 128 registers): its fixed work (ticket and decode, wait, seed, the
-# sample's total) is ~310 lane instructions a thread, a block's ~940 (forward; float32, unit
-# strides, L % 4 == 0: 16-byte accesses; sm_90 SASS), ~68 an element at 2 blocks, ~63 at 4;
-# a partials item (2 halves blocks) ~230 and ~76 a block.
+# sample's total) is ~320 lane instructions a thread, a block's ~820 on the fast path
+# (forward; float32, unit strides, L % 4 == 0: 16-byte accesses; sm_90 SASS), ~61 an element
+# at 2 blocks, ~56 at 4; a partials item (2 halves blocks) ~230 and ~76 a block.
 _BERNOULLI_BLOCK = 4096
 _BERNOULLI_MAX_REGS = 128
 # The bernoulli launch's fill: H100 / H200 SMs (2 programs resident an SM).
@@ -116,7 +116,7 @@ _SLOTS = 1056
 # SM (25%), whose serial chains (a tile's four 10-step searches) overlap. Making them (r > 4 L)
 # it spills at 128 in the strided launch and takes 136: 6 programs an SM (18.8%). sm_90 SASS of
 # the float32 launch as the JIT specializes the benchmarks' (unit strides, aligned rows),
-# E = 1024, a thread's instructions: ~1500 an item for its elements (bounds, scratch, q, the
+# E = 1024, a thread's instructions: ~1430 an item for its elements (bounds, scratch, q, the
 # write), 91 a step of the draw-chunk search, a draw tile of 256 279 read back, 518 made (4
 # warps took ~900, 86 and 410 in twice the threads, making every draw again).
 _WARPS = {"partials": 2, "prefix": 4, "merge": 2, "bernoulli": 8}
@@ -128,13 +128,17 @@ _TL_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf1
 
 
 _SMALL_P = tl.constexpr(0.0078125)  # p below 2^-7 takes the log1p series (csrc/cpu/fast_math.h)
+_LOG2E = tl.constexpr(1.4426950408889634)  # float32: 0x3FB8AA3B, tl.exp's factor
 
 
 @triton.jit
-def _q_from_log1p(lp, p, r):
-    """q = -expm1(r * lp) with lp = log1p(-p): the Taylor series of expm1 (to y^8 / 8!, within
-    float rounding for y >= -1/2), else 1 - exp(y), which is exact to rounding there."""
-    y = r * lp
+def _neg_expm1(y):
+    """-expm1(y) for y <= 0: the Taylor series of expm1 (to y^8 / 8!, within float rounding for
+    y >= -1/2), else 1 - exp(y), which is exact to rounding there. exp(y) is 2^(y log2 e)
+    through tl.exp2 (ex2.approx.ftz: one MUFU): tl.exp takes the same product and the same
+    exp2 but without flushing, which costs 3 instructions an element to mend results below
+    2^-126, and those only ever meet 1 - 2^v = 1 either way. Signs sit on products (-(y e), not
+    (-y) e: the same bits), so no negated copy of y is made."""
     e = 1.0 / 40320
     e = 1.0 / 5040 + y * e
     e = 1.0 / 720 + y * e
@@ -143,8 +147,14 @@ def _q_from_log1p(lp, p, r):
     e = 1.0 / 6 + y * e
     e = 0.5 + y * e
     e = 1.0 + y * e
-    q = tl.where(y < -0.5, 1.0 - tl.exp(y), -y * e)
-    return tl.where(p >= 1.0, 1.0, q)
+    return tl.where(y < -0.5, 1.0 - tl.exp2(y * _LOG2E), -(y * e))
+
+
+@triton.jit
+def _log1p_neg_series(p):
+    """log1p(-p) by its series (5 terms: within float rounding below p = 2^-7), written
+    -(p s) (the same bits as (-p) s without a negated copy of p)."""
+    return -(p * (1.0 + p * (0.5 + p * (1.0 / 3 + p * (0.25 + p * 0.2)))))
 
 
 @triton.jit
@@ -152,17 +162,18 @@ def _keep_probability(p, r, all_small):
     """q = 1 - (1 - p)^r = -expm1(r * log1p(-p)) for a block of p, as csrc/cpu/fast_math.h's
     fast_keep_probability computes it: log1p(-p) by its series below p = 2^-7 (5 terms, within
     float rounding), else by log(1 - p) with Goldberg's correction (-p / (u - 1)), which keeps
-    full relative accuracy. all_small (a scalar: every p of the block is below 2^-7, as for
-    every element of a sample of more than ~200 similar values) skips the log and its
-    division: ~25 instructions an element. Each element's q is the same either way."""
+    full relative accuracy; q = 1 from p = 1 on. all_small (a scalar: every p of the block is
+    below 2^-7, as for every element of a sample of more than ~200 similar values) skips the
+    log, its division and the p >= 1 test: ~27 instructions an element. Each element's q is
+    the same either way."""
     rf = r * 1.0  # (r may be a constexpr 1: a launch specializes it)
-    series = -p * (1.0 + p * (0.5 + p * (1.0 / 3 + p * (0.25 + p * 0.2))))
+    series = _log1p_neg_series(p)
     if all_small:
-        q = _q_from_log1p(series, p, rf)
+        q = _neg_expm1(rf * series)
     else:
         u = 1.0 - p
         goldberg = tl.log(u) * (-p / (u - 1.0))
-        q = _q_from_log1p(tl.where(p < _SMALL_P, series, goldberg), p, rf)
+        q = tl.where(p >= 1.0, 1.0, _neg_expm1(rf * tl.where(p < _SMALL_P, series, goldberg)))
     return q
 
 
@@ -491,7 +502,7 @@ def _sap_bernoulli_kernel(
     and 16-byte aligned rows (as the JIT specializes them), loads and stores them in 16-byte
     accesses (4-byte ones otherwise: ~20 lane instructions an element fewer in the sm_90 SASS).
     The sample's max |x| decides the log1p path for all of its items at once (every p below
-    2^-7: the series alone)."""
+    2^-7: the series alone; with no 2^64 scale as well, p = |x| / total in one multiply)."""
     ticket = tl.atomic_add(count_ptr, 1, sem="relaxed")
     partials, n32, c = _bernoulli_item(ticket, N, KP, KB, LAG)
     n = n32.to(tl.int64)
@@ -537,6 +548,10 @@ def _sap_bernoulli_kernel(
         inv = tl.div_rn(1.0, total * pre)
         # p = |x| pre inv is monotone in |x|: the largest p is the max's (NaN: not small).
         all_small = big * pre * inv < _SMALL_P
+        # The fast path of a realistic sample: every p from the series, and pre = 1 (p = |x| inv,
+        # the same bits as |x| pre inv): one multiply an element less.
+        plain = all_small & (pre == 1.0)
+        rf = r * 1.0  # (r may be a constexpr 1: a launch specializes it)
         origin = n * L  # uniform index of element 0
         lanes = tl.arange(0, BLOCK // 4)
         h = halves * 0
@@ -558,7 +573,11 @@ def _sap_bernoulli_kernel(
                 g = xv
             else:
                 g = tl.load(src_ptr + n * src_sn + j * src_sl, mask=in_row, other=0.0)
-            q = _keep_probability(tl.abs(xv.to(tl.float32)) * pre * inv, r, all_small)
+            a = tl.abs(xv.to(tl.float32))
+            if plain:
+                q = _neg_expm1(rf * _log1p_neg_series(a * inv))
+            else:
+                q = _keep_probability(a * pre * inv, r, all_small)
             y = tl.where(u < q, g.to(tl.float32) / q, g.to(tl.float32) * 0.0)
             tl.store(out_ptr + n * out_sn + j * out_sl, y.to(g.dtype), mask=in_row)
             h += 1
