@@ -729,9 +729,8 @@ def triton_launches() -> dict[tuple, list[str]]:
         tensors = [a for a in args if isinstance(a, torch.Tensor)]
         recorded.append((self.fn.__name__, dtypes.get(tensors[0].dtype, str(tensors[0].dtype)),
                          tuple(sorted(kwargs.items()))))
-        # Integer outputs as a run would leave them valid: indices 0, and CAS's label flag
-        # (set by the stream kernel, asserted by its launcher) 1, last (in the fused stream
-        # the flag is a view into the counts).
+        # Integer outputs as a run would leave them valid: indices and counters 0, and CAS's
+        # label flag (set by the stream kernel, asserted by its launcher) 1.
         ints = {name: t for name, t in zip(self.arg_names, args)
                 if isinstance(t, torch.Tensor) and not t.is_floating_point()}
         for name, t in ints.items():

@@ -148,7 +148,7 @@ cas (csrc/cuda/cas.cu, triton_kernels/cas.py); training mode (labels)
                (3n), grad_weight's class sums gathered in sample order (no atomics).
   triton       labels flagged by the kernels, one _assert_async; tiles of 512-2048 elements
                (triton_cas_config); up to 64 classes each sample's last streaming program
-               forms its logits (its count zeroed by a fill), else a logits launch per 16
+               forms its logits (its count kept zero between launches), else a logits launch per 16
                samples x 16 classes; grad_weight = grad_logits.T @ mean in the gather kernel.
   eager        mean (n), addmm, index, x * m (2n); backward ~10n in ~13 launches.
   compile      one fused pass (means + out, 2n) and the logits GEMM; backward one fused pass
@@ -273,6 +273,9 @@ _HOPPER = {
         "inner": 2.5,  # an aten op called from C++ (inside another op or the autograd engine)
         "cudnn": 10.0,  # a cuDNN convolution call (plan cache lookup and launch)
         "triton": 10.0,  # a Triton launcher call from Python
+        # triton_kernels/_counters: the kept counters of a launch instead of a fill (a dict
+        # lookup and its guard, 1.1 us on the dev VM; the stream and capture queries more).
+        "counters": 1.5,
         "sync": 10.0,  # a device-to-host copy that waits for the stream
         # An eager CUDA call's seed drawn on the host (ops/_random.draw_seed: the generator's
         # offset advanced, a 2-element CPU tensor; no launch).
@@ -1265,23 +1268,29 @@ TRITON_SAP_PARTIALS_PER_SM = 18
 # _sap_bernoulli_kernel's lane instructions a thread (float32, unit stride, 16-byte aligned
 # rows, L % 4 == 0 (ALIGNED: 16-byte loads and stores), sm_90 SASS; 16 elements a thread a
 # block of 4096): an elementwise item's fixed work (the ticket and its one-division decode, the
-# wait, the sample's partials) and each of its HALVES blocks on the fast path (a sample whose p
-# are all below 2^-7 and whose total needs no 2^64 scale: p = |x| / total in one multiply, q
-# from the series, exp through ex2.ftz with no range fix-up, no p >= 1 test), forward (src is
-# x) and backward (src loaded too); a partials item's fixed work and each of its 2 HALVES
-# blocks (sum and max |x|), then the release. 61.3 an element forward at HALVES 2, 56.3 at 4;
-# partials 8.4 and 6.6 an element of x. Per element of a block: ~14 Philox and addresses, 2.6
-# the uniform, 19 q, 13 the division (div.full: range checks for |q| > 2^126 and q < 2^-126),
-# the select and the store. (Before the fast path: 937 a block forward; with two launches
-# before that: 1190.)
-TRITON_SAP_BERNOULLI_ITEM_OPS = {"fixed": 317, "forward": 822, "backward": 843,
-                                 "partials_fixed": 231, "partials": 76}
+# wait, its count past the wait and the kept counters' resets, the seed, the sample's one
+# partial (KP = 1) read as scalars) and each of its HALVES blocks on the fast path (a sample
+# whose p are all below 2^-7 and whose total needs no 2^64 scale: p = |x| / total in one
+# multiply, q from the series, exp through ex2.ftz with no range fix-up, no p >= 1 test),
+# forward (src is x) and backward (src loaded too); "few_partials" each further partial up to
+# 4 (the same scalar loop, unrolled by ptxas), "many_partials" what the block-wide reduction
+# of a PB tile adds instead from KP = 5 on; a partials item's fixed work and each of its 2
+# HALVES blocks (sum and max |x|), then the release. 59.7 an element forward at HALVES 2
+# (KP = 1), 56.0 at 4 (KP = 2); partials 8.5 and 6.7 an element of x. Per element of a
+# block: ~14 Philox and addresses, 2.6 the uniform, 19 q, 13 the division (div.full: range
+# checks for |q| > 2^126 and q < 2^-126), the select and the store. (Before the fast path:
+# 937 a block forward and 311 fixed; with two launches before that: 1190.)
+TRITON_SAP_BERNOULLI_ITEM_OPS = {"fixed": 265, "forward": 822, "backward": 843,
+                                 "few_partials": 31, "many_partials": 82,
+                                 "partials_fixed": 237, "partials": 76}
 
 
-def triton_sap_bernoulli_ops(halves: int, mode: str) -> tuple[float, float]:
-    """(elementwise, partials) lane instructions an element of x at HALVES blocks an item."""
+def triton_sap_bernoulli_ops(halves: int, mode: str, kp: int = 1) -> tuple[float, float]:
+    """(elementwise, partials) lane instructions an element of x at HALVES blocks an item and
+    KP partials items a sample."""
     c = TRITON_SAP_BERNOULLI_ITEM_OPS
-    elementwise = (c["fixed"] + halves * c[mode]) / (16 * halves)
+    fixed = c["fixed"] + (c["many_partials"] if kp > 4 else c["few_partials"] * (kp - 1))
+    elementwise = (fixed + halves * c[mode]) / (16 * halves)
     return elementwise, (c["partials_fixed"] + 2 * halves * c["partials"]) / (32 * halves)
 
 
@@ -1297,8 +1306,9 @@ def triton_sap_bernoulli_config(rows: int, length: int, block: int = 4096) -> di
 
 
 def _sap_triton_bernoulli(p: Plan, rows: int, length: int, backward: bool) -> None:
-    """triton_kernels/sap.py bernoulli mode: the counters zeroed (an aten fill), then one
-    launch of partials and elementwise items in ticket order (8 warps, 2 programs an SM). A
+    """triton_kernels/sap.py bernoulli mode: one launch (its counters kept zero between
+    launches: no fill) of partials and elementwise items in ticket order (8 warps, 2 programs
+    an SM). A
     sample's partials items read x from HBM (sum and max |x| of 2 HALVES blocks); its
     elementwise items (HALVES blocks of 4096: 1, 2 or 4),
     LAG samples of items later (about the programs resident at once), read x again from L2
@@ -1312,8 +1322,9 @@ def _sap_triton_bernoulli(p: Plan, rows: int, length: int, backward: bool) -> No
     n = rows * length * e
     lat = p.lat
     elementwise, partials = triton_sap_bernoulli_ops(cfg["HALVES"],
-                                                     "backward" if backward else "forward")
-    p.kernel("zeros (counters)", "aten", hbm=(rows + 1) * 4)
+                                                     "backward" if backward else "forward",
+                                                     cfg["KP"])
+    p.host("counters")
     p.host("triton")
     window = cfg["LAG"] * length * e
     again = p.reread(n, window)
@@ -1716,11 +1727,11 @@ def cas_forward(p: Plan, provider: str, grad: bool) -> None:
     elif provider == TRITON:
         _pyprune(p, "cas", grad)
         p.host("triton")
-        # Up to 64 classes the stream forms the logits (its per-sample counts zeroed by a fill
-        # first), else a logits launch follows it.
+        # Up to 64 classes the stream forms the logits (its per-sample counts kept zero
+        # between launches: no fill), else a logits launch follows it.
         fused = classes <= TRITON_CAS_FUSED_CLASSES
         if fused:
-            p.kernel("zeros (counts)", "aten", hbm=(rows + 3) * 4)
+            p.host("counters")
         _triton_cas_stream(p, "_cas_stream_kernel (train)", 2, logits=fused)
         if not fused:
             _triton_cas_logits(p)

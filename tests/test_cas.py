@@ -537,9 +537,16 @@ def test_triton_kernels_flag_bad_labels(device_backend):
     for bad in ([5, 0, 1], [0, 5, 1], [2, 0, -1], [7, 7, 7]):
         with pytest.raises(RuntimeError, match=r"label values must be in \[0, 5\)"):
             kernels.cas_forward(view, weight, bias, torch.tensor(bad, device=device))
-    # A good call after a bad one starts from a fresh flag.
+    # A good call after a bad one starts from a fresh flag, and from counts left zero
+    # (triton_kernels/_counters: kept between launches, no fill).
+    from pyprune.triton_kernels import _counters
+
+    assert all(not b.any() for b in _counters._BUFFERS.values())
     out, _, _, _ = kernels.cas_forward(view, weight, bias, label)
     torch.testing.assert_close(out.view_as(x), want_out, atol=0, rtol=0)
+    _, _, index, _ = kernels.cas_forward(view, weight, bias, None)  # inference: counts too
+    assert torch.equal(index, want_logits.argmax(1))
+    assert all(not b.any() for b in _counters._BUFFERS.values())
     x, weight, bias, label = _inputs(3, 24, 20, 20, 70, torch.float32, device)
     view = x.flatten(2)
     kernels.cas_forward(view, weight, bias, label)

@@ -277,6 +277,55 @@ def test_triton_bernoulli_items(n, length, block, lag):
     assert not (out != 0).logical_and(~out.isnan()).any()
 
 
+def _counters_zero() -> bool:
+    """Whether every kept counter buffer (triton_kernels/_counters) is all zero."""
+    from pyprune.triton_kernels import _counters
+
+    return all(not b.any() for b in _counters._BUFFERS.values())
+
+
+@pytest.mark.triton
+def test_triton_bernoulli_counters_left_zero(monkeypatch):
+    """The bernoulli launch takes its ticket and per-sample counts from kept counters (no fill
+    launch) and leaves every one zero for the next launch: calls of other shapes, lags and
+    blocks one after another (the buffer grown by the larger batch) each keep what the CPU
+    kernel keeps, and the buffer is zero after each. A launch that raises part way leaves it
+    zero too."""
+    kernels = _triton_kernels()
+    from pyprune.triton_kernels import _counters
+
+    seed = torch.tensor([5, 6])
+    cases = [(n, length, block, lag) for n, length, block, lag in _BERNOULLI_ITEMS]
+    # Partials a sample: 1 to 4 summed as scalars, 5 by the tile (as the items above); 40
+    # samples grow the buffer.
+    cases += [(1, 1, 16, None), (40, 70, 16, 7), (2, 20000, 4096, None), (2, 128, 16, None),
+              (2, 129, 16, 1)]
+    kps = [kernels.bernoulli_config(n, length, block)["KP"] for n, length, block, _ in cases]
+    assert kps[-5:] == [1, 3, 3, 4, 5] and max(kps[:-5]) > 5
+    for n, length, block, lag in cases:
+        x = _spread_rows(n, length, n + length)
+        want = torch.ops.pyprune.sap(x, seed, length, False)
+        out = kernels.sap_forward(x, x, seed, length, False, _block=block, _lag=lag)
+        assert torch.equal(out != 0, want != 0), (n, length)
+        assert _counters_zero(), (n, length, block, lag)
+    assert max(b.numel() for b in _counters._BUFFERS.values()) >= 41
+
+    class Failing:
+        """A launch that counts, then fails."""
+
+        def __getitem__(self, grid):
+            def launch(src, x, out, *args, **kwargs):
+                args[6][:2] = 3  # the count tensor (after the seed's 5 arguments and part)
+                raise RuntimeError("launch failed")
+
+            return launch
+
+    monkeypatch.setattr(kernels, "_sap_bernoulli_kernel", Failing())
+    with pytest.raises(RuntimeError, match="launch failed"):
+        kernels.sap_forward(x, x, seed, 3, False)
+    assert _counters_zero()
+
+
 @pytest.mark.triton
 def test_triton_bernoulli_item_order():
     """_bernoulli_item maps the tickets 0 .. N (KP + KB) - 1 onto every partials item (n, c <

@@ -9,10 +9,11 @@ classes; more: a logits launch between them).
   1. _cas_stream_kernel over a 1-D grid of (sample, block of channels, chunk of L) tiles: one
      pass over x writes out = x * weight[label] and each tile's per-channel sums to a workspace
      part (N, K, S) (S chunks of L per channel). Up to 64 classes the sample's last program to
-     finish (a count per sample, zeroed by one fill) forms the sample's means from the S
-     partials in a fixed order, logits = mean @ weight.T + bias rounded to x's dtype, and
-     index = label (_sample_logits); a label outside [0, C) marks the batch, and the last
-     sample to finish sets the flag only where none is marked;
+     finish (a count per sample, in counters the launch leaves zero: triton_kernels/_counters,
+     no fill launch) forms the sample's means from the S partials in a fixed order, logits =
+     mean @ weight.T + bias rounded to x's dtype, and index = label (_sample_logits); a label
+     outside [0, C) marks the batch, and the last sample to finish sets the flag (1 where none
+     is marked);
   2. more classes: program 0 of the stream sets the flag; _cas_logits_kernel per (16 samples,
      16 classes) forms the means and logits the same way (on tl.dot, IEEE float32) and clears
      the flag on a bad label;
@@ -50,6 +51,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._counters import counters, guard
 from .aot import signature
 
 # Streaming tiles: the inner (contiguous) extent is the smallest of _INNER >= min(extent, 256);
@@ -146,8 +148,9 @@ def _cas_stream_kernel(
     label). `fused` (up to _FUSED_CLASSES classes; modes 0 and 1): the sample's last program
     to store its sums (count[n], an acq_rel add after the block's stores) forms the sample's
     means, logits and index itself (_sample_logits), instead of a logits launch; count
-    (N + 3 zeros) also holds the samples done (count[N]) and a bad-label mark (count[N + 1]),
-    and the last sample's tail sets flag = count[N + 2] to 1 only where no label was bad."""
+    (N + 2 zeros, each returned to zero by its last user: _counters) also holds the samples
+    done (count[N]) and a bad-label mark (count[N + 1]), and the last sample's tail sets
+    flag[0] to 1 where no label was bad, else 0."""
     pid = tl.program_id(0).to(tl.int64)
     n, s, kk, ll, kmask, mask = _tile(pid, K, L, S, k_blocks, BLOCK_K, BLOCK_L)
     raw = tl.load(x_ptr + n * x_sn + kk[:, None] * x_sk + ll[None, :] * x_sl, mask=mask,
@@ -174,7 +177,8 @@ def _cas_stream_kernel(
             # tail (the kernel's registers are the larger of the two, not their sum).
             tl.debug_barrier()  # every thread's sums stored before the release
             done = tl.atomic_add(count_ptr + n, 1, sem="acq_rel")
-            if done == k_blocks * S - 1:
+            if done == k_blocks * S - 1:  # the sample's last program: its count back to zero
+                tl.atomic_xchg(count_ptr + n, 0, sem="relaxed")
                 _sample_logits(n, w_ptr, b_ptr, part_ptr, sel_ptr, logits_ptr, index_ptr,
                                mean_ptr, count_ptr, flag_ptr, N, K, L, C, S, mode == 0,
                                has_bias, w_sc, w_sk, TAIL_C, LOGIT_K)
@@ -227,8 +231,9 @@ def _sample_logits(n, w_ptr, b_ptr, part_ptr, label_ptr, logits_ptr, index_ptr, 
         # The mark (program order) before the release; the batch's last sample acquires
         # every sample's mark through the count's release sequence.
         finished = tl.atomic_add(count_ptr + N, 1, sem="acq_rel")
-        if finished == N - 1:
-            marked = tl.atomic_add(count_ptr + N + 1, 0, sem="relaxed")
+        if finished == N - 1:  # the batch's last sample: the flag, both counts back to zero
+            marked = tl.atomic_xchg(count_ptr + N + 1, 0, sem="relaxed")
+            tl.atomic_xchg(count_ptr + N, 0, sem="relaxed")
             tl.store(flag_ptr, tl.where(marked == 0, 1, 0).to(tl.int32))
     else:
         best_v = tl.full([1], -float("inf"), tl.float32)
@@ -551,15 +556,11 @@ def cas_forward(
     sel = label if train else index
     has_bias = int(bias is not weight)
     # Train: the kernels flag labels out of range, and one asynchronous assert checks the flag:
-    # no host sync. Fused (few classes): the stream's per-sample tails set the flag where no
-    # label is bad (the counts, the mark and the flag zeroed by one fill). Unfused: program 0
-    # of the stream sets it, the logits kernel clears it on a bad label.
+    # no host sync. Fused (few classes): the tail of the batch's last sample writes the flag (1
+    # where no sample marked a bad label). Unfused: program 0 of the stream sets it, the logits
+    # kernel clears it on a bad label.
     fused = C <= _FUSED_CLASSES
-    if fused:
-        count = x.new_zeros((N + 3,), dtype=torch.int32)
-        flag = count[N + 2:]
-    else:
-        count = flag = x.new_empty((1,), dtype=torch.int32)
+    flag = x.new_empty((1,), dtype=torch.int32)
 
     def stream(mode: int) -> None:
         _cas_stream_kernel[(programs,)](
@@ -571,7 +572,11 @@ def cas_forward(
         )
 
     with on_device(x):
-        stream(_TRAIN if train else _SUMS)
+        # Fused: per-sample counts, the samples done and the bad-label mark, zero and left
+        # zero by the stream (triton_kernels/_counters: no fill launch before it).
+        count = counters(x.device, N + 2) if fused else flag
+        with guard(count):
+            stream(_TRAIN if train else _SUMS)
         if not fused:
             _cas_logits_kernel[(cdiv(N, block_n) * c_blocks,)](
                 weight, bias, part, sel, logits, index, mean, flag,

@@ -3,8 +3,7 @@
 x is an (N, L) view with any strides. A sample is split over many programs: element chunks of
 E elements and, in exact mode, draw chunks of D draws (E from L, D from r only, so a sample's
 result does not depend on the batch size or the device). Three launches in exact mode, one in
-bernoulli mode (after zeroing its counters), no host sync, and a workspace of O(N * chunks)
-from the caching allocator:
+bernoulli mode, no host sync, and a workspace of O(N * chunks) from the caching allocator:
 
 1. partials, one program per (sample, chunk): sum |x| of an element chunk (NaN and inf
    propagate), and in exact mode the sum of a draw chunk's Exp(1) spacings. Draw chunks are
@@ -41,7 +40,9 @@ u_j < q_j), taken in ticket order from an atomic counter: a sample's elementwise
 LAG samples after its partials and wait (acquire) until all of them are counted done
 (release), then sum them in a fixed order (the total does not depend on which item finished
 last). Waiting only on earlier tickets cannot deadlock: their programs have started (on the
-GPU, and in the interpreter's in-order run). The partials of later samples stream x from HBM
+GPU, and in the interpreter's in-order run). The counters come zero and are left zero
+(triton_kernels/_counters: no fill launch): the program taking the last ticket resets the
+ticket, and a sample's last elementwise item past the wait resets its count. The partials of later samples stream x from HBM
 while earlier samples' elementwise items compute, and x's second read comes from L2; the
 prefix launch and a second Triton launch are saved (a launch costs the host ~10 us, more than
 the device time of a small batch). The sample's max |x| picks the log1p path once for all of
@@ -70,6 +71,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._counters import counters, guard
 from ._random import SEED_WORDS, _to_uniform, load_seed, philox4, seed_args
 from .cas import cdiv, next_pow2, on_device
 
@@ -89,11 +91,16 @@ _MAX_DRAW_CHUNKS = 4096
 # schedulers busy). An elementwise item takes `halves` blocks (1, 2 or 4: the most that still
 # give every SM an item) in a loop over a runtime count (unrolled, or with a constexpr count
 # of 1, ptxas spilled at 128 registers): its fixed work (ticket and decode, wait, seed, the
-# sample's total) is ~320 lane instructions a thread, a block's ~820 on the fast path
-# (forward; float32, unit strides, L % 4 == 0: 16-byte accesses; sm_90 SASS), ~61 an element
-# at 2 blocks, ~56 at 4; a partials item (2 halves blocks) ~230 and ~76 a block.
+# sample's total, the kept counters' upkeep) is ~350 lane instructions a thread, a block's
+# ~820 on the fast path (forward; float32, unit strides, L % 4 == 0: 16-byte accesses; sm_90
+# SASS), ~62 an element at 2 blocks, ~57 at 4; a partials item (2 halves blocks) ~240 and ~76
+# a block.
 _BERNOULLI_BLOCK = 4096
 _BERNOULLI_MAX_REGS = 128
+# An elementwise item sums up to this many partials of its sample one after another, as scalars
+# (~10 lane instructions for one, where a block-wide reduction of a PB tile took ~105); more
+# take the tile (their L2 round trips overlap).
+_FEW_PARTIALS = tl.constexpr(4)
 # The bernoulli launch's fill: H100 / H200 SMs (2 programs resident an SM).
 _SMS = 132
 # Row extents (elements x stride) from which the bernoulli offsets are int64 (WIDE); tests
@@ -504,6 +511,8 @@ def _sap_bernoulli_kernel(
     The sample's max |x| decides the log1p path for all of its items at once (every p below
     2^-7: the series alone; with no 2^64 scale as well, p = |x| / total in one multiply)."""
     ticket = tl.atomic_add(count_ptr, 1, sem="relaxed")
+    if ticket == tl.num_programs(0) - 1:  # every ticket taken: the counter back to zero
+        tl.atomic_xchg(count_ptr, 0, sem="relaxed")
     partials, n32, c = _bernoulli_item(ticket, N, KP, KB, LAG)
     n = n32.to(tl.int64)
     part = part_ptr + (n * KP) * 2
@@ -530,20 +539,30 @@ def _sap_bernoulli_kernel(
         done = tl.atomic_add(done_ptr, 0, sem="acquire")
         while done < KP:
             done = tl.atomic_add(done_ptr, 0, sem="acquire")
+        # Counted past the wait; the sample's last item to pass returns the count to zero.
+        if tl.atomic_add(done_ptr, 1, sem="relaxed") == KP + KB - 1:
+            tl.atomic_xchg(done_ptr, 0, sem="relaxed")
         key, stream = load_seed(seed_ptr, seed_k0, seed_k1, seed_s0, seed_s1)
         # The total from the partials in a fixed order (the same in every item of the sample);
         # NaN propagates, and an overflow to inf gives p = 0: nothing is kept.
         total = tl.zeros([], dtype=tl.float32)
         big = tl.zeros([], dtype=tl.float32)
         t = KP * 0
-        while t < KP:
-            idx = t + tl.arange(0, PB)
-            sums = tl.load(part + 2 * idx, mask=idx < KP, other=0.0, cache_modifier=".cg")
-            maxima = tl.load(part + 2 * idx + 1, mask=idx < KP, other=0.0, cache_modifier=".cg")
-            block_sum, block_max = tl.reduce((sums, maxima), 0, _sum_max)
-            total += block_sum
-            big = tl.maximum(big, block_max)
-            t += PB
+        if KP <= _FEW_PARTIALS:  # one after another, each a load every thread makes alike
+            while t < KP:
+                total += tl.load(part + 2 * t, cache_modifier=".cg")
+                big = tl.maximum(big, tl.load(part + 2 * t + 1, cache_modifier=".cg"))
+                t += 1
+        else:  # PB at a time, summed across the block
+            while t < KP:
+                idx = t + tl.arange(0, PB)
+                sums = tl.load(part + 2 * idx, mask=idx < KP, other=0.0, cache_modifier=".cg")
+                maxima = tl.load(part + 2 * idx + 1, mask=idx < KP, other=0.0,
+                                 cache_modifier=".cg")
+                block_sum, block_max = tl.reduce((sums, maxima), 0, _sum_max)
+                total += block_sum
+                big = tl.maximum(big, block_max)
+                t += PB
         pre = tl.where(total < _TINY_TOTAL, _TINY_SCALE, 1.0)
         inv = tl.div_rn(1.0, total * pre)
         # p = |x| pre inv is monotone in |x|: the largest p is the max's (NaN: not small).
@@ -691,7 +710,7 @@ def sap_forward(src: torch.Tensor, x: torch.Tensor, seed: torch.Tensor, r: int, 
 
 def _bernoulli(src: torch.Tensor, x: torch.Tensor, out: torch.Tensor, seed: tuple, r: int,
                block: int, lag: int | None) -> None:
-    """Bernoulli mode: one launch (_sap_bernoulli_kernel) after zeroing its counters."""
+    """Bernoulli mode: one launch (_sap_bernoulli_kernel), on counters it leaves zero."""
     N, L = x.shape
     cfg = bernoulli_config(N, L, block)
     if lag is not None:
@@ -703,13 +722,16 @@ def _bernoulli(src: torch.Tensor, x: torch.Tensor, out: torch.Tensor, seed: tupl
     wide = extent >= _WIDE_FROM
     # (sum |x|, max |x|) of each partials item; the ticket and each sample's done count.
     part = torch.empty((N, cfg["KP"], 2), dtype=torch.float32, device=x.device)
-    count = torch.zeros((N + 1,), dtype=torch.int32, device=x.device)
     with on_device(x):
-        _sap_bernoulli_kernel[(cfg["programs"],)](
-            src, x, out, *seed, part, count, N, L, r, cfg["KP"], cfg["KB"], cfg["LAG"],
-            int(_aliases(src, x)), cfg["HALVES"], *x.stride(), *src.stride(), *out.stride(),
-            BLOCK=block, PB=_PREFIX_BLOCK, WIDE=wide, ALIGNED=L % 4 == 0 and not wide,
-            num_warps=_WARPS["bernoulli"], maxnreg=_BERNOULLI_MAX_REGS)
+        # Zero, and left zero by the launch: no fill launch before it (triton_kernels/_counters).
+        count = counters(x.device, N + 1)
+        with guard(count):
+            _sap_bernoulli_kernel[(cfg["programs"],)](
+                src, x, out, *seed, part, count, N, L, r, cfg["KP"], cfg["KB"], cfg["LAG"],
+                int(_aliases(src, x)), cfg["HALVES"], *x.stride(), *src.stride(),
+                *out.stride(), BLOCK=block, PB=_PREFIX_BLOCK, WIDE=wide,
+                ALIGNED=L % 4 == 0 and not wide, num_warps=_WARPS["bernoulli"],
+                maxnreg=_BERNOULLI_MAX_REGS)
 
 
 def _aot_variants() -> list[tuple]:
