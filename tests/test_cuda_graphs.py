@@ -168,6 +168,40 @@ def test_cas(backend, labelled):
                         [] if label is None else [label])
 
 
+@pytest.mark.triton
+def test_triton_counters_across_streams():
+    """The Triton launches that count with atomics (SAP bernoulli, the CAS forward) keep their
+    counters per stream between launches (triton_kernels/_counters; graphs above capture a
+    fill of their own): calls alternating between two streams, each stream's calls queued back
+    to back, give what one eager call gives, and every kept buffer is zero once the device is
+    idle."""
+    from pyprune.triton_kernels import _counters
+
+    x = torch.randn(8, 16, 8, 8, device=DEVICE)
+    w, b = torch.randn(10, 16, device=DEVICE), torch.randn(10, device=DEVICE)
+    label = torch.randint(10, (8,), device=DEVICE)
+
+    def calls():
+        gen = torch.Generator(DEVICE).manual_seed(3)
+        return pyprune.sap(x, 0.5, exact=False, generator=gen), *pyprune.cas(x, w, b, label)
+
+    with pyprune.use_backend("triton"):
+        want = calls()
+        streams = [torch.cuda.Stream() for _ in range(2)]
+        for stream in streams:
+            stream.wait_stream(torch.cuda.current_stream())
+        got = []
+        for i in range(6):
+            with torch.cuda.stream(streams[i % 2]):
+                got.append(calls())
+        torch.cuda.synchronize()
+    for outs in got:
+        for g, w_ in zip(outs, want):
+            assert torch.equal(g, w_)
+    assert len(_counters._BUFFERS) >= 3  # the default stream's and each side stream's
+    assert all(not buf.any() for buf in _counters._BUFFERS.values())
+
+
 @pytest.mark.parametrize("kind", ["static", "per_sample", "soft_static", "soft_per_sample", "weight"])
 def test_masked_conv2d(backend, kind):
     x, w, b = _leaf(4, 16, 9, 9), _leaf(24, 16, 3, 3), _leaf(24)
