@@ -58,8 +58,8 @@ whole calls, so that the model can take the GPU machine's own figures:
                   a 256 MiB buffer, two events recorded; harness_before + harness_after);
     triton        a Triton launcher called directly (triton_kernels.noise.gaussian_noise on a
                   one-element tensor: its checks, the JIT's dispatch and the launch);
-    counters      the kept counters of a Triton launch that counts with atomics and their
-                  guard (triton_kernels/_counters: the stream and capture queries, no launch);
+    counters      the kept counters of a Triton launch that counts with atomics
+                  (triton_kernels/_counters: the stream and capture queries, no launch);
     <op>:<backend> one forward call of the public op on SHAPE inputs (as for the figures
                   above) with the backend forced, grad mode off, launches included; and
     <op>:eager     the benchmark's eager version of the same call (kwta, noise only).
@@ -293,7 +293,7 @@ def _launch_specs(device: torch.device) -> dict[str, Callable[[], Any]]:
         calls["triton"] = lambda: triton_noise.gaussian_noise(one, seed, 0.1, False)
 
         def counted() -> None:
-            with _counters.guard(_counters.counters(device, 64)):
+            with _counters.counters(device, 64):
                 pass
 
         calls["counters"] = counted

@@ -274,7 +274,7 @@ _HOPPER = {
         "cudnn": 10.0,  # a cuDNN convolution call (plan cache lookup and launch)
         "triton": 10.0,  # a Triton launcher call from Python
         # triton_kernels/_counters: the kept counters of a launch instead of a fill (a dict
-        # lookup and its guard, 1.1 us on the dev VM; the stream and capture queries more:
+        # lookup and its context, 1.1 us on the dev VM; the stream and capture queries more:
         # host_overhead --launches measures the whole on a GPU machine, as "counters").
         "counters": 1.5,
         "sync": 10.0,  # a device-to-host copy that waits for the stream

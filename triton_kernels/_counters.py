@@ -10,7 +10,7 @@ streams have buffers of their own.
 
 Under CUDA graph capture the counters are a fresh fill, captured with the graph: a graph may be
 replayed on any stream, beside eager launches or other graphs, and must not share a buffer
-with them. A launch that raises has its buffer zeroed again (``guard``) so that no later launch
+with them. A launch that raises has its buffer zeroed again (on leaving ``counters``) so that no later launch
 meets the counts of one that stopped part way (under the interpreter; on the GPU a launch
 either starts every program or none).
 """
@@ -32,27 +32,25 @@ def _stream_key(device: torch.device) -> tuple | None:
     return ("cuda", index, torch._C._cuda_getCurrentRawStream(index))
 
 
-def counters(device: torch.device, n: int) -> torch.Tensor:
-    """At least n int32 counters, all zero, for a launch on device's current stream that leaves
-    them all zero when it ends (see the module docstring). Call it in the launch's device
-    context, and launch inside ``guard``."""
-    key = _stream_key(device)
-    if key is None:
-        return torch.zeros(n, dtype=torch.int32, device=device)
-    buffer = _BUFFERS.get(key)
-    if buffer is None or buffer.numel() < n:
-        buffer = _BUFFERS[key] = torch.zeros(max(_MIN, 2 * n), dtype=torch.int32, device=device)
-    return buffer
-
-
-class guard:
-    """Zeroes the counters again if the launch inside raises (its programs may have stopped
-    part way). A class, not contextlib: a launcher's host time counts at small sizes."""
+class counters:
+    """``with counters(device, n) as count:`` at least n int32 counters, all zero, for a launch
+    on device's current stream that leaves them all zero when it ends (see the module
+    docstring); zeroed again if the launch inside raises (its programs may have stopped part
+    way). Enter it in the launch's device context. A class, not contextlib: a launcher's host
+    time counts at small sizes."""
 
     __slots__ = ("count",)
 
-    def __init__(self, count: torch.Tensor) -> None:
-        self.count = count
+    def __init__(self, device: torch.device, n: int) -> None:
+        key = _stream_key(device)
+        if key is None:
+            self.count = torch.zeros(n, dtype=torch.int32, device=device)
+            return
+        buffer = _BUFFERS.get(key)
+        if buffer is None or buffer.numel() < n:
+            buffer = _BUFFERS[key] = torch.zeros(max(_MIN, 2 * n), dtype=torch.int32,
+                                                 device=device)
+        self.count = buffer
 
     def __enter__(self) -> torch.Tensor:
         return self.count

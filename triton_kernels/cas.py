@@ -51,7 +51,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._counters import counters, guard
+from ._counters import counters
 from .aot import signature
 
 # Streaming tiles: the inner (contiguous) extent is the smallest of _INNER >= min(extent, 256);
@@ -573,9 +573,9 @@ def cas_forward(
 
     with on_device(x):
         # Fused: per-sample counts, the samples done and the bad-label mark, zero and left
-        # zero by the stream (triton_kernels/_counters: no fill launch before it).
-        count = counters(x.device, N + 2) if fused else flag
-        with guard(count):
+        # zero by the stream (triton_kernels/_counters: no fill launch before it; unfused, the
+        # stream does not read them).
+        with counters(x.device, N + 2) as count:
             stream(_TRAIN if train else _SUMS)
         if not fused:
             _cas_logits_kernel[(cdiv(N, block_n) * c_blocks,)](

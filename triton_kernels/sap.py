@@ -42,8 +42,9 @@ LAG samples after its partials and wait (acquire) until all of them are counted 
 last). Waiting only on earlier tickets cannot deadlock: their programs have started (on the
 GPU, and in the interpreter's in-order run). The counters come zero and are left zero
 (triton_kernels/_counters: no fill launch): the program taking the last ticket resets the
-ticket, and a sample's last elementwise item past the wait resets its count. The partials of later samples stream x from HBM
-while earlier samples' elementwise items compute, and x's second read comes from L2; the
+ticket, and a sample's last elementwise item past the wait resets its count. The partials of
+later samples stream x from HBM while earlier samples' elementwise items compute, and x's
+second read comes from L2; the
 prefix launch and a second Triton launch are saved (a launch costs the host ~10 us, more than
 the device time of a small batch). The sample's max |x| picks the log1p path once for all of
 its elements (every p below 2^-7: the series alone). Its totals sum other chunks than exact
@@ -71,7 +72,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._counters import counters, guard
+from ._counters import counters
 from ._random import SEED_WORDS, _to_uniform, load_seed, philox4, seed_args
 from .cas import cdiv, next_pow2, on_device
 
@@ -724,8 +725,7 @@ def _bernoulli(src: torch.Tensor, x: torch.Tensor, out: torch.Tensor, seed: tupl
     part = torch.empty((N, cfg["KP"], 2), dtype=torch.float32, device=x.device)
     with on_device(x):
         # Zero, and left zero by the launch: no fill launch before it (triton_kernels/_counters).
-        count = counters(x.device, N + 1)
-        with guard(count):
+        with counters(x.device, N + 1) as count:
             _sap_bernoulli_kernel[(cfg["programs"],)](
                 src, x, out, *seed, part, count, N, L, r, cfg["KP"], cfg["KB"], cfg["LAG"],
                 int(_aliases(src, x)), cfg["HALVES"], *x.stride(), *src.stride(),
