@@ -1053,8 +1053,9 @@ CUDA_SAP_DRAW_GROUP = 1024  # kDrawGroup: draws of one Philox group a thread
 # whole-chunk test then ran at every r, with two searches) is 1.2x what these counts give at
 # this model's issue rate (the former estimate, ~60 an element for the draws, gave 15.8 us).
 # "stored_chunk": the chunk in stored mode (its 4 positions a thread read back as one 16-byte
-# load, placed as above; no Philox, no scans).
-CUDA_SAP_MERGE_OPS = {"item": 1250, "chunk": 630, "whole": 115, "group": 300,
+# load, placed as above; no Philox, no scans). (The item's q: 3 multiply-adds an element fewer
+# since the 4-term log1p series and the degree-5 expm1 of csrc/sap.h: 1250 before.)
+CUDA_SAP_MERGE_OPS = {"item": 1226, "chunk": 630, "whole": 115, "group": 300,
                       "stored_chunk": 370}
 CUDA_SAP_WHOLE_CHUNK_RATIO = 2  # kWholeChunkRatio
 CUDA_SAP_STORE_MAX_RATIO = 4  # kStoreMaxRatio
@@ -1062,10 +1063,11 @@ CUDA_SAP_STORE_MAX_RATIO = 4  # kStoreMaxRatio
 # of the benchmarks' data: 16-byte packs, src = x, p < 2^-7; branches decided by hand, not
 # profiled). bernoulli_pack, one pack of 4 elements: p, the log1p series, both expm1 branches
 # and the select, the uniform and its compare, the predicated reciprocal and src / q, the
-# rare-path flags and the pack's branches: ~120. Philox4x32-10 side by side with the counters'
+# rare-path flags and the pack's branches: ~108 (~120 before the 4-term log1p series and the
+# degree-5 expm1: 12 multiply-adds a pack fewer, as the SASS's FFMA count shows). Philox4x32-10 side by side with the counters'
 # setup (philox_n: 2 IMAD.WIDE and 2 LOP3 a round each, the key's 2 additions a round shared):
 # 2 evaluations ~105, 4 ~190.
-CUDA_SAP_PACK_OPS = 120
+CUDA_SAP_PACK_OPS = 108
 CUDA_SAP_PHILOX_OPS = {2: 105, 4: 190}
 # sap_bernoulli_kernel (two-launch path): an item's indices, bounds-checked loads and the
 # thread-0 total ~240 a thread of 16 elements, then 4 x (a lone evaluation ~80 + a pack + its
@@ -1250,11 +1252,12 @@ def _sap_kernel(p: Plan, provider: str, backward: bool) -> None:
 # the hit stores; "stored_": the tile reading the partials pass's running sums back instead of
 # making the draws), and the AOT variant's registers (capped at 128, 136 making the draws), so
 # 8 (6) programs an SM (the per-partition register file). make gpu-report checks
-# the tiles and the registers against the SASS.
+# the tiles and the registers against the SASS. (The items' q: 3 multiply-adds an element
+# fewer since the 4-term log1p series and the degree-5 expm1: 431 and 1434 before.)
 TRITON_SAP_MERGE_OPS = {
-    256: {"item": 431, "search_step": 90, "tile": 466, "regs": 115, "stored_tile": 215,
+    256: {"item": 419, "search_step": 90, "tile": 466, "regs": 115, "stored_tile": 215,
           "stored_regs": 94},
-    1024: {"item": 1434, "search_step": 91, "tile": 518, "regs": 136, "stored_tile": 266,
+    1024: {"item": 1386, "search_step": 91, "tile": 518, "regs": 136, "stored_tile": 266,
            "stored_regs": 128},
 }
 # _sap_partials_kernel (2 warps, 55 registers: 18 programs an SM), instructions a thread of a
@@ -1276,12 +1279,15 @@ TRITON_SAP_PARTIALS_PER_SM = 18
 # forward (src is x) and backward (src loaded too); "few_partials" each further partial up to
 # 4 (the same scalar loop, unrolled by ptxas), "many_partials" what the block-wide reduction
 # of a PB tile adds instead from KP = 5 on; a partials item's fixed work and each of its 2
-# HALVES blocks (sum and max |x|), then the release. 59.7 an element forward at HALVES 2
-# (KP = 1), 56.0 at 4 (KP = 2); partials 8.5 and 6.7 an element of x. Per element of a
-# block: ~14 Philox and addresses, 2.6 the uniform, 19 q, 13 the division (div.full: range
-# checks for |q| > 2^126 and q < 2^-126), the select and the store. (Before the fast path:
-# 937 a block forward and 311 fixed; with two launches before that: 1190.)
-TRITON_SAP_BERNOULLI_ITEM_OPS = {"fixed": 265, "forward": 822, "backward": 843,
+# HALVES blocks (sum and max |x|), then the release. 49.6 an element forward at HALVES 2
+# (KP = 1), 45.9 at 4 (KP = 2); partials 8.5 and 6.7 an element of x. Per element of a
+# block: ~14 Philox and addresses, 2.6 the uniform, 16 q (log1p series of 4 terms, the
+# degree-5 expm1), 2 the quotient (the hardware reciprocal and a multiply, where div.full
+# took 9 with its range checks), ~2 the block's test for a zero uniform (a minimum of the
+# words, REDUX and one cross-warp step), the select and the store. (Before the reciprocal and
+# the shorter polynomials: 822 forward, 843 backward; before the fast path: 937 forward and
+# 311 fixed; with two launches before that: 1190.)
+TRITON_SAP_BERNOULLI_ITEM_OPS = {"fixed": 265, "forward": 661, "backward": 702,
                                  "few_partials": 31, "many_partials": 82,
                                  "partials_fixed": 237, "partials": 76}
 

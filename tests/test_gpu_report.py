@@ -329,6 +329,11 @@ def test_triton_sap_bernoulli_accesses(aligned):
         assert sum("LDG.E.128" in ins for _, ins in body) >= 4
     else:
         assert len(stores) == 16 + 2 and not any(".128" in ins for ins in stores)
+    # src / q: the hardware reciprocal of each element on the fast path, a full division
+    # (one MUFU.RCP each too) in a block with a zero uniform; the zero-uniform test reduces the
+    # Philox words within warps by REDUX (no shared-memory layout change of the uniforms).
+    assert sum("MUFU.RCP" in ins for _, ins in body) >= 2 * 16
+    assert any("REDUX.MIN" in ins for _, ins in body)
     # (The ticket is relaxed and the wait an acquire load: the release's is the one fence.)
     ops = [ins for _, ins in body]
     assert gpu_report.memory_fences(body) == gpu_report.RELEASES["sap._sap_bernoulli_kernel"] == 1

@@ -277,6 +277,80 @@ def test_triton_bernoulli_items(n, length, block, lag):
     assert not (out != 0).logical_and(~out.isnan()).any()
 
 
+# Seed and value index of a uniform of exactly 0 (a Philox word below 2^8: one in 2^24),
+# found with the CPU kernel (an element of q ~ 1e-30 is kept only there); the test checks it.
+_ZERO_U_SEED = (7, 116278)
+_ZERO_U_AT = 346
+
+
+_SUBNORMAL_SHAPES = [(1, 600), (3, 173), (2, 400)]
+
+
+def _check_subnormal_divisor(run, n, length, device):
+    """run(src, x, seed, r) (a bernoulli forward or backward of some backend) divides a kept
+    element whose q is below 2^-126 (subnormal) in full. Such an element can only be kept where
+    its uniform is exactly 0, and the block holding it leaves the reciprocal fast path (whose
+    flushed divisor would give inf). Forward (src = x) and backward with a src of x's scale
+    (src / q of an unrelated src would overflow), against the CPU kernel."""
+    seed = torch.tensor(_ZERO_U_SEED)
+    row, col = divmod(_ZERO_U_AT, length)
+    probe = torch.ones(n, length)
+    probe[:, 0] = 1e30  # q ~ 1: kept; every other q ~ 1e-30: kept only where u = 0
+    probe[row, 0], probe[row, 1 if col == 0 else 0] = 1.0, 1e30
+    kept = torch.ops.pyprune.sap(probe, seed, 1, False) != 0
+    assert kept[row, col] and kept.sum() == n + 1, "the seed's uniform at _ZERO_U_AT is not 0"
+    gen = torch.Generator().manual_seed(length)
+    x = torch.rand(n, length, generator=gen) + 0.5
+    x.view(-1)[_ZERO_U_AT] = 1e-41  # p ~ 1e-44, q ~ 1e-41 < 2^-126 (the series path)
+    want = torch.ops.pyprune.sap(x, seed, length, False)
+    assert want.view(-1)[_ZERO_U_AT] > 0.5
+    rest = torch.ones(n * length, dtype=torch.bool)
+    rest[_ZERO_U_AT] = False
+    xd = x.to(device)
+    for src in (x, x * torch.randn(n, length, generator=gen)):
+        out = run(xd if src is x else src.to(device), xd, seed.to(device), length).cpu()
+        # src / q from the CPU's forward: src * (x / q) / x, in float64 (1 / q overflows float)
+        expect = (src.double() * torch.where(want != 0, want.double() / x.double(), 0.0)).float()
+        assert out.isfinite().all()
+        assert torch.equal(out != 0, want != 0)
+        # q below 2^-126 carries ~13 significant bits, rounded in each step: the subnormal
+        # element's value agrees to 1%, every other to float rounding.
+        torch.testing.assert_close(out.view(-1)[_ZERO_U_AT], expect.view(-1)[_ZERO_U_AT],
+                                   rtol=1e-2, atol=0)
+        torch.testing.assert_close(out.view(-1)[rest], expect.view(-1)[rest], rtol=1e-5, atol=0)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("n, length", _SUBNORMAL_SHAPES)
+def test_triton_bernoulli_subnormal_divisor(n, length):
+    """The Triton bernoulli launch divides a kept element of subnormal q in full (the
+    interpreter flushes the reciprocal's divisor as the hardware does), rows of every Philox
+    alignment."""
+    kernels = _triton_kernels()
+    _check_subnormal_divisor(lambda src, x, seed, r: kernels.sap_forward(src, x, seed, r, False),
+                             n, length, "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("n, length", _SUBNORMAL_SHAPES)
+def test_gpu_bernoulli_subnormal_divisor(backend, n, length):
+    """The compiled kernels (CUDA's bernoulli_pack and Triton's HW_RCP reciprocal) divide a
+    kept element of subnormal q in full."""
+    if backend == "triton":
+        from pyprune.triton_kernels import sap as kernels
+
+        def run(src, x, seed, r):
+            return kernels.sap_forward(src, x, seed, r, False)
+    else:
+        def run(src, x, seed, r):
+            if src is x:
+                return torch.ops.pyprune.sap(x, seed, r, False)
+            return torch.ops.pyprune._sap_backward(src, x, seed, r, False)
+    _check_subnormal_divisor(run, n, length, "cuda")
+
+
 def _counters_zero() -> bool:
     """Whether every kept counter buffer (triton_kernels/_counters) is all zero."""
     from pyprune.triton_kernels import _counters

@@ -66,11 +66,13 @@ log for p >= 2^-7), so bernoulli keeps match the CPU's. Counters and draw indice
 """
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.jit import JITFunction
 
 from ._counters import counters
 from ._random import SEED_WORDS, _to_uniform, load_seed, philox4, seed_args
@@ -136,39 +138,60 @@ _TL_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf1
 
 
 _SMALL_P = tl.constexpr(0.0078125)  # p below 2^-7 takes the log1p series (csrc/cpu/fast_math.h)
+_FLT_MIN = tl.constexpr(1.1754943508222875e-38)  # 2^-126, the least normal float32
+# e(y) = expm1(y) / y = 1 + C1 y + ... + C5 y^5 on [-1/2, 0] (csrc/cpu/fast_math.h's kExpm1C*)
+_EXPM1_C1 = tl.constexpr(4.99999851e-1)
+_EXPM1_C2 = tl.constexpr(1.66662887e-1)
+_EXPM1_C3 = tl.constexpr(4.16320488e-2)
+_EXPM1_C4 = tl.constexpr(8.19329452e-3)
+_EXPM1_C5 = tl.constexpr(1.12592161e-3)
 _LOG2E = tl.constexpr(1.4426950408889634)  # float32: 0x3FB8AA3B, tl.exp's factor
 
 
 @triton.jit
 def _neg_expm1(y):
-    """-expm1(y) for y <= 0: the Taylor series of expm1 (to y^8 / 8!, within float rounding for
-    y >= -1/2), else 1 - exp(y), which is exact to rounding there. exp(y) is 2^(y log2 e)
-    through tl.exp2 (ex2.approx.ftz: one MUFU): tl.exp takes the same product and the same
-    exp2 but without flushing, which costs 3 instructions an element to mend results below
-    2^-126, and those only ever meet 1 - 2^v = 1 either way. Signs sit on products (-(y e), not
-    (-y) e: the same bits), so no negated copy of y is made."""
-    e = 1.0 / 40320
-    e = 1.0 / 5040 + y * e
-    e = 1.0 / 720 + y * e
-    e = 1.0 / 120 + y * e
-    e = 1.0 / 24 + y * e
-    e = 1.0 / 6 + y * e
-    e = 0.5 + y * e
+    """-expm1(y) for y <= 0: -y e(y) with e(y) = expm1(y) / y by its degree-5 minimax
+    polynomial on [-1/2, 0] (relative error 1.5e-9, below float rounding: csrc/cpu/fast_math.h),
+    else 1 - exp(y), which is exact to rounding there. exp(y) is 2^(y log2 e) through tl.exp2
+    (ex2.approx.ftz: one MUFU): tl.exp takes the same product and the same exp2 but without
+    flushing, which costs 3 instructions an element to mend results below 2^-126, and those
+    only ever meet 1 - 2^v = 1 either way. Signs sit on products (-(y e), not (-y) e: the same
+    bits), so no negated copy of y is made."""
+    e = _EXPM1_C5
+    e = _EXPM1_C4 + y * e
+    e = _EXPM1_C3 + y * e
+    e = _EXPM1_C2 + y * e
+    e = _EXPM1_C1 + y * e
     e = 1.0 + y * e
     return tl.where(y < -0.5, 1.0 - tl.exp2(y * _LOG2E), -(y * e))
 
 
 @triton.jit
+def _normal_quotient(g, q, HW_RCP: tl.constexpr):
+    """g / q for a normal float32 divisor q (|q| in [2^-126, 2^126]): g times the hardware
+    reciprocal alone (HW_RCP: rcp.approx.ftz.f32, one MUFU and a multiply, 2 ulp as
+    div.full.f32), where `/` (div.full.f32) adds 7 instructions an element of range checks
+    that change nothing in that range (csrc/cuda/sap.cu's divide does the same). The
+    interpreter runs no PTX: there g times 1 / q, q flushed to 0 below 2^-126 as .ftz does
+    (so a subnormal divisor gives inf there too)."""
+    if HW_RCP:
+        return g * tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [q],
+                                             dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        return g * (1.0 / tl.where(tl.abs(q) < _FLT_MIN, q * 0.0, q))
+
+
+@triton.jit
 def _log1p_neg_series(p):
-    """log1p(-p) by its series (5 terms: within float rounding below p = 2^-7), written
-    -(p s) (the same bits as (-p) s without a negated copy of p)."""
-    return -(p * (1.0 + p * (0.5 + p * (1.0 / 3 + p * (0.25 + p * 0.2)))))
+    """log1p(-p) by its series (4 terms: truncation p^5 / 5, below float rounding for p below
+    2^-7), written -(p s) (the same bits as (-p) s without a negated copy of p)."""
+    return -(p * (1.0 + p * (0.5 + p * (1.0 / 3 + p * 0.25))))
 
 
 @triton.jit
 def _keep_probability(p, r, all_small):
     """q = 1 - (1 - p)^r = -expm1(r * log1p(-p)) for a block of p, as csrc/cpu/fast_math.h's
-    fast_keep_probability computes it: log1p(-p) by its series below p = 2^-7 (5 terms, within
+    fast_keep_probability computes it: log1p(-p) by its series below p = 2^-7 (4 terms, within
     float rounding), else by log(1 - p) with Goldberg's correction (-p / (u - 1)), which keeps
     full relative accuracy; q = 1 from p = 1 on. all_small (a scalar: every p of the block is
     below 2^-7, as for every element of a sample of more than ~200 similar values) skips the
@@ -209,11 +232,15 @@ def _running_max(c):
 @triton.jit
 def _uniforms4(key, stream, evaluation):
     """(B, 4) uniforms: row i holds values 4 e_i .. 4 e_i + 3 of the stream (e: int64 (B,)
-    Philox counters), one Philox evaluation per row."""
+    Philox counters), one Philox evaluation per row; and whether every one is above 0 (each
+    is then at least 2^-24). The test reduces the words in their own layout: a reduction of
+    the joined tile would move it through shared memory first."""
     w0, w1, w2, w3 = philox4(key, stream, evaluation)
     u0, u1, u2, u3 = _to_uniform(w0), _to_uniform(w1), _to_uniform(w2), _to_uniform(w3)
     # join(a, b) stacks on a new last axis: ((u0, u2), (u1, u3)) -> (B, 2, 2) = u0 u1 u2 u3.
-    return tl.reshape(tl.join(tl.join(u0, u2), tl.join(u1, u3)), [evaluation.shape[0], 4])
+    u = tl.reshape(tl.join(tl.join(u0, u2), tl.join(u1, u3)), [evaluation.shape[0], 4])
+    # u = (w >> 8) 2^-24 is 0 exactly where w < 2^8.
+    return u, tl.min(tl.minimum(tl.minimum(w0, w1), tl.minimum(w2, w3))) >= 256
 
 
 @triton.jit
@@ -482,15 +509,17 @@ def _bernoulli_item(t, N, KP, KB, LAG):
     return partials, n, c
 
 
-@triton.jit(do_not_specialize=SEED_WORDS + ("same", "halves"))
+@triton.jit(do_not_specialize=SEED_WORDS + ("halves",))
 def _sap_bernoulli_kernel(
     src_ptr, x_ptr, out_ptr, seed_ptr, seed_k0, seed_k1, seed_s0, seed_s1, part_ptr, count_ptr,
-    N, L, r, KP, KB, LAG, same, halves,
+    N, L, r, KP, KB, LAG, halves,
     x_sn, x_sl, src_sn, src_sl, out_sn, out_sl,
     BLOCK: tl.constexpr,
     PB: tl.constexpr,
     WIDE: tl.constexpr,
     ALIGNED: tl.constexpr,
+    SAME: tl.constexpr,
+    HW_RCP: tl.constexpr,
 ):
     """Bernoulli mode in one launch of N (KP + KB) items, taken in ticket order (an atomic counter:
     an item's program starts only after those of every earlier item did, so waiting on earlier
@@ -504,13 +533,17 @@ def _sap_bernoulli_kernel(
     later samples stream x from HBM while the elementwise items, issue-bound, compute (one
     launch overlaps both), and an item reads x again about half a wave of programs after its
     partials did: from L2. Offsets inside a row are int32 (j * stride, the launcher's WIDE =
-    False: every row's extent fits) or int64; `same`: src is x (forward), loaded once. ALIGNED
+    False: every row's extent fits) or int64; SAME: src is x (forward), loaded once (a
+    runtime flag made the loaded x a copy in registers: 16 moves a block). ALIGNED
     (L % 4 == 0): every row starts a Philox group, so a thread's 4 elements of a group are 4
     consecutive elements of its row from a multiple of 4, and the compiler, given unit strides
     and 16-byte aligned rows (as the JIT specializes them), loads and stores them in 16-byte
     accesses (4-byte ones otherwise: ~20 lane instructions an element fewer in the sm_90 SASS).
     The sample's max |x| decides the log1p path for all of its items at once (every p below
-    2^-7: the series alone; with no 2^64 scale as well, p = |x| / total in one multiply)."""
+    2^-7: the series alone; with no 2^64 scale as well, p = |x| / total in one multiply).
+    src / q is src times the hardware reciprocal of q (HW_RCP; _normal_quotient) in every block
+    with no uniform of 0, whose kept divisors are all normal numbers; a block with one divides
+    its elements of u = 0 again in full."""
     ticket = tl.atomic_add(count_ptr, 1, sem="relaxed")
     if ticket == tl.num_programs(0) - 1:  # every ticket taken: the counter back to zero
         tl.atomic_xchg(count_ptr, 0, sem="relaxed")
@@ -578,7 +611,7 @@ def _sap_bernoulli_kernel(
         while h < halves:
             k = c.to(tl.int64) * halves + h  # the sample's block
             rows = (origin >> 2) + k * (BLOCK // 4) + lanes.to(tl.int64)
-            u = _uniforms4(key, stream, rows)
+            u, positive = _uniforms4(key, stream, rows)
             # j = 4 rows + i - origin = k BLOCK - origin % 4 + 4 lane + i (-3 <= j < L + BLOCK).
             j = (k * BLOCK).to(tl.int32) + lanes[:, None] * 4 + tl.arange(0, 4)[None, :]
             if ALIGNED:  # L % 4 == 0: every row starts a Philox group (origin % 4 == 0)
@@ -589,7 +622,7 @@ def _sap_bernoulli_kernel(
             if WIDE:
                 j = j.to(tl.int64)
             xv = tl.load(x_ptr + n * x_sn + j * x_sl, mask=in_row, other=0.0)
-            if same:
+            if SAME:
                 g = xv
             else:
                 g = tl.load(src_ptr + n * src_sn + j * src_sl, mask=in_row, other=0.0)
@@ -598,9 +631,21 @@ def _sap_bernoulli_kernel(
                 q = _neg_expm1(rf * _log1p_neg_series(a * inv))
             else:
                 q = _keep_probability(a * pre * inv, r, all_small)
-            y = tl.where(u < q, g.to(tl.float32) / q, g.to(tl.float32) * 0.0)
+            gf = g.to(tl.float32)
+            # A kept element has u < q, and a u above 0 is at least 2^-24, so only an element
+            # of u = 0 can be kept with a divisor below 2^-126: where a block has one (~1 block
+            # in 4000), its elements of u = 0 are divided again in full. (Tested on u and q
+            # themselves, not on u < q: that predicate would be kept alive across the branch.)
+            y = tl.where(u < q, _normal_quotient(gf, q, HW_RCP), gf * 0.0)
+            if not positive:
+                y = tl.where((u == 0.0) & (q > 0.0), gf / q, y)
             tl.store(out_ptr + n * out_sn + j * out_sl, y.to(g.dtype), mask=in_row)
             h += 1
+
+
+# Whether triton.jit made an interpreted function (TRITON_INTERPRET=1 at import), which runs no
+# inline PTX: the bernoulli launch then takes the reciprocal in Python (HW_RCP = False).
+_INTERPRETED = not isinstance(_sap_bernoulli_kernel, JITFunction)
 
 
 def _aliases(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -728,9 +773,10 @@ def _bernoulli(src: torch.Tensor, x: torch.Tensor, out: torch.Tensor, seed: tupl
         with counters(x.device, N + 1) as count:
             _sap_bernoulli_kernel[(cfg["programs"],)](
                 src, x, out, *seed, part, count, N, L, r, cfg["KP"], cfg["KB"], cfg["LAG"],
-                int(_aliases(src, x)), cfg["HALVES"], *x.stride(), *src.stride(),
+                cfg["HALVES"], *x.stride(), *src.stride(),
                 *out.stride(), BLOCK=block, PB=_PREFIX_BLOCK, WIDE=wide,
-                ALIGNED=L % 4 == 0 and not wide, num_warps=_WARPS["bernoulli"],
+                ALIGNED=L % 4 == 0 and not wide, SAME=_aliases(src, x), HW_RCP=not _INTERPRETED,
+                num_warps=_WARPS["bernoulli"],
                 maxnreg=_BERNOULLI_MAX_REGS)
 
 
@@ -756,9 +802,10 @@ def _aot_variants() -> list[tuple]:
                     variants.append((kernel, signature(kernel, dtype, constexprs, ws), constexprs,
                                      opts))
         # (int64 offsets take the unaligned path: aligned, they spill at 128 registers)
-        for wide, aligned in ((False, False), (False, True), (True, False)):
+        for (wide, aligned), same in itertools.product(
+                ((False, False), (False, True), (True, False)), (False, True)):
             constexprs = {"BLOCK": _BERNOULLI_BLOCK, "PB": _PREFIX_BLOCK, "WIDE": wide,
-                          "ALIGNED": aligned}
+                          "ALIGNED": aligned, "SAME": same, "HW_RCP": True}
             variants.append((_sap_bernoulli_kernel,
                              signature(_sap_bernoulli_kernel, dtype, constexprs, ws), constexprs,
                              {"num_warps": _WARPS["bernoulli"], "maxnreg": _BERNOULLI_MAX_REGS}))

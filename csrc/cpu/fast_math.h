@@ -9,6 +9,8 @@
 #include <cmath>
 #include <cstdint>
 
+#include "../sap.h"  // kExpm1C*
+
 namespace pyprune {
 
 // Round to nearest for |t| < 2^22, by adding and removing 1.5 * 2^23 (std::nearbyint is a libm
@@ -54,14 +56,14 @@ inline void fast_sincos_turns(float u, float& sin_out, float& cos_out) {
 }
 
 // SAP's q = -expm1(r * log1p(-p)), p in [0, 1]: log1p(-p) by its series while p < 2^-7
-// (truncation p^5 / 6, below float rounding), else log(1 - p) with Goldberg's correction;
-// expm1(y) by its Taylor polynomial on [-1/2, 0] (error < |y| 1e-8), else 1 - exp(y), where
-// q >= 0.39 absorbs the rounding of exp.
+// (truncation p^5 / 5, below float rounding), else log(1 - p) with Goldberg's correction;
+// expm1(y) by the degree-5 minimax polynomial of ../sap.h on [-1/2, 0] (relative error
+// 1.5e-9), else 1 - exp(y), where q >= 0.39 absorbs the rounding of exp.
 // kSmall: the caller knows p < kSmallKeepP, so the log1p series alone is needed (same result).
 constexpr float kSmallKeepP = 0.0078125f;  // p below this takes the series (2^-7)
 template <bool kSmall = false>
 inline float fast_keep_probability(float p, float r) {
-  const float series = -p * (1.0f + p * (0.5f + p * (1.0f / 3 + p * (0.25f + p * 0.2f))));
+  const float series = -p * (1.0f + p * (0.5f + p * (1.0f / 3 + p * 0.25f)));
   float log1p_neg;
   if constexpr (kSmall) {
     log1p_neg = series;
@@ -71,13 +73,11 @@ inline float fast_keep_probability(float p, float r) {
     log1p_neg = p < kSmallKeepP ? series : goldberg;
   }
   const float y = r * log1p_neg;
-  float e = 1.0f / 40320;  // expm1(y) = y (1 + y/2 (1 + y/3 (1 + ... (1 + y/8))))
-  e = 1.0f / 5040 + y * e;
-  e = 1.0f / 720 + y * e;
-  e = 1.0f / 120 + y * e;
-  e = 1.0f / 24 + y * e;
-  e = 1.0f / 6 + y * e;
-  e = 0.5f + y * e;
+  float e = kExpm1C5;  // expm1(y) = y e(y)
+  e = kExpm1C4 + y * e;
+  e = kExpm1C3 + y * e;
+  e = kExpm1C2 + y * e;
+  e = kExpm1C1 + y * e;
   e = 1.0f + y * e;
   const float q = y < -0.5f ? 1.0f - fast_exp(y) : -y * e;
   return p >= 1.0f ? 1.0f : q;

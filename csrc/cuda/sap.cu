@@ -433,27 +433,25 @@ __device__ inline float rcp_approx(float v) {
 }
 
 // q = -expm1(r log1p(-p)): float from log and exp with the corrections that keep relative
-// accuracy near 0 (log1p(-p) by its series below p = 2^-7, truncation p^6 / 6 under float
-// rounding, else log(1 - p) with Goldberg's correction; expm1(y) by its degree-8 Taylor
-// polynomial on [-1/2, 0], else 1 - exp(y), where q >= 0.39 absorbs the hardware exp2's
+// accuracy near 0 (log1p(-p) by its series below p = 2^-7, truncation p^5 / 5 under float
+// rounding, else log(1 - p) with Goldberg's correction; expm1(y) by the degree-5 minimax
+// polynomial of csrc/sap.h on [-1/2, 0], else 1 - exp(y), where q >= 0.39 absorbs the hardware exp2's
 // rounding: a few ulp); the arithmetic of csrc/cpu/fast_math.h's fast_keep_probability. double
 // through libm. The series and the expm1 are their own functions so that the elementwise
 // passes' fast path (bernoulli_pack) computes q with the same instructions.
 constexpr float kSeriesMaxP = 0.0078125f;  // 2^-7
 
 __device__ inline float log1p_neg_series(float p) {
-  return -p * (1.0f + p * (0.5f + p * (1.0f / 3 + p * (0.25f + p * 0.2f))));
+  return -p * (1.0f + p * (0.5f + p * (1.0f / 3 + p * 0.25f)));
 }
 
 // -expm1(y) for y <= 0: both branches evaluated and one selected (no branch).
 __device__ inline float neg_expm1(float y) {
-  float e = 1.0f / 40320;
-  e = 1.0f / 5040 + y * e;
-  e = 1.0f / 720 + y * e;
-  e = 1.0f / 120 + y * e;
-  e = 1.0f / 24 + y * e;
-  e = 1.0f / 6 + y * e;
-  e = 0.5f + y * e;
+  float e = kExpm1C5;
+  e = kExpm1C4 + y * e;
+  e = kExpm1C3 + y * e;
+  e = kExpm1C2 + y * e;
+  e = kExpm1C1 + y * e;
   e = 1.0f + y * e;
   return y < -0.5f ? 1.0f - exp2_approx(y * 1.44269504f) : -y * e;  // e^y as __expf computes it
 }
