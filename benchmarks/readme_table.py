@@ -52,12 +52,29 @@ def table(results: Path, devices: list[str] | None = None) -> str:
     return "\n".join(lines)
 
 
+FLOOR_MARK = "†"
+
+
+def _below_floor(row: dict) -> bool:
+    """Whether a "% of copy" goal is out of reach of any kernel as the harness times the call
+    (roofline.floor_pct_copy: the event pair's floor)."""
+    import re
+
+    from . import roofline
+
+    share = re.match(r">= (\d+)% of copy", row["goal"])
+    return bool(share) and roofline.floor_pct_copy(row["gpu"], float(row["declared_bytes"])) \
+        < float(share.group(1))
+
+
 def _predicted_cell(row: dict | None) -> str:
-    """A prediction as the goal measures it (% of copy or a speed-up), ✓ where it is met."""
+    """A prediction as the goal measures it (% of copy or a speed-up), ✓ where it is met,
+    FLOOR_MARK where no kernel could meet it as the harness times it."""
     if row is None:
         return "-"
     if "copy" in row["goal"]:
-        value = f"{float(row['predicted_pct_copy']):.0f}%"
+        value = f"{float(row['predicted_pct_copy']):.0f}%" + (
+            f" {FLOOR_MARK}" if row["meets_goal"] != "yes" and _below_floor(row) else "")
     elif "compile" in row["goal"]:
         value = f"{float(row['predicted_speedup_vs_compile']):.2f}x"
     else:
@@ -88,6 +105,13 @@ def predicted_table(results: Path) -> str:
         cells = [" / ".join(_predicted_cell(by_gpu[gpu].get((op, case, mode, provider)))
                             for gpu in PREDICTED_GPUS) for provider in PREDICTED_PROVIDERS]
         lines.append(f"| {op} | {case} | {mode} | {goal} | {cells[0]} | {cells[1]} |")
+    if any(FLOOR_MARK in line for line in lines[4:]):
+        from . import roofline
+
+        floors = sorted({roofline.GPUS[gpu]["event_floor_us"] for gpu in PREDICTED_GPUS})
+        lines += ["", f"{FLOOR_MARK} Out of reach as the benchmark times a call: an event pair "
+                  f"around no device work reads {' / '.join(f'{f:g}' for f in floors)} us, "
+                  "longer than these bytes take at the goal's share of the copy bandwidth."]
     return "\n".join(lines)
 
 

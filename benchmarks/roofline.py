@@ -2627,6 +2627,14 @@ def goal(op: str, case: Case, provider: str, mode: str) -> Goal | None:
     return None
 
 
+def floor_pct_copy(gpu: str, declared: float) -> float:
+    """The largest share of the copy bandwidth (%) that any call moving ``declared`` bytes can
+    show as the harness times it: an event pair around no device work still reads
+    ``event_floor_us``. A "% of copy" goal above it cannot be met by any kernel there."""
+    constants = GPUS[gpu]
+    return 100 * declared / (constants["event_floor_us"] * 1e3) / constants["copy_gbps"]
+
+
 COLUMNS = ("gpu", "op", "case", "mode", "provider", "dtype", "bytes", "l2_bytes", "flops", "ops",
            "launches", "syncs", "lower_bound_us", "device_us", "predicted_us",
            "predicted_eager_us", "predicted_compile_us", "predicted_speedup_vs_eager",
