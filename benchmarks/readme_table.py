@@ -13,6 +13,7 @@ goal, the cuda and triton backends side by side, between README.md's prediction 
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
 from . import harness
@@ -58,8 +59,6 @@ FLOOR_MARK = "†"
 def _below_floor(row: dict) -> bool:
     """Whether a "% of copy" goal is out of reach of any kernel as the harness times the call
     (roofline.floor_pct_copy: the event pair's floor)."""
-    import re
-
     from . import roofline
 
     share = re.match(r">= (\d+)% of copy", row["goal"])

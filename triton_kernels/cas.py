@@ -50,6 +50,7 @@ import contextlib
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.jit import JITFunction
 
 from ._counters import counters
 from .aot import signature
@@ -438,6 +439,13 @@ def _cas_gather_kernel(gw_ptr, gb_ptr, gl_ptr, mean_ptr, part_ptr, index_ptr, N,
         n0 += BLOCK_N
     tl.store(gw_ptr + cc[:, None] * K + kk[None, :], acc, mask=cmask[:, None] & kmask[None, :])
     tl.store(gb_ptr + cc, bias, mask=cmask & (pid % k_blocks == 0))
+
+
+# Whether triton.jit made interpreted functions (TRITON_INTERPRET=1 at import: CPU tensors, no
+# PTX). Launch constexprs that differ under the interpreter follow it, not the tensors' device,
+# so that a launch recorded with CPU tensors for the GPU (benchmarks/gpu_report.py) has the GPU's
+# configuration.
+INTERPRETED = not isinstance(_cas_stream_kernel, JITFunction)
 
 
 def on_device(t: torch.Tensor) -> contextlib.AbstractContextManager:

@@ -118,11 +118,10 @@ import functools
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.jit import JITFunction
 
 from .aot import signature
 
-from .cas import MAX_REGS, _round, cdiv, on_device
+from .cas import INTERPRETED, MAX_REGS, _round, cdiv, on_device
 
 _TL_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 # Tiles for the tensor cores (tl.dot needs every dimension >= 16): pixels x output channels
@@ -619,12 +618,6 @@ def _pack_kernel(
                        BLOCK_C)
 
 
-# Whether triton.jit made an interpreted function (TRITON_INTERPRET=1 at import: CPU tensors);
-# the launch's constexprs follow it, not the tensors' device, so that a launch recorded with CPU
-# tensors for the GPU (benchmarks/gpu_report.py) has the GPU's configuration.
-_INTERPRETED = not isinstance(_masked_conv2d_forward_kernel, JITFunction)
-
-
 def _blocks(C_out: int, P: int, N: int, out_masked: bool = False, sparse: bool = False,
             arch: int = 90) -> tuple[int, int, int]:
     """(BLOCK_P, BLOCK_CO, BLOCK_CI) for N pixel ranges of P output pixels (N samples, or one
@@ -973,7 +966,7 @@ def masked_conv2d_forward(
             *x_strides, *w_strides, *out.stride(),
             BLOCK_P=block_p, BLOCK_CO=block_co, BLOCK_CI=block_ci,
             SPARSE=weight_mask is not None, PRECISION=precision,
-            FOR_LOOP=not _INTERPRETED, UPCAST=x.dtype == torch.bfloat16 and _INTERPRETED,
+            FOR_LOOP=not INTERPRETED, UPCAST=x.dtype == torch.bfloat16 and INTERPRETED,
             IN_LIST=bool(in_listed) and not packed, IN_SCALE=in_scale is not None and not packed,
             PREFETCH=not packed and _prefetch(x.dtype, block_p, block_co, block_ci,
                                               weight_mask is not None, warps),

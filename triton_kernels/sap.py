@@ -72,11 +72,10 @@ import math
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.jit import JITFunction
 
 from ._counters import counters
 from ._random import SEED_WORDS, _to_uniform, load_seed, philox4, seed_args
-from .cas import cdiv, next_pow2, on_device
+from .cas import INTERPRETED, cdiv, next_pow2, on_device
 
 # Elements per chunk: samples below 16384 keep chunks of 256 (a batch of 8 samples of 8192
 # still makes 256 programs), from 16384 on 1024: fewer draw-chunk searches and margins per
@@ -643,11 +642,6 @@ def _sap_bernoulli_kernel(
             h += 1
 
 
-# Whether triton.jit made an interpreted function (TRITON_INTERPRET=1 at import), which runs no
-# inline PTX: the bernoulli launch then takes the reciprocal in Python (HW_RCP = False).
-_INTERPRETED = not isinstance(_sap_bernoulli_kernel, JITFunction)
-
-
 def _aliases(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether a and b (one shape and dtype) view the same elements."""
     return a.data_ptr() == b.data_ptr() and a.stride() == b.stride()
@@ -775,7 +769,7 @@ def _bernoulli(src: torch.Tensor, x: torch.Tensor, out: torch.Tensor, seed: tupl
                 src, x, out, *seed, part, count, N, L, r, cfg["KP"], cfg["KB"], cfg["LAG"],
                 cfg["HALVES"], *x.stride(), *src.stride(),
                 *out.stride(), BLOCK=block, PB=_PREFIX_BLOCK, WIDE=wide,
-                ALIGNED=L % 4 == 0 and not wide, SAME=_aliases(src, x), HW_RCP=not _INTERPRETED,
+                ALIGNED=L % 4 == 0 and not wide, SAME=_aliases(src, x), HW_RCP=not INTERPRETED,
                 num_warps=_WARPS["bernoulli"],
                 maxnreg=_BERNOULLI_MAX_REGS)
 
