@@ -1,4 +1,5 @@
-"""``python -m benchmarks.roofline --gpu h100|h200 [--out CSV]`` and ``--compare DIR``.
+"""``python -m benchmarks.roofline --gpu h100|h200 [--out CSV]`` and ``--compare DIR``
+(``--host-scale S``, ``--host-costs CSV``: other host figures, see below).
 
 A roofline model of every case ``python -m benchmarks --device cuda`` measures (each op's
 ``CASES``, every mode, providers eager, torch.compile, pyprune-cuda and pyprune-triton), written
@@ -42,7 +43,10 @@ backward, torch.compile's wrappers, measured on the dev VM's CPU with tiny tenso
 runs it when both it and the stream are ready, and a run's time is its end event minus its start
 event. So ``predicted_us`` is the device time (the sum of ``device_us``,
 ``launches * kernel_us`` being the launch term) where the host keeps ahead, and more where it
-does not (``bound`` = host).
+does not (``bound`` = host). The host figures are the dev VM's; ``host_figures`` gives them for
+another host: measured on the GPU machine (``host_overhead --launches``, host_costs.csv, which
+``--compare`` takes from the run's folder), or all scaled (``--host-scale``: how many goals
+hold with a slower host; README's prediction table states the count at x2).
 
 CSV columns: gpu, op, case (the benchmark CSV's shape), mode, provider, dtype; bytes (HBM),
 l2_bytes, flops, ops (CUDA-core instructions besides FLOPs), launches and syncs of the call;
@@ -190,6 +194,7 @@ kernel's passes or launches changes its model here.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import functools
 import math
@@ -199,7 +204,7 @@ import struct
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Union
+from typing import Callable, Iterator, Union
 
 import numpy as np
 import torch
@@ -2732,6 +2737,73 @@ def print_goals(table: list[dict]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# The host's speed. The host_us figures were measured on the dev VM; the GPU machine's host
+# may be slower (the H200 run measured eager's own small rows 3-10x over the model), and a
+# call whose host time outgrows the harness's head start (the flush) turns host-bound.
+
+# host_costs.csv (python -m benchmarks.host_overhead --launches) names measured directly as
+# host_us entries; "harness" is harness_before + harness_after.
+_MEASURED_HOST = ("aten", "triton", "counters")
+
+
+def host_figures(gpu: str, scale: float = 1.0,
+                 measured: dict[str, float] | None = None) -> dict:
+    """gpu's ``host_us`` for another host. With ``measured`` (name -> us a call, from
+    ``read_host_costs``): aten, triton and counters take the measured figures, harness_before
+    and harness_after share the measured "harness" in the model's proportion, and every other
+    entry (the Python of pyprune's calls, the autograd engine, torch.compile's wrappers, cuDNN's
+    calls, the inner aten launches) scales by measured aten / the model's aten, the one figure
+    of Python calling into ATen that both machines measure alike. Then every entry times
+    ``scale`` (a sensitivity: how the predictions move with a slower host)."""
+    if scale <= 0:
+        raise ValueError(f"scale must be > 0, got {scale}")
+    base = GPUS[gpu]["host_us"]
+    speed = 1.0
+    fixed: dict[str, float] = {}
+    if measured:
+        if "aten" not in measured:
+            raise ValueError("measured host costs lack 'aten' (host_overhead --launches)")
+        speed = measured["aten"] / base["aten"]
+        fixed = {name: measured[name] for name in _MEASURED_HOST if name in measured}
+        if "harness" in measured:
+            around = base["harness_before"] + base["harness_after"]
+            for name in ("harness_before", "harness_after"):
+                fixed[name] = measured["harness"] * base[name] / around
+
+    def entry(name: str, value):
+        if isinstance(value, dict):
+            return {k: v * speed * scale for k, v in value.items()}
+        return fixed.get(name, value * speed) * scale
+
+    return {name: entry(name, value) for name, value in base.items()}
+
+
+def read_host_costs(path: Path) -> dict[str, float]:
+    """{name: host us a call} of a ``python -m benchmarks.host_overhead --launches --out``
+    CSV."""
+    with path.open(newline="") as f:
+        return {r["name"]: float(r["host_us_per_call"]) for r in csv.DictReader(f)}
+
+
+@contextlib.contextmanager
+def host_speed(gpu: str, scale: float = 1.0,
+               measured: dict[str, float] | None = None) -> Iterator[dict]:
+    """Inside, gpu's predictions take ``host_figures(gpu, scale, measured)``."""
+    saved = GPUS[gpu]
+    GPUS[gpu] = {**saved, "host_us": host_figures(gpu, scale, measured)}
+    try:
+        yield GPUS[gpu]["host_us"]
+    finally:
+        GPUS[gpu] = saved
+
+
+def goals_met(table: list[dict]) -> tuple[int, int]:
+    """(goals met, goal rows) of a ``rows`` table."""
+    goal_rows = [r for r in table if r["goal"]]
+    return sum(r["meets_goal"] == "yes" for r in goal_rows), len(goal_rows)
+
+
+# ---------------------------------------------------------------------------------------------
 # Measured beside predicted.
 
 
@@ -2754,9 +2826,12 @@ def _gpu_busy(path: Path) -> dict[tuple[str, str, str, str], float]:
                 for r in csv.DictReader(f) if r["kernel"] == "(all)"}
 
 
-def compare(folder: Path, gpu: str | None, goals_only: bool = False) -> int:
+def compare(folder: Path, gpu: str | None, goals_only: bool = False, host_scale: float = 1.0,
+            host_costs: Path | None = None) -> int:
     """Print every measured row of folder's op CSVs (only those with a goal if goals_only)
-    beside its prediction; returns the number of measured rows without a prediction."""
+    beside its prediction; returns the number of measured rows without a prediction. The
+    predictions take the host costs measured on that machine (``host_costs``, by default
+    folder's host_costs.csv where the run wrote one: ``host_figures``), times host_scale."""
     measured = []
     for op in MODELS:
         path = folder / f"{op}.csv"
@@ -2773,6 +2848,21 @@ def compare(folder: Path, gpu: str | None, goals_only: bool = False) -> int:
     compiled = {(r.op, r.shape, r.dtype, r.mode): r.p50_ms for r in measured
                 if r.provider == COMPILE}
     busy = _gpu_busy(folder / "kernel_times.csv")
+    costs_path = host_costs or folder / "host_costs.csv"
+    costs = read_host_costs(costs_path) if costs_path.exists() else None
+    dev_aten = GPUS[gpu]["host_us"]["aten"]
+    with host_speed(gpu, host_scale, costs):
+        if costs:
+            print(f"host figures from {costs_path}: aten {costs['aten']:.1f} us a call, "
+                  f"{costs['aten'] / dev_aten:.2f}x the dev VM's; the figures it does not "
+                  "measure scaled alike" + (f"; all x{host_scale:g}" if host_scale != 1 else ""))
+        elif host_scale != 1:
+            print(f"host figures x{host_scale:g}")
+        return _compare_rows(measured, gpu, copy, by_label, eager, compiled, busy, goals_only)
+
+
+def _compare_rows(measured: list, gpu: str, copy: float | None, by_label: dict, eager: dict,
+                  compiled: dict, busy: dict, goals_only: bool) -> int:
     print(f"measured ({measured[0].device}, copy {copy or float('nan'):.0f} GB/s) beside "
           f"predicted ({gpu}, copy {GPUS[gpu]['copy_gbps']:.0f} GB/s)"
           + ("; busy us: the GPU's busy time a call (kernel_times.csv)" if busy else ""))
@@ -2839,25 +2929,45 @@ def main() -> None:
                         "output) beside the predictions instead of writing them")
     parser.add_argument("--goals", action="store_true",
                         help="with --compare: only the rows that have a goal")
+    parser.add_argument("--host-scale", type=float, default=1.0, metavar="S",
+                        help="every host figure times S: how the predictions move with a "
+                        "slower host (default 1)")
+    parser.add_argument("--host-costs", type=Path, metavar="CSV",
+                        help="host figures measured on the GPU machine (python -m "
+                        "benchmarks.host_overhead --launches --out CSV; --compare takes DIR's "
+                        "host_costs.csv by default)")
     parser.add_argument("--explain", nargs=4, metavar=("OP", "CASE", "MODE", "PROVIDER"),
                         help="print the launches of one call, e.g. kwta 128x64x32x32 forward "
                         "pyprune-cuda")
     args = parser.parse_args()
+    if args.host_scale <= 0:
+        parser.error(f"--host-scale must be > 0, got {args.host_scale}")
+    if args.host_costs is not None and not args.host_costs.exists():
+        parser.error(f"--host-costs: no file {args.host_costs}")
     if args.compare is not None:
         try:
-            compare(args.compare, args.gpu, args.goals)
+            compare(args.compare, args.gpu, args.goals, args.host_scale, args.host_costs)
         except ValueError as e:  # a device without constants
             raise SystemExit(f"python -m benchmarks.roofline: {e}") from None
         return
     if args.gpu is None:
         parser.error("--gpu is required (or --compare DIR)")
-    if args.explain:
-        explain(*args.explain, args.gpu)
-        return
-    table = rows(args.gpu)
+    costs = read_host_costs(args.host_costs) if args.host_costs else None
+    other_host = costs is not None or args.host_scale != 1
+    if other_host and args.out is None and not args.explain:
+        # The stored predictions are the dev VM's host figures; others go elsewhere.
+        parser.error("--host-scale / --host-costs: give --out (the stored predictions keep the "
+                     "model's host figures)")
+    with host_speed(args.gpu, args.host_scale, costs):
+        if args.explain:
+            explain(*args.explain, args.gpu)
+            return
+        table = rows(args.gpu)
     path = args.out or harness.RESULTS / f"{args.gpu}-predicted.csv"
     write_csv(path, table)
     print_goals(table)
+    met, total = goals_met(table)
+    print(f"goals met: {met}/{total}")
     print(f"wrote {path}")
 
 

@@ -483,6 +483,81 @@ def test_compare_prints_measured_beside_predicted(tmp_path, capsys):
     assert "h200" in out and "4.00x" in out and "meas/pred" in out
 
 
+def _host_costs(path, **figures) -> dict[str, float]:
+    """A host_overhead --launches CSV at path with figures (name -> us); returns them."""
+    harness.write_table(path, ("name", "host_us_per_call", "device", "torch", "date"),
+                        [(name, us, "cuda", "2.11", "d") for name, us in figures.items()])
+    return figures
+
+
+def test_host_figures_take_the_measured_costs_and_scale_the_rest(tmp_path):
+    """Measured aten, triton and counters replace the model's; harness_before and
+    harness_after share the measured harness as the model splits it; every other figure
+    (dicts included) scales by measured aten / the model's; scale multiplies all of them."""
+    base = roofline.GPUS["h200"]["host_us"]
+    _host_costs(tmp_path / "c.csv", aten=3 * base["aten"], triton=55.0, counters=4.0,
+                harness=36.0)
+    costs = roofline.read_host_costs(tmp_path / "c.csv")
+    assert costs == {"aten": 3 * base["aten"], "triton": 55.0, "counters": 4.0, "harness": 36.0}
+    figures = roofline.host_figures("h200", 1.0, costs)
+    assert (figures["aten"], figures["triton"], figures["counters"]) == (3 * base["aten"], 55.0,
+                                                                         4.0)
+    assert figures["harness_before"] + figures["harness_after"] == pytest.approx(36.0)
+    assert figures["harness_before"] / figures["harness_after"] == pytest.approx(
+        base["harness_before"] / base["harness_after"])
+    assert figures["inner"] == pytest.approx(3 * base["inner"])
+    assert figures["pyprune_forward"]["cas"] == pytest.approx(3 * base["pyprune_forward"]["cas"])
+    doubled = roofline.host_figures("h200", 2.0, costs)
+    assert doubled["triton"] == 110.0 and doubled["sync"] == pytest.approx(6 * base["sync"])
+    plain = roofline.host_figures("h200", 2.0)
+    assert plain["aten"] == 2 * base["aten"]
+    assert plain["pyprune_backward"]["masked_conv"] == 2 * base["pyprune_backward"]["masked_conv"]
+    with pytest.raises(ValueError, match="scale"):
+        roofline.host_figures("h200", 0.0)
+    with pytest.raises(ValueError, match="aten"):
+        roofline.host_figures("h200", 1.0, {"triton": 1.0})
+
+
+def test_a_slower_host_moves_host_bound_calls_only():
+    """Inside host_speed the predictions take the scaled figures, and GPUS is restored after:
+    Triton noise at 8x64x32x32 (host-bound once its host outgrows the flush) slows with the
+    host; CUDA noise at 32x256x56x56 (~100 us of traffic) does not at x2."""
+    small, large = (next(c for c in OPS["noise"].CASES if c.label == label)
+                    for label in ("8x64x32x32", "32x256x56x56"))
+    before = roofline.GPUS["h200"]
+    t_small = roofline.predict("noise", small, "pyprune-triton", "forward", "h200").predicted_us
+    t_large = roofline.predict("noise", large, "pyprune-cuda", "forward", "h200").predicted_us
+    with roofline.host_speed("h200", 4.0) as figures:
+        assert figures["aten"] == 4 * before["host_us"]["aten"]
+        slow = roofline.predict("noise", small, "pyprune-triton", "forward", "h200")
+        assert slow.bound == "host" and slow.predicted_us > t_small + 20
+    with roofline.host_speed("h200", 2.0):
+        assert roofline.predict("noise", large, "pyprune-cuda", "forward",
+                                "h200").predicted_us == pytest.approx(t_large)
+    assert roofline.GPUS["h200"] is before
+    assert roofline.predict("noise", small, "pyprune-triton", "forward",
+                            "h200").predicted_us == t_small
+
+
+def test_compare_takes_the_runs_host_costs(tmp_path, capsys):
+    """A run folder's host_costs.csv sets the host figures of the predictions beside it."""
+    case = _measured_kwta(tmp_path)
+    base_aten = roofline.GPUS["h200"]["host_us"]["aten"]
+    assert roofline.compare(tmp_path, None) == 0
+    plain = capsys.readouterr().out
+    assert "host figures" not in plain
+    costs = _host_costs(tmp_path / "host_costs.csv", aten=8 * base_aten, harness=200.0,
+                        triton=120.0, counters=10.0)
+    assert roofline.compare(tmp_path, None) == 0
+    out = capsys.readouterr().out
+    assert "host_costs.csv: aten" in out and "8.00x the dev VM's" in out
+    with roofline.host_speed("h200", 1.0, costs):
+        slow = roofline.predict("kwta", case, "pyprune-cuda", "forward", "h200").predicted_us
+    [line] = [ln for ln in out.splitlines() if ln.startswith("kwta") and "pyprune-cuda" in ln]
+    assert float(line.split()[5]) == pytest.approx(slow, abs=0.05)
+    assert slow > roofline.predict("kwta", case, "pyprune-cuda", "forward", "h200").predicted_us
+
+
 def test_compare_shows_the_gpu_busy_time_of_kernel_times(tmp_path, capsys):
     from benchmarks import kernel_times
 
