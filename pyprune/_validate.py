@@ -116,9 +116,13 @@ def label_range(label: Tensor | None, classes: int, name: str = "label") -> None
     """Class indices in [0, classes). CPU labels are read eagerly (a ValueError naming the bad
     value); elsewhere, and while tracing for torch.compile, the check is an asynchronous assert
     on the device (a RuntimeError when it runs on the CPU, a device assert on CUDA, capturable
-    in a CUDA graph), so the host never waits for the labels."""
+    in a CUDA graph), so the host never waits for the labels. Under a functorch transform
+    (vmap), the labels of every batch entry at once: the tensor the transform wraps (neither a
+    host read nor an assert works on the wrapper)."""
     if label is None or label.numel() == 0:
         return
+    while torch._C._functorch.is_functorch_wrapped_tensor(label):
+        label = torch._C._functorch.get_unwrapped(label)
     if torch.compiler.is_compiling() or not host_reads_free(label):
         torch._assert_async(((label >= 0) & (label < classes)).all(),
                             f"{name} values must be in [0, {classes})")

@@ -120,7 +120,10 @@ def gaussian_noise(
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """RNA/RNW: x + N(0, std^2); RSA/RSW (multiplicative): x * N(1, std^2)."""
-    noise = torch.randn_like(x, memory_format=torch.contiguous_format, generator=generator) * std
+    # generator only where given: randn_like's generator overload skips vmap's randomness
+    # checks ("same" would draw per sample, "error" would not raise).
+    drawn = {} if generator is None else {"generator": generator}
+    noise = torch.randn_like(x, memory_format=torch.contiguous_format, **drawn) * std
     return x * (1 + noise) if multiplicative else x + noise
 
 

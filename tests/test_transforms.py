@@ -237,3 +237,39 @@ def test_vmap_randomness_different(device_backend):
     assert not torch.equal(n[0], n[1])
     with pytest.raises(RuntimeError, match="randomness"):
         vmap(lambda t: pyprune.sap(t, 0.2))(stack)
+
+
+def test_vmap_randomness_modes_of_the_default_generator(device_backend):
+    """generator=None under vmap follows the randomness mode on every backend: 'same' draws one
+    noise for every entry, 'different' one each, and the default 'error' refuses."""
+    device, _ = device_backend
+    stack = torch.zeros(3, 2, 50, device=device)
+
+    def noise(t):
+        return pyprune.gaussian_noise(t, 1.0)
+
+    same = vmap(noise, randomness="same")(stack)
+    assert torch.equal(same[0], same[1]) and torch.equal(same[0], same[2])
+    assert same.ne(0).any()
+    different = vmap(noise, randomness="different")(stack)
+    assert not torch.equal(different[0], different[1])
+    with pytest.raises(RuntimeError, match="randomness"):
+        vmap(noise)(stack)
+
+
+def test_vmap_cas_with_a_batched_label(device_backend):
+    """cas under vmap with a label per entry equals the flattened call on every backend, and a
+    label out of range in any entry is refused (the check reads the wrapped labels)."""
+    device, _ = device_backend
+    x = torch.randn(3, 2, 4, 3, 3, device=device)
+    weight, bias = torch.randn(5, 4, device=device), torch.randn(5, device=device)
+    label = torch.randint(5, (3, 2), device=device)
+    out, logits = vmap(lambda t, lb: pyprune.cas(t, weight, bias, lb))(x, label)
+    flat_out, flat_logits = pyprune.cas(x.flatten(0, 1), weight, bias, label.flatten())
+    torch.testing.assert_close(out.flatten(0, 1), flat_out)
+    torch.testing.assert_close(logits.flatten(0, 1), flat_logits)
+    for bad in (5, -1):
+        wrong = label.clone()
+        wrong[2, 1] = bad
+        with pytest.raises((ValueError, RuntimeError), match="label"):
+            vmap(lambda t, lb: pyprune.cas(t, weight, bias, lb))(x, wrong)
