@@ -59,6 +59,14 @@ _RESHAPE_METHODS = ("flatten", "view", "reshape", "squeeze", "unsqueeze")
 LeafModules = Iterable[Union[str, type]]
 
 
+def _hardtanh_holds_zero(node: fx.Node) -> bool:
+    """Whether an F.hardtanh call's range [min_val, max_val] holds 0 (so that it maps a zero
+    channel to zero); a bound that is not a number counts as not."""
+    lo = node.kwargs.get("min_val", node.args[1] if len(node.args) > 1 else -1.0)
+    hi = node.kwargs.get("max_val", node.args[2] if len(node.args) > 2 else 1.0)
+    return isinstance(lo, (int, float)) and isinstance(hi, (int, float)) and lo <= 0 <= hi
+
+
 class Tracer(fx.Tracer):
     """fx tracer that keeps pyprune's modules whole (their forward branches on their state),
     and the modules the caller names (qualified names or types). It remembers the innermost
@@ -166,6 +174,8 @@ def kind(node: fx.Node, modules: dict[str, nn.Module]) -> str:
             return "linear"
         if isinstance(m, ChipMask):
             return "mask"
+        if isinstance(m, nn.Hardtanh):  # (ReLU6 too) zero to zero only if its range holds 0
+            return "zero" if m.min_val <= 0 <= m.max_val else "other"
         if isinstance(m, _ZERO_MODULES) or (isinstance(m, KWTA) and m.mode == "channel"):
             return "zero"
         if isinstance(m, _CHANNEL_MODULES):
@@ -176,6 +186,8 @@ def kind(node: fx.Node, modules: dict[str, nn.Module]) -> str:
     if _reads_shape(node):
         return "shape"
     if node.op == "call_function":
+        if node.target is F.hardtanh:
+            return "zero" if _hardtanh_holds_zero(node) else "other"
         if node.target in _ZERO_FUNCTIONS:
             return "zero"
         if node.target in _CHANNEL_FUNCTIONS:

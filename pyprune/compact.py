@@ -72,14 +72,19 @@ def _hard_mask(m: ChipMask) -> Tensor:
 
 
 class _ChannelMask(nn.Module):
-    """What is left of a hard mask that compaction could not fold into a BatchNorm."""
+    """What is left of a mask that compaction could not fold into a BatchNorm: the kept
+    channels, each times its scale where one is given (a soft ChipMask's z after a BatchNorm
+    without affine parameters), the others exactly 0."""
 
-    def __init__(self, keep: Tensor) -> None:
+    def __init__(self, keep: Tensor, scale: Tensor | None = None) -> None:
         super().__init__()
         self.register_buffer("keep", keep.clone())
+        self.register_buffer("scale", None if scale is None else scale.clone())
 
     def forward(self, x: Tensor) -> Tensor:
         shape = (1, -1) + (1,) * (x.dim() - 2)
+        if self.scale is not None:
+            x = x * self.scale.view(shape).to(x.dtype)
         return torch.where(self.keep.view(shape), x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
@@ -122,8 +127,8 @@ def _new_bn(m: nn.BatchNorm2d, idx: Tensor, scale: Tensor | None) -> nn.Module:
             new.running_var.copy_(m.running_var[idx])
             new.num_batches_tracked.copy_(m.num_batches_tracked)
         if scale is not None:  # a following mask folded in: masked channels give exactly 0
-            if not m.affine:
-                return nn.Sequential(new, _ChannelMask(scale[idx] != 0))
+            if not m.affine:  # no weight to fold it into: the scale after the BatchNorm
+                return nn.Sequential(new, _ChannelMask(scale[idx] != 0, scale[idx]))
             s = scale[idx].to(new.weight.dtype)
             new.weight.mul_(s)
             new.bias.mul_(s)

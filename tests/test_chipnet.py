@@ -235,6 +235,57 @@ def test_mask_convolutions_matches_masked():
     assert isinstance(model.layer1[0].conv1, nn.Conv2d) and type(model.layer1[0].conv1) is nn.Conv2d
 
 
+def _chip_block(bn: nn.Module, act: nn.Module, pruned: bool) -> nn.Module:
+    """conv -> bn -> ChipMask (two channels near zero, pruned or soft) -> act -> 1x1 conv."""
+    chip = ChipMask(6)
+    with torch.no_grad():
+        chip.psi.copy_(torch.tensor([-3.0, 0.2, 0.5, 2.0, -1.0, 1.0]))
+    if pruned:
+        chip.prune()
+    return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), bn, chip, act, nn.Conv2d(6, 4, 1)).eval()
+
+
+class _FunctionalHardtanh(nn.Module):
+    def __init__(self, lo: float, hi: float) -> None:
+        super().__init__()
+        self.lo, self.hi = lo, hi
+
+    def forward(self, x):
+        return F.hardtanh(x, self.lo, self.hi)
+
+
+@pytest.mark.parametrize("pruned", [False, True])
+def test_compact_mask_after_batchnorm_without_affine(pruned):
+    """A ChipMask after a BatchNorm without weight and bias: compact keeps its scale (soft: z,
+    pruned: 0 / 1) after the BatchNorm, so the outputs equal the masked model's."""
+    torch.manual_seed(2)
+    model = _chip_block(nn.BatchNorm2d(6, affine=False), nn.ReLU(), pruned)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(pyprune.compact(model, x)(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("act,removes", [
+    (nn.Hardtanh(0.25, 1.0), False), (nn.Hardtanh(-2.0, -0.5), False),
+    (_FunctionalHardtanh(0.25, 1.0), False), (nn.Hardtanh(-1.0, 1.0), True),
+    (nn.ReLU6(), True), (_FunctionalHardtanh(-0.5, 2.0), True)])
+def test_compact_keeps_channels_an_activation_makes_nonzero(act, removes):
+    """A masked channel is removed only where what follows maps 0 to 0: a hardtanh whose range
+    leaves out 0 makes it a constant, which the next convolution reads (compact and
+    mask_convolutions keep it)."""
+    torch.manual_seed(3)
+    model = _chip_block(nn.BatchNorm2d(6), act, pruned=True)
+    x = torch.randn(2, 3, 8, 8)
+    small = pyprune.compact(model, x)
+    masked = pyprune.mask_convolutions(model, x).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), model(x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(masked(x), model(x), atol=1e-5, rtol=1e-5)
+    first = next(m for m in small.modules() if isinstance(m, nn.Conv2d))
+    kept = int(model[2].hard_mask.sum())
+    assert kept < 6 and first.out_channels == (kept if removes else 6)
+
+
 def test_compact_hand_count():
     model = TwoLayer().eval()
     _randomize(model)
