@@ -59,7 +59,7 @@ def budget(model: nn.Module, kind: str = "channels", example_input: Optional[Ten
     A channel counts with weight ``sigmoid(steepness * (z - 0.5))`` (``ChipMask.soft_count``),
     as CHIPNet's published code counts remaining channels, 0 or 1 once its mask is pruned.
 
-    * channels: kept mask channels / all mask channels (sum of z);
+    * channels: kept mask channels / all mask channels (the sum of those weights);
     * params: conv weights, sum over convs of (kept inputs x kept outputs x kernel) / total;
     * flops: the same weighted by each conv's output size (H_out x W_out);
     * volume: activation volume, sum over masks of kept channels x H x W / total.

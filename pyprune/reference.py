@@ -80,6 +80,10 @@ def sap_keep_probability(x: Tensor, r: int) -> Tensor:
     return (-torch.expm1(r * torch.log1p(-p))).view_as(x)
 
 
+# torch.multinomial's most categories; larger samples draw by inverse transform.
+_MULTINOMIAL_CATEGORIES = 2**24
+
+
 def sap(
     x: Tensor,
     r: int,
@@ -88,8 +92,8 @@ def sap(
 ) -> Tensor:
     """Stochastic activation pruning with r draws per sample (Dhillon et al., 2018).
 
-    exact=True: r indices drawn with replacement from p = |x|/sum|x| (torch.multinomial), the
-    drawn ones kept. exact=False: each element kept independently with probability q.
+    exact=True: r indices drawn with replacement from p = |x|/sum|x| (torch.multinomial; by
+    inverse transform of float64 uniforms above its 2^24 categories), the drawn ones kept. exact=False: each element kept independently with probability q.
     Kept elements are scaled by 1/q, so E[out] = x; an all-zero sample gives zeros, and a sample
     with a NaN or inf (p undefined) keeps nothing: x * 0, NaN at its non-finite elements.
     """
@@ -103,8 +107,14 @@ def sap(
         live = (total > 0) & total.isfinite()
         # Rows with nothing to draw from draw from dummy weights and keep nothing (no
         # data-dependent branch, so vmap can batch this).
-        idx = torch.multinomial(torch.where(live, a, 1.0), r, replacement=True,
-                                generator=generator)
+        weights = torch.where(live, a, 1.0)
+        if weights.shape[1] <= _MULTINOMIAL_CATEGORIES:
+            idx = torch.multinomial(weights, r, replacement=True, generator=generator)
+        else:  # the same draw by inverse transform: element j where cdf_{j-1} <= u < cdf_j
+            cdf = weights.double().cumsum(1)
+            u = torch.rand(weights.shape[0], r, dtype=torch.float64, device=weights.device,
+                           generator=generator) * cdf[:, -1:]
+            idx = torch.searchsorted(cdf, u, right=True).clamp_max(weights.shape[1] - 1)
         kept = torch.zeros_like(a, dtype=torch.bool).scatter_(1, idx, True) & live
     else:
         u = torch.rand(q.shape, dtype=q.dtype, device=q.device, generator=generator)

@@ -77,6 +77,26 @@ def test_sap_zero_sample_gives_zeros_and_is_seeded():
     assert torch.equal(out, again)
 
 
+def test_sap_exact_beyond_multinomial_categories(monkeypatch):
+    """Samples of more elements than torch.multinomial takes (2^24) draw by inverse transform:
+    only nonzero elements are drawn, at their keep probabilities (a smaller limit here, so that
+    the frequencies can be compared with q; tolerance 5 sigma of 40000 rows), and a real
+    2^24 + 8 element sample runs."""
+    x = torch.tensor([[1.0, 0.0, 3.0, 2.0, 0.5, 0.0]]).expand(40000, 6).contiguous()
+    monkeypatch.setattr(R, "_MULTINOMIAL_CATEGORIES", 4)
+    kept = R.sap(x, 2, True, torch.Generator().manual_seed(1)) != 0
+    q = R.sap_keep_probability(x[:1].double(), 2)[0]
+    freq = kept.double().mean(0)
+    assert (freq - q).abs().max() <= 5 * math.sqrt(0.25 / 40000)
+    assert not kept[:, [1, 5]].any() and (kept.sum(1) <= 2).all()
+    monkeypatch.undo()
+    length = 2**24 + 8
+    big = torch.zeros(1, length)
+    big[0, [3, 2**24 + 2, length - 1]] = torch.tensor([1.0, 1.0, 2.0])
+    out = R.sap(big, 300, True, torch.Generator().manual_seed(0))
+    assert out[0].nonzero().view(-1).tolist() == [3, 2**24 + 2, length - 1]
+
+
 def test_gaussian_noise():
     x = torch.arange(6.0).view(2, 3)
     assert torch.equal(R.gaussian_noise(x, 0.0), x)
