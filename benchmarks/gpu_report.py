@@ -650,10 +650,12 @@ def _triton_one(index: int) -> tuple:
 
 # Triton kernels whose programs hand results to later programs of the same launch, with the
 # GPU-scope fences that takes (a release: the fence before the atomic that publishes them).
-# sap's bernoulli kernel: a partials item's sum and max |x|, then its done count. cas's stream
-# kernel (up to 64 classes): a tile's channel sums, then its sample's count; the sample's
-# tail, its bad-label mark, then the batch's count.
-RELEASES = {"sap._sap_bernoulli_kernel": 1, "cas._cas_stream_kernel": 2}
+# sap's bernoulli kernel: a partials item's sum and max |x|, then its done count. sap's exact
+# partials: a chunk's partial, then its sample's count (acq_rel: the last program reads every
+# partial for the prefix rows). cas's stream kernel (up to 64 classes): a tile's channel sums,
+# then its sample's count; the sample's tail, its bad-label mark, then the batch's count.
+RELEASES = {"sap._sap_bernoulli_kernel": 1, "sap._sap_partials_kernel": 1,
+            "cas._cas_stream_kernel": 2}
 
 
 def memory_fences(body: list) -> int:

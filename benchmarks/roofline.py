@@ -118,8 +118,8 @@ sap (csrc/cuda/sap.cu, triton_kernels/sap.py); r = L draws, x after a ReLU
                forward, 3n backward.
   triton       the host seed, then a sample over many programs: partials (sum |x| per chunk
                of E = 256 or 1024 elements, in exact mode the spacings per draw chunk: one Philox per 4
-               draws; where r <= 4 L also their running sums), exact: per-sample prefix sums,
-               then a merge over (sample, element chunk) in 1056 persistent programs (the
+               draws; where r <= 4 L also their running sums), exact: per-sample prefix sums
+               by the sample's last partials program (same launch, counted with atomics), then a merge over (sample, element chunk) in 1056 persistent programs (the
                reaching draw chunks' running sums read back, or made again where r > 4 L; a
                binary search per draw over the chunk's bounds in an L1-resident scratch slot);
                bernoulli: one elementwise pass (one Philox per 4 elements, q by series,
@@ -558,7 +558,7 @@ def triton_sap_config(length: int, draws: int) -> dict:
     return {"E": 1024 if length >= 16384 else 256,
             "D": 256 * _pow2(max(1, math.ceil((draws + 4) / (256 * 4096)))), "DT": 256,
             "SLOTS": 1056, "STORE_MAX_RATIO": 4,
-            "warps": {"partials": 2, "prefix": 4, "merge": 2, "bernoulli": 8}}
+            "PB": 128, "warps": {"partials": 2, "merge": 2, "bernoulli": 8}}
 
 
 def triton_conv_config(c_out: int, pixels: int, n: int, out_masked: bool = False,
@@ -1265,14 +1265,14 @@ TRITON_SAP_MERGE_OPS = {
     1024: {"item": 1386, "search_step": 91, "tile": 518, "regs": 136, "stored_tile": 266,
            "stored_regs": 128},
 }
-# _sap_partials_kernel (2 warps, 55 registers: 18 programs an SM), instructions a thread of a
+# _sap_partials_kernel (2 warps, 32 registers: 32 programs an SM), instructions a thread of a
 # draw chunk (sm_90 SASS, float32): "tile", a trip of the draw loop (a Philox a thread, four
 # logs, the sum; 4 warps computed each Philox twice: twice the lane instructions), "setup" the
 # chunk's seed and indices around it, "stored" the whole one-tile chunk in stored mode (the
 # running sums, their 4 stores and the partial from the last of them). make gpu-report
 # checks the tile against the SASS.
 TRITON_SAP_PARTIALS_OPS = {"tile": 244, "setup": 40, "stored": 326}
-TRITON_SAP_PARTIALS_PER_SM = 18
+TRITON_SAP_PARTIALS_PER_SM = 32
 
 # _sap_bernoulli_kernel's lane instructions a thread (float32, unit stride, 16-byte aligned
 # rows, L % 4 == 0 (ALIGNED: 16-byte loads and stores), sm_90 SASS; 16 elements a thread a
@@ -1351,10 +1351,12 @@ def _sap_triton_bernoulli(p: Plan, rows: int, length: int, backward: bool) -> No
 
 
 def _sap_triton(p: Plan, rows: int, length: int, draws: int, exact: bool, backward: bool) -> None:
-    """triton_kernels/sap.py: three launches in exact mode (bernoulli: _sap_triton_bernoulli).
+    """triton_kernels/sap.py: two launches in exact mode (bernoulli: _sap_triton_bernoulli).
     Partials over (sample, chunk): sum |x| of E elements (~4 ops each) and the Exp(1) spacings
-    of a draw chunk (one Philox per 4 draws, a log, a sum: TRITON_SAP_PARTIALS_OPS). Exact: a prefix
-    program per sample and kind (a cumsum and a running max per 1024 partials), then the merge
+    of a draw chunk (one Philox per 4 draws, a log, a sum: TRITON_SAP_PARTIALS_OPS), each
+    program then counting itself done; the sample's last one makes both prefix rows (a cumsum
+    and a running max per PB partials, from L2), a serial tail after the last sample's
+    partials that nothing overlaps (lead_us). Then the merge
     over (sample, element chunk) items in at most SLOTS persistent programs (2 warps capped at
     128 registers, 136 where the merge makes the draws: 8 (6) an SM at E = 1024). Per item:
     the chunk's x and src (x again from L2 where all of x fits since the partials pass), its
@@ -1384,14 +1386,15 @@ def _sap_triton(p: Plan, rows: int, length: int, draws: int, exact: bool, backwa
     partials = TRITON_SAP_PARTIALS_OPS
     draw_chunk = (partials["stored"] if stored
                   else partials["setup"] + per_chunk / tile * partials["tile"])
+    # The prefix rows: the partials read back from L2 and written over, ~20 ops a partial.
+    prefix_tail = lat("l2") + ((math.ceil(k / cfg["PB"]) + math.ceil(nb / cfg["PB"]))
+                               * (lat("l2") + 2 * lat("tile_reduce")))
     p.kernel("_sap_partials_kernel", "inner", hbm=n + rows * (k + nb) * 4 + kept,
-             ops=rows * length * 4 + rows * nb * 32 * cfg["warps"]["partials"] * draw_chunk,
+             l2=2 * rows * (k + nb + 2) * 4,
+             ops=(rows * length * 4 + rows * nb * 32 * cfg["warps"]["partials"] * draw_chunk
+                  + rows * (k + nb) * 20),
              ctas=rows * (k + nb), per_sm=TRITON_SAP_PARTIALS_PER_SM,
-             chain_us=max(lat("dram") + lat("tile_reduce"), draw_chain))
-    p.host("triton")
-    p.kernel("_sap_prefix_kernel", "inner", hbm=2 * rows * (k + nb + 2) * 4,
-             ops=rows * (k + nb) * 20, ctas=rows * 2, per_sm=8,
-             chain_us=math.ceil(max(k, nb) / 1024) * (lat("dram") + 2 * lat("tile_reduce")))
+             chain_us=max(lat("dram") + lat("tile_reduce"), draw_chain), lead_us=prefix_tail)
     p.host("triton")
     # x once more (from L2 where all of x fits), src loaded beside it (the same lines in
     # forward: L2), out written.

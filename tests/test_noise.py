@@ -74,6 +74,28 @@ def test_seeding(device_backend):
     assert torch.equal(a, pyprune.gaussian_noise(x, 1.0))
 
 
+@pytest.mark.parametrize("multiplicative", [False, True])
+def test_half_precision_output_rounds_to_nearest(device_backend, multiplicative):
+    """A 16-bit result is the float32 computation rounded to nearest even, on every kernel
+    backend: with the same seed and inputs exact in the 16-bit type, it equals the float32
+    result cast (a truncating cast, as the Triton interpreter's bfloat16 one, biases the noise
+    toward zero)."""
+    device, backend = device_backend
+    if backend == "reference":
+        pytest.skip("the reference draws its noise in the input's dtype")
+    gen = torch.Generator().manual_seed(8)
+    x32 = (torch.randn(3, 1000, generator=gen) * 4).to(device)
+    for dtype in (torch.float16, torch.bfloat16):
+        if dtype not in dtypes_for(backend):
+            continue
+        x16 = x32.to(dtype)
+        want = pyprune.gaussian_noise(x16.float(), 0.3, multiplicative=multiplicative,
+                                      generator=torch.Generator(device).manual_seed(1))
+        got = pyprune.gaussian_noise(x16, 0.3, multiplicative=multiplicative,
+                                     generator=torch.Generator(device).manual_seed(1))
+        assert torch.equal(got, want.to(dtype)), dtype
+
+
 def _stream_inputs(device):
     """1-D views the kernels take on different paths: a tail of 1 to 3 values, a length that is a
     multiple of 16 (vector accesses), a view one element off 16-byte alignment (the CUDA kernel's

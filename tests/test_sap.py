@@ -177,6 +177,27 @@ def test_seeding(device_backend):
         assert torch.equal(a, pyprune.sap(x, exact=exact))
 
 
+@pytest.mark.parametrize("exact", [True, False])
+def test_half_precision_output_rounds_to_nearest(device_backend, exact):
+    """A 16-bit result is the float32 computation rounded to nearest even, on every kernel
+    backend: with the same seed and inputs exact in the 16-bit type, the same elements are kept
+    and each is x / q rounded (a truncating cast, as the Triton interpreter's bfloat16 one,
+    biases every kept value toward zero)."""
+    device, backend = device_backend
+    if backend == "reference":
+        pytest.skip("the reference computes q in the input's dtype")
+    gen = torch.Generator().manual_seed(9)
+    x32 = (torch.randn(3, 700, generator=gen) * 4).to(device)
+    for dtype in (torch.float16, torch.bfloat16):
+        if dtype not in dtypes_for(backend):
+            continue
+        x16 = x32.to(dtype)
+        want = pyprune.sap(x16.float(), 0.5, exact=exact,
+                           generator=torch.Generator(device).manual_seed(2))
+        got = pyprune.sap(x16, 0.5, exact=exact, generator=torch.Generator(device).manual_seed(2))
+        assert torch.equal(got, want.to(dtype)), dtype
+
+
 @pytest.mark.triton
 @pytest.mark.parametrize("length", [200, 201, 1500, 9001])
 def test_cpu_and_triton_share_the_stream(length):
@@ -397,6 +418,52 @@ def test_triton_bernoulli_counters_left_zero(monkeypatch):
     monkeypatch.setattr(kernels, "_sap_bernoulli_kernel", Failing())
     with pytest.raises(RuntimeError, match="launch failed"):
         kernels.sap_forward(x, x, seed, 3, False)
+    assert _counters_zero()
+
+
+@pytest.mark.triton
+def test_triton_exact_counters_left_zero(monkeypatch):
+    """Exact mode's partials launch counts each sample's finished partials on kept counters
+    (no fill launch): the last one makes the sample's prefix rows, and every count is zero
+    again after the launch. Calls of other shapes one after another (a prefix of several PB
+    steps, a sample with a NaN, 70 samples growing the buffer) keep the CPU's draws and leave
+    the buffer zero; a launch that raises part way leaves it zero too."""
+    kernels = _triton_kernels()
+    from pyprune.triton_kernels import _counters
+
+    seed = torch.tensor([11, 12])
+    cases = [(3, 600, 700, None), (2, 3000, 2000, (8, 8, 8)), (70, 40, 40, None),
+             (1, 5, 1, None)]
+    for n, length, r, chunks in cases:
+        x = _spread_rows(n, length, n + length)
+        if n == 3:
+            x[1, 5] = float("nan")
+        want = torch.ops.pyprune.sap(x, seed, r, True) != 0
+        out = kernels.sap_forward(x, x, seed, r, True, _chunks=chunks)
+        kept = out != 0
+        assert (kept != want).sum() <= 1, (n, length, r)
+        if n == 3:  # the NaN sample keeps nothing: NaN * 0 where x is NaN, 0 elsewhere
+            assert out[1, 5].isnan() and out[1].nan_to_num(1.0).eq(0).sum() == length - 1
+            kept = kept[[0, 2]]
+        assert kept.any(1).all()
+        assert _counters_zero(), (n, length, r)
+    e, d, _ = (8, 8, 8)
+    assert math.ceil(3000 / e) + math.ceil(2004 / d) > 2 * kernels._PARTIALS_PREFIX_BLOCK
+    assert max(b.numel() for b in _counters._BUFFERS.values()) >= 70
+
+    class Failing:
+        """A launch that counts, then fails."""
+
+        def __getitem__(self, grid):
+            def launch(x, *args, **kwargs):
+                args[8][:2] = 3  # the count tensor (after the seed's 5 arguments, bx, bd, draws)
+                raise RuntimeError("launch failed")
+
+            return launch
+
+    monkeypatch.setattr(kernels, "_sap_partials_kernel", Failing())
+    with pytest.raises(RuntimeError, match="launch failed"):
+        kernels.sap_forward(x, x, seed, 3, True)
     assert _counters_zero()
 
 

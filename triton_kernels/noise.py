@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from ._random import SEED_WORDS, load_seed, normal4, seed_args
-from .cas import cdiv, on_device
+from .cas import _round, cdiv, on_device
 
 _BLOCK = 512  # Philox evaluations per program: 2048 elements
 _NUM_WARPS = 4
@@ -55,7 +55,7 @@ def _noise_kernel(
         y = v * (1.0 + e)  # as the CPU and CUDA kernels: x = inf with std = 0 stays inf
     else:
         y = v + e
-    tl.store(out_ptr + idx * out_s, y.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + idx * out_s, _round(y, out_ptr.dtype.element_ty), mask=mask)
 
 
 def _wide_offsets(x: torch.Tensor, out: torch.Tensor) -> bool:

@@ -2,7 +2,7 @@
 
 x is an (N, L) view with any strides. A sample is split over many programs: element chunks of
 E elements and, in exact mode, draw chunks of D draws (E from L, D from r only, so a sample's
-result does not depend on the batch size or the device). Three launches in exact mode, one in
+result does not depend on the batch size or the device). Two launches in exact mode, one in
 bernoulli mode, no host sync, and a workspace of O(N * chunks) from the caching allocator:
 
 1. partials, one program per (sample, chunk): sum |x| of an element chunk (NaN and inf
@@ -13,10 +13,15 @@ bernoulli mode, no host sync, and a workspace of O(N * chunks) from the caching 
    (stored mode), the tile's running sums are written too (float32, r + 4 a sample at most),
    and the merge reads them back: each Philox output is computed once. Otherwise (huge r) the
    merge makes the draws of the chunks it needs again, and the workspace stays O(N * chunks).
-2. exact: prefix, one program per sample and kind: the fixed-order prefix sums B_k of the element
-   partials and P_b of the draw partials, made monotone (running maximum of a tile cumsum), in
-   place; B_K, the total, becomes NaN when the sample holds a NaN or inf (it then keeps nothing,
-   as does a sample whose float32 sum overflows: the reference's p = |x| / inf = 0).
+2. exact, in the same launch: prefix, by the sample's last partials program to finish (each
+   counts itself done for its sample with release; the one that takes the count to K + NB
+   acquires, sees every partial, and returns the count to zero: the counters are kept zero
+   between launches, triton_kernels/_counters, so no fill launch precedes it): the fixed-order
+   prefix sums B_k of the element partials and P_b of the draw partials, made monotone
+   (running maximum of a tile cumsum), in place; B_K, the total, becomes NaN when the sample
+   holds a NaN or inf (it then keeps nothing, as does a sample whose float32 sum overflows:
+   the reference's p = |x| / inf = 0). Which program is last varies, but the sums do not: they
+   are made in the same order by whichever it is.
 3. exact: merge + write over (sample, element chunk) items. The chunk owns positions
    [B_k, B_{k+1}) (the last chunk up to +inf): local bounds C_j = B_k + in-chunk cumsum of |x|,
    made monotone, clamped to B_{k+1}, the last forced to it, so the chunks partition the line
@@ -75,7 +80,7 @@ import triton.language as tl
 
 from ._counters import counters
 from ._random import SEED_WORDS, _to_uniform, load_seed, philox4, seed_args
-from .cas import INTERPRETED, cdiv, next_pow2, on_device
+from .cas import INTERPRETED, _round, cdiv, next_pow2, on_device
 
 # Elements per chunk: samples below 16384 keep chunks of 256 (a batch of 8 samples of 8192
 # still makes 256 programs), from 16384 on 1024: fewer draw-chunk searches and margins per
@@ -109,6 +114,10 @@ _SMS = 132
 # lower it.
 _WIDE_FROM = 2**31
 _PREFIX_BLOCK = 1024
+# The prefix rows made at the end of the partials launch take PB = 128 partials a step: 2 a
+# thread at 2 warps. A tile of 1024 there raised every partials variant's registers (72-80 on
+# sm_90, 8 bytes of stack on some) for a tail one program a sample runs; 128 keeps 32.
+_PARTIALS_PREFIX_BLOCK = 128
 # Exact mode keeps the draws (their running sums, float32) where r <= this many times L and a
 # draw chunk is one tile: the merge reads each draw back instead of making it again (a
 # Philox evaluation, four logs and a tile cumsum less a tile of 256).
@@ -128,7 +137,7 @@ _SLOTS = 1056
 # E = 1024, a thread's instructions: ~1430 an item for its elements (bounds, scratch, q, the
 # write), 91 a step of the draw-chunk search, a draw tile of 256 279 read back, 518 made (4
 # warps took ~900, 86 and 410 in twice the threads, making every draw again).
-_WARPS = {"partials": 2, "prefix": 4, "merge": 2, "bernoulli": 8}
+_WARPS = {"partials": 2, "merge": 2, "bernoulli": 8}
 _MERGE_MAX_REGS = {True: 128, False: 136}
 _MARGIN = tl.constexpr(2.0**-12)  # of the total: the merge's allowance for rounding (see there)
 _TINY_TOTAL = tl.constexpr(2.0**-64)
@@ -282,15 +291,18 @@ def _running(e0, e1, e2, e3):
 
 @triton.jit(do_not_specialize=SEED_WORDS)
 def _sap_partials_kernel(
-    x_ptr, seed_ptr, seed_k0, seed_k1, seed_s0, seed_s1, bx_ptr, bd_ptr, draws_ptr,
+    x_ptr, seed_ptr, seed_k0, seed_k1, seed_s0, seed_s1, bx_ptr, bd_ptr, draws_ptr, count_ptr,
     L, r, K, NB, D, x_sn, x_sl,
     E: tl.constexpr,
     DT: tl.constexpr,
     STORE: tl.constexpr,
+    PB: tl.constexpr,
 ):
     """Exact mode's partials: element chunk sums of |x| and draw chunk sums of the spacings;
     with STORE (a draw chunk is one tile) also the tile's in-chunk running sums, for the merge
-    to read back instead of making the draws again (its STORED tiles)."""
+    to read back instead of making the draws again (its STORED tiles). Each program then counts
+    itself done for its sample (release); the sample's last one (acquire) makes both prefix
+    rows and returns the count to zero (kept counters: triton_kernels/_counters)."""
     pid = tl.program_id(0)
     n = (pid // (K + NB)).to(tl.int64)
     c = pid % (K + NB)
@@ -322,12 +334,21 @@ def _sap_partials_kernel(
                 acc += tl.sum(e0 + e1 + e2 + e3, 0)
                 t += DT
             tl.store(bd_ptr + n * (NB + 1) + 1 + b, acc)
+    tl.debug_barrier()  # every thread's stores before the release
+    done_ptr = count_ptr + n
+    if tl.atomic_add(done_ptr, 1, sem="acq_rel") == K + NB - 1:
+        # The sample's last partial: every other one is visible (acquire); the count back to
+        # zero for the next launch, then the prefix rows in the fixed order.
+        tl.atomic_xchg(done_ptr, 0, sem="relaxed")
+        _prefix(bx_ptr + n * (K + 1), K, PB)
+        _prefix(bd_ptr + n * (NB + 1), NB, PB)
 
 
 @triton.jit
 def _prefix(row, m, PB: tl.constexpr):
     """row[1 .. m] = monotone prefix sums of row[1 .. m], row[0] = 0; row[m] = NaN if a value
-    is NaN or inf or the sum overflows."""
+    is NaN or inf or the sum overflows. The values, stored by other programs, are loaded past
+    L1 (.cg)."""
     tl.store(row, 0.0)
     carry = tl.zeros([], dtype=tl.float32)
     bad = tl.zeros([], dtype=tl.int32)
@@ -335,7 +356,7 @@ def _prefix(row, m, PB: tl.constexpr):
     while t < m:
         idx = t + tl.arange(0, PB)
         inside = idx < m
-        v = tl.load(row + 1 + idx, mask=inside, other=0.0)
+        v = tl.load(row + 1 + idx, mask=inside, other=0.0, cache_modifier=".cg")
         bad = tl.maximum(bad, tl.max(((v != v) | (v == float("inf"))).to(tl.int32), 0))
         c = tl.maximum(_running_max(tl.cumsum(v, 0) + carry), carry)
         tl.store(row + 1 + idx, c, mask=inside)
@@ -343,15 +364,6 @@ def _prefix(row, m, PB: tl.constexpr):
         t += PB
     if (bad > 0) | (carry == float("inf")):
         tl.store(row + m, float("nan"))
-
-
-@triton.jit
-def _sap_prefix_kernel(bx_ptr, bd_ptr, K, NB, PB: tl.constexpr):
-    n = tl.program_id(0).to(tl.int64)
-    if tl.program_id(1) == 0:
-        _prefix(bx_ptr + n * (K + 1), K, PB)
-    else:
-        _prefix(bd_ptr + n * (NB + 1), NB, PB)
 
 
 @triton.jit
@@ -478,7 +490,7 @@ def _sap_merge_kernel(
         p = a * tl.div_rn(1.0, total * pre)
         q = _keep_probability(p, r, _all_small(p))
         y = tl.where(kept, g.to(tl.float32) / q, g.to(tl.float32) * 0.0)
-        tl.store(out_ptr + n * out_sn + offs * out_sl, y.to(g.dtype), mask=in_row)
+        tl.store(out_ptr + n * out_sn + offs * out_sl, _round(y, g.dtype), mask=in_row)
         tl.debug_barrier()  # the slot is rewritten by the next item
         item += tl.num_programs(0)
 
@@ -638,7 +650,7 @@ def _sap_bernoulli_kernel(
             y = tl.where(u < q, _normal_quotient(gf, q, HW_RCP), gf * 0.0)
             if not positive:
                 y = tl.where((u == 0.0) & (q > 0.0), gf / q, y)
-            tl.store(out_ptr + n * out_sn + j * out_sl, y.to(g.dtype), mask=in_row)
+            tl.store(out_ptr + n * out_sn + j * out_sl, _round(y, g.dtype), mask=in_row)
             h += 1
 
 
@@ -663,7 +675,7 @@ def _config(L: int, r: int, exact: bool) -> dict:
     """Every launch's constexprs and warps (the AOT list holds each one the launcher can pick)."""
     e, d = _chunk_sizes(L, r)
     store = exact and _stores_draws(L, r, d, _DT)
-    return {"partials": {"E": e, "DT": _DT, "STORE": store}, "prefix": {"PB": _PREFIX_BLOCK},
+    return {"partials": {"E": e, "DT": _DT, "STORE": store, "PB": _PARTIALS_PREFIX_BLOCK},
             "merge": {"E": e, "DT": _DT, "W": _SEARCH_WIDTH, "STORED": store}}
 
 
@@ -719,7 +731,7 @@ def sap_forward(src: torch.Tensor, x: torch.Tensor, seed: torch.Tensor, r: int, 
     if _chunks is not None:
         e, d, dt = _chunks
         store = _stores_draws(L, r, d, dt)
-        cfg["partials"] = {"E": e, "DT": dt, "STORE": store}
+        cfg["partials"] = {**cfg["partials"], "E": e, "DT": dt, "STORE": store}
         cfg["merge"] = {**cfg["merge"], "E": e, "DT": dt, "STORED": store}
     if _store is not None:
         if _store and d != dt:
@@ -734,10 +746,11 @@ def sap_forward(src: torch.Tensor, x: torch.Tensor, seed: torch.Tensor, r: int, 
     draws = (torch.empty((N, nb * d), dtype=torch.float32, device=x.device)
              if cfg["partials"]["STORE"] else bd)
     with on_device(x):
-        _sap_partials_kernel[(N * (k + nb),)](
-            x, *seed, bx, bd, draws, L, r, k, nb, d, *x.stride(),
-            **cfg["partials"], num_warps=_WARPS["partials"])
-        _sap_prefix_kernel[(N, 2)](bx, bd, k, nb, **cfg["prefix"], num_warps=_WARPS["prefix"])
+        # Each sample's count of partials done: zero, and left zero by the launch.
+        with counters(x.device, N) as count:
+            _sap_partials_kernel[(N * (k + nb),)](
+                x, *seed, bx, bd, draws, count, L, r, k, nb, d, *x.stride(),
+                **cfg["partials"], num_warps=_WARPS["partials"])
         items = N * k
         slots = min(items, _slots)
         scratch = torch.empty((slots, 2 * e), dtype=torch.float32, device=x.device)
@@ -780,9 +793,6 @@ def _aot_variants() -> list[tuple]:
     variants = []
     ws = {"seed_ptr": "*i64", "bx_ptr": "*fp32", "bd_ptr": "*fp32", "draws_ptr": "*fp32",
           "scratch_ptr": "*fp32", "part_ptr": "*fp32", "count_ptr": "*i32"}
-    prefix = {"PB": _PREFIX_BLOCK}
-    variants.append((_sap_prefix_kernel, signature(_sap_prefix_kernel, "fp32", prefix), prefix,
-                     {"num_warps": _WARPS["prefix"]}))
     for dtype in _TL_DTYPES.values():
         for e in (_E_SMALL, _E_LARGE):
             cfg = _config(e if e == _E_SMALL else _E_LARGE_FROM, 1, True)
