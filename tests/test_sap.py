@@ -379,6 +379,24 @@ def _counters_zero() -> bool:
     return all(not b.any() for b in _counters._BUFFERS.values())
 
 
+def _failed_launch_leaves_counters_zero(monkeypatch, kernels, name, count_at, call):
+    """kernels.<name> replaced by a launch that counts (its argument count_at, the kept
+    counters) and then raises: call raises, and the counters are zero after it."""
+
+    class Failing:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                args[count_at][:2] = 3
+                raise RuntimeError("launch failed")
+
+            return launch
+
+    monkeypatch.setattr(kernels, name, Failing())
+    with pytest.raises(RuntimeError, match="launch failed"):
+        call()
+    assert _counters_zero()
+
+
 @pytest.mark.triton
 def test_triton_bernoulli_counters_left_zero(monkeypatch):
     """The bernoulli launch takes its ticket and per-sample counts from kept counters (no fill
@@ -405,20 +423,9 @@ def test_triton_bernoulli_counters_left_zero(monkeypatch):
         assert _counters_zero(), (n, length, block, lag)
     assert max(b.numel() for b in _counters._BUFFERS.values()) >= 41
 
-    class Failing:
-        """A launch that counts, then fails."""
-
-        def __getitem__(self, grid):
-            def launch(src, x, out, *args, **kwargs):
-                args[6][:2] = 3  # the count tensor (after the seed's 5 arguments and part)
-                raise RuntimeError("launch failed")
-
-            return launch
-
-    monkeypatch.setattr(kernels, "_sap_bernoulli_kernel", Failing())
-    with pytest.raises(RuntimeError, match="launch failed"):
-        kernels.sap_forward(x, x, seed, 3, False)
-    assert _counters_zero()
+    # The count tensor: after src, x, out, the seed's 5 arguments and part.
+    _failed_launch_leaves_counters_zero(monkeypatch, kernels, "_sap_bernoulli_kernel", 9,
+                                        lambda: kernels.sap_forward(x, x, seed, 3, False))
 
 
 @pytest.mark.triton
@@ -451,20 +458,9 @@ def test_triton_exact_counters_left_zero(monkeypatch):
     assert math.ceil(3000 / e) + math.ceil(2004 / d) > 2 * kernels._PARTIALS_PREFIX_BLOCK
     assert max(b.numel() for b in _counters._BUFFERS.values()) >= 70
 
-    class Failing:
-        """A launch that counts, then fails."""
-
-        def __getitem__(self, grid):
-            def launch(x, *args, **kwargs):
-                args[8][:2] = 3  # the count tensor (after the seed's 5 arguments, bx, bd, draws)
-                raise RuntimeError("launch failed")
-
-            return launch
-
-    monkeypatch.setattr(kernels, "_sap_partials_kernel", Failing())
-    with pytest.raises(RuntimeError, match="launch failed"):
-        kernels.sap_forward(x, x, seed, 3, True)
-    assert _counters_zero()
+    # The count tensor: after x, the seed's 5 arguments, bx, bd and draws.
+    _failed_launch_leaves_counters_zero(monkeypatch, kernels, "_sap_partials_kernel", 9,
+                                        lambda: kernels.sap_forward(x, x, seed, 3, True))
 
 
 @pytest.mark.triton
