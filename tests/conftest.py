@@ -56,6 +56,21 @@ def dtypes_for(backend: str) -> list[torch.dtype]:
     return list(_backend.DTYPES.get(backend, tuple(TOLERANCES)))
 
 
+def assert_half_rounds_to_nearest(op, device_backend, shape, seed) -> None:
+    """op(x, generator) in float16 and bfloat16 is op in float32 rounded to nearest even: x
+    exact in the 16-bit type (randn * 4 of a seeded generator), the same generator seed. A
+    truncating cast (the Triton interpreter's bfloat16 one) biases the results toward zero."""
+    device, backend = device_backend
+    x32 = (torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * 4).to(device)
+    for dtype in (torch.float16, torch.bfloat16):
+        if dtype not in dtypes_for(backend):
+            continue
+        x16 = x32.to(dtype)
+        want = op(x16.float(), torch.Generator(device).manual_seed(1))
+        got = op(x16, torch.Generator(device).manual_seed(1))
+        assert torch.equal(got, want.to(dtype)), dtype
+
+
 def compile_and_backward(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """torch.compile(fullgraph=True) a model of random layers, run it and backprop: the output
     must be finite and every parameter must get a gradient. Returns the compiled output."""

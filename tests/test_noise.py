@@ -11,7 +11,8 @@ import pyprune
 from pyprune import reference
 from pyprune.ops.noise import _OPS
 
-from .conftest import TOLERANCES, TRITON_INTERPRET, compile_and_backward, dtypes_for
+from .conftest import (TOLERANCES, TRITON_INTERPRET, assert_half_rounds_to_nearest,
+                       compile_and_backward, dtypes_for)
 
 Z = 5.0
 
@@ -77,23 +78,12 @@ def test_seeding(device_backend):
 @pytest.mark.parametrize("multiplicative", [False, True])
 def test_half_precision_output_rounds_to_nearest(device_backend, multiplicative):
     """A 16-bit result is the float32 computation rounded to nearest even, on every kernel
-    backend: with the same seed and inputs exact in the 16-bit type, it equals the float32
-    result cast (a truncating cast, as the Triton interpreter's bfloat16 one, biases the noise
-    toward zero)."""
-    device, backend = device_backend
-    if backend == "reference":
+    backend (the same seed, inputs exact in the 16-bit type)."""
+    if device_backend[1] == "reference":
         pytest.skip("the reference draws its noise in the input's dtype")
-    gen = torch.Generator().manual_seed(8)
-    x32 = (torch.randn(3, 1000, generator=gen) * 4).to(device)
-    for dtype in (torch.float16, torch.bfloat16):
-        if dtype not in dtypes_for(backend):
-            continue
-        x16 = x32.to(dtype)
-        want = pyprune.gaussian_noise(x16.float(), 0.3, multiplicative=multiplicative,
-                                      generator=torch.Generator(device).manual_seed(1))
-        got = pyprune.gaussian_noise(x16, 0.3, multiplicative=multiplicative,
-                                     generator=torch.Generator(device).manual_seed(1))
-        assert torch.equal(got, want.to(dtype)), dtype
+    assert_half_rounds_to_nearest(
+        lambda x, gen: pyprune.gaussian_noise(x, 0.3, multiplicative=multiplicative,
+                                              generator=gen), device_backend, (3, 1000), 8)
 
 
 def _stream_inputs(device):

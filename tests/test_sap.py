@@ -11,7 +11,8 @@ import pyprune
 from pyprune import reference
 from pyprune.ops.sap import _OPS
 
-from .conftest import TOLERANCES, TRITON_INTERPRET, compile_and_backward, dtypes_for
+from .conftest import (TOLERANCES, TRITON_INTERPRET, assert_half_rounds_to_nearest,
+                       compile_and_backward, dtypes_for)
 
 # Standard errors allowed between a frequency / mean over D draws and its expectation.
 Z = 5.0
@@ -180,22 +181,13 @@ def test_seeding(device_backend):
 @pytest.mark.parametrize("exact", [True, False])
 def test_half_precision_output_rounds_to_nearest(device_backend, exact):
     """A 16-bit result is the float32 computation rounded to nearest even, on every kernel
-    backend: with the same seed and inputs exact in the 16-bit type, the same elements are kept
-    and each is x / q rounded (a truncating cast, as the Triton interpreter's bfloat16 one,
-    biases every kept value toward zero)."""
-    device, backend = device_backend
-    if backend == "reference":
+    backend: the same seed and inputs exact in the 16-bit type keep the same elements, each
+    x / q rounded."""
+    if device_backend[1] == "reference":
         pytest.skip("the reference computes q in the input's dtype")
-    gen = torch.Generator().manual_seed(9)
-    x32 = (torch.randn(3, 700, generator=gen) * 4).to(device)
-    for dtype in (torch.float16, torch.bfloat16):
-        if dtype not in dtypes_for(backend):
-            continue
-        x16 = x32.to(dtype)
-        want = pyprune.sap(x16.float(), 0.5, exact=exact,
-                           generator=torch.Generator(device).manual_seed(2))
-        got = pyprune.sap(x16, 0.5, exact=exact, generator=torch.Generator(device).manual_seed(2))
-        assert torch.equal(got, want.to(dtype)), dtype
+    assert_half_rounds_to_nearest(
+        lambda x, gen: pyprune.sap(x, 0.5, exact=exact, generator=gen), device_backend,
+        (3, 700), 9)
 
 
 @pytest.mark.triton
