@@ -119,7 +119,8 @@ sap (csrc/cuda/sap.cu, triton_kernels/sap.py); r = L draws, x after a ReLU
   triton       the host seed, then a sample over many programs: partials (sum |x| per chunk
                of E = 256 or 1024 elements, in exact mode the spacings per draw chunk: one Philox per 4
                draws; where r <= 4 L also their running sums), exact: per-sample prefix sums
-               by the sample's last partials program (same launch, counted with atomics), then a merge over (sample, element chunk) in 1056 persistent programs (the
+               by the sample's last partials program (same launch, counted with atomics),
+               then a merge over (sample, element chunk) in 1056 persistent programs (the
                reaching draw chunks' running sums read back, or made again where r > 4 L; a
                binary search per draw over the chunk's bounds in an L1-resident scratch slot);
                bernoulli: one elementwise pass (one Philox per 4 elements, q by series,

@@ -38,11 +38,12 @@ _PYPRUNE_MODULES = (KWTA, SAP, GaussianNoise, CAS, MaskedConv2d, ChannelGate, Ch
                     NoisyWeight, MagnitudePruned)
 
 # Channel-wise ops with f(0) = 0: a zero channel stays zero, and each channel only sees itself.
-_ZERO_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Tanh, nn.Hardtanh,
-                 nn.Hardswish, nn.Mish, nn.Dropout, nn.Dropout2d, nn.Identity, nn.MaxPool2d,
-                 nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+# (Hardtanh and ReLU6, F.hardtanh: zero to zero only where the range holds 0, _hardtanh_kind.)
+_ZERO_MODULES = (nn.ReLU, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Tanh, nn.Hardswish, nn.Mish,
+                 nn.Dropout, nn.Dropout2d, nn.Identity, nn.MaxPool2d, nn.AvgPool2d,
+                 nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
 _ZERO_FUNCTIONS = {F.relu, torch.relu, F.relu6, F.gelu, F.silu, torch.tanh, F.leaky_relu,
-                   F.hardtanh, F.hardswish, F.mish, F.max_pool2d, F.avg_pool2d,
+                   F.hardswish, F.mish, F.max_pool2d, F.avg_pool2d,
                    F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.dropout}
 _ZERO_METHODS = {"relu", "relu_", "contiguous", "clone", "tanh"}
 # Channel-wise ops that may turn a zero channel non-zero. (GaussianNoise is not one of them
@@ -59,12 +60,11 @@ _RESHAPE_METHODS = ("flatten", "view", "reshape", "squeeze", "unsqueeze")
 LeafModules = Iterable[Union[str, type]]
 
 
-def _hardtanh_holds_zero(node: fx.Node) -> bool:
-    """Whether an F.hardtanh call's range [min_val, max_val] holds 0 (so that it maps a zero
-    channel to zero); a bound that is not a number counts as not."""
-    lo = node.kwargs.get("min_val", node.args[1] if len(node.args) > 1 else -1.0)
-    hi = node.kwargs.get("max_val", node.args[2] if len(node.args) > 2 else 1.0)
-    return isinstance(lo, (int, float)) and isinstance(hi, (int, float)) and lo <= 0 <= hi
+def _hardtanh_kind(lo, hi) -> str:
+    """A hardtanh over [lo, hi] maps a zero channel to zero ("zero") only where the range holds
+    0; a bound that is not a number (an fx value) counts as not ("other")."""
+    numbers = isinstance(lo, (int, float)) and isinstance(hi, (int, float))
+    return "zero" if numbers and lo <= 0 <= hi else "other"
 
 
 class Tracer(fx.Tracer):
@@ -174,8 +174,8 @@ def kind(node: fx.Node, modules: dict[str, nn.Module]) -> str:
             return "linear"
         if isinstance(m, ChipMask):
             return "mask"
-        if isinstance(m, nn.Hardtanh):  # (ReLU6 too) zero to zero only if its range holds 0
-            return "zero" if m.min_val <= 0 <= m.max_val else "other"
+        if isinstance(m, nn.Hardtanh):  # (ReLU6 too)
+            return _hardtanh_kind(m.min_val, m.max_val)
         if isinstance(m, _ZERO_MODULES) or (isinstance(m, KWTA) and m.mode == "channel"):
             return "zero"
         if isinstance(m, _CHANNEL_MODULES):
@@ -186,8 +186,10 @@ def kind(node: fx.Node, modules: dict[str, nn.Module]) -> str:
     if _reads_shape(node):
         return "shape"
     if node.op == "call_function":
-        if node.target is F.hardtanh:
-            return "zero" if _hardtanh_holds_zero(node) else "other"
+        if node.target is F.hardtanh:  # hardtanh(input, min_val=-1.0, max_val=1.0)
+            args = node.args
+            return _hardtanh_kind(node.kwargs.get("min_val", args[1] if len(args) > 1 else -1.0),
+                                  node.kwargs.get("max_val", args[2] if len(args) > 2 else 1.0))
         if node.target in _ZERO_FUNCTIONS:
             return "zero"
         if node.target in _CHANNEL_FUNCTIONS:

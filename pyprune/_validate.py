@@ -121,10 +121,11 @@ def label_range(label: Tensor | None, classes: int, name: str = "label") -> None
     host read nor an assert works on the wrapper)."""
     if label is None or label.numel() == 0:
         return
-    if not torch.compiler.is_compiling():  # (the compiler traces the transforms itself)
+    compiling = torch.compiler.is_compiling()
+    if not compiling:  # (the compiler traces the transforms itself)
         while torch._C._functorch.is_functorch_wrapped_tensor(label):
             label = torch._C._functorch.get_unwrapped(label)
-    if torch.compiler.is_compiling() or not host_reads_free(label):
+    if compiling or not host_reads_free(label):
         torch._assert_async(((label >= 0) & (label < classes)).all(),
                             f"{name} values must be in [0, {classes})")
         return

@@ -93,7 +93,8 @@ def sap(
     """Stochastic activation pruning with r draws per sample (Dhillon et al., 2018).
 
     exact=True: r indices drawn with replacement from p = |x|/sum|x| (torch.multinomial; by
-    inverse transform of float64 uniforms above its 2^24 categories), the drawn ones kept. exact=False: each element kept independently with probability q.
+    inverse transform of float64 uniforms above its 2^24 categories), the drawn ones kept.
+    exact=False: each element kept independently with probability q.
     Kept elements are scaled by 1/q, so E[out] = x; an all-zero sample gives zeros, and a sample
     with a NaN or inf (p undefined) keeps nothing: x * 0, NaN at its non-finite elements.
     """
