@@ -514,7 +514,7 @@ _TRITON_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 def check_step_ops(cuda_sass: str, triton: list[Variant], found: list) -> list[str]:
-    """The roofline's instructions a K-loop step (CUDA_TC_STEP_OPS, TRITON_CONV_STEP_OPS) and a
+    """The roofline's instructions a K-loop step (CUDA_TC_STEP_OPS, TRITON_CONV_*STEP_OPS) and a
     k-WTA select pass (TRITON_KWTA_COUNT_PASS: the loop, the rest, registers) against the SASS of the
     variants they model: a problem where one differs by more than STEP_OPS_TOLERANCE or its
     variant is missing."""
@@ -573,6 +573,9 @@ def check_step_ops(cuda_sass: str, triton: list[Variant], found: list) -> list[s
               in roofline.TRITON_CONV_STEP_OPS.items()]
     tables += [((False, False, True, block_p, block_co), by_dtype)
                for (block_p, block_co), by_dtype in roofline.TRITON_CONV_PACKED_STEP_OPS.items()]
+    tables += [((True, False, True, block_p, block_co), by_dtype)
+               for (block_p, block_co), by_dtype
+               in roofline.TRITON_CONV_SPARSE_PACKED_STEP_OPS.items()]
     for (sparse, listed, packed, block_p, block_co), by_dtype in tables:
         for dtype, model in by_dtype.items():
             row = rows.get((sparse, listed, packed, block_p, block_co, dtype))

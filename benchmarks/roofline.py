@@ -2188,7 +2188,7 @@ def _cuda_static_packed(p: Plan, g: _Conv, out_kept: int, in_kept: int) -> bool:
 def _triton_channel_lists(p: Plan, mask: bool) -> None:
     """_kept_first of one per-sample mask on the unpacked path: a stable sort of the bool mask
     (the kernel counts the kept channels itself); nothing for None or a mask shared by the
-    batch (its list is cached per mask version, _OrderCache)."""
+    batch (its list is cached per mask version, _MaskCache)."""
     if mask:
         p.kernel("channel list: sort", "aten", hbm=p.case.shape[0] * p.case.shape[1] * 9)
 
@@ -2210,7 +2210,6 @@ TRITON_CONV_STEP_OPS = {
     (False, True, 64, 64): {"float32": 126, "bfloat16": 100, "float16": 100},
     (False, True, 64, 128): {"float32": 163, "bfloat16": 139, "float16": 139},
     (False, True, 128, 64): {"float32": 177, "bfloat16": 147, "float16": 147},
-    (True, False, 128, 16): {"float32": 231, "bfloat16": 175, "float16": 175},
 }
 # The PACKED path's step (x and the weight laid out by _pack_kernel: unmasked copies, 8-byte
 # ones for x and 16-byte ones for the weight, no gathers), sm_90 SASS at its own warp counts
@@ -2223,6 +2222,14 @@ TRITON_CONV_PACKED_STEP_OPS = {
     (64, 128): {"float32": 77, "bfloat16": 69, "float16": 69},
     (128, 32): {"float32": 85, "bfloat16": 72, "float16": 72},
     (128, 64): {"float32": 79, "bfloat16": 70, "float16": 70},
+}
+# The weight-mask path's step, packed (x and the masked weight laid out by _pack_kernel: the
+# same unmasked copies, no mask tile; the step's (channel block, tap) entry taken from the
+# group of list entries held in registers, a block reduction, and split by division), sm_90
+# SASS, by (BLOCK_P, BLOCK_CO) and element size. (Unpacked, gathering x and loading the mask's
+# tile beside the weight's: 229 float32 and 174 16-bit lane instructions a step at 8 warps.)
+TRITON_CONV_SPARSE_PACKED_STEP_OPS = {
+    (128, 16): {"float32": 144, "bfloat16": 130, "float16": 130},
 }
 # _pack_kernel: lane instructions an element of its tiles (128 pixels by 32 channels in 4
 # warps: the float pixel-row quotient, a 4-byte gather, the transpose through shared memory,
@@ -2252,6 +2259,29 @@ def triton_patch_pixels(ranges: int, span: int, side: int, block_p: int) -> int:
     return ranges * int((1 + np.count_nonzero(np.diff(ids, axis=1), axis=1)).sum())
 
 
+def _triton_pack(p: Plan, g: _Conv, in_kept: int, ci_work: int, rows: int = 0,
+                 weight_mask: bool = False) -> float:
+    """_pack_kernel, one launch inside the launcher: the kept channels of x read once, xp
+    written (padding 1: (H + 2) x (W + 2) pixels, ci_work channels), the weight's kept channels
+    likewise (with a weight mask, its bytes read too); its tiles cover 128 padded pixels of a
+    sample (or of the weight's (C_out, 9) image) by 32 channels. rows: per-sample out_mask rows
+    whose kept-first lists it writes (a program a row: a count, then a cumsum and a scatter a
+    block of 256 channels). Returns xp's bytes."""
+    side = math.isqrt(g.pixels)
+    padded = (side + 2) ** 2
+    xp = g.n * padded * ci_work * g.esize
+    w_packed = g.c * 9 * ci_work * g.esize
+    lanes = (g.n * math.ceil(padded / 128) + math.ceil(g.c * 9 / 128)) * 128 * ci_work
+    mask_bytes = g.weight / g.esize if weight_mask else 0.0
+    p.host("triton")
+    p.kernel("_pack_kernel", "inner",
+             hbm=g.x * in_kept / g.c + xp + g.weight * in_kept / g.c + mask_bytes + w_packed
+             + rows * g.c * 9,
+             ops=lanes * TRITON_PACK_OPS + rows * g.c * 12, ctas=lanes // (128 * 32) + rows,
+             per_sm=TRITON_PACK_PER_SM, chain_us=p.lat("l2") + p.lat("dram"))
+    return xp
+
+
 def _triton_conv(p: Plan, g: _Conv, out_kept: int, in_kept: int, per_sample: bool,
                  out_mask: bool, in_mask: bool) -> None:
     """_masked_conv2d_forward_kernel with channel lists: work padded to the blocks, on the
@@ -2279,24 +2309,8 @@ def _triton_conv(p: Plan, g: _Conv, out_kept: int, in_kept: int, per_sample: boo
     x_read = g.x
     chain = 0.0
     if packed:
-        # _pack_kernel (one launch inside the launcher): the kept channels of x read once, xp
-        # written (padding 1: (H + 2) x (W + 2) pixels, ci_work channels), the weight's kept
-        # channels likewise; its tiles cover 128 padded pixels of a sample (or of the weight's
-        # (C_out, 9) image) by 32 channels.
-        side = math.isqrt(g.pixels)
-        padded = (side + 2) ** 2
-        x_read = g.n * padded * ci_work * g.esize
-        w_packed = g.c * 9 * ci_work * g.esize
-        lanes = (g.n * math.ceil(padded / 128) + math.ceil(g.c * 9 / 128)) * 128 * ci_work
-        # A per-sample out_mask: a program a row writes its kept-first list (a count, then a
-        # cumsum and a scatter a block of 256 channels).
-        rows = g.n if out_mask and per_sample else 0
-        p.host("triton")
-        p.kernel("_pack_kernel", "inner",
-                 hbm=g.x * in_kept / g.c + x_read + g.weight * in_kept / g.c + w_packed
-                 + rows * g.c * 9,
-                 ops=lanes * TRITON_PACK_OPS + rows * g.c * 12, ctas=lanes // (128 * 32) + rows,
-                 per_sm=TRITON_PACK_PER_SM, chain_us=p.lat("l2") + p.lat("dram"))
+        # A per-sample out_mask: the packing launch writes its rows' kept-first lists.
+        x_read = _triton_pack(p, g, in_kept, ci_work, g.n if out_mask and per_sample else 0)
         per_thread = 9 * chunks * TRITON_CONV_PACKED_STEP_OPS[(block_p, block_co)][dtype]
     else:
         per_thread = 9 * chunks * TRITON_CONV_STEP_OPS[(False, in_mask, block_p, block_co)][dtype]
@@ -2327,36 +2341,38 @@ def _triton_conv(p: Plan, g: _Conv, out_kept: int, in_kept: int, per_sample: boo
 
 
 def _triton_sparse(p: Plan, g: _Conv) -> None:
-    """The block-sparse weight-mask path: tile lists, finite samples, the kernel over the
-    occupied 16x16 (output, input channel) tiles of each tap, on the tensor cores."""
+    """The block-sparse weight-mask path, packed: finite samples, _pack_kernel (xp, and wp
+    holding the mask's zeros), the kernel over the occupied 16x16 (output, input channel) tiles
+    of each tap, on the tensor cores. The mask's block table is built once per mask version
+    (_MaskCache): a benchmark's static mask costs no launch a call."""
     tile = TRITON_WEIGHT_MASK_BLOCK
     occupied = (1 - (1 - g.keep) ** (tile * tile)) if g.kind == "w" else g.keep
-    _triton_channel_lists(p, False)
-    _triton_channel_lists(p, False)
-    for name in ("new_zeros", "copy", "any", "any", "transpose copy", "logical_not", "sort",
-                 "sort", "to(int32)", "sum"):
-        p.kernel(f"tile list: {name}", "aten", hbm=2 * g.weight / g.esize)
     p.kernel("finite samples: sum", "aten", hbm=g.x)
     p.kernel("finite samples: isfinite", "aten", hbm=g.n * 8)
     p.kernel("finite samples: to(int32)", "aten", hbm=g.n * 8)
+    ci_blocks = math.ceil(g.c / tile)
+    xp = _triton_pack(p, g, g.c, math.ceil(g.c / 32) * 32, weight_mask=True)
     p.host("triton")
     span = g.n * g.pixels  # no per-sample mask: pixel tiles over the batch
-    block_p, _, _, warps = triton_conv_config(g.c, span, 1, sparse=True)
+    block_p, _, _, warps = triton_conv_config(g.c, span, 1, sparse=True, packed=True)
     p_work = math.ceil(span / block_p) * block_p / g.n
     co_blocks = math.ceil(g.c / tile)
     # 16 output channels a program: the x tile is reread per output block, the MMA is narrow.
     ctas = math.ceil(span / block_p) * co_blocks
-    steps = 9 * math.ceil(g.c / tile) * occupied  # the occupied (tap, 16-channel) tiles
-    # L2: each program's x tile (BLOCK_P pixels x 16 channels) and 16 x 16 weight tile at each
-    # of its steps, less the first reads.
-    tiles = ctas * steps * (block_p + tile) * tile * g.esize
-    p.kernel("_masked_conv2d_forward_kernel (block-sparse, tensor cores)", "inner",
-             hbm=2 * g.x + g.weight * (1 + 1 / g.esize),
-             l2=max(0.0, tiles - g.x - g.weight * occupied),
+    steps = 9 * ci_blocks * occupied  # the occupied (16-channel block, tap) tiles
+    # L2: a channel block's taps run back to back and copy x in 8-byte cp.async.ca (as the
+    # dense packed path), so each program reads its tile's patch of xp from L2 once an occupied
+    # channel block and the other taps' shifted tiles from L1; its 16 x 16 weight tiles once.
+    x_tiles = (co_blocks * ci_blocks * occupied * tile * g.esize
+               * triton_patch_pixels(1, span, math.isqrt(g.pixels), block_p))
+    w_tiles = ctas * steps * tile * tile * g.esize
+    p.kernel("_masked_conv2d_forward_kernel (block-sparse, packed, tensor cores)", "inner",
+             hbm=xp + g.x + g.weight * occupied,
+             l2=max(0.0, x_tiles - xp) + max(0.0, w_tiles - g.weight * occupied),
              flops=g.flops(g.c, g.c, p_work) * occupied, tensor=True,
              eff=p.gpu["triton_tc16_eff"],
              ops=ctas * steps * 32 * warps
-             * TRITON_CONV_STEP_OPS[(True, False, block_p, tile)][_dtype_name(p.case)],
+             * TRITON_CONV_SPARSE_PACKED_STEP_OPS[(block_p, tile)][_dtype_name(p.case)],
              ctas=ctas, per_sm=16 // warps)
 
 

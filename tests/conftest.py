@@ -102,3 +102,26 @@ def full_float32_convolutions(request):
 # (atol, rtol) per unit of sqrt(reduction length) for TF32 products: inputs rounded to 10
 # mantissa bits (relative error 2^-11 each), sums of random-signed terms growing as sqrt(K).
 TF32_TOLERANCE = (2e-3, 2e-3)
+
+
+class LaunchSpy:
+    """Stands in for the Triton conv kernel: records each launch's constexprs and options and
+    its grid, then launches the real kernel."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches, self.grids = kernel, [], []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append(kwargs)
+            self.grids.append(grid)
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+def spy_conv_launches(monkeypatch) -> LaunchSpy:
+    from pyprune.triton_kernels import masked_conv as kernels
+
+    spy = LaunchSpy(kernels._masked_conv2d_forward_kernel)
+    monkeypatch.setattr(kernels, "_masked_conv2d_forward_kernel", spy)
+    return spy

@@ -520,6 +520,7 @@ def test_kwta_pass_counts_that_drift_from_the_roofline_fail(monkeypatch):
     monkeypatch.setattr(roofline, "CUDA_TC_PACKED_STEP_OPS", {})
     monkeypatch.setattr(roofline, "TRITON_CONV_STEP_OPS", {})
     monkeypatch.setattr(roofline, "TRITON_CONV_PACKED_STEP_OPS", {})
+    monkeypatch.setattr(roofline, "TRITON_CONV_SPARSE_PACKED_STEP_OPS", {})
     monkeypatch.setattr(roofline, "TRITON_SAP_MERGE_OPS", {})
     monkeypatch.setattr(roofline, "TRITON_SAP_PARTIALS_OPS", {})
     found = [SimpleNamespace(kernel=SimpleNamespace(__name__="_kwta_forward_kernel"),
@@ -557,7 +558,8 @@ def test_sap_draw_counts_that_drift_from_the_roofline_fail(monkeypatch):
     from benchmarks import roofline
 
     for table in ("CUDA_TC_STEP_OPS", "CUDA_TC_PACKED_STEP_OPS", "TRITON_CONV_STEP_OPS",
-                  "TRITON_CONV_PACKED_STEP_OPS", "TRITON_KWTA_COUNT_PASS"):
+                  "TRITON_CONV_PACKED_STEP_OPS", "TRITON_CONV_SPARSE_PACKED_STEP_OPS",
+                  "TRITON_KWTA_COUNT_PASS"):
         monkeypatch.setattr(roofline, table, {})
     def variant(name, stored):
         flag = "STORED" if name == "_sap_merge_kernel" else "STORE"
@@ -611,21 +613,29 @@ def test_step_ops_that_drift_from_the_roofline_fail(monkeypatch):
     found = [SimpleNamespace(kernel=SimpleNamespace(__name__="_masked_conv2d_forward_kernel"),
                              constexprs=constexprs),
              SimpleNamespace(kernel=SimpleNamespace(__name__="_masked_conv2d_forward_kernel"),
-                             constexprs={**constexprs, "PACKED": True})]
+                             constexprs={**constexprs, "PACKED": True}),
+             SimpleNamespace(kernel=SimpleNamespace(__name__="_masked_conv2d_forward_kernel"),
+                             constexprs={**constexprs, "BLOCK_P": 128, "BLOCK_CO": 16,
+                                         "SPARSE": True, "PACKED": True})]
     rows = [Variant("triton", "masked_conv._masked_conv2d_forward_kernel", "fp32", "", 256, 100,
-                    0, 0, 0, 0, step_ops=ops) for ops in (489, 80)]
+                    0, 0, 0, 0, step_ops=ops) for ops in (489, 80, 144)]
     monkeypatch.setattr(roofline, "TRITON_CONV_STEP_OPS", {(False, False, 64, 32): {"float32": 500}})
     monkeypatch.setattr(roofline, "TRITON_CONV_PACKED_STEP_OPS", {(64, 32): {"float32": 82}})
+    monkeypatch.setattr(roofline, "TRITON_CONV_SPARSE_PACKED_STEP_OPS",
+                        {(128, 16): {"float32": 146}})
     assert gpu_report.check_step_ops(SASS, rows, found) == []
     monkeypatch.setattr(roofline, "TRITON_CONV_STEP_OPS",
                         {(False, False, 64, 32): {"float32": 600},
                          (False, False, 64, 64): {"float32": 370}})
     monkeypatch.setattr(roofline, "TRITON_CONV_PACKED_STEP_OPS", {(64, 32): {"float32": 160}})
+    monkeypatch.setattr(roofline, "TRITON_CONV_SPARSE_PACKED_STEP_OPS",
+                        {(128, 16): {"float32": 200}})
     monkeypatch.setattr(roofline, "CUDA_TC_STEP_OPS", {"float32": 20})
     monkeypatch.setattr(roofline, "CUDA_TC_PACKED_STEP_OPS", {})
     problems = gpu_report.check_step_ops(SASS, rows, found)
-    assert len(problems) == 4, problems
+    assert len(problems) == 5, problems
     assert "masked_conv2d_tc_kernel<float>: the roofline charges 20" in problems[0]
     assert "BLOCK_CO=32: the roofline charges 600" in problems[1]
     assert "BLOCK_CO=64: no such variant" in problems[2]
     assert "BLOCK_CO=32 PACKED: the roofline charges 160" in problems[3]
+    assert "BLOCK_CO=16 SPARSE PACKED: the roofline charges 200" in problems[4]

@@ -17,8 +17,8 @@ from pyprune import reference
 from pyprune.nn import ChannelGate, MaskedConv2d
 from pyprune.ops.masked_conv import _OPS
 
-from .conftest import (DEVICE_BACKENDS, TF32_TOLERANCE, TOLERANCES, compile_and_backward,
-                       dtypes_for)
+from .conftest import (DEVICE_BACKENDS, TF32_TOLERANCE, TOLERANCES, LaunchSpy,
+                       compile_and_backward, dtypes_for, spy_conv_launches)
 
 # (N, C_in, C_out, H, W, kernel, stride, padding, dilation, groups): odd and power-of-2 sizes.
 GEOMETRIES = [
@@ -1418,29 +1418,6 @@ def test_cuda_static_tensor_cores_graph_capture(seen):
 TRITON_BACKENDS = [p for p in DEVICE_BACKENDS if p.values[0][1] == "triton"]
 
 
-class _LaunchSpy:
-    """Stands in for the Triton conv kernel: records each launch's constexprs and options and
-    its grid, then launches the real kernel."""
-
-    def __init__(self, kernel):
-        self.kernel, self.launches, self.grids = kernel, [], []
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            self.launches.append(kwargs)
-            self.grids.append(grid)
-            return self.kernel[grid](*args, **kwargs)
-        return launch
-
-
-def _spy_conv_launches(monkeypatch) -> _LaunchSpy:
-    from pyprune.triton_kernels import masked_conv as kernels
-
-    spy = _LaunchSpy(kernels._masked_conv2d_forward_kernel)
-    monkeypatch.setattr(kernels, "_masked_conv2d_forward_kernel", spy)
-    return spy
-
-
 @pytest.mark.triton
 @pytest.mark.tf32
 def test_triton_input_precision_follows_cudnn_tf32():
@@ -1468,7 +1445,7 @@ def test_triton_launch_precision(device_backend, monkeypatch, allow_tf32):
     reduction length), without it float32 ones."""
     device, _ = device_backend
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", allow_tf32)
-    spy = _spy_conv_launches(monkeypatch)
+    spy = spy_conv_launches(monkeypatch)
     geom = (2, 12, 10, 7, 6, 3, 1, 1, 1, 1)
     x, weight, bias, gen = _inputs(geom, torch.float32, device)
     x.requires_grad_()
@@ -1519,14 +1496,14 @@ def test_triton_tile_choice():
                 # The packed tensors are the launcher's allocations: compiled 16-byte aligned.
                 assert v[5] == (("x_ptr", "w_ptr") if c["PACKED"] else ())
         # Each dense configuration in every input-channel kind (listed, scaled) and packed, the
-        # weight-mask path in the plain one.
+        # weight-mask path in the plain one and packed.
         kinds = {(v[2]["BLOCK_P"], v[2]["BLOCK_CO"], v[2]["SPARSE"], v[1]["x_ptr"],
                   v[2]["PRECISION"], v[2]["IN_LIST"], v[2]["IN_SCALE"], v[2]["PACKED"])
                  for v in conv if arch in v[4]}
         for p, co, sparse, dtype, precision, *_ in kinds:
             for in_list, in_scale in kernels._INPUT_KINDS[:1] if sparse else kernels._INPUT_KINDS:
                 assert (p, co, sparse, dtype, precision, in_list, in_scale, False) in kinds
-            assert ((p, co, sparse, dtype, precision, False, False, True) in kinds) != sparse
+            assert (p, co, sparse, dtype, precision, False, False, True) in kinds
         for c_out, p, n, out_masked, sparse in itertools.product(
                 (1, 16, 17, 64, 100, 128, 256, 512), (1, 16, 49, 64, 196, 256, 1024, 3136),
                 (1, 2, 32, 128, 256), (False, True), (False, True)):
@@ -1560,7 +1537,7 @@ def test_triton_static_lists_cached_per_mask_version(device_backend, monkeypatch
     from pyprune.triton_kernels import masked_conv as kernels
 
     device, _ = device_backend
-    monkeypatch.setattr(kernels, "_ORDERS", kernels._OrderCache())
+    monkeypatch.setattr(kernels, "_MASKS", kernels._MaskCache())
     sorts = []
     real = kernels._sort_kept_first
     monkeypatch.setattr(kernels, "_sort_kept_first", lambda m: sorts.append(m.shape) or real(m))
@@ -1611,7 +1588,7 @@ def test_triton_large_tiles(device_backend, monkeypatch, geom, masks, packed):
     device, _ = device_backend
     monkeypatch.setattr(kernels, "_SMS", 1)
     monkeypatch.setattr(kernels, "_PACK", packed)
-    spy = _spy_conv_launches(monkeypatch)
+    spy = spy_conv_launches(monkeypatch)
     n, cin, cout, h, w = TILE_GEOMETRIES[geom]
     full = (n, cin, cout, h, w, 3, 1, 1, 1, 1)
     for dtype in (torch.float32, torch.bfloat16):
@@ -1649,7 +1626,7 @@ def test_triton_packed_chunks_any_kernel(device_backend, monkeypatch, geom):
     counters, the chunk advanced when the taps wrap): with several chunks of a static in_mask's
     kept channels, any kernel size, stride and dilation, against the reference."""
     device, _ = device_backend
-    spy = _spy_conv_launches(monkeypatch)
+    spy = spy_conv_launches(monkeypatch)
     n, cin, cout, h, w, k, stride, padding, dilation = PACKED_CHUNK_GEOMETRIES[geom]
     gen = torch.Generator().manual_seed(geom)
     x = torch.randn(n, cin, h, w, generator=gen).to(device)
@@ -1724,8 +1701,8 @@ def test_triton_packs_where_it_can(device_backend, monkeypatch):
     }
     torch.backends.cudnn.allow_tf32, saved = False, torch.backends.cudnn.allow_tf32
     try:
-        spy = _spy_conv_launches(monkeypatch)
-        packs = _LaunchSpy(kernels._pack_kernel)
+        spy = spy_conv_launches(monkeypatch)
+        packs = LaunchSpy(kernels._pack_kernel)
         monkeypatch.setattr(kernels, "_pack_kernel", packs)
         for pack in (True, False):
             monkeypatch.setattr(kernels, "_PACK", pack)

@@ -13,7 +13,7 @@ import pyprune
 from pyprune import reference
 from pyprune.nn import MaskedConv2d
 
-from .conftest import DEVICE_BACKENDS, TOLERANCES, compile_and_backward
+from .conftest import DEVICE_BACKENDS, TOLERANCES, compile_and_backward, spy_conv_launches
 
 TRITON = [p for p in DEVICE_BACKENDS if p.values[0][1] == "triton"]
 pytestmark = pytest.mark.parametrize("device_backend", TRITON, indirect=True)
@@ -62,15 +62,34 @@ def _args(geom):
     return tuple((v, v) for v in geom[6:9])
 
 
+def _packing(monkeypatch, packed: bool):
+    """Packing on or off for the test (on: x and the masked weight laid out by _pack_kernel
+    first; off: the kernel gathers from x and loads the mask's tiles itself); a spy on the
+    convolution's launches, to check which ran."""
+    from pyprune.triton_kernels import masked_conv as kernels
+
+    monkeypatch.setattr(kernels, "_PACK", packed)
+    return spy_conv_launches(monkeypatch)
+
+
+def _ran(spy, packed: bool) -> None:
+    assert spy.launches and all(k["SPARSE"] and k["PACKED"] == packed for k in spy.launches)
+
+
+PACKED = pytest.mark.parametrize("packed", [True, False], ids=["packed", "unpacked"])
+
+
 def _close(got, want, dtype, scale):
     atol, rtol = TOLERANCES[dtype]
     torch.testing.assert_close(got.double(), want, atol=atol * scale, rtol=rtol * scale,
                                equal_nan=True)
 
 
+@PACKED
 @pytest.mark.parametrize("geom", range(len(GEOMETRIES)))
-def test_matches_reference_with_gradients(device_backend, geom):
+def test_matches_reference_with_gradients(device_backend, monkeypatch, geom, packed):
     device, _ = device_backend
+    spy = _packing(monkeypatch, packed)
     geom = GEOMETRIES[geom]
     for kind, layout in zip(KINDS, ["contiguous", "channels_last", "contiguous", "channels_last"]):
         x, weight, bias, mask = _inputs(geom, torch.float32, kind, device)
@@ -91,11 +110,14 @@ def test_matches_reference_with_gradients(device_backend, geom):
         for g, w in zip(got, want_grads):
             _close(g, w, torch.float32, scale)
         assert torch.all(got[1][~mask] == 0)
+    _ran(spy, packed)
 
 
+@PACKED
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_half_precision(device_backend, dtype):
+def test_half_precision(device_backend, monkeypatch, dtype, packed):
     device, _ = device_backend
+    spy = _packing(monkeypatch, packed)
     geom = GEOMETRIES[1]
     x, weight, bias, mask = _inputs(geom, dtype, "tiles", device)
     y = pyprune.masked_conv2d(x, weight, bias, *_args(geom), weight_mask=mask)
@@ -103,10 +125,11 @@ def test_half_precision(device_backend, dtype):
     want = reference.masked_conv2d(x.double(), weight.double(), bias.double(), *_args(geom),
                                    weight_mask=mask)
     _close(y, want, dtype, 4.0)
+    _ran(spy, packed)
 
 
 def test_block_table(device_backend):
-    """Each output-channel tile lists exactly its (tap, input tile) pairs that keep a weight,
+    """Each output-channel tile lists exactly its (input tile, tap) pairs that keep a weight,
     ascending, then the rest."""
     from pyprune.triton_kernels.masked_conv import _block_table
 
@@ -122,7 +145,7 @@ def test_block_table(device_backend):
             assert ci_blocks == -(-cin // block)
             for j in range(-(-cout // block)):
                 tile = mask[j * block:(j + 1) * block].flatten(2)  # (<= block, C_in, taps)
-                kept = [tap * ci_blocks + c for tap in range(kh * kw) for c in range(ci_blocks)
+                kept = [c * kh * kw + tap for c in range(ci_blocks) for tap in range(kh * kw)
                         if tile[:, c * block:(c + 1) * block, tap].any()]
                 row = lists[j].tolist()
                 assert counts[j].item() == len(kept)
@@ -130,33 +153,108 @@ def test_block_table(device_backend):
                 assert sorted(row) == list(range(kh * kw * ci_blocks))
 
 
-def test_empty_tiles_are_skipped(device_backend, monkeypatch):
+def test_block_table_cached_per_mask_version(device_backend, monkeypatch):
+    """A weight mask's block table is built once per mask version: a second call with the same
+    mask builds nothing, a mask changed in place is built again (and the result follows it),
+    and another mask of the same shape gets its own; every result against the reference."""
+    from pyprune.triton_kernels import masked_conv as kernels
+
+    device, _ = device_backend
+    monkeypatch.setattr(kernels, "_MASKS", kernels._MaskCache())
+    built = []
+    real = kernels._block_table
+    monkeypatch.setattr(kernels, "_block_table", lambda m, *a: built.append(1) or real(m, *a))
+    geom = GEOMETRIES[1]
+    x, weight, bias, mask = _inputs(geom, torch.float32, "tiles", device)
+
+    def check(m):
+        y = pyprune.masked_conv2d(x, weight, bias, *_args(geom), weight_mask=m)
+        want = reference.masked_conv2d(x.double(), weight.double(), bias.double(),
+                                       *_args(geom), weight_mask=m)
+        _close(y, want, torch.float32, 40.0)
+
+    check(mask)
+    check(mask)
+    assert len(built) == 1
+    mask[:16, :16] = ~mask[:16, :16]  # in place: a new version, other tiles kept
+    check(mask)
+    assert len(built) == 2
+    check(mask.clone())
+    assert len(built) == 3
+    # The backward's grad_x runs on the flipped mask: its table is built once for the mask too.
+    leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
+    for _ in range(2):
+        y = pyprune.masked_conv2d(*leaves, *_args(geom), weight_mask=mask)
+        got = torch.autograd.grad(y, leaves[0], torch.ones_like(y))[0]
+    assert len(built) == 4
+    ref = x.double().requires_grad_()
+    want = reference.masked_conv2d(ref, weight.double(), bias.double(), *_args(geom),
+                                   weight_mask=mask)
+    _close(got, torch.autograd.grad(want, ref, torch.ones_like(want))[0], torch.float32, 40.0)
+
+
+def test_mask_cache_holds_no_mask(device_backend):
+    """The mask cache keeps a result, not the mask's storage: a freed mask's entry has expired,
+    and a hit on an expired entry (another mask at the freed address) is computed anew."""
+    from pyprune.triton_kernels import masked_conv as kernels
+
+    device, _ = device_backend
+    cache = kernels._MaskCache()
+    computed = []
+
+    def compute(m):
+        computed.append(1)
+        return m.sum()
+
+    mask = torch.rand(1000, device=device) < 0.5
+    want = mask.sum()
+    assert cache.get(mask, ("t",), compute) == want
+    assert cache.get(mask, ("t",), compute) == want and len(computed) == 1
+    (key, (ref, _)), = cache.entries.items()
+    assert not ref.expired()
+    other = torch.ones(10, dtype=torch.bool, device=device)
+    cache.entries[key] = (kernels.StorageWeakRef(other.untyped_storage()), torch.tensor(-1))
+    del other  # the entry now refers to a freed storage, as if the mask had been freed
+    assert cache.get(mask, ("t",), compute) == want and len(computed) == 2
+    del mask
+    assert next(iter(cache.entries.values()))[0].expired()
+
+
+@PACKED
+def test_empty_tiles_are_skipped(device_backend, monkeypatch, packed):
     """With the finiteness check bypassed, inf in input channels whose weight tiles are all
     masked never reaches the output: those tiles are not computed (computing them would give
     0 * inf = NaN)."""
     from pyprune.triton_kernels import masked_conv as kernels
 
     device, _ = device_backend
+    spy = _packing(monkeypatch, packed)
     geom = (2, 32, 16, 6, 6, 3, 1, 1, 1)
     x, weight, bias, _ = _inputs(geom, torch.float32, "all", device)
     mask = torch.zeros(weight.shape, dtype=torch.bool, device=device)
     mask[:, :16] = torch.rand(16, 16, 3, 3, device=device) < 0.5
     x[:, 16:] = float("inf")
+    real = kernels._finite_samples
     monkeypatch.setattr(kernels, "_finite_samples",
                         lambda t: torch.ones(t.shape[0], dtype=torch.int32, device=t.device))
     y = pyprune.masked_conv2d(x, weight, bias, *_args(geom), weight_mask=mask)
     want = reference.masked_conv2d(x[:, :16].double(), weight[:, :16].double(), bias.double(),
                                    *_args(geom), weight_mask=mask[:, :16])
     _close(y, want, torch.float32, 8.0)
-    monkeypatch.undo()  # the real check sends these samples through every tile: NaN appears
+    _ran(spy, packed)
+    # The real check sends these samples through every tile: NaN appears.
+    monkeypatch.setattr(kernels, "_finite_samples", real)
     y = pyprune.masked_conv2d(x, weight, bias, *_args(geom), weight_mask=mask)
     assert torch.isnan(y).any()
+    _ran(spy, packed)
 
 
-def test_inf_nan_follow_reference(device_backend):
+@PACKED
+def test_inf_nan_follow_reference(device_backend, monkeypatch, packed):
     """inf in x meets masked zeros (NaN, as conv2d(x, weight * mask) gives); inf or NaN in
-    masked weights never leaks."""
+    masked weights never leaks (packed: the packing zeroes them)."""
     device, _ = device_backend
+    spy = _packing(monkeypatch, packed)
     geom = GEOMETRIES[1]
     x, weight, bias, mask = _inputs(geom, torch.float32, "tiles", device)
     x[0, 3, 2, 2] = float("inf")
@@ -168,6 +266,7 @@ def test_inf_nan_follow_reference(device_backend):
                                    weight_mask=mask)
     assert torch.equal(torch.isnan(y), torch.isnan(want))
     _close(y, want, torch.float32, 40.0)
+    _ran(spy, packed)
 
 
 def test_routes_to_block_sparse_op(device_backend, monkeypatch):

@@ -26,10 +26,10 @@ PyTorch lets cuDNN convolutions do so (torch.backends.cudnn.allow_tf32, its defa
 float32 otherwise (then results match cuDNN/oneDNN without TF32), chosen per call
 (input_precision); float16 and bfloat16 tiles go to the tensor cores as they are.
 
-Packed (PACKED; every launch without a weight mask or a per-sample bool in_mask): one launch of
+Packed (PACKED; every launch without a per-sample bool in_mask): one launch of
 _pack_kernel first lays x out as xp (N, H + 2 pad_h, W + 2 pad_w, C_pad) and the weight as wp
 (C_out, KH, KW, C_pad): channels innermost, a static in_mask's kept channels first (a soft
-in_mask's scales applied), zeros on the padding and past the kept count to the end of the
+in_mask's scales applied, a bool weight mask's masked entries 0), zeros on the padding and past the kept count to the end of the
 last chunk. The forward kernel then loads each tile unmasked, a pixel's row from its tap-(0, 0)
 input pixel plus the tap's offset, in asynchronous copies (4-byte elements and 16-bit ones
 alike; no PREFETCH): 68-88 lane instructions a thread a step in the sm_90 SASS against 130-280
@@ -57,7 +57,7 @@ sm_90 (the AOT compile fails on any spill).
 Masked work is skipped by the channel order, not only by whole blocks of contiguous channels:
 the launcher turns each mask into its channels listed kept-first (a stable descending sort of
 the mask, per sample for an (N, C) mask; a mask shared by the batch is sorted once per mask
-version, _OrderCache), and each program counts the kept channels of its
+version, _MaskCache), and each program counts the kept channels of its
 sample's mask row itself (a sum over C bytes from L2). Program j of the output channels takes the
 channels at positions [j * BLOCK_CO, (j + 1) * BLOCK_CO) of that list, so the kept channels of
 sample n fill the first ceil(kept / BLOCK_CO) blocks whatever their indices; a block past the
@@ -80,14 +80,19 @@ grad * out_mask (formed there, for the gradients only).
 
 Weight mask (bool, weight's shape, without channel masks; pyprune::_sparse_conv2d's contract):
 the same kernel runs block-sparse. The launcher lists, per tile of BLOCK_CO = 16 output
-channels, the (tap, 16-input-channel block) pairs whose weight tile keeps an entry (a sort of
-the tile occupancy, torch ops on the mask, no host synchronization); the kernel walks only
-those, loading the mask tile with the weight tile and zeroing the masked entries, so the work
-is proportional to the occupied tiles and no masked weight is stored. A sample whose float32
-sum is not finite (inf or NaN in it, or an overflow) walks every tile instead, so inf meets the
-masked zeros and gives NaN as conv2d(x, weight * mask) does. Backward: the weight gradient from
-the dense engine, masked; grad_x (stride 1) by the kernel on the transposed, flipped weight and
-mask.
+channels, the (16-input-channel block, tap) pairs whose weight tile keeps an entry, a block's
+taps back to back (a sort of the tile occupancy, torch ops on the mask, no host
+synchronization; once per mask version, _MaskCache); the kernel walks only those, so the work
+is proportional to the occupied tiles. Packed (the default), the packing launch stores weight *
+mask (exact zeros where masked, inf and NaN included) into wp, and a block's taps reread one
+patch of xp from L1, as on the dense packed path (a step: 144 float32, 130 16-bit lane
+instructions a thread in the sm_90 SASS at 4 warps, against 229 / 174 at 8 warps unpacked);
+unpacked, each step loads the mask's tile with the weight's and zeroes the masked entries. A
+sample whose float32 sum is not finite (inf or NaN in it, or an overflow) walks every tile
+instead, so inf meets the masked zeros and gives NaN as conv2d(x, weight * mask) does.
+Backward: the weight gradient from the dense engine, masked; grad_x (stride 1) by the kernel on
+the transposed, flipped weight and mask (the flipped mask's table cached per version of the
+forward's mask).
 
 Backward: with stride 1 (groups 1, padding within the dilated kernel), grad_x is this forward
 kernel run on grad with the transposed, flipped weight and the masks swapped, so it skips the
@@ -96,8 +101,8 @@ weight gradient (and grad_x otherwise) runs the dense engine (torch's convolutio
 cuDNN on CUDA, oneDNN on the CPU) on the masked tensors: grad masked by out_mask, x by in_mask,
 and grad_x masked by in_mask again; grad_bias is the masked grad summed over (N, H, W).
 
-Unpacked (per-sample bool in_masks, weight masks, and shapes whose packed offsets would pass
-int32) the kernel gathers from x as it is, through the channel lists below.
+Unpacked (per-sample bool in_masks, and shapes whose packed offsets would pass int32) the
+kernel gathers from x as it is, through the channel lists below.
 
 Under the interpreter (FOR_LOOP False) the reduction is a `while` loop over the
 same steps (Triton 3.6's interpreter cannot take a runtime bound in range() with numpy >= 2.4);
@@ -118,6 +123,7 @@ import functools
 import torch
 import triton
 import triton.language as tl
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from .aot import signature
 
@@ -129,6 +135,9 @@ _TL_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf1
 _BLOCK_PS = (16, 32, 64, 128)
 _BLOCK_COS = (16, 32, 64, 128)
 _BLOCK_CI = 32
+# xp's and wp's channels: a multiple of this (the dense chunk; the weight-mask path's 16-channel
+# blocks fit in it too).
+_PACK_CI = tl.constexpr(_BLOCK_CI)
 # The largest output-channel tile with a bool output mask: the kept channels of a sample fill
 # ceil(kept / BLOCK_CO) blocks, so a smaller tile wastes less on the last one.
 _MASKED_BLOCK_CO = 32
@@ -226,7 +235,7 @@ def _next_step(kh, kw, c0, in_kept, KW, BLOCK_CI: tl.constexpr):
 
 
 @triton.jit
-def _tiles(j, kh, kw, c0, live, listed, chunks, x_rows, oh, ow, p_ok, H, W, KW, stride_h, stride_w,
+def _tiles(j, kh, kw, c0, live, listed, taps, x_rows, oh, ow, p_ok, H, W, KW, stride_h, stride_w,
            pad_h, pad_w, dil_h, dil_w, in_list, in_kept, scale_row, w_ptr, wm_ptr, co, co_ok, x_sc,
            x_sh, x_sw, w_so, w_si, w_sh, w_sw, BLOCK_CI: tl.constexpr, SPARSE: tl.constexpr,
            IN_LIST: tl.constexpr, IN_SCALE: tl.constexpr, HOISTED: tl.constexpr,
@@ -234,13 +243,21 @@ def _tiles(j, kh, kw, c0, live, listed, chunks, x_rows, oh, ow, p_ok, H, W, KW, 
     """The tiles of step j of the reduction (zeros where live is false): the x tile (pixels,
     BLOCK_CI input channels) at one tap and the weight tile (BLOCK_CI, output channels) there.
     Dense, step j is chunk j % chunks of the kept input channels at tap j // chunks (PACKED:
-    tap j % (KH KW) of chunk j // (KH KW)), (kh, kw, c0) as the caller's counters hold it (HOISTED: listed holds the chunk's listed channels;
-    IN_LIST otherwise: the step loads them); SPARSE, entry j of the caller's group of block-list
-    entries in listed (the entries' own indices for a sample that runs every tile), its tap and
-    chunk found by division. PACKED: x and the weight as _pack_kernel lays them out (x_rows
+    tap j % (KH KW) of chunk j // (KH KW)), (kh, kw, c0) as the caller's counters hold it
+    (HOISTED: listed holds the chunk's listed channels; IN_LIST otherwise: the step loads them);
+    SPARSE, entry j of the caller's group of block-list entries in listed (the entries' own
+    indices for a sample that runs every tile), e = channel block * taps + tap, its chunk and
+    tap found by division (taps = KH KW; unused by the dense paths). PACKED: x and the weight as _pack_kernel lays them out (x_rows
     each pixel's tap-(0, 0) address, co valid rows): every address in bounds and every
     channel of a chunk stored, so the tiles load unmasked: x in 8-byte copies that fill L1, the
     weight in 16-byte ones."""
+    if SPARSE:
+        e = tl.sum(tl.where(tl.arange(0, BLOCK_CI) == j, listed, 0))
+        block = e // taps
+        tap = e - block * taps
+        c0 = block * BLOCK_CI
+        kh = tap // KW
+        kw = tap - kh * KW
     if PACKED:
         cs = c0 + tl.arange(0, BLOCK_CI)
         tap = kh * dil_h * x_sh + kw * dil_w * x_sw
@@ -250,12 +267,6 @@ def _tiles(j, kh, kw, c0, live, listed, chunks, x_rows, oh, ow, p_ok, H, W, KW, 
         xt = tl.load(x_rows[:, None] + tl.max_contiguous(tap + cs, VEC)[None, :])
         wt = tl.load(w_ptr + (kh * w_sh + kw * w_sw) + co[None, :] * w_so + cs[:, None])
         return xt, wt
-    if SPARSE:
-        e = tl.sum(tl.where(tl.arange(0, BLOCK_CI) == j, listed, 0))
-        tap = e // chunks
-        c0 = (e - tap * chunks) * BLOCK_CI
-        kh = tap // KW
-        kw = tap - kh * KW
     ih = oh * stride_h - pad_h + kh * dil_h
     iw = ow * stride_w - pad_w + kw * dil_w
     pix_ok = p_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
@@ -307,7 +318,7 @@ def _advance(kh, kw, c0, in_kept, KH, KW, BLOCK_CI: tl.constexpr, TAPS: tl.const
 
 
 @triton.jit
-def _step(acc, j, steps, kh, kw, c0, xt, wt, listed, chunks, x_rows, oh, ow, p_ok, H, W, KH,
+def _step(acc, j, steps, kh, kw, c0, xt, wt, listed, taps, x_rows, oh, ow, p_ok, H, W, KH,
           KW, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, in_list, in_kept, scale_row, w_ptr,
           wm_ptr, co, co_ok, x_sc, x_sh, x_sw, w_so, w_si, w_sh, w_sw, BLOCK_CI: tl.constexpr,
           SPARSE: tl.constexpr, IN_LIST: tl.constexpr, IN_SCALE: tl.constexpr,
@@ -318,7 +329,7 @@ def _step(acc, j, steps, kh, kw, c0, xt, wt, listed, chunks, x_rows, oh, ow, p_o
     else they are placeholders and the trip loads its own."""
     if PREFETCH:
         kh, kw, c0 = _advance(kh, kw, c0, in_kept, KH, KW, BLOCK_CI, TAPS, PACKED)
-        xn, wn = _tiles(j + 1, kh, kw, c0, j + 1 < steps, listed, chunks, x_rows, oh, ow, p_ok, H,
+        xn, wn = _tiles(j + 1, kh, kw, c0, j + 1 < steps, listed, taps, x_rows, oh, ow, p_ok, H,
                         W, KW, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, in_list, in_kept,
                         scale_row, w_ptr, wm_ptr, co, co_ok, x_sc, x_sh, x_sw, w_so, w_si, w_sh,
                         w_sw, BLOCK_CI, SPARSE, IN_LIST, IN_SCALE, HOISTED, PACKED)
@@ -326,7 +337,7 @@ def _step(acc, j, steps, kh, kw, c0, xt, wt, listed, chunks, x_rows, oh, ow, p_o
         xt = xn
         wt = wn
     else:
-        xs, ws = _tiles(j, kh, kw, c0, True, listed, chunks, x_rows, oh, ow, p_ok, H, W, KW,
+        xs, ws = _tiles(j, kh, kw, c0, True, listed, taps, x_rows, oh, ow, p_ok, H, W, KW,
                         stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, in_list, in_kept,
                         scale_row, w_ptr, wm_ptr, co, co_ok, x_sc, x_sh, x_sw, w_so, w_si, w_sh,
                         w_sw, BLOCK_CI, SPARSE, IN_LIST, IN_SCALE, HOISTED, PACKED)
@@ -337,7 +348,7 @@ def _step(acc, j, steps, kh, kw, c0, xt, wt, listed, chunks, x_rows, oh, ow, p_o
 
 
 @triton.jit
-def _reduce(acc, steps, c0, listed, chunks, x_rows, oh, ow, p_ok, H, W, KH, KW, stride_h,
+def _reduce(acc, steps, c0, listed, taps, x_rows, oh, ow, p_ok, H, W, KH, KW, stride_h,
             stride_w, pad_h, pad_w, dil_h, dil_w, in_list, in_kept, scale_row, w_ptr, wm_ptr, co,
             co_ok, x_sc, x_sh, x_sw, w_so, w_si, w_sh, w_sw, BLOCK_CI: tl.constexpr, SPARSE: tl.constexpr,
             IN_LIST: tl.constexpr, IN_SCALE: tl.constexpr, HOISTED: tl.constexpr,
@@ -354,7 +365,7 @@ def _reduce(acc, steps, c0, listed, chunks, x_rows, oh, ow, p_ok, H, W, KH, KW, 
     kh = 0
     kw = 0
     if PREFETCH:
-        xt, wt = _tiles(0, kh, kw, c0, steps > 0, listed, chunks, x_rows, oh, ow, p_ok, H, W, KW,
+        xt, wt = _tiles(0, kh, kw, c0, steps > 0, listed, taps, x_rows, oh, ow, p_ok, H, W, KW,
                         stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, in_list, in_kept,
                         scale_row, w_ptr, wm_ptr, co, co_ok, x_sc, x_sh, x_sw, w_so, w_si, w_sh,
                         w_sw, BLOCK_CI, SPARSE, IN_LIST, IN_SCALE, HOISTED, PACKED)
@@ -363,7 +374,7 @@ def _reduce(acc, steps, c0, listed, chunks, x_rows, oh, ow, p_ok, H, W, KH, KW, 
         wt = tl.zeros([1], dtype=tl.float32)
     if FOR_LOOP:  # a `for` loop on the GPU, software-pipelined by the compiler
         for j in range(0, steps):
-            acc, kh, kw, c0, xt, wt = _step(acc, j, steps, kh, kw, c0, xt, wt, listed, chunks,
+            acc, kh, kw, c0, xt, wt = _step(acc, j, steps, kh, kw, c0, xt, wt, listed, taps,
                                             x_rows, oh, ow, p_ok, H, W, KH, KW, stride_h,
                                             stride_w, pad_h, pad_w, dil_h, dil_w, in_list,
                                             in_kept, scale_row, w_ptr, wm_ptr, co, co_ok, x_sc,
@@ -374,7 +385,7 @@ def _reduce(acc, steps, c0, listed, chunks, x_rows, oh, ow, p_ok, H, W, KH, KW, 
     else:  # the interpreter: a `while` loop (see the module docstring)
         j = 0
         while j < steps:
-            acc, kh, kw, c0, xt, wt = _step(acc, j, steps, kh, kw, c0, xt, wt, listed, chunks,
+            acc, kh, kw, c0, xt, wt = _step(acc, j, steps, kh, kw, c0, xt, wt, listed, taps,
                                             x_rows, oh, ow, p_ok, H, W, KH, KW, stride_h,
                                             stride_w, pad_h, pad_w, dil_h, dil_w, in_list,
                                             in_kept, scale_row, w_ptr, wm_ptr, co, co_ok, x_sc,
@@ -452,31 +463,34 @@ def _masked_conv2d_forward_kernel(
             in_kept = _kept_count(in_mask_ptr + in_row * C_in, C_in, IN_LIST, 256)
         in_list = in_idx_ptr + in_row * C_in
         chunks = tl.cdiv(in_kept, BLOCK_CI)
-        x_rows = x_ptr + rows.to(tl.int64) * x_sn
         scale_row = in_scale_ptr + n * C_in
         if PACKED:
             # x and the weight packed (_pack_kernel): xp (N, H + 2 pad_h, W + 2 pad_w, C_pad),
             # wp (C_out, KH, KW, C_pad), the listed channels first, then zeros to a whole
-            # chunk. The strides follow from C_pad, a multiple of BLOCK_CI, which is what lets
-            # the compiler prove each chunk's 16-byte alignment. A pixel's row starts at its
-            # tap-(0, 0) input pixel.
-            c_pad = tl.cdiv(C_in, BLOCK_CI) * BLOCK_CI
+            # chunk (a weight mask's masked entries zero). The strides follow from C_pad, a
+            # multiple of _PACK_CI, which is what lets the compiler prove each chunk's 16-byte
+            # alignment. A pixel's row starts at its tap-(0, 0) input pixel.
+            c_pad = tl.cdiv(C_in, _PACK_CI) * _PACK_CI
             p_sw = c_pad
             p_sh = (W + 2 * pad_w) * p_sw
             x_rows = x_ptr + (rows.to(tl.int64) * ((H + 2 * pad_h) * p_sh)
                               + (oh * stride_h * p_sh + ow * stride_w * p_sw))
-            acc = _reduce(acc, KH * KW * chunks, tl.full([], 0, tl.int32), tl.arange(0, BLOCK_CI),
-                          chunks, x_rows, oh, ow, p_ok, H, W, KH, KW, stride_h, stride_w,
-                          pad_h, pad_w, dil_h, dil_w, in_list, in_kept, scale_row, w_ptr, wm_ptr,
-                          tl.where(slots < C_out, co, 0), co_ok, 1, p_sh, p_sw,
-                          KH * KW * c_pad, 1, KW * c_pad, c_pad, BLOCK_CI, False, False, False,
-                          False, False, False, UPCAST, PRECISION, FOR_LOOP, True)
-        elif SPARSE:
+            co_w = tl.where(slots < C_out, co, 0)  # every row of wp a tile loads exists
+            xs_c, xs_h, xs_w = 1, p_sh, p_sw
+            ws_o, ws_i, ws_h, ws_w = KH * KW * c_pad, 1, KW * c_pad, c_pad
+        else:
+            x_rows = x_ptr + rows.to(tl.int64) * x_sn
+            co_w = co
+            xs_c, xs_h, xs_w = x_sc, x_sh, x_sw
+            ws_o, ws_i, ws_h, ws_w = w_so, w_si, w_sh, w_sw
+        if SPARSE:
             # Only the listed (tap, input-channel block) pairs of this block of output
             # channels, all of them where a sample of the tile may hold inf or NaN; the list a
             # group of BLOCK_CI entries at a time, loaded before a loop over them that the
             # compiler pipelines (loaded in the step, an entry would make the tiles' addresses
             # wait on a load of the same step: the pipeline would drain at each of its loads).
+            # Packed, the tiles are wp's, whose masked entries are zeros; else the step loads
+            # the mask's tile with the weight's.
             blk_list = blk_idx_ptr + co_b * tap_blocks
             every = tl.min(tl.load(finite_ptr + rows, mask=p_ok, other=1), 0) == 0
             steps = tl.where(every, tap_blocks, tl.load(blk_cnt_ptr + co_b))
@@ -486,12 +500,18 @@ def _masked_conv2d_forward_kernel(
                 listed = tl.where(every, entries,
                                   tl.load(blk_list + entries, mask=entries < steps, other=0))
                 acc = _reduce(acc, tl.minimum(steps - j0, BLOCK_CI), tl.full([], 0, tl.int32),
-                              listed, chunks, x_rows, oh, ow, p_ok, H, W, KH, KW, stride_h,
-                              stride_w, pad_h, pad_w, dil_h, dil_w, in_list, in_kept, scale_row, w_ptr,
-                              wm_ptr, co, co_ok, x_sc, x_sh, x_sw, w_so, w_si, w_sh, w_sw,
-                              BLOCK_CI, SPARSE, IN_LIST, IN_SCALE, HOISTED, False, PREFETCH,
-                              UPCAST, PRECISION, FOR_LOOP, False)
+                              listed, KH * KW, x_rows, oh, ow, p_ok, H, W, KH, KW, stride_h,
+                              stride_w, pad_h, pad_w, dil_h, dil_w, in_list, in_kept, scale_row,
+                              w_ptr, wm_ptr, co_w, co_ok, xs_c, xs_h, xs_w, ws_o, ws_i, ws_h,
+                              ws_w, BLOCK_CI, SPARSE, IN_LIST, IN_SCALE, HOISTED, False,
+                              PREFETCH, UPCAST, PRECISION, FOR_LOOP, PACKED)
                 j0 += BLOCK_CI
+        elif PACKED:  # a bool in_mask shared by the batch, or none
+            acc = _reduce(acc, KH * KW * chunks, tl.full([], 0, tl.int32), tl.arange(0, BLOCK_CI),
+                          chunks, x_rows, oh, ow, p_ok, H, W, KH, KW, stride_h, stride_w,
+                          pad_h, pad_w, dil_h, dil_w, in_list, in_kept, scale_row, w_ptr, wm_ptr,
+                          co_w, co_ok, xs_c, xs_h, xs_w, ws_o, ws_i, ws_h, ws_w, BLOCK_CI, False,
+                          False, False, False, False, False, UPCAST, PRECISION, FOR_LOOP, True)
         elif HOISTED:
             # Listed input channels: each chunk's channels loaded once, then its KH * KW taps
             # in an inner loop that the compiler pipelines (for the same reason).
@@ -528,12 +548,14 @@ def _masked_conv2d_forward_kernel(
 
 
 @triton.jit
-def _pack_tile(src, dst, order, kept, listed, scale, has_scale, H, W, pad_h, pad_w, inv_wp, s_c,
-               s_h, s_w, C_pad, pix0, c0, BLOCK_PIX: tl.constexpr, BLOCK_C: tl.constexpr):
+def _pack_tile(src, dst, order, kept, listed, scale, has_scale, keep_src, has_keep, H, W, pad_h,
+               pad_w, inv_wp, s_c, s_h, s_w, C_pad, pix0, c0, BLOCK_PIX: tl.constexpr,
+               BLOCK_C: tl.constexpr):
     """One tile of _pack_kernel: the padded pixels [pix0, pix0 + BLOCK_PIX) of an (H + 2 pad_h,
     W + 2 pad_w) image in row-major order by BLOCK_C channels from c0, stored at pixel *
     C_pad + channel: channel c the list's c-th kept channel (scaled), 0 past the kept count and
-    on the padding. A pixel's row is a float quotient (exact: (k + 1/2) / Wp for k < 2^20 is
+    on the padding, and where has_keep, 0 where keep_src (bytes at src's offsets: a bool weight
+    mask) is 0, exactly, inf and NaN included. A pixel's row is a float quotient (exact: (k + 1/2) / Wp for k < 2^20 is
     never within rounding of an integer), one division a tile instead of one a pixel."""
     Wp = W + 2 * pad_w
     cs = c0 + tl.arange(0, BLOCK_C)
@@ -547,8 +569,11 @@ def _pack_tile(src, dst, order, kept, listed, scale, has_scale, H, W, pad_h, pad
     pix = pix0 + tl.arange(0, BLOCK_PIX)
     on = pix < (H + 2 * pad_h) * Wp
     inside = on & (h >= 0) & (h < H) & (w >= 0) & (w < W)
-    v = tl.load(src + (h * s_h + w * s_w)[:, None] + ch[None, :] * s_c,
-                mask=inside[:, None] & c_ok[None, :], other=0.0)
+    offsets = (h * s_h + w * s_w)[:, None] + ch[None, :] * s_c
+    v = tl.load(src + offsets, mask=inside[:, None] & c_ok[None, :], other=0.0)
+    if has_keep != 0:  # a bool weight mask: its masked entries zero
+        keep = tl.load(keep_src + offsets, mask=inside[:, None] & c_ok[None, :], other=0)
+        v = tl.where(keep != 0, v, tl.zeros_like(v))
     if has_scale != 0:  # a soft in_mask: x * in_mask, rounded to x's dtype
         v = _scaled(v, tl.load(scale + ch, mask=c_ok, other=1.0))
     tl.store(dst + (pix * C_pad)[:, None] + cs[None, :], v, mask=on[:, None])
@@ -574,10 +599,11 @@ def _order_row(mask_row, order_row, C, BLOCK: tl.constexpr):
         c0 += BLOCK
 
 
-@triton.jit(do_not_specialize=["listed", "has_scale"])
+@triton.jit(do_not_specialize=["listed", "has_scale", "has_wmask"])
 def _pack_kernel(
     x_ptr, xp_ptr, w_ptr, wp_ptr, order_ptr, mask_ptr, scale_ptr, out_order_ptr, out_mask_ptr,
-    C_in, listed, has_scale, H, W, pad_h, pad_w, C_out, taps, chunks, inv_wp, inv_taps,
+    wm_ptr, C_in, listed, has_scale, has_wmask, H, W, pad_h, pad_w, C_out, taps, chunks, inv_wp,
+    inv_taps,
     x_sn, x_sc, x_sh, x_sw, w_so, w_si, w_st, x_programs, x_pix_blocks, packs,
     BLOCK_PIX: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -587,7 +613,8 @@ def _pack_kernel(
     a bool in_mask shared by the batch, else all in order; times a soft in_mask's scales),
     zero-padded by (pad_h, pad_w) pixels; wp (C_out, taps, C_pad): the weight's input channels
     in the same order (the weight read as a (C_out, taps) image, taps = KH * KW at stride
-    w_st). Channel c past the kept count is 0 in both up to the chunk of BLOCK_C that holds the
+    w_st; with has_wmask, the entries a bool weight mask wm (bytes, the weight's strides)
+    masks are 0). Channel c past the kept count is 0 in both up to the chunk of BLOCK_C that holds the
     last kept channel (later chunks, never read, are not written), so that a chunk's tail
     multiplies zeros by zeros; a masked input channel is never read. Programs [0, x_programs)
     take x tiles (sample, pixel block, channel chunk), [x_programs, packs) weight tiles (pixel
@@ -609,13 +636,14 @@ def _pack_kernel(
             n = (rest // x_pix_blocks).to(tl.int64)
             _pack_tile(x_ptr + n * x_sn,
                        xp_ptr + n * ((H + 2 * pad_h) * (W + 2 * pad_w) * C_pad), order_ptr,
-                       kept, listed, scale_ptr + n * C_in, has_scale, H, W, pad_h, pad_w, inv_wp,
-                       x_sc, x_sh, x_sw, C_pad, pb * BLOCK_PIX, c0, BLOCK_PIX, BLOCK_C)
+                       kept, listed, scale_ptr + n * C_in, has_scale, wm_ptr, 0, H, W, pad_h,
+                       pad_w, inv_wp, x_sc, x_sh, x_sw, C_pad, pb * BLOCK_PIX, c0, BLOCK_PIX,
+                       BLOCK_C)
         else:
             pb = rest - x_programs // chunks
-            _pack_tile(w_ptr, wp_ptr, order_ptr, kept, listed, scale_ptr, 0, C_out, taps, 0, 0,
-                       inv_taps, w_si, w_so, w_st, C_pad, pb * BLOCK_PIX, c0, BLOCK_PIX,
-                       BLOCK_C)
+            _pack_tile(w_ptr, wp_ptr, order_ptr, kept, listed, scale_ptr, 0, wm_ptr, has_wmask,
+                       C_out, taps, 0, 0, inv_taps, w_si, w_so, w_st, C_pad, pb * BLOCK_PIX, c0,
+                       BLOCK_PIX, BLOCK_C)
 
 
 def _blocks(C_out: int, P: int, N: int, out_masked: bool = False, sparse: bool = False,
@@ -755,56 +783,64 @@ def _scale_rows(mask: torch.Tensor, x: torch.Tensor, C: int | None = None,
     return mask.expand(N, C).contiguous()
 
 
-class _OrderCache:
-    """Kept-first channel lists of masks shared by the batch, computed once per mask version
-    (as csrc/masked_conv.h's KeptIndexCache keeps the CUDA backend's kept indices): a layer's
-    mask changes rarely, so its list is looked up by the mask's storage, offset, shape, strides,
-    device and version counter, and the sort launch runs only for a mask version not seen
-    before. An entry holds the mask's storage, so no other mask can be allocated at its address
-    while the entry exists; a mask changed in place through .data (which bypasses the version
-    counter) is not seen, as in PyTorch's own caches. Inference tensors have no version
-    counter: they are sorted on every call."""
+class _MaskCache:
+    """What the launcher derives from a mask shared by the batch (a static channel mask's
+    kept-first list, a weight mask's block table), computed once per mask version (as
+    csrc/masked_conv.h's KeptIndexCache keeps the CUDA backend's kept indices): a layer's mask
+    changes rarely, so a result is looked up by what it is (a tag) and by the mask's storage,
+    offset, shape, strides, device and version counter, and its launches run only for a mask
+    version not seen before. An entry holds a weak reference to the mask's storage, not the
+    storage: a mask that is freed leaves only its (small) result in the cache, and a hit whose
+    storage has expired (another mask allocated at the freed address) is computed anew. A mask
+    changed in place through .data (which bypasses the version counter) is not seen, as in
+    PyTorch's own caches. Inference tensors have no version counter: theirs is computed on
+    every call."""
 
     CAPACITY = 256
 
     def __init__(self) -> None:
         self.entries: collections.OrderedDict = collections.OrderedDict()
 
-    def order(self, rows: torch.Tensor) -> torch.Tensor:
-        if rows.is_inference():
-            return _sort_kept_first(rows)
-        storage = rows.untyped_storage()
-        key = (storage.data_ptr(), rows.storage_offset(), tuple(rows.shape), rows.stride(),
-               rows.device, rows._version)
+    def get(self, mask: torch.Tensor, tag: tuple, compute):
+        if mask.is_inference():
+            return compute(mask)
+        storage = mask.untyped_storage()
+        key = (tag, storage.data_ptr(), mask.storage_offset(), tuple(mask.shape), mask.stride(),
+               mask.device, mask._version)
         hit = self.entries.get(key)
-        if hit is not None:
+        if hit is not None and not hit[0].expired():
             self.entries.move_to_end(key)
             return hit[1]
-        order = _sort_kept_first(rows)
-        self.entries[key] = (storage, order)
+        result = compute(mask)
+        self.entries[key] = (StorageWeakRef(storage), result)
+        self.entries.move_to_end(key)
         if len(self.entries) > self.CAPACITY:
             self.entries.popitem(last=False)
-        return order
+        return result
+
+    def order(self, rows: torch.Tensor) -> torch.Tensor:
+        """The kept-first list of a (1, C) bool mask (_sort_kept_first)."""
+        return self.get(rows, ("order",), lambda m: _sort_kept_first(m))
 
 
 def _sort_kept_first(mask: torch.Tensor) -> torch.Tensor:
     return torch.sort(mask, dim=1, descending=True, stable=True).indices
 
 
-_ORDERS = _OrderCache()
+_MASKS = _MaskCache()
 
 
 def _kept_first(mask: torch.Tensor | None, dummy: torch.Tensor, sort: bool = True
                 ) -> tuple[torch.Tensor, torch.Tensor, int, int]:
     """(channel lists kept-first, the mask rows as bytes, per-sample flag, listed flag) of a
     (R, C) bool mask: one stable sort (the kernel counts the kept channels itself), cached per
-    mask version for a mask shared by the batch (R = 1, _OrderCache); for None, the dummy (the
+    mask version for a mask shared by the batch (R = 1, _MaskCache); for None, the dummy (the
     kernel takes the channels in order, all of them). sort=False: a per-sample mask's lists
     are left to _pack_kernel (an empty (R, C) tensor here)."""
     if mask is None:
         return dummy, dummy.view(torch.uint8), 0, 0
     if mask.shape[0] == 1:
-        order = _ORDERS.order(mask)
+        order = _MASKS.order(mask)
     elif sort:
         order = _sort_kept_first(mask)
     else:
@@ -831,15 +867,16 @@ def _block_table(weight_mask: torch.Tensor, block_co: int, block_ci: int
                  ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """(block lists, block counts, input-channel blocks) of a bool (C_out, C_in, KH, KW) weight
     mask for tiles of block_co output by block_ci input channels: row j of the lists holds the
-    blocks e = tap * ci_blocks + ci_block (tap = kh * KW + kw) of output-channel block j that
-    keep a weight, ascending, then the empty ones; counts[j] is how many keep one. Torch ops on
+    blocks e = ci_block * KH * KW + tap (tap = kh * KW + kw) of output-channel block j that
+    keep a weight, ascending (a channel block's taps back to back: packed, they reread one
+    patch of xp from L1), then the empty ones; counts[j] is how many keep one. Torch ops on
     the mask only (no host synchronization)."""
     C_out, C_in, KH, KW = weight_mask.shape
     co_blocks, ci_blocks = cdiv(C_out, block_co), cdiv(C_in, block_ci)
     padded = weight_mask.new_zeros((co_blocks * block_co, ci_blocks * block_ci, KH * KW))
     padded[:C_out, :C_in] = weight_mask.reshape(C_out, C_in, KH * KW)
     occupied = padded.view(co_blocks, block_co, ci_blocks, block_ci, KH * KW).any(3).any(1)
-    occupied = occupied.transpose(1, 2).reshape(co_blocks, KH * KW * ci_blocks)
+    occupied = occupied.reshape(co_blocks, ci_blocks * KH * KW)
     lists = torch.sort(occupied.logical_not(), dim=1, stable=True).indices.to(torch.int32)
     return lists.contiguous(), occupied.sum(1, dtype=torch.int32), ci_blocks
 
@@ -856,6 +893,7 @@ def masked_conv2d_forward(
     stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int],
     in_mask: torch.Tensor | None, out_mask: torch.Tensor | None,
     weight_mask: torch.Tensor | None = None, raw: torch.Tensor | None = None,
+    block_table: tuple[torch.Tensor, torch.Tensor, int] | None = None,
 ) -> torch.Tensor:
     """conv2d(x * in_mask, weight * weight_mask, bias, stride, padding, dilation) * out_mask
     (groups=1) with boolean masks, as the pyprune::masked_conv2d schema (channel masks) and
@@ -868,10 +906,12 @@ def masked_conv2d_forward(
     gradient).
 
     A weight mask runs block-sparse: tiles of 16 output by 16 input channels at one tap that
-    keep no weight are skipped (see _block_table), the kept tiles load the mask with the weight
-    and zero the masked entries, so no masked weight is materialized. Samples whose values may
+    keep no weight are skipped (see _block_table); packed, the kept tiles are wp's, which holds
+    weight * mask, else they load the mask with the weight and zero the masked entries. Samples
+    whose values may
     include inf or NaN run every tile, as conv2d(x, weight * weight_mask) multiplies them by
-    the masked zeros too."""
+    the masked zeros too. block_table: the mask's _block_table for 16 x 16 tiles where the
+    caller has it (else looked up per mask version)."""
     _check(x, weight, bias)
     bias = bias.contiguous() if bias is not None else None  # the kernel reads bias[c] at unit stride
     stride, padding, dilation = (_pair(stride, "stride"), _pair(padding, "padding"),
@@ -911,7 +951,7 @@ def masked_conv2d_forward(
     dummy = torch.empty(1, dtype=torch.int64, device=x.device)  # never read
     in_idx, in_bytes, in_per_sample, in_listed = _kept_first(in_rows, dummy)
     c_pad = cdiv(C_in, _BLOCK_CI) * _BLOCK_CI
-    packed = (_PACK and weight_mask is None and not in_per_sample
+    packed = (_PACK and not in_per_sample
               and (H + 2 * padding[0]) * (W + 2 * padding[1]) * c_pad < 2**31
               and KH * KW * C_out * c_pad < 2**31 and max(W + 2 * padding[1], KH * KW) < 2**20)
     # A packed launch's per-sample output lists come from the packing launch (no sort).
@@ -937,9 +977,12 @@ def masked_conv2d_forward(
         if weight_mask.device != x.device:
             raise ValueError(f"masked_conv2d (triton): weight_mask must be on {x.device}, got "
                              f"{weight_mask.device}")
-        weight = weight.contiguous()  # the mask is read with the weight's offsets
+        if not packed:
+            weight = weight.contiguous()  # the mask is read with the weight's offsets
         wm = weight_mask.contiguous().view(torch.uint8)
-        blk_idx, blk_cnt, ci_blocks = _block_table(weight_mask, block_co, block_ci)
+        blk_idx, blk_cnt, ci_blocks = block_table or _MASKS.get(
+            weight_mask, ("blocks", block_co, block_ci),
+            lambda m: _block_table(m, block_co, block_ci))
         finite = _finite_samples(x)
     else:
         # Unused by the kernel: pointers of the types it is compiled for.
@@ -952,7 +995,8 @@ def masked_conv2d_forward(
     x_strides, w_strides = x.stride(), weight.stride()
     if packed:  # the kernel computes the packed tensors' strides itself
         x, weight = _packed(x, weight, padding, c_pad, in_idx, in_bytes, in_listed, in_scale,
-                            out_idx if ordered else None, out_bytes if ordered else None)
+                            out_idx if ordered else None, out_bytes if ordered else None,
+                            weight_mask)
     with on_device(x):
         _masked_conv2d_forward_kernel[(N // span * p_blocks * co_blocks,)](
             x, weight, bias if bias is not None else weight, in_idx, in_bytes, out_idx, out_bytes, out,
@@ -980,18 +1024,21 @@ def masked_conv2d_forward(
 def _packed(x: torch.Tensor, weight: torch.Tensor, padding: tuple[int, int], c_pad: int,
             order: torch.Tensor, mask_bytes: torch.Tensor, listed: int,
             scale: torch.Tensor | None, out_order: torch.Tensor | None = None,
-            out_bytes: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+            out_bytes: torch.Tensor | None = None, weight_mask: torch.Tensor | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor]:
     """(xp, wp): x and the weight as the forward kernel's PACKED path reads them (_pack_kernel:
     xp (N, H + 2 pad_h, W + 2 pad_w, c_pad), wp (C_out, KH, KW, c_pad), the kept input channels
     first, in one launch). The convolution's workspace: with it every tile the kernel loads is
     whole and contiguous along channels (16-byte copies, no bounds tests), which NCHW x (a
     4-byte gather a value, each with its padding test) does not allow. With out_order (N,
     C_out) and out_bytes, a per-sample bool out_mask's rows as bytes, the same launch writes
-    their kept-first lists into out_order."""
+    their kept-first lists into out_order. With a bool weight_mask (weight's shape), wp holds
+    weight * weight_mask (exact zeros where masked)."""
     N, C_in, H, W = x.shape
     C_out, _, KH, KW = weight.shape
-    if weight.stride(2) != KW * weight.stride(3):  # the taps as one dimension
-        weight = weight.contiguous()
+    if weight.stride(2) != KW * weight.stride(3) or weight_mask is not None:  # taps as one dim
+        weight = weight.contiguous()  # (and the mask read at the weight's offsets)
+    wm = mask_bytes if weight_mask is None else weight_mask.contiguous().view(torch.uint8)
     Hp, Wp = H + 2 * padding[0], W + 2 * padding[1]
     xp = torch.empty((N, Hp, Wp, c_pad), dtype=x.dtype, device=x.device)
     wp = torch.empty((C_out, KH, KW, c_pad), dtype=x.dtype, device=x.device)
@@ -1003,8 +1050,9 @@ def _packed(x: torch.Tensor, weight: torch.Tensor, padding: tuple[int, int], c_p
     with on_device(x):
         _pack_kernel[(packs + rows,)](
             x, xp, weight, wp, order, mask_bytes, scale if scale is not None else x,
-            out_order if rows else order, out_bytes if rows else mask_bytes,
-            C_in, listed, int(scale is not None), H, W, *padding, C_out, KH * KW, chunks,
+            out_order if rows else order, out_bytes if rows else mask_bytes, wm,
+            C_in, listed, int(scale is not None), int(weight_mask is not None), H, W, *padding,
+            C_out, KH * KW, chunks,
             1.0 / Wp, 1.0 / (KH * KW), *x.stride(), *weight.stride()[:2], weight.stride(3),
             x_programs, x_pix, packs,
             BLOCK_PIX=_PACK_PIXELS, BLOCK_C=_BLOCK_CI, num_warps=_PACK_WARPS,
@@ -1041,10 +1089,16 @@ def _transposed_grad_x(grad: torch.Tensor, weight: torch.Tensor, padding: tuple[
     tiles) and writes the masked input channels as zeros."""
     k = weight.shape[2:]
     flip = lambda t: t.transpose(0, 1).flip(2, 3)  # noqa: E731
+    table = None
+    if weight_mask is not None:  # the flipped mask's table, per version of the forward's mask
+        block = _WEIGHT_MASK_BLOCK
+        table = _MASKS.get(weight_mask, ("flipped blocks", block, block),
+                           lambda m: _block_table(flip(m), block, block))
     return masked_conv2d_forward(
         grad, flip(weight), None, (1, 1),
         tuple(dilation[i] * (k[i] - 1) - padding[i] for i in range(2)), dilation, out_mask,
-        in_mask, weight_mask=None if weight_mask is None else flip(weight_mask))
+        in_mask, weight_mask=None if weight_mask is None else flip(weight_mask),
+        block_table=table)
 
 
 def masked_conv2d_backward(
@@ -1123,7 +1177,7 @@ _POINTERS = {"in_idx_ptr": "*i64", "in_mask_ptr": "*u8", "out_idx_ptr": "*i64",
 
 
 _PACK_POINTERS = {"order_ptr": "*i64", "mask_ptr": "*u8", "out_order_ptr": "*i64",
-                  "out_mask_ptr": "*u8", "inv_wp": "fp32", "inv_taps": "fp32"}
+                  "out_mask_ptr": "*u8", "wm_ptr": "*u8", "inv_wp": "fp32", "inv_taps": "fp32"}
 
 
 def _configs(arch: int = 90) -> list[tuple[int, int, int, bool]]:
@@ -1153,8 +1207,7 @@ def _aot_variants() -> list[tuple]:
                     prefetch = _prefetch(dtype, block_p, block_co, block_ci, sparse, warps)
                     kinds = [(False, False, False)] if sparse else [
                         (in_list, in_scale, False) for in_list, in_scale in _INPUT_KINDS]
-                    if not sparse:
-                        kinds.append((False, False, True))  # packed
+                    kinds.append((False, False, True))  # packed
                     for in_list, in_scale, packed in kinds:
                         key = (name, precision, block_p, block_co, block_ci, sparse, in_list,
                                in_scale, prefetch and not packed, packed,
