@@ -1,5 +1,6 @@
 """``python -m benchmarks.roofline --gpu h100|h200 [--out CSV]`` and ``--compare DIR``
-(``--host-scale S``, ``--host-costs CSV``: other host figures, see below).
+(``--host-scale S``, ``--host-costs CSV``: other host figures, see below; ``--batches [OP
+...]``: every case at batch sizes 1 to 256; ``--explain OP CASE MODE PROVIDER``).
 
 A roofline model of every case ``python -m benchmarks --device cuda`` measures (each op's
 ``CASES``, every mode, providers eager, torch.compile, pyprune-cuda and pyprune-triton), written
@@ -195,6 +196,7 @@ kernel's passes or launches changes its model here.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import contextlib
 import csv
 import functools
@@ -1636,11 +1638,21 @@ TRITON_CAS_GATHER_S = 4  # cas._GATHER_S: the gather's partial loads in flight a
 TRITON_CAS_FUSED_CLASSES = 64  # cas._FUSED_CLASSES: the forward stream forms the logits
 
 
-def triton_cas_tail(block_k: int, block_l: int, classes: int) -> tuple[int, int]:
+def triton_cas_tail(block_k: int, block_l: int, classes: int,
+                    warps: int | None = None) -> tuple[int, int]:
     """cas._tail_config: (TAIL_C, LOGIT_K) of the forward stream's logits tail, TAIL_C the
-    fewest of 16 and 64 classes that hold them, LOGIT_K channels a step (tile / 2 TAIL_C)."""
+    fewest of 16 and 64 classes that hold them, LOGIT_K channels a step (tile / 2 TAIL_C; a
+    weight tile of TRITON_CAS_WIDE_TAIL elements where the grid has at most
+    TRITON_CAS_ONE_WAVE warps in all)."""
     tail_c = 16 if classes <= 16 else 64
-    return tail_c, block_k * block_l // (2 * tail_c)
+    logit_k = block_k * block_l // (2 * tail_c)
+    if warps is not None and warps <= TRITON_CAS_ONE_WAVE:
+        logit_k = max(logit_k, TRITON_CAS_WIDE_TAIL // tail_c)
+    return tail_c, logit_k
+
+
+TRITON_CAS_ONE_WAVE = 132 * 16  # cas._ONE_WAVE
+TRITON_CAS_WIDE_TAIL = 1024  # cas._WIDE_TAIL
 
 
 def triton_cas_fused_step(block_k: int, warps: int) -> int:
@@ -1674,7 +1686,7 @@ def _triton_cas_stream(p: Plan, name: str, passes: int, fused_classes: int = 0,
     tail_us = tail_l2 = tail_hbm = 0.0
     if logits:
         classes = _cas_shape(p.case)[3]
-        tail_c, logit_k = triton_cas_tail(block_k, block_l, classes)
+        tail_c, logit_k = triton_cas_tail(block_k, block_l, classes, programs * warps)
         tail_steps = math.ceil(channels / logit_k)
         tail_us = (p.lat("l2") + tail_steps * math.ceil(s / 4) * p.lat("l2")
                    + p.lat("tile_reduce") + 2 * p.lat("l2"))
@@ -2935,6 +2947,54 @@ def _compare_rows(measured: list, gpu: str, copy: float | None, by_label: dict, 
     return missing
 
 
+# ---------------------------------------------------------------------------------------------
+# Batch sizes. The benchmark cases fix one batch size each; the GPU kernels are meant to fill
+# the GPU at every batch size from 1 to 256 (small batches split a sample over programs).
+
+SWEEP_BATCHES = (1, 2, 8, 32, 128, 256)
+
+
+def batch_sweep(gpu: str, ops: list[str] | None = None, mode: str = "forward",
+                batches: tuple[int, ...] = SWEEP_BATCHES) -> list[dict]:
+    """Each benchmark case of ``ops`` (all by default) with its batch dimension set to each of
+    ``batches``, for each pyprune provider: predicted us, the ratio to eager's prediction, and
+    the launch with the fewest CTAs (its name and CTAs / SMs: below 1 a launch leaves SMs
+    idle). A case the model cannot predict at a batch size (masked_conv's cuDNN times are the
+    measured shapes') gives no row."""
+    sms = GPUS[gpu]["sms"]
+    out = []
+    for op, module in harness.discover_ops().items():
+        if ops and op not in ops:
+            continue
+        for case in module.CASES:
+            for batch in batches:
+                resized = dataclasses.replace(case, shape=(batch, *case.shape[1:]))
+                try:
+                    eager = predict(op, resized, EAGER, mode, gpu).predicted_us
+                except KeyError:
+                    continue
+                for provider in (CUDA, TRITON):
+                    pr = predict(op, resized, provider, mode, gpu)
+                    kernels = [k for k in plan(op, resized, provider, mode, gpu).items
+                               if isinstance(k, Kernel) and k.ctas]
+                    least = min(kernels, key=lambda k: k.ctas, default=None)
+                    out.append({"op": op, "case": case.label, "batch": batch,
+                                "provider": provider, "predicted_us": pr.predicted_us,
+                                "vs_eager": eager / pr.predicted_us,
+                                "fewest": least.name if least else "",
+                                "fill": least.ctas / sms if least else float("nan")})
+    return out
+
+
+def print_batch_sweep(table: list[dict]) -> None:
+    print(f"{'op':<12} {'case':<24} {'batch':>5} {'provider':<15} {'pred us':>8} "
+          f"{'vs eager':>8}  fewest CTAs (/ SMs)")
+    for r in table:
+        fill = "" if r["fewest"] == "" else f"{r['fewest']} ({r['fill']:.2f})"
+        print(f"{r['op']:<12} {r['case']:<24} {r['batch']:>5} {r['provider']:<15} "
+              f"{r['predicted_us']:>8.1f} {r['vs_eager']:>7.2f}x  {fill}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.roofline",
@@ -2959,6 +3019,11 @@ def main() -> None:
     parser.add_argument("--explain", nargs=4, metavar=("OP", "CASE", "MODE", "PROVIDER"),
                         help="print the launches of one call, e.g. kwta 128x64x32x32 forward "
                         "pyprune-cuda")
+    parser.add_argument("--batches", nargs="*", metavar="OP",
+                        help="print every case of the ops (all without one) at batch sizes "
+                        f"{', '.join(map(str, SWEEP_BATCHES))}, forward: the pyprune "
+                        "providers' predictions, x eager, and each call's launch with the "
+                        "fewest CTAs")
     args = parser.parse_args()
     if args.host_scale <= 0:
         parser.error(f"--host-scale must be > 0, got {args.host_scale}")
@@ -2974,13 +3039,16 @@ def main() -> None:
         parser.error("--gpu is required (or --compare DIR)")
     costs = read_host_costs(args.host_costs) if args.host_costs else None
     other_host = costs is not None or args.host_scale != 1
-    if other_host and args.out is None and not args.explain:
+    if other_host and args.out is None and not args.explain and args.batches is None:
         # The stored predictions are the dev VM's host figures; others go elsewhere.
         parser.error("--host-scale / --host-costs: give --out (the stored predictions keep the "
                      "model's host figures)")
     with host_speed(args.gpu, args.host_scale, costs):
         if args.explain:
             explain(*args.explain, args.gpu)
+            return
+        if args.batches is not None:
+            print_batch_sweep(batch_sweep(args.gpu, args.batches or None))
             return
         table = rows(args.gpu)
     path = args.out or harness.RESULTS / f"{args.gpu}-predicted.csv"

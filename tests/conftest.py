@@ -105,8 +105,8 @@ TF32_TOLERANCE = (2e-3, 2e-3)
 
 
 class LaunchSpy:
-    """Stands in for the Triton conv kernel: records each launch's constexprs and options and
-    its grid, then launches the real kernel."""
+    """Stands in for a Triton kernel: records each launch's constexprs and options and its grid,
+    then launches the real kernel."""
 
     def __init__(self, kernel):
         self.kernel, self.launches, self.grids = kernel, [], []

@@ -10,7 +10,7 @@ import pyprune
 from pyprune import reference
 from pyprune.ops.cas import _OPS
 
-from .conftest import DEVICE_BACKENDS, TOLERANCES, dtypes_for
+from .conftest import DEVICE_BACKENDS, TOLERANCES, LaunchSpy, dtypes_for
 
 # (N, K, H, W, classes): odd and power-of-2 sizes; 1x1 maps, one class; (1, 40, 17, 17) spans
 # two chunks of L in the Triton kernels (rows longer than 256).
@@ -483,12 +483,16 @@ TRITON_DEVICES = [p for p in DEVICE_BACKENDS if p.values[0][1] == "triton"]
 
 @pytest.mark.parametrize("device_backend", TRITON_DEVICES, indirect=True)
 @pytest.mark.parametrize("shape", TRITON_SPLITS, ids=str)
-def test_triton_split_shapes(device_backend, shape):
+@pytest.mark.parametrize("wide", [True, False], ids=["wide-tail", "tail"])
+def test_triton_split_shapes(device_backend, monkeypatch, shape, wide):
     """Against the float64 reference in both modes, forward and backward, and bitwise equal on a
-    second call (fixed-order partial sums, no float atomics)."""
+    second call (fixed-order partial sums, no float atomics); the logits tail on the wide weight
+    tile of a one-wave grid (these grids are), and on the streaming tile's half (as larger
+    grids run it)."""
     from pyprune.triton_kernels import cas as kernels
 
     device, _ = device_backend
+    monkeypatch.setattr(kernels, "_ONE_WAVE", 2**31 if wide else 0)
     *size, layout = shape
     n, k, h, w, classes = size
     view = torch.empty(n, k, h * w)
@@ -553,6 +557,29 @@ def test_triton_kernels_flag_bad_labels(device_backend):
     for bad in ([70, 0, 1], [2, 0, -1]):
         with pytest.raises(RuntimeError, match=r"label values must be in \[0, 70\)"):
             kernels.cas_forward(view, weight, bias, torch.tensor(bad, device=device))
+
+
+@pytest.mark.parametrize("device_backend", TRITON_DEVICES, indirect=True)
+def test_triton_one_wave_grid_takes_the_wide_tail(device_backend, monkeypatch):
+    """A streaming grid whose warps fit the GPU at once forms the logits on the wide weight tile
+    (_WIDE_TAIL elements a step), a larger one on half the streaming tile; both against the
+    reference."""
+    from pyprune.triton_kernels import cas as kernels
+
+    device, _ = device_backend
+    spy = LaunchSpy(kernels._cas_stream_kernel)
+    monkeypatch.setattr(kernels, "_cas_stream_kernel", spy)
+    x, weight, bias, label = _inputs(2, 48, 4, 4, 10, torch.float32, device, gap=0.05)
+    for one_wave in (kernels._ONE_WAVE, 0):  # 0: as if the grid were larger
+        monkeypatch.setattr(kernels, "_ONE_WAVE", one_wave)
+        out, logits = pyprune.cas(x, weight, bias, label)
+        want_out, want_logits = _expected(x, weight, bias, label)
+        torch.testing.assert_close(out, want_out, atol=0, rtol=0)
+        _close(logits, want_logits, torch.float32, scale=10)
+        launch = spy.launches[-1]
+        tile = launch["BLOCK_K"] * launch["BLOCK_L"]
+        assert launch["TAIL_C"] * launch["LOGIT_K"] == (kernels._WIDE_TAIL if one_wave
+                                                        else tile // 2)
 
 
 @pytest.mark.triton

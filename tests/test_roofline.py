@@ -422,8 +422,9 @@ def test_written_out_triton_configs_match_the_launchers():
     assert roofline.TRITON_CAS_FUSED_CLASSES == cas._FUSED_CLASSES
     for classes in (1, 10, 16, 17, 64, 65, 1000):
         for block_k, block_l in ((1, 512), (8, 256), (64, 16), (2048, 1)):
-            assert (roofline.triton_cas_tail(block_k, block_l, classes)
-                    == tuple(cas._tail_config(block_k, block_l, classes).values()))
+            for warps in (None, 2, 132 * 16, 132 * 16 + 1):
+                assert (roofline.triton_cas_tail(block_k, block_l, classes, warps)
+                        == tuple(cas._tail_config(block_k, block_l, classes, warps).values()))
     for rows, channels, length, classes in itertools.product((1, 128), (3, 64, 2048),
                                                              (1, 49, 1024), (10, 64, 65, 1000)):
         block_k, block_l, warps, logits = roofline.triton_cas_config(rows, channels, length,
@@ -666,3 +667,27 @@ def test_eager_model_matches_the_h200_run(op, tolerance):
     for case in cases:
         predicted = roofline.predict_case(op, case, "forward", "h200")["eager"].device_us
         assert predicted == pytest.approx(busy[case.label], rel=tolerance), case.label
+
+
+def test_batch_sweep_covers_every_batch_and_matches_the_cases():
+    """--batches predicts every case at each sweep batch size for both pyprune providers; at a
+    case's own batch size the row is the case's prediction; the fill is the fewest CTAs of the
+    call's launches over the SMs."""
+    table = roofline.batch_sweep("h200", ["kwta", "cas"])
+    cases = {(op, c.label): c for op in ("kwta", "cas") for c in harness.discover_ops()[op].CASES}
+    assert {(r["op"], r["case"]) for r in table} == set(cases)
+    for key, case in cases.items():
+        for provider in (roofline.CUDA, roofline.TRITON):
+            rows = [r for r in table if (r["op"], r["case"]) == key and r["provider"] == provider]
+            assert [r["batch"] for r in rows] == list(roofline.SWEEP_BATCHES)
+            own = next(r for r in rows if r["batch"] == case.shape[0]) if (
+                case.shape[0] in roofline.SWEEP_BATCHES) else None
+            if own is not None:
+                pr = roofline.predict(key[0], case, provider, "forward", "h200")
+                assert own["predicted_us"] == pytest.approx(pr.predicted_us)
+                eager = roofline.predict(key[0], case, roofline.EAGER, "forward", "h200")
+                assert own["vs_eager"] == pytest.approx(eager.predicted_us / pr.predicted_us)
+    one = next(r for r in table if r["op"] == "kwta" and r["case"] == "128x64x32x32"
+               and r["batch"] == 1 and r["provider"] == roofline.TRITON)
+    # One sample of 65536 elements: one sample program, 64 filter chunks of 1024, one finish.
+    assert one["fewest"] == "_kwta_sample_kernel" and one["fill"] == pytest.approx(1 / 132)

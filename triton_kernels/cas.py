@@ -87,6 +87,14 @@ _FUSED_MAX_STEPS = 4
 # classes take few, wide steps over the channels), instead of a logits launch after it.
 _FUSED_CLASSES = 64
 _TAIL_CLASSES = (16, _FUSED_CLASSES)
+# A launch whose warps all fit on an H100 / H200 at once even at MAX_REGS registers a thread
+# (_ONE_WAVE warps: 16 an SM of 132; small batches) runs the tail on a weight tile of
+# _WIDE_TAIL elements a step instead (16 a thread at 2 warps, 8 at 4): the tail, one program's
+# serial chain of L2 round trips, is then most of the launch, and its registers (up to 105
+# against 64-78 at 2 warps, sm_90) cost no wave. 512 channels and 10 classes: 8 steps instead
+# of 32.
+_ONE_WAVE = 132 * 16
+_WIDE_TAIL = 1024
 _TAIL_S = tl.constexpr(4)
 # grad_weight's gather: 16-64 classes and 32 channels a program (8 warps), the samples 16 at a
 # time (tl.dot's least inner dimension), their S partials _GATHER_S at a time (loads issued
@@ -499,14 +507,19 @@ def _fused_step(block_k: int, num_warps: int) -> int:
     return max(1, min(_FUSED_MAX_STEP, num_warps * _ELEMS_PER_WARP // block_k))
 
 
-def _tail_config(block_k: int, block_l: int, C: int) -> dict[str, int]:
+def _tail_config(block_k: int, block_l: int, C: int, warps: int | None = None
+                 ) -> dict[str, int]:
     """The fused stream's TAIL_C (classes of its weight tile: the fewest of _TAIL_CLASSES that
     hold C; the largest where the stream does not form the logits) and LOGIT_K (channels a
     step: a (TAIL_C, LOGIT_K) tile of half the streaming tile's elements, 4 a thread; as
     large as the streaming tile, the tail raised the kernel's registers from 64 to 76-80 on
-    sm_90, 37.5% occupancy instead of 50%)."""
+    sm_90, 37.5% occupancy instead of 50%), or of _WIDE_TAIL elements for a grid of at most
+    _ONE_WAVE warps in all (`warps`)."""
     tail_c = next((c for c in _TAIL_CLASSES if c >= C), _TAIL_CLASSES[-1])
-    return {"TAIL_C": tail_c, "LOGIT_K": block_k * block_l // (2 * tail_c)}
+    logit_k = block_k * block_l // (2 * tail_c)
+    if warps is not None and warps <= _ONE_WAVE:
+        logit_k = max(logit_k, _WIDE_TAIL // tail_c)
+    return {"TAIL_C": tail_c, "LOGIT_K": logit_k}
 
 
 def _logits_config(K: int, C: int, S: int) -> tuple[int, int, int, int, int]:
@@ -577,7 +590,8 @@ def cas_forward(
             x, weight, sel, out, part, flag, bias, logits, index, mean, count,
             N, K, L, C, S, k_blocks, mode, int(fused and mode != _WRITE), has_bias,
             *x.stride(), *out.stride(), *weight.stride(),
-            BLOCK_K=block_k, BLOCK_L=block_l, **_tail_config(block_k, block_l, C),
+            BLOCK_K=block_k, BLOCK_L=block_l,
+            **_tail_config(block_k, block_l, C, programs * num_warps),
             num_warps=num_warps, maxnreg=MAX_REGS,
         )
 
@@ -658,6 +672,15 @@ def _aot_variants() -> list[tuple]:
     sizes = [1 << i for i in range(15)]
     stream = {_stream_config(n, k, l, cl) for n in (1 << i for i in range(9)) for k in sizes
               for l in sizes for cl in (False, True)}
+    # The configs whose grid can be one wave (a tail on the wide weight tile).
+    one_wave = set()
+    for n in (1 << i for i in range(9)):
+        for k in sizes:
+            for l in sizes:
+                for cl in (False, True):
+                    config = _stream_config(n, k, l, cl)
+                    if _stream_grid(n, k, l, *config[:2])[0] * config[2] <= _ONE_WAVE:
+                        one_wave.add(config)
     logits = {_logits_config(k, c, s) for k in sizes for c in sizes for s in sizes
               if c > _FUSED_CLASSES}
     variants = []
@@ -668,10 +691,13 @@ def _aot_variants() -> list[tuple]:
 
     for dtype in _TL_DTYPES.values():
         for block_k, block_l, num_warps in sorted(stream):
-            for tail_c in _TAIL_CLASSES:
+            tails = {tuple(_tail_config(block_k, block_l, tail_c, warps).items())
+                     for tail_c in _TAIL_CLASSES
+                     for warps in ((None, 1) if (block_k, block_l, num_warps) in one_wave
+                                   else (None,))}
+            for tail in sorted(tails):
                 add(_cas_stream_kernel, dtype, {"BLOCK_K": block_k, "BLOCK_L": block_l,
-                                                **_tail_config(block_k, block_l, tail_c)},
-                    num_warps)
+                                                **dict(tail)}, num_warps)
             add(_cas_backward_kernel, dtype, {"BLOCK_K": block_k, "BLOCK_L": block_l,
                                               "FUSED_STEP": _fused_step(block_k, num_warps)},
                 num_warps)
