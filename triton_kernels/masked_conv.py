@@ -26,21 +26,21 @@ PyTorch lets cuDNN convolutions do so (torch.backends.cudnn.allow_tf32, its defa
 float32 otherwise (then results match cuDNN/oneDNN without TF32), chosen per call
 (input_precision); float16 and bfloat16 tiles go to the tensor cores as they are.
 
-Packed (PACKED; every launch without a per-sample bool in_mask): one launch of
-_pack_kernel first lays x out as xp (N, H + 2 pad_h, W + 2 pad_w, C_pad) and the weight as wp
-(C_out, KH, KW, C_pad): channels innermost, a static in_mask's kept channels first (a soft
-in_mask's scales applied, a bool weight mask's masked entries 0), zeros on the padding and past the kept count to the end of the
-last chunk. The forward kernel then loads each tile unmasked, a pixel's row from its tap-(0, 0)
-input pixel plus the tap's offset, in asynchronous copies (4-byte elements and 16-bit ones
-alike; no PREFETCH): 68-88 lane instructions a thread a step in the sm_90 SASS against 130-280
-on NCHW x, with fewer warps (_PACKED_ACCUMULATORS). Its steps run a chunk's taps back to back,
-then the next chunk, and x's tiles go in 8-byte copies (cp.async.ca, LDGSTS.E.64), which fill
-L1, where 16-byte ones (cp.async.cg) bypass it: the 9 taps of a chunk read shifted tiles of
-one patch of xp (the tile's rows and their halo, a few KB to ~20 KB), so L2 serves each patch
-once a chunk and L1 the other eight taps, instead of L2 serving every tap (9x the x traffic,
-which bound the small-map layers). The weight's tiles, read once a program, go in 16-byte
-copies. xp is the convolution's workspace, about x's size (cuDNN also converts NCHW for its
-tensor-core kernels); the packing reads x's kept channels once.
+Packed (PACKED; every launch without a per-sample bool in_mask): one launch of _pack_kernel
+first lays x out as xp (N, H + 2 pad_h, W + 2 pad_w, C_pad) and the weight as wp (C_out, KH, KW,
+C_pad): channels innermost, a static in_mask's kept channels first (a soft in_mask's scales
+applied, a bool weight mask's masked entries 0), zeros on the padding and past the kept count to
+the end of the last chunk. The forward kernel then loads each tile unmasked, a pixel's row from
+its tap-(0, 0) input pixel plus the tap's offset, in asynchronous copies (4-byte elements and
+16-bit ones alike; no PREFETCH): 68-88 lane instructions a thread a step in the sm_90 SASS
+against 130-280 on NCHW x, with fewer warps (_PACKED_ACCUMULATORS). Its steps run a chunk's taps
+back to back, then the next chunk, and x's tiles go in 8-byte copies (cp.async.ca, LDGSTS.E.64),
+which fill L1, where 16-byte ones (cp.async.cg) bypass it: the 9 taps of a chunk read shifted
+tiles of one patch of xp (the tile's rows and their halo, a few KB to ~20 KB), so L2 serves each
+patch once a chunk and L1 the other eight taps, instead of L2 serving every tap (9x the x
+traffic, which bound the small-map layers). The weight's tiles, read once a program, go in
+16-byte copies. xp is the convolution's workspace, about x's size (cuDNN also converts NCHW for
+its tensor-core kernels); the packing reads x's kept channels once.
 
 Pixel ranges: with per-sample masks (or soft scales) a range is one sample's H_out * W_out
 pixels (N ranges); with masks shared by the batch, or none, one range runs over all N * H_out *
@@ -245,12 +245,12 @@ def _tiles(j, kh, kw, c0, live, listed, taps, x_rows, oh, ow, p_ok, H, W, KW, st
     Dense, step j is chunk j % chunks of the kept input channels at tap j // chunks (PACKED:
     tap j % (KH KW) of chunk j // (KH KW)), (kh, kw, c0) as the caller's counters hold it
     (HOISTED: listed holds the chunk's listed channels; IN_LIST otherwise: the step loads them);
-    SPARSE, entry j of the caller's group of block-list entries in listed (the entries' own
-    indices for a sample that runs every tile), e = channel block * taps + tap, its chunk and
-    tap found by division (taps = KH KW; unused by the dense paths). PACKED: x and the weight as _pack_kernel lays them out (x_rows
-    each pixel's tap-(0, 0) address, co valid rows): every address in bounds and every
-    channel of a chunk stored, so the tiles load unmasked: x in 8-byte copies that fill L1, the
-    weight in 16-byte ones."""
+    SPARSE, entry j of the caller's group of block-list entries in listed (the entries' own indices
+    for a sample that runs every tile), e = channel block * taps + tap, its chunk and tap found
+    by division (taps = KH KW; unused by the dense paths). PACKED: x and the weight as
+    _pack_kernel lays them out (x_rows each pixel's tap-(0, 0) address, co valid rows): every
+    address in bounds and every channel of a chunk stored, so the tiles load unmasked: x in
+    8-byte copies that fill L1, the weight in 16-byte ones."""
     if SPARSE:
         e = tl.sum(tl.where(tl.arange(0, BLOCK_CI) == j, listed, 0))
         block = e // taps
@@ -553,10 +553,11 @@ def _pack_tile(src, dst, order, kept, listed, scale, has_scale, keep_src, has_ke
                BLOCK_C: tl.constexpr):
     """One tile of _pack_kernel: the padded pixels [pix0, pix0 + BLOCK_PIX) of an (H + 2 pad_h,
     W + 2 pad_w) image in row-major order by BLOCK_C channels from c0, stored at pixel *
-    C_pad + channel: channel c the list's c-th kept channel (scaled), 0 past the kept count and
-    on the padding, and where has_keep, 0 where keep_src (bytes at src's offsets: a bool weight
-    mask) is 0, exactly, inf and NaN included. A pixel's row is a float quotient (exact: (k + 1/2) / Wp for k < 2^20 is
-    never within rounding of an integer), one division a tile instead of one a pixel."""
+    C_pad + channel: channel c the list's c-th kept channel (scaled), 0 past the kept count and on
+    the padding, and where has_keep, 0 where keep_src (bytes at src's offsets: a bool weight
+    mask) is 0, exactly, inf and NaN included. A pixel's row is a float quotient (exact: (k +
+    1/2) / Wp for k < 2^20 is never within rounding of an integer), one division a tile instead
+    of one a pixel."""
     Wp = W + 2 * pad_w
     cs = c0 + tl.arange(0, BLOCK_C)
     c_ok = cs < kept
@@ -612,11 +613,11 @@ def _pack_kernel(
     xp (N, H + 2 pad_h, W + 2 pad_w, C_pad): x's input channels as listed (kept-first order of
     a bool in_mask shared by the batch, else all in order; times a soft in_mask's scales),
     zero-padded by (pad_h, pad_w) pixels; wp (C_out, taps, C_pad): the weight's input channels
-    in the same order (the weight read as a (C_out, taps) image, taps = KH * KW at stride
-    w_st; with has_wmask, the entries a bool weight mask wm (bytes, the weight's strides)
-    masks are 0). Channel c past the kept count is 0 in both up to the chunk of BLOCK_C that holds the
-    last kept channel (later chunks, never read, are not written), so that a chunk's tail
-    multiplies zeros by zeros; a masked input channel is never read. Programs [0, x_programs)
+    in the same order (the weight read as a (C_out, taps) image, taps = KH * KW at stride w_st; with
+    has_wmask, the entries a bool weight mask wm (bytes, the weight's strides) masks are 0).
+    Channel c past the kept count is 0 in both up to the chunk of BLOCK_C that holds the last
+    kept channel (later chunks, never read, are not written), so that a chunk's tail multiplies
+    zeros by zeros; a masked input channel is never read. Programs [0, x_programs)
     take x tiles (sample, pixel block, channel chunk), [x_programs, packs) weight tiles (pixel
     block of the (C_out, taps) image, channel chunk), and each program past them one row of a
     per-sample bool out_mask, whose kept-first list it writes to out_order (_order_row: the
