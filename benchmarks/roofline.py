@@ -2970,11 +2970,12 @@ def batch_sweep(gpu: str, ops: list[str] | None = None, mode: str = "forward",
             for batch in batches:
                 resized = dataclasses.replace(case, shape=(batch, *case.shape[1:]))
                 try:
-                    eager = predict(op, resized, EAGER, mode, gpu).predicted_us
+                    predictions = predict_case(op, resized, mode, gpu)
                 except KeyError:
                     continue
+                eager = predictions[EAGER].predicted_us
                 for provider in (CUDA, TRITON):
-                    pr = predict(op, resized, provider, mode, gpu)
+                    pr = predictions[provider]
                     kernels = [k for k in plan(op, resized, provider, mode, gpu).items
                                if isinstance(k, Kernel) and k.ctas]
                     least = min(kernels, key=lambda k: k.ctas, default=None)

@@ -46,6 +46,7 @@ branch, and keep the variants to compile (and the AOT list) small. Loops over ru
 from __future__ import annotations
 
 import contextlib
+import itertools
 
 import torch
 import triton
@@ -670,17 +671,13 @@ def _aot_variants() -> list[tuple]:
     """Every (kernel, signature, constexprs, options) the launchers above can launch: configs
     change only at powers of two of N, K, L, C and S, so sampling those covers them all."""
     sizes = [1 << i for i in range(15)]
-    stream = {_stream_config(n, k, l, cl) for n in (1 << i for i in range(9)) for k in sizes
-              for l in sizes for cl in (False, True)}
-    # The configs whose grid can be one wave (a tail on the wide weight tile).
-    one_wave = set()
-    for n in (1 << i for i in range(9)):
-        for k in sizes:
-            for l in sizes:
-                for cl in (False, True):
-                    config = _stream_config(n, k, l, cl)
-                    if _stream_grid(n, k, l, *config[:2])[0] * config[2] <= _ONE_WAVE:
-                        one_wave.add(config)
+    # The streaming configs, and those whose grid can be one wave (a tail on the wide tile).
+    stream, one_wave = set(), set()
+    for n, k, l, cl in itertools.product([1 << i for i in range(9)], sizes, sizes, (False, True)):
+        config = _stream_config(n, k, l, cl)
+        stream.add(config)
+        if _stream_grid(n, k, l, *config[:2])[0] * config[2] <= _ONE_WAVE:
+            one_wave.add(config)
     logits = {_logits_config(k, c, s) for k in sizes for c in sizes for s in sizes
               if c > _FUSED_CLASSES}
     variants = []
@@ -691,10 +688,9 @@ def _aot_variants() -> list[tuple]:
 
     for dtype in _TL_DTYPES.values():
         for block_k, block_l, num_warps in sorted(stream):
+            grids = (None, 1) if (block_k, block_l, num_warps) in one_wave else (None,)
             tails = {tuple(_tail_config(block_k, block_l, tail_c, warps).items())
-                     for tail_c in _TAIL_CLASSES
-                     for warps in ((None, 1) if (block_k, block_l, num_warps) in one_wave
-                                   else (None,))}
+                     for tail_c in _TAIL_CLASSES for warps in grids}
             for tail in sorted(tails):
                 add(_cas_stream_kernel, dtype, {"BLOCK_K": block_k, "BLOCK_L": block_l,
                                                 **dict(tail)}, num_warps)

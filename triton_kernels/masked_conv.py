@@ -978,8 +978,8 @@ def masked_conv2d_forward(
         if weight_mask.device != x.device:
             raise ValueError(f"masked_conv2d (triton): weight_mask must be on {x.device}, got "
                              f"{weight_mask.device}")
-        if not packed:
-            weight = weight.contiguous()  # the mask is read with the weight's offsets
+        # The mask is read at the weight's offsets (by the kernel, or packed into wp).
+        weight = weight.contiguous()
         wm = weight_mask.contiguous().view(torch.uint8)
         blk_idx, blk_cnt, ci_blocks = block_table or _MASKS.get(
             weight_mask, ("blocks", block_co, block_ci),
@@ -997,7 +997,7 @@ def masked_conv2d_forward(
     if packed:  # the kernel computes the packed tensors' strides itself
         x, weight = _packed(x, weight, padding, c_pad, in_idx, in_bytes, in_listed, in_scale,
                             out_idx if ordered else None, out_bytes if ordered else None,
-                            weight_mask)
+                            wm if weight_mask is not None else None)
     with on_device(x):
         _masked_conv2d_forward_kernel[(N // span * p_blocks * co_blocks,)](
             x, weight, bias if bias is not None else weight, in_idx, in_bytes, out_idx, out_bytes, out,
@@ -1025,7 +1025,7 @@ def masked_conv2d_forward(
 def _packed(x: torch.Tensor, weight: torch.Tensor, padding: tuple[int, int], c_pad: int,
             order: torch.Tensor, mask_bytes: torch.Tensor, listed: int,
             scale: torch.Tensor | None, out_order: torch.Tensor | None = None,
-            out_bytes: torch.Tensor | None = None, weight_mask: torch.Tensor | None = None
+            out_bytes: torch.Tensor | None = None, weight_bytes: torch.Tensor | None = None
             ) -> tuple[torch.Tensor, torch.Tensor]:
     """(xp, wp): x and the weight as the forward kernel's PACKED path reads them (_pack_kernel:
     xp (N, H + 2 pad_h, W + 2 pad_w, c_pad), wp (C_out, KH, KW, c_pad), the kept input channels
@@ -1033,13 +1033,13 @@ def _packed(x: torch.Tensor, weight: torch.Tensor, padding: tuple[int, int], c_p
     whole and contiguous along channels (16-byte copies, no bounds tests), which NCHW x (a
     4-byte gather a value, each with its padding test) does not allow. With out_order (N,
     C_out) and out_bytes, a per-sample bool out_mask's rows as bytes, the same launch writes
-    their kept-first lists into out_order. With a bool weight_mask (weight's shape), wp holds
-    weight * weight_mask (exact zeros where masked)."""
+    their kept-first lists into out_order. With weight_bytes, a bool weight mask's bytes at the
+    (contiguous) weight's offsets, wp holds weight * mask (exact zeros where masked)."""
     N, C_in, H, W = x.shape
     C_out, _, KH, KW = weight.shape
-    if weight.stride(2) != KW * weight.stride(3) or weight_mask is not None:  # taps as one dim
-        weight = weight.contiguous()  # (and the mask read at the weight's offsets)
-    wm = mask_bytes if weight_mask is None else weight_mask.contiguous().view(torch.uint8)
+    if weight.stride(2) != KW * weight.stride(3):  # the taps as one dimension
+        weight = weight.contiguous()
+    wm = mask_bytes if weight_bytes is None else weight_bytes
     Hp, Wp = H + 2 * padding[0], W + 2 * padding[1]
     xp = torch.empty((N, Hp, Wp, c_pad), dtype=x.dtype, device=x.device)
     wp = torch.empty((C_out, KH, KW, c_pad), dtype=x.dtype, device=x.device)
@@ -1052,7 +1052,7 @@ def _packed(x: torch.Tensor, weight: torch.Tensor, padding: tuple[int, int], c_p
         _pack_kernel[(packs + rows,)](
             x, xp, weight, wp, order, mask_bytes, scale if scale is not None else x,
             out_order if rows else order, out_bytes if rows else mask_bytes, wm,
-            C_in, listed, int(scale is not None), int(weight_mask is not None), H, W, *padding,
+            C_in, listed, int(scale is not None), int(weight_bytes is not None), H, W, *padding,
             C_out, KH * KW, chunks,
             1.0 / Wp, 1.0 / (KH * KW), *x.stride(), *weight.stride()[:2], weight.stride(3),
             x_programs, x_pix, packs,
