@@ -2248,6 +2248,10 @@ TRITON_CONV_SPARSE_PACKED_STEP_OPS = {
 # 16-byte stores; sm_90 SASS, ~750 a thread of 32 elements) and its CTAs an SM (121 registers).
 TRITON_PACK_OPS = 23
 TRITON_PACK_PER_SM = 4
+# With a weight mask, the finiteness flag of each tile of x (v - v == 0 an element, then a
+# reduction over the tile): 176 instructions more in the float32 kernel's SASS, for the 32
+# elements a thread of a tile holds (125 registers: still 4 CTAs an SM).
+TRITON_PACK_FINITE_OPS = 5.5
 # Listed input channels: the instructions a thread of a chunk's loop outside its tap loop (the
 # chunk's channel list, the pipeline's prologue and drain), sm_90 SASS of the float32 variants
 # (180-280), and the latency of one refill of the pipeline a chunk.
@@ -2275,7 +2279,8 @@ def _triton_pack(p: Plan, g: _Conv, in_kept: int, ci_work: int, rows: int = 0,
                  weight_mask: bool = False) -> float:
     """_pack_kernel, one launch inside the launcher: the kept channels of x read once, xp
     written (padding 1: (H + 2) x (W + 2) pixels, ci_work channels), the weight's kept channels
-    likewise (with a weight mask, its bytes read too); its tiles cover 128 padded pixels of a
+    likewise (with a weight mask, its bytes read too, and each tile of x flagged finite or
+    not); its tiles cover 128 padded pixels of a
     sample (or of the weight's (C_out, 9) image) by 32 channels. rows: per-sample out_mask rows
     whose kept-first lists it writes (a program a row: a count, then a cumsum and a scatter a
     block of 256 channels). Returns xp's bytes."""
@@ -2283,13 +2288,16 @@ def _triton_pack(p: Plan, g: _Conv, in_kept: int, ci_work: int, rows: int = 0,
     padded = (side + 2) ** 2
     xp = g.n * padded * ci_work * g.esize
     w_packed = g.c * 9 * ci_work * g.esize
+    x_tiles = g.n * math.ceil(padded / 128) * math.ceil(ci_work / 32)
     lanes = (g.n * math.ceil(padded / 128) + math.ceil(g.c * 9 / 128)) * 128 * ci_work
-    mask_bytes = g.weight / g.esize if weight_mask else 0.0
+    mask_bytes = g.weight / g.esize + x_tiles * 4 if weight_mask else 0.0  # and the flags
+    check_ops = x_tiles * 128 * 32 * TRITON_PACK_FINITE_OPS if weight_mask else 0.0
     p.host("triton")
     p.kernel("_pack_kernel", "inner",
              hbm=g.x * in_kept / g.c + xp + g.weight * in_kept / g.c + mask_bytes + w_packed
              + rows * g.c * 9,
-             ops=lanes * TRITON_PACK_OPS + rows * g.c * 12, ctas=lanes // (128 * 32) + rows,
+             ops=lanes * TRITON_PACK_OPS + check_ops + rows * g.c * 12,
+             ctas=lanes // (128 * 32) + rows,
              per_sm=TRITON_PACK_PER_SM, chain_us=p.lat("l2") + p.lat("dram"))
     return xp
 
@@ -2353,15 +2361,13 @@ def _triton_conv(p: Plan, g: _Conv, out_kept: int, in_kept: int, per_sample: boo
 
 
 def _triton_sparse(p: Plan, g: _Conv) -> None:
-    """The block-sparse weight-mask path, packed: finite samples, _pack_kernel (xp, and wp
-    holding the mask's zeros), the kernel over the occupied 16x16 (output, input channel) tiles
-    of each tap, on the tensor cores. The mask's block table is built once per mask version
-    (_MaskCache): a benchmark's static mask costs no launch a call."""
+    """The block-sparse weight-mask path, packed: _pack_kernel (xp, and wp holding the mask's
+    zeros; its tiles of x flagged finite or not, for the samples that must run every tile),
+    the kernel over the occupied 16x16 (output, input channel) tiles of each tap, on the
+    tensor cores. The mask's block table is built once per mask version (_MaskCache): a
+    benchmark's static mask costs no launch a call."""
     tile = TRITON_WEIGHT_MASK_BLOCK
     occupied = (1 - (1 - g.keep) ** (tile * tile)) if g.kind == "w" else g.keep
-    p.kernel("finite samples: sum", "aten", hbm=g.x)
-    p.kernel("finite samples: isfinite", "aten", hbm=g.n * 8)
-    p.kernel("finite samples: to(int32)", "aten", hbm=g.n * 8)
     ci_blocks = math.ceil(g.c / tile)
     xp = _triton_pack(p, g, g.c, math.ceil(g.c / 32) * 32, weight_mask=True)
     p.host("triton")
@@ -2388,11 +2394,10 @@ def _triton_sparse(p: Plan, g: _Conv) -> None:
              ctas=ctas, per_sm=16 // warps)
 
 
-def _fold_weight_mask(p: Plan, g: _Conv, grad: bool) -> None:
-    """ops.masked_conv._keep on the weight: bit ops without autograd, torch.where with it."""
-    names = ("zeros (scalar)", "where") if grad else ("mask.to(int32)", "neg", "&")
-    for name in names:
-        p.kernel(f"weight mask: {name}", "aten", hbm=2 * g.weight)
+def _fold_weight_mask(p: Plan, g: _Conv) -> None:
+    """ops.masked_conv._keep on a GPU weight: torch.where with a scalar zero, one launch (the
+    weight and the mask's bytes read, the folded weight written), with or without autograd."""
+    p.kernel("weight mask: where", "aten", hbm=2 * g.weight + g.weight / g.esize)
 
 
 def masked_conv_forward(p: Plan, provider: str, grad: bool) -> None:
@@ -2424,7 +2429,7 @@ def masked_conv_forward(p: Plan, provider: str, grad: bool) -> None:
         if g.kind == "dense":
             _cudnn_forward(p, g, g.c, g.c)
         elif g.kind in ("w", "b"):
-            _fold_weight_mask(p, g, grad)
+            _fold_weight_mask(p, g)
             _cudnn_forward(p, g, g.c, g.c)
         elif g.kind == "sample-out":
             _cuda_packed(p, g, g.kept, shared=False)
@@ -2487,7 +2492,6 @@ def masked_conv_backward(p: Plan, provider: str) -> None:
         elif g.kind == "sample-out":  # grad_x: the kernel on the flipped weight; wgrad dense
             p.kernel("flip weight", "inner", hbm=2 * g.weight)
             _cuda_gathering(p, g, g.c, g.kept)  # the out_mask as its in_mask
-            p.kernel("zeros (scalar)", "inner", hbm=g.esize)
             p.kernel("where(out_mask, grad)", "inner", hbm=2 * g.x)
             _cudnn_backward(p, g, g.c, g.c, dgrad=False)
         else:  # static_backward (the mask's kept indices cached, the other side's an arange)
@@ -2516,15 +2520,12 @@ def masked_conv_backward(p: Plan, provider: str) -> None:
             p.kernel("flip weight", "aten", hbm=2 * g.weight)
             p.kernel("flip weight mask", "aten", hbm=g.weight / 2)
             _triton_sparse(p, g)
-            p.kernel("zeros (scalar)", "aten", hbm=g.esize)
             p.kernel("where(mask, grad_weight)", "aten", hbm=3 * g.weight)
             p.kernel("bias grad: sum", "aten", hbm=g.x)
         else:  # masked_conv2d_backward: wgrad dense on the masked tensors, grad_x transposed
             if g.kind in ("out", "sample-out"):
-                p.kernel("zeros (scalar)", "aten", hbm=g.esize)
                 p.kernel("where(out_mask, grad)", "aten", hbm=2 * g.x)
             if g.kind == "in":
-                p.kernel("zeros (scalar)", "aten", hbm=g.esize)
                 p.kernel("where(in_mask, x)", "aten", hbm=2 * g.x)
             _cudnn_backward(p, g, g.c, g.c, dgrad=False, bias=False)
             p.kernel("flip weight", "aten", hbm=2 * g.weight)

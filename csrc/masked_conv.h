@@ -128,7 +128,8 @@ inline at::Tensor channel_view(const std::optional<at::Tensor>& mask) {
 }
 
 inline at::Tensor where(const at::Tensor& mask, const at::Tensor& t) {
-  return mask.defined() ? at::where(mask, t, at::zeros({}, t.options())) : t;
+  // A scalar zero (where.ScalarOther): no zero tensor made, so no fill launch on the GPU.
+  return mask.defined() ? at::where(mask, t, at::Scalar(0.0)) : t;
 }
 
 // Masks applied around the dense convolution: the engine does all the work. Used for groups > 1

@@ -85,7 +85,7 @@ class _ChannelMask(nn.Module):
         shape = (1, -1) + (1,) * (x.dim() - 2)
         if self.scale is not None:
             x = x * self.scale.view(shape).to(x.dtype)
-        return torch.where(self.keep.view(shape), x, torch.zeros((), dtype=x.dtype, device=x.device))
+        return torch.where(self.keep.view(shape), x, 0.0)
 
 
 def _conv_weight(m: nn.Conv2d) -> tuple[Tensor, Tensor | None]:

@@ -234,16 +234,14 @@ def test_empty_tiles_are_skipped(device_backend, monkeypatch, packed):
     mask = torch.zeros(weight.shape, dtype=torch.bool, device=device)
     mask[:, :16] = torch.rand(16, 16, 3, 3, device=device) < 0.5
     x[:, 16:] = float("inf")
-    real = kernels._finite_samples
-    monkeypatch.setattr(kernels, "_finite_samples",
-                        lambda t: torch.ones(t.shape[0], dtype=torch.int32, device=t.device))
+    monkeypatch.setattr(kernels, "_CHECK_FINITE", False)
     y = pyprune.masked_conv2d(x, weight, bias, *_args(geom), weight_mask=mask)
     want = reference.masked_conv2d(x[:, :16].double(), weight[:, :16].double(), bias.double(),
                                    *_args(geom), weight_mask=mask[:, :16])
     _close(y, want, torch.float32, 8.0)
     _ran(spy, packed)
     # The real check sends these samples through every tile: NaN appears.
-    monkeypatch.setattr(kernels, "_finite_samples", real)
+    monkeypatch.setattr(kernels, "_CHECK_FINITE", True)
     y = pyprune.masked_conv2d(x, weight, bias, *_args(geom), weight_mask=mask)
     assert torch.isnan(y).any()
     _ran(spy, packed)
@@ -264,6 +262,38 @@ def test_inf_nan_follow_reference(device_backend, monkeypatch, packed):
     y = pyprune.masked_conv2d(x, weight, bias, *_args(geom), weight_mask=mask)
     want = reference.masked_conv2d(x.double(), weight.double(), bias.double(), *_args(geom),
                                    weight_mask=mask)
+    assert torch.equal(torch.isnan(y), torch.isnan(want))
+    _close(y, want, torch.float32, 40.0)
+    _ran(spy, packed)
+
+
+@PACKED
+@pytest.mark.parametrize("geom, last", [((12, 40, 36, 5, 5, 3, 1, 1, 1), False),
+                                        ((3, 40, 20, 14, 14, 3, 1, 1, 1), True)],
+                         ids=["tiles-span-samples", "two-pixel-blocks"])
+def test_nonfinite_sample_found_in_any_tile(device_backend, monkeypatch, geom, last, packed):
+    """inf in the last sample, in the second 32-channel chunk, in input channels whose weight
+    tiles are all masked: that sample alone runs every tile (NaN where the reference has it),
+    found packed from the packing launch's flags of its tiles of x, without the per-sample sum.
+    5x5 maps: at the first pixel, whose outputs lie in pixel tiles (16 pixels) that start in
+    the sample before; a 16x16 padded map: at the last pixel, in its second pixel block."""
+    from pyprune.triton_kernels import masked_conv as kernels
+
+    device, _ = device_backend
+    spy = _packing(monkeypatch, packed)
+    if packed:
+        def unexpected(t):
+            raise AssertionError("the packed path flags non-finite samples in its packing")
+        monkeypatch.setattr(kernels, "_finite_samples", unexpected)
+    x, weight, bias, _ = _inputs(geom, torch.float32, "all", device)
+    mask = torch.ones(weight.shape, dtype=torch.bool, device=device)
+    mask[:, 32:] = False  # the last 16-channel block: every tile empty
+    n, h, w = (geom[0] - 1, geom[3] - 1, geom[4] - 1) if last else (geom[0] - 1, 0, 0)
+    x[n, 35, h, w] = float("inf")
+    y = pyprune.masked_conv2d(x, weight, bias, *_args(geom), weight_mask=mask)
+    want = reference.masked_conv2d(x.double(), weight.double(), bias.double(), *_args(geom),
+                                   weight_mask=mask)
+    assert torch.isnan(want[n]).any() and not torch.isnan(want[:n]).any()
     assert torch.equal(torch.isnan(y), torch.isnan(want))
     _close(y, want, torch.float32, 40.0)
     _ran(spy, packed)

@@ -88,8 +88,11 @@ mask (exact zeros where masked, inf and NaN included) into wp, and a block's tap
 patch of xp from L1, as on the dense packed path (a step: 144 float32, 130 16-bit lane
 instructions a thread in the sm_90 SASS at 4 warps, against 229 / 174 at 8 warps unpacked);
 unpacked, each step loads the mask's tile with the weight's and zeroes the masked entries. A
-sample whose float32 sum is not finite (inf or NaN in it, or an overflow) walks every tile
-instead, so inf meets the masked zeros and gives NaN as conv2d(x, weight * mask) does.
+sample that holds inf or NaN walks every tile instead, so inf meets the masked zeros and gives
+NaN as conv2d(x, weight * mask) does: packed, each program of the packing launch flags whether
+its tile of x is finite, and a program of the kernel reads its samples' flags (no launch of
+their own); unpacked, a float32 sum per sample flags it (an overflow sends a finite sample
+through every tile too: the same result, more work).
 Backward: the weight gradient from the dense engine, masked; grad_x (stride 1) by the kernel on
 the transposed, flipped weight and mask (the flipped mask's table cached per version of the
 forward's mask).
@@ -181,6 +184,11 @@ _PACK = True
 # element in the sm_90 SASS, against ~34 for 64 pixels).
 _PACK_PIXELS = 128
 _PACK_WARPS = 4
+
+# Whether samples holding inf or NaN run every tile of a weight mask (as they must, for the
+# result of conv2d(x, weight * weight_mask)); off only in the test that shows that the empty
+# tiles are not computed.
+_CHECK_FINITE = True
 # The largest share of a step's x and weight tiles a thread may hold for the 16-bit prefetch
 # (_prefetch): 64 x 16 tiles at 4 warps (20) spill with listed input channels on sm_90.
 _PREFETCH_ELEMENTS = 16
@@ -398,11 +406,12 @@ def _reduce(acc, steps, c0, listed, taps, x_rows, oh, ow, p_ok, H, W, KH, KW, st
 
 
 @triton.jit(do_not_specialize=["span", "in_per_sample", "out_per_sample", "in_listed",
-                               "out_listed", "has_bias", "has_out_scale", "has_raw"])
+                               "out_listed", "has_bias", "has_out_scale", "has_raw",
+                               "finite_per"])
 def _masked_conv2d_forward_kernel(
     x_ptr, w_ptr, b_ptr, in_idx_ptr, in_mask_ptr, out_idx_ptr, out_mask_ptr, out_ptr,
     wm_ptr, blk_idx_ptr, blk_cnt_ptr, finite_ptr, in_scale_ptr, out_scale_ptr, raw_ptr,
-    C_in, H, W, C_out, H_out, W_out, KH, KW,
+    C_in, H, W, C_out, H_out, W_out, KH, KW, finite_per,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     span, p_blocks, co_blocks, in_per_sample, out_per_sample, in_listed, out_listed, has_bias,
     tap_blocks, has_out_scale, has_raw,
@@ -492,7 +501,18 @@ def _masked_conv2d_forward_kernel(
             # Packed, the tiles are wp's, whose masked entries are zeros; else the step loads
             # the mask's tile with the weight's.
             blk_list = blk_idx_ptr + co_b * tap_blocks
-            every = tl.min(tl.load(finite_ptr + rows, mask=p_ok, other=1), 0) == 0
+            # The tile's samples are rows r0..r1 (consecutive): their finite_per flags each.
+            r0 = n + (p_b * BLOCK_P) // P
+            r1 = n + (tl.minimum(p_b * BLOCK_P + BLOCK_P, P * span) - 1) // P
+            f = r0 * finite_per
+            f_end = (r1 + 1) * finite_per
+            flagged = 0
+            while f < f_end:
+                fs = f + tl.arange(0, 256)
+                flagged += tl.sum((tl.load(finite_ptr + fs, mask=fs < f_end, other=1) == 0
+                                   ).to(tl.int32))
+                f += 256
+            every = flagged > 0
             steps = tl.where(every, tap_blocks, tl.load(blk_cnt_ptr + co_b))
             j0 = 0
             while j0 < steps:
@@ -548,8 +568,8 @@ def _masked_conv2d_forward_kernel(
 
 
 @triton.jit
-def _pack_tile(src, dst, order, kept, listed, scale, has_scale, keep_src, has_keep, H, W, pad_h,
-               pad_w, inv_wp, s_c, s_h, s_w, C_pad, pix0, c0, BLOCK_PIX: tl.constexpr,
+def _pack_tile(src, dst, order, kept, listed, scale, has_scale, keep_src, has_keep, check, H, W,
+               pad_h, pad_w, inv_wp, s_c, s_h, s_w, C_pad, pix0, c0, BLOCK_PIX: tl.constexpr,
                BLOCK_C: tl.constexpr):
     """One tile of _pack_kernel: the padded pixels [pix0, pix0 + BLOCK_PIX) of an (H + 2 pad_h,
     W + 2 pad_w) image in row-major order by BLOCK_C channels from c0, stored at pixel *
@@ -557,7 +577,8 @@ def _pack_tile(src, dst, order, kept, listed, scale, has_scale, keep_src, has_ke
     the padding, and where has_keep, 0 where keep_src (bytes at src's offsets: a bool weight
     mask) is 0, exactly, inf and NaN included. A pixel's row is a float quotient (exact: (k +
     1/2) / Wp for k < 2^20 is never within rounding of an integer), one division a tile instead
-    of one a pixel."""
+    of one a pixel. Returns 1 where the tile's values read are all finite (v - v == 0 is false
+    for inf and NaN only) or check is 0, else 0."""
     Wp = W + 2 * pad_w
     cs = c0 + tl.arange(0, BLOCK_C)
     c_ok = cs < kept
@@ -572,12 +593,17 @@ def _pack_tile(src, dst, order, kept, listed, scale, has_scale, keep_src, has_ke
     inside = on & (h >= 0) & (h < H) & (w >= 0) & (w < W)
     offsets = (h * s_h + w * s_w)[:, None] + ch[None, :] * s_c
     v = tl.load(src + offsets, mask=inside[:, None] & c_ok[None, :], other=0.0)
+    finite = tl.full([], 1, tl.int32)
+    if check != 0:
+        vf = v.to(tl.float32)
+        finite = tl.min(tl.min((vf - vf == 0).to(tl.int32), 1), 0)
     if has_keep != 0:  # a bool weight mask: its masked entries zero
         keep = tl.load(keep_src + offsets, mask=inside[:, None] & c_ok[None, :], other=0)
         v = tl.where(keep != 0, v, tl.zeros_like(v))
     if has_scale != 0:  # a soft in_mask: x * in_mask, rounded to x's dtype
         v = _scaled(v, tl.load(scale + ch, mask=c_ok, other=1.0))
     tl.store(dst + (pix * C_pad)[:, None] + cs[None, :], v, mask=on[:, None])
+    return finite
 
 
 @triton.jit
@@ -600,10 +626,10 @@ def _order_row(mask_row, order_row, C, BLOCK: tl.constexpr):
         c0 += BLOCK
 
 
-@triton.jit(do_not_specialize=["listed", "has_scale", "has_wmask"])
+@triton.jit(do_not_specialize=["listed", "has_scale", "has_wmask", "check_finite"])
 def _pack_kernel(
     x_ptr, xp_ptr, w_ptr, wp_ptr, order_ptr, mask_ptr, scale_ptr, out_order_ptr, out_mask_ptr,
-    wm_ptr, C_in, listed, has_scale, has_wmask, H, W, pad_h, pad_w, C_out, taps, chunks, inv_wp,
+    wm_ptr, finite_ptr, C_in, listed, has_scale, has_wmask, check_finite, H, W, pad_h, pad_w, C_out, taps, chunks, inv_wp,
     inv_taps,
     x_sn, x_sc, x_sh, x_sw, w_so, w_si, w_st, x_programs, x_pix_blocks, packs,
     BLOCK_PIX: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -614,7 +640,10 @@ def _pack_kernel(
     a bool in_mask shared by the batch, else all in order; times a soft in_mask's scales),
     zero-padded by (pad_h, pad_w) pixels; wp (C_out, taps, C_pad): the weight's input channels
     in the same order (the weight read as a (C_out, taps) image, taps = KH * KW at stride w_st; with
-    has_wmask, the entries a bool weight mask wm (bytes, the weight's strides) masks are 0).
+    has_wmask, the entries a bool weight mask wm (bytes, the weight's strides) masks are 0, and
+    x program pid stores finite[pid], 1 where its tile of x holds no inf or NaN (always 1 where
+    check_finite is 0), for the block-sparse kernel: the flags of sample n are finite[n * x_pix_blocks * chunks ...][:
+    x_pix_blocks * chunks]).
     Channel c past the kept count is 0 in both up to the chunk of BLOCK_C that holds the last
     kept channel (later chunks, never read, are not written), so that a chunk's tail multiplies
     zeros by zeros; a masked input channel is never read. Programs [0, x_programs)
@@ -631,20 +660,23 @@ def _pack_kernel(
     kept = _kept_count(mask_ptr, C_in, listed, 256)
     c0 = (pid % chunks) * BLOCK_C
     rest = pid // chunks
+    finite = tl.full([], 1, tl.int32)
     if c0 < kept:
         if pid < x_programs:
             pb = rest % x_pix_blocks
             n = (rest // x_pix_blocks).to(tl.int64)
-            _pack_tile(x_ptr + n * x_sn,
-                       xp_ptr + n * ((H + 2 * pad_h) * (W + 2 * pad_w) * C_pad), order_ptr,
-                       kept, listed, scale_ptr + n * C_in, has_scale, wm_ptr, 0, H, W, pad_h,
-                       pad_w, inv_wp, x_sc, x_sh, x_sw, C_pad, pb * BLOCK_PIX, c0, BLOCK_PIX,
-                       BLOCK_C)
+            finite = _pack_tile(x_ptr + n * x_sn,
+                                xp_ptr + n * ((H + 2 * pad_h) * (W + 2 * pad_w) * C_pad),
+                                order_ptr, kept, listed, scale_ptr + n * C_in, has_scale, wm_ptr,
+                                0, check_finite, H, W, pad_h, pad_w, inv_wp, x_sc, x_sh, x_sw, C_pad,
+                                pb * BLOCK_PIX, c0, BLOCK_PIX, BLOCK_C)
         else:
             pb = rest - x_programs // chunks
             _pack_tile(w_ptr, wp_ptr, order_ptr, kept, listed, scale_ptr, 0, wm_ptr, has_wmask,
-                       C_out, taps, 0, 0, inv_taps, w_si, w_so, w_st, C_pad, pb * BLOCK_PIX, c0,
-                       BLOCK_PIX, BLOCK_C)
+                       0, C_out, taps, 0, 0, inv_taps, w_si, w_so, w_st, C_pad, pb * BLOCK_PIX,
+                       c0, BLOCK_PIX, BLOCK_C)
+    if (has_wmask != 0) & (pid < x_programs):
+        tl.store(finite_ptr + pid, finite)
 
 
 def _blocks(C_out: int, P: int, N: int, out_masked: bool = False, sparse: bool = False,
@@ -883,10 +915,12 @@ def _block_table(weight_mask: torch.Tensor, block_co: int, block_ci: int
 
 
 def _finite_samples(x: torch.Tensor) -> torch.Tensor:
-    """int32 (N,): 1 where sample n of x is surely finite. A float32 sum per sample reads x once
-    without an x-sized temporary; a sum that overflows only marks a finite sample as possibly
-    not, which sends it through every block (the same result, more work)."""
-    return torch.isfinite(x.sum((1, 2, 3), dtype=torch.float32)).to(torch.int32)
+    """int32 (N, 1): 1 where sample n of x is surely finite, for the block-sparse kernel on x
+    unpacked (packed, the packing launch flags its tiles of x instead: no launch of its own). A
+    float32 sum per sample reads x once without an x-sized temporary; a sum that overflows only
+    marks a finite sample as possibly not, which sends it through every block (the same
+    result, more work)."""
+    return torch.isfinite(x.sum((1, 2, 3), dtype=torch.float32)).to(torch.int32)[:, None]
 
 
 def masked_conv2d_forward(
@@ -984,7 +1018,12 @@ def masked_conv2d_forward(
         blk_idx, blk_cnt, ci_blocks = block_table or _MASKS.get(
             weight_mask, ("blocks", block_co, block_ci),
             lambda m: _block_table(m, block_co, block_ci))
-        finite = _finite_samples(x)
+        if packed:  # _packed fills it with its tiles' flags (before the kernel reads them)
+            finite = _packed_flags(x, padding, c_pad)
+        elif _CHECK_FINITE:
+            finite = _finite_samples(x)
+        else:
+            finite = torch.ones((N, 1), dtype=torch.int32, device=x.device)
     else:
         # Unused by the kernel: pointers of the types it is compiled for.
         i32 = dummy.view(torch.int32)
@@ -997,13 +1036,14 @@ def masked_conv2d_forward(
     if packed:  # the kernel computes the packed tensors' strides itself
         x, weight = _packed(x, weight, padding, c_pad, in_idx, in_bytes, in_listed, in_scale,
                             out_idx if ordered else None, out_bytes if ordered else None,
-                            wm if weight_mask is not None else None)
+                            wm if weight_mask is not None else None,
+                            finite if weight_mask is not None else None)
     with on_device(x):
         _masked_conv2d_forward_kernel[(N // span * p_blocks * co_blocks,)](
             x, weight, bias if bias is not None else weight, in_idx, in_bytes, out_idx, out_bytes, out,
             wm, blk_idx, blk_cnt, finite, in_scale if in_scale is not None else x,
             out_scale if out_scale is not None else x, raw if raw is not None else out,
-            C_in, H, W, C_out, H_out, W_out, KH, KW,
+            C_in, H, W, C_out, H_out, W_out, KH, KW, finite.shape[-1],
             *stride, *padding, *dilation,
             span, p_blocks, co_blocks, in_per_sample, out_per_sample, in_listed, out_listed,
             int(bias is not None), KH * KW * ci_blocks, int(out_scale is not None),
@@ -1022,11 +1062,23 @@ def masked_conv2d_forward(
     return out
 
 
+def _pack_pixel_blocks(x: torch.Tensor, padding: tuple[int, int]) -> int:
+    """_pack_kernel's pixel blocks of one padded image of x."""
+    return cdiv((x.shape[2] + 2 * padding[0]) * (x.shape[3] + 2 * padding[1]), _PACK_PIXELS)
+
+
+def _packed_flags(x: torch.Tensor, padding: tuple[int, int], c_pad: int) -> torch.Tensor:
+    """int32 (N, flags a sample), uninitialized: the finiteness flags _pack_kernel stores, one
+    per tile of x it packs (with a weight mask)."""
+    return torch.empty((x.shape[0], _pack_pixel_blocks(x, padding) * (c_pad // _BLOCK_CI)),
+                       dtype=torch.int32, device=x.device)
+
+
 def _packed(x: torch.Tensor, weight: torch.Tensor, padding: tuple[int, int], c_pad: int,
             order: torch.Tensor, mask_bytes: torch.Tensor, listed: int,
             scale: torch.Tensor | None, out_order: torch.Tensor | None = None,
-            out_bytes: torch.Tensor | None = None, weight_bytes: torch.Tensor | None = None
-            ) -> tuple[torch.Tensor, torch.Tensor]:
+            out_bytes: torch.Tensor | None = None, weight_bytes: torch.Tensor | None = None,
+            finite: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(xp, wp): x and the weight as the forward kernel's PACKED path reads them (_pack_kernel:
     xp (N, H + 2 pad_h, W + 2 pad_w, c_pad), wp (C_out, KH, KW, c_pad), the kept input channels
     first, in one launch). The convolution's workspace: with it every tile the kernel loads is
@@ -1034,17 +1086,20 @@ def _packed(x: torch.Tensor, weight: torch.Tensor, padding: tuple[int, int], c_p
     4-byte gather a value, each with its padding test) does not allow. With out_order (N,
     C_out) and out_bytes, a per-sample bool out_mask's rows as bytes, the same launch writes
     their kept-first lists into out_order. With weight_bytes, a bool weight mask's bytes at the
-    (contiguous) weight's offsets, wp holds weight * mask (exact zeros where masked)."""
+    (contiguous) weight's offsets, wp holds weight * mask (exact zeros where masked), and
+    finite (_packed_flags) receives the flags of x's tiles."""
     N, C_in, H, W = x.shape
     C_out, _, KH, KW = weight.shape
     if weight.stride(2) != KW * weight.stride(3):  # the taps as one dimension
         weight = weight.contiguous()
+    if (weight_bytes is None) != (finite is None):
+        raise ValueError("_packed: a weight mask's bytes and the finiteness flags go together")
     wm = mask_bytes if weight_bytes is None else weight_bytes
     Hp, Wp = H + 2 * padding[0], W + 2 * padding[1]
     xp = torch.empty((N, Hp, Wp, c_pad), dtype=x.dtype, device=x.device)
     wp = torch.empty((C_out, KH, KW, c_pad), dtype=x.dtype, device=x.device)
     chunks = c_pad // _BLOCK_CI
-    x_pix = cdiv(Hp * Wp, _PACK_PIXELS)
+    x_pix = _pack_pixel_blocks(x, padding)
     x_programs = N * x_pix * chunks
     packs = x_programs + cdiv(C_out * KH * KW, _PACK_PIXELS) * chunks
     rows = 0 if out_order is None else out_order.shape[0]
@@ -1052,7 +1107,9 @@ def _packed(x: torch.Tensor, weight: torch.Tensor, padding: tuple[int, int], c_p
         _pack_kernel[(packs + rows,)](
             x, xp, weight, wp, order, mask_bytes, scale if scale is not None else x,
             out_order if rows else order, out_bytes if rows else mask_bytes, wm,
-            C_in, listed, int(scale is not None), int(weight_bytes is not None), H, W, *padding,
+            finite if finite is not None else order.view(torch.int32),
+            C_in, listed, int(scale is not None), int(weight_bytes is not None),
+            int(_CHECK_FINITE), H, W, *padding,
             C_out, KH * KW, chunks,
             1.0 / Wp, 1.0 / (KH * KW), *x.stride(), *weight.stride()[:2], weight.stride(3),
             x_programs, x_pix, packs,
@@ -1065,7 +1122,7 @@ def _where(t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     if mask is None:
         return t
     shape = (1, -1, 1, 1) if mask.dim() == 1 else (*mask.shape, 1, 1)
-    return torch.where(mask.reshape(shape), t, torch.zeros((), dtype=t.dtype, device=t.device))
+    return torch.where(mask.reshape(shape), t, 0.0)  # a scalar zero: no fill launch
 
 
 def _check_grad(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> None:
@@ -1156,10 +1213,9 @@ def sparse_conv2d_backward(
                                  _pair(dilation, "dilation"))
     transposed = _transposable(stride, padding, dilation, weight.shape[2:])
     dense_x = x_grad and not transposed
-    zero = torch.zeros((), dtype=weight.dtype, device=weight.device)
     grad_x = grad_w = None
     if dense_x or weight_grad:
-        masked = torch.where(weight_mask, weight, zero) if dense_x else weight
+        masked = torch.where(weight_mask, weight, 0.0) if dense_x else weight
         grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
             grad, x, masked, None, list(stride), list(padding), list(dilation), False, [0, 0], 1,
             [dense_x, weight_grad, False])
@@ -1167,7 +1223,7 @@ def sparse_conv2d_backward(
         grad_x = _transposed_grad_x(grad, weight, padding, dilation, weight_mask=weight_mask)
     grad_x = (grad_x.contiguous(memory_format=_output_format(x)) if x_grad
               else x.new_empty((0,)))
-    grad_w = (torch.where(weight_mask, grad_w, zero).contiguous() if weight_grad
+    grad_w = (torch.where(weight_mask, grad_w, 0.0).contiguous() if weight_grad
               else weight.new_empty((0,)))
     return grad_x, grad_w
 
@@ -1178,7 +1234,8 @@ _POINTERS = {"in_idx_ptr": "*i64", "in_mask_ptr": "*u8", "out_idx_ptr": "*i64",
 
 
 _PACK_POINTERS = {"order_ptr": "*i64", "mask_ptr": "*u8", "out_order_ptr": "*i64",
-                  "out_mask_ptr": "*u8", "wm_ptr": "*u8", "inv_wp": "fp32", "inv_taps": "fp32"}
+                  "out_mask_ptr": "*u8", "wm_ptr": "*u8", "finite_ptr": "*i32", "inv_wp": "fp32",
+                  "inv_taps": "fp32"}
 
 
 def _configs(arch: int = 90) -> list[tuple[int, int, int, bool]]:

@@ -88,8 +88,7 @@ class ChipMask(nn.Module):
                              f"{tuple(x.shape)}")
         shape = (1, -1) + (1,) * (x.dim() - 2)
         if self.pruned:  # removed channels are exactly 0, as after compaction
-            return torch.where(self.hard_mask.view(shape), x, torch.zeros((), dtype=x.dtype,
-                                                                          device=x.device))
+            return torch.where(self.hard_mask.view(shape), x, 0.0)
         return x * self.z().to(x.dtype).view(shape)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):

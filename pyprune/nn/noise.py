@@ -99,7 +99,7 @@ class MagnitudePruned(_WeightWrapper):
 
     def transform(self, weight: Tensor) -> Tensor:
         mask = magnitude_mask(weight, self.keep_ratio)
-        return torch.where(mask, weight, torch.zeros((), dtype=weight.dtype, device=weight.device))
+        return torch.where(mask, weight, 0.0)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         conv = self.layer

@@ -383,11 +383,14 @@ _BITS = {torch.float32: torch.int32, torch.float64: torch.int64, torch.float16: 
 
 
 def _keep(t: Tensor, mask: Tensor) -> Tensor:
-    """t where mask else +0.0, exactly: masked entries take no part even if inf or NaN. Without
-    autograd, an AND with all-ones / all-zeros bit patterns (on this CPU 5x faster than
-    torch.where for a 128x128x3x3 weight); with it, torch.where."""
-    if (torch.is_grad_enabled() and t.requires_grad) or torch.compiler.is_compiling():
-        return torch.where(mask, t, torch.zeros((), dtype=t.dtype, device=t.device))
+    """t where mask else +0.0, exactly: masked entries take no part even if inf or NaN. On the
+    CPU without autograd, an AND with all-ones / all-zeros bit patterns (5x faster than
+    torch.where for a 128x128x3x3 weight there); else torch.where with a scalar zero (one
+    launch on the GPU, where the AND takes three: the mask's conversion, its negation, the
+    AND)."""
+    if ((torch.is_grad_enabled() and t.requires_grad) or torch.compiler.is_compiling()
+            or t.device.type != "cpu"):
+        return torch.where(mask, t, 0.0)
     bits = _BITS[t.dtype]
     return (t.contiguous().view(bits) & -mask.to(bits)).view(t.dtype)  # mask broadcasts
 
