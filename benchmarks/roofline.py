@@ -2236,12 +2236,17 @@ TRITON_CONV_PACKED_STEP_OPS = {
     (128, 64): {"float32": 79, "bfloat16": 70, "float16": 70},
 }
 # The weight-mask path's step, packed (x and the masked weight laid out by _pack_kernel: the
-# same unmasked copies, no mask tile; the step's (channel block, tap) entry taken from the
-# group of list entries held in registers, a block reduction, and split by division), sm_90
-# SASS, by (BLOCK_P, BLOCK_CO) and element size. (Unpacked, gathering x and loading the mask's
-# tile beside the weight's: 229 float32 and 174 16-bit lane instructions a step at 8 warps.)
+# same unmasked copies, no mask tile; the step's (channel block, kh, kw) entry taken from the
+# group of list entries held in registers, a block reduction, and its bit fields by shifts and
+# masks), sm_90 SASS at 4 warps, by (BLOCK_P, BLOCK_CO) and element size. (The entry split by
+# two divisions instead took 144 float32 / 130 16-bit instructions at 128 x 16. Unpacked,
+# gathering x and loading the mask's tile beside the weight's: 179 float32 and 125 16-bit
+# lane instructions a step at 128 x 16 and 8 warps.)
 TRITON_CONV_SPARSE_PACKED_STEP_OPS = {
-    (128, 16): {"float32": 144, "bfloat16": 130, "float16": 130},
+    (16, 16): {"float32": 57, "bfloat16": 54, "float16": 54},
+    (32, 16): {"float32": 60, "bfloat16": 57, "float16": 57},
+    (64, 16): {"float32": 77, "bfloat16": 65, "float16": 65},
+    (128, 16): {"float32": 89, "bfloat16": 78, "float16": 78},
 }
 # _pack_kernel: lane instructions an element of its tiles (128 pixels by 32 channels in 4
 # warps: the float pixel-row quotient, a 4-byte gather, the transpose through shared memory,

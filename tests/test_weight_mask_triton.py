@@ -114,6 +114,35 @@ def test_matches_reference_with_gradients(device_backend, monkeypatch, geom, pac
 
 
 @PACKED
+@pytest.mark.parametrize("kernel", [(1, 3), (3, 1), (2, 5), (5, 2)], ids=str)
+def test_non_square_kernels(device_backend, monkeypatch, kernel, packed):
+    """kh and kw take bit fields of different widths in the block list's entries (none for a
+    size-1 side): kernels of unequal sides, forward and gradients (grad_x on the flipped mask's
+    table), against the reference."""
+    device, _ = device_backend
+    spy = _packing(monkeypatch, packed)
+    gen = torch.Generator().manual_seed(2)
+    kh, kw = kernel
+    args = ((1, 1), (kh // 2, kw // 2), (1, 1))
+    for kind in ("tiles", "random"):
+        x = torch.randn(2, 36, 7, 9, generator=gen).to(device)
+        weight = torch.randn(20, 36, kh, kw, generator=gen).div(kh * kw).to(device)
+        bias = torch.randn(20, generator=gen).to(device)
+        mask = _mask(kind, weight.shape, gen).to(device)
+        leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
+        y = pyprune.masked_conv2d(*leaves, *args, weight_mask=mask)
+        grad = torch.randn(y.shape, generator=gen).to(device)
+        got = torch.autograd.grad(y, leaves, grad)
+        ref = [t.detach().double().requires_grad_() for t in (x, weight, bias)]
+        want = reference.masked_conv2d(*ref, *args, weight_mask=mask)
+        want_grads = torch.autograd.grad(want, ref, grad.double())
+        _close(y, want.detach(), torch.float32, 9.0)
+        for g, w in zip(got, want_grads):
+            _close(g, w, torch.float32, 9.0)
+    _ran(spy, packed)
+
+
+@PACKED
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_half_precision(device_backend, monkeypatch, dtype, packed):
     device, _ = device_backend
@@ -130,24 +159,40 @@ def test_half_precision(device_backend, monkeypatch, dtype, packed):
 
 def test_block_table(device_backend):
     """Each output-channel tile lists exactly its (input tile, tap) pairs that keep a weight,
-    ascending, then the rest."""
-    from pyprune.triton_kernels.masked_conv import _block_table
+    ascending, then the rest; a last row lists them all in order; entries encoded as bit
+    fields (input tile, kh, kw) of the widths _tap_bits gives."""
+    from pyprune.triton_kernels.masked_conv import _block_table, _tap_bits
 
     device, _ = device_backend
     gen = torch.Generator().manual_seed(0)
-    for shape, block in (((37, 21, 3, 2), 16), ((16, 48, 1, 1), 16), ((5, 70, 3, 3), 32)):
+    for shape, block in (((37, 21, 3, 2), 16), ((16, 48, 1, 1), 16), ((5, 70, 3, 3), 32),
+                         ((8, 20, 1, 5), 16)):
         for kind in KINDS:
             mask = _mask(kind, shape, gen)
             if kind == "random":  # sparse enough that some tiles are empty
                 mask &= torch.rand(shape, generator=gen) < 0.02
             lists, counts, ci_blocks = _block_table(mask.to(device), block, block)
             cout, cin, kh, kw = shape
+            bits = _tap_bits(kh, kw)
+            kw_bits, kh_bits = bits & 255, bits >> 8
+            assert (kw - 1) < 2**kw_bits and (kh - 1) < 2**kh_bits
+
+            def decoded(v: int) -> int:  # the entry's c * kh * kw + tap
+                c = v >> (kh_bits + kw_bits)
+                r, s = (v >> kw_bits) & (2**kh_bits - 1), v & (2**kw_bits - 1)
+                assert r < kh and s < kw and c < ci_blocks
+                return c * kh * kw + r * kw + s
+
             assert ci_blocks == -(-cin // block)
-            for j in range(-(-cout // block)):
+            co_blocks = -(-cout // block)
+            assert lists.shape == (co_blocks + 1, ci_blocks * kh * kw)
+            every = [decoded(v) for v in lists[co_blocks].tolist()]
+            assert every == list(range(kh * kw * ci_blocks))
+            for j in range(co_blocks):
                 tile = mask[j * block:(j + 1) * block].flatten(2)  # (<= block, C_in, taps)
                 kept = [c * kh * kw + tap for c in range(ci_blocks) for tap in range(kh * kw)
                         if tile[:, c * block:(c + 1) * block, tap].any()]
-                row = lists[j].tolist()
+                row = [decoded(v) for v in lists[j].tolist()]
                 assert counts[j].item() == len(kept)
                 assert row[:len(kept)] == kept
                 assert sorted(row) == list(range(kh * kw * ci_blocks))

@@ -85,8 +85,10 @@ taps back to back (a sort of the tile occupancy, torch ops on the mask, no host
 synchronization; once per mask version, _MaskCache); the kernel walks only those, so the work
 is proportional to the occupied tiles. Packed (the default), the packing launch stores weight *
 mask (exact zeros where masked, inf and NaN included) into wp, and a block's taps reread one
-patch of xp from L1, as on the dense packed path (a step: 144 float32, 130 16-bit lane
-instructions a thread in the sm_90 SASS at 4 warps, against 229 / 174 at 8 warps unpacked);
+patch of xp from L1, as on the dense packed path (a step: 89 float32, 78 16-bit lane
+instructions a thread in the sm_90 SASS at 128 x 16 and 4 warps, against 179 / 125 at 8 warps
+unpacked: each list entry holds its channel block, kh and kw as bit fields, so that a step takes
+them by shifts and masks, not by two integer divisions);
 unpacked, each step loads the mask's tile with the weight's and zeroes the masked entries. A
 sample that holds inf or NaN walks every tile instead, so inf meets the masked zeros and gives
 NaN as conv2d(x, weight * mask) does: packed, each program of the packing launch flags whether
@@ -253,19 +255,21 @@ def _tiles(j, kh, kw, c0, live, listed, taps, x_rows, oh, ow, p_ok, H, W, KW, st
     Dense, step j is chunk j % chunks of the kept input channels at tap j // chunks (PACKED:
     tap j % (KH KW) of chunk j // (KH KW)), (kh, kw, c0) as the caller's counters hold it
     (HOISTED: listed holds the chunk's listed channels; IN_LIST otherwise: the step loads them);
-    SPARSE, entry j of the caller's group of block-list entries in listed (the entries' own indices
-    for a sample that runs every tile), e = channel block * taps + tap, its chunk and tap found
-    by division (taps = KH KW; unused by the dense paths). PACKED: x and the weight as
+    SPARSE, entry j of the caller's group of block-list entries in listed, its channel block,
+    kh and kw bit fields of one int32 (_block_entries; taps = the widths of the kw and kh
+    fields, kw's in its low byte: shifts and masks, no division in the step; unused by the
+    dense paths). PACKED: x and the weight as
     _pack_kernel lays them out (x_rows each pixel's tap-(0, 0) address, co valid rows): every
     address in bounds and every channel of a chunk stored, so the tiles load unmasked: x in
     8-byte copies that fill L1, the weight in 16-byte ones."""
     if SPARSE:
         e = tl.sum(tl.where(tl.arange(0, BLOCK_CI) == j, listed, 0))
-        block = e // taps
-        tap = e - block * taps
-        c0 = block * BLOCK_CI
-        kh = tap // KW
-        kw = tap - kh * KW
+        kw_bits = taps & 255
+        kh_bits = taps >> 8
+        one = tl.full([], 1, tl.int32)
+        kw = e & ((one << kw_bits) - 1)
+        kh = (e >> kw_bits) & ((one << kh_bits) - 1)
+        c0 = (e >> (kw_bits + kh_bits)) * BLOCK_CI
     if PACKED:
         cs = c0 + tl.arange(0, BLOCK_CI)
         tap = kh * dil_h * x_sh + kw * dil_w * x_sw
@@ -407,11 +411,11 @@ def _reduce(acc, steps, c0, listed, taps, x_rows, oh, ow, p_ok, H, W, KH, KW, st
 
 @triton.jit(do_not_specialize=["span", "in_per_sample", "out_per_sample", "in_listed",
                                "out_listed", "has_bias", "has_out_scale", "has_raw",
-                               "finite_per"])
+                               "finite_per", "tap_bits"])
 def _masked_conv2d_forward_kernel(
     x_ptr, w_ptr, b_ptr, in_idx_ptr, in_mask_ptr, out_idx_ptr, out_mask_ptr, out_ptr,
     wm_ptr, blk_idx_ptr, blk_cnt_ptr, finite_ptr, in_scale_ptr, out_scale_ptr, raw_ptr,
-    C_in, H, W, C_out, H_out, W_out, KH, KW, finite_per,
+    C_in, H, W, C_out, H_out, W_out, KH, KW, finite_per, tap_bits,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     span, p_blocks, co_blocks, in_per_sample, out_per_sample, in_listed, out_listed, has_bias,
     tap_blocks, has_out_scale, has_raw,
@@ -500,7 +504,6 @@ def _masked_conv2d_forward_kernel(
             # wait on a load of the same step: the pipeline would drain at each of its loads).
             # Packed, the tiles are wp's, whose masked entries are zeros; else the step loads
             # the mask's tile with the weight's.
-            blk_list = blk_idx_ptr + co_b * tap_blocks
             # The tile's samples are rows r0..r1 (consecutive): their finite_per flags each.
             r0 = n + (p_b * BLOCK_P) // P
             r1 = n + (tl.minimum(p_b * BLOCK_P + BLOCK_P, P * span) - 1) // P
@@ -513,14 +516,15 @@ def _masked_conv2d_forward_kernel(
                                    ).to(tl.int32))
                 f += 256
             every = flagged > 0
+            # Row co_blocks of the lists holds every entry, for such tiles.
+            blk_list = blk_idx_ptr + tl.where(every, co_blocks, co_b) * tap_blocks
             steps = tl.where(every, tap_blocks, tl.load(blk_cnt_ptr + co_b))
             j0 = 0
             while j0 < steps:
                 entries = j0 + tl.arange(0, BLOCK_CI)
-                listed = tl.where(every, entries,
-                                  tl.load(blk_list + entries, mask=entries < steps, other=0))
+                listed = tl.load(blk_list + entries, mask=entries < steps, other=0)
                 acc = _reduce(acc, tl.minimum(steps - j0, BLOCK_CI), tl.full([], 0, tl.int32),
-                              listed, KH * KW, x_rows, oh, ow, p_ok, H, W, KH, KW, stride_h,
+                              listed, tap_bits, x_rows, oh, ow, p_ok, H, W, KH, KW, stride_h,
                               stride_w, pad_h, pad_w, dil_h, dil_w, in_list, in_kept, scale_row,
                               w_ptr, wm_ptr, co_w, co_ok, xs_c, xs_h, xs_w, ws_o, ws_i, ws_h,
                               ws_w, BLOCK_CI, SPARSE, IN_LIST, IN_SCALE, HOISTED, False,
@@ -629,8 +633,8 @@ def _order_row(mask_row, order_row, C, BLOCK: tl.constexpr):
 @triton.jit(do_not_specialize=["listed", "has_scale", "has_wmask", "check_finite"])
 def _pack_kernel(
     x_ptr, xp_ptr, w_ptr, wp_ptr, order_ptr, mask_ptr, scale_ptr, out_order_ptr, out_mask_ptr,
-    wm_ptr, finite_ptr, C_in, listed, has_scale, has_wmask, check_finite, H, W, pad_h, pad_w, C_out, taps, chunks, inv_wp,
-    inv_taps,
+    wm_ptr, finite_ptr, C_in, listed, has_scale, has_wmask, check_finite, H, W, pad_h, pad_w,
+    C_out, taps, chunks, inv_wp, inv_taps,
     x_sn, x_sc, x_sh, x_sw, w_so, w_si, w_st, x_programs, x_pix_blocks, packs,
     BLOCK_PIX: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -639,12 +643,11 @@ def _pack_kernel(
     xp (N, H + 2 pad_h, W + 2 pad_w, C_pad): x's input channels as listed (kept-first order of
     a bool in_mask shared by the batch, else all in order; times a soft in_mask's scales),
     zero-padded by (pad_h, pad_w) pixels; wp (C_out, taps, C_pad): the weight's input channels
-    in the same order (the weight read as a (C_out, taps) image, taps = KH * KW at stride w_st; with
-    has_wmask, the entries a bool weight mask wm (bytes, the weight's strides) masks are 0, and
-    x program pid stores finite[pid], 1 where its tile of x holds no inf or NaN (always 1 where
-    check_finite is 0), for the block-sparse kernel: the flags of sample n are finite[n * x_pix_blocks * chunks ...][:
-    x_pix_blocks * chunks]).
-    Channel c past the kept count is 0 in both up to the chunk of BLOCK_C that holds the last
+    in the same order (the weight read as a (C_out, taps) image, taps = KH * KW at stride w_st;
+    with has_wmask, the entries a bool weight mask wm (bytes, the weight's strides) masks are
+    0, and x program pid stores finite[pid], 1 where its tile of x holds no inf or NaN (always
+    1 where check_finite is 0), for the block-sparse kernel: sample n's flags are the
+    x_pix_blocks * chunks from finite[n * x_pix_blocks * chunks]). Channel c past the kept count is 0 in both up to the chunk of BLOCK_C that holds the last
     kept channel (later chunks, never read, are not written), so that a chunk's tail multiplies
     zeros by zeros; a masked input channel is never read. Programs [0, x_programs)
     take x tiles (sample, pixel block, channel chunk), [x_programs, packs) weight tiles (pixel
@@ -668,8 +671,8 @@ def _pack_kernel(
             finite = _pack_tile(x_ptr + n * x_sn,
                                 xp_ptr + n * ((H + 2 * pad_h) * (W + 2 * pad_w) * C_pad),
                                 order_ptr, kept, listed, scale_ptr + n * C_in, has_scale, wm_ptr,
-                                0, check_finite, H, W, pad_h, pad_w, inv_wp, x_sc, x_sh, x_sw, C_pad,
-                                pb * BLOCK_PIX, c0, BLOCK_PIX, BLOCK_C)
+                                0, check_finite, H, W, pad_h, pad_w, inv_wp, x_sc, x_sh, x_sw,
+                                C_pad, pb * BLOCK_PIX, c0, BLOCK_PIX, BLOCK_C)
         else:
             pb = rest - x_programs // chunks
             _pack_tile(w_ptr, wp_ptr, order_ptr, kept, listed, scale_ptr, 0, wm_ptr, has_wmask,
@@ -896,21 +899,40 @@ def _output_size(size: int, k: int, stride: int, padding: int, dilation: int) ->
     return (size + 2 * padding - dilation * (k - 1) - 1) // stride + 1
 
 
+def _tap_bits(KH: int, KW: int) -> int:
+    """The widths of an encoded block entry's kw field (low byte) and kh field (next byte)."""
+    return (KW - 1).bit_length() | ((KH - 1).bit_length() << 8)
+
+
+def _block_entries(e: torch.Tensor, KH: int, KW: int) -> torch.Tensor:
+    """Block entries e = ci_block * KH * KW + kh * KW + kw encoded as the kernel reads them:
+    (ci_block << (kh bits + kw bits)) | (kh << kw bits) | kw, int32 (_tap_bits' widths, so
+    that the step takes its fields by shifts and masks instead of two divisions). Ascending
+    entries stay ascending."""
+    kw_bits, kh_bits = (KW - 1).bit_length(), (KH - 1).bit_length()
+    block, tap = e // (KH * KW), e % (KH * KW)
+    return ((block << (kh_bits + kw_bits)) | ((tap // KW) << kw_bits) | (tap % KW)).to(torch.int32)
+
+
 def _block_table(weight_mask: torch.Tensor, block_co: int, block_ci: int
                  ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """(block lists, block counts, input-channel blocks) of a bool (C_out, C_in, KH, KW) weight
-    mask for tiles of block_co output by block_ci input channels: row j of the lists holds the
-    blocks e = ci_block * KH * KW + tap (tap = kh * KW + kw) of output-channel block j that
-    keep a weight, ascending (a channel block's taps back to back: packed, they reread one
-    patch of xp from L1), then the empty ones; counts[j] is how many keep one. Torch ops on
-    the mask only (no host synchronization)."""
+    mask for tiles of block_co output by block_ci input channels: row j < ceil(C_out /
+    block_co) of the lists holds the blocks e = ci_block * KH * KW + tap (tap = kh * KW + kw)
+    of output-channel block j that keep a weight, ascending (a channel block's taps back to
+    back: packed, they reread one patch of xp from L1), then the empty ones; counts[j] is how
+    many keep one; the last row holds every block in order (for tiles whose samples may hold
+    inf or NaN). Entries encoded by _block_entries. Torch ops on the mask only (no host
+    synchronization)."""
     C_out, C_in, KH, KW = weight_mask.shape
     co_blocks, ci_blocks = cdiv(C_out, block_co), cdiv(C_in, block_ci)
     padded = weight_mask.new_zeros((co_blocks * block_co, ci_blocks * block_ci, KH * KW))
     padded[:C_out, :C_in] = weight_mask.reshape(C_out, C_in, KH * KW)
     occupied = padded.view(co_blocks, block_co, ci_blocks, block_ci, KH * KW).any(3).any(1)
     occupied = occupied.reshape(co_blocks, ci_blocks * KH * KW)
-    lists = torch.sort(occupied.logical_not(), dim=1, stable=True).indices.to(torch.int32)
+    order = torch.sort(occupied.logical_not(), dim=1, stable=True).indices
+    every = torch.arange(ci_blocks * KH * KW, device=order.device)[None]
+    lists = _block_entries(torch.cat([order, every]), KH, KW)
     return lists.contiguous(), occupied.sum(1, dtype=torch.int32), ci_blocks
 
 
@@ -1012,6 +1034,9 @@ def masked_conv2d_forward(
         if weight_mask.device != x.device:
             raise ValueError(f"masked_conv2d (triton): weight_mask must be on {x.device}, got "
                              f"{weight_mask.device}")
+        if cdiv(C_in, block_ci) << ((KH - 1).bit_length() + (KW - 1).bit_length()) >= 2**31:
+            raise ValueError(f"masked_conv2d (triton): a weight mask's tiles of {C_in} input "
+                             f"channels by {KH}x{KW} taps do not fit the int32 block list")
         # The mask is read at the weight's offsets (by the kernel, or packed into wp).
         weight = weight.contiguous()
         wm = weight_mask.contiguous().view(torch.uint8)
@@ -1043,7 +1068,7 @@ def masked_conv2d_forward(
             x, weight, bias if bias is not None else weight, in_idx, in_bytes, out_idx, out_bytes, out,
             wm, blk_idx, blk_cnt, finite, in_scale if in_scale is not None else x,
             out_scale if out_scale is not None else x, raw if raw is not None else out,
-            C_in, H, W, C_out, H_out, W_out, KH, KW, finite.shape[-1],
+            C_in, H, W, C_out, H_out, W_out, KH, KW, finite.shape[-1], _tap_bits(KH, KW),
             *stride, *padding, *dilation,
             span, p_blocks, co_blocks, in_per_sample, out_per_sample, in_listed, out_listed,
             int(bias is not None), KH * KW * ci_blocks, int(out_scale is not None),
