@@ -2522,8 +2522,7 @@ def masked_conv_backward(p: Plan, provider: str) -> None:
         p.host("pyprune_backward", "masked_conv")
         if g.kind in ("w", "b"):  # sparse_conv2d_backward: wgrad dense, grad_x block-sparse
             _cudnn_backward(p, g, g.c, g.c, dgrad=False, bias=False)
-            p.kernel("flip weight", "aten", hbm=2 * g.weight)
-            p.kernel("flip weight mask", "aten", hbm=g.weight / 2)
+            # The packing reads the weight's and the mask's taps in reverse: no flipped copies.
             _triton_sparse(p, g)
             p.kernel("where(mask, grad_weight)", "aten", hbm=3 * g.weight)
             p.kernel("bias grad: sum", "aten", hbm=g.x)
@@ -2533,7 +2532,9 @@ def masked_conv_backward(p: Plan, provider: str) -> None:
             if g.kind == "in":
                 p.kernel("where(in_mask, x)", "aten", hbm=2 * g.x)
             _cudnn_backward(p, g, g.c, g.c, dgrad=False, bias=False)
-            p.kernel("flip weight", "aten", hbm=2 * g.weight)
+            if g.kind == "sample-out":  # unpacked (a per-sample in_mask): a flipped copy;
+                # packed, the packing reads the weight's taps in reverse
+                p.kernel("flip weight", "aten", hbm=2 * g.weight)
             # Transposed: the reduction runs over the forward's kept output channels.
             reduce_kept = g.kept if g.kind in ("out", "sample-out") else g.c
             out_kept = g.kept if g.kind == "in" else g.c

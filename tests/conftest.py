@@ -125,3 +125,20 @@ def spy_conv_launches(monkeypatch) -> LaunchSpy:
     spy = LaunchSpy(kernels._masked_conv2d_forward_kernel)
     monkeypatch.setattr(kernels, "_masked_conv2d_forward_kernel", spy)
     return spy
+
+
+
+class AtenCalls:
+    """The names of the ops run inside it, those inside other ops (a custom op's body)
+    included (torch.profiler's CPU events: "aten::flip", ...), e.g. to check that a path makes
+    no copy of some kind."""
+
+    def __enter__(self) -> "AtenCalls":
+        self.calls: list[str] = []
+        self._profile = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+        self._profile.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._profile.__exit__(*exc)
+        self.calls = [event.name for event in self._profile.events()]

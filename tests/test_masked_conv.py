@@ -17,7 +17,7 @@ from pyprune import reference
 from pyprune.nn import ChannelGate, MaskedConv2d
 from pyprune.ops.masked_conv import _OPS
 
-from .conftest import (DEVICE_BACKENDS, TF32_TOLERANCE, TOLERANCES, LaunchSpy,
+from .conftest import (DEVICE_BACKENDS, TF32_TOLERANCE, TOLERANCES, AtenCalls, LaunchSpy,
                        compile_and_backward, dtypes_for, spy_conv_launches)
 
 # (N, C_in, C_out, H, W, kernel, stride, padding, dilation, groups): odd and power-of-2 sizes.
@@ -1460,6 +1460,30 @@ def test_triton_launch_precision(device_backend, monkeypatch, allow_tf32):
                                    rtol=TF32_TOLERANCE[1] * scale)
     else:
         _close(got.detach(), want, torch.float32, scale=4.0)
+
+
+@pytest.mark.parametrize("device_backend", TRITON_BACKENDS, indirect=True)
+@pytest.mark.parametrize("per_sample", [False, True], ids=["static", "per-sample"])
+def test_triton_transposed_grad_x_flips_taps_in_the_packing(device_backend, per_sample):
+    """grad_x, the forward kernel on the transposed weight with its taps reversed: packed (a
+    static out_mask, the transposed launch's in_mask) the packing reads the taps in reverse
+    and no flipped copy of the weight is made; unpacked (a per-sample out_mask) the copy is
+    made. A 3x2 kernel (tap order matters), against the reference's gradients."""
+    device, _ = device_backend
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 12, 6, 7, generator=gen).to(device).requires_grad_()
+    weight = torch.randn(10, 12, 3, 2, generator=gen).div(3).to(device).requires_grad_()
+    out_mask = (torch.rand(*((2,) if per_sample else ()), 10, generator=gen) < 0.6).to(device)
+    y = pyprune.masked_conv2d(x, weight, None, 1, (1, 1), out_mask=out_mask)
+    grad = torch.randn(y.shape, generator=gen).to(device)
+    with AtenCalls() as seen:
+        got = torch.autograd.grad(y, (x, weight), grad)
+    assert ("aten::flip" in seen.calls) == per_sample
+    ref = [t.detach().double().requires_grad_() for t in (x, weight)]
+    want = torch.autograd.grad(reference.masked_conv2d(*ref, None, 1, (1, 1), out_mask=out_mask),
+                               ref, grad.double())
+    for g, w in zip(got, want):
+        _close(g, w, torch.float32, scale=4.0)
 
 
 @pytest.mark.triton

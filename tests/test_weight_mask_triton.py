@@ -13,7 +13,8 @@ import pyprune
 from pyprune import reference
 from pyprune.nn import MaskedConv2d
 
-from .conftest import DEVICE_BACKENDS, TOLERANCES, compile_and_backward, spy_conv_launches
+from .conftest import (DEVICE_BACKENDS, TOLERANCES, AtenCalls, compile_and_backward,
+                       spy_conv_launches)
 
 TRITON = [p for p in DEVICE_BACKENDS if p.values[0][1] == "triton"]
 pytestmark = pytest.mark.parametrize("device_backend", TRITON, indirect=True)
@@ -139,6 +140,59 @@ def test_non_square_kernels(device_backend, monkeypatch, kernel, packed):
         _close(y, want.detach(), torch.float32, 9.0)
         for g, w in zip(got, want_grads):
             _close(g, w, torch.float32, 9.0)
+    _ran(spy, packed)
+
+
+@PACKED
+@pytest.mark.parametrize("mask_layout", ["same", "contiguous"])
+def test_channels_last_weight(device_backend, monkeypatch, mask_layout, packed):
+    """A channels_last weight with a mask of the same strides is read as it is (the mask at
+    the weight's offsets), with a contiguous mask both are made contiguous: forward and
+    gradients against the reference either way."""
+    device, _ = device_backend
+    spy = _packing(monkeypatch, packed)
+    geom = GEOMETRIES[1]
+    x, weight, bias, mask = _inputs(geom, torch.float32, "tiles", device)
+    weight = weight.contiguous(memory_format=torch.channels_last)
+    if mask_layout == "same":
+        mask = mask.contiguous(memory_format=torch.channels_last)
+        assert mask.stride() == weight.stride() != mask.contiguous().stride()
+    leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
+    y = pyprune.masked_conv2d(*leaves, *_args(geom), weight_mask=mask)
+    grad = torch.randn(y.shape, generator=torch.Generator().manual_seed(3)).to(device)
+    got = torch.autograd.grad(y, leaves, grad)
+    ref = [t.detach().double().requires_grad_() for t in (x, weight, bias)]
+    want = reference.masked_conv2d(*ref, *_args(geom), weight_mask=mask)
+    want_grads = torch.autograd.grad(want, ref, grad.double())
+    _close(y, want.detach(), torch.float32, 10.0)
+    for g, w in zip(got, want_grads):
+        _close(g, w, torch.float32, 10.0)
+    _ran(spy, packed)
+
+
+@PACKED
+def test_backward_flips_taps_in_the_packing(device_backend, monkeypatch, packed):
+    """grad_x runs on the transposed weight and mask with their taps reversed: packed, the
+    packing reads them so (no flipped copy of either); unpacked, the copies are made (the
+    flipped mask's block table, built by the first backward, is cached). A 3x2 kernel (tap
+    order matters), against the reference's gradients."""
+    device, _ = device_backend
+    spy = _packing(monkeypatch, packed)
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 36, 6, 7, generator=gen).to(device).requires_grad_()
+    weight = torch.randn(20, 36, 3, 2, generator=gen).div(3).to(device).requires_grad_()
+    mask = _mask("tiles", weight.shape, gen).to(device)
+    y = pyprune.masked_conv2d(x, weight, None, 1, (1, 1), weight_mask=mask)
+    grad = torch.randn(y.shape, generator=gen).to(device)
+    torch.autograd.grad(y, (x, weight), grad, retain_graph=True)  # builds the flipped table
+    with AtenCalls() as seen:
+        got = torch.autograd.grad(y, (x, weight), grad)
+    assert seen.calls.count("aten::flip") == (0 if packed else 2)
+    ref = [t.detach().double().requires_grad_() for t in (x, weight)]
+    want = torch.autograd.grad(reference.masked_conv2d(*ref, None, 1, (1, 1), weight_mask=mask),
+                               ref, grad.double())
+    for g, w in zip(got, want):
+        _close(g, w, torch.float32, 9.0)
     _ran(spy, packed)
 
 

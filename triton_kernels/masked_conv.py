@@ -97,11 +97,13 @@ their own); unpacked, a float32 sum per sample flags it (an overflow sends a fin
 through every tile too: the same result, more work).
 Backward: the weight gradient from the dense engine, masked; grad_x (stride 1) by the kernel on
 the transposed, flipped weight and mask (the flipped mask's table cached per version of the
-forward's mask).
+forward's mask; packed, the packing launch reads transposed views of the weight and mask with
+their taps in reverse, so no flipped copy is made).
 
 Backward: with stride 1 (groups 1, padding within the dilated kernel), grad_x is this forward
-kernel run on grad with the transposed, flipped weight and the masks swapped, so it skips the
-masked output channels as the forward does and writes the masked input channels as zeros. The
+kernel run on grad with the transposed, flipped weight and the masks swapped (packed: the
+packing reads the weight's taps in reverse, flip_taps), so it skips the masked output channels
+as the forward does and writes the masked input channels as zeros. The
 weight gradient (and grad_x otherwise) runs the dense engine (torch's convolution_backward:
 cuDNN on CUDA, oneDNN on the CPU) on the masked tensors: grad masked by out_mask, x by in_mask,
 and grad_x masked by in_mask again; grad_bias is the masked grad summed over (N, H, W).
@@ -951,6 +953,7 @@ def masked_conv2d_forward(
     in_mask: torch.Tensor | None, out_mask: torch.Tensor | None,
     weight_mask: torch.Tensor | None = None, raw: torch.Tensor | None = None,
     block_table: tuple[torch.Tensor, torch.Tensor, int] | None = None,
+    flip_taps: bool = False,
 ) -> torch.Tensor:
     """conv2d(x * in_mask, weight * weight_mask, bias, stride, padding, dilation) * out_mask
     (groups=1) with boolean masks, as the pyprune::masked_conv2d schema (channel masks) and
@@ -968,7 +971,11 @@ def masked_conv2d_forward(
     whose values may
     include inf or NaN run every tile, as conv2d(x, weight * weight_mask) multiplies them by
     the masked zeros too. block_table: the mask's _block_table for 16 x 16 tiles where the
-    caller has it (else looked up per mask version)."""
+    caller has it (else looked up per mask version).
+
+    flip_taps: the convolution takes weight.flip(2, 3) (and weight_mask.flip(2, 3)), the
+    transposed convolution of the backward: packed, the packing launch reads the taps in
+    reverse (no flipped copy); unpacked, the flipped copies are made here."""
     _check(x, weight, bias)
     bias = bias.contiguous() if bias is not None else None  # the kernel reads bias[c] at unit stride
     stride, padding, dilation = (_pair(stride, "stride"), _pair(padding, "padding"),
@@ -1011,6 +1018,10 @@ def masked_conv2d_forward(
     packed = (_PACK and not in_per_sample
               and (H + 2 * padding[0]) * (W + 2 * padding[1]) * c_pad < 2**31
               and KH * KW * C_out * c_pad < 2**31 and max(W + 2 * padding[1], KH * KW) < 2**20)
+    if flip_taps and not packed:  # only the packing reads the taps in reverse
+        weight = weight.flip(2, 3)
+        weight_mask = None if weight_mask is None else weight_mask.flip(2, 3)
+        flip_taps = False
     # A packed launch's per-sample output lists come from the packing launch (no sort).
     ordered = packed and out_rows is not None and out_rows.shape[0] > 1
     out_idx, out_bytes, out_per_sample, out_listed = _kept_first(out_rows, dummy, not ordered)
@@ -1037,9 +1048,11 @@ def masked_conv2d_forward(
         if cdiv(C_in, block_ci) << ((KH - 1).bit_length() + (KW - 1).bit_length()) >= 2**31:
             raise ValueError(f"masked_conv2d (triton): a weight mask's tiles of {C_in} input "
                              f"channels by {KH}x{KW} taps do not fit the int32 block list")
-        # The mask is read at the weight's offsets (by the kernel, or packed into wp).
-        weight = weight.contiguous()
-        wm = weight_mask.contiguous().view(torch.uint8)
+        # The mask is read at the weight's offsets (by the kernel, or packed into wp), the
+        # taps as one dimension: a transposed view of each (the backward's) is read as it is.
+        if weight.stride() != weight_mask.stride() or weight.stride(2) != KW * weight.stride(3):
+            weight, weight_mask = weight.contiguous(), weight_mask.contiguous()
+        wm = weight_mask.view(torch.uint8)
         blk_idx, blk_cnt, ci_blocks = block_table or _MASKS.get(
             weight_mask, ("blocks", block_co, block_ci),
             lambda m: _block_table(m, block_co, block_ci))
@@ -1062,7 +1075,7 @@ def masked_conv2d_forward(
         x, weight = _packed(x, weight, padding, c_pad, in_idx, in_bytes, in_listed, in_scale,
                             out_idx if ordered else None, out_bytes if ordered else None,
                             wm if weight_mask is not None else None,
-                            finite if weight_mask is not None else None)
+                            finite if weight_mask is not None else None, flip_taps)
     with on_device(x):
         _masked_conv2d_forward_kernel[(N // span * p_blocks * co_blocks,)](
             x, weight, bias if bias is not None else weight, in_idx, in_bytes, out_idx, out_bytes, out,
@@ -1103,7 +1116,8 @@ def _packed(x: torch.Tensor, weight: torch.Tensor, padding: tuple[int, int], c_p
             order: torch.Tensor, mask_bytes: torch.Tensor, listed: int,
             scale: torch.Tensor | None, out_order: torch.Tensor | None = None,
             out_bytes: torch.Tensor | None = None, weight_bytes: torch.Tensor | None = None,
-            finite: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+            finite: torch.Tensor | None = None, flip_taps: bool = False
+            ) -> tuple[torch.Tensor, torch.Tensor]:
     """(xp, wp): x and the weight as the forward kernel's PACKED path reads them (_pack_kernel:
     xp (N, H + 2 pad_h, W + 2 pad_w, c_pad), wp (C_out, KH, KW, c_pad), the kept input channels
     first, in one launch). The convolution's workspace: with it every tile the kernel loads is
@@ -1111,15 +1125,26 @@ def _packed(x: torch.Tensor, weight: torch.Tensor, padding: tuple[int, int], c_p
     4-byte gather a value, each with its padding test) does not allow. With out_order (N,
     C_out) and out_bytes, a per-sample bool out_mask's rows as bytes, the same launch writes
     their kept-first lists into out_order. With weight_bytes, a bool weight mask's bytes at the
-    (contiguous) weight's offsets, wp holds weight * mask (exact zeros where masked), and
-    finite (_packed_flags) receives the flags of x's tiles."""
+    weight's offsets, wp holds weight * mask (exact zeros where masked), and finite
+    (_packed_flags) receives the flags of x's tiles. With flip_taps, wp holds the weight's taps
+    (and the mask's) in reverse order: weight.flip(2, 3) packed, read from the weight itself
+    (its last tap first, at a negative tap stride)."""
     N, C_in, H, W = x.shape
     C_out, _, KH, KW = weight.shape
     if weight.stride(2) != KW * weight.stride(3):  # the taps as one dimension
+        if weight_bytes is not None:
+            raise ValueError("_packed: a weight mask's weight must hold its taps as one dimension")
         weight = weight.contiguous()
     if (weight_bytes is None) != (finite is None):
         raise ValueError("_packed: a weight mask's bytes and the finiteness flags go together")
     wm = mask_bytes if weight_bytes is None else weight_bytes
+    w_src, w_st = weight, weight.stride(3)
+    if flip_taps:  # the last tap first: the pack reads tap t at (KH KW - 1 - t) * w_st
+        def last_tap(t: torch.Tensor) -> torch.Tensor:
+            return t.as_strided((1,), (1,), t.storage_offset() + (KH * KW - 1) * w_st)
+        w_src = last_tap(weight)
+        wm = wm if weight_bytes is None else last_tap(wm)
+        w_st = -w_st
     Hp, Wp = H + 2 * padding[0], W + 2 * padding[1]
     xp = torch.empty((N, Hp, Wp, c_pad), dtype=x.dtype, device=x.device)
     wp = torch.empty((C_out, KH, KW, c_pad), dtype=x.dtype, device=x.device)
@@ -1130,13 +1155,13 @@ def _packed(x: torch.Tensor, weight: torch.Tensor, padding: tuple[int, int], c_p
     rows = 0 if out_order is None else out_order.shape[0]
     with on_device(x):
         _pack_kernel[(packs + rows,)](
-            x, xp, weight, wp, order, mask_bytes, scale if scale is not None else x,
+            x, xp, w_src, wp, order, mask_bytes, scale if scale is not None else x,
             out_order if rows else order, out_bytes if rows else mask_bytes, wm,
             finite if finite is not None else order.view(torch.int32),
             C_in, listed, int(scale is not None), int(weight_bytes is not None),
             int(_CHECK_FINITE), H, W, *padding,
             C_out, KH * KW, chunks,
-            1.0 / Wp, 1.0 / (KH * KW), *x.stride(), *weight.stride()[:2], weight.stride(3),
+            1.0 / Wp, 1.0 / (KH * KW), *x.stride(), *weight.stride()[:2], w_st,
             x_programs, x_pix, packs,
             BLOCK_PIX=_PACK_PIXELS, BLOCK_C=_BLOCK_CI, num_warps=_PACK_WARPS,
         )
@@ -1171,17 +1196,17 @@ def _transposed_grad_x(grad: torch.Tensor, weight: torch.Tensor, padding: tuple[
     masks swapped: it skips what the forward skipped (masked output channels, empty weight
     tiles) and writes the masked input channels as zeros."""
     k = weight.shape[2:]
-    flip = lambda t: t.transpose(0, 1).flip(2, 3)  # noqa: E731
     table = None
     if weight_mask is not None:  # the flipped mask's table, per version of the forward's mask
         block = _WEIGHT_MASK_BLOCK
         table = _MASKS.get(weight_mask, ("flipped blocks", block, block),
-                           lambda m: _block_table(flip(m), block, block))
+                           lambda m: _block_table(m.transpose(0, 1).flip(2, 3), block, block))
+    # Transposed views; the taps are flipped by the packing (flip_taps), not copied.
     return masked_conv2d_forward(
-        grad, flip(weight), None, (1, 1),
+        grad, weight.transpose(0, 1), None, (1, 1),
         tuple(dilation[i] * (k[i] - 1) - padding[i] for i in range(2)), dilation, out_mask,
-        in_mask, weight_mask=None if weight_mask is None else flip(weight_mask),
-        block_table=table)
+        in_mask, weight_mask=None if weight_mask is None else weight_mask.transpose(0, 1),
+        block_table=table, flip_taps=True)
 
 
 def masked_conv2d_backward(
