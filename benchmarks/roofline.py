@@ -2285,10 +2285,10 @@ def _triton_pack(p: Plan, g: _Conv, in_kept: int, ci_work: int, rows: int = 0,
     """_pack_kernel, one launch inside the launcher: the kept channels of x read once, xp
     written (padding 1: (H + 2) x (W + 2) pixels, ci_work channels), the weight's kept channels
     likewise (with a weight mask, its bytes read too, and each tile of x flagged finite or
-    not); its tiles cover 128 padded pixels of a
-    sample (or of the weight's (C_out, 9) image) by 32 channels. rows: per-sample out_mask rows
-    whose kept-first lists it writes (a program a row: a count, then a cumsum and a scatter a
-    block of 256 channels). Returns xp's bytes."""
+    not); its tiles cover 128 padded pixels of a sample (or of the weight's (C_out, 9) image)
+    by 32 channels. rows: per-sample out_mask rows whose kept-first lists it writes (a program
+    a row: a count, then a cumsum and a scatter a block of 256 channels). Returns xp's
+    bytes."""
     side = math.isqrt(g.pixels)
     padded = (side + 2) ** 2
     xp = g.n * padded * ci_work * g.esize

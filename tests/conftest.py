@@ -127,7 +127,6 @@ def spy_conv_launches(monkeypatch) -> LaunchSpy:
     return spy
 
 
-
 class AtenCalls:
     """The names of the ops run inside it, those inside other ops (a custom op's body)
     included (torch.profiler's CPU events: "aten::flip", ...), e.g. to check that a path makes

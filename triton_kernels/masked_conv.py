@@ -649,9 +649,10 @@ def _pack_kernel(
     with has_wmask, the entries a bool weight mask wm (bytes, the weight's strides) masks are
     0, and x program pid stores finite[pid], 1 where its tile of x holds no inf or NaN (always
     1 where check_finite is 0), for the block-sparse kernel: sample n's flags are the
-    x_pix_blocks * chunks from finite[n * x_pix_blocks * chunks]). Channel c past the kept count is 0 in both up to the chunk of BLOCK_C that holds the last
-    kept channel (later chunks, never read, are not written), so that a chunk's tail multiplies
-    zeros by zeros; a masked input channel is never read. Programs [0, x_programs)
+    x_pix_blocks * chunks from finite[n * x_pix_blocks * chunks]). Channel c past the kept
+    count is 0 in both up to the chunk of BLOCK_C that holds the last kept channel (later
+    chunks, never read, are not written), so that a chunk's tail multiplies zeros by zeros; a
+    masked input channel is never read. Programs [0, x_programs)
     take x tiles (sample, pixel block, channel chunk), [x_programs, packs) weight tiles (pixel
     block of the (C_out, taps) image, channel chunk), and each program past them one row of a
     per-sample bool out_mask, whose kept-first list it writes to out_order (_order_row: the
@@ -913,7 +914,8 @@ def _block_entries(e: torch.Tensor, KH: int, KW: int) -> torch.Tensor:
     entries stay ascending."""
     kw_bits, kh_bits = (KW - 1).bit_length(), (KH - 1).bit_length()
     block, tap = e // (KH * KW), e % (KH * KW)
-    return ((block << (kh_bits + kw_bits)) | ((tap // KW) << kw_bits) | (tap % KW)).to(torch.int32)
+    fields = (block << (kh_bits + kw_bits)) | ((tap // KW) << kw_bits) | (tap % KW)
+    return fields.to(torch.int32)
 
 
 def _block_table(weight_mask: torch.Tensor, block_co: int, block_ci: int
