@@ -124,6 +124,38 @@ def test_matches_reference(device_backend, layout, cpu_path):
                     assert got.is_contiguous(memory_format=torch.channels_last)
 
 
+def test_folded_weight_mask_keeps_the_weight_tangent(device_backend):
+    """A bool weight mask that folds into the weight (groups > 1: the dense engine runs on the
+    folded weight) under forward-mode AD in the weight (torch.func.jvp and
+    torch.autograd.forward_ad): the tangent is the reference's, not dropped by the fold (its
+    bit-pattern form carries none), or, where pyprune's kernel runs instead (triton), the
+    op's clear refusal."""
+    import torch.autograd.forward_ad as fwAD
+
+    device, backend = device_backend
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 4, 5, 5, generator=gen).to(device)
+    weight = torch.randn(4, 2, 3, 3, generator=gen).to(device)
+    mask = (torch.rand(4, 2, 3, 3, generator=gen) < 0.5).to(device)
+    tangent = torch.randn(weight.shape, generator=gen).to(device)
+
+    def f(w):
+        return pyprune.masked_conv2d(x, w, None, 1, 1, 1, 2, weight_mask=mask)
+
+    want = torch.func.jvp(
+        lambda w: reference.masked_conv2d(x.double(), w, None, 1, 1, 1, 2, weight_mask=mask),
+        (weight.double(),), (tangent.double(),))[1]
+    if backend == "triton":
+        with pytest.raises(NotImplementedError, match="masked_conv2d: forward-mode AD"):
+            torch.func.jvp(f, (weight,), (tangent,))
+        return
+    _close(torch.func.jvp(f, (weight,), (tangent,))[1], want, torch.float32, scale=8.0)
+    with fwAD.dual_level():
+        dual = fwAD.unpack_dual(f(fwAD.make_dual(weight, tangent))).tangent
+    assert dual is not None
+    _close(dual, want, torch.float32, scale=8.0)
+
+
 def test_soft_in_mask_gradient_sees_unread_inputs(device_backend):
     """A shared float in_mask's gradient is sum(grad_u * x) over every input position, as the
     reference's x * in_mask gives it: an inf or NaN where no output reads (a dilation gap, a

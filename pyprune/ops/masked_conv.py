@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _backend, _validate, reference
-from ._common import eager_kernel, register, register_vmap, vjp
+from ._common import _transforming, eager_kernel, register, register_vmap, vjp
 
 IntPair = Union[int, Sequence[int]]
 
@@ -387,9 +387,10 @@ def _keep(t: Tensor, mask: Tensor) -> Tensor:
     CPU without autograd, an AND with all-ones / all-zeros bit patterns (5x faster than
     torch.where for a 128x128x3x3 weight there); else torch.where with a scalar zero (one
     launch on the GPU, where the AND takes three: the mask's conversion, its negation, the
-    AND)."""
+    AND). Under a torch.func transform or forward-mode AD, torch.where too: the bit patterns
+    carry no tangent (jvp through them would drop the weight's tangent)."""
     if ((torch.is_grad_enabled() and t.requires_grad) or torch.compiler.is_compiling()
-            or t.device.type != "cpu"):
+            or t.device.type != "cpu" or _transforming()):
         return torch.where(mask, t, 0.0)
     bits = _BITS[t.dtype]
     return (t.contiguous().view(bits) & -mask.to(bits)).view(t.dtype)  # mask broadcasts
