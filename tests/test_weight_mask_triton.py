@@ -86,6 +86,23 @@ def _close(got, want, dtype, scale):
                                equal_nan=True)
 
 
+def _check_with_gradients(x, weight, bias, mask, args, scale, gen):
+    """pyprune.masked_conv2d(x, weight, bias, *args, weight_mask=mask) and its gradients, for
+    an incoming gradient drawn from gen, against the reference's in float64 (float32
+    tolerances times scale); returns the output and the gradients."""
+    leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
+    y = pyprune.masked_conv2d(*leaves, *args, weight_mask=mask)
+    grad = torch.randn(y.shape, generator=gen).to(x.device)
+    got = torch.autograd.grad(y, leaves, grad)
+    ref = [t.detach().double().requires_grad_() for t in (x, weight, bias)]
+    want = reference.masked_conv2d(*ref, *args, weight_mask=mask)
+    want_grads = torch.autograd.grad(want, ref, grad.double())
+    _close(y, want.detach(), torch.float32, scale)
+    for g, w in zip(got, want_grads):
+        _close(g, w, torch.float32, scale)
+    return y, got
+
+
 @PACKED
 @pytest.mark.parametrize("geom", range(len(GEOMETRIES)))
 def test_matches_reference_with_gradients(device_backend, monkeypatch, geom, packed):
@@ -96,20 +113,10 @@ def test_matches_reference_with_gradients(device_backend, monkeypatch, geom, pac
         x, weight, bias, mask = _inputs(geom, torch.float32, kind, device)
         if layout == "channels_last":
             x = x.contiguous(memory_format=torch.channels_last)
-        leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
-        y = pyprune.masked_conv2d(*leaves, *_args(geom), weight_mask=mask)
+        y, got = _check_with_gradients(x, weight, bias, mask, _args(geom),
+                                       geom[1] * geom[5] ** 2 / 4, torch.Generator().manual_seed(1))
         if y.shape[2] * y.shape[3] > 1:  # else both layouts are one
             assert y.is_contiguous(memory_format=torch.channels_last) == (layout == "channels_last")
-        grad = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(device)
-        got = torch.autograd.grad(y, leaves, grad)
-
-        ref = [t.detach().double().requires_grad_() for t in (x, weight, bias)]
-        want = reference.masked_conv2d(*ref, *_args(geom), weight_mask=mask)
-        want_grads = torch.autograd.grad(want, ref, grad.double())
-        scale = geom[1] * geom[5] ** 2 / 4
-        _close(y, want.detach(), torch.float32, scale)
-        for g, w in zip(got, want_grads):
-            _close(g, w, torch.float32, scale)
         assert torch.all(got[1][~mask] == 0)
     _ran(spy, packed)
 
@@ -130,16 +137,7 @@ def test_non_square_kernels(device_backend, monkeypatch, kernel, packed):
         weight = torch.randn(20, 36, kh, kw, generator=gen).div(kh * kw).to(device)
         bias = torch.randn(20, generator=gen).to(device)
         mask = _mask(kind, weight.shape, gen).to(device)
-        leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
-        y = pyprune.masked_conv2d(*leaves, *args, weight_mask=mask)
-        grad = torch.randn(y.shape, generator=gen).to(device)
-        got = torch.autograd.grad(y, leaves, grad)
-        ref = [t.detach().double().requires_grad_() for t in (x, weight, bias)]
-        want = reference.masked_conv2d(*ref, *args, weight_mask=mask)
-        want_grads = torch.autograd.grad(want, ref, grad.double())
-        _close(y, want.detach(), torch.float32, 9.0)
-        for g, w in zip(got, want_grads):
-            _close(g, w, torch.float32, 9.0)
+        _check_with_gradients(x, weight, bias, mask, args, 9.0, gen)
     _ran(spy, packed)
 
 
@@ -157,16 +155,8 @@ def test_channels_last_weight(device_backend, monkeypatch, mask_layout, packed):
     if mask_layout == "same":
         mask = mask.contiguous(memory_format=torch.channels_last)
         assert mask.stride() == weight.stride() != mask.contiguous().stride()
-    leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
-    y = pyprune.masked_conv2d(*leaves, *_args(geom), weight_mask=mask)
-    grad = torch.randn(y.shape, generator=torch.Generator().manual_seed(3)).to(device)
-    got = torch.autograd.grad(y, leaves, grad)
-    ref = [t.detach().double().requires_grad_() for t in (x, weight, bias)]
-    want = reference.masked_conv2d(*ref, *_args(geom), weight_mask=mask)
-    want_grads = torch.autograd.grad(want, ref, grad.double())
-    _close(y, want.detach(), torch.float32, 10.0)
-    for g, w in zip(got, want_grads):
-        _close(g, w, torch.float32, 10.0)
+    _check_with_gradients(x, weight, bias, mask, _args(geom), 10.0,
+                          torch.Generator().manual_seed(3))
     _ran(spy, packed)
 
 
