@@ -2293,8 +2293,9 @@ def _triton_pack(p: Plan, g: _Conv, in_kept: int, ci_work: int, rows: int = 0,
     padded = (side + 2) ** 2
     xp = g.n * padded * ci_work * g.esize
     w_packed = g.c * 9 * ci_work * g.esize
-    x_tiles = g.n * math.ceil(padded / 128) * math.ceil(ci_work / 32)
-    lanes = (g.n * math.ceil(padded / 128) + math.ceil(g.c * 9 / 128)) * 128 * ci_work
+    x_pix = g.n * math.ceil(padded / 128)  # x's pixel blocks
+    x_tiles = x_pix * math.ceil(ci_work / 32)
+    lanes = (x_pix + math.ceil(g.c * 9 / 128)) * 128 * ci_work
     mask_bytes = g.weight / g.esize + x_tiles * 4 if weight_mask else 0.0  # and the flags
     check_ops = x_tiles * 128 * 32 * TRITON_PACK_FINITE_OPS if weight_mask else 0.0
     p.host("triton")

@@ -902,9 +902,15 @@ def _output_size(size: int, k: int, stride: int, padding: int, dilation: int) ->
     return (size + 2 * padding - dilation * (k - 1) - 1) // stride + 1
 
 
+def _tap_widths(KH: int, KW: int) -> tuple[int, int]:
+    """The bit widths of an encoded block entry's kw and kh fields."""
+    return (KW - 1).bit_length(), (KH - 1).bit_length()
+
+
 def _tap_bits(KH: int, KW: int) -> int:
-    """The widths of an encoded block entry's kw field (low byte) and kh field (next byte)."""
-    return (KW - 1).bit_length() | ((KH - 1).bit_length() << 8)
+    """_tap_widths as the kernel takes them: kw's in the low byte, kh's in the next."""
+    kw_bits, kh_bits = _tap_widths(KH, KW)
+    return kw_bits | (kh_bits << 8)
 
 
 def _block_entries(e: torch.Tensor, KH: int, KW: int) -> torch.Tensor:
@@ -912,7 +918,7 @@ def _block_entries(e: torch.Tensor, KH: int, KW: int) -> torch.Tensor:
     (ci_block << (kh bits + kw bits)) | (kh << kw bits) | kw, int32 (_tap_bits' widths, so
     that the step takes its fields by shifts and masks instead of two divisions). Ascending
     entries stay ascending."""
-    kw_bits, kh_bits = (KW - 1).bit_length(), (KH - 1).bit_length()
+    kw_bits, kh_bits = _tap_widths(KH, KW)
     block, tap = e // (KH * KW), e % (KH * KW)
     fields = (block << (kh_bits + kw_bits)) | ((tap // KW) << kw_bits) | (tap % KW)
     return fields.to(torch.int32)
@@ -1047,7 +1053,7 @@ def masked_conv2d_forward(
         if weight_mask.device != x.device:
             raise ValueError(f"masked_conv2d (triton): weight_mask must be on {x.device}, got "
                              f"{weight_mask.device}")
-        if cdiv(C_in, block_ci) << ((KH - 1).bit_length() + (KW - 1).bit_length()) >= 2**31:
+        if cdiv(C_in, block_ci) << sum(_tap_widths(KH, KW)) >= 2**31:
             raise ValueError(f"masked_conv2d (triton): a weight mask's tiles of {C_in} input "
                              f"channels by {KH}x{KW} taps do not fit the int32 block list")
         # The mask is read at the weight's offsets (by the kernel, or packed into wp), the
