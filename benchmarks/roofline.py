@@ -1062,9 +1062,15 @@ CUDA_SAP_DRAW_GROUP = 1024  # kDrawGroup: draws of one Philox group a thread
 # this model's issue rate (the former estimate, ~60 an element for the draws, gave 15.8 us).
 # "stored_chunk": the chunk in stored mode (its 4 positions a thread read back as one 16-byte
 # load, placed as above; no Philox, no scans). (The item's q: 3 multiply-adds an element fewer
-# since the 4-term log1p series and the degree-5 expm1 of csrc/sap.h: 1250 before.)
-CUDA_SAP_MERGE_OPS = {"item": 1226, "chunk": 630, "whole": 115, "group": 300,
-                      "stored_chunk": 370}
+# since the 4-term log1p series and the degree-5 expm1 of csrc/sap.h: 1250 before. Then the
+# item's outputs on sap_outputs' fast path, 8 elements in one straight block of ~200 where the
+# per-element branches took ~35 each, and its bounds and flags stored as packs (3 stores, 16
+# before): 1226 before; the search of fixed depth, ~5 a step where the bounded one took ~9, and
+# the draw test as one unsigned compare, ~6 fewer a placed draw: chunk 630, whole 115, group 300
+# and stored_chunk 370 before; each difference read off the SASS of both versions. A
+# spacing's range test as one unsigned compare: 2 fewer a draw made, chunk and group.)
+CUDA_SAP_MERGE_OPS = {"item": 1140, "chunk": 556, "whole": 75, "group": 268,
+                      "stored_chunk": 305}
 CUDA_SAP_WHOLE_CHUNK_RATIO = 2  # kWholeChunkRatio
 CUDA_SAP_STORE_MAX_RATIO = 4  # kStoreMaxRatio
 # The bernoulli elementwise work of csrc/cuda/sap.cu (float, nvcc 13.0 sm_90 SASS, on the path
@@ -1095,10 +1101,15 @@ CUDA_SAP_CLUSTER_PER_SM = {1: 4, 2: 3, 4: 2}
 CUDA_SAP_CHUNK_SUM_OPS = 15
 # sap_partials_kernel<float>: a draw chunk's path a thread (a Philox group, 4 spacings, the two
 # block scans), W = 1; stored mode adds the positions and their 16-byte store.
-CUDA_SAP_PARTIALS_CHUNK_OPS = {"chunk": 300, "stored": 320}
+# (A spacing's range test as one unsigned compare: 8 fewer a chunk, from 300 and 320.)
+CUDA_SAP_PARTIALS_CHUNK_OPS = {"chunk": 292, "stored": 312}
 CUDA_SAP_WRITE_CHUNK = 4096  # kWriteChunk: bernoulli pass, 4 Philox groups a thread
 CUDA_SAP_MAX_DRAW_CHUNKS = 1 << 16  # kMaxDrawChunks
 CUDA_SAP_OWN_TOTAL = 64  # kBernoulliOwnTotal: bernoulli samples of at most this many chunks
+CUDA_SAP_OWN_PREFIX = 256  # kMergeOwnPrefix: exact samples of at most this many of each kind
+# prefix_chain, a chunk's partial: its shared load (8 in flight), the add and the store, and
+# the loop's share: warp instructions of the one thread that runs the chain.
+CUDA_SAP_CHAIN_OPS = 3.5
 CUDA_SAP_CLUSTER_BLOCKS = 16  # kClusterMaxBlocks (H100 and H200 schedule clusters of 16)
 CUDA_SAP_BLOCK_CHUNKS = (4, 2, 1)  # chunks a block the one-launch kernel is built for
 
@@ -1196,11 +1207,15 @@ def _sap_cuda(p: Plan, rows: int, length: int, draws: int, exact: bool, backward
     # 2. Prefix: a block per sample, one thread per sequence adding 8 staged values per shared
     # round trip (dependent FADDs of ~4 cycles). Bernoulli samples of at most
     # CUDA_SAP_OWN_TOTAL chunks skip it: thread 0 of each bernoulli block adds the K partials.
+    # Exact samples of at most CUDA_SAP_OWN_PREFIX chunks of each kind skip it: each merge
+    # block stages the K + NB partials in shared memory and runs both chains there.
     own_total = not exact and k <= CUDA_SAP_OWN_TOTAL
-    if not own_total:
-        steps = max(k, nb)
-        chain = math.ceil(steps / 256) * (lat("dram") + 2 * lat("barrier") + lat("l2")) + steps * (
-            lat("smem") / 8 + 0.0023)
+    own_prefix = exact and max(k, nb) <= CUDA_SAP_OWN_PREFIX
+    steps = max(k, nb)
+    chain_steps = steps * (lat("smem") / 8 + 0.0023)  # one chain: dependent FADDs of ~4 cycles
+    if not own_total and not own_prefix:
+        chain = math.ceil(steps / 256) * (lat("dram") + 2 * lat("barrier") + lat("l2")) + \
+            chain_steps
         p.kernel("sap_prefix_kernel", "inner", hbm=2 * ws, ops=rows * (k + nb) * 12, ctas=rows,
                  per_sm=8, chain_us=chain)
     # 3. x again (from L2 where all of x stayed there since launch 1), grad in backward, out.
@@ -1219,10 +1234,14 @@ def _sap_cuda(p: Plan, rows: int, length: int, draws: int, exact: bool, backward
                      else counts["chunk"] + (w - 1) * counts["group"]) + (
             counts["whole"] if draws >= CUDA_SAP_WHOLE_CHUNK_RATIO * length else 0)
         per_cta = 256 * (counts["item"] + 16 * (rounds - 1) + g * chunk_ops)
+        if own_prefix:  # the staging (~8 a thread) and both chains, one lane each of its warp
+            per_cta += 256 * 8 + 32 * (k + nb) * CUDA_SAP_CHAIN_OPS
         reads = _merge(reads, p.reread(rows * k * g * d * acc, kept) if stored else {})
         chain = (lat("dram") + scans + lat("barrier") + rounds * (lat("l2") + 2 * lat("barrier"))
                  + lat("l2") + 2 * lat("barrier")
                  + g * (w * lat("philox") + scans + 12 * lat("smem")) + lat("barrier"))
+        if own_prefix:  # (the staging's L2 load overlaps x's)
+            chain += 2 * lat("barrier") + chain_steps
         l2 = rows * k * ((2 * min(nb, 256) + 2 * g) * acc + 32)
         p.kernel("sap_merge_kernel", "inner", **_merge(reads, {"hbm": n, "l2": l2}),
                  ops=rows * k * per_cta, ctas=rows * k, per_sm=2 if e == 8 else 3,

@@ -126,16 +126,22 @@ def test_sap_bytes():
         assert roofline.cuda_sap_chunks(length, length, exact)[:2] == (k_chunks, nb)
         assert fwd["sap_partials_kernel"].hbm == n + ws + kept
         assert fwd["sap_partials_kernel"].ctas == 128 * (k_chunks + nb)
-        if exact:
-            assert fwd["sap_prefix_kernel"].hbm == 2 * ws
-        else:  # 33 chunks: each bernoulli block adds the sample's partials itself
-            assert "sap_prefix_kernel" not in fwd
+        # 33 chunks: each bernoulli block adds the sample's partials itself; 32 and 65: each
+        # merge block makes the sample's prefix sums itself.
+        assert "sap_prefix_kernel" not in fwd
         third = "sap_merge_kernel" if exact else "sap_bernoulli_kernel"
         read_back = 128 * k_chunks * 3 * 1024 * 4 if exact else 0
         assert fwd[third].hbm == 2 * n + read_back
         bwd = kernels("sap", case, roofline.CUDA, "backward")
         assert bwd["sap_partials_kernel"].hbm == n + ws + kept
         assert bwd[third].hbm == 3 * n + read_back  # x again, grad, grad_x
+    # Exact samples of more than 256 chunks of either kind: the prefix launch rewrites the
+    # workspace (L = 2^19: 256 element chunks, 513 draw chunks).
+    k_chunks, nb = roofline.cuda_sap_chunks(1 << 19, 1 << 19, True)[:2]
+    assert (k_chunks, nb) == (256, 513)
+    big = kernels("sap", Case((8, 1 << 19), "exact"), roofline.CUDA, "forward")
+    assert big["sap_prefix_kernel"].hbm == 2 * 8 * (k_chunks + nb) * 4
+    assert list(big) == ["sap_partials_kernel", "sap_prefix_kernel", "sap_merge_kernel"]
     # Batch 8 in two launches: x (2 MiB) stays in L2 between the partials and pass 3; each of
     # the KW blocks of a sample reads its K partials from L2.
     n = 8 * 65537 * 4

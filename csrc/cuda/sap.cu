@@ -2,8 +2,10 @@
 // fills the GPU at every batch size and no block walks a whole sample. Three launches, no host
 // sync (the seed is read from device memory, or passed by value from a host seed tensor: SeedArg;
 // CUDA-graph safe), a workspace of (N, K + NB) acc_t from the caching allocator (K element
-// chunks, NB draw chunks per sample); two in bernoulli mode where a sample has at most
-// kBernoulliOwnTotal element chunks (no prefix launch), and one on sm_90 where it has at most
+// chunks, NB draw chunks per sample); two where a sample has at most kBernoulliOwnTotal element
+// chunks (bernoulli) or at most kMergeOwnPrefix chunks of each kind (exact): no prefix launch,
+// each block of pass 3 makes the sums it needs itself; and in bernoulli mode one on sm_90 where
+// it has at most
 // kClusterMaxChunks and L % 4 == 0 (3': a thread-block cluster a sample holding it in
 // registers, no workspace: x read from DRAM once):
 //
@@ -16,10 +18,13 @@
 //  2. prefix, a block per sample: the partials become inclusive prefix sums, B (elements) and D
 //     (draws), each summed sequentially in a fixed order by one thread, hence deterministic and
 //     monotone;
-//  3. exact: merge + write, a block per (sample, element chunk k); bernoulli: the elementwise
-//     pass, one Philox per 4 elements (evaluations side by side: philox_n), q from the stored
-//     total (or, without the prefix launch, from the sample's partials summed by thread 0 of
-//     the block in the prefix kernel's order), a pack of 4 at a time by bernoulli_pack.
+//  3. exact: merge + write, a block per (sample, element chunk k), from the prefix sums (or,
+//     without the prefix launch, from the sample's partials staged in shared memory and summed
+//     there by two threads in the prefix kernel's order: the same bits); bernoulli: the
+//     elementwise pass, one Philox per 4 elements (evaluations side by side: philox_n), q from
+//     the stored total (or, without the prefix launch, from the sample's partials summed by
+//     thread 0 of the block in the prefix kernel's order), a pack of 4 at a time by
+//     bernoulli_pack.
 //
 // Positions, in the units of C (prefix of |x|): chunk k owns [B_{k-1}, B_k) (the last chunk
 // [B_{K-2}, inf)), so the chunks partition the line and every draw lands in exactly one chunk.
@@ -86,6 +91,12 @@ constexpr int64_t kStoreMaxRatio = 4;
 // thread 0 of each bernoulli block adds the sample's partials itself, in the prefix kernel's
 // order (the same total bit for bit), a few hundred cycles where a launch costs microseconds.
 constexpr int64_t kBernoulliOwnTotal = 64;
+// Exact samples of at most this many element chunks and at most this many draw chunks (L and r
+// up to 262144 where r <= L) skip the prefix launch: each merge block stages its sample's K + NB
+// partials in shared memory and threads 0 and 32 sum them there as the prefix kernel does (two
+// chains of at most 256 dependent additions, overlapping the block's loads of x), where a launch
+// costs microseconds of host and device time.
+constexpr int64_t kMergeOwnPrefix = kThreads;
 // Bernoulli samples of L % 4 == 0 run in one launch on sm_90 (sap_bernoulli_cluster_kernel): a
 // cluster of at most kClusterMaxBlocks blocks a sample (above the portable 8 where the GPU
 // schedules them: max_cluster_size), each holding up to kClusterMaxChunksPerBlock element
@@ -143,6 +154,7 @@ struct SapParams {
   bool vec_out;  // x, src, out in packs for pass 3 (exact: rows; bernoulli: global index)
   bool same;     // src is x (forward)
   bool own_total;  // bernoulli: ws holds the partials, each block sums its sample's (no prefix)
+  bool own_prefix;  // exact: ws holds the partials, each merge block makes the prefix sums
   bool stored;     // exact: the draws' positions are in `draws`
 };
 
@@ -352,8 +364,9 @@ __device__ inline void spacings(const Seed& seed, uint64_t counter, uint64_t bas
   const Philox4 w = philox(seed.key, counter, seed.stream);
 #pragma unroll
   for (int i = 0; i < kItems; ++i) {
+    // g - base <= r unsigned: a value below base wraps above r.
     const uint64_t g = 4 * counter + i;
-    e[i] = g >= base && g - base <= r ? static_cast<acc_t>(spacing_of(w.w[i])) : acc_t(0);
+    e[i] = g - base <= r ? static_cast<acc_t>(spacing_of(w.w[i])) : acc_t(0);
   }
 }
 
@@ -498,47 +511,52 @@ struct Total {
   }
 };
 
-// Bernoulli output of one element: src / q if its uniform (a Philox word) is below q, else
-// src * 0.
-template <typename acc_t>
-__device__ inline acc_t bernoulli_value(uint32_t bits, acc_t x, acc_t src, const Total<acc_t>& tot,
-                                        acc_t r) {
-  const acc_t q = keep_probability(abs_of(x) * tot.pre * tot.inv, r);
-  const bool kept = tot.drawable && static_cast<acc_t>(to_uniform(bits)) < q;
-  return kept ? divide(src, q) : src * acc_t(0);
-}
-
-// Bernoulli outputs of one pack (the four words of one Philox evaluation), bernoulli_value's
-// bits. A sample that draws nothing writes src * 0. float, in a sample of no tiny total
-// (Total::plain): a fast path for the elements of a realistic sample (p below 2^-7: q from the
-// series, no branch; src / q through the reciprocal), the pack done again by bernoulli_value
-// only where one of its elements needs the general log1p or a divisor below FLT_MIN (p >= 2^-7,
-// or a kept element of q < 2^-126: a rare branch, a pack at a time, where a branch an element
-// cost its divergence bookkeeping).
-template <typename acc_t>
-__device__ inline void bernoulli_pack(const Philox4& w, const acc_t* a, const acc_t* src,
-                                      const Total<acc_t>& tot, acc_t r, acc_t* o) {
+// Outputs of n elements (a: x, src: x forward, grad backward): src / q where kept(i, q) (q:
+// element i's keep probability), else src * 0. A sample that draws nothing writes src * 0.
+// float, in a sample of no tiny total (Total::plain): a fast path for the elements of a
+// realistic sample (p below 2^-7: q from the series, no branch; src / q through the
+// reciprocal), the n elements done again in general form only where one of them needs the
+// general log1p or a divisor below FLT_MIN (p >= 2^-7, or a kept element of q < 2^-126: a rare
+// branch, n elements at a time, where a branch an element cost its divergence bookkeeping).
+// Both paths give the same bits: p is |x| * inv either way (pre = 1), and the series is
+// keep_probability's branch below 2^-7.
+template <int n, typename acc_t, typename Kept>
+__device__ inline void sap_outputs(const acc_t* a, const acc_t* src, const Total<acc_t>& tot,
+                                   acc_t r, const Kept& kept, acc_t* o) {
   if (!tot.drawable) {  // (block-uniform)
 #pragma unroll
-    for (int i = 0; i < kItems; ++i) o[i] = src[i] * acc_t(0);
+    for (int i = 0; i < n; ++i) o[i] = src[i] * acc_t(0);
     return;
   }
   if constexpr (std::is_same_v<acc_t, float>) {
     if (tot.plain) {  // (block-uniform)
       bool slow = false;  // bitwise: || would branch (or reset predicates) an element
 #pragma unroll
-      for (int i = 0; i < kItems; ++i) {
+      for (int i = 0; i < n; ++i) {
         const float pi = abs_of(a[i]) * tot.inv;
         const float q = neg_expm1(r * log1p_neg_series(pi));
-        const bool kept = to_uniform(w.w[i]) < q;
-        slow |= !(pi < kSeriesMaxP) | (kept & !(q >= 1.17549435e-38f));
-        o[i] = kept ? src[i] * rcp_approx(q) : src[i] * 0.0f;
+        const bool k = kept(i, q);
+        slow |= !(pi < kSeriesMaxP) | (k & !(q >= 1.17549435e-38f));
+        o[i] = k ? src[i] * rcp_approx(q) : src[i] * 0.0f;
       }
       if (!slow) return;
     }
   }
 #pragma unroll
-  for (int i = 0; i < kItems; ++i) o[i] = bernoulli_value(w.w[i], a[i], src[i], tot, r);
+  for (int i = 0; i < n; ++i) {
+    const acc_t q = keep_probability(abs_of(a[i]) * tot.pre * tot.inv, r);
+    o[i] = kept(i, q) ? divide(src[i], q) : src[i] * acc_t(0);
+  }
+}
+
+// Bernoulli outputs of one pack (the four words of one Philox evaluation): an element is kept
+// where its uniform (a Philox word) is below q.
+template <typename acc_t>
+__device__ inline void bernoulli_pack(const Philox4& w, const acc_t* a, const acc_t* src,
+                                      const Total<acc_t>& tot, acc_t r, acc_t* o) {
+  sap_outputs<kItems>(
+      a, src, tot, r,
+      [&](int i, acc_t q) { return static_cast<acc_t>(to_uniform(w.w[i])) < q; }, o);
 }
 
 // 1. Partials: item (n, c), c < K an element chunk, else draw chunk c - K.
@@ -588,6 +606,30 @@ __global__ void __launch_bounds__(kThreads, stream_min_blocks<scalar_t>())
 
 // 2. Prefix: per sample, B (K element partials) and D (NB draw partials) become inclusive prefix
 // sums, each by one thread in order (threads 0 and 32 run the two chains side by side).
+//
+// One chain: t[0 .. count) become their inclusive running sums from carry, in order (8 loads in
+// flight, then the 8 dependent adds); returns the last. The prefix sums' one order: the prefix
+// kernel and the merge blocks that make their own give the same bits.
+template <typename acc_t>
+__device__ inline acc_t prefix_chain(acc_t* t, int64_t count, acc_t carry) {
+  int64_t i = 0;
+  for (; i + 8 <= count; i += 8) {
+    acc_t v[8];
+#pragma unroll
+    for (int u = 0; u < 8; ++u) v[u] = t[i + u];
+#pragma unroll
+    for (int u = 0; u < 8; ++u) {
+      carry += v[u];
+      t[i + u] = carry;
+    }
+  }
+  for (; i < count; ++i) {
+    carry += t[i];
+    t[i] = carry;
+  }
+  return carry;
+}
+
 template <typename acc_t>
 __global__ void __launch_bounds__(kThreads)
     sap_prefix_kernel(acc_t* __restrict__ ws, int64_t N, int64_t K, int64_t NB) {
@@ -604,22 +646,7 @@ __global__ void __launch_bounds__(kThreads)
       __syncthreads();
       if (tid == 0 || tid == 32) {
         const int s = tid == 0 ? 0 : 1;
-        const int64_t count = std::min<int64_t>(kThreads, (s == 0 ? K : NB) - t0);
-        int64_t i = 0;
-        for (; i + 8 <= count; i += 8) {  // 8 loads in flight, then the 8 dependent adds
-          acc_t v[8];
-#pragma unroll
-          for (int u = 0; u < 8; ++u) v[u] = tile[s][i + u];
-#pragma unroll
-          for (int u = 0; u < 8; ++u) {
-            carry += v[u];
-            tile[s][i + u] = carry;
-          }
-        }
-        for (; i < count; ++i) {
-          carry += tile[s][i];
-          tile[s][i] = carry;
-        }
+        carry = prefix_chain(tile[s], std::min<int64_t>(kThreads, (s == 0 ? K : NB) - t0), carry);
       }
       __syncthreads();
       if (e < K) wsn[e] = tile[0][tid];
@@ -628,20 +655,17 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// First index in [lo, count) of the element of a chunk whose bound exceeds v (cs[count - 1] > v
-// for every v searched: the chunk's end).
+// The element of a chunk whose bound first exceeds v: the number of bounds <= v, by a search of
+// fixed depth over all kChunk slots. Every slot is written, and the bounds never decrease: those
+// from the chunk's last element on hold its end, above every v searched, so the answer lies
+// below the element count. Branchless: a shared load, a compare and a predicated add a step
+// (the bounded search took ~9 a step behind its branches).
 template <typename acc_t>
-__device__ inline int find_element(const acc_t* cs, int count, acc_t v, int lo = 0) {
-  int hi = count - 1;
-  while (lo < hi) {
-    const int mid = (lo + hi) >> 1;
-    if (cs[mid] <= v) {
-      lo = mid + 1;
-    } else {
-      hi = mid;
-    }
-  }
-  return lo;
+__device__ inline int find_element(const acc_t* cs, acc_t v) {
+  int at = 0;
+#pragma unroll
+  for (int half = kChunk / 2; half > 0; half /= 2) at += cs[at + half - 1] <= v ? half : 0;
+  return at;
 }
 
 // How many draw chunks b end below lo and below hi (D_b * scale < lim; monotone in b), by
@@ -675,9 +699,13 @@ __global__ void __launch_bounds__(kThreads, merge_min_blocks<scalar_t>())
     sap_merge_kernel(const SapParams<scalar_t> p) {
   using acc_t = at::opmath_type<scalar_t>;
   __shared__ typename BlockScan<acc_t>::TempStorage tmp;
-  __shared__ acc_t cs[kChunk];
-  __shared__ unsigned char hit[kChunk];
+  // A thread's bounds and flags are written as packs (16-byte and 8-byte stores; 8 scalar
+  // stores at a 32-byte lane stride would meet 8-way bank conflicts) and its flags read as one.
+  static_assert(kElems == 8, "a thread's flags are one 8-byte word");
+  __shared__ alignas(alignof(Pack<acc_t>)) acc_t cs[kChunk];
+  __shared__ alignas(8) unsigned char hit[kChunk];
   __shared__ acc_t d_start[kThreads], d_end[kThreads];
+  __shared__ acc_t own[2][kMergeOwnPrefix];  // own prefix: B (elements) and D (draws)
   const int tid = threadIdx.x;
   const Seed seed = load_seed(p);
   const int64_t per = p.K + p.NB;
@@ -687,6 +715,8 @@ __global__ void __launch_bounds__(kThreads, merge_min_blocks<scalar_t>())
     const int64_t n = static_cast<int64_t>(item / static_cast<uint64_t>(p.K));
     const int64_t k = static_cast<int64_t>(item - static_cast<uint64_t>(n) * p.K);
     const acc_t* wsn = p.ws + n * per;
+    const acc_t* bsum = wsn;  // B_0 .. B_{K-1}
+    const acc_t* dsum = wsn + p.K;  // D_0 .. D_{NB-1}
     const int64_t j0 = k * kChunk + tid * kElems;
     // Every load first.
     acc_t a[kElems], g[kElems];
@@ -697,9 +727,19 @@ __global__ void __launch_bounds__(kThreads, merge_min_blocks<scalar_t>())
     } else {
       load_elems(p.src + n * p.ss0, p.ss1, j0, p.L, p.vec_out, g);
     }
-    const acc_t start = k > 0 ? wsn[k - 1] : acc_t(0), end = wsn[k];
-    const Total<acc_t> tot(wsn[p.K - 1]);
-    const acc_t dlast = wsn[per - 1];
+    if (p.own_prefix) {  // block-uniform (own is rewritten after the item's last barrier)
+      if (tid < p.K) own[0][tid] = wsn[tid];
+      if (tid < p.NB) own[1][tid] = wsn[p.K + tid];
+      __syncthreads();
+      if (tid == 0) prefix_chain(own[0], p.K, acc_t(0));
+      if (tid == 32) prefix_chain(own[1], p.NB, acc_t(0));
+      __syncthreads();
+      bsum = own[0];
+      dsum = own[1];
+    }
+    const acc_t start = k > 0 ? bsum[k - 1] : acc_t(0), end = bsum[k];
+    const Total<acc_t> tot(bsum[p.K - 1]);
+    const acc_t dlast = dsum[p.NB - 1];
 
 #pragma unroll
     for (int i = 0; i < kElems; ++i) a[i] = abs_of(a[i]);
@@ -711,18 +751,23 @@ __global__ void __launch_bounds__(kThreads, merge_min_blocks<scalar_t>())
     const int count = static_cast<int>(rest < kChunk ? rest : kChunk);
     const acc_t lo = start * tot.pre, hi = k == p.K - 1 ? inf : end * tot.pre;
 #pragma unroll
-    for (int i = 0; i < kElems; ++i) {
-      const int j = tid * kElems + i;
-      const acc_t bound = NanMax()(prefix + c[i], floor);
-      const acc_t cj = (start + bound) * tot.pre;
-      cs[j] = j >= count - 1 ? hi : (cj < hi ? cj : hi);
-      hit[j] = 0;
+    for (int h = 0; h < kPacks; ++h) {
+      Pack<acc_t> pk;
+#pragma unroll
+      for (int i = 0; i < kItems; ++i) {
+        const int j = tid * kElems + h * kItems + i;
+        const acc_t bound = NanMax()(prefix + c[h * kItems + i], floor);
+        const acc_t cj = (start + bound) * tot.pre;
+        pk.v[i] = j >= count - 1 ? hi : (cj < hi ? cj : hi);
+      }
+      reinterpret_cast<Pack<acc_t>*>(cs + tid * kElems)[h] = pk;
     }
+    reinterpret_cast<uint2*>(hit)[tid] = make_uint2(0u, 0u);
     __syncthreads();
 
     if (tot.drawable && lo < hi) {  // the same for every thread
       const acc_t scale = tot.total / dlast;
-      const acc_t* dend = wsn + p.K;
+      const acc_t* dend = dsum;
       int64_t b0, b1;
       count_below(dend, p.NB, scale, lo, hi, b0, b1);
       const int64_t b_end = std::min(p.NB, b1 + 1);
@@ -748,7 +793,7 @@ __global__ void __launch_bounds__(kThreads, merge_min_blocks<scalar_t>())
           if (whole_chunks && vs >= lo && ve < hi) {
             // Every draw of chunk b lands in element `first` when its bound passes ve too (the
             // bounds before it are <= vs): one search, not one for each end.
-            const int first = find_element(cs, count, vs);
+            const int first = find_element(cs, vs);
             if (cs[first] > ve) {
               if (tid == 0) hit[first] = 1;
               continue;
@@ -757,15 +802,15 @@ __global__ void __launch_bounds__(kThreads, merge_min_blocks<scalar_t>())
           const uint64_t c0 = draws.counter(b);
           // A thread's draws ascend: each search starts at the previous draw's element, which
           // the next draw usually hits again or passes by one.
+          // (Where cs[at] <= v, at is below the last element, whose bound exceeds every v.)
           int at = -1;
           const auto place = [&](uint64_t gi, acc_t in_chunk) {
-            if (gi >= draws.base && gi - draws.base < draws.r) {
+            // A draw of the sample (gi - base < r unsigned: a value below base wraps above r).
+            if (gi - draws.base < draws.r) {
               const acc_t v = (ds + in_chunk) * scale;
               if (v >= lo && v < hi) {
                 if (at < 0 || !(cs[at] > v)) {
-                  at = at >= 0 && at + 1 < count && cs[at + 1] > v
-                           ? at + 1
-                           : find_element(cs, count, v, at < 0 ? 0 : at);
+                  at = at >= 0 && cs[at + 1] > v ? at + 1 : find_element(cs, v);
                 }
                 hit[at] = 1;
               }
@@ -801,14 +846,15 @@ __global__ void __launch_bounds__(kThreads, merge_min_blocks<scalar_t>())
     __syncthreads();
 
     acc_t o[kElems];
-    const acc_t r = static_cast<acc_t>(p.r);
-#pragma unroll
-    for (int i = 0; i < kElems; ++i) {
-      const acc_t q = keep_probability(a[i] * tot.pre * tot.inv, r);
-      // A zero |x| can only be reached through rounding at a chunk's end: never keep it.
-      const bool kept = hit[tid * kElems + i] && q > acc_t(0);
-      o[i] = kept ? divide(g[i], q) : g[i] * acc_t(0);
-    }
+    const uint2 flags = reinterpret_cast<const uint2*>(hit)[tid];
+    // A zero |x| can only be reached through rounding at a chunk's end: never keep it.
+    sap_outputs<kElems>(
+        a, g, tot, static_cast<acc_t>(p.r),
+        [&](int i, acc_t q) {
+          return (((i < kItems ? flags.x : flags.y) >> (8 * (i % kItems))) & 0xffu) != 0u &&
+                 q > acc_t(0);
+        },
+        o);
     store_elems(p.out + n * p.os0, p.os1, j0, p.L, p.vec_out, o);
     __syncthreads();  // cs and hit are rewritten by the next item
   }
@@ -1104,7 +1150,8 @@ at::Tensor sap_cuda_common(const at::Tensor& src, const at::Tensor& x, const at:
     sap_partials_kernel<scalar_t><<<grid_for(N * (K + NB)), kThreads, 0, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     p.own_total = !exact && K <= kBernoulliOwnTotal;
-    if (!p.own_total) {
+    p.own_prefix = exact && K <= kMergeOwnPrefix && NB <= kMergeOwnPrefix;
+    if (!p.own_total && !p.own_prefix) {
       sap_prefix_kernel<acc_t><<<grid_for(N), kThreads, 0, stream>>>(p.ws, N, K, NB);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
