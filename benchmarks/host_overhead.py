@@ -34,6 +34,18 @@ Method
   Everything else a call does counts as pyprune's: argument checks, backend choice, views,
   autograd wrappers and the aten calls the engine makes for it (zero gradients materialised
   for non-differentiable outputs).
+* The triton backend's Python (run with ``TRITON_INTERPRET=1`` in the environment, so that
+  its launchers run on CPU tensors): its launchers do far more in Python than the cpu
+  backend's one C++ call (block sizes, packing and mask layouts, allocations, the launch's
+  arguments). With every Triton launch made a no-op (the interpreter's kernel[grid] returns a
+  stub; ``torch._assert_async`` too), TF is the forward as F and TB the backward as B, and
+  TKF, TKB the aten ops that one such forward or backward runs which launch work on a GPU
+  (every aten op but views, allocations and metadata: the roofline lists them as launches of
+  their own, and on these CPU tensors they would count their CPU kernels) spend: their self
+  CPU time per call in torch.profiler's events (a TorchDispatchMode does not see inside the
+  custom ops that wrap the launchers), over 50 calls, once. pyprune_forward_triton =
+  TF - TKF and pyprune_backward_triton = TB - E - TKB: the launchers' Python and their views and allocations, without the Triton
+  launches, which the roofline charges as ``triton`` each.
 * Rounds: every quantity of every op is timed once per round, in turn (interleaved, so a
   shared machine's changing speed affects them alike); a figure is the median over rounds of
   its per-round difference.
@@ -74,6 +86,7 @@ import contextlib
 import csv
 import datetime
 import gc
+import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -87,8 +100,9 @@ import pyprune
 
 OPS = ("kwta", "sap", "noise", "cas", "masked_conv")
 FIGURES = ("pyprune_forward", "pyprune_grad", "pyprune_backward")
+TRITON_FIGURES = ("pyprune_forward_triton", "pyprune_backward_triton")
 SHAPE = (2, 4, 4, 4)
-_NO_GRAD = ("F", "KF")  # the quantities timed with grad mode off
+_NO_GRAD = ("F", "KF", "TF")  # the quantities timed with grad mode off
 
 
 @dataclass
@@ -122,12 +136,35 @@ def _specs(device: torch.device = torch.device("cpu")) -> dict[str, Spec]:
     }
 
 
-def _forced(fn: Callable[..., Any]) -> Callable[..., Any]:
+def _forced(fn: Callable[..., Any], backend: str = "cpu") -> Callable[..., Any]:
     def call(*args: Any) -> Any:
-        with pyprune.use_backend("cpu"):
+        with pyprune.use_backend(backend):
             return fn(*args)
 
     return call
+
+
+def _interpreting() -> bool:
+    """Whether Triton runs in its interpreter here (TRITON_INTERPRET=1 before its import)."""
+    return os.environ.get("TRITON_INTERPRET") == "1" and "triton" in pyprune.backends("cpu")
+
+
+@contextlib.contextmanager
+def _launches_stubbed():
+    """Every Triton launch (the interpreter's kernel[grid](...)) and torch._assert_async a
+    no-op inside: what stays of a triton-backend call is its Python and its aten calls."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    def stub(*args: Any, **kwargs: Any) -> None:
+        return None
+
+    getitem, assert_async = InterpretedFunction.__getitem__, torch._assert_async
+    InterpretedFunction.__getitem__ = lambda self, grid: stub
+    torch._assert_async = stub
+    try:
+        yield
+    finally:
+        InterpretedFunction.__getitem__, torch._assert_async = getitem, assert_async
 
 
 class _Recorder(TorchDispatchMode):
@@ -144,6 +181,40 @@ class _Recorder(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
+# Aten ops that launch nothing on a GPU: allocations and metadata (views are found by their
+# schema).
+_FREE_ATEN = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided",
+              "lift_fresh", "detach", "alias", "_unsafe_view", "as_strided", "resize_",
+              "is_nonzero", "_local_scalar_dense", "item", "result_type", "size", "stride",
+              "dim", "numel", "is_same_size", "_has_compatible_shallow_copy_type"}
+
+
+def _launching(name: str) -> bool:
+    """Whether the aten op of a profiler event's name (``aten::sum``) launches work on a GPU:
+    not an allocation, metadata or a view."""
+    if not name.startswith("aten::"):
+        return False
+    op = name.removeprefix("aten::")
+    if op in _FREE_ATEN:
+        return False
+    packet = getattr(torch.ops.aten, op, None)
+    if packet is None:
+        return True
+    return not any(getattr(packet, o).is_view for o in packet.overloads())
+
+
+def _aten_us(fn: Callable[[], Any], grad: bool, calls: int = 50) -> float:
+    """The self CPU time a call spends in launching aten ops (see _launching), from the
+    profiler: it sees inside the custom ops that wrap the Triton launchers, where a
+    TorchDispatchMode does not."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.set_grad_enabled(grad), profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(calls):
+            fn()
+    return sum(e.self_cpu_time_total for e in prof.key_averages() if _launching(e.key)) / calls
+
+
 def _replay(calls: list[tuple]) -> Callable[[], None]:
     def run() -> None:
         with torch._C._AutoDispatchBelowAutograd():
@@ -157,9 +228,10 @@ def _outputs(out: Any) -> list[torch.Tensor]:
     return [o for o in (out if isinstance(out, tuple) else (out,)) if o.requires_grad]
 
 
-def _quantities(spec: Spec) -> tuple[dict[str, Callable[[], Any]], dict[str, list]]:
+def _quantities(spec: Spec, backend: str = "cpu"
+                ) -> tuple[dict[str, Callable[[], Any]], dict[str, list]]:
     """The timed callables of one op (F, G, B, E, KF, KB) and the kernels recorded."""
-    fn = _forced(spec.fn)
+    fn = _forced(spec.fn, backend)
     plain = spec.inputs
     args = [t if t is None or i not in spec.wrt else t.detach().requires_grad_()
             for i, t in enumerate(spec.inputs)]
@@ -237,12 +309,19 @@ def _rounds(blocks: dict[Any, Callable[[], float]], rounds: int,
 
 def measure(ops: tuple[str, ...] = OPS, rounds: int = 21, block_ms: float = 20.0,
             verbose: bool = False) -> dict[str, dict[str, float]]:
-    """{figure: {op: us}} for the FIGURES, medians over ``rounds`` interleaved rounds."""
-    with _single_thread():
+    """{figure: {op: us}} for the FIGURES (and the TRITON_FIGURES where Triton interprets),
+    medians over ``rounds`` interleaved rounds."""
+    triton = _interpreting()
+    with _single_thread(), (_launches_stubbed() if triton else contextlib.nullcontext()):
         specs = _specs()
         timed = {}
+        aten: dict[str, tuple[float, float]] = {}  # triton: TKF, TKB
         for op in ops:
             timed[op], recorded = _quantities(specs[op])
+            if triton:  # the triton backend's forward and backward, launches stubbed
+                stubbed, _ = _quantities(specs[op], "triton")
+                timed[op].update(TF=stubbed["F"], TB=stubbed["B"])
+                aten[op] = (_aten_us(stubbed["F"], grad=False), _aten_us(stubbed["B"], grad=True))
             if verbose:
                 for key, calls in recorded.items():
                     print(f"{op} {key}: " + ", ".join(str(c[0]) for c in calls))
@@ -254,7 +333,8 @@ def measure(ops: tuple[str, ...] = OPS, rounds: int = 21, block_ms: float = 20.0
                 size = max(10, int(block_ms * 1e3 / _block(fn, 20, grad)))
                 blocks[op, key] = lambda fn=fn, size=size, grad=grad: _block(fn, size, grad)
         samples = _rounds(blocks, rounds)
-    result: dict[str, dict[str, float]] = {f: {} for f in FIGURES}
+    result: dict[str, dict[str, float]] = {f: {} for f in FIGURES + (TRITON_FIGURES if triton
+                                                                     else ())}
     for op in ops:
         s = {key: samples[op, key] for key in timed[op]}
         per_round = list(zip(*(s[k] for k in ("F", "G", "B", "E", "KF", "KB"))))
@@ -262,6 +342,13 @@ def measure(ops: tuple[str, ...] = OPS, rounds: int = 21, block_ms: float = 20.0
         result["pyprune_grad"][op] = statistics.median(g - f for f, g, *_ in per_round)
         result["pyprune_backward"][op] = statistics.median(
             b - e - kb for _, _, b, e, _, kb in per_round)
+        if triton:
+            tkf, tkb = aten[op]
+            result["pyprune_forward_triton"][op] = statistics.median(s["TF"]) - tkf
+            result["pyprune_backward_triton"][op] = statistics.median(
+                tb - e for tb, e in zip(s["TB"], s["E"])) - tkb
+            if verbose:
+                print(f"{op}: TKF {tkf:.1f}, TKB {tkb:.1f}")
         if verbose:
             print(f"{op}: " + ", ".join(f"{k} {statistics.median(v):.1f}" for k, v in s.items()))
     return result
@@ -337,7 +424,7 @@ def _round5(us: float) -> float:
 def table(result: dict[str, dict[str, float]]) -> str:
     """The figures as host_us entries (rounded to 5 us), each op's exact value beside them."""
     lines = []
-    for figure in FIGURES:
+    for figure in result:
         entries = ", ".join(f'"{op}": {_round5(us):.1f}' for op, us in result[figure].items())
         exact = ", ".join(f"{op} {us:.1f}" for op, us in result[figure].items())
         lines.append(f'"{figure}": {{{entries}}},  # {exact}')

@@ -303,6 +303,18 @@ _HOPPER = {
                          "masked_conv": 5.0},  # more when autograd records the call
         "pyprune_backward": {"kwta": 5.0, "sap": 5.0, "noise": 5.0, "cas": 15.0,
                              "masked_conv": 45.0},
+        # The triton backend's launchers do more in Python than the cpu and cuda backends' one
+        # C++ call (block sizes, mask layouts and packing, allocations, the launch arguments):
+        # host_overhead under TRITON_INTERPRET=1, its Triton launches stubbed (each is charged
+        # as "triton" above). These are the figures above times the triton / cpu ratio of the
+        # same runs (the median of three on the dev VM, 2026-12-07, whose absolute figures were
+        # ~3.5x the ones above on a slower day: a ratio holds across days). Forward: kwta 1.43,
+        # sap 2.32, noise 1.74, cas 2.09, masked_conv 1.95; backward: 1.51, 2.12, 1.55, 1.34,
+        # 2.19.
+        "pyprune_forward_triton": {"kwta": 15.0, "sap": 25.0, "noise": 10.0, "cas": 20.0,
+                                   "masked_conv": 30.0},
+        "pyprune_backward_triton": {"kwta": 10.0, "sap": 10.0, "noise": 10.0, "cas": 20.0,
+                                    "masked_conv": 100.0},
     },
     "event_floor_us": 3.0,  # an event pair around no device work still reads a few us
 }
@@ -359,9 +371,10 @@ Item = Union[Kernel, Host, Sync]
 class Plan:
     """The items of one timed call, built by the op models with one GPU's constants."""
 
-    def __init__(self, gpu: dict, case: Case) -> None:
+    def __init__(self, gpu: dict, case: Case, provider: str = "") -> None:
         self.gpu = gpu
         self.case = case
+        self.provider = provider
         self.items: list[Item] = []
 
     def lat(self, kind: str) -> float:
@@ -373,6 +386,9 @@ class Plan:
         return self.gpu["fp32_tflops"] * 1e6 / 2 / self.gpu["sms"] * self.gpu["issue_eff"]
 
     def host(self, kind: str, op: str | None = None) -> None:
+        # The triton backend's launchers have Python figures of their own.
+        if self.provider == TRITON and f"{kind}_triton" in self.gpu["host_us"]:
+            kind = f"{kind}_triton"
         us = self.gpu["host_us"][kind]
         self.items.append(Host(us[op] if op else us))
 
@@ -2598,7 +2614,7 @@ def plan(op: str, case: Case, provider: str, mode: str, gpu: str) -> Plan:
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     forward, backward, _ = MODELS[op]
-    p = Plan(GPUS[gpu], case)
+    p = Plan(GPUS[gpu], case, provider)
     if mode in ("forward", "full"):
         forward(p, provider, grad=mode == "full")
     if mode in ("backward", "full"):

@@ -89,3 +89,51 @@ def test_launch_costs_cover_every_op_and_write_their_csv(tmp_path, monkeypatch):
     rows = list(csv.DictReader(out.open()))
     assert [(r["name"], r["host_us_per_call"], r["device"]) for r in rows] == [
         ("aten", "1.50", "cpu"), ("kwta:cpu", "20.00", "cpu")]
+
+
+def test_launching_aten_ops_exclude_views_allocations_and_metadata():
+    """host_overhead subtracts the aten ops that launch work on a GPU from the triton backend's
+    Python: compute ops count, views, allocations and metadata do not."""
+    from benchmarks import host_overhead
+
+    for name in ("aten::add", "aten::where", "aten::convolution_backward", "aten::sum",
+                 "aten::randint", "aten::copy_", "aten::fill_"):
+        assert host_overhead._launching(name), name
+    for name in ("aten::view", "aten::transpose", "aten::as_strided", "aten::empty",
+                 "aten::empty_strided", "aten::expand", "aten::permute", "aten::select",
+                 "aten::item", "aten::detach", "conv2d", "MaskedConv2dFunction"):
+        assert not host_overhead._launching(name), name
+
+
+@pytest.mark.triton
+def test_triton_python_figures_with_launches_stubbed():
+    """Under TRITON_INTERPRET=1, host_overhead also measures the triton backend's Python:
+    every Triton launch and torch._assert_async a no-op inside _launches_stubbed (the kernel's
+    output stays unwritten; both restored after), positive figures for each op asked."""
+    import os
+
+    from benchmarks import host_overhead
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs TRITON_INTERPRET=1 (make test-triton)")
+    import triton
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+
+    @triton.jit
+    def ones(out_ptr):
+        tl.store(out_ptr + tl.arange(0, 16), tl.full((16,), 1.0, tl.float32))
+
+    getitem, assert_async = InterpretedFunction.__getitem__, torch._assert_async
+    out = torch.zeros(16)
+    with host_overhead._launches_stubbed():
+        ones[(1,)](out)
+        torch._assert_async(torch.tensor(False), "stubbed")
+    assert torch.equal(out, torch.zeros(16))  # the launch did not run
+    assert InterpretedFunction.__getitem__ is getitem and torch._assert_async is assert_async
+    ones[(1,)](out)
+    assert torch.equal(out, torch.ones(16))  # it runs again after
+    result = host_overhead.measure(("noise", "masked_conv"), rounds=1, block_ms=1.0)
+    for figure in host_overhead.FIGURES + host_overhead.TRITON_FIGURES:
+        assert set(result[figure]) == {"noise", "masked_conv"}, figure
+    assert all(result["pyprune_forward_triton"][op] > 0 for op in ("noise", "masked_conv"))

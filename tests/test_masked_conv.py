@@ -1798,3 +1798,31 @@ def test_triton_pack_orders_per_sample_output_masks(device_backend):
     assert per_sample == 1
     kernels._packed(x, weight, (0, 0), 32, order, mask_bytes, listed, None, out_order, out_bytes)
     assert torch.equal(out_order, kernels._sort_kept_first(masks))
+
+
+def test_memory_format_matches_suggest_memory_format():
+    """pyprune._layout.memory_format (cached by shape and strides) answers as
+    torch._prims_common.suggest_memory_format on every layout, symbolic shapes included."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    from pyprune import _layout
+
+    suggest = torch._prims_common.suggest_memory_format
+    base = torch.randn(4, 6, 5, 3)
+    tensors = [base, base.contiguous(memory_format=torch.channels_last),
+               base[:, ::2], base.transpose(0, 1), base.permute(0, 2, 3, 1),
+               base.flip(2, 3), base[:1, :1], torch.randn(2, 1, 4, 4),
+               torch.randn(2, 1, 4, 4).contiguous(memory_format=torch.channels_last),
+               torch.randn(2, 3, 1, 1).contiguous(memory_format=torch.channels_last),
+               torch.randn(0, 3, 4, 4), torch.randn(3, 4), torch.randn(2, 3, 4, 5, 6),
+               torch.randn(2, 3, 4, 5, 6).contiguous(memory_format=torch.channels_last_3d),
+               base.to("meta"), base.to_sparse()]
+    for t in tensors:
+        assert _layout.memory_format(t) == suggest(t), (tuple(t.shape), t.layout)
+        assert _layout.memory_format(t) == suggest(t)  # cached: the same answer
+    with FakeTensorMode(shape_env=ShapeEnv()) as mode:
+        for t in tensors[:2]:
+            fake = mode.from_tensor(t, static_shapes=False)
+            assert not all(type(v) is int for v in fake.shape)
+            assert _layout.memory_format(fake) == suggest(t)

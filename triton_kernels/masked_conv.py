@@ -132,6 +132,7 @@ import triton
 import triton.language as tl
 from torch.multiprocessing.reductions import StorageWeakRef
 
+from .._layout import memory_format
 from .aot import signature
 
 from .cas import INTERPRETED, MAX_REGS, _round, cdiv, on_device
@@ -687,6 +688,13 @@ def _pack_kernel(
 
 def _blocks(C_out: int, P: int, N: int, out_masked: bool = False, sparse: bool = False,
             arch: int = 90) -> tuple[int, int, int]:
+    """(BLOCK_P, BLOCK_CO, BLOCK_CI): _tile_sizes for the GPU's _SMS, cached."""
+    return _tile_sizes(C_out, P, N, out_masked, sparse, arch, _SMS)
+
+
+@functools.lru_cache(maxsize=1024)
+def _tile_sizes(C_out: int, P: int, N: int, out_masked: bool, sparse: bool, arch: int,
+                sms: int) -> tuple[int, int, int]:
     """(BLOCK_P, BLOCK_CO, BLOCK_CI) for N pixel ranges of P output pixels (N samples, or one
     range over a whole batch whose masks are shared) and C_out output channels: each tile the
     smallest choice that covers its size, else the largest (output channels at most
@@ -707,12 +715,12 @@ def _blocks(C_out: int, P: int, N: int, out_masked: bool = False, sparse: bool =
         busy_co = cdiv(co_blocks, 4) if out_masked else co_blocks
         return N * cdiv(P, block_p) * busy_co
 
-    while block_p * block_co > _MAX_TILES[arch] or 4 * busy() < 3 * _SMS:
+    while block_p * block_co > _MAX_TILES[arch] or 4 * busy() < 3 * sms:
         if block_p > 64:
             block_p //= 2
         elif block_co > 16:
             block_co //= 2
-        elif block_p > 32 and (4 * busy() < _SMS or block_p * block_co > _MAX_TILES[arch]):
+        elif block_p > 32 and (4 * busy() < sms or block_p * block_co > _MAX_TILES[arch]):
             block_p //= 2
         else:
             break
@@ -774,6 +782,8 @@ def input_precision(dtype: torch.dtype) -> str:
 
 
 def _pair(v, name: str) -> tuple[int, int]:
+    if type(v) is tuple and len(v) == 2 and type(v[0]) is int and type(v[1]) is int:
+        return v
     t = tuple(int(e) for e in v)
     if len(t) != 2:
         raise ValueError(f"masked_conv2d (triton): {name} must have two values, got {v}")
@@ -877,7 +887,7 @@ def _kept_first(mask: torch.Tensor | None, dummy: torch.Tensor, sort: bool = Tru
     kernel takes the channels in order, all of them). sort=False: a per-sample mask's lists
     are left to _pack_kernel (an empty (R, C) tensor here)."""
     if mask is None:
-        return dummy, dummy.view(torch.uint8), 0, 0
+        return dummy, _dummies(dummy.device)[1], 0, 0
     if mask.shape[0] == 1:
         order = _MASKS.order(mask)
     elif sort:
@@ -890,12 +900,31 @@ def _kept_first(mask: torch.Tensor | None, dummy: torch.Tensor, sort: bool = Tru
 def _output_format(x: torch.Tensor) -> torch.memory_format:
     """The memory format of outputs and input gradients: x's as F.conv2d and the fakes read it
     (channels_last where x's strides are channels_last-like, even if also contiguous)."""
-    return torch._prims_common.suggest_memory_format(x)
+    return memory_format(x)
 
 
 def _span(t: torch.Tensor, first: int) -> int:
     """The largest element offset in t over its dimensions from `first` on."""
-    return sum((size - 1) * abs(step) for size, step in zip(t.shape[first:], t.stride()[first:]))
+    return _span_of(tuple(t.shape[first:]), t.stride()[first:])
+
+
+@functools.lru_cache(maxsize=1024)
+def _span_of(shape: tuple[int, ...], stride: tuple[int, ...]) -> int:
+    return sum((size - 1) * abs(step) for size, step in zip(shape, stride))
+
+
+# A launch's pointer arguments that the kernel never reads or writes (for absent masks and
+# lists), one int64 element a device, with the views the launches take of it.
+_DUMMIES: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+
+def _dummies(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(int64, uint8, int32) views of the device's dummy element."""
+    hit = _DUMMIES.get(device)
+    if hit is None:
+        dummy = torch.empty(1, dtype=torch.int64, device=device)
+        hit = _DUMMIES[device] = (dummy, dummy.view(torch.uint8), dummy.view(torch.int32))
+    return hit
 
 
 def _output_size(size: int, k: int, stride: int, padding: int, dilation: int) -> int:
@@ -1020,7 +1049,7 @@ def masked_conv2d_forward(
     if max(_span(x, 1), _span(out, 1), _span(weight, 0)) >= 2**31:
         raise ValueError("masked_conv2d (triton): a sample of x or of the output, or the weight, "
                          "spans 2**31 elements or more (the kernel's offsets are int32)")
-    dummy = torch.empty(1, dtype=torch.int64, device=x.device)  # never read
+    dummy, dummy_u8, dummy_i32 = _dummies(x.device)  # never read
     in_idx, in_bytes, in_per_sample, in_listed = _kept_first(in_rows, dummy)
     c_pad = cdiv(C_in, _BLOCK_CI) * _BLOCK_CI
     packed = (_PACK and not in_per_sample
@@ -1072,8 +1101,7 @@ def masked_conv2d_forward(
             finite = torch.ones((N, 1), dtype=torch.int32, device=x.device)
     else:
         # Unused by the kernel: pointers of the types it is compiled for.
-        i32 = dummy.view(torch.int32)
-        wm, blk_idx, blk_cnt, finite, ci_blocks = dummy.view(torch.uint8), i32, i32, i32, 1
+        wm, blk_idx, blk_cnt, finite, ci_blocks = dummy_u8, dummy_i32, dummy_i32, dummy_i32, 1
     p_blocks = cdiv(pixels * span, block_p)
     co_blocks = cdiv(C_out, block_co)
     precision = input_precision(x.dtype)

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import _backend, _validate, reference
+from .. import _backend, _layout, _validate, reference
 from ._common import _transforming, eager_kernel, register, register_vmap, vjp
 
 IntPair = Union[int, Sequence[int]]
@@ -44,7 +44,7 @@ def _empty_output(x: Tensor, weight: Tensor, channels: int, stride, padding, dil
     h, w = ((x.shape[2 + i] + 2 * padding[i] - dilation[i] * (weight.shape[2 + i] - 1) - 1)
             // stride[i] + 1 for i in range(2))
     return x.new_empty((x.shape[0], channels, h, w)).contiguous(
-        memory_format=torch._prims_common.suggest_memory_format(x))
+        memory_format=_layout.memory_format(x))
 
 
 @torch.library.register_fake("pyprune::masked_conv2d")
@@ -128,7 +128,7 @@ def _sparse_conv2d_backward(op):
         x, weight, weight_mask = ctx.saved_tensors
         stride, padding, dilation = ctx.attrs
         x_grad, weight_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        gx, gw = op(grad.contiguous(memory_format=torch._prims_common.suggest_memory_format(x)),
+        gx, gw = op(grad.contiguous(memory_format=_layout.memory_format(x)),
                     x, weight, weight_mask, stride, padding, dilation, x_grad, weight_grad)
         gb = grad.sum((0, 2, 3)) if ctx.has_bias and ctx.needs_input_grad[3] else None
         return (gx if x_grad else None, gw if weight_grad else None, None, gb, None, None, None)
@@ -287,7 +287,7 @@ def _scaled_backward(bwd):
         grad_u = grad * _channel_scale(out_mask) if soft_out else grad
         u = x * _channel_scale(in_mask) if soft_in else x
         gx, gw, gb = bwd(
-            grad_u.contiguous(memory_format=torch._prims_common.suggest_memory_format(x)),
+            grad_u.contiguous(memory_format=_layout.memory_format(x)),
             u, weight, stride, padding, dilation, 1, None if soft_in else in_mask,
             None if soft_out else out_mask)
         g_in = g_out = None
@@ -331,7 +331,7 @@ def _backward_of(bwd):
         x, weight, in_mask, out_mask = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.attrs
         gx, gw, gb = bwd(
-            grad.contiguous(memory_format=torch._prims_common.suggest_memory_format(x)),
+            grad.contiguous(memory_format=_layout.memory_format(x)),
             x, weight, stride, padding, dilation, groups, in_mask, out_mask)
         return gx, gw, gb if ctx.has_bias else None, None, None, None, None, None, None
 
