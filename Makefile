@@ -39,7 +39,7 @@ $(VENV)/.built: $(VENV)/.installed $(SOURCES)
 build: $(VENV)/.built
 
 # pytest exit code 5 means no test ran: report it loudly and fail.
-PYTEST = .ci/pytest_strict $(VPY) -m pytest
+PYTEST = .ci/pytest_strict $(VPY) -m pytest --durations=25
 
 test: test-cpu test-triton check-triton
 
