@@ -1,6 +1,6 @@
 # make test   - create .venv, build pyprune, run the test suite (CPU + Triton interpreter)
 # make bench  - create .venv, build pyprune, run the benchmark table (python -m benchmarks)
-# make check-cuda - compile every CUDA source for sm_80, sm_90 and PTX against torch 2.11.0 and 2.14.1
+# make check-cuda - compile every CUDA source for sm_80, sm_90 and PTX against torch 2.14.1, sm_90 against 2.11.0
 # make check-triton - compile every Triton kernel ahead of time for sm_80 and sm_90
 # make gpu-report - sm_90 registers, spills, shared memory and occupancy of every CUDA and Triton
 #                   kernel variant, no GPU needed (benchmarks/results/sm_90-resources.md)

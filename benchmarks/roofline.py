@@ -1344,8 +1344,16 @@ def triton_sap_bernoulli_ops(halves: int, mode: str, kp: int = 1) -> tuple[float
     return elementwise, (c["partials_fixed"] + 2 * halves * c["partials"]) / (32 * halves)
 
 
-def triton_sap_bernoulli_config(rows: int, length: int, block: int = 4096) -> dict:
+def triton_sap_bernoulli_block(length: int) -> int:
+    """sap.bernoulli_block: the smallest of 256, 1024 and 4096 elements that holds a row and
+    the up to 3 elements before it of its first Philox group, else 4096."""
+    span = length + (3 if length % 4 else 0)
+    return next(b for b in (256, 1024, 4096) if span <= b or b == 4096)
+
+
+def triton_sap_bernoulli_config(rows: int, length: int, block: int | None = None) -> dict:
     """sap.bernoulli_config: HALVES, KP and KB items a sample, LAG samples, the grid."""
+    block = triton_sap_bernoulli_block(length) if block is None else block
     halves = next(h for h in (4, 2, 1) if h == 1 or (length > h // 2 * block
                                                 and rows * math.ceil(length / (h * block)) >= 132))
     item = halves * block
@@ -1366,7 +1374,9 @@ def _sap_triton_bernoulli(p: Plan, rows: int, length: int, backward: bool) -> No
     write out. The partials of later samples stream while earlier samples' elementwise items
     compute, so the launch takes the larger of its HBM and issue times (lane instructions
     counted in the sm_90 SASS: TRITON_SAP_BERNOULLI_ITEM_OPS), after a lead: the first LAG
-    samples' partials, before any elementwise item can start."""
+    samples' partials, before any elementwise item can start. (The instruction counts are the
+    4096-element block's: rows of up to 1024 elements take a smaller one, and no benchmark case
+    has them.)"""
     cfg = triton_sap_bernoulli_config(rows, length)
     e = _esize(p.case)
     n = rows * length * e

@@ -609,7 +609,8 @@ def _compile_counts(model, dynamic, device, grad) -> list[int]:
     counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(model, backend=counter, fullgraph=True, dynamic=dynamic)
     counts = []
-    for shape in ((2, 6, 32, 32), (2, 6, 28, 28), (3, 6, 28, 28), (1, 6, 28, 28), (5, 6, 28, 28)):
+    # Small images: the Triton interpreter runs these.
+    for shape in ((2, 6, 12, 12), (2, 6, 10, 10), (3, 6, 10, 10), (1, 6, 10, 10), (5, 6, 10, 10)):
         x = torch.randn(shape, device=device, requires_grad=grad)
         y = compiled(x)
         torch.testing.assert_close(y, model(x), atol=1e-4, rtol=1e-4)

@@ -383,7 +383,7 @@ def test_written_out_triton_configs_match_the_launchers():
     thresholds."""
     from pyprune.triton_kernels import kwta, sap
 
-    for length in (1, 37, 1000, 1024, 4096, 4097, 5000, 8191, 8192, 16383, 16384, 16385, 65536, 802816, 10**6):
+    for length in (1, 37, 253, 254, 1000, 1021, 1022, 1024, 1025, 4096, 4097, 5000, 8191, 8192, 16383, 16384, 16385, 65536, 802816, 10**6):
         for draws in (1, 255, length, 2**24):
             cfg = roofline.triton_sap_config(length, draws)
             assert (cfg["E"], cfg["D"]) == sap._chunk_sizes(length, draws), (length, draws)

@@ -290,6 +290,36 @@ def test_triton_bernoulli_items(n, length, block, lag):
     assert not (out != 0).logical_and(~out.isnan()).any()
 
 
+@pytest.mark.triton
+def test_triton_bernoulli_block_follows_the_row(monkeypatch):
+    """Bernoulli mode launches the smallest block (256, 1024, else 4096 elements) that holds a
+    row with its first Philox group's up to 3 elements before it, and keeps what the CPU kernel
+    keeps at each, forward and backward; a given block overrides it."""
+    kernels = _triton_kernels()
+    from .conftest import LaunchSpy
+
+    assert [kernels.bernoulli_block(n) for n in (1, 253, 254, 256, 257, 1021, 1022, 1024, 1025,
+                                                 10**6)] == [256, 256, 1024, 256, 1024, 1024,
+                                                             4096, 1024, 4096, 4096]
+    spy = LaunchSpy(kernels._sap_bernoulli_kernel)
+    monkeypatch.setattr(kernels, "_sap_bernoulli_kernel", spy)
+    seed = torch.tensor([9, 10])
+    for n, length, block in ((3, 37, 256), (2, 254, 1024), (2, 1024, 1024), (2, 1030, 4096)):
+        x = _spread_rows(n, length, length)
+        grad = torch.randn(n, length)
+        r = length // 3 + 1
+        want = torch.ops.pyprune.sap(x, seed, r, False)
+        out = kernels.sap_forward(x, x, seed, r, False)
+        assert spy.launches[-1]["BLOCK"] == block, length
+        assert torch.equal(out != 0, want != 0), length
+        torch.testing.assert_close(out, want, rtol=1e-5, atol=0)
+        back = kernels.sap_forward(grad, x, seed, r, False)
+        torch.testing.assert_close(back, torch.where(want != 0, grad * (want / x), 0.0),
+                                   rtol=1e-5, atol=1e-6)
+    kernels.sap_forward(x, x, seed, 5, False, _block=64)
+    assert spy.launches[-1]["BLOCK"] == 64
+
+
 # Seed and value index of a uniform of exactly 0 (a Philox word below 2^8: one in 2^24),
 # found with the CPU kernel (an element of q ~ 1e-30 is kept only there); the test checks it.
 _ZERO_U_SEED = (7, 116278)

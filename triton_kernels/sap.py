@@ -103,6 +103,11 @@ _MAX_DRAW_CHUNKS = 4096
 # SASS), ~62 an element at 2 blocks, ~57 at 4; a partials item (2 halves blocks) ~240 and ~76
 # a block.
 _BERNOULLI_BLOCK = 4096
+# Rows that fit a smaller block take it (L and, where L % 4 != 0, the up to 3 elements of a
+# first Philox group that starts before the row): a 4096-element block spends its 1024 Philox
+# evaluations and its lanes on a row of tens of elements. The same kernel at BLOCK 256 or 1024
+# (AOT-compiled too).
+_BERNOULLI_BLOCKS = (256, 1024, _BERNOULLI_BLOCK)
 _BERNOULLI_MAX_REGS = 128
 # An elementwise item sums up to this many partials of its sample one after another, as scalars
 # (~10 lane instructions for one, where a block-wide reduction of a PB tile took ~105); more
@@ -679,14 +684,22 @@ def _config(L: int, r: int, exact: bool) -> dict:
             "merge": {"E": e, "DT": _DT, "W": _SEARCH_WIDTH, "STORED": store}}
 
 
-def bernoulli_config(N: int, L: int, block: int = _BERNOULLI_BLOCK) -> dict:
+def bernoulli_block(L: int) -> int:
+    """The bernoulli launch's BLOCK for rows of L elements: the smallest of _BERNOULLI_BLOCKS
+    that holds a row with its first Philox group, else the largest."""
+    span = L + (3 if L % 4 else 0)
+    return next(b for b in _BERNOULLI_BLOCKS if span <= b or b == _BERNOULLI_BLOCK)
+
+
+def bernoulli_config(N: int, L: int, block: int | None = None) -> dict:
     """The bernoulli launch's shape for (N, L): HALVES (blocks an elementwise item: the most of
     4, 2, 1 that a row fills more than half of and whose items alone still give every SM one;
     a partials item covers two items' elements), KP partials and KB elementwise items a
     sample (rows with L % 4 != 0 start inside a Philox group: up to 3 elements more), the LAG
     in samples between a sample's partials and its blocks (one item an SM, half the programs
     resident at once: more lets the elementwise items wait less often, and delays the first
-    ones longer), and the grid."""
+    ones longer), and the grid. ``block``: bernoulli_block(L) unless given."""
+    block = bernoulli_block(L) if block is None else block
     halves = next(h for h in (4, 2, 1) if h == 1 or (L > h // 2 * block
                                                 and N * cdiv(L, h * block) >= _SMS))
     item = halves * block
@@ -699,14 +712,15 @@ def bernoulli_config(N: int, L: int, block: int = _BERNOULLI_BLOCK) -> dict:
 def sap_forward(src: torch.Tensor, x: torch.Tensor, seed: torch.Tensor, r: int, exact: bool,
                 *, _chunks: tuple[int, int, int] | None = None, _slots: int = _SLOTS,
                 _host_seed: bool | None = None, _store: bool | None = None,
-                _block: int = _BERNOULLI_BLOCK, _lag: int | None = None) -> torch.Tensor:
+                _block: int | None = None, _lag: int | None = None) -> torch.Tensor:
     """src / q where the draws (from x, the seed's stream) keep an element, else 0; src is x in
     forward and grad in backward. Tests move the chunk boundaries with ``_chunks`` = (E, D, DT)
     (exact mode; powers of 2, DT >= 4 dividing D; exact-mode positions then round
     differently), the merge's persistent programs with ``_slots``, the seed's path (on x's
     device or the host: _random.seed_args) with ``_host_seed``, whether exact mode stores the
     draws (``_store``; only where a draw chunk is one tile), and bernoulli mode's block
-    (``_block``, a power of 2 >= 16; a sample's total is summed over other chunks then, so
+    (``_block``, a power of 2 >= 16, instead of bernoulli_block(L); a sample's total is summed
+    over other chunks then, so
     results move by rounding) and lag (``_lag``, 1 to N samples)."""
     if x.dim() != 2 or src.shape != x.shape:
         raise ValueError(f"sap (triton): x must be a 2-D (N, L) view and src of its shape, got "
@@ -762,9 +776,10 @@ def sap_forward(src: torch.Tensor, x: torch.Tensor, seed: torch.Tensor, r: int, 
 
 
 def _bernoulli(src: torch.Tensor, x: torch.Tensor, out: torch.Tensor, seed: tuple, r: int,
-               block: int, lag: int | None) -> None:
+               block: int | None, lag: int | None) -> None:
     """Bernoulli mode: one launch (_sap_bernoulli_kernel), on counters it leaves zero."""
     N, L = x.shape
+    block = bernoulli_block(L) if block is None else block
     cfg = bernoulli_config(N, L, block)
     if lag is not None:
         if not 1 <= lag <= N:
@@ -806,9 +821,9 @@ def _aot_variants() -> list[tuple]:
                     variants.append((kernel, signature(kernel, dtype, constexprs, ws), constexprs,
                                      opts))
         # (int64 offsets take the unaligned path: aligned, they spill at 128 registers)
-        for (wide, aligned), same in itertools.product(
-                ((False, False), (False, True), (True, False)), (False, True)):
-            constexprs = {"BLOCK": _BERNOULLI_BLOCK, "PB": _PREFIX_BLOCK, "WIDE": wide,
+        for block, (wide, aligned), same in itertools.product(
+                _BERNOULLI_BLOCKS, ((False, False), (False, True), (True, False)), (False, True)):
+            constexprs = {"BLOCK": block, "PB": _PREFIX_BLOCK, "WIDE": wide,
                           "ALIGNED": aligned, "SAME": same, "HW_RCP": True}
             variants.append((_sap_bernoulli_kernel,
                              signature(_sap_bernoulli_kernel, dtype, constexprs, ws), constexprs,
