@@ -299,7 +299,8 @@ def _sm90_sass(variant) -> list:
 @pytest.mark.skipif(_NO_TRITON, reason="needs triton, without TRITON_INTERPRET")
 @pytest.mark.parametrize("aligned", [False, True])
 def test_triton_sap_bernoulli_accesses(aligned):
-    """SAP's bernoulli kernel as the JIT specializes a contiguous float32 launch (unit strides,
+    """SAP's bernoulli kernel (the 4096-element block that rows longer than 1024 take) as the
+    JIT specializes a contiguous float32 launch (unit strides,
     16-byte aligned pointers, L and the row strides multiples of 16): with ALIGNED (L % 4 ==
     0) it loads x and stores out in 16-byte accesses, a thread's 16 elements of a block in 4
     of each (the loop over an item's blocks is not unrolled);
@@ -309,8 +310,8 @@ def test_triton_sap_bernoulli_accesses(aligned):
 
     found, _ = aot.variants()
     v = next(v for v in found if v.kernel.__name__ == "_sap_bernoulli_kernel"
-             and v.signature["x_ptr"] == "*fp32" and not v.constexprs["WIDE"]
-             and v.constexprs["ALIGNED"] == aligned)
+             and v.signature["x_ptr"] == "*fp32" and v.constexprs["BLOCK"] == 4096
+             and not v.constexprs["WIDE"] and v.constexprs["ALIGNED"] == aligned)
     ones = {name: 1 for name in ("x_sl", "src_sl", "out_sl")}
     v = v._replace(signature={k: "constexpr" if k in ones else t for k, t in v.signature.items()},
                    constexprs={**v.constexprs, **ones},
