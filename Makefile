@@ -41,14 +41,27 @@ build: $(VENV)/.built
 # pytest exit code 5 means no test ran: report it loudly and fail.
 PYTEST = .ci/pytest_strict $(VPY) -m pytest --durations=25
 
-test: test-cpu test-triton check-triton
+# make test: the CPU tests, then the interpreter's "rest", beside the interpreter's convolution
+# and SAP tests (the longest process: the CPU tests fill the core it leaves); then check-triton.
+test: build
+	TRITON_INTERPRET=1 $(PYTEST) $(TRITON_SECOND_TESTS) -m triton -q -p no:cacheprovider & \
+	    second=$$!; \
+	$(PYTEST) tests -m "not triton and not triton_aot" -q; cpu=$$?; \
+	TRITON_INTERPRET=1 $(PYTEST) tests -m triton -q -p no:cacheprovider \
+	    $(TRITON_SECOND_TESTS:%=--ignore=%); rest=$$?; \
+	wait $$second; second=$$?; \
+	echo "test: CPU tests exit $$cpu; interpreter: convolution and SAP tests exit $$second," \
+	    "the rest exit $$rest"; \
+	test $$cpu -eq 0 && test $$rest -eq 0 && test $$second -eq 0
+	$(MAKE) check-triton
 
 test-cpu: build
 	$(PYTEST) tests -m "not triton and not triton_aot" -q
 
 # Triton's interpreter must be switched on before triton is imported: a separate process. The
-# interpreter runs one Python thread, so the convolution and SAP tests (the longest, ~25 min on
-# 2 cores) run in a second process beside the rest (~25 min); both must pass.
+# interpreter runs one Python thread, so the convolution and SAP tests (the longest, ~42 min on
+# this 2-core VM) run in a second process beside the rest (~29 min; make test runs the CPU
+# tests, ~9 min, before the rest); all must pass.
 TRITON_SECOND_TESTS := tests/test_masked_conv.py tests/test_weight_mask_triton.py \
     tests/test_sap.py tests/test_sap_kernels.py tests/test_seeds.py
 test-triton: build
