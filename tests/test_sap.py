@@ -44,8 +44,13 @@ def _stack(row, d):
 @pytest.mark.parametrize("r", [1, 5, 37, 80])
 def test_distribution(device_backend, exact, r):
     """keep frequency -> q = 1-(1-p)^r and mean(out) -> x, within Z standard errors of D draws;
-    kept values are exactly x / q."""
+    kept values are exactly x / q. The Triton kernels keep what the CPU kernel keeps from the
+    same seed (test_triton_exact_chunks_keep_the_cpu_draws, test_triton_bernoulli_items), whose
+    statistics are tested here at every r with 20000 draws; the interpreter's few draws (one
+    program or more a draw) check them at the smallest r and at r above L only."""
     device, backend = device_backend
+    if TRITON_INTERPRET and r not in (1, 80):
+        pytest.skip("the interpreter's draws: r = 1 and r = 80 (the CPU kernel's: every r)")
     d = _draws(device)
     row = _sample(device)
     x = _stack(row, d)
@@ -243,30 +248,35 @@ if TRITON_INTERPRET:
         tl.store(out_ptr + 3 * t + 2, c)
 
 
-# (N, L, block, lag): bernoulli launches of several partials and elementwise items a sample.
+# (N, L, block, lag, SMs, HALVES): bernoulli launches of several partials and elementwise items
+# a sample. SMs stands in for the GPU's SM count (_SMS), which sets HALVES: a small one gives a
+# small input the launch shape that a large one has on the GPU, in fewer interpreted programs.
 _BERNOULLI_ITEMS = [
-    (5, 1002, 16, None),  # HALVES 2 (items of 2 blocks of 16, partials of 64); L % 4 == 2
-    (4, 300, 16, 1),  # lag 1: each sample's blocks right after the next one's partials
-    (3, 1000, 64, 3),  # lag N: every partials item first
-    (6, 131, 32, 2),  # L % 4 == 3: a row's first block starts inside a Philox group
+    # HALVES 2 (items of 2 blocks of 16, partials of 64), more partials a sample than are
+    # summed one by one (_FEW_PARTIALS); L % 4 == 2
+    (5, 322, 16, None, 40, 2),
+    (4, 152, 16, 1, 132, 1),  # lag 1: each sample's blocks right after the next one's partials
+    (3, 600, 64, 3, 132, 1),  # lag N: every partials item first
+    (6, 131, 32, 2, 132, 1),  # L % 4 == 3: a row's first block starts inside a Philox group
 ]
 
 
 @pytest.mark.triton
-@pytest.mark.parametrize("n, length, block, lag", _BERNOULLI_ITEMS)
-def test_triton_bernoulli_items(n, length, block, lag):
+@pytest.mark.parametrize("n, length, block, lag, sms, halves", _BERNOULLI_ITEMS)
+def test_triton_bernoulli_items(monkeypatch, n, length, block, lag, sms, halves):
     """The one-launch bernoulli pass with many partials and elementwise items a sample (small
     blocks) and any lag keeps what the CPU kernel keeps, with its values (forward) and
     grad / q (backward), on rows whose largest p is below 2^-7 (the series path for the whole
     sample) and rows with one dominant element, a zero sample, an inf and a NaN."""
     kernels = _triton_kernels()
+    monkeypatch.setattr(kernels, "_SMS", sms)
     gen = torch.Generator().manual_seed(length)
     x = torch.randn(n, length, generator=gen)
     x[1, 7] = 30.0 * length  # p ~ 0.96: the log path
     x[2] = 0.0
     grad = torch.randn(n, length, generator=gen)
     cfg = kernels.bernoulli_config(n, length, block)
-    assert cfg["KP"] > 1 and cfg["KB"] > 2
+    assert cfg["KP"] > 1 and cfg["KB"] > 2 and cfg["HALVES"] == halves
     seed = torch.tensor([3, 4])
     # r = 3: the dominant element's q = 1 - (1 - p)^3 needs its log (the series alone would be
     # 1.3% off); r = L / 2: both branches of expm1.
@@ -430,13 +440,13 @@ def test_triton_bernoulli_counters_left_zero(monkeypatch):
     from pyprune.triton_kernels import _counters
 
     seed = torch.tensor([5, 6])
-    cases = [(n, length, block, lag) for n, length, block, lag in _BERNOULLI_ITEMS]
+    cases = [(n, length, block, lag) for n, length, block, lag, _, _ in _BERNOULLI_ITEMS]
     # Partials a sample: 1 to 4 summed as scalars, 5 by the tile (as the items above); 40
     # samples grow the buffer.
-    cases += [(1, 1, 16, None), (40, 70, 16, 7), (2, 20000, 4096, None), (2, 128, 16, None),
+    cases += [(1, 1, 16, None), (40, 70, 32, 7), (2, 20000, 4096, None), (2, 128, 16, None),
               (2, 129, 16, 1)]
     kps = [kernels.bernoulli_config(n, length, block)["KP"] for n, length, block, _ in cases]
-    assert kps[-5:] == [1, 3, 3, 4, 5] and max(kps[:-5]) > 5
+    assert kps[-5:] == [1, 2, 3, 4, 5] and max(kps[:-5]) > 5
     for n, length, block, lag in cases:
         x = _spread_rows(n, length, n + length)
         want = torch.ops.pyprune.sap(x, seed, length, False)
@@ -461,7 +471,7 @@ def test_triton_exact_counters_left_zero(monkeypatch):
     from pyprune.triton_kernels import _counters
 
     seed = torch.tensor([11, 12])
-    cases = [(3, 600, 700, None), (2, 3000, 2000, (8, 8, 8)), (70, 40, 40, None),
+    cases = [(3, 600, 700, None), (2, 1200, 900, (8, 8, 8)), (70, 40, 40, None),
              (1, 5, 1, None)]
     for n, length, r, chunks in cases:
         x = _spread_rows(n, length, n + length)
@@ -477,7 +487,7 @@ def test_triton_exact_counters_left_zero(monkeypatch):
         assert kept.any(1).all()
         assert _counters_zero(), (n, length, r)
     e, d, _ = (8, 8, 8)
-    assert math.ceil(3000 / e) + math.ceil(2004 / d) > 2 * kernels._PARTIALS_PREFIX_BLOCK
+    assert math.ceil(1200 / e) + math.ceil(904 / d) > 2 * kernels._PARTIALS_PREFIX_BLOCK
     assert max(b.numel() for b in _counters._BUFFERS.values()) >= 70
 
     # The count tensor: after x, the seed's 5 arguments, bx, bd and draws.
@@ -521,20 +531,24 @@ def _spread_rows(n, length, seed):
     return x
 
 
-# (N, L, r, (E, D, DT) or None for the launcher's chunks). Sample n's draws start at stream index
-# n * (r + 1), which no case makes a multiple of 4.
+# (N, L, r, (E, D, DT) or None for the launcher's chunks, the chunk search's width or None for
+# the launcher's _SEARCH_WIDTH). Sample n's draws start at stream index n * (r + 1), which no
+# case makes a multiple of 4.
 _CHUNKINGS = [
-    (3, 600, 700, None),  # default sizes: 3 element chunks (the last partial), 3 draw chunks
-    (3, 100, 80, (16, 16, 8)),  # 7 element chunks, 6 draw chunks of two tiles each
-    (2, 75, 301, (32, 8, 4)),  # ~13 draw chunks per element chunk
-    (4, 37, 3, (8, 8, 8)),  # fewer draws than element chunks: chunks without a draw
-    (2, 40, 1100, (16, 8, 4)),  # 138 draw chunks: the chunk search takes two steps of 128
+    (3, 600, 700, None, None),  # default sizes: 3 element chunks (the last partial), 3 draw chunks
+    (3, 100, 80, (16, 16, 8), None),  # 7 element chunks, 6 draw chunks of two tiles each
+    (2, 75, 301, (32, 8, 4), None),  # ~13 draw chunks per element chunk
+    (4, 37, 3, (8, 8, 8), None),  # fewer draws than element chunks: chunks without a draw
+    # 38 draw chunks, more than one step of the search probes: it takes two steps of 16 (as
+    # more than 128 chunks take at the launcher's width, in 4x the interpreted draws)
+    (2, 40, 300, (16, 8, 4), 16),
 ]
 
 
 @pytest.mark.triton
-@pytest.mark.parametrize("n,length,r,chunks", _CHUNKINGS, ids=[str(c[:3]) for c in _CHUNKINGS])
-def test_triton_exact_chunks_keep_the_cpu_draws(n, length, r, chunks):
+@pytest.mark.parametrize("n,length,r,chunks,width", _CHUNKINGS,
+                         ids=[str(c[:3]) for c in _CHUNKINGS])
+def test_triton_exact_chunks_keep_the_cpu_draws(monkeypatch, n, length, r, chunks, width):
     """The Triton exact kernel splits each sample into element chunks and draw chunks (prefix
     sums of chunk partials, a search for the draw chunks that reach an element chunk, a binary
     search per draw); the CPU merges the same stream serially in double. Positions round
@@ -542,6 +556,10 @@ def test_triton_exact_chunks_keep_the_cpu_draws(n, length, r, chunks):
     one element differs here. Backward (src = grad) keeps the same set, also when the merge's
     persistent programs take several chunks each (2 programs)."""
     kernels = _triton_kernels()
+    if width is not None:
+        assert math.ceil((r + 4) / chunks[1]) > width
+        monkeypatch.setattr(kernels, "_SEARCH_WIDTH", width)
+        assert kernels._config(length, r, True)["merge"]["W"] == width
     x = _spread_rows(n, length, 11)
     seed = torch.tensor([2024, -7])
     want = torch.ops.pyprune.sap(x, seed, r, True) != 0
