@@ -59,9 +59,9 @@ test-cpu: build
 	$(PYTEST) tests -m "not triton and not triton_aot" -q
 
 # Triton's interpreter must be switched on before triton is imported: a separate process. The
-# interpreter runs one Python thread, so the convolution and SAP tests (the longest, ~42 min on
-# this 2-core VM) run in a second process beside the rest (~29 min; make test runs the CPU
-# tests, ~9 min, before the rest); all must pass.
+# interpreter runs one Python thread, so the convolution and SAP tests (~42 min on this 2-core
+# VM on a slow day) run in a second process beside the rest (~30 min; make test runs the CPU
+# tests, ~13 min that day, before the rest); all must pass.
 TRITON_SECOND_TESTS := tests/test_masked_conv.py tests/test_weight_mask_triton.py \
     tests/test_sap.py tests/test_sap_kernels.py tests/test_seeds.py
 test-triton: build
