@@ -41,14 +41,20 @@ build: $(VENV)/.built
 # pytest exit code 5 means no test ran: report it loudly and fail.
 PYTEST = .ci/pytest_strict $(VPY) -m pytest --durations=25
 
+# The three test processes: the CPU tests, and the interpreter's convolution and SAP tests and
+# its rest (see test-triton below).
+TEST_CPU = $(PYTEST) tests -m "not triton and not triton_aot" -q
+TEST_TRITON_SECOND = TRITON_INTERPRET=1 $(PYTEST) $(TRITON_SECOND_TESTS) -m triton -q \
+    -p no:cacheprovider
+TEST_TRITON_REST = TRITON_INTERPRET=1 $(PYTEST) tests -m triton -q -p no:cacheprovider \
+    $(TRITON_SECOND_TESTS:%=--ignore=%)
+
 # make test: the CPU tests, then the interpreter's "rest", beside the interpreter's convolution
 # and SAP tests (the longest process: the CPU tests fill the core it leaves); then check-triton.
 test: build
-	TRITON_INTERPRET=1 $(PYTEST) $(TRITON_SECOND_TESTS) -m triton -q -p no:cacheprovider & \
-	    second=$$!; \
-	$(PYTEST) tests -m "not triton and not triton_aot" -q; cpu=$$?; \
-	TRITON_INTERPRET=1 $(PYTEST) tests -m triton -q -p no:cacheprovider \
-	    $(TRITON_SECOND_TESTS:%=--ignore=%); rest=$$?; \
+	$(TEST_TRITON_SECOND) & second=$$!; \
+	$(TEST_CPU); cpu=$$?; \
+	$(TEST_TRITON_REST); rest=$$?; \
 	wait $$second; second=$$?; \
 	echo "test: CPU tests exit $$cpu; interpreter: convolution and SAP tests exit $$second," \
 	    "the rest exit $$rest"; \
@@ -56,7 +62,7 @@ test: build
 	$(MAKE) check-triton
 
 test-cpu: build
-	$(PYTEST) tests -m "not triton and not triton_aot" -q
+	$(TEST_CPU)
 
 # Triton's interpreter must be switched on before triton is imported: a separate process. The
 # interpreter runs one Python thread, so the convolution and SAP tests (~42 min on this 2-core
@@ -65,10 +71,8 @@ test-cpu: build
 TRITON_SECOND_TESTS := tests/test_masked_conv.py tests/test_weight_mask_triton.py \
     tests/test_sap.py tests/test_sap_kernels.py tests/test_seeds.py
 test-triton: build
-	TRITON_INTERPRET=1 $(PYTEST) $(TRITON_SECOND_TESTS) -m triton -q -p no:cacheprovider & \
-	    second=$$!; \
-	TRITON_INTERPRET=1 $(PYTEST) tests -m triton -q -p no:cacheprovider \
-	    $(TRITON_SECOND_TESTS:%=--ignore=%); rest=$$?; \
+	$(TEST_TRITON_SECOND) & second=$$!; \
+	$(TEST_TRITON_REST); rest=$$?; \
 	wait $$second; second=$$?; \
 	echo "test-triton: convolution and SAP tests exit $$second, the rest exit $$rest"; \
 	test $$rest -eq 0 && test $$second -eq 0

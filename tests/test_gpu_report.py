@@ -300,12 +300,12 @@ def _sm90_sass(variant) -> list:
 @pytest.mark.parametrize("aligned", [False, True])
 def test_triton_sap_bernoulli_accesses(aligned):
     """SAP's bernoulli kernel (the 4096-element block that rows longer than 1024 take) as the
-    JIT specializes a contiguous float32 launch (unit strides,
-    16-byte aligned pointers, L and the row strides multiples of 16): with ALIGNED (L % 4 ==
-    0) it loads x and stores out in 16-byte accesses, a thread's 16 elements of a block in 4
-    of each (the loop over an item's blocks is not unrolled);
-    without it, 4-byte ones (a row may start inside a Philox group). Its Philox rounds
-    multiply with IMAD.WIDE.U32 (_random._philox), not IMAD.HI.U32 beside IMAD."""
+    JIT specializes a contiguous float32 launch (unit strides, 16-byte aligned pointers, L and
+    the row strides multiples of 16): with ALIGNED (L % 4 == 0) it loads x and stores out in
+    16-byte accesses, a thread's 16 elements of a block in 4 of each (the loop over an item's
+    blocks is not unrolled); without it, 4-byte ones (a row may start inside a Philox group).
+    Its Philox rounds multiply with IMAD.WIDE.U32 (_random._philox), not IMAD.HI.U32 beside
+    IMAD."""
     from pyprune.triton_kernels import aot
 
     found, _ = aot.variants()

@@ -249,15 +249,16 @@ if TRITON_INTERPRET:
 
 
 # (N, L, block, lag, SMs, HALVES): bernoulli launches of several partials and elementwise items
-# a sample. SMs stands in for the GPU's SM count (_SMS), which sets HALVES: a small one gives a
-# small input the launch shape that a large one has on the GPU, in fewer interpreted programs.
+# a sample. SMs (None: the launcher's _SMS) stands in for the GPU's SM count, which sets HALVES:
+# a small one gives a small input the launch shape that a large one has on the GPU, in fewer
+# interpreted programs.
 _BERNOULLI_ITEMS = [
     # HALVES 2 (items of 2 blocks of 16, partials of 64), more partials a sample than are
     # summed one by one (_FEW_PARTIALS); L % 4 == 2
     (5, 322, 16, None, 40, 2),
-    (4, 152, 16, 1, 132, 1),  # lag 1: each sample's blocks right after the next one's partials
-    (3, 600, 64, 3, 132, 1),  # lag N: every partials item first
-    (6, 131, 32, 2, 132, 1),  # L % 4 == 3: a row's first block starts inside a Philox group
+    (4, 152, 16, 1, None, 1),  # lag 1: each sample's blocks right after the next one's partials
+    (3, 600, 64, 3, None, 1),  # lag N: every partials item first
+    (6, 131, 32, 2, None, 1),  # L % 4 == 3: a row's first block starts inside a Philox group
 ]
 
 
@@ -269,7 +270,8 @@ def test_triton_bernoulli_items(monkeypatch, n, length, block, lag, sms, halves)
     grad / q (backward), on rows whose largest p is below 2^-7 (the series path for the whole
     sample) and rows with one dominant element, a zero sample, an inf and a NaN."""
     kernels = _triton_kernels()
-    monkeypatch.setattr(kernels, "_SMS", sms)
+    if sms is not None:
+        monkeypatch.setattr(kernels, "_SMS", sms)
     gen = torch.Generator().manual_seed(length)
     x = torch.randn(n, length, generator=gen)
     x[1, 7] = 30.0 * length  # p ~ 0.96: the log path
