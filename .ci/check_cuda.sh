@@ -70,10 +70,14 @@ export CPATH="$SITE/nvidia/cu13/include${CPATH:+:$CPATH}"
 export PATH="$CUDA_HOME/bin:$VENV/bin:$PATH"
 export TORCH_CUDA_ARCH_LIST="$(archs_of "$TORCH_VERSION")"
 export PYPRUNE_CUDA=1
+# Host code at -O0 (setup.py): this build is compiled, loaded and read, never run; the device
+# code, and so the resource table that gpu-report reads from it, is the same.
+export PYPRUNE_COMPILE_CHECK=1
 export MAX_JOBS="${MAX_JOBS:-2}"
 
 echo "check-cuda: building into $OUT"
-echo "  CUDA_HOME=$CUDA_HOME TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST MAX_JOBS=$MAX_JOBS"
+echo "  CUDA_HOME=$CUDA_HOME TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST MAX_JOBS=$MAX_JOBS" \
+  "PYPRUNE_COMPILE_CHECK=1"
 "$PY" setup.py -q build_ext --build-lib "$OUT/lib" --build-temp "$OUT/tmp"
 
 shopt -s nullglob

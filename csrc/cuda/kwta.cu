@@ -420,7 +420,7 @@ __global__ void __launch_bounds__(kThreads, (block_min_blocks<scalar_t, kThreads
   const bool clustered = p.cluster > 1;
   U* cand = reinterpret_cast<U*>(smem + (clustered ? 3 : 1) * kHistBytes);
 
-  const int tid = threadIdx.x, lane = tid & 31;
+  const int tid = threadIdx.x;
   int rank_in_cluster = 0;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   if (clustered) rank_in_cluster = static_cast<int>(cg::this_cluster().block_rank());
