@@ -1,8 +1,8 @@
 """Builds pyprune._C from csrc/: CPU kernels always, CUDA kernels when torch has CUDA and nvcc
 is found. PYPRUNE_CUDA=0/1 overrides the detection (1 fails loudly when CUDA cannot be built).
 PYPRUNE_COMPILE_CHECK=1 compiles the C++ host code at -O0: a build that is only compiled, loaded
-and read (make check-cuda), never run, in half the compile time. The device code's SASS is the
-same (nvcc's -O is the host's; the device code is optimised unless -G).
+and read (make check-cuda), never run; its CPU sources compile in about half the time. The device
+code's SASS is the same (nvcc's -O is the host's; the device code is optimised unless -G).
 
 The project's metadata is in pyproject.toml; this file holds what depends on the torch that
 builds: the extension, and the torch requirement. pyprune._C links against that torch's C++ ABI

@@ -77,7 +77,7 @@ export MAX_JOBS="${MAX_JOBS:-2}"
 
 echo "check-cuda: building into $OUT"
 echo "  CUDA_HOME=$CUDA_HOME TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST MAX_JOBS=$MAX_JOBS" \
-  "PYPRUNE_COMPILE_CHECK=1"
+  "PYPRUNE_COMPILE_CHECK=$PYPRUNE_COMPILE_CHECK"
 "$PY" setup.py -q build_ext --build-lib "$OUT/lib" --build-temp "$OUT/tmp"
 
 shopt -s nullglob
