@@ -194,6 +194,8 @@ class Variant:
     dynamic_smem: int
     used_by: list[str] = field(default_factory=list)
     step_ops: int | None = None  # lane instructions a thread of a GEMM K-loop step (SASS)
+    # A GATED masked-convolution variant's dense body's step (step_ops: its block-sparse one).
+    dense_step_ops: int | None = None
     loop_ops: tuple[int, int] | None = None  # loop_instructions of its SASS
     draw_ops: int | None = None  # draw_loop_instructions of its SASS
     occ: Occupancy | None = None
@@ -442,6 +444,25 @@ def _step_loop(body: list) -> tuple[tuple[int, int] | None, list[tuple[int, int]
     return step, loops
 
 
+def gated_step_instructions(body: list) -> tuple[int | None, int | None]:
+    """(block-sparse step, dense step) of a GATED masked-convolution variant's SASS, which holds
+    both bodies: the block-sparse K-loop step is the innermost loop with a global load and a
+    tensor-core instruction that lies inside another tensor-core loop (its group of block-list
+    entries), the dense one such a loop inside none; lane instructions a thread of one trip
+    each, None where there is no such loop."""
+    loops = _loops(body)
+    mma = [l for l in loops if _holds(body, l, "MMA")]
+    steps = [l for l in mma if _holds(body, l, "LDG")
+             and not any(o != l and l[0] <= o[0] and o[1] <= l[1] for o in mma)]
+
+    def size(nested: bool) -> int | None:
+        found = [l for l in steps
+                 if any(o != l and o[0] <= l[0] and l[1] <= o[1] for o in mma) == nested]
+        return found[0][1] - found[0][0] + 1 if len(found) == 1 else None
+
+    return size(True), size(False)
+
+
 def step_instructions(body: list, trips: int = 1) -> int | None:
     """Lane instructions a thread of one step of a GEMM's K loop in SASS (_step_loop), plus
     (trips - 1) times the innermost loop inside it that holds the tensor-core instructions (a
@@ -568,6 +589,15 @@ def check_step_ops(cuda_sass: str, triton: list[Variant], found: list) -> list[s
             if c["PRECISION"] == precision and not c.get("IN_SCALE"):
                 rows[(bool(c["SPARSE"]), bool(c.get("IN_LIST")), bool(c.get("PACKED")),
                       c["BLOCK_P"], c["BLOCK_CO"], _TRITON_DTYPES.get(row.dtype))] = row
+            # A GATED variant's dense body: the packed step of its dense tile, where the
+            # roofline charges one.
+            dense = roofline.TRITON_CONV_PACKED_STEP_OPS.get((c.get("DENSE_P"), c.get("DENSE_CO")))
+            if c.get("GATED") and c["PRECISION"] == precision and dense:
+                model = dense.get(_TRITON_DTYPES.get(row.dtype))
+                if model is not None:
+                    compare(f"triton _masked_conv2d_forward_kernel {row.dtype} BLOCK_P="
+                            f"{c['BLOCK_P']} GATED dense DENSE_P={c['DENSE_P']} "
+                            f"DENSE_CO={c['DENSE_CO']}", model, row.dense_step_ops)
     tables = [((sparse, listed, False, block_p, block_co), by_dtype)
               for (sparse, listed, block_p, block_co), by_dtype
               in roofline.TRITON_CONV_STEP_OPS.items()]
@@ -646,8 +676,11 @@ def _triton_one(index: int) -> tuple:
         (usage,) = parse_resource_usage(_run([tool, "--dump-resource-usage", path])).values()
         threads = next(iter(parse_block_sizes(_run([tool, "-elf", path])).values()), 0)
         (body,) = sass_functions(_run([tool, "-sass", path])).values()
+    steps, dense_steps = step_instructions(body), None
+    if variant.constexprs.get("GATED"):  # the block-sparse body's step and the dense one's
+        steps, dense_steps = gated_step_instructions(body)
     return (index, usage, threads, compiled.metadata.shared, compiled.metadata.num_warps,
-            step_instructions(body), loop_instructions(body), pipeline_drains(body),
+            dense_steps, steps, loop_instructions(body), pipeline_drains(body),
             draw_loop_instructions(body), memory_fences(body))
 
 
@@ -690,13 +723,14 @@ def triton_variants(jobs: int) -> tuple[list[Variant], list]:
     else:
         results = [_triton_one(i) for i in indices]
     variants = []
-    for (index, (regs, stack, smem, local), threads, shared, num_warps, steps, loop,
-         drains, draws, fences) in results:
+    for (index, (regs, stack, smem, local), threads, shared, num_warps, dense_steps, steps,
+         loop, drains, draws, fences) in results:
         v = found[index]
         dtype = next((t[1:] for t in v.signature.values() if t.startswith("*")), "-")
         row = Variant("triton", f"{v.module}.{v.kernel.__name__}", dtype,
                       _config(v.constexprs, v.options), threads, regs, stack, local, smem, shared,
-                      step_ops=steps, loop_ops=loop, draw_ops=draws)
+                      step_ops=steps, loop_ops=loop, draw_ops=draws,
+                      dense_step_ops=dense_steps)
         if threads != 32 * num_warps:
             row.problems.append(f"ELF block size {threads} != 32 * num_warps ({num_warps})")
         if drains:

@@ -617,6 +617,16 @@ def triton_conv_config(c_out: int, pixels: int, n: int, out_masked: bool = False
 
 
 TRITON_WEIGHT_MASK_BLOCK = 16
+# masked_conv._SPARSE_MAX_SHARE: above this share of (16-channel block, tap) tiles keeping a
+# weight, the weight-mask launch (GATED) runs its dense programs on wp instead.
+TRITON_SPARSE_MAX_SHARE = 0.5
+
+
+def triton_gated_dense_tile(block_p: int) -> tuple[int, int] | None:
+    """masked_conv._gated_dense_tile: the dense tiles (pixels, output channels) that a
+    weight-mask launch of block_p-pixel block-sparse tiles carries at its 4 warps, None below
+    128 pixels (masked_conv._GATED_MIN_P: the block-sparse kernel alone)."""
+    return (64, 32) if block_p >= 128 else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2354,7 +2364,8 @@ def _triton_pack(p: Plan, g: _Conv, in_kept: int, ci_work: int, rows: int = 0,
 
 
 def _triton_conv(p: Plan, g: _Conv, out_kept: int, in_kept: int, per_sample: bool,
-                 out_mask: bool, in_mask: bool) -> None:
+                 out_mask: bool, in_mask: bool, xp: float | None = None,
+                 gated: tuple[int, int] | None = None) -> None:
     """_masked_conv2d_forward_kernel with channel lists: work padded to the blocks, on the
     tensor cores (TF32 for float32: cudnn.allow_tf32, PyTorch's default, which the benchmark
     keeps); the output-channel blocks past the kept count store zeros only. Masks shared by
@@ -2363,12 +2374,17 @@ def _triton_conv(p: Plan, g: _Conv, out_kept: int, in_kept: int, per_sample: boo
     runs 9 * ceil(in_kept / BLOCK_CI) steps of TRITON_CONV_PACKED_STEP_OPS lane instructions a
     thread over xp. Unpacked: TRITON_CONV_STEP_OPS a step; with an input mask (listed
     channels), a chunk's loop around 9 steps adds TRITON_CONV_CHUNK_OPS and one pipeline
-    refill."""
+    refill. xp, gated: a weight mask's launch that runs its dense programs (GATED), after the
+    caller's pack (xp's bytes), in the tiles of the block-sparse launch's grid (its programs,
+    whose count is gated[1]; those past the dense grid return at once) at 4 warps, gated[0]
+    pixels a tile (triton_gated_dense_tile)."""
     ranges = g.n if per_sample else 1
     span = g.pixels * g.n // ranges
     packed = not (in_mask and per_sample)
     block_p, block_co, block_ci, warps = triton_conv_config(g.c, span, ranges, out_mask,
                                                             packed=packed)
+    if gated:
+        (block_p, block_co), block_ci, warps = triton_gated_dense_tile(gated[0]), 32, 4
     _triton_channel_lists(p, in_mask and per_sample)
     _triton_channel_lists(p, out_mask and per_sample and not packed)  # packed: the pack orders
     co_work = math.ceil(out_kept / block_co) * block_co
@@ -2381,7 +2397,8 @@ def _triton_conv(p: Plan, g: _Conv, out_kept: int, in_kept: int, per_sample: boo
     chain = 0.0
     if packed:
         # A per-sample out_mask: the packing launch writes its rows' kept-first lists.
-        x_read = _triton_pack(p, g, in_kept, ci_work, g.n if out_mask and per_sample else 0)
+        x_read = xp if xp is not None else _triton_pack(p, g, in_kept, ci_work,
+                                                        g.n if out_mask and per_sample else 0)
         per_thread = 9 * chunks * TRITON_CONV_PACKED_STEP_OPS[(block_p, block_co)][dtype]
     else:
         per_thread = 9 * chunks * TRITON_CONV_STEP_OPS[(False, in_mask, block_p, block_co)][dtype]
@@ -2402,32 +2419,39 @@ def _triton_conv(p: Plan, g: _Conv, out_kept: int, in_kept: int, per_sample: boo
         x_tiles = active * 9 * chunks * block_p * block_ci * g.esize
     w_tiles = active * block_co * 9 * ci_work * g.esize
     p.host("triton")
-    p.kernel("_masked_conv2d_forward_kernel (tensor cores)", "inner",
+    p.kernel("_masked_conv2d_forward_kernel (tensor cores" + (", GATED dense)" if gated else ")"),
+             "inner",
              hbm=x_read + g.x + g.weight,
              l2=max(0.0, x_tiles - x_read) + max(0.0, w_tiles - g.weight * ci_work / g.c),
              flops=g.flops(co_work, ci_work, p_work), tensor=True,
              eff=p.gpu["triton_tc_eff" if block_p >= 64 else "triton_tc16_eff"],
-             ops=active * 32 * warps * per_thread, ctas=active, per_sm=16 // warps,
-             chain_us=chain)
+             ops=active * 32 * warps * per_thread, ctas=max(active, gated[1]) if gated else active,
+             per_sm=16 // warps, chain_us=chain)
 
 
 def _triton_sparse(p: Plan, g: _Conv) -> None:
-    """The block-sparse weight-mask path, packed: _pack_kernel (xp, and wp holding the mask's
-    zeros; its tiles of x flagged finite or not, for the samples that must run every tile),
-    the kernel over the occupied 16x16 (output, input channel) tiles of each tap, on the
-    tensor cores. The mask's block table is built once per mask version (_MaskCache): a
-    benchmark's static mask costs no launch a call."""
+    """The weight-mask path, packed: _pack_kernel (xp, and wp holding the mask's zeros; its
+    tiles of x flagged finite or not, for the samples that must run every tile), then one
+    launch (GATED) whose programs run, as the mask's gated counts say, the block-sparse kernel
+    over the occupied 16x16 (output, input channel) tiles of each tap, on the tensor cores,
+    where at most TRITON_SPARSE_MAX_SHARE of the tiles keep a weight (or the tiles are under
+    128 pixels), else the dense kernel on wp (_triton_conv, gated). The mask's block table is
+    built once per mask version
+    (_MaskCache): a benchmark's static mask costs no launch a call."""
     tile = TRITON_WEIGHT_MASK_BLOCK
     occupied = (1 - (1 - g.keep) ** (tile * tile)) if g.kind == "w" else g.keep
     ci_blocks = math.ceil(g.c / tile)
     xp = _triton_pack(p, g, g.c, math.ceil(g.c / 32) * 32, weight_mask=True)
-    p.host("triton")
     span = g.n * g.pixels  # no per-sample mask: pixel tiles over the batch
     block_p, _, _, warps = triton_conv_config(g.c, span, 1, sparse=True, packed=True)
-    p_work = math.ceil(span / block_p) * block_p / g.n
     co_blocks = math.ceil(g.c / tile)
     # 16 output channels a program: the x tile is reread per output block, the MMA is narrow.
     ctas = math.ceil(span / block_p) * co_blocks
+    if occupied > TRITON_SPARSE_MAX_SHARE and triton_gated_dense_tile(block_p):
+        _triton_conv(p, g, g.c, g.c, False, False, False, xp=xp, gated=(block_p, ctas))
+        return
+    p.host("triton")
+    p_work = math.ceil(span / block_p) * block_p / g.n
     steps = 9 * ci_blocks * occupied  # the occupied (16-channel block, tap) tiles
     # L2: a channel block's taps run back to back and copy x in 8-byte cp.async.ca (as the
     # dense packed path), so each program reads its tile's patch of xp from L2 once an occupied

@@ -56,6 +56,16 @@ def _masked_conv(dtype):
     for stride in (1, 2):
         y = pyprune.masked_conv2d(x, w, b, stride, 1, weight_mask=weight_mask)
         y.sum().backward()
+    # Large enough for 128-pixel block-sparse tiles on 132 SMs, whose launch carries the dense
+    # programs (Triton, GATED): an unstructured mask runs them (a grid of 25 x 4 block-sparse
+    # programs, 2 past the dense grid's 49 x 2), a mask of whole 16x16 tiles the block-sparse ones.
+    x = torch.randn(1, 64, 56, 56, device="cuda", dtype=dtype, requires_grad=True)
+    w = torch.randn(64, 64, 3, 3, device="cuda", dtype=dtype, requires_grad=True)
+    tiles = torch.rand(4, 4, device="cuda", generator=gen) < 0.25
+    for weight_mask in (torch.rand(w.shape, device="cuda", generator=gen) < 0.1,
+                        tiles.repeat_interleave(16, 0).repeat_interleave(16, 1)[:, :, None, None]
+                        .expand(w.shape)):
+        pyprune.masked_conv2d(x, w, None, 1, 1, weight_mask=weight_mask).sum().backward()
 
 
 def main() -> None:

@@ -234,11 +234,11 @@ def test_triton_variant_resources():
 
     found, _ = aot.variants()
     index = next(i for i, v in enumerate(found) if v.kernel.__name__ == "_kwta_backward_kernel")
-    _, (regs, stack, smem, local), threads, shared, num_warps, steps, loop, drains, draws, fences = (
-        gpu_report._triton_one(index))
+    (_, (regs, stack, smem, local), threads, shared, num_warps, dense_steps, steps, loop, drains,
+     draws, fences) = gpu_report._triton_one(index)
     assert 0 < regs <= 255 and stack == 0 and local == 0
     assert threads == 32 * num_warps == 32 * found[index].options["num_warps"]
-    assert steps is None  # no tensor-core K loop in an elementwise kernel
+    assert steps is None and dense_steps is None  # no tensor-core K loop in an elementwise kernel
     assert not drains and draws is None  # no loop, no Philox
     assert fences == 0
 

@@ -410,6 +410,16 @@ def test_written_out_triton_configs_match_the_launchers():
         bp, bco, bci = masked_conv._blocks(c_out, pixels, n, out_masked, sparse)
         assert roofline.triton_conv_config(c_out, pixels, n, out_masked, sparse, packed) == (
             bp, bco, bci, masked_conv._num_warps(bp, bco, bci, 90, packed))
+    # A weight mask's launch: the dense tiles it carries, and the share that picks them.
+    for block_p in masked_conv._BLOCK_PS:
+        dense = masked_conv._gated_dense_tile(block_p)
+        assert roofline.triton_gated_dense_tile(block_p) == dense
+        assert (dense is None) == (block_p < masked_conv._GATED_MIN_P)
+        if dense:  # at the block-sparse tiles' warps, a tile every architecture takes
+            assert masked_conv._num_warps(*dense, 32, 90, True) == masked_conv._num_warps(
+                block_p, 16, 16, 90, True) == 4
+            assert all((*dense, 32, False) in masked_conv._configs(a) for a in (80, 90))
+    assert roofline.TRITON_SPARSE_MAX_SHARE == masked_conv._SPARSE_MAX_SHARE
     assert roofline.TRITON_KWTA_MAX_BLOCK == kwta._FWD_MAX_BLOCK
     assert roofline.TRITON_KWTA_MAX_MASKED == kwta._FWD_MAX_MASKED
     assert roofline.TRITON_KWTA_SAMPLE == (kwta._SAMPLE_MIN, kwta._SAMPLE)

@@ -13,8 +13,8 @@ import pyprune
 from pyprune import reference
 from pyprune.nn import MaskedConv2d
 
-from .conftest import (DEVICE_BACKENDS, TOLERANCES, AtenCalls, compile_and_backward,
-                       spy_conv_launches)
+from .conftest import (DEVICE_BACKENDS, TF32_TOLERANCE, TOLERANCES, AtenCalls,
+                       compile_and_backward, spy_conv_launches)
 
 TRITON = [p for p in DEVICE_BACKENDS if p.values[0][1] == "triton"]
 pytestmark = pytest.mark.parametrize("device_backend", TRITON, indirect=True)
@@ -73,23 +73,36 @@ def _packing(monkeypatch, packed: bool):
     return spy_conv_launches(monkeypatch)
 
 
-def _ran(spy, packed: bool) -> None:
-    assert spy.launches and all(k["SPARSE"] and k["PACKED"] == packed for k in spy.launches)
+def _ran(spy, packed: bool, gated: bool = False) -> None:
+    """The weight-mask kernel ran, packed or not, GATED (carrying the dense programs) where
+    packed on the tensor cores (gated: the test's dtype and precision say so)."""
+    assert spy.launches and all(k["SPARSE"] and k["PACKED"] == packed
+                                and k["GATED"] == (packed and gated) for k in spy.launches)
+
+
+def _sparse_max(monkeypatch, share: float) -> None:
+    """_SPARSE_MAX_SHARE for the test, with a fresh mask cache (its tables hold the choice):
+    0.0 runs every mask that keeps a weight dense, 1.0 none."""
+    from pyprune.triton_kernels import masked_conv as kernels
+
+    monkeypatch.setattr(kernels, "_SPARSE_MAX_SHARE", share)
+    monkeypatch.setattr(kernels, "_MASKS", kernels._MaskCache())
 
 
 PACKED = pytest.mark.parametrize("packed", [True, False], ids=["packed", "unpacked"])
 
 
-def _close(got, want, dtype, scale):
-    atol, rtol = TOLERANCES[dtype]
+def _close(got, want, dtype, scale, tolerance=None):
+    atol, rtol = tolerance or TOLERANCES[dtype]
     torch.testing.assert_close(got.double(), want, atol=atol * scale, rtol=rtol * scale,
                                equal_nan=True)
 
 
-def _check_with_gradients(x, weight, bias, mask, args, scale, gen):
+def _check_with_gradients(x, weight, bias, mask, args, scale, gen, tolerance=None):
     """pyprune.masked_conv2d(x, weight, bias, *args, weight_mask=mask) and its gradients, for
     an incoming gradient drawn from gen, against the reference's in float64 (float32
-    tolerances times scale); returns the output and the gradients."""
+    tolerances, or the (atol, rtol) given, times scale); returns the output and the
+    gradients."""
     leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
     y = pyprune.masked_conv2d(*leaves, *args, weight_mask=mask)
     grad = torch.randn(y.shape, generator=gen).to(x.device)
@@ -97,9 +110,9 @@ def _check_with_gradients(x, weight, bias, mask, args, scale, gen):
     ref = [t.detach().double().requires_grad_() for t in (x, weight, bias)]
     want = reference.masked_conv2d(*ref, *args, weight_mask=mask)
     want_grads = torch.autograd.grad(want, ref, grad.double())
-    _close(y, want.detach(), torch.float32, scale)
+    _close(y, want.detach(), torch.float32, scale, tolerance)
     for g, w in zip(got, want_grads):
-        _close(g, w, torch.float32, scale)
+        _close(g, w, torch.float32, scale, tolerance)
     return y, got
 
 
@@ -215,7 +228,7 @@ def test_block_table(device_backend):
             mask = _mask(kind, shape, gen)
             if kind == "random":  # sparse enough that some tiles are empty
                 mask &= torch.rand(shape, generator=gen) < 0.02
-            lists, counts, ci_blocks = _block_table(mask.to(device), block, block)
+            lists, counts, ci_blocks, gated = _block_table(mask.to(device), block, block)
             cout, cin, kh, kw = shape
             bits = _tap_bits(kh, kw)
             kw_bits, kh_bits = bits & 255, bits >> 8
@@ -240,6 +253,11 @@ def test_block_table(device_backend):
                 assert counts[j].item() == len(kept)
                 assert row[:len(kept)] == kept
                 assert sorted(row) == list(range(kh * kw * ci_blocks))
+            # Dense (-1 each) where more than half of all the tiles keep a weight.
+            dense = counts.sum().item() * 2 > co_blocks * ci_blocks * kh * kw
+            assert gated.tolist() == ([-1] * co_blocks if dense else counts.tolist())
+            if kind in ("all", "nothing"):
+                assert dense == (kind == "all")
 
 
 def test_block_table_cached_per_mask_version(device_backend, monkeypatch):
@@ -318,6 +336,7 @@ def test_empty_tiles_are_skipped(device_backend, monkeypatch, packed):
 
     device, _ = device_backend
     spy = _packing(monkeypatch, packed)
+    _sparse_max(monkeypatch, 1.0)  # half the tiles keep a weight: block-sparse either way
     geom = (2, 32, 16, 6, 6, 3, 1, 1, 1)
     x, weight, bias, _ = _inputs(geom, torch.float32, "all", device)
     mask = torch.zeros(weight.shape, dtype=torch.bool, device=device)
@@ -334,6 +353,104 @@ def test_empty_tiles_are_skipped(device_backend, monkeypatch, packed):
     y = pyprune.masked_conv2d(x, weight, bias, *_args(geom), weight_mask=mask)
     assert torch.isnan(y).any()
     _ran(spy, packed)
+
+
+def _few_sms(monkeypatch) -> None:
+    """The launcher's SM count set to 4, so that small problems keep the block-sparse tiles of
+    128 pixels whose launches carry the dense programs (the GPU's 132 would shrink them)."""
+    from pyprune.triton_kernels import masked_conv as kernels
+
+    monkeypatch.setattr(kernels, "_SMS", 4)
+
+
+def _masked_tiles_inf(device):
+    """x, weight, bias, mask (2 x 32 -> 48 channels, 12x12) whose mask keeps weights in the
+    first 16 input channels only, with inf in the other 16: a kernel that computes their
+    (empty) tiles gives NaN there, as conv2d(x, weight * mask) does."""
+    x, weight, bias, _ = _inputs((2, 32, 48, 12, 12, 3, 1, 1, 1), torch.float32, "all", device)
+    mask = torch.zeros(weight.shape, dtype=torch.bool, device=device)
+    mask[:, :16] = torch.rand(48, 16, 3, 3, device=device) < 0.5
+    x[:, 16:] = float("inf")
+    return x, weight, bias, mask
+
+
+# Geometries whose block-sparse tiles are 128 pixels (with _few_sms; those launches carry the
+# dense programs): stride 1 (grad_x by the same kernel, on 128-pixel tiles too), stride 2, and
+# one whose block-sparse grid is the larger (192 pixels by 64 channels: 2 x 4 against 3 x 2).
+GATED_GEOMETRIES = [(2, 40, 36, 12, 12, 3, 1, 1, 1), (2, 24, 40, 24, 24, 3, 2, 1, 1),
+                    (2, 16, 64, 8, 12, 3, 1, 1, 1)]
+
+
+@pytest.mark.tf32
+@pytest.mark.parametrize("dense", [False, True], ids=["block-sparse", "dense"])
+def test_gated_launch(device_backend, monkeypatch, dense):
+    """Packed on the tensor cores (TF32 allowed, PyTorch's default) in 128-pixel tiles, a
+    weight mask's launch carries the dense kernel too (GATED): the share forced to 0 or 1
+    makes a mask run the dense programs on wp or the block-sparse ones, against the reference
+    (stride 1: forward and gradients, grad_x on the flipped mask's table; stride 2: forward),
+    the grid the larger of the two. Which ran shows where the finiteness check is off: the
+    dense programs compute the tiles that the mask empties (inf there gives NaN), the
+    block-sparse ones skip them."""
+    from pyprune.triton_kernels import masked_conv as kernels
+
+    device, _ = device_backend
+    spy = _packing(monkeypatch, True)
+    _sparse_max(monkeypatch, 0.0 if dense else 1.0)
+    _few_sms(monkeypatch)
+    geom = GATED_GEOMETRIES[0]
+    x, weight, bias, mask = _inputs(geom, torch.float32, "random" if dense else "tiles", device)
+    _check_with_gradients(x, weight, bias, mask, _args(geom), geom[1] * 9 / 4,
+                          torch.Generator().manual_seed(5), TF32_TOLERANCE)
+    # 288 output pixels: max(3 x 3 block-sparse programs, 5 x 2 dense ones), twice
+    assert spy.grids == [(10,)] * 2
+    for geom, grid in zip(GATED_GEOMETRIES[1:], (10, 8)):
+        x, weight, bias, mask = _inputs(geom, torch.float32, "tiles", device)
+        want = reference.masked_conv2d(x.double(), weight.double(), bias.double(),
+                                       *_args(geom), weight_mask=mask)
+        spy.grids.clear()
+        y = pyprune.masked_conv2d(x, weight, bias, *_args(geom), weight_mask=mask)
+        assert spy.grids == [(grid,)]
+        _close(y, want, torch.float32, geom[1] * 9 / 4, TF32_TOLERANCE)
+    monkeypatch.setattr(kernels, "_CHECK_FINITE", False)
+    x, weight, bias, mask = _masked_tiles_inf(device)
+    y = pyprune.masked_conv2d(x, weight, bias, 1, 1, weight_mask=mask)
+    assert torch.isnan(y).any() == dense
+    _ran(spy, True, gated=True)
+
+
+def test_small_tiles_run_block_sparse(device_backend, monkeypatch):
+    """Block-sparse tiles under 128 pixels (small problems on the GPU's SMs) launch the
+    block-sparse kernel alone (not GATED), whatever the mask: an unstructured one against the
+    reference."""
+    device, _ = device_backend
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    spy = _packing(monkeypatch, True)
+    _sparse_max(monkeypatch, 0.0)
+    x, weight, bias, mask = _inputs(GEOMETRIES[1], torch.float32, "random", device)
+    y = pyprune.masked_conv2d(x, weight, bias, *_args(GEOMETRIES[1]), weight_mask=mask)
+    assert spy.launches[-1]["BLOCK_P"] < 128
+    _ran(spy, True, gated=False)
+    want = reference.masked_conv2d(x.double(), weight.double(), bias.double(),
+                                   *_args(GEOMETRIES[1]), weight_mask=mask)
+    _close(y, want, torch.float32, 10.0, TF32_TOLERANCE)
+
+
+@pytest.mark.tf32
+def test_gated_choice_by_share(device_backend, monkeypatch):
+    """_SPARSE_MAX_SHARE as set: a mask most of whose tiles keep no weight runs the block-sparse
+    programs (the empty tiles' inf does not reach the output with the finiteness check off),
+    an unstructured one the dense programs (it does)."""
+    from pyprune.triton_kernels import masked_conv as kernels
+
+    device, _ = device_backend
+    _sparse_max(monkeypatch, kernels._SPARSE_MAX_SHARE)
+    _few_sms(monkeypatch)
+    monkeypatch.setattr(kernels, "_CHECK_FINITE", False)
+    x, weight, bias, mask = _masked_tiles_inf(device)
+    unstructured = torch.rand(weight.shape, device=device) < 0.1
+    for m, dense in ((mask, False), (unstructured, True)):
+        y = pyprune.masked_conv2d(x, weight, bias, 1, 1, weight_mask=m)
+        assert torch.isnan(y).any() == dense
 
 
 @PACKED

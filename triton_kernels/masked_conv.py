@@ -158,6 +158,22 @@ _SMS = 132
 # Output- and input-channel tile of the weight-mask path: the smallest, so that most all-zero
 # tiles of a pruned weight are whole tiles that can be skipped.
 _WEIGHT_MASK_BLOCK = 16
+# The largest share of a weight mask's (16-channel block, tap) tiles that keep a weight for
+# which the block-sparse kernel runs (packed). Above it the dense kernel on the packed weight *
+# mask is faster: the block-sparse kernel's 16-channel tiles cost ~1.5x the dense kernel's
+# wider ones a tile (at every tile kept the roofline model predicts 35.7 against 23.3 us on
+# an H200 at 32x128x16x16), and an unstructured mask keeps a weight in almost every tile
+# (1 - 0.9^256 of them at 10% of the weights). The choice is device data (_block_table's
+# gated counts, made with the block table once per mask version), which the launch's programs
+# read (GATED): no host synchronization, no second launch.
+_SPARSE_MAX_SHARE = 0.5
+# The smallest block-sparse pixel tile whose launches carry the dense programs. A kernel holding
+# both bodies takes the registers and shared memory of the larger, the dense one's (sm_90 SASS:
+# 127 float32 registers, 36 KiB): at 128 pixels the block-sparse body alone needs about as much
+# (122, 27 KiB; 4 programs an SM either way), at 16-64 pixels it needs far less (56-80, 9-6
+# programs an SM), which the dense body would cut to 4. Smaller tiles are taken for small
+# problems, where the block-sparse kernel runs alone as before.
+_GATED_MIN_P = 128
 # Tile elements per thread (the float32 accumulator and one pipeline stage of the x and weight
 # tiles) that fit MAX_REGS registers without spills: the fewest warps of _WARPS that keep a
 # launch within it, per architecture. sm_90's warpgroup MMA, which Triton uses from 64 pixels
@@ -412,10 +428,9 @@ def _reduce(acc, steps, c0, listed, taps, x_rows, oh, ow, p_ok, H, W, KH, KW, st
     return acc
 
 
-@triton.jit(do_not_specialize=["span", "in_per_sample", "out_per_sample", "in_listed",
-                               "out_listed", "has_bias", "has_out_scale", "has_raw",
-                               "finite_per", "tap_bits"])
-def _masked_conv2d_forward_kernel(
+@triton.jit
+def _conv_program(
+    pid,
     x_ptr, w_ptr, b_ptr, in_idx_ptr, in_mask_ptr, out_idx_ptr, out_mask_ptr, out_ptr,
     wm_ptr, blk_idx_ptr, blk_cnt_ptr, finite_ptr, in_scale_ptr, out_scale_ptr, raw_ptr,
     C_in, H, W, C_out, H_out, W_out, KH, KW, finite_per, tap_bits,
@@ -437,12 +452,13 @@ def _masked_conv2d_forward_kernel(
     PREFETCH: tl.constexpr,
     PACKED: tl.constexpr,
 ):
+    """Program pid of a launch of _masked_conv2d_forward_kernel with these tiles: its block
+    of output pixels by output channels, written whole."""
     # Output-channel blocks vary fastest: neighbouring programs share the same x tile.
     # Pixel tiles run over the output pixels of `span` consecutive samples (span 1: one
     # sample, the program's n; span N: the whole batch, n = 0, for masks shared by the batch),
     # so a small feature map still fills the tile. Offsets inside a sample (and in the weight)
     # are int32, which the launcher checks (span * H_out * W_out too); sample offsets int64.
-    pid = tl.program_id(0)
     co_b = pid % co_blocks
     rest = pid // co_blocks
     p_b = rest % p_blocks
@@ -572,6 +588,74 @@ def _masked_conv2d_forward_kernel(
         scale = tl.load(out_scale_ptr + n * C_out + co, mask=co_ok, other=0.0).to(tl.float32)
         result = _round(result.to(tl.float32) * scale[None, :], out_ptr.dtype.element_ty)
     tl.store(out_ptr + sample + offsets, result, mask=in_out)
+
+
+@triton.jit(do_not_specialize=["span", "in_per_sample", "out_per_sample", "in_listed",
+                               "out_listed", "has_bias", "has_out_scale", "has_raw",
+                               "finite_per", "tap_bits", "groups_n"])
+def _masked_conv2d_forward_kernel(
+    x_ptr, w_ptr, b_ptr, in_idx_ptr, in_mask_ptr, out_idx_ptr, out_mask_ptr, out_ptr,
+    wm_ptr, blk_idx_ptr, blk_cnt_ptr, finite_ptr, in_scale_ptr, out_scale_ptr, raw_ptr,
+    C_in, H, W, C_out, H_out, W_out, KH, KW, finite_per, tap_bits,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    span, p_blocks, co_blocks, in_per_sample, out_per_sample, in_listed, out_listed, has_bias,
+    tap_blocks, has_out_scale, has_raw,
+    x_sn, x_sc, x_sh, x_sw,
+    w_so, w_si, w_sh, w_sw,
+    out_sn, out_sc, out_sh, out_sw,
+    groups_n,
+    BLOCK_P: tl.constexpr,
+    BLOCK_CO: tl.constexpr,
+    BLOCK_CI: tl.constexpr,
+    SPARSE: tl.constexpr,
+    PRECISION: tl.constexpr,
+    FOR_LOOP: tl.constexpr,
+    UPCAST: tl.constexpr,
+    IN_LIST: tl.constexpr,
+    IN_SCALE: tl.constexpr,
+    PREFETCH: tl.constexpr,
+    PACKED: tl.constexpr,
+    GATED: tl.constexpr,
+    DENSE_P: tl.constexpr,
+    DENSE_CO: tl.constexpr,
+):
+    """The masked convolution (masked_conv2d_forward): a grid of (groups_n pixel ranges) x
+    (p_blocks) x (co_blocks) programs of BLOCK_P output pixels by BLOCK_CO output channels.
+
+    GATED (a packed weight mask, SPARSE): the launch carries the dense kernel too, on wp
+    (weight * mask) in tiles of DENSE_P pixels by DENSE_CO output channels (BLOCK_CI = 32),
+    at the same warps. The mask's gated counts (blk_cnt_ptr, _block_table) choose: -1 (more
+    than _SPARSE_MAX_SHARE of its tiles keep a weight) runs the dense programs, else the
+    block-sparse ones; the grid covers the larger of the two, and the programs past the chosen
+    one's grid return at once."""
+    pid = tl.program_id(0)
+    if GATED:
+        if tl.load(blk_cnt_ptr) < 0:  # the dense programs, on the whole of wp
+            d_p_blocks = tl.cdiv(H_out * W_out * span, DENSE_P)
+            d_co_blocks = tl.cdiv(C_out, DENSE_CO)
+            if pid < groups_n * d_p_blocks * d_co_blocks:
+                _conv_program(
+                    pid, x_ptr, w_ptr, b_ptr, in_idx_ptr, in_mask_ptr, out_idx_ptr,
+                    out_mask_ptr, out_ptr, wm_ptr, blk_idx_ptr, blk_cnt_ptr, finite_ptr,
+                    in_scale_ptr, out_scale_ptr, raw_ptr, C_in, H, W, C_out, H_out, W_out, KH,
+                    KW, finite_per, tap_bits, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+                    span, d_p_blocks, d_co_blocks, in_per_sample, out_per_sample, in_listed,
+                    out_listed, has_bias, tap_blocks, has_out_scale, has_raw, x_sn, x_sc, x_sh,
+                    x_sw, w_so, w_si, w_sh, w_sw, out_sn, out_sc, out_sh, out_sw,
+                    DENSE_P, DENSE_CO, _PACK_CI, False, PRECISION, FOR_LOOP, UPCAST, False,
+                    False, False, True)
+            return
+        if pid >= groups_n * p_blocks * co_blocks:
+            return
+    _conv_program(
+        pid, x_ptr, w_ptr, b_ptr, in_idx_ptr, in_mask_ptr, out_idx_ptr, out_mask_ptr,
+        out_ptr, wm_ptr, blk_idx_ptr, blk_cnt_ptr, finite_ptr, in_scale_ptr, out_scale_ptr,
+        raw_ptr, C_in, H, W, C_out, H_out, W_out, KH, KW, finite_per, tap_bits, stride_h,
+        stride_w, pad_h, pad_w, dil_h, dil_w, span, p_blocks, co_blocks, in_per_sample,
+        out_per_sample, in_listed, out_listed, has_bias, tap_blocks, has_out_scale, has_raw,
+        x_sn, x_sc, x_sh, x_sw, w_so, w_si, w_sh, w_sw, out_sn, out_sc, out_sh, out_sw,
+        BLOCK_P, BLOCK_CO, BLOCK_CI, SPARSE, PRECISION, FOR_LOOP, UPCAST, IN_LIST, IN_SCALE,
+        PREFETCH, PACKED)
 
 
 @triton.jit
@@ -954,15 +1038,17 @@ def _block_entries(e: torch.Tensor, KH: int, KW: int) -> torch.Tensor:
 
 
 def _block_table(weight_mask: torch.Tensor, block_co: int, block_ci: int
-                 ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(block lists, block counts, input-channel blocks) of a bool (C_out, C_in, KH, KW) weight
-    mask for tiles of block_co output by block_ci input channels: row j < ceil(C_out /
-    block_co) of the lists holds the blocks e = ci_block * KH * KW + tap (tap = kh * KW + kw)
-    of output-channel block j that keep a weight, ascending (a channel block's taps back to
-    back: packed, they reread one patch of xp from L1), then the empty ones; counts[j] is how
-    many keep one; the last row holds every block in order (for tiles whose samples may hold
-    inf or NaN). Entries encoded by _block_entries. Torch ops on the mask only (no host
-    synchronization)."""
+                 ) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
+    """(block lists, block counts, input-channel blocks, gated counts) of a bool (C_out, C_in,
+    KH, KW) weight mask for tiles of block_co output by block_ci input channels: row j <
+    ceil(C_out / block_co) of the lists holds the blocks e = ci_block * KH * KW + tap (tap = kh
+    * KW + kw) of output-channel block j that keep a weight, ascending (a channel block's taps
+    back to back: packed, they reread one patch of xp from L1), then the empty ones; counts[j]
+    is how many keep one; the last row holds every block in order (for tiles whose samples may
+    hold inf or NaN). Entries encoded by _block_entries. The gated counts are the counts, or
+    -1 each where more than _SPARSE_MAX_SHARE of all the tiles keep a weight: what a GATED
+    launch's programs read to run the dense kernel or the block-sparse one. Torch ops on the
+    mask only (no host synchronization)."""
     C_out, C_in, KH, KW = weight_mask.shape
     co_blocks, ci_blocks = cdiv(C_out, block_co), cdiv(C_in, block_ci)
     padded = weight_mask.new_zeros((co_blocks * block_co, ci_blocks * block_ci, KH * KW))
@@ -972,7 +1058,9 @@ def _block_table(weight_mask: torch.Tensor, block_co: int, block_ci: int
     order = torch.sort(occupied.logical_not(), dim=1, stable=True).indices
     every = torch.arange(ci_blocks * KH * KW, device=order.device)[None]
     lists = _block_entries(torch.cat([order, every]), KH, KW)
-    return lists.contiguous(), occupied.sum(1, dtype=torch.int32), ci_blocks
+    counts = occupied.sum(1, dtype=torch.int32)
+    dense = counts.sum() > _SPARSE_MAX_SHARE * occupied.numel()
+    return lists.contiguous(), counts, ci_blocks, counts.masked_fill(dense, -1)
 
 
 def _finite_samples(x: torch.Tensor) -> torch.Tensor:
@@ -989,7 +1077,7 @@ def masked_conv2d_forward(
     stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int],
     in_mask: torch.Tensor | None, out_mask: torch.Tensor | None,
     weight_mask: torch.Tensor | None = None, raw: torch.Tensor | None = None,
-    block_table: tuple[torch.Tensor, torch.Tensor, int] | None = None,
+    block_table: tuple[torch.Tensor, torch.Tensor, int, torch.Tensor] | None = None,
     flip_taps: bool = False,
 ) -> torch.Tensor:
     """conv2d(x * in_mask, weight * weight_mask, bias, stride, padding, dilation) * out_mask
@@ -1005,10 +1093,12 @@ def masked_conv2d_forward(
     A weight mask runs block-sparse: tiles of 16 output by 16 input channels at one tap that
     keep no weight are skipped (see _block_table); packed, the kept tiles are wp's, which holds
     weight * mask, else they load the mask with the weight and zero the masked entries. Samples
-    whose values may
-    include inf or NaN run every tile, as conv2d(x, weight * weight_mask) multiplies them by
-    the masked zeros too. block_table: the mask's _block_table for 16 x 16 tiles where the
-    caller has it (else looked up per mask version).
+    whose values may include inf or NaN run every tile, as conv2d(x, weight * weight_mask)
+    multiplies them by the masked zeros too. Packed on the tensor cores in tiles of
+    _GATED_MIN_P pixels, the launch carries the dense kernel on wp too (GATED), which runs
+    instead where more than _SPARSE_MAX_SHARE of the tiles keep a weight (an unstructured
+    mask): the programs read the mask's gated counts. block_table: the mask's _block_table for
+    16 x 16 tiles where the caller has it (else looked up per mask version).
 
     flip_taps: the convolution takes weight.flip(2, 3) (and weight_mask.flip(2, 3)), the
     transposed convolution of the backward: packed, the packing launch reads the taps in
@@ -1090,7 +1180,7 @@ def masked_conv2d_forward(
         if weight.stride() != weight_mask.stride() or weight.stride(2) != KW * weight.stride(3):
             weight, weight_mask = weight.contiguous(), weight_mask.contiguous()
         wm = weight_mask.view(torch.uint8)
-        blk_idx, blk_cnt, ci_blocks = block_table or _MASKS.get(
+        blk_idx, blk_cnt, ci_blocks, gated_cnt = block_table or _MASKS.get(
             weight_mask, ("blocks", block_co, block_ci),
             lambda m: _block_table(m, block_co, block_ci))
         if packed:  # _packed fills it with its tiles' flags (before the kernel reads them)
@@ -1102,18 +1192,29 @@ def masked_conv2d_forward(
     else:
         # Unused by the kernel: pointers of the types it is compiled for.
         wm, blk_idx, blk_cnt, finite, ci_blocks = dummy_u8, dummy_i32, dummy_i32, dummy_i32, 1
-    p_blocks = cdiv(pixels * span, block_p)
-    co_blocks = cdiv(C_out, block_co)
     precision = input_precision(x.dtype)
-    warps = _num_warps(block_p, block_co, block_ci, arch, packed and not _fma(precision, x.dtype))
+    # Packed on the tensor cores, a weight mask's launch carries the dense kernel too (GATED):
+    # the mask's gated counts pick one of the two in the kernel.
+    gated = (weight_mask is not None and packed and not _fma(precision, x.dtype)
+             and _gated_dense_tile(block_p) is not None)
+    if gated:
+        blk_cnt = gated_cnt
     x_strides, w_strides = x.stride(), weight.stride()
     if packed:  # the kernel computes the packed tensors' strides itself
         x, weight = _packed(x, weight, padding, c_pad, in_idx, in_bytes, in_listed, in_scale,
                             out_idx if ordered else None, out_bytes if ordered else None,
                             wm if weight_mask is not None else None,
                             finite if weight_mask is not None else None, flip_taps)
+
+    p_blocks = cdiv(pixels * span, block_p)
+    co_blocks = cdiv(C_out, block_co)
+    programs = N // span * p_blocks * co_blocks
+    warps = _num_warps(block_p, block_co, block_ci, arch, packed and not _fma(precision, x.dtype))
+    dense_p, dense_co = _gated_dense_tile(block_p) if gated else (0, 0)
+    if gated:
+        programs = max(programs, N // span * cdiv(pixels * span, dense_p) * cdiv(C_out, dense_co))
     with on_device(x):
-        _masked_conv2d_forward_kernel[(N // span * p_blocks * co_blocks,)](
+        _masked_conv2d_forward_kernel[(programs,)](
             x, weight, bias if bias is not None else weight, in_idx, in_bytes, out_idx, out_bytes, out,
             wm, blk_idx, blk_cnt, finite, in_scale if in_scale is not None else x,
             out_scale if out_scale is not None else x, raw if raw is not None else out,
@@ -1122,18 +1223,26 @@ def masked_conv2d_forward(
             span, p_blocks, co_blocks, in_per_sample, out_per_sample, in_listed, out_listed,
             int(bias is not None), KH * KW * ci_blocks, int(out_scale is not None),
             int(raw is not None),
-            *x_strides, *w_strides, *out.stride(),
+            *x_strides, *w_strides, *out.stride(), N // span,
             BLOCK_P=block_p, BLOCK_CO=block_co, BLOCK_CI=block_ci,
             SPARSE=weight_mask is not None, PRECISION=precision,
             FOR_LOOP=not INTERPRETED, UPCAST=x.dtype == torch.bfloat16 and INTERPRETED,
             IN_LIST=bool(in_listed) and not packed, IN_SCALE=in_scale is not None and not packed,
             PREFETCH=not packed and _prefetch(x.dtype, block_p, block_co, block_ci,
                                               weight_mask is not None, warps),
-            PACKED=packed,
+            PACKED=packed, GATED=gated, DENSE_P=dense_p, DENSE_CO=dense_co,
             num_warps=warps,
             num_stages=_num_stages(precision, x.dtype), maxnreg=MAX_REGS,
         )
     return out
+
+
+def _gated_dense_tile(block_p: int) -> tuple[int, int] | None:
+    """(DENSE_P, DENSE_CO): the dense tiles that a weight mask's launch with block-sparse tiles
+    of block_p pixels carries (GATED), at the same 4 warps (_PACKED_ACCUMULATORS a thread):
+    64 pixels by 32 output channels, input chunks of 32 channels; None (no dense programs) for
+    block-sparse tiles of fewer than _GATED_MIN_P pixels."""
+    return (64, 32) if block_p >= _GATED_MIN_P else None
 
 
 def _pack_pixel_blocks(x: torch.Tensor, padding: tuple[int, int]) -> int:
@@ -1341,7 +1450,8 @@ def _aot_variants() -> list[tuple]:
     """Every (kernel, signature, constexprs, options, archs) masked_conv2d_forward can launch
     on a GPU: one per dtype, input precision (float32: tf32 and ieee), block configuration of
     each architecture and input-channel kind (_INPUT_KINDS), compiled for the architectures
-    whose launches take those options."""
+    whose launches take those options; the weight mask's packed ones on the tensor cores with
+    tiles of _GATED_MIN_P pixels GATED (carrying the dense kernel's tiles, _gated_dense_tile)."""
     by_options: dict[tuple, list[int]] = {}
     for arch in ARCHS:
         for dtype, name in _TL_DTYPES.items():
@@ -1358,14 +1468,18 @@ def _aot_variants() -> list[tuple]:
                                _num_warps(block_p, block_co, block_ci, arch,
                                           packed and not _fma(precision, dtype)),
                                _num_stages(precision, dtype))
-                        by_options.setdefault(key, []).append(arch)
+                        gated = (sparse and packed and not _fma(precision, dtype)
+                                 and _gated_dense_tile(block_p) is not None)
+                        by_options.setdefault(key + (gated,), []).append(arch)
     variants = []
     for (name, precision, block_p, block_co, block_ci, sparse, in_list, in_scale, prefetch,
-         packed, warps, stages), archs in by_options.items():
+         packed, warps, stages, gated), archs in by_options.items():
+        dense_p, dense_co = _gated_dense_tile(block_p) if gated else (0, 0)
         constexprs = {"BLOCK_P": block_p, "BLOCK_CO": block_co, "BLOCK_CI": block_ci,
                       "SPARSE": sparse, "PRECISION": precision, "FOR_LOOP": True,
                       "UPCAST": False, "IN_LIST": in_list, "IN_SCALE": in_scale,
-                      "PREFETCH": prefetch, "PACKED": packed}
+                      "PREFETCH": prefetch, "PACKED": packed, "GATED": gated,
+                      "DENSE_P": dense_p, "DENSE_CO": dense_co}
         options = {"num_warps": warps, "num_stages": stages, "maxnreg": MAX_REGS}
         variants.append((_masked_conv2d_forward_kernel,
                          signature(_masked_conv2d_forward_kernel, name, constexprs, _POINTERS),
