@@ -161,9 +161,12 @@ _WEIGHT_MASK_BLOCK = 16
 # The largest share of a weight mask's (16-channel block, tap) tiles that keep a weight for
 # which the block-sparse kernel runs (packed). Above it the dense kernel on the packed weight *
 # mask is faster: the block-sparse kernel's 16-channel tiles cost ~1.5x the dense kernel's
-# wider ones a tile (at every tile kept the roofline model predicts 35.7 against 23.3 us on
-# an H200 at 32x128x16x16), and an unstructured mask keeps a weight in almost every tile
-# (1 - 0.9^256 of them at 10% of the weights). The choice is device data (_block_table's
+# wider ones a tile (at every tile kept the roofline model predicts 35.7 against 22.8 us on
+# an H200 at 32x128x16x16, pack included), and an unstructured mask keeps a weight in almost
+# every tile (1 - 0.9^256 of them at 10% of the weights). The model puts the break-even near
+# 0.57 of the tiles (at 32x128x16x16 and 32x256x14x14 alike); a half is a round value under
+# it, where the dense kernel costs up to ~12% more than the block-sparse one would (masks
+# keeping 50-57% of their tiles). The choice is device data (_block_table's
 # gated counts, made with the block table once per mask version), which the launch's programs
 # read (GATED): no host synchronization, no second launch.
 _SPARSE_MAX_SHARE = 0.5
