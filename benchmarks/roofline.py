@@ -2436,8 +2436,8 @@ def _triton_sparse(p: Plan, g: _Conv) -> None:
     over the occupied 16x16 (output, input channel) tiles of each tap, on the tensor cores,
     where at most TRITON_SPARSE_MAX_SHARE of the tiles keep a weight (or the tiles are under
     128 pixels), else the dense kernel on wp (_triton_conv, gated). The mask's block table is
-    built once per mask version
-    (_MaskCache): a benchmark's static mask costs no launch a call."""
+    built once per mask version (_MaskCache): a benchmark's static mask costs no launch a
+    call."""
     tile = TRITON_WEIGHT_MASK_BLOCK
     occupied = (1 - (1 - g.keep) ** (tile * tile)) if g.kind == "w" else g.keep
     ci_blocks = math.ceil(g.c / tile)

@@ -1198,8 +1198,9 @@ def masked_conv2d_forward(
     precision = input_precision(x.dtype)
     # Packed on the tensor cores, a weight mask's launch carries the dense kernel too (GATED):
     # the mask's gated counts pick one of the two in the kernel.
-    gated = (weight_mask is not None and packed and not _fma(precision, x.dtype)
-             and _gated_dense_tile(block_p) is not None)
+    dense_tile = (_gated_dense_tile(block_p) if weight_mask is not None and packed
+                  and not _fma(precision, x.dtype) else None)
+    gated = dense_tile is not None
     if gated:
         blk_cnt = gated_cnt
     x_strides, w_strides = x.stride(), weight.stride()
@@ -1213,7 +1214,7 @@ def masked_conv2d_forward(
     co_blocks = cdiv(C_out, block_co)
     programs = N // span * p_blocks * co_blocks
     warps = _num_warps(block_p, block_co, block_ci, arch, packed and not _fma(precision, x.dtype))
-    dense_p, dense_co = _gated_dense_tile(block_p) if gated else (0, 0)
+    dense_p, dense_co = dense_tile or (0, 0)
     if gated:
         programs = max(programs, N // span * cdiv(pixels * span, dense_p) * cdiv(C_out, dense_co))
     with on_device(x):
@@ -1471,13 +1472,13 @@ def _aot_variants() -> list[tuple]:
                                _num_warps(block_p, block_co, block_ci, arch,
                                           packed and not _fma(precision, dtype)),
                                _num_stages(precision, dtype))
-                        gated = (sparse and packed and not _fma(precision, dtype)
-                                 and _gated_dense_tile(block_p) is not None)
+                        gated = bool(sparse and packed and not _fma(precision, dtype)
+                                     and _gated_dense_tile(block_p))
                         by_options.setdefault(key + (gated,), []).append(arch)
     variants = []
     for (name, precision, block_p, block_co, block_ci, sparse, in_list, in_scale, prefetch,
          packed, warps, stages, gated), archs in by_options.items():
-        dense_p, dense_co = _gated_dense_tile(block_p) if gated else (0, 0)
+        dense_p, dense_co = (gated and _gated_dense_tile(block_p)) or (0, 0)
         constexprs = {"BLOCK_P": block_p, "BLOCK_CO": block_co, "BLOCK_CI": block_ci,
                       "SPARSE": sparse, "PRECISION": precision, "FOR_LOOP": True,
                       "UPCAST": False, "IN_LIST": in_list, "IN_SCALE": in_scale,
